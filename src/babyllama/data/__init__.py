@@ -1,0 +1,1 @@
+"""Corpus readers, cleaning, pretokenization and the demo corpus."""

@@ -1,0 +1,353 @@
+"""The LLaMA-2 Transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU, a KV cache, generate.
+
+    from babyllama.model import ModelConfig, Transformer, PRESETS
+    model = Transformer(PRESETS["demo"])
+    logits, loss = model(idx, targets)                 # training: idx, targets (B, T)
+    ids = model.generate([1, 2, 3], max_new_tokens=32) # inference with the KV cache
+
+The weight layout is Meta's / llama2.c's (interleaved RoPE pairs, `wq wk wv wo w1 w2 w3`),
+the same as the baby-llama2-chinese recipe; export.py permutes it for Hugging Face.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from babyllama.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
+    vocab_size: int = 64793
+    hidden_dim: int | None = None  # None: LLaMA's 2/3 * 4 * dim, rounded up to multiple_of
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise UserError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}.")
+        if self.n_heads % self.kv_heads:
+            raise UserError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}.")
+        if self.head_dim % 2:
+            raise UserError(f"head size dim/n_heads = {self.head_dim} must be even for RoPE.")
+        if self.vocab_size < 1 or self.n_layers < 1 or self.max_seq_len < 2:
+            raise UserError("vocab_size and n_layers must be >= 1 and max_seq_len >= 2.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UserError(f"unknown model settings {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
+        return cls(**known)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # the recipe's two models: 58.5M and 218.2M unique parameters ("92M" counts the tied head twice)
+    "baby-92m": ModelConfig(dim=512, n_layers=8, n_heads=8, max_seq_len=512, multiple_of=32),
+    "baby-218m": ModelConfig(dim=1024, n_layers=12, n_heads=8, max_seq_len=1024, multiple_of=32),
+    # trains on a laptop CPU in minutes (vocab set by the demo's 8k tokenizer)
+    "demo": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, max_seq_len=256),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return replace(PRESETS[name], **overrides)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in fp32 even under autocast
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle for every (position, pair), each (max_len, head_dim/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0,x1), (x2,x3)... of x (B, T, H, D) by cos/sin (T, D/2)."""
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
+    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for one batch, preallocated to max_len positions."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0  # number of positions already filled
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) at positions pos..pos+T; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # q, k and v in one matmul: rows [0, H*D) are wq, then wk, then wv (Hkv*D rows each)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=2)  # (B, T, H|Hkv|Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
+        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if attn_mask is None and start > 0 and T > 1:  # a chunk after a cached prefix
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and start == 0 and T > 1,
+        )  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # LLaMA's w1 (gate) then w3 (up)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None) -> torch.Tensor:
+        x = x + self.drop(self.attention(self.attention_norm(x), cos, sin, cache, attn_mask))
+        return x + self.drop(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the output head with the embedding (again after `to_empty`, which unties them)."""
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables, e.g. after building the model on the meta device."""
+        device = self.tok_embeddings.weight.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere; the projections into the residual stream get 0.02/sqrt(2L)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, and the loss.
+
+        The loss is the mean cross-entropy over target positions that are not -1 and where
+        loss_mask (B, T) is nonzero; it is 0, not NaN, when no position counts.
+        attn_mask (B, 1, T, T) bool, optional, replaces the causal mask (packed samples).
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        h = self.tok_embeddings(idx)  # (B, T, C)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h[:, -1:] if last_only else h), None
+        logits = self.output(h)  # (B, T, V)
+        return logits, masked_cross_entropy(logits, targets, loss_mask)
+
+    def num_params(self) -> int:
+        """Unique parameters: a tied embedding and output head count once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token, as in the PaLM paper's appendix B."""
+        cfg, T = self.cfg, seq_len or self.cfg.max_seq_len
+        n = self.num_params() - (0 if cfg.tie_embeddings else self.tok_embeddings.weight.numel())
+        return 6 * n + 12 * cfg.n_layers * cfg.dim * T
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids one by one until eos (not yielded), max_new_tokens or a full context.
+
+        A prompt longer than the context keeps its last max_seq_len - 1 tokens.
+        use_cache=False recomputes the whole sequence at every step (for tests and benchmarks).
+        """
+        if not prompt:
+            raise ValueError("generation needs a prompt of at least one token")
+        device = self.rope_cos.device
+        ids = list(prompt)[-(self.cfg.max_seq_len - 1) :]
+        cache = None
+        if use_cache:
+            cache = KVCache(self.cfg, 1, self.cfg.max_seq_len, device, self.tok_embeddings.weight.dtype)
+        x = torch.tensor([ids], device=device)  # (1, T): the whole prompt first
+        for _ in range(max_new_tokens):
+            logits, _ = self(x, cache=cache, last_only=True)
+            nxt = sample_next(logits[0, -1], ids, temperature, top_k, top_p, repetition_penalty, generator)
+            if nxt == eos_id:
+                return
+            ids.append(nxt)
+            yield nxt
+            if len(ids) >= self.cfg.max_seq_len:
+                return
+            x = torch.tensor([[nxt]] if use_cache else [ids], device=device)
+
+    def generate(self, prompt: Sequence[int], **kwargs) -> list[int]:
+        """The new token ids of stream(), as a list."""
+        return list(self.stream(prompt, **kwargs))
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy (in fp32) over positions with target != -1 and loss_mask != 0."""
+    losses = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none"
+    )  # (B*T,)
+    weight = (targets.flatten() != -1).float()
+    if loss_mask is not None:
+        weight = weight * (loss_mask.flatten() != 0).float()
+    return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    history: Sequence[int],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick the next id from logits (V,): greedy when temperature is 0, else top-k / top-p sampling."""
+    if temperature <= 0 and repetition_penalty == 1.0:
+        return int(logits.argmax())
+    logits = logits.float().clone()
+    if repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), device=logits.device)
+        prev = logits[seen]
+        logits[seen] = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits[logits < kth] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,207 @@
+"""Tokenizers behind one interface: a byte-level BPE trained here, any SentencePiece .model
+(ChatGLM2's included), or a Hugging Face tokenizer.json / tokenizer directory.
+
+    babyllama tokenizer train --input corpus.jsonl --vocab-size 8192 --out runs/tok
+    babyllama tokenizer info runs/tok            # or ../shared/chatglm2_tokenizer/tokenizer.model
+
+    tok = load_tokenizer("runs/tok"); ids = tok.encode("你好", eos=True); tok.decode(ids)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from babyllama.errors import UserError
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
+META_FILE = "babyllama_tokenizer.json"
+SAMPLE_TEXT = (
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n"
+    "中华人民共和国成立于1949年10月1日，首都是北京。\n"
+    "人工智能是计算机科学的一个分支，它企图了解智能的实质。\n"
+    "Large language models are trained on trillions of tokens.\n"
+)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32 (twice the disk)."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class Tokenizer:
+    """What every tokenizer offers; ids are plain Python ints."""
+
+    kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    fingerprint: str  # changes whenever the mapping from text to ids could change
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.encode_batch([text], bos, eos)[0]
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        out = self._encode_many(list(texts))  # in parallel threads, inside the library
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, out_dir: str | Path) -> None:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def info(self, sample: str = SAMPLE_TEXT) -> dict:
+        n_tokens = sum(len(ids) for ids in self.encode_batch(sample.splitlines()))
+        return {
+            "kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+            "eos_id": self.eos_id, "pad_id": self.pad_id, "token_dtype": self.dtype.name,
+            "fingerprint": self.fingerprint,
+            "chars_per_token": round(len(sample.replace("\n", "")) / max(n_tokens, 1), 3),
+        }
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer: our own BPE, or any tokenizer.json."""
+
+    kind = "hf"
+
+    def __init__(self, tok, bos_id: int, eos_id: int, pad_id: int):
+        self.tok = tok
+        self.tok.encode_special_tokens = True  # text that spells "</s>" stays text, never a control id
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(out / "tokenizer.json"))
+        specials = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        (out / META_FILE).write_text(json.dumps(specials, indent=2) + "\n")
+
+
+class SPTokenizer(Tokenizer):
+    """A SentencePiece model, such as ChatGLM2's tokenizer.model (pad = unk = 0 when it has no pad)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.sp.unk_id(), 0)
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise UserError(f"SentencePiece model {path} has no bos or eos piece; train it with them.")
+        self.fingerprint = hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()[:16]
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([i for i in ids if i < self.vocab_size])
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if Path(self.path).resolve() != (out / "tokenizer.model").resolve():
+            shutil.copyfile(self.path, out / "tokenizer.model")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a directory (ours, a checkpoint, or HF), a tokenizer.json or a .model file."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return _load_hf(p / "tokenizer.json")
+        if (p / "tokenizer.model").is_file():
+            return SPTokenizer(p / "tokenizer.model")
+        raise UserError(f"{p} has neither tokenizer.json nor tokenizer.model; pass a tokenizer directory or file.")
+    if not p.is_file():
+        raise UserError(f"tokenizer {p} does not exist; train one with `babyllama tokenizer train` or pass a path.")
+    if p.suffix == ".json":
+        return _load_hf(p)
+    if p.suffix == ".model":
+        return SPTokenizer(p)
+    raise UserError(f"{p} is not a tokenizer: expected tokenizer.json or a SentencePiece .model file.")
+
+
+def _load_hf(path: Path) -> HFTokenizer:
+    from tokenizers import Tokenizer as RustTokenizer
+
+    try:
+        tok = RustTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare Exception on bad files
+        raise UserError(f"{path} is not a valid tokenizer.json ({e}).") from e
+    meta = path.parent / META_FILE
+    if meta.is_file():
+        ids = json.loads(meta.read_text())
+        return HFTokenizer(tok, ids["bos_id"], ids["eos_id"], ids["pad_id"])
+    return HFTokenizer(tok, *_guess_special_ids(tok, path))
+
+
+def _guess_special_ids(tok, path: Path) -> tuple[int, int, int]:
+    """bos/eos/pad of a foreign tokenizer.json, from tokenizer_config.json or common names."""
+    names: dict[str, str | None] = {}
+    cfg_file = path.parent / "tokenizer_config.json"
+    if cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text())
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = cfg.get(key)
+            names[key] = value.get("content") if isinstance(value, dict) else value
+    candidates = {
+        "bos_token": ["<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>", "[CLS]"],
+        "eos_token": ["</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "[SEP]"],
+        "pad_token": ["<pad>", "<unk>", "[PAD]", "<|endoftext|>"],
+    }
+    ids = []
+    for key, options in candidates.items():
+        found = [tok.token_to_id(n) for n in [names.get(key), *options] if n]
+        found = [i for i in found if i is not None]
+        if not found and key != "pad_token":
+            raise UserError(f"{path} has no {key.split('_')[0]} token; name it in tokenizer_config.json.")
+        ids.append(found[0] if found else ids[-1])  # no pad: pad with eos
+    return ids[0], ids[1], ids[2]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> HFTokenizer:
+    """Train a byte-level BPE (lossless on any text) with <pad>, <s>, </s> as ids 0, 1, 2."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs more than 259 ids.")
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return HFTokenizer(tok, bos_id=1, eos_id=2, pad_id=0)

@@ -1,0 +1,52 @@
+"""The `babyllama` command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import generated_corpus
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "babyllama", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_tokenizer_train_then_info(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(generated_corpus(200)), encoding="utf-8")
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text(json.dumps({"text": "另一份文档"}, ensure_ascii=False) + "\n{bad json\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    r = run_cli("tokenizer", "train", "--input", str(corpus), str(jsonl), "--vocab-size", "500", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.json").is_file() and "skipped a record" in r.stderr
+    r = run_cli("tokenizer", "info", str(out))
+    info = json.loads(r.stdout)
+    assert info["vocab_size"] == 500 and info["token_dtype"] == "uint16"
+    assert (info["bos_id"], info["eos_id"], info["pad_id"]) == (1, 2, 0)
+    from babyllama.tokenizer import SAMPLE_TEXT, load_tokenizer
+
+    n_tokens = sum(len(load_tokenizer(out).encode(line)) for line in SAMPLE_TEXT.splitlines())
+    assert info["chars_per_token"] == round(len(SAMPLE_TEXT.replace("\n", "")) / n_tokens, 3)
+
+
+def test_large_vocab_says_uint32(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(70000)} | {"<s>": 70000, "</s>": 70001}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "tokenizer.json"))
+    r = run_cli("tokenizer", "info", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert '"token_dtype": "uint32"' in r.stdout and "twice the disk" in r.stdout
+
+
+def test_missing_paths_exit_2_with_one_sentence(tmp_path):
+    r = run_cli("tokenizer", "info", str(tmp_path / "missing"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("babyllama: error: tokenizer") and "Traceback" not in r.stderr
+    r = run_cli("tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
