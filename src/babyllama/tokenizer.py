@@ -119,7 +119,8 @@ class SPTokenizer(Tokenizer):
         self.fingerprint = hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()[:16]
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+        single = os.environ.get("TOKENIZERS_PARALLELISM", "").lower() == "false"  # as HF tokenizers
+        return self.sp.encode(texts, num_threads=1 if single else os.cpu_count() or 1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([i for i in ids if i < self.vocab_size])

@@ -1,37 +1,316 @@
-"""Readers that turn corpus files into a stream of documents (str), never loading a file whole.
+"""Readers that turn corpus files into a stream of documents, never loading a file whole.
 
-    for text in iter_texts(["corpus.txt", "more.jsonl"]): ...
+Two independent questions per file:
+  * its shape: JSON lines, one JSON array (streamed with ijson), parquet, CSV or plain text,
+    optionally compressed as .gz or .zst;
+  * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
+    instructions, multi-turn conversations, or a plain `text` field), detected from the first
+    record or forced with `format=`.
+
+    reader = CorpusReader(["wiki.json", "baike.jsonl.zst"])
+    for doc in reader.documents(): ...          # reader.stats: records, bad, per file
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, require
 
 log = logging.getLogger(__name__)
 
+SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+COMPRESSED = (".gz", ".zst")
 
-def iter_texts(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Documents of .txt files (one per non-empty line) and .jsonl files (their `text` field)."""
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise UserError(f"input {path} does not exist or is not a file.")
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if path.suffix != ".jsonl":
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    text = None
-                if isinstance(text, str):
-                    yield text
-                else:
-                    log.warning("%s:%d: skipped a record without a text field", path, lineno)
+
+# --- one small function per schema: record -> text, or None when the record lacks its fields ---
+
+
+def _str(record: dict, key: str) -> str | None:
+    value = record.get(key)
+    return value if isinstance(value, str) else None
+
+
+def text_of_plain(r: dict) -> str | None:
+    return _str(r, "text")
+
+
+def text_of_wiki(r: dict) -> str | None:
+    return _str(r, "completion")
+
+
+def text_of_baike(r: dict) -> str | None:
+    """The recipe's way: `title：summary` then `section title：content。` for every section."""
+    title, summary, sections = _str(r, "title"), _str(r, "summary"), r.get("sections")
+    if title is None or not isinstance(sections, list):
+        return None
+    text = f"{title}：{summary}" if summary else ""
+    for s in sections:
+        if not (isinstance(s, dict) and isinstance(s.get("title"), str) and isinstance(s.get("content"), str)):
+            return None
+        text += f"{s['title']}：{s['content']}。"
+    return text
+
+
+def text_of_wudao(r: dict) -> str | None:
+    title, content = _str(r, "title"), _str(r, "content")
+    if content is None:
+        return None
+    return f"{title}\n{content}" if title else content
+
+
+def prompt_answer_of_instruction(r: dict) -> tuple[str, str] | None:
+    """alpaca-zh, BELLE, shibing624/medical finetune: (instruction + input, output)."""
+    instruction, output = _str(r, "instruction"), _str(r, "output")
+    inp = r.get("input") or ""
+    if instruction is None or output is None or not isinstance(inp, str):
+        return None
+    return instruction + inp, output
+
+
+def text_of_instruction(r: dict) -> str | None:
+    """As pretraining text, the recipe's way: the question followed directly by the answer."""
+    pair = prompt_answer_of_instruction(r)
+    return None if pair is None else pair[0] + pair[1]
+
+
+def turns_of_conversation(r: dict) -> list[tuple[str, str]] | None:
+    """[(role, content)] with roles system / user / assistant, from {role, content} or {from, value}."""
+    turns = r.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return None
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    out = []
+    for t in turns:
+        if not isinstance(t, dict):
+            return None
+        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        if role not in roles or not isinstance(content, str):
+            return None
+        out.append((roles[role], content))
+    return out
+
+
+def text_of_conversation(r: dict) -> str | None:
+    turns = turns_of_conversation(r)
+    return None if turns is None else "\n".join(content for _, content in turns)
+
+
+SCHEMAS: dict[str, Callable[[dict], str | None]] = {
+    "text": text_of_plain,
+    "wiki": text_of_wiki,
+    "baike": text_of_baike,
+    "wudao": text_of_wudao,
+    "instruction": text_of_instruction,
+    "conversation": text_of_conversation,
+}
+
+
+def detect_schema(record: dict) -> str | None:
+    keys = set(record)
+    if "conversations" in keys:
+        return "conversation"
+    if "completion" in keys:
+        return "wiki"
+    if "sections" in keys:
+        return "baike"
+    if {"instruction", "output"} <= keys:
+        return "instruction"
+    if "content" in keys:
+        return "wudao"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+# --- file shapes: each yields (location, record) where record is a dict, or None when it is bad ---
+
+
+def open_binary(path: Path) -> io.BufferedReader:
+    """A buffered binary stream of the file, decompressed, with a UTF-8 byte-order mark skipped."""
+    if path.suffix == ".gz":
+        raw = gzip.open(path, "rb")
+    elif path.suffix == ".zst":
+        raw = require("zstandard", "data").ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+    else:
+        raw = path.open("rb", buffering=0)
+    f = io.BufferedReader(raw, buffer_size=1 << 20)
+    if f.peek(3)[:3] == b"\xef\xbb\xbf":
+        f.read(3)
+    return f
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that says the shape: `.jsonl` for `x.jsonl.zst`."""
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each non-blank line; text is None where the bytes are not UTF-8."""
+    with open_binary(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield lineno, None
+                continue
+            if text.strip():
+                yield lineno, text
+
+
+def _first_byte(path: Path) -> bytes:
+    with open_binary(path) as f:
+        return f.read(4096).lstrip(b" \t\r\n")[:1]
+
+
+def records_jsonl(path: Path) -> Iterator[tuple[str, dict | None]]:
+    for lineno, line in _lines(path):
+        record = None
+        if line is not None:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                pass
+        yield f"{path}:{lineno}", record if isinstance(record, dict) else None
+
+
+def records_json_array(path: Path) -> Iterator[tuple[str, dict | None]]:
+    """Items of one top-level JSON array, streamed; a syntax error ends the file (counted once)."""
+    ijson = require("ijson", "data")
+    with open_binary(path) as f:
+        i = 0
+        try:
+            for i, item in enumerate(ijson.items(f, "item", use_float=True), 1):
+                yield f"{path}:item {i}", item if isinstance(item, dict) else None
+        except (ijson.JSONError, UnicodeDecodeError) as e:
+            log.warning("%s: invalid JSON after item %d (%s); the rest of the file is skipped", path, i, e)
+            yield f"{path}:item {i + 1}", None
+
+
+def records_text(path: Path) -> Iterator[tuple[str, dict | None]]:
+    for lineno, line in _lines(path):
+        yield f"{path}:{lineno}", None if line is None else {"text": line}
+
+
+def records_parquet(path: Path) -> Iterator[tuple[str, dict | None]]:
+    pq = require("pyarrow.parquet", "data")
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path}:row {row}", record
+
+
+def records_csv(path: Path) -> Iterator[tuple[str, dict | None]]:
+    with open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        for row, record in enumerate(csv.DictReader(text), 1):
+            yield f"{path}:row {row}", record
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, dict | None]]:
+    suffix = data_suffix(path)
+    if suffix in (".jsonl", ".json"):
+        first = _first_byte(path)
+        return records_json_array(path) if first == b"[" else records_jsonl(path)
+    readers = {".txt": records_text, ".parquet": records_parquet, ".csv": records_csv}
+    if suffix not in readers:
+        raise UserError(f"{path}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}.")
+    return readers[suffix](path)
+
+
+def expand_inputs(paths: list[str | Path]) -> list[Path]:
+    """Files named directly, plus the readable files inside named directories, sorted.
+
+    A directory written by `babyllama prepare` stands for its cleaned part_*.jsonl shards.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and (p / "stats.json").is_file() and any(p.glob("part_*.jsonl")):
+            files += sorted(p.glob("part_*.jsonl"))  # the output of `babyllama prepare`
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and data_suffix(f) in SUFFIXES)
+            if not found:
+                raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"input {p} does not exist.")
+    return files
+
+
+@dataclass
+class FileStats:
+    records: int = 0
+    bad: int = 0
+    schema: str = ""
+    bad_examples: list[str] = field(default_factory=list)  # the first few locations
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "records": self.records, "bad": self.bad, "bad_examples": self.bad_examples}
+
+
+class CorpusReader:
+    """Documents of many files; counts every record and every bad one, per file."""
+
+    def __init__(self, paths: list[str | Path], format: str | None = None, bad_log: TextIO | None = None):
+        """bad_log, when given, receives the location of every bad record, one per line."""
+        if format is not None and format not in SCHEMAS:
+            raise UserError(f"unknown format {format!r}; choose one of {', '.join(SCHEMAS)}.")
+        self.files = expand_inputs(paths)
+        self.format = format
+        self.bad_log = bad_log
+        self.stats: dict[str, FileStats] = {}
+
+    def documents(self) -> Iterator[str]:
+        for _, text in self.documents_with_source():
+            yield text
+
+    def documents_with_source(self) -> Iterator[tuple[str, str]]:
+        for path in self.files:
+            for text in self._file_documents(path):
+                yield str(path), text
+
+    def _file_documents(self, path: Path) -> Iterator[str]:
+        stats = self.stats.setdefault(str(path), FileStats())
+        to_text = SCHEMAS[self.format] if self.format else None
+        for where, record in iter_records(path):
+            stats.records += 1
+            if record is not None and to_text is None:
+                schema = detect_schema(record)
+                if schema is not None:
+                    stats.schema, to_text = schema, SCHEMAS[schema]
+            text = to_text(record) if record is not None and to_text is not None else None
+            if text is None:
+                self._bad(stats, where)
+                continue
+            stats.schema = stats.schema or self.format or ""
+            yield text
+
+    def _bad(self, stats: FileStats, where: str) -> None:
+        stats.bad += 1
+        if self.bad_log is not None:
+            self.bad_log.write(where + "\n")
+        if len(stats.bad_examples) < 5:  # the console gets the first few of each file
+            stats.bad_examples.append(where)
+            log.warning("%s: skipped a bad record (unparsable, or missing its fields)", where)
+
+    def totals(self) -> tuple[int, int]:
+        return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
+
+
+def iter_texts(paths: list[str | Path], format: str | None = None) -> Iterator[str]:
+    """Documents of every file, for callers that do not need the counts."""
+    return CorpusReader(paths, format).documents()

