@@ -28,11 +28,11 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
 
 
-def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+def model_tensors(model: Transformer, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """The state dict to store: every tensor once, contiguous, on the CPU."""
-    sd = model.state_dict()
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
     if model.cfg.tie_embeddings:
-        sd.pop("output.weight")
+        sd.pop("output.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
@@ -42,8 +42,12 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     train_state: dict | None = None,
     extra_config: dict | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint directory; a crash at any moment leaves the old one or the new one whole."""
+    """Write a checkpoint directory; a crash at any moment leaves the old one or the new one whole.
+
+    tensors: the full state dict when the model itself is sharded (FSDP); default: model's.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -51,7 +55,9 @@ def save_checkpoint(
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(model_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    if tensors is None:
+        tensors = model_tensors(model)
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     config = {"format": "babyllama", "version": 1, "model": model.cfg.to_dict(), **(extra_config or {})}
     if tokenizer is not None:
         tokenizer.save(tmp)

@@ -76,6 +76,15 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     print(json.dumps({"out": args.out, "dtype": manifest["dtype"], **manifest["totals"]}))
 
 
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    from babyllama.config import load_config
+    from babyllama.train.trainer import pretrain
+
+    cfg = load_config(args.config, overrides)
+    final = pretrain(cfg, resume=args.resume)
+    print(f"done: {final}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,14 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="force a schema, as for prepare")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num-shards runs into --out")
     p.set_defaults(func=cmd_pretokenize)
+
+    p = commands.add_parser(
+        "pretrain", help="pretrain on token shards (also under torchrun)",
+        epilog="Any setting can follow as --key value (--lr 1e-3, --data DIR, --model.dim 128); see configs/.",
+    )
+    p.add_argument("--config", help="a TOML file with [model] and [train] tables")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.set_defaults(func=cmd_pretrain, takes_overrides=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        if getattr(args, "takes_overrides", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
     except UserError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,149 @@
+"""Training settings: one dataclass holds every default; a TOML file and `--key value` flags override it.
+
+    cfg = load_config("configs/demo.toml", ["--lr", "1e-3", "--model.dim", "128"])
+    cfg.model        # ModelConfig, from a preset plus the [model] table
+    cfg.train        # TrainConfig
+
+A TOML file has a [model] table (`preset = "demo"` and any ModelConfig field) and a [train]
+table (any TrainConfig field). Flags: `--lr 1e-3` or `--train.lr 1e-3` for training,
+`--model.dim 128` for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from babyllama.errors import UserError
+from babyllama.model import ModelConfig, preset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a pretokenized directory (manifest.json); for SFT, instruction files
+    out_dir: str = "runs/pretrain"
+    tokenizer: str = ""  # default: the tokenizer saved with the data (or with --init)
+    init: str = ""  # a checkpoint to start from (SFT); empty: random weights
+    # how long: max_steps wins, then tokens, then epochs
+    max_steps: int = 0
+    tokens: int = 0
+    epochs: float = 1.0
+    # batch: global batch = batch_size * grad_accum * processes samples of max_seq_len + 1 tokens
+    batch_size: int = 16
+    grad_accum: int = 1
+    # optimiser and schedule (the recipe's): linear warmup, cosine decay to min_lr
+    lr: float = 3e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # numerics and speed
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
+    compile: bool = False
+    fsdp: bool = False
+    # bookkeeping
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 3
+    max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "model": self.model.to_dict(), "train": asdict(self.train)}
+
+
+def _convert(value, annotation: str, key: str):
+    """Cast a flag's string (or a TOML value) to the field's type, named in its annotation."""
+    kind = annotation.replace(" ", "").split("|")[0]
+    if value is None or (isinstance(value, str) and value.lower() == "none" and "None" in annotation):
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes"):
+                return True
+            if str(value).lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(value)
+        return {"int": int, "float": float, "str": str}[kind](value)
+    except (ValueError, KeyError):
+        raise UserError(f"setting {key} expects {annotation}, got {value!r}.") from None
+
+
+def _apply(obj_fields: dict, values: dict, section: str) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key not in obj_fields:
+            raise UserError(f"unknown {section} setting {key!r}; known: {', '.join(sorted(obj_fields))}.")
+        out[key] = _convert(value, str(obj_fields[key].type), f"{section}.{key}")
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict]:
+    """`--lr 1e-3 --model.dim 128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}."""
+    out: dict[str, dict] = {"train": {}, "model": {}}
+    if len(args) % 2:
+        raise UserError(f"settings come in pairs `--key value`; got {' '.join(args)}.")
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        if not flag.startswith("--"):
+            raise UserError(f"expected a --key, got {flag!r}.")
+        key = flag[2:].replace("-", "_")
+        section, _, name = key.rpartition(".")
+        if name == "preset":
+            section = "model"
+        out.setdefault(section or "train", {})[name] = value
+    if set(out) - {"train", "model"}:
+        unknown = sorted(set(out) - {"train", "model"})
+        raise UserError(f"settings are --key, --train.key or --model.key; got sections {unknown}.")
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the TOML file, then the flags."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist.")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{p} is not valid TOML ({e}).") from None
+        if set(data) - {"model", "train"}:
+            raise UserError(f"{p}: only [model] and [train] tables are allowed, got {sorted(set(data))}.")
+    flags = parse_overrides(overrides or [])
+    model_values = {**data.get("model", {}), **flags["model"]}
+    preset_name = str(model_values.pop("preset", "demo"))
+    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    model = preset(preset_name, **_apply(model_fields, model_values, "model"))
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**_apply(train_fields, {**data.get("train", {}), **flags["train"]}, "train"))
+    return RunConfig(model=model, train=train, preset=preset_name)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """The inverse of RunConfig.to_dict (for the config saved with a run)."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in d.get("train", {}).items() if k in train_fields})
+    return RunConfig(model=ModelConfig.from_dict(d["model"]), train=train, preset=d.get("preset", ""))
+
