@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from babyllama.errors import UserError
-from babyllama.model import PRESETS, KVCache, ModelConfig, Transformer, sample_next
+from babyllama.model import (
+    PRESETS,
+    KVCache,
+    ModelConfig,
+    Transformer,
+    apply_rope,
+    linear_cross_entropy,
+    rope_tables,
+    sample_next,
+)
 from tests.conftest import sharp_model, tiny_config
 
 
@@ -51,6 +62,19 @@ def test_generation_stops_on_eos_and_at_context_end():
     assert list(model.stream([3, 4], max_new_tokens=20)) == free
 
 
+def test_rope_paths_agree_and_rotate_pairs(monkeypatch):
+    cos, sin = rope_tables(8, 5, 10000.0)
+    x = torch.randn(2, 5, 3, 8)
+    eager = apply_rope(x, cos, sin)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope(x, cos, sin), eager)
+    t, pair = 3, 1  # position 3, second pair: (x2, x3) rotated by angle 3 * theta^(-2/8)
+    a = 3 * 10000.0 ** (-2 / 8)
+    x2, x3 = x[0, t, 0, 2], x[0, t, 0, 3]
+    expected = torch.stack([x2 * math.cos(a) - x3 * math.sin(a), x2 * math.sin(a) + x3 * math.cos(a)])
+    torch.testing.assert_close(eager[0, t, 0, 2 * pair : 2 * pair + 2], expected)
+
+
 def test_last_only_logits_are_the_last_row():
     model = sharp_model(tiny_config())
     idx = torch.randint(0, 300, (2, 10))
@@ -66,7 +90,8 @@ def test_masked_loss_equals_hand_computation():
     targets = torch.randint(0, 300, (2, 12))
     targets[1, :3] = -1  # ignored targets count as masked
     mask = (torch.rand(2, 12) > 0.4).long()
-    logits, loss = model(idx, targets, loss_mask=mask)
+    logits, _ = model(idx)
+    _, loss = model(idx, targets, loss_mask=mask)
     keep = (mask != 0) & (targets != -1)
     by_hand = torch.stack(
         [-F.log_softmax(logits[b, t], -1)[targets[b, t]] for b in range(2) for t in range(12) if keep[b, t]]
@@ -74,6 +99,28 @@ def test_masked_loss_equals_hand_computation():
     torch.testing.assert_close(loss, by_hand)
     _, unmasked = model(idx, targets.clamp(min=0))
     torch.testing.assert_close(unmasked, F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten()))
+    with torch.no_grad():  # the evaluation path gives the same number
+        torch.testing.assert_close(model(idx, targets, loss_mask=mask)[1], loss)
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_fused_head_loss_gradients_equal_plain_autograd(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, 2] = -1
+    mask = (torch.rand(3, 7) > 0.3).long()
+    fused = linear_cross_entropy(h, weight, targets, mask, chunk=chunk)
+    (fused * 2.5).backward()
+    fused_grads = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    losses = F.cross_entropy((h @ weight.t()).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    keep = ((targets != -1) & (mask != 0)).flatten().float()
+    plain = (losses * keep).sum() / keep.sum()
+    (plain * 2.5).backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(fused_grads, (h.grad, weight.grad))
 
 
 def test_all_masked_batch_is_finite_and_trainable():

@@ -82,7 +82,8 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
 
     cfg = load_config(args.config, overrides)
     final = pretrain(cfg, resume=args.resume)
-    print(f"done: {final}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {final}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,10 +110,14 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0,x1), (x2,x3)... of x (B, T, H, D) by cos/sin (T, D/2)."""
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
-    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    if torch.compiler.is_compiling():  # inductor fuses these real ops; it has no complex kernels
+        xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, D/2) each
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+    else:  # eager: each pair as a complex number, one multiply (4x faster on a CPU than six real ops)
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        out = torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2)
+    return out.type_as(x)
 
 
 class KVCache:
@@ -235,11 +239,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         attn_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, and the loss.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) -> (logits (B, T, V) or (B, 1, V) with last_only, None), or (None, loss) with targets.
 
         The loss is the mean cross-entropy over target positions that are not -1 and where
-        loss_mask (B, T) is nonzero; it is 0, not NaN, when no position counts.
+        loss_mask (B, T) is nonzero; it is 0, not NaN, when no position counts. With targets
+        the logits are never materialised whole (see LinearCrossEntropy).
         attn_mask (B, 1, T, T) bool, optional, replaces the causal mask (packed samples).
         """
         B, T = idx.shape
@@ -255,8 +260,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, -1:] if last_only else h), None
-        logits = self.output(h)  # (B, T, V)
-        return logits, masked_cross_entropy(logits, targets, loss_mask)
+        return None, linear_cross_entropy(h, self.output.weight, targets, loss_mask)
 
     def num_params(self) -> int:
         """Unique parameters: a tied embedding and output head count once."""
@@ -310,15 +314,61 @@ class Transformer(nn.Module):
         return list(self.stream(prompt, **kwargs))
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy (in fp32) over positions with target != -1 and loss_mask != 0."""
-    losses = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none"
-    )  # (B*T,)
-    weight = (targets.flatten() != -1).float()
+def loss_weights(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """(N,) float: 1 / count at positions that carry loss (target != -1, mask != 0), else 0."""
+    keep = targets.flatten() != -1
     if loss_mask is not None:
-        weight = weight * (loss_mask.flatten() != 0).float()
-    return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+        keep &= loss_mask.flatten() != 0
+    keep = keep.float()
+    return keep / keep.sum().clamp(min=1.0)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The output head and the cross-entropy in one pass over chunks of positions.
+
+    The (N, V) logits never exist whole (2 GB in fp32 for 16 x 512 tokens of a 64793 vocab),
+    and their gradient, softmax - onehot, is formed right away in the forward pass, which
+    saves the backward pass over them. Softmax and loss are computed in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, weights, chunk: int):
+        # h (N, C), weight (V, C), targets (N,) >= 0, weights (N,) fp32
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk):
+            hc, t, w = h[s : s + chunk], targets[s : s + chunk, None], weights[s : s + chunk, None]
+            logits = (hc @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            loss += ((lse - logits.gather(1, t)) * w).sum()
+            g = logits.sub_(lse).exp_()  # softmax, in place
+            g.scatter_add_(1, t, -torch.ones_like(w)).mul_(w)  # d loss / d logits
+            g = g.to(hc.dtype)
+            grad_h[s : s + chunk] = g @ weight
+            grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None, chunk: int = 2048
+) -> torch.Tensor:
+    """masked_cross_entropy(h @ weight.T, targets, loss_mask) for h (B, T, C), without the logits."""
+    h2, t = h.flatten(0, 1), targets.flatten().clamp(min=0)
+    w = loss_weights(targets, loss_mask)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h2, weight, t, w, chunk)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h2.size(0), chunk):  # evaluation: the same sum, no gradient
+        logits = (h2[s : s + chunk] @ weight.t()).float()
+        loss += (F.cross_entropy(logits, t[s : s + chunk], reduction="none") * w[s : s + chunk]).sum()
+    return loss
 
 
 def sample_next(

@@ -138,6 +138,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.dtype = amp_dtype(self.t.dtype, dist.device)
         self.order = GlobalOrder(len(train_data), self.t.seed)
+        self.step, self.position, self.bad_steps = 0, 0, 0  # position: global samples consumed
         self.stop_requested = False
 
     def _total_steps(self) -> int:
@@ -169,7 +170,6 @@ class Trainer:
         self.wrapped = self._wrap(self.model)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
-        self.step, self.position, self.bad_steps = 0, 0, 0
         if state is not None:
             self._load_state(state)
 

@@ -1,0 +1,205 @@
+"""Pretraining: learning, exact resume, signals, torchrun with gloo, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from babyllama.config import load_config
+from babyllama.data.pretokenize import pretokenize
+from babyllama.errors import UserError
+from babyllama.train.distributed import Dist
+from babyllama.train.pretrain_data import PretrainData
+from babyllama.train.trainer import Trainer, lr_at, pretrain
+from tests.conftest import generated_corpus
+
+TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+        "--model.vocab_size", "600", "--model.max_seq_len", "32", "--model.multiple_of", "16"]
+FAST = ["--warmup_steps", "2", "--lr", "3e-3", "--min_lr", "3e-4", "--log_every", "1", "--eval_every", "0",
+        "--save_every", "0", "--eval_batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("shards")
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                            for t in generated_corpus(200, seed=21)))
+    bpe_tokenizer.save(d / "tok")
+    pretokenize([str(d / "docs.jsonl")], str(d / "tok"), d / "tokens", val_fraction=0.05)
+    return d / "tokens"
+
+
+def config(shards, out, *extra):
+    return load_config(None, [*TINY, *FAST, "--data", str(shards), "--out_dir", str(out), *extra])
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r}
+
+
+def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, bpe_tokenizer):
+    import random
+
+    rng = random.Random(0)
+    sentences = generated_corpus(6, seed=5)  # a corpus with structure to learn: 6 sentences, repeated
+    docs = ["".join(rng.choices(sentences, k=3)) for _ in range(300)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs))
+    bpe_tokenizer.save(tmp_path / "tok")
+    shards = tmp_path / "tokens"
+    pretokenize([str(tmp_path / "docs.jsonl")], str(tmp_path / "tok"), shards, val_fraction=0.05)
+    tokens = PretrainData(shards, 32).arrays[0]
+    p = np.bincount(tokens) / len(tokens)
+    unigram = -(p[p > 0] * np.log(p[p > 0])).sum()
+    pretrain(config(shards, tmp_path / "run", "--max_steps", "300", "--batch_size", "8"))
+    final = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()][-1]
+    assert final["val_loss"] < unigram / 2, (final, unigram)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_gives_bitwise_identical_losses(shards, tmp_path):
+    import shutil
+
+    args = ("--max_steps", "8", "--batch_size", "4", "--grad_accum", "2", "--save_every", "4", "--keep_last", "5")
+    pretrain(config(shards, tmp_path / "straight", *args))
+    # a run that died after step 4: only its step-4 checkpoint and its first 4 metrics lines survive
+    (tmp_path / "died" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight/checkpoints/step_000004", tmp_path / "died/checkpoints/step_000004")
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "died" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    pretrain(config(shards, tmp_path / "died", *args), resume=True)
+    assert losses(tmp_path / "died") == losses(tmp_path / "straight")  # bitwise: == on floats
+    assert len(losses(tmp_path / "straight")) == 8
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = load_config(None, ["--lr", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10"]).train
+    assert lr_at(0, cfg, 100) == pytest.approx(1e-4) and lr_at(9, cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(55, cfg, 100) == pytest.approx(5.5e-4) and lr_at(100, cfg, 100) == pytest.approx(1e-4)
+
+
+def test_global_order_splits_steps_over_ranks_without_overlap(shards):
+    data = PretrainData(shards, 32)
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def __len__(self):
+            return len(data)
+
+        def collate(self, indices):
+            self.seen += indices
+            return {}
+
+    def indices(world, batch, accum, steps):
+        per_rank = []
+        for rank in range(world):
+            rec = Recorder()
+            cfg = load_config(None, ["--batch_size", str(batch), "--grad_accum", str(accum), "--max_steps", "9"])
+            trainer = Trainer(cfg, rec, None, None, Dist(rank=rank, world=world))
+            for _ in range(steps):
+                trainer._micro_batches()
+                trainer.position += trainer.global_batch
+            per_rank.append(rec.seen)
+        return per_rank
+
+    two = indices(world=2, batch=2, accum=2, steps=60)  # 480 samples: within the first epoch of 538
+    assert not set(two[0]) & set(two[1])  # the ranks see disjoint samples
+    assert sorted(two[0] + two[1]) == sorted(indices(world=1, batch=8, accum=1, steps=60)[0])  # the same ones
+    one = indices(world=1, batch=8, accum=1, steps=80)[0]
+    assert len(one) == 640 > len(data) and sorted(one[: len(data)]) == list(range(len(data)))  # a whole epoch
+
+
+def test_refuses_other_model_shape_and_other_tokenizer(shards, tmp_path, bpe_tokenizer):
+    pretrain(config(shards, tmp_path, "--max_steps", "2", "--save_every", "2"))
+    with pytest.raises(UserError, match="other model settings \\(dim\\)"):
+        pretrain(config(shards, tmp_path, "--max_steps", "4", "--model.dim", "64"), resume=True)
+    with pytest.raises(UserError, match="already has checkpoints"):
+        pretrain(config(shards, tmp_path, "--max_steps", "4"))
+    from babyllama.tokenizer import train_bpe
+
+    other = train_bpe(generated_corpus(50, seed=99), 500)
+    other.save(tmp_path / "other_tok")
+    with pytest.raises(UserError, match="made with another tokenizer"):
+        pretrain(config(shards, tmp_path / "x", "--tokenizer", str(tmp_path / "other_tok")))
+
+
+def run_cli(args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "babyllama", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path):
+    args = ["pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir", str(tmp_path), "--batch_size", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", *args, "--max_steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by a signal" in out
+    stopped = max(losses(tmp_path))
+    assert (tmp_path / "checkpoints" / f"step_{stopped:06d}" / "trainer_state.pt").is_file()
+    r = run_cli([*args, "--max_steps", str(stopped + 3), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(losses(tmp_path)) == list(range(1, stopped + 4))
+
+
+def torchrun(args, nproc):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "babyllama", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
+    common = ["pretrain", *TINY, *FAST, "--data", str(shards), "--max_steps", "6"]
+    r = torchrun([*common, "--out_dir", str(tmp_path / "ddp"), "--batch_size", "2", "--grad_accum", "2",
+                  "--save_every", "3", "--max_steps", "3"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # resume the 2-process run in 1 process with the same global batch (4 x 2 accumulation = 2 x 2 x 2)
+    r = run_cli([*common, "--out_dir", str(tmp_path / "ddp"), "--batch_size", "4", "--grad_accum", "2", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([*common, "--out_dir", str(tmp_path / "one"), "--batch_size", "4", "--grad_accum", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert sorted(ddp) == sorted(one) == list(range(1, 7))
+    for step in one:
+        assert math.isclose(ddp[step], one[step], rel_tol=1e-4), (step, ddp[step], one[step])
+    # FSDP2 (fully_shard) on gloo: the same losses again
+    r = torchrun([*common, "--out_dir", str(tmp_path / "fsdp"), "--batch_size", "2", "--grad_accum", "2",
+                  "--fsdp", "true", "--max_steps", "3"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fsdp = losses(tmp_path / "fsdp")
+    assert all(math.isclose(fsdp[s], one[s], rel_tol=1e-4) for s in (1, 2, 3)), (fsdp, one)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
+    real_forward = Trainer._forward
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss = real_forward(self, batch)
+        return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(Trainer, "_forward", flaky)
+    with pytest.raises(UserError, match="not finite in 3 steps in a row"):
+        pretrain(config(shards, tmp_path, "--max_steps", "20", "--max_bad_steps", "3"))
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert [r["grad_norm"] is None for r in logged] == [False, True, True, False, False, True, True]
+
+
+def test_compile_switch_trains(shards, tmp_path):
+    pretrain(config(shards, tmp_path, "--max_steps", "3", "--compile", "true"))
+    assert len(losses(tmp_path)) == 3 and (tmp_path / "final" / "model.safetensors").is_file()
