@@ -65,3 +65,20 @@ def bpe_tokenizer():
     from babyllama.tokenizer import train_bpe
 
     return train_bpe(generated_corpus(), vocab_size=600)
+
+
+def simulate_death(straight: Path, died: Path, step: int) -> None:
+    """Make `died` look like `straight` killed right after step: its checkpoint and metrics up to it."""
+    import json
+    import shutil
+
+    name = f"step_{step:06d}"
+    shutil.copytree(straight / "checkpoints" / name, died / "checkpoints" / name)
+    lines = [x for x in (straight / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= step]
+    (died / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r}

@@ -19,7 +19,7 @@ from babyllama.errors import UserError
 from babyllama.train.distributed import Dist
 from babyllama.train.pretrain_data import PretrainData
 from babyllama.train.trainer import Trainer, lr_at, pretrain
-from tests.conftest import generated_corpus
+from tests.conftest import generated_corpus, logged_losses, simulate_death
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
         "--model.vocab_size", "600", "--model.max_seq_len", "32", "--model.multiple_of", "16"]
@@ -41,8 +41,7 @@ def config(shards, out, *extra):
     return load_config(None, [*TINY, *FAST, "--data", str(shards), "--out_dir", str(out), *extra])
 
 
-def losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r}
+losses = logged_losses
 
 
 def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, bpe_tokenizer):
@@ -65,15 +64,9 @@ def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, bpe_tokenizer):
 
 
 def test_resume_gives_bitwise_identical_losses(shards, tmp_path):
-    import shutil
-
     args = ("--max_steps", "8", "--batch_size", "4", "--grad_accum", "2", "--save_every", "4", "--keep_last", "5")
     pretrain(config(shards, tmp_path / "straight", *args))
-    # a run that died after step 4: only its step-4 checkpoint and its first 4 metrics lines survive
-    (tmp_path / "died" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "straight/checkpoints/step_000004", tmp_path / "died/checkpoints/step_000004")
-    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[:4]
-    (tmp_path / "died" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=4)
     pretrain(config(shards, tmp_path / "died", *args), resume=True)
     assert losses(tmp_path / "died") == losses(tmp_path / "straight")  # bitwise: == on floats
     assert len(losses(tmp_path / "straight")) == 8

@@ -86,6 +86,18 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"done: {final}")
 
 
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from babyllama.config import load_config
+    from babyllama.train.trainer import sft
+
+    cfg = load_config(args.config, overrides)
+    cfg.train.init = args.init or cfg.train.init
+    cfg.train.data = args.data or cfg.train.data
+    final = sft(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {final}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a TOML file with [model] and [train] tables")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
+
+    p = commands.add_parser(
+        "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)",
+        epilog="Any setting can follow as --key value (--lr 1e-4, --pack true, --max_answer_chars 256).",
+    )
+    p.add_argument("--init", help="the checkpoint to start from, e.g. runs/demo/pretrain/final")
+    p.add_argument("--data", nargs="+", help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
+    p.add_argument("--config", help="a TOML file with a [train] table (the model comes from --init)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.set_defaults(func=cmd_sft, takes_overrides=True)
     return parser
 
 

@@ -27,7 +27,7 @@ else:  # pragma: no cover
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # a pretokenized directory (manifest.json); for SFT, instruction files
+    data: str | list[str] = ""  # pretraining: a pretokenized directory; SFT: instruction/chat files
     out_dir: str = "runs/pretrain"
     tokenizer: str = ""  # default: the tokenizer saved with the data (or with --init)
     init: str = ""  # a checkpoint to start from (SFT); empty: random weights
@@ -59,6 +59,13 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
+    # SFT data (lengths in characters, 0: no limit; the recipe used 10 / 256 / 5 / 256)
+    val_fraction: float = 0.02
+    pack: bool = False
+    min_prompt_chars: int = 0
+    max_prompt_chars: int = 0
+    min_answer_chars: int = 0
+    max_answer_chars: int = 0
 
 
 @dataclass
@@ -85,6 +92,8 @@ def _convert(value, annotation: str, key: str):
             if str(value).lower() in ("0", "false", "no"):
                 return False
             raise ValueError(value)
+        if kind == "str" and isinstance(value, list):  # a list of paths
+            return [str(v) for v in value]
         return {"int": int, "float": float, "str": str}[kind](value)
     except (ValueError, KeyError):
         raise UserError(f"setting {key} expects {annotation}, got {value!r}.") from None
@@ -142,8 +151,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_from_dict(d: dict) -> RunConfig:
-    """The inverse of RunConfig.to_dict (for the config saved with a run)."""
+    """The settings saved in a checkpoint's or a run's config.json."""
+    run = d.get("run", d)  # a checkpoint keeps the run's settings under "run", its model at the top
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = TrainConfig(**{k: v for k, v in d.get("train", {}).items() if k in train_fields})
-    return RunConfig(model=ModelConfig.from_dict(d["model"]), train=train, preset=d.get("preset", ""))
+    train = TrainConfig(**{k: v for k, v in run.get("train", {}).items() if k in train_fields})
+    return RunConfig(model=ModelConfig.from_dict(d["model"]), train=train, preset=run.get("preset", ""))
 

@@ -139,6 +139,7 @@ class Trainer:
         self.dtype = amp_dtype(self.t.dtype, dist.device)
         self.order = GlobalOrder(len(train_data), self.t.seed)
         self.step, self.position, self.bad_steps = 0, 0, 0  # position: global samples consumed
+        self.tokens = 0
         self.stop_requested = False
 
     def _total_steps(self) -> int:
@@ -208,7 +209,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._state_options())
-        return {"step": self.step, "position": self.position, "bad_steps": self.bad_steps,
+        return {"step": self.step, "position": self.position, "bad_steps": self.bad_steps, "tokens": self.tokens,
                 "world": self.dist.world, "global_batch": self.global_batch, "optimizer": optim,
                 "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
 
@@ -217,6 +218,7 @@ class Trainer:
 
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=self._state_options())
         self.step, self.position, self.bad_steps = state["step"], state["position"], state["bad_steps"]
+        self.tokens = state["tokens"]
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -249,11 +251,14 @@ class Trainer:
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the current step, from the global order."""
         t, d = self.t, self.dist
+        step = [self.order(self.position + i) for i in range(self.global_batch)]
+        lengths = getattr(self.train_data, "lengths", None)
+        if lengths is not None:  # samples of similar length share a micro-batch: little padding
+            step.sort(key=lambda i: lengths[i])
         batches = []
         for m in range(t.grad_accum):
-            first = self.position + (m * d.world + d.rank) * t.batch_size
-            indices = [self.order(first + i) for i in range(t.batch_size)]
-            batch = self.train_data.collate(indices)
+            first = (m * d.world + d.rank) * t.batch_size
+            batch = self.train_data.collate(step[first : first + t.batch_size])
             batches.append({k: v.to(d.device, non_blocking=True) for k, v in batch.items()})
         return batches
 
@@ -289,6 +294,7 @@ class Trainer:
                 self.scaler.scale(loss * self.dist.world / total).backward()  # DDP averages over ranks
             loss_sum += loss.detach().float()
         mean_loss = float(all_reduce_sum(loss_sum, self.dist) / total)
+        self.tokens += sum(b["idx"].numel() for b in batches) * self.dist.world  # positions, padding included
         self.position += self.global_batch
         self.step += 1
         if not math.isfinite(mean_loss):
@@ -338,26 +344,24 @@ class Trainer:
         t, main = self.t, self.dist.main
         log = MetricsLog(self.out, main)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        tokens_per_step = self.global_batch * self.cfg.model.max_seq_len
         peak, flops = peak_flops(self.dist.device), self.model.flops_per_token()
         bar = progress(total=self.total_steps, initial=self.step, desc=self.kind, unit=" step", disable=not main)
         self.wrapped.train()
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_tokens = time.perf_counter(), self.tokens
         try:
             while self.step < self.total_steps:
                 loss, norm = self.train_step()
-                window_steps += 1
                 bar.update()
-                record = {"step": self.step, "tokens": self.step * tokens_per_step, "loss": loss,
+                record = {"step": self.step, "tokens": self.tokens, "loss": loss,
                           "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm}
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     if self.dist.device.type == "cuda":
                         torch.cuda.synchronize()
-                    rate = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+                    rate = (self.tokens - window_tokens) / (time.perf_counter() - window_start)
                     record["tokens_per_s"] = rate
                     if peak:
                         record["mfu"] = rate * flops / (peak * self.dist.world)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_tokens = time.perf_counter(), self.tokens
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     record["val_loss"] = self.evaluate()
@@ -371,7 +375,7 @@ class Trainer:
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                     self.save()
             val = self.evaluate()
-            log.write({"step": self.step, "tokens": self.step * tokens_per_step, "val_loss": val, "final": True})
+            log.write({"step": self.step, "tokens": self.tokens, "val_loss": val, "final": True})
             self.save(final=True)
             return self.out / "final"
         finally:
@@ -425,5 +429,33 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
             raise UserError(f"the shards in {cfg.train.data} were made with another tokenizer "
                             f"({train_data.fingerprint}) than {tok_path} ({tokenizer.fingerprint}).")
         return run_training(cfg, train_data, val_data, tokenizer, dist, resume, "pretrain")
+    finally:
+        shutdown(dist)
+
+
+def sft(cfg: RunConfig, resume: bool = False) -> Path:
+    """`babyllama sft`: fine-tune cfg.train.init on the instruction or chat files of cfg.train.data."""
+    from babyllama.config import config_from_dict
+    from babyllama.tokenizer import load_tokenizer
+    from babyllama.train.sft_data import build_sft_data
+
+    t = cfg.train
+    if not t.init:
+        raise UserError("SFT needs a model to start from: pass --init CHECKPOINT (e.g. runs/demo/pretrain/final).")
+    if not t.data:
+        raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
+    cfg.model = config_from_dict(read_config(t.init)).model  # the architecture is the checkpoint's
+    dist = init_distributed(t.device)
+    try:
+        tokenizer = load_tokenizer(t.tokenizer or t.init)
+        paths = [t.data] if isinstance(t.data, str) else t.data
+        filters = {"min_prompt": t.min_prompt_chars, "max_prompt": t.max_prompt_chars,
+                   "min_answer": t.min_answer_chars, "max_answer": t.max_answer_chars}
+        train_data, val_data, stats = build_sft_data(paths, tokenizer, cfg.model.max_seq_len, t.val_fraction,
+                                                     t.pack, **filters)
+        if dist.main:
+            print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.filtered} filtered by length, "
+                  f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume, "sft")
     finally:
         shutdown(dist)

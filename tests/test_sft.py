@@ -1,0 +1,187 @@
+"""SFT: exact loss masks, inference prompts equal training prefixes, truncation, packing, learning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from babyllama.checkpoint import load_model, save_checkpoint
+from babyllama.config import load_config
+from babyllama.errors import UserError
+from babyllama.train.sft_data import (
+    Conversation,
+    SFTData,
+    SFTStats,
+    build_sft_data,
+    chat_ids,
+    read_conversations,
+    truncate,
+)
+from babyllama.train.trainer import sft
+from tests.conftest import logged_losses, sharp_model, simulate_death, tiny_config
+
+ONE = Conversation([("床前明月光，下一句是什么？", "疑是地上霜。")])
+THREE = Conversation([("你好", "你好！有什么可以帮你？"), ("1+1等于几", "等于2。"), ("谢谢", "不客气。")],
+                     system="你是一个助手。")
+
+
+def loss_positions(tok, conv):
+    data = SFTData([chat_ids(tok, conv)], max_seq_len=256, pad_id=tok.pad_id)
+    batch = data.collate([0])
+    return batch, (batch["targets"][0] != -1).nonzero().flatten()
+
+
+@pytest.mark.parametrize("conv", [ONE, THREE], ids=["one-turn", "three-turn"])
+def test_loss_falls_exactly_on_answers_and_their_eos(bpe_tokenizer, conv):
+    tok = bpe_tokenizer
+    batch, where = loss_positions(tok, conv)
+    targets = batch["targets"][0, where].tolist()
+    # decode the loss-carrying targets: the answers, each closed by its <eos>, nothing else
+    expected = [i for _, answer in conv.turns for i in tok.encode(answer) + [tok.eos_id]]
+    assert targets == expected
+    assert tok.decode(targets) == "".join(a for _, a in conv.turns)
+    assert targets.count(tok.eos_id) == len(conv.turns)
+    ids = batch["idx"][0].tolist()
+    assert ids.count(tok.bos_id) == len(conv.turns) and ids[0] != tok.bos_id  # user first, then <bos>
+    assert tok.decode(ids).startswith(conv.system + "\n" if conv.system else conv.turns[0][0])
+
+
+def test_only_answer_targets_change_the_loss(bpe_tokenizer):
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    batch, where = loss_positions(bpe_tokenizer, THREE)
+    idx, targets = batch["idx"], batch["targets"]
+    mask = (targets != -1).long()
+    full = targets.where(targets != -1, idx.roll(-1, 1))  # real next ids everywhere
+    _, base = model(idx, full, loss_mask=mask)
+    prompt_pos = int((mask[0] == 0).nonzero()[3])
+    changed = full.clone()
+    changed[0, prompt_pos] = (changed[0, prompt_pos] + 7) % 600
+    assert model(idx, changed, loss_mask=mask)[1].item() == base.item()
+    changed = full.clone()
+    changed[0, int(where[1])] = (changed[0, int(where[1])] + 7) % 600
+    assert model(idx, changed, loss_mask=mask)[1].item() != base.item()
+
+
+def test_inference_prompt_is_the_training_prefix(bpe_tokenizer):
+    for conv in (ONE, THREE):
+        train_ids, mask = chat_ids(bpe_tokenizer, conv)
+        prompt, _ = chat_ids(bpe_tokenizer, conv, answer_last=False)
+        assert prompt[-1] == bpe_tokenizer.bos_id
+        assert train_ids[: len(prompt)] == prompt  # token for token
+        assert mask[len(prompt)] == 1 and mask[len(prompt) - 1] == 0  # the answer starts right after
+
+
+def test_truncation_keeps_the_answer_eos(bpe_tokenizer):
+    tok = bpe_tokenizer
+    long_prompt = Conversation([("很长的问题" * 40 + "结尾问句？", "短答。")])
+    ids, mask = truncate(tok, long_prompt, 40)
+    full, _ = chat_ids(tok, long_prompt)
+    assert len(ids) == 40 and ids == full[-40:]  # the prompt's beginning was cut, the end kept
+    long_answer = Conversation([("问？", "回答很长" * 50)])
+    ids, mask = truncate(tok, long_answer, 40)
+    assert len(ids) == 40 and ids[-1] == tok.eos_id and mask[-1] == 1  # the end of the answer went, <eos> stayed
+    ids, mask = truncate(tok, THREE, len(chat_ids(tok, THREE)[0]) - 1)
+    assert tok.decode(ids).startswith("你是一个助手。\n1+1")  # the oldest turn went, the system text stayed
+    assert ids[-1] == tok.eos_id
+
+
+def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    samples = [chat_ids(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]  # 3 samples
+    packed = SFTData(samples, max_seq_len=127, pad_id=0, pack=True)
+    assert len(packed) == 1 and "attn_mask" in packed.collate([0])
+
+    def summed_loss(batch):
+        _, mean = model(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))
+        return mean * (batch["targets"] != -1).sum()
+
+    alone = SFTData(samples, max_seq_len=127, pad_id=0)
+    total_alone = sum(summed_loss(alone.collate([i])) for i in range(3))
+    torch.testing.assert_close(summed_loss(packed.collate([0])), total_alone, rtol=1e-5, atol=1e-4)
+    convs = (ONE, THREE, Conversation([("好", "好的。")]))
+    answers = sum(len(bpe_tokenizer.encode(a)) + 1 for c in convs for _, a in c.turns)
+    assert (packed.collate([0])["targets"] != -1).sum() == answers  # no sample predicts the next one's start
+
+
+def write(path, records):
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return path
+
+
+def test_readers_filters_and_bad_records(tmp_path):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "把这句话翻译成英文：", "input": "你好", "output": "Hello"},
+                                  {"instruction": "短", "input": "", "output": "答案很好"}], ensure_ascii=False))
+    belle = write(tmp_path / "belle.jsonl", [{"instruction": "写一首诗", "input": "", "output": "春眠不觉晓"},
+                                              {"instruction": 5, "output": "x"}])
+    (tmp_path / "sft_data.csv").write_text("prompt,answer\n介绍一下北京,北京是中国的首都。\n", encoding="utf-8")
+    chat = write(tmp_path / "chat.jsonl", [
+        {"conversations": [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好呀朋友"},
+                           {"role": "assistant", "content": "你好！"}]},
+        {"conversations": [{"from": "human", "value": "问题一二三"}, {"from": "gpt", "value": "回答"}]},
+        {"conversations": [{"role": "assistant", "content": "答在前"}, {"role": "user", "content": "问在后"}]},
+    ])
+    stats = SFTStats()
+    convs = read_conversations([alpaca, belle, tmp_path / "sft_data.csv", chat], stats, min_prompt=3)
+    assert [c.turns for c in convs] == [
+        [("把这句话翻译成英文：你好", "Hello")], [("写一首诗", "春眠不觉晓")], [("介绍一下北京", "北京是中国的首都。")],
+        [("你好呀朋友", "你好！")], [("问题一二三", "回答")],
+    ]
+    assert convs[3].system == "你是助手"
+    assert (stats.records, stats.bad, stats.filtered) == (8, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    save_checkpoint(d / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    records = [{"instruction": "判断情感：", "input": text, "output": label}
+               for i in range(200) for text, label in [(f"很好很喜欢{i}", "正面"), (f"太差了失望{i}", "负面")]]
+    write(d / "sft.jsonl", records)
+    return d
+
+
+def held_out_loss(checkpoint, data):
+    model = load_model(checkpoint)
+    batch = data.collate(list(range(len(data))))
+    with torch.no_grad():
+        return model(batch["idx"], batch["targets"])[1].item()
+
+
+def test_sft_lowers_held_out_answer_loss(sft_setup, bpe_tokenizer, tmp_path):
+    d = sft_setup
+    cfg = load_config(None, ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path),
+                             "--max_steps", "40", "--batch_size", "16", "--lr", "3e-3", "--warmup_steps", "5",
+                             "--val_fraction", "0.1", "--eval_every", "0", "--log_every", "5"])
+    final = sft(cfg)
+    _, val, stats = build_sft_data([d / "sft.jsonl"], bpe_tokenizer, 64, 0.1)
+    assert stats.val_samples > 20
+    before, after = held_out_loss(d / "init", val), held_out_loss(final, val)
+    assert after < before / 3, (before, after)
+
+
+def test_sft_refuses_missing_init_and_other_tokenizer(sft_setup, tmp_path):
+    from babyllama.tokenizer import train_bpe
+    from tests.conftest import generated_corpus
+
+    d = sft_setup
+    base = ["--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path), "--max_steps", "2"]
+    with pytest.raises(UserError, match="does not exist"):
+        sft(load_config(None, [*base, "--init", str(tmp_path / "missing")]))
+    other = train_bpe(generated_corpus(40, seed=8), 500)
+    other.save(tmp_path / "tok")
+    with pytest.raises(UserError, match="not the one the model"):
+        sft(load_config(None, [*base, "--init", str(d / "init"), "--tokenizer", str(tmp_path / "tok")]))
+
+
+def test_sft_resumes_bitwise(sft_setup, tmp_path):
+    d = sft_setup
+    args = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "6", "--batch_size", "8",
+            "--save_every", "3", "--log_every", "1", "--eval_every", "0", "--warmup_steps", "2"]
+    sft(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=3)
+    sft(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)
+    assert logged_losses(tmp_path / "died") == logged_losses(tmp_path / "straight")
