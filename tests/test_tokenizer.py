@@ -48,6 +48,13 @@ def test_foreign_tokenizer_json_finds_specials_by_name(bpe_tokenizer, tmp_path):
     assert (tok.bos_id, tok.eos_id) == (2, 0)
 
 
+def test_token_bytes_add_up_to_utf8_length(bpe_tokenizer):
+    table = bpe_tokenizer.token_bytes()
+    for text in ROUNDTRIP_TEXTS:
+        assert sum(table[i] for i in bpe_tokenizer.encode(text)) == len(text.encode())
+    assert table[0] == table[1] == table[2] == 0  # special ids are no text
+
+
 def test_token_dtype_rule():
     assert token_dtype(64793) == np.uint16
     assert token_dtype(65536) == np.uint16  # ids 0..65535
@@ -76,5 +83,7 @@ def test_chatglm2_sentencepiece_matches_sentencepiece(tmp_path):
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (64789, 1, 2, 0)
     assert tok.dtype == np.uint16
     assert tok.decode(tok.encode(sentences[1])) == sentences[1]
+    table = tok.token_bytes()  # the word-start marker ▁ counts as the space it stands for
+    assert sum(table[i] for i in tok.encode(sentences[0])) == len((" " + sentences[0]).encode())
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).fingerprint == tok.fingerprint

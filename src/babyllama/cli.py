@@ -98,6 +98,24 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"done: {final}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from babyllama.evaluate import evaluate
+
+    out = args.out or str(Path(args.checkpoint).parent / "eval")
+    result = evaluate(args.checkpoint, out, args.data, args.prompts, args.qa, args.mc, args.train_data,
+                      args.max_new_tokens, args.limit, args.device)
+    summary = {k: result[k] for k in ("lm", "qa", "mc", "leakage") if k in result}
+    print(json.dumps({"out": out, **summary}, ensure_ascii=False, indent=2))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from babyllama.report import make_report
+
+    print(f"report: {make_report(args.run_dir)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_sft, takes_overrides=True)
+
+    p = commands.add_parser("eval", help="loss, bits per byte, QA, multiple choice and leakage of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="token directory: loss and bits per byte on its val split")
+    p.add_argument("--prompts", help="text file, one continuation prompt per line (default: built-in)")
+    p.add_argument("--qa", help="QA records: question/prompt/instruction(+input) and answer/std_answer/target/output")
+    p.add_argument("--mc", nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
+    p.add_argument("--train-data", nargs="+", help="training files to search for eval questions (leakage)")
+    p.add_argument("--out", help="output directory (default: next to the checkpoint, eval/)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--limit", type=int, default=0, help="score only the first N QA / MC items")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("report", help="report.md with plots for a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -61,6 +61,10 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> None:
         raise NotImplementedError
 
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int: the UTF-8 bytes each id stands for (0 for special ids), for bits per byte."""
+        raise NotImplementedError
+
     @property
     def dtype(self) -> np.dtype:
         return token_dtype(self.vocab_size)
@@ -93,6 +97,19 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self) -> np.ndarray:
+        from tokenizers import decoders
+
+        specials = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        byte_level = isinstance(self.tok.decoder, decoders.ByteLevel)  # one character per byte
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            piece = self.tok.id_to_token(i)
+            if piece is None or piece in specials:
+                continue
+            out[i] = len(piece) if byte_level else len(self.tok.decode([i]).encode())
+        return out
+
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +141,15 @@ class SPTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([i for i in ids if i < self.vocab_size])
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                out[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
+                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return out
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)

@@ -82,6 +82,26 @@ class NearDuplicateIndex:
         return False
 
 
+class SubstringIndex:
+    """Finds whether a text contains any of a set of strings, each at least k characters long."""
+
+    def __init__(self, items: set[str], k: int):
+        self.k = k
+        self.by_prefix: dict[str, list[str]] = {}
+        for item in items:
+            self.by_prefix.setdefault(item[:k], []).append(item)
+
+    def matches(self, text: str) -> Iterator[str]:
+        """The items that occur in text, in order of where they start."""
+        for i in range(len(text) - self.k + 1):
+            for item in self.by_prefix.get(text[i : i + self.k], ()):
+                if text.startswith(item, i):
+                    yield item
+
+    def found_in(self, text: str) -> bool:
+        return next(self.matches(text), None) is not None
+
+
 @dataclass
 class SourceStats:
     schema: str = ""

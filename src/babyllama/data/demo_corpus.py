@@ -19,7 +19,7 @@ import json
 from importlib.util import find_spec
 from pathlib import Path
 
-from babyllama.data.clean import normalize
+from babyllama.data.clean import SubstringIndex, normalize
 from babyllama.errors import UserError
 
 SENTIMENT_PROMPT = "判断这条评论的情感是正面还是负面：\n"
@@ -72,22 +72,6 @@ def split_sentences(pairs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]
 def held_out(text: str, fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(("demo-eval:" + text).encode(), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
-
-
-class SubstringIndex:
-    """Finds whether a text contains any of a set of strings, each at least k characters long."""
-
-    def __init__(self, items: set[str], k: int):
-        self.k = k
-        self.by_prefix: dict[str, list[str]] = {}
-        for item in items:
-            self.by_prefix.setdefault(item[:k], []).append(item)
-
-    def found_in(self, text: str) -> bool:
-        for i in range(len(text) - self.k + 1):
-            if any(text.startswith(item, i) for item in self.by_prefix.get(text[i : i + self.k], ())):
-                return True
-        return False
 
 
 def read_reviews(root: Path) -> list[tuple[str, str]]:

@@ -1,0 +1,294 @@
+"""Evaluation: held-out loss and bits per byte, continuations, QA scores, multiple choice, leakage.
+
+    babyllama eval runs/demo/sft/final --data runs/demo/tokens --qa runs/demo/data/eval.jsonl \
+        --mc ceval/val/*.csv --train-data runs/demo/data/sft.jsonl --out runs/demo/eval
+
+Writes OUT/eval.json (every number) and OUT/items.jsonl (one line per scored item).
+  * language modelling: mean loss, perplexity and bits per byte of UTF-8 text on the val split,
+    so models with different tokenizers compare (an <eos> is scored and counts 0 bytes);
+  * continuations of plain-text prompts (the recipe's by default);
+  * QA in the chat format, greedy: BLEU-4 (sacrebleu, tokenize zh), the recipe's word BLEU over
+    jieba words, ROUGE-L and F1 over characters, exact match; tasks whose references are a few
+    labels (the demo's 正面 / 负面) also report accuracy against the majority-class baseline;
+  * multiple choice in the C-Eval / CMMLU shape, by the log-likelihood of the option letter and,
+    separately, of the option text per token; accuracy overall and per subject;
+  * leakage: eval questions found verbatim in the training data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from babyllama.data.sources import expand_inputs, iter_records
+from babyllama.errors import UserError, require
+from babyllama.progress import progress
+from babyllama.tokenizer import Tokenizer
+
+DEFAULT_PROMPTS = [
+    "床前明月光，疑是地上霜。举头望明月，",
+    "《小王子》是一本畅销童话书，它讲述了：",
+    "中华人民共和国成立于",
+    "人工智能是",
+    "今天天气很好，",
+]
+QUESTION_KEYS = ("question", "prompt")
+REFERENCE_KEYS = ("answer", "std_answer", "target", "output")
+LETTERS = "ABCD"
+
+
+# --- language modelling ---
+
+
+@torch.no_grad()
+def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200) -> dict:
+    """Loss, perplexity and bits per byte over the validation windows of a token directory."""
+    from babyllama.train.pretrain_data import PretrainData
+
+    data = PretrainData(data_dir, model.cfg.max_seq_len, "val")
+    if data.fingerprint != tokenizer.fingerprint:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's.")
+    token_bytes = torch.from_numpy(tokenizer.token_bytes())
+    device = model.rope_cos.device
+    n = min(len(data), batch_size * max_batches)
+    nats, tokens, nbytes = 0.0, 0, 0
+    for start in progress(range(0, n, batch_size), desc="eval loss", unit=" batch"):
+        batch = data.collate(list(range(start, min(start + batch_size, n))))
+        _, loss = model(batch["idx"].to(device), batch["targets"].to(device))
+        count = batch["targets"].numel()
+        nats += loss.item() * count
+        tokens += count
+        nbytes += int(token_bytes[batch["targets"]].sum())
+    return {"val_loss": nats / tokens, "perplexity": math.exp(nats / tokens),
+            "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "tokens": tokens, "bytes": nbytes}
+
+
+def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64) -> list[dict]:
+    """Greedy continuations; a prompt starts after an <eos>, as a document does in the shards."""
+    out = []
+    for prompt in progress(prompts, desc="continuations", unit=" prompt"):
+        ids = model.generate([tokenizer.eos_id, *tokenizer.encode(prompt)], max_new_tokens=max_new_tokens,
+                             repetition_penalty=1.2, eos_id=tokenizer.eos_id)
+        out.append({"prompt": prompt, "continuation": tokenizer.decode(ids)})
+    return out
+
+
+# --- QA ---
+
+
+def read_qa(path: str | Path) -> list[dict]:
+    """{question, reference, task} from records with a question field and a reference field."""
+    items = []
+    for file in expand_inputs([path]):
+        for where, r in iter_records(file):
+            r = r or {}
+            question = next((r[k] for k in QUESTION_KEYS if isinstance(r.get(k), str)), None)
+            if question is None and isinstance(r.get("instruction"), str):
+                question = r["instruction"] + (r.get("input") or "")
+            reference = next((r[k] for k in REFERENCE_KEYS if isinstance(r.get(k), str)), None)
+            if question is None or reference is None:
+                raise UserError(f"{where}: a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction"
+                                f"+input) and a reference ({', '.join(REFERENCE_KEYS)}).")
+            items.append({"question": question, "reference": reference, "task": str(r.get("task", "qa"))})
+    if not items:
+        raise UserError(f"{path} holds no QA records.")
+    return items
+
+
+def answer(model, tokenizer: Tokenizer, question: str, max_new_tokens: int = 128) -> str:
+    """Greedy answer in the chat format (the same ids SFT trained on, up to the answer)."""
+    from babyllama.train.sft_data import Conversation, chat_ids
+
+    prompt, _ = chat_ids(tokenizer, Conversation([(question, "")]), answer_last=False)
+    return tokenizer.decode(model.generate(prompt, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)).strip()
+
+
+def lcs_length(a: str, b: str) -> int:
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if ca == cb else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over characters."""
+    lcs = lcs_length(prediction, reference)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(prediction), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """F1 of the characters in common (as bags), the usual QA score for Chinese."""
+    same = sum((Counter(prediction) & Counter(reference)).values())
+    if same == 0:
+        return float(prediction == reference)
+    p, r = same / len(prediction), same / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def bleu(predictions: list[str], references: list[str]) -> dict:
+    """Corpus BLEU-4 by sacrebleu (tokenize zh), and the recipe's BLEU over jieba words."""
+    sacrebleu = require("sacrebleu", "eval")
+    jieba = require("jieba", "eval")
+    jieba.setLogLevel(60)
+    words = lambda texts: [" ".join(jieba.cut(t)) for t in texts]  # noqa: E731
+    return {
+        "bleu": sacrebleu.corpus_bleu(predictions, [references], tokenize="zh").score,
+        "word_bleu": sacrebleu.corpus_bleu(words(predictions), [words(references)], tokenize="none").score,
+    }
+
+
+def score_qa(items: list[dict]) -> dict:
+    """Scores per task (items carry prediction and reference)."""
+    by_task = defaultdict(list)
+    for it in items:
+        by_task[it["task"]].append(it)
+    out = {}
+    for task, its in by_task.items():
+        preds, refs = [i["prediction"] for i in its], [i["reference"] for i in its]
+        scores = {"items": len(its), **bleu(preds, refs),
+                  "rouge_l": sum(map(rouge_l, preds, refs)) / len(its),
+                  "char_f1": sum(map(char_f1, preds, refs)) / len(its),
+                  "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / len(its)}
+        labels = Counter(refs)
+        if len(labels) <= 10 and len(its) >= 3 * len(labels):  # a classification task
+            scores["accuracy"] = scores["exact_match"]
+            scores["majority_baseline"] = labels.most_common(1)[0][1] / len(its)
+            scores["labels"] = dict(labels)
+        out[task] = scores
+    return out
+
+
+# --- multiple choice ---
+
+
+def read_mc(paths: Sequence[str | Path]) -> list[dict]:
+    """C-Eval / CMMLU items: question, A-D, answer (any case); subject from the file name."""
+    items = []
+    for file in expand_inputs(list(paths)):
+        subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
+        rows = csv.DictReader(file.open(encoding="utf-8-sig")) if file.suffix == ".csv" else (
+            r for _, r in iter_records(file) if r)
+        for row in rows:
+            r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+            try:
+                item = {"subject": r.get("subject") or subject, "question": str(r["question"]),
+                        "options": {c: str(r[c.lower()]) for c in LETTERS}, "answer": str(r["answer"]).strip()}
+            except KeyError as e:
+                raise UserError(f"{file}: a multiple-choice row needs question, A-D, answer; missing {e}.") from None
+            if item["answer"] in LETTERS:
+                items.append(item)
+    if not items:
+        raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}.")
+    return items
+
+
+class ModelScorer:
+    """Sum of the model's log-probabilities of continuation ids after context ids."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def logprob(self, context: list[int], continuation: list[int]) -> float:
+        ids = (context + continuation)[-self.model.cfg.max_seq_len - 1 :]
+        x = torch.tensor([ids[:-1]], device=self.model.rope_cos.device)
+        logits, _ = self.model(x)
+        logp = torch.log_softmax(logits[0, -len(continuation) :].float(), dim=-1)
+        return float(logp.gather(1, torch.tensor(continuation, device=logp.device)[:, None]).sum())
+
+
+def score_mc(items: list[dict], scorer, tokenizer: Tokenizer) -> tuple[dict, list[dict]]:
+    """Accuracy by letter and by option text (log-likelihood per token), overall and per subject."""
+    results = []
+    for it in progress(items, desc="multiple choice", unit=" item"):
+        options = "".join(f"\n{c}. {it['options'][c]}" for c in LETTERS)
+        letter_ctx = tokenizer.encode(f"{it['question']}{options}\n答案：")
+        text_ctx = tokenizer.encode(f"{it['question']}\n答案：")
+        by_letter = {c: scorer.logprob(letter_ctx, tokenizer.encode(c)) for c in LETTERS}
+        by_text = {}
+        for c in LETTERS:
+            ids = tokenizer.encode(it["options"][c]) or [tokenizer.eos_id]
+            by_text[c] = scorer.logprob(text_ctx, ids) / len(ids)
+        results.append({**it, "letter_choice": max(by_letter, key=by_letter.get),
+                        "text_choice": max(by_text, key=by_text.get)})
+
+    def accuracy(rs: list[dict]) -> dict:
+        return {"items": len(rs), "letter_accuracy": sum(r["letter_choice"] == r["answer"] for r in rs) / len(rs),
+                "text_accuracy": sum(r["text_choice"] == r["answer"] for r in rs) / len(rs)}
+
+    subjects = sorted({r["subject"] for r in results})
+    summary = {"overall": accuracy(results),
+               "subjects": {s: accuracy([r for r in results if r["subject"] == s]) for s in subjects}}
+    return summary, results
+
+
+# --- leakage ---
+
+
+def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_chars: int = 8) -> dict:
+    """Eval questions (of at least min_chars characters) that occur verbatim in the training files."""
+    from babyllama.data.clean import SubstringIndex
+    from babyllama.data.sources import CorpusReader
+
+    checked = {q for q in questions if len(q) >= min_chars}
+    index = SubstringIndex(checked, min_chars)
+    found: set[str] = set()
+    for doc in progress(CorpusReader(list(train_paths)).documents(), desc="leakage check", unit=" docs"):
+        found.update(index.matches(doc))
+    return {"checked": len(checked), "leaked": len(found), "examples": sorted(found)[:10]}
+
+
+# --- everything ---
+
+
+def evaluate(checkpoint: str | Path, out: str | Path, data: str | None = None, prompts: str | None = None,
+             qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
+             max_new_tokens: int = 128, limit: int = 0, device: str = "cpu") -> dict:
+    from babyllama.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(checkpoint, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"checkpoint": str(checkpoint)}
+    items: list[dict] = []
+    if data:
+        result["lm"] = lm_metrics(model, data, tokenizer)
+    prompt_list = DEFAULT_PROMPTS
+    if prompts:
+        if not Path(prompts).is_file():
+            raise UserError(f"prompts file {prompts} does not exist.")
+        prompt_list = [x for x in Path(prompts).read_text(encoding="utf-8").splitlines() if x.strip()]
+    result["continuations"] = continuations(model, tokenizer, prompt_list)
+    if qa:
+        qa_items = read_qa(qa)[: limit or None]
+        for it in progress(qa_items, desc="QA", unit=" item"):
+            it["prediction"] = answer(model, tokenizer, it["question"], max_new_tokens)
+        result["qa"] = score_qa(qa_items)
+        items += [{"kind": "qa", **it} for it in qa_items]
+    if mc:
+        mc_items = read_mc(mc)[: limit or None]
+        result["mc"], scored = score_mc(mc_items, ModelScorer(model), tokenizer)
+        items += [{"kind": "mc", **it} for it in scored]
+    if train_data and (qa or mc):
+        questions = [it["question"] for it in items]
+        result["leakage"] = leakage(questions, train_data)
+        if result["leakage"]["leaked"]:
+            print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
+                  "their scores are inflated.")
+    (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    with (out / "items.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    return result

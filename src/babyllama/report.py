@@ -1,0 +1,173 @@
+"""The report card: one Markdown page with plots for a run directory.
+
+    babyllama report runs/demo          # writes runs/demo/report.md and runs/demo/plots/*.png
+
+RUN_DIR is a training run (it has metrics.jsonl) or a directory holding several (pretrain/,
+sft/ ...). The report gathers what it finds: corpus statistics (a `prepare` stats.json), token
+shards (manifest.json) and the tokenizer, each run's settings and loss / learning-rate curves,
+and every eval.json below RUN_DIR (loss and bits per byte, QA scores against the majority
+baseline, multiple choice, leakage, samples).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from babyllama.errors import UserError, require
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    require("matplotlib", "report").use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def find(root: Path, name: str, depth: int = 3) -> list[Path]:
+    return sorted(p for p in root.rglob(name) if len(p.relative_to(root).parts) <= depth)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.open(encoding="utf-8") if x.strip()]
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_run(run: Path, metrics: list[dict], out: Path) -> str:
+    """loss (train and val) against tokens, and the learning rate, in one PNG; returns its name."""
+    plt = pyplot()
+    train = [m for m in metrics if "loss" in m]
+    val = [m for m in metrics if m.get("val_loss") is not None]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([m["tokens"] for m in train], [m["loss"] for m in train], label="train", lw=1)
+    a.plot([m["tokens"] for m in val], [m["val_loss"] for m in val], "o-", label="val")
+    a.set(xlabel="tokens", ylabel="loss (nats / token)", title=f"{run.name}: loss")
+    a.legend()
+    b.plot([m["step"] for m in train], [m["lr"] for m in train])
+    b.set(xlabel="step", ylabel="learning rate", title=f"{run.name}: schedule")
+    fig.tight_layout()
+    name = f"{run.name}_curves.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel: str) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(values)), 3.4))
+    ax.bar(list(values), list(values.values()), color="#4c72b0")
+    for i, v in enumerate(values.values()):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
+    ax.set(title=title, ylabel=ylabel)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def data_section(root: Path, plots: Path) -> list[str]:
+    lines = []
+    for stats_file in find(root, "stats.json"):
+        total = json.loads(stats_file.read_text())["total"]
+        lines += [f"### Corpus: `{stats_file.parent.relative_to(root)}`", "", table([total], list(total)), ""]
+        counts = {k: total[k] for k in ("bad", "too_short", "exact_duplicates", "near_duplicates", "kept")}
+        lines += [f"![corpus]({plots.name}/{plot_bars('documents', counts, plots, 'corpus.png', 'documents')})", ""]
+    for manifest_file in find(root, "manifest.json"):
+        m = json.loads(manifest_file.read_text())
+        rows = [{"split": s, **v} for s, v in m["totals"].items()]
+        lines += [f"### Token shards: `{manifest_file.parent.relative_to(root)}` ({m['dtype']})", "",
+                  table(rows, ["split", "tokens", "documents"]), ""]
+        tok_dir = manifest_file.parent / "tokenizer"
+        if tok_dir.is_dir():
+            from babyllama.tokenizer import load_tokenizer
+
+            info = load_tokenizer(tok_dir).info()
+            lines += ["Tokenizer: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+    return lines
+
+
+def run_section(run: Path, root: Path, plots: Path) -> list[str]:
+    metrics = read_jsonl(run / "metrics.jsonl")
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    model, train = config.get("model", {}), config.get("train", {})
+    last = [m for m in metrics if "loss" in m][-1:] or [{}]
+    vals = [m for m in metrics if m.get("val_loss") is not None]
+    summary = {"steps": last[0].get("step"), "tokens": last[0].get("tokens"), "final train loss": last[0].get("loss"),
+               "final val loss": vals[-1]["val_loss"] if vals else "", "tokens/s": last[0].get("tokens_per_s")}
+    keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"]
+    settings = {k: model.get(k) for k in keys} | {k: train.get(k) for k in ("batch_size", "grad_accum", "lr")}
+    return [f"### Run `{run.relative_to(root) if run != root else run.name}`", "",
+            table([settings], list(settings)), "", table([summary], list(summary)), "",
+            f"![curves]({plots.name}/{plot_run(run, metrics, plots)})", ""]
+
+
+def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
+    e = json.loads(path.read_text())
+    tag = path.parent.relative_to(root).as_posix().replace("/", "_") or "eval"
+    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{e['checkpoint']}`)", ""]
+    if "lm" in e:
+        lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
+    if "qa" in e:
+        cols = ["task", "items", "accuracy", "majority_baseline", "exact_match", "char_f1", "rouge_l", "bleu",
+                "word_bleu"]
+        lines += ["Question answering (greedy, chat format):", "",
+                  table([{"task": t, **s} for t, s in e["qa"].items()], cols), ""]
+        bars = {}
+        for t, s in e["qa"].items():
+            if "accuracy" in s:
+                bars |= {f"{t} accuracy": s["accuracy"], f"{t} majority": s["majority_baseline"]}
+            else:
+                bars |= {f"{t} exact": s["exact_match"], f"{t} char F1": s["char_f1"]}
+        lines += [f"![qa]({plots.name}/{plot_bars('held-out scores', bars, plots, f'{tag}_qa.png', 'score')})", ""]
+    if "mc" in e:
+        rows = [{"subject": "overall", **e["mc"]["overall"]}]
+        rows += [{"subject": s, **v} for s, v in e["mc"]["subjects"].items()]
+        lines += ["Multiple choice:", "", table(rows, ["subject", "items", "letter_accuracy", "text_accuracy"]), ""]
+    if "leakage" in e:
+        lk = e["leakage"]
+        lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions occur verbatim in the training data.", ""]
+    lines += ["Continuations:", ""] + [f"- **{c['prompt']}** {c['continuation']}" for c in e.get("continuations", [])]
+    items = path.parent / "items.jsonl"
+    if items.is_file():
+        qa = [x for x in read_jsonl(items) if x["kind"] == "qa"]
+        by_task: dict[str, list] = {}
+        for x in qa:
+            by_task.setdefault(x["task"], []).append(x)
+        samples = [x for xs in by_task.values() for x in xs[:3]]
+        if samples:
+            lines += ["", "Sample answers:", "", table(
+                [{k: str(x[k]).replace("\n", " ").replace("|", "/")[:80] for k in ("task", "question", "prediction",
+                                                                                  "reference")} for x in samples],
+                ["task", "question", "prediction", "reference"])]
+    return lines + [""]
+
+
+def make_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/; returns the report's path."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UserError(f"run directory {root} does not exist.")
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    runs = [root] if (root / "metrics.jsonl").is_file() else [p.parent for p in find(root, "metrics.jsonl", 2)]
+    evals = find(root, "eval.json")
+    if not runs and not evals:
+        raise UserError(f"{root} has no training run (metrics.jsonl) and no evaluation (eval.json) to report.")
+    lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
+    lines += ["## Training", ""] + [x for run in runs for x in run_section(run, root, plots)]
+    lines += ["## Evaluation", ""] + [x for e in evals for x in eval_section(e, root, plots)]
+    extra = root / "report_extra.md"  # sections other tools add (the demo's timings and chat answers)
+    if extra.is_file():
+        lines += [extra.read_text(encoding="utf-8")]
+    report = root / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report

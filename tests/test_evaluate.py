@@ -1,0 +1,175 @@
+"""Evaluation and the report: scores equal their definitions, on fixtures computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from babyllama.checkpoint import save_checkpoint
+from babyllama.data.pretokenize import pretokenize
+from babyllama.evaluate import (
+    bleu,
+    char_f1,
+    leakage,
+    lm_metrics,
+    read_mc,
+    read_qa,
+    rouge_l,
+    score_mc,
+    score_qa,
+)
+from babyllama.report import make_report
+from babyllama.train.pretrain_data import PretrainData
+from tests.conftest import generated_corpus, sharp_model, tiny_config
+from tests.test_cli import run_cli
+
+
+def test_bleu_is_sacrebleu_zh_and_jieba_words():
+    import jieba
+    import sacrebleu
+
+    preds = ["今天天气很好，我们去公园散步。", "他在北京大学读书"]
+    refs = ["今天天气不错，我们去公园散步吧。", "他在北京大学学习"]
+    got = bleu(preds, refs)
+    assert got["bleu"] == sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score
+    words = lambda xs: [" ".join(jieba.cut(x)) for x in xs]  # noqa: E731
+    assert got["word_bleu"] == sacrebleu.corpus_bleu(words(preds), [words(refs)], tokenize="none").score
+    assert 0 < got["bleu"] < 100
+
+
+def test_rouge_l_and_char_f1_by_hand():
+    # LCS("我爱北京天安门", "我爱上海") = "我爱": P = 2/7, R = 2/4, F = 2PR / (P + R) = 4/11
+    assert rouge_l("我爱北京天安门", "我爱上海") == pytest.approx(4 / 11)
+    assert rouge_l("abc", "xyz") == 0.0 and rouge_l("江泽民", "江泽民") == 1.0
+    # common characters of "江泽民、李鹏" and "李鹏": 2; P = 2/6, R = 2/2
+    assert char_f1("江泽民、李鹏", "李鹏") == pytest.approx(2 * (2 / 6) * 1 / (2 / 6 + 1))
+
+
+def test_qa_reads_every_field_name_and_scores_labels(tmp_path):
+    records = [
+        {"question": "q1", "answer": "正面"}, {"prompt": "q2", "std_answer": "负面"},
+        {"instruction": "判断：", "input": "q3", "target": "正面"}, {"instruction": "q4", "output": "正面"},
+    ]
+    f = tmp_path / "qa.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    items = read_qa(f)
+    assert [(i["question"], i["reference"]) for i in items] == [
+        ("q1", "正面"), ("q2", "负面"), ("判断：q3", "正面"), ("q4", "正面")]
+    for it, pred in zip(items, ["正面", "正面", "正面", "负面"], strict=True):
+        it["prediction"] = pred
+    # with 4 items and 2 labels it is not yet a classification task (needs 3 items per label)
+    scores = score_qa(items * 2)["qa"]
+    assert scores["accuracy"] == 0.5 and scores["majority_baseline"] == 0.75 and scores["items"] == 8
+    assert "accuracy" not in score_qa(items)["qa"]
+
+
+def test_multiple_choice_with_a_stub_of_known_log_probs(tmp_path, bpe_tokenizer):
+    (tmp_path / "physics_val.csv").write_text(
+        "id,question,A,B,C,D,answer\n1,光速是多少,甲,乙,丙,丁,A\n2,重力是什么,甲,乙,丙,丁,B\n", encoding="utf-8")
+    (tmp_path / "history.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"Question": "秦朝何时建立", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "Answer": "C"}]))
+    items = read_mc([tmp_path / "physics_val.csv", tmp_path / "history.jsonl"])
+    assert [i["subject"] for i in items] == ["physics", "physics", "history"]
+    tok = bpe_tokenizer
+
+    class Stub:
+        """Prefers letter A and option text 乙 whatever the question."""
+
+        def logprob(self, context, continuation):
+            text = tok.decode(continuation)
+            return {"A": -0.1, "乙": -0.2}.get(text, -5.0) * len(continuation)
+
+    summary, results = score_mc(items, Stub(), tok)
+    assert [r["letter_choice"] for r in results] == ["A", "A", "A"]
+    assert [r["text_choice"] for r in results] == ["B", "B", "B"]
+    assert summary["subjects"]["physics"] == {"items": 2, "letter_accuracy": 0.5, "text_accuracy": 0.5}
+    assert summary["subjects"]["history"] == {"items": 1, "letter_accuracy": 0.0, "text_accuracy": 0.0}
+    assert summary["overall"]["letter_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_leakage_finds_planted_question_only(tmp_path):
+    clean = generated_corpus(50, seed=1)
+    questions = ["这是一道被泄露到训练数据里的题目", "这一道题目没有出现在训练数据中"]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in clean))
+    assert leakage(questions, [tmp_path / "train.jsonl"])["leaked"] == 0
+    planted = clean + ["前文" + questions[0] + "后文"]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in planted))
+    found = leakage(questions, [tmp_path / "train.jsonl"])
+    assert (found["leaked"], found["examples"]) == (1, [questions[0]])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("eval")
+    words = "the of and to in is was for on are with as by at from that this have which one".split()
+    ascii_docs = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + "." for i in range(120)]
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ascii_docs))  # ASCII: no split chars
+    bpe_tokenizer.save(d / "tok")
+    pretokenize([str(d / "docs.jsonl")], str(d / "tok"), d / "tokens", val_fraction=0.3)
+    save_checkpoint(d / "run" / "final", sharp_model(tiny_config(vocab_size=600, max_seq_len=32)), bpe_tokenizer)
+    return d
+
+
+def test_bits_per_byte_by_hand(tiny_run, bpe_tokenizer):
+    from babyllama.checkpoint import load_model
+
+    model = load_model(tiny_run / "run" / "final")
+    got = lm_metrics(model, tiny_run / "tokens", bpe_tokenizer, batch_size=3)
+    data = PretrainData(tiny_run / "tokens", 32, "val")
+    nats, nbytes = 0.0, 0
+    for i in range(len(data)):
+        w = torch.from_numpy(data.window(i).astype("int64"))
+        logits, _ = model(w[None, :-1])
+        nats -= torch.log_softmax(logits[0].double(), -1).gather(1, w[1:, None]).sum().item()
+        nbytes += sum(len(bpe_tokenizer.decode([t]).encode()) for t in w[1:].tolist())  # ASCII: exact per id
+    assert got["tokens"] == len(data) * 32
+    assert got["bytes"] == nbytes
+    assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nats / got["tokens"]), rel=1e-5)
+
+
+def test_eval_cli_and_report(tiny_run, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    questions = [f"这是第{i}个评测问题，请回答" for i in range(8)]
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": "正面" if i % 2 else "负面", "task": "sentiment"},
+                                       ensure_ascii=False) for i, q in enumerate(questions)))
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"text": "训练文本里混进了" + questions[3] + "这道题"}, ensure_ascii=False))
+    (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--data", str(tiny_run / "tokens"), "--qa", str(qa),
+                "--mc", str(tmp_path / "mc.csv"), "--train-data", str(train), "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "WARNING: 1 eval questions occur verbatim" in r.stdout
+    result = json.loads((tiny_run / "run" / "eval" / "eval.json").read_text())
+    assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
+    assert result["qa"]["sentiment"]["majority_baseline"] == 0.5
+    lines = (tiny_run / "run" / "eval" / "items.jsonl").read_text().splitlines()
+    assert len(lines) == 9
+    (tiny_run / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+        {"step": 1, "tokens": 100, "loss": 6.0, "lr": 1e-4}, {"step": 2, "tokens": 200, "loss": 5.0, "lr": 2e-4},
+        {"step": 2, "tokens": 200, "val_loss": 5.5, "final": True}]))
+    report = make_report(tiny_run)
+    text = report.read_text()
+    for section in ("## Data", "### Token shards", "## Training", "### Run `run`", "## Evaluation",
+                    "Language modelling", "Question answering", "Multiple choice", "Leakage", "Continuations",
+                    "Sample answers"):
+        assert section in text, section
+    import matplotlib.image
+
+    pngs = sorted((tiny_run / "plots").glob("*.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[2] == 4
+
+
+def test_eval_bad_inputs(tmp_path, tiny_run):
+    r = run_cli("eval", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}))
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path))
+    assert r.returncode == 2 and "needs a question" in r.stderr
+    r = run_cli("report", str(tmp_path / "empty"))
+    assert r.returncode == 2
