@@ -116,6 +116,25 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {make_report(args.run_dir)}")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from babyllama.chat import Sampling, chat
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    chat(args.checkpoint, sampling, args.system, args.device)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from babyllama.serve import serve
+
+    serve(args.checkpoint, args.host, args.port, args.device)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from babyllama.export import export
+
+    print(f"exported: {export(args.checkpoint, args.out, args.format)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="report.md with plots for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("chat", help="talk to a checkpoint in the terminal (or through a pipe)")
+    p.add_argument("checkpoint")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--system", default="", help="a system text before the first question")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama)")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

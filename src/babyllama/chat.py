@@ -1,0 +1,94 @@
+"""A multi-turn chat REPL in the chat format, printing tokens as they come.
+
+    babyllama chat runs/demo/sft/final [--temperature 0.7 --top-p 0.9 --max-new-tokens 256]
+    echo "你好" | babyllama chat runs/demo/sft/final          # from a pipe: one answer per line
+
+Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves. The history is trimmed,
+oldest turns first, so that the prompt and the answer fit the context window.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from babyllama.tokenizer import Tokenizer
+from babyllama.train.sft_data import Conversation, chat_ids
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """The inference prompt of a conversation whose last turn awaits its answer, oldest turns dropped
+    until max_new_tokens fit; when the last question alone is too long, its beginning is cut."""
+    budget = max(1, max_seq_len - min(max_new_tokens, max_seq_len // 2))
+    for start in range(len(conv.turns)):
+        ids, _ = chat_ids(tokenizer, Conversation(conv.turns[start:], conv.system), answer_last=False)
+        if len(ids) <= budget:
+            return ids
+    return ids[-budget:]
+
+
+def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Text pieces as ids arrive; a character split over several ids comes out whole."""
+    out: list[int] = []
+    shown, text = "", ""
+    for i in ids:
+        out.append(i)
+        text = tokenizer.decode(out)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next id
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+        shown = text
+    if len(text) > len(shown):  # the generation ended inside a character
+        yield text[len(shown) :]
+
+
+def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Iterator[str]:
+    """Stream the answer to the last turn of conv."""
+    ids = prompt_ids(tokenizer, conv, model.cfg.max_seq_len, s.max_new_tokens)
+    tokens = model.stream(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                          top_p=s.top_p, repetition_penalty=s.repetition_penalty, eos_id=tokenizer.eos_id)
+    return decode_stream(tokenizer, tokens)
+
+
+def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = "cpu") -> None:
+    from babyllama.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(checkpoint, device)
+    tty = sys.stdin.isatty()
+    if tty:
+        print("babyllama chat: /reset to start over, /exit to leave")
+    history: list[tuple[str, str]] = []
+    while True:
+        if tty:
+            print("\n用户> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation reset)", flush=True)
+            continue
+        if not text:
+            continue
+        if tty:
+            print("助手> ", end="", flush=True)
+        answer = ""
+        for piece in reply(model, tokenizer, Conversation([*history, (text, "")], system), sampling):
+            answer += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append((text, answer))

@@ -1,0 +1,107 @@
+"""Export a checkpoint as a plain Hugging Face `LlamaForCausalLM` directory (no custom code).
+
+    babyllama export runs/demo/sft/final --format hf --out runs/demo/hf
+    # then: AutoModelForCausalLM.from_pretrained("runs/demo/hf"), AutoTokenizer.from_pretrained(...)
+
+Our weights are Meta's layout with two fused projections; Hugging Face wants them split and the
+q/k rows permuted, since its RoPE rotates (first half, second half) of each head where Meta's
+rotates interleaved pairs. generation_config.json carries bos, eos and pad, so other tools stop
+generating at <eos>.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from babyllama.checkpoint import load_checkpoint
+from babyllama.errors import UserError
+from babyllama.model import ModelConfig
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a q or k projection (n_heads * head_dim, dim) from RoPE pairs to halves."""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    cfg: ModelConfig = model.cfg
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = model.output.weight
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        q, k, v = block.attention.wqkv.weight.split([q_rows, kv_rows, kv_rows])
+        gate, up = block.feed_forward.w13.weight.chunk(2)
+        out |= {
+            p + "self_attn.q_proj.weight": interleaved_to_halves(q, cfg.n_heads),
+            p + "self_attn.k_proj.weight": interleaved_to_halves(k, cfg.kv_heads),
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": block.attention.wo.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": block.feed_forward.w2.weight,
+            p + "input_layernorm.weight": block.attention_norm.weight,
+            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+        }
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig, tokenizer) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, "torch_dtype": "float32",
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+    }
+
+
+def export_tokenizer(tokenizer, out: Path) -> None:
+    """tokenizer.json (fast) or tokenizer.model (SentencePiece) plus tokenizer_config.json, no bos added."""
+    from babyllama.tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(out)
+        (out / "babyllama_tokenizer.json").unlink()
+        tok = tokenizer.tok
+        names = {k: tok.id_to_token(getattr(tokenizer, f"{k}_id")) for k in ("bos", "eos", "pad")}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    else:
+        shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+        names = {k: tokenizer.sp.id_to_piece(getattr(tokenizer, f"{k}_id")) for k in ("bos", "eos", "pad")}
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_dummy_prefix_space": True}
+    config |= {f"{k}_token": v for k, v in names.items()}
+    config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+               "model_max_length": 1 << 30}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({f"{k}_token": v for k, v in names.items()}, indent=2, ensure_ascii=False) + "\n")
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(model.cfg, tokenizer), indent=2) + "\n")
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False, "max_length": model.cfg.max_seq_len}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    export_tokenizer(tokenizer, out)
+    return out
+
+
+def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
+    if format == "hf":
+        return export_hf(checkpoint, out)
+    raise UserError(f"export format {format!r} is not supported; use --format hf (gguf is planned).")

@@ -1,0 +1,39 @@
+"""The chat REPL through a pipe, and how it trims history and streams characters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from babyllama.chat import decode_stream, prompt_ids
+from babyllama.checkpoint import save_checkpoint
+from babyllama.train.sft_data import Conversation, chat_ids
+from tests.conftest import sharp_model, tiny_config
+
+
+def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    save_checkpoint(tmp_path / "ck", model, bpe_tokenizer)
+    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(tmp_path / "ck"), "--max-new-tokens", "8",
+                        "--repetition-penalty", "1.0"],
+                       input="你好\n/reset\n再见\n/exit\n这行不会被回答\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = bpe_tokenizer.decode(model.generate(chat_ids(bpe_tokenizer, Conversation([("你好", "")]), False)[0],
+                                                max_new_tokens=8, eos_id=2))
+    assert lines[0] == first and lines[1] == "(conversation reset)" and len(lines) == 3
+
+
+def test_history_is_trimmed_oldest_first(bpe_tokenizer):
+    turns = [(f"第{i}个问题，比较长的一句话", f"第{i}个回答，也比较长") for i in range(10)] + [("最后的问题", "")]
+    ids = prompt_ids(bpe_tokenizer, Conversation(turns, "系统"), max_seq_len=128, max_new_tokens=32)
+    assert len(ids) <= 96 and ids[-1] == bpe_tokenizer.bos_id
+    text = bpe_tokenizer.decode(ids)
+    assert text.startswith("系统\n") and "最后的问题" in text and "第0个问题" not in text and "第9个回答" in text
+
+
+def test_decode_stream_never_splits_a_character(bpe_tokenizer):
+    text = "𠀀😀中文"
+    ids = bpe_tokenizer.encode(text)
+    pieces = list(decode_stream(bpe_tokenizer, iter(ids)))
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)

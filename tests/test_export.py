@@ -1,0 +1,56 @@
+"""Export to Hugging Face Llama: transformers loads it with no custom code and agrees with us."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from babyllama.checkpoint import save_checkpoint
+from babyllama.export import export
+from tests.conftest import CHATGLM2, sharp_model, tiny_config
+from tests.test_cli import run_cli
+
+transformers = pytest.importorskip("transformers")
+TEXTS = ["床前明月光，疑是地上霜。", "中华人民共和国成立于1949年。", "人工智能 is 计算机科学的一个分支。"]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1, tie_embeddings=False)],
+                         ids=["mha", "gqa", "mqa-untied"])
+def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
+    ours = sharp_model(tiny_config(vocab_size=600, **kw))
+    save_checkpoint(tmp_path / "ck", ours, bpe_tokenizer)
+    r = run_cli("export", str(tmp_path / "ck"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == bpe_tokenizer.encode(text)
+    idx = torch.tensor([bpe_tokenizer.encode(TEXTS[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
+        out = hf.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out[0, idx.size(1) :].tolist() == ours.generate(idx[0].tolist(), max_new_tokens=20)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+    assert hf.generation_config.eos_token_id == 2
+
+
+@pytest.mark.skipif(not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present")
+def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from babyllama.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(CHATGLM2)
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=64793)), sp)
+    export(tmp_path / "ck", tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == sp.encode(text)
+
+
+def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
+    r = run_cli("export", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr

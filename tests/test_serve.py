@@ -1,0 +1,166 @@
+"""The OpenAI-compatible server against a live uvicorn on 127.0.0.1, driven by the openai client."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from babyllama.chat import Sampling, reply
+from babyllama.train.sft_data import Conversation
+from tests.conftest import sharp_model, tiny_config
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+
+class SlowModel:
+    """The model with a small delay per forward, so a generation lasts long enough to interrupt."""
+
+    def __init__(self, model, delay: float):
+        self.model, self.delay, self.calls = model, delay, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def stream(self, *args, **kwargs):
+        for token in self.model.stream(*args, **kwargs):
+            self.calls += 1
+            time.sleep(self.delay)
+            yield token
+
+
+@pytest.fixture(scope="module")
+def server(bpe_tokenizer):
+    import uvicorn
+
+    from babyllama.serve import build_app
+
+    model = SlowModel(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), delay=0.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(build_app(model, bpe_tokenizer, "tiny"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "model": model, "tokenizer": bpe_tokenizer}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+
+
+def alone(server, question: str, max_tokens: int) -> str:
+    conv = Conversation([(question, "")])
+    return "".join(reply(server["model"].model, server["tokenizer"], conv, Sampling(max_new_tokens=max_tokens)))
+
+
+def test_chat_completion_plain_and_streaming(server):
+    c = client(server)
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=12)
+    text = r.choices[0].message.content
+    assert text == alone(server, "你好", 12) and text
+    assert r.usage.completion_tokens <= 12 and r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                            max_tokens=12, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+
+
+def test_completions_and_stop_strings(server):
+    c = client(server)
+    full = c.completions.create(model="tiny", prompt="今天天气", max_tokens=20).choices[0].text
+    streamed = "".join(x.choices[0].text for x in c.completions.create(model="tiny", prompt="今天天气", max_tokens=20,
+                                                                        stream=True))
+    assert streamed == full and len(full) > 3
+    stop = full[2:4]
+    cut = c.completions.create(model="tiny", prompt="今天天气", max_tokens=20, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_eight_concurrent_streams_get_their_own_answers(server):
+    questions = [f"问题{i}：天空为什么是蓝色的" * (1 + i % 3) for i in range(8)]
+
+    def ask(q):
+        stream = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                                        max_tokens=16, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, questions))
+    assert answers == [alone(server, q, 16) for q in questions]
+    assert len(set(answers)) > 1
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('{"messages": [', "JSON"),
+    ('{"messages": [{"role": "user", "content": 5}]}', "content"),
+    ('{"messages": [{"role": "hacker", "content": "x"}]}', "role"),
+    ('{"messages": [], "max_tokens": 5}', "messages"),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', "max_tokens"),
+    ('{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "last message"),
+    ('{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    ('{"messages": [{"role": "user", "content": "' + "很长" * 200 + '"}], "max_tokens": 8}', "context"),
+])
+def test_bad_requests_get_4xx_json(server, body, fragment):
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=body,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert fragment.lower() in r.json()["error"]["message"].lower()
+
+
+def test_oversized_body_is_refused(server):
+    r = httpx.post(server["url"] + "/v1/completions", content=b"x" * (2 << 20),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_disconnect_stops_generation(server):
+    model = server["model"]
+    model.delay, model.calls = 0.03, 0
+    try:
+        with httpx.stream("POST", server["url"] + "/v1/completions", timeout=10,
+                          json={"prompt": "一", "max_tokens": 60, "stream": True}) as r:
+            next(r.iter_lines())  # the first event, then hang up
+        time.sleep(1.0)
+        calls = model.calls
+        time.sleep(0.5)
+        assert model.calls == calls < 40  # stopped well before 60 tokens, and stays stopped
+    finally:
+        model.delay = 0.0
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
+def test_web_page_streams_an_answer(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(server["url"] + "/")
+        page.fill("#input", "你好")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".assistant[data-done=true]", timeout=20000)
+        shown = page.inner_text(".assistant")
+        page.screenshot(path=str(tmp_path / "chat_page.png"))
+        browser.close()
+    assert shown.strip() == alone(server, "你好", 64).strip() and shown.strip()  # 64: the page's default
+    assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
