@@ -54,3 +54,26 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
     r = run_cli("export", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(n_kv_heads=2), dict(tie_embeddings=False)], ids=["gqa", "untied"])
+def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, kw):
+    """transformers' own GGUF reader undoes llama.cpp's conventions: equal logits mean we follow them."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    ours = sharp_model(tiny_config(vocab_size=600, **kw))
+    save_checkpoint(tmp_path / "ck", ours, bpe_tokenizer)
+    r = run_cli("export", str(tmp_path / "ck"), "--format", "gguf", "--out", str(tmp_path / "g" / "m.gguf"))
+    assert r.returncode == 0, r.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == bpe_tokenizer.encode(text)
+    idx = torch.tensor([bpe_tokenizer.encode(TEXTS[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
+    import gguf
+
+    fields = gguf.GGUFReader(tmp_path / "g" / "m.gguf").fields
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False

@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama)")
     p.add_argument("checkpoint")
-    p.add_argument("--format", default="hf", choices=["hf"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"])
+    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
     p.set_defaults(func=cmd_export)
     return parser
 

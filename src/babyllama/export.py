@@ -1,7 +1,8 @@
-"""Export a checkpoint as a plain Hugging Face `LlamaForCausalLM` directory (no custom code).
+"""Export a checkpoint for other tools: a plain Hugging Face `LlamaForCausalLM` directory, or GGUF.
 
     babyllama export runs/demo/sft/final --format hf --out runs/demo/hf
     # then: AutoModelForCausalLM.from_pretrained("runs/demo/hf"), AutoTokenizer.from_pretrained(...)
+    babyllama export runs/demo/sft/final --format gguf --out runs/demo/demo.gguf    # llama.cpp, fp32
 
 Our weights are Meta's layout with two fused projections; Hugging Face wants them split and the
 q/k rows permuted, since its RoPE rotates (first half, second half) of each head where Meta's
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from babyllama.checkpoint import load_checkpoint
-from babyllama.errors import UserError
+from babyllama.errors import UserError, require
 from babyllama.model import ModelConfig
 
 
@@ -101,7 +102,96 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+def gguf_tensors(model) -> dict[str, torch.Tensor]:
+    """llama.cpp's tensor names; its llama RoPE rotates interleaved pairs, so q/k keep our row order."""
+    cfg: ModelConfig = model.cfg
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = model.output.weight
+    for i, block in enumerate(model.layers):
+        q, k, v = block.attention.wqkv.weight.split([q_rows, kv_rows, kv_rows])
+        gate, up = block.feed_forward.w13.weight.chunk(2)
+        out |= {f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k, f"blk.{i}.attn_v.weight": v,
+                f"blk.{i}.ffn_gate.weight": gate, f"blk.{i}.ffn_up.weight": up}
+        out |= {f"blk.{i}.attn_norm.weight": block.attention_norm.weight,
+                f"blk.{i}.attn_output.weight": block.attention.wo.weight,
+                f"blk.{i}.ffn_norm.weight": block.ffn_norm.weight,
+                f"blk.{i}.ffn_down.weight": block.feed_forward.w2.weight}
+    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def gguf_vocab(tokenizer, vocab_size: int) -> dict:
+    """Token strings, types and the merges (BPE) or scores (SentencePiece), padded to the model's vocab."""
+    import gguf
+
+    from babyllama.tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        data = json.loads(tokenizer.tok.to_str())
+        specials = {t["id"] for t in data["added_tokens"] if t["special"]}
+        tokens = [tokenizer.tok.id_to_token(i) for i in range(tokenizer.vocab_size)]
+        types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        extra = {"model": "gpt2", "pre": "gpt-2", "merges": merges}
+    else:
+        sp = tokenizer.sp
+        tokens = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+        types = [gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.CONTROL if sp.is_control(i) else
+                 gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        extra = {"model": "llama", "scores": [sp.get_score(i) for i in range(len(tokens))]}
+    pad = vocab_size - len(tokens)  # ids the model has and the tokenizer never makes
+    tokens += [f"[PAD{i}]" for i in range(pad)]
+    types += [gguf.TokenType.UNUSED] * pad
+    if "scores" in extra:
+        extra["scores"] += [0.0] * pad
+    return {"tokens": tokens, "types": types, **extra}
+
+
+def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
+    gguf = require("gguf", "export")
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    cfg: ModelConfig = model.cfg
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name(Path(checkpoint).resolve().name)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = gguf_vocab(tokenizer, cfg.vocab_size)
+    w.add_tokenizer_model(vocab["model"])
+    if "pre" in vocab:
+        w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_merges(vocab["merges"])
+    else:
+        w.add_token_scores(vocab["scores"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(False)
+    for name, tensor in gguf_tensors(model).items():
+        w.add_tensor(name, tensor.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
     if format == "hf":
         return export_hf(checkpoint, out)
-    raise UserError(f"export format {format!r} is not supported; use --format hf (gguf is planned).")
+    if format == "gguf":
+        return export_gguf(checkpoint, out)
+    raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")
