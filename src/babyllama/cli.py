@@ -135,6 +135,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported: {export(args.checkpoint, args.out, args.format)}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from babyllama.demo import run_demo
+
+    run_demo(args.out, smoke=args.smoke, force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "gguf"])
     p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

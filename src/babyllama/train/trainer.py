@@ -362,7 +362,7 @@ class Trainer:
                     if peak:
                         record["mfu"] = rate * flops / (peak * self.dist.world)
                     window_start, window_tokens = time.perf_counter(), self.tokens
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     record["val_loss"] = self.evaluate()
                 if self.step % t.log_every == 0 or "val_loss" in record:

@@ -1,0 +1,41 @@
+"""`babyllama demo --smoke`: every stage runs, writes what it should, and a rerun skips them all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_cli import run_cli
+
+pytest.importorskip("snownlp")
+
+
+def test_demo_smoke_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--smoke", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for path in ("data/stats.json", "data/sft.jsonl", "data/eval.jsonl", "tokenizer/tokenizer.json",
+                 "tokens/manifest.json", "pretrain/final/model.safetensors", "pretrain/metrics.jsonl",
+                 "sft/final/model.safetensors", "pretrain/eval/eval.json", "sft/eval/eval.json",
+                 "chat_answers.md", "timings.json", "report.md"):
+        assert (out / path).is_file(), path
+    results = json.loads((out / "sft" / "eval" / "eval.json").read_text())
+    assert set(results["qa"]) == {"sentiment", "person", "place"}
+    assert 0 < results["qa"]["sentiment"]["majority_baseline"] < 1
+    assert results["leakage"]["leaked"] == 0 and results["leakage"]["checked"] > 50
+    lm = json.loads((out / "pretrain" / "eval" / "eval.json").read_text())["lm"]
+    assert 0 < lm["bits_per_byte"] < 8
+    assert set(json.loads((out / "timings.json").read_text())) == {
+        "data", "tokenizer", "tokens", "pretrain", "sft", "eval", "chat", "report"}
+    report = (out / "report.md").read_text()
+    for section in ("## Data", "### Corpus", "Tokenizer:", "### Run `pretrain`", "### Run `sft`", "bits_per_byte",
+                    "Question answering", "Leakage: 0 of", "## Wall time per stage", "## Chat answers"):
+        assert section in report, section
+    for png in (out / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "plots").glob("*.png"))) >= 4
+    assert "babyllama chat" in r.stdout and "report:" in r.stdout
+
+    again = run_cli("demo", "--smoke", "--out", str(out))
+    assert again.returncode == 0 and again.stdout.count("skipped") == 8
