@@ -163,7 +163,8 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
     print(f"val bits per byte: {lm['bits_per_byte']:.3f} (pretrained model)")
     for task, s in results["qa"].items():
         score = (f"accuracy {s['accuracy']:.1%} (majority {s['majority_baseline']:.1%})" if "accuracy" in s
-                 else f"exact match {s['exact_match']:.1%}, char F1 {s['char_f1']:.3f}")
+                 else f"exact match {s['exact_match']:.1%} (majority {s['majority_baseline']:.1%}), "
+                      f"char F1 {s['char_f1']:.3f}")
         print(f"{task + ':':18s} {score}")
     print(f"chat with it:      babyllama chat {final}")
     print(f"serve it:          babyllama serve {final}   (then open http://127.0.0.1:8000/)")

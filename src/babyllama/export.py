@@ -29,28 +29,58 @@ def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
+def llama_weights(model) -> dict[str, torch.Tensor]:
+    """Meta's unfused LLaMA weights under Meta's names (`layers.0.attention.wq.weight` ...), in float32."""
     cfg: ModelConfig = model.cfg
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    out = {"tok_embeddings": model.tok_embeddings.weight, "norm": model.norm.weight}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = model.output.weight
+        out["output"] = model.output.weight
     for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        q, k, v = block.attention.wqkv.weight.split([q_rows, kv_rows, kv_rows])
-        gate, up = block.feed_forward.w13.weight.chunk(2)
-        out |= {
-            p + "self_attn.q_proj.weight": interleaved_to_halves(q, cfg.n_heads),
-            p + "self_attn.k_proj.weight": interleaved_to_halves(k, cfg.kv_heads),
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.attention.wo.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": block.feed_forward.w2.weight,
-            p + "input_layernorm.weight": block.attention_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-        }
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        wq, wk, wv = block.attention.wqkv.weight.split([q_rows, kv_rows, kv_rows])
+        w1, w3 = block.feed_forward.w13.weight.chunk(2)
+        parts = {"attention.wq": wq, "attention.wk": wk, "attention.wv": wv, "attention.wo": block.attention.wo.weight,
+                 "feed_forward.w1": w1, "feed_forward.w2": block.feed_forward.w2.weight, "feed_forward.w3": w3,
+                 "attention_norm": block.attention_norm.weight, "ffn_norm": block.ffn_norm.weight}
+        out |= {f"layers.{i}.{k}": v for k, v in parts.items()}
+    return {f"{k}.weight": v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+
+def renamed(weights: dict[str, torch.Tensor], top: dict[str, str], layer: dict[str, str], prefix: str) -> dict:
+    """Meta's names -> another tool's: `top` maps whole names, `layer` the part after `layers.N.`."""
+    out = {}
+    for name, w in weights.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            out[prefix.format(i=i) + layer[rest]] = w
+        else:
+            out[top[name]] = w
+    return out
+
+
+HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+          "output.weight": "lm_head.weight"}
+HF_LAYER = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+            "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+            "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+            "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+            "ffn_norm.weight": "post_attention_layernorm.weight"}
+GGUF_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+            "output.weight": "output.weight"}
+GGUF_LAYER = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
+              "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
+              "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
+              "feed_forward.w2.weight": "ffn_down.weight", "attention_norm.weight": "attn_norm.weight",
+              "ffn_norm.weight": "ffn_norm.weight"}
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    out = renamed(llama_weights(model), HF_TOP, HF_LAYER, "model.layers.{i}.")
+    for name in out:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = model.cfg.n_heads if "q_proj" in name else model.cfg.kv_heads
+            out[name] = interleaved_to_halves(out[name], heads)
+    return out
 
 
 def hf_config(cfg: ModelConfig, tokenizer) -> dict:
@@ -104,21 +134,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
 
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """llama.cpp's tensor names; its llama RoPE rotates interleaved pairs, so q/k keep our row order."""
-    cfg: ModelConfig = model.cfg
-    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    out = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight}
-    if not cfg.tie_embeddings:
-        out["output.weight"] = model.output.weight
-    for i, block in enumerate(model.layers):
-        q, k, v = block.attention.wqkv.weight.split([q_rows, kv_rows, kv_rows])
-        gate, up = block.feed_forward.w13.weight.chunk(2)
-        out |= {f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k, f"blk.{i}.attn_v.weight": v,
-                f"blk.{i}.ffn_gate.weight": gate, f"blk.{i}.ffn_up.weight": up}
-        out |= {f"blk.{i}.attn_norm.weight": block.attention_norm.weight,
-                f"blk.{i}.attn_output.weight": block.attention.wo.weight,
-                f"blk.{i}.ffn_norm.weight": block.ffn_norm.weight,
-                f"blk.{i}.ffn_down.weight": block.feed_forward.w2.weight}
-    return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+    return renamed(llama_weights(model), GGUF_TOP, GGUF_LAYER, "blk.{i}.")
 
 
 def gguf_vocab(tokenizer, vocab_size: int) -> dict:

@@ -126,7 +126,8 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
             if "accuracy" in s:
                 bars |= {f"{t} accuracy": s["accuracy"], f"{t} majority": s["majority_baseline"]}
             else:
-                bars |= {f"{t} exact": s["exact_match"], f"{t} char F1": s["char_f1"]}
+                bars |= {f"{t} exact": s["exact_match"], f"{t} majority": s["majority_baseline"],
+                         f"{t} char F1": s["char_f1"]}
         lines += [f"![qa]({plots.name}/{plot_bars('held-out scores', bars, plots, f'{tag}_qa.png', 'score')})", ""]
     if "mc" in e:
         rows = [{"subject": "overall", **e["mc"]["overall"]}]
