@@ -1,9 +1,13 @@
 """The `babyllama` command: argument parsing only; each command calls one function.
 
-    babyllama tokenizer train --input corpus.txt --vocab-size 8192 --out runs/tok
-    babyllama tokenizer info runs/tok
+    babyllama demo --out runs/demo                      # everything below, on the built-in corpus
     babyllama prepare --input wiki.json --out data/clean
+    babyllama tokenizer train --input data/clean --vocab-size 8192 --out runs/tok
     babyllama pretokenize --input data/clean --tokenizer runs/tok --out data/tokens
+    babyllama pretrain --config configs/demo.toml --data data/tokens
+    babyllama sft --init runs/demo/pretrain/final --data sft.jsonl --config configs/sft-demo.toml
+    babyllama eval CHECKPOINT --data data/tokens --qa eval.jsonl ;  babyllama report RUN_DIR
+    babyllama chat CHECKPOINT ;  babyllama serve CHECKPOINT ;  babyllama export CHECKPOINT --out DIR
 """
 
 from __future__ import annotations
@@ -235,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
 
-    p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama)")
+    p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama, GGUF)")
     p.add_argument("checkpoint")
     p.add_argument("--format", default="hf", choices=["hf", "gguf"])
     p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
