@@ -64,7 +64,7 @@ def plot_run(run: Path, metrics: list[dict], out: Path) -> str:
 def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel: str) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(values)), 3.4))
-    ax.bar(list(values), list(values.values()), color="#4c72b0")
+    ax.bar([k.replace(" ", "\n", 1) for k in values], list(values.values()), color="#4c72b0")
     for i, v in enumerate(values.values()):
         ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
     ax.set(title=title, ylabel=ylabel)
@@ -126,8 +126,10 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
             if "accuracy" in s:
                 bars |= {f"{t} accuracy": s["accuracy"], f"{t} majority": s["majority_baseline"]}
             else:
-                bars |= {f"{t} exact": s["exact_match"], f"{t} majority": s["majority_baseline"],
-                         f"{t} char F1": s["char_f1"]}
+                bars[f"{t} exact"] = s["exact_match"]
+                if "majority_baseline" in s:  # eval.json files written before it existed lack it
+                    bars[f"{t} majority"] = s["majority_baseline"]
+                bars[f"{t} char F1"] = s["char_f1"]
         lines += [f"![qa]({plots.name}/{plot_bars('held-out scores', bars, plots, f'{tag}_qa.png', 'score')})", ""]
     if "mc" in e:
         rows = [{"subject": "overall", **e["mc"]["overall"]}]
