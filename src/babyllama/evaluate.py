@@ -18,7 +18,6 @@ Writes OUT/eval.json (every number) and OUT/items.jsonl (one line per scored ite
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -180,9 +179,7 @@ def read_mc(paths: Sequence[str | Path]) -> list[dict]:
     items = []
     for file in expand_inputs(list(paths)):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
-        rows = csv.DictReader(file.open(encoding="utf-8-sig")) if file.suffix == ".csv" else (
-            r for _, r in iter_records(file) if r)
-        for row in rows:
+        for row in (r for _, r in iter_records(file) if r):  # CSV, JSON lines or a JSON array
             r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
             try:
                 item = {"subject": r.get("subject") or subject, "question": str(r["question"]),

@@ -314,12 +314,15 @@ class Transformer(nn.Module):
         return list(self.stream(prompt, **kwargs))
 
 
+def loss_positions(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool, shaped like targets: the positions that carry loss (target != -1 and mask != 0)."""
+    keep = targets != -1
+    return keep if loss_mask is None else keep & (loss_mask != 0)
+
+
 def loss_weights(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """(N,) float: 1 / count at positions that carry loss (target != -1, mask != 0), else 0."""
-    keep = targets.flatten() != -1
-    if loss_mask is not None:
-        keep &= loss_mask.flatten() != 0
-    keep = keep.float()
+    """(N,) float: 1 / count at the positions that carry loss, else 0."""
+    keep = loss_positions(targets, loss_mask).flatten().float()
     return keep / keep.sum().clamp(min=1.0)
 
 

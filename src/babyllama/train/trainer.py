@@ -36,7 +36,7 @@ from babyllama.checkpoint import (
 )
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
-from babyllama.model import Transformer
+from babyllama.model import Transformer, loss_positions
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.distributed import Dist, all_reduce_sum, barrier, init_distributed, shutdown
@@ -200,10 +200,10 @@ class Trainer:
         fused = self.dist.device.type == "cuda" and not self.t.fsdp
         return torch.optim.AdamW(groups, lr=self.t.lr, betas=(self.t.beta1, self.t.beta2), fused=fused or None)
 
-    def _state_options(self, **kw):
+    def _state_options(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def _train_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -236,13 +236,13 @@ class Trainer:
         tensors, state = self._model_state(), self._train_state()
         path = self.out / "checkpoints" / f"step_{self.step:06d}"
         if self.dist.main:
+            tensors = model_tensors(self.model, tensors)  # once, on the CPU, for both directories
             extra = {"run": self.cfg.to_dict(), "kind": self.kind, "step": self.step}
-            save_checkpoint(path, self.model, self.tokenizer, state, extra, model_tensors(self.model, tensors))
+            save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors)
             for old in sorted((self.out / "checkpoints").glob("step_*"))[: -self.t.keep_last]:
                 shutil.rmtree(old)
             if final:
-                save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra,
-                                model_tensors(self.model, tensors))
+                save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, tensors)
         barrier(self.dist)
         return path
 
@@ -265,10 +265,7 @@ class Trainer:
     @staticmethod
     def _counted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Number of target tokens that carry loss."""
-        keep = batch["targets"] != -1
-        if "loss_mask" in batch:
-            keep &= batch["loss_mask"] != 0
-        return keep.sum()
+        return loss_positions(batch["targets"], batch.get("loss_mask")).sum()
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         autocast = torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
