@@ -30,13 +30,13 @@ def demo(tmp_path_factory):
 
 def test_no_held_out_item_leaks_into_training_data(demo):
     counts, pretrain, sft, evals = demo
-    assert counts["eval_tasks"]["sentiment"] > 300 and counts["eval_tasks"]["person"] > 300
+    assert counts["eval_tasks"]["sentiment"] > 300 and counts["eval_tasks"]["person"] > 120
     held = {e["input"] for e in evals}
     assert not held & {r["input"] for r in sft}
     corpus = "\n".join(d["text"] for d in pretrain)
     assert not held & {d["text"] for d in pretrain}
     long_items = [h for h in held if len(h) >= 20]  # short ones ("很好") occur inside other text by chance
-    assert len(long_items) > 1000
+    assert len(long_items) > 500
     assert not [h for h in long_items if h in corpus]
 
 

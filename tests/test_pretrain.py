@@ -63,13 +63,30 @@ def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, bpe_tokenizer):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-def test_resume_gives_bitwise_identical_losses(shards, tmp_path):
-    args = ("--max_steps", "8", "--batch_size", "4", "--grad_accum", "2", "--save_every", "4", "--keep_last", "5")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_gives_bitwise_identical_losses(shards, tmp_path, optimizer):
+    args = ("--max_steps", "8", "--batch_size", "4", "--grad_accum", "2", "--save_every", "4", "--keep_last", "5",
+            "--optimizer", optimizer)
     pretrain(config(shards, tmp_path / "straight", *args))
     simulate_death(tmp_path / "straight", tmp_path / "died", step=4)
     pretrain(config(shards, tmp_path / "died", *args), resume=True)
     assert losses(tmp_path / "died") == losses(tmp_path / "straight")  # bitwise: == on floats
     assert len(losses(tmp_path / "straight")) == 8
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(shards, tmp_path):
+    cfg = config(shards, tmp_path, "--optimizer", "muon")
+    trainer = Trainer(cfg, PretrainData(shards, 32), None, None, Dist(), "pretrain")
+    trainer.build(None)
+    muon, adamw = trainer.optimizers
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    in_adamw = sorted(names[id(p)] for g in adamw.param_groups for p in g["params"])
+    assert in_muon == sorted(n for n, p in trainer.model.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    assert "tok_embeddings.weight" in in_adamw and "norm.weight" in in_adamw
+    assert len(in_muon) + len(in_adamw) == len(names)
+    with pytest.raises(UserError, match="adamw or muon"):
+        config(shards, tmp_path, "--optimizer", "sgd")
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():

@@ -92,6 +92,7 @@ def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
     samples = [chat_ids(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]  # 3 samples
     packed = SFTData(samples, max_seq_len=127, pad_id=0, pack=True)
     assert len(packed) == 1 and "attn_mask" in packed.collate([0])
+    assert packed.collate([0])["idx"].shape == (1, 127)  # always max_seq_len: one shape to compile
 
     def summed_loss(batch):
         _, mean = model(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))

@@ -46,6 +46,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (torch >= 2.9)
     # numerics and speed
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
@@ -66,6 +67,10 @@ class TrainConfig:
     max_prompt_chars: int = 0
     min_answer_chars: int = 0
     max_answer_chars: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
 
 
 @dataclass

@@ -362,9 +362,17 @@ class LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None, chunk: int = 2048
 ) -> torch.Tensor:
-    """masked_cross_entropy(h @ weight.T, targets, loss_mask) for h (B, T, C), without the logits."""
+    """masked_cross_entropy(h @ weight.T, targets, loss_mask) for h (B, T, C), without the logits.
+
+    Only the positions that carry loss go through the head: in SFT, where the prompt has none,
+    that skips most of the head's work. (Under torch.compile every position goes through: a
+    data-dependent shape would break the graph, and in pretraining every position counts.)
+    """
     h2, t = h.flatten(0, 1), targets.flatten().clamp(min=0)
     w = loss_weights(targets, loss_mask)
+    if not torch.compiler.is_compiling():
+        keep = w.nonzero().squeeze(1)  # (n,) positions with loss
+        h2, t, w = h2[keep], t[keep], w[keep]
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h2, weight, t, w, chunk)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)

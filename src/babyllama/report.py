@@ -105,6 +105,7 @@ def run_section(run: Path, root: Path, plots: Path) -> list[str]:
                "final val loss": vals[-1]["val_loss"] if vals else "", "tokens/s": last[0].get("tokens_per_s")}
     keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"]
     settings = {k: model.get(k) for k in keys} | {k: train.get(k) for k in ("batch_size", "grad_accum", "lr")}
+    settings["optimizer"] = train.get("optimizer", "adamw")  # runs from before Muon have no such key
     return [f"### Run `{run.relative_to(root) if run != root else run.name}`", "",
             table([settings], list(settings)), "", table([summary], list(summary)), "",
             f"![curves]({plots.name}/{plot_run(run, metrics, plots)})", ""]

@@ -145,9 +145,10 @@ class SFTData:
         return len(self.rows)
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Rows padded on the right to the longest; targets are -1 where there is no loss."""
+        """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile);
+        targets are -1 where there is no loss."""
         rows = [[self.samples[i] for i in self.rows[r]] for r in indices]
-        T = max(sum(len(ids) for ids, _ in row) for row in rows) - 1
+        T = self.max_seq_len if self.pack else max(sum(len(ids) for ids, _ in row) for row in rows) - 1
         idx = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
         segments = torch.full((len(rows), T), -1, dtype=torch.long)
@@ -201,4 +202,4 @@ def build_sft_data(paths: Sequence[str | Path], tokenizer: Tokenizer, max_seq_le
     if not train:
         raise UserError("every SFT sample landed in the validation split; lower --val_fraction.")
     return (SFTData(train, max_seq_len, tokenizer.pad_id, pack),
-            SFTData(val, max_seq_len, tokenizer.pad_id) if val else None, stats)
+            SFTData(val, max_seq_len, tokenizer.pad_id, pack) if val else None, stats)
