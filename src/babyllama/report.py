@@ -64,9 +64,9 @@ def plot_run(run: Path, metrics: list[dict], out: Path) -> str:
 def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel: str) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(values)), 3.4))
-    ax.bar([k.replace(" ", "\n", 1) for k in values], list(values.values()), color="#4c72b0")
+    ax.bar([k.replace(" ", "\n", 1).replace("_", "\n", 1) for k in values], list(values.values()), color="#4c72b0")
     for i, v in enumerate(values.values()):
-        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
+        ax.text(i, v, f"{v:,.0f}" if v >= 100 else f"{v:.3g}", ha="center", va="bottom")
     ax.set(title=title, ylabel=ylabel)
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
