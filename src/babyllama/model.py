@@ -372,7 +372,8 @@ def linear_cross_entropy(
     w = loss_weights(targets, loss_mask)
     if not torch.compiler.is_compiling():
         keep = w.nonzero().squeeze(1)  # (n,) positions with loss
-        h2, t, w = h2[keep], t[keep], w[keep]
+        if len(keep) < len(w):  # pretraining: every position counts, no copy of h or scatter back
+            h2, t, w = h2[keep], t[keep], w[keep]
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h2, weight, t, w, chunk)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
