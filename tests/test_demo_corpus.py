@@ -44,7 +44,7 @@ def test_labels_are_right_and_balanced(demo):
     _, _, sft, evals = demo
     sentiment = [e for e in evals if e["task"] == "sentiment"]
     positive = sum(e["output"] == "正面" for e in sentiment) / len(sentiment)
-    assert 0.35 < positive < 0.65  # the majority baseline stays near one half
+    assert 0.45 < positive < 0.55  # the majority baseline stays near one half
     person = [e for e in evals if e["task"] == "person" and e["output"] != "无"]
     assert person and all(name in e["input"] for e in person for name in e["output"].split("、"))
     assert {r["output"] for r in sft if r["instruction"].startswith("判断")} == {"正面", "负面"}
