@@ -16,6 +16,7 @@ from babyllama.train.sft_data import (
     SFTStats,
     build_sft_data,
     chat_ids,
+    pack_rows,
     read_conversations,
     truncate,
 )
@@ -104,6 +105,15 @@ def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
     convs = (ONE, THREE, Conversation([("好", "好的。")]))
     answers = sum(len(bpe_tokenizer.encode(a)) + 1 for c in convs for _, a in c.turns)
     assert (packed.collate([0])["targets"] != -1).sum() == answers  # no sample predicts the next one's start
+
+
+def test_pack_rows_fills_rows_best_fit():
+    assert pack_rows([150, 150, 100, 100], 250) == [[0, 3], [1, 2]]  # closing at the first misfit: 3 rows
+    lengths = [(i * 37) % 90 + 10 for i in range(2000)]  # 10..99 ids, like the demo's SFT samples
+    rows = pack_rows(lengths, 257)
+    assert sorted(i for row in rows for i in row) == list(range(2000))
+    assert all(sum(lengths[i] for i in row) <= 257 for row in rows)
+    assert sum(lengths) / (257 * len(rows)) > 0.97
 
 
 def write(path, records):
