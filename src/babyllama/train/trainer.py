@@ -418,8 +418,8 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        print(f"{kind}: {len(train_data):,} samples, {trainer.total_steps:,} steps of {trainer.global_batch} "
-              f"samples on {dist.world} x {dist.device.type}, {trainer.dtype}")
+        print(f"{kind}: {len(train_data):,} rows, {trainer.total_steps:,} steps of {trainer.global_batch} "
+              f"rows on {dist.world} x {dist.device.type}, {trainer.dtype}")  # a row: a window, sample or pack
     trainer.build(resume_from)
     return trainer.fit()
 
