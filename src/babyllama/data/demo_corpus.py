@@ -105,8 +105,9 @@ def build_demo_corpus(
 
     Items are texts of min_item_chars to max_item_chars characters: 200 keeps nearly every review
     whole (the longer reviews are the surest labels), and a 200-character review with its
-    instruction nearly always fits the demo model's 256-token context. Positive and negative reviews are
-    then about even (majority baseline ~52%); at 120 the longer, mostly positive reviews dropped out.
+    instruction nearly always fits the demo model's 256-token context. Positive and negative
+    reviews are then about even (majority baseline ~52%); at 120 the longer, mostly positive
+    reviews dropped out.
     limit / eval_limit (0: all) keep that many documents and SFT items / eval items, spread evenly
     over each list so that every task stays represented (for quick smoke runs). entity_fraction of
     the sentences become entity items: about 6,300 for SFT beside ~15,500 sentiment items, which

@@ -170,7 +170,7 @@ class SFTData:
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best fit, in order: each sample joins the open row it fills most tightly, or starts a new one.
-    Rows come out ~97% full where closing a row at the first misfit leaves ~84% (the demo's SFT)."""
+    Rows come out ~98% full where closing a row at the first misfit leaves ~84% (the demo's SFT)."""
     rows: list[list[int]] = []
     by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # by_room[r]: rows with r ids free
     for i, n in enumerate(lengths):
