@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from babyllama.config import load_config
 from babyllama.data.pretokenize import pretokenize
@@ -72,6 +73,24 @@ def test_resume_gives_bitwise_identical_losses(shards, tmp_path, optimizer):
     pretrain(config(shards, tmp_path / "died", *args), resume=True)
     assert losses(tmp_path / "died") == losses(tmp_path / "straight")  # bitwise: == on floats
     assert len(losses(tmp_path / "straight")) == 8
+
+
+def test_final_is_the_mean_of_the_last_steps_weights_and_resumes_bitwise(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ("--max_steps", "8", "--batch_size", "4", "--save_every", "1", "--keep_last", "8", "--average_last", "0.5")
+    pretrain(config(shards, tmp_path / "straight", *args))
+    weights = lambda d: load_file(str(d / "model.safetensors"))  # noqa: E731
+    steps = [weights(tmp_path / "straight" / "checkpoints" / f"step_{s:06d}") for s in range(5, 9)]
+    final = weights(tmp_path / "straight" / "final")
+    for name, w in final.items():  # the mean of the weights after steps 5 to 8, not step 8's
+        torch.testing.assert_close(w, sum(s[name] for s in steps) / 4, rtol=0, atol=1e-6)
+    assert not torch.equal(final["norm.weight"], steps[-1]["norm.weight"])
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=6)  # within the averaged steps
+    pretrain(config(shards, tmp_path / "died", *args), resume=True)
+    assert all(torch.equal(w, final[k]) for k, w in weights(tmp_path / "died" / "final").items())
+    with pytest.raises(UserError, match="average_last"):
+        config(shards, tmp_path, "--average_last", "1")
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(shards, tmp_path):

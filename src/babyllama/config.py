@@ -47,6 +47,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (torch >= 2.9)
+    average_last: float = 0.0  # final/ holds the mean of the weights over this last fraction of steps; 0: off
     # numerics and speed
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
@@ -71,6 +72,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "muon"):
             raise UserError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
+        if not 0 <= self.average_last < 1:
+            raise UserError(f"average_last is a fraction of the steps in [0, 1), got {self.average_last}.")
+        if self.average_last and self.fsdp:
+            raise UserError("average_last works without FSDP (DDP is fine); set average_last = 0 with fsdp.")
 
 
 @dataclass

@@ -140,6 +140,8 @@ class Trainer:
         self.order = GlobalOrder(len(train_data), self.t.seed)
         self.step, self.position, self.bad_steps = 0, 0, 0  # position: global samples consumed
         self.tokens = 0
+        self.average: dict[str, torch.Tensor] = {}  # running mean of the weights (average_last)
+        self.averaged = 0  # steps in that mean
         self.stop_requested = False
 
     def _total_steps(self) -> int:
@@ -226,6 +228,7 @@ class Trainer:
         optim = get_optimizer_state_dict(self.model, self.optimizers, options=self._state_options())
         return {"step": self.step, "position": self.position, "bad_steps": self.bad_steps, "tokens": self.tokens,
                 "world": self.dist.world, "global_batch": self.global_batch, "optimizer": optim,
+                "average": {k: v.cpu() for k, v in self.average.items()}, "averaged": self.averaged,
                 "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
 
     def _load_state(self, state: dict) -> None:
@@ -234,6 +237,8 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizers, state["optimizer"], options=self._state_options())
         self.step, self.position, self.bad_steps = state["step"], state["position"], state["bad_steps"]
         self.tokens = state["tokens"]
+        self.average = {k: v.to(self.dist.device) for k, v in state.get("average", {}).items()}
+        self.averaged = state.get("averaged", 0)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
@@ -248,6 +253,7 @@ class Trainer:
         return self.model.state_dict()
 
     def save(self, final: bool = False) -> Path:
+        """A checkpoint of this step, to resume from; with final also final/, the weight average if any."""
         tensors, state = self._model_state(), self._train_state()
         path = self.out / "checkpoints" / f"step_{self.step:06d}"
         if self.dist.main:
@@ -257,6 +263,8 @@ class Trainer:
             for old in sorted((self.out / "checkpoints").glob("step_*"))[: -self.t.keep_last]:
                 shutil.rmtree(old)
             if final:
+                if self.average:
+                    tensors = model_tensors(self.model, self.average)
                 save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, tensors)
         barrier(self.dist)
         return path
@@ -327,6 +335,28 @@ class Trainer:
         return mean_loss, float(norm)
 
     @torch.no_grad()
+    def update_average(self) -> None:
+        """Add the weights to the running mean once the last average_last of the steps has begun.
+
+        The mean of the last steps' weights (stochastic weight averaging) smooths out where the
+        final steps happened to leave them: on the demo's SFT, +0.9 and +0.5 points of held-out
+        sentiment accuracy (two seeds, bench/RESULTS.md). The mean is part of the resumable state.
+        """
+        if self.step <= self.total_steps - round(self.t.average_last * self.total_steps):
+            return
+        self.averaged += 1
+        for name, p in self.model.named_parameters():
+            if name in self.average:
+                self.average[name].lerp_(p, 1 / self.averaged)  # mean += (p - mean) / n
+            else:
+                self.average[name] = p.detach().clone()
+
+    @torch.no_grad()
+    def use_average(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.copy_(self.average.get(name, p))
+
+    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over the first eval_batches * batch_size validation samples, split over ranks."""
         if self.val_data is None:
@@ -365,6 +395,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 loss, norm = self.train_step()
+                self.update_average()
                 bar.update()
                 record = {"step": self.step, "tokens": self.tokens, "loss": loss,
                           "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm}
@@ -388,9 +419,9 @@ class Trainer:
                     return path
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                     self.save()
-            val = self.evaluate()
-            log.write({"step": self.step, "tokens": self.tokens, "val_loss": val, "final": True})
             self.save(final=True)
+            self.use_average()  # the final loss is final/'s
+            log.write({"step": self.step, "tokens": self.tokens, "val_loss": self.evaluate(), "final": True})
             return self.out / "final"
         finally:
             bar.close()
