@@ -88,6 +88,16 @@ def test_truncation_keeps_the_answer_eos(bpe_tokenizer):
     assert ids[-1] == tok.eos_id
 
 
+def test_build_sft_data_truncates_and_counts_only_the_long_samples(bpe_tokenizer, tmp_path):
+    tok = bpe_tokenizer
+    write(tmp_path / "sft.jsonl", [{"instruction": "问？", "input": "", "output": "回答很长" * 50},
+                                   {"instruction": "好", "input": "", "output": "好的。"}])
+    train, _, stats = build_sft_data([tmp_path / "sft.jsonl"], tok, 39, val_fraction=0.0)
+    long = Conversation([("问？", "回答很长" * 50)])
+    assert train.samples == [truncate(tok, long, 40), chat_ids(tok, Conversation([("好", "好的。")]))]
+    assert stats.truncated == 1
+
+
 def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
     samples = [chat_ids(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]  # 3 samples

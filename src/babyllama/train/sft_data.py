@@ -201,8 +201,10 @@ def build_sft_data(paths: Sequence[str | Path], tokenizer: Tokenizer, max_seq_le
     stats = SFTStats()
     train, val = [], []
     for conv in read_conversations(paths, stats, **filters):
-        ids, mask = truncate(tokenizer, conv, max_seq_len + 1)
-        stats.truncated += len(ids) < len(chat_ids(tokenizer, conv)[0])
+        ids, mask = chat_ids(tokenizer, conv)
+        if len(ids) > max_seq_len + 1:
+            ids, mask = truncate(tokenizer, conv, max_seq_len + 1)
+            stats.truncated += 1
         (val if is_val("\x00".join(u for u, _ in conv.turns), val_fraction) else train).append((ids, mask))
     stats.samples, stats.val_samples = len(train), len(val)
     if not train:
