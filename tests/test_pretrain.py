@@ -75,6 +75,11 @@ def test_resume_gives_bitwise_identical_losses(shards, tmp_path, optimizer):
     assert len(losses(tmp_path / "straight")) == 8
 
 
+def test_metrics_log_every_log_every_steps_and_the_last(shards, tmp_path):
+    pretrain(config(shards, tmp_path, "--max_steps", "5", "--batch_size", "4", "--log_every", "2"))
+    assert list(losses(tmp_path)) == [2, 4, 5]
+
+
 def test_final_is_the_mean_of_the_last_steps_weights_and_resumes_bitwise(shards, tmp_path):
     from safetensors.torch import load_file
 

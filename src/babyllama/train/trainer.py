@@ -399,7 +399,8 @@ class Trainer:
                 bar.update()
                 record = {"step": self.step, "tokens": self.tokens, "loss": loss,
                           "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm}
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                logged = self.step % t.log_every == 0 or self.step == self.total_steps
+                if logged:
                     if self.dist.device.type == "cuda":
                         torch.cuda.synchronize()
                     rate = (self.tokens - window_tokens) / (time.perf_counter() - window_start)
@@ -410,7 +411,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     record["val_loss"] = self.evaluate()
-                if self.step % t.log_every == 0 or "val_loss" in record:
+                if logged or "val_loss" in record:
                     log.write(record)
                 if self._stop_everywhere():
                     path = self.save()
