@@ -353,8 +353,10 @@ class Trainer:
 
     @torch.no_grad()
     def use_average(self) -> None:
-        for name, p in self.model.named_parameters():
-            p.copy_(self.average.get(name, p))
+        """Put the averaged weights into the model (nothing to do without average_last)."""
+        params = dict(self.model.named_parameters())
+        for name, mean in self.average.items():
+            params[name].copy_(mean)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
