@@ -28,7 +28,7 @@ test: lint
 
 demo:
 	$(MAKE) setup EXTRAS=demo
-	$(CPU_MALLOC) $(VENV)/bin/babyllama demo --out runs/demo
+	$(CPU_MALLOC) $(VENV)/bin/babyllama demo --out_dir runs/demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from babyllama.config import load_config
-from babyllama.train.trainer import pretrain
+from babyllama.train.stages import pretrain
 
 RUNS = [("adamw", "2e-3"), ("adamw", "4e-3"), ("muon", "2e-3"), ("muon", "4e-3")]
 

@@ -5,21 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from babyllama.chat import decode_stream, prompt_ids
+from babyllama.chat import decode_stream, prompt_ids, until_stop
+from babyllama.chat_format import Conversation, render_prompt
 from babyllama.checkpoint import save_checkpoint
-from babyllama.train.sft_data import Conversation, chat_ids
 from tests.conftest import sharp_model, tiny_config
 
 
 def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
     save_checkpoint(tmp_path / "ck", model, bpe_tokenizer)
-    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(tmp_path / "ck"), "--max-new-tokens", "8",
-                        "--repetition-penalty", "1.0"],
+    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(tmp_path / "ck"), "--max_new_tokens", "8",
+                        "--repetition_penalty", "1.0"],
                        input="你好\n/reset\n再见\n/exit\n这行不会被回答\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    first = bpe_tokenizer.decode(model.generate(chat_ids(bpe_tokenizer, Conversation([("你好", "")]), False)[0],
+    first = bpe_tokenizer.decode(model.generate(render_prompt(bpe_tokenizer, Conversation([("你好", "")])),
                                                 max_new_tokens=8, eos_id=2))
     assert lines[0] == first and lines[1] == "(conversation reset)" and len(lines) == 3
 
@@ -37,3 +37,25 @@ def test_decode_stream_never_splits_a_character(bpe_tokenizer):
     ids = bpe_tokenizer.encode(text)
     pieces = list(decode_stream(bpe_tokenizer, iter(ids)))
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+
+def finish(gen):
+    """The pieces a generator yields, and what it returns."""
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as stop:
+            return pieces, stop.value
+
+
+def test_until_stop_cuts_a_stop_string_split_across_pieces():
+    pieces, stopped = finish(until_stop(iter(["Hel", "lo, w", "orld", "!"]), ["o, wor", "xyz"]))
+    assert "".join(pieces) == "Hell" and stopped
+    assert pieces == ["Hel", "l"]  # the last 5 characters (a stop string may begin there) wait
+    pieces, stopped = finish(until_stop(iter(["床前", "明月", "光"]), ["明月光"]))
+    assert pieces == ["床前"] and stopped
+    pieces, stopped = finish(until_stop(iter(["床前", "明月", "光"]), ["月亮"]))
+    assert "".join(pieces) == "床前明月光" and not stopped
+    pieces, stopped = finish(until_stop(iter(["a", "b"]), []))
+    assert pieces == ["a", "b"] and not stopped  # no stop strings: nothing held back

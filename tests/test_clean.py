@@ -60,15 +60,15 @@ def test_prepare_all_bad_fails_and_cli_exit_codes(tmp_path):
     with pytest.raises(UserError, match="every one of the 2 records was bad"):
         prepare([str(bad)], tmp_path / "out")
     assert (tmp_path / "out" / "bad_records.txt").read_text() == f"{bad}:1\n{bad}:2\n"
-    r = run_cli("prepare", "--input", str(bad), "--out", str(tmp_path / "o2"))
+    r = run_cli("prepare", "--input", str(bad), "--out_dir", str(tmp_path / "o2"))
     assert r.returncode == 2 and "every one" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o3"))
+    r = run_cli("prepare", "--input", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o3"))
     assert r.returncode == 2 and "does not exist" in r.stderr
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "一个足够长的文档，超过十个字。"}, ensure_ascii=False) + "\n")
-    r = run_cli("prepare", "--input", str(good), "--out", str(tmp_path / "o4"), "--format", "baike")
+    r = run_cli("prepare", "--input", str(good), "--out_dir", str(tmp_path / "o4"), "--format", "baike")
     assert r.returncode == 2
-    r = run_cli("prepare", "--input", str(good), "--out", str(tmp_path / "o5"), "--format", "unknown")
+    r = run_cli("prepare", "--input", str(good), "--out_dir", str(tmp_path / "o5"), "--format", "unknown")
     assert r.returncode == 2 and "unknown format" in r.stderr
-    r = run_cli("prepare", "--input", str(good), "--out", str(tmp_path / "o6"))
+    r = run_cli("prepare", "--input", str(good), "--out_dir", str(tmp_path / "o6"))
     assert r.returncode == 0 and json.loads(r.stdout)["kept"] == 1

@@ -21,7 +21,7 @@ def test_tokenizer_train_then_info(tmp_path):
     jsonl = tmp_path / "more.jsonl"
     jsonl.write_text(json.dumps({"text": "另一份文档"}, ensure_ascii=False) + "\n{bad json\n", encoding="utf-8")
     out = tmp_path / "tok"
-    r = run_cli("tokenizer", "train", "--input", str(corpus), str(jsonl), "--vocab-size", "500", "--out", str(out))
+    r = run_cli("tokenizer", "train", "--input", str(corpus), str(jsonl), "--vocab-size", "500", "--out_dir", str(out))
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.json").is_file() and "more.jsonl:2: skipped a bad record" in r.stderr
     r = run_cli("tokenizer", "info", str(out))
@@ -48,5 +48,22 @@ def test_missing_paths_exit_2_with_one_sentence(tmp_path):
     r = run_cli("tokenizer", "info", str(tmp_path / "missing"))
     assert r.returncode == 2
     assert r.stderr.startswith("babyllama: error: tokenizer") and "Traceback" not in r.stderr
-    r = run_cli("tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "t"))
+    r = run_cli("tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "t"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_one_dialect_every_flag_with_underscores():
+    import re
+
+    from babyllama.cli import build_parser, spelled_one_way
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    flags = [o for name, p in commands.items() for a in p._actions for o in a.option_strings
+             if name != "tokenizer"]
+    flags += [o for p in commands["tokenizer"]._subparsers._group_actions[0].choices.values()
+              for a in p._actions for o in a.option_strings]
+    assert "--max_new_tokens" in flags and "--out_dir" in flags
+    assert [f for f in flags if re.fullmatch(r"--\w+", f) is None and f not in ("-h", "--help")] == []
+    assert spelled_one_way(["--max-new-tokens", "8", "--model.n-kv-heads=2", "-1", "--"]) == [
+        "--max_new_tokens", "8", "--model.n_kv_heads=2", "-1", "--"]

@@ -13,7 +13,7 @@ pytest.importorskip("snownlp")
 
 def test_demo_smoke_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = run_cli("demo", "--smoke", "--out", str(out))
+    r = run_cli("demo", "--smoke", "--out_dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     for path in ("data/stats.json", "data/sft.jsonl", "data/eval.jsonl", "tokenizer/tokenizer.json",
                  "tokens/manifest.json", "pretrain/final/model.safetensors", "pretrain/metrics.jsonl",
@@ -37,5 +37,5 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert len(list((out / "plots").glob("*.png"))) >= 4
     assert "babyllama chat" in r.stdout and "report:" in r.stdout
 
-    again = run_cli("demo", "--smoke", "--out", str(out))
+    again = run_cli("demo", "--smoke", "--out_dir", str(out))
     assert again.returncode == 0 and again.stdout.count("skipped") == 8

@@ -24,7 +24,7 @@ def test_entities_join_consecutive_names():
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     counts = build_demo_corpus(out)
-    read = lambda name: [json.loads(x) for x in (out / name).open(encoding="utf-8")]  # noqa: E731
+    read = lambda name: [json.loads(x) for x in (out / name).open(encoding="utf-8")]
     return counts, read("raw/pretrain.jsonl"), read("sft.jsonl"), read("eval.jsonl")
 
 

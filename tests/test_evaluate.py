@@ -10,6 +10,7 @@ import torch
 
 from babyllama.checkpoint import save_checkpoint
 from babyllama.data.pretokenize import pretokenize
+from babyllama.data.shards import TokenWindows
 from babyllama.evaluate import (
     bleu,
     char_f1,
@@ -22,7 +23,6 @@ from babyllama.evaluate import (
     score_qa,
 )
 from babyllama.report import make_report
-from babyllama.train.pretrain_data import PretrainData
 from tests.conftest import generated_corpus, sharp_model, tiny_config
 from tests.test_cli import run_cli
 
@@ -35,7 +35,7 @@ def test_bleu_is_sacrebleu_zh_and_jieba_words():
     refs = ["今天天气不错，我们去公园散步吧。", "他在北京大学学习"]
     got = bleu(preds, refs)
     assert got["bleu"] == sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score
-    words = lambda xs: [" ".join(jieba.cut(x)) for x in xs]  # noqa: E731
+    words = lambda xs: [" ".join(jieba.cut(x)) for x in xs]
     assert got["word_bleu"] == sacrebleu.corpus_bleu(words(preds), [words(refs)], tokenize="none").score
     assert 0 < got["bleu"] < 100
 
@@ -118,7 +118,7 @@ def test_bits_per_byte_by_hand(tiny_run, bpe_tokenizer):
 
     model = load_model(tiny_run / "run" / "final")
     got = lm_metrics(model, tiny_run / "tokens", bpe_tokenizer, batch_size=3)
-    data = PretrainData(tiny_run / "tokens", 32, "val")
+    data = TokenWindows(tiny_run / "tokens", 32, "val")
     nats, nbytes = 0.0, 0
     for i in range(len(data)):
         w = torch.from_numpy(data.window(i).astype("int64"))
@@ -140,7 +140,7 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     train.write_text(json.dumps({"text": "训练文本里混进了" + questions[3] + "这道题"}, ensure_ascii=False))
     (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--data", str(tiny_run / "tokens"), "--qa", str(qa),
-                "--mc", str(tmp_path / "mc.csv"), "--train-data", str(train), "--max-new-tokens", "4")
+                "--mc", str(tmp_path / "mc.csv"), "--train_data", str(train), "--max_new_tokens", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "WARNING: 1 eval questions occur verbatim" in r.stdout
     result = json.loads((tiny_run / "run" / "eval" / "eval.json").read_text())
@@ -169,7 +169,8 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     r = run_cli("eval", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}))
-    r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path))
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
+                "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "needs a question" in r.stderr
     r = run_cli("report", str(tmp_path / "empty"))
     assert r.returncode == 2

@@ -88,11 +88,11 @@ def test_masked_loss_equals_hand_computation():
     model = sharp_model(tiny_config())
     idx = torch.randint(0, 300, (2, 12))
     targets = torch.randint(0, 300, (2, 12))
-    targets[1, :3] = -1  # ignored targets count as masked
-    mask = (torch.rand(2, 12) > 0.4).long()
+    targets[1, :3] = -1  # a prompt: no loss
+    targets[(torch.rand(2, 12) < 0.4)] = -1  # and scattered positions
     logits, _ = model(idx)
-    _, loss = model(idx, targets, loss_mask=mask)
-    keep = (mask != 0) & (targets != -1)
+    _, loss = model(idx, targets)
+    keep = targets != -1
     by_hand = torch.stack(
         [-F.log_softmax(logits[b, t], -1)[targets[b, t]] for b in range(2) for t in range(12) if keep[b, t]]
     ).mean()
@@ -100,7 +100,7 @@ def test_masked_loss_equals_hand_computation():
     _, unmasked = model(idx, targets.clamp(min=0))
     torch.testing.assert_close(unmasked, F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten()))
     with torch.no_grad():  # the evaluation path gives the same number
-        torch.testing.assert_close(model(idx, targets, loss_mask=mask)[1], loss)
+        torch.testing.assert_close(model(idx, targets)[1], loss)
 
 
 @pytest.mark.parametrize("chunk", [5, 4096])
@@ -110,13 +110,13 @@ def test_fused_head_loss_gradients_equal_plain_autograd(chunk):
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (3, 7))
     targets[0, 2] = -1
-    mask = (torch.rand(3, 7) > 0.3).long()
-    fused = linear_cross_entropy(h, weight, targets, mask, chunk=chunk)
+    targets[torch.rand(3, 7) < 0.3] = -1
+    fused = linear_cross_entropy(h, weight, targets, chunk=chunk)
     (fused * 2.5).backward()
     fused_grads = h.grad.clone(), weight.grad.clone()
     h.grad = weight.grad = None
     losses = F.cross_entropy((h @ weight.t()).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    keep = ((targets != -1) & (mask != 0)).flatten().float()
+    keep = (targets != -1).flatten().float()
     plain = (losses * keep).sum() / keep.sum()
     (plain * 2.5).backward()
     torch.testing.assert_close(fused, plain)
@@ -126,7 +126,7 @@ def test_fused_head_loss_gradients_equal_plain_autograd(chunk):
 def test_all_masked_batch_is_finite_and_trainable():
     model = sharp_model(tiny_config())
     idx = torch.randint(0, 300, (2, 8))
-    _, loss = model(idx, idx, loss_mask=torch.zeros(2, 8))
+    _, loss = model(idx, torch.full_like(idx, -1))
     assert torch.isfinite(loss) and loss.item() == 0.0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

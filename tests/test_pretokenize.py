@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from babyllama.data.pretokenize import is_val, merge, pretokenize, read_manifest
+from babyllama.data.pretokenize import pretokenize
+from babyllama.data.shards import is_val, merge, read_manifest
 from babyllama.errors import UserError
 from tests.conftest import generated_corpus
 from tests.test_cli import run_cli
@@ -77,7 +78,7 @@ def test_partitions_merge_to_the_whole(corpus_and_tokenizer, tmp_path):
         pretokenize(*args, tmp_path / f"p{i}", val_fraction=0.1, num_shards=2, shard_index=i)
     merged = merge([str(tmp_path / "p0"), str(tmp_path / "p1")], tmp_path / "merged")
     assert merged["totals"] == whole["totals"]
-    as_bytes = lambda out: sorted(x.tobytes() for x in documents_of(out))  # noqa: E731
+    as_bytes = lambda out: sorted(x.tobytes() for x in documents_of(out))
     assert as_bytes(tmp_path / "merged") == as_bytes(tmp_path / "whole")
     assert [s["file"] for s in merged["shards"]] == ["shard_00000.bin", "shard_00001.bin", "val_00000.bin",
                                                      "val_00001.bin"]
@@ -108,12 +109,12 @@ def test_large_vocab_gives_uint32_shards(tmp_path):
 def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):
     d, _ = corpus_and_tokenizer
     r = run_cli("pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"),
-                "--out", str(tmp_path / "o"), "--workers", "2")
+                "--out_dir", str(tmp_path / "o"), "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["train"]["documents"] + json.loads(r.stdout)["val"]["documents"] == 300
     r = run_cli("pretokenize", "--input", str(tmp_path / "none"), "--tokenizer", str(d / "tok"),
-                "--out", str(tmp_path / "o2"))
+                "--out_dir", str(tmp_path / "o2"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(tmp_path / "none"),
-                "--out", str(tmp_path / "o3"))
+                "--out_dir", str(tmp_path / "o3"))
     assert r.returncode == 2 and "tokenizer" in r.stderr

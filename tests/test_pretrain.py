@@ -16,10 +16,11 @@ import torch
 
 from babyllama.config import load_config
 from babyllama.data.pretokenize import pretokenize
+from babyllama.data.shards import TokenWindows
 from babyllama.errors import UserError
 from babyllama.train.distributed import Dist
-from babyllama.train.pretrain_data import PretrainData
-from babyllama.train.trainer import Trainer, lr_at, pretrain
+from babyllama.train.stages import pretrain
+from babyllama.train.trainer import GlobalOrder, Trainer, lr_at, micro_batches
 from tests.conftest import generated_corpus, logged_losses, simulate_death
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
@@ -55,7 +56,7 @@ def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, bpe_tokenizer):
     bpe_tokenizer.save(tmp_path / "tok")
     shards = tmp_path / "tokens"
     pretokenize([str(tmp_path / "docs.jsonl")], str(tmp_path / "tok"), shards, val_fraction=0.05)
-    tokens = PretrainData(shards, 32).arrays[0]
+    tokens = TokenWindows(shards, 32).arrays[0]
     p = np.bincount(tokens) / len(tokens)
     unigram = -(p[p > 0] * np.log(p[p > 0])).sum()
     pretrain(config(shards, tmp_path / "run", "--max_steps", "300", "--batch_size", "8"))
@@ -85,7 +86,7 @@ def test_final_is_the_mean_of_the_last_steps_weights_and_resumes_bitwise(shards,
 
     args = ("--max_steps", "8", "--batch_size", "4", "--save_every", "1", "--keep_last", "8", "--average_last", "0.5")
     pretrain(config(shards, tmp_path / "straight", *args))
-    weights = lambda d: load_file(str(d / "model.safetensors"))  # noqa: E731
+    weights = lambda d: load_file(str(d / "model.safetensors"))
     steps = [weights(tmp_path / "straight" / "checkpoints" / f"step_{s:06d}") for s in range(5, 9)]
     final = weights(tmp_path / "straight" / "final")
     for name, w in final.items():  # the mean of the weights after steps 5 to 8, not step 8's
@@ -100,8 +101,7 @@ def test_final_is_the_mean_of_the_last_steps_weights_and_resumes_bitwise(shards,
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(shards, tmp_path):
     cfg = config(shards, tmp_path, "--optimizer", "muon")
-    trainer = Trainer(cfg, PretrainData(shards, 32), None, None, Dist(), "pretrain")
-    trainer.build(None)
+    trainer = Trainer(cfg, TokenWindows(shards, 32), None, None, Dist(), "pretrain")
     muon, adamw = trainer.optimizers
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
@@ -119,37 +119,31 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(55, cfg, 100) == pytest.approx(5.5e-4) and lr_at(100, cfg, 100) == pytest.approx(1e-4)
 
 
-def test_global_order_splits_steps_over_ranks_without_overlap(shards):
-    data = PretrainData(shards, 32)
-
-    class Recorder:
-        def __init__(self):
-            self.seen = []
-
-        def __len__(self):
-            return len(data)
-
-        def collate(self, indices):
-            self.seen += indices
-            return {}
+@pytest.mark.parametrize("lengths", [None, [(i * 37) % 101 for i in range(538)]], ids=["windows", "by-length"])
+def test_global_order_splits_steps_over_ranks_without_overlap(lengths):
+    n = 538
+    order = GlobalOrder(n, seed=3)
 
     def indices(world, batch, accum, steps):
-        per_rank = []
-        for rank in range(world):
-            rec = Recorder()
-            cfg = load_config(None, ["--batch_size", str(batch), "--grad_accum", str(accum), "--max_steps", "9"])
-            trainer = Trainer(cfg, rec, None, None, Dist(rank=rank, world=world))
-            for _ in range(steps):
-                trainer._micro_batches()
-                trainer.position += trainer.global_batch
-            per_rank.append(rec.seen)
+        per_rank = [[] for _ in range(world)]
+        for step in range(steps):
+            rows = [order(step * batch * accum * world + i) for i in range(batch * accum * world)]
+            for rank in range(world):
+                mbs = micro_batches(rows, lengths, batch, accum, Dist(rank=rank, world=world))
+                assert [len(m) for m in mbs] == [batch] * accum
+                per_rank[rank] += [i for m in mbs for i in m]
         return per_rank
 
     two = indices(world=2, batch=2, accum=2, steps=60)  # 480 samples: within the first epoch of 538
     assert not set(two[0]) & set(two[1])  # the ranks see disjoint samples
     assert sorted(two[0] + two[1]) == sorted(indices(world=1, batch=8, accum=1, steps=60)[0])  # the same ones
     one = indices(world=1, batch=8, accum=1, steps=80)[0]
-    assert len(one) == 640 > len(data) and sorted(one[: len(data)]) == list(range(len(data)))  # a whole epoch
+    assert len(one) == 640 > n and set(one) == set(range(n))  # past a whole epoch
+    assert len(set(one[:536])) == 536  # no sample twice within the 67 steps of the first epoch
+    if lengths is not None:  # each micro-batch holds rows of like length
+        rows = [order(i) for i in range(8)]
+        mbs = micro_batches(rows, lengths, 4, 2, Dist())
+        assert max(lengths[i] for i in mbs[0]) <= min(lengths[i] for i in mbs[1])
 
 
 def test_refuses_other_model_shape_and_other_tokenizer(shards, tmp_path, bpe_tokenizer):
@@ -219,7 +213,7 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
-    real_forward = Trainer._forward
+    real_forward = Trainer.forward
     calls = {"n": 0}
 
     def flaky(self, batch):
@@ -227,7 +221,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
         loss = real_forward(self, batch)
         return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(Trainer, "_forward", flaky)
+    monkeypatch.setattr(Trainer, "forward", flaky)
     with pytest.raises(UserError, match="not finite in 3 steps in a row"):
         pretrain(config(shards, tmp_path, "--max_steps", "20", "--max_bad_steps", "3"))
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
@@ -237,3 +231,22 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
 def test_compile_switch_trains(shards, tmp_path):
     pretrain(config(shards, tmp_path, "--max_steps", "3", "--compile", "true"))
     assert len(losses(tmp_path)) == 3 and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\nn_kv_heads = 2\n[train]\ndata = ["a", "b"]\ncompile = true\nlr = 1\n')
+    cfg = load_config(toml, ["--model.n_kv_heads", "none", "--max_steps", "7", "--fsdp", "yes"])
+    assert cfg.model.n_kv_heads is None and cfg.train.data == ["a", "b"] and cfg.train.compile is True
+    assert cfg.train.max_steps == 7 and cfg.train.fsdp is True and cfg.train.lr == 1.0
+    assert cfg.model_settings == {"n_kv_heads": None}
+    assert load_config(None, ["--data", "d"]).train.data == "d"
+    for flags, message in [(["--compile", "maybe"], "train.compile expects bool"),
+                           (["--max_steps", "1.5"], "train.max_steps expects int"),
+                           (["--model.n_kv_heads", "two"], "model.n_kv_heads expects int | None"),
+                           (["--nope", "1"], "unknown train setting 'nope'")]:
+        with pytest.raises(UserError, match=message):
+            load_config(None, flags)
+    toml.write_text("[train]\nmax_steps = true\n")
+    with pytest.raises(UserError, match="max_steps expects int"):
+        load_config(toml)

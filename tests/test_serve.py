@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from babyllama.chat import Sampling, reply
-from babyllama.train.sft_data import Conversation
+from babyllama.chat_format import Conversation
 from tests.conftest import sharp_model, tiny_config
 
 pytest.importorskip("fastapi")

@@ -7,20 +7,12 @@ import json
 import pytest
 import torch
 
+from babyllama.chat_format import Conversation, render_conversation, render_prompt, truncate_conversation
 from babyllama.checkpoint import load_model, save_checkpoint
 from babyllama.config import load_config
 from babyllama.errors import UserError
-from babyllama.train.sft_data import (
-    Conversation,
-    SFTData,
-    SFTStats,
-    build_sft_data,
-    chat_ids,
-    pack_rows,
-    read_conversations,
-    truncate,
-)
-from babyllama.train.trainer import sft
+from babyllama.train.sft_data import SFTData, SFTStats, build_sft_data, pack_rows, read_conversations
+from babyllama.train.stages import sft
 from tests.conftest import logged_losses, sharp_model, simulate_death, tiny_config
 
 ONE = Conversation([("床前明月光，下一句是什么？", "疑是地上霜。")])
@@ -29,7 +21,7 @@ THREE = Conversation([("你好", "你好！有什么可以帮你？"), ("1+1等�
 
 
 def loss_positions(tok, conv):
-    data = SFTData([chat_ids(tok, conv)], max_seq_len=256, pad_id=tok.pad_id)
+    data = SFTData([render_conversation(tok, conv)], max_seq_len=256, pad_id=tok.pad_id)
     batch = data.collate([0])
     return batch, (batch["targets"][0] != -1).nonzero().flatten()
 
@@ -53,22 +45,21 @@ def test_only_answer_targets_change_the_loss(bpe_tokenizer):
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
     batch, where = loss_positions(bpe_tokenizer, THREE)
     idx, targets = batch["idx"], batch["targets"]
-    mask = (targets != -1).long()
-    full = targets.where(targets != -1, idx.roll(-1, 1))  # real next ids everywhere
-    _, base = model(idx, full, loss_mask=mask)
-    prompt_pos = int((mask[0] == 0).nonzero()[3])
-    changed = full.clone()
-    changed[0, prompt_pos] = (changed[0, prompt_pos] + 7) % 600
-    assert model(idx, changed, loss_mask=mask)[1].item() == base.item()
-    changed = full.clone()
+    _, base = model(idx, targets)
+    prompt_pos = int((targets[0] == -1).nonzero()[3])
+    changed = targets.clone()
+    changed[0, prompt_pos] = 7  # a prompt position given a target: now it counts
+    assert model(idx, changed)[1].item() != base.item()
+    changed = targets.clone()
     changed[0, int(where[1])] = (changed[0, int(where[1])] + 7) % 600
-    assert model(idx, changed, loss_mask=mask)[1].item() != base.item()
+    assert model(idx, changed)[1].item() != base.item()
+    assert model(idx, targets.clone())[1].item() == base.item()
 
 
 def test_inference_prompt_is_the_training_prefix(bpe_tokenizer):
     for conv in (ONE, THREE):
-        train_ids, mask = chat_ids(bpe_tokenizer, conv)
-        prompt, _ = chat_ids(bpe_tokenizer, conv, answer_last=False)
+        train_ids, mask = render_conversation(bpe_tokenizer, conv)
+        prompt = render_prompt(bpe_tokenizer, conv)
         assert prompt[-1] == bpe_tokenizer.bos_id
         assert train_ids[: len(prompt)] == prompt  # token for token
         assert mask[len(prompt)] == 1 and mask[len(prompt) - 1] == 0  # the answer starts right after
@@ -77,13 +68,13 @@ def test_inference_prompt_is_the_training_prefix(bpe_tokenizer):
 def test_truncation_keeps_the_answer_eos(bpe_tokenizer):
     tok = bpe_tokenizer
     long_prompt = Conversation([("很长的问题" * 40 + "结尾问句？", "短答。")])
-    ids, mask = truncate(tok, long_prompt, 40)
-    full, _ = chat_ids(tok, long_prompt)
+    ids, mask = truncate_conversation(tok, long_prompt, 40)
+    full, _ = render_conversation(tok, long_prompt)
     assert len(ids) == 40 and ids == full[-40:]  # the prompt's beginning was cut, the end kept
     long_answer = Conversation([("问？", "回答很长" * 50)])
-    ids, mask = truncate(tok, long_answer, 40)
+    ids, mask = truncate_conversation(tok, long_answer, 40)
     assert len(ids) == 40 and ids[-1] == tok.eos_id and mask[-1] == 1  # the end of the answer went, <eos> stayed
-    ids, mask = truncate(tok, THREE, len(chat_ids(tok, THREE)[0]) - 1)
+    ids, mask = truncate_conversation(tok, THREE, len(render_conversation(tok, THREE)[0]) - 1)
     assert tok.decode(ids).startswith("你是一个助手。\n1+1")  # the oldest turn went, the system text stayed
     assert ids[-1] == tok.eos_id
 
@@ -94,13 +85,14 @@ def test_build_sft_data_truncates_and_counts_only_the_long_samples(bpe_tokenizer
                                    {"instruction": "好", "input": "", "output": "好的。"}])
     train, _, stats = build_sft_data([tmp_path / "sft.jsonl"], tok, 39, val_fraction=0.0)
     long = Conversation([("问？", "回答很长" * 50)])
-    assert train.samples == [truncate(tok, long, 40), chat_ids(tok, Conversation([("好", "好的。")]))]
+    short = Conversation([("好", "好的。")])
+    assert train.samples == [truncate_conversation(tok, long, 40), render_conversation(tok, short)]
     assert stats.truncated == 1
 
 
 def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
-    samples = [chat_ids(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]  # 3 samples
+    samples = [render_conversation(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]
     packed = SFTData(samples, max_seq_len=127, pad_id=0, pack=True)
     assert len(packed) == 1 and "attn_mask" in packed.collate([0])
     assert packed.collate([0])["idx"].shape == (1, 127)  # always max_seq_len: one shape to compile
@@ -206,3 +198,16 @@ def test_sft_resumes_bitwise(sft_setup, tmp_path):
     simulate_death(tmp_path / "straight", tmp_path / "died", step=3)
     sft(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)
     assert logged_losses(tmp_path / "died") == logged_losses(tmp_path / "straight")
+
+
+def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
+    d = sft_setup
+    base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]
+    with pytest.raises(UserError, match="cannot change dim, n_layers"):
+        sft(load_config(None, [*base, "--out_dir", str(tmp_path / "a"), "--model.dim", "32", "--model.n_layers", "1"]))
+    with pytest.raises(UserError, match="cannot change preset"):
+        sft(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), "--preset", "baby-92m"]))
+    # the init's own values, and dropout (no weight changes shape), are fine
+    final = sft(load_config(None, [*base, "--out_dir", str(tmp_path / "c"), "--model.max_seq_len", "64",
+                                   "--model.dropout", "0.1"]))
+    assert json.loads((final / "config.json").read_text())["model"]["dropout"] == 0.1

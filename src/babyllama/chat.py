@@ -1,6 +1,6 @@
 """A multi-turn chat REPL in the chat format, printing tokens as they come.
 
-    babyllama chat runs/demo/sft/final [--temperature 0.7 --top-p 0.9 --max-new-tokens 256]
+    babyllama chat runs/demo/sft/final [--temperature 0.7 --top_p 0.9 --max_new_tokens 256]
     echo "你好" | babyllama chat runs/demo/sft/final          # from a pipe: one answer per line
 
 Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves. The history is trimmed,
@@ -10,11 +10,11 @@ oldest turns first, so that the prompt and the answer fit the context window.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from babyllama.chat_format import Conversation, render_prompt
 from babyllama.tokenizer import Tokenizer
-from babyllama.train.sft_data import Conversation, chat_ids
 
 
 @dataclass
@@ -27,14 +27,9 @@ class Sampling:
 
 
 def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_new_tokens: int) -> list[int]:
-    """The inference prompt of a conversation whose last turn awaits its answer, oldest turns dropped
-    until max_new_tokens fit; when the last question alone is too long, its beginning is cut."""
-    budget = max(1, max_seq_len - min(max_new_tokens, max_seq_len // 2))
-    for start in range(len(conv.turns)):
-        ids, _ = chat_ids(tokenizer, Conversation(conv.turns[start:], conv.system), answer_last=False)
-        if len(ids) <= budget:
-            return ids
-    return ids[-budget:]
+    """The prompt for the answer to conv's last turn, cut (chat_format's truncation) so that
+    max_new_tokens fit after it, but never to less than half the context."""
+    return render_prompt(tokenizer, conv, max(1, max_seq_len - min(max_new_tokens, max_seq_len // 2)))
 
 
 def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
@@ -51,6 +46,29 @@ def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
         shown = text
     if len(text) > len(shown):  # the generation ended inside a character
         yield text[len(shown) :]
+
+
+def until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, None, bool]:
+    """The text of pieces up to the first stop string (not included), streamed; returns whether one came.
+
+    A stop string can span pieces, so the last len(longest stop) - 1 characters are held back
+    until it is clear that no stop string begins there (as OpenAI's API streams `stop`).
+    """
+    text, shown = "", 0
+    hold = max((len(s) for s in stops), default=1) - 1
+    for piece in pieces:
+        text += piece
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            if min(hits) > shown:
+                yield text[shown : min(hits)]
+            return True
+        if len(text) - hold > shown:
+            yield text[shown : len(text) - hold]
+            shown = len(text) - hold
+    if len(text) > shown:
+        yield text[shown:]
+    return False
 
 
 def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Iterator[str]:

@@ -8,6 +8,9 @@
 
     save_checkpoint("runs/x/step_000100", model, tokenizer, train_state={...})
     model, tokenizer, config = load_checkpoint("runs/x/step_000100")
+
+A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
+`keep_last`; `latest_checkpoint` finds where to resume) and the model to use next in RUN/final.
 """
 
 from __future__ import annotations
@@ -26,6 +29,23 @@ from babyllama.tokenizer import Tokenizer, load_tokenizer
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
+
+
+def step_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Where a run keeps the checkpoint of a step: RUN/checkpoints/step_000100."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's newest step checkpoint, or None."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Remove all but the newest keep_last step checkpoints of a run."""
+    for old in sorted((Path(run_dir) / "checkpoints").glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old)
 
 
 def model_tensors(model: Transformer, state_dict: dict | None = None) -> dict[str, torch.Tensor]:

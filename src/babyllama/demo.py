@@ -1,8 +1,8 @@
 """The whole pipeline on the built-in Chinese corpus, on a CPU, in minutes: `make demo`.
 
-    babyllama demo --out runs/demo            # about 15 minutes on 2 CPU cores
-    babyllama demo --out runs/demo --smoke    # every stage on a sliver of the data, about a minute
-    babyllama demo --out runs/demo --force    # redo every stage
+    babyllama demo --out_dir runs/demo            # about 15 minutes on 2 CPU cores
+    babyllama demo --out_dir runs/demo --smoke    # every stage on a sliver of the data, about a minute
+    babyllama demo --out_dir runs/demo --force    # redo every stage
 
 Stages, each skipped when its output is complete (a rerun resumes where the last one stopped):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
@@ -89,13 +89,14 @@ class Demo:
         pretokenize([str(self.out / "data")], str(self.out / "tokenizer"), self.out / "tokens", workers=2,
                     val_fraction=0.02 if self.smoke else 0.005)
 
-    def train(self, kind: str) -> None:
+    def train(self, stage: str) -> None:
+        from babyllama.checkpoint import latest_checkpoint
         from babyllama.config import load_config
-        from babyllama.train.trainer import latest_checkpoint, pretrain, sft
+        from babyllama.train.stages import pretrain, sft
 
-        run = self.out / kind
+        run = self.out / stage
         args = ["--out_dir", str(run)]
-        if kind == "pretrain":
+        if stage == "pretrain":
             cfg = load_config(config_path("demo.toml"), [*args, "--data", str(self.out / "tokens"),
                                                          *(SMOKE["pretrain"] if self.smoke else [])])
             pretrain(cfg, resume=latest_checkpoint(run) is not None)
@@ -116,8 +117,8 @@ class Demo:
 
     def chat(self) -> None:
         from babyllama.chat import Sampling, reply
+        from babyllama.chat_format import Conversation
         from babyllama.checkpoint import load_checkpoint
-        from babyllama.train.sft_data import Conversation
 
         model, tokenizer, _ = load_checkpoint(self.out / "sft" / "final")
         lines = ["## Chat answers", "", "| question | answer |", "|---|---|"]

@@ -1,7 +1,7 @@
 """Evaluation: held-out loss and bits per byte, continuations, QA scores, multiple choice, leakage.
 
     babyllama eval runs/demo/sft/final --data runs/demo/tokens --qa runs/demo/data/eval.jsonl \
-        --mc ceval/val/*.csv --train-data runs/demo/data/sft.jsonl --out runs/demo/eval
+        --mc ceval/val/*.csv --train_data runs/demo/data/sft.jsonl --out_dir runs/demo/eval
 
 Writes OUT/eval.json (every number) and OUT/items.jsonl (one line per scored item).
   * language modelling: mean loss, perplexity and bits per byte of UTF-8 text on the val split,
@@ -22,11 +22,13 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from babyllama.chat_format import Conversation, render_prompt, text_prompt
+from babyllama.data.shards import TokenWindows
 from babyllama.data.sources import expand_inputs, iter_records
 from babyllama.errors import UserError, require
 from babyllama.progress import progress
@@ -48,24 +50,35 @@ LETTERS = "ABCD"
 
 
 @torch.no_grad()
+def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[int], batch_size: int,
+              device: torch.device, token_bytes: torch.Tensor | None = None, desc: str | None = None
+              ) -> tuple[float, int, int]:
+    """Summed cross-entropy (nats), target tokens and their UTF-8 bytes over data's rows `indices`.
+
+    The validation loss of the trainer and of `babyllama eval`. forward(batch) gives the batch's
+    mean loss over targets that are not -1; token_bytes (vocab,) the bytes of each id.
+    """
+    nats, tokens, nbytes = 0.0, 0, 0
+    starts = range(0, len(indices), batch_size)
+    for s in progress(starts, desc=desc or "", unit=" batch", disable=desc is None):
+        batch = {k: v.to(device) for k, v in data.collate(list(indices[s : s + batch_size])).items()}
+        targets = batch["targets"][batch["targets"] != -1]
+        nats += forward(batch).item() * len(targets)
+        tokens += len(targets)
+        if token_bytes is not None:
+            nbytes += int(token_bytes[targets.cpu()].sum())
+    return nats, tokens, nbytes
+
+
 def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200) -> dict:
     """Loss, perplexity and bits per byte over the validation windows of a token directory."""
-    from babyllama.train.pretrain_data import PretrainData
-
-    data = PretrainData(data_dir, model.cfg.max_seq_len, "val")
+    data = TokenWindows(data_dir, model.cfg.max_seq_len, "val")
     if data.fingerprint != tokenizer.fingerprint:
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's.")
-    token_bytes = torch.from_numpy(tokenizer.token_bytes())
-    device = model.rope_cos.device
     n = min(len(data), batch_size * max_batches)
-    nats, tokens, nbytes = 0.0, 0, 0
-    for start in progress(range(0, n, batch_size), desc="eval loss", unit=" batch"):
-        batch = data.collate(list(range(start, min(start + batch_size, n))))
-        _, loss = model(batch["idx"].to(device), batch["targets"].to(device))
-        count = batch["targets"].numel()
-        nats += loss.item() * count
-        tokens += count
-        nbytes += int(token_bytes[batch["targets"]].sum())
+    forward = lambda batch: model(batch["idx"], batch["targets"])[1]
+    nats, tokens, nbytes = loss_sums(forward, data, range(n), batch_size, model.rope_cos.device,
+                                     torch.from_numpy(tokenizer.token_bytes()), desc="eval loss")
     return {"val_loss": nats / tokens, "perplexity": math.exp(nats / tokens),
             "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "tokens": tokens, "bytes": nbytes}
 
@@ -74,7 +87,7 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_t
     """Greedy continuations; a prompt starts after an <eos>, as a document does in the shards."""
     out = []
     for prompt in progress(prompts, desc="continuations", unit=" prompt"):
-        ids = model.generate([tokenizer.eos_id, *tokenizer.encode(prompt)], max_new_tokens=max_new_tokens,
+        ids = model.generate(text_prompt(tokenizer, prompt), max_new_tokens=max_new_tokens,
                              repetition_penalty=1.2, eos_id=tokenizer.eos_id)
         out.append({"prompt": prompt, "continuation": tokenizer.decode(ids)})
     return out
@@ -104,9 +117,7 @@ def read_qa(path: str | Path) -> list[dict]:
 
 def answer(model, tokenizer: Tokenizer, question: str, max_new_tokens: int = 128) -> str:
     """Greedy answer in the chat format (the same ids SFT trained on, up to the answer)."""
-    from babyllama.train.sft_data import Conversation, chat_ids
-
-    prompt, _ = chat_ids(tokenizer, Conversation([(question, "")]), answer_last=False)
+    prompt = render_prompt(tokenizer, Conversation([(question, "")]))
     return tokenizer.decode(model.generate(prompt, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)).strip()
 
 
@@ -143,7 +154,7 @@ def bleu(predictions: list[str], references: list[str]) -> dict:
     sacrebleu = require("sacrebleu", "eval")
     jieba = require("jieba", "eval")
     jieba.setLogLevel(60)
-    words = lambda texts: [" ".join(jieba.cut(t)) for t in texts]  # noqa: E731
+    words = lambda texts: [" ".join(jieba.cut(t)) for t in texts]
     return {
         "bleu": sacrebleu.corpus_bleu(predictions, [references], tokenize="zh").score,
         "word_bleu": sacrebleu.corpus_bleu(words(predictions), [words(references)], tokenize="none").score,
@@ -252,7 +263,7 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
 # --- everything ---
 
 
-def evaluate(checkpoint: str | Path, out: str | Path, data: str | None = None, prompts: str | None = None,
+def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
              max_new_tokens: int = 128, limit: int = 0, device: str = "cpu") -> dict:
     from babyllama.checkpoint import load_checkpoint

@@ -2,11 +2,12 @@
 
     from babyllama.model import ModelConfig, Transformer, PRESETS
     model = Transformer(PRESETS["demo"])
-    logits, loss = model(idx, targets)                 # training: idx, targets (B, T)
+    _, loss = model(idx, targets)                      # training: idx, targets (B, T), -1: no loss
     ids = model.generate([1, 2, 3], max_new_tokens=32) # inference with the KV cache
 
-The weight layout is Meta's / llama2.c's (interleaved RoPE pairs, `wq wk wv wo w1 w2 w3`),
-the same as the baby-llama2-chinese recipe; export.py permutes it for Hugging Face.
+The weights are Meta's / llama2.c's LLaMA (interleaved RoPE pairs, as the baby-llama2-chinese
+recipe) with two projections fused for speed: `wqkv` is wq, wk, wv stacked and `w13` is w1
+(gate) and w3 (up) stacked; export.py splits them and permutes q/k for Hugging Face.
 """
 
 from __future__ import annotations
@@ -128,7 +129,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # number of positions already filled
-        self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) at positions pos..pos+T; return all keys/values so far."""
@@ -235,16 +235,15 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        loss_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
         attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V) or (B, 1, V) with last_only, None), or (None, loss) with targets.
 
-        The loss is the mean cross-entropy over target positions that are not -1 and where
-        loss_mask (B, T) is nonzero; it is 0, not NaN, when no position counts. With targets
-        the logits are never materialised whole (see LinearCrossEntropy).
+        The loss is the mean cross-entropy over the target positions that are not -1 (PyTorch's
+        ignore_index); it is 0, not NaN, when no position counts. With targets the logits are
+        never materialised whole (see LinearCrossEntropy).
         attn_mask (B, 1, T, T) bool, optional, replaces the causal mask (packed samples).
         """
         B, T = idx.shape
@@ -260,7 +259,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, -1:] if last_only else h), None
-        return None, linear_cross_entropy(h, self.output.weight, targets, loss_mask)
+        return None, linear_cross_entropy(h, self.output.weight, targets)
 
     def num_params(self) -> int:
         """Unique parameters: a tied embedding and output head count once."""
@@ -314,16 +313,6 @@ class Transformer(nn.Module):
         return list(self.stream(prompt, **kwargs))
 
 
-def loss_positions(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Bool, shaped like targets: the positions that carry loss (target != -1 and mask != 0)."""
-    keep = targets != -1
-    return keep if loss_mask is None else keep & (loss_mask != 0)
-
-
-def loss_weights(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """(N,) float: 1 / count at the positions that carry loss, else 0."""
-    keep = loss_positions(targets, loss_mask).flatten().float()
-    return keep / keep.sum().clamp(min=1.0)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -359,17 +348,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 
 
-def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None, chunk: int = 2048
-) -> torch.Tensor:
-    """masked_cross_entropy(h @ weight.T, targets, loss_mask) for h (B, T, C), without the logits.
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 2048
+                         ) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) for h (B, T, C), without the logits.
 
     Only the positions that carry loss go through the head: in SFT, where the prompt has none,
     that skips most of the head's work. (Under torch.compile every position goes through: a
     data-dependent shape would break the graph, and in pretraining every position counts.)
     """
     h2, t = h.flatten(0, 1), targets.flatten().clamp(min=0)
-    w = loss_weights(targets, loss_mask)
+    counted = (targets != -1).flatten().float()
+    w = counted / counted.sum().clamp(min=1.0)  # (N,): 1 / count where there is loss, else 0
     if not torch.compiler.is_compiling():
         keep = w.nonzero().squeeze(1)  # (n,) positions with loss
         if len(keep) < len(w):  # pretraining: every position counts, no copy of h or scatter back

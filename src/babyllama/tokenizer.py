@@ -1,7 +1,7 @@
 """Tokenizers behind one interface: a byte-level BPE trained here, any SentencePiece .model
 (ChatGLM2's included), or a Hugging Face tokenizer.json / tokenizer directory.
 
-    babyllama tokenizer train --input corpus.jsonl --vocab-size 8192 --out runs/tok
+    babyllama tokenizer train --input corpus.jsonl --vocab_size 8192 --out_dir runs/tok
     babyllama tokenizer info runs/tok            # or ../shared/chatglm2_tokenizer/tokenizer.model
 
     tok = load_tokenizer("runs/tok"); ids = tok.encode("你好", eos=True); tok.decode(ids)

@@ -1,6 +1,6 @@
 """Cleaning: normalise text, drop short documents, remove exact and near duplicates (MinHash LSH).
 
-    babyllama prepare --input wiki.json baike.jsonl --out data/clean --dedup minhash --min-chars 50
+    babyllama prepare --input wiki.json baike.jsonl --out_dir data/clean --dedup minhash --min_chars 50
 
 Output: data/clean/part_00000.jsonl ... ({"text": ...} per line), stats.json (per source: records,
 bad, too short, exact and near duplicates, kept, characters) and bad_records.txt (file:line of
@@ -178,6 +178,7 @@ def clean_documents(
 def prepare(
     inputs: list[str],
     out: str | Path,
+    *,
     format: str | None = None,
     min_chars: int = 10,
     dedup: str = "minhash",

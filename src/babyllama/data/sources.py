@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from babyllama.chat_format import instruction_pair, messages_of_record
 from babyllama.errors import UserError, require
 
 log = logging.getLogger(__name__)
@@ -67,41 +68,15 @@ def text_of_wudao(r: dict) -> str | None:
     return f"{title}\n{content}" if title else content
 
 
-def prompt_answer_of_instruction(r: dict) -> tuple[str, str] | None:
-    """alpaca-zh, BELLE, shibing624/medical finetune: (instruction + input, output)."""
-    instruction, output = _str(r, "instruction"), _str(r, "output")
-    inp = r.get("input") or ""
-    if instruction is None or output is None or not isinstance(inp, str):
-        return None
-    return instruction + inp, output
-
-
 def text_of_instruction(r: dict) -> str | None:
     """As pretraining text, the recipe's way: the question followed directly by the answer."""
-    pair = prompt_answer_of_instruction(r)
+    pair = instruction_pair(r)
     return None if pair is None else pair[0] + pair[1]
 
 
-def turns_of_conversation(r: dict) -> list[tuple[str, str]] | None:
-    """[(role, content)] with roles system / user / assistant, from {role, content} or {from, value}."""
-    turns = r.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        return None
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    out = []
-    for t in turns:
-        if not isinstance(t, dict):
-            return None
-        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
-        if role not in roles or not isinstance(content, str):
-            return None
-        out.append((roles[role], content))
-    return out
-
-
 def text_of_conversation(r: dict) -> str | None:
-    turns = turns_of_conversation(r)
-    return None if turns is None else "\n".join(content for _, content in turns)
+    messages = messages_of_record(r)
+    return None if messages is None else "\n".join(content for _, content in messages)
 
 
 SCHEMAS: dict[str, Callable[[dict], str | None]] = {

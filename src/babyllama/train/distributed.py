@@ -19,7 +19,6 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -43,7 +42,7 @@ def init_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return Dist(rank, world, local_rank, dev)
+    return Dist(rank, world, dev)
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -1,19 +1,11 @@
-"""SFT samples: the chat format, the loss mask, truncation, length-grouped batches and packing.
+"""SFT samples: conversations from files, tokenized in the chat format, length-grouped or packed rows.
 
-The chat format (DESIGN.md), one function for training and inference alike:
+    train, val, stats = build_sft_data(["alpaca_gpt4_data_zh.json"], tokenizer, max_seq_len=512)
+    batch = train.collate([0, 1, 2])   # idx, targets (-1 where there is no loss), attn_mask if packed
 
-    [system "\n"] user₁ <bos> answer₁ <eos> user₂ <bos> answer₂ <eos> ...
-
-Loss falls on the answer tokens and their <eos>, nothing else. At inference the same
-function builds `... user_k <bos>` and the model writes the answer.
-
-Truncation, when a conversation is longer than max_seq_len + 1 tokens, cuts in this order:
-  1. whole turns, oldest first (the last turn always stays);
-  2. the beginning of the remaining prompt (the text nearest the answer stays);
-  3. the end of the last answer, before its <eos>: the <eos> of a kept answer is never cut.
-
-    data = SFTData.from_files(["alpaca_gpt4_data_zh.json"], tokenizer, max_seq_len=512)
-    batch = data.collate([0, 1, 2])   # idx, targets (-1 where there is no loss), attn_mask if packed
+The chat format, its loss mask and its truncation are chat_format.py's; this module reads the
+records, applies the recipe's length filters, splits off validation samples by a hash of the
+prompts and makes batches.
 """
 
 from __future__ import annotations
@@ -25,70 +17,13 @@ from pathlib import Path
 
 import torch
 
-from babyllama.data.pretokenize import is_val
-from babyllama.data.sources import expand_inputs, iter_records, prompt_answer_of_instruction, turns_of_conversation
+from babyllama.chat_format import Conversation, conversation_from_record, render_conversation, truncate_conversation
+from babyllama.data.shards import is_val
+from babyllama.data.sources import expand_inputs, iter_records
 from babyllama.errors import UserError
 from babyllama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Conversation:
-    turns: list[tuple[str, str]]  # (user, answer) pairs
-    system: str = ""
-
-
-def conversation_of(record: dict) -> Conversation | None:
-    """A conversation from an instruction record, a prompt/answer row, or a `conversations` list."""
-    if "conversations" in record:
-        turns = turns_of_conversation(record)
-        if not turns:
-            return None
-        system = "\n".join(c for role, c in turns if role == "system")
-        rest = [(r, c) for r, c in turns if r != "system"]
-        pairs = list(zip(rest[::2], rest[1::2], strict=False))
-        if not pairs or any(u[0] != "user" or a[0] != "assistant" for u, a in pairs):
-            return None
-        return Conversation([(u[1], a[1]) for u, a in pairs], system)
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
-        return Conversation([(record["prompt"], record["answer"])])
-    pair = prompt_answer_of_instruction(record)
-    return None if pair is None else Conversation([pair])
-
-
-def chat_ids(tokenizer: Tokenizer, conv: Conversation, answer_last: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and, per id, 1 where it carries loss (answers and their <eos>).
-
-    answer_last=False leaves the last answer out and ends with <bos>: the prompt for inference.
-    """
-    ids, mask = [], []
-    for i, (user, answer) in enumerate(conv.turns):
-        prompt = f"{conv.system}\n{user}" if i == 0 and conv.system else user
-        p = tokenizer.encode(prompt) + [tokenizer.bos_id]
-        ids += p
-        mask += [0] * len(p)
-        if i == len(conv.turns) - 1 and not answer_last:
-            break
-        a = tokenizer.encode(answer) + [tokenizer.eos_id]
-        ids += a
-        mask += [1] * len(a)
-    return ids, mask
-
-
-def truncate(tokenizer: Tokenizer, conv: Conversation, max_len: int) -> tuple[list[int], list[int]]:
-    """chat_ids cut to at most max_len ids in the documented order."""
-    for start in range(len(conv.turns)):  # 1. drop the oldest turns
-        ids, mask = chat_ids(tokenizer, Conversation(conv.turns[start:], conv.system))
-        if len(ids) <= max_len:
-            return ids, mask
-    prompt_len = mask.index(1)  # the last turn alone: prompt ids (ending in <bos>), then answer ids
-    prompt, answer = ids[:prompt_len], ids[prompt_len:]
-    keep_prompt = max(max_len - len(answer), min(prompt_len, max_len // 2))
-    prompt = prompt[len(prompt) - keep_prompt :]  # 2. the prompt's beginning goes
-    room = max_len - len(prompt)
-    answer = answer[: room - 1] + [tokenizer.eos_id]  # 3. the answer's end goes, its <eos> stays
-    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
 
 
 @dataclass
@@ -109,12 +44,15 @@ def read_conversations(paths: Sequence[str | Path], stats: SFTStats, min_prompt:
     for path in expand_inputs(list(paths)):
         for where, record in iter_records(path):
             stats.records += 1
-            conv = conversation_of(record) if record is not None else None
-            if conv is None:
+            try:
+                if record is None:
+                    raise ValueError("not a JSON object or a CSV row")
+                conv = conversation_from_record(record)
+            except ValueError as e:
                 stats.bad += 1
                 if len(stats.bad_examples) < 5:
                     stats.bad_examples.append(where)
-                    log.warning("%s: skipped a record that is not an instruction or conversation", where)
+                    log.warning("%s: skipped a record: %s", where, e)
                 continue
             if any(not _fits(len(u), min_prompt, max_prompt) or not _fits(len(a), min_answer, max_answer)
                    for u, a in conv.turns):
@@ -201,9 +139,9 @@ def build_sft_data(paths: Sequence[str | Path], tokenizer: Tokenizer, max_seq_le
     stats = SFTStats()
     train, val = [], []
     for conv in read_conversations(paths, stats, **filters):
-        ids, mask = chat_ids(tokenizer, conv)
+        ids, mask = render_conversation(tokenizer, conv)
         if len(ids) > max_seq_len + 1:
-            ids, mask = truncate(tokenizer, conv, max_seq_len + 1)
+            ids, mask = truncate_conversation(tokenizer, conv, max_seq_len + 1)
             stats.truncated += 1
         (val if is_val("\x00".join(u for u, _ in conv.turns), val_fraction) else train).append((ids, mask))
     stats.samples, stats.val_samples = len(train), len(val)

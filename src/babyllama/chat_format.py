@@ -1,0 +1,164 @@
+"""The chat format: one module for SFT, chat, serve and eval, so that they cannot drift apart.
+
+    [system "\\n"] user₁ <bos> answer₁ <eos> user₂ <bos> answer₂ <eos> ...
+
+    conv = conversation_from_record({"instruction": "翻译：", "input": "你好", "output": "Hello"})
+    ids, mask = render_conversation(tokenizer, conv)          # training: mask 1 on answers and their <eos>
+    prompt = render_prompt(tokenizer, conv, max_len=192)     # inference: ends with <bos>, the answer follows
+
+Loss falls on the answer tokens and their <eos>, nothing else; the inference prompt of a
+conversation is, token for token, its training ids up to the last answer.
+
+Records and OpenAI `messages` become a conversation by one set of rules:
+  * system messages, wherever they are, are joined with "\\n" into the system text, which goes
+    before the first user message;
+  * consecutive messages of one role (two user messages in a row) are joined with "\\n" into one;
+  * the first message after the system text must be the user's: a conversation that starts with
+    the assistant is refused;
+  * for training it must end with an answer, for generation with the user's message;
+  * an empty answer is kept: it trains the model to say only <eos>.
+
+Truncation, when a conversation is longer than max_len tokens, cuts in this order:
+  1. whole turns, oldest first (the system text and the last turn always stay);
+  2. the beginning of the remaining prompt (the text nearest the answer stays);
+  3. the end of the last answer, before its <eos>: the <eos> of a kept answer is never cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from babyllama.tokenizer import Tokenizer
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+@dataclass
+class Conversation:
+    turns: list[tuple[str, str]]  # (user, answer) pairs; at inference the last answer is ""
+    system: str = ""
+
+
+# --- records and messages -> a conversation ---
+
+
+def messages_of_record(record: dict) -> list[tuple[str, str]] | None:
+    """[(role, content)] of a `conversations` list, {role, content} or {from: human|gpt, value} items;
+    roles become system / user / assistant; None when the list or an item is malformed."""
+    items = record.get("conversations")
+    if not isinstance(items, list) or not items:
+        return None
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        role, content = item.get("role", item.get("from")), item.get("content", item.get("value"))
+        if role not in ROLES or not isinstance(content, str):
+            return None
+        out.append((ROLES[role], content))
+    return out
+
+
+def instruction_pair(record: dict) -> tuple[str, str] | None:
+    """(instruction + input, output) of an alpaca-zh / BELLE / shibing624/medical record, else None."""
+    instruction, output, extra = record.get("instruction"), record.get("output"), record.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
+        return None
+    return instruction + extra, output
+
+
+def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> Conversation:
+    """A conversation from (role, content) messages by the rules above.
+
+    add_generation_prompt: the messages end with the user's, whose answer is to be generated.
+    Raises ValueError with the broken rule.
+    """
+    system = "\n".join(content for role, content in messages if role == "system")
+    merged: list[list[str]] = []  # [role, content] with consecutive same-role messages joined
+    for role, content in ((r, c) for r, c in messages if r != "system"):
+        if merged and merged[-1][0] == role:
+            merged[-1][1] += "\n" + content
+        else:
+            merged.append([role, content])
+    if not merged:
+        raise ValueError("there are only system messages")
+    if add_generation_prompt != (merged[-1][0] == "user"):
+        raise ValueError(f"the last message must come from the {'user' if add_generation_prompt else 'assistant'}")
+    if merged[0][0] != "user":
+        raise ValueError("the first message (after any system messages) must come from the user")
+    if add_generation_prompt:
+        merged.append(["assistant", ""])
+    return Conversation([(u[1], a[1]) for u, a in zip(merged[::2], merged[1::2], strict=True)], system)
+
+
+def conversation_from_record(record: dict) -> Conversation:
+    """The conversation of an SFT record: a `conversations` list, a `prompt` / `answer` row (the
+    recipe's sft_data.csv) or an instruction record. Raises ValueError when it is none of them."""
+    if "conversations" in record:
+        messages = messages_of_record(record)
+        if messages is None:
+            raise ValueError("a conversations item lacks a known role or a text content")
+        return conversation_from_messages(messages, add_generation_prompt=False)
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
+        return Conversation([(record["prompt"], record["answer"])])
+    pair = instruction_pair(record)
+    if pair is None:
+        raise ValueError("not an instruction, prompt/answer or conversations record")
+    return Conversation([pair])
+
+
+# --- a conversation -> token ids ---
+
+
+def render_conversation(
+    tokenizer: Tokenizer, conv: Conversation, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and, per id, 1 where it carries loss (answers and their <eos>).
+
+    add_generation_prompt leaves the last answer out, so the ids end with <bos>: the prompt.
+    """
+    ids, mask = [], []
+    for i, (user, answer) in enumerate(conv.turns):
+        prompt = tokenizer.encode(f"{conv.system}\n{user}" if i == 0 and conv.system else user) + [tokenizer.bos_id]
+        ids += prompt
+        mask += [0] * len(prompt)
+        if add_generation_prompt and i == len(conv.turns) - 1:
+            break
+        reply = tokenizer.encode(answer) + [tokenizer.eos_id]
+        ids += reply
+        mask += [1] * len(reply)
+    return ids, mask
+
+
+def truncate_conversation(
+    tokenizer: Tokenizer, conv: Conversation, max_len: int, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """render_conversation cut to at most max_len ids, in the order of the module docstring."""
+    for start in range(len(conv.turns)):  # 1. drop the oldest turns
+        ids, mask = render_conversation(tokenizer, Conversation(conv.turns[start:], conv.system),
+                                        add_generation_prompt)
+        if len(ids) <= max_len:
+            return ids, mask
+    if add_generation_prompt:  # 2. the prompt's beginning goes
+        return ids[-max_len:], mask[-max_len:]
+    prompt_len = mask.index(1)  # the last turn alone: prompt ids (ending in <bos>), then answer ids
+    prompt, answer = ids[:prompt_len], ids[prompt_len:]
+    keep_prompt = max(max_len - len(answer), min(prompt_len, max_len // 2))
+    prompt = prompt[len(prompt) - keep_prompt :]  # 2. the prompt's beginning goes
+    room = max_len - len(prompt)
+    answer = answer[: room - 1] + [tokenizer.eos_id]  # 3. the answer's end goes, its <eos> stays
+    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+
+
+def render_prompt(tokenizer: Tokenizer, conv: Conversation, max_len: int | None = None) -> list[int]:
+    """The ids that ask for the answer to the last turn (ending with <bos>), at most max_len of them."""
+    if max_len is None:
+        return render_conversation(tokenizer, conv, add_generation_prompt=True)[0]
+    return truncate_conversation(tokenizer, conv, max_len, add_generation_prompt=True)[0]
+
+
+def text_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Plain text to continue, outside the chat format: <eos> first, as every document in the shards
+    follows the previous one's <eos>."""
+    return [tokenizer.eos_id, *tokenizer.encode(text)]

@@ -1,0 +1,181 @@
+"""The token shard format, writer and reader in one place: flat uint16/uint32 files + manifest.json.
+
+    data/tokens/
+      shard_00000.bin ...   training documents, each its ids then <eos>, back to back
+      val_00000.bin ...     validation documents (a document's split: is_val, a hash of its text)
+      manifest.json         tokenizer fingerprint, dtype, every shard's token and document counts
+      tokenizer/            the tokenizer that made them
+
+    windows = TokenWindows("data/tokens", seq_len=512, split="train")
+    batch = windows.collate([0, 17, 42])     # {"idx": (3, 512), "targets": (3, 512)} int64
+
+The manifest is written last, so a directory with one is complete. A window never crosses a
+shard; the few tokens left at a shard's end are not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from babyllama.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """A stable coin flip per document: blake2b of its UTF-8 text, as a number in [0, 1)."""
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < val_fraction
+
+
+
+class BinShardWriter:
+    """Appends whole documents to <prefix>_00000.bin ...; a shard closes once it holds shard_tokens."""
+
+    def __init__(self, out: Path, prefix: str, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.prefix, self.split, self.dtype, self.shard_tokens = out, prefix, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.f = None
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents (their tokens back to back, and each one's length), rolling shards between them."""
+        ends = np.cumsum(lengths)  # (D,) where each document ends in tokens
+        done_docs, done_tokens = 0, 0
+        while done_docs < len(lengths):
+            if self.f is None:
+                name = f"{self.prefix}_{len(self.shards):05d}.bin"
+                self.f = (self.out / f".{name}.tmp").open("wb")
+                self.shards.append({"file": name, "split": self.split, "tokens": 0, "documents": 0})
+            shard = self.shards[-1]
+            room = self.shard_tokens - shard["tokens"]
+            take = int(np.searchsorted(ends, done_tokens + room, side="right")) - done_docs
+            take = max(take, 1 if shard["tokens"] == 0 else 0)  # a huge document fills a shard alone
+            end_tokens = int(ends[done_docs + take - 1]) if take else done_tokens
+            self.f.write(tokens[done_tokens:end_tokens].astype(self.dtype, copy=False).tobytes())
+            shard["tokens"] += end_tokens - done_tokens
+            shard["documents"] += take
+            done_docs, done_tokens = done_docs + take, end_tokens
+            if shard["tokens"] >= self.shard_tokens or done_docs < len(lengths):
+                self.close()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            name = self.shards[-1]["file"]
+            (self.out / f".{name}.tmp").rename(self.out / name)
+            self.f = None
+
+
+
+def fresh_output_dir(out: Path) -> Path:
+    """Create out/, removing the shards and manifest of an earlier run there (and nothing else)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [*out.glob("shard_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.tmp"), out / MANIFEST]:
+        f.unlink(missing_ok=True)
+    return out
+
+
+def write_manifest(out: Path, manifest: dict) -> dict:
+    splits = ("train", "val")
+    manifest["totals"] = {
+        s: {k: sum(x[k] for x in manifest["shards"] if x["split"] == s) for k in ("tokens", "documents")}
+        for s in splits
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    tmp.rename(out / MANIFEST)  # written last: a manifest means every shard it lists is complete
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / MANIFEST if path.is_dir() else path
+    if not f.is_file():
+        raise UserError(f"{path} has no {MANIFEST}; make one with `babyllama pretokenize`.")
+    return json.loads(f.read_text())
+
+
+def merge(dirs: list[str], out: str | Path) -> dict:
+    """Join the outputs of several `--num_shards` runs into one directory (hard links where possible)."""
+    manifests = [read_manifest(d) for d in dirs]
+    first = manifests[0]
+    for d, m in zip(dirs, manifests, strict=True):
+        for key in ("tokenizer", "dtype", "bos", "val_fraction"):
+            if m[key] != first[key]:
+                raise UserError(f"cannot merge {d}: its {key} differs from {dirs[0]}'s.")
+    out = fresh_output_dir(Path(out))
+    shards, sources, counters = [], {}, {"train": 0, "val": 0}
+    for d, m in zip(dirs, manifests, strict=True):
+        for s in m["shards"]:
+            prefix = "shard" if s["split"] == "train" else "val"
+            name = f"{prefix}_{counters[s['split']]:05d}.bin"
+            counters[s["split"]] += 1
+            _link_or_copy(Path(d) / s["file"], out / name)
+            shards.append({**s, "file": name})
+        for src, st in m["sources"].items():
+            sources[f"{src} [{Path(d).name}]"] = st
+    shards.sort(key=lambda s: (s["split"] != "train", s["file"]))
+    shutil.copytree(Path(dirs[0]) / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
+    merged.pop("partition", None)
+    return write_manifest(out, merged)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len + 1 tokens over the memory-mapped shards of one split."""
+
+    lengths = None  # every window is as long as the next: nothing to group by length
+
+    def __init__(self, data_dir: str | Path, seq_len: int, split: str = "train"):
+        self.dir = Path(data_dir)
+        self.manifest = read_manifest(self.dir)
+        self.seq_len = seq_len
+        shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        self.arrays = [np.memmap(self.dir / s["file"], dtype=self.manifest["dtype"], mode="r") for s in shards]
+        for s, a in zip(shards, self.arrays, strict=True):
+            if len(a) != s["tokens"]:
+                raise UserError(f"{self.dir / s['file']} has {len(a)} tokens, the manifest says {s['tokens']}.")
+        counts = np.array([len(a) // (seq_len + 1) for a in self.arrays], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # first window index of each shard
+        if self.starts[-1] == 0:
+            total = sum(len(a) for a in self.arrays)
+            raise UserError(
+                f"the {split} split of {self.dir} has {total} tokens, fewer than one window of "
+                f"{seq_len + 1}; use more data, a smaller max_seq_len or a larger --val_fraction."
+            )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, i: int) -> np.ndarray:
+        """(seq_len + 1,) ids of window i."""
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        start = (i - int(self.starts[shard])) * (self.seq_len + 1)
+        return self.arrays[shard][start : start + self.seq_len + 1]
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """{"idx", "targets"}, each (B, seq_len) int64: a window and the same shifted by one."""
+        rows = torch.from_numpy(np.stack([self.window(i).astype(np.int64) for i in indices]))  # (B, T+1)
+        return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+def has_split(data_dir: str | Path, split: str) -> bool:
+    return any(s["split"] == split for s in read_manifest(data_dir)["shards"])

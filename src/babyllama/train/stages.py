@@ -1,0 +1,105 @@
+"""The stage entry points: `babyllama pretrain` and `babyllama sft` build their data, then train.
+
+    babyllama pretrain --config configs/demo.toml [--resume] [--key value ...]
+    babyllama sft --init runs/demo/pretrain/final --data sft.jsonl --config configs/sft-demo.toml
+    torchrun --standalone --nproc_per_node 4 -m babyllama pretrain --config configs/baby-92m.toml
+
+Both run on one CPU, one GPU or N processes under torchrun, with the same Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from babyllama.checkpoint import check_tokenizer_fits, latest_checkpoint, read_config
+from babyllama.config import RunConfig
+from babyllama.data.shards import TokenWindows, has_split
+from babyllama.errors import UserError
+from babyllama.model import ModelConfig
+from babyllama.tokenizer import Tokenizer, load_tokenizer
+from babyllama.train.distributed import Dist, init_distributed, shutdown
+from babyllama.train.sft_data import build_sft_data
+from babyllama.train.trainer import Dataset, Trainer
+
+SFT_MODEL_SETTINGS = {"dropout"}  # the model settings SFT can change: they leave the weights' shapes alone
+
+
+def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer,
+                 dist: Dist, resume: bool, stage: str) -> Path:
+    """Check the settings against the tokenizer and the run directory, write config.json, train."""
+    out = Path(cfg.train.out_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                        f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
+    resume_from = latest_checkpoint(out) if resume else None
+    for ckpt in (resume_from, cfg.train.init):
+        if ckpt:
+            check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), where=str(ckpt))
+    if resume and resume_from is None and dist.main:
+        print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
+    if not resume and latest_checkpoint(out) is not None:
+        raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
+    trainer = Trainer(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        print(f"{stage}: {len(train_data):,} rows, {trainer.total_steps:,} steps of {trainer.global_batch} "
+              f"rows on {dist.world} x {dist.device.type}, {trainer.dtype}")  # a row: a window, sample or pack
+    return trainer.fit()
+
+
+def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
+    """`babyllama pretrain`: train on the token shards of cfg.train.data."""
+    t = cfg.train
+    if not t.data:
+        raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
+    dist = init_distributed(t.device)
+    try:
+        T = cfg.model.max_seq_len
+        train_data = TokenWindows(t.data, T, "train")
+        val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
+        tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
+        tokenizer = load_tokenizer(tok_path)
+        if tokenizer.fingerprint != train_data.fingerprint:
+            raise UserError(f"the shards in {t.data} were made with another tokenizer "
+                            f"({train_data.fingerprint}) than {tok_path} ({tokenizer.fingerprint}).")
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume, "pretrain")
+    finally:
+        shutdown(dist)
+
+
+def sft_model(cfg: RunConfig) -> ModelConfig:
+    """The model of cfg.train.init, with the model settings SFT can honour; the others are refused."""
+    init = ModelConfig.from_dict(read_config(cfg.train.init)["model"])
+    given = cfg.model_settings
+    refused = sorted(k for k, v in given.items() if k not in SFT_MODEL_SETTINGS and getattr(init, k, None) != v)
+    if refused:
+        raise UserError(f"SFT takes its model from --init {cfg.train.init}; it cannot change "
+                        f"{', '.join(refused)} (only {', '.join(sorted(SFT_MODEL_SETTINGS))}); drop those settings.")
+    return replace(init, **{k: v for k, v in given.items() if k in SFT_MODEL_SETTINGS})
+
+
+def sft(cfg: RunConfig, resume: bool = False) -> Path:
+    """`babyllama sft`: fine-tune cfg.train.init on the instruction or chat files of cfg.train.data."""
+    t = cfg.train
+    if not t.init:
+        raise UserError("SFT needs a model to start from: pass --init CHECKPOINT (e.g. runs/demo/pretrain/final).")
+    if not t.data:
+        raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
+    cfg.model = sft_model(cfg)
+    dist = init_distributed(t.device)
+    try:
+        tokenizer = load_tokenizer(t.tokenizer or t.init)
+        paths = [t.data] if isinstance(t.data, str) else t.data
+        filters = {"min_prompt": t.min_prompt_chars, "max_prompt": t.max_prompt_chars,
+                   "min_answer": t.min_answer_chars, "max_answer": t.max_answer_chars}
+        train_data, val_data, stats = build_sft_data(paths, tokenizer, cfg.model.max_seq_len, t.val_fraction,
+                                                     t.pack, **filters)
+        if dist.main:
+            print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.filtered} filtered by length, "
+                  f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume, "sft")
+    finally:
+        shutdown(dist)

@@ -1,0 +1,83 @@
+"""The chat format: one rendering, one truncation and one mapping for SFT, chat, serve and eval."""
+
+from __future__ import annotations
+
+import pytest
+
+from babyllama.chat import prompt_ids
+from babyllama.chat_format import (
+    Conversation,
+    conversation_from_messages,
+    conversation_from_record,
+    render_conversation,
+    render_prompt,
+    text_prompt,
+    truncate_conversation,
+)
+
+LONG = Conversation([(f"第{i}个问题，比较长的一句话", f"第{i}个回答，也比较长") for i in range(10)], system="系统")
+
+
+def test_render_marks_exactly_the_answers(bpe_tokenizer):
+    tok = bpe_tokenizer
+    conv = Conversation([("问一", "答一"), ("问二", "答二")], system="系统")
+    ids, mask = render_conversation(tok, conv)
+    expected = [*tok.encode("系统\n问一"), 1, *tok.encode("答一"), 2, *tok.encode("问二"), 1, *tok.encode("答二"), 2]
+    assert ids == expected
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == [*tok.encode("答一"), 2, *tok.encode("答二"), 2]
+    assert render_prompt(tok, conv) == expected[: expected.index(2) + 1 + len(tok.encode("问二")) + 1]
+
+
+@pytest.mark.parametrize("max_len", [50, 60, 90, 130, 400])  # 50: the last question is cut
+def test_sft_truncation_and_chat_prompt_drop_the_same_turns(bpe_tokenizer, max_len):
+    tok = bpe_tokenizer
+    train_ids, mask = truncate_conversation(tok, LONG, max_len)
+    answer = len(tok.encode(LONG.turns[-1][1])) + 1
+    prompt = render_prompt(tok, LONG, max_len - answer)
+    assert len(train_ids) <= max_len and train_ids[: len(prompt)] == prompt  # token for token
+    assert mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1  # the answer starts right after
+    # the REPL and the server leave room for the answer the same way
+    assert prompt_ids(tok, LONG, max_seq_len=max_len, max_new_tokens=answer) == prompt
+    kept = tok.decode(prompt)
+    assert "第9个问题" in kept and "第0个问题" not in kept
+    assert kept.startswith("系统\n") == (max_len > 50)  # the system text stays while whole turns go
+
+
+def test_a_prompt_too_long_for_any_turn_keeps_its_end(bpe_tokenizer):
+    tok = bpe_tokenizer
+    conv = Conversation([("很长的问题" * 40 + "结尾问句？", "")])
+    full = render_prompt(tok, conv)
+    assert render_prompt(tok, conv, 30) == full[-30:] and full[-1] == tok.bos_id
+
+
+def test_records_and_openai_messages_map_to_the_same_conversation():
+    messages = [("system", "你是助手"), ("user", "你好"), ("assistant", "你好！"), ("user", "第一句"),
+                ("user", "第二句"), ("assistant", "收到"), ("system", "简洁回答")]
+    record = {"conversations": [{"role": r, "content": c} for r, c in messages]}
+    sharegpt = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(r, r), "value": c}
+                                  for r, c in messages]}
+    expected = Conversation([("你好", "你好！"), ("第一句\n第二句", "收到")], "你是助手\n简洁回答")
+    assert conversation_from_record(record) == conversation_from_record(sharegpt) == expected
+    asked = conversation_from_messages(messages[:-2] + messages[-1:], add_generation_prompt=True)
+    assert asked == Conversation([("你好", "你好！"), ("第一句\n第二句", "")], "你是助手\n简洁回答")
+    for rule, bad in [("first message", [("assistant", "先说"), ("user", "问"), ("assistant", "答")]),
+                      ("last message must come from the assistant", [("user", "问")]),
+                      ("only system", [("system", "系统")])]:
+        with pytest.raises(ValueError, match=rule):
+            conversation_from_record({"conversations": [{"role": r, "content": c} for r, c in bad]})
+    with pytest.raises(ValueError, match="last message must come from the user"):
+        conversation_from_messages([("user", "问"), ("assistant", "答")], add_generation_prompt=True)
+
+
+def test_instruction_and_prompt_answer_records():
+    assert conversation_from_record({"instruction": "翻译：", "input": "你好", "output": "Hello"}) == Conversation(
+        [("翻译：你好", "Hello")])
+    assert conversation_from_record({"prompt": "问", "answer": "答"}) == Conversation([("问", "答")])
+    assert conversation_from_record({"instruction": "问", "output": ""}) == Conversation([("问", "")])  # kept
+    for bad in ({"text": "x"}, {"instruction": 5, "output": "x"}, {"conversations": [{"role": "x", "content": ""}]}):
+        with pytest.raises(ValueError):
+            conversation_from_record(bad)
+
+
+def test_text_prompt_starts_after_an_eos(bpe_tokenizer):
+    assert text_prompt(bpe_tokenizer, "今天天气") == [bpe_tokenizer.eos_id, *bpe_tokenizer.encode("今天天气")]
