@@ -166,11 +166,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     given = settings | ({"preset": preset_name} if "preset" in model_values else {})
     return RunConfig(preset(preset_name, **settings), train, preset_name, given)
 
-
-def config_from_dict(d: dict) -> RunConfig:
-    """The settings saved in a checkpoint's or a run's config.json."""
-    run = d.get("run", d)  # a checkpoint keeps the run's settings under "run", its model at the top
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = TrainConfig(**{k: v for k, v in run.get("train", {}).items() if k in train_fields})
-    return RunConfig(model=ModelConfig.from_dict(d["model"]), train=train, preset=run.get("preset", ""))
-
