@@ -62,7 +62,12 @@ def test_tiny_model_learns_far_below_unigram_entropy(tmp_path, bpe_tokenizer):
     pretrain(config(shards, tmp_path / "run", "--max_steps", "300", "--batch_size", "8"))
     final = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()][-1]
     assert final["val_loss"] < unigram / 2, (final, unigram)
-    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    # `babyllama eval` measures the same loss on the same windows (eval_batches 2 x batch_size 8)
+    from babyllama.checkpoint import load_model
+    from babyllama.evaluate import lm_metrics
+
+    lm = lm_metrics(load_model(tmp_path / "run" / "final"), shards, bpe_tokenizer, batch_size=8, max_batches=2)
+    assert lm["tokens"] == 16 * 32 and lm["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
