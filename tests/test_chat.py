@@ -24,6 +24,16 @@ def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
     assert lines[0] == first and lines[1] == "(conversation reset)" and len(lines) == 3
 
 
+def test_repl_survives_bytes_that_are_not_utf8_and_refuses_bad_sampling(bpe_tokenizer, tmp_path):
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    base = [sys.executable, "-m", "babyllama", "chat", str(tmp_path / "ck"), "--max_new_tokens", "4"]
+    r = subprocess.run(base, input="坏字节\n".encode("gbk"), capture_output=True, timeout=120)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    for flag, value in [("--temperature", "nan"), ("--top_p", "0"), ("--repetition_penalty", "0")]:
+        r = subprocess.run([*base, flag, value], input="你好\n", capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and flag[2:] in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_history_is_trimmed_oldest_first(bpe_tokenizer):
     turns = [(f"第{i}个问题，比较长的一句话", f"第{i}个回答，也比较长") for i in range(10)] + [("最后的问题", "")]
     ids = prompt_ids(bpe_tokenizer, Conversation(turns, "系统"), max_seq_len=128, max_new_tokens=32)

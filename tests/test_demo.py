@@ -37,5 +37,7 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert len(list((out / "plots").glob("*.png"))) >= 4
     assert "babyllama chat" in r.stdout and "report:" in r.stdout
 
+    full = run_cli("demo", "--out_dir", str(out))  # a full demo never reuses a smoke run's outputs
+    assert full.returncode == 2 and "holds a --smoke demo's outputs" in full.stderr
     again = run_cli("demo", "--smoke", "--out_dir", str(out))
     assert again.returncode == 0 and again.stdout.count("skipped") == 8

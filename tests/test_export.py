@@ -54,6 +54,10 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
     r = run_cli("export", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config()), None)
+    (tmp_path / "afile").write_text("hi")
+    r = run_cli("export", str(tmp_path / "ck"), "--out", str(tmp_path / "afile"))
+    assert r.returncode == 2 and "is a file" in r.stderr
 
 
 @pytest.mark.parametrize("kw", [dict(n_kv_heads=2), dict(tie_embeddings=False)], ids=["gqa", "untied"])

@@ -90,6 +90,8 @@ def test_merge_refuses_other_tokenizer(corpus_and_tokenizer, tmp_path):
     pretokenize([str(d / "docs.jsonl")], str(d / "tok"), tmp_path / "b", bos=True)
     with pytest.raises(UserError, match="its bos differs"):
         merge([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "m")
+    with pytest.raises(UserError, match="names a directory twice"):
+        merge([str(tmp_path / "a"), str(tmp_path / "a")], tmp_path / "m")
 
 
 def test_large_vocab_gives_uint32_shards(tmp_path):

@@ -252,6 +252,10 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
                            (["--nope", "1"], "unknown train setting 'nope'")]:
         with pytest.raises(UserError, match=message):
             load_config(None, flags)
-    toml.write_text("[train]\nmax_steps = true\n")
-    with pytest.raises(UserError, match="max_steps expects int"):
-        load_config(toml)
+    for line in ("max_steps = true", "max_steps = 1.5", "compile = 1", "out_dir = 5"):  # as strict as the flags
+        toml.write_text(f"[train]\n{line}\n")
+        with pytest.raises(UserError, match=f"{line.split()[0]} expects"):
+            load_config(toml)
+    toml.write_text("[train]\nmax_steps = 1e3\n")
+    assert load_config(toml, ["--tokens=2e6"]).train.max_steps == 1000
+    assert load_config(None, ["--tokens=2e6"]).train.tokens == 2_000_000

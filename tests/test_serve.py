@@ -115,12 +115,22 @@ def test_eight_concurrent_streams_get_their_own_answers(server):
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "last message"),
     ('{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     ('{"messages": [{"role": "user", "content": "' + "很长" * 200 + '"}], "max_tokens": 8}', "context"),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', "max_tokens"),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens"),
+    ('{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    ('{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', "pars"),
 ])
 def test_bad_requests_get_4xx_json(server, body, fragment):
     r = httpx.post(server["url"] + "/v1/chat/completions", content=body,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert fragment.lower() in r.json()["error"]["message"].lower()
+
+
+def test_unknown_routes_and_methods_get_the_same_json_error(server):
+    for r in (httpx.get(server["url"] + "/v1/nothing"), httpx.get(server["url"] + "/v1/chat/completions")):
+        assert r.status_code in (404, 405) and r.json()["error"]["message"]
 
 
 def test_oversized_body_is_refused(server):

@@ -205,9 +205,11 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]
     with pytest.raises(UserError, match="cannot change dim, n_layers"):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "a"), "--model.dim", "32", "--model.n_layers", "1"]))
-    with pytest.raises(UserError, match="cannot change preset"):
+    with pytest.raises(UserError, match="cannot change dim, .*max_seq_len, .*vocab_size"):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), "--preset", "baby-92m"]))
-    # the init's own values, and dropout (no weight changes shape), are fine
-    final = sft(load_config(None, [*base, "--out_dir", str(tmp_path / "c"), "--model.max_seq_len", "64",
+    # the init's own values (one by one, or as the preset it was made from), and dropout, are fine
+    tiny = ["--preset", "demo", "--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4",
+            "--model.n_kv_heads", "none", "--model.vocab_size", "600", "--model.multiple_of", "16"]
+    final = sft(load_config(None, [*base, *tiny, "--out_dir", str(tmp_path / "c"), "--model.max_seq_len", "64",
                                    "--model.dropout", "0.1"]))
     assert json.loads((final / "config.json").read_text())["model"]["dropout"] == 0.1

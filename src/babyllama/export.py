@@ -120,8 +120,10 @@ def export_tokenizer(tokenizer, out: Path) -> None:
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
-    model, tokenizer, _ = load_checkpoint(checkpoint)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; --format hf writes a directory, so choose another --out.")
+    model, tokenizer, _ = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, tokenizer), indent=2) + "\n")

@@ -160,12 +160,12 @@ def make_report(run_dir: str | Path) -> Path:
     root = Path(run_dir)
     if not root.is_dir():
         raise UserError(f"run directory {root} does not exist.")
-    plots = root / "plots"
-    plots.mkdir(exist_ok=True)
     runs = [root] if (root / "metrics.jsonl").is_file() else [p.parent for p in find(root, "metrics.jsonl", 2)]
     evals = find(root, "eval.json")
     if not runs and not evals:
         raise UserError(f"{root} has no training run (metrics.jsonl) and no evaluation (eval.json) to report.")
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
     lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
     lines += ["## Training", ""] + [x for run in runs for x in run_section(run, root, plots)]
     lines += ["## Evaluation", ""] + [x for e in evals for x in eval_section(e, root, plots)]

@@ -26,7 +26,7 @@ from babyllama.errors import UserError, require
 from babyllama.tokenizer import Tokenizer
 
 try:
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 except ImportError as e:  # pydantic comes with fastapi, in the [serve] extra
     raise UserError("serving needs fastapi and uvicorn: pip install 'babyllama[serve]'.") from e
 
@@ -39,17 +39,20 @@ PAGE = Path(__file__).with_name("chat_page.html")
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)  # "5" is no number and "yes" no boolean
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class Common(BaseModel):
+    model_config = ConfigDict(strict=True)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)  # None: half the context, at most 256
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
+    n: int = Field(1, ge=1, le=1)  # one choice per request
 
 
 class ChatRequest(Common):
@@ -170,6 +173,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     fastapi = require("fastapi", "serve")
     from fastapi import Request
     from fastapi.responses import HTMLResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     max_ctx = model.cfg.max_seq_len
     default_tokens = max(1, min(256, max_ctx // 2))
@@ -182,6 +186,10 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             return error(413, f"request body over {MAX_BODY_BYTES} bytes")
         return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc):  # 404, 405, a body that is not UTF-8: the same JSON shape
+        return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request: Request, exc):

@@ -104,6 +104,8 @@ def read_manifest(path: str | Path) -> dict:
 
 def merge(dirs: list[str], out: str | Path) -> dict:
     """Join the outputs of several `--num_shards` runs into one directory (hard links where possible)."""
+    if len({Path(d).resolve() for d in dirs}) < len(dirs):
+        raise UserError(f"--merge names a directory twice ({' '.join(map(str, dirs))}); each part once.")
     manifests = [read_manifest(d) for d in dirs]
     first = manifests[0]
     for d, m in zip(dirs, manifests, strict=True):

@@ -48,7 +48,7 @@ def read_conversations(paths: Sequence[str | Path], stats: SFTStats, min_prompt:
                 if record is None:
                     raise ValueError("not a JSON object or a CSV row")
                 conv = conversation_from_record(record)
-            except ValueError as e:
+            except ValueError as e:  # the first five are logged with their reason, then a count
                 stats.bad += 1
                 if len(stats.bad_examples) < 5:
                     stats.bad_examples.append(where)
@@ -59,6 +59,8 @@ def read_conversations(paths: Sequence[str | Path], stats: SFTStats, min_prompt:
                 stats.filtered += 1
                 continue
             out.append(conv)
+    if stats.bad > len(stats.bad_examples):
+        log.warning("... and %d more bad records (%d in all)", stats.bad - len(stats.bad_examples), stats.bad)
     if not out:
         raise UserError(f"no usable SFT records in {', '.join(map(str, paths))} "
                         f"({stats.records} read, {stats.bad} bad, {stats.filtered} filtered by length).")

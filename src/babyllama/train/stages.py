@@ -71,10 +71,14 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
 
 
 def sft_model(cfg: RunConfig) -> ModelConfig:
-    """The model of cfg.train.init, with the model settings SFT can honour; the others are refused."""
+    """The model of cfg.train.init, with the model settings SFT can honour; settings that differ are refused.
+
+    A preset counts as all of its settings: `preset = "demo"` is fine for a model trained as the demo.
+    """
     init = ModelConfig.from_dict(read_config(cfg.train.init)["model"])
     given = cfg.model_settings
-    refused = sorted(k for k, v in given.items() if k not in SFT_MODEL_SETTINGS and getattr(init, k, None) != v)
+    keys = init.to_dict() if "preset" in given else given
+    refused = sorted(k for k in keys if k not in SFT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))
     if refused:
         raise UserError(f"SFT takes its model from --init {cfg.train.init}; it cannot change "
                         f"{', '.join(refused)} (only {', '.join(sorted(SFT_MODEL_SETTINGS))}); drop those settings.")
