@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from babyllama.chat_format import Conversation, render_conversation, render_prompt, truncate_conversation
 from babyllama.checkpoint import load_model, save_checkpoint
 from babyllama.config import load_config
+from babyllama.data.sft_tokens import SFTSettings
 from babyllama.errors import UserError
-from babyllama.train.sft_data import SFTData, SFTStats, build_sft_data, pack_rows, read_conversations
+from babyllama.train.distributed import Dist
+from babyllama.train.sft_data import SFTData, load_sft_data, pack_rows
 from babyllama.train.stages import sft
 from tests.conftest import logged_losses, sharp_model, simulate_death, tiny_config
 
@@ -21,7 +24,7 @@ THREE = Conversation([("你好", "你好！有什么可以帮你？"), ("1+1等�
 
 
 def loss_positions(tok, conv):
-    data = SFTData([render_conversation(tok, conv)], max_seq_len=256, pad_id=tok.pad_id)
+    data = SFTData.from_samples([render_conversation(tok, conv)], max_seq_len=256, pad_id=tok.pad_id)
     batch = data.collate([0])
     return batch, (batch["targets"][0] != -1).nonzero().flatten()
 
@@ -83,17 +86,17 @@ def test_build_sft_data_truncates_and_counts_only_the_long_samples(bpe_tokenizer
     tok = bpe_tokenizer
     write(tmp_path / "sft.jsonl", [{"instruction": "问？", "input": "", "output": "回答很长" * 50},
                                    {"instruction": "好", "input": "", "output": "好的。"}])
-    train, _, stats = build_sft_data([tmp_path / "sft.jsonl"], tok, 39, val_fraction=0.0)
+    train, stats = cached([tmp_path / "sft.jsonl"], tok, tmp_path / "cache", max_seq_len=39)
     long = Conversation([("问？", "回答很长" * 50)])
     short = Conversation([("好", "好的。")])
-    assert train.samples == [truncate_conversation(tok, long, 40), render_conversation(tok, short)]
+    assert samples(train) == [truncate_conversation(tok, long, 40), render_conversation(tok, short)]
     assert stats.truncated == 1
 
 
 def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
     samples = [render_conversation(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]
-    packed = SFTData(samples, max_seq_len=127, pad_id=0, pack=True)
+    packed = SFTData.from_samples(samples, max_seq_len=127, pad_id=0, pack=True)
     assert len(packed) == 1 and "attn_mask" in packed.collate([0])
     assert packed.collate([0])["idx"].shape == (1, 127)  # always max_seq_len: one shape to compile
 
@@ -101,7 +104,7 @@ def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
         _, mean = model(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))
         return mean * (batch["targets"] != -1).sum()
 
-    alone = SFTData(samples, max_seq_len=127, pad_id=0)
+    alone = SFTData.from_samples(samples, max_seq_len=127, pad_id=0)
     total_alone = sum(summed_loss(alone.collate([i])) for i in range(3))
     torch.testing.assert_close(summed_loss(packed.collate([0])), total_alone, rtol=1e-5, atol=1e-4)
     convs = (ONE, THREE, Conversation([("好", "好的。")]))
@@ -109,13 +112,29 @@ def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
     assert (packed.collate([0])["targets"] != -1).sum() == answers  # no sample predicts the next one's start
 
 
-def test_pack_rows_fills_rows_best_fit():
-    assert pack_rows([150, 150, 100, 100], 250) == [[0, 3], [1, 2]]  # closing at the first misfit: 3 rows
+def rows_of(lengths, capacity):
+    order, starts = pack_rows(np.array(lengths), capacity)
+    return [order[starts[r] : starts[r + 1]].tolist() for r in range(len(starts) - 1)]
+
+
+def test_pack_rows_fills_rows_best_fit_decreasing():
+    assert rows_of([150, 150, 100, 100], 250) == [[0, 2], [1, 3]]  # closing at the first misfit: 3 rows
+    assert rows_of([60, 200, 60, 60, 60], 250) == [[1], [0, 2, 3, 4]]  # the tightest row takes all it can
     lengths = [(i * 37) % 90 + 10 for i in range(2000)]  # 10..99 ids, like the demo's SFT samples
-    rows = pack_rows(lengths, 257)
+    rows = rows_of(lengths, 257)
     assert sorted(i for row in rows for i in row) == list(range(2000))
     assert all(sum(lengths[i] for i in row) <= 257 for row in rows)
-    assert sum(lengths) / (257 * len(rows)) > 0.97
+    assert sum(lengths) / (257 * len(rows)) > 0.99
+    rng = np.random.default_rng(0)  # against sample-by-sample best fit decreasing, the textbook way
+    lengths = rng.integers(5, 120, 300).tolist()
+    bins: list[list[int]] = []
+    for i in sorted(range(300), key=lambda i: -lengths[i]):
+        fitting = [b for b in bins if 257 - sum(lengths[j] for j in b) >= lengths[i]]
+        if fitting:
+            min(fitting, key=lambda b: 257 - sum(lengths[j] for j in b)).append(i)
+        else:
+            bins.append([i])
+    assert len(rows_of(lengths, 257)) == len(bins)
 
 
 def write(path, records):
@@ -123,7 +142,7 @@ def write(path, records):
     return path
 
 
-def test_readers_filters_and_bad_records(tmp_path):
+def test_readers_filters_and_bad_records(tmp_path, bpe_tokenizer, caplog):
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "把这句话翻译成英文：", "input": "你好", "output": "Hello"},
                                   {"instruction": "短", "input": "", "output": "答案很好"}], ensure_ascii=False))
@@ -136,14 +155,26 @@ def test_readers_filters_and_bad_records(tmp_path):
         {"conversations": [{"from": "human", "value": "问题一二三"}, {"from": "gpt", "value": "回答"}]},
         {"conversations": [{"role": "assistant", "content": "答在前"}, {"role": "user", "content": "问在后"}]},
     ])
-    stats = SFTStats()
-    convs = read_conversations([alpaca, belle, tmp_path / "sft_data.csv", chat], stats, min_prompt=3)
-    assert [c.turns for c in convs] == [
-        [("把这句话翻译成英文：你好", "Hello")], [("写一首诗", "春眠不觉晓")], [("介绍一下北京", "北京是中国的首都。")],
-        [("你好呀朋友", "你好！")], [("问题一二三", "回答")],
-    ]
-    assert convs[3].system == "你是助手"
+    data, stats = cached([alpaca, belle, tmp_path / "sft_data.csv", chat], bpe_tokenizer, tmp_path / "cache",
+                         min_prompt_chars=3)
+    expected = [Conversation([("把这句话翻译成英文：你好", "Hello")]), Conversation([("写一首诗", "春眠不觉晓")]),
+                Conversation([("介绍一下北京", "北京是中国的首都。")]),
+                Conversation([("你好呀朋友", "你好！")], "你是助手"), Conversation([("问题一二三", "回答")])]
+    assert samples(data) == [render_conversation(bpe_tokenizer, c) for c in expected]
     assert (stats.records, stats.bad, stats.filtered) == (8, 2, 1)
+    assert "belle.jsonl:2: not an instruction" in caplog.text and "chat.jsonl:3: the last message" in caplog.text
+
+
+def cached(paths, tok, cache, max_seq_len=64, val_fraction=0.0, pack=False, workers=1, **filters):
+    """Train SFTData and stats through the token cache (built on first use)."""
+    tok.save(cache.parent / "tok")
+    settings = SFTSettings(max_seq_len + 1, val_fraction, **filters)
+    train, _, stats = load_sft_data(paths, cache.parent / "tok", cache, settings, pack, Dist(), workers)
+    return train, stats
+
+
+def samples(data):
+    return [tuple(x.tolist() for x in data.sample(i)) for i in range(len(data.offsets) - 1)]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +201,8 @@ def test_sft_lowers_held_out_answer_loss(sft_setup, bpe_tokenizer, tmp_path):
                              "--max_steps", "40", "--batch_size", "16", "--lr", "3e-3", "--warmup_steps", "5",
                              "--val_fraction", "0.1", "--eval_every", "0", "--log_every", "5"])
     final = sft(cfg)
-    _, val, stats = build_sft_data([d / "sft.jsonl"], bpe_tokenizer, 64, 0.1)
+    _, val, stats = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "sft_tokens", SFTSettings(65, 0.1),
+                                  False, Dist())  # the run's own cache
     assert stats.val_samples > 20
     before, after = held_out_loss(d / "init", val), held_out_loss(final, val)
     assert after < before / 3, (before, after)

@@ -75,11 +75,24 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     from babyllama.data.pretokenize import pretokenize
     from babyllama.data.shards import merge
 
+    if args.sft:
+        from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+
+        if not (args.input and args.tokenizer and args.max_seq_len):
+            raise UserError("pretokenize --sft needs --input, --tokenizer and --max_seq_len (the model's).")
+        settings = SFTSettings(args.max_seq_len + 1, 0.02 if args.val_fraction is None else args.val_fraction,
+                               args.min_prompt_chars, args.max_prompt_chars, args.min_answer_chars,
+                               args.max_answer_chars)
+        manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, args.workers)
+        print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["stats"]},
+                         ensure_ascii=False))
+        return
     if args.merge:
         manifest = merge(args.merge, args.out_dir)
     elif args.input and args.tokenizer:
         manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=args.workers,
-                               val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                               val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
+                               shard_tokens=args.shard_tokens,
                                num_shards=args.num_shards, shard_index=args.shard_index, bos=args.bos,
                                format=args.format)
     else:
@@ -199,13 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--workers", type=int_in(1), default=os.cpu_count() or 1)
-    p.add_argument("--val_fraction", type=float, default=0.005)
+    p.add_argument("--val_fraction", type=float, help="held out by hash (default 0.005, with --sft 0.02)")
     p.add_argument("--shard_tokens", type=int_in(1), default=100_000_000, help="tokens per shard file")
     p.add_argument("--num_shards", type=int_in(1), default=1, help="split the documents over this many machines")
     p.add_argument("--shard_index", type=int_in(0), default=0, help="which part this machine makes")
     p.add_argument("--bos", action="store_true", help="put <bos> before every document too")
     p.add_argument("--format", help="force a schema, as for prepare")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num_shards runs into --out_dir")
+    p.add_argument("--sft", action="store_true", help="the SFT token cache of instruction / conversation files")
+    p.add_argument("--max_seq_len", type=int_in(1), help="with --sft: the model's context (samples get one more)")
+    for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
+        p.add_argument(f"--{name}", type=int_in(0), default=0, help="with --sft: the recipe's filters (0: off)")
     p.set_defaults(func=cmd_pretokenize)
 
     p = commands.add_parser(

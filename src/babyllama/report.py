@@ -83,6 +83,8 @@ def data_section(root: Path, plots: Path) -> list[str]:
         lines += [f"![corpus]({plots.name}/{plot_bars('documents', counts, plots, 'corpus.png', 'documents')})", ""]
     for manifest_file in find(root, "manifest.json"):
         m = json.loads(manifest_file.read_text())
+        if m.get("format") != "babyllama-tokens":  # an SFT token cache has its own manifest
+            continue
         rows = [{"split": s, **v} for s, v in m["totals"].items()]
         lines += [f"### Token shards: `{manifest_file.parent.relative_to(root)}` ({m['dtype']})", "",
                   table(rows, ["split", "tokens", "documents"]), ""]

@@ -17,8 +17,10 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_CHARS = 1 << 20  # characters per batch sent to a worker
+T, R = TypeVar("T"), TypeVar("R")
 
 
 # --- the worker side: a tokenizer per process, loaded once ---
@@ -42,10 +45,38 @@ def _init_worker(tokenizer_path: str) -> None:
     _TOKENIZER = load_tokenizer(tokenizer_path)
 
 
+def worker_tokenizer() -> Tokenizer:
+    """The tokenizer of this worker process (loaded once by in_workers)."""
+    assert _TOKENIZER is not None
+    return _TOKENIZER
+
+
+def in_workers(func: Callable[[T], R], batches: Iterable[T], tokenizer_path: str, workers: int
+               ) -> Iterator[tuple[T, R]]:
+    """(batch, func(batch)) for each batch, in input order, computed by `workers` processes that each
+    load the tokenizer once; at most 2 * workers batches are in flight, so memory stays flat.
+    func must be a module-level function (or a functools.partial of one): it is pickled."""
+    if workers <= 1:
+        _init_worker(tokenizer_path)
+        for batch in batches:
+            yield batch, func(batch)
+        return
+    ctx = mp.get_context("spawn")  # no fork: the Rust tokenizer's threads do not survive it
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(func, (batch,))))
+            if len(pending) >= 2 * workers:
+                batch0, result = pending.popleft()
+                yield batch0, result.get()
+        while pending:
+            batch0, result = pending.popleft()
+            yield batch0, result.get()
+
+
 def _encode(texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """All documents' ids (with eos) back to back, and each document's length."""
-    assert _TOKENIZER is not None
-    ids = _TOKENIZER.encode_batch(texts, bos=bos, eos=True)
+    ids = worker_tokenizer().encode_batch(texts, bos=bos, eos=True)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter((i for x in ids for i in x), dtype=np.uint32, count=int(lengths.sum()))
     return flat, lengths
@@ -63,26 +94,6 @@ def _batches(docs: Iterator[str], num_shards: int, shard_index: int) -> Iterator
             batch, chars = [], 0
     if batch:
         yield batch
-
-
-def _encoded(batches: Iterator[list[str]], tokenizer_path: str, workers: int, bos: bool):
-    """(texts, flat ids, lengths) per batch, in input order, with a bounded number in flight."""
-    if workers <= 1:
-        _init_worker(tokenizer_path)
-        for texts in batches:
-            yield (texts, *_encode(texts, bos))
-        return
-    ctx = mp.get_context("spawn")  # no fork: the Rust tokenizer's threads do not survive it
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
-        pending: deque = deque()
-        for texts in batches:
-            pending.append((texts, pool.apply_async(_encode, (texts, bos))))
-            if len(pending) >= 2 * workers:
-                texts0, result = pending.popleft()
-                yield (texts0, *result.get())
-        while pending:
-            texts0, result = pending.popleft()
-            yield (texts0, *result.get())
 
 
 def pretokenize(
@@ -114,7 +125,7 @@ def pretokenize(
     bar = progress(desc="pretokenize", unit=" docs")
     n_tokens = 0
     batches = _batches(reader.documents(), num_shards, shard_index)
-    for texts, flat, lengths in _encoded(batches, str(tokenizer_path), workers, bos):
+    for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches, str(tokenizer_path), workers):
         val = np.fromiter((is_val(t, val_fraction) for t in texts), dtype=bool, count=len(texts))
         token_is_val = np.repeat(val, lengths)
         writers["train"].write(flat[~token_is_val], lengths[~val])

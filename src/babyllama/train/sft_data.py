@@ -1,129 +1,126 @@
-"""SFT samples: conversations from files, tokenized in the chat format, length-grouped or packed rows.
+"""SFT samples for the trainer: rows read from the memory-mapped token cache, length-grouped or packed.
 
-    train, val, stats = build_sft_data(["alpaca_gpt4_data_zh.json"], tokenizer, max_seq_len=512)
+    train, val, stats = load_sft_data(["alpaca_gpt4_data_zh.json"], "runs/pretrain/final", cache_dir,
+                                      SFTSettings(max_len=513), pack=True, pad_id=0, dist=dist)
     batch = train.collate([0, 1, 2])   # idx, targets (-1 where there is no loss), attn_mask if packed
 
-The chat format, its loss mask and its truncation are chat_format.py's; this module reads the
-records, applies the recipe's length filters, splits off validation samples by a hash of the
-prompts and makes batches.
+The samples themselves (chat format, loss mask, truncation, filters, split) are made once by
+data/sft_tokens.py; under torchrun rank 0 builds the cache and the others wait, then every rank
+maps the same files. Memory per process: a few arrays of one number per sample.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from babyllama.chat_format import Conversation, conversation_from_record, render_conversation, truncate_conversation
-from babyllama.data.shards import is_val
-from babyllama.data.sources import expand_inputs, iter_records
+from babyllama.data.sft_tokens import SFTSettings, SFTStats, build_sft_cache, cache_key, open_split, read_sft_cache
+from babyllama.data.sources import expand_inputs
 from babyllama.errors import UserError
-from babyllama.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTStats:
-    records: int = 0
-    bad: int = 0
-    filtered: int = 0
-    truncated: int = 0
-    samples: int = 0
-    val_samples: int = 0
-    bad_examples: list[str] = field(default_factory=list)
-
-
-def read_conversations(paths: Sequence[str | Path], stats: SFTStats, min_prompt: int = 0, max_prompt: int = 0,
-                       min_answer: int = 0, max_answer: int = 0) -> list[Conversation]:
-    """Every usable conversation of the files; the recipe's length filters apply to each turn (0: off)."""
-    out = []
-    for path in expand_inputs(list(paths)):
-        for where, record in iter_records(path):
-            stats.records += 1
-            try:
-                if record is None:
-                    raise ValueError("not a JSON object or a CSV row")
-                conv = conversation_from_record(record)
-            except ValueError as e:  # the first five are logged with their reason, then a count
-                stats.bad += 1
-                if len(stats.bad_examples) < 5:
-                    stats.bad_examples.append(where)
-                    log.warning("%s: skipped a record: %s", where, e)
-                continue
-            if any(not _fits(len(u), min_prompt, max_prompt) or not _fits(len(a), min_answer, max_answer)
-                   for u, a in conv.turns):
-                stats.filtered += 1
-                continue
-            out.append(conv)
-    if stats.bad > len(stats.bad_examples):
-        log.warning("... and %d more bad records (%d in all)", stats.bad - len(stats.bad_examples), stats.bad)
-    if not out:
-        raise UserError(f"no usable SFT records in {', '.join(map(str, paths))} "
-                        f"({stats.records} read, {stats.bad} bad, {stats.filtered} filtered by length).")
-    return out
-
-
-def _fits(n: int, low: int, high: int) -> bool:
-    return n >= low and (high <= 0 or n <= high)
+from babyllama.tokenizer import load_tokenizer
+from babyllama.train.distributed import Dist, barrier
 
 
 class SFTData:
-    """Tokenized SFT samples for the trainer; with pack=True several short ones share a row."""
+    """Tokenized SFT samples for the trainer; with pack=True several short ones share a row.
 
-    def __init__(self, samples: list[tuple[list[int], list[int]]], max_seq_len: int, pad_id: int, pack: bool = False):
-        self.samples, self.max_seq_len, self.pad_id = samples, max_seq_len, pad_id
-        self.rows = pack_rows([len(ids) for ids, _ in samples], max_seq_len + 1) if pack else [
-            [i] for i in range(len(samples))]
-        self.pack = pack
-        self.lengths = [sum(len(samples[i][0]) for i in row) for row in self.rows]  # for length grouping
+    ids, mask: all samples back to back (memory maps or arrays); lengths (n,): ids per sample.
+    """
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, max_seq_len: int, pad_id: int,
+                 pack: bool = False):
+        self.ids, self.mask, self.max_seq_len, self.pad_id, self.pack = ids, mask, max_seq_len, pad_id, pack
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # (n + 1,) where sample i starts
+        if pack:
+            self.order, self.row_starts = pack_rows(lengths, max_seq_len + 1)
+        else:
+            self.order, self.row_starts = np.arange(len(lengths)), np.arange(len(lengths) + 1)
+        self.lengths = np.add.reduceat(lengths[self.order], self.row_starts[:-1]) if len(lengths) else lengths
+
+    @classmethod
+    def from_samples(cls, samples: list[tuple[list[int], list[int]]], max_seq_len: int, pad_id: int,
+                     pack: bool = False) -> SFTData:
+        """From (ids, mask) pairs in memory, as chat_format.render_conversation makes them."""
+        lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int32)
+        ids = np.array([i for s, _ in samples for i in s], dtype=np.int64)
+        mask = np.array([m for _, s in samples for m in s], dtype=np.uint8)
+        return cls(ids, mask, lengths, max_seq_len, pad_id, pack)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.row_starts) - 1
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of sample i."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.mask[a:b]
+
+    def row(self, r: int) -> list[int]:
+        """The samples packed into row r."""
+        return self.order[self.row_starts[r] : self.row_starts[r + 1]].tolist()
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile);
-        targets are -1 where there is no loss."""
-        rows = [[self.samples[i] for i in self.rows[r]] for r in indices]
+        """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile).
+
+        idx, targets (B, T) int64, targets -1 where there is no loss; attn_mask (B, 1, T, T) bool if packed.
+        """
+        rows = [[self.sample(i) for i in self.row(r)] for r in indices]
         T = self.max_seq_len if self.pack else max(sum(len(ids) for ids, _ in row) for row in rows) - 1
         idx = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
         segments = torch.full((len(rows), T), -1, dtype=torch.long)
         for b, row in enumerate(rows):
-            ids = [i for s, _ in row for i in s]
-            mask = [m for _, s in row for m in s]
-            seg = [k for k, (s, _) in enumerate(row) for _ in s]
+            ids = torch.from_numpy(np.concatenate([s for s, _ in row]).astype(np.int64))
+            mask = torch.from_numpy(np.concatenate([m for _, m in row]).astype(bool))
+            seg = torch.repeat_interleave(torch.arange(len(row)), torch.tensor([len(s) for s, _ in row]))
             n = len(ids) - 1
-            idx[b, :n] = torch.tensor(ids[:-1])
-            tgt = torch.tensor(ids[1:])
-            keep = torch.tensor(mask[1:], dtype=torch.bool) & (torch.tensor(seg[1:]) == torch.tensor(seg[:-1]))
-            targets[b, :n] = torch.where(keep, tgt, -1)  # a sample never predicts the next one's first id
-            segments[b, :n] = torch.tensor(seg[:-1])
+            idx[b, :n] = ids[:-1]
+            keep = mask[1:] & (seg[1:] == seg[:-1])  # a sample never predicts the next one's first id
+            targets[b, :n] = torch.where(keep, ids[1:], -1)
+            segments[b, :n] = seg[:-1]
         batch = {"idx": idx, "targets": targets}
         if self.pack:
             batch["attn_mask"] = packed_attention_mask(segments)
         return batch
 
 
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best fit, in order: each sample joins the open row it fills most tightly, or starts a new one.
-    Rows come out ~98% full where closing a row at the first misfit leaves ~84% (the demo's SFT)."""
-    rows: list[list[int]] = []
-    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # by_room[r]: rows with r ids free
-    for i, n in enumerate(lengths):
-        room = next((r for r in range(n, capacity + 1) if by_room[r]), None)
-        if room is None:
-            rows.append([])
-            row, room = len(rows) - 1, capacity
-        else:
-            row = by_room[room].pop()
-        rows[row].append(i)
-        if room - n > 0:
-            by_room[room - n].append(row)
-    return rows
+def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing bin packing of samples into rows of capacity ids: (order, row_starts).
+
+    Row r holds the samples order[row_starts[r]:row_starts[r + 1]]. Longest first, each sample
+    joins the row it fills most tightly, or starts a new one (Johnson, 1973). Rows with the same
+    room left are interchangeable, so the work goes by (length, room) counts, not by sample: a
+    million samples pack in about a second. Rows come out over 99% full on the demo's SFT.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # by_room[r]: the rows with r ids free
+    has_room = np.zeros(capacity + 1, dtype=bool)  # has_room[r]: by_room[r] is not empty
+    n_rows = 0
+    order = np.argsort(-lengths, kind="stable")
+    for left in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):  # one length, longest first
+        n = int(lengths[left[0]]) if len(left) else 0
+        while len(left):
+            fits = np.flatnonzero(has_room[n:])
+            if len(fits):  # the tightest rows that fit; each takes samples until its room is under n
+                room = n + int(fits[0])
+                k = min(len(by_room[room]), -(-len(left) // (room // n)))
+                rows = by_room[room][-k:]
+                del by_room[room][-k:]
+                has_room[room] = bool(by_room[room])
+            else:  # new rows
+                room = capacity
+                k = -(-len(left) // (room // n))
+                rows, n_rows = list(range(n_rows, n_rows + k)), n_rows + k
+            take, left = left[: k * (room // n)], left[k * (room // n) :]
+            which = np.arange(len(take)) // (room // n)  # (len(take),) index into rows
+            row_of[take] = np.asarray(rows)[which]
+            for row, count in zip(rows, np.bincount(which, minlength=k).tolist(), strict=True):
+                by_room[room - count * n].append(row)
+                has_room[room - count * n] = True
+    order = np.argsort(row_of, kind="stable")
+    return order, np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=n_rows))])
 
 
 def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -135,19 +132,32 @@ def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
     return ((same & causal) | diagonal)[:, None]
 
 
-def build_sft_data(paths: Sequence[str | Path], tokenizer: Tokenizer, max_seq_len: int, val_fraction: float = 0.02,
-                   pack: bool = False, **filters) -> tuple[SFTData, SFTData | None, SFTStats]:
-    """Train and validation SFTData from instruction or conversation files."""
-    stats = SFTStats()
-    train, val = [], []
-    for conv in read_conversations(paths, stats, **filters):
-        ids, mask = render_conversation(tokenizer, conv)
-        if len(ids) > max_seq_len + 1:
-            ids, mask = truncate_conversation(tokenizer, conv, max_seq_len + 1)
-            stats.truncated += 1
-        (val if is_val("\x00".join(u for u, _ in conv.turns), val_fraction) else train).append((ids, mask))
-    stats.samples, stats.val_samples = len(train), len(val)
-    if not train:
-        raise UserError("every SFT sample landed in the validation split; lower --val_fraction.")
-    return (SFTData(train, max_seq_len, tokenizer.pad_id, pack),
-            SFTData(val, max_seq_len, tokenizer.pad_id, pack) if val else None, stats)
+def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,
+                  settings: SFTSettings, pack: bool, dist: Dist, workers: int = 1
+                  ) -> tuple[SFTData, SFTData | None, SFTStats]:
+    """Train and validation SFTData from the token cache, built first (by rank 0) when there is none.
+
+    Raises UserError when the cache holds the tokens of other inputs, another tokenizer or settings.
+    """
+    tokenizer = load_tokenizer(tokenizer_path)
+    key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings)
+    manifest = read_sft_cache(cache_dir)
+    if manifest is None:
+        if dist.main:
+            print(f"sft cache: building {cache_dir} with {workers} workers")
+            build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers)
+        barrier(dist)
+        manifest = read_sft_cache(cache_dir)
+        if manifest is None:
+            raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
+    elif dist.main:
+        print(f"sft cache: using {cache_dir}")
+    differ = [k for k in key if manifest.get(k) != key[k]]
+    if differ:
+        raise UserError(f"the SFT token cache {cache_dir} was built from other {' and '.join(differ)}; "
+                        "delete it to rebuild, or choose another --sft_cache.")
+    stats = SFTStats(**manifest["stats"])
+    T = settings.max_len - 1
+    train = SFTData(*open_split(cache_dir, manifest, "train"), T, tokenizer.pad_id, pack)
+    val = SFTData(*open_split(cache_dir, manifest, "val"), T, tokenizer.pad_id, pack) if stats.val_samples else None
+    return train, val, stats

@@ -10,17 +10,19 @@ Both run on one CPU, one GPU or N processes under torchrun, with the same Traine
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from babyllama.checkpoint import check_tokenizer_fits, latest_checkpoint, read_config
 from babyllama.config import RunConfig
+from babyllama.data.sft_tokens import SFTSettings
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, init_distributed, shutdown
-from babyllama.train.sft_data import build_sft_data
+from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer
 
 SFT_MODEL_SETTINGS = {"dropout"}  # the model settings SFT can change: they leave the weights' shapes alone
@@ -95,12 +97,14 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     cfg.model = sft_model(cfg)
     dist = init_distributed(t.device)
     try:
-        tokenizer = load_tokenizer(t.tokenizer or t.init)
+        tok_path = t.tokenizer or t.init
+        tokenizer = load_tokenizer(tok_path)
         paths = [t.data] if isinstance(t.data, str) else t.data
-        filters = {"min_prompt": t.min_prompt_chars, "max_prompt": t.max_prompt_chars,
-                   "min_answer": t.min_answer_chars, "max_answer": t.max_answer_chars}
-        train_data, val_data, stats = build_sft_data(paths, tokenizer, cfg.model.max_seq_len, t.val_fraction,
-                                                     t.pack, **filters)
+        settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
+                               t.min_answer_chars, t.max_answer_chars)
+        cache = t.sft_cache or Path(t.out_dir) / "sft_tokens"
+        workers = t.data_workers or os.cpu_count() or 1
+        train_data, val_data, stats = load_sft_data(paths, tok_path, cache, settings, t.pack, dist, workers)
         if dist.main:
             print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")

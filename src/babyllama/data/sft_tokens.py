@@ -1,0 +1,230 @@
+"""SFT samples tokenized once, in parallel, to disk: the token cache that `babyllama sft` memory-maps.
+
+    babyllama pretokenize --sft --input alpaca_gpt4_data_zh.json train_1M_CN.json --tokenizer runs/tok \
+        --max_seq_len 512 --out_dir data/sft_tokens     # ahead of time, on any CPU machine
+    babyllama sft --init ... --data (the same files) --sft_cache data/sft_tokens    # or built on first use
+
+Worker processes turn records into conversations (chat_format.py), apply the recipe's length
+filters, render ids and loss mask, truncate to max_seq_len + 1 ids and pick the split by a hash of
+the prompts. The main process writes what they return in input order (the same bytes for any
+number of workers), per split:
+
+    train.ids.bin       uint16 ids (uint32 when the vocab does not fit) of all samples, back to back
+    train.mask.bin      uint8, 1 where the id carries loss (answers and their <eos>)
+    train.lengths.bin   int32, ids per sample
+    val.*               the same for the validation split
+    manifest.json       written last: tokenizer fingerprint, inputs (path, size, mtime), the settings
+                        that change the samples, and the counts. A cache is used only when they match.
+
+Memory stays flat whatever the corpus: records stream in, at most 2 * workers batches are in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
+from babyllama.data.pretokenize import in_workers, worker_tokenizer
+from babyllama.data.shards import is_val
+from babyllama.data.sources import expand_inputs, iter_records
+from babyllama.errors import UserError
+from babyllama.progress import progress
+from babyllama.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "babyllama-sft-tokens"
+VERSION = 1  # of the chat format and this layout: a new version never reuses an old cache
+RECORDS_PER_BATCH = 1000
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Everything besides the inputs and the tokenizer that changes the samples. Lengths in characters, 0: off
+    (the recipe used 10 / 256 / 5 / 256)."""
+
+    max_len: int  # ids per sample at most: max_seq_len + 1
+    val_fraction: float = 0.02
+    min_prompt_chars: int = 0
+    max_prompt_chars: int = 0
+    min_answer_chars: int = 0
+    max_answer_chars: int = 0
+
+    def fits(self, prompt: str, answer: str) -> bool:
+        def within(n: int, low: int, high: int) -> bool:
+            return n >= low and (high <= 0 or n <= high)
+
+        return within(len(prompt), self.min_prompt_chars, self.max_prompt_chars) and within(
+            len(answer), self.min_answer_chars, self.max_answer_chars)
+
+
+@dataclass
+class SFTStats:
+    records: int = 0
+    bad: int = 0
+    filtered: int = 0  # by the length filters
+    truncated: int = 0
+    samples: int = 0
+    val_samples: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # "file:line: reason" of the first few
+
+
+def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings) -> dict:
+    """What a cache must match to be used: format, tokenizer, each input's path, size and mtime, settings."""
+    inputs = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
+    return {"format": FORMAT, "version": VERSION, "tokenizer": fingerprint, "inputs": inputs,
+            "settings": asdict(settings)}
+
+
+# --- the worker side ---
+
+
+def _render(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict:
+    """Samples of a batch of (location, record): flat ids and mask, lengths, split; counts and bad reasons."""
+    tok = worker_tokenizer()
+    ids: list[int] = []
+    mask: list[int] = []
+    lengths, val, bad = [], [], []
+    counts: Counter = Counter()
+    for where, record in batch:
+        try:
+            if not isinstance(record, dict):
+                raise ValueError("not valid JSON, or not an object")
+            conv = conversation_from_record(record)
+        except ValueError as e:
+            counts["bad"] += 1
+            bad.append(f"{where}: {e}")
+            continue
+        if not all(settings.fits(u, a) for u, a in conv.turns):
+            counts["filtered"] += 1
+            continue
+        s_ids, s_mask = render_conversation(tok, conv)
+        if len(s_ids) > settings.max_len:
+            s_ids, s_mask = truncate_conversation(tok, conv, settings.max_len)
+            counts["truncated"] += 1
+        ids += s_ids
+        mask += s_mask
+        lengths.append(len(s_ids))
+        val.append(is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction))
+    return {"ids": np.array(ids, dtype=np.uint32), "mask": np.array(mask, dtype=np.uint8),
+            "lengths": np.array(lengths, dtype=np.int32), "val": np.array(val, dtype=bool),
+            "counts": counts, "bad": bad[:5]}
+
+
+def _record_batches(paths: list[Path]):
+    batch = []
+    for path in paths:
+        for item in iter_records(path):
+            batch.append(item)
+            if len(batch) == RECORDS_PER_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+# --- the main process ---
+
+
+def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: str | Path, settings: SFTSettings,
+                    workers: int = 1) -> dict:
+    """Tokenize the SFT records of inputs into out/ (see the module docstring); returns the manifest.
+
+    Raises UserError when out/ cannot be written or no record is usable.
+    """
+    start = time.time()
+    tok = load_tokenizer(tokenizer_path)
+    paths = expand_inputs(list(inputs))
+    out = _writable(Path(out))
+    files = {(split, part): (out / f".{split}.{part}.bin.tmp").open("wb")
+             for split in SPLITS for part in ("ids", "mask", "lengths")}
+    stats = SFTStats()
+    bar = progress(desc="sft tokens", unit=" records")
+    try:
+        render = partial(_render, settings=settings)
+        for batch, r in in_workers(render, _record_batches(paths), str(tokenizer_path), workers):
+            _write(files, r, tok.dtype)
+            stats.records += len(batch)
+            stats.bad += r["counts"]["bad"]
+            stats.filtered += r["counts"]["filtered"]
+            stats.truncated += r["counts"]["truncated"]
+            stats.val_samples += int(r["val"].sum())
+            stats.samples += int((~r["val"]).sum())
+            for where in r["bad"][: 5 - len(stats.bad_examples)]:
+                stats.bad_examples.append(where)
+                log.warning("%s: skipped an SFT record", where)
+            bar.update(len(batch))
+            bar.set_postfix(samples_per_s=f"{(stats.samples + stats.val_samples) / (time.time() - start):,.0f}",
+                            refresh=False)
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    if stats.bad > len(stats.bad_examples):
+        log.warning("... and %d more bad SFT records (%d in all)", stats.bad - len(stats.bad_examples), stats.bad)
+    if stats.samples == 0:
+        detail = f"{stats.records} read, {stats.bad} bad, {stats.filtered} filtered by length"
+        if stats.val_samples:
+            raise UserError(f"every SFT sample landed in the validation split ({detail}); lower --val_fraction.")
+        raise UserError(f"no usable SFT records in {', '.join(map(str, inputs))} ({detail}).")
+    for (split, part) in files:
+        (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
+    manifest = {**cache_key(paths, tok.fingerprint, settings), "dtype": tok.dtype.name, "stats": asdict(stats),
+                "seconds": round(time.time() - start, 2)}
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    tmp.rename(out / MANIFEST)  # last: a manifest means every file it describes is complete
+    return manifest
+
+
+def _writable(out: Path) -> Path:
+    """out/, created, with the files of an earlier cache there removed; one sentence when it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        probe = out / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the SFT token cache to {out} ({e.strerror}); choose another --sft_cache.") \
+            from None
+    return out
+
+
+def _write(files: dict, r: dict, dtype: np.dtype) -> None:
+    """Append a worker's samples to the train and val files."""
+    token_val = np.repeat(r["val"], r["lengths"])
+    for split, rows, tokens in (("train", ~r["val"], ~token_val), ("val", r["val"], token_val)):
+        files[split, "ids"].write(r["ids"][tokens].astype(dtype, copy=False).tobytes())
+        files[split, "mask"].write(r["mask"][tokens].tobytes())
+        files[split, "lengths"].write(r["lengths"][rows].tobytes())
+
+
+def read_sft_cache(out: str | Path) -> dict | None:
+    """The manifest of a complete cache in out/, else None."""
+    f = Path(out) / MANIFEST
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def open_split(out: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, lengths) of a split: ids and mask memory-mapped, lengths (n,) int32 in memory."""
+    out = Path(out)
+    lengths = np.fromfile(out / f"{split}.lengths.bin", dtype=np.int32)
+    if not len(lengths):
+        return np.zeros(0, dtype=manifest["dtype"]), np.zeros(0, dtype=np.uint8), lengths
+    ids = np.memmap(out / f"{split}.ids.bin", dtype=manifest["dtype"], mode="r")
+    mask = np.memmap(out / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+    if len(ids) != lengths.sum() or len(mask) != len(ids):
+        raise UserError(f"the SFT token cache {out} is damaged ({split} files disagree); delete it to rebuild.")
+    return ids, mask, lengths

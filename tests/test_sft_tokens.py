@@ -1,0 +1,104 @@
+"""The SFT token cache: built once in parallel, equal to the chat format's own rendering, reused, refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
+from babyllama.checkpoint import save_checkpoint
+from babyllama.data.sft_tokens import SFTSettings, build_sft_cache, read_sft_cache
+from babyllama.data.shards import is_val
+from babyllama.data.sources import iter_records
+from babyllama.errors import UserError
+from babyllama.train.distributed import Dist
+from babyllama.train.sft_data import load_sft_data
+from tests.conftest import logged_losses, sharp_model, tiny_config
+from tests.test_cli import run_cli
+from tests.test_pretrain import torchrun
+
+MULTI_TURN = [{"conversations": [{"role": "system", "content": "你是一个医生。"}]
+               + [{"role": r, "content": f"第{i}轮{'问题' if r == 'user' else '回答'}：" + "症状" * (i * 7 % 40)}
+                  for i in range(n) for r in ("user", "assistant")]} for n in range(1, 12)]
+
+
+def direct(path, tok, settings):
+    """(train, val) samples rendered straight by the chat format, without the cache, and how many were cut."""
+    out, cut = {False: [], True: []}, 0
+    for _, record in iter_records(path):
+        conv = conversation_from_record(record)
+        ids, mask = render_conversation(tok, conv)
+        if len(ids) > settings.max_len:
+            ids, mask = truncate_conversation(tok, conv, settings.max_len)
+            cut += 1
+        out[is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)].append((ids, mask))
+    return out[False], out[True], cut
+
+
+def read_back(data):
+    return [] if data is None else [tuple(x.tolist() for x in data.sample(i)) for i in range(len(data.offsets) - 1)]
+
+
+@pytest.fixture(scope="module")
+def demo_sft(tmp_path_factory, bpe_tokenizer):
+    from babyllama.data.demo_corpus import build_demo_corpus
+
+    d = tmp_path_factory.mktemp("sft_tokens")
+    build_demo_corpus(d / "demo", limit=1500, eval_limit=60)
+    (d / "multi.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in MULTI_TURN))
+    bpe_tokenizer.save(d / "tok")
+    return d
+
+
+@pytest.mark.parametrize("name, workers", [("demo/sft.jsonl", 2), ("multi.jsonl", 1)])
+def test_cached_samples_equal_the_chat_format_token_for_token(demo_sft, bpe_tokenizer, tmp_path, name, workers):
+    settings = SFTSettings(max_len=97, val_fraction=0.1)
+    build_sft_cache([demo_sft / name], demo_sft / "tok", tmp_path / "c", settings, workers=workers)
+    train, val, stats = load_sft_data([demo_sft / name], demo_sft / "tok", tmp_path / "c", settings, False, Dist())
+    want_train, want_val, cut = direct(demo_sft / name, bpe_tokenizer, settings)
+    assert read_back(train) == want_train and read_back(val) == want_val
+    assert stats.truncated == cut > 0
+    assert (stats.samples, stats.val_samples) == (len(want_train), len(want_val))
+
+
+def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings(demo_sft, tmp_path, capsys):
+    f, settings = demo_sft / "multi.jsonl", SFTSettings(max_len=65)
+    load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
+    built = read_sft_cache(tmp_path / "c")
+    load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
+    assert read_sft_cache(tmp_path / "c") == built and capsys.readouterr().out.count("building") == 1
+    with pytest.raises(UserError, match="built from other settings"):
+        load_sft_data([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=129), True, Dist())
+    os.utime(f, ns=(1, 1))  # the file changed
+    with pytest.raises(UserError, match="built from other inputs"):
+        load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write the SFT token cache"):
+        build_sft_cache([f], demo_sft / "tok", tmp_path / "file" / "c", settings)
+
+
+def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
+    r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--tokenizer", str(demo_sft / "tok"),
+                "--out_dir", str(tmp_path / "c"), "--max_seq_len", "64", "--workers", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["samples"] + json.loads(r.stdout)["val_samples"] == len(MULTI_TURN)
+    r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--out_dir", str(tmp_path / "d"))
+    assert r.returncode == 2 and "--max_seq_len" in r.stderr
+
+
+def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, bpe_tokenizer, tmp_path):
+    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    common = ["sft", "--init", str(tmp_path / "init"), "--data", str(demo_sft / "demo" / "sft.jsonl"),
+              "--max_steps", "4", "--pack", "true", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1",
+              "--eval_every", "2", "--eval_batches", "2", "--save_every", "0", "--data_workers", "1"]
+    two = torchrun([*common, "--out_dir", str(tmp_path / "two"), "--batch_size", "2"], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("sft cache: building") == 1  # rank 0 built it; rank 1 waited and mapped it
+    one = run_cli(*common, "--out_dir", str(tmp_path / "one"), "--batch_size", "4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a), (a, b)
