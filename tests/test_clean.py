@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from babyllama.data.clean import NearDuplicateIndex, normalize, prepare
+from babyllama.data.clean import HashSets, NearDuplicateIndex, normalize, prepare
 from babyllama.errors import UserError
 from tests.conftest import generated_corpus
 from tests.test_cli import run_cli
@@ -24,6 +25,40 @@ def test_near_duplicates_found_distinct_kept():
     edited = docs[7][:50] + "改" + docs[7][51:90] + "动" + docs[7][91:]  # two characters changed
     assert edited != docs[7] and index.seen_before(edited)
     assert not index.seen_before(generated_corpus(1, seed=4)[0])
+
+
+def test_compact_index_decides_as_datasketch_minhash_lsh():
+    """The kept set equals that of datasketch's MinHashLSH (the index before) on planted near duplicates."""
+    import random
+
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+    rng = random.Random(0)
+    base = generated_corpus(150, seed=9)
+    docs = base + ["".join(c if rng.random() > rate else "变" for c in rng.choice(base))
+                   for rate in (0.01, 0.03, 0.06, 0.1, 0.2) for _ in range(40)]  # a range of edit rates
+    rng.shuffle(docs)
+    index, lsh = NearDuplicateIndex(threshold=0.8), MinHashLSH(threshold=0.8, num_perm=128)
+    ours, theirs = [], []
+    for i, doc in enumerate(docs):
+        ours.append(index.seen_before(doc))
+        m = MinHash(num_perm=128, seed=1, hashfunc=int)
+        m.update_batch(index.shingle_hashes(doc).tolist())
+        theirs.append(bool(lsh.query(LeanMinHash(m))))
+        if not theirs[-1]:
+            lsh.insert(str(i), LeanMinHash(m))
+    assert ours == theirs and 20 < sum(ours) < 200  # the same decisions, and real ones both ways
+    assert index.count == len(docs) - sum(ours)
+
+
+def test_hash_sets_grow_and_keep_every_key():
+    rng = np.random.default_rng(0)
+    keys = rng.integers(1, 2**63, size=(5000, 3), dtype=np.uint64) | np.uint64(1)
+    sets = HashSets(3, capacity=16)
+    assert not any(sets.add_unless_any(k) for k in keys)
+    assert all(sets.contains_any(k) and sets.add_unless_any(k) for k in keys[::7]) and sets.count == 5000
+    assert sets.table.shape[1] == 16384 and sorted(sets.table[1][sets.table[1] != 0]) == sorted(keys[:, 1])
+    assert not sets.contains_any(keys[0] + np.uint64(2))
 
 
 def test_shingle_hashes_are_deterministic_and_set_like():
