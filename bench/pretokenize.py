@@ -14,39 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def tree_rss_kb(pid: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc."""
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
-            for task in Path(f"/proc/{p}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
-            continue
-    return total
-
-
-def run(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak tree RSS in MB, stdout."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss_kb(proc.pid))
-        time.sleep(0.05)
-    out = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed with code {proc.returncode}")
-    return time.perf_counter() - start, peak // 1024, out
+from measure import run
 
 
 def make_corpus(path: Path, megabytes: int, sentences: list[str], seed: int) -> int:
@@ -87,7 +58,7 @@ def main() -> None:
     results = {}
     for mb, workers in ((args.mb, 1), (args.mb, 2), (args.small_mb, 2)):
         out = work / f"out_{mb}_{workers}"
-        secs, peak, stdout = run([*cli, "--input", str(work / f"corpus_{mb}.jsonl"), "--out", str(out),
+        secs, peak, stdout, _ = run([*cli, "--input", str(work / f"corpus_{mb}.jsonl"), "--out_dir", str(out),
                                   "--workers", str(workers)])
         tokens = sum(v["tokens"] for v in json.loads(stdout.strip().splitlines()[-1]).values() if isinstance(v, dict))
         results[mb, workers] = (secs, peak)

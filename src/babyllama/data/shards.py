@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from babyllama.errors import UserError
 
@@ -173,8 +172,10 @@ class TokenWindows:
         start = (i - int(self.starts[shard])) * (self.seq_len + 1)
         return self.arrays[shard][start : start + self.seq_len + 1]
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """{"idx", "targets"}, each (B, seq_len) int64: a window and the same shifted by one."""
+    def collate(self, indices: list[int]) -> dict:
+        """{"idx", "targets"}, each a (B, seq_len) int64 tensor: a window and the same shifted by one."""
+        import torch  # here: the data tools (pretokenize and its workers) run without it
+
         rows = torch.from_numpy(np.stack([self.window(i).astype(np.int64) for i in indices]))  # (B, T+1)
         return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
 
