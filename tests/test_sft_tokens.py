@@ -102,3 +102,16 @@ def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, bpe_toke
     a, b = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a), (a, b)
+
+
+@pytest.mark.parametrize("damage", ["delete", "cut"])
+def test_a_damaged_cache_stops_with_one_sentence(demo_sft, tmp_path, damage):
+    f, settings = demo_sft / "multi.jsonl", SFTSettings(max_len=65)
+    build_sft_cache([f], demo_sft / "tok", tmp_path / "c", settings)
+    ids = tmp_path / "c" / "train.ids.bin"
+    if damage == "delete":
+        ids.unlink()
+    else:
+        ids.write_bytes(ids.read_bytes()[:-2])
+    with pytest.raises(UserError, match="is damaged"):
+        load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())

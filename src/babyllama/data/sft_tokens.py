@@ -220,11 +220,16 @@ def read_sft_cache(out: str | Path) -> dict | None:
 def open_split(out: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, mask, lengths) of a split: ids and mask memory-mapped, lengths (n,) int32 in memory."""
     out = Path(out)
-    lengths = np.fromfile(out / f"{split}.lengths.bin", dtype=np.int32)
-    if not len(lengths):
-        return np.zeros(0, dtype=manifest["dtype"]), np.zeros(0, dtype=np.uint8), lengths
-    ids = np.memmap(out / f"{split}.ids.bin", dtype=manifest["dtype"], mode="r")
-    mask = np.memmap(out / f"{split}.mask.bin", dtype=np.uint8, mode="r")
-    if len(ids) != lengths.sum() or len(mask) != len(ids):
-        raise UserError(f"the SFT token cache {out} is damaged ({split} files disagree); delete it to rebuild.")
+    damaged = f"the SFT token cache {out} is damaged ({split} files missing or cut); delete it to rebuild."
+    try:
+        lengths = np.fromfile(out / f"{split}.lengths.bin", dtype=np.int32)
+        if not len(lengths):
+            return np.zeros(0, dtype=manifest["dtype"]), np.zeros(0, dtype=np.uint8), lengths
+        ids = np.memmap(out / f"{split}.ids.bin", dtype=manifest["dtype"], mode="r")
+        mask = np.memmap(out / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+    except (OSError, ValueError):  # missing, or empty where samples are expected
+        raise UserError(damaged) from None
+    counts = {"train": manifest["stats"]["samples"], "val": manifest["stats"]["val_samples"]}
+    if len(lengths) != counts[split] or len(ids) != lengths.sum() or len(mask) != len(ids):
+        raise UserError(damaged)
     return ids, mask, lengths
