@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from babyllama.chat import prompt_ids
@@ -74,6 +76,8 @@ def test_instruction_and_prompt_answer_records():
         [("翻译：你好", "Hello")])
     assert conversation_from_record({"prompt": "问", "answer": "答"}) == Conversation([("问", "答")])
     assert conversation_from_record({"instruction": "问", "output": ""}) == Conversation([("问", "")])  # kept
+    with pytest.raises(ValueError, match="lone surrogate"):
+        conversation_from_record(json.loads('{"instruction": "q\\ud800", "output": "a"}'))
     for bad in ({"text": "x"}, {"instruction": 5, "output": "x"}, {"conversations": [{"role": "x", "content": ""}]}):
         with pytest.raises(ValueError):
             conversation_from_record(bad)

@@ -51,6 +51,13 @@ def test_compact_index_decides_as_datasketch_minhash_lsh():
     assert index.count == len(docs) - sum(ours)
 
 
+def test_threshold_outside_what_lsh_can_do_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("一段足够长的文字。\n")
+    for threshold in (1.0, 0.0, float("nan")):
+        with pytest.raises(UserError, match="minhash_threshold"):
+            prepare([str(tmp_path / "a.txt")], tmp_path / "out", threshold=threshold)
+
+
 def test_hash_sets_grow_and_keep_every_key():
     rng = np.random.default_rng(0)
     keys = rng.integers(1, 2**63, size=(5000, 3), dtype=np.uint64) | np.uint64(1)

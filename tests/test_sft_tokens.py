@@ -70,10 +70,10 @@ def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings
     built = read_sft_cache(tmp_path / "c")
     load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
     assert read_sft_cache(tmp_path / "c") == built and capsys.readouterr().out.count("building") == 1
-    with pytest.raises(UserError, match="built from other settings"):
+    with pytest.raises(UserError, match=r"built with max_len 65 \(now 129\)"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=129), True, Dist())
     os.utime(f, ns=(1, 1))  # the file changed
-    with pytest.raises(UserError, match="built from other inputs"):
+    with pytest.raises(UserError, match="built with other inputs .*multi.jsonl differs"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot write the SFT token cache"):
@@ -104,14 +104,16 @@ def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, bpe_toke
     assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a), (a, b)
 
 
-@pytest.mark.parametrize("damage", ["delete", "cut"])
+@pytest.mark.parametrize("damage", ["delete", "cut", "manifest"])
 def test_a_damaged_cache_stops_with_one_sentence(demo_sft, tmp_path, damage):
     f, settings = demo_sft / "multi.jsonl", SFTSettings(max_len=65)
     build_sft_cache([f], demo_sft / "tok", tmp_path / "c", settings)
     ids = tmp_path / "c" / "train.ids.bin"
     if damage == "delete":
         ids.unlink()
+    elif damage == "manifest":
+        (tmp_path / "c" / "manifest.json").write_text("[1]")
     else:
         ids.write_bytes(ids.read_bytes()[:-2])
-    with pytest.raises(UserError, match="is damaged"):
+    with pytest.raises(UserError, match="damaged"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())

@@ -94,7 +94,17 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
 
 def conversation_from_record(record: dict) -> Conversation:
     """The conversation of an SFT record: a `conversations` list, a `prompt` / `answer` row (the
-    recipe's sft_data.csv) or an instruction record. Raises ValueError when it is none of them."""
+    recipe's sft_data.csv) or an instruction record. Raises ValueError when it is none of them, or
+    when its text is no valid Unicode (a lone surrogate such as the JSON escape \\ud800)."""
+    conv = _conversation_of(record)
+    try:
+        "".join([conv.system, *(u + a for u, a in conv.turns)]).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode") from None
+    return conv
+
+
+def _conversation_of(record: dict) -> Conversation:
     if "conversations" in record:
         messages = messages_of_record(record)
         if messages is None:

@@ -225,6 +225,8 @@ def clean_documents(
     """
     if dedup not in ("none", "exact", "minhash"):
         raise UserError(f"unknown --dedup {dedup!r}; choose none, exact or minhash.")
+    if dedup == "minhash" and not 0.2 <= threshold <= 0.98:  # outside, LSH has fewer than 2 bands or no use
+        raise UserError(f"--minhash_threshold is a Jaccard similarity in [0.2, 0.98], got {threshold}.")
     seen = HashSets(1)  # exact duplicates: 64 bits of blake2b of the text
     near = NearDuplicateIndex(threshold) if dedup == "minhash" else None
     for source, raw in documents:

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -146,7 +147,15 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     start = time.time()
     tok = load_tokenizer(tokenizer_path)
     paths = expand_inputs(list(inputs))
-    out = _writable(Path(out))
+    with _locked(Path(out)):  # one build at a time; a run that waited uses what the other built
+        manifest = read_sft_cache(out)
+        if manifest is not None and cache_differences(manifest, cache_key(paths, tok.fingerprint, settings)) == []:
+            return manifest
+        return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start)
+
+
+def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSettings, workers: int,
+           start: float) -> dict:
     files = {(split, part): (out / f".{split}.{part}.bin.tmp").open("wb")
              for split in SPLITS for part in ("ids", "mask", "lengths")}
     stats = SFTStats()
@@ -177,7 +186,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
         detail = f"{stats.records} read, {stats.bad} bad, {stats.filtered} filtered by length"
         if stats.val_samples:
             raise UserError(f"every SFT sample landed in the validation split ({detail}); lower --val_fraction.")
-        raise UserError(f"no usable SFT records in {', '.join(map(str, inputs))} ({detail}).")
+        raise UserError(f"no usable SFT records in {', '.join(map(str, paths))} ({detail}).")
     for (split, part) in files:
         (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
     manifest = {**cache_key(paths, tok.fingerprint, settings), "dtype": tok.dtype.name, "stats": asdict(stats),
@@ -188,16 +197,17 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     return manifest
 
 
-def _writable(out: Path) -> Path:
-    """out/, created, with the files of an earlier cache there removed; one sentence when it cannot be written."""
+def _writable(out: Path, clean: bool = True) -> Path:
+    """out/, created, with the manifest of an earlier cache removed; one sentence when it cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)
+        if clean:
+            (out / MANIFEST).unlink(missing_ok=True)
         probe = out / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write the SFT token cache to {out} ({e.strerror}); choose another --sft_cache.") \
+        raise UserError(f"cannot write the SFT token cache to {out} ({e.strerror}); choose another directory.") \
             from None
     return out
 
@@ -211,10 +221,45 @@ def _write(files: dict, r: dict, dtype: np.dtype) -> None:
         files[split, "lengths"].write(r["lengths"][rows].tobytes())
 
 
+@contextmanager
+def _locked(out: Path):
+    """An exclusive lock on out/.lock (flock: released when the process ends, however it ends)."""
+    import fcntl
+
+    _writable(out, clean=False)
+    with (out / ".lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def read_sft_cache(out: str | Path) -> dict | None:
-    """The manifest of a complete cache in out/, else None."""
+    """The manifest of a complete cache in out/, else None; a manifest that is not one stops the run."""
     f = Path(out) / MANIFEST
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        manifest = json.loads(f.read_text())
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT and "stats" in manifest:
+            return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    raise UserError(f"{f} is not an SFT token cache manifest (damaged?); delete {Path(out)} to rebuild.")
+
+
+def cache_differences(manifest: dict, key: dict) -> list[str]:
+    """What differs between a cache's manifest and what it must match, in words; [] when nothing."""
+    if manifest.get("version") != key["version"]:
+        return ["it was made by another version of babyllama"]
+    out = []
+    if manifest.get("tokenizer") != key["tokenizer"]:
+        out.append("another tokenizer")
+    if manifest.get("inputs") != key["inputs"]:
+        had = {i["path"]: i for i in manifest.get("inputs", [])}
+        changed = [i["path"] for i in key["inputs"] if had.get(i["path"]) != i] or list(had)
+        out.append(f"other inputs ({changed[0]} differs)" if changed else "other inputs")
+    settings = manifest.get("settings", {})
+    out += [f"{k} {settings.get(k)} (now {v})" for k, v in key["settings"].items() if settings.get(k) != v]
+    return out
 
 
 def open_split(out: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

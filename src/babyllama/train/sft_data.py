@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babyllama.data.sft_tokens import SFTSettings, SFTStats, build_sft_cache, cache_key, open_split, read_sft_cache
+from babyllama.data.sft_tokens import (
+    SFTSettings,
+    SFTStats,
+    build_sft_cache,
+    cache_differences,
+    cache_key,
+    open_split,
+    read_sft_cache,
+)
 from babyllama.data.sources import expand_inputs
 from babyllama.errors import UserError
 from babyllama.tokenizer import load_tokenizer
@@ -152,9 +160,9 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
             raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
     elif dist.main:
         print(f"sft cache: using {cache_dir}")
-    differ = [k for k in key if manifest.get(k) != key[k]]
+    differ = cache_differences(manifest, key)
     if differ:
-        raise UserError(f"the SFT token cache {cache_dir} was built from other {' and '.join(differ)}; "
+        raise UserError(f"the SFT token cache {cache_dir} was built with {'; '.join(differ)}; "
                         "delete it to rebuild, or choose another --sft_cache.")
     stats = SFTStats(**manifest["stats"])
     T = settings.max_len - 1

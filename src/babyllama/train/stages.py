@@ -98,7 +98,8 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     dist = init_distributed(t.device)
     try:
         tok_path = t.tokenizer or t.init
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_tokenizer(tok_path)  # before the cache is built: another tokenizer stops the run now
+        check_tokenizer_fits(tokenizer, cfg.model, read_config(t.init).get("tokenizer"), where=str(t.init))
         paths = [t.data] if isinstance(t.data, str) else t.data
         settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
                                t.min_answer_chars, t.max_answer_chars)
