@@ -220,6 +220,7 @@ def test_sft_refuses_missing_init_and_other_tokenizer(sft_setup, tmp_path):
     other.save(tmp_path / "tok")
     with pytest.raises(UserError, match="not the one the model"):
         sft(load_config(None, [*base, "--init", str(d / "init"), "--tokenizer", str(tmp_path / "tok")]))
+    assert not (tmp_path / "sft_tokens").exists()  # refused before any data was tokenized
 
 
 def test_sft_resumes_bitwise(sft_setup, tmp_path):

@@ -1,7 +1,7 @@
 """SFT samples for the trainer: rows read from the memory-mapped token cache, length-grouped or packed.
 
     train, val, stats = load_sft_data(["alpaca_gpt4_data_zh.json"], "runs/pretrain/final", cache_dir,
-                                      SFTSettings(max_len=513), pack=True, pad_id=0, dist=dist)
+                                      SFTSettings(max_len=513), pack=True, dist=Dist(), workers=8)
     batch = train.collate([0, 1, 2])   # idx, targets (-1 where there is no loss), attn_mask if packed
 
 The samples themselves (chat format, loss mask, truncation, filters, split) are made once by
@@ -121,8 +121,9 @@ def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
                 room = capacity
                 k = -(-len(left) // (room // n))
                 rows, n_rows = list(range(n_rows, n_rows + k)), n_rows + k
-            take, left = left[: k * (room // n)], left[k * (room // n) :]
-            which = np.arange(len(take)) // (room // n)  # (len(take),) index into rows
+            per_row = room // n
+            take, left = left[: k * per_row], left[k * per_row :]
+            which = np.arange(len(take)) // per_row  # (len(take),) index into rows
             row_of[take] = np.asarray(rows)[which]
             for row, count in zip(rows, np.bincount(which, minlength=k).tolist(), strict=True):
                 by_room[room - count * n].append(row)

@@ -28,9 +28,9 @@ from babyllama.train.trainer import Dataset, Trainer
 SFT_MODEL_SETTINGS = {"dropout"}  # the model settings SFT can change: they leave the weights' shapes alone
 
 
-def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer,
-                 dist: Dist, resume: bool, stage: str) -> Path:
-    """Check the settings against the tokenizer and the run directory, write config.json, train."""
+def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool) -> Path | None:
+    """Check the settings against the tokenizer and the run directory before any data is built;
+    returns the checkpoint to resume from, if any."""
     out = Path(cfg.train.out_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
@@ -43,6 +43,13 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
     if not resume and latest_checkpoint(out) is not None:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
+    return resume_from
+
+
+def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer,
+                 dist: Dist, resume_from: Path | None, stage: str) -> Path:
+    """Write config.json, build the Trainer and train."""
+    out = Path(cfg.train.out_dir)
     trainer = Trainer(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,8 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         if tokenizer.fingerprint != train_data.fingerprint:
             raise UserError(f"the shards in {t.data} were made with another tokenizer "
                             f"({train_data.fingerprint}) than {tok_path} ({tokenizer.fingerprint}).")
-        return run_training(cfg, train_data, val_data, tokenizer, dist, resume, "pretrain")
+        resume_from = checked_run(cfg, tokenizer, dist, resume)
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain")
     finally:
         shutdown(dist)
 
@@ -98,8 +106,8 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     dist = init_distributed(t.device)
     try:
         tok_path = t.tokenizer or t.init
-        tokenizer = load_tokenizer(tok_path)  # before the cache is built: another tokenizer stops the run now
-        check_tokenizer_fits(tokenizer, cfg.model, read_config(t.init).get("tokenizer"), where=str(t.init))
+        tokenizer = load_tokenizer(tok_path)
+        resume_from = checked_run(cfg, tokenizer, dist, resume)  # before the cache is built, which takes minutes
         paths = [t.data] if isinstance(t.data, str) else t.data
         settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
                                t.min_answer_chars, t.max_answer_chars)
@@ -109,6 +117,6 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
         if dist.main:
             print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
-        return run_training(cfg, train_data, val_data, tokenizer, dist, resume, "sft")
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "sft")
     finally:
         shutdown(dist)
