@@ -58,7 +58,7 @@ def main() -> None:
     results = {}
     for mb, workers in ((args.mb, 1), (args.mb, 2), (args.small_mb, 2)):
         out = work / f"out_{mb}_{workers}"
-        secs, peak, stdout, _ = run([*cli, "--input", str(work / f"corpus_{mb}.jsonl"), "--out_dir", str(out),
+        secs, peak, stdout, _, _ = run([*cli, "--input", str(work / f"corpus_{mb}.jsonl"), "--out_dir", str(out),
                                   "--workers", str(workers)])
         tokens = sum(v["tokens"] for v in json.loads(stdout.strip().splitlines()[-1]).values() if isinstance(v, dict))
         results[mb, workers] = (secs, peak)

@@ -59,7 +59,7 @@ def main() -> None:
     builds = {}
     for n, workers in [(args.sizes[0], 1)] + [(n, 2) for n in args.sizes]:
         cache = work / f"cache_{n}_{workers}"
-        secs, peak, out, _ = run([*cli, "pretokenize", "--sft", "--input", str(work / f"belle_{n}.jsonl"),
+        secs, peak, out, _, _ = run([*cli, "pretokenize", "--sft", "--input", str(work / f"belle_{n}.jsonl"),
                                   "--tokenizer", str(work / "init"), "--max_seq_len", "256", "--out_dir", str(cache),
                                   "--workers", str(workers)])
         stats = json.loads(out.strip().splitlines()[-1])
@@ -72,7 +72,8 @@ def main() -> None:
     trains = {}
     for n in args.sizes:
         out_dir = work / f"run_{n}"
-        secs, peak, _, first = run([*cli, "sft", "--init", str(work / "init"), "--data", str(work / f"belle_{n}.jsonl"),
+        data = str(work / f"belle_{n}.jsonl")
+        secs, peak, _, first, _ = run([*cli, "sft", "--init", str(work / "init"), "--data", data,
                                     "--sft_cache", str(work / f"cache_{n}_2"), "--out_dir", str(out_dir),
                                     "--max_steps", "1", "--pack", "true", "--batch_size", "16", "--eval_every", "0",
                                     "--eval_batches", "1", "--log_every", "1", "--save_every", "0"],

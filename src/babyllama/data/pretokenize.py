@@ -74,19 +74,23 @@ def in_workers(func: Callable[[T], R], batches: Iterable[T], tokenizer_path: str
             yield batch0, result.get()
 
 
-def _encode(texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    """All documents' ids (with eos) back to back, and each document's length."""
-    ids = worker_tokenizer().encode_batch(texts, bos=bos, eos=True)
+def encode_documents(tok: Tokenizer, texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """All documents' ids (with eos, and bos first when asked) back to back, (N,) uint32, and each
+    document's length, (D,) int64."""
+    ids = tok.encode_batch(texts, bos=bos, eos=True)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter((i for x in ids for i in x), dtype=np.uint32, count=int(lengths.sum()))
     return flat, lengths
 
 
-def _batches(docs: Iterator[str], num_shards: int, shard_index: int) -> Iterator[list[str]]:
+def _encode(texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(worker_tokenizer(), texts, bos)
+
+
+def text_batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    """Lists of documents of about BATCH_CHARS characters in all."""
     batch, chars = [], 0
-    for i, text in enumerate(docs):
-        if i % num_shards != shard_index:
-            continue
+    for text in docs:
         batch.append(text)
         chars += len(text)
         if chars >= BATCH_CHARS:
@@ -94,6 +98,43 @@ def _batches(docs: Iterator[str], num_shards: int, shard_index: int) -> Iterator
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def split_writers(out: Path, dtype: np.dtype, shard_tokens: int, tag: str = "") -> dict[str, BinShardWriter]:
+    """A shard writer per split: shard{tag}_00000.bin ... and val{tag}_00000.bin ..."""
+    return {split: BinShardWriter(out, prefix + tag, split, dtype, shard_tokens)
+            for split, prefix in (("train", "shard"), ("val", "val"))}
+
+
+def write_documents(writers: dict[str, BinShardWriter], texts: list[str], flat: np.ndarray, lengths: np.ndarray,
+                    val_fraction: float) -> None:
+    """Append encoded documents to the train or val writer, each by the hash of its text (is_val)."""
+    val = np.fromiter((is_val(t, val_fraction) for t in texts), dtype=bool, count=len(texts))
+    token_is_val = np.repeat(val, lengths)
+    writers["train"].write(flat[~token_is_val], lengths[~val])
+    writers["val"].write(flat[token_is_val], lengths[val])
+
+
+def token_manifest(tok: Tokenizer, *, bos: bool, val_fraction: float, shards: list[dict], sources: dict,
+                   **extra) -> dict:
+    """The manifest.json of a token directory (write_manifest adds the totals)."""
+    return {
+        "format": "babyllama-tokens",
+        "version": 1,
+        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "kind": tok.kind,
+                      "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+        "dtype": tok.dtype.name,
+        "bos": bos,
+        "val_fraction": val_fraction,
+        **extra,
+        "shards": sorted(shards, key=lambda s: (s["split"] != "train", s["file"])),
+        "sources": sources,
+    }
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:  # also refuses nan
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
 
 
 def pretokenize(
@@ -112,24 +153,18 @@ def pretokenize(
     """Tokenize documents into shards; returns the manifest, also written to out/manifest.json."""
     if not 0 <= shard_index < num_shards:
         raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}.")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
+    check_val_fraction(val_fraction)
     tok = load_tokenizer(tokenizer_path)
     out = fresh_output_dir(Path(out))
     reader = CorpusReader(inputs, format)
-    writers = {
-        split: BinShardWriter(out, prefix, split, tok.dtype, shard_tokens)
-        for split, prefix in (("train", "shard"), ("val", "val"))
-    }
+    writers = split_writers(out, tok.dtype, shard_tokens)
     start = time.time()
     bar = progress(desc="pretokenize", unit=" docs")
     n_tokens = 0
-    batches = _batches(reader.documents(), num_shards, shard_index)
-    for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches, str(tokenizer_path), workers):
-        val = np.fromiter((is_val(t, val_fraction) for t in texts), dtype=bool, count=len(texts))
-        token_is_val = np.repeat(val, lengths)
-        writers["train"].write(flat[~token_is_val], lengths[~val])
-        writers["val"].write(flat[token_is_val], lengths[val])
+    mine = (t for i, t in enumerate(reader.documents()) if i % num_shards == shard_index)
+    for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), text_batches(mine), str(tokenizer_path),
+                                             workers):
+        write_documents(writers, texts, flat, lengths, val_fraction)
         n_tokens += len(flat)
         bar.update(len(texts))
         bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
@@ -140,19 +175,8 @@ def pretokenize(
     if records == 0 or bad == records:
         raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")
     tok.save(out / "tokenizer")
-    manifest = {
-        "format": "babyllama-tokens",
-        "version": 1,
-        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "kind": tok.kind,
-                      "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
-        "dtype": tok.dtype.name,
-        "bos": bos,
-        "val_fraction": val_fraction,
-        "partition": {"num_shards": num_shards, "shard_index": shard_index},
-        "shards": writers["train"].shards + writers["val"].shards,
-        "sources": {k: v.to_dict() for k, v in reader.stats.items()},
-        "seconds": round(time.time() - start, 2),
-    }
+    manifest = token_manifest(
+        tok, bos=bos, val_fraction=val_fraction, shards=writers["train"].shards + writers["val"].shards,
+        sources={k: v.to_dict() for k, v in reader.stats.items()},
+        partition={"num_shards": num_shards, "shard_index": shard_index}, seconds=round(time.time() - start, 2))
     return write_manifest(out, manifest)
-
-

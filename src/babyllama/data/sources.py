@@ -226,6 +226,15 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def _is_unicode(text: str) -> bool:
+    """False for text that no UTF-8 file can hold: JSON's "\\ud800" escapes make lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class FileStats:
     records: int = 0
@@ -268,7 +277,7 @@ class CorpusReader:
                 if schema is not None:
                     stats.schema, to_text = schema, SCHEMAS[schema]
             text = to_text(record) if record is not None and to_text is not None else None
-            if text is None:
+            if text is None or not _is_unicode(text):
                 self._bad(stats, where)
                 continue
             stats.schema = stats.schema or self.format or ""

@@ -1,0 +1,509 @@
+"""`prepare` and `pretokenize` as datatrove pipelines: many tasks on this machine, on Slurm or on Ray.
+
+    pip install -e ".[scale]"
+    babyllama prepare --input wudao/ --out_dir data/clean --engine datatrove --tasks 64 --workers 16
+    babyllama pretokenize --input data/clean --tokenizer runs/tok --out_dir data/tokens --engine datatrove
+    ... --executor slurm --slurm_partition cpu   # a job array per stage, each waiting for the one before
+    ... --executor ray                           # the Ray cluster at RAY_ADDRESS, else a local one
+
+The embedded path's own pieces (readers, normalize, the length filter, the tokenizer, the shard
+writers) run as datatrove steps; the deduplication is datatrove's, on disk. Stages of prepare, with
+their work files under OUT/datatrove/:
+
+    read     tasks  read this task's files, normalise, length filter -> clean/R.jsonl; exact-dedup hashes
+    exact    1      find exact duplicates (the first copy stays)
+    unique   tasks  drop them -> unique/R.jsonl; MinHash signatures of character 5-grams
+    buckets  bands  documents that agree on a whole band -> duplicate pairs
+    cluster  1      pairs -> the documents to remove (all of a cluster but its root)
+    write    tasks  drop them -> OUT/part_R_K.jsonl
+    finish   1      OUT/stats.json and OUT/bad_records.txt as the embedded path writes them
+
+`--dedup exact` writes after `unique`'s filter and `--dedup none` after `read`. pretokenize has two
+stages: `tokenize` (tasks) -> OUT/shard_R_K.bin, val_R_K.bin, and `finish` -> OUT/manifest.json.
+
+A task takes a contiguous run of the sorted input files (about 1/tasks of the bytes), so rank order is
+corpus order and the first copy of a duplicate is the one kept, as in the embedded path. A file is
+never split between tasks: cut a single huge file first (`split -l 1000000`). Memory: a task holds its
+own documents' signatures (~120 bytes each), the cluster stage the duplicate pairs; with tasks in
+proportion to the corpus, a worker's memory stays flat. Datatrove marks every finished task under
+OUT/datatrove/logs, so the same command after a crash skips them and ends with the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.text import TextNormConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from babyllama.data.clean import (
+    NGRAM,
+    ShardWriter,
+    SourceStats,
+    check_dedup,
+    long_enough,
+    lsh_bands,
+    normalize,
+    write_stats,
+)
+from babyllama.data.pretokenize import (
+    check_val_fraction,
+    encode_documents,
+    split_writers,
+    text_batches,
+    token_manifest,
+    write_documents,
+)
+from babyllama.data.shards import fresh_output_dir, write_manifest
+from babyllama.data.sources import CorpusReader
+from babyllama.errors import UserError
+from babyllama.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "slurm", "ray")
+MAX_TASKS = 65_534  # exact dedup ranks documents by a uint16 priority: 65535 - task
+
+
+@dataclass
+class Launch:
+    """Where the stages run. workers: tasks at once on this machine (local) or in the cluster (ray);
+    Slurm leaves that to its scheduler."""
+
+    executor: str = "local"
+    tasks: int | None = None  # default: one per input file
+    workers: int = 1
+    slurm_partition: str | None = None
+    slurm_time: str = "24:00:00"
+
+
+# --- steps: the embedded path's pieces, as datatrove PipelineSteps ---
+
+
+def files_of_task(files: list[str], sizes: list[int], rank: int, tasks: int) -> list[str]:
+    """Task rank's share: the files whose middle byte falls in its 1/tasks of all bytes, so each file goes
+    to exactly one task and the shares are contiguous runs in the given order."""
+    weight = np.asarray(sizes, dtype=np.float64) + 1.0  # + 1: empty files spread too
+    middle = (np.cumsum(weight) - weight / 2) / weight.sum()
+    owner = np.minimum((middle * tasks).astype(np.int64), tasks - 1)
+    return [f for f, o in zip(files, owner, strict=True) if o == rank]
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, ensure_ascii=False))
+    tmp.rename(path)
+
+
+def _json_files(folder: Path) -> list:
+    """The values of folder/00000.json ... in task order."""
+    return [json.loads(f.read_text()) for f in sorted(folder.glob("[0-9]*.json"))]
+
+
+class ReadCorpus(PipelineStep):
+    """Documents of this task's input files (any format and schema CorpusReader reads), each with
+    metadata["source"] = its file. Writes the task's per-file record counts to work/read/R.json and
+    the location of every bad record to work/bad/R.txt."""
+
+    name, type = "📖 babyllama files", "📖 - READER"
+
+    def __init__(self, files: list[str], sizes: list[int], format: str | None, work: str):
+        super().__init__()
+        self.files, self.sizes, self.format, self.work = files, sizes, format, work
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        work = Path(self.work)
+        (work / "bad").mkdir(parents=True, exist_ok=True)
+        with (work / "bad" / f"{rank:05d}.txt").open("w", encoding="utf-8") as bad_log:
+            reader = CorpusReader(files_of_task(self.files, self.sizes, rank, world_size), self.format, bad_log)
+            for i, (source, text) in enumerate(reader.documents_with_source()):
+                self.stat_update("documents")
+                yield Document(text=text, id=f"{rank:05d}/{i}", metadata={"source": source})
+        _write_json(work / "read" / f"{rank:05d}.json", {k: v.to_dict() for k, v in reader.stats.items()})
+
+
+class CleanText(PipelineStep):
+    """normalize() each document; drop those shorter than min_chars (clean.long_enough)."""
+
+    name, type = "🧹 babyllama normalize", "🔻 - FILTER"
+
+    def __init__(self, min_chars: int):
+        super().__init__()
+        self.min_chars = min_chars
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            doc.text = normalize(doc.text)
+            if long_enough(doc.text, self.min_chars):
+                yield doc
+            else:
+                self.stat_update("too_short")
+
+
+class CountBySource(PipelineStep):
+    """Passes documents through; writes work/KEY/R.json = {source: [documents, characters]}."""
+
+    name, type = "🔢 babyllama count", "📊 - STATS"
+
+    def __init__(self, work: str, key: str):
+        super().__init__()
+        self.work, self.key = work, key
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for doc in data:
+            c = counts[doc.metadata["source"]]
+            c[0] += 1
+            c[1] += len(doc.text)
+            yield doc
+        _write_json(Path(self.work) / self.key / f"{rank:05d}.json", counts)
+
+
+class ReadTaskFile(JsonlReader):
+    """Reads back R.jsonl, the file that task R of an earlier stage wrote, so that documents keep the
+    index in their task that the dedup signatures recorded (a task that kept nothing wrote none)."""
+
+    name = "📖 babyllama task file"
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        name = f"{rank:05d}.jsonl"
+        if self.data_folder.exists(name):
+            yield from self.read_files_shard([name])
+
+
+class WriteParts(PipelineStep):
+    """Writes the documents of task R to OUT/part_R_00000.jsonl ... ({"text": ...} a line)."""
+
+    name, type = "💽 babyllama parts", "💽 - WRITER"
+
+    def __init__(self, out: str, docs_per_shard: int):
+        super().__init__()
+        self.out, self.docs_per_shard = out, docs_per_shard
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
+        out, tag = Path(self.out), f"_{rank:05d}"
+        for f in [*out.glob(f"part{tag}_*.jsonl"), *out.glob(f".part{tag}_*.tmp")]:
+            f.unlink()  # from an attempt that was killed
+        writer = ShardWriter(out, self.docs_per_shard, tag)
+        for doc in data:
+            writer.write(doc.text)
+        writer.close()
+
+
+class WriteTokenShards(PipelineStep):
+    """Tokenizes the documents of task R into OUT/shard_R_00000.bin ... and val_R_00000.bin ..., as
+    `babyllama pretokenize` does; lists them in work/shards/R.json."""
+
+    name, type = "🔢 babyllama tokenize", "🔢 - TOKENIZER"
+
+    def __init__(self, tokenizer_path: str, out: str, work: str, val_fraction: float, bos: bool, shard_tokens: int):
+        super().__init__()
+        self.tokenizer_path, self.out, self.work = tokenizer_path, out, work
+        self.val_fraction, self.bos, self.shard_tokens = val_fraction, bos, shard_tokens
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
+        tok = load_tokenizer(self.tokenizer_path)
+        out, tag = Path(self.out), f"_{rank:05d}"
+        for f in [*out.glob(f"shard{tag}_*.bin"), *out.glob(f"val{tag}_*.bin"), *out.glob(f".*{tag}_*.tmp")]:
+            f.unlink()  # from an attempt that was killed
+        writers = split_writers(out, tok.dtype, self.shard_tokens, tag)
+        for texts in text_batches(doc.text for doc in data):
+            flat, lengths = encode_documents(tok, texts, self.bos)
+            write_documents(writers, texts, flat, lengths, self.val_fraction)
+            self.stat_update("documents", value=len(texts))
+            self.stat_update("tokens", value=len(flat))
+        for w in writers.values():
+            w.close()
+        _write_json(Path(self.work) / "shards" / f"{rank:05d}.json", writers["train"].shards + writers["val"].shards)
+
+
+def _sources_read(work: Path) -> dict[str, dict]:
+    """{file: its FileStats dict} over all tasks, in corpus order."""
+    return {k: v for task in _json_files(work / "read") for k, v in task.items()}
+
+
+def _bad_records(work: Path) -> str:
+    return "".join(f.read_text(encoding="utf-8") for f in sorted((work / "bad").glob("*.txt")))
+
+
+class FinishPrepare(PipelineStep):
+    """The last stage of prepare: OUT/stats.json and bad_records.txt from the tasks' counts, then removes
+    the work files that only the stages before needed."""
+
+    name, type = "🏁 babyllama stats", "📊 - STATS"
+
+    def __init__(self, out: str, work: str, levels: list[str], settings: dict):
+        super().__init__()
+        self.out, self.work, self.levels, self.settings = out, work, levels, settings
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        out, work = Path(self.out), Path(self.work)
+        counts = {}
+        for level in self.levels:  # documents left after: clean, unique (exact dedup), kept (near dedup)
+            counts[level] = defaultdict(lambda: [0, 0])
+            for task in _json_files(work / level):
+                for src, (n, chars) in task.items():
+                    counts[level][src][0] += n
+                    counts[level][src][1] += chars
+        stats: dict[str, SourceStats] = {}
+        for src, fs in _sources_read(work).items():
+            n = [counts[level][src][0] for level in self.levels] + [0, 0]
+            s = stats[src] = SourceStats(schema=fs["schema"], records=fs["records"], bad=fs["bad"])
+            s.too_short = s.records - s.bad - n[0]
+            s.exact_duplicates = n[0] - n[1] if len(self.levels) > 1 else 0
+            s.near_duplicates = n[1] - n[2] if len(self.levels) > 2 else 0
+            s.kept, s.characters = counts[self.levels[-1]][src]
+        (out / "bad_records.txt").write_text(_bad_records(work), encoding="utf-8")
+        files = sorted(f.name for f in out.glob("part_*.jsonl"))
+        started = json.loads((work / "settings.json").read_text())["started"]
+        write_stats(out, stats, files, self.settings, time.time() - started)
+        for name in ("clean", "unique", "exact_sigs", "exact_dups", "minhash_sigs", "buckets", "remove"):
+            shutil.rmtree(work / name, ignore_errors=True)
+
+
+class FinishTokens(PipelineStep):
+    """The last stage of pretokenize: the tokenizer and OUT/manifest.json (written last, as always)."""
+
+    name, type = "🏁 babyllama manifest", "📊 - STATS"
+
+    def __init__(self, tokenizer_path: str, out: str, work: str, bos: bool, val_fraction: float, tasks: int):
+        super().__init__()
+        self.tokenizer_path, self.out, self.work = tokenizer_path, out, work
+        self.bos, self.val_fraction, self.tasks = bos, val_fraction, tasks
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        out, work = Path(self.out), Path(self.work)
+        sources = _sources_read(work)
+        records, bad = (sum(s[k] for s in sources.values()) for k in ("records", "bad"))
+        if records == 0 or bad == records:
+            raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")
+        (out / "bad_records.txt").write_text(_bad_records(work), encoding="utf-8")
+        tok = load_tokenizer(self.tokenizer_path)
+        tok.save(out / "tokenizer")
+        started = json.loads((work / "settings.json").read_text())["started"]
+        shards = [s for task in _json_files(work / "shards") for s in task]
+        manifest = token_manifest(tok, bos=self.bos, val_fraction=self.val_fraction, shards=shards, sources=sources,
+                                  engine={"name": "datatrove", "tasks": self.tasks},
+                                  seconds=round(time.time() - started, 2))
+        write_manifest(out, manifest)
+
+
+# --- dedup settings: character shingles, as the embedded path's NearDuplicateIndex ---
+
+
+class Characters(WordTokenizer):
+    """Chinese has no spaces: MinHash shingles are n-grams of characters (datatrove's own Chinese word
+    tokenizer would need spaCy)."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return list(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [(0, len(text))]
+
+
+def document_text(doc: Document) -> str:
+    return doc.text
+
+
+def earlier_task_first(doc: Document) -> int:
+    """Exact dedup keeps the copy of highest priority, then of lowest index in its task: 65535 - task
+    makes that the first copy in corpus order."""
+    return 65535 - int(doc.id.split("/")[0])
+
+
+EXACT = ExactDedupConfig(content_getter=document_text, document_priority=earlier_task_first,
+                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+def minhash_config(threshold: float) -> MinhashConfig:
+    """datatrove's MinHash with the embedded path's bands and rows for the threshold, on the text as it is
+    (no lowercasing or punctuation removal: that is normalize's job)."""
+    bands, rows = lsh_bands(threshold)
+    as_is = TextNormConfig(lowercase=False, norm_whitespace=False, remove_punctuation=False,
+                           norm_unicode_diacritics=False, norm_numbers=False)
+    return MinhashConfig(n_grams=NGRAM, num_buckets=bands, hashes_per_bucket=rows, seed=1, norm_config=as_is,
+                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+# --- stages and their execution ---
+
+Stage = tuple[str, list, int]  # name, pipeline, tasks
+
+
+def prepare_stages(files: list[str], sizes: list[int], out: Path, work: Path, *, format: str | None,
+                   min_chars: int, dedup: str, threshold: float, docs_per_shard: int, tasks: int,
+                   settings: dict) -> list[Stage]:
+    w = lambda name: str(work / name)
+    read = [ReadCorpus(files, sizes, format, str(work)), CleanText(min_chars), CountBySource(str(work), "clean")]
+    write = [WriteParts(str(out), docs_per_shard)]
+    levels = {"none": ["clean"], "exact": ["clean", "unique"], "minhash": ["clean", "unique", "kept"]}[dedup]
+    finish = ("finish", [FinishPrepare(str(out), str(work), levels, settings)], 1)
+    if dedup == "none":
+        return [("read", read + write, tasks), finish]
+    stages = [
+        ("read", [*read, JsonlWriter(w("clean"), output_filename="${rank}.jsonl", compression=None),
+                  ExactDedupSignature(output_folder=w("exact_sigs"), config=EXACT)], tasks),
+        ("exact", [ExactFindDedups(data_folder=w("exact_sigs"), output_folder=w("exact_dups"), config=EXACT)], 1),
+    ]
+    unique = [ReadTaskFile(w("clean")), ExactDedupFilter(data_folder=w("exact_dups"), config=EXACT),
+              CountBySource(str(work), "unique")]
+    if dedup == "exact":
+        return [*stages, ("unique", unique + write, tasks), finish]
+    mh = minhash_config(threshold)
+    signatures = MinhashDedupSignature(output_folder=w("minhash_sigs"), config=mh, language=Characters())
+    return [
+        *stages,
+        ("unique", [*unique, JsonlWriter(w("unique"), output_filename="${rank}.jsonl", compression=None),
+                    signatures], tasks),
+        ("buckets", [MinhashDedupBuckets(input_folder=w("minhash_sigs"), output_folder=w("buckets"), config=mh)],
+         mh.num_buckets),
+        ("cluster", [MinhashDedupCluster(input_folder=w("buckets"), output_folder=w("remove"), config=mh)], 1),
+        ("write", [ReadTaskFile(w("unique")), MinhashDedupFilter(input_folder=w("remove")),
+                   CountBySource(str(work), "kept"), *write], tasks),
+        finish,
+    ]
+
+
+def make_executor(launch: Launch, name: str, pipeline: list, tasks: int, depends, logs: Path):
+    """One datatrove executor for a stage, started after `depends` has finished."""
+    if launch.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(launch.workers, tasks),
+                                     logging_dir=str(logs / name), depends=depends)
+    if launch.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        activate = Path(sys.prefix) / "bin" / "activate"
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, time=launch.slurm_time, partition=launch.slurm_partition,
+                                     job_name=f"babyllama-{name}", logging_dir=str(logs / name), depends=depends,
+                                     venv_path=str(activate) if activate.is_file() else None)
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=launch.workers, logging_dir=str(logs / name),
+                               depends=depends)
+
+
+def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
+    """Run the stages in order, each once the one before has finished (local, ray), or submit them as
+    Slurm job arrays that each depend on the one before (slurm: returns once they are queued)."""
+    if launch.executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS, else a cluster started with `ray start`, else a new local one
+    executor = None
+    for i, (name, pipeline, tasks) in enumerate(stages):
+        depends = executor if launch.executor == "slurm" else None
+        executor = make_executor(launch, f"{i + 1}_{name}", pipeline, tasks, depends, work / "logs")
+        if launch.executor != "slurm":
+            start = time.time()
+            log.info("stage %d/%d %s: %d task%s", i + 1, len(stages), name, tasks, "s"[: tasks > 1])
+            executor.run()
+            log.info("stage %s done in %.1f s", name, time.time() - start)
+    if launch.executor == "slurm":
+        executor.run()
+        log.info("submitted %d dependent Slurm job arrays; logs in %s", len(stages), work / "logs")
+
+
+def start_run(out: Path, settings: dict, clear_outputs) -> Path:
+    """OUT/datatrove for a run with these settings: kept when an earlier run there had the same settings
+    (a resumed run skips its finished tasks), else made anew, after clear_outputs(out)."""
+    work = out / "datatrove"
+    saved = work / "settings.json"
+    if saved.is_file():
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "started"}
+        if before == settings:
+            return work
+        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+        raise UserError(f"{out} holds a datatrove run with other settings ({', '.join(changed)}); run with the "
+                        f"same settings to resume it, or remove {work} to start again.")
+    shutil.rmtree(work, ignore_errors=True)
+    clear_outputs(out)
+    _write_json(saved, {**settings, "started": time.time()})
+    return work
+
+
+def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int], int]:
+    """Absolute input paths (tasks may run elsewhere), their sizes, and the number of tasks."""
+    if launch.executor not in EXECUTORS:
+        raise UserError(f"unknown --executor {launch.executor!r}; choose one of {', '.join(EXECUTORS)}.")
+    if launch.executor == "slurm" and not launch.slurm_partition:
+        raise UserError("--executor slurm needs --slurm_partition NAME (sinfo lists them).")
+    files = [str(Path(f).resolve()) for f in CorpusReader(inputs, format).files]
+    tasks = min(launch.tasks or len(files), len(files))  # more tasks than files would have nothing to do
+    if tasks > MAX_TASKS:
+        raise UserError(f"--tasks can be at most {MAX_TASKS}, got {tasks}.")
+    return files, [Path(f).stat().st_size for f in files], max(tasks, 1)
+
+
+def _clear_prepare_outputs(out: Path) -> None:
+    for f in [*out.glob("part_*.jsonl"), *out.glob(".part_*.tmp"), out / "stats.json", out / "bad_records.txt"]:
+        f.unlink(missing_ok=True)
+
+
+def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str | None = None, min_chars: int = 10,
+            dedup: str = "minhash", threshold: float = 0.8, docs_per_shard: int = 100_000) -> dict | None:
+    """clean.prepare as a datatrove pipeline; returns the statistics written to stats.json, or None when
+    the stages were submitted to Slurm."""
+    check_dedup(dedup, threshold)
+    files, sizes, tasks = _input_files(inputs, format, launch)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"command": "prepare", "inputs": files, "format": format, "min_chars": min_chars, "dedup": dedup,
+                "minhash_threshold": threshold, "docs_per_shard": docs_per_shard, "engine": "datatrove",
+                "tasks": tasks}
+    work = start_run(out, settings, _clear_prepare_outputs)
+    stages = prepare_stages(files, sizes, out, work, format=format, min_chars=min_chars, dedup=dedup,
+                            threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks, settings=settings)
+    run_stages(stages, launch, work)
+    return None if launch.executor == "slurm" else json.loads((out / "stats.json").read_text())
+
+
+def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch: Launch, *,
+                val_fraction: float = 0.005, shard_tokens: int = 100_000_000, bos: bool = False,
+                format: str | None = None) -> dict | None:
+    """pretokenize.pretokenize as a datatrove pipeline; returns the manifest, or None when the stages were
+    submitted to Slurm. The shards hold the same documents with the same ids, in task order."""
+    check_val_fraction(val_fraction)
+    load_tokenizer(tokenizer_path)  # a wrong path fails here, not in every task
+    tokenizer_path = str(Path(tokenizer_path).resolve())
+    files, sizes, tasks = _input_files(inputs, format, launch)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"command": "pretokenize", "inputs": files, "tokenizer": tokenizer_path, "format": format,
+                "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos, "tasks": tasks}
+    work = start_run(out, settings, fresh_output_dir)
+    stages = [
+        ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
+                      WriteTokenShards(tokenizer_path, str(out), str(work), val_fraction, bos, shard_tokens)], tasks),
+        ("finish", [FinishTokens(tokenizer_path, str(out), str(work), bos, val_fraction, tasks)], 1),
+    ]
+    run_stages(stages, launch, work)
+    return None if launch.executor == "slurm" else json.loads((out / "manifest.json").read_text())

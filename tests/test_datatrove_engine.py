@@ -1,0 +1,300 @@
+"""The datatrove engine: same documents as the embedded path, resumable, Slurm scripts, Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("datatrove")
+pytest.importorskip("xxhash")
+
+from babyllama.cli import main  # noqa: E402
+from babyllama.data import datatrove_engine as dt  # noqa: E402
+from babyllama.data.clean import prepare  # noqa: E402
+from babyllama.data.pretokenize import pretokenize  # noqa: E402
+from babyllama.data.shards import TokenWindows, read_manifest  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
+
+CHARS = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    return {text[i : i + n] for i in range(len(text) - n + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = shingles(a), shingles(b)
+    return len(x & y) / len(x | y)
+
+
+def edited(rng: random.Random, text: str, changes: int) -> str:
+    """text with `changes` characters replaced at evenly spread places (each kills 5 shingles)."""
+    chars = list(text)
+    for i in range(changes):
+        j = (i * len(chars)) // changes + rng.randrange(len(chars) // changes)
+        chars[j] = rng.choice(CHARS)
+    return "".join(chars)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """4 files: 400 distinct documents of 200 random characters; 100 near copies at 5-gram Jaccard
+    >= 0.9 (1 character changed) and 100 edited copies at Jaccard <= 0.6 (12 changed), each placed after
+    its original, often in a later file; 20 exact copies; 8 too short; 4 unparsable lines."""
+    rng = random.Random(7)
+    base = ["".join(rng.choices(CHARS, k=200)) for _ in range(400)]
+    above = [(i, edited(rng, base[i], 1)) for i in rng.sample(range(400), 100)]
+    below = [(i, edited(rng, base[i], 12)) for i in rng.sample(range(400), 100)]
+    exact = [(i, base[i]) for i in rng.sample(range(400), 20)]
+    assert min(jaccard(base[i], t) for i, t in above) >= 0.9
+    assert max(jaccard(base[i], t) for i, t in below) <= 0.6
+    order = [(i, t) for i, t in enumerate(base)]
+    for i, t in above + below + exact:  # somewhere after the original
+        order.insert(rng.randrange(order.index((i, base[i])) + 1, len(order) + 1), (i, t))
+    d = tmp_path_factory.mktemp("corpus")
+    texts = [t for _, t in order]
+    for f in range(4):
+        part = texts[f * len(texts) // 4 : (f + 1) * len(texts) // 4] + ["短文"] * 2
+        lines = [json.dumps({"text": t}, ensure_ascii=False) for t in part] + ["{not json"]
+        (d / f"in{f}.jsonl").write_text("\n".join(lines) + "\n")
+    planted = {"distinct": set(base) | {t for _, t in below}, "above": {t for _, t in above}}
+    return d, sorted(str(p) for p in d.glob("*.jsonl")), planted
+
+
+def kept_documents(out: Path) -> list[str]:
+    return [json.loads(line)["text"] for f in sorted(out.glob("part_*.jsonl")) for line in f.open()]
+
+
+def local(tasks: int, workers: int = 1) -> dt.Launch:
+    return dt.Launch(executor="local", tasks=tasks, workers=workers)
+
+
+@pytest.fixture(scope="module")
+def both(corpus, tmp_path_factory):
+    """prepare's output through the embedded path and through datatrove (4 tasks, 2 workers)."""
+    d, files, _ = corpus
+    out = tmp_path_factory.mktemp("prepared")
+    embedded = prepare(files, out / "embedded")
+    datatrove = dt.prepare(files, out / "datatrove", local(4, 2))
+    return out, embedded, datatrove
+
+
+def test_datatrove_and_embedded_keep_the_same_documents(corpus, both):
+    _, _, planted = corpus
+    out, embedded, datatrove = both
+    a, b = kept_documents(out / "embedded"), kept_documents(out / "datatrove")
+    disagree = set(a) ^ set(b)
+    assert len(disagree) <= 0.01 * len(set(a) | set(b)), f"{len(disagree)} documents kept by one path only"
+    for kept in (set(a), set(b)):
+        assert len(planted["above"] & kept) <= 0.05 * len(planted["above"])  # >= 95% of near copies removed
+        assert len(planted["distinct"] - kept) < 0.01 * len(planted["distinct"])  # < 1% of distinct ones
+    assert len(b) == len(set(b))  # the 20 exact copies are gone
+    for key in ("records", "bad", "too_short", "exact_duplicates"):
+        assert embedded["total"][key] == datatrove["total"][key], key
+    assert datatrove["total"] | {"near_duplicates": 0, "kept": 0, "characters": 0} == {
+        "records": 620 + 8 + 4, "bad": 4, "too_short": 8, "exact_duplicates": 20, "near_duplicates": 0, "kept": 0,
+        "characters": 0}
+    assert datatrove["total"]["kept"] == len(b) and datatrove["total"]["characters"] == sum(map(len, b))
+    bad = sorted((out / "datatrove" / "bad_records.txt").read_text().split())
+    assert bad == sorted(str(Path(f).resolve()) + ":" + str(len(Path(f).read_text().splitlines()))
+                         for f in corpus[1])
+    assert not (out / "datatrove" / "datatrove" / "clean").exists()  # the work files are removed
+
+
+def test_kept_documents_stay_in_corpus_order(both):
+    out, _, _ = both
+    a, b = kept_documents(out / "embedded"), kept_documents(out / "datatrove")
+    common = set(a) & set(b)
+    assert [t for t in a if t in common] == [t for t in b if t in common]  # corpus order, both ways
+
+
+def split_documents(tokens_dir: Path, split: str) -> Counter:
+    """Every document of a split (its ids up to and with <eos>) as a multiset."""
+    m = read_manifest(tokens_dir)
+    eos, docs = m["tokenizer"]["eos_id"], Counter()
+    for s in m["shards"]:
+        if s["split"] == split:
+            ids = np.fromfile(tokens_dir / s["file"], dtype=m["dtype"])
+            ends = np.flatnonzero(ids == eos) + 1
+            docs.update(tuple(x) for x in np.split(ids, ends)[:-1])
+    return docs
+
+
+def test_pretokenize_through_datatrove_makes_the_same_documents(both, tmp_path, bpe_tokenizer):
+    out, _, _ = both
+    bpe_tokenizer.save(tmp_path / "tok")
+    parts = [str(out / "datatrove")]  # 4 part files, one per task
+    embedded = pretokenize(parts, str(tmp_path / "tok"), tmp_path / "embedded", val_fraction=0.1)
+    manifest = dt.pretokenize(parts, str(tmp_path / "tok"), tmp_path / "datatrove", local(3, 2), val_fraction=0.1)
+    assert manifest["totals"] == embedded["totals"]
+    assert len({s["file"] for s in manifest["shards"] if s["split"] == "train"}) == 3
+    for split in ("train", "val"):
+        assert split_documents(tmp_path / "datatrove", split) == split_documents(tmp_path / "embedded", split)
+        assert sum(split_documents(tmp_path / "datatrove", split).values()) == manifest["totals"][split]["documents"]
+    windows = TokenWindows(tmp_path / "datatrove", seq_len=32)  # what pretrain reads
+    assert len(windows) == sum(s["tokens"] // 33 for s in manifest["shards"] if s["split"] == "train")
+
+
+def test_pretrain_reads_the_datatrove_shards(both, tmp_path, bpe_tokenizer):
+    from babyllama.config import load_config
+    from babyllama.train.stages import pretrain
+
+    out, _, _ = both
+    bpe_tokenizer.save(tmp_path / "tok")
+    dt.pretokenize([str(out / "datatrove")], str(tmp_path / "tok"), tmp_path / "tokens", local(2), val_fraction=0.1)
+    tiny = ["--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads", "2",
+            "--model.vocab_size", "600", "--model.max_seq_len", "32", "--model.multiple_of", "16",
+            "--max_steps", "2", "--batch_size", "2", "--eval_every", "0", "--save_every", "0", "--warmup_steps", "1"]
+    pretrain(load_config(None, [*tiny, "--data", str(tmp_path / "tokens"), "--out_dir", str(tmp_path / "run")]))
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def outputs(out: Path) -> dict[str, str]:
+    """Every output file's content; stats.json without its timing."""
+    files = {f.name: f.read_text() for f in out.iterdir() if f.is_file()}
+    stats = json.loads(files.pop("stats.json"))
+    stats.pop("seconds")
+    return {**files, "stats.json": json.dumps(stats)}
+
+
+def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeypatch):
+    _, files, _ = corpus
+    out, _, _ = both
+    write_run, finished = dt.WriteParts.run, []
+
+    def dies_on_task_2(self, data, rank=0, world_size=1):
+        if rank == 2:
+            raise RuntimeError("killed")
+        write_run(self, data, rank, world_size)
+        finished.append(rank)
+
+    monkeypatch.setattr(dt.WriteParts, "run", dies_on_task_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        dt.prepare(files, tmp_path / "run", local(4))
+    assert finished == [0, 1] and not (tmp_path / "run" / "stats.json").exists()
+
+    read_calls, read_run = [], dt.ReadCorpus.run
+
+    def counted_read(self, *args, **kwargs):
+        read_calls.append(1)
+        yield from read_run(self, *args, **kwargs)
+
+    def counted_write(self, data, rank=0, world_size=1):
+        write_run(self, data, rank, world_size)
+        finished.append(rank)
+
+    monkeypatch.setattr(dt.ReadCorpus, "run", counted_read)
+    monkeypatch.setattr(dt.WriteParts, "run", counted_write)
+    dt.prepare(files, tmp_path / "run", local(4))
+    assert read_calls == [] and finished == [0, 1, 2, 3]  # finished stages and tasks are skipped
+    assert outputs(tmp_path / "run") == outputs(out / "datatrove")
+
+
+def test_a_run_with_other_settings_is_refused(corpus, tmp_path):
+    _, files, _ = corpus
+    dt.prepare(files[:1], tmp_path, local(1), dedup="none")
+    with pytest.raises(UserError, match=r"other settings \(dedup\)"):
+        dt.prepare(files[:1], tmp_path, local(1), dedup="exact")
+
+
+def fake_slurm(bin_dir: Path, log: Path) -> None:
+    """sbatch that records each script it is given and its arguments; srun that runs its command; scontrol
+    that names this machine."""
+    bin_dir.mkdir()
+    log.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+n=$(ls {log} | wc -l)
+cp "$(eval echo \\${{$#}})" {log}/$n.sh
+echo "$@" > {log}/$n.args
+echo "Submitted batch job $((100 + n))"
+""")
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "$1" != launch_pickled_pipeline ]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")  # show hostnames
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+
+
+def submitted(log: Path) -> list[tuple[int, str, str]]:
+    """(job id, script, sbatch arguments) of each stage's job array, in submission order (datatrove's
+    stats-merging jobs left out)."""
+    jobs = sorted((int(f.stem), f.read_text(), f.with_suffix(".args").read_text()) for f in log.glob("*.sh"))
+    return [(100 + n, s, a) for n, s, a in jobs if "launch_pickled_pipeline" in s]
+
+
+def test_slurm_submits_one_dependent_job_array_per_stage(corpus, tmp_path, monkeypatch):
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert main(["prepare", "--input", *files, "--out_dir", str(tmp_path / "out"), "--engine", "datatrove",
+                 "--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2"]) == 0
+    jobs = submitted(tmp_path / "jobs")
+    names = [s.split("--job-name=babyllama-")[1].split()[0] for _, s, _ in jobs]
+    assert names == ["1_read", "2_exact", "3_unique", "4_buckets", "5_cluster", "6_write", "7_finish"]
+    arrays = [s.split("#SBATCH --array=")[1].split()[0] for _, s, _ in jobs]
+    assert arrays == ["0-1", "0-0", "0-1", "0-8", "0-0", "0-1", "0-0"]  # tasks, 1, tasks, bands, 1, tasks, 1
+    assert all("#SBATCH --partition=cpu" in s and f"source {sys.prefix}/bin/activate" in s for _, s, _ in jobs)
+    assert "--dependency" not in jobs[0][2]
+    for (before, _, _), (_, _, args) in zip(jobs[:-1], jobs[1:], strict=True):
+        assert f"--dependency=afterok:{before}" in args  # every stage waits for the one before
+
+
+def test_slurm_job_scripts_run_on_the_nodes_make_the_same_output(corpus, tmp_path, monkeypatch):
+    """Runs each submitted script as Slurm would (every array index, stage after stage)."""
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    args = ["--input", *files, "--engine", "datatrove", "--dedup", "exact", "--tasks", "2"]
+    assert main(["prepare", *args, "--out_dir", str(tmp_path / "slurm"), "--executor", "slurm",
+                 "--slurm_partition", "cpu"]) == 0
+    assert not (tmp_path / "slurm" / "stats.json").exists()  # submitted, not run
+    for _, script, _ in submitted(tmp_path / "jobs"):
+        n = int(script.split("#SBATCH --array=0-")[1].split()[0]) + 1
+        for i in range(n):
+            env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(i), "RUN_OFFSET": "0", "SLURM_NODELIST": "node1"}
+            r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["prepare", *args, "--out_dir", str(tmp_path / "local")]) == 0
+    slurm, here = outputs(tmp_path / "slurm"), outputs(tmp_path / "local")
+    assert slurm.keys() == here.keys() and len(slurm) == 2 + 2  # stats, bad records, a part per task
+    assert {k: v for k, v in slurm.items() if k != "stats.json"} == {k: v for k, v in here.items() if k != "stats.json"}
+    assert json.loads(slurm["stats.json"])["total"] == json.loads(here["stats.json"])["total"]
+
+
+def test_ray_runs_the_pipeline_on_a_local_instance(corpus, tmp_path):
+    ray = pytest.importorskip("ray")
+    _, files, _ = corpus
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dt.prepare(files, tmp_path / "ray", dt.Launch(executor="ray", tasks=2, workers=2), dedup="exact")
+    finally:
+        ray.shutdown()
+    dt.prepare(files, tmp_path / "local", local(2), dedup="exact")
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+
+
+def test_cli_errors_are_one_sentence(corpus, tmp_path, capsys):
+    _, files, _ = corpus
+    base = ["prepare", "--input", *files, "--out_dir", str(tmp_path), "--engine", "datatrove"]
+    assert main([*base, "--executor", "slurm"]) == 2
+    assert "--executor slurm needs --slurm_partition" in capsys.readouterr().err
+    assert main(["pretokenize", "--input", *files, "--tokenizer", str(tmp_path / "none"), "--out_dir",
+                 str(tmp_path / "t"), "--engine", "datatrove", "--sft", "--max_seq_len", "8"]) == 2
+    assert "embedded engine only" in capsys.readouterr().err
+
+
+def test_tasks_take_contiguous_runs_of_files_by_size():
+    files = [f"f{i}" for i in range(6)]
+    shares = [dt.files_of_task(files, [10, 10, 10, 10, 10, 10], r, 3) for r in range(3)]
+    assert shares == [["f0", "f1"], ["f2", "f3"], ["f4", "f5"]]
+    shares = [dt.files_of_task(files, [100, 1, 1, 1, 1, 1], r, 2) for r in range(2)]
+    assert shares == [["f0"], ["f1", "f2", "f3", "f4", "f5"]]
+    assert [dt.files_of_task(["a"], [5], r, 2) for r in range(2)] == [[], ["a"]]  # an idle task
