@@ -11,6 +11,7 @@ import torch
 from babyllama.checkpoint import save_checkpoint
 from babyllama.data.pretokenize import pretokenize
 from babyllama.data.shards import TokenWindows
+from babyllama.errors import UserError
 from babyllama.evaluate import (
     bleu,
     char_f1,
@@ -21,9 +22,10 @@ from babyllama.evaluate import (
     rouge_l,
     score_mc,
     score_qa,
+    split_continuation,
 )
 from babyllama.report import make_report
-from tests.conftest import generated_corpus, sharp_model, tiny_config
+from tests.conftest import CHATGLM2, generated_corpus, sharp_model, tiny_config
 from tests.test_cli import run_cli
 
 
@@ -55,7 +57,8 @@ def test_qa_reads_every_field_name_and_scores_labels(tmp_path):
     ]
     f = tmp_path / "qa.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
-    items = read_qa(f)
+    items, skipped = read_qa(f)
+    assert skipped == 0
     assert [(i["question"], i["reference"]) for i in items] == [
         ("q1", "正面"), ("q2", "负面"), ("判断：q3", "正面"), ("q4", "正面")]
     for it, pred in zip(items, ["正面", "正面", "正面", "负面"], strict=True):
@@ -64,6 +67,62 @@ def test_qa_reads_every_field_name_and_scores_labels(tmp_path):
     scores = score_qa(items * 2)["qa"]
     assert scores["accuracy"] == 0.5 and scores["majority_baseline"] == 0.75 and scores["items"] == 8
     assert "accuracy" not in score_qa(items)["qa"]
+
+
+def test_qa_items_without_a_reference_are_skipped_and_counted(tmp_path):
+    # BELLE's eval set: std_answer "" on some items; they must not be scored against ""
+    records = [{"question": "q1", "std_answer": "正面"}, {"question": "q2", "std_answer": ""},
+               {"question": "q3", "std_answer": "   "}, {"question": "q4"}, {"question": "q5", "answer": "负面"}]
+    f = tmp_path / "qa.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    items, skipped = read_qa(f)
+    assert [i["question"] for i in items] == ["q1", "q5"] and skipped == 3
+    f.write_text(json.dumps({"question": "q", "std_answer": ""}))
+    with pytest.raises(UserError, match="no QA records with a reference"):
+        read_qa(f)
+
+
+class Recorder:
+    """A scorer that remembers what it was asked to score."""
+
+    def __init__(self):
+        self.calls = []
+
+    def logprob(self, context, continuation):
+        self.calls.append((context, continuation))
+        return -float(len(self.calls))
+
+
+MC_ITEM = {"subject": "net", "question": "哪一个是网络协议", "options": {"A": "IP", "B": "CPU", "C": "RAM", "D": "GPU"},
+           "answer": "A"}
+
+
+def assert_scored_as_in_the_full_text(tok):
+    rec = Recorder()
+    score_mc([MC_ITEM], rec, tok)
+    options = "".join(f"\n{c}. {MC_ITEM['options'][c]}" for c in "ABCD")
+    fulls = [f"{MC_ITEM['question']}{options}\n答案：{c}" for c in "ABCD"]
+    fulls += [f"{MC_ITEM['question']}\n答案：{MC_ITEM['options'][c]}" for c in "ABCD"]
+    for (context, continuation), full in zip(rec.calls, fulls, strict=True):
+        assert context + continuation == tok.encode(full)
+    return rec.calls
+
+
+def test_mc_continuation_is_tokenized_in_its_context_bpe(bpe_tokenizer):
+    assert_scored_as_in_the_full_text(bpe_tokenizer)
+    ctx, cont = split_continuation(bpe_tokenizer, "答案： ", "A")  # a trailing space goes with the answer
+    assert bpe_tokenizer.decode(cont) == " A" and bpe_tokenizer.decode(ctx) == "答案："
+
+
+@pytest.mark.skipif(not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present")
+def test_mc_continuation_is_tokenized_in_its_context_chatglm2():
+    from babyllama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(CHATGLM2)
+    calls = assert_scored_as_in_the_full_text(tok)
+    sp = tok.sp
+    assert calls[0][1] == [sp.piece_to_id("A")] != tok.encode("A") == [sp.piece_to_id("▁A")]
+    assert calls[4][1] == tok.encode("答案：IP")[len(tok.encode("答案：")):] != tok.encode("IP")
 
 
 def test_multiple_choice_with_a_stub_of_known_log_probs(tmp_path, bpe_tokenizer):
@@ -135,7 +194,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     qa = tmp_path / "qa.jsonl"
     questions = [f"这是第{i}个评测问题，请回答" for i in range(8)]
     qa.write_text("\n".join(json.dumps({"question": q, "answer": "正面" if i % 2 else "负面", "task": "sentiment"},
-                                       ensure_ascii=False) for i, q in enumerate(questions)))
+                                       ensure_ascii=False) for i, q in enumerate(questions))
+                  + "\n" + json.dumps({"question": "没有参考答案的题", "std_answer": ""}, ensure_ascii=False))
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"text": "训练文本里混进了" + questions[3] + "这道题"}, ensure_ascii=False))
     (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
@@ -145,7 +205,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     assert "WARNING: 1 eval questions occur verbatim" in r.stdout
     result = json.loads((tiny_run / "run" / "eval" / "eval.json").read_text())
     assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
-    assert result["qa"]["sentiment"]["majority_baseline"] == 0.5
+    assert result["qa"]["sentiment"]["majority_baseline"] == 0.5  # the item without a reference is not in it
+    assert result["qa_skipped_no_reference"] == 1 and "1 QA items have no reference" in r.stdout
     lines = (tiny_run / "run" / "eval" / "items.jsonl").read_text().splitlines()
     assert len(lines) == 9
     (tiny_run / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
@@ -168,10 +229,14 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
 def test_eval_bad_inputs(tmp_path, tiny_run):
     r = run_cli("eval", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"answer": "a"}))
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
+                "--out_dir", str(tmp_path))
+    assert r.returncode == 2 and "needs a question" in r.stderr and "continuations" not in r.stderr  # at once
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}))
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
                 "--out_dir", str(tmp_path))
-    assert r.returncode == 2 and "needs a question" in r.stderr
+    assert r.returncode == 2 and "no QA records with a reference" in r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli("report", str(tmp_path / "empty"))
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()

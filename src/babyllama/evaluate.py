@@ -96,23 +96,30 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_t
 # --- QA ---
 
 
-def read_qa(path: str | Path) -> list[dict]:
-    """{question, reference, task} from records with a question field and a reference field."""
-    items = []
+def read_qa(path: str | Path) -> tuple[list[dict], int]:
+    """{question, reference, task} from records with a question field and a reference field, and the
+    number of records skipped because their reference is missing or blank (nothing to score against:
+    BELLE's eval set has such items). Raises UserError for a record without a question, or when no
+    record has a reference."""
+    items, skipped = [], 0
     for file in expand_inputs([path]):
         for where, r in iter_records(file):
             r = r or {}
             question = next((r[k] for k in QUESTION_KEYS if isinstance(r.get(k), str)), None)
             if question is None and isinstance(r.get("instruction"), str):
                 question = r["instruction"] + (r.get("input") or "")
-            reference = next((r[k] for k in REFERENCE_KEYS if isinstance(r.get(k), str)), None)
-            if question is None or reference is None:
-                raise UserError(f"{where}: a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction"
-                                f"+input) and a reference ({', '.join(REFERENCE_KEYS)}).")
+            if question is None:
+                raise UserError(f"{where}: a QA record needs a question ({', '.join(QUESTION_KEYS)} or "
+                                f"instruction+input) and a reference ({', '.join(REFERENCE_KEYS)}).")
+            reference = next((r[k] for k in REFERENCE_KEYS if isinstance(r.get(k), str) and r[k].strip()), None)
+            if reference is None:
+                skipped += 1
+                continue
             items.append({"question": question, "reference": reference, "task": str(r.get("task", "qa"))})
     if not items:
-        raise UserError(f"{path} holds no QA records.")
-    return items
+        raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}); "
+                        f"{skipped} had none or an empty one.")
+    return items, skipped
 
 
 def answer(model, tokenizer: Tokenizer, question: str, max_new_tokens: int = 128) -> str:
@@ -219,18 +226,29 @@ class ModelScorer:
         return float(logp.gather(1, torch.tensor(continuation, device=logp.device)[:, None]).sum())
 
 
+def split_continuation(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Ids of the context, and of the continuation as it is tokenized after the context in the full text:
+    encode(context + continuation) from len(encode(context)) on, with the context's trailing spaces moved
+    to the continuation (lm-evaluation-harness's `_encode_pair`). Encoding the continuation alone would
+    give SentencePiece's word-initial piece (`▁A`) where the full text has `A`."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = tokenizer.encode(context)
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):] or [tokenizer.eos_id]
+
+
 def score_mc(items: list[dict], scorer, tokenizer: Tokenizer) -> tuple[dict, list[dict]]:
     """Accuracy by letter and by option text (log-likelihood per token), overall and per subject."""
     results = []
     for it in progress(items, desc="multiple choice", unit=" item"):
         options = "".join(f"\n{c}. {it['options'][c]}" for c in LETTERS)
-        letter_ctx = tokenizer.encode(f"{it['question']}{options}\n答案：")
-        text_ctx = tokenizer.encode(f"{it['question']}\n答案：")
-        by_letter = {c: scorer.logprob(letter_ctx, tokenizer.encode(c)) for c in LETTERS}
+        by_letter = {c: scorer.logprob(*split_continuation(tokenizer, f"{it['question']}{options}\n答案：", c))
+                     for c in LETTERS}
         by_text = {}
         for c in LETTERS:
-            ids = tokenizer.encode(it["options"][c]) or [tokenizer.eos_id]
-            by_text[c] = scorer.logprob(text_ctx, ids) / len(ids)
+            context, ids = split_continuation(tokenizer, f"{it['question']}\n答案：", it["options"][c])
+            by_text[c] = scorer.logprob(context, ids) / len(ids)
         results.append({**it, "letter_choice": max(by_letter, key=by_letter.get),
                         "text_choice": max(by_text, key=by_text.get)})
 
@@ -268,6 +286,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
              max_new_tokens: int = 128, limit: int = 0, device: str = "cpu") -> dict:
     from babyllama.checkpoint import load_checkpoint
 
+    qa_items, no_reference = read_qa(qa) if qa else ([], 0)  # bad eval files fail before any work
+    mc_items = read_mc(mc) if mc else []
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,13 +302,16 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         prompt_list = [x for x in Path(prompts).read_text(encoding="utf-8").splitlines() if x.strip()]
     result["continuations"] = continuations(model, tokenizer, prompt_list)
     if qa:
-        qa_items = read_qa(qa)[: limit or None]
+        qa_items = qa_items[: limit or None]
+        if no_reference:
+            print(f"note: {no_reference} QA items have no reference (missing or empty) and are not scored.")
         for it in progress(qa_items, desc="QA", unit=" item"):
             it["prediction"] = answer(model, tokenizer, it["question"], max_new_tokens)
         result["qa"] = score_qa(qa_items)
+        result["qa_skipped_no_reference"] = no_reference
         items += [{"kind": "qa", **it} for it in qa_items]
     if mc:
-        mc_items = read_mc(mc)[: limit or None]
+        mc_items = mc_items[: limit or None]
         result["mc"], scored = score_mc(mc_items, ModelScorer(model), tokenizer)
         items += [{"kind": "mc", **it} for it in scored]
     if train_data and (qa or mc):
