@@ -117,3 +117,15 @@ def test_a_damaged_cache_stops_with_one_sentence(demo_sft, tmp_path, damage):
         ids.write_bytes(ids.read_bytes()[:-2])
     with pytest.raises(UserError, match="damaged"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
+
+
+def test_records_with_an_empty_answer_are_skipped_and_counted(demo_sft, tmp_path):
+    records = [{"instruction": "问一", "output": "答一"}, {"instruction": "问二", "output": ""},
+               {"instruction": "问三", "input": "补充", "output": "   "}, {"prompt": "问四", "answer": "答四"},
+               {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": ""},
+                                  {"role": "user", "content": "在吗"}, {"role": "assistant", "content": "在"}]}]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    settings = SFTSettings(max_len=64, val_fraction=0.0)
+    manifest = build_sft_cache([tmp_path / "sft.jsonl"], demo_sft / "tok", tmp_path / "c", settings)
+    s = manifest["stats"]
+    assert (s["records"], s["bad"], s["empty_answers"], s["samples"]) == (5, 0, 3, 2)

@@ -16,7 +16,8 @@ Records and OpenAI `messages` become a conversation by one set of rules:
   * the first message after the system text must be the user's: a conversation that starts with
     the assistant is refused;
   * for training it must end with an answer, for generation with the user's message;
-  * an empty answer is kept: it trains the model to say only <eos>.
+  * a conversation keeps an empty answer; SFT skips such a record (data/sft_tokens.py counts it),
+    since it would teach the model to answer with <eos> alone.
 
 Truncation, when a conversation is longer than max_len tokens, cuts in this order:
   1. whole turns, oldest first (the system text and the last turn always stay);

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 1  # of the chat format and this layout: a new version never reuses an old cache
+VERSION = 2  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -75,6 +75,7 @@ class SFTStats:
     records: int = 0
     bad: int = 0
     filtered: int = 0  # by the length filters
+    empty_answers: int = 0  # an answer that is empty or only spaces: it would teach <eos> alone
     truncated: int = 0
     samples: int = 0
     val_samples: int = 0
@@ -106,6 +107,9 @@ def _render(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict
         except ValueError as e:
             counts["bad"] += 1
             bad.append(f"{where}: {e}")
+            continue
+        if any(not a.strip() for _, a in conv.turns):
+            counts["empty_answers"] += 1
             continue
         if not all(settings.fits(u, a) for u, a in conv.turns):
             counts["filtered"] += 1
@@ -167,6 +171,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             stats.records += len(batch)
             stats.bad += r["counts"]["bad"]
             stats.filtered += r["counts"]["filtered"]
+            stats.empty_answers += r["counts"]["empty_answers"]
             stats.truncated += r["counts"]["truncated"]
             stats.val_samples += int(r["val"].sum())
             stats.samples += int((~r["val"]).sum())
@@ -183,7 +188,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     if stats.bad > len(stats.bad_examples):
         log.warning("... and %d more bad SFT records (%d in all)", stats.bad - len(stats.bad_examples), stats.bad)
     if stats.samples == 0:
-        detail = f"{stats.records} read, {stats.bad} bad, {stats.filtered} filtered by length"
+        detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
+                  f"{stats.filtered} filtered by length")
         if stats.val_samples:
             raise UserError(f"every SFT sample landed in the validation split ({detail}); lower --val_fraction.")
         raise UserError(f"no usable SFT records in {', '.join(map(str, paths))} ({detail}).")

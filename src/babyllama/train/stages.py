@@ -115,7 +115,8 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
         workers = t.data_workers or os.cpu_count() or 1
         train_data, val_data, stats = load_sft_data(paths, tok_path, cache, settings, t.pack, dist, workers)
         if dist.main:
-            print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.filtered} filtered by length, "
+            print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
+                  f"{stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
         return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "sft")
     finally:
