@@ -114,3 +114,23 @@ def test_prepare_all_bad_fails_and_cli_exit_codes(tmp_path):
     assert r.returncode == 2 and "unknown format" in r.stderr
     r = run_cli("prepare", "--input", str(good), "--out_dir", str(tmp_path / "o6"))
     assert r.returncode == 0 and json.loads(r.stdout)["kept"] == 1
+
+
+PARAGRAPH = ("长城是中国古代的军事防御工程，是一道高大、坚固而且连绵不断的长垣，用以限隔敌骑的行动。"
+             "长城不是一道单纯孤立的城墙，而是以城墙为主体，同大量的城、障、亭、标相结合的防御体系。"
+             "长城修筑的历史可上溯到西周时期，发生在首都镐京的著名典故“烽火戏诸侯”就源于此，历代都有修筑过。")
+
+
+@pytest.mark.parametrize("dedup", ["exact", "minhash"])
+def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates(tmp_path, dedup):
+    half_width = PARAGRAPH.translate(str.maketrans("，。、“”", ",.,\"\""))
+    spaced = PARAGRAPH.replace("，", "， ")
+    differs = PARAGRAPH.replace("长城", "运河")  # really another text: 8 characters changed
+    assert len(PARAGRAPH) == 134 and differs != PARAGRAPH
+    wide, narrow = "ＡＢＣ全角字母与数字１２３的一段话。", "abc全角字母与数字123的一段话."
+    docs = [PARAGRAPH, half_width, spaced, wide, narrow, differs]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs))
+    stats = prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", dedup=dedup)
+    kept = [json.loads(x)["text"] for x in (tmp_path / "out" / "part_00000.jsonl").read_text().splitlines()]
+    assert kept == [PARAGRAPH, docs[3], differs]  # the first copy, as written
+    assert stats["total"]["exact_duplicates"] == 3

@@ -298,3 +298,12 @@ def test_tasks_take_contiguous_runs_of_files_by_size():
     shares = [dt.files_of_task(files, [100, 1, 1, 1, 1, 1], r, 2) for r in range(2)]
     assert shares == [["f0"], ["f1", "f2", "f3", "f4", "f5"]]
     assert [dt.files_of_task(["a"], [5], r, 2) for r in range(2)] == [[], ["a"]]  # an idle task
+
+
+def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates_on_datatrove(tmp_path):
+    from tests.test_clean import PARAGRAPH
+
+    docs = [PARAGRAPH, PARAGRAPH.replace("，", ","), PARAGRAPH.replace("，", "， "), PARAGRAPH.replace("长城", "运河")]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs))
+    stats = dt.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", local(1))
+    assert kept_documents(tmp_path / "out") == [PARAGRAPH, docs[3]] and stats["total"]["exact_duplicates"] == 2

@@ -9,10 +9,12 @@ every record that was skipped). Everything is deterministic: the first copy of a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +40,33 @@ def normalize(text: str) -> str:
     text = _CONTROL.sub("", text)
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def _dropped(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "ZP" or ch.isspace()
+
+
+@functools.cache
+def _key_table() -> np.ndarray:
+    """(65536,) uint32: what each BMP character becomes in a dedup key: its NFKC, case-folded form where
+    that is one character (full-width Ａ１，→ a1,), and 0, dropped, for whitespace and punctuation."""
+    table = np.arange(1 << 16, dtype=np.uint32)
+    for c in range(1 << 16):
+        folded = unicodedata.normalize("NFKC", chr(c)).casefold()
+        if len(folded) == 1:
+            table[c] = ord(folded)
+        table[c] = 0 if _dropped(chr(table[c])) else table[c]
+    return table
+
+
+def dedup_key(text: str) -> str:
+    """What exact and near deduplication compare: the text with full-width letters, digits and
+    punctuation folded to half-width (NFKC, per character), case-folded, and its whitespace and
+    punctuation (Unicode Z*, P*) removed, so that copies that differ only in width, punctuation or
+    spacing meet. The kept text stays as written. Vectorised over UTF-32 codes: ~10 us a document."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    mapped = np.where(codes < 1 << 16, _key_table()[np.minimum(codes, (1 << 16) - 1)], codes)
+    return mapped[mapped != 0].tobytes().decode("utf-32-le", "surrogatepass")
 
 
 class HashSets:
@@ -250,7 +279,7 @@ def clean_documents(
     documents: (source, text) pairs; stats gets one SourceStats per source.
     """
     check_dedup(dedup, threshold)
-    seen = HashSets(1)  # exact duplicates: 64 bits of blake2b of the text
+    seen = HashSets(1)  # exact duplicates: 64 bits of blake2b of the dedup key
     near = NearDuplicateIndex(threshold) if dedup == "minhash" else None
     for source, raw in documents:
         s = stats.setdefault(source, SourceStats())
@@ -258,12 +287,13 @@ def clean_documents(
         if not long_enough(text, min_chars):
             s.too_short += 1
             continue
+        key = dedup_key(text) if dedup != "none" else ""
         if dedup != "none":
-            key = np.frombuffer(hashlib.blake2b(text.encode(), digest_size=8).digest(), dtype=np.uint64) | 1
-            if seen.add_unless_any(key):
+            hashed = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=8).digest(), dtype=np.uint64) | 1
+            if seen.add_unless_any(hashed):
                 s.exact_duplicates += 1
                 continue
-        if near is not None and near.seen_before(text):
+        if near is not None and near.seen_before(key):
             s.near_duplicates += 1
             continue
         s.kept += 1

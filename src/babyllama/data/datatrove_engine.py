@@ -62,6 +62,7 @@ from babyllama.data.clean import (
     ShardWriter,
     SourceStats,
     check_dedup,
+    dedup_key,
     long_enough,
     lsh_bands,
     normalize,
@@ -314,11 +315,11 @@ class FinishTokens(PipelineStep):
 
 
 class Characters(WordTokenizer):
-    """Chinese has no spaces: MinHash shingles are n-grams of characters (datatrove's own Chinese word
-    tokenizer would need spaCy)."""
+    """Chinese has no spaces: MinHash shingles are n-grams of the characters of the dedup key, as in the
+    embedded path (datatrove's own Chinese word tokenizer would need spaCy)."""
 
     def word_tokenize(self, text: str) -> list[str]:
-        return list(text)
+        return list(dedup_key(text))
 
     def sent_tokenize(self, text: str) -> list[str]:
         return [text]
@@ -327,8 +328,8 @@ class Characters(WordTokenizer):
         return [(0, len(text))]
 
 
-def document_text(doc: Document) -> str:
-    return doc.text
+def document_key(doc: Document) -> str:
+    return dedup_key(doc.text)
 
 
 def earlier_task_first(doc: Document) -> int:
@@ -337,7 +338,7 @@ def earlier_task_first(doc: Document) -> int:
     return 65535 - int(doc.id.split("/")[0])
 
 
-EXACT = ExactDedupConfig(content_getter=document_text, document_priority=earlier_task_first,
+EXACT = ExactDedupConfig(content_getter=document_key, document_priority=earlier_task_first,
                          hash_config=HashConfig(precision=64, hash_fc="xxhash"))
 
 
