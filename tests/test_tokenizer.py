@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from babyllama.errors import UserError
-from babyllama.tokenizer import load_tokenizer, token_dtype
+from babyllama.tokenizer import MAX_RUN, load_tokenizer, token_dtype, train_bpe, training_pre_tokenizer
 from tests.conftest import CHATGLM2, ROUNDTRIP_TEXTS, generated_corpus
 
 
@@ -28,6 +28,26 @@ def test_bpe_learns_merges_and_specials(bpe_tokenizer):
     assert len(ids) < 0.6 * len(doc.encode())  # merges compress below one id per byte
     assert len(bpe_tokenizer.encode(" the")) == 1  # frequent words become one token
     assert bpe_tokenizer.decode(ids) == doc
+
+
+def test_training_pre_tokens_are_gpt2_with_runs_of_at_most_max_run_characters(bpe_tokenizer):
+    from tokenizers import pre_tokenizers
+
+    split = training_pre_tokenizer().pre_tokenize_str
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
+    for text in [*ROUNDTRIP_TEXTS, "Hello world, don't  stop 12345!!", "  \n\n  a"]:
+        assert split(text) == gpt2(text)  # runs shorter than MAX_RUN: GPT-2's split exactly
+    run = "长城" * 50 + "！" * 40 + "7" * 40
+    pieces = [bpe_tokenizer.tok.decoder.decode([p]) for p, _ in split(run)]
+    assert "".join(pieces) == run and max(map(len, pieces)) == MAX_RUN
+    assert [len(p) for p in pieces] == [16] * 6 + [4] + [16, 16, 8] + [16, 16, 8]
+    assert bpe_tokenizer.tok.pre_tokenizer.pre_tokenize_str(run) == gpt2(run)  # encoding: GPT-2's, as exported
+
+
+def test_bpe_trains_on_one_long_unpunctuated_run_and_stays_lossless():
+    run = "".join(generated_corpus(30, seed=5)).replace("。", "").replace(" ", "")  # ~1,500 characters
+    tok = train_bpe([run * 20], 400)  # one run of ~30,000 characters: seconds before, now instant
+    assert tok.decode(tok.encode(run)) == run and len(tok.encode(run)) < len(run.encode())
 
 
 def test_bpe_save_load_keeps_ids_and_fingerprint(bpe_tokenizer, tmp_path):
