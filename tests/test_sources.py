@@ -122,3 +122,148 @@ def test_forced_format_and_bad_inputs(tmp_path):
     (tmp_path / "x.docx").write_text("?")
     with pytest.raises(UserError, match="unknown file type .docx"):
         list(CorpusReader([tmp_path / "x.docx"]).documents())
+
+
+# --- encodings, any record size, and a fuzz test over every reader ---
+
+GOOD = [f"第{i}篇：长城始建于春秋战国时期，“秦时明月汉时关”。" for i in range(1000)]
+
+
+def test_a_gbk_csv_is_read_as_gbk_with_a_note(tmp_path, caplog):
+    rows = "prompt,answer\n请介绍一下长城的历史。,长城始建于春秋战国时期。\n黄河有多长？,约五千四百六十四公里。\n"
+    (tmp_path / "sft_data.csv").write_bytes(rows.encode("gbk"))  # what Excel writes on a Chinese Windows
+    reader = CorpusReader([tmp_path / "sft_data.csv"])
+    assert list(reader.documents()) == ["请介绍一下长城的历史。长城始建于春秋战国时期。",
+                                        "黄河有多长？约五千四百六十四公里。"]
+    assert reader.totals() == (2, 0)
+    assert "not UTF-8; reading it as gb18030" in caplog.text and "iconv -f gb18030 -t utf-8" in caplog.text
+
+
+def test_gbk_json_lines_and_array_and_utf16_are_read_right(tmp_path):
+    texts = GOOD[:20]
+    lines = "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts)
+    (tmp_path / "a.jsonl").write_bytes(lines.encode("gbk"))
+    (tmp_path / "b.json").write_bytes(json.dumps([{"text": t} for t in texts], ensure_ascii=False).encode("gb18030"))
+    (tmp_path / "c.txt").write_bytes("\r\n".join(texts).encode("utf-16"))  # Excel's "Unicode text": BOM, CRLF
+    for name in ("a.jsonl", "b.json", "c.txt"):
+        reader = CorpusReader([tmp_path / name])
+        assert list(reader.documents()) == texts and reader.totals() == (20, 0), name
+
+
+def test_sft_reads_a_gbk_csv_as_gbk(tmp_path, bpe_tokenizer):
+    from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+    from babyllama.train.distributed import Dist
+    from babyllama.train.sft_data import load_sft_data
+
+    rows = "prompt,answer\n" + "".join(f"问题{i}：长城有多长？,长城约两万一千公里。\n" for i in range(10))
+    (tmp_path / "sft.csv").write_bytes(rows.encode("gbk"))
+    bpe_tokenizer.save(tmp_path / "tok")
+    settings = SFTSettings(max_len=64, val_fraction=0.0)
+    build_sft_cache([tmp_path / "sft.csv"], tmp_path / "tok", tmp_path / "c", settings)
+    train, _, stats = load_sft_data([tmp_path / "sft.csv"], tmp_path / "tok", tmp_path / "c", settings, False, Dist())
+    ids, mask = train.sample(0)
+    assert stats.samples == 10 and bpe_tokenizer.decode(ids[mask == 1].tolist()[:-1]) == "长城约两万一千公里。"
+
+
+def test_bytes_that_are_no_text_stop_with_one_sentence(tmp_path):
+    import random
+
+    rng = random.Random(1)
+    (tmp_path / "x.jsonl").write_bytes(bytes(rng.randrange(128, 256) for _ in range(5000)))
+    with pytest.raises(UserError, match="not text in any encoding"):
+        list(CorpusReader([tmp_path / "x.jsonl"]).documents())
+
+
+def bad_jsonl_lines(rng):
+    """Malformed JSON-lines records of many shapes, each a bad record."""
+    good = json.dumps({"text": "好"}, ensure_ascii=False).encode()
+    return [good[: rng.randrange(1, len(good) - 1)], b'{"text": 5}', b"[1, 2]", b'"a string"', b"null",
+            b'{"txt": "missing field"}', b'{"text": "a\x00b"}', b'{"text": "\xff\xfe\xfd"}', b'{"text": "a\\ud800b"}',
+            b"[" * 100_000, b'{"text": "' + b"x" * 3000 + b'"}', b'{"text": ["list"]}', b"\x00\x00\x00"]
+
+
+def fuzz_file(rng, n: int, good: list[str], shapes) -> tuple[bytes, list[str], list[int]]:
+    """n lines, good ones and bad shapes mixed, some CRLF, some blank: (bytes, good texts, bad line numbers)."""
+    lines, texts, bad = [], [], []
+    for lineno in range(1, n + 1):
+        if rng.random() < 0.05:
+            lines.append(b"")  # blank: not a record
+        elif rng.random() < 0.3:
+            lines.append(rng.choice(shapes))
+            bad.append(lineno)
+        else:
+            texts.append(good[len(texts)])
+            lines.append(json.dumps({"text": texts[-1]}, ensure_ascii=rng.random() < 0.2).encode())
+    data = b"".join(line + rng.choice([b"\n", b"\r\n"]) for line in lines)
+    return b"\xef\xbb\xbf" + data, texts, bad
+
+
+def test_fuzz_every_reader_counts_every_bad_record_and_loses_no_good_one(tmp_path, monkeypatch):
+    import io
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    import babyllama.data.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 2000)  # so that a "huge" line is cheap to make
+    rng = random.Random(0)
+    expected: dict[str, tuple[list[str], list[str]]] = {}  # file -> (good texts, bad locations)
+    shapes = bad_jsonl_lines(rng)
+    for name, compress in (("a.jsonl", bytes), ("b.jsonl.gz", gzip.compress),
+                           ("c.jsonl.zst", zstandard.ZstdCompressor().compress)):
+        data, texts, bad = fuzz_file(rng, 300, GOOD[len(expected) * 300:], shapes)
+        (tmp_path / name).write_bytes(compress(data))
+        expected[name] = texts, [f"{tmp_path / name}:{n}" for n in bad]
+    lines, texts, bad = [], [], []  # text lines: bad are undecodable or too long
+    for lineno in range(1, 201):
+        if rng.random() < 0.2:
+            lines.append(rng.choice([b"\xff\xfe\xfa broken", b"y" * 2500]))
+            bad.append(f"{tmp_path / 'd.txt'}:{lineno}")
+        else:
+            texts.append(GOOD[900 - lineno])
+            lines.append(texts[-1].encode())
+    (tmp_path / "d.txt").write_bytes(b"\r\n".join(lines) + b"\r\n")
+    expected["d.txt"] = texts, bad
+    out = io.StringIO()  # CSV: quoted commas, newlines and quotes in cells, a huge cell, ragged rows
+    out.write("id,text\n")
+    texts, bad = [], []
+    for row in range(1, 101):
+        kind = rng.random()
+        if kind < 0.15:
+            out.write(f"{row}\n")  # no text cell
+            bad.append(f"{tmp_path / 'e.csv'}:row {row}")
+        else:
+            text = GOOD[row] + ("，又及\n“引号”" if kind < 0.3 else "") + ("字" * 200_000 if row == 50 else "")
+            out.write(f'{row},"{text.replace(chr(34), chr(34) * 2)}"' + (",extra" if kind > 0.9 else "") + "\n")
+            texts.append(text)
+    (tmp_path / "e.csv").write_text(out.getvalue(), encoding="utf-8")
+    expected["e.csv"] = texts, bad
+    items = [{"text": t} for t in GOOD[:40]]  # a JSON array with wrong items, cut at the end
+    body = json.dumps(items[:20] + [5, {"text": None}, ["x"]] + items[20:], ensure_ascii=False)
+    (tmp_path / "f.json").write_text(body[: body.rindex("{")] + '{"text": "cut', encoding="utf-8")
+    expected["f.json"] = GOOD[:39], [f"{tmp_path / 'f.json'}:item {i}" for i in (21, 22, 23, 43)]
+    pq.write_table(pa.table({"text": [GOOD[i] if i % 7 else None for i in range(50)]}), tmp_path / "g.parquet")
+    expected["g.parquet"] = [GOOD[i] for i in range(50) if i % 7], [
+        f"{tmp_path / 'g.parquet'}:row {i + 1}" for i in range(0, 50, 7)]
+
+    log = io.StringIO()
+    reader = CorpusReader([tmp_path], bad_log=log)
+    docs = list(reader.documents_with_source())
+    for name, (texts, bad) in expected.items():
+        path = str(tmp_path / name)
+        assert [t for src, t in docs if src == path] == texts, name  # every good record, in order
+        assert reader.stats[path].bad == len(bad), name
+        assert [w for w in log.getvalue().splitlines() if w.startswith(path + ":")] == bad, name
+
+
+def test_a_cut_gz_keeps_what_came_before_and_counts_one_bad_record(tmp_path):
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in GOOD).encode()
+    blob = gzip.compress(data)
+    (tmp_path / "x.jsonl.gz").write_bytes(blob[: len(blob) // 2])  # a download cut half way
+    reader = CorpusReader([tmp_path / "x.jsonl.gz"])
+    docs = list(reader.documents())
+    assert docs == GOOD[: len(docs)] and 0 < len(docs) < len(GOOD)
+    assert reader.stats[str(tmp_path / "x.jsonl.gz")].bad == 1

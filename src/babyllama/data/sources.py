@@ -16,8 +16,11 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import logging
+import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +72,11 @@ def text_of_wudao(r: dict) -> str | None:
 
 
 def text_of_instruction(r: dict) -> str | None:
-    """As pretraining text, the recipe's way: the question followed directly by the answer."""
+    """As pretraining text, the recipe's way: the question followed directly by the answer (an
+    instruction record, or a prompt/answer row of the recipe's sft_data.csv)."""
     pair = instruction_pair(r)
+    if pair is None and isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str):
+        pair = r["prompt"], r["answer"]
     return None if pair is None else pair[0] + pair[1]
 
 
@@ -97,7 +103,7 @@ def detect_schema(record: dict) -> str | None:
         return "wiki"
     if "sections" in keys:
         return "baike"
-    if {"instruction", "output"} <= keys:
+    if {"instruction", "output"} <= keys or {"prompt", "answer"} <= keys:
         return "instruction"
     if "content" in keys:
         return "wudao"
@@ -109,18 +115,65 @@ def detect_schema(record: dict) -> str | None:
 # --- file shapes: each yields (location, record) where record is a dict, or None when it is bad ---
 
 
-def open_binary(path: Path) -> io.BufferedReader:
+MAX_RECORD_CHARS = 1 << 26  # a line longer than 64 Mi characters is a bad record, skipped unread
+SNIFF_BYTES = 1 << 16  # the encoding is decided on the first 64 KiB
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
     """A buffered binary stream of the file, decompressed, with a UTF-8 byte-order mark skipped."""
-    if path.suffix == ".gz":
-        raw = gzip.open(path, "rb")
+    if path.suffix == ".gz":  # buffered already; a second 1 MiB buffer would read into damage before it yields
+        f = gzip.open(path, "rb")
     elif path.suffix == ".zst":
         raw = require("zstandard", "data").ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+        f = io.BufferedReader(raw, buffer_size=1 << 20)
     else:
-        raw = path.open("rb", buffering=0)
-    f = io.BufferedReader(raw, buffer_size=1 << 20)
+        f = io.BufferedReader(path.open("rb", buffering=0), buffer_size=1 << 20)
     if f.peek(3)[:3] == b"\xef\xbb\xbf":
         f.read(3)
     return f
+
+
+def _mostly_utf8(sample: bytes) -> bool:
+    """UTF-8, perhaps with a character cut at the end of the sample or some damaged lines: more valid
+    non-ASCII characters than invalid bytes (GBK text makes mostly invalid ones), and not UTF-16."""
+    if sample.count(b"\x00") > len(sample) // 10:  # UTF-16 or UTF-32 without a byte-order mark
+        return False
+    text = sample.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd")
+    non_ascii = len(text) - len(text.encode("ascii", errors="ignore"))
+    return invalid <= 3 or non_ascii - invalid >= invalid
+
+
+def _sample(path: Path) -> bytes:
+    """Up to SNIFF_BYTES of the decompressed file; of a damaged one, what comes before the damage."""
+    sample = bytearray()
+    try:
+        with open_binary(path) as f:
+            while len(sample) < SNIFF_BYTES and (chunk := f.read(4096)):
+                sample += chunk
+    except _read_errors():
+        pass
+    return bytes(sample[:SNIFF_BYTES])
+
+
+def file_encoding(path: Path) -> str:
+    """"utf-8", or the encoding that charset-normalizer finds in the file's first 64 KiB (GBK, Big5,
+    UTF-16 ... as Excel and Chinese Windows write them), with a warning that says so. Raises UserError
+    when the bytes fit no encoding."""
+    sample = _sample(path)
+    if _mostly_utf8(sample):
+        return "utf-8"
+    best = require("charset_normalizer", "data").from_bytes(sample).best()
+    if best is None:
+        raise UserError(f"{path} is not text in any encoding charset-normalizer knows; convert it to UTF-8.")
+    log.warning("%s: not UTF-8; reading it as %s (detected). To convert it: iconv -f %s -t utf-8",
+                path, best.encoding, best.encoding)
+    return best.encoding
+
+
+def _text(path: Path, encoding: str) -> io.TextIOWrapper:
+    """The decoded file; bytes that do not decode become lone surrogates, which make their record bad."""
+    return io.TextIOWrapper(open_binary(path), encoding=encoding, errors="surrogateescape", newline="")
 
 
 def data_suffix(path: Path) -> str:
@@ -131,39 +184,58 @@ def data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) of each non-blank line; text is None where the bytes are not UTF-8."""
-    with open_binary(path) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                text = line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
+def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each non-blank line; text is None for a line over MAX_RECORD_CHARS, whose
+    rest is skipped without holding it."""
+    with _text(path, encoding) as f:
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_RECORD_CHARS)
+            if not line:
+                return
+            if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
+                while (rest := f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
+                    pass
                 yield lineno, None
-                continue
-            if text.strip():
-                yield lineno, text
+            elif line.strip():
+                yield lineno, line.rstrip("\r\n")
 
 
-def _first_byte(path: Path) -> bytes:
-    with open_binary(path) as f:
-        return f.read(4096).lstrip(b" \t\r\n")[:1]
-
-
-def records_jsonl(path: Path) -> Iterator[tuple[str, dict | None]]:
-    for lineno, line in _lines(path):
+def records_jsonl(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+    for lineno, line in _lines(path, encoding):
         record = None
         if line is not None:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 pass
         yield f"{path}:{lineno}", record if isinstance(record, dict) else None
 
 
-def records_json_array(path: Path) -> Iterator[tuple[str, dict | None]]:
+class _Utf8(io.RawIOBase):
+    """A text stream as UTF-8 bytes, for ijson, which reads bytes (a lone surrogate fails its parse)."""
+
+    def __init__(self, text: io.TextIOBase):
+        self.text, self.pending = text, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while len(self.pending) < len(buffer):
+            chunk = self.text.read(1 << 16)
+            if not chunk:
+                break
+            self.pending += chunk.encode("utf-8", errors="surrogatepass")
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+
+def records_json_array(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
     """Items of one top-level JSON array, streamed; a syntax error ends the file (counted once)."""
     ijson = require("ijson", "data")
-    with open_binary(path) as f:
+    with _text(path, encoding) as text:
+        f = text.buffer if encoding == "utf-8" else io.BufferedReader(_Utf8(text))
         i = 0
         try:
             for i, item in enumerate(ijson.items(f, "item", use_float=True), 1):
@@ -173,12 +245,12 @@ def records_json_array(path: Path) -> Iterator[tuple[str, dict | None]]:
             yield f"{path}:item {i + 1}", None
 
 
-def records_text(path: Path) -> Iterator[tuple[str, dict | None]]:
-    for lineno, line in _lines(path):
+def records_text(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+    for lineno, line in _lines(path, encoding):
         yield f"{path}:{lineno}", None if line is None else {"text": line}
 
 
-def records_parquet(path: Path) -> Iterator[tuple[str, dict | None]]:
+def records_parquet(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
     pq = require("pyarrow.parquet", "data")
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
@@ -187,22 +259,54 @@ def records_parquet(path: Path) -> Iterator[tuple[str, dict | None]]:
             yield f"{path}:row {row}", record
 
 
-def records_csv(path: Path) -> Iterator[tuple[str, dict | None]]:
-    with open_binary(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-        for row, record in enumerate(csv.DictReader(text), 1):
+def records_csv(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+    """Rows as dicts by the header; a cell of any size is read, a row the csv module refuses is bad."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with _text(path, encoding) as text:
+        rows = csv.DictReader(text)
+        for row in itertools.count(1):
+            try:
+                record = next(rows)
+            except StopIteration:
+                return
+            except csv.Error:
+                record = None
             yield f"{path}:row {row}", record
 
 
+READERS = {".jsonl": records_jsonl, ".txt": records_text, ".parquet": records_parquet, ".csv": records_csv}
+
+
 def iter_records(path: Path) -> Iterator[tuple[str, dict | None]]:
+    """(location, record) of every record of a file, record None where it is bad. A file that cannot
+    be read to its end (a corrupted .gz or .zst, a damaged parquet) gives one bad record there."""
     suffix = data_suffix(path)
-    if suffix in (".jsonl", ".json"):
-        first = _first_byte(path)
-        return records_json_array(path) if first == b"[" else records_jsonl(path)
-    readers = {".txt": records_text, ".parquet": records_parquet, ".csv": records_csv}
-    if suffix not in readers:
+    if suffix not in (*READERS, ".json"):
         raise UserError(f"{path}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}.")
-    return readers[suffix](path)
+    if suffix == ".parquet":
+        return _to_the_end(path, records_parquet(path, "utf-8"))
+    encoding = file_encoding(path)
+    if suffix in (".jsonl", ".json"):
+        first = _sample(path).decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
+        reader = records_json_array if first == "[" else records_jsonl
+        return _to_the_end(path, reader(path, encoding))
+    return _to_the_end(path, READERS[suffix](path, encoding))
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged file raises while it is read: gzip, zlib, zstandard, pyarrow (OSError, ValueError)."""
+    zstd = sys.modules.get("zstandard")
+    return (OSError, EOFError, ValueError, zlib.error, *((zstd.ZstdError,) if zstd else ()))
+
+
+def _to_the_end(path: Path, records: Iterator[tuple[str, dict | None]]) -> Iterator[tuple[str, dict | None]]:
+    where = f"{path}:start"
+    try:
+        for where, record in records:
+            yield where, record
+    except _read_errors() as e:
+        log.warning("%s: cannot be read after %s (%s); the rest of the file is skipped", path, where, e)
+        yield f"{path}:after {where.rsplit(':', 1)[-1]}", None
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
