@@ -82,3 +82,12 @@ def logged_losses(out: Path) -> dict[int, float]:
     import json
 
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r}
+
+
+def favours_control_ids(model, favoured: dict[int, float]):
+    """The model with its logits raised by `favoured` ({id: amount}), as an SFT model that ranks <s> first."""
+    bias = torch.zeros(model.cfg.vocab_size)
+    for i, amount in favoured.items():
+        bias[i] = amount
+    model.output.register_forward_hook(lambda module, inputs, logits: logits + bias.to(logits.device))
+    return model

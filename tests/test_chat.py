@@ -8,7 +8,7 @@ import sys
 from babyllama.chat import decode_stream, prompt_ids, until_stop
 from babyllama.chat_format import Conversation, render_prompt
 from babyllama.checkpoint import save_checkpoint
-from tests.conftest import sharp_model, tiny_config
+from tests.conftest import favours_control_ids, sharp_model, tiny_config
 
 
 def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
@@ -69,3 +69,13 @@ def test_until_stop_cuts_a_stop_string_split_across_pieces():
     assert "".join(pieces) == "床前明月光" and not stopped
     pieces, stopped = finish(until_stop(iter(["a", "b"]), []))
     assert pieces == ["a", "b"] and not stopped  # no stop strings: nothing held back
+
+
+def test_chat_and_eval_never_answer_with_control_tokens(bpe_tokenizer):
+    from babyllama.chat import Sampling, reply
+    from babyllama.evaluate import answer, continuations
+
+    model = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), {1: 100.0, 0: 90.0})
+    text = "".join(reply(model, bpe_tokenizer, Conversation([("你好", "")]), Sampling(max_new_tokens=8)))
+    assert text and answer(model, bpe_tokenizer, "你好", max_new_tokens=8)
+    assert continuations(model, bpe_tokenizer, ["床前明月光，"], max_new_tokens=8)[0]["continuation"]

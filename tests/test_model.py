@@ -19,7 +19,7 @@ from babyllama.model import (
     rope_tables,
     sample_next,
 )
-from tests.conftest import sharp_model, tiny_config
+from tests.conftest import favours_control_ids, sharp_model, tiny_config
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
@@ -60,6 +60,16 @@ def test_generation_stops_on_eos_and_at_context_end():
     long = model.generate([3] * 60, max_new_tokens=50)  # 64-token context: 4 more fit
     assert len(long) == 4
     assert list(model.stream([3, 4], max_new_tokens=20)) == free
+
+
+def test_suppressed_tokens_are_never_generated(bpe_tokenizer):
+    model = favours_control_ids(sharp_model(tiny_config(vocab_size=604)), {1: 100.0, 0: 90.0, 602: 80.0})
+    assert model.generate([3, 4], max_new_tokens=6) == [1] * 6  # what an SFT model did on a held-out item
+    suppress = bpe_tokenizer.suppress_tokens(604)
+    assert suppress == (0, 1, 600, 601, 602, 603)  # pad, bos, and the rows beyond the tokenizer's 600 ids
+    for kw in ({}, {"temperature": 1.0, "top_k": 5}, {"temperature": 1.0, "top_p": 0.9}, {"repetition_penalty": 1.3}):
+        ids = model.generate([3, 4], max_new_tokens=30, suppress_tokens=suppress, **kw)
+        assert len(ids) == 30 and not set(ids) & set(suppress), kw
 
 
 def test_rope_paths_agree_and_rotate_pairs(monkeypatch):

@@ -107,3 +107,9 @@ def test_chatglm2_sentencepiece_matches_sentencepiece(tmp_path):
     assert sum(table[i] for i in tok.encode(sentences[0])) == len((" " + sentences[0]).encode())
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).fingerprint == tok.fingerprint
+
+
+@pytest.mark.skipif(not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present")
+def test_chatglm2_suppresses_bos_unk_and_the_rows_beyond_its_pieces():
+    tok = load_tokenizer(CHATGLM2)
+    assert tok.suppress_tokens(64793) == (0, 1, 64789, 64790, 64791, 64792)  # unk = pad, bos; eos 2 stays

@@ -87,7 +87,8 @@ def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Itera
     """Stream the answer to the last turn of conv."""
     ids = prompt_ids(tokenizer, conv, model.cfg.max_seq_len, s.max_new_tokens)
     tokens = model.stream(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                          top_p=s.top_p, repetition_penalty=s.repetition_penalty, eos_id=tokenizer.eos_id)
+                          top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                          **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return decode_stream(tokenizer, tokens)
 
 

@@ -88,7 +88,7 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_t
     out = []
     for prompt in progress(prompts, desc="continuations", unit=" prompt"):
         ids = model.generate(text_prompt(tokenizer, prompt), max_new_tokens=max_new_tokens,
-                             repetition_penalty=1.2, eos_id=tokenizer.eos_id)
+                             repetition_penalty=1.2, **tokenizer.generation_kwargs(model.cfg.vocab_size))
         out.append({"prompt": prompt, "continuation": tokenizer.decode(ids)})
     return out
 
@@ -125,7 +125,8 @@ def read_qa(path: str | Path) -> tuple[list[dict], int]:
 def answer(model, tokenizer: Tokenizer, question: str, max_new_tokens: int = 128) -> str:
     """Greedy answer in the chat format (the same ids SFT trained on, up to the answer)."""
     prompt = render_prompt(tokenizer, Conversation([(question, "")]))
-    return tokenizer.decode(model.generate(prompt, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)).strip()
+    ids = model.generate(prompt, max_new_tokens=max_new_tokens, **tokenizer.generation_kwargs(model.cfg.vocab_size))
+    return tokenizer.decode(ids).strip()
 
 
 def lcs_length(a: str, b: str) -> int:

@@ -283,11 +283,14 @@ class Transformer(nn.Module):
         eos_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        suppress_tokens: Sequence[int] = (),
     ) -> Iterator[int]:
         """Yield new token ids one by one until eos (not yielded), max_new_tokens or a full context.
 
         A prompt longer than the context keeps its last max_seq_len - 1 tokens.
         use_cache=False recomputes the whole sequence at every step (for tests and benchmarks).
+        suppress_tokens: ids whose logits are set to -inf, never produced (Tokenizer.suppress_tokens:
+        bos, pad and ids beyond the tokenizer's vocabulary, as HF generate's `suppress_tokens`).
         """
         if not prompt:
             raise ValueError("generation needs a prompt of at least one token")
@@ -297,8 +300,10 @@ class Transformer(nn.Module):
         if use_cache:
             cache = KVCache(self.cfg, 1, self.cfg.max_seq_len, device, self.tok_embeddings.weight.dtype)
         x = torch.tensor([ids], device=device)  # (1, T): the whole prompt first
+        suppress = torch.tensor(list(suppress_tokens), dtype=torch.long, device=device)
         for _ in range(max_new_tokens):
             logits, _ = self(x, cache=cache, last_only=True)
+            logits[0, -1, suppress] = -float("inf")
             nxt = sample_next(logits[0, -1], ids, temperature, top_k, top_p, repetition_penalty, generator)
             if nxt == eos_id:
                 return

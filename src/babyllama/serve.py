@@ -91,7 +91,7 @@ class Generation:
         """model.stream, one decoding step at a time under the shared lock."""
         s = self.sampling
         gen = self.model.stream(self.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                top_p=s.top_p, eos_id=self.tokenizer.eos_id)
+                                top_p=s.top_p, **self.tokenizer.generation_kwargs(self.model.cfg.vocab_size))
         try:
             while True:
                 with self.lock:

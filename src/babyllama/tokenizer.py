@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +66,20 @@ class Tokenizer:
         """(vocab_size,) int: the UTF-8 bytes each id stands for (0 for special ids), for bits per byte."""
         raise NotImplementedError
 
+    def control_ids(self) -> list[int]:
+        """The special ids other than eos (bos, pad, unk, ...): never training targets."""
+        raise NotImplementedError
+
+    @functools.cache  # noqa: B019 - a handful of tokenizers live for the whole process
+    def suppress_tokens(self, model_vocab_size: int) -> tuple[int, ...]:
+        """Ids that generation must never produce (HF generate's `suppress_tokens`): the control ids
+        and the model's ids beyond the tokenizer's vocabulary (ChatGLM2's 64789 pieces in 64793 rows)."""
+        return tuple(sorted({*self.control_ids(), *range(self.vocab_size, model_vocab_size)} - {self.eos_id}))
+
+    def generation_kwargs(self, model_vocab_size: int) -> dict:
+        """What model.stream needs from the tokenizer: where to stop, and what never to produce."""
+        return {"eos_id": self.eos_id, "suppress_tokens": self.suppress_tokens(model_vocab_size)}
+
     @property
     def dtype(self) -> np.dtype:
         return token_dtype(self.vocab_size)
@@ -110,6 +125,10 @@ class HFTokenizer(Tokenizer):
             out[i] = len(piece) if byte_level else len(self.tok.decode([i]).encode())
         return out
 
+    def control_ids(self) -> list[int]:
+        added = self.tok.get_added_tokens_decoder()
+        return sorted({i for i, t in added.items() if t.special} | {self.bos_id, self.pad_id} - {self.eos_id})
+
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +169,10 @@ class SPTokenizer(Tokenizer):
             elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
                 out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode())
         return out
+
+    def control_ids(self) -> list[int]:
+        specials = (i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i))
+        return sorted({*specials, self.bos_id, self.pad_id} - {self.eos_id})
 
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
