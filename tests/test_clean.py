@@ -125,7 +125,7 @@ PARAGRAPH = ("长城是中国古代的军事防御工程，是一道高大、坚
 def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates(tmp_path, dedup):
     half_width = PARAGRAPH.translate(str.maketrans("，。、“”", ",.,\"\""))
     spaced = PARAGRAPH.replace("，", "， ")
-    differs = PARAGRAPH.replace("长城", "运河")  # really another text: 8 characters changed
+    differs = PARAGRAPH.replace("长城", "运河").replace("城墙", "河堤")  # another text: key 5-gram Jaccard 0.66
     assert len(PARAGRAPH) == 134 and differs != PARAGRAPH
     wide, narrow = "ＡＢＣ全角字母与数字１２３的一段话。", "abc全角字母与数字123的一段话."
     docs = [PARAGRAPH, half_width, spaced, wide, narrow, differs]
@@ -134,3 +134,13 @@ def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates(tmp_p
     kept = [json.loads(x)["text"] for x in (tmp_path / "out" / "part_00000.jsonl").read_text().splitlines()]
     assert kept == [PARAGRAPH, docs[3], differs]  # the first copy, as written
     assert stats["total"]["exact_duplicates"] == 3
+
+
+def test_dedup_keys_keep_apart_what_differs_in_numbers_or_words():
+    from babyllama.data.clean import dedup_key
+
+    apart = [("商品价格是1.5元", "商品价格是15元"), ("气温是-5度", "气温是5度"), ("10:30", "1030"),
+             ("555-1234", "5551-234"), ("the rapist", "therapist"), ("!!!!", "????")]
+    assert all(dedup_key(a) != dedup_key(b) for a, b in apart)
+    same = [("工程，是一道", "工程, 是一道"), ("Hello World", "hello  world!"), ("ＡＢＣ１２３", "abc123")]
+    assert all(dedup_key(a) == dedup_key(b) for a, b in same)

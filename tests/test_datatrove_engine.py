@@ -303,7 +303,8 @@ def test_tasks_take_contiguous_runs_of_files_by_size():
 def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates_on_datatrove(tmp_path):
     from tests.test_clean import PARAGRAPH
 
-    docs = [PARAGRAPH, PARAGRAPH.replace("，", ","), PARAGRAPH.replace("，", "， "), PARAGRAPH.replace("长城", "运河")]
+    docs = [PARAGRAPH, PARAGRAPH.replace("，", ","), PARAGRAPH.replace("，", "， "),
+            PARAGRAPH.replace("长城", "运河").replace("城墙", "河堤")]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs))
     stats = dt.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", local(1))
     assert kept_documents(tmp_path / "out") == [PARAGRAPH, docs[3]] and stats["total"]["exact_duplicates"] == 2

@@ -93,8 +93,8 @@ class Recorder:
         return -float(len(self.calls))
 
 
-MC_ITEM = {"subject": "net", "question": "哪一个是网络协议", "options": {"A": "IP", "B": "CPU", "C": "RAM", "D": "GPU"},
-           "answer": "A"}
+MC_ITEM = {"subject": "net", "question": "哪一个是网络协议", "answer": "A",
+           "options": {"A": "IP", "B": "“北京”", "C": "（1）正确", "D": "GPU"}}  # “ and （ merge with ：
 
 
 def assert_scored_as_in_the_full_text(tok):

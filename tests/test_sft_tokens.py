@@ -121,7 +121,8 @@ def test_a_damaged_cache_stops_with_one_sentence(demo_sft, tmp_path, damage):
 
 def test_records_with_an_empty_answer_are_skipped_and_counted(demo_sft, tmp_path):
     records = [{"instruction": "问一", "output": "答一"}, {"instruction": "问二", "output": ""},
-               {"instruction": "问三", "input": "补充", "output": "   "}, {"prompt": "问四", "answer": "答四"},
+               {"instruction": "问三", "input": "补充", "output": " \u200b\ufeff\u3000"},  # nothing visible
+               {"prompt": "问四", "answer": "答四"},
                {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": ""},
                                   {"role": "user", "content": "在吗"}, {"role": "assistant", "content": "在"}]}]
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))

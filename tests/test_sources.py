@@ -136,7 +136,7 @@ def test_a_gbk_csv_is_read_as_gbk_with_a_note(tmp_path, caplog):
     assert list(reader.documents()) == ["请介绍一下长城的历史。长城始建于春秋战国时期。",
                                         "黄河有多长？约五千四百六十四公里。"]
     assert reader.totals() == (2, 0)
-    assert "not UTF-8; reading it as gb18030" in caplog.text and "iconv -f gb18030 -t utf-8" in caplog.text
+    assert "not UTF-8; reading it as GB18030" in caplog.text and "iconv -f GB18030 -t UTF-8" in caplog.text
 
 
 def test_gbk_json_lines_and_array_and_utf16_are_read_right(tmp_path):
@@ -267,3 +267,34 @@ def test_a_cut_gz_keeps_what_came_before_and_counts_one_bad_record(tmp_path):
     docs = list(reader.documents())
     assert docs == GOOD[: len(docs)] and 0 < len(docs) < len(GOOD)
     assert reader.stats[str(tmp_path / "x.jsonl.gz")].bad == 1
+
+
+def test_gbk_is_read_whatever_its_length_or_a_bad_byte(tmp_path):
+    short = "今天天气很好。"  # one short line: charset-normalizer alone took it for Korean
+    (tmp_path / "short.txt").write_bytes(short.encode("gbk"))
+    lines = [f"第{i}行：今天天气很好，我们去公园散步吧。" for i in range(5000)]  # the 64 KiB sample cuts a character
+    (tmp_path / "long.txt").write_bytes("\n".join(lines).encode("gbk")[:-1] + b"\n\x80\xff\n" + "末行".encode("gbk"))
+    assert list(CorpusReader([tmp_path / "short.txt"]).documents()) == [short]
+    reader = CorpusReader([tmp_path / "long.txt"])
+    docs = list(reader.documents())
+    assert docs == [*lines[:-1], "末行"] and reader.totals() == (5002, 2)  # the cut line and \x80\xff are bad
+
+
+def test_a_lone_surrogate_in_a_json_array_is_one_bad_item(tmp_path):
+    items = [{"text": f"第{i}篇"} for i in range(100)]
+    body = json.dumps(items, ensure_ascii=False).replace('"第2篇"', '"a\\udc00"')
+    (tmp_path / "s.json").write_text(body, encoding="utf-8")
+    reader = CorpusReader([tmp_path / "s.json"])
+    assert len(list(reader.documents())) == 99 and reader.totals() == (100, 1)
+
+
+def test_a_damaged_zst_keeps_what_came_before(tmp_path):
+    import zstandard
+
+    data = "".join(json.dumps({"text": f"{t}{i}"}, ensure_ascii=False) + "\n" for i, t in enumerate(GOOD * 20))
+    blob = bytearray(zstandard.ZstdCompressor().compress(data.encode()))
+    blob[len(blob) * 3 // 4 :] = bytes(len(blob) - len(blob) * 3 // 4)
+    (tmp_path / "x.jsonl.zst").write_bytes(bytes(blob))
+    reader = CorpusReader([tmp_path / "x.jsonl.zst"])
+    docs = list(reader.documents())
+    assert len(docs) > 1000 and reader.stats[str(tmp_path / "x.jsonl.zst")].bad == 1

@@ -29,7 +29,7 @@ import torch
 
 from babyllama.chat_format import Conversation, render_prompt, text_prompt
 from babyllama.data.shards import TokenWindows
-from babyllama.data.sources import expand_inputs, iter_records
+from babyllama.data.sources import expand_inputs, file_encoding, is_unicode, iter_records, records_text
 from babyllama.errors import UserError, require
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
@@ -111,8 +111,10 @@ def read_qa(path: str | Path) -> tuple[list[dict], int]:
             if question is None:
                 raise UserError(f"{where}: a QA record needs a question ({', '.join(QUESTION_KEYS)} or "
                                 f"instruction+input) and a reference ({', '.join(REFERENCE_KEYS)}).")
-            reference = next((r[k] for k in REFERENCE_KEYS if isinstance(r.get(k), str) and r[k].strip()), None)
-            if reference is None:
+            reference = next((_reference(r[k]) for k in REFERENCE_KEYS if r.get(k) is not None), "")
+            if not is_unicode(question + reference):
+                raise UserError(f"{where}: the record holds bytes that are not text in the file's encoding.")
+            if not reference.strip():
                 skipped += 1
                 continue
             items.append({"question": question, "reference": reference, "task": str(r.get("task", "qa"))})
@@ -120,6 +122,13 @@ def read_qa(path: str | Path) -> tuple[list[dict], int]:
         raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}); "
                         f"{skipped} had none or an empty one.")
     return items, skipped
+
+
+def _reference(value) -> str:
+    """A reference as text: a string, a number (42), or a list of strings joined with 、."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "、".join(value)
+    return str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
 
 
 def answer(model, tokenizer: Tokenizer, question: str, max_new_tokens: int = 128) -> str:
@@ -205,6 +214,8 @@ def read_mc(paths: Sequence[str | Path]) -> list[dict]:
                         "options": {c: str(r[c.lower()]) for c in LETTERS}, "answer": str(r["answer"]).strip()}
             except KeyError as e:
                 raise UserError(f"{file}: a multiple-choice row needs question, A-D, answer; missing {e}.") from None
+            if not is_unicode(item["question"] + "".join(item["options"].values())):
+                raise UserError(f"{file}: a multiple-choice row holds bytes that are not text in the file's encoding.")
             if item["answer"] in LETTERS:
                 items.append(item)
     if not items:
@@ -228,15 +239,20 @@ class ModelScorer:
 
 
 def split_continuation(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Ids of the context, and of the continuation as it is tokenized after the context in the full text:
-    encode(context + continuation) from len(encode(context)) on, with the context's trailing spaces moved
-    to the continuation (lm-evaluation-harness's `_encode_pair`). Encoding the continuation alone would
-    give SentencePiece's word-initial piece (`▁A`) where the full text has `A`."""
+    """Ids of the context, and of the continuation as it is tokenized after the context in the full text
+    (lm-evaluation-harness's `_encode_pair`, whose context's trailing spaces move to the continuation):
+    the full text's ids split where they stop agreeing with the context's own. Encoding the continuation
+    alone would give SentencePiece's word-initial piece (`▁A`) where the full text has `A`; and where
+    the first piece of the continuation merges with the context's end (`：“`), that piece is scored."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = tokenizer.encode(context)
-    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):] or [tokenizer.eos_id]
+    whole, alone = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    if not continuation or len(whole) <= 1:
+        return alone, [tokenizer.eos_id]  # an empty option: score the end of text
+    same = (i for i, (a, b) in enumerate(zip(whole, alone, strict=False)) if a != b)
+    k = min(next(same, len(alone)), len(whole) - 1)  # where they part; at least one id to score
+    return whole[:k], whole[k:]
 
 
 def score_mc(items: list[dict], scorer, tokenizer: Tokenizer) -> tuple[dict, list[dict]]:
@@ -300,7 +316,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     if prompts:
         if not Path(prompts).is_file():
             raise UserError(f"prompts file {prompts} does not exist.")
-        prompt_list = [x for x in Path(prompts).read_text(encoding="utf-8").splitlines() if x.strip()]
+        lines = records_text(Path(prompts), file_encoding(Path(prompts)))  # one prompt a line, any encoding
+        prompt_list = [r["text"] for _, r in lines if r and r["text"].strip() and is_unicode(r["text"])]
     result["continuations"] = continuations(model, tokenizer, prompt_list)
     if qa:
         qa_items = qa_items[: limit or None]

@@ -42,31 +42,42 @@ def normalize(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def _dropped(ch: str) -> bool:
+SEPARATOR = 0x20  # what a run of whitespace and punctuation becomes in a dedup key
+
+
+def _separates(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "ZP" or ch.isspace()
 
 
 @functools.cache
 def _key_table() -> np.ndarray:
     """(65536,) uint32: what each BMP character becomes in a dedup key: its NFKC, case-folded form where
-    that is one character (full-width Ａ１，→ a1,), and 0, dropped, for whitespace and punctuation."""
+    that is one character (full-width Ａ１ -> a1), and SEPARATOR for whitespace and punctuation."""
     table = np.arange(1 << 16, dtype=np.uint32)
     for c in range(1 << 16):
         folded = unicodedata.normalize("NFKC", chr(c)).casefold()
         if len(folded) == 1:
             table[c] = ord(folded)
-        table[c] = 0 if _dropped(chr(table[c])) else table[c]
+        table[c] = SEPARATOR if _separates(chr(table[c])) else table[c]
     return table
 
 
 def dedup_key(text: str) -> str:
     """What exact and near deduplication compare: the text with full-width letters, digits and
-    punctuation folded to half-width (NFKC, per character), case-folded, and its whitespace and
-    punctuation (Unicode Z*, P*) removed, so that copies that differ only in width, punctuation or
-    spacing meet. The kept text stays as written. Vectorised over UTF-32 codes: ~10 us a document."""
+    punctuation folded to half-width (NFKC, per character), case-folded, and each run of whitespace and
+    punctuation made one space, so that copies that differ only in width, punctuation (，/,) or spacing
+    (", " against ",") meet while 1.5 and 15, or "the rapist" and "therapist", stay apart. Text of
+    punctuation alone is its own key. The kept text stays as written. Vectorised: ~25 us a document."""
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     mapped = np.where(codes < 1 << 16, _key_table()[np.minimum(codes, (1 << 16) - 1)], codes)
-    return mapped[mapped != 0].tobytes().decode("utf-32-le", "surrogatepass")
+    sep = mapped == SEPARATOR
+    keep = ~(sep & np.concatenate([[True], sep[:-1]]))  # no separator first or after another
+    mapped = mapped[keep]
+    if not len(mapped) or (mapped == SEPARATOR).all():
+        return text  # punctuation or spaces only: compared as written
+    if mapped[-1] == SEPARATOR:
+        mapped = mapped[:-1]
+    return mapped.tobytes().decode("utf-32-le", "surrogatepass")
 
 
 class HashSets:

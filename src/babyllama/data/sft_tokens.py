@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,11 @@ def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings) -> dic
 # --- the worker side ---
 
 
+def _blank(text: str) -> bool:
+    """Nothing visible: only whitespace, zero-width and other format or control characters."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
+
+
 def _render(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict:
     """Samples of a batch of (location, record): flat ids and mask, lengths, split; counts and bad reasons."""
     tok = worker_tokenizer()
@@ -108,7 +114,7 @@ def _render(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict
             counts["bad"] += 1
             bad.append(f"{where}: {e}")
             continue
-        if any(not a.strip() for _, a in conv.turns):
+        if any(_blank(a) for _, a in conv.turns):
             counts["empty_answers"] += 1
             continue
         if not all(settings.fits(u, a) for u, a in conv.turns):

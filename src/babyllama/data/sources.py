@@ -1,7 +1,7 @@
 """Readers that turn corpus files into a stream of documents, never loading a file whole.
 
 Two independent questions per file:
-  * its shape: JSON lines, one JSON array (streamed with ijson), parquet, CSV or plain text,
+  * its shape: JSON lines, one JSON array (streamed item by item), parquet, CSV or plain text,
     optionally compressed as .gz or .zst;
   * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
     instructions, multi-turn conversations, or a plain `text` field), detected from the first
@@ -13,12 +13,14 @@ Two independent questions per file:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import itertools
 import json
 import logging
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -125,7 +127,7 @@ def open_binary(path: Path) -> io.BufferedIOBase:
         f = gzip.open(path, "rb")
     elif path.suffix == ".zst":
         raw = require("zstandard", "data").ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        f = io.BufferedReader(raw, buffer_size=1 << 20)
+        f = io.BufferedReader(raw, buffer_size=1 << 16)  # small reads: what precedes damage gets through
     else:
         f = io.BufferedReader(path.open("rb", buffering=0), buffer_size=1 << 20)
     if f.peek(3)[:3] == b"\xef\xbb\xbf":
@@ -134,18 +136,37 @@ def open_binary(path: Path) -> io.BufferedIOBase:
 
 
 def _mostly_utf8(sample: bytes) -> bool:
-    """UTF-8, perhaps with a character cut at the end of the sample or some damaged lines: more valid
-    non-ASCII characters than invalid bytes (GBK text makes mostly invalid ones), and not UTF-16."""
-    if sample.count(b"\x00") > len(sample) // 10:  # UTF-16 or UTF-32 without a byte-order mark
+    """UTF-8 with perhaps some damaged lines: of the lines that are not ASCII, most decode as UTF-8
+    (in GBK text almost none do); not UTF-16 or UTF-32 without a byte-order mark (many NUL bytes)."""
+    if sample.count(b"\x00") > len(sample) // 10:
         return False
-    text = sample.decode("utf-8", errors="replace")
-    invalid = text.count("\ufffd")
-    non_ascii = len(text) - len(text.encode("ascii", errors="ignore"))
-    return invalid <= 3 or non_ascii - invalid >= invalid
+    lines = [line for line in sample.split(b"\n") if not line.isascii()]
+    valid = sum(1 for line in lines if _decodes(line, "utf-8"))
+    return valid * 2 >= len(lines)
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _looks_gb(sample: bytes) -> bool:
+    """GB2312 / GBK / GB18030 Chinese, what Excel and Chinese Windows write: nearly every line decodes,
+    and most two-byte characters lie in the GB2312 block (both bytes 0xA1-0xFE), which Latin-1 or Big5
+    text decoded as GB18030 would not."""
+    lines = [line for line in sample.split(b"\n") if not line.isascii()]
+    if not lines or sum(1 for line in lines if _decodes(line, "gb18030")) < 0.9 * len(lines):
+        return False
+    pairs = [ch.encode("gb18030") for ch in sample.decode("gb18030", errors="ignore") if ord(ch) > 127]
+    return sum(1 for b in pairs if len(b) == 2 and b[1] >= 0xA1) >= 0.8 * len(pairs)
 
 
 def _sample(path: Path) -> bytes:
-    """Up to SNIFF_BYTES of the decompressed file; of a damaged one, what comes before the damage."""
+    """The first SNIFF_BYTES of the decompressed file, to its last whole line (a cut character would
+    confuse detection); of a damaged file, what comes before the damage."""
     sample = bytearray()
     try:
         with open_binary(path) as f:
@@ -153,22 +174,32 @@ def _sample(path: Path) -> bytes:
                 sample += chunk
     except _read_errors():
         pass
-    return bytes(sample[:SNIFF_BYTES])
+    if len(sample) >= SNIFF_BYTES and b"\n" in sample:
+        del sample[sample.rindex(b"\n") + 1 :]
+    return bytes(sample)
 
 
 def file_encoding(path: Path) -> str:
-    """"utf-8", or the encoding that charset-normalizer finds in the file's first 64 KiB (GBK, Big5,
-    UTF-16 ... as Excel and Chinese Windows write them), with a warning that says so. Raises UserError
-    when the bytes fit no encoding."""
+    """"utf-8"; else GB18030 when the text looks like GB2312/GBK Chinese; else what charset-normalizer
+    finds in the file's first 64 KiB (Big5, UTF-16 ...), each with a warning that names it. Raises
+    UserError when the bytes fit no encoding."""
     sample = _sample(path)
     if _mostly_utf8(sample):
         return "utf-8"
-    best = require("charset_normalizer", "data").from_bytes(sample).best()
-    if best is None:
-        raise UserError(f"{path} is not text in any encoding charset-normalizer knows; convert it to UTF-8.")
-    log.warning("%s: not UTF-8; reading it as %s (detected). To convert it: iconv -f %s -t utf-8",
-                path, best.encoding, best.encoding)
-    return best.encoding
+    if sample.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte-order mark
+        encoding = "utf-16"
+    elif _looks_gb(sample):
+        encoding = "gb18030"
+    else:
+        best = require("charset_normalizer", "data").from_bytes(sample).best()
+        if best is None:
+            raise UserError(f"{path} is not text in any encoding charset-normalizer knows; convert it to UTF-8.")
+        encoding = best.encoding
+    name = codecs.lookup(encoding).name.upper().replace("_", "-")
+    if name != "UTF-8":
+        log.warning("%s: not UTF-8; reading it as %s (detected). To convert it: iconv -f %s -t UTF-8",
+                    path, name, name)
+    return encoding
 
 
 def _text(path: Path, encoding: str) -> io.TextIOWrapper:
@@ -211,37 +242,66 @@ def records_jsonl(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]
         yield f"{path}:{lineno}", record if isinstance(record, dict) else None
 
 
-class _Utf8(io.RawIOBase):
-    """A text stream as UTF-8 bytes, for ijson, which reads bytes (a lone surrogate fails its parse)."""
+_SPACE = re.compile(r"[ \t\r\n\ufeff]*")
 
-    def __init__(self, text: io.TextIOBase):
-        self.text, self.pending = text, b""
 
-    def readable(self) -> bool:
-        return True
+def _array_items(f: io.TextIOBase) -> Iterator[object]:
+    """Each item of the JSON array that text stream f holds, decoded one at a time with json's
+    raw_decode over a window that grows until the item fits: memory is the largest item, not the file.
+    A syntax error, an item nested too deep or one over MAX_RECORD_CHARS ends it with ValueError."""
+    decoder, buf, pos = json.JSONDecoder(), "", 0
 
-    def readinto(self, buffer) -> int:
-        while len(self.pending) < len(buffer):
-            chunk = self.text.read(1 << 16)
-            if not chunk:
-                break
-            self.pending += chunk.encode("utf-8", errors="surrogatepass")
-        n = min(len(buffer), len(self.pending))
-        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
-        return n
+    def more(n: int) -> bool:
+        nonlocal buf, pos
+        chunk = f.read(n)
+        buf, pos = buf[pos:] + chunk, 0
+        return bool(chunk)
+
+    def peek() -> str:
+        nonlocal pos
+        while True:
+            pos = _SPACE.match(buf, pos).end()
+            if pos < len(buf) or not more(1 << 16):
+                return buf[pos : pos + 1]
+
+    if peek() != "[":
+        raise ValueError("not a JSON array")
+    pos += 1
+    if peek() == "]":
+        return
+    while True:
+        size = 1 << 16
+        while True:
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+                if end < len(buf) or not more(size):  # a number at the window's end may go on
+                    break
+            except json.JSONDecodeError as e:
+                if len(buf) - pos > MAX_RECORD_CHARS or not more(size):
+                    raise ValueError(f"invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError("an item nested too deep") from None
+            size *= 2
+        pos = end
+        yield item
+        c = peek()
+        if c == "]":
+            return
+        if c != ",":
+            raise ValueError(f"invalid JSON (expected , or ] but found {c or 'the end of the file'!r})")
+        pos += 1
+        peek()
 
 
 def records_json_array(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
     """Items of one top-level JSON array, streamed; a syntax error ends the file (counted once)."""
-    ijson = require("ijson", "data")
-    with _text(path, encoding) as text:
-        f = text.buffer if encoding == "utf-8" else io.BufferedReader(_Utf8(text))
+    with _text(path, encoding) as f:
         i = 0
         try:
-            for i, item in enumerate(ijson.items(f, "item", use_float=True), 1):
+            for i, item in enumerate(_array_items(f), 1):
                 yield f"{path}:item {i}", item if isinstance(item, dict) else None
-        except (ijson.JSONError, UnicodeDecodeError) as e:
-            log.warning("%s: invalid JSON after item %d (%s); the rest of the file is skipped", path, i, e)
+        except ValueError as e:
+            log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
             yield f"{path}:item {i + 1}", None
 
 
@@ -330,7 +390,7 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     """False for text that no UTF-8 file can hold: JSON's "\\ud800" escapes make lone surrogates."""
     try:
         text.encode("utf-8")
@@ -381,7 +441,7 @@ class CorpusReader:
                 if schema is not None:
                     stats.schema, to_text = schema, SCHEMAS[schema]
             text = to_text(record) if record is not None and to_text is not None else None
-            if text is None or not _is_unicode(text):
+            if text is None or not is_unicode(text):
                 self._bad(stats, where)
                 continue
             stats.schema = stats.schema or self.format or ""
