@@ -25,6 +25,8 @@ from babyllama.data.shards import TokenWindows, read_manifest  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 
 CHARS = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+GOOD = [f"第{i}篇：长城始建于春秋战国时期，“秦时明月汉时关”。" for i in range(1000)]
+GOOD_LINES = [f"第{i}行：今天天气很好，我们去公园散步吧。" for i in range(100)]
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
@@ -160,7 +162,7 @@ def test_pretrain_reads_the_datatrove_shards(both, tmp_path, bpe_tokenizer):
 
 def outputs(out: Path) -> dict[str, str]:
     """Every output file's content; stats.json without its timing."""
-    files = {f.name: f.read_text() for f in out.iterdir() if f.is_file()}
+    files = {f.name: f.read_text() for f in out.iterdir() if f.is_file() and not f.name.startswith(".")}
     stats = json.loads(files.pop("stats.json"))
     stats.pop("seconds")
     return {**files, "stats.json": json.dumps(stats)}
@@ -199,11 +201,66 @@ def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeyp
     assert outputs(tmp_path / "run") == outputs(out / "datatrove")
 
 
-def test_a_run_with_other_settings_is_refused(corpus, tmp_path):
+def test_other_settings_or_changed_inputs_start_anew_unless_a_run_is_unfinished(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:30]) + "\n")
+    first = dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="none")
+    assert first["total"]["kept"] == 30
+    (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:20]) + "\n")  # the input changed: not stale output
+    assert dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="none")["total"]["kept"] == 20
+    assert dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="exact")["total"]["kept"] == 20
+
+    def dies(self, data, rank=0, world_size=1):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(dt.WriteParts, "run", dies)
+    with pytest.raises(RuntimeError):
+        dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="none")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="unfinished datatrove run with other dedup"):
+        dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="exact")
+
+
+def test_user_mistakes_are_one_sentence_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "x.bak").write_text("text")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    for name, fragment in (("empty.jsonl", "hold no records"), ("x.bak", "unknown file type"),
+                           ("bad.jsonl", "every one of the 1 records was bad")):
+        code = main(["prepare", "--input", str(tmp_path / name), "--out_dir", str(tmp_path / f"o_{name}"),
+                     "--engine", "datatrove"])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err and "Traceback" not in err, name
+    assert main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "e"),
+                 "--executor", "slurm"]) == 2
+    assert "--executor need --engine datatrove" in capsys.readouterr().err
+    assert main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "e"),
+                 "--engine", "datatrove", "--executor", "slurm", "--slurm_partition", "cpu"]) == 2
+    assert "sbatch, which is not on this machine's PATH" in capsys.readouterr().err
+
+
+def test_the_default_engine_clears_what_a_datatrove_run_left(corpus, tmp_path):
     _, files, _ = corpus
-    dt.prepare(files[:1], tmp_path, local(1), dedup="none")
-    with pytest.raises(UserError, match=r"other settings \(dedup\)"):
-        dt.prepare(files[:1], tmp_path, local(1), dedup="exact")
+    dt.prepare(files, tmp_path, local(4), dedup="none")
+    stats = prepare(files, tmp_path, dedup="none")
+    assert sorted(f.name for f in tmp_path.glob("part_*.jsonl")) == stats["files"] == ["part_00000.jsonl"]
+    assert not (tmp_path / "datatrove").exists()
+
+
+def test_a_file_named_twice_is_counted_twice(corpus, tmp_path):
+    _, files, _ = corpus
+    stats = dt.prepare([files[0], files[0]], tmp_path, local(2))
+    source = stats["sources"][str(Path(files[0]).resolve())]
+    assert source["records"] == 2 * 158 and source["too_short"] == 2 * 2 and source["kept"] > 100
+
+
+def test_chunked_minhash_signature_equals_datatrove_s():
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    config = dt.minhash_config(0.8)
+    ours = dt.MinhashSignature("/tmp/unused", config, language=dt.Characters())
+    theirs = MinhashDedupSignature("/tmp/unused", config, language=dt.Characters())
+    shingles = ours.get_shingles("".join(GOOD) * 3)  # ~90,000 shingles: many chunks
+    assert len(shingles) > 10_000 and ours.get_signature(shingles) == theirs.get_signature(shingles)
 
 
 def fake_slurm(bin_dir: Path, log: Path) -> None:

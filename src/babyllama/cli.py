@@ -65,6 +65,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         inputs = [*inputs, str(Path(args.out_dir) / "raw" / "pretrain.jsonl")]
     if not inputs:
         raise UserError("prepare needs --input PATH... or --demo.")
+    check_engine_flags(args)
     settings = dict(format=args.format, min_chars=args.min_chars, dedup=args.dedup, threshold=args.minhash_threshold)
     if args.engine == "datatrove":
         engine = datatrove_engine()
@@ -81,6 +82,10 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     from babyllama.data.pretokenize import pretokenize
     from babyllama.data.shards import merge
 
+    check_engine_flags(args)
+    if args.engine == "datatrove" and (args.merge or args.num_shards > 1 or args.shard_index):
+        raise UserError("--merge, --num_shards and --shard_index are for the embedded engine; datatrove splits the "
+                        "work by --tasks.")
     if args.sft and args.engine == "datatrove":
         raise UserError("pretokenize --sft runs on the embedded engine only; leave out --engine datatrove.")
     if args.sft:
@@ -98,8 +103,6 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     if args.merge:
         manifest = merge(args.merge, args.out_dir)
     elif args.input and args.tokenizer and args.engine == "datatrove":
-        if args.num_shards > 1:
-            raise UserError("--num_shards is for the embedded engine; datatrove splits the work by --tasks.")
         engine = datatrove_engine()
         manifest = engine.pretokenize(args.input, args.tokenizer, args.out_dir, launch_of(engine, args),
                                       val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
@@ -128,19 +131,30 @@ def datatrove_engine():
     return datatrove_engine
 
 
+DATATROVE_FLAGS = ("executor", "tasks", "slurm_partition", "slurm_time")
+
+
 def launch_of(engine, args: argparse.Namespace):
-    return engine.Launch(executor=args.executor, tasks=args.tasks, workers=args.workers,
-                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time)
+    return engine.Launch(executor=args.executor or "local", tasks=args.tasks, workers=args.workers,
+                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time or "24:00:00")
+
+
+def check_engine_flags(args: argparse.Namespace) -> None:
+    """Refuse datatrove's flags without --engine datatrove: ignored, a cluster job would run here."""
+    given = [f"--{k}" for k in DATATROVE_FLAGS if getattr(args, k) is not None]
+    if given and args.engine != "datatrove":
+        raise UserError(f"{' '.join(given)} need --engine datatrove; without it everything runs in this process.")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine", "the embedded single-process path, or datatrove (pip install '.[scale]')")
     g.add_argument("--engine", choices=["embedded", "datatrove"], default="embedded")
-    g.add_argument("--executor", choices=["local", "slurm", "ray"], default="local", help="where datatrove runs")
-    g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files (default: a file each)")
+    g.add_argument("--executor", choices=["local", "slurm", "ray"], help="where datatrove runs (default local)")
+    g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files cut by bytes "
+                   "(default and most: the number of files)")
     g.add_argument("--workers", type=int_in(1), default=os.cpu_count() or 1, help="processes (tasks) at once")
     g.add_argument("--slurm_partition", help="with --executor slurm")
-    g.add_argument("--slurm_time", default="24:00:00", help="with --executor slurm: each task's time limit")
+    g.add_argument("--slurm_time", help="with --executor slurm: each task's time limit (default 24:00:00)")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

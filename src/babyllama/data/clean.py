@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import re
+import shutil
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -323,8 +324,7 @@ def prepare(
     docs_per_shard: int = 100_000,
 ) -> dict:
     """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = clear_outputs(Path(out))
     stats: dict[str, SourceStats] = {}
     writer = ShardWriter(out, docs_per_shard)
     start = time.time()
@@ -338,12 +338,11 @@ def prepare(
         s = stats.setdefault(path, SourceStats())
         s.schema, s.records, s.bad = fs.schema, fs.records, fs.bad
     settings = {"format": format, "min_chars": min_chars, "dedup": dedup, "minhash_threshold": threshold}
-    return write_stats(out, stats, writer.files, settings, time.time() - start)
+    return check_usable(write_stats(out, stats, writer.files, settings, time.time() - start), out)
 
 
 def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], settings: dict, seconds: float) -> dict:
-    """Write out/stats.json (per source, totals, the shard files, the settings); raises UserError when no
-    record was usable, after writing it, so that bad_records.txt and stats.json tell why."""
+    """Write out/stats.json (per source, totals, the shard files, the settings) and return it."""
     total = {k: sum(getattr(s, k) for s in stats.values()) for k in asdict(SourceStats()) if k != "schema"}
     result = {
         "sources": {k: asdict(v) for k, v in stats.items()},
@@ -353,8 +352,23 @@ def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], sett
         "seconds": round(seconds, 2),
     }
     (out / "stats.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def check_usable(stats: dict, out: Path) -> dict:
+    """stats, or UserError when no record was usable (stats.json and bad_records.txt, written, say why)."""
+    total = stats["total"]
     if total["records"] and total["bad"] == total["records"]:
         raise UserError(f"every one of the {total['records']} records was bad; see {out / 'bad_records.txt'}.")
     if total["records"] == 0:
         raise UserError("the inputs hold no records; check the paths and --format.")
-    return result
+    return stats
+
+
+def clear_outputs(out: Path) -> Path:
+    """Create out/ and remove what an earlier prepare left there, of either engine."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [*out.glob("part_*.jsonl"), *out.glob(".part_*.tmp"), out / "stats.json", out / "bad_records.txt"]:
+        f.unlink(missing_ok=True)
+    shutil.rmtree(out / "datatrove", ignore_errors=True)
+    return out

@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,17 +52,21 @@ from datatrove.pipeline.dedup.exact_dedup import (
     ExactFindDedups,
 )
 from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+from datatrove.pipeline.dedup.minhash import _mersenne_prime as MERSENNE_PRIME
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
+from loguru import logger
 
 from babyllama.data.clean import (
     NGRAM,
     ShardWriter,
     SourceStats,
     check_dedup,
+    check_usable,
+    clear_outputs,
     dedup_key,
     long_enough,
     lsh_bands,
@@ -76,14 +81,16 @@ from babyllama.data.pretokenize import (
     token_manifest,
     write_documents,
 )
-from babyllama.data.shards import fresh_output_dir, write_manifest
-from babyllama.data.sources import CorpusReader
+from babyllama.data.sft_tokens import locked
+from babyllama.data.shards import MANIFEST, fresh_output_dir, write_manifest
+from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
 from babyllama.errors import UserError
 from babyllama.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "slurm", "ray")
+FINISHED = "finished.json"  # written by the last stage: the run is complete
 MAX_TASKS = 65_534  # exact dedup ranks documents by a uint16 priority: 65535 - task
 
 
@@ -97,6 +104,48 @@ class Launch:
     workers: int = 1
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
+
+
+# --- datatrove's console: warnings only; its per-task banners and statistics go to the task logs ---
+
+_LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
+
+
+def _task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
+    """datatrove.utils.logging.add_task_logger with the console at WARNING: a run of 7 stages printed
+    ~540 lines of banners for 2,000 documents. Everything still goes to logs/STAGE/logs/task_R.log."""
+    logger.remove()
+    logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+    logger.add(sys.stderr, level="WARNING", format=_LOG_FORMAT, colorize=False)
+    logger.add(logfile, level="DEBUG", format=_LOG_FORMAT, colorize=False)
+    return logfile
+
+
+def _default_logger() -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format=_LOG_FORMAT, colorize=False)
+
+
+def quiet_datatrove() -> None:
+    """Install the two loggers above where datatrove looks them up (in every process that unpickles a
+    pipeline of ours, since it imports this module)."""
+    import datatrove.executor.base
+    import datatrove.utils.logging
+
+    datatrove.utils.logging.setup_default_logger = _default_logger
+    datatrove.executor.base.add_task_logger = _task_logger
+    if "datatrove.executor.ray" in sys.modules:
+        sys.modules["datatrove.executor.ray"].add_task_logger = _task_logger
+    _default_logger()
+
+
+quiet_datatrove()
+
+
+def pass_through(data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+    """The first step of every stage: unpickling it makes a worker import this module, and so run
+    quiet_datatrove(), even for a stage of datatrove's steps alone."""
+    return data
 
 
 # --- steps: the embedded path's pieces, as datatrove PipelineSteps ---
@@ -241,8 +290,16 @@ class WriteTokenShards(PipelineStep):
 
 
 def _sources_read(work: Path) -> dict[str, dict]:
-    """{file: its FileStats dict} over all tasks, in corpus order."""
-    return {k: v for task in _json_files(work / "read") for k, v in task.items()}
+    """{file: its FileStats dict} over all tasks, in corpus order (a file named twice: summed)."""
+    sources: dict[str, dict] = {}
+    for task in _json_files(work / "read"):
+        for path, fs in task.items():
+            if path in sources:
+                sources[path] = {**fs, "records": sources[path]["records"] + fs["records"],
+                                 "bad": sources[path]["bad"] + fs["bad"]}
+            else:
+                sources[path] = fs
+    return sources
 
 
 def _bad_records(work: Path) -> str:
@@ -279,9 +336,10 @@ class FinishPrepare(PipelineStep):
         (out / "bad_records.txt").write_text(_bad_records(work), encoding="utf-8")
         files = sorted(f.name for f in out.glob("part_*.jsonl"))
         started = json.loads((work / "settings.json").read_text())["started"]
-        write_stats(out, stats, files, self.settings, time.time() - started)
+        write_stats(out, stats, files, self.settings, time.time() - started)  # the driver checks the totals
         for name in ("clean", "unique", "exact_sigs", "exact_dups", "minhash_sigs", "buckets", "remove"):
             shutil.rmtree(work / name, ignore_errors=True)
+        _write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
 
 
 class FinishTokens(PipelineStep):
@@ -298,12 +356,15 @@ class FinishTokens(PipelineStep):
         out, work = Path(self.out), Path(self.work)
         sources = _sources_read(work)
         records, bad = (sum(s[k] for s in sources.values()) for k in ("records", "bad"))
-        if records == 0 or bad == records:
-            raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")
         (out / "bad_records.txt").write_text(_bad_records(work), encoding="utf-8")
+        started = json.loads((work / "settings.json").read_text())["started"]
+        if records > bad:  # else no manifest: the driver says why (a raise here would print a traceback)
+            self.write_manifest(out, work, sources, started)
+        _write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
+
+    def write_manifest(self, out: Path, work: Path, sources: dict, started: float) -> None:
         tok = load_tokenizer(self.tokenizer_path)
         tok.save(out / "tokenizer")
-        started = json.loads((work / "settings.json").read_text())["started"]
         shards = [s for task in _json_files(work / "shards") for s in task]
         manifest = token_manifest(tok, bos=self.bos, val_fraction=self.val_fraction, shards=shards, sources=sources,
                                   engine={"name": "datatrove", "tasks": self.tasks},
@@ -326,6 +387,18 @@ class Characters(WordTokenizer):
 
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
         return [(0, len(text))]
+
+
+class MinhashSignature(MinhashDedupSignature):
+    """datatrove's MinHash stage 1 with the signature taken over chunks of shingles: its own makes one
+    (shingles, hashes) matrix, 940 bytes per character of a document (26 GiB for one of 30M)."""
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        a, b = self.parameters  # (1, num_hashes) each; shingles (N, 1); 64-bit hashes: no masking
+        mins = np.full(a.shape[1], np.iinfo(np.uint64).max, dtype=np.uint64)
+        for s in range(0, len(shingles), 4096):
+            mins = np.minimum(mins, ((shingles[s : s + 4096] * a + b) % MERSENNE_PRIME).min(axis=0))
+        return [x.tolist() for x in np.split(mins, self.config.num_buckets)]
 
 
 def document_key(doc: Document) -> str:
@@ -377,7 +450,7 @@ def prepare_stages(files: list[str], sizes: list[int], out: Path, work: Path, *,
     if dedup == "exact":
         return [*stages, ("unique", unique + write, tasks), finish]
     mh = minhash_config(threshold)
-    signatures = MinhashDedupSignature(output_folder=w("minhash_sigs"), config=mh, language=Characters())
+    signatures = MinhashSignature(output_folder=w("minhash_sigs"), config=mh, language=Characters())
     return [
         *stages,
         ("unique", [*unique, JsonlWriter(w("unique"), output_filename="${rank}.jsonl", compression=None),
@@ -393,6 +466,7 @@ def prepare_stages(files: list[str], sizes: list[int], out: Path, work: Path, *,
 
 def make_executor(launch: Launch, name: str, pipeline: list, tasks: int, depends, logs: Path):
     """One datatrove executor for a stage, started after `depends` has finished."""
+    pipeline = [pass_through, *pipeline]
     if launch.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -407,6 +481,7 @@ def make_executor(launch: Launch, name: str, pipeline: list, tasks: int, depends
                                      venv_path=str(activate) if activate.is_file() else None)
     from datatrove.executor.ray import RayPipelineExecutor
 
+    quiet_datatrove()
     return RayPipelineExecutor(pipeline, tasks=tasks, workers=launch.workers, logging_dir=str(logs / name),
                                depends=depends)
 
@@ -434,77 +509,113 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
 
 
 def start_run(out: Path, settings: dict, clear_outputs) -> Path:
-    """OUT/datatrove for a run with these settings: kept when an earlier run there had the same settings
-    (a resumed run skips its finished tasks), else made anew, after clear_outputs(out)."""
+    """OUT/datatrove for a run with these settings (which include each input's size and modification
+    time): kept when an earlier run there had the same ones, so a resumed run skips its finished tasks
+    (a finished run does nothing); made anew, after clear_outputs(out), when there was none or it had
+    finished with other settings. Raises UserError for an unfinished run with other settings."""
     work = out / "datatrove"
     saved = work / "settings.json"
     if saved.is_file():
         before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "started"}
         if before == settings:
             return work
-        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
-        raise UserError(f"{out} holds a datatrove run with other settings ({', '.join(changed)}); run with the "
-                        f"same settings to resume it, or remove {work} to start again.")
-    shutil.rmtree(work, ignore_errors=True)
-    clear_outputs(out)
+        if not (work / FINISHED).is_file():
+            changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+            raise UserError(f"{out} holds an unfinished datatrove run with other {', '.join(changed)}; run it "
+                            f"with the same ones to finish it, or remove {work} to start again.")
+    clear_outputs(out)  # removes work/ too
     _write_json(saved, {**settings, "started": time.time()})
     return work
 
 
 def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int], int]:
-    """Absolute input paths (tasks may run elsewhere), their sizes, and the number of tasks."""
+    """Absolute input paths (tasks may run elsewhere), their sizes, and the number of tasks. Raises
+    UserError for what would otherwise fail inside every task: an unknown executor or file type, Slurm
+    without a partition or without sbatch."""
     if launch.executor not in EXECUTORS:
         raise UserError(f"unknown --executor {launch.executor!r}; choose one of {', '.join(EXECUTORS)}.")
     if launch.executor == "slurm" and not launch.slurm_partition:
         raise UserError("--executor slurm needs --slurm_partition NAME (sinfo lists them).")
+    if launch.executor == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--executor slurm submits with sbatch, which is not on this machine's PATH; run it on a "
+                        "Slurm login node.")
     files = [str(Path(f).resolve()) for f in CorpusReader(inputs, format).files]
+    for f in files:
+        if data_suffix(Path(f)) not in SUFFIXES:
+            raise UserError(f"{f}: unknown file type; use one of {', '.join(SUFFIXES)} (optionally .gz/.zst).")
     tasks = min(launch.tasks or len(files), len(files))  # more tasks than files would have nothing to do
     if tasks > MAX_TASKS:
         raise UserError(f"--tasks can be at most {MAX_TASKS}, got {tasks}.")
     return files, [Path(f).stat().st_size for f in files], max(tasks, 1)
 
 
-def _clear_prepare_outputs(out: Path) -> None:
-    for f in [*out.glob("part_*.jsonl"), *out.glob(".part_*.tmp"), out / "stats.json", out / "bad_records.txt"]:
-        f.unlink(missing_ok=True)
+def _identity(files: list[str]) -> list[list]:
+    """What says that an input is the one an earlier run read: path, size, modification time."""
+    return [[f, (st := Path(f).stat()).st_size, st.st_mtime_ns] for f in files]
 
 
 def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str | None = None, min_chars: int = 10,
             dedup: str = "minhash", threshold: float = 0.8, docs_per_shard: int = 100_000) -> dict | None:
     """clean.prepare as a datatrove pipeline; returns the statistics written to stats.json, or None when
-    the stages were submitted to Slurm."""
+    the stages were submitted to Slurm. Raises UserError as clean.prepare does."""
     check_dedup(dedup, threshold)
     files, sizes, tasks = _input_files(inputs, format, launch)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"command": "prepare", "inputs": files, "format": format, "min_chars": min_chars, "dedup": dedup,
-                "minhash_threshold": threshold, "docs_per_shard": docs_per_shard, "engine": "datatrove",
-                "tasks": tasks}
-    work = start_run(out, settings, _clear_prepare_outputs)
-    stages = prepare_stages(files, sizes, out, work, format=format, min_chars=min_chars, dedup=dedup,
-                            threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks, settings=settings)
-    run_stages(stages, launch, work)
-    return None if launch.executor == "slurm" else json.loads((out / "stats.json").read_text())
+    settings = {"command": "prepare", "inputs": _identity(files), "format": format, "min_chars": min_chars,
+                "dedup": dedup, "minhash_threshold": threshold, "docs_per_shard": docs_per_shard,
+                "engine": "datatrove", "tasks": tasks}
+    with _one_run_at_a_time(out, launch):
+        work = start_run(out, settings, clear_outputs)
+        stages = prepare_stages(files, sizes, out, work, format=format, min_chars=min_chars, dedup=dedup,
+                                threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks, settings=settings)
+        run_stages(stages, launch, work)
+    if launch.executor == "slurm":
+        return None
+    stats = check_usable(json.loads((out / "stats.json").read_text()), out)
+    log.info("%d records in %.1f s: %.0f records/s", stats["total"]["records"], stats["seconds"],
+             stats["total"]["records"] / max(stats["seconds"], 1e-9))
+    return stats
 
 
 def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch: Launch, *,
                 val_fraction: float = 0.005, shard_tokens: int = 100_000_000, bos: bool = False,
                 format: str | None = None) -> dict | None:
     """pretokenize.pretokenize as a datatrove pipeline; returns the manifest, or None when the stages were
-    submitted to Slurm. The shards hold the same documents with the same ids, in task order."""
+    submitted to Slurm. The shards hold the same documents with the same ids, in task order. Raises
+    UserError when no document is usable."""
     check_val_fraction(val_fraction)
-    load_tokenizer(tokenizer_path)  # a wrong path fails here, not in every task
+    tok = load_tokenizer(tokenizer_path)  # a wrong path fails here, not in every task
     tokenizer_path = str(Path(tokenizer_path).resolve())
     files, sizes, tasks = _input_files(inputs, format, launch)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"command": "pretokenize", "inputs": files, "tokenizer": tokenizer_path, "format": format,
-                "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos, "tasks": tasks}
-    work = start_run(out, settings, fresh_output_dir)
-    stages = [
-        ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
-                      WriteTokenShards(tokenizer_path, str(out), str(work), val_fraction, bos, shard_tokens)], tasks),
-        ("finish", [FinishTokens(tokenizer_path, str(out), str(work), bos, val_fraction, tasks)], 1),
-    ]
-    run_stages(stages, launch, work)
-    return None if launch.executor == "slurm" else json.loads((out / "manifest.json").read_text())
+    settings = {"command": "pretokenize", "inputs": _identity(files), "tokenizer": tok.fingerprint,
+                "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
+                "tasks": tasks}
+    with _one_run_at_a_time(out, launch):
+        work = start_run(out, settings, fresh_output_dir)
+        stages = [
+            ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
+                          WriteTokenShards(tokenizer_path, str(out), str(work), val_fraction, bos, shard_tokens)],
+             tasks),
+            ("finish", [FinishTokens(tokenizer_path, str(out), str(work), bos, val_fraction, tasks)], 1),
+        ]
+        run_stages(stages, launch, work)
+    if launch.executor == "slurm":
+        return None
+    if not (out / MANIFEST).is_file():
+        records, bad = (sum(s[k] for s in _sources_read(work).values()) for k in ("records", "bad"))
+        raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")
+    return json.loads((out / MANIFEST).read_text())
+
+
+@contextmanager
+def _one_run_at_a_time(out: Path, launch: Launch):
+    """A second run in the same out_dir waits for the first, then finds its work done (local, ray).
+    Slurm jobs outlive the command that submits them: nothing guards a second submission."""
+    if launch.executor == "slurm":
+        yield
+    else:
+        with locked(out):
+            yield

@@ -157,7 +157,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     start = time.time()
     tok = load_tokenizer(tokenizer_path)
     paths = expand_inputs(list(inputs))
-    with _locked(Path(out)):  # one build at a time; a run that waited uses what the other built
+    with locked(Path(out)):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
         if manifest is not None and cache_differences(manifest, cache_key(paths, tok.fingerprint, settings)) == []:
             return manifest
@@ -234,7 +234,7 @@ def _write(files: dict, r: dict, dtype: np.dtype) -> None:
 
 
 @contextmanager
-def _locked(out: Path):
+def locked(out: Path):
     """An exclusive lock on out/.lock (flock: released when the process ends, however it ends)."""
     import fcntl
 

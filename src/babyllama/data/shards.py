@@ -74,10 +74,12 @@ class BinShardWriter:
 
 
 def fresh_output_dir(out: Path) -> Path:
-    """Create out/, removing the shards and manifest of an earlier run there (and nothing else)."""
+    """Create out/, removing the shards, manifest and work files of an earlier run there, of either engine."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in [*out.glob("shard_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.tmp"), out / MANIFEST]:
+    for f in [*out.glob("shard_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.tmp"), out / MANIFEST,
+              out / "bad_records.txt"]:
         f.unlink(missing_ok=True)
+    shutil.rmtree(out / "datatrove", ignore_errors=True)  # the work files of a datatrove run there
     return out
 
 
