@@ -174,3 +174,82 @@ def test_web_page_streams_an_answer(server, tmp_path):
         browser.close()
     assert shown.strip() == alone(server, "你好", 64).strip() and shown.strip()  # 64: the page's default
     assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# Every request parameter of the official client: (name, value, honoured). A value the server cannot
+# honour must get a 400 that names the field; the test fails when the client grows a parameter.
+CHAT_PARAMS = [
+    ("max_tokens", 4, True), ("max_completion_tokens", 4, True), ("temperature", 0.7, True), ("top_p", 0.9, True),
+    ("stop", ["。"], True), ("n", 1, True), ("n", 3, False), ("seed", 7, True), ("user", "u1", True),
+    ("metadata", {"k": "v"}, True), ("store", False, True), ("store", True, False), ("safety_identifier", "s", True),
+    ("prompt_cache_key", "k", True), ("frequency_penalty", 0.0, True), ("frequency_penalty", 0.5, False),
+    ("presence_penalty", 0.0, True), ("presence_penalty", 0.5, False), ("logit_bias", {}, True),
+    ("logit_bias", {"5": 10}, False), ("logprobs", False, True), ("logprobs", True, False),
+    ("top_logprobs", 2, False), ("response_format", {"type": "text"}, True),
+    ("response_format", {"type": "json_object"}, False), ("modalities", ["text"], True),
+    ("modalities", ["text", "audio"], False), ("audio", {"voice": "alloy", "format": "mp3"}, False),
+    ("function_call", "auto", False), ("functions", [{"name": "f", "parameters": {}}], False),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], False), ("tool_choice", "auto", False),
+    ("parallel_tool_calls", True, False), ("prediction", {"type": "content", "content": "x"}, False),
+    ("reasoning_effort", "low", False), ("service_tier", "auto", False), ("verbosity", "low", False),
+    ("web_search_options", {}, False), ("moderation", {"input": True}, False),
+    ("prompt_cache_options", {"key": "x"}, False), ("prompt_cache_retention", "24h", False),
+    ("stream_options", {"include_usage": True}, True),
+]
+COMPLETION_PARAMS = [
+    ("max_tokens", 4, True), ("temperature", 0.7, True), ("top_p", 0.9, True), ("stop", "。", True), ("n", 1, True),
+    ("n", 2, False), ("seed", 7, True), ("user", "u1", True), ("best_of", 1, True), ("best_of", 2, False),
+    ("echo", False, True), ("echo", True, False), ("logprobs", 2, False), ("suffix", "x", False),
+    ("frequency_penalty", 0.0, True), ("presence_penalty", 0.3, False), ("logit_bias", {"5": 1}, False),
+    ("stream_options", {"include_usage": True}, True),
+]
+
+
+def test_every_openai_request_field_is_honoured_or_refused_by_name(server):
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    c = client(server)
+    for params, known, call in (
+        (chat_params.CompletionCreateParamsBase, CHAT_PARAMS,
+         lambda **kw: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}], **kw)),
+        (completion_create_params.CompletionCreateParamsBase, COMPLETION_PARAMS,
+         lambda **kw: c.completions.create(model="tiny", prompt="今天", **kw)),
+    ):
+        assert set(params.__annotations__) - {"model", "messages", "prompt"} == {name for name, _, _ in known}
+        for name, value, honoured in known:
+            kw = {name: value} if name in ("max_tokens", "max_completion_tokens") else {name: value, "max_tokens": 4}
+            if name == "stream_options":
+                chunks = list(call(stream=True, **kw))
+                assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+            elif honoured:
+                call(**kw)
+            else:
+                with pytest.raises(openai.BadRequestError) as e:
+                    call(**kw)
+                assert name in str(e.value), (name, str(e.value))
+
+
+def test_seed_makes_sampling_repeatable(server):
+    c = client(server)
+    ask = lambda seed: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "讲个故事"}],
+                                                 max_tokens=16, temperature=1.0, seed=seed).choices[0].message.content
+    assert ask(3) == ask(3)
+    assert len({ask(s) for s in range(4)}) > 1
+
+
+def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
+    import threading
+
+    from babyllama.serve import Generation
+    from tests.conftest import favours_control_ids
+
+    model = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=32)), {300: 100.0})  # no <eos>
+    for prompt, max_tokens, reason, made in (([5] * 28, 10, "length", 4), ([5] * 10, 6, "length", 6)):
+        gen = Generation(model, bpe_tokenizer, threading.Lock(), prompt, Sampling(max_new_tokens=max_tokens))
+        "".join(gen.pieces())
+        assert (gen.finish_reason, gen.completion_tokens) == (reason, made)  # the context, then max_tokens
+    eos = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=32)), {2: 100.0})
+    gen = Generation(eos, bpe_tokenizer, threading.Lock(), [5] * 10, Sampling(max_new_tokens=6))
+    "".join(gen.pieces())
+    assert (gen.finish_reason, gen.completion_tokens) == ("stop", 0)

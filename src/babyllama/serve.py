@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from babyllama.chat import Sampling, decode_stream, prompt_ids, until_stop
 from babyllama.chat_format import conversation_from_messages, text_prompt
 from babyllama.errors import UserError, require
@@ -44,23 +46,55 @@ class Message(BaseModel):
     content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False  # a last chunk with the token counts
+    include_obfuscation: bool = False
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text"]
+
+
 class Common(BaseModel):
-    model_config = ConfigDict(strict=True)
+    """The fields of OpenAI's requests that are honoured, or accepted when they ask for the default
+    (n 1, no penalties, no logprobs); any other field is refused with a 400 that names it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)  # None: half the context, at most 256
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)  # greedy unless asked (OpenAI defaults to 1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
+    seed: int | None = None  # the same seed, prompt and settings give the same answer
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    user: str | None = Field(None, max_length=256)  # informational: nothing depends on it
 
 
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1, max_length=128)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = Field(False, le=False)
+    top_logprobs: int | None = Field(None, ge=0, le=0)
+    response_format: TextFormat | None = None
+    modalities: list[Literal["text"]] | None = None
+    store: bool = Field(False, le=False)  # nothing is stored here
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    safety_identifier: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=256)
 
 
 class CompletionRequest(Common):
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
+    best_of: int = Field(1, ge=1, le=1)
+    echo: bool = Field(False, le=False)
+    logprobs: int | None = Field(None, ge=0, le=0)
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -84,14 +118,19 @@ class Generation:
     prompt: list[int]
     sampling: Sampling
     stops: list[str] = field(default_factory=list)
+    seed: int | None = None
     completion_tokens: int = 0
     finish_reason: str = "length"
 
     def tokens(self) -> Iterator[int]:
         """model.stream, one decoding step at a time under the shared lock."""
         s = self.sampling
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(self.model.rope_cos.device).manual_seed(self.seed)
         gen = self.model.stream(self.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                top_p=s.top_p, **self.tokenizer.generation_kwargs(self.model.cfg.vocab_size))
+                                top_p=s.top_p, generator=generator,
+                                **self.tokenizer.generation_kwargs(self.model.cfg.vocab_size))
         try:
             while True:
                 with self.lock:
@@ -106,7 +145,9 @@ class Generation:
     def pieces(self) -> Iterator[str]:
         """Text pieces until <eos>, max_tokens or a stop string; sets finish_reason."""
         stopped = yield from until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops)
-        if stopped or self.completion_tokens < self.sampling.max_new_tokens:
+        ctx = self.model.cfg.max_seq_len
+        room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
+        if stopped or self.completion_tokens < room:
             self.finish_reason = "stop"  # a stop string, or the model said <eos>
 
     def usage(self) -> dict:
@@ -138,8 +179,9 @@ def chunk_event(delta: dict | str, finish: str | None, rid: str, created: int, n
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def respond(request, gen: Generation, name: str, chat: bool, stream: bool):
-    """The whole answer as one JSON object, or a stream of events that stops when the client leaves."""
+async def respond(request, gen: Generation, name: str, chat: bool, stream: bool, usage: bool = False):
+    """The whole answer as one JSON object, or a stream of events that stops when the client leaves
+    (usage: a last chunk with no choices and the token counts, as stream_options.include_usage asks)."""
     from fastapi.concurrency import iterate_in_threadpool
     from fastapi.responses import StreamingResponse
 
@@ -158,6 +200,10 @@ async def respond(request, gen: Generation, name: str, chat: bool, stream: bool)
                     return  # the finally below stops the generation
                 yield chunk_event({"content": piece} if chat else piece, None, rid, created, name, chat)
             yield chunk_event({} if chat else "", gen.finish_reason, rid, created, name, chat)
+            if usage:
+                data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created, "model": name, "choices": [], "usage": gen.usage()}
+                yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             pieces.close()
@@ -195,11 +241,13 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     async def invalid(request: Request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", [])[1:])
+        if first.get("type") == "extra_forbidden":
+            return error(400, f"{where}: this server does not support it (see the README for the fields it takes)")
         return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
 
-    def generation(body: Common, prompt: list[int]) -> Generation:
-        sampling = Sampling(body.max_tokens or default_tokens, body.temperature, 0, body.top_p)
-        return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop))
+    def generation(body: Common, prompt: list[int], max_tokens: int) -> Generation:
+        sampling = Sampling(max_tokens, body.temperature, 0, body.top_p)
+        return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop), body.seed)
 
     @app.get("/health")
     def health():
@@ -212,28 +260,32 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        max_tokens = body.max_tokens or default_tokens
+        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+            return error(400, "max_tokens and max_completion_tokens differ; give one of them")
+        max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
         try:
             conv = conversation_from_messages([(m.role, m.content) for m in body.messages], add_generation_prompt=True)
-            gen = generation(body, prompt_ids(tokenizer, conv, max_ctx, max_tokens))
+            gen = generation(body, prompt_ids(tokenizer, conv, max_ctx, max_tokens), max_tokens)
         except ValueError as e:
             return error(400, str(e))
         question = len(tokenizer.encode(conv.turns[-1][0]))
         if question + max_tokens >= max_ctx:
             return error(400, f"the last message ({question} tokens) plus max_tokens ({max_tokens}) "
                               f"does not fit the context of {max_ctx} tokens")
-        return await respond(request, gen, body.model or model_name, chat=True, stream=body.stream)
+        return await respond(request, gen, body.model or model_name, chat=True, stream=body.stream,
+                             usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
-            gen = generation(body, text_prompt(tokenizer, body.prompt))
+            gen = generation(body, text_prompt(tokenizer, body.prompt), body.max_tokens or default_tokens)
         except ValueError as e:
             return error(400, str(e))
         if len(gen.prompt) + gen.sampling.max_new_tokens > max_ctx:
             return error(400, f"the prompt ({len(gen.prompt)} tokens) plus max_tokens ({gen.sampling.max_new_tokens}) "
                               f"does not fit the context of {max_ctx} tokens")
-        return await respond(request, gen, body.model or model_name, chat=False, stream=body.stream)
+        return await respond(request, gen, body.model or model_name, chat=False, stream=body.stream,
+                             usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.get("/", response_class=HTMLResponse)
     def page():
