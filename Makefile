@@ -10,7 +10,7 @@ EXTRAS ?= dev
 # glibc keeps large freed blocks instead of returning them to the kernel every step: ~20% faster CPU training
 CPU_MALLOC := MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184
 
-.PHONY: test lint setup demo clean
+.PHONY: test lint setup demo clean browser
 
 setup: $(VENV)/.installed-$(EXTRAS)
 
@@ -23,7 +23,16 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 
-test: lint
+# the chat page's test drives a headless Chromium (Playwright, through its executable path): take the
+# distribution's package when there is none and apt-get can run; otherwise that one test is skipped
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    echo "installing Debian's chromium for the page test" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: no chromium, and no apt-get as root to install it: the chat page test will be skipped"
+
+test: lint browser
 	$(PY) -m pytest -q
 
 demo:

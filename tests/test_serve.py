@@ -171,8 +171,15 @@ def test_web_page_streams_an_answer(server, tmp_path):
         page.wait_for_selector(".assistant[data-done=true]", timeout=20000)
         shown = page.inner_text(".assistant")
         page.screenshot(path=str(tmp_path / "chat_page.png"))
+        page.fill("#max_tokens", "999999")  # more than the context: the server refuses
+        page.fill("#input", "再说一遍")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".assistant >> nth=1", timeout=20000)
+        page.wait_for_function("document.querySelectorAll('.assistant')[1].dataset.done === 'true'", timeout=20000)
+        failed = page.locator(".assistant").nth(1).inner_text()
         browser.close()
     assert shown.strip() == alone(server, "你好", 64).strip() and shown.strip()  # 64: the page's default
+    assert failed.startswith("error: ") and "does not fit the context" in failed
     assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
 
 
