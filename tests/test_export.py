@@ -14,6 +14,10 @@ from tests.test_cli import run_cli
 
 transformers = pytest.importorskip("transformers")
 TEXTS = ["床前明月光，疑是地上霜。", "中华人民共和国成立于1949年。", "人工智能 is 计算机科学的一个分支。"]
+TORTURE = ["</s> and <s> and <pad> and <unk> spelled in text", "答案：<s>A</s>", "trailing and  double  spaces  ",
+           "tabs\tand\n\nnewlines\r\n", "\u3000\u3000全角空格缩进", "rare CJK Ext-B: 𠀀𠀁𪚥𡃁", "emoji 😀🚀👨‍👩‍👧 ✓",
+           "mixed Ελληνικά русский 日本語 한국어 中文", "x"]
+LEADING_SPACES = ["  two leading spaces", " ", "\t tab then space"]  # see the SentencePiece test
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1, tie_embeddings=False)],
@@ -26,8 +30,9 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(hf).__name__ == "LlamaForCausalLM"
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS:
-        assert tok(text)["input_ids"] == bpe_tokenizer.encode(text)
+    for text in TEXTS + TORTURE + LEADING_SPACES:
+        assert tok(text)["input_ids"] == bpe_tokenizer.encode(text), text
+        assert tok.decode(bpe_tokenizer.encode(text)) == text, text
     idx = torch.tensor([bpe_tokenizer.encode(TEXTS[0])])
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
@@ -47,8 +52,12 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=64793)), sp)
     export(tmp_path / "ck", tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS:
-        assert tok(text)["input_ids"] == sp.encode(text)
+    for text in TEXTS + TORTURE:
+        assert tok(text)["input_ids"] == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == text, text
+    # transformers' conversion of a SentencePiece model puts the dummy prefix after leading spaces
+    # ("  a": ▁▁ a, where sentencepiece gives ▁▁ ▁a): a known difference, kept visible here
+    assert [tok(text)["input_ids"] == sp.encode(text) for text in LEADING_SPACES] == [False, False, True]
 
 
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):

@@ -111,7 +111,8 @@ def export_tokenizer(tokenizer, out: Path) -> None:
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_dummy_prefix_space": True}
     config |= {f"{k}_token": v for k, v in names.items()}
     config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-               "model_max_length": 1 << 30}
+               "model_max_length": 1 << 30,
+               "split_special_tokens": True}  # text that spells "</s>" is text, as babyllama encodes it
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(
         json.dumps({f"{k}_token": v for k, v in names.items()}, indent=2, ensure_ascii=False) + "\n")
