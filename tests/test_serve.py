@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -192,7 +193,7 @@ CHAT_PARAMS = [
     ("prompt_cache_key", "k", True), ("frequency_penalty", 0.0, True), ("frequency_penalty", 0.5, False),
     ("presence_penalty", 0.0, True), ("presence_penalty", 0.5, False), ("logit_bias", {}, True),
     ("logit_bias", {"5": 10}, False), ("logprobs", False, True), ("logprobs", True, False),
-    ("top_logprobs", 2, False), ("response_format", {"type": "text"}, True),
+    ("top_logprobs", 0, True), ("top_logprobs", 2, False), ("response_format", {"type": "text"}, True),
     ("response_format", {"type": "json_object"}, False), ("modalities", ["text"], True),
     ("modalities", ["text", "audio"], False), ("audio", {"voice": "alloy", "format": "mp3"}, False),
     ("function_call", "auto", False), ("functions", [{"name": "f", "parameters": {}}], False),
@@ -201,7 +202,7 @@ CHAT_PARAMS = [
     ("reasoning_effort", "low", False), ("service_tier", "auto", False), ("verbosity", "low", False),
     ("web_search_options", {}, False), ("moderation", {"input": True}, False),
     ("prompt_cache_options", {"key": "x"}, False), ("prompt_cache_retention", "24h", False),
-    ("stream_options", {"include_usage": True}, True),
+    ("stream_options", {"include_usage": True}, True), ("seed", 2**64, False),
 ]
 COMPLETION_PARAMS = [
     ("max_tokens", 4, True), ("temperature", 0.7, True), ("top_p", 0.9, True), ("stop", "。", True), ("n", 1, True),
@@ -260,3 +261,34 @@ def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
     gen = Generation(eos, bpe_tokenizer, threading.Lock(), [5] * 10, Sampling(max_new_tokens=6))
     "".join(gen.pieces())
     assert (gen.finish_reason, gen.completion_tokens) == ("stop", 0)
+
+
+def test_odd_but_valid_requests_and_what_a_user_broke(server):
+    url = server["url"] + "/v1/chat/completions"
+    hi = [{"role": "user", "content": "你好"}]
+    ask = lambda **kw: httpx.post(url, json={"messages": hi, "max_tokens": 4, **kw}, timeout=30)
+    plain = ask().json()["choices"][0]["message"]["content"]
+    two_parts = [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]
+    parts = ask(messages=[{"role": "user", "content": two_parts}])
+    assert parts.json()["choices"][0]["message"]["content"] == plain  # content parts, as the client sends them
+    dev = ask(messages=[{"role": "developer", "content": "简短"}, *hi]).json()
+    system = ask(messages=[{"role": "system", "content": "简短"}, *hi]).json()
+    assert dev["choices"][0]["message"]["content"] == system["choices"][0]["message"]["content"]
+    assert ask(model="gpt-4").json()["model"] == "tiny"  # the answer names the model served
+    assert ask(temperature=1e-40).status_code == 200  # greedy in the limit, not inf / nan
+    refused = [({"seed": -(2**64)}, "seed"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+               ({"temperature": float("nan")}, "temperature"), ({"messages": [{**hi[0], "name": "bob"}]}, "name")]
+    for kw, field in refused:
+        r = httpx.post(url, content=json.dumps({"messages": hi, "max_tokens": 4, **kw}, allow_nan=True),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (kw, r.text)
+
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(1200):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413  # no Content-Length: counted while read
+    assert ask().status_code == 200

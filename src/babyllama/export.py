@@ -95,7 +95,7 @@ def hf_config(cfg: ModelConfig, tokenizer) -> dict:
     }
 
 
-def export_tokenizer(tokenizer, out: Path) -> None:
+def export_tokenizer(tokenizer, out: Path, max_len: int) -> None:
     """tokenizer.json (fast) or tokenizer.model (SentencePiece) plus tokenizer_config.json, no bos added."""
     from babyllama.tokenizer import HFTokenizer
 
@@ -111,7 +111,7 @@ def export_tokenizer(tokenizer, out: Path) -> None:
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_dummy_prefix_space": True}
     config |= {f"{k}_token": v for k, v in names.items()}
     config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-               "model_max_length": 1 << 30,
+               "model_max_length": max_len,
                "split_special_tokens": True}  # text that spells "</s>" is text, as babyllama encodes it
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(
@@ -129,9 +129,10 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, tokenizer), indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                  "pad_token_id": tokenizer.pad_id, "do_sample": False, "max_length": model.cfg.max_seq_len}
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False, "max_length": model.cfg.max_seq_len,
+                  "suppress_tokens": list(tokenizer.suppress_tokens(model.cfg.vocab_size))}  # as babyllama masks
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    export_tokenizer(tokenizer, out)
+    export_tokenizer(tokenizer, out, model.cfg.max_seq_len)
     return out
 
 

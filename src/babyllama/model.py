@@ -377,6 +377,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return loss
 
 
+MIN_TEMPERATURE = 1e-4  # sampling at a lower temperature is greedy decoding
+
+
 def sample_next(
     logits: torch.Tensor,
     history: Sequence[int],
@@ -387,14 +390,14 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> int:
     """Pick the next id from logits (V,): greedy when temperature is 0, else top-k / top-p sampling."""
-    if temperature <= 0 and repetition_penalty == 1.0:
+    if temperature < MIN_TEMPERATURE and repetition_penalty == 1.0:
         return int(logits.argmax())
     logits = logits.float().clone()
     if repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), device=logits.device)
         prev = logits[seen]
         logits[seen] = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
-    if temperature <= 0:
+    if temperature < MIN_TEMPERATURE:  # below it logits / temperature overflow fp32: the limit is greedy
         return int(logits.argmax())
     logits = logits / temperature
     if top_k > 0:

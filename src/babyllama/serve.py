@@ -40,16 +40,29 @@ PAGE = Path(__file__).with_name("chat_page.html")
 # --- the requests (OpenAI's fields; max_tokens is checked against the context in the route) ---
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True)  # "5" is no number and "yes" no boolean
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_TEXT_CHARS)
+    model_config = ConfigDict(strict=True, extra="forbid")  # "5" is no number and "yes" no boolean
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    @property
+    def chat_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False  # a last chunk with the token counts
-    include_obfuscation: bool = False
 
 
 class TextFormat(BaseModel):
@@ -61,8 +74,8 @@ class Common(BaseModel):
     """The fields of OpenAI's requests that are honoured, or accepted when they ask for the default
     (n 1, no penalties, no logprobs); any other field is refused with a 400 that names it."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: str | None = None
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    model: str | None = None  # any name: the answer names the model served
     max_tokens: int | None = Field(None, ge=1)  # None: half the context, at most 256
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # greedy unless asked (OpenAI defaults to 1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -70,7 +83,7 @@ class Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
-    seed: int | None = None  # the same seed, prompt and settings give the same answer
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # the same seed, prompt, settings: the same answer
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
@@ -80,11 +93,11 @@ class Common(BaseModel):
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1, max_length=128)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    logprobs: bool = Field(False, le=False)
+    logprobs: Literal[False] = False
     top_logprobs: int | None = Field(None, ge=0, le=0)
     response_format: TextFormat | None = None
     modalities: list[Literal["text"]] | None = None
-    store: bool = Field(False, le=False)  # nothing is stored here
+    store: Literal[False] = False  # nothing is stored here
     metadata: dict[str, str] | None = Field(None, max_length=16)
     safety_identifier: str | None = Field(None, max_length=256)
     prompt_cache_key: str | None = Field(None, max_length=256)
@@ -93,7 +106,7 @@ class ChatRequest(Common):
 class CompletionRequest(Common):
     prompt: str = Field(max_length=MAX_TEXT_CHARS)
     best_of: int = Field(1, ge=1, le=1)
-    echo: bool = Field(False, le=False)
+    echo: Literal[False] = False
     logprobs: int | None = Field(None, ge=0, le=0)
 
 
@@ -231,6 +244,13 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             return error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if size is None and request.method == "POST":  # chunked: count while reading
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return error(413, f"request body over {MAX_BODY_BYTES} bytes")
+            request._body = body  # starlette hands the read body on to the route
         return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
@@ -241,11 +261,15 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     async def invalid(request: Request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", [])[1:])
+        if first.get("type") == "json_invalid":
+            return error(400, f"body: not valid JSON ({first.get('ctx', {}).get('error', 'a syntax error')})")
         if first.get("type") == "extra_forbidden":
             return error(400, f"{where}: this server does not support it (see the README for the fields it takes)")
         return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
 
     def generation(body: Common, prompt: list[int], max_tokens: int) -> Generation:
+        if body.stream_options is not None and not body.stream:
+            raise ValueError("stream_options: only with stream true")
         sampling = Sampling(max_tokens, body.temperature, 0, body.top_p)
         return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop), body.seed)
 
@@ -264,7 +288,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
             return error(400, "max_tokens and max_completion_tokens differ; give one of them")
         max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
         try:
-            conv = conversation_from_messages([(m.role, m.content) for m in body.messages], add_generation_prompt=True)
+            conv = conversation_from_messages([(m.chat_role, m.text) for m in body.messages],
+                                              add_generation_prompt=True)
             gen = generation(body, prompt_ids(tokenizer, conv, max_ctx, max_tokens), max_tokens)
         except ValueError as e:
             return error(400, str(e))
@@ -272,7 +297,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
         if question + max_tokens >= max_ctx:
             return error(400, f"the last message ({question} tokens) plus max_tokens ({max_tokens}) "
                               f"does not fit the context of {max_ctx} tokens")
-        return await respond(request, gen, body.model or model_name, chat=True, stream=body.stream,
+        return await respond(request, gen, model_name, chat=True, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.post("/v1/completions")
@@ -284,7 +309,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
         if len(gen.prompt) + gen.sampling.max_new_tokens > max_ctx:
             return error(400, f"the prompt ({len(gen.prompt)} tokens) plus max_tokens ({gen.sampling.max_new_tokens}) "
                               f"does not fit the context of {max_ctx} tokens")
-        return await respond(request, gen, body.model or model_name, chat=False, stream=body.stream,
+        return await respond(request, gen, model_name, chat=False, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.get("/", response_class=HTMLResponse)
