@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from babyllama.chat_format import conversation_from_messages, render_prompt
 from babyllama.checkpoint import save_checkpoint
 from babyllama.export import export
 from tests.conftest import CHATGLM2, sharp_model, tiny_config
@@ -17,6 +18,13 @@ TEXTS = ["床前明月光，疑是地上霜。", "中华人民共和国成立于
 TORTURE = ["</s> and <s> and <pad> and <unk> spelled in text", "答案：<s>A</s>", "trailing and  double  spaces  ",
            "tabs\tand\n\nnewlines\r\n", "\u3000\u3000全角空格缩进", "rare CJK Ext-B: 𠀀𠀁𪚥𡃁", "emoji 😀🚀👨‍👩‍👧 ✓",
            "mixed Ελληνικά русский 日本語 한국어 中文", "x"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "你好"}],
+    [{"role": "system", "content": "你是一个医生。"}, {"role": "user", "content": "头疼怎么办？"}],
+    [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "第一问"},
+     {"role": "assistant", "content": "第一答"}, {"role": "user", "content": "补充一句"},
+     {"role": "user", "content": "第二问"}, {"role": "system", "content": "用中文。"}],  # joined as babyllama joins
+]
 LEADING_SPACES = ["  two leading spaces", " ", "\t tab then space"]  # see the SentencePiece test
 
 
@@ -88,5 +96,9 @@ def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, k
     import gguf
 
     fields = gguf.GGUFReader(tmp_path / "g" / "m.gguf").fields
+    for messages in CONVERSATIONS:  # the chat template renders babyllama's chat format, id for id
+        conv = conversation_from_messages([(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ids == render_prompt(bpe_tokenizer, conv), messages
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False

@@ -34,6 +34,30 @@ from babyllama.tokenizer import Tokenizer
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
+# The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
+# system messages joined first, consecutive messages of one role joined with "\n", each user text
+# then bos_token, each answer then eos_token; the prompt for an answer ends with bos_token.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', role='', text='', out='', first=true) -%}"
+    "{%- for m in messages if m['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + ('\n' if ns.system else '') + m['content'] -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{%- if m['role'] == ns.role -%}{%- set ns.text = ns.text + '\n' + m['content'] -%}"
+    "{%- else -%}"
+    "{%- if ns.role == 'user' -%}"
+    "{%- set ns.out = ns.out + (ns.system + '\n' if ns.first and ns.system else '') + ns.text + bos_token -%}"
+    "{%- set ns.first = false -%}"
+    "{%- elif ns.role == 'assistant' -%}{%- set ns.out = ns.out + ns.text + eos_token -%}{%- endif -%}"
+    "{%- set ns.role = m['role'] -%}{%- set ns.text = m['content'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.role == 'user' -%}"
+    "{%- set ns.out = ns.out + (ns.system + '\n' if ns.first and ns.system else '') + ns.text + bos_token -%}"
+    "{%- elif ns.role == 'assistant' -%}{%- set ns.out = ns.out + ns.text + eos_token -%}{%- endif -%}"
+    "{{- ns.out -}}"
+)
+
 
 @dataclass
 class Conversation:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from babyllama.chat_format import CHAT_TEMPLATE
 from babyllama.checkpoint import load_checkpoint
 from babyllama.errors import UserError, require
 from babyllama.model import ModelConfig
@@ -200,6 +201,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
     w.add_eos_token_id(tokenizer.eos_id)
     w.add_pad_token_id(tokenizer.pad_id)
     w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)  # llama.cpp and transformers' GGUF reader parse its <s> and </s>
     for name, tensor in gguf_tensors(model).items():
         w.add_tensor(name, tensor.numpy())
     w.write_header_to_file()
