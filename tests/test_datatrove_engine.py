@@ -234,6 +234,9 @@ def test_user_mistakes_are_one_sentence_without_a_traceback(tmp_path, capsys):
                  "--executor", "slurm"]) == 2
     assert "--executor need --engine datatrove" in capsys.readouterr().err
     assert main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "e"),
+                 "--workers", "4"]) == 2  # the embedded prepare has one process: not silently ignored
+    assert "--workers needs --engine datatrove" in capsys.readouterr().err
+    assert main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "e"),
                  "--engine", "datatrove", "--executor", "slurm", "--slurm_partition", "cpu"]) == 2
     assert "sbatch, which is not on this machine's PATH" in capsys.readouterr().err
 

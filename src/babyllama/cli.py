@@ -66,6 +66,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if not inputs:
         raise UserError("prepare needs --input PATH... or --demo.")
     check_engine_flags(args)
+    if args.workers is not None and args.engine != "datatrove":
+        raise UserError("--workers needs --engine datatrove: the embedded prepare runs in one process.")
     settings = dict(format=args.format, min_chars=args.min_chars, dedup=args.dedup, threshold=args.minhash_threshold)
     if args.engine == "datatrove":
         engine = datatrove_engine()
@@ -96,7 +98,7 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
         settings = SFTSettings(args.max_seq_len + 1, 0.02 if args.val_fraction is None else args.val_fraction,
                                args.min_prompt_chars, args.max_prompt_chars, args.min_answer_chars,
                                args.max_answer_chars)
-        manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, args.workers)
+        manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, workers(args))
         print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["stats"]},
                          ensure_ascii=False))
         return
@@ -110,7 +112,7 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
         if manifest is None:
             return print(json.dumps({"out_dir": args.out_dir, "submitted": "slurm"}))
     elif args.input and args.tokenizer:
-        manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=args.workers,
+        manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=workers(args),
                                val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
                                shard_tokens=args.shard_tokens,
                                num_shards=args.num_shards, shard_index=args.shard_index, bos=args.bos,
@@ -135,8 +137,12 @@ DATATROVE_FLAGS = ("executor", "tasks", "slurm_partition", "slurm_time")
 
 
 def launch_of(engine, args: argparse.Namespace):
-    return engine.Launch(executor=args.executor or "local", tasks=args.tasks, workers=args.workers,
+    return engine.Launch(executor=args.executor or "local", tasks=args.tasks, workers=workers(args),
                          slurm_partition=args.slurm_partition, slurm_time=args.slurm_time or "24:00:00")
+
+
+def workers(args: argparse.Namespace) -> int:
+    return args.workers or os.cpu_count() or 1
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:
@@ -152,7 +158,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=["local", "slurm", "ray"], help="where datatrove runs (default local)")
     g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files cut by bytes "
                    "(default and most: the number of files)")
-    g.add_argument("--workers", type=int_in(1), default=os.cpu_count() or 1, help="processes (tasks) at once")
+    g.add_argument("--workers", type=int_in(1), help="processes at once (default: one per core)")
     g.add_argument("--slurm_partition", help="with --executor slurm")
     g.add_argument("--slurm_time", help="with --executor slurm: each task's time limit (default 24:00:00)")
 
