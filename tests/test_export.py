@@ -25,7 +25,7 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "第一答"}, {"role": "user", "content": "补充一句"},
      {"role": "user", "content": "第二问"}, {"role": "system", "content": "用中文。"}],  # joined as babyllama joins
 ]
-LEADING_SPACES = ["  two leading spaces", " ", "\t tab then space"]  # see the SentencePiece test
+LEADING_SPACES = ["  two leading spaces", " ", "\t tab then space", "   "]
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1, tie_embeddings=False)],
@@ -60,12 +60,9 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=64793)), sp)
     export(tmp_path / "ck", tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS + TORTURE:
+    for text in TEXTS + TORTURE + LEADING_SPACES:  # leading spaces: transformers' own conversion differs
         assert tok(text)["input_ids"] == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == text, text
-    # transformers' conversion of a SentencePiece model puts the dummy prefix after leading spaces
-    # ("  a": ▁▁ a, where sentencepiece gives ▁▁ ▁a): a known difference, kept visible here
-    assert [tok(text)["input_ids"] == sp.encode(text) for text in LEADING_SPACES] == [False, False, True]
 
 
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):

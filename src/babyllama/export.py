@@ -115,8 +115,32 @@ def export_tokenizer(tokenizer, out: Path, max_len: int) -> None:
                "model_max_length": max_len,
                "split_special_tokens": True}  # text that spells "</s>" is text, as babyllama encodes it
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    if not isinstance(tokenizer, HFTokenizer) and _sentencepiece_as_fast(tokenizer, out):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # read tokenizer.json as written
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(
         json.dumps({f"{k}_token": v for k, v in names.items()}, indent=2, ensure_ascii=False) + "\n")
+
+
+PROBES = ["  two leading spaces", " ", "\t tab", "a  b ", "</s> spelled", "\u3000全角", "𠀀😀",
+          "床前明月光，疑是地上霜。"]
+
+
+def _sentencepiece_as_fast(tokenizer, out: Path) -> bool:
+    """Write out/tokenizer.json for a SentencePiece model when it then encodes PROBES as sentencepiece
+    does. transformers' conversion adds the dummy prefix "▁" only when the text does not start with a
+    space ("  a" -> ▁▁ a, where sentencepiece gives ▁▁ ▁a); a normalizer that always prepends it, then
+    turns spaces into "▁", matches sentencepiece for models that keep extra whitespace (ChatGLM2's)."""
+    transformers = require("transformers", "export")
+    from tokenizers import normalizers
+
+    fast = transformers.AutoTokenizer.from_pretrained(out).backend_tokenizer
+    fast.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    fast.pre_tokenizer = None
+    if any(fast.encode(t, add_special_tokens=False).ids != tokenizer.encode(t) for t in PROBES):
+        return False  # another normalisation (e.g. extra whitespace removed): keep transformers' conversion
+    fast.save(str(out / "tokenizer.json"))
+    return True
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
