@@ -87,3 +87,26 @@ def test_missing_checkpoint_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match="has no config.json"):
         load_model(tmp_path / "empty")
     assert isinstance(Transformer(tiny_config()), Transformer)
+
+
+def test_devices_are_honoured_or_refused_in_one_sentence(tmp_path):
+    from babyllama.checkpoint import pick_device
+    from babyllama.train.distributed import init_distributed
+
+    assert pick_device("cpu") == torch.device("cpu") and init_distributed("cpu").device == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert pick_device("auto").type == "cuda" and pick_device("cuda:0") == torch.device("cuda:0")
+        n = torch.cuda.device_count()
+        with pytest.raises(UserError, match=f"there are {n} CUDA devices"):
+            pick_device(f"cuda:{n}")
+    else:
+        assert pick_device("auto").type in ("cpu", "mps")
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(UserError, match=rf"--device {name}: this machine has"):
+                pick_device(name)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match="MPS .* is not available here"):
+            pick_device("mps")
+    for name in ("gpu", "tpu:0"):
+        with pytest.raises(UserError, match="use auto, cpu, cuda, cuda:N or mps|runs on auto, cpu"):
+            pick_device(name)

@@ -119,11 +119,38 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged.") from None
 
 
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps as a torch.device that this machine has (auto: cuda, else mps,
+    else cpu). Raises UserError, in one sentence, for a device that is not there or not known."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA GPU visible"
+        raise UserError(f"--device {name}: this machine has {build}; use --device cpu or auto.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices, cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS (Apple silicon, macOS 12.3+) is not available here; use cpu or auto.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: babyllama runs on auto, cpu, cuda, cuda:N or mps.")
+    return dev
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """The model of a checkpoint, after checking that its tensors match config.json."""
+    """The model of a checkpoint, after checking that its tensors match config.json (UserError for a
+    device that is not there, see pick_device)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    device = pick_device(device)
     path = Path(path)
     cfg = ModelConfig.from_dict(read_config(path)["model"])
     try:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from babyllama.checkpoint import pick_device
+
 
 @dataclass
 class Dist:
@@ -31,13 +33,14 @@ class Dist:
 
 
 def init_distributed(device: str = "auto") -> Dist:
-    """Pick the device and, under torchrun, join the process group."""
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if device not in ("auto", "cuda", "cpu"):
-        use_cuda = device.startswith("cuda")
+    """Pick the device (checkpoint.pick_device: cuda:N and mps honoured, a missing one refused) and,
+    under torchrun, join the process group with one GPU per process (cuda:LOCAL_RANK)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    dev = pick_device(device)
+    use_cuda = dev.type == "cuda"
+    if use_cuda and world > 1:
+        dev = torch.device(f"cuda:{local_rank}")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
