@@ -86,11 +86,24 @@ def messages_of_record(record: dict) -> list[tuple[str, str]] | None:
 
 
 def instruction_pair(record: dict) -> tuple[str, str] | None:
-    """(instruction + input, output) of an alpaca-zh / BELLE / shibing624/medical record, else None."""
+    """(question, answer) of a `prompt` / `answer` row (the recipe's sft_data.csv) or of an alpaca-zh /
+    BELLE / shibing624/medical record (instruction + input, output); else None."""
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
+        return record["prompt"], record["answer"]
     instruction, output, extra = record.get("instruction"), record.get("output"), record.get("input") or ""
     if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
         return None
     return instruction + extra, output
+
+
+def is_unicode(text: str) -> bool:
+    """False for text that no UTF-8 file or tokenizer can hold: a lone surrogate (the JSON escape
+    \\ud800, or an undecodable byte read with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> Conversation:
@@ -122,10 +135,8 @@ def conversation_from_record(record: dict) -> Conversation:
     recipe's sft_data.csv) or an instruction record. Raises ValueError when it is none of them, or
     when its text is no valid Unicode (a lone surrogate such as the JSON escape \\ud800)."""
     conv = _conversation_of(record)
-    try:
-        "".join([conv.system, *(u + a for u, a in conv.turns)]).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode") from None
+    if not is_unicode("".join([conv.system, *(u + a for u, a in conv.turns)])):
+        raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode")
     return conv
 
 
@@ -135,8 +146,6 @@ def _conversation_of(record: dict) -> Conversation:
         if messages is None:
             raise ValueError("a conversations item lacks a known role or a text content")
         return conversation_from_messages(messages, add_generation_prompt=False)
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
-        return Conversation([(record["prompt"], record["answer"])])
     pair = instruction_pair(record)
     if pair is None:
         raise ValueError("not an instruction, prompt/answer or conversations record")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from babyllama.chat_format import Conversation, render_prompt, text_prompt
+from babyllama.chat_format import Conversation, is_unicode, render_prompt, text_prompt
 from babyllama.data.shards import TokenWindows
-from babyllama.data.sources import expand_inputs, file_encoding, is_unicode, iter_records, records_text
+from babyllama.data.sources import expand_inputs, file_encoding, iter_records, records_text
 from babyllama.errors import UserError, require
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer

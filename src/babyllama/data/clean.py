@@ -299,15 +299,15 @@ def clean_documents(
         if not long_enough(text, min_chars):
             s.too_short += 1
             continue
-        key = dedup_key(text) if dedup != "none" else ""
         if dedup != "none":
+            key = dedup_key(text)
             hashed = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=8).digest(), dtype=np.uint64) | 1
             if seen.add_unless_any(hashed):
                 s.exact_duplicates += 1
                 continue
-        if near is not None and near.seen_before(key):
-            s.near_duplicates += 1
-            continue
+            if near is not None and near.seen_before(key):
+                s.near_duplicates += 1
+                continue
         s.kept += 1
         s.characters += len(text)
         yield text

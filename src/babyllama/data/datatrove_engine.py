@@ -82,7 +82,7 @@ from babyllama.data.pretokenize import (
     write_documents,
 )
 from babyllama.data.sft_tokens import locked
-from babyllama.data.shards import MANIFEST, fresh_output_dir, write_manifest
+from babyllama.data.shards import MANIFEST, fresh_output_dir, write_json, write_manifest
 from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
 from babyllama.errors import UserError
 from babyllama.tokenizer import load_tokenizer
@@ -160,13 +160,6 @@ def files_of_task(files: list[str], sizes: list[int], rank: int, tasks: int) -> 
     return [f for f, o in zip(files, owner, strict=True) if o == rank]
 
 
-def _write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False))
-    tmp.rename(path)
-
-
 def _json_files(folder: Path) -> list:
     """The values of folder/00000.json ... in task order."""
     return [json.loads(f.read_text()) for f in sorted(folder.glob("[0-9]*.json"))]
@@ -191,7 +184,7 @@ class ReadCorpus(PipelineStep):
             for i, (source, text) in enumerate(reader.documents_with_source()):
                 self.stat_update("documents")
                 yield Document(text=text, id=f"{rank:05d}/{i}", metadata={"source": source})
-        _write_json(work / "read" / f"{rank:05d}.json", {k: v.to_dict() for k, v in reader.stats.items()})
+        write_json(work / "read" / f"{rank:05d}.json", {k: v.to_dict() for k, v in reader.stats.items()})
 
 
 class CleanText(PipelineStep):
@@ -228,7 +221,7 @@ class CountBySource(PipelineStep):
             c[0] += 1
             c[1] += len(doc.text)
             yield doc
-        _write_json(Path(self.work) / self.key / f"{rank:05d}.json", counts)
+        write_json(Path(self.work) / self.key / f"{rank:05d}.json", counts)
 
 
 class ReadTaskFile(JsonlReader):
@@ -286,7 +279,7 @@ class WriteTokenShards(PipelineStep):
             self.stat_update("tokens", value=len(flat))
         for w in writers.values():
             w.close()
-        _write_json(Path(self.work) / "shards" / f"{rank:05d}.json", writers["train"].shards + writers["val"].shards)
+        write_json(Path(self.work) / "shards" / f"{rank:05d}.json", writers["train"].shards + writers["val"].shards)
 
 
 def _sources_read(work: Path) -> dict[str, dict]:
@@ -339,7 +332,7 @@ class FinishPrepare(PipelineStep):
         write_stats(out, stats, files, self.settings, time.time() - started)  # the driver checks the totals
         for name in ("clean", "unique", "exact_sigs", "exact_dups", "minhash_sigs", "buckets", "remove"):
             shutil.rmtree(work / name, ignore_errors=True)
-        _write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
+        write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
 
 
 class FinishTokens(PipelineStep):
@@ -360,7 +353,7 @@ class FinishTokens(PipelineStep):
         started = json.loads((work / "settings.json").read_text())["started"]
         if records > bad:  # else no manifest: the driver says why (a raise here would print a traceback)
             self.write_manifest(out, work, sources, started)
-        _write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
+        write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
 
     def write_manifest(self, out: Path, work: Path, sources: dict, started: float) -> None:
         tok = load_tokenizer(self.tokenizer_path)
@@ -524,7 +517,7 @@ def start_run(out: Path, settings: dict, clear_outputs) -> Path:
             raise UserError(f"{out} holds an unfinished datatrove run with other {', '.join(changed)}; run it "
                             f"with the same ones to finish it, or remove {work} to start again.")
     clear_outputs(out)  # removes work/ too
-    _write_json(saved, {**settings, "started": time.time()})
+    write_json(saved, {**settings, "started": time.time()})
     return work
 
 

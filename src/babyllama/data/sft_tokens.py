@@ -36,7 +36,7 @@ import numpy as np
 
 from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
-from babyllama.data.shards import is_val
+from babyllama.data.shards import is_val, write_json
 from babyllama.data.sources import expand_inputs, iter_records
 from babyllama.errors import UserError
 from babyllama.progress import progress
@@ -76,7 +76,7 @@ class SFTStats:
     records: int = 0
     bad: int = 0
     filtered: int = 0  # by the length filters
-    empty_answers: int = 0  # an answer that is empty or only spaces: it would teach <eos> alone
+    empty_answers: int = 0  # an answer with nothing visible: it would teach <eos> alone
     truncated: int = 0
     samples: int = 0
     val_samples: int = 0
@@ -203,9 +203,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
     manifest = {**cache_key(paths, tok.fingerprint, settings), "dtype": tok.dtype.name, "stats": asdict(stats),
                 "seconds": round(time.time() - start, 2)}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    tmp.rename(out / MANIFEST)  # last: a manifest means every file it describes is complete
+    write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
     return manifest
 
 

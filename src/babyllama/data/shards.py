@@ -89,10 +89,16 @@ def write_manifest(out: Path, manifest: dict) -> dict:
         s: {k: sum(x[k] for x in manifest["shards"] if x["split"] == s) for k in ("tokens", "documents")}
         for s in splits
     }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    tmp.rename(out / MANIFEST)  # written last: a manifest means every shard it lists is complete
+    write_json(out / MANIFEST, manifest)  # written last: a manifest means every shard it lists is complete
     return manifest
+
+
+def write_json(path: Path, value) -> None:
+    """path as indented JSON, written whole or not at all: to .NAME.tmp beside it, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    tmp.rename(path)
 
 
 def read_manifest(path: str | Path) -> dict:

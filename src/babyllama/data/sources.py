@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from babyllama.chat_format import instruction_pair, messages_of_record
+from babyllama.chat_format import instruction_pair, is_unicode, messages_of_record
 from babyllama.errors import UserError, require
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ def text_of_instruction(r: dict) -> str | None:
     """As pretraining text, the recipe's way: the question followed directly by the answer (an
     instruction record, or a prompt/answer row of the recipe's sft_data.csv)."""
     pair = instruction_pair(r)
-    if pair is None and isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str):
-        pair = r["prompt"], r["answer"]
     return None if pair is None else pair[0] + pair[1]
 
 
@@ -135,12 +133,11 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return f
 
 
-def _mostly_utf8(sample: bytes) -> bool:
+def _mostly_utf8(sample: bytes, lines: list[bytes]) -> bool:
     """UTF-8 with perhaps some damaged lines: of the lines that are not ASCII, most decode as UTF-8
     (in GBK text almost none do); not UTF-16 or UTF-32 without a byte-order mark (many NUL bytes)."""
     if sample.count(b"\x00") > len(sample) // 10:
         return False
-    lines = [line for line in sample.split(b"\n") if not line.isascii()]
     valid = sum(1 for line in lines if _decodes(line, "utf-8"))
     return valid * 2 >= len(lines)
 
@@ -153,11 +150,10 @@ def _decodes(data: bytes, encoding: str) -> bool:
     return True
 
 
-def _looks_gb(sample: bytes) -> bool:
+def _looks_gb(sample: bytes, lines: list[bytes]) -> bool:
     """GB2312 / GBK / GB18030 Chinese, what Excel and Chinese Windows write: nearly every line decodes,
     and most two-byte characters lie in the GB2312 block (both bytes 0xA1-0xFE), which Latin-1 or Big5
     text decoded as GB18030 would not."""
-    lines = [line for line in sample.split(b"\n") if not line.isascii()]
     if not lines or sum(1 for line in lines if _decodes(line, "gb18030")) < 0.9 * len(lines):
         return False
     pairs = [ch.encode("gb18030") for ch in sample.decode("gb18030", errors="ignore") if ord(ch) > 127]
@@ -179,16 +175,17 @@ def _sample(path: Path) -> bytes:
     return bytes(sample)
 
 
-def file_encoding(path: Path) -> str:
+def file_encoding(path: Path, sample: bytes | None = None) -> str:
     """"utf-8"; else GB18030 when the text looks like GB2312/GBK Chinese; else what charset-normalizer
-    finds in the file's first 64 KiB (Big5, UTF-16 ...), each with a warning that names it. Raises
-    UserError when the bytes fit no encoding."""
-    sample = _sample(path)
-    if _mostly_utf8(sample):
+    finds in the file's first 64 KiB (Big5, UTF-16 ...), each with a warning that names it. sample:
+    _sample(path), when the caller has it. Raises UserError when the bytes fit no encoding."""
+    sample = _sample(path) if sample is None else sample
+    lines = [line for line in sample.split(b"\n") if not line.isascii()]
+    if _mostly_utf8(sample, lines):
         return "utf-8"
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte-order mark
         encoding = "utf-16"
-    elif _looks_gb(sample):
+    elif _looks_gb(sample, lines):
         encoding = "gb18030"
     else:
         best = require("charset_normalizer", "data").from_bytes(sample).best()
@@ -345,9 +342,10 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict | None]]:
         raise UserError(f"{path}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}.")
     if suffix == ".parquet":
         return _to_the_end(path, records_parquet(path, "utf-8"))
-    encoding = file_encoding(path)
+    sample = _sample(path)
+    encoding = file_encoding(path, sample)
     if suffix in (".jsonl", ".json"):
-        first = _sample(path).decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
+        first = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
         reader = records_json_array if first == "[" else records_jsonl
         return _to_the_end(path, reader(path, encoding))
     return _to_the_end(path, READERS[suffix](path, encoding))
@@ -388,15 +386,6 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
         else:
             raise UserError(f"input {p} does not exist.")
     return files
-
-
-def is_unicode(text: str) -> bool:
-    """False for text that no UTF-8 file can hold: JSON's "\\ud800" escapes make lone surrogates."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass
