@@ -46,6 +46,11 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
         out = hf.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out[0, idx.size(1) :].tolist() == ours.generate(idx[0].tolist(), max_new_tokens=20)
+    for messages in CONVERSATIONS:  # the chat template renders babyllama's chat format, id for id
+        conv = conversation_from_messages([(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
+                                      tokenizer_kwargs={"split_special_tokens": False})  # the template's <s> is bos
+        assert ids == render_prompt(bpe_tokenizer, conv), messages
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
     assert hf.generation_config.eos_token_id == 2
@@ -63,6 +68,11 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
     for text in TEXTS + TORTURE + LEADING_SPACES:  # leading spaces: transformers' own conversion differs
         assert tok(text)["input_ids"] == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == text, text
+    for messages in CONVERSATIONS:  # the chat template renders babyllama's chat format, id for id
+        conv = conversation_from_messages([(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
+                                      tokenizer_kwargs={"split_special_tokens": False})  # the template's <s> is bos
+        assert ids == render_prompt(sp, conv), messages
 
 
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
@@ -85,8 +95,8 @@ def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, k
     assert r.returncode == 0, r.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
-    for text in TEXTS:
-        assert tok(text)["input_ids"] == bpe_tokenizer.encode(text)
+    for text in TEXTS + TORTURE + LEADING_SPACES:  # GGUF has no split_special_tokens flag: readers pass it
+        assert tok(text, split_special_tokens=True)["input_ids"] == bpe_tokenizer.encode(text), text
     idx = torch.tensor([bpe_tokenizer.encode(TEXTS[0])])
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)

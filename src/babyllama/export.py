@@ -112,7 +112,7 @@ def export_tokenizer(tokenizer, out: Path, max_len: int) -> None:
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_dummy_prefix_space": True}
     config |= {f"{k}_token": v for k, v in names.items()}
     config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-               "model_max_length": max_len,
+               "model_max_length": max_len, "chat_template": CHAT_TEMPLATE,
                "split_special_tokens": True}  # text that spells "</s>" is text, as babyllama encodes it
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if not isinstance(tokenizer, HFTokenizer) and _sentencepiece_as_fast(tokenizer, out):
