@@ -198,3 +198,58 @@ def test_config_dict_roundtrip_and_unknown_keys():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="unknown model settings"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_sdpa_gqa_equals_repeated_kv_heads(n_kv_heads, monkeypatch):
+    model = sharp_model(tiny_config(n_kv_heads=n_kv_heads))
+    idx = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        shared = model(idx)[0]
+        monkeypatch.setattr("babyllama.model.SDPA_GQA", False)  # PyTorch < 2.5: copy each kv head
+        torch.testing.assert_close(model(idx)[0], shared, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_document_mask_keeps_documents_apart(backend, monkeypatch):
+    """Changing a token of document 1 leaves the logits of document 2 in the same row unchanged,
+    and document 1's logits equal those of running it alone."""
+    if backend == "flex":
+        pytest.importorskip("torch.nn.attention.flex_attention")
+        monkeypatch.setattr("babyllama.model.FLEX_DEVICES", {"cpu"})
+    model = sharp_model(tiny_config(n_kv_heads=2))
+    eos = 2
+    idx = torch.randint(3, 300, (1, 40))
+    idx[0, 15] = eos  # document 1: positions 0..14; document 2 starts at its <eos> (15..39)
+    segments = torch.cumsum(idx == eos, dim=1)
+    changed = idx.clone()
+    changed[0, 3] = (idx[0, 3] + 1) % 300 or 3
+    with torch.no_grad():
+        a, b = model(idx, segments=segments)[0], model(changed, segments=segments)[0]
+        torch.testing.assert_close(a[0, 15:], b[0, 15:], atol=1e-5, rtol=0)
+        assert not torch.allclose(a[0, 3:15], b[0, 3:15])
+        torch.testing.assert_close(a[0, :15], model(idx[:, :15])[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[0, 15:], model(idx[:, 15:])[0][0], atol=1e-4, rtol=0)  # RoPE: relative
+
+
+def test_activation_checkpointing_gives_equal_gradients():
+    model = sharp_model(tiny_config(n_kv_heads=2)).train()
+    idx, targets = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        numel = []  # what autograd keeps for the backward pass
+
+        def keep(t, numel=numel):
+            numel.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = model(idx, targets)[1]
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        saved.append(sum(numel))
+    assert saved[1] < saved[0] / 2  # only each block's input is kept
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=0)

@@ -259,3 +259,19 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
     toml.write_text("[train]\nmax_steps = 1e3\n")
     assert load_config(toml, ["--tokens=2e6"]).train.max_steps == 1000
     assert load_config(None, ["--tokens=2e6"]).train.tokens == 2_000_000
+
+
+def test_doc_mask_segments_start_at_each_eos_and_train(shards, tmp_path, bpe_tokenizer):
+    windows = TokenWindows(shards, 32)
+    windows.doc_eos = bpe_tokenizer.eos_id
+    batch = windows.collate(list(range(len(windows))))
+    idx, seg = batch["idx"], batch["segments"]
+    assert (idx == bpe_tokenizer.eos_id).any()
+    for row, s in zip(idx.tolist(), seg.tolist(), strict=True):  # a new document at (and after) each <eos>
+        assert s == [sum(t == bpe_tokenizer.eos_id for t in row[: i + 1]) for i in range(len(row))]
+    args = ("--max_steps", "4", "--batch_size", "4", "--activation_checkpointing", "true")
+    pretrain(config(shards, tmp_path / "plain", *args))
+    pretrain(config(shards, tmp_path / "doc", *args, "--doc_mask", "true"))
+    plain, doc = losses(tmp_path / "plain"), losses(tmp_path / "doc")
+    assert len(doc) == 4 and all(math.isfinite(v) for v in doc.values())
+    assert doc[1] != plain[1]  # same weights and rows; only the attention across documents differs

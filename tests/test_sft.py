@@ -93,15 +93,20 @@ def test_build_sft_data_truncates_and_counts_only_the_long_samples(bpe_tokenizer
     assert stats.truncated == 1
 
 
-def test_packed_row_loss_equals_samples_alone(bpe_tokenizer):
-    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_row_loss_equals_samples_alone(bpe_tokenizer, backend, monkeypatch):
+    if backend == "flex":  # its forward runs on a CPU (not its backward): the same losses as the dense mask
+        pytest.importorskip("torch.nn.attention.flex_attention")
+        monkeypatch.setattr("babyllama.model.FLEX_DEVICES", {"cpu"})
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128, n_kv_heads=2))
     samples = [render_conversation(bpe_tokenizer, c) for c in (ONE, THREE, Conversation([("好", "好的。")]))]
     packed = SFTData.from_samples(samples, max_seq_len=127, pad_id=0, pack=True)
-    assert len(packed) == 1 and "attn_mask" in packed.collate([0])
+    assert len(packed) == 1 and packed.collate([0])["segments"][0, -1] == -1  # padded at the end
     assert packed.collate([0])["idx"].shape == (1, 127)  # always max_seq_len: one shape to compile
 
     def summed_loss(batch):
-        _, mean = model(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))
+        with torch.no_grad():
+            _, mean = model(batch["idx"], batch["targets"], segments=batch.get("segments"))
         return mean * (batch["targets"] != -1).sum()
 
     alone = SFTData.from_samples(samples, max_seq_len=127, pad_id=0)

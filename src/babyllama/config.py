@@ -56,6 +56,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     compile: bool = False
     fsdp: bool = False
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
+    doc_mask: bool = False  # pretraining: attention stays within documents (an <eos> starts the next one)
     # bookkeeping
     seed: int = 1337
     log_every: int = 10

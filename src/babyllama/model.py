@@ -12,6 +12,7 @@ recipe) with two projections fused for speed: `wqkv` is wq, wk, wv stacked and `
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -21,6 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from babyllama.errors import UserError
+
+try:  # FlexAttention (PyTorch >= 2.5): a document mask as block sparsity, never a (T, T) tensor
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older PyTorch: the dense mask below
+    BlockMask = create_block_mask = flex_attention = None
+
+FLEX_DEVICES = {"cuda"}  # PyTorch 2.13 has no FlexAttention backward on a CPU (its forward runs: tests use it)
+SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA shares kv heads itself
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask=None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); mask: None (causal), (B, 1, T, T) bool or a FlexAttention BlockMask."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=2)  # (B, T, H|Hkv|Hkv, D)
@@ -158,17 +168,53 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
-        if self.n_kv != self.n_heads:  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if attn_mask is None and start > 0 and T > 1:  # a chunk after a cached prefix
-            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and start == 0 and T > 1,
-        )  # (B, H, T, D)
+        gqa = self.n_kv != self.n_heads  # grouped-query attention: each kv head serves n_heads/n_kv heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            y = flex(q, k, v, mask, gqa)
+        else:
+            if gqa and not SDPA_GQA:
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            if mask is None and start > 0 and T > 1:  # a chunk after a cached prefix
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and start == 0 and T > 1,
+                **({"enable_gqa": True} if gqa and SDPA_GQA else {}),
+            )  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, gqa: bool) -> torch.Tensor:
+    """FlexAttention, compiled into one fused kernel on a GPU (inside a compiled model it already is).
+    q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D)."""
+    fn = flex_attention
+    if q.device.type != "cpu" and not torch.compiler.is_compiling():
+        fn = compiled_flex_attention()
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_mask(segments: torch.Tensor, use_flex: bool):
+    """Causal attention within a document: position q sees k <= q where segments[b, k] == segments[b, q].
+
+    segments (B, T) int64, a document (or packed sample) id per position; padding shares one id, so
+    no row is empty. Returns a FlexAttention BlockMask (blocks of 128 x 128 that cross no boundary
+    are skipped, nothing of size T x T is stored) or, for SDPA, a (B, 1, T, T) bool mask.
+    """
+    B, T = segments.shape
+    if use_flex:
+        def same_document_causal(b, h, q, k):
+            return (segments[b, q] == segments[b, k]) & (q >= k)
+
+        return create_block_mask(same_document_causal, B, None, T, T, device=segments.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
 class FeedForward(nn.Module):
@@ -191,8 +237,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, attn_mask=None) -> torch.Tensor:
-        x = x + self.drop(self.attention(self.attention_norm(x), cos, sin, cache, attn_mask))
+    def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.drop(self.attention(self.attention_norm(x), cos, sin, cache, mask))
         return x + self.drop(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -209,6 +255,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_rope()
         self.reset_parameters()
+        self.activation_checkpointing = False  # recompute each block in the backward pass (a training setting)
 
     def tie_weights(self) -> None:
         """Share the output head with the embedding (again after `to_empty`, which unties them)."""
@@ -237,29 +284,39 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-        attn_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V) or (B, 1, V) with last_only, None), or (None, loss) with targets.
 
         The loss is the mean cross-entropy over the target positions that are not -1 (PyTorch's
         ignore_index); it is 0, not NaN, when no position counts. With targets the logits are
         never materialised whole (see LinearCrossEntropy).
-        attn_mask (B, 1, T, T) bool, optional, replaces the causal mask (packed samples).
+        segments (B, T) int64, optional: a document id per position (packed samples, doc_mask);
+        attention then stays within each document (document_mask).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        mask = None if segments is None else document_mask(segments, self.use_flex(idx.device))
         h = self.tok_embeddings(idx)  # (B, T, C)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, attn_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():  # keep only each block's input
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, cache, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache, mask)
         if cache is not None:
             cache.pos += T
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, -1:] if last_only else h), None
         return None, linear_cross_entropy(h, self.output.weight, targets)
+
+    def use_flex(self, device: torch.device) -> bool:
+        """FlexAttention for document masks where it trains (no attention dropout in it), else SDPA."""
+        return (flex_attention is not None and device.type in FLEX_DEVICES
+                and not (self.training and self.cfg.dropout > 0))
 
     def num_params(self) -> int:
         """Unique parameters: a tied embedding and output head count once."""
@@ -357,14 +414,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          ) -> torch.Tensor:
     """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) for h (B, T, C), without the logits.
 
-    Only the positions that carry loss go through the head: in SFT, where the prompt has none,
-    that skips most of the head's work. (Under torch.compile every position goes through: a
-    data-dependent shape would break the graph, and in pretraining every position counts.)
+    On a CPU only the positions that carry loss go through the head: in SFT, where the prompt has
+    none, that skips most of the head's work. On a GPU, and under torch.compile, every position goes
+    through: selecting them (nonzero) makes the host wait for the GPU on every micro-step, and a
+    data-dependent shape would break a compiled graph.
     """
     h2, t = h.flatten(0, 1), targets.flatten().clamp(min=0)
     counted = (targets != -1).flatten().float()
     w = counted / counted.sum().clamp(min=1.0)  # (N,): 1 / count where there is loss, else 0
-    if not torch.compiler.is_compiling():
+    if h.device.type == "cpu" and not torch.compiler.is_compiling():  # on a GPU this would wait for it
         keep = w.nonzero().squeeze(1)  # (n,) positions with loss
         if len(keep) < len(w):  # pretraining: every position counts, no copy of h or scatter back
             h2, t, w = h2[keep], t[keep], w[keep]

@@ -148,6 +148,7 @@ class TokenWindows:
     """Non-overlapping windows of seq_len + 1 tokens over the memory-mapped shards of one split."""
 
     lengths = None  # every window is as long as the next: nothing to group by length
+    doc_eos: int | None = None  # set to the <eos> id for document-masked attention (doc_mask)
 
     def __init__(self, data_dir: str | Path, seq_len: int, split: str = "train"):
         self.dir = Path(data_dir)
@@ -181,11 +182,15 @@ class TokenWindows:
         return self.arrays[shard][start : start + self.seq_len + 1]
 
     def collate(self, indices: list[int]) -> dict:
-        """{"idx", "targets"}, each a (B, seq_len) int64 tensor: a window and the same shifted by one."""
+        """{"idx", "targets"}, each a (B, seq_len) int64 tensor: a window and the same shifted by one;
+        with doc_eos set, also "segments" (B, seq_len): document ids, each <eos> starting the next."""
         import torch  # here: the data tools (pretokenize and its workers) run without it
 
         rows = torch.from_numpy(np.stack([self.window(i).astype(np.int64) for i in indices]))  # (B, T+1)
-        return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+        batch = {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+        if self.doc_eos is not None:
+            batch["segments"] = torch.cumsum(batch["idx"] == self.doc_eos, dim=1)  # an <eos> acts as a <bos>
+        return batch
 
 
 def has_split(data_dir: str | Path, split: str) -> bool:

@@ -2,7 +2,7 @@
 
     train, val, stats = load_sft_data(["alpaca_gpt4_data_zh.json"], "runs/pretrain/final", cache_dir,
                                       SFTSettings(max_len=513), pack=True, dist=Dist(), workers=8)
-    batch = train.collate([0, 1, 2])   # idx, targets (-1 where there is no loss), attn_mask if packed
+    batch = train.collate([0, 1, 2])   # idx, targets (-1 where there is no loss), segments if packed
 
 The samples themselves (chat format, loss mask, truncation, filters, split) are made once by
 data/sft_tokens.py; under torchrun rank 0 builds the cache and the others wait, then every rank
@@ -71,7 +71,8 @@ class SFTData:
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile).
 
-        idx, targets (B, T) int64, targets -1 where there is no loss; attn_mask (B, 1, T, T) bool if packed.
+        idx, targets (B, T) int64, targets -1 where there is no loss; segments (B, T) int64 if packed:
+        the sample each position belongs to (-1: padding), from which the model masks attention.
         """
         rows = [[self.sample(i) for i in self.row(r)] for r in indices]
         T = self.max_seq_len if self.pack else max(sum(len(ids) for ids, _ in row) for row in rows) - 1
@@ -89,7 +90,7 @@ class SFTData:
             segments[b, :n] = seg[:-1]
         batch = {"idx": idx, "targets": targets}
         if self.pack:
-            batch["attn_mask"] = packed_attention_mask(segments)
+            batch["segments"] = segments
         return batch
 
 
@@ -130,15 +131,6 @@ def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
                 has_room[room - count * n] = True
     order = np.argsort(row_of, kind="stable")
     return order, np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=n_rows))])
-
-
-def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal and within one sample; padding (-1) attends to itself only."""
-    B, T = segments.shape
-    same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    diagonal = torch.eye(T, dtype=torch.bool)
-    return ((same & causal) | diagonal)[:, None]
 
 
 def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,

@@ -75,6 +75,10 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
             raise UserError(f"the shards in {t.data} were made with another tokenizer "
                             f"({train_data.fingerprint}) than {tok_path} ({tokenizer.fingerprint}).")
         resume_from = checked_run(cfg, tokenizer, dist, resume)
+        if t.doc_mask:
+            for data in (train_data, val_data):
+                if data is not None:
+                    data.doc_eos = tokenizer.eos_id
         return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain")
     finally:
         shutdown(dist)

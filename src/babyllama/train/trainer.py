@@ -56,7 +56,8 @@ class Dataset(Protocol):
     def __len__(self) -> int: ...
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """idx and targets (B, T) int64, targets -1 where there is no loss; attn_mask (B, 1, T, T) optional."""
+        """idx and targets (B, T) int64, targets -1 where there is no loss; optional segments (B, T),
+        a document id per position (model.document_mask)."""
         ...
 
 
@@ -120,6 +121,7 @@ def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) 
     """A fresh model from the seed, then the weights of the checkpoint to resume, else of init."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     if resume_from is not None:
         saved = read_config(resume_from)["model"]
         diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
@@ -250,7 +252,7 @@ class Trainer:
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's mean loss over its targets that are not -1, under autocast."""
         with torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            _, loss = self.wrapped(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))
+            _, loss = self.wrapped(batch["idx"], batch["targets"], segments=batch.get("segments"))
         return loss
 
     def train_step(self) -> tuple[float, float | None]:
