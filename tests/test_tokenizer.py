@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from babyllama.errors import UserError
 from babyllama.tokenizer import MAX_RUN, load_tokenizer, token_dtype, train_bpe, training_pre_tokenizer
@@ -69,10 +70,110 @@ def test_foreign_tokenizer_json_finds_specials_by_name(bpe_tokenizer, tmp_path):
 
 
 def test_token_bytes_add_up_to_utf8_length(bpe_tokenizer):
-    table = bpe_tokenizer.token_bytes()
+    inside, first = bpe_tokenizer.token_bytes()
     for text in ROUNDTRIP_TEXTS:
-        assert sum(table[i] for i in bpe_tokenizer.encode(text)) == len(text.encode())
-    assert table[0] == table[1] == table[2] == 0  # special ids are no text
+        assert sum(inside[i] for i in bpe_tokenizer.encode(text)) == len(text.encode())
+    assert (inside == first).all()  # a byte-level BPE adds no prefix
+    assert inside[0] == inside[1] == inside[2] == 0  # special ids are no text
+
+
+BPB_DOCS = ["你好 世界 hello world", "世界和平, the quick fox", "两个  空格 and rare 𠀀𪚥 😀 end", "北京，天气很好。"]
+
+
+def llama_style_tokenizer(decoder: str):
+    """A tiny tokenizer.json as Llama's: Metaspace pieces (▁世界), <0x00>..<0xFF> byte fallback, and a
+    decoder that drops the first ▁ of a text: Llama 2's Replace/ByteFallback/Fuse/Strip or a Metaspace one."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    base = RustTokenizer(models.BPE(unk_token="<unk>"))
+    base.pre_tokenizer = pre_tokenizers.Metaspace()
+    base.train_from_iterator(["你好 世界 hello world 北京 天气 很好 和平", "the quick brown fox 世界 和平"] * 20,
+                             trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                 show_progress=False))
+    model = json.loads(base.to_str())["model"]
+    learned = sorted(model["vocab"], key=model["vocab"].get)[3:]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *learned])}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = RustTokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = (decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)]) if decoder == "llama2"
+                   else decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")]))
+    return tok
+
+
+def tokenizer_of(kind: str, bpe_tokenizer, tmp_path):
+    if kind == "chatglm2":
+        if not CHATGLM2.is_file():
+            pytest.skip("ChatGLM2 tokenizer.model not present")
+        return load_tokenizer(CHATGLM2)
+    if kind == "bpe":
+        return bpe_tokenizer
+    llama_style_tokenizer(kind).save(str(tmp_path / "tokenizer.json"))
+    return load_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
+def test_bits_per_byte_count_the_bytes_of_the_text(kind, bpe_tokenizer, tmp_path):
+    from babyllama.evaluate import loss_sums
+
+    tok = tokenizer_of(kind, bpe_tokenizer, tmp_path)
+    stream = [tok.eos_id] + [i for d in BPB_DOCS for i in tok.encode(d, bos=True, eos=True)]
+    for doc in BPB_DOCS:
+        assert tok.decode(tok.encode(doc)) == doc  # the text the tokens stand for is the document
+    if kind != "bpe":  # byte-fallback tokens for the rare characters, ▁ pieces inside the text
+        pieces = [tok.tok.id_to_token(i) if kind != "chatglm2" else tok.sp.id_to_piece(i) for i in stream]
+        assert "<0xF0>" in pieces and "▁世界" in pieces
+    ids = np.array(stream)
+    assert tok.text_bytes(ids[:-1], ids[1:]).sum() == sum(len(d.encode()) for d in BPB_DOCS) == 117
+
+    class Windows:  # the whole stream as one window of the validation split
+        lengths = None
+
+        def collate(self, indices):
+            return {"idx": torch.tensor([stream[:-1]]), "targets": torch.tensor([stream[1:]])}
+
+    _, tokens, nbytes = loss_sums(lambda batch: torch.zeros(()), Windows(), [0], 1, torch.device("cpu"), tok)
+    assert (tokens, nbytes) == (len(stream) - 1, 117)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json", "babyllama_tokenizer.json",
+                                  "tokenizer_config.json"])
+def test_a_git_lfs_pointer_is_named_as_one(name, bpe_tokenizer, tmp_path):
+    pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
+               "4e1243bd22c66e76c2ba9eddc1f91394e57f9f83ab8a3dd29e4b5e7d1a6e5c2f\nsize 1018370\n")
+    if name == "babyllama_tokenizer.json":
+        bpe_tokenizer.save(tmp_path)
+    if name == "tokenizer_config.json":
+        bpe_tokenizer.tok.save(str(tmp_path / "tokenizer.json"))  # a foreign tokenizer.json: its config is read
+    (tmp_path / name).write_text(pointer)
+    with pytest.raises(UserError, match=f"{tmp_path / name} is a git-lfs pointer, not the .* itself: run `git lfs"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_file_that_is_no_tokenizer_is_one_sentence_for_every_kind(bpe_tokenizer, tmp_path):
+    from tests.test_cli import run_cli
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00garbage")
+    r = run_cli("tokenizer", "info", str(tmp_path / "tokenizer.model"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"babyllama: error: {tmp_path / 'tokenizer.model'} is not a valid SentencePiece model "
+                                f"(INTERNAL: could not parse ModelProto from {tmp_path / 'tokenizer.model'}).")
+    (tmp_path / "docs.jsonl").write_text('{"text": "你好"}\n')
+    (tmp_path / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\nsize 5\n")
+    r = run_cli("pretokenize", "--input", str(tmp_path / "docs.jsonl"), "--tokenizer", str(tmp_path),
+                "--out_dir", str(tmp_path / "tokens"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "is a git-lfs pointer" in r.stderr
+    bpe_tokenizer.save(tmp_path / "ours")
+    for name, text, message in [("babyllama_tokenizer.json", "{", "is not a valid JSON file"),
+                                ("babyllama_tokenizer.json", '{"bos_id": 1}', "must hold bos_id, eos_id and pad_id"),
+                                ("tokenizer_config.json", "[1]", "must hold a JSON object")]:
+        (tmp_path / "ours" / "babyllama_tokenizer.json").unlink(missing_ok=True)
+        (tmp_path / "ours" / name).write_text(text)
+        with pytest.raises(UserError, match=f"{tmp_path / 'ours' / name} {message}"):
+            load_tokenizer(tmp_path / "ours")
 
 
 def test_token_dtype_rule():
@@ -103,8 +204,9 @@ def test_chatglm2_sentencepiece_matches_sentencepiece(tmp_path):
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (64789, 1, 2, 0)
     assert tok.dtype == np.uint16
     assert tok.decode(tok.encode(sentences[1])) == sentences[1]
-    table = tok.token_bytes()  # the word-start marker ▁ counts as the space it stands for
-    assert sum(table[i] for i in tok.encode(sentences[0])) == len((" " + sentences[0]).encode())
+    inside, first = tok.token_bytes()  # ▁ is the space it stands for, except as a document's dummy prefix
+    ids = tok.encode(sentences[0])
+    assert first[ids[0]] + sum(inside[i] for i in ids[1:]) == len(sentences[0].encode())
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).fingerprint == tok.fingerprint
 

@@ -51,12 +51,12 @@ LETTERS = "ABCD"
 
 @torch.no_grad()
 def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[int], batch_size: int,
-              device: torch.device, token_bytes: torch.Tensor | None = None, desc: str | None = None
+              device: torch.device, tokenizer: Tokenizer | None = None, desc: str | None = None
               ) -> tuple[float, int, int]:
-    """Summed cross-entropy (nats), target tokens and their UTF-8 bytes over data's rows `indices`.
+    """Summed cross-entropy (nats), target tokens and the UTF-8 bytes of their text over data's rows `indices`.
 
     The validation loss of the trainer and of `babyllama eval`. forward(batch) gives the batch's
-    mean loss over targets that are not -1; token_bytes (vocab,) the bytes of each id.
+    mean loss over targets that are not -1; the bytes (Tokenizer.text_bytes) need the tokenizer.
     """
     nats, tokens, nbytes = 0.0, 0, 0
     starts = range(0, len(indices), batch_size)
@@ -65,8 +65,9 @@ def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[i
         targets = batch["targets"][batch["targets"] != -1]
         nats += forward(batch).item() * len(targets)
         tokens += len(targets)
-        if token_bytes is not None:
-            nbytes += int(token_bytes[targets.cpu()].sum())
+        if tokenizer is not None:  # the token before each target is its input, idx
+            before, after = batch["idx"].cpu().numpy(), batch["targets"].cpu().numpy()
+            nbytes += int(tokenizer.text_bytes(before, after.clip(min=0))[after != -1].sum())
     return nats, tokens, nbytes
 
 
@@ -77,8 +78,8 @@ def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: in
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's.")
     n = min(len(data), batch_size * max_batches)
     forward = lambda batch: model(batch["idx"], batch["targets"])[1]
-    nats, tokens, nbytes = loss_sums(forward, data, range(n), batch_size, model.rope_cos.device,
-                                     torch.from_numpy(tokenizer.token_bytes()), desc="eval loss")
+    nats, tokens, nbytes = loss_sums(forward, data, range(n), batch_size, model.rope_cos.device, tokenizer,
+                                     desc="eval loss")
     return {"val_loss": nats / tokens, "perplexity": math.exp(nats / tokens),
             "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "tokens": tokens, "bytes": nbytes}
 

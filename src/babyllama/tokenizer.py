@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from babyllama.errors import UserError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
 META_FILE = "babyllama_tokenizer.json"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs leaves
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (SentencePiece, Llama's tokenizer.json)
 SAMPLE_TEXT = (
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n"
     "中华人民共和国成立于1949年10月1日，首都是北京。\n"
@@ -62,9 +65,58 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> None:
         raise NotImplementedError
 
+    @functools.cache  # noqa: B019 - a handful of tokenizers live for the whole process
     def token_bytes(self) -> np.ndarray:
-        """(vocab_size,) int: the UTF-8 bytes each id stands for (0 for special ids), for bits per byte."""
+        """(2, vocab_size) int64: the UTF-8 bytes each id adds to the text of its document, for bits per byte.
+
+        Row 0 is an id inside a document, row 1 an id that starts one (it follows <eos>, <s> or
+        another control id): SentencePiece and Llama-style tokenizers add a dummy prefix `▁` that
+        decoding drops there, and keep as a space elsewhere. Each entry is the growth of the decoded
+        text: row 1 is len(decode([id])), row 0 len(decode([a, id])) - len(decode([a])) after a plain
+        letter a. A byte token (`<0xE4>`, a byte-level BPE's piece) counts its bytes, control and
+        unknown ids 0, so a document's counts add up to the UTF-8 length of its decoded text.
+        """
+        ids = [[i] for i in range(self.vocab_size)]
+        anchor = self._anchor_id()
+        first = [len(s.encode()) for s in self._decode_each(ids)]
+        base = len(self._decode_each([[anchor]])[0].encode())
+        inside = [len(s.encode()) - base for s in self._decode_each([[anchor, i] for i in range(self.vocab_size)])]
+        out = np.array([inside, first], dtype=np.int64)
+        for i, n in self._byte_tokens().items():
+            out[:, i] = n
+        out[:, self.control_ids() + self._unknown_ids()] = 0
+        return out
+
+    def text_bytes(self, before: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The UTF-8 bytes each of `ids` adds to the text, given the id before each (same shape).
+
+        A document starts after <eos> or a control id (<s>); summed over whole documents this is
+        the UTF-8 length of their decoded text, the denominator of bits per byte.
+        """
+        starts = np.isin(before, sorted({self.eos_id, *self.control_ids()}))
+        return self.token_bytes()[starts.astype(np.int64), ids]
+
+    def _decode_each(self, batch: list[list[int]]) -> list[str]:
         raise NotImplementedError
+
+    def _anchor_id(self) -> int:
+        """A token that decodes to one plain character whatever follows it (row 0 of token_bytes)."""
+        for text in ("a", "e", "0", "的", "."):
+            i = self._piece_id(text)
+            if i is not None and self._decode_each([[i]])[0] == text:
+                return i
+        raise UserError("the tokenizer has no single-character token for a, e, 0, 的 or '.'; "
+                        "bits per byte cannot be measured with it.")
+
+    def _piece_id(self, piece: str) -> int | None:
+        raise NotImplementedError
+
+    def _byte_tokens(self) -> dict[int, int]:
+        """{id: bytes} of the ids that stand for raw bytes rather than text."""
+        raise NotImplementedError
+
+    def _unknown_ids(self) -> list[int]:
+        return []
 
     def control_ids(self) -> list[int]:
         """The special ids other than eos (bos, pad, unk, ...): never training targets."""
@@ -112,18 +164,22 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
-    def token_bytes(self) -> np.ndarray:
+    def _decode_each(self, batch: list[list[int]]) -> list[str]:
+        return self.tok.decode_batch(batch, skip_special_tokens=True)
+
+    def _piece_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+    def _byte_tokens(self) -> dict[int, int]:
+        """A byte-level BPE's pieces (a character per byte), or a byte-fallback vocabulary's <0xE4>."""
         from tokenizers import decoders
 
-        specials = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
-        byte_level = isinstance(self.tok.decoder, decoders.ByteLevel)  # one character per byte
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for i in range(self.vocab_size):
-            piece = self.tok.id_to_token(i)
-            if piece is None or piece in specials:
-                continue
-            out[i] = len(piece) if byte_level else len(self.tok.decode([i]).encode())
-        return out
+        pieces = {i: self.tok.id_to_token(i) for i in range(self.vocab_size)}
+        if isinstance(self.tok.decoder, decoders.ByteLevel):
+            return {i: len(p) for i, p in pieces.items() if p is not None}
+        byte = [i for i, p in pieces.items() if p is not None and BYTE_PIECE.fullmatch(p)]
+        return {i: 1 for i, text in zip(byte, self._decode_each([[i] for i in byte]), strict=True)
+                if text != pieces[i]}  # a decoder that turns <0xE4> into a byte, not into its spelling
 
     def control_ids(self) -> list[int]:
         added = self.tok.get_added_tokens_decoder()
@@ -146,7 +202,10 @@ class SPTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise not_loadable(path, "SentencePiece model", e) from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.sp.unk_id(), 0)
@@ -161,14 +220,18 @@ class SPTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([i for i in ids if i < self.vocab_size])
 
-    def token_bytes(self) -> np.ndarray:
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for i in range(self.vocab_size):
-            if self.sp.is_byte(i):
-                out[i] = 1
-            elif not (self.sp.is_control(i) or self.sp.is_unknown(i)):
-                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode())
-        return out
+    def _decode_each(self, batch: list[list[int]]) -> list[str]:
+        return self.sp.decode(batch)
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return None if self.sp.is_unknown(i) else i
+
+    def _byte_tokens(self) -> dict[int, int]:
+        return {i: 1 for i in range(self.vocab_size) if self.sp.is_byte(i)}
+
+    def _unknown_ids(self) -> list[int]:
+        return [i for i in range(self.vocab_size) if self.sp.is_unknown(i)]
 
     def control_ids(self) -> list[int]:
         specials = (i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i))
@@ -205,12 +268,32 @@ def _load_hf(path: Path) -> HFTokenizer:
     try:
         tok = RustTokenizer.from_file(str(path))
     except Exception as e:  # the Rust library raises a bare Exception on bad files
-        raise UserError(f"{path} is not a valid tokenizer.json ({e}).") from e
+        raise not_loadable(path, "tokenizer.json", e) from None
     meta = path.parent / META_FILE
     if meta.is_file():
-        ids = json.loads(meta.read_text())
+        ids = read_json(meta)
+        if not isinstance(ids, dict) or not all(isinstance(ids.get(k), int) for k in ("bos_id", "eos_id", "pad_id")):
+            raise UserError(f"{meta} must hold bos_id, eos_id and pad_id as integers.")
         return HFTokenizer(tok, ids["bos_id"], ids["eos_id"], ids["pad_id"])
     return HFTokenizer(tok, *_guess_special_ids(tok, path))
+
+
+def not_loadable(path: Path, kind: str, error: Exception) -> UserError:
+    """One sentence for a tokenizer file that does not load; a git-lfs pointer (a clone without LFS) is named."""
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            return UserError(f"{path} is a git-lfs pointer, not the {kind} itself: run `git lfs pull` in its "
+                             "repository or download the file.")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"{path} is not a valid {kind} ({reason}).")
+
+
+def read_json(path: Path):
+    """A tokenizer's JSON side file, or one sentence naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise not_loadable(path, "JSON file", e) from None
 
 
 def _guess_special_ids(tok, path: Path) -> tuple[int, int, int]:
@@ -218,7 +301,9 @@ def _guess_special_ids(tok, path: Path) -> tuple[int, int, int]:
     names: dict[str, str | None] = {}
     cfg_file = path.parent / "tokenizer_config.json"
     if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
+        cfg = read_json(cfg_file)
+        if not isinstance(cfg, dict):
+            raise UserError(f"{cfg_file} must hold a JSON object.")
         for key in ("bos_token", "eos_token", "pad_token"):
             value = cfg.get(key)
             names[key] = value.get("content") if isinstance(value, dict) else value
