@@ -275,3 +275,43 @@ def test_doc_mask_segments_start_at_each_eos_and_train(shards, tmp_path, bpe_tok
     plain, doc = losses(tmp_path / "plain"), losses(tmp_path / "doc")
     assert len(doc) == 4 and all(math.isfinite(v) for v in doc.values())
     assert doc[1] != plain[1]  # same weights and rows; only the attention across documents differs
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--log_every", "0"], "log_every must be at least 1, got 0."),
+    (["--batch_size", "0"], "batch_size must be at least 1, got 0."),
+    (["--grad_accum", "0"], "grad_accum must be at least 1, got 0."),
+    (["--eval_batches", "0"], "eval_batches must be at least 1, got 0."),
+    (["--keep_last", "0"], "keep_last must be at least 1, got 0."),
+    (["--max_bad_steps", "0"], "max_bad_steps must be at least 1, got 0."),
+    (["--max_steps", "-1"], "max_steps must be 0 (the length comes from tokens or epochs) or more, got -1."),
+    (["--save_every", "-5"], "save_every must be 0 (checkpoint only at the end or on a signal) or more, got -5."),
+    (["--grad_clip", "nan"], "grad_clip must be 0 (no clipping) or more, got nan."),
+    (["--weight_decay", "inf"], "weight_decay must be 0 (no decay) or more, got inf."),
+    (["--epochs", "0"], "epochs must be more than 0, got 0.0."),
+    (["--lr", "0"], "lr must be more than 0, got 0.0."),
+    (["--lr", "1e-6"], "min_lr must be in [0, lr = 1e-06], got 1e-05."),
+    (["--beta2", "1"], "beta2 must be in [0, 1), got 1.0."),
+    (["--val_fraction", "-0.1"], "val_fraction must be in [0, 1), got -0.1."),
+    (["--seed", "-1"], "seed must be in [0, 2**63), got -1."),
+    (["--out_dir", ""], "out_dir must name a directory, got an empty string."),
+    (["--min_answer_chars", "9", "--max_answer_chars", "5"], "min_answer_chars (9) is above max_answer_chars (5)."),
+    (["--dtype", "fp8"], "dtype must be auto, fp32, bf16 or fp16, got 'fp8'."),
+])
+def test_every_training_setting_is_checked_when_read(flags, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, flags)
+    assert str(e.value) == message
+
+
+def test_settings_of_zero_that_mean_off_run(shards, tmp_path):
+    """0 turns off warmup, clipping, decay, evaluation and saving during the run; the run ends normally."""
+    pretrain(config(shards, tmp_path, "--max_steps", "2", "--warmup_steps", "0", "--grad_clip", "0",
+                    "--weight_decay", "0", "--eval_every", "0", "--save_every", "0"))
+    assert list(losses(tmp_path)) == [1, 2] and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_zero_setting_is_exit_code_2_and_one_sentence(shards, tmp_path):
+    r = run_cli(["pretrain", *TINY, "--data", str(shards), "--out_dir", str(tmp_path), "--log_every", "0"])
+    assert (r.returncode, r.stderr) == (2, "babyllama: error: log_every must be at least 1, got 0.\n")
+    assert not tmp_path.joinpath("metrics.jsonl").exists()

@@ -12,6 +12,7 @@ table (any TrainConfig field). Flags: `--lr 1e-3` or `--train.lr 1e-3` for train
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+AT_LEAST_ONE = ("batch_size", "grad_accum", "log_every", "eval_batches", "keep_last", "max_bad_steps")
+OFF_AT_ZERO = {  # settings where 0 means: ...
+    "max_steps": "the length comes from tokens or epochs", "tokens": "the length comes from epochs",
+    "warmup_steps": "no warmup", "weight_decay": "no decay", "grad_clip": "no clipping",
+    "eval_every": "evaluate only at the end", "save_every": "checkpoint only at the end or on a signal",
+    "data_workers": "one per CPU core", "min_prompt_chars": "no limit", "max_prompt_chars": "no limit",
+    "min_answer_chars": "no limit", "max_answer_chars": "no limit",
+}
+FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -77,10 +88,35 @@ class TrainConfig:
     max_answer_chars: int = 0
 
     def __post_init__(self) -> None:
+        """Every setting in its range, before anything runs; each mistake is one sentence."""
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name, zero in OFF_AT_ZERO.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # NaN and inf too
+                raise UserError(f"{name} must be 0 ({zero}) or more, got {value}.")
+        for name in FRACTIONS:
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise UserError(f"epochs must be more than 0, got {self.epochs}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr must be more than 0, got {self.lr}.")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}.")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}.")
+        if not self.out_dir:
+            raise UserError("out_dir must name a directory, got an empty string.")
+        for part in ("prompt", "answer"):
+            low, high = getattr(self, f"min_{part}_chars"), getattr(self, f"max_{part}_chars")
+            if high and low > high:
+                raise UserError(f"min_{part}_chars ({low}) is above max_{part}_chars ({high}).")
         if self.optimizer not in ("adamw", "muon"):
             raise UserError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
-        if not 0 <= self.average_last < 1:
-            raise UserError(f"average_last is a fraction of the steps in [0, 1), got {self.average_last}.")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}.")
         if self.average_last and self.fsdp:
             raise UserError("average_last works without FSDP (DDP is fine); set average_last = 0 with fsdp.")
 
