@@ -180,12 +180,15 @@ def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "stopped by a signal" in out
     stopped = max(losses(tmp_path))
-    assert (tmp_path / "checkpoints" / f"step_{stopped:06d}" / "trainer_state.pt").is_file()
+    checkpoint = tmp_path / "checkpoints" / f"step_{stopped:06d}"
+    assert proc.returncode == 128 + signal.SIGTERM and "done:" not in out  # not done: stopped
+    assert err.splitlines()[-1] == (f"babyllama: stopped by SIGTERM at step {stopped} of 100000, checkpoint "
+                                    f"{checkpoint}; run the same command with --resume to continue.")
+    assert (checkpoint / "trainer_state.pt").is_file() and not (tmp_path / "final").exists()
     r = run_cli([*args, "--max_steps", str(stopped + 3), "--resume"])
     assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"done: {tmp_path / 'final'}"
     assert sorted(losses(tmp_path)) == list(range(1, stopped + 4))
 
 
@@ -229,8 +232,103 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
     monkeypatch.setattr(Trainer, "forward", flaky)
     with pytest.raises(UserError, match="not finite in 3 steps in a row"):
         pretrain(config(shards, tmp_path, "--max_steps", "20", "--max_bad_steps", "3"))
-    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    logged = strict_lines(tmp_path / "metrics.jsonl")
     assert [r["grad_norm"] is None for r in logged] == [False, True, True, False, False, True, True]
+    assert [r["loss"] is None for r in logged] == [False, True, True, False, False, True, True]  # NaN: null
+    assert [r.get("skipped", False) for r in logged] == [False, True, True, False, False, True, True]
+    assert not (tmp_path / "final").exists()
+
+
+def strict_lines(path):
+    """Each line parsed as strict JSON (RFC 8259: no NaN or Infinity), as jq or JavaScript's JSON.parse would."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing(shards, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    real_forward = Trainer.forward
+
+    def nan_gradient_at_step_2(self, batch):  # loss + sqrt(0 * w): the loss is unchanged, d/dw is inf * 0 = NaN
+        loss = real_forward(self, batch)
+        return loss + (self.model.norm.weight.sum() * 0).sqrt() if self.step == 1 else loss
+
+    monkeypatch.setattr(Trainer, "forward", nan_gradient_at_step_2)
+    pretrain(config(shards, tmp_path, "--max_steps", "4", "--save_every", "1", "--keep_last", "5"))
+    logged = strict_lines(tmp_path / "metrics.jsonl")
+    step2 = next(r for r in logged if r["step"] == 2)
+    assert math.isfinite(step2["loss"]) and step2["grad_norm"] is None and step2["skipped"] is True
+    ckpt = tmp_path / "checkpoints"
+    before, after = (load_file(str(ckpt / f"step_00000{s}" / "model.safetensors")) for s in (1, 2))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step left the weights alone
+    moments = [torch.load(ckpt / f"step_00000{s}" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+               for s in (1, 2)]
+    for name, state in moments[0].items():  # and AdamW's moments and step count
+        assert all(torch.equal(v, moments[1][name][k]) for k, v in state.items())
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in final.values())
+    assert all(math.isfinite(r["loss"]) for r in logged if r["step"] != 2 and "loss" in r)
+
+
+def test_non_finite_weights_are_never_saved_as_final(shards, tmp_path, monkeypatch):
+    real_step = Trainer.train_step
+
+    def poisoned(self):  # an optimiser that writes NaN into the weights at step 3
+        out = real_step(self)
+        if self.step == 3:
+            with torch.no_grad():
+                self.model.norm.weight.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(UserError, match="the weights are not finite after step 3, so nothing was saved"):
+        pretrain(config(shards, tmp_path, "--max_steps", "3"))
+    assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_with_another_global_batch_ends_after_the_same_samples(shards, tmp_path):
+    n = len(TokenWindows(shards, 32))
+    common = ("--epochs", "1", "--save_every", "3", "--keep_last", "5")
+    pretrain(config(shards, tmp_path, *common, "--batch_size", "4", "--max_steps", "3"))  # stopped at step 3
+    pretrain(config(shards, tmp_path, *common, "--batch_size", "8", "--grad_accum", "2"), resume=True)
+    state = torch.load(tmp_path / "checkpoints" / f"step_{max(losses(tmp_path)):06d}" / "trainer_state.pt",
+                       weights_only=True)
+    assert state["consumed_samples"] == 12 + 16 * math.ceil((n - 12) / 16) and n <= state["consumed_samples"] < n + 16
+    assert max(losses(tmp_path)) == 3 + math.ceil((n - 12) / 16)  # not ceil(n / 16): steps of 4 are not of 16
+    logged = strict_lines(tmp_path / "metrics.jsonl")
+    assert [r for r in logged if r.get("resumed")] == [{"step": 3, "resumed": True, "global_batch": 16}]
+
+
+def test_resumed_metrics_have_each_step_once(shards, tmp_path):
+    args = ("--max_steps", "8", "--batch_size", "4", "--save_every", "4")
+    pretrain(config(shards, tmp_path / "straight", *args))
+    died = tmp_path / "died"
+    simulate_death(tmp_path / "straight", died, step=4)  # killed after step 6: its lines 5 and 6 are written
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    (died / "metrics.jsonl").write_text("\n".join(straight[:6]) + '\n{"step": 7, "tok')  # and a cut line
+    pretrain(config(shards, died, *args), resume=True)
+    logged = [r["step"] for r in strict_lines(died / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]  # 4: the step and the resume mark; 8: the step and final
+    assert losses(died) == losses(tmp_path / "straight")
+
+
+def test_report_reads_metrics_written_with_bare_nan(tmp_path):
+    from babyllama.report import make_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "tokens": 64, "loss": 6.1, "lr": 0.001, "grad_norm": 1.5}\n'
+        '{"step": 2, "tokens": 128, "loss": NaN, "lr": 0.001, "grad_norm": null}\n'
+        '{"step": 3, "tokens": 192, "loss": 5.9, "lr": 0.001, "grad_norm": Infinity}\n'
+        '{"step": 4, "tokens": 256, "loss": NaN, "lr": 0.001, "grad_norm": null}\n'
+        '{"step": 4, "tokens": 256, "val_loss": NaN, "final": true}\n')
+    pytest.importorskip("matplotlib")
+    text = make_report(run).read_text()
+    assert "| 4 | 256 | 5.9 |" in text  # steps, tokens, final train loss: the last finite one, not nan
 
 
 def test_compile_switch_trains(shards, tmp_path):

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 
-from babyllama.errors import UserError
+from babyllama.errors import Stopped, UserError
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
+        if os.environ.get("RANK", "0") == "0":
+            again = " with --resume" if getattr(args, "resume", True) is False else ""
+            print(f"babyllama: {e}; run the same command{again} to continue.", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("babyllama: interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,16 @@
-"""The one exception for mistakes a user can make: the CLI prints its message and exits 2."""
+"""The exception for mistakes a user can make (the CLI prints its message and exits 2), and for a stopped run."""
 
 
 class UserError(Exception):
     """A missing file, a wrong schema, a tokenizer that does not fit: one sentence says what to do."""
+
+
+class Stopped(Exception):
+    """A run stopped by a signal (SIGTERM, Ctrl-C) after saving a checkpoint: not done, to be resumed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def require(module: str, extra: str):

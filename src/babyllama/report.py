@@ -30,7 +30,8 @@ def find(root: Path, name: str, depth: int = 3) -> list[Path]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.open(encoding="utf-8") if x.strip()]
+    """Every record; the bare NaN and Infinity of metrics written before they became null are read as None."""
+    return [json.loads(x, parse_constant=lambda name: None) for x in path.open(encoding="utf-8") if x.strip()]
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -45,7 +46,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def plot_run(run: Path, metrics: list[dict], out: Path) -> str:
     """loss (train and val) against tokens, and the learning rate, in one PNG; returns its name."""
     plt = pyplot()
-    train = [m for m in metrics if "loss" in m]
+    train = [m for m in metrics if m.get("loss") is not None]
     val = [m for m in metrics if m.get("val_loss") is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot([m["tokens"] for m in train], [m["loss"] for m in train], label="train", lw=1)
@@ -102,8 +103,10 @@ def run_section(run: Path, root: Path, plots: Path) -> list[str]:
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     model, train = config.get("model", {}), config.get("train", {})
     last = [m for m in metrics if "loss" in m][-1:] or [{}]
+    finite = [m["loss"] for m in metrics if m.get("loss") is not None]  # a skipped step's loss is null
     vals = [m for m in metrics if m.get("val_loss") is not None]
-    summary = {"steps": last[0].get("step"), "tokens": last[0].get("tokens"), "final train loss": last[0].get("loss"),
+    summary = {"steps": last[0].get("step"), "tokens": last[0].get("tokens"),
+               "final train loss": finite[-1] if finite else "",
                "final val loss": vals[-1]["val_loss"] if vals else "", "tokens/s": last[0].get("tokens_per_s")}
     keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"]
     settings = {k: model.get(k) for k in keys} | {k: train.get(k) for k in ("batch_size", "grad_accum", "lr")}

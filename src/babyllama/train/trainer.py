@@ -6,9 +6,11 @@
 Samples are numbered globally and visited in a per-epoch permutation drawn from the seed.
 `consumed_samples` counts the samples of all steps so far (Megatron's term): step s uses the
 global positions [s*G, (s+1)*G) with G = batch_size * grad_accum * processes. A checkpoint
-stores it, so a run resumes at the same sample even on a different number of processes. The
-loss of a step is the mean over every target token of the global batch, however it is split
-over micro-batches and processes.
+stores it, so a run resumes at the same sample even on a different number of processes, and
+the run's length (tokens or epochs) is kept in samples, so it ends after the same data whatever
+the global batch after a resume. The loss of a step is the mean over every target token of the
+global batch, however it is split over micro-batches and processes. A step whose loss or
+gradient norm is not finite changes nothing, and weights that are not finite are never saved.
 
 Run directory: config.json (effective settings), metrics.jsonl, checkpoints/step_000500/ (the
 last `keep_last`), final/ (the model to evaluate, chat with or fine-tune).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -37,7 +40,7 @@ from babyllama.checkpoint import (
     step_checkpoint,
 )
 from babyllama.config import RunConfig, TrainConfig
-from babyllama.errors import UserError
+from babyllama.errors import Stopped, UserError
 from babyllama.evaluate import loss_sums
 from babyllama.model import Transformer
 from babyllama.progress import progress
@@ -176,10 +179,21 @@ def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -
 
 
 class MetricsLog:
-    """metrics.jsonl, and TensorBoard when it is installed; rank 0 only."""
+    """metrics.jsonl (strict JSON: a non-finite number is null), and TensorBoard when installed; rank 0 only.
 
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.f = (out_dir / "metrics.jsonl").open("a") if enabled else None
+    A resumed run first drops the lines past the step it resumes from (written after that
+    checkpoint, they are about to be redone) and the last line if a kill cut it, then marks the
+    resume with {"step", "resumed": true, "global_batch"}: each step appears once.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
+        path = out_dir / "metrics.jsonl"
+        if enabled and resumed_at is not None and path.is_file():
+            kept = [r for r in read_metrics(path) if r["step"] <= resumed_at and not r.get("final")]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(strict_json(r) + "\n" for r in kept))
+            os.replace(tmp, path)
+        self.f = path.open("a") if enabled else None
         self.tb = None
         if enabled:
             try:
@@ -192,7 +206,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.f is None:
             return
-        self.f.write(json.dumps(record) + "\n")
+        self.f.write(strict_json(record) + "\n")
         self.f.flush()
         if self.tb is not None:
             for k, v in record.items():
@@ -204,6 +218,25 @@ class MetricsLog:
             self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def strict_json(record: dict) -> str:
+    """One line of JSON that every parser reads: NaN and infinities become null (RFC 8259 has neither)."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
+                      allow_nan=False)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, old ones with bare NaN too (as null); a line a kill cut short is dropped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line, parse_constant=lambda name: None)  # NaN, Infinity, -Infinity
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 def state_dict_options():
@@ -222,12 +255,6 @@ class Trainer:
             cfg, train_data, val_data, tokenizer, dist, stage)
         self.out = Path(t.out_dir)
         self.global_batch = t.batch_size * t.grad_accum * dist.world  # rows per step
-        if t.max_steps > 0:
-            self.total_steps = t.max_steps
-        elif t.tokens > 0:
-            self.total_steps = math.ceil(t.tokens / (self.global_batch * cfg.model.max_seq_len))
-        else:
-            self.total_steps = max(1, math.ceil(t.epochs * len(train_data) / self.global_batch))
         self.order = GlobalOrder(len(train_data), t.seed)
         self.dtype = amp_dtype(t.dtype, dist.device)
         self.model = build_model(cfg, dist.device, resume_from)
@@ -237,12 +264,29 @@ class Trainer:
         self.step, self.consumed_samples, self.tokens, self.bad_steps = 0, 0, 0, 0  # tokens: positions trained on
         self.average: dict[str, torch.Tensor] = {}  # running mean of the weights (average_last)
         self.averaged = 0  # steps in that mean
-        self.stop_requested = False
+        self.stop_signal = 0  # the signal that asked the run to stop, 0: none
+        self.resumed = resume_from is not None
         if resume_from is not None:
             state = load_train_state(resume_from)
             if state is None:
                 raise UserError(f"{resume_from} has no trainer state to resume from.")
             self.load_state_dict(state)
+        self.total_steps = self.planned_steps()
+
+    def planned_steps(self) -> int:
+        """The step at which the run ends: max_steps, else when the samples of tokens or epochs are consumed.
+
+        The length is kept in samples, so a run resumed with another global batch (batch_size,
+        grad_accum or processes) ends after the same data, in steps of its new batch.
+        """
+        t = self.t
+        if t.max_steps > 0:
+            return t.max_steps
+        if t.tokens > 0:
+            samples = math.ceil(t.tokens / self.cfg.model.max_seq_len)  # a row holds max_seq_len targets
+        else:
+            samples = math.ceil(t.epochs * len(self.train_data))
+        return self.step + max(0, math.ceil((samples - self.consumed_samples) / self.global_batch))
 
     # --- one step ---
 
@@ -275,22 +319,37 @@ class Trainer:
         self.tokens += sum(b["idx"].numel() for b in batches) * d.world  # positions, padding included
         self.consumed_samples += self.global_batch
         self.step += 1
-        if not math.isfinite(mean_loss):
-            self.model.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            if self.bad_steps >= t.max_bad_steps:
-                raise UserError(f"the loss was not finite in {self.bad_steps} steps in a row (last at step "
-                                f"{self.step}); lower the lr, use bf16 instead of fp16, or check the data.")
-            return mean_loss, None
+        norm = None
+        if math.isfinite(mean_loss):
+            for o in self.optimizers:
+                self.scaler.unscale_(o)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf")))
+        if norm is None or not math.isfinite(norm):
+            self.skip_step(norm is not None)
+            return mean_loss, norm
         self.bad_steps = 0
-        for o in self.optimizers:
-            self.scaler.unscale_(o)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
         for o in self.optimizers:
             self.scaler.step(o)
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
-        return mean_loss, float(norm)
+        return mean_loss, norm
+
+    def skip_step(self, unscaled: bool) -> None:
+        """A step with a non-finite loss or gradient norm changes nothing: no optimiser step, moments untouched.
+
+        With fp16 the GradScaler halves its scale (torch.amp's own skip); such an overflow counts
+        towards max_bad_steps only once the scale is down to 1, since the first steps of an fp16
+        run overflow while it finds its scale. Every other skipped step counts.
+        """
+        if unscaled:
+            self.scaler.update()  # with fp16: back off the scale; otherwise nothing
+        self.model.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled() and unscaled and self.scaler.get_scale() > 1:
+            return
+        self.bad_steps += 1
+        if self.bad_steps >= self.t.max_bad_steps:
+            raise UserError(f"the loss or its gradient was not finite in {self.bad_steps} steps in a row (last at "
+                            f"step {self.step}); lower the lr, use bf16 instead of fp16, or check the data.")
 
     @torch.no_grad()
     def update_average(self) -> None:
@@ -360,6 +419,7 @@ class Trainer:
         """A checkpoint of this step, to resume from; with final also final/, the weight average if any."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        self.check_finite()
         # every rank takes part in gathering FSDP's shards
         weights = get_model_state_dict(self.model, options=state_dict_options()) if self.t.fsdp else None
         state = self.state_dict()
@@ -375,19 +435,33 @@ class Trainer:
         barrier(self.dist)
         return path
 
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Refuse to save weights (or a weight average) that are not finite, on every rank at once."""
+        tensors = [*self.model.parameters(), *self.average.values()]
+        bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum()) for p in tensors)
+        if all_reduce_sum(torch.tensor(float(bad), device=self.dist.device), self.dist) > 0:
+            raise UserError(f"the weights are not finite after step {self.step}, so nothing was saved; resume "
+                            "from the last checkpoint with a lower lr, or use bf16 instead of fp16.")
+
     # --- the loop ---
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.stop_signal = signum
 
-    def _stop_everywhere(self) -> bool:
-        flag = torch.tensor(float(self.stop_requested), device=self.dist.device)
-        return bool(all_reduce_sum(flag, self.dist) > 0)
+    def _stop_everywhere(self) -> int:
+        """The signal that stopped any rank (the largest number when several did), else 0."""
+        flag = torch.tensor(float(self.stop_signal), device=self.dist.device)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
 
     def fit(self) -> Path:
-        """Train to total_steps (a signal saves a checkpoint and stops early); returns final/ or that checkpoint."""
+        """Train to total_steps and return final/; SIGTERM or SIGINT saves a checkpoint and raises Stopped."""
         t, main = self.t, self.dist.main
-        log = MetricsLog(self.out, main)
+        log = MetricsLog(self.out, main, self.step if self.resumed else None)
+        if self.resumed:
+            log.write({"step": self.step, "resumed": True, "global_batch": self.global_batch})
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         peak, flops = peak_flops(self.dist.device), self.model.flops_per_token()
         bar = progress(total=self.total_steps, initial=self.step, desc=self.stage, unit=" step", disable=not main)
@@ -400,6 +474,9 @@ class Trainer:
                 bar.update()
                 record = {"step": self.step, "tokens": self.tokens, "loss": loss,
                           "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm}
+                skipped = not (math.isfinite(loss) and norm is not None and math.isfinite(norm))
+                if skipped:
+                    record["skipped"] = True
                 logged = self.step % t.log_every == 0 or self.step == self.total_steps
                 if logged:
                     if self.dist.device.type == "cuda":
@@ -412,13 +489,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     record["val_loss"] = self.evaluate()
-                if logged or "val_loss" in record:
+                if logged or skipped or "val_loss" in record:
                     log.write(record)
-                if self._stop_everywhere():
+                signum = self._stop_everywhere()
+                if signum:
                     path = self.save()
-                    if main:
-                        print(f"\nstopped by a signal at step {self.step}; resume with --resume ({path})")
-                    return path
+                    raise Stopped(f"stopped by {signal.Signals(signum).name} at step {self.step} of "
+                                  f"{self.total_steps}, checkpoint {path}", signum)
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                     self.save()
             self.save(final=True)
