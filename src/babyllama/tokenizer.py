@@ -280,10 +280,14 @@ def _load_hf(path: Path) -> HFTokenizer:
 
 def not_loadable(path: Path, kind: str, error: Exception) -> UserError:
     """One sentence for a tokenizer file that does not load; a git-lfs pointer (a clone without LFS) is named."""
-    with open(path, "rb") as f:
-        if f.read(len(LFS_POINTER)) == LFS_POINTER:
-            return UserError(f"{path} is a git-lfs pointer, not the {kind} itself: run `git lfs pull` in its "
-                             "repository or download the file.")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError:
+        head = b""
+    if head == LFS_POINTER:
+        return UserError(f"{path} is a git-lfs pointer, not the {kind} itself: run `git lfs pull` in its "
+                         "repository or download the file.")
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(f"{path} is not a valid {kind} ({reason}).")
 
