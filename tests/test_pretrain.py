@@ -81,9 +81,20 @@ def test_resume_gives_bitwise_identical_losses(shards, tmp_path, optimizer):
     assert len(losses(tmp_path / "straight")) == 8
 
 
-def test_metrics_log_every_log_every_steps_and_the_last(shards, tmp_path):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_metrics_log_every_log_every_steps_and_the_last(shards, tmp_path, monkeypatch, on_device):
+    device_steps = sync_free_steps(monkeypatch) if on_device else []
+    real_forward = Trainer.forward
+
+    def nan_at_step_3(self, batch):  # a skipped step between two logged ones still gets its line
+        return real_forward(self, batch) * (float("nan") if self.step == 2 else 1.0)
+
+    monkeypatch.setattr(Trainer, "forward", nan_at_step_3)
     pretrain(config(shards, tmp_path, "--max_steps", "5", "--batch_size", "4", "--log_every", "2"))
-    assert list(losses(tmp_path)) == [2, 4, 5]
+    logged = strict_lines(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r.get("skipped", False)) for r in logged if "loss" in r] == [
+        (2, False), (3, True), (4, False), (5, False)]
+    assert len(device_steps) == (5 if on_device else 0)
 
 
 def test_final_is_the_mean_of_the_last_steps_weights_and_resumes_bitwise(shards, tmp_path):
@@ -220,7 +231,9 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
     assert all(math.isclose(fsdp[s], one[s], rel_tol=1e-4) for s in (1, 2, 3)), (fsdp, one)
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch, on_device):
+    device_steps = sync_free_steps(monkeypatch) if on_device else []
     real_forward = Trainer.forward
     calls = {"n": 0}
 
@@ -237,6 +250,21 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
     assert [r["loss"] is None for r in logged] == [False, True, True, False, False, True, True]  # NaN: null
     assert [r.get("skipped", False) for r in logged] == [False, True, True, False, False, True, True]
     assert not (tmp_path / "final").exists()
+    assert len(device_steps) == (8 if on_device else 0)
+
+
+def sync_free_steps(monkeypatch) -> list[int]:
+    """Run the GPU's step that never waits for the GPU (fused AdamW skipping through found_inf) on
+    the CPU, which has fused AdamW too; returns the list of steps that took it."""
+    monkeypatch.setattr("babyllama.train.trainer.FUSED_ADAMW_DEVICES", {"cpu", "cuda"})
+    steps, real = [], Trainer.device_step
+
+    def device_step(self, loss):
+        steps.append(self.step)
+        return real(self, loss)
+
+    monkeypatch.setattr(Trainer, "device_step", device_step)
+    return steps
 
 
 def strict_lines(path):
@@ -247,8 +275,13 @@ def strict_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing(shards, tmp_path, monkeypatch, on_device):
+    """host: the CPU's step reads the loss and norm; device: the GPU's step that never waits for them
+    (fused AdamW skips through found_inf; CPUs have fused AdamW too, so it runs here)."""
     from safetensors.torch import load_file
+
+    device_steps = sync_free_steps(monkeypatch) if on_device else []
 
     real_forward = Trainer.forward
 
@@ -271,6 +304,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing(shards, tmp_pa
     final = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in final.values())
     assert all(math.isfinite(r["loss"]) for r in logged if r["step"] != 2 and "loss" in r)
+    assert device_steps == ([1, 2, 3, 4] if on_device else [])
 
 
 def test_non_finite_weights_are_never_saved_as_final(shards, tmp_path, monkeypatch):

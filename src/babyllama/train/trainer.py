@@ -152,6 +152,9 @@ def wrap_model(model: Transformer, t: TrainConfig, dist: Dist, dtype: torch.dtyp
     return torch.compile(wrapped) if t.compile else wrapped
 
 
+FUSED_ADAMW_DEVICES = {"cuda"}  # one kernel for all parameters, which can skip a step on the GPU (device_step)
+
+
 def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest.
 
@@ -169,7 +172,7 @@ def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -
     rest = [p for n, p in named if not in_muon[n]]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda" and not t.fsdp
+    fused = device.type in FUSED_ADAMW_DEVICES and not t.fsdp
     adamw = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
     if not muon:
         return [adamw]
@@ -261,6 +264,8 @@ class Trainer:
         self.wrapped = wrap_model(self.model, t, dist, self.dtype)
         self.optimizers = build_optimizers(self.model, t, dist.device)
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        # a GPU step that never waits for the GPU: fused AdamW skips non-finite steps itself (device_step)
+        self.skip_on_device = not self.scaler.is_enabled() and all(o.defaults.get("fused") for o in self.optimizers)
         self.step, self.consumed_samples, self.tokens, self.bad_steps = 0, 0, 0, 0  # tokens: positions trained on
         self.average: dict[str, torch.Tensor] = {}  # running mean of the weights (average_last)
         self.averaged = 0  # steps in that mean
@@ -296,14 +301,17 @@ class Trainer:
             _, loss = self.wrapped(batch["idx"], batch["targets"], segments=batch.get("segments"))
         return loss
 
-    def train_step(self) -> tuple[float, float | None]:
-        """One optimiser step; returns (mean loss, grad norm or None when the step was skipped)."""
+    def train_step(self) -> tuple[float | torch.Tensor, float | torch.Tensor | None]:
+        """One optimiser step; returns (mean loss, grad norm or None when the loss was not finite), as
+        floats, or as 0-dim tensors on the GPU when skip_on_device (read them when logging)."""
         t, d = self.t, self.dist
         lr = lr_at(self.step, t, self.total_steps)
         for group in (g for o in self.optimizers for g in o.param_groups):
             group["lr"] = lr
         rows = [self.order(self.consumed_samples + i) for i in range(self.global_batch)]
-        batches = [{k: v.to(d.device, non_blocking=True) for k, v in self.train_data.collate(m).items()}
+        pin = d.device.type == "cuda"  # a copy from pinned memory does not wait for the GPU
+        batches = [{k: (v.pin_memory() if pin else v).to(d.device, non_blocking=True)
+                    for k, v in self.train_data.collate(m).items()}
                    for m in micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)]
         counts = [(b["targets"] != -1).sum() for b in batches]  # target tokens that carry loss
         total = all_reduce_sum(torch.stack(counts).sum().float(), d).clamp(min=1)
@@ -315,11 +323,13 @@ class Trainer:
                 loss = self.forward(batch) * n  # the summed loss of this micro-batch
                 self.scaler.scale(loss * d.world / total).backward()  # DDP averages over ranks
             loss_sum += loss.detach().float()
-        mean_loss = float(all_reduce_sum(loss_sum, d) / total)
+        loss = all_reduce_sum(loss_sum, d) / total  # (), on the device
         self.tokens += sum(b["idx"].numel() for b in batches) * d.world  # positions, padding included
         self.consumed_samples += self.global_batch
         self.step += 1
-        norm = None
+        if self.skip_on_device:
+            return self.device_step(loss)
+        mean_loss, norm = float(loss), None
         if math.isfinite(mean_loss):
             for o in self.optimizers:
                 self.scaler.unscale_(o)
@@ -333,6 +343,18 @@ class Trainer:
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
         return mean_loss, norm
+
+    def device_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The optimiser step with no host synchronisation: fused AdamW leaves weights, moments and its
+        step count untouched when `found_inf` is 1 (torch.amp's mechanism), which a non-finite loss or
+        gradient norm sets on the GPU. Skipped steps are counted when the step is logged (fit)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or float("inf"))
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+        for o in self.optimizers:
+            o.found_inf = found_inf
+            o.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss, norm
 
     def skip_step(self, unscaled: bool) -> None:
         """A step with a non-finite loss or gradient norm changes nothing: no optimiser step, moments untouched.
@@ -449,11 +471,31 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
-    def _stop_everywhere(self) -> int:
-        """The signal that stopped any rank (the largest number when several did), else 0."""
+    def settle(self, pending: list[dict]) -> list[dict]:
+        """Read the steps' loss and grad norm (one host sync for all of them on a GPU) and mark skipped
+        steps; with skip_on_device, count them here (max_bad_steps in a row stop the run)."""
+        for r in pending:
+            loss, norm = (float(v) if isinstance(v, torch.Tensor) else v for v in (r["loss"], r["grad_norm"]))
+            r["loss"], r["grad_norm"] = loss, norm
+            finite = math.isfinite(loss) and norm is not None and math.isfinite(norm)
+            if not finite:
+                r["skipped"] = True
+            if self.skip_on_device:  # other steps were counted as they ran (skip_step)
+                self.bad_steps = 0 if finite else self.bad_steps + 1
+                if self.bad_steps >= self.t.max_bad_steps:
+                    raise UserError(f"the loss or its gradient was not finite in {self.bad_steps} steps in a row "
+                                    f"(last at step {r['step']}); lower the lr, or check the data.")
+        return pending
+
+    def _stop_everywhere(self, settled: bool) -> int:
+        """The signal that stopped any rank (the largest number when several did), else 0. Ranks agree
+        at settled steps only (the same steps on every rank) when the step itself never syncs."""
+        if not self.dist.enabled:
+            return self.stop_signal
+        if self.skip_on_device and not settled:
+            return 0
         flag = torch.tensor(float(self.stop_signal), device=self.dist.device)
-        if self.dist.enabled:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag)
 
     def fit(self) -> Path:
@@ -468,35 +510,40 @@ class Trainer:
         self.wrapped.train()
         window_start, window_tokens = time.perf_counter(), self.tokens
         try:
+            pending: list[dict] = []  # steps whose numbers are still on the GPU (skip_on_device)
             while self.step < self.total_steps:
                 loss, norm = self.train_step()
                 self.update_average()
                 bar.update()
-                record = {"step": self.step, "tokens": self.tokens, "loss": loss,
-                          "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm}
-                skipped = not (math.isfinite(loss) and norm is not None and math.isfinite(norm))
-                if skipped:
-                    record["skipped"] = True
+                pending.append({"step": self.step, "tokens": self.tokens, "loss": loss,
+                                "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm})
                 logged = self.step % t.log_every == 0 or self.step == self.total_steps
-                if logged:
-                    if self.dist.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    rate = (self.tokens - window_tokens) / (time.perf_counter() - window_start)
-                    record["tokens_per_s"] = rate
-                    if peak:
-                        record["mfu"] = rate * flops / (peak * self.dist.world)
-                    window_start, window_tokens = time.perf_counter(), self.tokens
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                    record["val_loss"] = self.evaluate()
-                if logged or skipped or "val_loss" in record:
-                    log.write(record)
-                signum = self._stop_everywhere()
+                evaluated = t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps
+                saved = t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps
+                settled = logged or evaluated or saved or not self.skip_on_device
+                if settled:
+                    records, pending = self.settle(pending), []
+                    record = records[-1]
+                    if logged:
+                        if self.dist.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        rate = (self.tokens - window_tokens) / (time.perf_counter() - window_start)
+                        record["tokens_per_s"] = rate
+                        if peak:
+                            record["mfu"] = rate * flops / (peak * self.dist.world)
+                        window_start, window_tokens = time.perf_counter(), self.tokens
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                    if evaluated:
+                        record["val_loss"] = self.evaluate()
+                    for r in records:
+                        if r is record and (logged or evaluated) or r.get("skipped"):
+                            log.write(r)
+                signum = self._stop_everywhere(settled)
                 if signum:
                     path = self.save()
                     raise Stopped(f"stopped by {signal.Signals(signum).name} at step {self.step} of "
                                   f"{self.total_steps}, checkpoint {path}", signum)
-                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                if saved:
                     self.save()
             self.save(final=True)
             self.use_average()  # the final loss is final/'s
