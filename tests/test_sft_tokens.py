@@ -28,7 +28,7 @@ MULTI_TURN = [{"conversations": [{"role": "system", "content": "你是一个医�
 def direct(path, tok, settings):
     """(train, val) samples rendered straight by the chat format, without the cache, and how many were cut."""
     out, cut = {False: [], True: []}, 0
-    for _, record in iter_records(path):
+    for _, record, _ in iter_records(path):
         conv = conversation_from_record(record)
         ids, mask = render_conversation(tok, conv)
         if len(ids) > settings.max_len:

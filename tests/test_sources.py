@@ -38,7 +38,9 @@ def test_jsonl_with_bad_records_keeps_every_good_one(tmp_path):
     assert list(reader.documents()) == ["第一篇", "第二篇", "第三篇"]
     stats = reader.stats[str(f)]
     assert (stats.records, stats.bad, stats.schema) == (7, 4, "text")
-    assert bad == [f"{f}:3", f"{f}:4", f"{f}:5", f"{f}:6"]
+    assert bad == [f"{f}:3: not valid JSON (Expecting property name enclosed in double quotes)",
+                   f"{f}:4: lacks the fields of the text schema", f"{f}:5: lacks the fields of the text schema",
+                   f"{f}:6: not valid JSON (Expecting value)"]
 
 
 def test_every_schema_of_the_recipe(tmp_path):
@@ -165,13 +167,18 @@ def test_sft_reads_a_gbk_csv_as_gbk(tmp_path, bpe_tokenizer):
     assert stats.samples == 10 and bpe_tokenizer.decode(ids[mask == 1].tolist()[:-1]) == "长城约两万一千公里。"
 
 
-def test_bytes_that_are_no_text_stop_with_one_sentence(tmp_path):
+def test_a_file_of_bytes_that_are_no_text_is_one_bad_record(tmp_path):
+    import io
     import random
 
     rng = random.Random(1)
     (tmp_path / "x.jsonl").write_bytes(bytes(rng.randrange(128, 256) for _ in range(5000)))
-    with pytest.raises(UserError, match="not text in any encoding"):
-        list(CorpusReader([tmp_path / "x.jsonl"]).documents())
+    jsonl(tmp_path / "y.jsonl", [{"text": "好"}])
+    log = io.StringIO()
+    reader = CorpusReader([tmp_path], bad_log=log)
+    assert list(reader.documents()) == ["好"] and reader.totals() == (2, 1)
+    assert log.getvalue() == (f"{tmp_path / 'x.jsonl'}:start: not text in any encoding charset-normalizer knows "
+                              "(convert it to UTF-8)\n")
 
 
 def bad_jsonl_lines(rng):
@@ -227,18 +234,24 @@ def test_fuzz_every_reader_counts_every_bad_record_and_loses_no_good_one(tmp_pat
             lines.append(texts[-1].encode())
     (tmp_path / "d.txt").write_bytes(b"\r\n".join(lines) + b"\r\n")
     expected["d.txt"] = texts, bad
-    out = io.StringIO()  # CSV: quoted commas, newlines and quotes in cells, a huge cell, ragged rows
+    out = io.StringIO()  # CSV: quoted commas, newlines and quotes in cells, ragged rows, unclosed quotes
     out.write("id,text\n")
-    texts, bad = [], []
+    texts, bad, lineno = [], [], 2
     for row in range(1, 101):
         kind = rng.random()
-        if kind < 0.15:
-            out.write(f"{row}\n")  # no text cell
-            bad.append(f"{tmp_path / 'e.csv'}:row {row}")
+        if kind < 0.15 or kind > 0.9 or row == 60:  # too few or too many cells, a line over MAX_RECORD_CHARS
+            out.write(f'{row},"{"字" * 2500}"\n' if row == 60 else f"{row}\n" if kind < 0.15 else
+                      f"{row},{GOOD[row]},extra\n")
+            bad.append(f"{tmp_path / 'e.csv'}:{lineno}")
+        elif kind > 0.85:
+            out.write(f'{row},"{GOOD[row]}\n')  # a quote never closed: the rows after it are read again
+            bad.append(f"{tmp_path / 'e.csv'}:{lineno}")
         else:
-            text = GOOD[row] + ("，又及\n“引号”" if kind < 0.3 else "") + ("字" * 200_000 if row == 50 else "")
-            out.write(f'{row},"{text.replace(chr(34), chr(34) * 2)}"' + (",extra" if kind > 0.9 else "") + "\n")
+            text = GOOD[row] + ("，又及\n“引号”" if kind < 0.3 else "") + ("字" * 1500 if row == 50 else "")
+            out.write(f'{row},"{text.replace(chr(34), chr(34) * 2)}"\n')
             texts.append(text)
+            lineno += text.count("\n")
+        lineno += 1
     (tmp_path / "e.csv").write_text(out.getvalue(), encoding="utf-8")
     expected["e.csv"] = texts, bad
     items = [{"text": t} for t in GOOD[:40]]  # a JSON array with wrong items, cut at the end
@@ -256,7 +269,8 @@ def test_fuzz_every_reader_counts_every_bad_record_and_loses_no_good_one(tmp_pat
         path = str(tmp_path / name)
         assert [t for src, t in docs if src == path] == texts, name  # every good record, in order
         assert reader.stats[path].bad == len(bad), name
-        assert [w for w in log.getvalue().splitlines() if w.startswith(path + ":")] == bad, name
+        logged = [w.split(": ", 1) for w in log.getvalue().splitlines() if w.startswith(path + ":")]
+        assert [where for where, _ in logged] == bad and all(why for _, why in logged), name  # file:line: why
 
 
 def test_a_cut_gz_keeps_what_came_before_and_counts_one_bad_record(tmp_path):
@@ -298,3 +312,123 @@ def test_a_damaged_zst_keeps_what_came_before(tmp_path):
     reader = CorpusReader([tmp_path / "x.jsonl.zst"])
     docs = list(reader.documents())
     assert len(docs) > 1000 and reader.stats[str(tmp_path / "x.jsonl.zst")].bad == 1
+
+
+def test_a_cut_zst_is_one_bad_record_that_says_so(tmp_path):
+    import io
+
+    import zstandard
+
+    lines = [json.dumps({"text": f"第{i}行"}, ensure_ascii=False) + "\n" for i in range(50_000)]
+    blob = zstandard.ZstdCompressor().compress("".join(lines).encode())
+    (tmp_path / "x.jsonl.zst").write_bytes(blob[: len(blob) // 2])  # half a download: it used to end without a word
+    log = io.StringIO()
+    reader = CorpusReader([tmp_path / "x.jsonl.zst"], bad_log=log)
+    docs = list(reader.documents())
+    assert docs == [f"第{i}行" for i in range(len(docs))] and 0 < len(docs) < 50_000
+    assert reader.totals() == (len(docs) + 1, 1)
+    assert log.getvalue() == (f"{tmp_path / 'x.jsonl.zst'}:after {len(docs)}: the file cannot be read from here on "
+                              "(the file ends inside a zstd frame (cut short?))\n")
+
+
+def test_a_bad_first_record_does_not_decide_the_schema(tmp_path, caplog):
+    import logging
+
+    records = [{"text": None}] + [{"instruction": f"问{i}", "output": f"答{i}"} for i in range(5)]
+    f = jsonl(tmp_path / "x.jsonl", records)
+    with caplog.at_level(logging.INFO):
+        reader = CorpusReader([f])
+        assert list(reader.documents()) == [f"问{i}答{i}" for i in range(5)]
+    assert (reader.stats[str(f)].schema, reader.totals()) == ("instruction", (6, 1))
+    assert f"{f}: read as instruction records (detected at {f}:2)" in caplog.text
+
+
+def test_csv_ragged_rows_are_bad_and_an_unclosed_quote_swallows_nothing(tmp_path):
+    import io
+
+    f = tmp_path / "sft_data.csv"
+    f.write_text('prompt,answer\n问一,答一\n问二,答二,多余\n问三\n"问四,答四\n问五,答五\n问六,"答""六"""\n',
+                 encoding="utf-8")
+    log = io.StringIO()
+    reader = CorpusReader([f], bad_log=log)
+    assert list(reader.documents()) == ["问一答一", "问五答五", '问六答"六"']
+    assert log.getvalue().splitlines() == [
+        f"{f}:3: 3 cells where the header has 2", f"{f}:4: 1 cells where the header has 2",
+        f"{f}:5: ',' expected after '\"' in a cell that runs from line 5 to 7 (an unclosed quote?); the lines "
+        "after its first are read again"]
+
+
+def broken_corpus(d) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+    """A directory of good and broken instruction files: (the texts of the good records of the whole files,
+    those of the files cut half way, {bad location: a part of why it is bad})."""
+    import random
+
+    import zstandard
+
+    rng = random.Random(0)
+    good: list[str] = []
+
+    def records(n: int, tag: str, out: list[str]) -> list[dict]:
+        rs = [{"instruction": f"{tag}问题{i}{rng.choice(GOOD)}", "input": "", "output": f"{tag}回答{i}"}
+              for i in range(n)]
+        out += [r["instruction"] + r["output"] for r in rs]
+        return rs
+
+    jsonl(d / "a.jsonl", records(30, "a", good))
+    (d / "b.jsonl.gz").write_bytes(b"not gzip at all\n")
+    (d / "c.parquet").write_bytes(b"PAR1 but not parquet")
+    (d / "d.jsonl").write_bytes(bytes(rng.randrange(128, 256) for _ in range(3000)))  # no text encoding
+    jsonl(d / "e.jsonl", [b'{"instruction": "a\\ud800", "output": "x"}', *records(5, "e", good),
+                          b'{"instruction": "q", "output": "\\udfff"}'])
+    jsonl(d / "f.jsonl", [{"text": None}, *records(5, "f", good)])  # a bad first record
+    (d / "g.csv").write_text("prompt,answer\n" + "".join(f"g问{i},g答{i}\n" for i in range(3)) + "坏行\n"
+                             + '"没有闭合的引号,x\n' + "g问9,g答9,多余\n" + "g问8,g答8\n", encoding="utf-8")
+    good += [f"g问{i}g答{i}" for i in range(3)] + ["g问8g答8"]
+    cut: dict[str, list[str]] = {"h.jsonl.gz": [], "i.jsonl.zst": []}
+    for name, compress in (("h.jsonl.gz", gzip.compress), ("i.jsonl.zst", zstandard.ZstdCompressor().compress)):
+        blob = compress(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n"
+                                 for r in records(3000, name[0], cut[name])))
+        (d / name).write_bytes(blob[: len(blob) // 2])  # a download cut half way
+    bad = {f"{d / 'b.jsonl.gz'}:after start": "cannot be read", f"{d / 'c.parquet'}:after start": "cannot be read",
+           f"{d / 'd.jsonl'}:start": "not text", f"{d / 'e.jsonl'}:1": "surrogate", f"{d / 'e.jsonl'}:7": "surrogate",
+           f"{d / 'f.jsonl'}:1": "", f"{d / 'g.csv'}:5": "1 cells", f"{d / 'g.csv'}:6": "unclosed quote",
+           f"{d / 'g.csv'}:7": "3 cells"}
+    return good, cut, bad
+
+
+def check_losses(d, kept: list[str], bad_lines: list[str], good: list[str], cut: dict[str, list[str]],
+                 bad: dict[str, str]) -> None:
+    """Every good record kept, and of a cut file those before the cut, which is one bad record; every bad
+    record listed with its reason."""
+    listed = dict(line.split(": ", 1) for line in bad_lines)
+    for name, texts in cut.items():
+        stops = [where for where in listed if where.startswith(f"{d / name}:after ")]
+        assert len(stops) == 1 and "cannot be read" in listed.pop(stops[0])
+        n = int(stops[0].rsplit(" ", 1)[1])  # records read before the cut
+        assert 0 < n < len(texts) and [t for t in kept if t in set(texts)] == texts[:n], name
+    assert [t for t in kept if t[0] not in "hi"] == good
+    assert listed.keys() == bad.keys()
+    assert all(why in listed[where] for where, why in bad.items()), listed
+
+
+def test_prepare_and_sft_lose_no_good_record_of_a_directory_with_broken_files(tmp_path, bpe_tokenizer):
+    from babyllama.data.clean import prepare
+    from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+    from babyllama.train.distributed import Dist
+    from babyllama.train.sft_data import load_sft_data
+
+    d = tmp_path / "in"
+    d.mkdir()
+    good, cut, bad = broken_corpus(d)
+    stats = prepare([d], tmp_path / "clean", min_chars=1, dedup="none")
+    kept = [json.loads(x)["text"] for x in (tmp_path / "clean" / "part_00000.jsonl").open(encoding="utf-8")]
+    check_losses(d, kept, (tmp_path / "clean" / "bad_records.txt").read_text().splitlines(), good, cut, bad)
+    assert stats["total"]["bad"] == len(bad) + 2
+
+    bpe_tokenizer.save(tmp_path / "tok")
+    settings = SFTSettings(max_len=512, val_fraction=0.0)
+    build_sft_cache([d], tmp_path / "tok", tmp_path / "sft", settings)
+    train, _, sft_stats = load_sft_data([d], tmp_path / "tok", tmp_path / "sft", settings, False, Dist())
+    samples = [bpe_tokenizer.decode(train.sample(i)[0].tolist()) for i in range(sft_stats.samples)]  # prompt+answer
+    check_losses(d, samples, (tmp_path / "sft" / "bad_records.txt").read_text().splitlines(), good, cut, bad)
+    assert sft_stats.bad == len(bad) + 2

@@ -104,7 +104,7 @@ def read_qa(path: str | Path) -> tuple[list[dict], int]:
     record has a reference."""
     items, skipped = [], 0
     for file in expand_inputs([path]):
-        for where, r in iter_records(file):
+        for where, r, _ in iter_records(file):
             r = r or {}
             question = next((r[k] for k in QUESTION_KEYS if isinstance(r.get(k), str)), None)
             if question is None and isinstance(r.get("instruction"), str):
@@ -208,7 +208,7 @@ def read_mc(paths: Sequence[str | Path]) -> list[dict]:
     items = []
     for file in expand_inputs(list(paths)):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
-        for row in (r for _, r in iter_records(file) if r):  # CSV, JSON lines or a JSON array
+        for row in (r for _, r, _ in iter_records(file) if r):  # CSV, JSON lines or a JSON array
             r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
             try:
                 item = {"subject": r.get("subject") or subject, "question": str(r["question"]),
@@ -318,7 +318,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         if not Path(prompts).is_file():
             raise UserError(f"prompts file {prompts} does not exist.")
         lines = records_text(Path(prompts), file_encoding(Path(prompts)))  # one prompt a line, any encoding
-        prompt_list = [r["text"] for _, r in lines if r and r["text"].strip() and is_unicode(r["text"])]
+        prompt_list = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
     result["continuations"] = continuations(model, tokenizer, prompt_list)
     if qa:
         qa_items = qa_items[: limit or None]

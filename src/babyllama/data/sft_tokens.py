@@ -13,6 +13,7 @@ number of workers), per split:
     train.mask.bin      uint8, 1 where the id carries loss (answers and their <eos>)
     train.lengths.bin   int32, ids per sample
     val.*               the same for the validation split
+    bad_records.txt     every record skipped as bad, one a line: `file:line: why`
     manifest.json       written last: tokenizer fingerprint, inputs (path, size, mtime), the settings
                         that change the samples, and the counts. A cache is used only when they match.
 
@@ -37,7 +38,7 @@ import numpy as np
 from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import is_val, write_json
-from babyllama.data.sources import expand_inputs, iter_records
+from babyllama.data.sources import Item, expand_inputs, iter_records
 from babyllama.errors import UserError
 from babyllama.progress import progress
 from babyllama.tokenizer import load_tokenizer
@@ -45,6 +46,7 @@ from babyllama.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
 VERSION = 2  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers)
 RECORDS_PER_BATCH = 1000
@@ -98,17 +100,18 @@ def _blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
 
 
-def _render(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict:
-    """Samples of a batch of (location, record): flat ids and mask, lengths, split; counts and bad reasons."""
+def _render(batch: list[Item], settings: SFTSettings) -> dict:
+    """Samples of a batch of (location, record, why it is bad): flat ids and mask, lengths, split; counts,
+    and every bad record as "file:line: why"."""
     tok = worker_tokenizer()
     ids: list[int] = []
     mask: list[int] = []
     lengths, val, bad = [], [], []
     counts: Counter = Counter()
-    for where, record in batch:
+    for where, record, why in batch:
         try:
-            if not isinstance(record, dict):
-                raise ValueError("not valid JSON, or not an object")
+            if record is None:
+                raise ValueError(why)
             conv = conversation_from_record(record)
         except ValueError as e:
             counts["bad"] += 1
@@ -130,7 +133,7 @@ def _render(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict
         val.append(is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction))
     return {"ids": np.array(ids, dtype=np.uint32), "mask": np.array(mask, dtype=np.uint8),
             "lengths": np.array(lengths, dtype=np.int32), "val": np.array(val, dtype=bool),
-            "counts": counts, "bad": bad[:5]}
+            "counts": counts, "bad": bad}
 
 
 def _record_batches(paths: list[Path]):
@@ -168,6 +171,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
            start: float) -> dict:
     files = {(split, part): (out / f".{split}.{part}.bin.tmp").open("wb")
              for split in SPLITS for part in ("ids", "mask", "lengths")}
+    bad_log = (out / f".{BAD_RECORDS}.tmp").open("w", encoding="utf-8")
     stats = SFTStats()
     bar = progress(desc="sft tokens", unit=" records")
     try:
@@ -181,18 +185,22 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             stats.truncated += r["counts"]["truncated"]
             stats.val_samples += int(r["val"].sum())
             stats.samples += int((~r["val"]).sum())
-            for where in r["bad"][: 5 - len(stats.bad_examples)]:
-                stats.bad_examples.append(where)
-                log.warning("%s: skipped an SFT record", where)
+            bad_log.writelines(f"{line}\n" for line in r["bad"])
+            for line in r["bad"][: 5 - len(stats.bad_examples)]:
+                stats.bad_examples.append(line)
+                log.warning("%s: skipped an SFT record", line)
             bar.update(len(batch))
             bar.set_postfix(samples_per_s=f"{(stats.samples + stats.val_samples) / (time.time() - start):,.0f}",
                             refresh=False)
     finally:
         bar.close()
+        bad_log.close()
         for f in files.values():
             f.close()
+    (out / f".{BAD_RECORDS}.tmp").rename(out / BAD_RECORDS)
     if stats.bad > len(stats.bad_examples):
-        log.warning("... and %d more bad SFT records (%d in all)", stats.bad - len(stats.bad_examples), stats.bad)
+        log.warning("... and %d more bad SFT records (%d in all), each listed in %s",
+                    stats.bad - len(stats.bad_examples), stats.bad, out / BAD_RECORDS)
     if stats.samples == 0:
         detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                   f"{stats.filtered} filtered by length")

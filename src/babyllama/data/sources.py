@@ -5,10 +5,13 @@ Two independent questions per file:
     optionally compressed as .gz or .zst;
   * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
     instructions, multi-turn conversations, or a plain `text` field), detected from the first
-    record or forced with `format=`.
+    good record or forced with `format=`.
 
     reader = CorpusReader(["wiki.json", "baike.jsonl.zst"])
     for doc in reader.documents(): ...          # reader.stats: records, bad, per file
+
+A file that cannot be read (not gzip, cut short, not parquet, not text) is never fatal: what came
+before the damage is kept and the rest counts as one bad record, with its reason.
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ def detect_schema(record: dict) -> str | None:
     return None
 
 
-# --- file shapes: each yields (location, record) where record is a dict, or None when it is bad ---
+# --- file shapes: each yields (location, record, why): record a dict, or None when it is bad and why says so ---
+
+Item = tuple[str, dict | None, str]
 
 
 MAX_RECORD_CHARS = 1 << 26  # a line longer than 64 Mi characters is a bad record, skipped unread
@@ -124,13 +129,48 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     if path.suffix == ".gz":  # buffered already; a second 1 MiB buffer would read into damage before it yields
         f = gzip.open(path, "rb")
     elif path.suffix == ".zst":
-        raw = require("zstandard", "data").ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        f = io.BufferedReader(raw, buffer_size=1 << 16)  # small reads: what precedes damage gets through
+        f = io.BufferedReader(ZstdFrames(path), buffer_size=1 << 16)  # small reads: what precedes damage gets through
     else:
         f = io.BufferedReader(path.open("rb", buffering=0), buffer_size=1 << 20)
     if f.peek(3)[:3] == b"\xef\xbb\xbf":
         f.read(3)
     return f
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed, frame after frame. Raises EOFError when the file ends inside a frame
+    (a cut download), which zstandard's stream_reader takes for the end of the data."""
+
+    def __init__(self, path: Path):
+        self.zstd = require("zstandard", "data")
+        self.f = path.open("rb")
+        self.frame = self.zstd.ZstdDecompressor().decompressobj()
+        self.in_frame = False  # bytes of the current frame were read, its end was not
+        self.out, self.pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.pos == len(self.out):
+            data = b""
+            if self.frame.eof:  # a frame ended: what follows it begins the next one
+                data = self.frame.unused_data
+                self.frame, self.in_frame = self.zstd.ZstdDecompressor().decompressobj(), False
+            data = data or self.f.read(1 << 12)  # small reads keep the output of each small, even of a zip bomb
+            if not data:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstd frame (cut short?)")
+                return 0
+            self.out, self.pos, self.in_frame = self.frame.decompress(data), 0, True
+        n = min(len(b), len(self.out) - self.pos)
+        b[:n] = self.out[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def _mostly_utf8(sample: bytes, lines: list[bytes]) -> bool:
@@ -175,11 +215,18 @@ def _sample(path: Path) -> bytes:
     return bytes(sample)
 
 
-def file_encoding(path: Path, sample: bytes | None = None) -> str:
+def file_encoding(path: Path) -> str:
+    """detect_encoding's answer; raises UserError when the bytes fit no encoding."""
+    encoding = detect_encoding(path, _sample(path))
+    if encoding is None:
+        raise UserError(f"{path} is not text in any encoding charset-normalizer knows; convert it to UTF-8.")
+    return encoding
+
+
+def detect_encoding(path: Path, sample: bytes) -> str | None:
     """"utf-8"; else GB18030 when the text looks like GB2312/GBK Chinese; else what charset-normalizer
-    finds in the file's first 64 KiB (Big5, UTF-16 ...), each with a warning that names it. sample:
-    _sample(path), when the caller has it. Raises UserError when the bytes fit no encoding."""
-    sample = _sample(path) if sample is None else sample
+    finds in the file's first 64 KiB, sample (Big5, UTF-16 ...), each with a warning that names it;
+    None when the bytes fit no encoding."""
     lines = [line for line in sample.split(b"\n") if not line.isascii()]
     if _mostly_utf8(sample, lines):
         return "utf-8"
@@ -190,7 +237,7 @@ def file_encoding(path: Path, sample: bytes | None = None) -> str:
     else:
         best = require("charset_normalizer", "data").from_bytes(sample).best()
         if best is None:
-            raise UserError(f"{path} is not text in any encoding charset-normalizer knows; convert it to UTF-8.")
+            return None
         encoding = best.encoding
     name = codecs.lookup(encoding).name.upper().replace("_", "-")
     if name != "UTF-8":
@@ -228,15 +275,21 @@ def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str | None]]:
                 yield lineno, line.rstrip("\r\n")
 
 
-def records_jsonl(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+def records_jsonl(path: Path, encoding: str) -> Iterator[Item]:
     for lineno, line in _lines(path, encoding):
-        record = None
-        if line is not None:
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                pass
-        yield f"{path}:{lineno}", record if isinstance(record, dict) else None
+        where = f"{path}:{lineno}"
+        if line is None:
+            yield where, None, f"a line over {MAX_RECORD_CHARS} characters"
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, None, f"not valid JSON ({e.msg})"
+            continue
+        except RecursionError:
+            yield where, None, "JSON nested too deep"
+            continue
+        yield (where, record, "") if isinstance(record, dict) else (where, None, "not a JSON object")
 
 
 _SPACE = re.compile(r"[ \t\r\n\ufeff]*")
@@ -290,65 +343,139 @@ def _array_items(f: io.TextIOBase) -> Iterator[object]:
         peek()
 
 
-def records_json_array(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+def records_json_array(path: Path, encoding: str) -> Iterator[Item]:
     """Items of one top-level JSON array, streamed; a syntax error ends the file (counted once)."""
     with _text(path, encoding) as f:
         i = 0
         try:
             for i, item in enumerate(_array_items(f), 1):
-                yield f"{path}:item {i}", item if isinstance(item, dict) else None
+                ok = isinstance(item, dict)
+                yield f"{path}:item {i}", item if ok else None, "" if ok else "not a JSON object"
         except ValueError as e:
             log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
-            yield f"{path}:item {i + 1}", None
+            yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
 
 
-def records_text(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+def records_text(path: Path, encoding: str) -> Iterator[Item]:
     for lineno, line in _lines(path, encoding):
-        yield f"{path}:{lineno}", None if line is None else {"text": line}
+        if line is None:
+            yield f"{path}:{lineno}", None, f"a line over {MAX_RECORD_CHARS} characters"
+        else:
+            yield f"{path}:{lineno}", {"text": line}, ""
 
 
-def records_parquet(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
+def records_parquet(path: Path, encoding: str) -> Iterator[Item]:
     pq = require("pyarrow.parquet", "data")
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             row += 1
-            yield f"{path}:row {row}", record
+            yield f"{path}:row {row}", record, ""
 
 
-def records_csv(path: Path, encoding: str) -> Iterator[tuple[str, dict | None]]:
-    """Rows as dicts by the header; a cell of any size is read, a row the csv module refuses is bad."""
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with _text(path, encoding) as text:
-        rows = csv.DictReader(text)
-        for row in itertools.count(1):
+class _LineTooLong(Exception):
+    pass
+
+
+class _RowLines:
+    """The lines of a text stream for csv.reader, numbered; the lines of the row being parsed are
+    kept, so that those after its first can be read again (put_back). A line over MAX_RECORD_CHARS
+    is skipped unread and raises _LineTooLong (read again, it is blank)."""
+
+    def __init__(self, f: TextIO):
+        self.f = f
+        self.lineno = 0
+        self.row: list[tuple[int, str]] = []  # (line number, line) of the row being parsed
+        self.again: list[tuple[int, str]] = []  # lines to read again, the next one last
+
+    def __iter__(self) -> _RowLines:
+        return self
+
+    def __next__(self) -> str:
+        if self.again:
+            self.lineno, line = self.again.pop()
+        else:
+            line = self.f.readline(MAX_RECORD_CHARS)
+            if not line:
+                raise StopIteration
+            self.lineno += 1
+            if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
+                while (rest := self.f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
+                    pass
+                self.row.append((self.lineno, ""))
+                raise _LineTooLong(f"a line over {MAX_RECORD_CHARS} characters")
+        self.row.append((self.lineno, line))
+        return line
+
+    def put_back(self) -> None:
+        """Read the lines of the last row after its first again, as rows of their own."""
+        self.again += reversed(self.row[1:])
+
+
+def records_csv(path: Path, encoding: str) -> Iterator[Item]:
+    """Rows as dicts by the header, located by the line where they start. A cell of up to
+    MAX_RECORD_CHARS is read, with quoted commas, quotes and newlines. A row with more or fewer
+    cells than the header is bad; so is one the csv module refuses (strict): a quote never closed,
+    or closed inside a cell, makes its row bad, and the lines after that row's first are read
+    again as rows of their own, so an unclosed quote cannot swallow the rows after it."""
+    csv.field_size_limit(MAX_RECORD_CHARS)
+    with _text(path, encoding) as f:
+        lines = _RowLines(f)
+        rows = csv.reader(lines, strict=True)
+        header = None
+        while True:
+            lines.row = []
             try:
-                record = next(rows)
+                cells, why = next(rows), ""
             except StopIteration:
                 return
-            except csv.Error:
-                record = None
-            yield f"{path}:row {row}", record
+            except (csv.Error, _LineTooLong) as e:
+                cells, why = None, str(e)
+                if len(lines.row) > 1:  # it ran over lines: an unclosed quote, most likely
+                    why = f"{why} in a cell that runs from line {lines.row[0][0]} to {lines.row[-1][0]} " \
+                          "(an unclosed quote?); the lines after its first are read again"
+                    lines.put_back()
+            where = f"{path}:{lines.row[0][0]}"
+            if cells == []:  # a blank line
+                continue
+            if header is None and cells is not None:
+                header = cells
+            elif cells is None:
+                yield where, None, why
+            elif len(cells) != len(header):
+                yield where, None, f"{len(cells)} cells where the header has {len(header)}"
+            else:
+                yield where, dict(zip(header, cells, strict=True)), ""
 
 
 READERS = {".jsonl": records_jsonl, ".txt": records_text, ".parquet": records_parquet, ".csv": records_csv}
 
 
-def iter_records(path: Path) -> Iterator[tuple[str, dict | None]]:
-    """(location, record) of every record of a file, record None where it is bad. A file that cannot
-    be read to its end (a corrupted .gz or .zst, a damaged parquet) gives one bad record there."""
+def iter_records(path: Path) -> Iterator[Item]:
+    """(location, record, why) of every record of a file: record None where it is bad, and why says
+    why. A file that cannot be read to its end (not gzip, a cut or corrupted .gz or .zst, a damaged
+    parquet, bytes of no text encoding) gives one bad record where the damage begins."""
     suffix = data_suffix(path)
     if suffix not in (*READERS, ".json"):
         raise UserError(f"{path}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}.")
+    return _to_the_end(path, _records(path, suffix))
+
+
+def _records(path: Path, suffix: str) -> Iterator[Item]:
     if suffix == ".parquet":
-        return _to_the_end(path, records_parquet(path, "utf-8"))
+        yield from records_parquet(path, "utf-8")
+        return
     sample = _sample(path)
-    encoding = file_encoding(path, sample)
+    encoding = detect_encoding(path, sample)
+    if encoding is None:
+        yield f"{path}:start", None, "not text in any encoding charset-normalizer knows (convert it to UTF-8)"
+        return
     if suffix in (".jsonl", ".json"):
         first = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
         reader = records_json_array if first == "[" else records_jsonl
-        return _to_the_end(path, reader(path, encoding))
-    return _to_the_end(path, READERS[suffix](path, encoding))
+        yield from reader(path, encoding)
+        return
+    yield from READERS[suffix](path, encoding)
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -357,14 +484,15 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError, ValueError, zlib.error, *((zstd.ZstdError,) if zstd else ()))
 
 
-def _to_the_end(path: Path, records: Iterator[tuple[str, dict | None]]) -> Iterator[tuple[str, dict | None]]:
+def _to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
     where = f"{path}:start"
     try:
-        for where, record in records:
-            yield where, record
+        for item in records:
+            where = item[0]
+            yield item
     except _read_errors() as e:
         log.warning("%s: cannot be read after %s (%s); the rest of the file is skipped", path, where, e)
-        yield f"{path}:after {where.rsplit(':', 1)[-1]}", None
+        yield f"{path}:after {where.rsplit(':', 1)[-1]}", None, f"the file cannot be read from here on ({e})"
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
@@ -403,7 +531,7 @@ class CorpusReader:
     """Documents of many files; counts every record and every bad one, per file."""
 
     def __init__(self, paths: list[str | Path], format: str | None = None, bad_log: TextIO | None = None):
-        """bad_log, when given, receives the location of every bad record, one per line."""
+        """bad_log, when given, receives every bad record, one a line: `file:line: why`."""
         if format is not None and format not in SCHEMAS:
             raise UserError(f"unknown format {format!r}; choose one of {', '.join(SCHEMAS)}.")
         self.files = expand_inputs(paths)
@@ -421,28 +549,34 @@ class CorpusReader:
                 yield str(path), text
 
     def _file_documents(self, path: Path) -> Iterator[str]:
-        stats = self.stats.setdefault(str(path), FileStats())
-        to_text = SCHEMAS[self.format] if self.format else None
-        for where, record in iter_records(path):
+        """The texts of a file's records. Without a forced format the first good record decides the
+        schema: the first whose detected schema gives it a text (a broken first record does not)."""
+        stats = self.stats.setdefault(str(path), FileStats(schema=self.format or ""))
+        for where, record, why in iter_records(path):
             stats.records += 1
-            if record is not None and to_text is None:
-                schema = detect_schema(record)
-                if schema is not None:
-                    stats.schema, to_text = schema, SCHEMAS[schema]
-            text = to_text(record) if record is not None and to_text is not None else None
-            if text is None or not is_unicode(text):
-                self._bad(stats, where)
+            if record is None:
+                self._bad(stats, where, why)
                 continue
-            stats.schema = stats.schema or self.format or ""
-            yield text
+            schema = stats.schema or detect_schema(record)
+            text = SCHEMAS[schema](record) if schema else None
+            if text is None:
+                self._bad(stats, where, f"lacks the fields of the {schema} schema" if schema else
+                          f"has none of the fields of a known schema ({', '.join(sorted(map(str, record))[:5])})")
+            elif not is_unicode(text):
+                self._bad(stats, where, "holds a lone surrogate (\\ud800-\\udfff) or bytes that are not text")
+            else:
+                if not stats.schema:
+                    stats.schema = schema
+                    log.info("%s: read as %s records (detected at %s)", path, schema, where)
+                yield text
 
-    def _bad(self, stats: FileStats, where: str) -> None:
+    def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
         if self.bad_log is not None:
-            self.bad_log.write(where + "\n")
+            self.bad_log.write(f"{where}: {why}\n")
         if len(stats.bad_examples) < 5:  # the console gets the first few of each file
             stats.bad_examples.append(where)
-            log.warning("%s: skipped a bad record (unparsable, or missing its fields)", where)
+            log.warning("%s: skipped a bad record: %s", where, why)
 
     def totals(self) -> tuple[int, int]:
         return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
