@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -12,6 +13,9 @@ from babyllama.checkpoint import load_checkpoint, load_model, load_train_state, 
 from babyllama.errors import UserError
 from babyllama.model import Transformer
 from tests.conftest import sharp_model, tiny_config
+from tests.test_pretrain import shards as pretrain_shards
+
+shards = pretrain_shards  # the token shards fixture, shared
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -110,3 +114,190 @@ def test_devices_are_honoured_or_refused_in_one_sentence(tmp_path):
     for name in ("gpu", "tpu:0"):
         with pytest.raises(UserError, match="use auto, cpu, cuda, cuda:N or mps|runs on auto, cpu"):
             pick_device(name)
+
+
+# --- tampered checkpoints: every value read from a file is checked, in one sentence, before any large allocation ---
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+TAMPERS = {  # what is changed -> what the sentence says
+    "n_heads 0": (lambda c: c["model"].update(n_heads=0), "n_heads must be a whole number >= 1, not 0"),
+    "n_layers 10M": (lambda c: c["model"].update(n_layers=10_000_000), "it holds 2 layers"),
+    "dim a string": (lambda c: c["model"].update(dim="64"), "dim must be a whole number >= 1, not '64'"),
+    "vocab_size": (lambda c: c["model"].update(vocab_size=601), "the config needs 2 and (601, 64)"),
+    "hidden_dim": (lambda c: c["model"].update(hidden_dim=10**9), "tensor layers.0.feed_forward"),
+    "max_seq_len 1e9": (lambda c: c["model"].update(max_seq_len=10**9), "max_seq_len must be a whole number in"),
+    "norm_eps negative": (lambda c: c["model"].update(norm_eps=-1), "norm_eps must be a number > 0"),
+    "unknown setting": (lambda c: c["model"].update(n_expert=8), "unknown model settings ['n_expert']"),
+    "no model": (lambda c: c.pop("model"), "lacks its model or tokenizer settings"),
+    "tokenizer a list": (lambda c: c.update(tokenizer=[1]), "lacks its model or tokenizer settings"),
+    "bos_id beyond the vocab": ("bos_id", 10**6, "ids in [0, 600); bos_id is 1000000"),
+    "eos_id negative": ("eos_id", -1, "ids in [0, 600); eos_id is -1"),
+    "pad_id a float": ("pad_id", 0.5, "ids in [0, 600); pad_id is 0.5"),
+}
+
+
+@pytest.fixture(scope="module")
+def whole_checkpoint(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("whole")
+    save_checkpoint(d / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    return d / "ck"
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_a_tampered_checkpoint_stops_chat_in_one_sentence_within_a_second(whole_checkpoint, tmp_path, tamper,
+                                                                          capsys, monkeypatch):
+    import io
+    import shutil
+    import time
+
+    from babyllama.cli import main
+
+    ck = shutil.copytree(whole_checkpoint, tmp_path / "ck")
+    edit, *rest = TAMPERS[tamper]
+    if callable(edit):
+        _edit_json(ck / "config.json", edit)
+    else:
+        _edit_json(ck / "babyllama_tokenizer.json", lambda ids: ids.update({edit: rest[0]}))
+    monkeypatch.setattr("sys.stdin", io.StringIO("你好\n"))
+    start = time.perf_counter()
+    assert main(["chat", str(ck)]) == 2
+    assert time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("babyllama: error: ") and "\n" not in err and rest[-1] in err, err
+
+
+def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoint, tmp_path, capsys):
+    import shutil
+    import time
+
+    from babyllama.cli import main
+
+    ck = shutil.copytree(whole_checkpoint, tmp_path / "ck")
+    _edit_json(ck / "config.json", TAMPERS["n_layers 10M"][0])
+    (tmp_path / "sft.jsonl").write_text('{"instruction": "问", "output": "答"}\n')
+    start = time.perf_counter()
+    assert main(["sft", "--init", str(ck), "--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(tmp_path)]) == 2
+    assert time.perf_counter() - start < 1.0
+    assert "it holds 2 layers and an embedding of (600, 64), the config needs 10000000" in capsys.readouterr().err
+
+
+# --- a run's checkpoints: order, pruning, damage, kills ---
+
+
+def test_checkpoints_are_ordered_by_step_number_past_a_million(tmp_path):
+    from babyllama.checkpoint import latest_checkpoint, prune_checkpoints
+
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path).name == "step_1000001"  # by name, step_999999 came last
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1000000", "step_1000001"]
+
+
+def test_stale_temporaries_of_dead_writers_are_cleared(tmp_path):
+    import shutil
+    import subprocess
+
+    from babyllama.checkpoint import remove_stale_temporaries, step_checkpoint
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    dead, live = done.pid, os.getppid()
+    for step in (2, 4):
+        save_checkpoint(step_checkpoint(tmp_path, step), sharp_model(tiny_config(), seed=step))
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_000004").rename(ckpts / f".step_000004.old-{dead}")  # killed inside the swap of step 4
+    shutil.copytree(ckpts / f".step_000004.old-{dead}", ckpts / f".step_000004.tmp-{dead}")
+    shutil.copytree(ckpts / "step_000002", ckpts / f".step_000002.pruned-{dead}")  # killed while pruning
+    (tmp_path / f".final.tmp-{dead}").mkdir()  # killed writing final/
+    (ckpts / f".step_000006.tmp-{live}").mkdir()  # another run, still writing
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in ckpts.iterdir()) == [f".step_000006.tmp-{live}", "step_000002", "step_000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert torch.equal(load_model(ckpts / "step_000004").norm.weight, sharp_model(tiny_config(), seed=4).norm.weight)
+
+
+# the CLI with a kill -9 at a chosen point of checkpointing: KILL_AT=write (step 4 written, not yet in place) or
+# KILL_AT=prune (an old checkpoint renamed away and half deleted)
+KILLER = """
+import os, pathlib, shutil, signal, sys
+import babyllama.checkpoint as ck
+from babyllama.cli import main
+
+at, fsync, rmtree = os.environ["KILL_AT"], ck._fsync, shutil.rmtree
+
+def _fsync(path):
+    fsync(path)
+    if at == "write" and path.name.startswith(".step_000004.tmp-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def _rmtree(path, *args, **kwargs):
+    if at == "prune" and ".pruned-" in str(path):
+        os.remove(pathlib.Path(path) / "model.safetensors")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+
+ck._fsync, shutil.rmtree = _fsync, _rmtree
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_inside_a_checkpoint_write_and_pruning_resumes_whole_and_equal(tmp_path, shards, capsys):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from babyllama.checkpoint import resumable_checkpoint, step_checkpoints
+    from babyllama.config import load_config
+    from babyllama.train.stages import pretrain
+    from tests.test_pretrain import FAST, TINY
+
+    args = [*TINY, *FAST, "--data", str(shards), "--max_steps", "8", "--batch_size", "4", "--save_every", "2",
+            "--keep_last", "2"]
+    pretrain(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
+    run = tmp_path / "killed"
+    temporaries = lambda: sorted(p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name[0] == ".")
+    for at, left, steps in (("write", ".step_000004.tmp-", [2]), ("prune", ".step_000002.pruned-", [4, 6])):
+        resume = ["--resume"] if run.exists() else []
+        r = subprocess.run([sys.executable, "-c", KILLER, "pretrain", *args, "--out_dir", str(run), *resume],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT": at})
+        assert r.returncode == -9 and [t[: len(left)] for t in temporaries()] == [left], (r.stderr, temporaries())
+        assert [int(p.name[5:]) for p in step_checkpoints(run)] == steps  # each whole:
+        assert resumable_checkpoint(run) == (step_checkpoints(run)[-1], [])
+    capsys.readouterr()
+    pretrain(load_config(None, [*args, "--out_dir", str(run)]), resume=True)
+    assert temporaries() == [] and "note: removed" in capsys.readouterr().out
+    straight, killed = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "straight", run))
+    assert straight.keys() == killed.keys() and all(torch.equal(straight[k], killed[k]) for k in straight)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, shards, capsys):
+    from safetensors.torch import load_file
+
+    from babyllama.config import load_config
+    from babyllama.train.stages import pretrain
+    from tests.test_pretrain import FAST, TINY
+
+    args = [*TINY, *FAST, "--data", str(shards), "--batch_size", "4", "--save_every", "2", "--keep_last", "3"]
+    pretrain(load_config(None, [*args, "--max_steps", "6", "--out_dir", str(tmp_path / "straight")]))
+    pretrain(load_config(None, [*args, "--max_steps", "4", "--out_dir", str(tmp_path / "run")]))
+    state = tmp_path / "run" / "checkpoints" / "step_000004" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a disk that filled up
+    capsys.readouterr()
+    pretrain(load_config(None, [*args, "--max_steps", "6", "--out_dir", str(tmp_path / "run")]), resume=True)
+    out = capsys.readouterr().out
+    assert f"note: step_000004 is damaged and skipped: {state} cannot be read (RuntimeError); it is damaged or " \
+           "was cut off; resuming from step_000002" in out
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for ckpt in (tmp_path / "run" / "checkpoints").iterdir():
+        (ckpt / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="every checkpoint in .* is damaged"):
+        pretrain(load_config(None, [*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run")]), resume=True)

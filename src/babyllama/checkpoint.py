@@ -10,13 +10,17 @@
     model, tokenizer, config = load_checkpoint("runs/x/step_000100")
 
 A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
-`keep_last`; `latest_checkpoint` finds where to resume) and the model to use next in RUN/final.
+`keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume) and the model
+to use next in RUN/final. A writer killed at any moment leaves whole directories and temporaries
+named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -36,16 +40,78 @@ def step_checkpoint(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's step checkpoints, oldest first by step number (step_1000000 after step_999999)."""
+    found = [(int(m[1]), p) for p in (Path(run_dir) / "checkpoints").glob("step_*")
+             if (m := re.fullmatch(r"step_(\d+)", p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's newest step checkpoint, or None."""
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    ckpts = step_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
+def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest step checkpoint that is whole (config, weights' header and trainer state read back),
+    or None when there is none, and a note for each newer one that is damaged. Raises UserError when
+    every one is damaged."""
+    notes = []
+    for ckpt in reversed(step_checkpoints(run_dir)):
+        try:
+            model_config(ckpt)
+            if load_train_state(ckpt, mmap=True) is None:
+                raise UserError(f"{ckpt} has no {STATE_FILE}.")
+            return ckpt, notes
+        except UserError as e:
+            notes.append(f"{ckpt.name} is damaged and skipped: {str(e).rstrip('.')}")
+    if notes:
+        raise UserError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({notes[0]}); "
+                        "delete them to start again.")
+    return None, notes
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Remove all but the newest keep_last step checkpoints of a run."""
-    for old in sorted((Path(run_dir) / "checkpoints").glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old)
+    """Remove all but the newest keep_last step checkpoints of a run: each is renamed away, then
+    deleted, so that a kill in the middle never leaves a half-deleted step_* directory."""
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        doomed = old.parent / f".{old.name}.pruned-{os.getpid()}"
+        old.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
+    """Clear what killed writers left in RUN/ and RUN/checkpoints/: .NAME.tmp-PID (a checkpoint being
+    written) and .NAME.pruned-PID (one being deleted) are removed; .NAME.old-PID (the previous NAME,
+    moved aside while the new one took its place) is put back when NAME is missing, else removed.
+    Temporaries of live processes other than this one are left alone. Returns what was done, in words."""
+    done = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for tmp in sorted(folder.glob(".*-*")):
+            m = re.fullmatch(r"\.(.+)\.(tmp|old|pruned)-(\d+)", tmp.name)
+            if not m or not tmp.is_dir() or _alive(int(m[3])):
+                continue
+            if m[2] == "old" and not (folder / m[1]).exists():
+                tmp.rename(folder / m[1])
+                done.append(f"restored {folder / m[1]} from {tmp.name}")
+            else:
+                shutil.rmtree(tmp)
+                done.append(f"removed {tmp}")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process with this id is running (this one's own id may be a dead run's too)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def model_tensors(model: Transformer, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
@@ -108,15 +174,59 @@ def _fsync(path: Path) -> None:
 
 
 def read_config(path: str | Path) -> dict:
+    """A checkpoint's config.json: an object whose `model` (and `tokenizer`, if any) are objects."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist or is not a directory.")
     try:
-        return json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}.") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged.") from None
+    tokenizer = config.get("tokenizer") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not (
+            tokenizer is None or isinstance(tokenizer, dict) and isinstance(tokenizer.get("fingerprint"), str)):
+        raise UserError(f"{path / CONFIG_FILE} lacks its model or tokenizer settings; the checkpoint is damaged.")
+    return config
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint, every value checked (ModelConfig), and checked against the
+    names and shapes of the tensors in model.safetensors, read from the file's header: a config that
+    the weights do not bear out stops before anything large is allocated. Raises UserError."""
+    path = Path(path)
+    try:
+        cfg = ModelConfig.from_dict(read_config(path)["model"])
+    except UserError as e:
+        raise UserError(f"{path / CONFIG_FILE}: {e}") from None
+    shapes = _stored_shapes(path)
+    layers = {k.split(".")[1] for k in shapes if k.startswith("layers.")}
+    embedding = shapes.get("tok_embeddings.weight")
+    if len(layers) != cfg.n_layers or embedding != (cfg.vocab_size, cfg.dim):
+        raise UserError(f"{path / MODEL_FILE} does not match its config.json: it holds {len(layers)} layers and an "
+                        f"embedding of {embedding}, the config needs {cfg.n_layers} and {(cfg.vocab_size, cfg.dim)}.")
+    with torch.device("meta"):  # cheap now: no more layers than the file holds
+        expected = model_tensors_shapes(Transformer(cfg))
+    if shapes != expected:
+        diff = sorted(k for k in expected.keys() | shapes.keys() if expected.get(k) != shapes.get(k))
+        raise UserError(f"{path / MODEL_FILE} does not match its config.json: tensor {diff[0]} is "
+                        f"{shapes.get(diff[0], 'missing')}, the config needs {expected.get(diff[0], 'none')} "
+                        f"({len(diff)} differ).")
+    return cfg
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors in path/model.safetensors, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    if not (path / MODEL_FILE).is_file():
+        raise UserError(f"checkpoint {path} has no {MODEL_FILE}.")
+    try:
+        with safe_open(str(path / MODEL_FILE), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path / MODEL_FILE} cannot be read ({e}); it is damaged or was cut off.") from None
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -145,31 +255,20 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """The model of a checkpoint, after checking that its tensors match config.json (UserError for a
-    device that is not there, see pick_device)."""
+    """The model of a checkpoint, after checking config.json and that the tensors match it
+    (model_config; UserError for a device that is not there, see pick_device)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     device = pick_device(device)
     path = Path(path)
-    cfg = ModelConfig.from_dict(read_config(path)["model"])
+    cfg = model_config(path)
     try:
         tensors = load_file(str(path / MODEL_FILE), device=str(device))
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} has no {MODEL_FILE}.") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path / MODEL_FILE} cannot be read ({e}); it is damaged or was cut off.") from None
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = model_tensors_shapes(model)
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if got != expected:
-        diff = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-        k = diff[0]
-        raise UserError(
-            f"{path / MODEL_FILE} does not match its config.json: tensor {k} is "
-            f"{got.get(k, 'missing')}, the config needs {expected.get(k, 'none')} ({len(diff)} differ)."
-        )
     model = model.to_empty(device=device)
     model.tie_weights()
     model.load_state_dict(tensors, strict=False)  # strict=False: a tied output.weight is not stored
@@ -185,12 +284,12 @@ def model_tensors_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """Model, tokenizer and config.json of a checkpoint; the tokenizer must be the one it was trained with."""
+    """Model, tokenizer and config.json of a checkpoint; the tokenizer must be the one it was trained with.
+    Everything is checked before the weights are read."""
     config = read_config(path)
-    model = load_model(path, device)
     tokenizer = load_tokenizer(path)
-    check_tokenizer_fits(tokenizer, model.cfg, config.get("tokenizer"), where=str(path))
-    return model, tokenizer, config
+    check_tokenizer_fits(tokenizer, model_config(path), config.get("tokenizer"), where=str(path))
+    return load_model(path, device), tokenizer, config
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict | None, where: str) -> None:
@@ -206,12 +305,18 @@ def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict 
         )
 
 
-def load_train_state(path: str | Path) -> dict | None:
-    """The trainer state of a checkpoint, or None; tensors and plain data only, never code."""
+def load_train_state(path: str | Path, mmap: bool = False) -> dict | None:
+    """The trainer state of a checkpoint, or None; tensors and plain data only, never code.
+    mmap: map the tensors instead of reading them (to check that the file is whole)."""
     f = Path(path) / STATE_FILE
     if not f.is_file():
         return None
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for cut-off files
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # objects other than tensors and plain data
         raise UserError(f"refusing {f}: it is not a plain trainer state ({type(e).__name__}).") from None
+    except Exception as e:  # RuntimeError for a cut-off file, and whatever else damage brings
+        raise UserError(f"{f} cannot be read ({type(e).__name__}); it is damaged or was cut off.") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{f} is not a trainer state (no step); it is damaged.")
+    return state

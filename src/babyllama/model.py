@@ -30,6 +30,7 @@ except ImportError:  # older PyTorch: the dense mask below
 
 FLEX_DEVICES = {"cuda"}  # PyTorch 2.13 has no FlexAttention backward on a CPU (its forward runs: tests use it)
 SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA shares kv heads itself
+MAX_SEQ_LEN = 1 << 16  # positions: the RoPE tables and each KV cache are allocated for max_seq_len of them
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,40 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        """Every value checked, types and ranges, before anything is built from it: a config.json read
+        from a checkpoint is as trusted as the user's flags. Raises UserError naming the setting."""
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def real(v) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        checks = {
+            "dim": (whole(self.dim) and self.dim >= 1, "a whole number >= 1"),
+            "n_layers": (whole(self.n_layers) and self.n_layers >= 1, "a whole number >= 1"),
+            "n_heads": (whole(self.n_heads) and self.n_heads >= 1, "a whole number >= 1"),
+            "n_kv_heads": (self.n_kv_heads is None or whole(self.n_kv_heads) and self.n_kv_heads >= 1,
+                           "null or a whole number >= 1"),
+            "vocab_size": (whole(self.vocab_size) and self.vocab_size >= 1, "a whole number >= 1"),
+            "hidden_dim": (self.hidden_dim is None or whole(self.hidden_dim) and self.hidden_dim >= 1,
+                           "null or a whole number >= 1"),
+            "multiple_of": (whole(self.multiple_of) and self.multiple_of >= 1, "a whole number >= 1"),
+            "norm_eps": (real(self.norm_eps) and self.norm_eps > 0, "a number > 0"),
+            "max_seq_len": (whole(self.max_seq_len) and 2 <= self.max_seq_len <= MAX_SEQ_LEN,
+                            f"a whole number in [2, {MAX_SEQ_LEN}]"),
+            "rope_theta": (real(self.rope_theta) and self.rope_theta > 0, "a number > 0"),
+            "dropout": (real(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            "tie_embeddings": (isinstance(self.tie_embeddings, bool), "true or false"),
+        }
+        for name, (ok, wanted) in checks.items():
+            if not ok:
+                raise UserError(f"model setting {name} must be {wanted}, not {getattr(self, name)!r}.")
         if self.dim % self.n_heads:
             raise UserError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}.")
         if self.n_heads % self.kv_heads:
             raise UserError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}.")
         if self.head_dim % 2:
             raise UserError(f"head size dim/n_heads = {self.head_dim} must be even for RoPE.")
-        if self.vocab_size < 1 or self.n_layers < 1 or self.max_seq_len < 2:
-            raise UserError("vocab_size and n_layers must be >= 1 and max_seq_len >= 2.")
 
     @property
     def kv_heads(self) -> int:

@@ -271,11 +271,19 @@ def _load_hf(path: Path) -> HFTokenizer:
         raise not_loadable(path, "tokenizer.json", e) from None
     meta = path.parent / META_FILE
     if meta.is_file():
-        ids = read_json(meta)
-        if not isinstance(ids, dict) or not all(isinstance(ids.get(k), int) for k in ("bos_id", "eos_id", "pad_id")):
-            raise UserError(f"{meta} must hold bos_id, eos_id and pad_id as integers.")
-        return HFTokenizer(tok, ids["bos_id"], ids["eos_id"], ids["pad_id"])
+        return HFTokenizer(tok, *_special_ids(meta, tok.get_vocab_size(with_added_tokens=True)))
     return HFTokenizer(tok, *_guess_special_ids(tok, path))
+
+
+def _special_ids(meta: Path, vocab_size: int) -> tuple[int, int, int]:
+    """bos, eos and pad of babyllama_tokenizer.json, each checked to be an id of the vocabulary."""
+    ids = read_json(meta)
+    names = ("bos_id", "eos_id", "pad_id")
+    values = [ids.get(k) if isinstance(ids, dict) else None for k in names]
+    for name, v in zip(names, values, strict=True):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab_size:
+            raise UserError(f"{meta} must hold bos_id, eos_id and pad_id as ids in [0, {vocab_size}); {name} is {v!r}.")
+    return values[0], values[1], values[2]
 
 
 def not_loadable(path: Path, kind: str, error: Exception) -> UserError:
@@ -310,7 +318,8 @@ def _guess_special_ids(tok, path: Path) -> tuple[int, int, int]:
             raise UserError(f"{cfg_file} must hold a JSON object.")
         for key in ("bos_token", "eos_token", "pad_token"):
             value = cfg.get(key)
-            names[key] = value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            names[key] = value if isinstance(value, str) else None
     candidates = {
         "bos_token": ["<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>", "[CLS]"],
         "eos_token": ["</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "[SEP]"],

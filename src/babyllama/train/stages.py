@@ -14,14 +14,21 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from babyllama.checkpoint import check_tokenizer_fits, latest_checkpoint, read_config
+from babyllama.checkpoint import (
+    check_tokenizer_fits,
+    latest_checkpoint,
+    model_config,
+    read_config,
+    remove_stale_temporaries,
+    resumable_checkpoint,
+)
 from babyllama.config import RunConfig
 from babyllama.data.sft_tokens import SFTSettings
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.train.distributed import Dist, init_distributed, shutdown
+from babyllama.train.distributed import Dist, barrier, init_distributed, shutdown
 from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer
 
@@ -35,7 +42,13 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool) 
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
-    resume_from = latest_checkpoint(out) if resume else None
+    if dist.main:  # what a killed run left: temporaries of checkpoints being written or deleted
+        for done in remove_stale_temporaries(out):
+            print(f"note: {done} (left by a run that was stopped)")
+    barrier(dist)
+    resume_from, notes = resumable_checkpoint(out) if resume else (None, [])
+    for note in notes if dist.main else []:
+        print(f"note: {note}; resuming from {resume_from.name}")
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), where=str(ckpt))
@@ -89,7 +102,7 @@ def sft_model(cfg: RunConfig) -> ModelConfig:
 
     A preset counts as all of its settings: `preset = "demo"` is fine for a model trained as the demo.
     """
-    init = ModelConfig.from_dict(read_config(cfg.train.init)["model"])
+    init = model_config(cfg.train.init)
     given = cfg.model_settings
     keys = init.to_dict() if "preset" in given else given
     refused = sorted(k for k in keys if k not in SFT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))
