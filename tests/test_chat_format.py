@@ -85,3 +85,40 @@ def test_instruction_and_prompt_answer_records():
 
 def test_text_prompt_starts_after_an_eos(bpe_tokenizer):
     assert text_prompt(bpe_tokenizer, "今天天气") == [bpe_tokenizer.eos_id, *bpe_tokenizer.encode("今天天气")]
+
+
+def test_truncation_drops_the_turns_that_re_rendering_each_start_would(bpe_tokenizer):
+    """Linear truncation keeps the oldest turn that the quadratic reference (render every suffix) keeps."""
+    import random
+
+    from tests.conftest import generated_corpus
+
+    rng, texts = random.Random(3), generated_corpus(60, seed=4)
+    for _ in range(60):
+        turns = [(rng.choice(texts)[: rng.randrange(1, 60)], rng.choice(texts)[: rng.randrange(0, 40)])
+                 for _ in range(rng.randrange(1, 9))]
+        conv = Conversation(turns, rng.choice(["", "你是一个乐于助人的助手。", " 系统 "]))
+        for generation in (False, True):
+            max_len = rng.randrange(8, 300)
+            reference = next((render_conversation(bpe_tokenizer, Conversation(turns[s:], conv.system), generation)
+                              for s in range(len(turns)) if len(render_conversation(
+                                  bpe_tokenizer, Conversation(turns[s:], conv.system), generation)[0]) <= max_len),
+                             None)
+            got = truncate_conversation(bpe_tokenizer, conv, max_len, generation)
+            assert got == reference if reference is not None else len(got[0]) <= max_len
+
+
+def test_truncation_tokenizes_each_text_about_once(bpe_tokenizer, monkeypatch):
+    from tests.conftest import generated_corpus
+
+    encoded = []
+    encode = bpe_tokenizer._encode_many
+    monkeypatch.setattr(bpe_tokenizer, "_encode_many", lambda texts: encoded.extend(texts) or encode(texts))
+    texts = generated_corpus(126)
+    conv = Conversation([(texts[i], texts[i + 1]) for i in range(0, 126, 2)] + [("你好", "")], "你是助手。")
+    prompt = render_prompt(bpe_tokenizer, conv, max_len=600)
+    size = lambda strings: sum(map(len, strings))
+    assert size(encoded) < 1.2 * size([conv.system, *(u + a for u, a in conv.turns)])  # re-rendering: ~30x
+    suffixes = (render_conversation(bpe_tokenizer, Conversation(conv.turns[s:], conv.system), True)[0]
+                for s in range(len(conv.turns)))
+    assert prompt == next(ids for ids in suffixes if len(ids) <= 600) and len(conv.turns) - prompt.count(1) > 50

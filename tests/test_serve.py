@@ -36,26 +36,32 @@ class SlowModel:
             yield token
 
 
-@pytest.fixture(scope="module")
-def server(bpe_tokenizer):
+def running(model, tokenizer):
+    """A live uvicorn serving build_app(model, tokenizer) on a free port: yields its URL."""
     import uvicorn
 
     from babyllama.serve import build_app
 
-    model = SlowModel(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), delay=0.0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(model, bpe_tokenizer, "tiny"), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, "tiny"), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "model": model, "tokenizer": bpe_tokenizer}
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(bpe_tokenizer):
+    model = SlowModel(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), delay=0.0)
+    for url in running(model, bpe_tokenizer):
+        yield {"url": url, "model": model, "tokenizer": bpe_tokenizer}
 
 
 def client(server):
@@ -292,3 +298,88 @@ def test_odd_but_valid_requests_and_what_a_user_broke(server):
     r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413  # no Content-Length: counted while read
     assert ask().status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_gets_413_without_being_read_whole(server):
+    sent = 0
+
+    def hundred_megabytes():
+        nonlocal sent
+        yield b'{"prompt": "'
+        for _ in range(1000):
+            sent += 100_000
+            yield b"x" * 100_000
+        yield b'"}'
+
+    r = httpx.post(server["url"] + "/v1/completions", content=hundred_megabytes(), timeout=60,
+                   headers={"content-type": "application/json"})  # no Content-Length: chunked
+    assert r.status_code == 413 and r.json()["error"]["message"] == "request body over 1048576 bytes"
+    assert sent < 20_000_000  # the server hung up after the first megabyte (and what the sockets buffer)
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # refused on the header alone
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{")
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+
+def test_every_error_has_the_openai_shape(server):
+    url = server["url"]
+    for method, path, body in [
+        ("GET", "/nothing", None), ("DELETE", "/v1/models", None), ("POST", "/health", None),
+        ("POST", "/v1/chat/completions", b"{"), ("POST", "/v1/chat/completions", b"[]"),
+        ("POST", "/v1/chat/completions", b""), ("POST", "/v1/chat/completions", b'{"messages": "hi"}'),
+        ("POST", "/v1/completions", b'{"prompt": 5}'), ("POST", "/v1/completions", b'{"prompt": "x", "tools": []}'),
+        ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 1000}'),
+        ("POST", "/v1/completions", b'{"prompt": "x", "stop": ""}'), ("POST", "/v1/completions", b"x" * (2 << 20)),
+        ("POST", "/v1/completions", b"[" * 100_000), ("POST", "/v1/completions", b'{"prompt": "\\ud800"}'),
+    ]:
+        r = httpx.request(method, url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+        error = r.json().get("error")
+        assert 400 <= r.status_code < 500 and set(r.json()) == {"error"}, (path, body and body[:40], r.text)
+        assert isinstance(error["message"], str) and error["message"], r.text
+
+
+NUMBERS = ["0", "1", "-1", "1.5", "5e-324", "1e-300", "1e308", "-1e308", "1e400", "NaN", "Infinity", "-Infinity",
+           "18446744073709551616", "-9223372036854775809"]
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/chat/completions", ["max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
+                              "frequency_penalty", "presence_penalty", "top_logprobs", "logit_bias"]),
+    ("/v1/completions", ["max_tokens", "temperature", "top_p", "seed", "n", "best_of", "logprobs",
+                         "frequency_penalty", "presence_penalty"]),
+])
+def test_numeric_fields_at_their_extremes_get_an_answer_or_a_400(server, path, fields):
+    base = '"messages": [{"role": "user", "content": "你好"}]' if "chat" in path else '"prompt": "你好"'
+    for field in fields:
+        for number in NUMBERS:
+            value = f'{{"5": {number}}}' if field == "logit_bias" else number
+            tokens = "" if field.startswith("max_") else ', "max_tokens": 2'
+            r = httpx.post(server["url"] + path, content=f'{{{base}{tokens}, "{field}": {value}}}', timeout=30,
+                           headers={"content-type": "application/json"})
+            if r.status_code == 200:
+                assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (field, number)
+            else:
+                assert r.status_code == 400 and field in r.json()["error"]["message"], (field, number, r.text)
+
+
+def test_health_answers_while_a_large_request_is_tokenized(bpe_tokenizer, tmp_path, monkeypatch):
+    from babyllama.tokenizer import load_tokenizer
+    from tests.conftest import generated_corpus
+
+    bpe_tokenizer.save(tmp_path / "tok")
+    slow = load_tokenizer(tmp_path / "tok")
+    encode = slow._encode_many
+    monkeypatch.setattr(slow, "_encode_many", lambda texts: time.sleep(0.4) or encode(texts))  # a 1 MB request's
+    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(generated_corpus(126))]
+    body = {"messages": [*messages, {"role": "user", "content": "你好"}], "max_tokens": 4}
+    for url in running(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), slow):
+        with ThreadPoolExecutor(1) as pool:
+            big = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            waits = []
+            while not big.done():
+                start = time.perf_counter()
+                assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
+                waits.append(time.perf_counter() - start)
+                time.sleep(0.05)
+        assert big.result().status_code == 200
+        assert len(waits) >= 3 and max(waits) < 0.5, waits

@@ -27,6 +27,8 @@ Truncation, when a conversation is longer than max_len tokens, cuts in this orde
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -162,28 +164,53 @@ def render_conversation(
 
     add_generation_prompt leaves the last answer out, so the ids end with <bos>: the prompt.
     """
+    users = [f"{conv.system}\n{u}" if i == 0 and conv.system else u for i, (u, _) in enumerate(conv.turns)]
+    return _joined(tokenizer, tokenizer.encode_batch(users), tokenizer.encode_batch([a for _, a in conv.turns]),
+                   add_generation_prompt)
+
+
+def _joined(tokenizer: Tokenizer, users: list[list[int]], answers: list[list[int]],
+            add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    """ids and loss mask of questions and answers already tokenized: user <bos> answer <eos> ..."""
     ids, mask = [], []
-    for i, (user, answer) in enumerate(conv.turns):
-        prompt = tokenizer.encode(f"{conv.system}\n{user}" if i == 0 and conv.system else user) + [tokenizer.bos_id]
-        ids += prompt
-        mask += [0] * len(prompt)
-        if add_generation_prompt and i == len(conv.turns) - 1:
+    for i, (user, answer) in enumerate(zip(users, answers, strict=True)):
+        ids += user + [tokenizer.bos_id]
+        mask += [0] * (len(user) + 1)
+        if add_generation_prompt and i == len(users) - 1:
             break
-        reply = tokenizer.encode(answer) + [tokenizer.eos_id]
-        ids += reply
-        mask += [1] * len(reply)
+        ids += answer + [tokenizer.eos_id]
+        mask += [1] * (len(answer) + 1)
     return ids, mask
 
 
 def truncate_conversation(
     tokenizer: Tokenizer, conv: Conversation, max_len: int, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
-    """render_conversation cut to at most max_len ids, in the order of the module docstring."""
-    for start in range(len(conv.turns)):  # 1. drop the oldest turns
-        ids, mask = render_conversation(tokenizer, Conversation(conv.turns[start:], conv.system),
-                                        add_generation_prompt)
-        if len(ids) <= max_len:
-            return ids, mask
+    """render_conversation cut to at most max_len ids, in the order of the module docstring.
+
+    Linear in the conversation: every text is tokenized once, and the first kept question, which
+    follows the system text, once more per try of a bisection for the oldest turn that can stay
+    (dropping a turn removes at least its <bos> and <eos>, so fewer turns never take more ids).
+    """
+    turns, n = conv.turns, len(conv.turns)
+    users = tokenizer.encode_batch([u for u, _ in turns])
+    answers = tokenizer.encode_batch([a for _, a in turns])
+    cost = [len(u) + len(a) + 2 for u, a in zip(users, answers, strict=True)]  # user <bos> answer <eos>
+    if add_generation_prompt:
+        cost[-1] = len(users[-1]) + 1  # user <bos>: the answer is to come
+    tail = list(itertools.accumulate(reversed(cost)))[::-1]  # tail[s]: ids of turns[s:]
+
+    @functools.cache
+    def first(s: int) -> list[int]:  # the first kept question, after the system text
+        return tokenizer.encode(f"{conv.system}\n{turns[s][0]}") if conv.system else users[s]
+
+    lo, hi = 0, n - 1  # 1. drop the oldest turns: the first start that fits (n - 1 when none does)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if tail[mid] - len(users[mid]) + len(first(mid)) <= max_len else (mid + 1, hi)
+    ids, mask = _joined(tokenizer, [first(lo), *users[lo + 1 :]], answers[lo:], add_generation_prompt)
+    if len(ids) <= max_len:
+        return ids, mask
     if add_generation_prompt:  # 2. the prompt's beginning goes
         return ids[-max_len:], mask[-max_len:]
     prompt_len = mask.index(1)  # the last turn alone: prompt ids (ending in <bos>), then answer ids

@@ -6,9 +6,11 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for
 server-sent events), GET /v1/models, GET /health, GET / (the chat page, no CDN).
-Every request is validated (types, ranges, sizes) and gets a JSON error on 4xx. Each request
-has its own KV cache; one lock lets one request at a time run a decoding step, so concurrent
-requests interleave safely. A client that disconnects stops its generation.
+Every request is validated (types, ranges, sizes) and every error is {"error": {"message": ...}},
+as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding.
+Tokenization runs in worker threads, so the event loop (and /health) never waits for it. Each
+request has its own KV cache; one lock lets one request at a time run a decoding step, so
+concurrent requests interleave safely. A client that disconnects stops its generation.
 """
 
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
@@ -172,9 +174,39 @@ class Generation:
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error"):
+    """OpenAI's error shape. A 413 closes the connection, so that the rest of the body is never read."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    headers = {"connection": "close"} if status == 413 else None
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets a 413, whether a Content-Length says so or
+    the bytes of a chunked body pass the limit as they arrive; nothing past the limit is read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        from starlette.exceptions import HTTPException
+
+        too_large = f"request body over {self.max_bytes} bytes"
+        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if scope["type"] == "http" and (not length.isdigit() or int(length) > self.max_bytes):
+            return await error(413 if length.isdigit() else 400, too_large if length.isdigit() else
+                               "Content-Length is not a number")(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, too_large)  # the app's handler answers with error(413, ...)
+            return message
+
+        await self.app(scope, counted if scope["type"] == "http" else receive, send)
 
 
 def completion_object(gen: Generation, text: str, rid: str, created: int, name: str, chat: bool) -> dict:
@@ -231,6 +263,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer."""
     fastapi = require("fastapi", "serve")
     from fastapi import Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -239,19 +272,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     lock = threading.Lock()
     app = fastapi.FastAPI(title="babyllama", version="1")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            return error(413, f"request body over {MAX_BODY_BYTES} bytes")
-        if size is None and request.method == "POST":  # chunked: count while reading
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    return error(413, f"request body over {MAX_BODY_BYTES} bytes")
-            request._body = body  # starlette hands the read body on to the route
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc):  # 404, 405, a body that is not UTF-8: the same JSON shape
@@ -273,6 +294,28 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
         sampling = Sampling(max_tokens, body.temperature, 0, body.top_p)
         return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop), body.seed)
 
+    def chat_generation(body: ChatRequest) -> Generation:
+        """The Generation of a chat request; ValueError, a 400, for what it cannot take. It tokenizes:
+        called in a worker thread, off the event loop."""
+        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
+        max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
+        name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        conv = conversation_from_messages([(m.chat_role, m.text) for m in body.messages], add_generation_prompt=True)
+        question = len(tokenizer.encode(conv.turns[-1][0]))
+        if question + max_tokens >= max_ctx:
+            raise ValueError(f"the last message ({question} tokens) plus {name} ({max_tokens}) "
+                             f"does not fit the context of {max_ctx} tokens")
+        return generation(body, prompt_ids(tokenizer, conv, max_ctx, max_tokens), max_tokens)
+
+    def completion_generation(body: CompletionRequest) -> Generation:
+        """The Generation of a completion request (as chat_generation)."""
+        gen = generation(body, text_prompt(tokenizer, body.prompt), body.max_tokens or default_tokens)
+        if len(gen.prompt) + gen.sampling.max_new_tokens > max_ctx:
+            raise ValueError(f"the prompt ({len(gen.prompt)} tokens) plus max_tokens ({gen.sampling.max_new_tokens}) "
+                             f"does not fit the context of {max_ctx} tokens")
+        return gen
+
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_name}
@@ -284,32 +327,18 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
-            return error(400, "max_tokens and max_completion_tokens differ; give one of them")
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
-        try:
-            conv = conversation_from_messages([(m.chat_role, m.text) for m in body.messages],
-                                              add_generation_prompt=True)
-            gen = generation(body, prompt_ids(tokenizer, conv, max_ctx, max_tokens), max_tokens)
-        except ValueError as e:
-            return error(400, str(e))
-        question = len(tokenizer.encode(conv.turns[-1][0]))
-        if question + max_tokens >= max_ctx:
-            return error(400, f"the last message ({question} tokens) plus max_tokens ({max_tokens}) "
-                              f"does not fit the context of {max_ctx} tokens")
-        return await respond(request, gen, model_name, chat=True, stream=body.stream,
-                             usage=bool(body.stream_options and body.stream_options.include_usage))
+        return await answer(request, body, chat_generation, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        return await answer(request, body, completion_generation, chat=False)
+
+    async def answer(request: Request, body: Common, make_generation, chat: bool):
         try:
-            gen = generation(body, text_prompt(tokenizer, body.prompt), body.max_tokens or default_tokens)
+            gen = await run_in_threadpool(make_generation, body)
         except ValueError as e:
             return error(400, str(e))
-        if len(gen.prompt) + gen.sampling.max_new_tokens > max_ctx:
-            return error(400, f"the prompt ({len(gen.prompt)} tokens) plus max_tokens ({gen.sampling.max_new_tokens}) "
-                              f"does not fit the context of {max_ctx} tokens")
-        return await respond(request, gen, model_name, chat=False, stream=body.stream,
+        return await respond(request, gen, model_name, chat=chat, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.get("/", response_class=HTMLResponse)
