@@ -203,17 +203,35 @@ def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path):
     assert sorted(losses(tmp_path)) == list(range(1, stopped + 4))
 
 
-def torchrun(args, nproc):
+def torchrun(args, nproc, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "babyllama", *args], capture_output=True, text=True, timeout=300,
+                           "-m", "babyllama", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def final_val_loss(out) -> float:
+    return [json.loads(x) for x in (out / "metrics.jsonl").open()][-1]["val_loss"]
+
+
+def one_process_val_loss(final, shards, batch_size, eval_batches) -> float:
+    """The validation loss of a final model over the trainer's rows, computed in this one process."""
+    from babyllama.checkpoint import load_model
+    from babyllama.evaluate import lm_metrics
+    from babyllama.tokenizer import load_tokenizer
+
+    return lm_metrics(load_model(final), shards, load_tokenizer(final), batch_size, eval_batches)["val_loss"]
+
+
 def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
-    common = ["pretrain", *TINY, *FAST, "--data", str(shards), "--max_steps", "6"]
+    # 3 validation batches of 2 rows: the ranks get 2 and 1, so one of them runs a padding batch
+    assert len(TokenWindows(shards, 32, "val")) >= 6
+    common = ["pretrain", *TINY, *FAST, "--data", str(shards), "--max_steps", "6", "--eval_batches", "3",
+              "--ddp_timeout", "60"]
     r = torchrun([*common, "--out_dir", str(tmp_path / "ddp"), "--batch_size", "2", "--grad_accum", "2",
                   "--save_every", "3", "--max_steps", "3"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert final_val_loss(tmp_path / "ddp") == pytest.approx(
+        one_process_val_loss(tmp_path / "ddp" / "final", shards, 2, 3), rel=1e-5)
     # resume the 2-process run in 1 process with the same global batch (4 x 2 accumulation = 2 x 2 x 2)
     r = run_cli([*common, "--out_dir", str(tmp_path / "ddp"), "--batch_size", "4", "--grad_accum", "2", "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -223,12 +241,51 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
     assert sorted(ddp) == sorted(one) == list(range(1, 7))
     for step in one:
         assert math.isclose(ddp[step], one[step], rel_tol=1e-4), (step, ddp[step], one[step])
-    # FSDP2 (fully_shard) on gloo: the same losses again
+    # FSDP2 (fully_shard) on gloo: the same losses again, and the validation loss of one process
     r = torchrun([*common, "--out_dir", str(tmp_path / "fsdp"), "--batch_size", "2", "--grad_accum", "2",
                   "--fsdp", "true", "--max_steps", "3"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     fsdp = losses(tmp_path / "fsdp")
     assert all(math.isclose(fsdp[s], one[s], rel_tol=1e-4) for s in (1, 2, 3)), (fsdp, one)
+    assert final_val_loss(tmp_path / "fsdp") == pytest.approx(
+        one_process_val_loss(tmp_path / "fsdp" / "final", shards, 2, 3), rel=1e-5)
+
+
+def test_torchrun_three_processes_validate_when_a_rank_gets_no_batch(shards, tmp_path):
+    # 2 validation batches over 3 ranks, at every step and at the end: rank 2 gets none (DDP hung there)
+    args = ["pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir", str(tmp_path), "--max_steps", "2",
+            "--batch_size", "2", "--eval_every", "1", "--eval_batches", "2", "--ddp_timeout", "60"]
+    start = time.time()
+    r = torchrun(args, nproc=3, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - start < 240
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert [x["step"] for x in logged if "val_loss" in x] == [1, 2]  # step 1's; step 2 is the last: the final one
+    assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path / "final", shards, 2, 2), rel=1e-5)
+
+
+def test_a_stuck_collective_ends_the_run_with_one_sentence(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "from babyllama.errors import UserError\n"
+        "from babyllama.train.distributed import all_reduce_sum, process_group\n"
+        "try:\n"
+        "    with process_group('cpu', timeout_s=3) as d:\n"
+        "        if d.rank == 1:\n"
+        "            all_reduce_sum(torch.ones(1), d)  # rank 0 never joins\n"
+        "        else:\n"
+        "            time.sleep(60)\n"
+        "except UserError as e:\n"
+        "    print(f'babyllama: error: {e}', file=sys.stderr)\n"
+        "    sys.exit(2)\n")
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and time.time() - start < 50  # not the 60 s of the sleeping rank
+    assert ("babyllama: error: process 1 of 2 stopped: a collective operation waited over 3 s for the other "
+            "processes (ddp_timeout), or one of them died (Timed out waiting 3000ms") in r.stderr
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
@@ -363,6 +420,15 @@ def test_report_reads_metrics_written_with_bare_nan(tmp_path):
     pytest.importorskip("matplotlib")
     text = make_report(run).read_text()
     assert "| 4 | 256 | 5.9 |" in text  # steps, tokens, final train loss: the last finite one, not nan
+
+
+def test_a_warmup_that_covers_the_run_is_warned_about(shards, tmp_path, capsys):
+    pretrain(config(shards, tmp_path / "a", "--max_steps", "4", "--warmup_steps", "1000", "--lr", "1e-3"))
+    out = capsys.readouterr().out
+    assert ("warning: warmup_steps 1000 cover the whole run of 4 steps: the learning rate ends at 4e-06, not lr "
+            "0.001; set --warmup_steps to a small part of the steps (the configs use 1-10%).") in out
+    pretrain(config(shards, tmp_path / "b", "--max_steps", "4", "--warmup_steps", "3"))
+    assert "warmup" not in capsys.readouterr().out
 
 
 def test_compile_switch_trains(shards, tmp_path):

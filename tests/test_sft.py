@@ -13,6 +13,7 @@ from babyllama.checkpoint import load_model, save_checkpoint
 from babyllama.config import load_config
 from babyllama.data.sft_tokens import SFTSettings
 from babyllama.errors import UserError
+from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import Dist
 from babyllama.train.sft_data import SFTData, load_sft_data, pack_rows
 from babyllama.train.stages import sft
@@ -251,3 +252,32 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     final = sft(load_config(None, [*base, *tiny, "--out_dir", str(tmp_path / "c"), "--model.max_seq_len", "64",
                                    "--model.dropout", "0.1"]))
     assert json.loads((final / "config.json").read_text())["model"]["dropout"] == 0.1
+
+
+def test_sft_writes_beside_its_init_and_never_resumes_another_stage(sft_setup, tmp_path):
+    from babyllama.train.stages import default_out_dir
+
+    d = sft_setup
+    base = tmp_path / "runs" / "base"  # a pretraining run: its final model and a step checkpoint
+    model = load_model(d / "init")
+    tok = load_tokenizer(d / "init")
+    save_checkpoint(base / "final", model, tok, extra_config={"stage": "pretrain"})
+    save_checkpoint(base / "checkpoints" / "step_000002", model, tok, {"step": 2}, {"stage": "pretrain"})
+    before = {p: p.stat().st_mtime_ns for p in base.rglob("*")}
+    args = ["--data", str(d / "sft.jsonl"), "--max_steps", "2", "--batch_size", "8", "--eval_every", "0",
+            "--warmup_steps", "1", "--data_workers", "1"]
+    final = sft(load_config(None, [*args, "--init", str(base / "final")]))
+    assert final == tmp_path / "runs" / "base-sft" / "final" and (final / "model.safetensors").is_file()
+    assert json.loads((final / "config.json").read_text())["stage"] == "sft"
+    assert {p: p.stat().st_mtime_ns for p in base.rglob("*")} == before  # the base run is untouched
+    with pytest.raises(UserError, match=rf"^{base} holds a pretrain run \(step_000002\), which sft cannot resume; "
+                                        r"choose another out_dir\.$"):
+        sft(load_config(None, [*args, "--init", str(d / "init"), "--out_dir", str(base)]), resume=True)
+    with pytest.raises(UserError, match=rf"^out_dir {base} holds --init {base / 'final'}, which the run would "
+                                        r"overwrite; choose another out_dir\.$"):
+        sft(load_config(None, [*args, "--init", str(base / "final"), "--out_dir", str(base)]), resume=True)
+    assert {p: p.stat().st_mtime_ns for p in base.rglob("*")} == before
+    assert default_out_dir("pretrain", "") == "runs/pretrain"
+    assert default_out_dir("sft", "runs/demo/pretrain/final") == "runs/demo/pretrain-sft"
+    assert default_out_dir("sft", "runs/x/checkpoints/step_000100") == "runs/x-sft"
+    assert default_out_dir("sft", "models/base") == "models/base-sft"

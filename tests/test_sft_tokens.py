@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -89,11 +90,42 @@ def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     assert r.returncode == 2 and "--max_seq_len" in r.stderr
 
 
-def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, bpe_tokenizer, tmp_path):
-    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
-    common = ["sft", "--init", str(tmp_path / "init"), "--data", str(demo_sft / "demo" / "sft.jsonl"),
-              "--max_steps", "4", "--pack", "true", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1",
-              "--eval_every", "2", "--eval_batches", "2", "--save_every", "0", "--data_workers", "1"]
+def sft_val(run, data):
+    """The packed validation rows of an SFT run (its own token cache)."""
+    return load_sft_data([data], run / "final", run / "sft_tokens", SFTSettings(max_len=65), True, Dist())[1]
+
+
+def one_process_val_loss(run, data, batch_size, eval_batches) -> float:
+    """The validation loss of run/final over the trainer's validation rows, computed in this one process."""
+    from babyllama.checkpoint import load_model
+    from babyllama.evaluate import loss_sums
+
+    model = load_model(run / "final")
+    val = sft_val(run, data)
+    n = min(len(val), batch_size * eval_batches)
+    forward = lambda batch: model(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))[1]
+    nats, tokens, _ = loss_sums(forward, val, range(n), batch_size, model.rope_cos.device)
+    return nats / tokens
+
+
+def final_val_loss(run) -> float:
+    return [json.loads(x) for x in (run / "metrics.jsonl").open()][-1]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def sft_init(demo_sft, bpe_tokenizer, tmp_path_factory):
+    init = tmp_path_factory.mktemp("sft_init") / "init"
+    save_checkpoint(init, sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    return init
+
+
+SFT_COMMON = ["--max_steps", "4", "--pack", "true", "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "1",
+              "--eval_every", "2", "--save_every", "0", "--data_workers", "1", "--ddp_timeout", "60"]
+
+
+def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, sft_init, tmp_path):
+    common = ["sft", "--init", str(sft_init), "--data", str(demo_sft / "demo" / "sft.jsonl"), *SFT_COMMON,
+              "--eval_batches", "3"]
     two = torchrun([*common, "--out_dir", str(tmp_path / "two"), "--batch_size", "2"], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("sft cache: building") == 1  # rank 0 built it; rank 1 waited and mapped it
@@ -102,6 +134,23 @@ def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, bpe_toke
     a, b = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a), (a, b)
+    # 3 validation batches of 2 packed rows: the ranks get 2 and 1, and the loss is one process's
+    data = demo_sft / "demo" / "sft.jsonl"
+    assert len(sft_val(tmp_path / "two", data)) >= 5
+    expected = one_process_val_loss(tmp_path / "two", data, 2, 3)
+    assert final_val_loss(tmp_path / "two") == pytest.approx(expected, rel=1e-5)
+
+
+def test_torchrun_three_processes_fsdp_validate_uneven_batches(demo_sft, sft_init, tmp_path):
+    start = time.time()
+    r = torchrun(["sft", "--init", str(sft_init), "--data", str(demo_sft / "demo" / "sft.jsonl"), *SFT_COMMON,
+                  "--out_dir", str(tmp_path), "--batch_size", "1", "--eval_batches", "4", "--fsdp", "true"],
+                 nproc=3, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - start < 240
+    data = demo_sft / "demo" / "sft.jsonl"
+    assert len(sft_val(tmp_path, data)) >= 4  # 4 batches of 1 row over 3 ranks: 2, 1, 1
+    assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path, data, 1, 4), rel=1e-5)
 
 
 @pytest.mark.parametrize("damage", ["delete", "cut", "manifest"])

@@ -20,6 +20,7 @@ from typing import get_args, get_type_hints
 
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
+from babyllama.sampling import DEVICE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,7 +43,7 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 @dataclass
 class TrainConfig:
     data: str | list[str] = ""  # pretraining: a pretokenized directory; SFT: instruction/chat files
-    out_dir: str = "runs/pretrain"
+    out_dir: str = ""  # default: runs/pretrain; with init, beside its run (runs/x/final -> runs/x-sft)
     tokenizer: str = ""  # default: the tokenizer saved with the data (or with --init)
     init: str = ""  # a checkpoint to start from (SFT); empty: random weights
     # how long: max_steps wins, then tokens, then epochs
@@ -63,7 +64,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (torch >= 2.9)
     average_last: float = 0.0  # final/ holds the mean of the weights over this last fraction of steps; 0: off
     # numerics and speed
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = DEVICE
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     compile: bool = False
     fsdp: bool = False
@@ -77,6 +78,7 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
+    ddp_timeout: int = 1800  # seconds a collective waits for the other processes before the run stops
     # SFT data (lengths in characters, 0: no limit; the recipe used 10 / 256 / 5 / 256)
     val_fraction: float = 0.02
     pack: bool = False

@@ -23,6 +23,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from babyllama.data.shards import TokenWindows
 from babyllama.data.sources import expand_inputs, file_encoding, iter_records, records_text
 from babyllama.errors import UserError, require
 from babyllama.progress import progress
+from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 DEFAULT_PROMPTS = [
@@ -51,12 +53,14 @@ LETTERS = "ABCD"
 
 @torch.no_grad()
 def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[int], batch_size: int,
-              device: torch.device, tokenizer: Tokenizer | None = None, desc: str | None = None
-              ) -> tuple[float, int, int]:
+              device: torch.device, tokenizer: Tokenizer | None = None, desc: str | None = None,
+              padding_batches: int = 0) -> tuple[float, int, int]:
     """Summed cross-entropy (nats), target tokens and the UTF-8 bytes of their text over data's rows `indices`.
 
     The validation loss of the trainer and of `babyllama eval`. forward(batch) gives the batch's
-    mean loss over targets that are not -1; the bytes (Tokenizer.text_bytes) need the tokenizer.
+    mean loss over targets that are not -1 (0 when there are none); the bytes (Tokenizer.text_bytes)
+    need the tokenizer. padding_batches: forward passes more, over row 0 with every target masked,
+    which count nothing: under torchrun every rank must run as many forward passes as the others.
     """
     nats, tokens, nbytes = 0.0, 0, 0
     starts = range(0, len(indices), batch_size)
@@ -68,6 +72,10 @@ def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[i
         if tokenizer is not None:  # the token before each target is its input, idx
             before, after = batch["idx"].cpu().numpy(), batch["targets"].cpu().numpy()
             nbytes += int(tokenizer.text_bytes(before, after.clip(min=0))[after != -1].sum())
+    for _ in range(padding_batches):
+        batch = {k: v.to(device) for k, v in data.collate([0]).items()}
+        batch["targets"] = torch.full_like(batch["targets"], -1)  # not in place: it may share idx's storage
+        forward(batch)
     return nats, tokens, nbytes
 
 
@@ -84,12 +92,16 @@ def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: in
             "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "tokens": tokens, "bytes": nbytes}
 
 
-def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64) -> list[dict]:
-    """Greedy continuations; a prompt starts after an <eos>, as a document does in the shards."""
+def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampling | None = None,
+                  max_new_tokens: int = 64) -> list[dict]:
+    """Continuations of at most max_new_tokens (and s's), sampled as s says (default: sampling.Sampling,
+    greedy); a prompt starts after an <eos>, as a document does in the shards."""
+    s = s or Sampling()
+    s = replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
     out = []
     for prompt in progress(prompts, desc="continuations", unit=" prompt"):
-        ids = model.generate(text_prompt(tokenizer, prompt), max_new_tokens=max_new_tokens,
-                             repetition_penalty=1.2, **tokenizer.generation_kwargs(model.cfg.vocab_size))
+        ids = model.generate(text_prompt(tokenizer, prompt), **s.generate_kwargs(),
+                             **tokenizer.generation_kwargs(model.cfg.vocab_size))
         out.append({"prompt": prompt, "continuation": tokenizer.decode(ids)})
     return out
 
@@ -132,10 +144,12 @@ def _reference(value) -> str:
     return str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
 
 
-def answer(model, tokenizer: Tokenizer, question: str, max_new_tokens: int = 128) -> str:
-    """Greedy answer in the chat format (the same ids SFT trained on, up to the answer)."""
+def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None) -> str:
+    """The answer in the chat format (the same ids SFT trained on, up to the answer), sampled as s says
+    (default: sampling.Sampling, greedy); it ends at <eos>, max_new_tokens or the end of the context."""
+    s = s or Sampling()
     prompt = render_prompt(tokenizer, Conversation([(question, "")]))
-    ids = model.generate(prompt, max_new_tokens=max_new_tokens, **tokenizer.generation_kwargs(model.cfg.vocab_size))
+    ids = model.generate(prompt, **s.generate_kwargs(), **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return tokenizer.decode(ids).strip()
 
 
@@ -301,7 +315,9 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
 
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
-             max_new_tokens: int = 128, limit: int = 0, device: str = "cpu") -> dict:
+             sampling: Sampling | None = None, limit: int = 0, device: str = DEVICE) -> dict:
+    """Every evaluation asked for, written to OUT/eval.json and OUT/items.jsonl; returns eval.json's content.
+    sampling: how QA answers and continuations are generated (default: sampling.Sampling)."""
     from babyllama.checkpoint import load_checkpoint
 
     qa_items, no_reference = read_qa(qa) if qa else ([], 0)  # bad eval files fail before any work
@@ -319,13 +335,13 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
             raise UserError(f"prompts file {prompts} does not exist.")
         lines = records_text(Path(prompts), file_encoding(Path(prompts)))  # one prompt a line, any encoding
         prompt_list = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
-    result["continuations"] = continuations(model, tokenizer, prompt_list)
+    result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
     if qa:
         qa_items = qa_items[: limit or None]
         if no_reference:
             print(f"note: {no_reference} QA items have no reference (missing or empty) and are not scored.")
         for it in progress(qa_items, desc="QA", unit=" item"):
-            it["prediction"] = answer(model, tokenizer, it["question"], max_new_tokens)
+            it["prediction"] = answer(model, tokenizer, it["question"], sampling)
         result["qa"] = score_qa(qa_items)
         result["qa_skipped_no_reference"] = no_reference
         items += [{"kind": "qa", **it} for it in qa_items]

@@ -1,20 +1,28 @@
 """torchrun setup: the same code runs as 1 CPU process, 1 GPU, or N processes on M nodes.
 
     torchrun --standalone --nproc_per_node 4 -m babyllama pretrain --config configs/baby-92m.toml
+    with process_group("auto", timeout_s=1800) as dist:   # join, train, leave
+        ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process.
-GPUs talk over NCCL, CPUs over gloo.
+GPUs talk over NCCL, CPUs over gloo. A collective that waits longer than the timeout for the
+other processes (one is stuck or dead) ends the run instead of hanging it: with one sentence on
+gloo, and through NCCL's watchdog, which aborts the process, on GPUs.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from babyllama.checkpoint import pick_device
+from babyllama.errors import UserError
 
 
 @dataclass
@@ -32,9 +40,10 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed(device: str = "auto") -> Dist:
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> Dist:
     """Pick the device (checkpoint.pick_device: cuda:N and mps honoured, a missing one refused) and,
-    under torchrun, join the process group with one GPU per process (cuda:LOCAL_RANK)."""
+    under torchrun, join the process group with one GPU per process (cuda:LOCAL_RANK); its
+    collectives give up after timeout_s seconds."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device)
@@ -44,8 +53,26 @@ def init_distributed(device: str = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world, dev)
+
+
+@contextmanager
+def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Dist]:
+    """init_distributed for the body, and leave the group after it. A collective that timed out,
+    or lost a process that died, raises UserError (the run ends with exit code 2, not a hang)."""
+    d = init_distributed(device, timeout_s)
+    try:
+        yield d
+    except RuntimeError as e:  # gloo's timeouts and lost peers are plain RuntimeErrors from its transport
+        if not isinstance(e, dist.DistError) and "gloo/transport" not in str(e):
+            raise
+        cause = str(e).strip().splitlines()[-1].split("] ")[-1][:200]
+        raise UserError(f"process {d.rank} of {d.world} stopped: a collective operation waited over {timeout_s:g} s "
+                        f"for the other processes (ddp_timeout), or one of them died ({cause}).") from None
+    finally:
+        shutdown(d)
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

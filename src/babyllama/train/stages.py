@@ -28,24 +28,44 @@ from babyllama.data.shards import TokenWindows, has_split
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.train.distributed import Dist, barrier, init_distributed, shutdown
+from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer
+from babyllama.train.trainer import Dataset, Trainer, lr_at
 
 SFT_MODEL_SETTINGS = {"dropout"}  # the model settings SFT can change: they leave the weights' shapes alone
 
 
-def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool) -> Path | None:
+def default_out_dir(stage: str, init: str) -> str:
+    """Where a stage writes without --out_dir: runs/STAGE from scratch; from --init, a directory beside
+    the init's run (runs/demo/pretrain/final -> runs/demo/pretrain-sft), never inside it."""
+    if not init:
+        return f"runs/{stage}"
+    p = Path(init)
+    run = p.parent if p.name == "final" else p.parent.parent if p.parent.name == "checkpoints" else p
+    return str(run.parent / f"{run.name}-{stage}")
+
+
+def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, stage: str) -> Path | None:
     """Check the settings against the tokenizer and the run directory before any data is built;
-    returns the checkpoint to resume from, if any."""
+    returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
+    `--resume` refuses another stage's, and out_dir may not hold the --init model it would overwrite."""
     out = Path(cfg.train.out_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
+    init = Path(cfg.train.init).resolve() if cfg.train.init else None
+    if init is not None and (init == out.resolve() or out.resolve() in init.parents):
+        raise UserError(f"out_dir {out} holds --init {cfg.train.init}, which the run would overwrite; "
+                        "choose another out_dir.")
     if dist.main:  # what a killed run left: temporaries of checkpoints being written or deleted
         for done in remove_stale_temporaries(out):
             print(f"note: {done} (left by a run that was stopped)")
     barrier(dist)
+    latest = latest_checkpoint(out)
+    made_by = read_config(latest).get("stage", stage) if latest is not None else stage
+    if made_by != stage:
+        raise UserError(f"{out} holds a {made_by} run ({latest.name}), which {stage} cannot "
+                        f"{'resume' if resume else 'continue'}; choose another out_dir.")
     resume_from, notes = resumable_checkpoint(out) if resume else (None, [])
     for note in notes if dist.main else []:
         print(f"note: {note}; resuming from {resume_from.name}")
@@ -54,7 +74,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool) 
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), where=str(ckpt))
     if resume and resume_from is None and dist.main:
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
-    if not resume and latest_checkpoint(out) is not None:
+    if not resume and latest is not None:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
     return resume_from
 
@@ -64,6 +84,11 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     """Write config.json, build the Trainer and train."""
     out = Path(cfg.train.out_dir)
     trainer = Trainer(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
+    t = cfg.train
+    if dist.main and t.warmup_steps >= trainer.total_steps:
+        print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {trainer.total_steps} steps: the "
+              f"learning rate ends at {lr_at(trainer.total_steps - 1, t, trainer.total_steps):.3g}, not lr {t.lr:g}; "
+              "set --warmup_steps to a small part of the steps (the configs use 1-10%).")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -77,8 +102,8 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     t = cfg.train
     if not t.data:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
-    dist = init_distributed(t.device)
-    try:
+    t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
+    with process_group(t.device, t.ddp_timeout) as dist:
         T = cfg.model.max_seq_len
         train_data = TokenWindows(t.data, T, "train")
         val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
@@ -87,14 +112,12 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         if tokenizer.fingerprint != train_data.fingerprint:
             raise UserError(f"the shards in {t.data} were made with another tokenizer "
                             f"({train_data.fingerprint}) than {tok_path} ({tokenizer.fingerprint}).")
-        resume_from = checked_run(cfg, tokenizer, dist, resume)
+        resume_from = checked_run(cfg, tokenizer, dist, resume, "pretrain")
         if t.doc_mask:
             for data in (train_data, val_data):
                 if data is not None:
                     data.doc_eos = tokenizer.eos_id
         return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain")
-    finally:
-        shutdown(dist)
 
 
 def sft_model(cfg: RunConfig) -> ModelConfig:
@@ -120,11 +143,11 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     if not t.data:
         raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
     cfg.model = sft_model(cfg)
-    dist = init_distributed(t.device)
-    try:
+    t.out_dir = t.out_dir or default_out_dir("sft", t.init)
+    with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path)
-        resume_from = checked_run(cfg, tokenizer, dist, resume)  # before the cache is built, which takes minutes
+        resume_from = checked_run(cfg, tokenizer, dist, resume, "sft")  # before the cache is built, which takes minutes
         paths = [t.data] if isinstance(t.data, str) else t.data
         settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
                                t.min_answer_chars, t.max_answer_chars)
@@ -136,5 +159,3 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
                   f"{stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
         return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "sft")
-    finally:
-        shutdown(dist)

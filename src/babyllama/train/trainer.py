@@ -399,14 +399,22 @@ class Trainer:
             params[name].copy_(mean)
 
     def evaluate(self) -> float | None:
-        """Mean loss over the first eval_batches * batch_size validation rows, split over ranks."""
+        """Mean loss over the first eval_batches * batch_size validation rows, in batches dealt out to the ranks.
+
+        Every rank runs the same number of forward passes, as FSDP (which gathers the weights in each)
+        and DDP (which syncs buffers) need: a rank dealt one batch fewer than others runs a padding batch
+        whose targets are all masked. The loss is the one process's, whatever the number of ranks.
+        """
         if self.val_data is None:
             return None
         B, d = self.t.batch_size, self.dist
         n = min(len(self.val_data), self.t.eval_batches * B)
-        mine = [i for s in range(d.rank * B, n, d.world * B) for i in range(s, min(s + B, n))]
+        batches = [range(s, min(s + B, n)) for s in range(0, n, B)]
+        mine = batches[d.rank :: d.world]
+        padding = -(-len(batches) // d.world) - len(mine)  # 0 or 1
         self.wrapped.eval()
-        nats, tokens, _ = loss_sums(self.forward, self.val_data, mine, B, d.device)
+        nats, tokens, _ = loss_sums(self.forward, self.val_data, [i for b in mine for i in b], B, d.device,
+                                    padding_batches=padding)
         self.wrapped.train()
         sums = all_reduce_sum(torch.tensor([nats, tokens], dtype=torch.float32, device=d.device), d)
         return float(sums[0] / sums[1].clamp(min=1))

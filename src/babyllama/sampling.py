@@ -1,0 +1,45 @@
+"""Where a model runs and how it picks tokens: the defaults that every command shares.
+
+    from babyllama.sampling import DEVICE, Sampling
+    Sampling()   # 256 new tokens at most, greedy, no top-k / top-p, no repetition penalty
+
+Training (TrainConfig.device), `chat`, `serve` and `eval` take these, and so do their flags'
+defaults, so the same question gets the same answer from each. No torch here: the command line
+reads it to build its parser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from babyllama.errors import UserError
+
+DEVICE = "auto"  # cuda when available, else mps, else cpu (checkpoint.pick_device)
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens (model.stream's arguments); out-of-range values stop with one sentence.
+
+    The server's requests override temperature and top_p, and give max_tokens instead of max_new_tokens.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off (CTRL, Keskar et al., 2019)
+
+    def __post_init__(self) -> None:
+        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": 0 <= self.temperature <= 100,
+                  "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
+                  "repetition_penalty": 0 < self.repetition_penalty <= 100}  # NaN fails every comparison
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise UserError(f"{bad[0]} = {getattr(self, bad[0])} is out of range (max_new_tokens >= 1, temperature "
+                            "in [0, 100], top_k >= 0, top_p in (0, 1], repetition_penalty in (0, 100]).")
+
+    def generate_kwargs(self) -> dict:
+        """model.stream's / model.generate's sampling arguments."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p, "repetition_penalty": self.repetition_penalty}
