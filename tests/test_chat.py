@@ -77,5 +77,5 @@ def test_chat_and_eval_never_answer_with_control_tokens(bpe_tokenizer):
 
     model = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), {1: 100.0, 0: 90.0})
     text = "".join(reply(model, bpe_tokenizer, Conversation([("你好", "")]), Sampling(max_new_tokens=8)))
-    assert text and answer(model, bpe_tokenizer, "你好", max_new_tokens=8)
-    assert continuations(model, bpe_tokenizer, ["床前明月光，"], max_new_tokens=8)[0]["continuation"]
+    assert text and answer(model, bpe_tokenizer, "你好", Sampling(max_new_tokens=8))
+    assert continuations(model, bpe_tokenizer, ["床前明月光，"], Sampling(max_new_tokens=8))[0]["continuation"]

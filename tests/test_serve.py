@@ -185,7 +185,8 @@ def test_web_page_streams_an_answer(server, tmp_path):
         page.wait_for_function("document.querySelectorAll('.assistant')[1].dataset.done === 'true'", timeout=20000)
         failed = page.locator(".assistant").nth(1).inner_text()
         browser.close()
-    assert shown.strip() == alone(server, "你好", 64).strip() and shown.strip()  # 64: the page's default
+    # the page leaves max tokens empty: the answer may take the rest of the context of 128 tokens
+    assert shown.strip() == alone(server, "你好", 128).strip() and shown.strip()
     assert failed.startswith("error: ") and "does not fit the context" in failed
     assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -383,3 +384,30 @@ def test_health_answers_while_a_large_request_is_tokenized(bpe_tokenizer, tmp_pa
                 time.sleep(0.05)
         assert big.result().status_code == 200
         assert len(waits) >= 3 and max(waits) < 0.5, waits
+
+
+def test_omitted_max_tokens_takes_the_rest_of_the_context_and_too_many_say_what_fits(server):
+    from babyllama.chat_format import render_prompt, text_prompt
+    from babyllama.evaluate import answer
+
+    tok, ctx, url = server["tokenizer"], 128, server["url"] + "/v1"
+    question = "判断这条评论的情感是正面还是负面：" + "这本书写得很好，" * 5  # longer than half the context
+    prompt = len(render_prompt(tok, Conversation([(question, "")])))
+    assert ctx // 2 < prompt < ctx
+    chat = lambda **kw: httpx.post(url + "/chat/completions", timeout=60,
+                                   json={"messages": [{"role": "user", "content": question}], **kw})
+    r = chat()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip() == answer(server["model"].model, tok, question)
+    assert r.json()["usage"]["prompt_tokens"] == prompt and r.json()["usage"]["completion_tokens"] <= ctx - prompt
+    assert chat(max_tokens=ctx - prompt).status_code == 200
+    r = chat(max_tokens=ctx - prompt + 1)
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        f"max_tokens ({ctx - prompt + 1}) does not fit the context: the last message takes {prompt} of its "
+        f"{ctx} tokens, so {ctx - prompt} are available")
+    text = "今天天气很好，" * 6
+    n = len(text_prompt(tok, text))
+    r = httpx.post(url + "/completions", json={"prompt": text}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= ctx - n
+    r = httpx.post(url + "/completions", json={"prompt": text, "max_tokens": ctx}, timeout=60)
+    assert r.status_code == 400 and f"so {ctx - n} are available" in r.json()["error"]["message"]

@@ -11,31 +11,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 from babyllama.chat_format import Conversation, render_prompt
-from babyllama.errors import UserError
+from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
-
-
-@dataclass
-class Sampling:
-    """How to pick tokens (model.stream's arguments); out-of-range values stop with one sentence."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0  # 1: off (CTRL, Keskar et al., 2019)
-
-    def __post_init__(self) -> None:
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": 0 <= self.temperature <= 100,
-                  "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
-                  "repetition_penalty": 0 < self.repetition_penalty <= 100}  # NaN fails every comparison
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise UserError(f"{bad[0]} = {getattr(self, bad[0])} is out of range (max_new_tokens >= 1, temperature "
-                            "in [0, 100], top_k >= 0, top_p in (0, 1], repetition_penalty in (0, 100]).")
 
 
 def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_new_tokens: int) -> list[int]:
@@ -86,13 +65,11 @@ def until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, No
 def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Iterator[str]:
     """Stream the answer to the last turn of conv."""
     ids = prompt_ids(tokenizer, conv, model.cfg.max_seq_len, s.max_new_tokens)
-    tokens = model.stream(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                          top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                          **tokenizer.generation_kwargs(model.cfg.vocab_size))
+    tokens = model.stream(ids, **s.generate_kwargs(), **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return decode_stream(tokenizer, tokens)
 
 
-def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = "cpu") -> None:
+def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DEVICE) -> None:
     from babyllama.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(checkpoint, device)

