@@ -67,3 +67,47 @@ def test_one_dialect_every_flag_with_underscores():
     assert [f for f in flags if re.fullmatch(r"--\w+", f) is None and f not in ("-h", "--help")] == []
     assert spelled_one_way(["--max-new-tokens", "8", "--model.n-kv-heads=2", "-1", "--"]) == [
         "--max_new_tokens", "8", "--model.n_kv_heads=2", "-1", "--"]
+
+
+def test_every_command_takes_device_and_sampling_defaults_from_one_place():
+    import dataclasses
+    import inspect
+
+    from babyllama import chat, evaluate, serve
+    from babyllama.cli import build_parser
+    from babyllama.config import TrainConfig
+    from babyllama.sampling import DEVICE, Sampling
+
+    sampling = {f.name: f.default for f in dataclasses.fields(Sampling)}
+    commands = build_parser()._subparsers._group_actions[0].choices
+    seen = {}
+    for name, p in commands.items():
+        for a in p._actions:
+            if a.dest == "device" or a.dest in sampling:
+                assert a.default == (DEVICE if a.dest == "device" else sampling[a.dest]), (name, a.dest)
+                seen.setdefault(name, set()).add(a.dest)
+    assert seen == {"eval": {"device", *sampling}, "chat": {"device", *sampling},
+                    "serve": {"device", *sampling} - {"max_new_tokens"}}  # serve: a request's max_tokens
+    assert TrainConfig().device == DEVICE  # pretrain and sft
+    for function in (chat.chat, evaluate.evaluate, serve.serve):
+        assert inspect.signature(function).parameters["device"].default == DEVICE, function
+    assert serve.Common.model_fields["temperature"].default is None  # a request without one: the server's
+    assert serve.Common.model_fields["top_p"].default is None
+
+
+def test_help_shows_every_default():
+    from babyllama.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    parsers = {**commands, **{f"tokenizer {k}": v for k, v in
+                              commands["tokenizer"]._subparsers._group_actions[0].choices.items()}}
+    shown = 0
+    for name, p in parsers.items():
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            if a.option_strings and a.dest != "help" and not (a.default is None or a.default is False or a.default == ""):
+                assert f"(default: {a.default})" in text, (name, a.dest)
+                shown += 1
+    assert shown > 30
+    text = " ".join(commands["sft"].format_help().split())
+    assert "warmup_steps 1000" in text and "ddp_timeout 1800" in text and "device 'auto'" in text
