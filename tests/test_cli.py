@@ -105,7 +105,8 @@ def test_help_shows_every_default():
     for name, p in parsers.items():
         text = " ".join(p.format_help().split())
         for a in p._actions:
-            if a.option_strings and a.dest != "help" and not (a.default is None or a.default is False or a.default == ""):
+            none = a.default is None or a.default is False or a.default == ""
+            if a.option_strings and a.dest != "help" and not none:
                 assert f"(default: {a.default})" in text, (name, a.dest)
                 shown += 1
     assert shown > 30

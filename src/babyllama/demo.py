@@ -125,9 +125,9 @@ class Demo:
 
     def chat(self) -> None:
         from babyllama.chat import reply
-        from babyllama.sampling import Sampling
         from babyllama.chat_format import Conversation
         from babyllama.checkpoint import load_checkpoint
+        from babyllama.sampling import Sampling
 
         model, tokenizer, _ = load_checkpoint(self.out / "sft" / "final")
         lines = ["## Chat answers", "", "| question | answer |", "|---|---|"]

@@ -1,0 +1,159 @@
+"""Every command of the README runs as written, in order, as on a fresh clone after `make demo`.
+
+The README's bash blocks are cut into commands (a `\\` continues a line, `#` starts a comment), and
+each python block is one snippet. Each either runs here, in order, in this process and in a fresh
+directory that holds configs/ as a clone does, or is listed in NOT_RUN with its reason (a download,
+a GPU, a cluster, an install). A README command in neither fails the test, as does a NOT_RUN entry
+that matches no command, or a command that does not exit 0. The first block builds runs/demo stage
+by stage, as `make demo` does. To take well under a minute or two:
+  * `prepare --demo` builds the smoke demo's sliver of the corpus (demo.SMOKE's sizes);
+  * pretrain and sft get the smoke demo's settings appended, as `--key value` (the README allows it),
+    and 4 steps;
+  * eval gets `--limit 8 --max_new_tokens 8`, chat `--max_new_tokens 8`;
+  * serve runs in a thread on a free port, which the python example then asks.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import re
+import shlex
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("snownlp")
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_RUN = {  # a command's beginning, as written: why it does not run here
+    "python3 -m venv": "sets up a virtual environment",
+    "pip install": "installs packages",
+    "make demo": "the full demo: its stages run one by one below, on the smoke data",
+    "make test": "the test suite itself",
+    "babyllama prepare --input wikipedia-cn": "needs downloaded corpora",
+    "babyllama prepare --input data/raw/": "needs downloaded corpora",
+    "babyllama pretokenize --input data/clean --tokenizer runs/tok --out_dir data/tokens --engine datatrove":
+        "reads data/clean, the downloaded WuDao corpus the line above cleans",
+    "babyllama prepare --input /shared/wudao": "needs a Slurm cluster and downloaded corpora",
+    "babyllama pretokenize --input /shared/clean": "needs a Ray cluster",
+    "torchrun": "GPU recipes (the torchrun tests run DDP and FSDP on CPUs)",
+    "babyllama sft --init runs/baby-92m/final": "needs a baby-92m model and downloaded SFT data",
+    "babyllama pretokenize --sft --input alpaca_gpt4_data_zh.json": "needs downloaded SFT data",
+    "babyllama eval runs/baby-92m-sft/final": "needs a baby-92m model and C-Eval",
+    "babyllama export runs/baby-92m-sft/final": "needs a baby-92m model",
+    "lm_eval": "needs C-Eval and CMMLU from the Hugging Face Hub",
+    "babyllama tokenizer info ../shared/chatglm2_tokenizer": "needs ChatGLM2's tokenizer.model",
+    "babyllama pretokenize --input data/clean --tokenizer path/to/chatglm2": "needs downloaded corpora",
+    "babyllama pretrain --config configs/baby-92m.toml": "a GPU recipe: 10 B tokens",
+    "from babyllama.model import Transformer": "an API sketch: idx, targets, prompt_ids are the reader's",
+}
+SERVE = "http://127.0.0.1:8000"
+
+
+def readme_commands() -> list[str]:
+    """The README's commands in order: bash lines as written (comments dropped), python blocks whole."""
+    commands = []
+    for lang, body in re.findall(r"```(bash|python)\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        if lang == "python":
+            commands.append(body)
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words))
+    return commands
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Runner:
+    """Runs README commands in this process: `babyllama ...` through cli.main, python blocks by exec."""
+
+    def __init__(self, monkeypatch):
+        from babyllama.demo import SMOKE
+
+        self.monkeypatch, self.port, self.servers = monkeypatch, None, []
+        short = ["--max_steps", "4", "--warmup_steps", "1"]  # after the smoke settings: these win
+        self.extra = {"pretrain": [*SMOKE["pretrain"], *short], "sft": [*SMOKE["sft"], *short, "--data_workers", "1"],
+                      "eval": ["--limit", "8", "--max_new_tokens", "8"], "chat": ["--max_new_tokens", "8"]}
+        import uvicorn
+
+        monkeypatch.setattr(uvicorn, "run", self.serve_in_thread)
+
+    def serve_in_thread(self, app, host: str, port: int, log_level: str) -> None:
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        self.servers.append(server)
+
+    def run(self, command: str) -> None:
+        if "\n" in command:  # a python block; the server it asks is the one started last
+            exec(compile(command.replace(SERVE, f"http://127.0.0.1:{self.port}"), "README.md", "exec"), {})
+            return
+        words, stdin = shlex.split(command), "这本书写得真好，推荐！\n"
+        if "|" in words:
+            pipe = words.index("|")
+            assert words[0] == "echo" and pipe == 2, command
+            stdin, words = words[1] + "\n", words[pipe + 1 :]
+        assert words[0] == "babyllama", f"not run and not in NOT_RUN: {command}"
+        argv = [match for w in words[1:] for match in (sorted(glob.glob(w)) if "*" in w else [w])]
+        argv += self.extra.get(argv[0], [])
+        if argv[0] == "serve":
+            self.port = free_port()
+            argv = [a for i, a in enumerate(argv) if "--port" not in argv[i - 1 : i + 1]] + ["--port", str(self.port)]
+        from babyllama.cli import main
+
+        self.monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        assert main(argv) == 0, command
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.should_exit = True
+
+
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    from babyllama.data import demo_corpus
+    from babyllama.demo import SMOKE
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo_corpus, "build_demo_corpus", functools.partial(
+        demo_corpus.build_demo_corpus, limit=SMOKE["limit"], eval_limit=SMOKE["eval_items"]))
+    commands, used, took = readme_commands(), set(), {}
+    runner = Runner(monkeypatch)
+    start = time.time()
+    try:
+        for command in commands:
+            skipped = [key for key in NOT_RUN if command.startswith(key)]
+            used.update(skipped)
+            if not skipped:
+                began = time.time()
+                runner.run(command)
+                took[command[:60]] = time.time() - began
+    finally:
+        runner.close()
+    assert set(NOT_RUN) == used, f"NOT_RUN entries that match no README command: {set(NOT_RUN) - used}"
+    ran = len(commands) - sum(any(c.startswith(k) for k in NOT_RUN) for c in commands)
+    assert ran >= 25, ran
+    for made in ("runs/demo/report.md", "runs/demo/sft/eval/eval.json", "runs/pretrain/final", "runs/tok",
+                 "runs/demo/pretrain-sft/final", "data/tokens/manifest.json", "runs/demo/demo.gguf"):
+        assert Path(made).exists(), made
+    print(f"{ran} README commands in {time.time() - start:.0f} s; the slowest:",
+          sorted(took.items(), key=lambda kv: -kv[1])[:5])
