@@ -103,7 +103,7 @@ def one_process_val_loss(run, data, batch_size, eval_batches) -> float:
     model = load_model(run / "final")
     val = sft_val(run, data)
     n = min(len(val), batch_size * eval_batches)
-    forward = lambda batch: model(batch["idx"], batch["targets"], attn_mask=batch.get("attn_mask"))[1]
+    forward = lambda batch: model(batch["idx"], batch["targets"], segments=batch.get("segments"))[1]
     nats, tokens, _ = loss_sums(forward, val, range(n), batch_size, model.rope_cos.device)
     return nats / tokens
 
