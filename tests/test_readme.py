@@ -54,6 +54,7 @@ NOT_RUN = {  # a command's beginning, as written: why it does not run here
     "babyllama pretokenize --input data/clean --tokenizer path/to/chatglm2": "needs downloaded corpora",
     "babyllama pretrain --config configs/baby-92m.toml": "a GPU recipe: 10 B tokens",
     "from babyllama.model import Transformer": "an API sketch: idx, targets, prompt_ids are the reader's",
+    "ids = tok.apply_chat_template": "an API sketch: tok (an exported model's) and messages are the reader's",
 }
 SERVE = "http://127.0.0.1:8000"
 
