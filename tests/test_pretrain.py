@@ -492,7 +492,6 @@ def test_doc_mask_segments_start_at_each_eos_and_train(shards, tmp_path, bpe_tok
     (["--beta2", "1"], "beta2 must be in [0, 1), got 1.0."),
     (["--val_fraction", "-0.1"], "val_fraction must be in [0, 1), got -0.1."),
     (["--seed", "-1"], "seed must be in [0, 2**63), got -1."),
-    (["--out_dir", ""], "out_dir must name a directory, got an empty string."),
     (["--min_answer_chars", "9", "--max_answer_chars", "5"], "min_answer_chars (9) is above max_answer_chars (5)."),
     (["--dtype", "fp8"], "dtype must be auto, fp32, bf16 or fp16, got 'fp8'."),
 ])

@@ -109,8 +109,6 @@ class TrainConfig:
             raise UserError(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}.")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}.")
-        if not self.out_dir:
-            raise UserError("out_dir must name a directory, got an empty string.")
         for part in ("prompt", "answer"):
             low, high = getattr(self, f"min_{part}_chars"), getattr(self, f"max_{part}_chars")
             if high and low > high:
