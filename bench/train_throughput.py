@@ -101,8 +101,9 @@ def main() -> None:
     peak = peak_flops(torch.device(dev))
     for name, secs in results.items():
         line = f"{name:22s} {tokens / secs:10,.0f} tokens/s"
-        if ref:
-            line += f"   {ref / secs:4.2f}x transformers"
+        if ref:  # the spread: the ratio in each round (a slow moment of the machine hits a round whole)
+            ratios = [r / s for r, s in zip(rounds["transformers Llama"], rounds[name], strict=True)]
+            line += f"   {ref / secs:4.2f}x transformers (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
         if peak and name.startswith("babyllama"):
             line += f"   MFU {tokens / secs * ours.flops_per_token(T) / peak:.1%}"
         print(line)
