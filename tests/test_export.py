@@ -24,6 +24,8 @@ CONVERSATIONS = [
     [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "第一问"},
      {"role": "assistant", "content": "第一答"}, {"role": "user", "content": "补充一句"},
      {"role": "user", "content": "第二问"}, {"role": "system", "content": "用中文。"}],  # joined as babyllama joins
+    [{"role": "developer", "content": "你是一个医生。"},  # OpenAI's newer name for system, and text parts
+     {"role": "user", "content": [{"type": "text", "text": "头疼"}, {"type": "text", "text": "怎么办？"}]}],
 ]
 LEADING_SPACES = ["  two leading spaces", " ", "\t tab then space", "   "]
 
@@ -46,11 +48,7 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
         out = hf.generate(idx, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out[0, idx.size(1) :].tolist() == ours.generate(idx[0].tolist(), max_new_tokens=20)
-    for messages in CONVERSATIONS:  # the chat template renders babyllama's chat format, id for id
-        conv = conversation_from_messages([(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
-                                      tokenizer_kwargs={"split_special_tokens": False})  # the template's <s> is bos
-        assert ids == render_prompt(bpe_tokenizer, conv), messages
+    check_chat_template(tok, bpe_tokenizer)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
     assert hf.generation_config.eos_token_id == 2
@@ -68,11 +66,24 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
     for text in TEXTS + TORTURE + LEADING_SPACES:  # leading spaces: transformers' own conversion differs
         assert tok(text)["input_ids"] == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == text, text
-    for messages in CONVERSATIONS:  # the chat template renders babyllama's chat format, id for id
-        conv = conversation_from_messages([(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
+    check_chat_template(tok, sp)
+
+
+def check_chat_template(tok, ours) -> None:
+    """apply_chat_template renders babyllama's chat format id for id, and raises where serve refuses."""
+    for messages in CONVERSATIONS:
+        text = [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+                for m in messages]
+        pairs = [(m["role"], t) for m, t in zip(messages, text, strict=True)]
+        conv = conversation_from_messages([("system" if r == "developer" else r, c) for r, c in pairs],
+                                          add_generation_prompt=True)
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
                                       tokenizer_kwargs={"split_special_tokens": False})  # the template's <s> is bos
-        assert ids == render_prompt(sp, conv), messages
+        assert ids == render_prompt(ours, conv), messages
+    for bad in ([{"role": "assistant", "content": "先答"}, {"role": "user", "content": "再问"}],
+                [{"role": "tool", "content": "x"}, {"role": "user", "content": "问"}]):
+        with pytest.raises(Exception, match="first message after the system text|is not one of"):
+            tok.apply_chat_template(bad, add_generation_prompt=True, tokenize=False)
 
 
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
@@ -103,9 +114,6 @@ def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, k
     import gguf
 
     fields = gguf.GGUFReader(tmp_path / "g" / "m.gguf").fields
-    for messages in CONVERSATIONS:  # the chat template renders babyllama's chat format, id for id
-        conv = conversation_from_messages([(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert ids == render_prompt(bpe_tokenizer, conv), messages
+    check_chat_template(tok, bpe_tokenizer)  # the GGUF's tokenizer.chat_template, through transformers' reader
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False

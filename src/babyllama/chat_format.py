@@ -37,21 +37,29 @@ from babyllama.tokenizer import Tokenizer
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
-# system messages joined first, consecutive messages of one role joined with "\n", each user text
-# then bos_token, each answer then eos_token; the prompt for an answer ends with bos_token.
+# system (and developer) messages joined first, consecutive messages of one role joined with "\n",
+# each user text then bos_token, each answer then eos_token; the prompt for an answer ends with
+# bos_token. Content may be a string or OpenAI's list of text parts; what serve refuses, it raises.
 CHAT_TEMPLATE = (
+    "{%- macro text(m) -%}"
+    "{{- m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -}}"
+    "{%- endmacro -%}"
     "{%- set ns = namespace(system='', role='', text='', out='', first=true) -%}"
-    "{%- for m in messages if m['role'] == 'system' -%}"
-    "{%- set ns.system = ns.system + ('\n' if ns.system else '') + m['content'] -%}"
+    "{%- for m in messages if m['role'] in ['system', 'developer'] -%}"
+    "{%- set ns.system = ns.system + ('\n' if ns.system else '') + text(m) -%}"
     "{%- endfor -%}"
-    "{%- for m in messages if m['role'] != 'system' -%}"
-    "{%- if m['role'] == ns.role -%}{%- set ns.text = ns.text + '\n' + m['content'] -%}"
+    "{%- for m in messages if m['role'] not in ['system', 'developer'] -%}"
+    "{%- if m['role'] not in ['user', 'assistant'] -%}"
+    "{{- raise_exception('role ' + m['role'] + ' is not one of system, developer, user, assistant') -}}"
+    "{%- elif not ns.role and m['role'] == 'assistant' -%}"
+    "{{- raise_exception('the first message after the system text must be the user message') -}}"
+    "{%- elif m['role'] == ns.role -%}{%- set ns.text = ns.text + '\n' + text(m) -%}"
     "{%- else -%}"
     "{%- if ns.role == 'user' -%}"
     "{%- set ns.out = ns.out + (ns.system + '\n' if ns.first and ns.system else '') + ns.text + bos_token -%}"
     "{%- set ns.first = false -%}"
     "{%- elif ns.role == 'assistant' -%}{%- set ns.out = ns.out + ns.text + eos_token -%}{%- endif -%}"
-    "{%- set ns.role = m['role'] -%}{%- set ns.text = m['content'] -%}"
+    "{%- set ns.role = m['role'] -%}{%- set ns.text = text(m) -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if ns.role == 'user' -%}"
