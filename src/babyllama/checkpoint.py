@@ -1,7 +1,8 @@
 """Checkpoints: a directory a person can inspect, written atomically, read without unpickling.
 
     ckpt/
-      model.safetensors    the weights (a tied output head is stored once, as tok_embeddings)
+      model.safetensors    the weights (a tied output head is stored once, as tok_embeddings), or for LoRA:
+      adapter_config.json + adapter_model.safetensors   peft's adapter; config.json's "base" names its base
       config.json          {"model": ModelConfig, "tokenizer": {...}, plus whatever the trainer adds}
       tokenizer.json | tokenizer.model (+ babyllama_tokenizer.json)
       trainer_state.pt     optional: optimizer, step, RNG, data position (torch.load weights_only=True)
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from babyllama.errors import UserError
+from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 
@@ -129,10 +131,13 @@ def save_checkpoint(
     train_state: dict | None = None,
     extra_config: dict | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    adapter=None,
 ) -> Path:
     """Write a checkpoint directory; a crash at any moment leaves the old one or the new one whole.
 
     tensors: the full state dict when the model itself is sharded (FSDP); default: model's.
+    adapter: for LoRA, the LoraConfig: tensors are then the adapter's (lora.adapter_tensors), written as
+    peft's files in place of model.safetensors, and extra_config["base"] = {"path", "sha256"} names the base.
     """
     from safetensors.torch import save_file
 
@@ -141,9 +146,11 @@ def save_checkpoint(
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if tensors is None:
-        tensors = model_tensors(model)
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    if adapter is not None:
+        save_adapter(tmp, adapter, tensors, extra_config["base"]["path"])
+    else:
+        save_file(model_tensors(model) if tensors is None else tensors, str(tmp / MODEL_FILE),
+                  metadata={"format": "pt"})
     config = {"format": "babyllama", "version": 1, "model": model.cfg.to_dict(), **(extra_config or {})}
     if tokenizer is not None:
         tokenizer.save(tmp)
@@ -200,6 +207,9 @@ def model_config(path: str | Path) -> ModelConfig:
         cfg = ModelConfig.from_dict(read_config(path)["model"])
     except UserError as e:
         raise UserError(f"{path / CONFIG_FILE}: {e}") from None
+    if is_adapter(path):  # LoRA: the adapter's file must read; its shapes are checked on loading it onto the base
+        _stored_shapes(path, ADAPTER_FILE)
+        return cfg
     shapes = _stored_shapes(path)
     layers = {k.split(".")[1] for k in shapes if k.startswith("layers.")}
     embedding = shapes.get("tok_embeddings.weight")
@@ -216,17 +226,17 @@ def model_config(path: str | Path) -> ModelConfig:
     return cfg
 
 
-def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the tensors in path/model.safetensors, from its header alone."""
+def _stored_shapes(path: Path, name: str = MODEL_FILE) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors in path/model.safetensors (or another file), from its header alone."""
     from safetensors import SafetensorError, safe_open
 
-    if not (path / MODEL_FILE).is_file():
-        raise UserError(f"checkpoint {path} has no {MODEL_FILE}.")
+    if not (path / name).is_file():
+        raise UserError(f"checkpoint {path} has no {name}.")
     try:
-        with safe_open(str(path / MODEL_FILE), "pt") as f:
+        with safe_open(str(path / name), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path / MODEL_FILE} cannot be read ({e}); it is damaged or was cut off.") from None
+        raise UserError(f"{path / name} cannot be read ({e}); it is damaged or was cut off.") from None
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -262,6 +272,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
 
     device = pick_device(device)
     path = Path(path)
+    if is_adapter(path):
+        return load_lora(path, device)
     cfg = model_config(path)
     try:
         tensors = load_file(str(path / MODEL_FILE), device=str(device))
@@ -274,6 +286,39 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
     model.load_state_dict(tensors, strict=False)  # strict=False: a tied output.weight is not stored
     model.init_rope()
     return model.eval()
+
+
+def load_lora(path: Path, device: torch.device) -> Transformer:
+    """A LoRA checkpoint's model: its base (a LoRA checkpoint too, perhaps) with the adapter merged in."""
+    return merge_lora(load_adapter(load_model(lora_base(path), device), path)).eval()
+
+
+def lora_base(path: str | Path) -> Path:
+    """The base checkpoint that a LoRA checkpoint's config.json names. Raises UserError when it is
+    missing or is not the model the adapter was trained on."""
+    base = read_config(path).get("base") or {}
+    where = Path(base.get("path", ""))
+    if not base.get("path") or not where.is_dir():
+        raise UserError(f"the LoRA checkpoint {path} needs its base model {base.get('path')}, which is not there; "
+                        "restore it at that path.")
+    if weights_sha256(where) != base.get("sha256"):
+        raise UserError(f"the base model {where} is not the one the LoRA checkpoint {path} was trained on "
+                        "(its weights changed); restore that base.")
+    return where
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights file (its adapter's, for LoRA): what a LoRA checkpoint's base must match."""
+    import hashlib
+
+    f = Path(path) / (ADAPTER_FILE if is_adapter(path) else MODEL_FILE)
+    if not f.is_file():
+        raise UserError(f"checkpoint {path} has no {f.name}.")
+    h = hashlib.sha256()
+    with f.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def model_tensors_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,8 @@
     babyllama tokenizer train --input data/clean --vocab_size 8192 --out_dir runs/tok
     babyllama pretokenize --input data/clean --tokenizer runs/tok --out_dir data/tokens
     babyllama pretrain --config configs/demo.toml --data data/tokens
-    babyllama sft --init runs/demo/pretrain/final --data sft.jsonl --config configs/sft-demo.toml
+    babyllama sft --init runs/demo/pretrain/final --data sft.jsonl --config configs/sft-demo.toml [--lora_rank 16]
+    babyllama dpo --init runs/demo/sft/final --data pairs.jsonl --out_dir runs/dpo [--beta 0.1]
     babyllama eval CHECKPOINT --data data/tokens --qa eval.jsonl ;  babyllama report RUN_DIR
     babyllama chat CHECKPOINT ;  babyllama serve CHECKPOINT ;  babyllama export CHECKPOINT --out DIR
 
@@ -186,6 +187,18 @@ def cmd_sft(args: argparse.Namespace) -> None:
         print(f"done: {final}")
 
 
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from babyllama.config import load_config
+    from babyllama.train.dpo import dpo
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.train.init = args.init or cfg.train.init
+    cfg.train.data = args.data or cfg.train.data
+    final = dpo(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {final}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -220,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from babyllama.export import export
 
-    print(f"exported: {export(args.checkpoint, args.out, args.format)}")
+    print(f"exported: {export(args.checkpoint, args.out, args.format, args.adapter)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -272,7 +285,7 @@ class ShowDefaults(argparse.HelpFormatter):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """A command's parser: --help shows the defaults; with settings=True (pretrain, sft) also every
+    """A command's parser: --help shows the defaults; with settings=True (pretrain, sft, dpo) also every
     `--key value` setting's, from TrainConfig (read only then: it imports torch)."""
 
     def __init__(self, *args, settings: bool = False, **kwargs):
@@ -363,14 +376,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)", settings=True,
-        epilog="Any setting can follow as --key value (--lr 1e-4, --pack true, --max_answer_chars 256); "
-               "out_dir defaults to a directory beside --init's run (runs/x/final -> runs/x-sft).",
+        epilog="Any setting can follow as --key value (--lr 1e-4, --pack true, --max_answer_chars 256, "
+               "--lora_rank 16 for LoRA); out_dir defaults to a directory beside --init's run (runs/x/final -> "
+               "runs/x-sft).",
     )
     p.add_argument("--init", help="the checkpoint to start from, e.g. runs/demo/pretrain/final")
     p.add_argument("--data", nargs="+", help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
     p.add_argument("--config", help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_sft, takes_overrides=True)
+
+    p = commands.add_parser(
+        "dpo", help="tune an SFT checkpoint on preference pairs with DPO (also under torchrun)", settings=True,
+        epilog="Any setting can follow as --key value (--beta 0.1, --label_smoothing 0.1, --lora_rank 16, "
+               "--precompute_ref_log_probs true); out_dir defaults to a directory beside --init's run "
+               "(runs/x/final -> runs/x-dpo).",
+    )
+    p.add_argument("--init", help="the checkpoint to tune, and the reference: e.g. runs/demo/sft/final")
+    p.add_argument("--data", nargs="+", help="preference pairs: {prompt, chosen, rejected}, LLaMA-Factory's or "
+                   "MedicalGPT's JSON(L)")
+    p.add_argument("--config", help="a TOML file with a [train] table (the model comes from --init)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.set_defaults(func=cmd_dpo, takes_overrides=True)
 
     p = commands.add_parser("eval", help="loss, bits per byte, QA, multiple choice and leakage of a checkpoint")
     p.add_argument("checkpoint")
@@ -409,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: a LlamaForCausalLM directory; gguf: a llama.cpp file")
     p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
+    p.add_argument("--adapter", action="store_true", help="a LoRA checkpoint with --format hf: its base to OUT and "
+                   "the peft adapter to OUT/adapter, instead of the merged weights")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")

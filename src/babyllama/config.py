@@ -88,6 +88,15 @@ class TrainConfig:
     max_prompt_chars: int = 0
     min_answer_chars: int = 0
     max_answer_chars: int = 0
+    # LoRA with peft (sft, dpo): rank 0 trains every weight; else adapters on lora_targets, the init frozen
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "wqkv,wo,w13,w2"  # comma-separated, among the blocks' linear layers
+    # DPO (Rafailov et al., 2023): the sigmoid loss; the reference is the init, or its log-probs computed once
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # the chance that a pair's preference is flipped (conservative DPO), < 0.5
+    precompute_ref_log_probs: bool = False
 
     def __post_init__(self) -> None:
         """Every setting in its range, before anything runs; each mistake is one sentence."""

@@ -3,24 +3,28 @@
     babyllama export runs/demo/sft/final --format hf --out runs/demo/hf
     # then: AutoModelForCausalLM.from_pretrained("runs/demo/hf"), AutoTokenizer.from_pretrained(...)
     babyllama export runs/demo/sft/final --format gguf --out runs/demo/demo.gguf    # llama.cpp, fp32
+    babyllama export runs/lora/final --format hf --adapter --out runs/lora/hf   # base + peft adapter in hf/adapter
 
 Our weights are Meta's layout with two fused projections; Hugging Face wants them split and the
 q/k rows permuted, since its RoPE rotates (first half, second half) of each head where Meta's
 rotates interleaved pairs. generation_config.json carries bos, eos and pad, so other tools stop
-generating at <eos>.
+generating at <eos>. A LoRA checkpoint exports merged into its base, or with --adapter as the HF
+export of its base plus a peft adapter for it (`PeftModel.from_pretrained(model, "OUT/adapter")`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
-from babyllama.checkpoint import load_checkpoint
+from babyllama.checkpoint import load_checkpoint, lora_base, read_config
 from babyllama.errors import UserError, require
+from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
 from babyllama.model import ModelConfig
 
 
@@ -161,6 +165,50 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+HF_LORA = {"attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "attention.wo": ("self_attn.o_proj",), "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+           "feed_forward.w2": ("mlp.down_proj",)}
+
+
+def hf_adapter_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our LoRA adapter as peft's for LlamaForCausalLM. A fused layer's parts share its lora_A and take
+    their rows of lora_B (B A split by rows is each part's B_part A), q/k rows permuted as the weights are."""
+    rows = {"attention.wqkv": [cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim],
+            "feed_forward.w13": [cfg.ffn_dim, cfg.ffn_dim]}
+    heads = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.kv_heads}
+    pattern = re.escape(PREFIX) + r"layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight"  # layers.0.attention.wqkv.lora_A
+    out = {}
+    for name, w in tensors.items():
+        i, layer, ab = re.fullmatch(pattern, name).groups()
+        parts = HF_LORA[layer]
+        pieces = [w] * len(parts) if ab == "lora_A" else w.split(rows.get(layer, [w.size(0)]))
+        for part, piece in zip(parts, pieces, strict=True):
+            if ab == "lora_B" and part in heads:
+                piece = interleaved_to_halves(piece, heads[part])
+            out[f"{PREFIX}model.layers.{i}.{part}.{ab}.weight"] = piece.float().clone()  # a copy each
+    return out
+
+
+def export_hf_adapter(checkpoint: str | Path, out: str | Path) -> Path:
+    """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter."""
+    from safetensors.torch import load_file, save_file
+
+    peft = require("peft", "lora")
+    if not is_adapter(checkpoint):
+        raise UserError(f"{checkpoint} is not a LoRA checkpoint; --adapter exports the adapter of one "
+                        "(leave it out to export the model).")
+    out = export_hf(lora_base(checkpoint), out)
+    config = adapter_config(checkpoint)
+    cfg = ModelConfig.from_dict(read_config(checkpoint)["model"])
+    tensors = hf_adapter_tensors(load_file(str(Path(checkpoint) / ADAPTER_FILE)), cfg)
+    targets = sorted({name.split(".")[-3] for name in tensors})
+    hf = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                         target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=str(out.resolve()))
+    hf.save_pretrained(str(out / "adapter"))
+    save_file(tensors, str(out / "adapter" / ADAPTER_FILE), metadata={"format": "pt"})
+    return out
+
+
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """llama.cpp's tensor names; its llama RoPE rotates interleaved pairs, so q/k keep our row order."""
     return renamed(llama_weights(model), GGUF_TOP, GGUF_LAYER, "blk.{i}.")
@@ -235,9 +283,11 @@ def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
+def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter: bool = False) -> Path:
+    if adapter and format != "hf":
+        raise UserError("--adapter writes a peft adapter for the Hugging Face export; use it with --format hf.")
     if format == "hf":
-        return export_hf(checkpoint, out)
+        return export_hf_adapter(checkpoint, out) if adapter else export_hf(checkpoint, out)
     if format == "gguf":
         return export_gguf(checkpoint, out)
     raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")

@@ -312,12 +312,14 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         segments: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V) or (B, 1, V) with last_only, None), or (None, loss) with targets.
 
         The loss is the mean cross-entropy over the target positions that are not -1 (PyTorch's
         ignore_index); it is 0, not NaN, when no position counts. With targets the logits are
-        never materialised whole (see LinearCrossEntropy).
+        never materialised whole (see LinearCrossEntropy). reduction="none" gives the loss of
+        every position instead, (B, T) fp32, 0 where the target is -1 (DPO sums it per answer).
         segments (B, T) int64, optional: a document id per position (packed samples, doc_mask);
         attention then stays within each document (document_mask).
         """
@@ -338,6 +340,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h[:, -1:] if last_only else h), None
+        if reduction == "none":
+            return None, token_cross_entropy(h, self.output.weight, targets)
         return None, linear_cross_entropy(h, self.output.weight, targets)
 
     def use_flex(self, device: torch.device) -> bool:
@@ -460,6 +464,17 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         logits = (h2[s : s + chunk] @ weight.t()).float()
         loss += (F.cross_entropy(logits, t[s : s + chunk], reduction="none") * w[s : s + chunk]).sum()
     return loss
+
+
+def token_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, reduction="none") (B, T) fp32, 0 where targets are -1, for h (B, T, C).
+
+    Only the positions with a target go through the head, (n, V) logits at a time: the answers of DPO.
+    """
+    keep = targets != -1  # (B, T)
+    logits = (h[keep] @ weight.t()).float()  # (n, V)
+    nll = F.cross_entropy(logits, targets[keep], reduction="none")  # (n,)
+    return torch.zeros(targets.shape, dtype=nll.dtype, device=h.device).masked_scatter(keep, nll)
 
 
 MIN_TEMPERATURE = 1e-4  # sampling at a lower temperature is greedy decoding

@@ -18,6 +18,8 @@ number of workers), per split:
                         that change the samples, and the counts. A cache is used only when they match.
 
 Memory stays flat whatever the corpus: records stream in, at most 2 * workers batches are in flight.
+The DPO token cache (kind "dpo", data/preferences.py) is the same files with two samples per
+preference pair, the chosen answer's then the rejected one's.
 """
 
 from __future__ import annotations
@@ -79,23 +81,25 @@ class SFTStats:
     bad: int = 0
     filtered: int = 0  # by the length filters
     empty_answers: int = 0  # an answer with nothing visible: it would teach <eos> alone
+    equal_pairs: int = 0  # DPO: pairs whose chosen and rejected answers are the same text
     truncated: int = 0
     samples: int = 0
     val_samples: int = 0
     bad_examples: list[str] = field(default_factory=list)  # "file:line: reason" of the first few
 
 
-def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings) -> dict:
-    """What a cache must match to be used: format, tokenizer, each input's path, size and mtime, settings."""
+def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings, kind: str = "sft") -> dict:
+    """What a cache must match to be used: format, kind (sft or dpo), tokenizer, each input's path, size and
+    mtime, settings."""
     inputs = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
-    return {"format": FORMAT, "version": VERSION, "tokenizer": fingerprint, "inputs": inputs,
+    return {"format": FORMAT, "version": VERSION, "kind": kind, "tokenizer": fingerprint, "inputs": inputs,
             "settings": asdict(settings)}
 
 
 # --- the worker side ---
 
 
-def _blank(text: str) -> bool:
+def is_blank(text: str) -> bool:
     """Nothing visible: only whitespace, zero-width and other format or control characters."""
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
 
@@ -117,7 +121,7 @@ def _render(batch: list[Item], settings: SFTSettings) -> dict:
             counts["bad"] += 1
             bad.append(f"{where}: {e}")
             continue
-        if any(_blank(a) for _, a in conv.turns):
+        if any(is_blank(a) for _, a in conv.turns):
             counts["empty_answers"] += 1
             continue
         if not all(settings.fits(u, a) for u, a in conv.turns):
@@ -152,8 +156,9 @@ def _record_batches(paths: list[Path]):
 
 
 def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: str | Path, settings: SFTSettings,
-                    workers: int = 1) -> dict:
-    """Tokenize the SFT records of inputs into out/ (see the module docstring); returns the manifest.
+                    workers: int = 1, kind: str = "sft") -> dict:
+    """Tokenize the SFT records (kind "dpo": preference pairs) of inputs into out/ (see the module
+    docstring); returns the manifest.
 
     Raises UserError when out/ cannot be written or no record is usable.
     """
@@ -162,33 +167,42 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     paths = expand_inputs(list(inputs))
     with locked(Path(out)):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
-        if manifest is not None and cache_differences(manifest, cache_key(paths, tok.fingerprint, settings)) == []:
+        key = cache_key(paths, tok.fingerprint, settings, kind)
+        if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
-        return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start)
+        return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start, kind)
+
+
+def _renderer(kind: str):
+    """The worker function that renders a batch of records of this kind."""
+    if kind == "dpo":
+        from babyllama.data.preferences import render_pairs  # it builds on this module
+
+        return render_pairs
+    return _render
 
 
 def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSettings, workers: int,
-           start: float) -> dict:
+           start: float, kind: str) -> dict:
     files = {(split, part): (out / f".{split}.{part}.bin.tmp").open("wb")
              for split in SPLITS for part in ("ids", "mask", "lengths")}
     bad_log = (out / f".{BAD_RECORDS}.tmp").open("w", encoding="utf-8")
     stats = SFTStats()
-    bar = progress(desc="sft tokens", unit=" records")
+    bar = progress(desc=f"{kind} tokens", unit=" records")
+    what = "SFT" if kind == "sft" else "preference"
     try:
-        render = partial(_render, settings=settings)
+        render = partial(_renderer(kind), settings=settings)
         for batch, r in in_workers(render, _record_batches(paths), str(tokenizer_path), workers):
             _write(files, r, tok.dtype)
             stats.records += len(batch)
-            stats.bad += r["counts"]["bad"]
-            stats.filtered += r["counts"]["filtered"]
-            stats.empty_answers += r["counts"]["empty_answers"]
-            stats.truncated += r["counts"]["truncated"]
+            for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs, truncated
+                setattr(stats, k, getattr(stats, k) + n)
             stats.val_samples += int(r["val"].sum())
             stats.samples += int((~r["val"]).sum())
             bad_log.writelines(f"{line}\n" for line in r["bad"])
             for line in r["bad"][: 5 - len(stats.bad_examples)]:
                 stats.bad_examples.append(line)
-                log.warning("%s: skipped an SFT record", line)
+                log.warning("%s: skipped an %s record", line, what)
             bar.update(len(batch))
             bar.set_postfix(samples_per_s=f"{(stats.samples + stats.val_samples) / (time.time() - start):,.0f}",
                             refresh=False)
@@ -199,17 +213,18 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             f.close()
     (out / f".{BAD_RECORDS}.tmp").rename(out / BAD_RECORDS)
     if stats.bad > len(stats.bad_examples):
-        log.warning("... and %d more bad SFT records (%d in all), each listed in %s",
-                    stats.bad - len(stats.bad_examples), stats.bad, out / BAD_RECORDS)
+        log.warning("... and %d more bad %s records (%d in all), each listed in %s",
+                    stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
     if stats.samples == 0:
         detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
-                  f"{stats.filtered} filtered by length")
+                  f"{stats.filtered} filtered by length" + (f", {stats.equal_pairs} with equal answers"
+                                                            if kind == "dpo" else ""))
         if stats.val_samples:
-            raise UserError(f"every SFT sample landed in the validation split ({detail}); lower --val_fraction.")
-        raise UserError(f"no usable SFT records in {', '.join(map(str, paths))} ({detail}).")
+            raise UserError(f"every {what} sample landed in the validation split ({detail}); lower --val_fraction.")
+        raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}).")
     for (split, part) in files:
         (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
-    manifest = {**cache_key(paths, tok.fingerprint, settings), "dtype": tok.dtype.name, "stats": asdict(stats),
+    manifest = {**cache_key(paths, tok.fingerprint, settings, kind), "dtype": tok.dtype.name, "stats": asdict(stats),
                 "seconds": round(time.time() - start, 2)}
     write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
     return manifest
@@ -268,6 +283,8 @@ def cache_differences(manifest: dict, key: dict) -> list[str]:
     """What differs between a cache's manifest and what it must match, in words; [] when nothing."""
     if manifest.get("version") != key["version"]:
         return ["it was made by another version of babyllama"]
+    if manifest.get("kind", "sft") != key["kind"]:
+        return [f"{manifest.get('kind', 'sft')} samples, not {key['kind']}"]
     out = []
     if manifest.get("tokenizer") != key["tokenizer"]:
         out.append("another tokenizer")

@@ -134,25 +134,26 @@ def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
 
 
 def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,
-                  settings: SFTSettings, pack: bool, dist: Dist, workers: int = 1
+                  settings: SFTSettings, pack: bool, dist: Dist, workers: int = 1, kind: str = "sft"
                   ) -> tuple[SFTData, SFTData | None, SFTStats]:
     """Train and validation SFTData from the token cache, built first (by rank 0) when there is none.
 
+    kind "dpo": the cache of preference pairs, samples 2i and 2i + 1 the chosen and rejected of pair i.
     Raises UserError when the cache holds the tokens of other inputs, another tokenizer or settings.
     """
     tokenizer = load_tokenizer(tokenizer_path)
-    key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings)
+    key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind)
     manifest = read_sft_cache(cache_dir)
     if manifest is None:
         if dist.main:
-            print(f"sft cache: building {cache_dir} with {workers} workers")
-            build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers)
+            print(f"{kind} cache: building {cache_dir} with {workers} workers")
+            build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
         barrier(dist)
         manifest = read_sft_cache(cache_dir)
         if manifest is None:
             raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
     elif dist.main:
-        print(f"sft cache: using {cache_dir}")
+        print(f"{kind} cache: using {cache_dir}")
     differ = cache_differences(manifest, key)
     if differ:
         raise UserError(f"the SFT token cache {cache_dir} was built with {'; '.join(differ)}; "

@@ -30,7 +30,7 @@ from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer, lr_at
+from babyllama.train.trainer import Dataset, Trainer, lora_of, lr_at
 
 SFT_MODEL_SETTINGS = {"dropout"}  # the model settings SFT can change: they leave the weights' shapes alone
 
@@ -50,6 +50,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
     `--resume` refuses another stage's, and out_dir may not hold the --init model it would overwrite."""
     out = Path(cfg.train.out_dir)
+    lora_of(cfg.train)  # LoRA settings out of range stop here
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
@@ -80,10 +81,10 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
 
 
 def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer,
-                 dist: Dist, resume_from: Path | None, stage: str) -> Path:
-    """Write config.json, build the Trainer and train."""
+                 dist: Dist, resume_from: Path | None, stage: str, trainer_cls: type[Trainer] = Trainer) -> Path:
+    """Write config.json, build the Trainer (or the stage's own, DPO's) and train."""
     out = Path(cfg.train.out_dir)
-    trainer = Trainer(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
+    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
     t = cfg.train
     if dist.main and t.warmup_steps >= trainer.total_steps:
         print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {trainer.total_steps} steps: the "
@@ -102,6 +103,8 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     t = cfg.train
     if not t.data:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
+    if t.lora_rank:
+        raise UserError("LoRA adapts a trained model (sft, dpo); pretraining trains every weight, so drop lora_rank.")
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
         T = cfg.model.max_seq_len

@@ -1,4 +1,4 @@
-"""The training loop, one for every stage (pretraining, SFT): one process, one GPU, or torchrun.
+"""The training loop, one for every stage (pretraining, SFT, DPO): one process, one GPU, or torchrun.
 
     trainer = Trainer(cfg, train_data, val_data, tokenizer, dist, stage="pretrain")
     final = trainer.fit()          # RUN/final, the model for the next stage
@@ -13,7 +13,9 @@ global batch, however it is split over micro-batches and processes. A step whose
 gradient norm is not finite changes nothing, and weights that are not finite are never saved.
 
 Run directory: config.json (effective settings), metrics.jsonl, checkpoints/step_000500/ (the
-last `keep_last`), final/ (the model to evaluate, chat with or fine-tune).
+last `keep_last`), final/ (the model to evaluate, chat with or fine-tune). With lora_rank the init
+is frozen under peft's LoRA adapters, and checkpoints hold the adapter and name the init as base.
+A stage with another objective (DPO) overrides `units`, `forward`, `step_metrics` and `validation`.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from babyllama.checkpoint import (
     read_config,
     save_checkpoint,
     step_checkpoint,
+    weights_sha256,
 )
 from babyllama.config import RunConfig, TrainConfig
 from babyllama.errors import Stopped, UserError
 from babyllama.evaluate import loss_sums
+from babyllama.lora import adapter_tensors, add_lora, load_adapter, lora_config
 from babyllama.model import Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
@@ -117,8 +121,16 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def lora_of(t: TrainConfig):
+    """peft's LoraConfig of the settings, or None without lora_rank."""
+    return lora_config(t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets) if t.lora_rank else None
+
+
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
-    """A fresh model from the seed, then the weights of the checkpoint to resume, else of init."""
+    """A fresh model from the seed, then the weights of the checkpoint to resume, else of init.
+
+    With lora_rank: init's weights, frozen, under LoRA adapters: new ones, or the checkpoint's to resume.
+    """
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -128,9 +140,14 @@ def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) 
         if diff:
             raise UserError(f"{resume_from} was trained with other model settings ({', '.join(diff)}); "
                             "resume with the same settings or use a new out_dir.")
-    source = resume_from or cfg.train.init
+    lora = lora_of(cfg.train)
+    source = cfg.train.init if lora else resume_from or cfg.train.init
     if source:
         model.load_state_dict(load_model(source).state_dict())
+    if lora:
+        model = add_lora(model, lora)
+        if resume_from is not None:
+            load_adapter(model, resume_from)
     return model
 
 
@@ -261,6 +278,9 @@ class Trainer:
         self.order = GlobalOrder(len(train_data), t.seed)
         self.dtype = amp_dtype(t.dtype, dist.device)
         self.model = build_model(cfg, dist.device, resume_from)
+        self.lora = lora_of(t)
+        if self.lora is not None:  # what the checkpoints name as their base
+            self.base = {"path": str(Path(t.init).resolve()), "sha256": weights_sha256(t.init)}
         self.wrapped = wrap_model(self.model, t, dist, self.dtype)
         self.optimizers = build_optimizers(self.model, t, dist.device)
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
@@ -295,6 +315,10 @@ class Trainer:
 
     # --- one step ---
 
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the loss is a mean over: the target tokens that carry loss."""
+        return (batch["targets"] != -1).sum()
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's mean loss over its targets that are not -1, under autocast."""
         with torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -313,7 +337,7 @@ class Trainer:
         batches = [{k: (v.pin_memory() if pin else v).to(d.device, non_blocking=True)
                     for k, v in self.train_data.collate(m).items()}
                    for m in micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)]
-        counts = [(b["targets"] != -1).sum() for b in batches]  # target tokens that carry loss
+        counts = [self.units(b) for b in batches]  # target tokens that carry loss
         total = all_reduce_sum(torch.stack(counts).sum().float(), d).clamp(min=1)
         loss_sum = torch.zeros((), device=d.device)
         for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
@@ -386,6 +410,8 @@ class Trainer:
             return
         self.averaged += 1
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:  # LoRA's frozen base
+                continue
             if name in self.average:
                 self.average[name].lerp_(p, 1 / self.averaged)  # mean += (p - mean) / n
             else:
@@ -397,6 +423,14 @@ class Trainer:
         params = dict(self.model.named_parameters())
         for name, mean in self.average.items():
             params[name].copy_(mean)
+
+    def step_metrics(self) -> dict[str, float]:
+        """What a stage logs beside the loss at a logged step (DPO: its rewards since the last); on every rank."""
+        return {}
+
+    def validation(self) -> dict[str, float | None]:
+        """The held-out metrics of metrics.jsonl."""
+        return {"val_loss": self.evaluate()}
 
     def evaluate(self) -> float | None:
         """Mean loss over the first eval_batches * batch_size validation rows, in batches dealt out to the ranks.
@@ -455,13 +489,16 @@ class Trainer:
         state = self.state_dict()
         path = step_checkpoint(self.out, self.step)
         if self.dist.main:
-            tensors = model_tensors(self.model, weights)  # once, on the CPU, for both directories
             extra = {"run": self.cfg.to_dict(), "stage": self.stage, "step": self.step}
-            save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors)
+            tensors_of = model_tensors if self.lora is None else adapter_tensors  # LoRA: the adapter only
+            if self.lora is not None:
+                extra["base"] = self.base
+            tensors = tensors_of(self.model, weights)  # once, on the CPU, for both directories
+            save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors, self.lora)
             prune_checkpoints(self.out, self.t.keep_last)
             if final:
-                final_tensors = model_tensors(self.model, self.average) if self.average else tensors
-                save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, final_tensors)
+                final_tensors = tensors_of(self.model, self.average) if self.average else tensors
+                save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, final_tensors, self.lora)
         barrier(self.dist)
         return path
 
@@ -541,8 +578,9 @@ class Trainer:
                             record["mfu"] = rate * flops / (peak * self.dist.world)
                         window_start, window_tokens = time.perf_counter(), self.tokens
                         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                        record |= self.step_metrics()
                     if evaluated:
-                        record["val_loss"] = self.evaluate()
+                        record |= self.validation()
                     for r in records:
                         if r is record and (logged or evaluated) or r.get("skipped"):
                             log.write(r)
@@ -555,7 +593,7 @@ class Trainer:
                     self.save()
             self.save(final=True)
             self.use_average()  # the final loss is final/'s
-            log.write({"step": self.step, "tokens": self.tokens, "val_loss": self.evaluate(), "final": True})
+            log.write({"step": self.step, "tokens": self.tokens, **self.validation(), "final": True})
             return self.out / "final"
         finally:
             bar.close()

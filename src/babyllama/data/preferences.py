@@ -1,0 +1,153 @@
+"""Preference pairs for DPO: the shapes users have, in SFT's chat format, into the DPO token cache.
+
+    conv, chosen, rejected = preference_from_record({"prompt": "1+1=?", "chosen": "2", "rejected": "3"})
+    (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tokenizer, conv, chosen, rejected, max_len=513)
+
+Accepted records (the fields of one JSON object):
+  {prompt, chosen, rejected}, strings (TRL's standard shape), with an optional `system`;
+  {conversations: [...], chosen: {from|role, value|content}, rejected: {...}}: LLaMA-Factory's DPO
+    files; the conversation (ShareGPT or OpenAI items, an optional `system` field) ends with the user;
+  {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
+  {question, response_chosen, response_rejected}: MedicalGPT's reward data, with optional `system`
+    and `history` ([[question, answer], ...], earlier turns).
+Both answers of a pair follow the same conversation. The mask marks only the last answer and its
+<eos>, the one the pair is about: earlier answers are context. A long pair is cut as SFT cuts a
+sample, answer by answer (chat_format.truncate_conversation). Bad records are counted as for SFT;
+a pair whose answers are the same text teaches nothing and is skipped and counted (equal_pairs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from babyllama.chat_format import (
+    ROLES,
+    Conversation,
+    conversation_from_messages,
+    is_unicode,
+    messages_of_record,
+    render_conversation,
+    truncate_conversation,
+)
+from babyllama.data.pretokenize import worker_tokenizer
+from babyllama.data.sft_tokens import SFTSettings, is_blank
+from babyllama.data.shards import is_val
+from babyllama.tokenizer import Tokenizer
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"its {key!r} is not a string")
+    return value
+
+
+def _answer(value, key: str) -> str:
+    """An answer given as a string (MedicalGPT) or as one assistant message (LLaMA-Factory)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        role, content = value.get("role", value.get("from")), value.get("content", value.get("value"))
+        if ROLES.get(role) == "assistant" and isinstance(content, str):
+            return content
+    raise ValueError(f"its {key!r} is neither a string nor an assistant message")
+
+
+def _prompt_messages(record: dict) -> list[tuple[str, str]]:
+    """(role, content) of everything before the answers."""
+    system = [("system", _text(record, "system"))] if record.get("system") else []
+    if "conversations" in record:
+        messages = messages_of_record(record)
+        if messages is None:
+            raise ValueError("a conversations item lacks a known role or a text content")
+        return system + messages
+    if "question" in record:
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(
+                isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+            raise ValueError("its 'history' is not a list of [question, answer] pairs")
+        turns = [m for q, a in history for m in (("user", q), ("assistant", a))]
+        return system + turns + [("user", _text(record, "question"))]
+    return system + [("user", _text(record, "prompt"))]
+
+
+def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
+    """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above.
+
+    Raises ValueError, saying why, for a record of none of them or with text no tokenizer can encode.
+    """
+    if "question" in record and "conversations" not in record:
+        chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
+    elif "chosen" in record and "rejected" in record and ("prompt" in record or "conversations" in record):
+        chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+    else:
+        raise ValueError("not a preference record (prompt / conversations / question with chosen and rejected)")
+    conv = conversation_from_messages(_prompt_messages(record), add_generation_prompt=True)
+    if not is_unicode("".join([conv.system, chosen, rejected, *(u + a for u, a in conv.turns)])):
+        raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode")
+    return conv, chosen, rejected
+
+
+def with_answer(conv: Conversation, answer: str) -> Conversation:
+    return Conversation([*conv.turns[:-1], (conv.turns[-1][0], answer)], conv.system)
+
+
+def render_answer(tokenizer: Tokenizer, conv: Conversation, max_len: int) -> tuple[list[int], list[int], bool]:
+    """(ids, mask, truncated) of a conversation as SFT renders and cuts it, the mask on its last answer only."""
+    ids, mask = render_conversation(tokenizer, conv)
+    cut = len(ids) > max_len
+    if cut:
+        ids, mask = truncate_conversation(tokenizer, conv, max_len)
+    start = len(mask) - mask[::-1].index(0)  # the last answer: after the last prompt's <bos>
+    return ids, [0] * start + mask[start:], cut
+
+
+def render_pair(tokenizer: Tokenizer, conv: Conversation, chosen: str, rejected: str, max_len: int
+                ) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]], bool]:
+    """(chosen ids, mask), (rejected ids, mask) and whether either was cut to max_len ids."""
+    c_ids, c_mask, c_cut = render_answer(tokenizer, with_answer(conv, chosen), max_len)
+    r_ids, r_mask, r_cut = render_answer(tokenizer, with_answer(conv, rejected), max_len)
+    return (c_ids, c_mask), (r_ids, r_mask), c_cut or r_cut
+
+
+def render_pairs(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict:
+    """The token cache's worker for pairs (data/sft_tokens.py): samples 2i, 2i + 1 are pair i's chosen and
+    rejected; the counts of bad, filtered, empty (chosen), equal and truncated pairs; the first bad reasons."""
+    tok = worker_tokenizer()
+    ids: list[int] = []
+    mask: list[int] = []
+    lengths, val, bad = [], [], []
+    counts: Counter = Counter()
+    for where, record in batch:
+        try:
+            if not isinstance(record, dict):
+                raise ValueError("not valid JSON, or not an object")
+            conv, chosen, rejected = preference_from_record(record)
+        except ValueError as e:
+            counts["bad"] += 1
+            bad.append(f"{where}: {e}")
+            continue
+        if chosen == rejected:
+            counts["equal_pairs"] += 1
+            continue
+        if is_blank(chosen):
+            counts["empty_answers"] += 1
+            continue
+        prompt = conv.turns[-1][0]
+        if not all(settings.fits(u, a) for u, a in conv.turns[:-1]) or not (
+                settings.fits(prompt, chosen) and settings.fits(prompt, rejected)):
+            counts["filtered"] += 1
+            continue
+        *samples, cut = render_pair(tok, conv, chosen, rejected, settings.max_len)
+        counts["truncated"] += cut
+        held_out = is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
+        for s_ids, s_mask in samples:
+            ids += s_ids
+            mask += s_mask
+            lengths.append(len(s_ids))
+            val.append(held_out)
+    return {"ids": np.array(ids, dtype=np.uint32), "mask": np.array(mask, dtype=np.uint8),
+            "lengths": np.array(lengths, dtype=np.int32), "val": np.array(val, dtype=bool),
+            "counts": counts, "bad": bad}

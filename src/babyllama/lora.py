@@ -1,0 +1,129 @@
+"""LoRA adapters on the Transformer, with Hugging Face peft (Hu et al., 2021): add, save, load, merge.
+
+    config = lora_config(rank=16, alpha=32, dropout=0.05, targets="wqkv,wo,w13,w2")
+    model = add_lora(model, config)         # the base frozen; W x + (alpha / r) B A x on each target
+    tensors = adapter_tensors(model)        # peft's names: base_model.model.layers.0.attention.wqkv.lora_A.weight
+    save_adapter(ckpt_dir, config, tensors, base="/abs/path/of/the/base/checkpoint")
+    model = merge_lora(load_adapter(base_model, ckpt_dir))    # a plain Transformer again
+
+A LoRA checkpoint holds peft's own files, adapter_config.json (its base_model_name_or_path names
+the base checkpoint) and adapter_model.safetensors, under the names peft's PeftModel.save_pretrained
+writes, so `PeftModel.from_pretrained(Transformer(cfg), ckpt_dir)` reads it too. Targets are the
+linear layers of the blocks; the output head is shared with the embedding, so it is never a target.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from babyllama.errors import UserError, require
+from babyllama.model import Transformer
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+TARGETS = ("wqkv", "wo", "w13", "w2")  # the linear layers of every block (attention, then feed-forward)
+PREFIX = "base_model.model."  # what PeftModel puts before the module names in adapter_model.safetensors
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: str, base: str | None = None):
+    """peft's LoraConfig for the comma-separated `targets` among TARGETS; UserError for settings out of range."""
+    peft = require("peft", "lora")
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = sorted(set(names) - set(TARGETS))
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1 or not names or unknown:
+        raise UserError(f"LoRA needs lora_rank >= 1, lora_alpha > 0, lora_dropout in [0, 1) and lora_targets among "
+                        f"{','.join(TARGETS)}; got rank {rank}, alpha {alpha}, dropout {dropout}, targets {targets!r}.")
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                           base_model_name_or_path=base)
+
+
+def add_lora(model: Transformer, config) -> Transformer:
+    """The model with LoRA layers on its targets, in place: lora_A random (kaiming, from torch's RNG),
+    lora_B zero, so the model computes what it did; only the adapters' parameters require grad."""
+    from peft import inject_adapter_in_model
+
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def adapter_tensors(model: Transformer, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors of model (or of state_dict, e.g. the weight average), on the CPU, under peft's names."""
+    from peft import get_peft_model_state_dict
+
+    tensors = get_peft_model_state_dict(model, state_dict=state_dict)
+    return {PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save_adapter(out: Path, config, tensors: dict[str, torch.Tensor], base: str) -> None:
+    """adapter_config.json (naming base) and adapter_model.safetensors in out/."""
+    from safetensors.torch import save_file
+
+    config = copy.copy(config)
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": "pt"})
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_config(path: str | Path):
+    """The LoraConfig of a LoRA checkpoint; UserError when it is no LoRA adapter peft can read."""
+    peft = require("peft", "lora")
+    try:
+        config = peft.LoraConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, OSError) as e:
+        raise UserError(f"{Path(path) / ADAPTER_CONFIG} is not a LoRA adapter config ({e}).") from None
+    return config
+
+
+def load_adapter(model: Transformer, path: str | Path) -> Transformer:
+    """model with the adapter of checkpoint `path`, its LoRA layers added first unless it has them (a resume).
+
+    Raises UserError when the adapter's tensors do not fit the model (another base, a damaged file).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not _adapter_params(model):
+        model = add_lora(model, adapter_config(path))
+    try:
+        tensors = load_file(str(path / ADAPTER_FILE), device=str(model.tok_embeddings.weight.device))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise UserError(f"{path / ADAPTER_FILE} cannot be read ({e}); the LoRA checkpoint is damaged.") from None
+    params = _adapter_params(model)
+    if set(tensors) != set(params) or any(tensors[k].shape != p.shape for k, p in params.items()):
+        raise UserError(f"{path / ADAPTER_FILE} does not fit the model it is loaded onto (other targets, rank or "
+                        "base shapes).")
+    set_peft_model_state_dict(model, {k.removeprefix(PREFIX): v for k, v in tensors.items()})
+    return model
+
+
+def _adapter_params(model: Transformer) -> dict[str, torch.Tensor]:
+    """The adapter's parameters under the names of its file."""
+    return {PREFIX + k.replace(".default", ""): p for k, p in model.named_parameters() if "lora_" in k}
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer) -> Transformer:
+    """The plain Transformer: every LoRA layer's W + (alpha / r) B A written into its base layer (peft's
+    merge), which then takes the LoRA layer's place."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    del model.peft_config  # what inject_adapter_in_model set: the model has no adapter now
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,231 @@
+"""DPO (Rafailov et al., 2023): `babyllama dpo`, preference tuning of an SFT model on the one Trainer.
+
+    babyllama dpo --init runs/demo/sft/final --data pairs.jsonl --out_dir runs/dpo [--beta 0.1 --lora_rank 16]
+    torchrun --standalone --nproc_per_node 4 -m babyllama dpo --init ... --data ... --precompute_ref_log_probs true
+
+For a pair of answers to one prompt x, y_w chosen and y_l rejected, log π(y|x) sums the log-probs
+of the answer's tokens and its <eos>, in SFT's chat format and truncation (data/preferences.py).
+π is the model being trained, π_ref the frozen reference: the init, or its log-probs computed once
+before training (precompute_ref_log_probs, kept in OUT_DIR/ref_logps.npz). With the implicit
+rewards r(y) = β (log π(y|x) - log π_ref(y|x)), the loss of a pair is
+
+    h = r(y_w) - r(y_l)                                the DPO paper's equation 7 is -log σ(h)
+    loss = -(1 - ε) log σ(h) - ε log σ(-h)             ε = label_smoothing: the chance that a pair's
+                                                       preference is flipped (conservative DPO)
+
+Metrics, named as TRL logs them (means over the step's pairs): rewards/chosen, rewards/rejected,
+rewards/accuracies (the share with r(y_w) > r(y_l)), rewards/margins (h), logps/chosen,
+logps/rejected; on the held-out split val_loss, val_rewards/accuracies and so on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from babyllama.checkpoint import load_model, weights_sha256
+from babyllama.config import RunConfig
+from babyllama.data.sft_tokens import SFTSettings
+from babyllama.errors import UserError
+from babyllama.progress import progress
+from babyllama.tokenizer import load_tokenizer
+from babyllama.train.distributed import all_reduce_sum, barrier, process_group
+from babyllama.train.sft_data import SFTData, load_sft_data
+from babyllama.train.stages import checked_run, default_out_dir, run_training, sft_model
+from babyllama.train.trainer import Trainer
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+REFERENCE_FILE = "ref_logps.npz"
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss of each pair, and the chosen and rejected rewards (detached), all (B,), from the
+    summed answer log-probs (B,) of the policy and of the reference.
+
+    Rafailov et al. 2023, equation 7, with conservative DPO's label smoothing (Mitchell, 2023; TRL's
+    sigmoid loss before TRL 1.0): -(1 - ε) log σ(h) - ε log σ(-h), h = β (Δ chosen - Δ rejected).
+    """
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    h = chosen_rewards - rejected_rewards
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def answer_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) fp32: each row's summed log-probs of its targets that are not -1 (its answer and <eos>)."""
+    _, nll = model(batch["idx"], batch["targets"], reduction="none")  # (N, T)
+    return -nll.sum(dim=1)
+
+
+def pair_sums(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+              logps: torch.Tensor) -> torch.Tensor:
+    """(len(METRICS) + 1,): the sums over the pairs of each metric, then the number of pairs."""
+    chosen_logps, rejected_logps = logps.detach().chunk(2)
+    columns = (losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+               chosen_rewards - rejected_rewards, chosen_logps, rejected_logps)
+    return torch.stack([c.sum() for c in columns] + [torch.tensor(float(len(losses)), device=losses.device)])
+
+
+def means(sums: torch.Tensor) -> dict[str, float]:
+    """METRICS -> their means over the pairs counted in sums."""
+    n = float(sums[-1]) or 1.0
+    return {name: float(s) / n for name, s in zip(METRICS, sums[:-1], strict=True)}
+
+
+class PreferenceData:
+    """Preference pairs for the trainer: row i is pair i of the DPO token cache, whose samples 2i and
+    2i + 1 are its chosen and rejected answers; ref_logps (n, 2): the reference's, once computed."""
+
+    def __init__(self, sequences: SFTData):
+        self.sequences = sequences
+        self.lengths = np.maximum(sequences.lengths[0::2], sequences.lengths[1::2])  # (n,) the longer of the two
+        self.ref_logps: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequences) // 2
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """idx, targets (2B, T): the B chosen samples, then the B rejected ones; ref_logps (2B,) once computed."""
+        batch = self.sequences.collate([2 * i for i in indices] + [2 * i + 1 for i in indices])
+        if self.ref_logps is not None:
+            batch["ref_logps"] = torch.from_numpy(self.ref_logps[indices].T.reshape(-1).copy())
+        return batch
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the pairs' ids and masks: what cached reference log-probs were computed on."""
+        h = hashlib.sha256()
+        for array in (self.sequences.ids, self.sequences.mask, self.sequences.offsets):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
+
+
+class DPOTrainer(Trainer):
+    """The Trainer with the DPO objective: a step's loss is the mean over its pairs."""
+
+    def __init__(self, cfg: RunConfig, train_data: PreferenceData, val_data: PreferenceData | None, tokenizer,
+                 dist, stage: str = "dpo", resume_from: Path | None = None):
+        super().__init__(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
+        self.reference: torch.nn.Module | None = load_model(cfg.train.init, dist.device).requires_grad_(False)
+        self.sums = torch.zeros(len(METRICS) + 1, device=dist.device)  # over this step's pairs so far
+        if self.t.precompute_ref_log_probs:
+            self.precompute_reference()
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(batch["idx"].size(0) // 2, device=batch["idx"].device)  # pairs
+
+    def pair_losses(self, batch: dict[str, torch.Tensor]):
+        """(losses, chosen rewards, rejected rewards) (B,) and the policy's log-probs (2B,) of a batch of pairs."""
+        with torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logps = answer_log_probs(self.wrapped, batch)
+            if "ref_logps" in batch:
+                ref = batch["ref_logps"]
+            else:
+                with torch.no_grad():
+                    ref = answer_log_probs(self.reference, batch)
+        (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref.float().chunk(2)
+        return *dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.t.beta, self.t.label_smoothing), logps
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean DPO loss of the batch's pairs; their metrics add up in self.sums."""
+        *parts, logps = self.pair_losses(batch)
+        self.sums += pair_sums(*parts, logps)
+        return parts[0].mean()
+
+    def step_metrics(self) -> dict[str, float]:
+        step = means(all_reduce_sum(self.sums, self.dist))
+        self.sums.zero_()
+        return {k: v for k, v in step.items() if k != "loss"}  # the loss is logged already
+
+    @torch.no_grad()
+    def validation(self) -> dict[str, float]:
+        """val_loss and val_rewards/... over the first eval_batches * batch_size held-out pairs."""
+        if self.val_data is None:
+            return {}
+        B, d = self.t.batch_size, self.dist
+        n = min(len(self.val_data), self.t.eval_batches * B)
+        mine = [i for s in range(d.rank * B, n, d.world * B) for i in range(s, min(s + B, n))]
+        sums = torch.zeros_like(self.sums)
+        self.wrapped.eval()
+        for s in range(0, len(mine), B):
+            batch = {k: v.to(d.device) for k, v in self.val_data.collate(mine[s : s + B]).items()}
+            sums += pair_sums(*self.pair_losses(batch))
+        self.wrapped.train()
+        return {f"val_{k}": v for k, v in means(all_reduce_sum(sums, d)).items()}
+
+    @torch.no_grad()
+    def reference_log_probs(self, data: PreferenceData) -> np.ndarray:
+        """(n, 2): the reference's summed answer log-probs of every pair (chosen, rejected), the ranks sharing
+        the work."""
+        B, d = self.t.batch_size, self.dist
+        out = torch.zeros(len(data), 2, device=d.device)
+        for s in progress(range(d.rank * B, len(data), d.world * B), desc="reference log-probs", unit=" batch",
+                          disable=not d.main):
+            rows = list(range(s, min(s + B, len(data))))
+            batch = {k: v.to(d.device) for k, v in data.collate(rows).items()}
+            with torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                out[rows] = torch.stack(answer_log_probs(self.reference, batch).float().chunk(2), dim=1)
+        return all_reduce_sum(out, d).cpu().numpy()
+
+    def precompute_reference(self) -> None:
+        """Give the train and val pairs the reference's log-probs, from OUT_DIR/ref_logps.npz when it was made
+        for the same init, pairs and dtype, else computed now and kept there; then free the reference."""
+        data = {"train": self.train_data, "val": self.val_data}
+        data = {k: v for k, v in data.items() if v is not None}
+        key = json.dumps({"init": weights_sha256(self.t.init), "dtype": str(self.dtype),
+                          **{k: v.fingerprint() for k, v in data.items()}})
+        f = self.out / REFERENCE_FILE
+        cached = np.load(f) if f.is_file() else None
+        if cached is not None and str(cached["key"]) == key:
+            for name, d in data.items():
+                d.ref_logps = cached[name]
+        else:
+            for d in data.values():
+                d.ref_logps = self.reference_log_probs(d)
+            if self.dist.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(f".tmp-{os.getpid()}.npz")
+                np.savez(tmp, key=np.array(key), **{k: v.ref_logps for k, v in data.items()})
+                tmp.replace(f)
+            barrier(self.dist)
+        self.reference = None
+
+
+def dpo(cfg: RunConfig, resume: bool = False) -> Path:
+    """`babyllama dpo`: tune cfg.train.init on the preference pairs of cfg.train.data; returns final/."""
+    t = cfg.train
+    if not t.init:
+        raise UserError("DPO needs the model to tune: pass --init CHECKPOINT (an SFT model, e.g. runs/demo/sft/final).")
+    if not t.data:
+        raise UserError("DPO needs preference pairs: pass --data FILE... ({prompt, chosen, rejected} records or "
+                        "another shape the README lists).")
+    if t.beta <= 0 or not 0 <= t.label_smoothing < 0.5 or t.pack:
+        raise UserError(f"DPO needs beta > 0, label_smoothing in [0, 0.5) and no packing; got beta {t.beta}, "
+                        f"label_smoothing {t.label_smoothing}, pack {t.pack}.")
+    cfg.model = sft_model(cfg)
+    t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
+    with process_group(t.device, t.ddp_timeout) as dist:
+        tok_path = t.tokenizer or t.init
+        tokenizer = load_tokenizer(tok_path)
+        resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo")  # before the cache is built
+        paths = [t.data] if isinstance(t.data, str) else t.data
+        settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
+                               t.min_answer_chars, t.max_answer_chars)
+        cache = t.sft_cache or Path(t.out_dir) / "dpo_tokens"
+        workers = t.data_workers or os.cpu_count() or 1
+        train, val, stats = load_sft_data(paths, tok_path, cache, settings, False, dist, workers, kind="dpo")
+        if dist.main:
+            print(f"dpo data: {stats.records} records, {stats.bad} bad, {stats.equal_pairs} with equal answers, "
+                  f"{stats.empty_answers} with an empty chosen answer, {stats.filtered} filtered by length, "
+                  f"{stats.truncated} truncated; {stats.samples // 2} train / {stats.val_samples // 2} val pairs")
+        val_data = PreferenceData(val) if val is not None else None
+        return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, resume_from, "dpo", DPOTrainer)

@@ -1,0 +1,157 @@
+"""LoRA with peft: only adapters learn, merging is exact, checkpoints name their base, peft and HF read them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from babyllama.chat_format import Conversation, render_prompt
+from babyllama.checkpoint import load_model, save_checkpoint
+from babyllama.config import load_config
+from babyllama.errors import UserError
+from babyllama.lora import TARGETS, add_lora, lora_config, merge_lora
+from babyllama.model import Transformer
+from babyllama.train.stages import pretrain, sft
+from tests.conftest import tiny_config
+from tests.test_cli import run_cli
+from tests.test_sft import write
+
+peft = pytest.importorskip("peft")
+IDS = torch.tensor([[5, 17, 230, 41, 99, 3, 150, 7, 64, 12]])
+
+
+def plain_model(seed: int = 0, **kw) -> Transformer:
+    """A tiny model as initialised for training: logits near 0, where fp32 rounding stays under 1e-6."""
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(vocab_size=600, **kw)).eval()
+
+
+def lora_model(rank: int = 4, targets: str = ",".join(TARGETS), seed: int = 0) -> Transformer:
+    """A tiny model under LoRA adapters whose B is not zero, so they change the logits."""
+    model = add_lora(plain_model(), lora_config(rank, 2.0 * rank, 0.0, targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def test_only_adapter_parameters_receive_gradients():
+    base = plain_model()
+    linears = {n: m for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
+    expected = sum(4 * (m.in_features + m.out_features) for m in linears.values())  # r (in + out) each
+    model = lora_model(rank=4)
+    _, loss = model(IDS, IDS.roll(-1, 1))
+    loss.backward()
+    with_grad = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    assert len(with_grad) == 2 * len(linears) == 16  # lora_A and lora_B of 4 layers in each of 2 blocks
+    assert all("lora_" in n for n in with_grad)
+    assert sum(p.numel() for p in with_grad.values()) == expected == 8320
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert all(p.grad.abs().sum() > 0 for p in with_grad.values())
+
+
+def test_merged_weights_give_the_logits_of_base_plus_adapter():
+    model = lora_model().eval()
+    with torch.no_grad():
+        adapted = model(IDS)[0]
+        merged = merge_lora(copy.deepcopy(model))
+        assert (adapted - plain_model()(IDS)[0]).abs().max() > 1e-2  # the adapter matters
+        torch.testing.assert_close(merged(IDS)[0], adapted, atol=1e-5, rtol=0)
+    plain = Transformer(tiny_config(vocab_size=600)).state_dict()
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in plain.items()}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, bpe_tokenizer):
+    """A LoRA SFT run of 8 steps on a tiny model: init/ and run/final/."""
+    d = tmp_path_factory.mktemp("lora")
+    save_checkpoint(d / "init", plain_model(max_seq_len=64), bpe_tokenizer)
+    records = [{"instruction": "判断情感：", "input": f"很好很喜欢{i}", "output": "正面"} for i in range(40)]
+    write(d / "sft.jsonl", records)
+    sft(load_config(None, ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(d / "run"),
+                           "--max_steps", "8", "--batch_size", "8", "--lr", "1e-2", "--warmup_steps", "1",
+                           "--eval_every", "0", "--data_workers", "1", "--lora_rank", "4", "--lora_alpha", "8"]))
+    return d
+
+
+def test_lora_checkpoint_holds_peft_files_and_names_its_base(lora_run):
+    final = lora_run / "run" / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json"} <= {p.name for p in final.iterdir()}
+    assert not (final / "model.safetensors").exists()
+    base = json.loads((final / "config.json").read_text())["base"]
+    assert base["path"] == str((lora_run / "init").resolve())
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == base["path"]
+    ours = load_model(final)  # what chat, serve, eval and export load: base + adapter, merged
+    init = load_model(lora_run / "init")
+    with torch.no_grad():
+        assert (ours(IDS)[0] - init(IDS)[0]).abs().max() > 1e-3  # the adapter learned something
+        by_peft = peft.PeftModel.from_pretrained(init, final).eval()  # peft reads our checkpoint as its own
+        torch.testing.assert_close(by_peft(IDS)[0], ours(IDS)[0], atol=1e-5, rtol=0)
+
+
+def test_chat_answers_with_base_plus_adapter(lora_run, bpe_tokenizer):
+    final = lora_run / "run" / "final"
+    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(final), "--max_new_tokens", "6",
+                        "--repetition_penalty", "1.0"], input="很好很喜欢\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    prompt = render_prompt(bpe_tokenizer, Conversation([("很好很喜欢", "")]))
+    expected = bpe_tokenizer.decode(load_model(final).generate(prompt, max_new_tokens=6, eos_id=2))
+    assert r.stdout.splitlines()[0] == expected
+
+
+def test_a_missing_or_changed_base_is_one_sentence(lora_run, tmp_path):
+    shutil.copytree(lora_run / "init", tmp_path / "init")
+    shutil.copytree(lora_run / "run" / "final", tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "config.json").read_text())
+    config["base"]["path"] = str(tmp_path / "init")
+    (tmp_path / "lora" / "config.json").write_text(json.dumps(config))
+    assert load_model(tmp_path / "lora") is not None
+    save_checkpoint(tmp_path / "init", plain_model(seed=3, max_seq_len=64))
+    with pytest.raises(UserError, match="is not the one the LoRA checkpoint .* was trained on"):
+        load_model(tmp_path / "lora")
+    shutil.rmtree(tmp_path / "init")
+    r = run_cli("eval", str(tmp_path / "lora"), "--out_dir", str(tmp_path / "eval"))
+    assert r.returncode == 2 and "needs its base model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    final = lora_run / "run" / "final"
+    ours, init = load_model(final), load_model(lora_run / "init")
+    assert run_cli("export", str(final), "--format", "hf", "--out", str(tmp_path / "merged")).returncode == 0
+    r = run_cli("export", str(final), "--format", "hf", "--adapter", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, ours(IDS)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(base(IDS).logits, init(IDS)[0], atol=1e-5, rtol=0)  # hf/ is the base
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
+        torch.testing.assert_close(adapted(IDS).logits, ours(IDS)[0], atol=1e-5, rtol=0)
+    adapter = json.loads((tmp_path / "hf" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "hf").resolve())
+    assert sorted(adapter["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                  "v_proj"]
+    r = run_cli("export", str(lora_run / "init"), "--format", "hf", "--adapter", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "is not a LoRA checkpoint" in r.stderr
+
+
+def test_lora_settings_out_of_range_are_refused(lora_run, tmp_path):
+    base = ["--init", str(lora_run / "init"), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(tmp_path),
+            "--max_steps", "1"]
+    for flags in (["--lora_rank", "4", "--lora_targets", "wqkv,output"], ["--lora_rank", "-1"],
+                  ["--lora_rank", "4", "--lora_dropout", "1"]):
+        with pytest.raises(UserError, match="LoRA needs lora_rank >= 1"):
+            sft(load_config(None, [*base, *flags]))
+    with pytest.raises(UserError, match="LoRA adapts a trained model"):
+        pretrain(load_config(None, ["--data", str(tmp_path), "--out_dir", str(tmp_path), "--lora_rank", "4"]))
+    assert not (tmp_path / "sft_tokens").exists()  # refused before any data was tokenized
