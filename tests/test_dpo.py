@@ -1,0 +1,184 @@
+"""DPO: the loss and rewards equal the published formula and TRL's, a run learns the preferences,
+resume is exact with and without LoRA, settings out of range are one sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from babyllama.chat_format import Conversation
+from babyllama.checkpoint import save_checkpoint
+from babyllama.config import load_config
+from babyllama.data.preferences import render_pair
+from babyllama.errors import UserError
+from babyllama.model import Transformer
+from babyllama.train.distributed import Dist
+from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss
+from babyllama.train.sft_data import SFTData
+from babyllama.train.stages import sft_model
+from tests.conftest import simulate_death, tiny_config
+from tests.test_cli import run_cli
+from tests.test_sft import write
+
+PAIRS = [(Conversation([("你好", "")]), "对的", "错了吧"), (Conversation([("问题", "")]), "好", "不好的"),
+         (Conversation([("你好", "你好！"), ("1+1等于几", "")], "你是助手。"), "等于2。", "等于3。")]
+PAIRS_AS_TEXT = {"prompt": "问", "chosen": "对", "rejected": "错"}  # TRL needs a dataset to start; not scored
+
+
+def model(seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(vocab_size=600)).eval()
+
+
+def published_dpo(pc: float, pr: float, rc: float, rr: float, beta: float, eps: float) -> tuple[float, float, float]:
+    """Rafailov et al. 2023, eq. 7 with conservative label smoothing, written out: loss, chosen and rejected reward."""
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    h = chosen - rejected
+    return -(1 - eps) * math.log(1 / (1 + math.exp(-h))) - eps * math.log(1 / (1 + math.exp(h))), chosen, rejected
+
+
+def summed_answer_log_prob(m: Transformer, ids: list[int], mask: list[int]) -> float:
+    """log π(answer | prompt), position by position from the full logits."""
+    with torch.no_grad():
+        logp = torch.log_softmax(m(torch.tensor([ids[:-1]]))[0][0].double(), dim=-1)  # (T - 1, V)
+    return sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1) if mask[t + 1])
+
+
+def test_dpo_loss_is_the_published_formula():
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-3.0, -10.0, -2.5], [-5.0, -4.0, -2.5], [-4.0, -9.0, -3.0],
+                                                  [-4.5, -6.0, -1.0]))
+    for beta, eps in ((0.1, 0.0), (0.5, 0.2)):
+        losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta, eps)
+        for i in range(3):
+            expected = published_dpo(*(float(x[i]) for x in (pc, pr, rc, rr)), beta, eps)
+            assert [float(losses[i]), float(chosen[i]), float(rejected[i])] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(tmp_path_factory, bpe_tokenizer):
+    """Reference (the init) and a different policy, their checkpoints and HF exports, and a batch of 3 pairs."""
+    d = tmp_path_factory.mktemp("dpo-batch")
+    for seed, name in ((0, "ref"), (1, "policy")):
+        save_checkpoint(d / name, model(seed), bpe_tokenizer)
+    pairs = [render_pair(bpe_tokenizer, conv, c, r, 64)[:2] for conv, c, r in PAIRS]
+    return d, pairs
+
+
+def ours(d, pairs, beta: float, eps: float = 0.0):
+    """Our trainer's (losses, chosen rewards, rejected rewards, policy log-probs) on the batch of all pairs."""
+    cfg = load_config(None, ["--init", str(d / "ref"), "--out_dir", str(d / "run"), "--beta", str(beta),
+                             "--label_smoothing", str(eps)])
+    cfg.model = sft_model(cfg)
+    data = PreferenceData(SFTData.from_samples([s for pair in pairs for s in pair], max_seq_len=63, pad_id=0))
+    trainer = DPOTrainer(cfg, data, None, None, Dist())
+    trainer.model.load_state_dict(model(1).state_dict())  # the policy: another model than the reference
+    trainer.model.train()
+    with torch.no_grad():
+        return trainer.pair_losses(data.collate(list(range(len(pairs)))))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_trainer_loss_and_rewards_equal_the_formula_on_summed_log_probs(fixed_batch, eps):
+    d, pairs = fixed_batch
+    losses, chosen, rejected, logps = ours(d, pairs, beta=0.5, eps=eps)
+    policy, reference = model(1), model(0)
+    for i, ((c_ids, c_mask), (r_ids, r_mask)) in enumerate(pairs):
+        pc, pr = (summed_answer_log_prob(policy, ids, m) for ids, m in ((c_ids, c_mask), (r_ids, r_mask)))
+        rc, rr = (summed_answer_log_prob(reference, ids, m) for ids, m in ((c_ids, c_mask), (r_ids, r_mask)))
+        assert float(logps[i]) == pytest.approx(pc, abs=1e-4) and float(logps[3 + i]) == pytest.approx(pr, abs=1e-4)
+        expected = published_dpo(pc, pr, rc, rr, 0.5, eps)
+        assert [float(losses[i]), float(chosen[i]), float(rejected[i])] == pytest.approx(expected, abs=1e-5)
+
+
+def test_loss_and_metrics_equal_trls_dpo_trainer(fixed_batch, bpe_tokenizer):
+    """TRL's DPOTrainer computes its loss on our models exported to Hugging Face, on the same token ids."""
+    pytest.importorskip("trl")
+    transformers = pytest.importorskip("transformers")
+    from datasets import Dataset
+    from trl import DPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from babyllama.export import export
+
+    d, pairs = fixed_batch
+    for name in ("ref", "policy"):
+        export(d / name, d / f"{name}-hf")
+    policy = transformers.AutoModelForCausalLM.from_pretrained(d / "policy-hf")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(d / "ref-hf")
+    trl = TRLDPOTrainer(model=policy, ref_model=reference, train_dataset=Dataset.from_list([PAIRS_AS_TEXT]),
+                        args=DPOConfig(output_dir=str(d / "trl"), beta=0.5, report_to=[], use_cpu=True,
+                                       bf16=False),  # TRL's default runs the reference under bf16 autocast
+                        processing_class=transformers.AutoTokenizer.from_pretrained(d / "policy-hf"))
+    examples = []
+    for (c_ids, c_mask), (r_ids, _) in pairs:
+        start = c_mask.index(1)  # the prompt: everything before the last answer
+        examples.append({"prompt_ids": c_ids[:start], "chosen_ids": c_ids[start:], "rejected_ids": r_ids[start:]})
+    policy.train()
+    trl_loss = trl.compute_loss(policy, DataCollatorForPreference(pad_token_id=0)(examples))
+    trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
+    losses, chosen, rejected, logps = ours(d, pairs, beta=0.5)
+    assert float(trl_loss) == pytest.approx(float(losses.mean()), abs=1e-5)
+    mine = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": logps[:3].mean(), "logps/rejected": logps[3:].mean()}
+    for name, value in mine.items():
+        assert trl_metrics[name] == pytest.approx(float(value), abs=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory, bpe_tokenizer):
+    d = tmp_path_factory.mktemp("dpo")
+    save_checkpoint(d / "init", model(0), bpe_tokenizer)
+    pairs = [{"prompt": f"判断情感：{text}", "chosen": label, "rejected": "负面" if label == "正面" else "正面"}
+             for i in range(100) for text, label in [(f"很好很喜欢{i}", "正面"), (f"太差了失望{i}", "负面")]]
+    write(d / "pairs.jsonl", pairs)
+    return d
+
+
+def metrics(run) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_learns_the_held_out_preferences(dpo_setup, tmp_path):
+    d = dpo_setup
+    dpo(load_config(None, ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path),
+                           "--max_steps", "12", "--batch_size", "8", "--lr", "3e-3", "--warmup_steps", "2",
+                           "--val_fraction", "0.1", "--eval_every", "0", "--log_every", "1", "--data_workers", "1"]))
+    logged = metrics(tmp_path)
+    first, final = logged[0], logged[-1]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the reference
+    assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0
+    assert set(first) >= {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"}
+    assert final["final"] and final["val_rewards/accuracies"] > 0.9 and final["val_loss"] < 0.3, final
+    assert final["val_rewards/chosen"] > 0 > final["val_rewards/rejected"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--lora_dropout", "0.1", "--precompute_ref_log_probs",
+                                        "true"]], ids=["full", "lora-precomputed"])
+def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):
+    d = dpo_setup
+    args = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--max_steps", "6", "--batch_size", "4",
+            "--lr", "3e-3", "--save_every", "3", "--log_every", "1", "--eval_every", "3", "--warmup_steps", "2",
+            "--val_fraction", "0.1", "--eval_batches", "2", "--data_workers", "1", *extra]
+    dpo(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=3)
+    dpo(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)
+    assert metrics(tmp_path / "died") == metrics(tmp_path / "straight")
+    if extra:
+        assert (tmp_path / "straight" / "ref_logps.npz").is_file()
+        assert (tmp_path / "died" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):
+    d = dpo_setup
+    base = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path)]
+    for flags in (["--beta", "0"], ["--label_smoothing", "0.5"], ["--pack", "true"]):
+        with pytest.raises(UserError, match="DPO needs beta > 0, label_smoothing in"):
+            dpo(load_config(None, [*base, *flags]))
+    r = run_cli("dpo", "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path))
+    assert r.returncode == 2 and "DPO needs the model to tune: pass --init" in r.stderr

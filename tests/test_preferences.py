@@ -1,0 +1,87 @@
+"""Preference pairs: the four record shapes, the DPO token cache, counts of bad and equal pairs, masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from babyllama.chat_format import Conversation, render_conversation
+from babyllama.data.preferences import preference_from_record, render_pair
+from babyllama.data.sft_tokens import SFTSettings
+from babyllama.errors import UserError
+from babyllama.train.distributed import Dist
+from babyllama.train.sft_data import load_sft_data
+from tests.test_sft import samples, write
+
+HISTORY = Conversation([("你好", "你好！"), ("1+1等于几", "")], "你是助手。")
+SHAPES = [  # (record, conversation, chosen, rejected)
+    ({"prompt": "1+1等于几", "chosen": "等于2。", "rejected": "等于3。"},
+     Conversation([("1+1等于几", "")]), "等于2。", "等于3。"),
+    ({"system": "你是助手。", "conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                                             {"from": "human", "value": "1+1等于几"}],
+      "chosen": {"from": "gpt", "value": "等于2。"}, "rejected": {"from": "gpt", "value": "等于3。"}},
+     HISTORY, "等于2。", "等于3。"),  # LLaMA-Factory
+    ({"conversations": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1等于几"}],
+      "chosen": "等于2。", "rejected": "等于3。"},
+     HISTORY, "等于2。", "等于3。"),  # MedicalGPT
+    ({"system": "你是助手。", "history": [["你好", "你好！"]], "question": "1+1等于几", "response_chosen": "等于2。",
+      "response_rejected": "等于3。"},
+     HISTORY, "等于2。", "等于3。"),  # MedicalGPT's reward data
+]
+
+
+@pytest.mark.parametrize("record, conv, chosen, rejected", SHAPES, ids=["prompt", "llama-factory", "medicalgpt",
+                                                                        "question"])
+def test_each_shape_becomes_its_conversation_and_answers(record, conv, chosen, rejected):
+    assert preference_from_record(record) == (conv, chosen, rejected)
+
+
+def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
+    tok = bpe_tokenizer
+    (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, HISTORY, "等于2。", "等于3。", 200)
+    full, _ = render_conversation(tok, Conversation([("你好", "你好！"), ("1+1等于几", "等于2。")], "你是助手。"))
+    assert c_ids == full and not cut  # SFT's chat format, token for token
+    assert [i for i, m in zip(c_ids, c_mask, strict=True) if m] == tok.encode("等于2。") + [tok.eos_id]
+    assert [i for i, m in zip(r_ids, r_mask, strict=True) if m] == tok.encode("等于3。") + [tok.eos_id]
+    long = Conversation([("很长的问题" * 40 + "？", "")])
+    (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, long, "对。", "不对。", 30)
+    assert cut and len(c_ids) == len(r_ids) == 30  # SFT's truncation: the prompt's beginning goes
+    assert c_ids[-1] == r_ids[-1] == tok.eos_id and c_mask[-1] == r_mask[-1] == 1
+
+
+def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog):
+    tok = bpe_tokenizer
+    good = [record for record, *_ in SHAPES]
+    path = write(tmp_path / "pairs.jsonl", [
+        *good,
+        {"prompt": "同样的回答", "chosen": "好的。", "rejected": "好的。"},  # equal: skipped and counted
+        {"prompt": "空回答", "chosen": "  ", "rejected": "有内容"},  # an empty chosen answer
+        {"prompt": "缺少被拒绝的回答", "chosen": "好"},  # bad: no rejected
+        {"conversations": [{"from": "human", "value": "问"}], "chosen": {"from": "human", "value": "答"},
+         "rejected": "错"},  # bad: the chosen message is the user's
+        {"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}], "chosen": "好",
+         "rejected": "错"},  # bad: the conversation ends with the assistant
+    ])
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n{not json\n")
+    tok.save(tmp_path / "tok")
+    train, _, stats = load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(),
+                                    kind="dpo")
+    assert (stats.records, stats.bad, stats.equal_pairs, stats.empty_answers) == (10, 4, 1, 1)
+    assert stats.samples == 2 * len(good)  # a chosen and a rejected sample per pair
+    expected = [s for _, conv, c, r in SHAPES for s in render_pair(tok, conv, c, r, 65)[:2]]
+    assert samples(train) == [tuple(s) for s in expected]
+    assert "pairs.jsonl:7: not a preference record" in caplog.text
+    assert "pairs.jsonl:8: its 'chosen' is neither a string nor an assistant message" in caplog.text
+    with pytest.raises(UserError, match="was built with dpo samples, not sft"):
+        load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist())
+
+
+def test_a_file_with_no_usable_pair_is_one_sentence(bpe_tokenizer, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "问", "chosen": "同", "rejected": "同"}, ensure_ascii=False) + "\n")
+    bpe_tokenizer.save(tmp_path / "tok")
+    with pytest.raises(UserError, match=r"no usable preference records .*1 with equal answers"):
+        load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(), kind="dpo")
