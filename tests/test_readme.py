@@ -7,8 +7,8 @@ a GPU, a cluster, an install). A README command in neither fails the test, as do
 that matches no command, or a command that does not exit 0. The first block builds runs/demo stage
 by stage, as `make demo` does. To take well under a minute or two:
   * `prepare --demo` builds the smoke demo's sliver of the corpus (demo.SMOKE's sizes);
-  * pretrain and sft get the smoke demo's settings appended, as `--key value` (the README allows it),
-    and 4 steps;
+  * pretrain, sft and dpo get the smoke demo's settings appended, as `--key value` (the README allows it),
+    and 4 steps; `demo` gets --smoke;
   * eval gets `--limit 8 --max_new_tokens 8`, chat `--max_new_tokens 8`;
   * serve runs in a thread on a free port, which the python example then asks.
 """
@@ -88,6 +88,7 @@ class Runner:
         self.monkeypatch, self.port, self.servers = monkeypatch, None, []
         short = ["--max_steps", "4", "--warmup_steps", "1"]  # after the smoke settings: these win
         self.extra = {"pretrain": [*SMOKE["pretrain"], *short], "sft": [*SMOKE["sft"], *short, "--data_workers", "1"],
+                      "dpo": [*SMOKE["dpo"], *short, "--data_workers", "1"], "demo": ["--smoke"],
                       "eval": ["--limit", "8", "--max_new_tokens", "8"], "chat": ["--max_new_tokens", "8"]}
         import uvicorn
 

@@ -3,12 +3,15 @@
     babyllama demo --out_dir runs/demo            # about 15 minutes on 2 CPU cores
     babyllama demo --out_dir runs/demo --smoke    # every stage on a sliver of the data, about a minute
     babyllama demo --out_dir runs/demo --force    # redo every stage
+    babyllama demo --out_dir runs/demo --dpo      # then DPO on pairs made from the SFT tasks, a few minutes more
 
 Stages, each skipped when its output is complete (a rerun resumes where the last one stopped):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
 (configs/demo.toml) -> sft (configs/sft-demo.toml) -> eval (loss and bits per byte of the
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
-(a few answers) -> report (runs/demo/report.md).
+(a few answers) -> report (runs/demo/report.md). With --dpo: dpo data (pairs: the reference
+answer chosen, a wrong label rejected) -> dpo (configs/dpo-demo.toml) -> dpo eval (the held-out
+eval items as QA and as pairs, before and after: dpo/eval/preferences.json), and the report again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ SMOKE = {  # a sliver of everything
                  "--model.max_seq_len", "128", "--warmup_steps", "5", "--compile", "false"],
     "sft": ["--max_steps", "20", "--batch_size", "8", "--eval_every", "10", "--save_every", "10",
             "--warmup_steps", "5"],
+    "dpo": ["--max_steps", "10", "--batch_size", "8", "--eval_every", "5", "--save_every", "5", "--warmup_steps", "2"],
     "eval_items": 60,
 }
 
@@ -48,8 +52,8 @@ def config_path(name: str) -> Path:
 
 
 class Demo:
-    def __init__(self, out: str | Path, smoke: bool, force: bool):
-        self.out, self.smoke = Path(out), smoke
+    def __init__(self, out: str | Path, smoke: bool, force: bool, dpo: bool = False):
+        self.out, self.smoke, self.dpo = Path(out), smoke, dpo
         if force and self.out.exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -99,11 +103,17 @@ class Demo:
     def train(self, stage: str) -> None:
         from babyllama.checkpoint import latest_checkpoint
         from babyllama.config import load_config
+        from babyllama.train.dpo import dpo
         from babyllama.train.stages import pretrain, sft
 
         run = self.out / stage
         args = ["--out_dir", str(run)]
-        if stage == "pretrain":
+        if stage == "dpo":
+            cfg = load_config(config_path("dpo-demo.toml"), [*args, "--init", str(self.out / "sft" / "final"),
+                                                             "--data", str(self.out / "data" / "dpo.jsonl"),
+                                                             *(SMOKE["dpo"] if self.smoke else [])])
+            dpo(cfg, resume=latest_checkpoint(run) is not None)
+        elif stage == "pretrain":
             cfg = load_config(config_path("demo.toml"), [*args, "--data", str(self.out / "tokens"),
                                                          *(SMOKE["pretrain"] if self.smoke else [])])
             pretrain(cfg, resume=latest_checkpoint(run) is not None)
@@ -122,6 +132,37 @@ class Demo:
         train_files = [str(d / "sft.jsonl"), *map(str, sorted(d.glob("part_*.jsonl")))]
         evaluate(self.out / "sft" / "final", self.out / "sft" / "eval", qa=str(d / "eval.jsonl"),
                  train_data=train_files, sampling=Sampling(EVAL_NEW_TOKENS))
+
+    def dpo_data(self) -> None:
+        from babyllama.data.demo_corpus import preference_pairs
+
+        d = self.out / "data"
+        for source, pairs in (("sft.jsonl", "dpo.jsonl"), ("eval.jsonl", "dpo_eval.jsonl")):
+            records = [json.loads(line) for line in (d / source).read_text(encoding="utf-8").splitlines()]
+            lines = [json.dumps(p, ensure_ascii=False) + "\n" for p in preference_pairs(records)]
+            (d / pairs).write_text("".join(lines), encoding="utf-8")
+
+    def dpo_eval(self) -> None:
+        """The DPO model on the held-out QA items, and the SFT and DPO models on the held-out pairs."""
+        from babyllama.checkpoint import load_model
+        from babyllama.data.sft_tokens import SFTSettings
+        from babyllama.evaluate import evaluate
+        from babyllama.train.distributed import Dist
+        from babyllama.train.dpo import PreferenceData, preference_metrics
+        from babyllama.train.sft_data import load_sft_data
+
+        d, run = self.out / "data", self.out / "dpo"
+        evaluate(run / "final", run / "eval", qa=str(d / "eval.jsonl"), max_new_tokens=32)
+        sft_model, dpo_model = load_model(self.out / "sft" / "final"), load_model(run / "final")
+        settings = SFTSettings(sft_model.cfg.max_seq_len + 1, val_fraction=0.0)
+        pairs, _, _ = load_sft_data([d / "dpo_eval.jsonl"], run / "final", run / "eval" / "pair_tokens", settings,
+                                    False, Dist(), kind="dpo")
+        beta = json.loads((run / "config.json").read_text())["train"]["beta"]
+        data = PreferenceData(pairs)
+        result = {"pairs": len(data), "beta": beta, "sft": preference_metrics(sft_model, sft_model, data, beta),
+                  "dpo": preference_metrics(dpo_model, sft_model, data, beta)}
+        (run / "eval" / "preferences.json").write_text(json.dumps(result, indent=2) + "\n")
+        self.report()
 
     def chat(self) -> None:
         from babyllama.chat import reply
@@ -158,13 +199,17 @@ class Demo:
             ("chat", o / "chat_answers.md", self.chat),
             ("report", o / "report.md", self.report),
         ]
+        if self.dpo:
+            stages += [("dpo data", o / "data" / "dpo_eval.jsonl", self.dpo_data),
+                       ("dpo", o / "dpo" / "final" / "config.json", lambda: self.train("dpo")),
+                       ("dpo eval", o / "dpo" / "eval" / "preferences.json", self.dpo_eval)]
         for i, (name, done, fn) in enumerate(stages, 1):
             self.stage(i, len(stages), name, done, fn)
         return o / "report.md"
 
 
-def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = False) -> Path:
-    report = Demo(out, smoke, force).run()
+def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = False, dpo: bool = False) -> Path:
+    report = Demo(out, smoke, force, dpo).run()
     final = Path(out) / "sft" / "final"
     results = json.loads((Path(out) / "sft" / "eval" / "eval.json").read_text())
     lm = json.loads((Path(out) / "pretrain" / "eval" / "eval.json").read_text())["lm"]
@@ -176,6 +221,13 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
                  else f"exact match {s['exact_match']:.1%} (majority {s['majority_baseline']:.1%}), "
                       f"char F1 {s['char_f1']:.3f}")
         print(f"{task + ':':18s} {score}")
+    if dpo:
+        prefs = json.loads((Path(out) / "dpo" / "eval" / "preferences.json").read_text())
+        qa = json.loads((Path(out) / "dpo" / "eval" / "eval.json").read_text())["qa"]
+        print(f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
+              f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%}")
+        print(f"dpo sentiment:     accuracy {results['qa']['sentiment']['accuracy']:.1%} -> "
+              f"{qa['sentiment']['accuracy']:.1%}")
     print(f"chat with it:      babyllama chat {final}")
     print(f"serve it:          babyllama serve {final}   (then open http://127.0.0.1:8000/)")
     return report

@@ -8,6 +8,7 @@ Writes, in the output directory:
   raw/pretrain.jsonl  pretraining documents (one paragraph or review each), cleaned by prepare
   sft.jsonl           instructions: review -> 正面/负面, sentence -> its person or place names
   eval.jsonl          held-out items of the same tasks, with a `task` field
+and, for `babyllama demo --dpo`, preference pairs made from them (preference_pairs).
 Held-out items are chosen by hash after exact deduplication and appear in neither the
 pretraining nor the SFT data: a leak would inflate every number the demo reports.
 """
@@ -169,3 +170,22 @@ def build_demo_corpus(
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     tasks = {t: sum(r["task"] == t for r in evals) for t in ("sentiment", "person", "place")}
     return {"pretrain_documents": len(pretrain), "sft_items": len(sft), "eval_items": len(evals), "eval_tasks": tasks}
+
+
+def preference_pairs(records: list[dict]) -> list[dict]:
+    """{prompt, chosen, rejected} of the demo's instruction records: the reference answer is chosen and a
+    wrong label rejected: the other sentiment; 无 for a sentence with names, and for one without the
+    names of the last sentence that had some (a plausible wrong answer)."""
+    pairs, last_names = [], {}
+    for r in records:
+        answer = r["output"]
+        if r["instruction"] == SENTIMENT_PROMPT:
+            wrong = "负面" if answer == "正面" else "正面"
+        elif answer != NONE:
+            wrong, last_names[r["instruction"]] = NONE, answer
+        elif r["instruction"] in last_names:
+            wrong = last_names[r["instruction"]]
+        else:
+            continue
+        pairs.append({"prompt": r["instruction"] + r["input"], "chosen": answer, "rejected": wrong})
+    return pairs

@@ -200,6 +200,21 @@ class DPOTrainer(Trainer):
         self.reference = None
 
 
+@torch.no_grad()
+def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, data: PreferenceData, beta: float,
+                       batch_size: int = 32) -> dict[str, float]:
+    """METRICS of policy against reference over every pair of data, and logps/accuracies: the share of
+    pairs whose chosen answer the policy alone finds likelier (the demo's before and after)."""
+    sums, likelier = torch.zeros(len(METRICS) + 1), 0
+    for s in range(0, len(data), batch_size):
+        batch = data.collate(list(range(s, min(s + batch_size, len(data)))))
+        logps, ref = answer_log_probs(policy, batch), answer_log_probs(reference, batch)
+        (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref.chunk(2)
+        sums += pair_sums(*dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta), logps)
+        likelier += int((chosen > rejected).sum())
+    return {**means(sums), "logps/accuracies": likelier / max(1, len(data))}
+
+
 def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     """`babyllama dpo`: tune cfg.train.init on the preference pairs of cfg.train.data; returns final/."""
     t = cfg.train
