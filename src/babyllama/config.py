@@ -82,7 +82,7 @@ class TrainConfig:
     # SFT data (lengths in characters, 0: no limit; the recipe used 10 / 256 / 5 / 256)
     val_fraction: float = 0.02
     pack: bool = False
-    sft_cache: str = ""  # the SFT token cache (data/sft_tokens.py); default: OUT_DIR/sft_tokens
+    sft_cache: str = ""  # the token cache (data/sft_tokens.py); default: OUT_DIR/sft_tokens, for DPO dpo_tokens
     data_workers: int = 0  # processes that build it; 0: one per CPU core
     min_prompt_chars: int = 0
     max_prompt_chars: int = 0
