@@ -34,6 +34,7 @@ from babyllama.chat_format import (
 from babyllama.data.pretokenize import worker_tokenizer
 from babyllama.data.sft_tokens import SFTSettings, is_blank
 from babyllama.data.shards import is_val
+from babyllama.data.sources import Item
 from babyllama.tokenizer import Tokenizer
 
 
@@ -112,18 +113,19 @@ def render_pair(tokenizer: Tokenizer, conv: Conversation, chosen: str, rejected:
     return (c_ids, c_mask), (r_ids, r_mask), c_cut or r_cut
 
 
-def render_pairs(batch: list[tuple[str, dict | None]], settings: SFTSettings) -> dict:
+def render_pairs(batch: list[Item], settings: SFTSettings) -> dict:
     """The token cache's worker for pairs (data/sft_tokens.py): samples 2i, 2i + 1 are pair i's chosen and
-    rejected; the counts of bad, filtered, empty (chosen), equal and truncated pairs; the first bad reasons."""
+    rejected; the counts of bad, filtered, empty (chosen), equal and truncated pairs; every bad record as
+    "file:line: why"."""
     tok = worker_tokenizer()
     ids: list[int] = []
     mask: list[int] = []
     lengths, val, bad = [], [], []
     counts: Counter = Counter()
-    for where, record in batch:
+    for where, record, why in batch:
         try:
-            if not isinstance(record, dict):
-                raise ValueError("not valid JSON, or not an object")
+            if record is None:
+                raise ValueError(why)
             conv, chosen, rejected = preference_from_record(record)
         except ValueError as e:
             counts["bad"] += 1
