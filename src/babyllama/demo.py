@@ -147,12 +147,13 @@ class Demo:
         from babyllama.checkpoint import load_model
         from babyllama.data.sft_tokens import SFTSettings
         from babyllama.evaluate import evaluate
+        from babyllama.sampling import Sampling
         from babyllama.train.distributed import Dist
         from babyllama.train.dpo import PreferenceData, preference_metrics
         from babyllama.train.sft_data import load_sft_data
 
         d, run = self.out / "data", self.out / "dpo"
-        evaluate(run / "final", run / "eval", qa=str(d / "eval.jsonl"), max_new_tokens=32)
+        evaluate(run / "final", run / "eval", qa=str(d / "eval.jsonl"), sampling=Sampling(EVAL_NEW_TOKENS))
         sft_model, dpo_model = load_model(self.out / "sft" / "final"), load_model(run / "final")
         settings = SFTSettings(sft_model.cfg.max_seq_len + 1, val_fraction=0.0)
         pairs, _, _ = load_sft_data([d / "dpo_eval.jsonl"], run / "final", run / "eval" / "pair_tokens", settings,

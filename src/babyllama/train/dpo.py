@@ -153,12 +153,17 @@ class DPOTrainer(Trainer):
             return {}
         B, d = self.t.batch_size, self.dist
         n = min(len(self.val_data), self.t.eval_batches * B)
-        mine = [i for s in range(d.rank * B, n, d.world * B) for i in range(s, min(s + B, n))]
+        batches = [list(range(s, min(s + B, n))) for s in range(0, n, B)]
+        mine = batches[d.rank :: d.world]
+        counted = len(mine)  # then a padding batch where this rank was dealt one fewer: equal forward passes
+        mine += batches[:1] * (-(-len(batches) // d.world) - counted)  # on every rank, as FSDP and DDP need
         sums = torch.zeros_like(self.sums)
         self.wrapped.eval()
-        for s in range(0, len(mine), B):
-            batch = {k: v.to(d.device) for k, v in self.val_data.collate(mine[s : s + B]).items()}
-            sums += pair_sums(*self.pair_losses(batch))
+        for i, rows in enumerate(mine):
+            batch = {k: v.to(d.device) for k, v in self.val_data.collate(rows).items()}
+            part = pair_sums(*self.pair_losses(batch))
+            if i < counted:
+                sums += part
         self.wrapped.train()
         return {f"val_{k}": v for k, v in means(all_reduce_sum(sums, d)).items()}
 
