@@ -332,6 +332,11 @@ def test_every_error_has_the_openai_shape(server):
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 1000}'),
         ("POST", "/v1/completions", b'{"prompt": "x", "stop": ""}'), ("POST", "/v1/completions", b"x" * (2 << 20)),
         ("POST", "/v1/completions", b"[" * 100_000), ("POST", "/v1/completions", b'{"prompt": "\\ud800"}'),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "system", "content": "a\\udfff"}, '
+                                         b'{"role": "user", "content": "hi"}]}'),
+        ("POST", "/v1/chat/completions",
+         b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}'),
     ]:
         r = httpx.request(method, url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
         error = r.json().get("error")
@@ -411,3 +416,17 @@ def test_omitted_max_tokens_takes_the_rest_of_the_context_and_too_many_say_what_
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= ctx - n
     r = httpx.post(url + "/completions", json={"prompt": text, "max_tokens": ctx}, timeout=60)
     assert r.status_code == 400 and f"so {ctx - n} are available" in r.json()["error"]["message"]
+
+
+def test_a_busy_port_is_one_sentence_before_the_model_loads(tmp_path):
+    from babyllama.errors import UserError
+    from babyllama.serve import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"^cannot listen on 127.0.0.1:{port}: Address already in use.$"):
+            serve(str(tmp_path / "no-such-checkpoint"), port=port)  # the port is checked first
+    with pytest.raises(UserError, match="^cannot listen on 192.0.2.1:8000: "):  # an address not on this machine
+        serve(str(tmp_path / "no-such-checkpoint"), host="192.0.2.1", port=8000)

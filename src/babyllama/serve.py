@@ -14,24 +14,26 @@ concurrent requests interleave safely. A client that disconnects stops its gener
 """
 
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
+import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from babyllama.chat import decode_stream, until_stop
-from babyllama.chat_format import Conversation, conversation_from_messages, render_prompt, text_prompt
+from babyllama.chat_format import Conversation, conversation_from_messages, is_unicode, render_prompt, text_prompt
 from babyllama.errors import UserError, require
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 try:
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 except ImportError as e:  # pydantic comes with fastapi, in the [serve] extra
     raise UserError("serving needs fastapi and uvicorn: pip install 'babyllama[serve]'.") from e
 
@@ -40,19 +42,28 @@ MAX_TEXT_CHARS = 20_000
 PAGE = Path(__file__).with_name("chat_page.html")
 
 
+def unicode_text(text: str) -> str:
+    if not is_unicode(text):
+        raise ValueError("holds a lone surrogate (such as \\ud800), which is not Unicode text")
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]  # every text a request carries
+
+
 # --- the requests (OpenAI's fields; max_tokens is checked against the context in the route) ---
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT_CHARS)
+    text: Text = Field(max_length=MAX_TEXT_CHARS)
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")  # "5" is no number and "yes" no boolean
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+    content: Text | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
 
     @property
     def text(self) -> str:
@@ -82,7 +93,7 @@ class Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the server's (greedy; OpenAI's is 1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the server's
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
@@ -107,7 +118,7 @@ class ChatRequest(Common):
 
 
 class CompletionRequest(Common):
-    prompt: str = Field(max_length=MAX_TEXT_CHARS)
+    prompt: Text = Field(max_length=MAX_TEXT_CHARS)
     best_of: int = Field(1, ge=1, le=1)
     echo: Literal[False] = False
     logprobs: int | None = Field(None, ge=0, le=0)
@@ -368,6 +379,20 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     from babyllama.checkpoint import load_checkpoint
 
     uvicorn = require("uvicorn", "serve")
+    sock = listening_socket(host, port)  # a busy port is said before the model loads
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
-    uvicorn.run(build_app(model, tokenizer, name, sampling), host=host, port=port, log_level="info")
+    print(f"serving {name} on http://{host}:{port}/", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, name, sampling), log_level="info")).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn; UserError when the address is taken or not this machine's."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}.") from None
+    return sock
