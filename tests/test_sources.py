@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from babyllama.data.sources import CorpusReader, expand_inputs
+from babyllama.data.sources import CorpusReader, expand_inputs, iter_records
 from babyllama.errors import UserError
 
 
@@ -432,3 +432,18 @@ def test_prepare_and_sft_lose_no_good_record_of_a_directory_with_broken_files(tm
     samples = [bpe_tokenizer.decode(train.sample(i)[0].tolist()) for i in range(sft_stats.samples)]  # prompt+answer
     check_losses(d, samples, (tmp_path / "sft" / "bad_records.txt").read_text().splitlines(), good, cut, bad)
     assert sft_stats.bad == len(bad) + 2
+
+
+def test_records_after_a_json_array_are_read_or_counted_never_lost(tmp_path):
+    lines = tmp_path / "a.jsonl"  # JSON lines whose first line is an array: the records after it are read
+    lines.write_text('[1, 2]\n{"text": "第一号文档"}\n{"text": "第二号文档"}\n', encoding="utf-8")
+    assert [(r, why) for _, r, why in iter_records(lines)] == [
+        (None, "not a JSON object"), ({"text": "第一号文档"}, ""), ({"text": "第二号文档"}, "")]
+    array = tmp_path / "b.json"  # an array over lines, then another record: that one is counted, with the reason
+    array.write_text('[\n{"text": "数组里的文档"}\n]\n{"text": "数组后的文档"}\n', encoding="utf-8")
+    items = list(iter_records(array))
+    assert items[0][1] == {"text": "数组里的文档"}
+    assert items[1][1] is None and "more data after the array's closing ]" in items[1][2] and len(items) == 2
+    one_line = tmp_path / "c.json"  # a whole array on one line is still an array
+    one_line.write_text('[{"text": "甲"}, {"text": "乙"}]\n', encoding="utf-8")
+    assert [r for _, r, _ in iter_records(one_line)] == [{"text": "甲"}, {"text": "乙"}]

@@ -336,6 +336,9 @@ def _array_items(f: io.TextIOBase) -> Iterator[object]:
         yield item
         c = peek()
         if c == "]":
+            pos += 1
+            if peek():  # a second top-level value: its records would vanish without a word
+                raise ValueError("more data after the array's closing ]")
             return
         if c != ",":
             raise ValueError(f"invalid JSON (expected , or ] but found {c or 'the end of the file'!r})")
@@ -451,6 +454,17 @@ def records_csv(path: Path, encoding: str) -> Iterator[Item]:
 READERS = {".jsonl": records_jsonl, ".txt": records_text, ".parquet": records_parquet, ".csv": records_csv}
 
 
+def _whole_first_line(text: str) -> bool:
+    """Whether text's first line is one whole JSON value with more lines after it, as in a JSON-lines
+    file ("[1, 2]" then records), where a JSON array opens with "[" or "[{...}," or is the only line."""
+    line, _, rest = text.partition("\n")
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return bool(rest.strip())
+
+
 def iter_records(path: Path) -> Iterator[Item]:
     """(location, record, why) of every record of a file: record None where it is bad, and why says
     why. A file that cannot be read to its end (not gzip, a cut or corrupted .gz or .zst, a damaged
@@ -471,8 +485,8 @@ def _records(path: Path, suffix: str) -> Iterator[Item]:
         yield f"{path}:start", None, "not text in any encoding charset-normalizer knows (convert it to UTF-8)"
         return
     if suffix in (".jsonl", ".json"):
-        first = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
-        reader = records_json_array if first == "[" else records_jsonl
+        text = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")
+        reader = records_json_array if text[:1] == "[" and not _whole_first_line(text) else records_jsonl
         yield from reader(path, encoding)
         return
     yield from READERS[suffix](path, encoding)
