@@ -18,7 +18,7 @@ from babyllama.model import Transformer
 from babyllama.train.distributed import Dist
 from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss
 from babyllama.train.sft_data import SFTData
-from babyllama.train.stages import sft_model
+from babyllama.train.stages import init_model
 from tests.conftest import simulate_death, tiny_config
 from tests.test_cli import run_cli
 from tests.test_sft import write
@@ -71,7 +71,7 @@ def ours(d, pairs, beta: float, eps: float = 0.0):
     """Our trainer's (losses, chosen rewards, rejected rewards, policy log-probs) on the batch of all pairs."""
     cfg = load_config(None, ["--init", str(d / "ref"), "--out_dir", str(d / "run"), "--beta", str(beta),
                              "--label_smoothing", str(eps)])
-    cfg.model = sft_model(cfg)
+    cfg.model = init_model(cfg, "DPO")
     data = PreferenceData(SFTData.from_samples([s for pair in pairs for s in pair], max_seq_len=63, pad_id=0))
     trainer = DPOTrainer(cfg, data, None, None, Dist())
     trainer.model.load_state_dict(model(1).state_dict())  # the policy: another model than the reference

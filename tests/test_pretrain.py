@@ -512,3 +512,18 @@ def test_a_zero_setting_is_exit_code_2_and_one_sentence(shards, tmp_path):
     r = run_cli(["pretrain", *TINY, "--data", str(shards), "--out_dir", str(tmp_path), "--log_every", "0"])
     assert (r.returncode, r.stderr) == (2, "babyllama: error: log_every must be at least 1, got 0.\n")
     assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
+    """`pretrain --init` without the model settings trains the init's model (it crashed on the default
+    shape); settings that would change it, and SFT's --pack, are one sentence."""
+    first = pretrain(config(shards, tmp_path / "a", "--max_steps", "2"))
+    more = load_config(None, ["--data", str(shards), "--init", str(first), "--out_dir", str(tmp_path / "b"), *FAST,
+                              "--max_steps", "2"])
+    final = pretrain(more)
+    assert json.loads((final / "config.json").read_text())["model"]["dim"] == 32
+    with pytest.raises(UserError, match="^pretraining takes its model from --init .*; it cannot change dim "):
+        pretrain(load_config(None, ["--data", str(shards), "--init", str(first), "--model.dim", "64",
+                                    "--out_dir", str(tmp_path / "c")]))
+    with pytest.raises(UserError, match="^pack is an SFT setting"):
+        pretrain(config(shards, tmp_path / "d", "--pack", "true"))

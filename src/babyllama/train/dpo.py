@@ -37,7 +37,7 @@ from babyllama.progress import progress
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import all_reduce_sum, barrier, process_group
 from babyllama.train.sft_data import SFTData, load_sft_data
-from babyllama.train.stages import checked_run, default_out_dir, run_training, sft_model
+from babyllama.train.stages import checked_run, default_out_dir, init_model, run_training
 from babyllama.train.trainer import Trainer
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -228,10 +228,10 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     if not t.data:
         raise UserError("DPO needs preference pairs: pass --data FILE... ({prompt, chosen, rejected} records or "
                         "another shape the README lists).")
-    if t.beta <= 0 or not 0 <= t.label_smoothing < 0.5 or t.pack:
-        raise UserError(f"DPO needs beta > 0, label_smoothing in [0, 0.5) and no packing; got beta {t.beta}, "
-                        f"label_smoothing {t.label_smoothing}, pack {t.pack}.")
-    cfg.model = sft_model(cfg)
+    if t.beta <= 0 or not 0 <= t.label_smoothing < 0.5 or t.pack or t.doc_mask:
+        raise UserError(f"DPO needs beta > 0, label_smoothing in [0, 0.5), no pack and no doc_mask; got beta "
+                        f"{t.beta}, label_smoothing {t.label_smoothing}, pack {t.pack}, doc_mask {t.doc_mask}.")
+    cfg.model = init_model(cfg, "DPO")
     t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init

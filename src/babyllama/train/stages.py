@@ -32,7 +32,7 @@ from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer, lora_of, lr_at
 
-SFT_MODEL_SETTINGS = {"dropout"}  # the model settings SFT can change: they leave the weights' shapes alone
+INIT_MODEL_SETTINGS = {"dropout"}  # what a run from --init can change: they leave the weights' shapes alone
 
 
 def default_out_dir(stage: str, init: str) -> str:
@@ -105,6 +105,11 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
     if t.lora_rank:
         raise UserError("LoRA adapts a trained model (sft, dpo); pretraining trains every weight, so drop lora_rank.")
+    if t.pack:
+        raise UserError("pack is an SFT setting (pretraining windows are always full); use doc_mask to keep "
+                        "documents apart.")
+    if t.init:  # continued pretraining: the model is the init's
+        cfg.model = init_model(cfg, "pretraining")
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
         T = cfg.model.max_seq_len
@@ -123,19 +128,18 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain")
 
 
-def sft_model(cfg: RunConfig) -> ModelConfig:
-    """The model of cfg.train.init, with the model settings SFT can honour; settings that differ are refused.
-
-    A preset counts as all of its settings: `preset = "demo"` is fine for a model trained as the demo.
-    """
+def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
+    """The model of cfg.train.init, with the model settings a run from it can honour; settings that
+    differ are refused. A preset counts as all of its settings: `preset = "demo"` is fine for a model
+    trained as the demo."""
     init = model_config(cfg.train.init)
     given = cfg.model_settings
     keys = init.to_dict() if "preset" in given else given
-    refused = sorted(k for k in keys if k not in SFT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))
+    refused = sorted(k for k in keys if k not in INIT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))
     if refused:
-        raise UserError(f"SFT takes its model from --init {cfg.train.init}; it cannot change "
-                        f"{', '.join(refused)} (only {', '.join(sorted(SFT_MODEL_SETTINGS))}); drop those settings.")
-    return replace(init, **{k: v for k, v in given.items() if k in SFT_MODEL_SETTINGS})
+        raise UserError(f"{stage} takes its model from --init {cfg.train.init}; it cannot change "
+                        f"{', '.join(refused)} (only {', '.join(sorted(INIT_MODEL_SETTINGS))}); drop those settings.")
+    return replace(init, **{k: v for k, v in given.items() if k in INIT_MODEL_SETTINGS})
 
 
 def sft(cfg: RunConfig, resume: bool = False) -> Path:
@@ -145,7 +149,9 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
         raise UserError("SFT needs a model to start from: pass --init CHECKPOINT (e.g. runs/demo/pretrain/final).")
     if not t.data:
         raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
-    cfg.model = sft_model(cfg)
+    if t.doc_mask:
+        raise UserError("doc_mask is a pretraining setting (SFT samples are masked apart by --pack); drop it.")
+    cfg.model = init_model(cfg, "SFT")
     t.out_dir = t.out_dir or default_out_dir("sft", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init
