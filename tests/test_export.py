@@ -9,6 +9,7 @@ import torch
 
 from babyllama.chat_format import conversation_from_messages, render_prompt
 from babyllama.checkpoint import save_checkpoint
+from babyllama.errors import UserError
 from babyllama.export import export
 from tests.conftest import CHATGLM2, sharp_model, tiny_config
 from tests.test_cli import run_cli
@@ -93,6 +94,22 @@ def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
     (tmp_path / "afile").write_text("hi")
     r = run_cli("export", str(tmp_path / "ck"), "--out", str(tmp_path / "afile"))
     assert r.returncode == 2 and "is a file" in r.stderr
+
+
+def test_export_never_overwrites_a_checkpoint_and_says_what_it_cannot_write(bpe_tokenizer, tmp_path):
+    save_checkpoint(tmp_path / "run" / "final", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    before = (tmp_path / "run" / "final" / "config.json").read_bytes()
+    for out, fmt, message in [
+        (tmp_path / "run" / "final", "hf", "holds a babyllama checkpoint or run, which the export would overwrite"),
+        (tmp_path / "run", "hf", "holds a babyllama checkpoint or run"),
+        (tmp_path / "run", "gguf", "is a directory; --format gguf writes one file, e.g. --out"),
+        (tmp_path / "afile" / "sub", "hf", "cannot write the export to"),
+        (tmp_path / "afile" / "m.gguf", "gguf", "cannot write the export to"),
+    ]:
+        (tmp_path / "afile").write_text("a file where a directory would go")
+        with pytest.raises(UserError, match=message):
+            export(tmp_path / "run" / "final", out, fmt)
+    assert (tmp_path / "run" / "final" / "config.json").read_bytes() == before  # the checkpoint is untouched
 
 
 @pytest.mark.parametrize("kw", [dict(n_kv_heads=2), dict(tie_embeddings=False)], ids=["gqa", "untied"])

@@ -284,10 +284,24 @@ def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter: bool = False) -> Path:
+    """Write checkpoint as format (hf: a directory, gguf: one file) to out; UserError for an out that
+    holds babyllama's own files (the export would overwrite them) or cannot be written."""
     if adapter and format != "hf":
         raise UserError("--adapter writes a peft adapter for the Hugging Face export; use it with --format hf.")
-    if format == "hf":
+    if format not in ("hf", "gguf"):
+        raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")
+    out = Path(out)
+    if format == "gguf" and out.is_dir():
+        raise UserError(f"{out} is a directory; --format gguf writes one file, e.g. --out {out / 'model.gguf'}.")
+    if out.is_dir() and any((out / name).exists() for name in BABYLLAMA_FILES):
+        raise UserError(f"{out} holds a babyllama checkpoint or run, which the export would overwrite; "
+                        "choose another --out.")
+    try:
+        if format == "gguf":
+            return export_gguf(checkpoint, out)
         return export_hf_adapter(checkpoint, out) if adapter else export_hf(checkpoint, out)
-    if format == "gguf":
-        return export_gguf(checkpoint, out)
-    raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {e.strerror or e}.") from None
+
+
+BABYLLAMA_FILES = ("babyllama_tokenizer.json", "trainer_state.pt", "checkpoints", "metrics.jsonl", "final")
