@@ -303,9 +303,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monke
     with pytest.raises(UserError, match="not finite in 3 steps in a row"):
         pretrain(config(shards, tmp_path, "--max_steps", "20", "--max_bad_steps", "3"))
     logged = strict_lines(tmp_path / "metrics.jsonl")
-    assert [r["grad_norm"] is None for r in logged] == [False, True, True, False, False, True, True]
-    assert [r["loss"] is None for r in logged] == [False, True, True, False, False, True, True]  # NaN: null
-    assert [r.get("skipped", False) for r in logged] == [False, True, True, False, False, True, True]
+    assert [r["grad_norm"] is None for r in logged] == [False, True, True, False, False, True, True, True]
+    assert [r["loss"] is None for r in logged] == [False, True, True, False, False, True, True, True]  # NaN: null
+    assert [r.get("skipped", False) for r in logged] == [False, True, True, False, False, True, True, True]
     assert not (tmp_path / "final").exists()
     assert len(device_steps) == (8 if on_device else 0)
 

@@ -290,6 +290,7 @@ class Trainer:
         self.average: dict[str, torch.Tensor] = {}  # running mean of the weights (average_last)
         self.averaged = 0  # steps in that mean
         self.stop_signal = 0  # the signal that asked the run to stop, 0: none
+        self.gave_up_at = 0  # the step that ended max_bad_steps skipped steps in a row, 0: none
         self.resumed = resume_from is not None
         if resume_from is not None:
             state = load_train_state(resume_from)
@@ -394,8 +395,7 @@ class Trainer:
             return
         self.bad_steps += 1
         if self.bad_steps >= self.t.max_bad_steps:
-            raise UserError(f"the loss or its gradient was not finite in {self.bad_steps} steps in a row (last at "
-                            f"step {self.step}); lower the lr, use bf16 instead of fp16, or check the data.")
+            self.gave_up_at = self.gave_up_at or self.step  # fit stops once the step's line is written
 
     @torch.no_grad()
     def update_average(self) -> None:
@@ -528,8 +528,7 @@ class Trainer:
             if self.skip_on_device:  # other steps were counted as they ran (skip_step)
                 self.bad_steps = 0 if finite else self.bad_steps + 1
                 if self.bad_steps >= self.t.max_bad_steps:
-                    raise UserError(f"the loss or its gradient was not finite in {self.bad_steps} steps in a row "
-                                    f"(last at step {r['step']}); lower the lr, or check the data.")
+                    self.gave_up_at = self.gave_up_at or r["step"]
         return pending
 
     def _stop_everywhere(self, settled: bool) -> int:
@@ -584,6 +583,10 @@ class Trainer:
                     for r in records:
                         if r is record and (logged or evaluated) or r.get("skipped"):
                             log.write(r)
+                if self.gave_up_at:
+                    raise UserError(f"the loss or its gradient was not finite in {t.max_bad_steps} steps in a row "
+                                    f"(last at step {self.gave_up_at}); lower the lr, use bf16 instead of fp16, "
+                                    "or check the data.")
                 signum = self._stop_everywhere(settled)
                 if signum:
                     path = self.save()
