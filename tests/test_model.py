@@ -149,7 +149,9 @@ def test_baby_92m_parameter_count_matches_formula():
     expected = vocab * dim + layers * per_layer + dim  # tied embedding, final norm
     with torch.device("meta"):
         model = Transformer(PRESETS["baby-92m"])
-    assert model.num_params() == expected == 58_479_616
+    assert model.num_params() == expected == 58_479_616 == PRESETS["baby-92m"].num_params
+    for cfg in (tiny_config(n_kv_heads=2, tie_embeddings=False), tiny_config(hidden_dim=100), PRESETS["demo"]):
+        assert Transformer(cfg).num_params() == cfg.num_params  # the shapes' count is the built model's
     assert expected + vocab * dim == 91_653_632  # the recipe's "92M" counts the tied head twice
     assert model.flops_per_token(512) == 6 * expected + 12 * layers * dim * 512
 

@@ -527,3 +527,15 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
                                     "--out_dir", str(tmp_path / "c")]))
     with pytest.raises(UserError, match="^pack is an SFT setting"):
         pretrain(config(shards, tmp_path / "d", "--pack", "true"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model.dim", "1000000"], r"^the model has [\d,]+ parameters: training needs about [\d,.]+ GiB for weights"),
+    (["--model.n_layers", "10000000"], r"^the model has [\d,]+ parameters"),
+    (["--batch_size", "1000000000"], r"^batch_size 1000000000 x grad_accum 1 rows of 32 tokens need [\d,.]+ GiB"),
+])
+def test_sizes_beyond_the_machine_stop_before_anything_is_allocated(shards, tmp_path, flags, message):
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=message):
+        pretrain(config(shards, tmp_path, "--max_steps", "2", *flags))
+    assert time.perf_counter() - start < 5

@@ -99,6 +99,15 @@ class ModelConfig:
         hidden = int(2 * (4 * self.dim) / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    @property
+    def num_params(self) -> int:
+        """Unique parameters, from the shapes alone (Transformer.num_params counts the built model)."""
+        heads = self.n_heads * self.head_dim
+        attention = self.dim * (heads + 2 * self.kv_heads * self.head_dim) + heads * self.dim
+        per_layer = attention + 3 * self.dim * self.ffn_dim + 2 * self.dim  # wqkv wo, w13 w2, two norms
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + head + self.n_layers * per_layer + self.dim
+
     def to_dict(self) -> dict:
         return asdict(self)
 

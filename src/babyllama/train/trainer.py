@@ -126,11 +126,35 @@ def lora_of(t: TrainConfig):
     return lora_config(t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets) if t.lora_rank else None
 
 
+def check_memory(cfg: RunConfig, device: torch.device) -> None:
+    """UserError, before anything is allocated, when the weights, their gradients and AdamW's two
+    moments (16 bytes a parameter in fp32; FSDP shards them over the processes) exceed the device's
+    memory (a model of a million dims would otherwise allocate for minutes, then be killed), or a
+    step's token ids alone do."""
+    t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", 1)) if t.fsdp else 1
+    need = 16 * cfg.model.num_params / world
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UserError(f"the model has {cfg.model.num_params:,} parameters: training needs about "
+                        f"{need / 2**30:,.1f} GiB for weights, gradients and AdamW, more than the "
+                        f"{have / 2**30:,.1f} GiB of {device}; choose a smaller model (or shard it with fsdp).")
+    ids = 16 * t.batch_size * t.grad_accum * (cfg.model.max_seq_len + 1)  # a step's idx and targets, int64
+    if ids > have:
+        raise UserError(f"batch_size {t.batch_size} x grad_accum {t.grad_accum} rows of {cfg.model.max_seq_len} "
+                        f"tokens need {ids / 2**30:,.1f} GiB for their token ids alone, more than the "
+                        f"{have / 2**30:,.1f} GiB of {device}; lower them.")
+
+
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
     """A fresh model from the seed, then the weights of the checkpoint to resume, else of init.
 
     With lora_rank: init's weights, frozen, under LoRA adapters: new ones, or the checkpoint's to resume.
     """
+    check_memory(cfg, device)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
