@@ -297,6 +297,10 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, sha
            "was cut off; resuming from step_000002" in out
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    (tmp_path / "run" / "checkpoints" / "step_000099").mkdir()  # emptied by hand or a failing disk
+    pretrain(load_config(None, [*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run")]), resume=True)
+    assert "note: step_000099 is damaged and skipped" in capsys.readouterr().out
+    (tmp_path / "run" / "checkpoints" / "step_000099").rmdir()
     for ckpt in (tmp_path / "run" / "checkpoints").iterdir():
         (ckpt / "trainer_state.pt").write_bytes(b"")
     with pytest.raises(UserError, match="every checkpoint in .* is damaged"):

@@ -63,7 +63,10 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
             print(f"note: {done} (left by a run that was stopped)")
     barrier(dist)
     latest = latest_checkpoint(out)
-    made_by = read_config(latest).get("stage", stage) if latest is not None else stage
+    try:
+        made_by = read_config(latest).get("stage", stage) if latest is not None else stage
+    except UserError:  # a damaged newest checkpoint: resumable_checkpoint below skips it, saying so
+        made_by = stage
     if made_by != stage:
         raise UserError(f"{out} holds a {made_by} run ({latest.name}), which {stage} cannot "
                         f"{'resume' if resume else 'continue'}; choose another out_dir.")
