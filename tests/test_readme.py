@@ -94,10 +94,10 @@ class Runner:
 
         monkeypatch.setattr(uvicorn, "run", self.serve_in_thread)
 
-    def serve_in_thread(self, app, host: str, port: int, log_level: str) -> None:
+    def serve_in_thread(self, app, host: str, port: int, log_level: str, fd: int | None = None) -> None:
         import uvicorn
 
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, fd=fd, log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         deadline = time.time() + 30
         while not server.started and time.time() < deadline:

@@ -383,7 +383,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
     print(f"serving {name} on http://{host}:{port}/", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, name, sampling), log_level="info")).run(sockets=[sock])
+    uvicorn.run(build_app(model, tokenizer, name, sampling), host=host, port=port, fd=sock.fileno(), log_level="info")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
