@@ -175,28 +175,28 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         print(f"done: {final}")
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
+def train_from_init(args: argparse.Namespace, stage) -> None:
+    """`sft` and `dpo`: the config with --init and --data, then the stage."""
     from babyllama.config import load_config
-    from babyllama.train.stages import sft
 
     cfg = load_config(args.config, args.overrides)
     cfg.train.init = args.init or cfg.train.init
     cfg.train.data = args.data or cfg.train.data
-    final = sft(cfg, resume=args.resume)
+    final = stage(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {final}")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from babyllama.train.stages import sft
+
+    train_from_init(args, sft)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
-    from babyllama.config import load_config
     from babyllama.train.dpo import dpo
 
-    cfg = load_config(args.config, args.overrides)
-    cfg.train.init = args.init or cfg.train.init
-    cfg.train.data = args.data or cfg.train.data
-    final = dpo(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"done: {final}")
+    train_from_init(args, dpo)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
