@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
-
 from babyllama.chat_format import (
     ROLES,
     Conversation,
@@ -31,10 +29,8 @@ from babyllama.chat_format import (
     render_conversation,
     truncate_conversation,
 )
-from babyllama.data.pretokenize import worker_tokenizer
 from babyllama.data.sft_tokens import SFTSettings, is_blank
 from babyllama.data.shards import is_val
-from babyllama.data.sources import Item
 from babyllama.tokenizer import Tokenizer
 
 
@@ -113,43 +109,22 @@ def render_pair(tokenizer: Tokenizer, conv: Conversation, chosen: str, rejected:
     return (c_ids, c_mask), (r_ids, r_mask), c_cut or r_cut
 
 
-def render_pairs(batch: list[Item], settings: SFTSettings) -> dict:
-    """The token cache's worker for pairs (data/sft_tokens.py): samples 2i, 2i + 1 are pair i's chosen and
-    rejected; the counts of bad, filtered, empty (chosen), equal and truncated pairs; every bad record as
-    "file:line: why"."""
-    tok = worker_tokenizer()
-    ids: list[int] = []
-    mask: list[int] = []
-    lengths, val, bad = [], [], []
-    counts: Counter = Counter()
-    for where, record, why in batch:
-        try:
-            if record is None:
-                raise ValueError(why)
-            conv, chosen, rejected = preference_from_record(record)
-        except ValueError as e:
-            counts["bad"] += 1
-            bad.append(f"{where}: {e}")
-            continue
-        if chosen == rejected:
-            counts["equal_pairs"] += 1
-            continue
-        if is_blank(chosen):
-            counts["empty_answers"] += 1
-            continue
-        prompt = conv.turns[-1][0]
-        if not all(settings.fits(u, a) for u, a in conv.turns[:-1]) or not (
-                settings.fits(prompt, chosen) and settings.fits(prompt, rejected)):
-            counts["filtered"] += 1
-            continue
-        *samples, cut = render_pair(tok, conv, chosen, rejected, settings.max_len)
-        counts["truncated"] += cut
-        held_out = is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
-        for s_ids, s_mask in samples:
-            ids += s_ids
-            mask += s_mask
-            lengths.append(len(s_ids))
-            val.append(held_out)
-    return {"ids": np.array(ids, dtype=np.uint32), "mask": np.array(mask, dtype=np.uint8),
-            "lengths": np.array(lengths, dtype=np.int32), "val": np.array(val, dtype=bool),
-            "counts": counts, "bad": bad}
+def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings: SFTSettings,
+                 counts: Counter) -> tuple[list, bool]:
+    """The token cache's samples of a pair (data/sft_tokens.render_batch): its chosen then its rejected
+    answer; none, counted, for equal answers, a blank chosen one, or a length filter that fails."""
+    conv, chosen, rejected = parsed
+    if chosen == rejected:
+        counts["equal_pairs"] += 1
+        return [], False
+    if is_blank(chosen):
+        counts["empty_answers"] += 1
+        return [], False
+    prompt = conv.turns[-1][0]
+    if not all(settings.fits(u, a) for u, a in conv.turns[:-1]) or not (
+            settings.fits(prompt, chosen) and settings.fits(prompt, rejected)):
+        counts["filtered"] += 1
+        return [], False
+    *samples, cut = render_pair(tok, conv, chosen, rejected, settings.max_len)
+    counts["truncated"] += cut
+    return samples, is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)

@@ -104,9 +104,11 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
 
 
-def _render(batch: list[Item], settings: SFTSettings) -> dict:
+def render_batch(batch: list[Item], settings: SFTSettings, parse, samples_of) -> dict:
     """Samples of a batch of (location, record, why it is bad): flat ids and mask, lengths, split; counts,
-    and every bad record as "file:line: why"."""
+    and every bad record as "file:line: why". parse(record) raises ValueError, saying why, for a bad
+    record; samples_of(tok, parsed, settings, counts) gives its samples [(ids, mask)] and whether they
+    are held out, counting in counts what it skips (SFT: _sft_samples; DPO: preferences.pair_samples)."""
     tok = worker_tokenizer()
     ids: list[int] = []
     mask: list[int] = []
@@ -116,28 +118,35 @@ def _render(batch: list[Item], settings: SFTSettings) -> dict:
         try:
             if record is None:
                 raise ValueError(why)
-            conv = conversation_from_record(record)
+            parsed = parse(record)
         except ValueError as e:
             counts["bad"] += 1
             bad.append(f"{where}: {e}")
             continue
-        if any(is_blank(a) for _, a in conv.turns):
-            counts["empty_answers"] += 1
-            continue
-        if not all(settings.fits(u, a) for u, a in conv.turns):
-            counts["filtered"] += 1
-            continue
-        s_ids, s_mask = render_conversation(tok, conv)
-        if len(s_ids) > settings.max_len:
-            s_ids, s_mask = truncate_conversation(tok, conv, settings.max_len)
-            counts["truncated"] += 1
-        ids += s_ids
-        mask += s_mask
-        lengths.append(len(s_ids))
-        val.append(is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction))
+        samples, held_out = samples_of(tok, parsed, settings, counts)
+        for s_ids, s_mask in samples:
+            ids += s_ids
+            mask += s_mask
+            lengths.append(len(s_ids))
+            val.append(held_out)
     return {"ids": np.array(ids, dtype=np.uint32), "mask": np.array(mask, dtype=np.uint8),
             "lengths": np.array(lengths, dtype=np.int32), "val": np.array(val, dtype=bool),
             "counts": counts, "bad": bad}
+
+
+def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[list, bool]:
+    """The one sample of a conversation, cut to max_len; none when an answer is blank or a length filter fails."""
+    if any(is_blank(a) for _, a in conv.turns):
+        counts["empty_answers"] += 1
+        return [], False
+    if not all(settings.fits(u, a) for u, a in conv.turns):
+        counts["filtered"] += 1
+        return [], False
+    s_ids, s_mask = render_conversation(tok, conv)
+    if len(s_ids) > settings.max_len:
+        s_ids, s_mask = truncate_conversation(tok, conv, settings.max_len)
+        counts["truncated"] += 1
+    return [(s_ids, s_mask)], is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
 
 
 def _record_batches(paths: list[Path]):
@@ -176,10 +185,10 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
 def _renderer(kind: str):
     """The worker function that renders a batch of records of this kind."""
     if kind == "dpo":
-        from babyllama.data.preferences import render_pairs  # it builds on this module
+        from babyllama.data.preferences import pair_samples, preference_from_record  # they build on this module
 
-        return render_pairs
-    return _render
+        return partial(render_batch, parse=preference_from_record, samples_of=pair_samples)
+    return partial(render_batch, parse=conversation_from_record, samples_of=_sft_samples)
 
 
 def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSettings, workers: int,
