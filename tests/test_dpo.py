@@ -67,23 +67,25 @@ def fixed_batch(tmp_path_factory, bpe_tokenizer):
     return d, pairs
 
 
-def ours(d, pairs, beta: float, eps: float = 0.0):
-    """Our trainer's (losses, chosen rewards, rejected rewards, policy log-probs) on the batch of all pairs."""
+def ours(d, pairs, beta: float, eps: float = 0.0, rpo_alpha: float = 0.0):
+    """Our trainer's (losses, chosen rewards, rejected rewards, policy log-probs) on the batch of all pairs,
+    and its training loss (the mean DPO loss + rpo_alpha times the chosen answers' NLL)."""
     cfg = load_config(None, ["--init", str(d / "ref"), "--out_dir", str(d / "run"), "--beta", str(beta),
-                             "--label_smoothing", str(eps)])
+                             "--label_smoothing", str(eps), "--rpo_alpha", str(rpo_alpha)])
     cfg.model = init_model(cfg, "DPO")
     data = PreferenceData(SFTData.from_samples([s for pair in pairs for s in pair], max_seq_len=63, pad_id=0))
     trainer = DPOTrainer(cfg, data, None, None, Dist())
     trainer.model.load_state_dict(model(1).state_dict())  # the policy: another model than the reference
     trainer.model.train()
+    batch = data.collate(list(range(len(pairs))))
     with torch.no_grad():
-        return trainer.pair_losses(data.collate(list(range(len(pairs)))))
+        return *trainer.pair_losses(batch), trainer.forward(batch)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_trainer_loss_and_rewards_equal_the_formula_on_summed_log_probs(fixed_batch, eps):
     d, pairs = fixed_batch
-    losses, chosen, rejected, logps = ours(d, pairs, beta=0.5, eps=eps)
+    losses, chosen, rejected, logps, _ = ours(d, pairs, beta=0.5, eps=eps)
     policy, reference = model(1), model(0)
     for i, ((c_ids, c_mask), (r_ids, r_mask)) in enumerate(pairs):
         pc, pr = (summed_answer_log_prob(policy, ids, m) for ids, m in ((c_ids, c_mask), (r_ids, r_mask)))
@@ -93,8 +95,22 @@ def test_trainer_loss_and_rewards_equal_the_formula_on_summed_log_probs(fixed_ba
         assert [float(losses[i]), float(chosen[i]), float(rejected[i])] == pytest.approx(expected, abs=1e-5)
 
 
-def test_loss_and_metrics_equal_trls_dpo_trainer(fixed_batch, bpe_tokenizer):
-    """TRL's DPOTrainer computes its loss on our models exported to Hugging Face, on the same token ids."""
+def test_rpo_adds_the_chosen_answers_mean_token_nll(fixed_batch):
+    """RPO: loss = mean DPO loss + α (-Σ chosen answers' log-probs / their number of tokens)."""
+    d, pairs = fixed_batch
+    losses, _, _, _, dpo_only = ours(d, pairs, beta=0.5)
+    *_, loss = ours(d, pairs, beta=0.5, rpo_alpha=0.7)
+    policy = model(1)
+    chosen_sum = sum(summed_answer_log_prob(policy, ids, m) for (ids, m), _ in pairs)
+    tokens = sum(sum(m[1:]) for (_, m), _ in pairs)  # the targets: answer tokens and <eos>
+    assert float(dpo_only) == pytest.approx(float(losses.mean()), abs=1e-6)
+    assert float(loss) == pytest.approx(float(losses.mean()) + 0.7 * -chosen_sum / tokens, abs=1e-5)
+
+
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
+def test_loss_and_metrics_equal_trls_dpo_trainer(fixed_batch, bpe_tokenizer, rpo_alpha):
+    """TRL's DPOTrainer computes its loss on our models exported to Hugging Face, on the same token ids;
+    RPO is TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, α]."""
     pytest.importorskip("trl")
     transformers = pytest.importorskip("transformers")
     from datasets import Dataset
@@ -111,7 +127,8 @@ def test_loss_and_metrics_equal_trls_dpo_trainer(fixed_batch, bpe_tokenizer):
     reference = transformers.AutoModelForCausalLM.from_pretrained(d / "ref-hf")
     trl = TRLDPOTrainer(model=policy, ref_model=reference, train_dataset=Dataset.from_list([PAIRS_AS_TEXT]),
                         args=DPOConfig(output_dir=str(d / "trl"), beta=0.5, report_to=[], use_cpu=True,
-                                       bf16=False),  # TRL's default runs the reference under bf16 autocast
+                                       bf16=False,  # TRL's default runs the reference under bf16 autocast
+                                       loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha]),
                         processing_class=transformers.AutoTokenizer.from_pretrained(d / "policy-hf"))
     examples = []
     for (c_ids, c_mask), (r_ids, _) in pairs:
@@ -120,8 +137,8 @@ def test_loss_and_metrics_equal_trls_dpo_trainer(fixed_batch, bpe_tokenizer):
     policy.train()
     trl_loss = trl.compute_loss(policy, DataCollatorForPreference(pad_token_id=0)(examples))
     trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
-    losses, chosen, rejected, logps = ours(d, pairs, beta=0.5)
-    assert float(trl_loss.detach()) == pytest.approx(float(losses.mean()), abs=1e-5)
+    losses, chosen, rejected, logps, loss = ours(d, pairs, beta=0.5, rpo_alpha=rpo_alpha)
+    assert float(trl_loss.detach()) == pytest.approx(float(loss), abs=1e-5)
     mine = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
             "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
             "logps/chosen": logps[:3].mean(), "logps/rejected": logps[3:].mean()}

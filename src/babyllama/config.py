@@ -97,6 +97,7 @@ class TrainConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # the chance that a pair's preference is flipped (conservative DPO), < 0.5
     precompute_ref_log_probs: bool = False
+    rpo_alpha: float = 0.0  # weight of the chosen answers' NLL added to the DPO loss (RPO; TRL loss_type sigmoid+sft)
 
     def __post_init__(self) -> None:
         """Every setting in its range, before anything runs; each mistake is one sentence."""

@@ -12,6 +12,9 @@ rewards r(y) = β (log π(y|x) - log π_ref(y|x)), the loss of a pair is
     h = r(y_w) - r(y_l)                                the DPO paper's equation 7 is -log σ(h)
     loss = -(1 - ε) log σ(h) - ε log σ(-h)             ε = label_smoothing: the chance that a pair's
                                                        preference is flipped (conservative DPO)
+         + α NLL(y_w)                                  α = rpo_alpha: the chosen answers' mean token NLL
+                                                       (RPO, Pang et al. 2024; TRL's loss_type
+                                                       ["sigmoid", "sft"], loss_weights [1, α])
 
 Metrics, named as TRL logs them (means over the step's pairs): rewards/chosen, rewards/rejected,
 rewards/accuracies (the share with r(y_w) > r(y_l)), rewards/margins (h), logps/chosen,
@@ -65,6 +68,15 @@ def answer_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """(N,) fp32: each row's summed log-probs of its targets that are not -1 (its answer and <eos>)."""
     _, nll = model(batch["idx"], batch["targets"], reduction="none")  # (N, T)
     return -nll.sum(dim=1)
+
+
+def chosen_nll(logps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(): the mean NLL per answer token of the chosen half of a batch of pairs (RPO's SFT term, as TRL's
+    "sft" loss: summed over the chosen answers' tokens, divided by their number). logps (2B,) from
+    answer_log_probs, targets (2B, T) with -1 off the answers."""
+    chosen, _ = logps.chunk(2)
+    tokens = (targets[: len(chosen)] != -1).sum().clamp(min=1)
+    return -chosen.sum() / tokens
 
 
 def pair_sums(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -136,10 +148,12 @@ class DPOTrainer(Trainer):
         return *dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.t.beta, self.t.label_smoothing), logps
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The mean DPO loss of the batch's pairs; their metrics add up in self.sums."""
+        """The mean DPO loss of the batch's pairs (+ rpo_alpha times the chosen answers' NLL); their metrics
+        add up in self.sums."""
         *parts, logps = self.pair_losses(batch)
         self.sums += pair_sums(*parts, logps)
-        return parts[0].mean()
+        loss = parts[0].mean()
+        return loss + self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) if self.t.rpo_alpha else loss
 
     def step_metrics(self) -> dict[str, float]:
         step = means(all_reduce_sum(self.sums, self.dist))
@@ -228,9 +242,10 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     if not t.data:
         raise UserError("DPO needs preference pairs: pass --data FILE... ({prompt, chosen, rejected} records or "
                         "another shape the README lists).")
-    if t.beta <= 0 or not 0 <= t.label_smoothing < 0.5 or t.pack or t.doc_mask:
-        raise UserError(f"DPO needs beta > 0, label_smoothing in [0, 0.5), no pack and no doc_mask; got beta "
-                        f"{t.beta}, label_smoothing {t.label_smoothing}, pack {t.pack}, doc_mask {t.doc_mask}.")
+    if t.beta <= 0 or not 0 <= t.label_smoothing < 0.5 or t.rpo_alpha < 0 or t.pack or t.doc_mask:
+        raise UserError(f"DPO needs beta > 0, label_smoothing in [0, 0.5), rpo_alpha >= 0, no pack and no doc_mask; "
+                        f"got beta {t.beta}, label_smoothing {t.label_smoothing}, rpo_alpha {t.rpo_alpha}, "
+                        f"pack {t.pack}, doc_mask {t.doc_mask}.")
     cfg.model = init_model(cfg, "DPO")
     t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
