@@ -391,7 +391,7 @@ def test_health_answers_while_a_large_request_is_tokenized(bpe_tokenizer, tmp_pa
         assert len(waits) >= 3 and max(waits) < 0.5, waits
 
 
-def test_omitted_max_tokens_takes_the_rest_of_the_context_and_too_many_say_what_fits(server):
+def test_omitted_max_tokens_takes_the_rest_of_the_context_in_chat_and_too_many_say_what_fits(server):
     from babyllama.chat_format import render_prompt, text_prompt
     from babyllama.evaluate import answer
 
@@ -412,10 +412,23 @@ def test_omitted_max_tokens_takes_the_rest_of_the_context_and_too_many_say_what_
         f"{ctx} tokens, so {ctx - prompt} are available")
     text = "今天天气很好，" * 6
     n = len(text_prompt(tok, text))
-    r = httpx.post(url + "/completions", json={"prompt": text}, timeout=60)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= ctx - n
     r = httpx.post(url + "/completions", json={"prompt": text, "max_tokens": ctx}, timeout=60)
     assert r.status_code == 400 and f"so {ctx - n} are available" in r.json()["error"]["message"]
+
+
+def test_omitted_max_tokens_on_completions_is_openais_16_or_the_rest_of_the_context(server):
+    from babyllama.chat_format import text_prompt
+
+    tok, ctx, url = server["tokenizer"], 128, server["url"] + "/v1/completions"
+    text = "今天天气很好，" * 6  # this model says no <eos> for 49 tokens after it
+    assert len(text_prompt(tok, text)) == 79
+    r = httpx.post(url, json={"prompt": text}, timeout=60).json()
+    assert (r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"]) == (16, "length")
+    assert r["choices"][0]["text"] == httpx.post(url, json={"prompt": text, "max_tokens": 16}, timeout=60).json()[
+        "choices"][0]["text"]
+    text = "今天天气很好，" * 9  # 118 tokens: 10 are left
+    r = httpx.post(url, json={"prompt": text}, timeout=60).json()
+    assert len(text_prompt(tok, text)) == 118 and r["usage"]["completion_tokens"] == ctx - 118
 
 
 def test_a_busy_port_is_one_sentence_before_the_model_loads(tmp_path):

@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_in(1, 65535), default=8000, help="the port to listen on")
     add_device_arg(p)
-    add_sampling_args(p, max_new_tokens=False)  # a request's max_tokens, or the rest of the context
+    add_sampling_args(p, max_new_tokens=False)  # a request's max_tokens (omitted: see serve.py)
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama, GGUF)")

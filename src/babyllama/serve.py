@@ -39,6 +39,7 @@ except ImportError as e:  # pydantic comes with fastapi, in the [serve] extra
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TEXT_CHARS = 20_000
+COMPLETION_MAX_TOKENS = 16  # an omitted max_tokens on /v1/completions, as OpenAI's legacy completions
 PAGE = Path(__file__).with_name("chat_page.html")
 
 
@@ -90,7 +91,7 @@ class Common(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     model: str | None = None  # any name: the answer names the model served
-    max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context
+    max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context (chat), 16 (completions)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the server's (greedy; OpenAI's is 1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the server's
     stop: Text | list[Text] | None = None
@@ -335,9 +336,11 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         return generation(body, prompt, asked or max_ctx - len(prompt))
 
     def completion_generation(body: CompletionRequest) -> Generation:
-        """The Generation of a completion request (as chat_generation)."""
+        """The Generation of a completion request (as chat_generation); an omitted max_tokens is
+        COMPLETION_MAX_TOKENS, OpenAI's default for completions, or the rest of the context when less."""
         prompt = text_prompt(tokenizer, body.prompt)
-        return generation(body, prompt, room(len(prompt), body.max_tokens, "the prompt"))
+        available = room(len(prompt), body.max_tokens, "the prompt")
+        return generation(body, prompt, body.max_tokens or min(COMPLETION_MAX_TOKENS, available))
 
     @app.get("/health")
     def health():
