@@ -57,8 +57,8 @@ def test_qa_reads_every_field_name_and_scores_labels(tmp_path):
     ]
     f = tmp_path / "qa.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
-    items, skipped = read_qa(f)
-    assert skipped == 0
+    items, skipped, bad = read_qa(f)
+    assert skipped == 0 and bad == []
     assert [(i["question"], i["reference"]) for i in items] == [
         ("q1", "正面"), ("q2", "负面"), ("判断：q3", "正面"), ("q4", "正面")]
     for it, pred in zip(items, ["正面", "正面", "正面", "负面"], strict=True):
@@ -75,11 +75,47 @@ def test_qa_items_without_a_reference_are_skipped_and_counted(tmp_path):
                {"question": "q3", "std_answer": "   "}, {"question": "q4"}, {"question": "q5", "answer": "负面"}]
     f = tmp_path / "qa.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
-    items, skipped = read_qa(f)
-    assert [i["question"] for i in items] == ["q1", "q5"] and skipped == 3
+    items, skipped, bad = read_qa(f)
+    assert [i["question"] for i in items] == ["q1", "q5"] and skipped == 3 and bad == []
     f.write_text(json.dumps({"question": "q", "std_answer": ""}))
     with pytest.raises(UserError, match="no QA records with a reference"):
         read_qa(f)
+
+
+def test_bad_qa_records_are_counted_and_skipped_and_say_where_and_why(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_bytes("\n".join([json.dumps({"question": "q1", "answer": "正面"}, ensure_ascii=False),
+                              '{"question": "q2", "answer": ',  # not valid JSON
+                              json.dumps({"answer": "负面"}, ensure_ascii=False),  # no question
+                              '["q4", "正面"]',
+                              json.dumps({"question": "q5", "answer": "负面"}, ensure_ascii=False)]).encode())
+    items, skipped, bad = read_qa(f)
+    assert [i["question"] for i in items] == ["q1", "q5"] and skipped == 0
+    assert bad == [f"{f}:2: not valid JSON (Expecting value)",
+                   f"{f}:3: a QA record needs a question (question, prompt or instruction+input)",
+                   f"{f}:4: not a JSON object"]
+    f.write_text('{"question": "q2", "answer": \n' + json.dumps({"question": "q", "std_answer": ""}))
+    with pytest.raises(UserError) as e:  # nothing good is left
+        read_qa(f)
+    assert str(e.value) == (f"{f} holds no QA records with a reference (answer, std_answer, target, output); "
+                            f"1 had none or an empty one, 1 were bad (the first: {f}:1: not valid JSON "
+                            "(Expecting value)).")
+
+
+def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
+    f = tmp_path / "law_val.jsonl"
+    f.write_text("\n".join([json.dumps({"question": "一", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "A"}),
+                             "{not json", json.dumps({"question": "三", "A": "甲", "B": "乙", "answer": "B"})]))
+    items, bad = read_mc([f])
+    assert [i["question"] for i in items] == ["一"]
+    assert bad == [f"{f}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+                   f"{f}:3: a multiple-choice row needs question, A-D, answer; missing C, D"]
+    csv = tmp_path / "law_dev.csv"
+    csv.write_text("question,A,B,C,D\n问,甲,乙,丙,丁\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:  # nothing good is left
+        read_mc([csv])
+    assert str(e.value) == (f"no multiple-choice items with an answer in {csv}, 1 were bad (the first: {csv}:2: "
+                            "a multiple-choice row needs question, A-D, answer; missing answer).")
 
 
 class Recorder:
@@ -130,7 +166,8 @@ def test_multiple_choice_with_a_stub_of_known_log_probs(tmp_path, bpe_tokenizer)
         "id,question,A,B,C,D,answer\n1,光速是多少,甲,乙,丙,丁,A\n2,重力是什么,甲,乙,丙,丁,B\n", encoding="utf-8")
     (tmp_path / "history.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
         {"Question": "秦朝何时建立", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "Answer": "C"}]))
-    items = read_mc([tmp_path / "physics_val.csv", tmp_path / "history.jsonl"])
+    items, bad = read_mc([tmp_path / "physics_val.csv", tmp_path / "history.jsonl"])
+    assert bad == []
     assert [i["subject"] for i in items] == ["physics", "physics", "history"]
     tok = bpe_tokenizer
 
@@ -195,7 +232,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     questions = [f"这是第{i}个评测问题，请回答" for i in range(8)]
     qa.write_text("\n".join(json.dumps({"question": q, "answer": "正面" if i % 2 else "负面", "task": "sentiment"},
                                        ensure_ascii=False) for i, q in enumerate(questions))
-                  + "\n" + json.dumps({"question": "没有参考答案的题", "std_answer": ""}, ensure_ascii=False))
+                  + "\n" + json.dumps({"question": "没有参考答案的题", "std_answer": ""}, ensure_ascii=False)
+                  + '\n{"question": "坏行"')  # a bad record: counted and skipped
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"text": "训练文本里混进了" + questions[3] + "这道题"}, ensure_ascii=False))
     (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
@@ -207,6 +245,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
     assert result["qa"]["sentiment"]["majority_baseline"] == 0.5  # the item without a reference is not in it
     assert result["qa_skipped_no_reference"] == 1 and "1 QA items have no reference" in r.stdout
+    assert (result["qa_bad_records"], result["mc_bad_records"]) == (1, 0)
+    assert f"note: 1 bad QA records are skipped; the first: {qa}:10: not valid JSON (Expecting" in r.stdout
     lines = (tiny_run / "run" / "eval" / "items.jsonl").read_text().splitlines()
     assert len(lines) == 9
     (tiny_run / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
@@ -232,7 +272,9 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"answer": "a"}))
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
                 "--out_dir", str(tmp_path))
-    assert r.returncode == 2 and "needs a question" in r.stderr and "continuations" not in r.stderr  # at once
+    assert r.returncode == 2 and "continuations" not in r.stderr  # at once
+    assert r.stderr.strip().endswith(f"1 were bad (the first: {tmp_path / 'bad.jsonl'}:1: a QA record needs a "
+                                     "question (question, prompt or instruction+input)).")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}))
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
                 "--out_dir", str(tmp_path))

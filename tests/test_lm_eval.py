@@ -51,6 +51,6 @@ def test_lm_eval_on_the_export_agrees_with_babyllama_eval_mc(bpe_tokenizer, tmp_
                                   device="cpu", batch_size=1, log_samples=True)
     theirs = ["ABCD"[max(range(4), key=lambda i: s["filtered_resps"][i][0])] for s in
               sorted(out["samples"]["local_ceval"], key=lambda s: s["doc_id"])]
-    summary, ours = score_mc(read_mc([tmp_path / "net_val.jsonl"]), ModelScorer(model), bpe_tokenizer)
+    summary, ours = score_mc(read_mc([tmp_path / "net_val.jsonl"])[0], ModelScorer(model), bpe_tokenizer)
     assert theirs == [r["letter_choice"] for r in ours]  # item by item
     assert out["results"]["local_ceval"]["acc,none"] == pytest.approx(summary["overall"]["letter_accuracy"])

@@ -109,32 +109,50 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampli
 # --- QA ---
 
 
-def read_qa(path: str | Path) -> tuple[list[dict], int]:
-    """{question, reference, task} from records with a question field and a reference field, and the
+def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
+    """{question, reference, task} from records with a question field and a reference field; the
     number of records skipped because their reference is missing or blank (nothing to score against:
-    BELLE's eval set has such items). Raises UserError for a record without a question, or when no
-    record has a reference."""
-    items, skipped = [], 0
+    BELLE's eval set has such items); and "file:line: why" of each record skipped as bad (not a JSON
+    object, no question, bytes that are not text). Raises UserError when no record has a reference."""
+    items, no_reference, bad = [], 0, []
     for file in expand_inputs([path]):
-        for where, r, _ in iter_records(file):
-            r = r or {}
-            question = next((r[k] for k in QUESTION_KEYS if isinstance(r.get(k), str)), None)
-            if question is None and isinstance(r.get("instruction"), str):
-                question = r["instruction"] + (r.get("input") or "")
-            if question is None:
-                raise UserError(f"{where}: a QA record needs a question ({', '.join(QUESTION_KEYS)} or "
-                                f"instruction+input) and a reference ({', '.join(REFERENCE_KEYS)}).")
-            reference = next((_reference(r[k]) for k in REFERENCE_KEYS if r.get(k) is not None), "")
-            if not is_unicode(question + reference):
-                raise UserError(f"{where}: the record holds bytes that are not text in the file's encoding.")
-            if not reference.strip():
-                skipped += 1
+        for where, r, why in iter_records(file):
+            try:
+                item = qa_item(r, why)
+            except ValueError as e:
+                bad.append(f"{where}: {e}")
                 continue
-            items.append({"question": question, "reference": reference, "task": str(r.get("task", "qa"))})
+            if item is None:
+                no_reference += 1
+            else:
+                items.append(item)
     if not items:
         raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}); "
-                        f"{skipped} had none or an empty one.")
-    return items, skipped
+                        f"{no_reference} had none or an empty one{bad_detail(bad)}.")
+    return items, no_reference, bad
+
+
+def qa_item(record: dict | None, why: str) -> dict | None:
+    """The {question, reference, task} of a record (None: the reader's bad record, saying why), or None
+    when its reference is missing or blank; ValueError, saying why, for a bad record."""
+    if record is None:
+        raise ValueError(why)
+    question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
+    if question is None and isinstance(record.get("instruction"), str):
+        question = record["instruction"] + (record.get("input") or "")
+    if question is None:
+        raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
+    reference = next((_reference(record[k]) for k in REFERENCE_KEYS if record.get(k) is not None), "")
+    if not is_unicode(question + reference):
+        raise ValueError("the record holds bytes that are not text in the file's encoding")
+    if not reference.strip():
+        return None
+    return {"question": question, "reference": reference, "task": str(record.get("task", "qa"))}
+
+
+def bad_detail(bad: list[str]) -> str:
+    """", N were bad (the first: file:line: why)" for an error message; "" when none were."""
+    return f", {len(bad)} were bad (the first: {bad[0]})" if bad else ""
 
 
 def _reference(value) -> str:
@@ -217,25 +235,40 @@ def score_qa(items: list[dict]) -> dict:
 # --- multiple choice ---
 
 
-def read_mc(paths: Sequence[str | Path]) -> list[dict]:
-    """C-Eval / CMMLU items: question, A-D, answer (any case); subject from the file name."""
-    items = []
+def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
+    """C-Eval / CMMLU items: question, A-D, answer (any case), subject from the file name; rows whose
+    answer is not a letter (test sets) are left out. Also "file:line: why" of each row skipped as bad
+    (not a record, a field missing, bytes that are not text). Raises UserError when no item remains."""
+    items, bad = [], []
     for file in expand_inputs(list(paths)):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
-        for row in (r for _, r, _ in iter_records(file) if r):  # CSV, JSON lines or a JSON array
-            r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+        for where, row, why in iter_records(file):  # CSV, JSON lines or a JSON array
             try:
-                item = {"subject": r.get("subject") or subject, "question": str(r["question"]),
-                        "options": {c: str(r[c.lower()]) for c in LETTERS}, "answer": str(r["answer"]).strip()}
-            except KeyError as e:
-                raise UserError(f"{file}: a multiple-choice row needs question, A-D, answer; missing {e}.") from None
-            if not is_unicode(item["question"] + "".join(item["options"].values())):
-                raise UserError(f"{file}: a multiple-choice row holds bytes that are not text in the file's encoding.")
+                item = mc_item(row, why, subject)
+            except ValueError as e:
+                bad.append(f"{where}: {e}")
+                continue
             if item["answer"] in LETTERS:
                 items.append(item)
     if not items:
-        raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}.")
-    return items
+        raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}{bad_detail(bad)}.")
+    return items, bad
+
+
+def mc_item(row: dict | None, why: str, subject: str) -> dict:
+    """A multiple-choice item of a row (None: the reader's bad record, saying why); ValueError, saying why,
+    for a bad row."""
+    if row is None:
+        raise ValueError(why)
+    r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+    missing = [k for k in ("question", *LETTERS, "answer") if k.lower() not in r]
+    if missing:
+        raise ValueError(f"a multiple-choice row needs question, A-D, answer; missing {', '.join(missing)}")
+    item = {"subject": r.get("subject") or subject, "question": str(r["question"]),
+            "options": {c: str(r[c.lower()]) for c in LETTERS}, "answer": str(r["answer"]).strip()}
+    if not is_unicode(item["question"] + "".join(item["options"].values())):
+        raise ValueError("the row holds bytes that are not text in the file's encoding")
+    return item
 
 
 class ModelScorer:
@@ -320,8 +353,11 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     sampling: how QA answers and continuations are generated (default: sampling.Sampling)."""
     from babyllama.checkpoint import load_checkpoint
 
-    qa_items, no_reference = read_qa(qa) if qa else ([], 0)  # bad eval files fail before any work
-    mc_items = read_mc(mc) if mc else []
+    qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
+    mc_items, mc_bad = read_mc(mc) if mc else ([], [])
+    for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
+        if bad:
+            print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,10 +380,12 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
             it["prediction"] = answer(model, tokenizer, it["question"], sampling)
         result["qa"] = score_qa(qa_items)
         result["qa_skipped_no_reference"] = no_reference
+        result["qa_bad_records"] = len(qa_bad)
         items += [{"kind": "qa", **it} for it in qa_items]
     if mc:
         mc_items = mc_items[: limit or None]
         result["mc"], scored = score_mc(mc_items, ModelScorer(model), tokenizer)
+        result["mc_bad_records"] = len(mc_bad)
         items += [{"kind": "mc", **it} for it in scored]
     if train_data and (qa or mc):
         questions = [it["question"] for it in items]
