@@ -37,6 +37,8 @@ OFF_AT_ZERO = {  # settings where 0 means: ...
     "min_answer_chars": "no limit", "max_answer_chars": "no limit",
 }
 FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
+MAX_LR = 10.0  # above it no optimiser here trains; it catches 1e30 and a misplaced exponent
+MAX_DDP_TIMEOUT = 10**9  # seconds (~32 years): a larger timedelta overflows
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -113,10 +115,15 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise UserError(f"epochs must be more than 0, got {self.epochs}.")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"lr must be more than 0, got {self.lr}.")
+        if not 0 < self.lr <= MAX_LR:  # NaN too
+            raise UserError(f"lr must be in (0, {MAX_LR:g}], got {self.lr}.")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}.")
+        if self.lr * self.weight_decay >= 1:
+            raise UserError(f"lr * weight_decay must be below 1 (each step multiplies the weights by 1 - lr * "
+                            f"weight_decay), got {self.lr} * {self.weight_decay}.")
+        if not 1 <= self.ddp_timeout <= MAX_DDP_TIMEOUT:
+            raise UserError(f"ddp_timeout must be in [1, {MAX_DDP_TIMEOUT:,}] seconds, got {self.ddp_timeout}.")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}.")
         for part in ("prompt", "answer"):
