@@ -136,6 +136,10 @@ TAMPERS = {  # what is changed -> what the sentence says
     "unknown setting": (lambda c: c["model"].update(n_expert=8), "unknown model settings ['n_expert']"),
     "no model": (lambda c: c.pop("model"), "lacks its model or tokenizer settings"),
     "tokenizer a list": (lambda c: c.update(tokenizer=[1]), "lacks its model or tokenizer settings"),
+    "version 99": (lambda c: c.update(version=99), "has format version 99, newer than the version 1 this babyllama "
+                   "reads; upgrade babyllama to load it."),
+    "version a string": (lambda c: c.update(version="2"), "has version '2', not a whole number from 1; the "
+                         "checkpoint is damaged."),
     "bos_id beyond the vocab": ("bos_id", 10**6, "ids in [0, 600); bos_id is 1000000"),
     "eos_id negative": ("eos_id", -1, "ids in [0, 600); eos_id is -1"),
     "pad_id a float": ("pad_id", 0.5, "ids in [0, 600); pad_id is 0.5"),
@@ -185,6 +189,23 @@ def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoi
     assert main(["sft", "--init", str(ck), "--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(tmp_path)]) == 2
     assert time.perf_counter() - start < 1.0
     assert "it holds 2 layers and an embedding of (600, 64), the config needs 10000000" in capsys.readouterr().err
+
+
+def test_a_newer_format_is_refused_by_name_and_never_skipped_as_damaged(whole_checkpoint, tmp_path):
+    from babyllama.checkpoint import read_config, resumable_checkpoint, step_checkpoint
+
+    model = sharp_model(tiny_config(vocab_size=600))
+    for step in (2, 4):
+        save_checkpoint(step_checkpoint(tmp_path, step), model, train_state={"step": step})
+    newest = step_checkpoint(tmp_path, 4)
+    assert read_config(newest)["version"] == 1 and resumable_checkpoint(tmp_path) == (newest, [])
+    _edit_json(newest / "config.json", lambda c: c.update(version=2))
+    with pytest.raises(UserError) as e:  # resuming from step 2 would drop step 4's progress
+        resumable_checkpoint(tmp_path)
+    assert str(e.value) == (f"checkpoint {newest} has format version 2, newer than the version 1 this babyllama "
+                            "reads; upgrade babyllama to load it.")
+    _edit_json(newest / "config.json", lambda c: c.pop("version"))  # written by hand: read as version 1
+    assert resumable_checkpoint(tmp_path) == (newest, [])
 
 
 # --- a run's checkpoints: order, pruning, damage, kills ---

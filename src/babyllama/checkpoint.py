@@ -35,6 +35,11 @@ from babyllama.tokenizer import Tokenizer, load_tokenizer
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
+FORMAT_VERSION = 1  # config.json's "version": raise it when a change makes older code misread checkpoints
+
+
+class NewerFormat(UserError):
+    """A checkpoint written by a newer babyllama: not damaged, so never skipped as damaged."""
 
 
 def step_checkpoint(run_dir: str | Path, step: int) -> Path:
@@ -66,6 +71,8 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
             if load_train_state(ckpt, mmap=True) is None:
                 raise UserError(f"{ckpt} has no {STATE_FILE}.")
             return ckpt, notes
+        except NewerFormat:
+            raise
         except UserError as e:
             notes.append(f"{ckpt.name} is damaged and skipped: {str(e).rstrip('.')}")
     if notes:
@@ -151,7 +158,7 @@ def save_checkpoint(
     else:
         save_file(model_tensors(model) if tensors is None else tensors, str(tmp / MODEL_FILE),
                   metadata={"format": "pt"})
-    config = {"format": "babyllama", "version": 1, "model": model.cfg.to_dict(), **(extra_config or {})}
+    config = {"format": "babyllama", "version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra_config or {})}
     if tokenizer is not None:
         tokenizer.save(tmp)
         config["tokenizer"] = {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
@@ -181,7 +188,8 @@ def _fsync(path: Path) -> None:
 
 
 def read_config(path: str | Path) -> dict:
-    """A checkpoint's config.json: an object whose `model` (and `tokenizer`, if any) are objects."""
+    """A checkpoint's config.json: an object whose `model` (and `tokenizer`, if any) are objects, and
+    whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist or is not a directory.")
@@ -195,6 +203,13 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not (
             tokenizer is None or isinstance(tokenizer, dict) and isinstance(tokenizer.get("fingerprint"), str)):
         raise UserError(f"{path / CONFIG_FILE} lacks its model or tokenizer settings; the checkpoint is damaged.")
+    version = config.get("version", 1)
+    if type(version) is not int or version < 1:  # true is no version
+        raise UserError(f"{path / CONFIG_FILE} has version {version!r}, not a whole number from 1; "
+                        "the checkpoint is damaged.")
+    if version > FORMAT_VERSION:
+        raise NewerFormat(f"checkpoint {path} has format version {version}, newer than the version {FORMAT_VERSION} "
+                          "this babyllama reads; upgrade babyllama to load it.")
     return config
 
 
@@ -203,8 +218,9 @@ def model_config(path: str | Path) -> ModelConfig:
     names and shapes of the tensors in model.safetensors, read from the file's header: a config that
     the weights do not bear out stops before anything large is allocated. Raises UserError."""
     path = Path(path)
+    settings = read_config(path)["model"]
     try:
-        cfg = ModelConfig.from_dict(read_config(path)["model"])
+        cfg = ModelConfig.from_dict(settings)
     except UserError as e:
         raise UserError(f"{path / CONFIG_FILE}: {e}") from None
     if is_adapter(path):  # LoRA: the adapter's file must read; its shapes are checked on loading it onto the base
