@@ -49,6 +49,18 @@ def test_decode_stream_never_splits_a_character(bpe_tokenizer):
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 
+def test_decode_stream_drops_a_character_that_the_end_cuts(bpe_tokenizer):
+    ids = bpe_tokenizer.encode("中文😀")
+    emoji = [bpe_tokenizer.tok.token_to_id(c) for c in "ðŁĺĢ"]  # 😀's 4 bytes, F0 9F 98 80, one id each
+    assert bpe_tokenizer.decode(emoji) == "😀" and ids[-4:] == emoji
+    for cut in (1, 2, 3):  # max_tokens stops inside 😀
+        assert bpe_tokenizer.decode(ids[:-cut]) == "中文\ufffd"  # what the last piece used to end with
+        assert list(decode_stream(bpe_tokenizer, iter(ids[:-cut])))[-1] == "文"
+        assert "".join(decode_stream(bpe_tokenizer, iter(ids[:-cut]))) == "中文"
+    lone = bpe_tokenizer.tok.token_to_id("Ģ")  # 0x80 alone: not UTF-8, not a cut character: shown as such
+    assert "".join(decode_stream(bpe_tokenizer, iter([*ids[:-4], lone]))) == "中文\ufffd"
+
+
 def finish(gen):
     """The pieces a generator yields, and what it returns."""
     pieces = []

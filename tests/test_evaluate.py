@@ -118,6 +118,20 @@ def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
                             "a multiple-choice row needs question, A-D, answer; missing answer).")
 
 
+def test_answers_and_continuations_cut_inside_a_character_drop_it(bpe_tokenizer):
+    from babyllama.evaluate import answer, continuations
+
+    class Cut:  # a model whose max_new_tokens ran out inside 😀
+        cfg = tiny_config(vocab_size=600)
+
+        def generate(self, prompt, **kwargs):
+            return bpe_tokenizer.encode("正面😀")[:-1]
+
+    assert bpe_tokenizer.decode(Cut().generate([])) == "正面\ufffd"
+    assert answer(Cut(), bpe_tokenizer, "问") == "正面"
+    assert continuations(Cut(), bpe_tokenizer, ["问"])[0]["continuation"] == "正面"
+
+
 class Recorder:
     """A scorer that remembers what it was asked to score."""
 

@@ -116,6 +116,23 @@ def tokenizer_of(kind: str, bpe_tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
+def test_decode_complete_drops_only_a_character_cut_at_the_end(kind, bpe_tokenizer, tmp_path):
+    """Every lead byte whose next byte is restricted (E0, ED, F0, F4) and both ends of the range: the text
+    before the cut character; U+FFFD itself and bytes that are not UTF-8 stay."""
+    tok = tokenizer_of(kind, bpe_tokenizer, tmp_path)
+    head = tok.encode("你好")
+    for char in ("é", "中", "\u0800", "\ud7ff", "\uffff", "😀", "\U00010000", "\U0010ffff"):
+        raw = [tok._byte_id(b) for b in char.encode()]
+        assert tok.decode_complete(head + raw) == "你好" + char
+        for cut in range(1, len(raw)):
+            assert tok.decode(head + raw[:cut]).startswith("你好\ufffd")
+            assert tok.decode_complete(head + raw[:cut]) == "你好", (char, cut)
+    for tail in ("\ufffd".encode(), b"\x80", b"\xc0\x80", b"\xed\xa0\x80"):  # the last: a surrogate's bytes
+        ids = head + [tok._byte_id(b) for b in tail]
+        assert tok.decode_complete(ids) == tok.decode(ids) != "你好" and tok.decode(ids).endswith("\ufffd")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
 def test_bits_per_byte_count_the_bytes_of_the_text(kind, bpe_tokenizer, tmp_path):
     from babyllama.evaluate import loss_sums
 

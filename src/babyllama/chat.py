@@ -24,7 +24,8 @@ def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_n
 
 
 def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces as ids arrive; a character split over several ids comes out whole."""
+    """Text pieces as ids arrive; a character split over several ids comes out whole, and one that the
+    end of the ids cuts (max_new_tokens) not at all (Tokenizer.decode_complete)."""
     out: list[int] = []
     shown, text = "", ""
     for i in ids:
@@ -35,7 +36,8 @@ def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
         if len(text) > len(shown):
             yield text[len(shown) :]
         shown = text
-    if len(text) > len(shown):  # the generation ended inside a character
+    text = tokenizer.decode_complete(out) if text.endswith("\ufffd") else text  # ended inside a character?
+    if len(text) > len(shown):
         yield text[len(shown) :]
 
 

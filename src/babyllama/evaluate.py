@@ -102,7 +102,7 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampli
     for prompt in progress(prompts, desc="continuations", unit=" prompt"):
         ids = model.generate(text_prompt(tokenizer, prompt), **s.generate_kwargs(),
                              **tokenizer.generation_kwargs(model.cfg.vocab_size))
-        out.append({"prompt": prompt, "continuation": tokenizer.decode(ids)})
+        out.append({"prompt": prompt, "continuation": tokenizer.decode_complete(ids)})
     return out
 
 
@@ -164,11 +164,12 @@ def _reference(value) -> str:
 
 def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None) -> str:
     """The answer in the chat format (the same ids SFT trained on, up to the answer), sampled as s says
-    (default: sampling.Sampling, greedy); it ends at <eos>, max_new_tokens or the end of the context."""
+    (default: sampling.Sampling, greedy); it ends at <eos>, max_new_tokens or the end of the context,
+    less a character that the end cut (Tokenizer.decode_complete)."""
     s = s or Sampling()
     prompt = render_prompt(tokenizer, Conversation([(question, "")]))
     ids = model.generate(prompt, **s.generate_kwargs(), **tokenizer.generation_kwargs(model.cfg.vocab_size))
-    return tokenizer.decode(ids).strip()
+    return tokenizer.decode_complete(ids).strip()
 
 
 def lcs_length(a: str, b: str) -> int:

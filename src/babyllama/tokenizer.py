@@ -62,6 +62,27 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def decode_complete(self, ids: Sequence[int]) -> str:
+        """decode(ids) less an incomplete UTF-8 sequence at its end: the text of a generation that
+        max_new_tokens cut inside a character, which decode shows as U+FFFD (one per byte for
+        SentencePiece). The bytes are completed with continuation bytes, and the character they
+        complete is dropped; a U+FFFD that no continuation completes (bytes that are not UTF-8, or
+        the character U+FFFD itself) stays."""
+        text = self.decode(ids)
+        cont = self._byte_id(0x80)
+        if not text.endswith("\ufffd") or cont is None:  # pieces that are all text never cut a character
+            return text
+        for second in (cont, self._byte_id(0xA0)):  # after E0 and F0 at least A0 / 90; after ED and F4 below A0
+            for more in range(3):
+                done = self.decode([*ids, second, *[cont] * more])
+                if not done.endswith("\ufffd"):
+                    return done[:-1]
+        return text
+
+    def _byte_id(self, value: int) -> int | None:
+        """The id that stands for the single byte `value`, or None when the vocabulary has none."""
+        raise NotImplementedError
+
     def save(self, out_dir: str | Path) -> None:
         raise NotImplementedError
 
@@ -170,6 +191,15 @@ class HFTokenizer(Tokenizer):
     def _piece_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
 
+    def _byte_id(self, value: int) -> int | None:
+        from tokenizers import decoders
+
+        if isinstance(self.tok.decoder, decoders.ByteLevel):
+            return self.tok.token_to_id(byte_level_char(value))
+        piece = f"<0x{value:02X}>"
+        i = self.tok.token_to_id(piece)
+        return i if i is not None and self.decode([i]) != piece else None  # a decoder that makes it a byte
+
     def _byte_tokens(self) -> dict[int, int]:
         """A byte-level BPE's pieces (a character per byte), or a byte-fallback vocabulary's <0xE4>."""
         from tokenizers import decoders
@@ -227,6 +257,10 @@ class SPTokenizer(Tokenizer):
         i = self.sp.piece_to_id(piece)
         return None if self.sp.is_unknown(i) else i
 
+    def _byte_id(self, value: int) -> int | None:
+        i = self.sp.piece_to_id(f"<0x{value:02X}>")
+        return i if self.sp.is_byte(i) else None
+
     def _byte_tokens(self) -> dict[int, int]:
         return {i: 1 for i in range(self.vocab_size) if self.sp.is_byte(i)}
 
@@ -242,6 +276,12 @@ class SPTokenizer(Tokenizer):
         out.mkdir(parents=True, exist_ok=True)
         if Path(self.path).resolve() != (out / "tokenizer.model").resolve():
             shutil.copyfile(self.path, out / "tokenizer.model")
+
+
+def byte_level_char(value: int) -> str:
+    """The character that spells byte `value` in a byte-level BPE's pieces (GPT-2's bytes_to_unicode)."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return chr(value) if value in shown else chr(256 + [b for b in range(256) if b not in shown].index(value))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
