@@ -425,9 +425,16 @@ def test_report_reads_metrics_written_with_bare_nan(tmp_path):
 def test_a_warmup_that_covers_the_run_is_warned_about(shards, tmp_path, capsys):
     pretrain(config(shards, tmp_path / "a", "--max_steps", "4", "--warmup_steps", "1000", "--lr", "1e-3"))
     out = capsys.readouterr().out
-    assert ("warning: warmup_steps 1000 cover the whole run of 4 steps: the learning rate ends at 4e-06, not lr "
-            "0.001; set --warmup_steps to a small part of the steps (the configs use 1-10%).") in out
-    pretrain(config(shards, tmp_path / "b", "--max_steps", "4", "--warmup_steps", "3"))
+    assert ("warning: warmup_steps 1000 cover the whole run of 4 steps: the learning rate ends at 4/1000 of lr "
+            "0.001 and never decays to min_lr 0.0003; set --warmup_steps to a small part of the steps (the configs "
+            "use 1-10%).") in out
+    pretrain(config(shards, tmp_path / "b", "--max_steps", "4", "--warmup_steps", "4", "--lr", "3e-4",
+                    "--min_lr", "1e-5"))  # it read "ends at 0.0003, not lr 0.0003"
+    assert ("warning: warmup_steps 4 cover the whole run of 4 steps: the learning rate reaches lr 0.0003 only at "
+            "the last step and never decays to min_lr 1e-05; set --warmup_steps") in capsys.readouterr().out
+    assert [r["lr"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()) if "loss" in r] == [
+        pytest.approx(3e-4 * s / 4) for s in (1, 2, 3, 4)]
+    pretrain(config(shards, tmp_path / "c", "--max_steps", "4", "--warmup_steps", "3"))
     assert "warmup" not in capsys.readouterr().out
 
 

@@ -30,7 +30,7 @@ from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer, lora_of, lr_at
+from babyllama.train.trainer import Dataset, Trainer, lora_of
 
 INIT_MODEL_SETTINGS = {"dropout"}  # what a run from --init can change: they leave the weights' shapes alone
 
@@ -88,11 +88,13 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train."""
     out = Path(cfg.train.out_dir)
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
-    t = cfg.train
-    if dist.main and t.warmup_steps >= trainer.total_steps:
-        print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {trainer.total_steps} steps: the "
-              f"learning rate ends at {lr_at(trainer.total_steps - 1, t, trainer.total_steps):.3g}, not lr {t.lr:g}; "
-              "set --warmup_steps to a small part of the steps (the configs use 1-10%).")
+    t, steps = cfg.train, trainer.total_steps
+    if dist.main and t.warmup_steps >= steps:  # lr_at: the run's last step has lr * steps / warmup_steps
+        end = (f"ends at {steps}/{t.warmup_steps} of lr {t.lr:g}" if t.warmup_steps > steps
+               else f"reaches lr {t.lr:g} only at the last step")
+        print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {steps} steps: the learning rate {end} "
+              f"and never decays to min_lr {t.min_lr:g}; set --warmup_steps to a small part of the steps (the "
+              "configs use 1-10%).")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
