@@ -298,9 +298,14 @@ class CommandParser(argparse.ArgumentParser):
             return text
         from dataclasses import fields
 
-        from babyllama.config import TrainConfig
+        from babyllama.config import EMPTY_MEANS, OFF_AT_ZERO, TrainConfig
 
-        listed = ", ".join(f"{f.name} {f.default!r}" for f in fields(TrainConfig))
+        def default(name: str, value) -> str:  # an empty or 0 default in words: what it stands for
+            if name in EMPTY_MEANS:
+                return f"{name} ({EMPTY_MEANS[name]})"
+            return f"{name} {value!r}" + (f" ({OFF_AT_ZERO[name]})" if value == 0 and name in OFF_AT_ZERO else "")
+
+        listed = ", ".join(default(f.name, f.default) for f in fields(TrainConfig))
         return text + "\n" + self._get_formatter()._fill_text(
             f"settings (--key value) and their defaults: {listed}.", self._get_formatter()._width, "") + "\n"
 

@@ -36,6 +36,11 @@ OFF_AT_ZERO = {  # settings where 0 means: ...
     "data_workers": "one per CPU core", "min_prompt_chars": "no limit", "max_prompt_chars": "no limit",
     "min_answer_chars": "no limit", "max_answer_chars": "no limit",
 }
+EMPTY_MEANS = {  # settings whose empty default is worked out when the run starts: what it stands for
+    "data": "none: pass --data", "out_dir": "runs/STAGE, or beside the --init run: runs/x/final -> runs/x-STAGE",
+    "tokenizer": "the one saved with the data (pretrain) or with --init (sft, dpo)", "init": "none: random weights",
+    "sft_cache": "OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens",
+}
 FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
 MAX_LR = 10.0  # above it no optimiser here trains; it catches 1e30 and a misplaced exponent
 MAX_DDP_TIMEOUT = 10**9  # seconds (~32 years): a larger timedelta overflows
@@ -45,9 +50,9 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 @dataclass
 class TrainConfig:
     data: str | list[str] = ""  # pretraining: a pretokenized directory; SFT: instruction/chat files
-    out_dir: str = ""  # default: runs/pretrain; with init, beside its run (runs/x/final -> runs/x-sft)
-    tokenizer: str = ""  # default: the tokenizer saved with the data (or with --init)
-    init: str = ""  # a checkpoint to start from (SFT); empty: random weights
+    out_dir: str = ""  # the empty defaults: see EMPTY_MEANS
+    tokenizer: str = ""
+    init: str = ""  # a checkpoint to start from (sft and dpo need one)
     # how long: max_steps wins, then tokens, then epochs
     max_steps: int = 0
     tokens: int = 0
@@ -84,7 +89,7 @@ class TrainConfig:
     # SFT data (lengths in characters, 0: no limit; the recipe used 10 / 256 / 5 / 256)
     val_fraction: float = 0.02
     pack: bool = False
-    sft_cache: str = ""  # the token cache (data/sft_tokens.py); default: OUT_DIR/sft_tokens, for DPO dpo_tokens
+    sft_cache: str = ""  # the token cache (data/sft_tokens.py)
     data_workers: int = 0  # processes that build it; 0: one per CPU core
     min_prompt_chars: int = 0
     max_prompt_chars: int = 0
