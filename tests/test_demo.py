@@ -47,5 +47,11 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert (out / "data" / "dpo.jsonl").is_file() and (out / "dpo" / "final" / "model.safetensors").is_file()
     prefs = json.loads((out / "dpo" / "eval" / "preferences.json").read_text())
     assert prefs["pairs"] > 50 and prefs["sft"]["rewards/margins"] == 0  # the SFT model is its own reference
-    assert set(json.loads((out / "dpo" / "eval" / "eval.json").read_text())["qa"]) == {"sentiment", "person", "place"}
+    after = json.loads((out / "dpo" / "eval" / "eval.json").read_text())["qa"]
+    before = json.loads((out / "sft" / "eval" / "eval.json").read_text())["qa"]
+    assert set(after) == set(prefs["qa_changes"]) == {"sentiment", "person", "place"}
+    for task, change in prefs["qa_changes"].items():  # the changes add up to the change of exact match
+        moved = round((after[task]["exact_match"] - before[task]["exact_match"]) * after[task]["items"])
+        assert change["fixed"] - change["broken"] == moved, task
     assert "chosen likelier" in dpo.stdout
+    assert "| dpo | " in (out / "report.md").read_text(encoding="utf-8")  # the held-out pairs' table

@@ -34,11 +34,11 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     counts = build_demo_corpus(out)
     read = lambda name: [json.loads(x) for x in (out / name).open(encoding="utf-8")]
-    return counts, read("raw/pretrain.jsonl"), read("sft.jsonl"), read("eval.jsonl")
+    return counts, read("raw/pretrain.jsonl"), read("sft.jsonl"), read("eval.jsonl"), read("dpo_items.jsonl")
 
 
 def test_no_held_out_item_leaks_into_training_data(demo):
-    counts, pretrain, sft, evals = demo
+    counts, pretrain, sft, evals, _ = demo
     assert counts["eval_tasks"]["sentiment"] > 300 and counts["eval_tasks"]["person"] > 120
     held = {e["input"] for e in evals}
     assert not held & {r["input"] for r in sft}
@@ -49,8 +49,19 @@ def test_no_held_out_item_leaks_into_training_data(demo):
     assert not [h for h in long_items if h in corpus]
 
 
+def test_dpo_items_are_other_sentences_than_sft_and_eval_asks_about(demo):
+    counts, _, sft, evals, dpo_items = demo
+    assert counts["dpo_items"] == len(dpo_items) == 8000
+    texts = {r["input"] for r in dpo_items}
+    assert len(texts) == 8000 and not texts & {r["input"] for r in sft + evals}
+    held = [e["input"] for e in evals if len(e["input"]) >= 20]
+    assert not [h for h in held for t in texts if h in t]  # nor held-out text inside them
+    person = [r for r in dpo_items if r["instruction"] == PERSON_PROMPT and r["output"] != "无"]
+    assert len(person) > 500 and all(name in r["input"] for r in person for name in r["output"].split("、"))
+
+
 def test_labels_are_right_and_balanced(demo):
-    _, _, sft, evals = demo
+    _, _, sft, evals, _ = demo
     sentiment = [e for e in evals if e["task"] == "sentiment"]
     positive = sum(e["output"] == "正面" for e in sentiment) / len(sentiment)
     assert 0.45 < positive < 0.55  # the majority baseline stays near one half
@@ -76,3 +87,19 @@ def test_preference_pairs_reject_a_wrong_label():
         {"prompt": SENTIMENT_PROMPT + "好书", "chosen": "正面", "rejected": "负面"},
         {"prompt": PERSON_PROMPT + "江泽民讲话。", "chosen": "江泽民", "rejected": "无"},
         {"prompt": PERSON_PROMPT + "明天晴。", "chosen": "无", "rejected": "江泽民"}]
+
+
+def test_preference_pairs_reject_the_models_own_wrong_answer():
+    records = [{"instruction": SENTIMENT_PROMPT, "input": "好书", "output": "正面"},
+               {"instruction": PERSON_PROMPT, "input": "江泽民讲话。", "output": "江泽民"},
+               {"instruction": PERSON_PROMPT, "input": "李鹏讲话。", "output": "李鹏"},
+               {"instruction": PERSON_PROMPT, "input": "明天晴。", "output": "无"}]
+    answers = {SENTIMENT_PROMPT + "好书": "正面",  # right: the wrong label instead
+               PERSON_PROMPT + "江泽民讲话。": "江泽民、江泽民、江泽民",  # a loop: rejected as it is
+               PERSON_PROMPT + "李鹏讲话。": " ",  # blank: the wrong label instead
+               PERSON_PROMPT + "明天晴。": "李鹏"}
+    assert preference_pairs(records, answers) == [
+        {"prompt": SENTIMENT_PROMPT + "好书", "chosen": "正面", "rejected": "负面"},
+        {"prompt": PERSON_PROMPT + "江泽民讲话。", "chosen": "江泽民", "rejected": "江泽民、江泽民、江泽民"},
+        {"prompt": PERSON_PROMPT + "李鹏讲话。", "chosen": "李鹏", "rejected": "无"},
+        {"prompt": PERSON_PROMPT + "明天晴。", "chosen": "无", "rejected": "李鹏"}]

@@ -10,13 +10,15 @@ data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -
 (configs/demo.toml) -> sft (configs/sft-demo.toml) -> eval (loss and bits per byte of the
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
 (a few answers) -> report (runs/demo/report.md). With --dpo: dpo data (pairs: the reference
-answer chosen, a wrong label rejected) -> dpo (configs/dpo-demo.toml) -> dpo eval (the held-out
-eval items as QA and as pairs, before and after: dpo/eval/preferences.json), and the report again.
+answer chosen; the SFT model's own wrong answer, else a wrong label, rejected) -> dpo
+(configs/dpo-demo.toml) -> dpo eval (the held-out eval items as QA and as pairs, before and after:
+dpo/eval/preferences.json), and the report again.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -134,16 +136,40 @@ class Demo:
                  train_data=train_files, sampling=Sampling(EVAL_NEW_TOKENS))
 
     def dpo_data(self) -> None:
-        from babyllama.data.demo_corpus import preference_pairs
+        """Pairs for DPO (dpo.jsonl): the entity items of dpo_items.jsonl, sentences that SFT never asked
+        about, with the SFT model's own answer rejected where it is wrong (else a wrong label), and as many
+        sentiment pairs of the SFT items (the other label rejected: the model's wrong answer there, 1,376
+        of its 1,377 on the SFT items) to keep sentiment where it was. Held out (dpo_eval.jsonl): the eval
+        items, made the same way. The model answers greedily, as the eval asks."""
+        from babyllama.checkpoint import load_checkpoint
+        from babyllama.data.demo_corpus import SENTIMENT_PROMPT, preference_pairs, spread
+        from babyllama.evaluate import answer
+        from babyllama.progress import progress
+        from babyllama.sampling import Sampling
 
         d = self.out / "data"
-        for source, pairs in (("sft.jsonl", "dpo.jsonl"), ("eval.jsonl", "dpo_eval.jsonl")):
-            records = [json.loads(line) for line in (d / source).read_text(encoding="utf-8").splitlines()]
-            lines = [json.dumps(p, ensure_ascii=False) + "\n" for p in preference_pairs(records)]
-            (d / pairs).write_text("".join(lines), encoding="utf-8")
+        if not (d / "dpo_items.jsonl").is_file():
+            raise UserError(f"{d} has no dpo_items.jsonl (it was made by an older babyllama); "
+                            "rerun with --force to remake the demo's data.")
+        read = lambda name: [json.loads(line) for line in (d / name).read_text(encoding="utf-8").splitlines()]
+        model, tokenizer, _ = load_checkpoint(self.out / "sft" / "final")
+
+        def pairs(records: list[dict], name: str) -> list[dict]:
+            asked = [r["instruction"] + r["input"] for r in records if r["instruction"] != SENTIMENT_PROMPT]
+            answers = {q: answer(model, tokenizer, q, Sampling(EVAL_NEW_TOKENS))
+                       for q in progress(asked, desc=f"the SFT model's answers ({name})", unit=" item")}
+            return preference_pairs(records, answers)
+
+        entity = pairs(read("dpo_items.jsonl"), "dpo_items.jsonl")
+        sentiment = [r for r in read("sft.jsonl") if r["instruction"] == SENTIMENT_PROMPT]
+        train = entity + preference_pairs(spread(sentiment, len(entity) // 2))
+        random.Random(0).shuffle(train)  # the tasks mixed in every batch
+        for name, records in (("dpo.jsonl", train), ("dpo_eval.jsonl", pairs(read("eval.jsonl"), "eval.jsonl"))):
+            (d / name).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in records), encoding="utf-8")
 
     def dpo_eval(self) -> None:
-        """The DPO model on the held-out QA items, and the SFT and DPO models on the held-out pairs."""
+        """The DPO model on the held-out QA items (and which items it answers differently from the SFT model:
+        fixed, broken), and the SFT and DPO models on the held-out pairs."""
         from babyllama.checkpoint import load_model
         from babyllama.data.sft_tokens import SFTSettings
         from babyllama.evaluate import evaluate
@@ -161,7 +187,8 @@ class Demo:
         beta = json.loads((run / "config.json").read_text())["train"]["beta"]
         data = PreferenceData(pairs)
         result = {"pairs": len(data), "beta": beta, "sft": preference_metrics(sft_model, sft_model, data, beta),
-                  "dpo": preference_metrics(dpo_model, sft_model, data, beta)}
+                  "dpo": preference_metrics(dpo_model, sft_model, data, beta),
+                  "qa_changes": qa_changes(self.out / "sft" / "eval" / "items.jsonl", run / "eval" / "items.jsonl")}
         (run / "eval" / "preferences.json").write_text(json.dumps(result, indent=2) + "\n")
         self.report()
 
@@ -209,6 +236,19 @@ class Demo:
         return o / "report.md"
 
 
+def qa_changes(before: Path, after: Path) -> dict[str, dict[str, int]]:
+    """Per task, the QA items that the second eval answers right and the first wrong (fixed), and the
+    reverse (broken): of two evals of the same items.jsonl, the changes behind a change of accuracy."""
+    changes: dict[str, dict[str, int]] = {}
+    read = lambda p: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+    for a, b in zip(read(before), read(after), strict=True):
+        right_before, right_after = a["prediction"] == a["reference"], b["prediction"] == b["reference"]
+        counts = changes.setdefault(a["task"], {"fixed": 0, "broken": 0})
+        if right_before != right_after:
+            counts["fixed" if right_after else "broken"] += 1
+    return changes
+
+
 def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = False, dpo: bool = False) -> Path:
     report = Demo(out, smoke, force, dpo).run()
     final = Path(out) / "sft" / "final"
@@ -227,8 +267,11 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
         qa = json.loads((Path(out) / "dpo" / "eval" / "eval.json").read_text())["qa"]
         print(f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
               f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%}")
-        print(f"dpo sentiment:     accuracy {results['qa']['sentiment']['accuracy']:.1%} -> "
-              f"{qa['sentiment']['accuracy']:.1%}")
+        for task, s in qa.items():
+            metric = "accuracy" if "accuracy" in s else "exact_match"
+            change = prefs["qa_changes"][task]
+            print(f"{'dpo ' + task + ':':18s} {metric.replace('_', ' ')} {results['qa'][task][metric]:.1%} -> "
+                  f"{s[metric]:.1%} ({change['fixed']} items fixed, {change['broken']} broken)")
     print(f"chat with it:      babyllama chat {final}")
     print(f"serve it:          babyllama serve {final}   (then open http://127.0.0.1:8000/)")
     return report

