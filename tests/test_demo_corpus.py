@@ -98,6 +98,9 @@ def test_preference_pairs_reject_the_models_own_wrong_answer():
                PERSON_PROMPT + "江泽民讲话。": "江泽民、江泽民、江泽民",  # a loop: rejected as it is
                PERSON_PROMPT + "李鹏讲话。": " ",  # blank: the wrong label instead
                PERSON_PROMPT + "明天晴。": "李鹏"}
+    first_right_none = [records[1], {"instruction": PERSON_PROMPT, "input": "后天阴。", "output": "无"}]
+    assert preference_pairs(first_right_none, {PERSON_PROMPT + "后天阴。": "无"} | answers)[1] == {
+        "prompt": PERSON_PROMPT + "后天阴。", "chosen": "无", "rejected": "江泽民"}  # names the model missed count
     assert preference_pairs(records, answers) == [
         {"prompt": SENTIMENT_PROMPT + "好书", "chosen": "正面", "rejected": "负面"},
         {"prompt": PERSON_PROMPT + "江泽民讲话。", "chosen": "江泽民", "rejected": "江泽民、江泽民、江泽民"},

@@ -3,22 +3,21 @@
     babyllama demo --out_dir runs/demo            # about 15 minutes on 2 CPU cores
     babyllama demo --out_dir runs/demo --smoke    # every stage on a sliver of the data, about a minute
     babyllama demo --out_dir runs/demo --force    # redo every stage
-    babyllama demo --out_dir runs/demo --dpo      # then DPO on pairs made from the SFT tasks, a few minutes more
+    babyllama demo --out_dir runs/demo --dpo      # then DPO on pairs of the entity task, about 6 minutes more
 
 Stages, each skipped when its output is complete (a rerun resumes where the last one stopped):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
 (configs/demo.toml) -> sft (configs/sft-demo.toml) -> eval (loss and bits per byte of the
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
-(a few answers) -> report (runs/demo/report.md). With --dpo: dpo data (pairs: the reference
-answer chosen; the SFT model's own wrong answer, else a wrong label, rejected) -> dpo
-(configs/dpo-demo.toml) -> dpo eval (the held-out eval items as QA and as pairs, before and after:
-dpo/eval/preferences.json), and the report again.
+(a few answers) -> report (runs/demo/report.md). With --dpo: dpo data (pairs of the entity items
+of data/dpo_items.jsonl: the reference answer chosen; the SFT model's own wrong answer, else a wrong
+label, rejected) -> dpo (configs/dpo-demo.toml) -> dpo eval (the held-out eval items as QA and as
+pairs, before and after: dpo/eval/preferences.json), and the report again.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -137,12 +136,13 @@ class Demo:
 
     def dpo_data(self) -> None:
         """Pairs for DPO (dpo.jsonl): the entity items of dpo_items.jsonl, sentences that SFT never asked
-        about, with the SFT model's own answer rejected where it is wrong (else a wrong label), and as many
-        sentiment pairs of the SFT items (the other label rejected: the model's wrong answer there, 1,376
-        of its 1,377 on the SFT items) to keep sentiment where it was. Held out (dpo_eval.jsonl): the eval
-        items, made the same way. The model answers greedily, as the eval asks."""
+        about, with the SFT model's own answer rejected where it is wrong, else a wrong label. Held out
+        (dpo_eval.jsonl): the eval items, made the same way; on sentiment the model's wrong answer is the
+        other label (1,376 of its 1,377 wrong answers on the SFT items), so those items are not asked.
+        No sentiment pairs for training: those of the SFT items, seen twice already, cost held-out
+        sentiment accuracy (bench/RESULTS.md). The model answers greedily, as the eval asks."""
         from babyllama.checkpoint import load_checkpoint
-        from babyllama.data.demo_corpus import SENTIMENT_PROMPT, preference_pairs, spread
+        from babyllama.data.demo_corpus import SENTIMENT_PROMPT, preference_pairs
         from babyllama.evaluate import answer
         from babyllama.progress import progress
         from babyllama.sampling import Sampling
@@ -151,21 +151,14 @@ class Demo:
         if not (d / "dpo_items.jsonl").is_file():
             raise UserError(f"{d} has no dpo_items.jsonl (it was made by an older babyllama); "
                             "rerun with --force to remake the demo's data.")
-        read = lambda name: [json.loads(line) for line in (d / name).read_text(encoding="utf-8").splitlines()]
         model, tokenizer, _ = load_checkpoint(self.out / "sft" / "final")
-
-        def pairs(records: list[dict], name: str) -> list[dict]:
+        for source, pairs in (("dpo_items.jsonl", "dpo.jsonl"), ("eval.jsonl", "dpo_eval.jsonl")):
+            records = [json.loads(line) for line in (d / source).read_text(encoding="utf-8").splitlines()]
             asked = [r["instruction"] + r["input"] for r in records if r["instruction"] != SENTIMENT_PROMPT]
             answers = {q: answer(model, tokenizer, q, Sampling(EVAL_NEW_TOKENS))
-                       for q in progress(asked, desc=f"the SFT model's answers ({name})", unit=" item")}
-            return preference_pairs(records, answers)
-
-        entity = pairs(read("dpo_items.jsonl"), "dpo_items.jsonl")
-        sentiment = [r for r in read("sft.jsonl") if r["instruction"] == SENTIMENT_PROMPT]
-        train = entity + preference_pairs(spread(sentiment, len(entity) // 2))
-        random.Random(0).shuffle(train)  # the tasks mixed in every batch
-        for name, records in (("dpo.jsonl", train), ("dpo_eval.jsonl", pairs(read("eval.jsonl"), "eval.jsonl"))):
-            (d / name).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in records), encoding="utf-8")
+                       for q in progress(asked, desc=f"the SFT model's answers ({source})", unit=" item")}
+            lines = [json.dumps(p, ensure_ascii=False) + "\n" for p in preference_pairs(records, answers)]
+            (d / pairs).write_text("".join(lines), encoding="utf-8")
 
     def dpo_eval(self) -> None:
         """The DPO model on the held-out QA items (and which items it answers differently from the SFT model:

@@ -191,15 +191,18 @@ def preference_pairs(records: list[dict], answers: dict[str, str] | None = None)
     for r in records:
         prompt, answer = r["instruction"] + r["input"], r["output"]
         own = answers.get(prompt, "").strip()
+        names = r["instruction"] != SENTIMENT_PROMPT and answer != NONE
         if own and own != answer:
             wrong = own
         elif r["instruction"] == SENTIMENT_PROMPT:
             wrong = "负面" if answer == "正面" else "正面"
-        elif answer != NONE:
-            wrong, last_names[r["instruction"]] = NONE, answer
+        elif names:
+            wrong = NONE
         elif r["instruction"] in last_names:
             wrong = last_names[r["instruction"]]
         else:
             continue
+        if names:
+            last_names[r["instruction"]] = answer
         pairs.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
     return pairs
