@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", default="runs/demo", help="where every stage writes")
     p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--dpo", action="store_true", help="then DPO on preference pairs from the SFT tasks, and its eval")
+    p.add_argument("--dpo", action="store_true", help="then DPO on entity pairs of unseen sentences, and its eval")
     p.set_defaults(func=cmd_demo)
     return parser
 

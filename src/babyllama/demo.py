@@ -230,15 +230,18 @@ class Demo:
 
 
 def qa_changes(before: Path, after: Path) -> dict[str, dict[str, int]]:
-    """Per task, the QA items that the second eval answers right and the first wrong (fixed), and the
-    reverse (broken): of two evals of the same items.jsonl, the changes behind a change of accuracy."""
-    changes: dict[str, dict[str, int]] = {}
-    read = lambda p: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
-    for a, b in zip(read(before), read(after), strict=True):
-        right_before, right_after = a["prediction"] == a["reference"], b["prediction"] == b["reference"]
-        counts = changes.setdefault(a["task"], {"fixed": 0, "broken": 0})
-        if right_before != right_after:
-            counts["fixed" if right_after else "broken"] += 1
+    """Per task, the QA items of two evals' items.jsonl that the second answers right and the first wrong
+    (fixed), and the reverse (broken): the changes behind a change of accuracy. Items are matched by task
+    and question; those only one eval asked are left out."""
+    def right(path: Path) -> dict[tuple[str, str], bool]:
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        return {(x["task"], x["question"]): x["prediction"] == x["reference"] for x in items if x["kind"] == "qa"}
+
+    first, changes = right(before), {}
+    for (task, question), now in right(after).items():
+        counts = changes.setdefault(task, {"fixed": 0, "broken": 0})
+        if first.get((task, question), now) != now:
+            counts["fixed" if now else "broken"] += 1
     return changes
 
 

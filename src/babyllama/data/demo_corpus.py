@@ -186,7 +186,8 @@ def preference_pairs(records: list[dict], answers: dict[str, str] | None = None)
     wrong, else a wrong label: the other sentiment; 无 for a sentence with names, and for one without
     the names of the last sentence that had some (a plausible wrong answer). Only wrong answers that
     the model gives would teach it away from its own habits and shift its priors (always rejecting 无
-    made it name people in every sentence), so every record gets a pair."""
+    made it name people in every sentence), so every record gets a pair, but a 无 item that the model
+    answers right before any item of its instruction had names (nothing plausible to reject)."""
     pairs, last_names, answers = [], {}, answers or {}
     for r in records:
         prompt, answer = r["instruction"] + r["input"], r["output"]
