@@ -116,6 +116,7 @@ def test_help_shows_every_default():
         text = " ".join(commands[name].format_help().split())
         assert "''" not in text and ("out_dir (runs/STAGE, or beside the --init run: runs/x/final -> runs/x-STAGE), "
                                      "tokenizer (the one saved with the data (pretrain) or with --init (sft, dpo)), "
-                                     "init (none: random weights), max_steps 0 (the length comes from tokens or "
+                                     "init (none: random weights (pretrain); sft and dpo need one), max_steps 0 "
+                                     "(the length comes from tokens or "
                                      "epochs)") in text
         assert "sft_cache (OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens), data_workers 0 (one per CPU core)" in text

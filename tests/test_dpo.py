@@ -69,23 +69,25 @@ def fixed_batch(tmp_path_factory, bpe_tokenizer):
 
 def ours(d, pairs, beta: float, eps: float = 0.0, rpo_alpha: float = 0.0):
     """Our trainer's (losses, chosen rewards, rejected rewards, policy log-probs) on the batch of all pairs,
-    and its training loss (the mean DPO loss + rpo_alpha times the chosen answers' NLL)."""
+    its training loss (the mean DPO loss + rpo_alpha times the chosen answers' NLL), and its val_loss on the
+    same pairs."""
     cfg = load_config(None, ["--init", str(d / "ref"), "--out_dir", str(d / "run"), "--beta", str(beta),
                              "--label_smoothing", str(eps), "--rpo_alpha", str(rpo_alpha)])
     cfg.model = init_model(cfg, "DPO")
     data = PreferenceData(SFTData.from_samples([s for pair in pairs for s in pair], max_seq_len=63, pad_id=0))
-    trainer = DPOTrainer(cfg, data, None, None, Dist())
+    trainer = DPOTrainer(cfg, data, data, None, Dist())
     trainer.model.load_state_dict(model(1).state_dict())  # the policy: another model than the reference
     trainer.model.train()
     batch = data.collate(list(range(len(pairs))))
     with torch.no_grad():
-        return *trainer.pair_losses(batch), trainer.forward(batch)
+        loss = trainer.forward(batch)
+        return *trainer.pair_losses(batch), loss, trainer.validation()["val_loss"]
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_trainer_loss_and_rewards_equal_the_formula_on_summed_log_probs(fixed_batch, eps):
     d, pairs = fixed_batch
-    losses, chosen, rejected, logps, _ = ours(d, pairs, beta=0.5, eps=eps)
+    losses, chosen, rejected, logps, *_ = ours(d, pairs, beta=0.5, eps=eps)
     policy, reference = model(1), model(0)
     for i, ((c_ids, c_mask), (r_ids, r_mask)) in enumerate(pairs):
         pc, pr = (summed_answer_log_prob(policy, ids, m) for ids, m in ((c_ids, c_mask), (r_ids, r_mask)))
@@ -98,13 +100,14 @@ def test_trainer_loss_and_rewards_equal_the_formula_on_summed_log_probs(fixed_ba
 def test_rpo_adds_the_chosen_answers_mean_token_nll(fixed_batch):
     """RPO: loss = mean DPO loss + α (-Σ chosen answers' log-probs / their number of tokens)."""
     d, pairs = fixed_batch
-    losses, _, _, _, dpo_only = ours(d, pairs, beta=0.5)
-    *_, loss = ours(d, pairs, beta=0.5, rpo_alpha=0.7)
+    losses, _, _, _, dpo_only, _ = ours(d, pairs, beta=0.5)
+    *_, loss, val_loss = ours(d, pairs, beta=0.5, rpo_alpha=0.7)
     policy = model(1)
     chosen_sum = sum(summed_answer_log_prob(policy, ids, m) for (ids, m), _ in pairs)
     tokens = sum(sum(m[1:]) for (_, m), _ in pairs)  # the targets: answer tokens and <eos>
     assert float(dpo_only) == pytest.approx(float(losses.mean()), abs=1e-6)
     assert float(loss) == pytest.approx(float(losses.mean()) + 0.7 * -chosen_sum / tokens, abs=1e-5)
+    assert val_loss == pytest.approx(float(loss), abs=1e-5)  # the held-out loss is the same objective
 
 
 @pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
@@ -137,7 +140,7 @@ def test_loss_and_metrics_equal_trls_dpo_trainer(fixed_batch, bpe_tokenizer, rpo
     policy.train()
     trl_loss = trl.compute_loss(policy, DataCollatorForPreference(pad_token_id=0)(examples))
     trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
-    losses, chosen, rejected, logps, loss = ours(d, pairs, beta=0.5, rpo_alpha=rpo_alpha)
+    losses, chosen, rejected, logps, loss, _ = ours(d, pairs, beta=0.5, rpo_alpha=rpo_alpha)
     assert float(trl_loss.detach()) == pytest.approx(float(loss), abs=1e-5)
     mine = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
             "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean(),
@@ -195,8 +198,12 @@ def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):
 def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):
     d = dpo_setup
     base = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path)]
-    for flags in (["--beta", "0"], ["--label_smoothing", "0.5"], ["--pack", "true"]):
-        with pytest.raises(UserError, match="DPO needs beta > 0, label_smoothing in"):
+    for flags in (["--beta", "0"], ["--beta", "inf"], ["--label_smoothing", "0.5"], ["--rpo_alpha", "-1"],
+                  ["--rpo_alpha", "nan"]):
+        with pytest.raises(UserError, match="^DPO needs a finite beta > 0, label_smoothing in"):
             dpo(load_config(None, [*base, *flags]))
+    for flag, reader in (("--pack", "SFT"), ("--doc_mask", "pretraining")):
+        with pytest.raises(UserError, match=f"^{flag[2:]} is a setting of {reader} only, which DPO does not read"):
+            dpo(load_config(None, [*base, flag, "true"]))
     r = run_cli("dpo", "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "DPO needs the model to tune: pass --init" in r.stderr

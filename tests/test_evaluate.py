@@ -88,12 +88,14 @@ def test_bad_qa_records_are_counted_and_skipped_and_say_where_and_why(tmp_path):
                               '{"question": "q2", "answer": ',  # not valid JSON
                               json.dumps({"answer": "负面"}, ensure_ascii=False),  # no question
                               '["q4", "正面"]',
-                              json.dumps({"question": "q5", "answer": "负面"}, ensure_ascii=False)]).encode())
+                              json.dumps({"question": "q5", "answer": "负面"}, ensure_ascii=False),
+                              json.dumps({"question": " ", "answer": "负面"}, ensure_ascii=False)]).encode())
     items, skipped, bad = read_qa(f)
     assert [i["question"] for i in items] == ["q1", "q5"] and skipped == 0
     assert bad == [f"{f}:2: not valid JSON (Expecting value)",
                    f"{f}:3: a QA record needs a question (question, prompt or instruction+input)",
-                   f"{f}:4: not a JSON object"]
+                   f"{f}:4: not a JSON object",
+                   f"{f}:6: a QA record needs a question (question, prompt or instruction+input)"]
     f.write_text('{"question": "q2", "answer": \n' + json.dumps({"question": "q", "std_answer": ""}))
     with pytest.raises(UserError) as e:  # nothing good is left
         read_qa(f)

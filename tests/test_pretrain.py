@@ -542,7 +542,7 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
     with pytest.raises(UserError, match="^pretraining takes its model from --init .*; it cannot change dim "):
         pretrain(load_config(None, ["--data", str(shards), "--init", str(first), "--model.dim", "64",
                                     "--out_dir", str(tmp_path / "c")]))
-    with pytest.raises(UserError, match="^pack is an SFT setting"):
+    with pytest.raises(UserError, match="^pack is a setting of SFT only, which pretraining does not read"):
         pretrain(config(shards, tmp_path / "d", "--pack", "true"))
 
 

@@ -38,9 +38,18 @@ OFF_AT_ZERO = {  # settings where 0 means: ...
 }
 EMPTY_MEANS = {  # settings whose empty default is worked out when the run starts: what it stands for
     "data": "none: pass --data", "out_dir": "runs/STAGE, or beside the --init run: runs/x/final -> runs/x-STAGE",
-    "tokenizer": "the one saved with the data (pretrain) or with --init (sft, dpo)", "init": "none: random weights",
+    "tokenizer": "the one saved with the data (pretrain) or with --init (sft, dpo)",
+    "init": "none: random weights (pretrain); sft and dpo need one",
     "sft_cache": "OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens",
 }
+STAGE_SETTINGS = {  # settings that only some stages read; another stage refuses a value other than the default
+    "doc_mask": (("pretrain",), "SFT keeps samples apart with pack"),
+    "pack": (("sft",), "pretraining windows are always full; doc_mask keeps documents apart"),
+    "lora_rank": (("sft", "dpo"), "LoRA adapts a trained model; pretraining trains every weight"),
+    "beta": (("dpo",), ""), "label_smoothing": (("dpo",), ""), "rpo_alpha": (("dpo",), ""),
+    "precompute_ref_log_probs": (("dpo",), ""),
+}
+STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO"}
 FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
 MAX_LR = 10.0  # above it no optimiser here trains; it catches 1e30 and a misplaced exponent
 MAX_DDP_TIMEOUT = 10**9  # seconds (~32 years): a larger timedelta overflows
@@ -141,6 +150,19 @@ class TrainConfig:
             raise UserError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}.")
         if self.average_last and self.fsdp:
             raise UserError("average_last works without FSDP (DDP is fine); set average_last = 0 with fsdp.")
+        if not (0 < self.beta < math.inf and 0 <= self.label_smoothing < 0.5 and 0 <= self.rpo_alpha < math.inf):
+            raise UserError("DPO needs a finite beta > 0, label_smoothing in [0, 0.5) and a finite rpo_alpha >= 0; "
+                            f"got beta {self.beta}, label_smoothing {self.label_smoothing}, "
+                            f"rpo_alpha {self.rpo_alpha}.")
+
+    def check_stage(self, stage: str) -> None:
+        """UserError for a setting that only other stages read (STAGE_SETTINGS) set to other than its
+        default: a run that silently ignored it would not be the run asked for."""
+        for name, (owners, why) in STAGE_SETTINGS.items():
+            if stage not in owners and getattr(self, name) != getattr(TrainConfig, name):
+                readers = " and ".join(STAGE_NAMES[o] for o in owners)
+                raise UserError(f"{name} is a setting of {readers} only, which {STAGE_NAMES[stage]} does not read"
+                                f"{f' ({why})' if why else ''}; drop it.")
 
 
 @dataclass

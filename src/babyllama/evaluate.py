@@ -140,7 +140,7 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
     if question is None and isinstance(record.get("instruction"), str):
         question = record["instruction"] + (record.get("input") or "")
-    if question is None:
+    if question is None or not question.strip():
         raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
     reference = next((_reference(record[k]) for k in REFERENCE_KEYS if record.get(k) is not None), "")
     if not is_unicode(question + reference):

@@ -162,7 +162,8 @@ class DPOTrainer(Trainer):
 
     @torch.no_grad()
     def validation(self) -> dict[str, float]:
-        """val_loss and val_rewards/... over the first eval_batches * batch_size held-out pairs."""
+        """val_loss (with the RPO term, as the training loss) and val_rewards/... over the first
+        eval_batches * batch_size held-out pairs."""
         if self.val_data is None:
             return {}
         B, d = self.t.batch_size, self.dist
@@ -175,7 +176,9 @@ class DPOTrainer(Trainer):
         self.wrapped.eval()
         for i, rows in enumerate(mine):
             batch = {k: v.to(d.device) for k, v in self.val_data.collate(rows).items()}
-            part = pair_sums(*self.pair_losses(batch))
+            *parts, logps = self.pair_losses(batch)
+            part = pair_sums(*parts, logps)
+            part[0] += self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) * part[-1]  # val_loss as loss
             if i < counted:
                 sums += part
         self.wrapped.train()
@@ -242,10 +245,7 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     if not t.data:
         raise UserError("DPO needs preference pairs: pass --data FILE... ({prompt, chosen, rejected} records or "
                         "another shape the README lists).")
-    if t.beta <= 0 or not 0 <= t.label_smoothing < 0.5 or t.rpo_alpha < 0 or t.pack or t.doc_mask:
-        raise UserError(f"DPO needs beta > 0, label_smoothing in [0, 0.5), rpo_alpha >= 0, no pack and no doc_mask; "
-                        f"got beta {t.beta}, label_smoothing {t.label_smoothing}, rpo_alpha {t.rpo_alpha}, "
-                        f"pack {t.pack}, doc_mask {t.doc_mask}.")
+    t.check_stage("dpo")
     cfg.model = init_model(cfg, "DPO")
     t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:

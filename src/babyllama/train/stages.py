@@ -108,11 +108,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     t = cfg.train
     if not t.data:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
-    if t.lora_rank:
-        raise UserError("LoRA adapts a trained model (sft, dpo); pretraining trains every weight, so drop lora_rank.")
-    if t.pack:
-        raise UserError("pack is an SFT setting (pretraining windows are always full); use doc_mask to keep "
-                        "documents apart.")
+    t.check_stage("pretrain")
     if t.init:  # continued pretraining: the model is the init's
         cfg.model = init_model(cfg, "pretraining")
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
@@ -154,8 +150,7 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
         raise UserError("SFT needs a model to start from: pass --init CHECKPOINT (e.g. runs/demo/pretrain/final).")
     if not t.data:
         raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
-    if t.doc_mask:
-        raise UserError("doc_mask is a pretraining setting (SFT samples are masked apart by --pack); drop it.")
+    t.check_stage("sft")
     cfg.model = init_model(cfg, "SFT")
     t.out_dir = t.out_dir or default_out_dir("sft", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
