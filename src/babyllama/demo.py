@@ -264,10 +264,11 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
         print(f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
               f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%}")
         for task, s in qa.items():
-            metric = "accuracy" if "accuracy" in s else "exact_match"
-            change = prefs["qa_changes"][task]
-            print(f"{'dpo ' + task + ':':18s} {metric.replace('_', ' ')} {results['qa'][task][metric]:.1%} -> "
-                  f"{s[metric]:.1%} ({change['fixed']} items fixed, {change['broken']} broken)")
+            if task not in results["qa"]:  # an SFT eval of other items (eval --limit)
+                continue
+            name, change = "accuracy" if "accuracy" in s else "exact match", prefs["qa_changes"][task]
+            print(f"{'dpo ' + task + ':':18s} {name} {results['qa'][task]['exact_match']:.1%} -> "  # = accuracy
+                  f"{s['exact_match']:.1%} ({change['fixed']} items fixed, {change['broken']} broken)")
     print(f"chat with it:      babyllama chat {final}")
     print(f"serve it:          babyllama serve {final}   (then open http://127.0.0.1:8000/)")
     return report
