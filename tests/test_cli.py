@@ -120,3 +120,10 @@ def test_help_shows_every_default():
                                      "(the length comes from tokens or "
                                      "epochs)") in text
         assert "sft_cache (OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens), data_workers 0 (one per CPU core)" in text
+    stage_only = {"pretrain": ["doc_mask False"], "sft": ["pack False", "lora_rank 0", "lora_alpha 32.0"],
+                  "dpo": ["lora_rank 0", "lora_alpha 32.0", "beta 0.1", "label_smoothing 0.0",
+                          "precompute_ref_log_probs False", "rpo_alpha 0.0"]}
+    for name, own in stage_only.items():  # each stage lists its own settings, not the other stages'
+        text = " ".join(commands[name].format_help().split())
+        others = {s for settings in stage_only.values() for s in settings} - set(own)
+        assert all(s in text for s in own) and not [s for s in others if s in text], name

@@ -285,12 +285,12 @@ class ShowDefaults(argparse.HelpFormatter):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """A command's parser: --help shows the defaults; with settings=True (pretrain, sft, dpo) also every
-    `--key value` setting's, from TrainConfig (read only then: it imports torch)."""
+    """A command's parser: --help shows the defaults; with settings=STAGE (pretrain, sft, dpo) also those of
+    every `--key value` setting the stage reads, from TrainConfig (read only then: it imports torch)."""
 
-    def __init__(self, *args, settings: bool = False, **kwargs):
+    def __init__(self, *args, settings: str = "", **kwargs):
         super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
-        self.settings = settings
+        self.settings = settings  # the stage whose settings --help lists, or ""
 
     def format_help(self) -> str:
         text = super().format_help()
@@ -298,14 +298,18 @@ class CommandParser(argparse.ArgumentParser):
             return text
         from dataclasses import fields
 
-        from babyllama.config import EMPTY_MEANS, OFF_AT_ZERO, TrainConfig
+        from babyllama.config import EMPTY_MEANS, OFF_AT_ZERO, STAGE_SETTINGS, TrainConfig
 
         def default(name: str, value) -> str:  # an empty or 0 default in words: what it stands for
             if name in EMPTY_MEANS:
                 return f"{name} ({EMPTY_MEANS[name]})"
             return f"{name} {value!r}" + (f" ({OFF_AT_ZERO[name]})" if value == 0 and name in OFF_AT_ZERO else "")
 
-        listed = ", ".join(default(f.name, f.default) for f in fields(TrainConfig))
+        def read(name: str) -> bool:  # by this stage: the settings of other stages are left out
+            owners = STAGE_SETTINGS.get("lora_rank" if name.startswith("lora_") else name, ((self.settings,),))[0]
+            return self.settings in owners
+
+        listed = ", ".join(default(f.name, f.default) for f in fields(TrainConfig) if read(f.name))
         return text + "\n" + self._get_formatter()._fill_text(
             f"settings (--key value) and their defaults: {listed}.", self._get_formatter()._width, "") + "\n"
 
@@ -372,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretokenize)
 
     p = commands.add_parser(
-        "pretrain", help="pretrain on token shards (also under torchrun)", settings=True,
+        "pretrain", help="pretrain on token shards (also under torchrun)", settings="pretrain",
         epilog="Any setting can follow as --key value (--lr 1e-3, --data DIR, --model.dim 128); see configs/.",
     )
     p.add_argument("--config", help="a TOML file with [model] and [train] tables")
@@ -380,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
     p = commands.add_parser(
-        "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)", settings=True,
+        "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)", settings="sft",
         epilog="Any setting can follow as --key value (--lr 1e-4, --pack true, --max_answer_chars 256, "
                "--lora_rank 16 for LoRA); out_dir defaults to a directory beside --init's run (runs/x/final -> "
                "runs/x-sft).",
@@ -392,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sft, takes_overrides=True)
 
     p = commands.add_parser(
-        "dpo", help="tune an SFT checkpoint on preference pairs with DPO (also under torchrun)", settings=True,
+        "dpo", help="tune an SFT checkpoint on preference pairs with DPO (also under torchrun)", settings="dpo",
         epilog="Any setting can follow as --key value (--beta 0.1, --label_smoothing 0.1, --lora_rank 16, "
                "--precompute_ref_log_probs true); out_dir defaults to a directory beside --init's run "
                "(runs/x/final -> runs/x-dpo).",
