@@ -295,6 +295,8 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
                 "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "no QA records with a reference" in r.stderr
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--prompts", "/dev/null", "--out_dir", str(tmp_path))
+    assert r.returncode == 2 and "prompts file /dev/null does not exist or is not a regular file." in r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli("report", str(tmp_path / "empty"))
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()

@@ -369,7 +369,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     prompt_list = DEFAULT_PROMPTS
     if prompts:
         if not Path(prompts).is_file():
-            raise UserError(f"prompts file {prompts} does not exist.")
+            raise UserError(f"prompts file {prompts} does not exist or is not a regular file.")
         lines = records_text(Path(prompts), file_encoding(Path(prompts)))  # one prompt a line, any encoding
         prompt_list = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
