@@ -34,13 +34,12 @@ import torch.nn.functional as F
 
 from babyllama.checkpoint import load_model, weights_sha256
 from babyllama.config import RunConfig
-from babyllama.data.sft_tokens import SFTSettings
 from babyllama.errors import UserError
 from babyllama.progress import progress
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import all_reduce_sum, barrier, process_group
-from babyllama.train.sft_data import SFTData, load_sft_data
-from babyllama.train.stages import checked_run, default_out_dir, init_model, run_training
+from babyllama.train.sft_data import SFTData
+from babyllama.train.stages import checked_run, default_out_dir, init_model, run_training, token_cache
 from babyllama.train.trainer import Trainer
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -152,8 +151,11 @@ class DPOTrainer(Trainer):
         add up in self.sums."""
         *parts, logps = self.pair_losses(batch)
         self.sums += pair_sums(*parts, logps)
-        loss = parts[0].mean()
-        return loss + self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) if self.t.rpo_alpha else loss
+        return parts[0].mean() + self.rpo_term(logps, batch)
+
+    def rpo_term(self, logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """rpo_alpha times the chosen answers' mean token NLL (0 without RPO): the loss's second term."""
+        return self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) if self.t.rpo_alpha else 0.0
 
     def step_metrics(self) -> dict[str, float]:
         step = means(all_reduce_sum(self.sums, self.dist))
@@ -178,7 +180,7 @@ class DPOTrainer(Trainer):
             batch = {k: v.to(d.device) for k, v in self.val_data.collate(rows).items()}
             *parts, logps = self.pair_losses(batch)
             part = pair_sums(*parts, logps)
-            part[0] += self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) * part[-1]  # val_loss as loss
+            part[0] += self.rpo_term(logps, batch) * part[-1]  # val_loss is the training loss's objective
             if i < counted:
                 sums += part
         self.wrapped.train()
@@ -252,12 +254,7 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo")  # before the cache is built
-        paths = [t.data] if isinstance(t.data, str) else t.data
-        settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
-                               t.min_answer_chars, t.max_answer_chars)
-        cache = t.sft_cache or Path(t.out_dir) / "dpo_tokens"
-        workers = t.data_workers or os.cpu_count() or 1
-        train, val, stats = load_sft_data(paths, tok_path, cache, settings, False, dist, workers, kind="dpo")
+        train, val, stats = token_cache(cfg, tok_path, dist, "dpo")  # t.pack is refused above
         if dist.main:
             print(f"dpo data: {stats.records} records, {stats.bad} bad, {stats.equal_pairs} with equal answers, "
                   f"{stats.empty_answers} with an empty chosen answer, {stats.filtered} filtered by length, "

@@ -143,6 +143,18 @@ def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
     return replace(init, **{k: v for k, v in given.items() if k in INIT_MODEL_SETTINGS})
 
 
+def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: str):
+    """(train, val, stats) of cfg.train.data through the token cache of SFT (kind "sft") or DPO ("dpo"):
+    sft_cache, else OUT_DIR/{kind}_tokens, built first when there is none (train.sft_data.load_sft_data)."""
+    t = cfg.train
+    paths = [t.data] if isinstance(t.data, str) else t.data
+    settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
+                           t.min_answer_chars, t.max_answer_chars)
+    cache = t.sft_cache or Path(t.out_dir) / f"{kind}_tokens"
+    return load_sft_data(paths, tokenizer_path, cache, settings, t.pack, dist, t.data_workers or os.cpu_count() or 1,
+                         kind=kind)
+
+
 def sft(cfg: RunConfig, resume: bool = False) -> Path:
     """`babyllama sft`: fine-tune cfg.train.init on the instruction or chat files of cfg.train.data."""
     t = cfg.train
@@ -157,12 +169,7 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "sft")  # before the cache is built, which takes minutes
-        paths = [t.data] if isinstance(t.data, str) else t.data
-        settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
-                               t.min_answer_chars, t.max_answer_chars)
-        cache = t.sft_cache or Path(t.out_dir) / "sft_tokens"
-        workers = t.data_workers or os.cpu_count() or 1
-        train_data, val_data, stats = load_sft_data(paths, tok_path, cache, settings, t.pack, dist, workers)
+        train_data, val_data, stats = token_cache(cfg, tok_path, dist, "sft")
         if dist.main:
             print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                   f"{stats.filtered} filtered by length, "
