@@ -397,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "dpo", help="tune an SFT checkpoint on preference pairs with DPO (also under torchrun)", settings="dpo",
-        epilog="Any setting can follow as --key value (--beta 0.1, --label_smoothing 0.1, --lora_rank 16, "
-               "--precompute_ref_log_probs true); out_dir defaults to a directory beside --init's run "
+        epilog="Any setting can follow as --key value (--beta 0.1, --label_smoothing 0.1, --rpo_alpha 1, "
+               "--lora_rank 16, --precompute_ref_log_probs true); out_dir defaults to a directory beside --init's run "
                "(runs/x/final -> runs/x-dpo).",
     )
     p.add_argument("--init", help="the checkpoint to tune, and the reference: e.g. runs/demo/sft/final")
