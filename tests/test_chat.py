@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+
+import pytest
 
 from babyllama.chat import decode_stream, prompt_ids, until_stop
 from babyllama.chat_format import Conversation, render_prompt
 from babyllama.checkpoint import save_checkpoint
 from tests.conftest import favours_control_ids, sharp_model, tiny_config
+from tests.test_tokenizer import tokenizer_of
 
 
 def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
@@ -59,6 +63,58 @@ def test_decode_stream_drops_a_character_that_the_end_cuts(bpe_tokenizer):
         assert "".join(decode_stream(bpe_tokenizer, iter(ids[:-cut]))) == "中文"
     lone = bpe_tokenizer.tok.token_to_id("Ģ")  # 0x80 alone: not UTF-8, not a cut character: shown as such
     assert "".join(decode_stream(bpe_tokenizer, iter([*ids[:-4], lone]))) == "中文\ufffd"
+
+
+def decode_each_time(tokenizer, ids):
+    """decode_stream as it was: all ids decoded again for each id (the reference)."""
+    out, shown, text = [], "", ""
+    for i in ids:
+        out.append(i)
+        text = tokenizer.decode(out)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+        shown = text
+    text = tokenizer.decode_complete(out) if text.endswith("\ufffd") else text
+    if len(text) > len(shown):
+        yield text[len(shown) :]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
+def test_decode_stream_gives_the_pieces_of_decoding_everything_each_time(kind, bpe_tokenizer, tmp_path):
+    """Any ids: text split into bytes, bytes that are not UTF-8, runs of byte pieces that Llama 2's decoder
+    spoils as a whole, leading spaces that a decoder drops, control ids; and a long answer."""
+    tok = tokenizer_of(kind, bpe_tokenizer, tmp_path)
+    rng = random.Random(0)
+    chars = ["中文", " a", "😀", "𠀀", "。", "  ", "你好 world", "é", "\n"]
+    cases = [tok.encode("".join(rng.choice(chars) for _ in range(2000)))]  # a long answer
+    for _ in range(60):
+        raw = [tok._byte_id(b) for b in "".join(rng.choice(["中", "😀", "é", " ", "a"]) for _ in range(20)).encode()]
+        cases += [[rng.randrange(tok.vocab_size) for _ in range(40)],
+                  [b if rng.random() < 0.9 else rng.randrange(tok.vocab_size) for b in raw],
+                  tok.encode("".join(rng.choice(chars) for _ in range(20)))]
+    for ids in cases:
+        assert list(decode_stream(tok, iter(ids))) == list(decode_each_time(tok, iter(ids))), ids
+    assert "".join(decode_stream(tok, iter(cases[0]))) == tok.decode(cases[0])
+
+
+def test_decode_stream_decodes_a_short_window_per_id(bpe_tokenizer, monkeypatch):
+    """The ids decoded per new id do not grow with the answer: one decode per id of at most the anchor
+    and one character's byte ids (𠀀 is 4), where decoding all again passed n ids for the n-th."""
+    lengths: list[int] = []
+    decode = type(bpe_tokenizer).decode
+    monkeypatch.setattr(type(bpe_tokenizer), "decode", lambda self, ids: lengths.append(len(ids)) or decode(self, ids))
+    assert len(bpe_tokenizer.encode("𠀀")) == 4  # a byte an id
+    for n in (100, 1000):
+        rng = random.Random(n)
+        ids = bpe_tokenizer.encode("".join(rng.choice(["中文", "𠀀", "好的", "a"]) for _ in range(n)))
+        lengths.clear()
+        assert "".join(decode_stream(bpe_tokenizer, iter(ids))) == decode(bpe_tokenizer, ids)
+        assert len(lengths) == len(ids) + 1 and max(lengths) == 5  # + the anchor's own decode
+        lengths.clear()
+        list(decode_each_time(bpe_tokenizer, iter(ids)))
+        assert max(lengths) == len(ids)  # what it used to cost
 
 
 def finish(gen):

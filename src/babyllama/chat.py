@@ -25,20 +25,37 @@ def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_n
 
 def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
     """Text pieces as ids arrive; a character split over several ids comes out whole, and one that the
-    end of the ids cuts (max_new_tokens) not at all (Tokenizer.decode_complete)."""
+    end of the ids cuts (max_new_tokens) not at all (Tokenizer.decode_complete).
+
+    Incremental, as TGI's and vLLM's detokenizers: once some text is shown, each id decodes only
+    the ids not shown yet after an anchor token (Tokenizer.anchor_id, which makes them decode as
+    inside the text: a leading space is kept), and the new text is what they add to the anchor's.
+    So an answer of n ids costs O(n) decoded ids, not the O(n^2) of decoding all again per id. The
+    window spans more than the new id only while the text ends in U+FFFD (a character not complete
+    yet, or bytes that are not UTF-8) or ends in a byte piece that decodes with the next ones
+    (Tokenizer.grouped_byte_ids). The pieces are those of decoding all ids each time."""
+    grouped = tokenizer.grouped_byte_ids()
     out: list[int] = []
-    shown, text = "", ""
+    head: list[int] = []  # [] while nothing is shown (the text's start), then [anchor]
+    head_text = ""
+    shown, text = "", ""  # the decoded text of head + the ids shown, of head + out
     for i in ids:
         out.append(i)
-        text = tokenizer.decode(out)
+        text = tokenizer.decode(head + out)
         if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next id
             continue
         if len(text) > len(shown):
             yield text[len(shown) :]
         shown = text
-    text = tokenizer.decode_complete(out) if text.endswith("\ufffd") else text  # ended inside a character?
-    if len(text) > len(shown):
-        yield text[len(shown) :]
+        if text and out[-1] not in grouped:  # the next window starts after the ids shown
+            if not head:
+                head = [tokenizer.anchor_id()]
+                head_text = tokenizer.decode(head)
+            out, shown = [], head_text
+    if text.endswith("\ufffd"):  # ended inside a character?
+        text = tokenizer.decode_complete(head + out)
+        if len(text) > len(shown):
+            yield text[len(shown) :]
 
 
 def until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, None, bool]:

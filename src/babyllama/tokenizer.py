@@ -98,7 +98,7 @@ class Tokenizer:
         unknown ids 0, so a document's counts add up to the UTF-8 length of its decoded text.
         """
         ids = [[i] for i in range(self.vocab_size)]
-        anchor = self._anchor_id()
+        anchor = self.anchor_id()
         first = [len(s.encode()) for s in self._decode_each(ids)]
         base = len(self._decode_each([[anchor]])[0].encode())
         inside = [len(s.encode()) - base for s in self._decode_each([[anchor, i] for i in range(self.vocab_size)])]
@@ -120,8 +120,9 @@ class Tokenizer:
     def _decode_each(self, batch: list[list[int]]) -> list[str]:
         raise NotImplementedError
 
-    def _anchor_id(self) -> int:
-        """A token that decodes to one plain character whatever follows it (row 0 of token_bytes)."""
+    def anchor_id(self) -> int:
+        """A token that decodes to one plain character whatever follows it: put before ids, it makes them
+        decode as inside a document (row 0 of token_bytes, chat.decode_stream's window)."""
         for text in ("a", "e", "0", "的", "."):
             i = self._piece_id(text)
             if i is not None and self._decode_each([[i]])[0] == text:
@@ -138,6 +139,14 @@ class Tokenizer:
 
     def _unknown_ids(self) -> list[int]:
         return []
+
+    def grouped_byte_ids(self) -> frozenset[int]:
+        """Byte pieces that decode as one run, and the special ids that decoding skips inside a run: Hugging
+        Face's ByteFallback decoder (Llama 2's) turns a whole run of byte pieces into one U+FFFD per byte
+        when any byte of the run is not UTF-8, so text decoded from a cut inside a run can differ
+        (chat.decode_stream never cuts before one). Empty for the other tokenizers, whose bytes decode alike
+        from any character boundary."""
+        return frozenset()
 
     def control_ids(self) -> list[int]:
         """The special ids other than eos (bos, pad, unk, ...): never training targets."""
@@ -210,6 +219,15 @@ class HFTokenizer(Tokenizer):
         byte = [i for i, p in pieces.items() if p is not None and BYTE_PIECE.fullmatch(p)]
         return {i: 1 for i, text in zip(byte, self._decode_each([[i] for i in byte]), strict=True)
                 if text != pieces[i]}  # a decoder that turns <0xE4> into a byte, not into its spelling
+
+    @functools.cache  # noqa: B019 - a handful of tokenizers live for the whole process
+    def grouped_byte_ids(self) -> frozenset[int]:
+        from tokenizers import decoders
+
+        if isinstance(self.tok.decoder, decoders.ByteLevel) or not self._byte_tokens():
+            return frozenset()
+        skipped = (i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)  # decode drops them first
+        return frozenset([*self._byte_tokens(), *skipped])
 
     def control_ids(self) -> list[int]:
         added = self.tok.get_added_tokens_decoder()
