@@ -104,6 +104,22 @@ def test_bad_qa_records_are_counted_and_skipped_and_say_where_and_why(tmp_path):
                             "(Expecting value)).")
 
 
+def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_path, bpe_tokenizer):
+    from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+
+    qa = tmp_path / "qa"
+    qa.mkdir()
+    records = [{"instruction": f"问题{i}", "output": ["正面", "负面"][i % 2]} for i in range(20)]
+    (qa / "eval.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    bpe_tokenizer.save(tmp_path / "tok")
+    build_sft_cache([qa / "eval.jsonl"], tmp_path / "tok", qa / "sft_tokens", SFTSettings(max_len=64))
+    assert {f.name for f in (qa / "sft_tokens").iterdir()} >= {"manifest.json", "bad_records.txt", "train.ids.bin"}
+    (qa / "blob.bin").write_bytes(bytes(range(256)))
+    (qa / ".eval.jsonl.tmp.jsonl").write_text("{cut")  # a hidden temporary
+    alone = read_qa(qa / "eval.jsonl")
+    assert read_qa(qa) == alone and len(alone[0]) == 20 and alone[1:] == (0, [])  # the cache's JSON: 34 bad records
+
+
 def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
     f = tmp_path / "law_val.jsonl"
     f.write_text("\n".join([json.dumps({"question": "一", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "A"}),

@@ -110,6 +110,28 @@ def test_compressed_parquet_and_csv(tmp_path):
     assert list(reader.documents()) == ["压缩一", "压缩二", "列一", "列二", "表格"]
 
 
+def test_a_folder_means_its_data_files_not_babyllama_outputs_inside_it(tmp_path, bpe_tokenizer):
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.data.pretokenize import pretokenize
+    from tests.conftest import sharp_model, tiny_config
+
+    for name in ("b/x.jsonl", "a.txt", "b.csv", "b/c/y.json.gz", "b/notes.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "a/clean").mkdir(parents=True)
+    jsonl(tmp_path / "a/clean/part_00000.jsonl", [{"text": "清洗过的"}])  # a `prepare` output inside
+    (tmp_path / "a/clean/stats.json").write_text("{}")
+    (tmp_path / "a/clean/bad_records.txt").write_text("x.jsonl:1: not valid JSON\n")
+    bpe_tokenizer.save(tmp_path / "tok")
+    pretokenize([str(tmp_path / "a/clean/part_00000.jsonl")], str(tmp_path / "tok"), tmp_path / "a/tokens")
+    save_checkpoint(tmp_path / "b/ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache/z.jsonl").write_text("{}")
+    (tmp_path / "b/.part_00001.jsonl").write_text("{")  # a temporary
+    assert [str(f.relative_to(tmp_path)) for f in expand_inputs([tmp_path])] == [
+        "a/clean/part_00000.jsonl", "a.txt", "b/c/y.json.gz", "b/x.jsonl", "b.csv"]  # sorted as all paths
+
+
 def test_forced_format_and_bad_inputs(tmp_path):
     f = jsonl(tmp_path / "x.jsonl", [{"content": "正文", "text": "别的"}])
     assert list(CorpusReader([f]).documents()) == ["正文"]  # detected as WuDao

@@ -510,16 +510,14 @@ def _to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
-    """Files named directly, plus the readable files inside named directories, sorted.
+    """Files named directly, plus the data files below named directories (data_files), sorted.
 
-    A directory written by `babyllama prepare` stands for its cleaned part_*.jsonl shards.
+    Raises UserError for a path that does not exist or a directory without data files.
     """
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and (p / "stats.json").is_file() and any(p.glob("part_*.jsonl")):
-            files += sorted(p.glob("part_*.jsonl"))  # the output of `babyllama prepare`
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and data_suffix(f) in SUFFIXES)
+        if p.is_dir():
+            found = data_files(p)
             if not found:
                 raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
             files += found
@@ -527,6 +525,31 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
             files.append(p)
         else:
             raise UserError(f"input {p} does not exist.")
+    return files
+
+
+MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "tokenizer.json", "tokenizer.model")
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The files below folder that a reader reads (SUFFIXES, optionally .gz/.zst), sorted by path, less
+    babyllama's own outputs, whose JSON and text files are not data: the output of `babyllama prepare`
+    stands for its cleaned part_*.jsonl; token shards and SFT/DPO token caches (a manifest.json beside
+    .bin files), folders of MODEL_FILES (checkpoints, tokenizers) and hidden files and folders
+    (temporaries, locks) are skipped. So a data folder can hold the token cache built from it."""
+    if (folder / "stats.json").is_file() and any(folder.glob("part_*.jsonl")):
+        return sorted(folder.glob("part_*.jsonl"))  # the output of `babyllama prepare`
+    tokens = (folder / "manifest.json").is_file() and any(folder.glob("*.bin"))
+    if tokens or any((folder / f).is_file() for f in MODEL_FILES):
+        return []
+    files: list[Path] = []
+    for f in sorted(folder.iterdir()):  # depth first in sorted order: the order of sorting all paths
+        if f.name.startswith("."):
+            continue
+        if f.is_dir():
+            files += data_files(f)
+        elif f.is_file() and data_suffix(f) in SUFFIXES:
+            files.append(f)
     return files
 
 
