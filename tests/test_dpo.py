@@ -16,7 +16,7 @@ from babyllama.data.preferences import render_pair
 from babyllama.errors import UserError
 from babyllama.model import Transformer
 from babyllama.train.distributed import Dist
-from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss
+from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss, preference_metrics
 from babyllama.train.sft_data import SFTData
 from babyllama.train.stages import init_model
 from tests.conftest import simulate_death, tiny_config
@@ -108,6 +108,21 @@ def test_rpo_adds_the_chosen_answers_mean_token_nll(fixed_batch):
     assert float(dpo_only) == pytest.approx(float(losses.mean()), abs=1e-6)
     assert float(loss) == pytest.approx(float(losses.mean()) + 0.7 * -chosen_sum / tokens, abs=1e-5)
     assert val_loss == pytest.approx(float(loss), abs=1e-5)  # the held-out loss is the same objective
+
+
+def test_preference_metrics_name_their_loss_the_plain_dpo_loss(fixed_batch):
+    """The demo's preferences.json: dpo_loss is equation 7 without label smoothing or RPO, whatever the run
+    trained with, and no field claims to be the run's loss."""
+    d, pairs = fixed_batch
+    data = PreferenceData(SFTData.from_samples([s for pair in pairs for s in pair], max_seq_len=63, pad_id=0))
+    got = preference_metrics(model(1), model(0), data, beta=0.5, batch_size=2)
+    policy, reference = model(1), model(0)
+    expected = []
+    for (c_ids, c_mask), (r_ids, r_mask) in pairs:
+        pc, pr = (summed_answer_log_prob(policy, ids, m) for ids, m in ((c_ids, c_mask), (r_ids, r_mask)))
+        rc, rr = (summed_answer_log_prob(reference, ids, m) for ids, m in ((c_ids, c_mask), (r_ids, r_mask)))
+        expected.append(published_dpo(pc, pr, rc, rr, 0.5, 0.0)[0])
+    assert "loss" not in got and got["dpo_loss"] == pytest.approx(sum(expected) / 3, abs=1e-5)
 
 
 @pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
