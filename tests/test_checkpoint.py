@@ -34,6 +34,19 @@ def test_roundtrip_gives_identical_tensors_and_logits(bpe_tokenizer, tmp_path, t
     assert restored["step"] == 7 and torch.equal(restored["rng"], state["rng"])
 
 
+def test_a_load_checks_the_config_against_the_tensors_once(bpe_tokenizer, tmp_path, monkeypatch):
+    import babyllama.checkpoint as ck
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    checked = []
+    model_config = ck.model_config
+    monkeypatch.setattr(ck, "model_config", lambda path: checked.append(path) or model_config(path))
+    load_checkpoint(tmp_path / "ck")
+    assert checked == [tmp_path / "ck"]
+    load_model(tmp_path / "ck")
+    assert checked == [tmp_path / "ck"] * 2
+
+
 def test_overwrite_replaces_whole_and_leaves_no_temp_dirs(tmp_path):
     a, b = sharp_model(tiny_config(), seed=1), sharp_model(tiny_config(), seed=2)
     save_checkpoint(tmp_path / "ck", a)

@@ -280,9 +280,10 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
+def load_model(path: str | Path, device: str | torch.device = "cpu", cfg: ModelConfig | None = None) -> Transformer:
     """The model of a checkpoint, after checking config.json and that the tensors match it
-    (model_config; UserError for a device that is not there, see pick_device)."""
+    (model_config, or cfg: what it returned for path when the caller checked it already; UserError
+    for a device that is not there, see pick_device)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -290,7 +291,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
     path = Path(path)
     if is_adapter(path):
         return load_lora(path, device)
-    cfg = model_config(path)
+    cfg = cfg or model_config(path)
     try:
         tensors = load_file(str(path / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
@@ -349,8 +350,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     Everything is checked before the weights are read."""
     config = read_config(path)
     tokenizer = load_tokenizer(path)
-    check_tokenizer_fits(tokenizer, model_config(path), config.get("tokenizer"), where=str(path))
-    return load_model(path, device), tokenizer, config
+    cfg = model_config(path)
+    check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), where=str(path))
+    return load_model(path, device, cfg), tokenizer, config
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict | None, where: str) -> None:
