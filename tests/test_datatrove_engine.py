@@ -351,6 +351,28 @@ def test_cli_errors_are_one_sentence(corpus, tmp_path, capsys):
     assert "embedded engine only" in capsys.readouterr().err
 
 
+def test_an_unreachable_ray_address_is_one_sentence_within_seconds(corpus, tmp_path, capsys, monkeypatch):
+    import socket
+    import time
+
+    _, files, _ = corpus
+    with socket.socket() as s:  # a port that nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            monkeypatch.setenv("RAY_ADDRESS", address)
+            start = time.time()
+            assert main(["prepare", "--input", *files, "--out_dir", str(tmp_path), "--engine", "datatrove",
+                         "--executor", "ray"]) == 2
+            assert time.time() - start < 5  # ray.init itself retried for more than 30 s
+            assert capsys.readouterr().err == (f"babyllama: error: the Ray cluster at RAY_ADDRESS={address} does not "
+                                               "answer (Connection refused); start it there (`ray start --head`), "
+                                               "correct RAY_ADDRESS, or unset it to start a local one.\n")
+    with pytest.raises(UserError, match="RAY_ADDRESS=head:x is not host:port"):
+        dt.check_ray_address("head:x")
+    dt.check_ray_address("auto")  # ray finds the cluster itself
+
+
 def test_tasks_take_contiguous_runs_of_files_by_size():
     files = [f"f{i}" for i in range(6)]
     shares = [dt.files_of_task(files, [10, 10, 10, 10, 10, 10], r, 3) for r in range(3)]

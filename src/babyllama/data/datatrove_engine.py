@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
+import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -479,6 +482,27 @@ def make_executor(launch: Launch, name: str, pipeline: list, tasks: int, depends
                                depends=depends)
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Raise UserError when address (RAY_ADDRESS: host:port of a cluster's GCS, or ray://host:port of
+    Ray Client) names a port that does not accept a TCP connection within timeout seconds: ray.init has
+    no timeout and retries such an address for minutes. "", auto and local need no check."""
+    if address in ("", "auto", "local"):
+        return
+    url = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:  # a port that is not a number
+        host = port = None
+    if not host or port is None:
+        raise UserError(f"RAY_ADDRESS={address} is not host:port or ray://host:port; set it to the head node's "
+                        "address or unset it to start a local Ray instance.")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"the Ray cluster at RAY_ADDRESS={address} does not answer ({e.strerror or e}); start it "
+                        "there (`ray start --head`), correct RAY_ADDRESS, or unset it to start a local one.") from None
+
+
 def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
     """Run the stages in order, each once the one before has finished (local, ray), or submit them as
     Slurm job arrays that each depend on the one before (slurm: returns once they are queued)."""
@@ -486,7 +510,7 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
         import ray
 
         if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS, else a cluster started with `ray start`, else a new local one
+            ray.init()  # RAY_ADDRESS (checked to answer: _input_files), else `ray start`'s cluster, else a local one
     executor = None
     for i, (name, pipeline, tasks) in enumerate(stages):
         depends = executor if launch.executor == "slurm" else None
@@ -524,7 +548,7 @@ def start_run(out: Path, settings: dict, clear_outputs) -> Path:
 def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int], int]:
     """Absolute input paths (tasks may run elsewhere), their sizes, and the number of tasks. Raises
     UserError for what would otherwise fail inside every task: an unknown executor or file type, Slurm
-    without a partition or without sbatch."""
+    without a partition or without sbatch, a Ray cluster that does not answer."""
     if launch.executor not in EXECUTORS:
         raise UserError(f"unknown --executor {launch.executor!r}; choose one of {', '.join(EXECUTORS)}.")
     if launch.executor == "slurm" and not launch.slurm_partition:
@@ -532,6 +556,8 @@ def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple
     if launch.executor == "slurm" and shutil.which("sbatch") is None:
         raise UserError("--executor slurm submits with sbatch, which is not on this machine's PATH; run it on a "
                         "Slurm login node.")
+    if launch.executor == "ray":
+        check_ray_address(os.environ.get("RAY_ADDRESS", ""))
     files = [str(Path(f).resolve()) for f in CorpusReader(inputs, format).files]
     for f in files:
         if data_suffix(Path(f)) not in SUFFIXES:
