@@ -119,10 +119,12 @@ def test_help_shows_every_default():
                                      "init (none: random weights (pretrain); sft and dpo need one), max_steps 0 "
                                      "(the length comes from tokens or "
                                      "epochs)") in text
-        assert "sft_cache (OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens), data_workers 0 (one per CPU core)" in text
-    stage_only = {"pretrain": ["doc_mask False"], "sft": ["pack False", "lora_rank 0", "lora_alpha 32.0"],
+    sft_data = ["val_fraction 0.02", "sft_cache (OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens), data_workers 0 "
+                "(one per CPU core), min_prompt_chars 0 (no limit), max_prompt_chars 0 (no limit), min_answer_chars "
+                "0 (no limit), max_answer_chars 0 (no limit)"]  # the token cache's: SFT and DPO, not pretraining
+    stage_only = {"pretrain": ["doc_mask False"], "sft": ["pack False", "lora_rank 0", "lora_alpha 32.0", *sft_data],
                   "dpo": ["lora_rank 0", "lora_alpha 32.0", "beta 0.1", "label_smoothing 0.0",
-                          "precompute_ref_log_probs False", "rpo_alpha 0.0"]}
+                          "precompute_ref_log_probs False", "rpo_alpha 0.0", *sft_data]}
     for name, own in stage_only.items():  # each stage lists its own settings, not the other stages'
         text = " ".join(commands[name].format_help().split())
         others = {s for settings in stage_only.values() for s in settings} - set(own)

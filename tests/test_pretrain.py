@@ -544,6 +544,14 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
                                     "--out_dir", str(tmp_path / "c")]))
     with pytest.raises(UserError, match="^pack is a setting of SFT only, which pretraining does not read"):
         pretrain(config(shards, tmp_path / "d", "--pack", "true"))
+    for flag, value in [("--val_fraction", "0.1"), ("--sft_cache", "x"), ("--data_workers", "2"),
+                        ("--min_prompt_chars", "10"), ("--max_prompt_chars", "256"), ("--min_answer_chars", "5"),
+                        ("--max_answer_chars", "256")]:  # the SFT/DPO token cache's settings
+        with pytest.raises(UserError) as e:
+            pretrain(config(shards, tmp_path / "d", flag, value))
+        assert str(e.value) == (f"{flag[2:]} is a setting of SFT and DPO only, which pretraining does not read "
+                                "(pretraining reads the token shards that pretokenize split and wrote); drop it.")
+    assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -48,6 +48,9 @@ STAGE_SETTINGS = {  # settings that only some stages read; another stage refuses
     "lora_rank": (("sft", "dpo"), "LoRA adapts a trained model; pretraining trains every weight"),
     "beta": (("dpo",), ""), "label_smoothing": (("dpo",), ""), "rpo_alpha": (("dpo",), ""),
     "precompute_ref_log_probs": (("dpo",), ""),
+    **{name: (("sft", "dpo"), "pretraining reads the token shards that pretokenize split and wrote")
+       for name in ("val_fraction", "sft_cache", "data_workers", "min_prompt_chars", "max_prompt_chars",
+                    "min_answer_chars", "max_answer_chars")},  # the token cache's
 }
 STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO"}
 FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
