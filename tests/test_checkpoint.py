@@ -79,6 +79,20 @@ def test_tokenizer_larger_than_vocab_is_refused(bpe_tokenizer, tmp_path):
         load_checkpoint(tmp_path / "ck")
 
 
+def test_a_checkpoint_whose_special_ids_were_edited_is_refused(bpe_tokenizer, tmp_path):
+    """The special ids live in babyllama_tokenizer.json, outside tokenizer.json's fingerprint: config.json
+    records them too, and a load compares them."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    recorded = json.loads((tmp_path / "ck" / "config.json").read_text())["tokenizer"]
+    assert recorded == {"fingerprint": bpe_tokenizer.fingerprint, "vocab_size": 600, "bos_id": 1, "eos_id": 2,
+                        "pad_id": 0}
+    (tmp_path / "ck" / "babyllama_tokenizer.json").write_text(json.dumps({"bos_id": 1, "eos_id": 0, "pad_id": 2}))
+    ck = tmp_path / "ck"
+    with pytest.raises(UserError, match=f"^the tokenizer {ck} \\(eos_id 0, pad_id 2\\) is not the one the model at "
+                                        f"{ck} was trained with \\(eos_id 2, pad_id 0\\)\\.$"):
+        load_checkpoint(ck)
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

@@ -174,6 +174,13 @@ def test_refuses_other_model_shape_and_other_tokenizer(shards, tmp_path, bpe_tok
     other.save(tmp_path / "other_tok")
     with pytest.raises(UserError, match="made with another tokenizer"):
         pretrain(config(shards, tmp_path / "x", "--tokenizer", str(tmp_path / "other_tok")))
+    # the same vocabulary with other special ids (babyllama_tokenizer.json edited): the same fingerprint
+    bpe_tokenizer.save(tmp_path / "edited")
+    (tmp_path / "edited" / "babyllama_tokenizer.json").write_text(json.dumps({"bos_id": 1, "eos_id": 0, "pad_id": 2}))
+    with pytest.raises(UserError, match=f"^the shards in {shards} were made with another tokenizer "
+                                        f"\\(eos_id 2, pad_id 0\\) than {tmp_path / 'edited'} "
+                                        f"\\(eos_id 0, pad_id 2\\)\\.$"):
+        pretrain(config(shards, tmp_path / "x", "--tokenizer", str(tmp_path / "edited")))
 
 
 def run_cli(args, env=None, **kw):

@@ -239,6 +239,37 @@ def test_sft_resumes_bitwise(sft_setup, tmp_path):
     assert logged_losses(tmp_path / "died") == logged_losses(tmp_path / "straight")
 
 
+def test_sft_resume_refuses_a_tokenizer_changed_since_the_run_started(sft_setup, tmp_path, capsys):
+    """The init's tokenizer edited (bos and eos swapped in babyllama_tokenizer.json: the same vocabulary, so
+    the same fingerprint) or replaced after the run started: --resume stops before anything is written."""
+    import shutil
+
+    from babyllama.cli import main
+    from babyllama.tokenizer import train_bpe
+    from tests.conftest import generated_corpus
+
+    d, init, run = sft_setup, tmp_path / "init", tmp_path / "run"
+    shutil.copytree(d / "init", init)
+    args = ["sft", "--init", str(init), "--data", str(d / "sft.jsonl"), "--out_dir", str(run), "--max_steps", "2",
+            "--save_every", "2", "--batch_size", "8", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main(args) == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    step = run / "checkpoints" / "step_000002"
+    fingerprint = load_tokenizer(init).fingerprint
+    (init / "babyllama_tokenizer.json").write_text(json.dumps({"bos_id": 2, "eos_id": 1, "pad_id": 0}))
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "4", "--resume"]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: the tokenizer {init} (bos_id 2, eos_id 1) is not the one "
+                                       f"the model at {step} was trained with (bos_id 1, eos_id 2).\n")
+    other = train_bpe(generated_corpus(40, seed=8), 500)
+    other.save(init)
+    assert main([*args, "--max_steps", "4", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"babyllama: error: the tokenizer {init} (fingerprint {other.fingerprint}, vocab_size 500) is not the one the "
+        f"model at {step} was trained with (fingerprint {fingerprint}, vocab_size 600).\n")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
+
+
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     d = sft_setup
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]

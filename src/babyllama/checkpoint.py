@@ -161,7 +161,7 @@ def save_checkpoint(
     config = {"format": "babyllama", "version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra_config or {})}
     if tokenizer is not None:
         tokenizer.save(tmp)
-        config["tokenizer"] = {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+        config["tokenizer"] = tokenizer.record()
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
@@ -351,21 +351,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     config = read_config(path)
     tokenizer = load_tokenizer(path)
     cfg = model_config(path)
-    check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), where=str(path))
+    check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), str(path), str(path))
     return load_model(path, device, cfg), tokenizer, config
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict | None, where: str) -> None:
+def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict | None, where: str,
+                         source: str = "") -> None:
+    """UserError when the tokenizer (loaded from `source`) has more ids than the model at `where`, or is not
+    the one that model's config.json records (`recorded`: fingerprint and special ids, Tokenizer.differences)."""
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the model at {where} only {cfg.vocab_size}; "
             "use the tokenizer the model was trained with."
         )
-    if recorded and recorded.get("fingerprint") not in (None, tokenizer.fingerprint):
-        raise UserError(
-            f"the tokenizer (fingerprint {tokenizer.fingerprint}) is not the one the model at {where} "
-            f"was trained with ({recorded['fingerprint']})."
-        )
+    differ = tokenizer.differences(recorded)
+    if differ:
+        raise UserError(f"the tokenizer {source + ' ' if source else ''}({differ[0]}) is not the one the model at "
+                        f"{where} was trained with ({differ[1]}).")
 
 
 def load_train_state(path: str | Path, mmap: bool = False) -> dict | None:

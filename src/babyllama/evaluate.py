@@ -82,8 +82,10 @@ def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[i
 def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200) -> dict:
     """Loss, perplexity and bits per byte over the validation windows of a token directory."""
     data = TokenWindows(data_dir, model.cfg.max_seq_len, "val")
-    if data.fingerprint != tokenizer.fingerprint:
-        raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's.")
+    differ = tokenizer.differences(data.manifest["tokenizer"])
+    if differ:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer ({differ[1]}) than the model's "
+                        f"({differ[0]}).")
     n = min(len(data), batch_size * max_batches)
     forward = lambda batch: model(batch["idx"], batch["targets"])[1]
     nats, tokens, nbytes = loss_sums(forward, data, range(n), batch_size, model.rope_cos.device, tokenizer,

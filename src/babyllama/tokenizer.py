@@ -24,6 +24,7 @@ from babyllama.errors import UserError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
 META_FILE = "babyllama_tokenizer.json"
+RECORDED = ("fingerprint", "vocab_size", "bos_id", "eos_id", "pad_id")  # what checkpoints and token directories keep
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs leaves
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (SentencePiece, Llama's tokenizer.json)
 SAMPLE_TEXT = (
@@ -47,7 +48,7 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     pad_id: int
-    fingerprint: str  # changes whenever the mapping from text to ids could change
+    fingerprint: str  # changes with the vocabulary and merges (record() adds the special ids, kept apart for HF)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self.encode_batch([text], bos, eos)[0]
@@ -161,6 +162,22 @@ class Tokenizer:
     def generation_kwargs(self, model_vocab_size: int) -> dict:
         """What model.stream needs from the tokenizer: where to stop, and what never to produce."""
         return {"eos_id": self.eos_id, "suppress_tokens": self.suppress_tokens(model_vocab_size)}
+
+    def record(self) -> dict:
+        """What a checkpoint or token directory records of its tokenizer, to be compared (differences) when read:
+        the fingerprint, and the special ids, which a tokenizer.json's fingerprint leaves out (they live in
+        babyllama_tokenizer.json or tokenizer_config.json)."""
+        return {k: getattr(self, k) for k in RECORDED}
+
+    def differences(self, recorded: dict | None) -> tuple[str, str] | None:
+        """None when this tokenizer is the one `recorded` (a record()) describes, else the values that differ,
+        this tokenizer's and the recorded ones, in words: ("eos_id 1", "eos_id 2"). Values a record lacks (one
+        written by an older babyllama: only fingerprint and vocab_size) are not compared."""
+        mine = self.record()
+        differ = [k for k in RECORDED if k in (recorded or {}) and recorded[k] != mine[k]]
+        if not differ:
+            return None
+        return ", ".join(f"{k} {mine[k]}" for k in differ), ", ".join(f"{k} {recorded[k]}" for k in differ)
 
     @property
     def dtype(self) -> np.dtype:

@@ -121,8 +121,7 @@ def token_manifest(tok: Tokenizer, *, bos: bool, val_fraction: float, shards: li
     return {
         "format": "babyllama-tokens",
         "version": 1,
-        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "kind": tok.kind,
-                      "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+        "tokenizer": {**tok.record(), "kind": tok.kind},
         "dtype": tok.dtype.name,
         "bos": bos,
         "val_fraction": val_fraction,

@@ -168,10 +168,6 @@ class TokenWindows:
                 f"{seq_len + 1}; use more data, a smaller max_seq_len or a larger --val_fraction."
             )
 
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["tokenizer"]["fingerprint"]
-
     def __len__(self) -> int:
         return int(self.starts[-1])
 

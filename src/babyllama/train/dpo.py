@@ -257,7 +257,7 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path)
-        resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo")  # before the cache is built
+        resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
         train, val, stats = token_cache(cfg, tok_path, dist, "dpo")  # t.pack is refused above
         if dist.main:
             print(f"dpo data: {stats.records} records, {stats.bad} bad, {stats.equal_pairs} with equal answers, "

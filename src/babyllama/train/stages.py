@@ -45,10 +45,12 @@ def default_out_dir(stage: str, init: str) -> str:
     return str(run.parent / f"{run.name}-{stage}")
 
 
-def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, stage: str) -> Path | None:
-    """Check the settings against the tokenizer and the run directory before any data is built;
-    returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
-    `--resume` refuses another stage's, and out_dir may not hold the --init model it would overwrite."""
+def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, stage: str,
+                tok_path: str | Path) -> Path | None:
+    """Check the settings against the tokenizer (loaded from tok_path) and the run directory before any data
+    is built; returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
+    `--resume` refuses another stage's, and a tokenizer other than the one its checkpoint records (files
+    replaced or edited since the run started); out_dir may not hold the --init model it would overwrite."""
     out = Path(cfg.train.out_dir)
     lora_of(cfg.train)  # LoRA settings out of range stop here
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -75,7 +77,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         print(f"note: {note}; resuming from {resume_from.name}")
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
-            check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), where=str(ckpt))
+            check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
     if resume and resume_from is None and dist.main:
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
     if not resume and latest is not None:
@@ -118,10 +120,11 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
         tokenizer = load_tokenizer(tok_path)
-        if tokenizer.fingerprint != train_data.fingerprint:
-            raise UserError(f"the shards in {t.data} were made with another tokenizer "
-                            f"({train_data.fingerprint}) than {tok_path} ({tokenizer.fingerprint}).")
-        resume_from = checked_run(cfg, tokenizer, dist, resume, "pretrain")
+        differ = tokenizer.differences(train_data.manifest["tokenizer"])
+        if differ:
+            raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
+                            f"({differ[0]}).")
+        resume_from = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path)
         if t.doc_mask:
             for data in (train_data, val_data):
                 if data is not None:
@@ -168,7 +171,7 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path)
-        resume_from = checked_run(cfg, tokenizer, dist, resume, "sft")  # before the cache is built, which takes minutes
+        resume_from = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
         train_data, val_data, stats = token_cache(cfg, tok_path, dist, "sft")
         if dist.main:
             print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
