@@ -123,6 +123,46 @@ def test_a_missing_or_changed_base_is_one_sentence(lora_run, tmp_path):
     assert r.returncode == 2 and "needs its base model" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_run_moved_with_its_base_loads_and_a_changed_base_is_still_refused(lora_run, tmp_path, monkeypatch):
+    """runs/ moved (or copied to another machine): the base is found beside the adapter, by its relative
+    path; an unchanged base (the stat config.json records) is not hashed again, a changed one is refused."""
+    import os
+
+    import babyllama.checkpoint as ck
+
+    shutil.copytree(lora_run / "init", tmp_path / "a" / "init")
+    sft(load_config(None, ["--init", str(tmp_path / "a" / "init"), "--data", str(lora_run / "sft.jsonl"),
+                           "--out_dir", str(tmp_path / "a" / "run"), "--max_steps", "2", "--batch_size", "8",
+                           "--lr", "1e-2", "--warmup_steps", "1", "--eval_every", "0", "--data_workers", "1",
+                           "--lora_rank", "4", "--lora_alpha", "8"]))
+    with torch.no_grad():
+        before = load_model(tmp_path / "a" / "run" / "final")(IDS)[0]
+    base = json.loads((tmp_path / "a" / "run" / "final" / "config.json").read_text())["base"]
+    assert base["path"] == str(tmp_path / "a" / "init") and base["relative_path"] == "../../init"
+    (tmp_path / "a").rename(tmp_path / "b")  # the absolute path is gone
+    final = tmp_path / "b" / "run" / "final"
+    monkeypatch.setattr(ck, "weights_sha256", lambda path: pytest.fail(f"{path} hashed again"))
+    with torch.no_grad():
+        assert torch.equal(load_model(final)(IDS)[0], before)
+    monkeypatch.undo()
+    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(final), "--max_new_tokens", "4"],
+                       input="很好很喜欢\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    weights = tmp_path / "b" / "init" / "model.safetensors"
+    data, st = bytearray(weights.read_bytes()), weights.stat()
+    data[-1] ^= 1  # the last byte of the last tensor: the same size, the mtime put back
+    weights.write_bytes(data)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(UserError, match=f"^the base model {tmp_path / 'b' / 'init'} is not the one the LoRA "
+                                        f"checkpoint {final} was trained on \\(its weights changed\\); restore"):
+        load_model(final)
+    shutil.rmtree(tmp_path / "b" / "init")
+    with pytest.raises(UserError, match=f"^the LoRA checkpoint {final} needs its base model {tmp_path / 'a' / 'init'}, "
+                                        f"which is not there \\(nor at {tmp_path / 'b' / 'init'}\\); restore it at "
+                                        "that path\\.$"):
+        load_model(final)
+
+
 def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     final = lora_run / "run" / "final"

@@ -144,7 +144,8 @@ def save_checkpoint(
 
     tensors: the full state dict when the model itself is sharded (FSDP); default: model's.
     adapter: for LoRA, the LoraConfig: tensors are then the adapter's (lora.adapter_tensors), written as
-    peft's files in place of model.safetensors, and extra_config["base"] = {"path", "sha256"} names the base.
+    peft's files in place of model.safetensors, and extra_config["base"] = {"path", "sha256"} names the base
+    (config.json adds where it is from path and its file's stat: base_record).
     """
     from safetensors.torch import save_file
 
@@ -159,6 +160,8 @@ def save_checkpoint(
         save_file(model_tensors(model) if tensors is None else tensors, str(tmp / MODEL_FILE),
                   metadata={"format": "pt"})
     config = {"format": "babyllama", "version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra_config or {})}
+    if adapter is not None:
+        config["base"] = base_record(extra_config["base"], path)
     if tokenizer is not None:
         tokenizer.save(tmp)
         config["tokenizer"] = tokenizer.record()
@@ -310,32 +313,74 @@ def load_lora(path: Path, device: torch.device) -> Transformer:
     return merge_lora(load_adapter(load_model(lora_base(path), device), path)).eval()
 
 
+def base_record(base: dict, adapter_dir: Path) -> dict:
+    """config.json's "base" of a LoRA checkpoint written to adapter_dir: the base's absolute path and the
+    SHA-256 of its weights (as given), its path relative to adapter_dir (so that a run folder moved with its
+    base, or copied to another machine, still finds it) and, when the weights still hash to that SHA-256,
+    their file's size, mtime and ctime: a load that finds them unchanged need not hash the base again."""
+    record = {"path": base["path"], "sha256": base["sha256"],
+              "relative_path": os.path.relpath(base["path"], adapter_dir.resolve())}
+    sha256, stat = _hashed(base["path"])
+    return record | ({"stat": stat} if sha256 == base["sha256"] else {})
+
+
 def lora_base(path: str | Path) -> Path:
-    """The base checkpoint that a LoRA checkpoint's config.json names. Raises UserError when it is
-    missing or is not the model the adapter was trained on."""
+    """The base checkpoint that a LoRA checkpoint's config.json names: at its absolute path, else at its path
+    relative to the LoRA checkpoint (both moved together). Its weights are hashed unless their file's stat
+    (size, mtime, ctime) is the one recorded. Raises UserError when it is missing or is not the model the
+    adapter was trained on."""
     base = read_config(path).get("base") or {}
-    where = Path(base.get("path", ""))
-    if not base.get("path") or not where.is_dir():
-        raise UserError(f"the LoRA checkpoint {path} needs its base model {base.get('path')}, which is not there; "
-                        "restore it at that path.")
-    if weights_sha256(where) != base.get("sha256"):
-        raise UserError(f"the base model {where} is not the one the LoRA checkpoint {path} was trained on "
-                        "(its weights changed); restore that base.")
-    return where
+    places = [Path(base["path"])] if base.get("path") else []
+    if base.get("relative_path"):
+        places.append((Path(path).resolve() / base["relative_path"]).resolve())
+    found = [p for p in places if p.is_dir()]
+    if not found:
+        beside = f" (nor at {places[1]})" if len(places) > 1 else ""
+        raise UserError(f"the LoRA checkpoint {path} needs its base model {base.get('path')}, which is not there"
+                        f"{beside}; restore it at that path.")
+    for where in found:
+        if base.get("stat") == _stat(_weights_file(where).stat()) or weights_sha256(where) == base.get("sha256"):
+            return where
+    raise UserError(f"the base model {found[-1]} is not the one the LoRA checkpoint {path} was trained on "
+                    "(its weights changed); restore that base.")
 
 
 def weights_sha256(path: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights file (its adapter's, for LoRA): what a LoRA checkpoint's base must match."""
+    """SHA-256 of a checkpoint's weights file (its adapter's, for LoRA): what a LoRA checkpoint's base must
+    match. A process hashes a file once while its stat (device, inode, size, mtime, ctime) stays the same."""
+    return _hashed(path)[0]
+
+
+_HASHED: dict[tuple, str] = {}  # (file, device, inode, size, mtime_ns, ctime_ns) -> its SHA-256
+
+
+def _hashed(path: str | Path) -> tuple[str, dict]:
+    """(SHA-256, stat) of a checkpoint's weights file; the stat is the one taken before hashing."""
     import hashlib
 
+    f = _weights_file(path)
+    st = f.stat()
+    key = (str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key], _stat(st)
+
+
+def _stat(st: os.stat_result) -> dict:
+    """What base_record records of a weights file's stat; the ctime changes with any write to the file, even
+    one that puts its mtime back, and with a copy or a move."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _weights_file(path: str | Path) -> Path:
     f = Path(path) / (ADAPTER_FILE if is_adapter(path) else MODEL_FILE)
     if not f.is_file():
         raise UserError(f"checkpoint {path} has no {f.name}.")
-    h = hashlib.sha256()
-    with f.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return f
 
 
 def model_tensors_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
