@@ -129,3 +129,19 @@ def test_help_shows_every_default():
         text = " ".join(commands[name].format_help().split())
         others = {s for settings in stage_only.values() for s in settings} - set(own)
         assert all(s in text for s in own) and not [s for s in others if s in text], name
+
+
+def test_help_lists_the_model_settings_of_pretraining_and_says_sft_and_dpo_take_the_init():
+    from babyllama.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    text = " ".join(commands["pretrain"].format_help().split())
+    assert ("model settings (--model.key value) and their defaults: preset 'demo' (or baby-218m, baby-92m: the preset "
+            "sets every value below, and --model.key overrides one), dim 256, n_layers 4, n_heads 8, n_kv_heads 4, "
+            "vocab_size 8192, hidden_dim (LLaMA's 2/3 * 4 * dim, rounded up to multiple_of), multiple_of 32, norm_eps "
+            "1e-05, max_seq_len 256, rope_theta 10000.0, dropout 0.0, tie_embeddings True; with --init (continued "
+            "pretraining) the model is the init's, of whose settings only --model.dropout can change.") in text
+    for name in ("sft", "dpo"):
+        text = " ".join(commands[name].format_help().split())
+        assert text.endswith("model settings: the model is --init's; of its settings only --model.dropout can change "
+                             "(default: the init's).") and "n_layers" not in text, name

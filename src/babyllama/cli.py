@@ -310,8 +310,28 @@ class CommandParser(argparse.ArgumentParser):
             return self.settings in owners
 
         listed = ", ".join(default(f.name, f.default) for f in fields(TrainConfig) if read(f.name))
-        return text + "\n" + self._get_formatter()._fill_text(
-            f"settings (--key value) and their defaults: {listed}.", self._get_formatter()._width, "") + "\n"
+        paragraphs = (f"settings (--key value) and their defaults: {listed}.", model_help(self.settings))
+        return text + "".join("\n" + self._get_formatter()._fill_text(p, self._get_formatter()._width, "") + "\n"
+                              for p in paragraphs)
+
+
+def model_help(stage: str) -> str:
+    """What --help says of the model settings (--model.key): pretraining lists them with the default preset's
+    values; SFT and DPO take the model from --init, of which they may change INIT_MODEL_SETTINGS only."""
+    from dataclasses import asdict
+
+    from babyllama.config import DEFAULT_PRESET, INIT_MODEL_SETTINGS, MODEL_NONE_MEANS
+    from babyllama.model import PRESETS
+
+    only = ", ".join(f"--model.{k}" for k in INIT_MODEL_SETTINGS)
+    if stage != "pretrain":
+        return f"model settings: the model is --init's; of its settings only {only} can change (default: the init's)."
+    values = ", ".join(f"{k} ({MODEL_NONE_MEANS[k]})" if v is None and k in MODEL_NONE_MEANS else f"{k} {v!r}"
+                       for k, v in asdict(PRESETS[DEFAULT_PRESET]).items())
+    others = ", ".join(sorted(set(PRESETS) - {DEFAULT_PRESET}))
+    return (f"model settings (--model.key value) and their defaults: preset {DEFAULT_PRESET!r} (or {others}: the "
+            f"preset sets every value below, and --model.key overrides one), {values}; with --init (continued "
+            f"pretraining) the model is the init's, of whose settings only {only} can change.")
 
 
 def int_in(low: int, high: int | None = None):

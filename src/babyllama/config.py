@@ -53,6 +53,11 @@ STAGE_SETTINGS = {  # settings that only some stages read; another stage refuses
                     "min_answer_chars", "max_answer_chars")},  # the token cache's
 }
 STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO"}
+DEFAULT_PRESET = "demo"  # the model without a preset setting; --model.key values override the preset's
+MODEL_NONE_MEANS = {  # model settings whose None default is worked out from the others
+    "n_kv_heads": "as many as n_heads", "hidden_dim": "LLaMA's 2/3 * 4 * dim, rounded up to multiple_of",
+}
+INIT_MODEL_SETTINGS = ("dropout",)  # what a run from --init can change: they leave the weights' shapes alone
 FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
 MAX_LR = 10.0  # above it no optimiser here trains; it catches 1e30 and a misplaced exponent
 MAX_DDP_TIMEOUT = 10**9  # seconds (~32 years): a larger timedelta overflows
@@ -255,7 +260,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"{p}: only [model] and [train] tables are allowed, got {sorted(set(data))}.")
     flags = parse_overrides(overrides or [])
     model_values = {**data.get("model", {}), **flags["model"]}
-    preset_name = str(model_values.get("preset", "demo"))
+    preset_name = str(model_values.get("preset", DEFAULT_PRESET))
     settings = _apply(ModelConfig, {k: v for k, v in model_values.items() if k != "preset"}, "model")
     train = TrainConfig(**_apply(TrainConfig, {**data.get("train", {}), **flags["train"]}, "train"))
     given = settings | ({"preset": preset_name} if "preset" in model_values else {})

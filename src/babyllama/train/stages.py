@@ -22,7 +22,7 @@ from babyllama.checkpoint import (
     remove_stale_temporaries,
     resumable_checkpoint,
 )
-from babyllama.config import RunConfig
+from babyllama.config import INIT_MODEL_SETTINGS, RunConfig
 from babyllama.data.sft_tokens import SFTSettings
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.errors import UserError
@@ -31,8 +31,6 @@ from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer, lora_of
-
-INIT_MODEL_SETTINGS = {"dropout"}  # what a run from --init can change: they leave the weights' shapes alone
 
 
 def default_out_dir(stage: str, init: str) -> str:
