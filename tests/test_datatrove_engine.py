@@ -307,6 +307,39 @@ def test_slurm_submits_one_dependent_job_array_per_stage(corpus, tmp_path, monke
         assert f"--dependency=afterok:{before}" in args  # every stage waits for the one before
 
 
+def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, tmp_path, monkeypatch, capsys,
+                                                                         bpe_tokenizer):
+    """squeue (fake) lists the first submission's jobs: a second one, of either command, submits nothing; once
+    they have left the queue (failed, say), the same command submits again to do what is left."""
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    (tmp_path / "bin" / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path / 'queue'}\n")  # what is in the queue
+    (tmp_path / "bin" / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *files, "--out_dir", str(out), "--engine", "datatrove", "--dedup", "exact",
+            "--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2"]
+    assert main(args) == 0
+    first = [str(j) for j, _, _ in submitted(tmp_path / "jobs")]
+    assert json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == first
+    (tmp_path / "queue").write_text(f"{first[0]}_1\n{first[1]}\n{first[2]}\n")  # a task of the first running
+    capsys.readouterr()
+    bpe_tokenizer.save(tmp_path / "tok")
+    tokens = ["pretokenize", "--input", *files, "--out_dir", str(out), "--tokenizer", str(tmp_path / "tok"),
+              "--engine", "datatrove", "--executor", "slurm", "--slurm_partition", "cpu"]
+    for command in (args, tokens, [*args, "--executor", "local"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (
+            f"babyllama: error: {out} has Slurm jobs of an earlier submission still queued or running "
+            f"({', '.join(first[:3])}); wait for them (squeue --me) or cancel them (scancel {' '.join(first[:3])}) "
+            "before running there again.\n")
+    assert [str(j) for j, _, _ in submitted(tmp_path / "jobs")] == first  # nothing more submitted
+    (tmp_path / "queue").write_text("")  # they failed and left the queue
+    assert main(args) == 0
+    again = [str(j) for j, _, _ in submitted(tmp_path / "jobs")][len(first):]
+    assert len(again) == len(first) and json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == again
+
+
 def test_slurm_job_scripts_run_on_the_nodes_make_the_same_output(corpus, tmp_path, monkeypatch):
     """Runs each submitted script as Slurm would (every array index, stage after stage)."""
     _, files, _ = corpus

@@ -26,7 +26,8 @@ corpus order and the first copy of a duplicate is the one kept, as in the embedd
 never split between tasks: cut a single huge file first (`split -l 1000000`). Memory: a task holds its
 own documents' signatures (~120 bytes each), the cluster stage the duplicate pairs; with tasks in
 proportion to the corpus, a worker's memory stays flat. Datatrove marks every finished task under
-OUT/datatrove/logs, so the same command after a crash skips them and ends with the same files.
+OUT/datatrove/logs, so the same command after a crash skips them and ends with the same files. A Slurm
+submission's job ids go to OUT/datatrove/slurm_jobs.json; while squeue lists one, no other run starts there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -94,6 +96,7 @@ log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "slurm", "ray")
 FINISHED = "finished.json"  # written by the last stage: the run is complete
+SUBMITTED = "slurm_jobs.json"  # written once the stages are submitted to Slurm: their job ids
 MAX_TASKS = 65_534  # exact dedup ranks documents by a uint16 priority: 65535 - task
 
 
@@ -511,18 +514,42 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
 
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS (checked to answer: _input_files), else `ray start`'s cluster, else a local one
-    executor = None
+    executors = []
     for i, (name, pipeline, tasks) in enumerate(stages):
-        depends = executor if launch.executor == "slurm" else None
+        depends = executors[-1] if launch.executor == "slurm" and executors else None
         executor = make_executor(launch, f"{i + 1}_{name}", pipeline, tasks, depends, work / "logs")
+        executors.append(executor)
         if launch.executor != "slurm":
             start = time.time()
             log.info("stage %d/%d %s: %d task%s", i + 1, len(stages), name, tasks, "s"[: tasks > 1])
             executor.run()
             log.info("stage %s done in %.1f s", name, time.time() - start)
     if launch.executor == "slurm":
-        executor.run()
-        log.info("submitted %d dependent Slurm job arrays; logs in %s", len(stages), work / "logs")
+        executors[-1].run()  # submits every stage, each depending on the one before
+        jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]  # -1: a stage already done
+        write_json(work / SUBMITTED, {"jobs": jobs, "submitted": time.time()})
+        log.info("submitted %d dependent Slurm job arrays (%s); logs in %s", len(jobs), " ".join(jobs), work / "logs")
+
+
+def check_no_queued_jobs(out: Path) -> None:
+    """Raise UserError when OUT/datatrove records a Slurm submission whose jobs squeue still lists (queued
+    or running): a second run there would write the same files at the same time. Jobs that left the queue
+    (done, failed, cancelled) do not stop it: a run resubmitted after a failure does what was left. Without
+    squeue on this machine nothing can be checked."""
+    work = out / "datatrove"
+    if not (work / SUBMITTED).is_file() or (work / FINISHED).is_file() or shutil.which("squeue") is None:
+        return
+    jobs = json.loads((work / SUBMITTED).read_text())["jobs"]
+    if not jobs:
+        return
+    r = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(jobs)}"], capture_output=True,
+                       text=True)  # exit code 1 when every job has left the queue: none queued
+    listed = {line.split("_")[0] for line in r.stdout.split()} if r.returncode == 0 else set()
+    queued = [j for j in jobs if j in listed]
+    if queued:
+        raise UserError(f"{out} has Slurm jobs of an earlier submission still queued or running ({', '.join(queued)}); "
+                        f"wait for them (squeue --me) or cancel them (scancel {' '.join(queued)}) before running "
+                        "there again.")
 
 
 def start_run(out: Path, settings: dict, clear_outputs) -> Path:
@@ -584,7 +611,7 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
     settings = {"command": "prepare", "inputs": _identity(files), "format": format, "min_chars": min_chars,
                 "dedup": dedup, "minhash_threshold": threshold, "docs_per_shard": docs_per_shard,
                 "engine": "datatrove", "tasks": tasks}
-    with _one_run_at_a_time(out, launch):
+    with _one_run_at_a_time(out):
         work = start_run(out, settings, clear_outputs)
         stages = prepare_stages(files, sizes, out, work, format=format, min_chars=min_chars, dedup=dedup,
                                 threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks, settings=settings)
@@ -612,7 +639,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
     settings = {"command": "pretokenize", "inputs": _identity(files), "tokenizer": tok.fingerprint,
                 "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
                 "tasks": tasks}
-    with _one_run_at_a_time(out, launch):
+    with _one_run_at_a_time(out):
         work = start_run(out, settings, fresh_output_dir)
         stages = [
             ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
@@ -630,11 +657,9 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
 
 
 @contextmanager
-def _one_run_at_a_time(out: Path, launch: Launch):
-    """A second run in the same out_dir waits for the first, then finds its work done (local, ray).
-    Slurm jobs outlive the command that submits them: nothing guards a second submission."""
-    if launch.executor == "slurm":
+def _one_run_at_a_time(out: Path):
+    """A second run in the same out_dir waits for the first, then finds its work done (local, ray) or its
+    jobs submitted; while Slurm jobs of an earlier submission are queued or running it is refused."""
+    with locked(out):
+        check_no_queued_jobs(out)
         yield
-    else:
-        with locked(out):
-            yield
