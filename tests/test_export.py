@@ -112,6 +112,25 @@ def test_export_never_overwrites_a_checkpoint_and_says_what_it_cannot_write(bpe_
     assert (tmp_path / "run" / "final" / "config.json").read_bytes() == before  # the checkpoint is untouched
 
 
+def test_gguf_types_every_suppressed_id_as_llama_cpp_expects(bpe_tokenizer, tmp_path):
+    """A tokenizer.json whose <pad>, <s>, </s> are not flagged special (the ids come from
+    babyllama_tokenizer.json): they are still CONTROL in the GGUF, the model's ids beyond the tokenizer UNUSED."""
+    gguf = pytest.importorskip("gguf")
+    from babyllama.tokenizer import load_tokenizer
+
+    bpe_tokenizer.save(tmp_path / "tok")
+    data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    for t in data["added_tokens"]:
+        t["special"] = False
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.control_ids() == [0, 1] and tok.suppress_tokens(604) == (0, 1, 600, 601, 602, 603)
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=604)), tok)
+    export(tmp_path / "ck", tmp_path / "m.gguf", "gguf")
+    types = gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.token_type"].contents()
+    assert types == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 597 + [gguf.TokenType.UNUSED] * 4
+
+
 @pytest.mark.parametrize("kw", [dict(n_kv_heads=2), dict(tie_embeddings=False)], ids=["gqa", "untied"])
 def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, kw):
     """transformers' own GGUF reader undoes llama.cpp's conventions: equal logits mean we follow them."""

@@ -215,16 +215,20 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def gguf_vocab(tokenizer, vocab_size: int) -> dict:
-    """Token strings, types and the merges (BPE) or scores (SentencePiece), padded to the model's vocab."""
+    """Token strings, types and the merges (BPE) or scores (SentencePiece), padded to the model's vocab.
+
+    The ids that generation suppresses (Tokenizer.suppress_tokens) are typed as llama.cpp expects: the control
+    ids and eos CONTROL (an unknown id UNKNOWN), whether or not the tokenizer file flags them special (bos and
+    pad may come from babyllama_tokenizer.json or tokenizer_config.json), and the model's ids beyond the
+    tokenizer's UNUSED, as llama.cpp's convert_hf_to_gguf.py pads a vocabulary."""
     import gguf
 
     from babyllama.tokenizer import HFTokenizer
 
     if isinstance(tokenizer, HFTokenizer):
         data = json.loads(tokenizer.tok.to_str())
-        specials = {t["id"] for t in data["added_tokens"] if t["special"]}
         tokens = [tokenizer.tok.id_to_token(i) for i in range(tokenizer.vocab_size)]
-        types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        types = [gguf.TokenType.NORMAL] * len(tokens)
         merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
         extra = {"model": "gpt2", "pre": "gpt-2", "merges": merges}
     else:
@@ -233,6 +237,9 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
         types = [gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.CONTROL if sp.is_control(i) else
                  gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.NORMAL for i in range(len(tokens))]
         extra = {"model": "llama", "scores": [sp.get_score(i) for i in range(len(tokens))]}
+    for i in {*tokenizer.control_ids(), tokenizer.eos_id}:  # what generation suppresses, and eos: CONTROL, so
+        if types[i] == gguf.TokenType.NORMAL:  # llama.cpp neither prints them nor reads their text as them
+            types[i] = gguf.TokenType.CONTROL  # (an unknown id stays UNKNOWN)
     pad = vocab_size - len(tokens)  # ids the model has and the tokenizer never makes
     tokens += [f"[PAD{i}]" for i in range(pad)]
     types += [gguf.TokenType.UNUSED] * pad
