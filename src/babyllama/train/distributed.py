@@ -7,22 +7,29 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process.
 GPUs talk over NCCL, CPUs over gloo. A collective that waits longer than the timeout for the
 other processes (one is stuck or dead) ends the run instead of hanging it: with one sentence on
-gloo, and through NCCL's watchdog, which aborts the process, on GPUs.
+gloo, and through NCCL's watchdog, which aborts the process, on GPUs. Leaving the group ends its
+threads: every rank first reaches a barrier, then the group and FSDP's device mesh are let go.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any process group exists: imported after, it holds the group (shutdown)
 
 from babyllama.checkpoint import pick_device
 from babyllama.errors import UserError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -30,6 +37,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    mesh: DeviceMesh | None = None  # FSDP's, from fsdp_mesh; shutdown lets go of its process groups
 
     @property
     def main(self) -> bool:
@@ -65,6 +73,7 @@ def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Dis
     d = init_distributed(device, timeout_s)
     try:
         yield d
+        barrier(d)  # no rank leaves while another still talks to it (not after an error: that one may be gone)
     except RuntimeError as e:  # gloo's timeouts and lost peers are plain RuntimeErrors from its transport
         if not isinstance(e, dist.DistError) and "gloo/transport" not in str(e):
             raise
@@ -86,6 +95,33 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def fsdp_mesh(d: Dist) -> DeviceMesh | None:
+    """The 1-D device mesh of all processes that FSDP shards over (None in one process: FSDP's own),
+    made here rather than inside fully_shard so that shutdown can let go of it."""
+    if d.enabled and d.mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        d.mesh = init_device_mesh(d.device.type, (d.world,))
+    return d.mesh
+
+
 def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group and end its threads (gloo's run loops) while the interpreter is alive.
+
+    destroy_process_group ends them only when nothing else holds the group. FSDP's device mesh holds
+    it (DeviceMesh._pg_registry, in torch 2.13), and DTensor's caches hold the mesh for good;
+    torch.distributed.nn.functional (imported by torch.distributed.checkpoint) holds it in its
+    functions' defaults (group=group.WORLD) when imported after init_process_group. Either way the
+    threads would run on into interpreter exit: one that drops the last reference to a collective's
+    tensor then takes the GIL of a finalizing interpreter, which ends the thread inside a destructor,
+    and the process aborts ("terminate called without an active exception", SIGABRT) after a run
+    that went well. So the mesh lets go of its groups, and a collection frees the model's FSDP state
+    (reference cycles) that holds them too.
+    """
+    if not (d.enabled and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    if d.mesh is not None:
+        getattr(d.mesh, "_pg_registry", {}).clear()
+        d.mesh = None
+        gc.collect()

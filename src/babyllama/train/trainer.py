@@ -49,7 +49,7 @@ from babyllama.lora import adapter_tensors, add_lora, load_adapter, lora_config
 from babyllama.model import Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
-from babyllama.train.distributed import Dist, all_reduce_sum, barrier
+from babyllama.train.distributed import Dist, all_reduce_sum, barrier, fsdp_mesh
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
                    "L40": 181e12, "4090": 165e12, "A10": 125e12, "3090": 71e12}
@@ -180,10 +180,10 @@ def wrap_model(model: Transformer, t: TrainConfig, dist: Dist, dtype: torch.dtyp
     if t.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        mp, mesh = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32), fsdp_mesh(dist)
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        wrapped = fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        wrapped = fully_shard(model, mesh=mesh, mp_policy=mp)
     elif dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
