@@ -180,12 +180,30 @@ def whole_checkpoint(tmp_path_factory, bpe_tokenizer):
     return d / "ck"
 
 
+@pytest.fixture
+def nothing_large(monkeypatch):
+    """Fail the test if the weights are read or a model is built off the meta device: a tampered config
+    may ask for any size, so its checks must come first (a wall-clock bound flaked under load)."""
+    import safetensors.torch
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the config was refused")
+
+    build = Transformer.__init__
+
+    def build_on_meta(self, *args, **kwargs):
+        assert torch.empty(()).device.type == "meta", "a model was allocated before the config was refused"
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", read_weights)
+    monkeypatch.setattr(Transformer, "__init__", build_on_meta)
+
+
 @pytest.mark.parametrize("tamper", TAMPERS)
-def test_a_tampered_checkpoint_stops_chat_in_one_sentence_within_a_second(whole_checkpoint, tmp_path, tamper,
-                                                                          capsys, monkeypatch):
+def test_a_tampered_checkpoint_stops_chat_in_one_sentence_before_any_allocation(whole_checkpoint, tmp_path, tamper,
+                                                                                capsys, monkeypatch, nothing_large):
     import io
     import shutil
-    import time
 
     from babyllama.cli import main
 
@@ -196,25 +214,20 @@ def test_a_tampered_checkpoint_stops_chat_in_one_sentence_within_a_second(whole_
     else:
         _edit_json(ck / "babyllama_tokenizer.json", lambda ids: ids.update({edit: rest[0]}))
     monkeypatch.setattr("sys.stdin", io.StringIO("你好\n"))
-    start = time.perf_counter()
     assert main(["chat", str(ck)]) == 2
-    assert time.perf_counter() - start < 1.0
     err = capsys.readouterr().err.strip().removeprefix("chat: running on cpu\n")  # the device, then one sentence
     assert err.startswith("babyllama: error: ") and "\n" not in err and rest[-1] in err, err
 
 
-def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoint, tmp_path, capsys):
+def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoint, tmp_path, capsys, nothing_large):
     import shutil
-    import time
 
     from babyllama.cli import main
 
     ck = shutil.copytree(whole_checkpoint, tmp_path / "ck")
     _edit_json(ck / "config.json", TAMPERS["n_layers 10M"][0])
     (tmp_path / "sft.jsonl").write_text('{"instruction": "问", "output": "答"}\n')
-    start = time.perf_counter()
     assert main(["sft", "--init", str(ck), "--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(tmp_path)]) == 2
-    assert time.perf_counter() - start < 1.0
     assert "it holds 2 layers and an embedding of (600, 64), the config needs 10000000" in capsys.readouterr().err
 
 
