@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -50,6 +50,9 @@ from babyllama.model import Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.distributed import Dist, all_reduce_sum, barrier, fsdp_mesh
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
                    "L40": 181e12, "4090": 165e12, "A10": 125e12, "3090": 71e12}
@@ -537,8 +540,69 @@ class Trainer:
 
     # --- the loop ---
 
+    def fit(self) -> Path:
+        """Train to total_steps and return final/; SIGTERM or SIGINT saves a checkpoint and raises Stopped."""
+        log = MetricsLog(self.out, self.dist.main, self.step if self.resumed else None)
+        if self.resumed:
+            log.write({"step": self.step, "resumed": True, "global_batch": self.global_batch})
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = progress(total=self.total_steps, initial=self.step, desc=self.stage, unit=" step",
+                       disable=not self.dist.main)
+        self.wrapped.train()
+        self.window = time.perf_counter(), self.tokens  # where tokens_per_s is measured from
+        try:
+            pending: list[dict] = []  # steps whose numbers are still on the GPU (skip_on_device)
+            while self.step < self.total_steps:
+                loss, norm = self.train_step()
+                self.update_average()
+                bar.update()
+                pending.append({"step": self.step, "tokens": self.tokens, "loss": loss,
+                                "lr": lr_at(self.step - 1, self.t, self.total_steps), "grad_norm": norm})
+                logged, evaluated, saved = self.due()
+                settled = logged or evaluated or saved or not self.skip_on_device
+                if settled:
+                    self.log_settled(pending, log, bar, logged, evaluated)
+                    pending = []
+                self.check_bad_steps()
+                self.stop_if_signalled(settled)
+                if saved:
+                    self.save()
+            self.save(final=True)
+            self.use_average()  # the final loss is final/'s
+            log.write({"step": self.step, "tokens": self.tokens, **self.validation(), "final": True})
+            return self.out / "final"
+        finally:
+            bar.close()
+            log.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
+
+    def due(self) -> tuple[bool, bool, bool]:
+        """Whether the step just taken is logged, evaluated and checkpointed. The last step is always
+        logged, and never evaluated or checkpointed here: fit saves final/ and evaluates it after the loop."""
+        t, last = self.t, self.step == self.total_steps
+        logged = self.step % t.log_every == 0 or last
+        evaluated = bool(t.eval_every) and self.step % t.eval_every == 0 and not last
+        saved = bool(t.save_every) and self.step % t.save_every == 0 and not last
+        return logged, evaluated, saved
+
+    def log_settled(self, pending: list[dict], log: MetricsLog, bar: tqdm, logged: bool, evaluated: bool) -> None:
+        """Write the pending steps' lines: the last step's when it is logged (with its throughput and the
+        stage's step metrics) or evaluated (with the validation metrics), and every skipped step's."""
+        records = self.settle(pending)
+        record = records[-1]
+        if logged:
+            record |= self.throughput()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            record |= self.step_metrics()
+        if evaluated:
+            record |= self.validation()
+        for r in records:
+            if r is record and (logged or evaluated) or r.get("skipped"):
+                log.write(r)
 
     def settle(self, pending: list[dict]) -> list[dict]:
         """Read the steps' loss and grad norm (one host sync for all of them on a GPU) and mark skipped
@@ -555,6 +619,34 @@ class Trainer:
                     self.gave_up_at = self.gave_up_at or r["step"]
         return pending
 
+    def throughput(self) -> dict[str, float]:
+        """tokens_per_s since the last logged step, and mfu (the share of a known GPU's peak FLOP/s, as in
+        the PaLM paper's appendix B); the next measurement starts here."""
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        start, tokens = self.window
+        rate = (self.tokens - tokens) / (time.perf_counter() - start)
+        self.window = time.perf_counter(), self.tokens
+        peak = peak_flops(self.dist.device)
+        if not peak:
+            return {"tokens_per_s": rate}
+        return {"tokens_per_s": rate, "mfu": rate * self.model.flops_per_token() / (peak * self.dist.world)}
+
+    def check_bad_steps(self) -> None:
+        """UserError once max_bad_steps steps in a row were skipped (their lines are written by then)."""
+        if self.gave_up_at:
+            raise UserError(f"the loss or its gradient was not finite in {self.t.max_bad_steps} steps in a row "
+                            f"(last at step {self.gave_up_at}); lower the lr, use bf16 instead of fp16, "
+                            "or check the data.")
+
+    def stop_if_signalled(self, settled: bool) -> None:
+        """Save a checkpoint and raise Stopped when SIGTERM or SIGINT reached any rank."""
+        signum = self._stop_everywhere(settled)
+        if signum:
+            path = self.save()
+            raise Stopped(f"stopped by {signal.Signals(signum).name} at step {self.step} of "
+                          f"{self.total_steps}, checkpoint {path}", signum)
+
     def _stop_everywhere(self, settled: bool) -> int:
         """The signal that stopped any rank (the largest number when several did), else 0. Ranks agree
         at settled steps only (the same steps on every rank) when the step itself never syncs."""
@@ -565,65 +657,3 @@ class Trainer:
         flag = torch.tensor(float(self.stop_signal), device=self.dist.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag)
-
-    def fit(self) -> Path:
-        """Train to total_steps and return final/; SIGTERM or SIGINT saves a checkpoint and raises Stopped."""
-        t, main = self.t, self.dist.main
-        log = MetricsLog(self.out, main, self.step if self.resumed else None)
-        if self.resumed:
-            log.write({"step": self.step, "resumed": True, "global_batch": self.global_batch})
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        peak, flops = peak_flops(self.dist.device), self.model.flops_per_token()
-        bar = progress(total=self.total_steps, initial=self.step, desc=self.stage, unit=" step", disable=not main)
-        self.wrapped.train()
-        window_start, window_tokens = time.perf_counter(), self.tokens
-        try:
-            pending: list[dict] = []  # steps whose numbers are still on the GPU (skip_on_device)
-            while self.step < self.total_steps:
-                loss, norm = self.train_step()
-                self.update_average()
-                bar.update()
-                pending.append({"step": self.step, "tokens": self.tokens, "loss": loss,
-                                "lr": lr_at(self.step - 1, t, self.total_steps), "grad_norm": norm})
-                logged = self.step % t.log_every == 0 or self.step == self.total_steps
-                evaluated = t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps
-                saved = t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps
-                settled = logged or evaluated or saved or not self.skip_on_device
-                if settled:
-                    records, pending = self.settle(pending), []
-                    record = records[-1]
-                    if logged:
-                        if self.dist.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        rate = (self.tokens - window_tokens) / (time.perf_counter() - window_start)
-                        record["tokens_per_s"] = rate
-                        if peak:
-                            record["mfu"] = rate * flops / (peak * self.dist.world)
-                        window_start, window_tokens = time.perf_counter(), self.tokens
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-                        record |= self.step_metrics()
-                    if evaluated:
-                        record |= self.validation()
-                    for r in records:
-                        if r is record and (logged or evaluated) or r.get("skipped"):
-                            log.write(r)
-                if self.gave_up_at:
-                    raise UserError(f"the loss or its gradient was not finite in {t.max_bad_steps} steps in a row "
-                                    f"(last at step {self.gave_up_at}); lower the lr, use bf16 instead of fp16, "
-                                    "or check the data.")
-                signum = self._stop_everywhere(settled)
-                if signum:
-                    path = self.save()
-                    raise Stopped(f"stopped by {signal.Signals(signum).name} at step {self.step} of "
-                                  f"{self.total_steps}, checkpoint {path}", signum)
-                if saved:
-                    self.save()
-            self.save(final=True)
-            self.use_average()  # the final loss is final/'s
-            log.write({"step": self.step, "tokens": self.tokens, **self.validation(), "final": True})
-            return self.out / "final"
-        finally:
-            bar.close()
-            log.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
