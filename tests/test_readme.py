@@ -109,7 +109,7 @@ class Runner:
         if "\n" in command:  # a python block; the server it asks is the one started last
             exec(compile(command.replace(SERVE, f"http://127.0.0.1:{self.port}"), "README.md", "exec"), {})
             return
-        words, stdin = shlex.split(command), "这本书写得真好，推荐！\n"
+        words, stdin = shlex.split(command), "质量很好，物流也快，非常满意！\n"
         if "|" in words:
             pipe = words.index("|")
             assert words[0] == "echo" and pipe == 2, command
