@@ -229,6 +229,20 @@ def test_leakage_finds_planted_question_only(tmp_path):
     assert (found["leaked"], found["examples"]) == (1, [questions[0]])
 
 
+def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path):
+    from babyllama.data.clean import prepare
+
+    questions = [f"第{i}道评测题目的完整题干文字" for i in range(5)]
+    raw = tmp_path / "pretrain.jsonl"
+    raw.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in [*generated_corpus(20, seed=2),
+                                                                                   "前文" + questions[0] + "后文"]))
+    prepare([str(raw)], tmp_path / "data", min_chars=1, dedup="none")
+    sft = [{"instruction": q, "output": "答案"} for q in questions[1:4]]  # the tester's sft.jsonl of eval questions
+    (tmp_path / "data" / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in sft))
+    found = leakage(questions, [tmp_path / "data"])
+    assert (found["leaked"], found["examples"]) == (4, questions[:4])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, bpe_tokenizer):
     d = tmp_path_factory.mktemp("eval")

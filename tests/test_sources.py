@@ -132,6 +132,24 @@ def test_a_folder_means_its_data_files_not_babyllama_outputs_inside_it(tmp_path,
         "a/clean/part_00000.jsonl", "a.txt", "b/c/y.json.gz", "b/x.jsonl", "b.csv"]  # sorted as all paths
 
 
+def test_a_prepare_output_folder_means_its_part_files_and_every_data_file_beside_them(tmp_path):
+    from babyllama.data.clean import prepare
+
+    d = tmp_path / "data"  # the demo's layout: raw/ input, prepare's output, then sft.jsonl and eval.jsonl beside it
+    (d / "raw").mkdir(parents=True)
+    jsonl(d / "raw" / "pretrain.jsonl", [{"text": f"第{i}篇文章的正文"} for i in range(3)] + [b"{cut"])
+    prepare([str(d / "raw" / "pretrain.jsonl")], d, min_chars=1, dedup="none", docs_per_shard=2)
+    assert sorted(f.name for f in d.iterdir()) == ["bad_records.txt", "part_00000.jsonl", "part_00001.jsonl",
+                                                   "raw", "stats.json"]
+    jsonl(d / "sft.jsonl", [{"instruction": "问", "output": "答"}])
+    jsonl(d / "eval.jsonl.gz", [])
+    (d / "datatrove" / "read").mkdir(parents=True)  # the work folder of --engine datatrove
+    (d / "datatrove" / "settings.json").write_text("{}")
+    jsonl(d / "datatrove" / "read" / "00000.jsonl", [{"text": "工作文件"}])
+    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == [
+        "eval.jsonl.gz", "part_00000.jsonl", "part_00001.jsonl", "raw/pretrain.jsonl", "sft.jsonl"]
+
+
 def test_forced_format_and_bad_inputs(tmp_path):
     f = jsonl(tmp_path / "x.jsonl", [{"content": "正文", "text": "别的"}])
     assert list(CorpusReader([f]).documents()) == ["正文"]  # detected as WuDao

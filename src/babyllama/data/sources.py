@@ -529,22 +529,26 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
 
 
 MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "tokenizer.json", "tokenizer.model")
+OUTPUTS = {  # babyllama's outputs that share a folder with data: the files that mark one -> its files that are not data
+    ("stats.json", "part_*.jsonl"): ("stats.json", "bad_records.txt"),  # prepare (its part_*.jsonl are data)
+    ("datatrove/settings.json",): ("datatrove",),  # the work folder of prepare --engine datatrove
+}
 
 
 def data_files(folder: Path) -> list[Path]:
     """The files below folder that a reader reads (SUFFIXES, optionally .gz/.zst), sorted by path, less
-    babyllama's own outputs, whose JSON and text files are not data: the output of `babyllama prepare`
-    stands for its cleaned part_*.jsonl; token shards and SFT/DPO token caches (a manifest.json beside
-    .bin files), folders of MODEL_FILES (checkpoints, tokenizers) and hidden files and folders
-    (temporaries, locks) are skipped. So a data folder can hold the token cache built from it."""
-    if (folder / "stats.json").is_file() and any(folder.glob("part_*.jsonl")):
-        return sorted(folder.glob("part_*.jsonl"))  # the output of `babyllama prepare`
+    babyllama's own outputs, whose JSON and text files are not data: the non-data files of an output that
+    shares its folder with data (OUTPUTS: prepare's stats.json and bad_records.txt beside the part_*.jsonl
+    it wrote ...) and whole folders of token shards and SFT/DPO token caches (a manifest.json beside .bin
+    files), of MODEL_FILES (checkpoints, tokenizers) and hidden files and folders (temporaries, locks).
+    So a data folder can hold prepare's output and the token cache built from it."""
     tokens = (folder / "manifest.json").is_file() and any(folder.glob("*.bin"))
     if tokens or any((folder / f).is_file() for f in MODEL_FILES):
         return []
+    own = {name for marks, names in OUTPUTS.items() if all(any(folder.glob(m)) for m in marks) for name in names}
     files: list[Path] = []
     for f in sorted(folder.iterdir()):  # depth first in sorted order: the order of sorting all paths
-        if f.name.startswith("."):
+        if f.name.startswith(".") or f.name in own:
             continue
         if f.is_dir():
             files += data_files(f)
