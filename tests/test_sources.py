@@ -150,6 +150,31 @@ def test_a_prepare_output_folder_means_its_part_files_and_every_data_file_beside
         "eval.jsonl.gz", "part_00000.jsonl", "part_00001.jsonl", "raw/pretrain.jsonl", "sft.jsonl"]
 
 
+def test_eval_outputs_and_training_runs_inside_a_data_folder_are_not_read_as_data(tmp_path, bpe_tokenizer):
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
+    from tests.conftest import sharp_model, tiny_config
+
+    d = tmp_path / "data"
+    (d / "mine").mkdir(parents=True)
+    jsonl(d / "qa.jsonl", [{"question": "问题一", "answer": "答"}, {"question": "问题二", "answer": "答"}])
+    jsonl(d / "mine" / "eval.json", [{"question": "用户自己的评测集", "answer": "答"}])  # a user file of that name
+    run = d / "run"  # what a training run leaves: its config and metrics, checkpoints, final, an eval of it
+    save_checkpoint(run / "final", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    save_checkpoint(run / "checkpoints" / "step_00000010", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    (run / "config.json").write_text('{"model": {}, "train": {}}\n')
+    jsonl(run / "metrics.jsonl", [{"step": 10, "loss": 5.0}])
+    evaluate(run / "final", run / "eval", qa=str(d / "qa.jsonl"), sampling=Sampling(max_new_tokens=2))
+    (run / "eval" / "preferences.json").write_text('{"pairs": 2}\n')  # the demo's DPO eval writes it there
+    jsonl(run / "notes.jsonl", [{"text": "用户放在运行目录里的数据"}])
+    assert sorted(f.name for f in (run / "eval").iterdir()) == ["eval.json", "items.jsonl", "preferences.json"]
+    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]
+    (d / "timings.json").write_text('{"data": 1.0}\n')  # the demo's out_dir
+    (d / "demo.json").write_text('{"smoke": true}\n')
+    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]
+
+
 def test_forced_format_and_bad_inputs(tmp_path):
     f = jsonl(tmp_path / "x.jsonl", [{"content": "正文", "text": "别的"}])
     assert list(CorpusReader([f]).documents()) == ["正文"]  # detected as WuDao

@@ -532,6 +532,9 @@ MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "tokenizer.json
 OUTPUTS = {  # babyllama's outputs that share a folder with data: the files that mark one -> its files that are not data
     ("stats.json", "part_*.jsonl"): ("stats.json", "bad_records.txt"),  # prepare (its part_*.jsonl are data)
     ("datatrove/settings.json",): ("datatrove",),  # the work folder of prepare --engine datatrove
+    ("eval.json", "items.jsonl"): ("eval.json", "items.jsonl", "preferences.json"),  # eval (and the demo's DPO eval)
+    ("config.json", "metrics.jsonl"): ("config.json", "metrics.jsonl"),  # a training run; checkpoints skip themselves
+    ("demo.json", "timings.json"): ("demo.json", "timings.json"),  # babyllama demo's out_dir
 }
 
 
@@ -539,7 +542,8 @@ def data_files(folder: Path) -> list[Path]:
     """The files below folder that a reader reads (SUFFIXES, optionally .gz/.zst), sorted by path, less
     babyllama's own outputs, whose JSON and text files are not data: the non-data files of an output that
     shares its folder with data (OUTPUTS: prepare's stats.json and bad_records.txt beside the part_*.jsonl
-    it wrote ...) and whole folders of token shards and SFT/DPO token caches (a manifest.json beside .bin
+    it wrote, eval's eval.json and items.jsonl, a run's config.json and metrics.jsonl; a file of that name
+    alone is data) and whole folders of token shards and SFT/DPO token caches (a manifest.json beside .bin
     files), of MODEL_FILES (checkpoints, tokenizers) and hidden files and folders (temporaries, locks).
     So a data folder can hold prepare's output and the token cache built from it."""
     tokens = (folder / "manifest.json").is_file() and any(folder.glob("*.bin"))
