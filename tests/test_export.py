@@ -112,6 +112,40 @@ def test_export_never_overwrites_a_checkpoint_and_says_what_it_cannot_write(bpe_
     assert (tmp_path / "run" / "final" / "config.json").read_bytes() == before  # the checkpoint is untouched
 
 
+def test_export_writes_only_into_a_new_folder_or_an_earlier_export_of_its_format(bpe_tokenizer, tmp_path):
+    from babyllama.data.clean import prepare
+    from babyllama.data.sources import expand_inputs
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    corpus = tmp_path / "corpus"  # a raw corpus folder, and a prepare output
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "一篇文档的正文"}\n')
+    prepare([str(corpus)], tmp_path / "clean", min_chars=1, dedup="none")
+    for folder in (corpus, tmp_path / "clean"):
+        before = sorted(f.name for f in folder.iterdir())
+        r = run_cli("export", str(tmp_path / "ck"), "--format", "hf", "--out", str(folder))
+        assert (r.returncode, r.stderr.strip()) == (2, (
+            f"babyllama: error: {folder} holds files and is not an earlier --format hf export; choose a new or empty "
+            "--out (the export's model.safetensors would make that folder read as a checkpoint)."))
+        assert sorted(f.name for f in folder.iterdir()) == before
+    assert [f.name for f in expand_inputs([corpus])] == ["a.jsonl"]
+    (tmp_path / "hf" / ".cache").mkdir(parents=True)  # hidden files do not count
+    for _ in range(2):  # an earlier export of the same format is replaced
+        export(tmp_path / "ck", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    with pytest.raises(UserError, match=f"^{tmp_path / 'ck'} holds a babyllama checkpoint or run"):
+        export(tmp_path / "ck", tmp_path / "ck")
+    pytest.importorskip("gguf")
+    with pytest.raises(UserError) as e:
+        export(tmp_path / "ck", corpus / "a.jsonl", "gguf")
+    assert str(e.value) == (f"{corpus / 'a.jsonl'} exists and is not a GGUF file, which the export would overwrite; "
+                            "choose another --out.")
+    assert (corpus / "a.jsonl").read_text() == '{"text": "一篇文档的正文"}\n'
+    for _ in range(2):
+        export(tmp_path / "ck", tmp_path / "m.gguf", "gguf")
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+
+
 def test_gguf_types_every_suppressed_id_as_llama_cpp_expects(bpe_tokenizer, tmp_path):
     """A tokenizer.json whose <pad>, <s>, </s> are not flagged special (the ids come from
     babyllama_tokenizer.json): they are still CONTROL in the GGUF, the model's ids beyond the tokenizer UNUSED."""

@@ -292,7 +292,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter: bool = False) -> Path:
     """Write checkpoint as format (hf: a directory, gguf: one file) to out; UserError for an out that
-    holds babyllama's own files (the export would overwrite them) or cannot be written."""
+    holds babyllama's own files (the export would overwrite them), a folder that holds files and is not an
+    earlier hf export, a file that is not an earlier GGUF, or an out that cannot be written."""
     if adapter and format != "hf":
         raise UserError("--adapter writes a peft adapter for the Hugging Face export; use it with --format hf.")
     if format not in ("hf", "gguf"):
@@ -303,6 +304,11 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
     if out.is_dir() and any((out / name).exists() for name in BABYLLAMA_FILES):
         raise UserError(f"{out} holds a babyllama checkpoint or run, which the export would overwrite; "
                         "choose another --out.")
+    if out.is_dir() and any(not f.name.startswith(".") for f in out.iterdir()) and not is_hf_export(out):
+        raise UserError(f"{out} holds files and is not an earlier --format hf export; choose a new or empty --out "
+                        "(the export's model.safetensors would make that folder read as a checkpoint).")
+    if format == "gguf" and out.is_file() and not is_gguf(out):
+        raise UserError(f"{out} exists and is not a GGUF file, which the export would overwrite; choose another --out.")
     try:
         if format == "gguf":
             return export_gguf(checkpoint, out)
@@ -312,3 +318,22 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
 
 
 BABYLLAMA_FILES = ("babyllama_tokenizer.json", "trainer_state.pt", "checkpoints", "metrics.jsonl", "final")
+
+
+def is_hf_export(folder: Path) -> bool:
+    """Whether folder holds what export_hf writes: model.safetensors and a LlamaForCausalLM config.json."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "model.safetensors").is_file() and isinstance(config, dict) and \
+        config.get("architectures") == ["LlamaForCausalLM"]
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether the file starts with GGUF's magic bytes (False when it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
