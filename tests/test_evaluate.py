@@ -120,6 +120,16 @@ def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_
     assert read_qa(qa) == alone and len(alone[0]) == 20 and alone[1:] == (0, [])  # the cache's JSON: 34 bad records
 
 
+def test_qa_or_mc_pointed_at_a_checkpoint_says_it_is_one(tmp_path, bpe_tokenizer):
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    for flag in ("--qa", "--mc"):
+        r = run_cli("eval", str(tmp_path / "ck"), flag, str(tmp_path / "ck"), "--out_dir", str(tmp_path / "out"))
+        assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, (
+            f"babyllama: error: {tmp_path / 'ck'} is a checkpoint, not a folder of data files; name the data files "
+            "or their folder."))
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
     f = tmp_path / "law_val.jsonl"
     f.write_text("\n".join([json.dumps({"question": "一", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "A"}),

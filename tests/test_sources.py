@@ -175,6 +175,22 @@ def test_eval_outputs_and_training_runs_inside_a_data_folder_are_not_read_as_dat
     assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]
 
 
+def test_a_checkpoint_tokenizer_or_token_folder_given_as_data_is_named_for_what_it_is(tmp_path, bpe_tokenizer):
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.data.pretokenize import pretokenize
+    from tests.conftest import sharp_model, tiny_config
+
+    jsonl(tmp_path / "a.jsonl", [{"text": "一篇文档"}])
+    bpe_tokenizer.save(tmp_path / "tok")
+    pretokenize([str(tmp_path / "a.jsonl")], str(tmp_path / "tok"), tmp_path / "tokens")
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    for name, kind in (("ck", "a checkpoint"), ("tok", "a tokenizer"), ("tokens", "a folder of token shards")):
+        with pytest.raises(UserError) as e:
+            expand_inputs([tmp_path / "a.jsonl", tmp_path / name])
+        assert str(e.value) == f"{tmp_path / name} is {kind}, not a folder of data files; name the data files " \
+                               "or their folder."
+
+
 def test_forced_format_and_bad_inputs(tmp_path):
     f = jsonl(tmp_path / "x.jsonl", [{"content": "正文", "text": "别的"}])
     assert list(CorpusReader([f]).documents()) == ["正文"]  # detected as WuDao

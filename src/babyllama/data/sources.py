@@ -512,11 +512,14 @@ def _to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
     """Files named directly, plus the data files below named directories (data_files), sorted.
 
-    Raises UserError for a path that does not exist or a directory without data files.
+    Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer or token
+    shards (saying so), or one without data files.
     """
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
+            if kind := output_kind(p):
+                raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             found = data_files(p)
             if not found:
                 raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
@@ -528,7 +531,8 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "tokenizer.json", "tokenizer.model")
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a checkpoint (or LoRA adapter)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 OUTPUTS = {  # babyllama's outputs that share a folder with data: the files that mark one -> its files that are not data
     ("stats.json", "part_*.jsonl"): ("stats.json", "bad_records.txt"),  # prepare (its part_*.jsonl are data)
     ("datatrove/settings.json",): ("datatrove",),  # the work folder of prepare --engine datatrove
@@ -538,16 +542,28 @@ OUTPUTS = {  # babyllama's outputs that share a folder with data: the files that
 }
 
 
+def output_kind(folder: Path) -> str | None:
+    """What babyllama output folder is when none of its files are data: "a checkpoint" (model.safetensors
+    or a LoRA adapter), "a tokenizer" (tokenizer.json, tokenizer.model), "a folder of token shards" (pretokenize's
+    output or an SFT/DPO token cache: a manifest.json beside .bin files); else None."""
+    if (folder / "manifest.json").is_file() and any(folder.glob("*.bin")):
+        return "a folder of token shards"
+    if any((folder / f).is_file() for f in WEIGHT_FILES):
+        return "a checkpoint"
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return "a tokenizer"
+    return None
+
+
 def data_files(folder: Path) -> list[Path]:
     """The files below folder that a reader reads (SUFFIXES, optionally .gz/.zst), sorted by path, less
     babyllama's own outputs, whose JSON and text files are not data: the non-data files of an output that
     shares its folder with data (OUTPUTS: prepare's stats.json and bad_records.txt beside the part_*.jsonl
     it wrote, eval's eval.json and items.jsonl, a run's config.json and metrics.jsonl; a file of that name
     alone is data) and whole folders of token shards and SFT/DPO token caches (a manifest.json beside .bin
-    files), of MODEL_FILES (checkpoints, tokenizers) and hidden files and folders (temporaries, locks).
+    files), of checkpoints and tokenizers (output_kind) and hidden files and folders (temporaries, locks).
     So a data folder can hold prepare's output and the token cache built from it."""
-    tokens = (folder / "manifest.json").is_file() and any(folder.glob("*.bin"))
-    if tokens or any((folder / f).is_file() for f in MODEL_FILES):
+    if output_kind(folder):
         return []
     own = {name for marks, names in OUTPUTS.items() if all(any(folder.glob(m)) for m in marks) for name in names}
     files: list[Path] = []
