@@ -239,8 +239,10 @@ def test_leakage_finds_planted_question_only(tmp_path):
     assert (found["leaked"], found["examples"]) == (1, [questions[0]])
 
 
-def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path):
+def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path, bpe_tokenizer, capsys):
     from babyllama.data.clean import prepare
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
 
     questions = [f"第{i}道评测题目的完整题干文字" for i in range(5)]
     raw = tmp_path / "pretrain.jsonl"
@@ -251,6 +253,14 @@ def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path
     (tmp_path / "data" / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in sft))
     found = leakage(questions, [tmp_path / "data"])
     assert (found["leaked"], found["examples"]) == (4, questions[:4])
+    qa = [{"instruction": q, "input": "", "output": "答案"} for q in questions]  # the demo's eval.jsonl shape
+    (tmp_path / "data" / "eval.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in qa))
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
+                      train_data=[str(tmp_path / "data")], sampling=Sampling(max_new_tokens=2))
+    assert result["leakage"] == {"checked": 5, "leaked": 4, "examples": questions[:4]}  # not the eval file itself
+    assert (f"note: the leakage check skips {tmp_path / 'data' / 'eval.jsonl'} of --train_data: it is the eval "
+            "data.") in capsys.readouterr().out.splitlines()
 
 
 @pytest.fixture(scope="module")

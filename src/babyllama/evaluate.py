@@ -346,6 +346,16 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
     return {"checked": len(checked), "leaked": len(found), "examples": sorted(found)[:10]}
 
 
+def train_files(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[Path]:
+    """The files of train_data less the eval files themselves (a --train_data folder that holds the
+    --qa file would find every question leaked), with a note naming those left out."""
+    evals = {f.resolve() for paths in eval_data for f in expand_inputs(list(paths))}
+    files = expand_inputs(list(train_data))
+    if skipped := [f for f in files if f.resolve() in evals]:
+        print(f"note: the leakage check skips {', '.join(map(str, skipped))} of --train_data: it is the eval data.")
+    return [f for f in files if f.resolve() not in evals]
+
+
 # --- everything ---
 
 
@@ -392,7 +402,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         items += [{"kind": "mc", **it} for it in scored]
     if train_data and (qa or mc):
         questions = [it["question"] for it in items]
-        result["leakage"] = leakage(questions, train_data)
+        result["leakage"] = leakage(questions, train_files(train_data, [qa] if qa else [], mc or []))
         if result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
