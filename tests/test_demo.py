@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert set(results["qa"]) == {"sentiment", "person", "place"}
     assert 0 < results["qa"]["sentiment"]["majority_baseline"] < 1
     assert results["leakage"]["leaked"] == 0 and results["leakage"]["checked"] > 50
+    sources = json.loads((out / "tokens" / "manifest.json").read_text())["sources"]
+    assert [Path(s).name for s in sources] == ["part_00000.jsonl"]  # not the raw copy, SFT or eval items
     lm = json.loads((out / "pretrain" / "eval" / "eval.json").read_text())["lm"]
     assert 0 < lm["bits_per_byte"] < 8
     assert set(json.loads((out / "timings.json").read_text())) == {

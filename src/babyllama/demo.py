@@ -89,16 +89,21 @@ class Demo:
         build_demo_corpus(d, **limits)
         prepare([str(d / "raw" / "pretrain.jsonl")], d, min_chars=10, dedup="minhash")
 
+    def parts(self) -> list[Path]:
+        """prepare's cleaned shards: the pretraining text (data/ also holds the raw copy and the SFT,
+        eval and DPO items, which the tokenizer and pretraining must not read)."""
+        return sorted((self.out / "data").glob("part_*.jsonl"))
+
     def tokenizer(self) -> None:
         from babyllama.data.sources import iter_texts
         from babyllama.tokenizer import train_bpe
 
-        train_bpe(iter_texts([self.out / "data"]), SMOKE["vocab"] if self.smoke else 8192).save(self.out / "tokenizer")
+        train_bpe(iter_texts(self.parts()), SMOKE["vocab"] if self.smoke else 8192).save(self.out / "tokenizer")
 
     def tokens(self) -> None:
         from babyllama.data.pretokenize import pretokenize
 
-        pretokenize([str(self.out / "data")], str(self.out / "tokenizer"), self.out / "tokens", workers=2,
+        pretokenize(list(map(str, self.parts())), str(self.out / "tokenizer"), self.out / "tokens", workers=2,
                     val_fraction=0.02 if self.smoke else 0.005)
 
     def train(self, stage: str) -> None:
@@ -130,7 +135,7 @@ class Demo:
 
         d = self.out / "data"
         evaluate(self.out / "pretrain" / "final", self.out / "pretrain" / "eval", data=str(self.out / "tokens"))
-        train_files = [str(d / "sft.jsonl"), *map(str, sorted(d.glob("part_*.jsonl")))]
+        train_files = [str(d / "sft.jsonl"), *map(str, self.parts())]
         evaluate(self.out / "sft" / "final", self.out / "sft" / "eval", qa=str(d / "eval.jsonl"),
                  train_data=train_files, sampling=Sampling(EVAL_NEW_TOKENS))
 
