@@ -579,6 +579,12 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
             pretrain(config(shards, tmp_path / "d", flag, value))
         assert str(e.value) == (f"{flag[2:]} is a setting of SFT and DPO only, which pretraining does not read "
                                 "(pretraining reads the token shards that pretokenize split and wrote); drop it.")
+    for flag, value in [("--lora_rank", "8"), ("--lora_alpha", "16"), ("--lora_dropout", "0.1"),
+                        ("--lora_targets", "wo")]:
+        with pytest.raises(UserError) as e:
+            pretrain(config(shards, tmp_path / "d", flag, value))
+        assert str(e.value) == (f"{flag[2:]} is a setting of SFT and DPO only, which pretraining does not read "
+                                "(LoRA adapts a trained model; pretraining trains every weight); drop it.")
     assert not (tmp_path / "d").exists()  # refused before anything was written
 
 

@@ -270,6 +270,26 @@ def test_sft_resume_refuses_a_tokenizer_changed_since_the_run_started(sft_setup,
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_alpha", "16"], "lora_alpha needs --lora_rank: without it SFT trains every weight, not LoRA adapters; "
+                             "set --lora_rank or drop it."),
+    (["--lora_targets", "wq"], "lora_targets needs --lora_rank: without it SFT trains every weight, not LoRA "
+                               "adapters; set --lora_rank or drop it."),
+    (["--lora_dropout", "1.5", "--lora_alpha", "16"], "lora_alpha and lora_dropout need --lora_rank: without it SFT "
+                                                      "trains every weight, not LoRA adapters; set --lora_rank or "
+                                                      "drop them."),
+])
+def test_sft_refuses_lora_settings_without_lora_rank(sft_setup, tmp_path, capsys, flags, message):
+    """LoRA's other settings without lora_rank were ignored: the run was a full fine-tune."""
+    from babyllama.cli import main
+
+    d = sft_setup
+    code = main(["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path / "run"),
+                 "--max_steps", "1", *flags])
+    assert (code, capsys.readouterr().err) == (2, f"babyllama: error: {message}\n")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     d = sft_setup
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]

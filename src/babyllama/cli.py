@@ -306,7 +306,7 @@ class CommandParser(argparse.ArgumentParser):
             return f"{name} {value!r}" + (f" ({OFF_AT_ZERO[name]})" if value == 0 and name in OFF_AT_ZERO else "")
 
         def read(name: str) -> bool:  # by this stage: the settings of other stages are left out
-            owners = STAGE_SETTINGS.get("lora_rank" if name.startswith("lora_") else name, ((self.settings,),))[0]
+            owners = STAGE_SETTINGS.get(name, ((self.settings,),))[0]
             return self.settings in owners
 
         listed = ", ".join(default(f.name, f.default) for f in fields(TrainConfig) if read(f.name))

@@ -42,10 +42,12 @@ EMPTY_MEANS = {  # settings whose empty default is worked out when the run start
     "init": "none: random weights (pretrain); sft and dpo need one",
     "sft_cache": "OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens",
 }
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # the rest are read only with lora_rank
 STAGE_SETTINGS = {  # settings that only some stages read; another stage refuses a value other than the default
     "doc_mask": (("pretrain",), "SFT keeps samples apart with pack"),
     "pack": (("sft",), "pretraining windows are always full; doc_mask keeps documents apart"),
-    "lora_rank": (("sft", "dpo"), "LoRA adapts a trained model; pretraining trains every weight"),
+    **{name: (("sft", "dpo"), "LoRA adapts a trained model; pretraining trains every weight")
+       for name in LORA_SETTINGS},
     "beta": (("dpo",), ""), "label_smoothing": (("dpo",), ""), "rpo_alpha": (("dpo",), ""),
     "precompute_ref_log_probs": (("dpo",), ""),
     **{name: (("sft", "dpo"), "pretraining reads the token shards that pretokenize split and wrote")
@@ -164,13 +166,23 @@ class TrainConfig:
                             f"rpo_alpha {self.rpo_alpha}.")
 
     def check_stage(self, stage: str) -> None:
-        """UserError for a setting that only other stages read (STAGE_SETTINGS) set to other than its
-        default: a run that silently ignored it would not be the run asked for."""
+        """UserError for a setting that only other stages read (STAGE_SETTINGS), or a LoRA setting without
+        lora_rank, set to other than its default: a run that silently ignored it would not be the run asked for."""
         for name, (owners, why) in STAGE_SETTINGS.items():
             if stage not in owners and getattr(self, name) != getattr(TrainConfig, name):
                 readers = " and ".join(STAGE_NAMES[o] for o in owners)
                 raise UserError(f"{name} is a setting of {readers} only, which {STAGE_NAMES[stage]} does not read"
                                 f"{f' ({why})' if why else ''}; drop it.")
+        unread = [n for n in LORA_SETTINGS[1:] if getattr(self, n) != getattr(TrainConfig, n)]
+        if unread and not self.lora_rank:
+            raise UserError(f"{spoken(unread)} need{'s' if len(unread) == 1 else ''} --lora_rank: without it "
+                            f"{STAGE_NAMES[stage]} trains every weight, not LoRA adapters; set --lora_rank or drop "
+                            f"{'it' if len(unread) == 1 else 'them'}.")
+
+
+def spoken(names: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 @dataclass
