@@ -570,22 +570,36 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
     with pytest.raises(UserError, match="^pretraining takes its model from --init .*; it cannot change dim "):
         pretrain(load_config(None, ["--data", str(shards), "--init", str(first), "--model.dim", "64",
                                     "--out_dir", str(tmp_path / "c")]))
-    with pytest.raises(UserError, match="^pack is a setting of SFT only, which pretraining does not read"):
+    with pytest.raises(UserError) as e:
         pretrain(config(shards, tmp_path / "d", "--pack", "true"))
+    assert str(e.value) == ("pretraining does not read pack, a setting of SFT only (pretraining windows are always "
+                            "full; doc_mask keeps documents apart); drop it.")
     for flag, value in [("--val_fraction", "0.1"), ("--sft_cache", "x"), ("--data_workers", "2"),
                         ("--min_prompt_chars", "10"), ("--max_prompt_chars", "256"), ("--min_answer_chars", "5"),
                         ("--max_answer_chars", "256")]:  # the SFT/DPO token cache's settings
         with pytest.raises(UserError) as e:
             pretrain(config(shards, tmp_path / "d", flag, value))
-        assert str(e.value) == (f"{flag[2:]} is a setting of SFT and DPO only, which pretraining does not read "
-                                "(pretraining reads the token shards that pretokenize split and wrote); drop it.")
+        assert str(e.value) == (f"pretraining does not read {flag[2:]}, a setting of SFT and DPO only (pretraining "
+                                "reads the token shards that pretokenize split and wrote); drop it.")
     for flag, value in [("--lora_rank", "8"), ("--lora_alpha", "16"), ("--lora_dropout", "0.1"),
                         ("--lora_targets", "wo")]:
         with pytest.raises(UserError) as e:
             pretrain(config(shards, tmp_path / "d", flag, value))
-        assert str(e.value) == (f"{flag[2:]} is a setting of SFT and DPO only, which pretraining does not read "
-                                "(LoRA adapts a trained model; pretraining trains every weight); drop it.")
+        assert str(e.value) == (f"pretraining does not read {flag[2:]}, a setting of SFT and DPO only (LoRA adapts a "
+                                "trained model; pretraining trains every weight); drop it.")
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_settings_of_other_stages_are_refused_all_in_one_sentence(shards, tmp_path):
+    """One message names every refused setting, grouped by the stages that read them, each group with the
+    reason that is true for pretraining (a refusal one at a time took as many runs as settings)."""
+    r = run_cli(["pretrain", *TINY, "--data", str(shards), "--out_dir", str(tmp_path / "run"), "--sft_cache", "x",
+                 "--val_fraction", "0.1", "--beta", "0.3"])
+    assert (r.returncode, r.stderr) == (2, "babyllama: error: pretraining does not read val_fraction and "
+                                           "sft_cache, settings of SFT and DPO only (pretraining reads the token "
+                                           "shards that pretokenize split and wrote), nor beta, a setting of DPO "
+                                           "only; drop them.\n")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -43,14 +43,15 @@ EMPTY_MEANS = {  # settings whose empty default is worked out when the run start
     "sft_cache": "OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens",
 }
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # the rest are read only with lora_rank
-STAGE_SETTINGS = {  # settings that only some stages read; another stage refuses a value other than the default
-    "doc_mask": (("pretrain",), "SFT keeps samples apart with pack"),
-    "pack": (("sft",), "pretraining windows are always full; doc_mask keeps documents apart"),
-    **{name: (("sft", "dpo"), "LoRA adapts a trained model; pretraining trains every weight")
+ONE_ROW_EACH = "DPO scores each answer in a row of its own"
+STAGE_SETTINGS = {  # settings that only some stages read: (their readers, {a stage that refuses them: why})
+    "doc_mask": (("pretrain",), {"sft": "SFT keeps samples apart with pack", "dpo": ONE_ROW_EACH}),
+    "pack": (("sft",), {"pretrain": "pretraining windows are always full; doc_mask keeps documents apart",
+                        "dpo": ONE_ROW_EACH}),
+    **{name: (("sft", "dpo"), {"pretrain": "LoRA adapts a trained model; pretraining trains every weight"})
        for name in LORA_SETTINGS},
-    "beta": (("dpo",), ""), "label_smoothing": (("dpo",), ""), "rpo_alpha": (("dpo",), ""),
-    "precompute_ref_log_probs": (("dpo",), ""),
-    **{name: (("sft", "dpo"), "pretraining reads the token shards that pretokenize split and wrote")
+    **{name: (("dpo",), {}) for name in ("beta", "label_smoothing", "rpo_alpha", "precompute_ref_log_probs")},
+    **{name: (("sft", "dpo"), {"pretrain": "pretraining reads the token shards that pretokenize split and wrote"})
        for name in ("val_fraction", "sft_cache", "data_workers", "min_prompt_chars", "max_prompt_chars",
                     "min_answer_chars", "max_answer_chars")},  # the token cache's
 }
@@ -166,13 +167,20 @@ class TrainConfig:
                             f"rpo_alpha {self.rpo_alpha}.")
 
     def check_stage(self, stage: str) -> None:
-        """UserError for a setting that only other stages read (STAGE_SETTINGS), or a LoRA setting without
-        lora_rank, set to other than its default: a run that silently ignored it would not be the run asked for."""
-        for name, (owners, why) in STAGE_SETTINGS.items():
-            if stage not in owners and getattr(self, name) != getattr(TrainConfig, name):
-                readers = " and ".join(STAGE_NAMES[o] for o in owners)
-                raise UserError(f"{name} is a setting of {readers} only, which {STAGE_NAMES[stage]} does not read"
-                                f"{f' ({why})' if why else ''}; drop it.")
+        """UserError for the settings that only other stages read (STAGE_SETTINGS), all of them in one sentence,
+        or a LoRA setting without lora_rank, set to other than the default: a run that silently ignored them
+        would not be the run asked for."""
+        refused: dict[tuple, list[str]] = {}  # (readers, why) -> the settings given
+        for f in dataclasses.fields(self):
+            readers, why = STAGE_SETTINGS.get(f.name, ((stage,), {}))
+            if stage not in readers and getattr(self, f.name) != f.default:
+                refused.setdefault((readers, why.get(stage, "")), []).append(f.name)
+        if refused:
+            groups = [f"{spoken(names)}, {'a setting' if len(names) == 1 else 'settings'} of "
+                      f"{spoken([STAGE_NAMES[r] for r in readers])} only{f' ({why})' if why else ''}"
+                      for (readers, why), names in refused.items()]
+            raise UserError(f"{STAGE_NAMES[stage]} does not read {', nor '.join(groups)}; drop "
+                            f"{'it' if sum(map(len, refused.values())) == 1 else 'them'}.")
         unread = [n for n in LORA_SETTINGS[1:] if getattr(self, n) != getattr(TrainConfig, n)]
         if unread and not self.lora_rank:
             raise UserError(f"{spoken(unread)} need{'s' if len(unread) == 1 else ''} --lora_rank: without it "
