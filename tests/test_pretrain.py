@@ -81,6 +81,22 @@ def test_resume_gives_bitwise_identical_losses(shards, tmp_path, optimizer):
     assert len(losses(tmp_path / "straight")) == 8
 
 
+def test_resume_in_a_moved_folder_reads_its_shards(shards, tmp_path):
+    """runs/ (token shards and the run) moved elsewhere: the shards' manifest names its files relative to it,
+    so --resume there continues as the straight run did."""
+    import shutil
+
+    args = ("--max_steps", "4", "--batch_size", "4", "--save_every", "2")
+    pretrain(config(shards, tmp_path / "straight", *args))
+    runs = tmp_path / "runs"
+    shutil.copytree(shards, runs / "tokens")
+    simulate_death(tmp_path / "straight", runs / "died", step=2)
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(runs, moved)
+    pretrain(config(moved / "tokens", moved / "died", *args), resume=True)
+    assert losses(moved / "died") == losses(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
 def test_metrics_log_every_log_every_steps_and_the_last(shards, tmp_path, monkeypatch, on_device):
     device_steps = sync_free_steps(monkeypatch) if on_device else []

@@ -290,6 +290,44 @@ def test_sft_refuses_lora_settings_without_lora_rank(sft_setup, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_sft_resumes_in_a_moved_folder_on_its_token_cache(sft_setup, tmp_path, capsys):
+    """runs/ (init, data, run with its token cache) moved elsewhere: --resume reuses the cache, whose manifest
+    names the inputs by absolute paths that are gone, by their paths relative to it; a changed input still
+    stops the run as before, with nothing written."""
+    import shutil
+
+    from babyllama.cli import main
+
+    d, runs = sft_setup, tmp_path / "runs"
+    shutil.copytree(d / "init", runs / "init")
+    shutil.copy2(d / "sft.jsonl", runs / "sft.jsonl")
+
+    def args(where, steps):
+        return ["sft", "--init", str(where / "init"), "--data", str(where / "sft.jsonl"), "--out_dir",
+                str(where / "run"), "--max_steps", str(steps), "--save_every", "2", "--batch_size", "8",
+                "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+
+    assert main(args(runs, 2)) == 0
+    cache = {f.name: f.read_bytes() for f in (runs / "run" / "sft_tokens").iterdir() if f.is_file()}
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(runs, moved)  # mv: the same files, mtimes kept
+    capsys.readouterr()
+    assert main([*args(moved, 4), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"sft cache: using {moved / 'run' / 'sft_tokens'}" in out and "building" not in out
+    assert {f.name: f.read_bytes() for f in (moved / "run" / "sft_tokens").iterdir() if f.is_file()} == cache
+    assert (moved / "run" / "checkpoints" / "step_000004").is_dir()
+    data = moved / "sft.jsonl"
+    text = data.read_bytes()
+    data.write_bytes(text.replace("很好".encode(), "很棒".encode(), 1))  # one character, the same size
+    before = {p: p.stat().st_mtime_ns for p in (moved / "run").rglob("*")}
+    assert main([*args(moved, 6), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: the SFT token cache {moved / 'run' / 'sft_tokens'} was "
+                                       f"built with other inputs ({data} differs); delete it to rebuild, or choose "
+                                       "another --sft_cache.\n")
+    assert {p: p.stat().st_mtime_ns for p in (moved / "run").rglob("*")} == before  # nothing written
+
+
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     d = sft_setup
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]

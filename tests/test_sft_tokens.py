@@ -81,6 +81,34 @@ def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings
         build_sft_cache([f], demo_sft / "tok", tmp_path / "file" / "c", settings)
 
 
+def test_cache_copied_with_its_inputs_is_used_elsewhere_and_rebuilt_when_one_changed(demo_sft, tmp_path, capsys):
+    """A folder copied with `cp -a` (mtimes kept) elsewhere: its cache matches the inputs beside it (their absolute
+    paths differ, their paths relative to the cache do not); an input changed since is rebuilt, as before."""
+    import shutil
+
+    here, settings = tmp_path / "a", SFTSettings(max_len=65)
+    (here / "data").mkdir(parents=True)
+    shutil.copy2(demo_sft / "multi.jsonl", here / "data" / "multi.jsonl")
+    build_sft_cache([here / "data"], demo_sft / "tok", here / "cache", settings)
+    built = read_sft_cache(here / "cache")
+    there = tmp_path / "b" / "a"
+    shutil.copytree(here, there)  # copy2: as cp -a
+    assert build_sft_cache([there / "data"], demo_sft / "tok", there / "cache", settings) == built  # not rebuilt
+    capsys.readouterr()
+    train, _, _ = load_sft_data([there / "data"], demo_sft / "tok", there / "cache", settings, False, Dist())
+    assert "sft cache: using" in capsys.readouterr().out
+    assert read_back(train) == read_back(load_sft_data([here / "data"], demo_sft / "tok", here / "cache", settings,
+                                                       False, Dist())[0])
+    f = there / "data" / "multi.jsonl"
+    f.write_bytes(f.read_bytes().replace("症状".encode(), "病症".encode(), 1))  # one character, the same size
+    with pytest.raises(UserError) as e:
+        load_sft_data([there / "data"], demo_sft / "tok", there / "cache", settings, False, Dist())
+    assert str(e.value) == (f"the SFT token cache {there / 'cache'} was built with other inputs ({f} differs); "
+                            "delete it to rebuild, or choose another --sft_cache.")
+    rebuilt = build_sft_cache([there / "data"], demo_sft / "tok", there / "cache", settings)
+    assert rebuilt["inputs"][0]["mtime_ns"] == f.stat().st_mtime_ns != built["inputs"][0]["mtime_ns"]
+
+
 def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--tokenizer", str(demo_sft / "tok"),
                 "--out_dir", str(tmp_path / "c"), "--max_seq_len", "64", "--workers", "1")

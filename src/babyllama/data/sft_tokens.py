@@ -14,8 +14,9 @@ number of workers), per split:
     train.lengths.bin   int32, ids per sample
     val.*               the same for the validation split
     bad_records.txt     every record skipped as bad, one a line: `file:line: why`
-    manifest.json       written last: tokenizer fingerprint, inputs (path, size, mtime), the settings
-                        that change the samples, and the counts. A cache is used only when they match.
+    manifest.json       written last: tokenizer fingerprint, inputs (path, its path relative to the
+                        cache, size, mtime), the settings that change the samples, and the counts. A
+                        cache is used only when they match; a folder moved with its cache still does.
 
 Memory stays flat whatever the corpus: records stream in, at most 2 * workers batches are in flight.
 The DPO token cache (kind "dpo", data/preferences.py) is the same files with two samples per
@@ -88,12 +89,22 @@ class SFTStats:
     bad_examples: list[str] = field(default_factory=list)  # "file:line: reason" of the first few
 
 
-def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings, kind: str = "sft") -> dict:
-    """What a cache must match to be used: format, kind (sft or dpo), tokenizer, each input's path, size and
-    mtime, settings."""
-    inputs = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
+def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings, kind: str, cache_dir: str | Path) -> dict:
+    """What the cache in cache_dir must match to be used: format, kind (sft or dpo), tokenizer, settings, and
+    each input's size, mtime and path, absolute and relative to cache_dir (same_input)."""
+    here = Path(cache_dir).resolve()
+    inputs = [{"path": str(p.resolve()), "relative_path": os.path.relpath(p.resolve(), here),
+               "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
     return {"format": FORMAT, "version": VERSION, "kind": kind, "tokenizer": fingerprint, "inputs": inputs,
             "settings": asdict(settings)}
+
+
+def same_input(had: dict, now: dict) -> bool:
+    """Whether an input of a cache's manifest (`had`) is the input `now` (cache_key's): the same size and mtime,
+    at the same absolute path or at the same path relative to the cache, so that a folder moved or copied with
+    its cache (mv, cp -a, rsync -a keep mtimes) still matches, and a changed file never does."""
+    return (had.get("bytes"), had.get("mtime_ns")) == (now["bytes"], now["mtime_ns"]) and (
+        had.get("path") == now["path"] or had.get("relative_path") == now["relative_path"])
 
 
 # --- the worker side ---
@@ -176,7 +187,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     paths = expand_inputs(list(inputs))
     with locked(Path(out)):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
-        key = cache_key(paths, tok.fingerprint, settings, kind)
+        key = cache_key(paths, tok.fingerprint, settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
         return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start, kind)
@@ -233,8 +244,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}).")
     for (split, part) in files:
         (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
-    manifest = {**cache_key(paths, tok.fingerprint, settings, kind), "dtype": tok.dtype.name, "stats": asdict(stats),
-                "seconds": round(time.time() - start, 2)}
+    manifest = {**cache_key(paths, tok.fingerprint, settings, kind, out), "dtype": tok.dtype.name,
+                "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
     write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
     return manifest
 
@@ -297,10 +308,11 @@ def cache_differences(manifest: dict, key: dict) -> list[str]:
     out = []
     if manifest.get("tokenizer") != key["tokenizer"]:
         out.append("another tokenizer")
-    if manifest.get("inputs") != key["inputs"]:
-        had = {i["path"]: i for i in manifest.get("inputs", [])}
-        changed = [i["path"] for i in key["inputs"] if had.get(i["path"]) != i] or list(had)
-        out.append(f"other inputs ({changed[0]} differs)" if changed else "other inputs")
+    had = manifest.get("inputs", [])
+    changed = [now["path"] for k, now in enumerate(key["inputs"]) if k >= len(had) or not same_input(had[k], now)]
+    if changed or len(had) != len(key["inputs"]):  # else the inputs are the same, in the same order
+        gone = [i.get("path") for i in had[len(key["inputs"]):]]
+        out.append(f"other inputs ({(changed or gone)[0]} differs)")
     settings = manifest.get("settings", {})
     out += [f"{k} {settings.get(k)} (now {v})" for k, v in key["settings"].items() if settings.get(k) != v]
     return out

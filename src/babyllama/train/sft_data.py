@@ -142,7 +142,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     Raises UserError when the cache holds the tokens of other inputs, another tokenizer or settings.
     """
     tokenizer = load_tokenizer(tokenizer_path)
-    key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind)
+    key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind, cache_dir)
     manifest = read_sft_cache(cache_dir)
     if manifest is None:
         if dist.main:
