@@ -163,6 +163,30 @@ def test_a_run_moved_with_its_base_loads_and_a_changed_base_is_still_refused(lor
         load_model(final)
 
 
+def test_sft_from_a_lora_checkpoint_refuses_a_changed_or_missing_base_before_building_data(lora_run, tmp_path,
+                                                                                           capsys):
+    """`sft --init LORA` whose base changed built the whole token cache (minutes at 1M records), then refused."""
+    from babyllama.cli import main
+
+    shutil.copytree(lora_run / "init", tmp_path / "init")
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run / "run" / "final", lora)
+    config = json.loads((lora / "config.json").read_text())
+    config["base"] = {**config["base"], "path": str(tmp_path / "init"), "stat": None}
+    (lora / "config.json").write_text(json.dumps(config))
+    save_checkpoint(tmp_path / "init", plain_model(seed=3, max_seq_len=64))  # other weights: not the base
+    args = ["sft", "--init", str(lora), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(tmp_path / "run"),
+            "--max_steps", "1", "--data_workers", "1"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: the base model {tmp_path / 'init'} is not the one the LoRA "
+                                       f"checkpoint {lora} was trained on (its weights changed); restore that base.\n")
+    shutil.rmtree(tmp_path / "init")
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith(f"babyllama: error: the LoRA checkpoint {lora} needs its base model "
+                                              f"{tmp_path / 'init'}, which is not there")
+    assert not (tmp_path / "run").exists()  # no token cache built, nothing written
+
+
 def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     final = lora_run / "run" / "final"

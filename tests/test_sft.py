@@ -335,6 +335,9 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "a"), "--model.dim", "32", "--model.n_layers", "1"]))
     with pytest.raises(UserError, match="cannot change dim, .*max_seq_len, .*vocab_size"):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), "--preset", "baby-92m"]))
+    with pytest.raises(UserError, match="^batch_size 1000000000 x grad_accum 1 rows of 64 tokens need "):
+        sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--batch_size", "1000000000"]))
+    assert not (tmp_path / "e").exists()  # refused before the token cache was built
     with pytest.raises(UserError) as e:
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--doc_mask", "true"]))
     assert str(e.value) == ("SFT does not read doc_mask, a setting of pretraining only (SFT keeps samples apart with "

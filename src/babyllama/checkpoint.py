@@ -345,6 +345,15 @@ def lora_base(path: str | Path) -> Path:
                     "(its weights changed); restore that base.")
 
 
+def check_lora_bases(path: str | Path) -> None:
+    """For a LoRA checkpoint, what loading it reads first: its base, there and unchanged (lora_base), its config
+    borne out by its weights (model_config), and so on down a chain of LoRA checkpoints; nothing for a full one.
+    A run checks its --init so before it builds its data. Raises UserError."""
+    while is_adapter(path):
+        path = lora_base(path)
+        model_config(path)
+
+
 def weights_sha256(path: str | Path) -> str:
     """SHA-256 of a checkpoint's weights file (its adapter's, for LoRA): what a LoRA checkpoint's base must
     match. A process hashes a file once while its stat (device, inode, size, mtime, ctime) stays the same."""

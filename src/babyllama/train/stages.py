@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from babyllama.checkpoint import (
+    check_lora_bases,
     check_tokenizer_fits,
     latest_checkpoint,
     model_config,
@@ -30,7 +31,7 @@ from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer, lora_of
+from babyllama.train.trainer import Dataset, Trainer, check_memory, lora_of
 
 
 def default_out_dir(stage: str, init: str) -> str:
@@ -51,6 +52,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     replaced or edited since the run started); out_dir may not hold the --init model it would overwrite."""
     out = Path(cfg.train.out_dir)
     lora_of(cfg.train)  # LoRA settings out of range stop here
+    check_memory(cfg, dist.device)  # and a model or batch beyond the machine
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
@@ -135,6 +137,7 @@ def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
     differ are refused. A preset counts as all of its settings: `preset = "demo"` is fine for a model
     trained as the demo."""
     init = model_config(cfg.train.init)
+    check_lora_bases(cfg.train.init)  # a LoRA init's base: missing or changed, it stops the run now, not after the data
     given = cfg.model_settings
     keys = init.to_dict() if "preset" in given else given
     refused = sorted(k for k in keys if k not in INIT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))

@@ -157,7 +157,6 @@ def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) 
 
     With lora_rank: init's weights, frozen, under LoRA adapters: new ones, or the checkpoint's to resume.
     """
-    check_memory(cfg, device)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
