@@ -113,18 +113,26 @@ def test_help_shows_every_default():
     text = " ".join(commands["sft"].format_help().split())
     assert "warmup_steps 1000" in text and "ddp_timeout 1800" in text and "device 'auto'" in text
     for name in ("pretrain", "sft", "dpo"):  # a default worked out at the start is said in words, not as ''
-        text = " ".join(commands[name].format_help().split())
-        assert "''" not in text and ("out_dir (runs/STAGE, or beside the --init run: runs/x/final -> runs/x-STAGE), "
-                                     "tokenizer (the one saved with the data (pretrain) or with --init (sft, dpo)), "
-                                     "init (none: random weights (pretrain); sft and dpo need one), max_steps 0 "
-                                     "(the length comes from tokens or "
-                                     "epochs)") in text
-    sft_data = ["val_fraction 0.02", "sft_cache (OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens), data_workers 0 "
-                "(one per CPU core), min_prompt_chars 0 (no limit), max_prompt_chars 0 (no limit), min_answer_chars "
-                "0 (no limit), max_answer_chars 0 (no limit)"]  # the token cache's: SFT and DPO, not pretraining
-    stage_only = {"pretrain": ["doc_mask False"], "sft": ["pack False", "lora_rank 0", "lora_alpha 32.0", *sft_data],
+        assert "''" not in " ".join(commands[name].format_help().split())
+    said = {  # each stage's own default or need, not a text for all three
+        "pretrain": "out_dir (runs/pretrain, or beside the --init run: runs/x/final -> runs/x-pretrain), tokenizer "
+                    "(the one saved with the data), init (none: random weights), max_steps 0 (the length comes from "
+                    "tokens or epochs)",
+        "sft": "out_dir (beside the --init run: runs/x/final -> runs/x-sft), tokenizer (the one saved with --init), "
+               "init (none: pass --init, the model to fine-tune), max_steps 0",
+        "dpo": "out_dir (beside the --init run: runs/x/final -> runs/x-dpo), tokenizer (the one saved with --init), "
+               "init (none: pass --init, the model to tune and the reference), max_steps 0",
+    }
+    for name, text in said.items():
+        assert text in " ".join(commands[name].format_help().split()), name
+    sft_data = ["val_fraction 0.02", "data_workers 0 (one per CPU core), min_prompt_chars 0 (no limit), "
+                "max_prompt_chars 0 (no limit), min_answer_chars 0 (no limit), max_answer_chars 0 (no limit)"]
+    sft_data = {"sft": [*sft_data, "sft_cache (OUT_DIR/sft_tokens), data_workers"],  # the token cache's: SFT and DPO
+                "dpo": [*sft_data, "sft_cache (OUT_DIR/dpo_tokens), data_workers"]}
+    stage_only = {"pretrain": ["doc_mask False"], "sft": ["pack False", "lora_rank 0", "lora_alpha 32.0",
+                                                           *sft_data["sft"]],
                   "dpo": ["lora_rank 0", "lora_alpha 32.0", "beta 0.1", "label_smoothing 0.0",
-                          "precompute_ref_log_probs False", "rpo_alpha 0.0", *sft_data]}
+                          "precompute_ref_log_probs False", "rpo_alpha 0.0", *sft_data["dpo"]]}
     for name, own in stage_only.items():  # each stage lists its own settings, not the other stages'
         text = " ".join(commands[name].format_help().split())
         others = {s for settings in stage_only.values() for s in settings} - set(own)

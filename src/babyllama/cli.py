@@ -302,7 +302,7 @@ class CommandParser(argparse.ArgumentParser):
 
         def default(name: str, value) -> str:  # an empty or 0 default in words: what it stands for
             if name in EMPTY_MEANS:
-                return f"{name} ({EMPTY_MEANS[name]})"
+                return f"{name} ({EMPTY_MEANS[name][self.settings]})"
             return f"{name} {value!r}" + (f" ({OFF_AT_ZERO[name]})" if value == 0 and name in OFF_AT_ZERO else "")
 
         def read(name: str) -> bool:  # by this stage: the settings of other stages are left out

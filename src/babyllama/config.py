@@ -36,11 +36,16 @@ OFF_AT_ZERO = {  # settings where 0 means: ...
     "data_workers": "one per CPU core", "min_prompt_chars": "no limit", "max_prompt_chars": "no limit",
     "min_answer_chars": "no limit", "max_answer_chars": "no limit",
 }
-EMPTY_MEANS = {  # settings whose empty default is worked out when the run starts: what it stands for
-    "data": "none: pass --data", "out_dir": "runs/STAGE, or beside the --init run: runs/x/final -> runs/x-STAGE",
-    "tokenizer": "the one saved with the data (pretrain) or with --init (sft, dpo)",
-    "init": "none: random weights (pretrain); sft and dpo need one",
-    "sft_cache": "OUT_DIR/sft_tokens, for dpo OUT_DIR/dpo_tokens",
+EMPTY_MEANS = {  # settings whose empty default is worked out when the run starts: what it stands for, by stage
+    "data": dict.fromkeys(("pretrain", "sft", "dpo"), "none: pass --data"),
+    "out_dir": {"pretrain": "runs/pretrain, or beside the --init run: runs/x/final -> runs/x-pretrain",
+                "sft": "beside the --init run: runs/x/final -> runs/x-sft",
+                "dpo": "beside the --init run: runs/x/final -> runs/x-dpo"},
+    "tokenizer": {"pretrain": "the one saved with the data", "sft": "the one saved with --init",
+                  "dpo": "the one saved with --init"},
+    "init": {"pretrain": "none: random weights", "sft": "none: pass --init, the model to fine-tune",
+             "dpo": "none: pass --init, the model to tune and the reference"},
+    "sft_cache": {"sft": "OUT_DIR/sft_tokens", "dpo": "OUT_DIR/dpo_tokens"},
 }
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # the rest are read only with lora_rank
 ONE_ROW_EACH = "DPO scores each answer in a row of its own"
