@@ -28,6 +28,26 @@ def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
     assert lines[0] == first and lines[1] == "(conversation reset)" and len(lines) == 3
 
 
+def test_a_checkpoint_without_its_tokenizer_says_what_to_do_for_each_command(bpe_tokenizer, tmp_path, capsys):
+    """chat (serve, eval, export) has no tokenizer option: the message asks to put the tokenizer back into the
+    checkpoint; sft, whose --init lacks one, names its --tokenizer setting."""
+    from babyllama.cli import main
+
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    (ck / "tokenizer.json").unlink()
+    assert main(["chat", str(ck), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"chat: running on cpu\nbabyllama: error: {ck} has neither tokenizer.json nor "
+                                       "tokenizer.model; copy into it the tokenizer that the model was trained "
+                                       "with.\n")
+    (tmp_path / "sft.jsonl").write_text('{"instruction": "你好", "output": "你好！"}\n')
+    assert main(["sft", "--init", str(ck), "--data", str(tmp_path / "sft.jsonl"), "--out_dir",
+                 str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: {ck} has neither tokenizer.json nor tokenizer.model; pass "
+                                       "--tokenizer, the one that --init was trained with.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "sft.jsonl"]  # nothing written
+
+
 def test_repl_survives_bytes_that_are_not_utf8_and_refuses_bad_sampling(bpe_tokenizer, tmp_path):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
     base = [sys.executable, "-m", "babyllama", "chat", str(tmp_path / "ck"), "--max_new_tokens", "4"]

@@ -606,6 +606,17 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
     assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
+def test_shards_without_their_tokenizer_name_the_tokenizer_setting(shards, tmp_path):
+    import shutil
+
+    shutil.copytree(shards, tmp_path / "tokens", ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(UserError) as e:
+        pretrain(config(tmp_path / "tokens", tmp_path / "run", "--max_steps", "1"))
+    assert str(e.value) == (f"tokenizer {tmp_path / 'tokens' / 'tokenizer'} does not exist; pass --tokenizer, the one "
+                            "that made the shards.")
+    assert not (tmp_path / "run").exists()
+
+
 def test_settings_of_other_stages_are_refused_all_in_one_sentence(shards, tmp_path):
     """One message names every refused setting, grouped by the stages that read them, each group with the
     reason that is true for pretraining (a refusal one at a time took as many runs as settings)."""

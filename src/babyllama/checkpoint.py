@@ -403,7 +403,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Model, tokenizer and config.json of a checkpoint; the tokenizer must be the one it was trained with.
     Everything is checked before the weights are read."""
     config = read_config(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, remedy="copy into it the tokenizer that the model was trained with")
     cfg = model_config(path)
     check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), str(path), str(path))
     return load_model(path, device, cfg), tokenizer, config

@@ -93,7 +93,7 @@ def data_section(root: Path, plots: Path) -> list[str]:
         if tok_dir.is_dir():
             from babyllama.tokenizer import load_tokenizer
 
-            info = load_tokenizer(tok_dir).info()
+            info = load_tokenizer(tok_dir, remedy="put back the tokenizer that pretokenize saved there").info()
             lines += ["Tokenizer: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
     return lines
 

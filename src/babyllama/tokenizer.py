@@ -319,17 +319,22 @@ def byte_level_char(value: int) -> str:
     return chr(value) if value in shown else chr(256 + [b for b in range(256) if b not in shown].index(value))
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a directory (ours, a checkpoint, or HF), a tokenizer.json or a .model file."""
+def load_tokenizer(path: str | Path, remedy: str = "") -> Tokenizer:
+    """A tokenizer from a directory (ours, a checkpoint, or HF), a tokenizer.json or a .model file.
+
+    Raises UserError when there is none at path, ending with `remedy`: what to do, in the terms of the
+    caller's options (default: pass another path, as a command whose argument is the tokenizer says)."""
     p = Path(path)
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             return _load_hf(p / "tokenizer.json")
         if (p / "tokenizer.model").is_file():
             return SPTokenizer(p / "tokenizer.model")
-        raise UserError(f"{p} has neither tokenizer.json nor tokenizer.model; pass a tokenizer directory or file.")
+        raise UserError(f"{p} has neither tokenizer.json nor tokenizer.model; "
+                        f"{remedy or 'pass a tokenizer directory or file'}.")
     if not p.is_file():
-        raise UserError(f"tokenizer {p} does not exist; train one with `babyllama tokenizer train` or pass a path.")
+        raise UserError(f"tokenizer {p} does not exist; "
+                        f"{remedy or 'train one with `babyllama tokenizer train` or pass a path'}.")
     if p.suffix == ".json":
         return _load_hf(p)
     if p.suffix == ".model":

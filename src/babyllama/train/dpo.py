@@ -39,7 +39,14 @@ from babyllama.progress import progress
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import all_reduce_sum, barrier, process_group
 from babyllama.train.sft_data import SFTData
-from babyllama.train.stages import checked_run, default_out_dir, init_model, run_training, token_cache
+from babyllama.train.stages import (
+    TOKENIZER_OF_INIT,
+    checked_run,
+    default_out_dir,
+    init_model,
+    run_training,
+    token_cache,
+)
 from babyllama.train.trainer import Trainer
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -256,7 +263,7 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
         train, val, stats = token_cache(cfg, tok_path, dist, "dpo")  # t.pack is refused above
         if dist.main:

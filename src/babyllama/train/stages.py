@@ -33,6 +33,8 @@ from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer, check_memory, lora_of
 
+TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
+
 
 def default_out_dir(stage: str, init: str) -> str:
     """Where a stage writes without --out_dir: runs/STAGE from scratch; from --init, a directory beside
@@ -119,7 +121,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         train_data = TokenWindows(t.data, T, "train")
         val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
         differ = tokenizer.differences(train_data.manifest["tokenizer"])
         if differ:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
@@ -171,7 +173,7 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     t.out_dir = t.out_dir or default_out_dir("sft", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
         tok_path = t.tokenizer or t.init
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
         train_data, val_data, stats = token_cache(cfg, tok_path, dist, "sft")
         if dist.main:
