@@ -258,9 +258,36 @@ def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
                       train_data=[str(tmp_path / "data")], sampling=Sampling(max_new_tokens=2))
-    assert result["leakage"] == {"checked": 5, "leaked": 4, "examples": questions[:4]}  # not the eval file itself
-    assert (f"note: the leakage check skips {tmp_path / 'data' / 'eval.jsonl'} of --train_data: it is the eval "
-            "data.") in capsys.readouterr().out.splitlines()
+    # a model trained on the folder saw eval.jsonl too: every question leaked, 1 of them only there
+    assert result["leakage"] == {"checked": 5, "leaked": 5, "leaked_in_eval_files": 1, "searched_documents": 29,
+                                 "examples": questions}
+    assert (f"note: {tmp_path / 'data' / 'eval.jsonl'} is in --train_data, so its own questions count as leaked; "
+            "if the model did not train on it, pass the training files alone as --train_data."
+            ) in capsys.readouterr().out.splitlines()
+    alone = [str(tmp_path / "data" / "sft.jsonl"), *map(str, sorted((tmp_path / "data").glob("part_*.jsonl")))]
+    result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
+                      train_data=alone, sampling=Sampling(max_new_tokens=2))
+    assert result["leakage"] == {"checked": 5, "leaked": 4, "leaked_in_eval_files": 0, "searched_documents": 24,
+                                 "examples": questions[:4]}
+
+
+def test_leakage_train_data_without_questions_or_documents_says_so(tmp_path, bpe_tokenizer, capsys):
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError) as e:
+        evaluate(tmp_path / "ck", tmp_path / "out", train_data=[str(tmp_path / "empty.jsonl")])
+    assert str(e.value) == "--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too."
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "一道足够长的评测题目", "answer": "是"},
+                                                  ensure_ascii=False))
+    result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "qa.jsonl"),
+                      train_data=[str(tmp_path / "empty.jsonl")], sampling=Sampling(max_new_tokens=2))
+    assert result["leakage"] == {"checked": 1, "leaked": 0, "leaked_in_eval_files": 0, "searched_documents": 0,
+                                 "examples": []}
+    assert (f"note: --train_data {tmp_path / 'empty.jsonl'} holds no documents, so the leakage check searched "
+            "nothing.") in capsys.readouterr().out.splitlines()
 
 
 @pytest.fixture(scope="module")

@@ -333,27 +333,40 @@ def score_mc(items: list[dict], scorer, tokenizer: Tokenizer) -> tuple[dict, lis
 # --- leakage ---
 
 
-def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_chars: int = 8) -> dict:
-    """Eval questions (of at least min_chars characters) that occur verbatim in the training files."""
+def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_chars: int = 8,
+            eval_files: Sequence[str | Path] = ()) -> dict:
+    """Eval questions (of at least min_chars characters) that occur verbatim in the training files.
+
+    Every training file is searched, the eval files too when they are among them (a model trained on
+    a folder that holds eval.jsonl has seen every eval question). leaked_in_eval_files counts the
+    questions found only in those eval files; searched_documents the training documents read (0: the
+    check checked nothing). Raises UserError when a training path names no data files.
+    """
     from babyllama.data.clean import SubstringIndex
     from babyllama.data.sources import CorpusReader
 
     checked = {q for q in questions if len(q) >= min_chars}
     index = SubstringIndex(checked, min_chars)
+    evals = {Path(f).resolve() for f in eval_files}
     found: set[str] = set()
-    for doc in progress(CorpusReader(list(train_paths)).documents(), desc="leakage check", unit=" docs"):
-        found.update(index.matches(doc))
-    return {"checked": len(checked), "leaked": len(found), "examples": sorted(found)[:10]}
+    in_eval: set[str] = set()
+    documents = 0
+    for source, doc in progress(CorpusReader(list(train_paths)).documents_with_source(), desc="leakage check",
+                                unit=" docs"):
+        documents += 1
+        (in_eval if Path(source).resolve() in evals else found).update(index.matches(doc))
+    return {"checked": len(checked), "leaked": len(found | in_eval), "leaked_in_eval_files": len(in_eval - found),
+            "searched_documents": documents, "examples": sorted(found | in_eval)[:10]}
 
 
-def train_files(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[Path]:
-    """The files of train_data less the eval files themselves (a --train_data folder that holds the
-    --qa file would find every question leaked), with a note naming those left out."""
+def eval_files_in(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[Path]:
+    """The eval files (of eval_data) that are also among the files of train_data, with a note naming each."""
     evals = {f.resolve() for paths in eval_data for f in expand_inputs(list(paths))}
-    files = expand_inputs(list(train_data))
-    if skipped := [f for f in files if f.resolve() in evals]:
-        print(f"note: the leakage check skips {', '.join(map(str, skipped))} of --train_data: it is the eval data.")
-    return [f for f in files if f.resolve() not in evals]
+    both = [f for f in expand_inputs(list(train_data)) if f.resolve() in evals]
+    for f in both:
+        print(f"note: {f} is in --train_data, so its own questions count as leaked; if the model did not train "
+              "on it, pass the training files alone as --train_data.")
+    return both
 
 
 # --- everything ---
@@ -366,6 +379,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     sampling: how QA answers and continuations are generated (default: sampling.Sampling)."""
     from babyllama.checkpoint import load_checkpoint
 
+    if train_data and not (qa or mc):
+        raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
@@ -402,8 +417,12 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         items += [{"kind": "mc", **it} for it in scored]
     if train_data and (qa or mc):
         questions = [it["question"] for it in items]
-        result["leakage"] = leakage(questions, train_files(train_data, [qa] if qa else [], mc or []))
-        if result["leakage"]["leaked"]:
+        result["leakage"] = leakage(questions, train_data,
+                                    eval_files=eval_files_in(train_data, [qa] if qa else [], mc or []))
+        if not result["leakage"]["searched_documents"]:
+            print(f"note: --train_data {' '.join(train_data)} holds no documents, so the leakage check "
+                  "searched nothing.")
+        elif result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
     (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -150,7 +150,13 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
                   table([{"model": m, **p[m]} for m in ("sft", "dpo")], cols), ""]
     if "leakage" in e:
         lk = e["leakage"]
-        lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions occur verbatim in the training data.", ""]
+        if lk.get("searched_documents") == 0:
+            lines += ["Leakage: not checked; the training data held no documents.", ""]
+        else:
+            in_eval = lk.get("leaked_in_eval_files", 0)
+            lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions occur verbatim in the training data"
+                      + (f" ({in_eval} only in the eval files, which were in the training data)." if in_eval
+                         else "."), ""]
     lines += ["Continuations:", ""] + [f"- **{c['prompt']}** {c['continuation']}" for c in e.get("continuations", [])]
     items = path.parent / "items.jsonl"
     if items.is_file():
