@@ -191,6 +191,22 @@ def test_a_checkpoint_tokenizer_or_token_folder_given_as_data_is_named_for_what_
                                "or their folder."
 
 
+def test_a_file_named_twice_is_read_once_in_its_first_place(tmp_path, caplog):
+    d = tmp_path / "in"
+    d.mkdir()
+    jsonl(d / "corpus.jsonl", [{"text": f"第{i}篇"} for i in range(5)])
+    jsonl(d / "b.jsonl", [{"text": "另一篇"}])
+    jsonl(tmp_path / "f.jsonl", [{"text": "单独一篇"}])
+    twice = tmp_path / "x" / ".." / "f.jsonl"
+    (tmp_path / "x").mkdir()
+    files = expand_inputs([tmp_path / "f.jsonl", d, d / "corpus.jsonl", twice])
+    assert files == [tmp_path / "f.jsonl", d / "b.jsonl", d / "corpus.jsonl"]
+    assert len(list(CorpusReader([d, d / "corpus.jsonl"]).documents())) == 6
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"inputs name these files more than once; each is read once: {d / 'corpus.jsonl'}, {twice}",
+        f"inputs name these files more than once; each is read once: {d / 'corpus.jsonl'}"]
+
+
 def test_forced_format_and_bad_inputs(tmp_path):
     f = jsonl(tmp_path / "x.jsonl", [{"content": "正文", "text": "别的"}])
     assert list(CorpusReader([f]).documents()) == ["正文"]  # detected as WuDao

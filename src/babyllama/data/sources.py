@@ -510,7 +510,9 @@ def _to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
-    """Files named directly, plus the data files below named directories (data_files), sorted.
+    """Files named directly, plus the data files below named directories (data_files), sorted; a file
+    named twice (a folder and a file in it, ./x/../f.jsonl and f.jsonl) is kept once, at its first place
+    (same real path), with a warning naming the repeats.
 
     Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer or token
     shards (saying so), or one without data files.
@@ -528,7 +530,12 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
             files.append(p)
         else:
             raise UserError(f"input {p} does not exist.")
-    return files
+    first: dict[Path, Path] = {}
+    for f in files:
+        first.setdefault(f.resolve(), f)
+    if repeats := sorted({str(f) for f in files if first[f.resolve()] is not f}):
+        log.warning("inputs name these files more than once; each is read once: %s", ", ".join(repeats))
+    return list(first.values())
 
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a checkpoint (or LoRA adapter)
