@@ -167,6 +167,10 @@ def test_eval_outputs_and_training_runs_inside_a_data_folder_are_not_read_as_dat
     jsonl(run / "metrics.jsonl", [{"step": 10, "loss": 5.0}])
     evaluate(run / "final", run / "eval", qa=str(d / "qa.jsonl"), sampling=Sampling(max_new_tokens=2))
     (run / "eval" / "preferences.json").write_text('{"pairs": 2}\n')  # the demo's DPO eval writes it there
+    for folder, kind in ((run, "a training run"), (run / "eval", "the output of babyllama eval")):
+        with pytest.raises(UserError) as e:  # eval --qa runs/demo/sft/eval, prepare --input runs/demo/sft
+            expand_inputs([folder])
+        assert str(e.value) == f"{folder} is {kind}, not a folder of data files; name the data files or their folder."
     jsonl(run / "notes.jsonl", [{"text": "用户放在运行目录里的数据"}])
     assert sorted(f.name for f in (run / "eval").iterdir()) == ["eval.json", "items.jsonl", "preferences.json"]
     assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]

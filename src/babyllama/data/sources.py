@@ -514,8 +514,9 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     named twice (a folder and a file in it, ./x/../f.jsonl and f.jsonl) is kept once, at its first place
     (same real path), with a warning naming the repeats.
 
-    Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer or token
-    shards (saying so), or one without data files.
+    Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer, token
+    shards or another babyllama output without data files (a training run, an eval output; saying so),
+    or one without data files.
     """
     files: list[Path] = []
     for p in map(Path, paths):
@@ -523,6 +524,8 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
             if kind := output_kind(p):
                 raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             found = data_files(p)
+            if not found and (kind := own_output(p)):
+                raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             if not found:
                 raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
             files += found
@@ -540,13 +543,25 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a checkpoint (or LoRA adapter)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-OUTPUTS = {  # babyllama's outputs that share a folder with data: the files that mark one -> its files that are not data
-    ("stats.json", "part_*.jsonl"): ("stats.json", "bad_records.txt"),  # prepare (its part_*.jsonl are data)
-    ("datatrove/settings.json",): ("datatrove",),  # the work folder of prepare --engine datatrove
-    ("eval.json", "items.jsonl"): ("eval.json", "items.jsonl", "preferences.json"),  # eval (and the demo's DPO eval)
-    ("config.json", "metrics.jsonl"): ("config.json", "metrics.jsonl"),  # a training run; checkpoints skip themselves
-    ("demo.json", "timings.json"): ("demo.json", "timings.json"),  # babyllama demo's out_dir
+# babyllama's outputs that share a folder with data: the files that mark one -> (what it is, its non-data files)
+OUTPUTS = {
+    ("stats.json", "part_*.jsonl"): ("the output of babyllama prepare", ("stats.json", "bad_records.txt")),  # its
+    # part_*.jsonl are data
+    ("datatrove/settings.json",): ("the work folder of prepare --engine datatrove", ("datatrove",)),
+    ("eval.json", "items.jsonl"): ("the output of babyllama eval", ("eval.json", "items.jsonl", "preferences.json")),
+    ("config.json", "metrics.jsonl"): ("a training run", ("config.json", "metrics.jsonl")),  # checkpoints: output_kind
+    ("demo.json", "timings.json"): ("the out_dir of babyllama demo", ("demo.json", "timings.json")),
 }
+
+
+def _outputs_in(folder: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(what it is, its non-data files) of each OUTPUTS whose marks are all in folder."""
+    return [v for marks, v in OUTPUTS.items() if all(any(folder.glob(m)) for m in marks)]
+
+
+def own_output(folder: Path) -> str | None:
+    """What babyllama output (OUTPUTS) folder holds, the first found ("a training run"), else None."""
+    return next((what for what, _ in _outputs_in(folder)), None)
 
 
 def output_kind(folder: Path) -> str | None:
@@ -572,7 +587,7 @@ def data_files(folder: Path) -> list[Path]:
     So a data folder can hold prepare's output and the token cache built from it."""
     if output_kind(folder):
         return []
-    own = {name for marks, names in OUTPUTS.items() if all(any(folder.glob(m)) for m in marks) for name in names}
+    own = {name for _, names in _outputs_in(folder) for name in names}
     files: list[Path] = []
     for f in sorted(folder.iterdir()):  # depth first in sorted order: the order of sorting all paths
         if f.name.startswith(".") or f.name in own:
