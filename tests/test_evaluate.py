@@ -377,3 +377,21 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     (tmp_path / "empty").mkdir()
     r = run_cli("report", str(tmp_path / "empty"))
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()
+
+
+def test_eval_of_another_checkpoint_does_not_overwrite_a_result(tmp_path, bpe_tokenizer):
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
+
+    ckpts = tmp_path / "sft" / "checkpoints"
+    for step in ("step_7", "step_8"):
+        save_checkpoint(ckpts / step, sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    first = evaluate(ckpts / "step_7", ckpts / "eval", sampling=Sampling(max_new_tokens=2))  # eval's default out_dir
+    assert first["checkpoint_path"] == str((ckpts / "step_7").resolve())
+    evaluate(ckpts / "step_7", ckpts / "eval", sampling=Sampling(max_new_tokens=2))  # the same checkpoint again
+    r = run_cli("eval", str(ckpts / "step_8"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        f"{ckpts / 'eval'} holds the eval of another checkpoint ({(ckpts / 'step_7').resolve()}); pass another "
+        f"--out_dir (or delete {ckpts / 'eval' / 'eval.json'}) to keep both results.")
+    assert json.loads((ckpts / "eval" / "eval.json").read_text())["checkpoint"] == str(ckpts / "step_7")

@@ -372,6 +372,21 @@ def eval_files_in(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[
 # --- everything ---
 
 
+def refuse_other_checkpoints_eval(out: Path, checkpoint: str | Path) -> None:
+    """Raise UserError when out/eval.json holds the result of another checkpoint (by real path; an
+    eval.json without checkpoint_path: its checkpoint as written), which this eval would overwrite."""
+    if not (out / "eval.json").is_file():
+        return
+    try:
+        before = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+        scored = Path(before.get("checkpoint_path") or before["checkpoint"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # not an eval.json of ours: nothing of ours to lose
+    if scored.resolve() != Path(checkpoint).resolve():
+        raise UserError(f"{out} holds the eval of another checkpoint ({scored}); pass another --out_dir "
+                        f"(or delete {out / 'eval.json'}) to keep both results.")
+
+
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
              sampling: Sampling | None = None, limit: int = 0, device: str = DEVICE) -> dict:
@@ -381,15 +396,16 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
 
     if train_data and not (qa or mc):
         raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
+    out = Path(out)
+    refuse_other_checkpoints_eval(out, checkpoint)
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
         if bad:
             print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"checkpoint": str(checkpoint)}
+    result: dict = {"checkpoint": str(checkpoint), "checkpoint_path": str(Path(checkpoint).resolve())}
     items: list[dict] = []
     if data:
         result["lm"] = lm_metrics(model, data, tokenizer)
