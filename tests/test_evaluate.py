@@ -389,6 +389,13 @@ def test_eval_of_another_checkpoint_does_not_overwrite_a_result(tmp_path, bpe_to
     first = evaluate(ckpts / "step_7", ckpts / "eval", sampling=Sampling(max_new_tokens=2))  # eval's default out_dir
     assert first["checkpoint_path"] == str((ckpts / "step_7").resolve())
     evaluate(ckpts / "step_7", ckpts / "eval", sampling=Sampling(max_new_tokens=2))  # the same checkpoint again
+    moved = tmp_path / "moved"
+    (tmp_path / "sft").rename(moved)  # a run folder moved with its eval: still the same checkpoint
+    again = evaluate(moved / "checkpoints" / "step_7", moved / "checkpoints" / "eval",
+                     sampling=Sampling(max_new_tokens=2))
+    assert again["checkpoint_relative"] == "../step_7"
+    moved.rename(tmp_path / "sft")  # and back: its record names the moved path, its relative path matches
+    evaluate(ckpts / "step_7", ckpts / "eval", sampling=Sampling(max_new_tokens=2))
     r = run_cli("eval", str(ckpts / "step_8"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].endswith(

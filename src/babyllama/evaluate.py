@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -372,17 +373,28 @@ def eval_files_in(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[
 # --- everything ---
 
 
+def checkpoint_record(checkpoint: str | Path, out: Path) -> dict:
+    """eval.json's record of the checkpoint it scored: as written, its real path, and its path relative
+    to out (so that a run folder moved with its eval still matches)."""
+    real = Path(checkpoint).resolve()
+    return {"checkpoint": str(checkpoint), "checkpoint_path": str(real),
+            "checkpoint_relative": os.path.relpath(real, out.resolve())}
+
+
 def refuse_other_checkpoints_eval(out: Path, checkpoint: str | Path) -> None:
-    """Raise UserError when out/eval.json holds the result of another checkpoint (by real path; an
-    eval.json without checkpoint_path: its checkpoint as written), which this eval would overwrite."""
+    """Raise UserError when out/eval.json holds the result of another checkpoint (by real path or by path
+    relative to out; an eval.json without checkpoint_path: its checkpoint as written), which this eval
+    would overwrite."""
     if not (out / "eval.json").is_file():
         return
     try:
         before = json.loads((out / "eval.json").read_text(encoding="utf-8"))
         scored = Path(before.get("checkpoint_path") or before["checkpoint"])
+        relative = before.get("checkpoint_relative")
     except (ValueError, KeyError, TypeError, AttributeError):
         return  # not an eval.json of ours: nothing of ours to lose
-    if scored.resolve() != Path(checkpoint).resolve():
+    now = checkpoint_record(checkpoint, out)
+    if str(scored.resolve()) != now["checkpoint_path"] and relative != now["checkpoint_relative"]:
         raise UserError(f"{out} holds the eval of another checkpoint ({scored}); pass another --out_dir "
                         f"(or delete {out / 'eval.json'}) to keep both results.")
 
@@ -405,7 +417,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
             print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"checkpoint": str(checkpoint), "checkpoint_path": str(Path(checkpoint).resolve())}
+    result: dict = checkpoint_record(checkpoint, out)
     items: list[dict] = []
     if data:
         result["lm"] = lm_metrics(model, data, tokenizer)
