@@ -366,3 +366,31 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, sha
         (ckpt / "trainer_state.pt").write_bytes(b"")
     with pytest.raises(UserError, match="every checkpoint in .* is damaged"):
         pretrain(load_config(None, [*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run")]), resume=True)
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def modes(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
+
+
+def test_checkpoint_and_export_files_get_the_umasks_mode(bpe_tokenizer, tmp_path, umask):
+    from babyllama.export import export
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer,
+                    train_state={"step": 1})
+    export(tmp_path / "ck", tmp_path / "hf")
+    export(tmp_path / "ck", tmp_path / "hf")  # over an earlier export: its files are replaced, modes too
+    export(tmp_path / "ck", tmp_path / "model.gguf", format="gguf")
+    mode = 0o666 & ~umask  # 0o644 or 0o600
+    ck, hf = modes(tmp_path / "ck"), modes(tmp_path / "hf")
+    assert {"model.safetensors", "trainer_state.pt", "config.json"} <= set(ck) and "model.safetensors" in hf
+    assert set(ck.values()) == set(hf.values()) == {mode}
+    assert (tmp_path / "model.gguf").stat().st_mode & 0o777 == mode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from babyllama.chat_format import Conversation, render_prompt
 from babyllama.checkpoint import load_model, save_checkpoint
 from babyllama.config import load_config
 from babyllama.errors import UserError
-from babyllama.lora import TARGETS, add_lora, lora_config, merge_lora
+from babyllama.lora import ADAPTER_FILE, TARGETS, adapter_tensors, add_lora, lora_config, merge_lora, save_adapter
 from babyllama.model import Transformer
 from babyllama.train.stages import pretrain, sft
 from tests.conftest import tiny_config
@@ -207,6 +208,22 @@ def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
                                                   "v_proj"]
     r = run_cli("export", str(lora_run / "init"), "--format", "hf", "--adapter", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "is not a LoRA checkpoint" in r.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_adapter_files_get_the_umasks_mode(lora_run, tmp_path, umask):
+    pytest.importorskip("transformers")
+    from babyllama.export import export
+
+    old = os.umask(umask)
+    try:
+        (tmp_path / "ck").mkdir()  # what save_checkpoint writes a LoRA run's step checkpoints with
+        save_adapter(tmp_path / "ck", lora_config(4, 8.0, 0.0, "wqkv"), adapter_tensors(lora_model()), "base")
+        export(lora_run / "run" / "final", tmp_path / "hf", adapter=True)
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "ck" / ADAPTER_FILE, tmp_path / "hf" / "adapter" / ADAPTER_FILE):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # 0o644 or 0o600
 
 
 def test_lora_settings_out_of_range_are_refused(lora_run, tmp_path):

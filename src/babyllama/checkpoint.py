@@ -31,6 +31,7 @@ from babyllama.errors import UserError
 from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
+from babyllama.weights_file import save_safetensors
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -147,8 +148,6 @@ def save_checkpoint(
     peft's files in place of model.safetensors, and extra_config["base"] = {"path", "sha256"} names the base
     (config.json adds where it is from path and its file's stat: base_record).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -157,8 +156,7 @@ def save_checkpoint(
     if adapter is not None:
         save_adapter(tmp, adapter, tensors, extra_config["base"]["path"])
     else:
-        save_file(model_tensors(model) if tensors is None else tensors, str(tmp / MODEL_FILE),
-                  metadata={"format": "pt"})
+        save_safetensors(model_tensors(model) if tensors is None else tensors, tmp / MODEL_FILE)
     config = {"format": "babyllama", "version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra_config or {})}
     if adapter is not None:
         config["base"] = base_record(extra_config["base"], path)

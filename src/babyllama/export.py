@@ -26,6 +26,7 @@ from babyllama.checkpoint import load_checkpoint, lora_base, read_config
 from babyllama.errors import UserError, require
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
 from babyllama.model import ModelConfig
+from babyllama.weights_file import save_safetensors
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -148,14 +149,12 @@ def _sentencepiece_as_fast(tokenizer, out: Path) -> bool:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; --format hf writes a directory, so choose another --out.")
     model, tokenizer, _ = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(hf_state_dict(model), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, tokenizer), indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                   "pad_token_id": tokenizer.pad_id, "do_sample": False, "max_length": model.cfg.max_seq_len,
@@ -191,7 +190,7 @@ def hf_adapter_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 
 def export_hf_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     peft = require("peft", "lora")
     if not is_adapter(checkpoint):
@@ -205,7 +204,7 @@ def export_hf_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     hf = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=str(out.resolve()))
     hf.save_pretrained(str(out / "adapter"))
-    save_file(tensors, str(out / "adapter" / ADAPTER_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "adapter" / ADAPTER_FILE)
     return out
 
 

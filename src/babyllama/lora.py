@@ -21,6 +21,7 @@ import torch
 
 from babyllama.errors import UserError, require
 from babyllama.model import Transformer
+from babyllama.weights_file import save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -61,12 +62,10 @@ def adapter_tensors(model: Transformer, state_dict: dict[str, torch.Tensor] | No
 
 def save_adapter(out: Path, config, tensors: dict[str, torch.Tensor], base: str) -> None:
     """adapter_config.json (naming base) and adapter_model.safetensors in out/."""
-    from safetensors.torch import save_file
-
     config = copy.copy(config)
     config.base_model_name_or_path = base
     config.save_pretrained(str(out))
-    save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, out / ADAPTER_FILE)
 
 
 def is_adapter(path: str | Path) -> bool:
