@@ -321,11 +321,16 @@ def test_sft_resumes_in_a_moved_folder_on_its_token_cache(sft_setup, tmp_path, c
     text = data.read_bytes()
     data.write_bytes(text.replace("很好".encode(), "很棒".encode(), 1))  # one character, the same size
     before = {p: p.stat().st_mtime_ns for p in (moved / "run").rglob("*")}
+    changed = (f"babyllama: error: the inputs changed since the run started: other inputs ({data} differs); "
+               "resuming needs the same inputs, so restore them, or start a new run without --resume in a new "
+               "--out_dir.\n")
     assert main([*args(moved, 6), "--resume"]) == 2
-    assert capsys.readouterr().err == (f"babyllama: error: the SFT token cache {moved / 'run' / 'sft_tokens'} was "
-                                       f"built with other inputs ({data} differs); delete it to rebuild, or choose "
-                                       "another --sft_cache.\n")
+    assert capsys.readouterr().err == changed
     assert {p: p.stat().st_mtime_ns for p in (moved / "run").rglob("*")} == before  # nothing written
+    shutil.rmtree(moved / "run" / "sft_tokens")  # a rebuilt cache would resume the run on other samples
+    assert main([*args(moved, 6), "--resume"]) == 2
+    assert capsys.readouterr().err == changed
+    assert not (moved / "run" / "sft_tokens").exists() and not (moved / "run" / "checkpoints" / "step_000006").exists()
 
 
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):

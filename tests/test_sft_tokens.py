@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 
 import pytest
@@ -108,6 +109,28 @@ def test_cache_copied_with_its_inputs_is_used_elsewhere_and_rebuilt_when_one_cha
     rebuilt = build_sft_cache([there / "data"], demo_sft / "tok", there / "cache", settings)
     assert rebuilt["inputs"][0]["mtime_ns"] == f.stat().st_mtime_ns != built["inputs"][0]["mtime_ns"]
 
+
+def test_a_file_added_to_or_removed_from_a_data_folder_is_named_new_or_gone(demo_sft, tmp_path):
+    import shutil
+
+    settings, data = SFTSettings(max_len=65), tmp_path / "data"
+    data.mkdir()
+    shutil.copy2(demo_sft / "multi.jsonl", data / "a.jsonl")
+    build_sft_cache([data], demo_sft / "tok", tmp_path / "cache", settings)
+    shutil.copy2(demo_sft / "multi.jsonl", data / "b.jsonl")
+    with pytest.raises(UserError) as e:
+        load_sft_data([data], demo_sft / "tok", tmp_path / "cache", settings, False, Dist())
+    assert str(e.value) == (f"the SFT token cache {tmp_path / 'cache'} was built with other inputs "
+                            f"({data / 'b.jsonl'} is new); delete it to rebuild, or choose another --sft_cache.")
+    (data / "a.jsonl").unlink()
+    with pytest.raises(UserError, match=re.escape(f"other inputs ({data / 'b.jsonl'} is new)")):
+        load_sft_data([data], demo_sft / "tok", tmp_path / "cache", settings, False, Dist())
+    (data / "b.jsonl").rename(data / "a.jsonl")  # the same size and mtime under the old name
+    shutil.copy2(demo_sft / "multi.jsonl", data / "c.jsonl")
+    build_sft_cache([data], demo_sft / "tok", tmp_path / "cache2", settings)
+    (data / "c.jsonl").unlink()
+    with pytest.raises(UserError, match=re.escape(f"other inputs ({data / 'c.jsonl'} is gone)")):
+        load_sft_data([data], demo_sft / "tok", tmp_path / "cache2", settings, False, Dist())
 
 def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--tokenizer", str(demo_sft / "tok"),

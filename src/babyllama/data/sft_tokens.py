@@ -308,14 +308,28 @@ def cache_differences(manifest: dict, key: dict) -> list[str]:
     out = []
     if manifest.get("tokenizer") != key["tokenizer"]:
         out.append("another tokenizer")
-    had = manifest.get("inputs", [])
-    changed = [now["path"] for k, now in enumerate(key["inputs"]) if k >= len(had) or not same_input(had[k], now)]
-    if changed or len(had) != len(key["inputs"]):  # else the inputs are the same, in the same order
-        gone = [i.get("path") for i in had[len(key["inputs"]):]]
-        out.append(f"other inputs ({(changed or gone)[0]} differs)")
+    what = input_difference(manifest.get("inputs", []), key["inputs"])
+    if what:
+        out.append(f"other inputs ({what})")
     settings = manifest.get("settings", {})
     out += [f"{k} {settings.get(k)} (now {v})" for k, v in key["settings"].items() if settings.get(k) != v]
     return out
+
+
+def input_difference(had: list[dict], now: list[dict]) -> str | None:
+    """The first way the inputs now differ from those a cache had, in words ("X is new", "X is gone",
+    "X differs", or another order); None when they are the same files in the same order (same_input)."""
+    def match(i: dict) -> dict | None:
+        return next((h for h in had if h.get("path") == i["path"] or h.get("relative_path") == i["relative_path"]),
+                    None)
+
+    matched = [match(i) for i in now]
+    changed = [i["path"] for i, h in zip(now, matched, strict=True) if h is not None and not same_input(h, i)]
+    new = [i["path"] for i, h in zip(now, matched, strict=True) if h is None]
+    gone = [h.get("path") for h in had if not any(h is m for m in matched)]
+    if changed or new or gone:
+        return f"{changed[0]} differs" if changed else f"{new[0]} is new" if new else f"{gone[0]} is gone"
+    return None if matched == had else "the same files in another order"
 
 
 def open_split(out: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

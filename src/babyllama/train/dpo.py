@@ -265,10 +265,11 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
-        train, val, stats = token_cache(cfg, tok_path, dist, "dpo")  # t.pack is refused above
+        train, val, stats, data = token_cache(cfg, tok_path, dist, "dpo", resume_from)  # t.pack is refused above
         if dist.main:
             print(f"dpo data: {stats.records} records, {stats.bad} bad, {stats.equal_pairs} with equal answers, "
                   f"{stats.empty_answers} with an empty chosen answer, {stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples // 2} train / {stats.val_samples // 2} val pairs")
         val_data = PreferenceData(val) if val is not None else None
-        return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, resume_from, "dpo", DPOTrainer)
+        return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, resume_from, "dpo", DPOTrainer,
+                            data)

@@ -134,15 +134,21 @@ def pack_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
 
 
 def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,
-                  settings: SFTSettings, pack: bool, dist: Dist, workers: int = 1, kind: str = "sft"
-                  ) -> tuple[SFTData, SFTData | None, SFTStats]:
+                  settings: SFTSettings, pack: bool, dist: Dist, workers: int = 1, kind: str = "sft",
+                  started_with: dict | None = None) -> tuple[SFTData, SFTData | None, SFTStats]:
     """Train and validation SFTData from the token cache, built first (by rank 0) when there is none.
 
     kind "dpo": the cache of preference pairs, samples 2i and 2i + 1 the chosen and rejected of pair i.
-    Raises UserError when the cache holds the tokens of other inputs, another tokenizer or settings.
+    started_with: for a resumed run, the manifest (less its stats) of the cache it started with.
+    Raises UserError when the cache holds the tokens of other inputs, another tokenizer or settings, or when
+    those are not the ones the run started with (checked before any cache is built).
     """
     tokenizer = load_tokenizer(tokenizer_path)
     key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind, cache_dir)
+    changed = cache_differences(started_with, key) if started_with is not None else []
+    if changed:  # a rebuilt cache would resume the run on other samples
+        raise UserError(f"the inputs changed since the run started: {', '.join(changed)}; resuming needs the same "
+                        "inputs, so restore them, or start a new run without --resume in a new --out_dir.")
     manifest = read_sft_cache(cache_dir)
     if manifest is None:
         if dist.main:

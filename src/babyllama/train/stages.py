@@ -24,7 +24,7 @@ from babyllama.checkpoint import (
     resumable_checkpoint,
 )
 from babyllama.config import INIT_MODEL_SETTINGS, RunConfig
-from babyllama.data.sft_tokens import SFTSettings
+from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig
@@ -88,10 +88,13 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
 
 
 def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer,
-                 dist: Dist, resume_from: Path | None, stage: str, trainer_cls: type[Trainer] = Trainer) -> Path:
-    """Write config.json, build the Trainer (or the stage's own, DPO's) and train."""
+                 dist: Dist, resume_from: Path | None, stage: str, trainer_cls: type[Trainer] = Trainer,
+                 data: dict | None = None) -> Path:
+    """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
+    record of the token cache (token_cache)."""
     out = Path(cfg.train.out_dir)
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
+    trainer.data = data
     t, steps = cfg.train, trainer.total_steps
     if dist.main and t.warmup_steps >= steps:  # lr_at: the run's last step has lr * steps / warmup_steps
         end = (f"ends at {steps}/{t.warmup_steps} of lr {t.lr:g}" if t.warmup_steps > steps
@@ -149,16 +152,21 @@ def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
     return replace(init, **{k: v for k, v in given.items() if k in INIT_MODEL_SETTINGS})
 
 
-def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: str):
-    """(train, val, stats) of cfg.train.data through the token cache of SFT (kind "sft") or DPO ("dpo"):
-    sft_cache, else OUT_DIR/{kind}_tokens, built first when there is none (train.sft_data.load_sft_data)."""
+def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: str, resume_from: Path | None):
+    """(train, val, stats, data) of cfg.train.data through the token cache of SFT (kind "sft") or DPO ("dpo"):
+    sft_cache, else OUT_DIR/{kind}_tokens, built first when there is none (train.sft_data.load_sft_data).
+    data: the cache's manifest less its stats, which the run's checkpoints record, so that a resume refuses
+    other inputs or settings even when the cache was deleted and rebuilt from them."""
     t = cfg.train
     paths = [t.data] if isinstance(t.data, str) else t.data
     settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
                            t.min_answer_chars, t.max_answer_chars)
     cache = t.sft_cache or Path(t.out_dir) / f"{kind}_tokens"
-    return load_sft_data(paths, tokenizer_path, cache, settings, t.pack, dist, t.data_workers or os.cpu_count() or 1,
-                         kind=kind)
+    started_with = read_config(resume_from).get("data") if resume_from is not None else None  # None: older run
+    train, val, stats = load_sft_data(paths, tokenizer_path, cache, settings, t.pack, dist,
+                                      t.data_workers or os.cpu_count() or 1, kind, started_with)
+    data = {k: v for k, v in read_sft_cache(cache).items() if k != "stats"}  # what the checkpoints record
+    return train, val, stats, data
 
 
 def sft(cfg: RunConfig, resume: bool = False) -> Path:
@@ -175,9 +183,9 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
         tok_path = t.tokenizer or t.init
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
-        train_data, val_data, stats = token_cache(cfg, tok_path, dist, "sft")
+        train_data, val_data, stats, data = token_cache(cfg, tok_path, dist, "sft", resume_from)
         if dist.main:
             print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                   f"{stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
-        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "sft")
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "sft", data=data)

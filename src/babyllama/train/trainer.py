@@ -318,6 +318,7 @@ class Trainer:
         self.stop_signal = 0  # the signal that asked the run to stop, 0: none
         self.gave_up_at = 0  # the step that ended max_bad_steps skipped steps in a row, 0: none
         self.resumed = resume_from is not None
+        self.data: dict | None = None  # SFT, DPO: the token cache's inputs and settings, which checkpoints record
         if resume_from is not None:
             state = load_train_state(resume_from)
             if state is None:
@@ -519,6 +520,8 @@ class Trainer:
             tensors_of = model_tensors if self.lora is None else adapter_tensors  # LoRA: the adapter only
             if self.lora is not None:
                 extra["base"] = self.base
+            if self.data is not None:
+                extra["data"] = self.data
             tensors = tensors_of(self.model, weights)  # once, on the CPU, for both directories
             save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors, self.lora)
             prune_checkpoints(self.out, self.t.keep_last)
