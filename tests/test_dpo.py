@@ -222,5 +222,11 @@ def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):
             dpo(load_config(None, [*base, flag, "true"]))
         assert str(e.value) == (f"DPO does not read {flag[2:]}, a setting of {reader} only (DPO scores each answer "
                                 "in a row of its own); drop it.")
+    with pytest.raises(UserError) as e:
+        dpo(load_config(None, [*base, "--pack", "true", "--doc_mask", "true", "--lora_dropout", "0.1"]))
+    assert str(e.value) == ("DPO does not read doc_mask, a setting of pretraining only (DPO scores each answer in a "
+                            "row of its own), nor pack, a setting of SFT only (DPO scores each answer in a row of its "
+                            "own); drop them; also, lora_dropout needs --lora_rank: without it DPO trains every "
+                            "weight, not LoRA adapters; set --lora_rank or drop it.")
     r = run_cli("dpo", "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "DPO needs the model to tune: pass --init" in r.stderr

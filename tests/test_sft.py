@@ -278,6 +278,10 @@ def test_sft_resume_refuses_a_tokenizer_changed_since_the_run_started(sft_setup,
     (["--lora_dropout", "1.5", "--lora_alpha", "16"], "lora_alpha and lora_dropout need --lora_rank: without it SFT "
                                                       "trains every weight, not LoRA adapters; set --lora_rank or "
                                                       "drop them."),
+    (["--doc_mask", "true", "--lora_dropout", "0.1"],  # both kinds at once, not the second on the next try
+     "SFT does not read doc_mask, a setting of pretraining only (SFT keeps samples apart with pack); drop it; also, "
+     "lora_dropout needs --lora_rank: without it SFT trains every weight, not LoRA adapters; set --lora_rank or drop "
+     "it."),
 ])
 def test_sft_refuses_lora_settings_without_lora_rank(sft_setup, tmp_path, capsys, flags, message):
     """LoRA's other settings without lora_rank were ignored: the run was a full fine-tune."""

@@ -172,25 +172,29 @@ class TrainConfig:
                             f"rpo_alpha {self.rpo_alpha}.")
 
     def check_stage(self, stage: str) -> None:
-        """UserError for the settings that only other stages read (STAGE_SETTINGS), all of them in one sentence,
-        or a LoRA setting without lora_rank, set to other than the default: a run that silently ignored them
+        """UserError for the settings that only other stages read (STAGE_SETTINGS) and for LoRA settings without
+        lora_rank, set to other than the default, all of them in one sentence: a run that silently ignored them
         would not be the run asked for."""
         refused: dict[tuple, list[str]] = {}  # (readers, why) -> the settings given
         for f in dataclasses.fields(self):
             readers, why = STAGE_SETTINGS.get(f.name, ((stage,), {}))
             if stage not in readers and getattr(self, f.name) != f.default:
                 refused.setdefault((readers, why.get(stage, "")), []).append(f.name)
+        faults = []
         if refused:
             groups = [f"{spoken(names)}, {'a setting' if len(names) == 1 else 'settings'} of "
                       f"{spoken([STAGE_NAMES[r] for r in readers])} only{f' ({why})' if why else ''}"
                       for (readers, why), names in refused.items()]
-            raise UserError(f"{STAGE_NAMES[stage]} does not read {', nor '.join(groups)}; drop "
-                            f"{'it' if sum(map(len, refused.values())) == 1 else 'them'}.")
-        unread = [n for n in LORA_SETTINGS[1:] if getattr(self, n) != getattr(TrainConfig, n)]
+            faults.append(f"{STAGE_NAMES[stage]} does not read {', nor '.join(groups)}; drop "
+                          f"{'it' if sum(map(len, refused.values())) == 1 else 'them'}")
+        given = {n for names in refused.values() for n in names}  # refused above already
+        unread = [n for n in LORA_SETTINGS[1:] if getattr(self, n) != getattr(TrainConfig, n) and n not in given]
         if unread and not self.lora_rank:
-            raise UserError(f"{spoken(unread)} need{'s' if len(unread) == 1 else ''} --lora_rank: without it "
-                            f"{STAGE_NAMES[stage]} trains every weight, not LoRA adapters; set --lora_rank or drop "
-                            f"{'it' if len(unread) == 1 else 'them'}.")
+            faults.append(f"{spoken(unread)} need{'s' if len(unread) == 1 else ''} --lora_rank: without it "
+                          f"{STAGE_NAMES[stage]} trains every weight, not LoRA adapters; set --lora_rank or drop "
+                          f"{'it' if len(unread) == 1 else 'them'}")
+        if faults:
+            raise UserError("; also, ".join(faults) + ".")
 
 
 def spoken(names: list[str]) -> str:
