@@ -507,6 +507,13 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
             load_config(toml)
     toml.write_text("[train]\nmax_steps = 1e3\n")
     assert load_config(toml, ["--tokens=2e6"]).train.max_steps == 1000
+    for key, close in (("lr_min", "min_lr"), ("batchsize", "batch_size"), ("model.dims", "dim")):
+        with pytest.raises(UserError) as e:
+            load_config(None, [f"--{key}", "1"])
+        assert str(e.value).startswith(f"unknown {'model' if '.' in key else 'train'} setting "
+                                       f"'{key.split('.')[-1]}' (did you mean {close}?); known: ")
+    with pytest.raises(UserError, match="^unknown train setting 'zzz'; known: activation_checkpointing, "):
+        load_config(None, ["--zzz", "1"])
     assert load_config(None, ["--tokens=2e6"]).train.tokens == 2_000_000
 
 

@@ -12,6 +12,7 @@ table (any TrainConfig field). Flags: `--lr 1e-3` or `--train.lr 1e-3` for train
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -249,9 +250,20 @@ def _apply(cls: type, values: dict, section: str) -> dict:
     out = {}
     for key, value in values.items():
         if key not in names:
-            raise UserError(f"unknown {section} setting {key!r}; known: {', '.join(sorted(names))}.")
+            close = closest(key, names)
+            raise UserError(f"unknown {section} setting {key!r}{f' (did you mean {close}?)' if close else ''}; "
+                            f"known: {', '.join(sorted(names))}.")
         out[key] = _convert(value, types[key], f"{section}.{key}")
     return out
+
+
+def closest(key: str, names: set[str]) -> str | None:
+    """The name a mistyped key most likely meant (difflib's closest, cutoff 0.6), also with its words in
+    another order: "batchsize" -> "batch_size", "lr_min" -> "min_lr"; None when none is close."""
+    words = {"_".join(sorted(n.split("_"))): n for n in names}
+    close = difflib.get_close_matches(key, sorted(names), 1) or \
+        [words[w] for w in difflib.get_close_matches("_".join(sorted(key.split("_"))), sorted(words), 1)]
+    return close[0] if close else None
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict]:
