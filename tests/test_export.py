@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,10 +100,12 @@ def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):
 def test_export_never_overwrites_a_checkpoint_and_says_what_it_cannot_write(bpe_tokenizer, tmp_path):
     save_checkpoint(tmp_path / "run" / "final", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     before = (tmp_path / "run" / "final" / "config.json").read_bytes()
+    final, beside = tmp_path / "run" / "final", tmp_path / "run" / "final.gguf"  # beside the checkpoint, not in it
     for out, fmt, message in [
         (tmp_path / "run" / "final", "hf", "holds a babyllama checkpoint or run, which the export would overwrite"),
         (tmp_path / "run", "hf", "holds a babyllama checkpoint or run"),
-        (tmp_path / "run", "gguf", "is a directory; --format gguf writes one file, e.g. --out"),
+        (final, "gguf", f"^{re.escape(f'{final} is a directory; --format gguf writes one file, e.g. --out {beside}')}"
+                        r"\.$"),
         (tmp_path / "afile" / "sub", "hf", "cannot write the export to"),
         (tmp_path / "afile" / "m.gguf", "gguf", "cannot write the export to"),
     ]:

@@ -298,8 +298,10 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
     if format not in ("hf", "gguf"):
         raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")
     out = Path(out)
-    if format == "gguf" and out.is_dir():
-        raise UserError(f"{out} is a directory; --format gguf writes one file, e.g. --out {out / 'model.gguf'}.")
+    if format == "gguf" and out.is_dir():  # a file beside it: one inside a checkpoint would change that checkpoint
+        named = out if out.name else out.resolve()
+        raise UserError(f"{out} is a directory; --format gguf writes one file, e.g. "
+                        f"--out {named.with_name(named.name + '.gguf')}.")
     if out.is_dir() and any((out / name).exists() for name in BABYLLAMA_FILES):
         raise UserError(f"{out} holds a babyllama checkpoint or run, which the export would overwrite; "
                         "choose another --out.")
