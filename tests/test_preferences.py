@@ -51,7 +51,7 @@ def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
     assert c_ids[-1] == r_ids[-1] == tok.eos_id and c_mask[-1] == r_mask[-1] == 1
 
 
-def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog):
+def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog, capsys):
     tok = bpe_tokenizer
     good = [record for record, *_ in SHAPES]
     path = write(tmp_path / "pairs.jsonl", [
@@ -74,6 +74,8 @@ def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog)
     expected = [s for _, conv, c, r in SHAPES for s in render_pair(tok, conv, c, r, 65)[:2]]
     assert samples(train) == [tuple(s) for s in expected]
     assert "pairs.jsonl:7: not a preference record" in caplog.text
+    assert caplog.text.count(": skipped a preference record") == 4 and "skipped an" not in caplog.text
+    assert capsys.readouterr().out == f"dpo cache: building {tmp_path / 'cache'} with 1 worker\n"
     assert "pairs.jsonl:8: its 'chosen' is neither a string nor an assistant message" in caplog.text
     with pytest.raises(UserError, match="was built with dpo samples, not sft"):
         load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist())

@@ -222,7 +222,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             bad_log.writelines(f"{line}\n" for line in r["bad"])
             for line in r["bad"][: 5 - len(stats.bad_examples)]:
                 stats.bad_examples.append(line)
-                log.warning("%s: skipped an %s record", line, what)
+                log.warning("%s: skipped %s %s record", line, "an" if kind == "sft" else "a", what)
             bar.update(len(batch))
             bar.set_postfix(samples_per_s=f"{(stats.samples + stats.val_samples) / (time.time() - start):,.0f}",
                             refresh=False)

@@ -152,7 +152,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     manifest = read_sft_cache(cache_dir)
     if manifest is None:
         if dist.main:
-            print(f"{kind} cache: building {cache_dir} with {workers} workers")
+            print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
             build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
         barrier(dist)
         manifest = read_sft_cache(cache_dir)
