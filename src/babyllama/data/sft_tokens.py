@@ -103,8 +103,13 @@ def same_input(had: dict, now: dict) -> bool:
     """Whether an input of a cache's manifest (`had`) is the input `now` (cache_key's): the same size and mtime,
     at the same absolute path or at the same path relative to the cache, so that a folder moved or copied with
     its cache (mv, cp -a, rsync -a keep mtimes) still matches, and a changed file never does."""
-    return (had.get("bytes"), had.get("mtime_ns")) == (now["bytes"], now["mtime_ns"]) and (
-        had.get("path") == now["path"] or had.get("relative_path") == now["relative_path"])
+    return (had.get("bytes"), had.get("mtime_ns")) == (now["bytes"], now["mtime_ns"]) and same_place(had, now)
+
+
+def same_place(had: dict, now: dict) -> bool:
+    """Whether a manifest's input (`had`) names the file of `now` (cache_key's): the same absolute path, or the
+    same path relative to the cache."""
+    return had.get("path") == now["path"] or had.get("relative_path") == now["relative_path"]
 
 
 # --- the worker side ---
@@ -320,8 +325,7 @@ def input_difference(had: list[dict], now: list[dict]) -> str | None:
     """The first way the inputs now differ from those a cache had, in words ("X is new", "X is gone",
     "X differs", or another order); None when they are the same files in the same order (same_input)."""
     def match(i: dict) -> dict | None:
-        return next((h for h in had if h.get("path") == i["path"] or h.get("relative_path") == i["relative_path"]),
-                    None)
+        return next((h for h in had if same_place(h, i)), None)
 
     matched = [match(i) for i in now]
     changed = [i["path"] for i, h in zip(now, matched, strict=True) if h is not None and not same_input(h, i)]

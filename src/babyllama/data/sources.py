@@ -521,10 +521,8 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            if kind := output_kind(p):
-                raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
-            found = data_files(p)
-            if not found and (kind := own_output(p)):
+            found = data_files(p)  # [] for a checkpoint, tokenizer or token shards (output_kind)
+            if not found and (kind := output_kind(p) or own_output(p)):
                 raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             if not found:
                 raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
