@@ -337,6 +337,39 @@ def test_sft_resumes_in_a_moved_folder_on_its_token_cache(sft_setup, tmp_path, c
     assert not (moved / "run" / "sft_tokens").exists() and not (moved / "run" / "checkpoints" / "step_000006").exists()
 
 
+def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_setup, tmp_path, capsys, caplog):
+    """The --data file replaced by the same bytes (a new mtime, as cp without -p or a new download give):
+    --resume goes on with the token cache as it was; the same size with one character changed stops it."""
+    import logging
+    import os
+    import shutil
+
+    from babyllama.cli import main
+
+    d, data, run = sft_setup, tmp_path / "sft.jsonl", tmp_path / "run"
+    shutil.copy2(d / "sft.jsonl", data)
+    args = ["sft", "--init", str(d / "init"), "--data", str(data), "--out_dir", str(run), "--save_every", "2",
+            "--batch_size", "8", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main([*args, "--max_steps", "2"]) == 0
+    cache = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run / "sft_tokens").iterdir()}
+    data.unlink()
+    shutil.copyfile(d / "sft.jsonl", data)
+    os.utime(data, ns=(1, 1))
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="babyllama.data.sft_tokens"):
+        assert main([*args, "--max_steps", "4", "--resume"]) == 0
+    assert caplog.messages == [f"note: {data} has a new mtime but the same bytes; using it"]
+    assert f"sft cache: using {run / 'sft_tokens'}" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run / "sft_tokens").iterdir()} == cache
+    assert (run / "checkpoints" / "step_000004").is_dir()
+    data.write_bytes(data.read_bytes().replace("很好".encode(), "很棒".encode(), 1))  # one character, the same size
+    os.utime(data, ns=(2, 2))
+    assert main([*args, "--max_steps", "6", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"babyllama: error: the inputs changed since the run started: other inputs ({data} differs); resuming needs "
+        "the same inputs, so restore them, or start a new run without --resume in a new --out_dir.\n")
+
+
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     d = sft_setup
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]

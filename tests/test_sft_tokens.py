@@ -67,14 +67,17 @@ def test_cached_samples_equal_the_chat_format_token_for_token(demo_sft, bpe_toke
 
 
 def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings(demo_sft, tmp_path, capsys):
-    f, settings = demo_sft / "multi.jsonl", SFTSettings(max_len=65)
+    import shutil
+
+    f, settings = tmp_path / "multi.jsonl", SFTSettings(max_len=65)
+    shutil.copy2(demo_sft / "multi.jsonl", f)
     load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
     built = read_sft_cache(tmp_path / "c")
     load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
     assert read_sft_cache(tmp_path / "c") == built and capsys.readouterr().out.count("building") == 1
     with pytest.raises(UserError, match=r"built with max_len 65 \(now 129\)"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=129), True, Dist())
-    os.utime(f, ns=(1, 1))  # the file changed
+    f.write_bytes(f.read_bytes()[:-1] + b" ")  # the file changed, its size did not
     with pytest.raises(UserError, match="built with other inputs .*multi.jsonl differs"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
     (tmp_path / "file").write_text("")
@@ -108,6 +111,44 @@ def test_cache_copied_with_its_inputs_is_used_elsewhere_and_rebuilt_when_one_cha
                             "delete it to rebuild, or choose another --sft_cache.")
     rebuilt = build_sft_cache([there / "data"], demo_sft / "tok", there / "cache", settings)
     assert rebuilt["inputs"][0]["mtime_ns"] == f.stat().st_mtime_ns != built["inputs"][0]["mtime_ns"]
+
+
+def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, tmp_path, capsys, caplog):
+    """cp without -p, or the same file downloaded again: a new mtime, the same bytes, which the manifest's SHA-256
+    bears out, so the cache is used as it is; the same size with one character changed is refused, and so is a
+    new mtime alone under a manifest from before the digests."""
+    import hashlib
+    import logging
+    import shutil
+
+    f, settings, cache = tmp_path / "multi.jsonl", SFTSettings(max_len=65), tmp_path / "cache"
+    shutil.copy2(demo_sft / "multi.jsonl", f)
+    built = build_sft_cache([f], demo_sft / "tok", cache, settings)
+    assert built["inputs"][0]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()}
+    f.unlink()
+    shutil.copyfile(demo_sft / "multi.jsonl", f)  # a new file with the same bytes
+    os.utime(f, ns=(1, 1))
+    with caplog.at_level(logging.INFO, logger="babyllama.data.sft_tokens"):
+        train, _, _ = load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
+        assert build_sft_cache([f], demo_sft / "tok", cache, settings) == built  # pretokenize --sft: the same
+    assert caplog.messages == [f"note: {f} has a new mtime but the same bytes; using it"]
+    assert "sft cache: using" in capsys.readouterr().out and len(train) == built["stats"]["samples"]
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()} == files  # not rebuilt
+    refused = (f"the SFT token cache {cache} was built with other inputs ({f} differs); delete it to rebuild, or "
+               "choose another --sft_cache.")
+    f.write_bytes(f.read_bytes().replace("症状".encode(), "病症".encode(), 1))  # one character, the same size
+    os.utime(f, ns=(2, 2))
+    with pytest.raises(UserError) as e:
+        load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
+    assert str(e.value) == refused
+    shutil.copyfile(demo_sft / "multi.jsonl", f)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["inputs"][0]["sha256"]  # as written before the digests
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as e:
+        load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
+    assert str(e.value) == refused
 
 
 def test_a_file_added_to_or_removed_from_a_data_folder_is_named_new_or_gone(demo_sft, tmp_path):

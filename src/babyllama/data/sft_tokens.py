@@ -15,8 +15,9 @@ number of workers), per split:
     val.*               the same for the validation split
     bad_records.txt     every record skipped as bad, one a line: `file:line: why`
     manifest.json       written last: tokenizer fingerprint, inputs (path, its path relative to the
-                        cache, size, mtime), the settings that change the samples, and the counts. A
-                        cache is used only when they match; a folder moved with its cache still does.
+                        cache, size, mtime, SHA-256), the settings that change the samples, and the
+                        counts. A cache is used only when they match; a folder moved with its cache
+                        still does, and so does a file copied or downloaded again with the same bytes.
 
 Memory stays flat whatever the corpus: records stream in, at most 2 * workers batches are in flight.
 The DPO token cache (kind "dpo", data/preferences.py) is the same files with two samples per
@@ -25,6 +26,7 @@ preference pair, the chosen answer's then the rejected one's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +42,7 @@ import numpy as np
 
 from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
-from babyllama.data.shards import is_val, write_json
+from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import Item, expand_inputs, iter_records
 from babyllama.errors import UserError
 from babyllama.progress import progress
@@ -91,7 +93,8 @@ class SFTStats:
 
 def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings, kind: str, cache_dir: str | Path) -> dict:
     """What the cache in cache_dir must match to be used: format, kind (sft or dpo), tokenizer, settings, and
-    each input's size, mtime and path, absolute and relative to cache_dir (same_input)."""
+    each input's size, mtime and path, absolute and relative to cache_dir (same_input); a build adds each
+    input's SHA-256 (digested)."""
     here = Path(cache_dir).resolve()
     inputs = [{"path": str(p.resolve()), "relative_path": os.path.relpath(p.resolve(), here),
                "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
@@ -100,10 +103,37 @@ def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings, kind: 
 
 
 def same_input(had: dict, now: dict) -> bool:
-    """Whether an input of a cache's manifest (`had`) is the input `now` (cache_key's): the same size and mtime,
-    at the same absolute path or at the same path relative to the cache, so that a folder moved or copied with
-    its cache (mv, cp -a, rsync -a keep mtimes) still matches, and a changed file never does."""
-    return (had.get("bytes"), had.get("mtime_ns")) == (now["bytes"], now["mtime_ns"]) and same_place(had, now)
+    """Whether an input of a cache's manifest (`had`) is the input `now` (cache_key's): the same size, and the
+    same mtime or else the same bytes (same_bytes), at the same absolute path or at the same path relative to
+    the cache, so that a folder moved or copied with its cache (mv, cp -a, rsync -a keep mtimes) still matches,
+    as does a file copied without its mtime or downloaded again, and a changed file never does."""
+    return (had.get("bytes") == now["bytes"] and same_place(had, now)
+            and (had.get("mtime_ns") == now["mtime_ns"] or same_bytes(had, now)))
+
+
+_SAME_BYTES: dict[tuple, bool] = {}  # (path, size, mtime_ns, recorded SHA-256) -> whether the file hashes to it
+
+
+def same_bytes(had: dict, now: dict) -> bool:
+    """Whether the file of `now` hashes to the SHA-256 that `had` records (False for a manifest from before
+    digests). A process hashes a file once while its size and mtime stay the same, and notes it once."""
+    if "sha256" not in had:
+        return False
+    key = (now["path"], now["bytes"], now["mtime_ns"], had["sha256"])
+    if key not in _SAME_BYTES:
+        _SAME_BYTES[key] = file_sha256(now["path"]) == had["sha256"]
+        if _SAME_BYTES[key]:
+            log.info("note: %s has a new mtime but the same bytes; using it", now["path"])
+    return _SAME_BYTES[key]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, hex; read in blocks of 16 MiB, so memory stays flat whatever its size."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
 def same_place(had: dict, now: dict) -> bool:
@@ -195,7 +225,13 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
         key = cache_key(paths, tok.fingerprint, settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
-        return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start, kind)
+        return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start, digested(key))
+
+
+def digested(key: dict) -> dict:
+    """cache_key's key with each input's SHA-256, taken before the build reads the inputs: a file changed while
+    it is read then no longer matches the manifest."""
+    return {**key, "inputs": [{**i, "sha256": file_sha256(i["path"])} for i in key["inputs"]]}
 
 
 def _renderer(kind: str):
@@ -208,7 +244,8 @@ def _renderer(kind: str):
 
 
 def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSettings, workers: int,
-           start: float, kind: str) -> dict:
+           start: float, key: dict) -> dict:
+    kind = key["kind"]
     files = {(split, part): (out / f".{split}.{part}.bin.tmp").open("wb")
              for split in SPLITS for part in ("ids", "mask", "lengths")}
     bad_log = (out / f".{BAD_RECORDS}.tmp").open("w", encoding="utf-8")
@@ -249,8 +286,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}).")
     for (split, part) in files:
         (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
-    manifest = {**cache_key(paths, tok.fingerprint, settings, kind, out), "dtype": tok.dtype.name,
-                "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
+    manifest = {**key, "dtype": tok.dtype.name, "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
     write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
     return manifest
 
@@ -331,9 +367,7 @@ def input_difference(had: list[dict], now: list[dict]) -> str | None:
     changed = [i["path"] for i, h in zip(now, matched, strict=True) if h is not None and not same_input(h, i)]
     new = [i["path"] for i, h in zip(now, matched, strict=True) if h is None]
     gone = [h.get("path") for h in had if not any(h is m for m in matched)]
-    if changed or new or gone:
-        return f"{changed[0]} differs" if changed else f"{new[0]} is new" if new else f"{gone[0]} is gone"
-    return None if matched == had else "the same files in another order"
+    return first_difference(changed, new, gone) or (None if matched == had else "the same files in another order")
 
 
 def open_split(out: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -101,6 +101,14 @@ def write_json(path: Path, value) -> None:
     tmp.rename(path)
 
 
+def first_difference(changed: list[str], new: list[str], gone: list[str]) -> str | None:
+    """The first file that changed, else is new, else is gone, in words ("X differs", "X is new", "X is gone");
+    None when there is none."""
+    if changed or new or gone:
+        return f"{changed[0]} differs" if changed else f"{new[0]} is new" if new else f"{gone[0]} is gone"
+    return None
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     f = path / MANIFEST if path.is_dir() else path
