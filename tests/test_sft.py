@@ -370,6 +370,31 @@ def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_se
         "the same inputs, so restore them, or start a new run without --resume in a new --out_dir.\n")
 
 
+@pytest.mark.parametrize("flags, differ", [
+    (["--model.dropout", "0.1"], "other model settings (dropout)"),
+    (["--optimizer", "muon"], "optimizer adamw (now muon)"),
+    (["--lora_rank", "4"], "lora_rank 0 (now 4)"),
+])
+def test_sft_resume_with_other_settings_is_refused_before_the_cache_is_built(sft_setup, tmp_path, capsys, flags,
+                                                                            differ):
+    """Settings a checkpoint cannot resume with (the model's, whose weights it holds; the optimizer and the LoRA
+    adapter, whose state it holds) stop --resume before the token cache is built (minutes at full size)."""
+    import shutil
+
+    from babyllama.cli import main
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(run), "--save_every",
+            "2", "--batch_size", "8", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main([*args, "--max_steps", "2"]) == 0
+    shutil.rmtree(run / "sft_tokens")
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "4", "--resume", *flags]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: {run / 'checkpoints' / 'step_000002'} was trained with "
+                                       f"{differ}; resume with the same settings or use a new out_dir.\n")
+    assert not (run / "sft_tokens").exists()
+
+
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     d = sft_setup
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]
@@ -380,6 +405,9 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     with pytest.raises(UserError, match="^batch_size 1000000000 x grad_accum 1 rows of 64 tokens need "):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--batch_size", "1000000000"]))
     assert not (tmp_path / "e").exists()  # refused before the token cache was built
+    with pytest.raises(UserError, match='^optimizer = "muon" needs torch >= 2.9 and works without FSDP'):
+        sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--optimizer", "muon", "--fsdp", "true"]))
+    assert not (tmp_path / "e").exists()
     with pytest.raises(UserError) as e:
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--doc_mask", "true"]))
     assert str(e.value) == ("SFT does not read doc_mask, a setting of pretraining only (SFT keeps samples apart with "

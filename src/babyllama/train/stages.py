@@ -31,7 +31,7 @@ from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer, check_memory, lora_of
+from babyllama.train.trainer import Dataset, Trainer, check_memory, check_optimizer, check_resume, lora_of
 
 TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
 
@@ -50,11 +50,13 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
                 tok_path: str | Path) -> Path | None:
     """Check the settings against the tokenizer (loaded from tok_path) and the run directory before any data
     is built; returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
-    `--resume` refuses another stage's, and a tokenizer other than the one its checkpoint records (files
-    replaced or edited since the run started); out_dir may not hold the --init model it would overwrite."""
+    `--resume` refuses another stage's, a tokenizer other than the one its checkpoint records (files
+    replaced or edited since the run started), and other model, optimizer or LoRA settings (check_resume);
+    out_dir may not hold the --init model it would overwrite. Raises UserError."""
     out = Path(cfg.train.out_dir)
     lora_of(cfg.train)  # LoRA settings out of range stop here
     check_memory(cfg, dist.device)  # and a model or batch beyond the machine
+    check_optimizer(cfg.train)  # and Muon where it cannot run
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
@@ -80,6 +82,8 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
+    if resume_from is not None:
+        check_resume(cfg, resume_from)
     if resume and resume_from is None and dist.main:
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
     if not resume and latest is not None:

@@ -152,20 +152,36 @@ def check_memory(cfg: RunConfig, device: torch.device) -> None:
                         f"{have / 2**30:,.1f} GiB of {device}; lower them.")
 
 
+RESUME_SETTINGS = ("optimizer", "lora_rank", "lora_alpha", "lora_targets")  # a checkpoint's state is of these
+
+
+def check_resume(cfg: RunConfig, resume_from: Path) -> None:
+    """UserError when the checkpoint to resume was trained with other model settings, or with another optimizer
+    or LoRA adapter (RESUME_SETTINGS: its optimizer state and adapter are of those); older checkpoints, which
+    do not record the training settings, are checked for the model settings only."""
+    config = read_config(resume_from)
+    saved = config["model"]
+    diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
+    if diff:
+        raise UserError(f"{resume_from} was trained with other model settings ({', '.join(diff)}); "
+                        "resume with the same settings or use a new out_dir.")
+    train = config.get("run", {}).get("train", {})
+    diff = [f"{k} {train[k]} (now {getattr(cfg.train, k)})" for k in RESUME_SETTINGS
+            if k in train and train[k] != getattr(cfg.train, k)]
+    if diff:
+        raise UserError(f"{resume_from} was trained with {', '.join(diff)}; resume with the same settings or use "
+                        "a new out_dir.")
+
+
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
-    """A fresh model from the seed, then the weights of the checkpoint to resume, else of init.
+    """A fresh model from the seed, then the weights of the checkpoint to resume (checked by check_resume),
+    else of init.
 
     With lora_rank: init's weights, frozen, under LoRA adapters: new ones, or the checkpoint's to resume.
     """
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if resume_from is not None:
-        saved = read_config(resume_from)["model"]
-        diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
-        if diff:
-            raise UserError(f"{resume_from} was trained with other model settings ({', '.join(diff)}); "
-                            "resume with the same settings or use a new out_dir.")
     lora = lora_of(cfg.train)
     source = cfg.train.init if lora else resume_from or cfg.train.init
     if source:
@@ -198,6 +214,13 @@ def wrap_model(model: Transformer, t: TrainConfig, dist: Dist, dtype: torch.dtyp
 FUSED_ADAMW_DEVICES = {"cuda"}  # one kernel for all parameters, which can skip a step on the GPU (device_step)
 
 
+def check_optimizer(t: TrainConfig) -> None:
+    """UserError for Muon with a torch that lacks it (before 2.9) or with FSDP."""
+    if t.optimizer == "muon" and (not hasattr(torch.optim, "Muon") or t.fsdp):
+        raise UserError("optimizer = \"muon\" needs torch >= 2.9 and works without FSDP (DDP is fine); "
+                        "use optimizer = \"adamw\" otherwise.")
+
+
 def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest.
 
@@ -206,10 +229,7 @@ def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -
     "match_rms_adamw" scales its step like AdamW's, so one lr and weight decay serve both; its
     momentum is beta1. AdamW decays the matrices only (not norms), as nanoGPT does.
     """
-    muon = t.optimizer == "muon"
-    if muon and (not hasattr(torch.optim, "Muon") or t.fsdp):
-        raise UserError("optimizer = \"muon\" needs torch >= 2.9 and works without FSDP (DDP is fine); "
-                        "use optimizer = \"adamw\" otherwise.")
+    muon = t.optimizer == "muon"  # check_optimizer refused it where it cannot run
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     in_muon = {n: muon and n.startswith("layers.") and p.dim() == 2 for n, p in named}
     rest = [p for n, p in named if not in_muon[n]]
