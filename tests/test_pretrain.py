@@ -97,6 +97,45 @@ def test_resume_in_a_moved_folder_reads_its_shards(shards, tmp_path):
     assert losses(moved / "died") == losses(tmp_path / "straight")
 
 
+def test_resume_on_other_shards_is_refused(shards, tmp_path, capsys):
+    """The checkpoints record the shards (token_record): --resume on a directory with a shard added or removed
+    stops with one sentence, nothing written; the same shards resume, and so does a checkpoint from before the
+    record, whatever the shards."""
+    from babyllama.cli import main
+    from babyllama.data.shards import merge
+
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                   for t in generated_corpus(100, seed=22)))
+    pretokenize([str(tmp_path / "docs.jsonl")], str(shards.parent / "tok"), tmp_path / "extra", val_fraction=0.05)
+    more = tmp_path / "more"
+    merge([str(shards), str(tmp_path / "extra")], more)  # the run's shards, then one more of each split
+
+    def pretrain_cli(data, run, steps, *resume):
+        return main(["pretrain", *TINY, *FAST, "--data", str(data), "--out_dir", str(run), "--max_steps", str(steps),
+                     "--save_every", "2", "--batch_size", "4", *resume])
+
+    def refused(data, what):
+        return (f"babyllama: error: the inputs changed since the run started: other shards in {data} ({what}); "
+                "resuming needs the same inputs, so restore them, or start a new run without --resume in a new "
+                "--out_dir.\n")
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert pretrain_cli(shards, a, 2) == 0 and pretrain_cli(more, b, 2) == 0
+    config = json.loads((a / "checkpoints" / "step_000002" / "config.json").read_text())
+    assert config["data"]["shards"] == json.loads((shards / "manifest.json").read_text())["shards"]
+    capsys.readouterr()
+    assert pretrain_cli(more, a, 4, "--resume") == 2
+    assert capsys.readouterr().err == refused(more, f"{more / 'shard_00001.bin'} is new")
+    assert pretrain_cli(shards, b, 4, "--resume") == 2
+    assert capsys.readouterr().err == refused(shards, f"{shards / 'shard_00001.bin'} is gone")
+    assert not (a / "checkpoints" / "step_000004").exists() and not (b / "checkpoints" / "step_000004").exists()
+    assert pretrain_cli(shards, a, 4, "--resume") == 0  # the same shards
+    config = json.loads((b / "checkpoints" / "step_000002" / "config.json").read_text())
+    del config["data"]  # as written before the record
+    (b / "checkpoints" / "step_000002" / "config.json").write_text(json.dumps(config))
+    assert pretrain_cli(shards, b, 4, "--resume") == 0
+
+
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
 def test_metrics_log_every_log_every_steps_and_the_last(shards, tmp_path, monkeypatch, on_device):
     device_steps = sync_free_steps(monkeypatch) if on_device else []

@@ -101,6 +101,31 @@ def write_json(path: Path, value) -> None:
     tmp.rename(path)
 
 
+RECORDED = ("format", "version", "tokenizer", "dtype", "bos", "val_fraction", "shards")  # what a run records
+
+
+def token_record(manifest: dict) -> dict:
+    """What a pretraining run's checkpoints record of its token shards: their manifest less its bookkeeping
+    (sources, totals, partition, timing), so every shard's file, split and size in tokens and documents, and
+    the tokenizer record, dtype, bos and val_fraction they were made with."""
+    return {k: manifest.get(k) for k in RECORDED}
+
+
+def shards_difference(had: dict, now: dict, data_dir: str | Path) -> str | None:
+    """The first way the shards `now` (token_record's) differ from those a run started with (`had`), in words:
+    "another tokenizer", "bos False (now True)", or a shard of data_dir that is new, gone or differs (its size);
+    None when they are the same."""
+    if had.get("tokenizer") != now["tokenizer"]:
+        return "another tokenizer"
+    for k in ("format", "version", "dtype", "bos", "val_fraction"):
+        if had.get(k) != now[k]:
+            return f"{k} {had.get(k)} (now {now[k]})"
+    old, new = ({s["file"]: s for s in record.get("shards") or []} for record in (had, now))
+    d = Path(data_dir)
+    return first_difference([str(d / f) for f in new if f in old and old[f] != new[f]],
+                            [str(d / f) for f in new if f not in old], [str(d / f) for f in old if f not in new])
+
+
 def first_difference(changed: list[str], new: list[str], gone: list[str]) -> str | None:
     """The first file that changed, else is new, else is gone, in words ("X differs", "X is new", "X is gone");
     None when there is none."""

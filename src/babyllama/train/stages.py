@@ -25,7 +25,7 @@ from babyllama.checkpoint import (
 )
 from babyllama.config import INIT_MODEL_SETTINGS, RunConfig
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
-from babyllama.data.shards import TokenWindows, has_split
+from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -95,7 +95,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
                  dist: Dist, resume_from: Path | None, stage: str, trainer_cls: type[Trainer] = Trainer,
                  data: dict | None = None) -> Path:
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
-    record of the token cache (token_cache)."""
+    record of the data, to check a resume against (token_cache's, token_record's)."""
     out = Path(cfg.train.out_dir)
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
     trainer.data = data
@@ -134,11 +134,25 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
                             f"({differ[0]}).")
         resume_from = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path)
+        data = token_record(train_data.manifest)  # what the checkpoints record
+        check_same_shards(data, resume_from, t.data)
         if t.doc_mask:
-            for data in (train_data, val_data):
-                if data is not None:
-                    data.doc_eos = tokenizer.eos_id
-        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain")
+            for windows in (train_data, val_data):
+                if windows is not None:
+                    windows.doc_eos = tokenizer.eos_id
+        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain", data=data)
+
+
+def check_same_shards(data: dict, resume_from: Path | None, data_dir: str) -> None:
+    """UserError when the run to resume started on other token shards (its checkpoint's `data`, token_record's)
+    than those of data_dir (`data`): added, removed, of another size or tokenizer (shards_difference). A
+    checkpoint from before the record is resumed as it was."""
+    started_with = read_config(resume_from).get("data") if resume_from is not None else None
+    differ = shards_difference(started_with, data, data_dir) if started_with is not None else None
+    if differ:
+        raise UserError(f"the inputs changed since the run started: other shards in {data_dir} ({differ}); resuming "
+                        "needs the same inputs, so restore them, or start a new run without --resume in a new "
+                        "--out_dir.")
 
 
 def init_model(cfg: RunConfig, stage: str) -> ModelConfig:

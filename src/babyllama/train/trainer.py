@@ -338,7 +338,7 @@ class Trainer:
         self.stop_signal = 0  # the signal that asked the run to stop, 0: none
         self.gave_up_at = 0  # the step that ended max_bad_steps skipped steps in a row, 0: none
         self.resumed = resume_from is not None
-        self.data: dict | None = None  # SFT, DPO: the token cache's inputs and settings, which checkpoints record
+        self.data: dict | None = None  # what checkpoints record of the data: token cache or shards
         if resume_from is not None:
             state = load_train_state(resume_from)
             if state is None:
