@@ -258,17 +258,44 @@ def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
                       train_data=[str(tmp_path / "data")], sampling=Sampling(max_new_tokens=2))
-    # a model trained on the folder saw eval.jsonl too: every question leaked, 1 of them only there
+    # training on the folder does not read eval.jsonl (a held-out split by its name), nor does the check
+    assert result["leakage"] == {"checked": 5, "leaked": 4, "leaked_in_eval_files": 0, "searched_documents": 24,
+                                 "examples": questions[:4]}
+    named = [str(tmp_path / "data"), str(tmp_path / "data" / "eval.jsonl")]  # a model trained on eval.jsonl too
+    result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
+                      train_data=named, sampling=Sampling(max_new_tokens=2))
     assert result["leakage"] == {"checked": 5, "leaked": 5, "leaked_in_eval_files": 1, "searched_documents": 29,
                                  "examples": questions}
     assert (f"note: {tmp_path / 'data' / 'eval.jsonl'} is in --train_data, so its own questions count as leaked; "
             "if the model did not train on it, pass the training files alone as --train_data."
             ) in capsys.readouterr().out.splitlines()
-    alone = [str(tmp_path / "data" / "sft.jsonl"), *map(str, sorted((tmp_path / "data").glob("part_*.jsonl")))]
-    result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
-                      train_data=alone, sampling=Sampling(max_new_tokens=2))
-    assert result["leakage"] == {"checked": 5, "leaked": 4, "leaked_in_eval_files": 0, "searched_documents": 24,
-                                 "examples": questions[:4]}
+
+
+def test_leakage_searches_every_field_of_every_sft_and_dpo_shape(tmp_path):
+    questions = [f"第{i}道只出现在训练数据某个字段里的题目" for i in range(9)]
+    q = iter(questions)
+    shapes = {  # one file per shape that sft and dpo read, each question in another field
+        "alpaca.jsonl": [{"instruction": "翻译：", "input": next(q), "output": "略"},
+                         {"instruction": "问", "input": "", "output": "答：" + next(q)}],
+        "prompt_answer.csv": [{"prompt": "问", "answer": next(q)}],
+        "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "好"},
+                                              {"from": "human", "value": next(q)}, {"from": "gpt", "value": "嗯"}]}],
+        "trl.jsonl": [{"prompt": next(q), "chosen": "好", "rejected": "坏"},
+                      {"prompt": "问", "chosen": next(q), "rejected": "坏"}],
+        "llama_factory.json": [{"conversations": [{"from": "human", "value": "问"}], "system": next(q),
+                                "chosen": {"from": "gpt", "value": "好"}, "rejected": {"from": "gpt", "value": "坏"}}],
+        "medical_reward.jsonl": [{"question": "问", "history": [[next(q), "答"]], "response_chosen": "好",
+                                  "response_rejected": next(q)}],
+    }
+    for name, records in shapes.items():
+        if name.endswith(".csv"):
+            (tmp_path / name).write_text("prompt,answer\n" + "".join(f"{r['prompt']},{r['answer']}\n" for r in records))
+        elif name.endswith(".json"):
+            (tmp_path / name).write_text(json.dumps(records, ensure_ascii=False))
+        else:
+            (tmp_path / name).write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    found = leakage([*questions, "这道题目没有出现在训练数据的任何地方"], [tmp_path])
+    assert (found["leaked"], found["examples"], found["searched_documents"]) == (9, sorted(questions), 8)
 
 
 def test_leakage_train_data_without_questions_or_documents_says_so(tmp_path, bpe_tokenizer, capsys):

@@ -85,6 +85,28 @@ def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings
         build_sft_cache([f], demo_sft / "tok", tmp_path / "file" / "c", settings)
 
 
+def test_sft_and_dpo_of_a_folder_do_not_train_on_its_held_out_splits(demo_sft, tmp_path):
+    import shutil
+
+    d = tmp_path / "data"  # sft.jsonl beside the demo's held-out eval.jsonl (the same shape) and a dev/ folder
+    (d / "dev").mkdir(parents=True)
+    shutil.copy(demo_sft / "multi.jsonl", d / "sft.jsonl")
+    shutil.copy(demo_sft / "demo" / "eval.jsonl", d / "eval.jsonl")
+    shutil.copy(demo_sft / "demo" / "sft.jsonl", d / "dev" / "sft.jsonl")
+    manifest = build_sft_cache([d], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=65))
+    assert [i["path"] for i in manifest["inputs"]] == [str(d / "sft.jsonl")]
+    assert manifest["stats"]["records"] == len(MULTI_TURN)
+    pairs = [{"prompt": f"第{i}题", "chosen": "好", "rejected": "坏"} for i in range(3)]
+    (tmp_path / "pairs").mkdir()
+    for name, records in (("dpo.jsonl", pairs), ("dpo_test.jsonl", pairs * 5)):
+        (tmp_path / "pairs" / name).write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    settings = SFTSettings(max_len=65)
+    manifest = build_sft_cache([tmp_path / "pairs"], demo_sft / "tok", tmp_path / "p", settings, kind="dpo")
+    assert manifest["stats"]["records"] == 3
+    named = [tmp_path / "pairs" / "dpo.jsonl", tmp_path / "pairs" / "dpo_test.jsonl"]
+    assert build_sft_cache(named, demo_sft / "tok", tmp_path / "q", settings, kind="dpo")["stats"]["records"] == 18
+
+
 def test_cache_copied_with_its_inputs_is_used_elsewhere_and_rebuilt_when_one_changed(demo_sft, tmp_path, capsys):
     """A folder copied with `cp -a` (mtimes kept) elsewhere: its cache matches the inputs beside it (their absolute
     paths differ, their paths relative to the cache do not); an input changed since is rebuilt, as before."""

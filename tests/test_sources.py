@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
-from babyllama.data.sources import CorpusReader, expand_inputs, iter_records
+from babyllama.data.sources import CorpusReader, expand_inputs, held_out_split, iter_records
 from babyllama.errors import UserError
 
 
@@ -146,12 +147,13 @@ def test_a_prepare_output_folder_means_its_part_files_and_every_data_file_beside
     (d / "datatrove" / "read").mkdir(parents=True)  # the work folder of --engine datatrove
     (d / "datatrove" / "settings.json").write_text("{}")
     jsonl(d / "datatrove" / "read" / "00000.jsonl", [{"text": "工作文件"}])
-    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == [
-        "eval.jsonl.gz", "part_00000.jsonl", "part_00001.jsonl", "raw/pretrain.jsonl", "sft.jsonl"]
+    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == [  # eval.jsonl.gz is held out (its name)
+        "part_00000.jsonl", "part_00001.jsonl", "raw/pretrain.jsonl", "sft.jsonl"]
 
 
 def test_eval_outputs_and_training_runs_inside_a_data_folder_are_not_read_as_data(tmp_path, bpe_tokenizer):
     from babyllama.checkpoint import save_checkpoint
+    from babyllama.config import load_config
     from babyllama.evaluate import evaluate
     from babyllama.sampling import Sampling
     from tests.conftest import sharp_model, tiny_config
@@ -163,7 +165,7 @@ def test_eval_outputs_and_training_runs_inside_a_data_folder_are_not_read_as_dat
     run = d / "run"  # what a training run leaves: its config and metrics, checkpoints, final, an eval of it
     save_checkpoint(run / "final", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     save_checkpoint(run / "checkpoints" / "step_00000010", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
-    (run / "config.json").write_text('{"model": {}, "train": {}}\n')
+    (run / "config.json").write_text(json.dumps(load_config(None, []).to_dict()))
     jsonl(run / "metrics.jsonl", [{"step": 10, "loss": 5.0}])
     evaluate(run / "final", run / "eval", qa=str(d / "qa.jsonl"), sampling=Sampling(max_new_tokens=2))
     (run / "eval" / "preferences.json").write_text('{"pairs": 2}\n')  # the demo's DPO eval writes it there
@@ -173,10 +175,73 @@ def test_eval_outputs_and_training_runs_inside_a_data_folder_are_not_read_as_dat
         assert str(e.value) == f"{folder} is {kind}, not a folder of data files; name the data files or their folder."
     jsonl(run / "notes.jsonl", [{"text": "用户放在运行目录里的数据"}])
     assert sorted(f.name for f in (run / "eval").iterdir()) == ["eval.json", "items.jsonl", "preferences.json"]
-    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]
+    expected = ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]  # eval's folder: mine/eval.json is an eval file
+    assert [str(f.relative_to(d)) for f in expand_inputs([d], held_out=True)] == expected
     (d / "timings.json").write_text('{"data": 1.0}\n')  # the demo's out_dir
     (d / "demo.json").write_text('{"smoke": true}\n')
-    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["mine/eval.json", "qa.jsonl", "run/notes.jsonl"]
+    assert [str(f.relative_to(d)) for f in expand_inputs([d], held_out=True)] == expected
+
+
+def test_a_run_that_stopped_before_its_first_log_is_a_training_run_by_its_config(tmp_path):
+    from babyllama.config import load_config
+
+    d = tmp_path / "data"
+    run = d / "run"  # what a run leaves that stopped before its first log: config.json and checkpoints/, no metrics
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(load_config(None, ["--out_dir", str(run)]).to_dict(), indent=2) + "\n")
+    jsonl(d / "a.jsonl", [{"text": "数据"}])
+    jsonl(d / "config.json", [{"text": "用户的数据文件，名叫 config.json"}])  # no run's config: data
+    assert [str(f.relative_to(d)) for f in expand_inputs([d])] == ["a.jsonl", "config.json"]
+    with pytest.raises(UserError) as e:
+        expand_inputs([run])
+    assert str(e.value) == f"{run} is a training run, not a folder of data files; name the data files or their folder."
+
+
+@pytest.mark.parametrize("name, split", [
+    ("eval.jsonl", "eval"), ("test.jsonl", "test"), ("dev.json", "dev"), ("validation.csv", "validation"),
+    ("val.jsonl", "val"), ("valid.parquet", "valid"), ("belle_test.json", "test"), ("dev-00001.jsonl", "dev"),
+    ("x.testing.jsonl.gz", "testing"), ("evaluation_notes.txt", "evaluation"), ("test1.json", "test"),
+    ("test/part_0.jsonl", "test"), ("ceval_val/a.csv", "val"), ("train.jsonl", None), ("contest.jsonl", None),
+    ("device.jsonl", None), ("testdata.jsonl", None), ("evals/a.jsonl", None), ("Eval.jsonl", None)])
+def test_held_out_split_names_are_those_of_hugging_face_datasets(name, split):
+    assert held_out_split(Path(name)) == split
+
+
+def test_a_folder_leaves_out_its_held_out_splits_with_one_note_and_a_named_one_is_read(tmp_path, caplog):
+    d = tmp_path / "data"
+    for name in ("train.jsonl", "eval.jsonl", "test.jsonl", "contest.jsonl", "device.jsonl", "dev/more.jsonl"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        jsonl(d / name, [{"text": name}])
+    assert list(CorpusReader([d]).documents()) == ["contest.jsonl", "device.jsonl", "train.jsonl"]
+    assert [f.name for f in expand_inputs([d])] == ["contest.jsonl", "device.jsonl", "train.jsonl"]  # noted once
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{d}: not reading dev/more.jsonl, eval.jsonl, test.jsonl: their names mark held-out splits (dev/eval/test, "
+        f"as in Hugging Face datasets); to train on one, name the file itself, e.g. {d / 'dev' / 'more.jsonl'}"]
+    assert expand_inputs([d / "eval.jsonl"]) == [d / "eval.jsonl"]
+    assert [f.name for f in expand_inputs([d, d / "test.jsonl"])] == ["contest.jsonl", "device.jsonl", "train.jsonl",
+                                                                       "test.jsonl"]
+    assert len(expand_inputs([d], held_out=True)) == 6  # eval --qa/--mc of a folder: its eval files
+    assert expand_inputs([d / "dev"]) == [d / "dev" / "more.jsonl"]  # named: only the names below it count
+    for name in ("train.jsonl", "contest.jsonl", "device.jsonl"):
+        (d / name).unlink()
+    with pytest.raises(UserError) as e:
+        expand_inputs([d])
+    assert str(e.value) == f"every data file in {d} is a held-out split by its name (dev/more.jsonl, eval.jsonl, " \
+                           "test.jsonl), which a folder does not give for training; name the files themselves to " \
+                           "train on them."
+
+
+def test_prepare_of_a_folder_says_which_held_out_files_it_does_not_read(tmp_path):
+    from tests.test_cli import run_cli
+
+    (tmp_path / "data").mkdir()
+    jsonl(tmp_path / "data" / "train.jsonl", [{"text": "训练用的一篇文档"}])
+    jsonl(tmp_path / "data" / "belle_test.json", [{"text": "测试集的一篇文档"}])
+    r = run_cli("prepare", "--input", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--min_chars", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("not reading belle_test.json: their names mark held-out splits (test") == 1
+    docs = [json.loads(line)["text"] for line in (tmp_path / "out" / "part_00000.jsonl").read_text().splitlines()]
+    assert docs == ["训练用的一篇文档"]
 
 
 def test_a_checkpoint_tokenizer_or_token_folder_given_as_data_is_named_for_what_it_is(tmp_path, bpe_tokenizer):

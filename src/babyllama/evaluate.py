@@ -118,7 +118,7 @@ def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
     BELLE's eval set has such items); and "file:line: why" of each record skipped as bad (not a JSON
     object, no question, bytes that are not text). Raises UserError when no record has a reference."""
     items, no_reference, bad = [], 0, []
-    for file in expand_inputs([path]):
+    for file in expand_inputs([path], held_out=True):
         for where, r, why in iter_records(file):
             try:
                 item = qa_item(r, why)
@@ -244,7 +244,7 @@ def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
     answer is not a letter (test sets) are left out. Also "file:line: why" of each row skipped as bad
     (not a record, a field missing, bytes that are not text). Raises UserError when no item remains."""
     items, bad = [], []
-    for file in expand_inputs(list(paths)):
+    for file in expand_inputs(list(paths), held_out=True):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
         for where, row, why in iter_records(file):  # CSV, JSON lines or a JSON array
             try:
@@ -338,13 +338,14 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
             eval_files: Sequence[str | Path] = ()) -> dict:
     """Eval questions (of at least min_chars characters) that occur verbatim in the training files.
 
-    Every training file is searched, the eval files too when they are among them (a model trained on
-    a folder that holds eval.jsonl has seen every eval question). leaked_in_eval_files counts the
-    questions found only in those eval files; searched_documents the training documents read (0: the
-    check checked nothing). Raises UserError when a training path names no data files.
+    Every training file is searched as training reads it (expand_inputs: a folder's held-out splits are
+    not), each record with all its text (record_text: instructions with their input and output, every
+    turn of a conversation, a preference pair's prompt and both answers, pretraining text), the eval files
+    too when they are among them. leaked_in_eval_files counts the questions found only in those eval
+    files; searched_documents the training records with text (0: the check checked nothing). Raises
+    UserError when a training path names no data files.
     """
     from babyllama.data.clean import SubstringIndex
-    from babyllama.data.sources import CorpusReader
 
     checked = {q for q in questions if len(q) >= min_chars}
     index = SubstringIndex(checked, min_chars)
@@ -352,17 +353,27 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
     found: set[str] = set()
     in_eval: set[str] = set()
     documents = 0
-    for source, doc in progress(CorpusReader(list(train_paths)).documents_with_source(), desc="leakage check",
-                                unit=" docs"):
-        documents += 1
-        (in_eval if Path(source).resolve() in evals else found).update(index.matches(doc))
+    records = ((f, r) for f in expand_inputs(list(train_paths)) for _, r, _ in iter_records(f) if r is not None)
+    for file, record in progress(records, desc="leakage check", unit=" records"):
+        if text := record_text(record):
+            documents += 1
+            (in_eval if file.resolve() in evals else found).update(index.matches(text))
     return {"checked": len(checked), "leaked": len(found | in_eval), "leaked_in_eval_files": len(in_eval - found),
             "searched_documents": documents, "examples": sorted(found | in_eval)[:10]}
 
 
+def record_text(value) -> str:
+    """Every string of a record, in lists and objects at any depth, one a line, whatever its shape."""
+    if isinstance(value, str):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return "\n".join(t for t in map(record_text, items) if t)
+
+
 def eval_files_in(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[Path]:
-    """The eval files (of eval_data) that are also among the files of train_data, with a note naming each."""
-    evals = {f.resolve() for paths in eval_data for f in expand_inputs(list(paths))}
+    """The eval files (of eval_data) that are also among the files of train_data as training reads them,
+    with a note naming each."""
+    evals = {f.resolve() for paths in eval_data for f in expand_inputs(list(paths), held_out=True)}
     both = [f for f in expand_inputs(list(train_data)) if f.resolve() in evals]
     for f in both:
         print(f"note: {f} is in --train_data, so its own questions count as leaked; if the model did not train "

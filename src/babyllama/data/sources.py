@@ -509,14 +509,16 @@ def _to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
         yield f"{path}:after {where.rsplit(':', 1)[-1]}", None, f"the file cannot be read from here on ({e})"
 
 
-def expand_inputs(paths: list[str | Path]) -> list[Path]:
+def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]:
     """Files named directly, plus the data files below named directories (data_files), sorted; a file
     named twice (a folder and a file in it, ./x/../f.jsonl and f.jsonl) is kept once, at its first place
-    (same real path), with a warning naming the repeats.
+    (same real path), with a warning naming the repeats. Below a directory, files whose path names a
+    held-out split (held_out_split: eval.jsonl, belle_test.json, dev/x.jsonl) are left out with a warning,
+    unless held_out (the eval files of eval --qa/--mc); a file named directly is always kept.
 
     Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer, token
     shards or another babyllama output without data files (a training run, an eval output; saying so),
-    or one without data files.
+    one without data files, or one whose data files are all held-out splits.
     """
     files: list[Path] = []
     for p in map(Path, paths):
@@ -526,7 +528,7 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
                 raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             if not found:
                 raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
-            files += found
+            files += found if held_out else training_files(p, found)
         elif p.is_file():
             files.append(p)
         else:
@@ -539,22 +541,78 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     return list(first.values())
 
 
+# The Hugging Face datasets convention for split names in paths (datasets.data_files: SPLIT_KEYWORDS of
+# validation and test, NON_WORDS_CHARS): a keyword, in lower case, that a file or folder name holds between
+# separators (- . _ space or a digit) or the name's ends.
+HELD_OUT_SPLITS = ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
+_HELD_OUT = re.compile(rf"(?<![^-._ 0-9])({'|'.join(HELD_OUT_SPLITS)})(?![^-._ 0-9])")
+_NOTED: set[Path] = set()  # folders whose held-out files were named in a warning: once a process
+
+
+def held_out_split(path: Path) -> str | None:
+    """The held-out split that a relative path names by the convention above, else None: "eval" for
+    eval.jsonl, "test" for belle_test.json, "dev" for dev-00001.jsonl or dev/x.jsonl, "validation" for
+    validation.csv; None for contest.jsonl, device.json, train.jsonl or Eval.jsonl (upper case)."""
+    return next((m.group(1) for part in path.parts if (m := _HELD_OUT.search(part))), None)
+
+
+def training_files(folder: Path, files: list[Path]) -> list[Path]:
+    """files (data_files of folder) less those whose path below folder names a held-out split
+    (held_out_split), with a warning, once a process per folder, naming them and how to train on them.
+    Raises UserError when every file is such a split."""
+    held = [f for f in files if held_out_split(f.relative_to(folder))]
+    names = ", ".join(str(f.relative_to(folder)) for f in held)
+    if held and len(held) == len(files):
+        raise UserError(f"every data file in {folder} is a held-out split by its name ({names}), which a folder "
+                        f"does not give for training; name the files themselves to train on them.")
+    if held and folder.resolve() not in _NOTED:
+        _NOTED.add(folder.resolve())
+        log.warning("%s: not reading %s: their names mark held-out splits (%s, as in Hugging Face datasets); "
+                    "to train on one, name the file itself, e.g. %s", folder, names,
+                    "/".join(sorted({held_out_split(f.relative_to(folder)) for f in held})), held[0])
+    return [f for f in files if f not in held]
+
+
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a checkpoint (or LoRA adapter)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-# babyllama's outputs that share a folder with data: the files that mark one -> (what it is, its non-data files)
-OUTPUTS = {
-    ("stats.json", "part_*.jsonl"): ("the output of babyllama prepare", ("stats.json", "bad_records.txt")),  # its
+RUN_CONFIG_MAX_BYTES = 1 << 20  # a larger config.json is no run's: it is not read to find out
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether path is the config.json that a training run writes before anything else (RunConfig.to_dict:
+    preset, model and a train table with out_dir; a run that stopped before its first log has no
+    metrics.jsonl); False when it is not there or cannot be read."""
+    try:
+        if path.stat().st_size > RUN_CONFIG_MAX_BYTES:
+            return False
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"preset", "model", "train"} <= config.keys() and \
+        isinstance(config["train"], dict) and "out_dir" in config["train"]
+
+
+def _has(*marks: str) -> Callable[[Path], bool]:
+    """Whether a folder holds a file matching each of the glob patterns marks."""
+    return lambda folder: all(any(folder.glob(m)) for m in marks)
+
+
+# babyllama's outputs that share a folder with data: (what it is, whether a folder holds one, its non-data files)
+OUTPUTS = (
+    ("the output of babyllama prepare", _has("stats.json", "part_*.jsonl"), ("stats.json", "bad_records.txt")),  # its
     # part_*.jsonl are data
-    ("datatrove/settings.json",): ("the work folder of prepare --engine datatrove", ("datatrove",)),
-    ("eval.json", "items.jsonl"): ("the output of babyllama eval", ("eval.json", "items.jsonl", "preferences.json")),
-    ("config.json", "metrics.jsonl"): ("a training run", ("config.json", "metrics.jsonl")),  # checkpoints: output_kind
-    ("demo.json", "timings.json"): ("the out_dir of babyllama demo", ("demo.json", "timings.json")),
-}
+    ("the work folder of prepare --engine datatrove", _has("datatrove/settings.json"), ("datatrove",)),
+    ("the output of babyllama eval", _has("eval.json", "items.jsonl"),
+     ("eval.json", "items.jsonl", "preferences.json")),
+    ("a training run", lambda folder: is_run_config(folder / "config.json"), ("config.json", "metrics.jsonl")),
+    # checkpoints: output_kind
+    ("the out_dir of babyllama demo", _has("demo.json", "timings.json"), ("demo.json", "timings.json")),
+)
 
 
 def _outputs_in(folder: Path) -> list[tuple[str, tuple[str, ...]]]:
-    """(what it is, its non-data files) of each OUTPUTS whose marks are all in folder."""
-    return [v for marks, v in OUTPUTS.items() if all(any(folder.glob(m)) for m in marks)]
+    """(what it is, its non-data files) of each OUTPUTS that folder holds."""
+    return [(what, files) for what, holds, files in OUTPUTS if holds(folder)]
 
 
 def own_output(folder: Path) -> str | None:
@@ -579,10 +637,10 @@ def data_files(folder: Path) -> list[Path]:
     """The files below folder that a reader reads (SUFFIXES, optionally .gz/.zst), sorted by path, less
     babyllama's own outputs, whose JSON and text files are not data: the non-data files of an output that
     shares its folder with data (OUTPUTS: prepare's stats.json and bad_records.txt beside the part_*.jsonl
-    it wrote, eval's eval.json and items.jsonl, a run's config.json and metrics.jsonl; a file of that name
-    alone is data) and whole folders of token shards and SFT/DPO token caches (a manifest.json beside .bin
-    files), of checkpoints and tokenizers (output_kind) and hidden files and folders (temporaries, locks).
-    So a data folder can hold prepare's output and the token cache built from it."""
+    it wrote, eval's eval.json and items.jsonl, a run's config.json (is_run_config) and metrics.jsonl; an
+    eval.json or stats.json alone is data) and whole folders of token shards and SFT/DPO token caches (a
+    manifest.json beside .bin files), of checkpoints and tokenizers (output_kind) and hidden files and
+    folders (temporaries, locks). So a data folder can hold prepare's output and the token cache built from it."""
     if output_kind(folder):
         return []
     own = {name for _, names in _outputs_in(folder) for name in names}
