@@ -429,3 +429,27 @@ def test_eval_of_another_checkpoint_does_not_overwrite_a_result(tmp_path, bpe_to
         f"{ckpts / 'eval'} holds the eval of another checkpoint ({(ckpts / 'step_7').resolve()}); pass another "
         f"--out_dir (or delete {ckpts / 'eval' / 'eval.json'}) to keep both results.")
     assert json.loads((ckpts / "eval" / "eval.json").read_text())["checkpoint"] == str(ckpts / "step_7")
+
+
+def test_eval_does_not_overwrite_an_eval_json_or_items_jsonl_of_another_tool(tmp_path, bpe_tokenizer):
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    theirs = {"eval.json": '{"results": {"ceval": {"acc": 0.31}}, "checkpoint": "their-model"}\n',  # lm-eval-like
+              "items.jsonl": '{"doc_id": 0, "acc": 1}\n'}
+    for name, text in theirs.items():
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text(text)
+        r = run_cli("eval", str(tmp_path / "ck"), "--out_dir", str(out), "--max_new_tokens", "2")
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"babyllama: error: {out / name} was not written by babyllama eval, which would overwrite it; pass "
+            "another --out_dir (or move that file away).")
+        assert (out / name).read_text() == text
+    ours = tmp_path / "ours"
+    evaluate(tmp_path / "ck", ours, sampling=Sampling(max_new_tokens=2))  # no --qa: an empty items.jsonl
+    assert (ours / "items.jsonl").read_text() == ""
+    again = evaluate(tmp_path / "ck", ours, sampling=Sampling(max_new_tokens=2))  # its own: overwritten
+    assert json.loads((ours / "eval.json").read_text()) == again

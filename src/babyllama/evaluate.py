@@ -31,7 +31,7 @@ import torch
 
 from babyllama.chat_format import Conversation, is_unicode, render_prompt, text_prompt
 from babyllama.data.shards import TokenWindows
-from babyllama.data.sources import expand_inputs, file_encoding, iter_records, records_text
+from babyllama.data.sources import MAX_RECORD_CHARS, expand_inputs, file_encoding, iter_records, records_text
 from babyllama.errors import UserError, require
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
@@ -392,18 +392,38 @@ def checkpoint_record(checkpoint: str | Path, out: Path) -> dict:
             "checkpoint_relative": os.path.relpath(real, out.resolve())}
 
 
-def refuse_other_checkpoints_eval(out: Path, checkpoint: str | Path) -> None:
-    """Raise UserError when out/eval.json holds the result of another checkpoint (by real path or by path
-    relative to out; an eval.json without checkpoint_path: its checkpoint as written), which this eval
-    would overwrite."""
-    if not (out / "eval.json").is_file():
-        return
+def _is_our_result(path: Path) -> bool:
+    """Whether path is an eval.json that evaluate wrote: an object with a checkpoint string and a list of
+    continuations, which every eval has."""
     try:
-        before = json.loads((out / "eval.json").read_text(encoding="utf-8"))
-        scored = Path(before.get("checkpoint_path") or before["checkpoint"])
-        relative = before.get("checkpoint_relative")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return  # not an eval.json of ours: nothing of ours to lose
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(r, dict) and isinstance(r.get("checkpoint"), str) and isinstance(r.get("continuations"), list)
+
+
+def _are_our_items(path: Path) -> bool:
+    """Whether path is an items.jsonl that evaluate wrote: empty, or its first line an object with a kind."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            line = f.readline(MAX_RECORD_CHARS)
+        return not line or isinstance(item := json.loads(line), dict) and "kind" in item
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_to_overwrite(out: Path, checkpoint: str | Path) -> None:
+    """Raise UserError when this eval would overwrite, in out, an eval.json or items.jsonl that babyllama
+    eval did not write (_is_our_result, _are_our_items) or the eval of another checkpoint (by real path or
+    by path relative to out; an eval.json without checkpoint_path: its checkpoint as written)."""
+    for f, ours in ((out / "eval.json", _is_our_result), (out / "items.jsonl", _are_our_items)):
+        if f.exists() and not ours(f):
+            raise UserError(f"{f} was not written by babyllama eval, which would overwrite it; pass another "
+                            "--out_dir (or move that file away).")
+    if not (out / "eval.json").exists():
+        return
+    before = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    scored, relative = Path(before.get("checkpoint_path") or before["checkpoint"]), before.get("checkpoint_relative")
     now = checkpoint_record(checkpoint, out)
     if str(scored.resolve()) != now["checkpoint_path"] and relative != now["checkpoint_relative"]:
         raise UserError(f"{out} holds the eval of another checkpoint ({scored}); pass another --out_dir "
@@ -420,7 +440,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     if train_data and not (qa or mc):
         raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
     out = Path(out)
-    refuse_other_checkpoints_eval(out, checkpoint)
+    refuse_to_overwrite(out, checkpoint)
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
@@ -464,7 +484,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         elif result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
-    (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with (out / "items.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
     return result
