@@ -109,6 +109,30 @@ def test_chat_answers_with_base_plus_adapter(lora_run, bpe_tokenizer):
     assert r.stdout.splitlines()[0] == expected
 
 
+def test_a_lora_checkpoint_without_its_tokenizer_uses_its_bases_as_export_adapter_does(lora_run, tmp_path):
+    lora = tmp_path / "lora"  # the adapter's files and config.json alone: the tokenizer is its base's
+    shutil.copytree(lora_run / "run" / "final", lora, ignore=shutil.ignore_patterns("*tokenizer*", "trainer_state.pt"))
+    assert not list(lora.glob("*tokenizer*"))
+
+    def chat(checkpoint, text):
+        return subprocess.run([sys.executable, "-m", "babyllama", "chat", str(checkpoint), "--max_new_tokens", "6"],
+                              input=text, capture_output=True, text=True, timeout=120)
+
+    with_tokenizer = chat(lora_run / "run" / "final", "很好很喜欢\n")
+    r = chat(lora, "很好很喜欢\n")
+    assert (r.returncode, r.stdout) == (0, with_tokenizer.stdout), r.stderr
+    assert run_cli("export", str(lora), "--format", "hf", "--adapter", "--out", str(tmp_path / "hf")).returncode == 0
+    base = tmp_path / "base"  # a base without a tokenizer either: the sentence names where to put it
+    shutil.copytree(lora_run / "init", base, ignore=shutil.ignore_patterns("*tokenizer*"))
+    config = json.loads((lora / "config.json").read_text())
+    config["base"]["path"] = str(base)
+    (lora / "config.json").write_text(json.dumps(config))
+    r = chat(lora, "你好\n")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"babyllama: error: {base} has neither tokenizer.json nor tokenizer.model; copy into it the tokenizer that "
+        "the model was trained with.")
+
+
 def test_a_missing_or_changed_base_is_one_sentence(lora_run, tmp_path):
     shutil.copytree(lora_run / "init", tmp_path / "init")
     shutil.copytree(lora_run / "run" / "final", tmp_path / "lora")

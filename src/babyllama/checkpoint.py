@@ -398,13 +398,24 @@ def model_tensors_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """Model, tokenizer and config.json of a checkpoint; the tokenizer must be the one it was trained with.
-    Everything is checked before the weights are read."""
+    """Model, tokenizer (tokenizer_dir's) and config.json of a checkpoint; the tokenizer must be the one it
+    was trained with. Everything is checked before the weights are read."""
     config = read_config(path)
-    tokenizer = load_tokenizer(path, remedy="copy into it the tokenizer that the model was trained with")
+    source = tokenizer_dir(path)
+    tokenizer = load_tokenizer(source, remedy="copy into it the tokenizer that the model was trained with")
     cfg = model_config(path)
-    check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), str(path), str(path))
+    check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), str(path), str(source))
     return load_model(path, device, cfg), tokenizer, config
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+    """Where a checkpoint's tokenizer is: in it, or for a LoRA checkpoint without one in its base (lora_base,
+    down a chain of them), which holds the same one (a LoRA run trains with its base's tokenizer:
+    stages.checked_run), as export --adapter exports the base's. Raises UserError as lora_base."""
+    path = Path(path)
+    if is_adapter(path) and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return tokenizer_dir(lora_base(path))
+    return path
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict | None, where: str,
