@@ -135,6 +135,17 @@ def test_cache_copied_with_its_inputs_is_used_elsewhere_and_rebuilt_when_one_cha
     assert rebuilt["inputs"][0]["mtime_ns"] == f.stat().st_mtime_ns != built["inputs"][0]["mtime_ns"]
 
 
+def test_the_data_tools_and_their_workers_run_without_torch():
+    """pretokenize's and the SFT cache's worker processes import these modules; torch costs each ~170 MB. The
+    cache hashes its inputs with weights_file.file_sha256, which must not bring it in."""
+    import subprocess
+    import sys
+
+    code = "import sys, babyllama.data.pretokenize, babyllama.data.sft_tokens; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout == "False\n", r.stderr
+
+
 def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, tmp_path, capsys, caplog):
     """cp without -p, or the same file downloaded again: a new mtime, the same bytes, which the manifest's SHA-256
     bears out, so the cache is used as it is; the same size with one character changed is refused, and so is a

@@ -31,7 +31,7 @@ from babyllama.errors import UserError
 from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.weights_file import save_safetensors
+from babyllama.weights_file import file_sha256, save_safetensors
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -363,17 +363,11 @@ _HASHED: dict[tuple, str] = {}  # (file, device, inode, size, mtime_ns, ctime_ns
 
 def _hashed(path: str | Path) -> tuple[str, dict]:
     """(SHA-256, stat) of a checkpoint's weights file; the stat is the one taken before hashing."""
-    import hashlib
-
     f = _weights_file(path)
     st = f.stat()
     key = (str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _HASHED:
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-        _HASHED[key] = h.hexdigest()
+        _HASHED[key] = file_sha256(f)
     return _HASHED[key], _stat(st)
 
 

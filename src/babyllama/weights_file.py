@@ -1,15 +1,21 @@
-"""Write a safetensors file with the mode the user's umask gives a new file, as every other file gets.
+"""Files on disk: a safetensors file written with the mode the user's umask gives a new file, as every other
+file gets, and the SHA-256 of any file read in blocks.
 
 safetensors' save_file creates its file 0600 whatever the umask, so weights in a checkpoint or an export
 shared with a team (umask 0022, shared storage) could be read by their owner only.
+
+torch is imported for type hints only: the data tools hash their inputs with file_sha256 and run without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -27,3 +33,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None
         os.close(fd)
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, mode)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, hex; read in blocks of 16 MiB, so memory stays flat whatever its size.
+    OSError where path cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

@@ -26,7 +26,6 @@ preference pair, the chosen answer's then the rejected one's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from babyllama.data.sources import Item, expand_inputs, iter_records
 from babyllama.errors import UserError
 from babyllama.progress import progress
 from babyllama.tokenizer import load_tokenizer
+from babyllama.weights_file import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +125,6 @@ def same_bytes(had: dict, now: dict) -> bool:
         if _SAME_BYTES[key]:
             log.info("note: %s has a new mtime but the same bytes; using it", now["path"])
     return _SAME_BYTES[key]
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, hex; read in blocks of 16 MiB, so memory stays flat whatever its size."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def same_place(had: dict, now: dict) -> bool:
