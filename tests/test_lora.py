@@ -212,6 +212,34 @@ def test_sft_from_a_lora_checkpoint_refuses_a_changed_or_missing_base_before_bui
     assert not (tmp_path / "run").exists()  # no token cache built, nothing written
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_lora_resume_on_another_init_is_refused_before_the_cache_is_built(lora_run, bpe_tokenizer, tmp_path, capsys,
+                                                                         stage):
+    """`--resume` with another --init of the same shapes put the saved adapter on it silently. The same weights
+    at another path resume; other weights stop the run, naming both bases, before the token cache is built."""
+    from babyllama.cli import main
+
+    shutil.copytree(lora_run / "init", tmp_path / "copy")
+    save_checkpoint(tmp_path / "other", plain_model(seed=3, max_seq_len=64), bpe_tokenizer)
+    data = lora_run / "sft.jsonl"
+    if stage == "dpo":
+        data = tmp_path / "pairs.jsonl"
+        write(data, [{"prompt": f"很好很喜欢{i}", "chosen": "正面", "rejected": "负面"} for i in range(16)])
+    run = tmp_path / "run"
+    args = [stage, "--data", str(data), "--out_dir", str(run), "--save_every", "2", "--batch_size", "4",
+            "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1", "--lora_rank", "4", "--lora_alpha", "8"]
+    assert main([*args, "--init", str(lora_run / "init"), "--max_steps", "2"]) == 0
+    assert main([*args, "--init", str(tmp_path / "copy"), "--max_steps", "4", "--resume"]) == 0
+    shutil.rmtree(run / f"{stage}_tokens")
+    capsys.readouterr()
+    assert main([*args, "--init", str(tmp_path / "other"), "--max_steps", "6", "--resume"]) == 2
+    copy = (tmp_path / "copy").resolve()
+    assert capsys.readouterr().err == (f"babyllama: error: {run / 'checkpoints' / 'step_000004'} is an adapter of the "
+                                       f"base {copy}, not of --init {tmp_path / 'other'} (other weights); resume with "
+                                       f"--init {copy} or use a new out_dir.\n")
+    assert not (run / f"{stage}_tokens").exists()
+
+
 def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     final = lora_run / "run" / "final"

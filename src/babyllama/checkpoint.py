@@ -337,10 +337,17 @@ def lora_base(path: str | Path) -> Path:
         raise UserError(f"the LoRA checkpoint {path} needs its base model {base.get('path')}, which is not there"
                         f"{beside}; restore it at that path.")
     for where in found:
-        if base.get("stat") == _stat(_weights_file(where).stat()) or weights_sha256(where) == base.get("sha256"):
+        if is_base(base, where):
             return where
     raise UserError(f"the base model {found[-1]} is not the one the LoRA checkpoint {path} was trained on "
                     "(its weights changed); restore that base.")
+
+
+def is_base(base: dict, path: str | Path) -> bool:
+    """Whether the checkpoint at path holds the weights that a LoRA checkpoint's config.json "base" (base_record's)
+    names: their file has the stat recorded, or else hashes to the SHA-256 recorded. Raises UserError when path
+    has no weights file."""
+    return base.get("stat") == _stat(_weights_file(path).stat()) or weights_sha256(path) == base.get("sha256")
 
 
 def check_lora_bases(path: str | Path) -> None:

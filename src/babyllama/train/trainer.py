@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from babyllama.checkpoint import (
+    is_base,
     load_model,
     load_train_state,
     model_tensors,
@@ -157,8 +158,9 @@ RESUME_SETTINGS = ("optimizer", "lora_rank", "lora_alpha", "lora_targets")  # a 
 
 def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     """UserError when the checkpoint to resume was trained with other model settings, or with another optimizer
-    or LoRA adapter (RESUME_SETTINGS: its optimizer state and adapter are of those); older checkpoints, which
-    do not record the training settings, are checked for the model settings only."""
+    or LoRA adapter (RESUME_SETTINGS: its optimizer state and adapter are of those), or, for LoRA, on another
+    base than --init (is_base: the weights its config.json names, by stat or SHA-256, as chat and eval check);
+    older checkpoints, which do not record the training settings, are checked for the model settings only."""
     config = read_config(resume_from)
     saved = config["model"]
     diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
@@ -171,6 +173,10 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     if diff:
         raise UserError(f"{resume_from} was trained with {', '.join(diff)}; resume with the same settings or use "
                         "a new out_dir.")
+    base = config.get("base")
+    if cfg.train.lora_rank and base and not is_base(base, cfg.train.init):
+        raise UserError(f"{resume_from} is an adapter of the base {base['path']}, not of --init {cfg.train.init} "
+                        f"(other weights); resume with --init {base['path']} or use a new out_dir.")
 
 
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
