@@ -318,6 +318,29 @@ def test_gbk_json_lines_and_array_and_utf16_are_read_right(tmp_path):
         assert list(reader.documents()) == texts and reader.totals() == (20, 0), name
 
 
+@pytest.mark.parametrize("text, encoding, name", [
+    ("Le garçon a mangé une crème brûlée à l'hôtel, près de la forêt.", "latin-1", "CP1252"),
+    ("Grüße aus München: Der Fußball ist rund, und wir genießen das Wetter.", "latin-1", "CP1252"),
+    ("Flygande bäckasiner söka hwila på mjuka tuvor. Stockholm är Sveriges största stad.", "latin-1", "CP1252"),
+    ("Árvíztűrő tükörfúrógép: a kőműves fűrészel, és a hűtő üres.", "cp1250", "CP1250"),
+], ids=["French", "German", "Swedish", "Hungarian"])
+def test_single_byte_text_is_read_in_its_own_code_page(tmp_path, caplog, text, encoding, name):
+    """charset-normalizer rates other code pages about as good as Latin-1 on a short text and took the first it
+    tried: French came out "crčme brűlée ŕ l'hôtel" (cp1250), Swedish "bðckasiner" (hp_roman8). The reading whose
+    letters fit one language's alphabet wins, and Central European text stays cp1250."""
+    (tmp_path / "a.txt").write_bytes(text.encode(encoding))
+    assert list(CorpusReader([tmp_path / "a.txt"]).documents()) == [text]
+    assert f"not UTF-8; reading it as {name} (detected)" in caplog.text
+
+
+def test_latin1_text_is_read_right_past_the_64_kib_its_encoding_is_decided_on(tmp_path):
+    """German with ä ö ü ß alone decodes alike in cp1250 and cp1252, and cp1250 was taken for the whole file: a
+    French loanword after the first 64 KiB came out "Crčme brűlée ŕ la carte"."""
+    lines = ["Grüße aus München: Der Fußball ist rund."] * 2000 + ["Zum Nachtisch gab es Crème brûlée à la carte."]
+    (tmp_path / "a.txt").write_bytes("\n".join(lines).encode("latin-1"))
+    assert list(CorpusReader([tmp_path / "a.txt"]).documents()) == lines
+
+
 def test_sft_reads_a_gbk_csv_as_gbk(tmp_path, bpe_tokenizer):
     from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
     from babyllama.train.distributed import Dist

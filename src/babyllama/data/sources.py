@@ -26,6 +26,7 @@ import logging
 import re
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,8 +226,8 @@ def file_encoding(path: Path) -> str:
 
 def detect_encoding(path: Path, sample: bytes) -> str | None:
     """"utf-8"; else GB18030 when the text looks like GB2312/GBK Chinese; else what charset-normalizer
-    finds in the file's first 64 KiB, sample (Big5, UTF-16 ...), each with a warning that names it;
-    None when the bytes fit no encoding."""
+    finds in the file's first 64 KiB, sample (Big5, UTF-16, cp1252 ...: _best_code_page), each with a warning
+    that names it; None when the bytes fit no encoding."""
     lines = [line for line in sample.split(b"\n") if not line.isascii()]
     if _mostly_utf8(sample, lines):
         return "utf-8"
@@ -235,15 +236,52 @@ def detect_encoding(path: Path, sample: bytes) -> str | None:
     elif _looks_gb(sample, lines):
         encoding = "gb18030"
     else:
-        best = require("charset_normalizer", "data").from_bytes(sample).best()
-        if best is None:
+        encoding = _best_code_page(sample)
+        if encoding is None:
             return None
-        encoding = best.encoding
     name = codecs.lookup(encoding).name.upper().replace("_", "-")
     if name != "UTF-8":
         log.warning("%s: not UTF-8; reading it as %s (detected). To convert it: iconv -f %s -t UTF-8",
                     path, name, name)
     return encoding
+
+
+# The letters beyond ASCII of the languages written in the legacy Latin code pages (Windows cp1250-cp1258, ISO
+# 8859): a text in one language uses one alphabet's; read in the wrong code page, it mixes several (French à è ê
+# read as cp1250 come out ŕ č ę, Latvian and French at once).
+ALPHABETS = {
+    "ca": "àçèéíïòóúü", "cs": "áčďéěíňóřšťúůýž", "da, no": "åæéø", "de": "äöüß", "es": "áéíñóúü", "et": "äõöšüž",
+    "fi": "äåöšž", "fr": "àâæçéèêëîïôœùûüÿ", "hr": "ćčđšž", "hu": "áéíóöőúüű", "is": "áæðéíóöúýþ",
+    "it": "àèéìíîòóùú", "lt": "ąčėęįšūųž", "lv": "āčēģīķļņšūž", "nl": "áéèëïóöü", "pl": "ąćęłńóśźż",
+    "pt": "àáâãçéêíóôõú", "ro": "ăâîşșţț", "sk": "áäčďéíĺľňóôŕšťúýž", "sl": "čšž", "sq": "çë", "sv": "åäéö",
+    "tr": "âçğıîöşü",
+}
+CLOSE_CHAOS = 0.1  # charset-normalizer's chaos (share of odd characters) within which two readings are as good
+
+
+def _best_code_page(sample: bytes) -> str | None:
+    """The encoding of sample among charset-normalizer's readings whose chaos is within CLOSE_CHAOS of the best's:
+    the one whose characters beyond ASCII fit one alphabet best (_alphabet_fit), then the one that more code pages
+    decode to the same text, then charset-normalizer's order; of the code pages that decode sample to that text,
+    cp1252 (the most used, and what an ISO-8859-1 label means to a browser). None when no encoding fits.
+
+    charset-normalizer alone breaks ties by the order it tries code pages in (cp1250 before cp1252), and on a
+    short text its chaos differs by an odd character or two, so Latin-1 French came out as cp1250 or cp1257."""
+    matches = require("charset_normalizer", "data").from_bytes(sample)
+    best = matches.best()
+    if best is None:
+        return None
+    close = [m for m in matches if m.chaos <= best.chaos + CLOSE_CHAOS]
+    pick = max(close, key=lambda m: (_alphabet_fit(str(m)), len(m.could_be_from_charset)))  # the first of equals
+    return "cp1252" if "cp1252" in pick.could_be_from_charset else pick.encoding
+
+
+def _alphabet_fit(text: str) -> float:
+    """The share of text's characters beyond ASCII that are letters of the one alphabet (ALPHABETS) holding
+    most of them; 0 for text without such characters or in another script."""
+    chars = Counter(c for c in text.lower() if not c.isascii())
+    fits = (sum(n for c, n in chars.items() if c in alphabet) for alphabet in ALPHABETS.values())
+    return max(fits) / max(sum(chars.values()), 1)
 
 
 def _text(path: Path, encoding: str) -> io.TextIOWrapper:
