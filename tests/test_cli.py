@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import generated_corpus
 
 
@@ -50,6 +52,37 @@ def test_missing_paths_exit_2_with_one_sentence(tmp_path):
     assert r.stderr.startswith("babyllama: error: tokenizer") and "Traceback" not in r.stderr
     r = run_cli("tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "t"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_out_dir_that_is_a_file_is_one_sentence_before_any_work(tmp_path, bpe_tokenizer, capsys, monkeypatch):
+    """`eval --out_dir FILE` loaded the model, then mkdir's FileExistsError came as a traceback; so for every command
+    that writes a folder: checked before the work (no tokenizer trained, no model loaded)."""
+    import babyllama.checkpoint
+    import babyllama.tokenizer
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.cli import main
+    from tests.conftest import sharp_model, tiny_config
+
+    for module, name in ((babyllama.checkpoint, "load_model"), (babyllama.tokenizer, "train_bpe")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the work began"))
+    corpus, file = tmp_path / "corpus.jsonl", tmp_path / "file"
+    corpus.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in generated_corpus(20)))
+    file.write_text("mine")
+    bpe_tokenizer.save(tmp_path / "tok")
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    below = file / "sub"
+    for args, out, flag in (
+            (["prepare", "--input", str(corpus)], file, "--out_dir"),
+            (["pretokenize", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok")], below, "--out_dir"),
+            (["tokenizer", "train", "--input", str(corpus)], file, "--out_dir"),
+            (["demo"], file, "--out_dir"),
+            (["eval", str(tmp_path / "ck")], file, "--out_dir"),
+            (["sft", "--init", str(tmp_path / "ck"), "--data", str(corpus), "--data_workers", "1"], below, "out_dir")):
+        assert main([*args, "--out_dir", str(out)]) == 2, args
+        where = "is" if out == file else f"is below {file}, which is"
+        assert capsys.readouterr().err == (f"babyllama: error: {flag} {out} {where} a file, not a folder; choose "
+                                           f"another {flag}.\n"), args
+        assert file.read_text() == "mine"
 
 
 def test_one_dialect_every_flag_with_underscores():

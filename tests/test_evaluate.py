@@ -406,6 +406,42 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()
 
 
+def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path, tiny_run, capsys, monkeypatch):
+    """`--train_data` missing, a checkpoint or only held-out splits, `--prompts` missing after `--data`, an
+    --out_dir that is a checkpoint: each said so only after every answer was generated (or the loss measured)."""
+    import babyllama.checkpoint
+    from babyllama.cli import main
+
+    monkeypatch.setattr(babyllama.checkpoint, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    ck, out = tiny_run / "run" / "final", tmp_path / "out"
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "这是一个问题吗", "answer": "是"}, ensure_ascii=False))
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "test.jsonl").write_text(json.dumps({"text": "测试集"}, ensure_ascii=False))
+    for args, error in (
+            (["--qa", str(qa), "--train_data", str(tmp_path / "nonexist.jsonl")],
+             f"input {tmp_path / 'nonexist.jsonl'} does not exist."),
+            (["--qa", str(qa), "--train_data", str(ck)],
+             f"{ck} is a checkpoint, not a folder of data files; name the data files or their folder."),
+            (["--qa", str(qa), "--train_data", str(tmp_path / "held")],
+             f"every data file in {tmp_path / 'held'} is a held-out split by its name (test.jsonl), which a folder "
+             "does not give for training; name the files themselves to train on them."),
+            (["--data", str(tiny_run / "tokens"), "--prompts", str(tmp_path / "nope.txt")],
+             f"prompts file {tmp_path / 'nope.txt'} does not exist or is not a regular file."),
+            (["--data", str(ck)], f"--data {ck} is a checkpoint, not token shards; pass the --out_dir of babyllama "
+                                  "pretokenize."),
+            (["--data", str(tmp_path / "held")], f"{tmp_path / 'held'} has no manifest.json; make one with `babyllama "
+                                                 "pretokenize`.")):
+        assert main(["eval", str(ck), *args, "--out_dir", str(out)]) == 2, args
+        assert capsys.readouterr().err.splitlines()[-1] == f"babyllama: error: {error}", args
+        assert not out.exists()  # made only after the checks
+    assert main(["eval", str(ck), "--out_dir", str(ck)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"babyllama: error: --out_dir {ck} is a checkpoint, which eval.json and items.jsonl must not be written "
+        f"into; pass another --out_dir, e.g. {ck / 'eval'}.")
+    assert not (ck / "eval.json").exists()
+
+
 def test_eval_of_another_checkpoint_does_not_overwrite_a_result(tmp_path, bpe_tokenizer):
     from babyllama.evaluate import evaluate
     from babyllama.sampling import Sampling

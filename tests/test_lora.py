@@ -188,6 +188,33 @@ def test_a_run_moved_with_its_base_loads_and_a_changed_base_is_still_refused(lor
         load_model(final)
 
 
+def test_a_missing_base_at_one_path_is_named_once_and_export_adapter_checks_the_tokenizer(lora_run, tmp_path,
+                                                                                           capsys):
+    """The missing base said "not there (nor at P)" of its own path P; export --adapter took a LoRA checkpoint's
+    tokenizer files as they were, which chat, eval and plain export refuse when they are not the recorded ones."""
+    from babyllama.cli import main
+
+    shutil.copytree(lora_run / "init", tmp_path / "init")
+    lora = tmp_path / "run" / "final"  # as in lora_run: the base at ../../init, by either path
+    shutil.copytree(lora_run / "run" / "final", lora)
+    config = json.loads((lora / "config.json").read_text())
+    config["base"]["path"] = str(tmp_path / "init")
+    (lora / "config.json").write_text(json.dumps(config))
+    (lora / "babyllama_tokenizer.json").write_text(json.dumps({"bos_id": 1, "eos_id": 0, "pad_id": 2}))
+    for args in (["export", str(lora), "--out", str(tmp_path / "hf")],
+                 ["export", str(lora), "--adapter", "--out", str(tmp_path / "hf")]):
+        assert main(args) == 2
+        assert capsys.readouterr().err.startswith(f"babyllama: error: the tokenizer {lora} (eos_id 0, pad_id 2) is "
+                                                  f"not the one the model at {lora} was trained with (")
+    assert not (tmp_path / "hf").exists()
+    shutil.rmtree(tmp_path / "init")
+    (lora / "babyllama_tokenizer.json").write_bytes((lora_run / "run" / "final" / "babyllama_tokenizer.json")
+                                                    .read_bytes())
+    assert main(["export", str(lora), "--adapter", "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: the LoRA checkpoint {lora} needs its base model "
+                                       f"{tmp_path / 'init'}, which is not there; restore it at that path.\n")
+
+
 def test_sft_from_a_lora_checkpoint_refuses_a_changed_or_missing_base_before_building_data(lora_run, tmp_path,
                                                                                            capsys):
     """`sft --init LORA` whose base changed built the whole token cache (minutes at 1M records), then refused."""

@@ -231,6 +231,26 @@ def test_a_folder_leaves_out_its_held_out_splits_with_one_note_and_a_named_one_i
                            "train on them."
 
 
+def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning_comes_once(tmp_path, caplog):
+    """`sft --data d6 d6/test.jsonl` warned "not reading test.jsonl ... name the file itself", which the user did,
+    and a file named twice was warned about twice (sft and eval expand their inputs twice)."""
+    d = tmp_path / "d6"
+    d.mkdir()
+    for name in ("train.jsonl", "test.jsonl", "eval.jsonl"):
+        jsonl(d / name, [{"text": name}])
+    for _ in range(2):
+        files = expand_inputs([d, d / "test.jsonl", d / "train.jsonl"])
+    assert files == [d / "train.jsonl", d / "test.jsonl"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{d}: not reading eval.jsonl: its name marks a held-out split (eval, as in Hugging Face datasets); to train "
+        f"on it, name the file itself, e.g. {d / 'eval.jsonl'}",
+        f"inputs name these files more than once; each is read once: {d / 'train.jsonl'}"]
+    (d / "train.jsonl").unlink()
+    caplog.clear()
+    assert expand_inputs([d, d / "test.jsonl", d / "eval.jsonl"]) == [d / "test.jsonl", d / "eval.jsonl"]
+    assert not caplog.records  # every held-out file is named: none is left unread, no folder without data
+
+
 def test_prepare_of_a_folder_says_which_held_out_files_it_does_not_read(tmp_path):
     from tests.test_cli import run_cli
 
@@ -239,21 +259,29 @@ def test_prepare_of_a_folder_says_which_held_out_files_it_does_not_read(tmp_path
     jsonl(tmp_path / "data" / "belle_test.json", [{"text": "测试集的一篇文档"}])
     r = run_cli("prepare", "--input", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--min_chars", "1")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("not reading belle_test.json: their names mark held-out splits (test") == 1
+    assert r.stderr.count("not reading belle_test.json: its name marks a held-out split (test, as in Hugging Face "
+                          "datasets); to train on it, name the file itself") == 1
     docs = [json.loads(line)["text"] for line in (tmp_path / "out" / "part_00000.jsonl").read_text().splitlines()]
     assert docs == ["训练用的一篇文档"]
 
 
-def test_a_checkpoint_tokenizer_or_token_folder_given_as_data_is_named_for_what_it_is(tmp_path, bpe_tokenizer):
+def test_a_checkpoint_tokenizer_token_folder_or_cache_given_as_data_is_named_for_what_it_is(tmp_path, bpe_tokenizer):
     from babyllama.checkpoint import save_checkpoint
     from babyllama.data.pretokenize import pretokenize
+    from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
     from tests.conftest import sharp_model, tiny_config
 
     jsonl(tmp_path / "a.jsonl", [{"text": "一篇文档"}])
+    jsonl(tmp_path / "sft.jsonl", [{"instruction": "问题", "output": "回答"}])
+    jsonl(tmp_path / "pairs.jsonl", [{"prompt": "问题", "chosen": "好", "rejected": "坏"}])
     bpe_tokenizer.save(tmp_path / "tok")
     pretokenize([str(tmp_path / "a.jsonl")], str(tmp_path / "tok"), tmp_path / "tokens")
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
-    for name, kind in (("ck", "a checkpoint"), ("tok", "a tokenizer"), ("tokens", "a folder of token shards")):
+    build_sft_cache([tmp_path / "sft.jsonl"], tmp_path / "tok", tmp_path / "sft_tokens", SFTSettings(max_len=64))
+    build_sft_cache([tmp_path / "pairs.jsonl"], tmp_path / "tok", tmp_path / "dpo_tokens", SFTSettings(max_len=64),
+                    kind="dpo")
+    for name, kind in (("ck", "a checkpoint"), ("tok", "a tokenizer"), ("tokens", "a folder of token shards"),
+                       ("sft_tokens", "an SFT token cache"), ("dpo_tokens", "a DPO token cache")):
         with pytest.raises(UserError) as e:
             expand_inputs([tmp_path / "a.jsonl", tmp_path / name])
         assert str(e.value) == f"{tmp_path / name} is {kind}, not a folder of data files; name the data files " \

@@ -333,7 +333,7 @@ def lora_base(path: str | Path) -> Path:
         places.append((Path(path).resolve() / base["relative_path"]).resolve())
     found = [p for p in places if p.is_dir()]
     if not found:
-        beside = f" (nor at {places[1]})" if len(places) > 1 else ""
+        beside = f" (nor at {places[1]})" if len(places) > 1 and places[1] != places[0] else ""
         raise UserError(f"the LoRA checkpoint {path} needs its base model {base.get('path')}, which is not there"
                         f"{beside}; restore it at that path.")
     for where in found:
@@ -400,13 +400,21 @@ def model_tensors_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
     """Model, tokenizer (tokenizer_dir's) and config.json of a checkpoint; the tokenizer must be the one it
-    was trained with. Everything is checked before the weights are read."""
+    was trained with. Everything is checked before the weights are read (checked_tokenizer)."""
+    tokenizer, cfg, config = checked_tokenizer(path)
+    return load_model(path, device, cfg), tokenizer, config
+
+
+def checked_tokenizer(path: str | Path) -> tuple[Tokenizer, ModelConfig, dict]:
+    """Tokenizer (tokenizer_dir's), ModelConfig (model_config's) and config.json of a checkpoint, or of a LoRA
+    checkpoint (its own tokenizer files, if it has them), without reading the weights. Raises UserError when the
+    tokenizer is not the one the checkpoint records (check_tokenizer_fits) or does not load."""
     config = read_config(path)
     source = tokenizer_dir(path)
     tokenizer = load_tokenizer(source, remedy="copy into it the tokenizer that the model was trained with")
     cfg = model_config(path)
     check_tokenizer_fits(tokenizer, cfg, config.get("tokenizer"), str(path), str(source))
-    return load_model(path, device, cfg), tokenizer, config
+    return tokenizer, cfg, config
 
 
 def tokenizer_dir(path: str | Path) -> Path:

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 
-from babyllama.errors import Stopped, UserError
+from babyllama.errors import Stopped, UserError, check_out_dir
 from babyllama.sampling import DEVICE, Sampling
 
 
@@ -498,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings
+            check_out_dir(args.out_dir)
         args.func(args)
     except UserError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""The exception for mistakes a user can make (the CLI prints its message and exits 2), and for a stopped run."""
+"""The exception for mistakes a user can make (the CLI prints its message and exits 2), for a stopped run, and
+the checks shared by every command that raise it."""
+
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -21,3 +24,13 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"this needs the {module} package: pip install 'babyllama[{extra}]'.") from None
+
+
+def check_out_dir(out: str | Path, flag: str = "--out_dir") -> None:
+    """Raise UserError when the output folder out cannot be made because it, or a folder above it, is a file
+    (mkdir's FileExistsError or NotADirectoryError, after the work); flag names the setting in the message."""
+    out = Path(out)
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        where = "is" if file == out else f"is below {file}, which is"
+        raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")

@@ -30,9 +30,16 @@ from pathlib import Path
 import torch
 
 from babyllama.chat_format import Conversation, is_unicode, render_prompt, text_prompt
-from babyllama.data.shards import TokenWindows
-from babyllama.data.sources import MAX_RECORD_CHARS, expand_inputs, file_encoding, iter_records, records_text
-from babyllama.errors import UserError, require
+from babyllama.data.shards import TokenWindows, has_split
+from babyllama.data.sources import (
+    MAX_RECORD_CHARS,
+    expand_inputs,
+    file_encoding,
+    iter_records,
+    output_kind,
+    records_text,
+)
+from babyllama.errors import UserError, check_out_dir, require
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -430,19 +437,56 @@ def refuse_to_overwrite(out: Path, checkpoint: str | Path) -> None:
                         f"(or delete {out / 'eval.json'}) to keep both results.")
 
 
+def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
+    """Raise UserError for an eval --out_dir that is a file (or below one), a babyllama output folder
+    that eval.json and items.jsonl must not join (a checkpoint, a tokenizer, token shards: output_kind), or one
+    whose results eval would overwrite (refuse_to_overwrite)."""
+    check_out_dir(out)
+    if kind := output_kind(out):
+        raise UserError(f"--out_dir {out} is {kind}, which eval.json and items.jsonl must not be written into; "
+                        f"pass another --out_dir, e.g. {out / 'eval'}.")
+    refuse_to_overwrite(out, checkpoint)
+
+
+def check_lm_data(data: str | Path) -> None:
+    """Raise UserError unless data is a folder of pretokenize's token shards with a val split (lm_metrics')."""
+    kind = output_kind(Path(data))
+    if kind not in (None, "a folder of token shards"):
+        raise UserError(f"--data {data} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
+    if not has_split(data, "val"):  # UserError for a folder without a manifest
+        raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
+                        "above 0.")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The continuation prompts of a text file, one a line in any encoding, less blank lines and lines that are
+    not text. Raises UserError when the file is not there or is not a regular file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist or is not a regular file.")
+    lines = records_text(path, file_encoding(path))
+    return [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
+
+
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
              sampling: Sampling | None = None, limit: int = 0, device: str = DEVICE) -> dict:
     """Every evaluation asked for, written to OUT/eval.json and OUT/items.jsonl; returns eval.json's content.
-    sampling: how QA answers and continuations are generated (default: sampling.Sampling)."""
+    sampling: how QA answers and continuations are generated (default: sampling.Sampling). Every input and out
+    are checked before the model loads, and out is made only then: UserError as check_out_dir_of_eval,
+    check_lm_data, read_prompts, read_qa, read_mc and expand_inputs (of train_data) raise."""
     from babyllama.checkpoint import load_checkpoint
 
     if train_data and not (qa or mc):
         raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
     out = Path(out)
-    refuse_to_overwrite(out, checkpoint)
+    check_out_dir_of_eval(out, checkpoint)
+    if data:
+        check_lm_data(data)
+    prompt_list = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
+    train_files = expand_inputs(list(train_data)) if train_data else []
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
         if bad:
             print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
@@ -452,12 +496,6 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     items: list[dict] = []
     if data:
         result["lm"] = lm_metrics(model, data, tokenizer)
-    prompt_list = DEFAULT_PROMPTS
-    if prompts:
-        if not Path(prompts).is_file():
-            raise UserError(f"prompts file {prompts} does not exist or is not a regular file.")
-        lines = records_text(Path(prompts), file_encoding(Path(prompts)))  # one prompt a line, any encoding
-        prompt_list = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
     if qa:
         qa_items = qa_items[: limit or None]
@@ -476,8 +514,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         items += [{"kind": "mc", **it} for it in scored]
     if train_data and (qa or mc):
         questions = [it["question"] for it in items]
-        result["leakage"] = leakage(questions, train_data,
-                                    eval_files=eval_files_in(train_data, [qa] if qa else [], mc or []))
+        result["leakage"] = leakage(questions, train_files,
+                                    eval_files=eval_files_in(train_files, [qa] if qa else [], mc or []))
         if not result["leakage"]["searched_documents"]:
             print(f"note: --train_data {' '.join(train_data)} holds no documents, so the leakage check "
                   "searched nothing.")

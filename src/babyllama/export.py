@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
-from babyllama.checkpoint import load_checkpoint, lora_base, read_config
+from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base
 from babyllama.errors import UserError, require
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
 from babyllama.model import ModelConfig
@@ -189,16 +189,18 @@ def hf_adapter_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 
 
 def export_hf_adapter(checkpoint: str | Path, out: str | Path) -> Path:
-    """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter."""
+    """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter.
+    Raises UserError, before writing, for a checkpoint that is no LoRA one, tokenizer files in it that are not
+    the ones its config.json records (checked_tokenizer, as every load checks them), or a missing base."""
     from safetensors.torch import load_file
 
     peft = require("peft", "lora")
     if not is_adapter(checkpoint):
         raise UserError(f"{checkpoint} is not a LoRA checkpoint; --adapter exports the adapter of one "
                         "(leave it out to export the model).")
+    _, cfg, _ = checked_tokenizer(checkpoint)  # its own tokenizer files, if any, must be the ones it records
     out = export_hf(lora_base(checkpoint), out)
     config = adapter_config(checkpoint)
-    cfg = ModelConfig.from_dict(read_config(checkpoint)["model"])
     tensors = hf_adapter_tensors(load_file(str(Path(checkpoint) / ADAPTER_FILE)), cfg)
     targets = sorted({name.split(".")[-3] for name in tensors})
     hf = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

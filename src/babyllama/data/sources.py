@@ -27,7 +27,7 @@ import re
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -552,13 +552,15 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
     named twice (a folder and a file in it, ./x/../f.jsonl and f.jsonl) is kept once, at its first place
     (same real path), with a warning naming the repeats. Below a directory, files whose path names a
     held-out split (held_out_split: eval.jsonl, belle_test.json, dev/x.jsonl) are left out with a warning,
-    unless held_out (the eval files of eval --qa/--mc); a file named directly is always kept.
+    unless held_out (the eval files of eval --qa/--mc); a file named directly is always kept (and is not in
+    that warning). Each warning is given once a process (warn_once).
 
     Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer, token
     shards or another babyllama output without data files (a training run, an eval output; saying so),
     one without data files, or one whose data files are all held-out splits.
     """
     files: list[Path] = []
+    named = {p.resolve() for p in map(Path, paths) if p.is_file()}
     for p in map(Path, paths):
         if p.is_dir():
             found = data_files(p)  # [] for a checkpoint, tokenizer or token shards (output_kind)
@@ -566,7 +568,7 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
                 raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             if not found:
                 raise UserError(f"directory {p} has no {'/'.join(SUFFIXES)} files (optionally .gz/.zst).")
-            files += found if held_out else training_files(p, found)
+            files += found if held_out else training_files(p, found, named)
         elif p.is_file():
             files.append(p)
         else:
@@ -575,7 +577,7 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
     for f in files:
         first.setdefault(f.resolve(), f)
     if repeats := sorted({str(f) for f in files if first[f.resolve()] is not f}):
-        log.warning("inputs name these files more than once; each is read once: %s", ", ".join(repeats))
+        warn_once(f"inputs name these files more than once; each is read once: {', '.join(repeats)}")
     return list(first.values())
 
 
@@ -584,7 +586,15 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
 # separators (- . _ space or a digit) or the name's ends.
 HELD_OUT_SPLITS = ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
 _HELD_OUT = re.compile(rf"(?<![^-._ 0-9])({'|'.join(HELD_OUT_SPLITS)})(?![^-._ 0-9])")
-_NOTED: set[Path] = set()  # folders whose held-out files were named in a warning: once a process
+_WARNED: set[str] = set()  # the warnings of expand_inputs given in this process
+
+
+def warn_once(message: str) -> None:
+    """log.warning(message) unless this process gave it already: a command may expand the same inputs more than
+    once (eval reads --qa for its items and again for the leakage check; sft for its data and its cache)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def held_out_split(path: Path) -> str | None:
@@ -594,26 +604,29 @@ def held_out_split(path: Path) -> str | None:
     return next((m.group(1) for part in path.parts if (m := _HELD_OUT.search(part))), None)
 
 
-def training_files(folder: Path, files: list[Path]) -> list[Path]:
+def training_files(folder: Path, files: list[Path], named: Collection[Path] = ()) -> list[Path]:
     """files (data_files of folder) less those whose path below folder names a held-out split
-    (held_out_split), with a warning, once a process per folder, naming them and how to train on them.
-    Raises UserError when every file is such a split."""
+    (held_out_split), with a warning (warn_once) naming them and how to train on them, less those also named
+    directly (named: real paths), which the caller reads. Raises UserError when every file is such a split and
+    none is named."""
     held = [f for f in files if held_out_split(f.relative_to(folder))]
-    names = ", ".join(str(f.relative_to(folder)) for f in held)
-    if held and len(held) == len(files):
+    unread = [f for f in held if f.resolve() not in named]
+    names = ", ".join(str(f.relative_to(folder)) for f in unread)
+    if held and len(unread) == len(files):
         raise UserError(f"every data file in {folder} is a held-out split by its name ({names}), which a folder "
                         f"does not give for training; name the files themselves to train on them.")
-    if held and folder.resolve() not in _NOTED:
-        _NOTED.add(folder.resolve())
-        log.warning("%s: not reading %s: their names mark held-out splits (%s, as in Hugging Face datasets); "
-                    "to train on one, name the file itself, e.g. %s", folder, names,
-                    "/".join(sorted({held_out_split(f.relative_to(folder)) for f in held})), held[0])
+    if unread:
+        splits = "/".join(sorted({held_out_split(f.relative_to(folder)) for f in unread}))
+        why, one = ("its name marks a held-out split", "it") if len(unread) == 1 else \
+            ("their names mark held-out splits", "one")
+        warn_once(f"{folder}: not reading {names}: {why} ({splits}, as in Hugging Face datasets); to train on "
+                  f"{one}, name the file itself, e.g. {unread[0]}")
     return [f for f in files if f not in held]
 
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a checkpoint (or LoRA adapter)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-RUN_CONFIG_MAX_BYTES = 1 << 20  # a larger config.json is no run's: it is not read to find out
+SNIFF_JSON_MAX_BYTES = 1 << 20  # a larger config.json or manifest.json is no run's or cache's: it is not read
 
 
 def is_run_config(path: Path) -> bool:
@@ -621,7 +634,7 @@ def is_run_config(path: Path) -> bool:
     preset, model and a train table with out_dir; a run that stopped before its first log has no
     metrics.jsonl); False when it is not there or cannot be read."""
     try:
-        if path.stat().st_size > RUN_CONFIG_MAX_BYTES:
+        if path.stat().st_size > SNIFF_JSON_MAX_BYTES:
             return False
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -660,15 +673,30 @@ def own_output(folder: Path) -> str | None:
 
 def output_kind(folder: Path) -> str | None:
     """What babyllama output folder is when none of its files are data: "a checkpoint" (model.safetensors
-    or a LoRA adapter), "a tokenizer" (tokenizer.json, tokenizer.model), "a folder of token shards" (pretokenize's
-    output or an SFT/DPO token cache: a manifest.json beside .bin files); else None."""
+    or a LoRA adapter), "a tokenizer" (tokenizer.json, tokenizer.model), "an SFT token cache" or "a DPO token
+    cache" (pretokenize --sft's or a run's: its manifest.json says kind sft or dpo), "a folder of token shards"
+    (pretokenize's: another manifest.json beside .bin files); else None."""
     if (folder / "manifest.json").is_file() and any(folder.glob("*.bin")):
-        return "a folder of token shards"
+        kind = _manifest_kind(folder / "manifest.json")
+        return f"{'an SFT' if kind == 'sft' else 'a DPO'} token cache" if kind in ("sft", "dpo") \
+            else "a folder of token shards"
     if any((folder / f).is_file() for f in WEIGHT_FILES):
         return "a checkpoint"
     if any((folder / f).is_file() for f in TOKENIZER_FILES):
         return "a tokenizer"
     return None
+
+
+def _manifest_kind(path: Path) -> str | None:
+    """The "kind" of an SFT/DPO token cache's manifest.json (data/sft_tokens.py: sft or dpo); None for
+    pretokenize's manifest, which has none, or a file that is not one (too large, not a JSON object)."""
+    try:
+        if path.stat().st_size > SNIFF_JSON_MAX_BYTES:
+            return None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest.get("kind") if isinstance(manifest, dict) else None
 
 
 def data_files(folder: Path) -> list[Path]:
