@@ -377,7 +377,7 @@ def record_text(value) -> str:
     return "\n".join(t for t in map(record_text, items) if t)
 
 
-def eval_files_in(train_data: Sequence[str], *eval_data: Sequence[str]) -> list[Path]:
+def eval_files_in(train_data: Sequence[str | Path], *eval_data: Sequence[str]) -> list[Path]:
     """The eval files (of eval_data) that are also among the files of train_data as training reads them,
     with a note naming each."""
     evals = {f.resolve() for paths in eval_data for f in expand_inputs(list(paths), held_out=True)}
