@@ -438,7 +438,7 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
     assert main(["eval", str(ck), "--out_dir", str(ck)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"babyllama: error: --out_dir {ck} is a checkpoint, which eval.json and items.jsonl must not be written "
-        f"into; pass another --out_dir, e.g. {ck / 'eval'}.")
+        f"into; pass another --out_dir, e.g. {ck.parent / 'eval'}.")
     assert not (ck / "eval.json").exists()
 
 

@@ -444,7 +444,8 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
     check_out_dir(out)
     if kind := output_kind(out):
         raise UserError(f"--out_dir {out} is {kind}, which eval.json and items.jsonl must not be written into; "
-                        f"pass another --out_dir, e.g. {out / 'eval'}.")
+                        f"pass another --out_dir, e.g. {out.parent / 'eval'}.")  # not inside: a checkpoint saved
+    # again replaces its whole folder
     refuse_to_overwrite(out, checkpoint)
 
 
