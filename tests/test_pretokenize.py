@@ -94,6 +94,32 @@ def test_merge_refuses_other_tokenizer(corpus_and_tokenizer, tmp_path):
         merge([str(tmp_path / "a"), str(tmp_path / "a")], tmp_path / "m")
 
 
+def test_merge_refuses_parts_that_are_not_one_whole_split(corpus_and_tokenizer, tmp_path, capsys):
+    """Each part of one --num_shards N once, or one sentence naming what is wrong, and nothing merged: a part alone
+    (half the corpus), a part twice under another name (its documents twice), parts of two splits."""
+    import shutil
+
+    from babyllama.cli import main
+
+    d, _ = corpus_and_tokenizer
+    for n, i in ((2, 0), (2, 1), (3, 2)):
+        pretokenize([str(d / "docs.jsonl")], str(d / "tok"), tmp_path / f"p{i}of{n}", num_shards=n, shard_index=i)
+    shutil.copytree(tmp_path / "p0of2", tmp_path / "copy")
+    p0, p1, p2of3, copy = (str(tmp_path / x) for x in ("p0of2", "p1of2", "p2of3", "copy"))
+    capsys.readouterr()
+    for parts, error in (
+        ([p0], "cannot merge 1 of 2 parts, missing --shard_index 1: make each with pretokenize --num_shards 2 "
+               "--shard_index I (the same --input and --tokenizer) and merge all of them."),
+        ([p0, copy, p1], f"cannot merge {copy}: it is --shard_index 0 of 2, as is {p0}; name each part once."),
+        ([p2of3, p1], f"cannot merge {p1}: it is a part of --num_shards 2, {p2of3} of --num_shards 3; merge the "
+                      "parts of one split, each once."),
+    ):
+        assert main(["pretokenize", "--merge", *parts, "--out_dir", str(tmp_path / "m")]) == 2
+        assert capsys.readouterr().err == f"babyllama: error: {error}\n"
+        assert not (tmp_path / "m").exists()
+    assert main(["pretokenize", "--merge", p1, p0, "--out_dir", str(tmp_path / "m")]) == 0  # in any order
+
+
 def test_large_vocab_gives_uint32_shards(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,8 +108,12 @@ def test_resume_on_other_shards_is_refused(shards, tmp_path, capsys):
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False)
                                                    for t in generated_corpus(100, seed=22)))
     pretokenize([str(tmp_path / "docs.jsonl")], str(shards.parent / "tok"), tmp_path / "extra", val_fraction=0.05)
+    shutil.copytree(shards, tmp_path / "part0")
+    for i, part in enumerate((tmp_path / "part0", tmp_path / "extra")):  # as if the two halves of one corpus
+        manifest = json.loads((part / "manifest.json").read_text())
+        (part / "manifest.json").write_text(json.dumps(manifest | {"partition": {"num_shards": 2, "shard_index": i}}))
     more = tmp_path / "more"
-    merge([str(shards), str(tmp_path / "extra")], more)  # the run's shards, then one more of each split
+    merge([str(tmp_path / "part0"), str(tmp_path / "extra")], more)  # the run's shards, then one more of each split
 
     def pretrain_cli(data, run, steps, *resume):
         return main(["pretrain", *TINY, *FAST, "--data", str(data), "--out_dir", str(run), "--max_steps", str(steps),
@@ -134,6 +139,28 @@ def test_resume_on_other_shards_is_refused(shards, tmp_path, capsys):
     del config["data"]  # as written before the record
     (b / "checkpoints" / "step_000002" / "config.json").write_text(json.dumps(config))
     assert pretrain_cli(shards, b, 4, "--resume") == 0
+
+
+def test_a_shard_that_its_manifest_lists_but_is_gone_is_one_sentence(shards, tmp_path, capsys):
+    """pretrain, with and without --resume, and eval --data stop with one sentence naming the file, not a
+    traceback from np.memmap."""
+    from babyllama.cli import main
+
+    data, run = tmp_path / "tokens", tmp_path / "run"
+    shutil.copytree(shards, data)
+    pretrain_args = ["pretrain", *TINY, *FAST, "--data", str(data), "--max_steps", "2", "--batch_size", "4"]
+    assert main([*pretrain_args, "--out_dir", str(run)]) == 0
+    tokens = {s["file"]: s["tokens"] for s in json.loads((data / "manifest.json").read_text())["shards"]}
+    for name, commands in (("val_00000.bin", (["eval", str(run / "final"), "--data", str(data)],
+                                              [*pretrain_args, "--out_dir", str(run), "--resume"])),
+                           ("shard_00000.bin", ([*pretrain_args, "--out_dir", str(tmp_path / "new")],))):
+        (data / name).unlink()
+        capsys.readouterr()
+        for command in commands:
+            assert main(command) == 2, command
+            assert capsys.readouterr().err.splitlines(keepends=True)[-1] == (  # eval first says where it runs
+                f"babyllama: error: {data / name} is missing, though {data / 'manifest.json'} lists it "
+                f"({tokens[name]} tokens); restore it or run `babyllama pretokenize` again.\n"), command
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])

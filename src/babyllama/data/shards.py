@@ -143,7 +143,9 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def merge(dirs: list[str], out: str | Path) -> dict:
-    """Join the outputs of several `--num_shards` runs into one directory (hard links where possible)."""
+    """Join the outputs of the `--num_shards N` runs of one corpus, one for each `--shard_index`, into one directory
+    (hard links where possible). Raises UserError for a directory named twice, parts of other tokenizer settings,
+    and parts that are not each index of one N once (check_partitions)."""
     if len({Path(d).resolve() for d in dirs}) < len(dirs):
         raise UserError(f"--merge names a directory twice ({' '.join(map(str, dirs))}); each part once.")
     manifests = [read_manifest(d) for d in dirs]
@@ -152,6 +154,7 @@ def merge(dirs: list[str], out: str | Path) -> dict:
         for key in ("tokenizer", "dtype", "bos", "val_fraction"):
             if m[key] != first[key]:
                 raise UserError(f"cannot merge {d}: its {key} differs from {dirs[0]}'s.")
+    check_partitions(dirs, [m.get("partition", WHOLE) for m in manifests])
     out = fresh_output_dir(Path(out))
     shards, sources, counters = [], {}, {"train": 0, "val": 0}
     for d, m in zip(dirs, manifests, strict=True):
@@ -168,6 +171,28 @@ def merge(dirs: list[str], out: str | Path) -> dict:
     merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
     merged.pop("partition", None)
     return write_manifest(out, merged)
+
+
+WHOLE = {"num_shards": 1, "shard_index": 0}  # the partition of a directory that records none: a whole corpus
+
+
+def check_partitions(dirs: list[str], partitions: list[dict]) -> None:
+    """UserError unless the parts' manifests' partitions (pretokenize's --num_shards N --shard_index I) are of one N
+    and hold each index from 0 to N - 1 once: else the merge would miss part of the corpus or hold some twice."""
+    n, seen = partitions[0]["num_shards"], {}
+    for d, p in zip(dirs, partitions, strict=True):
+        if p["num_shards"] != n:
+            raise UserError(f"cannot merge {d}: it is a part of --num_shards {p['num_shards']}, {dirs[0]} of "
+                            f"--num_shards {n}; merge the parts of one split, each once.")
+        if p["shard_index"] in seen:
+            raise UserError(f"cannot merge {d}: it is --shard_index {p['shard_index']} of {n}, as is "
+                            f"{seen[p['shard_index']]}; name each part once.")
+        seen[p["shard_index"]] = d
+    missing = [i for i in range(n) if i not in seen]
+    if missing:
+        raise UserError(f"cannot merge {len(seen)} of {n} parts, missing --shard_index {', '.join(map(str, missing))}: "
+                        f"make each with pretokenize --num_shards {n} --shard_index I (the same --input and "
+                        "--tokenizer) and merge all of them.")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -188,6 +213,10 @@ class TokenWindows:
         self.manifest = read_manifest(self.dir)
         self.seq_len = seq_len
         shards = [s for s in self.manifest["shards"] if s["split"] == split]
+        for s in shards:
+            if not (self.dir / s["file"]).is_file():
+                raise UserError(f"{self.dir / s['file']} is missing, though {self.dir / MANIFEST} lists it "
+                                f"({s['tokens']} tokens); restore it or run `babyllama pretokenize` again.")
         self.arrays = [np.memmap(self.dir / s["file"], dtype=self.manifest["dtype"], mode="r") for s in shards]
         for s, a in zip(shards, self.arrays, strict=True):
             if len(a) != s["tokens"]:
