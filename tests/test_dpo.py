@@ -210,6 +210,41 @@ def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):
         assert (tmp_path / "died" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_dpo_resume_refuses_another_reference_or_loss_before_the_cache_is_built(dpo_setup, tmp_path, capsys,
+                                                                              bpe_tokenizer):
+    """--init is DPO's reference: its checkpoints record it (path and SHA-256), so other weights stop --resume; the
+    same weights at another path resume. beta, label_smoothing and rpo_alpha, the loss, may not change either;
+    precompute_ref_log_probs (the same reference log-probs, computed once) may."""
+    import shutil
+
+    from babyllama.cli import main
+
+    d, run, other, moved = dpo_setup, tmp_path / "run", tmp_path / "other", tmp_path / "moved"
+    save_checkpoint(other, model(1), bpe_tokenizer)
+    shutil.copytree(d / "init", moved)
+    args = ["dpo", "--data", str(d / "pairs.jsonl"), "--out_dir", str(run), "--batch_size", "4", "--save_every", "2",
+            "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main([*args, "--init", str(d / "init"), "--max_steps", "2"]) == 0
+    shutil.rmtree(run / "dpo_tokens")
+    ckpt, ref = run / "checkpoints" / "step_000002", (d / "init").resolve()
+    capsys.readouterr()
+    for flags, error in (
+        (["--init", str(other)], f"{ckpt} was trained against the reference model {ref}, not --init {other} (other "
+                                 f"weights); resume with --init {ref} or use a new out_dir."),
+        *[(["--init", str(d / "init"), flag, value], f"{ckpt} was trained with {setting}; resume with the same "
+                                                      "settings or use a new out_dir.")
+          for flag, value, setting in (("--beta", "0.2", "beta 0.1 (now 0.2)"),
+                                       ("--label_smoothing", "0.1", "label_smoothing 0.0 (now 0.1)"),
+                                       ("--rpo_alpha", "1", "rpo_alpha 0.0 (now 1.0)"))],
+    ):
+        assert main([*args, "--max_steps", "4", "--resume", *flags]) == 2
+        assert capsys.readouterr().err == f"babyllama: error: {error}\n"
+        assert not (run / "dpo_tokens").exists()
+    assert main([*args, "--init", str(moved), "--max_steps", "4", "--resume", "--precompute_ref_log_probs",
+                 "true"]) == 0
+    assert json.loads((run / "final" / "config.json").read_text())["step"] == 4
+
+
 def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):
     d = dpo_setup
     base = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path)]

@@ -374,11 +374,14 @@ def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_se
     (["--model.dropout", "0.1"], "other model settings (dropout)"),
     (["--optimizer", "muon"], "optimizer adamw (now muon)"),
     (["--lora_rank", "4"], "lora_rank 0 (now 4)"),
+    (["--seed", "7"], "seed 1337 (now 7)"),
+    (["--pack", "true"], "pack False (now True)"),
 ])
 def test_sft_resume_with_other_settings_is_refused_before_the_cache_is_built(sft_setup, tmp_path, capsys, flags,
                                                                             differ):
     """Settings a checkpoint cannot resume with (the model's, whose weights it holds; the optimizer and the LoRA
-    adapter, whose state it holds) stop --resume before the token cache is built (minutes at full size)."""
+    adapter, whose state it holds; seed and pack, which decide the sample at each position) stop --resume before
+    the token cache is built (minutes at full size)."""
     import shutil
 
     from babyllama.cli import main
@@ -393,6 +396,44 @@ def test_sft_resume_with_other_settings_is_refused_before_the_cache_is_built(sft
     assert capsys.readouterr().err == (f"babyllama: error: {run / 'checkpoints' / 'step_000002'} was trained with "
                                        f"{differ}; resume with the same settings or use a new out_dir.\n")
     assert not (run / "sft_tokens").exists()
+
+
+def test_sft_resume_of_a_finished_run_changes_no_file(sft_setup, tmp_path, capsys):
+    """With nothing left to do (the run's length reached, with other settings that may change), --resume writes
+    nothing: config.json, the checkpoints, final/ and metrics.jsonl stay as they were, byte for byte."""
+    from babyllama.cli import main
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(run), "--save_every",
+            "2", "--batch_size", "8", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main([*args, "--max_steps", "4"]) == 0
+    files = lambda: {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = files()
+    assert run / "checkpoints" / "step_000004" / "config.json" in before
+    for steps in ("4", "3"):
+        capsys.readouterr()
+        assert main([*args, "--max_steps", steps, "--lr", "1e-3", "--batch_size", "4", "--resume"]) == 0
+        assert (f"note: the run in {run} is finished at step 4, so nothing was done; its model is {run / 'final'}\n"
+                in capsys.readouterr().out)
+        assert files() == before
+
+
+def test_a_global_batch_beyond_the_training_rows_warns_once(sft_setup, tmp_path, caplog):
+    """30 samples in steps of 100 rows repeat each about 3 times a step: one warning naming both numbers; a batch
+    of all 30 rows gives none."""
+    from babyllama.cli import main
+
+    d = sft_setup
+    write(tmp_path / "s30.jsonl", [{"instruction": "判断情感：", "input": f"很好很喜欢{i}", "output": "正面"}
+                                   for i in range(30)])
+    args = ["sft", "--init", str(d / "init"), "--data", str(tmp_path / "s30.jsonl"), "--val_fraction", "0",
+            "--max_steps", "1", "--eval_every", "0", "--warmup_steps", "0", "--data_workers", "1"]
+    for batch_size, warnings in (("100", ["a step's 100 rows (batch_size x grad_accum x processes) are more than "
+                                          "the 30 training rows, so each step repeats some; lower --batch_size or "
+                                          "use more data"]), ("30", [])):
+        caplog.clear()
+        assert main([*args, "--batch_size", batch_size, "--out_dir", str(tmp_path / batch_size)]) == 0
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == warnings
 
 
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
@@ -445,7 +486,7 @@ def test_sft_writes_beside_its_init_and_never_resumes_another_stage(sft_setup, t
     assert final == tmp_path / "runs" / "base-sft" / "final" and (final / "model.safetensors").is_file()
     assert json.loads((final / "config.json").read_text())["stage"] == "sft"
     assert {p: p.stat().st_mtime_ns for p in base.rglob("*")} == before  # the base run is untouched
-    with pytest.raises(UserError, match=rf"^{base} holds a pretrain run \(step_000002\), which sft cannot resume; "
+    with pytest.raises(UserError, match=rf"^{base} holds a pretraining run \(step_000002\), which SFT cannot resume; "
                                         r"choose another out_dir\.$"):
         sft(load_config(None, [*args, "--init", str(d / "init"), "--out_dir", str(base)]), resume=True)
     with pytest.raises(UserError, match=rf"^out_dir {base} holds --init {base / 'final'}, which the run would "

@@ -134,6 +134,7 @@ class DPOTrainer(Trainer):
                  dist, stage: str = "dpo", resume_from: Path | None = None):
         super().__init__(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
         self.reference: torch.nn.Module | None = load_model(cfg.train.init, dist.device).requires_grad_(False)
+        self.reference_record = {"path": str(Path(cfg.train.init).resolve()), "sha256": weights_sha256(cfg.train.init)}
         self.sums = torch.zeros(len(METRICS) + 1, device=dist.device)  # over this step's pairs so far
         if self.t.precompute_ref_log_probs:
             self.precompute_reference()

@@ -10,11 +10,13 @@ Both run on one CPU, one GPU or N processes under torchrun, with the same Traine
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 
 from babyllama.checkpoint import (
+    CONFIG_FILE,
     check_lora_bases,
     check_tokenizer_fits,
     latest_checkpoint,
@@ -23,7 +25,7 @@ from babyllama.checkpoint import (
     remove_stale_temporaries,
     resumable_checkpoint,
 )
-from babyllama.config import INIT_MODEL_SETTINGS, RunConfig
+from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
 from babyllama.errors import UserError, check_out_dir
@@ -34,6 +36,10 @@ from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer, check_memory, check_optimizer, check_resume, lora_of
 
 TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
+A_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run"}
+ROWS = {"pretrain": "windows", "sft": "rows", "dpo": "pairs"}  # what a stage's training rows are
+
+log = logging.getLogger(__name__)
 
 
 def default_out_dir(stage: str, init: str) -> str:
@@ -51,7 +57,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     """Check the settings against the tokenizer (loaded from tok_path) and the run directory before any data
     is built; returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
     `--resume` refuses another stage's, a tokenizer other than the one its checkpoint records (files
-    replaced or edited since the run started), and other model, optimizer or LoRA settings (check_resume);
+    replaced or edited since the run started), and other model settings, RESUME_SETTINGS or base (check_resume);
     out_dir may not hold the --init model it would overwrite, nor be a file (check_out_dir). Raises UserError."""
     out = Path(cfg.train.out_dir)
     check_out_dir(out, "out_dir")
@@ -75,7 +81,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     except UserError:  # a damaged newest checkpoint: resumable_checkpoint below skips it, saying so
         made_by = stage
     if made_by != stage:
-        raise UserError(f"{out} holds a {made_by} run ({latest.name}), which {stage} cannot "
+        raise UserError(f"{out} holds {A_RUN[made_by]} ({latest.name}), which {STAGE_NAMES[stage]} cannot "
                         f"{'resume' if resume else 'continue'}; choose another out_dir.")
     resume_from, notes = resumable_checkpoint(out) if resume else (None, [])
     for note in notes if dist.main else []:
@@ -96,11 +102,21 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
                  dist: Dist, resume_from: Path | None, stage: str, trainer_cls: type[Trainer] = Trainer,
                  data: dict | None = None) -> Path:
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
-    record of the data, to check a resume against (token_cache's, token_record's)."""
+    record of the data, to check a resume against (token_cache's, token_record's). A resume of a run that is
+    finished (final/ is of its last checkpoint's step, and the length asks for no more) writes nothing."""
     out = Path(cfg.train.out_dir)
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
     trainer.data = data
     t, steps = cfg.train, trainer.total_steps
+    if trainer.resumed and trainer.step >= steps and is_final_of(out / "final", trainer.step):
+        if dist.main:
+            print(f"note: the run in {out} is finished at step {trainer.step}, so nothing was done; its model is "
+                  f"{out / 'final'}")
+        return out / "final"
+    if dist.main and trainer.global_batch > len(train_data):
+        log.warning("a step's %d rows (batch_size x grad_accum x processes) are more than the %d training %s, so "
+                    "each step repeats some; lower --batch_size or use more data", trainer.global_batch,
+                    len(train_data), ROWS[stage])
     if dist.main and t.warmup_steps >= steps:  # lr_at: the run's last step has lr * steps / warmup_steps
         end = (f"ends at {steps}/{t.warmup_steps} of lr {t.lr:g}" if t.warmup_steps > steps
                else f"reaches lr {t.lr:g} only at the last step")
@@ -113,6 +129,11 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
         print(f"{stage}: {len(train_data):,} rows, {trainer.total_steps:,} steps of {trainer.global_batch} "
               f"rows on {dist.world} x {dist.device.type}, {trainer.dtype}")  # a row: a window, sample or pack
     return trainer.fit()
+
+
+def is_final_of(final: Path, step: int) -> bool:
+    """Whether final/ is there, written at this step."""
+    return (final / CONFIG_FILE).is_file() and read_config(final).get("step") == step
 
 
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from babyllama.checkpoint import (
+    base_record,
     is_base,
     load_model,
     load_train_state,
@@ -153,14 +154,17 @@ def check_memory(cfg: RunConfig, device: torch.device) -> None:
                         f"{have / 2**30:,.1f} GiB of {device}; lower them.")
 
 
-RESUME_SETTINGS = ("optimizer", "lora_rank", "lora_alpha", "lora_targets")  # a checkpoint's state is of these
+# what a resume may not change: the checkpoint's optimizer state and adapter are of the first four; seed and pack
+# decide which sample or pack each global position is; beta, label_smoothing and rpo_alpha are DPO's loss
+RESUME_SETTINGS = ("optimizer", "lora_rank", "lora_alpha", "lora_targets", "seed", "pack", "beta",
+                   "label_smoothing", "rpo_alpha")
 
 
 def check_resume(cfg: RunConfig, resume_from: Path) -> None:
-    """UserError when the checkpoint to resume was trained with other model settings, or with another optimizer
-    or LoRA adapter (RESUME_SETTINGS: its optimizer state and adapter are of those), or, for LoRA, on another
-    base than --init (is_base: the weights its config.json names, by stat or SHA-256, as chat and eval check);
-    older checkpoints, which do not record the training settings, are checked for the model settings only."""
+    """UserError when the checkpoint to resume was trained with other model settings, or other RESUME_SETTINGS,
+    or, for LoRA, on another base than --init, or, for DPO, against another reference model than --init (is_base:
+    the weights its config.json names, by stat or SHA-256, as chat and eval check); older checkpoints, which do
+    not record these, are checked for what they record."""
     config = read_config(resume_from)
     saved = config["model"]
     diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
@@ -177,6 +181,11 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     if cfg.train.lora_rank and base and not is_base(base, cfg.train.init):
         raise UserError(f"{resume_from} is an adapter of the base {base['path']}, not of --init {cfg.train.init} "
                         f"(other weights); resume with --init {base['path']} or use a new out_dir.")
+    reference = config.get("reference")
+    if reference and not is_base(reference, cfg.train.init):
+        raise UserError(f"{resume_from} was trained against the reference model {reference['path']}, not --init "
+                        f"{cfg.train.init} (other weights); resume with --init {reference['path']} or use a new "
+                        "out_dir.")
 
 
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
@@ -345,6 +354,7 @@ class Trainer:
         self.gave_up_at = 0  # the step that ended max_bad_steps skipped steps in a row, 0: none
         self.resumed = resume_from is not None
         self.data: dict | None = None  # what checkpoints record of the data: token cache or shards
+        self.reference_record: dict | None = None  # DPO's reference model (--init), {"path", "sha256"}: they record it
         if resume_from is not None:
             state = load_train_state(resume_from)
             if state is None:
@@ -548,6 +558,8 @@ class Trainer:
                 extra["base"] = self.base
             if self.data is not None:
                 extra["data"] = self.data
+            if self.reference_record is not None:
+                extra["reference"] = base_record(self.reference_record, path)
             tensors = tensors_of(self.model, weights)  # once, on the CPU, for both directories
             save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors, self.lora)
             prune_checkpoints(self.out, self.t.keep_last)
