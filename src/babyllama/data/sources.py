@@ -633,14 +633,21 @@ def is_run_config(path: Path) -> bool:
     """Whether path is the config.json that a training run writes before anything else (RunConfig.to_dict:
     preset, model and a train table with out_dir; a run that stopped before its first log has no
     metrics.jsonl); False when it is not there or cannot be read."""
+    config = _small_json_object(path)
+    return {"preset", "model", "train"} <= config.keys() and isinstance(config["train"], dict) and \
+        "out_dir" in config["train"]
+
+
+def _small_json_object(path: Path) -> dict:
+    """The JSON object in path; {} when it is not there, cannot be read, is not one, or is larger than
+    SNIFF_JSON_MAX_BYTES (no file of ours is: it is not read to find out)."""
     try:
         if path.stat().st_size > SNIFF_JSON_MAX_BYTES:
-            return False
-        config = json.loads(path.read_text(encoding="utf-8"))
+            return {}
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and {"preset", "model", "train"} <= config.keys() and \
-        isinstance(config["train"], dict) and "out_dir" in config["train"]
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _has(*marks: str) -> Callable[[Path], bool]:
@@ -690,13 +697,7 @@ def output_kind(folder: Path) -> str | None:
 def _manifest_kind(path: Path) -> str | None:
     """The "kind" of an SFT/DPO token cache's manifest.json (data/sft_tokens.py: sft or dpo); None for
     pretokenize's manifest, which has none, or a file that is not one (too large, not a JSON object)."""
-    try:
-        if path.stat().st_size > SNIFF_JSON_MAX_BYTES:
-            return None
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest.get("kind") if isinstance(manifest, dict) else None
+    return _small_json_object(path).get("kind")
 
 
 def data_files(folder: Path) -> list[Path]:
