@@ -122,6 +122,11 @@ def test_a_lora_checkpoint_without_its_tokenizer_uses_its_bases_as_export_adapte
     r = chat(lora, "很好很喜欢\n")
     assert (r.returncode, r.stdout) == (0, with_tokenizer.stdout), r.stderr
     assert run_cli("export", str(lora), "--format", "hf", "--adapter", "--out", str(tmp_path / "hf")).returncode == 0
+    r = run_cli("sft", "--init", str(lora), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(tmp_path / "more"),
+                "--max_steps", "1", "--batch_size", "4", "--eval_every", "0", "--data_workers", "1")  # and trains on
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "more" / "final" / "tokenizer.json").read_bytes() == \
+        (lora_run / "init" / "tokenizer.json").read_bytes()
     base = tmp_path / "base"  # a base without a tokenizer either: the sentence names where to put it
     shutil.copytree(lora_run / "init", base, ignore=shutil.ignore_patterns("*tokenizer*"))
     config = json.loads((lora / "config.json").read_text())

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from babyllama.checkpoint import load_model, weights_sha256
+from babyllama.checkpoint import load_model, tokenizer_dir, weights_sha256
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.progress import progress
@@ -263,7 +263,7 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     cfg.model = init_model(cfg, "DPO")
     t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
-        tok_path = t.tokenizer or t.init
+        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
         train, val, stats, data = token_cache(cfg, tok_path, dist, "dpo", resume_from)  # t.pack is refused above

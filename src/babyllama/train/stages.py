@@ -24,6 +24,7 @@ from babyllama.checkpoint import (
     read_config,
     remove_stale_temporaries,
     resumable_checkpoint,
+    tokenizer_dir,
 )
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
@@ -220,7 +221,7 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     cfg.model = init_model(cfg, "SFT")
     t.out_dir = t.out_dir or default_out_dir("sft", t.init)
     with process_group(t.device, t.ddp_timeout) as dist:
-        tok_path = t.tokenizer or t.init
+        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
         train_data, val_data, stats, data = token_cache(cfg, tok_path, dist, "sft", resume_from)
