@@ -231,7 +231,8 @@ def test_a_folder_leaves_out_its_held_out_splits_with_one_note_and_a_named_one_i
                            "train on them."
 
 
-def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning_comes_once(tmp_path, caplog):
+def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning_comes_once(tmp_path, caplog,
+                                                                                             monkeypatch):
     """`sft --data d6 d6/test.jsonl` warned "not reading test.jsonl ... name the file itself", which the user did,
     and a file named twice was warned about twice (sft and eval expand their inputs twice)."""
     d = tmp_path / "d6"
@@ -249,6 +250,10 @@ def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning
     caplog.clear()
     assert expand_inputs([d, d / "test.jsonl", d / "eval.jsonl"]) == [d / "test.jsonl", d / "eval.jsonl"]
     assert not caplog.records  # every held-out file is named: none is left unread, no folder without data
+    jsonl(d / "train.jsonl", [{"text": "train"}])
+    monkeypatch.setenv("RANK", "1")  # another process of a torchrun job: the first one warns for all
+    assert expand_inputs([tmp_path]) == [d / "train.jsonl"]
+    assert not caplog.records
 
 
 def test_prepare_of_a_folder_says_which_held_out_files_it_does_not_read(tmp_path):

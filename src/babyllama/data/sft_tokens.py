@@ -122,7 +122,7 @@ def same_bytes(had: dict, now: dict) -> bool:
     key = (now["path"], now["bytes"], now["mtime_ns"], had["sha256"])
     if key not in _SAME_BYTES:
         _SAME_BYTES[key] = file_sha256(now["path"]) == had["sha256"]
-        if _SAME_BYTES[key]:
+        if _SAME_BYTES[key] and os.environ.get("RANK", "0") == "0":  # every process of a torchrun job hashes
             log.info("note: %s has a new mtime but the same bytes; using it", now["path"])
     return _SAME_BYTES[key]
 

@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import re
 import sys
 import zlib
@@ -590,9 +591,10 @@ _WARNED: set[str] = set()  # the warnings of expand_inputs given in this process
 
 
 def warn_once(message: str) -> None:
-    """log.warning(message) unless this process gave it already: a command may expand the same inputs more than
-    once (eval reads --qa for its items and again for the leakage check; sft for its data and its cache)."""
-    if message not in _WARNED:
+    """log.warning(message) unless this process gave it already (a command may expand the same inputs more than
+    once: eval reads --qa for its items and again for the leakage check; sft for its data and its cache) or is
+    not the first of a torchrun job (RANK > 0), whose every process reads the same inputs."""
+    if message not in _WARNED and os.environ.get("RANK", "0") == "0":
         _WARNED.add(message)
         log.warning("%s", message)
 
