@@ -146,3 +146,104 @@ def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):
     r = run_cli("pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(tmp_path / "none"),
                 "--out_dir", str(tmp_path / "o3"))
     assert r.returncode == 2 and "tokenizer" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def parts(corpus_and_tokenizer, tmp_path_factory):
+    """The two parts of a --num_shards 2 split (copy them before changing them)."""
+    d, _ = corpus_and_tokenizer
+    out = tmp_path_factory.mktemp("parts")
+    for i in range(2):
+        pretokenize([str(d / "docs.jsonl")], str(d / "tok"), out / f"p{i}", val_fraction=0.1, num_shards=2,
+                    shard_index=i)
+    return out
+
+
+def files_of(folder):
+    """{relative path: bytes} of every file below folder."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def refused(args, error, folder, capsys):
+    """pretokenize ARGS exits 2 with the one sentence error and changes no file below folder."""
+    from babyllama.cli import main
+
+    before = files_of(folder)
+    capsys.readouterr()
+    assert main(["pretokenize", *args]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: {error}\n"
+    assert files_of(folder) == before
+
+
+def test_merge_refuses_an_out_dir_that_is_holds_or_is_inside_a_part(parts, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(parts, tmp_path, dirs_exist_ok=True)
+    p0, p1 = str(tmp_path / "p0"), str(tmp_path / "p1")
+    for out, how in ((p0, "is"), (str(tmp_path), "holds"), (str(tmp_path / "p1" / "sub"), "is inside")):
+        part = p1 if how == "is inside" else p0
+        refused(["--merge", p0, p1, "--out_dir", out], f"--out_dir {out} {how} the part {part}; merge into a folder "
+                "apart from the parts, which it would otherwise overwrite.", tmp_path, capsys)
+    assert not (tmp_path / "p1" / "sub").exists()
+
+
+def test_merge_refuses_a_damaged_part_before_writing(parts, tmp_path, capsys):
+    import shutil
+
+    for damage in ("missing", "truncated", "no tokenizer"):
+        shutil.copytree(parts, tmp_path / damage)
+        p0, p1 = tmp_path / damage / "p0", tmp_path / damage / "p1"
+        shard = p1 / "shard_00000.bin"
+        tokens = read_manifest(p1)["shards"][0]["tokens"]
+        if damage == "missing":
+            shard.unlink()
+            error = (f"{shard} is missing, though {p1 / 'manifest.json'} lists it ({tokens} tokens); restore it or "
+                     "run `babyllama pretokenize` again.")
+        elif damage == "truncated":
+            shard.write_bytes(shard.read_bytes()[:-20])  # 10 uint16 tokens short
+            error = f"{shard} has {tokens - 10} tokens, the manifest says {tokens}."
+        else:
+            shutil.rmtree(p1 / "tokenizer")
+            error = f"{p1 / 'tokenizer'} is missing; run `babyllama pretokenize` for that part again."
+        refused(["--merge", str(p0), str(p1), "--out_dir", str(tmp_path / damage / "m")], error, tmp_path, capsys)
+        assert not (tmp_path / damage / "m").exists()
+
+
+def test_merge_in_any_order_writes_identical_bytes(parts, tmp_path):
+    from babyllama.cli import main
+
+    p0, p1 = str(parts / "p0"), str(parts / "p1")
+    assert main(["pretokenize", "--merge", p0, p1, "--out_dir", str(tmp_path / "a")]) == 0
+    assert main(["pretokenize", "--merge", p1, p0, "--out_dir", str(tmp_path / "b")]) == 0
+    a, b = files_of(tmp_path / "a"), files_of(tmp_path / "b")
+    assert len(a) == 7 and a == b  # 2 train and 2 val shards, manifest.json, the tokenizer's 2 files
+    assert read_manifest(tmp_path / "a")["merged_from"] == [p0, p1]
+    # into an earlier merge's folder again: its shards are replaced, as pretokenize's
+    assert main(["pretokenize", "--merge", p1, p0, "--out_dir", str(tmp_path / "a")]) == 0
+    assert files_of(tmp_path / "a") == b
+
+
+def test_merge_refuses_the_settings_of_the_parts(corpus_and_tokenizer, parts, tmp_path, capsys):
+    d, _ = corpus_and_tokenizer
+    merge_args = ["--merge", str(parts / "p0"), str(parts / "p1"), "--out_dir", str(tmp_path / "m")]
+    for flags in (["--bos"], ["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok")],
+                  ["--num_shards", "1", "--shard_index", "0"], ["--val_fraction", "0.1", "--shard_tokens", "10"]):
+        names = " ".join(f for f in flags if f.startswith("--"))
+        refused([*merge_args, *flags], f"{names} cannot go with --merge: the parts were made with them, and the "
+                "merge takes them from the parts; leave them out.", tmp_path, capsys)
+    assert not (tmp_path / "m").exists()
+
+
+def test_pretokenize_refuses_a_checkpoint_or_tokenizer_out_dir(corpus_and_tokenizer, parts, tmp_path, capsys):
+    import shutil
+
+    d, _ = corpus_and_tokenizer
+    shutil.copytree(d / "tok", tmp_path / "tok")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    for out, kind in ((tmp_path / "tok", "a tokenizer"), (tmp_path / "ckpt", "a checkpoint")):
+        error = (f"--out_dir {out} is {kind}; pretokenize writes token shards into a folder of their own, so give "
+                 "another --out_dir.")
+        refused(["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(out)], error,
+                tmp_path, capsys)
+        refused(["--merge", str(parts / "p0"), str(parts / "p1"), "--out_dir", str(out)], error, tmp_path, capsys)

@@ -83,11 +83,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_pretokenize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from babyllama.data.pretokenize import pretokenize
     from babyllama.data.shards import merge
+    from babyllama.data.sources import output_kind
 
     check_engine_flags(args)
-    if args.engine == "datatrove" and (args.merge or args.num_shards > 1 or args.shard_index):
+    if (kind := output_kind(Path(args.out_dir))) in ("a checkpoint", "a tokenizer"):
+        raise UserError(f"--out_dir {args.out_dir} is {kind}; pretokenize writes token shards into a folder of their "
+                        "own, so give another --out_dir.")
+    if args.merge and (given := [f"--{k}" for k in MADE_WITH if getattr(args, k) is not None
+                                 and getattr(args, k) is not False]):  # not "in (None, False)": 0 == False
+        raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with them, and the merge "
+                        "takes them from the parts; leave them out.")
+    if args.engine == "datatrove" and (args.merge or args.num_shards is not None or args.shard_index is not None):
         raise UserError("--merge, --num_shards and --shard_index are for the embedded engine; datatrove splits the "
                         "work by --tasks.")
     if args.sft and args.engine == "datatrove":
@@ -110,18 +120,24 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
         engine = datatrove_engine()
         manifest = engine.pretokenize(args.input, args.tokenizer, args.out_dir, launch_of(engine, args),
                                       val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
-                                      shard_tokens=args.shard_tokens, bos=args.bos, format=args.format)
+                                      shard_tokens=args.shard_tokens or SHARD_TOKENS, bos=args.bos,
+                                      format=args.format)
         if manifest is None:
             return print(json.dumps({"out_dir": args.out_dir, "submitted": "slurm"}))
     elif args.input and args.tokenizer:
         manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=workers(args),
                                val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
-                               shard_tokens=args.shard_tokens,
-                               num_shards=args.num_shards, shard_index=args.shard_index, bos=args.bos,
+                               shard_tokens=args.shard_tokens or SHARD_TOKENS, num_shards=args.num_shards or 1,
+                               shard_index=args.shard_index or 0, bos=args.bos,
                                format=args.format)
     else:
         raise UserError("pretokenize needs --input and --tokenizer, or --merge DIRS.")
     print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["totals"]}))
+
+
+SHARD_TOKENS = 100_000_000  # --shard_tokens by default
+MADE_WITH = ("input", "tokenizer", "bos", "val_fraction", "shard_tokens", "num_shards", "shard_index", "format",
+             "sft")  # pretokenize's settings of the parts, which --merge refuses
 
 
 def datatrove_engine():
@@ -382,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--val_fraction", type=float, help="held out by hash (default 0.005, with --sft 0.02)")
-    p.add_argument("--shard_tokens", type=int_in(1), default=100_000_000, help="tokens per shard file")
-    p.add_argument("--num_shards", type=int_in(1), default=1, help="split the documents over this many machines")
-    p.add_argument("--shard_index", type=int_in(0), default=0, help="which part this machine makes")
+    p.add_argument("--shard_tokens", type=int_in(1), help="tokens per shard file (default 100,000,000)")
+    p.add_argument("--num_shards", type=int_in(1), help="split the documents over this many machines (default 1)")
+    p.add_argument("--shard_index", type=int_in(0), help="which part this machine makes (default 0)")
     p.add_argument("--bos", action="store_true", help="put <bos> before every document too")
     p.add_argument("--format", help="force a schema, as for prepare")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num_shards runs into --out_dir")

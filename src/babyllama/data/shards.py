@@ -144,17 +144,28 @@ def read_manifest(path: str | Path) -> dict:
 
 def merge(dirs: list[str], out: str | Path) -> dict:
     """Join the outputs of the `--num_shards N` runs of one corpus, one for each `--shard_index`, into one directory
-    (hard links where possible). Raises UserError for a directory named twice, parts of other tokenizer settings,
-    and parts that are not each index of one N once (check_partitions)."""
+    (hard links where possible), in the order of their --shard_index whatever the order given. Raises UserError,
+    before out is touched, for a directory named twice, an out that is, holds or is inside a part, parts of other
+    tokenizer settings, parts that are not each index of one N once (check_partitions), and a part missing a shard
+    file or its tokenizer or with a shard of another size than its manifest says (check_shard_files)."""
     if len({Path(d).resolve() for d in dirs}) < len(dirs):
         raise UserError(f"--merge names a directory twice ({' '.join(map(str, dirs))}); each part once.")
+    check_out_dir_apart(dirs, Path(out))
     manifests = [read_manifest(d) for d in dirs]
     first = manifests[0]
     for d, m in zip(dirs, manifests, strict=True):
         for key in ("tokenizer", "dtype", "bos", "val_fraction"):
             if m[key] != first[key]:
                 raise UserError(f"cannot merge {d}: its {key} differs from {dirs[0]}'s.")
-    check_partitions(dirs, [m.get("partition", WHOLE) for m in manifests])
+    partitions = [m.get("partition", WHOLE) for m in manifests]
+    check_partitions(dirs, partitions)
+    for d, m in zip(dirs, manifests, strict=True):  # all checked before out is touched
+        check_shard_files(Path(d), m, m["shards"])
+        if not (Path(d) / "tokenizer").is_dir():
+            raise UserError(f"{Path(d) / 'tokenizer'} is missing; run `babyllama pretokenize` for that part again.")
+    order = sorted(range(len(dirs)), key=lambda i: partitions[i]["shard_index"])  # any order given, one output
+    dirs, manifests = [dirs[i] for i in order], [manifests[i] for i in order]
+    first = manifests[0]
     out = fresh_output_dir(Path(out))
     shards, sources, counters = [], {}, {"train": 0, "val": 0}
     for d, m in zip(dirs, manifests, strict=True):
@@ -171,6 +182,18 @@ def merge(dirs: list[str], out: str | Path) -> dict:
     merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
     merged.pop("partition", None)
     return write_manifest(out, merged)
+
+
+def check_out_dir_apart(dirs: list[str], out: Path) -> None:
+    """UserError when out is one of the parts dirs, holds one or is inside one: clearing out for the merge would
+    delete the shards it is about to read."""
+    o = out.resolve()
+    for d in dirs:
+        p = Path(d).resolve()
+        if o == p or o in p.parents or p in o.parents:
+            how = "is" if o == p else "holds" if o in p.parents else "is inside"
+            raise UserError(f"--out_dir {out} {how} the part {d}; merge into a folder apart from the parts, which "
+                            "it would otherwise overwrite.")
 
 
 WHOLE = {"num_shards": 1, "shard_index": 0}  # the partition of a directory that records none: a whole corpus
@@ -195,6 +218,21 @@ def check_partitions(dirs: list[str], partitions: list[dict]) -> None:
                         "--tokenizer) and merge all of them.")
 
 
+def check_shard_files(data_dir: Path, manifest: dict, shards: list[dict]) -> None:
+    """UserError naming the first of shards (manifest's records) that is missing from data_dir or whose size is not
+    its recorded token count times the dtype's bytes (a truncated or overwritten file)."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for s in shards:
+        f = data_dir / s["file"]
+        if not f.is_file():
+            raise UserError(f"{f} is missing, though {data_dir / MANIFEST} lists it ({s['tokens']} tokens); restore "
+                            "it or run `babyllama pretokenize` again.")
+        size = f.stat().st_size
+        if size != s["tokens"] * itemsize:
+            n = size // itemsize if size % itemsize == 0 else size / itemsize  # a part token: a torn write
+            raise UserError(f"{f} has {n} tokens, the manifest says {s['tokens']}.")
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -213,14 +251,8 @@ class TokenWindows:
         self.manifest = read_manifest(self.dir)
         self.seq_len = seq_len
         shards = [s for s in self.manifest["shards"] if s["split"] == split]
-        for s in shards:
-            if not (self.dir / s["file"]).is_file():
-                raise UserError(f"{self.dir / s['file']} is missing, though {self.dir / MANIFEST} lists it "
-                                f"({s['tokens']} tokens); restore it or run `babyllama pretokenize` again.")
+        check_shard_files(self.dir, self.manifest, shards)
         self.arrays = [np.memmap(self.dir / s["file"], dtype=self.manifest["dtype"], mode="r") for s in shards]
-        for s, a in zip(shards, self.arrays, strict=True):
-            if len(a) != s["tokens"]:
-                raise UserError(f"{self.dir / s['file']} has {len(a)} tokens, the manifest says {s['tokens']}.")
         counts = np.array([len(a) // (seq_len + 1) for a in self.arrays], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # first window index of each shard
         if self.starts[-1] == 0:
