@@ -271,6 +271,26 @@ def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path
             ) in capsys.readouterr().out.splitlines()
 
 
+def test_leakage_finds_instruction_and_input_items_copied_into_training_data(tmp_path):
+    """eval asks an {instruction, input, output} item as instruction + input (the demo's, alpaca-zh's, BELLE's
+    shape); the same items in --train_data (the eval file itself, a copy, inside a larger SFT file) are leaked."""
+    items = [{"instruction": "判断下面这句话的情感：", "input": f"第{i}句评论说这家店的菜很好吃", "output": "正面"}
+             for i in range(5)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in items]
+    (tmp_path / "q.jsonl").write_text("\n".join(lines))
+    (tmp_path / "copy.jsonl").write_text("\n".join(lines))
+    other = [{"instruction": "翻译：", "input": t, "output": "略"} for t in generated_corpus(20, seed=3)]
+    (tmp_path / "sft.jsonl").write_text("\n".join([*map(json.dumps, other[:10]), *lines, *map(json.dumps, other[10:])]))
+    questions = [q["question"] for q in read_qa(tmp_path / "q.jsonl")[0]]
+    assert questions == [r["instruction"] + r["input"] for r in items]
+    same = leakage(questions, [tmp_path / "q.jsonl"], eval_files=[tmp_path / "q.jsonl"])
+    assert (same["leaked"], same["leaked_in_eval_files"], same["examples"]) == (5, 5, questions)
+    for train in ("copy.jsonl", "sft.jsonl"):
+        found = leakage(questions, [tmp_path / train])
+        assert (found["leaked"], found["leaked_in_eval_files"], found["examples"]) == (5, 0, questions), train
+    assert leakage(questions, [tmp_path / "sft.jsonl"])["searched_documents"] == 25
+
+
 def test_leakage_searches_every_field_of_every_sft_and_dpo_shape(tmp_path):
     questions = [f"第{i}道只出现在训练数据某个字段里的题目" for i in range(9)]
     q = iter(questions)
@@ -431,7 +451,13 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
             (["--data", str(ck)], f"--data {ck} is a checkpoint, not token shards; pass the --out_dir of babyllama "
                                   "pretokenize."),
             (["--data", str(tmp_path / "held")], f"{tmp_path / 'held'} has no manifest.json; make one with `babyllama "
-                                                 "pretokenize`.")):
+                                                 "pretokenize`."),
+            (["--data", str(qa)], f"{qa} is a file; --data takes the folder that babyllama pretokenize wrote (with "
+                                  "manifest.json)."),
+            (["--data", str(tiny_run / "tokens" / "manifest.json")],
+             f"{tiny_run / 'tokens' / 'manifest.json'} is a file; --data takes the folder that babyllama pretokenize "
+             "wrote (with manifest.json)."),
+            (["--data", str(tmp_path / "nonexist")], f"{tmp_path / 'nonexist'} does not exist.")):
         assert main(["eval", str(ck), *args, "--out_dir", str(out)]) == 2, args
         assert capsys.readouterr().err.splitlines()[-1] == f"babyllama: error: {error}", args
         assert not out.exists()  # made only after the checks

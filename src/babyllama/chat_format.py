@@ -100,10 +100,19 @@ def instruction_pair(record: dict) -> tuple[str, str] | None:
     BELLE / shibing624/medical record (instruction + input, output); else None."""
     if isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
         return record["prompt"], record["answer"]
-    instruction, output, extra = record.get("instruction"), record.get("output"), record.get("input") or ""
-    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
+    question, output = instruction_prompt(record), record.get("output")
+    if question is None or not isinstance(output, str):
         return None
-    return instruction + extra, output
+    return question, output
+
+
+def instruction_prompt(record: dict) -> str | None:
+    """The user's turn of an alpaca-zh / BELLE record: its instruction followed directly by its input (none:
+    ""); None unless both are text. SFT trains on it and eval asks it, so both build it here."""
+    instruction, extra = record.get("instruction"), record.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(extra, str):
+        return None
+    return instruction + extra
 
 
 def is_unicode(text: str) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.chat_format import Conversation, is_unicode, render_prompt, text_prompt
+from babyllama.chat_format import Conversation, instruction_prompt, is_unicode, render_prompt, text_prompt
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
@@ -147,9 +147,7 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     when its reference is missing or blank; ValueError, saying why, for a bad record."""
     if record is None:
         raise ValueError(why)
-    question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
-    if question is None and isinstance(record.get("instruction"), str):
-        question = record["instruction"] + (record.get("input") or "")
+    question = question_of(record)
     if question is None or not question.strip():
         raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
     reference = next((_reference(record[k]) for k in REFERENCE_KEYS if record.get(k) is not None), "")
@@ -158,6 +156,13 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     if not reference.strip():
         return None
     return {"question": question, "reference": reference, "task": str(record.get("task", "qa"))}
+
+
+def question_of(record: dict) -> str | None:
+    """The question eval asks of a record: its question or prompt, else its instruction + input as the chat
+    format renders them (chat_format.instruction_prompt); None when it has neither."""
+    question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
+    return question if question is not None else instruction_prompt(record)
 
 
 def bad_detail(bad: list[str]) -> str:
@@ -347,8 +352,9 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
 
     Every training file is searched as training reads it (expand_inputs: a folder's held-out splits are
     not), each record with all its text (record_text: instructions with their input and output, every
-    turn of a conversation, a preference pair's prompt and both answers, pretraining text), the eval files
-    too when they are among them. leaked_in_eval_files counts the questions found only in those eval
+    turn of a conversation, a preference pair's prompt and both answers, pretraining text) and the question
+    eval would ask of it (question_of: an instruction joined to its input, as the chat format joins them),
+    the eval files too when they are among them. leaked_in_eval_files counts the questions found only in those eval
     files; searched_documents the training records with text (0: the check checked nothing). Raises
     UserError when a training path names no data files.
     """
@@ -362,7 +368,8 @@ def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_cha
     documents = 0
     records = ((f, r) for f in expand_inputs(list(train_paths)) for _, r, _ in iter_records(f) if r is not None)
     for file, record in progress(records, desc="leakage check", unit=" records"):
-        if text := record_text(record):
+        if text := "\n".join(filter(None, (question_of(record) if isinstance(record, dict) else None,
+                                            record_text(record)))):
             documents += 1
             (in_eval if file.resolve() in evals else found).update(index.matches(text))
     return {"checked": len(checked), "leaked": len(found | in_eval), "leaked_in_eval_files": len(in_eval - found),
