@@ -649,6 +649,19 @@ def test_a_zero_setting_is_exit_code_2_and_one_sentence(shards, tmp_path):
     assert not tmp_path.joinpath("metrics.jsonl").exists()
 
 
+def test_data_that_is_not_a_shards_folder_is_one_sentence(shards, tmp_path):
+    """A corpus file, the manifest itself or a missing path as --data: one sentence, not a JSONDecodeError."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "一段文字"}, ensure_ascii=False) + "\n")
+    folder = "--data takes the folder that babyllama pretokenize wrote (with manifest.json)."
+    for data, error in ((corpus, f"{corpus} is a file; {folder}"),
+                        (shards / "manifest.json", f"{shards / 'manifest.json'} is a file; {folder}"),
+                        (tmp_path / "nonexist", f"{tmp_path / 'nonexist'} does not exist.")):
+        with pytest.raises(UserError) as e:
+            pretrain(config(data, tmp_path / "run", "--max_steps", "1"))
+        assert str(e.value) == error
+
+
 def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
     """`pretrain --init` without the model settings trains the init's model (it crashed on the default
     shape); settings that would change it, and SFT's --pack, are one sentence."""

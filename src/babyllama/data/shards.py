@@ -135,11 +135,17 @@ def first_difference(changed: list[str], new: list[str], gone: list[str]) -> str
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The manifest of a folder of token shards (the one place pretrain, eval and merge open one). Raises
+    UserError for a path that does not exist, a file (a corpus, or the manifest itself) and a folder without one."""
     path = Path(path)
-    f = path / MANIFEST if path.is_dir() else path
-    if not f.is_file():
+    if not path.exists():
+        raise UserError(f"{path} does not exist.")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file; --data takes the folder that babyllama pretokenize wrote "
+                        f"(with {MANIFEST}).")
+    if not (path / MANIFEST).is_file():
         raise UserError(f"{path} has no {MANIFEST}; make one with `babyllama pretokenize`.")
-    return json.loads(f.read_text())
+    return json.loads((path / MANIFEST).read_text())
 
 
 def merge(dirs: list[str], out: str | Path) -> dict:
