@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,17 @@ def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning
     caplog.clear()
     assert expand_inputs([d, d / "test.jsonl", d / "eval.jsonl"]) == [d / "test.jsonl", d / "eval.jsonl"]
     assert not caplog.records  # every held-out file is named: none is left unread, no folder without data
+    (d / "test").mkdir()  # `sft --data d6 d6/test`: the folder d6/test named too is read, its files not warned about
+    jsonl(d / "test" / "a.jsonl", [{"text": "a"}])
+    jsonl(d / "test" / "dev.jsonl", [{"text": "dev"}])
+    assert expand_inputs([d, d / "test"]) == [d / "test" / "a.jsonl"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{d}: not reading eval.jsonl, test/dev.jsonl, test.jsonl: their names mark held-out splits "
+        f"(eval/test, as in Hugging Face datasets); to train on one, name the file itself, e.g. {d / 'eval.jsonl'}",
+        f"{d / 'test'}: not reading dev.jsonl: its name marks a held-out split (dev, as in Hugging Face datasets); "
+        f"to train on it, name the file itself, e.g. {d / 'test' / 'dev.jsonl'}"]
+    shutil.rmtree(d / "test")
+    caplog.clear()
     jsonl(d / "train.jsonl", [{"text": "train"}])
     monkeypatch.setenv("RANK", "1")  # another process of a torchrun job: the first one warns for all
     assert expand_inputs([tmp_path]) == [d / "train.jsonl"]

@@ -553,18 +553,21 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
     named twice (a folder and a file in it, ./x/../f.jsonl and f.jsonl) is kept once, at its first place
     (same real path), with a warning naming the repeats. Below a directory, files whose path names a
     held-out split (held_out_split: eval.jsonl, belle_test.json, dev/x.jsonl) are left out with a warning,
-    unless held_out (the eval files of eval --qa/--mc); a file named directly is always kept (and is not in
-    that warning). Each warning is given once a process (warn_once).
+    unless held_out (the eval files of eval --qa/--mc); a file named directly, or read below a directory
+    named directly (sf/test/a.jsonl of `sf sf/test`), is always kept (and is not in that warning).
+    Each warning is given once a process (warn_once).
 
     Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer, token
     shards or another babyllama output without data files (a training run, an eval output; saying so),
     one without data files, or one whose data files are all held-out splits.
     """
     files: list[Path] = []
-    named = {p.resolve() for p in map(Path, paths) if p.is_file()}
+    below = {p: data_files(p) for p in map(Path, paths) if p.is_dir()}  # [] for a checkpoint, tokenizer, shards
+    named = {p.resolve() for p in map(Path, paths) if p.is_file()} | \
+        {f.resolve() for p, found in below.items() for f in found if not held_out_split(f.relative_to(p))}
     for p in map(Path, paths):
         if p.is_dir():
-            found = data_files(p)  # [] for a checkpoint, tokenizer or token shards (output_kind)
+            found = below[p]
             if not found and (kind := output_kind(p) or own_output(p)):
                 raise UserError(f"{p} is {kind}, not a folder of data files; name the data files or their folder.")
             if not found:
@@ -609,8 +612,8 @@ def held_out_split(path: Path) -> str | None:
 def training_files(folder: Path, files: list[Path], named: Collection[Path] = ()) -> list[Path]:
     """files (data_files of folder) less those whose path below folder names a held-out split
     (held_out_split), with a warning (warn_once) naming them and how to train on them, less those also named
-    directly (named: real paths), which the caller reads. Raises UserError when every file is such a split and
-    none is named."""
+    directly or read below a directory named directly (named: real paths), which the caller reads. Raises
+    UserError when every file is such a split and none is named."""
     held = [f for f in files if held_out_split(f.relative_to(folder))]
     unread = [f for f in held if f.resolve() not in named]
     names = ", ".join(str(f.relative_to(folder)) for f in unread)
