@@ -234,6 +234,14 @@ def test_merge_refuses_the_settings_of_the_parts(corpus_and_tokenizer, parts, tm
     assert not (tmp_path / "m").exists()
 
 
+def test_num_shards_without_shard_index_is_refused(corpus_and_tokenizer, tmp_path, capsys):
+    d, _ = corpus_and_tokenizer  # it made part 0 of 2 silently
+    refused(["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(tmp_path / "p"),
+             "--num_shards", "2"], "--num_shards 2 needs --shard_index (0 to 1): which part this machine makes.",
+            tmp_path, capsys)
+    assert not (tmp_path / "p").exists()
+
+
 def test_pretokenize_refuses_a_checkpoint_or_tokenizer_out_dir(corpus_and_tokenizer, parts, tmp_path, capsys):
     import shutil
 

@@ -97,6 +97,9 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
                                  and getattr(args, k) is not False]):  # not "in (None, False)": 0 == False
         raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with them, and the merge "
                         "takes them from the parts; leave them out.")
+    if (args.num_shards or 1) > 1 and args.shard_index is None:  # each machine must say which part it makes
+        raise UserError(f"--num_shards {args.num_shards} needs --shard_index (0 to {args.num_shards - 1}): which part "
+                        "this machine makes.")
     if args.engine == "datatrove" and (args.merge or args.num_shards is not None or args.shard_index is not None):
         raise UserError("--merge, --num_shards and --shard_index are for the embedded engine; datatrove splits the "
                         "work by --tasks.")
