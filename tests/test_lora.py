@@ -267,7 +267,7 @@ def test_lora_resume_on_another_init_is_refused_before_the_cache_is_built(lora_r
     assert main([*args, "--init", str(tmp_path / "other"), "--max_steps", "6", "--resume"]) == 2
     copy = (tmp_path / "copy").resolve()
     assert capsys.readouterr().err == (f"babyllama: error: {run / 'checkpoints' / 'step_000004'} is an adapter of the "
-                                       f"base {copy}, not of --init {tmp_path / 'other'} (other weights); resume with "
+                                       f"base {copy}, not --init {tmp_path / 'other'} (other weights); resume with "
                                        f"--init {copy} or use a new out_dir.\n")
     assert not (run / f"{stage}_tokens").exists()
 

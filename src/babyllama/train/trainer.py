@@ -177,15 +177,12 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     if diff:
         raise UserError(f"{resume_from} was trained with {', '.join(diff)}; resume with the same settings or use "
                         "a new out_dir.")
-    base = config.get("base")
-    if cfg.train.lora_rank and base and not is_base(base, cfg.train.init):
-        raise UserError(f"{resume_from} is an adapter of the base {base['path']}, not of --init {cfg.train.init} "
-                        f"(other weights); resume with --init {base['path']} or use a new out_dir.")
-    reference = config.get("reference")
-    if reference and not is_base(reference, cfg.train.init):
-        raise UserError(f"{resume_from} was trained against the reference model {reference['path']}, not --init "
-                        f"{cfg.train.init} (other weights); resume with --init {reference['path']} or use a new "
-                        "out_dir.")
+    for key, trained in (("base", "is an adapter of the base"),
+                         ("reference", "was trained against the reference model")):
+        source = config.get(key)  # a LoRA run's base, a DPO run's reference: {path, stat, sha256}
+        if source and (key == "reference" or cfg.train.lora_rank) and not is_base(source, cfg.train.init):
+            raise UserError(f"{resume_from} {trained} {source['path']}, not --init {cfg.train.init} (other "
+                            f"weights); resume with --init {source['path']} or use a new out_dir.")
 
 
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
