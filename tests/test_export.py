@@ -106,8 +106,10 @@ def test_export_never_overwrites_a_checkpoint_and_says_what_it_cannot_write(bpe_
         (tmp_path / "run", "hf", "holds a babyllama checkpoint or run"),
         (final, "gguf", f"^{re.escape(f'{final} is a directory; --format gguf writes one file, e.g. --out {beside}')}"
                         r"\.$"),
-        (tmp_path / "afile" / "sub", "hf", "cannot write the export to"),
-        (tmp_path / "afile" / "m.gguf", "gguf", "cannot write the export to"),
+        *[(tmp_path / "afile" / name, fmt, "^" + re.escape(f"--out {tmp_path / 'afile' / name} is below "
+                                                          f"{tmp_path / 'afile'}, which is a file, not a folder; "
+                                                          "choose another --out.") + "$")
+          for name, fmt in (("sub", "hf"), ("m.gguf", "gguf"))],  # found before the checkpoint is loaded
     ]:
         (tmp_path / "afile").write_text("a file where a directory would go")
         with pytest.raises(UserError, match=message):

@@ -26,11 +26,12 @@ def require(module: str, extra: str):
         raise UserError(f"this needs the {module} package: pip install 'babyllama[{extra}]'.") from None
 
 
-def check_out_dir(out: str | Path, flag: str = "--out_dir") -> None:
+def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True) -> None:
     """Raise UserError when the output folder out cannot be made because it, or a folder above it, is a file
-    (mkdir's FileExistsError or NotADirectoryError, after the work); flag names the setting in the message."""
+    (mkdir's FileExistsError or NotADirectoryError, after the work); flag names the setting in the message.
+    folder=False: out is a file to write, so only the folders above it are checked."""
     out = Path(out)
-    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    file = next((p for p in (out, *out.parents)[0 if folder else 1:] if p.exists() and not p.is_dir()), None)
     if file is not None:
         where = "is" if file == out else f"is below {file}, which is"
         raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")

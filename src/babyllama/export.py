@@ -23,7 +23,7 @@ import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
 from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base
-from babyllama.errors import UserError, require
+from babyllama.errors import UserError, check_out_dir, require
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
 from babyllama.model import ModelConfig
 from babyllama.weights_file import save_safetensors
@@ -300,6 +300,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
     if format not in ("hf", "gguf"):
         raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")
     out = Path(out)
+    check_out_dir(out, "--out", folder=False)  # a file above out: found before the checkpoint is loaded
     if format == "gguf" and out.is_dir():  # a file beside it: one inside a checkpoint would change that checkpoint
         named = out if out.name else out.resolve()
         raise UserError(f"{out} is a directory; --format gguf writes one file, e.g. "
