@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -428,7 +429,8 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
 
 def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path, tiny_run, capsys, monkeypatch):
     """`--train_data` missing, a checkpoint or only held-out splits, `--prompts` missing after `--data`, an
-    --out_dir that is a checkpoint: each said so only after every answer was generated (or the loss measured)."""
+    --out_dir that is a checkpoint, a val split shorter than the model's window: each said so only after every answer
+    was generated (or the loss measured)."""
     import babyllama.checkpoint
     from babyllama.cli import main
 
@@ -461,6 +463,17 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
         assert main(["eval", str(ck), *args, "--out_dir", str(out)]) == 2, args
         assert capsys.readouterr().err.splitlines()[-1] == f"babyllama: error: {error}", args
         assert not out.exists()  # made only after the checks
+    long = tmp_path / "long"  # a model whose window is longer than the whole val split
+    shutil.copytree(ck, long)
+    config = json.loads((long / "config.json").read_text())
+    config["model"]["max_seq_len"] = 100_000
+    (long / "config.json").write_text(json.dumps(config))
+    val = sum(s["tokens"] for s in json.loads((tiny_run / "tokens" / "manifest.json").read_text())["shards"]
+              if s["split"] == "val")
+    assert main(["eval", str(long), "--data", str(tiny_run / "tokens"), "--out_dir", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"babyllama: error: the val split of {tiny_run / 'tokens'} has {val} tokens, fewer than one window of "
+        "100001; use more data, a smaller max_seq_len or a larger --val_fraction.")
     assert main(["eval", str(ck), "--out_dir", str(ck)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"babyllama: error: --out_dir {ck} is a checkpoint, which eval.json and items.jsonl must not be written "

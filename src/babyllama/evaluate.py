@@ -456,14 +456,16 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
     refuse_to_overwrite(out, checkpoint)
 
 
-def check_lm_data(data: str | Path) -> None:
-    """Raise UserError unless data is a folder of pretokenize's token shards with a val split (lm_metrics')."""
+def check_lm_data(data: str | Path, seq_len: int) -> None:
+    """Raise UserError unless data is a folder of pretokenize's token shards with a val split of at least one
+    window of seq_len + 1 tokens (lm_metrics', with the model's max_seq_len)."""
     kind = output_kind(Path(data))
     if kind not in (None, "a folder of token shards"):
         raise UserError(f"--data {data} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
     if not has_split(data, "val"):  # UserError for a folder without a manifest
         raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
                         "above 0.")
+    TokenWindows(data, seq_len, "val")  # UserError for a val split shorter than a window
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -483,14 +485,14 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     sampling: how QA answers and continuations are generated (default: sampling.Sampling). Every input and out
     are checked before the model loads, and out is made only then: UserError as check_out_dir_of_eval,
     check_lm_data, read_prompts, read_qa, read_mc and expand_inputs (of train_data) raise."""
-    from babyllama.checkpoint import load_checkpoint
+    from babyllama.checkpoint import load_checkpoint, read_config
 
     if train_data and not (qa or mc):
         raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
     out = Path(out)
     check_out_dir_of_eval(out, checkpoint)
     if data:
-        check_lm_data(data)
+        check_lm_data(data, read_config(checkpoint)["model"]["max_seq_len"])
     prompt_list = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
