@@ -137,7 +137,8 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(demo_corpus, "build_demo_corpus", functools.partial(
-        demo_corpus.build_demo_corpus, limit=SMOKE["limit"], eval_limit=SMOKE["eval_items"]))
+        demo_corpus.build_demo_corpus, limit=SMOKE["limit"], eval_limit=SMOKE["eval_items"],
+        preference_items=SMOKE["preference_items"]))
     commands, used, took = readme_commands(), set(), {}
     runner = Runner(monkeypatch)
     start = time.time()

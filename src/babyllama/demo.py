@@ -41,6 +41,7 @@ SMOKE = {  # a sliver of everything
             "--warmup_steps", "5"],
     "dpo": ["--max_steps", "10", "--batch_size", "8", "--eval_every", "5", "--save_every", "5", "--warmup_steps", "2"],
     "eval_items": 60,
+    "preference_items": 200,  # prompts the SFT model answers for dpo.jsonl: DPO's 10 steps of 8 take 80 of them
 }
 
 
@@ -85,7 +86,8 @@ class Demo:
         from babyllama.data.demo_corpus import build_demo_corpus
 
         d = self.out / "data"
-        limits = {"limit": SMOKE["limit"], "eval_limit": SMOKE["eval_items"]} if self.smoke else {}
+        limits = {"limit": SMOKE["limit"], "eval_limit": SMOKE["eval_items"],
+                  "preference_items": SMOKE["preference_items"]} if self.smoke else {}
         build_demo_corpus(d, **limits)
         prepare([str(d / "raw" / "pretrain.jsonl")], d, min_chars=10, dedup="minhash")
 
