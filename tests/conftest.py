@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import random
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -91,3 +97,30 @@ def favours_control_ids(model, favoured: dict[int, float]):
         bias[i] = amount
     model.output.register_forward_hook(lambda module, inputs, logits: logits + bias.to(logits.device))
     return model
+
+
+def run_cli(*args: str | Path, stdin: str | bytes = "") -> subprocess.CompletedProcess:
+    """`babyllama ARGS` run in this process through cli.main, as a pipe runs it: stdin given, stdout and stderr
+    (with the log lines that main's logging.basicConfig sends there) captured as text, and argparse's exit code.
+    A `python -m babyllama` process imports torch again, seconds a call; the tests about the process itself
+    (exit status, signals, torchrun, a pipe into chat, the demo end to end) start one."""
+    from babyllama.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    raw = stdin.encode() if isinstance(stdin, str) else stdin
+    try:
+        with mock.patch.object(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw))), redirect_stdout(out), \
+                redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess([str(a) for a in args], code, out.getvalue(), err.getvalue())

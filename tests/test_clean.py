@@ -9,8 +9,7 @@ import pytest
 
 from babyllama.data.clean import HashSets, NearDuplicateIndex, normalize, prepare
 from babyllama.errors import UserError
-from tests.conftest import generated_corpus
-from tests.test_cli import run_cli
+from tests.conftest import generated_corpus, run_cli
 
 
 def test_normalize_keeps_chinese_punctuation():

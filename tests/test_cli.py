@@ -8,13 +8,12 @@ import sys
 
 import pytest
 
-from tests.conftest import generated_corpus
+from tests.conftest import generated_corpus, run_cli
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "babyllama", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+def run_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m babyllama ARGS` as its own process: for what only a process shows (its exit status)."""
+    return subprocess.run([sys.executable, "-m", "babyllama", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_tokenizer_train_then_info(tmp_path):
@@ -47,7 +46,7 @@ def test_large_vocab_says_uint32(tmp_path):
 
 
 def test_missing_paths_exit_2_with_one_sentence(tmp_path):
-    r = run_cli("tokenizer", "info", str(tmp_path / "missing"))
+    r = run_process("tokenizer", "info", str(tmp_path / "missing"))  # the status a shell sees
     assert r.returncode == 2
     assert r.stderr.startswith("babyllama: error: tokenizer") and "Traceback" not in r.stderr
     r = run_cli("tokenizer", "train", "--input", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "t"))

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import run_cli
+from tests.conftest import run_cli
+from tests.test_cli import run_process
 
 pytest.importorskip("snownlp")
 
 
 def test_demo_smoke_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = run_cli("demo", "--smoke", "--out_dir", str(out))
+    r = run_process("demo", "--smoke", "--out_dir", str(out))  # the one run as a user's own process
     assert r.returncode == 0, r.stderr[-3000:]
     for path in ("data/stats.json", "data/sft.jsonl", "data/eval.jsonl", "tokenizer/tokenizer.json",
                  "tokens/manifest.json", "pretrain/final/model.safetensors", "pretrain/metrics.jsonl",

@@ -19,8 +19,7 @@ from babyllama.train.distributed import Dist
 from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss, preference_metrics
 from babyllama.train.sft_data import SFTData
 from babyllama.train.stages import init_model
-from tests.conftest import simulate_death, tiny_config
-from tests.test_cli import run_cli
+from tests.conftest import run_cli, simulate_death, tiny_config
 from tests.test_sft import write
 
 PAIRS = [(Conversation([("你好", "")]), "对的", "错了吧"), (Conversation([("问题", "")]), "好", "不好的"),

@@ -26,8 +26,7 @@ from babyllama.evaluate import (
     split_continuation,
 )
 from babyllama.report import make_report
-from tests.conftest import CHATGLM2, generated_corpus, sharp_model, tiny_config
-from tests.test_cli import run_cli
+from tests.conftest import CHATGLM2, generated_corpus, run_cli, sharp_model, tiny_config
 
 
 def test_bleu_is_sacrebleu_zh_and_jieba_words():

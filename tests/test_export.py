@@ -12,8 +12,7 @@ from babyllama.chat_format import conversation_from_messages, render_prompt
 from babyllama.checkpoint import save_checkpoint
 from babyllama.errors import UserError
 from babyllama.export import export
-from tests.conftest import CHATGLM2, sharp_model, tiny_config
-from tests.test_cli import run_cli
+from tests.conftest import CHATGLM2, run_cli, sharp_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 TEXTS = ["床前明月光，疑是地上霜。", "中华人民共和国成立于1949年。", "人工智能 is 计算机科学的一个分支。"]

@@ -6,8 +6,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +17,7 @@ from babyllama.errors import UserError
 from babyllama.lora import ADAPTER_FILE, TARGETS, adapter_tensors, add_lora, lora_config, merge_lora, save_adapter
 from babyllama.model import Transformer
 from babyllama.train.stages import pretrain, sft
-from tests.conftest import tiny_config
-from tests.test_cli import run_cli
+from tests.conftest import run_cli, tiny_config
 from tests.test_sft import write
 
 peft = pytest.importorskip("peft")
@@ -100,9 +97,7 @@ def test_lora_checkpoint_holds_peft_files_and_names_its_base(lora_run):
 
 def test_chat_answers_with_base_plus_adapter(lora_run, bpe_tokenizer):
     final = lora_run / "run" / "final"
-    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(final), "--max_new_tokens", "6",
-                        "--repetition_penalty", "1.0"], input="很好很喜欢\n", capture_output=True, text=True,
-                       timeout=120)
+    r = run_cli("chat", final, "--max_new_tokens", "6", "--repetition_penalty", "1.0", stdin="很好很喜欢\n")
     assert r.returncode == 0, r.stderr
     prompt = render_prompt(bpe_tokenizer, Conversation([("很好很喜欢", "")]))
     expected = bpe_tokenizer.decode(load_model(final).generate(prompt, max_new_tokens=6, eos_id=2))
@@ -115,8 +110,7 @@ def test_a_lora_checkpoint_without_its_tokenizer_uses_its_bases_as_export_adapte
     assert not list(lora.glob("*tokenizer*"))
 
     def chat(checkpoint, text):
-        return subprocess.run([sys.executable, "-m", "babyllama", "chat", str(checkpoint), "--max_new_tokens", "6"],
-                              input=text, capture_output=True, text=True, timeout=120)
+        return run_cli("chat", checkpoint, "--max_new_tokens", "6", stdin=text)
 
     with_tokenizer = chat(lora_run / "run" / "final", "很好很喜欢\n")
     r = chat(lora, "很好很喜欢\n")
@@ -175,8 +169,7 @@ def test_a_run_moved_with_its_base_loads_and_a_changed_base_is_still_refused(lor
     with torch.no_grad():
         assert torch.equal(load_model(final)(IDS)[0], before)
     monkeypatch.undo()
-    r = subprocess.run([sys.executable, "-m", "babyllama", "chat", str(final), "--max_new_tokens", "4"],
-                       input="很好很喜欢\n", capture_output=True, text=True, timeout=120)
+    r = run_cli("chat", final, "--max_new_tokens", "4", stdin="很好很喜欢\n")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     weights = tmp_path / "b" / "init" / "model.safetensors"
     data, st = bytearray(weights.read_bytes()), weights.stat()

@@ -10,8 +10,7 @@ import pytest
 from babyllama.data.pretokenize import pretokenize
 from babyllama.data.shards import is_val, merge, read_manifest
 from babyllama.errors import UserError
-from tests.conftest import generated_corpus
-from tests.test_cli import run_cli
+from tests.conftest import generated_corpus, run_cli
 
 
 @pytest.fixture(scope="module")

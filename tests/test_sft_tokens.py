@@ -18,8 +18,7 @@ from babyllama.data.sources import iter_records
 from babyllama.errors import UserError
 from babyllama.train.distributed import Dist
 from babyllama.train.sft_data import load_sft_data
-from tests.conftest import logged_losses, sharp_model, tiny_config
-from tests.test_cli import run_cli
+from tests.conftest import logged_losses, run_cli, sharp_model, tiny_config
 from tests.test_pretrain import torchrun
 
 MULTI_TURN = [{"conversations": [{"role": "system", "content": "你是一个医生。"}]

@@ -269,7 +269,7 @@ def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning
 
 
 def test_prepare_of_a_folder_says_which_held_out_files_it_does_not_read(tmp_path):
-    from tests.test_cli import run_cli
+    from tests.conftest import run_cli
 
     (tmp_path / "data").mkdir()
     jsonl(tmp_path / "data" / "train.jsonl", [{"text": "训练用的一篇文档"}])

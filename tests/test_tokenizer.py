@@ -171,7 +171,7 @@ def test_a_git_lfs_pointer_is_named_as_one(name, bpe_tokenizer, tmp_path):
 
 
 def test_a_file_that_is_no_tokenizer_is_one_sentence_for_every_kind(bpe_tokenizer, tmp_path):
-    from tests.test_cli import run_cli
+    from tests.conftest import run_cli
 
     (tmp_path / "tokenizer.model").write_bytes(b"\x00garbage")
     r = run_cli("tokenizer", "info", str(tmp_path / "tokenizer.model"))
