@@ -22,7 +22,7 @@ from babyllama.errors import UserError
 from babyllama.train.distributed import Dist
 from babyllama.train.stages import pretrain
 from babyllama.train.trainer import GlobalOrder, Trainer, lr_at, micro_batches
-from tests.conftest import generated_corpus, logged_losses, simulate_death
+from tests.conftest import generated_corpus, logged_losses, run_cli, simulate_death
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
         "--model.vocab_size", "600", "--model.max_seq_len", "32", "--model.multiple_of", "16"]
@@ -265,11 +265,6 @@ def test_refuses_other_model_shape_and_other_tokenizer(shards, tmp_path, bpe_tok
         pretrain(config(shards, tmp_path / "x", "--tokenizer", str(tmp_path / "edited")))
 
 
-def run_cli(args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "babyllama", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300, **kw)
-
-
 def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path):
     args = ["pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir", str(tmp_path), "--batch_size", "4"]
     proc = subprocess.Popen([sys.executable, "-m", "babyllama", *args, "--max_steps", "100000"],
@@ -286,16 +281,38 @@ def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path):
     assert err.splitlines()[-1] == (f"babyllama: stopped by SIGTERM at step {stopped} of 100000, checkpoint "
                                     f"{checkpoint}; run the same command with --resume to continue.")
     assert (checkpoint / "trainer_state.pt").is_file() and not (tmp_path / "final").exists()
-    r = run_cli([*args, "--max_steps", str(stopped + 3), "--resume"])
+    r = run_cli(*args, "--max_steps", stopped + 3, "--resume")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == f"done: {tmp_path / 'final'}"
     assert sorted(losses(tmp_path)) == list(range(1, stopped + 4))
 
 
-def torchrun(args, nproc, timeout=300):
+THREADS_LEFT = (  # `python -m babyllama`, then the rank's file gets its exit code and the threads still running
+    "import os, sys, threading\n"
+    "from babyllama.cli import main\n"
+    "rc = main(sys.argv[2:])\n"
+    "native = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
+    "python = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]\n"
+    "with open(sys.argv[1] + os.environ['RANK'], 'w') as f:  # a file each: the ranks' stdout lines interleave\n"
+    "    f.write(f'rc {rc} threads {[n for n in native if \"gloo\" in n] + python}')\n"
+    "sys.exit(rc)\n")
+
+
+def torchrun(args, nproc, timeout=300, threads_to=None):
+    """`torchrun -m babyllama ARGS` on nproc CPU processes (gloo); with threads_to, each rank writes to the file
+    threads_to + RANK its exit code and the gloo and non-daemon Python threads left when main returned."""
+    what = ["-m", "babyllama"]
+    if threads_to is not None:
+        script = threads_to.parent / "threads_left.py"
+        script.write_text(THREADS_LEFT)
+        what = [str(script), str(threads_to)]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "babyllama", *args], capture_output=True, text=True, timeout=timeout,
+                           *what, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def threads_left(prefix, nproc) -> list[str]:
+    return [(prefix.parent / f"{prefix.name}{i}").read_text() for i in range(nproc)]
 
 
 def final_val_loss(out) -> float:
@@ -317,14 +334,16 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
     common = ["pretrain", *TINY, *FAST, "--data", str(shards), "--max_steps", "6", "--eval_batches", "3",
               "--ddp_timeout", "60"]
     r = torchrun([*common, "--out_dir", str(tmp_path / "ddp"), "--batch_size", "2", "--grad_accum", "2",
-                  "--save_every", "3", "--max_steps", "3"], nproc=2)
+                  "--save_every", "3", "--max_steps", "3"], nproc=2, threads_to=tmp_path / "ddp-rank")
     assert r.returncode == 0, r.stderr[-3000:]
+    # and each rank ends with no thread but the main one (gloo's threads once ran into interpreter exit)
+    assert threads_left(tmp_path / "ddp-rank", 2) == ["rc 0 threads []"] * 2
     assert final_val_loss(tmp_path / "ddp") == pytest.approx(
         one_process_val_loss(tmp_path / "ddp" / "final", shards, 2, 3), rel=1e-5)
     # resume the 2-process run in 1 process with the same global batch (4 x 2 accumulation = 2 x 2 x 2)
-    r = run_cli([*common, "--out_dir", str(tmp_path / "ddp"), "--batch_size", "4", "--grad_accum", "2", "--resume"])
+    r = run_cli(*common, "--out_dir", tmp_path / "ddp", "--batch_size", "4", "--grad_accum", "2", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli([*common, "--out_dir", str(tmp_path / "one"), "--batch_size", "4", "--grad_accum", "2"])
+    r = run_cli(*common, "--out_dir", tmp_path / "one", "--batch_size", "4", "--grad_accum", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert sorted(ddp) == sorted(one) == list(range(1, 7))
@@ -332,8 +351,10 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
         assert math.isclose(ddp[step], one[step], rel_tol=1e-4), (step, ddp[step], one[step])
     # FSDP2 (fully_shard) on gloo: the same losses again, and the validation loss of one process
     r = torchrun([*common, "--out_dir", str(tmp_path / "fsdp"), "--batch_size", "2", "--grad_accum", "2",
-                  "--fsdp", "true", "--max_steps", "3"], nproc=2)
+                  "--fsdp", "true", "--max_steps", "3"], nproc=2, threads_to=tmp_path / "fsdp-rank")
     assert r.returncode == 0, r.stderr[-3000:]
+    # gloo's threads once ran into interpreter exit and aborted rank 0 after a good FSDP run (shutdown)
+    assert threads_left(tmp_path / "fsdp-rank", 2) == ["rc 0 threads []"] * 2
     fsdp = losses(tmp_path / "fsdp")
     assert all(math.isclose(fsdp[s], one[s], rel_tol=1e-4) for s in (1, 2, 3)), (fsdp, one)
     assert final_val_loss(tmp_path / "fsdp") == pytest.approx(
@@ -351,28 +372,6 @@ def test_torchrun_three_processes_validate_when_a_rank_gets_no_batch(shards, tmp
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
     assert [x["step"] for x in logged if "val_loss" in x] == [1, 2]  # step 1's; step 2 is the last: the final one
     assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path / "final", shards, 2, 2), rel=1e-5)
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="native threads are listed in Linux's /proc")
-@pytest.mark.parametrize("fsdp", ["false", "true"], ids=["ddp", "fsdp"])
-def test_torchrun_ranks_end_with_no_threads_but_the_main_one(shards, tmp_path, fsdp):
-    # gloo's threads left running into interpreter exit once aborted rank 0 after a good FSDP run (shutdown)
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import os, sys, threading\n"
-        "from babyllama.cli import main\n"
-        "rc = main(sys.argv[2:])\n"
-        "native = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
-        "python = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]\n"
-        "with open(sys.argv[1] + os.environ['RANK'], 'w') as f:  # a file each: the ranks' stdout lines interleave\n"
-        "    f.write(f'rc {rc} threads {[n for n in native if \"gloo\" in n] + python}')\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path / "rank"), "pretrain", *TINY, *FAST, "--data", str(shards),
-                        "--out_dir", tmp_path / "run",
-                        "--max_steps", "2", "--batch_size", "2", "--ddp_timeout", "60", "--fsdp", fsdp],
-                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["rc 0 threads []"] * 2
 
 
 def test_a_stuck_collective_ends_the_run_with_one_sentence(tmp_path):
@@ -644,7 +643,7 @@ def test_settings_of_zero_that_mean_off_run(shards, tmp_path):
 
 
 def test_a_zero_setting_is_exit_code_2_and_one_sentence(shards, tmp_path):
-    r = run_cli(["pretrain", *TINY, "--data", str(shards), "--out_dir", str(tmp_path), "--log_every", "0"])
+    r = run_cli("pretrain", *TINY, "--data", shards, "--out_dir", tmp_path, "--log_every", "0")
     assert (r.returncode, r.stderr) == (2, "babyllama: error: log_every must be at least 1, got 0.\n")
     assert not tmp_path.joinpath("metrics.jsonl").exists()
 
@@ -707,8 +706,8 @@ def test_shards_without_their_tokenizer_name_the_tokenizer_setting(shards, tmp_p
 def test_settings_of_other_stages_are_refused_all_in_one_sentence(shards, tmp_path):
     """One message names every refused setting, grouped by the stages that read them, each group with the
     reason that is true for pretraining (a refusal one at a time took as many runs as settings)."""
-    r = run_cli(["pretrain", *TINY, "--data", str(shards), "--out_dir", str(tmp_path / "run"), "--sft_cache", "x",
-                 "--val_fraction", "0.1", "--beta", "0.3"])
+    r = run_cli("pretrain", *TINY, "--data", shards, "--out_dir", tmp_path / "run", "--sft_cache", "x",
+                "--val_fraction", "0.1", "--beta", "0.3")
     assert (r.returncode, r.stderr) == (2, "babyllama: error: pretraining does not read val_fraction and "
                                            "sft_cache, settings of SFT and DPO only (pretraining reads the token "
                                            "shards that pretokenize split and wrote), nor beta, a setting of DPO "
