@@ -141,7 +141,7 @@ def test_help_shows_every_default():
             if a.option_strings and a.dest != "help" and not none:
                 assert f"(default: {a.default})" in text, (name, a.dest)
                 shown += 1
-    assert shown > 30
+    assert shown > 25  # pretokenize --sft's filters default to None (refused without --sft), said "default 0: off"
     text = " ".join(commands["sft"].format_help().split())
     assert "warmup_steps 1000" in text and "ddp_timeout 1800" in text and "device 'auto'" in text
     for name in ("pretrain", "sft", "dpo"):  # a default worked out at the start is said in words, not as ''

@@ -233,6 +233,38 @@ def test_merge_refuses_the_settings_of_the_parts(corpus_and_tokenizer, parts, tm
     assert not (tmp_path / "m").exists()
 
 
+def test_merge_refuses_workers(parts, tmp_path, capsys):
+    refused(["--merge", str(parts / "p0"), str(parts / "p1"), "--out_dir", str(tmp_path / "m"), "--workers", "4"],
+            "--workers cannot go with --merge: the merge links or copies the parts' files, with no tokenizing to "
+            "share out; leave it out.", tmp_path, capsys)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flags", [["--num_shards", "2", "--shard_index", "1"], ["--shard_tokens", "10"], ["--bos"],
+                                   ["--format", "text"]])
+def test_sft_refuses_the_settings_of_token_shards(corpus_and_tokenizer, tmp_path, capsys, flags):
+    d, _ = corpus_and_tokenizer  # they were ignored: a cache of every sample, built whole on each machine
+    names = " ".join(f for f in flags if f.startswith("--"))
+    refused(["--sft", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--max_seq_len", "64",
+             "--out_dir", str(tmp_path / "c"), *flags],
+            f"{names} cannot go with --sft: they are settings of token shards, which the SFT token cache does not "
+            "use; leave them out.", tmp_path, capsys)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flags", [["--max_seq_len", "64"], ["--min_prompt_chars", "0", "--max_answer_chars", "9"]])
+@pytest.mark.parametrize("mode", ["input", "merge", "datatrove"])
+def test_the_settings_of_the_sft_cache_need_sft(corpus_and_tokenizer, parts, tmp_path, capsys, flags, mode):
+    d, _ = corpus_and_tokenizer  # they were ignored by token shards and by a merge
+    args = {"input": ["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok")],
+            "merge": ["--merge", str(parts / "p0"), str(parts / "p1")],
+            "datatrove": ["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--engine", "datatrove"]}
+    names = " ".join(f for f in flags if f.startswith("--"))
+    refused([*args[mode], "--out_dir", str(tmp_path / "t"), *flags], f"{names} need --sft: they are settings of "
+            "the SFT token cache, which token shards do not use; add --sft or leave them out.", tmp_path, capsys)
+    assert not (tmp_path / "t").exists()
+
+
 def test_num_shards_without_shard_index_is_refused(corpus_and_tokenizer, tmp_path, capsys):
     d, _ = corpus_and_tokenizer  # it made part 0 of 2 silently
     refused(["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(tmp_path / "p"),

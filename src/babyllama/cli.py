@@ -93,10 +93,7 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     if (kind := output_kind(Path(args.out_dir))) in ("a checkpoint", "a tokenizer"):
         raise UserError(f"--out_dir {args.out_dir} is {kind}; pretokenize writes token shards into a folder of their "
                         "own, so give another --out_dir.")
-    if args.merge and (given := [f"--{k}" for k in MADE_WITH if getattr(args, k) is not None
-                                 and getattr(args, k) is not False]):  # not "in (None, False)": 0 == False
-        raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with them, and the merge "
-                        "takes them from the parts; leave them out.")
+    check_mode_flags(args)
     if (args.num_shards or 1) > 1 and args.shard_index is None:  # each machine must say which part it makes
         raise UserError(f"--num_shards {args.num_shards} needs --shard_index (0 to {args.num_shards - 1}): which part "
                         "this machine makes.")
@@ -111,8 +108,7 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
         if not (args.input and args.tokenizer and args.max_seq_len):
             raise UserError("pretokenize --sft needs --input, --tokenizer and --max_seq_len (the model's).")
         settings = SFTSettings(args.max_seq_len + 1, 0.02 if args.val_fraction is None else args.val_fraction,
-                               args.min_prompt_chars, args.max_prompt_chars, args.min_answer_chars,
-                               args.max_answer_chars)
+                               *(getattr(args, k) or 0 for k in SFT_FLAGS[1:]))
         manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, workers(args))
         print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["stats"]},
                          ensure_ascii=False))
@@ -141,6 +137,30 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 SHARD_TOKENS = 100_000_000  # --shard_tokens by default
 MADE_WITH = ("input", "tokenizer", "bos", "val_fraction", "shard_tokens", "num_shards", "shard_index", "format",
              "sft")  # pretokenize's settings of the parts, which --merge refuses
+SFT_FLAGS = ("max_seq_len", "min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars")
+SHARD_FLAGS = ("shard_tokens", "num_shards", "shard_index", "bos", "format")  # of token shards, not of the SFT cache
+
+
+def given_flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """"--name" of each of names that the command line set (argparse's default is None, or False for a switch)."""
+    return [f"--{k}" for k in names if getattr(args, k) is not None and getattr(args, k) is not False]  # not "in
+    # (None, False)": 0 == False
+
+
+def check_mode_flags(args: argparse.Namespace) -> None:
+    """Refuse the pretokenize flags that the mode asked for (--merge, --sft or token shards) would ignore."""
+    if not args.sft and (given := given_flags(args, SFT_FLAGS)):
+        raise UserError(f"{' '.join(given)} need --sft: they are settings of the SFT token cache, which token shards "
+                        "do not use; add --sft or leave them out.")
+    if args.merge and (given := given_flags(args, MADE_WITH)):
+        raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with them, and the merge "
+                        "takes them from the parts; leave them out.")
+    if args.merge and args.workers is not None:
+        raise UserError("--workers cannot go with --merge: the merge links or copies the parts' files, with no "
+                        "tokenizing to share out; leave it out.")
+    if args.sft and (given := given_flags(args, SHARD_FLAGS)):
+        raise UserError(f"{' '.join(given)} cannot go with --sft: they are settings of token shards, which the SFT "
+                        "token cache does not use; leave them out.")
 
 
 def datatrove_engine():
@@ -168,7 +188,7 @@ def workers(args: argparse.Namespace) -> int:
 
 def check_engine_flags(args: argparse.Namespace) -> None:
     """Refuse datatrove's flags without --engine datatrove: ignored, a cluster job would run here."""
-    given = [f"--{k}" for k in DATATROVE_FLAGS if getattr(args, k) is not None]
+    given = given_flags(args, DATATROVE_FLAGS)
     if given and args.engine != "datatrove":
         raise UserError(f"{' '.join(given)} need --engine datatrove; without it everything runs in this process.")
 
@@ -410,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", action="store_true", help="the SFT token cache of instruction / conversation files")
     p.add_argument("--max_seq_len", type=int_in(1), help="with --sft: the model's context (samples get one more)")
     for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
-        p.add_argument(f"--{name}", type=int_in(0), default=0, help="with --sft: the recipe's filters (0: off)")
+        p.add_argument(f"--{name}", type=int_in(0), help="with --sft: the recipe's filters (default 0: off)")
     add_engine_args(p)
     p.set_defaults(func=cmd_pretokenize)
 
