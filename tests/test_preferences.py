@@ -77,8 +77,10 @@ def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog,
     assert caplog.text.count(": skipped a preference record") == 4 and "skipped an" not in caplog.text
     assert capsys.readouterr().out == f"dpo cache: building {tmp_path / 'cache'} with 1 worker\n"
     assert "pairs.jsonl:8: its 'chosen' is neither a string nor an assistant message" in caplog.text
-    with pytest.raises(UserError, match="was built with dpo samples, not sft"):
+    with pytest.raises(UserError) as e:  # an SFT run is not given the DPO cache (check_output_folder)
         load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist())
+    assert str(e.value) == (f"--sft_cache {tmp_path / 'cache'} is a DPO token cache, which SFT samples must not be "
+                            "written into; pass another --sft_cache.")
 
 
 def test_a_file_with_no_usable_pair_is_one_sentence(bpe_tokenizer, tmp_path):

@@ -273,16 +273,63 @@ def test_num_shards_without_shard_index_is_refused(corpus_and_tokenizer, tmp_pat
     assert not (tmp_path / "p").exists()
 
 
-def test_pretokenize_refuses_a_checkpoint_or_tokenizer_out_dir(corpus_and_tokenizer, parts, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def outputs(corpus_and_tokenizer, parts, tmp_path_factory):
+    """A folder of each babyllama output kind that pretokenize or sft might be pointed at: {name: its kind}."""
     import shutil
 
+    from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+
     d, _ = corpus_and_tokenizer
-    shutil.copytree(d / "tok", tmp_path / "tok")
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
-    for out, kind in ((tmp_path / "tok", "a tokenizer"), (tmp_path / "ckpt", "a checkpoint")):
-        error = (f"--out_dir {out} is {kind}; pretokenize writes token shards into a folder of their own, so give "
-                 "another --out_dir.")
-        refused(["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(out)], error,
-                tmp_path, capsys)
-        refused(["--merge", str(parts / "p0"), str(parts / "p1"), "--out_dir", str(out)], error, tmp_path, capsys)
+    out = tmp_path_factory.mktemp("outputs")
+    shutil.copytree(d / "tok", out / "tok")
+    (out / "ckpt").mkdir()
+    (out / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    shutil.copytree(parts / "p0", out / "tokens")
+    (out / "sft.jsonl").write_text(json.dumps({"instruction": "问题", "output": "回答"}, ensure_ascii=False))
+    (out / "pairs.jsonl").write_text(json.dumps({"prompt": "问题", "chosen": "好", "rejected": "坏"},
+                                                ensure_ascii=False))
+    build_sft_cache([out / "sft.jsonl"], d / "tok", out / "sft_tokens", SFTSettings(max_len=64, val_fraction=0))
+    build_sft_cache([out / "pairs.jsonl"], d / "tok", out / "dpo_tokens", SFTSettings(max_len=64, val_fraction=0),
+                    kind="dpo")
+    return out, {"tok": "a tokenizer", "ckpt": "a checkpoint", "tokens": "a folder of token shards",
+                 "sft_tokens": "an SFT token cache", "dpo_tokens": "a DPO token cache"}
+
+
+@pytest.mark.parametrize("mode", ["input", "merge", "sft"])
+def test_pretokenize_refuses_an_out_dir_of_another_kind(corpus_and_tokenizer, parts, outputs, tmp_path, capsys,
+                                                        mode):
+    import shutil
+
+    d, _ = corpus_and_tokenizer  # an SFT cache's manifest was replaced and shards written beside its files
+    shutil.copytree(outputs[0], tmp_path, dirs_exist_ok=True)
+    args = {"input": ["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok")],
+            "merge": ["--merge", str(parts / "p0"), str(parts / "p1")],
+            "sft": ["--sft", "--input", str(tmp_path / "sft.jsonl"), "--tokenizer", str(d / "tok"),
+                    "--max_seq_len", "63"]}[mode]
+    writes, same = ("SFT samples", "sft_tokens") if mode == "sft" else ("token shards", "tokens")
+    for name, kind in outputs[1].items():
+        out = tmp_path / name
+        if name != same:
+            refused([*args, "--out_dir", str(out)], f"--out_dir {out} is {kind}, which {writes} must not be written "
+                    "into; pass another --out_dir.", tmp_path, capsys)
+    from babyllama.cli import main  # its own kind it writes again
+
+    assert main(["pretokenize", *args, "--out_dir", str(tmp_path / same)]) == 0
+
+
+def test_sft_refuses_a_cache_folder_of_another_kind(outputs):
+    from babyllama.data.sft_tokens import SFTSettings
+    from babyllama.train.distributed import Dist
+    from babyllama.train.sft_data import load_sft_data
+
+    folder, kinds = outputs  # token shards: "not an SFT token cache manifest (damaged?); delete it"
+    for name, kind in kinds.items():
+        for stage in ("sft", "dpo"):
+            if name == f"{stage}_tokens":
+                continue
+            with pytest.raises(UserError) as e:
+                load_sft_data([folder / "sft.jsonl"], folder / "tok", folder / name, SFTSettings(max_len=64), False,
+                              Dist(), kind=stage)
+            assert str(e.value) == (f"--sft_cache {folder / name} is {kind}, which {stage.upper()} samples must not "
+                                    "be written into; pass another --sft_cache.")

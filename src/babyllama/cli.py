@@ -83,17 +83,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_pretokenize(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from babyllama.data.pretokenize import pretokenize
     from babyllama.data.shards import merge
-    from babyllama.data.sources import output_kind
+    from babyllama.data.sources import TOKEN_SHARDS, check_output_folder, token_cache_name
 
     check_engine_flags(args)
-    if (kind := output_kind(Path(args.out_dir))) in ("a checkpoint", "a tokenizer"):
-        raise UserError(f"--out_dir {args.out_dir} is {kind}; pretokenize writes token shards into a folder of their "
-                        "own, so give another --out_dir.")
     check_mode_flags(args)
+    if args.sft:  # each writes its own kind again, replacing it
+        check_output_folder(args.out_dir, "SFT samples", token_cache_name("sft"))
+    else:
+        check_output_folder(args.out_dir, "token shards", TOKEN_SHARDS)
     if (args.num_shards or 1) > 1 and args.shard_index is None:  # each machine must say which part it makes
         raise UserError(f"--num_shards {args.num_shards} needs --shard_index (0 to {args.num_shards - 1}): which part "
                         "this machine makes.")

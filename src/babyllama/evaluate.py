@@ -33,13 +33,15 @@ from babyllama.chat_format import Conversation, instruction_prompt, is_unicode, 
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
+    TOKEN_SHARDS,
+    check_output_folder,
     expand_inputs,
     file_encoding,
     iter_records,
     output_kind,
     records_text,
 )
-from babyllama.errors import UserError, check_out_dir, require
+from babyllama.errors import UserError, require
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -448,11 +450,8 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
     """Raise UserError for an eval --out_dir that is a file (or below one), a babyllama output folder
     that eval.json and items.jsonl must not join (a checkpoint, a tokenizer, token shards: output_kind), or one
     whose results eval would overwrite (refuse_to_overwrite)."""
-    check_out_dir(out)
-    if kind := output_kind(out):
-        raise UserError(f"--out_dir {out} is {kind}, which eval.json and items.jsonl must not be written into; "
-                        f"pass another --out_dir, e.g. {out.parent / 'eval'}.")  # not inside: a checkpoint saved
-    # again replaces its whole folder
+    check_output_folder(out, "eval.json and items.jsonl", example=out.parent / "eval")  # not inside a checkpoint:
+    # one saved again replaces its whole folder
     refuse_to_overwrite(out, checkpoint)
 
 
@@ -460,7 +459,7 @@ def check_lm_data(data: str | Path, seq_len: int) -> None:
     """Raise UserError unless data is a folder of pretokenize's token shards with a val split of at least one
     window of seq_len + 1 tokens (lm_metrics', with the model's max_seq_len)."""
     kind = output_kind(Path(data))
-    if kind not in (None, "a folder of token shards"):
+    if kind not in (None, TOKEN_SHARDS):
         raise UserError(f"--data {data} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
     if not has_split(data, "val"):  # UserError for a folder without a manifest
         raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "

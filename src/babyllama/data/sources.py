@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from babyllama.chat_format import instruction_pair, is_unicode, messages_of_record
-from babyllama.errors import UserError, require
+from babyllama.errors import UserError, check_out_dir, require
 
 log = logging.getLogger(__name__)
 
@@ -690,13 +690,33 @@ def output_kind(folder: Path) -> str | None:
     (pretokenize's: another manifest.json beside .bin files); else None."""
     if (folder / "manifest.json").is_file() and any(folder.glob("*.bin")):
         kind = _manifest_kind(folder / "manifest.json")
-        return f"{'an SFT' if kind == 'sft' else 'a DPO'} token cache" if kind in ("sft", "dpo") \
-            else "a folder of token shards"
+        return token_cache_name(kind) if kind in ("sft", "dpo") else TOKEN_SHARDS
     if any((folder / f).is_file() for f in WEIGHT_FILES):
         return "a checkpoint"
     if any((folder / f).is_file() for f in TOKENIZER_FILES):
         return "a tokenizer"
     return None
+
+
+TOKEN_SHARDS = "a folder of token shards"  # output_kind of pretokenize's out_dir
+
+
+def token_cache_name(kind: str) -> str:
+    """output_kind of an SFT/DPO token cache of kind "sft" or "dpo"."""
+    return f"{'an SFT' if kind == 'sft' else 'a DPO'} token cache"
+
+
+def check_output_folder(out: str | Path, writes: str, same: str | None = None, flag: str = "--out_dir",
+                        example: Path | None = None) -> None:
+    """Raise UserError when out, the folder a command writes `writes` into, is a file or below one
+    (errors.check_out_dir), or is a babyllama output folder (output_kind) other than `same`, the kind that the
+    command writes again in place: its files would join or replace another output's. flag names the setting
+    in the message, and example a folder to suggest."""
+    out = Path(out)
+    check_out_dir(out, flag)
+    if (kind := output_kind(out)) and kind != same:
+        raise UserError(f"{flag} {out} is {kind}, which {writes} must not be written into; pass another {flag}"
+                        f"{f', e.g. {example}' if example else ''}.")
 
 
 def _manifest_kind(path: Path) -> str | None:

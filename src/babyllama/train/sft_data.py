@@ -25,7 +25,7 @@ from babyllama.data.sft_tokens import (
     open_split,
     read_sft_cache,
 )
-from babyllama.data.sources import expand_inputs
+from babyllama.data.sources import check_output_folder, expand_inputs, token_cache_name
 from babyllama.errors import UserError
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import Dist, barrier
@@ -140,9 +140,11 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
 
     kind "dpo": the cache of preference pairs, samples 2i and 2i + 1 the chosen and rejected of pair i.
     started_with: for a resumed run, the manifest (less its stats) of the cache it started with.
-    Raises UserError when the cache holds the tokens of other inputs, another tokenizer or settings, or when
-    those are not the ones the run started with (checked before any cache is built).
+    Raises UserError when cache_dir is another babyllama output (check_output_folder: token shards, a checkpoint,
+    the other kind's cache), when the cache holds the tokens of other inputs, another tokenizer or settings, or
+    when those are not the ones the run started with (checked before any cache is built).
     """
+    check_output_folder(cache_dir, f"{kind.upper()} samples", token_cache_name(kind), "--sft_cache")
     tokenizer = load_tokenizer(tokenizer_path)
     key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
