@@ -325,9 +325,8 @@ def test_sft_resumes_in_a_moved_folder_on_its_token_cache(sft_setup, tmp_path, c
     text = data.read_bytes()
     data.write_bytes(text.replace("很好".encode(), "很棒".encode(), 1))  # one character, the same size
     before = {p: p.stat().st_mtime_ns for p in (moved / "run").rglob("*")}
-    changed = (f"babyllama: error: the inputs changed since the run started: other inputs ({data} differs); "
-               "resuming needs the same inputs, so restore them, or start a new run without --resume in a new "
-               "--out_dir.\n")
+    changed = (f"babyllama: error: the run started with other inputs ({data} differs); resuming needs the same "
+               "inputs and settings, so restore them, or start a new run without --resume in a new --out_dir.\n")
     assert main([*args(moved, 6), "--resume"]) == 2
     assert capsys.readouterr().err == changed
     assert {p: p.stat().st_mtime_ns for p in (moved / "run").rglob("*")} == before  # nothing written
@@ -366,8 +365,8 @@ def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_se
     os.utime(data, ns=(2, 2))
     assert main([*args, "--max_steps", "6", "--resume"]) == 2
     assert capsys.readouterr().err == (
-        f"babyllama: error: the inputs changed since the run started: other inputs ({data} differs); resuming needs "
-        "the same inputs, so restore them, or start a new run without --resume in a new --out_dir.\n")
+        f"babyllama: error: the run started with other inputs ({data} differs); resuming needs the same inputs and "
+        "settings, so restore them, or start a new run without --resume in a new --out_dir.\n")
 
 
 @pytest.mark.parametrize("flags, differ", [

@@ -74,8 +74,10 @@ def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings
     built = read_sft_cache(tmp_path / "c")
     load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
     assert read_sft_cache(tmp_path / "c") == built and capsys.readouterr().out.count("building") == 1
-    with pytest.raises(UserError, match=r"built with max_len 65 \(now 129\)"):
+    with pytest.raises(UserError) as e:
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=129), True, Dist())
+    assert str(e.value) == (f"the SFT token cache {tmp_path / 'c'} was built with the model's max_seq_len 64 (now "
+                            "128); delete it to rebuild, or choose another --sft_cache.")
     f.write_bytes(f.read_bytes()[:-1] + b" ")  # the file changed, its size did not
     with pytest.raises(UserError, match="built with other inputs .*multi.jsonl differs"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())
@@ -204,6 +206,32 @@ def test_a_file_added_to_or_removed_from_a_data_folder_is_named_new_or_gone(demo
     (data / "c.jsonl").unlink()
     with pytest.raises(UserError, match=re.escape(f"other inputs ({data / 'c.jsonl'} is gone)")):
         load_sft_data([data], demo_sft / "tok", tmp_path / "cache2", settings, False, Dist())
+
+def test_every_difference_of_a_cache_is_said_in_the_words_of_its_flags(demo_sft, tmp_path, bpe_tokenizer):
+    from babyllama.data.sft_tokens import cache_differences, cache_key
+
+    f = tmp_path / "pairs.jsonl"  # it said "max_len 65 (now 129)", an internal name off by one
+    f.write_text(json.dumps({"prompt": "问题", "chosen": "好", "rejected": "坏"}, ensure_ascii=False))
+    built = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=65), kind="dpo")
+    other = SFTSettings(129, 0.1, 1, 2, 3, 4)
+    assert cache_differences(built, cache_key([f], "other", other, "dpo", tmp_path / "c")) == [
+        "another tokenizer", "the model's max_seq_len 64 (now 128)", "val_fraction 0.02 (now 0.1)",
+        "min_prompt_chars 0 (now 1)", "max_prompt_chars 0 (now 2)", "min_answer_chars 0 (now 3)",
+        "max_answer_chars 0 (now 4)"]
+    same = cache_key([f], bpe_tokenizer.fingerprint, SFTSettings(max_len=65), "dpo", tmp_path / "c")
+    assert cache_differences(built, {**same, "kind": "sft"}) == ["DPO samples, not SFT"]
+    assert cache_differences(built, {**same, "version": 0}) == ["another version of babyllama"]
+    with pytest.raises(UserError) as e:  # a DPO cache says so
+        load_sft_data([f], demo_sft / "tok", tmp_path / "c", other, True, Dist(), kind="dpo")
+    assert str(e.value) == (f"the DPO token cache {tmp_path / 'c'} was built with the model's max_seq_len 64 (now "
+                            "128); val_fraction 0.02 (now 0.1); min_prompt_chars 0 (now 1); max_prompt_chars 0 (now "
+                            "2); min_answer_chars 0 (now 3); max_answer_chars 0 (now 4); delete it to rebuild, or "
+                            "choose another --sft_cache.")
+    with pytest.raises(UserError) as e:  # a resume whose settings changed: not "the inputs changed"
+        load_sft_data([f], demo_sft / "tok", tmp_path / "c", other, True, Dist(), kind="dpo", started_with=built)
+    assert str(e.value).startswith("the run started with the model's max_seq_len 64 (now 128), val_fraction 0.02 "
+                                   "(now 0.1), ")
+
 
 def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--tokenizer", str(demo_sft / "tok"),

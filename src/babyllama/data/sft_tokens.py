@@ -332,11 +332,12 @@ def read_sft_cache(out: str | Path) -> dict | None:
 
 
 def cache_differences(manifest: dict, key: dict) -> list[str]:
-    """What differs between a cache's manifest and what it must match, in words; [] when nothing."""
+    """What a cache's manifest was made with that differs from what it must match (key), each in the words of
+    the flags and config keys that set it, to follow "built with"; [] when nothing."""
     if manifest.get("version") != key["version"]:
-        return ["it was made by another version of babyllama"]
+        return ["another version of babyllama"]
     if manifest.get("kind", "sft") != key["kind"]:
-        return [f"{manifest.get('kind', 'sft')} samples, not {key['kind']}"]
+        return [f"{manifest.get('kind', 'sft').upper()} samples, not {key['kind'].upper()}"]
     out = []
     if manifest.get("tokenizer") != key["tokenizer"]:
         out.append("another tokenizer")
@@ -344,8 +345,15 @@ def cache_differences(manifest: dict, key: dict) -> list[str]:
     if what:
         out.append(f"other inputs ({what})")
     settings = manifest.get("settings", {})
-    out += [f"{k} {settings.get(k)} (now {v})" for k, v in key["settings"].items() if settings.get(k) != v]
+    out += [setting_words(k, settings.get(k), v) for k, v in key["settings"].items() if settings.get(k) != v]
     return out
+
+
+def setting_words(name: str, had, now) -> str:
+    """A setting of SFTSettings that differs, as the user sets it: max_len is the model's max_seq_len + 1."""
+    if name == "max_len":
+        return f"the model's max_seq_len {had - 1 if isinstance(had, int) else had} (now {now - 1})"
+    return f"{name} {had} (now {now})"
 
 
 def input_difference(had: list[dict], now: list[dict]) -> str | None:

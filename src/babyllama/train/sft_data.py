@@ -149,8 +149,8 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
     if changed:  # a rebuilt cache would resume the run on other samples
-        raise UserError(f"the inputs changed since the run started: {', '.join(changed)}; resuming needs the same "
-                        "inputs, so restore them, or start a new run without --resume in a new --out_dir.")
+        raise UserError(f"the run started with {', '.join(changed)}; resuming needs the same inputs and settings, so "
+                        "restore them, or start a new run without --resume in a new --out_dir.")
     manifest = read_sft_cache(cache_dir)
     if manifest is None:
         if dist.main:
@@ -164,7 +164,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
         print(f"{kind} cache: using {cache_dir}")
     differ = cache_differences(manifest, key)
     if differ:
-        raise UserError(f"the SFT token cache {cache_dir} was built with {'; '.join(differ)}; "
+        raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
                         "delete it to rebuild, or choose another --sft_cache.")
     stats = SFTStats(**manifest["stats"])
     T = settings.max_len - 1
