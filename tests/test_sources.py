@@ -203,7 +203,9 @@ def test_a_run_that_stopped_before_its_first_log_is_a_training_run_by_its_config
     ("val.jsonl", "val"), ("valid.parquet", "valid"), ("belle_test.json", "test"), ("dev-00001.jsonl", "dev"),
     ("x.testing.jsonl.gz", "testing"), ("evaluation_notes.txt", "evaluation"), ("test1.json", "test"),
     ("test/part_0.jsonl", "test"), ("ceval_val/a.csv", "val"), ("train.jsonl", None), ("contest.jsonl", None),
-    ("device.jsonl", None), ("testdata.jsonl", None), ("evals/a.jsonl", None), ("Eval.jsonl", None)])
+    ("device.jsonl", None), ("testdata.jsonl", None), ("evals/a.jsonl", None), ("Eval.jsonl", "eval"),
+    ("EVAL.json", "eval"), ("Test.jsonl", "test"), ("BELLE_TEST.json", "test"), ("Dev/a.jsonl", "dev"),
+    ("CONTEST.jsonl", None)])
 def test_held_out_split_names_are_those_of_hugging_face_datasets(name, split):
     assert held_out_split(Path(name)) == split
 
@@ -230,6 +232,24 @@ def test_a_folder_leaves_out_its_held_out_splits_with_one_note_and_a_named_one_i
     assert str(e.value) == f"every data file in {d} is a held-out split by its name (dev/more.jsonl, eval.jsonl, " \
                            "test.jsonl), which a folder does not give for training; name the files themselves to " \
                            "train on them."
+
+
+def test_held_out_names_in_any_case_are_left_out_and_a_folder_reached_twice_notes_them_once(tmp_path, caplog):
+    """Test.jsonl and EVAL.json were trained on (only lower case counted), and `--data d ./x/../d` or a link to d
+    noted d's held-out files once per spelling."""
+    d = tmp_path / "d"
+    for name in ("train.jsonl", "Test.jsonl", "EVAL.json", "Dev/a.jsonl"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        jsonl(d / name, [{"text": name}])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "link").symlink_to(d)
+    files = expand_inputs([d, tmp_path / "x" / ".." / "d", tmp_path / "link"])
+    assert files == [d / "train.jsonl"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{d}: not reading Dev/a.jsonl, EVAL.json, Test.jsonl: their names mark held-out splits (dev/eval/test, as "
+        f"in Hugging Face datasets); to train on one, name the file itself, e.g. {d / 'Dev' / 'a.jsonl'}",
+        f"inputs name these files more than once; each is read once: {tmp_path / 'link' / 'train.jsonl'}, "
+        f"{tmp_path / 'x' / '..' / 'd' / 'train.jsonl'}"]
 
 
 def test_a_held_out_file_named_too_is_read_and_not_warned_about_and_each_warning_comes_once(tmp_path, caplog,

@@ -28,7 +28,7 @@ import re
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -586,27 +586,29 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
 
 
 # The Hugging Face datasets convention for split names in paths (datasets.data_files: SPLIT_KEYWORDS of
-# validation and test, NON_WORDS_CHARS): a keyword, in lower case, that a file or folder name holds between
-# separators (- . _ space or a digit) or the name's ends.
+# validation and test, NON_WORDS_CHARS): a keyword that a file or folder name holds between separators
+# (- . _ space or a digit) or the name's ends; in any case, as files are named on Windows and macOS.
 HELD_OUT_SPLITS = ("validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
-_HELD_OUT = re.compile(rf"(?<![^-._ 0-9])({'|'.join(HELD_OUT_SPLITS)})(?![^-._ 0-9])")
-_WARNED: set[str] = set()  # the warnings of expand_inputs given in this process
+_HELD_OUT = re.compile(rf"(?<![^-._ 0-9])({'|'.join(HELD_OUT_SPLITS)})(?![^-._ 0-9])", re.IGNORECASE)
+_WARNED: set[Hashable] = set()  # the warnings of expand_inputs given in this process (their keys)
 
 
-def warn_once(message: str) -> None:
-    """log.warning(message) unless this process gave it already (a command may expand the same inputs more than
-    once: eval reads --qa for its items and again for the leakage check; sft for its data and its cache) or is
-    not the first of a torchrun job (RANK > 0), whose every process reads the same inputs."""
-    if message not in _WARNED and os.environ.get("RANK", "0") == "0":
-        _WARNED.add(message)
+def warn_once(message: str, key: Hashable = None) -> None:
+    """log.warning(message) unless this process gave it, or one of the same key, already (a command may expand
+    the same inputs more than once: eval reads --qa for its items and again for the leakage check; sft for its
+    data and its cache) or is not the first of a torchrun job (RANK > 0), whose every process reads the same
+    inputs. key: what the warning is about, when one thing can be spelled in several messages; else the message."""
+    key = message if key is None else key
+    if key not in _WARNED and os.environ.get("RANK", "0") == "0":
+        _WARNED.add(key)
         log.warning("%s", message)
 
 
 def held_out_split(path: Path) -> str | None:
-    """The held-out split that a relative path names by the convention above, else None: "eval" for
-    eval.jsonl, "test" for belle_test.json, "dev" for dev-00001.jsonl or dev/x.jsonl, "validation" for
-    validation.csv; None for contest.jsonl, device.json, train.jsonl or Eval.jsonl (upper case)."""
-    return next((m.group(1) for part in path.parts if (m := _HELD_OUT.search(part))), None)
+    """The held-out split, in lower case, that a relative path names by the convention above, else None: "eval"
+    for eval.jsonl or EVAL.json, "test" for belle_test.json or Test.jsonl, "dev" for dev-00001.jsonl or
+    dev/x.jsonl, "validation" for validation.csv; None for contest.jsonl, device.json or train.jsonl."""
+    return next((m.group(1).lower() for part in path.parts if (m := _HELD_OUT.search(part))), None)
 
 
 def training_files(folder: Path, files: list[Path], named: Collection[Path] = ()) -> list[Path]:
@@ -625,7 +627,8 @@ def training_files(folder: Path, files: list[Path], named: Collection[Path] = ()
         why, one = ("its name marks a held-out split", "it") if len(unread) == 1 else \
             ("their names mark held-out splits", "one")
         warn_once(f"{folder}: not reading {names}: {why} ({splits}, as in Hugging Face datasets); to train on "
-                  f"{one}, name the file itself, e.g. {unread[0]}")
+                  f"{one}, name the file itself, e.g. {unread[0]}",
+                  key=(folder.resolve(), *(f.resolve() for f in unread)))  # once for a folder reached twice
     return [f for f in files if f not in held]
 
 
