@@ -185,3 +185,14 @@ def test_help_lists_the_model_settings_of_pretraining_and_says_sft_and_dpo_take_
         text = " ".join(commands[name].format_help().split())
         assert text.endswith("model settings: the model is --init's; of its settings only --model.dropout can change "
                              "(default: the init's).") and "n_layers" not in text, name
+
+
+@pytest.mark.parametrize("rank, speaks", [(None, True), ("0", True), ("1", False), ("7", False)])
+def test_only_rank_0_or_a_process_alone_speaks(monkeypatch, rank, speaks):
+    from babyllama.progress import is_rank0
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert is_rank0() is speaks

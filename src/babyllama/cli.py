@@ -24,6 +24,7 @@ import os
 import sys
 
 from babyllama.errors import Stopped, UserError, check_out_dir
+from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
 
 
@@ -209,7 +210,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     final = pretrain(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(f"done: {final}")
 
 
@@ -221,7 +222,7 @@ def train_from_init(args: argparse.Namespace, stage) -> None:
     cfg.train.init = args.init or cfg.train.init
     cfg.train.data = args.data or cfg.train.data
     final = stage(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(f"done: {final}")
 
 
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
-        if os.environ.get("RANK", "0") == "0":
+        if is_rank0():
             again = " with --resume" if getattr(args, "resume", True) is False else ""
             print(f"babyllama: {e}; run the same command{again} to continue.", file=sys.stderr)
         return 128 + e.signum

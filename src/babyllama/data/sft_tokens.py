@@ -44,7 +44,7 @@ from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import Item, expand_inputs, iter_records
 from babyllama.errors import UserError
-from babyllama.progress import progress
+from babyllama.progress import is_rank0, progress
 from babyllama.tokenizer import load_tokenizer
 from babyllama.weights_file import file_sha256
 
@@ -122,7 +122,7 @@ def same_bytes(had: dict, now: dict) -> bool:
     key = (now["path"], now["bytes"], now["mtime_ns"], had["sha256"])
     if key not in _SAME_BYTES:
         _SAME_BYTES[key] = file_sha256(now["path"]) == had["sha256"]
-        if _SAME_BYTES[key] and os.environ.get("RANK", "0") == "0":  # every process of a torchrun job hashes
+        if _SAME_BYTES[key] and is_rank0():  # every process of a torchrun job hashes
             log.info("note: %s has a new mtime but the same bytes; using it", now["path"])
     return _SAME_BYTES[key]
 

@@ -23,7 +23,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import re
 import sys
 import zlib
@@ -35,6 +34,7 @@ from typing import TextIO
 
 from babyllama.chat_format import instruction_pair, is_unicode, messages_of_record
 from babyllama.errors import UserError, check_out_dir, require
+from babyllama.progress import is_rank0
 
 log = logging.getLogger(__name__)
 
@@ -599,7 +599,7 @@ def warn_once(message: str, key: Hashable = None) -> None:
     data and its cache) or is not the first of a torchrun job (RANK > 0), whose every process reads the same
     inputs. key: what the warning is about, when one thing can be spelled in several messages; else the message."""
     key = message if key is None else key
-    if key not in _WARNED and os.environ.get("RANK", "0") == "0":
+    if key not in _WARNED and is_rank0():
         _WARNED.add(key)
         log.warning("%s", message)
 
