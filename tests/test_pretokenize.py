@@ -292,8 +292,14 @@ def outputs(corpus_and_tokenizer, parts, tmp_path_factory):
     build_sft_cache([out / "sft.jsonl"], d / "tok", out / "sft_tokens", SFTSettings(max_len=64, val_fraction=0))
     build_sft_cache([out / "pairs.jsonl"], d / "tok", out / "dpo_tokens", SFTSettings(max_len=64, val_fraction=0),
                     kind="dpo")
+    (out / "clean").mkdir()  # prepare's output: shards written there would delete its bad_records.txt
+    for name, text in (("part_00000.jsonl", '{"text": "正文"}\n'), ("stats.json", "{}"), ("bad_records.txt", "x\n")):
+        (out / "clean" / name).write_text(text)
+    (out / "run").mkdir()  # a training run's folder
+    (out / "run" / "config.json").write_text(json.dumps({"preset": "demo", "model": {}, "train": {"out_dir": "run"}}))
     return out, {"tok": "a tokenizer", "ckpt": "a checkpoint", "tokens": "a folder of token shards",
-                 "sft_tokens": "an SFT token cache", "dpo_tokens": "a DPO token cache"}
+                 "sft_tokens": "an SFT token cache", "dpo_tokens": "a DPO token cache",
+                 "clean": "the output of babyllama prepare", "run": "a training run"}
 
 
 @pytest.mark.parametrize("mode", ["input", "merge", "sft"])
@@ -313,6 +319,7 @@ def test_pretokenize_refuses_an_out_dir_of_another_kind(corpus_and_tokenizer, pa
         if name != same:
             refused([*args, "--out_dir", str(out)], f"--out_dir {out} is {kind}, which {writes} must not be written "
                     "into; pass another --out_dir.", tmp_path, capsys)
+    assert (tmp_path / "clean" / "bad_records.txt").read_text() == "x\n"
     from babyllama.cli import main  # its own kind it writes again
 
     assert main(["pretokenize", *args, "--out_dir", str(tmp_path / same)]) == 0

@@ -450,8 +450,8 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
     """Raise UserError for an eval --out_dir that is a file (or below one), a babyllama output folder
     that eval.json and items.jsonl must not join (a checkpoint, a tokenizer, token shards: output_kind), or one
     whose results eval would overwrite (refuse_to_overwrite)."""
-    check_output_folder(out, "eval.json and items.jsonl", example=out.parent / "eval")  # not inside a checkpoint:
-    # one saved again replaces its whole folder
+    check_output_folder(out, "eval.json and items.jsonl", example=out.parent / "eval", beside_data=True)  # not
+    # inside a checkpoint: one saved again replaces its whole folder; beside a run's config.json is harmless
     refuse_to_overwrite(out, checkpoint)
 
 

@@ -710,14 +710,15 @@ def token_cache_name(kind: str) -> str:
 
 
 def check_output_folder(out: str | Path, writes: str, same: str | None = None, flag: str = "--out_dir",
-                        example: Path | None = None) -> None:
+                        example: Path | None = None, beside_data: bool = False) -> None:
     """Raise UserError when out, the folder a command writes `writes` into, is a file or below one
-    (errors.check_out_dir), or is a babyllama output folder (output_kind) other than `same`, the kind that the
-    command writes again in place: its files would join or replace another output's. flag names the setting
-    in the message, and example a folder to suggest."""
+    (errors.check_out_dir), or is a babyllama output folder (output_kind, or, unless beside_data, an output
+    that shares its folder with data: own_output, e.g. prepare's, whose bad_records.txt pretokenize would delete)
+    other than `same`, the kind that the command writes again in place: its files would join or replace another
+    output's. flag names the setting in the message, and example a folder to suggest."""
     out = Path(out)
     check_out_dir(out, flag)
-    if (kind := output_kind(out)) and kind != same:
+    if (kind := output_kind(out) or (None if beside_data else own_output(out))) and kind != same:
         raise UserError(f"{flag} {out} is {kind}, which {writes} must not be written into; pass another {flag}"
                         f"{f', e.g. {example}' if example else ''}.")
 
