@@ -106,8 +106,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     record of the data, to check a resume against (token_cache's, token_record's). A resume of a run that is
     finished (final/ is of its last checkpoint's step, and the length asks for no more) writes nothing."""
     out = Path(cfg.train.out_dir)
-    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from)
-    trainer.data = data
+    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from, data)
     t, steps = cfg.train, trainer.total_steps
     if trainer.resumed and trainer.step >= steps and is_final_of(out / "final", trainer.step):
         if dist.main:

@@ -327,7 +327,7 @@ class Trainer:
     """Builds the model, its wrapper and optimisers in __init__, then `fit` runs the steps."""
 
     def __init__(self, cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer | None,
-                 dist: Dist, stage: str = "pretrain", resume_from: Path | None = None):
+                 dist: Dist, stage: str = "pretrain", resume_from: Path | None = None, data: dict | None = None):
         t = self.t = cfg.train
         self.cfg, self.train_data, self.val_data, self.tokenizer, self.dist, self.stage = (
             cfg, train_data, val_data, tokenizer, dist, stage)
@@ -350,7 +350,7 @@ class Trainer:
         self.stop_signal = 0  # the signal that asked the run to stop, 0: none
         self.gave_up_at = 0  # the step that ended max_bad_steps skipped steps in a row, 0: none
         self.resumed = resume_from is not None
-        self.data: dict | None = None  # what checkpoints record of the data: token cache or shards
+        self.data = data  # what checkpoints record of the data (token cache or shards), to check a resume against
         self.reference_record: dict | None = None  # DPO's reference model (--init), {"path", "sha256"}: they record it
         if resume_from is not None:
             state = load_train_state(resume_from)
