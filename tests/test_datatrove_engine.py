@@ -309,8 +309,9 @@ def test_slurm_submits_one_dependent_job_array_per_stage(corpus, tmp_path, monke
 
 def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, tmp_path, monkeypatch, capsys,
                                                                          bpe_tokenizer):
-    """squeue (fake) lists the first submission's jobs: a second one, of either command, submits nothing; once
-    they have left the queue (failed, say), the same command submits again to do what is left."""
+    """squeue (fake) lists the first submission's jobs: a second one, of either command (each in its own folder),
+    submits nothing; once they have left the queue (failed, say), the same command submits again to do what is
+    left."""
     _, files, _ = corpus
     fake_slurm(tmp_path / "bin", tmp_path / "jobs")
     (tmp_path / "bin" / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path / 'queue'}\n")  # what is in the queue
@@ -327,16 +328,30 @@ def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, 
     bpe_tokenizer.save(tmp_path / "tok")
     tokens = ["pretokenize", "--input", *files, "--out_dir", str(out), "--tokenizer", str(tmp_path / "tok"),
               "--engine", "datatrove", "--executor", "slurm", "--slurm_partition", "cpu"]
-    for command in (args, tokens, [*args, "--executor", "local"]):
+    def queued(folder: Path, jobs: list[str]) -> str:
+        return (f"babyllama: error: {folder} has Slurm jobs of an earlier submission still queued or running "
+                f"({', '.join(jobs)}); wait for them (squeue --me) or cancel them (scancel {' '.join(jobs)}) "
+                "before running there again.\n")
+
+    for command in (args, [*args, "--executor", "local"]):
         assert main(command) == 2
-        assert capsys.readouterr().err == (
-            f"babyllama: error: {out} has Slurm jobs of an earlier submission still queued or running "
-            f"({', '.join(first[:3])}); wait for them (squeue --me) or cancel them (scancel {' '.join(first[:3])}) "
-            "before running there again.\n")
+        assert capsys.readouterr().err == queued(out, first[:3])
+    assert main(tokens) == 2  # pretokenize never writes into prepare's folder, queued or not
+    assert capsys.readouterr().err == (f"babyllama: error: --out_dir {out} is the work folder of prepare --engine "
+                                       "datatrove, which token shards must not be written into; pass another "
+                                       "--out_dir.\n")
     assert [str(j) for j, _, _ in submitted(tmp_path / "jobs")] == first  # nothing more submitted
+    tokens[tokens.index(str(out))] = str(tmp_path / "tokens")  # into its own folder: a second is refused
+    assert main(tokens) == 0
+    mine = [str(j) for j, _, _ in submitted(tmp_path / "jobs")][len(first):]
+    (tmp_path / "queue").write_text(f"{first[0]}_1\n{first[1]}\n{first[2]}\n{mine[0]}\n")
+    capsys.readouterr()
+    assert main(tokens) == 2
+    assert capsys.readouterr().err == queued(tmp_path / "tokens", mine[:1])
+    before = len(submitted(tmp_path / "jobs"))
     (tmp_path / "queue").write_text("")  # they failed and left the queue
     assert main(args) == 0
-    again = [str(j) for j, _, _ in submitted(tmp_path / "jobs")][len(first):]
+    again = [str(j) for j, _, _ in submitted(tmp_path / "jobs")][before:]
     assert len(again) == len(first) and json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == again
 
 

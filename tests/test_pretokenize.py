@@ -295,11 +295,14 @@ def outputs(corpus_and_tokenizer, parts, tmp_path_factory):
     (out / "clean").mkdir()  # prepare's output: shards written there would delete its bad_records.txt
     for name, text in (("part_00000.jsonl", '{"text": "正文"}\n'), ("stats.json", "{}"), ("bad_records.txt", "x\n")):
         (out / "clean" / name).write_text(text)
+    (out / "dt" / "datatrove").mkdir(parents=True)  # prepare --engine datatrove's, started (pretokenize's: its own)
+    (out / "dt" / "datatrove" / "settings.json").write_text(json.dumps({"command": "prepare"}))
     (out / "run").mkdir()  # a training run's folder
     (out / "run" / "config.json").write_text(json.dumps({"preset": "demo", "model": {}, "train": {"out_dir": "run"}}))
     return out, {"tok": "a tokenizer", "ckpt": "a checkpoint", "tokens": "a folder of token shards",
                  "sft_tokens": "an SFT token cache", "dpo_tokens": "a DPO token cache",
-                 "clean": "the output of babyllama prepare", "run": "a training run"}
+                 "clean": "the output of babyllama prepare", "run": "a training run",
+                 "dt": "the work folder of prepare --engine datatrove"}
 
 
 @pytest.mark.parametrize("mode", ["input", "merge", "sft"])

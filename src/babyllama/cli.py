@@ -91,9 +91,10 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
     check_engine_flags(args)
     check_mode_flags(args)
     if args.sft:  # each writes its own kind again, replacing it
-        check_output_folder(args.out_dir, "SFT samples", token_cache_name("sft"))
+        check_output_folder(args.out_dir, "SFT samples", (token_cache_name("sft"),))
     else:
-        check_output_folder(args.out_dir, "token shards", TOKEN_SHARDS)
+        check_output_folder(args.out_dir, "token shards", (TOKEN_SHARDS, "the work folder of pretokenize --engine "
+                                                           "datatrove"))  # a run to resume, or queued: later
     if (args.num_shards or 1) > 1 and args.shard_index is None:  # each machine must say which part it makes
         raise UserError(f"--num_shards {args.num_shards} needs --shard_index (0 to {args.num_shards - 1}): which part "
                         "this machine makes.")

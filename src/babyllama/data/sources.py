@@ -663,11 +663,19 @@ def _has(*marks: str) -> Callable[[Path], bool]:
     return lambda folder: all(any(folder.glob(m)) for m in marks)
 
 
+def _datatrove_work_of(command: str) -> Callable[[Path], bool]:
+    """Whether a folder holds the datatrove work folder of command (its settings.json says which; prepare's
+    when it does not say)."""
+    return lambda folder: (folder / "datatrove" / "settings.json").is_file() and \
+        _small_json_object(folder / "datatrove" / "settings.json").get("command", "prepare") == command
+
+
 # babyllama's outputs that share a folder with data: (what it is, whether a folder holds one, its non-data files)
 OUTPUTS = (
     ("the output of babyllama prepare", _has("stats.json", "part_*.jsonl"), ("stats.json", "bad_records.txt")),  # its
     # part_*.jsonl are data
-    ("the work folder of prepare --engine datatrove", _has("datatrove/settings.json"), ("datatrove",)),
+    *[(f"the work folder of {command} --engine datatrove", _datatrove_work_of(command), ("datatrove",))
+      for command in ("prepare", "pretokenize")],
     ("the output of babyllama eval", _has("eval.json", "items.jsonl"),
      ("eval.json", "items.jsonl", "preferences.json")),
     ("a training run", lambda folder: is_run_config(folder / "config.json"), ("config.json", "metrics.jsonl")),
@@ -709,16 +717,16 @@ def token_cache_name(kind: str) -> str:
     return f"{'an SFT' if kind == 'sft' else 'a DPO'} token cache"
 
 
-def check_output_folder(out: str | Path, writes: str, same: str | None = None, flag: str = "--out_dir",
+def check_output_folder(out: str | Path, writes: str, same: tuple[str, ...] = (), flag: str = "--out_dir",
                         example: Path | None = None, beside_data: bool = False) -> None:
     """Raise UserError when out, the folder a command writes `writes` into, is a file or below one
     (errors.check_out_dir), or is a babyllama output folder (output_kind, or, unless beside_data, an output
     that shares its folder with data: own_output, e.g. prepare's, whose bad_records.txt pretokenize would delete)
-    other than `same`, the kind that the command writes again in place: its files would join or replace another
-    output's. flag names the setting in the message, and example a folder to suggest."""
+    other than those of `same`, the kinds that the command writes again in place: its files would join or replace
+    another output's. flag names the setting in the message, and example a folder to suggest."""
     out = Path(out)
     check_out_dir(out, flag)
-    if (kind := output_kind(out) or (None if beside_data else own_output(out))) and kind != same:
+    if (kind := output_kind(out) or (None if beside_data else own_output(out))) and kind not in same:
         raise UserError(f"{flag} {out} is {kind}, which {writes} must not be written into; pass another {flag}"
                         f"{f', e.g. {example}' if example else ''}.")
 

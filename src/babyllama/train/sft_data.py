@@ -144,7 +144,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     the other kind's cache), when the cache holds the tokens of other inputs, another tokenizer or settings, or
     when those are not the ones the run started with (checked before any cache is built).
     """
-    check_output_folder(cache_dir, f"{kind.upper()} samples", token_cache_name(kind), "--sft_cache")
+    check_output_folder(cache_dir, f"{kind.upper()} samples", (token_cache_name(kind),), "--sft_cache")
     tokenizer = load_tokenizer(tokenizer_path)
     key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
