@@ -146,6 +146,23 @@ def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
                             "a multiple-choice row needs question, A-D, answer; missing answer).")
 
 
+def test_every_multiple_choice_row_is_an_item_or_a_bad_record(tmp_path):
+    f = tmp_path / "law_val.csv"  # the tester's file: 2 of its 6 rows were scored, none counted as bad
+    f.write_text("question,A,B,C,D,answer\n一,甲,乙,丙,丁,B\n二,甲,乙,丙,丁, B \n三,,,,,E\n四,甲,乙,丙,丁,b\n"
+                 "五,甲,乙,丙,丁,\n六,甲,乙,丙,丁,AB\n,甲,乙,丙,丁,A\n", encoding="utf-8")
+    items, bad = read_mc([f])
+    assert [(i["question"], i["answer"]) for i in items] == [("一", "B"), ("二", "B"), ("四", "B")]
+    assert bad == [f"{f}:4: the answer 'E' is not one of A, B, C, D", f"{f}:6: the answer '' is not one of A, B, C, D",
+                   f"{f}:7: the answer 'AB' is not one of A, B, C, D",
+                   f"{f}:8: a multiple-choice row needs a question; it is empty"]
+    j = tmp_path / "law_dev.jsonl"  # a JSON null is no option text "None", and no answer
+    j.write_text(json.dumps({"question": "一", "A": None, "B": "乙", "C": "丙", "D": "丁", "answer": "a"}) + "\n"
+                 + json.dumps({"question": "二", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": None}))
+    items, bad = read_mc([j])
+    assert [(i["options"]["A"], i["answer"]) for i in items] == [("", "A")]
+    assert bad == [f"{j}:2: the answer '' is not one of A, B, C, D"]
+
+
 def test_answers_and_continuations_cut_inside_a_character_drop_it(bpe_tokenizer):
     from babyllama.evaluate import answer, continuations
 
@@ -376,7 +393,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
                   + '\n{"question": "坏行"')  # a bad record: counted and skipped
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"text": "训练文本里混进了" + questions[3] + "这道题"}, ensure_ascii=False))
-    (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
+    (tmp_path / "mc.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n问二,甲,乙,丙,丁,b\n"
+                                     "问三,甲,乙,丙,丁,E\n", encoding="utf-8")
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--data", str(tiny_run / "tokens"), "--qa", str(qa),
                 "--mc", str(tmp_path / "mc.csv"), "--train_data", str(train), "--max_new_tokens", "4")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -385,10 +403,12 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
     assert result["qa"]["sentiment"]["majority_baseline"] == 0.5  # the item without a reference is not in it
     assert result["qa_skipped_no_reference"] == 1 and "1 QA items have no reference" in r.stdout
-    assert (result["qa_bad_records"], result["mc_bad_records"]) == (1, 0)
+    assert (result["qa_bad_records"], result["mc_bad_records"], result["mc"]["overall"]["items"]) == (1, 1, 2)
     assert f"note: 1 bad QA records are skipped; the first: {qa}:10: not valid JSON (Expecting" in r.stdout
+    assert (f"note: 1 bad multiple-choice records are skipped; the first: {tmp_path / 'mc.csv'}:4: the answer 'E' "
+            "is not one of A, B, C, D") in r.stdout
     lines = (tiny_run / "run" / "eval" / "items.jsonl").read_text().splitlines()
-    assert len(lines) == 9
+    assert len(lines) == 10
     (tiny_run / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
         {"step": 1, "tokens": 100, "loss": 6.0, "lr": 1e-4}, {"step": 2, "tokens": 200, "loss": 5.0, "lr": 2e-4},
         {"step": 2, "tokens": 200, "val_loss": 5.5, "final": True}]))

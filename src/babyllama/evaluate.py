@@ -254,9 +254,10 @@ def score_qa(items: list[dict]) -> dict:
 
 
 def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
-    """C-Eval / CMMLU items: question, A-D, answer (any case), subject from the file name; rows whose
-    answer is not a letter (test sets) are left out. Also "file:line: why" of each row skipped as bad
-    (not a record, a field missing, bytes that are not text). Raises UserError when no item remains."""
+    """C-Eval / CMMLU items: question, A-D, answer, subject from the file name (column names and answer
+    letters in any case, with spaces around). Also "file:line: why" of each row skipped as bad (not a
+    record, a field missing, an answer that is not one of A-D, bytes that are not text): every row is
+    one or the other. Raises UserError when no item remains."""
     items, bad = [], []
     for file in expand_inputs(list(paths), held_out=True):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
@@ -266,24 +267,28 @@ def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
             except ValueError as e:
                 bad.append(f"{where}: {e}")
                 continue
-            if item["answer"] in LETTERS:
-                items.append(item)
+            items.append(item)
     if not items:
         raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}{bad_detail(bad)}.")
     return items, bad
 
 
 def mc_item(row: dict | None, why: str, subject: str) -> dict:
-    """A multiple-choice item of a row (None: the reader's bad record, saying why); ValueError, saying why,
-    for a bad row."""
+    """A multiple-choice item of a row (None: the reader's bad record, saying why), its answer an upper-case
+    letter of A-D; ValueError, saying why, for a bad row."""
     if row is None:
         raise ValueError(why)
     r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
     missing = [k for k in ("question", *LETTERS, "answer") if k.lower() not in r]
     if missing:
         raise ValueError(f"a multiple-choice row needs question, A-D, answer; missing {', '.join(missing)}")
-    item = {"subject": r.get("subject") or subject, "question": str(r["question"]),
-            "options": {c: str(r[c.lower()]) for c in LETTERS}, "answer": str(r["answer"]).strip()}
+    text = lambda v: "" if v is None else str(v)  # a JSON null is no text, not "None"
+    item = {"subject": r.get("subject") or subject, "question": text(r["question"]),
+            "options": {c: text(r[c.lower()]) for c in LETTERS}, "answer": text(r["answer"]).strip().upper()}
+    if not item["question"].strip():
+        raise ValueError("a multiple-choice row needs a question; it is empty")
+    if item["answer"] not in set(LETTERS):  # not `in LETTERS`: "" and "AB" are substrings
+        raise ValueError(f"the answer {text(r['answer']).strip()!r} is not one of {', '.join(LETTERS)}")
     if not is_unicode(item["question"] + "".join(item["options"].values())):
         raise ValueError("the row holds bytes that are not text in the file's encoding")
     return item
