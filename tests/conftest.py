@@ -113,8 +113,9 @@ def run_cli(*args: str | Path, stdin: str | bytes = "") -> subprocess.CompletedP
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     raw = stdin.encode() if isinstance(stdin, str) else stdin
+    pipe = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")  # as from a UTF-8 locale's pipe
     try:
-        with mock.patch.object(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw))), redirect_stdout(out), \
+        with mock.patch.object(sys, "stdin", pipe), redirect_stdout(out), \
                 redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])

@@ -3,8 +3,10 @@
     babyllama chat runs/demo/sft/final [--temperature 0.7 --top_p 0.9 --max_new_tokens 256]
     echo "你好" | babyllama chat runs/demo/sft/final          # from a pipe: one answer per line
 
-Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves. The history is trimmed,
-oldest turns first, so that the prompt and the answer fit the context window.
+Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves; any other line that starts
+with / is an unknown command, and a line with bytes that are not text in stdin's encoding is
+refused, each with one line, without asking the model. The history is trimmed, oldest turns
+first, so that the prompt and the answer fit the context window.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Generator, Iterable, Iterator, Sequence
 
-from babyllama.chat_format import Conversation, render_prompt
+from babyllama.chat_format import Conversation, is_unicode, render_prompt
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
@@ -88,11 +90,23 @@ def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Itera
     return decode_stream(tokenizer, tokens)
 
 
+def refusal(line: str, encoding: str) -> str:
+    """Why a line of chat's input, stripped and not a command it runs, is not a question for the model;
+    "" when it is one: a line that starts with / (an unknown command: /help, /reset extra), or one
+    with bytes that are not text in encoding (read with errors="surrogateescape"), as the data readers
+    refuse them."""
+    if line.startswith("/"):
+        return f"unknown command {line}; the commands are /reset, /exit"
+    if not is_unicode(line):
+        return f"this line has bytes that are not {encoding} text, so it is not asked; type it again"
+    return ""
+
+
 def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DEVICE) -> None:
     from babyllama.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
-    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 show as U+FFFD, as in a terminal
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not text: lone surrogates (is_unicode)
     tty = sys.stdin.isatty()
     if tty:
         print("babyllama chat: /reset to start over, /exit to leave")
@@ -111,6 +125,9 @@ def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DE
             print("(conversation reset)", flush=True)
             continue
         if not text:
+            continue
+        if note := refusal(text, sys.stdin.encoding):
+            print(note, flush=True)
             continue
         if tty:
             print("助手> ", end="", flush=True)
