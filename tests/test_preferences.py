@@ -83,6 +83,24 @@ def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog,
                             "written into; pass another --sft_cache.")
 
 
+def test_a_pair_that_starts_with_the_assistant_or_asks_nothing_is_bad_and_a_blank_rejected_answer_counted(
+        bpe_tokenizer, tmp_path):
+    path = write(tmp_path / "pairs.jsonl", [
+        {"conversations": [{"from": "gpt", "value": "x"}], "chosen": "好", "rejected": "错"},
+        {"prompt": "", "chosen": "好", "rejected": "错"},
+        {"prompt": "问", "chosen": "好", "rejected": "   "},
+        SHAPES[0][0],
+    ])
+    bpe_tokenizer.save(tmp_path / "tok")
+    _, _, stats = load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(),
+                                kind="dpo")
+    assert (stats.records, stats.bad, stats.empty_answers, stats.samples) == (4, 2, 1, 2)
+    assert (tmp_path / "cache" / "bad_records.txt").read_text().splitlines() == [
+        f"{path}:1: the conversation starts with the assistant; its first message (after any system messages) "
+        "must come from the user",
+        f"{path}:2: a question (instruction, prompt or user message) is empty, so there is nothing to answer"]
+
+
 def test_a_file_with_no_usable_pair_is_one_sentence(bpe_tokenizer, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "问", "chosen": "同", "rejected": "同"}, ensure_ascii=False) + "\n")

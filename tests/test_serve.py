@@ -119,7 +119,8 @@ def test_eight_concurrent_streams_get_their_own_answers(server):
     ('{"messages": [], "max_tokens": 5}', "messages"),
     ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', "max_tokens"),
     ('{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
-    ('{"messages": [{"role": "assistant", "content": "x"}]}', "last message"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "starts with the assistant"),  # not "last message"
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}', "last message"),
     ('{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     ('{"messages": [{"role": "user", "content": "' + "很长" * 200 + '"}], "max_tokens": 8}', "context"),
     ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', "max_tokens"),

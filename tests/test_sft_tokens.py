@@ -331,3 +331,16 @@ def test_records_with_an_empty_answer_are_skipped_and_counted(demo_sft, tmp_path
     manifest = build_sft_cache([tmp_path / "sft.jsonl"], demo_sft / "tok", tmp_path / "c", settings)
     s = manifest["stats"]
     assert (s["records"], s["bad"], s["empty_answers"], s["samples"]) == (5, 0, 3, 2)
+
+
+def test_records_with_an_empty_question_are_bad(demo_sft, tmp_path):
+    records = [{"instruction": "", "output": "答一"}, {"instruction": " ", "input": "\u200b", "output": "答二"},
+               {"prompt": "", "answer": "答三"}, {"instruction": "", "input": "问四", "output": "答四"},
+               {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                                  {"role": "user", "content": "  "}, {"role": "assistant", "content": "在"}]}]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    manifest = build_sft_cache([tmp_path / "sft.jsonl"], demo_sft / "tok", tmp_path / "c", SFTSettings(64, 0.0))
+    assert (manifest["stats"]["bad"], manifest["stats"]["samples"]) == (4, 1)  # 问四 is the question of the 4th
+    why = "a question (instruction, prompt or user message) is empty, so there is nothing to answer"
+    assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
+        f"{tmp_path / 'sft.jsonl'}:{n}: {why}" for n in (1, 2, 3, 5)]

@@ -17,7 +17,9 @@ Records and OpenAI `messages` become a conversation by one set of rules:
     the assistant is refused;
   * for training it must end with an answer, for generation with the user's message;
   * a conversation keeps an empty answer; SFT skips such a record (data/sft_tokens.py counts it),
-    since it would teach the model to answer with <eos> alone.
+    since it would teach the model to answer with <eos> alone;
+  * for training, a question with nothing visible (an empty instruction, prompt or user message)
+    makes the record bad: there is nothing the answer answers (checked_for_training).
 
 Truncation, when a conversation is longer than max_len tokens, cuts in this order:
   1. whole turns, oldest first (the system text and the last turn always stay);
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,6 +118,11 @@ def instruction_prompt(record: dict) -> str | None:
     return instruction + extra
 
 
+def is_blank(text: str) -> bool:
+    """Nothing visible: only whitespace, zero-width and other format or control characters."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
+
+
 def is_unicode(text: str) -> bool:
     """False for text that no UTF-8 file or tokenizer can hold: a lone surrogate (the JSON escape
     \\ud800, or an undecodable byte read with errors="surrogateescape")."""
@@ -140,10 +148,11 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
             merged.append([role, content])
     if not merged:
         raise ValueError("there are only system messages")
+    if merged[0][0] != "user":  # before the last message's rule: [assistant] breaks this one, not that
+        raise ValueError("the conversation starts with the assistant; its first message (after any system "
+                         "messages) must come from the user")
     if add_generation_prompt != (merged[-1][0] == "user"):
         raise ValueError(f"the last message must come from the {'user' if add_generation_prompt else 'assistant'}")
-    if merged[0][0] != "user":
-        raise ValueError("the first message (after any system messages) must come from the user")
     if add_generation_prompt:
         merged.append(["assistant", ""])
     return Conversation([(u[1], a[1]) for u, a in zip(merged[::2], merged[1::2], strict=True)], system)
@@ -152,10 +161,18 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
 def conversation_from_record(record: dict) -> Conversation:
     """The conversation of an SFT record: a `conversations` list, a `prompt` / `answer` row (the
     recipe's sft_data.csv) or an instruction record. Raises ValueError when it is none of them, or
-    when its text is no valid Unicode (a lone surrogate such as the JSON escape \\ud800)."""
-    conv = _conversation_of(record)
-    if not is_unicode("".join([conv.system, *(u + a for u, a in conv.turns)])):
+    when it cannot train (checked_for_training)."""
+    return checked_for_training(_conversation_of(record))
+
+
+def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
+    """conv, whose SFT or DPO record (with the DPO pair's answers) is good to train on. Raises ValueError,
+    saying why, when its text is no valid Unicode (a lone surrogate such as the JSON escape \\ud800) or a
+    question is blank (is_blank): an empty instruction, prompt or user message asks nothing."""
+    if not is_unicode("".join([conv.system, *answers, *(u + a for u, a in conv.turns)])):
         raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode")
+    if any(is_blank(u) for u, _ in conv.turns):
+        raise ValueError("a question (instruction, prompt or user message) is empty, so there is nothing to answer")
     return conv
 
 

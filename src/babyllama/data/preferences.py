@@ -12,8 +12,10 @@ Accepted records (the fields of one JSON object):
     and `history` ([[question, answer], ...], earlier turns).
 Both answers of a pair follow the same conversation. The mask marks only the last answer and its
 <eos>, the one the pair is about: earlier answers are context. A long pair is cut as SFT cuts a
-sample, answer by answer (chat_format.truncate_conversation). Bad records are counted as for SFT;
-a pair whose answers are the same text teaches nothing and is skipped and counted (equal_pairs).
+sample, answer by answer (chat_format.truncate_conversation). Bad records are counted as for SFT
+(an empty prompt is one, as an empty instruction is for SFT); a pair whose answers are the same text
+teaches nothing and is skipped and counted (equal_pairs), and so is one with a blank answer, chosen
+or rejected (empty_answers).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from collections import Counter
 from babyllama.chat_format import (
     ROLES,
     Conversation,
+    checked_for_training,
     conversation_from_messages,
-    is_unicode,
+    is_blank,
     messages_of_record,
     render_conversation,
     truncate_conversation,
 )
-from babyllama.data.sft_tokens import SFTSettings, is_blank
+from babyllama.data.sft_tokens import SFTSettings
 from babyllama.data.shards import is_val
 from babyllama.tokenizer import Tokenizer
 
@@ -73,7 +76,8 @@ def _prompt_messages(record: dict) -> list[tuple[str, str]]:
 def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above.
 
-    Raises ValueError, saying why, for a record of none of them or with text no tokenizer can encode.
+    Raises ValueError, saying why, for a record of none of them, or one that cannot train
+    (chat_format.checked_for_training: an empty prompt, text no tokenizer can encode).
     """
     if "question" in record and "conversations" not in record:
         chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
@@ -82,9 +86,7 @@ def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     else:
         raise ValueError("not a preference record (prompt / conversations / question with chosen and rejected)")
     conv = conversation_from_messages(_prompt_messages(record), add_generation_prompt=True)
-    if not is_unicode("".join([conv.system, chosen, rejected, *(u + a for u, a in conv.turns)])):
-        raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode")
-    return conv, chosen, rejected
+    return checked_for_training(conv, chosen, rejected), chosen, rejected
 
 
 def with_answer(conv: Conversation, answer: str) -> Conversation:
@@ -112,12 +114,13 @@ def render_pair(tokenizer: Tokenizer, conv: Conversation, chosen: str, rejected:
 def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings: SFTSettings,
                  counts: Counter) -> tuple[list, bool]:
     """The token cache's samples of a pair (data/sft_tokens.render_batch): its chosen then its rejected
-    answer; none, counted, for equal answers, a blank chosen one, or a length filter that fails."""
+    answer; none, counted, for equal answers, a blank one (chosen or rejected: empty_answers), or a length
+    filter that fails."""
     conv, chosen, rejected = parsed
     if chosen == rejected:
         counts["equal_pairs"] += 1
         return [], False
-    if is_blank(chosen):
+    if is_blank(chosen) or is_blank(rejected):
         counts["empty_answers"] += 1
         return [], False
     prompt = conv.turns[-1][0]

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import time
-import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
+from babyllama.chat_format import conversation_from_record, is_blank, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import Item, expand_inputs, iter_records
@@ -53,7 +52,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 2  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers)
+VERSION = 3  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+# 3: no empty questions, no blank rejected answers)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -83,7 +83,7 @@ class SFTStats:
     records: int = 0
     bad: int = 0
     filtered: int = 0  # by the length filters
-    empty_answers: int = 0  # an answer with nothing visible: it would teach <eos> alone
+    empty_answers: int = 0  # an answer (DPO: chosen or rejected) with nothing visible: <eos> alone
     equal_pairs: int = 0  # DPO: pairs whose chosen and rejected answers are the same text
     truncated: int = 0
     samples: int = 0
@@ -134,11 +134,6 @@ def same_place(had: dict, now: dict) -> bool:
 
 
 # --- the worker side ---
-
-
-def is_blank(text: str) -> bool:
-    """Nothing visible: only whitespace, zero-width and other format or control characters."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
 
 
 def render_batch(batch: list[Item], settings: SFTSettings, parse, samples_of) -> dict:
