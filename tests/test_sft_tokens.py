@@ -136,6 +136,26 @@ def test_cache_copied_with_its_inputs_is_used_elsewhere_and_rebuilt_when_one_cha
     assert rebuilt["inputs"][0]["mtime_ns"] == f.stat().st_mtime_ns != built["inputs"][0]["mtime_ns"]
 
 
+def test_a_cache_of_an_older_version_copied_with_its_inputs_says_so(demo_sft, tmp_path):
+    """A version 2 manifest (its inputs without relative path and SHA-256), copied with `cp -a` and its
+    byte-identical inputs: it said 'built with other inputs (…/multi.jsonl is new)'."""
+    import shutil
+
+    here, settings = tmp_path / "a", SFTSettings(max_len=65)
+    (here / "data").mkdir(parents=True)
+    shutil.copy2(demo_sft / "multi.jsonl", here / "data" / "multi.jsonl")
+    built = build_sft_cache([here / "data"], demo_sft / "tok", here / "cache", settings)
+    old = {**built, "version": 2, "inputs": [{k: i[k] for k in ("path", "bytes", "mtime_ns")} for i in built["inputs"]]}
+    (here / "cache" / "manifest.json").write_text(json.dumps(old))
+    there = tmp_path / "b" / "a"
+    shutil.copytree(here, there)  # copy2: as cp -a
+    for cache in (here / "cache", there / "cache"):  # in its place too
+        with pytest.raises(UserError) as e:
+            load_sft_data([cache.parent / "data"], demo_sft / "tok", cache, settings, False, Dist())
+        assert str(e.value) == (f"the SFT token cache {cache} was built with an older version of babyllama; delete it "
+                                "to rebuild, or choose another --sft_cache.")
+
+
 def test_the_data_tools_and_their_workers_run_without_torch():
     """pretokenize's and the SFT cache's worker processes import these modules; torch costs each ~170 MB. The
     cache hashes its inputs with weights_file.file_sha256, which must not bring it in."""
@@ -220,7 +240,8 @@ def test_every_difference_of_a_cache_is_said_in_the_words_of_its_flags(demo_sft,
         "max_answer_chars 0 (now 4)"]
     same = cache_key([f], bpe_tokenizer.fingerprint, SFTSettings(max_len=65), "dpo", tmp_path / "c")
     assert cache_differences(built, {**same, "kind": "sft"}) == ["DPO samples, not SFT"]
-    assert cache_differences(built, {**same, "version": 0}) == ["another version of babyllama"]
+    assert cache_differences(built, {**same, "version": 99}) == ["an older version of babyllama"]
+    assert cache_differences({**built, "version": 99}, same) == ["a newer version of babyllama"]
     with pytest.raises(UserError) as e:  # a DPO cache says so
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", other, True, Dist(), kind="dpo")
     assert str(e.value) == (f"the DPO token cache {tmp_path / 'c'} was built with the model's max_seq_len 64 (now "

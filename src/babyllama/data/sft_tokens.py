@@ -53,7 +53,7 @@ MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
 VERSION = 3  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
-# 3: no empty questions, no blank rejected answers)
+# 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -328,9 +328,13 @@ def read_sft_cache(out: str | Path) -> dict | None:
 
 def cache_differences(manifest: dict, key: dict) -> list[str]:
     """What a cache's manifest was made with that differs from what it must match (key), each in the words of
-    the flags and config keys that set it, to follow "built with"; [] when nothing."""
-    if manifest.get("version") != key["version"]:
-        return ["another version of babyllama"]
+    the flags and config keys that set it, to follow "built with"; [] when nothing. A cache of another version
+    says only that (an older one: its chat format and manifest are not this version's, so its inputs, which
+    version 2 recorded without their relative path and SHA-256, cannot be compared)."""
+    version = manifest.get("version")
+    if version != key["version"]:
+        newer = isinstance(version, int) and version > key["version"]
+        return [f"{'a newer' if newer else 'an older'} version of babyllama"]
     if manifest.get("kind", "sft") != key["kind"]:
         return [f"{manifest.get('kind', 'sft').upper()} samples, not {key['kind'].upper()}"]
     out = []
