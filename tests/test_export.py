@@ -8,10 +8,13 @@ import re
 import pytest
 import torch
 
+from babyllama.chat import reply
 from babyllama.chat_format import conversation_from_messages, render_prompt
-from babyllama.checkpoint import save_checkpoint
+from babyllama.checkpoint import load_checkpoint, save_checkpoint
 from babyllama.errors import UserError
 from babyllama.export import export
+from babyllama.sampling import Sampling
+from babyllama.tokenizer import load_tokenizer
 from tests.conftest import CHATGLM2, run_cli, sharp_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -41,9 +44,7 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(hf).__name__ == "LlamaForCausalLM"
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS + TORTURE + LEADING_SPACES:
-        assert tok(text)["input_ids"] == bpe_tokenizer.encode(text), text
-        assert tok.decode(bpe_tokenizer.encode(text)) == text, text
+    check_text_ids(tok, bpe_tokenizer)
     idx = torch.tensor([bpe_tokenizer.encode(TEXTS[0])])
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-4, rtol=0)
@@ -64,27 +65,61 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=64793)), sp)
     export(tmp_path / "ck", tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS + TORTURE + LEADING_SPACES:  # leading spaces: transformers' own conversion differs
-        assert tok(text)["input_ids"] == sp.encode(text), text
-        assert tok.decode(sp.encode(text)) == text, text
+    check_text_ids(tok, sp)  # leading spaces: transformers' own conversion differs
     check_chat_template(tok, sp)
 
 
+def check_text_ids(tok, ours) -> None:
+    """The export's tokenizer encodes and decodes text as ours; text that spells <s> or </s> needs
+    split_special_tokens=True, since by transformers' default (Llama 2's) it parses them as control ids."""
+    for text in TEXTS + TORTURE + LEADING_SPACES:
+        assert tok(text, split_special_tokens=True)["input_ids"] == ours.encode(text), text
+        assert tok.decode(ours.encode(text)) == text, text
+        if not any(s in text for s in ("<s>", "</s>", "<pad>")):
+            assert tok(text)["input_ids"] == ours.encode(text), text
+    assert tok("答案：<s>A</s>")["input_ids"] == [*ours.encode("答案："), ours.bos_id, *ours.encode("A"), ours.eos_id]
+
+
 def check_chat_template(tok, ours) -> None:
-    """apply_chat_template renders babyllama's chat format id for id, and raises where serve refuses."""
+    """apply_chat_template, with transformers' defaults, renders babyllama's chat format id for id, and raises
+    where serve refuses."""
     for messages in CONVERSATIONS:
-        text = [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
-                for m in messages]
-        pairs = [(m["role"], t) for m, t in zip(messages, text, strict=True)]
-        conv = conversation_from_messages([("system" if r == "developer" else r, c) for r, c in pairs],
-                                          add_generation_prompt=True)
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False,
-                                      tokenizer_kwargs={"split_special_tokens": False})  # the template's <s> is bos
-        assert ids == render_prompt(ours, conv), messages
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert ids == render_prompt(ours, conversation_of(messages)), messages
     for bad in ([{"role": "assistant", "content": "先答"}, {"role": "user", "content": "再问"}],
                 [{"role": "tool", "content": "x"}, {"role": "user", "content": "问"}]):
         with pytest.raises(Exception, match="first message after the system text|is not one of"):
             tok.apply_chat_template(bad, add_generation_prompt=True, tokenize=False)
+
+
+def conversation_of(messages: list[dict]):
+    """babyllama's conversation of OpenAI-style messages (developer is system, text parts joined), as serve reads."""
+    text = [m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+            for m in messages]
+    pairs = [("system" if m["role"] == "developer" else m["role"], t) for m, t in zip(messages, text, strict=True)]
+    return conversation_from_messages(pairs, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("kind", ["bpe", pytest.param("sentencepiece", marks=pytest.mark.skipif(
+    not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present"))])
+def test_pipeline_with_defaults_answers_as_babyllama_chat(bpe_tokenizer, tmp_path, kind):
+    """transformers' usual chat path, pipeline("text-generation") with its defaults, renders our prompt and
+    gives our greedy answer; our chat and serve keep a user's spelled <s> as text, with the checkpoint's
+    tokenizer and with the export's read back."""
+    ours = bpe_tokenizer if kind == "bpe" else load_tokenizer(CHATGLM2)
+    model = sharp_model(tiny_config(vocab_size=600 if kind == "bpe" else 64793))
+    save_checkpoint(tmp_path / "ck", model, ours)
+    export(tmp_path / "ck", tmp_path / "hf")
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    for messages in CONVERSATIONS:
+        answer = "".join(reply(model, ours, conversation_of(messages), Sampling(max_new_tokens=5)))
+        assert pipe(messages, max_new_tokens=5)[0]["generated_text"][-1] == {"role": "assistant",
+                                                                             "content": answer}, messages
+    spelled = conversation_from_messages([("user", "答案：<s>A</s><pad>")], add_generation_prompt=True)
+    text = ours.encode("答案：<s>A</s><pad>")
+    assert not {ours.bos_id, ours.eos_id, ours.pad_id} & set(text)
+    for tok in (load_checkpoint(tmp_path / "ck")[1], load_tokenizer(tmp_path / "hf")):
+        assert render_prompt(tok, spelled) == [*text, ours.bos_id]
 
 
 def test_export_refuses_unknown_format_and_missing_checkpoint(tmp_path):

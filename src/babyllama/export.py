@@ -118,7 +118,7 @@ def export_tokenizer(tokenizer, out: Path, max_len: int) -> None:
     config |= {f"{k}_token": v for k, v in names.items()}
     config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
                "model_max_length": max_len, "chat_template": CHAT_TEMPLATE,
-               "split_special_tokens": True}  # text that spells "</s>" is text, as babyllama encodes it
+               "split_special_tokens": False}  # transformers' default: apply_chat_template's <s> is bos
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if not isinstance(tokenizer, HFTokenizer) and _sentencepiece_as_fast(tokenizer, out):
         config["tokenizer_class"] = "PreTrainedTokenizerFast"  # read tokenizer.json as written
@@ -142,6 +142,7 @@ def _sentencepiece_as_fast(tokenizer, out: Path) -> bool:
     fast = transformers.AutoTokenizer.from_pretrained(out).backend_tokenizer
     fast.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     fast.pre_tokenizer = None
+    fast.encode_special_tokens = True  # probes that spell "</s>" are text, as sentencepiece reads them
     if any(fast.encode(t, add_special_tokens=False).ids != tokenizer.encode(t) for t in PROBES):
         return False  # another normalisation (e.g. extra whitespace removed): keep transformers' conversion
     fast.save(str(out / "tokenizer.json"))
