@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -53,6 +54,7 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
     check_chat_template(tok, bpe_tokenizer)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+    assert "max_length" not in generation  # max_position_embeddings says the context
     assert hf.generation_config.eos_token_id == 2
 
 
@@ -102,19 +104,24 @@ def conversation_of(messages: list[dict]):
 
 @pytest.mark.parametrize("kind", ["bpe", pytest.param("sentencepiece", marks=pytest.mark.skipif(
     not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present"))])
-def test_pipeline_with_defaults_answers_as_babyllama_chat(bpe_tokenizer, tmp_path, kind):
+def test_pipeline_with_defaults_answers_as_babyllama_chat(bpe_tokenizer, tmp_path, caplog, kind):
     """transformers' usual chat path, pipeline("text-generation") with its defaults, renders our prompt and
-    gives our greedy answer; our chat and serve keep a user's spelled <s> as text, with the checkpoint's
-    tokenizer and with the export's read back."""
+    gives our greedy answer, warning nothing (no max_length beside max_new_tokens); our chat and serve keep a
+    user's spelled <s> as text, with the checkpoint's tokenizer and with the export's read back."""
     ours = bpe_tokenizer if kind == "bpe" else load_tokenizer(CHATGLM2)
     model = sharp_model(tiny_config(vocab_size=600 if kind == "bpe" else 64793))
     save_checkpoint(tmp_path / "ck", model, ours)
     export(tmp_path / "ck", tmp_path / "hf")
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
-    for messages in CONVERSATIONS:
-        answer = "".join(reply(model, ours, conversation_of(messages), Sampling(max_new_tokens=5)))
-        assert pipe(messages, max_new_tokens=5)[0]["generated_text"][-1] == {"role": "assistant",
-                                                                             "content": answer}, messages
+    logging.getLogger("transformers").addHandler(caplog.handler)  # transformers' logger does not propagate
+    try:
+        for messages in CONVERSATIONS:
+            answer = "".join(reply(model, ours, conversation_of(messages), Sampling(max_new_tokens=5)))
+            assert pipe(messages, max_new_tokens=5)[0]["generated_text"][-1] == {"role": "assistant",
+                                                                                 "content": answer}, messages
+    finally:
+        logging.getLogger("transformers").removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     spelled = conversation_from_messages([("user", "答案：<s>A</s><pad>")], add_generation_prompt=True)
     text = ours.encode("答案：<s>A</s><pad>")
     assert not {ours.bos_id, ours.eos_id, ours.pad_id} & set(text)

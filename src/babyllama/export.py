@@ -158,7 +158,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     save_safetensors(hf_state_dict(model), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, tokenizer), indent=2) + "\n")
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                  "pad_token_id": tokenizer.pad_id, "do_sample": False, "max_length": model.cfg.max_seq_len,
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False,
                   "suppress_tokens": list(tokenizer.suppress_tokens(model.cfg.vocab_size))}  # as babyllama masks
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     export_tokenizer(tokenizer, out, model.cfg.max_seq_len)
