@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -156,6 +157,19 @@ def test_export_never_overwrites_a_checkpoint_and_says_what_it_cannot_write(bpe_
         with pytest.raises(UserError, match=message):
             export(tmp_path / "run" / "final", out, fmt)
     assert (tmp_path / "run" / "final" / "config.json").read_bytes() == before  # the checkpoint is untouched
+
+
+def test_gguf_refuses_an_out_that_names_a_folder(bpe_tokenizer, tmp_path):
+    """`--out runs/demo/newdir/` (a trailing slash: a folder meant) wrote a file named newdir."""
+    pytest.importorskip("gguf")
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    for slash in {"/", os.sep}:
+        out = f"{tmp_path / 'newdir'}{slash}"
+        r = run_cli("export", str(tmp_path / "ck"), "--format", "gguf", "--out", out)
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {out} ends with a slash, so it names a folder; "
+                                               "--format gguf writes one file, e.g. "
+                                               f"--out {tmp_path / 'newdir.gguf'}.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 def test_export_writes_only_into_a_new_folder_or_an_earlier_export_of_its_format(bpe_tokenizer, tmp_path):

@@ -15,6 +15,7 @@ export of its base plus a peft adapter for it (`PeftModel.from_pretrained(model,
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -300,12 +301,13 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
         raise UserError("--adapter writes a peft adapter for the Hugging Face export; use it with --format hf.")
     if format not in ("hf", "gguf"):
         raise UserError(f"export format {format!r} is not supported; use --format hf or gguf.")
-    out = Path(out)
+    spelled, out = str(out), Path(out)  # Path drops a trailing slash
     check_out_dir(out, "--out", folder=False)  # a file above out: found before the checkpoint is loaded
-    if format == "gguf" and out.is_dir():  # a file beside it: one inside a checkpoint would change that checkpoint
-        named = out if out.name else out.resolve()
-        raise UserError(f"{out} is a directory; --format gguf writes one file, e.g. "
-                        f"--out {named.with_name(named.name + '.gguf')}.")
+    if format == "gguf" and (out.is_dir() or spelled.endswith(("/", os.sep))):  # a file beside it, not in it: one
+        named = out if out.name else out.resolve()  # inside a checkpoint would change that checkpoint
+        what = "is a directory" if out.is_dir() else "ends with a slash, so it names a folder"
+        example = named.with_name(named.name + ".gguf") if named.name else named / "model.gguf"
+        raise UserError(f"{spelled} {what}; --format gguf writes one file, e.g. --out {example}.")
     if out.is_dir() and any((out / name).exists() for name in BABYLLAMA_FILES):
         raise UserError(f"{out} holds a babyllama checkpoint or run, which the export would overwrite; "
                         "choose another --out.")
