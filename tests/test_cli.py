@@ -84,6 +84,27 @@ def test_an_out_dir_that_is_a_file_is_one_sentence_before_any_work(tmp_path, bpe
         assert file.read_text() == "mine"
 
 
+def test_an_empty_path_is_refused_by_every_path_argument(tmp_path, monkeypatch):
+    """`--out ""` was read as "." and `--out_dir ""`, `--init ""` or `--config ""` as not given (eval wrote beside the
+    checkpoint, sft took the config's init): every path argument refuses "" with one sentence, before any work."""
+    monkeypatch.chdir(tmp_path)  # "" was "." here: nothing may appear
+    cases = [["tokenizer", "train", "--input", ""], ["tokenizer", "train", "--out_dir", ""], ["tokenizer", "info", ""],
+             ["tokenizer", "info", "x", "--sample", ""], ["prepare", "--input", "a", ""], ["prepare", "--out_dir", ""],
+             *[["pretokenize", flag, ""] for flag in ("--input", "--tokenizer", "--out_dir", "--merge")],
+             ["pretrain", "--config", ""],  # its --init and --data are settings: "" is their default (--help)
+             *[[stage, flag, ""] for stage in ("sft", "dpo") for flag in ("--config", "--init", "--data")],
+             ["eval", ""],
+             *[["eval", "ck", flag, ""] for flag in ("--data", "--prompts", "--qa", "--mc", "--train_data",
+                                                     "--out_dir")],
+             ["report", ""], ["chat", ""], ["serve", ""], ["export", ""], ["export", "ck", "--out", ""],
+             ["demo", "--out_dir", ""]]
+    for args in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, args
+        assert r.stderr.endswith(': an empty path names no file or folder; give one ("." for this folder)\n'), args
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_dialect_every_flag_with_underscores():
     import re
 

@@ -387,6 +387,13 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
+def path(text: str) -> str:
+    """An argparse type: a file or folder path, never "" (which Path reads as ".", or a check skips as unset)."""
+    if not text:
+        raise argparse.ArgumentTypeError('an empty path names no file or folder; give one ("." for this folder)')
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     parser.set_defaults(takes_overrides=False)  # pretrain and sft take any setting as --key value
@@ -396,18 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
-    p.add_argument("--input", nargs="+", required=True, help=".txt (a document per line) or .jsonl (text field)")
+    p.add_argument("--input", type=path, nargs="+", required=True,
+                   help=".txt (a document per line) or .jsonl (text field)")
     p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192, help="ids, the special ones included")
-    p.add_argument("--out_dir", required=True, help="directory for tokenizer.json")
+    p.add_argument("--out_dir", type=path, required=True, help="directory for tokenizer.json")
     p.set_defaults(func=cmd_tokenizer_train)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")
-    p.add_argument("path", help="tokenizer directory, tokenizer.json or SentencePiece .model")
-    p.add_argument("--sample", help="text file to measure characters per token on")
+    p.add_argument("path", type=path, help="tokenizer directory, tokenizer.json or SentencePiece .model")
+    p.add_argument("--sample", type=path, help="text file to measure characters per token on")
     p.set_defaults(func=cmd_tokenizer_info)
 
     p = commands.add_parser("prepare", help="read, clean and deduplicate corpora into JSON-lines shards")
-    p.add_argument("--input", nargs="+", help="files or directories (.jsonl .json .txt .parquet .csv, .gz/.zst)")
-    p.add_argument("--out_dir", required=True)
+    p.add_argument("--input", type=path, nargs="+",
+                   help="files or directories (.jsonl .json .txt .parquet .csv, .gz/.zst)")
+    p.add_argument("--out_dir", type=path, required=True)
     p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation")
     p.add_argument("--min_chars", type=int_in(0), default=10, help="drop shorter documents")
     p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash",
@@ -418,16 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
-    p.add_argument("--input", nargs="+", help="files or directories (a `prepare` output directory works)")
-    p.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or .model")
-    p.add_argument("--out_dir", required=True)
+    p.add_argument("--input", type=path, nargs="+", help="files or directories (a `prepare` output directory works)")
+    p.add_argument("--tokenizer", type=path, help="tokenizer directory, tokenizer.json or .model")
+    p.add_argument("--out_dir", type=path, required=True)
     p.add_argument("--val_fraction", type=float, help="held out by hash (default 0.005, with --sft 0.02)")
     p.add_argument("--shard_tokens", type=int_in(1), help="tokens per shard file (default 100,000,000)")
     p.add_argument("--num_shards", type=int_in(1), help="split the documents over this many machines (default 1)")
     p.add_argument("--shard_index", type=int_in(0), help="which part this machine makes (default 0)")
     p.add_argument("--bos", action="store_true", help="put <bos> before every document too")
     p.add_argument("--format", help="force a schema, as for prepare")
-    p.add_argument("--merge", nargs="+", metavar="DIR", help="join the outputs of --num_shards runs into --out_dir")
+    p.add_argument("--merge", type=path, nargs="+", metavar="DIR",
+                   help="join the outputs of --num_shards runs into --out_dir")
     p.add_argument("--sft", action="store_true", help="the SFT token cache of instruction / conversation files")
     p.add_argument("--max_seq_len", type=int_in(1), help="with --sft: the model's context (samples get one more)")
     for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
@@ -439,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="pretrain on token shards (also under torchrun)", settings="pretrain",
         epilog="Any setting can follow as --key value (--lr 1e-3, --data DIR, --model.dim 128); see configs/.",
     )
-    p.add_argument("--config", help="a TOML file with [model] and [train] tables")
+    p.add_argument("--config", type=path, help="a TOML file with [model] and [train] tables")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
@@ -449,9 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
                "--lora_rank 16 for LoRA); out_dir defaults to a directory beside --init's run (runs/x/final -> "
                "runs/x-sft).",
     )
-    p.add_argument("--init", help="the checkpoint to start from, e.g. runs/demo/pretrain/final")
-    p.add_argument("--data", nargs="+", help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
-    p.add_argument("--config", help="a TOML file with a [train] table (the model comes from --init)")
+    p.add_argument("--init", type=path, help="the checkpoint to start from, e.g. runs/demo/pretrain/final")
+    p.add_argument("--data", type=path, nargs="+",
+                   help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
+    p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_sft, takes_overrides=True)
 
@@ -461,39 +472,41 @@ def build_parser() -> argparse.ArgumentParser:
                "--lora_rank 16, --precompute_ref_log_probs true); out_dir defaults to a directory beside --init's run "
                "(runs/x/final -> runs/x-dpo).",
     )
-    p.add_argument("--init", help="the checkpoint to tune, and the reference: e.g. runs/demo/sft/final")
-    p.add_argument("--data", nargs="+", help="preference pairs: {prompt, chosen, rejected}, LLaMA-Factory's or "
+    p.add_argument("--init", type=path, help="the checkpoint to tune, and the reference: e.g. runs/demo/sft/final")
+    p.add_argument("--data", type=path, nargs="+",
+                   help="preference pairs: {prompt, chosen, rejected}, LLaMA-Factory's or "
                    "MedicalGPT's JSON(L)")
-    p.add_argument("--config", help="a TOML file with a [train] table (the model comes from --init)")
+    p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_dpo, takes_overrides=True)
 
     p = commands.add_parser("eval", help="loss, bits per byte, QA, multiple choice and leakage of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="token directory: loss and bits per byte on its val split")
-    p.add_argument("--prompts", help="text file, one continuation prompt per line (default: built-in)")
-    p.add_argument("--qa", help="QA records: question/prompt/instruction(+input) and answer/std_answer/target/output")
-    p.add_argument("--mc", nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
-    p.add_argument("--train_data", nargs="+", help="training files to search for eval questions (leakage)")
-    p.add_argument("--out_dir", help="output directory (default: next to the checkpoint, eval/)")
+    p.add_argument("checkpoint", type=path)
+    p.add_argument("--data", type=path, help="token directory: loss and bits per byte on its val split")
+    p.add_argument("--prompts", type=path, help="text file, one continuation prompt per line (default: built-in)")
+    p.add_argument("--qa", type=path,
+                   help="QA records: question/prompt/instruction(+input) and answer/std_answer/target/output")
+    p.add_argument("--mc", type=path, nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
+    p.add_argument("--train_data", type=path, nargs="+", help="training files to search for eval questions (leakage)")
+    p.add_argument("--out_dir", type=path, help="output directory (default: next to the checkpoint, eval/)")
     p.add_argument("--limit", type=int_in(0), default=0, help="score only the first N QA / MC items; 0: all")
     add_device_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("report", help="report.md with plots for a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=path)
     p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("chat", help="talk to a checkpoint in the terminal (or through a pipe)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=path)
     p.add_argument("--system", default="", help="a system text before the first question")
     add_device_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=path)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_in(1, 65535), default=8000, help="the port to listen on")
     add_device_arg(p)
@@ -501,16 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("export", help="export a checkpoint for other tools (Hugging Face Llama, GGUF)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=path)
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: a LlamaForCausalLM directory; gguf: a llama.cpp file")
-    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file")
+    p.add_argument("--out", type=path, required=True, help="a directory (hf) or a .gguf file")
     p.add_argument("--adapter", action="store_true", help="a LoRA checkpoint with --format hf: its base to OUT and "
                    "the peft adapter to OUT/adapter, instead of the merged weights")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")
-    p.add_argument("--out_dir", default="runs/demo", help="where every stage writes")
+    p.add_argument("--out_dir", type=path, default="runs/demo", help="where every stage writes")
     p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dpo", action="store_true", help="then DPO on entity pairs of unseen sentences, and its eval")
