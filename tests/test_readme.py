@@ -54,7 +54,6 @@ NOT_RUN = {  # a command's beginning, as written: why it does not run here
     "babyllama pretokenize --input data/clean --tokenizer path/to/chatglm2": "needs downloaded corpora",
     "babyllama pretrain --config configs/baby-92m.toml": "a GPU recipe: 10 B tokens",
     "from babyllama.model import Transformer": "an API sketch: idx, targets, prompt_ids are the reader's",
-    "ids = tok.apply_chat_template": "an API sketch: tok (an exported model's) and messages are the reader's",
 }
 SERVE = "http://127.0.0.1:8000"
 
@@ -160,3 +159,33 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
         assert Path(made).exists(), made
     print(f"{ran} README commands in {time.time() - start:.0f} s; the slowest:",
           sorted(took.items(), key=lambda kv: -kv[1])[:5])
+
+
+def test_readme_training_commands_on_the_demo_data_warm_up_as_the_demo():
+    """The LoRA examples had no --config, so they took the default 1,000 warmup steps for a run of a few hundred
+    ("warmup covers the whole run"): every sft / dpo command on the demo's data warms up as its demo config."""
+    from babyllama.cli import build_parser
+    from babyllama.config import load_config
+
+    demo = [shlex.split(c) for c in readme_commands() if c.startswith(("babyllama sft", "babyllama dpo"))
+            and "runs/demo/data/" in c]
+    assert len(demo) >= 3, demo
+    for words in demo:
+        args, overrides = build_parser().parse_known_args(words[1:])
+        ours = load_config(args.config and ROOT / args.config, overrides).train.warmup_steps
+        assert ours == load_config(ROOT / "configs" / f"{words[1]}-demo.toml").train.warmup_steps, shlex.join(words)
+
+
+def test_readme_quotes_the_stop_message_as_printed(monkeypatch, capsys):
+    """The README quoted SIGTERM's message without its start: it is the one main prints, word for word."""
+    from babyllama import cli
+    from babyllama.errors import Stopped
+
+    def stopped(args):
+        raise Stopped("stopped by SIGTERM at step N of M, checkpoint PATH", 15)
+
+    monkeypatch.setattr(cli, "cmd_pretrain", stopped)
+    assert cli.main(["pretrain"]) == 143
+    printed = capsys.readouterr().err.strip()
+    readme = " ".join((ROOT / "README.md").read_text().split())  # a quote may wrap
+    assert f"`{printed}`" in readme, printed
