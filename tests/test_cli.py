@@ -58,6 +58,7 @@ def test_an_out_dir_that_is_a_file_is_one_sentence_before_any_work(tmp_path, bpe
     that writes a folder: checked before the work (no tokenizer trained, no model loaded)."""
     import babyllama.checkpoint
     import babyllama.tokenizer
+    import babyllama.train.dpo  # noqa: F401  imported under the stubs below, it would keep one for later tests
     from babyllama.checkpoint import save_checkpoint
     from babyllama.cli import main
     from tests.conftest import sharp_model, tiny_config
