@@ -246,6 +246,30 @@ def test_every_openai_request_field_is_honoured_or_refused_by_name(server):
                 assert name in str(e.value), (name, str(e.value))
 
 
+def test_null_is_the_field_left_out_as_in_openais_api(server):
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    hi = {"role": "user", "content": "你好"}
+    for path, params, base in (("/v1/chat/completions", chat_params.CompletionCreateParamsBase, {"messages": [hi]}),
+                               ("/v1/completions", completion_create_params.CompletionCreateParamsBase,
+                                {"prompt": "今天"})):
+        post = lambda body: httpx.post(server["url"] + path, json=body, timeout=30)  # noqa: B023
+        for name in sorted(set(params.__annotations__) - set(base) | {"stream"}):  # every field the client sends
+            omitted = base if name == "max_tokens" else {**base, "max_tokens": 4}
+            r, plain = post({**omitted, name: None}), post(omitted)
+            assert r.status_code == plain.status_code == 200, (path, name, r.text)
+            assert r.json()["choices"] == plain.json()["choices"], (path, name)
+        r = post({**base, next(iter(base)): None})  # messages / prompt: required
+        assert r.status_code == 400 and next(iter(base)) in r.json()["error"]["message"], r.text
+    chat = lambda messages: httpx.post(server["url"] + "/v1/chat/completions", timeout=30,
+                                       json={"messages": messages, "max_tokens": 4}).json()["choices"]
+    assert chat([{**hi, "name": None}]) == chat([hi])  # in a message too
+    c = client(server)  # the openai client sends suffix=None as null
+    assert c.completions.create(model="tiny", prompt="今天", max_tokens=4, suffix=None).choices[0].text == \
+        c.completions.create(model="tiny", prompt="今天", max_tokens=4).choices[0].text
+
+
 def test_seed_makes_sampling_repeatable(server):
     c = client(server)
     ask = lambda seed: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "讲个故事"}],

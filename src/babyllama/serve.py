@@ -33,7 +33,7 @@ from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 try:
-    from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 except ImportError as e:  # pydantic comes with fastapi, in the [serve] extra
     raise UserError("serving needs fastapi and uvicorn: pip install 'babyllama[serve]'.") from e
 
@@ -55,14 +55,24 @@ Text = Annotated[str, AfterValidator(unicode_text)]  # every text a request carr
 # --- the requests (OpenAI's fields; max_tokens is checked against the context in the route) ---
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class Strict(BaseModel):
+    """A request or a part of one: "5" is no number and "yes" no boolean, an unknown field is refused, and
+    an explicit null is the field left out, as in OpenAI's API (the openai client sends suffix=None as null)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_unset(cls, data: object) -> object:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: Text = Field(max_length=MAX_TEXT_CHARS)
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")  # "5" is no number and "yes" no boolean
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: Text | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
 
@@ -75,21 +85,18 @@ class Message(BaseModel):
         return "system" if self.role == "developer" else self.role
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class StreamOptions(Strict):
     include_usage: bool = False  # a last chunk with the token counts
 
 
-class TextFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class TextFormat(Strict):
     type: Literal["text"]
 
 
-class Common(BaseModel):
+class Common(Strict):
     """The fields of OpenAI's requests that are honoured, or accepted when they ask for the default
     (n 1, no penalties, no logprobs); any other field is refused with a 400 that names it."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     model: str | None = None  # any name: the answer names the model served
     max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context (chat), 16 (completions)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the server's (greedy; OpenAI's is 1)
