@@ -441,6 +441,30 @@ def test_omitted_max_tokens_takes_the_rest_of_the_context_in_chat_and_too_many_s
     assert r.status_code == 400 and f"so {ctx - n} are available" in r.json()["error"]["message"]
 
 
+def test_a_prompt_that_does_not_fit_names_the_message_to_blame(server):
+    from babyllama.chat_format import render_prompt
+
+    tok, ctx = server["tokenizer"], 128
+    ask = lambda *messages, **kw: httpx.post(server["url"] + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": role, "content": text} for role, text in messages], **kw}).json()["error"]["message"]
+    long, mid, short = "很长的系统提示" * 100, "今天天气很好，" * 6, "今天天气很好，" * 4
+    n = len(tok.encode(long + "\n"))
+    assert n > ctx and len(tok.encode("x")) == 1
+    assert ask(("system", long), ("user", "x")) == f"the system text of messages[0] ({n} tokens) does not fit " \
+        f"the context of {ctx} tokens"  # not 'the last message', which is 1 token
+    assert ask(("developer", "a"), ("user", "x"), ("system", long), ("user", "y")) == \
+        f"the system text of messages[0], messages[2] ({len(tok.encode('a' + chr(10) + long + chr(10)))} tokens) " \
+        f"does not fit the context of {ctx} tokens"
+    both = len(render_prompt(tok, Conversation([(mid, "")], mid)))
+    assert len(tok.encode(mid + "\n")) < ctx < both
+    assert ask(("system", mid), ("user", mid)) == f"the system text of messages[0] with the last message ({both} " \
+        f"tokens) does not fit the context of {ctx} tokens"
+    fits = len(render_prompt(tok, Conversation([(short, "")], short)))
+    assert ask(("user", "x"), ("assistant", "y"), ("system", short), ("user", short), max_tokens=ctx) == (
+        f"max_tokens ({ctx}) does not fit the context: the system text of messages[2] with the last message takes "
+        f"{fits} of its {ctx} tokens, so {ctx - fits} are available")
+
+
 def test_omitted_max_tokens_on_completions_is_openais_16_or_the_rest_of_the_context(server):
     from babyllama.chat_format import text_prompt
 

@@ -326,6 +326,18 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
                              f"its {max_ctx} tokens, so {available} are available")
         return max_tokens or available
 
+    def kept_messages(body: ChatRequest, conv: Conversation) -> str:
+        """What a chat prompt always keeps, in the request's terms; ValueError when its system text
+        alone (the system and developer messages) leaves no room in the context."""
+        if not conv.system:
+            return "the last message"
+        system = "the system text of " + ", ".join(
+            f"messages[{i}]" for i, m in enumerate(body.messages) if m.chat_role == "system")
+        size = len(tokenizer.encode(conv.system + "\n")) + 1  # and the shortest question's <bos>
+        if size >= max_ctx:
+            raise ValueError(f"{system} ({size - 1} tokens) does not fit the context of {max_ctx} tokens")
+        return f"{system} with the last message"
+
     def chat_generation(body: ChatRequest) -> Generation:
         """The Generation of a chat request; ValueError, a 400, for what it cannot take. It tokenizes:
         called in a worker thread, off the event loop."""
@@ -334,10 +346,10 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         asked = body.max_completion_tokens or body.max_tokens
         name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         conv = conversation_from_messages([(m.chat_role, m.text) for m in body.messages], add_generation_prompt=True)
-        # the last message (and the system text) are never cut; older turns go as chat drops them,
+        # the last message and the system text are never cut; older turns go as chat drops them,
         # leaving max_tokens, or without it half the context, for the answer
         last = len(render_prompt(tokenizer, Conversation(conv.turns[-1:], conv.system)))
-        room(last, asked, "the last message", name)
+        room(last, asked, kept_messages(body, conv), name)
         budget = max_ctx - asked if asked else max(last, max_ctx - max_ctx // 2)
         prompt = render_prompt(tokenizer, conv, budget)
         return generation(body, prompt, asked or max_ctx - len(prompt))
