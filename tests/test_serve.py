@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import threading
@@ -134,6 +135,28 @@ def test_bad_requests_get_4xx_json(server, body, fragment):
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert fragment.lower() in r.json()["error"]["message"].lower()
+
+
+@pytest.mark.parametrize("message, said", [
+    ({"role": "user", "content": None}, "messages[0].content: required, a string, or a list of text parts, of at "
+                                        "most 20000 characters"),
+    ({"role": "user", "content": 5}, "messages[0].content: a string, or a list of text parts, of at most 20000 "
+                                     "characters; got 5"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+     'messages[0].content[0].type: only text parts are supported: {"type": "text", "text": "..."}; got "image_url"'),
+    ({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]},
+     "messages[0].content[1].text: required, a string"),
+    ({"role": "user", "content": "x" * 300_000},
+     "messages[0].content: holds 300000 characters, more than the 20000 a message may hold"),
+    ({"role": "user", "content": [{"type": "text", "text": "x" * 15_000}] * 2},
+     "messages[0].content: holds 30000 characters, more than the 20000 a message may hold"),
+    ({"role": "tool", "content": "x"}, 'messages[0].role: one of system, developer, user, assistant; got "tool"'),
+    ({"role": "user", "content": "x", "name": "bob"},
+     "messages[0].name: this server does not support it (see the README for the fields it takes)"),
+])
+def test_a_bad_message_is_named_as_the_client_wrote_it_with_what_is_allowed(server, message, said):
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"messages": [message]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == said
 
 
 def test_unknown_routes_and_methods_get_the_same_json_error(server):
@@ -353,6 +376,13 @@ def test_every_error_has_the_openai_shape(server):
         ("GET", "/nothing", None), ("DELETE", "/v1/models", None), ("POST", "/health", None),
         ("POST", "/v1/chat/completions", b"{"), ("POST", "/v1/chat/completions", b"[]"),
         ("POST", "/v1/chat/completions", b""), ("POST", "/v1/chat/completions", b'{"messages": "hi"}'),
+        ("POST", "/v1/chat/completions", b'{"messages": [' + b", ".join([b'{"role": "user", "content": "x"}'] * 200)
+         + b"]}"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", 5]}'),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "metadata": {"k": 5}}'),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": ["x"]}]}'),
+        ("POST", "/v1/completions", b'{"prompt": "' + b"x" * 30_000 + b'"}'), ("POST", "/v1/completions", b"{}"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 50 + b"}"),
         ("POST", "/v1/completions", b'{"prompt": 5}'), ("POST", "/v1/completions", b'{"prompt": "x", "tools": []}'),
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 1000}'),
         ("POST", "/v1/completions", b'{"prompt": "x", "stop": ""}'), ("POST", "/v1/completions", b"x" * (2 << 20)),
@@ -367,6 +397,7 @@ def test_every_error_has_the_openai_shape(server):
         error = r.json().get("error")
         assert 400 <= r.status_code < 500 and set(r.json()) == {"error"}, (path, body and body[:40], r.text)
         assert isinstance(error["message"], str) and error["message"], r.text
+        assert not re.search(r"\.\d+\.|function-|Input should|Value should|Field required", error["message"]), r.text
 
 
 NUMBERS = ["0", "1", "-1", "1.5", "5e-324", "1e-300", "1e308", "-1e308", "1e400", "NaN", "Infinity", "-Infinity",

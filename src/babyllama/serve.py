@@ -19,10 +19,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import torch
 
@@ -33,12 +33,15 @@ from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 try:
-    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 except ImportError as e:  # pydantic comes with fastapi, in the [serve] extra
     raise UserError("serving needs fastapi and uvicorn: pip install 'babyllama[serve]'.") from e
 
 MAX_BODY_BYTES = 1 << 20
-MAX_TEXT_CHARS = 20_000
+MAX_TEXT_CHARS = 20_000  # a message's content, a prompt
+MAX_MESSAGES = 128
+MAX_STOPS, MAX_STOP_CHARS = 4, 100  # OpenAI's 4
+MAX_NAME_CHARS = 256  # user, safety_identifier, prompt_cache_key
 COMPLETION_MAX_TOKENS = 16  # an omitted max_tokens on /v1/completions, as OpenAI's legacy completions
 PAGE = Path(__file__).with_name("chat_page.html")
 
@@ -53,6 +56,7 @@ Text = Annotated[str, AfterValidator(unicode_text)]  # every text a request carr
 
 
 # --- the requests (OpenAI's fields; max_tokens is checked against the context in the route) ---
+# Each field's description says what it takes: a 400 names the field and quotes it (see refusal).
 
 
 class Strict(BaseModel):
@@ -67,14 +71,29 @@ class Strict(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
+ONLY = "only {} is supported"
+WHOLE = "an integer of at least 1"
+NAME = f"a string of at most {MAX_NAME_CHARS} characters"
+
+
 class TextPart(Strict):
-    type: Literal["text"]
-    text: Text = Field(max_length=MAX_TEXT_CHARS)
+    type: Literal["text"] = Field(description='only text parts are supported: {"type": "text", "text": "..."}')
+    text: Text = Field(description="a string")
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: Text | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+    role: Literal["system", "developer", "user", "assistant"] = Field(  # developer: OpenAI's newer name for system
+        description="one of system, developer, user, assistant")
+    content: Text | list[TextPart] = Field(
+        description=f"a string, or a list of text parts, of at most {MAX_TEXT_CHARS} characters")
+
+    @field_validator("content")
+    @classmethod
+    def at_most_max_text_chars(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        n = len(content) if isinstance(content, str) else sum(len(p.text) for p in content)
+        if n > MAX_TEXT_CHARS:
+            raise ValueError(f"holds {n} characters, more than the {MAX_TEXT_CHARS} a message may hold")
+        return content
 
     @property
     def text(self) -> str:
@@ -86,57 +105,114 @@ class Message(Strict):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False  # a last chunk with the token counts
+    include_usage: bool = Field(False, description="true or false")  # a last chunk with the token counts
 
 
 class TextFormat(Strict):
-    type: Literal["text"]
+    type: Literal["text"] = Field(description=ONLY.format('"text"'))
 
 
 class Common(Strict):
     """The fields of OpenAI's requests that are honoured, or accepted when they ask for the default
     (n 1, no penalties, no logprobs); any other field is refused with a 400 that names it."""
 
-    model: str | None = None  # any name: the answer names the model served
-    max_tokens: int | None = Field(None, ge=1)  # None: the rest of the context (chat), 16 (completions)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the server's (greedy; OpenAI's is 1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the server's
-    stop: Text | list[Text] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # the same seed, prompt, settings: the same answer
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=0)
-    user: str | None = Field(None, max_length=256)  # informational: nothing depends on it
+    model: str | None = Field(None, description="a string")  # any name: the answer names the model served
+    # None: the rest of the context (chat), 16 (completions)
+    max_tokens: int | None = Field(None, ge=1, description=WHOLE)
+    # temperature, top_p: None is the server's (greedy; OpenAI's default temperature is 1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="a number from 0 to 2")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="a number above 0 and at most 1")
+    stop: Text | list[Text] | None = Field(None, description=f"a string or a list of at most {MAX_STOPS} strings, "
+                                                             f"each of 1 to {MAX_STOP_CHARS} characters")
+    stream: bool = Field(False, description="true or false")
+    stream_options: StreamOptions | None = Field(None, description='{"include_usage": true or false}')
+    n: int = Field(1, ge=1, le=1, description=ONLY.format(1))  # one choice per request
+    # the same seed, prompt and settings: the same answer
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="an integer from -2**63 to 2**63 - 1")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description=ONLY.format(0))
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description=ONLY.format(0))
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description=ONLY.format("{}"))
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS, description=NAME)  # informational
 
 
 class ChatRequest(Common):
-    messages: list[Message] = Field(min_length=1, max_length=128)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    logprobs: Literal[False] = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)
-    response_format: TextFormat | None = None
-    modalities: list[Literal["text"]] | None = None
-    store: Literal[False] = False  # nothing is stored here
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    safety_identifier: str | None = Field(None, max_length=256)
-    prompt_cache_key: str | None = Field(None, max_length=256)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                    description=f"a list of 1 to {MAX_MESSAGES} messages")
+    max_completion_tokens: int | None = Field(None, ge=1, description=WHOLE)  # the newer name of max_tokens
+    logprobs: Literal[False] = Field(False, description=ONLY.format("false"))
+    top_logprobs: int | None = Field(None, ge=0, le=0, description=ONLY.format(0))
+    response_format: TextFormat | None = Field(None, description=ONLY.format('{"type": "text"}'))
+    modalities: list[Literal["text"]] | None = Field(None, description=ONLY.format('["text"]'))
+    store: Literal[False] = Field(False, description=ONLY.format("false"))  # nothing is stored here
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="an object of at most 16 strings")
+    safety_identifier: str | None = Field(None, max_length=MAX_NAME_CHARS, description=NAME)
+    prompt_cache_key: str | None = Field(None, max_length=MAX_NAME_CHARS, description=NAME)
 
 
 class CompletionRequest(Common):
-    prompt: Text = Field(max_length=MAX_TEXT_CHARS)
-    best_of: int = Field(1, ge=1, le=1)
-    echo: Literal[False] = False
-    logprobs: int | None = Field(None, ge=0, le=0)
+    prompt: Text = Field(max_length=MAX_TEXT_CHARS, description=f"a string of at most {MAX_TEXT_CHARS} characters")
+    best_of: int = Field(1, ge=1, le=1, description=ONLY.format(1))
+    echo: Literal[False] = Field(False, description=ONLY.format("false"))
+    logprobs: int | None = Field(None, ge=0, le=0, description=ONLY.format(0))
+
+
+def refusal(errors: Sequence[dict], request: type[BaseModel]) -> str:
+    """One sentence for pydantic's errors about a request: the most specific one (of a union, the member
+    that got furthest), its field as the client wrote it (messages[0].content), what the field takes and
+    what it got."""
+    if not errors:
+        return "body: not a valid request"
+    e = max(errors, key=lambda e: (len(e["loc"]), e["type"] != "extra_forbidden"))
+    if e["type"] == "json_invalid":
+        return f"body: not valid JSON ({e.get('ctx', {}).get('error', 'a syntax error')})"
+    if e["type"] == "extra_forbidden":  # loc ends with the unknown field's name
+        where = ".".join(filter(None, (field_at(request, e["loc"][1:-1])[0], e["loc"][-1])))
+        return f"{where}: this server does not support it (see the README for the fields it takes)"
+    where, rule = field_at(request, e["loc"][1:])  # loc[0] is "body"
+    where = where or "body"
+    if e["type"] == "missing":
+        return f"{where}: required, {rule}"
+    if e["type"] == "value_error":
+        return f"{where}: {e['ctx']['error']}"
+    return f"{where}: {rule}; got {shown(e['input'])}"
+
+
+def field_at(request: type[BaseModel], loc: Sequence[str | int]) -> tuple[str, str]:
+    """The field at pydantic's loc as the client wrote it (messages[0].content[1].type; "" for the request
+    itself) and what it takes (the description of its Field)."""
+    where, rule, fields = "", "a JSON object of the request's fields (see the README)", request.model_fields
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part in fields:  # else a union member's name (str, list[TextPart]) or a dict's key: the rule holds
+            where, rule = f"{where}.{part}" if where else part, fields[part].description or rule
+            fields = fields_within(fields[part].annotation)
+    return where, rule
+
+
+def fields_within(annotation: object) -> dict:
+    """The fields of the request model inside a field's type (Message's in list[Message]), else none."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_fields
+    return next((f for f in map(fields_within, get_args(annotation)) if f), {})
+
+
+def shown(value: object) -> str:
+    """A value of a request, short: the JSON of a small one, the size of a large one."""
+    text = json.dumps(value)
+    if len(text) <= 40:
+        return text
+    if isinstance(value, str | list | dict):
+        unit = {str: "a string of {} characters", list: "a list of {} items", dict: "an object of {} entries"}
+        return unit[type(value)].format(len(value))
+    return text[:37] + "..."
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     """The request's stop strings; raises ValueError beyond 4 or when one is empty or over 100 characters."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
-        raise ValueError("stop takes at most 4 non-empty strings of at most 100 characters")
+    if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"stop: {Common.model_fields['stop'].description}")
     return stops
 
 
@@ -278,6 +354,9 @@ async def respond(request, gen: Generation, name: str, chat: bool, stream: bool,
 # --- the app: routes as thin wiring ---
 
 
+REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
+
+
 def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling | None = None):
     """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer;
     sampling: the temperature and top_p of requests that leave them out, the top_k and repetition
@@ -301,13 +380,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
 
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request: Request, exc):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", [])[1:])
-        if first.get("type") == "json_invalid":
-            return error(400, f"body: not valid JSON ({first.get('ctx', {}).get('error', 'a syntax error')})")
-        if first.get("type") == "extra_forbidden":
-            return error(400, f"{where}: this server does not support it (see the README for the fields it takes)")
-        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+        return error(400, refusal(exc.errors(), REQUESTS.get(request.url.path, Common)))
 
     def generation(body: Common, prompt: list[int], max_tokens: int) -> Generation:
         if body.stream_options is not None and not body.stream:
