@@ -128,7 +128,8 @@ def test_eight_concurrent_streams_get_their_own_answers(server):
     ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens"),
     ('{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
     ('{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
-    (b'{"messages": [{"role": "user", "content": "\xff"}]}', "pars"),
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', "body: not UTF-8 JSON (byte 0xff at position 43)"),
+    (b'{"messages": ' + b"[" * 100_000, "body: JSON nested too deeply"),
 ])
 def test_bad_requests_get_4xx_json(server, body, fragment):
     r = httpx.post(server["url"] + "/v1/chat/completions", content=body,
@@ -368,6 +369,15 @@ def test_a_chunked_body_over_the_limit_gets_413_without_being_read_whole(server)
     with socket.create_connection((host, int(port)), timeout=30) as s:  # refused on the header alone
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{")
         assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+
+def test_malformed_framing_is_uvicorns_bare_400_as_the_readme_says(server):
+    host, port = server["url"].removeprefix("http://").split(":")
+    for length in (b"-5", b"1" * 30, b"1e3"):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
+            head = s.recv(4096).split(b"\r\n")
+        assert head[0] == b"HTTP/1.1 400 Bad Request" and b"content-type: text/plain; charset=utf-8" in head
 
 
 def test_every_error_has_the_openai_shape(server):

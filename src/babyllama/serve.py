@@ -276,6 +276,15 @@ def error(status: int, message: str, kind: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
+def unparsable(cause: BaseException) -> str:
+    """Why FastAPI could not parse a body (its 400 'There was an error parsing the body' is raised from it)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: not UTF-8 JSON (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deeply"
+    return f"body: not UTF-8 JSON ({cause})"
+
+
 class BodyLimit:
     """ASGI middleware: a request body over max_bytes gets a 413, whether a Content-Length says so or
     the bytes of a chunked body pass the limit as they arrive; nothing past the limit is read."""
@@ -375,8 +384,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc):  # 404, 405, a body that is not UTF-8: the same JSON shape
-        return error(exc.status_code, str(exc.detail))
+    async def http_error(request: Request, exc):  # 404, 405, a body that cannot be parsed: the same JSON shape
+        return error(exc.status_code, unparsable(exc.__cause__) if exc.__cause__ else str(exc.detail))
 
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request: Request, exc):
