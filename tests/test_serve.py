@@ -521,6 +521,20 @@ def test_omitted_max_tokens_on_completions_is_openais_16_or_the_rest_of_the_cont
     assert len(text_prompt(tok, text)) == 118 and r["usage"]["completion_tokens"] == ctx - 118
 
 
+def test_temperature_has_one_range_the_requests_and_the_servers(server, tmp_path):
+    from tests.conftest import run_cli
+
+    ask = lambda t: httpx.post(server["url"] + "/v1/completions", timeout=30,
+                               json={"prompt": "今天", "max_tokens": 2, "temperature": t})
+    assert ask(2).status_code == 200
+    assert ask(2.5).json()["error"]["message"] == "temperature: a number from 0 to 2; got 2.5"
+    r = run_cli("serve", tmp_path / "no-such-checkpoint", "--temperature", "2.5")  # refused before the checkpoint loads
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "babyllama: error: temperature = 2.5 is out of range (max_new_tokens >= 1, temperature in [0, 2], top_k >= 0, "
+        "top_p in (0, 1], repetition_penalty in (0, 100]).")
+    assert run_cli("serve", tmp_path / "no-such-checkpoint", "--temperature", "2").returncode == 2  # the checkpoint's
+
+
 def test_a_busy_port_is_one_sentence_before_the_model_loads(tmp_path):
     from babyllama.errors import UserError
     from babyllama.serve import serve

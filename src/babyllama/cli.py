@@ -307,7 +307,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: bool = True) -
     if max_new_tokens:
         g.add_argument("--max_new_tokens", type=int_in(1), default=Sampling.max_new_tokens,
                        help="new tokens at most (fewer when the context runs out)")
-    g.add_argument("--temperature", type=float, default=Sampling.temperature, help="0: greedy")
+    g.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 to 2; 0: greedy")
     g.add_argument("--top_k", type=int_in(0), default=Sampling.top_k, help="keep the k likeliest tokens; 0: off")
     g.add_argument("--top_p", type=float, default=Sampling.top_p, help="nucleus sampling; 1: off")
     g.add_argument("--repetition_penalty", type=float, default=Sampling.repetition_penalty, help="1: off")

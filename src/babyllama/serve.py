@@ -29,7 +29,7 @@ import torch
 from babyllama.chat import decode_stream, until_stop
 from babyllama.chat_format import Conversation, conversation_from_messages, is_unicode, render_prompt, text_prompt
 from babyllama.errors import UserError, require
-from babyllama.sampling import DEVICE, Sampling
+from babyllama.sampling import DEVICE, MAX_TEMPERATURE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 try:
@@ -120,7 +120,8 @@ class Common(Strict):
     # None: the rest of the context (chat), 16 (completions)
     max_tokens: int | None = Field(None, ge=1, description=WHOLE)
     # temperature, top_p: None is the server's (greedy; OpenAI's default temperature is 1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="a number from 0 to 2")
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE,
+                                      description=f"a number from 0 to {MAX_TEMPERATURE:g}")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="a number above 0 and at most 1")
     stop: Text | list[Text] | None = Field(None, description=f"a string or a list of at most {MAX_STOPS} strings, "
                                                              f"each of 1 to {MAX_STOP_CHARS} characters")
