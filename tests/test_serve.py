@@ -37,8 +37,8 @@ class SlowModel:
             yield token
 
 
-def running(model, tokenizer):
-    """A live uvicorn serving build_app(model, tokenizer) on a free port: yields its URL."""
+def running(model, tokenizer, name: str = "tiny"):
+    """A live uvicorn serving build_app(model, tokenizer, name) on a free port: yields its URL."""
     import uvicorn
 
     from babyllama.serve import build_app
@@ -46,7 +46,7 @@ def running(model, tokenizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, "tiny"), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, name), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -86,6 +86,17 @@ def test_chat_completion_plain_and_streaming(server):
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
     assert [m.id for m in c.models.list().data] == ["tiny"]
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+
+
+def test_models_retrieve_answers_the_served_model_and_404s_another(server):
+    for url in running(server["model"], server["tokenizer"], "sft/final"):  # as serve names a checkpoint
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        model = c.models.retrieve("sft/final")
+        assert (model.id, model.object, model.owned_by) == ("sft/final", "model", "babyllama")
+        assert model.model_dump() == c.models.list().data[0].model_dump()
+        with pytest.raises(openai.NotFoundError) as e:
+            c.models.retrieve("gpt-4")
+        assert e.value.body["message"] == "model 'gpt-4' does not exist: this server serves 'sft/final'"
 
 
 def test_completions_and_stop_strings(server):

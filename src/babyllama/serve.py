@@ -5,7 +5,7 @@
     #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none").chat.completions.create(...)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for
-server-sent events), GET /v1/models, GET /health, GET / (the chat page, no CDN).
+server-sent events), GET /v1/models, GET /v1/models/{id}, GET /health, GET / (the chat page, no CDN).
 Every request is validated (types, ranges, sizes) and every error is {"error": {"message": ...}},
 as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding.
 Tokenization runs in worker threads, so the event loop (and /health) never waits for it. Each
@@ -448,10 +448,17 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     def health():
         return {"status": "ok", "model": model_name}
 
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "babyllama",
+            "context_length": max_ctx}
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "babyllama",
-                                            "context_length": max_ctx}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")  # path: the served name holds a slash (sft/final)
+    def retrieve_model(model_id: str):
+        return card if model_id == model_name else error(404, f"model {model_id!r} does not exist: this server "
+                                                              f"serves {model_name!r}")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
