@@ -52,14 +52,18 @@ def test_repl_refuses_unknown_commands_and_bytes_that_are_not_utf8_and_bad_sampl
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
     save_checkpoint(tmp_path / "ck", model, bpe_tokenizer)
     base = ["chat", str(tmp_path / "ck"), "--max_new_tokens", "4"]
-    lines = [b"\xff\xfe" + "坏".encode(), "坏字节".encode("gbk"), b"/help", b"/foo", b"/reset extra", "你好".encode()]
+    lines = [b"\xff\xfe" + "坏".encode(), "坏字节".encode("gbk"), b"/help", b"/foo", b"/reset extra", "你好".encode(),
+             "//usr 是什么".encode()]
     r = run_cli(*base, stdin=b"\n".join(lines) + b"\n")  # a UnicodeDecodeError would end the test here
     assert r.returncode == 0, r.stderr
     bad = "this line has bytes that are not utf-8 text, so it is not asked; type it again"
     answer = bpe_tokenizer.decode(model.generate(render_prompt(bpe_tokenizer, Conversation([("你好", "")])),
                                                  max_new_tokens=4, eos_id=2))
-    assert r.stdout.splitlines() == [bad, bad, *(f"unknown command {c}; the commands are /reset, /exit"
-                                                 for c in ("/help", "/foo", "/reset extra")), answer]  # no history
+    then = bpe_tokenizer.decode(model.generate(render_prompt(bpe_tokenizer, Conversation(
+        [("你好", answer), ("/usr 是什么", "")])), max_new_tokens=4, eos_id=2))  # // asks a line that starts with /
+    unknown = [f"unknown command {c}; the commands are /reset, /exit (// asks a line that starts with /)"
+               for c in ("/help", "/foo", "/reset extra")]
+    assert r.stdout.split("\n")[:-1] == [bad, bad, *unknown, answer, then]  # no history
     for flag, value in [("--temperature", "nan"), ("--top_p", "0"), ("--repetition_penalty", "0")]:
         r = run_cli(*base, flag, value, stdin="你好\n")
         assert r.returncode == 2 and flag[2:] in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -92,11 +92,11 @@ def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Itera
 
 def refusal(line: str, encoding: str) -> str:
     """Why a line of chat's input, stripped and not a command it runs, is not a question for the model;
-    "" when it is one: a line that starts with / (an unknown command: /help, /reset extra), or one
+    "" when it is one: a line that starts with one / (an unknown command: /help, /reset extra), or one
     with bytes that are not text in encoding (read with errors="surrogateescape"), as the data readers
     refuse them."""
-    if line.startswith("/"):
-        return f"unknown command {line}; the commands are /reset, /exit"
+    if line.startswith("/") and not line.startswith("//"):
+        return f"unknown command {line}; the commands are /reset, /exit (// asks a line that starts with /)"
     if not is_unicode(line):
         return f"this line has bytes that are not {encoding} text, so it is not asked; type it again"
     return ""
@@ -129,6 +129,7 @@ def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DE
         if note := refusal(text, sys.stdin.encoding):
             print(note, flush=True)
             continue
+        text = text[1:] if text.startswith("//") else text  # "//usr 是什么" asks "/usr 是什么"
         if tty:
             print("助手> ", end="", flush=True)
         answer = ""
