@@ -230,10 +230,12 @@ def test_sft_refuses_missing_init_and_other_tokenizer(sft_setup, tmp_path):
     assert not (tmp_path / "sft_tokens").exists()  # refused before any data was tokenized
 
 
-def test_sft_resumes_bitwise(sft_setup, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--optimizer", "muon", "--lora_rank", "4"]], ids=["full", "lora-muon"])
+def test_sft_resumes_bitwise(sft_setup, tmp_path, extra):
+    """LoRA under Muon (as configs/sft-demo.toml) could not resume: AdamW had two empty groups."""
     d = sft_setup
     args = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "6", "--batch_size", "8",
-            "--save_every", "3", "--log_every", "1", "--eval_every", "0", "--warmup_steps", "2"]
+            "--save_every", "3", "--log_every", "1", "--eval_every", "0", "--warmup_steps", "2", *extra]
     sft(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
     simulate_death(tmp_path / "straight", tmp_path / "died", step=3)
     sft(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)

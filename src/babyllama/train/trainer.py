@@ -239,21 +239,23 @@ def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -
     Muon (Jordan et al., 2024) orthogonalises each matrix's update (Newton-Schulz iterations); on
     the demo it ends 150 steps 0.71 nats below AdamW, at ~20% more time per step (bench/RESULTS.md).
     "match_rms_adamw" scales its step like AdamW's, so one lr and weight decay serve both; its
-    momentum is beta1. AdamW decays the matrices only (not norms), as nanoGPT does.
+    momentum is beta1. AdamW decays the matrices only (not norms), as nanoGPT does. Empty groups are left
+    out (with LoRA under Muon every trainable matrix is Muon's): a checkpoint's optimizer state cannot be
+    loaded into more than one empty group (torch.distributed.checkpoint's set_optimizer_state_dict).
     """
     muon = t.optimizer == "muon"  # check_optimizer refused it where it cannot run
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     in_muon = {n: muon and n.startswith("layers.") and p.dim() == 2 for n, p in named}
     rest = [p for n, p in named if not in_muon[n]]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in ({"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
+                          {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
     fused = device.type in FUSED_ADAMW_DEVICES and not t.fsdp
-    adamw = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
+    adamw = [torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)] if groups else []
     if not muon:
-        return [adamw]
+        return adamw
     matrices = [p for n, p in named if in_muon[n]]
     return [torch.optim.Muon(matrices, lr=t.lr, momentum=t.beta1, weight_decay=t.weight_decay,
-                             adjust_lr_fn="match_rms_adamw"), adamw]
+                             adjust_lr_fn="match_rms_adamw"), *adamw]
 
 
 class MetricsLog:
