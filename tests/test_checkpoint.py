@@ -394,3 +394,29 @@ def test_checkpoint_and_export_files_get_the_umasks_mode(bpe_tokenizer, tmp_path
     assert {"model.safetensors", "trainer_state.pt", "config.json"} <= set(ck) and "model.safetensors" in hf
     assert set(ck.values()) == set(hf.values()) == {mode}
     assert (tmp_path / "model.gguf").stat().st_mode & 0o777 == mode
+
+
+def test_safetensors_on_a_full_disk_is_cannot_write_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
+    """safetensors' own error for a full disk, "No space left on device (os error 28)", is CannotWrite of the
+    checkpoint with its temporary removed; the checkpoint written before is untouched."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from babyllama.errors import CannotWrite
+
+    model = Transformer(tiny_config())
+    save_checkpoint(tmp_path / "ck", model)
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CannotWrite) as raised:
+        save_checkpoint(tmp_path / "ck", model)
+    assert raised.value.args == (errno.ENOSPC, str(tmp_path / "ck"), "")
+    assert str(raised.value) == f"no space left on the device of {tmp_path} while writing {tmp_path / 'ck'}"
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before

@@ -144,3 +144,33 @@ def test_dedup_keys_keep_apart_what_differs_in_numbers_or_words():
     assert all(dedup_key(a) != dedup_key(b) for a, b in apart)
     same = [("工程，是一道", "工程, 是一道"), ("Hello World", "hello  world!"), ("ＡＢＣ１２３", "abc123")]
     assert all(dedup_key(a) == dedup_key(b) for a, b in same)
+
+
+def test_a_read_only_folder_is_one_sentence_and_no_part_is_left(tmp_path, capsys, monkeypatch):
+    """EACCES when prepare writes its shard (closing it flushes what the disk refuses): exit 2, one sentence,
+    no .part_*.tmp left; the same command with the permission back finishes."""
+    import errno
+    import io
+    from pathlib import Path
+
+    from babyllama.cli import main
+
+    class Refused(io.FileIO):
+        def write(self, data) -> int:
+            raise OSError(errno.EACCES, "Permission denied")
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                               for t in generated_corpus(20, seed=3)))
+    out = tmp_path / "clean"
+    args = ["prepare", "--input", str(tmp_path / "in.jsonl"), "--out_dir", str(out)]
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: io.TextIOWrapper(Refused(self, "w")) if
+                        self.name == ".part_00000.jsonl.tmp" else real_open(self, mode, *a, **k))
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the line follows tqdm's bar, which is not closed
+    assert [x[x.index("babyllama:"):] for x in err.splitlines() if "babyllama:" in x] == [
+        f"babyllama: error: no permission to write in {out} while writing {out / 'part_00000.jsonl'}; make it "
+        "writable and run the same command to continue."]
+    assert not list(out.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert main(args) == 0 and (out / "part_00000.jsonl").read_text().count("\n") == 20

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 
 import numpy as np
@@ -343,3 +345,36 @@ def test_sft_refuses_a_cache_folder_of_another_kind(outputs):
                               Dist(), kind=stage)
             assert str(e.value) == (f"--sft_cache {folder / name} is {kind}, which {stage.upper()} samples must not "
                                     "be written into; pass another --sft_cache.")
+
+
+class FullFile(io.FileIO):
+    """A file on a full disk: created, but every write raises ENOSPC."""
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_sentence_and_the_same_command_then_finishes(corpus_and_tokenizer, tmp_path, capsys,
+                                                                         monkeypatch):
+    """ENOSPC while the second shard is written: exit 2, one sentence naming the shard, no .tmp left; the same
+    command with space again writes every document."""
+    from pathlib import Path
+
+    from babyllama.cli import main
+
+    d, docs = corpus_and_tokenizer
+    out = tmp_path / "tokens"
+    args = ["pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(out),
+            "--workers", "1", "--shard_tokens", "2000"]
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: FullFile(self, "w") if
+                        self.name == ".shard_00001.bin.tmp" else real_open(self, mode, *a, **k))
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the line follows tqdm's bar, which is not closed
+    assert [x[x.index("babyllama:"):] for x in err.splitlines() if "babyllama:" in x] == [
+        f"babyllama: error: no space left on the device of {out} while writing {out / 'shard_00001.bin'}; free "
+        "space and run the same command to continue."]
+    assert sorted(p.name for p in out.iterdir()) == ["shard_00000.bin"]
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert sum(read_manifest(out)["totals"][s]["documents"] for s in ("train", "val")) == len(docs)

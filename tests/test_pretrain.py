@@ -726,3 +726,33 @@ def test_sizes_beyond_the_machine_stop_before_anything_is_allocated(shards, tmp_
     with pytest.raises(UserError, match=message):
         pretrain(config(shards, tmp_path, "--max_steps", "2", *flags))
     assert time.perf_counter() - start < 5
+
+
+def test_a_full_disk_while_saving_is_one_sentence_and_resume_finishes(shards, tmp_path, capsys, monkeypatch):
+    """ENOSPC while step 4's checkpoint is written: one sentence, exit 2, its temporary removed and step 2's
+    checkpoint intact; --resume says where it picks up and finishes the run."""
+    import errno
+
+    from babyllama import checkpoint
+    from babyllama.cli import main
+
+    args = ["pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir", str(tmp_path), "--max_steps", "6",
+            "--save_every", "2", "--batch_size", "4"]
+    save_torch = checkpoint.save_torch
+
+    def full_at_step_4(obj, path):
+        if obj["step"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_torch(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_torch", full_at_step_4)
+    assert main(args) == 2
+    ckpts = tmp_path / "checkpoints"
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("babyllama")] == [  # and tqdm's bar
+        f"babyllama: error: no space left on the device of {ckpts} while writing {ckpts / 'step_000004'} (the "
+        "checkpoints before it are intact); free space and run the same command with --resume to continue."]
+    assert [p.name for p in ckpts.iterdir()] == ["step_000002"]  # and no .step_000004.tmp-PID
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert f"resuming from {ckpts / 'step_000002'} (step 2 of 6)\n" in capsys.readouterr().out
+    assert sorted(losses(tmp_path)) == list(range(1, 7))

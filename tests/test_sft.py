@@ -322,6 +322,7 @@ def test_sft_resumes_in_a_moved_folder_on_its_token_cache(sft_setup, tmp_path, c
     assert main([*args(moved, 4), "--resume"]) == 0
     out = capsys.readouterr().out
     assert f"sft cache: using {moved / 'run' / 'sft_tokens'}" in out and "building" not in out
+    assert f"resuming from {moved / 'run' / 'checkpoints' / 'step_000002'} (step 2 of 4)\n" in out
     assert {f.name: f.read_bytes() for f in (moved / "run" / "sft_tokens").iterdir() if f.is_file()} == cache
     assert (moved / "run" / "checkpoints" / "step_000004").is_dir()
     data = moved / "sft.jsonl"

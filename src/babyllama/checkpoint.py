@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, writing
 from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.weights_file import file_sha256, save_safetensors
+from babyllama.weights_file import file_sha256, save_safetensors, save_torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -147,36 +147,39 @@ def save_checkpoint(
     adapter: for LoRA, the LoraConfig: tensors are then the adapter's (lora.adapter_tensors), written as
     peft's files in place of model.safetensors, and extra_config["base"] = {"path", "sha256"} names the base
     (config.json adds where it is from path and its file's stat: base_record).
+    Raises CannotWrite (its temporary removed) where the disk is full or the folder not writable.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if adapter is not None:
-        save_adapter(tmp, adapter, tensors, extra_config["base"]["path"])
-    else:
-        save_safetensors(model_tensors(model) if tensors is None else tensors, tmp / MODEL_FILE)
-    config = {"format": "babyllama", "version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra_config or {})}
-    if adapter is not None:
-        config["base"] = base_record(extra_config["base"], path)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-        config["tokenizer"] = tokenizer.record()
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if path.exists():  # swap: the old directory is removed only after the new one is in place
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-    _fsync(path.parent)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if adapter is not None:
+            save_adapter(tmp, adapter, tensors, extra_config["base"]["path"])
+        else:
+            save_safetensors(model_tensors(model) if tensors is None else tensors, tmp / MODEL_FILE)
+        config = {"format": "babyllama", "version": FORMAT_VERSION, "model": model.cfg.to_dict(),
+                  **(extra_config or {})}
+        if adapter is not None:
+            config["base"] = base_record(extra_config["base"], path)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            config["tokenizer"] = tokenizer.record()
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if train_state is not None:
+            save_torch(train_state, tmp / STATE_FILE)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if path.exists():  # swap: the old directory is removed only after the new one is in place
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+        _fsync(path.parent)
     return path
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 
-from babyllama.errors import Stopped, UserError, check_out_dir
+from babyllama.errors import CannotWrite, Stopped, UserError, check_out_dir
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
 
@@ -556,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
+        return 2
+    except CannotWrite as e:  # the temporary is removed; what was written before is whole
+        if is_rank0():
+            again = " with --resume" if getattr(args, "resume", True) is False else ""
+            print(f"babyllama: error: {e}; {e.fix} and run the same command{again} to continue.", file=sys.stderr)
         return 2
     except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
         if is_rank0():

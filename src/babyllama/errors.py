@@ -1,7 +1,12 @@
-"""The exception for mistakes a user can make (the CLI prints its message and exits 2), for a stopped run, and
-the checks shared by every command that raise it."""
+"""The exception for mistakes a user can make (the CLI prints its message and exits 2), for a stopped run, for
+an output the disk refused, and the checks shared by every command that raise them."""
 
+import errno
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
 
 
 class UserError(Exception):
@@ -14,6 +19,50 @@ class Stopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+REFUSED = {  # the errors of a write that the user can fix: why, in words ({} is the folder), and what to do
+    errno.ENOSPC: ("no space left on the device of {}", "free space"),
+    errno.EDQUOT: ("the disk quota of {} is used up", "free space"),
+    errno.EROFS: ("{} is on a read-only file system", "make it writable"),
+    errno.EACCES: ("no permission to write in {}", "make it writable"),
+    errno.EPERM: ("no permission to write in {}", "make it writable"),
+}
+
+
+class CannotWrite(Exception):
+    """An output the disk refused (REFUSED: full, over quota, read-only, no permission), its temporary removed.
+    args: (errno, the file, a note); the CLI adds what to do and how to run again (with --resume or not)."""
+
+    def __init__(self, code: int, path: str, note: str = ""):
+        super().__init__(code, path, note)  # args as given, so that it crosses a process pool
+        self.code, self.path, self.note = code, path, note
+
+    def __str__(self) -> str:
+        return f"{REFUSED[self.code][0].format(Path(self.path).parent)} while writing {self.path}{self.note}"
+
+    @property
+    def fix(self) -> str:
+        return REFUSED[self.code][1]
+
+
+@contextmanager
+def writing(path: str | Path, temporary: Path | None = None, file: IO | None = None) -> Iterator[None]:
+    """Around the writing of the output path (through temporary, a file or folder, and its open file): an
+    OSError of REFUSED closes file, removes temporary and becomes CannotWrite; other exceptions pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in REFUSED:
+            raise
+        if file is not None:
+            with suppress(OSError):  # the rest of its buffer fails to flush again
+                file.close()
+        if temporary is not None and temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise CannotWrite(e.errno, str(path)) from None
 
 
 def require(module: str, extra: str):

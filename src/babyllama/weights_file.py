@@ -1,5 +1,5 @@
 """Files on disk: a safetensors file written with the mode the user's umask gives a new file, as every other
-file gets, and the SHA-256 of any file read in blocks.
+file gets, a torch.save whose failed write raises its OSError, and the SHA-256 of any file read in blocks.
 
 safetensors' save_file creates its file 0600 whatever the umask, so weights in a checkpoint or an export
 shared with a team (umask 0022, shared storage) could be read by their owner only.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """save_file(tensors, path) with metadata {"format": "pt"} (what transformers and peft expect), then the
     file's mode made 0o666 & ~umask. The umask is read by creating the file first (os.umask would change it
-    for every thread of the process while it is read). OSError where path cannot be written."""
+    for every thread of the process while it is read). OSError where path cannot be written (safetensors'
+    own error, "No space left on device (os error 28)", turned back into the OSError it reports)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -31,8 +34,45 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None
         mode = os.fstat(fd).st_mode & 0o777
     finally:
         os.close(fd)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        if not (m := re.search(r"\(os error (\d+)\)", str(e))):
+            raise
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from e
     os.chmod(path, mode)
+
+
+class _Recorder:
+    """A file's write and flush, keeping the OSError a write raised (torch's writer replaces it by its own)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """torch.save(obj, path), but OSError where path cannot be written: torch's own writer raises a RuntimeError
+    ("unexpected pos ...") that has lost the errno, of a full disk say."""
+    import torch
+
+    with open(path, "wb") as f:
+        recorder = _Recorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.data.sources import CorpusReader
-from babyllama.errors import UserError, require
+from babyllama.errors import UserError, require, writing
 from babyllama.progress import progress
 
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")  # not \u3000: it is Chinese layout
@@ -263,9 +263,12 @@ class ShardWriter:
         return f"part{self.tag}_{self.index:05d}.jsonl"
 
     def write(self, text: str) -> None:
+        """Append a document; CannotWrite, the shard's temporary removed, where the disk refuses it."""
         if self.f is None:
-            self.f = (self.out / f".{self.name}.tmp").open("w", encoding="utf-8")
-        self.f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            with self.writing():
+                self.f = (self.out / f".{self.name}.tmp").open("w", encoding="utf-8")
+        with self.writing():
+            self.f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         self.in_shard += 1
         if self.in_shard >= self.docs_per_shard:
             self.close()
@@ -273,10 +276,15 @@ class ShardWriter:
     def close(self) -> None:
         if self.f is None:
             return
-        self.f.close()
-        (self.out / f".{self.name}.tmp").rename(self.out / self.name)
+        with self.writing():
+            self.f.close()
+            (self.out / f".{self.name}.tmp").rename(self.out / self.name)
         self.files.append(self.name)
         self.f, self.index, self.in_shard = None, self.index + 1, 0
+
+    def writing(self):
+        """errors.writing for the open shard: on failure its file is closed and its temporary removed."""
+        return writing(self.out / self.name, self.out / f".{self.name}.tmp", self.f)
 
 
 def clean_documents(

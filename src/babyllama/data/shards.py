@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, writing
 
 MANIFEST = "manifest.json"
 
@@ -44,20 +44,23 @@ class BinShardWriter:
         self.f = None
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents (their tokens back to back, and each one's length), rolling shards between them."""
+        """Append documents (their tokens back to back, and each one's length), rolling shards between them.
+        CannotWrite, the shard's temporary removed, where the disk is full or the folder not writable."""
         ends = np.cumsum(lengths)  # (D,) where each document ends in tokens
         done_docs, done_tokens = 0, 0
         while done_docs < len(lengths):
             if self.f is None:
                 name = f"{self.prefix}_{len(self.shards):05d}.bin"
-                self.f = (self.out / f".{name}.tmp").open("wb")
                 self.shards.append({"file": name, "split": self.split, "tokens": 0, "documents": 0})
+                with self.writing():
+                    self.f = (self.out / f".{name}.tmp").open("wb")  # self.f is None in writing: nothing to close
             shard = self.shards[-1]
             room = self.shard_tokens - shard["tokens"]
             take = int(np.searchsorted(ends, done_tokens + room, side="right")) - done_docs
             take = max(take, 1 if shard["tokens"] == 0 else 0)  # a huge document fills a shard alone
             end_tokens = int(ends[done_docs + take - 1]) if take else done_tokens
-            self.f.write(tokens[done_tokens:end_tokens].astype(self.dtype, copy=False).tobytes())
+            with self.writing():
+                self.f.write(tokens[done_tokens:end_tokens].astype(self.dtype, copy=False).tobytes())
             shard["tokens"] += end_tokens - done_tokens
             shard["documents"] += take
             done_docs, done_tokens = done_docs + take, end_tokens
@@ -66,11 +69,16 @@ class BinShardWriter:
 
     def close(self) -> None:
         if self.f is not None:
-            self.f.close()
             name = self.shards[-1]["file"]
-            (self.out / f".{name}.tmp").rename(self.out / name)
+            with self.writing():
+                self.f.close()
+                (self.out / f".{name}.tmp").rename(self.out / name)
             self.f = None
 
+    def writing(self):
+        """errors.writing for the open shard: on failure its file is closed and its temporary removed."""
+        name = self.shards[-1]["file"]
+        return writing(self.out / name, self.out / f".{name}.tmp", self.f)
 
 
 def fresh_output_dir(out: Path) -> Path:
@@ -94,11 +102,13 @@ def write_manifest(out: Path, manifest: dict) -> dict:
 
 
 def write_json(path: Path, value) -> None:
-    """path as indented JSON, written whole or not at all: to .NAME.tmp beside it, then renamed."""
+    """path as indented JSON, written whole or not at all: to .NAME.tmp beside it, then renamed. CannotWrite where
+    the disk is full or the folder not writable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    tmp.rename(path)
+    with writing(path, tmp):
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        tmp.rename(path)
 
 
 RECORDED = ("format", "version", "tokenizer", "dtype", "bos", "val_fraction", "shards")  # what a run records

@@ -104,7 +104,8 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
                  data: dict | None = None) -> Path:
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
     record of the data, to check a resume against (token_cache's, token_record's). A resume of a run that is
-    finished (final/ is of its last checkpoint's step, and the length asks for no more) writes nothing."""
+    finished (final/ is of its last checkpoint's step, and the length asks for no more) writes nothing; another
+    says where it picks up."""
     out = Path(cfg.train.out_dir)
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from, data)
     t, steps = cfg.train, trainer.total_steps
@@ -113,6 +114,8 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
             print(f"note: the run in {out} is finished at step {trainer.step}, so nothing was done; its model is "
                   f"{out / 'final'}")
         return out / "final"
+    if dist.main and trainer.resumed:
+        print(f"resuming from {resume_from} (step {trainer.step} of {steps})")
     if dist.main and trainer.global_batch > len(train_data):
         log.warning("a step's %d rows (batch_size x grad_accum x processes) are more than the %d training %s, so "
                     "each step repeats some; lower --batch_size or use more data", trainer.global_batch,

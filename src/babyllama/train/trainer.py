@@ -45,7 +45,7 @@ from babyllama.checkpoint import (
     weights_sha256,
 )
 from babyllama.config import RunConfig, TrainConfig
-from babyllama.errors import Stopped, UserError
+from babyllama.errors import CannotWrite, Stopped, UserError
 from babyllama.evaluate import loss_sums
 from babyllama.lora import adapter_tensors, add_lora, load_adapter, lora_config
 from babyllama.model import Transformer
@@ -560,11 +560,15 @@ class Trainer:
             if self.reference_record is not None:
                 extra["reference"] = base_record(self.reference_record, path)
             tensors = tensors_of(self.model, weights)  # once, on the CPU, for both directories
-            save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors, self.lora)
-            prune_checkpoints(self.out, self.t.keep_last)
-            if final:
-                final_tensors = tensors_of(self.model, self.average) if self.average else tensors
-                save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, final_tensors, self.lora)
+            try:
+                save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors, self.lora)
+                prune_checkpoints(self.out, self.t.keep_last)
+                if final:
+                    final_tensors = tensors_of(self.model, self.average) if self.average else tensors
+                    save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, final_tensors,
+                                    self.lora)
+            except CannotWrite as e:  # the step checkpoints saved before are whole
+                raise CannotWrite(e.code, e.path, " (the checkpoints before it are intact)") from None
         barrier(self.dist)
         return path
 
