@@ -338,9 +338,9 @@ def prepare(
     start = time.time()
     with (out / "bad_records.txt").open("w", encoding="utf-8") as bad_log:
         reader = CorpusReader(inputs, format, bad_log)
-        documents = progress(reader.documents_with_source(), desc="prepare", unit=" docs")
-        for text in clean_documents(documents, min_chars, dedup, threshold, stats):
-            writer.write(text)
+        with progress(reader.documents_with_source(), desc="prepare", unit=" docs") as documents:  # closed on an
+            for text in clean_documents(documents, min_chars, dedup, threshold, stats):  # error: its message
+                writer.write(text)  # starts a line
     writer.close()
     for path, fs in reader.stats.items():
         s = stats.setdefault(path, SourceStats())

@@ -158,16 +158,15 @@ def pretokenize(
     reader = CorpusReader(inputs, format)
     writers = split_writers(out, tok.dtype, shard_tokens)
     start = time.time()
-    bar = progress(desc="pretokenize", unit=" docs")
     n_tokens = 0
     mine = (t for i, t in enumerate(reader.documents()) if i % num_shards == shard_index)
-    for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), text_batches(mine), str(tokenizer_path),
-                                             workers):
-        write_documents(writers, texts, flat, lengths, val_fraction)
-        n_tokens += len(flat)
-        bar.update(len(texts))
-        bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
-    bar.close()
+    with progress(desc="pretokenize", unit=" docs") as bar:  # closed on an error too: its message starts a line
+        for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), text_batches(mine), str(tokenizer_path),
+                                                 workers):
+            write_documents(writers, texts, flat, lengths, val_fraction)
+            n_tokens += len(flat)
+            bar.update(len(texts))
+            bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
     for w in writers.values():
         w.close()
     records, bad = reader.totals()
