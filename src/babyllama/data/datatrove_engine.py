@@ -86,10 +86,10 @@ from babyllama.data.pretokenize import (
     token_manifest,
     write_documents,
 )
-from babyllama.data.sft_tokens import locked
 from babyllama.data.shards import MANIFEST, fresh_output_dir, write_json, write_manifest
 from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
 from babyllama.errors import UserError
+from babyllama.lock import holding
 from babyllama.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -611,7 +611,7 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
     settings = {"command": "prepare", "inputs": _identity(files), "format": format, "min_chars": min_chars,
                 "dedup": dedup, "minhash_threshold": threshold, "docs_per_shard": docs_per_shard,
                 "engine": "datatrove", "tasks": tasks}
-    with _one_run_at_a_time(out):
+    with _one_run_at_a_time(out, settings["command"]):
         work = start_run(out, settings, clear_outputs)
         stages = prepare_stages(files, sizes, out, work, format=format, min_chars=min_chars, dedup=dedup,
                                 threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks, settings=settings)
@@ -639,7 +639,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
     settings = {"command": "pretokenize", "inputs": _identity(files), "tokenizer": tok.fingerprint,
                 "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
                 "tasks": tasks}
-    with _one_run_at_a_time(out):
+    with _one_run_at_a_time(out, settings["command"]):
         work = start_run(out, settings, fresh_output_dir)
         stages = [
             ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
@@ -657,9 +657,9 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
 
 
 @contextmanager
-def _one_run_at_a_time(out: Path):
-    """A second run in the same out_dir waits for the first, then finds its work done (local, ray) or its
-    jobs submitted; while Slurm jobs of an earlier submission are queued or running it is refused."""
-    with locked(out):
+def _one_run_at_a_time(out: Path, command: str):
+    """A second run in the same out_dir is refused at once while the first runs (lock.holding, as the embedded
+    engine's), and while Slurm jobs of an earlier submission are queued or running."""
+    with holding(out, command):
         check_no_queued_jobs(out)
         yield

@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +42,7 @@ from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import Item, expand_inputs, iter_records
 from babyllama.errors import UserError
+from babyllama.lock import locked
 from babyllama.progress import is_rank0, progress
 from babyllama.tokenizer import load_tokenizer
 from babyllama.weights_file import file_sha256
@@ -206,7 +206,8 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     start = time.time()
     tok = load_tokenizer(tokenizer_path)
     paths = expand_inputs(list(inputs))
-    with locked(Path(out)):  # one build at a time; a run that waited uses what the other built
+    _writable(Path(out), clean=False)
+    with locked(out, f"{kind} token cache build"):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
         key = cache_key(paths, tok.fingerprint, settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
@@ -299,17 +300,6 @@ def _write(files: dict, r: dict, dtype: np.dtype) -> None:
         files[split, "ids"].write(r["ids"][tokens].astype(dtype, copy=False).tobytes())
         files[split, "mask"].write(r["mask"][tokens].tobytes())
         files[split, "lengths"].write(r["lengths"][rows].tobytes())
-
-
-@contextmanager
-def locked(out: Path):
-    """An exclusive lock on out/.lock (flock: released when the process ends, however it ends)."""
-    import fcntl
-
-    _writable(out, clean=False)
-    with (out / ".lock").open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def read_sft_cache(out: str | Path) -> dict | None:

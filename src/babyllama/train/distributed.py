@@ -16,9 +16,10 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,8 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before any process group exists: imported after, it holds the group (shutdown)
 
 from babyllama.checkpoint import pick_device
-from babyllama.errors import UserError
+from babyllama.errors import UserError, check_out_dir
+from babyllama.lock import holding
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -82,6 +84,28 @@ def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Dis
                         f"for the other processes (ddp_timeout), or one of them died ({cause}).") from None
     finally:
         shutdown(d)
+
+
+@contextmanager
+def held_by_main(out: str | Path, command: str, d: Dist) -> Iterator[None]:
+    """Rank 0 holds the run's folder out for the body (lock.holding); the other ranks, which write nothing there,
+    learn whether it could, so that a refused run ends on every rank with the same sentence and none is left
+    waiting in a collective. Raises UserError when out is a file or another process holds it."""
+    check_out_dir(out, "out_dir")
+    with ExitStack() as stack:
+        refused = ""
+        if d.main:
+            try:
+                stack.enter_context(holding(out, command))
+            except UserError as e:
+                refused = str(e)
+        if d.enabled:
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise UserError(refused)
+        yield
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -37,7 +37,7 @@ from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.progress import progress
 from babyllama.tokenizer import load_tokenizer
-from babyllama.train.distributed import all_reduce_sum, barrier, process_group
+from babyllama.train.distributed import all_reduce_sum, barrier, held_by_main, process_group
 from babyllama.train.sft_data import SFTData
 from babyllama.train.stages import (
     TOKENIZER_OF_INIT,
@@ -262,7 +262,7 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     t.check_stage("dpo")
     cfg.model = init_model(cfg, "DPO")
     t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
-    with process_group(t.device, t.ddp_timeout) as dist:
+    with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "dpo", dist):
         tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built

@@ -32,7 +32,7 @@ from babyllama.data.shards import TokenWindows, has_split, shards_difference, to
 from babyllama.errors import UserError, check_out_dir
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.train.distributed import Dist, barrier, process_group
+from babyllama.train.distributed import Dist, barrier, held_by_main, process_group
 from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer, check_memory, check_optimizer, check_resume, lora_of
 
@@ -148,7 +148,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     if t.init:  # continued pretraining: the model is the init's
         cfg.model = init_model(cfg, "pretraining")
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
-    with process_group(t.device, t.ddp_timeout) as dist:
+    with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "pretrain", dist):
         T = cfg.model.max_seq_len
         train_data = TokenWindows(t.data, T, "train")
         val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
@@ -222,7 +222,7 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     t.check_stage("sft")
     cfg.model = init_model(cfg, "SFT")
     t.out_dir = t.out_dir or default_out_dir("sft", t.init)
-    with process_group(t.device, t.ddp_timeout) as dist:
+    with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "sft", dist):
         tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
         resume_from = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)

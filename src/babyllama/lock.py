@@ -1,0 +1,95 @@
+"""An output folder held by one process at a time: flock on the hidden file out/.lock, which the OS lets go of when
+the process ends however it ends, so a run killed with kill -9 leaves no stale lock.
+
+    with holding(out, "pretokenize"):   # a command's --out_dir: a second command into it is refused at once
+        ...
+    with locked(out, "sft token cache build"):  # a second build waits for the first, then uses what it built
+
+The lock file holds "PID COMMAND" of its holder, for the refusal's sentence. A process may take a folder it already
+holds again (pretokenize --sft holds its out_dir, then builds the token cache there). The folders that holding made
+(out and those above it) are removed again when the command fails before writing anything; a process that locked
+the lock file meanwhile finds it gone from the folder and locks again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from babyllama.errors import UserError
+
+LOCK = ".lock"
+_HELD: set[Path] = set()  # the folders this process holds
+
+
+@contextmanager
+def holding(out: str | Path, command: str) -> Iterator[None]:
+    """Hold folder out (made if missing) while the body writes it; command names the holder, e.g. "pretrain".
+
+    Raises UserError at once when another process holds it, or when out cannot be made or written."""
+    out = Path(out)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders that taking the lock makes
+    try:
+        with _flock(out, command, wait=False):
+            yield
+    except BaseException:
+        if made and out.is_dir() and {p.name for p in out.iterdir()} == {LOCK}:  # nothing written: as it was
+            (out / LOCK).unlink()
+            for folder in made:
+                folder.rmdir()
+        raise
+
+
+@contextmanager
+def locked(out: str | Path, command: str) -> Iterator[None]:
+    """Hold folder out (made if missing) while the body writes it, first waiting for another process that holds it.
+    Raises UserError when out cannot be made or written."""
+    with _flock(Path(out), command, wait=True):
+        yield
+
+
+@contextmanager
+def _flock(out: Path, command: str, wait: bool) -> Iterator[None]:
+    key = out.resolve()
+    if key in _HELD:
+        yield
+        return
+    fd = _lock_fd(out, command, wait)
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(fd)  # lets go of the lock
+
+
+def _lock_fd(out: Path, command: str, wait: bool) -> int:
+    """The open out/.lock, locked by this process, with "PID COMMAND" written in it."""
+    while True:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write to {out} ({e.strerror}); choose another --out_dir.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            pid, _, other = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+            os.close(fd)
+            raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait for "
+                            "it or choose another --out_dir.") from None
+        if _same_file(fd, out / LOCK):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+            return fd
+        os.close(fd)  # its holder removed the folder it had made: lock the new one
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
