@@ -5,10 +5,11 @@ the process ends however it ends, so a run killed with kill -9 leaves no stale l
         ...
     with locked(out, "sft token cache build"):  # a second build waits for the first, then uses what it built
 
-The lock file holds "PID COMMAND" of its holder, for the refusal's sentence. A process may take a folder it already
+The lock file holds "PID COMMAND" of its holder, for the refusal's sentence, and is removed when the holder lets go
+(so a command leaves no file behind); one left by a killed process is taken over. A process may take a folder it already
 holds again (pretokenize --sft holds its out_dir, then builds the token cache there). The folders that holding made
-(out and those above it) are removed again when the command fails before writing anything; a process that locked
-the lock file meanwhile finds it gone from the folder and locks again.
+(out and those above it) are removed again when the command fails before writing anything. A process that locked
+a lock file meanwhile removed finds it gone from the folder and locks again.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ def holding(out: str | Path, command: str) -> Iterator[None]:
         with _flock(out, command, wait=False):
             yield
     except BaseException:
-        if made and out.is_dir() and {p.name for p in out.iterdir()} == {LOCK}:  # nothing written: as it was
-            (out / LOCK).unlink()
+        if made and out.is_dir() and not any(out.iterdir()):  # nothing written: as it was
             for folder in made:
                 folder.rmdir()
         raise
@@ -63,6 +63,7 @@ def _flock(out: Path, command: str, wait: bool) -> Iterator[None]:
         yield
     finally:
         _HELD.discard(key)
+        (out / LOCK).unlink(missing_ok=True)  # still held: a process waiting on it then finds it gone, locks anew
         os.close(fd)  # lets go of the lock
 
 
