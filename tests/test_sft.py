@@ -354,8 +354,7 @@ def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_se
     args = ["sft", "--init", str(d / "init"), "--data", str(data), "--out_dir", str(run), "--save_every", "2",
             "--batch_size", "8", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
     assert main([*args, "--max_steps", "2"]) == 0
-    cache = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run / "sft_tokens").iterdir()
-             if p.name != ".lock"}  # the lock file holds the pid of the last build or use
+    cache = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run / "sft_tokens").iterdir()}
     data.unlink()
     shutil.copyfile(d / "sft.jsonl", data)
     os.utime(data, ns=(1, 1))
@@ -364,8 +363,7 @@ def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_se
         assert main([*args, "--max_steps", "4", "--resume"]) == 0
     assert caplog.messages == [f"note: {data} has a new mtime but the same bytes; using it"]
     assert f"sft cache: using {run / 'sft_tokens'}" in capsys.readouterr().out
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run / "sft_tokens").iterdir()
-            if p.name != ".lock"} == cache
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (run / "sft_tokens").iterdir()} == cache
     assert (run / "checkpoints" / "step_000004").is_dir()
     data.write_bytes(data.read_bytes().replace("很好".encode(), "很棒".encode(), 1))  # one character, the same size
     os.utime(data, ns=(2, 2))

@@ -179,8 +179,7 @@ def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, t
     shutil.copy2(demo_sft / "multi.jsonl", f)
     built = build_sft_cache([f], demo_sft / "tok", cache, settings)
     assert built["inputs"][0]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
-    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()
-             if p.name != ".lock"}  # the lock file holds the pid of the last build or use
+    files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()}
     f.unlink()
     shutil.copyfile(demo_sft / "multi.jsonl", f)  # a new file with the same bytes
     os.utime(f, ns=(1, 1))
@@ -189,8 +188,7 @@ def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, t
         assert build_sft_cache([f], demo_sft / "tok", cache, settings) == built  # pretokenize --sft: the same
     assert caplog.messages == [f"note: {f} has a new mtime but the same bytes; using it"]
     assert "sft cache: using" in capsys.readouterr().out and len(train) == built["stats"]["samples"]
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()
-            if p.name != ".lock"} == files  # not rebuilt
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()} == files  # not rebuilt
     refused = (f"the SFT token cache {cache} was built with other inputs ({f} differs); delete it to rebuild, or "
                "choose another --sft_cache.")
     f.write_bytes(f.read_bytes().replace("症状".encode(), "病症".encode(), 1))  # one character, the same size
