@@ -82,4 +82,4 @@ def test_a_folder_made_for_a_command_that_wrote_nothing_is_removed_again(tmp_pat
     with pytest.raises(UserError), holding(tmp_path / "c", "prepare"):
         (tmp_path / "c" / "part_00000.jsonl").write_text("{}\n")
         raise UserError("stopped.")
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [LOCK, "part_00000.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["part_00000.jsonl"]  # and no .lock
