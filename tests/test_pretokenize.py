@@ -378,3 +378,16 @@ def test_a_full_disk_is_one_sentence_and_the_same_command_then_finishes(corpus_a
     monkeypatch.undo()
     assert main(args) == 0
     assert sum(read_manifest(out)["totals"][s]["documents"] for s in ("train", "val")) == len(docs)
+
+
+def test_pool_workers_leave_ctrl_c_to_the_main_process(corpus_and_tokenizer):
+    """A terminal's Ctrl-C reaches every process of the group: each worker printed a KeyboardInterrupt traceback
+    before the main process's one line; the workers ignore SIGINT, and the main process stops the pool."""
+    import signal
+
+    from babyllama.data.pretokenize import in_workers
+
+    d, _ = corpus_and_tokenizer
+    handlers = [h for _, h in in_workers(signal.getsignal, [signal.SIGINT] * 2, str(d / "tok"), workers=2)]
+    assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still stops

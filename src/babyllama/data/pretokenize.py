@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +46,13 @@ def _init_worker(tokenizer_path: str) -> None:
     _TOKENIZER = load_tokenizer(tokenizer_path)
 
 
+def _init_pool_worker(tokenizer_path: str) -> None:
+    """A pool worker leaves Ctrl-C to the main process, which stops the pool: the terminal's SIGINT reaches
+    the whole process group, and each worker would print its own KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_path)
+
+
 def worker_tokenizer() -> Tokenizer:
     """The tokenizer of this worker process (loaded once by in_workers)."""
     assert _TOKENIZER is not None
@@ -62,7 +70,7 @@ def in_workers(func: Callable[[T], R], batches: Iterable[T], tokenizer_path: str
             yield batch, func(batch)
         return
     ctx = mp.get_context("spawn")  # no fork: the Rust tokenizer's threads do not survive it
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_path,)) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append((batch, pool.apply_async(func, (batch,))))
