@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 
 class UserError(Exception):
@@ -49,20 +49,26 @@ class CannotWrite(Exception):
 @contextmanager
 def writing(path: str | Path, temporary: Path | None = None, file: IO | None = None) -> Iterator[None]:
     """Around the writing of the output path (through temporary, a file or folder, and its open file): an
-    OSError of REFUSED closes file, removes temporary and becomes CannotWrite; other exceptions pass unchanged."""
+    OSError of REFUSED becomes CannotWrite (cannot_write); other exceptions pass unchanged."""
     try:
         yield
     except OSError as e:
-        if e.errno not in REFUSED:
-            raise
-        if file is not None:
-            with suppress(OSError):  # the rest of its buffer fails to flush again
-                file.close()
-        if temporary is not None and temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif temporary is not None:
-            temporary.unlink(missing_ok=True)
-        raise CannotWrite(e.errno, str(path)) from None
+        cannot_write(e, path, temporary, file)
+
+
+def cannot_write(e: OSError, path: str | Path, temporary: Path | None = None, file: IO | None = None) -> NoReturn:
+    """Raise e, or for an OSError of REFUSED close file, remove temporary and raise CannotWrite: writing's work,
+    for a hot loop to call from its own `except OSError` (a `with writing(...)` per item costs microseconds)."""
+    if e.errno not in REFUSED:
+        raise e
+    if file is not None:
+        with suppress(OSError):  # the rest of its buffer fails to flush again
+            file.close()
+    if temporary is not None and temporary.is_dir():
+        shutil.rmtree(temporary, ignore_errors=True)
+    elif temporary is not None:
+        temporary.unlink(missing_ok=True)
+    raise CannotWrite(e.errno, str(path)) from None
 
 
 def require(module: str, extra: str):
