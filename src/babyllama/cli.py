@@ -546,6 +546,12 @@ def spelled_one_way(argv: list[str]) -> list[str]:
     return [one(a) for a in argv]
 
 
+def run_again(args: argparse.Namespace) -> str:
+    """How to go on after a stop: the same command, with --resume where the command has it and it was not given."""
+    again = " with --resume" if getattr(args, "resume", True) is False else ""
+    return f"run the same command{again} to continue."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(spelled_one_way(sys.argv[1:] if argv is None else argv))
@@ -563,13 +569,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CannotWrite as e:  # the temporary is removed; what was written before is whole
         if is_rank0():
-            again = " with --resume" if getattr(args, "resume", True) is False else ""
-            print(f"babyllama: error: {e}; {e.fix} and run the same command{again} to continue.", file=sys.stderr)
+            print(f"babyllama: error: {e}; {e.fix} and {run_again(args)}", file=sys.stderr)
         return 2
     except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
         if is_rank0():
-            again = " with --resume" if getattr(args, "resume", True) is False else ""
-            print(f"babyllama: {e}; run the same command{again} to continue.", file=sys.stderr)
+            print(f"babyllama: {e}; {run_again(args)}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("babyllama: interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ from babyllama.checkpoint import (
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
-from babyllama.errors import UserError, check_out_dir
+from babyllama.errors import UserError
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, held_by_main, process_group
@@ -59,9 +59,9 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     is built; returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
     `--resume` refuses another stage's, a tokenizer other than the one its checkpoint records (files
     replaced or edited since the run started), and other model settings, RESUME_SETTINGS or base (check_resume);
-    out_dir may not hold the --init model it would overwrite, nor be a file (check_out_dir). Raises UserError."""
+    out_dir may not hold the --init model it would overwrite (that it is no file held_by_main checked, taking it).
+    Raises UserError."""
     out = Path(cfg.train.out_dir)
-    check_out_dir(out, "out_dir")
     lora_of(cfg.train)  # LoRA settings out of range stop here
     check_memory(cfg, dist.device)  # and a model or batch beyond the machine
     check_optimizer(cfg.train)  # and Muon where it cannot run
