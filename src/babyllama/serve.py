@@ -432,7 +432,10 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         # the last message and the system text are never cut; older turns go as chat drops them,
         # leaving max_tokens, or without it half the context, for the answer
         last = len(render_prompt(tokenizer, Conversation(conv.turns[-1:], conv.system)))
-        room(last, asked, kept_messages(body, conv), name)
+        try:
+            room(last, asked, "the last message", name)
+        except ValueError:  # name what does not fit in the request's terms: it tokenizes the system text again
+            room(last, asked, kept_messages(body, conv), name)
         budget = max_ctx - asked if asked else max(last, max_ctx - max_ctx // 2)
         prompt = render_prompt(tokenizer, conv, budget)
         return generation(body, prompt, asked or max_ctx - len(prompt))
