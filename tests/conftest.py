@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -125,3 +126,21 @@ def run_cli(*args: str | Path, stdin: str | bytes = "") -> subprocess.CompletedP
         root.removeHandler(handler)
         root.setLevel(level)
     return subprocess.CompletedProcess([str(a) for a in args], code, out.getvalue(), err.getvalue())
+
+
+def refuse_writes(monkeypatch, name: str, code: int, text: bool = False) -> None:
+    """Path.open of a file called name opens it for writing, but every write raises OSError(code) (ENOSPC: a full
+    disk, EACCES: a folder not writable); text: a text file, as prepare's parts are."""
+    real_open = Path.open
+
+    class Refused(io.FileIO):
+        def write(self, data) -> int:
+            raise OSError(code, os.strerror(code))
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name != name:
+            return real_open(self, mode, *args, **kwargs)
+        return io.TextIOWrapper(Refused(self, "w")) if text else Refused(self, "w")
+
+    monkeypatch.setattr(Path, "open", open_)
+

@@ -9,7 +9,7 @@ import pytest
 
 from babyllama.data.clean import HashSets, NearDuplicateIndex, normalize, prepare
 from babyllama.errors import UserError
-from tests.conftest import generated_corpus, run_cli
+from tests.conftest import generated_corpus, refuse_writes, run_cli
 
 
 def test_normalize_keeps_chinese_punctuation():
@@ -150,22 +150,14 @@ def test_a_read_only_folder_is_one_sentence_and_no_part_is_left(tmp_path, capsys
     """EACCES when prepare writes its shard (closing it flushes what the disk refuses): exit 2, one sentence,
     no .part_*.tmp left; the same command with the permission back finishes."""
     import errno
-    import io
-    from pathlib import Path
 
     from babyllama.cli import main
-
-    class Refused(io.FileIO):
-        def write(self, data) -> int:
-            raise OSError(errno.EACCES, "Permission denied")
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
                                                for t in generated_corpus(20, seed=3)))
     out = tmp_path / "clean"
     args = ["prepare", "--input", str(tmp_path / "in.jsonl"), "--out_dir", str(out)]
-    real_open = Path.open
-    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: io.TextIOWrapper(Refused(self, "w")) if
-                        self.name == ".part_00000.jsonl.tmp" else real_open(self, mode, *a, **k))
+    refuse_writes(monkeypatch, ".part_00000.jsonl.tmp", errno.EACCES, text=True)
     assert main(args) == 2
     err = capsys.readouterr().err  # a line of its own: the bar is closed first
     assert [x for x in err.splitlines() if "babyllama:" in x] == [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import io
 import json
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from babyllama.data.pretokenize import pretokenize
 from babyllama.data.shards import is_val, merge, read_manifest
 from babyllama.errors import UserError
-from tests.conftest import generated_corpus, run_cli
+from tests.conftest import generated_corpus, refuse_writes, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -347,28 +346,17 @@ def test_sft_refuses_a_cache_folder_of_another_kind(outputs):
                                     "be written into; pass another --sft_cache.")
 
 
-class FullFile(io.FileIO):
-    """A file on a full disk: created, but every write raises ENOSPC."""
-
-    def write(self, data) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
 def test_a_full_disk_is_one_sentence_and_the_same_command_then_finishes(corpus_and_tokenizer, tmp_path, capsys,
                                                                          monkeypatch):
     """ENOSPC while the second shard is written: exit 2, one sentence naming the shard, no .tmp left; the same
     command with space again writes every document."""
-    from pathlib import Path
-
     from babyllama.cli import main
 
     d, docs = corpus_and_tokenizer
     out = tmp_path / "tokens"
     args = ["pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(out),
             "--workers", "1", "--shard_tokens", "2000"]
-    real_open = Path.open
-    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: FullFile(self, "w") if
-                        self.name == ".shard_00001.bin.tmp" else real_open(self, mode, *a, **k))
+    refuse_writes(monkeypatch, ".shard_00001.bin.tmp", errno.ENOSPC)
     assert main(args) == 2
     err = capsys.readouterr().err  # a line of its own: the bar is closed first
     assert [x for x in err.splitlines() if "babyllama:" in x] == [
