@@ -6,8 +6,11 @@ import io
 import logging
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
@@ -144,3 +147,23 @@ def refuse_writes(monkeypatch, name: str, code: int, text: bool = False) -> None
 
     monkeypatch.setattr(Path, "open", open_)
 
+
+def running(model, tokenizer, name: str = "tiny"):
+    """A live uvicorn serving build_app(model, tokenizer, name) on a free port: yields its URL."""
+    import uvicorn
+
+    from babyllama.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, name), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)

@@ -49,6 +49,7 @@ NOT_RUN = {  # a command's beginning, as written: why it does not run here
     "babyllama pretokenize --sft --input alpaca_gpt4_data_zh.json": "needs downloaded SFT data",
     "babyllama eval runs/baby-92m-sft/final": "needs a baby-92m model and C-Eval",
     "babyllama export runs/baby-92m-sft/final": "needs a baby-92m model",
+    "babyllama serve runs/baby-92m-sft/final": "needs a baby-92m model",
     "lm_eval": "needs C-Eval and CMMLU from the Hugging Face Hub",
     "babyllama tokenizer info ../shared/chatglm2_tokenizer": "needs ChatGLM2's tokenizer.model",
     "babyllama pretokenize --input data/clean --tokenizer path/to/chatglm2": "needs downloaded corpora",

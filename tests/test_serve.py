@@ -15,7 +15,7 @@ import pytest
 
 from babyllama.chat import Sampling, reply
 from babyllama.chat_format import Conversation
-from tests.conftest import sharp_model, tiny_config
+from tests.conftest import running, sharp_model, tiny_config
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -30,32 +30,14 @@ class SlowModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
     def stream(self, *args, **kwargs):
         for token in self.model.stream(*args, **kwargs):
             self.calls += 1
             time.sleep(self.delay)
             yield token
-
-
-def running(model, tokenizer, name: str = "tiny"):
-    """A live uvicorn serving build_app(model, tokenizer, name) on a free port: yields its URL."""
-    import uvicorn
-
-    from babyllama.serve import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, name), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +90,82 @@ def test_completions_and_stop_strings(server):
     stop = full[2:4]
     cut = c.completions.create(model="tiny", prompt="今天天气", max_tokens=20, stop=[stop]).choices[0]
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_a_list_of_prompts_gets_a_choice_each_the_answer_it_gets_alone(server):
+    c, tok = client(server), server["tokenizer"]
+    texts = ["今天天气", "北京是", "质量很好"]
+    alone = [c.completions.create(model="tiny", prompt=t, max_tokens=6).choices[0].text for t in texts]
+    ids = [[tok.eos_id, *tok.encode(t)] for t in texts]  # the ids a text prompt becomes: <eos> first
+    for prompt in (texts, ids):
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=6)
+        assert [x.text for x in sorted(r.choices, key=lambda x: x.index)] == alone
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+    streamed = ["", "", ""]
+    for chunk in c.completions.create(model="tiny", prompt=texts, max_tokens=6, stream=True):
+        for x in chunk.choices:
+            streamed[x.index] += x.text
+    assert streamed == alone
+    assert c.completions.create(model="tiny", prompt=ids[0], max_tokens=6).choices[0].text == alone[0]
+
+
+def test_echo_and_logprobs_are_the_models_log_softmax(server):
+    import torch
+
+    tok, model = server["tokenizer"], server["model"].model
+    prompt = [tok.eos_id, *tok.encode("今天天气很好")]
+    r = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2)
+    choice = r.choices[0]
+    answer = model.generate(prompt, max_new_tokens=3, **tok.generation_kwargs(model.cfg.vocab_size))
+    ids = prompt + answer
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0, :-1].float(), dim=-1)  # (T-1, V)
+    expected = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    lp = choice.logprobs
+    assert choice.text == tok.decode(prompt) + tok.decode_complete(answer)  # a character cut short is left out
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    greedy = lp.top_logprobs[len(prompt):]  # the answer is greedy: each token is its position's most likely
+    assert [max(t.values()) for t in greedy] == pytest.approx(lp.token_logprobs[len(prompt):], abs=1e-5)
+    assert lp.text_offset == [len(tok.decode(ids[:t])) for t in range(len(ids))]
+    plain = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=0).choices[0]
+    assert plain.logprobs.token_logprobs == pytest.approx(expected[-3:], abs=1e-5)
+    assert plain.logprobs.top_logprobs == [{}, {}, {}] and plain.logprobs.text_offset[0] == 0
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ({"prompt": [[5, 6], [600]]}, "prompt[1]: token id 600 is not in the vocabulary of 600"),
+    ({"prompt": [-1]}, "prompt: token id -1 is not in the vocabulary of 600"),
+    ({"prompt": []}, "prompt: a string of at most 20000 characters, a list of token ids, or a list of 1 to 32"),
+    ({"prompt": ["a"] * 33}, "prompt: a string of at most 20000 characters, a list of token ids, or a list of 1 to 32"),
+    ({"prompt": [[]]}, "prompt: a string of at most 20000 characters"),
+    ({"prompt": "今天", "echo": True, "stream": True}, "echo: only without stream"),
+    ({"prompt": "今天", "logprobs": 1, "stream": True}, "logprobs: only without stream"),
+    ({"prompt": "今天", "logprobs": 6}, "logprobs: an integer from 0 to 5; got 6"),
+    ({"prompt": ["今天", "明" * 300]}, "the prompt[1] ("),
+])
+def test_bad_prompt_lists_are_named(server, body, said):
+    r = httpx.post(server["url"] + "/v1/completions", json={"max_tokens": 2, **body}, timeout=30)
+    assert r.status_code == 400 and said in r.json()["error"]["message"], r.text
+
+
+def test_tokenize_detokenize_and_tokenizer_info_as_vllm_serves_them(server):
+    tok, url = server["tokenizer"], server["url"]
+    post = lambda path, body: httpx.post(url + path, json=body, timeout=30).json()  # noqa: E731
+    ids = tok.encode("今天天气")
+    assert post("/tokenize", {"prompt": "今天天气"})["tokens"] == [tok.eos_id, *ids]  # as a completion's prompt
+    assert post("/tokenize", {"prompt": "今天天气", "add_special_tokens": False}) == {
+        "tokens": ids, "count": len(ids), "max_model_len": 128}
+    info = httpx.get(url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tok.id_to_piece(tok.eos_id) and info["chat_template"].startswith("{%")
+    bos, eos = info["bos_token"], info["eos_token"]  # spelled out, they are their ids, as in the HF export
+    assert post("/tokenize", {"prompt": f"{bos}今天天气{eos}", "add_special_tokens": False})["tokens"] == [
+        tok.bos_id, *ids, tok.eos_id]
+    assert post("/detokenize", {"tokens": ids}) == {"prompt": "今天天气"}
+    r = httpx.post(url + "/detokenize", json={"tokens": [600]}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "tokens: token id 600 is not in the vocabulary of 600"
 
 
 def test_eight_concurrent_streams_get_their_own_answers(server):
@@ -250,7 +308,7 @@ CHAT_PARAMS = [
 COMPLETION_PARAMS = [
     ("max_tokens", 4, True), ("temperature", 0.7, True), ("top_p", 0.9, True), ("stop", "。", True), ("n", 1, True),
     ("n", 2, False), ("seed", 7, True), ("user", "u1", True), ("best_of", 1, True), ("best_of", 2, False),
-    ("echo", False, True), ("echo", True, False), ("logprobs", 2, False), ("suffix", "x", False),
+    ("echo", False, True), ("echo", True, True), ("logprobs", 2, True), ("logprobs", 6, False), ("suffix", "x", False),
     ("frequency_penalty", 0.0, True), ("presence_penalty", 0.3, False), ("logit_bias", {"5": 1}, False),
     ("stream_options", {"include_usage": True}, True),
 ]
@@ -314,7 +372,6 @@ def test_seed_makes_sampling_repeatable(server):
 
 
 def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
-    import threading
 
     from babyllama.serve import Generation
     from tests.conftest import favours_control_ids
@@ -323,11 +380,11 @@ def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
     for prompt, max_tokens, reason, made in (([5] * 28, 10, "length", 4), ([5] * 10, 6, "length", 6)):
         gen = Generation(model, bpe_tokenizer, threading.Lock(), prompt, Sampling(max_new_tokens=max_tokens))
         "".join(gen.pieces())
-        assert (gen.finish_reason, gen.completion_tokens) == (reason, made)  # the context, then max_tokens
+        assert (gen.finish_reason, len(gen.ids)) == (reason, made)  # the context, then max_tokens
     eos = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=32)), {2: 100.0})
     gen = Generation(eos, bpe_tokenizer, threading.Lock(), [5] * 10, Sampling(max_new_tokens=6))
     "".join(gen.pieces())
-    assert (gen.finish_reason, gen.completion_tokens) == ("stop", 0)
+    assert (gen.finish_reason, len(gen.ids)) == ("stop", 0)
 
 
 def test_odd_but_valid_requests_and_what_a_user_broke(server):

@@ -109,14 +109,11 @@ def export_tokenizer(tokenizer, out: Path, max_len: int) -> None:
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.save(out)
         (out / "babyllama_tokenizer.json").unlink()
-        tok = tokenizer.tok
-        names = {k: tok.id_to_token(getattr(tokenizer, f"{k}_id")) for k in ("bos", "eos", "pad")}
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     else:
         shutil.copyfile(tokenizer.path, out / "tokenizer.model")
-        names = {k: tokenizer.sp.id_to_piece(getattr(tokenizer, f"{k}_id")) for k in ("bos", "eos", "pad")}
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_dummy_prefix_space": True}
-    config |= {f"{k}_token": v for k, v in names.items()}
+    config |= tokenizer.special_tokens()
     config |= {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
                "model_max_length": max_len, "chat_template": CHAT_TEMPLATE,
                "split_special_tokens": False}  # transformers' default: apply_chat_template's <s> is bos
@@ -125,7 +122,7 @@ def export_tokenizer(tokenizer, out: Path, max_len: int) -> None:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"  # read tokenizer.json as written
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(
-        json.dumps({f"{k}_token": v for k, v in names.items()}, indent=2, ensure_ascii=False) + "\n")
+        json.dumps(tokenizer.special_tokens(), indent=2, ensure_ascii=False) + "\n")
 
 
 PROBES = ["  two leading spaces", " ", "\t tab", "a  b ", "</s> spelled", "\u3000全角", "𠀀😀",

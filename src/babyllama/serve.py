@@ -5,7 +5,9 @@
     #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none").chat.completions.create(...)
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for
-server-sent events), GET /v1/models, GET /v1/models/{id}, GET /health, GET / (the chat page, no CDN).
+server-sent events; completions also with lists of prompts, token ids, echo and logprobs, as
+lm-evaluation-harness's local-completions client sends them), GET /v1/models, GET /v1/models/{id},
+POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's), GET /health, GET / (the chat page).
 Every request is validated (types, ranges, sizes) and every error is {"error": {"message": ...}},
 as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding.
 Tokenization runs in worker threads, so the event loop (and /health) never waits for it. Each
@@ -14,6 +16,7 @@ concurrent requests interleave safely. A client that disconnects stops its gener
 """
 
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
+import re
 import socket
 import sys
 import threading
@@ -27,7 +30,14 @@ from typing import Annotated, Literal, get_args
 import torch
 
 from babyllama.chat import decode_stream, until_stop
-from babyllama.chat_format import Conversation, conversation_from_messages, is_unicode, render_prompt, text_prompt
+from babyllama.chat_format import (
+    CHAT_TEMPLATE,
+    Conversation,
+    conversation_from_messages,
+    is_unicode,
+    render_prompt,
+    text_prompt,
+)
 from babyllama.errors import UserError, require
 from babyllama.sampling import DEVICE, MAX_TEMPERATURE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -43,6 +53,8 @@ MAX_MESSAGES = 128
 MAX_STOPS, MAX_STOP_CHARS = 4, 100  # OpenAI's 4
 MAX_NAME_CHARS = 256  # user, safety_identifier, prompt_cache_key
 COMPLETION_MAX_TOKENS = 16  # an omitted max_tokens on /v1/completions, as OpenAI's legacy completions
+MAX_PROMPTS = 32  # prompts in one /v1/completions request (lm-evaluation-harness sends its batch as a list)
+MAX_LOGPROBS = 5  # the most likely tokens per position that `logprobs` may ask for, as OpenAI's limit
 PAGE = Path(__file__).with_name("chat_page.html")
 
 
@@ -150,11 +162,40 @@ class ChatRequest(Common):
     prompt_cache_key: str | None = Field(None, max_length=MAX_NAME_CHARS, description=NAME)
 
 
+PROMPT = (f"a string of at most {MAX_TEXT_CHARS} characters, a list of token ids, or a list of 1 to {MAX_PROMPTS} "
+          "of either")
+
+
 class CompletionRequest(Common):
-    prompt: Text = Field(max_length=MAX_TEXT_CHARS, description=f"a string of at most {MAX_TEXT_CHARS} characters")
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(description=PROMPT)
     best_of: int = Field(1, ge=1, le=1, description=ONLY.format(1))
-    echo: Literal[False] = Field(False, description=ONLY.format("false"))
-    logprobs: int | None = Field(None, ge=0, le=0, description=ONLY.format(0))
+    echo: bool = Field(False, description="true or false")  # the prompt before the answer, in text and logprobs
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"an integer from 0 to {MAX_LOGPROBS}")
+
+    @field_validator("prompt")
+    @classmethod
+    def prompts_within_limits(cls, prompt: str | list) -> str | list:
+        many = isinstance(prompt, list) and (not prompt or not isinstance(prompt[0], int))
+        prompts = prompt if many else [prompt]
+        if not 1 <= len(prompts) <= MAX_PROMPTS or any(p == [] or len(p) > MAX_TEXT_CHARS for p in prompts):
+            raise ValueError(PROMPT)
+        return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        many = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if many else [self.prompt]
+
+
+class TokenizeRequest(Strict):  # vLLM's /tokenize, which lm-evaluation-harness's remote tokenizer calls
+    model: str | None = Field(None, description="a string")
+    prompt: Text = Field(max_length=MAX_TEXT_CHARS, description=f"a string of at most {MAX_TEXT_CHARS} characters")
+    add_special_tokens: bool = Field(True, description="true or false")  # the <eos> a completion's prompt follows
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = Field(None, description="a string")
+    tokens: list[int] = Field(max_length=MAX_TEXT_CHARS, description=f"a list of at most {MAX_TEXT_CHARS} token ids")
 
 
 def refusal(errors: Sequence[dict], request: type[BaseModel]) -> str:
@@ -231,7 +272,9 @@ class Generation:
     sampling: Sampling
     stops: list[str] = field(default_factory=list)
     seed: int | None = None
-    completion_tokens: int = 0
+    echo: str | None = None  # the prompt's text, to put before the answer
+    top_logprobs: int | None = None  # logprobs asked for: that many most likely tokens at each position
+    ids: list[int] = field(default_factory=list)  # the answer's token ids
     finish_reason: str = "length"
 
     def tokens(self) -> Iterator[int]:
@@ -248,7 +291,7 @@ class Generation:
                     nxt = next(gen, None)
                 if nxt is None:
                     return
-                self.completion_tokens += 1
+                self.ids.append(nxt)
                 yield nxt
         finally:
             gen.close()
@@ -258,11 +301,37 @@ class Generation:
         stopped = yield from until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops)
         ctx = self.model.cfg.max_seq_len
         room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
-        if stopped or self.completion_tokens < room:
+        if stopped or len(self.ids) < room:
             self.finish_reason = "stop"  # a stop string, or the model said <eos>
 
+    @torch.no_grad()
+    def logprobs(self) -> dict:
+        """OpenAI's legacy completions `logprobs` of the answer's tokens (with echo, of the prompt's too, the
+        first one None as nothing precedes it): each token's text, its log-probability (natural log of the
+        model's softmax over its fp32 logits, before temperature or top_p, as `babyllama eval` scores),
+        the top_logprobs most likely tokens, and each token's text_offset in the choice's text. One forward
+        pass over prompt + answer, (1, T) -> logits (1, T, V)."""
+        ids = self.prompt + self.ids
+        start = 0 if self.echo is not None else len(self.prompt)
+        with self.lock:
+            logits, _ = self.model(torch.tensor([ids], device=self.model.rope_cos.device))
+        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): row t scores ids[t + 1]
+        chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
+        top_v, top_i = logp.topk(self.top_logprobs, dim=-1)  # (T-1, k)
+        top = [{self.token_text(i): v for i, v in zip(row_i, row_v, strict=True)}
+               for row_i, row_v in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+        return {"tokens": [self.token_text(i) for i in ids[start:]],
+                "token_logprobs": ([None] + chosen)[start:], "top_logprobs": ([None] + top)[start:],
+                "text_offset": [len(self.tokenizer.decode(ids[start:t])) for t in range(start, len(ids))]}
+
+    def token_text(self, i: int) -> str:
+        """A token's text; for one that is no text alone (a control token, a byte of a longer character),
+        its vocabulary string (`</s>`, `<0xE4>`), so that no two tokens of top_logprobs share a key."""
+        text = self.tokenizer.decode([i])
+        return text if text and "\ufffd" not in text else self.tokenizer.id_to_piece(i)
+
     def usage(self) -> dict:
-        n, m = len(self.prompt), self.completion_tokens
+        n, m = len(self.prompt), len(self.ids)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
@@ -314,49 +383,60 @@ class BodyLimit:
         await self.app(scope, counted if scope["type"] == "http" else receive, send)
 
 
-def completion_object(gen: Generation, text: str, rid: str, created: int, name: str, chat: bool) -> dict:
-    choice = {"index": 0, "finish_reason": gen.finish_reason}
-    choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+def response_object(choices: list[dict], gens: list[Generation], rid: str, created: int, name: str,
+                    chat: bool) -> dict:
+    """A whole answer (chat.completion or text_completion) with its choices, and usage summed over them."""
+    usage = {k: sum(g.usage()[k] for g in gens) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": name, "choices": [choice], "usage": gen.usage()}
+            "model": name, "choices": choices, "usage": usage}
 
 
-def chunk_event(delta: dict | str, finish: str | None, rid: str, created: int, name: str, chat: bool) -> str:
-    """One server-sent event of a stream: a chat delta or a piece of completion text."""
-    choice = {"index": 0, "finish_reason": finish} | ({"delta": delta} if chat else {"text": delta})
+def chunk_event(index: int, delta: dict | str, finish: str | None, rid: str, created: int, name: str,
+                chat: bool) -> str:
+    """One server-sent event of a stream: a chat delta or a piece of completion text of choice index."""
+    choice = {"index": index, "finish_reason": finish} | ({"delta": delta} if chat else {"text": delta})
     data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": name, "choices": [choice]}
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def respond(request, gen: Generation, name: str, chat: bool, stream: bool, usage: bool = False):
+async def respond(request, gens: list[Generation], name: str, chat: bool, stream: bool, usage: bool = False):
     """The whole answer as one JSON object, or a stream of events that stops when the client leaves
-    (usage: a last chunk with no choices and the token counts, as stream_options.include_usage asks)."""
-    from fastapi.concurrency import iterate_in_threadpool
+    (usage: a last chunk with no choices and the token counts, as stream_options.include_usage asks).
+    A choice per generation (a completion's list of prompts), generated one after another."""
+    from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
     from fastapi.responses import StreamingResponse
 
     rid, created = f"{'chat' if chat else 'text'}-{uuid.uuid4().hex[:16]}", int(time.time())
     if not stream:
-        text = "".join([p async for p in iterate_in_threadpool(gen.pieces())])
-        return completion_object(gen, text, rid, created, name, chat)
+        choices = []
+        for index, gen in enumerate(gens):
+            text = "".join([p async for p in iterate_in_threadpool(gen.pieces())])
+            choice = {"index": index, "finish_reason": gen.finish_reason}
+            if chat:
+                choices.append(choice | {"message": {"role": "assistant", "content": text}})
+                continue
+            logprobs = await run_in_threadpool(gen.logprobs) if gen.top_logprobs is not None else None
+            choices.append(choice | {"text": (gen.echo or "") + text, "logprobs": logprobs})
+        return response_object(choices, gens, rid, created, name, chat)
 
     async def events():
-        pieces = gen.pieces()
-        try:
-            if chat:
-                yield chunk_event({"role": "assistant", "content": ""}, None, rid, created, name, chat)
-            async for piece in iterate_in_threadpool(pieces):
-                if await request.is_disconnected():
-                    return  # the finally below stops the generation
-                yield chunk_event({"content": piece} if chat else piece, None, rid, created, name, chat)
-            yield chunk_event({} if chat else "", gen.finish_reason, rid, created, name, chat)
-            if usage:
-                data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                        "created": created, "model": name, "choices": [], "usage": gen.usage()}
-                yield f"data: {json.dumps(data)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            pieces.close()
+        for index, gen in enumerate(gens):
+            pieces = gen.pieces()
+            try:
+                if chat:
+                    yield chunk_event(index, {"role": "assistant", "content": ""}, None, rid, created, name, chat)
+                async for piece in iterate_in_threadpool(pieces):
+                    if await request.is_disconnected():
+                        return  # the finally below stops the generation
+                    yield chunk_event(index, {"content": piece} if chat else piece, None, rid, created, name, chat)
+                yield chunk_event(index, {} if chat else "", gen.finish_reason, rid, created, name, chat)
+            finally:
+                pieces.close()
+        if usage:
+            data = response_object([], gens, rid, created, name, chat)
+            yield f"data: {json.dumps(data | {'object': 'chat.completion.chunk' if chat else 'text_completion'})}\n\n"
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -364,7 +444,8 @@ async def respond(request, gen: Generation, name: str, chat: bool, stream: bool,
 # --- the app: routes as thin wiring ---
 
 
-REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
+REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/tokenize": TokenizeRequest,
+            "/detokenize": DetokenizeRequest}
 
 
 def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling | None = None):
@@ -440,12 +521,53 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         prompt = render_prompt(tokenizer, conv, budget)
         return generation(body, prompt, asked or max_ctx - len(prompt))
 
-    def completion_generation(body: CompletionRequest) -> Generation:
-        """The Generation of a completion request (as chat_generation); an omitted max_tokens is
-        COMPLETION_MAX_TOKENS, OpenAI's default for completions, or the rest of the context when less."""
-        prompt = text_prompt(tokenizer, body.prompt)
-        available = room(len(prompt), body.max_tokens, "the prompt")
-        return generation(body, prompt, body.max_tokens or min(COMPLETION_MAX_TOKENS, available))
+    def completion_generation(body: CompletionRequest) -> list[Generation]:
+        """The Generations of a completion request, one per prompt (as chat_generation); an omitted
+        max_tokens is COMPLETION_MAX_TOKENS, OpenAI's default for completions, or the rest of the context
+        when less. A text prompt follows <eos>, as documents do in the shards; token ids go in as given."""
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise ValueError(f"{'echo' if body.echo else 'logprobs'}: only without stream")
+        gens = []
+        for i, text in enumerate(body.prompts()):
+            many = "" if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else f"[{i}]"
+            if isinstance(text, str):
+                prompt = text_prompt(tokenizer, text)
+            elif (bad := next((t for t in text if not 0 <= t < tokenizer.vocab_size), None)) is not None:
+                raise ValueError(f"prompt{many}: token id {bad} is not in the vocabulary of {tokenizer.vocab_size}")
+            else:
+                prompt, text = list(text), tokenizer.decode(text)
+            available = room(len(prompt), body.max_tokens, f"the prompt{many}")
+            gen = generation(body, prompt, body.max_tokens or min(COMPLETION_MAX_TOKENS, available))
+            gen.echo, gen.top_logprobs = text if body.echo else None, body.logprobs
+            gens.append(gen)
+        return gens
+
+    specials = {text: getattr(tokenizer, name.replace("_token", "_id")) for name, text in
+                tokenizer.special_tokens().items()}
+    special_text = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+
+    def tokenize(text: str) -> list[int]:
+        """text's ids as the Hugging Face export's tokenizer gives them: `</s>` spelled out is the eos id
+        (transformers' split_special_tokens false), and the text between is encoded as chat and eval do."""
+        parts = special_text.split(text)  # text, special, text, ...
+        return [i for k, part in enumerate(parts) for i in
+                ([specials[part]] if k % 2 else tokenizer.encode(part) if part else [])]
+
+    @app.post("/tokenize")
+    def tokenize_route(body: TokenizeRequest):
+        ids = ([tokenizer.eos_id] if body.add_special_tokens else []) + tokenize(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_ctx}
+
+    @app.post("/detokenize")
+    def detokenize_route(body: DetokenizeRequest):
+        if (bad := next((t for t in body.tokens if not 0 <= t < tokenizer.vocab_size), None)) is not None:
+            return error(400, f"tokens: token id {bad} is not in the vocabulary of {tokenizer.vocab_size}")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    def tokenizer_info():
+        return {"tokenizer_class": type(tokenizer).__name__, **tokenizer.special_tokens(),
+                "chat_template": CHAT_TEMPLATE, "model_max_length": max_ctx, "vocab_size": tokenizer.vocab_size}
 
     @app.get("/health")
     def health():
@@ -465,18 +587,18 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        return await answer(request, body, chat_generation, chat=True)
+        return await answer(request, body, lambda body: [chat_generation(body)], chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await answer(request, body, completion_generation, chat=False)
 
-    async def answer(request: Request, body: Common, make_generation, chat: bool):
+    async def answer(request: Request, body: Common, make_generations, chat: bool):
         try:
-            gen = await run_in_threadpool(make_generation, body)
+            gens = await run_in_threadpool(make_generations, body)
         except ValueError as e:
             return error(400, str(e))
-        return await respond(request, gen, model_name, chat=chat, stream=body.stream,
+        return await respond(request, gens, model_name, chat=chat, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.get("/", response_class=HTMLResponse)

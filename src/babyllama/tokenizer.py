@@ -134,6 +134,14 @@ class Tokenizer:
     def _piece_id(self, piece: str) -> int | None:
         raise NotImplementedError
 
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary's string for id i (`<s>`, `▁的`, `<0xE4>`), as HF's convert_ids_to_tokens."""
+        raise NotImplementedError
+
+    def special_tokens(self) -> dict[str, str]:
+        """{"bos_token": "<s>", "eos_token": "</s>", "pad_token": ...}: Hugging Face's names and strings."""
+        return {f"{k}_token": self.id_to_piece(getattr(self, f"{k}_id")) for k in ("bos", "eos", "pad")}
+
     def _byte_tokens(self) -> dict[int, int]:
         """{id: bytes} of the ids that stand for raw bytes rather than text."""
         raise NotImplementedError
@@ -217,6 +225,9 @@ class HFTokenizer(Tokenizer):
     def _piece_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
 
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
     def _byte_id(self, value: int) -> int | None:
         from tokenizers import decoders
 
@@ -291,6 +302,9 @@ class SPTokenizer(Tokenizer):
     def _piece_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return None if self.sp.is_unknown(i) else i
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
 
     def _byte_id(self, value: int) -> int | None:
         i = self.sp.piece_to_id(f"<0x{value:02X}>")
