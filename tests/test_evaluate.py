@@ -149,12 +149,13 @@ def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
 def test_every_multiple_choice_row_is_an_item_or_a_bad_record(tmp_path):
     f = tmp_path / "law_val.csv"  # the tester's file: 2 of its 6 rows were scored, none counted as bad
     f.write_text("question,A,B,C,D,answer\n一,甲,乙,丙,丁,B\n二,甲,乙,丙,丁, B \n三,,,,,E\n四,甲,乙,丙,丁,b\n"
-                 "五,甲,乙,丙,丁,\n六,甲,乙,丙,丁,AB\n,甲,乙,丙,丁,A\n", encoding="utf-8")
+                 "五,甲,乙,丙,丁,\n六,甲,乙,丙,丁,AB\n,甲,乙,丙,丁,A\n八, , ,,,C\n", encoding="utf-8")
     items, bad = read_mc([f])
     assert [(i["question"], i["answer"]) for i in items] == [("一", "B"), ("二", "B"), ("四", "B")]
     assert bad == [f"{f}:4: the answer 'E' is not one of A, B, C, D", f"{f}:6: the answer '' is not one of A, B, C, D",
                    f"{f}:7: the answer 'AB' is not one of A, B, C, D",
-                   f"{f}:8: a multiple-choice row needs a question; it is empty"]
+                   f"{f}:8: a multiple-choice row needs a question; it is empty",
+                   f"{f}:9: a multiple-choice row needs options; A-D are all empty"]
     j = tmp_path / "law_dev.jsonl"  # a JSON null is no option text "None", and no answer
     j.write_text(json.dumps({"question": "一", "A": None, "B": "乙", "C": "丙", "D": "丁", "answer": "a"}) + "\n"
                  + json.dumps({"question": "二", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": None}))

@@ -256,7 +256,7 @@ def score_qa(items: list[dict]) -> dict:
 def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
     """C-Eval / CMMLU items: question, A-D, answer, subject from the file name (column names and answer
     letters in any case, with spaces around). Also "file:line: why" of each row skipped as bad (not a
-    record, a field missing, an answer that is not one of A-D, bytes that are not text): every row is
+    record, a field missing, an answer that is not one of A-D, no option text, bytes that are not text): every row is
     one or the other. Raises UserError when no item remains."""
     items, bad = [], []
     for file in expand_inputs(list(paths), held_out=True):
@@ -289,6 +289,8 @@ def mc_item(row: dict | None, why: str, subject: str) -> dict:
         raise ValueError("a multiple-choice row needs a question; it is empty")
     if item["answer"] not in set(LETTERS):  # not `in LETTERS`: "" and "AB" are substrings
         raise ValueError(f"the answer {text(r['answer']).strip()!r} is not one of {', '.join(LETTERS)}")
+    if not any(o.strip() for o in item["options"].values()):  # letters alone would be scored
+        raise ValueError("a multiple-choice row needs options; A-D are all empty")
     if not is_unicode(item["question"] + "".join(item["options"].values())):
         raise ValueError("the row holds bytes that are not text in the file's encoding")
     return item
