@@ -229,6 +229,17 @@ def test_a_bad_message_is_named_as_the_client_wrote_it_with_what_is_allowed(serv
     assert r.status_code == 400 and r.json()["error"]["message"] == said
 
 
+@pytest.mark.parametrize("metadata, said", [
+    ({"k": 5}, 'metadata["k"]: an object of at most 16 strings; got 5'),
+    ({"a": "x", "键 b": ["y"]}, 'metadata["键 b"]: an object of at most 16 strings; got ["y"]'),
+    ({str(i): "v" for i in range(17)}, "metadata: an object of at most 16 strings; got an object of 17 entries"),
+])
+def test_a_bad_metadata_value_names_its_key(server, metadata, said):
+    body = {"messages": [{"role": "user", "content": "x"}], "metadata": metadata}
+    r = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == said
+
+
 def test_unknown_routes_and_methods_get_the_same_json_error(server):
     for r in (httpx.get(server["url"] + "/v1/nothing"), httpx.get(server["url"] + "/v1/chat/completions")):
         assert r.status_code in (404, 405) and r.json()["error"]["message"]

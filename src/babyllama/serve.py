@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, get_args, get_origin
 
 import torch
 
@@ -223,12 +223,17 @@ def field_at(request: type[BaseModel], loc: Sequence[str | int]) -> tuple[str, s
     """The field at pydantic's loc as the client wrote it (messages[0].content[1].type; "" for the request
     itself) and what it takes (the description of its Field)."""
     where, rule, fields = "", "a JSON object of the request's fields (see the README)", request.model_fields
+    keyed = False  # within an object of the client's keys (metadata)
     for part in loc:
         if isinstance(part, int):
             where += f"[{part}]"
-        elif part in fields:  # else a union member's name (str, list[TextPart]) or a dict's key: the rule holds
+        elif keyed:
+            where += f"[{json.dumps(part, ensure_ascii=False)}]"
+        elif part in fields:  # else a union member's name (str, list[TextPart]): the rule holds
             where, rule = f"{where}.{part}" if where else part, fields[part].description or rule
-            fields = fields_within(fields[part].annotation)
+            annotation = fields[part].annotation
+            fields = fields_within(annotation)
+            keyed = any(get_origin(a) is dict for a in (annotation, *get_args(annotation)))
     return where, rule
 
 
