@@ -396,6 +396,10 @@ def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
     gen = Generation(eos, bpe_tokenizer, threading.Lock(), [5] * 10, Sampling(max_new_tokens=6))
     "".join(gen.pieces())
     assert (gen.finish_reason, len(gen.ids)) == ("stop", 0)
+    gen.echo, gen.top_logprobs = "", 1  # the <eos> it said ends its logprobs: lm-eval drops an echo's last token
+    lp = gen.logprobs()
+    assert len(lp["tokens"]) == 11 and lp["tokens"][-1] == bpe_tokenizer.id_to_piece(2)
+    assert lp["token_logprobs"][-1] == pytest.approx(0.0, abs=1e-4)  # its logit was raised by 100
 
 
 def test_odd_but_valid_requests_and_what_a_user_broke(server):

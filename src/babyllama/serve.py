@@ -280,6 +280,7 @@ class Generation:
     echo: str | None = None  # the prompt's text, to put before the answer
     top_logprobs: int | None = None  # logprobs asked for: that many most likely tokens at each position
     ids: list[int] = field(default_factory=list)  # the answer's token ids
+    said_eos: bool = False  # the answer ended with <eos>, which it does not hold
     finish_reason: str = "length"
 
     def tokens(self) -> Iterator[int]:
@@ -306,8 +307,9 @@ class Generation:
         stopped = yield from until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops)
         ctx = self.model.cfg.max_seq_len
         room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
-        if stopped or len(self.ids) < room:
-            self.finish_reason = "stop"  # a stop string, or the model said <eos>
+        self.said_eos = not stopped and len(self.ids) < room
+        if stopped or self.said_eos:
+            self.finish_reason = "stop"
 
     @torch.no_grad()
     def logprobs(self) -> dict:
@@ -315,8 +317,10 @@ class Generation:
         first one None as nothing precedes it): each token's text, its log-probability (natural log of the
         model's softmax over its fp32 logits, before temperature or top_p, as `babyllama eval` scores),
         the top_logprobs most likely tokens, and each token's text_offset in the choice's text. One forward
-        pass over prompt + answer, (1, T) -> logits (1, T, V)."""
-        ids = self.prompt + self.ids
+        pass over prompt + answer, (1, T) -> logits (1, T, V). An answer that ended with <eos> has it as its
+        last token, as vLLM gives it (lm-evaluation-harness drops the last token of an echo and would
+        otherwise drop the prompt's)."""
+        ids = self.prompt + self.ids + [self.tokenizer.eos_id] * self.said_eos
         start = 0 if self.echo is not None else len(self.prompt)
         with self.lock:
             logits, _ = self.model(torch.tensor([ids], device=self.model.rope_cos.device))
