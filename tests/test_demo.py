@@ -17,6 +17,7 @@ def test_demo_smoke_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = run_process("demo", "--smoke", "--out_dir", str(out))  # the one run as a user's own process
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / ".lock").exists()  # the demo held its out_dir while its stages ran inside it, then let go
     for path in ("data/stats.json", "data/sft.jsonl", "data/eval.jsonl", "tokenizer/tokenizer.json",
                  "tokens/manifest.json", "pretrain/final/model.safetensors", "pretrain/metrics.jsonl",
                  "sft/final/model.safetensors", "pretrain/eval/eval.json", "sft/eval/eval.json",

@@ -83,3 +83,104 @@ def test_a_folder_made_for_a_command_that_wrote_nothing_is_removed_again(tmp_pat
         (tmp_path / "c" / "part_00000.jsonl").write_text("{}\n")
         raise UserError("stopped.")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["part_00000.jsonl"]  # and no .lock
+
+
+IMPORTS_TORCH = "import sys; from babyllama.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
+
+
+@pytest.mark.parametrize("args, held", [
+    (["pretrain", "--data", "tokens", "--out_dir", "out"], "out"),
+    (["pretrain", "--data", "tokens", "--train.out_dir=out"], "out"),
+    (["sft", "--init", "CK", "--data", "sft.jsonl", "--config", "run.toml"], "from-toml"),  # [train] out_dir
+    (["dpo", "--init", "runs/x/final", "--data", "pairs.jsonl"], "runs/x-dpo"),  # beside --init's run
+], ids=["flag", "train-flag", "toml", "beside-init"])
+def test_training_into_a_held_out_dir_is_refused_before_torch_is_imported(tmp_path, args, held):
+    """pretrain, sft and dpo were refused only after importing torch and reading --init (4 s or more): the CLI finds
+    their out_dir as the stage does, without torch, and holds it first."""
+    (tmp_path / "run.toml").write_text('[train]\nout_dir = "from-toml"\n')
+    child = hold_in_child(tmp_path / held, "pretrain")
+    try:
+        r = subprocess.run([sys.executable, "-c", IMPORTS_TORCH, *args], cwd=tmp_path, capture_output=True, text=True)
+        assert (r.stdout, r.stderr) == ("2 False\n", f"babyllama: error: {held} is in use by another babyllama "
+                                                     f"pretrain (pid {child.pid}); wait for it or choose another "
+                                                     "--out_dir.\n")
+        assert sorted(p.name for p in (tmp_path / held).iterdir()) == [LOCK]
+    finally:
+        child.communicate("")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretokenize", "--sft", "--input", "sft.jsonl", "--tokenizer", "tok"],
+     "pretokenize --sft needs --input, --tokenizer and --max_seq_len (the model's)."),
+    (["pretokenize", "--input", "docs.jsonl"], "pretokenize needs --input and --tokenizer, or --merge DIRS."),
+    (["pretokenize", "--sft", "--input", "a", "--tokenizer", "t", "--max_seq_len", "8", "--bos"],
+     "--bos cannot go with --sft: they are settings of token shards, which the SFT token cache does not use; leave "
+     "them out."),
+    (["prepare"], "prepare needs --input PATH... or --demo."),
+    (["prepare", "--input", "a", "--workers", "2"],
+     "--workers needs --engine datatrove: the embedded prepare runs in one process."),
+], ids=["sft-without-max_seq_len", "no-tokenizer", "sft-with-bos", "prepare-no-input", "prepare-workers"])
+def test_wrong_flags_are_refused_before_the_out_dir_is_held(tmp_path, args, message):
+    """pretokenize and prepare took their out_dir (made it, wrote .lock) before checking their flags: into a held
+    folder a wrong flag was answered "in use"; into a new one the folder came and went."""
+    r = run_cli(*args, "--out_dir", str(tmp_path / "new"))
+    assert (r.returncode, r.stderr) == (2, f"babyllama: error: {message}\n")
+    assert not (tmp_path / "new").exists()
+    child = hold_in_child(tmp_path / "held", "prepare")
+    try:
+        r = run_cli(*args, "--out_dir", str(tmp_path / "held"))
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {message}\n")
+    finally:
+        child.communicate("")
+
+
+def test_under_torchrun_rank_0_alone_says_the_refusal(tmp_path):
+    from tests.test_pretrain import torchrun
+
+    out = tmp_path / "out"
+    child = hold_in_child(out, "sft")
+    try:
+        r = torchrun(["pretrain", "--data", "tokens", "--out_dir", out], nproc=2, timeout=240)
+    finally:
+        child.communicate("")
+    refusal = (f"babyllama: error: {out} is in use by another babyllama sft (pid {child.pid}); wait for it or choose "
+               "another --out_dir.\n")
+    assert r.returncode != 0 and (r.stdout + r.stderr).count("is in use by another") == 1, r.stderr[-3000:]
+    assert refusal in r.stderr and "(exitcode: 2)" in r.stderr  # the first process to end, with exit code 2
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt, out, held", [("hf", "hf", "hf"), ("gguf", "dir/m.gguf", "dir")])
+def test_export_into_a_held_folder_is_refused_at_once(tmp_path, bpe_tokenizer, fmt, out, held):
+    """export took no lock: a second export into the folder the first was writing wrote over it. hf holds --out,
+    gguf the folder of its file."""
+    save_checkpoint(tmp_path / "CK", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    child = hold_in_child(tmp_path / held, "export")
+    try:
+        r = run_cli("export", tmp_path / "CK", "--format", fmt, "--out", tmp_path / out)
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {tmp_path / held} is in use by another babyllama "
+                                               f"export (pid {child.pid}); wait for it or choose another --out.\n")
+        assert sorted(p.name for p in (tmp_path / held).iterdir()) == [LOCK]
+    finally:
+        child.communicate("")
+    assert list((tmp_path / held).iterdir()) == []
+
+
+def test_demo_holds_its_out_dir_and_force_keeps_the_hold(tmp_path):
+    from babyllama.demo import Demo
+
+    out = tmp_path / "demo"
+    child = hold_in_child(out, "demo")
+    try:
+        r = run_cli("demo", "--smoke", "--out_dir", out)
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {out} is in use by another babyllama demo "
+                                               f"(pid {child.pid}); wait for it or choose another --out_dir.\n")
+    finally:
+        child.communicate("")
+    with holding(out, "demo"):  # --force empties the folder it holds, but for its lock
+        (out / "pretrain" / "final").mkdir(parents=True)
+        (out / "demo.json").write_text('{"smoke": false}\n')
+        Demo(out, smoke=True, force=True)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK, "demo.json"]
+        other = subprocess.run([sys.executable, "-c", HOLD, str(out), "demo"], capture_output=True, text=True)
+        assert f"{out} is in use by another babyllama demo (pid {os.getpid()})" in other.stderr

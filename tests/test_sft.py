@@ -474,7 +474,7 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
 
 
 def test_sft_writes_beside_its_init_and_never_resumes_another_stage(sft_setup, tmp_path):
-    from babyllama.train.stages import default_out_dir
+    from babyllama.settings import default_out_dir
 
     d = sft_setup
     base = tmp_path / "runs" / "base"  # a pretraining run: its final model and a step checkpoint

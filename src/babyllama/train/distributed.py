@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before any process group exists: imported after, it holds the group (shutdown)
 
 from babyllama.checkpoint import pick_device
-from babyllama.errors import UserError, check_out_dir
+from babyllama.errors import AlreadySaid, UserError, check_out_dir, say
 from babyllama.lock import holding
 
 if TYPE_CHECKING:
@@ -89,8 +89,10 @@ def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Dis
 @contextmanager
 def held_by_main(out: str | Path, command: str, d: Dist) -> Iterator[None]:
     """Rank 0 holds the run's folder out for the body (lock.holding); the other ranks, which write nothing there,
-    learn whether it could, so that a refused run ends on every rank with the same sentence and none is left
-    waiting in a collective. Raises UserError when out is a file or another process holds it."""
+    learn whether it could, so that a refused run ends on every rank and none is left waiting in a collective. In a
+    process alone the CLI holds out already, before importing torch (cli.held): then this passes through.
+    Raises UserError when out is a file, AlreadySaid (rank 0 says it, then the others end) when another process
+    holds it."""
     check_out_dir(out, "out_dir")
     with ExitStack() as stack:
         refused = ""
@@ -104,7 +106,10 @@ def held_by_main(out: str | Path, command: str, d: Dist) -> Iterator[None]:
             dist.broadcast_object_list(box, src=0)
             refused = box[0]
         if refused:
-            raise UserError(refused)
+            if d.main:
+                say(refused)
+            barrier(d)  # none ends before rank 0 has said it: torchrun stops the others at the first one's end
+            raise AlreadySaid(refused)
         yield
 
 

@@ -36,13 +36,13 @@ from babyllama.checkpoint import load_model, tokenizer_dir, weights_sha256
 from babyllama.config import RunConfig
 from babyllama.errors import UserError
 from babyllama.progress import progress
+from babyllama.settings import default_out_dir
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import all_reduce_sum, barrier, held_by_main, process_group
 from babyllama.train.sft_data import SFTData
 from babyllama.train.stages import (
     TOKENIZER_OF_INIT,
     checked_run,
-    default_out_dir,
     init_model,
     run_training,
     token_cache,

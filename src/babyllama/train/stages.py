@@ -31,6 +31,7 @@ from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig
+from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, held_by_main, process_group
 from babyllama.train.sft_data import load_sft_data
@@ -41,16 +42,6 @@ A_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run
 ROWS = {"pretrain": "windows", "sft": "rows", "dpo": "pairs"}  # what a stage's training rows are
 
 log = logging.getLogger(__name__)
-
-
-def default_out_dir(stage: str, init: str) -> str:
-    """Where a stage writes without --out_dir: runs/STAGE from scratch; from --init, a directory beside
-    the init's run (runs/demo/pretrain/final -> runs/demo/pretrain-sft), never inside it."""
-    if not init:
-        return f"runs/{stage}"
-    p = Path(init)
-    run = p.parent if p.name == "final" else p.parent.parent if p.parent.name == "checkpoints" else p
-    return str(run.parent / f"{run.name}-{stage}")
 
 
 def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, stage: str,

@@ -1,0 +1,78 @@
+"""The settings of a training run as written, read without torch: a TOML file's [model] and [train] tables and
+`--key value` flags. config.py makes a RunConfig of them; the CLI finds a run's out_dir in them (run_out_dir) and holds
+that folder (lock.py) before it imports torch, so that a second run into it is refused at once, not seconds later.
+
+    flags = parse_overrides(["--lr", "1e-3", "--model.dim=128"])   # {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}
+    run_out_dir("sft", "configs/sft-demo.toml", [], "runs/demo/pretrain/final")   # "runs/demo/pretrain-sft"
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from babyllama.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def read_toml(path: str | Path | None) -> dict:
+    """The [model] and [train] tables of the TOML file at path ({} without one); UserError for a missing file,
+    invalid TOML or another table."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist.")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p} is not valid TOML ({e}).") from None
+    if set(data) - {"model", "train"}:
+        raise UserError(f"{p}: only [model] and [train] tables are allowed, got {sorted(set(data))}.")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict]:
+    """`--lr 1e-3 --model.dim=128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}."""
+    out: dict[str, dict] = {"train": {}, "model": {}}
+    args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
+    if len(args) % 2:
+        raise UserError(f"settings come in pairs `--key value`; got {' '.join(args)}.")
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        if not flag.startswith("--"):
+            raise UserError(f"expected a --key, got {flag!r}.")
+        key = flag[2:]
+        section, _, name = key.rpartition(".")
+        if name == "preset":
+            section = "model"
+        out.setdefault(section or "train", {})[name] = value
+    if set(out) - {"train", "model"}:
+        unknown = sorted(set(out) - {"train", "model"})
+        raise UserError(f"settings are --key, --train.key or --model.key; got sections {unknown}.")
+    return out
+
+
+def default_out_dir(stage: str, init: str) -> str:
+    """Where a stage writes without --out_dir: runs/STAGE from scratch; from --init, a directory beside
+    the init's run (runs/demo/pretrain/final -> runs/demo/pretrain-sft), never inside it."""
+    if not init:
+        return f"runs/{stage}"
+    p = Path(init)
+    run = p.parent if p.name == "final" else p.parent.parent if p.parent.name == "checkpoints" else p
+    return str(run.parent / f"{run.name}-{stage}")
+
+
+def run_out_dir(stage: str, path: str | Path | None, overrides: list[str], init: str = "") -> str | None:
+    """The folder that `babyllama STAGE` (pretrain, sft or dpo) writes, as load_config and the stage find it: out_dir
+    of the flags, else of the TOML file at path, else default_out_dir of init (sft's and dpo's --init flag, else the
+    init setting). None where the stage refuses its settings before it writes: sft or dpo without an init, a value
+    that is no text. Raises read_toml's and parse_overrides' UserErrors."""
+    train = {**read_toml(path).get("train", {}), **parse_overrides(overrides)["train"]}
+    init, out = init or train.get("init", ""), train.get("out_dir", "")
+    if not (isinstance(init, str) and isinstance(out, str)) or not (init or stage == "pretrain"):
+        return None
+    return out or default_out_dir(stage, init)
