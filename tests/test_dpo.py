@@ -264,3 +264,18 @@ def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):
                             "weight, not LoRA adapters; set --lora_rank or drop it.")
     r = run_cli("dpo", "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "DPO needs the model to tune: pass --init" in r.stderr
+
+
+def test_a_finished_run_resumed_loads_no_reference(dpo_setup, tmp_path, monkeypatch, capsys):
+    """`dpo --resume` of a finished run loaded (or precomputed) the reference model before it found nothing to do."""
+    import babyllama.train.dpo
+
+    d = dpo_setup
+    args = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path), "--max_steps",
+            "2", "--batch_size", "4", "--warmup_steps", "1", "--eval_every", "0", "--data_workers", "1",
+            "--precompute_ref_log_probs", "true"]
+    dpo(load_config(None, args))
+    monkeypatch.setattr(babyllama.train.dpo, "load_model", lambda *a, **k: pytest.fail("the reference was loaded"))
+    capsys.readouterr()
+    assert dpo(load_config(None, args), resume=True) == tmp_path / "final"
+    assert f"note: the run in {tmp_path} is finished at step 2, so nothing was done" in capsys.readouterr().out

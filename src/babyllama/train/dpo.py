@@ -23,6 +23,7 @@ logps/rejected; on the held-out split val_loss, val_rewards/accuracies and so on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -133,11 +134,20 @@ class DPOTrainer(Trainer):
     def __init__(self, cfg: RunConfig, train_data: PreferenceData, val_data: PreferenceData | None, tokenizer,
                  dist, stage: str = "dpo", resume_from: Path | None = None, data: dict | None = None):
         super().__init__(cfg, train_data, val_data, tokenizer, dist, stage, resume_from, data)
-        self.reference: torch.nn.Module | None = load_model(cfg.train.init, dist.device).requires_grad_(False)
         self.reference_record = {"path": str(Path(cfg.train.init).resolve()), "sha256": weights_sha256(cfg.train.init)}
         self.sums = torch.zeros(len(METRICS) + 1, device=dist.device)  # over this step's pairs so far
+
+    @functools.cached_property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen init, loaded at its first use: a finished run resumed (run_training does nothing) never loads
+        it; None once precompute_reference has its log-probs."""
+        return load_model(self.t.init, self.dist.device).requires_grad_(False)
+
+    def fit(self) -> Path:
+        """Trainer.fit, the reference's log-probs first computed (or read) when precompute_ref_log_probs is set."""
         if self.t.precompute_ref_log_probs:
             self.precompute_reference()
+        return super().fit()
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(batch["idx"].size(0) // 2, device=batch["idx"].device)  # pairs
