@@ -313,3 +313,26 @@ def test_lora_settings_out_of_range_are_refused(lora_run, tmp_path):
     with pytest.raises(UserError, match="LoRA adapts a trained model"):
         pretrain(load_config(None, ["--data", str(tmp_path), "--out_dir", str(tmp_path), "--lora_rank", "4"]))
     assert not (tmp_path / "sft_tokens").exists()  # refused before any data was tokenized
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-resumed-without", "full-resumed-with-lora"])
+def test_a_checkpoint_without_run_settings_resumed_as_the_other_kind_is_one_sentence(lora_run, tmp_path, capsys, lora):
+    """A checkpoint from before runs were recorded (no "run" in config.json): a LoRA one resumed without --lora_rank
+    failed after loading, in the optimizer state (a traceback); its adapter_config.json says its rank and alpha."""
+    from babyllama.cli import main
+
+    run, lora_flags = tmp_path / "run", ["--lora_rank", "4", "--lora_alpha", "8"]
+    args = ["sft", "--init", str(lora_run / "init"), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(run),
+            "--save_every", "2", "--batch_size", "4", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main([*args, "--max_steps", "2", *(lora_flags if lora else [])]) == 0
+    ckpt = run / "checkpoints" / "step_000002"
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["run"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(run / "sft_tokens")
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "4", "--resume", *([] if lora else lora_flags)]) == 2
+    trained = "lora_rank 4 (now 0), lora_alpha 8.0 (now 32.0)" if lora else "lora_rank 0 (now 4)"
+    assert capsys.readouterr().err == (f"babyllama: error: {ckpt} was trained with {trained}; resume with the same "
+                                       "settings or use a new out_dir.\n")
+    assert not (run / "sft_tokens").exists()  # before the token cache is built

@@ -47,7 +47,7 @@ from babyllama.checkpoint import (
 from babyllama.config import RunConfig, TrainConfig
 from babyllama.errors import CannotWrite, Stopped, UserError
 from babyllama.evaluate import loss_sums
-from babyllama.lora import adapter_tensors, add_lora, load_adapter, lora_config
+from babyllama.lora import adapter_config, adapter_tensors, add_lora, is_adapter, load_adapter, lora_config
 from babyllama.model import Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
@@ -164,7 +164,7 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     """UserError when the checkpoint to resume was trained with other model settings, or other RESUME_SETTINGS,
     or, for LoRA, on another base than --init, or, for DPO, against another reference model than --init (is_base:
     the weights its config.json names, by stat or SHA-256, as chat and eval check); older checkpoints, which do
-    not record these, are checked for what they record."""
+    not record these, are checked for what they record (a LoRA one's rank and alpha: its adapter_config.json's)."""
     config = read_config(resume_from)
     saved = config["model"]
     diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
@@ -172,6 +172,10 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
         raise UserError(f"{resume_from} was trained with other model settings ({', '.join(diff)}); "
                         "resume with the same settings or use a new out_dir.")
     train = config.get("run", {}).get("train", {})
+    if "lora_rank" not in train:  # a checkpoint from before runs were recorded: its files say whether it is LoRA's
+        lora = adapter_config(resume_from) if is_adapter(resume_from) else None
+        train = {**train, "lora_rank": 0} if lora is None else {**train, "lora_rank": lora.r,
+                                                                 "lora_alpha": lora.lora_alpha}
     diff = [f"{k} {train[k]} (now {getattr(cfg.train, k)})" for k in RESUME_SETTINGS
             if k in train and train[k] != getattr(cfg.train, k)]
     if diff:
