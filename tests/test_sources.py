@@ -548,6 +548,21 @@ def test_gbk_is_read_whatever_its_length_or_a_bad_byte(tmp_path):
     assert docs == [*lines[:-1], "末行"] and reader.totals() == (5002, 2)  # the cut line and \x80\xff are bad
 
 
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_utf8_is_read_whatever_character_its_64_kib_sample_cuts(tmp_path, pad):
+    """A tester's files: a one-line JSON array, and a first record over 64 KiB, of which 2 in 3 were one bad
+    record (the whole file), as byte 65,536 fell inside a character: pad moves it by one byte at a time."""
+    items = [{"completion": "x" * pad + "维基百科条目正文" * 50 + str(i)} for i in range(2000)]
+    (tmp_path / "wiki.json").write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    reader = CorpusReader([tmp_path / "wiki.json"])
+    assert list(reader.documents()) == [x["completion"] for x in items] and reader.totals() == (2000, 0)
+    first, second = "x" * pad + "中文" * 40000, "第二条记录的正文内容"
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": first}, ensure_ascii=False) + "\n" +
+                                         json.dumps({"text": second}, ensure_ascii=False) + "\n", encoding="utf-8")
+    reader = CorpusReader([tmp_path / "long.jsonl"])
+    assert list(reader.documents()) == [first, second] and reader.totals() == (2, 0)
+
+
 def test_a_lone_surrogate_in_a_json_array_is_one_bad_item(tmp_path):
     items = [{"text": f"第{i}篇"} for i in range(100)]
     body = json.dumps(items, ensure_ascii=False).replace('"第2篇"', '"a\\udc00"')

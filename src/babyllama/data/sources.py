@@ -185,8 +185,10 @@ def _mostly_utf8(sample: bytes, lines: list[bytes]) -> bool:
 
 
 def _decodes(data: bytes, encoding: str) -> bool:
+    """Whether data is text in encoding, but perhaps for a character cut at its end: the sample's last
+    line ends where its 64 KiB do when no newline came before (a one-line JSON array, a long first record)."""
     try:
-        data.decode(encoding)
+        codecs.getincrementaldecoder(encoding)().decode(data, final=False)
     except UnicodeDecodeError:
         return False
     return True
