@@ -563,6 +563,26 @@ def test_utf8_is_read_whatever_character_its_64_kib_sample_cuts(tmp_path, pad):
     assert list(reader.documents()) == [first, second] and reader.totals() == (2, 0)
 
 
+def test_a_folder_of_many_files_names_each_schema_once_and_shows_at_most_20_bad_records(tmp_path, caplog):
+    """A tester's folder of 1,000 files logged 1,000 `read as ... records` lines, burying the warnings."""
+    import logging
+
+    for i in range(30):
+        (tmp_path / f"f{i:02}.jsonl").write_text(json.dumps({"text": f"第{i}篇"}, ensure_ascii=False) + "\n{bad\n")
+    (tmp_path / "z.jsonl").write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False) + "\n")
+    caplog.set_level(logging.INFO, logger="babyllama")
+    reader = CorpusReader([tmp_path])
+    assert len(list(reader.documents())) == 31 and reader.totals() == (61, 30)
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert infos == [f"{tmp_path / 'f00.jsonl'}: read as text records (detected at {tmp_path / 'f00.jsonl'}:1); "
+                     "other files in this schema are not named",
+                     f"{tmp_path / 'z.jsonl'}: read as instruction records (detected at {tmp_path / 'z.jsonl'}:1); "
+                     "other files in this schema are not named"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 20 and warnings[-1].endswith("; more are counted, not shown")
+    assert all(len(s.bad_examples) == 1 for s in reader.stats.values() if s.bad)  # every file keeps its own
+
+
 def test_a_lone_surrogate_in_a_json_array_is_one_bad_item(tmp_path):
     items = [{"text": f"第{i}篇"} for i in range(100)]
     body = json.dumps(items, ensure_ascii=False).replace('"第2篇"', '"a\\udc00"')

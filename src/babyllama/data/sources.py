@@ -772,6 +772,9 @@ class FileStats:
         return {"schema": self.schema, "records": self.records, "bad": self.bad, "bad_examples": self.bad_examples}
 
 
+MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log and the counts hold them all)
+
+
 class CorpusReader:
     """Documents of many files; counts every record and every bad one, per file."""
 
@@ -783,6 +786,8 @@ class CorpusReader:
         self.format = format
         self.bad_log = bad_log
         self.stats: dict[str, FileStats] = {}
+        self.announced: set[str] = set()  # the schemas already logged: a folder of 1,000 files logs each once
+        self.warned = 0  # bad records shown on the console, of all files
 
     def documents(self) -> Iterator[str]:
         for _, text in self.documents_with_source():
@@ -812,16 +817,22 @@ class CorpusReader:
             else:
                 if not stats.schema:
                     stats.schema = schema
-                    log.info("%s: read as %s records (detected at %s)", path, schema, where)
+                    if schema not in self.announced:
+                        self.announced.add(schema)
+                        log.info("%s: read as %s records (detected at %s)%s", path, schema, where,
+                                 "" if self.format else "; other files in this schema are not named")
                 yield text
 
     def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
         if self.bad_log is not None:
             self.bad_log.write(f"{where}: {why}\n")
-        if len(stats.bad_examples) < 5:  # the console gets the first few of each file
+        if len(stats.bad_examples) < 5:  # the first few of each file, and of all files on the console
             stats.bad_examples.append(where)
-            log.warning("%s: skipped a bad record: %s", where, why)
+            self.warned += 1
+            if self.warned <= MAX_WARNINGS:
+                log.warning("%s: skipped a bad record: %s%s", where, why, "; more are counted, not shown"
+                            if self.warned == MAX_WARNINGS else "")
 
     def totals(self) -> tuple[int, int]:
         return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
