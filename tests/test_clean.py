@@ -26,6 +26,18 @@ def test_near_duplicates_found_distinct_kept():
     assert not index.seen_before(generated_corpus(1, seed=4)[0])
 
 
+def test_minhash_of_a_long_document_in_pieces_equals_the_whole(monkeypatch):
+    """A signature is a minimum over shingles: taken piece by piece (overlapping by ngram - 1), it is the same."""
+    from babyllama.data import clean
+
+    index = NearDuplicateIndex()
+    texts = ["", "短", "今天", "".join(generated_corpus(40, seed=3)), "中文" * 501]
+    whole = [index.minhash(t).copy() for t in texts]
+    for piece in (1, 2, 7, 100):
+        monkeypatch.setattr(clean, "MINHASH_PIECE_CHARS", piece)
+        assert all((index.minhash(t) == w).all() for t, w in zip(texts, whole, strict=True)), piece
+
+
 def test_compact_index_decides_as_datasketch_minhash_lsh():
     """The kept set equals that of datasketch's MinHashLSH (the index before) on planted near duplicates."""
     import random
