@@ -134,6 +134,35 @@ def test_echo_and_logprobs_are_the_models_log_softmax(server):
     assert plain.logprobs.top_logprobs == [{}, {}, {}] and plain.logprobs.text_offset[0] == 0
 
 
+def test_chat_logprobs_are_the_models_log_softmax_of_the_answer(server):
+    import torch
+
+    from babyllama.chat_format import render_prompt
+
+    tok, model = server["tokenizer"], server["model"].model
+    r = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "今天天气"}],
+                                               max_tokens=5, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    prompt = render_prompt(tok, Conversation([("今天天气", "")]))
+    answer = model.generate(prompt, max_new_tokens=5, **tok.generation_kwargs(model.cfg.vocab_size))
+    ids = prompt + answer
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0, :-1].float(), dim=-1)  # (T-1, V)
+    expected = [logp[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1)]
+    assert [c.logprob for c in content] == pytest.approx(expected, abs=1e-5) and len(content) == len(answer)
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+               for c in content)  # greedy: each token is its position's most likely
+    assert all(c.bytes is None or bytes(c.bytes).decode() == c.token for c in content)
+    plain = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "今天天气"}],
+                                                   max_tokens=5)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for extra, said in (({"logprobs": True, "stream": True}, "logprobs: only without stream"),
+                        ({"top_logprobs": 2}, "top_logprobs: only with logprobs true")):
+        bad = httpx.post(server["url"] + "/v1/chat/completions", json=body | extra, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["message"] == said
+
+
 @pytest.mark.parametrize(("body", "said"), [
     ({"prompt": [[5, 6], [600]]}, "prompt[1]: token id 600 is not in the vocabulary of 600"),
     ({"prompt": [-1]}, "prompt: token id -1 is not in the vocabulary of 600"),
@@ -304,8 +333,9 @@ CHAT_PARAMS = [
     ("metadata", {"k": "v"}, True), ("store", False, True), ("store", True, False), ("safety_identifier", "s", True),
     ("prompt_cache_key", "k", True), ("frequency_penalty", 0.0, True), ("frequency_penalty", 0.5, False),
     ("presence_penalty", 0.0, True), ("presence_penalty", 0.5, False), ("logit_bias", {}, True),
-    ("logit_bias", {"5": 10}, False), ("logprobs", False, True), ("logprobs", True, False),
-    ("top_logprobs", 0, True), ("top_logprobs", 2, False), ("response_format", {"type": "text"}, True),
+    ("logit_bias", {"5": 10}, False), ("logprobs", False, True), ("logprobs", True, True),
+    ("top_logprobs", 0, True), ("top_logprobs", 2, False), ("top_logprobs", 21, False),
+    ("response_format", {"type": "text"}, True),
     ("response_format", {"type": "json_object"}, False), ("modalities", ["text"], True),
     ("modalities", ["text", "audio"], False), ("audio", {"voice": "alloy", "format": "mp3"}, False),
     ("function_call", "auto", False), ("functions", [{"name": "f", "parameters": {}}], False),

@@ -55,6 +55,7 @@ MAX_NAME_CHARS = 256  # user, safety_identifier, prompt_cache_key
 COMPLETION_MAX_TOKENS = 16  # an omitted max_tokens on /v1/completions, as OpenAI's legacy completions
 MAX_PROMPTS = 32  # prompts in one /v1/completions request (lm-evaluation-harness sends its batch as a list)
 MAX_LOGPROBS = 5  # the most likely tokens per position that `logprobs` may ask for, as OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's limit
 PAGE = Path(__file__).with_name("chat_page.html")
 
 
@@ -126,7 +127,7 @@ class TextFormat(Strict):
 
 class Common(Strict):
     """The fields of OpenAI's requests that are honoured, or accepted when they ask for the default
-    (n 1, no penalties, no logprobs); any other field is refused with a 400 that names it."""
+    (n 1, no penalties, no logit_bias); any other field is refused with a 400 that names it."""
 
     model: str | None = Field(None, description="a string")  # any name: the answer names the model served
     # None: the rest of the context (chat), 16 (completions)
@@ -152,8 +153,9 @@ class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
                                     description=f"a list of 1 to {MAX_MESSAGES} messages")
     max_completion_tokens: int | None = Field(None, ge=1, description=WHOLE)  # the newer name of max_tokens
-    logprobs: Literal[False] = Field(False, description=ONLY.format("false"))
-    top_logprobs: int | None = Field(None, ge=0, le=0, description=ONLY.format(0))
+    logprobs: bool = Field(False, description="true or false")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description=f"an integer from 0 to {MAX_TOP_LOGPROBS}")
     response_format: TextFormat | None = Field(None, description=ONLY.format('{"type": "text"}'))
     modalities: list[Literal["text"]] | None = Field(None, description=ONLY.format('["text"]'))
     store: Literal[False] = Field(False, description=ONLY.format("false"))  # nothing is stored here
@@ -312,32 +314,50 @@ class Generation:
             self.finish_reason = "stop"
 
     @torch.no_grad()
-    def logprobs(self) -> dict:
-        """OpenAI's legacy completions `logprobs` of the answer's tokens (with echo, of the prompt's too, the
-        first one None as nothing precedes it): each token's text, its log-probability (natural log of the
-        model's softmax over its fp32 logits, before temperature or top_p, as `babyllama eval` scores),
-        the top_logprobs most likely tokens, and each token's text_offset in the choice's text. One forward
-        pass over prompt + answer, (1, T) -> logits (1, T, V). An answer that ended with <eos> has it as its
-        last token, as vLLM gives it (lm-evaluation-harness drops the last token of an echo and would
-        otherwise drop the prompt's)."""
-        ids = self.prompt + self.ids + [self.tokenizer.eos_id] * self.said_eos
-        start = 0 if self.echo is not None else len(self.prompt)
+    def scored(self, ids: list[int]) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Each token's log-probability after those before it (natural log of the model's softmax over its
+        fp32 logits, before temperature or top_p, as `babyllama eval` scores) and the top_logprobs most
+        likely (id, log-probability) there, for ids[1:]. One forward pass, (1, T) -> logits (1, T, V)."""
         with self.lock:
             logits, _ = self.model(torch.tensor([ids], device=self.model.rope_cos.device))
         logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): row t scores ids[t + 1]
         chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
-        top_v, top_i = logp.topk(self.top_logprobs, dim=-1)  # (T-1, k)
-        top = [{self.token_text(i): v for i, v in zip(row_i, row_v, strict=True)}
-               for row_i, row_v in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+        top_v, top_i = logp.topk(self.top_logprobs or 0, dim=-1)  # (T-1, k)
+        return chosen, [list(zip(i, v, strict=True)) for i, v in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+
+    def logprobs(self) -> dict:
+        """OpenAI's legacy completions `logprobs` of the answer's tokens (with echo, of the prompt's too, the
+        first one None as nothing precedes it): each token's text, its log-probability (scored), the
+        top_logprobs most likely tokens, and each token's text_offset in the choice's text. An answer that
+        ended with <eos> has it as its last token, as vLLM gives it (lm-evaluation-harness drops the last
+        token of an echo and would otherwise drop the prompt's)."""
+        ids = self.prompt + self.ids + [self.tokenizer.eos_id] * self.said_eos
+        start = 0 if self.echo is not None else len(self.prompt)
+        chosen, top = self.scored(ids)
+        top_dicts = [{self.token_text(i): v for i, v in row} for row in top]
         return {"tokens": [self.token_text(i) for i in ids[start:]],
-                "token_logprobs": ([None] + chosen)[start:], "top_logprobs": ([None] + top)[start:],
+                "token_logprobs": ([None] + chosen)[start:], "top_logprobs": ([None] + top_dicts)[start:],
                 "text_offset": [len(self.tokenizer.decode(ids[start:t])) for t in range(start, len(ids))]}
+
+    def chat_logprobs(self) -> dict:
+        """Chat's `logprobs`, {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]},
+        of the answer's tokens (scored; not the <eos> that ended it)."""
+        chosen, top = self.scored(self.prompt + self.ids)
+        n = len(self.prompt) - 1  # row n scores the answer's first token
+        entry = lambda i, lp: {"token": self.token_text(i), "logprob": lp, "bytes": self.token_bytes(i)}  # noqa: E731
+        return {"content": [entry(i, lp) | {"top_logprobs": [entry(j, v) for j, v in row]}
+                            for i, lp, row in zip(self.ids, chosen[n:], top[n:], strict=True)]}
 
     def token_text(self, i: int) -> str:
         """A token's text; for one that is no text alone (a control token, a byte of a longer character),
         its vocabulary string (`</s>`, `<0xE4>`), so that no two tokens of top_logprobs share a key."""
         text = self.tokenizer.decode([i])
         return text if text and "\ufffd" not in text else self.tokenizer.id_to_piece(i)
+
+    def token_bytes(self, i: int) -> list[int] | None:
+        """A token's UTF-8 bytes, as chat's logprobs give them; None for one that is no text alone."""
+        text = self.tokenizer.decode([i])
+        return list(text.encode("utf-8")) if text and "\ufffd" not in text else None
 
     def usage(self) -> dict:
         n, m = len(self.prompt), len(self.ids)
@@ -422,11 +442,12 @@ async def respond(request, gens: list[Generation], name: str, chat: bool, stream
         for index, gen in enumerate(gens):
             text = "".join([p async for p in iterate_in_threadpool(gen.pieces())])
             choice = {"index": index, "finish_reason": gen.finish_reason}
+            score = gen.chat_logprobs if chat else gen.logprobs
+            logprobs = await run_in_threadpool(score) if gen.top_logprobs is not None else None
             if chat:
-                choices.append(choice | {"message": {"role": "assistant", "content": text}})
-                continue
-            logprobs = await run_in_threadpool(gen.logprobs) if gen.top_logprobs is not None else None
-            choices.append(choice | {"text": (gen.echo or "") + text, "logprobs": logprobs})
+                choices.append(choice | {"message": {"role": "assistant", "content": text}, "logprobs": logprobs})
+            else:
+                choices.append(choice | {"text": (gen.echo or "") + text, "logprobs": logprobs})
         return response_object(choices, gens, rid, created, name, chat)
 
     async def events():
@@ -526,9 +547,15 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             room(last, asked, "the last message", name)
         except ValueError:  # name what does not fit in the request's terms: it tokenizes the system text again
             room(last, asked, kept_messages(body, conv), name)
+        if body.top_logprobs and not body.logprobs:
+            raise ValueError("top_logprobs: only with logprobs true")
+        if body.logprobs and body.stream:
+            raise ValueError("logprobs: only without stream")
         budget = max_ctx - asked if asked else max(last, max_ctx - max_ctx // 2)
         prompt = render_prompt(tokenizer, conv, budget)
-        return generation(body, prompt, asked or max_ctx - len(prompt))
+        gen = generation(body, prompt, asked or max_ctx - len(prompt))
+        gen.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return gen
 
     def completion_generation(body: CompletionRequest) -> list[Generation]:
         """The Generations of a completion request, one per prompt (as chat_generation); an omitted
