@@ -1,5 +1,6 @@
 """The exception for mistakes a user can make (the CLI prints its message and exits 2), for a stopped run, for
-an output the disk refused, and the checks shared by every command that raise them."""
+an output the disk refused (and the guard of every write that raises it), and the checks shared by every command
+that raise them."""
 
 import errno
 import shutil
@@ -60,19 +61,27 @@ class CannotWrite(Exception):
 
 @contextmanager
 def writing(path: str | Path, temporary: Path | None = None, file: IO | None = None) -> Iterator[None]:
-    """Around the writing of the output path (through temporary, a file or folder, and its open file): an
-    OSError of REFUSED becomes CannotWrite (cannot_write); other exceptions pass unchanged."""
+    """Around the writing of the output path (through temporary, a file or folder, and its open file): on any
+    exception, Ctrl-C's KeyboardInterrupt too, file is closed and temporary removed (cannot_write); an OSError
+    of REFUSED then becomes CannotWrite, others pass unchanged."""
     try:
         yield
-    except OSError as e:
+    except BaseException as e:
         cannot_write(e, path, temporary, file)
 
 
-def cannot_write(e: OSError, path: str | Path, temporary: Path | None = None, file: IO | None = None) -> NoReturn:
-    """Raise e, or for an OSError of REFUSED close file, remove temporary and raise CannotWrite: writing's work,
-    for a hot loop to call from its own `except OSError` (a `with writing(...)` per item costs microseconds)."""
-    if e.errno not in REFUSED:
-        raise e
+def cannot_write(e: BaseException, path: str | Path, temporary: Path | None = None, file: IO | None = None) \
+        -> NoReturn:
+    """Close file, remove temporary, and raise CannotWrite for an OSError of REFUSED, else e: writing's work,
+    for a hot loop to call from its own `except` (a `with writing(...)` per item costs microseconds)."""
+    discard(temporary, file)
+    if isinstance(e, OSError) and e.errno in REFUSED:
+        raise CannotWrite(e.errno, str(path)) from None
+    raise e
+
+
+def discard(temporary: Path | None, file: IO | None = None) -> None:
+    """Close file (what it still buffers is lost) and remove temporary, a file or a folder, if there."""
     if file is not None:
         with suppress(OSError):  # the rest of its buffer fails to flush again
             file.close()
@@ -80,7 +89,15 @@ def cannot_write(e: OSError, path: str | Path, temporary: Path | None = None, fi
         shutil.rmtree(temporary, ignore_errors=True)
     elif temporary is not None:
         temporary.unlink(missing_ok=True)
-    raise CannotWrite(e.errno, str(path)) from None
+
+
+def write_whole(path: Path, text: str) -> None:
+    """path's UTF-8 text, whole or not at all: written to .NAME.tmp beside it, then renamed over it. CannotWrite
+    where the disk refuses it; the temporary is removed on any failure (writing)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path, tmp):
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
 
 
 def require(module: str, extra: str):

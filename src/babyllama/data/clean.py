@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from babyllama.data.shards import write_json
 from babyllama.data.sources import CorpusReader
-from babyllama.errors import UserError, cannot_write, require, writing
+from babyllama.errors import UserError, cannot_write, discard, require, writing
 from babyllama.progress import progress
 
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")  # not \u3000: it is Chinese layout
@@ -290,6 +291,12 @@ class ShardWriter:
         self.files.append(self.name)
         self.f, self.index, self.in_shard = None, self.index + 1, 0
 
+    def discard(self) -> None:
+        """Close the open part and remove its temporary: the run failed or was interrupted between writes."""
+        if self.f is not None:
+            discard(self.out / f".{self.name}.tmp", self.f)
+            self.f = None
+
 
 def clean_documents(
     documents: Iterable[tuple[str, str]],
@@ -340,12 +347,19 @@ def prepare(
     stats: dict[str, SourceStats] = {}
     writer = ShardWriter(out, docs_per_shard)
     start = time.time()
-    with (out / "bad_records.txt").open("w", encoding="utf-8") as bad_log:
+    bad_log = (out / "bad_records.txt").open("w", encoding="utf-8")
+    try:
         reader = CorpusReader(inputs, format, bad_log)
         with progress(reader.documents_with_source(), desc="prepare", unit=" docs") as documents:  # closed on an
             for text in clean_documents(documents, min_chars, dedup, threshold, stats):  # error: its message
                 writer.write(text)  # starts a line
-    writer.close()
+        with writing(out / "bad_records.txt", file=bad_log):
+            bad_log.close()  # what it still buffers is written now
+        writer.close()
+    except BaseException:  # a failure or Ctrl-C while reading or cleaning: the open part's temporary goes too
+        writer.discard()
+        discard(None, bad_log)
+        raise
     for path, fs in reader.stats.items():
         s = stats.setdefault(path, SourceStats())
         s.schema, s.records, s.bad = fs.schema, fs.records, fs.bad
@@ -363,7 +377,7 @@ def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], sett
         "settings": settings,
         "seconds": round(seconds, 2),
     }
-    (out / "stats.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "stats.json", result)
     return result
 
 

@@ -168,15 +168,20 @@ def pretokenize(
     start = time.time()
     n_tokens = 0
     mine = (t for i, t in enumerate(reader.documents()) if i % num_shards == shard_index)
-    with progress(desc="pretokenize", unit=" docs") as bar:  # closed on an error too: its message starts a line
-        for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), text_batches(mine), str(tokenizer_path),
-                                                 workers):
-            write_documents(writers, texts, flat, lengths, val_fraction)
-            n_tokens += len(flat)
-            bar.update(len(texts))
-            bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
-    for w in writers.values():
-        w.close()
+    try:
+        with progress(desc="pretokenize", unit=" docs") as bar:  # closed on an error too: its message starts a line
+            for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), text_batches(mine),
+                                                     str(tokenizer_path), workers):
+                write_documents(writers, texts, flat, lengths, val_fraction)
+                n_tokens += len(flat)
+                bar.update(len(texts))
+                bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
+        for w in writers.values():
+            w.close()
+    except BaseException:  # a failure or Ctrl-C while reading or tokenizing: the open shards' temporaries go too
+        for w in writers.values():
+            w.discard()
+        raise
     records, bad = reader.totals()
     if records == 0 or bad == records:
         raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")

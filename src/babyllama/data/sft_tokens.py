@@ -41,7 +41,7 @@ from babyllama.chat_format import conversation_from_record, is_blank, render_con
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import Item, expand_inputs, iter_records
-from babyllama.errors import UserError
+from babyllama.errors import UserError, discard, writing
 from babyllama.lock import locked
 from babyllama.progress import is_rank0, progress
 from babyllama.tokenizer import load_tokenizer
@@ -233,46 +233,52 @@ def _renderer(kind: str):
 def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSettings, workers: int,
            start: float, key: dict) -> dict:
     kind = key["kind"]
-    files = {(split, part): (out / f".{split}.{part}.bin.tmp").open("wb")
-             for split in SPLITS for part in ("ids", "mask", "lengths")}
-    bad_log = (out / f".{BAD_RECORDS}.tmp").open("w", encoding="utf-8")
+    names = [f"{split}.{part}.bin" for split in SPLITS for part in ("ids", "mask", "lengths")]
+    files = {}  # each file's name -> its open temporary, .NAME.tmp
     stats = SFTStats()
     bar = progress(desc=f"{kind} tokens", unit=" records")
     what = "SFT" if kind == "sft" else "preference"
-    try:
+    try:  # on any failure, Ctrl-C too, the temporaries are removed; CannotWrite where the disk refuses a write
+        for name in [*names, BAD_RECORDS]:
+            with writing(out / name):
+                files[name] = (out / f".{name}.tmp").open("wb")
         render = partial(_renderer(kind), settings=settings)
         for batch, r in in_workers(render, _record_batches(paths), str(tokenizer_path), workers):
-            _write(files, r, tok.dtype)
+            _write(files, out, r, tok.dtype)
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs, truncated
                 setattr(stats, k, getattr(stats, k) + n)
             stats.val_samples += int(r["val"].sum())
             stats.samples += int((~r["val"]).sum())
-            bad_log.writelines(f"{line}\n" for line in r["bad"])
             for line in r["bad"][: 5 - len(stats.bad_examples)]:
                 stats.bad_examples.append(line)
                 log.warning("%s: skipped %s %s record", line, "an" if kind == "sft" else "a", what)
             bar.update(len(batch))
             bar.set_postfix(samples_per_s=f"{(stats.samples + stats.val_samples) / (time.time() - start):,.0f}",
                             refresh=False)
+        for name, f in files.items():
+            with writing(out / name):
+                f.close()
+        (out / f".{BAD_RECORDS}.tmp").rename(out / BAD_RECORDS)
+        if stats.bad > len(stats.bad_examples):
+            log.warning("... and %d more bad %s records (%d in all), each listed in %s",
+                        stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
+        if stats.samples == 0:
+            detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
+                      f"{stats.filtered} filtered by length" + (f", {stats.equal_pairs} with equal answers"
+                                                                if kind == "dpo" else ""))
+            if stats.val_samples:
+                raise UserError(f"every {what} sample landed in the validation split ({detail}); lower "
+                                "--val_fraction.")
+            raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}).")
+        for name in names:
+            (out / f".{name}.tmp").rename(out / name)
+    except BaseException:
+        for name, f in files.items():
+            discard(out / f".{name}.tmp", f)
+        raise
     finally:
         bar.close()
-        bad_log.close()
-        for f in files.values():
-            f.close()
-    (out / f".{BAD_RECORDS}.tmp").rename(out / BAD_RECORDS)
-    if stats.bad > len(stats.bad_examples):
-        log.warning("... and %d more bad %s records (%d in all), each listed in %s",
-                    stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
-    if stats.samples == 0:
-        detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
-                  f"{stats.filtered} filtered by length" + (f", {stats.equal_pairs} with equal answers"
-                                                            if kind == "dpo" else ""))
-        if stats.val_samples:
-            raise UserError(f"every {what} sample landed in the validation split ({detail}); lower --val_fraction.")
-        raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}).")
-    for (split, part) in files:
-        (out / f".{split}.{part}.bin.tmp").rename(out / f"{split}.{part}.bin")
     manifest = {**key, "dtype": tok.dtype.name, "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
     write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
     return manifest
@@ -293,13 +299,16 @@ def _writable(out: Path, clean: bool = True) -> Path:
     return out
 
 
-def _write(files: dict, r: dict, dtype: np.dtype) -> None:
-    """Append a worker's samples to the train and val files."""
+def _write(files: dict, out: Path, r: dict, dtype: np.dtype) -> None:
+    """Append a worker's samples to the train and val files, and its bad records to bad_records.txt."""
     token_val = np.repeat(r["val"], r["lengths"])
     for split, rows, tokens in (("train", ~r["val"], ~token_val), ("val", r["val"], token_val)):
-        files[split, "ids"].write(r["ids"][tokens].astype(dtype, copy=False).tobytes())
-        files[split, "mask"].write(r["mask"][tokens].tobytes())
-        files[split, "lengths"].write(r["lengths"][rows].tobytes())
+        for part, data in (("ids", r["ids"][tokens].astype(dtype, copy=False)), ("mask", r["mask"][tokens]),
+                           ("lengths", r["lengths"][rows])):
+            with writing(out / f"{split}.{part}.bin"):
+                files[f"{split}.{part}.bin"].write(data.tobytes())
+    with writing(out / BAD_RECORDS):
+        files[BAD_RECORDS].write("".join(f"{line}\n" for line in r["bad"]).encode())
 
 
 def read_sft_cache(out: str | Path) -> dict | None:

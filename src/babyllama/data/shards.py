@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import UserError, writing
+from babyllama.errors import UserError, discard, write_whole, writing
 
 MANIFEST = "manifest.json"
 
@@ -80,6 +80,12 @@ class BinShardWriter:
         name = self.shards[-1]["file"]
         return writing(self.out / name, self.out / f".{name}.tmp", self.f)
 
+    def discard(self) -> None:
+        """Close the open shard and remove its temporary: the run failed or was interrupted between writes."""
+        if self.f is not None:
+            discard(self.out / f".{self.shards[-1]['file']}.tmp", self.f)
+            self.f = None
+
 
 def fresh_output_dir(out: Path) -> Path:
     """Create out/, removing the shards, manifest and work files of an earlier run there, of either engine."""
@@ -102,13 +108,10 @@ def write_manifest(out: Path, manifest: dict) -> dict:
 
 
 def write_json(path: Path, value) -> None:
-    """path as indented JSON, written whole or not at all: to .NAME.tmp beside it, then renamed. CannotWrite where
-    the disk is full or the folder not writable."""
+    """path as indented JSON, written whole or not at all (write_whole). CannotWrite where the disk is full or the
+    folder not writable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path, tmp):
-        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-        tmp.rename(path)
+    write_whole(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 RECORDED = ("format", "version", "tokenizer", "dtype", "bos", "val_fraction", "shards")  # what a run records

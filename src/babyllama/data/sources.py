@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from babyllama.chat_format import instruction_pair, is_unicode, messages_of_record
-from babyllama.errors import UserError, check_out_dir, require
+from babyllama.errors import UserError, cannot_write, check_out_dir, require
 from babyllama.progress import is_rank0
 
 log = logging.getLogger(__name__)
@@ -826,7 +826,10 @@ class CorpusReader:
     def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
         if self.bad_log is not None:
-            self.bad_log.write(f"{where}: {why}\n")
+            try:  # CannotWrite where the disk refuses it
+                self.bad_log.write(f"{where}: {why}\n")
+            except OSError as e:
+                cannot_write(e, self.bad_log.name)
         if len(stats.bad_examples) < 5:  # the first few of each file, and of all files on the console
             stats.bad_examples.append(where)
             self.warned += 1
