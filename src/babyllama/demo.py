@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, write_whole
 from babyllama.lock import LOCK
 
 CHAT_QUESTIONS = [
@@ -69,7 +69,7 @@ class Demo:
             made = "full" if smoke else "--smoke"
             raise UserError(f"{self.out} holds a {made} demo's outputs; pass --force to redo them "
                             "or choose another --out_dir.")
-        kind.write_text(json.dumps({"smoke": smoke}) + "\n")
+        write_whole(kind, json.dumps({"smoke": smoke}) + "\n")
         self.timings_file = self.out / "timings.json"
         self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
 
@@ -81,7 +81,7 @@ class Demo:
         start = time.time()
         run()
         self.timings[name] = round(time.time() - start, 1)
-        self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
+        write_whole(self.timings_file, json.dumps(self.timings, indent=2) + "\n")
         print(f"[{i}/{n}] {name}: {self.timings[name]:.1f} s", flush=True)
 
     # --- the stages ---
@@ -170,7 +170,7 @@ class Demo:
             answers = {q: answer(model, tokenizer, q, Sampling(EVAL_NEW_TOKENS))
                        for q in progress(asked, desc=f"the SFT model's answers ({source})", unit=" item")}
             lines = [json.dumps(p, ensure_ascii=False) + "\n" for p in preference_pairs(records, answers)]
-            (d / pairs).write_text("".join(lines), encoding="utf-8")
+            write_whole(d / pairs, "".join(lines))
 
     def dpo_eval(self) -> None:
         """The DPO model on the held-out QA items (and which items it answers differently from the SFT model:
@@ -194,7 +194,7 @@ class Demo:
         result = {"pairs": len(data), "beta": beta, "sft": preference_metrics(sft_model, sft_model, data, beta),
                   "dpo": preference_metrics(dpo_model, sft_model, data, beta),
                   "qa_changes": qa_changes(self.out / "sft" / "eval" / "items.jsonl", run / "eval" / "items.jsonl")}
-        (run / "eval" / "preferences.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_whole(run / "eval" / "preferences.json", json.dumps(result, indent=2) + "\n")
         self.report()
 
     def chat(self) -> None:
@@ -208,7 +208,7 @@ class Demo:
         for prompt, text in CHAT_QUESTIONS:
             answer = "".join(reply(model, tokenizer, Conversation([(prompt + text, "")]), Sampling(EVAL_NEW_TOKENS)))
             lines.append(f"| {(prompt + text).replace(chr(10), ' ')} | {answer.strip()} |")
-        (self.out / "chat_answers.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_whole(self.out / "chat_answers.md", "\n".join(lines) + "\n")
 
     def report(self) -> None:
         from babyllama.report import make_report
@@ -217,7 +217,7 @@ class Demo:
         total = sum(self.timings.values())
         extra = [f"## Wall time per stage (s)\n\n| stage | seconds |\n|---|---|\n{rows}\n| total | {total:.1f} |\n"]
         extra.append((self.out / "chat_answers.md").read_text(encoding="utf-8"))
-        (self.out / "report_extra.md").write_text("\n".join(extra), encoding="utf-8")
+        write_whole(self.out / "report_extra.md", "\n".join(extra))
         make_report(self.out)
 
     def run(self) -> Path:

@@ -72,11 +72,14 @@ def writing(path: str | Path, temporary: Path | None = None, file: IO | None = N
 
 def cannot_write(e: BaseException, path: str | Path, temporary: Path | None = None, file: IO | None = None) \
         -> NoReturn:
-    """Close file, remove temporary, and raise CannotWrite for an OSError of REFUSED, else e: writing's work,
-    for a hot loop to call from its own `except` (a `with writing(...)` per item costs microseconds)."""
+    """Close file, remove temporary, and raise CannotWrite for an OSError of REFUSED, or for a CannotWrite of a
+    file inside temporary (the user knows path, not the temporary), else e: writing's work, for a hot loop to
+    call from its own `except` (a `with writing(...)` per item costs microseconds)."""
     discard(temporary, file)
     if isinstance(e, OSError) and e.errno in REFUSED:
         raise CannotWrite(e.errno, str(path)) from None
+    if isinstance(e, CannotWrite) and temporary is not None and temporary in Path(e.path).parents:
+        raise CannotWrite(e.code, str(path), e.note) from None
     raise e
 
 

@@ -41,7 +41,7 @@ from babyllama.data.sources import (
     output_kind,
     records_text,
 )
-from babyllama.errors import UserError, require
+from babyllama.errors import UserError, require, write_whole
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -538,7 +538,6 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         elif result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
-    (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with (out / "items.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    write_whole(out / "items.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    write_whole(out / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: the results
     return result

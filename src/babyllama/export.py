@@ -24,7 +24,7 @@ import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
 from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base
-from babyllama.errors import UserError, check_out_dir, require
+from babyllama.errors import UserError, check_out_dir, require, writing
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
 from babyllama.model import ModelConfig
 from babyllama.weights_file import save_safetensors
@@ -149,8 +149,6 @@ def _sentencepiece_as_fast(tokenizer, out: Path) -> bool:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; --format hf writes a directory, so choose another --out.")
     model, tokenizer, _ = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(hf_state_dict(model), out / "model.safetensors")
@@ -187,8 +185,9 @@ def hf_adapter_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
     return out
 
 
-def export_hf_adapter(checkpoint: str | Path, out: str | Path) -> Path:
-    """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter.
+def export_hf_adapter(checkpoint: str | Path, out: str | Path, final: Path | None = None) -> Path:
+    """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter; final:
+    where out is moved to afterwards, the base's path that the adapter records (default out).
     Raises UserError, before writing, for a checkpoint that is no LoRA one, tokenizer files in it that are not
     the ones its config.json records (checked_tokenizer, as every load checks them), or a missing base."""
     from safetensors.torch import load_file
@@ -203,7 +202,8 @@ def export_hf_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     tensors = hf_adapter_tensors(load_file(str(Path(checkpoint) / ADAPTER_FILE)), cfg)
     targets = sorted({name.split(".")[-3] for name in tensors})
     hf = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                         target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=str(out.resolve()))
+                         target_modules=targets, task_type="CAUSAL_LM",
+                         base_model_name_or_path=str((final or out).resolve()))
     hf.save_pretrained(str(out / "adapter"))
     save_safetensors(tensors, out / "adapter" / ADAPTER_FILE)
     return out
@@ -305,6 +305,8 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
         what = "is a directory" if out.is_dir() else "ends with a slash, so it names a folder"
         example = named.with_name(named.name + ".gguf") if named.name else named / "model.gguf"
         raise UserError(f"{spelled} {what}; --format gguf writes one file, e.g. --out {example}.")
+    if format == "hf" and out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; --format hf writes a directory, so choose another --out.")
     if out.is_dir() and any((out / name).exists() for name in BABYLLAMA_FILES):
         raise UserError(f"{out} holds a babyllama checkpoint or run, which the export would overwrite; "
                         "choose another --out.")
@@ -313,12 +315,32 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
                         "(the export's model.safetensors would make that folder read as a checkpoint).")
     if format == "gguf" and out.is_file() and not is_gguf(out):
         raise UserError(f"{out} exists and is not a GGUF file, which the export would overwrite; choose another --out.")
+    named = out.resolve()  # "." has no name of its own
+    tmp = named.parent / f".{named.name}.tmp-{os.getpid()}"  # written whole, then moved to out
     try:
-        if format == "gguf":
-            return export_gguf(checkpoint, out)
-        return export_hf_adapter(checkpoint, out) if adapter else export_hf(checkpoint, out)
+        named.parent.mkdir(parents=True, exist_ok=True)
+        with writing(out, tmp):  # CannotWrite where the disk refuses it; on any failure tmp is removed
+            if format == "gguf":
+                export_gguf(checkpoint, tmp).replace(out)
+            else:
+                export_hf_adapter(checkpoint, tmp, out) if adapter else export_hf(checkpoint, tmp)
+                move_into(tmp, out)
+        return out
     except OSError as e:
         raise UserError(f"cannot write the export to {out}: {e.strerror or e}.") from None
+
+
+def move_into(tmp: Path, out: Path) -> None:
+    """Each file and folder of tmp into out (out made if missing), in place of its namesake there, then tmp
+    removed: renames only, so a full disk cannot stop it halfway. out's other files stay."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    for f in tmp.iterdir():
+        if (out / f.name).is_dir():
+            shutil.rmtree(out / f.name)
+        f.replace(out / f.name)
+    tmp.rmdir()
 
 
 BABYLLAMA_FILES = ("babyllama_tokenizer.json", "trainer_state.pt", "checkpoints", "metrics.jsonl", "final")

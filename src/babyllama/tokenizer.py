@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, write_whole, writing
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
 META_FILE = "babyllama_tokenizer.json"
@@ -262,11 +262,13 @@ class HFTokenizer(Tokenizer):
         return sorted({i for i, t in added.items() if t.special} | {self.bos_id, self.pad_id} - {self.eos_id})
 
     def save(self, out_dir: str | Path) -> None:
+        """tokenizer.json (as tokenizers' save writes it) and META_FILE in out_dir, each whole or not at all;
+        CannotWrite where the disk refuses them."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(out / "tokenizer.json"))
+        write_whole(out / "tokenizer.json", self.tok.to_str(pretty=True))
         specials = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
-        (out / META_FILE).write_text(json.dumps(specials, indent=2) + "\n")
+        write_whole(out / META_FILE, json.dumps(specials, indent=2) + "\n")
 
 
 class SPTokenizer(Tokenizer):
@@ -324,7 +326,10 @@ class SPTokenizer(Tokenizer):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if Path(self.path).resolve() != (out / "tokenizer.model").resolve():
-            shutil.copyfile(self.path, out / "tokenizer.model")
+            tmp = out / ".tokenizer.model.tmp"
+            with writing(out / "tokenizer.model", tmp):  # CannotWrite where the disk refuses it
+                shutil.copyfile(self.path, tmp)
+                tmp.replace(out / "tokenizer.model")
 
 
 def byte_level_char(value: int) -> str:

@@ -88,7 +88,7 @@ from babyllama.data.pretokenize import (
 )
 from babyllama.data.shards import MANIFEST, fresh_output_dir, write_json, write_manifest
 from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
-from babyllama.errors import UserError
+from babyllama.errors import UserError, write_whole
 from babyllama.lock import holding
 from babyllama.tokenizer import load_tokenizer
 
@@ -332,7 +332,7 @@ class FinishPrepare(PipelineStep):
             s.exact_duplicates = n[0] - n[1] if len(self.levels) > 1 else 0
             s.near_duplicates = n[1] - n[2] if len(self.levels) > 2 else 0
             s.kept, s.characters = counts[self.levels[-1]][src]
-        (out / "bad_records.txt").write_text(_bad_records(work), encoding="utf-8")
+        write_whole(out / "bad_records.txt", _bad_records(work))
         files = sorted(f.name for f in out.glob("part_*.jsonl"))
         started = json.loads((work / "settings.json").read_text())["started"]
         write_stats(out, stats, files, self.settings, time.time() - started)  # the driver checks the totals
@@ -355,7 +355,7 @@ class FinishTokens(PipelineStep):
         out, work = Path(self.out), Path(self.work)
         sources = _sources_read(work)
         records, bad = (sum(s[k] for s in sources.values()) for k in ("records", "bad"))
-        (out / "bad_records.txt").write_text(_bad_records(work), encoding="utf-8")
+        write_whole(out / "bad_records.txt", _bad_records(work))
         started = json.loads((work / "settings.json").read_text())["started"]
         if records > bad:  # else no manifest: the driver says why (a raise here would print a traceback)
             self.write_manifest(out, work, sources, started)

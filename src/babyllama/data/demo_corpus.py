@@ -21,7 +21,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from babyllama.data.clean import SubstringIndex, normalize
-from babyllama.errors import UserError
+from babyllama.errors import UserError, write_whole
 
 SENTIMENT_PROMPT = "判断这条评论的情感是正面还是负面：\n"
 PERSON_PROMPT = "找出这句话中的人名：\n"
@@ -170,11 +170,10 @@ def build_demo_corpus(
     sft, spare = ([r for r in items if not leak.found_in(r["input"])] for items in (sft, spare))
     pretrain, sft, evals = spread(pretrain, limit), spread(sft, limit), spread(evals, eval_limit)
     spare = spread(spare, min(limit or preference_items, preference_items))
-    with (out / "raw" / "pretrain.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in pretrain)
+    write_whole(out / "raw" / "pretrain.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                          for t in pretrain))
     for name, records in (("sft.jsonl", sft), ("eval.jsonl", evals), ("dpo_items.jsonl", spare)):
-        with (out / name).open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        write_whole(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     tasks = {t: sum(r["task"] == t for r in evals) for t in ("sentiment", "person", "place")}
     return {"pretrain_documents": len(pretrain), "sft_items": len(sft), "eval_items": len(evals), "eval_tasks": tasks,
             "dpo_items": len(spare)}

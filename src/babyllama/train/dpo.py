@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from babyllama.checkpoint import load_model, tokenizer_dir, weights_sha256
 from babyllama.config import RunConfig
-from babyllama.errors import UserError
+from babyllama.errors import UserError, writing
 from babyllama.progress import progress
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import load_tokenizer
@@ -236,8 +236,9 @@ class DPOTrainer(Trainer):
             if self.dist.main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 tmp = f.with_suffix(f".tmp-{os.getpid()}.npz")
-                np.savez(tmp, key=np.array(key), **{k: v.ref_logps for k, v in data.items()})
-                tmp.replace(f)
+                with writing(f, tmp):
+                    np.savez(tmp, key=np.array(key), **{k: v.ref_logps for k, v in data.items()})
+                    tmp.replace(f)
             barrier(self.dist)
         self.reference = None
 

@@ -29,7 +29,7 @@ from babyllama.checkpoint import (
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
-from babyllama.errors import UserError
+from babyllama.errors import UserError, write_whole
 from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -119,7 +119,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
               "configs use 1-10%).")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_whole(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         print(f"{stage}: {len(train_data):,} rows, {trainer.total_steps:,} steps of {trainer.global_batch} "
               f"rows on {dist.world} x {dist.device.type}, {trainer.dtype}")  # a row: a window, sample or pack
     return trainer.fit()

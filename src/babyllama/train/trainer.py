@@ -45,7 +45,7 @@ from babyllama.checkpoint import (
     weights_sha256,
 )
 from babyllama.config import RunConfig, TrainConfig
-from babyllama.errors import CannotWrite, Stopped, UserError
+from babyllama.errors import CannotWrite, Stopped, UserError, write_whole, writing
 from babyllama.evaluate import loss_sums
 from babyllama.lora import adapter_config, adapter_tensors, add_lora, is_adapter, load_adapter, lora_config
 from babyllama.model import Transformer
@@ -271,13 +271,12 @@ class MetricsLog:
     """
 
     def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
-        path = out_dir / "metrics.jsonl"
+        self.path = path = out_dir / "metrics.jsonl"
         if enabled and resumed_at is not None and path.is_file():
             kept = [r for r in read_metrics(path) if r["step"] <= resumed_at and not r.get("final")]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(strict_json(r) + "\n" for r in kept))
-            os.replace(tmp, path)
-        self.f = path.open("a") if enabled else None
+            write_whole(path, "".join(strict_json(r) + "\n" for r in kept))
+        with writing(path):
+            self.f = path.open("a") if enabled else None
         self.tb = None
         if enabled:
             try:
@@ -290,8 +289,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.f is None:
             return
-        self.f.write(strict_json(record) + "\n")
-        self.f.flush()
+        with writing(self.path, file=self.f):  # CannotWrite where the disk refuses it
+            self.f.write(strict_json(record) + "\n")
+            self.f.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
