@@ -1,0 +1,134 @@
+"""Every command's outputs on a full disk or in a folder it may not write (errors.writing): exit 2, one sentence
+naming the file, and no temporary left; Ctrl-C while a command writes leaves no temporary either."""
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from babyllama.checkpoint import save_checkpoint
+from babyllama.data.pretokenize import pretokenize
+from tests.conftest import generated_corpus, refuse_writes, run_cli, sharp_model, tiny_config
+
+MODEL = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+         "--model.vocab_size", "600", "--model.max_seq_len", "32", "--model.multiple_of", "16"]
+STEPS = ["--max_steps", "2", "--batch_size", "2", "--warmup_steps", "1", "--log_every", "1", "--eval_every", "0",
+         "--save_every", "0", "--eval_batches", "1"]
+SFT = [{"instruction": f"判断情感：很好{i}", "input": "", "output": "正面"} for i in range(40)]
+PAIRS = [{"prompt": f"判断情感：很好{i}", "chosen": "正面", "rejected": "负面"} for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, bpe_tokenizer) -> Path:
+    """docs.jsonl (and a bad record), a tokenizer, its token shards, a checkpoint, SFT records and DPO pairs."""
+    d = tmp_path_factory.mktemp("inputs")
+    docs = [json.dumps({"text": t}, ensure_ascii=False) for t in generated_corpus(60, seed=5)]
+    (d / "docs.jsonl").write_text("\n".join([*docs, "{broken"]) + "\n")
+    bpe_tokenizer.save(d / "tok")
+    pretokenize([str(d / "docs.jsonl")], str(d / "tok"), d / "tokens", val_fraction=0.1)
+    save_checkpoint(d / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    for name, records in (("sft.jsonl", SFT), ("pairs.jsonl", PAIRS)):
+        (d / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return d
+
+
+def full_savez(monkeypatch) -> None:
+    """np.savez writes part of its file, then the disk is full (numpy opens the file itself, not Path.open)."""
+
+    def savez(file, **arrays):
+        Path(file).write_bytes(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez)
+
+
+# command (OUT: the output), the file refused (Path.open of that name; None: np.savez), as text, the errno, the
+# output the message names, and whether the command is told to resume
+CASES = {
+    "prepare's bad records": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], "bad_records.txt", True,
+                              errno.EACCES, "OUT/bad_records.txt", False),
+    "prepare's stats": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], ".stats.json.tmp", True,
+                        errno.ENOSPC, "OUT/stats.json", False),
+    "tokenizer train": (["tokenizer", "train", "--input", "docs.jsonl", "--vocab_size", "300", "--out_dir", "OUT"],
+                        ".tokenizer.json.tmp", True, errno.ENOSPC, "OUT/tokenizer.json", False),
+    "pretokenize --sft": (["pretokenize", "--sft", "--input", "sft.jsonl", "--tokenizer", "tok", "--max_seq_len",
+                           "32", "--out_dir", "OUT"], ".train.ids.bin.tmp", False, errno.ENOSPC,
+                          "OUT/train.ids.bin", False),
+    "pretrain's config": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], ".config.json.tmp",
+                          True, errno.EROFS, "OUT/config.json", True),
+    "pretrain's metrics": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], "metrics.jsonl",
+                           True, errno.ENOSPC, "OUT/metrics.jsonl", True),
+    "dpo's reference log-probs": (["dpo", *STEPS, "--init", "ck", "--data", "pairs.jsonl", "--val_fraction",
+                                   "0", "--precompute_ref_log_probs", "true", "--out_dir", "OUT"], None, False,
+                                  errno.ENOSPC, "OUT/ref_logps.npz", True),
+    "eval": (["eval", "ck", "--data", "tokens", "--out_dir", "OUT"], ".items.jsonl.tmp", True,
+             errno.ENOSPC, "OUT/items.jsonl", False),
+    "export": (["export", "ck", "--out", "OUT"], "generation_config.json", True, errno.ENOSPC, "OUT", False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_refused_write_is_one_sentence_and_leaves_no_temporary(inputs, tmp_path, monkeypatch, case):
+    command, name, text, code, named, resume = CASES[case]
+    monkeypatch.chdir(inputs)
+    out = tmp_path / "out"
+    if name is None:
+        full_savez(monkeypatch)
+    else:
+        refuse_writes(monkeypatch, name, code, text)
+    r = run_cli(*[str(out) if a == "OUT" else a for a in command])
+    named = Path(named.replace("OUT", str(out)))
+    why = {errno.ENOSPC: f"no space left on the device of {named.parent}; free space",
+           errno.EACCES: f"no permission to write in {named.parent}; make it writable",
+           errno.EROFS: f"{named.parent} is on a read-only file system; make it writable"}[code]
+    assert (r.returncode, [x for x in r.stderr.splitlines() if x.startswith("babyllama")]) == (2, [
+        f"babyllama: error: {why.replace(';', f' while writing {named};')} and run the same command"
+        f"{' with --resume' if resume else ''} to continue."]), r.stderr
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+
+
+def interrupted_after_one(real):
+    """real (an iterator function) that yields its first item, then raises KeyboardInterrupt (Ctrl-C)."""
+
+    def once(*args, **kwargs):
+        items = real(*args, **kwargs)
+        yield next(iter(items))
+        raise KeyboardInterrupt
+
+    return once
+
+
+@pytest.mark.parametrize("module, function, command", [
+    ("babyllama.data.clean", "clean_documents", ["prepare", "--input", "docs.jsonl"]),
+    ("babyllama.data.pretokenize", "in_workers", ["pretokenize", "--input", "docs.jsonl", "--tokenizer", "tok"]),
+    ("babyllama.data.sft_tokens", "in_workers", ["pretokenize", "--sft", "--input", "sft.jsonl", "--tokenizer", "tok",
+                                                 "--max_seq_len", "32"]),
+], ids=["prepare", "pretokenize", "pretokenize --sft"])
+def test_ctrl_c_between_writes_leaves_no_temporary(inputs, tmp_path, monkeypatch, module, function, command):
+    """Ctrl-C while the inputs are read, an output file open and half written: exit 130 and no .tmp left."""
+    import importlib
+
+    where = importlib.import_module(module)
+    monkeypatch.setattr(where, function, interrupted_after_one(getattr(where, function)))
+    monkeypatch.chdir(inputs)
+    r = run_cli(*command, "--out_dir", tmp_path / "out")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted")
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+
+
+def test_ctrl_c_inside_a_write_removes_its_temporary(tmp_path, monkeypatch):
+    """KeyboardInterrupt in the middle of write_whole: the file is not there, nor its temporary."""
+    from babyllama.errors import write_whole
+
+    real_write = Path.write_text
+
+    def interrupted(self, data, *args, **kwargs):
+        real_write(self, data[:3], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(tmp_path / "eval.json", '{"a": 1}\n')
+    assert list(tmp_path.iterdir()) == []
