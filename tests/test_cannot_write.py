@@ -44,8 +44,19 @@ def full_savez(monkeypatch) -> None:
     monkeypatch.setattr(np, "savez", savez)
 
 
-# command (OUT: the output), the file refused (Path.open of that name; None: np.savez), as text, the errno, the
-# output the message names, and whether the command is told to resume
+def full_gguf(monkeypatch) -> None:
+    """The GGUF writer's header is written, then the disk is full while the tensors are (gguf opens the file)."""
+    import gguf
+
+    def tensors(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", tensors)
+
+
+# command (OUT: the output), the file refused (Path.open of that name, or a function that makes the disk full
+# where the file is opened by a library), as text, the errno, the output the message names, and whether the
+# command is told to resume
 CASES = {
     "prepare's bad records": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], "bad_records.txt", True,
                               errno.EACCES, "OUT/bad_records.txt", False),
@@ -61,11 +72,13 @@ CASES = {
     "pretrain's metrics": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], "metrics.jsonl",
                            True, errno.ENOSPC, "OUT/metrics.jsonl", True),
     "dpo's reference log-probs": (["dpo", *STEPS, "--init", "ck", "--data", "pairs.jsonl", "--val_fraction",
-                                   "0", "--precompute_ref_log_probs", "true", "--out_dir", "OUT"], None, False,
+                                   "0", "--precompute_ref_log_probs", "true", "--out_dir", "OUT"], full_savez, False,
                                   errno.ENOSPC, "OUT/ref_logps.npz", True),
     "eval": (["eval", "ck", "--data", "tokens", "--out_dir", "OUT"], ".items.jsonl.tmp", True,
              errno.ENOSPC, "OUT/items.jsonl", False),
     "export": (["export", "ck", "--out", "OUT"], "generation_config.json", True, errno.ENOSPC, "OUT", False),
+    "export --format gguf": (["export", "ck", "--format", "gguf", "--out", "OUT"], full_gguf, False, errno.ENOSPC,
+                             "OUT", False),
 }
 
 
@@ -74,8 +87,8 @@ def test_a_refused_write_is_one_sentence_and_leaves_no_temporary(inputs, tmp_pat
     command, name, text, code, named, resume = CASES[case]
     monkeypatch.chdir(inputs)
     out = tmp_path / "out"
-    if name is None:
-        full_savez(monkeypatch)
+    if callable(name):
+        name(monkeypatch)
     else:
         refuse_writes(monkeypatch, name, code, text)
     r = run_cli(*[str(out) if a == "OUT" else a for a in command])
