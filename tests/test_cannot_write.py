@@ -131,6 +131,45 @@ def test_ctrl_c_between_writes_leaves_no_temporary(inputs, tmp_path, monkeypatch
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
 
 
+STOPPED_MIDWAY = """
+import sys, time
+import {module} as where
+real = getattr(where, "{function}")
+def once(*args, **kwargs):  # the first item, then a pause in which the test sends SIGTERM
+    items = real(*args, **kwargs)
+    yield next(iter(items))
+    print("READY", flush=True)
+    time.sleep(60)
+setattr(where, "{function}", once)
+from babyllama.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("module, function, command", [
+    ("babyllama.data.clean", "clean_documents", ["prepare", "--input", "docs.jsonl"]),
+    ("babyllama.data.sft_tokens", "in_workers", ["pretokenize", "--sft", "--input", "sft.jsonl", "--tokenizer", "tok",
+                                                 "--max_seq_len", "32"]),
+], ids=["prepare", "pretokenize --sft"])
+def test_sigterm_outside_training_says_how_to_go_on_and_leaves_no_temporary(inputs, tmp_path, module, function,
+                                                                           command):
+    """A tester's `kill -TERM` of pretokenize --sft: exit 143 with no word, and its .bin.tmp files left."""
+    import signal
+    import subprocess
+    import sys
+
+    code = STOPPED_MIDWAY.format(module=module, function=function)
+    proc = subprocess.Popen([sys.executable, "-c", code, *command, "--out_dir", str(tmp_path / "out")], cwd=inputs,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "READY"
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]  # a write is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.splitlines()[-1]) == (143, "babyllama: stopped by SIGTERM; run the same command to "
+                                                            "continue."), err
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+
+
 def test_ctrl_c_inside_a_write_removes_its_temporary(tmp_path, monkeypatch):
     """KeyboardInterrupt in the middle of write_whole: the file is not there, nor its temporary."""
     from babyllama.errors import write_whole

@@ -21,11 +21,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from babyllama.errors import AlreadySaid, CannotWrite, Stopped, UserError, check_out_dir, say
+from babyllama.errors import AlreadySaid, CannotWrite, Stopped, Terminated, UserError, check_out_dir, say
 from babyllama.lock import holding
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
@@ -584,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with terminated_as_ctrl_c():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command, its errors said in one sentence; the exit code."""
     try:
         if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings (held)
             check_out_dir(args.out_dir)
@@ -603,7 +611,33 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0():
             print(f"babyllama: {e}; {run_again(args)}", file=sys.stderr)
         return 128 + e.signum
+    except Terminated:
+        print(f"babyllama: stopped by SIGTERM; {run_again(args)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("babyllama: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+@contextmanager
+def terminated_as_ctrl_c():
+    """SIGTERM (kill, a cluster's time limit) raises Terminated in this process, as Ctrl-C raises
+    KeyboardInterrupt, so that a command's open temporaries are removed and it says how to go on; a process
+    forked from this one (a datatrove worker) keeps the default. Training replaces it while it runs (fit)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != pid:  # a forked child: die of it, as without this handler
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -34,6 +34,11 @@ class Stopped(Exception):
         self.signum = signum
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training step (which saves a checkpoint and raises Stopped): raised as Ctrl-C is, so that
+    the write under way removes its temporary (writing) and the CLI says how to go on."""
+
+
 REFUSED = {  # the errors of a write that the user can fix: why, in words ({} is the folder), and what to do
     errno.ENOSPC: ("no space left on the device of {}", "free space"),
     errno.EDQUOT: ("the disk quota of {} is used up", "free space"),
