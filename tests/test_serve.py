@@ -179,6 +179,33 @@ def test_bad_prompt_lists_are_named(server, body, said):
     assert r.status_code == 400 and said in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_sent_as_curl_d_sends_it_gets_a_400_that_says_the_content_type(server, path, content_type):
+    """A tester's `curl -d '{...}'` (form-encoded by default) got a 500: the body came as bytes to the error."""
+    r = httpx.post(server["url"] + path, content=b'{"prompt": "a", "max_tokens": 1}', timeout=30,
+                   headers={"Content-Type": content_type})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == ("body: a JSON object of the request's fields (see the README); got 32 "
+                                            "bytes that were not read as JSON (send the body with Content-Type: "
+                                            "application/json)")
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(server):
+    tok = server["tokenizer"]
+    prompt = [tok.eos_id, *tok.encode("今天天气很好")]
+    post = lambda body: httpx.post(server["url"] + "/v1/completions", json=body, timeout=30)  # noqa: E731
+    scored = post({"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}).json()["choices"][0]
+    longer = post({"prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1}).json()["choices"][0]
+    assert scored["text"] == tok.decode(prompt) and scored["finish_reason"] == "length"
+    assert scored["logprobs"]["token_logprobs"] == longer["logprobs"]["token_logprobs"][: len(prompt)]
+    full = post({"prompt": [5] * 128, "max_tokens": 0, "echo": True, "logprobs": 0})  # the whole context: no room
+    assert full.status_code == 200 and len(full.json()["choices"][0]["logprobs"]["tokens"]) == 128
+    r = post({"prompt": prompt, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "max_tokens: 0 only with echo true (to score the prompt)")
+
+
 def test_tokenize_detokenize_and_tokenizer_info_as_vllm_serves_them(server):
     tok, url = server["tokenizer"], server["url"]
     post = lambda path, body: httpx.post(url + path, json=body, timeout=30).json()  # noqa: E731
@@ -188,9 +215,11 @@ def test_tokenize_detokenize_and_tokenizer_info_as_vllm_serves_them(server):
         "tokens": ids, "count": len(ids), "max_model_len": 128}
     info = httpx.get(url + "/tokenizer_info", timeout=30).json()
     assert info["eos_token"] == tok.id_to_piece(tok.eos_id) and info["chat_template"].startswith("{%")
-    bos, eos = info["bos_token"], info["eos_token"]  # spelled out, they are their ids, as in the HF export
-    assert post("/tokenize", {"prompt": f"{bos}今天天气{eos}", "add_special_tokens": False})["tokens"] == [
-        tok.bos_id, *ids, tok.eos_id]
+    bos, eos = info["bos_token"], info["eos_token"]  # alone, they are their ids: how lm-eval learns them
+    assert [post("/tokenize", {"prompt": t, "add_special_tokens": False})["tokens"] for t in (bos, eos)] == [
+        [tok.bos_id], [tok.eos_id]]
+    inside = post("/tokenize", {"prompt": f"{bos}今天天气{eos}", "add_special_tokens": False})["tokens"]
+    assert inside == tok.encode(f"{bos}今天天气{eos}")  # inside a text, text: as completions and eval read it
     assert post("/detokenize", {"tokens": ids}) == {"prompt": "今天天气"}
     r = httpx.post(url + "/detokenize", json={"tokens": [600]}, timeout=30)
     assert r.status_code == 400
@@ -228,6 +257,8 @@ def test_eight_concurrent_streams_get_their_own_answers(server):
     ('{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
     (b'{"messages": [{"role": "user", "content": "\xff"}]}', "body: not UTF-8 JSON (byte 0xff at position 43)"),
     (b'{"messages": ' + b"[" * 100_000, "body: JSON nested too deeply"),
+    ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 9' + "9" * 5000 + "}",
+     "body: a number of more than 4300 digits"),
 ])
 def test_bad_requests_get_4xx_json(server, body, fragment):
     r = httpx.post(server["url"] + "/v1/chat/completions", content=body,

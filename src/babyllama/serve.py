@@ -16,7 +16,6 @@ concurrent requests interleave safely. A client that disconnects stops its gener
 """
 
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
-import re
 import socket
 import sys
 import threading
@@ -170,6 +169,7 @@ PROMPT = (f"a string of at most {MAX_TEXT_CHARS} characters, a list of token ids
 
 class CompletionRequest(Common):
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(description=PROMPT)
+    max_tokens: int | None = Field(None, ge=0, description="an integer of at least 1, or 0 with echo true")
     best_of: int = Field(1, ge=1, le=1, description=ONLY.format(1))
     echo: bool = Field(False, description="true or false")  # the prompt before the answer, in text and logprobs
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"an integer from 0 to {MAX_LOGPROBS}")
@@ -248,7 +248,9 @@ def fields_within(annotation: object) -> dict:
 
 def shown(value: object) -> str:
     """A value of a request, short: the JSON of a small one, the size of a large one."""
-    text = json.dumps(value)
+    if isinstance(value, bytes):  # a body sent without Content-Type: application/json (curl -d's default)
+        return f"{len(value)} bytes that were not read as JSON (send the body with Content-Type: application/json)"
+    text = json.dumps(value, default=repr)
     if len(text) <= 40:
         return text
     if isinstance(value, str | list | dict):
@@ -283,10 +285,13 @@ class Generation:
     top_logprobs: int | None = None  # logprobs asked for: that many most likely tokens at each position
     ids: list[int] = field(default_factory=list)  # the answer's token ids
     said_eos: bool = False  # the answer ended with <eos>, which it does not hold
+    score_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing is generated
     finish_reason: str = "length"
 
     def tokens(self) -> Iterator[int]:
         """model.stream, one decoding step at a time under the shared lock."""
+        if self.score_only:
+            return
         s = self.sampling
         generator = None
         if self.seed is not None:
@@ -309,7 +314,7 @@ class Generation:
         stopped = yield from until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops)
         ctx = self.model.cfg.max_seq_len
         room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
-        self.said_eos = not stopped and len(self.ids) < room
+        self.said_eos = not stopped and len(self.ids) < room and not self.score_only
         if stopped or self.said_eos:
             self.finish_reason = "stop"
 
@@ -381,6 +386,9 @@ def unparsable(cause: BaseException) -> str:
         return f"body: not UTF-8 JSON (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
     if isinstance(cause, RecursionError):
         return "body: JSON nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        digits = getattr(sys, "get_int_max_str_digits", lambda: 4300)()  # Python 3.10.7 and later
+        return f"body: a number of more than {digits} digits"
     return f"body: not UTF-8 JSON ({cause})"
 
 
@@ -561,6 +569,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         """The Generations of a completion request, one per prompt (as chat_generation); an omitted
         max_tokens is COMPLETION_MAX_TOKENS, OpenAI's default for completions, or the rest of the context
         when less. A text prompt follows <eos>, as documents do in the shards; token ids go in as given."""
+        if body.max_tokens == 0 and not body.echo:  # 0: score the prompt only, as OpenAI's legacy completions
+            raise ValueError("max_tokens: 0 only with echo true (to score the prompt)")
         if body.stream and (body.echo or body.logprobs is not None):
             raise ValueError(f"{'echo' if body.echo else 'logprobs'}: only without stream")
         gens = []
@@ -572,26 +582,28 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
                 raise ValueError(f"prompt{many}: token id {bad} is not in the vocabulary of {tokenizer.vocab_size}")
             else:
                 prompt, text = list(text), tokenizer.decode(text)
-            available = room(len(prompt), body.max_tokens, f"the prompt{many}")
-            gen = generation(body, prompt, body.max_tokens or min(COMPLETION_MAX_TOKENS, available))
+            if body.max_tokens == 0:  # the prompt scored, nothing generated: it may fill the context
+                if len(prompt) > max_ctx:
+                    raise ValueError(f"the prompt{many} ({len(prompt)} tokens) does not fit the context of "
+                                     f"{max_ctx} tokens")
+                gen = generation(body, prompt, 1)
+                gen.score_only = True
+            else:
+                available = room(len(prompt), body.max_tokens, f"the prompt{many}")
+                gen = generation(body, prompt, body.max_tokens or min(COMPLETION_MAX_TOKENS, available))
             gen.echo, gen.top_logprobs = text if body.echo else None, body.logprobs
             gens.append(gen)
         return gens
 
     specials = {text: getattr(tokenizer, name.replace("_token", "_id")) for name, text in
                 tokenizer.special_tokens().items()}
-    special_text = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
-
-    def tokenize(text: str) -> list[int]:
-        """text's ids as the Hugging Face export's tokenizer gives them: `</s>` spelled out is the eos id
-        (transformers' split_special_tokens false), and the text between is encoded as chat and eval do."""
-        parts = special_text.split(text)  # text, special, text, ...
-        return [i for k, part in enumerate(parts) for i in
-                ([specials[part]] if k % 2 else tokenizer.encode(part) if part else [])]
 
     @app.post("/tokenize")
     def tokenize_route(body: TokenizeRequest):
-        ids = ([tokenizer.eos_id] if body.add_special_tokens else []) + tokenize(body.prompt)
+        """The ids of a text as completions, chat and eval read it: `</s>` inside a text is text. A prompt that
+        is exactly a special token's string (`</s>`) is its id: how lm-eval's remote tokenizer learns them."""
+        ids = [specials[body.prompt]] if body.prompt in specials else tokenizer.encode(body.prompt)
+        ids = ([tokenizer.eos_id] if body.add_special_tokens else []) + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": max_ctx}
 
     @app.post("/detokenize")
@@ -632,7 +644,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     async def answer(request: Request, body: Common, make_generations, chat: bool):
         try:
             gens = await run_in_threadpool(make_generations, body)
-        except ValueError as e:
+        except (ValueError, UserError) as e:  # what the request asks for cannot be done: its sentence
             return error(400, str(e))
         return await respond(request, gens, model_name, chat=chat, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
