@@ -127,7 +127,8 @@ def test_ctrl_c_between_writes_leaves_no_temporary(inputs, tmp_path, monkeypatch
     monkeypatch.setattr(where, function, interrupted_after_one(getattr(where, function)))
     monkeypatch.chdir(inputs)
     r = run_cli(*command, "--out_dir", tmp_path / "out")
-    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
+                                                              "continue.")
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
 
 
@@ -184,3 +185,61 @@ def test_ctrl_c_inside_a_write_removes_its_temporary(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_whole(tmp_path / "eval.json", '{"a": 1}\n')
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_input_is_said_before_the_earlier_output_is_removed(inputs, tmp_path):
+    """A crash tester's typo: `prepare --input nope.jsonl` into a finished folder deleted its parts first."""
+    for command, kept in ((["prepare", "--input", str(inputs / "docs.jsonl")], ["part_00000.jsonl", "stats.json"]),
+                          (["pretokenize", "--input", str(inputs / "docs.jsonl"), "--tokenizer", str(inputs / "tok")],
+                           ["manifest.json"])):
+        out = tmp_path / command[0]
+        assert run_cli(*command, "--out_dir", out).returncode == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        r = run_cli(*command[:1], "--input", tmp_path / "nope.jsonl", *command[3:], "--out_dir", out)
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: input {tmp_path / 'nope.jsonl'} "
+                                                                "does not exist.")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and set(kept) <= set(before)
+
+
+@pytest.mark.parametrize("command, writes", [
+    (["pretrain", "--data", "tokens", "--model.dim", "32", "--max_steps", "1"], "a training run"),
+    (["sft", "--init", "ck", "--data", "sft.jsonl", "--max_steps", "1"], "a training run"),
+    (["dpo", "--init", "ck", "--data", "pairs.jsonl", "--max_steps", "1"], "a training run"),
+    (["tokenizer", "train", "--input", "docs.jsonl", "--vocab_size", "300"], "a tokenizer"),
+    (["prepare", "--input", "docs.jsonl"], "prepare's parts"),
+], ids=["pretrain", "sft", "dpo", "tokenizer train", "prepare"])
+def test_an_out_dir_that_is_a_checkpoint_is_refused_and_left_as_it_was(inputs, tmp_path, monkeypatch, command,
+                                                                        writes):
+    """The crash tester's `pretrain --out_dir CHECKPOINT` replaced its config.json, and `tokenizer train`
+    its tokenizer: the checkpoint could no longer be loaded."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(inputs / "ck", ck)
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    monkeypatch.chdir(inputs)
+    r = run_cli(*command, "--out_dir", ck)
+    flag = "out_dir" if writes == "a training run" else "--out_dir"
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: {flag} {ck} is a checkpoint, which "
+                                                            f"{writes} must not be written into; pass another {flag}.")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+def test_merge_across_devices_on_a_full_disk_leaves_no_half_shard(inputs, tmp_path, monkeypatch):
+    """The crash tester's `pretokenize --merge` onto a full tmpfs (a copy, not a link): a traceback and a cut
+    shard under its final name."""
+    import os
+    import shutil
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full_copy(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(shutil, "copyfile", full_copy)
+    r = run_cli("pretokenize", "--merge", inputs / "tokens", "--out_dir", tmp_path / "merged")
+    assert r.returncode == 2 and "no space left on the device of" in r.stderr.splitlines()[-1], r.stderr
+    assert [p.name for p in tmp_path.rglob("*") if p.suffix == ".bin" or ".tmp" in p.name] == []

@@ -247,3 +247,16 @@ def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, k
     check_chat_template(tok, bpe_tokenizer)  # the GGUF's tokenizer.chat_template, through transformers' reader
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+
+
+def test_an_export_killed_by_kill_9_leaves_its_temporary_to_the_next_export(bpe_tokenizer, tmp_path):
+    """A crash tester's kill -9 of a GGUF export left X/.m.gguf.tmp-PID (gigabytes at full size) that no later
+    export removed. A dead process's temporaries go; a live one's (another export running) stay."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    dead = 2**22 + 12345  # above Linux's largest pid
+    (tmp_path / f".m.gguf.tmp-{dead}").write_bytes(b"GGUF half")
+    (tmp_path / f".hf.tmp-{dead}").mkdir()
+    (tmp_path / ".hf.tmp-1").mkdir()  # pid 1 is alive
+    export(tmp_path / "ck", tmp_path / "m.gguf", format="gguf")
+    export(tmp_path / "ck", tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == [".hf.tmp-1"]

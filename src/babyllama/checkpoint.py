@@ -100,7 +100,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
         for tmp in sorted(folder.glob(".*-*")):
             m = re.fullmatch(r"\.(.+)\.(tmp|old|pruned)-(\d+)", tmp.name)
-            if not m or not tmp.is_dir() or _alive(int(m[3])):
+            if not m or not tmp.is_dir() or process_alive(int(m[3])):
                 continue
             if m[2] == "old" and not (folder / m[1]).exists():
                 tmp.rename(folder / m[1])
@@ -111,7 +111,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
     return done
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether another process with this id is running (this one's own id may be a dead run's too)."""
     if pid == os.getpid():
         return False

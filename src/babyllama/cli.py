@@ -35,9 +35,10 @@ from babyllama.settings import run_out_dir
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from babyllama.data.sources import iter_texts
+    from babyllama.data.sources import check_output_folder, iter_texts
     from babyllama.tokenizer import train_bpe
 
+    check_output_folder(args.out_dir, "a tokenizer", ("a tokenizer",))  # not a checkpoint's, whose model it fits
     tok = train_bpe(iter_texts(args.input), args.vocab_size)
     tok.save(args.out_dir)
     print(json.dumps({"saved": args.out_dir, **tok.info()}, ensure_ascii=False, indent=2))
@@ -69,7 +70,10 @@ def check_prepare_flags(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from babyllama.data.clean import prepare
+    from babyllama.data.sources import check_output_folder
 
+    check_output_folder(args.out_dir, "prepare's parts", ("the output of babyllama prepare",
+                                                          "the work folder of prepare --engine datatrove"))
     inputs = args.input or []
     demo = None
     if args.demo:
@@ -615,7 +619,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"babyllama: stopped by SIGTERM; {run_again(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("babyllama: interrupted", file=sys.stderr)
+        print(f"babyllama: interrupted; {run_again(args)}", file=sys.stderr)
         return 130
     return 0
 

@@ -14,6 +14,7 @@ export of its base plus a peft adapter for it (`PeftModel.from_pretrained(model,
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
-from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base
+from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base, process_alive
 from babyllama.errors import UserError, check_out_dir, require, writing
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
 from babyllama.model import ModelConfig
@@ -317,6 +318,10 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
         raise UserError(f"{out} exists and is not a GGUF file, which the export would overwrite; choose another --out.")
     named = out.resolve()  # "." has no name of its own
     tmp = named.parent / f".{named.name}.tmp-{os.getpid()}"  # written whole, then moved to out
+    for stale in named.parent.glob(f".{glob.escape(named.name)}.tmp-*"):  # of an export killed by kill -9
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     try:
         named.parent.mkdir(parents=True, exist_ok=True)
         with writing(out, tmp):  # CannotWrite where the disk refuses it; on any failure tmp is removed

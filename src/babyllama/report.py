@@ -185,7 +185,8 @@ def make_report(run_dir: str | Path) -> Path:
     if not runs and not evals:
         raise UserError(f"{root} has no training run (metrics.jsonl) and no evaluation (eval.json) to report.")
     plots = root / "plots"
-    plots.mkdir(exist_ok=True)
+    with writing(plots):  # CannotWrite for a read-only run folder too
+        plots.mkdir(exist_ok=True)
     lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
     lines += ["## Training", ""] + [x for run in runs for x in run_section(run, root, plots)]
     lines += ["## Evaluation", ""] + [x for e in evals for x in eval_section(e, root, plots)]

@@ -343,13 +343,13 @@ def prepare(
     docs_per_shard: int = 100_000,
 ) -> dict:
     """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json."""
+    reader = CorpusReader(inputs, format)  # a missing input is said before the earlier output is removed
     out = clear_outputs(Path(out))
     stats: dict[str, SourceStats] = {}
     writer = ShardWriter(out, docs_per_shard)
     start = time.time()
-    bad_log = (out / "bad_records.txt").open("w", encoding="utf-8")
+    bad_log = reader.bad_log = (out / "bad_records.txt").open("w", encoding="utf-8")
     try:
-        reader = CorpusReader(inputs, format, bad_log)
         with progress(reader.documents_with_source(), desc="prepare", unit=" docs") as documents:  # closed on an
             for text in clean_documents(documents, min_chars, dedup, threshold, stats):  # error: its message
                 writer.write(text)  # starts a line

@@ -162,8 +162,8 @@ def pretokenize(
         raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}.")
     check_val_fraction(val_fraction)
     tok = load_tokenizer(tokenizer_path)
+    reader = CorpusReader(inputs, format)  # a missing input is said before the earlier shards are removed
     out = fresh_output_dir(Path(out))
-    reader = CorpusReader(inputs, format)
     writers = split_writers(out, tok.dtype, shard_tokens)
     start = time.time()
     n_tokens = 0

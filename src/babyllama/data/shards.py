@@ -253,10 +253,14 @@ def check_shard_files(data_dir: Path, manifest: dict, shards: list[dict]) -> Non
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src, or where that cannot be (another device) a copy, written whole or not at all."""
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        with writing(dst, tmp):  # a full disk: one sentence, no half shard under the final name
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
 
 
 class TokenWindows:

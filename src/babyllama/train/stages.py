@@ -29,6 +29,7 @@ from babyllama.checkpoint import (
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
+from babyllama.data.sources import check_output_folder
 from babyllama.errors import UserError, write_whole
 from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
@@ -53,6 +54,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     out_dir may not hold the --init model it would overwrite (that it is no file held_by_main checked, taking it).
     Raises UserError."""
     out = Path(cfg.train.out_dir)
+    check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
     lora_of(cfg.train)  # LoRA settings out of range stop here
     check_memory(cfg, dist.device)  # and a model or batch beyond the machine
     check_optimizer(cfg.train)  # and Muon where it cannot run
