@@ -167,6 +167,11 @@ PROMPT = (f"a string of at most {MAX_TEXT_CHARS} characters, a list of token ids
           "of either")
 
 
+def listed(prompt: str | list) -> bool:
+    """Whether a completion's prompt is a list of prompts (strings or token-id lists), not one prompt."""
+    return isinstance(prompt, list) and (not prompt or not isinstance(prompt[0], int))
+
+
 class CompletionRequest(Common):
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(description=PROMPT)
     max_tokens: int | None = Field(None, ge=0, description="an integer of at least 1, or 0 with echo true")
@@ -177,16 +182,14 @@ class CompletionRequest(Common):
     @field_validator("prompt")
     @classmethod
     def prompts_within_limits(cls, prompt: str | list) -> str | list:
-        many = isinstance(prompt, list) and (not prompt or not isinstance(prompt[0], int))
-        prompts = prompt if many else [prompt]
+        prompts = prompt if listed(prompt) else [prompt]
         if not 1 <= len(prompts) <= MAX_PROMPTS or any(p == [] or len(p) > MAX_TEXT_CHARS for p in prompts):
             raise ValueError(PROMPT)
         return prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids."""
-        many = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
-        return list(self.prompt) if many else [self.prompt]
+        return list(self.prompt) if listed(self.prompt) else [self.prompt]
 
 
 class TokenizeRequest(Strict):  # vLLM's /tokenize, which lm-evaluation-harness's remote tokenizer calls
@@ -353,16 +356,21 @@ class Generation:
         return {"content": [entry(i, lp) | {"top_logprobs": [entry(j, v) for j, v in row]}
                             for i, lp, row in zip(self.ids, chosen[n:], top[n:], strict=True)]}
 
-    def token_text(self, i: int) -> str:
-        """A token's text; for one that is no text alone (a control token, a byte of a longer character),
-        its vocabulary string (`</s>`, `<0xE4>`), so that no two tokens of top_logprobs share a key."""
+    def alone(self, i: int) -> str | None:
+        """A token's text alone; None for one that is no text alone (a control token, a byte of a longer
+        character)."""
         text = self.tokenizer.decode([i])
-        return text if text and "\ufffd" not in text else self.tokenizer.id_to_piece(i)
+        return text if text and "\ufffd" not in text else None
+
+    def token_text(self, i: int) -> str:
+        """A token's text, else its vocabulary string (`</s>`, `<0xE4>`), so that no two tokens of top_logprobs
+        share a key."""
+        return self.alone(i) or self.tokenizer.id_to_piece(i)
 
     def token_bytes(self, i: int) -> list[int] | None:
         """A token's UTF-8 bytes, as chat's logprobs give them; None for one that is no text alone."""
-        text = self.tokenizer.decode([i])
-        return list(text.encode("utf-8")) if text and "\ufffd" not in text else None
+        text = self.alone(i)
+        return list(text.encode("utf-8")) if text else None
 
     def usage(self) -> dict:
         n, m = len(self.prompt), len(self.ids)
@@ -575,7 +583,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             raise ValueError(f"{'echo' if body.echo else 'logprobs'}: only without stream")
         gens = []
         for i, text in enumerate(body.prompts()):
-            many = "" if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else f"[{i}]"
+            many = f"[{i}]" if listed(body.prompt) else ""
             if isinstance(text, str):
                 prompt = text_prompt(tokenizer, text)
             elif (bad := next((t for t in text if not 0 <= t < tokenizer.vocab_size), None)) is not None:
