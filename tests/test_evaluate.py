@@ -18,10 +18,11 @@ from babyllama.evaluate import (
     char_f1,
     leakage,
     lm_metrics,
+    mc_choices,
+    mc_summary,
     read_mc,
     read_qa,
     rouge_l,
-    score_mc,
     score_qa,
     split_continuation,
 )
@@ -195,7 +196,7 @@ MC_ITEM = {"subject": "net", "question": "哪一个是网络协议", "answer": "
 
 def assert_scored_as_in_the_full_text(tok):
     rec = Recorder()
-    score_mc([MC_ITEM], rec, tok)
+    mc_choices(MC_ITEM, rec, tok)
     options = "".join(f"\n{c}. {MC_ITEM['options'][c]}" for c in "ABCD")
     fulls = [f"{MC_ITEM['question']}{options}\n答案：{c}" for c in "ABCD"]
     fulls += [f"{MC_ITEM['question']}\n答案：{MC_ITEM['options'][c]}" for c in "ABCD"]
@@ -238,7 +239,8 @@ def test_multiple_choice_with_a_stub_of_known_log_probs(tmp_path, bpe_tokenizer)
             text = tok.decode(continuation)
             return {"A": -0.1, "乙": -0.2}.get(text, -5.0) * len(continuation)
 
-    summary, results = score_mc(items, Stub(), tok)
+    results = [mc_choices(it, Stub(), tok) for it in items]
+    summary = mc_summary(iter(results))  # read once
     assert [r["letter_choice"] for r in results] == ["A", "A", "A"]
     assert [r["text_choice"] for r in results] == ["B", "B", "B"]
     assert summary["subjects"]["physics"] == {"items": 2, "letter_accuracy": 0.5, "text_accuracy": 0.5}
@@ -548,3 +550,139 @@ def test_eval_does_not_overwrite_an_eval_json_or_items_jsonl_of_another_tool(tmp
     assert (ours / "items.jsonl").read_text() == ""
     again = evaluate(tmp_path / "ck", ours, sampling=Sampling(max_new_tokens=2))  # its own: overwritten
     assert json.loads((ours / "eval.json").read_text()) == again
+
+
+KILLED_AT = """
+import os, signal, sys
+import babyllama.evaluate as evaluate
+real, calls = evaluate.answer, [0]
+def answer(*args, **kwargs):  # kill -9 before the {n}th answer
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+evaluate.answer = answer
+from babyllama.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def qa_and_mc(tmp_path, bpe_tokenizer) -> dict:
+    """A checkpoint, 40 QA items and 5 multiple-choice rows."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"第{i}句话的情感是什么", "answer": "正面" if i % 3 else "负面",
+                                      "task": "sentiment"}, ensure_ascii=False) + "\n" for i in range(40)))
+    (tmp_path / "law_val.csv").write_text("question,A,B,C,D,answer\n" + "".join(
+        f"问题{i},甲,乙,丙,丁,{'ABCD'[i % 4]}\n" for i in range(5)), encoding="utf-8")
+    return {"ck": tmp_path / "ck", "qa": str(qa), "mc": [str(tmp_path / "law_val.csv")]}
+
+
+def stopping_after(monkeypatch, function: str, n: int) -> list:
+    """evaluate's function recording its first argument of interest, with Ctrl-C on the call after the n-th."""
+    import babyllama.evaluate
+
+    real, calls = getattr(babyllama.evaluate, function), []
+
+    def stopped(*args, **kwargs):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(args[2] if function == "answer" else args[0]["question"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(babyllama.evaluate, function, stopped)
+    return calls
+
+
+def test_eval_killed_midway_goes_on_to_the_result_of_a_run_never_stopped(tmp_path, qa_and_mc, monkeypatch):
+    """kill -9 while answering: the answers flushed before it are kept, a line cut by the kill is dropped, and
+    the rerun answers the rest alone; eval.json and items.jsonl are those of a run never stopped, byte for byte."""
+    import subprocess
+    import sys
+
+    from babyllama.evaluate import FLUSH_EVERY, PARTIAL
+
+    args = ["eval", str(qa_and_mc["ck"]), "--qa", qa_and_mc["qa"], "--mc", *qa_and_mc["mc"], "--max_new_tokens", "4"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli(*args, "--out_dir", whole).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT.format(n=FLUSH_EVERY + 5), *args, "--out_dir", killed],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = killed / PARTIAL
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 1 + FLUSH_EVERY and json.loads(lines[0])["kind"] == "settings"
+    assert lines[1:] == (whole / "items.jsonl").read_text().splitlines()[:FLUSH_EVERY]
+    with partial.open("a") as f:
+        f.write('{"kind": "qa", "question": "第')  # a line that a kill cut
+    asked = stopping_after(monkeypatch, "answer", 40)
+    r = run_cli(*args, "--out_dir", killed)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming: {FLUSH_EVERY} of 40 QA and 0 of 5 multiple-choice items are answered in {partial}." in r.stdout
+    assert asked == [f"第{i}句话的情感是什么" for i in range(FLUSH_EVERY, 40)]
+    for name in ("eval.json", "items.jsonl"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert sorted(p.name for p in killed.iterdir()) == ["eval.json", "items.jsonl"]
+
+
+def test_eval_stopped_by_ctrl_c_keeps_every_answer_and_sampled_answers_resume_alike(tmp_path, qa_and_mc, monkeypatch):
+    """Ctrl-C in the multiple choice: every answer and pick so far is written, not only whole batches; with
+    temperature 1 each item's draws are seeded by its number, so the resumed run samples what an unstopped one does."""
+    from babyllama.evaluate import PARTIAL, evaluate
+    from babyllama.sampling import Sampling
+
+    kw = {"qa": qa_and_mc["qa"], "mc": qa_and_mc["mc"], "sampling": Sampling(max_new_tokens=4, temperature=1.0)}
+    whole = evaluate(qa_and_mc["ck"], tmp_path / "whole", **kw)
+    picked = stopping_after(monkeypatch, "mc_choices", 2)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa_and_mc["ck"], tmp_path / "stopped", **kw)
+    lines = (tmp_path / "stopped" / PARTIAL).read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in lines] == ["settings"] + ["qa"] * 40 + ["mc"] * 2
+    monkeypatch.undo()
+    asked, picked = stopping_after(monkeypatch, "answer", 40), stopping_after(monkeypatch, "mc_choices", 5)
+    assert evaluate(qa_and_mc["ck"], tmp_path / "stopped", **kw) == whole
+    assert asked == [] and picked == ["问题2", "问题3", "问题4"]
+    assert (tmp_path / "stopped" / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text()
+
+
+def test_eval_with_another_checkpoint_or_other_settings_starts_over_and_says_so(tmp_path, qa_and_mc, monkeypatch,
+                                                                                bpe_tokenizer, capsys):
+    from babyllama.evaluate import PARTIAL, evaluate
+    from babyllama.sampling import Sampling
+
+    save_checkpoint(tmp_path / "ck2", sharp_model(tiny_config(vocab_size=600), seed=1), bpe_tokenizer)
+    out, first = tmp_path / "out", "第0句话的情感是什么"
+    for checkpoint, tokens, limit, differ, asked in (
+            (qa_and_mc["ck"], 4, 0, None, first), (qa_and_mc["ck"], 4, 0, None, "第5句话的情感是什么"),  # resumed
+            (qa_and_mc["ck"], 3, 0, "sampling", first), (tmp_path / "ck2", 3, 0, "weights_sha256", first),
+            (tmp_path / "ck2", 3, 10, "qa_items", first)):
+        calls = stopping_after(monkeypatch, "answer", 5)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(checkpoint, out, qa=qa_and_mc["qa"], sampling=Sampling(max_new_tokens=tokens), limit=limit)
+        notes = [x for x in capsys.readouterr().out.splitlines() if "starts over" in x]
+        assert notes == ([f"note: {out / PARTIAL} holds the answers of another checkpoint or other settings "
+                          f"({differ}), so eval starts over."] if differ else [])
+        assert calls[0] == asked
+        monkeypatch.undo()
+    (out / PARTIAL).write_text('{"kind": "sett')  # a settings line cut by a kill
+    evaluate(qa_and_mc["ck"], out, qa=qa_and_mc["qa"], sampling=Sampling(max_new_tokens=2), limit=3)
+    assert (f"note: {out / PARTIAL} holds the answers of another checkpoint or other settings (its first line is "
+            "cut), so eval starts over.") in capsys.readouterr().out
+    assert len((out / "items.jsonl").read_text().splitlines()) == 3 and not (out / PARTIAL).exists()
+
+
+def test_eval_reads_an_earlier_eval_json_once(tmp_path, bpe_tokenizer, monkeypatch):
+    from babyllama.evaluate import evaluate, refuse_to_overwrite
+    from babyllama.sampling import Sampling
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    evaluate(tmp_path / "ck", tmp_path / "out", sampling=Sampling(max_new_tokens=2))
+    reads, real = [], type(tmp_path).read_text
+
+    def read_text(self, *args, **kwargs):
+        reads.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "read_text", read_text)
+    refuse_to_overwrite(tmp_path / "out", tmp_path / "ck")
+    assert reads == ["eval.json"]

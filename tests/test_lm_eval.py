@@ -8,7 +8,7 @@ import random
 import pytest
 
 from babyllama.checkpoint import save_checkpoint
-from babyllama.evaluate import ModelScorer, read_mc, score_mc
+from babyllama.evaluate import ModelScorer, mc_choices, mc_summary, read_mc
 from babyllama.export import export
 from tests.conftest import running, sharp_model, tiny_config
 
@@ -44,9 +44,9 @@ def ceval(bpe_tokenizer, tmp_path_factory):
     (tmp / "net_val.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in items))
     (tmp / "tasks").mkdir()
     (tmp / "tasks" / "local_ceval.yaml").write_text(TASK.format(path=tmp / "net_val.jsonl"))
-    summary, ours = score_mc(read_mc([tmp / "net_val.jsonl"])[0], ModelScorer(model), bpe_tokenizer)
+    ours = [mc_choices(it, ModelScorer(model), bpe_tokenizer) for it in read_mc([tmp / "net_val.jsonl"])[0]]
     return {"dir": tmp, "model": model, "letters": [r["letter_choice"] for r in ours],
-            "accuracy": summary["overall"]["letter_accuracy"]}
+            "accuracy": mc_summary(ours)["overall"]["letter_accuracy"]}
 
 
 def lm_eval_letters(ceval, monkeypatch, **kwargs) -> tuple[list[str], float]:

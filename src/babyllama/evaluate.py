@@ -3,7 +3,9 @@
     babyllama eval runs/demo/sft/final --data runs/demo/tokens --qa runs/demo/data/eval.jsonl \
         --mc ceval/val/*.csv --train_data runs/demo/data/sft.jsonl --out_dir runs/demo/eval
 
-Writes OUT/eval.json (every number) and OUT/items.jsonl (one line per scored item).
+Writes OUT/eval.json (every number) and OUT/items.jsonl (one line per scored item). QA answers and
+multiple-choice picks are appended to OUT/items.jsonl.partial as they come, so that a stopped eval, run
+again with the same checkpoint and settings, goes on from where it stopped.
   * language modelling: mean loss, perplexity and bits per byte of UTF-8 text on the val split,
     so models with different tokenizers compare (an <eos> is scored and counts 0 bytes);
   * continuations of plain-text prompts (the recipe's by default);
@@ -18,14 +20,19 @@ Writes OUT/eval.json (every number) and OUT/items.jsonl (one line per scored ite
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, replace
+from itertools import islice
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -41,7 +48,7 @@ from babyllama.data.sources import (
     output_kind,
     records_text,
 )
-from babyllama.errors import UserError, require, write_whole
+from babyllama.errors import UserError, cannot_write, require, write_whole, writing
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -107,12 +114,13 @@ def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: in
 def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampling | None = None,
                   max_new_tokens: int = 64) -> list[dict]:
     """Continuations of at most max_new_tokens (and s's), sampled as s says (default: sampling.Sampling,
-    greedy); a prompt starts after an <eos>, as a document does in the shards."""
+    greedy, the i-th prompt's draws seeded with i: seeded); a prompt starts after an <eos>, as a document does
+    in the shards."""
     s = s or Sampling()
     s = replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
     out = []
-    for prompt in progress(prompts, desc="continuations", unit=" prompt"):
-        ids = model.generate(text_prompt(tokenizer, prompt), **s.generate_kwargs(),
+    for i, prompt in enumerate(progress(prompts, desc="continuations", unit=" prompt")):
+        ids = model.generate(text_prompt(tokenizer, prompt), **s.generate_kwargs(), generator=seeded(model, s, i),
                              **tokenizer.generation_kwargs(model.cfg.vocab_size))
         out.append({"prompt": prompt, "continuation": tokenizer.decode_complete(ids)})
     return out
@@ -179,14 +187,22 @@ def _reference(value) -> str:
     return str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
 
 
-def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None) -> str:
+def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None,
+           generator: torch.Generator | None = None) -> str:
     """The answer in the chat format (the same ids SFT trained on, up to the answer), sampled as s says
-    (default: sampling.Sampling, greedy); it ends at <eos>, max_new_tokens or the end of the context,
-    less a character that the end cut (Tokenizer.decode_complete)."""
+    (default: sampling.Sampling, greedy) with generator's draws; it ends at <eos>, max_new_tokens or the end of
+    the context, less a character that the end cut (Tokenizer.decode_complete)."""
     s = s or Sampling()
     prompt = render_prompt(tokenizer, Conversation([(question, "")]))
-    ids = model.generate(prompt, **s.generate_kwargs(), **tokenizer.generation_kwargs(model.cfg.vocab_size))
+    ids = model.generate(prompt, **s.generate_kwargs(), generator=generator,
+                         **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return tokenizer.decode_complete(ids).strip()
+
+
+def seeded(model, s: Sampling, seed: int) -> torch.Generator | None:
+    """The draws of the item numbered seed when s samples (temperature > 0): a generator seeded with it, so that
+    an item gets the same answer whether or not the run stopped and resumed before it; None for greedy."""
+    return torch.Generator(model.rope_cos.device).manual_seed(seed) if s.temperature > 0 else None
 
 
 def lcs_length(a: str, b: str) -> int:
@@ -229,21 +245,24 @@ def bleu(predictions: list[str], references: list[str]) -> dict:
     }
 
 
-def score_qa(items: list[dict]) -> dict:
-    """Scores per task (items carry prediction and reference)."""
-    by_task = defaultdict(list)
+def score_qa(items: Iterable[dict]) -> dict:
+    """Scores per task of items that carry task, prediction and reference, read once (items.jsonl's lines, one
+    at a time): only the predictions and references are held, which corpus BLEU needs."""
+    by_task: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
     for it in items:
-        by_task[it["task"]].append(it)
+        preds, refs = by_task[it["task"]]
+        preds.append(it["prediction"])
+        refs.append(it["reference"])
     out = {}
-    for task, its in by_task.items():
-        preds, refs = [i["prediction"] for i in its], [i["reference"] for i in its]
-        scores = {"items": len(its), **bleu(preds, refs),
-                  "rouge_l": sum(map(rouge_l, preds, refs)) / len(its),
-                  "char_f1": sum(map(char_f1, preds, refs)) / len(its),
-                  "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / len(its)}
+    for task, (preds, refs) in by_task.items():
+        n = len(preds)
+        scores = {"items": n, **bleu(preds, refs),
+                  "rouge_l": sum(map(rouge_l, preds, refs)) / n,
+                  "char_f1": sum(map(char_f1, preds, refs)) / n,
+                  "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n}
         labels = Counter(refs)
-        scores["majority_baseline"] = labels.most_common(1)[0][1] / len(its)  # always answering the commonest
-        if len(labels) <= 10 and len(its) >= 3 * len(labels):  # a classification task
+        scores["majority_baseline"] = labels.most_common(1)[0][1] / n  # always answering the commonest
+        if len(labels) <= 10 and n >= 3 * len(labels):  # a classification task
             scores["accuracy"] = scores["exact_match"]
             scores["labels"] = dict(labels)
         out[task] = scores
@@ -328,28 +347,32 @@ def split_continuation(tokenizer: Tokenizer, context: str, continuation: str) ->
     return whole[:k], whole[k:]
 
 
-def score_mc(items: list[dict], scorer, tokenizer: Tokenizer) -> tuple[dict, list[dict]]:
-    """Accuracy by letter and by option text (log-likelihood per token), overall and per subject."""
-    results = []
-    for it in progress(items, desc="multiple choice", unit=" item"):
-        options = "".join(f"\n{c}. {it['options'][c]}" for c in LETTERS)
-        by_letter = {c: scorer.logprob(*split_continuation(tokenizer, f"{it['question']}{options}\n答案：", c))
-                     for c in LETTERS}
-        by_text = {}
-        for c in LETTERS:
-            context, ids = split_continuation(tokenizer, f"{it['question']}\n答案：", it["options"][c])
-            by_text[c] = scorer.logprob(context, ids) / len(ids)
-        results.append({**it, "letter_choice": max(by_letter, key=by_letter.get),
-                        "text_choice": max(by_text, key=by_text.get)})
+def mc_choices(it: dict, scorer, tokenizer: Tokenizer) -> dict:
+    """The item with the option that the log-likelihood of its letter picks (letter_choice) and the one that
+    the log-likelihood per token of its text picks (text_choice)."""
+    options = "".join(f"\n{c}. {it['options'][c]}" for c in LETTERS)
+    by_letter = {c: scorer.logprob(*split_continuation(tokenizer, f"{it['question']}{options}\n答案：", c))
+                 for c in LETTERS}
+    by_text = {}
+    for c in LETTERS:
+        context, ids = split_continuation(tokenizer, f"{it['question']}\n答案：", it["options"][c])
+        by_text[c] = scorer.logprob(context, ids) / len(ids)
+    return {**it, "letter_choice": max(by_letter, key=by_letter.get), "text_choice": max(by_text, key=by_text.get)}
 
-    def accuracy(rs: list[dict]) -> dict:
-        return {"items": len(rs), "letter_accuracy": sum(r["letter_choice"] == r["answer"] for r in rs) / len(rs),
-                "text_accuracy": sum(r["text_choice"] == r["answer"] for r in rs) / len(rs)}
 
-    subjects = sorted({r["subject"] for r in results})
-    summary = {"overall": accuracy(results),
-               "subjects": {s: accuracy([r for r in results if r["subject"] == s]) for s in subjects}}
-    return summary, results
+def mc_summary(results: Iterable[dict]) -> dict:
+    """Accuracy by letter and by option text, overall and per subject, of items scored by mc_choices, read once
+    (items.jsonl's lines, one at a time): only the counts are held."""
+    overall, subjects = Counter(), defaultdict(Counter)
+    for r in results:
+        for counts in (overall, subjects[r["subject"]]):
+            counts.update(items=1, letter=r["letter_choice"] == r["answer"], text=r["text_choice"] == r["answer"])
+
+    def accuracy(c: Counter) -> dict:
+        return {"items": c["items"], "letter_accuracy": c["letter"] / c["items"],
+                "text_accuracy": c["text"] / c["items"]}
+
+    return {"overall": accuracy(overall), "subjects": {s: accuracy(subjects[s]) for s in sorted(subjects)}}
 
 
 # --- leakage ---
@@ -404,6 +427,121 @@ def eval_files_in(train_data: Sequence[str | Path], *eval_data: Sequence[str]) -
     return both
 
 
+# --- resuming ---
+
+PARTIAL = "items.jsonl.partial"  # in OUT while eval runs: a settings line, then items.jsonl's lines so far
+FLUSH_EVERY = 32  # items a write: a kill -9 loses fewer answers than this (Ctrl-C, SIGTERM and a crash lose none)
+
+
+def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: list[dict], mc_items: list[dict]) -> dict:
+    """What the answers in items.jsonl.partial depend on, its first line: the SHA-256 of the checkpoint's weights,
+    the device type, the sampling settings, and the SHA-256 of the QA and multiple-choice items asked (as read,
+    after --limit). A rerun goes on with the answers only when all of these are the same."""
+    from babyllama.checkpoint import weights_sha256
+
+    def digest(items: list[dict]) -> str:
+        h = hashlib.sha256()
+        for it in items:  # one at a time: no copy of them all
+            h.update(json.dumps(it, ensure_ascii=False).encode() + b"\n")
+        return h.hexdigest()
+
+    return {"kind": "settings", "weights_sha256": weights_sha256(checkpoint), "device": model.rope_cos.device.type,
+            "sampling": asdict(sampling), "qa_items": digest(qa_items), "mc_items": digest(mc_items)}
+
+
+def answered(path: Path, settings: dict, n_qa: int, n_mc: int) -> int:
+    """How many items path (items.jsonl.partial) holds answered under settings, in order: n_qa QA items, then
+    n_mc multiple-choice items. The file is cut after the last whole one (a line cut by a kill -9, and what
+    follows it, is dropped); a file written under other settings, or none, is started anew with the settings
+    line, and 0 returned (a note says why)."""
+    done, end, before = 0, 0, None
+    if path.is_file():
+        with path.open("rb") as f:
+            before = _json_line(f.readline())
+            if before == settings:
+                end = f.tell()
+                for line in f:
+                    kind = "qa" if done < n_qa else "mc" if done < n_qa + n_mc else None  # of the next item
+                    if (_json_line(line) or {}).get("kind", "") != kind:
+                        break
+                    done, end = done + 1, end + len(line)
+    if end:
+        os.truncate(path, end)
+        return done
+    if path.is_file():
+        differ = [k for k in settings if before.get(k) != settings[k]] if before else ["its first line is cut"]
+        print(f"note: {path} holds the answers of another checkpoint or other settings ({', '.join(differ)}), "
+              "so eval starts over.")
+    with writing(path, path):  # a settings line cut by a full disk is removed
+        path.write_text(json.dumps(settings, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+def _json_line(line: bytes) -> dict | None:
+    """The JSON object of a whole line (ending in a newline), else None."""
+    try:
+        value = json.loads(line) if line.endswith(b"\n") else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Appender:
+    """items.jsonl.partial open for appending: items are written FLUSH_EVERY at a time, as whole lines, and are
+    on the disk (fsync) before the next ones are generated."""
+
+    def __init__(self, file: IO[str]):
+        self.file, self.lines = file, []
+
+    def append(self, item: dict) -> None:
+        self.lines.append(json.dumps(item, ensure_ascii=False) + "\n")
+        if len(self.lines) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        text = "".join(self.lines)
+        self.lines.clear()  # first: lines that a Ctrl-C stopped half written are not written again after them
+        self.file.write(text)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+
+@contextmanager
+def appending(path: Path) -> Iterator[Appender]:
+    """An Appender to path, whose items are written when the body ends however it ends: Ctrl-C, SIGTERM or an
+    error keep the answers so far (a kill -9 loses those not yet flushed). CannotWrite where the disk refuses
+    them (errors.cannot_write), the file as it was (a line that a full disk cut is dropped by the next run)."""
+    file = path.open("a", encoding="utf-8")
+    log = Appender(file)
+    try:
+        yield log
+        log.flush()
+    except BaseException as e:
+        if not isinstance(e, OSError):  # an OSError is the write's own: what it cut is not written again after it
+            with suppress(OSError):
+                log.flush()
+        cannot_write(e, path, None, file)
+    file.close()
+
+
+def logged(path: Path, kind: str) -> Iterator[dict]:
+    """The items of kind ("qa" or "mc") in path (items.jsonl.partial), one at a time."""
+    with path.open(encoding="utf-8") as f:
+        next(f)  # the settings
+        yield from (item for item in map(json.loads, f) if item["kind"] == kind)
+
+
+def write_items(partial: Path, path: Path) -> None:
+    """items.jsonl at path: the items of partial (items.jsonl.partial) without its settings line, copied a block
+    at a time, whole or not at all (a temporary renamed over it, as errors.write_whole)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path, tmp):
+        with partial.open(encoding="utf-8") as src, tmp.open("w", encoding="utf-8") as f:
+            next(src)
+            shutil.copyfileobj(src, f)
+        tmp.replace(path)
+
+
 # --- everything ---
 
 
@@ -415,14 +553,15 @@ def checkpoint_record(checkpoint: str | Path, out: Path) -> dict:
             "checkpoint_relative": os.path.relpath(real, out.resolve())}
 
 
-def _is_our_result(path: Path) -> bool:
-    """Whether path is an eval.json that evaluate wrote: an object with a checkpoint string and a list of
-    continuations, which every eval has."""
+def _our_result(path: Path) -> dict | None:
+    """The eval.json at path if evaluate wrote it (an object with a checkpoint string and a list of continuations,
+    which every eval has), else None."""
     try:
         r = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(r, dict) and isinstance(r.get("checkpoint"), str) and isinstance(r.get("continuations"), list)
+        return None
+    ours = isinstance(r, dict) and isinstance(r.get("checkpoint"), str) and isinstance(r.get("continuations"), list)
+    return r if ours else None
 
 
 def _are_our_items(path: Path) -> bool:
@@ -437,15 +576,17 @@ def _are_our_items(path: Path) -> bool:
 
 def refuse_to_overwrite(out: Path, checkpoint: str | Path) -> None:
     """Raise UserError when this eval would overwrite, in out, an eval.json or items.jsonl that babyllama
-    eval did not write (_is_our_result, _are_our_items) or the eval of another checkpoint (by real path or
+    eval did not write (_our_result, _are_our_items) or the eval of another checkpoint (by real path or
     by path relative to out; an eval.json without checkpoint_path: its checkpoint as written)."""
-    for f, ours in ((out / "eval.json", _is_our_result), (out / "items.jsonl", _are_our_items)):
-        if f.exists() and not ours(f):
-            raise UserError(f"{f} was not written by babyllama eval, which would overwrite it; pass another "
-                            "--out_dir (or move that file away).")
-    if not (out / "eval.json").exists():
+    result, items = out / "eval.json", out / "items.jsonl"
+    before = _our_result(result) if result.exists() else None  # read once: what is checked is what is compared
+    theirs = [f for f, ours in ((result, before is not None), (items, _are_our_items(items)))
+              if f.exists() and not ours]
+    if theirs:
+        raise UserError(f"{theirs[0]} was not written by babyllama eval, which would overwrite it; pass another "
+                        "--out_dir (or move that file away).")
+    if before is None:
         return
-    before = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     scored, relative = Path(before.get("checkpoint_path") or before["checkpoint"]), before.get("checkpoint_relative")
     now = checkpoint_record(checkpoint, out)
     if str(scored.resolve()) != now["checkpoint_path"] and relative != now["checkpoint_relative"]:
@@ -506,30 +647,40 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
         if bad:
             print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
+    qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
+    sampling = sampling or Sampling()
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = checkpoint_record(checkpoint, out)
-    items: list[dict] = []
+    partial = out / PARTIAL
+    done = answered(partial, run_settings(checkpoint, model, sampling, qa_items, mc_items), len(qa_items),
+                    len(mc_items))
+    qa_done, mc_done = min(done, len(qa_items)), max(done - len(qa_items), 0)
+    if done:
+        print(f"resuming: {qa_done} of {len(qa_items)} QA and {mc_done} of {len(mc_items)} multiple-choice items "
+              f"are answered in {partial}.")
     if data:
         result["lm"] = lm_metrics(model, data, tokenizer)
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
+    if qa and no_reference:
+        print(f"note: {no_reference} QA items have no reference (missing or empty) and are not scored.")
+    with appending(partial) as log:
+        for i, it in progress(islice(enumerate(qa_items), qa_done, None), desc="QA", unit=" item",
+                              total=len(qa_items), initial=qa_done, disable=not qa):
+            log.append({"kind": "qa", **it,
+                        "prediction": answer(model, tokenizer, it["question"], sampling, seeded(model, sampling, i))})
+        for it in progress(islice(mc_items, mc_done, None), desc="multiple choice", unit=" item",
+                           total=len(mc_items), initial=mc_done, disable=not mc):
+            log.append({"kind": "mc", **mc_choices(it, ModelScorer(model), tokenizer)})
     if qa:
-        qa_items = qa_items[: limit or None]
-        if no_reference:
-            print(f"note: {no_reference} QA items have no reference (missing or empty) and are not scored.")
-        for it in progress(qa_items, desc="QA", unit=" item"):
-            it["prediction"] = answer(model, tokenizer, it["question"], sampling)
-        result["qa"] = score_qa(qa_items)
+        result["qa"] = score_qa(logged(partial, "qa"))
         result["qa_skipped_no_reference"] = no_reference
         result["qa_bad_records"] = len(qa_bad)
-        items += [{"kind": "qa", **it} for it in qa_items]
     if mc:
-        mc_items = mc_items[: limit or None]
-        result["mc"], scored = score_mc(mc_items, ModelScorer(model), tokenizer)
+        result["mc"] = mc_summary(logged(partial, "mc"))
         result["mc_bad_records"] = len(mc_bad)
-        items += [{"kind": "mc", **it} for it in scored]
     if train_data and (qa or mc):
-        questions = [it["question"] for it in items]
+        questions = [it["question"] for it in (*qa_items, *mc_items)]
         result["leakage"] = leakage(questions, train_files,
                                     eval_files=eval_files_in(train_files, [qa] if qa else [], mc or []))
         if not result["leakage"]["searched_documents"]:
@@ -538,6 +689,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         elif result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
-    write_whole(out / "items.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    write_items(partial, out / "items.jsonl")
     write_whole(out / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: the results
+    partial.unlink()
     return result
