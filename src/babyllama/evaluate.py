@@ -629,6 +629,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
              sampling: Sampling | None = None, limit: int = 0, device: str = DEVICE) -> dict:
     """Every evaluation asked for, written to OUT/eval.json and OUT/items.jsonl; returns eval.json's content.
+    QA answers and multiple-choice picks go to OUT/items.jsonl.partial as they come, and a run with the same
+    settings goes on after those it holds (answered); it is removed at the end.
     sampling: how QA answers and continuations are generated (default: sampling.Sampling). Every input and out
     are checked before the model loads, and out is made only then: UserError as check_out_dir_of_eval,
     check_lm_data, read_prompts, read_qa, read_mc and expand_inputs (of train_data) raise."""
