@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from babyllama.chat import decode_stream, prompt_ids, until_stop
+from babyllama.chat import Detokenizer, decode_stream, prompt_ids, until_stop
 from babyllama.chat_format import Conversation, render_prompt
 from babyllama.checkpoint import save_checkpoint
 from tests.conftest import favours_control_ids, run_cli, sharp_model, tiny_config
@@ -128,6 +128,26 @@ def test_decode_stream_gives_the_pieces_of_decoding_everything_each_time(kind, b
     for ids in cases:
         assert list(decode_stream(tok, iter(ids))) == list(decode_each_time(tok, iter(ids))), ids
     assert "".join(decode_stream(tok, iter(cases[0]))) == tok.decode(cases[0])
+
+
+@pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
+def test_detokenizer_length_is_the_length_of_decoding_all_ids_after_each_id(kind, bpe_tokenizer, tmp_path):
+    """Also where the ids end inside a character (U+FFFD, one per byte for SentencePiece), in a run of byte pieces
+    that Llama 2's decoder spoils as a whole, or after control ids: the text_offset of serve's logprobs."""
+    tok = tokenizer_of(kind, bpe_tokenizer, tmp_path)
+    rng = random.Random(1)
+    chars = ["中文", " a", "😀", "𠀀", "。", "  ", "你好 world", "é"]
+    cases = [tok.encode("".join(rng.choice(chars) for _ in range(200)))]
+    for _ in range(40):
+        raw = [tok._byte_id(b) for b in "".join(rng.choice(["中", "😀", "é", " ", "a"]) for _ in range(20)).encode()]
+        cases += [[rng.randrange(tok.vocab_size) for _ in range(40)],
+                  [b if rng.random() < 0.9 else rng.randrange(tok.vocab_size) for b in raw]]
+    for ids in cases:
+        d, lengths = Detokenizer(tok), []
+        for i in ids:
+            d.add(i)
+            lengths.append(d.length)
+        assert lengths == [len(tok.decode(ids[: t + 1])) for t in range(len(ids))], ids
 
 
 def test_decode_stream_decodes_a_short_window_per_id(bpe_tokenizer, monkeypatch):

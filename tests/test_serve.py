@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
@@ -16,22 +17,25 @@ import pytest
 from babyllama.chat import Sampling, reply
 from babyllama.chat_format import Conversation
 from tests.conftest import running, sharp_model, tiny_config
+from tests.test_tokenizer import tokenizer_of
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 
 class SlowModel:
-    """The model with a small delay per forward, so a generation lasts long enough to interrupt."""
+    """The model with a small delay per forward, so a generation lasts long enough to interrupt; it counts the
+    tokens it streams (calls) and the shape of each input given to it whole (forwards: the scoring ones)."""
 
     def __init__(self, model, delay: float):
-        self.model, self.delay, self.calls = model, delay, 0
+        self.model, self.delay, self.calls, self.forwards = model, delay, 0, []
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def __call__(self, idx, *args, **kwargs):
+        self.forwards.append(tuple(idx.shape))
+        return self.model(idx, *args, **kwargs)
 
     def stream(self, *args, **kwargs):
         for token in self.model.stream(*args, **kwargs):
@@ -152,7 +156,7 @@ def test_chat_logprobs_are_the_models_log_softmax_of_the_answer(server):
     assert [c.logprob for c in content] == pytest.approx(expected, abs=1e-5) and len(content) == len(answer)
     assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
                for c in content)  # greedy: each token is its position's most likely
-    assert all(c.bytes is None or bytes(c.bytes).decode() == c.token for c in content)
+    assert b"".join(bytes(c.bytes) for c in content).decode(errors="replace") == tok.decode(answer)  # the text's bytes
     plain = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "今天天气"}],
                                                    max_tokens=5)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
@@ -189,6 +193,98 @@ def test_a_body_sent_as_curl_d_sends_it_gets_a_400_that_says_the_content_type(se
     assert r.json()["error"]["message"] == ("body: a JSON object of the request's fields (see the README); got 32 "
                                             "bytes that were not read as JSON (send the body with Content-Type: "
                                             "application/json)")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
+def test_a_logprobs_token_is_its_text_and_bytes_and_part_of_a_character_is_written_as_openai_does(
+        kind, bpe_tokenizer, tmp_path):
+    from babyllama.serve import logprob_token
+
+    tok = tokenizer_of(kind, bpe_tokenizer, tmp_path)
+    pieces = [logprob_token(tok, tok._byte_id(b)) for b in "中".encode()]  # <0xE4> or a byte-level BPE's ä
+    assert pieces == [("bytes:\\xe4", [0xE4]), ("bytes:\\xb8", [0xB8]), ("bytes:\\xad", [0xAD])]
+    assert logprob_token(tok, tok.encode("a the")[-1]) == (" the", [32, 116, 104, 101])  # ▁the: its space kept
+    assert logprob_token(tok, tok.eos_id) == ("</s>", None) and logprob_token(tok, tok.bos_id) == ("<s>", None)
+    text = "你好 the 中文。"
+    lead = b"" if kind == "bpe" else b" "  # the ▁ that SentencePiece puts before a text and decoding drops
+    assert b"".join(bytes(raw) for _, raw in map(partial(logprob_token, tok), tok.encode(text))) == lead + text.encode()
+
+
+def test_logprobs_of_partial_characters_in_completions_and_chat_are_openais(server):
+    """"中" as three byte tokens: `bytes:\\xe4` and its bytes, never the vocabulary's `ä` or `<0xE4>`."""
+    from babyllama.serve import Generation, score
+
+    tok, model = server["tokenizer"], server["model"].model
+    zhong = [tok._byte_id(b) for b in "中".encode()]
+    prompt = [tok.eos_id, *tok.encode("你好"), *zhong, *tok.encode(" the")]
+    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                            "logprobs": 1}, timeout=30).json()["choices"][0]
+    tokens = ["</s>", "你", "好", "bytes:\\xe4", "bytes:\\xb8", "bytes:\\xad", " the"]
+    assert r["logprobs"]["tokens"] == tokens and r["text"] == "你好中 the"
+    assert r["logprobs"]["text_offset"] == [len(tok.decode(prompt[:t])) for t in range(len(prompt))]
+    gen = Generation(model, tok, threading.Lock(), prompt[:3], Sampling(max_new_tokens=3), ids=zhong, top_logprobs=2)
+    score([gen])
+    content = gen.chat_logprobs()["content"]
+    assert [(c["token"], c["bytes"]) for c in content] == [("bytes:\\xe4", [0xE4]), ("bytes:\\xb8", [0xB8]),
+                                                           ("bytes:\\xad", [0xAD])]
+    assert [len(c["top_logprobs"]) for c in content] == [2, 2, 2]
+
+
+def test_logprobs_decode_each_id_about_once(server, monkeypatch):
+    """text_offset decodes incrementally (chat.Detokenizer) and each token's text and bytes come from one table
+    (Tokenizer.id_bytes): a 120-token echo decodes a short window per token, not each prefix again."""
+    from babyllama.serve import Generation, score
+
+    tok = server["tokenizer"]
+    prompt = [tok.eos_id, *tok.encode("今天天气很好，the 中文 𠀀 " * 12)][:120]
+    gen = Generation(server["model"].model, tok, threading.Lock(), prompt, Sampling(max_new_tokens=1),
+                     echo="", top_logprobs=5, score_only=True)
+    score([gen])
+    tok.id_bytes()  # built once per tokenizer
+    offsets = [len(tok.decode(prompt[:t])) for t in range(len(prompt))]  # the definition: 7,140 ids decoded
+    decoded, decode = [], type(tok).decode
+    monkeypatch.setattr(type(tok), "decode", lambda self, ids: decoded.append(len(ids)) or decode(self, ids))
+    assert gen.logprobs()["text_offset"] == offsets
+    assert len(decoded) == len(prompt) + 1 and max(decoded) == 5  # a call per id (+ the anchor's): 𠀀's 4 bytes at most
+
+
+def test_a_list_of_prompts_is_scored_in_batches_with_the_logprobs_each_gets_alone(server, monkeypatch):
+    """lm-evaluation-harness's loglikelihood requests (token ids, echo, logprobs 1, max_tokens 1): one padded
+    forward for the list, whose last rows also pick each answer's token, and the numbers of each prompt alone."""
+    import torch
+
+    from babyllama import serve
+
+    tok, model, slow = server["tokenizer"], server["model"].model, server["model"]
+    zhong = [tok._byte_id(b) for b in "中".encode()]
+    prompts = [[tok.eos_id, *tok.encode(t)] for t in ("今天天气很好", "北京是", "the 质量", "好")]
+    prompts[2] += zhong  # ends inside a character
+    body = {"model": "tiny", "echo": True, "logprobs": 2, "temperature": 0}
+    post = lambda prompt, **kw: httpx.post(server["url"] + "/v1/completions", json=body | kw | {"prompt": prompt},  # noqa: E731
+                                           timeout=30).json()["choices"]
+    assert list(map(len, prompts)) == [11, 6, 10, 2]
+    for max_tokens, batches, limit in ((1, [(4, 11)], 2048), (1, [(2, 6), (1, 10), (1, 11)], 14), (3, [(4, 14)], 2048)):
+        monkeypatch.setattr(serve, "MAX_BATCH_POSITIONS", limit)
+        alone = [post(p, max_tokens=max_tokens)[0] for p in prompts]
+        slow.forwards.clear()
+        streamed = slow.calls
+        together = sorted(post(prompts, max_tokens=max_tokens), key=lambda c: c["index"])
+        assert slow.forwards == batches  # sorted by length, within the limit of positions
+        assert slow.calls - streamed == (0 if max_tokens == 1 else sum(len(c["logprobs"]["tokens"]) for c in alone)
+                                         - sum(map(len, prompts)))  # one token: from the scoring forward, no stream
+        for a, b, prompt in zip(alone, together, prompts, strict=True):
+            assert (b["text"], b["finish_reason"], b["logprobs"]["tokens"], b["logprobs"]["text_offset"]) == (
+                a["text"], a["finish_reason"], a["logprobs"]["tokens"], a["logprobs"]["text_offset"])
+            (lp, top), (lp_alone, top_alone) = ([c["logprobs"][k][1:] for k in ("token_logprobs", "top_logprobs")]
+                                                for c in (b, a))
+            assert lp == pytest.approx(lp_alone, abs=1e-5) and list(map(list, top)) == list(map(list, top_alone))
+            answer = model.generate(prompt, max_new_tokens=max_tokens, **tok.generation_kwargs(model.cfg.vocab_size))
+            ids = prompt + answer
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0][0, :-1].float(), dim=-1)  # (T-1, V)
+            expected = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+            assert b["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-5)
+            assert b["text"] == tok.decode(prompt) + tok.decode_complete(answer)
 
 
 def test_max_tokens_0_with_echo_scores_the_prompt_alone(server):
@@ -445,7 +541,7 @@ def test_seed_makes_sampling_repeatable(server):
 
 def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
 
-    from babyllama.serve import Generation
+    from babyllama.serve import Generation, score
     from tests.conftest import favours_control_ids
 
     model = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=32)), {300: 100.0})  # no <eos>
@@ -458,6 +554,7 @@ def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
     "".join(gen.pieces())
     assert (gen.finish_reason, len(gen.ids)) == ("stop", 0)
     gen.echo, gen.top_logprobs = "", 1  # the <eos> it said ends its logprobs: lm-eval drops an echo's last token
+    score([gen])
     lp = gen.logprobs()
     assert len(lp["tokens"]) == 11 and lp["tokens"][-1] == bpe_tokenizer.id_to_piece(2)
     assert lp["token_logprobs"][-1] == pytest.approx(0.0, abs=1e-4)  # its logit was raised by 100

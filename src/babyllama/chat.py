@@ -25,39 +25,65 @@ def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_n
     return render_prompt(tokenizer, conv, max(1, max_seq_len - min(max_new_tokens, max_seq_len // 2)))
 
 
-def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces as ids arrive; a character split over several ids comes out whole, and one that the
-    end of the ids cuts (max_new_tokens) not at all (Tokenizer.decode_complete).
+class Detokenizer:
+    """The text of ids added one at a time, decoded incrementally as TGI's and vLLM's detokenizers do.
 
-    Incremental, as TGI's and vLLM's detokenizers: once some text is shown, each id decodes only
-    the ids not shown yet after an anchor token (Tokenizer.anchor_id, which makes them decode as
-    inside the text: a leading space is kept), and the new text is what they add to the anchor's.
-    So an answer of n ids costs O(n) decoded ids, not the O(n^2) of decoding all again per id. The
-    window spans more than the new id only while the text ends in U+FFFD (a character not complete
-    yet, or bytes that are not UTF-8) or ends in a byte piece that decodes with the next ones
-    (Tokenizer.grouped_byte_ids). The pieces are those of decoding all ids each time."""
-    grouped = tokenizer.grouped_byte_ids()
-    out: list[int] = []
-    head: list[int] = []  # [] while nothing is shown (the text's start), then [anchor]
-    head_text = ""
-    shown, text = "", ""  # the decoded text of head + the ids shown, of head + out
+    Once some text is decoded, each id decodes only the ids since the last cut (the window) after an anchor
+    token (Tokenizer.anchor_id, which makes them decode as inside the text: a leading space is kept), and
+    their text is what they add to the anchor's. So n ids cost O(n) decoded ids, not the O(n^2) of decoding
+    all again per id. The window is cut after an id whose text does not end in U+FFFD (a character not
+    complete yet, or bytes that are not UTF-8) and that is no byte piece decoding with the next ones
+    (Tokenizer.grouped_byte_ids). After each add, decode(all ids) is the text of the windows cut so far
+    (`before` characters) and then the window's text."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.grouped = tokenizer, tokenizer.grouped_byte_ids()
+        self.head: list[int] = []  # [] while nothing is decoded (the text's start), then [anchor]
+        self.head_text = ""
+        self.window: list[int] = []
+        self.text = ""  # the window's text
+        self.before = 0  # characters of the text before the window
+        self.cut = False  # the window ends after its last id: the next id starts a new one
+
+    def add(self, i: int) -> str:
+        """The window's text with id i added; the window is cut after it when its text is complete."""
+        if self.cut:
+            self.before, self.window = self.length, []
+            if not self.head:
+                self.head = [self.tokenizer.anchor_id()]
+                self.head_text = self.tokenizer.decode(self.head)
+        self.window.append(i)
+        self.text = self.tokenizer.decode(self.head + self.window)[len(self.head_text) :]
+        self.cut = bool(self.head or self.text) and not self.text.endswith("\ufffd") and i not in self.grouped
+        return self.text
+
+    @property
+    def length(self) -> int:
+        """Characters of the text of all ids so far: len(tokenizer.decode(ids))."""
+        return self.before + len(self.text)
+
+    def complete(self) -> str:
+        """The window's text less a character that the end of the ids cuts (Tokenizer.decode_complete)."""
+        return self.tokenizer.decode_complete(self.head + self.window)[len(self.head_text) :]
+
+
+def decode_stream(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Text pieces as ids arrive (Detokenizer: O(n) decoded ids); a character split over several ids comes
+    out whole, and one that the end of the ids cuts (max_new_tokens) not at all (Tokenizer.decode_complete).
+    The pieces are those of decoding all ids each time."""
+    d = Detokenizer(tokenizer)
+    shown = 0  # characters given
     for i in ids:
-        out.append(i)
-        text = tokenizer.decode(head + out)
+        text = d.add(i)
         if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the next id
             continue
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-        shown = text
-        if text and out[-1] not in grouped:  # the next window starts after the ids shown
-            if not head:
-                head = [tokenizer.anchor_id()]
-                head_text = tokenizer.decode(head)
-            out, shown = [], head_text
-    if text.endswith("\ufffd"):  # ended inside a character?
-        text = tokenizer.decode_complete(head + out)
-        if len(text) > len(shown):
-            yield text[len(shown) :]
+        if d.length > shown:
+            yield text[shown - d.before :]
+        shown = d.length
+    if d.text.endswith("\ufffd"):  # ended inside a character?
+        text = d.complete()
+        if d.before + len(text) > shown:
+            yield text[shown - d.before :]
 
 
 def until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, None, bool]:

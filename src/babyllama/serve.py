@@ -12,7 +12,9 @@ Every request is validated (types, ranges, sizes) and every error is {"error": {
 as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding.
 Tokenization runs in worker threads, so the event loop (and /health) never waits for it. Each
 request has its own KV cache; one lock lets one request at a time run a decoding step, so
-concurrent requests interleave safely. A client that disconnects stops its generation.
+concurrent requests interleave safely. A client that disconnects stops its generation. Logprobs of
+a list of prompts are scored in padded batches, and a one-token answer with logprobs (lm-evaluation-
+harness's loglikelihood requests) is picked from that same forward.
 """
 
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
@@ -28,7 +30,7 @@ from typing import Annotated, Literal, get_args, get_origin
 
 import torch
 
-from babyllama.chat import decode_stream, until_stop
+from babyllama.chat import Detokenizer, decode_stream, until_stop
 from babyllama.chat_format import (
     CHAT_TEMPLATE,
     Conversation,
@@ -38,6 +40,7 @@ from babyllama.chat_format import (
     text_prompt,
 )
 from babyllama.errors import UserError, require
+from babyllama.model import sample_next
 from babyllama.sampling import DEVICE, MAX_TEMPERATURE, Sampling
 from babyllama.tokenizer import Tokenizer
 
@@ -55,6 +58,7 @@ COMPLETION_MAX_TOKENS = 16  # an omitted max_tokens on /v1/completions, as OpenA
 MAX_PROMPTS = 32  # prompts in one /v1/completions request (lm-evaluation-harness sends its batch as a list)
 MAX_LOGPROBS = 5  # the most likely tokens per position that `logprobs` may ask for, as OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's limit
+MAX_BATCH_POSITIONS = 2048  # (B, T) positions of one scoring forward, whose logits are (B, T, V)
 PAGE = Path(__file__).with_name("chat_page.html")
 
 
@@ -273,6 +277,19 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 # --- generation ---
 
 
+def logprob_token(tokenizer: Tokenizer, i: int) -> tuple[str, list[int] | None]:
+    """A token as OpenAI's logprobs show it: its text and its UTF-8 bytes (Tokenizer.id_bytes, `▁的` with its
+    space). A token that is only part of a character (or bytes that are not UTF-8) is written `bytes:\\xe4`,
+    OpenAI's way, with its bytes; one that adds no text (`</s>`) is its vocabulary string, without bytes."""
+    raw = tokenizer.id_bytes()[i]
+    if raw is None:
+        return tokenizer.id_to_piece(i), None
+    try:
+        return raw.decode(), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
 @dataclass
 class Generation:
     """One request's answer: its text pieces, then how it ended and how many tokens it took."""
@@ -290,16 +307,21 @@ class Generation:
     said_eos: bool = False  # the answer ended with <eos>, which it does not hold
     score_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing is generated
     finish_reason: str = "length"
+    picked: int | None = None  # the one token of an answer that picks (picks), from the scoring forward
+    chosen: list[float] = field(default_factory=list)  # score: the log-probability of each of scored_ids()[1:]
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # score: the top_logprobs (id, logprob) there
 
     def tokens(self) -> Iterator[int]:
-        """model.stream, one decoding step at a time under the shared lock."""
+        """model.stream, one decoding step at a time under the shared lock; or the one token picked from
+        the scoring forward (score)."""
         if self.score_only:
             return
-        s = self.sampling
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(self.model.rope_cos.device).manual_seed(self.seed)
-        gen = self.model.stream(self.prompt, **s.generate_kwargs(), generator=generator,
+        if self.picks:
+            if self.picked != self.tokenizer.eos_id:
+                self.ids.append(self.picked)
+                yield self.picked
+            return
+        gen = self.model.stream(self.prompt, **self.sampling.generate_kwargs(), generator=self.generator(),
                                 **self.tokenizer.generation_kwargs(self.model.cfg.vocab_size))
         try:
             while True:
@@ -312,6 +334,12 @@ class Generation:
         finally:
             gen.close()
 
+    def generator(self) -> torch.Generator | None:
+        """The request's seeded random generator, on the model's device; None without a seed."""
+        if self.seed is None:
+            return None
+        return torch.Generator(self.model.rope_cos.device).manual_seed(self.seed)
+
     def pieces(self) -> Iterator[str]:
         """Text pieces until <eos>, max_tokens or a stop string; sets finish_reason."""
         stopped = yield from until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops)
@@ -321,60 +349,100 @@ class Generation:
         if stopped or self.said_eos:
             self.finish_reason = "stop"
 
-    @torch.no_grad()
-    def scored(self, ids: list[int]) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """Each token's log-probability after those before it (natural log of the model's softmax over its
-        fp32 logits, before temperature or top_p, as `babyllama eval` scores) and the top_logprobs most
-        likely (id, log-probability) there, for ids[1:]. One forward pass, (1, T) -> logits (1, T, V)."""
-        with self.lock:
-            logits, _ = self.model(torch.tensor([ids], device=self.model.rope_cos.device))
-        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): row t scores ids[t + 1]
-        chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
-        top_v, top_i = logp.topk(self.top_logprobs or 0, dim=-1)  # (T-1, k)
-        return chosen, [list(zip(i, v, strict=True)) for i, v in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+    @property
+    def picks(self) -> bool:
+        """Whether the answer is one token, scored: then the forward that scores the prompt also gives that
+        token (pick), and no other forward runs (lm-evaluation-harness's loglikelihood requests)."""
+        return self.top_logprobs is not None and self.sampling.max_new_tokens == 1 and not self.score_only
+
+    def scored_ids(self) -> list[int]:
+        """The ids whose logprobs are given: the prompt, the answer and the <eos> that ended it (the prompt
+        alone before a picked token is picked)."""
+        return self.prompt + self.ids + [self.tokenizer.eos_id] * self.said_eos
+
+    def pick(self, logits: torch.Tensor, logp: torch.Tensor) -> None:
+        """Pick the one new token from the logits (V,) after the prompt, as model.stream picks its first, and
+        keep its log-probability from logp (V,) (the log-softmax of those logits)."""
+        suppress = list(self.tokenizer.suppress_tokens(self.model.cfg.vocab_size))
+        logits[suppress] = -float("inf")
+        s = self.sampling
+        self.picked = sample_next(logits, self.prompt, s.temperature, s.top_k, s.top_p, s.repetition_penalty,
+                                  self.generator())
+        self.chosen.append(logp[self.picked].item())
 
     def logprobs(self) -> dict:
         """OpenAI's legacy completions `logprobs` of the answer's tokens (with echo, of the prompt's too, the
-        first one None as nothing precedes it): each token's text, its log-probability (scored), the
-        top_logprobs most likely tokens, and each token's text_offset in the choice's text. An answer that
-        ended with <eos> has it as its last token, as vLLM gives it (lm-evaluation-harness drops the last
-        token of an echo and would otherwise drop the prompt's)."""
-        ids = self.prompt + self.ids + [self.tokenizer.eos_id] * self.said_eos
+        first one None as nothing precedes it): each token's text (token), its log-probability (score), the
+        top_logprobs most likely tokens, and each token's text_offset in the choice's text: the length of
+        the text of the tokens before it, decoded once, incrementally (Detokenizer). An answer that ended with
+        <eos> has it as its last token, as vLLM gives it (lm-evaluation-harness drops the last token of an
+        echo and would otherwise drop the prompt's)."""
+        ids = self.scored_ids()
         start = 0 if self.echo is not None else len(self.prompt)
-        chosen, top = self.scored(ids)
-        top_dicts = [{self.token_text(i): v for i, v in row} for row in top]
-        return {"tokens": [self.token_text(i) for i in ids[start:]],
-                "token_logprobs": ([None] + chosen)[start:], "top_logprobs": ([None] + top_dicts)[start:],
-                "text_offset": [len(self.tokenizer.decode(ids[start:t])) for t in range(start, len(ids))]}
+        text = lambda i: logprob_token(self.tokenizer, i)[0]
+        top_dicts = [{text(i): v for i, v in row} for row in self.top]
+        decoded, offsets = Detokenizer(self.tokenizer), []
+        for i in ids[start:]:
+            offsets.append(decoded.length)
+            decoded.add(i)
+        return {"tokens": [text(i) for i in ids[start:]],
+                "token_logprobs": ([None] + self.chosen)[start:], "top_logprobs": ([None] + top_dicts)[start:],
+                "text_offset": offsets}
 
     def chat_logprobs(self) -> dict:
         """Chat's `logprobs`, {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]},
-        of the answer's tokens (scored; not the <eos> that ended it)."""
-        chosen, top = self.scored(self.prompt + self.ids)
-        n = len(self.prompt) - 1  # row n scores the answer's first token
-        entry = lambda i, lp: {"token": self.token_text(i), "logprob": lp, "bytes": self.token_bytes(i)}  # noqa: E731
+        of the answer's tokens (score; not the <eos> that ended it)."""
+        n, m = len(self.prompt) - 1, len(self.ids)  # row n scores the answer's first token
+
+        def entry(i: int, lp: float) -> dict:
+            text, raw = logprob_token(self.tokenizer, i)
+            return {"token": text, "logprob": lp, "bytes": raw}
+
         return {"content": [entry(i, lp) | {"top_logprobs": [entry(j, v) for j, v in row]}
-                            for i, lp, row in zip(self.ids, chosen[n:], top[n:], strict=True)]}
-
-    def alone(self, i: int) -> str | None:
-        """A token's text alone; None for one that is no text alone (a control token, a byte of a longer
-        character)."""
-        text = self.tokenizer.decode([i])
-        return text if text and "\ufffd" not in text else None
-
-    def token_text(self, i: int) -> str:
-        """A token's text, else its vocabulary string (`</s>`, `<0xE4>`), so that no two tokens of top_logprobs
-        share a key."""
-        return self.alone(i) or self.tokenizer.id_to_piece(i)
-
-    def token_bytes(self, i: int) -> list[int] | None:
-        """A token's UTF-8 bytes, as chat's logprobs give them; None for one that is no text alone."""
-        text = self.alone(i)
-        return list(text.encode("utf-8")) if text else None
+                            for i, lp, row in zip(self.ids, self.chosen[n : n + m], self.top[n : n + m], strict=True)]}
 
     def usage(self) -> dict:
         n, m = len(self.prompt), len(self.ids)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+
+@torch.no_grad()
+def score(gens: list[Generation]) -> None:
+    """Score the generations that ask logprobs (their scored_ids) in batched forwards: each gets the
+    log-probability of each id after those before it (natural log of the model's softmax over its fp32
+    logits, before temperature or top_p, as `babyllama eval` scores) and its top_logprobs most likely
+    (id, log-probability) there; one that picks takes its token from the same forward (Generation.pick).
+
+    The sequences, sorted by length, are right-padded into (B, T) batches of at most MAX_BATCH_POSITIONS
+    positions: causal attention never lets a position see the padding after it, so each sequence's
+    log-probabilities are those of a forward of it alone, up to float rounding (1e-6)."""
+    asked = sorted((g for g in gens if g.top_logprobs is not None), key=lambda g: len(g.scored_ids()))
+    while asked:
+        n = 1  # the batch asked[:n], whose longest sequence is its last
+        while n < len(asked) and (n + 1) * len(asked[n].scored_ids()) <= MAX_BATCH_POSITIONS:
+            n += 1
+        score_batch(asked[:n])
+        asked = asked[n:]
+
+
+def score_batch(batch: list[Generation]) -> None:
+    """score for one batch: one forward, (B, T) -> logits (B, T, V)."""
+    model, seqs = batch[0].model, [g.scored_ids() for g in batch]
+    T = max(map(len, seqs))
+    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=model.rope_cos.device)  # (B, T), padded with 0s
+    with batch[0].lock:
+        logits, _ = model(x)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V): row t scores id t + 1
+    k = max(g.top_logprobs for g in batch)
+    top_v, top_i = logp.topk(k, dim=-1)  # (B, T, k)
+    for b, (g, s) in enumerate(zip(batch, seqs, strict=True)):
+        n = len(s) - 1 + g.picks  # the rows that score an id, a picked token's too
+        rows, ids = torch.arange(len(s) - 1, device=logp.device), torch.tensor(s[1:], device=logp.device)
+        g.chosen = logp[b, rows, ids].tolist()
+        g.top = [list(zip(i[: g.top_logprobs], v[: g.top_logprobs], strict=True))
+                 for i, v in zip(top_i[b, :n].tolist(), top_v[b, :n].tolist(), strict=True)]
+        if g.picks:
+            g.pick(logits[b, len(s) - 1].float().clone(), logp[b, len(s) - 1])
 
 
 # --- the responses ---
@@ -454,16 +522,22 @@ async def respond(request, gens: list[Generation], name: str, chat: bool, stream
 
     rid, created = f"{'chat' if chat else 'text'}-{uuid.uuid4().hex[:16]}", int(time.time())
     if not stream:
+        async def text(gen: Generation) -> str:
+            return "".join([p async for p in iterate_in_threadpool(gen.pieces())])
+
+        texts = [None if gen.picks else await text(gen) for gen in gens]  # generate, then score all at once,
+        await run_in_threadpool(score, gens)  # which picks the token of those that take one from it
         choices = []
-        for index, gen in enumerate(gens):
-            text = "".join([p async for p in iterate_in_threadpool(gen.pieces())])
+        for index, (gen, answer) in enumerate(zip(gens, texts, strict=True)):
+            answer = await text(gen) if answer is None else answer
             choice = {"index": index, "finish_reason": gen.finish_reason}
-            score = gen.chat_logprobs if chat else gen.logprobs
-            logprobs = await run_in_threadpool(score) if gen.top_logprobs is not None else None
+            logprobs = None
+            if gen.top_logprobs is not None:
+                logprobs = await run_in_threadpool(gen.chat_logprobs if chat else gen.logprobs)
             if chat:
-                choices.append(choice | {"message": {"role": "assistant", "content": text}, "logprobs": logprobs})
+                choices.append(choice | {"message": {"role": "assistant", "content": answer}, "logprobs": logprobs})
             else:
-                choices.append(choice | {"text": (gen.echo or "") + text, "logprobs": logprobs})
+                choices.append(choice | {"text": (gen.echo or "") + answer, "logprobs": logprobs})
         return response_object(choices, gens, rid, created, name, chat)
 
     async def events():
