@@ -230,6 +230,31 @@ def test_logprobs_of_partial_characters_in_completions_and_chat_are_openais(serv
     assert [len(c["top_logprobs"]) for c in content] == [2, 2, 2]
 
 
+def test_top_logprobs_list_only_ids_an_answer_can_hold(server, monkeypatch):
+    """A token that generation never produces (Tokenizer.suppress_tokens: <s>, pad) is no top alternative, though
+    each listed logprob stays the model's own (the ids scored keep theirs)."""
+    from babyllama.serve import Generation, score
+
+    tok, model = server["tokenizer"], server["model"].model
+    prompt = [tok.eos_id, *tok.encode("今天天气很好")]
+
+    def top_of(gen: Generation) -> list[list[tuple[int, float]]]:
+        score([gen])
+        return gen.top
+
+    before = top_of(Generation(model, tok, threading.Lock(), prompt, Sampling(max_new_tokens=1), echo="",
+                               top_logprobs=3, score_only=True))
+    never = {i for row in before for i, _ in row[:2]}  # every position's two likeliest, declared unproducible
+    monkeypatch.setattr(type(tok), "suppress_tokens", lambda self, vocab_size: tuple(sorted(never)))
+    after = top_of(Generation(model, tok, threading.Lock(), prompt, Sampling(max_new_tokens=1), echo="",
+                              top_logprobs=3, score_only=True))
+    assert all(i not in never for row in after for i, _ in row) and [len(row) for row in after] == [3] * len(after)
+    kept = [[(i, v) for i, v in row if i not in never] for row in before]  # the same ids, the same logprobs:
+    assert [[i for i, _ in a[: len(k)]] for a, k in zip(after, kept, strict=True)] == [[i for i, _ in k] for k in kept]
+    assert [v for a, k in zip(after, kept, strict=True) for _, v in a[: len(k)]] == pytest.approx(
+        [v for k in kept for _, v in k], abs=1e-6)
+
+
 def test_logprobs_decode_each_id_about_once(server, monkeypatch):
     """text_offset decodes incrementally (chat.Detokenizer) and each token's text and bytes come from one table
     (Tokenizer.id_bytes): a 120-token echo decodes a short window per token, not each prefix again."""

@@ -411,7 +411,8 @@ def score(gens: list[Generation]) -> None:
     """Score the generations that ask logprobs (their scored_ids) in batched forwards: each gets the
     log-probability of each id after those before it (natural log of the model's softmax over its fp32
     logits, before temperature or top_p, as `babyllama eval` scores) and its top_logprobs most likely
-    (id, log-probability) there; one that picks takes its token from the same forward (Generation.pick).
+    (id, log-probability) there among the ids an answer can hold (not Tokenizer.suppress_tokens); one that
+    picks takes its token from the same forward (Generation.pick).
 
     The sequences, sorted by length, are right-padded into (B, T) batches of at most MAX_BATCH_POSITIONS
     positions: causal attention never lets a position see the padding after it, so each sequence's
@@ -434,7 +435,8 @@ def score_batch(batch: list[Generation]) -> None:
         logits, _ = model(x)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V): row t scores id t + 1
     k = max(g.top_logprobs for g in batch)
-    top_v, top_i = logp.topk(k, dim=-1)  # (B, T, k)
+    never = list(batch[0].tokenizer.suppress_tokens(model.cfg.vocab_size))  # <s>, pad: no answer holds them
+    top_v, top_i = logp.index_fill(-1, torch.tensor(never, device=logp.device), -float("inf")).topk(k, dim=-1)
     for b, (g, s) in enumerate(zip(batch, seqs, strict=True)):
         n = len(s) - 1 + g.picks  # the rows that score an id, a picked token's too
         rows, ids = torch.arange(len(s) - 1, device=logp.device), torch.tensor(s[1:], device=logp.device)
