@@ -421,6 +421,39 @@ def test_an_unreachable_ray_address_is_one_sentence_within_seconds(corpus, tmp_p
     dt.check_ray_address("auto")  # ray finds the cluster itself
 
 
+@pytest.mark.parametrize("address", ["head", "head:", ":6379", "head:0", "head:65536", "head:x", "http://head:6379",
+                                     "ray://head:6379/x", "head:6379?x", "me@head:6379", "he ad:6379", "ray://:10001",
+                                     "ray:/head:10001", "AUTO", " auto", "head:6379 "])
+def test_a_ray_address_ray_does_not_take_is_one_sentence_before_any_connection(address, monkeypatch):
+    """check_ray_address checked only the port: http://head:6379, a path or a user went on to ray.init."""
+    monkeypatch.setattr(dt.socket, "create_connection", lambda *a, **k: pytest.fail("contacted the network"))
+    with pytest.raises(UserError) as e:
+        dt.check_ray_address(address)
+    assert str(e.value) == (f"RAY_ADDRESS={address} is not host:port, ray://host:port, auto or local; set it to the "
+                            "head node's address or unset it to start a local Ray instance.")
+
+
+@pytest.mark.parametrize("address, host, port", [
+    ("head:6379", "head", 6379), ("ray://head-1.lan:10001", "head-1.lan", 10001), ("10.0.0.7:6379", "10.0.0.7", 6379),
+    ("ray://[::1]:10001", "::1", 10001), ("node_2:65535", "node_2", 65535)])
+def test_the_ray_addresses_ray_takes_are_checked_at_their_host_and_port(address, host, port, monkeypatch):
+    tried = []
+    monkeypatch.setattr(dt.socket, "create_connection", lambda where, timeout: tried.append(where) or socket_like())
+    dt.check_ray_address(address)
+    assert tried == [(host, port)]
+    for name in ("", "auto", "local"):  # ray finds or starts the cluster itself: nothing to contact
+        dt.check_ray_address(name)
+    assert tried == [(host, port)]
+
+
+def socket_like():
+    class Closed:
+        def close(self) -> None:
+            pass
+
+    return Closed()
+
+
 def test_tasks_take_contiguous_runs_of_files_by_size():
     files = [f"f{i}" for i in range(6)]
     shares = [dt.files_of_task(files, [10, 10, 10, 10, 10, 10], r, 3) for r in range(3)]

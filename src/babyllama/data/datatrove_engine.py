@@ -35,12 +35,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -485,20 +485,27 @@ def make_executor(launch: Launch, name: str, pipeline: list, tasks: int, depends
                                depends=depends)
 
 
+RAY_HOST_PORT = re.compile(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):([0-9]{1,5})")
+
+
+def ray_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of a RAY_ADDRESS in a form ray.init accepts for a cluster: host:port of its GCS, or
+    ray://host:port of Ray Client (host a name, an IPv4 or a bracketed IPv6 address; port 1 to 65535). Raises
+    UserError for anything else: another scheme (http://), a path, a user, a space, a port out of range."""
+    match = RAY_HOST_PORT.fullmatch(address)
+    if match is None or not 0 < int(match[2]) < 1 << 16:
+        raise UserError(f"RAY_ADDRESS={address} is not host:port, ray://host:port, auto or local; set it to the head "
+                        "node's address or unset it to start a local Ray instance.")
+    return match[1].strip("[]"), int(match[2])
+
+
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """Raise UserError when address (RAY_ADDRESS: host:port of a cluster's GCS, or ray://host:port of
-    Ray Client) names a port that does not accept a TCP connection within timeout seconds: ray.init has
-    no timeout and retries such an address for minutes. "", auto and local need no check."""
+    """Raise UserError when address (RAY_ADDRESS) is not in a form Ray accepts (ray_host_port), or names a port
+    that does not accept a TCP connection within timeout seconds: ray.init has no timeout and retries such an
+    address for minutes. "", auto and local need no check."""
     if address in ("", "auto", "local"):
         return
-    url = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
-    try:
-        host, port = url.hostname, url.port
-    except ValueError:  # a port that is not a number
-        host = port = None
-    if not host or port is None:
-        raise UserError(f"RAY_ADDRESS={address} is not host:port or ray://host:port; set it to the head node's "
-                        "address or unset it to start a local Ray instance.")
+    host, port = ray_host_port(address)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
