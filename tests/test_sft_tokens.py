@@ -12,7 +12,7 @@ import pytest
 
 from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
 from babyllama.checkpoint import save_checkpoint
-from babyllama.data.sft_tokens import SFTSettings, build_sft_cache, read_sft_cache
+from babyllama.data.sft_tokens import SFTSettings, build_sft_cache, open_split, read_sft_cache
 from babyllama.data.shards import is_val
 from babyllama.data.sources import iter_records
 from babyllama.errors import UserError
@@ -234,11 +234,12 @@ def test_every_difference_of_a_cache_is_said_in_the_words_of_its_flags(demo_sft,
     f.write_text(json.dumps({"prompt": "问题", "chosen": "好", "rejected": "坏"}, ensure_ascii=False))
     built = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=65), kind="dpo")
     other = SFTSettings(129, 0.1, 1, 2, 3, 4)
-    assert cache_differences(built, cache_key([f], "other", other, "dpo", tmp_path / "c")) == [
+    another = {**bpe_tokenizer.record(), "fingerprint": "other"}
+    assert cache_differences(built, cache_key([f], another, other, "dpo", tmp_path / "c")) == [
         "another tokenizer", "the model's max_seq_len 64 (now 128)", "val_fraction 0.02 (now 0.1)",
         "min_prompt_chars 0 (now 1)", "max_prompt_chars 0 (now 2)", "min_answer_chars 0 (now 3)",
         "max_answer_chars 0 (now 4)"]
-    same = cache_key([f], bpe_tokenizer.fingerprint, SFTSettings(max_len=65), "dpo", tmp_path / "c")
+    same = cache_key([f], bpe_tokenizer.record(), SFTSettings(max_len=65), "dpo", tmp_path / "c")
     assert cache_differences(built, {**same, "kind": "sft"}) == ["DPO samples, not SFT"]
     assert cache_differences(built, {**same, "version": 99}) == ["an older version of babyllama"]
     assert cache_differences({**built, "version": 99}, same) == ["a newer version of babyllama"]
@@ -252,6 +253,41 @@ def test_every_difference_of_a_cache_is_said_in_the_words_of_its_flags(demo_sft,
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", other, True, Dist(), kind="dpo", started_with=built)
     assert str(e.value).startswith("the run started with the model's max_seq_len 64 (now 128), val_fraction 0.02 "
                                    "(now 0.1), ")
+
+
+def test_a_cache_is_rebuilt_when_the_special_ids_or_the_chat_format_change(demo_sft, tmp_path, monkeypatch):
+    """The key held the tokenizer's fingerprint, which a tokenizer.json's special ids are not part of: a tokenizer
+    whose <eos> became another id reused samples that end in the old one. Every setting that changes the tokens is
+    a key: the special ids, the chat format, max_seq_len (and the filters, val_fraction: the test above)."""
+    import shutil
+
+    from babyllama import chat_format
+    from babyllama.tokenizer import META_FILE
+
+    f, cache, settings = demo_sft / "multi.jsonl", tmp_path / "c", SFTSettings(max_len=65)
+
+    def built(tok, settings) -> tuple[dict, int]:  # the manifest, and its inode: a new one when the cache was rebuilt
+        return build_sft_cache([f], tok, cache, settings), (cache / "manifest.json").stat().st_ino
+
+    first, inode = built(demo_sft / "tok", settings)
+    assert built(demo_sft / "tok", settings) == (first, inode)  # reused: the same settings
+    shutil.copytree(demo_sft / "tok", tmp_path / "tok")
+    meta = json.loads((tmp_path / "tok" / META_FILE).read_text())
+    (tmp_path / "tok" / META_FILE).write_text(json.dumps({**meta, "eos_id": meta["bos_id"], "bos_id": meta["eos_id"]}))
+    swapped, swapped_inode = built(tmp_path / "tok", settings)
+    ids, _, lengths = open_split(cache, swapped, "train")
+    assert swapped["tokenizer"]["eos_id"] == meta["bos_id"] and swapped_inode != inode
+    assert ids[int(lengths[0]) - 1] == meta["bos_id"]  # the first sample ends in the new <eos>
+    with pytest.raises(UserError) as e:
+        load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
+    assert str(e.value) == (f"the SFT token cache {cache} was built with the tokenizer's bos_id {meta['eos_id']} (now "
+                            f"{meta['bos_id']}), the tokenizer's eos_id {meta['bos_id']} (now {meta['eos_id']}); "
+                            "delete it to rebuild, or choose another --sft_cache.")
+    monkeypatch.setattr(chat_format, "CHAT_TEMPLATE", chat_format.CHAT_TEMPLATE + "{{- '' -}}")
+    rendered, rendered_inode = built(tmp_path / "tok", settings)
+    assert rendered["chat_format"] != swapped["chat_format"] and rendered_inode != swapped_inode
+    longer, longer_inode = built(tmp_path / "tok", SFTSettings(max_len=129))
+    assert longer_inode != rendered_inode and open_split(cache, longer, "train")[2].max() == 129 > 65
 
 
 def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):

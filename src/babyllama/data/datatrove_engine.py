@@ -643,7 +643,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
     files, sizes, tasks = _input_files(inputs, format, launch)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"command": "pretokenize", "inputs": _identity(files), "tokenizer": tok.fingerprint,
+    settings = {"command": "pretokenize", "inputs": _identity(files), "tokenizer": tok.record(),
                 "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
                 "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):

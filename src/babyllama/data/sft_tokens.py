@@ -14,7 +14,8 @@ number of workers), per split:
     train.lengths.bin   int32, ids per sample
     val.*               the same for the validation split
     bad_records.txt     every record skipped as bad, one a line: `file:line: why`
-    manifest.json       written last: tokenizer fingerprint, inputs (path, its path relative to the
+    manifest.json       written last: tokenizer (fingerprint, special ids), chat template digest, inputs
+                        (path, its path relative to the
                         cache, size, mtime, SHA-256), the settings that change the samples, and the
                         counts. A cache is used only when they match; a folder moved with its cache
                         still does, and so does a file copied or downloaded again with the same bytes.
@@ -26,6 +27,7 @@ preference pair, the chosen answer's then the rejected one's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from babyllama import chat_format
 from babyllama.chat_format import conversation_from_record, is_blank, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
@@ -52,8 +55,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 3  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
-# 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2)
+VERSION = 4  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+# 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
+# tokenizer's special ids and the chat template's digest are keys)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -91,15 +95,23 @@ class SFTStats:
     bad_examples: list[str] = field(default_factory=list)  # "file:line: reason" of the first few
 
 
-def cache_key(paths: list[Path], fingerprint: str, settings: SFTSettings, kind: str, cache_dir: str | Path) -> dict:
-    """What the cache in cache_dir must match to be used: format, kind (sft or dpo), tokenizer, settings, and
-    each input's size, mtime and path, absolute and relative to cache_dir (same_input); a build adds each
-    input's SHA-256 (digested)."""
+def cache_key(paths: list[Path], tokenizer: dict, settings: SFTSettings, kind: str, cache_dir: str | Path) -> dict:
+    """What the cache in cache_dir must match to be used: everything that changes its tokens. Format and version
+    (of the rendering code), kind (sft or dpo), the tokenizer's record() (its fingerprint and the special ids that
+    a conversation's <bos> and <eos> are), the chat template's digest, settings (max_len, val_fraction, the length
+    filters), and each input's size, mtime and path, absolute and relative to cache_dir (same_input); a build adds
+    each input's SHA-256 (digested)."""
     here = Path(cache_dir).resolve()
     inputs = [{"path": str(p.resolve()), "relative_path": os.path.relpath(p.resolve(), here),
                "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
-    return {"format": FORMAT, "version": VERSION, "kind": kind, "tokenizer": fingerprint, "inputs": inputs,
-            "settings": asdict(settings)}
+    return {"format": FORMAT, "version": VERSION, "kind": kind, "tokenizer": tokenizer,
+            "chat_format": chat_format_digest(), "inputs": inputs, "settings": asdict(settings)}
+
+
+def chat_format_digest() -> str:
+    """16 hex digits of the SHA-256 of chat_format.CHAT_TEMPLATE, the chat format as a Jinja template: another
+    format never reuses a cache rendered in this one."""
+    return hashlib.sha256(chat_format.CHAT_TEMPLATE.encode()).hexdigest()[:16]
 
 
 def same_input(had: dict, now: dict) -> bool:
@@ -209,7 +221,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     _writable(Path(out), clean=False)
     with locked(out, f"{kind} token cache build"):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
-        key = cache_key(paths, tok.fingerprint, settings, kind, out)
+        key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
         return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start, digested(key))
@@ -338,13 +350,22 @@ def cache_differences(manifest: dict, key: dict) -> list[str]:
         return [f"{manifest.get('kind', 'sft').upper()} samples, not {key['kind'].upper()}"]
     out = []
     if manifest.get("tokenizer") != key["tokenizer"]:
-        out.append("another tokenizer")
+        out.append(tokenizer_words(manifest.get("tokenizer"), key["tokenizer"]))
+    if manifest.get("chat_format") != key["chat_format"]:
+        out.append("another chat format")
     what = input_difference(manifest.get("inputs", []), key["inputs"])
     if what:
         out.append(f"other inputs ({what})")
     settings = manifest.get("settings", {})
     out += [setting_words(k, settings.get(k), v) for k, v in key["settings"].items() if settings.get(k) != v]
     return out
+
+
+def tokenizer_words(had, now: dict) -> str:
+    """"another tokenizer", or where only its special ids differ, which ones: "eos_id 2 (now 1)"."""
+    if not isinstance(had, dict) or had.get("fingerprint") != now["fingerprint"]:
+        return "another tokenizer"
+    return ", ".join(f"the tokenizer's {k} {had.get(k)} (now {v})" for k, v in now.items() if had.get(k) != v)
 
 
 def setting_words(name: str, had, now) -> str:

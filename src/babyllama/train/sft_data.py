@@ -146,7 +146,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     """
     check_output_folder(cache_dir, f"{kind.upper()} samples", (token_cache_name(kind),), "--sft_cache")
     tokenizer = load_tokenizer(tokenizer_path)
-    key = cache_key(expand_inputs(list(inputs)), tokenizer.fingerprint, settings, kind, cache_dir)
+    key = cache_key(expand_inputs(list(inputs)), tokenizer.record(), settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
     if changed:  # a rebuilt cache would resume the run on other samples
         raise UserError(f"the run started with {', '.join(changed)}; resuming needs the same inputs and settings, so "
