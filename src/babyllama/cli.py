@@ -35,11 +35,13 @@ from babyllama.settings import run_out_dir
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from babyllama.data.sources import check_output_folder, iter_texts
+    from babyllama.data.sources import CorpusReader, check_output_folder
     from babyllama.tokenizer import train_bpe
 
     check_output_folder(args.out_dir, "a tokenizer", ("a tokenizer",))  # not a checkpoint's, whose model it fits
-    tok = train_bpe(iter_texts(args.input), args.vocab_size)
+    reader = CorpusReader(args.input)
+    tok = train_bpe(reader.documents(), args.vocab_size)
+    reader.check_usable()  # a tokenizer of no text is not saved over an earlier one
     tok.save(args.out_dir)
     print(json.dumps({"saved": args.out_dir, **tok.info()}, ensure_ascii=False, indent=2))
 

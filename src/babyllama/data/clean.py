@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.data.shards import write_json
+from babyllama.data.shards import staged, swap_in, write_json
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError, cannot_write, discard, require, writing
 from babyllama.progress import progress
@@ -343,8 +343,16 @@ def prepare(
     docs_per_shard: int = 100_000,
 ) -> dict:
     """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json."""
-    reader = CorpusReader(inputs, format)  # a missing input is said before the earlier output is removed
-    out = clear_outputs(Path(out))
+    reader, out = CorpusReader(inputs, format), Path(out)  # a missing input is said before anything is written
+    with staged(out) as stage:  # the earlier output stays until the new one is complete and holds documents
+        result = _prepare(reader, stage, format, min_chars, dedup, threshold, docs_per_shard)
+        swap_in(stage, out, prepare_outputs(out), "stats.json")
+    return result
+
+
+def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int, dedup: str, threshold: float,
+             docs_per_shard: int) -> dict:
+    """prepare's work, into the folder out (its stage); returns the statistics written there last."""
     stats: dict[str, SourceStats] = {}
     writer = ShardWriter(out, docs_per_shard)
     start = time.time()
@@ -363,8 +371,12 @@ def prepare(
     for path, fs in reader.stats.items():
         s = stats.setdefault(path, SourceStats())
         s.schema, s.records, s.bad = fs.schema, fs.records, fs.bad
+    reader.check_usable()
+    if not writer.files:  # deduplication keeps a first copy: every good document was too short
+        raise UserError(f"no document of the inputs has --min_chars {min_chars} characters or more; nothing was "
+                        "written.")
     settings = {"format": format, "min_chars": min_chars, "dedup": dedup, "minhash_threshold": threshold}
-    return check_usable(write_stats(out, stats, writer.files, settings, time.time() - start), out)
+    return write_stats(out, stats, writer.files, settings, time.time() - start)
 
 
 def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], settings: dict, seconds: float) -> dict:
@@ -394,7 +406,13 @@ def check_usable(stats: dict, out: Path) -> dict:
 def clear_outputs(out: Path) -> Path:
     """Create out/ and remove what an earlier prepare left there, of either engine."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in [*out.glob("part_*.jsonl"), *out.glob(".part_*.tmp"), out / "stats.json", out / "bad_records.txt"]:
-        f.unlink(missing_ok=True)
-    shutil.rmtree(out / "datatrove", ignore_errors=True)
+    for f in prepare_outputs(out):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
     return out
+
+
+def prepare_outputs(out: Path) -> list[Path]:
+    """The files and folders of prepare's output in out, of either engine, with the temporaries and work files of
+    a run that stopped."""
+    return [f for f in [*out.glob("part_*.jsonl"), *out.glob(".part_*.tmp"), out / "stats.json",
+                        out / "bad_records.txt", out / "datatrove"] if f.exists()]

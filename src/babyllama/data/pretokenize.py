@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from babyllama.data.shards import BinShardWriter, fresh_output_dir, is_val, write_manifest
+from babyllama.data.shards import MANIFEST, BinShardWriter, is_val, staged, swap_in, token_outputs, write_manifest
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError
 from babyllama.progress import progress
@@ -162,8 +162,17 @@ def pretokenize(
         raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}.")
     check_val_fraction(val_fraction)
     tok = load_tokenizer(tokenizer_path)
-    reader = CorpusReader(inputs, format)  # a missing input is said before the earlier shards are removed
-    out = fresh_output_dir(Path(out))
+    reader, out = CorpusReader(inputs, format), Path(out)
+    with staged(out) as stage:  # the earlier shards stay until the new ones are complete and hold documents
+        manifest = _pretokenize(reader, tok, tokenizer_path, stage, workers, val_fraction, shard_tokens, num_shards,
+                                shard_index, bos)
+        swap_in(stage, out, token_outputs(out), MANIFEST)
+    return manifest
+
+
+def _pretokenize(reader: CorpusReader, tok: Tokenizer, tokenizer_path: str, out: Path, workers: int,
+                 val_fraction: float, shard_tokens: int, num_shards: int, shard_index: int, bos: bool) -> dict:
+    """pretokenize's work, into the folder out (its stage); returns the manifest written there last."""
     writers = split_writers(out, tok.dtype, shard_tokens)
     start = time.time()
     n_tokens = 0
@@ -182,9 +191,7 @@ def pretokenize(
         for w in writers.values():
             w.discard()
         raise
-    records, bad = reader.totals()
-    if records == 0 or bad == records:
-        raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")
+    reader.check_usable()
     tok.save(out / "tokenizer")
     manifest = token_manifest(
         tok, bos=bos, val_fraction=val_fraction, shards=writers["train"].shards + writers["val"].shards,

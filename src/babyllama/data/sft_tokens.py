@@ -218,13 +218,13 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     start = time.time()
     tok = load_tokenizer(tokenizer_path)
     paths = expand_inputs(list(inputs))
-    _writable(Path(out), clean=False)
+    _writable(Path(out))
     with locked(out, f"{kind} token cache build"):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
         key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
-        return _build(paths, tok, tokenizer_path, _writable(Path(out)), settings, workers, start, digested(key))
+        return _build(paths, tok, tokenizer_path, Path(out), settings, workers, start, digested(key))
 
 
 def digested(key: dict) -> dict:
@@ -271,10 +271,6 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         for name, f in files.items():
             with writing(out / name):
                 f.close()
-        (out / f".{BAD_RECORDS}.tmp").rename(out / BAD_RECORDS)
-        if stats.bad > len(stats.bad_examples):
-            log.warning("... and %d more bad %s records (%d in all), each listed in %s",
-                        stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
         if stats.samples == 0:
             detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                       f"{stats.filtered} filtered by length" + (f", {stats.equal_pairs} with equal answers"
@@ -282,9 +278,14 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             if stats.val_samples:
                 raise UserError(f"every {what} sample landed in the validation split ({detail}); lower "
                                 "--val_fraction.")
-            raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}).")
-        for name in names:
+            raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}); nothing was "
+                            "written.")
+        (out / MANIFEST).unlink(missing_ok=True)  # the earlier cache stays whole until the new one is: now it goes
+        for name in [*names, BAD_RECORDS]:
             (out / f".{name}.tmp").rename(out / name)
+        if stats.bad > len(stats.bad_examples):
+            log.warning("... and %d more bad %s records (%d in all), each listed in %s",
+                        stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
     except BaseException:
         for name, f in files.items():
             discard(out / f".{name}.tmp", f)
@@ -296,19 +297,16 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     return manifest
 
 
-def _writable(out: Path, clean: bool = True) -> Path:
-    """out/, created, with the manifest of an earlier cache removed; one sentence when it cannot be written."""
+def _writable(out: Path) -> None:
+    """out/, created; one sentence when it cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if clean:
-            (out / MANIFEST).unlink(missing_ok=True)
         probe = out / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write the SFT token cache to {out} ({e.strerror}); choose another directory.") \
             from None
-    return out
 
 
 def _write(files: dict, out: Path, r: dict, dtype: np.dtype) -> None:

@@ -19,11 +19,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import UserError, discard, write_whole, writing
+from babyllama.errors import CannotWrite, UserError, discard, write_whole, writing
 
 MANIFEST = "manifest.json"
 
@@ -90,11 +92,52 @@ class BinShardWriter:
 def fresh_output_dir(out: Path) -> Path:
     """Create out/, removing the shards, manifest and work files of an earlier run there, of either engine."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in [*out.glob("shard_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.tmp"), out / MANIFEST,
-              out / "bad_records.txt"]:
-        f.unlink(missing_ok=True)
-    shutil.rmtree(out / "datatrove", ignore_errors=True)  # the work files of a datatrove run there
+    for f in token_outputs(out):
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
     return out
+
+
+def token_outputs(out: Path) -> list[Path]:
+    """The files and folders of the token shards in out, of either engine: shards, manifest, tokenizer, the
+    temporaries and work files of a run that stopped."""
+    return [f for f in [*out.glob("shard_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.bin.tmp"), out / MANIFEST,
+                        out / "bad_records.txt", out / "tokenizer", out / "datatrove"] if f.exists()]
+
+
+STAGE = ".incomplete"  # the hidden folder inside an output folder where a new output is written (staged)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """out/STAGE, made empty (one left by a run killed with kill -9 removed), for the body to write a new output
+    into while the earlier one in out stays as it was; removed when the body fails (a UserError for inputs with
+    nothing usable, CannotWrite, Ctrl-C). The body ends with swap_in."""
+    stage = out / STAGE
+    shutil.rmtree(stage, ignore_errors=True)
+    with writing(stage):
+        stage.mkdir(parents=True)
+    try:
+        yield stage
+    except CannotWrite as e:  # said of the file the user knows, in out
+        shutil.rmtree(stage, ignore_errors=True)
+        if stage not in Path(e.path).parents:
+            raise
+        raise CannotWrite(e.code, str(out / Path(e.path).relative_to(stage)), e.note) from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def swap_in(stage: Path, out: Path, earlier: list[Path], last: str) -> None:
+    """Replace the earlier output in out (its files and folders, earlier) by the complete new one in stage: out/last,
+    the file that marks an output complete (manifest.json, stats.json), goes first and comes back last, so that a
+    run killed halfway leaves an output that reads as incomplete; renames only, so a full disk cannot stop it."""
+    (out / last).unlink(missing_ok=True)
+    for f in earlier:
+        shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+    for f in sorted(stage.iterdir(), key=lambda f: f.name == last):
+        f.replace(out / f.name)
+    stage.rmdir()
 
 
 def write_manifest(out: Path, manifest: dict) -> dict:
@@ -184,23 +227,26 @@ def merge(dirs: list[str], out: str | Path) -> dict:
             raise UserError(f"{Path(d) / 'tokenizer'} is missing; run `babyllama pretokenize` for that part again.")
     order = sorted(range(len(dirs)), key=lambda i: partitions[i]["shard_index"])  # any order given, one output
     dirs, manifests = [dirs[i] for i in order], [manifests[i] for i in order]
-    first = manifests[0]
-    out = fresh_output_dir(Path(out))
-    shards, sources, counters = [], {}, {"train": 0, "val": 0}
-    for d, m in zip(dirs, manifests, strict=True):
-        for s in m["shards"]:
-            prefix = "shard" if s["split"] == "train" else "val"
-            name = f"{prefix}_{counters[s['split']]:05d}.bin"
-            counters[s["split"]] += 1
-            _link_or_copy(Path(d) / s["file"], out / name)
-            shards.append({**s, "file": name})
-        for src, st in m["sources"].items():
-            sources[f"{src} [{Path(d).name}]"] = st
-    shards.sort(key=lambda s: (s["split"] != "train", s["file"]))
-    shutil.copytree(Path(dirs[0]) / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
-    merged.pop("partition", None)
-    return write_manifest(out, merged)
+    first, out = manifests[0], Path(out)
+    with staged(out) as stage:  # the earlier output stays until the merge is complete
+        shards, sources, counters = [], {}, {"train": 0, "val": 0}
+        for d, m in zip(dirs, manifests, strict=True):
+            for s in m["shards"]:
+                prefix = "shard" if s["split"] == "train" else "val"
+                name = f"{prefix}_{counters[s['split']]:05d}.bin"
+                counters[s["split"]] += 1
+                _link_or_copy(Path(d) / s["file"], stage / name)
+                shards.append({**s, "file": name})
+            for src, st in m["sources"].items():
+                sources[f"{src} [{Path(d).name}]"] = st
+        shards.sort(key=lambda s: (s["split"] != "train", s["file"]))
+        with writing(out / "tokenizer", stage / "tokenizer"):
+            shutil.copytree(Path(dirs[0]) / "tokenizer", stage / "tokenizer")
+        merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
+        merged.pop("partition", None)
+        write_manifest(stage, merged)
+        swap_in(stage, out, token_outputs(out), MANIFEST)
+    return merged
 
 
 def check_out_dir_apart(dirs: list[str], out: Path) -> None:

@@ -788,6 +788,7 @@ class CorpusReader:
         self.stats: dict[str, FileStats] = {}
         self.announced: set[str] = set()  # the schemas already logged: a folder of 1,000 files logs each once
         self.warned = 0  # bad records shown on the console, of all files
+        self.first_bad = ""  # "file:line: why" of the first bad record
 
     def documents(self) -> Iterator[str]:
         for _, text in self.documents_with_source():
@@ -825,6 +826,7 @@ class CorpusReader:
 
     def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
+        self.first_bad = self.first_bad or f"{where}: {why}"
         if self.bad_log is not None:
             try:  # CannotWrite where the disk refuses it
                 self.bad_log.write(f"{where}: {why}\n")
@@ -839,6 +841,16 @@ class CorpusReader:
 
     def totals(self) -> tuple[int, int]:
         return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
+
+    def check_usable(self) -> None:
+        """After reading: UserError when the inputs held no record, or bad ones only (the first named), so that a
+        command writes nothing in place of its earlier output."""
+        records, bad = self.totals()
+        if records == 0:
+            raise UserError("the inputs hold no records; check the paths and --format.")
+        if bad == records:
+            raise UserError(f"every one of the {records} records was bad (the first: {self.first_bad}); nothing "
+                            "was written.")
 
 
 def iter_texts(paths: list[str | Path], format: str | None = None) -> Iterator[str]:

@@ -1,0 +1,104 @@
+"""A command whose inputs turn out to hold nothing usable says so in one sentence and leaves the earlier output in its
+folder as it was, byte for byte: a new output replaces the old one only once it is complete and holds something."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from babyllama.data import shards
+from tests.conftest import generated_corpus, run_cli
+
+INVALID_JSON = "{oops\n{nope\n"
+NO_TEXT_FIELD = '{"title": "标题"}\n{"id": 2}\n'  # valid JSON, none of a known schema's fields
+SFT = [{"instruction": f"问题{i}：长城在哪里？", "output": f"回答{i}：在中国北方。"} for i in range(40)]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below folder, by its path there, with its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture()
+def made(tmp_path, bpe_tokenizer):
+    """A good corpus, SFT records and a tokenizer, and a command line of each command that reads them: its
+    output folder is out/COMMAND."""
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                     for t in generated_corpus(60)))
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in SFT))
+    bpe_tokenizer.save(tmp_path / "tok")
+    return tmp_path
+
+
+COMMANDS = {  # command -> (its arguments less --input, the good input)
+    "prepare": (["prepare", "--min_chars", "5"], "corpus.jsonl"),
+    "pretokenize": (["pretokenize", "--tokenizer", "TOK", "--workers", "1"], "corpus.jsonl"),
+    "pretokenize --sft": (["pretokenize", "--sft", "--tokenizer", "TOK", "--max_seq_len", "32", "--workers", "1"],
+                          "sft.jsonl"),
+    "tokenizer train": (["tokenizer", "train", "--vocab_size", "300"], "corpus.jsonl"),
+}
+
+
+@pytest.mark.parametrize("bad", [INVALID_JSON, NO_TEXT_FIELD])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_inputs_of_bad_records_only_leave_the_earlier_output_as_it_was(made, command, bad):
+    """Every command that replaces its earlier output removed it first: inputs of bad records only then left an
+    empty folder (prepare, pretokenize) or a cache without its manifest (--sft), or trained a tokenizer of no text
+    and saved it over the earlier one (tokenizer train)."""
+    args, good = COMMANDS[command]
+    args = [str(made / "tok") if a == "TOK" else a for a in args]
+    out = made / "out" / command.replace(" ", "_")
+    r = run_cli(*args, "--input", made / good, "--out_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = snapshot(out)
+    (made / "bad.jsonl").write_text(bad)
+    r = run_cli(*args, "--input", made / "bad.jsonl", "--out_dir", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.splitlines()[-1]
+    if command == "pretokenize --sft":
+        assert last.startswith(f"babyllama: error: no usable SFT records in {made / 'bad.jsonl'} (2 read, 2 bad"), last
+    else:
+        first = (":1: not valid JSON (Expecting property name enclosed in double quotes)" if bad == INVALID_JSON else
+                 ":1: has none of the fields of a known schema (title)")
+        assert last == (f"babyllama: error: every one of the 2 records was bad (the first: {made / 'bad.jsonl'}"
+                        f"{first}); nothing was written.")
+    assert last.endswith("; nothing was written.") and snapshot(out) == before
+
+
+def test_documents_all_too_short_leave_the_earlier_output(made):
+    out = made / "out"
+    assert run_cli("prepare", "--input", made / "corpus.jsonl", "--out_dir", out).returncode == 0
+    before = snapshot(out)
+    (made / "short.jsonl").write_text('{"text": "短文"}\n{"text": "也短"}\n')
+    r = run_cli("prepare", "--input", made / "short.jsonl", "--out_dir", out)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "babyllama: error: no document of the inputs has "
+                                                            "--min_chars 10 characters or more; nothing was written.")
+    assert snapshot(out) == before
+
+
+def test_a_merge_stopped_halfway_leaves_the_earlier_output(made, monkeypatch):
+    parts = []
+    for i in range(2):
+        parts.append(made / f"t{i}")
+        assert run_cli("pretokenize", "--input", made / "corpus.jsonl", "--tokenizer", made / "tok", "--out_dir",
+                       parts[-1], "--num_shards", "2", "--shard_index", str(i), "--shard_tokens", "300",
+                       "--workers", "1").returncode == 0
+    out = made / "merged"
+    assert run_cli("pretokenize", "--merge", *parts, "--out_dir", out).returncode == 0
+    before = snapshot(out)
+    linked = []
+
+    def stopped(src, dst):  # Ctrl-C after the first shard of the merge
+        if linked:
+            raise KeyboardInterrupt
+        linked.append(dst)
+        os.link(src, dst)
+
+    monkeypatch.setattr(shards, "_link_or_copy", stopped)
+    r = run_cli("pretokenize", "--merge", *parts, "--out_dir", out)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
+                                                              "continue.")
+    assert snapshot(out) == before and not (out / shards.STAGE).exists()
