@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +223,31 @@ def test_only_rank_0_or_a_process_alone_speaks(monkeypatch, rank, speaks):
     else:
         monkeypatch.setenv("RANK", rank)
     assert is_rank0() is speaks
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether process pid has a handler of its own for SIGTERM (SigCgt of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask in /proc")
+def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp_path):
+    """The handler raised inside an import: a module left half made (an ImportError traceback later), a library's
+    bare except swallowing it (the command went on), or torch's exit hook logging "FakeTensor cache stats" after
+    the sentence. Killed at several moments from when its handler is in place, while torch imports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (0, 0.1, 0.2, 0.4, 0.6, 0.9):
+        out = tmp_path / f"run{delay}"
+        proc = subprocess.Popen([sys.executable, "-m", "babyllama", "pretrain", "--config", "configs/demo.toml",
+                                 "--data", str(tmp_path / "none"), "--out_dir", str(out)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+        while not handles_sigterm(proc.pid):
+            time.sleep(0.001)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
+                                                       r"(with --resume )?to continue\.", err.splitlines()[-1]), err
+        assert "Traceback" not in err and "INFO" not in err and list(tmp_path.iterdir()) == [], (delay, err)

@@ -586,14 +586,24 @@ def run_again(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(spelled_one_way(sys.argv[1:] if argv is None else argv))
-    if extra and not args.takes_overrides:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with terminated_as_ctrl_c():
-        return run(args)
+    with terminated_as_ctrl_c() as deferred:  # first: a SIGTERM while the arguments are read is said too
+        try:
+            parser = build_parser()
+            args, extra = parser.parse_known_args(spelled_one_way(sys.argv[1:] if argv is None else argv))
+        except Terminated:
+            print(f"babyllama: stopped by SIGTERM; {run_again(argparse.Namespace())}", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        if extra and not args.takes_overrides:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("torch").setLevel(logging.WARNING)  # torch's own level, before an import of it that a
+        # SIGTERM cut short can set it: else its exit hook logs "FakeTensor cache stats" after the stop's sentence
+        code = run(args)
+        if deferred:  # a SIGTERM during an import, the command done before it came again: not done, all the same
+            print(f"babyllama: stopped by SIGTERM; {run_again(args)}", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        return code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -626,13 +636,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def importing(frame) -> bool:
+    """Whether the frame runs inside an import (a frame of importlib's bootstrap is below it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def terminated_as_ctrl_c():
     """SIGTERM (kill, a cluster's time limit) raises Terminated in this process, as Ctrl-C raises
     KeyboardInterrupt, so that a command's open temporaries are removed and it says how to go on; a process
-    forked from this one (a datatrove worker) keeps the default. Training replaces it while it runs (fit)."""
+    forked from this one (a datatrove worker) keeps the default. Training replaces it while it runs (fit). A SIGTERM
+    that comes during an import is put off (SIGALRM brings it back every 10 ms) until the import is done; one still
+    put off when the command ends is in the list yielded, for main to say."""
+    deferred: list[int] = []  # a SIGTERM put off while an import runs, not raised yet: for main to say
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
+        yield deferred
         return
     pid = os.getpid()
 
@@ -640,10 +662,18 @@ def terminated_as_ctrl_c():
         if os.getpid() != pid:  # a forked child: die of it, as without this handler
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+        if importing(frame):  # raised there, it leaves a module half made that a later import fails on (an
+            deferred.append(signum)  # ImportError traceback), or a library's bare `except:` swallows it: so it
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # comes again 10 ms on (SIGALRM), until the import is done
+            return
+        deferred.clear()
         raise Terminated
 
     before = signal.signal(signal.SIGTERM, on_sigterm)
+    alarm = signal.signal(signal.SIGALRM, lambda signum, frame: on_sigterm(signal.SIGTERM, frame))
     try:
-        yield
+        yield deferred
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGALRM, alarm)
