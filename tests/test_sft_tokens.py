@@ -266,17 +266,21 @@ def test_a_cache_is_rebuilt_when_the_special_ids_or_the_chat_format_change(demo_
 
     f, cache, settings = demo_sft / "multi.jsonl", tmp_path / "c", SFTSettings(max_len=65)
 
-    def built(tok, settings) -> tuple[dict, int]:  # the manifest, and its inode: a new one when the cache was rebuilt
-        return build_sft_cache([f], tok, cache, settings), (cache / "manifest.json").stat().st_ino
+    def built(tok, settings) -> tuple[dict, bool]:  # the manifest, and whether the cache was built anew: its
+        if (cache / "manifest.json").exists():  # manifest then lacks the mark put in the one before
+            marked = {**json.loads((cache / "manifest.json").read_text()), "mark": True}
+            (cache / "manifest.json").write_text(json.dumps(marked))
+        manifest = build_sft_cache([f], tok, cache, settings)
+        return manifest, "mark" not in manifest
 
-    first, inode = built(demo_sft / "tok", settings)
-    assert built(demo_sft / "tok", settings) == (first, inode)  # reused: the same settings
+    first, new = built(demo_sft / "tok", settings)
+    assert new and built(demo_sft / "tok", settings)[1] is False  # reused: the same settings
     shutil.copytree(demo_sft / "tok", tmp_path / "tok")
     meta = json.loads((tmp_path / "tok" / META_FILE).read_text())
     (tmp_path / "tok" / META_FILE).write_text(json.dumps({**meta, "eos_id": meta["bos_id"], "bos_id": meta["eos_id"]}))
-    swapped, swapped_inode = built(tmp_path / "tok", settings)
+    swapped, new = built(tmp_path / "tok", settings)
     ids, _, lengths = open_split(cache, swapped, "train")
-    assert swapped["tokenizer"]["eos_id"] == meta["bos_id"] and swapped_inode != inode
+    assert new and swapped["tokenizer"]["eos_id"] == meta["bos_id"]
     assert ids[int(lengths[0]) - 1] == meta["bos_id"]  # the first sample ends in the new <eos>
     with pytest.raises(UserError) as e:
         load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
@@ -284,10 +288,10 @@ def test_a_cache_is_rebuilt_when_the_special_ids_or_the_chat_format_change(demo_
                             f"{meta['bos_id']}), the tokenizer's eos_id {meta['bos_id']} (now {meta['eos_id']}); "
                             "delete it to rebuild, or choose another --sft_cache.")
     monkeypatch.setattr(chat_format, "CHAT_TEMPLATE", chat_format.CHAT_TEMPLATE + "{{- '' -}}")
-    rendered, rendered_inode = built(tmp_path / "tok", settings)
-    assert rendered["chat_format"] != swapped["chat_format"] and rendered_inode != swapped_inode
-    longer, longer_inode = built(tmp_path / "tok", SFTSettings(max_len=129))
-    assert longer_inode != rendered_inode and open_split(cache, longer, "train")[2].max() == 129 > 65
+    rendered, new = built(tmp_path / "tok", settings)
+    assert new and rendered["chat_format"] != swapped["chat_format"]
+    longer, new = built(tmp_path / "tok", SFTSettings(max_len=129))
+    assert new and open_split(cache, longer, "train")[2].max() == 129 > 65
 
 
 def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
