@@ -251,3 +251,20 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
         assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
                                                        r"(with --resume )?to continue\.", err.splitlines()[-1]), err
         assert "Traceback" not in err and "INFO" not in err and list(tmp_path.iterdir()) == [], (delay, err)
+
+
+def test_an_error_of_one_rank_alone_is_said_with_its_rank(monkeypatch, capsys):
+    """A process of a torchrun job other than the first, not stopped by torchrun within the grace, had an error of
+    its own: it says it, with its rank; rank 0 says its errors at once; the SIGTERM handler is put back."""
+    from babyllama import cli
+    from babyllama.errors import UserError
+
+    monkeypatch.setattr(cli, "RANK_GRACE_S", 0.01)
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("RANK", "1")
+    cli.say_once(UserError("shard 3 is cut."))
+    assert capsys.readouterr().err == "babyllama: error: (rank 1) shard 3 is cut.\n"
+    assert signal.getsignal(signal.SIGTERM) is handler
+    monkeypatch.setenv("RANK", "0")
+    cli.say_once(UserError("shard 3 is cut."))
+    assert capsys.readouterr().err == "babyllama: error: shard 3 is cut.\n"

@@ -756,3 +756,13 @@ def test_a_full_disk_while_saving_is_one_sentence_and_resume_finishes(shards, tm
     assert main([*args, "--resume"]) == 0
     assert f"resuming from {ckpts / 'step_000002'} (step 2 of 6)\n" in capsys.readouterr().out
     assert sorted(losses(tmp_path)) == list(range(1, 7))
+
+
+def test_under_torchrun_a_bad_setting_is_said_once(tmp_path):
+    """Every process reads the same settings and fails alike before they join: rank 0 says it, torchrun stops
+    the other while it waits (cli.say_once), so the sentence is printed once, not once per process."""
+    r = torchrun(["pretrain", "--data", tmp_path / "no-tokens", "--out_dir", tmp_path / "out", "--lr", "-1"], nproc=2,
+                 timeout=240)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("babyllama: error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    assert "(rank" not in errors[0] and "(exitcode: 2)" in r.stderr

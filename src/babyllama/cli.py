@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
@@ -617,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
             args.func(args)
     except UserError as e:
         if not isinstance(e, AlreadySaid):
-            say(e)
+            say_once(e)
         return 2
     except CannotWrite as e:  # the temporary is removed; what was written before is whole
         if is_rank0():
@@ -643,6 +644,26 @@ def importing(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+RANK_GRACE_S = 3.0  # how long a process of a torchrun job other than the first waits before saying its error
+
+
+def say_once(e: UserError) -> None:
+    """Say e once for a torchrun job: RANK 0 (or a process alone) says it; another rank first waits RANK_GRACE_S
+    for torchrun to stop it, as it does every process once the first has ended with the same error (a bad setting
+    fails on every rank alike), and says it, with its rank, only when it was not stopped: an error of its own."""
+    if is_rank0():
+        say(e)
+        return
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2))  # torchrun's stop: rank 0 said it
+    try:
+        time.sleep(RANK_GRACE_S)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the first says it
+        return
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    say(f"(rank {os.environ['RANK']}) {e}")
 
 
 @contextmanager
