@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+from contextlib import suppress
 
 import numpy as np
 import pytest
@@ -379,3 +380,88 @@ def test_pool_workers_leave_ctrl_c_to_the_main_process(corpus_and_tokenizer):
     handlers = [h for _, h in in_workers(signal.getsignal, [signal.SIGINT] * 2, str(d / "tok"), workers=2)]
     assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still stops
+
+
+@pytest.mark.parametrize("asked, used", [(None, 2), (1, 1), (2, 2), (3, 2), (100_000, 2)])
+def test_workers_are_at_most_one_per_core(corpus_and_tokenizer, tmp_path, monkeypatch, asked, used):
+    """--workers 100000 started ~1,000 processes and ran the machine out of memory: a count above the cores
+    (here 2) is capped to them, with a warning; pretokenize and pretokenize --sft alike."""
+    import babyllama.data.pretokenize as pt
+    import babyllama.data.sft_tokens as st
+
+    d, _ = corpus_and_tokenizer
+    started = []
+
+    def spy(func, batches, tokenizer_path, workers):  # records the count, starts no process
+        started.append(workers)
+        return in_workers(func, batches, tokenizer_path, 1)
+
+    in_workers = pt.in_workers
+    monkeypatch.setattr(pt, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(pt, "in_workers", spy)
+    monkeypatch.setattr(st, "in_workers", spy)
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False))
+    flags = [] if asked is None else ["--workers", str(asked)]
+    for mode in (["--input", d / "docs.jsonl"],
+                 ["--sft", "--max_seq_len", "64", "--val_fraction", "0", "--input", tmp_path / "sft.jsonl"]):
+        r = run_cli("pretokenize", *mode, "--tokenizer", d / "tok", "--out_dir", tmp_path / mode[0], *flags)
+        assert r.returncode == 0, r.stderr
+        warned = f"--workers {asked} is more than the 2 CPU cores of this machine; using 2 worker processes"
+        assert (warned in r.stderr) == (asked is not None and asked > 2), r.stderr
+    assert started == [used, used]
+
+
+@pytest.mark.parametrize("executor, used", [("local", 2), ("ray", 64), ("slurm", 64)])
+def test_datatrove_workers_on_this_machine_are_at_most_one_per_core(monkeypatch, executor, used):
+    """The local executor's pool is capped as pretokenize's; Ray's and Slurm's workers run on a cluster's nodes."""
+    import argparse
+
+    import babyllama.data.pretokenize as pt
+    from babyllama.cli import workers
+
+    monkeypatch.setattr(pt, "cpu_cores", lambda: 2)
+    assert workers(argparse.Namespace(engine="datatrove", executor=executor, workers=64)) == used
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_pool_workers_end_with_their_main_process(corpus_and_tokenizer, how):
+    """A killed main process left its pool workers waiting for work forever; each now ends with it, even after
+    SIGKILL, which no cleanup of the main process sees."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d, _ = corpus_and_tokenizer
+    script = ("import sys, time\nfrom babyllama.cli import terminated_as_ctrl_c\n"
+              "from babyllama.data.pretokenize import in_workers\nwith terminated_as_ctrl_c():\n"
+              f"    for _ in in_workers(time.sleep, [0, 0, 60, 60], {str(d / 'tok')!r}, 2):\n"
+              "        print('working', flush=True)\n")
+    main = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert main.stdout.readline() == "working\n"  # the pool is up: a worker has done a batch
+        time.sleep(1)
+        children = [int(p) for p in open(f"/proc/{main.pid}/task/{main.pid}/children").read().split()]
+        assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
+        main.send_signal(getattr(signal, how))
+        main.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (alive := [p for p in children if os.path.exists(f"/proc/{p}") and not zombie(p)]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive == []
+    finally:
+        main.kill()
+        for p in children if "children" in locals() else []:
+            with suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+
+def zombie(pid: int) -> bool:
+    """Whether process pid has ended, its exit status not yet collected by its parent (init, for an orphan)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

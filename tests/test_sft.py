@@ -500,3 +500,27 @@ def test_sft_writes_beside_its_init_and_never_resumes_another_stage(sft_setup, t
     assert default_out_dir("sft", "runs/demo/pretrain/final") == "runs/demo/pretrain-sft"
     assert default_out_dir("sft", "runs/x/checkpoints/step_000100") == "runs/x-sft"
     assert default_out_dir("sft", "models/base") == "models/base-sft"
+
+
+@pytest.mark.parametrize("asked, used", [(0, 1), (1, 1), (100_000, 1)])
+def test_data_workers_are_at_most_one_per_core(sft_setup, tmp_path, monkeypatch, caplog, asked, used):
+    """data_workers (of SFT's and DPO's token cache) is capped to the CPU cores, here 1, as pretokenize --workers
+    is: more processes only share the cores, each with its own memory."""
+    import babyllama.data.pretokenize as pt
+    import babyllama.data.sft_tokens as st
+
+    started = []
+
+    def spy(func, batches, tokenizer_path, workers):
+        started.append(workers)
+        return in_workers(func, batches, tokenizer_path, 1)
+
+    in_workers = pt.in_workers
+    monkeypatch.setattr(pt, "cpu_cores", lambda: 1)
+    monkeypatch.setattr(st, "in_workers", spy)
+    d = sft_setup
+    sft(load_config(None, ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path),
+                           "--max_steps", "1", "--eval_every", "0", "--data_workers", str(asked)]))
+    assert started == [used]
+    warned = f"data_workers {asked} is more than the 1 CPU core of this machine; using 1 worker process"
+    assert (warned in caplog.text) == (asked > 1)

@@ -201,7 +201,13 @@ def launch_of(engine, args: argparse.Namespace):
 
 
 def workers(args: argparse.Namespace) -> int:
-    return args.workers or os.cpu_count() or 1
+    """--workers: processes on this machine, at most one per core (cpu_workers), or datatrove's tasks at once in a
+    Ray or Slurm cluster, whose scheduler places them."""
+    if args.engine == "datatrove" and args.executor in ("ray", "slurm"):
+        return args.workers or os.cpu_count() or 1
+    from babyllama.data.pretokenize import cpu_workers
+
+    return cpu_workers(args.workers, "--workers")
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:
@@ -217,7 +223,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=["local", "slurm", "ray"], help="where datatrove runs (default local)")
     g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files cut by bytes "
                    "(default and most: the number of files)")
-    g.add_argument("--workers", type=int_in(1), help="processes at once (default: one per core)")
+    g.add_argument("--workers", type=int_in(1), help="processes at once, on this machine at most one per core "
+                   "(default: one per core)")
     g.add_argument("--slurm_partition", help="with --executor slurm")
     g.add_argument("--slurm_time", help="with --executor slurm: each task's time limit (default 24:00:00)")
 

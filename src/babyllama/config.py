@@ -111,7 +111,7 @@ class TrainConfig:
     val_fraction: float = 0.02
     pack: bool = False
     sft_cache: str = ""  # the token cache (data/sft_tokens.py)
-    data_workers: int = 0  # processes that build it; 0: one per CPU core
+    data_workers: int = 0  # processes that build it, at most one per CPU core; 0: one per core
     min_prompt_chars: int = 0
     max_prompt_chars: int = 0
     min_answer_chars: int = 0

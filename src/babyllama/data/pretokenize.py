@@ -13,9 +13,11 @@ encode batches, at most 2 * workers batches in flight, so memory stays flat on a
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -28,11 +30,30 @@ import numpy as np
 from babyllama.data.shards import MANIFEST, BinShardWriter, is_val, staged, swap_in, token_outputs, write_manifest
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError
-from babyllama.progress import progress
+from babyllama.progress import is_rank0, progress
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_CHARS = 1 << 20  # characters per batch sent to a worker
 T, R = TypeVar("T"), TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which a container or taskset narrows; os.cpu_count()
+    counts the whole machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_workers(asked: int | None, setting: str) -> int:
+    """The worker processes to start on this machine for `asked` (None or 0: one per core), at most one per core:
+    more only share the same cores, each with its own memory (`--workers 100000` started ~1,000 processes and ran
+    the machine out of memory). A count above the cores is capped, with a warning that names `setting`."""
+    cores = cpu_cores()
+    if asked and asked > cores and is_rank0():
+        log.warning("%s %d is more than the %d CPU core%s of this machine; using %d worker process%s", setting, asked,
+                    cores, "s" * (cores > 1), cores, "es" * (cores > 1))
+    return min(asked or cores, cores)
 
 
 # --- the worker side: a tokenizer per process, loaded once ---
@@ -48,9 +69,18 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _init_pool_worker(tokenizer_path: str) -> None:
     """A pool worker leaves Ctrl-C to the main process, which stops the pool: the terminal's SIGINT reaches
-    the whole process group, and each worker would print its own KeyboardInterrupt traceback."""
+    the whole process group, and each worker would print its own KeyboardInterrupt traceback. It ends when the
+    main process is gone, even killed by SIGKILL, which leaves no one to stop the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(mp.parent_process(),), daemon=True).start()
     _init_worker(tokenizer_path)
+
+
+def _exit_with(parent: mp.process.BaseProcess) -> None:
+    """Wait for parent to end, then end this process: an orphaned pool worker would wait for work forever,
+    holding its memory."""
+    parent.join()
+    os._exit(1)
 
 
 def worker_tokenizer() -> Tokenizer:

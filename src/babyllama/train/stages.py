@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from babyllama.checkpoint import (
     tokenizer_dir,
 )
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
+from babyllama.data.pretokenize import cpu_workers
 from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
 from babyllama.data.sources import check_output_folder
@@ -200,7 +200,7 @@ def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: st
     cache = t.sft_cache or Path(t.out_dir) / f"{kind}_tokens"
     started_with = read_config(resume_from).get("data") if resume_from is not None else None  # None: older run
     train, val, stats = load_sft_data(paths, tokenizer_path, cache, settings, t.pack, dist,
-                                      t.data_workers or os.cpu_count() or 1, kind, started_with)
+                                      cpu_workers(t.data_workers, "data_workers"), kind, started_with)
     data = {k: v for k, v in read_sft_cache(cache).items() if k != "stats"}  # what the checkpoints record
     return train, val, stats, data
 
