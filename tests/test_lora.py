@@ -336,3 +336,53 @@ def test_a_checkpoint_without_run_settings_resumed_as_the_other_kind_is_one_sent
     assert capsys.readouterr().err == (f"babyllama: error: {ckpt} was trained with {trained}; resume with the same "
                                        "settings or use a new out_dir.\n")
     assert not (run / "sft_tokens").exists()  # before the token cache is built
+
+
+def test_target_shapes_and_adapter_params_are_the_built_model_s():
+    from babyllama.lora import adapter_params, target_shapes
+
+    cfg = tiny_config(vocab_size=600)
+    linears = {n.rsplit(".", 1)[-1]: (m.in_features, m.out_features) for n, m in Transformer(cfg).named_modules()
+               if n.rsplit(".", 1)[-1] in TARGETS}
+    assert target_shapes(cfg) == linears == {"wqkv": (64, 192), "wo": (64, 64), "w13": (64, 352), "w2": (176, 64)}
+    assert adapter_params(lora_config(4, 8, 0.0, ",".join(TARGETS)), cfg) == 8320  # as the built adapters count
+    assert adapter_params(lora_config(3, 8, 0.0, "wo"), cfg) == 2 * 3 * 128
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (["--lora_rank", "65"], "lora_rank 65 is more than 64, the smaller side of target w13 (64 x 352), so the "
+                            "adapter would not be low-rank; choose lora_rank 64 or less."),
+    (["--lora_rank", "100000", "--lora_targets", "wo"], "lora_rank 100000 is more than 64, the smaller side of "
+                                                        "target wo (64 x 64), so the adapter would not be low-rank; "
+                                                        "choose lora_rank 64 or less."),
+])
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_lora_rank_above_a_target_layer_s_smaller_side_is_refused(lora_run, tmp_path, flags, sentence, stage):
+    """--lora_rank 100000 on the demo model allocated 19.5 GB and was killed: a rank above min(in, out) of a target
+    layer is no low-rank adapter, and is refused before anything is allocated or tokenized."""
+    r = run_cli(stage, "--init", lora_run / "init", "--data", lora_run / "sft.jsonl", "--out_dir", tmp_path / "o",
+                "--max_steps", "1", *flags)
+    assert (r.returncode, r.stderr) == (2, f"babyllama: error: {sentence}\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_memory_check_counts_the_adapters(lora_run, tmp_path, monkeypatch):
+    """The frozen base needs its weights (4 bytes a parameter), the adapters their weights, gradients and AdamW's
+    moments (16): a rank whose adapters do not fit is refused before anything is allocated, where the check of
+    the base alone (16 bytes a parameter) passed."""
+    from babyllama.lora import adapter_params
+
+    cfg = tiny_config(vocab_size=600)
+    adapters = adapter_params(lora_config(64, 8, 0.0, ",".join(TARGETS)), cfg)
+    have = 16 * cfg.num_params + 1  # the base as if fully trained fits; with the adapters it does not
+    assert 4 * cfg.num_params + 16 * adapters > have
+    sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda k: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": have}.get(k) or sysconf(k))
+    base = ["--init", str(lora_run / "init"), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(tmp_path),
+            "--max_steps", "1"]
+    with pytest.raises(UserError) as e:
+        sft(load_config(None, [*base, "--lora_rank", "64"]))
+    assert str(e.value) == (f"the model has {cfg.num_params:,} parameters and its LoRA adapters {adapters:,}: "
+                            "training needs about 0.0 GiB for the weights and the adapters' gradients and AdamW, "
+                            "more than the 0.0 GiB of cpu; choose a smaller lora_rank or fewer lora_targets.")
+    assert not (tmp_path / "sft_tokens").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from babyllama.errors import UserError, require
-from babyllama.model import Transformer
+from babyllama.model import ModelConfig, Transformer
 from babyllama.weights_file import save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,6 +39,33 @@ def lora_config(rank: int, alpha: float, dropout: float, targets: str, base: str
                         f"{','.join(TARGETS)}; got rank {rank}, alpha {alpha}, dropout {dropout}, targets {targets!r}.")
     return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
                            base_model_name_or_path=base)
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each of TARGETS, the linear layers of every block of a model of cfg."""
+    heads = cfg.n_heads * cfg.head_dim
+    return {"wqkv": (cfg.dim, heads + 2 * cfg.kv_heads * cfg.head_dim), "wo": (heads, cfg.dim),
+            "w13": (cfg.dim, 2 * cfg.ffn_dim), "w2": (cfg.ffn_dim, cfg.dim)}
+
+
+def check_rank(config, cfg: ModelConfig) -> None:
+    """UserError when config's rank exceeds min(in_features, out_features) of a target layer of a model of cfg:
+    B A would be no lower rank than the layer itself, and cost more parameters (--lora_rank 100000 on the demo
+    model allocated 19.5 GB before it was killed)."""
+    shapes = target_shapes(cfg)
+    name = min(sorted(config.target_modules), key=lambda k: min(shapes[k]))
+    most = min(shapes[name])
+    if config.r > most:
+        raise UserError(f"lora_rank {config.r} is more than {most}, the smaller side of target {name} "
+                        f"({' x '.join(map(str, shapes[name]))}), so the adapter would not be low-rank; choose "
+                        f"lora_rank {most} or less.")
+
+
+def adapter_params(config, cfg: ModelConfig) -> int:
+    """The parameters of config's adapters on a model of cfg: r (in_features + out_features) for A (r, in) and
+    B (out, r) of each target layer of each block (Hu et al., 2021)."""
+    shapes = target_shapes(cfg)
+    return cfg.n_layers * sum(config.r * sum(shapes[name]) for name in config.target_modules)
 
 
 def add_lora(model: Transformer, config) -> Transformer:

@@ -31,6 +31,7 @@ from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
 from babyllama.data.sources import check_output_folder
 from babyllama.errors import UserError, write_whole
+from babyllama.lora import check_rank
 from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -55,7 +56,8 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     Raises UserError."""
     out = Path(cfg.train.out_dir)
     check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
-    lora_of(cfg.train)  # LoRA settings out of range stop here
+    if lora := lora_of(cfg.train):  # LoRA settings out of range stop here
+        check_rank(lora, cfg.model)
     check_memory(cfg, dist.device)  # and a model or batch beyond the machine
     check_optimizer(cfg.train)  # and Muon where it cannot run
     if tokenizer.vocab_size > cfg.model.vocab_size:

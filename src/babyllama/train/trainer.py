@@ -47,7 +47,15 @@ from babyllama.checkpoint import (
 from babyllama.config import RunConfig, TrainConfig
 from babyllama.errors import CannotWrite, Stopped, UserError, write_whole, writing
 from babyllama.evaluate import loss_sums
-from babyllama.lora import adapter_config, adapter_tensors, add_lora, is_adapter, load_adapter, lora_config
+from babyllama.lora import (
+    adapter_config,
+    adapter_params,
+    adapter_tensors,
+    add_lora,
+    is_adapter,
+    load_adapter,
+    lora_config,
+)
 from babyllama.model import Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
@@ -132,19 +140,26 @@ def lora_of(t: TrainConfig):
 
 
 def check_memory(cfg: RunConfig, device: torch.device) -> None:
-    """UserError, before anything is allocated, when the weights, their gradients and AdamW's two
-    moments (16 bytes a parameter in fp32; FSDP shards them over the processes) exceed the device's
-    memory (a model of a million dims would otherwise allocate for minutes, then be killed), or a
-    step's token ids alone do."""
+    """UserError, before anything is allocated, when the trained weights, their gradients and AdamW's two
+    moments (16 bytes a parameter in fp32; FSDP shards them over the processes), with LoRA the frozen base's
+    weights (4 bytes a parameter) and the adapters' 16, exceed the device's memory (a model of a million dims,
+    or lora_rank 100000, would otherwise allocate for minutes, then be killed), or a step's token ids alone do."""
     t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", 1)) if t.fsdp else 1
-    need = 16 * cfg.model.num_params / world
+    lora = lora_of(t)
+    base = cfg.model.num_params
+    adapters = adapter_params(lora, cfg.model) if lora else 0
+    need = ((4 if lora else 16) * base + 16 * adapters) / world
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have and lora:
+        raise UserError(f"the model has {base:,} parameters and its LoRA adapters {adapters:,}: training needs about "
+                        f"{need / 2**30:,.1f} GiB for the weights and the adapters' gradients and AdamW, more than "
+                        f"the {have / 2**30:,.1f} GiB of {device}; choose a smaller lora_rank or fewer lora_targets.")
     if need > have:
-        raise UserError(f"the model has {cfg.model.num_params:,} parameters: training needs about "
+        raise UserError(f"the model has {base:,} parameters: training needs about "
                         f"{need / 2**30:,.1f} GiB for weights, gradients and AdamW, more than the "
                         f"{have / 2**30:,.1f} GiB of {device}; choose a smaller model (or shard it with fsdp).")
     ids = 16 * t.batch_size * t.grad_accum * (cfg.model.max_seq_len + 1)  # a step's idx and targets, int64
