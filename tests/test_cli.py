@@ -40,6 +40,32 @@ def test_tokenizer_train_then_info(tmp_path):
     assert info["chars_per_token"] == round(len(SAMPLE_TEXT.replace("\n", "")) / n_tokens, 3)
 
 
+def test_tokenizer_info_reads_its_sample_as_every_text_input(tmp_path, bpe_tokenizer):
+    """--sample was decoded as UTF-8 with errors="replace": a GBK file measured replacement characters, a .jsonl
+    sample its JSON, random bytes were measured, and a folder "did not exist". It is read as every text input is."""
+    bpe_tokenizer.save(tmp_path / "tok")
+    texts = ["你好，世界。这是分词器的样本。", "中文的句子，用来数每个词元有几个字。"]
+    n_tokens = sum(len(bpe_tokenizer.encode(t)) for t in texts)
+    expected = round(sum(map(len, texts)) / n_tokens, 3)
+    (tmp_path / "gbk.txt").write_bytes("\n".join(texts).encode("gbk"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "s.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                            encoding="utf-8")
+    for sample in (tmp_path / "gbk.txt", tmp_path / "d" / "s.jsonl", tmp_path / "d"):
+        r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", sample)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["chars_per_token"] == expected, sample
+    (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    for sample, error in [
+        ("random.bin", "{}: unknown file type .bin; use one of .jsonl, .json, .txt, .parquet, .csv."),
+        ("empty.jsonl", "--sample {} has no text to measure."),
+        ("missing.txt", "--sample {} does not exist."),
+    ]:
+        r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", tmp_path / sample)
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {error.format(tmp_path / sample)}\n")
+
+
 def test_large_vocab_says_uint32(tmp_path):
     from tokenizers import Tokenizer, models
 

@@ -52,10 +52,14 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> None:
 
     tok = load_tokenizer(args.path)
     sample = SAMPLE_TEXT
-    if args.sample:
-        if not Path(args.sample).is_file():
-            raise UserError(f"sample file {args.sample} does not exist.")
-        sample = Path(args.sample).read_text(encoding="utf-8", errors="replace")
+    if args.sample:  # read as every text input is: its encoding detected, the text of JSON records, a folder's files
+        from babyllama.data.sources import iter_texts
+
+        if not Path(args.sample).exists():
+            raise UserError(f"--sample {args.sample} does not exist.")
+        sample = "\n".join(iter_texts([args.sample]))
+        if not sample.strip():
+            raise UserError(f"--sample {args.sample} has no text to measure.")
     info = tok.info(sample)
     print(json.dumps(info, ensure_ascii=False, indent=2))
     if info["token_dtype"] == "uint32":
@@ -433,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer_train, holds="tokenizer train")  # holds its out_dir while it writes (lock.py)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")
     p.add_argument("path", type=path, help="tokenizer directory, tokenizer.json or SentencePiece .model")
-    p.add_argument("--sample", type=path, help="text file to measure characters per token on")
+    p.add_argument("--sample", type=path, help="a data file or folder to measure characters per token on (read "
+                   "as every --input is)")
     p.set_defaults(func=cmd_tokenizer_info)
 
     p = commands.add_parser("prepare", help="read, clean and deduplicate corpora into JSON-lines shards")
