@@ -450,7 +450,7 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
 
 
 def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path, tiny_run, capsys, monkeypatch):
-    """`--train_data` missing, a checkpoint or only held-out splits, `--prompts` missing after `--data`, an
+    """`--train_data` missing, a checkpoint or only held-out splits, `--prompts` missing after `--data` or empty, an
     --out_dir that is a checkpoint, a val split shorter than the model's window: each said so only after every answer
     was generated (or the loss measured)."""
     import babyllama.checkpoint
@@ -462,7 +462,12 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
     qa.write_text(json.dumps({"question": "这是一个问题吗", "answer": "是"}, ensure_ascii=False))
     (tmp_path / "held").mkdir()
     (tmp_path / "held" / "test.jsonl").write_text(json.dumps({"text": "测试集"}, ensure_ascii=False))
+    (tmp_path / "empty.jsonl").write_bytes(b"")  # `eval --prompts EMPTY` scored 0 prompts and exited 0
+    (tmp_path / "blank.txt").write_text("\n  \n\t\n")
     for args, error in (
+            *((["--prompts", str(tmp_path / name)], f"prompts file {tmp_path / name} has no prompts (a line of text "
+                                                    "each); pass a file that has some.")
+              for name in ("empty.jsonl", "blank.txt")),
             (["--qa", str(qa), "--train_data", str(tmp_path / "nonexist.jsonl")],
              f"input {tmp_path / 'nonexist.jsonl'} does not exist."),
             (["--qa", str(qa), "--train_data", str(ck)],

@@ -617,12 +617,15 @@ def check_lm_data(data: str | Path, seq_len: int) -> None:
 
 def read_prompts(path: str | Path) -> list[str]:
     """The continuation prompts of a text file, one a line in any encoding, less blank lines and lines that are
-    not text. Raises UserError when the file is not there or is not a regular file."""
+    not text. Raises UserError when the file is not there, is not a regular file, or holds no prompt."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist or is not a regular file.")
     lines = records_text(path, file_encoding(path))
-    return [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
+    prompts = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
+    if not prompts:
+        raise UserError(f"prompts file {path} has no prompts (a line of text each); pass a file that has some.")
+    return prompts
 
 
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
