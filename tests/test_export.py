@@ -260,3 +260,18 @@ def test_an_export_killed_by_kill_9_leaves_its_temporary_to_the_next_export(bpe_
     export(tmp_path / "ck", tmp_path / "m.gguf", format="gguf")
     export(tmp_path / "ck", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == [".hf.tmp-1"]
+
+
+def test_a_hugging_face_export_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tmp_path):
+    """`chat runs/demo/hf` (and `sft --init` of it) said its config.json "lacks its model or tokenizer settings; the
+    checkpoint is damaged": it is an HF export, and the sentence says what to pass instead."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    hf = export(tmp_path / "ck", tmp_path / "hf")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False))
+    sentence = (f"babyllama: error: {hf} is a Hugging Face model (its config.json is transformers'), as `babyllama "
+                "export --format hf` writes, not a babyllama checkpoint; pass the checkpoint it was exported from (a "
+                "run's final/ or checkpoints/step_NNNNNN/), or load this one with transformers.\n")
+    for args in (["chat", hf], ["eval", hf, "--out_dir", tmp_path / "e"], ["export", hf, "--out", tmp_path / "x"],
+                 ["sft", "--init", hf, "--data", tmp_path / "sft.jsonl", "--out_dir", tmp_path / "s"]):
+        r = run_cli(*args)
+        assert (r.returncode, r.stderr.splitlines(keepends=True)[-1]) == (2, sentence), args  # after "running on"

@@ -193,7 +193,8 @@ def _fsync(path: Path) -> None:
 
 def read_config(path: str | Path) -> dict:
     """A checkpoint's config.json: an object whose `model` (and `tokenizer`, if any) are objects, and
-    whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one."""
+    whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one. UserError for a
+    folder that is no checkpoint (a Hugging Face model among them) or a damaged one."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist or is not a directory.")
@@ -203,6 +204,10 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged.") from None
+    if isinstance(config, dict) and "model" not in config and ("model_type" in config or "architectures" in config):
+        raise UserError(f"{path} is a Hugging Face model (its {CONFIG_FILE} is transformers'), as `babyllama export "
+                        "--format hf` writes, not a babyllama checkpoint; pass the checkpoint it was exported from "
+                        "(a run's final/ or checkpoints/step_NNNNNN/), or load this one with transformers.")
     tokenizer = config.get("tokenizer") if isinstance(config, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not (
             tokenizer is None or isinstance(tokenizer, dict) and isinstance(tokenizer.get("fingerprint"), str)):
