@@ -294,3 +294,28 @@ def test_an_error_of_one_rank_alone_is_said_with_its_rank(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     cli.say_once(UserError("shard 3 is cut."))
     assert capsys.readouterr().err == "babyllama: error: shard 3 is cut.\n"
+
+
+def test_a_file_where_a_folder_is_taken_is_called_a_file(tmp_path):
+    """`report FILE` said "run directory FILE does not exist", `chat FILE` "does not exist or is not a directory":
+    every command that takes a folder says that the path is a file, and what to pass; a folder as --config too."""
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(json.dumps({"text": "一段文字"}, ensure_ascii=False) + "\n")
+    checkpoint = f"checkpoint {f} is a file, not a folder; pass a checkpoint's folder (a run's final/ or " \
+                 "checkpoints/step_NNNNNN/)."
+    shards = f"{f} is a file, not a folder; pass a folder of token shards, the --out_dir of babyllama pretokenize " \
+             "(with manifest.json)."
+    for args, error in [
+        (["report", f], f"run directory {f} is a file, not a folder; pass a run's folder or a folder of runs (e.g. "
+                        "runs/demo)."),
+        (["report", tmp_path / "none"], f"run directory {tmp_path / 'none'} does not exist."),
+        (["chat", f], checkpoint), (["serve", f], checkpoint), (["eval", f, "--out_dir", tmp_path / "e"], checkpoint),
+        (["export", f, "--out", tmp_path / "x"], checkpoint),
+        (["sft", "--init", f, "--data", f, "--out_dir", tmp_path / "s"], checkpoint),
+        (["chat", tmp_path / "none"], f"checkpoint {tmp_path / 'none'} does not exist."),
+        (["pretokenize", "--merge", f, tmp_path / "e", "--out_dir", tmp_path / "m"], shards),
+        (["pretrain", "--config", tmp_path, "--data", tmp_path], f"config file {tmp_path} is a folder, not a file; "
+                                                                  "pass a TOML file (e.g. configs/demo.toml)."),
+    ]:
+        r = run_cli(*args)
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: {error}"), args

@@ -481,11 +481,11 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
                                   "pretokenize."),
             (["--data", str(tmp_path / "held")], f"{tmp_path / 'held'} has no manifest.json; make one with `babyllama "
                                                  "pretokenize`."),
-            (["--data", str(qa)], f"{qa} is a file; --data takes the folder that babyllama pretokenize wrote (with "
-                                  "manifest.json)."),
+            (["--data", str(qa)], f"{qa} is a file, not a folder; pass a folder of token shards, the --out_dir of "
+                                  "babyllama pretokenize (with manifest.json)."),
             (["--data", str(tiny_run / "tokens" / "manifest.json")],
-             f"{tiny_run / 'tokens' / 'manifest.json'} is a file; --data takes the folder that babyllama pretokenize "
-             "wrote (with manifest.json)."),
+             f"{tiny_run / 'tokens' / 'manifest.json'} is a file, not a folder; pass a folder of token shards, the "
+             "--out_dir of babyllama pretokenize (with manifest.json)."),
             (["--data", str(tmp_path / "nonexist")], f"{tmp_path / 'nonexist'} does not exist.")):
         assert main(["eval", str(ck), *args, "--out_dir", str(out)]) == 2, args
         assert capsys.readouterr().err.splitlines()[-1] == f"babyllama: error: {error}", args

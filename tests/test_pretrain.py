@@ -653,9 +653,10 @@ def test_data_that_is_not_a_shards_folder_is_one_sentence(shards, tmp_path):
     """A corpus file, the manifest itself or a missing path as --data: one sentence, not a JSONDecodeError."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"text": "一段文字"}, ensure_ascii=False) + "\n")
-    folder = "--data takes the folder that babyllama pretokenize wrote (with manifest.json)."
-    for data, error in ((corpus, f"{corpus} is a file; {folder}"),
-                        (shards / "manifest.json", f"{shards / 'manifest.json'} is a file; {folder}"),
+    folder = "is a file, not a folder; pass a folder of token shards, the --out_dir of babyllama pretokenize (with " \
+             "manifest.json)."
+    for data, error in ((corpus, f"{corpus} {folder}"),
+                        (shards / "manifest.json", f"{shards / 'manifest.json'} {folder}"),
                         (tmp_path / "nonexist", f"{tmp_path / 'nonexist'} does not exist.")):
         with pytest.raises(UserError) as e:
             pretrain(config(data, tmp_path / "run", "--max_steps", "1"))

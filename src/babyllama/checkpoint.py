@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.errors import UserError, writing
+from babyllama.errors import UserError, check_folder, writing
 from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -196,8 +196,7 @@ def read_config(path: str | Path) -> dict:
     whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one. UserError for a
     folder that is no checkpoint (a Hugging Face model among them) or a damaged one."""
     path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist or is not a directory.")
+    check_folder(path, "checkpoint", "a checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)")
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:

@@ -118,6 +118,16 @@ def require(module: str, extra: str):
         raise UserError(f"this needs the {module} package: pip install 'babyllama[{extra}]'.") from None
 
 
+def check_folder(path: Path, what: str, instead: str) -> None:
+    """UserError when path, which a command reads as a folder (what: "checkpoint", "run directory", or "" for the
+    path alone), does not exist or is a file; instead says what to pass."""
+    name = f"{what} {path}" if what else str(path)
+    if not path.exists():
+        raise UserError(f"{name} does not exist.")
+    if not path.is_dir():
+        raise UserError(f"{name} is a file, not a folder; pass {instead}.")
+
+
 def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True) -> None:
     """Raise UserError when the output folder out cannot be made because it, or a folder above it, is a file
     (mkdir's FileExistsError or NotADirectoryError, after the work); flag names the setting in the message.

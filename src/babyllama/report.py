@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from babyllama.errors import UserError, require, write_whole, writing
+from babyllama.errors import UserError, check_folder, require, write_whole, writing
 
 
 def pyplot():
@@ -178,8 +178,7 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
 def make_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/; returns the report's path."""
     root = Path(run_dir)
-    if not root.is_dir():
-        raise UserError(f"run directory {root} does not exist.")
+    check_folder(root, "run directory", "a run's folder or a folder of runs (e.g. runs/demo)")
     runs = [root] if (root / "metrics.jsonl").is_file() else [p.parent for p in find(root, "metrics.jsonl", 2)]
     evals = find(root, "eval.json")
     if not runs and not evals:

@@ -25,6 +25,8 @@ def read_toml(path: str | Path | None) -> dict:
     if not path:
         return {}
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {p} is a folder, not a file; pass a TOML file (e.g. configs/demo.toml).")
     if not p.is_file():
         raise UserError(f"config file {p} does not exist.")
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import CannotWrite, UserError, discard, write_whole, writing
+from babyllama.errors import CannotWrite, UserError, check_folder, discard, write_whole, writing
 
 MANIFEST = "manifest.json"
 
@@ -194,11 +194,7 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of a folder of token shards (the one place pretrain, eval and merge open one). Raises
     UserError for a path that does not exist, a file (a corpus, or the manifest itself) and a folder without one."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist.")
-    if not path.is_dir():
-        raise UserError(f"{path} is a file; --data takes the folder that babyllama pretokenize wrote "
-                        f"(with {MANIFEST}).")
+    check_folder(path, "", f"a folder of token shards, the --out_dir of babyllama pretokenize (with {MANIFEST})")
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path} has no {MANIFEST}; make one with `babyllama pretokenize`.")
     return json.loads((path / MANIFEST).read_text())
