@@ -177,3 +177,21 @@ def test_a_read_only_folder_is_one_sentence_and_no_part_is_left(tmp_path, capsys
     assert not list(out.glob(".*.tmp"))
     monkeypatch.undo()
     assert main(args) == 0 and (out / "part_00000.jsonl").read_text().count("\n") == 20
+
+
+def test_a_warning_starts_a_line_of_its_own_below_a_progress_bar(tmp_path):
+    """With stderr to a file or pipe, tqdm drew each status over the one before with "\\r" and no newline, so the
+    file held `prepare: 0 docs [00:00, ? docs/s]WARNING ...`: each status is now a line, and the warning its own."""
+    import re
+
+    (tmp_path / "gbk.txt").write_bytes("第一篇中文文档的正文。\n第二篇中文文档的正文。\n".encode("gbk"))
+    r = run_cli("prepare", "--input", tmp_path / "gbk.txt", "--out_dir", tmp_path / "out", "--min_chars", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.split("\n")
+    assert lines[-1] == "" and "\r" not in r.stderr
+    bars = [x for x in lines[:-1] if x.startswith("prepare: ")]
+    assert all(re.fullmatch(r"prepare: \d docs \[[^\]]*\]", x) for x in bars), bars
+    assert bars[-1].startswith("prepare: 2 docs [")
+    warning = f"WARNING babyllama.data.sources: {tmp_path / 'gbk.txt'}: not UTF-8; reading it as GB18030 (detected)."
+    assert any(x.startswith(warning) for x in lines)
+    assert all(x.startswith(("prepare: ", "WARNING ", "INFO ")) for x in lines[:-1]), lines
