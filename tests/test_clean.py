@@ -195,3 +195,17 @@ def test_a_warning_starts_a_line_of_its_own_below_a_progress_bar(tmp_path):
     warning = f"WARNING babyllama.data.sources: {tmp_path / 'gbk.txt'}: not UTF-8; reading it as GB18030 (detected)."
     assert any(x.startswith(warning) for x in lines)
     assert all(x.startswith(("prepare: ", "WARNING ", "INFO ")) for x in lines[:-1]), lines
+
+
+def test_prepare_that_keeps_nothing_says_why(tmp_path):
+    """`prepare --min_chars 99999999999999999999999` exited 0 with "kept 0" and no part file: nothing kept is exit 2
+    and one sentence counting why (too short, bad, duplicates)."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"text": "第一篇足够长的文档。"}, {"text": "第一篇足够长的文档。"}, {"instruction": "问", "output": "答"}])
+        + "{oops\n")
+    r = run_cli("prepare", "--input", mixed, "--out_dir", tmp_path / "o", "--min_chars", "99999999999999999999999")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, (
+        "babyllama: error: none of the 4 records was kept: 2 shorter than --min_chars 99999999999999999999999, 2 bad "
+        f"(see {tmp_path / 'o' / 'bad_records.txt'}); lower --min_chars or check the inputs."))
+    assert list((tmp_path / "o").glob("part_*")) == []

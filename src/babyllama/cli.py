@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the whole pipeline on the built-in Chinese corpus, on a CPU")
     p.add_argument("--out_dir", type=path, default="runs/demo", help="where every stage writes")
-    p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about a minute)")
+    p.add_argument("--smoke", action="store_true", help="every stage on a sliver of the data (about half a minute)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--dpo", action="store_true", help="then DPO on entity pairs of unseen sentences, and its eval")
     p.set_defaults(func=cmd_demo, holds="demo")  # its stages write in-process into folders inside it

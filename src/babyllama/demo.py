@@ -1,7 +1,7 @@
 """The whole pipeline on the built-in Chinese corpus, on a CPU, in minutes: `make demo`.
 
     babyllama demo --out_dir runs/demo            # about 15 minutes on 2 CPU cores
-    babyllama demo --out_dir runs/demo --smoke    # every stage on a sliver of the data, about a minute
+    babyllama demo --out_dir runs/demo --smoke    # every stage on a sliver of the data, about half a minute
     babyllama demo --out_dir runs/demo --force    # redo every stage
     babyllama demo --out_dir runs/demo --dpo      # then DPO on pairs of the entity task, about 6 minutes more
 

@@ -394,12 +394,20 @@ def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], sett
 
 
 def check_usable(stats: dict, out: Path) -> dict:
-    """stats, or UserError when no record was usable (stats.json and bad_records.txt, written, say why)."""
+    """stats, or UserError when no record was usable or none was kept (stats.json and bad_records.txt, written,
+    say why)."""
     total = stats["total"]
     if total["records"] and total["bad"] == total["records"]:
         raise UserError(f"every one of the {total['records']} records was bad; see {out / 'bad_records.txt'}.")
     if total["records"] == 0:
         raise UserError("the inputs hold no records; check the paths and --format.")
+    if total["kept"] == 0:  # a corpus of nothing would go on to the tokenizer and pretokenize
+        why = [f"{n} {what}" for n, what in (
+            (total["too_short"], f"shorter than --min_chars {stats['settings'].get('min_chars')}"),
+            (total["bad"], f"bad (see {out / 'bad_records.txt'})"), (total["exact_duplicates"], "exact duplicates"),
+            (total["near_duplicates"], "near duplicates")) if n]
+        raise UserError(f"none of the {total['records']} records was kept: {', '.join(why)}; lower --min_chars or "
+                        "check the inputs.")
     return stats
 
 
