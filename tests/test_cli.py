@@ -66,6 +66,20 @@ def test_tokenizer_info_reads_its_sample_as_every_text_input(tmp_path, bpe_token
         assert (r.returncode, r.stderr) == (2, f"babyllama: error: {error.format(tmp_path / sample)}\n")
 
 
+def test_tokenizer_train_on_no_documents_writes_nothing(tmp_path):
+    """`tokenizer train --input EMPTY.jsonl` exited 0 with a tokenizer of the 259 byte ids alone: no usable document
+    is exit 2 and one sentence, as prepare and pretokenize say it, and no tokenizer is written."""
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "bad.jsonl").write_text("{oops\n[1]\n")
+    for name, error in (("empty.jsonl", "the inputs hold no records; check the paths and --format."),
+                        ("bad.jsonl", "every one of the 2 records was bad (the first: {}:1: not valid JSON")):
+        r = run_cli("tokenizer", "train", "--input", tmp_path / name, "--vocab_size", "300",
+                    "--out_dir", tmp_path / "t")
+        assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(
+            "babyllama: error: " + error.format(tmp_path / name)), r.stderr
+        assert not (tmp_path / "t").exists()
+
+
 def test_large_vocab_says_uint32(tmp_path):
     from tokenizers import Tokenizer, models
 
