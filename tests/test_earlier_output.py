@@ -74,8 +74,9 @@ def test_documents_all_too_short_leave_the_earlier_output(made):
     before = snapshot(out)
     (made / "short.jsonl").write_text('{"text": "短文"}\n{"text": "也短"}\n')
     r = run_cli("prepare", "--input", made / "short.jsonl", "--out_dir", out)
-    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "babyllama: error: no document of the inputs has "
-                                                            "--min_chars 10 characters or more; nothing was written.")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "babyllama: error: none of the 2 records was kept: 2 "
+                                                            "shorter than --min_chars 10; lower --min_chars or check "
+                                                            "the inputs.")
     assert snapshot(out) == before
 
 

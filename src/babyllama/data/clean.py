@@ -373,24 +373,36 @@ def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int
         s.schema, s.records, s.bad = fs.schema, fs.records, fs.bad
     reader.check_usable()
     if not writer.files:  # deduplication keeps a first copy: every good document was too short
-        raise UserError(f"no document of the inputs has --min_chars {min_chars} characters or more; nothing was "
-                        "written.")
+        raise nothing_kept(totals(stats), min_chars)
     settings = {"format": format, "min_chars": min_chars, "dedup": dedup, "minhash_threshold": threshold}
     return write_stats(out, stats, writer.files, settings, time.time() - start)
 
 
 def write_stats(out: Path, stats: dict[str, SourceStats], files: list[str], settings: dict, seconds: float) -> dict:
     """Write out/stats.json (per source, totals, the shard files, the settings) and return it."""
-    total = {k: sum(getattr(s, k) for s in stats.values()) for k in asdict(SourceStats()) if k != "schema"}
     result = {
         "sources": {k: asdict(v) for k, v in stats.items()},
-        "total": total,
+        "total": totals(stats),
         "files": files,
         "settings": settings,
         "seconds": round(seconds, 2),
     }
     write_json(out / "stats.json", result)
     return result
+
+
+def totals(stats: dict[str, SourceStats]) -> dict[str, int]:
+    """The counts of every source added up."""
+    return {k: sum(getattr(s, k) for s in stats.values()) for k in asdict(SourceStats()) if k != "schema"}
+
+
+def nothing_kept(total: dict[str, int], min_chars: int | None) -> UserError:
+    """The UserError of a prepare that kept no document, counting why (total: the counts of totals)."""
+    why = [f"{n} {what}" for n, what in (
+        (total["too_short"], f"shorter than --min_chars {min_chars}"), (total["bad"], "bad"),
+        (total["exact_duplicates"], "exact duplicates"), (total["near_duplicates"], "near duplicates")) if n]
+    return UserError(f"none of the {total['records']} records was kept: {', '.join(why)}; lower --min_chars or "
+                     "check the inputs.")
 
 
 def check_usable(stats: dict, out: Path) -> dict:
@@ -402,12 +414,7 @@ def check_usable(stats: dict, out: Path) -> dict:
     if total["records"] == 0:
         raise UserError("the inputs hold no records; check the paths and --format.")
     if total["kept"] == 0:  # a corpus of nothing would go on to the tokenizer and pretokenize
-        why = [f"{n} {what}" for n, what in (
-            (total["too_short"], f"shorter than --min_chars {stats['settings'].get('min_chars')}"),
-            (total["bad"], f"bad (see {out / 'bad_records.txt'})"), (total["exact_duplicates"], "exact duplicates"),
-            (total["near_duplicates"], "near duplicates")) if n]
-        raise UserError(f"none of the {total['records']} records was kept: {', '.join(why)}; lower --min_chars or "
-                        "check the inputs.")
+        raise nothing_kept(total, stats["settings"].get("min_chars"))
     return stats
 
 
