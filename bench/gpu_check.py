@@ -21,7 +21,7 @@ import torch
 from babyllama.config import RunConfig, TrainConfig
 from babyllama.model import KVCache, Transformer, preset
 from babyllama.train.distributed import Dist
-from babyllama.train.trainer import Trainer, peak_flops
+from babyllama.train.trainer import Trainer, peak_flops, size_text
 
 ROWS: list[tuple[str, str, str]] = []  # (what, figure, note)
 
@@ -48,12 +48,12 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def peak_memory_gb(device: torch.device) -> str:
+def peak_memory(device: torch.device) -> str:
     if device.type != "cuda":
         return "-"
-    gb = torch.cuda.max_memory_allocated(device) / 2**30
+    peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    return f"{gb:.1f} GB"
+    return size_text(peak)
 
 
 def optimizer_step(model: Transformer, loss_fn, dtype: torch.dtype, device: torch.device):
@@ -82,7 +82,7 @@ def pretraining(name: str, batch: int, args, device: torch.device, dtype: torch.
         tokens_s = batch * T / secs
         mfu = f"MFU {tokens_s * model.flops_per_token(T) / peak:.1%}" if peak else "MFU -"
         row(f"pretrain {name} {'compiled' if compile_ else 'eager'} ({batch}x{T})", f"{tokens_s:,.0f} tok/s",
-            f"{mfu}, peak {peak_memory_gb(device)}")
+            f"{mfu}, peak {peak_memory(device)}")
         del model, forward, step
 
 
@@ -124,7 +124,7 @@ def packed_sft(args, device: torch.device, dtype: torch.dtype) -> None:
         step = optimizer_step(model, lambda: model(idx, targets, segments=segments)[1], dtype, device)
         secs = timed(step, args.steps, 2, device)
         row(f"packed SFT baby-92m {backend} mask ({B}x{T})", f"{B * T / secs:,.0f} tok/s",
-            f"peak {peak_memory_gb(device)}")
+            f"peak {peak_memory(device)}")
         model.zero_grad()
         small = slice(0, 2)  # gradient equality in fp32 on two rows
         model(idx[small], targets[small], segments=segments[small])[1].backward()

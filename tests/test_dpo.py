@@ -279,3 +279,26 @@ def test_a_finished_run_resumed_loads_no_reference(dpo_setup, tmp_path, monkeypa
     capsys.readouterr()
     assert dpo(load_config(None, args), resume=True) == tmp_path / "final"
     assert f"note: the run in {tmp_path} is finished at step 2, so nothing was done" in capsys.readouterr().out
+
+
+def test_the_memory_check_counts_the_reference_model_unless_precomputed(dpo_setup, tmp_path, monkeypatch):
+    """Without precompute_ref_log_probs the reference is a second full copy of the init (4 bytes a parameter) beside
+    the trained weights, gradients and AdamW (16): a machine that holds the 16 but not the 20 refuses the run before
+    anything is allocated, in sizes that show (not "0.0 GiB"), and names the setting that makes it fit."""
+    import os
+
+    d = dpo_setup
+    params = tiny_config(vocab_size=600).num_params
+    have = 16 * params + 1
+    sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda k: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": have}.get(k) or sysconf(k))
+    base = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path / "run"),
+            "--max_steps", "1", "--batch_size", "4", "--data_workers", "1", "--eval_every", "0"]
+    with pytest.raises(UserError) as e:
+        dpo(load_config(None, base))
+    assert str(e.value) == (f"the model has {params:,} parameters: training needs about 2.7 MiB for weights, "
+                            "gradients and AdamW, and the reference model's weights, more than the 2.1 MiB of cpu; "
+                            "pass --precompute_ref_log_probs true, which frees the reference model before training.")
+    assert not (tmp_path / "run").exists()
+    dpo(load_config(None, [*base, "--precompute_ref_log_probs", "true"]))  # the reference is freed: it fits
+    assert (tmp_path / "run" / "final").is_dir()

@@ -718,7 +718,7 @@ def test_settings_of_other_stages_are_refused_all_in_one_sentence(shards, tmp_pa
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model.dim", "1000000"], r"^the model has [\d,]+ parameters: training needs about [\d,.]+ GiB for weights"),
+    (["--model.dim", "1000000"], r"^the model has [\d,]+ parameters: training needs about [\d,.]+ TiB for weights"),
     (["--model.n_layers", "10000000"], r"^the model has [\d,]+ parameters"),
     (["--batch_size", "1000000000"], r"^batch_size 1000000000 x grad_accum 1 rows of 32 tokens need [\d,.]+ GiB"),
 ])

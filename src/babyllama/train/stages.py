@@ -58,7 +58,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
     if lora := lora_of(cfg.train):  # LoRA settings out of range stop here
         check_rank(lora, cfg.model)
-    check_memory(cfg, dist.device)  # and a model or batch beyond the machine
+    check_memory(cfg, dist.device, stage)  # and a model or batch beyond the machine
     check_optimizer(cfg.train)  # and Muon where it cannot run
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "

@@ -139,34 +139,50 @@ def lora_of(t: TrainConfig):
     return lora_config(t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets) if t.lora_rank else None
 
 
-def check_memory(cfg: RunConfig, device: torch.device) -> None:
+def size_text(n: float) -> str:
+    """A size of n bytes in words that show it: in the largest binary unit it reaches (B, KiB, MiB, GiB, TiB), with
+    2 significant digits or more (a tiny model's "0.0 GiB ... more than the 0.0 GiB" said nothing)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:,.1f} {units[i]}" if n < 10 and i else f"{n:,.0f} {units[i]}"
+
+
+def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
     """UserError, before anything is allocated, when the trained weights, their gradients and AdamW's two
     moments (16 bytes a parameter in fp32; FSDP shards them over the processes), with LoRA the frozen base's
-    weights (4 bytes a parameter) and the adapters' 16, exceed the device's memory (a model of a million dims,
-    or lora_rank 100000, would otherwise allocate for minutes, then be killed), or a step's token ids alone do."""
+    weights (4 bytes a parameter) and the adapters' 16, and for DPO without precompute_ref_log_probs the reference
+    model (a second full copy of the init's weights, 4 bytes a parameter in each process) exceed the device's
+    memory (a model of a million dims, or lora_rank 100000, would otherwise allocate for minutes, then be killed),
+    or a step's token ids alone do."""
     t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", 1)) if t.fsdp else 1
     lora = lora_of(t)
     base = cfg.model.num_params
     adapters = adapter_params(lora, cfg.model) if lora else 0
-    need = ((4 if lora else 16) * base + 16 * adapters) / world
+    reference = 4 * base if stage == "dpo" and not t.precompute_ref_log_probs else 0
+    trained = ((4 if lora else 16) * base + 16 * adapters) / world
+    need = trained + reference
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have and lora:
-        raise UserError(f"the model has {base:,} parameters and its LoRA adapters {adapters:,}: training needs about "
-                        f"{need / 2**30:,.1f} GiB for the weights and the adapters' gradients and AdamW, more than "
-                        f"the {have / 2**30:,.1f} GiB of {device}; choose a smaller lora_rank or fewer lora_targets.")
     if need > have:
-        raise UserError(f"the model has {base:,} parameters: training needs about "
-                        f"{need / 2**30:,.1f} GiB for weights, gradients and AdamW, more than the "
-                        f"{have / 2**30:,.1f} GiB of {device}; choose a smaller model (or shard it with fsdp).")
+        what = ("the weights and the adapters' gradients and AdamW" if lora else "weights, gradients and AdamW") + \
+            (", and the reference model's weights" if reference else "")
+        fix = ("choose a smaller lora_rank or fewer lora_targets" if lora else
+               "choose a smaller model (or shard it with fsdp)")
+        if reference and trained <= have:  # the reference is freed before the first step when its log-probs are
+            fix = "pass --precompute_ref_log_probs true, which frees the reference model before training"
+        params = f"{base:,} parameters" + (f" and its LoRA adapters {adapters:,}" if lora else "")
+        raise UserError(f"the model has {params}: training needs about {size_text(need)} for {what}, more than "
+                        f"the {size_text(have)} of {device}; {fix}.")
     ids = 16 * t.batch_size * t.grad_accum * (cfg.model.max_seq_len + 1)  # a step's idx and targets, int64
     if ids > have:
         raise UserError(f"batch_size {t.batch_size} x grad_accum {t.grad_accum} rows of {cfg.model.max_seq_len} "
-                        f"tokens need {ids / 2**30:,.1f} GiB for their token ids alone, more than the "
-                        f"{have / 2**30:,.1f} GiB of {device}; lower them.")
+                        f"tokens need {size_text(ids)} for their token ids alone, more than the "
+                        f"{size_text(have)} of {device}; lower them.")
 
 
 # what a resume may not change: the checkpoint's optimizer state and adapter are of the first four; seed and pack
