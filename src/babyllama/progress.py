@@ -3,17 +3,106 @@ this process is the one of a torchrun job that speaks for all."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterable
 
+LIVE: list = []  # the bars drawn on the terminal now, oldest first
+_redirected = contextlib.ExitStack()  # logging and prints through tqdm while LIVE is not empty
+
 
 def progress(iterable: Iterable | None = None, desc: str = "", unit: str = " it", total: int | None = None, **kw):
+    """A tqdm bar on stderr. On a terminal it is drawn live, and while it is, logging's console handlers write
+    through tqdm.write and prints (to stdout or stderr, when that is the terminal too) through Above: each line
+    lands above the bar, which is drawn again below it (a warning written to the terminal as such landed after
+    the bar, and the bar's next status was drawn over it). Elsewhere each status is a line (Lines), every 30 s."""
     from tqdm import tqdm
 
-    tty = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=0.5 if tty else 30,
-                file=None if tty else Lines(sys.stderr), **kw)
+    stream = sys.stderr.stream if isinstance(sys.stderr, Above) else sys.stderr  # a bar's own writes go straight
+    if not stream.isatty():
+        return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=30,
+                    file=Lines(stream), **kw)
+    return live_bar()(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=0.5, file=stream,
+                      **kw)
+
+
+@functools.cache
+def live_bar() -> type:
+    """tqdm whose bars, from their start to their close, have logging and prints go through tqdm (made at the first
+    bar: importing tqdm takes ~0.1 s that a command without a bar need not spend)."""
+    from tqdm import tqdm
+
+    class LiveBar(tqdm):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            if not self.disable:  # a torchrun process other than rank 0 draws nothing
+                redirect(self)
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                release(self)
+
+    return LiveBar
+
+
+def redirect(bar) -> None:
+    """Count bar as drawn; the first one sends the root logger's console handlers through tqdm.write (tqdm's
+    logging_redirect_tqdm) and sys.stdout and sys.stderr, where they are the terminal, through Above."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if not LIVE:
+        _redirected.enter_context(logging_redirect_tqdm())  # first: it finds the handlers by sys.stdout, sys.stderr
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if stream is not None and stream.isatty():
+                above = Above(stream, bar.fp)
+                _redirected.enter_context(getattr(contextlib, f"redirect_{name}")(above))
+                _redirected.callback(above.close)
+    LIVE.append(bar)
+
+
+def release(bar) -> None:
+    """Count bar as closed (again: no harm); the last one puts logging and sys.stdout and sys.stderr back."""
+    if bar in LIVE:
+        LIVE.remove(bar)
+        if not LIVE:
+            _redirected.close()
+
+
+class Above:
+    """sys.stdout or sys.stderr while bars are drawn on the terminal: each whole line is written above them, as
+    tqdm.write does (the bars on bars_file cleared, the line written, the bars drawn again below it); the rest of a
+    line waits for its end, or for the last bar to close."""
+
+    def __init__(self, stream, bars_file):
+        self.stream, self.bars_file, self.partial = stream, bars_file, ""
+
+    def write(self, s: str) -> int:
+        from tqdm import tqdm
+
+        whole, newline, self.partial = (self.partial + s).rpartition("\n")
+        if newline:
+            with tqdm.external_write_mode(file=self.bars_file):
+                self.stream.write(whole + newline)
+                self.stream.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write what is left of a line (the stream itself stays open: it is the process's)."""
+        if self.partial:
+            self.stream.write(self.partial)
+            self.stream.flush()
+            self.partial = ""
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the stream's
+        return getattr(self.stream, name)
 
 
 class Lines:

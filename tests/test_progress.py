@@ -1,0 +1,82 @@
+"""Progress bars on a terminal: a log line or a print written while a bar is drawn lands above the bar, on a line
+of its own, and the bar is drawn again below it (checked on a pseudo-terminal, as a user's screen shows it)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+SCRIPT = """
+import logging, sys
+from babyllama.progress import progress
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+with progress(total=3, desc="work", unit=" step") as bar:
+    bar.update()
+    logging.getLogger("babyllama.x").warning("a warning")
+    print("a print")
+    print("to stderr", end="", file=sys.stderr)
+    print(" too", file=sys.stderr)
+    bar.update(2)
+logging.getLogger("babyllama.x").warning("after")
+"""
+
+
+def on_a_terminal(*args: str | Path) -> str:
+    """What `python ARGS` writes to a pseudo-terminal of 160 columns (stdout and stderr both), as text."""
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    p = subprocess.Popen([sys.executable, *map(str, args)], stdin=subprocess.DEVNULL, stdout=side, stderr=side)
+    os.close(side)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the process ended and closed its side
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert p.wait(timeout=60) == 0, out
+    return out.decode()
+
+
+def screen(out: str) -> list[str]:
+    """The lines a terminal shows for out: "\\r" goes back to the line's start, later characters overwrite earlier
+    ones, "\\n" starts the next line (tqdm draws a bar at position 0 with no other control sequence)."""
+    assert "\x1b" not in out
+    lines, row, col = [""], 0, 0
+    for ch in out:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        else:
+            line = lines[row].ljust(col)
+            lines[row], col = line[:col] + ch + line[col + 1:], col + 1
+    return [x.rstrip() for x in lines if x.strip()]
+
+
+def test_a_log_line_and_a_print_land_above_a_live_bar():
+    shown = screen(on_a_terminal("-c", SCRIPT))
+    assert shown[:3] == ["WARNING babyllama.x: a warning", "a print", "to stderr too"], shown
+    assert shown[3].startswith("work: 100%|") and shown[3].endswith(" step/s]")  # the bar, drawn below them
+    assert shown[4:] == ["WARNING babyllama.x: after"]
+
+
+def test_a_command_s_warning_lands_above_its_bar(tmp_path):
+    """`prepare` of a GBK file warns while its bar is drawn: the warning was glued after the bar's status."""
+    (tmp_path / "gbk.txt").write_bytes("第一篇中文文档的正文。\n第二篇中文文档的正文。\n".encode("gbk"))
+    shown = screen(on_a_terminal("-m", "babyllama", "prepare", "--input", tmp_path / "gbk.txt", "--out_dir",
+                                 tmp_path / "out", "--min_chars", "1"))
+    warning = f"WARNING babyllama.data.sources: {tmp_path / 'gbk.txt'}: not UTF-8; reading it as GB18030 (detected)."
+    assert len(shown) == 4 and shown[0].startswith(warning), shown  # each line whole, the bar below them
+    assert shown[1].startswith(f"INFO babyllama.data.sources: {tmp_path / 'gbk.txt'}: read as text records"), shown
+    assert shown[2].startswith("prepare: 2 docs [") and shown[3].startswith('{"out_dir": '), shown
