@@ -201,6 +201,30 @@ def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeyp
     assert outputs(tmp_path / "run") == outputs(out / "datatrove")
 
 
+def test_a_killed_run_leaves_the_earlier_output_until_it_is_resumed(tmp_path, monkeypatch):
+    """The stages write into OUT/.incomplete: a run killed halfway leaves the earlier output in OUT as it was, and
+    the same command resumes the run there and only then replaces it."""
+    (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:30]) + "\n")
+    out = tmp_path / "out"
+    dt.prepare([str(tmp_path / "a.txt")], out, local(1), dedup="none")
+    before = outputs(out)
+    (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:20]) + "\n")
+
+    def dies(self, data, rank=0, world_size=1):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(dt.WriteParts, "run", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        dt.prepare([str(tmp_path / "a.txt")], out, local(1), dedup="none")
+    assert outputs(out) == before and json.loads(before["stats.json"])["total"]["kept"] == 30
+    assert (out / ".incomplete" / "datatrove" / "settings.json").is_file()
+    monkeypatch.undo()
+    assert dt.prepare([str(tmp_path / "a.txt")], out, local(1), dedup="none")["total"]["kept"] == 20
+    assert json.loads(outputs(out)["stats.json"])["total"]["kept"] == 20
+    assert outputs(out)["part_00000_00000.jsonl"].count("\n") == 20
+    assert not (out / ".incomplete").exists() and (out / "datatrove" / dt.FINISHED).is_file()
+
+
 def test_other_settings_or_changed_inputs_start_anew_unless_a_run_is_unfinished(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:30]) + "\n")
     first = dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="none")

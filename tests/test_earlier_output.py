@@ -39,6 +39,8 @@ COMMANDS = {  # command -> (its arguments less --input, the good input)
     "pretokenize --sft": (["pretokenize", "--sft", "--tokenizer", "TOK", "--max_seq_len", "32", "--workers", "1"],
                           "sft.jsonl"),
     "tokenizer train": (["tokenizer", "train", "--vocab_size", "300"], "corpus.jsonl"),
+    "prepare --engine datatrove": (["prepare", "--min_chars", "5", "--engine", "datatrove"], "corpus.jsonl"),
+    "pretokenize --engine datatrove": (["pretokenize", "--tokenizer", "TOK", "--engine", "datatrove"], "corpus.jsonl"),
 }
 
 
@@ -48,6 +50,8 @@ def test_inputs_of_bad_records_only_leave_the_earlier_output_as_it_was(made, com
     """Every command that replaces its earlier output removed it first: inputs of bad records only then left an
     empty folder (prepare, pretokenize) or a cache without its manifest (--sft), or trained a tokenizer of no text
     and saved it over the earlier one (tokenizer train)."""
+    if "datatrove" in command:
+        pytest.importorskip("datatrove")
     args, good = COMMANDS[command]
     args = [str(made / "tok") if a == "TOK" else a for a in args]
     out = made / "out" / command.replace(" ", "_")
@@ -68,12 +72,15 @@ def test_inputs_of_bad_records_only_leave_the_earlier_output_as_it_was(made, com
     assert last.endswith("; nothing was written.") and snapshot(out) == before
 
 
-def test_documents_all_too_short_leave_the_earlier_output(made):
+@pytest.mark.parametrize("engine", ["embedded", "datatrove"])
+def test_documents_all_too_short_leave_the_earlier_output(made, engine):
+    if engine == "datatrove":
+        pytest.importorskip("datatrove")
     out = made / "out"
-    assert run_cli("prepare", "--input", made / "corpus.jsonl", "--out_dir", out).returncode == 0
+    assert run_cli("prepare", "--input", made / "corpus.jsonl", "--out_dir", out, "--engine", engine).returncode == 0
     before = snapshot(out)
     (made / "short.jsonl").write_text('{"text": "短文"}\n{"text": "也短"}\n')
-    r = run_cli("prepare", "--input", made / "short.jsonl", "--out_dir", out)
+    r = run_cli("prepare", "--input", made / "short.jsonl", "--out_dir", out, "--engine", engine)
     assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "babyllama: error: none of the 2 records was kept: 2 "
                                                             "shorter than --min_chars 10; lower --min_chars or check "
                                                             "the inputs.")

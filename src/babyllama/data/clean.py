@@ -405,19 +405,6 @@ def nothing_kept(total: dict[str, int], min_chars: int | None) -> UserError:
                      "check the inputs.")
 
 
-def check_usable(stats: dict, out: Path) -> dict:
-    """stats, or UserError when no record was usable or none was kept (stats.json and bad_records.txt, written,
-    say why)."""
-    total = stats["total"]
-    if total["records"] and total["bad"] == total["records"]:
-        raise UserError(f"every one of the {total['records']} records was bad; see {out / 'bad_records.txt'}.")
-    if total["records"] == 0:
-        raise UserError("the inputs hold no records; check the paths and --format.")
-    if total["kept"] == 0:  # a corpus of nothing would go on to the tokenizer and pretokenize
-        raise nothing_kept(total, stats["settings"].get("min_chars"))
-    return stats
-
-
 def clear_outputs(out: Path) -> Path:
     """Create out/ and remove what an earlier prepare left there, of either engine."""
     out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,11 @@ own documents' signatures (~120 bytes each), the cluster stage the duplicate pai
 proportion to the corpus, a worker's memory stays flat. Datatrove marks every finished task under
 OUT/datatrove/logs, so the same command after a crash skips them and ends with the same files. A Slurm
 submission's job ids go to OUT/datatrove/slurm_jobs.json; while squeue lists one, no other run starts there.
+
+With the local and Ray executors, which run the stages from this command, "OUT" above is OUT/.incomplete
+(shards.STAGE): the earlier output in OUT stays as it was until the new one is complete and holds documents,
+then replaces it (finish_run); a run that stops (a crash, Ctrl-C) leaves it for the same command to resume.
+A Slurm submission writes into OUT itself, cleared first: its last stage runs after this command has returned.
 """
 
 from __future__ import annotations
@@ -70,12 +75,13 @@ from babyllama.data.clean import (
     ShardWriter,
     SourceStats,
     check_dedup,
-    check_usable,
     clear_outputs,
     dedup_key,
     long_enough,
     lsh_bands,
     normalize,
+    nothing_kept,
+    prepare_outputs,
     write_stats,
 )
 from babyllama.data.pretokenize import (
@@ -86,7 +92,15 @@ from babyllama.data.pretokenize import (
     token_manifest,
     write_documents,
 )
-from babyllama.data.shards import MANIFEST, fresh_output_dir, write_json, write_manifest
+from babyllama.data.shards import (
+    MANIFEST,
+    STAGE,
+    fresh_output_dir,
+    swap_in,
+    token_outputs,
+    write_json,
+    write_manifest,
+)
 from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
 from babyllama.errors import UserError, write_whole
 from babyllama.lock import holding
@@ -559,24 +573,66 @@ def check_no_queued_jobs(out: Path) -> None:
                         "there again.")
 
 
-def start_run(out: Path, settings: dict, clear_outputs) -> Path:
-    """OUT/datatrove for a run with these settings (which include each input's size and modification
-    time): kept when an earlier run there had the same ones, so a resumed run skips its finished tasks
-    (a finished run does nothing); made anew, after clear_outputs(out), when there was none or it had
-    finished with other settings. Raises UserError for an unfinished run with other settings."""
-    work = out / "datatrove"
-    saved = work / "settings.json"
-    if saved.is_file():
-        before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "started"}
+def start_run(out: Path, settings: dict, clear_outputs, staged: bool) -> Path:
+    """The folder a run with these settings (which include each input's size and modification time) writes its
+    output into, its work files in FOLDER/datatrove: out/STAGE when staged (the local and Ray executors, which run
+    the stages from here: the earlier output in out stays until finish_run swaps the complete new one in), else out
+    (Slurm, whose stages run after this command has returned). An earlier run's folder with the same settings is
+    kept, so a resumed run skips its finished tasks (a finished one does nothing); a new one is made, empty, or out
+    after clear_outputs(out), when there was none or it had finished with other settings. Raises UserError for an
+    unfinished run with other settings."""
+    for place in (out / STAGE, out) if staged else (out,):
+        work = place / "datatrove"
+        if not (work / "settings.json").is_file():
+            continue
+        before = {k: v for k, v in json.loads((work / "settings.json").read_text()).items() if k != "started"}
         if before == settings:
-            return work
+            return place
         if not (work / FINISHED).is_file():
             changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
             raise UserError(f"{out} holds an unfinished datatrove run with other {', '.join(changed)}; run it "
                             f"with the same ones to finish it, or remove {work} to start again.")
-    clear_outputs(out)  # removes work/ too
-    write_json(saved, {**settings, "started": time.time()})
-    return work
+    if staged:
+        place = out / STAGE
+        shutil.rmtree(place, ignore_errors=True)  # a finished run with other settings whose swap was cut short
+    else:
+        place = clear_outputs(out)  # removes out/datatrove too
+    write_json(place / "datatrove" / "settings.json", {**settings, "started": time.time()})
+    return place
+
+
+def finish_run(place: Path, out: Path, check, outputs, last: str) -> None:
+    """After the stages: check(place) raises UserError when the new output is of no use (no record read, bad ones
+    only, none kept), and a staged run's folder is removed, so that out keeps the earlier output as it was; else a
+    staged output replaces the earlier one in out (outputs(out): its files; last: the file that marks it complete,
+    swapped in last, shards.swap_in)."""
+    try:
+        check(place)
+    except UserError:
+        if place != out:
+            shutil.rmtree(place, ignore_errors=True)
+        raise
+    if place != out:
+        swap_in(place, out, outputs(out), last)
+
+
+def check_records(place: Path) -> None:
+    """UserError, in the embedded engine's words (CorpusReader.check_usable), when the tasks read no record, or bad
+    ones only (the first named: the first line of place/bad_records.txt)."""
+    records, bad = (sum(s[k] for s in _sources_read(place / "datatrove").values()) for k in ("records", "bad"))
+    if records == 0:
+        raise UserError("the inputs hold no records; check the paths and --format.")
+    if bad == records:
+        first = (place / "bad_records.txt").read_text(encoding="utf-8").partition("\n")[0]
+        raise UserError(f"every one of the {records} records was bad (the first: {first}); nothing was written.")
+
+
+def check_kept(place: Path) -> None:
+    """check_records, then UserError when the stages kept no document (clean.nothing_kept counts why)."""
+    check_records(place)
+    stats = json.loads((place / "stats.json").read_text())
+    if stats["total"]["kept"] == 0:  # a corpus of nothing would go on to the tokenizer and pretokenize
+        raise nothing_kept(stats["total"], stats["settings"].get("min_chars"))
 
 
 def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int], int]:
@@ -619,13 +675,15 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
                 "dedup": dedup, "minhash_threshold": threshold, "docs_per_shard": docs_per_shard,
                 "engine": "datatrove", "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):
-        work = start_run(out, settings, clear_outputs)
-        stages = prepare_stages(files, sizes, out, work, format=format, min_chars=min_chars, dedup=dedup,
-                                threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks, settings=settings)
-        run_stages(stages, launch, work)
-    if launch.executor == "slurm":
-        return None
-    stats = check_usable(json.loads((out / "stats.json").read_text()), out)
+        place = start_run(out, settings, clear_outputs, staged=launch.executor != "slurm")
+        stages = prepare_stages(files, sizes, place, place / "datatrove", format=format, min_chars=min_chars,
+                                dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks,
+                                settings=settings)
+        run_stages(stages, launch, place / "datatrove")
+        if launch.executor == "slurm":
+            return None
+        finish_run(place, out, check_kept, prepare_outputs, "stats.json")
+    stats = json.loads((out / "stats.json").read_text())
     log.info("%d records in %.1f s: %.0f records/s", stats["total"]["records"], stats["seconds"],
              stats["total"]["records"] / max(stats["seconds"], 1e-9))
     return stats
@@ -647,19 +705,18 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
                 "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
                 "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):
-        work = start_run(out, settings, fresh_output_dir)
+        place = start_run(out, settings, fresh_output_dir, staged=launch.executor != "slurm")
+        work = place / "datatrove"
         stages = [
             ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
-                          WriteTokenShards(tokenizer_path, str(out), str(work), val_fraction, bos, shard_tokens)],
+                          WriteTokenShards(tokenizer_path, str(place), str(work), val_fraction, bos, shard_tokens)],
              tasks),
-            ("finish", [FinishTokens(tokenizer_path, str(out), str(work), bos, val_fraction, tasks)], 1),
+            ("finish", [FinishTokens(tokenizer_path, str(place), str(work), bos, val_fraction, tasks)], 1),
         ]
         run_stages(stages, launch, work)
-    if launch.executor == "slurm":
-        return None
-    if not (out / MANIFEST).is_file():
-        records, bad = (sum(s[k] for s in _sources_read(work).values()) for k in ("records", "bad"))
-        raise UserError(f"no usable documents in the inputs ({records} records, {bad} bad).")
+        if launch.executor == "slurm":
+            return None
+        finish_run(place, out, check_records, token_outputs, MANIFEST)
     return json.loads((out / MANIFEST).read_text())
 
 
