@@ -275,3 +275,53 @@ def test_a_hugging_face_export_passed_as_a_checkpoint_is_named_as_one(bpe_tokeni
                  ["sft", "--init", hf, "--data", tmp_path / "sft.jsonl", "--out_dir", tmp_path / "s"]):
         r = run_cli(*args)
         assert (r.returncode, r.stderr.splitlines(keepends=True)[-1]) == (2, sentence), args  # after "running on"
+
+
+# every export of a checkpoint, and the adapter files of a LoRA checkpoint (lora.save_lora_config), in one process
+EXPORT_ALL = """
+import sys
+from pathlib import Path
+from babyllama.cli import main
+from babyllama.lora import TARGETS, lora_config, save_adapter
+
+d, out = Path(sys.argv[1]), Path(sys.argv[2])
+for args in (["ck", "--out", "hf"], ["ck", "--format", "gguf", "--out", "m.gguf"],
+             ["lora", "--adapter", "--out", "ad"]):
+    assert main(["export", str(d / args[0]), *args[1:-1], str(out / args[-1])]) == 0
+save_adapter(out / "saved", lora_config(4, 8.0, 0.0, ",".join(TARGETS)), {}, str(d / "ck"))
+"""
+
+
+def test_every_export_is_byte_identical_whatever_the_hash_seed(bpe_tokenizer, tmp_path):
+    """export --adapter wrote adapter_config.json's target_modules in the order of peft's set, which
+    PYTHONHASHSEED changes: two exports of one checkpoint differed. Two processes with other seeds now write the
+    same bytes, for every format."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf")
+    pytest.importorskip("peft")
+    from babyllama.checkpoint import weights_sha256
+    from babyllama.lora import TARGETS, adapter_tensors, add_lora, lora_config
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    config = lora_config(4, 8.0, 0.0, ",".join(TARGETS))
+    lora = add_lora(sharp_model(tiny_config(vocab_size=600)), config)
+    save_checkpoint(tmp_path / "lora", lora, tensors=adapter_tensors(lora), adapter=config, extra_config={
+        "base": {"path": str((tmp_path / "ck").resolve()), "sha256": weights_sha256(tmp_path / "ck")}})
+    for seed in ("1", "2"):  # seeds under which peft's set of the 7 target modules iterates in other orders
+        if (tmp_path / "out").exists():
+            (tmp_path / "out").rename(tmp_path / "first")  # the adapter records the path of its base, out/ad
+        env = os.environ | {"PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", EXPORT_ALL, tmp_path, tmp_path / "out"], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    first, second = ({p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+                     for d in (tmp_path / "first", tmp_path / "out"))
+    assert sorted(map(str, first)) == ["ad/adapter/adapter_config.json", "ad/adapter/adapter_model.safetensors",
+                                       "ad/config.json", "ad/generation_config.json", "ad/model.safetensors",
+                                       "ad/special_tokens_map.json", "ad/tokenizer.json", "ad/tokenizer_config.json",
+                                       "hf/config.json", "hf/generation_config.json", "hf/model.safetensors",
+                                       "hf/special_tokens_map.json", "hf/tokenizer.json", "hf/tokenizer_config.json",
+                                       "m.gguf", "saved/adapter_config.json", "saved/adapter_model.safetensors"]
+    assert [str(name) for name in first if first[name] != second[name]] == []

@@ -26,7 +26,7 @@ import torch
 from babyllama.chat_format import CHAT_TEMPLATE
 from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base, process_alive
 from babyllama.errors import UserError, check_out_dir, require, writing
-from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter
+from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
 from babyllama.model import ModelConfig
 from babyllama.weights_file import save_safetensors
 
@@ -205,7 +205,7 @@ def export_hf_adapter(checkpoint: str | Path, out: str | Path, final: Path | Non
     hf = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=targets, task_type="CAUSAL_LM",
                          base_model_name_or_path=str((final or out).resolve()))
-    hf.save_pretrained(str(out / "adapter"))
+    save_lora_config(hf, out / "adapter")
     save_safetensors(tensors, out / "adapter" / ADAPTER_FILE)
     return out
 

@@ -15,6 +15,7 @@ linear layers of the blocks; the output head is shared with the embedding, so it
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -91,8 +92,17 @@ def save_adapter(out: Path, config, tensors: dict[str, torch.Tensor], base: str)
     """adapter_config.json (naming base) and adapter_model.safetensors in out/."""
     config = copy.copy(config)
     config.base_model_name_or_path = base
-    config.save_pretrained(str(out))
+    save_lora_config(config, out)
     save_safetensors(tensors, out / ADAPTER_FILE)
+
+
+def save_lora_config(config, out: Path) -> None:
+    """out/adapter_config.json as peft's LoraConfig.save_pretrained writes it (out made if missing), but with its
+    sets (target_modules) as sorted lists: peft writes a set in its iteration order, which PYTHONHASHSEED changes,
+    so that one config gave files that differ from one process to the next."""
+    data = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def is_adapter(path: str | Path) -> bool:
