@@ -279,7 +279,7 @@ def test_stale_temporaries_of_dead_writers_are_cleared(tmp_path):
     shutil.copytree(ckpts / "step_000002", ckpts / f".step_000002.pruned-{dead}")  # killed while pruning
     (tmp_path / f".final.tmp-{dead}").mkdir()  # killed writing final/
     (ckpts / f".step_000006.tmp-{live}").mkdir()  # another run, still writing
-    remove_stale_temporaries(tmp_path)
+    remove_stale_temporaries(tmp_path, tmp_path / "checkpoints")
     assert sorted(p.name for p in ckpts.iterdir()) == [f".step_000006.tmp-{live}", "step_000002", "step_000004"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
     assert torch.equal(load_model(ckpts / "step_000004").norm.weight, sharp_model(tiny_config(), seed=4).norm.weight)

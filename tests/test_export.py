@@ -257,9 +257,10 @@ def test_an_export_killed_by_kill_9_leaves_its_temporary_to_the_next_export(bpe_
     (tmp_path / f".m.gguf.tmp-{dead}").write_bytes(b"GGUF half")
     (tmp_path / f".hf.tmp-{dead}").mkdir()
     (tmp_path / ".hf.tmp-1").mkdir()  # pid 1 is alive
+    (tmp_path / f".data.bin.tmp-{dead}").write_bytes(b"another program's, or another output's")
     export(tmp_path / "ck", tmp_path / "m.gguf", format="gguf")
     export(tmp_path / "ck", tmp_path / "hf")
-    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == [".hf.tmp-1"]
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == [f".data.bin.tmp-{dead}", ".hf.tmp-1"]
 
 
 def test_a_hugging_face_export_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tmp_path):

@@ -91,22 +91,23 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(doomed)
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
-    """Clear what killed writers left in RUN/ and RUN/checkpoints/: .NAME.tmp-PID (a checkpoint being
-    written) and .NAME.pruned-PID (one being deleted) are removed; .NAME.old-PID (the previous NAME,
-    moved aside while the new one took its place) is put back when NAME is missing, else removed.
-    Temporaries of live processes other than this one are left alone. Returns what was done, in words."""
+def remove_stale_temporaries(*folders: Path, name: str | None = None) -> list[str]:
+    """Clear what killed writers left in folders (a run's RUN/ and RUN/checkpoints/, an export's folder): of NAME
+    (every name, or name alone), .NAME.tmp-PID (being written) and .NAME.pruned-PID (being deleted), files or
+    folders, are removed; .NAME.old-PID (the previous NAME, moved aside while the new one took its place) is put
+    back when NAME is missing, else removed. Temporaries of live processes other than this one are left alone.
+    Returns what was done, in words."""
     done = []
-    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+    for folder in folders:
         for tmp in sorted(folder.glob(".*-*")):
             m = re.fullmatch(r"\.(.+)\.(tmp|old|pruned)-(\d+)", tmp.name)
-            if not m or not tmp.is_dir() or process_alive(int(m[3])):
+            if not m or (name is not None and m[1] != name) or process_alive(int(m[3])):
                 continue
             if m[2] == "old" and not (folder / m[1]).exists():
                 tmp.rename(folder / m[1])
                 done.append(f"restored {folder / m[1]} from {tmp.name}")
             else:
-                shutil.rmtree(tmp)
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
                 done.append(f"removed {tmp}")
     return done
 

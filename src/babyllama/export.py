@@ -14,7 +14,6 @@ export of its base plus a peft adapter for it (`PeftModel.from_pretrained(model,
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
-from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base, process_alive
+from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base, remove_stale_temporaries
 from babyllama.errors import UserError, check_out_dir, require, writing
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
 from babyllama.model import ModelConfig
@@ -318,10 +317,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
         raise UserError(f"{out} exists and is not a GGUF file, which the export would overwrite; choose another --out.")
     named = out.resolve()  # "." has no name of its own
     tmp = named.parent / f".{named.name}.tmp-{os.getpid()}"  # written whole, then moved to out
-    for stale in named.parent.glob(f".{glob.escape(named.name)}.tmp-*"):  # of an export killed by kill -9
-        pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    remove_stale_temporaries(named.parent, name=named.name)  # of an export killed by kill -9
     try:
         named.parent.mkdir(parents=True, exist_ok=True)
         with writing(out, tmp):  # CannotWrite where the disk refuses it; on any failure tmp is removed

@@ -68,7 +68,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         raise UserError(f"out_dir {out} holds --init {cfg.train.init}, which the run would overwrite; "
                         "choose another out_dir.")
     if dist.main:  # what a killed run left: temporaries of checkpoints being written or deleted
-        for done in remove_stale_temporaries(out):
+        for done in remove_stale_temporaries(out, out / "checkpoints"):
             print(f"note: {done} (left by a run that was stopped)")
     barrier(dist)
     latest = latest_checkpoint(out)
