@@ -16,12 +16,23 @@ from tests.conftest import run_cli, sharp_model, tiny_config
 
 HOLD = ("import sys; from babyllama.lock import holding\n"
         "with holding(sys.argv[1], sys.argv[2]):\n print('held', flush=True); sys.stdin.read()")
+HOLD_AS = ("import sys; from babyllama.cli import build_parser, held\n"  # what the command of argv holds
+           "with held(build_parser().parse_args(sys.argv[1:])):\n print('held', flush=True); sys.stdin.read()")
 
 
 def hold_in_child(out: Path, command: str) -> subprocess.Popen:
     """Another process that holds out until its stdin closes (or it is killed)."""
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(out), command], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    return _holding_child(HOLD, str(out), command)
+
+
+def hold_as(*argv: str | Path) -> subprocess.Popen:
+    """Another process that holds what `babyllama ARGV` holds while it runs, until its stdin closes."""
+    return _holding_child(HOLD_AS, *map(str, argv))
+
+
+def _holding_child(code: str, *args: str) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
     assert child.stdout.readline() == "held\n"
     return child
 
@@ -150,20 +161,35 @@ def test_under_torchrun_rank_0_alone_says_the_refusal(tmp_path):
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("fmt, out, held", [("hf", "hf", "hf"), ("gguf", "dir/m.gguf", "dir")])
-def test_export_into_a_held_folder_is_refused_at_once(tmp_path, bpe_tokenizer, fmt, out, held):
-    """export took no lock: a second export into the folder the first was writing wrote over it. hf holds --out,
-    gguf the folder of its file."""
+@pytest.mark.parametrize("fmt, out, lock", [("hf", "hf", f"hf/{LOCK}"), ("gguf", "dir/m.gguf", "dir/.m.gguf.lock")])
+def test_export_into_a_held_out_is_refused_at_once(tmp_path, bpe_tokenizer, fmt, out, lock):
+    """export took no lock: a second export into the folder the first was writing wrote over it. hf holds its
+    --out folder, gguf its file (by a lock beside it)."""
     save_checkpoint(tmp_path / "CK", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
-    child = hold_in_child(tmp_path / held, "export")
+    child = hold_as("export", tmp_path / "CK", "--format", fmt, "--out", tmp_path / out)
     try:
         r = run_cli("export", tmp_path / "CK", "--format", fmt, "--out", tmp_path / out)
-        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {tmp_path / held} is in use by another babyllama "
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {tmp_path / out} is in use by another babyllama "
                                                f"export (pid {child.pid}); wait for it or choose another --out.\n")
-        assert sorted(p.name for p in (tmp_path / held).iterdir()) == [LOCK]
+        assert [str(p.relative_to(tmp_path)) for p in (tmp_path / lock).parent.iterdir()] == [lock]
     finally:
         child.communicate("")
-    assert list((tmp_path / held).iterdir()) == []
+    assert list((tmp_path / lock).parent.iterdir()) == []
+
+
+def test_gguf_exports_of_two_files_in_one_folder_go_on_together(tmp_path, bpe_tokenizer):
+    """A gguf export held the whole folder of its file, so a second one into that folder, to another file, was
+    refused. Each holds its file now: the other export runs, and leaves the first one's lock alone."""
+    pytest.importorskip("gguf")
+    save_checkpoint(tmp_path / "CK", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    child = hold_as("export", tmp_path / "CK", "--format", "gguf", "--out", tmp_path / "a.gguf")
+    try:
+        r = run_cli("export", tmp_path / "CK", "--format", "gguf", "--out", tmp_path / "b.gguf")
+        assert (r.returncode, r.stdout) == (0, f"exported: {tmp_path / 'b.gguf'}\n"), r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".a.gguf.lock", "CK", "b.gguf"]
+    finally:
+        child.communicate("")
+    assert (tmp_path / "b.gguf").read_bytes()[:4] == b"GGUF"
 
 
 def test_demo_holds_its_out_dir_and_force_keeps_the_hold(tmp_path):

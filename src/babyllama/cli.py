@@ -562,14 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def held(args: argparse.Namespace) -> AbstractContextManager:
     """The hold (lock.holding) on the folder that the command writes, for main to keep while it runs: --out_dir;
-    export's --out (hf), or the folder of its --out file (gguf); the out_dir setting of pretrain, sft and dpo, found
+    export's --out (hf, a folder; gguf, a file); the out_dir setting of pretrain, sft and dpo, found
     without torch (settings.run_out_dir), so that a second run is refused at once. Under torchrun none here: rank 0
     holds it once the processes have joined, and tells the others (distributed.held_by_main)."""
     if not getattr(args, "holds", None):
         return nullcontext()
-    if args.command == "export":
-        out, flag = args.out if args.format == "hf" else str(Path(args.out).parent), "--out"
-    elif args.takes_overrides:  # pretrain, sft, dpo
+    if args.command == "export":  # hf: its folder; gguf: its file, so that other files of that folder are free
+        check_out_dir(args.out, "--out", folder=args.format == "hf")
+        return holding(args.out, args.holds, "--out", file=args.format == "gguf")
+    if args.takes_overrides:  # pretrain, sft, dpo
         out = run_out_dir(args.command, args.config, args.overrides, getattr(args, "init", None) or "")
         if out is None or int(os.environ.get("WORLD_SIZE", 1)) > 1:
             return nullcontext()

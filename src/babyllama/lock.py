@@ -4,12 +4,15 @@ the process ends however it ends, so a run killed with kill -9 leaves no stale l
     with holding(out, "pretokenize"):   # a command's --out_dir: a second command into it is refused at once
         ...
     with locked(out, "sft token cache build"):  # a second build waits for the first, then uses what it built
+    with holding("runs/m.gguf", "export", "--out", file=True):  # one file: the lock is runs/.m.gguf.lock
 
-The lock file holds "PID COMMAND" of its holder, for the refusal's sentence, and is removed when the holder lets go
-(so a command leaves no file behind); one left by a killed process is taken over. A process may take a folder it already
-holds again (pretokenize --sft holds its out_dir, then builds the token cache there). The folders that holding made
-(out and those above it) are removed again when the command fails before writing anything. A process that locked
-a lock file meanwhile removed finds it gone from the folder and locks again.
+A file is held by the lock .NAME.lock beside it, so that writers of other files in its folder go on (two GGUF
+exports into one folder). The lock file holds "PID COMMAND" of its holder, for the refusal's sentence, and is
+removed when the holder lets go (so a command leaves no file behind); one left by a killed process is taken over.
+A process may take a folder it already holds again (pretokenize --sft holds its out_dir, then builds the token
+cache there). The folders that holding made (out, or the folder of a file, and those above it) are removed again
+when the command fails before writing anything. A process that locked a lock file meanwhile removed finds it gone
+from the folder and locks again.
 """
 
 from __future__ import annotations
@@ -27,18 +30,20 @@ _HELD: set[Path] = set()  # the folders this process holds
 
 
 @contextmanager
-def holding(out: str | Path, command: str, flag: str = "--out_dir") -> Iterator[None]:
+def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool = False) -> Iterator[None]:
     """Hold folder out (made if missing) while the body writes it; command names the holder, e.g. "pretrain", and
-    flag the setting that chose out (export's --out), for the refusal to say.
+    flag the setting that chose out (export's --out), for the refusal to say. file: out is a file (its folder made
+    if missing), held by the lock .NAME.lock beside it.
 
     Raises UserError at once when another process holds it, or when out cannot be made or written."""
     out = Path(out)
-    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders that taking the lock makes
+    lock = out.parent / f".{out.name or out.resolve().name}.lock" if file else out / LOCK
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # the folders that the lock makes
     try:
-        with _flock(out, command, flag, wait=False):
+        with _flock(lock, out, command, flag, wait=False):
             yield
     except BaseException:
-        if made and out.is_dir() and not any(out.iterdir()):  # nothing written: as it was
+        if made and lock.parent.is_dir() and not any(lock.parent.iterdir()):  # nothing written: as it was
             for folder in made:
                 folder.rmdir()
         raise
@@ -48,34 +53,35 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir") -> Iterator[
 def locked(out: str | Path, command: str) -> Iterator[None]:
     """Hold folder out (made if missing) while the body writes it, first waiting for another process that holds it.
     Raises UserError when out cannot be made or written."""
-    with _flock(Path(out), command, "--out_dir", wait=True):
+    with _flock(Path(out) / LOCK, Path(out), command, "--out_dir", wait=True):
         yield
 
 
 @contextmanager
-def _flock(out: Path, command: str, flag: str, wait: bool) -> Iterator[None]:
-    key = out.resolve()
+def _flock(lock: Path, out: Path, command: str, flag: str, wait: bool) -> Iterator[None]:
+    """Hold the lock file lock of out (a folder or a file)."""
+    key = lock.resolve()
     if key in _HELD:
         yield
         return
-    fd = _lock_fd(out, command, flag, wait)
+    fd = _lock_fd(lock, out, command, flag, wait)
     _HELD.add(key)
     try:
         yield
     finally:
         _HELD.discard(key)
-        (out / LOCK).unlink(missing_ok=True)  # still held: a process waiting on it then finds it gone, locks anew
+        lock.unlink(missing_ok=True)  # still held: a process waiting on it then finds it gone, locks anew
         os.close(fd)  # lets go of the lock
 
 
-def _lock_fd(out: Path, command: str, flag: str, wait: bool) -> int:
-    """The open out/.lock, locked by this process, with "PID COMMAND" written in it."""
+def _lock_fd(lock: Path, out: Path, command: str, flag: str, wait: bool) -> int:
+    """The open lock file of out, locked by this process, with "PID COMMAND" written in it."""
     while True:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"cannot write to {out} ({e.strerror}); choose another {flag}.") from None
+            raise UserError(f"cannot write to {lock.parent} ({e.strerror}); choose another {flag}.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -83,7 +89,7 @@ def _lock_fd(out: Path, command: str, flag: str, wait: bool) -> int:
             os.close(fd)
             raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait for "
                             f"it or choose another {flag}.") from None
-        if _same_file(fd, out / LOCK):
+        if _same_file(fd, lock):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
             return fd
