@@ -10,7 +10,7 @@ import pytest
 
 from babyllama.checkpoint import save_checkpoint
 from babyllama.data.pretokenize import pretokenize
-from tests.conftest import generated_corpus, refuse_writes, run_cli, sharp_model, tiny_config
+from tests.conftest import CHATGLM2, generated_corpus, refuse_writes, run_cli, sharp_model, tiny_config
 
 MODEL = ["--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
          "--model.vocab_size", "600", "--model.max_seq_len", "32", "--model.multiple_of", "16"]
@@ -54,6 +54,30 @@ def full_gguf(monkeypatch) -> None:
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", tensors)
 
 
+def short_gguf(monkeypatch) -> None:
+    """The GGUF writer's tensors written short, as on a nearly full disk, without one: a file size limit
+    (RLIMIT_FSIZE, its signal ignored) 64 KiB past the header stops write(2) part way through the first tensor
+    (600 x 64 floats), and numpy's tofile raises OSError("38400 requested and 16089 written"), which has no errno."""
+    import resource
+    import signal
+
+    import gguf
+
+    real = gguf.GGUFWriter.write_tensors_to_file
+
+    def tensors(self, *args, **kwargs):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.fout[0].tell() + 65536, hard))
+        try:
+            real(self, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, before)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", tensors)
+
+
 # command (OUT: the output), the file refused (Path.open of that name, or a function that makes the disk full
 # where the file is opened by a library), as text, the errno, the output the message names, and whether the
 # command is told to resume
@@ -82,6 +106,8 @@ CASES = {
     "export": (["export", "ck", "--out", "OUT"], "generation_config.json", True, errno.ENOSPC, "OUT", False),
     "export --format gguf": (["export", "ck", "--format", "gguf", "--out", "OUT"], full_gguf, False, errno.ENOSPC,
                              "OUT", False),
+    "export --format gguf written short": (["export", "ck", "--format", "gguf", "--out", "OUT"], short_gguf, False,
+                                           errno.ENOSPC, "OUT", False),
 }
 
 
@@ -246,3 +272,39 @@ def test_merge_across_devices_on_a_full_disk_leaves_no_half_shard(inputs, tmp_pa
     r = run_cli("pretokenize", "--merge", inputs / "tokens", "--out_dir", tmp_path / "merged")
     assert r.returncode == 2 and "no space left on the device of" in r.stderr.splitlines()[-1], r.stderr
     assert [p.name for p in tmp_path.rglob("*") if p.suffix == ".bin" or ".tmp" in p.name] == []
+
+
+@pytest.mark.skipif(not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present")
+def test_a_full_disk_under_a_sentencepiece_export_is_one_sentence(tmp_path, monkeypatch):
+    """The hf export of a SentencePiece tokenizer wrote its tokenizer.json with the tokenizers library, whose error
+    of a full disk is no OSError: a traceback and exit 1, where every other file of the export said no space left."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    from babyllama.tokenizer import load_tokenizer
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=64793, dim=16, n_heads=2)),
+                    load_tokenizer(CHATGLM2))
+    refuse_writes(monkeypatch, "tokenizer.json", errno.ENOSPC, text=True)
+    out = tmp_path / "hf"
+    r = run_cli("export", tmp_path / "ck", "--out", out)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: no space left on the device of "
+                                                            f"{tmp_path} while writing {out}; free space and run the "
+                                                            "same command to continue.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+@pytest.mark.parametrize("fmt, out", [("hf", "new/hf"), ("gguf", "new/m.gguf")])
+def test_a_full_disk_when_the_out_is_held_is_one_sentence(inputs, tmp_path, monkeypatch, fmt, out):
+    """The lock's "PID COMMAND" is the first byte a command writes: on a full disk it escaped as a traceback and
+    left the lock file, and the folders it had made."""
+    import os
+
+    def pwrite(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    r = run_cli("export", inputs / "ck", "--format", fmt, "--out", tmp_path / out)
+    assert (r.returncode, r.stderr) == (2, f"babyllama: error: no space left on the device of {tmp_path / 'new'} "
+                                           f"while writing {tmp_path / out}; free space and run the same command to "
+                                           "continue.\n")
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ an output the disk refused (and the guard of every write that raises it), and th
 that raise them."""
 
 import errno
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -48,6 +49,20 @@ REFUSED = {  # the errors of a write that the user can fix: why, in words ({} is
 }
 
 
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile (the GGUF writer's) when fwrite stops short
+
+
+def refused(e: BaseException) -> int | None:
+    """The errno of REFUSED that a failed write raised, or None: an OSError's own, or ENOSPC for a short write whose
+    OSError has lost its errno (numpy's tofile says "524288 requested and 67048 written" where the disk took part
+    of the bytes, as a full one does)."""
+    if not isinstance(e, OSError):
+        return None
+    if e.errno is None and SHORT_WRITE.fullmatch(str(e)):
+        return errno.ENOSPC
+    return e.errno if e.errno in REFUSED else None
+
+
 class CannotWrite(Exception):
     """An output the disk refused (REFUSED: full, over quota, read-only, no permission), its temporary removed.
     args: (errno, the file, a note); the CLI adds what to do and how to run again (with --resume or not)."""
@@ -77,12 +92,12 @@ def writing(path: str | Path, temporary: Path | None = None, file: IO | None = N
 
 def cannot_write(e: BaseException, path: str | Path, temporary: Path | None = None, file: IO | None = None) \
         -> NoReturn:
-    """Close file, remove temporary, and raise CannotWrite for an OSError of REFUSED, or for a CannotWrite of a
-    file inside temporary (the user knows path, not the temporary), else e: writing's work, for a hot loop to
-    call from its own `except` (a `with writing(...)` per item costs microseconds)."""
+    """Close file, remove temporary, and raise CannotWrite for an OSError of REFUSED (or a short write: refused), or
+    for a CannotWrite of a file inside temporary (the user knows path, not the temporary), else e: writing's work,
+    for a hot loop to call from its own `except` (a `with writing(...)` per item costs microseconds)."""
     discard(temporary, file)
-    if isinstance(e, OSError) and e.errno in REFUSED:
-        raise CannotWrite(e.errno, str(path)) from None
+    if code := refused(e):
+        raise CannotWrite(code, str(path)) from None
     if isinstance(e, CannotWrite) and temporary is not None and temporary in Path(e.path).parents:
         raise CannotWrite(e.code, str(path), e.note) from None
     raise e

@@ -143,7 +143,8 @@ def _sentencepiece_as_fast(tokenizer, out: Path) -> bool:
     fast.encode_special_tokens = True  # probes that spell "</s>" are text, as sentencepiece reads them
     if any(fast.encode(t, add_special_tokens=False).ids != tokenizer.encode(t) for t in PROBES):
         return False  # another normalisation (e.g. extra whitespace removed): keep transformers' conversion
-    fast.save(str(out / "tokenizer.json"))
+    # not fast.save, whose error of a full disk is no OSError ("No space left on device (os error 28)")
+    (out / "tokenizer.json").write_text(fast.to_str(pretty=True), encoding="utf-8")
     return True
 
 

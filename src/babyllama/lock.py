@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, cannot_write
 
 LOCK = ".lock"
 _HELD: set[Path] = set()  # the folders this process holds
@@ -35,7 +35,8 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool =
     flag the setting that chose out (export's --out), for the refusal to say. file: out is a file (its folder made
     if missing), held by the lock .NAME.lock beside it.
 
-    Raises UserError at once when another process holds it, or when out cannot be made or written."""
+    Raises UserError at once when another process holds it, or when out cannot be made or written; CannotWrite when
+    the disk is full."""
     out = Path(out)
     lock = out.parent / f".{out.name or out.resolve().name}.lock" if file else out / LOCK
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # the folders that the lock makes
@@ -90,8 +91,12 @@ def _lock_fd(lock: Path, out: Path, command: str, flag: str, wait: bool) -> int:
             raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait for "
                             f"it or choose another {flag}.") from None
         if _same_file(fd, lock):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+            except OSError as e:  # a full disk: CannotWrite of out, the lock file removed
+                os.close(fd)
+                cannot_write(e, out, lock)
             return fd
         os.close(fd)  # its holder removed the folder it had made: lock the new one
 
