@@ -10,6 +10,7 @@ q/k rows permuted, since its RoPE rotates (first half, second half) of each head
 rotates interleaved pairs. generation_config.json carries bos, eos and pad, so other tools stop
 generating at <eos>. A LoRA checkpoint exports merged into its base, or with --adapter as the HF
 export of its base plus a peft adapter for it (`PeftModel.from_pretrained(model, "OUT/adapter")`).
+Two exports of one checkpoint to one --out are the same bytes, in any process (nothing hangs on hash order).
 """
 
 from __future__ import annotations
