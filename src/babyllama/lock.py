@@ -26,7 +26,7 @@ from pathlib import Path
 from babyllama.errors import UserError, cannot_write
 
 LOCK = ".lock"
-_HELD: set[Path] = set()  # the folders this process holds
+_HELD: set[Path] = set()  # the lock files this process holds
 
 
 @contextmanager
@@ -38,7 +38,7 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool =
     Raises UserError at once when another process holds it, or when out cannot be made or written; CannotWrite when
     the disk is full."""
     out = Path(out)
-    lock = out.parent / f".{out.name or out.resolve().name}.lock" if file else out / LOCK
+    lock = out.parent / f".{out.name}.lock" if file else out / LOCK
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # the folders that the lock makes
     try:
         with _flock(lock, out, command, flag, wait=False):
@@ -94,9 +94,10 @@ def _lock_fd(lock: Path, out: Path, command: str, flag: str, wait: bool) -> int:
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
-            except OSError as e:  # a full disk: CannotWrite of out, the lock file removed
+            except OSError as e:  # a full disk: CannotWrite of out, the lock file removed (while still locked)
+                lock.unlink(missing_ok=True)
                 os.close(fd)
-                cannot_write(e, out, lock)
+                cannot_write(e, out)
             return fd
         os.close(fd)  # its holder removed the folder it had made: lock the new one
 
