@@ -110,3 +110,70 @@ def test_a_merge_stopped_halfway_leaves_the_earlier_output(made, monkeypatch):
     assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
                                                               "continue.")
     assert snapshot(out) == before and not (out / shards.STAGE).exists()
+
+
+def outputs_of(out: Path) -> list[Path]:
+    return [f for f in [*out.glob("part_*"), out / "sub", out / "stats.json"] if f.exists()]
+
+
+def earlier_and_new(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """out with an earlier output (3 parts, a folder, stats.json) and, in its stage, a new one (2 parts, another
+    folder, stats.json); returns out and what the new output is."""
+    out, stage = tmp_path / "out", tmp_path / "out" / shards.STAGE
+    for folder, parts, tag in ((out, 3, "old"), (stage, 2, "new")):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "f").write_text(tag)
+        for i in range(parts):
+            (folder / f"part_{i}").write_text(f"{tag} {i}")
+        (folder / "stats.json").write_text(tag)
+    return out, snapshot(stage)
+
+
+@pytest.mark.parametrize("renames_done", range(6))
+def test_a_swap_killed_at_any_rename_is_finished_by_the_next_run(tmp_path, monkeypatch, renames_done):
+    """A kill -9 while swap_in renamed the new output in left neither output whole (both lost when the next run
+    cleared the stage): the next run finishes the swap from the names swap_in wrote first (its first rename); killed
+    before that, the earlier output stays."""
+    out, new = earlier_and_new(tmp_path)
+    old = {k: v for k, v in snapshot(out).items() if not k.startswith(shards.STAGE)}
+    replace, done = Path.replace, []
+
+    def killed_after(self, target):
+        if len(done) == renames_done:
+            raise SystemExit("kill -9")  # nothing after it runs: no clean-up
+        done.append(self)
+        return replace(self, target)
+
+    unlink = Path.unlink
+
+    def killed_at_the_end(self, missing_ok=False):  # every rename done, the names not yet removed
+        if self.name == shards.SWAPPING:
+            raise SystemExit("kill -9")
+        return unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "replace", killed_after)
+    monkeypatch.setattr(Path, "unlink", killed_at_the_end)
+    with pytest.raises(SystemExit):
+        shards.swap_in(out / shards.STAGE, out, outputs_of, "stats.json")
+    monkeypatch.setattr(Path, "replace", replace)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert (out / "stats.json").exists() == (renames_done in (0, 5))  # an output reads as complete, or as not
+    whole = new if renames_done else old
+    with shards.staged(out, outputs_of, "stats.json") as stage:  # the next run: finishes the swap first
+        assert snapshot(out) == whole and list(stage.iterdir()) == []
+
+
+def test_a_signal_during_the_swap_comes_after_it(tmp_path, monkeypatch):
+    """Ctrl-C while swap_in removed the earlier output and renamed the new one in left a folder of neither: it
+    waits for the swap's end."""
+    out, new = earlier_and_new(tmp_path)
+    rmtree = shards.shutil.rmtree
+
+    def interrupted(path, *args, **kw):
+        os.kill(os.getpid(), 2)  # SIGINT, the terminal's Ctrl-C
+        return rmtree(path, *args, **kw)
+
+    monkeypatch.setattr(shards.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shards.swap_in(out / shards.STAGE, out, outputs_of, "stats.json")
+    assert snapshot(out) == new and not (out / shards.STAGE).exists()

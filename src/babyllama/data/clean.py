@@ -344,9 +344,9 @@ def prepare(
 ) -> dict:
     """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json."""
     reader, out = CorpusReader(inputs, format), Path(out)  # a missing input is said before anything is written
-    with staged(out) as stage:  # the earlier output stays until the new one is complete and holds documents
+    with staged(out, prepare_outputs, "stats.json") as stage:  # the earlier output stays until the new one is whole
         result = _prepare(reader, stage, format, min_chars, dedup, threshold, docs_per_shard)
-        swap_in(stage, out, prepare_outputs(out), "stats.json")
+        swap_in(stage, out, prepare_outputs, "stats.json")
     return result
 
 

@@ -95,6 +95,7 @@ from babyllama.data.pretokenize import (
 from babyllama.data.shards import (
     MANIFEST,
     STAGE,
+    finish_swap,
     fresh_output_dir,
     swap_in,
     token_outputs,
@@ -594,7 +595,7 @@ def start_run(out: Path, settings: dict, clear_outputs, staged: bool) -> Path:
                             f"with the same ones to finish it, or remove {work} to start again.")
     if staged:
         place = out / STAGE
-        shutil.rmtree(place, ignore_errors=True)  # a finished run with other settings whose swap was cut short
+        shutil.rmtree(place, ignore_errors=True)  # a finished run with other settings
     else:
         place = clear_outputs(out)  # removes out/datatrove too
     write_json(place / "datatrove" / "settings.json", {**settings, "started": time.time()})
@@ -613,7 +614,7 @@ def finish_run(place: Path, out: Path, check, outputs, last: str) -> None:
             shutil.rmtree(place, ignore_errors=True)
         raise
     if place != out:
-        swap_in(place, out, outputs(out), last)
+        swap_in(place, out, outputs, last)
 
 
 def check_records(place: Path) -> None:
@@ -675,6 +676,7 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
                 "dedup": dedup, "minhash_threshold": threshold, "docs_per_shard": docs_per_shard,
                 "engine": "datatrove", "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):
+        finish_swap(out, prepare_outputs, "stats.json")  # of a run killed while it swapped its output in
         place = start_run(out, settings, clear_outputs, staged=launch.executor != "slurm")
         stages = prepare_stages(files, sizes, place, place / "datatrove", format=format, min_chars=min_chars,
                                 dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks,
@@ -705,6 +707,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
                 "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
                 "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):
+        finish_swap(out, token_outputs, MANIFEST)  # of a run killed while it swapped its output in
         place = start_run(out, settings, fresh_output_dir, staged=launch.executor != "slurm")
         work = place / "datatrove"
         stages = [

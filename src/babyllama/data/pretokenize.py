@@ -193,10 +193,10 @@ def pretokenize(
     check_val_fraction(val_fraction)
     tok = load_tokenizer(tokenizer_path)
     reader, out = CorpusReader(inputs, format), Path(out)
-    with staged(out) as stage:  # the earlier shards stay until the new ones are complete and hold documents
+    with staged(out, token_outputs, MANIFEST) as stage:  # the earlier shards stay until the new ones are whole
         manifest = _pretokenize(reader, tok, tokenizer_path, stage, workers, val_fraction, shard_tokens, num_shards,
                                 shard_index, bos)
-        swap_in(stage, out, token_outputs(out), MANIFEST)
+        swap_in(stage, out, token_outputs, MANIFEST)
     return manifest
 
 

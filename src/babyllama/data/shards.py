@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,11 +110,13 @@ STAGE = ".incomplete"  # the hidden folder inside an output folder where a new o
 
 
 @contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """out/STAGE, made empty (one left by a run killed with kill -9 removed), for the body to write a new output
-    into while the earlier one in out stays as it was; removed when the body fails (a UserError for inputs with
-    nothing usable, CannotWrite, Ctrl-C). The body ends with swap_in."""
+def staged(out: Path, outputs: Callable[[Path], list[Path]], last: str) -> Iterator[Path]:
+    """out/STAGE, made empty, for the body to write a new output into while the earlier one in out stays as it was;
+    removed when the body fails (a UserError for inputs with nothing usable, CannotWrite, Ctrl-C). The body ends
+    with swap_in(stage, out, outputs, last). A stage that a kill -9 left is removed, or, cut in its swap, its swap
+    is finished first (finish_swap)."""
     stage = out / STAGE
+    finish_swap(out, outputs, last)
     shutil.rmtree(stage, ignore_errors=True)
     with writing(stage):
         stage.mkdir(parents=True)
@@ -128,16 +132,60 @@ def staged(out: Path) -> Iterator[Path]:
         raise
 
 
-def swap_in(stage: Path, out: Path, earlier: list[Path], last: str) -> None:
-    """Replace the earlier output in out (its files and folders, earlier) by the complete new one in stage: out/last,
-    the file that marks an output complete (manifest.json, stats.json), goes first and comes back last, so that a
-    run killed halfway leaves an output that reads as incomplete; renames only, so a full disk cannot stop it."""
-    (out / last).unlink(missing_ok=True)
-    for f in earlier:
-        shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+SWAPPING = ".swapping"  # in the stage while swap_in runs: the names of the new output's files, to finish a cut swap
+
+
+def swap_in(stage: Path, out: Path, outputs: Callable[[Path], list[Path]], last: str) -> None:
+    """Replace the earlier output in out (outputs(out): its files and folders) by the complete new one in stage.
+    out/last, the file that marks an output complete (manifest.json, stats.json), goes first and comes back last,
+    so that a swap cut short leaves an output that reads as incomplete; SIGINT and SIGTERM wait until the swap is
+    done; renames only, so a full disk cannot stop it. A kill -9 cannot be held off: the names of the new files,
+    written into the stage first, let the next run finish the swap (finish_swap) instead of losing both outputs."""
+    with signals_held():
+        write_whole(stage / SWAPPING, json.dumps(sorted(f.name for f in stage.iterdir())))
+        _swap(stage, out, outputs, last)
+
+
+def finish_swap(out: Path, outputs: Callable[[Path], list[Path]], last: str) -> None:
+    """Finish the swap_in into out that a kill -9 cut short, if one did (its stage holds SWAPPING)."""
+    if (out / STAGE / SWAPPING).is_file():
+        with signals_held():
+            _swap(out / STAGE, out, outputs, last)
+
+
+def _swap(stage: Path, out: Path, outputs: Callable[[Path], list[Path]], last: str) -> None:
+    """swap_in's renames, which a second call after a cut one finishes: a file of the new output that is in out
+    already (its name in SWAPPING, gone from the stage) stays; every other earlier file goes."""
+    new = set(json.loads((stage / SWAPPING).read_text()))
+    if (stage / last).exists():
+        (out / last).unlink(missing_ok=True)
+    for f in outputs(out):
+        if f.name not in new or (stage / f.name).exists():
+            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
     for f in sorted(stage.iterdir(), key=lambda f: f.name == last):
-        f.replace(out / f.name)
+        if f.name != SWAPPING:
+            f.replace(out / f.name)
+    (stage / SWAPPING).unlink()
     stage.rmdir()
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that come while the body runs wait for its end, then come again (the handlers are
+    Python's, run by the main thread whichever thread the OS gave the signal to: a signal mask would not hold them).
+    Elsewhere than in the main thread, which alone can set handlers, the body runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if came:
+            os.kill(os.getpid(), came[0])
 
 
 def write_manifest(out: Path, manifest: dict) -> dict:
@@ -224,7 +272,7 @@ def merge(dirs: list[str], out: str | Path) -> dict:
     order = sorted(range(len(dirs)), key=lambda i: partitions[i]["shard_index"])  # any order given, one output
     dirs, manifests = [dirs[i] for i in order], [manifests[i] for i in order]
     first, out = manifests[0], Path(out)
-    with staged(out) as stage:  # the earlier output stays until the merge is complete
+    with staged(out, token_outputs, MANIFEST) as stage:  # the earlier output stays until the merge is complete
         shards, sources, counters = [], {}, {"train": 0, "val": 0}
         for d, m in zip(dirs, manifests, strict=True):
             for s in m["shards"]:
@@ -241,7 +289,7 @@ def merge(dirs: list[str], out: str | Path) -> dict:
         merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
         merged.pop("partition", None)
         write_manifest(stage, merged)
-        swap_in(stage, out, token_outputs(out), MANIFEST)
+        swap_in(stage, out, token_outputs, MANIFEST)
     return merged
 
 
