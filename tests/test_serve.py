@@ -813,3 +813,23 @@ def test_a_busy_port_is_one_sentence_before_the_model_loads(tmp_path):
             serve(str(tmp_path / "no-such-checkpoint"), port=port)  # the port is checked first
     with pytest.raises(UserError, match="^cannot listen on 192.0.2.1:8000: "):  # an address not on this machine
         serve(str(tmp_path / "no-such-checkpoint"), host="192.0.2.1", port=8000)
+
+
+def test_a_prompt_of_one_token_is_scored_with_logprobs(server):
+    """An empty text prompt is <eos> alone, which nothing precedes: with logprobs it was a 500 (an empty index of
+    floats); its logprobs are None, and an answer's first token gets the model's own log-probability."""
+    import torch
+
+    tok, model = server["tokenizer"], server["model"].model
+    url = server["url"] + "/v1/completions"
+    r = httpx.post(url, json={"prompt": [""], "max_tokens": 0, "echo": True, "logprobs": 1}, timeout=30)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.status_code == 200
+    assert (lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]) == (["</s>"], [None], [None])
+    for prompt in ("", [tok.eos_id]):
+        r = httpx.post(url, json={"prompt": prompt, "max_tokens": 1, "logprobs": 1, "temperature": 0}, timeout=30)
+        lp = r.json()["choices"][0]["logprobs"]
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([[tok.eos_id]]))[0][0, -1].float(), dim=-1)
+        expected[list(tok.suppress_tokens(model.cfg.vocab_size))] = -float("inf")
+        assert r.status_code == 200 and lp["token_logprobs"] == pytest.approx([expected.max().item()], abs=1e-5)

@@ -439,7 +439,8 @@ def score_batch(batch: list[Generation]) -> None:
     top_v, top_i = logp.index_fill(-1, torch.tensor(never, device=logp.device), -float("inf")).topk(k, dim=-1)
     for b, (g, s) in enumerate(zip(batch, seqs, strict=True)):
         n = len(s) - 1 + g.picks  # the rows that score an id, a picked token's too
-        rows, ids = torch.arange(len(s) - 1, device=logp.device), torch.tensor(s[1:], device=logp.device)
+        rows = torch.arange(len(s) - 1, device=logp.device)
+        ids = torch.tensor(s[1:], dtype=torch.long, device=logp.device)  # long: a prompt of one token has none
         g.chosen = logp[b, rows, ids].tolist()
         g.top = [list(zip(i[: g.top_logprobs], v[: g.top_logprobs], strict=True))
                  for i, v in zip(top_i[b, :n].tolist(), top_v[b, :n].tolist(), strict=True)]
