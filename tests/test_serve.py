@@ -833,3 +833,19 @@ def test_a_prompt_of_one_token_is_scored_with_logprobs(server):
             expected = torch.log_softmax(model(torch.tensor([[tok.eos_id]]))[0][0, -1].float(), dim=-1)
         expected[list(tok.suppress_tokens(model.cfg.vocab_size))] = -float("inf")
         assert r.status_code == 200 and lp["token_logprobs"] == pytest.approx([expected.max().item()], abs=1e-5)
+
+
+def test_a_fault_of_the_server_is_openais_json_shape(server, monkeypatch):
+    """A fault of the server's own (here a scoring that fails) answered a plain-text "Internal Server Error", which
+    an OpenAI client cannot read: a 500 in OpenAI's error shape."""
+    from babyllama import serve
+
+    def broken(gens):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(serve, "score", broken)
+    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "你好", "max_tokens": 1, "logprobs": 1},
+                   timeout=30)
+    assert (r.status_code, r.json()) == (500, {"error": {
+        "message": "the server failed on this request (RuntimeError); its log has the traceback",
+        "type": "server_error"}})

@@ -592,6 +592,11 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     async def http_error(request: Request, exc):  # 404, 405, a body that cannot be parsed: the same JSON shape
         return error(exc.status_code, unparsable(exc.__cause__) if exc.__cause__ else str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def fault(request: Request, exc):  # a fault of the server's own: OpenAI's JSON shape, the traceback logged
+        return error(500, f"the server failed on this request ({type(exc).__name__}); its log has the traceback",
+                     "server_error")
+
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request: Request, exc):
         return error(400, refusal(exc.errors(), REQUESTS.get(request.url.path, Common)))
