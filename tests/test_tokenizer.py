@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -232,3 +233,12 @@ def test_chatglm2_sentencepiece_matches_sentencepiece(tmp_path):
 def test_chatglm2_suppresses_bos_unk_and_the_rows_beyond_its_pieces():
     tok = load_tokenizer(CHATGLM2)
     assert tok.suppress_tokens(64793) == (0, 1, 64789, 64790, 64791, 64792)  # unk = pad, bos; eos 2 stays
+
+
+def test_bpe_on_a_corpus_too_small_for_its_vocab_size_warns_with_the_size_reached(caplog):
+    with caplog.at_level(logging.WARNING, logger="babyllama.tokenizer"):
+        tok = train_bpe(["你好，世界。"] * 3, 512)
+        assert tok.vocab_size == 273
+        train_bpe(generated_corpus(), 300)  # reached: no warning
+    assert caplog.messages == ["the corpus has too few distinct pieces for a vocabulary of 512: the trained one "
+                               "has 273."]

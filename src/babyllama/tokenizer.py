@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from babyllama.errors import UserError, write_whole, writing
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
 META_FILE = "babyllama_tokenizer.json"
 RECORDED = ("fingerprint", "vocab_size", "bos_id", "eos_id", "pad_id")  # what checkpoints and token directories keep
+log = logging.getLogger(__name__)
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs leaves
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (SentencePiece, Llama's tokenizer.json)
 SAMPLE_TEXT = (
@@ -469,7 +471,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
 
     Training sees GPT-2's pre-tokens (Radford et al. 2019) with runs cut every MAX_RUN characters, so
     it takes time linear in the text whatever its punctuation; the trained tokenizer encodes with
-    GPT-2's own split (linear too), the one that exported tokenizers name ("gpt-2" in GGUF)."""
+    GPT-2's own split (linear too), the one that exported tokenizers name ("gpt-2" in GGUF). A corpus with
+    fewer distinct pieces than vocab_size asks for gives a smaller vocabulary, with a warning."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -486,4 +489,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return HFTokenizer(tok, bos_id=1, eos_id=2, pad_id=0)
+    trained = HFTokenizer(tok, bos_id=1, eos_id=2, pad_id=0)
+    if trained.vocab_size < vocab_size:  # BPE stops when no pair of pieces is left to merge
+        log.warning(f"the corpus has too few distinct pieces for a vocabulary of {vocab_size}: the trained one "
+                    f"has {trained.vocab_size}.")
+    return trained
