@@ -691,3 +691,111 @@ def test_eval_reads_an_earlier_eval_json_once(tmp_path, bpe_tokenizer, monkeypat
     monkeypatch.setattr(type(tmp_path), "read_text", read_text)
     refuse_to_overwrite(tmp_path / "out", tmp_path / "ck")
     assert reads == ["eval.json"]
+
+
+def test_eval_stopped_between_items_jsonl_and_eval_json_leaves_no_mismatched_pair(tmp_path, qa_and_mc, monkeypatch):
+    """Ctrl-C while the results are renamed in waits for both; a kill -9 between items.jsonl and eval.json leaves no
+    eval.json (an earlier one would not match the new items), and the rerun writes those of a run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import babyllama.evaluate
+    from babyllama.evaluate import PARTIAL, evaluate
+    from babyllama.sampling import Sampling
+
+    kw = {"qa": qa_and_mc["qa"], "mc": qa_and_mc["mc"], "sampling": Sampling(max_new_tokens=4), "limit": 6}
+    whole = evaluate(qa_and_mc["ck"], tmp_path / "whole", **kw)
+    stopped = tmp_path / "stopped"
+    evaluate(qa_and_mc["ck"], stopped, **{**kw, "limit": 2})  # an earlier result of the same checkpoint
+    real = babyllama.evaluate.write_items
+
+    def write_items(*args):
+        real(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the two renames
+
+    monkeypatch.setattr(babyllama.evaluate, "write_items", write_items)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa_and_mc["ck"], stopped, **kw)
+    assert json.loads((stopped / "eval.json").read_text()) == whole and not (stopped / PARTIAL).exists()
+    monkeypatch.undo()
+
+    killed = tmp_path / "killed"
+    args = ["eval", str(qa_and_mc["ck"]), "--qa", qa_and_mc["qa"], "--mc", *qa_and_mc["mc"], "--max_new_tokens", "4"]
+    assert run_cli(*args, "--limit", "2", "--out_dir", killed).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_WRITE_WHOLE, *args, "--limit", "6", "--out_dir", killed],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(p.name for p in killed.iterdir()) == [".lock", "items.jsonl", PARTIAL]  # the lock: a kill -9's
+    assert (killed / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text()
+    asked = stopping_after(monkeypatch, "answer", 0)  # the rerun answers nothing again
+    r = run_cli(*args, "--limit", "6", "--out_dir", killed)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert asked == [] and "resuming: 6 of 6 QA and 5 of 5 multiple-choice items" in r.stdout
+    assert json.loads((killed / "eval.json").read_text()) == whole
+    assert (killed / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text()
+    assert sorted(p.name for p in killed.iterdir()) == ["eval.json", "items.jsonl"]
+
+
+KILLED_IN_WRITE_WHOLE = """
+import os, signal, sys
+import babyllama.evaluate as evaluate
+def write_whole(path, text):  # kill -9 after items.jsonl, before eval.json
+    os.kill(os.getpid(), signal.SIGKILL)
+evaluate.write_whole = write_whole
+from babyllama.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def damaged(line: str, **changes) -> str:
+    """line (a JSON object) with the fields of changes set, or deleted where their value is ...; its newline kept."""
+    item = json.loads(line)
+    for k, v in changes.items():
+        item.pop(k) if v is ... else item.__setitem__(k, v)
+    return json.dumps(item, ensure_ascii=False) + "\n"
+
+
+def test_eval_goes_on_from_the_first_damaged_line_of_its_answers_so_far(tmp_path, qa_and_mc, monkeypatch, capsys):
+    """items.jsonl.partial edited by hand: a prediction that is not text or is missing, a choice not of A-D, two
+    lines swapped, lines written twice: the answers before the first such line are kept, the rest asked again, and
+    the result is that of a run never stopped; a folder in its place is a UserError."""
+    from babyllama.evaluate import PARTIAL, evaluate
+    from babyllama.sampling import Sampling
+
+    kw = {"qa": qa_and_mc["qa"], "mc": qa_and_mc["mc"], "sampling": Sampling(max_new_tokens=4), "limit": 6}
+    whole = evaluate(qa_and_mc["ck"], tmp_path / "whole", **kw)
+    stopping_after(monkeypatch, "mc_choices", 4)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(qa_and_mc["ck"], tmp_path / "base", **kw)
+    monkeypatch.undo()
+    lines = (tmp_path / "base" / PARTIAL).read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(lines) == 1 + 6 + 4  # the settings, 6 QA answers, 4 multiple-choice picks
+    qa = [f"第{i}句话的情感是什么" for i in range(6)]
+    mc = [f"问题{i}" for i in range(5)]
+    for n, (edited, first_asked, first_picked) in enumerate((
+            (lines[:3] + [damaged(lines[3], prediction=5)] + lines[4:], 2, 0),  # sacrebleu's traceback before
+            (lines[:2] + [damaged(lines[2], prediction=...)] + lines[3:], 1, 0),
+            (lines[:2] + [damaged(lines[2], question="第9句话的情感是什么")] + lines[3:], 1, 0),
+            (lines[:8] + [damaged(lines[8], letter_choice="E")] + lines[9:], 6, 1),
+            (lines[:8] + [damaged(lines[8], text_choice=["A"])] + lines[9:], 6, 1),
+            (lines[:2] + [lines[3], lines[2]] + lines[4:], 1, 0),  # swapped: exit 0 with wrong scores before
+            (lines[:4] + lines[1:4] + lines[4:], 3, 0),  # written twice
+            (lines + lines[7:9], 6, 4))):  # picks written twice after the last one so far
+        out = tmp_path / f"edited{n}"
+        out.mkdir()
+        (out / PARTIAL).write_text("".join(edited), encoding="utf-8")
+        asked, picked = stopping_after(monkeypatch, "answer", 99), stopping_after(monkeypatch, "mc_choices", 99)
+        assert evaluate(qa_and_mc["ck"], out, **kw) == whole, n
+        assert (asked, picked) == (qa[first_asked:], mc[first_picked:]), n
+        line = 2 + first_asked + first_picked
+        assert (f"note: line {line} of {out / PARTIAL} is not the answer to item {line - 1} of 11, so eval drops it "
+                "and what follows it.") in capsys.readouterr().out, n
+        assert (out / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text(), n
+        monkeypatch.undo()
+    (tmp_path / "folder" / PARTIAL).mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        evaluate(qa_and_mc["ck"], tmp_path / "folder", **kw)
+    assert str(e.value) == (f"{tmp_path / 'folder' / PARTIAL}, where eval keeps its answers so far, is not a file; "
+                            "move it away or pass another --out_dir.")

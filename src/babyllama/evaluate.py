@@ -37,7 +37,7 @@ from typing import IO
 import torch
 
 from babyllama.chat_format import Conversation, instruction_prompt, is_unicode, render_prompt, text_prompt
-from babyllama.data.shards import TokenWindows, has_split
+from babyllama.data.shards import TokenWindows, has_split, signals_held
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
     TOKEN_SHARDS,
@@ -449,20 +449,23 @@ def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: li
             "sampling": asdict(sampling), "qa_items": digest(qa_items), "mc_items": digest(mc_items)}
 
 
-def answered(path: Path, settings: dict, n_qa: int, n_mc: int) -> int:
-    """How many items path (items.jsonl.partial) holds answered under settings, in order: n_qa QA items, then
-    n_mc multiple-choice items. The file is cut after the last whole one (a line cut by a kill -9, and what
-    follows it, is dropped); a file written under other settings, or none, is started anew with the settings
-    line, and 0 returned (a note says why)."""
+def answered(path: Path, settings: dict, qa_items: list[dict], mc_items: list[dict]) -> int:
+    """How many items path (items.jsonl.partial) holds answered under settings, in order: qa_items, then mc_items.
+    The file is cut after the last line that answers the next item (is_answer): a line cut by a kill -9, or one
+    damaged, moved or repeated by hand (a note says which), is dropped with what follows it; a file written under
+    other settings, or none, is started anew with the settings line, and 0 returned (a note says why)."""
     done, end, before = 0, 0, None
+    items = [("qa", it) for it in qa_items] + [("mc", it) for it in mc_items]  # references: no copies
     if path.is_file():
         with path.open("rb") as f:
             before = _json_line(f.readline())
             if before == settings:
                 end = f.tell()
                 for line in f:
-                    kind = "qa" if done < n_qa else "mc" if done < n_qa + n_mc else None  # of the next item
-                    if (_json_line(line) or {}).get("kind", "") != kind:
+                    if done == len(items) or not is_answer(_json_line(line), *items[done]):
+                        if line.endswith(b"\n"):  # not a line cut by a kill
+                            print(f"note: line {done + 2} of {path} is not the answer to item {done + 1} of "
+                                  f"{len(items)}, so eval drops it and what follows it.")
                         break
                     done, end = done + 1, end + len(line)
     if end:
@@ -475,6 +478,17 @@ def answered(path: Path, settings: dict, n_qa: int, n_mc: int) -> int:
     with writing(path, path):  # a settings line cut by a full disk is removed
         path.write_text(json.dumps(settings, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
+
+
+def is_answer(line: dict | None, kind: str, item: dict) -> bool:
+    """Whether line (of items.jsonl.partial) is item's answer as evaluate appends it: kind, the item's own fields
+    and no others, and a prediction that is text ("qa") or a letter_choice and a text_choice of A-D ("mc")."""
+    answers = ("prediction",) if kind == "qa" else ("letter_choice", "text_choice")
+    if line is None or {k: v for k, v in line.items() if k not in answers} != {"kind": kind, **item}:
+        return False
+    if kind == "qa":
+        return isinstance(line.get("prediction"), str)
+    return all(line.get(k) in tuple(LETTERS) for k in answers)  # a tuple: a list or a dict in it is no error
 
 
 def _json_line(line: bytes) -> dict | None:
@@ -596,11 +610,14 @@ def refuse_to_overwrite(out: Path, checkpoint: str | Path) -> None:
 
 def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
     """Raise UserError for an eval --out_dir that is a file (or below one), a babyllama output folder
-    that eval.json and items.jsonl must not join (a checkpoint, a tokenizer, token shards: output_kind), or one
-    whose results eval would overwrite (refuse_to_overwrite)."""
+    that eval.json and items.jsonl must not join (a checkpoint, a tokenizer, token shards: output_kind), one
+    whose results eval would overwrite (refuse_to_overwrite), or one whose items.jsonl.partial is not a file."""
     check_output_folder(out, "eval.json and items.jsonl", example=out.parent / "eval", beside_data=True)  # not
     # inside a checkpoint: one saved again replaces its whole folder; beside a run's config.json is harmless
     refuse_to_overwrite(out, checkpoint)
+    if (out / PARTIAL).exists() and not (out / PARTIAL).is_file():
+        raise UserError(f"{out / PARTIAL}, where eval keeps its answers so far, is not a file; move it away or "
+                        "pass another --out_dir.")
 
 
 def check_lm_data(data: str | Path, seq_len: int) -> None:
@@ -658,8 +675,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     result: dict = checkpoint_record(checkpoint, out)
     partial = out / PARTIAL
-    done = answered(partial, run_settings(checkpoint, model, sampling, qa_items, mc_items), len(qa_items),
-                    len(mc_items))
+    done = answered(partial, run_settings(checkpoint, model, sampling, qa_items, mc_items), qa_items, mc_items)
     qa_done, mc_done = min(done, len(qa_items)), max(done - len(qa_items), 0)
     if done:
         print(f"resuming: {qa_done} of {len(qa_items)} QA and {mc_done} of {len(mc_items)} multiple-choice items "
@@ -694,7 +710,9 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         elif result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
-    write_items(partial, out / "items.jsonl")
-    write_whole(out / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")  # last: the results
-    partial.unlink()
+    with signals_held():  # Ctrl-C and SIGTERM wait: eval.json and items.jsonl are of one run
+        (out / "eval.json").unlink(missing_ok=True)  # first: a kill -9 in here leaves no eval.json beside the new
+        write_items(partial, out / "items.jsonl")  # items, and the partial, removed last, lets a rerun write both
+        write_whole(out / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        partial.unlink()
     return result
