@@ -3,9 +3,12 @@ an output the disk refused (and the guard of every write that raises it), and th
 that raise them."""
 
 import errno
+import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -152,3 +155,22 @@ def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True)
     if file is not None:
         where = "is" if file == out else f"is below {file}, which is"
         raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that come while the body runs wait for its end, then come again (the handlers are
+    Python's, run by the main thread whichever thread the OS gave the signal to: a signal mask would not hold them).
+    Elsewhere than in the main thread, which alone can set handlers, the body runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if came:
+            os.kill(os.getpid(), came[0])

@@ -37,7 +37,7 @@ from typing import IO
 import torch
 
 from babyllama.chat_format import Conversation, instruction_prompt, is_unicode, render_prompt, text_prompt
-from babyllama.data.shards import TokenWindows, has_split, signals_held
+from babyllama.data.shards import TokenWindows, has_split
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
     TOKEN_SHARDS,
@@ -48,7 +48,7 @@ from babyllama.data.sources import (
     output_kind,
     records_text,
 )
-from babyllama.errors import UserError, cannot_write, require, write_whole, writing
+from babyllama.errors import UserError, cannot_write, require, signals_held, write_whole, writing
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer

@@ -19,15 +19,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import CannotWrite, UserError, check_folder, discard, write_whole, writing
+from babyllama.errors import CannotWrite, UserError, check_folder, discard, signals_held, write_whole, writing
 
 MANIFEST = "manifest.json"
 
@@ -167,25 +165,6 @@ def _swap(stage: Path, out: Path, outputs: Callable[[Path], list[Path]], last: s
             f.replace(out / f.name)
     (stage / SWAPPING).unlink()
     stage.rmdir()
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM that come while the body runs wait for its end, then come again (the handlers are
-    Python's, run by the main thread whichever thread the OS gave the signal to: a signal mask would not hold them).
-    Elsewhere than in the main thread, which alone can set handlers, the body runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
-        if came:
-            os.kill(os.getpid(), came[0])
 
 
 def write_manifest(out: Path, manifest: dict) -> dict:
