@@ -693,6 +693,23 @@ def test_eval_reads_an_earlier_eval_json_once(tmp_path, bpe_tokenizer, monkeypat
     assert reads == ["eval.json"]
 
 
+def test_eval_with_nothing_to_answer_hashes_no_weights(tmp_path, bpe_tokenizer, monkeypatch):
+    """The weights' SHA-256 says whose answers items.jsonl.partial holds (a second per 370 MB): an eval of
+    continuations alone (or of --data) has none to resume, and reads the weights once, to load them."""
+    import babyllama.checkpoint
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+
+    def hashed(checkpoint):
+        raise AssertionError("hashed")
+
+    monkeypatch.setattr(babyllama.checkpoint, "weights_sha256", hashed)
+    result = evaluate(tmp_path / "ck", tmp_path / "out", sampling=Sampling(max_new_tokens=2))
+    assert len(result["continuations"]) > 0 and (tmp_path / "out" / "items.jsonl").read_text() == ""
+
+
 def test_eval_stopped_between_items_jsonl_and_eval_json_leaves_no_mismatched_pair(tmp_path, qa_and_mc, monkeypatch):
     """Ctrl-C while the results are renamed in waits for both; a kill -9 between items.jsonl and eval.json leaves no
     eval.json (an earlier one would not match the new items), and the rerun writes those of a run never stopped."""

@@ -675,7 +675,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     result: dict = checkpoint_record(checkpoint, out)
     partial = out / PARTIAL
-    done = answered(partial, run_settings(checkpoint, model, sampling, qa_items, mc_items), qa_items, mc_items)
+    settings = run_settings(checkpoint, model, sampling, qa_items, mc_items) if qa_items or mc_items else {}
+    done = answered(partial, {"kind": "settings", **settings}, qa_items, mc_items)  # nothing to answer: no hash
     qa_done, mc_done = min(done, len(qa_items)), max(done - len(qa_items), 0)
     if done:
         print(f"resuming: {qa_done} of {len(qa_items)} QA and {mc_done} of {len(mc_items)} multiple-choice items "
