@@ -299,12 +299,15 @@ def outputs(corpus_and_tokenizer, parts, tmp_path_factory):
         (out / "clean" / name).write_text(text)
     (out / "dt" / "datatrove").mkdir(parents=True)  # prepare --engine datatrove's, started (pretokenize's: its own)
     (out / "dt" / "datatrove" / "settings.json").write_text(json.dumps({"command": "prepare"}))
+    (out / "staged" / ".incomplete" / "datatrove").mkdir(parents=True)  # the same, unfinished, local executor's:
+    (out / "staged" / ".incomplete" / "datatrove" / "settings.json").write_text(json.dumps({"command": "prepare"}))
     (out / "run").mkdir()  # a training run's folder
     (out / "run" / "config.json").write_text(json.dumps({"preset": "demo", "model": {}, "train": {"out_dir": "run"}}))
     return out, {"tok": "a tokenizer", "ckpt": "a checkpoint", "tokens": "a folder of token shards",
                  "sft_tokens": "an SFT token cache", "dpo_tokens": "a DPO token cache",
                  "clean": "the output of babyllama prepare", "run": "a training run",
-                 "dt": "the work folder of prepare --engine datatrove"}
+                 "dt": "the work folder of prepare --engine datatrove",
+                 "staged": "the work folder of prepare --engine datatrove"}  # clearing its stage would lose it
 
 
 @pytest.mark.parametrize("mode", ["input", "merge", "sft"])

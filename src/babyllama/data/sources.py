@@ -666,10 +666,13 @@ def _has(*marks: str) -> Callable[[Path], bool]:
 
 
 def _datatrove_work_of(command: str) -> Callable[[Path], bool]:
-    """Whether a folder holds the datatrove work folder of command (its settings.json says which; prepare's
-    when it does not say)."""
-    return lambda folder: (folder / "datatrove" / "settings.json").is_file() and \
-        _small_json_object(folder / "datatrove" / "settings.json").get("command", "prepare") == command
+    """Whether a folder holds the datatrove work folder of command, in it (Slurm's) or in its stage (.incomplete:
+    the local and Ray executors'); its settings.json says which command (prepare's when it does not say)."""
+    def holds(folder: Path) -> bool:
+        return any((f := folder / where / "datatrove" / "settings.json").is_file()
+                   and _small_json_object(f).get("command", "prepare") == command for where in ("", ".incomplete"))
+
+    return holds
 
 
 # babyllama's outputs that share a folder with data: (what it is, whether a folder holds one, its non-data files)
