@@ -291,15 +291,20 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
     proc, t0 = started(tmp_path / "unstopped")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "does not exist" in err, err
-    handled = time.monotonic() - t0
+    handled, stopped = time.monotonic() - t0, 0
     for fraction in (0, 0.1, 0.2, 0.4, 0.6, 0.75):
         proc, _ = started(tmp_path / f"run{fraction}")
         time.sleep(fraction * handled)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "INFO" not in err and list(tmp_path.iterdir()) == [], (fraction, err)
+        if proc.returncode == -signal.SIGTERM and err.splitlines() == [f"babyllama: error: {tmp_path / 'none'} does "
+                                                                       "not exist."]:
+            continue  # ran faster than the first (a busy machine): its error said, the signal came as it exited
         assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
                                                        r"(with --resume )?to continue\.", err.splitlines()[-1]), err
-        assert "Traceback" not in err and "INFO" not in err and list(tmp_path.iterdir()) == [], (fraction, err)
+        stopped += 1
+    assert stopped >= 4, f"only {stopped} of 6 signals came while the command ran"
 
 
 def test_an_error_of_one_rank_alone_is_said_with_its_rank(monkeypatch, capsys):

@@ -96,6 +96,27 @@ def test_a_folder_made_for_a_command_that_wrote_nothing_is_removed_again(tmp_pat
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["part_00000.jsonl"]  # and no .lock
 
 
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stop_while_the_lock_is_taken_leaves_no_folder(tmp_path, monkeypatch, stop):
+    """Ctrl-C or SIGTERM (raised as a stop) after the lock file was made, before it was held: the folders made for
+    it were left behind with a .lock (a SIGTERM at once after the CLI's handler was in place, seen on a busy
+    machine)."""
+    import babyllama.lock as lock_module
+
+    def stopped(fd: int, op: int) -> None:
+        raise stop()
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", stopped)
+    with pytest.raises(stop), holding(tmp_path / "a" / "b", "pretrain"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there: as it was, its lock file taken over by the next run
+    with pytest.raises(stop), holding(tmp_path / "kept", "pretrain"):
+        pass
+    assert (tmp_path / "kept").is_dir()
+
+
 IMPORTS_TORCH = "import sys; from babyllama.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
 
 

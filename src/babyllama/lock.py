@@ -43,7 +43,9 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool =
     try:
         with _flock(lock, out, command, flag, wait=False):
             yield
-    except BaseException:
+    except BaseException as e:
+        if made and not isinstance(e, UserError):  # a stop (Ctrl-C, SIGTERM) while taking it: the lock file is ours
+            lock.unlink(missing_ok=True)
         if made and lock.parent.is_dir() and not any(lock.parent.iterdir()):  # nothing written: as it was
             for folder in made:
                 folder.rmdir()
