@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
+from babyllama import tokenizer
 from babyllama.data import shards
 from tests.conftest import generated_corpus, run_cli
 
@@ -177,3 +179,48 @@ def test_a_signal_during_the_swap_comes_after_it(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         shards.swap_in(out / shards.STAGE, out, outputs_of, "stats.json")
     assert snapshot(out) == new and not (out / shards.STAGE).exists()
+
+
+STOPS = {  # command -> the file that marks its output complete
+    "prepare": "stats.json", "pretokenize": "manifest.json", "tokenizer train": "babyllama_tokenizer.json",
+    "prepare --engine datatrove": "stats.json", "pretokenize --engine datatrove": "manifest.json",
+}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("command", STOPS)
+def test_a_stop_that_came_as_the_output_was_made_whole_says_it_is_complete(made, monkeypatch, command, signum):
+    """Ctrl-C or SIGTERM while the new output was swapped in (tokenizer train: saved) waits for its end, and then
+    said "run the same command to continue" of an output that was complete: it says the output is."""
+    if "datatrove" in command:
+        pytest.importorskip("datatrove")
+    args, good = COMMANDS[command]
+    args = [str(made / "tok") if a == "TOK" else a for a in args]
+    out = made / "out" / command.replace(" ", "_")
+    module, name = (tokenizer, "write_whole") if command == "tokenizer train" else (shards, "_swap")
+    real = getattr(module, name)
+
+    def stopped(*a):  # the stop comes as the first file of the new output is written into place
+        os.kill(os.getpid(), signum)
+        return real(*a)
+
+    monkeypatch.setattr(module, name, stopped)
+    r = run_cli(*args, "--input", made / good, "--out_dir", out)
+    how = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (128 + signum, f"babyllama: {how}; {out} is complete, "
+                                                                        "nothing to run again.")
+    assert (out / STOPS[command]).is_file() and not (out / shards.STAGE).exists()
+
+
+def test_a_stop_as_a_demo_stage_made_its_output_whole_says_how_to_go_on(tmp_path, monkeypatch):
+    """The demo's stages run in its process: its data complete, the rest of the demo is not."""
+    from babyllama import demo
+    from babyllama.errors import Completed
+
+    def stopped(self):
+        raise Completed(self.out / "data", signal.SIGINT)
+
+    monkeypatch.setattr(demo.Demo, "data", stopped)
+    r = run_cli("demo", "--smoke", "--out_dir", tmp_path / "demo")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
+                                                              "continue.")

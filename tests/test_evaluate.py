@@ -711,14 +711,16 @@ def test_eval_with_nothing_to_answer_hashes_no_weights(tmp_path, bpe_tokenizer, 
 
 
 def test_eval_stopped_between_items_jsonl_and_eval_json_leaves_no_mismatched_pair(tmp_path, qa_and_mc, monkeypatch):
-    """Ctrl-C while the results are renamed in waits for both; a kill -9 between items.jsonl and eval.json leaves no
-    eval.json (an earlier one would not match the new items), and the rerun writes those of a run never stopped."""
+    """Ctrl-C while the results are renamed in waits for both, then says they are complete; a kill -9 between
+    items.jsonl and eval.json leaves no eval.json (an earlier one would not match the new items), and the rerun
+    writes those of a run never stopped."""
     import os
     import signal
     import subprocess
     import sys
 
     import babyllama.evaluate
+    from babyllama.errors import Completed
     from babyllama.evaluate import PARTIAL, evaluate
     from babyllama.sampling import Sampling
 
@@ -733,8 +735,9 @@ def test_eval_stopped_between_items_jsonl_and_eval_json_leaves_no_mismatched_pai
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between the two renames
 
     monkeypatch.setattr(babyllama.evaluate, "write_items", write_items)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Completed) as e:  # the CLI says the results are complete, not "run the same command"
         evaluate(qa_and_mc["ck"], stopped, **kw)
+    assert (e.value.output, e.value.signum) == (str(stopped), signal.SIGINT)
     assert json.loads((stopped / "eval.json").read_text()) == whole and not (stopped / PARTIAL).exists()
     monkeypatch.undo()
 

@@ -28,7 +28,17 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from babyllama.errors import AlreadySaid, CannotWrite, Stopped, Terminated, UserError, check_out_dir, say
+from babyllama.errors import (
+    AlreadySaid,
+    CannotWrite,
+    Completed,
+    Stopped,
+    Terminated,
+    UserError,
+    check_out_dir,
+    say,
+    signals_held,
+)
 from babyllama.lock import holding
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
@@ -43,7 +53,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     reader = CorpusReader(args.input)
     tok = train_bpe(reader.documents(), args.vocab_size)
     reader.check_usable()  # a tokenizer of no text is not saved over an earlier one
-    tok.save(args.out_dir)
+    with signals_held(complete=args.out_dir):  # a stop waits: tokenizer.json and its ids file are of one tokenizer
+        tok.save(args.out_dir)
     print(json.dumps({"saved": args.out_dir, **tok.info()}, ensure_ascii=False, indent=2))
 
 
@@ -640,6 +651,11 @@ def run(args: argparse.Namespace) -> int:
     except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
         if is_rank0():
             print(f"babyllama: {e}; {run_again(args)}", file=sys.stderr)
+        return 128 + e.signum
+    except Completed as e:  # the stop came as the output was made whole: nothing to do again, but for the demo's
+        how = "interrupted" if e.signum == signal.SIGINT else "stopped by SIGTERM"  # stages still to run
+        then = run_again(args) if args.command == "demo" else f"{e.output} is complete, nothing to run again."
+        print(f"babyllama: {how}; {then}", file=sys.stderr)
         return 128 + e.signum
     except Terminated:
         print(f"babyllama: stopped by SIGTERM; {run_again(args)}", file=sys.stderr)

@@ -157,20 +157,39 @@ def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True)
         raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")
 
 
+class Completed(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM that came while a command made its output complete (signals_held(complete=...)), raised
+    once it is: the CLI says the output is whole, not how to run the command again. A KeyboardInterrupt, so that a
+    caller that goes on to other work (the demo) stops as for any Ctrl-C."""
+
+    def __init__(self, output: str | Path, signum: int):
+        super().__init__(str(output), signum)
+        self.output, self.signum = str(output), signum
+
+
 @contextmanager
-def signals_held() -> Iterator[None]:
+def signals_held(complete: str | Path | None = None) -> Iterator[None]:
     """SIGINT and SIGTERM that come while the body runs wait for its end, then come again (the handlers are
     Python's, run by the main thread whichever thread the OS gave the signal to: a signal mask would not hold them).
-    Elsewhere than in the main thread, which alone can set handlers, the body runs as it is."""
+    complete: the output that the body, when it ends without an error, makes complete; the KeyboardInterrupt
+    (Terminated) that a held signal then raises becomes Completed. Elsewhere than in the main thread, which alone
+    can set handlers, the body runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
     before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    done = None
     try:
         yield
+        done = complete
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
         if came:
-            os.kill(os.getpid(), came[0])
+            try:
+                os.kill(os.getpid(), came[0])  # its handler runs before kill returns (CPython checks for it)
+            except KeyboardInterrupt:
+                if done is None:
+                    raise
+                raise Completed(done, came[0]) from None

@@ -711,7 +711,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         elif result["leakage"]["leaked"]:
             print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
                   "their scores are inflated.")
-    with signals_held():  # Ctrl-C and SIGTERM wait: eval.json and items.jsonl are of one run
+    with signals_held(complete=out):  # Ctrl-C and SIGTERM wait: eval.json and items.jsonl are of one run
         (out / "eval.json").unlink(missing_ok=True)  # first: a kill -9 in here leaves no eval.json beside the new
         write_items(partial, out / "items.jsonl")  # items, and the partial, removed last, lets a rerun write both
         write_whole(out / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -137,9 +137,10 @@ def swap_in(stage: Path, out: Path, outputs: Callable[[Path], list[Path]], last:
     """Replace the earlier output in out (outputs(out): its files and folders) by the complete new one in stage.
     out/last, the file that marks an output complete (manifest.json, stats.json), goes first and comes back last,
     so that a swap cut short leaves an output that reads as incomplete; SIGINT and SIGTERM wait until the swap is
-    done; renames only, so a full disk cannot stop it. A kill -9 cannot be held off: the names of the new files,
-    written into the stage first, let the next run finish the swap (finish_swap) instead of losing both outputs."""
-    with signals_held():
+    done, then raise Completed (the output is); renames only, so a full disk cannot stop it. A kill -9 cannot be
+    held off: the names of the new files, written into the stage first, let the next run finish the swap
+    (finish_swap) instead of losing both outputs."""
+    with signals_held(complete=out):
         write_whole(stage / SWAPPING, json.dumps(sorted(f.name for f in stage.iterdir())))
         _swap(stage, out, outputs, last)
 
