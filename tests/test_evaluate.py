@@ -429,6 +429,46 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[2] == 4
 
 
+QA_ANSWERED = [{"kind": "qa", "task": "sentiment", "question": f"问{i}", "prediction": "正面", "reference": "正面"}
+               for i in range(2)]
+MC_ANSWERED = {"kind": "mc", "question": "选", "answer": "A", "letter_choice": "A", "text_choice": "A"}
+ITEMS_NOW = {  # how items.jsonl was damaged -> its text, and what it holds by the report's count
+    "whole": ([*QA_ANSWERED, MC_ANSWERED], None),
+    "lines cut": ([QA_ANSWERED[0], MC_ANSWERED], "1 QA (sentiment), 1 multiple-choice"),
+    "another eval's": ([{**x, "task": "law"} for x in QA_ANSWERED], "2 QA (law)"),
+    "emptied": ([], "no"),
+    "a line cut": ([*QA_ANSWERED, MC_ANSWERED], "cut"),
+    "removed": ([], "removed"),
+}
+
+
+@pytest.mark.parametrize("damage", ITEMS_NOW)
+def test_report_says_when_items_jsonl_is_not_the_one_eval_wrote_with_eval_json(tmp_path, capsys, damage):
+    """eval writes eval.json and items.jsonl together; an items.jsonl cut or replaced since gave the report sample
+    answers of other items than eval.json scored, or none, without a word, and a line cut short a traceback: the
+    report leaves the samples out and says why, once in report.md and once on stdout."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text(json.dumps({
+        "checkpoint": "ck", "continuations": [], "qa": {"sentiment": {"items": 2, "exact_match": 1.0, "char_f1": 1.0}},
+        "mc": {"overall": {"items": 1, "letter_accuracy": 1.0, "text_accuracy": 1.0}, "subjects": {}}}))
+    records, held = ITEMS_NOW[damage]
+    text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records)
+    if damage != "removed":
+        (out / "items.jsonl").write_text(text[:-9] if damage == "a line cut" else text)
+    capsys.readouterr()
+    report = make_report(tmp_path).read_text()
+    counts = f"{out / 'eval.json'} counts 2 QA (sentiment), 1 multiple-choice items; run the eval again."
+    note = {None: None, "removed": f"{out / 'items.jsonl'} is missing but {counts}",
+            "cut": f"{out / 'items.jsonl'} holds a line that is not an item of eval (cut short?), and {counts}"}.get(
+        held, f"{out / 'items.jsonl'} holds {held} items (cut or replaced since eval wrote it) but {counts}")
+    if note is None:
+        assert "| sentiment | 问1 | 正面 | 正面 |" in report and capsys.readouterr().out == ""
+    else:
+        assert f"Sample answers: none; {note}" in report and "| task | question |" not in report
+        assert capsys.readouterr().out == f"note: {note}\n"
+
+
 def test_eval_bad_inputs(tmp_path, tiny_run):
     r = run_cli("eval", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr

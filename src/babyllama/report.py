@@ -12,6 +12,7 @@ baseline, multiple choice, held-out preference pairs, leakage, samples).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from babyllama.errors import UserError, check_folder, require, write_whole, writing
@@ -160,19 +161,44 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
                       + (f" ({in_eval} only in the eval files, which were in the training data)." if in_eval
                          else "."), ""]
     lines += ["Continuations:", ""] + [f"- **{c['prompt']}** {c['continuation']}" for c in e.get("continuations", [])]
-    items = path.parent / "items.jsonl"
-    if items.is_file():
-        qa = [x for x in read_jsonl(items) if x["kind"] == "qa"]
-        by_task: dict[str, list] = {}
-        for x in qa:
-            by_task.setdefault(x["task"], []).append(x)
-        samples = [x for xs in by_task.values() for x in xs[:3]]
-        if samples:
-            lines += ["", "Sample answers:", "", table(
-                [{k: str(x[k]).replace("\n", " ").replace("|", "/")[:80] for k in ("task", "question", "prediction",
-                                                                                  "reference")} for x in samples],
-                ["task", "question", "prediction", "reference"])]
+    samples, note = sample_answers(path.parent / "items.jsonl", e)
+    if note:
+        print(f"note: {note}")
+        lines += ["", f"Sample answers: none; {note}"]
+    elif samples:
+        lines += ["", "Sample answers:", "", table(
+            [{k: str(x[k]).replace("\n", " ").replace("|", "/")[:80] for k in ("task", "question", "prediction",
+                                                                              "reference")} for x in samples],
+            ["task", "question", "prediction", "reference"])]
     return lines + [""]
+
+
+def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
+    """Up to 3 QA items a task of the eval's items.jsonl, and "", or none and a note (a sentence) where items.jsonl
+    is not the file that eval wrote together with eval.json e: missing, a line that is not an item (a cut one), or
+    other numbers of items than e counts, QA per task and multiple choice (cut or replaced by hand)."""
+    counts = Counter({f"QA ({t})": s["items"] for t, s in e.get("qa", {}).items()})
+    counts["multiple-choice"] = e["mc"]["overall"]["items"] if "mc" in e else 0
+    again = f"{items.parent / 'eval.json'} counts {number(counts)} items; run the eval again."
+    if not items.is_file():
+        return [], f"{items} is missing but {again}" if counts.total() else ""
+    try:
+        records = read_jsonl(items)
+        held = Counter(f"QA ({x['task']})" if x["kind"] == "qa" else "multiple-choice" for x in records)
+    except (ValueError, TypeError, KeyError):  # a line cut short (or not UTF-8), or not an item
+        return [], f"{items} holds a line that is not an item of eval (cut short?), and {again}"
+    if held != counts:
+        return [], f"{items} holds {number(held)} items (cut or replaced since eval wrote it) but {again}"
+    by_task: dict[str, list] = {}
+    for x in records:
+        if x["kind"] == "qa":
+            by_task.setdefault(x["task"], []).append(x)
+    return [x for xs in by_task.values() for x in xs[:3]], ""
+
+
+def number(counts: dict[str, int]) -> str:
+    """"6 QA (sentiment), 2 multiple-choice" of counts of items by kind, or "no"."""
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n) or "no"
 
 
 def make_report(run_dir: str | Path) -> Path:
