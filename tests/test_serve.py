@@ -255,6 +255,25 @@ def test_top_logprobs_list_only_ids_an_answer_can_hold(server, monkeypatch):
         [v for k in kept for _, v in k], abs=1e-6)
 
 
+def test_the_ids_no_answer_holds_are_listed_once_per_server(server, monkeypatch):
+    """Tokenizer.suppress_tokens, made a tensor on the model's device, is built when the app is, not again for
+    each scoring batch and each picked token."""
+    tok, calls = server["tokenizer"], []
+    real = type(tok).suppress_tokens
+
+    def counted(self, vocab_size):
+        calls.append(vocab_size)
+        return real(self, vocab_size)
+
+    monkeypatch.setattr(type(tok), "suppress_tokens", counted)
+    for url in running(server["model"].model, tok):
+        for echo in (True, False):  # a scoring batch alone, then one that picks its token too
+            r = httpx.post(url + "/v1/completions", json={"prompt": "今天天气", "max_tokens": 1, "echo": echo,
+                                                          "logprobs": 2}, timeout=30)
+            assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"][-1]) == 2
+    assert calls == [600]
+
+
 def test_logprobs_decode_each_id_about_once(server, monkeypatch):
     """text_offset decodes incrementally (chat.Detokenizer) and each token's text and bytes come from one table
     (Tokenizer.id_bytes): a 120-token echo decodes a short window per token, not each prefix again."""

@@ -290,6 +290,13 @@ def logprob_token(tokenizer: Tokenizer, i: int) -> tuple[str, list[int] | None]:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
+def never_ids(model, tokenizer: Tokenizer) -> torch.Tensor:
+    """(K,) long on the model's device: the ids no answer holds (Tokenizer.suppress_tokens: <s>, pad, the model's
+    rows beyond the vocabulary), which Generation.pick never picks and score lists in no top_logprobs."""
+    return torch.tensor(tokenizer.suppress_tokens(model.cfg.vocab_size), dtype=torch.long,
+                        device=model.rope_cos.device)
+
+
 @dataclass
 class Generation:
     """One request's answer: its text pieces, then how it ended and how many tokens it took."""
@@ -310,6 +317,11 @@ class Generation:
     picked: int | None = None  # the one token of an answer that picks (picks), from the scoring forward
     chosen: list[float] = field(default_factory=list)  # score: the log-probability of each of scored_ids()[1:]
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # score: the top_logprobs (id, logprob) there
+    never: torch.Tensor | None = None  # never_ids(model, tokenizer), which build_app makes once for every request
+
+    def __post_init__(self):
+        if self.never is None:
+            self.never = never_ids(self.model, self.tokenizer)
 
     def tokens(self) -> Iterator[int]:
         """model.stream, one decoding step at a time under the shared lock; or the one token picked from
@@ -363,8 +375,7 @@ class Generation:
     def pick(self, logits: torch.Tensor, logp: torch.Tensor) -> None:
         """Pick the one new token from the logits (V,) after the prompt, as model.stream picks its first, and
         keep its log-probability from logp (V,) (the log-softmax of those logits)."""
-        suppress = list(self.tokenizer.suppress_tokens(self.model.cfg.vocab_size))
-        logits[suppress] = -float("inf")
+        logits[self.never] = -float("inf")
         s = self.sampling
         self.picked = sample_next(logits, self.prompt, s.temperature, s.top_k, s.top_p, s.repetition_penalty,
                                   self.generator())
@@ -435,8 +446,7 @@ def score_batch(batch: list[Generation]) -> None:
         logits, _ = model(x)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V): row t scores id t + 1
     k = max(g.top_logprobs for g in batch)
-    never = list(batch[0].tokenizer.suppress_tokens(model.cfg.vocab_size))  # <s>, pad: no answer holds them
-    top_v, top_i = logp.index_fill(-1, torch.tensor(never, device=logp.device), -float("inf")).topk(k, dim=-1)
+    top_v, top_i = logp.index_fill(-1, batch[0].never, -float("inf")).topk(k, dim=-1)  # <s>, pad: in no answer
     for b, (g, s) in enumerate(zip(batch, seqs, strict=True)):
         n = len(s) - 1 + g.picks  # the rows that score an id, a picked token's too
         rows = torch.arange(len(s) - 1, device=logp.device)
@@ -583,7 +593,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
 
     max_ctx = model.cfg.max_seq_len
     defaults = sampling or Sampling()
-    lock = threading.Lock()
+    lock, never = threading.Lock(), never_ids(model, tokenizer)  # shared by every request's Generation
     app = fastapi.FastAPI(title="babyllama", version="1")
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
@@ -606,7 +616,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             raise ValueError("stream_options: only with stream true")
         asked = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p)) if v is not None}
         sampling = replace(defaults, max_new_tokens=max_tokens, **asked)
-        return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop), body.seed)
+        return Generation(model, tokenizer, lock, prompt, sampling, stop_strings(body.stop), body.seed, never=never)
 
     def room(prompt_tokens: int, max_tokens: int | None, what: str, name: str = "max_tokens") -> int:
         """max_tokens, or the rest of the context when it is None; ValueError when they do not fit."""
