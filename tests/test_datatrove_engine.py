@@ -201,6 +201,75 @@ def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeyp
     assert outputs(tmp_path / "run") == outputs(out / "datatrove")
 
 
+SLOW_READS = """
+import pathlib, sys, time
+
+from babyllama.data import datatrove_engine
+
+
+def slow(self, data=None, rank=0, world_size=1):  # each read task says it started, then takes a minute
+    (pathlib.Path({marks!r}) / str(rank)).touch()
+    time.sleep(60)
+    yield from ()
+
+
+datatrove_engine.ReadCorpus.run = slow  # here, and in the forkserver, which imports this file as __mp_main__
+if __name__ == "__main__":
+    from babyllama.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def in_group(pgid: int) -> list[int]:
+    """The live processes (not zombies) of process group pgid."""
+    found = []
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = proc_stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(proc_stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_local_run_killed_by_sigkill_leaves_no_process_and_frees_its_out_dir(corpus, tmp_path):
+    """kill -9 of a local run of several workers left datatrove's Manager (forked from it, the out_dir's lock
+    inherited) running for ever, and with it the forkserver: a rerun was refused, "in use by" the dead process;
+    the workers ran their tasks on to the end. Now every process of the run ends with it, within seconds."""
+    import signal
+    import time
+    from contextlib import suppress
+
+    from babyllama.lock import holding
+
+    _, files, _ = corpus
+    marks, script, out = tmp_path / "started", tmp_path / "slow_reads.py", tmp_path / "out"
+    marks.mkdir()
+    script.write_text(SLOW_READS.format(marks=str(marks)))
+    proc = subprocess.Popen([sys.executable, str(script), "prepare", "--input", *files[:2], "--out_dir", str(out),
+                             "--engine", "datatrove", "--workers", "2"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(list(marks.iterdir())) < 2:  # both workers are in a task
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while (left := in_group(proc.pid)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert left == []
+        with holding(out, "prepare"):  # free: a rerun may start
+            pass
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_a_killed_run_leaves_the_earlier_output_until_it_is_resumed(tmp_path, monkeypatch):
     """The stages write into OUT/.incomplete: a run killed halfway leaves the earlier output in OUT as it was, and
     the same command resumes the run there and only then replaces it."""

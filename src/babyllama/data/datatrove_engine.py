@@ -37,17 +37,20 @@ A Slurm submission writes into OUT itself, cleared first: its last stage runs af
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +90,7 @@ from babyllama.data.clean import (
 from babyllama.data.pretokenize import (
     check_val_fraction,
     encode_documents,
+    exit_with,
     split_writers,
     text_batches,
     token_manifest,
@@ -163,9 +167,57 @@ def quiet_datatrove() -> None:
 quiet_datatrove()
 
 
+_WATCHING: list[int] = []  # the pid of a pool worker once it watches the process that runs the stages
+
+
+def end_with_main() -> None:
+    """In a worker of the local executor's pool (datatrove's multiprocess forks it from its forkserver), once: end
+    when the process that runs the stages ends, even by kill -9; else the task under way runs on to its end, writing
+    into the stage (OUT/.incomplete) that a rerun writes too."""
+    import multiprocess
+
+    parent = multiprocess.parent_process()  # None in the process that runs the stages, and under Ray or Slurm
+    if parent is not None and os.getpid() not in _WATCHING:
+        _WATCHING.append(os.getpid())
+        threading.Thread(target=exit_with, args=(parent,), daemon=True).start()
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends (Linux)
+_FORKING: list[int] = []  # while local stages run (forks_end_with_this_process): the pid of the process running them
+
+
+def _end_with_parent() -> None:
+    """os.register_at_fork's after_in_child: a process forked while local stages run (datatrove's multiprocess
+    Manager, which holds the out_dir's lock, inherited with the fork) gets SIGKILL when the process that forked it
+    ends, even by kill -9, rather than live on for ever, an orphan holding that lock (a rerun is refused) and the
+    forkserver's pipe (so the forkserver lives on too)."""
+    if not _FORKING:
+        return
+    parent = _FORKING.pop()  # what this process forks in turn is not watched
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before prctl
+        os._exit(1)
+
+
+if sys.platform == "linux":
+    os.register_at_fork(after_in_child=_end_with_parent)
+
+
+@contextmanager
+def forks_end_with_this_process():
+    """While the body runs, a process this one forks ends when this one ends (_end_with_parent)."""
+    _FORKING.append(os.getpid())
+    try:
+        yield
+    finally:
+        _FORKING.clear()
+
+
 def pass_through(data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
     """The first step of every stage: unpickling it makes a worker import this module, and so run
-    quiet_datatrove(), even for a stage of datatrove's steps alone."""
+    quiet_datatrove(), even for a stage of datatrove's steps alone; a pool worker ends with the stages' process
+    (end_with_main)."""
+    end_with_main()
     return data
 
 
@@ -544,7 +596,8 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
         if launch.executor != "slurm":
             start = time.time()
             log.info("stage %d/%d %s: %d task%s", i + 1, len(stages), name, tasks, "s"[: tasks > 1])
-            executor.run()
+            with forks_end_with_this_process() if launch.executor == "local" else nullcontext():
+                executor.run()
             log.info("stage %s done in %.1f s", name, time.time() - start)
     if launch.executor == "slurm":
         executors[-1].run()  # submits every stage, each depending on the one before

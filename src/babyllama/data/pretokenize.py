@@ -72,13 +72,13 @@ def _init_pool_worker(tokenizer_path: str) -> None:
     the whole process group, and each worker would print its own KeyboardInterrupt traceback. It ends when the
     main process is gone, even killed by SIGKILL, which leaves no one to stop the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(mp.parent_process(),), daemon=True).start()
+    threading.Thread(target=exit_with, args=(mp.parent_process(),), daemon=True).start()
     _init_worker(tokenizer_path)
 
 
-def _exit_with(parent: mp.process.BaseProcess) -> None:
+def exit_with(parent: mp.process.BaseProcess) -> None:
     """Wait for parent to end, then end this process: an orphaned pool worker would wait for work forever,
-    holding its memory."""
+    holding its memory (or, datatrove's, run its task on to the end)."""
     parent.join()
     os._exit(1)
 
