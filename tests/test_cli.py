@@ -30,14 +30,47 @@ def test_tokenizer_train_then_info(tmp_path):
     r = run_cli("tokenizer", "train", "--input", str(corpus), str(jsonl), "--vocab-size", "500", "--out_dir", str(out))
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.json").is_file() and "more.jsonl:2: skipped a bad record" in r.stderr
+    trained = json.loads(r.stdout)  # its chars_per_token (of 4 built-in lines) was taken for the training data's
     r = run_cli("tokenizer", "info", str(out))
     info = json.loads(r.stdout)
     assert info["vocab_size"] == 500 and info["token_dtype"] == "uint16"
     assert (info["bos_id"], info["eos_id"], info["pad_id"]) == (1, 2, 0)
-    from babyllama.tokenizer import SAMPLE_TEXT, load_tokenizer
+    from babyllama.tokenizer import BUILT_IN_SAMPLE, SAMPLE_TEXT, load_tokenizer
 
     n_tokens = sum(len(load_tokenizer(out).encode(line)) for line in SAMPLE_TEXT.splitlines())
     assert info["chars_per_token"] == round(len(SAMPLE_TEXT.replace("\n", "")) / n_tokens, 3)
+    assert info == {k: v for k, v in trained.items() if k != "saved"}
+    assert info["chars_per_token_of"] == BUILT_IN_SAMPLE and "not the training data" in BUILT_IN_SAMPLE
+
+
+def test_tokenizer_train_trains_on_a_sample_of_max_train_bytes_and_shows_its_reading(tmp_path):
+    """Training held every document (about 90 bytes of memory a byte of text: 3.8 GB for 36 MB, 140 GB for
+    BaiduBaike), with no line while it read: it trains on a random sample of at most --max_train_bytes, and a
+    progress bar counts the documents read (docs/s, MiB/s) and a line says what was sampled of how much."""
+    from babyllama.tokenizer import load_tokenizer, train_bpe, training_sample
+
+    docs = generated_corpus(300)
+    (tmp_path / "c.txt").write_text("\n".join(docs), encoding="utf-8")
+    size = sum(len(d.encode()) for d in docs)
+    r = run_cli("tokenizer", "train", "--input", tmp_path / "c.txt", "--vocab_size", "400", "--max_train_bytes",
+                size // 3, "--out_dir", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    sample = training_sample(docs, size // 3)
+    held = sum(len(d.encode()) for d in sample)
+    assert 0 < len(sample) < 300 and (f"INFO babyllama.tokenizer: training on {len(sample)} of 300 documents: "
+                                      f"{held / 2**20:.1f} of {size / 2**20:.1f} MiB (--max_train_bytes "
+                                      f"{size // 3 / 2**20:.1f} MiB)") in r.stderr.splitlines(), r.stderr
+    assert re.search(r"^tokenizer train: reading: 300 docs \[\d\d:\d\d, [\d.]+ docs/s, [\d.]+ MiB/s\]$", r.stderr,
+                     re.M), r.stderr
+    assert load_tokenizer(tmp_path / "tok").fingerprint == train_bpe(sample, 400).fingerprint
+
+
+def test_tokenizer_train_writes_its_json_alone_to_a_pipe(tmp_path):
+    """The Rust trainer's progress bars, hidden off a terminal, still wrote 3 newlines to stdout before the JSON."""
+    (tmp_path / "c.txt").write_text("\n".join(generated_corpus(20)), encoding="utf-8")
+    r = run_process("tokenizer", "train", "--input", str(tmp_path / "c.txt"), "--vocab_size", "300", "--out_dir",
+                    str(tmp_path / "tok"))
+    assert r.returncode == 0 and r.stdout.startswith('{\n  "saved"'), (r.stdout, r.stderr)
 
 
 def test_tokenizer_info_reads_its_sample_as_every_text_input(tmp_path, bpe_tokenizer):
@@ -55,6 +88,7 @@ def test_tokenizer_info_reads_its_sample_as_every_text_input(tmp_path, bpe_token
         r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", sample)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["chars_per_token"] == expected, sample
+        assert json.loads(r.stdout)["chars_per_token_of"] == str(sample)
     (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "empty.jsonl").write_bytes(b"")
     for sample, error in [
@@ -270,6 +304,34 @@ def handles_sigterm(pid: int) -> bool:
     status = Path(f"/proc/{pid}/status").read_text()
     caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
     return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_during_tokenizer_training_acts_at_once_and_keeps_the_earlier_tokenizer(tmp_path, bpe_tokenizer, stop,
+                                                                                         code):
+    """Ctrl-C took 60 s to act on 36 MB: the Rust trainer's merges run no Python, and a signal's handler runs only
+    in the main thread between Python instructions. They run in a thread now, the main thread waiting on it. Here
+    3 MB of random Chinese: about 5 s of training on 2 busy cores, stopped half a second after reading ends."""
+    import random
+
+    rng = random.Random(0)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    lines = ("，".join("".join(rng.choices(chars, k=11)) for _ in range(30)) for _ in range(3000))
+    (tmp_path / "c.txt").write_text("\n".join(lines), encoding="utf-8")
+    bpe_tokenizer.save(tmp_path / "tok")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "tokenizer", "train", "--input", tmp_path / "c.txt",
+                             "--vocab_size", "20000", "--out_dir", tmp_path / "tok"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert any(line.startswith("INFO babyllama.tokenizer: training on 3000 of 3000") for line in proc.stderr)
+    time.sleep(0.5)
+    proc.send_signal(stop)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    waited = time.monotonic() - sent
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert waited < 1.5, f"the stop took {waited:.1f} s to act"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask in /proc")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
 from babyllama.errors import UserError
-from babyllama.tokenizer import MAX_RUN, load_tokenizer, token_dtype, train_bpe, training_pre_tokenizer
+from babyllama.tokenizer import MAX_RUN, load_tokenizer, token_dtype, train_bpe, training_pre_tokenizer, training_sample
 from tests.conftest import CHATGLM2, ROUNDTRIP_TEXTS, generated_corpus
 
 
@@ -242,3 +243,60 @@ def test_bpe_on_a_corpus_too_small_for_its_vocab_size_warns_with_the_size_reache
         train_bpe(generated_corpus(), 300)  # reached: no warning
     assert caplog.messages == ["the corpus has too few distinct pieces for a vocabulary of 512: the trained one "
                                "has 273."]
+
+
+def utf8(texts: list[str]) -> int:
+    return sum(len(t.encode()) for t in texts)
+
+
+def test_training_sample_is_every_document_in_order_when_they_fit():
+    """A corpus within the budget trains as before the budget: every document, in order (the demo's tokenizer is
+    the same byte for byte)."""
+    docs = generated_corpus(50)
+    for budget in (utf8(docs), 0, 1 << 25):  # exactly, no bound, the default's order of size
+        assert training_sample(iter(docs), budget) == docs
+    assert training_sample(iter(docs)) == docs
+
+
+def test_training_sample_over_the_budget_is_a_uniform_sample_within_it_the_same_every_run():
+    """BPE training held every document (about 90 bytes of memory a byte of text: 140 GB for BaiduBaike); it sees
+    a random sample of at most --max_train_bytes now, spread over the whole corpus, in its order, the same on every
+    run, and at least the budget less the largest document."""
+    docs = [f"{i:04d}" + "文" * (i % 50) for i in range(2000)]  # distinct, 4 to 151 bytes
+    budget = utf8(docs) // 10
+    sample = training_sample(iter(docs), budget)
+    assert budget - 151 < utf8(sample) <= budget
+    assert sample == training_sample(iter(docs), budget) != training_sample(iter(docs), budget, seed=1)
+    assert sample == [d for d in docs if d in set(sample)] and len(set(sample)) == len(sample)
+    tenths = [sum(int(d[:4]) // 200 == k for d in sample) for k in range(10)]
+    assert all(0.5 < t / (len(sample) / 10) < 1.5 for t in tenths), tenths  # not the first tenth, nor the last
+
+
+def test_training_sample_passes_over_a_document_larger_than_the_budget():
+    docs = ["长" * 100, *generated_corpus(20)]  # the first alone is 300 bytes
+    sample = training_sample(iter(docs), 300 - 1)
+    assert docs[0] not in sample and 299 - max(map(utf8, [[d] for d in docs[1:]])) < utf8(sample) <= 299
+
+
+def test_training_sample_holds_the_sample_not_the_corpus():
+    """20 MB of documents (as Python strings), each made as it is read, into a sample of 30 kB: the peak is far
+    below the corpus (half a megabyte of it is the progress bar's and logging's own)."""
+    import tqdm  # noqa: F401 - imported before the count: its modules are no document
+
+    tracemalloc.start()
+    try:
+        sample = training_sample(("文" * 1000 + str(i) for i in range(10_000)), 30_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(sample) == 9 and peak < 2_000_000, peak
+
+
+def test_an_error_of_the_texts_while_training_is_raised_to_the_caller():
+    """Training runs in a thread (a stop acts at once); what its texts raise there is raised here, as before."""
+    def texts():
+        yield "你好，世界。"
+        raise UserError("a.jsonl is cut.")
+
+    with pytest.raises(UserError, match="a.jsonl is cut."):
+        train_bpe(texts(), 300)

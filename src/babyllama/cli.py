@@ -47,31 +47,33 @@ from babyllama.settings import run_out_dir
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from babyllama.data.sources import CorpusReader, check_output_folder
-    from babyllama.tokenizer import train_bpe
+    from babyllama.tokenizer import MAX_TRAIN_BYTES, train_bpe, training_sample
 
     check_output_folder(args.out_dir, "a tokenizer", ("a tokenizer",))  # not a checkpoint's, whose model it fits
     reader = CorpusReader(args.input)
-    tok = train_bpe(reader.documents(), args.vocab_size)
-    reader.check_usable()  # a tokenizer of no text is not saved over an earlier one
+    texts = training_sample(reader.documents(), MAX_TRAIN_BYTES if args.max_train_bytes is None else
+                            args.max_train_bytes)
+    reader.check_usable()  # a tokenizer of no text is not trained, nor saved over an earlier one
+    tok = train_bpe(texts, args.vocab_size)
     with signals_held(complete=args.out_dir):  # a stop waits: tokenizer.json and its ids file are of one tokenizer
         tok.save(args.out_dir)
     print(json.dumps({"saved": args.out_dir, **tok.info()}, ensure_ascii=False, indent=2))
 
 
 def cmd_tokenizer_info(args: argparse.Namespace) -> None:
-    from babyllama.tokenizer import SAMPLE_TEXT, load_tokenizer
+    from babyllama.tokenizer import BUILT_IN_SAMPLE, SAMPLE_TEXT, load_tokenizer
 
     tok = load_tokenizer(args.path)
-    sample = SAMPLE_TEXT
+    sample, name = SAMPLE_TEXT, BUILT_IN_SAMPLE
     if args.sample:  # read as every text input is: its encoding detected, the text of JSON records, a folder's files
         from babyllama.data.sources import iter_texts
 
         if not Path(args.sample).exists():
             raise UserError(f"--sample {args.sample} does not exist.")
-        sample = "\n".join(iter_texts([args.sample]))
+        sample, name = "\n".join(iter_texts([args.sample])), args.sample
         if not sample.strip():
             raise UserError(f"--sample {args.sample} has no text to measure.")
-    info = tok.info(sample)
+    info = tok.info(sample, name)
     print(json.dumps(info, ensure_ascii=False, indent=2))
     if info["token_dtype"] == "uint32":
         print(f"note: {tok.vocab_size} ids do not fit uint16, so token shards will be uint32 (twice the disk).")
@@ -444,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=path, nargs="+", required=True,
                    help=".txt (a document per line) or .jsonl (text field)")
     p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192, help="ids, the special ones included")
+    p.add_argument("--max_train_bytes", type=int_in(0), help="train on a random sample of the documents of at most "
+                   "this many bytes of text (default 33554432, 32 MiB: about 3 GB of memory; 0: every document)")
     p.add_argument("--out_dir", type=path, required=True, help="directory for tokenizer.json")
     p.set_defaults(func=cmd_tokenizer_train, holds="tokenizer train")  # holds its out_dir while it writes (lock.py)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")

@@ -103,9 +103,10 @@ class Demo:
 
     def tokenizer(self) -> None:
         from babyllama.data.sources import iter_texts
-        from babyllama.tokenizer import train_bpe
+        from babyllama.tokenizer import train_bpe, training_sample
 
-        train_bpe(iter_texts(self.parts()), SMOKE["vocab"] if self.smoke else 8192).save(self.out / "tokenizer")
+        texts = training_sample(iter_texts(self.parts()))  # the whole corpus: under the default budget
+        train_bpe(texts, SMOKE["vocab"] if self.smoke else 8192).save(self.out / "tokenizer")
 
     def tokens(self) -> None:
         from babyllama.data.pretokenize import pretokenize

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import os
+import random
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,7 @@ SAMPLE_TEXT = (
     "人工智能是计算机科学的一个分支，它企图了解智能的实质。\n"
     "Large language models are trained on trillions of tokens.\n"
 )
+BUILT_IN_SAMPLE = "SAMPLE_TEXT, 4 built-in lines, not the training data (measure yours: tokenizer info --sample)"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -206,13 +212,17 @@ class Tokenizer:
     def dtype(self) -> np.dtype:
         return token_dtype(self.vocab_size)
 
-    def info(self, sample: str = SAMPLE_TEXT) -> dict:
+    def info(self, sample: str = SAMPLE_TEXT, sample_name: str = BUILT_IN_SAMPLE) -> dict:
+        """What `tokenizer info` and `tokenizer train` print: the ids, the token dtype, the fingerprint, characters
+        per token on sample's lines, and sample_name, what the sample is (by default 4 built-in lines, which a user
+        took for the training data when it was not said)."""
         n_tokens = sum(len(ids) for ids in self.encode_batch(sample.splitlines()))
         return {
             "kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
             "eos_id": self.eos_id, "pad_id": self.pad_id, "token_dtype": self.dtype.name,
             "fingerprint": self.fingerprint,
             "chars_per_token": round(len(sample.replace("\n", "")) / max(n_tokens, 1), 3),
+            "chars_per_token_of": sample_name,
         }
 
 
@@ -466,13 +476,61 @@ def training_pre_tokenizer():
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+MAX_TRAIN_BYTES = 32 << 20  # of text (UTF-8) that training sees by default: about 3 GB of memory (bench/RESULTS.md)
+MiB = 1 << 20
+
+
+def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, seed: int = 0) -> list[str]:
+    """A uniform random sample of documents holding at most max_bytes of UTF-8 text (0: no bound), in their order:
+    every document when they hold no more. Read once, with a progress bar (docs/s, MiB/s), and logged (documents and
+    MiB sampled, of how many).
+
+    BPE training holds every distinct pre-token, and Chinese ones are mostly distinct: about 90 bytes of memory per
+    byte of text, real or random (bench/RESULTS.md); the sample bounds it, as SentencePiece's input_sentence_size
+    bounds its trainer's (Kudo and Richardson 2018: there a count of sentences, reservoir-sampled in one pass). Each
+    document draws a key from Random(seed) in turn; the sample is the documents of the smallest keys, in key order up
+    to the first whose bytes do not fit: a simple random sample, the same on every run over the same documents, of
+    at least max_bytes less the largest document (one over max_bytes alone is never sampled). Memory: the sample;
+    the corpus is never held."""
+    from babyllama.progress import progress
+
+    rng = random.Random(seed)
+    kept: list[tuple[float, int, str, int]] = []  # (-key, place, text, bytes): a heap, the largest key on top
+    held = seen = n = 0
+    cut = 1.0  # keys at or above it are out of the sample: the smallest key that did not fit
+    start = time.monotonic()
+
+    def speed() -> str:
+        return f"{seen / MiB / max(time.monotonic() - start, 1e-9):.1f} MiB/s"
+
+    with progress(documents, desc="tokenizer train: reading", unit=" docs") as bar:
+        for n, text in enumerate(bar, 1):
+            size, key = len(text.encode()), rng.random()  # a key for every document: each depends on its place alone
+            seen += size
+            if n % 1000 == 1:
+                bar.set_postfix_str(speed(), refresh=False)
+            if max_bytes and (key >= cut or size > max_bytes):
+                continue
+            heapq.heappush(kept, (-key, n, text, size))
+            held += size
+            while max_bytes and held > max_bytes:  # the largest keys leave until the rest fits
+                neg_key, _, _, dropped = heapq.heappop(kept)
+                held, cut = held - dropped, -neg_key
+        bar.set_postfix_str(speed(), refresh=False)  # the last status's
+    log.info("training on %d of %d documents: %.1f of %.1f MiB (--max_train_bytes %s)", len(kept), n, held / MiB,
+             seen / MiB, f"{max_bytes / MiB:.1f} MiB" if max_bytes else "0: every document")
+    return [text for _, _, text, _ in sorted(kept, key=lambda k: k[1])]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> HFTokenizer:
     """Train a byte-level BPE (lossless on any text) with <pad>, <s>, </s> as ids 0, 1, 2.
 
     Training sees GPT-2's pre-tokens (Radford et al. 2019) with runs cut every MAX_RUN characters, so
     it takes time linear in the text whatever its punctuation; the trained tokenizer encodes with
     GPT-2's own split (linear too), the one that exported tokenizers name ("gpt-2" in GGUF). A corpus with
-    fewer distinct pieces than vocab_size asks for gives a smaller vocabulary, with a warning."""
+    fewer distinct pieces than vocab_size asks for gives a smaller vocabulary, with a warning. Its memory is
+    about 90 bytes per byte of text: pass training_sample(...) for a large corpus. Ctrl-C or SIGTERM stops it at
+    once (the Rust trainer runs in a thread, see in_thread)."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -485,12 +543,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=sys.stdout.isatty(),  # its bars end with newlines on stdout, before the JSON of `tokenizer train`
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    in_thread(lambda: tok.train_from_iterator(texts, trainer=trainer, length=length))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trained = HFTokenizer(tok, bos_id=1, eos_id=2, pad_id=0)
     if trained.vocab_size < vocab_size:  # BPE stops when no pair of pieces is left to merge
         log.warning(f"the corpus has too few distinct pieces for a vocabulary of {vocab_size}: the trained one "
                     f"has {trained.vocab_size}.")
     return trained
+
+
+def in_thread(work: Callable[[], None]) -> None:
+    """work() in a daemon thread while this one waits: a signal's handler (Ctrl-C's KeyboardInterrupt, the CLI's
+    Terminated) runs in the main thread only when it runs Python, which it did not for the minutes of the Rust
+    trainer's merges; now it raises at once and the process exits without waiting for the thread. The thread
+    still runs to its end in a process that catches the exception and goes on. work's exception is raised here."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # raised again in the waiting thread
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="babyllama-bpe-training", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
