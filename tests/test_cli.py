@@ -44,7 +44,7 @@ def test_tokenizer_train_then_info(tmp_path):
 
 
 def test_tokenizer_train_trains_on_a_sample_of_max_train_bytes_and_shows_its_reading(tmp_path):
-    """Training held every document (about 90 bytes of memory a byte of text: 3.8 GB for 36 MB, 140 GB for
+    """Training held every document (about 100 bytes of memory a byte of text: 3.8 GB for 36 MB, 140 GB for
     BaiduBaike), with no line while it read: it trains on a random sample of at most --max_train_bytes, and a
     progress bar counts the documents read (docs/s, MiB/s) and a line says what was sampled of how much."""
     from babyllama.tokenizer import load_tokenizer, train_bpe, training_sample

@@ -259,7 +259,7 @@ def test_training_sample_is_every_document_in_order_when_they_fit():
 
 
 def test_training_sample_over_the_budget_is_a_uniform_sample_within_it_the_same_every_run():
-    """BPE training held every document (about 90 bytes of memory a byte of text: 140 GB for BaiduBaike); it sees
+    """BPE training held every document (about 100 bytes of memory a byte of text: 140 GB for BaiduBaike); it sees
     a random sample of at most --max_train_bytes now, spread over the whole corpus, in its order, the same on every
     run, and at least the budget less the largest document."""
     docs = [f"{i:04d}" + "文" * (i % 50) for i in range(2000)]  # distinct, 4 to 151 bytes

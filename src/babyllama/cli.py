@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".txt (a document per line) or .jsonl (text field)")
     p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192, help="ids, the special ones included")
     p.add_argument("--max_train_bytes", type=int_in(0), help="train on a random sample of the documents of at most "
-                   "this many bytes of text (default 33554432, 32 MiB: about 3 GB of memory; 0: every document)")
+                   "this many bytes of text (default 33554432, 32 MiB: about 3 GB of memory on real Chinese text; "
+                   "0: every document)")
     p.add_argument("--out_dir", type=path, required=True, help="directory for tokenizer.json")
     p.set_defaults(func=cmd_tokenizer_train, holds="tokenizer train")  # holds its out_dir while it writes (lock.py)
     p = tok.add_parser("info", help="vocab size, special ids, token dtype, characters per token")

@@ -486,12 +486,12 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
     MiB sampled, of how many).
 
     BPE training holds every distinct pre-token, and Chinese ones are mostly distinct: about 90 bytes of memory per
-    byte of text, real or random (bench/RESULTS.md); the sample bounds it, as SentencePiece's input_sentence_size
-    bounds its trainer's (Kudo and Richardson 2018: there a count of sentences, reservoir-sampled in one pass). Each
-    document draws a key from Random(seed) in turn; the sample is the documents of the smallest keys, in key order up
-    to the first whose bytes do not fit: a simple random sample, the same on every run over the same documents, of
-    at least max_bytes less the largest document (one over max_bytes alone is never sampled). Memory: the sample;
-    the corpus is never held."""
+    byte of real text, 125 of random characters (bench/RESULTS.md); the sample bounds it, as SentencePiece's
+    input_sentence_size bounds its trainer's (Kudo and Richardson 2018: there a count of sentences, reservoir-sampled
+    in one pass). Each document draws a key from Random(seed) in turn; the sample is the documents of the smallest
+    keys, in key order up to the first whose bytes do not fit: a simple random sample, the same on every run over the
+    same documents, of at least max_bytes less the largest document (one over max_bytes alone is never sampled).
+    Memory: the sample; the corpus is never held."""
     from babyllama.progress import progress
 
     rng = random.Random(seed)
@@ -529,7 +529,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     it takes time linear in the text whatever its punctuation; the trained tokenizer encodes with
     GPT-2's own split (linear too), the one that exported tokenizers name ("gpt-2" in GGUF). A corpus with
     fewer distinct pieces than vocab_size asks for gives a smaller vocabulary, with a warning. Its memory is
-    about 90 bytes per byte of text: pass training_sample(...) for a large corpus. Ctrl-C or SIGTERM stops it at
+    about 90 bytes per byte of Chinese text: pass training_sample(...) for a large corpus. Ctrl-C or SIGTERM stops it at
     once (the Rust trainer runs in a thread, see in_thread)."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
