@@ -77,6 +77,46 @@ def test_history_is_trimmed_oldest_first(bpe_tokenizer):
     assert text.startswith("系统\n") and "最后的问题" in text and "第0个问题" not in text and "第9个回答" in text
 
 
+def test_a_question_is_never_cut_but_refused_with_serves_words_when_it_does_not_fit(bpe_tokenizer):
+    """The last question and the system text stay whole, as serve keeps them; past half the context they take
+    the answer's room, and when no token of answer is left the question is refused with serve's sentence."""
+    question = "你好" * 15  # 30 ids, 31 with its <bos>
+    assert len(render_prompt(bpe_tokenizer, Conversation([(question, "")]))) == 31
+    turns = [("第一个问题", "第一个回答"), (question, "")]
+    assert prompt_ids(bpe_tokenizer, Conversation(turns), max_seq_len=40, max_new_tokens=32) == render_prompt(
+        bpe_tokenizer, Conversation(turns[1:]))  # the older turn goes, the question stays whole, 9 ids answer
+    with pytest.raises(ValueError) as e:
+        prompt_ids(bpe_tokenizer, Conversation(turns), max_seq_len=31, max_new_tokens=1)
+    assert str(e.value) == "this question (31 tokens) does not fit the context of 31 tokens, so it is not asked"
+    system = len(bpe_tokenizer.encode("系统\n"))
+    with pytest.raises(ValueError) as e:
+        prompt_ids(bpe_tokenizer, Conversation(turns, "系统"), max_seq_len=32, max_new_tokens=1)
+    assert str(e.value) == (f"--system with this question ({system + 31} tokens) does not fit the context of 32 "
+                            "tokens, so it is not asked")
+
+
+def test_repl_refuses_a_question_or_a_system_text_too_long_for_the_context(bpe_tokenizer, tmp_path):
+    """The tester's case: 500 characters to a model of 128 tokens were answered with no word that the model
+    read only their end; now one line says so, the model is not asked, and the next question is answered as
+    if the long one had not been typed. A --system that leaves no room is an error before any question."""
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    save_checkpoint(tmp_path / "ck", model, bpe_tokenizer)
+    base = ["chat", str(tmp_path / "ck"), "--max_new_tokens", "3"]
+    long = "好" * 500
+    size = len(render_prompt(bpe_tokenizer, Conversation([(long, "")])))
+    r = run_cli(*base, stdin=f"{long}\n你好\n")
+    assert r.returncode == 0, r.stderr
+    answer = bpe_tokenizer.decode(model.generate(render_prompt(bpe_tokenizer, Conversation([("你好", "")])),
+                                                 max_new_tokens=3, eos_id=2))
+    assert r.stdout.split("\n")[:-1] == [
+        f"this question ({size} tokens) does not fit the context of 128 tokens, so it is not asked", answer]
+    system = "系" * 300
+    r = run_cli(*base, "--system", system, stdin="你好\n")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.endswith(f"babyllama: error: --system ({len(bpe_tokenizer.encode(system + chr(10)))} tokens) "
+                             "does not fit the context of 128 tokens; pass a shorter one.\n")
+
+
 def test_decode_stream_never_splits_a_character(bpe_tokenizer):
     text = "𠀀😀中文"
     ids = bpe_tokenizer.encode(text)

@@ -30,7 +30,7 @@ def test_render_marks_exactly_the_answers(bpe_tokenizer):
     assert render_prompt(tok, conv) == expected[: expected.index(2) + 1 + len(tok.encode("问二")) + 1]
 
 
-@pytest.mark.parametrize("max_len", [50, 60, 90, 130, 400])  # 50: the last question is cut
+@pytest.mark.parametrize("max_len", [50, 60, 90, 130, 400])  # 50: SFT cuts the last question
 def test_sft_truncation_and_chat_prompt_drop_the_same_turns(bpe_tokenizer, max_len):
     tok = bpe_tokenizer
     train_ids, mask = truncate_conversation(tok, LONG, max_len)
@@ -38,8 +38,10 @@ def test_sft_truncation_and_chat_prompt_drop_the_same_turns(bpe_tokenizer, max_l
     prompt = render_prompt(tok, LONG, max_len - answer)
     assert len(train_ids) <= max_len and train_ids[: len(prompt)] == prompt  # token for token
     assert mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1  # the answer starts right after
-    # the REPL and the server leave room for the answer the same way
-    assert prompt_ids(tok, LONG, max_seq_len=max_len, max_new_tokens=answer) == prompt
+    # the REPL and the server leave room for the answer the same way, but never cut the last question or the
+    # system text (30 ids): at 50 they keep them whole and the answer gets the other 20
+    whole_last = render_prompt(tok, Conversation(LONG.turns[-1:], LONG.system))
+    assert prompt_ids(tok, LONG, max_seq_len=max_len, max_new_tokens=answer) == (prompt if max_len > 50 else whole_last)
     kept = tok.decode(prompt)
     assert "第9个问题" in kept and "第0个问题" not in kept
     assert kept.startswith("系统\n") == (max_len > 50)  # the system text stays while whole turns go

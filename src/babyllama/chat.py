@@ -6,7 +6,8 @@
 Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves; any other line that starts
 with / is an unknown command, and a line with bytes that are not text in stdin's encoding is
 refused, each with one line, without asking the model. The history is trimmed, oldest turns
-first, so that the prompt and the answer fit the context window.
+first, so that the prompt and the answer fit the context window; a question that does not fit whole
+(with the system text) is refused the same way, with the line serve's 400 gives.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ import sys
 from collections.abc import Generator, Iterable, Iterator, Sequence
 
 from babyllama.chat_format import Conversation, is_unicode, render_prompt
+from babyllama.errors import UserError
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
 
 
 def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_new_tokens: int) -> list[int]:
-    """The prompt for the answer to conv's last turn, cut (chat_format's truncation) so that
-    max_new_tokens fit after it, but never to less than half the context."""
-    return render_prompt(tokenizer, conv, max(1, max_seq_len - min(max_new_tokens, max_seq_len // 2)))
+    """The prompt for the answer to conv's last turn, older turns dropped (chat_format's truncation) so that
+    max_new_tokens, but at most half the context, fit after it. The last question and the system text are
+    never cut, as serve keeps them: when they take more, the answer gets the rest of the context.
+    Raises ValueError, the line to show, when they leave no room for one token of answer (serve's 400)."""
+    last = len(render_prompt(tokenizer, Conversation(conv.turns[-1:], conv.system)))
+    if last >= max_seq_len:
+        what = "--system with this question" if conv.system else "this question"
+        raise ValueError(f"{what} ({last} tokens) does not fit the context of {max_seq_len} tokens, so it is not "
+                         "asked")
+    return render_prompt(tokenizer, conv, max(last, max_seq_len - min(max_new_tokens, max_seq_len // 2)))
 
 
 class Detokenizer:
@@ -110,10 +119,19 @@ def until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, No
 
 
 def reply(model, tokenizer: Tokenizer, conv: Conversation, s: Sampling) -> Iterator[str]:
-    """Stream the answer to the last turn of conv."""
+    """Stream the answer to the last turn of conv. Raises ValueError, at the call, as prompt_ids."""
     ids = prompt_ids(tokenizer, conv, model.cfg.max_seq_len, s.max_new_tokens)
     tokens = model.stream(ids, **s.generate_kwargs(), **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return decode_stream(tokenizer, tokens)
+
+
+def check_system(tokenizer: Tokenizer, system: str, max_seq_len: int) -> None:
+    """Raise UserError when the system text, which every prompt begins with, leaves no room in the context
+    for a question's <bos> and one token of answer (as serve refuses such system messages)."""
+    size = len(tokenizer.encode(system + "\n")) if system else 0
+    if size + 1 >= max_seq_len:
+        raise UserError(f"--system ({size} tokens) does not fit the context of {max_seq_len} tokens; pass a "
+                        "shorter one.")
 
 
 def refusal(line: str, encoding: str) -> str:
@@ -132,6 +150,7 @@ def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DE
     from babyllama.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
+    check_system(tokenizer, system, model.cfg.max_seq_len)
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not text: lone surrogates (is_unicode)
     tty = sys.stdin.isatty()
     if tty:
@@ -156,10 +175,15 @@ def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DE
             print(note, flush=True)
             continue
         text = text[1:] if text.startswith("//") else text  # "//usr 是什么" asks "/usr 是什么"
+        try:
+            pieces = reply(model, tokenizer, Conversation([*history, (text, "")], system), sampling)
+        except ValueError as e:  # not read whole: not asked, and the conversation goes on without it
+            print(e, flush=True)
+            continue
         if tty:
             print("助手> ", end="", flush=True)
         answer = ""
-        for piece in reply(model, tokenizer, Conversation([*history, (text, "")], system), sampling):
+        for piece in pieces:
             answer += piece
             print(piece, end="", flush=True)
         print(flush=True)
