@@ -489,6 +489,30 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()
 
 
+def test_eval_counts_and_says_what_it_cut_to_the_context(tmp_path, tiny_run, bpe_tokenizer):
+    """A question or prompt longer than the context was scored on its end with no word of it. The model (32
+    tokens) generates after at most 31 prompt ids and scores options in at most 33 ids: one id more is cut."""
+    fits, cut = "你好" * 15, "你好" * 15 + "你"  # 30 and 31 ids: with <bos> (or <eos> before) 31 and 32
+    assert [len(bpe_tokenizer.encode(t)) for t in (fits, cut)] == [30, 31]
+    qa, prompts, mc = tmp_path / "qa.jsonl", tmp_path / "prompts.txt", tmp_path / "mc.csv"
+    qa.write_text("".join(json.dumps({"question": q, "answer": "正面"}, ensure_ascii=False) + "\n"
+                          for q in (fits, cut, "短")))
+    prompts.write_text(f"{fits}\n{cut}\n")
+    letter = "{}\nA. a\nB. b\nC. c\nD. d\n答案：A"  # the longest text scored of an item with options a-d
+    assert [len(bpe_tokenizer.encode(letter.format(q))) for q in ("你好你", "你好你好")] == [33, 34]
+    mc.write_text("question,A,B,C,D,answer\n你好你,a,b,c,d,A\n你好你好,a,b,c,d,B\n", encoding="utf-8")
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(qa), "--prompts", str(prompts), "--mc", str(mc),
+                "--max_new_tokens", "1", "--out_dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("WARNING")]
+    assert warnings == [f"WARNING: 1 of {n} {what} do not fit the context of 32 tokens, so the model reads only "
+                        f"their end; eval.json counts them ({kind}_cut_to_context)." for kind, what, n in
+                        [("prompts", "continuation prompts", 2), ("qa", "QA questions", 3),
+                         ("mc", "multiple-choice items", 2)]]
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [result[f"{k}_cut_to_context"] for k in ("prompts", "qa", "mc")] == [1, 1, 1]
+
+
 def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path, tiny_run, capsys, monkeypatch):
     """`--train_data` missing, a checkpoint or only held-out splits, `--prompts` missing after `--data` or empty, an
     --out_dir that is a checkpoint, a val split shorter than the model's window: each said so only after every answer

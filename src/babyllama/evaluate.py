@@ -193,10 +193,14 @@ def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None
     (default: sampling.Sampling, greedy) with generator's draws; it ends at <eos>, max_new_tokens or the end of
     the context, less a character that the end cut (Tokenizer.decode_complete)."""
     s = s or Sampling()
-    prompt = render_prompt(tokenizer, Conversation([(question, "")]))
-    ids = model.generate(prompt, **s.generate_kwargs(), generator=generator,
+    ids = model.generate(qa_prompt(tokenizer, question), **s.generate_kwargs(), generator=generator,
                          **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return tokenizer.decode_complete(ids).strip()
+
+
+def qa_prompt(tokenizer: Tokenizer, question: str) -> list[int]:
+    """The ids that ask question in the chat format, ending with <bos>: SFT's ids up to the answer."""
+    return render_prompt(tokenizer, Conversation([(question, "")]))
 
 
 def seeded(model, s: Sampling, seed: int) -> torch.Generator | None:
@@ -347,15 +351,22 @@ def split_continuation(tokenizer: Tokenizer, context: str, continuation: str) ->
     return whole[:k], whole[k:]
 
 
+def mc_texts(it: dict) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """The (context, continuation) texts that mc_choices scores, per letter of A-D: the letter after the listed
+    options, and the option's text after the question alone."""
+    options = "".join(f"\n{c}. {it['options'][c]}" for c in LETTERS)
+    return ({c: (f"{it['question']}{options}\n答案：", c) for c in LETTERS},
+            {c: (f"{it['question']}\n答案：", it["options"][c]) for c in LETTERS})
+
+
 def mc_choices(it: dict, scorer, tokenizer: Tokenizer) -> dict:
     """The item with the option that the log-likelihood of its letter picks (letter_choice) and the one that
     the log-likelihood per token of its text picks (text_choice)."""
-    options = "".join(f"\n{c}. {it['options'][c]}" for c in LETTERS)
-    by_letter = {c: scorer.logprob(*split_continuation(tokenizer, f"{it['question']}{options}\n答案：", c))
-                 for c in LETTERS}
+    letters, texts = mc_texts(it)
+    by_letter = {c: scorer.logprob(*split_continuation(tokenizer, *letters[c])) for c in LETTERS}
     by_text = {}
     for c in LETTERS:
-        context, ids = split_continuation(tokenizer, f"{it['question']}\n答案：", it["options"][c])
+        context, ids = split_continuation(tokenizer, *texts[c])
         by_text[c] = scorer.logprob(context, ids) / len(ids)
     return {**it, "letter_choice": max(by_letter, key=by_letter.get), "text_choice": max(by_text, key=by_text.get)}
 
@@ -645,6 +656,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, prompts: Sequence[str], qa_items: Sequence[dict],
+                   mc_items: Sequence[dict]) -> dict[str, int]:
+    """How many continuation prompts ("prompts"), QA questions ("qa") and multiple-choice items ("mc") the model
+    reads only the end of, as it cuts them to its context of max_seq_len: a prompt (text_prompt, qa_prompt) of
+    more than max_seq_len - 1 ids (Transformer.stream keeps the last max_seq_len - 1, one position for the
+    answer), an item with a scored text (mc_texts) of more than max_seq_len + 1 ids (ModelScorer keeps the last
+    max_seq_len + 1: max_seq_len inputs)."""
+    def mc_cut(it: dict) -> bool:
+        letters, texts = mc_texts(it)
+        return any(sum(map(len, split_continuation(tokenizer, *pair))) > max_seq_len + 1
+                   for pair in (*letters.values(), *texts.values()))
+
+    return {"prompts": sum(len(text_prompt(tokenizer, p)) >= max_seq_len for p in prompts),
+            "qa": sum(len(qa_prompt(tokenizer, it["question"])) >= max_seq_len for it in qa_items),
+            "mc": sum(map(mc_cut, mc_items))}
+
+
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
              sampling: Sampling | None = None, limit: int = 0, device: str = DEVICE) -> dict:
@@ -672,6 +700,12 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
     sampling = sampling or Sampling()
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
+    cut = cut_to_context(tokenizer, model.cfg.max_seq_len, prompt_list, qa_items, mc_items)
+    for kind, what, total in [("prompts", "continuation prompts", len(prompt_list)),
+                              ("qa", "QA questions", len(qa_items)), ("mc", "multiple-choice items", len(mc_items))]:
+        if cut[kind]:
+            print(f"WARNING: {cut[kind]} of {total} {what} do not fit the context of {model.cfg.max_seq_len} "
+                  f"tokens, so the model reads only their end; eval.json counts them ({kind}_cut_to_context).")
     out.mkdir(parents=True, exist_ok=True)
     result: dict = checkpoint_record(checkpoint, out)
     partial = out / PARTIAL
@@ -684,6 +718,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     if data:
         result["lm"] = lm_metrics(model, data, tokenizer)
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
+    result["prompts_cut_to_context"] = cut["prompts"]
     if qa and no_reference:
         print(f"note: {no_reference} QA items have no reference (missing or empty) and are not scored.")
     with appending(partial) as log:
@@ -698,9 +733,11 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         result["qa"] = score_qa(logged(partial, "qa"))
         result["qa_skipped_no_reference"] = no_reference
         result["qa_bad_records"] = len(qa_bad)
+        result["qa_cut_to_context"] = cut["qa"]
     if mc:
         result["mc"] = mc_summary(logged(partial, "mc"))
         result["mc_bad_records"] = len(mc_bad)
+        result["mc_cut_to_context"] = cut["mc"]
     if train_data and (qa or mc):
         questions = [it["question"] for it in (*qa_items, *mc_items)]
         result["leakage"] = leakage(questions, train_files,
