@@ -133,7 +133,8 @@ def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
     """{question, reference, task} from records with a question field and a reference field; the
     number of records skipped because their reference is missing or blank (nothing to score against:
     BELLE's eval set has such items); and "file:line: why" of each record skipped as bad (not a JSON
-    object, no question, bytes that are not text). Raises UserError when no record has a reference."""
+    object, no question, a field of the wrong type, bytes that are not text). Raises UserError when no
+    record has a reference."""
     items, no_reference, bad = [], 0, []
     for file in expand_inputs([path], held_out=True):
         for where, r, why in iter_records(file):
@@ -154,18 +155,48 @@ def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
 
 def qa_item(record: dict | None, why: str) -> dict | None:
     """The {question, reference, task} of a record (None: the reader's bad record, saying why), or None
-    when its reference is missing or blank; ValueError, saying why, for a bad record."""
+    when its reference is missing or blank; ValueError, saying why, for a bad record. Each field is read
+    by field_text: the question's (QUESTION_KEYS, else instruction and input) as SFT reads them, strings;
+    the reference (the first of REFERENCE_KEYS that is there) and task also numbers, as their text."""
     if record is None:
         raise ValueError(why)
-    question = question_of(record)
+    question = qa_question(record)
     if question is None or not question.strip():
         raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
-    reference = next((_reference(record[k]) for k in REFERENCE_KEYS if record.get(k) is not None), "")
-    if not is_unicode(question + reference):
+    key = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
+    reference = field_text(record, key, numbers=True) if key else ""
+    task = field_text(record, "task", numbers=True)
+    if not is_unicode(question + reference + (task or "")):
         raise ValueError("the record holds bytes that are not text in the file's encoding")
     if not reference.strip():
         return None
-    return {"question": question, "reference": reference, "task": str(record.get("task", "qa"))}
+    return {"question": question, "reference": reference, "task": "qa" if task is None else task}
+
+
+def qa_question(record: dict) -> str | None:
+    """question_of(record), its fields checked by field_text: the first of QUESTION_KEYS that is there, else
+    instruction and input; None when none is there. Raises ValueError for a field that is not a string."""
+    key = next((k for k in QUESTION_KEYS if record.get(k) is not None), None)
+    if key is not None:
+        return field_text(record, key)
+    if field_text(record, "instruction") is None:
+        return None
+    field_text(record, "input")
+    return instruction_prompt(record)
+
+
+def field_text(record: dict, key: str, numbers: bool = False) -> str | None:
+    """record[key] as text: a string, or with numbers an int or float as its text (42, 0.5); None when it is
+    not there or null. Raises ValueError naming the field and its type for any other value (a list, an
+    object, true or false, or a number where numbers is False)."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    kind = ("true or false" if isinstance(value, bool) else "a number" if isinstance(value, int | float)
+            else "a list" if isinstance(value, list) else "an object")
+    raise ValueError(f"its {key!r} is {kind}, not a string{' or a number' if numbers else ''}")
 
 
 def question_of(record: dict) -> str | None:
@@ -178,13 +209,6 @@ def question_of(record: dict) -> str | None:
 def bad_detail(bad: list[str]) -> str:
     """", N were bad (the first: file:line: why)" for an error message; "" when none were."""
     return f", {len(bad)} were bad (the first: {bad[0]})" if bad else ""
-
-
-def _reference(value) -> str:
-    """A reference as text: a string, a number (42), or a list of strings joined with 、."""
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "、".join(value)
-    return str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
 
 
 def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None,
