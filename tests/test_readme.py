@@ -51,6 +51,7 @@ NOT_RUN = {  # a command's beginning, as written: why it does not run here
     "babyllama export runs/baby-92m-sft/final": "needs a baby-92m model",
     "babyllama serve runs/baby-92m-sft/final": "needs a baby-92m model",
     "lm_eval": "needs C-Eval and CMMLU from the Hugging Face Hub",
+    "python3 -c 'import csv, json, sys;": "reads C-Eval, a download (tests/test_lm_eval.py runs it on a sample)",
     "babyllama tokenizer info ../shared/chatglm2_tokenizer": "needs ChatGLM2's tokenizer.model",
     "babyllama pretokenize --input data/clean --tokenizer path/to/chatglm2": "needs downloaded corpora",
     "babyllama pretrain --config configs/baby-92m.toml": "a GPU recipe: 10 B tokens",
