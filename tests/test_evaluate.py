@@ -106,11 +106,12 @@ def test_bad_qa_records_are_counted_and_skipped_and_say_where_and_why(tmp_path):
 
 
 def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_names_it(tmp_path):
-    """A question field is a string (as SFT reads it), a reference or task a string or a number (its text); a
-    field of another type was read four ways (joined, str()-ed, "needs a question", no reference): now one."""
+    """A question field is a string (as SFT reads it), a reference or task a string or a number (its text), a
+    reference also a list of strings (test_qa_references_of_several_strings_are_joined); a field of another type
+    was read four ways (joined, str()-ed, "needs a question", no reference): now one."""
     records = [{"question": "q1", "answer": 5, "task": 7}, {"question": "q2", "answer": 0.5, "task": None},
                {"instruction": "q3", "input": None, "output": "好"},
-               {"question": ["a"], "answer": "正面"}, {"question": "q5", "answer": ["正面"]},
+               {"question": ["a"], "answer": "正面"}, {"question": "q5", "answer": ["正面", 1]},
                {"question": "q6", "answer": "正面", "task": 0.55}, {"question": "q7", "answer": "正面", "task": ["t"]},
                {"prompt": 3, "answer": "正面"}, {"instruction": "q9", "input": {"x": 1}, "output": "正面"},
                {"question": "q10", "std_answer": True}, {"question": None, "prompt": "q11", "target": {"a": "b"}},
@@ -122,7 +123,7 @@ def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_name
                       "task": "qa"}, {"question": "q3", "reference": "好", "task": "qa"},
                      {"question": "q6", "reference": "正面", "task": "0.55"}] and skipped == 0
     assert bad == [f"{f}:4: its 'question' is a list, not a string",
-                   f"{f}:5: its 'answer' is a list, not a string or a number",
+                   f"{f}:5: its 'answer' is a list, not a string or a number",  # not all strings
                    f"{f}:7: its 'task' is a list, not a string or a number",
                    f"{f}:8: its 'prompt' is a number, not a string",
                    f"{f}:9: its 'input' is an object, not a string",
@@ -130,6 +131,12 @@ def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_name
                    f"{f}:11: its 'target' is an object, not a string or a number",
                    f"{f}:12: its 'instruction' is true or false, not a string"]
 
+
+
+def test_qa_references_of_several_strings_are_joined(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_text(json.dumps({"question": "谁？", "answer": ["江泽民", "李鹏"]}, ensure_ascii=False) + "\n")
+    assert read_qa(f) == ([{"question": "谁？", "reference": "江泽民、李鹏", "task": "qa"}], 0, [])
 
 def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_path, bpe_tokenizer):
     from babyllama.data.sft_tokens import SFTSettings, build_sft_cache

@@ -157,14 +157,15 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     """The {question, reference, task} of a record (None: the reader's bad record, saying why), or None
     when its reference is missing or blank; ValueError, saying why, for a bad record. Each field is read
     by field_text: the question's (QUESTION_KEYS, else instruction and input) as SFT reads them, strings;
-    the reference (the first of REFERENCE_KEYS that is there) and task also numbers, as their text."""
+    the reference (the first of REFERENCE_KEYS that is there) and task also numbers, as their text, and the
+    reference a list of strings, joined with 、."""
     if record is None:
         raise ValueError(why)
     question = qa_question(record)
     if question is None or not question.strip():
         raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
     key = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
-    reference = field_text(record, key, numbers=True) if key else ""
+    reference = field_text(record, key, numbers=True, lists=True) if key else ""
     task = field_text(record, "task", numbers=True)
     if not is_unicode(question + reference + (task or "")):
         raise ValueError("the record holds bytes that are not text in the file's encoding")
@@ -185,15 +186,17 @@ def qa_question(record: dict) -> str | None:
     return instruction_prompt(record)
 
 
-def field_text(record: dict, key: str, numbers: bool = False) -> str | None:
-    """record[key] as text: a string, or with numbers an int or float as its text (42, 0.5); None when it is
-    not there or null. Raises ValueError naming the field and its type for any other value (a list, an
-    object, true or false, or a number where numbers is False)."""
+def field_text(record: dict, key: str, numbers: bool = False, lists: bool = False) -> str | None:
+    """record[key] as text: a string; with numbers an int or float as its text (42, 0.5); with lists a list of
+    strings (several references) joined with 、; None when it is not there or null. Raises ValueError naming the
+    field and its type for any other value (a list, an object, true or false, or a number where not allowed)."""
     value = record.get(key)
     if value is None or isinstance(value, str):
         return value
     if numbers and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
+    if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "、".join(value)
     kind = ("true or false" if isinstance(value, bool) else "a number" if isinstance(value, int | float)
             else "a list" if isinstance(value, list) else "an object")
     raise ValueError(f"its {key!r} is {kind}, not a string{' or a number' if numbers else ''}")
