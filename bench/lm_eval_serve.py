@@ -33,10 +33,10 @@ def timed_letters(task_dir: Path, **kwargs) -> tuple[list[str], float]:
 
     tasks = TaskManager(include_path=str(task_dir), include_defaults=False)
     start = time.perf_counter()
-    out = lm_eval.simple_evaluate(tasks=["local_ceval"], task_manager=tasks, log_samples=True, **kwargs)
+    out = lm_eval.simple_evaluate(tasks=["babyllama_mc"], task_manager=tasks, log_samples=True, **kwargs)
     seconds = time.perf_counter() - start
     letters = ["ABCD"[max(range(4), key=lambda i: s["filtered_resps"][i][0])] for s in
-               sorted(out["samples"]["local_ceval"], key=lambda s: s["doc_id"])]
+               sorted(out["samples"]["babyllama_mc"], key=lambda s: s["doc_id"])]
     return letters, seconds
 
 
@@ -52,9 +52,10 @@ def main() -> None:
     words = ["长城", "北京", "黄河", "网络", "协议", "月份", "首都", "科学", "历史", "文化", "质量", "物流"]
     items = [{"question": "".join(rng.sample(words, 3)) + "是什么", **{c: rng.choice(words) for c in "ABCD"},
               "answer": rng.choice("ABCD")} for _ in range(args.items)]
-    (tmp / "net_val.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in items))
+    (tmp / "ceval_val.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in items))
     (tmp / "tasks").mkdir()
-    (tmp / "tasks" / "local_ceval.yaml").write_text(TASK.format(path=tmp / "net_val.jsonl"))
+    (tmp / "tasks" / "babyllama_mc.yaml").write_text(TASK)  # the README's task, over ceval_val.jsonl here
+    os.chdir(tmp)
     model, tokenizer, _ = load_checkpoint(args.checkpoint, "cpu")
     export(args.checkpoint, tmp / "hf")
     hf, hf_s = timed_letters(tmp / "tasks", model="hf", device="cpu", batch_size=args.batch_size,
