@@ -871,3 +871,23 @@ def test_a_fault_of_the_server_is_openais_json_shape(server, monkeypatch):
     assert (r.status_code, r.json()) == (500, {"error": {
         "message": "the server failed on this request (RuntimeError); its log has the traceback",
         "type": "server_error"}})
+
+
+def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe_tokenizer, monkeypatch):
+    """DNS rebinding: a web page whose name was pointed at 127.0.0.1 could drive the default server from a browser
+    (any Host header was answered). On a loopback address only this machine's names are; on another, any."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.serve import loopback_names, serve
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    serve(str(tmp_path / "ck"), host="127.0.0.1", port=0)
+    for base, status in [("http://127.0.0.1:8000", 200), ("http://localhost:8000", 200), ("http://[::1]:8000", 200),
+                         ("http://evil.example:8000", 400), ("http://127.0.0.1.evil.example", 400)]:
+        assert TestClient(apps[0], base_url=base).get("/health").status_code == status, base
+    assert loopback_names("localhost") == loopback_names("::1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert loopback_names("0.0.0.0") is None and loopback_names("192.0.2.1") is None

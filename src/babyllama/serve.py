@@ -17,6 +17,7 @@ a list of prompts are scored in padded batches, and a one-token answer with logp
 harness's loglikelihood requests) is picked from that same forward.
 """
 
+import ipaddress
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
 import socket
 import sys
@@ -581,22 +582,27 @@ REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRe
             "/detokenize": DetokenizeRequest}
 
 
-def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling | None = None):
+def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling | None = None,
+              allowed_hosts: Sequence[str] | None = None):
     """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer;
     sampling: the temperature and top_p of requests that leave them out, the top_k and repetition
-    penalty of all (default: sampling.Sampling, as chat and eval)."""
+    penalty of all (default: sampling.Sampling, as chat and eval); allowed_hosts: the names a request's Host
+    header may give (Starlette's TrustedHostMiddleware: a 400 for any other), None for any."""
     fastapi = require("fastapi", "serve")
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     max_ctx = model.cfg.max_seq_len
     defaults = sampling or Sampling()
     lock, never = threading.Lock(), never_ids(model, tokenizer)  # shared by every request's Generation
     app = fastapi.FastAPI(title="babyllama", version="1")
 
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # the outer one: a body too large is refused first
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc):  # 404, 405, a body that cannot be parsed: the same JSON shape
@@ -768,7 +774,19 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
     print(f"serving {name} on http://{host}:{port}/", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(model, tokenizer, name, sampling), host=host, port=port, fd=sock.fileno(), log_level="info")
+    app = build_app(model, tokenizer, name, sampling, loopback_names(host))
+    uvicorn.run(app, host=host, port=port, fd=sock.fileno(), log_level="info")
+
+
+def loopback_names(host: str) -> list[str] | None:
+    """The Host headers a server on host answers: on a loopback address (the default) only this machine's own
+    names, so that a web page whose name a DNS rebinding points at 127.0.0.1 cannot drive it from a browser; None
+    (any) on another address, which the user chose to open."""
+    try:
+        loopback = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback
+    except (OSError, ValueError):
+        return None
+    return ["127.0.0.1", "localhost", "[::1]"] if loopback else None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
