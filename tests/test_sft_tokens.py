@@ -405,3 +405,26 @@ def test_records_with_an_empty_question_are_bad(demo_sft, tmp_path):
     why = "a question (instruction, prompt or user message) is empty, so there is nothing to answer"
     assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
         f"{tmp_path / 'sft.jsonl'}:{n}: {why}" for n in (1, 2, 3, 5)]
+
+
+def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path, monkeypatch):
+    """Ctrl-C after the earlier cache's manifest was removed and before the new one was written lost the earlier
+    cache and left a half-renamed one: now the stop waits until the new cache is complete, then comes."""
+    import signal
+
+    import babyllama.data.sft_tokens as sft_tokens
+
+    settings, real = SFTSettings(max_len=65), sft_tokens.write_json
+
+    def stopped_first(path, data):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the files are renamed in
+        real(path, data)
+
+    monkeypatch.setattr(sft_tokens, "write_json", stopped_first)
+    with pytest.raises(KeyboardInterrupt):
+        build_sft_cache([demo_sft / "multi.jsonl"], demo_sft / "tok", tmp_path / "c", settings)
+    manifest = read_sft_cache(tmp_path / "c")
+    assert manifest is not None and manifest["stats"]["samples"] > 0
+    assert not [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(sft_tokens, "write_json", real)
+    assert build_sft_cache([demo_sft / "multi.jsonl"], demo_sft / "tok", tmp_path / "c", settings) == manifest

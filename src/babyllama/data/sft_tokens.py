@@ -44,7 +44,7 @@ from babyllama.chat_format import conversation_from_record, is_blank, render_con
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import Item, expand_inputs, iter_records
-from babyllama.errors import UserError, discard, writing
+from babyllama.errors import UserError, discard, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import is_rank0, progress
 from babyllama.tokenizer import load_tokenizer
@@ -280,9 +280,12 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
                                 "--val_fraction.")
             raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}); nothing was "
                             "written.")
-        (out / MANIFEST).unlink(missing_ok=True)  # the earlier cache stays whole until the new one is: now it goes
-        for name in [*names, BAD_RECORDS]:
-            (out / f".{name}.tmp").rename(out / name)
+        manifest = {**key, "dtype": tok.dtype.name, "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
+        with signals_held():  # a stop waits for the new cache: the earlier one stays whole until then, now it goes
+            (out / MANIFEST).unlink(missing_ok=True)
+            for name in [*names, BAD_RECORDS]:
+                (out / f".{name}.tmp").rename(out / name)
+            write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
         if stats.bad > len(stats.bad_examples):
             log.warning("... and %d more bad %s records (%d in all), each listed in %s",
                         stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
@@ -292,8 +295,6 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         raise
     finally:
         bar.close()
-    manifest = {**key, "dtype": tok.dtype.name, "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
-    write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
     return manifest
 
 
