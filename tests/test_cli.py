@@ -360,8 +360,8 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert "Traceback" not in err and "INFO" not in err and list(tmp_path.iterdir()) == [], (fraction, err)
-        if proc.returncode == -signal.SIGTERM and err.splitlines() == [f"babyllama: error: {tmp_path / 'none'} does "
-                                                                       "not exist."]:
+        if proc.returncode in (2, -signal.SIGTERM) and err.splitlines() == [f"babyllama: error: {tmp_path / 'none'} "
+                                                                            "does not exist."]:
             continue  # ran faster than the first (a busy machine): its error said, the signal came as it exited
         assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
                                                        r"(with --resume )?to continue\.", err.splitlines()[-1]), err
