@@ -14,7 +14,7 @@ from babyllama.chat import reply
 from babyllama.chat_format import conversation_from_messages, render_prompt
 from babyllama.checkpoint import load_checkpoint, save_checkpoint
 from babyllama.errors import UserError
-from babyllama.export import export
+from babyllama.export import HF_FILES, export
 from babyllama.sampling import Sampling
 from babyllama.tokenizer import load_tokenizer
 from tests.conftest import CHATGLM2, run_cli, sharp_model, tiny_config
@@ -43,6 +43,7 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
     save_checkpoint(tmp_path / "ck", ours, bpe_tokenizer)
     r = run_cli("export", str(tmp_path / "ck"), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
+    exported(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(hf).__name__ == "LlamaForCausalLM"
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -60,7 +61,7 @@ def test_exported_model_matches_ours(bpe_tokenizer, tmp_path, kw):
 
 
 @pytest.mark.skipif(not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present")
-def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
+def test_exported_sentencepiece_tokenizer_gives_our_ids(bpe_tokenizer, tmp_path):
     pytest.importorskip("sentencepiece")
     from babyllama.tokenizer import load_tokenizer
 
@@ -70,6 +71,18 @@ def test_exported_sentencepiece_tokenizer_gives_our_ids(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     check_text_ids(tok, sp)  # leading spaces: transformers' own conversion differs
     check_chat_template(tok, sp)
+    assert "tokenizer.model" in exported(tmp_path / "hf")
+    save_checkpoint(tmp_path / "bpe", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    export(tmp_path / "bpe", tmp_path / "hf")  # the earlier export's tokenizer.model goes with it
+    export(tmp_path / "bpe", tmp_path / "fresh")
+    assert exported(tmp_path / "hf") == exported(tmp_path / "fresh")
+
+
+def exported(out) -> list[str]:
+    """The names of out's files (hidden ones aside), each one that export may write (HF_FILES)."""
+    names = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
+    assert set(names) <= set(HF_FILES), names
+    return names
 
 
 def check_text_ids(tok, ours) -> None:
@@ -261,6 +274,36 @@ def test_an_export_killed_by_kill_9_leaves_its_temporary_to_the_next_export(bpe_
     export(tmp_path / "ck", tmp_path / "m.gguf", format="gguf")
     export(tmp_path / "ck", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == [f".data.bin.tmp-{dead}", ".hf.tmp-1"]
+
+
+def test_ctrl_c_while_an_export_moves_its_files_in_waits_until_they_are(bpe_tokenizer, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C between the renames that move an export into --out left half of the earlier export beside half
+    of the new one: it now waits until the new one is whole, and the command says it is."""
+    import signal
+    from pathlib import Path
+
+    from babyllama.cli import main
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    export(tmp_path / "ck", tmp_path / "fresh")
+    out = tmp_path / "hf"
+    export(tmp_path / "ck", out)  # an earlier export, with a folder that the new one does not write
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    real = Path.replace
+
+    def replace(self, target):  # Ctrl-C as the first file moves in
+        if Path(target).parent == out and not stopped:
+            stopped.append(os.kill(os.getpid(), signal.SIGINT))
+        return real(self, target)
+
+    stopped: list = []
+    monkeypatch.setattr(Path, "replace", replace)
+    assert main(["export", str(tmp_path / "ck"), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == f"babyllama: interrupted; {out} is complete, nothing to run again.\n"
+    assert {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith(".")} == {
+        f.name: f.read_bytes() for f in (tmp_path / "fresh").iterdir() if not f.name.startswith(".")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "fresh", "hf"]
 
 
 def test_a_hugging_face_export_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tmp_path):

@@ -287,6 +287,32 @@ def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
     assert r.returncode == 2 and "is not a LoRA checkpoint" in r.stderr
 
 
+def files_of(folder) -> dict[str, bytes]:
+    """{path in folder: bytes} of every file below folder but its hidden ones (the lock)."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")}
+
+
+def test_an_export_replaces_every_file_of_an_earlier_one(lora_run, tmp_path):
+    """A tester exported --adapter, then the merged weights, into one --out: OUT/adapter stayed beside the merged
+    weights, so PeftModel.from_pretrained(OUT, OUT/adapter) applied the LoRA twice (logits off by 0.04); a full
+    checkpoint's export there kept it too. The new export leaves what a fresh one leaves, and the user's own files."""
+    pytest.importorskip("transformers")
+    from babyllama.export import HF_FILES, export
+
+    final, init, out = lora_run / "run" / "final", lora_run / "init", tmp_path / "out"
+    for checkpoint, adapter in ((final, False), (init, False), (final, True)):
+        export(checkpoint, out, adapter=adapter)
+        fresh = files_of(out)  # what an export of it into a new --out leaves
+        assert {name.split("/")[0] for name in fresh} <= set(HF_FILES)
+        shutil.rmtree(out)
+        export(final, out, adapter=True)
+        (out / "README.md").write_text("a model card of the user's")
+        export(checkpoint, out, adapter=adapter)
+        assert files_of(out) == fresh | {"README.md": b"a model card of the user's"}, (checkpoint, adapter)
+        shutil.rmtree(out)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_adapter_files_get_the_umasks_mode(lora_run, tmp_path, umask):
     pytest.importorskip("transformers")

@@ -11,6 +11,8 @@ rotates interleaved pairs. generation_config.json carries bos, eos and pad, so o
 generating at <eos>. A LoRA checkpoint exports merged into its base, or with --adapter as the HF
 export of its base plus a peft adapter for it (`PeftModel.from_pretrained(model, "OUT/adapter")`).
 Two exports of one checkpoint to one --out are the same bytes, in any process (nothing hangs on hash order).
+An export replaces an earlier one of its format at --out whole: the files of the earlier one that it does not
+write go too (an adapter/ left beside merged weights would be applied twice), files of the user's stay.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
 from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base, remove_stale_temporaries
-from babyllama.errors import UserError, check_out_dir, require, writing
+from babyllama.errors import UserError, check_out_dir, require, signals_held, writing
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
 from babyllama.model import ModelConfig
 from babyllama.weights_file import save_safetensors
@@ -324,7 +326,9 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
         named.parent.mkdir(parents=True, exist_ok=True)
         with writing(out, tmp):  # CannotWrite where the disk refuses it; on any failure tmp is removed
             if format == "gguf":
-                export_gguf(checkpoint, tmp).replace(out)
+                export_gguf(checkpoint, tmp)
+                with signals_held(complete=out):  # the file is whole: a stop as it is renamed in says so
+                    tmp.replace(out)
             else:
                 export_hf_adapter(checkpoint, tmp, out) if adapter else export_hf(checkpoint, tmp)
                 move_into(tmp, out)
@@ -334,17 +338,27 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
 
 
 def move_into(tmp: Path, out: Path) -> None:
-    """Each file and folder of tmp into out (out made if missing), in place of its namesake there, then tmp
-    removed: renames only, so a full disk cannot stop it halfway. out's other files stay."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    for f in tmp.iterdir():
-        if (out / f.name).is_dir():
-            shutil.rmtree(out / f.name)
-        f.replace(out / f.name)
-    tmp.rmdir()
+    """The export in tmp into out (out made if missing), in place of an earlier export there, then tmp removed:
+    each file and folder of tmp replaces its namesake, and every other file of an earlier export (HF_FILES: the
+    adapter/ of an --adapter export under merged weights, which peft would apply a second time, a tokenizer.model
+    under a tokenizer.json) is removed first. Renames and removals only, so a full disk cannot stop it halfway;
+    SIGINT and SIGTERM wait until it is done, then raise Completed (the export is). out's other files stay."""
+    with signals_held(complete=out):
+        if not out.exists():
+            tmp.rename(out)
+            return
+        for name in HF_FILES:
+            if not (tmp / name).exists() and (out / name).exists():
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        for f in tmp.iterdir():
+            if (out / f.name).is_dir():
+                shutil.rmtree(out / f.name)
+            f.replace(out / f.name)
+        tmp.rmdir()
 
+
+HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json", "adapter")  # every file an hf export may write
 
 BABYLLAMA_FILES = ("babyllama_tokenizer.json", "trainer_state.pt", "checkpoints", "metrics.jsonl", "final")
 
