@@ -409,3 +409,42 @@ def test_a_file_where_a_folder_is_taken_is_called_a_file(tmp_path):
     ]:
         r = run_cli(*args)
         assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: {error}"), args
+
+
+def test_a_training_run_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tmp_path, capsys):
+    """`chat R/sft` (the run, not its checkpoint) said "R/sft has neither tokenizer.json nor tokenizer.model; copy
+    into it the tokenizer...", `sft --init R/sft` "has no model.safetensors", `export --adapter` "is not a LoRA
+    checkpoint": every command that takes a checkpoint says that it is a run, and which checkpoint to pass."""
+    from babyllama.checkpoint import save_checkpoint, step_checkpoint
+    from babyllama.cli import main
+    from babyllama.config import load_config
+    from tests.conftest import sharp_model, tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(load_config(None, ["--out_dir", str(run)]).to_dict()))
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False) + "\n")
+    commands = [["chat", run], ["serve", run], ["eval", run, "--out_dir", tmp_path / "e"],
+                ["export", run, "--out", tmp_path / "x"], ["export", run, "--adapter", "--out", tmp_path / "x"],
+                ["export", run, "--format", "gguf", "--out", tmp_path / "x.gguf"],
+                ["sft", "--init", run, "--data", data, "--out_dir", tmp_path / "s"],
+                ["dpo", "--init", run, "--data", data, "--out_dir", tmp_path / "d"],
+                ["pretrain", "--init", run, "--data", tmp_path, "--out_dir", tmp_path / "p"]]
+    model = sharp_model(tiny_config(vocab_size=600))
+    for saved, example in [(None, None), (step_checkpoint(run, 2), step_checkpoint(run, 2)),
+                           (run / "final", run / "final")]:
+        if saved is not None:
+            save_checkpoint(saved, model, bpe_tokenizer)
+        for args in commands:
+            assert main([str(a) for a in args]) == 2, args
+            said = capsys.readouterr().err.splitlines()[-1]
+            assert said == "babyllama: error: " + (
+                f"{run} is a training run, not a checkpoint; pass one of its checkpoints, e.g. {example}."
+                if example else f"{run} is a training run, not a checkpoint, and has saved none yet; pass a "
+                                "checkpoint (a run's final/ or checkpoints/step_NNNNNN/)."), args
+    assert main(["chat", str(run / "checkpoints")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"babyllama: error: {run / 'checkpoints'} holds a run's step "
+                                                        f"checkpoints, not one; pass one of them, e.g. "
+                                                        f"{step_checkpoint(run, 2)}.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sft.jsonl"]

@@ -195,9 +195,11 @@ def _fsync(path: Path) -> None:
 def read_config(path: str | Path) -> dict:
     """A checkpoint's config.json: an object whose `model` (and `tokenizer`, if any) are objects, and
     whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one. UserError for a
-    folder that is no checkpoint (a Hugging Face model among them) or a damaged one."""
+    folder that is no checkpoint (a training run, check_not_a_run, or a Hugging Face model among them) or a
+    damaged one."""
     path = Path(path)
     check_folder(path, "checkpoint", "a checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)")
+    check_not_a_run(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -220,6 +222,23 @@ def read_config(path: str | Path) -> dict:
         raise NewerFormat(f"checkpoint {path} has format version {version}, newer than the version {FORMAT_VERSION} "
                           "this babyllama reads; upgrade babyllama to load it.")
     return config
+
+
+def check_not_a_run(path: Path) -> None:
+    """UserError when path, passed as a checkpoint, is a training run's folder (its config.json is the run's, or
+    it holds final/ or checkpoints/), whose run config has the model's settings but no weights or tokenizer, or
+    the checkpoints/ folder of one. The sentence names a checkpoint of the run: final/, else the newest step."""
+    from babyllama.data.sources import is_run_config
+
+    if path.name == "checkpoints" and (steps := step_checkpoints(path.parent)):
+        raise UserError(f"{path} holds a run's step checkpoints, not one; pass one of them, e.g. {steps[-1]}.")
+    if not (is_run_config(path / CONFIG_FILE) or (path / "final").is_dir() or (path / "checkpoints").is_dir()):
+        return
+    example = path / "final" if (path / "final").is_dir() else latest_checkpoint(path)
+    if example is None:
+        raise UserError(f"{path} is a training run, not a checkpoint, and has saved none yet; pass a checkpoint "
+                        "(a run's final/ or checkpoints/step_NNNNNN/).")
+    raise UserError(f"{path} is a training run, not a checkpoint; pass one of its checkpoints, e.g. {example}.")
 
 
 def model_config(path: str | Path) -> ModelConfig:

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from babyllama.chat_format import CHAT_TEMPLATE
-from babyllama.checkpoint import checked_tokenizer, load_checkpoint, lora_base, remove_stale_temporaries
+from babyllama.checkpoint import (
+    checked_tokenizer,
+    load_checkpoint,
+    lora_base,
+    read_config,
+    remove_stale_temporaries,
+)
 from babyllama.errors import UserError, check_out_dir, require, signals_held, writing
 from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
 from babyllama.model import ModelConfig
@@ -192,11 +198,13 @@ def hf_adapter_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 def export_hf_adapter(checkpoint: str | Path, out: str | Path, final: Path | None = None) -> Path:
     """The HF export of a LoRA checkpoint's base in out/, and its adapter as peft's for it in out/adapter; final:
     where out is moved to afterwards, the base's path that the adapter records (default out).
-    Raises UserError, before writing, for a checkpoint that is no LoRA one, tokenizer files in it that are not
+    Raises UserError, before writing, for a folder that is no checkpoint (read_config), a checkpoint that is no
+    LoRA one, tokenizer files in it that are not
     the ones its config.json records (checked_tokenizer, as every load checks them), or a missing base."""
     from safetensors.torch import load_file
 
     peft = require("peft", "lora")
+    read_config(checkpoint)  # a folder that is no checkpoint (a training run) is named as what it is
     if not is_adapter(checkpoint):
         raise UserError(f"{checkpoint} is not a LoRA checkpoint; --adapter exports the adapter of one "
                         "(leave it out to export the model).")
