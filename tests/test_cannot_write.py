@@ -79,41 +79,42 @@ def short_gguf(monkeypatch) -> None:
 
 
 # command (OUT: the output), the file refused (Path.open of that name, or a function that makes the disk full
-# where the file is opened by a library), as text, the errno, the output the message names, and whether the
-# command is told to resume
+# where the file is opened by a library), as text, the errno, the output the message names, and how the same
+# command goes on: it starts again, continues (eval), or continues when given --resume (training)
 CASES = {
     "prepare's bad records": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], "bad_records.txt", True,
-                              errno.EACCES, "OUT/bad_records.txt", False),
+                              errno.EACCES, "OUT/bad_records.txt", "to start again"),
     "prepare's stats": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], ".stats.json.tmp", True,
-                        errno.ENOSPC, "OUT/stats.json", False),
+                        errno.ENOSPC, "OUT/stats.json", "to start again"),
     "tokenizer train": (["tokenizer", "train", "--input", "docs.jsonl", "--vocab_size", "300", "--out_dir", "OUT"],
-                        ".tokenizer.json.tmp", True, errno.ENOSPC, "OUT/tokenizer.json", False),
+                        ".tokenizer.json.tmp", True, errno.ENOSPC, "OUT/tokenizer.json", "to start again"),
     "pretokenize --sft": (["pretokenize", "--sft", "--input", "sft.jsonl", "--tokenizer", "tok", "--max_seq_len",
                            "32", "--out_dir", "OUT"], ".train.ids.bin.tmp", False, errno.ENOSPC,
-                          "OUT/train.ids.bin", False),
+                          "OUT/train.ids.bin", "to start again"),
     "pretrain's config": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], ".config.json.tmp",
-                          True, errno.EROFS, "OUT/config.json", True),
+                          True, errno.EROFS, "OUT/config.json", "with --resume to continue"),
     "pretrain's metrics": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], "metrics.jsonl",
-                           True, errno.ENOSPC, "OUT/metrics.jsonl", True),
+                           True, errno.ENOSPC, "OUT/metrics.jsonl", "with --resume to continue"),
     "dpo's reference log-probs": (["dpo", *STEPS, "--init", "ck", "--data", "pairs.jsonl", "--val_fraction",
                                    "0", "--precompute_ref_log_probs", "true", "--out_dir", "OUT"], full_savez, False,
-                                  errno.ENOSPC, "OUT/ref_logps.npz", True),
+                                  errno.ENOSPC, "OUT/ref_logps.npz", "with --resume to continue"),
     "eval": (["eval", "ck", "--data", "tokens", "--qa", "sft.jsonl", "--limit", "2", "--out_dir", "OUT"],
              ".items.jsonl.tmp", True,
-             errno.ENOSPC, "OUT/items.jsonl", False),
+             errno.ENOSPC, "OUT/items.jsonl", "to continue"),
     "eval's answers so far": (["eval", "ck", "--qa", "sft.jsonl", "--limit", "2", "--out_dir", "OUT"],
-                              "items.jsonl.partial", True, errno.ENOSPC, "OUT/items.jsonl.partial", False),
-    "export": (["export", "ck", "--out", "OUT"], "generation_config.json", True, errno.ENOSPC, "OUT", False),
+                              "items.jsonl.partial", True, errno.ENOSPC, "OUT/items.jsonl.partial", "to continue"),
+    "export": (["export", "ck", "--out", "OUT"], "generation_config.json", True, errno.ENOSPC, "OUT",
+               "to start again"),
     "export --format gguf": (["export", "ck", "--format", "gguf", "--out", "OUT"], full_gguf, False, errno.ENOSPC,
-                             "OUT", False),
+                             "OUT", "to start again"),
     "export --format gguf written short": (["export", "ck", "--format", "gguf", "--out", "OUT"], short_gguf, False,
-                                           errno.ENOSPC, "OUT", False),
+                                           errno.ENOSPC, "OUT", "to start again"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_refused_write_is_one_sentence_and_leaves_no_temporary(inputs, tmp_path, monkeypatch, case):
-    command, name, text, code, named, resume = CASES[case]
+    command, name, text, code, named, again = CASES[case]
     monkeypatch.chdir(inputs)
     out = tmp_path / "out"
     if callable(name):
@@ -126,8 +127,8 @@ def test_a_refused_write_is_one_sentence_and_leaves_no_temporary(inputs, tmp_pat
            errno.EACCES: f"no permission to write in {named.parent}; make it writable",
            errno.EROFS: f"{named.parent} is on a read-only file system; make it writable"}[code]
     assert (r.returncode, [x for x in r.stderr.splitlines() if x.startswith("babyllama")]) == (2, [
-        f"babyllama: error: {why.replace(';', f' while writing {named};')} and run the same command"
-        f"{' with --resume' if resume else ''} to continue."]), r.stderr
+        f"babyllama: error: {why.replace(';', f' while writing {named};')} and run the same command {again}."]), \
+        r.stderr
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
 
 
@@ -149,16 +150,24 @@ def interrupted_after_one(real):
                                                  "--max_seq_len", "32"]),
 ], ids=["prepare", "pretokenize", "pretokenize --sft"])
 def test_ctrl_c_between_writes_leaves_no_temporary(inputs, tmp_path, monkeypatch, module, function, command):
-    """Ctrl-C while the inputs are read, an output file open and half written: exit 130 and no .tmp left."""
+    """Ctrl-C while the inputs are read, an output file open and half written: exit 130 and no .tmp left. It said
+    "run the same command to continue" of commands that start again; it says so, and that prepare's and
+    pretokenize's earlier output, which they write aside and move in once complete, is as it was."""
     import importlib
 
     where = importlib.import_module(module)
-    monkeypatch.setattr(where, function, interrupted_after_one(getattr(where, function)))
     monkeypatch.chdir(inputs)
-    r = run_cli(*command, "--out_dir", tmp_path / "out")
-    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
-                                                              "continue.")
+    out = tmp_path / "out"
+    kept = "" if "--sft" in command else f"the earlier output at {out}, if any, is kept; "  # the same --sft command
+    if kept:  # would use its earlier cache
+        assert run_cli(*command, "--out_dir", out).returncode == 0
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} if kept else {}
+    monkeypatch.setattr(where, function, interrupted_after_one(getattr(where, function)))
+    r = run_cli(*command, "--out_dir", out)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, f"babyllama: interrupted; {kept}run the same command "
+                                                              "to start again.")
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
 STOPPED_MIDWAY = """
@@ -195,8 +204,9 @@ def test_sigterm_outside_training_says_how_to_go_on_and_leaves_no_temporary(inpu
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]  # a write is under way
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert (proc.returncode, err.splitlines()[-1]) == (143, "babyllama: stopped by SIGTERM; run the same command to "
-                                                            "continue."), err
+    kept = "" if "--sft" in command else f"the earlier output at {tmp_path / 'out'}, if any, is kept; "
+    assert (proc.returncode, err.splitlines()[-1]) == (143, f"babyllama: stopped by SIGTERM; {kept}run the same "
+                                                            "command to start again."), err
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
 
 
@@ -289,7 +299,7 @@ def test_a_full_disk_under_a_sentencepiece_export_is_one_sentence(tmp_path, monk
     r = run_cli("export", tmp_path / "ck", "--out", out)
     assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: no space left on the device of "
                                                             f"{tmp_path} while writing {out}; free space and run the "
-                                                            "same command to continue.")
+                                                            "same command to start again.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
@@ -306,5 +316,5 @@ def test_a_full_disk_when_the_out_is_held_is_one_sentence(inputs, tmp_path, monk
     r = run_cli("export", inputs / "ck", "--format", fmt, "--out", tmp_path / out)
     assert (r.returncode, r.stderr) == (2, f"babyllama: error: no space left on the device of {tmp_path / 'new'} "
                                            f"while writing {tmp_path / out}; free space and run the same command to "
-                                           "continue.\n")
+                                           "start again.\n")
     assert list(tmp_path.iterdir()) == []

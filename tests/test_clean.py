@@ -173,7 +173,7 @@ def test_a_read_only_folder_is_one_sentence_and_no_part_is_left(tmp_path, capsys
     err = capsys.readouterr().err  # a line of its own: the bar is closed first
     assert [x for x in err.splitlines() if "babyllama:" in x] == [
         f"babyllama: error: no permission to write in {out} while writing {out / 'part_00000.jsonl'}; make it "
-        "writable and run the same command to continue."]
+        "writable and run the same command to start again."]
     assert not list(out.glob(".*.tmp"))
     monkeypatch.undo()
     assert main(args) == 0 and (out / "part_00000.jsonl").read_text().count("\n") == 20

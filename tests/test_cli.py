@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -332,6 +333,9 @@ def test_a_stop_during_tokenizer_training_acts_at_once_and_keeps_the_earlier_tok
     assert proc.returncode == code and "Traceback" not in err, err
     assert waited < 1.5, f"the stop took {waited:.1f} s to act"
     assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before
+    how = "interrupted" if stop == signal.SIGINT else "stopped by SIGTERM"
+    assert err.splitlines()[-1] == (f"babyllama: {how}; the earlier output at {tmp_path / 'tok'}, if any, is kept; "
+                                    "run the same command to start again.")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask in /proc")
@@ -448,3 +452,44 @@ def test_a_training_run_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tm
                                                         f"checkpoints, not one; pass one of them, e.g. "
                                                         f"{step_checkpoint(run, 2)}.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sft.jsonl"]
+
+
+def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys):
+    """Ctrl-C or SIGTERM said "run the same command to continue" of every command, but a rerun of prepare,
+    pretokenize, tokenizer train or export starts from zero, and chat and serve have nothing to run again. Each
+    says what is true of it: continue (training, eval, datatrove, the demo), start again (with the earlier output
+    kept where it is written aside and moved in whole), or nothing."""
+    from babyllama import cli
+    from babyllama.errors import Terminated
+
+    again, kept = "run the same command to start again.", "the earlier output at o, if any, is kept; "
+    for argv, said in [
+        (["chat", "ck"], "."), (["serve", "ck"], "."),
+        (["pretrain", "--config", "c.toml"], "; run the same command with --resume to continue."),
+        (["sft", "--init", "ck", "--resume"], "; run the same command to continue."),
+        (["eval", "ck"], "; run the same command to continue."), (["demo"], "; run the same command to continue."),
+        (["prepare", "--input", "a", "--out_dir", "o", "--engine", "datatrove"], "; run the same command to continue."),
+        (["prepare", "--input", "a", "--out_dir", "o"], f"; {kept}{again}"),
+        (["pretokenize", "--input", "a", "--tokenizer", "t", "--out_dir", "o"], f"; {kept}{again}"),
+        (["pretokenize", "--merge", "a", "b", "--out_dir", "o"], f"; {kept}{again}"),
+        (["pretokenize", "--sft", "--input", "a", "--tokenizer", "t", "--max_seq_len", "8", "--out_dir", "o"],
+         f"; {again}"),
+        (["tokenizer", "train", "--input", "a", "--out_dir", "o"], f"; {kept}{again}"),
+        (["tokenizer", "info", "t"], f"; {again}"), (["report", "r"], f"; {again}"),
+        (["export", "ck", "--out", "o"], f"; {kept}{again}"),
+        (["export", "ck", "--format", "gguf", "--out", "o"], f"; {kept}{again}"),
+    ]:
+        args = cli.build_parser().parse_known_args(argv)[0]
+        assert cli.stopped("interrupted", args) == f"babyllama: interrupted{said}", argv
+    assert cli.stopped("stopped by SIGTERM", argparse.Namespace()) == f"babyllama: stopped by SIGTERM; {again}"
+
+    def stop(error):
+        def command(args):
+            raise error
+        return command
+
+    for name, error, code, said in [("cmd_chat", KeyboardInterrupt, 130, "interrupted"),
+                                    ("cmd_serve", Terminated, 143, "stopped by SIGTERM")]:
+        monkeypatch.setattr(cli, name, stop(error))
+        assert cli.main([name[4:], "ck"]) == code
+        assert capsys.readouterr().err == f"babyllama: {said}.\n"

@@ -109,8 +109,8 @@ def test_a_merge_stopped_halfway_leaves_the_earlier_output(made, monkeypatch):
 
     monkeypatch.setattr(shards, "_link_or_copy", stopped)
     r = run_cli("pretokenize", "--merge", *parts, "--out_dir", out)
-    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
-                                                              "continue.")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, f"babyllama: interrupted; the earlier output at {out}, "
+                                                              "if any, is kept; run the same command to start again.")
     assert snapshot(out) == before and not (out / shards.STAGE).exists()
 
 

@@ -365,7 +365,7 @@ def test_a_full_disk_is_one_sentence_and_the_same_command_then_finishes(corpus_a
     err = capsys.readouterr().err  # a line of its own: the bar is closed first
     assert [x for x in err.splitlines() if "babyllama:" in x] == [
         f"babyllama: error: no space left on the device of {out} while writing {out / 'shard_00001.bin'}; free "
-        "space and run the same command to continue."]
+        "space and run the same command to start again."]
     assert not out.exists()  # the shards were staged, and removed with the folder the command made
     monkeypatch.undo()
     assert main(args) == 0

@@ -609,10 +609,44 @@ def spelled_one_way(argv: list[str]) -> list[str]:
     return [one(a) for a in argv]
 
 
+RESUMED = ("pretrain", "sft", "dpo", "eval", "demo")  # commands that the same command line continues where they
+# stopped (training from its newest checkpoint, eval from items.jsonl.partial, the demo at its first stage not done)
+NOT_RUN_AGAIN = ("chat", "serve")  # nothing of theirs to continue or redo
+
+
 def run_again(args: argparse.Namespace) -> str:
-    """How to go on after a stop: the same command, with --resume where the command has it and it was not given."""
-    again = " with --resume" if getattr(args, "resume", True) is False else ""
-    return f"run the same command{again} to continue."
+    """How to go on after a stop or a refused write, without a full stop: the same command continues (RESUMED, with
+    --resume where the command has it and it was not given; datatrove's prepare and pretokenize skip the tasks
+    done), starts over (the rest, and a stop before the command is known), or "" (chat, serve)."""
+    command = getattr(args, "command", None)
+    if command in NOT_RUN_AGAIN:
+        return ""
+    if command in RESUMED or getattr(args, "engine", None) == "datatrove":
+        again = " with --resume" if getattr(args, "resume", True) is False else ""
+        return f"run the same command{again} to continue"
+    return "run the same command to start again"
+
+
+def kept(args: argparse.Namespace) -> str | None:
+    """The output that a command which starts over writes aside and moves in whole only once it is complete, so
+    that a stop (Ctrl-C, SIGTERM) leaves an earlier one as it was: tokenizer train's, prepare's and pretokenize's
+    --out_dir (not --sft's, whose token cache goes as its new files move in), export's --out; else None."""
+    command = getattr(args, "command", None)
+    if getattr(args, "engine", None) == "datatrove" or getattr(args, "sft", False):
+        return None
+    if command == "export":
+        return args.out
+    return getattr(args, "out_dir", None) if command in ("prepare", "pretokenize", "tokenizer") else None
+
+
+def stopped(how: str, args: argparse.Namespace) -> str:
+    """What the CLI says when SIGINT or SIGTERM stops a command (how: "interrupted", "stopped by SIGTERM"): that,
+    whether an earlier output is kept (kept), and how to go on (run_again)."""
+    again = run_again(args)
+    if not again:
+        return f"babyllama: {how}."
+    out = kept(args)
+    return f"babyllama: {how}; " + (f"the earlier output at {out}, if any, is kept; " if out else "") + f"{again}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -621,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
             args, extra = parser.parse_known_args(spelled_one_way(sys.argv[1:] if argv is None else argv))
         except Terminated:
-            print(f"babyllama: stopped by SIGTERM; {run_again(argparse.Namespace())}", file=sys.stderr)
+            print(stopped("stopped by SIGTERM", argparse.Namespace()), file=sys.stderr)
             return 128 + signal.SIGTERM
         if extra and not args.takes_overrides:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -631,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM cut short can set it: else its exit hook logs "FakeTensor cache stats" after the stop's sentence
         code = run(args)
         if deferred:  # a SIGTERM during an import, the command done before it came again: not done, all the same
-            print(f"babyllama: stopped by SIGTERM; {run_again(args)}", file=sys.stderr)
+            print(stopped("stopped by SIGTERM", args), file=sys.stderr)
             return 128 + signal.SIGTERM
         return code
 
@@ -651,22 +685,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except CannotWrite as e:  # the temporary is removed; what was written before is whole
         if is_rank0():
-            print(f"babyllama: error: {e}; {e.fix} and {run_again(args)}", file=sys.stderr)
+            again = run_again(args)
+            print(f"babyllama: error: {e}; {e.fix}{f' and {again}' if again else ''}.", file=sys.stderr)
         return 2
     except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
         if is_rank0():
-            print(f"babyllama: {e}; {run_again(args)}", file=sys.stderr)
+            print(f"babyllama: {e}; {run_again(args)}.", file=sys.stderr)
         return 128 + e.signum
     except Completed as e:  # the stop came as the output was made whole: nothing to do again, but for the demo's
         how = "interrupted" if e.signum == signal.SIGINT else "stopped by SIGTERM"  # stages still to run
-        then = run_again(args) if args.command == "demo" else f"{e.output} is complete, nothing to run again."
+        then = f"{run_again(args)}." if args.command == "demo" else f"{e.output} is complete, nothing to run again."
         print(f"babyllama: {how}; {then}", file=sys.stderr)
         return 128 + e.signum
     except Terminated:
-        print(f"babyllama: stopped by SIGTERM; {run_again(args)}", file=sys.stderr)
+        print(stopped("stopped by SIGTERM", args), file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"babyllama: interrupted; {run_again(args)}", file=sys.stderr)
+        print(stopped("interrupted", args), file=sys.stderr)
         return 130
     return 0
 
