@@ -493,3 +493,27 @@ def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys):
         monkeypatch.setattr(cli, name, stop(error))
         assert cli.main([name[4:], "ck"]) == code
         assert capsys.readouterr().err == f"babyllama: {said}.\n"
+
+
+def test_a_path_that_is_there_but_no_regular_file_is_not_called_missing(tmp_path):
+    """`eval C --prompts /dev/null` said "does not exist or is not a regular file", `--qa /dev/null` and
+    `--tokenizer /dev/null` "does not exist": /dev/null exists. Each says which of the two is the case."""
+    from babyllama.data.sources import expand_inputs
+    from babyllama.errors import UserError
+    from babyllama.evaluate import read_prompts
+    from babyllama.settings import read_toml
+    from babyllama.tokenizer import load_tokenizer
+
+    device, missing = Path("/dev/null"), tmp_path / "none"
+    for read, what, remedy in [(read_prompts, "prompts file", "; pass a text file, one prompt a line."),
+                               (lambda p: expand_inputs([p]), "input", "."),
+                               (read_toml, "config file", "."),
+                               (load_tokenizer, "tokenizer", "; train one with `babyllama tokenizer train` or pass "
+                                                             "a path.")]:
+        for path, why in ((device, "is not a regular file"), (missing, "does not exist")):
+            with pytest.raises(UserError) as e:
+                read(path)
+            assert str(e.value) == f"{what} {path} {why}{remedy}", what
+    with pytest.raises(UserError) as e:
+        read_prompts(tmp_path)
+    assert str(e.value) == f"prompts file {tmp_path} is a folder, not a file; pass a text file, one prompt a line."

@@ -516,7 +516,8 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
                 "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "no QA records with a reference" in r.stderr
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--prompts", "/dev/null", "--out_dir", str(tmp_path))
-    assert r.returncode == 2 and "prompts file /dev/null does not exist or is not a regular file." in r.stderr
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == ("babyllama: error: prompts file /dev/null is not a "
+                                                               "regular file; pass a text file, one prompt a line.")
     (tmp_path / "empty").mkdir()
     r = run_cli("report", str(tmp_path / "empty"))
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()
@@ -573,7 +574,7 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
              f"every data file in {tmp_path / 'held'} is a held-out split by its name (test.jsonl), which a folder "
              "does not give for training; name the files themselves to train on them."),
             (["--data", str(tiny_run / "tokens"), "--prompts", str(tmp_path / "nope.txt")],
-             f"prompts file {tmp_path / 'nope.txt'} does not exist or is not a regular file."),
+             f"prompts file {tmp_path / 'nope.txt'} does not exist; pass a text file, one prompt a line."),
             (["--data", str(ck)], f"--data {ck} is a checkpoint, not token shards; pass the --out_dir of babyllama "
                                   "pretokenize."),
             (["--data", str(tmp_path / "held")], f"{tmp_path / 'held'} has no manifest.json; make one with `babyllama "

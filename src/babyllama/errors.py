@@ -146,6 +146,14 @@ def check_folder(path: Path, what: str, instead: str) -> None:
         raise UserError(f"{name} is a file, not a folder; pass {instead}.")
 
 
+def not_a_file(path: Path) -> str:
+    """Why path, which a command reads as a file and is not a regular file, cannot be read, in words (after its name):
+    "does not exist", "is a folder, not a file" or "is not a regular file" (a device such as /dev/null, a pipe)."""
+    if not path.exists():
+        return "does not exist"
+    return "is a folder, not a file" if path.is_dir() else "is not a regular file"
+
+
 def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True) -> None:
     """Raise UserError when the output folder out cannot be made because it, or a folder above it, is a file
     (mkdir's FileExistsError or NotADirectoryError, after the work); flag names the setting in the message.

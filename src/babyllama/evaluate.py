@@ -48,7 +48,7 @@ from babyllama.data.sources import (
     output_kind,
     records_text,
 )
-from babyllama.errors import UserError, cannot_write, require, signals_held, write_whole, writing
+from babyllama.errors import UserError, cannot_write, not_a_file, require, signals_held, write_whole, writing
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -675,7 +675,7 @@ def read_prompts(path: str | Path) -> list[str]:
     not text. Raises UserError when the file is not there, is not a regular file, or holds no prompt."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist or is not a regular file.")
+        raise UserError(f"prompts file {path} {not_a_file(path)}; pass a text file, one prompt a line.")
     lines = records_text(path, file_encoding(path))
     prompts = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
     if not prompts:

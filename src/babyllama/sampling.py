@@ -16,6 +16,8 @@ from babyllama.errors import UserError
 
 DEVICE = "auto"  # cuda when available, else mps, else cpu (checkpoint.pick_device)
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range, 0 to 2: the flags of chat, eval, serve and a request's alike
+RANGES = {"max_new_tokens": ">= 1", "temperature": f"in [0, {MAX_TEMPERATURE:g}]", "top_k": ">= 0",
+          "top_p": "in (0, 1]", "repetition_penalty": "in (0, 100]"}  # of each Sampling value, in words
 
 
 @dataclass
@@ -32,14 +34,14 @@ class Sampling:
     repetition_penalty: float = 1.0  # 1: off (CTRL, Keskar et al., 2019)
 
     def __post_init__(self) -> None:
+        """UserError for the first value out of range, naming its range alone: the others may be no setting of
+        the command (serve has no max_new_tokens)."""
         checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": 0 <= self.temperature <= MAX_TEMPERATURE,
                   "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
                   "repetition_penalty": 0 < self.repetition_penalty <= 100}  # NaN fails every comparison
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise UserError(f"{bad[0]} = {getattr(self, bad[0])} is out of range (max_new_tokens >= 1, "
-                            f"temperature in [0, {MAX_TEMPERATURE:g}], top_k >= 0, top_p in (0, 1], "
-                            "repetition_penalty in (0, 100]).")
+        bad = next((k for k, ok in checks.items() if not ok), None)
+        if bad is not None:
+            raise UserError(f"{bad} = {getattr(self, bad)} is out of range ({bad} {RANGES[bad]}).")
 
     def generate_kwargs(self) -> dict:
         """model.stream's / model.generate's sampling arguments."""

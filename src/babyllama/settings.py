@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, not_a_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +28,7 @@ def read_toml(path: str | Path | None) -> dict:
     if p.is_dir():
         raise UserError(f"config file {p} is a folder, not a file; pass a TOML file (e.g. configs/demo.toml).")
     if not p.is_file():
-        raise UserError(f"config file {p} does not exist.")
+        raise UserError(f"config file {p} {not_a_file(p)}.")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import UserError, write_whole, writing
+from babyllama.errors import UserError, not_a_file, write_whole, writing
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
 META_FILE = "babyllama_tokenizer.json"
@@ -379,7 +379,7 @@ def load_tokenizer(path: str | Path, remedy: str = "") -> Tokenizer:
         raise UserError(f"{p} has neither tokenizer.json nor tokenizer.model; "
                         f"{remedy or 'pass a tokenizer directory or file'}.")
     if not p.is_file():
-        raise UserError(f"tokenizer {p} does not exist; "
+        raise UserError(f"tokenizer {p} {not_a_file(p)}; "
                         f"{remedy or 'train one with `babyllama tokenizer train` or pass a path'}.")
     if p.suffix == ".json":
         return _load_hf(p)

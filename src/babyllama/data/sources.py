@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from babyllama.chat_format import instruction_pair, is_unicode, messages_of_record
-from babyllama.errors import UserError, cannot_write, check_out_dir, require
+from babyllama.errors import UserError, cannot_write, check_out_dir, not_a_file, require
 from babyllama.progress import is_rank0
 
 log = logging.getLogger(__name__)
@@ -559,9 +559,9 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
     named directly (sf/test/a.jsonl of `sf sf/test`), is always kept (and is not in that warning).
     Each warning is given once a process (warn_once).
 
-    Raises UserError for a path that does not exist, a directory that is a checkpoint, tokenizer, token
-    shards or another babyllama output without data files (a training run, an eval output; saying so),
-    one without data files, or one whose data files are all held-out splits.
+    Raises UserError for a path that does not exist or is not a regular file (/dev/null), a directory that is a
+    checkpoint, tokenizer, token shards or another babyllama output without data files (a training run, an eval
+    output; saying so), one without data files, or one whose data files are all held-out splits.
     """
     files: list[Path] = []
     below = {p: data_files(p) for p in map(Path, paths) if p.is_dir()}  # [] for a checkpoint, tokenizer, shards
@@ -578,7 +578,7 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
         elif p.is_file():
             files.append(p)
         else:
-            raise UserError(f"input {p} does not exist.")
+            raise UserError(f"input {p} {not_a_file(p)}.")
     first: dict[Path, Path] = {}
     for f in files:
         first.setdefault(f.resolve(), f)
