@@ -664,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torch").setLevel(logging.WARNING)  # torch's own level, before an import of it that a
         # SIGTERM cut short can set it: else its exit hook logs "FakeTensor cache stats" after the stop's sentence
         code = run(args)
+        said_from_now_on(deferred)
         if deferred:  # a SIGTERM during an import, the command done before it came again: not done, all the same
             print(stopped("stopped by SIGTERM", args), file=sys.stderr)
             return 128 + signal.SIGTERM
@@ -733,6 +734,15 @@ def say_once(e: UserError) -> None:
     finally:
         signal.signal(signal.SIGTERM, before)
     say(f"(rank {os.environ['RANK']}) {e}")
+
+
+def said_from_now_on(deferred: list[int]) -> None:
+    """The command has ended: a SIGTERM from now on, or one put off that SIGALRM brings back, is only put in
+    deferred for main to say; raised as Terminated there, outside the command, it was a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s in (signal.SIGTERM, signal.SIGALRM):  # a handler already due runs the one set now
+            signal.signal(s, lambda signum, frame: deferred.append(signal.SIGTERM))
 
 
 @contextmanager
