@@ -85,6 +85,27 @@ def test_instruction_and_prompt_answer_records():
             conversation_from_record(bad)
 
 
+def test_a_records_system_and_history_come_before_its_own_turns():
+    """LLaMA-Factory's alpaca (`system`, `history`) and sharegpt (`system` beside `conversations`) fields were
+    dropped: the system text and the earlier turns are the conversation's, as if its messages held them."""
+    turns = [{"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二"}]
+    in_messages = {"conversations": [{"role": "system", "content": "你是助手"}, *turns]}
+    assert conversation_from_record({"system": "你是助手", "conversations": turns}) == conversation_from_record(
+        in_messages) == Conversation([("问二", "答二")], "你是助手")
+    alpaca = {"system": "你是助手", "instruction": "问四", "input": "", "output": "答四",
+              "history": [["早先的问", "早先的答"], ["再问", "再答"]]}
+    assert conversation_from_record(alpaca) == Conversation(
+        [("早先的问", "早先的答"), ("再问", "再答"), ("问四", "答四")], "你是助手")
+    assert conversation_from_record({"prompt": "问", "answer": "答", "system": "", "history": []}) == Conversation(
+        [("问", "答")])  # empty: none, as are null and an empty CSV cell
+    assert conversation_from_record({"prompt": "问", "answer": "答", "system": None, "history": ""}) == Conversation(
+        [("问", "答")])
+    for field, value in [("system", 5), ("system", ["你是助手"]), ("history", "早先的问"), ("history", [["只有问"]]),
+                         ("history", [["问", 1]]), ("history", {"问": "答"})]:
+        with pytest.raises(ValueError, match=f"its '{field}' is not a"):
+            conversation_from_record({"instruction": "问", "output": "答", field: value})
+
+
 def test_text_prompt_starts_after_an_eos(bpe_tokenizer):
     assert text_prompt(bpe_tokenizer, "今天天气") == [bpe_tokenizer.eos_id, *bpe_tokenizer.encode("今天天气")]
 

@@ -133,6 +133,39 @@ def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_name
 
 
 
+def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_path, tiny_run, bpe_tokenizer,
+                                                                         monkeypatch):
+    """An alpaca QA record's `system` and `history` were dropped: eval asked its question alone, where SFT (and
+    the chat REPL) put the system text and the earlier turns before it. The prompt is now SFT's ids up to the
+    answer, token for token; counted as cut to the context by that prompt; a field of another type is bad."""
+    import babyllama.evaluate
+    from babyllama.chat_format import Conversation, conversation_from_record, render_conversation
+    from babyllama.evaluate import evaluate, qa_prompt
+
+    long_history = {"instruction": "短", "output": "正面", "history": [["你好" * 15, "好"]]}
+    alpaca = {"system": "你是助手", "instruction": "问四", "input": "", "output": "答四",
+              "history": [["早先的问", "早先的答"]]}
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        alpaca, long_history, {"question": "问五", "answer": "答五", "system": "", "history": []},
+        {"question": "问", "answer": "答", "system": 1}, {"question": "问", "answer": "答", "history": [["只有问"]]}]))
+    items, _, bad = read_qa(f)
+    assert items[0] == {"question": "问四", "reference": "答四", "task": "qa", "system": "你是助手",
+                        "history": [["早先的问", "早先的答"]]}
+    assert items[2] == {"question": "问五", "reference": "答五", "task": "qa"}  # empty: none, as before
+    assert bad == [f"{f}:4: its 'system' is not a string",
+                   f"{f}:5: its 'history' is not a list of [question, answer] pairs of strings"]
+    asked = []
+    monkeypatch.setattr(babyllama.evaluate, "answer", lambda model, tok, conv, *a: asked.append(conv) or "正面")
+    result = evaluate(tiny_run / "run" / "final", tmp_path / "out", qa=str(f))
+    assert asked == [Conversation([("早先的问", "早先的答"), ("问四", "")], "你是助手"),
+                     Conversation([("你好" * 15, "好"), ("短", "")]), Conversation([("问五", "")])]
+    sft_ids, sft_mask = render_conversation(bpe_tokenizer, conversation_from_record(alpaca))
+    last_answer = len(sft_mask) - sft_mask[::-1].index(0)  # after the last question's <bos>
+    assert qa_prompt(bpe_tokenizer, asked[0]) == sft_ids[:last_answer] and 1 in sft_mask[:last_answer]
+    assert result["qa_cut_to_context"] == 1 and result["qa_bad_records"] == 2  # the long history's, of 32 ids
+
+
 def test_qa_references_of_several_strings_are_joined(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text(json.dumps({"question": "谁？", "answer": ["江泽民", "李鹏"]}, ensure_ascii=False) + "\n")
@@ -691,7 +724,7 @@ def stopping_after(monkeypatch, function: str, n: int) -> list:
     def stopped(*args, **kwargs):
         if len(calls) == n:
             raise KeyboardInterrupt
-        calls.append(args[2] if function == "answer" else args[0]["question"])
+        calls.append(args[2].turns[-1][0] if function == "answer" else args[0]["question"])  # the question
         return real(*args, **kwargs)
 
     monkeypatch.setattr(babyllama.evaluate, function, stopped)

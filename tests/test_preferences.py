@@ -38,6 +38,18 @@ def test_each_shape_becomes_its_conversation_and_answers(record, conv, chosen, r
     assert preference_from_record(record) == (conv, chosen, rejected)
 
 
+def test_system_and_history_are_read_as_sft_reads_them_in_every_shape():
+    """history was read of the `question` shape alone, and dropped from the others; a system of another type than
+    a string was dropped when it was falsy (0, false)."""
+    context = {"system": "你是助手。", "history": [["你好", "你好！"]]}
+    assert preference_from_record({**SHAPES[0][0], **context}) == (HISTORY, "等于2。", "等于3。")
+    llama_factory = {**SHAPES[1][0], "conversations": SHAPES[1][0]["conversations"][2:], **context}
+    assert preference_from_record(llama_factory) == (HISTORY, "等于2。", "等于3。")
+    for field, value in [("system", 0), ("system", False), ("history", {"你好": "你好！"}), ("history", [["你好"]])]:
+        with pytest.raises(ValueError, match=f"its '{field}' is not a"):
+            preference_from_record({**SHAPES[3][0], field: value})
+
+
 def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
     tok = bpe_tokenizer
     (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, HISTORY, "等于2。", "等于3。", 200)

@@ -8,9 +8,10 @@ import os
 import re
 import time
 
+import numpy as np
 import pytest
 
-from babyllama.chat_format import conversation_from_record, render_conversation, truncate_conversation
+from babyllama.chat_format import Conversation, conversation_from_record, render_conversation, truncate_conversation
 from babyllama.checkpoint import save_checkpoint
 from babyllama.data.sft_tokens import SFTSettings, build_sft_cache, open_split, read_sft_cache
 from babyllama.data.shards import is_val
@@ -405,6 +406,41 @@ def test_records_with_an_empty_question_are_bad(demo_sft, tmp_path):
     why = "a question (instruction, prompt or user message) is empty, so there is nothing to answer"
     assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
         f"{tmp_path / 'sft.jsonl'}:{n}: {why}" for n in (1, 2, 3, 5)]
+
+
+def test_system_and_history_fields_are_rendered_as_the_conversation_with_them(demo_sft, bpe_tokenizer, tmp_path):
+    """A top-level `system` (LLaMA-Factory's alpaca and sharegpt) and alpaca `history` were dropped: '问二<s>答二</s>'.
+    The sample is now the conversation's with them, token for token, the history's answers in the loss as every
+    answer of a multi-turn conversation; a field of another type makes a bad record, its reason naming it."""
+    tok, turns = bpe_tokenizer, [{"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二"}]
+    good = [({"system": "你是助手", "conversations": turns}, Conversation([("问二", "答二")], "你是助手")),
+            ({"system": "你是助手", "instruction": "问四", "input": "", "output": "答四",
+              "history": [["早先的问", "早先的答"], ["再问", "再答"]]},
+             Conversation([("早先的问", "早先的答"), ("再问", "再答"), ("问四", "答四")], "你是助手")),
+            ({"instruction": "问五", "output": "答五", "history": [["早先的问", "早先的答"]]},
+             Conversation([("早先的问", "早先的答"), ("问五", "答五")]))]
+    bad = [{"instruction": "问", "output": "答", "system": 5}, {"conversations": turns, "system": ["你是助手"]},
+           {"instruction": "问", "output": "答", "history": "早先的问"},
+           {"instruction": "问", "output": "答", "history": [["只有问"]]}]
+    f = tmp_path / "sft.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [r for r, _ in good] + bad))
+    manifest = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=200, val_fraction=0.0))
+    ids, mask, lengths = open_split(tmp_path / "c", manifest, "train")
+    ends = np.cumsum(lengths).tolist()
+    got = [(ids[e - n : e].tolist(), mask[e - n : e].tolist()) for e, n in zip(ends, lengths.tolist(), strict=True)]
+    assert got == [render_conversation(tok, conv) for _, conv in good]
+    assert tok.decode(got[0][0]).startswith("你是助手\n问二")
+    alpaca_ids, alpaca_mask = got[1]
+    assert [i for i, m in zip(alpaca_ids, alpaca_mask, strict=True) if m] == [
+        *tok.encode("早先的答"), tok.eos_id, *tok.encode("再答"), tok.eos_id, *tok.encode("答四"), tok.eos_id]
+    assert (manifest["stats"]["records"], manifest["stats"]["bad"]) == (7, 4)
+    history = "its 'history' is not a list of [question, answer] pairs of strings"
+    assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
+        f"{f}:4: its 'system' is not a string", f"{f}:5: its 'system' is not a string", f"{f}:6: {history}",
+        f"{f}:7: {history}"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "version": 4}))  # before these fields
+    settings = SFTSettings(max_len=200, val_fraction=0.0)
+    assert build_sft_cache([f], demo_sft / "tok", tmp_path / "c", settings)["version"] > 4  # rebuilt, not reused
 
 
 def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path, monkeypatch):

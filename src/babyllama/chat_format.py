@@ -10,6 +10,9 @@ Loss falls on the answer tokens and their <eos>, nothing else; the inference pro
 conversation is, token for token, its training ids up to the last answer.
 
 Records and OpenAI `messages` become a conversation by one set of rules:
+  * a record's top-level `system` text and alpaca `history` ([[question, answer], ...], oldest first:
+    LLaMA-Factory's alpaca and sharegpt formats) come first, as a system message and earlier turns
+    (context_messages); their answers carry loss as every answer of a conversation does;
   * system messages, wherever they are, are joined with "\\n" into the system text, which goes
     before the first user message;
   * consecutive messages of one role (two user messages in a row) are joined with "\\n" into one;
@@ -118,6 +121,23 @@ def instruction_prompt(record: dict) -> str | None:
     return instruction + extra
 
 
+def context_messages(record: dict) -> list[tuple[str, str]]:
+    """(role, content) of what goes before a record's own messages: its `system` text, then each [question,
+    answer] of its `history` as a user and an assistant message; [] when neither is there (absent, null, or
+    empty: "", [], as an empty CSV cell reads ""). SFT, DPO and eval read them here, so that they agree.
+    Raises ValueError naming the field when system is not a string or history not a list of string pairs."""
+    system, history = record.get("system"), record.get("history")
+    if system is not None and not isinstance(system, str):
+        raise ValueError("its 'system' is not a string")
+    if history in (None, ""):
+        history = []
+    if not isinstance(history, list) or not all(
+            isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+        raise ValueError("its 'history' is not a list of [question, answer] pairs of strings")
+    turns = [m for q, a in history for m in (("user", q), ("assistant", a))]
+    return ([("system", system)] if system else []) + turns
+
+
 def is_blank(text: str) -> bool:
     """Nothing visible: only whitespace, zero-width and other format or control characters."""
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
@@ -160,8 +180,9 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
 
 def conversation_from_record(record: dict) -> Conversation:
     """The conversation of an SFT record: a `conversations` list, a `prompt` / `answer` row (the
-    recipe's sft_data.csv) or an instruction record. Raises ValueError when it is none of them, or
-    when it cannot train (checked_for_training)."""
+    recipe's sft_data.csv) or an instruction record, after its `system` and `history` (context_messages).
+    Raises ValueError when it is none of them, when a field has the wrong type, or when it cannot train
+    (checked_for_training)."""
     return checked_for_training(_conversation_of(record))
 
 
@@ -181,11 +202,12 @@ def _conversation_of(record: dict) -> Conversation:
         messages = messages_of_record(record)
         if messages is None:
             raise ValueError("a conversations item lacks a known role or a text content")
-        return conversation_from_messages(messages, add_generation_prompt=False)
-    pair = instruction_pair(record)
-    if pair is None:
-        raise ValueError("not an instruction, prompt/answer or conversations record")
-    return Conversation([pair])
+    else:
+        pair = instruction_pair(record)
+        if pair is None:
+            raise ValueError("not an instruction, prompt/answer or conversations record")
+        messages = [("user", pair[0]), ("assistant", pair[1])]
+    return conversation_from_messages(context_messages(record) + messages, add_generation_prompt=False)
 
 
 # --- a conversation -> token ids ---

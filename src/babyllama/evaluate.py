@@ -36,7 +36,14 @@ from typing import IO
 
 import torch
 
-from babyllama.chat_format import Conversation, instruction_prompt, is_unicode, render_prompt, text_prompt
+from babyllama.chat_format import (
+    Conversation,
+    context_messages,
+    instruction_prompt,
+    is_unicode,
+    render_prompt,
+    text_prompt,
+)
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
@@ -130,11 +137,11 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampli
 
 
 def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
-    """{question, reference, task} from records with a question field and a reference field; the
-    number of records skipped because their reference is missing or blank (nothing to score against:
-    BELLE's eval set has such items); and "file:line: why" of each record skipped as bad (not a JSON
-    object, no question, a field of the wrong type, bytes that are not text). Raises UserError when no
-    record has a reference."""
+    """{question, reference, task} (and system, history where given: qa_item) from records with a question field
+    and a reference field; the number of records skipped because their reference is missing or blank (nothing to
+    score against: BELLE's eval set has such items); and "file:line: why" of each record skipped as bad (not a JSON
+    object, no question, a field of the wrong type, bytes that are not text). Raises UserError when no record has a
+    reference."""
     items, no_reference, bad = [], 0, []
     for file in expand_inputs([path], held_out=True):
         for where, r, why in iter_records(file):
@@ -158,7 +165,10 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     when its reference is missing or blank; ValueError, saying why, for a bad record. Each field is read
     by field_text: the question's (QUESTION_KEYS, else instruction and input) as SFT reads them, strings;
     the reference (the first of REFERENCE_KEYS that is there) and task also numbers, as their text, and the
-    reference a list of strings, joined with 、."""
+    reference a list of strings, joined with 、. A record's `system` text and `history` ([[question, answer],
+    ...]), read as SFT reads them (chat_format.context_messages), are the item's "system" and "history" when
+    given, so that eval asks the question after them as SFT trained (qa_conversation); an item without them
+    has no such keys."""
     if record is None:
         raise ValueError(why)
     question = qa_question(record)
@@ -167,11 +177,19 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     key = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
     reference = field_text(record, key, numbers=True, lists=True) if key else ""
     task = field_text(record, "task", numbers=True)
-    if not is_unicode(question + reference + (task or "")):
+    context = context_messages(record)  # raises for a system or history of another type
+    if not is_unicode("".join([question, reference, task or "", *(text for _, text in context)])):
         raise ValueError("the record holds bytes that are not text in the file's encoding")
     if not reference.strip():
         return None
-    return {"question": question, "reference": reference, "task": "qa" if task is None else task}
+    system, history = record.get("system") or "", record.get("history") or []
+    return {"question": question, "reference": reference, "task": "qa" if task is None else task,
+            **({"system": system} if system else {}), **({"history": history} if history else {})}
+
+
+def qa_conversation(item: dict) -> Conversation:
+    """The conversation a QA item asks: its history's turns and its question, after its system text."""
+    return Conversation([*map(tuple, item.get("history", [])), (item["question"], "")], item.get("system", ""))
 
 
 def qa_question(record: dict) -> str | None:
@@ -214,20 +232,21 @@ def bad_detail(bad: list[str]) -> str:
     return f", {len(bad)} were bad (the first: {bad[0]})" if bad else ""
 
 
-def answer(model, tokenizer: Tokenizer, question: str, s: Sampling | None = None,
+def answer(model, tokenizer: Tokenizer, question: str | Conversation, s: Sampling | None = None,
            generator: torch.Generator | None = None) -> str:
-    """The answer in the chat format (the same ids SFT trained on, up to the answer), sampled as s says
-    (default: sampling.Sampling, greedy) with generator's draws; it ends at <eos>, max_new_tokens or the end of
-    the context, less a character that the end cut (Tokenizer.decode_complete)."""
+    """The answer to question (or to a conversation's last turn) in the chat format (the same ids SFT trained on,
+    up to the answer), sampled as s says (default: sampling.Sampling, greedy) with generator's draws; it ends at
+    <eos>, max_new_tokens or the end of the context, less a character that the end cut (Tokenizer.decode_complete)."""
     s = s or Sampling()
     ids = model.generate(qa_prompt(tokenizer, question), **s.generate_kwargs(), generator=generator,
                          **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return tokenizer.decode_complete(ids).strip()
 
 
-def qa_prompt(tokenizer: Tokenizer, question: str) -> list[int]:
-    """The ids that ask question in the chat format, ending with <bos>: SFT's ids up to the answer."""
-    return render_prompt(tokenizer, Conversation([(question, "")]))
+def qa_prompt(tokenizer: Tokenizer, question: str | Conversation) -> list[int]:
+    """The ids that ask question (or a conversation's last turn) in the chat format, ending with <bos>: SFT's
+    ids up to the answer."""
+    return render_prompt(tokenizer, question if isinstance(question, Conversation) else Conversation([(question, "")]))
 
 
 def seeded(model, s: Sampling, seed: int) -> torch.Generator | None:
@@ -696,7 +715,7 @@ def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, prompts: Sequence[str
                    for pair in (*letters.values(), *texts.values()))
 
     return {"prompts": sum(len(text_prompt(tokenizer, p)) >= max_seq_len for p in prompts),
-            "qa": sum(len(qa_prompt(tokenizer, it["question"])) >= max_seq_len for it in qa_items),
+            "qa": sum(len(qa_prompt(tokenizer, qa_conversation(it))) >= max_seq_len for it in qa_items),
             "mc": sum(map(mc_cut, mc_items))}
 
 
@@ -752,7 +771,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         for i, it in progress(islice(enumerate(qa_items), qa_done, None), desc="QA", unit=" item",
                               total=len(qa_items), initial=qa_done, disable=not qa):
             log.append({"kind": "qa", **it,
-                        "prediction": answer(model, tokenizer, it["question"], sampling, seeded(model, sampling, i))})
+                        "prediction": answer(model, tokenizer, qa_conversation(it), sampling,
+                                             seeded(model, sampling, i))})
         for it in progress(islice(mc_items, mc_done, None), desc="multiple choice", unit=" item",
                            total=len(mc_items), initial=mc_done, disable=not mc):
             log.append({"kind": "mc", **mc_choices(it, ModelScorer(model), tokenizer)})

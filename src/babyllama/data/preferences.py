@@ -4,12 +4,13 @@
     (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tokenizer, conv, chosen, rejected, max_len=513)
 
 Accepted records (the fields of one JSON object):
-  {prompt, chosen, rejected}, strings (TRL's standard shape), with an optional `system`;
+  {prompt, chosen, rejected}, strings (TRL's standard shape);
   {conversations: [...], chosen: {from|role, value|content}, rejected: {...}}: LLaMA-Factory's DPO
-    files; the conversation (ShareGPT or OpenAI items, an optional `system` field) ends with the user;
+    files; the conversation (ShareGPT or OpenAI items) ends with the user;
   {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
-  {question, response_chosen, response_rejected}: MedicalGPT's reward data, with optional `system`
-    and `history` ([[question, answer], ...], earlier turns).
+  {question, response_chosen, response_rejected}: MedicalGPT's reward data.
+Each may have a `system` text and a `history` ([[question, answer], ...], earlier turns), read as SFT
+reads them (chat_format.context_messages).
 Both answers of a pair follow the same conversation. The mask marks only the last answer and its
 <eos>, the one the pair is about: earlier answers are context. A long pair is cut as SFT cuts a
 sample, answer by answer (chat_format.truncate_conversation). Bad records are counted as for SFT
@@ -26,6 +27,7 @@ from babyllama.chat_format import (
     ROLES,
     Conversation,
     checked_for_training,
+    context_messages,
     conversation_from_messages,
     is_blank,
     messages_of_record,
@@ -56,21 +58,15 @@ def _answer(value, key: str) -> str:
 
 
 def _prompt_messages(record: dict) -> list[tuple[str, str]]:
-    """(role, content) of everything before the answers."""
-    system = [("system", _text(record, "system"))] if record.get("system") else []
+    """(role, content) of everything before the answers: the record's system and history (as SFT reads them,
+    chat_format.context_messages), then its conversation, question or prompt."""
     if "conversations" in record:
         messages = messages_of_record(record)
         if messages is None:
             raise ValueError("a conversations item lacks a known role or a text content")
-        return system + messages
-    if "question" in record:
-        history = record.get("history") or []
-        if not isinstance(history, list) or not all(
-                isinstance(t, list | tuple) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
-            raise ValueError("its 'history' is not a list of [question, answer] pairs")
-        turns = [m for q, a in history for m in (("user", q), ("assistant", a))]
-        return system + turns + [("user", _text(record, "question"))]
-    return system + [("user", _text(record, "prompt"))]
+    else:
+        messages = [("user", _text(record, "question" if "question" in record else "prompt"))]
+    return context_messages(record) + messages
 
 
 def preference_from_record(record: dict) -> tuple[Conversation, str, str]:

@@ -55,9 +55,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 4  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 5  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
-# tokenizer's special ids and the chat template's digest are keys)
+# tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
+# rendered, SFT's and all of DPO's shapes, where 4 dropped them)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
