@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import tracemalloc
 
 import numpy as np
@@ -300,3 +302,23 @@ def test_an_error_of_the_texts_while_training_is_raised_to_the_caller():
 
     with pytest.raises(UserError, match="a.jsonl is cut."):
         train_bpe(texts(), 300)
+
+
+def test_bpe_training_off_a_terminal_says_every_interval_that_it_is_merging(monkeypatch, capsys):
+    """`tokenizer train > log 2>&1` printed nothing for the minute of merges after its reading bar: the Rust trainer's
+    bars are off there. A line on stderr now says every progress.LINE_EVERY_S (30 s; here 0.05 s) that it merges."""
+    import time
+
+    from babyllama import progress
+
+    def slow_texts():  # the trainer reads them in its thread: 0.3 s of work at least
+        time.sleep(0.3)
+        yield from generated_corpus()
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.05)
+    train_bpe(slow_texts(), 300)  # under pytest stdout is no terminal
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 3 and all(re.fullmatch(r"tokenizer train: merging, \d+ s", line) for line in lines), lines
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the trainer draws its own bars (on stdout): no lines
+    train_bpe(slow_texts(), 300)
+    assert "merging" not in capsys.readouterr().err

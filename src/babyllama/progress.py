@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Iterable
 
+LINE_EVERY_S = 30  # off a terminal, long work writes its status as a line at most this often (progress, in_thread)
 LIVE: list = []  # the bars drawn on the terminal now, oldest first
 _redirected = contextlib.ExitStack()  # logging and prints through tqdm while LIVE is not empty
 
@@ -22,7 +23,7 @@ def progress(iterable: Iterable | None = None, desc: str = "", unit: str = " it"
 
     stream = sys.stderr.stream if isinstance(sys.stderr, Above) else sys.stderr  # a bar's own writes go straight
     if not stream.isatty():
-        return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=30,
+        return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=LINE_EVERY_S,
                     file=Lines(stream), **kw)
     return live_bar()(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=0.5, file=stream,
                       **kw)

@@ -530,7 +530,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     GPT-2's own split (linear too), the one that exported tokenizers name ("gpt-2" in GGUF). A corpus with
     fewer distinct pieces than vocab_size asks for gives a smaller vocabulary, with a warning. Its memory is
     about 90 bytes per byte of Chinese text: pass training_sample(...) for a large corpus. Ctrl-C or SIGTERM stops it at
-    once (the Rust trainer runs in a thread, see in_thread)."""
+    once (the Rust trainer runs in a thread, see in_thread). The trainer draws its own bars when stdout is a terminal;
+    elsewhere (`> log 2>&1`) a line on stderr says every 30 s that it is still merging."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -539,13 +540,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = training_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
+    bars = sys.stdout.isatty()  # the trainer's bars end with newlines on stdout, before the JSON of `tokenizer train`
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=sys.stdout.isatty(),  # its bars end with newlines on stdout, before the JSON of `tokenizer train`
+        show_progress=bars,
     )
-    in_thread(lambda: tok.train_from_iterator(texts, trainer=trainer, length=length))
+    in_thread(lambda: tok.train_from_iterator(texts, trainer=trainer, length=length),
+              None if bars else "tokenizer train: merging")
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trained = HFTokenizer(tok, bos_id=1, eos_id=2, pad_id=0)
     if trained.vocab_size < vocab_size:  # BPE stops when no pair of pieces is left to merge
@@ -554,11 +557,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
     return trained
 
 
-def in_thread(work: Callable[[], None]) -> None:
+def in_thread(work: Callable[[], None], status: str | None = None) -> None:
     """work() in a daemon thread while this one waits: a signal's handler (Ctrl-C's KeyboardInterrupt, the CLI's
     Terminated) runs in the main thread only when it runs Python, which it did not for the minutes of the Rust
     trainer's merges; now it raises at once and the process exits without waiting for the thread. The thread
-    still runs to its end in a process that catches the exception and goes on. work's exception is raised here."""
+    still runs to its end in a process that catches the exception and goes on. work's exception is raised here.
+    status: while work runs, every progress.LINE_EVERY_S seconds a line "STATUS, N s" on stderr (N: seconds since
+    it began), as a progress bar writes its status off a terminal; a log showed nothing for the minutes of merges."""
+    from babyllama import progress
+
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -568,7 +575,11 @@ def in_thread(work: Callable[[], None]) -> None:
             failed.append(e)
 
     thread = threading.Thread(target=run, name="babyllama-bpe-training", daemon=True)
+    start = time.monotonic()
     thread.start()
-    thread.join()
+    thread.join(progress.LINE_EVERY_S if status else None)  # without a status: until it ends
+    while thread.is_alive():
+        print(f"{status}, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        thread.join(progress.LINE_EVERY_S)
     if failed:
         raise failed[0]
