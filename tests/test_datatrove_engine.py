@@ -564,3 +564,17 @@ def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates_on_da
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs))
     stats = dt.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", local(1))
     assert kept_documents(tmp_path / "out") == [PARAGRAPH, docs[3]] and stats["total"]["exact_duplicates"] == 2
+
+
+def test_chinese_copies_without_punctuation_or_with_spaces_are_duplicates_on_datatrove(tmp_path):
+    """The same key as the embedded path's (tests/test_clean.py): a copy less its punctuation, or with a space for
+    it, is an exact duplicate beside Chinese characters; 1.5 and 15 stay apart."""
+    from tests.test_clean import NEWS
+
+    docs = ["今天天气很好，我们一起去公园散步吧。", "今天天气很好我们一起去公园散步吧",
+            "今天天气很好 我们一起去公园散步吧", NEWS, NEWS.translate(dict.fromkeys(map(ord, "，。、"))),
+            "商品的价格是1.5元一斤", "商品的价格是15元一斤"]
+    (tmp_path / "zh.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    stats = dt.prepare([str(tmp_path / "zh.txt")], tmp_path / "out", local(1))
+    assert kept_documents(tmp_path / "out") == [docs[0], NEWS, docs[5], docs[6]]
+    assert (stats["total"]["exact_duplicates"], stats["total"]["near_duplicates"]) == (3, 0)

@@ -44,42 +44,73 @@ def normalize(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-SEPARATOR = 0x20  # what a run of whitespace and punctuation becomes in a dedup key
+SEPARATOR = 0x20  # what a run of whitespace and punctuation that keeps words apart becomes in a dedup key
+MINUS = 0x2D  # "-", and what NFKC folds to it (－): before a digit, a sign
+# Scripts written without spaces between words (Han, kana, Bopomofo; Thai, Lao, Myanmar, Khmer): a run of spaces
+# or punctuation next to one of their characters keeps apart no words that would otherwise join.
+UNSPACED = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF),  # Thai and Lao, Myanmar, Khmer
+            (0x2E80, 0x2FDF), (0x3000, 0x312F), (0x31A0, 0x31FF),  # CJK radicals; 々 〇, kana, Bopomofo; strokes
+            (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),  # Han: extension A, unified, compatibility
+            (0xFF66, 0xFF9F), (0x1B000, 0x1B16F), (0x20000, 0x3FFFF))  # half-width and old kana; Han extensions B on
 
 
 def _separates(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "ZP" or ch.isspace()
 
 
+def _joins_words(codes: np.ndarray) -> np.ndarray:
+    """For code points (N,) uint32: (N,) bool, whether each is a letter, digit or mark of a script written with
+    spaces between words (Latin, Cyrillic, Greek, Hangul, Arabic ...), two of which with nothing between are one
+    word."""
+    unspaced = np.zeros(len(codes), dtype=bool)
+    for low, high in UNSPACED:
+        unspaced |= (codes >= low) & (codes <= high)
+    word = np.array([unicodedata.category(chr(c))[0] in "LNM" for c in codes.tolist()], dtype=bool)
+    return word & ~unspaced
+
+
+SEPARATES, JOINS = np.uint32(1 << 31), np.uint32(1 << 30)  # flags of a key table entry, above the code point
+
+
 @functools.cache
 def _key_table() -> np.ndarray:
-    """(65536,) uint32: what each BMP character becomes in a dedup key: its NFKC, case-folded form where
-    that is one character (full-width Ａ１ -> a1), and SEPARATOR for whitespace and punctuation."""
+    """(65536,) uint32: what each BMP character is in a dedup key: its NFKC, case-folded form where that is one
+    character (full-width Ａ１ -> a1, － -> -), or'ed with SEPARATES where that form is whitespace or punctuation
+    and with JOINS where it joins words (_joins_words)."""
     table = np.arange(1 << 16, dtype=np.uint32)
     for c in range(1 << 16):
         folded = unicodedata.normalize("NFKC", chr(c)).casefold()
         if len(folded) == 1:
             table[c] = ord(folded)
-        table[c] = SEPARATOR if _separates(chr(table[c])) else table[c]
-    return table
+    separates = np.array([_separates(chr(c)) for c in table.tolist()], dtype=bool)
+    return table | np.where(separates, SEPARATES, 0) | np.where(_joins_words(table), JOINS, 0)
 
 
 def dedup_key(text: str) -> str:
-    """What exact and near deduplication compare: the text with full-width letters, digits and
-    punctuation folded to half-width (NFKC, per character), case-folded, and each run of whitespace and
-    punctuation made one space, so that copies that differ only in width, punctuation (，/,) or spacing
-    (", " against ",") meet while 1.5 and 15, or "the rapist" and "therapist", stay apart. Text of
-    punctuation alone is its own key. The kept text stays as written. Vectorised: ~25 us a document."""
+    """What exact and near deduplication compare: the text with full-width letters, digits and punctuation folded
+    to half-width (NFKC, per character), case-folded, and each run of whitespace and punctuation removed, so that
+    copies that differ only in width, punctuation (，/,) or spacing (", " against ",") meet. A run stays, as one
+    space, only where it keeps words apart: between two letters or digits of scripts written with spaces
+    (_joins_words), so that 1.5 and 15, 10:30 and 1030, "the rapist" and "therapist" differ, and where it ends in
+    a minus before a digit (-5 against 5); next to a Chinese or Japanese character it keeps nothing apart
+    (今天，我们 = 今天我们 = 今天 我们). Text of punctuation alone is its own key. The kept text stays as written.
+    Vectorised: ~20 us a document of 100 characters, ~8 ms one of a million."""
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    mapped = np.where(codes < 1 << 16, _key_table()[np.minimum(codes, (1 << 16) - 1)], codes)
-    sep = mapped == SEPARATOR
-    keep = ~(sep & np.concatenate([[True], sep[:-1]]))  # no separator first or after another
-    mapped = mapped[keep]
-    if not len(mapped) or (mapped == SEPARATOR).all():
+    entries = _key_table()[np.minimum(codes, (1 << 16) - 1)]
+    if (beyond := codes >= 1 << 16).any():  # Han extensions, emoji: as written
+        entries[beyond] = codes[beyond] | np.where(_joins_words(codes[beyond]), JOINS, 0)
+    stays = (entries & SEPARATES) == 0
+    words = np.flatnonzero(stays)
+    if not len(words):
         return text  # punctuation or spaces only: compared as written
-    if mapped[-1] == SEPARATOR:
-        mapped = mapped[:-1]
-    return mapped.tobytes().decode("utf-32-le", "surrogatepass")
+    chars = entries & np.uint32((1 << 30) - 1)
+    runs = np.flatnonzero(np.diff(words) > 1)  # a run of separators lies after words[runs]
+    left, right = words[runs], words[runs + 1]
+    sign = (chars[right - 1] == MINUS) & (chars[right] >= ord("0")) & (chars[right] <= ord("9"))
+    apart = left[(entries[left] & entries[right] & JOINS != 0) | sign] + 1  # the first separator of each run
+    stays[apart] = True  # that keeps words apart
+    chars[apart] = SEPARATOR
+    return chars[stays].tobytes().decode("utf-32-le", "surrogatepass")
 
 
 class HashSets:
