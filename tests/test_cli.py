@@ -165,6 +165,35 @@ def test_an_out_dir_that_is_a_file_is_one_sentence_before_any_work(tmp_path, bpe
         assert file.read_text() == "mine"
 
 
+def test_an_out_dir_inside_an_input_folder_or_holding_an_input_is_refused(tmp_path, bpe_tokenizer, capsys):
+    """`prepare --input data3 --out_dir data3/clean` was taken: each rerun read its earlier output as input (records
+    3, then 6), and a document deleted from the source stayed in the output. Every command that reads input folders
+    and writes an --out_dir refuses an out_dir that is or lies inside an input folder, or holds an input, before
+    any work (no folder made); pretokenize --merge refuses its own (tests/test_pretokenize.py)."""
+    from babyllama.cli import main
+
+    data = tmp_path / "data3"
+    data.mkdir()
+    (data / "a.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in generated_corpus(3)))
+    bpe_tokenizer.save(tmp_path / "tok")
+    tok = ["--tokenizer", str(tmp_path / "tok")]
+    for args in (["prepare"], ["prepare", "--engine", "datatrove"], ["tokenizer", "train"], ["pretokenize", *tok],
+                 ["pretokenize", "--sft", *tok, "--max_seq_len", "64"]):
+        for out, where in ((data / "clean", "is inside"), (data, "is")):
+            assert main([*args, "--input", str(data), "--out_dir", str(out)]) == 2, (args, out)
+            assert capsys.readouterr().err == (
+                f"babyllama: error: --out_dir {out} {where} the --input folder {data}, which a run reads whole, so a "
+                "later run may read this one's output as input; choose an --out_dir outside it.\n"), (args, out)
+        out = tmp_path / "x" / ".." / "data3"  # a folder that holds an input, spelled another way
+        assert main([*args, "--input", str(data / "a.jsonl"), "--out_dir", str(out)]) == 2, args
+        assert capsys.readouterr().err == (
+            f"babyllama: error: --out_dir {out} holds --input {data / 'a.jsonl'}, which a run may replace or read "
+            "again beside its output; choose an --out_dir that holds none of the inputs.\n"), args
+    assert [p.name for p in data.iterdir()] == ["a.jsonl"] and not (tmp_path / "x").exists()
+    assert main(["prepare", "--input", str(data), "--out_dir", str(tmp_path / "clean")]) == 0  # beside it: taken
+    assert json.loads(capsys.readouterr().out)["records"] == 3
+
+
 def test_an_empty_path_is_refused_by_every_path_argument(tmp_path, monkeypatch):
     """`--out ""` was read as "." and `--out_dir ""`, `--init ""` or `--config ""` as not given (eval wrote beside the
     checkpoint, sft took the config's init): every path argument refuses "" with one sentence, before any work."""

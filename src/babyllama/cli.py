@@ -35,6 +35,7 @@ from babyllama.errors import (
     Stopped,
     Terminated,
     UserError,
+    check_apart,
     check_out_dir,
     say,
     signals_held,
@@ -676,6 +677,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings (held)
             check_out_dir(args.out_dir)
+            check_apart(args.out_dir, getattr(args, "input", None))  # prepare, pretokenize, tokenizer train (and
+            # --merge: shards.check_out_dir_apart)
         if getattr(args, "check", None):  # flags first: a wrong one leaves no folder behind
             args.check(args)
         with held(args):

@@ -165,6 +165,25 @@ def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True)
         raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")
 
 
+def check_apart(out: str | Path, inputs: list[str] | None) -> None:
+    """Raise UserError when the output folder out is, or is inside, a folder among inputs (each run would read the
+    output of the one before as input: prepare's records went 3, 6, 6, and a document deleted from the source
+    stayed), or holds one of them (which a run may replace, or read again beside its own output). Paths are
+    compared as resolved (symbolic links, ..); an input that does not exist is left to the command to say."""
+    real = Path(out).resolve()
+    for name in inputs or []:
+        path = Path(name)
+        if not path.exists():
+            continue
+        if path.is_dir() and (path.resolve() == real or path.resolve() in real.parents):
+            where = "is" if path.resolve() == real else "is inside"
+            raise UserError(f"--out_dir {out} {where} the --input folder {name}, which a run reads whole, so a later "
+                            "run may read this one's output as input; choose an --out_dir outside it.")
+        if real in path.resolve().parents:
+            raise UserError(f"--out_dir {out} holds --input {name}, which a run may replace or read again beside its "
+                            "output; choose an --out_dir that holds none of the inputs.")
+
+
 class Completed(KeyboardInterrupt):
     """Ctrl-C or SIGTERM that came while a command made its output complete (signals_held(complete=...)), raised
     once it is: the CLI says the output is whole, not how to run the command again. A KeyboardInterrupt, so that a
