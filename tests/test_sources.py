@@ -383,6 +383,18 @@ def test_gbk_json_lines_and_array_and_utf16_are_read_right(tmp_path):
         assert list(reader.documents()) == texts and reader.totals() == (20, 0), name
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_byte_order_mark_over_64_kib_is_read(tmp_path, caplog, encoding):
+    """The 64 KiB sample was cut after its last \\n byte, the first half of UTF-16-LE's \\n\\0: charset-normalizer,
+    given half a character, found no encoding ("not text in any encoding charset-normalizer knows"), though it
+    finds the same text under 64 KiB. The cut now falls after a whole two-byte newline."""
+    texts = [f"第{i}行：今天天气很好，我们一起去公园散步吧。" for i in range(3000)]  # 144 KB in UTF-16
+    (tmp_path / "a.txt").write_bytes("\n".join(texts).encode(encoding))
+    reader = CorpusReader([tmp_path / "a.txt"])
+    assert list(reader.documents()) == texts and reader.totals() == (3000, 0)
+    assert f"reading it as {encoding.upper()} (detected)" in caplog.text
+
+
 @pytest.mark.parametrize("text, encoding, name", [
     ("Le garçon a mangé une crème brûlée à l'hôtel, près de la forêt.", "latin-1", "CP1252"),
     ("Grüße aus München: Der Fußball ist rund, und wir genießen das Wetter.", "latin-1", "CP1252"),

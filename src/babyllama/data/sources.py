@@ -215,8 +215,24 @@ def _sample(path: Path) -> bytes:
     except _read_errors():
         pass
     if len(sample) >= SNIFF_BYTES and b"\n" in sample:
-        del sample[sample.rindex(b"\n") + 1 :]
+        del sample[_last_line_end(bytes(sample)) :]
     return bytes(sample)
+
+
+def _last_line_end(sample: bytes) -> int:
+    """Where the last whole line of sample ends: after its last newline byte; in text with NUL bytes, as UTF-16
+    without a byte-order mark has, after the last two-byte newline (\\n\\0 or \\0\\n) at an even offset, so that
+    no two-byte unit is cut (cut after the \\n of a UTF-16-LE newline, charset-normalizer found no encoding)."""
+    ends = [i + 2 for pair in (b"\n\0", b"\0\n") if (i := _last_even(sample, pair)) >= 0] if b"\0" in sample else []
+    return max(ends) if ends else sample.rindex(b"\n") + 1
+
+
+def _last_even(data: bytes, pair: bytes) -> int:
+    """The offset of the last occurrence of the two bytes pair in data at an even offset, else -1."""
+    i = data.rfind(pair)
+    while i > 0 and i % 2:
+        i = data.rfind(pair, 0, i + 1)
+    return i
 
 
 def file_encoding(path: Path) -> str:
