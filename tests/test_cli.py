@@ -194,6 +194,30 @@ def test_an_out_dir_inside_an_input_folder_or_holding_an_input_is_refused(tmp_pa
     assert json.loads(capsys.readouterr().out)["records"] == 3
 
 
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "--engine", "datatrove", "--slurm_partition", "cpu"],
+     "--slurm_partition needs --executor slurm; the local executor submits nothing to Slurm."),
+    (["pretokenize", "--tokenizer", "t", "--engine", "datatrove", "--executor", "ray", "--slurm_partition", "cpu",
+      "--slurm_time", "1:00:00"], "--slurm_partition --slurm_time need --executor slurm; the ray executor submits "
+     "nothing to Slurm."),
+    (["pretokenize", "--tokenizer", "t", "--tasks", "4"], "--tasks needs --engine datatrove; without it pretokenize "
+     "runs on this machine alone, with no executor or tasks."),
+    (["prepare", "--executor", "slurm", "--tasks", "2"], "--executor --tasks need --engine datatrove; without it "
+     "prepare runs on this machine alone, with no executor or tasks."),
+    (["pretokenize", "--tokenizer", "t", "--max_seq_len", "8"], "--max_seq_len needs --sft: it is a setting of the "
+     "SFT token cache, which token shards do not use; add --sft or leave it out."),
+], ids=["slurm-flag-local", "slurm-flags-ray", "tasks-embedded", "executor-tasks-embedded", "sft-flag"])
+def test_flags_for_another_engine_executor_or_mode_are_refused_in_words_that_agree(tmp_path, capsys, args, message):
+    """`prepare --engine datatrove --slurm_partition cpu` ran locally, the flag ignored, where the embedded engine
+    refused it; "--tasks need", "--executor need"; `pretokenize --tasks 4` said "everything runs in this process",
+    though the embedded pretokenize has worker processes."""
+    from babyllama.cli import main
+
+    assert main([*args, "--input", str(tmp_path / "a.jsonl"), "--out_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_path_is_refused_by_every_path_argument(tmp_path, monkeypatch):
     """`--out ""` was read as "." and `--out_dir ""`, `--init ""` or `--config ""` as not given (eval wrote beside the
     checkpoint, sft took the config's init): every path argument refuses "" with one sentence, before any work."""

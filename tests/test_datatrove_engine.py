@@ -325,7 +325,7 @@ def test_user_mistakes_are_one_sentence_without_a_traceback(tmp_path, capsys):
         assert code == 2 and fragment in err and "Traceback" not in err, name
     assert main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "e"),
                  "--executor", "slurm"]) == 2
-    assert "--executor need --engine datatrove" in capsys.readouterr().err
+    assert "--executor needs --engine datatrove" in capsys.readouterr().err
     assert main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--out_dir", str(tmp_path / "e"),
                  "--workers", "4"]) == 2  # the embedded prepare has one process: not silently ignored
     assert "--workers needs --engine datatrove" in capsys.readouterr().err
@@ -426,7 +426,7 @@ def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, 
                 f"({', '.join(jobs)}); wait for them (squeue --me) or cancel them (scancel {' '.join(jobs)}) "
                 "before running there again.\n")
 
-    for command in (args, [*args, "--executor", "local"]):
+    for command in (args, [*args[:args.index("--executor")], "--tasks", "2"]):  # and on the local executor
         assert main(command) == 2
         assert capsys.readouterr().err == queued(out, first[:3])
     assert main(tokens) == 2  # pretokenize never writes into prepare's folder, queued or not

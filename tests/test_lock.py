@@ -146,8 +146,8 @@ def test_training_into_a_held_out_dir_is_refused_before_torch_is_imported(tmp_pa
      "pretokenize --sft needs --input, --tokenizer and --max_seq_len (the model's)."),
     (["pretokenize", "--input", "docs.jsonl"], "pretokenize needs --input and --tokenizer, or --merge DIRS."),
     (["pretokenize", "--sft", "--input", "a", "--tokenizer", "t", "--max_seq_len", "8", "--bos"],
-     "--bos cannot go with --sft: they are settings of token shards, which the SFT token cache does not use; leave "
-     "them out."),
+     "--bos cannot go with --sft: it is a setting of token shards, which the SFT token cache does not use; leave "
+     "it out."),
     (["prepare"], "prepare needs --input PATH... or --demo."),
     (["prepare", "--input", "a", "--workers", "2"],
      "--workers needs --engine datatrove: the embedded prepare runs in one process."),

@@ -230,8 +230,9 @@ def test_merge_refuses_the_settings_of_the_parts(corpus_and_tokenizer, parts, tm
     for flags in (["--bos"], ["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok")],
                   ["--num_shards", "1", "--shard_index", "0"], ["--val_fraction", "0.1", "--shard_tokens", "10"]):
         names = " ".join(f for f in flags if f.startswith("--"))
-        refused([*merge_args, *flags], f"{names} cannot go with --merge: the parts were made with them, and the "
-                "merge takes them from the parts; leave them out.", tmp_path, capsys)
+        it = "it" if flags == ["--bos"] else "them"
+        refused([*merge_args, *flags], f"{names} cannot go with --merge: the parts were made with {it}, and the "
+                f"merge takes {it} from the parts; leave {it} out.", tmp_path, capsys)
     assert not (tmp_path / "m").exists()
 
 
@@ -247,10 +248,11 @@ def test_merge_refuses_workers(parts, tmp_path, capsys):
 def test_sft_refuses_the_settings_of_token_shards(corpus_and_tokenizer, tmp_path, capsys, flags):
     d, _ = corpus_and_tokenizer  # they were ignored: a cache of every sample, built whole on each machine
     names = " ".join(f for f in flags if f.startswith("--"))
+    they, them = ("it is a setting", "it") if " " not in names else ("they are settings", "them")  # of one flag: it
     refused(["--sft", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--max_seq_len", "64",
              "--out_dir", str(tmp_path / "c"), *flags],
-            f"{names} cannot go with --sft: they are settings of token shards, which the SFT token cache does not "
-            "use; leave them out.", tmp_path, capsys)
+            f"{names} cannot go with --sft: {they} of token shards, which the SFT token cache does not "
+            f"use; leave {them} out.", tmp_path, capsys)
     assert not (tmp_path / "c").exists()
 
 
@@ -262,8 +264,9 @@ def test_the_settings_of_the_sft_cache_need_sft(corpus_and_tokenizer, parts, tmp
             "merge": ["--merge", str(parts / "p0"), str(parts / "p1")],
             "datatrove": ["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--engine", "datatrove"]}
     names = " ".join(f for f in flags if f.startswith("--"))
-    refused([*args[mode], "--out_dir", str(tmp_path / "t"), *flags], f"{names} need --sft: they are settings of "
-            "the SFT token cache, which token shards do not use; add --sft or leave them out.", tmp_path, capsys)
+    need, they, them = ("needs", "it is a setting", "it") if " " not in names else ("need", "they are settings", "them")
+    refused([*args[mode], "--out_dir", str(tmp_path / "t"), *flags], f"{names} {need} --sft: {they} of "
+            f"the SFT token cache, which token shards do not use; add --sft or leave {them} out.", tmp_path, capsys)
     assert not (tmp_path / "t").exists()
 
 

@@ -183,20 +183,28 @@ def given_flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     # (None, False)": 0 == False
 
 
+def agree(given: list[str], one: str, many: str) -> str:
+    """one when given names one flag, else many: "--bos needs", "--bos --format need"."""
+    return one if len(given) == 1 else many
+
+
 def check_mode_flags(args: argparse.Namespace) -> None:
     """Refuse the pretokenize flags that the mode asked for (--merge, --sft or token shards) would ignore."""
     if not args.sft and (given := given_flags(args, SFT_FLAGS)):
-        raise UserError(f"{' '.join(given)} need --sft: they are settings of the SFT token cache, which token shards "
-                        "do not use; add --sft or leave them out.")
+        raise UserError(f"{' '.join(given)} {agree(given, 'needs', 'need')} --sft: "
+                        f"{agree(given, 'it is a setting', 'they are settings')} of the SFT token cache, which token "
+                        f"shards do not use; add --sft or leave {agree(given, 'it', 'them')} out.")
     if args.merge and (given := given_flags(args, MADE_WITH)):
-        raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with them, and the merge "
-                        "takes them from the parts; leave them out.")
+        it = agree(given, "it", "them")
+        raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with {it}, and the merge "
+                        f"takes {it} from the parts; leave {it} out.")
     if args.merge and args.workers is not None:
         raise UserError("--workers cannot go with --merge: the merge links or copies the parts' files, with no "
                         "tokenizing to share out; leave it out.")
     if args.sft and (given := given_flags(args, SHARD_FLAGS)):
-        raise UserError(f"{' '.join(given)} cannot go with --sft: they are settings of token shards, which the SFT "
-                        "token cache does not use; leave them out.")
+        they = agree(given, "it is a setting", "they are settings")
+        raise UserError(f"{' '.join(given)} cannot go with --sft: {they} of token shards, which the SFT token cache "
+                        f"does not use; leave {agree(given, 'it', 'them')} out.")
 
 
 def datatrove_engine():
@@ -211,6 +219,7 @@ def datatrove_engine():
 
 
 DATATROVE_FLAGS = ("executor", "tasks", "slurm_partition", "slurm_time")
+SLURM_FLAGS = ("slurm_partition", "slurm_time")  # of --executor slurm alone
 
 
 def launch_of(engine, args: argparse.Namespace):
@@ -229,10 +238,16 @@ def workers(args: argparse.Namespace) -> int:
 
 
 def check_engine_flags(args: argparse.Namespace) -> None:
-    """Refuse datatrove's flags without --engine datatrove: ignored, a cluster job would run here."""
+    """Refuse datatrove's flags without --engine datatrove, and Slurm's without --executor slurm: ignored, a cluster
+    job would run here."""
     given = given_flags(args, DATATROVE_FLAGS)
     if given and args.engine != "datatrove":
-        raise UserError(f"{' '.join(given)} need --engine datatrove; without it everything runs in this process.")
+        raise UserError(f"{' '.join(given)} {agree(given, 'needs', 'need')} --engine datatrove; without it "
+                        f"{args.command} runs on this machine alone, with no executor or tasks.")
+    given = given_flags(args, SLURM_FLAGS)
+    if given and args.executor != "slurm":
+        raise UserError(f"{' '.join(given)} {agree(given, 'needs', 'need')} --executor slurm; the "
+                        f"{args.executor or 'local'} executor submits nothing to Slurm.")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
