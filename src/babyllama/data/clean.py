@@ -103,12 +103,12 @@ def dedup_key(text: str) -> str:
     words = np.flatnonzero(stays)
     if not len(words):
         return text  # punctuation or spaces only: compared as written
-    chars = entries & np.uint32((1 << 30) - 1)
+    chars = entries & np.uint32((1 << 30) - 1)  # the code points, without the flags
     runs = np.flatnonzero(np.diff(words) > 1)  # a run of separators lies after words[runs]
     left, right = words[runs], words[runs + 1]
     sign = (chars[right - 1] == MINUS) & (chars[right] >= ord("0")) & (chars[right] <= ord("9"))
-    apart = left[(entries[left] & entries[right] & JOINS != 0) | sign] + 1  # the first separator of each run
-    stays[apart] = True  # that keeps words apart
+    apart = left[((entries[left] & entries[right] & JOINS) != 0) | sign] + 1  # the first separator of each run
+    stays[apart] = True  # that keeps words apart stays, as one space
     chars[apart] = SEPARATOR
     return chars[stays].tobytes().decode("utf-32-le", "surrogatepass")
 
