@@ -767,3 +767,47 @@ def test_under_torchrun_a_bad_setting_is_said_once(tmp_path):
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("babyllama: error:")]
     assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
     assert "(rank" not in errors[0] and "(exitcode: 2)" in r.stderr
+
+
+class Killed(BaseException):
+    """A kill -9 in the middle of fit, which nothing catches."""
+
+
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_run_killed_around_writing_final_keeps_its_final_line_once(shards, tmp_path, monkeypatch, capsys, when):
+    args = ("--max_steps", "4", "--batch_size", "4", "--save_every", "2", "--eval_every", "2")
+    save = Trainer.save
+
+    def killed_at_final(self, final=False):
+        if final and when == "before":
+            raise Killed
+        path = save(self, final)
+        if final:  # killed just after final/ is written
+            raise Killed
+        return path
+
+    monkeypatch.setattr(Trainer, "save", killed_at_final)
+    with pytest.raises(Killed):
+        pretrain(config(shards, tmp_path, *args))
+    monkeypatch.setattr(Trainer, "save", save)
+    written = (tmp_path / "metrics.jsonl").read_text()
+    assert strict_lines(tmp_path / "metrics.jsonl")[-1]["final"] is True
+    pretrain(config(shards, tmp_path, *args), resume=True)
+    logged = strict_lines(tmp_path / "metrics.jsonl")
+    if when == "after":  # finished: every file as it was
+        assert "is finished at step 4" in capsys.readouterr().out
+        assert (tmp_path / "metrics.jsonl").read_text() == written
+    else:  # final/ and its line are redone, once
+        assert [(r["step"], bool(r.get("resumed")), bool(r.get("final"))) for r in logged[-3:]] == [
+            (4, False, False), (4, True, False), (4, False, True)]
+    assert [r["step"] for r in logged].count(4) == (2 if when == "after" else 3)
+    assert sum(bool(r.get("final")) for r in logged) == 1
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(shards, tmp_path, resume):
+    args = ("--max_steps", "4", "--batch_size", "4", "--log_every", "2")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "loss": 8.0}\n{"step": 6, "lo')
+    pretrain(config(shards, tmp_path, *args), resume=resume)
+    assert [r["step"] for r in strict_lines(tmp_path / "metrics.jsonl")] == [2, 4, 4]  # 4: the step and final
+    assert losses(tmp_path)[2] != 9.0

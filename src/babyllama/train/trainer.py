@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -298,13 +299,16 @@ class MetricsLog:
 
     A resumed run first drops the lines past the step it resumes from (written after that
     checkpoint, they are about to be redone) and the last line if a kill cut it, then marks the
-    resume with {"step", "resumed": true, "global_batch"}: each step appears once.
+    resume with {"step", "resumed": true, "global_batch"}: each step appears once. A run that
+    starts from the beginning (resumed_at None) starts both afresh: the lines and events of a run
+    killed before its first checkpoint are of steps it is about to redo.
     """
 
     def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
         self.path = path = out_dir / "metrics.jsonl"
-        if enabled and resumed_at is not None and path.is_file():
-            kept = [r for r in read_metrics(path) if r["step"] <= resumed_at and not r.get("final")]
+        if enabled and path.is_file():
+            kept = [] if resumed_at is None else [r for r in read_metrics(path)
+                                                  if r["step"] <= resumed_at and not r.get("final")]
             write_whole(path, "".join(strict_json(r) + "\n" for r in kept))
         with writing(path):
             self.f = path.open("a") if enabled else None
@@ -312,10 +316,13 @@ class MetricsLog:
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
-                pass
+                return
+            if resumed_at is None:
+                shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+            # a resume drops the events of the steps after its checkpoint, as it drops their lines
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                    purge_step=None if resumed_at is None else resumed_at + 1)
 
     def write(self, record: dict) -> None:
         if self.f is None:
@@ -577,14 +584,15 @@ class Trainer:
             print(f"note: global batch changed from {state['global_batch']} to {self.global_batch} samples")
 
     def save(self, final: bool = False) -> Path:
-        """A checkpoint of this step, to resume from; with final also final/, the weight average if any."""
+        """A checkpoint of this step, to resume from; with final final/ instead, the model as it is (fit puts the
+        weight average in first, use_average)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         self.check_finite()
         # every rank takes part in gathering FSDP's shards
         weights = get_model_state_dict(self.model, options=state_dict_options()) if self.t.fsdp else None
-        state = self.state_dict()
-        path = step_checkpoint(self.out, self.step)
+        state = None if final else self.state_dict()
+        path = self.out / "final" if final else step_checkpoint(self.out, self.step)
         if self.dist.main:
             extra = {"run": self.cfg.to_dict(), "stage": self.stage, "step": self.step}
             tensors_of = model_tensors if self.lora is None else adapter_tensors  # LoRA: the adapter only
@@ -597,11 +605,8 @@ class Trainer:
             tensors = tensors_of(self.model, weights)  # once, on the CPU, for both directories
             try:
                 save_checkpoint(path, self.model, self.tokenizer, state, extra, tensors, self.lora)
-                prune_checkpoints(self.out, self.t.keep_last)
-                if final:
-                    final_tensors = tensors_of(self.model, self.average) if self.average else tensors
-                    save_checkpoint(self.out / "final", self.model, self.tokenizer, None, extra, final_tensors,
-                                    self.lora)
+                if not final:
+                    prune_checkpoints(self.out, self.t.keep_last)
             except CannotWrite as e:  # the step checkpoints saved before are whole
                 raise CannotWrite(e.code, e.path, " (the checkpoints before it are intact)") from None
         barrier(self.dist)
@@ -628,6 +633,7 @@ class Trainer:
                        disable=not self.dist.main)
         self.wrapped.train()
         self.window = time.perf_counter(), self.tokens  # where tokens_per_s is measured from
+        start = self.step
         try:
             pending: list[dict] = []  # steps whose numbers are still on the GPU (skip_on_device)
             while self.step < self.total_steps:
@@ -645,10 +651,13 @@ class Trainer:
                 self.stop_if_signalled(settled)
                 if saved:
                     self.save()
-            self.save(final=True)
+            if self.step > start:  # else the checkpoint resumed from is this step's
+                self.save()
             self.use_average()  # the final loss is final/'s
             log.write({"step": self.step, "tokens": self.tokens, **self.validation(), "final": True})
-            return self.out / "final"
+            # final/ last: a run counts as finished once it is there (run_training), so its final line is written
+            # by then; a kill before final/ is written redoes the line (a resume drops it) and final/
+            return self.save(final=True)
         finally:
             bar.close()
             log.close()
