@@ -339,8 +339,9 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # and each rank ends with no thread but the main one (gloo's threads once ran into interpreter exit)
     assert threads_left(tmp_path / "ddp-rank", 2) == ["rc 0 threads []"] * 2
+    # validation covers eval_batches global batches: 3 x 8 rows, as one process at --batch_size 8 sees them
     assert final_val_loss(tmp_path / "ddp") == pytest.approx(
-        one_process_val_loss(tmp_path / "ddp" / "final", shards, 2, 3), rel=1e-5)
+        one_process_val_loss(tmp_path / "ddp" / "final", shards, 8, 3), rel=1e-5)
     # resume the 2-process run in 1 process with the same global batch (4 x 2 accumulation = 2 x 2 x 2)
     r = run_cli(*common, "--out_dir", tmp_path / "ddp", "--batch_size", "4", "--grad_accum", "2", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -359,7 +360,7 @@ def test_torchrun_two_processes_match_one_and_resume_on_one(shards, tmp_path):
     fsdp = losses(tmp_path / "fsdp")
     assert all(math.isclose(fsdp[s], one[s], rel_tol=1e-4) for s in (1, 2, 3)), (fsdp, one)
     assert final_val_loss(tmp_path / "fsdp") == pytest.approx(
-        one_process_val_loss(tmp_path / "fsdp" / "final", shards, 2, 3), rel=1e-5)
+        one_process_val_loss(tmp_path / "fsdp" / "final", shards, 8, 3), rel=1e-5)
 
 
 def test_torchrun_three_processes_validate_when_a_rank_gets_no_batch(shards, tmp_path):
@@ -372,7 +373,7 @@ def test_torchrun_three_processes_validate_when_a_rank_gets_no_batch(shards, tmp
     assert time.time() - start < 240
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
     assert [x["step"] for x in logged if "val_loss" in x] == [1, 2]  # step 1's; step 2 is the last: the final one
-    assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path / "final", shards, 2, 2), rel=1e-5)
+    assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path / "final", shards, 6, 2), rel=1e-5)
 
 
 def test_a_stuck_collective_ends_the_run_with_one_sentence(tmp_path):
@@ -811,3 +812,16 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(shar
     pretrain(config(shards, tmp_path, *args), resume=resume)
     assert [r["step"] for r in strict_lines(tmp_path / "metrics.jsonl")] == [2, 4, 4]  # 4: the step and final
     assert losses(tmp_path)[2] != 9.0
+
+
+def test_validation_covers_the_same_rows_whatever_splits_the_global_batch(shards, tmp_path):
+    """eval_batches global batches of rows: batch_size 4 alone and 2 x grad_accum 2 see the same 8 x 2 windows."""
+    assert len(TokenWindows(shards, 32, "val")) > 16  # more rows than validated: eval_batches decides them
+    val = []
+    for split in (["--batch_size", "4"], ["--batch_size", "2", "--grad_accum", "2"], ["--batch_size", "1",
+                                                                                   "--grad_accum", "4"]):
+        cfg = config(shards, tmp_path, *split)
+        trainer = Trainer(cfg, TokenWindows(shards, 32), TokenWindows(shards, 32, "val"),
+                          None, Dist())
+        val.append(trainer.evaluate())
+    assert val[0] == pytest.approx(val[1], rel=1e-6) and val[0] == pytest.approx(val[2], rel=1e-6)

@@ -102,7 +102,7 @@ class TrainConfig:
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation rows: this many global batches (batch_size x grad_accum x processes)
     save_every: int = 500
     keep_last: int = 3
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run

@@ -183,11 +183,11 @@ class DPOTrainer(Trainer):
     @torch.no_grad()
     def validation(self) -> dict[str, float]:
         """val_loss (with the RPO term, as the training loss) and val_rewards/... over the first
-        eval_batches * batch_size held-out pairs."""
+        eval_batches * global_batch held-out pairs (as Trainer.evaluate)."""
         if self.val_data is None:
             return {}
         B, d = self.t.batch_size, self.dist
-        n = min(len(self.val_data), self.t.eval_batches * B)
+        n = min(len(self.val_data), self.t.eval_batches * self.global_batch)
         batches = [list(range(s, min(s + B, n))) for s in range(0, n, B)]
         mine = batches[d.rank :: d.world]
         counted = len(mine)  # then a padding batch where this rank was dealt one fewer: equal forward passes

@@ -537,7 +537,9 @@ class Trainer:
         return {"val_loss": self.evaluate()}
 
     def evaluate(self) -> float | None:
-        """Mean loss over the first eval_batches * batch_size validation rows, in batches dealt out to the ranks.
+        """Mean loss over the first eval_batches * global_batch validation rows (the same rows whatever the number
+        of processes, batch_size and grad_accum that make that global batch), in batches of batch_size dealt out
+        to the ranks, their sums of nats and tokens added up.
 
         Every rank runs the same number of forward passes, as FSDP (which gathers the weights in each)
         and DDP (which syncs buffers) need: a rank dealt one batch fewer than others runs a padding batch
@@ -546,7 +548,7 @@ class Trainer:
         if self.val_data is None:
             return None
         B, d = self.t.batch_size, self.dist
-        n = min(len(self.val_data), self.t.eval_batches * B)
+        n = min(len(self.val_data), self.t.eval_batches * self.global_batch)
         batches = [range(s, min(s + B, n)) for s in range(0, n, B)]
         mine = batches[d.rank :: d.world]
         padding = -(-len(batches) // d.world) - len(mine)  # 0 or 1
