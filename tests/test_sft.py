@@ -524,3 +524,26 @@ def test_data_workers_are_at_most_one_per_core(sft_setup, tmp_path, monkeypatch,
     assert started == [used]
     warned = f"data_workers {asked} is more than the 1 CPU core of this machine; using 1 worker process"
     assert (warned in caplog.text) == (asked > 1)
+
+
+def test_torchrun_logs_the_tokens_of_every_rank(sft_setup, tmp_path):
+    """Rows of SFT differ in length: tokens is the sum of the ranks' positions, not rank 0's times the ranks."""
+    from babyllama.train.trainer import GlobalOrder, micro_batches
+    from tests.test_pretrain import torchrun
+
+    d = sft_setup
+    r = torchrun(["sft", "--init", d / "init", "--data", d / "sft.jsonl", "--out_dir", tmp_path, "--max_steps", "2",
+                  "--batch_size", "4", "--log_every", "1", "--eval_every", "0", "--save_every", "0",
+                  "--ddp_timeout", "60", "--val_fraction", "0.1"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train, _, _ = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "sft_tokens", SFTSettings(65, 0.1),
+                                False, Dist())
+    order, expected, tokens = GlobalOrder(len(train), 1337), [], 0
+    for step in range(2):
+        rows = [order(step * 8 + i) for i in range(8)]
+        for rank in range(2):
+            for m in micro_batches(rows, train.lengths, 4, 1, Dist(rank=rank, world=2)):
+                tokens += train.collate(m)["idx"].numel()
+        expected.append(tokens)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert [x["tokens"] for x in logged if not x.get("final")] == expected

@@ -443,7 +443,11 @@ class Trainer:
                     for k, v in self.train_data.collate(m).items()}
                    for m in micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)]
         counts = [self.units(b) for b in batches]  # target tokens that carry loss
-        total = all_reduce_sum(torch.stack(counts).sum().float(), d).clamp(min=1)
+        positions = float(sum(b["idx"].numel() for b in batches))  # this rank's, padding included
+        # one all_reduce for both; torch.full fills on the device, no copy that would wait for the GPU
+        sums = all_reduce_sum(torch.stack([torch.stack(counts).sum().float(),
+                                           torch.full((), positions, device=d.device)]), d)
+        total = sums[0].clamp(min=1)
         loss_sum = torch.zeros((), device=d.device)
         for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
             last = i == len(batches) - 1
@@ -453,7 +457,7 @@ class Trainer:
                 self.scaler.scale(loss * d.world / total).backward()  # DDP averages over ranks
             loss_sum += loss.detach().float()
         loss = all_reduce_sum(loss_sum, d) / total  # (), on the device
-        self.tokens += sum(b["idx"].numel() for b in batches) * d.world  # positions, padding included
+        self.step_tokens = sums[1]  # every rank's positions; settle adds them to self.tokens (read on the host)
         self.consumed_samples += self.global_batch
         self.step += 1
         if self.skip_on_device:
@@ -642,7 +646,7 @@ class Trainer:
                 loss, norm = self.train_step()
                 self.update_average()
                 bar.update()
-                pending.append({"step": self.step, "tokens": self.tokens, "loss": loss,
+                pending.append({"step": self.step, "tokens": self.step_tokens, "loss": loss,
                                 "lr": lr_at(self.step - 1, self.t, self.total_steps), "grad_norm": norm})
                 logged, evaluated, saved = self.due()
                 settled = logged or evaluated or saved or not self.skip_on_device
@@ -694,9 +698,12 @@ class Trainer:
                 log.write(r)
 
     def settle(self, pending: list[dict]) -> list[dict]:
-        """Read the steps' loss and grad norm (one host sync for all of them on a GPU) and mark skipped
+        """Read the steps' loss, grad norm and tokens (one host sync for all of them on a GPU; tokens then counts
+        them up to the last of them) and mark skipped
         steps; with skip_on_device, count them here (max_bad_steps in a row stop the run)."""
         for r in pending:
+            self.tokens += round(float(r["tokens"]))  # the step's tokens over all ranks
+            r["tokens"] = self.tokens
             loss, norm = (float(v) if isinstance(v, torch.Tensor) else v for v in (r["loss"], r["grad_norm"]))
             r["loss"], r["grad_norm"] = loss, norm
             finite = math.isfinite(loss) and norm is not None and math.isfinite(norm)
