@@ -825,3 +825,20 @@ def test_validation_covers_the_same_rows_whatever_splits_the_global_batch(shards
                           None, Dist())
         val.append(trainer.evaluate())
     assert val[0] == pytest.approx(val[1], rel=1e-6) and val[0] == pytest.approx(val[2], rel=1e-6)
+
+
+def test_fsdp_without_torchrun_is_one_sentence(shards, tmp_path, monkeypatch):
+    """`pretrain --fsdp true` in a process that torchrun did not start ended in torch's traceback ("environment
+    variable RANK expected"); it says that FSDP shards over torchrun's processes, and a model too large for the
+    machine names torchrun beside fsdp too."""
+    monkeypatch.delenv("RANK", raising=False)
+    r = run_cli("pretrain", *TINY, "--data", shards, "--out_dir", tmp_path / "run", "--max_steps", "1",
+                "--fsdp", "true")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "babyllama: error: fsdp shards the model over the "
+                                                            "processes of torchrun; run with torchrun (torchrun "
+                                                            "--standalone --nproc_per_node N -m babyllama ...) or "
+                                                            "leave fsdp off.")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(UserError, match=r"; choose a smaller model \(or shard it with fsdp over the processes of "
+                                        r"torchrun\)\.$"):
+        pretrain(config(shards, tmp_path / "big", "--model.dim", "1000000"))

@@ -113,6 +113,14 @@ def held_by_main(out: str | Path, command: str, d: Dist) -> Iterator[None]:
         yield
 
 
+def check_fsdp(fsdp: bool) -> None:
+    """UserError for fsdp in a process that torchrun did not start (no RANK in the environment): FSDP shards the
+    model over torchrun's processes, and without them fully_shard failed with torch's traceback."""
+    if fsdp and "RANK" not in os.environ:
+        raise UserError("fsdp shards the model over the processes of torchrun; run with torchrun (torchrun "
+                        "--standalone --nproc_per_node N -m babyllama ...) or leave fsdp off.")
+
+
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)

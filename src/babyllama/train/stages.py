@@ -35,7 +35,7 @@ from babyllama.lora import check_rank
 from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.train.distributed import Dist, barrier, held_by_main, process_group
+from babyllama.train.distributed import Dist, barrier, check_fsdp, held_by_main, process_group
 from babyllama.train.sft_data import load_sft_data
 from babyllama.train.trainer import Dataset, Trainer, check_memory, check_optimizer, check_resume, lora_of
 
@@ -60,6 +60,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         check_rank(lora, cfg.model)
     check_memory(cfg, dist.device, stage)  # and a model or batch beyond the machine
     check_optimizer(cfg.train)  # and Muon where it cannot run
+    check_fsdp(cfg.train.fsdp)  # and FSDP without torchrun's processes
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")

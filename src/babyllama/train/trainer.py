@@ -173,7 +173,7 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
         what = ("the weights and the adapters' gradients and AdamW" if lora else "weights, gradients and AdamW") + \
             (", and the reference model's weights" if reference else "")
         fix = ("choose a smaller lora_rank or fewer lora_targets" if lora else
-               "choose a smaller model (or shard it with fsdp)")
+               "choose a smaller model (or shard it with fsdp over the processes of torchrun)")
         if reference and trained <= have:  # the reference is freed before the first step when its log-probs are
             fix = "pass --precompute_ref_log_probs true, which frees the reference model before training"
         params = f"{base:,} parameters" + (f" and its LoRA adapters {adapters:,}" if lora else "")
