@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -842,3 +843,37 @@ def test_fsdp_without_torchrun_is_one_sentence(shards, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"; choose a smaller model \(or shard it with fsdp over the processes of "
                                         r"torchrun\)\.$"):
         pretrain(config(shards, tmp_path / "big", "--model.dim", "1000000"))
+
+
+def test_the_memory_check_takes_the_least_of_ram_cgroup_ulimit_and_torchrun_share(shards, tmp_path, monkeypatch):
+    """The check compared with all the physical RAM, so a run under a cgroup limit, ulimit -v, or as one of N torchrun
+    processes on one CPU host passed it, then died in DefaultCPUAllocator. It takes the least of them (RAM and the
+    cgroup's limit shared by the LOCAL_WORLD_SIZE processes) and names the one it took. No real allocation: the
+    limits are faked."""
+    import resource
+
+    from babyllama.train import trainer
+
+    gib = 1 << 30
+    sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda k: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 64 * gib}.get(k) or sysconf(k))
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(trainer, "CGROUP_LIMITS", (v2, v1))
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert trainer.cpu_memory() == (64 * gib, "cpu")
+    v2.write_text("max\n")  # no limit
+    v1.write_text(f"{16 * gib}\n")
+    assert trainer.cpu_memory() == (16 * gib, f"cpu under its cgroup limit ({v1})")
+    v2.write_text(f"{8 * gib}\n")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert trainer.cpu_memory() == (2 * gib, f"cpu under its cgroup limit ({v2}) for each of the 4 torchrun "
+                                             "processes on this host (LOCAL_WORLD_SIZE)")
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (gib + 2 * 4096, resource.RLIM_INFINITY))
+    monkeypatch.setattr(trainer, "Path", lambda p: tmp_path / "statm" if p == "/proc/self/statm" else Path(p))
+    (tmp_path / "statm").write_text("2048 1 1 1 0 1 0\n")  # pages (of SC_PAGE_SIZE, 1 byte here) mapped already
+    assert trainer.cpu_memory() == (gib + 2 * 4096 - 2048, "cpu that ulimit -v (RLIMIT_AS) leaves this process")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(UserError, match=r"more than the 1\.0 GiB of cpu that ulimit -v \(RLIMIT_AS\) leaves this "
+                                        r"process; choose a smaller model"):
+        pretrain(config(shards, tmp_path / "run", "--model.dim", "4096"))

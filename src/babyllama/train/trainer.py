@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import time
@@ -150,6 +151,36 @@ def size_text(n: float) -> str:
     return f"{n:,.1f} {units[i]}" if n < 10 and i else f"{n:,.0f} {units[i]}"
 
 
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))  # v2, v1
+
+
+def cpu_memory() -> tuple[float, str]:
+    """(bytes, words naming them): the memory one training process on the CPU may use, the least of the physical
+    RAM, the cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes) and what RLIMIT_AS (ulimit -v) leaves of this
+    process's address space. The torchrun processes on this host (LOCAL_WORLD_SIZE) share the RAM and the cgroup's
+    limit; RLIMIT_AS is each process's own."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    shared = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "cpu")]
+    for path in CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # v2 says "max" when there is none
+            shared.append((int(text), f"cpu under its cgroup limit ({path})"))
+    limits = [(n / local, f"{words} for each of the {local} torchrun processes on this host (LOCAL_WORLD_SIZE)"
+               if local > 1 else words) for n, words in shared]
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        try:  # the address space this process maps already (torch's libraries: hundreds of MiB)
+            used = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # no /proc (macOS)
+            used = 0
+        left = max(soft - used, 0)
+        limits.append((left, "cpu that ulimit -v (RLIMIT_AS) leaves this process"))
+    return min(limits, key=lambda limit: limit[0])
+
+
 def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
     """UserError, before anything is allocated, when the trained weights, their gradients and AdamW's two
     moments (16 bytes a parameter in fp32; FSDP shards them over the processes), with LoRA the frozen base's
@@ -166,9 +197,9 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
     trained = ((4 if lora else 16) * base + 16 * adapters) / world
     need = trained + reference
     if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
+        have, of = torch.cuda.get_device_properties(device).total_memory, str(device)
     else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        have, of = cpu_memory()
     if need > have:
         what = ("the weights and the adapters' gradients and AdamW" if lora else "weights, gradients and AdamW") + \
             (", and the reference model's weights" if reference else "")
@@ -178,12 +209,12 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
             fix = "pass --precompute_ref_log_probs true, which frees the reference model before training"
         params = f"{base:,} parameters" + (f" and its LoRA adapters {adapters:,}" if lora else "")
         raise UserError(f"the model has {params}: training needs about {size_text(need)} for {what}, more than "
-                        f"the {size_text(have)} of {device}; {fix}.")
+                        f"the {size_text(have)} of {of}; {fix}.")
     ids = 16 * t.batch_size * t.grad_accum * (cfg.model.max_seq_len + 1)  # a step's idx and targets, int64
     if ids > have:
         raise UserError(f"batch_size {t.batch_size} x grad_accum {t.grad_accum} rows of {cfg.model.max_seq_len} "
                         f"tokens need {size_text(ids)} for their token ids alone, more than the "
-                        f"{size_text(have)} of {device}; lower them.")
+                        f"{size_text(have)} of {of}; lower them.")
 
 
 # what a resume may not change: the checkpoint's optimizer state and adapter are of the first four; seed and pack
