@@ -877,3 +877,48 @@ def test_the_memory_check_takes_the_least_of_ram_cgroup_ulimit_and_torchrun_shar
     with pytest.raises(UserError, match=r"more than the 1\.0 GiB of cpu that ulimit -v \(RLIMIT_AS\) leaves this "
                                         r"process; choose a smaller model"):
         pretrain(config(shards, tmp_path / "run", "--model.dim", "4096"))
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Process pid's state and what follows it in /proc/PID/stat (state, ppid, ...); [] when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
+    return proc_stat(pid)[:1] not in ([], ["Z"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_end_when_torchrun_is_killed(shards, tmp_path):
+    """kill -9 of torchrun (its agent) left both workers, each in a session of its own, training on to the end and
+    holding out_dir's lock, so that a --resume was refused; each worker now ends with its agent
+    (cli.end_with_torchrun_agent)."""
+    out = tmp_path / "run"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "babyllama", "pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir", str(out),
+                              "--max_steps", "1000000", "--batch_size", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ,
+                                                                                        "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):  # both train
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        workers = [int(p.name) for p in Path("/proc").iterdir()
+                   if p.name.isdigit() and alive(int(p.name)) and proc_stat(int(p.name))[1:2] == [str(agent.pid)]]
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 10
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(alive, workers))
+    finally:
+        agent.kill()
+        for pid in workers if "workers" in locals() else []:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

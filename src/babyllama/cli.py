@@ -665,7 +665,35 @@ def stopped(how: str, args: argparse.Namespace) -> str:
     return f"babyllama: {how}; " + (f"the earlier output at {out}, if any, is kept; " if out else "") + f"{again}."
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends (Linux)
+
+
+def end_with_torchrun_agent() -> None:
+    """Under torchrun (RANK in the environment), end this worker when its agent ends, even by kill -9: the agent
+    starts each worker in a session of its own, so a kill of its process group left the workers training on to the
+    end, holding the out_dir's lock (a --resume was refused). On Linux prctl's PR_SET_PDEATHSIG sends SIGKILL, as
+    to datatrove_engine's forked workers; elsewhere a thread watches the parent's pid."""
+    if "RANK" not in os.environ:
+        return
+    agent = os.getppid()
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != agent:  # it ended before prctl
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    end_with_torchrun_agent()
     with terminated_as_ctrl_c() as deferred:  # first: a SIGTERM while the arguments are read is said too
         try:
             parser = build_parser()
