@@ -922,3 +922,19 @@ def test_workers_end_when_torchrun_is_killed(shards, tmp_path):
         for pid in workers if "workers" in locals() else []:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_preset_flag_replaces_the_config_model_table(tmp_path, caplog):
+    """`--model.preset baby-92m` beside a [model] table recorded "preset": "baby-92m" but built the table's model
+    (dim 128): the command line goes over the config, and a preset stands for all of its settings, so the model is
+    the preset's, changed by --model.key flags alone, and a warning names the table's settings it replaced."""
+    from babyllama.model import preset
+
+    toml = tmp_path / "t.toml"
+    toml.write_text("[model]\ndim = 128\nn_layers = 2\nvocab_size = 1024\n")
+    cfg = load_config(toml, ["--model.preset", "baby-92m", "--model.vocab_size", "2048"])
+    assert (cfg.preset, cfg.model) == ("baby-92m", preset("baby-92m", vocab_size=2048))
+    assert cfg.to_dict()["model"]["dim"] == 512
+    assert caplog.messages == [f"--model.preset baby-92m replaces the [model] settings of {toml} (dim, n_layers); "
+                               "pass --model.KEY to change the preset's"]
+    assert load_config(toml, ["--model.dim", "64"]).model == preset("demo", dim=64, n_layers=2, vocab_size=1024)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -22,6 +24,8 @@ from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
 from babyllama.settings import parse_overrides, read_toml
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 AT_LEAST_ONE = ("batch_size", "grad_accum", "log_every", "eval_batches", "keep_last", "max_bad_steps")
@@ -262,10 +266,17 @@ def closest(key: str, names: set[str]) -> str | None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the TOML file, then the flags."""
+    """Defaults, then the TOML file, then the flags. A preset stands for all of its model settings: one in the flags
+    replaces the file's [model] table (a warning names the settings it replaced), and --model.key flags change it."""
     data = read_toml(path)
     flags = parse_overrides(overrides or [])
     model_values = {**data.get("model", {}), **flags["model"]}
+    if "preset" in flags["model"]:
+        replaced = sorted(k for k in data.get("model", {}) if k not in flags["model"])
+        if replaced and os.environ.get("RANK", "0") == "0":
+            log.warning("--model.preset %s replaces the [model] settings of %s (%s); pass --model.KEY to change "
+                        "the preset's", flags["model"]["preset"], path, ", ".join(replaced))
+        model_values = dict(flags["model"])
     preset_name = str(model_values.get("preset", DEFAULT_PRESET))
     settings = _apply(ModelConfig, {k: v for k, v in model_values.items() if k != "preset"}, "model")
     train = TrainConfig(**_apply(TrainConfig, {**data.get("train", {}), **flags["train"]}, "train"))
