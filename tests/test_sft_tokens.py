@@ -348,11 +348,13 @@ def test_torchrun_two_processes_build_once_and_train_like_one(demo_sft, sft_init
     a, b = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a), (a, b)
-    # 3 validation batches of 2 packed rows: the ranks get 2 and 1, and the loss is one process's
+    # 3 validation batches of the global batch (4 packed rows), dealt to the ranks: one process's loss, the same
+    # rows whichever way the global batch is split
     data = demo_sft / "demo" / "sft.jsonl"
     assert len(sft_val(tmp_path / "two", data)) >= 5
-    expected = one_process_val_loss(tmp_path / "two", data, 2, 3)
+    expected = one_process_val_loss(tmp_path / "two", data, 4, 3)
     assert final_val_loss(tmp_path / "two") == pytest.approx(expected, rel=1e-5)
+    assert final_val_loss(tmp_path / "one") == pytest.approx(final_val_loss(tmp_path / "two"), rel=1e-4)
 
 
 def test_torchrun_three_processes_fsdp_validate_uneven_batches(demo_sft, sft_init, tmp_path):
@@ -363,8 +365,8 @@ def test_torchrun_three_processes_fsdp_validate_uneven_batches(demo_sft, sft_ini
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.time() - start < 240
     data = demo_sft / "demo" / "sft.jsonl"
-    assert len(sft_val(tmp_path, data)) >= 4  # 4 batches of 1 row over 3 ranks: 2, 1, 1
-    assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path, data, 1, 4), rel=1e-5)
+    assert len(sft_val(tmp_path, data)) >= 4  # 4 batches of the global batch (3 rows), dealt over 3 ranks
+    assert final_val_loss(tmp_path) == pytest.approx(one_process_val_loss(tmp_path, data, 3, 4), rel=1e-5)
 
 
 @pytest.mark.parametrize("damage", ["delete", "cut", "manifest"])
