@@ -506,6 +506,10 @@ def test_a_training_run_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tm
                                                         f"checkpoints, not one; pass one of them, e.g. "
                                                         f"{step_checkpoint(run, 2)}.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sft.jsonl"]
+    assert main(["chat", str(tmp_path)]) == 2  # a folder of runs, as the demo's: "not a checkpoint: no config.json"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"babyllama: error: {tmp_path} holds training runs, not a "
+                                                        f"checkpoint; pass one of their checkpoints, e.g. "
+                                                        f"{run / 'final'} (the newest).")
 
 
 def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys):

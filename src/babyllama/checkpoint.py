@@ -227,12 +227,17 @@ def read_config(path: str | Path) -> dict:
 def check_not_a_run(path: Path) -> None:
     """UserError when path, passed as a checkpoint, is a training run's folder (its config.json is the run's, or
     it holds final/ or checkpoints/), whose run config has the model's settings but no weights or tokenizer, or
-    the checkpoints/ folder of one. The sentence names a checkpoint of the run: final/, else the newest step."""
+    the checkpoints/ folder of one, or a folder of runs (the demo's). The sentence names a checkpoint of the run:
+    final/, else the newest step; of a folder of runs, the newest final/."""
     from babyllama.data.sources import is_run_config
 
     if path.name == "checkpoints" and (steps := step_checkpoints(path.parent)):
         raise UserError(f"{path} holds a run's step checkpoints, not one; pass one of them, e.g. {steps[-1]}.")
     if not (is_run_config(path / CONFIG_FILE) or (path / "final").is_dir() or (path / "checkpoints").is_dir()):
+        finals = sorted((f for f in path.glob("*/final") if f.is_dir()), key=lambda f: f.stat().st_mtime)
+        if finals and not (path / CONFIG_FILE).exists():  # the demo's folder, or any folder of runs
+            raise UserError(f"{path} holds training runs, not a checkpoint; pass one of their checkpoints, e.g. "
+                            f"{finals[-1]} (the newest).")
         return
     example = path / "final" if (path / "final").is_dir() else latest_checkpoint(path)
     if example is None:
