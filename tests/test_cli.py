@@ -96,6 +96,7 @@ def test_tokenizer_info_reads_its_sample_as_every_text_input(tmp_path, bpe_token
         ("random.bin", "{}: unknown file type .bin; use one of .jsonl, .json, .txt, .parquet, .csv."),
         ("empty.jsonl", "--sample {} has no text to measure."),
         ("missing.txt", "--sample {} does not exist."),
+        ("/dev/null", "--sample {} is not a regular file."),  # it said "input /dev/null", not the flag
     ]:
         r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", tmp_path / sample)
         assert (r.returncode, r.stderr) == (2, f"babyllama: error: {error.format(tmp_path / sample)}\n")

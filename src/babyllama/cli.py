@@ -37,6 +37,7 @@ from babyllama.errors import (
     UserError,
     check_apart,
     check_out_dir,
+    not_a_file,
     say,
     signals_held,
 )
@@ -69,8 +70,8 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> None:
     if args.sample:  # read as every text input is: its encoding detected, the text of JSON records, a folder's files
         from babyllama.data.sources import iter_texts
 
-        if not Path(args.sample).exists():
-            raise UserError(f"--sample {args.sample} does not exist.")
+        if not (Path(args.sample).is_file() or Path(args.sample).is_dir()):
+            raise UserError(f"--sample {args.sample} {not_a_file(Path(args.sample))}.")
         sample, name = "\n".join(iter_texts([args.sample])), args.sample
         if not sample.strip():
             raise UserError(f"--sample {args.sample} has no text to measure.")
