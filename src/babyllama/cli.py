@@ -37,6 +37,7 @@ from babyllama.errors import (
     UserError,
     check_apart,
     check_out_dir,
+    killed_with_parent,
     not_a_file,
     say,
     signals_held,
@@ -666,9 +667,6 @@ def stopped(how: str, args: argparse.Namespace) -> str:
     return f"babyllama: {how}; " + (f"the earlier output at {out}, if any, is kept; " if out else "") + f"{again}."
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends (Linux)
-
-
 def end_with_torchrun_agent() -> None:
     """Under torchrun (RANK in the environment), end this worker when its agent ends, even by kill -9: the agent
     starts each worker in a session of its own, so a kill of its process group left the workers training on to the
@@ -678,11 +676,7 @@ def end_with_torchrun_agent() -> None:
         return
     agent = os.getppid()
     if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != agent:  # it ended before prctl
-            os._exit(1)
+        killed_with_parent(agent)
         return
 
     def watch() -> None:

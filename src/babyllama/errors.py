@@ -220,3 +220,17 @@ def signals_held(complete: str | Path | None = None) -> Iterator[None]:
                 if done is None:
                     raise
                 raise Completed(done, came[0]) from None
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends (Linux)
+
+
+def killed_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent (pid parent) ends, even by kill -9 (prctl's
+    PR_SET_PDEATHSIG); it exits at once if the parent has ended already. For the processes that another one
+    starts and that must not outlive it: torchrun's workers (cli), datatrove's Manager (datatrove_engine)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before prctl
+        os._exit(1)

@@ -37,13 +37,11 @@ A Slurm submission writes into OUT itself, cleared first: its last stage runs af
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -107,7 +105,7 @@ from babyllama.data.shards import (
     write_manifest,
 )
 from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
-from babyllama.errors import UserError, write_whole
+from babyllama.errors import UserError, killed_with_parent, write_whole
 from babyllama.lock import holding
 from babyllama.tokenizer import load_tokenizer
 
@@ -182,7 +180,6 @@ def end_with_main() -> None:
         threading.Thread(target=exit_with, args=(parent,), daemon=True).start()
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends (Linux)
 _FORKING: list[int] = []  # while local stages run (forks_end_with_this_process): the pid of the process running them
 
 
@@ -194,9 +191,7 @@ def _end_with_parent() -> None:
     if not _FORKING:
         return
     parent = _FORKING.pop()  # what this process forks in turn is not watched
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent ended before prctl
-        os._exit(1)
+    killed_with_parent(parent)
 
 
 if sys.platform == "linux":
