@@ -950,3 +950,17 @@ def test_eval_goes_on_from_the_first_damaged_line_of_its_answers_so_far(tmp_path
         evaluate(qa_and_mc["ck"], tmp_path / "folder", **kw)
     assert str(e.value) == (f"{tmp_path / 'folder' / PARTIAL}, where eval keeps its answers so far, is not a file; "
                             "move it away or pass another --out_dir.")
+
+
+def test_a_continuation_longer_than_the_context_scores_its_end():
+    """eval --mc with an option longer than the context: a RuntimeError traceback (300 ids scored against the 256
+    rows of one window). Its last max_seq_len ids are scored, each after the ids before it in the window."""
+    from babyllama.evaluate import ModelScorer
+
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=32)).eval()
+    context, continuation = list(range(10, 15)), [(7 * i) % 590 + 5 for i in range(40)]
+    ids = (context + continuation)[-33:]  # the window: 32 positions, and the id each one predicts
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), dim=-1)
+    expected = sum(logp[t, ids[t + 1]].item() for t in range(32))
+    assert ModelScorer(model).logprob(context, continuation) == pytest.approx(expected, abs=1e-4)

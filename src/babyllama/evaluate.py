@@ -373,7 +373,11 @@ class ModelScorer:
 
     @torch.no_grad()
     def logprob(self, context: list[int], continuation: list[int]) -> float:
+        """Of the ids that fit the context window (max_seq_len + 1, cut from the left, as lm-evaluation-harness
+        cuts): a continuation longer than the window has its last max_seq_len ids scored, each after the ids
+        before it in the text."""
         ids = (context + continuation)[-self.model.cfg.max_seq_len - 1 :]
+        continuation = continuation[len(continuation) - min(len(continuation), len(ids) - 1) :]  # what it predicts
         x = torch.tensor([ids[:-1]], device=self.model.rope_cos.device)
         logits, _ = self.model(x)
         logp = torch.log_softmax(logits[0, -len(continuation) :].float(), dim=-1)
