@@ -308,8 +308,10 @@ def test_an_export_replaces_every_file_of_an_earlier_one(lora_run, tmp_path):
         shutil.rmtree(out)
         export(final, out, adapter=True)
         (out / "README.md").write_text("a model card of the user's")
+        (out / "adapter" / "notes.txt").write_text("the user's, in adapter/")  # it went with the folder
         export(checkpoint, out, adapter=adapter)
-        assert files_of(out) == fresh | {"README.md": b"a model card of the user's"}, (checkpoint, adapter)
+        assert files_of(out) == fresh | {"README.md": b"a model card of the user's",
+                                         "adapter/notes.txt": b"the user's, in adapter/"}, (checkpoint, adapter)
         shutil.rmtree(out)
 
 

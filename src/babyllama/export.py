@@ -34,7 +34,7 @@ from babyllama.checkpoint import (
     remove_stale_temporaries,
 )
 from babyllama.errors import UserError, check_out_dir, require, signals_held, writing
-from babyllama.lora import ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
+from babyllama.lora import ADAPTER_CONFIG, ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
 from babyllama.model import ModelConfig
 from babyllama.weights_file import save_safetensors
 
@@ -357,16 +357,32 @@ def move_into(tmp: Path, out: Path) -> None:
             return
         for name in HF_FILES:
             if not (tmp / name).exists() and (out / name).exists():
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+                remove_export_file(out / name)
         for f in tmp.iterdir():
-            if (out / f.name).is_dir():
-                shutil.rmtree(out / f.name)
-            f.replace(out / f.name)
+            if f.is_dir() and (out / f.name).is_dir():  # adapter/: its files replace theirs, the user's stay
+                for g in f.iterdir():
+                    g.replace(out / f.name / g.name)
+                f.rmdir()
+            else:
+                f.replace(out / f.name)
         tmp.rmdir()
+
+
+def remove_export_file(path: Path) -> None:
+    """An earlier export's file, or its adapter/ folder's files (ADAPTER_FILES) and then the folder if they were
+    all it held: a file of the user's own there stays."""
+    if not path.is_dir():
+        path.unlink()
+        return
+    for name in ADAPTER_FILES:
+        (path / name).unlink(missing_ok=True)
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
             "tokenizer_config.json", "special_tokens_map.json", "adapter")  # every file an hf export may write
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_FILE)  # what an --adapter export writes in adapter/
 
 BABYLLAMA_FILES = ("babyllama_tokenizer.json", "trainer_state.pt", "checkpoints", "metrics.jsonl", "final")
 
