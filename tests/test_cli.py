@@ -60,10 +60,18 @@ def test_tokenizer_train_trains_on_a_sample_of_max_train_bytes_and_shows_its_rea
     held = sum(len(d.encode()) for d in sample)
     assert 0 < len(sample) < 300 and (f"INFO babyllama.tokenizer: training on {len(sample)} of 300 documents: "
                                       f"{held / 2**20:.1f} of {size / 2**20:.1f} MiB (--max_train_bytes "
-                                      f"{size // 3 / 2**20:.1f} MiB)") in r.stderr.splitlines(), r.stderr
+                                      f"{size // 3:,} bytes ({size // 3 / 2**20:.1f} MiB))") in r.stderr.splitlines(), \
+        r.stderr
     assert re.search(r"^tokenizer train: reading: 300 docs \[\d\d:\d\d, [\d.]+ docs/s, [\d.]+ MiB/s\]$", r.stderr,
                      re.M), r.stderr
     assert load_tokenizer(tmp_path / "tok").fingerprint == train_bpe(sample, 400).fingerprint
+    smallest = min(len(d.encode()) for d in docs)  # a sample of nothing trained the 259 byte ids and said "done"
+    r = run_cli("tokenizer", "train", "--input", tmp_path / "c.txt", "--vocab_size", "400", "--max_train_bytes",
+                smallest - 1, "--out_dir", tmp_path / "tok")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: --max_train_bytes {smallest - 1:,} is "
+                                                            "smaller than every document (300 read), so none was "
+                                                            "sampled; raise it, or pass 0 to train on every document.")
+    assert load_tokenizer(tmp_path / "tok").fingerprint == train_bpe(sample, 400).fingerprint  # the earlier one
 
 
 def test_tokenizer_train_writes_its_json_alone_to_a_pipe(tmp_path):

@@ -517,8 +517,12 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
                 neg_key, _, _, dropped = heapq.heappop(kept)
                 held, cut = held - dropped, -neg_key
         bar.set_postfix_str(speed(), refresh=False)  # the last status's
+    budget = f"{max_bytes:,} bytes ({max_bytes / MiB:.1f} MiB)" if max_bytes else "0: every document"
+    if n and not kept:  # every document over the budget: a tokenizer of the 259 byte ids, said as a corpus too small
+        raise UserError(f"--max_train_bytes {max_bytes:,} is smaller than every document ({n:,} read), so none "
+                        "was sampled; raise it, or pass 0 to train on every document.")
     log.info("training on %d of %d documents: %.1f of %.1f MiB (--max_train_bytes %s)", len(kept), n, held / MiB,
-             seen / MiB, f"{max_bytes / MiB:.1f} MiB" if max_bytes else "0: every document")
+             seen / MiB, budget)
     return [text for _, _, text, _ in sorted(kept, key=lambda k: k[1])]
 
 
