@@ -748,3 +748,27 @@ def test_records_after_a_json_array_are_read_or_counted_never_lost(tmp_path):
     one_line = tmp_path / "c.json"  # a whole array on one line is still an array
     one_line.write_text('[{"text": "甲"}, {"text": "乙"}]\n', encoding="utf-8")
     assert [r for _, r, _ in iter_records(one_line)] == [{"text": "甲"}, {"text": "乙"}]
+
+
+def test_sft_records_read_as_text_keep_their_system_and_history(tmp_path):
+    """prepare took an alpaca record's `history` and a record's top-level `system` out of its text (SFT reads them
+    since they were found dropped there too); a field of the wrong type is a bad record that names it."""
+    f = tmp_path / "sft.jsonl"
+    records = [{"system": "你是助手", "instruction": "问四", "input": "", "output": "答四",
+                "history": [["早先的问", "早先的答"]]},
+               {"instruction": "问五", "output": "答五", "history": "oops"},
+               {"instruction": "问六", "output": "答六"}]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    bad = []
+
+    class Log:
+        def write(self, s):
+            bad.append(s.strip())
+
+    assert list(CorpusReader([f], bad_log=Log()).documents()) == ["你是助手\n早先的问早先的答\n问四答四", "问六答六"]
+    assert bad == [f"{f}:2: its 'history' is not a list of [question, answer] pairs of strings"]
+    g = tmp_path / "chat.jsonl"
+    g.write_text(json.dumps({"system": "系统", "conversations": [{"from": "human", "value": "问"},
+                                                                 {"from": "gpt", "value": "答"}]},
+                            ensure_ascii=False) + "\n")
+    assert list(CorpusReader([g]).documents()) == ["系统\n问\n答"]

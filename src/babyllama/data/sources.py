@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from babyllama.chat_format import instruction_pair, is_unicode, messages_of_record
+from babyllama.chat_format import context_messages, instruction_pair, is_unicode, messages_of_record
 from babyllama.errors import UserError, cannot_write, check_out_dir, not_a_file, require
 from babyllama.progress import is_rank0
 
@@ -80,14 +80,26 @@ def text_of_wudao(r: dict) -> str | None:
 
 def text_of_instruction(r: dict) -> str | None:
     """As pretraining text, the recipe's way: the question followed directly by the answer (an
-    instruction record, or a prompt/answer row of the recipe's sft_data.csv)."""
+    instruction record, or a prompt/answer row of the recipe's sft_data.csv), after the record's `system`
+    text and `history` turns, one line each (context_text)."""
     pair = instruction_pair(r)
-    return None if pair is None else pair[0] + pair[1]
+    return None if pair is None else context_text(r) + pair[0] + pair[1]
 
 
 def text_of_conversation(r: dict) -> str | None:
     messages = messages_of_record(r)
-    return None if messages is None else "\n".join(content for _, content in messages)
+    return None if messages is None else context_text(r) + "\n".join(content for _, content in messages)
+
+
+def context_text(r: dict) -> str:
+    """A record's `system` text and each [question, answer] of its `history` (chat_format.context_messages, as
+    SFT reads them), a line each, question and answer joined as text_of_instruction joins them; "" when it has
+    neither. Raises ValueError, a bad record, for a field of the wrong type."""
+    messages = context_messages(r)
+    lines = [c for role, c in messages if role == "system"]
+    turns = [c for role, c in messages if role != "system"]
+    lines += [q + a for q, a in zip(turns[::2], turns[1::2], strict=True)]
+    return "".join(line + "\n" for line in lines)
 
 
 SCHEMAS: dict[str, Callable[[dict], str | None]] = {
@@ -828,7 +840,11 @@ class CorpusReader:
                 self._bad(stats, where, why)
                 continue
             schema = stats.schema or detect_schema(record)
-            text = SCHEMAS[schema](record) if schema else None
+            try:
+                text = SCHEMAS[schema](record) if schema else None
+            except ValueError as e:  # a field of the wrong type (context_text), named
+                self._bad(stats, where, str(e))
+                continue
             if text is None:
                 self._bad(stats, where, f"lacks the fields of the {schema} schema" if schema else
                           f"has none of the fields of a known schema ({', '.join(sorted(map(str, record))[:5])})")
