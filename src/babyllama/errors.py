@@ -169,19 +169,25 @@ def check_apart(out: str | Path, inputs: list[str] | None) -> None:
     """Raise UserError when the output folder out is, or is inside, a folder among inputs (each run would read the
     output of the one before as input: prepare's records went 3, 6, 6, and a document deleted from the source
     stayed), or holds one of them (which a run may replace, or read again beside its own output). Paths are
-    compared as resolved (symbolic links, ..); an input that does not exist is left to the command to say."""
-    real = Path(out).resolve()
+    compared as resolved (overlap); an input that does not exist is left to the command to say."""
     for name in inputs or []:
         path = Path(name)
         if not path.exists():
             continue
-        if path.is_dir() and (path.resolve() == real or path.resolve() in real.parents):
-            where = "is" if path.resolve() == real else "is inside"
-            raise UserError(f"--out_dir {out} {where} the --input folder {name}, which a run reads whole, so a later "
+        how = overlap(out, path)
+        if how in ("is", "is inside") and path.is_dir():
+            raise UserError(f"--out_dir {out} {how} the --input folder {name}, which a run reads whole, so a later "
                             "run may read this one's output as input; choose an --out_dir outside it.")
-        if real in path.resolve().parents:
+        if how == "holds":
             raise UserError(f"--out_dir {out} holds --input {name}, which a run may replace or read again beside its "
                             "output; choose an --out_dir that holds none of the inputs.")
+
+
+def overlap(out: str | Path, path: str | Path) -> str | None:
+    """How the folder out lies to path, both resolved (symbolic links, ..): "is" it, "holds" it, "is inside" it,
+    or None when they are apart."""
+    o, p = Path(out).resolve(), Path(path).resolve()
+    return "is" if o == p else "holds" if o in p.parents else "is inside" if p in o.parents else None
 
 
 class Completed(KeyboardInterrupt):

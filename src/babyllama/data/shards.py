@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.errors import CannotWrite, UserError, check_folder, discard, signals_held, write_whole, writing
+from babyllama.errors import CannotWrite, UserError, check_folder, discard, overlap, signals_held, write_whole, writing
 
 MANIFEST = "manifest.json"
 
@@ -276,11 +276,8 @@ def merge(dirs: list[str], out: str | Path) -> dict:
 def check_out_dir_apart(dirs: list[str], out: Path) -> None:
     """UserError when out is one of the parts dirs, holds one or is inside one: clearing out for the merge would
     delete the shards it is about to read."""
-    o = out.resolve()
     for d in dirs:
-        p = Path(d).resolve()
-        if o == p or o in p.parents or p in o.parents:
-            how = "is" if o == p else "holds" if o in p.parents else "is inside"
+        if how := overlap(out, d):
             raise UserError(f"--out_dir {out} {how} the part {d}; merge into a folder apart from the parts, which "
                             "it would otherwise overwrite.")
 
