@@ -888,5 +888,9 @@ def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe
     for base, status in [("http://127.0.0.1:8000", 200), ("http://localhost:8000", 200), ("http://[::1]:8000", 200),
                          ("http://evil.example:8000", 400), ("http://127.0.0.1.evil.example", 400)]:
         assert TestClient(apps[0], base_url=base).get("/health").status_code == status, base
+    r = TestClient(apps[0], base_url="http://myhost:8000").post("/v1/completions", json={"prompt": "x"})
+    assert (r.status_code, r.json()) == (400, {"error": {"type": "invalid_request_error", "message":
+        "Host header 'myhost:8000': this server answers only 127.0.0.1, localhost, [::1]; start it with --host "
+        "0.0.0.0 (or this machine's address) to answer other names"}})
     assert loopback_names("localhost") == loopback_names("::1") == ["127.0.0.1", "localhost", "[::1]"]
     assert loopback_names("0.0.0.0") is None and loopback_names("192.0.2.1") is None

@@ -19,6 +19,7 @@ harness's loglikelihood requests) is picked from that same forward.
 
 import ipaddress
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
+import re
 import socket
 import sys
 import threading
@@ -510,6 +511,26 @@ class BodyLimit:
         await self.app(scope, counted if scope["type"] == "http" else receive, send)
 
 
+class HostCheck:
+    """ASGI middleware: a request whose Host header names none of allowed_hosts (its port aside) gets a 400 in
+    OpenAI's JSON shape with a sentence that says how to serve other names (a guard against DNS rebinding, as
+    Starlette's TrustedHostMiddleware, whose plain-text 'Invalid host header' says nothing of --host)."""
+
+    def __init__(self, app, allowed_hosts: Sequence[str]):
+        self.app, self.allowed_hosts = app, [h.lower() for h in allowed_hosts]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":  # (no websocket routes)
+            host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+            name = re.sub(r":\d*$", "", host).lower()  # [::1]:8000 -> [::1]
+            if name not in self.allowed_hosts:
+                names = ", ".join(self.allowed_hosts)
+                return await error(400, f"Host header {host!r}: this server answers only {names}; start it with "
+                                   "--host 0.0.0.0 (or this machine's address) to answer other names"
+                                   )(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def response_object(choices: list[dict], gens: list[Generation], rid: str, created: int, name: str,
                     chat: bool) -> dict:
     """A whole answer (chat.completion or text_completion) with its choices, and usage summed over them."""
@@ -587,13 +608,12 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer;
     sampling: the temperature and top_p of requests that leave them out, the top_k and repetition
     penalty of all (default: sampling.Sampling, as chat and eval); allowed_hosts: the names a request's Host
-    header may give (Starlette's TrustedHostMiddleware: a 400 for any other), None for any."""
+    header may give (HostCheck: a 400 for any other), None for any."""
     fastapi = require("fastapi", "serve")
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     max_ctx = model.cfg.max_seq_len
     defaults = sampling or Sampling()
@@ -601,7 +621,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     app = fastapi.FastAPI(title="babyllama", version="1")
 
     if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+        app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # the outer one: a body too large is refused first
 
     @app.exception_handler(StarletteHTTPException)
