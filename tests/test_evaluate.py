@@ -229,6 +229,14 @@ def test_every_multiple_choice_row_is_an_item_or_a_bad_record(tmp_path):
     items, bad = read_mc([j])
     assert [(i["options"]["A"], i["answer"]) for i in items] == [("", "A")]
     assert bad == [f"{j}:2: the answer '' is not one of A, B, C, D"]
+    j.write_text("\n".join(json.dumps(r) for r in [  # numbers are their text; a list or an object is a bad row
+        {"question": "一", "A": 1, "B": 2.5, "C": 3, "D": 4, "answer": "B"},
+        {"question": "二", "A": ["甲", "乙"], "B": "乙", "C": "丙", "D": "丁", "answer": "A"},
+        {"question": {"text": "三"}, "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "A"}]))
+    items, bad = read_mc([j])
+    assert [(i["question"], i["options"]) for i in items] == [("一", {"A": "1", "B": "2.5", "C": "3", "D": "4"})]
+    assert bad == [f"{j}:2: its 'A' is a list, not a string or a number",
+                   f"{j}:3: its 'question' is an object, not a string or a number"]
 
 
 def test_answers_and_continuations_cut_inside_a_character_drop_it(bpe_tokenizer):

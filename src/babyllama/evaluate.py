@@ -347,17 +347,18 @@ def mc_item(row: dict | None, why: str, subject: str) -> dict:
     letter of A-D; ValueError, saying why, for a bad row."""
     if row is None:
         raise ValueError(why)
-    r = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
-    missing = [k for k in ("question", *LETTERS, "answer") if k.lower() not in r]
+    names = {str(k).strip(): k for k in row if k is not None}  # A-D upper-case, the other columns lower-case
+    r = {(n.upper() if n.upper() in set(LETTERS) else n.lower()): row[k] for n, k in names.items()}
+    missing = [k for k in ("question", *LETTERS, "answer") if k not in r]
     if missing:
         raise ValueError(f"a multiple-choice row needs question, A-D, answer; missing {', '.join(missing)}")
-    text = lambda v: "" if v is None else str(v)  # a JSON null is no text, not "None"
-    item = {"subject": r.get("subject") or subject, "question": text(r["question"]),
-            "options": {c: text(r[c.lower()]) for c in LETTERS}, "answer": text(r["answer"]).strip().upper()}
+    text = lambda key: field_text(r, key, numbers=True) or ""  # a JSON null is no text; a list or object is bad
+    item = {"subject": field_text(r, "subject") or subject, "question": text("question"),
+            "options": {c: text(c) for c in LETTERS}, "answer": text("answer").strip().upper()}
     if not item["question"].strip():
         raise ValueError("a multiple-choice row needs a question; it is empty")
     if item["answer"] not in set(LETTERS):  # not `in LETTERS`: "" and "AB" are substrings
-        raise ValueError(f"the answer {text(r['answer']).strip()!r} is not one of {', '.join(LETTERS)}")
+        raise ValueError(f"the answer {text('answer').strip()!r} is not one of {', '.join(LETTERS)}")
     if not any(o.strip() for o in item["options"].values()):  # letters alone would be scored
         raise ValueError("a multiple-choice row needs options; A-D are all empty")
     if not is_unicode(item["question"] + "".join(item["options"].values())):
