@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
+import torch
 
 from babyllama.chat_format import Conversation, render_conversation
-from babyllama.data.preferences import preference_from_record, render_pair
+from babyllama.checkpoint import save_checkpoint
+from babyllama.config import load_config
+from babyllama.data.preferences import pair_samples, preference_from_record, render_pair
 from babyllama.data.sft_tokens import SFTSettings
 from babyllama.errors import UserError
+from babyllama.model import Transformer
 from babyllama.train.distributed import Dist
+from babyllama.train.dpo import dpo
 from babyllama.train.sft_data import load_sft_data
+from tests.conftest import tiny_config
 from tests.test_sft import samples, write
 
 HISTORY = Conversation([("你好", "你好！"), ("1+1等于几", "")], "你是助手。")
@@ -119,3 +126,77 @@ def test_a_file_with_no_usable_pair_is_one_sentence(bpe_tokenizer, tmp_path):
     bpe_tokenizer.save(tmp_path / "tok")
     with pytest.raises(UserError, match=r"no usable preference records .*1 with equal answers"):
         load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(), kind="dpo")
+
+
+LONG = "张三在北京" * 40  # over 64 tokens: a pair that ends in it is cut to max_seq_len 64
+
+
+def test_a_pair_equal_once_truncated_is_skipped_and_counted_and_an_empty_answer_is_empty(bpe_tokenizer, tmp_path):
+    """A pair whose answers differ only after max_seq_len was trained on as two byte-identical rows (no signal,
+    log 2 of loss, a wrong accuracy); an empty rejected answer was worded as an empty chosen one, and two empty
+    answers were counted as equal rather than empty."""
+    assert len(bpe_tokenizer.encode(LONG)) > 64
+    path = write(tmp_path / "pairs.jsonl", [
+        SHAPES[0][0],
+        {"prompt": "q", "chosen": LONG + "好", "rejected": LONG + "坏"},  # equal once truncated
+        {"prompt": "q", "chosen": "好" + LONG, "rejected": "坏" + LONG},  # truncated, still a preference: kept
+        {"prompt": "q1", "chosen": "a", "rejected": ""},  # an empty rejected answer
+        {"prompt": "q2", "chosen": "", "rejected": ""},  # empty, not equal
+        {"prompt": "q3", "chosen": "同", "rejected": "同"},  # equal
+    ])
+    bpe_tokenizer.save(tmp_path / "tok")
+    train, _, stats = load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False,
+                                    Dist(), kind="dpo")
+    assert (stats.records, stats.bad, stats.equal_pairs, stats.equal_after_truncation, stats.empty_answers,
+            stats.truncated, stats.samples) == (6, 0, 1, 1, 2, 1, 4)
+    kept = [(SHAPES[0][1], "等于2。", "等于3。"), (Conversation([("q", "")]), "好" + LONG, "坏" + LONG)]
+    expected = [s for conv, c, r in kept for s in render_pair(bpe_tokenizer, conv, c, r, 65)[:2]]
+    assert samples(train) == [tuple(s) for s in expected]
+    rows = samples(train)
+    assert all(rows[i] != rows[i + 1] for i in range(0, len(rows), 2))  # no pair of identical rows
+
+
+def test_a_file_of_pairs_equal_once_truncated_says_so(bpe_tokenizer, tmp_path):
+    path = write(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": LONG + "好", "rejected": LONG + "坏"},
+                                             {"prompt": "q", "chosen": "", "rejected": ""}])
+    bpe_tokenizer.save(tmp_path / "tok")
+    with pytest.raises(UserError) as e:
+        load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(), kind="dpo")
+    assert str(e.value) == (f"no usable preference records in {path} (2 read, 0 bad, 1 with an empty answer, 0 "
+                            "filtered by length, 0 with equal answers, 1 equal once truncated); nothing was written.")
+
+
+class Folded:
+    """A tokenizer that reads text lower-cased, as one with a normalizer (NFKC, lower case) reads it."""
+
+    def __init__(self, tok):
+        self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text.lower())
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok.encode_batch([t.lower() for t in texts])
+
+
+def test_answers_of_other_text_but_the_same_tokens_are_an_equal_pair(bpe_tokenizer):
+    """Equality is of the samples trained on (ids and mask), not of the strings."""
+    counts = Counter()
+    parsed = (Conversation([("问", "")]), "OK", "ok")
+    assert pair_samples(Folded(bpe_tokenizer), parsed, SFTSettings(65, 0.0), counts) == ([], False)
+    assert counts == {"equal_pairs": 1}
+    samples_of, _ = pair_samples(bpe_tokenizer, parsed, SFTSettings(65, 0.0), counts)
+    assert len(samples_of) == 2 and counts == {"equal_pairs": 1, "truncated": 0}  # the plain tokenizer tells them apart
+
+
+def test_the_dpo_data_line_names_each_count(bpe_tokenizer, tmp_path, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init", Transformer(tiny_config(vocab_size=600)), bpe_tokenizer)
+    path = write(tmp_path / "pairs.jsonl", [
+        SHAPES[0][0], {"prompt": "q", "chosen": LONG + "好", "rejected": LONG + "坏"},
+        {"prompt": "q1", "chosen": "a", "rejected": ""}, {"prompt": "q3", "chosen": "同", "rejected": "同"}])
+    dpo(load_config(None, ["--init", str(tmp_path / "init"), "--data", str(path), "--out_dir", str(tmp_path / "run"),
+                           "--max_steps", "1", "--batch_size", "1", "--warmup_steps", "0", "--val_fraction", "0",
+                           "--eval_every", "0", "--data_workers", "1"]))
+    assert ("dpo data: 4 records, 0 bad, 1 with equal answers, 1 equal once truncated, 1 with an empty answer, "
+            "0 filtered by length, 0 truncated; 1 train / 0 val pairs\n") in capsys.readouterr().out

@@ -14,9 +14,10 @@ reads them (chat_format.context_messages).
 Both answers of a pair follow the same conversation. The mask marks only the last answer and its
 <eos>, the one the pair is about: earlier answers are context. A long pair is cut as SFT cuts a
 sample, answer by answer (chat_format.truncate_conversation). Bad records are counted as for SFT
-(an empty prompt is one, as an empty instruction is for SFT); a pair whose answers are the same text
-teaches nothing and is skipped and counted (equal_pairs), and so is one with a blank answer, chosen
-or rejected (empty_answers).
+(an empty prompt is one, as an empty instruction is for SFT). A pair with a blank answer, chosen or
+rejected, is skipped and counted (empty_answers); so is one whose two samples are the same ids and
+mask, which teaches nothing: answers of the same text or tokens (equal_pairs), or answers that differ
+only in what truncation cut off (equal_after_truncation).
 """
 
 from __future__ import annotations
@@ -110,14 +111,15 @@ def render_pair(tokenizer: Tokenizer, conv: Conversation, chosen: str, rejected:
 def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings: SFTSettings,
                  counts: Counter) -> tuple[list, bool]:
     """The token cache's samples of a pair (data/sft_tokens.render_batch): its chosen then its rejected
-    answer; none, counted, for equal answers, a blank one (chosen or rejected: empty_answers), or a length
-    filter that fails."""
+    answer; none, counted, for a blank answer (chosen, rejected or both: empty_answers), equal answers, a
+    length filter that fails, or samples that are the same ids and mask, which carry no preference: the
+    answers tokenize alike (equal_pairs) or differ only beyond max_len (equal_after_truncation)."""
     conv, chosen, rejected = parsed
-    if chosen == rejected:
-        counts["equal_pairs"] += 1
-        return [], False
     if is_blank(chosen) or is_blank(rejected):
         counts["empty_answers"] += 1
+        return [], False
+    if chosen == rejected:
+        counts["equal_pairs"] += 1
         return [], False
     prompt = conv.turns[-1][0]
     if not all(settings.fits(u, a) for u, a in conv.turns[:-1]) or not (
@@ -125,5 +127,8 @@ def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings
         counts["filtered"] += 1
         return [], False
     *samples, cut = render_pair(tok, conv, chosen, rejected, settings.max_len)
+    if samples[0] == samples[1]:
+        counts["equal_after_truncation" if cut else "equal_pairs"] += 1
+        return [], False
     counts["truncated"] += cut
     return samples, is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)

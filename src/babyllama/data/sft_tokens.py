@@ -55,10 +55,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 5  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 6  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
-# rendered, SFT's and all of DPO's shapes, where 4 dropped them)
+# rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
+# mask, as truncation made them; equal_after_truncation counted; both answers empty is empty_answers, not equal)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -89,7 +90,8 @@ class SFTStats:
     bad: int = 0
     filtered: int = 0  # by the length filters
     empty_answers: int = 0  # an answer (DPO: chosen or rejected) with nothing visible: <eos> alone
-    equal_pairs: int = 0  # DPO: pairs whose chosen and rejected answers are the same text
+    equal_pairs: int = 0  # DPO: pairs whose chosen and rejected answers are the same text or the same tokens
+    equal_after_truncation: int = 0  # DPO: pairs whose answers differ only in what truncation to max_len cut off
     truncated: int = 0
     samples: int = 0
     val_samples: int = 0
@@ -259,7 +261,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         for batch, r in in_workers(render, _record_batches(paths), str(tokenizer_path), workers):
             _write(files, out, r, tok.dtype)
             stats.records += len(batch)
-            for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs, truncated
+            for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
                 setattr(stats, k, getattr(stats, k) + n)
             stats.val_samples += int(r["val"].sum())
             stats.samples += int((~r["val"]).sum())
@@ -274,8 +276,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
                 f.close()
         if stats.samples == 0:
             detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
-                      f"{stats.filtered} filtered by length" + (f", {stats.equal_pairs} with equal answers"
-                                                                if kind == "dpo" else ""))
+                      f"{stats.filtered} filtered by length" + (f", {equal_words(stats)}" if kind == "dpo" else ""))
             if stats.val_samples:
                 raise UserError(f"every {what} sample landed in the validation split ({detail}); lower "
                                 "--val_fraction.")
@@ -297,6 +298,11 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     finally:
         bar.close()
     return manifest
+
+
+def equal_words(stats: SFTStats) -> str:
+    """The DPO pairs skipped as equal, in words: "2 with equal answers, 1 equal once truncated" (to max_seq_len)."""
+    return f"{stats.equal_pairs} with equal answers, {stats.equal_after_truncation} equal once truncated"
 
 
 def _writable(out: Path) -> None:

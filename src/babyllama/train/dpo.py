@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from babyllama.checkpoint import load_model, tokenizer_dir, weights_sha256
 from babyllama.config import RunConfig
+from babyllama.data.sft_tokens import equal_words
 from babyllama.errors import UserError, writing
 from babyllama.progress import progress
 from babyllama.settings import default_out_dir
@@ -279,8 +280,8 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
         resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
         train, val, stats, data = token_cache(cfg, tok_path, dist, "dpo", resume_from)  # t.pack is refused above
         if dist.main:
-            print(f"dpo data: {stats.records} records, {stats.bad} bad, {stats.equal_pairs} with equal answers, "
-                  f"{stats.empty_answers} with an empty chosen answer, {stats.filtered} filtered by length, "
+            print(f"dpo data: {stats.records} records, {stats.bad} bad, {equal_words(stats)}, "
+                  f"{stats.empty_answers} with an empty answer, {stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples // 2} train / {stats.val_samples // 2} val pairs")
         val_data = PreferenceData(val) if val is not None else None
         return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, resume_from, "dpo", DPOTrainer,
