@@ -133,6 +133,19 @@ def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_name
 
 
 
+
+def test_qa_and_mc_rows_with_bad_bytes_or_a_lone_surrogate_say_which(tmp_path):
+    """A JSON escape \\ud800 was "bytes that are not text in the file's encoding", which the file does not hold."""
+    row = b', "answer": "A", "A": "a", "B": "b", "C": "c", "D": "d"}'
+    good = json.dumps({"question": "问甲"}, ensure_ascii=False).encode()[:-1] + row  # 2 of 3 lines UTF-8: UTF-8
+    f = tmp_path / "law_val.jsonl"
+    f.write_bytes(b"\n".join([good, good, b'{"question": "q\xff"' + row, b'{"question": "q\\ud800"' + row]))
+    why = [f"{f}:3: {{}} holds bytes that are not text in the file's encoding (\\xff)",
+           f"{f}:4: {{}} holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode"]
+    assert read_qa(f)[2] == [w.format("the record") for w in why]
+    assert read_mc([f])[1] == [w.format("the row") for w in why]
+
+
 def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_path, tiny_run, bpe_tokenizer,
                                                                          monkeypatch):
     """An alpaca QA record's `system` and `history` were dropped: eval asked its question alone, where SFT (and

@@ -200,3 +200,20 @@ def test_the_dpo_data_line_names_each_count(bpe_tokenizer, tmp_path, capsys):
                            "--eval_every", "0", "--data_workers", "1"]))
     assert ("dpo data: 4 records, 0 bad, 1 with equal answers, 1 equal once truncated, 1 with an empty answer, "
             "0 filtered by length, 0 truncated; 1 train / 0 val pairs\n") in capsys.readouterr().out
+
+
+def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_are_bad_pairs_that_say_so(bpe_tokenizer,
+                                                                                               tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"\n".join([b'{"prompt": "q", "chosen": "\xe5\xa5\xbd", "rejected": "\xff\xfe"}',
+                                 b'{"prompt": "q\\ud800", "chosen": "a", "rejected": "b"}',
+                                 b'{"conversations": [], "chosen": "a", "rejected": "b"}',
+                                 *(json.dumps(SHAPES[0][0], ensure_ascii=False).encode(),) * 2]))  # mostly UTF-8
+    bpe_tokenizer.save(tmp_path / "tok")
+    _, _, stats = load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(),
+                                kind="dpo")
+    assert (stats.records, stats.bad, stats.samples) == (5, 3, 4)
+    assert (tmp_path / "cache" / "bad_records.txt").read_text().splitlines() == [
+        f"{path}:1: its text holds bytes that are not text in the file's encoding (\\xff\\xfe)",
+        f"{path}:2: its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode",
+        f"{path}:3: its 'conversations' list is empty: there is no message"]

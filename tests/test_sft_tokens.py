@@ -466,3 +466,22 @@ def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path,
     assert not [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(sft_tokens, "write_json", real)
     assert build_sft_cache([demo_sft / "multi.jsonl"], demo_sft / "tok", tmp_path / "c", settings) == manifest
+
+
+def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_what_they_are(demo_sft, tmp_path):
+    """Bytes that are not UTF-8 were reported as a lone surrogate (\\ud800-\\udfff), which the file does not hold;
+    an empty conversations list as an item that lacks a role, though it has no item."""
+    lines = [b'{"instruction": "\xe9\x97\xae\xff\xfe", "output": "a"}', b'{"instruction": "q\\ud800", "output": "a"}',
+             b'{"conversations": []}', b'{"conversations": {"role": "user"}}',
+             b'{"conversations": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}',
+             *(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False).encode(),) * 2]  # mostly UTF-8
+    f = tmp_path / "sft.jsonl"
+    f.write_bytes(b"\n".join(lines))
+    manifest = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(64, 0.0))
+    assert (manifest["stats"]["bad"], manifest["stats"]["samples"]) == (5, 2)
+    assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
+        f"{f}:1: its text holds bytes that are not text in the file's encoding (\\xff\\xfe)",
+        f"{f}:2: its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode",
+        f"{f}:3: its 'conversations' list is empty: there is no message",
+        f"{f}:4: its 'conversations' is not a list of messages",
+        f"{f}:5: a conversations item lacks a known role or a text content"]

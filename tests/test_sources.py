@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import shutil
 from pathlib import Path
@@ -43,6 +44,28 @@ def test_jsonl_with_bad_records_keeps_every_good_one(tmp_path):
     assert bad == [f"{f}:3: not valid JSON (Expecting property name enclosed in double quotes)",
                    f"{f}:4: lacks the fields of the text schema", f"{f}:5: lacks the fields of the text schema",
                    f"{f}:6: not valid JSON (Expecting value)"]
+
+
+
+def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_what_they_are(tmp_path):
+    """Bytes that are not UTF-8 and a JSON escape \\ud800 were both "a lone surrogate (\\ud800-\\udfff) or bytes
+    that are not text"; an empty conversations list "lacks the fields of the conversation schema"."""
+    f = jsonl(tmp_path / "c.jsonl", [b'{"text": "\xe5\xa5\xbd\xff"}', b'{"text": "a\\ud800b"}',
+                                     {"conversations": []}, {"conversations": [{"role": "user"}]},
+                                     {"text": "好"}, {"text": "第二篇"}])
+    log = io.StringIO()
+    reader = CorpusReader([f], bad_log=log, format="text")
+    assert list(reader.documents()) == ["好", "第二篇"]
+    assert log.getvalue().splitlines() == [f"{f}:1: holds bytes that are not text in the file's encoding (\\xff)",
+                                           f"{f}:2: holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can "
+                                           "encode", f"{f}:3: lacks the fields of the text schema",
+                                           f"{f}:4: lacks the fields of the text schema"]
+    reader = CorpusReader([f], bad_log=(log := io.StringIO()), format="conversation")
+    assert list(reader.documents()) == []
+    assert log.getvalue().splitlines() == [f"{f}:{n}: lacks the fields of the conversation schema" for n in (1, 2)] + [
+        f"{f}:3: its 'conversations' list is empty: there is no message",
+        f"{f}:4: a conversations item lacks a known role or a text content"] + [
+        f"{f}:{n}: lacks the fields of the conversation schema" for n in (5, 6)]
 
 
 def test_every_schema_of_the_recipe(tmp_path):

@@ -84,19 +84,21 @@ class Conversation:
 # --- records and messages -> a conversation ---
 
 
-def messages_of_record(record: dict) -> list[tuple[str, str]] | None:
+def messages_of_record(record: dict) -> list[tuple[str, str]]:
     """[(role, content)] of a `conversations` list, {role, content} or {from: human|gpt, value} items;
-    roles become system / user / assistant; None when the list or an item is malformed."""
+    roles become system / user / assistant. Raises ValueError saying what is malformed: the list is
+    not one, is empty, or an item lacks a known role or a text content."""
     items = record.get("conversations")
-    if not isinstance(items, list) or not items:
-        return None
+    if not isinstance(items, list):
+        raise ValueError("its 'conversations' is not a list of messages")
+    if not items:
+        raise ValueError("its 'conversations' list is empty: there is no message")
     out = []
     for item in items:
-        if not isinstance(item, dict):
-            return None
+        item = item if isinstance(item, dict) else {}
         role, content = item.get("role", item.get("from")), item.get("content", item.get("value"))
         if role not in ROLES or not isinstance(content, str):
-            return None
+            raise ValueError("a conversations item lacks a known role or a text content")
         out.append((ROLES[role], content))
     return out
 
@@ -153,6 +155,21 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def not_unicode(text: str) -> str | None:
+    """What text holds that no tokenizer can encode, as words to follow "holds"; None when it is Unicode
+    (is_unicode). Characters U+DC80-U+DCFF are bytes that the file's encoding does not decode, as the readers
+    (errors="surrogateescape") and chat's stdin give them, named in the words: "bytes that are not text in the
+    file's encoding (\\xff\\xfe)"; other lone surrogates came from a JSON escape such as \\ud800 (a JSON escape
+    in U+DC80-U+DCFF reads as a byte: the decoded record no longer tells them apart)."""
+    if is_unicode(text):
+        return None
+    escaped = [c for c in text if "\udc80" <= c <= "\udcff"]
+    if escaped:
+        shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in escaped[:8]) + ("..." if len(escaped) > 8 else "")
+        return f"bytes that are not text in the file's encoding ({shown})"
+    return "a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode"
+
+
 def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> Conversation:
     """A conversation from (role, content) messages by the rules above.
 
@@ -188,10 +205,12 @@ def conversation_from_record(record: dict) -> Conversation:
 
 def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
     """conv, whose SFT or DPO record (with the DPO pair's answers) is good to train on. Raises ValueError,
-    saying why, when its text is no valid Unicode (a lone surrogate such as the JSON escape \\ud800) or a
-    question is blank (is_blank): an empty instruction, prompt or user message asks nothing."""
-    if not is_unicode("".join([conv.system, *answers, *(u + a for u, a in conv.turns)])):
-        raise ValueError("its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode")
+    saying why, when its text is no valid Unicode (not_unicode: bytes its file's encoding does not decode, or a
+    lone surrogate such as the JSON escape \\ud800) or a question is blank (is_blank): an empty instruction,
+    prompt or user message asks nothing."""
+    why = not_unicode("".join([conv.system, *answers, *(u + a for u, a in conv.turns)]))
+    if why:
+        raise ValueError(f"its text holds {why}")
     if any(is_blank(u) for u, _ in conv.turns):
         raise ValueError("a question (instruction, prompt or user message) is empty, so there is nothing to answer")
     return conv
@@ -200,8 +219,6 @@ def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
 def _conversation_of(record: dict) -> Conversation:
     if "conversations" in record:
         messages = messages_of_record(record)
-        if messages is None:
-            raise ValueError("a conversations item lacks a known role or a text content")
     else:
         pair = instruction_pair(record)
         if pair is None:

@@ -41,6 +41,7 @@ from babyllama.chat_format import (
     context_messages,
     instruction_prompt,
     is_unicode,
+    not_unicode,
     render_prompt,
     text_prompt,
 )
@@ -178,8 +179,8 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     reference = field_text(record, key, numbers=True, lists=True) if key else ""
     task = field_text(record, "task", numbers=True)
     context = context_messages(record)  # raises for a system or history of another type
-    if not is_unicode("".join([question, reference, task or "", *(text for _, text in context)])):
-        raise ValueError("the record holds bytes that are not text in the file's encoding")
+    if why := not_unicode("".join([question, reference, task or "", *(text for _, text in context)])):
+        raise ValueError(f"the record holds {why}")
     if not reference.strip():
         return None
     system, history = record.get("system") or "", record.get("history") or []
@@ -361,8 +362,8 @@ def mc_item(row: dict | None, why: str, subject: str) -> dict:
         raise ValueError(f"the answer {text('answer').strip()!r} is not one of {', '.join(LETTERS)}")
     if not any(o.strip() for o in item["options"].values()):  # letters alone would be scored
         raise ValueError("a multiple-choice row needs options; A-D are all empty")
-    if not is_unicode(item["question"] + "".join(item["options"].values())):
-        raise ValueError("the row holds bytes that are not text in the file's encoding")
+    if why := not_unicode(item["question"] + "".join(item["options"].values())):
+        raise ValueError(f"the row holds {why}")
     return item
 
 

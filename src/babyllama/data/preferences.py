@@ -63,8 +63,6 @@ def _prompt_messages(record: dict) -> list[tuple[str, str]]:
     chat_format.context_messages), then its conversation, question or prompt."""
     if "conversations" in record:
         messages = messages_of_record(record)
-        if messages is None:
-            raise ValueError("a conversations item lacks a known role or a text content")
     else:
         messages = [("user", _text(record, "question" if "question" in record else "prompt"))]
     return context_messages(record) + messages

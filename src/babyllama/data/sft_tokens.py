@@ -59,7 +59,8 @@ VERSION = 6  # of the chat format, filters and layout: a new version never reuse
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
-# mask, as truncation made them; equal_after_truncation counted; both answers empty is empty_answers, not equal)
+# mask, as truncation made them; equal_after_truncation counted; both answers empty is empty_answers, not equal;
+# bad_records.txt names bytes that are not text apart from a lone surrogate, and an empty conversations list)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 

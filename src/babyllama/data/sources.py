@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from babyllama.chat_format import context_messages, instruction_pair, is_unicode, messages_of_record
+from babyllama.chat_format import context_messages, instruction_pair, messages_of_record, not_unicode
 from babyllama.errors import UserError, cannot_write, check_out_dir, not_a_file, require
 from babyllama.progress import is_rank0
 
@@ -87,8 +87,11 @@ def text_of_instruction(r: dict) -> str | None:
 
 
 def text_of_conversation(r: dict) -> str | None:
-    messages = messages_of_record(r)
-    return None if messages is None else context_text(r) + "\n".join(content for _, content in messages)
+    """Its messages a line each, after context_text; None without a `conversations` field. Raises ValueError, a
+    bad record, for a malformed list (chat_format.messages_of_record names what)."""
+    if "conversations" not in r:
+        return None
+    return context_text(r) + "\n".join(content for _, content in messages_of_record(r))
 
 
 def context_text(r: dict) -> str:
@@ -842,14 +845,14 @@ class CorpusReader:
             schema = stats.schema or detect_schema(record)
             try:
                 text = SCHEMAS[schema](record) if schema else None
-            except ValueError as e:  # a field of the wrong type (context_text), named
+            except ValueError as e:  # a field of the wrong type (context_text, messages_of_record), named
                 self._bad(stats, where, str(e))
                 continue
             if text is None:
                 self._bad(stats, where, f"lacks the fields of the {schema} schema" if schema else
                           f"has none of the fields of a known schema ({', '.join(sorted(map(str, record))[:5])})")
-            elif not is_unicode(text):
-                self._bad(stats, where, "holds a lone surrogate (\\ud800-\\udfff) or bytes that are not text")
+            elif why := not_unicode(text):
+                self._bad(stats, where, f"holds {why}")
             else:
                 if not stats.schema:
                     stats.schema = schema
