@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import subprocess
 import sys
@@ -238,3 +239,71 @@ def test_chat_and_eval_never_answer_with_control_tokens(bpe_tokenizer):
     text = "".join(reply(model, bpe_tokenizer, Conversation([("你好", "")]), Sampling(max_new_tokens=8)))
     assert text and answer(model, bpe_tokenizer, "你好", Sampling(max_new_tokens=8))
     assert continuations(model, bpe_tokenizer, ["床前明月光，"], Sampling(max_new_tokens=8))[0]["continuation"]
+
+
+def test_a_long_piped_conversation_tokenizes_only_the_turns_that_can_still_fit(bpe_tokenizer, tmp_path, monkeypatch):
+    """The tester's case: piped questions took 5.5 s for 500, 35 s for 2,000 and 193 s for 4,000, as each one
+    tokenized the whole history again to keep the few turns that fit 128 ids. Now the history keeps only the turns
+    that a prompt can still hold (each takes 3 ids at least: question <bos> <eos>), so the texts tokenized per
+    question stay under 128 // 3 + 2 however long the conversation (all 120 of them, before), and every answer is
+    the one that the whole history gives."""
+    from babyllama.chat import Sampling, reply
+
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    save_checkpoint(tmp_path / "ck", model, bpe_tokenizer)
+    questions = [f"问{i}" for i in range(120)]
+    history: list[tuple[str, str]] = []
+    for q in questions:
+        conv = Conversation([*history, (q, "")], "系统")
+        history.append((q, "".join(reply(model, bpe_tokenizer, conv, Sampling(max_new_tokens=4)))))
+    assert len({a for _, a in history}) > 10  # the answers depend on the history kept
+    texts: list[int] = []  # the texts of each tokenizer call
+    encode_batch = type(bpe_tokenizer).encode_batch
+    monkeypatch.setattr(type(bpe_tokenizer), "encode_batch",
+                        lambda self, batch, *a, **k: texts.append(len(batch)) or encode_batch(self, batch, *a, **k))
+    r = run_cli("chat", tmp_path / "ck", "--max_new_tokens", "4", "--system", "系统", stdin="\n".join(questions))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(f"{a}\n" for _, a in history)
+    assert max(texts) <= 128 // 3 + 2, max(texts)
+
+
+def test_ctrl_c_ends_the_half_written_answer_or_prompt_line_before_the_cli_says_interrupted(
+        bpe_tokenizer, tmp_path, monkeypatch, capsys):
+    """The tester's case: `babyllama: interrupted.` came on the line of the answer that Ctrl-C cut; stdout now ends
+    that line first, and at a terminal the `用户> ` prompt's line too, where Ctrl-C comes while reading."""
+    from babyllama.chat import Sampling, chat
+    from babyllama.model import Transformer
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    full = run_cli("chat", tmp_path / "ck", "--max_new_tokens", "8", stdin="你好\n").stdout
+    stream = Transformer.stream
+
+    def cut(self, *args, **kwargs):  # Ctrl-C after 4 tokens of the answer
+        for n, token in enumerate(stream(self, *args, **kwargs)):
+            if n == 4:
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr(Transformer, "stream", cut)
+    r = run_cli("chat", tmp_path / "ck", "--max_new_tokens", "8", stdin="你好\n")
+    assert r.returncode == 130 and r.stderr.endswith("\nbabyllama: interrupted.\n")
+    assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1 and full.startswith(r.stdout[:-1]) and r.stdout != full
+
+    class Terminal(io.StringIO):  # the user types 你好, then Ctrl-C at the next prompt
+        def isatty(self) -> bool:
+            return True
+
+        def reconfigure(self, **kwargs) -> None:
+            pass
+
+        def readline(self, *args) -> str:
+            if self.tell() == len(self.getvalue()):
+                raise KeyboardInterrupt
+            return super().readline(*args)
+
+    monkeypatch.setattr(sys, "stdin", Terminal("你好\n"))
+    monkeypatch.setattr(Transformer, "stream", stream)
+    with pytest.raises(KeyboardInterrupt):
+        chat(str(tmp_path / "ck"), Sampling(max_new_tokens=8), device="cpu")
+    banner = "babyllama chat: /reset to start over, /exit to leave\n"
+    assert capsys.readouterr().out == f"{banner}\n用户> 助手> {full}\n用户> \n"

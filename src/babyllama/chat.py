@@ -6,8 +6,10 @@
 Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves; any other line that starts
 with / is an unknown command, and a line with bytes that are not text in stdin's encoding is
 refused, each with one line, without asking the model. The history is trimmed, oldest turns
-first, so that the prompt and the answer fit the context window; a question that does not fit whole
-(with the system text) is refused the same way, with the line serve's 400 gives.
+first, so that the prompt and the answer fit the context window, and keeps only the turns that can still
+fit (kept_turns), so a question costs no more late in a long conversation; a question that does not fit
+whole (with the system text) is refused the same way, with the line serve's 400 gives. Ctrl-C ends the
+line it cuts (an answer, the prompt) before the CLI says `babyllama: interrupted.`
 """
 
 from __future__ import annotations
@@ -146,19 +148,56 @@ def refusal(line: str, encoding: str) -> str:
     return ""
 
 
+class Terminal:
+    """stdout, knowing whether its last line is unfinished (a prompt, an answer so far), so that what stops chat
+    (Ctrl-C: the CLI's `babyllama: interrupted.` on stderr) begins a line of its own."""
+
+    def __init__(self):
+        self.open = False
+
+    def write(self, text: str) -> None:
+        if text:  # before the print: a stop within it leaves at worst an empty line, never a joined one
+            self.open = not text.endswith("\n")
+        print(text, end="", flush=True)
+
+
+def kept_turns(history: list[tuple[str, str, int]], max_seq_len: int) -> list[tuple[str, str, int]]:
+    """The (question, answer, ids) turns of history less the oldest that no prompt can hold again: a prompt that
+    holds a turn holds every newer one, so a turn goes once the newer turns alone take more than max_seq_len ids
+    (ids: question <bos> answer <eos>, as truncate_conversation counts them). Each question then renders a bounded
+    history, whose cost does not grow with the conversation, into the prompt it got from the whole of it."""
+    newer = 0  # ids of the turns after turn i
+    for i in range(len(history) - 1, -1, -1):
+        if newer > max_seq_len:
+            return history[i + 1 :]
+        newer += history[i][2]
+    return history
+
+
 def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DEVICE) -> None:
     from babyllama.checkpoint import load_checkpoint
 
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     check_system(tokenizer, system, model.cfg.max_seq_len)
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not text: lone surrogates (is_unicode)
+    out = Terminal()
+    try:
+        converse(model, tokenizer, sampling, system, out)
+    except BaseException:  # Ctrl-C, SIGTERM: the half-written answer or prompt ends its line first
+        if out.open:
+            out.write("\n")
+        raise
+
+
+def converse(model, tokenizer: Tokenizer, sampling: Sampling, system: str, out: Terminal) -> None:
+    """Answer stdin's lines until /exit or its end (the module docstring)."""
     tty = sys.stdin.isatty()
     if tty:
-        print("babyllama chat: /reset to start over, /exit to leave")
-    history: list[tuple[str, str]] = []
+        out.write("babyllama chat: /reset to start over, /exit to leave\n")
+    history: list[tuple[str, str, int]] = []  # (question, answer, ids): kept_turns
     while True:
         if tty:
-            print("\n用户> ", end="", flush=True)
+            out.write("\n用户> ")
         line = sys.stdin.readline()
         if not line:
             break
@@ -167,24 +206,26 @@ def chat(checkpoint: str, sampling: Sampling, system: str = "", device: str = DE
             break
         if text == "/reset":
             history = []
-            print("(conversation reset)", flush=True)
+            out.write("(conversation reset)\n")
             continue
         if not text:
             continue
         if note := refusal(text, sys.stdin.encoding):
-            print(note, flush=True)
+            out.write(note + "\n")
             continue
         text = text[1:] if text.startswith("//") else text  # "//usr 是什么" asks "/usr 是什么"
         try:
-            pieces = reply(model, tokenizer, Conversation([*history, (text, "")], system), sampling)
+            pieces = reply(model, tokenizer, Conversation([*((q, a) for q, a, _ in history), (text, "")], system),
+                           sampling)
         except ValueError as e:  # not read whole: not asked, and the conversation goes on without it
-            print(e, flush=True)
+            out.write(f"{e}\n")
             continue
         if tty:
-            print("助手> ", end="", flush=True)
+            out.write("助手> ")
         answer = ""
         for piece in pieces:
             answer += piece
-            print(piece, end="", flush=True)
-        print(flush=True)
-        history.append((text, answer))
+            out.write(piece)
+        out.write("\n")
+        size = sum(len(ids) + 1 for ids in tokenizer.encode_batch([text, answer]))
+        history = kept_turns([*history, (text, answer, size)], model.cfg.max_seq_len)
