@@ -499,6 +499,98 @@ def test_web_page_streams_an_answer(server, tmp_path):
     assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
 
 
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
+def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(server):
+    """The tester's cases: the page kept a question whose answer failed (a 400, a 500 that is not JSON, no server),
+    so the next one was joined to it and failed too until reset; and it never dropped a turn, so the 65th exchange
+    got `messages: a list of 1 to 128 messages; got 129` forever. A question that gets no whole answer is now shown
+    refused and left out, and the oldest exchanges go (the system message stays) to keep a request within 128
+    messages and 1 MB; one question at a time (Enter while an answer comes leaves the text in the box)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    model, sent = server["model"], []
+    url = "**/v1/chat/completions"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(json.loads(r.post_data)))
+        page.goto(server["url"] + "/")
+
+        def ask(text: str) -> str:
+            """The answer's bubble once done."""
+            n = page.locator(".assistant").count()
+            page.fill("#input", text)
+            page.press("#input", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.assistant')[{n}]?.dataset.done === 'true'",
+                                   timeout=20000)
+            return page.locator(".assistant").nth(n).inner_text()
+
+        page.fill("#max_tokens", "999999")
+        too_many = ask("第一个问题")  # 400
+        page.fill("#max_tokens", "4")
+        page.route(url, lambda r: r.fulfill(status=500, content_type="text/plain", body="Internal Server Error"))
+        crashed = ask("第二个问题")
+        page.unroute(url)
+        page.route(url, lambda route: route.abort())
+        down = ask("第三个问题")
+        page.unroute(url)
+        answered = ask("你好")
+        refused = page.locator(".user.refused").all_inner_texts()
+        system = [{"role": "system", "content": "系统"}]
+        history = [m for i in range(64) for m in ({"role": "user", "content": f"问{i}"},
+                                                   {"role": "assistant", "content": f"答{i}"})]
+        page.evaluate("h => { messages = h; }", system + history)
+        trimmed = ask("再来")
+        kept = page.evaluate("messages")
+        long = [m for i in range(40) for m in ({"role": "user", "content": "长" * 19000 + str(i)},
+                                               {"role": "assistant", "content": "好"})]
+        page.evaluate("h => { messages = h; }", long)
+        big = ask("最后")
+        model.delay = 0.2
+        try:
+            page.fill("#input", "慢一点")
+            page.press("#input", "Enter")
+            busy = page.is_disabled("#send")  # the answer is coming
+            page.fill("#input", "插队")
+            page.press("#input", "Enter")  # while the answer comes: not asked, and still in the box
+            page.wait_for_function("document.querySelectorAll('.assistant')[6].dataset.done === 'true'",
+                                   timeout=20000)
+            waiting = page.input_value("#input")
+        finally:
+            model.delay = 0.0
+        browser.close()
+    assert too_many.startswith("error: ") and "does not fit the context" in too_many
+    assert crashed == "error: the server answered 500 Internal Server Error"
+    assert down.startswith("error: ") and len(down) > len("error: ")
+    assert refused == ["第一个问题", "第二个问题", "第三个问题"]
+    assert [b["messages"] for b in sent[:4]] == [[{"role": "user", "content": q}] for q in
+                                                 ("第一个问题", "第二个问题", "第三个问题", "你好")]
+    assert answered == alone(server, "你好", 4) and answered
+    question = {"role": "user", "content": "再来"}
+    assert sent[4]["messages"] == system + history[2:] + [question]  # 130 messages: the oldest exchange goes
+    turns = [(u["content"], a["content"]) for u, a in zip(history[2::2], history[3::2], strict=True)] + [("再来", "")]
+    assert trimmed == "".join(reply(model.model, server["tokenizer"], Conversation(turns, "系统"),
+                                    Sampling(max_new_tokens=4)))
+    assert kept == sent[4]["messages"] + [{"role": "assistant", "content": trimmed}]
+    size = len(json.dumps(sent[5], ensure_ascii=False, separators=(",", ":")).encode())
+    k = len(sent[5]["messages"]) - 1
+    older = {**sent[5], "messages": long[-k - 2 :] + sent[5]["messages"][-1:]}
+    assert sent[5]["messages"] == long[-k:] + [{"role": "user", "content": "最后"}] and k < len(long)
+    assert size <= 1 << 20 < len(json.dumps(older, ensure_ascii=False, separators=(",", ":")).encode())
+    assert not big.startswith("error")
+    assert busy and len(sent) == 7 and sent[6]["messages"][-1]["content"] == "慢一点" and waiting == "插队"
+
+
+def test_the_chat_pages_limits_are_the_servers():
+    """The page drops the oldest exchanges to keep a request within serve's limits (the page test shows how): its
+    copies of them are serve's."""
+    from babyllama import serve
+
+    limits = re.search(r"const MAX_MESSAGES = (\d+), MAX_BODY_BYTES = 1 << (\d+);", serve.PAGE.read_text())
+    assert limits and (int(limits[1]), 1 << int(limits[2])) == (serve.MAX_MESSAGES, serve.MAX_BODY_BYTES)
+
 # Every request parameter of the official client: (name, value, honoured). A value the server cannot
 # honour must get a 400 that names the field; the test fails when the client grows a parameter.
 CHAT_PARAMS = [
