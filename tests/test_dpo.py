@@ -193,12 +193,28 @@ def test_dpo_learns_the_held_out_preferences(dpo_setup, tmp_path):
     assert final["val_rewards/chosen"] > 0 > final["val_rewards/rejected"]
 
 
+def test_a_line_is_of_its_step_alone_whatever_log_every(dpo_setup, tmp_path):
+    """rewards/* and logps/* were means over the steps since the last line while its loss was the step's: log_every
+    1 and 3 logged the same loss at step 3 but other rewards. Every value of a line is now of its step."""
+    d = dpo_setup
+    args = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--max_steps", "3", "--batch_size", "4",
+            "--lr", "3e-3", "--warmup_steps", "1", "--eval_every", "0", "--val_fraction", "0", "--data_workers", "1"]
+    for every in ("1", "3"):
+        dpo(load_config(None, [*args, "--log_every", every, "--out_dir", str(tmp_path / every)]))
+    each, third = metrics(tmp_path / "1"), metrics(tmp_path / "3")
+    assert [r["step"] for r in each] == [1, 2, 3, 3] and [r["step"] for r in third] == [3, 3]  # then the final line
+    assert each[2] == third[0], (each, third)
+    assert len({r["rewards/margins"] for r in each[:3]}) == 3  # the steps differ: a mean over them is none of them
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--lora_dropout", "0.1", "--precompute_ref_log_probs",
                                         "true"]], ids=["full", "lora-precomputed"])
 def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):
+    """log_every 2 and a checkpoint at step 3: the line of step 4 once covered steps 3 and 4 in the run not stopped,
+    and step 4 alone in the resumed one."""
     d = dpo_setup
     args = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--max_steps", "6", "--batch_size", "4",
-            "--lr", "3e-3", "--save_every", "3", "--log_every", "1", "--eval_every", "3", "--warmup_steps", "2",
+            "--lr", "3e-3", "--save_every", "3", "--log_every", "2", "--eval_every", "3", "--warmup_steps", "2",
             "--val_fraction", "0.1", "--eval_batches", "2", "--data_workers", "1", *extra]
     dpo(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
     simulate_death(tmp_path / "straight", tmp_path / "died", step=3)

@@ -150,6 +150,12 @@ class DPOTrainer(Trainer):
             self.precompute_reference()
         return super().fit()
 
+    def train_step(self) -> tuple[float | torch.Tensor, float | torch.Tensor | None]:
+        """Trainer.train_step, its pairs' metrics summed afresh: a line's rewards/* and logps/* are of its step alone,
+        as its loss, whatever log_every and wherever a run was stopped and resumed."""
+        self.sums.zero_()
+        return super().train_step()
+
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(batch["idx"].size(0) // 2, device=batch["idx"].device)  # pairs
 
@@ -177,8 +183,7 @@ class DPOTrainer(Trainer):
         return self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) if self.t.rpo_alpha else 0.0
 
     def step_metrics(self) -> dict[str, float]:
-        step = means(all_reduce_sum(self.sums, self.dist))
-        self.sums.zero_()
+        step = means(all_reduce_sum(self.sums, self.dist))  # the step's pairs, on every rank
         return {k: v for k, v in step.items() if k != "loss"}  # the loss is logged already
 
     @torch.no_grad()

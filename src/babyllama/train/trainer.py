@@ -564,7 +564,8 @@ class Trainer:
             params[name].copy_(mean)
 
     def step_metrics(self) -> dict[str, float]:
-        """What a stage logs beside the loss at a logged step (DPO: its rewards since the last); on every rank."""
+        """What a stage logs beside the loss at a logged step, of that step alone as its loss (DPO: its rewards);
+        on every rank."""
         return {}
 
     def validation(self) -> dict[str, float | None]:
