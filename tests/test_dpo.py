@@ -207,6 +207,22 @@ def test_a_line_is_of_its_step_alone_whatever_log_every(dpo_setup, tmp_path):
     assert len({r["rewards/margins"] for r in each[:3]}) == 3  # the steps differ: a mean over them is none of them
 
 
+def test_tokens_count_both_answers_ids_not_padding(dpo_setup, tmp_path):
+    """A pair is two rows, each padded to the batch's longest: tokens counted 101 a pair where the cache held 71.1
+    ids. It counts the positions that hold ids now: both rows', a row of n ids n - 1."""
+    from babyllama.data.sft_tokens import open_split, read_sft_cache
+    from tests.test_sft import logged_tokens, trained_tokens
+
+    d = dpo_setup
+    dpo(load_config(None, ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path),
+                           "--max_steps", "3", "--batch_size", "4", "--log_every", "1", "--eval_every", "0",
+                           "--val_fraction", "0", "--data_workers", "1"]))
+    cache = tmp_path / "dpo_tokens"
+    _, _, lengths = open_split(cache, read_sft_cache(cache), "train")  # (2 * pairs,) ids: chosen, rejected, ...
+    pair_positions = lambda i: int(lengths[2 * i] + lengths[2 * i + 1]) - 2
+    assert logged_tokens(tmp_path) == trained_tokens(pair_positions, len(lengths) // 2, 3, 4)
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--lora_dropout", "0.1", "--precompute_ref_log_probs",
                                         "true"]], ids=["full", "lora-precomputed"])
 def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):

@@ -526,9 +526,42 @@ def test_data_workers_are_at_most_one_per_core(sft_setup, tmp_path, monkeypatch,
     assert (warned in caplog.text) == (asked > 1)
 
 
+def trained_tokens(positions_of_row, rows: int, steps: int, global_batch: int, seed: int = 1337) -> list[int]:
+    """The tokens metric after each step: positions_of_row(r) summed over the rows the steps train on (the global
+    positions [s*G, (s+1)*G) of step s in the seed's order)."""
+    from babyllama.train.trainer import GlobalOrder
+
+    order, expected, tokens = GlobalOrder(rows, seed), [], 0
+    for step in range(steps):
+        tokens += sum(positions_of_row(order(p)) for p in range(step * global_batch, (step + 1) * global_batch))
+        expected.append(tokens)
+    return expected
+
+
+def row_positions(data: SFTData, r: int) -> int:
+    """The positions of row r that hold ids: its samples' ids, one fewer (the last id is no input), no padding."""
+    return sum(len(data.sample(i)[0]) for i in data.row(r)) - 1
+
+
+def logged_tokens(out) -> list[int]:
+    return [x["tokens"] for x in map(json.loads, (out / "metrics.jsonl").open()) if not x.get("final")]
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_tokens_count_the_positions_that_hold_ids_not_padding(sft_setup, tmp_path, pack):
+    """Rows are padded to their batch's longest (packed ones to max_seq_len), and tokens counted the padding: a DPO
+    run logged 42% more tokens than its pairs hold. It counts the positions that hold ids now, exactly."""
+    d = sft_setup
+    sft(load_config(None, ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path),
+                           "--max_steps", "3", "--batch_size", "8", "--log_every", "1", "--eval_every", "0",
+                           "--val_fraction", "0", "--pack", str(pack), "--data_workers", "1"]))
+    train, _, _ = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "sft_tokens", SFTSettings(65, 0.0), pack,
+                                Dist())
+    assert logged_tokens(tmp_path) == trained_tokens(lambda r: row_positions(train, r), len(train), 3, 8)
+
+
 def test_torchrun_logs_the_tokens_of_every_rank(sft_setup, tmp_path):
     """Rows of SFT differ in length: tokens is the sum of the ranks' positions, not rank 0's times the ranks."""
-    from babyllama.train.trainer import GlobalOrder, micro_batches
     from tests.test_pretrain import torchrun
 
     d = sft_setup
@@ -538,12 +571,4 @@ def test_torchrun_logs_the_tokens_of_every_rank(sft_setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     train, _, _ = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "sft_tokens", SFTSettings(65, 0.1),
                                 False, Dist())
-    order, expected, tokens = GlobalOrder(len(train), 1337), [], 0
-    for step in range(2):
-        rows = [order(step * 8 + i) for i in range(8)]
-        for rank in range(2):
-            for m in micro_batches(rows, train.lengths, 4, 1, Dist(rank=rank, world=2)):
-                tokens += train.collate(m)["idx"].numel()
-        expected.append(tokens)
-    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
-    assert [x["tokens"] for x in logged if not x.get("final")] == expected
+    assert logged_tokens(tmp_path) == trained_tokens(lambda r: row_positions(train, r), len(train), 2, 8)

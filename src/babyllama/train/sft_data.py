@@ -68,6 +68,11 @@ class SFTData:
         """The samples packed into row r."""
         return self.order[self.row_starts[r] : self.row_starts[r + 1]].tolist()
 
+    def positions(self, indices: list[int]) -> int:
+        """The positions of collate(indices)'s idx that hold ids: a row of n ids is n - 1 (the padding after it
+        is not counted)."""
+        return int(self.lengths[indices].sum()) - len(indices)
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile).
 

@@ -82,6 +82,10 @@ class Dataset(Protocol):
         a document id per position (model.document_mask)."""
         ...
 
+    def positions(self, indices: list[int]) -> int:
+        """The positions of collate(indices)'s idx that hold ids, padding not counted: what `tokens` counts."""
+        ...
+
 
 class GlobalOrder:
     """Sample index at each global position: a fresh permutation of all samples every epoch."""
@@ -419,7 +423,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         # a GPU step that never waits for the GPU: fused AdamW skips non-finite steps itself (device_step)
         self.skip_on_device = not self.scaler.is_enabled() and all(o.defaults.get("fused") for o in self.optimizers)
-        self.step, self.consumed_samples, self.tokens, self.bad_steps = 0, 0, 0, 0  # tokens: positions trained on
+        # tokens: the positions trained on, padding not counted (Dataset.positions), summed over the ranks
+        self.step, self.consumed_samples, self.tokens, self.bad_steps = 0, 0, 0, 0
         self.average: dict[str, torch.Tensor] = {}  # running mean of the weights (average_last)
         self.averaged = 0  # steps in that mean
         self.stop_signal = 0  # the signal that asked the run to stop, 0: none
@@ -470,11 +475,11 @@ class Trainer:
             group["lr"] = lr
         rows = [self.order(self.consumed_samples + i) for i in range(self.global_batch)]
         pin = d.device.type == "cuda"  # a copy from pinned memory does not wait for the GPU
+        mine = micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)
         batches = [{k: (v.pin_memory() if pin else v).to(d.device, non_blocking=True)
-                    for k, v in self.train_data.collate(m).items()}
-                   for m in micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)]
+                    for k, v in self.train_data.collate(m).items()} for m in mine]
         counts = [self.units(b) for b in batches]  # target tokens that carry loss
-        positions = float(sum(b["idx"].numel() for b in batches))  # this rank's, padding included
+        positions = float(sum(map(self.train_data.positions, mine)))  # this rank's, padding not counted
         # one all_reduce for both; torch.full fills on the device, no copy that would wait for the GPU
         sums = all_reduce_sum(torch.stack([torch.stack(counts).sum().float(),
                                            torch.full((), positions, device=d.device)]), d)
@@ -749,7 +754,8 @@ class Trainer:
 
     def throughput(self) -> dict[str, float]:
         """tokens_per_s since the last logged step, and mfu (the share of a known GPU's peak FLOP/s, as in
-        the PaLM paper's appendix B); the next measurement starts here."""
+        the PaLM paper's appendix B): the FLOPs of the tokens counted (not padding, whose work lowers it), each at
+        flops_per_token of max_seq_len; the next measurement starts here."""
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize()
         start, tokens = self.window
