@@ -270,6 +270,49 @@ def test_a_local_run_killed_by_sigkill_leaves_no_process_and_frees_its_out_dir(c
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def deaf_to_sigint(pid: int) -> bool:
+    """Whether process pid blocks or ignores SIGINT (SigBlk, SigIgn of /proc/PID/status)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return any(int(fields[key], 16) >> (2 - 1) & 1 for key in ("SigBlk", "SigIgn"))  # SIGINT is 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_ctrl_c_of_a_local_run_is_the_main_processs_alone(corpus, tmp_path):
+    """The local executor's pool workers, forked from multiprocess's forkserver, handled SIGINT as the main process
+    does: a terminal's Ctrl-C, which reaches the whole group, printed a KeyboardInterrupt traceback from each worker
+    that was importing or unpickling its task. The forkserver starts with SIGINT blocked now, and so does every
+    worker it forks: the main process alone takes Ctrl-C, says its line and ends the others."""
+    import signal
+    import time
+    from contextlib import suppress
+
+    _, files, _ = corpus
+    marks, script, out = tmp_path / "started", tmp_path / "slow_reads.py", tmp_path / "out"
+    marks.mkdir()
+    script.write_text(SLOW_READS.format(marks=str(marks)))
+    proc = subprocess.Popen([sys.executable, str(script), "prepare", "--input", *files[:2], "--out_dir", str(out),
+                             "--engine", "datatrove", "--workers", "2"], start_new_session=True, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while len(list(marks.iterdir())) < 2:  # both workers are in a task
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        others = [pid for pid in in_group(proc.pid) if pid != proc.pid]  # forkserver, workers, Manager, tracker
+        assert len(others) >= 4 and [pid for pid in others if not deaf_to_sigint(pid)] == []
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert err.splitlines()[-1] == "babyllama: interrupted; run the same command to continue."
+        deadline = time.time() + 10
+        while (left := in_group(proc.pid)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert left == []
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_a_killed_run_leaves_the_earlier_output_until_it_is_resumed(tmp_path, monkeypatch):
     """The stages write into OUT/.incomplete: a run killed halfway leaves the earlier output in OUT as it was, and
     the same command resumes the run there and only then replaces it."""

@@ -388,6 +388,48 @@ def test_pool_workers_leave_ctrl_c_to_the_main_process(corpus_and_tokenizer):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still stops
 
 
+SLOW_START = """
+import os, signal, sys, threading, time
+from pathlib import Path
+
+marks = Path(sys.argv[1])
+if __name__ == "__mp_main__":  # a spawned worker imports its parent's main file: slowly, as numpy on a busy machine
+    (marks / str(os.getpid())).touch()
+    time.sleep(2)
+elif __name__ == "__main__":
+    from babyllama.data.pretokenize import in_workers
+
+    def ctrl_c():  # as a terminal sends it: to every process of the group, while both workers import
+        while len(list(marks.iterdir())) < 2:
+            time.sleep(0.01)
+        os.killpg(0, signal.SIGINT)
+
+    came = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))  # this process goes on, to see them
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    print([n for _, n in in_workers(len, [[1], [1, 2], [1, 2, 3]], sys.argv[2], workers=2)], came)
+"""
+
+
+def test_pool_workers_that_are_still_starting_leave_ctrl_c_to_the_main_process(corpus_and_tokenizer, tmp_path):
+    """Ctrl-C while the SFT cache started its workers printed a traceback from each (spawn.py, import ...,
+    KeyboardInterrupt) before the main process's line: a worker ignored SIGINT only once its imports were done.
+    They start with it blocked now. Here in a process group of its own, as a terminal's, with workers that take
+    2 s to import; the main process records the signal and goes on."""
+    import subprocess
+    import sys
+
+    d, _ = corpus_and_tokenizer
+    script, marks = tmp_path / "slow_start.py", tmp_path / "started"
+    script.write_text(SLOW_START)
+    marks.mkdir()
+    r = subprocess.run([sys.executable, str(script), str(marks), str(d / "tok")], capture_output=True, text=True,
+                       timeout=120, start_new_session=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr
+    assert r.stdout == "[1, 2, 3] [2]\n"  # every batch, by the two workers that got the Ctrl-C (no third started)
+    assert len(list(marks.iterdir())) == 2
+
+
 @pytest.mark.parametrize("asked, used", [(None, 2), (1, 1), (2, 2), (3, 2), (100_000, 2)])
 def test_workers_are_at_most_one_per_core(corpus_and_tokenizer, tmp_path, monkeypatch, asked, used):
     """--workers 100000 started ~1,000 processes and ran the machine out of memory: a count above the cores

@@ -228,6 +228,23 @@ def signals_held(complete: str | Path | None = None) -> Iterator[None]:
                 raise Completed(done, came[0]) from None
 
 
+@contextmanager
+def children_without_ctrl_c() -> Iterator[None]:
+    """Processes started while the body runs, by fork or by fork and exec (multiprocessing's spawn and forkserver),
+    start with SIGINT blocked, which both pass on: a terminal's Ctrl-C reaches every process of its group, and a
+    worker that was still importing printed a KeyboardInterrupt traceback each before the main process's one line.
+    A blocked SIGINT waits (a worker then ignores it, discarding it: _init_pool_worker; the forkserver and what it
+    forks keep it blocked), and the main process, which gets it as ever, ends them. Unlike SIG_IGN, which they would
+    inherit too, blocking it loses no Ctrl-C here: one that comes meanwhile is raised as the body ends. Only this
+    thread blocks it (the OS may give it to another, whose handler has the main thread raise it as ever). Start
+    multiprocessing's resource tracker before: its ensure_running unblocks SIGINT once it has started its process."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends (Linux)
 
 

@@ -105,7 +105,7 @@ from babyllama.data.shards import (
     write_manifest,
 )
 from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
-from babyllama.errors import UserError, killed_with_parent, write_whole
+from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, write_whole
 from babyllama.lock import holding
 from babyllama.tokenizer import load_tokenizer
 
@@ -206,6 +206,19 @@ def forks_end_with_this_process():
         yield
     finally:
         _FORKING.clear()
+
+
+def start_forkserver() -> None:
+    """Start multiprocess's forkserver, which forks the local executor's pool workers (its start_method), if it is not
+    running, with SIGINT blocked (children_without_ctrl_c): it and every worker it forks keep it so, and a Ctrl-C no
+    longer has each print a KeyboardInterrupt traceback (in its imports, or as it unpickles a task); this process
+    ends the pool (datatrove's `with Pool`) as it stops."""
+    import multiprocess.forkserver
+    import multiprocess.resource_tracker
+
+    multiprocess.resource_tracker.ensure_running()  # first: once its process is started it unblocks SIGINT here
+    with children_without_ctrl_c():
+        multiprocess.forkserver.ensure_running()
 
 
 def pass_through(data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -592,6 +605,8 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
             start = time.time()
             log.info("stage %d/%d %s: %d task%s", i + 1, len(stages), name, tasks, "s"[: tasks > 1])
             with forks_end_with_this_process() if launch.executor == "local" else nullcontext():
+                if launch.executor == "local" and executor.workers > 1:
+                    start_forkserver()
                 executor.run()
             log.info("stage %s done in %.1f s", name, time.time() - start)
     if launch.executor == "slurm":

@@ -21,7 +21,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from functools import partial
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from babyllama.data.shards import MANIFEST, BinShardWriter, is_val, staged, swap_in, token_outputs, write_manifest
 from babyllama.data.sources import CorpusReader
-from babyllama.errors import UserError
+from babyllama.errors import UserError, children_without_ctrl_c
 from babyllama.progress import is_rank0, progress
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 
@@ -69,9 +71,11 @@ def _init_worker(tokenizer_path: str) -> None:
 
 def _init_pool_worker(tokenizer_path: str) -> None:
     """A pool worker leaves Ctrl-C to the main process, which stops the pool: the terminal's SIGINT reaches
-    the whole process group, and each worker would print its own KeyboardInterrupt traceback. It ends when the
-    main process is gone, even killed by SIGKILL, which leaves no one to stop the pool."""
+    the whole process group, and each worker would print its own KeyboardInterrupt traceback. It started with
+    SIGINT blocked (children_without_ctrl_c), so that none came while it imported; ignored, a Ctrl-C that waits is
+    dropped. It ends when the main process is gone, even killed by SIGKILL, which leaves no one to stop the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(target=exit_with, args=(mp.parent_process(),), daemon=True).start()
     _init_worker(tokenizer_path)
 
@@ -100,7 +104,10 @@ def in_workers(func: Callable[[T], R], batches: Iterable[T], tokenizer_path: str
             yield batch, func(batch)
         return
     ctx = mp.get_context("spawn")  # no fork: the Rust tokenizer's threads do not survive it
-    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_path,)) as pool:
+    resource_tracker.ensure_running()  # first: once its process is started it unblocks SIGINT in this thread
+    with ExitStack() as stack:
+        with children_without_ctrl_c():  # a Ctrl-C meanwhile is raised here, the pool entered: it ends the pool
+            pool = stack.enter_context(ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_path,)))
         pending: deque = deque()
         for batch in batches:
             pending.append((batch, pool.apply_async(func, (batch,))))
