@@ -70,6 +70,24 @@ def test_qa_reads_every_field_name_and_scores_labels(tmp_path):
     assert "accuracy" not in score_qa(items)["qa"]
 
 
+def test_the_readme_says_which_qa_tasks_get_accuracy():
+    """A task of 12 person names among 6 names got majority_baseline and no accuracy, while the README said a task of
+    labels gets both: every task gets the baseline, and the README says which tasks are of labels."""
+    from pathlib import Path
+
+    from babyllama.evaluate import ITEMS_PER_LABEL, MAX_LABELS
+
+    names = [{"task": "person", "prediction": "张三", "reference": n} for n in "甲乙丙丁戊己" for _ in range(2)]
+    scores = score_qa(names)["person"]
+    assert scores["majority_baseline"] == 2 / 12 and "accuracy" not in scores and "labels" not in scores
+    scores = score_qa(names + names[::2])["person"]  # 3 items a label
+    assert scores["accuracy"] == scores["exact_match"] == 0 and scores["labels"] == dict.fromkeys("甲乙丙丁戊己", 3)
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert (f"A task whose references are a few labels, at most {MAX_LABELS} different ones with {ITEMS_PER_LABEL} "
+            "items or more for each on average") in readme
+    assert "Every task gets `majority_baseline`" in readme
+
+
 def test_qa_items_without_a_reference_are_skipped_and_counted(tmp_path):
     # BELLE's eval set: std_answer "" on some items; they must not be scored against ""
     records = [{"question": "q1", "std_answer": "正面"}, {"question": "q2", "std_answer": ""},

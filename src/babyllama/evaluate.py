@@ -10,9 +10,9 @@ again with the same checkpoint and settings, goes on from where it stopped.
     so models with different tokenizers compare (an <eos> is scored and counts 0 bytes);
   * continuations of plain-text prompts (the recipe's by default);
   * QA in the chat format, greedy: BLEU-4 (sacrebleu, tokenize zh), the recipe's word BLEU over
-    jieba words, ROUGE-L and F1 over characters, exact match; tasks whose references are a few
-    labels (the demo's 正面 / 负面) also report accuracy; every task reports the majority baseline,
-    the exact match of always giving the commonest reference (for the demo's entities: 无);
+    jieba words, ROUGE-L and F1 over characters, exact match; every task reports the majority baseline,
+    the exact match of always giving the commonest reference (for the demo's entities: 无); tasks whose
+    references are a few labels (the demo's 正面 / 负面: MAX_LABELS, ITEMS_PER_LABEL) also report accuracy;
   * multiple choice in the C-Eval / CMMLU shape, by the log-likelihood of the option letter and,
     separately, of the option text per token; accuracy overall and per subject;
   * leakage: eval questions found verbatim in the training data.
@@ -71,6 +71,10 @@ DEFAULT_PROMPTS = [
 QUESTION_KEYS = ("question", "prompt")
 REFERENCE_KEYS = ("answer", "std_answer", "target", "output")
 LETTERS = "ABCD"
+# a QA task of at most MAX_LABELS different references, ITEMS_PER_LABEL items or more a label on average, is one of
+# labels (classification): its exact match is also its accuracy; with more labels, or fewer items a label (12
+# person names among 6 names), its references are free text
+MAX_LABELS, ITEMS_PER_LABEL = 10, 3
 
 
 # --- language modelling ---
@@ -313,7 +317,7 @@ def score_qa(items: Iterable[dict]) -> dict:
                   "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n}
         labels = Counter(refs)
         scores["majority_baseline"] = labels.most_common(1)[0][1] / n  # always answering the commonest
-        if len(labels) <= 10 and n >= 3 * len(labels):  # a classification task
+        if len(labels) <= MAX_LABELS and n >= ITEMS_PER_LABEL * len(labels):  # a classification task
             scores["accuracy"] = scores["exact_match"]
             scores["labels"] = dict(labels)
         out[task] = scores
