@@ -161,6 +161,30 @@ def test_dedup_keys_keep_apart_what_differs_in_numbers_or_words():
     assert [a for a, b in same if dedup_key(a) != dedup_key(b)] == []
 
 
+
+def test_a_long_document_is_keyed_in_pieces_to_the_key_of_the_whole(monkeypatch):
+    """A 20 M-character line took ~600 MB of numpy arrays at once: a long text is keyed in pieces cut between two
+    characters that stay, so no run of separators (kept as a space between words or dropped beside 今) spans a cut;
+    the pieces' keys joined are the whole's, whatever the piece size."""
+    from babyllama.data import clean
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abX019-－., ，。\n!？") + ["今", "天", "😀", "\u3000", "Ａ", "ก", "한"]
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 120))) for _ in range(300)]
+    texts += ["a" + "." * 50 + "b", "!!?!!", "... , 今天", "5 -5 - 5"]  # a run at a cut; punctuation alone
+    whole = [clean.dedup_key(t) for t in texts]
+    pieces = []
+    for size in (1, 2, 3, 7):
+        monkeypatch.setattr(clean, "KEY_PIECE_CHARS", size)
+        pieces.append([clean.dedup_key(t) for t in texts])
+    assert pieces == [whole] * 4
+    assert whole[-4:] == ["a b", "!!?!!", "今天", "5 5 5"]
+    monkeypatch.setattr(clean, "KEY_PIECE_CHARS", 2)
+    cuts = []
+    monkeypatch.setattr(clean, "piece_key", lambda t, key=clean.piece_key: cuts.append(t) or key(t))
+    assert clean.dedup_key("ab，cdefg") == "ab cdefg" and cuts == ["ab，c", "de", "fg"]  # none beside ，
+
+
 NEWS = ("会议指出，要在一期工程采取现代管理方法的基础上，加强政治思想工作和两个文明建设，发扬社会主义团结协作精神，"
         "同时坚持社会主义市场经济原则，进一步明确项目法人、设计、施工和监理单位的责任，建立严格的索赔制度，在科学管理"
         "方面做出新的成绩。")

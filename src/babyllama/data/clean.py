@@ -86,6 +86,9 @@ def _key_table() -> np.ndarray:
     return table | np.where(separates, SEPARATES, 0) | np.where(_joins_words(table), JOINS, 0)
 
 
+KEY_PIECE_CHARS = 1 << 20  # of a document, keyed at once: ~30 MB of numpy arrays (a 20 M-character line took 500 MB)
+
+
 def dedup_key(text: str) -> str:
     """What exact and near deduplication compare: the text with full-width letters, digits and punctuation folded
     to half-width (NFKC, per character), case-folded, and each run of whitespace and punctuation removed, so that
@@ -94,7 +97,30 @@ def dedup_key(text: str) -> str:
     (_joins_words), so that 1.5 and 15, 10:30 and 1030, "the rapist" and "therapist" differ, and where it ends in
     a minus before a digit (-5 against 5); next to a Chinese or Japanese character it keeps nothing apart
     (今天，我们 = 今天我们 = 今天 我们). Text of punctuation alone is its own key. The kept text stays as written.
-    Vectorised: ~20 us a document of 100 characters, ~8 ms one of a million."""
+    Vectorised: ~20 us a document of 100 characters, ~8 ms one of a million; a longer one is keyed in pieces of
+    about KEY_PIECE_CHARS, cut between two characters that stay (no run of separators spans a cut, so the pieces'
+    keys joined are the whole's), in memory that does not grow with it."""
+    if len(text) <= KEY_PIECE_CHARS:
+        return piece_key(text)
+    start, keys = 0, []
+    while start < len(text):
+        end = piece_end(text, start + KEY_PIECE_CHARS)
+        keys.append(piece_key(text[start:end]))
+        start = end
+    return "".join(keys)
+
+
+def piece_end(text: str, end: int) -> int:
+    """The first cut at or after end between two characters that both stay in a dedup key; len(text) if none."""
+    table = _key_table()
+    stays = lambda i: int(table[min(ord(text[i]), (1 << 16) - 1)]) & SEPARATES == 0 or ord(text[i]) >= 1 << 16
+    while end < len(text) and not (stays(end - 1) and stays(end)):
+        end += 1
+    return min(end, len(text))
+
+
+def piece_key(text: str) -> str:
+    """dedup_key of text at once (numpy arrays of ~30 bytes a character)."""
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     entries = _key_table()[np.minimum(codes, (1 << 16) - 1)]
     if (beyond := codes >= 1 << 16).any():  # Han extensions, emoji: as written
