@@ -336,6 +336,35 @@ def test_pretokenize_refuses_an_out_dir_of_another_kind(corpus_and_tokenizer, pa
     assert main(["pretokenize", *args, "--out_dir", str(tmp_path / same)]) == 0
 
 
+@pytest.mark.parametrize("command", ["pretrain", "merge"])
+def test_commands_that_read_token_shards_refuse_a_folder_of_another_kind(outputs, tmp_path, capsys, command):
+    """An SFT or DPO token cache (a manifest.json of its own beside .bin files) was read as token shards: KeyError
+    'shards' in pretrain, 'bos' in pretokenize --merge; a checkpoint, a run or prepare's output got "has no
+    manifest.json". A manifest.json that is not pretokenize's stopped with a traceback too."""
+    from babyllama.cli import main
+
+    folder, kinds = outputs
+    flag = "--merge" if command == "merge" else "--data"
+    (tmp_path / "other").mkdir()  # a folder of .bin files whose manifest.json is not a token manifest
+    (tmp_path / "other" / "manifest.json").write_text("[1]")
+    (tmp_path / "other" / "x.bin").write_bytes(b"")
+    (tmp_path / "started" / "datatrove").mkdir(parents=True)  # pretokenize --engine datatrove's, unfinished
+    (tmp_path / "started" / "datatrove" / "settings.json").write_text(json.dumps({"command": "pretokenize"}))
+    cases = {**{folder / name: f"{flag} {folder / name} is {kind}, not token shards; pass the --out_dir of "
+                "babyllama pretokenize." for name, kind in kinds.items() if name != "tokens"},
+             tmp_path / "started": f"{tmp_path / 'started'} has no manifest.json; make one with `babyllama "
+                                   "pretokenize`.",
+             tmp_path / "other": f"{tmp_path / 'other' / 'manifest.json'} is not a manifest of token shards "
+                                 "(damaged?); run `babyllama pretokenize` again."}
+    for data, error in cases.items():
+        args = (["pretokenize", "--merge", str(data), str(folder / "tokens")] if command == "merge" else
+                ["pretrain", "--preset", "demo", "--model.dim", "32", "--model.n_layers", "1", "--max_steps", "1",
+                 "--data", str(data)])
+        assert main([*args, "--out_dir", str(tmp_path / "out")]) == 2, data
+        assert capsys.readouterr().err.splitlines()[-1] == f"babyllama: error: {error}", data
+        assert not (tmp_path / "out").exists()
+
+
 def test_sft_refuses_a_cache_folder_of_another_kind(outputs):
     from babyllama.data.sft_tokens import SFTSettings
     from babyllama.train.distributed import Dist

@@ -48,12 +48,10 @@ from babyllama.chat_format import (
 from babyllama.data.shards import TokenWindows, has_split
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
-    TOKEN_SHARDS,
     check_output_folder,
     expand_inputs,
     file_encoding,
     iter_records,
-    output_kind,
     records_text,
 )
 from babyllama.errors import UserError, cannot_write, not_a_file, require, signals_held, write_whole, writing
@@ -690,10 +688,7 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
 def check_lm_data(data: str | Path, seq_len: int) -> None:
     """Raise UserError unless data is a folder of pretokenize's token shards with a val split of at least one
     window of seq_len + 1 tokens (lm_metrics', with the model's max_seq_len)."""
-    kind = output_kind(Path(data))
-    if kind not in (None, TOKEN_SHARDS):
-        raise UserError(f"--data {data} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
-    if not has_split(data, "val"):  # UserError for a folder without a manifest
+    if not has_split(data, "val"):  # UserError for a folder that is not token shards (read_manifest)
         raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
                         "above 0.")
     TokenWindows(data, seq_len, "val")  # UserError for a val split shorter than a window

@@ -29,7 +29,16 @@ from typing import TypeVar
 
 import numpy as np
 
-from babyllama.data.shards import MANIFEST, BinShardWriter, is_val, staged, swap_in, token_outputs, write_manifest
+from babyllama.data.shards import (
+    FORMAT,
+    MANIFEST,
+    BinShardWriter,
+    is_val,
+    staged,
+    swap_in,
+    token_outputs,
+    write_manifest,
+)
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError, children_without_ctrl_c
 from babyllama.progress import is_rank0, progress
@@ -164,7 +173,7 @@ def token_manifest(tok: Tokenizer, *, bos: bool, val_fraction: float, shards: li
                    **extra) -> dict:
     """The manifest.json of a token directory (write_manifest adds the totals)."""
     return {
-        "format": "babyllama-tokens",
+        "format": FORMAT,
         "version": 1,
         "tokenizer": {**tok.record(), "kind": tok.kind},
         "dtype": tok.dtype.name,

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from babyllama.data.sources import TOKEN_SHARDS, output_kind, own_output
 from babyllama.errors import CannotWrite, UserError, check_folder, discard, overlap, signals_held, write_whole, writing
 
 MANIFEST = "manifest.json"
+FORMAT = "babyllama-tokens"  # the manifest's "format"; an SFT/DPO token cache's is another
 
 
 def is_val(text: str, val_fraction: float) -> bool:
@@ -218,14 +220,26 @@ def first_difference(changed: list[str], new: list[str], gone: list[str]) -> str
     return None
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path, flag: str = "--data") -> dict:
     """The manifest of a folder of token shards (the one place pretrain, eval and merge open one). Raises
-    UserError for a path that does not exist, a file (a corpus, or the manifest itself) and a folder without one."""
+    UserError for a path that does not exist, a file (a corpus, or the manifest itself), a babyllama output of
+    another kind (an SFT or DPO token cache, a checkpoint, a run: output_kind, own_output; flag names the setting
+    that passed it), a folder without a manifest and a manifest that is not pretokenize's."""
     path = Path(path)
     check_folder(path, "", f"a folder of token shards, the --out_dir of babyllama pretokenize (with {MANIFEST})")
+    kind = output_kind(path) or own_output(path)
+    if kind not in (None, TOKEN_SHARDS, "the work folder of pretokenize --engine datatrove"):  # that one: no manifest
+        raise UserError(f"{flag} {path} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path} has no {MANIFEST}; make one with `babyllama pretokenize`.")
-    return json.loads((path / MANIFEST).read_text())
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path / MANIFEST} is not a manifest of token shards (damaged?); run `babyllama "
+                        "pretokenize` again.")
+    return manifest
 
 
 def merge(dirs: list[str], out: str | Path) -> dict:
@@ -237,7 +251,7 @@ def merge(dirs: list[str], out: str | Path) -> dict:
     if len({Path(d).resolve() for d in dirs}) < len(dirs):
         raise UserError(f"--merge names a directory twice ({' '.join(map(str, dirs))}); each part once.")
     check_out_dir_apart(dirs, Path(out))
-    manifests = [read_manifest(d) for d in dirs]
+    manifests = [read_manifest(d, "--merge") for d in dirs]
     first = manifests[0]
     for d, m in zip(dirs, manifests, strict=True):
         for key in ("tokenizer", "dtype", "bos", "val_fraction"):
