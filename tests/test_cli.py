@@ -597,3 +597,23 @@ def test_a_sigterm_after_the_command_ended_is_said_not_raised():
         signal.raise_signal(signal.SIGALRM)  # the put-off one, brought back
         assert deferred == [signal.SIGTERM, signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_config_with_settings_outside_its_tables_names_only_those(tmp_path, capsys, monkeypatch):
+    """Settings above any table were refused with "only [model] and [train] tables are allowed, got ['batch_size',
+    'data', 'max_steps', 'model', 'out_dir']", which named the allowed model too and not where the others go."""
+    from babyllama.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing written: not out_dir, not the default runs/pretrain
+    for text, said in (
+            ('batch_size = 2\ndata = "d"\nmax_steps = 3\nout_dir = "o"\n[model]\ndim = 64\n',
+             "only [model] and [train] tables are allowed; put batch_size, data, max_steps and out_dir under "
+             "[train]."),
+            ('preset = "demo"\ndim = 64\nzzz = 1\nlr = 1\n[extra]\nx = 1\n[train]\nout_dir = "o"\n',
+             "only [model] and [train] tables are allowed, not zzz or [extra]; put preset and dim under [model], "
+             "lr under [train].")):
+        (tmp_path / "c.toml").write_text(text)
+        for command in ("pretrain", "sft"):
+            assert main([command, "--config", "c.toml"]) == 2
+            assert capsys.readouterr().err == f"babyllama: error: c.toml: {said}\n"
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.toml"]

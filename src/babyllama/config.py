@@ -23,7 +23,7 @@ from typing import get_args, get_type_hints
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
-from babyllama.settings import parse_overrides, read_toml
+from babyllama.settings import TABLES, parse_overrides, read_toml
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +265,27 @@ def closest(key: str, names: set[str]) -> str | None:
     return close[0] if close else None
 
 
+def check_tables(data: dict, path: str | Path) -> None:
+    """UserError naming the top-level keys of the config file at path (read_toml's data) other than its [model] and
+    [train] tables: settings written above any table (their table said, e.g. "put max_steps under [train]"), other
+    tables and unknown keys."""
+    stray = [k for k in data if k not in TABLES]
+    if not stray:
+        return
+    names = {"train": {f.name for f in dataclasses.fields(TrainConfig)},
+             "model": {"preset", *(f.name for f in dataclasses.fields(ModelConfig))}}
+    moves = {t: [k for k in stray if not isinstance(data[k], dict) and k in names[t]] for t in TABLES}
+    others = [f"[{k}]" if isinstance(data[k], dict) else k for k in stray if not any(k in m for m in moves.values())]
+    not_these = f", not {' or '.join(others)}" if others else ""
+    put = ", ".join(f"{spoken(keys)} under [{t}]" for t, keys in moves.items() if keys)
+    raise UserError(f"{path}: only [model] and [train] tables are allowed{not_these}{f'; put {put}' if put else ''}.")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the TOML file, then the flags. A preset stands for all of its model settings: one in the flags
     replaces the file's [model] table (a warning names the settings it replaced), and --model.key flags change it."""
     data = read_toml(path)
+    check_tables(data, path)
     flags = parse_overrides(overrides or [])
     model_values = {**data.get("model", {}), **flags["model"]}
     if "preset" in flags["model"]:

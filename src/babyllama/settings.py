@@ -19,9 +19,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+TABLES = ("model", "train")  # a config file's tables; config.check_tables refuses any other top-level key
+
+
 def read_toml(path: str | Path | None) -> dict:
-    """The [model] and [train] tables of the TOML file at path ({} without one); UserError for a missing file,
-    invalid TOML or another table."""
+    """The top-level keys of the TOML file at path ({} without one): its [model] and [train] tables and any other
+    key, which config.check_tables refuses. UserError for a missing file or invalid TOML."""
     if not path:
         return {}
     p = Path(path)
@@ -33,8 +36,6 @@ def read_toml(path: str | Path | None) -> dict:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p} is not valid TOML ({e}).") from None
-    if set(data) - {"model", "train"}:
-        raise UserError(f"{p}: only [model] and [train] tables are allowed, got {sorted(set(data))}.")
     return data
 
 
@@ -72,8 +73,11 @@ def run_out_dir(stage: str, path: str | Path | None, overrides: list[str], init:
     """The folder that `babyllama STAGE` (pretrain, sft or dpo) writes, as load_config and the stage find it: out_dir
     of the flags, else of the TOML file at path, else default_out_dir of init (sft's and dpo's --init flag, else the
     init setting). None where the stage refuses its settings before it writes: sft or dpo without an init, a value
-    that is no text. Raises read_toml's and parse_overrides' UserErrors."""
-    train = {**read_toml(path).get("train", {}), **parse_overrides(overrides)["train"]}
+    that is no text, a config file with keys outside its tables. Raises read_toml's and parse_overrides' UserErrors."""
+    toml = read_toml(path)
+    if set(toml) - set(TABLES):
+        return None
+    train = {**toml.get("train", {}), **parse_overrides(overrides)["train"]}
     init, out = init or train.get("init", ""), train.get("out_dir", "")
     if not (isinstance(init, str) and isinstance(out, str)) or not (init or stage == "pretrain"):
         return None
