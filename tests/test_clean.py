@@ -63,10 +63,18 @@ def test_compact_index_decides_as_datasketch_minhash_lsh():
 
 
 def test_threshold_outside_what_lsh_can_do_is_refused(tmp_path):
+    """...before any output: `prepare --minhash_threshold 1.5` showed `prepare: 0 docs [00:00]` first (the check
+    ran as the first document was cleaned), and with --demo built the demo corpus first."""
     (tmp_path / "a.txt").write_text("一段足够长的文字。\n")
     for threshold in (1.0, 0.0, float("nan")):
         with pytest.raises(UserError, match="minhash_threshold"):
             prepare([str(tmp_path / "a.txt")], tmp_path / "out", threshold=threshold)
+    for extra in ([], ["--demo"], ["--engine", "datatrove"]):
+        r = run_cli("prepare", "--input", tmp_path / "a.txt", "--out_dir", tmp_path / "out", "--minhash_threshold",
+                    "1.5", *extra)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", "babyllama: error: --minhash_threshold is a Jaccard "
+                                                             "similarity in [0.2, 0.98], got 1.5.\n"), extra
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.txt"]
 
 
 def test_hash_sets_grow_and_keep_every_key():

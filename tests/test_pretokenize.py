@@ -270,6 +270,20 @@ def test_the_settings_of_the_sft_cache_need_sft(corpus_and_tokenizer, parts, tmp
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("flags, error", [
+    (["--val_fraction", "1.5"], "--val_fraction must be in [0, 1), got 1.5."),
+    (["--min_prompt_chars", "9", "--max_prompt_chars", "3"], "--min_prompt_chars 9 is above --max_prompt_chars 3, so "
+     "no record would pass; lower the one or raise the other."),
+    (["--min_answer_chars", "2", "--max_answer_chars", "1"], "--min_answer_chars 2 is above --max_answer_chars 1, so "
+     "no record would pass; lower the one or raise the other.")])
+def test_sft_settings_out_of_range_are_refused_before_the_records_are_read(outputs, tmp_path, capsys, flags, error):
+    folder, _ = outputs  # they were taken as given: every record read, a progress bar shown, then "every SFT sample
+    # landed in the validation split" or "no usable SFT records"
+    refused(["--sft", "--input", str(folder / "sft.jsonl"), "--tokenizer", str(folder / "tok"), "--max_seq_len", "64",
+             "--out_dir", str(tmp_path / "c"), *flags], error, tmp_path, capsys)
+    assert not (tmp_path / "c").exists()
+
+
 def test_num_shards_without_shard_index_is_refused(corpus_and_tokenizer, tmp_path, capsys):
     d, _ = corpus_and_tokenizer  # it made part 0 of 2 silently
     refused(["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(tmp_path / "p"),

@@ -89,6 +89,9 @@ def check_prepare_flags(args: argparse.Namespace) -> None:
     check_engine_flags(args)
     if args.workers is not None and args.engine != "datatrove":
         raise UserError("--workers needs --engine datatrove: the embedded prepare runs in one process.")
+    from babyllama.data.clean import check_dedup
+
+    check_dedup(args.dedup, args.minhash_threshold)  # here, not as the documents start: after the progress bar
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -120,6 +123,7 @@ def check_pretokenize_flags(args: argparse.Namespace) -> None:
     """Refuse pretokenize's flags that do not go together or are missing, before its out_dir is held (main)."""
     check_engine_flags(args)
     check_mode_flags(args)
+    check_ranges(args)
     if (args.num_shards or 1) > 1 and args.shard_index is None:  # each machine must say which part it makes
         raise UserError(f"--num_shards {args.num_shards} needs --shard_index (0 to {args.num_shards - 1}): which part "
                         "this machine makes.")
@@ -207,6 +211,20 @@ def check_mode_flags(args: argparse.Namespace) -> None:
         they = agree(given, "it is a setting", "they are settings")
         raise UserError(f"{' '.join(given)} cannot go with --sft: {they} of token shards, which the SFT token cache "
                         f"does not use; leave {agree(given, 'it', 'them')} out.")
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Refuse pretokenize's --val_fraction outside [0, 1) (--sft's too, which the cache build took as it was) and a
+    --min_*_chars filter above its --max_*_chars, which no record passes: before the records are read, not after."""
+    from babyllama.data.pretokenize import check_val_fraction
+
+    if args.val_fraction is not None:
+        check_val_fraction(args.val_fraction)
+    for part in ("prompt", "answer"):
+        low, high = getattr(args, f"min_{part}_chars"), getattr(args, f"max_{part}_chars")
+        if low and high and low > high:
+            raise UserError(f"--min_{part}_chars {low} is above --max_{part}_chars {high}, so no record would pass; "
+                            "lower the one or raise the other.")
 
 
 def datatrove_engine():
@@ -302,10 +320,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from babyllama.evaluate import evaluate
 
     out = args.out_dir or str(Path(args.checkpoint).parent / "eval")
-    with holding(out, "eval"):
+    with holding(out, "eval"):  # the device is said once every input is checked, as the model loads
         result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
                           train_data=args.train_data, sampling=sampling_of(args), limit=args.limit,
-                          device=device_of(args))
+                          device=device_of(args, say=False))
     summary = {k: result[k] for k in ("lm", "qa", "mc", "leakage") if k in result}
     print(json.dumps({"out_dir": out, **summary}, ensure_ascii=False, indent=2))
 
@@ -340,12 +358,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out_dir, smoke=args.smoke, force=args.force, dpo=args.dpo)
 
 
-def device_of(args: argparse.Namespace):
-    """The torch.device of --device, said on stderr (stdout may be a pipe of answers)."""
+def device_of(args: argparse.Namespace, say: bool = True):
+    """The torch.device of --device (UserError for one this machine lacks), said on stderr unless not say (stdout may
+    be a pipe of answers)."""
     from babyllama.checkpoint import pick_device
 
     device = pick_device(args.device)
-    print(f"{args.command}: running on {device}", file=sys.stderr, flush=True)
+    if say:
+        print(f"{args.command}: running on {device}", file=sys.stderr, flush=True)
     return device
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -733,7 +734,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     sampling: how QA answers and continuations are generated (default: sampling.Sampling). Every input and out
     are checked before the model loads, and out is made only then: UserError as check_out_dir_of_eval,
     check_lm_data, read_prompts, read_qa, read_mc and expand_inputs (of train_data) raise."""
-    from babyllama.checkpoint import load_checkpoint, read_config
+    from babyllama.checkpoint import load_checkpoint, pick_device, read_config
 
     if train_data and not (qa or mc):
         raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
@@ -750,6 +751,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
             print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
     qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
     sampling = sampling or Sampling()
+    device = pick_device(device)
+    print(f"eval: running on {device}", file=sys.stderr, flush=True)  # after the checks: an error is all it says
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     cut = cut_to_context(tokenizer, model.cfg.max_seq_len, prompt_list, qa_items, mc_items)
     for kind, what, total in [("prompts", "continuation prompts", len(prompt_list)),

@@ -399,7 +399,9 @@ def prepare(
     threshold: float = 0.8,
     docs_per_shard: int = 100_000,
 ) -> dict:
-    """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json."""
+    """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json. Raises UserError
+    (check_dedup, a missing input) before anything is written or shown."""
+    check_dedup(dedup, threshold)
     reader, out = CorpusReader(inputs, format), Path(out)  # a missing input is said before anything is written
     with staged(out, prepare_outputs, "stats.json") as stage:  # the earlier output stays until the new one is whole
         result = _prepare(reader, stage, format, min_chars, dedup, threshold, docs_per_shard)
