@@ -80,7 +80,9 @@ def short_gguf(monkeypatch) -> None:
 
 # command (OUT: the output), the file refused (Path.open of that name, or a function that makes the disk full
 # where the file is opened by a library), as text, the errno, the output the message names, and how the same
-# command goes on: it starts again, continues (eval), or continues when given --resume (training)
+# command goes on: it starts again, continues (eval), or continues when given --resume (training, once it saved
+# a checkpoint; these training cases fail before the first)
+FIRST = "to start again (no checkpoint was saved yet)"
 CASES = {
     "prepare's bad records": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], "bad_records.txt", True,
                               errno.EACCES, "OUT/bad_records.txt", "to start again"),
@@ -92,12 +94,12 @@ CASES = {
                            "32", "--out_dir", "OUT"], ".train.ids.bin.tmp", False, errno.ENOSPC,
                           "OUT/train.ids.bin", "to start again"),
     "pretrain's config": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], ".config.json.tmp",
-                          True, errno.EROFS, "OUT/config.json", "with --resume to continue"),
+                          True, errno.EROFS, "OUT/config.json", FIRST),
     "pretrain's metrics": (["pretrain", *MODEL, *STEPS, "--data", "tokens", "--out_dir", "OUT"], "metrics.jsonl",
-                           True, errno.ENOSPC, "OUT/metrics.jsonl", "with --resume to continue"),
+                           True, errno.ENOSPC, "OUT/metrics.jsonl", FIRST),
     "dpo's reference log-probs": (["dpo", *STEPS, "--init", "ck", "--data", "pairs.jsonl", "--val_fraction",
                                    "0", "--precompute_ref_log_probs", "true", "--out_dir", "OUT"], full_savez, False,
-                                  errno.ENOSPC, "OUT/ref_logps.npz", "with --resume to continue"),
+                                  errno.ENOSPC, "OUT/ref_logps.npz", FIRST),
     "eval": (["eval", "ck", "--data", "tokens", "--qa", "sft.jsonl", "--limit", "2", "--out_dir", "OUT"],
              ".items.jsonl.tmp", True,
              errno.ENOSPC, "OUT/items.jsonl", "to continue"),
@@ -168,6 +170,31 @@ def test_ctrl_c_between_writes_leaves_no_temporary(inputs, tmp_path, monkeypatch
                                                               "to start again.")
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+
+
+@pytest.mark.parametrize("command", [["sft", "--data", "sft.jsonl"], ["dpo", "--data", "pairs.jsonl"]])
+def test_ctrl_c_while_a_run_builds_its_token_cache_says_how_it_goes_on(inputs, tmp_path, monkeypatch, command):
+    """A tester's Ctrl-C while sft built its token cache of 250k records said "run the same command with --resume to
+    continue", but the cache's files so far were discarded and --resume built it again from the first record (6
+    minutes lost at 1M). Before the first checkpoint a run starts again, and says so; with a checkpoint to resume
+    from (its cache deleted, built again under --resume), it continues."""
+    from babyllama.data import sft_tokens
+
+    monkeypatch.chdir(inputs)
+    real, run = sft_tokens.in_workers, tmp_path / "run"
+    monkeypatch.setattr(sft_tokens, "in_workers", interrupted_after_one(real))
+    r = run_cli(*command, *STEPS, "--init", "ck", "--out_dir", run)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, f"babyllama: interrupted; run the same command {FIRST}.")
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+    monkeypatch.setattr(sft_tokens, "in_workers", real)
+    assert run_cli(*command, *STEPS, "--init", "ck", "--out_dir", run).returncode == 0  # a checkpoint at step 2
+    import shutil
+
+    shutil.rmtree(run / f"{command[0]}_tokens")
+    monkeypatch.setattr(sft_tokens, "in_workers", interrupted_after_one(real))
+    r = run_cli(*command, *STEPS, "--max_steps", "4", "--init", "ck", "--out_dir", run, "--resume")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to "
+                                                              "continue."), r.stderr
 
 
 STOPPED_MIDWAY = """

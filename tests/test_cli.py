@@ -429,7 +429,7 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
         if proc.returncode in (2, -signal.SIGTERM) and err.splitlines() == [f"babyllama: error: {tmp_path / 'none'} "
                                                                             "does not exist."]:
             continue  # ran faster than the first (a busy machine): its error said, the signal came as it exited
-        again = r"((with --resume )?to continue|to start again)"  # start again: stopped before the command was known
+        again = r"to start again( \(no checkpoint was saved yet\))?"  # no note: stopped before the command was known
         assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
                                                        rf"{again}\.", err.splitlines()[-1]), err
         stopped += 1
@@ -521,19 +521,31 @@ def test_a_training_run_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tm
                                                         f"{run / 'final'} (the newest).")
 
 
-def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys):
+def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys, tmp_path):
     """Ctrl-C or SIGTERM said "run the same command to continue" of every command, but a rerun of prepare,
     pretokenize, tokenizer train or export starts from zero, and chat and serve have nothing to run again. Each
-    says what is true of it: continue (training, eval, datatrove, the demo), start again (with the earlier output
-    kept where it is written aside and moved in whole), or nothing."""
+    says what is true of it: continue (training with a checkpoint, eval, datatrove, the demo), start again (with the
+    earlier output kept where it is written aside and moved in whole; a training run with no checkpoint yet, as
+    sft or dpo stopped while they built their token cache, which --resume built again from its first record), or
+    nothing."""
     from babyllama import cli
     from babyllama.errors import Terminated
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text('[train]\nout_dir = "p"\n')
+    for run in ("p", "ck-sft", "mine"):  # pretrain's out_dir by c.toml, sft's beside --init, dpo's by --out_dir
+        (tmp_path / run / "checkpoints" / "step_000061").mkdir(parents=True)
+    (tmp_path / "none" / "checkpoints" / ".step_000001.tmp-7").mkdir(parents=True)  # a checkpoint half written
     again, kept = "run the same command to start again.", "the earlier output at o, if any, is kept; "
+    first = "; run the same command to start again (no checkpoint was saved yet)."
     for argv, said in [
         (["chat", "ck"], "."), (["serve", "ck"], "."),
         (["pretrain", "--config", "c.toml"], "; run the same command with --resume to continue."),
         (["sft", "--init", "ck", "--resume"], "; run the same command to continue."),
+        (["dpo", "--init", "ck", "--out_dir", "mine"], "; run the same command with --resume to continue."),
+        (["pretrain", "--config", "c.toml", "--out_dir", "none"], first),
+        (["sft", "--init", "other", "--resume"], first), (["dpo", "--init", "ck"], first),
+        (["pretrain", "--config", "missing.toml"], first),
         (["eval", "ck"], "; run the same command to continue."), (["demo"], "; run the same command to continue."),
         (["prepare", "--input", "a", "--out_dir", "o", "--engine", "datatrove"], "; run the same command to continue."),
         (["prepare", "--input", "a", "--out_dir", "o"], f"; {kept}{again}"),
@@ -546,7 +558,7 @@ def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys):
         (["export", "ck", "--out", "o"], f"; {kept}{again}"),
         (["export", "ck", "--format", "gguf", "--out", "o"], f"; {kept}{again}"),
     ]:
-        args = cli.build_parser().parse_known_args(argv)[0]
+        args, args.overrides = cli.build_parser().parse_known_args(argv)  # as main makes them
         assert cli.stopped("interrupted", args) == f"babyllama: interrupted{said}", argv
     assert cli.stopped("stopped by SIGTERM", argparse.Namespace()) == f"babyllama: stopped by SIGTERM; {again}"
 

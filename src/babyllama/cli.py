@@ -652,17 +652,34 @@ RESUMED = ("pretrain", "sft", "dpo", "eval", "demo")  # commands that the same c
 NOT_RUN_AGAIN = ("chat", "serve")  # nothing of theirs to continue or redo
 
 
-def run_again(args: argparse.Namespace) -> str:
+def run_again(args: argparse.Namespace, saved: bool = False) -> str:
     """How to go on after a stop or a refused write, without a full stop: the same command continues (RESUMED, with
     --resume where the command has it and it was not given; datatrove's prepare and pretokenize skip the tasks
-    done), starts over (the rest, and a stop before the command is known), or "" (chat, serve)."""
+    done), starts over (the rest, a training run with no checkpoint saved yet, and a stop before the command is
+    known), or "" (chat, serve). saved: the stop saved a checkpoint (Stopped)."""
     command = getattr(args, "command", None)
     if command in NOT_RUN_AGAIN:
         return ""
+    if command in ("pretrain", "sft", "dpo") and not (saved or has_checkpoint(args)):  # stopped before the first
+        # checkpoint, as while sft or dpo builds its token cache (its files so far are discarded): a rerun, --resume
+        # or not, starts from step 0 and builds the cache from the first record
+        return "run the same command to start again (no checkpoint was saved yet)"
     if command in RESUMED or getattr(args, "engine", None) == "datatrove":
         again = " with --resume" if getattr(args, "resume", True) is False else ""
         return f"run the same command{again} to continue"
     return "run the same command to start again"
+
+
+def has_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether the out_dir of a pretrain, sft or dpo command line (settings.run_out_dir, as `held` finds it) holds
+    a step checkpoint to resume from; False where the settings name none (they were refused). Without torch: a
+    stop can come while it imports."""
+    try:
+        out = run_out_dir(args.command, getattr(args, "config", None), getattr(args, "overrides", []),
+                          getattr(args, "init", None) or "")
+    except UserError:
+        return False
+    return out is not None and any(p.is_dir() for p in (Path(out) / "checkpoints").glob("step_*"))
 
 
 def kept(args: argparse.Namespace) -> str | None:
@@ -752,7 +769,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except Stopped as e:  # not done: say so, and how to go on (the demo resumes by itself)
         if is_rank0():
-            print(f"babyllama: {e}; {run_again(args)}.", file=sys.stderr)
+            print(f"babyllama: {e}; {run_again(args, saved=True)}.", file=sys.stderr)
         return 128 + e.signum
     except Completed as e:  # the stop came as the output was made whole: nothing to do again, but for the demo's
         how = "interrupted" if e.signum == signal.SIGINT else "stopped by SIGTERM"  # stages still to run
