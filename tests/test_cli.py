@@ -623,7 +623,9 @@ def test_a_config_with_settings_outside_its_tables_names_only_those(tmp_path, ca
              "[train]."),
             ('preset = "demo"\ndim = 64\nzzz = 1\nlr = 1\n[extra]\nx = 1\n[train]\nout_dir = "o"\n',
              "only [model] and [train] tables are allowed, not zzz or [extra]; put preset and dim under [model], "
-             "lr under [train].")):
+             "lr under [train]."),
+            ('model = "demo"\ntrain = 5\n', "only [model] and [train] tables are allowed, not model as a value or "
+             "train as a value.")):  # a traceback: 'str' object is not a mapping
         (tmp_path / "c.toml").write_text(text)
         for command in ("pretrain", "sft"):
             assert main([command, "--config", "c.toml"]) == 2

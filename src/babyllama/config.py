@@ -23,7 +23,7 @@ from typing import get_args, get_type_hints
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
-from babyllama.settings import TABLES, parse_overrides, read_toml
+from babyllama.settings import TABLES, parse_overrides, read_toml, stray_keys
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +267,16 @@ def closest(key: str, names: set[str]) -> str | None:
 
 def check_tables(data: dict, path: str | Path) -> None:
     """UserError naming the top-level keys of the config file at path (read_toml's data) other than its [model] and
-    [train] tables: settings written above any table (their table said, e.g. "put max_steps under [train]"), other
-    tables and unknown keys."""
-    stray = [k for k in data if k not in TABLES]
+    [train] tables (settings.stray_keys): settings written above any table (their table said, e.g. "put max_steps
+    under [train]"), other tables, unknown keys and `model = "demo"` (a value, not the table)."""
+    stray = stray_keys(data)
     if not stray:
         return
     names = {"train": {f.name for f in dataclasses.fields(TrainConfig)},
              "model": {"preset", *(f.name for f in dataclasses.fields(ModelConfig))}}
     moves = {t: [k for k in stray if not isinstance(data[k], dict) and k in names[t]] for t in TABLES}
-    others = [f"[{k}]" if isinstance(data[k], dict) else k for k in stray if not any(k in m for m in moves.values())]
+    others = [f"[{k}]" if isinstance(data[k], dict) else f"{k} as a value" if k in TABLES else k
+              for k in stray if not any(k in m for m in moves.values())]
     not_these = f", not {' or '.join(others)}" if others else ""
     put = ", ".join(f"{spoken(keys)} under [{t}]" for t, keys in moves.items() if keys)
     raise UserError(f"{path}: only [model] and [train] tables are allowed{not_these}{f'; put {put}' if put else ''}.")

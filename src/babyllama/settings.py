@@ -22,6 +22,12 @@ else:  # pragma: no cover
 TABLES = ("model", "train")  # a config file's tables; config.check_tables refuses any other top-level key
 
 
+def stray_keys(data: dict) -> list[str]:
+    """The top-level keys of a config file (read_toml's data) other than its [model] and [train] tables, in order:
+    other tables, settings written above any table, and `model` or `train` given a value instead of a table."""
+    return [k for k in data if k not in TABLES or not isinstance(data[k], dict)]
+
+
 def read_toml(path: str | Path | None) -> dict:
     """The top-level keys of the TOML file at path ({} without one): its [model] and [train] tables and any other
     key, which config.check_tables refuses. UserError for a missing file or invalid TOML."""
@@ -75,7 +81,7 @@ def run_out_dir(stage: str, path: str | Path | None, overrides: list[str], init:
     init setting). None where the stage refuses its settings before it writes: sft or dpo without an init, a value
     that is no text, a config file with keys outside its tables. Raises read_toml's and parse_overrides' UserErrors."""
     toml = read_toml(path)
-    if set(toml) - set(TABLES):
+    if stray_keys(toml):
         return None
     train = {**toml.get("train", {}), **parse_overrides(overrides)["train"]}
     init, out = init or train.get("init", ""), train.get("out_dir", "")
