@@ -80,3 +80,32 @@ def test_a_command_s_warning_lands_above_its_bar(tmp_path):
     assert len(shown) == 4 and shown[0].startswith(warning), shown  # each line whole, the bar below them
     assert shown[1].startswith(f"INFO babyllama.data.sources: {tmp_path / 'gbk.txt'}: read as text records"), shown
     assert shown[2].startswith("prepare: 2 docs [") and shown[3].startswith('{"out_dir": '), shown
+
+
+LINES_SCRIPT = """
+import time, tqdm
+tqdm.tqdm.monitor_interval = 0.02  # tqdm's monitor thread, 10 s by default, and a bar's maxinterval, 10 s too
+from babyllama import progress
+progress.LINE_EVERY_S = 0.3  # a status line every 30 s, scaled down as the monitor's
+for i in progress.progress(iter(range(60)), desc="work", unit=" it", maxinterval=0.1):
+    time.sleep(0.02)
+bar = progress.progress(desc="manual", unit=" it", maxinterval=0.1)
+for i in range(60):
+    bar.update()
+    time.sleep(0.02)
+bar.close()
+"""
+
+
+def test_a_log_gets_a_status_line_per_period_never_an_old_count():
+    """Off a terminal a bar writes a line every 30 s; tqdm's monitor thread wrote another 10 s after each, with the
+    count of the one before (`128143 docs [00:30, ...]`, `128143 docs [00:40, ...]`): each line now counts more."""
+    import re
+
+    r = subprocess.run([sys.executable, "-c", LINES_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for desc in ("work", "manual"):
+        counts = [int(m[1]) for m in re.finditer(rf"^{desc}: (\d+) it \[", r.stderr, re.MULTILINE)]
+        assert counts[0] == 0 and counts[-1] == 60, r.stderr
+        assert all(a < b for a, b in zip(counts[1:-2], counts[2:-1], strict=True)), r.stderr  # the last: its close
+        assert len(counts) <= 2 + 1.2 / 0.3 + 1, r.stderr  # the first, one a period, the close

@@ -22,9 +22,9 @@ def progress(iterable: Iterable | None = None, desc: str = "", unit: str = " it"
     from tqdm import tqdm
 
     stream = sys.stderr.stream if isinstance(sys.stderr, Above) else sys.stderr  # a bar's own writes go straight
-    if not stream.isatty():
+    if not stream.isatty():  # miniters=1: see Lines
         return tqdm(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=LINE_EVERY_S,
-                    file=Lines(stream), **kw)
+                    miniters=1, file=Lines(stream), **kw)
     return live_bar()(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=0.5, file=stream,
                       **kw)
 
@@ -109,7 +109,13 @@ class Above:
 class Lines:
     """tqdm's file on a stream that is not a terminal (a log file, a pipe): each status of the bar a line of its
     own. tqdm starts a status with "\r" to draw it over the one before and ends none with a newline, so a log file
-    held the statuses as one line, with the next warning glued to it (`prepare: 0 docs [00:00, ? docs/s]WARNING`)."""
+    held the statuses as one line, with the next warning glued to it (`prepare: 0 docs [00:00, ? docs/s]WARNING`).
+
+    Its bar has miniters=1, so a status is written at the first step after each LINE_EVERY_S, and only then. With
+    tqdm's default, the count of steps between statuses adapts (dynamic miniters), and tqdm's monitor thread, seeing
+    no status for maxinterval (10 s), writes one at once: an iterated bar's count is stored only when it writes
+    one, so that line repeated the one 10 s before (`128143 docs [00:30, ...]`, `128143 docs [00:40, ...]`), and a
+    bar of update() calls repeated its rate. The monitor leaves a bar of miniters 1 alone; a step costs a time()."""
 
     def __init__(self, stream):
         self.stream = stream
