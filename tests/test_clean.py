@@ -246,8 +246,8 @@ def test_a_warning_starts_a_line_of_its_own_below_a_progress_bar(tmp_path):
     lines = r.stderr.split("\n")
     assert lines[-1] == "" and "\r" not in r.stderr
     bars = [x for x in lines[:-1] if x.startswith("prepare: ")]
-    assert all(re.fullmatch(r"prepare: \d docs \[[^\]]*\]", x) for x in bars), bars
-    assert bars[-1].startswith("prepare: 2 docs [")
+    assert all(re.fullmatch(r"prepare: +\d+%\|[# ]+\| [\d.]+/46\.0 \[[^\]]*\]", x) for x in bars), bars  # 46 bytes
+    assert bars[-1].startswith("prepare: 100%|") and bars[-1].endswith(", 2 docs]"), bars
     warning = f"WARNING babyllama.data.sources: {tmp_path / 'gbk.txt'}: not UTF-8; reading it as GB18030 (detected)."
     assert any(x.startswith(warning) for x in lines)
     assert all(x.startswith(("prepare: ", "WARNING ", "INFO ")) for x in lines[:-1]), lines

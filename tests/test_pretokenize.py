@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from contextlib import suppress
 
 import numpy as np
@@ -141,6 +142,8 @@ def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):
                 "--out_dir", str(tmp_path / "o"), "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["train"]["documents"] + json.loads(r.stdout)["val"]["documents"] == 300
+    bar = [x for x in r.stderr.splitlines() if x.startswith("pretokenize: ")]  # the input's bytes: a percentage
+    assert re.fullmatch(r"pretokenize: 100%\|#+\| (\S+)/\1 \[[^\]]*, 300 docs, [\d,]+ tokens/s\]", bar[-1]), bar
     r = run_cli("pretokenize", "--input", str(tmp_path / "none"), "--tokenizer", str(d / "tok"),
                 "--out_dir", str(tmp_path / "o2"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -79,7 +79,8 @@ def test_a_command_s_warning_lands_above_its_bar(tmp_path):
     warning = f"WARNING babyllama.data.sources: {tmp_path / 'gbk.txt'}: not UTF-8; reading it as GB18030 (detected)."
     assert len(shown) == 4 and shown[0].startswith(warning), shown  # each line whole, the bar below them
     assert shown[1].startswith(f"INFO babyllama.data.sources: {tmp_path / 'gbk.txt'}: read as text records"), shown
-    assert shown[2].startswith("prepare: 2 docs [") and shown[3].startswith('{"out_dir": '), shown
+    assert shown[2].startswith("prepare: 100%|") and shown[2].endswith(", 2 docs]"), shown
+    assert shown[3].startswith('{"out_dir": '), shown
 
 
 LINES_SCRIPT = """

@@ -135,6 +135,37 @@ def test_compressed_parquet_and_csv(tmp_path):
     assert list(reader.documents()) == ["压缩一", "压缩二", "列一", "列二", "表格"]
 
 
+def test_bytes_read_follows_each_file_as_stored_to_total_bytes(tmp_path):
+    """prepare's and pretokenize's bars count the bytes read of the inputs as stored, of total_bytes (their sizes), so
+    that they show a percentage and an ETA: a compressed file by what was read of it, a parquet file by its rows."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rng = random.Random(0)
+    docs = ["".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(200)) for _ in range(2000)]  # 1.2 MB
+    lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode()
+    files = [tmp_path / n for n in ("a.jsonl.gz", "b.jsonl.zst", "c.parquet", "d.jsonl")]
+    files[0].write_bytes(gzip.compress(lines))
+    files[1].write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"text": docs}), files[2])
+    files[3].write_bytes(lines)  # over the 1 MiB buffer: read in two
+    reader = CorpusReader(files)
+    assert reader.bytes_read() == 0 and reader.total_bytes == sum(f.stat().st_size for f in files)
+    seen: dict[str, list[int]] = {}  # file -> bytes_read after each of its documents
+    for source, _ in reader.documents_with_source():
+        seen.setdefault(source, []).append(reader.bytes_read())
+    before = 0
+    for f in files:
+        got = seen[str(f)]
+        assert len(got) == 2000 and got == sorted(got) and before <= got[0] and got[-1] <= before + f.stat().st_size
+        assert len(set(got)) >= (2 if f.suffix == ".jsonl" else 8), (f, sorted(set(got)))  # zstd: by its blocks
+        before += f.stat().st_size
+    assert reader.bytes_read() == reader.total_bytes
+
+
 def test_a_folder_means_its_data_files_not_babyllama_outputs_inside_it(tmp_path, bpe_tokenizer):
     from babyllama.checkpoint import save_checkpoint
     from babyllama.data.pretokenize import pretokenize

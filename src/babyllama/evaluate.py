@@ -53,6 +53,7 @@ from babyllama.data.sources import (
     expand_inputs,
     file_encoding,
     iter_records,
+    open_text,
     records_text,
 )
 from babyllama.errors import UserError, cannot_write, not_a_file, require, signals_held, write_whole, writing
@@ -701,8 +702,8 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} {not_a_file(path)}; pass a text file, one prompt a line.")
-    lines = records_text(path, file_encoding(path))
-    prompts = [r["text"] for _, r, _ in lines if r and r["text"].strip() and is_unicode(r["text"])]
+    with open_text(path, file_encoding(path)) as f:
+        prompts = [r["text"] for _, r, _ in records_text(path, f) if r and r["text"].strip() and is_unicode(r["text"])]
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts (a line of text each); pass a file that has some.")
     return prompts

@@ -7,11 +7,13 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 LINE_EVERY_S = 30  # off a terminal, long work writes its status as a line at most this often (progress, in_thread)
 LIVE: list = []  # the bars drawn on the terminal now, oldest first
 _redirected = contextlib.ExitStack()  # logging and prints through tqdm while LIVE is not empty
+T = TypeVar("T")
 
 
 def progress(iterable: Iterable | None = None, desc: str = "", unit: str = " it", total: int | None = None, **kw):
@@ -27,6 +29,24 @@ def progress(iterable: Iterable | None = None, desc: str = "", unit: str = " it"
                     miniters=1, file=Lines(stream), **kw)
     return live_bar()(iterable, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=0.5, file=stream,
                       **kw)
+
+
+def bytes_bar(desc: str, total: int):
+    """progress() of bytes read, of total (0: unknown), for work whose items vary in size: a percentage and an ETA
+    where a count of items has neither."""
+    return progress(desc=desc, unit="B", unit_scale=True, total=total or None)
+
+
+def counted(items: Iterable[T], bar, position: Callable[[], int], unit: str = " docs") -> Iterator[T]:
+    """items as they come; after each, bar (bytes_bar's) moves to position() and says how many there were as its
+    postfix ("1,024 docs"), and again at their end."""
+    n = 0
+    for n, item in enumerate(items, 1):
+        yield item
+        bar.set_postfix_str(f"{n:,}{unit}", refresh=False)
+        bar.update(position() - bar.n)
+    bar.set_postfix_str(f"{n:,}{unit}", refresh=False)
+    bar.update(position() - bar.n)
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import numpy as np
 from babyllama.data.shards import staged, swap_in, write_json
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError, cannot_write, discard, require, writing
-from babyllama.progress import progress
+from babyllama.progress import bytes_bar, counted
 
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")  # not \u3000: it is Chinese layout
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -417,9 +417,10 @@ def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int
     start = time.time()
     bad_log = reader.bad_log = (out / "bad_records.txt").open("w", encoding="utf-8")
     try:
-        with progress(reader.documents_with_source(), desc="prepare", unit=" docs") as documents:  # closed on an
-            for text in clean_documents(documents, min_chars, dedup, threshold, stats):  # error: its message
-                writer.write(text)  # starts a line
+        with bytes_bar("prepare", reader.total_bytes) as bar:  # closed on an error: its message starts a line
+            documents = counted(reader.documents_with_source(), bar, reader.bytes_read)
+            for text in clean_documents(documents, min_chars, dedup, threshold, stats):
+                writer.write(text)
         with writing(out / "bad_records.txt", file=bad_log):
             bad_log.close()  # what it still buffers is written now
         writer.close()

@@ -41,7 +41,7 @@ from babyllama.data.shards import (
 )
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError, children_without_ctrl_c
-from babyllama.progress import is_rank0, progress
+from babyllama.progress import bytes_bar, is_rank0
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_CHARS = 1 << 20  # characters per batch sent to a worker
@@ -221,16 +221,25 @@ def _pretokenize(reader: CorpusReader, tok: Tokenizer, tokenizer_path: str, out:
     """pretokenize's work, into the folder out (its stage); returns the manifest written there last."""
     writers = split_writers(out, tok.dtype, shard_tokens)
     start = time.time()
-    n_tokens = 0
+    n_tokens = n_docs = 0
     mine = (t for i, t in enumerate(reader.documents()) if i % num_shards == shard_index)
+    read_at: deque[int] = deque()  # reader.bytes_read() after each batch in flight, oldest first
+
+    def batches() -> Iterator[list[str]]:
+        for batch in text_batches(mine):
+            read_at.append(reader.bytes_read())
+            yield batch
+
     try:
-        with progress(desc="pretokenize", unit=" docs") as bar:  # closed on an error too: its message starts a line
-            for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), text_batches(mine),
-                                                     str(tokenizer_path), workers):
+        with bytes_bar("pretokenize", reader.total_bytes) as bar:  # closed on an error: its message starts a line
+            for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches(), str(tokenizer_path),
+                                                     workers):
                 write_documents(writers, texts, flat, lengths, val_fraction)
-                n_tokens += len(flat)
-                bar.update(len(texts))
-                bar.set_postfix(tokens_per_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}", refresh=False)
+                n_tokens, n_docs = n_tokens + len(flat), n_docs + len(texts)
+                bar.set_postfix_str(f"{n_docs:,} docs, {n_tokens / max(time.time() - start, 1e-9):,.0f} tokens/s",
+                                    refresh=False)
+                bar.update(read_at.popleft() - bar.n)  # the bytes of the batches written, not of those read ahead
+            bar.update(reader.bytes_read() - bar.n)
         for w in writers.values():
             w.close()
     except BaseException:  # a failure or Ctrl-C while reading or tokenizing: the open shards' temporaries go too

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import gzip
 import io
 import itertools
@@ -318,9 +319,20 @@ def _alphabet_fit(text: str) -> float:
     return max(fits) / max(sum(chars.values()), 1)
 
 
-def _text(path: Path, encoding: str) -> io.TextIOWrapper:
+def open_text(path: Path, encoding: str) -> io.TextIOWrapper:
     """The decoded file; bytes that do not decode become lone surrogates, which make their record bad."""
     return io.TextIOWrapper(open_binary(path), encoding=encoding, errors="surrogateescape", newline="")
+
+
+Position = Callable[[], int]  # how many bytes of a file as stored (compressed) its reader has read so far
+
+
+def _stored_position(f: io.TextIOWrapper) -> int:
+    """How far open_text's stream f has read into its file as stored (compressed: the bytes decompressed so far
+    came from there); what its buffers hold counts as read. Raises ValueError once f is closed."""
+    stream = f.buffer
+    raw = stream.fileobj if isinstance(stream, gzip.GzipFile) else stream.raw
+    return (raw.f if isinstance(raw, ZstdFrames) else raw).tell()
 
 
 def data_suffix(path: Path) -> str:
@@ -331,24 +343,23 @@ def data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) of each non-blank line; text is None for a line over MAX_RECORD_CHARS, whose
+def _lines(f: TextIO) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of each non-blank line of f; text is None for a line over MAX_RECORD_CHARS, whose
     rest is skipped without holding it."""
-    with _text(path, encoding) as f:
-        for lineno in itertools.count(1):
-            line = f.readline(MAX_RECORD_CHARS)
-            if not line:
-                return
-            if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
-                while (rest := f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
-                    pass
-                yield lineno, None
-            elif line.strip():
-                yield lineno, line.rstrip("\r\n")
+    for lineno in itertools.count(1):
+        line = f.readline(MAX_RECORD_CHARS)
+        if not line:
+            return
+        if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
+            while (rest := f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
+                pass
+            yield lineno, None
+        elif line.strip():
+            yield lineno, line.rstrip("\r\n")
 
 
-def records_jsonl(path: Path, encoding: str) -> Iterator[Item]:
-    for lineno, line in _lines(path, encoding):
+def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
+    for lineno, line in _lines(f):
         where = f"{path}:{lineno}"
         if line is None:
             yield where, None, f"a line over {MAX_RECORD_CHARS} characters"
@@ -418,31 +429,33 @@ def _array_items(f: io.TextIOBase) -> Iterator[object]:
         peek()
 
 
-def records_json_array(path: Path, encoding: str) -> Iterator[Item]:
+def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
     """Items of one top-level JSON array, streamed; a syntax error ends the file (counted once)."""
-    with _text(path, encoding) as f:
-        i = 0
-        try:
-            for i, item in enumerate(_array_items(f), 1):
-                ok = isinstance(item, dict)
-                yield f"{path}:item {i}", item if ok else None, "" if ok else "not a JSON object"
-        except ValueError as e:
-            log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
-            yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
+    i = 0
+    try:
+        for i, item in enumerate(_array_items(f), 1):
+            ok = isinstance(item, dict)
+            yield f"{path}:item {i}", item if ok else None, "" if ok else "not a JSON object"
+    except ValueError as e:
+        log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
+        yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
 
 
-def records_text(path: Path, encoding: str) -> Iterator[Item]:
-    for lineno, line in _lines(path, encoding):
+def records_text(path: Path, f: TextIO) -> Iterator[Item]:
+    for lineno, line in _lines(f):
         if line is None:
             yield f"{path}:{lineno}", None, f"a line over {MAX_RECORD_CHARS} characters"
         else:
             yield f"{path}:{lineno}", {"text": line}, ""
 
 
-def records_parquet(path: Path, encoding: str) -> Iterator[Item]:
+def records_parquet(path: Path, opened: Callable[[Position], None]) -> Iterator[Item]:
+    """Rows as dicts; opened is given the file's Position: the share of its bytes that its rows read make."""
     pq = require("pyarrow.parquet", "data")
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    file = pq.ParquetFile(path)
+    size, rows, row = path.stat().st_size, max(file.metadata.num_rows, 1), 0
+    opened(lambda: size * row // rows)
+    for batch in file.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             row += 1
             yield f"{path}:row {row}", record, ""
@@ -487,43 +500,42 @@ class _RowLines:
         self.again += reversed(self.row[1:])
 
 
-def records_csv(path: Path, encoding: str) -> Iterator[Item]:
+def records_csv(path: Path, f: TextIO) -> Iterator[Item]:
     """Rows as dicts by the header, located by the line where they start. A cell of up to
     MAX_RECORD_CHARS is read, with quoted commas, quotes and newlines. A row with more or fewer
     cells than the header is bad; so is one the csv module refuses (strict): a quote never closed,
     or closed inside a cell, makes its row bad, and the lines after that row's first are read
     again as rows of their own, so an unclosed quote cannot swallow the rows after it."""
     csv.field_size_limit(MAX_RECORD_CHARS)
-    with _text(path, encoding) as f:
-        lines = _RowLines(f)
-        rows = csv.reader(lines, strict=True)
-        header = None
-        while True:
-            lines.row = []
-            try:
-                cells, why = next(rows), ""
-            except StopIteration:
-                return
-            except (csv.Error, _LineTooLong) as e:
-                cells, why = None, str(e)
-                if len(lines.row) > 1:  # it ran over lines: an unclosed quote, most likely
-                    why = f"{why} in a cell that runs from line {lines.row[0][0]} to {lines.row[-1][0]} " \
-                          "(an unclosed quote?); the lines after its first are read again"
-                    lines.put_back()
-            where = f"{path}:{lines.row[0][0]}"
-            if cells == []:  # a blank line
-                continue
-            if header is None and cells is not None:
-                header = cells
-            elif cells is None:
-                yield where, None, why
-            elif len(cells) != len(header):
-                yield where, None, f"{len(cells)} cells where the header has {len(header)}"
-            else:
-                yield where, dict(zip(header, cells, strict=True)), ""
+    lines = _RowLines(f)
+    rows = csv.reader(lines, strict=True)
+    header = None
+    while True:
+        lines.row = []
+        try:
+            cells, why = next(rows), ""
+        except StopIteration:
+            return
+        except (csv.Error, _LineTooLong) as e:
+            cells, why = None, str(e)
+            if len(lines.row) > 1:  # it ran over lines: an unclosed quote, most likely
+                why = f"{why} in a cell that runs from line {lines.row[0][0]} to {lines.row[-1][0]} " \
+                      "(an unclosed quote?); the lines after its first are read again"
+                lines.put_back()
+        where = f"{path}:{lines.row[0][0]}"
+        if cells == []:  # a blank line
+            continue
+        if header is None and cells is not None:
+            header = cells
+        elif cells is None:
+            yield where, None, why
+        elif len(cells) != len(header):
+            yield where, None, f"{len(cells)} cells where the header has {len(header)}"
+        else:
+            yield where, dict(zip(header, cells, strict=True)), ""
 
 
-READERS = {".jsonl": records_jsonl, ".txt": records_text, ".parquet": records_parquet, ".csv": records_csv}
+READERS = {".jsonl": records_jsonl, ".json": records_json_array, ".txt": records_text, ".csv": records_csv}
 
 
 def _whole_first_line(text: str) -> bool:
@@ -537,31 +549,32 @@ def _whole_first_line(text: str) -> bool:
     return bool(rest.strip())
 
 
-def iter_records(path: Path) -> Iterator[Item]:
+def iter_records(path: Path, opened: Callable[[Position], None] | None = None) -> Iterator[Item]:
     """(location, record, why) of every record of a file: record None where it is bad, and why says
     why. A file that cannot be read to its end (not gzip, a cut or corrupted .gz or .zst, a damaged
-    parquet, bytes of no text encoding) gives one bad record where the damage begins."""
+    parquet, bytes of no text encoding) gives one bad record where the damage begins. opened, when given,
+    is called with the file's Position once it is open (CorpusReader.bytes_read)."""
     suffix = data_suffix(path)
-    if suffix not in (*READERS, ".json"):
+    if suffix not in (*READERS, ".parquet"):
         raise UserError(f"{path}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}.")
-    return _to_the_end(path, _records(path, suffix))
+    return _to_the_end(path, _records(path, suffix, opened or (lambda _: None)))
 
 
-def _records(path: Path, suffix: str) -> Iterator[Item]:
+def _records(path: Path, suffix: str, opened: Callable[[Position], None]) -> Iterator[Item]:
     if suffix == ".parquet":
-        yield from records_parquet(path, "utf-8")
+        yield from records_parquet(path, opened)
         return
     sample = _sample(path)
     encoding = detect_encoding(path, sample)
     if encoding is None:
         yield f"{path}:start", None, "not text in any encoding charset-normalizer knows (convert it to UTF-8)"
         return
-    if suffix in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json"):  # a .json file that is no array is JSON lines
         text = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")
-        reader = records_json_array if text[:1] == "[" and not _whole_first_line(text) else records_jsonl
-        yield from reader(path, encoding)
-        return
-    yield from READERS[suffix](path, encoding)
+        suffix = ".json" if text[:1] == "[" and not _whole_first_line(text) else ".jsonl"
+    with open_text(path, encoding) as f:
+        opened(functools.partial(_stored_position, f))
+        yield from READERS[suffix](path, f)
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -810,13 +823,17 @@ MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log an
 
 
 class CorpusReader:
-    """Documents of many files; counts every record and every bad one, per file."""
+    """Documents of many files; counts every record and every bad one, per file, and the bytes read of all
+    (bytes_read: a progress bar's count, of total_bytes)."""
 
     def __init__(self, paths: list[str | Path], format: str | None = None, bad_log: TextIO | None = None):
         """bad_log, when given, receives every bad record, one a line: `file:line: why`."""
         if format is not None and format not in SCHEMAS:
             raise UserError(f"unknown format {format!r}; choose one of {', '.join(SCHEMAS)}.")
         self.files = expand_inputs(paths)
+        self.sizes = [f.stat().st_size for f in self.files]  # as stored: compressed
+        self.total_bytes = sum(self.sizes)
+        self._done, self._position = 0, lambda: 0  # bytes of the files read to their end; the Position in the next
         self.format = format
         self.bad_log = bad_log
         self.stats: dict[str, FileStats] = {}
@@ -829,15 +846,29 @@ class CorpusReader:
             yield text
 
     def documents_with_source(self) -> Iterator[tuple[str, str]]:
-        for path in self.files:
+        for path, size in zip(self.files, self.sizes, strict=True):
             for text in self._file_documents(path):
                 yield str(path), text
+            self._done, self._position = self._done + size, lambda: 0
+
+    def bytes_read(self) -> int:
+        """How many bytes of the files as stored (compressed) the documents so far were read from: the files read
+        to their end and what was read of the one being read (its reader's buffer ahead of the last document
+        counts too; a parquet file: by its rows); total_bytes once every file has been read, and never more."""
+        try:
+            now = self._position()
+        except ValueError:  # its stream was closed: damaged there, its next document is the next file's
+            now = 0
+        return min(self._done + now, self.total_bytes)
+
+    def _opened(self, position: Position) -> None:
+        self._position = position
 
     def _file_documents(self, path: Path) -> Iterator[str]:
         """The texts of a file's records. Without a forced format the first good record decides the
         schema: the first whose detected schema gives it a text (a broken first record does not)."""
         stats = self.stats.setdefault(str(path), FileStats(schema=self.format or ""))
-        for where, record, why in iter_records(path):
+        for where, record, why in iter_records(path, self._opened):
             stats.records += 1
             if record is None:
                 self._bad(stats, where, why)
