@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -335,6 +336,41 @@ def test_a_killed_run_leaves_the_earlier_output_until_it_is_resumed(tmp_path, mo
     assert json.loads(outputs(out)["stats.json"])["total"]["kept"] == 20
     assert outputs(out)["part_00000_00000.jsonl"].count("\n") == 20
     assert not (out / ".incomplete").exists() and (out / "datatrove" / dt.FINISHED).is_file()
+
+
+def test_a_stage_says_every_30_s_how_many_tasks_are_done_and_their_documents(tmp_path, monkeypatch, caplog):
+    """A stage printed its first line, then nothing until it ended (133 s of silence at 480 MB, hours at 200 GB):
+    a line every progress.LINE_EVERY_S (here 0.05 s) counts its tasks done and the documents they read."""
+    import logging
+    import time
+
+    from babyllama import progress
+
+    (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:20]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(GOOD_LINES[20:30]) + "\n")
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.05)
+    real = dt.WriteParts.run
+
+    def slow(self, data, rank=0, world_size=1):
+        time.sleep(0.5)  # a task that takes a while: lines come meanwhile
+        return real(self, data, rank, world_size)
+
+    monkeypatch.setattr(dt.WriteParts, "run", slow)
+    with caplog.at_level(logging.INFO, logger="babyllama.data.datatrove_engine"):
+        dt.prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out", local(2), dedup="none")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 1/2 read: ")]
+    assert lines[0] == "stage 1/2 read: 2 tasks" and len(lines) >= 4, lines
+    assert re.fullmatch(r"stage 1/2 read: 0 of 2 tasks done, \d+ s", lines[1]), lines
+    assert any(re.fullmatch(r"stage 1/2 read: 1 of 2 tasks done \(20 documents\), \d+ s", x) for x in lines), lines
+
+
+def test_datatrove_draws_none_of_its_bars(corpus, tmp_path, capsys):
+    """Its bars count files and queues (`Initializing pq...: 6/6`, a `0/1 ... 1/1 [00:00, 29330 it/s]` bar or two
+    a task of the unique stage, `Reading dup files: 9/9`): a dozen lines of the console a stage, now none."""
+    _, files, _ = corpus
+    dt.prepare(files[:2], tmp_path / "out", local(2))  # every stage in this process: its bars on sys.stderr
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "%|" not in err, err
 
 
 def test_other_settings_or_changed_inputs_start_anew_unless_a_run_is_unfinished(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ A Slurm submission writes into OUT itself, cleared first: its last stage runs af
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -151,7 +152,7 @@ def _default_logger() -> None:
 
 def quiet_datatrove() -> None:
     """Install the two loggers above where datatrove looks them up (in every process that unpickles a
-    pipeline of ours, since it imports this module)."""
+    pipeline of ours, since it imports this module), and hide its bars (_no_bars)."""
     import datatrove.executor.base
     import datatrove.utils.logging
 
@@ -160,6 +161,19 @@ def quiet_datatrove() -> None:
     if "datatrove.executor.ray" in sys.modules:
         sys.modules["datatrove.executor.ray"].add_task_logger = _task_logger
     _default_logger()
+    _no_bars()
+
+
+def _no_bars() -> None:
+    """The datatrove modules loaded draw no tqdm bar unless asked (their tqdm gets disable=True): theirs count the
+    files or queues of a step, not its work (`Initializing pq...: 6/6`, `Reading dup files: 9/9`, and from exact
+    dedup's filter a `0/1 ... 1/1 [00:00, 29330 it/s]` bar or two a task), a dozen lines a stage on the console,
+    while a stage's progress is babyllama's status line (run_stages)."""
+    from tqdm import tqdm
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("datatrove.") and getattr(module, "tqdm", None) is tqdm:
+            module.tqdm = functools.partial(tqdm, disable=True)
 
 
 quiet_datatrove()
@@ -588,6 +602,49 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                         "there (`ray start --head`), correct RAY_ADDRESS, or unset it to start a local one.") from None
 
 
+@contextmanager
+def status_lines(label: str, logs: Path, tasks: int):
+    """While the body runs a stage, a line every progress.LINE_EVERY_S (stage_status), as a progress bar writes
+    its status in a log: a stage of a large corpus runs for hours."""
+    from babyllama import progress
+
+    stop, start = threading.Event(), time.monotonic()
+
+    def run() -> None:
+        while not stop.wait(progress.LINE_EVERY_S):
+            log.info("%s", stage_status(label, logs, tasks, time.monotonic() - start))
+
+    thread = threading.Thread(target=run, name="babyllama-stage-status", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def stage_status(label: str, logs: Path, tasks: int, seconds: float) -> str:
+    """"stage 3/7 unique: 2 of 6 tasks done (245,312 documents), 90 s": the tasks that datatrove marked done in the
+    stage's logging folder (completions/R), and the documents that their statistics (stats/R.json, written as a
+    task ends) count at the stage's first step that counts any (its reader); a stage that reads none says none."""
+    done = len(list((logs / "completions").glob("[0-9]*")))
+    docs = [_documents(f) for f in (logs / "stats").glob("[0-9]*.json")]
+    counted = [n for n in docs if n is not None]
+    return f"{label}: {done} of {tasks} tasks done{f' ({sum(counted):,} documents)' if counted else ''}, " \
+           f"{seconds:.0f} s"
+
+
+def _documents(stats_file: Path) -> int | None:
+    """The documents that a task's statistics (datatrove's stats/R.json: a list of steps) count at the first step
+    that counts any: a number, or {"total": n, ...}; None when no step does, or the file cannot be read yet."""
+    try:
+        steps = json.loads(stats_file.read_text())
+    except (OSError, ValueError):
+        return None
+    counts = [step["stats"]["documents"] for step in steps if "documents" in step.get("stats", {})]
+    return None if not counts else counts[0] if isinstance(counts[0], int) else counts[0].get("total", 0)
+
+
 def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
     """Run the stages in order, each once the one before has finished (local, ray), or submit them as
     Slurm job arrays that each depend on the one before (slurm: returns once they are queued)."""
@@ -603,8 +660,10 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
         executors.append(executor)
         if launch.executor != "slurm":
             start = time.time()
-            log.info("stage %d/%d %s: %d task%s", i + 1, len(stages), name, tasks, "s"[: tasks > 1])
-            with forks_end_with_this_process() if launch.executor == "local" else nullcontext():
+            label = f"stage {i + 1}/{len(stages)} {name}"
+            log.info("%s: %d task%s", label, tasks, "s"[: tasks > 1])
+            with forks_end_with_this_process() if launch.executor == "local" else nullcontext(), \
+                    status_lines(label, work / "logs" / f"{i + 1}_{name}", tasks):
                 if launch.executor == "local" and executor.workers > 1:
                     start_forkserver()
                 executor.run()
