@@ -85,6 +85,23 @@ def test_instruction_and_prompt_answer_records():
             conversation_from_record(bad)
 
 
+def test_a_field_of_another_type_is_named_with_its_type():
+    """`{"instruction": 123, ...}`, `{"output": ["a"]}` and `{"input": {"a": 1}}` were "not an instruction,
+    prompt/answer or conversations record", though they are, with a field of the wrong type: the reason names it and
+    its type, as DPO's and eval's do."""
+    for record, why in [
+            ({"instruction": 123, "output": "x"}, "its 'instruction' is a number, not a string"),
+            ({"instruction": "问", "output": ["a"]}, "its 'output' is a list, not a string"),
+            ({"instruction": "问", "input": {"a": 1}, "output": "答"}, "its 'input' is an object, not a string"),
+            ({"prompt": "问", "answer": True}, "its 'answer' is true or false, not a string"),
+            ({"conversations": "notalist"}, "its 'conversations' is a string, not a list of messages"),
+            ({"conversations": None}, "its 'conversations' is null, not a list of messages"),
+            ({"instruction": "问", "output": None}, "not an instruction, prompt/answer or conversations record")]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record(record)
+        assert str(e.value) == why, record
+
+
 def test_a_records_system_and_history_come_before_its_own_turns():
     """LLaMA-Factory's alpaca (`system`, `history`) and sharegpt (`system` beside `conversations`) fields were
     dropped: the system text and the earlier turns are the conversation's, as if its messages held them."""
@@ -102,7 +119,7 @@ def test_a_records_system_and_history_come_before_its_own_turns():
         [("问", "答")])
     for field, value in [("system", 5), ("system", ["你是助手"]), ("history", "早先的问"), ("history", [["只有问"]]),
                          ("history", [["问", 1]]), ("history", {"问": "答"})]:
-        with pytest.raises(ValueError, match=f"its '{field}' is not a"):
+        with pytest.raises(ValueError, match=f"its '{field}' is (a list|a number|not a)"):
             conversation_from_record({"instruction": "问", "output": "答", field: value})
 
 

@@ -184,7 +184,7 @@ def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_pa
     assert items[0] == {"question": "问四", "reference": "答四", "task": "qa", "system": "你是助手",
                         "history": [["早先的问", "早先的答"]]}
     assert items[2] == {"question": "问五", "reference": "答五", "task": "qa"}  # empty: none, as before
-    assert bad == [f"{f}:4: its 'system' is not a string",
+    assert bad == [f"{f}:4: its 'system' is a number, not a string",
                    f"{f}:5: its 'history' is not a list of [question, answer] pairs of strings"]
     asked = []
     monkeypatch.setattr(babyllama.evaluate, "answer", lambda model, tok, conv, *a: asked.append(conv) or "正面")

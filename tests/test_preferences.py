@@ -52,8 +52,15 @@ def test_system_and_history_are_read_as_sft_reads_them_in_every_shape():
     assert preference_from_record({**SHAPES[0][0], **context}) == (HISTORY, "等于2。", "等于3。")
     llama_factory = {**SHAPES[1][0], "conversations": SHAPES[1][0]["conversations"][2:], **context}
     assert preference_from_record(llama_factory) == (HISTORY, "等于2。", "等于3。")
+    for record, why in [({"prompt": 1, "chosen": "a", "rejected": "b"}, "its 'prompt' is a number, not a string"),
+                        ({"prompt": "问", "chosen": ["a"], "rejected": "b"},
+                         "its 'chosen' is a list, not a string or an assistant message"),
+                        ({"question": "问", "response_chosen": "a"}, "its 'response_rejected' is missing")]:
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why, record  # the field and its type, as prepare, SFT and eval say them
     for field, value in [("system", 0), ("system", False), ("history", {"你好": "你好！"}), ("history", [["你好"]])]:
-        with pytest.raises(ValueError, match=f"its '{field}' is not a"):
+        with pytest.raises(ValueError, match=f"its '{field}' is (a number|true or false|not a)"):
             preference_from_record({**SHAPES[3][0], field: value})
 
 

@@ -438,7 +438,8 @@ def test_system_and_history_fields_are_rendered_as_the_conversation_with_them(de
     assert (manifest["stats"]["records"], manifest["stats"]["bad"]) == (7, 4)
     history = "its 'history' is not a list of [question, answer] pairs of strings"
     assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
-        f"{f}:4: its 'system' is not a string", f"{f}:5: its 'system' is not a string", f"{f}:6: {history}",
+        f"{f}:4: its 'system' is a number, not a string", f"{f}:5: its 'system' is a list, not a string",
+        f"{f}:6: {history}",
         f"{f}:7: {history}"]
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "version": 4}))  # before these fields
     settings = SFTSettings(max_len=200, val_fraction=0.0)
@@ -483,5 +484,5 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_wha
         f"{f}:1: its text holds bytes that are not text in the file's encoding (\\xff\\xfe)",
         f"{f}:2: its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode",
         f"{f}:3: its 'conversations' list is empty: there is no message",
-        f"{f}:4: its 'conversations' is not a list of messages",
+        f"{f}:4: its 'conversations' is an object, not a list of messages",
         f"{f}:5: a conversations item lacks a known role or a text content"]

@@ -42,9 +42,28 @@ def test_jsonl_with_bad_records_keeps_every_good_one(tmp_path):
     stats = reader.stats[str(f)]
     assert (stats.records, stats.bad, stats.schema) == (7, 4, "text")
     assert bad == [f"{f}:3: not valid JSON (Expecting property name enclosed in double quotes)",
-                   f"{f}:4: lacks the fields of the text schema", f"{f}:5: lacks the fields of the text schema",
+                   f"{f}:4: lacks the fields of the text schema", f"{f}:5: its 'text' is a number, not a string",
                    f"{f}:6: not valid JSON (Expecting value)"]
 
+
+
+def test_a_field_of_another_type_is_named_with_its_type(tmp_path):
+    """`{"text": 123}` and `{"text": ["a"]}` were records that "lack the fields of the text schema", though the field
+    is there: the reason names it and its type, as SFT's, DPO's and eval's do; a field that is absent or null lacks."""
+    f = jsonl(tmp_path / "t.jsonl", [{"text": 123}, {"text": ["a"]}, {"text": None}, {"text": "好"}])
+    g = jsonl(tmp_path / "b.jsonl", [{"title": "北京", "sections": "历史"}, {"title": 5, "sections": []},
+                                     {"instruction": "问", "output": {"a": 1}}, {"title": "题", "content": 1.5}])
+    for path, format, why in [
+            (f, None, ["its 'text' is a number, not a string", "its 'text' is a list, not a string",
+                       "lacks the fields of the text schema"]),
+            (g, "baike", ["its 'sections' is a string, not a list of sections", "its 'title' is a number, not a string",
+                          "lacks the fields of the baike schema", "lacks the fields of the baike schema"]),
+            (g, "instruction", ["lacks the fields of the instruction schema"] * 2 + [
+                "its 'output' is an object, not a string", "lacks the fields of the instruction schema"]),
+            (g, "wudao", ["lacks the fields of the wudao schema"] * 3 + ["its 'content' is a number, not a string"])]:
+        reader = CorpusReader([path], format, bad_log=(log := io.StringIO()))
+        list(reader.documents())
+        assert log.getvalue().splitlines() == [f"{path}:{i}: {w}" for i, w in enumerate(why, 1)], format
 
 
 def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_what_they_are(tmp_path):

@@ -84,13 +84,31 @@ class Conversation:
 # --- records and messages -> a conversation ---
 
 
+def kind_of(value: object) -> str:
+    """A JSON value's type in words, for a message: "true or false", "a number", "a string", "a list", "an object"
+    ("null" for None)."""
+    return ("null" if value is None else "true or false" if isinstance(value, bool) else "a number"
+            if isinstance(value, int | float) else "a string" if isinstance(value, str) else "a list"
+            if isinstance(value, list) else "an object")
+
+
+def text_field(record: dict, key: str) -> str | None:
+    """record[key] when it is a string; None when it is not there or null. Raises ValueError naming the field and
+    its type for any other value: "its 'output' is a list, not a string" (a bad record, saying why: the readers of
+    prepare, SFT, DPO and eval say it so)."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string")
+
+
 def messages_of_record(record: dict) -> list[tuple[str, str]]:
     """[(role, content)] of a `conversations` list, {role, content} or {from: human|gpt, value} items;
     roles become system / user / assistant. Raises ValueError saying what is malformed: the list is
-    not one, is empty, or an item lacks a known role or a text content."""
+    not one (naming its type), is empty, or an item lacks a known role or a text content."""
     items = record.get("conversations")
     if not isinstance(items, list):
-        raise ValueError("its 'conversations' is not a list of messages")
+        raise ValueError(f"its 'conversations' is {kind_of(items)}, not a list of messages")
     if not items:
         raise ValueError("its 'conversations' list is empty: there is no message")
     out = []
@@ -105,13 +123,17 @@ def messages_of_record(record: dict) -> list[tuple[str, str]]:
 
 def instruction_pair(record: dict) -> tuple[str, str] | None:
     """(question, answer) of a `prompt` / `answer` row (the recipe's sft_data.csv) or of an alpaca-zh /
-    BELLE / shibing624/medical record (instruction + input, output); else None."""
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
-        return record["prompt"], record["answer"]
-    question, output = instruction_prompt(record), record.get("output")
-    if question is None or not isinstance(output, str):
+    BELLE / shibing624/medical record (instruction + input, output); else None. Raises ValueError naming the
+    field and its type when one of them that it reads is there but not a string (text_field): `"output": ["a"]`
+    is a bad record for that reason, not for being no instruction record."""
+    prompt, answer = text_field(record, "prompt"), text_field(record, "answer")
+    if prompt is not None and answer is not None:
+        return prompt, answer
+    instruction, output = text_field(record, "instruction"), text_field(record, "output")
+    text_field(record, "input")
+    if instruction is None or output is None:
         return None
-    return question, output
+    return instruction_prompt(record), output
 
 
 def instruction_prompt(record: dict) -> str | None:
@@ -127,10 +149,9 @@ def context_messages(record: dict) -> list[tuple[str, str]]:
     """(role, content) of what goes before a record's own messages: its `system` text, then each [question,
     answer] of its `history` as a user and an assistant message; [] when neither is there (absent, null, or
     empty: "", [], as an empty CSV cell reads ""). SFT, DPO and eval read them here, so that they agree.
-    Raises ValueError naming the field when system is not a string or history not a list of string pairs."""
-    system, history = record.get("system"), record.get("history")
-    if system is not None and not isinstance(system, str):
-        raise ValueError("its 'system' is not a string")
+    Raises ValueError naming the field when system is not a string (and its type: text_field) or history not a
+    list of string pairs."""
+    system, history = text_field(record, "system"), record.get("history")
     if history in (None, ""):
         history = []
     if not isinstance(history, list) or not all(

@@ -42,6 +42,7 @@ from babyllama.chat_format import (
     context_messages,
     instruction_prompt,
     is_unicode,
+    kind_of,
     not_unicode,
     render_prompt,
     text_prompt,
@@ -220,9 +221,7 @@ def field_text(record: dict, key: str, numbers: bool = False, lists: bool = Fals
         return str(value)
     if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "、".join(value)
-    kind = ("true or false" if isinstance(value, bool) else "a number" if isinstance(value, int | float)
-            else "a list" if isinstance(value, list) else "an object")
-    raise ValueError(f"its {key!r} is {kind}, not a string{' or a number' if numbers else ''}")
+    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string{' or a number' if numbers else ''}")
 
 
 def question_of(record: dict) -> str | None:

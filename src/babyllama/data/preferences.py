@@ -31,8 +31,10 @@ from babyllama.chat_format import (
     context_messages,
     conversation_from_messages,
     is_blank,
+    kind_of,
     messages_of_record,
     render_conversation,
+    text_field,
     truncate_conversation,
 )
 from babyllama.data.sft_tokens import SFTSettings
@@ -41,9 +43,10 @@ from babyllama.tokenizer import Tokenizer
 
 
 def _text(record: dict, key: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str):
-        raise ValueError(f"its {key!r} is not a string")
+    """record[key], a string. Raises ValueError naming the field: missing, or of another type (its type named)."""
+    value = text_field(record, key)
+    if value is None:
+        raise ValueError(f"its {key!r} is missing")
     return value
 
 
@@ -55,7 +58,8 @@ def _answer(value, key: str) -> str:
         role, content = value.get("role", value.get("from")), value.get("content", value.get("value"))
         if ROLES.get(role) == "assistant" and isinstance(content, str):
             return content
-    raise ValueError(f"its {key!r} is neither a string nor an assistant message")
+        raise ValueError(f"its {key!r} is neither a string nor an assistant message")
+    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string or an assistant message")
 
 
 def _prompt_messages(record: dict) -> list[tuple[str, str]]:

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from babyllama.chat_format import context_messages, instruction_pair, messages_of_record, not_unicode
+from babyllama.chat_format import (
+    context_messages,
+    instruction_pair,
+    kind_of,
+    messages_of_record,
+    not_unicode,
+    text_field,
+)
 from babyllama.errors import UserError, cannot_write, check_out_dir, not_a_file, require
 from babyllama.progress import is_rank0
 
@@ -43,26 +50,24 @@ SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 COMPRESSED = (".gz", ".zst")
 
 
-# --- one small function per schema: record -> text, or None when the record lacks its fields ---
-
-
-def _str(record: dict, key: str) -> str | None:
-    value = record.get(key)
-    return value if isinstance(value, str) else None
+# --- one small function per schema: record -> text, or None when the record lacks its fields; ValueError, naming
+# the field and its type, for one of them that is there but of another type (chat_format.text_field) ---
 
 
 def text_of_plain(r: dict) -> str | None:
-    return _str(r, "text")
+    return text_field(r, "text")
 
 
 def text_of_wiki(r: dict) -> str | None:
-    return _str(r, "completion")
+    return text_field(r, "completion")
 
 
 def text_of_baike(r: dict) -> str | None:
     """The recipe's way: `title：summary` then `section title：content。` for every section."""
-    title, summary, sections = _str(r, "title"), _str(r, "summary"), r.get("sections")
-    if title is None or not isinstance(sections, list):
+    title, summary, sections = text_field(r, "title"), text_field(r, "summary"), r.get("sections")
+    if sections is not None and not isinstance(sections, list):
+        raise ValueError(f"its 'sections' is {kind_of(sections)}, not a list of sections")
+    if title is None or sections is None:
         return None
     text = f"{title}：{summary}" if summary else ""
     for s in sections:
@@ -73,9 +78,10 @@ def text_of_baike(r: dict) -> str | None:
 
 
 def text_of_wudao(r: dict) -> str | None:
-    title, content = _str(r, "title"), _str(r, "content")
-    if content is None:
+    content = text_field(r, "content")
+    if content is None:  # before the title: a record without content lacks it, whatever its title
         return None
+    title = text_field(r, "title")
     return f"{title}\n{content}" if title else content
 
 
@@ -876,7 +882,7 @@ class CorpusReader:
             schema = stats.schema or detect_schema(record)
             try:
                 text = SCHEMAS[schema](record) if schema else None
-            except ValueError as e:  # a field of the wrong type (context_text, messages_of_record), named
+            except ValueError as e:  # a field of the wrong type (text_field, context_text, messages_of_record), named
                 self._bad(stats, where, str(e))
                 continue
             if text is None:
