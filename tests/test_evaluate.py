@@ -510,6 +510,9 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     result = json.loads((tiny_run / "run" / "eval" / "eval.json").read_text())
     assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
     assert result["qa"]["sentiment"]["majority_baseline"] == 0.5  # the item without a reference is not in it
+    scales = ("bleu and word_bleu: 0-100, as sacrebleu gives them; rouge_l, char_f1, exact_match, majority_baseline "
+              "and accuracy: fractions, 0-1")  # word_bleu 0.351 was read as 35%
+    assert result["qa_scales"] == scales and f'  "qa_scales": "{scales}",' in r.stdout.splitlines()
     assert result["qa_skipped_no_reference"] == 1 and "1 QA items have no reference" in r.stdout
     assert (result["qa_bad_records"], result["mc_bad_records"], result["mc"]["overall"]["items"]) == (1, 1, 2)
     assert f"note: 1 bad QA records are skipped; the first: {qa}:10: not valid JSON (Expecting" in r.stdout
@@ -522,6 +525,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
         {"step": 2, "tokens": 200, "val_loss": 5.5, "final": True}]))
     report = make_report(tiny_run)
     text = report.read_text()
+    assert ("Question answering (greedy, chat format; bleu and word_bleu on sacrebleu's 0-100 scale, the other "
+            "scores fractions, 0-1):") in text
     for section in ("## Data", "### Token shards", "## Training", "### Run `run`", "## Evaluation",
                     "Language modelling", "Question answering", "Multiple choice", "Leakage", "Continuations",
                     "Sample answers"):

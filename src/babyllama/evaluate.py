@@ -10,7 +10,8 @@ again with the same checkpoint and settings, goes on from where it stopped.
     so models with different tokenizers compare (an <eos> is scored and counts 0 bytes);
   * continuations of plain-text prompts (the recipe's by default);
   * QA in the chat format, greedy: BLEU-4 (sacrebleu, tokenize zh), the recipe's word BLEU over
-    jieba words, ROUGE-L and F1 over characters, exact match; every task reports the majority baseline,
+    jieba words (both 0-100, sacrebleu's scale), ROUGE-L and F1 over characters, exact match (fractions, 0-1:
+    QA_SCALES); every task reports the majority baseline,
     the exact match of always giving the commonest reference (for the demo's entities: 无); tasks whose
     references are a few labels (the demo's 正面 / 负面: MAX_LABELS, ITEMS_PER_LABEL) also report accuracy;
   * multiple choice in the C-Eval / CMMLU shape, by the log-likelihood of the option letter and,
@@ -76,6 +77,10 @@ LETTERS = "ABCD"
 # labels (classification): its exact match is also its accuracy; with more labels, or fewer items a label (12
 # person names among 6 names), its references are free text
 MAX_LABELS, ITEMS_PER_LABEL = 10, 3
+# the QA scores mix two scales: BLEU as sacrebleu, lm-evaluation-harness and MT papers give it, the rest fractions
+# (a model that answers `，，，，` everywhere had word_bleu 0.351, read as 35%); eval.json and the summary say so
+QA_SCALES = ("bleu and word_bleu: 0-100, as sacrebleu gives them; rouge_l, char_f1, exact_match, majority_baseline "
+             "and accuracy: fractions, 0-1")
 
 
 # --- language modelling ---
@@ -786,6 +791,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
             log.append({"kind": "mc", **mc_choices(it, ModelScorer(model), tokenizer)})
     if qa:
         result["qa"] = score_qa(logged(partial, "qa"))
+        result["qa_scales"] = QA_SCALES
         result["qa_skipped_no_reference"] = no_reference
         result["qa_bad_records"] = len(qa_bad)
         result["qa_cut_to_context"] = cut["qa"]

@@ -128,7 +128,8 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
     if "qa" in e:
         cols = ["task", "items", "accuracy", "majority_baseline", "exact_match", "char_f1", "rouge_l", "bleu",
                 "word_bleu"]
-        lines += ["Question answering (greedy, chat format):", "",
+        lines += ["Question answering (greedy, chat format; bleu and word_bleu on sacrebleu's 0-100 scale, the "
+                  "other scores fractions, 0-1):", "",
                   table([{"task": t, **s} for t, s in e["qa"].items()], cols), ""]
         bars = {}
         for t, s in e["qa"].items():
