@@ -168,7 +168,7 @@ def test_readers_filters_and_bad_records(tmp_path, bpe_tokenizer, caplog):
                 Conversation([("你好呀朋友", "你好！")], "你是助手"), Conversation([("问题一二三", "回答")])]
     assert samples(data) == [render_conversation(bpe_tokenizer, c) for c in expected]
     assert (stats.records, stats.bad, stats.filtered) == (8, 2, 1)
-    assert "belle.jsonl:2: not an instruction" in caplog.text
+    assert "belle.jsonl:2: its 'instruction' is a number, not a string" in caplog.text
     assert "chat.jsonl:3: the conversation starts with the assistant" in caplog.text
 
 
