@@ -986,3 +986,65 @@ def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe
         "0.0.0.0 (or this machine's address) to answer other names"}})
     assert loopback_names("localhost") == loopback_names("::1") == ["127.0.0.1", "localhost", "[::1]"]
     assert loopback_names("0.0.0.0") is None and loopback_names("192.0.2.1") is None
+
+
+
+def test_the_page_escapes_the_checkpoints_name(bpe_tokenizer):
+    """`serve 'runs/x<b>"&/fin al<i>'` put the folder's name into the page's HTML as it was."""
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    for url in running(model, bpe_tokenizer, 'x<b>"&/fin al<i>'):
+        page = httpx.get(url + "/").text
+    assert "<h1>babyllama · x&lt;b&gt;&quot;&amp;/fin al&lt;i&gt;</h1>" in page and "<b>" not in page
+
+
+
+def test_a_prompt_whose_last_user_turn_does_not_fit_names_its_messages(server):
+    """128 user messages "a" were said to be "the last message (256 tokens)": consecutive user messages are joined
+    into one question, the last user turn, which is named by its first and last message."""
+    ask = lambda *messages: httpx.post(server["url"] + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": role, "content": text} for role, text in messages]}).json()["error"]["message"]
+    many = ask(*[("user", "今天天气很好")] * 40)
+    assert re.fullmatch(r"the last user turn \(messages\[0\] to messages\[39\]\) \(\d+ tokens\) does not fit the "
+                        r"context of 128 tokens", many), many
+    turn = ask(("user", "x"), ("assistant", "y"), ("user", "今天天气很好" * 20), ("system", "z"))
+    assert turn.startswith("the system text of messages[3] with the last user turn (messages[2]) ("), turn
+    joined = ask(("user", "x"), ("assistant", "y"), ("user", "今天天气很好" * 10), ("system", "z"),
+                 ("user", "今天天气很好" * 10))
+    assert joined.startswith("the system text of messages[3] with the last user turn (messages[2] to messages[4]) ("
+                             ), joined
+
+
+
+def test_a_server_answers_the_address_it_listens_on_and_names_it_as_a_url_does(tmp_path, bpe_tokenizer, monkeypatch,
+                                                                                capsys):
+    """`--host 127.0.0.2` refused requests to its own URL (Host: 127.0.0.2 was none of this machine's names);
+    `--host ::1` printed http://::1:8751/, which is no URL; `--host ""` said "cannot listen on :8750: Name or
+    service not known"."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.errors import UserError
+    from babyllama.serve import loopback_names, serve
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    assert loopback_names("127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
+    serve(str(tmp_path / "ck"), host="127.0.0.2", port=0)
+    for base, status in [("http://127.0.0.2:8751", 200), ("http://localhost:8751", 200), ("http://127.0.0.3", 400)]:
+        assert TestClient(apps[0], base_url=base).get("/health").status_code == status, base
+    serve(str(tmp_path / "ck"), host="::1", port=0)
+    assert capsys.readouterr().err.splitlines()[-1] == f"serving {tmp_path.name}/ck on http://[::1]:0/"
+    assert TestClient(apps[1], base_url="http://[::1]:8751").get("/health").status_code == 200
+    for host in ("", " "):
+        with pytest.raises(UserError) as e:
+            serve(str(tmp_path / "ck"), host=host, port=8750)
+        assert str(e.value) == f"--host {host!r} is empty: give the address to listen on (127.0.0.1: this machine " \
+                               "only, 0.0.0.0: every interface)."
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=re.escape(f"cannot listen on [::1]:{port}: Address already in use.")):
+            serve(str(tmp_path / "ck"), host="::1", port=port)

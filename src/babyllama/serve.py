@@ -17,6 +17,7 @@ a list of prompts are scored in padded batches, and a one-token answer with logp
 harness's loglikelihood requests) is picked from that same forward.
 """
 
+import html
 import ipaddress
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
 import re
@@ -207,6 +208,18 @@ class TokenizeRequest(Strict):  # vLLM's /tokenize, which lm-evaluation-harness'
 class DetokenizeRequest(Strict):
     model: str | None = Field(None, description="a string")
     tokens: list[int] = Field(max_length=MAX_TEXT_CHARS, description=f"a list of at most {MAX_TEXT_CHARS} token ids")
+
+
+def last_turn(body: ChatRequest) -> str:
+    """The messages of a chat request's last question, never cut, in the request's terms: the last message, or the
+    user messages after the last assistant message, which are joined into one question (the last user turn,
+    messages[3] to messages[5])."""
+    roles = [m.chat_role for m in body.messages]
+    answered = max((i for i, role in enumerate(roles) if role == "assistant"), default=-1)
+    turn = [i for i, role in enumerate(roles) if role == "user" and i > answered]
+    if turn == [len(roles) - 1]:
+        return "the last message"
+    return f"the last user turn (messages[{turn[0]}]" + (f" to messages[{turn[-1]}])" if len(turn) > 1 else ")")
 
 
 def refusal(errors: Sequence[dict], request: type[BaseModel]) -> str:
@@ -658,13 +671,13 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         """What a chat prompt always keeps, in the request's terms; ValueError when its system text
         alone (the system and developer messages) leaves no room in the context."""
         if not conv.system:
-            return "the last message"
+            return last_turn(body)
         system = "the system text of " + ", ".join(
             f"messages[{i}]" for i, m in enumerate(body.messages) if m.chat_role == "system")
         size = len(tokenizer.encode(conv.system + "\n")) + 1  # and the shortest question's <bos>
         if size >= max_ctx:
             raise ValueError(f"{system} ({size - 1} tokens) does not fit the context of {max_ctx} tokens")
-        return f"{system} with the last message"
+        return f"{system} with {last_turn(body)}"
 
     def chat_generation(body: ChatRequest) -> Generation:
         """The Generation of a chat request; ValueError, a 400, for what it cannot take. It tokenizes:
@@ -776,10 +789,11 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
     @app.get("/", response_class=HTMLResponse)
-    def page():
-        html = PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", model_name)
-        html = html.replace("{{CONTEXT}}", str(max_ctx))
-        return html.replace("{{TEMPERATURE}}", f"{defaults.temperature:g}")
+    def page():  # each placeholder stands in HTML text or an attribute's value: escaped for both
+        text = PAGE.read_text(encoding="utf-8")
+        for key, value in (("MODEL", model_name), ("CONTEXT", max_ctx), ("TEMPERATURE", f"{defaults.temperature:g}")):
+            text = text.replace("{{" + key + "}}", html.escape(str(value)))
+        return text
 
     return app
 
@@ -793,29 +807,38 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     sock = listening_socket(host, port)  # a busy port is said before the model loads
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
-    print(f"serving {name} on http://{host}:{port}/", file=sys.stderr, flush=True)
+    print(f"serving {name} on http://{url_host(host)}:{port}/", file=sys.stderr, flush=True)
     app = build_app(model, tokenizer, name, sampling, loopback_names(host))
     uvicorn.run(app, host=host, port=port, fd=sock.fileno(), log_level="info")
 
 
+def url_host(host: str) -> str:
+    """host as a URL and a Host header write it: an IPv6 address in brackets ([::1])."""
+    return f"[{host}]" if ":" in host else host
+
+
 def loopback_names(host: str) -> list[str] | None:
     """The Host headers a server on host answers: on a loopback address (the default) only this machine's own
-    names, so that a web page whose name a DNS rebinding points at 127.0.0.1 cannot drive it from a browser; None
-    (any) on another address, which the user chose to open."""
+    names and host itself (127.0.0.2), so that a web page whose name a DNS rebinding points at 127.0.0.1 cannot
+    drive it from a browser; None (any) on another address, which the user chose to open."""
     try:
         loopback = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback
     except (OSError, ValueError):
         return None
-    return ["127.0.0.1", "localhost", "[::1]"] if loopback else None
+    return list(dict.fromkeys(["127.0.0.1", "localhost", "[::1]", url_host(host).lower()])) if loopback else None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port for uvicorn; UserError when the address is taken or not this machine's."""
+    """A socket bound to host:port for uvicorn; UserError when host is empty, or the address is taken or not this
+    machine's."""
+    if not host.strip():
+        raise UserError(f"--host {host!r} is empty: give the address to listen on (127.0.0.1: this machine only, "
+                        "0.0.0.0: every interface).")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}.") from None
+        raise UserError(f"cannot listen on {url_host(host)}:{port}: {e.strerror or e}.") from None
     return sock
