@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -307,13 +309,17 @@ def test_a_list_of_prompts_is_scored_in_batches_with_the_logprobs_each_gets_alon
     post = lambda prompt, **kw: httpx.post(server["url"] + "/v1/completions", json=body | kw | {"prompt": prompt},  # noqa: E731
                                            timeout=30).json()["choices"]
     assert list(map(len, prompts)) == [11, 6, 10, 2]
-    for max_tokens, batches, limit in ((1, [(4, 11)], 2048), (1, [(2, 6), (1, 10), (1, 11)], 14), (3, [(4, 14)], 2048)):
+    big, V = 1 << 25, model.cfg.vocab_size  # the budget of logits (B * T * V): a sequence over it goes alone
+    for max_tokens, batches, limit, logits in (
+            (1, [(4, 11)], 2048, big), (1, [(2, 6), (1, 10), (1, 11)], 14, big), (3, [(4, 14)], 2048, big),
+            (1, [(2, 6), (1, 10), (1, 11)], 2048, 14 * V), (1, [(1, 2), (1, 6), (1, 10), (1, 11)], 2048, 5 * V)):
         monkeypatch.setattr(serve, "MAX_BATCH_POSITIONS", limit)
+        monkeypatch.setattr(serve, "MAX_SCORE_LOGITS", logits)
         alone = [post(p, max_tokens=max_tokens)[0] for p in prompts]
         slow.forwards.clear()
         streamed = slow.calls
         together = sorted(post(prompts, max_tokens=max_tokens), key=lambda c: c["index"])
-        assert slow.forwards == batches  # sorted by length, within the limit of positions
+        assert slow.forwards == batches  # sorted by length, within the limits of positions and logits
         assert slow.calls - streamed == (0 if max_tokens == 1 else sum(len(c["logprobs"]["tokens"]) for c in alone)
                                          - sum(map(len, prompts)))  # one token: from the scoring forward, no stream
         for a, b, prompt in zip(alone, together, prompts, strict=True):
@@ -975,7 +981,7 @@ def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe
 
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
     serve(str(tmp_path / "ck"), host="127.0.0.1", port=0)
     for base, status in [("http://127.0.0.1:8000", 200), ("http://localhost:8000", 200), ("http://[::1]:8000", 200),
                          ("http://evil.example:8000", 400), ("http://127.0.0.1.evil.example", 400)]:
@@ -988,6 +994,216 @@ def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe
     assert loopback_names("0.0.0.0") is None and loopback_names("192.0.2.1") is None
 
 
+def sent_raw(url: str, path: str, body: dict) -> socket.socket:
+    """A connection that has sent a whole POST of body as JSON to path, its answer not read."""
+    data = json.dumps(body).encode()
+    conn = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    conn.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return conn
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "一", "max_tokens": 60}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "一"}], "max_tokens": 60}),
+])
+def test_a_client_that_leaves_stops_its_whole_answer_too(server, path, body):
+    """Without stream the answer was generated to its end after its client had gone (an OpenAI client's timeout and
+    2 retries left 3 generations running): the server watches for the client's leaving as it generates."""
+    model = server["model"]
+    model.delay, model.calls = 0.03, 0
+    try:
+        with sent_raw(server["url"], path, body):
+            deadline = time.time() + 10
+            while model.calls < 3 and time.time() < deadline:  # generating: then hang up
+                time.sleep(0.01)
+        time.sleep(0.5)
+        calls = model.calls
+        time.sleep(0.5)
+        assert model.calls == calls < 40  # stopped well before 60 tokens, and stays stopped
+    finally:
+        model.delay = 0.0
+
+
+SLOW_SERVE = """import sys, time
+from babyllama import model, serve
+delay, serve.STOP_GRACE_S = float(sys.argv.pop(1)), float(sys.argv.pop(1))
+stream = model.Transformer.stream
+def slow(self, *args, **kwargs):  # each token after the first takes delay s, under the model's lock
+    for token in stream(self, *args, **kwargs):
+        yield token
+        time.sleep(delay)
+model.Transformer.stream = slow
+from babyllama.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_serve(tmp_path_factory, bpe_tokenizer):
+    """A function that starts `babyllama serve` on a tiny checkpoint in a process whose tokens take delay s each and
+    whose stop waits grace s (STOP_GRACE_S), with a streamed and a whole request generating: (process, the stream's
+    lines so far, the whole answer once it comes; a connection that the server closed leaves them so)."""
+    import os
+    import subprocess
+    import sys
+
+    from babyllama.checkpoint import save_checkpoint
+
+    ck, script, procs = tmp_path_factory.mktemp("ck") / "final", tmp_path_factory.mktemp("slow") / "slow_serve.py", []
+    save_checkpoint(ck, sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    script.write_text(SLOW_SERVE)
+
+    def start(delay: float, grace: float):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, script, str(delay), str(grace), "serve", ck, "--port", str(port)],
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        assert any("Uvicorn running" in line for line in proc.stderr)
+        lines, whole = [], []
+        body = {"prompt": "一", "max_tokens": 100, "temperature": 0}
+
+        def whole_answer():
+            with contextlib.suppress(httpx.HTTPError):
+                whole.append(httpx.post(url + "/v1/completions", json=body, timeout=60))
+
+        def streamed():
+            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", url + "/v1/completions", timeout=60,
+                                                                   json=body | {"stream": True}) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+
+        for answer in (whole_answer, streamed):
+            threading.Thread(target=answer, daemon=True).start()
+        deadline = time.time() + 30
+        while not lines and time.time() < deadline:  # its first token
+            time.sleep(0.02)
+        time.sleep(0.2)  # the whole request generates too
+        return proc, lines, whole
+
+    yield start
+    for proc in procs:  # one that a failed test left running
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("stop, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stop_cancels_the_generations_in_flight_and_exits_as_the_readme_says(slow_serve, stop, code, said):
+    """Ctrl-C and SIGTERM exited 0 without the stop's line, after every generation in flight had run to its end:
+    they are cancelled at their next token, each client gets OpenAI's error (a 503, or a stream's error event), and
+    the CLI says the stop and exits 128 + the signal."""
+    proc, lines, whole = slow_serve(delay=0.05, grace=30)
+    proc.send_signal(stop)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    waited = time.monotonic() - sent
+    assert (proc.returncode, err.splitlines()[-1]) == (code, f"babyllama: {said}.") and "Traceback" not in err, err
+    assert waited < 5, f"the stop took {waited:.1f} s"  # not the 100 tokens' 5 s, and the exit of the process
+    stopped = {"error": {"message": "the server is shutting down, so this answer was stopped before its end",
+                         "type": "server_error"}}
+    deadline = time.time() + 5
+    while not whole and time.time() < deadline:
+        time.sleep(0.02)
+    assert (whole[0].status_code, whole[0].json()) == (503, stopped)
+    assert json.loads(lines[-1].removeprefix("data: ")) == stopped and 2 <= len(lines) < 100  # no [DONE]
+
+
+@pytest.mark.parametrize("twice", [True, False])
+def test_a_second_stop_or_a_forward_that_outlasts_the_grace_ends_the_server_at_once(slow_serve, twice):
+    """A second Ctrl-C printed some 120 lines of CancelledError tracebacks: a second stop ends the process at once,
+    and so does a stop whose cancelled generations do not end within STOP_GRACE_S (a long forward under way), with
+    the stop's line and code."""
+    proc, lines, whole = slow_serve(delay=60, grace=30 if twice else 0.5)  # the second token takes a minute
+    proc.send_signal(signal.SIGINT)
+    if twice:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.splitlines()[-1]) == (130, "babyllama: interrupted.") and "Traceback" not in err, err
+    assert time.monotonic() - sent < 5
+
+
+class OneBatchAtATime(SlowModel):
+    """SlowModel that counts, at each forward, the logits of earlier forwards still held (overlaps)."""
+
+    def __init__(self, model):
+        super().__init__(model, delay=0.0)
+        self.held, self.overlaps = [], 0
+
+    def __call__(self, idx, *args, **kwargs):
+        import weakref
+
+        self.overlaps += any(ref() is not None for ref in self.held)
+        logits, loss = super().__call__(idx, *args, **kwargs)
+        self.held.append(weakref.ref(logits))
+        return logits, loss
+
+
+def test_concurrent_scoring_holds_one_batchs_logits_at_a_time(bpe_tokenizer, monkeypatch):
+    """A request of 63 KB (32 prompts, echo, logprobs, a vocabulary of 65536) took 1.5 GB, and 4 at once 4.2 GB:
+    the log-softmax of each batch's (B, T, V) logits ran outside the model's lock, several requests at once. Now a
+    batch is scored whole under the lock, its logits freed before the next forward, and a batch holds at most
+    MAX_SCORE_LOGITS logits (here 3 of these prompts' worth)."""
+    from babyllama import serve
+
+    model = OneBatchAtATime(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)))
+    monkeypatch.setattr(serve, "MAX_SCORE_LOGITS", 3 * 40 * 600)
+    body = {"prompt": [[5 + i] * 40 for i in range(12)], "max_tokens": 0, "echo": True, "logprobs": 5}
+    for url in running(model, bpe_tokenizer):
+        with ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(4)]
+            codes = [a.result().status_code for a in answers]
+    assert codes == [200] * 4 and model.forwards == [(3, 40)] * 16 and model.overlaps == 0
+
+
+def test_requests_past_max_in_flight_get_a_429_and_other_routes_are_answered(bpe_tokenizer, monkeypatch):
+    """Each request in flight holds a KV cache and its scores, so memory grew with the clients: past MAX_IN_FLIGHT
+    at once a request gets OpenAI's 429, which its client retries; other routes are answered all the same."""
+    from babyllama import serve
+
+    model = SlowModel(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), delay=0.05)
+    monkeypatch.setattr(serve, "MAX_IN_FLIGHT", 2)
+    body = {"prompt": "一", "max_tokens": 60}
+    for url in running(model, bpe_tokenizer):
+        with sent_raw(url, "/v1/completions", body), sent_raw(url, "/v1/completions", body | {"stream": True}):
+            deadline = time.time() + 10
+            while model.calls < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            assert (r.status_code, r.json()) == (429, {"error": {"type": "rate_limit_exceeded", "message":
+                "the server is answering 2 requests, as many as it takes at once; send it again when one is done"}})
+            assert httpx.get(url + "/health").status_code == 200
+        time.sleep(0.3)  # both clients left: their places are free
+        assert httpx.post(url + "/v1/completions", json={"prompt": "一", "max_tokens": 2}).status_code == 200
+
+
+def test_a_body_that_does_not_arrive_whole_in_time_gets_a_408_and_its_connection_closed(bpe_tokenizer, monkeypatch):
+    """900 connections that sent their headers and part of a body stayed open for as long as they liked (a few
+    thousand exhaust the server's file descriptors): a body has BODY_TIMEOUT_S to arrive whole."""
+    from babyllama import serve
+
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    monkeypatch.setattr(serve, "BODY_TIMEOUT_S", 0.5)
+    for url in running(model, bpe_tokenizer):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b'Content-Length: 100\r\n\r\n{"prompt": ')
+            conn.settimeout(10)
+            sent, answer = time.monotonic(), b""
+            while chunk := conn.recv(4096):  # until the server closes the connection
+                answer += chunk
+            assert 0.4 < time.monotonic() - sent < 3
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+        assert json.loads(body) == {"error": {"type": "invalid_request_error",
+                                              "message": "the request body did not arrive whole within 0.5 s"}}
+        r = httpx.post(url + "/v1/completions", json={"prompt": "一", "max_tokens": 2})  # a whole one in time
+        assert r.status_code == 200
+
 
 def test_the_page_escapes_the_checkpoints_name(bpe_tokenizer):
     """`serve 'runs/x<b>"&/fin al<i>'` put the folder's name into the page's HTML as it was."""
@@ -995,7 +1211,6 @@ def test_the_page_escapes_the_checkpoints_name(bpe_tokenizer):
     for url in running(model, bpe_tokenizer, 'x<b>"&/fin al<i>'):
         page = httpx.get(url + "/").text
     assert "<h1>babyllama · x&lt;b&gt;&quot;&amp;/fin al&lt;i&gt;</h1>" in page and "<b>" not in page
-
 
 
 def test_a_prompt_whose_last_user_turn_does_not_fit_names_its_messages(server):
@@ -1014,7 +1229,6 @@ def test_a_prompt_whose_last_user_turn_does_not_fit_names_its_messages(server):
                              ), joined
 
 
-
 def test_a_server_answers_the_address_it_listens_on_and_names_it_as_a_url_does(tmp_path, bpe_tokenizer, monkeypatch,
                                                                                 capsys):
     """`--host 127.0.0.2` refused requests to its own URL (Host: 127.0.0.2 was none of this machine's names);
@@ -1029,7 +1243,7 @@ def test_a_server_answers_the_address_it_listens_on_and_names_it_as_a_url_does(t
 
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
     assert loopback_names("127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
     serve(str(tmp_path / "ck"), host="127.0.0.2", port=0)
     for base, status in [("http://127.0.0.2:8751", 200), ("http://localhost:8751", 200), ("http://127.0.0.3", 400)]:

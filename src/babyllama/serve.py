@@ -9,18 +9,21 @@ server-sent events; completions also with lists of prompts, token ids, echo and 
 lm-evaluation-harness's local-completions client sends them), GET /v1/models, GET /v1/models/{id},
 POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's), GET /health, GET / (the chat page).
 Every request is validated (types, ranges, sizes) and every error is {"error": {"message": ...}},
-as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding.
-Tokenization runs in worker threads, so the event loop (and /health) never waits for it. Each
-request has its own KV cache; one lock lets one request at a time run a decoding step, so
-concurrent requests interleave safely. A client that disconnects stops its generation. Logprobs of
-a list of prompts are scored in padded batches, and a one-token answer with logprobs (lm-evaluation-
-harness's loglikelihood requests) is picked from that same forward.
+as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding, or when it
+is not whole within BODY_TIMEOUT_S. Tokenization runs in worker threads, so the event loop (and /health)
+never waits for it. Each request has its own KV cache; one lock lets one request at a time run a decoding
+step, so concurrent requests interleave safely; past MAX_IN_FLIGHT of them a request gets a 429. A client
+that disconnects stops its generation, and a stop of the server (Ctrl-C, SIGTERM) cancels them all. Logprobs
+of a list of prompts are scored in padded batches under the lock, and a one-token answer with logprobs
+(lm-evaluation-harness's loglikelihood requests) is picked from that same forward.
 """
 
 import html
 import ipaddress
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
+import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -29,7 +32,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal, get_args, get_origin
+from typing import Annotated, Literal, NoReturn, get_args, get_origin
 
 import torch
 
@@ -62,6 +65,11 @@ MAX_PROMPTS = 32  # prompts in one /v1/completions request (lm-evaluation-harnes
 MAX_LOGPROBS = 5  # the most likely tokens per position that `logprobs` may ask for, as OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's limit
 MAX_BATCH_POSITIONS = 2048  # (B, T) positions of one scoring forward, whose logits are (B, T, V)
+MAX_SCORE_LOGITS = 1 << 25  # B * T * V of one scoring forward (128 MB in fp32), unless one sequence alone is more
+MAX_IN_FLIGHT = 16  # chat and completion requests answered at once (each holds a KV cache); more get a 429
+BODY_TIMEOUT_S = 30.0  # a request body not received whole by then gets a 408 and its connection is closed
+STOP_GRACE_S = 5  # how long a stop (Ctrl-C, SIGTERM) waits for the requests it cancelled to end
+STOPPING = "the server is shutting down, so this answer was stopped before its end"
 PAGE = Path(__file__).with_name("chat_page.html")
 
 
@@ -312,6 +320,10 @@ def never_ids(model, tokenizer: Tokenizer) -> torch.Tensor:
                         device=model.rope_cos.device)
 
 
+class Cancelled(Exception):
+    """A generation stopped before its end (Generation.cancel was set): its client left, or the server stops."""
+
+
 @dataclass
 class Generation:
     """One request's answer: its text pieces, then how it ended and how many tokens it took."""
@@ -333,6 +345,7 @@ class Generation:
     chosen: list[float] = field(default_factory=list)  # score: the log-probability of each of scored_ids()[1:]
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # score: the top_logprobs (id, logprob) there
     never: torch.Tensor | None = None  # never_ids(model, tokenizer), which build_app makes once for every request
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: Cancelled at the next token or batch
 
     def __post_init__(self):
         if self.never is None:
@@ -340,7 +353,7 @@ class Generation:
 
     def tokens(self) -> Iterator[int]:
         """model.stream, one decoding step at a time under the shared lock; or the one token picked from
-        the scoring forward (score)."""
+        the scoring forward (score). Raises Cancelled before the next step once cancel is set."""
         if self.score_only:
             return
         if self.picks:
@@ -352,6 +365,8 @@ class Generation:
                                 **self.tokenizer.generation_kwargs(self.model.cfg.vocab_size))
         try:
             while True:
+                if self.cancel.is_set():
+                    raise Cancelled
                 with self.lock:
                     nxt = next(gen, None)
                 if nxt is None:
@@ -441,46 +456,50 @@ def score(gens: list[Generation]) -> None:
     picks takes its token from the same forward (Generation.pick).
 
     The sequences, sorted by length, are right-padded into (B, T) batches of at most MAX_BATCH_POSITIONS
-    positions: causal attention never lets a position see the padding after it, so each sequence's
-    log-probabilities are those of a forward of it alone, up to float rounding (1e-6)."""
+    positions and MAX_SCORE_LOGITS logits (B * T * V; a sequence whose logits alone are more goes alone): causal
+    attention never lets a position see the padding after it, so each sequence's log-probabilities are those of a
+    forward of it alone, up to float rounding (1e-6). A batch is scored whole under the model's lock, so that one
+    batch's logits at a time are held, whatever the requests in flight. Raises Cancelled between batches once the
+    generations' cancel is set."""
     asked = sorted((g for g in gens if g.top_logprobs is not None), key=lambda g: len(g.scored_ids()))
+    most = min(MAX_BATCH_POSITIONS, MAX_SCORE_LOGITS // gens[0].model.cfg.vocab_size)  # positions of a batch
     while asked:
+        if asked[0].cancel.is_set():
+            raise Cancelled
         n = 1  # the batch asked[:n], whose longest sequence is its last
-        while n < len(asked) and (n + 1) * len(asked[n].scored_ids()) <= MAX_BATCH_POSITIONS:
+        while n < len(asked) and (n + 1) * len(asked[n].scored_ids()) <= most:
             n += 1
-        score_batch(asked[:n])
+        with asked[0].lock:  # its logits are freed as score_batch returns, before another batch's forward
+            score_batch(asked[:n])
         asked = asked[n:]
 
 
 def score_batch(batch: list[Generation]) -> None:
-    """score for one batch: one forward, (B, T) -> logits (B, T, V)."""
+    """score for one batch: one forward, (B, T) -> logits (B, T, V), then each sequence's log-softmax (T, V)."""
     model, seqs = batch[0].model, [g.scored_ids() for g in batch]
     T = max(map(len, seqs))
     x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=model.rope_cos.device)  # (B, T), padded with 0s
-    with batch[0].lock:
-        logits, _ = model(x)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V): row t scores id t + 1
-    k = max(g.top_logprobs for g in batch)
-    top_v, top_i = logp.index_fill(-1, batch[0].never, -float("inf")).topk(k, dim=-1)  # <s>, pad: in no answer
+    logits, _ = model(x)
     for b, (g, s) in enumerate(zip(batch, seqs, strict=True)):
         n = len(s) - 1 + g.picks  # the rows that score an id, a picked token's too
+        logp = torch.log_softmax(logits[b, :n].float(), dim=-1)  # (n, V): row t scores id t + 1
         rows = torch.arange(len(s) - 1, device=logp.device)
         ids = torch.tensor(s[1:], dtype=torch.long, device=logp.device)  # long: a prompt of one token has none
-        g.chosen = logp[b, rows, ids].tolist()
-        g.top = [list(zip(i[: g.top_logprobs], v[: g.top_logprobs], strict=True))
-                 for i, v in zip(top_i[b, :n].tolist(), top_v[b, :n].tolist(), strict=True)]
+        g.chosen = logp[rows, ids].tolist()
         if g.picks:
-            g.pick(logits[b, len(s) - 1].float().clone(), logp[b, len(s) - 1])
+            g.pick(logits[b, len(s) - 1].float().clone(), logp[len(s) - 1])
+        top_v, top_i = logp.index_fill_(-1, g.never, -float("inf")).topk(g.top_logprobs, dim=-1)  # <s>, pad: in no
+        g.top = [list(zip(i, v, strict=True)) for i, v in zip(top_i.tolist(), top_v.tolist(), strict=True)]  # answer
 
 
 # --- the responses ---
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error"):
-    """OpenAI's error shape. A 413 closes the connection, so that the rest of the body is never read."""
+    """OpenAI's error shape. A 413 or 408 closes the connection, so that the rest of the body is never read."""
     from fastapi.responses import JSONResponse
 
-    headers = {"connection": "close"} if status == 413 else None
+    headers = {"connection": "close"} if status in (408, 413) else None
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
@@ -498,12 +517,16 @@ def unparsable(cause: BaseException) -> str:
 
 class BodyLimit:
     """ASGI middleware: a request body over max_bytes gets a 413, whether a Content-Length says so or
-    the bytes of a chunked body pass the limit as they arrive; nothing past the limit is read."""
+    the bytes of a chunked body pass the limit as they arrive; nothing past the limit is read. A body not
+    received whole within timeout_s of the first read gets a 408 (a client that sends part of a body and
+    waits held its connection open for ever)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
+        import asyncio
+
         from starlette.exceptions import HTTPException
 
         too_large = f"request body over {self.max_bytes} bytes"
@@ -511,17 +534,60 @@ class BodyLimit:
         if scope["type"] == "http" and (not length.isdigit() or int(length) > self.max_bytes):
             return await error(413 if length.isdigit() else 400, too_large if length.isdigit() else
                                "Content-Length is not a number")(scope, receive, send)
-        received = 0
+        received, whole, deadline = 0, False, None
 
         async def counted():
-            nonlocal received
-            message = await receive()
+            nonlocal received, whole, deadline
+            if whole:  # the body is read: what comes now is the client leaving, whenever it does
+                return await receive()
+            deadline = deadline or asyncio.get_running_loop().time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive whole within {self.timeout_s:g} s"
+                                    ) from None  # the app's handler answers with error(408, ...)
+            whole = not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise HTTPException(413, too_large)  # the app's handler answers with error(413, ...)
             return message
 
         await self.app(scope, counted if scope["type"] == "http" else receive, send)
+
+
+class InFlight:
+    """The chat and completion requests being answered: at most `most` at once, each with its cancel event (in
+    its scope, "babyllama.cancel"), which stop() sets for all of them when the server stops."""
+
+    def __init__(self, most: int):
+        self.most, self.stopped = most, False
+        self.cancels: set[threading.Event] = set()
+
+    def stop(self) -> None:
+        """Cancel every request in flight (their generations end at their next token) and admit no more."""
+        self.stopped = True
+        for cancel in list(self.cancels):
+            cancel.set()
+
+    def admit(self, app):
+        """ASGI middleware over app: a request to paths that generate gets a 429 past `most` at once, a 503 once
+        stopped, else its cancel event for as long as it runs, a stream's too."""
+        async def admitted(scope, receive, send):
+            if scope["type"] != "http" or scope["path"] not in GENERATING:
+                return await app(scope, receive, send)
+            if self.stopped:
+                return await error(503, "the server is shutting down", "server_error")(scope, receive, send)
+            if len(self.cancels) >= self.most:
+                return await error(429, f"the server is answering {self.most} requests, as many as it takes at "
+                                   "once; send it again when one is done", "rate_limit_exceeded")(scope, receive, send)
+            cancel = scope["babyllama.cancel"] = threading.Event()
+            self.cancels.add(cancel)
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.cancels.discard(cancel)
+
+        return admitted
 
 
 class HostCheck:
@@ -544,6 +610,30 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+async def whole_answer(gens: list[Generation], rid: str, created: int, name: str, chat: bool) -> dict:
+    """respond's JSON object: the generations' answers, then their scores at once (score), which also pick the
+    token of those that take one from it. Raises Cancelled when a generation is."""
+    from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+
+    async def text(gen: Generation) -> str:
+        return "".join([p async for p in iterate_in_threadpool(gen.pieces())])
+
+    texts = [None if gen.picks else await text(gen) for gen in gens]
+    await run_in_threadpool(score, gens)
+    choices = []
+    for index, (gen, answer) in enumerate(zip(gens, texts, strict=True)):
+        answer = await text(gen) if answer is None else answer
+        choice = {"index": index, "finish_reason": gen.finish_reason}
+        logprobs = None
+        if gen.top_logprobs is not None:
+            logprobs = await run_in_threadpool(gen.chat_logprobs if chat else gen.logprobs)
+        if chat:
+            choices.append(choice | {"message": {"role": "assistant", "content": answer}, "logprobs": logprobs})
+        else:
+            choices.append(choice | {"text": (gen.echo or "") + answer, "logprobs": logprobs})
+    return response_object(choices, gens, rid, created, name, chat)
+
+
 def response_object(choices: list[dict], gens: list[Generation], rid: str, created: int, name: str,
                     chat: bool) -> dict:
     """A whole answer (chat.completion or text_completion) with its choices, and usage summed over them."""
@@ -561,46 +651,51 @@ def chunk_event(index: int, delta: dict | str, finish: str | None, rid: str, cre
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+async def until_gone(receive, cancel: threading.Event) -> None:
+    """Set cancel when the client leaves: once the body is read, ASGI's receive gives http.disconnect then."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancel.set()
+
+
 async def respond(request, gens: list[Generation], name: str, chat: bool, stream: bool, usage: bool = False):
-    """The whole answer as one JSON object, or a stream of events that stops when the client leaves
+    """The whole answer as one JSON object, or a stream of events; either stops when the client leaves, and
+    when the server stops (Generation.cancel) ends with OpenAI's error (a 503, or a stream's error event)
     (usage: a last chunk with no choices and the token counts, as stream_options.include_usage asks).
     A choice per generation (a completion's list of prompts), generated one after another."""
-    from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+    import asyncio
+
+    from fastapi.concurrency import iterate_in_threadpool
     from fastapi.responses import StreamingResponse
 
     rid, created = f"{'chat' if chat else 'text'}-{uuid.uuid4().hex[:16]}", int(time.time())
     if not stream:
-        async def text(gen: Generation) -> str:
-            return "".join([p async for p in iterate_in_threadpool(gen.pieces())])
-
-        texts = [None if gen.picks else await text(gen) for gen in gens]  # generate, then score all at once,
-        await run_in_threadpool(score, gens)  # which picks the token of those that take one from it
-        choices = []
-        for index, (gen, answer) in enumerate(zip(gens, texts, strict=True)):
-            answer = await text(gen) if answer is None else answer
-            choice = {"index": index, "finish_reason": gen.finish_reason}
-            logprobs = None
-            if gen.top_logprobs is not None:
-                logprobs = await run_in_threadpool(gen.chat_logprobs if chat else gen.logprobs)
-            if chat:
-                choices.append(choice | {"message": {"role": "assistant", "content": answer}, "logprobs": logprobs})
-            else:
-                choices.append(choice | {"text": (gen.echo or "") + answer, "logprobs": logprobs})
-        return response_object(choices, gens, rid, created, name, chat)
+        watch = asyncio.ensure_future(until_gone(request.receive, gens[0].cancel))
+        try:
+            return await whole_answer(gens, rid, created, name, chat)
+        except Cancelled:  # the server stops (or the client left, and reads nothing)
+            return error(503, STOPPING, "server_error")
+        finally:
+            watch.cancel()
 
     async def events():
-        for index, gen in enumerate(gens):
-            pieces = gen.pieces()
-            try:
-                if chat:
-                    yield chunk_event(index, {"role": "assistant", "content": ""}, None, rid, created, name, chat)
-                async for piece in iterate_in_threadpool(pieces):
-                    if await request.is_disconnected():
-                        return  # the finally below stops the generation
-                    yield chunk_event(index, {"content": piece} if chat else piece, None, rid, created, name, chat)
-                yield chunk_event(index, {} if chat else "", gen.finish_reason, rid, created, name, chat)
-            finally:
-                pieces.close()
+        try:
+            for index, gen in enumerate(gens):
+                pieces = gen.pieces()
+                try:
+                    if chat:
+                        yield chunk_event(index, {"role": "assistant", "content": ""}, None, rid, created, name, chat)
+                    async for piece in iterate_in_threadpool(pieces):
+                        if await request.is_disconnected():
+                            return  # the finally below stops the generation
+                        yield chunk_event(index, {"content": piece} if chat else piece, None, rid, created, name,
+                                          chat)
+                    yield chunk_event(index, {} if chat else "", gen.finish_reason, rid, created, name, chat)
+                finally:
+                    pieces.close()
+        except Cancelled:  # the server stops: OpenAI's error event (the openai client raises it), and no [DONE]
+            yield f"data: {json.dumps({'error': {'message': STOPPING, 'type': 'server_error'}})}\n\n"
+            return
         if usage:
             data = response_object([], gens, rid, created, name, chat)
             yield f"data: {json.dumps(data | {'object': 'chat.completion.chunk' if chat else 'text_completion'})}\n\n"
@@ -614,6 +709,7 @@ async def respond(request, gens: list[Generation], name: str, chat: bool, stream
 
 REQUESTS = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/tokenize": TokenizeRequest,
             "/detokenize": DetokenizeRequest}
+GENERATING = ("/v1/chat/completions", "/v1/completions")  # the routes that InFlight counts and stops
 
 
 def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling | None = None,
@@ -621,7 +717,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     """The FastAPI app serving model (a Transformer, or anything with .cfg and .stream) and tokenizer;
     sampling: the temperature and top_p of requests that leave them out, the top_k and repetition
     penalty of all (default: sampling.Sampling, as chat and eval); allowed_hosts: the names a request's Host
-    header may give (HostCheck: a 400 for any other), None for any."""
+    header may give (HostCheck: a 400 for any other), None for any. app.state.stop() cancels the requests in
+    flight (InFlight.stop), as the server stops."""
     fastapi = require("fastapi", "serve")
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
@@ -633,9 +730,13 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     lock, never = threading.Lock(), never_ids(model, tokenizer)  # shared by every request's Generation
     app = fastapi.FastAPI(title="babyllama", version="1")
 
+    flights = InFlight(MAX_IN_FLIGHT)
+    app.state.stop = flights.stop
+    app.add_middleware(flights.admit)  # the inner one: only requests that pass the others count
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # the outer one: a body too large is refused first
+    # the outer one: a body too large is refused first
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, timeout_s=BODY_TIMEOUT_S)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc):  # 404, 405, a body that cannot be parsed: the same JSON shape
@@ -785,6 +886,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             gens = await run_in_threadpool(make_generations, body)
         except (ValueError, UserError) as e:  # what the request asks for cannot be done: its sentence
             return error(400, str(e))
+        for gen in gens:
+            gen.cancel = request.scope["babyllama.cancel"]  # InFlight's: set when the server stops
         return await respond(request, gens, model_name, chat=chat, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
@@ -800,7 +903,10 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = DEVICE,
           sampling: Sampling | None = None) -> None:
-    """Load a checkpoint and serve it with uvicorn until Ctrl-C (sampling: see build_app)."""
+    """Load a checkpoint and serve it with uvicorn until Ctrl-C or SIGTERM (sampling: see build_app). A stop cancels
+    the requests in flight (their generations end at their next token) and raises, once they have ended,
+    KeyboardInterrupt or Terminated for the CLI to say; a second stop, or STOP_GRACE_S without their end (a long
+    forward under way), ends the process at once, as the CLI would (stop_now)."""
     from babyllama.checkpoint import load_checkpoint
 
     uvicorn = require("uvicorn", "serve")
@@ -809,7 +915,32 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
     print(f"serving {name} on http://{url_host(host)}:{port}/", file=sys.stderr, flush=True)
     app = build_app(model, tokenizer, name, sampling, loopback_names(host))
-    uvicorn.run(app, host=host, port=port, fd=sock.fileno(), log_level="info")
+
+    stops: list[int] = []  # the signal of the stop, once one came
+    grace = threading.Timer(STOP_GRACE_S, lambda: stop_now(stops[0]))
+    grace.daemon = True
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # before uvicorn waits for the requests in flight: end them
+            if stops:  # a second stop: at once (uvicorn's "force quit" left the tasks under way to print tracebacks)
+                stop_now(stops[0])
+            stops.append(sig)
+            app.state.stop()
+            grace.start()
+            super().handle_exit(sig, frame)
+
+    try:  # Server.run raises the stop's signal again once it has stopped, which uvicorn.run would swallow
+        Server(uvicorn.Config(app, fd=sock.fileno(), log_level="info")).run()
+    finally:
+        grace.cancel()
+
+
+def stop_now(signum: int) -> NoReturn:
+    """End the process at once, with what the CLI says of a stop of serve and its exit code (cli.stopped), without
+    waiting for the work under way (a forward) to end."""
+    print(f"babyllama: {'interrupted' if signum == signal.SIGINT else 'stopped by SIGTERM'}.", file=sys.stderr,
+          flush=True)
+    os._exit(128 + signum)
 
 
 def url_host(host: str) -> str:
