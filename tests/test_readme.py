@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import logging
 import re
 import shlex
 import shutil
@@ -86,20 +87,22 @@ class Runner:
     def __init__(self, monkeypatch):
         from babyllama.demo import SMOKE
 
-        self.monkeypatch, self.port, self.servers = monkeypatch, None, []
+        self.monkeypatch, self.port, self.servers, self.threads = monkeypatch, None, [], []
         short = ["--max_steps", "4", "--warmup_steps", "1"]  # after the smoke settings: these win
         self.extra = {"pretrain": [*SMOKE["pretrain"], *short], "sft": [*SMOKE["sft"], *short, "--data_workers", "1"],
                       "dpo": [*SMOKE["dpo"], *short, "--data_workers", "1"], "demo": ["--smoke"],
                       "eval": ["--limit", "8", "--max_new_tokens", "8"], "chat": ["--max_new_tokens", "8"]}
         import uvicorn
 
-        monkeypatch.setattr(uvicorn, "run", self.serve_in_thread)
+        run = uvicorn.Server.run  # serve's server runs in a thread, and the commands after it ask it
+        monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: self.serve_in_thread(server, run))
 
-    def serve_in_thread(self, app, host: str, port: int, log_level: str, fd: int | None = None) -> None:
-        import uvicorn
-
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, fd=fd, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
+    def serve_in_thread(self, server, run) -> None:
+        for name in ("uvicorn.error", "uvicorn.access"):  # its info lines would outlive the test's captured stdout
+            logging.getLogger(name).setLevel(logging.WARNING)
+        thread = threading.Thread(target=run, args=(server,), daemon=True)
+        thread.start()
+        self.threads.append(thread)
         deadline = time.time() + 30
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
@@ -129,6 +132,8 @@ class Runner:
     def close(self) -> None:
         for server in self.servers:
             server.should_exit = True
+        for thread in self.threads:
+            thread.join(timeout=30)
 
 
 def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
