@@ -631,3 +631,23 @@ def test_a_config_with_settings_outside_its_tables_names_only_those(tmp_path, ca
             assert main([command, "--config", "c.toml"]) == 2
             assert capsys.readouterr().err == f"babyllama: error: c.toml: {said}\n"
     assert list(tmp_path.iterdir()) == [tmp_path / "c.toml"]
+
+
+def test_a_config_file_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path, capsys, monkeypatch):
+    """A config file with a GBK comment (`# 演示配置`) or of binary bytes was a UnicodeDecodeError traceback, exit 1,
+    in every command that reads one; a UTF-8 one that starts with a byte-order mark (Notepad's) was "not valid TOML
+    (Invalid statement (at line 1, column 1))". The one is a sentence, exit 2; the other is read."""
+    from babyllama.cli import main
+    from babyllama.settings import read_toml
+
+    monkeypatch.chdir(tmp_path)  # nothing written: not out_dir, not the default runs/pretrain
+    Path("gbk.toml").write_bytes("# 演示配置\n[train]\nmax_steps = 3\n".encode("gbk"))
+    Path("bin.toml").write_bytes(b"[train]\nmax_steps = 3\n\x89PNG\r\n\x1a\n\x00\xff")
+    Path("bom.toml").write_bytes("\ufeff# 演示配置\n[train]\nmax_steps = 3\n".encode())
+    for name, byte, line in (("gbk.toml", 0xd1, 1), ("bin.toml", 0x89, 3)):
+        for command in ("pretrain", "sft", "dpo"):
+            assert main([command, "--config", name]) == 2
+            assert capsys.readouterr().err == (f"babyllama: error: {name} is not UTF-8 text (byte 0x{byte:02x} on line "
+                                               f"{line}), as a TOML file must be; save it as UTF-8.\n")
+    assert read_toml("bom.toml") == {"train": {"max_steps": 3}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin.toml", "bom.toml", "gbk.toml"]

@@ -30,7 +30,8 @@ def stray_keys(data: dict) -> list[str]:
 
 def read_toml(path: str | Path | None) -> dict:
     """The top-level keys of the TOML file at path ({} without one): its [model] and [train] tables and any other
-    key, which config.check_tables refuses. UserError for a missing file or invalid TOML."""
+    key, which config.check_tables refuses. A UTF-8 byte-order mark (Notepad's) is skipped. UserError for a missing
+    file, bytes that are not UTF-8 (a GBK comment, a binary file) or invalid TOML."""
     if not path:
         return {}
     p = Path(path)
@@ -39,10 +40,15 @@ def read_toml(path: str | Path | None) -> dict:
     if not p.is_file():
         raise UserError(f"config file {p} {not_a_file(p)}.")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # e.object: the bytes after a byte-order mark
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}), as a TOML file "
+                        "must be; save it as UTF-8.") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p} is not valid TOML ({e}).") from None
-    return data
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict]:
