@@ -651,3 +651,42 @@ def test_a_config_file_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_pat
                                                f"{line}), as a TOML file must be; save it as UTF-8.\n")
     assert read_toml("bom.toml") == {"train": {"max_steps": 3}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin.toml", "bom.toml", "gbk.toml"]
+
+
+def test_a_path_given_twice_is_refused_another_value_is_replaced(tmp_path, monkeypatch):
+    """`--config a.toml --config b.toml` read b.toml alone, silently, as argparse keeps a flag's last value; so did
+    `--input a --input b`, `--out_dir a --out_dir b` (a flag or a setting) and sft's --init with --train.init. A path
+    given twice is refused, before anything is read or written; another value given again replaces the one before
+    (a script's defaults changed after them, as the tests' and the README check's base settings are)."""
+    from babyllama.cli import build_parser
+    from babyllama.settings import parse_overrides
+
+    monkeypatch.chdir(tmp_path)
+    for args, said in (
+            (["pretrain", "--config", "a.toml", "--config=b.toml"],
+             "argument --config: given twice (a.toml, then b.toml); give it once."),
+            (["sft", "--conf", "a.toml", "--config", "b.toml"],
+             "argument --config: given twice (a.toml, then b.toml); give it once."),
+            (["pretokenize", "--input", "a", "b", "--tokenizer", "t", "--input", "c", "--out_dir", "o"],
+             "argument --input: given twice (a b, then c); give it once, with all its paths after it."),
+            (["prepare", "--input", "a", "--out_dir", "o", "--out-dir", "p"],
+             "argument --out_dir: given twice (o, then p); give it once."),
+            (["eval", "ck", "--qa", "q.jsonl", "--qa", "q.jsonl"],
+             "argument --qa: given twice (q.jsonl, then q.jsonl); give it once.")):
+        r = run_cli(*args)
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama {args[0]}: error: {said}"), args
+    for args, said in (
+            (["pretrain", "--out_dir", "a", "--lr", "1e-3", "--out_dir", "b"],
+             "setting out_dir given twice (--out_dir a, then --out_dir b)"),
+            (["pretrain", "--data", "d", "--train.data=e"], "setting data given twice (--data d, then --train.data e)"),
+            (["sft", "--train.init", "b", "--init", "a"], "setting init given twice (--init a and --train.init b)"),
+            (["dpo", "--data", "a", "b", "--train.data", "c"],
+             "setting data given twice (--data a b and --train.data c)")):
+        r = run_cli(*args)
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {said}; give it once.\n"), args
+    assert list(tmp_path.iterdir()) == []
+    args, _ = build_parser().parse_known_args(["eval", "ck", "--limit", "2", "--device", "cpu", "--limit", "6"])
+    assert args.limit == 6
+    assert parse_overrides(["--max_steps", "20", "--lr", "1", "--train.max_steps=4", "--preset", "demo",
+                            "--model.preset", "tiny"]) == {"train": {"max_steps": "4", "lr": "1"},
+                                                           "model": {"preset": "tiny"}}

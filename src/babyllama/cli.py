@@ -45,7 +45,7 @@ from babyllama.errors import (
 from babyllama.lock import holding
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
-from babyllama.settings import run_out_dir
+from babyllama.settings import parse_overrides, run_out_dir
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -175,7 +175,6 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
                                format=args.format)
     print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["totals"]}))
 
-
 SHARD_TOKENS = 100_000_000  # --shard_tokens by default
 MADE_WITH = ("input", "tokenizer", "bos", "val_fraction", "shard_tokens", "num_shards", "shard_index", "format",
              "sft")  # pretokenize's settings of the parts, which --merge refuses
@@ -304,6 +303,16 @@ def train_from_init(args: argparse.Namespace, stage) -> None:
         print(f"done: {final}")
 
 
+def check_init_and_data(args: argparse.Namespace) -> None:
+    """Refuse sft's and dpo's --init or --data given as a setting too (--train.init, --train.data), which the flag
+    would override silently; a path setting given twice is parse_overrides' to refuse."""
+    train = parse_overrides(args.overrides)["train"]
+    for name in ("init", "data"):
+        if getattr(args, name) is not None and name in train:
+            raise UserError(f"setting {name} given twice (--{name} {shown(getattr(args, name))} and --train.{name} "
+                            f"{train[name]}); give it once.")
+
+
 def cmd_sft(args: argparse.Namespace) -> None:
     from babyllama.train.stages import sft
 
@@ -391,6 +400,28 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: bool = True) -
     g.add_argument("--repetition_penalty", type=float, default=Sampling.repetition_penalty, help="1: off")
 
 
+class OnePath(argparse.Action):
+    """argparse's store action, for every argument that takes a value: a path (type=path: --config, --input,
+    --out_dir, --init ...) given twice is refused, as argparse kept the last one silently (`--config a.toml --config
+    b.toml` read b.toml alone, `--input a --input b` b alone). Another value given again replaces the one before,
+    as a `--key value` setting does (settings.parse_overrides), so that a script's defaults can be changed after
+    them (`babyllama eval ck --limit 100 "$@"`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault("_paths_given", {})  # dest -> the path(s) given first
+        if self.type is path and self.dest in given:
+            every = ", with all its paths after it" if self.nargs in ("+", "*") else ""
+            raise argparse.ArgumentError(self, f"given twice ({shown(given[self.dest])}, then {shown(values)}); "
+                                               f"give it once{every}.")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+def shown(values) -> str:
+    """A flag's value as written: a list's items apart by spaces."""
+    return " ".join(map(str, values)) if isinstance(values, list) else str(values)
+
+
 class ShowDefaults(argparse.HelpFormatter):
     """--help shows each option's default after its help (none for flags and options without one)."""
 
@@ -408,6 +439,8 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args, settings: str = "", **kwargs):
         super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
+        for name in (None, "store"):  # the action of add_argument without one, shared by its argument groups
+            self.register("action", name, OnePath)
         self.settings = settings  # the stage whose settings --help lists, or ""
 
     def format_help(self) -> str:
@@ -547,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations JSONL")
     p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.set_defaults(func=cmd_sft, takes_overrides=True, holds="sft")
+    p.set_defaults(func=cmd_sft, check=check_init_and_data, takes_overrides=True, holds="sft")
 
     p = commands.add_parser(
         "dpo", help="tune an SFT checkpoint on preference pairs with DPO (also under torchrun)", settings="dpo",
@@ -561,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "MedicalGPT's JSON(L)")
     p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.set_defaults(func=cmd_dpo, takes_overrides=True, holds="dpo")
+    p.set_defaults(func=cmd_dpo, check=check_init_and_data, takes_overrides=True, holds="dpo")
 
     p = commands.add_parser("eval", help="loss, bits per byte, QA, multiple choice and leakage of a checkpoint")
     p.add_argument("checkpoint", type=path)

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 
 
 TABLES = ("model", "train")  # a config file's tables; config.check_tables refuses any other top-level key
+PATHS = ("data", "out_dir", "init", "tokenizer", "sft_cache")  # the settings that name files or folders
 
 
 def stray_keys(data: dict) -> list[str]:
@@ -52,8 +53,12 @@ def read_toml(path: str | Path | None) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict]:
-    """`--lr 1e-3 --model.dim=128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}."""
+    """`--lr 1e-3 --model.dim=128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}. A setting given again
+    replaces the value before (`--max_steps 20 --max_steps 4`: 4), as the flags replace the config file's, except a
+    path (PATHS: `--out_dir a --out_dir b`), which is refused: the first would be ignored silently. UserError for
+    that and for a flag without its value."""
     out: dict[str, dict] = {"train": {}, "model": {}}
+    given: dict[str, str] = {}  # a path setting -> the flag and value that gave it
     args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
     if len(args) % 2:
         raise UserError(f"settings come in pairs `--key value`; got {' '.join(args)}.")
@@ -64,7 +69,12 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
         section, _, name = key.rpartition(".")
         if name == "preset":
             section = "model"
-        out.setdefault(section or "train", {})[name] = value
+        section = section or "train"
+        if section == "train" and name in PATHS:
+            if name in given:
+                raise UserError(f"setting {name} given twice ({given[name]}, then {flag} {value}); give it once.")
+            given[name] = f"{flag} {value}"
+        out.setdefault(section, {})[name] = value
     if set(out) - {"train", "model"}:
         unknown = sorted(set(out) - {"train", "model"})
         raise UserError(f"settings are --key, --train.key or --model.key; got sections {unknown}.")
