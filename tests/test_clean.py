@@ -258,7 +258,7 @@ def test_prepare_that_keeps_nothing_says_why(tmp_path):
     and one sentence counting why (too short, bad, duplicates)."""
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
-        {"text": "第一篇足够长的文档。"}, {"text": "第一篇足够长的文档。"}, {"instruction": "问", "output": "答"}])
+        {"text": "第一篇足够长的文档。"}, {"text": "第一篇足够长的文档。"}, {"title": "无正文"}])
         + "{oops\n")
     r = run_cli("prepare", "--input", mixed, "--out_dir", tmp_path / "o", "--min_chars", "99999999999999999999999")
     assert (r.returncode, r.stderr.splitlines()[-1]) == (2, (

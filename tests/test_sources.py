@@ -717,6 +717,33 @@ def test_a_bad_first_record_does_not_decide_the_schema(tmp_path, caplog):
     assert f"{f}: read as instruction records (detected at {f}:2)" in caplog.text
 
 
+def test_one_odd_record_decides_the_schema_of_no_other(tmp_path, caplog):
+    """A tester's file: bad records, then `{"content": "hello"}`, then 100 `text` records. The first good record
+    decided the file's schema, wudao, so the 100 were bad ("lacks the fields of the wudao schema": records 106, bad
+    105). Each record is now read in the schema its own fields say, a warning counts the schemas of a mixed file, and
+    --format still reads every record in one."""
+    import logging
+
+    good = [{"text": f"第{i}篇"} for i in range(100)]
+    f = jsonl(tmp_path / "odd.jsonl", [{"text": 5}, {"content": "hello"}, {"text": None}, b"not json",
+                                       b'{"text": "\\ud800 x"}', [1, 2], *good])
+    with caplog.at_level(logging.INFO):
+        reader = CorpusReader([f], bad_log=(log := io.StringIO()))
+        assert list(reader.documents()) == ["hello", *(r["text"] for r in good)]
+    assert (reader.stats[str(f)].schema, reader.totals()) == ("text", (106, 5))
+    assert log.getvalue().splitlines() == [
+        f"{f}:1: its 'text' is a number, not a string", f"{f}:3: lacks the fields of the text schema",
+        f"{f}:4: not valid JSON (Expecting value)",
+        f"{f}:5: holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode", f"{f}:6: not a JSON object"]
+    assert f"{f}: read as text records (detected at {f}:7)" in caplog.text
+    assert (f"{f}: its records are of 2 schemas, each read as its fields say: 100 text (the first at {f}:7), 1 wudao "
+            f"(the first at {f}:2); --format SCHEMA reads every record as one schema and counts the others bad"
+            ) in caplog.text
+    reader = CorpusReader([f], "text", bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == [r["text"] for r in good]
+    assert reader.totals() == (106, 6) and f"{f}:2: lacks the fields of the text schema" in log.getvalue()
+
+
 def test_csv_ragged_rows_are_bad_and_an_unclosed_quote_swallows_nothing(tmp_path):
     import io
 

@@ -4,8 +4,8 @@ Two independent questions per file:
   * its shape: JSON lines, one JSON array (streamed item by item), parquet, CSV or plain text,
     optionally compressed as .gz or .zst;
   * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
-    instructions, multi-turn conversations, or a plain `text` field), detected from the first
-    good record or forced with `format=`.
+    instructions, multi-turn conversations, or a plain `text` field), detected from each record's
+    fields, so that one odd record decides nothing for the others, or forced with `format=`.
 
     reader = CorpusReader(["wiki.json", "baike.jsonl.zst"])
     for doc in reader.documents(): ...          # reader.stats: records, bad, per file
@@ -818,8 +818,17 @@ def data_files(folder: Path) -> list[Path]:
 class FileStats:
     records: int = 0
     bad: int = 0
-    schema: str = ""
+    schema: str = ""  # the forced format, else the schema of most of its good records so far
     bad_examples: list[str] = field(default_factory=list)  # the first few locations
+    read_as: Counter[str] = field(default_factory=Counter)  # good records by schema
+    first_at: dict[str, str] = field(default_factory=dict)  # schema -> the location of its first good record
+
+    def count(self, schema: str, where: str) -> None:
+        """Count a good record at where, read as schema; the file's schema becomes the one of most records."""
+        self.read_as[schema] += 1
+        self.first_at.setdefault(schema, where)
+        if self.read_as[schema] > self.read_as[self.schema]:  # "" counts 0
+            self.schema = schema
 
     def to_dict(self) -> dict:
         return {"schema": self.schema, "records": self.records, "bad": self.bad, "bad_examples": self.bad_examples}
@@ -871,15 +880,18 @@ class CorpusReader:
         self._position = position
 
     def _file_documents(self, path: Path) -> Iterator[str]:
-        """The texts of a file's records. Without a forced format the first good record decides the
-        schema: the first whose detected schema gives it a text (a broken first record does not)."""
+        """The texts of a file's records, each read in the forced format or else in the schema that its own fields
+        say (detect_schema), so that an odd record (a `content` among `text` ones) decides nothing for the others; a
+        record with the fields of no schema is bad, as lacking those of the file's schema (of most of its records so
+        far). The first good record of each schema is logged (once a reader), and at the end of a file whose records
+        are of several schemas a warning counts each."""
         stats = self.stats.setdefault(str(path), FileStats(schema=self.format or ""))
         for where, record, why in iter_records(path, self._opened):
             stats.records += 1
             if record is None:
                 self._bad(stats, where, why)
                 continue
-            schema = stats.schema or detect_schema(record)
+            schema = self.format or detect_schema(record) or stats.schema
             try:
                 text = SCHEMAS[schema](record) if schema else None
             except ValueError as e:  # a field of the wrong type (text_field, context_text, messages_of_record), named
@@ -891,13 +903,17 @@ class CorpusReader:
             elif why := not_unicode(text):
                 self._bad(stats, where, f"holds {why}")
             else:
-                if not stats.schema:
-                    stats.schema = schema
-                    if schema not in self.announced:
-                        self.announced.add(schema)
-                        log.info("%s: read as %s records (detected at %s)%s", path, schema, where,
-                                 "" if self.format else "; other files in this schema are not named")
+                if schema not in self.announced:
+                    self.announced.add(schema)
+                    log.info("%s: read as %s records (detected at %s)%s", path, schema, where,
+                             "" if self.format else "; other files in this schema are not named")
+                stats.count(schema, where)
                 yield text
+        if len(stats.read_as) > 1:
+            counts = ", ".join(f"{n:,} {schema} (the first at {stats.first_at[schema]})"
+                               for schema, n in stats.read_as.most_common())
+            log.warning("%s: its records are of %d schemas, each read as its fields say: %s; --format SCHEMA reads "
+                        "every record as one schema and counts the others bad", path, len(stats.read_as), counts)
 
     def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
