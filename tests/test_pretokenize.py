@@ -152,6 +152,22 @@ def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):
     assert r.returncode == 2 and "tokenizer" in r.stderr
 
 
+def test_cli_pretokenize_says_the_records_read_and_the_bad_ones(corpus_and_tokenizer, tmp_path):
+    """pretokenize's summary gave the tokens and documents written, not the records read and how many were bad, as
+    prepare's does: a file of 105 bad records of 106 (one odd record had decided its schema) looked like a run of
+    one short document."""
+    d, docs = corpus_and_tokenizer
+    f = tmp_path / "odd.jsonl"
+    f.write_text("\n".join(['{"text": 5}', '{"content": "hello"}', "not json",
+                            *(json.dumps({"text": t}, ensure_ascii=False) for t in docs[:20])]), encoding="utf-8")
+    r = run_cli("pretokenize", "--input", f, "--tokenizer", d / "tok", "--out_dir", tmp_path / "o", "--workers", "1",
+                "--val_fraction", "0")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert list(summary) == ["out_dir", "dtype", "records", "bad", "train", "val"]
+    assert (summary["records"], summary["bad"], summary["train"]["documents"]) == (23, 2, 21)
+
+
 @pytest.fixture(scope="module")
 def parts(corpus_and_tokenizer, tmp_path_factory):
     """The two parts of a --num_shards 2 split (copy them before changing them)."""

@@ -173,7 +173,10 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
                                shard_tokens=args.shard_tokens or SHARD_TOKENS, num_shards=args.num_shards or 1,
                                shard_index=args.shard_index or 0, bos=args.bos,
                                format=args.format)
-    print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["totals"]}))
+    # the records read and the bad ones, as prepare says them; not a merge's, whose parts may each have read them all
+    read = {} if args.merge else {k: sum(s[k] for s in manifest["sources"].values()) for k in ("records", "bad")}
+    print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **read, **manifest["totals"]}))
+
 
 SHARD_TOKENS = 100_000_000  # --shard_tokens by default
 MADE_WITH = ("input", "tokenizer", "bos", "val_fraction", "shard_tokens", "num_shards", "shard_index", "format",
