@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+from itertools import pairwise
 
 import pytest
 import torch
@@ -260,6 +261,107 @@ def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, k
     check_chat_template(tok, bpe_tokenizer)  # the GGUF's tokenizer.chat_template, through transformers' reader
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+
+
+def sentencepiece_bpe(tmp_path):
+    """A tiny SentencePiece BPE model with byte fallback that keeps whitespace as ChatGLM2's does, with pieces of
+    several spaces (▁▁, ▁▁▁▁), trained here in a fraction of a second."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from tests.conftest import generated_corpus
+
+    texts = generated_corpus(200) + ["def f(x):\n    return  x  +  1\n\n\tpass", "  two  spaces   three    four"] * 20
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=proto, vocab_size=1000, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                                   split_by_whitespace=False, character_coverage=0.99, minloglevel=2, num_threads=1)
+    (tmp_path / "sp.model").write_bytes(proto.getvalue())
+    return load_tokenizer(tmp_path / "sp.model")
+
+
+def llama_cpp_ids(fields, text: str) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm_session of llama-vocab.cpp, add_space_prefix as its
+    default) over a GGUF's vocabulary: " " before the text, each space as ▁, the characters merged pairwise, the
+    neighbours whose joined text is a token of the highest score first (the leftmost of equals), then each piece
+    that is no token as the <0xXX> of its bytes."""
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    ids = {t: i for i, t in enumerate(tokens)}  # llama.cpp's token_to_id: the last of equal strings
+    pieces = list((" " + text).replace(" ", "\u2581"))
+    while True:
+        joined = [(scores[ids[a + b]], -k) for k, (a, b) in enumerate(pairwise(pieces)) if a + b in ids]
+        if not joined:
+            break
+        k = -max(joined)[1]
+        pieces[k : k + 2] = [pieces[k] + pieces[k + 1]]
+    return [i for p in pieces for i in ([ids[p]] if p in ids else [ids[f"<0x{b:02X}>"] for b in p.encode()])]
+
+
+@pytest.mark.parametrize("kind", ["tiny", pytest.param("chatglm2", marks=pytest.mark.skipif(
+    not CHATGLM2.is_file(), reason="ChatGLM2 tokenizer.model not present"))])
+def test_gguf_of_a_sentencepiece_tokenizer_json_splits_text_as_babyllama(kind, tmp_path):
+    """The tokenizer.json that export --format hf writes for a SentencePiece model, trained on as a tokenizer of
+    its own: GGUF said tokenizer.ggml.model gpt2 with its ▁ pieces (transformers' reader: `Token ▁ out of
+    vocabulary`, llama.cpp: other ids). It is now SentencePiece's vocabulary (scores, byte and control types),
+    which llama.cpp's algorithm and transformers' reader split as babyllama does."""
+    gguf = pytest.importorskip("gguf")
+    sp = sentencepiece_bpe(tmp_path) if kind == "tiny" else load_tokenizer(CHATGLM2)
+    model = sharp_model(tiny_config(vocab_size=sp.vocab_size + 4))
+    save_checkpoint(tmp_path / "sp", model, sp)
+    export(tmp_path / "sp", tmp_path / "hf")
+    tok = load_tokenizer(tmp_path / "hf")  # its tokenizer.json, as a user copies it beside their data
+    assert tok.kind == "hf"
+    save_checkpoint(tmp_path / "ck", model, tok)
+    export(tmp_path / "ck", tmp_path / "g" / "m.gguf", "gguf")
+    export(tmp_path / "sp", tmp_path / "g" / "sp.gguf", "gguf")  # of the .model itself: the same ids
+    fields, of_model = (gguf.GGUFReader(tmp_path / "g" / name).fields for name in ("m.gguf", "sp.gguf"))
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert "tokenizer.ggml.merges" not in fields and "tokenizer.ggml.pre" not in fields
+    types = fields["tokenizer.ggml.token_type"].contents()
+    T = gguf.TokenType
+    assert [sum(t == k for t in types) for k in (T.CONTROL, T.BYTE, T.UNUSED)] == [3, 256, 4]
+    assert types[:3] == [T.CONTROL] * 3 and all(types[sp._byte_id(b)] == T.BYTE for b in range(256))
+    for text in TEXTS + TORTURE + LEADING_SPACES + ["    return  x\n\tpass", "▁already ▁escaped"]:
+        assert llama_cpp_ids(fields, text) == llama_cpp_ids(of_model, text) == tok.encode(text) == sp.encode(text), text
+    pytest.importorskip("accelerate")
+    read = transformers.AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
+    for text in TEXTS + TORTURE:  # not LEADING_SPACES: its Metaspace puts no ▁ before a text that starts with one
+        assert read(text, split_special_tokens=True)["input_ids"] == tok.encode(text), text
+
+
+def test_gguf_refuses_a_tokenizer_json_that_llama_cpp_would_split_otherwise(bpe_tokenizer, tmp_path):
+    """A Unigram tokenizer.json crashed the export (KeyError: 'merges'); a Metaspace one (Llama 2's as transformers
+    now converts it) or a byte-level BPE split otherwise than GPT-2's became a GGUF that llama.cpp reads as other
+    ids. Each is one sentence, and nothing is written."""
+    pytest.importorskip("gguf")
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from babyllama.tokenizer import HFTokenizer, training_pre_tokenizer
+
+    save_checkpoint(tmp_path / "sp", sharp_model(tiny_config(vocab_size=1004)), sentencepiece_bpe(tmp_path))
+    export(tmp_path / "sp", tmp_path / "hf")
+    unigram = RustTokenizer(models.Unigram([("<pad>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("\u2581a", -1.0)], 0))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    metaspace = RustTokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))  # as export --format hf writes
+    metaspace.normalizer, metaspace.pre_tokenizer = None, pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    regex = RustTokenizer.from_str(bpe_tokenizer.tok.to_str())
+    regex.pre_tokenizer = training_pre_tokenizer()  # babyllama's own bounded runs, which it trains with
+    for tok, why in [
+        (unigram, "a Unigram model"),
+        (metaspace, "a Metaspace pre-tokenizer, which puts no \u2581 before a text that starts with a space, where "
+                    "llama.cpp always puts one"),
+        (regex, "a byte-level BPE that splits text otherwise than GPT-2's pre-tokenizer"),
+    ]:
+        save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=1004)), HFTokenizer(tok, 1, 2, 0))
+        with pytest.raises(UserError) as e:
+            export(tmp_path / "ck", tmp_path / "m.gguf", "gguf")
+        assert str(e.value) == (f"GGUF cannot express this checkpoint's tokenizer.json ({why}): llama.cpp would "
+                                "split text into other ids; export it with --format hf, which keeps the "
+                                "tokenizer.json.")
+        assert not [p.name for p in tmp_path.iterdir() if "gguf" in p.name]
 
 
 def test_an_export_killed_by_kill_9_leaves_its_temporary_to_the_next_export(bpe_tokenizer, tmp_path):
