@@ -410,7 +410,8 @@ def test_ctrl_c_while_an_export_moves_its_files_in_waits_until_they_are(bpe_toke
 
 def test_a_hugging_face_export_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tmp_path):
     """`chat runs/demo/hf` (and `sft --init` of it) said its config.json "lacks its model or tokenizer settings; the
-    checkpoint is damaged": it is an HF export, and the sentence says what to pass instead."""
+    checkpoint is damaged": it is an HF export, and the sentence says what to pass instead. Read as data (`tokenizer
+    info --sample`, `prepare`), it is named in the same words."""
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     hf = export(tmp_path / "ck", tmp_path / "hf")
     (tmp_path / "sft.jsonl").write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False))
@@ -421,6 +422,11 @@ def test_a_hugging_face_export_passed_as_a_checkpoint_is_named_as_one(bpe_tokeni
                  ["sft", "--init", hf, "--data", tmp_path / "sft.jsonl", "--out_dir", tmp_path / "s"]):
         r = run_cli(*args)
         assert (r.returncode, r.stderr.splitlines(keepends=True)[-1]) == (2, sentence), args  # after "running on"
+    for args in (["tokenizer", "info", hf, "--sample", hf], ["prepare", "--input", hf, "--out_dir", tmp_path / "p"]):
+        r = run_cli(*args)  # read as data, it was "a checkpoint, not a folder of data files"
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {hf} is a Hugging Face model (its config.json is "
+                                               "transformers'), not a folder of data files; name the data files or "
+                                               "their folder.\n"), args
 
 
 # every export of a checkpoint, and the adapter files of a LoRA checkpoint (lora.save_lora_config), in one process

@@ -197,6 +197,8 @@ def read_config(path: str | Path) -> dict:
     whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one. UserError for a
     folder that is no checkpoint (a training run, check_not_a_run, or a Hugging Face model among them) or a
     damaged one."""
+    from babyllama.data.sources import HF_MODEL, is_transformers_config
+
     path = Path(path)
     check_folder(path, "checkpoint", "a checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)")
     check_not_a_run(path)
@@ -206,10 +208,10 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged.") from None
-    if isinstance(config, dict) and "model" not in config and ("model_type" in config or "architectures" in config):
-        raise UserError(f"{path} is a Hugging Face model (its {CONFIG_FILE} is transformers'), as `babyllama export "
-                        "--format hf` writes, not a babyllama checkpoint; pass the checkpoint it was exported from "
-                        "(a run's final/ or checkpoints/step_NNNNNN/), or load this one with transformers.")
+    if is_transformers_config(config):
+        raise UserError(f"{path} is {HF_MODEL}, as `babyllama export --format hf` writes, not a babyllama "
+                        "checkpoint; pass the checkpoint it was exported from (a run's final/ or "
+                        "checkpoints/step_NNNNNN/), or load this one with transformers.")
     tokenizer = config.get("tokenizer") if isinstance(config, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not (
             tokenizer is None or isinstance(tokenizer, dict) and isinstance(tokenizer.get("fingerprint"), str)):

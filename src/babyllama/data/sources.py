@@ -751,20 +751,28 @@ def own_output(folder: Path) -> str | None:
 
 def output_kind(folder: Path) -> str | None:
     """What babyllama output folder is when none of its files are data: "a checkpoint" (model.safetensors
-    or a LoRA adapter), "a tokenizer" (tokenizer.json, tokenizer.model), "an SFT token cache" or "a DPO token
-    cache" (pretokenize --sft's or a run's: its manifest.json says kind sft or dpo), "a folder of token shards"
-    (pretokenize's: another manifest.json beside .bin files); else None."""
+    or a LoRA adapter; HF_MODEL when its config.json is transformers', as export --format hf's), "a tokenizer"
+    (tokenizer.json, tokenizer.model), "an SFT token cache" or "a DPO token cache" (pretokenize --sft's or a
+    run's: its manifest.json says kind sft or dpo), "a folder of token shards" (pretokenize's: another
+    manifest.json beside .bin files); else None."""
     if (folder / "manifest.json").is_file() and any(folder.glob("*.bin")):
         kind = _manifest_kind(folder / "manifest.json")
         return token_cache_name(kind) if kind in ("sft", "dpo") else TOKEN_SHARDS
     if any((folder / f).is_file() for f in WEIGHT_FILES):
-        return "a checkpoint"
+        return HF_MODEL if is_transformers_config(_small_json_object(folder / "config.json")) else "a checkpoint"
     if any((folder / f).is_file() for f in TOKENIZER_FILES):
         return "a tokenizer"
     return None
 
 
 TOKEN_SHARDS = "a folder of token shards"  # output_kind of pretokenize's out_dir
+HF_MODEL = "a Hugging Face model (its config.json is transformers')"  # output_kind of export --format hf's out
+
+
+def is_transformers_config(config) -> bool:
+    """Whether a parsed config.json is transformers' (model_type or architectures), not a babyllama checkpoint's
+    (whose settings are under "model")."""
+    return isinstance(config, dict) and "model" not in config and ("model_type" in config or "architectures" in config)
 
 
 def token_cache_name(kind: str) -> str:
