@@ -731,6 +731,30 @@ def test_sizes_beyond_the_machine_stop_before_anything_is_allocated(shards, tmp_
     assert time.perf_counter() - start < 5
 
 
+def test_fp16_off_a_cuda_gpu_is_one_sentence(shards, tmp_path, recwarn):
+    """--dtype fp16 on the CPU trained unscaled under torch's `GradScaler is enabled, but CUDA is not available`
+    warning, though fp16 runs with a GradScaler: it is refused before anything runs."""
+    with pytest.raises(UserError) as e:
+        pretrain(config(shards, tmp_path, "--max_steps", "1", "--dtype", "fp16", "--device", "cpu"))
+    assert str(e.value) == ("dtype fp16 trains on CUDA GPUs only (its GradScaler runs there); on cpu use bf16 or "
+                            "fp32 (auto: fp32).")
+    assert not any("GradScaler" in str(w.message) for w in recwarn) and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_shards_without_a_val_split_say_so_at_the_start(tmp_path, bpe_tokenizer, capsys):
+    """Shards of pretokenize --val_fraction 0 logged "val_loss": null without a word: a note says why."""
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                   for t in generated_corpus(40, seed=3)))
+    bpe_tokenizer.save(tmp_path / "tok")
+    pretokenize([str(tmp_path / "docs.jsonl")], str(tmp_path / "tok"), tmp_path / "tokens", val_fraction=0)
+    capsys.readouterr()
+    pretrain(config(tmp_path / "tokens", tmp_path / "run", "--max_steps", "2", "--batch_size", "2"))
+    notes = [x for x in capsys.readouterr().out.splitlines() if "validation" in x]
+    assert notes == [f"note: {tmp_path / 'tokens'} has no validation split (pretokenize --val_fraction 0), so the "
+                     "run measures no validation loss."]
+    assert strict_lines(tmp_path / "run" / "metrics.jsonl")[-1]["val_loss"] is None
+
+
 def test_a_full_disk_while_saving_is_one_sentence_and_resume_finishes(shards, tmp_path, capsys, monkeypatch):
     """ENOSPC while step 4's checkpoint is written: one sentence, exit 2, its temporary removed and step 2's
     checkpoint intact; --resume says where it picks up and finishes the run."""

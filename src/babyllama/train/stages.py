@@ -37,7 +37,7 @@ from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, check_fsdp, held_by_main, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer, check_memory, check_optimizer, check_resume, lora_of
+from babyllama.train.trainer import Dataset, Trainer, check_dtype, check_memory, check_optimizer, check_resume, lora_of
 
 TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
 A_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run"}
@@ -60,6 +60,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         check_rank(lora, cfg.model)
     check_memory(cfg, dist.device, stage)  # and a model or batch beyond the machine
     check_optimizer(cfg.train)  # and Muon where it cannot run
+    check_dtype(cfg.train, dist.device)  # and fp16 off a CUDA GPU
     check_fsdp(cfg.train.fsdp)  # and FSDP without torchrun's processes
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
@@ -122,12 +123,22 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
         print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {steps} steps: the learning rate {end} "
               f"and never decays to min_lr {t.min_lr:g}; set --warmup_steps to a small part of the steps (the "
               "configs use 1-10%).")
+    if dist.main and val_data is None:  # its lines' val_loss was null without a word
+        print(f"note: {no_validation(cfg, stage)}, so the run measures no validation loss.")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_whole(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         print(f"{stage}: {len(train_data):,} rows, {trainer.total_steps:,} steps of {trainer.global_batch} "
               f"rows on {dist.world} x {dist.device.type}, {trainer.dtype}")  # a row: a window, sample or pack
     return trainer.fit()
+
+
+def no_validation(cfg: RunConfig, stage: str) -> str:
+    """Why a stage's run has no validation data, in words: pretraining shards without a val split, or token-cache
+    data that val_fraction leaves no validation samples."""
+    if stage == "pretrain":
+        return f"{cfg.train.data} has no validation split (pretokenize --val_fraction 0)"
+    return f"val_fraction {cfg.train.val_fraction:g} leaves no validation {ROWS[stage]} of the data"
 
 
 def is_final_of(final: Path, step: int) -> bool:

@@ -304,6 +304,14 @@ def check_optimizer(t: TrainConfig) -> None:
                         "use optimizer = \"adamw\" otherwise.")
 
 
+def check_dtype(t: TrainConfig, device: torch.device) -> None:
+    """UserError for dtype fp16 on a device other than a CUDA GPU: fp16 trains with a GradScaler, which runs on CUDA
+    alone (elsewhere torch warned that it is disabled, and trained fp16 unscaled, where small gradients underflow)."""
+    if t.dtype == "fp16" and device.type != "cuda":
+        raise UserError(f"dtype fp16 trains on CUDA GPUs only (its GradScaler runs there); on {device.type} use "
+                        "bf16 or fp32 (auto: fp32).")
+
+
 def build_optimizers(model: Transformer, t: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the rest.
 
