@@ -198,6 +198,38 @@ def test_final_is_the_mean_of_the_last_steps_weights_and_resumes_bitwise(shards,
         config(shards, tmp_path, "--average_last", "1")
 
 
+def test_average_last_changed_on_resume_is_refused_unless_the_mean_is_exact(shards, tmp_path):
+    """average_last turned on at a --resume inside its steps averaged only the steps after the resume (a final/ of
+    steps 7-8, not 5-8): refused, unless the resume comes before the averaged steps (then the mean is the one of an
+    uninterrupted run), or average_last is turned off (final/ then holds the last weights)."""
+    from safetensors.torch import load_file
+
+    args = ("--max_steps", "8", "--batch_size", "4", "--save_every", "1", "--keep_last", "8")
+    pretrain(config(shards, tmp_path / "plain", *args))
+    pretrain(config(shards, tmp_path / "averaged", *args, "--average_last", "0.5"))
+    weights = lambda d: load_file(str(d / "model.safetensors"))
+    for changed, stop, message in ((("--average_last", "0.5"), 6, "holds no mean of the weights, but average_last "
+                                    "0.5 of 8 steps averages the steps after step 4, 2 of them by step 6"),
+                                   (("--average_last", "0.25", "--max_steps", "12"), 6, "holds the mean of the "
+                                    "weights of its last 2 steps, but average_last 0.25 of 12 steps averages the "
+                                    "steps after step 9, 0 of them by step 6")):
+        source = tmp_path / ("plain" if "no mean" in message else "averaged")
+        run = tmp_path / f"died-{len(changed)}"
+        simulate_death(source, run, step=stop)
+        with pytest.raises(UserError) as e:
+            pretrain(config(shards, run, *args, *changed), resume=True)
+        assert str(e.value) == f"{run / 'checkpoints' / 'step_000006'} {message}; resume with the average_last and " \
+                               "length the run had, or use a new out_dir."
+    simulate_death(tmp_path / "plain", tmp_path / "early", step=3)  # before the averaged steps 5-8: exact
+    pretrain(config(shards, tmp_path / "early", *args, "--average_last", "0.5"), resume=True)
+    final = weights(tmp_path / "averaged" / "final")
+    assert all(torch.equal(w, final[k]) for k, w in weights(tmp_path / "early" / "final").items())
+    simulate_death(tmp_path / "averaged", tmp_path / "off", step=6)  # turned off: the last weights
+    pretrain(config(shards, tmp_path / "off", *args, "--average_last", "0"), resume=True)
+    last = weights(tmp_path / "plain" / "final")
+    assert all(torch.equal(w, last[k]) for k, w in weights(tmp_path / "off" / "final").items())
+
+
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(shards, tmp_path):
     cfg = config(shards, tmp_path, "--optimizer", "muon")
     trainer = Trainer(cfg, TokenWindows(shards, 32), None, None, Dist(), "pretrain")

@@ -446,6 +446,8 @@ class Trainer:
                 raise UserError(f"{resume_from} has no trainer state to resume from.")
             self.load_state_dict(state)
         self.total_steps = self.planned_steps()
+        if resume_from is not None:
+            self.check_average(resume_from)
 
     def planned_steps(self) -> int:
         """The step at which the run ends: max_steps, else when the samples of tokens or epochs are consumed.
@@ -461,6 +463,22 @@ class Trainer:
         else:
             samples = math.ceil(t.epochs * len(self.train_data))
         return self.step + max(0, math.ceil((samples - self.consumed_samples) / self.global_batch))
+
+    def check_average(self, resume_from: Path) -> None:
+        """UserError when the weight average resumed from holds other steps than average_last asks of this run's
+        length by now (turned on, or changed, after its steps began: the mean was of the steps after the resume
+        alone); without average_last the average is dropped, and final/ holds the last weights."""
+        if not self.t.average_last:
+            self.average, self.averaged = {}, 0
+            return
+        first = self.total_steps - round(self.t.average_last * self.total_steps)  # the steps after it are averaged
+        due = max(0, self.step - first)
+        if self.averaged != due:
+            had = f"the mean of the weights of its last {self.averaged} steps" if self.averaged else \
+                "no mean of the weights"
+            raise UserError(f"{resume_from} holds {had}, but average_last {self.t.average_last:g} of "
+                            f"{self.total_steps} steps averages the steps after step {first}, {due} of them by step "
+                            f"{self.step}; resume with the average_last and length the run had, or use a new out_dir.")
 
     # --- one step ---
 
