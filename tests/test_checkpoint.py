@@ -344,6 +344,7 @@ def test_a_run_killed_inside_a_checkpoint_write_and_pruning_resumes_whole_and_eq
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, shards, capsys):
     from safetensors.torch import load_file
 
+    from babyllama.checkpoint import step_checkpoints
     from babyllama.config import load_config
     from babyllama.train.stages import pretrain
     from tests.test_pretrain import FAST, TINY
@@ -357,14 +358,16 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, sha
     pretrain(load_config(None, [*args, "--max_steps", "6", "--out_dir", str(tmp_path / "run")]), resume=True)
     out = capsys.readouterr().out
     assert f"note: step_000004 is damaged and skipped: {state} cannot be read (RuntimeError); it is damaged or " \
-           "was cut off; resuming from step_000002" in out
+           "was cut off; resuming from step_000002, and step_000004 is moved to step_000004.damaged (keep_last " \
+           "counts whole checkpoints)" in out
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     (tmp_path / "run" / "checkpoints" / "step_000099").mkdir()  # emptied by hand or a failing disk
     pretrain(load_config(None, [*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run")]), resume=True)
     assert "note: step_000099 is damaged and skipped" in capsys.readouterr().out
-    (tmp_path / "run" / "checkpoints" / "step_000099").rmdir()
-    for ckpt in (tmp_path / "run" / "checkpoints").iterdir():
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_000004", "step_000004.damaged", "step_000006", "step_000008", "step_000099.damaged"]
+    for ckpt in step_checkpoints(tmp_path / "run"):
         (ckpt / "trainer_state.pt").write_bytes(b"")
     with pytest.raises(UserError, match="every checkpoint in .* is damaged"):
         pretrain(load_config(None, [*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run")]), resume=True)
@@ -422,3 +425,23 @@ def test_safetensors_on_a_full_disk_is_cannot_write_and_the_old_checkpoint_stays
     assert str(raised.value) == f"no space left on the device of {tmp_path} while writing {tmp_path / 'ck'}"
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+
+
+def test_pruning_after_a_resume_past_a_damaged_checkpoint_keeps_the_one_resumed_from(tmp_path, shards, capsys):
+    """A resume that skipped a damaged step_000006 for step_000005 left step 6 where keep_last counted it: the next
+    pruning kept the damaged 6 and deleted the whole 5 the run had resumed from. The damaged one is moved aside."""
+    from babyllama.checkpoint import resumable_checkpoint, step_checkpoints
+    from babyllama.config import load_config
+    from babyllama.train.stages import pretrain
+    from tests.test_pretrain import FAST, TINY
+
+    args = [*TINY, *FAST, "--data", str(shards), "--batch_size", "4", "--out_dir", str(tmp_path)]
+    pretrain(load_config(None, [*args, "--max_steps", "6", "--save_every", "1", "--keep_last", "3"]))
+    state = tmp_path / "checkpoints" / "step_000006" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    pretrain(load_config(None, [*args, "--max_steps", "8", "--save_every", "0", "--keep_last", "2"]), resume=True)
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step_000005", "step_000008"]
+    assert "resuming from step_000005, and step_000006 is moved to step_000006.damaged" in capsys.readouterr().out
+    assert resumable_checkpoint(tmp_path) == (tmp_path / "checkpoints" / "step_000008", [])
+    assert (tmp_path / "checkpoints" / "step_000006.damaged" / "trainer_state.pt").stat().st_size == 100

@@ -11,7 +11,8 @@
     model, tokenizer, config = load_checkpoint("runs/x/step_000100")
 
 A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
-`keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume) and the model
+`keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume, and a resume moves
+the damaged ones it skipped aside, `set_aside`, to step_000100.damaged) and the model
 to use next in RUN/final. A writer killed at any moment leaves whole directories and temporaries
 named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
 """
@@ -61,25 +62,37 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest step checkpoint that is whole (config, weights' header and trainer state read back),
-    or None when there is none, and a note for each newer one that is damaged. Raises UserError when
+    or None when there is none, and each newer one that is damaged, with why. Raises UserError when
     every one is damaged."""
-    notes = []
+    damaged = []
     for ckpt in reversed(step_checkpoints(run_dir)):
         try:
             model_config(ckpt)
             if load_train_state(ckpt, mmap=True) is None:
                 raise UserError(f"{ckpt} has no {STATE_FILE}.")
-            return ckpt, notes
+            return ckpt, damaged
         except NewerFormat:
             raise
         except UserError as e:
-            notes.append(f"{ckpt.name} is damaged and skipped: {str(e).rstrip('.')}")
-    if notes:
-        raise UserError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({notes[0]}); "
+            damaged.append((ckpt, str(e).rstrip(".")))
+    if damaged:
+        ckpt, why = damaged[0]
+        raise UserError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({ckpt.name}: {why}); "
                         "delete them to start again.")
-    return None, notes
+    return None, damaged
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Move a damaged step checkpoint out of the run's order (step_000031 -> step_000031.damaged, in place of an
+    older one of that name), so that keep_last pruning neither counts nor keeps it in place of a whole one (it kept a
+    damaged step 31 and deleted the step 30 that the run had resumed from); returns where it went."""
+    aside = ckpt.with_name(f"{ckpt.name}.damaged")
+    if aside.exists():
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    ckpt.rename(aside)
+    return aside
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

@@ -23,6 +23,7 @@ from babyllama.checkpoint import (
     read_config,
     remove_stale_temporaries,
     resumable_checkpoint,
+    set_aside,
     tokenizer_dir,
 )
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
@@ -81,9 +82,12 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     if made_by != stage:
         raise UserError(f"{out} holds {A_RUN[made_by]} ({latest.name}), which {STAGE_NAMES[stage]} cannot "
                         f"{'resume' if resume else 'continue'}; choose another out_dir.")
-    resume_from, notes = resumable_checkpoint(out) if resume else (None, [])
-    for note in notes if dist.main else []:
-        print(f"note: {note}; resuming from {resume_from.name}")
+    resume_from, damaged = resumable_checkpoint(out) if resume else (None, [])
+    barrier(dist)  # every rank has chosen resume_from before rank 0 moves the damaged ones aside
+    for ckpt, why in damaged if dist.main else []:
+        aside = set_aside(ckpt)
+        print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {resume_from.name}, and {ckpt.name} "
+              f"is moved to {aside.name} (keep_last counts whole checkpoints)")
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
