@@ -634,6 +634,20 @@ def test_doc_mask_segments_start_at_each_eos_and_train(shards, tmp_path, bpe_tok
     assert doc[1] != plain[1]  # same weights and rows; only the attention across documents differs
 
 
+def test_eval_scores_a_doc_mask_model_with_its_document_mask(shards, tmp_path):
+    """`eval --data` of a doc_mask run's final/ gave 6.277173 where the run's final val_loss was 6.277388: eval
+    attended across documents. It now scores the model as its run trained it, and eval.json says which."""
+    n = len(TokenWindows(shards, 32, "val"))
+    pretrain(config(shards, tmp_path / "run", "--max_steps", "4", "--batch_size", "4", "--doc_mask", "true",
+                    "--eval_batches", str(-(-n // 4))))  # every val window, as eval --data scores them
+    r = run_cli("eval", tmp_path / "run" / "final", "--data", shards, "--out_dir", tmp_path / "eval",
+                "--max_new_tokens", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    lm = json.loads((tmp_path / "eval" / "eval.json").read_text())["lm"]
+    assert abs(lm["val_loss"] - final_val_loss(tmp_path / "run")) < 1e-6
+    assert lm["tokens"] == n * 32 and lm["doc_mask"] is True and '"doc_mask": true' in r.stdout
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--log_every", "0"], "log_every must be at least 1, got 0."),
     (["--batch_size", "0"], "batch_size must be at least 1, got 0."),

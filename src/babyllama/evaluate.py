@@ -114,19 +114,31 @@ def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[i
     return nats, tokens, nbytes
 
 
-def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200) -> dict:
-    """Loss, perplexity and bits per byte over the validation windows of a token directory."""
+def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200,
+               doc_mask: bool = False) -> dict:
+    """Loss, perplexity and bits per byte over the validation windows of a token directory, and doc_mask: with it,
+    attention stays within documents (each <eos> starts the next), as pretraining with doc_mask trained and
+    validated the model; without it the loss of such a model is another one (trained_doc_mask)."""
     data = TokenWindows(data_dir, model.cfg.max_seq_len, "val")
     differ = tokenizer.differences(data.manifest["tokenizer"])
     if differ:
         raise UserError(f"{data_dir} was tokenized with another tokenizer ({differ[1]}) than the model's "
                         f"({differ[0]}).")
+    if doc_mask:
+        data.doc_eos = tokenizer.eos_id
     n = min(len(data), batch_size * max_batches)
-    forward = lambda batch: model(batch["idx"], batch["targets"])[1]
+    forward = lambda batch: model(batch["idx"], batch["targets"], segments=batch.get("segments"))[1]
     nats, tokens, nbytes = loss_sums(forward, data, range(n), batch_size, model.rope_cos.device, tokenizer,
                                      desc="eval loss")
     return {"val_loss": nats / tokens, "perplexity": math.exp(nats / tokens),
-            "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "tokens": tokens, "bytes": nbytes}
+            "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "tokens": tokens, "bytes": nbytes,
+            "doc_mask": doc_mask}
+
+
+def trained_doc_mask(config: dict) -> bool:
+    """Whether a checkpoint's config.json says its run trained with doc_mask (pretraining only; older checkpoints,
+    which do not record their run, did not)."""
+    return bool(config.get("run", {}).get("train", {}).get("doc_mask", False))
 
 
 def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampling | None = None,
@@ -758,7 +770,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     sampling = sampling or Sampling()
     device = pick_device(device)
     print(f"eval: running on {device}", file=sys.stderr, flush=True)  # after the checks: an error is all it says
-    model, tokenizer, _ = load_checkpoint(checkpoint, device)
+    model, tokenizer, config = load_checkpoint(checkpoint, device)
     cut = cut_to_context(tokenizer, model.cfg.max_seq_len, prompt_list, qa_items, mc_items)
     for kind, what, total in [("prompts", "continuation prompts", len(prompt_list)),
                               ("qa", "QA questions", len(qa_items)), ("mc", "multiple-choice items", len(mc_items))]:
@@ -774,8 +786,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     if done:
         print(f"resuming: {qa_done} of {len(qa_items)} QA and {mc_done} of {len(mc_items)} multiple-choice items "
               f"are answered in {partial}.")
-    if data:
-        result["lm"] = lm_metrics(model, data, tokenizer)
+    if data:  # scored as trained: with the document mask of a doc_mask run (eval.json's lm.doc_mask says which)
+        result["lm"] = lm_metrics(model, data, tokenizer, doc_mask=trained_doc_mask(config))
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
     result["prompts_cut_to_context"] = cut["prompts"]
     if qa and no_reference:
