@@ -223,6 +223,23 @@ def test_tokens_count_both_answers_ids_not_padding(dpo_setup, tmp_path):
     assert logged_tokens(tmp_path) == trained_tokens(pair_positions, len(lengths) // 2, 3, 4)
 
 
+def test_a_partial_last_step_counts_its_pairs_alone(dpo_setup, tmp_path):
+    """A run of 3 pairs in steps of 4 x 2 micro-steps: the last step takes the 3 pairs left, and its empty
+    micro-step a padding micro-batch whose pair counts in neither the loss nor the rewards: the step of one
+    micro-batch of those pairs."""
+    d = dpo_setup
+    args = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--epochs", "0.015", "--lr", "3e-3",
+            "--warmup_steps", "0", "--log_every", "1", "--eval_every", "0", "--val_fraction", "0",
+            "--data_workers", "1"]
+    for name, batch in (("one", ["--batch_size", "8"]), ("accum", ["--batch_size", "4", "--grad_accum", "2"])):
+        dpo(load_config(None, [*args, *batch, "--out_dir", str(tmp_path / name)]))
+    state = torch.load(tmp_path / "accum" / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=True)
+    assert state["consumed_samples"] == 3
+    one, accum = metrics(tmp_path / "one")[0], metrics(tmp_path / "accum")[0]
+    assert one["step"] == 1 and one["tokens"] == accum["tokens"] and one.keys() == accum.keys()
+    assert all(math.isclose(one[k], accum[k], rel_tol=1e-5, abs_tol=1e-7) for k in one if k != "lr"), (one, accum)
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--lora_dropout", "0.1", "--precompute_ref_log_probs",
                                         "true"]], ids=["full", "lora-precomputed"])
 def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):

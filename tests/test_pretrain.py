@@ -532,10 +532,26 @@ def test_resume_with_another_global_batch_ends_after_the_same_samples(shards, tm
     pretrain(config(shards, tmp_path, *common, "--batch_size", "8", "--grad_accum", "2"), resume=True)
     state = torch.load(tmp_path / "checkpoints" / f"step_{max(losses(tmp_path)):06d}" / "trainer_state.pt",
                        weights_only=True)
-    assert state["consumed_samples"] == 12 + 16 * math.ceil((n - 12) / 16) and n <= state["consumed_samples"] < n + 16
+    assert state["consumed_samples"] == n  # the last step takes the samples left, fewer than 16
     assert max(losses(tmp_path)) == 3 + math.ceil((n - 12) / 16)  # not ceil(n / 16): steps of 4 are not of 16
     logged = strict_lines(tmp_path / "metrics.jsonl")
     assert [r for r in logged if r.get("resumed")] == [{"step": 3, "resumed": True, "global_batch": 16}]
+
+
+def test_a_tokens_budget_resumed_with_a_larger_batch_ends_after_its_samples(shards, tmp_path):
+    """--tokens 20480 (320 windows of 64) at batch 8, stopped at step 21 and resumed at batch 16, ended at step 31
+    after 328 windows (20992 tokens): the steps of 16 overshot the samples left. The last step now takes the samples
+    left; on more ranks or micro-steps than they fill, the empty ones run a padding micro-batch that counts nothing
+    (the same step as one micro-batch of those rows)."""
+    common = ("--tokens", str(80 * 32), "--save_every", "0")
+    for name, batch in (("one", ("--batch_size", "8")), ("accum", ("--batch_size", "4", "--grad_accum", "2"))):
+        pretrain(config(shards, tmp_path / name, *common, "--batch_size", "4", "--max_steps", "5"))  # 20 windows
+        pretrain(config(shards, tmp_path / name, *common, *batch), resume=True)  # 60 left: 7 steps of 8, 1 of 4
+        state = torch.load(tmp_path / name / "checkpoints" / "step_000013" / "trainer_state.pt", weights_only=True)
+        assert (state["step"], state["consumed_samples"], state["tokens"]) == (13, 80, 80 * 32)
+        assert strict_lines(tmp_path / name / "metrics.jsonl")[-1]["tokens"] == 80 * 32
+    one, accum = losses(tmp_path / "one"), losses(tmp_path / "accum")
+    assert sorted(one) == list(range(1, 14)) and all(math.isclose(one[s], accum[s], rel_tol=1e-5) for s in one)
 
 
 def test_resumed_metrics_have_each_step_once(shards, tmp_path):

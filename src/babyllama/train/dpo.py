@@ -182,6 +182,11 @@ class DPOTrainer(Trainer):
         self.sums += pair_sums(*parts, logps)
         return parts[0].mean() + self.rpo_term(logps, batch)
 
+    def padding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """forward of a padding micro-batch, its pairs left out of the step's metrics (self.sums)."""
+        *parts, logps = self.pair_losses(batch)
+        return parts[0].mean() + self.rpo_term(logps, batch)
+
     def rpo_term(self, logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """rpo_alpha times the chosen answers' mean token NLL (0 without RPO): the loss's second term."""
         return self.t.rpo_alpha * chosen_nll(logps, batch["targets"]) if self.t.rpo_alpha else 0.0

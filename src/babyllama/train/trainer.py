@@ -8,7 +8,9 @@ Samples are numbered globally and visited in a per-epoch permutation drawn from 
 global positions [s*G, (s+1)*G) with G = batch_size * grad_accum * processes. A checkpoint
 stores it, so a run resumes at the same sample even on a different number of processes, and
 the run's length (tokens or epochs) is kept in samples, so it ends after the same data whatever
-the global batch after a resume. The loss of a step is the mean over every target token of the
+the global batch after a resume: its last step takes the samples left, fewer than G where the
+length is no multiple of it (a rank or micro-step left without rows runs a padding micro-batch
+that counts nothing). The loss of a step is the mean over every target token of the
 global batch, however it is split over micro-batches and processes. A step whose loss or
 gradient norm is not finite changes nothing, and weights that are not finite are never saved.
 
@@ -104,7 +106,8 @@ class GlobalOrder:
 
 def micro_batches(rows: list[int], lengths: Sequence[int] | None, batch_size: int, grad_accum: int,
                   dist: Dist) -> list[list[int]]:
-    """This rank's grad_accum micro-batches of one step's rows (batch_size each).
+    """This rank's grad_accum micro-batches of one step's rows (batch_size each; fewer, or none, in a
+    partial last step).
 
     Rows of like length share a micro-batch (little padding); micro-step m of rank r takes the
     (m * world + r)-th slice, so the ranks' rows are disjoint and together are the step's.
@@ -445,24 +448,38 @@ class Trainer:
             if state is None:
                 raise UserError(f"{resume_from} has no trainer state to resume from.")
             self.load_state_dict(state)
+        self.samples = self.planned_samples()
         self.total_steps = self.planned_steps()
         if resume_from is not None:
             self.check_average(resume_from)
+
+    def planned_samples(self) -> int | None:
+        """The samples the run trains on, of tokens (a row holds max_seq_len targets) or epochs; None with
+        max_steps, which counts steps."""
+        t = self.t
+        if t.max_steps > 0:
+            return None
+        if t.tokens > 0:
+            return math.ceil(t.tokens / self.cfg.model.max_seq_len)
+        return math.ceil(t.epochs * len(self.train_data))
 
     def planned_steps(self) -> int:
         """The step at which the run ends: max_steps, else when the samples of tokens or epochs are consumed.
 
         The length is kept in samples, so a run resumed with another global batch (batch_size,
-        grad_accum or processes) ends after the same data, in steps of its new batch.
+        grad_accum or processes) ends after the same data, in steps of its new batch, the last of
+        them with the samples left (step_rows).
         """
-        t = self.t
-        if t.max_steps > 0:
-            return t.max_steps
-        if t.tokens > 0:
-            samples = math.ceil(t.tokens / self.cfg.model.max_seq_len)  # a row holds max_seq_len targets
-        else:
-            samples = math.ceil(t.epochs * len(self.train_data))
-        return self.step + max(0, math.ceil((samples - self.consumed_samples) / self.global_batch))
+        if self.samples is None:
+            return self.t.max_steps
+        return self.step + max(0, math.ceil((self.samples - self.consumed_samples) / self.global_batch))
+
+    def step_rows(self) -> int:
+        """The rows of the next step: a global batch, or the fewer that the run's samples leave for its last step
+        (a partial step, so that the run ends after its samples whatever the global batches before)."""
+        if self.samples is None:
+            return self.global_batch
+        return min(self.global_batch, self.samples - self.consumed_samples)
 
     def check_average(self, resume_from: Path) -> None:
         """UserError when the weight average resumed from holds other steps than average_last asks of this run's
@@ -499,13 +516,15 @@ class Trainer:
         lr = lr_at(self.step, t, self.total_steps)
         for group in (g for o in self.optimizers for g in o.param_groups):
             group["lr"] = lr
-        rows = [self.order(self.consumed_samples + i) for i in range(self.global_batch)]
+        size = self.step_rows()
+        rows = [self.order(self.consumed_samples + i) for i in range(size)]
         pin = d.device.type == "cuda"  # a copy from pinned memory does not wait for the GPU
-        mine = micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)
+        mine = micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)  # [] past a partial step's
         batches = [{k: (v.pin_memory() if pin else v).to(d.device, non_blocking=True)
-                    for k, v in self.train_data.collate(m).items()} for m in mine]
-        counts = [self.units(b) for b in batches]  # target tokens that carry loss
-        positions = float(sum(map(self.train_data.positions, mine)))  # this rank's, padding not counted
+                    for k, v in (self.train_data.collate(m) if m else self.padding(rows[0])).items()} for m in mine]
+        counts = [self.units(b) if m else torch.zeros((), dtype=torch.long, device=d.device)  # target tokens that
+                  for b, m in zip(batches, mine, strict=True)]  # carry loss; none in a padding micro-batch
+        positions = float(sum(self.train_data.positions(m) for m in mine if m))  # this rank's, padding not counted
         # one all_reduce for both; torch.full fills on the device, no copy that would wait for the GPU
         sums = all_reduce_sum(torch.stack([torch.stack(counts).sum().float(),
                                            torch.full((), positions, device=d.device)]), d)
@@ -515,12 +534,12 @@ class Trainer:
             last = i == len(batches) - 1
             sync = nullcontext() if last or not d.enabled or t.fsdp else self.wrapped.no_sync()  # DDP: sync once
             with sync:
-                loss = self.forward(batch) * n  # the summed loss of this micro-batch
+                loss = (self.forward(batch) if mine[i] else self.padding_loss(batch)) * n  # the summed loss
                 self.scaler.scale(loss * d.world / total).backward()  # DDP averages over ranks
             loss_sum += loss.detach().float()
         loss = all_reduce_sum(loss_sum, d) / total  # (), on the device
         self.step_tokens = sums[1]  # every rank's positions; settle adds them to self.tokens (read on the host)
-        self.consumed_samples += self.global_batch
+        self.consumed_samples += size
         self.step += 1
         if self.skip_on_device:
             return self.device_step(loss)
@@ -538,6 +557,18 @@ class Trainer:
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
         return mean_loss, norm
+
+    def padding(self, row: int) -> dict[str, torch.Tensor]:
+        """A micro-batch that counts nothing: row's, every target masked. A rank dealt no rows of a micro-step (in
+        a partial last step) runs it, as FSDP (which gathers the weights in each pass) and DDP (which syncs the
+        gradients in the last backward) need every rank to run as many passes as the others."""
+        batch = self.train_data.collate([row])
+        batch["targets"] = torch.full_like(batch["targets"], -1)  # not in place: it may share idx's storage
+        return batch
+
+    def padding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """forward of a padding micro-batch, for a stage whose forward keeps more than the loss (DPO's metrics)."""
+        return self.forward(batch)
 
     def device_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The optimiser step with no host synchronisation: fused AdamW leaves weights, moments and its
