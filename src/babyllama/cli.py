@@ -856,7 +856,8 @@ def said_from_now_on(deferred: list[int]) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s in (signal.SIGTERM, signal.SIGALRM):  # a handler already due runs the one set now
-            signal.signal(s, lambda signum, frame: deferred.append(signal.SIGTERM))
+            if signal.getsignal(s) is not signal.SIG_IGN:  # ignored: the command said why it ended (process_group)
+                signal.signal(s, lambda signum, frame: deferred.append(signal.SIGTERM))
 
 
 @contextmanager
@@ -889,5 +890,6 @@ def terminated_as_ctrl_c():
         yield deferred
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGTERM, before)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # ignored by a command that said why it ended:
+            signal.signal(signal.SIGTERM, before)  # torchrun's stop of the job stays so until this process exits
         signal.signal(signal.SIGALRM, alarm)

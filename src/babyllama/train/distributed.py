@@ -6,8 +6,9 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process.
 GPUs talk over NCCL, CPUs over gloo. A collective that waits longer than the timeout for the
-other processes (one is stuck or dead) ends the run instead of hanging it: with one sentence on
-gloo, and through NCCL's watchdog, which aborts the process, on GPUs. Leaving the group ends its
+other processes (one is stuck) ends the run instead of hanging it: with one sentence on gloo, and
+through NCCL's watchdog, which aborts the process, on GPUs; on gloo a process that died closes its
+connections, and the others say so at once. Leaving the group ends its
 threads: every rank first reaches a barrier, then the group and FSDP's device mesh are let go.
 """
 
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 import gc
 import os
+import re
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -79,11 +83,32 @@ def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Dis
     except RuntimeError as e:  # gloo's timeouts and lost peers are plain RuntimeErrors from its transport
         if not isinstance(e, dist.DistError) and "gloo/transport" not in str(e):
             raise
-        cause = str(e).strip().splitlines()[-1].split("] ")[-1][:200]
-        raise UserError(f"process {d.rank} of {d.world} stopped: a collective operation waited over {timeout_s:g} s "
-                        f"for the other processes (ddp_timeout), or one of them died ({cause}).") from None
+        if d.enabled and threading.current_thread() is threading.main_thread():
+            # torchrun stops the job's other processes once one has ended: this one says why and ends by itself
+            # (its SIGTERM came as a traceback, or a second sentence, after the first)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise UserError(f"process {d.rank} of {d.world} stopped: {why_collective_failed(str(e), timeout_s)}.") \
+            from None
     finally:
         shutdown(d)
+
+
+PEER_ENDED = re.compile(r"connection (closed|reset) by peer|broken pipe|connection refused", re.IGNORECASE)
+TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def why_collective_failed(error: str, timeout_s: float) -> str:
+    """Why a collective operation failed, in words, from gloo's error (or its store's): another process ended (its
+    connection closed: kill -9, a crash, the kernel's out-of-memory killer), or it waited timeout_s for the others
+    (ddp_timeout: one is stuck), each with gloo's words; where they say neither, that it was one of the two."""
+    cause = error.strip().splitlines()[-1].split("] ")[-1].split(". ")[0][:200]  # gloo's first sentence
+    if PEER_ENDED.search(error):
+        return (f"another process of the job ended ({cause}), so this one cannot go on (torchrun's report names "
+                "it and how it ended); --resume continues from the last checkpoint")
+    if TIMED_OUT.search(error):
+        return f"a collective operation waited over {timeout_s:g} s for the other processes, ddp_timeout ({cause})"
+    return (f"a collective operation waited over {timeout_s:g} s for the other processes (ddp_timeout), or one of "
+            f"them died ({cause})")
 
 
 @contextmanager
