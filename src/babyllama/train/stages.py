@@ -54,7 +54,8 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     `--resume` refuses another stage's, a tokenizer other than the one its checkpoint records (files
     replaced or edited since the run started), and other model settings, RESUME_SETTINGS or base (check_resume);
     out_dir may not hold the --init model it would overwrite (that it is no file held_by_main checked, taking it).
-    Raises UserError."""
+    Once all is checked, the damaged checkpoints newer than resume_from are moved aside (set_aside). Raises
+    UserError."""
     out = Path(cfg.train.out_dir)
     check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
     if lora := lora_of(cfg.train):  # LoRA settings out of range stop here
@@ -83,11 +84,6 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         raise UserError(f"{out} holds {A_RUN[made_by]} ({latest.name}), which {STAGE_NAMES[stage]} cannot "
                         f"{'resume' if resume else 'continue'}; choose another out_dir.")
     resume_from, damaged = resumable_checkpoint(out) if resume else (None, [])
-    barrier(dist)  # every rank has chosen resume_from before rank 0 moves the damaged ones aside
-    for ckpt, why in damaged if dist.main else []:
-        aside = set_aside(ckpt)
-        print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {resume_from.name}, and {ckpt.name} "
-              f"is moved to {aside.name} (keep_last counts whole checkpoints)")
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
@@ -97,6 +93,11 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
     if not resume and latest is not None:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
+    barrier(dist)  # every rank has chosen resume_from before rank 0 moves the damaged ones aside, once all is checked
+    for ckpt, why in damaged if dist.main else []:
+        aside = set_aside(ckpt)
+        print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {resume_from.name}, and {ckpt.name} "
+              f"is moved to {aside.name} (keep_last counts whole checkpoints)")
     return resume_from
 
 
