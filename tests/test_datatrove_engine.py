@@ -247,17 +247,9 @@ def test_a_local_run_killed_by_sigkill_leaves_no_process_and_frees_its_out_dir(c
     from babyllama.lock import holding
 
     _, files, _ = corpus
-    marks, script, out = tmp_path / "started", tmp_path / "slow_reads.py", tmp_path / "out"
-    marks.mkdir()
-    script.write_text(SLOW_READS.format(marks=str(marks)))
-    proc = subprocess.Popen([sys.executable, str(script), "prepare", "--input", *files[:2], "--out_dir", str(out),
-                             "--engine", "datatrove", "--workers", "2"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    proc = workers_in_tasks(tmp_path, files[:2], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while len(list(marks.iterdir())) < 2:  # both workers are in a task
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
         proc.kill()
         proc.wait()
         deadline = time.time() + 10
@@ -269,6 +261,26 @@ def test_a_local_run_killed_by_sigkill_leaves_no_process_and_frees_its_out_dir(c
     finally:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def workers_in_tasks(tmp_path: Path, files: list[str], stderr: int) -> subprocess.Popen:
+    """`prepare --engine datatrove --workers 2` of files into tmp_path/out, in a session of its own, once both
+    workers are inside a task (SLOW_READS marks each start)."""
+    import time
+
+    marks, script = tmp_path / "started", tmp_path / "slow_reads.py"
+    marks.mkdir()
+    script.write_text(SLOW_READS.format(marks=str(marks)))
+    proc = subprocess.Popen([sys.executable, str(script), "prepare", "--input", *files, "--out_dir",
+                             str(tmp_path / "out"), "--engine", "datatrove", "--workers", "2"],
+                            start_new_session=True, text=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 60
+    while len(list(marks.iterdir())) < 2:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError("the workers never started their tasks")
+        time.sleep(0.1)
+    return proc
 
 
 def deaf_to_sigint(pid: int) -> bool:
@@ -288,17 +300,8 @@ def test_ctrl_c_of_a_local_run_is_the_main_processs_alone(corpus, tmp_path):
     from contextlib import suppress
 
     _, files, _ = corpus
-    marks, script, out = tmp_path / "started", tmp_path / "slow_reads.py", tmp_path / "out"
-    marks.mkdir()
-    script.write_text(SLOW_READS.format(marks=str(marks)))
-    proc = subprocess.Popen([sys.executable, str(script), "prepare", "--input", *files[:2], "--out_dir", str(out),
-                             "--engine", "datatrove", "--workers", "2"], start_new_session=True, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = workers_in_tasks(tmp_path, files[:2], stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while len(list(marks.iterdir())) < 2:  # both workers are in a task
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
         others = [pid for pid in in_group(proc.pid) if pid != proc.pid]  # forkserver, workers, Manager, tracker
         assert len(others) >= 4 and [pid for pid in others if not deaf_to_sigint(pid)] == []
         os.killpg(proc.pid, signal.SIGINT)
