@@ -511,6 +511,10 @@ def test_web_page_streams_an_answer(server, tmp_path):
     assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
 
 
+STOPPED_STREAM = ('data: {"choices": [{"index": 0, "delta": {"content": "半"}, "finish_reason": null}]}\n\n'
+                  'data: {"error": {"message": "the server is shutting down, so this answer was stopped before its '
+                  'end", "type": "server_error"}}\n\n')
+
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
 def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(server):
@@ -548,6 +552,9 @@ def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(serve
         page.route(url, lambda route: route.abort())
         down = ask("第三个问题")
         page.unroute(url)
+        page.route(url, lambda r: r.fulfill(status=200, content_type="text/event-stream", body=STOPPED_STREAM))
+        stopped = ask("第四个问题")  # serve stopped while it answered: its error event, no [DONE]
+        page.unroute(url)
         answered = ask("你好")
         refused = page.locator(".user.refused").all_inner_texts()
         system = [{"role": "system", "content": "系统"}]
@@ -567,7 +574,7 @@ def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(serve
             busy = page.is_disabled("#send")  # the answer is coming
             page.fill("#input", "插队")
             page.press("#input", "Enter")  # while the answer comes: not asked, and still in the box
-            page.wait_for_function("document.querySelectorAll('.assistant')[6].dataset.done === 'true'",
+            page.wait_for_function("document.querySelectorAll('.assistant')[7].dataset.done === 'true'",
                                    timeout=20000)
             waiting = page.input_value("#input")
         finally:
@@ -576,9 +583,11 @@ def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(serve
     assert too_many.startswith("error: ") and "does not fit the context" in too_many
     assert crashed == "error: the server answered 500 Internal Server Error"
     assert down.startswith("error: ") and len(down) > len("error: ")
-    assert refused == ["第一个问题", "第二个问题", "第三个问题"]
-    assert [b["messages"] for b in sent[:4]] == [[{"role": "user", "content": q}] for q in
-                                                 ("第一个问题", "第二个问题", "第三个问题", "你好")]
+    assert stopped == "半\nerror: the server is shutting down, so this answer was stopped before its end"
+    assert refused == ["第一个问题", "第二个问题", "第三个问题", "第四个问题"]
+    assert [b["messages"] for b in sent[:5]] == [[{"role": "user", "content": q}] for q in
+                                                 ("第一个问题", "第二个问题", "第三个问题", "第四个问题", "你好")]
+    sent = sent[1:]  # (the stopped stream's request)
     assert answered == alone(server, "你好", 4) and answered
     question = {"role": "user", "content": "再来"}
     assert sent[4]["messages"] == system + history[2:] + [question]  # 130 messages: the oldest exchange goes
