@@ -230,6 +230,20 @@ def test_average_last_changed_on_resume_is_refused_unless_the_mean_is_exact(shar
     assert all(torch.equal(w, last[k]) for k, w in weights(tmp_path / "off" / "final").items())
 
 
+def test_average_last_goes_on_when_a_tokens_run_is_resumed_with_another_batch(shards, tmp_path):
+    """README: a tokens or epochs run may resume with another global batch (other processes). Its length in steps
+    then changes (20 steps of 4 -> 17 + 2 of 8 and 4), and with it the averaged window (after step 15 -> after step
+    14): the mean of steps 16-17 was refused as not the 3 steps due. It is the mean the run had before, so it goes
+    on."""
+    args = ("--tokens", str(80 * 32), "--batch_size", "4", "--save_every", "1", "--keep_last", "30",
+            "--average_last", "0.25")
+    pretrain(config(shards, tmp_path / "straight", *args))
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=17)
+    pretrain(config(shards, tmp_path / "died", *args, "--batch_size", "8"), resume=True)
+    state = torch.load(tmp_path / "died" / "checkpoints" / "step_000019" / "trainer_state.pt", weights_only=True)
+    assert (state["step"], state["consumed_samples"], state["averaged"]) == (19, 80, 4)
+
+
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(shards, tmp_path):
     cfg = config(shards, tmp_path, "--optimizer", "muon")
     trainer = Trainer(cfg, TokenWindows(shards, 32), None, None, Dist(), "pretrain")

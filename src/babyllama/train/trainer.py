@@ -451,7 +451,7 @@ class Trainer:
         self.samples = self.planned_samples()
         self.total_steps = self.planned_steps()
         if resume_from is not None:
-            self.check_average(resume_from)
+            self.check_average(resume_from, state["global_batch"])
 
     def planned_samples(self) -> int | None:
         """The samples the run trains on, of tokens (a row holds max_seq_len targets) or epochs; None with
@@ -463,8 +463,9 @@ class Trainer:
             return math.ceil(t.tokens / self.cfg.model.max_seq_len)
         return math.ceil(t.epochs * len(self.train_data))
 
-    def planned_steps(self) -> int:
-        """The step at which the run ends: max_steps, else when the samples of tokens or epochs are consumed.
+    def planned_steps(self, global_batch: int | None = None) -> int:
+        """The step at which the run ends: max_steps, else when the samples of tokens or epochs are consumed,
+        in steps of global_batch rows (default: this run's).
 
         The length is kept in samples, so a run resumed with another global batch (batch_size,
         grad_accum or processes) ends after the same data, in steps of its new batch, the last of
@@ -472,7 +473,8 @@ class Trainer:
         """
         if self.samples is None:
             return self.t.max_steps
-        return self.step + max(0, math.ceil((self.samples - self.consumed_samples) / self.global_batch))
+        rows = global_batch or self.global_batch
+        return self.step + max(0, math.ceil((self.samples - self.consumed_samples) / rows))
 
     def step_rows(self) -> int:
         """The rows of the next step: a global batch, or the fewer that the run's samples leave for its last step
@@ -481,16 +483,19 @@ class Trainer:
             return self.global_batch
         return min(self.global_batch, self.samples - self.consumed_samples)
 
-    def check_average(self, resume_from: Path) -> None:
+    def check_average(self, resume_from: Path, global_batch_before: int) -> None:
         """UserError when the weight average resumed from holds other steps than average_last asks of this run's
         length by now (turned on, or changed, after its steps began: the mean was of the steps after the resume
-        alone); without average_last the average is dropped, and final/ holds the last weights."""
+        alone); without average_last the average is dropped, and final/ holds the last weights. The length is
+        taken in steps of the global batch before the resume too: a tokens or epochs run resumed with another
+        batch (other processes) has its steps counted anew, and its mean goes on from there."""
         if not self.t.average_last:
             self.average, self.averaged = {}, 0
             return
+        before = self.planned_steps(global_batch_before)
         first = self.total_steps - round(self.t.average_last * self.total_steps)  # the steps after it are averaged
         due = max(0, self.step - first)
-        if self.averaged != due:
+        if self.averaged not in (due, max(0, self.step - before + round(self.t.average_last * before))):
             had = f"the mean of the weights of its last {self.averaged} steps" if self.averaged else \
                 "no mean of the weights"
             raise UserError(f"{resume_from} holds {had}, but average_last {self.t.average_last:g} of "
