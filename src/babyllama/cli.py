@@ -37,6 +37,7 @@ from babyllama.errors import (
     UserError,
     check_apart,
     check_out_dir,
+    how_stopped,
     killed_with_parent,
     not_a_file,
     say,
@@ -808,9 +809,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"babyllama: {e}; {run_again(args, saved=True)}.", file=sys.stderr)
         return 128 + e.signum
     except Completed as e:  # the stop came as the output was made whole: nothing to do again, but for the demo's
-        how = "interrupted" if e.signum == signal.SIGINT else "stopped by SIGTERM"  # stages still to run
+        # stages still to run
         then = f"{run_again(args)}." if args.command == "demo" else f"{e.output} is complete, nothing to run again."
-        print(f"babyllama: {how}; {then}", file=sys.stderr)
+        print(f"babyllama: {how_stopped(e.signum)}; {then}", file=sys.stderr)
         return 128 + e.signum
     except Terminated:
         print(stopped("stopped by SIGTERM", args), file=sys.stderr)

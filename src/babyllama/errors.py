@@ -38,6 +38,11 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def how_stopped(signum: int) -> str:
+    """What the CLI calls a stop by signum: "interrupted" (SIGINT, Ctrl-C) or "stopped by SIGTERM"."""
+    return "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside a training step (which saves a checkpoint and raises Stopped): raised as Ctrl-C is, so that
     the write under way removes its temporary (writing) and the CLI says how to go on."""

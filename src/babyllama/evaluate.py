@@ -108,10 +108,16 @@ def loss_sums(forward: Callable[[dict], torch.Tensor], data, indices: Sequence[i
             before, after = batch["idx"].cpu().numpy(), batch["targets"].cpu().numpy()
             nbytes += int(tokenizer.text_bytes(before, after.clip(min=0))[after != -1].sum())
     for _ in range(padding_batches):
-        batch = {k: v.to(device) for k, v in data.collate([0]).items()}
-        batch["targets"] = torch.full_like(batch["targets"], -1)  # not in place: it may share idx's storage
-        forward(batch)
+        forward({k: v.to(device) for k, v in padding_batch(data, 0).items()})
     return nats, tokens, nbytes
+
+
+def padding_batch(data, row: int) -> dict[str, torch.Tensor]:
+    """A batch of data's row that counts nothing, every target masked: for a process with no rows of its own to run
+    as many passes as the others (DDP, FSDP), in validation (loss_sums) and in a partial last training step."""
+    batch = data.collate([row])
+    batch["targets"] = torch.full_like(batch["targets"], -1)  # not in place: it may share idx's storage
+    return batch
 
 
 def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200,

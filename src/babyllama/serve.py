@@ -23,7 +23,6 @@ import ipaddress
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
 import os
 import re
-import signal
 import socket
 import sys
 import threading
@@ -45,7 +44,7 @@ from babyllama.chat_format import (
     render_prompt,
     text_prompt,
 )
-from babyllama.errors import UserError, require
+from babyllama.errors import UserError, how_stopped, require
 from babyllama.model import sample_next
 from babyllama.sampling import DEVICE, MAX_TEMPERATURE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -938,7 +937,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
 def stop_now(signum: int) -> NoReturn:
     """End the process at once, with what the CLI says of a stop of serve and its exit code (cli.stopped), without
     waiting for the work under way (a forward) to end."""
-    print(f"babyllama: {'interrupted' if signum == signal.SIGINT else 'stopped by SIGTERM'}.", file=sys.stderr,
+    print(f"babyllama: {how_stopped(signum)}.", file=sys.stderr,
           flush=True)
     os._exit(128 + signum)
 

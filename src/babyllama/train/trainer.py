@@ -50,7 +50,7 @@ from babyllama.checkpoint import (
 )
 from babyllama.config import RunConfig, TrainConfig
 from babyllama.errors import CannotWrite, Stopped, UserError, write_whole, writing
-from babyllama.evaluate import loss_sums
+from babyllama.evaluate import loss_sums, padding_batch
 from babyllama.lora import (
     adapter_config,
     adapter_params,
@@ -525,8 +525,11 @@ class Trainer:
         rows = [self.order(self.consumed_samples + i) for i in range(size)]
         pin = d.device.type == "cuda"  # a copy from pinned memory does not wait for the GPU
         mine = micro_batches(rows, self.train_data.lengths, t.batch_size, t.grad_accum, d)  # [] past a partial step's
-        batches = [{k: (v.pin_memory() if pin else v).to(d.device, non_blocking=True)
-                    for k, v in (self.train_data.collate(m) if m else self.padding(rows[0])).items()} for m in mine]
+        # a rank dealt no rows of a micro-step (a partial last step) runs a padding batch: every rank makes as many
+        # passes as the others, as FSDP (which gathers the weights in each) and DDP (synced in the last) need
+        cpu = [self.train_data.collate(m) if m else padding_batch(self.train_data, rows[0]) for m in mine]
+        batches = [{k: (v.pin_memory() if pin else v).to(d.device, non_blocking=True) for k, v in b.items()}
+                   for b in cpu]
         counts = [self.units(b) if m else torch.zeros((), dtype=torch.long, device=d.device)  # target tokens that
                   for b, m in zip(batches, mine, strict=True)]  # carry loss; none in a padding micro-batch
         positions = float(sum(self.train_data.positions(m) for m in mine if m))  # this rank's, padding not counted
@@ -562,14 +565,6 @@ class Trainer:
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
         return mean_loss, norm
-
-    def padding(self, row: int) -> dict[str, torch.Tensor]:
-        """A micro-batch that counts nothing: row's, every target masked. A rank dealt no rows of a micro-step (in
-        a partial last step) runs it, as FSDP (which gathers the weights in each pass) and DDP (which syncs the
-        gradients in the last backward) need every rank to run as many passes as the others."""
-        batch = self.train_data.collate([row])
-        batch["targets"] = torch.full_like(batch["targets"], -1)  # not in place: it may share idx's storage
-        return batch
 
     def padding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """forward of a padding micro-batch, for a stage whose forward keeps more than the loss (DPO's metrics)."""
