@@ -92,14 +92,20 @@ def kind_of(value: object) -> str:
             if isinstance(value, list) else "an object")
 
 
-def text_field(record: dict, key: str) -> str | None:
-    """record[key] when it is a string; None when it is not there or null. Raises ValueError naming the field and
-    its type for any other value: "its 'output' is a list, not a string" (a bad record, saying why: the readers of
-    prepare, SFT, DPO and eval say it so)."""
+def field_text(record: dict, key: str, numbers: bool = False, lists: bool = False) -> str | None:
+    """record[key] as text: a string; with numbers an int or float as its text (42, 0.5); with lists a list of
+    strings (several references) joined with 、; None when it is not there or null. Raises ValueError naming the
+    field and its type for any other value (a list, an object, true or false, or a number where not allowed):
+    "its 'output' is a list, not a string" (a bad record, saying why: the readers of prepare, SFT, DPO and eval
+    say it so)."""
     value = record.get(key)
     if value is None or isinstance(value, str):
         return value
-    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string")
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "、".join(value)
+    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string{' or a number' if numbers else ''}")
 
 
 def messages_of_record(record: dict) -> list[tuple[str, str]]:
@@ -124,13 +130,13 @@ def messages_of_record(record: dict) -> list[tuple[str, str]]:
 def instruction_pair(record: dict) -> tuple[str, str] | None:
     """(question, answer) of a `prompt` / `answer` row (the recipe's sft_data.csv) or of an alpaca-zh /
     BELLE / shibing624/medical record (instruction + input, output); else None. Raises ValueError naming the
-    field and its type when one of them that it reads is there but not a string (text_field): `"output": ["a"]`
+    field and its type when one of them that it reads is there but not a string (field_text): `"output": ["a"]`
     is a bad record for that reason, not for being no instruction record."""
-    prompt, answer = text_field(record, "prompt"), text_field(record, "answer")
+    prompt, answer = field_text(record, "prompt"), field_text(record, "answer")
     if prompt is not None and answer is not None:
         return prompt, answer
-    instruction, output = text_field(record, "instruction"), text_field(record, "output")
-    text_field(record, "input")
+    instruction, output = field_text(record, "instruction"), field_text(record, "output")
+    field_text(record, "input")
     if instruction is None or output is None:
         return None
     return instruction_prompt(record), output
@@ -149,9 +155,9 @@ def context_messages(record: dict) -> list[tuple[str, str]]:
     """(role, content) of what goes before a record's own messages: its `system` text, then each [question,
     answer] of its `history` as a user and an assistant message; [] when neither is there (absent, null, or
     empty: "", [], as an empty CSV cell reads ""). SFT, DPO and eval read them here, so that they agree.
-    Raises ValueError naming the field when system is not a string (and its type: text_field) or history not a
+    Raises ValueError naming the field when system is not a string (and its type: field_text) or history not a
     list of string pairs."""
-    system, history = text_field(record, "system"), record.get("history")
+    system, history = field_text(record, "system"), record.get("history")
     if history in (None, ""):
         history = []
     if not isinstance(history, list) or not all(

@@ -41,9 +41,9 @@ import torch
 from babyllama.chat_format import (
     Conversation,
     context_messages,
+    field_text,
     instruction_prompt,
     is_unicode,
-    kind_of,
     not_unicode,
     render_prompt,
     text_prompt,
@@ -231,20 +231,6 @@ def qa_question(record: dict) -> str | None:
         return None
     field_text(record, "input")
     return instruction_prompt(record)
-
-
-def field_text(record: dict, key: str, numbers: bool = False, lists: bool = False) -> str | None:
-    """record[key] as text: a string; with numbers an int or float as its text (42, 0.5); with lists a list of
-    strings (several references) joined with 、; None when it is not there or null. Raises ValueError naming the
-    field and its type for any other value (a list, an object, true or false, or a number where not allowed)."""
-    value = record.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "、".join(value)
-    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string{' or a number' if numbers else ''}")
 
 
 def question_of(record: dict) -> str | None:

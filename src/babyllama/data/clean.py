@@ -366,7 +366,6 @@ def clean_documents(
 
     documents: (source, text) pairs; stats gets one SourceStats per source.
     """
-    check_dedup(dedup, threshold)
     seen = HashSets(1)  # exact duplicates: 64 bits of blake2b of the dedup key
     near = NearDuplicateIndex(threshold) if dedup == "minhash" else None
     for source, raw in documents:

@@ -30,11 +30,11 @@ from babyllama.chat_format import (
     checked_for_training,
     context_messages,
     conversation_from_messages,
+    field_text,
     is_blank,
     kind_of,
     messages_of_record,
     render_conversation,
-    text_field,
     truncate_conversation,
 )
 from babyllama.data.sft_tokens import SFTSettings
@@ -44,7 +44,7 @@ from babyllama.tokenizer import Tokenizer
 
 def _text(record: dict, key: str) -> str:
     """record[key], a string. Raises ValueError naming the field: missing, or of another type (its type named)."""
-    value = text_field(record, key)
+    value = field_text(record, key)
     if value is None:
         raise ValueError(f"its {key!r} is missing")
     return value

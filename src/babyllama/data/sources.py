@@ -35,11 +35,11 @@ from typing import TextIO
 
 from babyllama.chat_format import (
     context_messages,
+    field_text,
     instruction_pair,
     kind_of,
     messages_of_record,
     not_unicode,
-    text_field,
 )
 from babyllama.errors import UserError, cannot_write, check_out_dir, not_a_file, require
 from babyllama.progress import is_rank0
@@ -51,20 +51,20 @@ COMPRESSED = (".gz", ".zst")
 
 
 # --- one small function per schema: record -> text, or None when the record lacks its fields; ValueError, naming
-# the field and its type, for one of them that is there but of another type (chat_format.text_field) ---
+# the field and its type, for one of them that is there but of another type (chat_format.field_text) ---
 
 
 def text_of_plain(r: dict) -> str | None:
-    return text_field(r, "text")
+    return field_text(r, "text")
 
 
 def text_of_wiki(r: dict) -> str | None:
-    return text_field(r, "completion")
+    return field_text(r, "completion")
 
 
 def text_of_baike(r: dict) -> str | None:
     """The recipe's way: `title：summary` then `section title：content。` for every section."""
-    title, summary, sections = text_field(r, "title"), text_field(r, "summary"), r.get("sections")
+    title, summary, sections = field_text(r, "title"), field_text(r, "summary"), r.get("sections")
     if sections is not None and not isinstance(sections, list):
         raise ValueError(f"its 'sections' is {kind_of(sections)}, not a list of sections")
     if title is None or sections is None:
@@ -78,10 +78,10 @@ def text_of_baike(r: dict) -> str | None:
 
 
 def text_of_wudao(r: dict) -> str | None:
-    content = text_field(r, "content")
+    content = field_text(r, "content")
     if content is None:  # before the title: a record without content lacks it, whatever its title
         return None
-    title = text_field(r, "title")
+    title = field_text(r, "title")
     return f"{title}\n{content}" if title else content
 
 
@@ -902,7 +902,7 @@ class CorpusReader:
             schema = self.format or detect_schema(record) or stats.schema
             try:
                 text = SCHEMAS[schema](record) if schema else None
-            except ValueError as e:  # a field of the wrong type (text_field, context_text, messages_of_record), named
+            except ValueError as e:  # a field of the wrong type (field_text, context_text, messages_of_record), named
                 self._bad(stats, where, str(e))
                 continue
             if text is None:
