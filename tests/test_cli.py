@@ -416,15 +416,19 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
             time.sleep(0.001)
         return proc, time.monotonic()
 
-    proc, t0 = started(tmp_path / "unstopped")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "does not exist" in err, err
-    handled, stopped = time.monotonic() - t0, 0
+    def unstopped() -> float:
+        proc, t0 = started(tmp_path / "unstopped")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and "does not exist" in err, err
+        return time.monotonic() - t0
+
+    handled, stopped, seen = min(unstopped(), unstopped()), 0, []  # the first run may be slowed by a cold cache
     for fraction in (0, 0.1, 0.2, 0.4, 0.6, 0.75):
         proc, _ = started(tmp_path / f"run{fraction}")
         time.sleep(fraction * handled)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+        seen.append((fraction, proc.returncode, err[-300:]))
         assert "Traceback" not in err and "INFO" not in err and list(tmp_path.iterdir()) == [], (fraction, err)
         if proc.returncode in (2, -signal.SIGTERM) and err.splitlines() == [f"babyllama: error: {tmp_path / 'none'} "
                                                                             "does not exist."]:
@@ -433,7 +437,7 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
         assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
                                                        rf"{again}\.", err.splitlines()[-1]), err
         stopped += 1
-    assert stopped >= 4, f"only {stopped} of 6 signals came while the command ran"
+    assert stopped >= 4, f"only {stopped} of 6 signals came while the command ran ({handled:.2f} s unstopped): {seen}"
 
 
 def test_an_error_of_one_rank_alone_is_said_with_its_rank(monkeypatch, capsys):
