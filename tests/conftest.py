@@ -149,15 +149,15 @@ def refuse_writes(monkeypatch, name: str, code: int, text: bool = False) -> None
 
 
 def running(model, tokenizer, name: str = "tiny"):
-    """A live uvicorn serving build_app(model, tokenizer, name) on a free port: yields its URL."""
+    """A live uvicorn serving build_app(model, tokenizer, name) on a free port, as serve does: yields its URL."""
     import uvicorn
 
-    from babyllama.serve import build_app
+    from babyllama.serve import build_app, uvicorn_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, name), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn_config(build_app(model, tokenizer, name), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -1217,6 +1217,43 @@ def test_a_body_that_does_not_arrive_whole_in_time_gets_a_408_and_its_connection
         assert r.status_code == 200
 
 
+def test_a_head_that_does_not_arrive_whole_in_time_gets_a_408_and_its_connection_closed(bpe_tokenizer, monkeypatch):
+    """A connection that sent part of a request line, or of its headers a byte every few seconds, or nothing at all,
+    stayed open for ever (uvicorn gives a head no deadline; slowloris): a head has HEAD_TIMEOUT_S to arrive whole,
+    from the connection's opening or from the answer before on a kept-alive connection."""
+    from babyllama import serve
+
+    model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))
+    monkeypatch.setattr(serve, "HEAD_TIMEOUT_S", 1.0)
+    late = {"error": {"type": "invalid_request_error", "message": "the request head did not arrive whole within 1 s"}}
+
+    def answer_to(*parts: bytes, pause: float = 0.0) -> tuple[bytes, float]:
+        """What the server sends a connection that sends parts, pause s apart, until it closes; and when it closed."""
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
+            opened = time.monotonic()
+            for i, part in enumerate(parts):
+                time.sleep(pause * (i > 0))
+                conn.sendall(part)
+            conn.settimeout(10)
+            answer = b""
+            while chunk := conn.recv(4096):  # until the server closes the connection
+                answer += chunk
+            return answer, time.monotonic() - opened
+
+    for url in running(model, bpe_tokenizer):
+        for parts, pause in [([b"GET /health HT"], 0.0), ([b"GET /health HTTP/1.1\r\nHo", b"s", b"t", b":"], 0.25),
+                             ([], 0.0)]:
+            answer, took = answer_to(*parts, pause=pause)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert 0.9 < took < 3 and head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+            assert json.loads(body) == late
+        # a head whole at 0.6 s is answered; the next one's deadline is 1 s after that answer, not after the opening
+        answer, took = answer_to(b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n\r\n", b"GET /he", pause=0.6)
+        assert answer.count(b"HTTP/1.1 200 OK") == 1 and answer.count(b"HTTP/1.1 408 ") == 1 and 1.5 < took < 3
+        r = httpx.get(url + "/health")  # a whole head in time
+        assert r.status_code == 200
+
+
 def test_the_page_escapes_the_checkpoints_name(bpe_tokenizer):
     """`serve 'runs/x<b>"&/fin al<i>'` put the folder's name into the page's HTML as it was."""
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))

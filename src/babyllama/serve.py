@@ -10,9 +10,10 @@ lm-evaluation-harness's local-completions client sends them), GET /v1/models, GE
 POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's), GET /health, GET / (the chat page).
 Every request is validated (types, ranges, sizes) and every error is {"error": {"message": ...}},
 as OpenAI's. A body is counted as it arrives and refused past 1 MB, whatever its encoding, or when it
-is not whole within BODY_TIMEOUT_S. Tokenization runs in worker threads, so the event loop (and /health)
-never waits for it. Each request has its own KV cache; one lock lets one request at a time run a decoding
-step, so concurrent requests interleave safely; past MAX_IN_FLIGHT of them a request gets a 429. A client
+is not whole within BODY_TIMEOUT_S, and a request's head (its line and headers) not whole within HEAD_TIMEOUT_S of
+the connection's opening or of the answer before gets a 408 too. Tokenization runs in worker threads, so the event
+loop (and /health) never waits for it. Each request has its own KV cache; one lock lets one request at a time run
+a decoding step, so concurrent requests interleave safely; past MAX_IN_FLIGHT of them a request gets a 429. A client
 that disconnects stops its generation, and a stop of the server (Ctrl-C, SIGTERM) cancels them all. Logprobs
 of a list of prompts are scored in padded batches under the lock, and a one-token answer with logprobs
 (lm-evaluation-harness's loglikelihood requests) is picked from that same forward.
@@ -67,6 +68,7 @@ MAX_BATCH_POSITIONS = 2048  # (B, T) positions of one scoring forward, whose log
 MAX_SCORE_LOGITS = 1 << 25  # B * T * V of one scoring forward (128 MB in fp32), unless one sequence alone is more
 MAX_IN_FLIGHT = 16  # chat and completion requests answered at once (each holds a KV cache); more get a 429
 BODY_TIMEOUT_S = 30.0  # a request body not received whole by then gets a 408 and its connection is closed
+HEAD_TIMEOUT_S = 30.0  # a request head (its line and headers) not received whole by then: the same (head_deadline)
 STOP_GRACE_S = 5  # how long a stop (Ctrl-C, SIGTERM) waits for the requests it cancelled to end
 STOPPING = "the server is shutting down, so this answer was stopped before its end"
 PAGE = Path(__file__).with_name("chat_page.html")
@@ -554,6 +556,49 @@ class BodyLimit:
         await self.app(scope, counted if scope["type"] == "http" else receive, send)
 
 
+def head_deadline(timeout_s: float) -> type:
+    """uvicorn's HTTP protocol class (h11's, or httptools' when it is installed) with a deadline on each request's
+    head (its request line and headers): timeout_s from the connection's opening, or from the end of the answer
+    before, for the head to arrive whole; else the connection gets a 408 in OpenAI's JSON shape and is closed.
+    uvicorn gives a head no deadline (its keep-alive timeout ends an idle connection only until a first byte comes),
+    so a client that sent a byte of its headers every few seconds held a connection for ever (slowloris)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    body = json.dumps({"error": {"message": f"the request head did not arrive whole within {timeout_s:g} s",
+                                 "type": "invalid_request_error"}}).encode()
+    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class HeadDeadline(AutoHTTPProtocol):
+        timer = None  # the deadline of the head awaited (asyncio.TimerHandle)
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.await_head()
+
+        def on_response_complete(self):  # (before super's: it may start a pipelined request, whose head is here)
+            self.await_head()
+            super().on_response_complete()
+
+        def connection_lost(self, exc):
+            self.timer.cancel()
+            super().connection_lost(exc)
+
+        def await_head(self) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(timeout_s, self.head_late)
+
+        def head_late(self) -> None:
+            """At the deadline: a 408 and the end of the connection, unless a request's head came (its cycle is
+            answered, or was: then its answer's end set a new deadline)."""
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.write(late)
+                self.transport.close()
+
+    return HeadDeadline
+
+
 class InFlight:
     """The chat and completion requests being answered: at most `most` at once, each with its cancel event (in
     its scope, "babyllama.cancel"), which stop() sets for all of them when the server stops."""
@@ -929,9 +974,16 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
             super().handle_exit(sig, frame)
 
     try:  # Server.run raises the stop's signal again once it has stopped, which uvicorn.run would swallow
-        Server(uvicorn.Config(app, fd=sock.fileno(), log_level="info")).run()
+        Server(uvicorn_config(app, fd=sock.fileno(), log_level="info")).run()
     finally:
         grace.cancel()
+
+
+def uvicorn_config(app, **kwargs):
+    """uvicorn's Config serving app (kwargs: where to listen, log_level), each request's head within
+    HEAD_TIMEOUT_S (head_deadline)."""
+    uvicorn = require("uvicorn", "serve")
+    return uvicorn.Config(app, http=head_deadline(HEAD_TIMEOUT_S), **kwargs)
 
 
 def stop_now(signum: int) -> NoReturn:
