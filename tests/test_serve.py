@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -604,13 +605,20 @@ def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(serve
     assert busy and len(sent) == 7 and sent[6]["messages"][-1]["content"] == "慢一点" and waiting == "插队"
 
 
-def test_the_chat_pages_limits_are_the_servers():
-    """The page drops the oldest exchanges to keep a request within serve's limits (the page test shows how): its
-    copies of them are serve's."""
+def test_the_chat_page_is_filled_in_once_with_the_servers_limits(bpe_tokenizer, tmp_path, monkeypatch):
+    """The page drops the oldest exchanges to keep a request within serve's limits (the page test shows how): it
+    kept copies of them, and was read and filled in again at every GET. serve fills its limits in, once."""
+    from starlette.testclient import TestClient
+
     from babyllama import serve
 
-    limits = re.search(r"const MAX_MESSAGES = (\d+), MAX_BODY_BYTES = 1 << (\d+);", serve.PAGE.read_text())
-    assert limits and (int(limits[1]), 1 << int(limits[2])) == (serve.MAX_MESSAGES, serve.MAX_BODY_BYTES)
+    monkeypatch.setattr(serve, "PAGE", Path(shutil.copy(serve.PAGE, tmp_path)))
+    app = serve.build_app(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer, "tiny")
+    serve.PAGE.unlink()
+    page = TestClient(app).get("/").text
+    assert f"const MAX_MESSAGES = {serve.MAX_MESSAGES}, MAX_BODY_BYTES = {serve.MAX_BODY_BYTES};" in page
+    assert "<h1>babyllama · tiny</h1>" in page and 'max="128"' in page and "{{" not in page
+
 
 # Every request parameter of the official client: (name, value, honoured). A value the server cannot
 # honour must get a 400 that names the field; the test fails when the client grows a parameter.
@@ -987,7 +995,8 @@ def test_a_fault_of_the_server_is_openais_json_shape(server, monkeypatch):
 
 def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe_tokenizer, monkeypatch):
     """DNS rebinding: a web page whose name was pointed at 127.0.0.1 could drive the default server from a browser
-    (any Host header was answered). On a loopback address only this machine's names are; on another, any."""
+    (any Host header was answered). On a loopback address only this machine's names are; on another, any. The name
+    was resolved twice, to bind and to check it: it is resolved once, the address bound is the one checked."""
     import uvicorn
     from starlette.testclient import TestClient
 
@@ -995,9 +1004,14 @@ def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe
     from babyllama.serve import loopback_names, serve
 
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
-    apps = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
-    serve(str(tmp_path / "ck"), host="127.0.0.1", port=0)
+    apps, protocols, resolved, getaddrinfo = [], [], [], socket.getaddrinfo
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app) or
+                        protocols.append(self.config.http))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: resolved.append(host) or
+                        getaddrinfo(host, *args, **kwargs))
+    serve(str(tmp_path / "ck"), host="localhost", port=0)
+    assert resolved == ["localhost"]  # once: the name checked is the address listened on
+    assert protocols[0].__name__ == "HeadDeadline"  # serve's uvicorn has the tests' deadline on request heads
     for base, status in [("http://127.0.0.1:8000", 200), ("http://localhost:8000", 200), ("http://[::1]:8000", 200),
                          ("http://evil.example:8000", 400), ("http://127.0.0.1.evil.example", 400)]:
         assert TestClient(apps[0], base_url=base).get("/health").status_code == status, base
@@ -1005,8 +1019,9 @@ def test_a_server_on_a_loopback_address_answers_only_its_own_names(tmp_path, bpe
     assert (r.status_code, r.json()) == (400, {"error": {"type": "invalid_request_error", "message":
         "Host header 'myhost:8000': this server answers only 127.0.0.1, localhost, [::1]; start it with --host "
         "0.0.0.0 (or this machine's address) to answer other names"}})
-    assert loopback_names("localhost") == loopback_names("::1") == ["127.0.0.1", "localhost", "[::1]"]
-    assert loopback_names("0.0.0.0") is None and loopback_names("192.0.2.1") is None
+    assert loopback_names("localhost", "127.0.0.1") == loopback_names("::1", "::1") == ["127.0.0.1", "localhost",
+                                                                                         "[::1]"]
+    assert loopback_names("0.0.0.0", "0.0.0.0") is None and loopback_names("myhost", "192.0.2.1") is None
 
 
 def sent_raw(url: str, path: str, body: dict) -> socket.socket:
@@ -1293,7 +1308,7 @@ def test_a_server_answers_the_address_it_listens_on_and_names_it_as_a_url_does(t
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
     apps = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
-    assert loopback_names("127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
+    assert loopback_names("127.0.0.2", "127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
     serve(str(tmp_path / "ck"), host="127.0.0.2", port=0)
     for base, status in [("http://127.0.0.2:8751", 200), ("http://localhost:8751", 200), ("http://127.0.0.3", 400)]:
         assert TestClient(apps[0], base_url=base).get("/health").status_code == status, base

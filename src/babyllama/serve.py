@@ -935,12 +935,16 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         return await respond(request, gens, model_name, chat=chat, stream=body.stream,
                              usage=bool(body.stream_options and body.stream_options.include_usage))
 
+    # the chat page, filled in once: each placeholder stands in HTML text or an attribute's value (escaped for both),
+    # or a number in its script (serve's limits, which it keeps a request within)
+    page_html = PAGE.read_text(encoding="utf-8")
+    for key, value in (("MODEL", model_name), ("CONTEXT", max_ctx), ("TEMPERATURE", f"{defaults.temperature:g}"),
+                       ("MAX_MESSAGES", MAX_MESSAGES), ("MAX_BODY_BYTES", MAX_BODY_BYTES)):
+        page_html = page_html.replace("{{" + key + "}}", html.escape(str(value)))
+
     @app.get("/", response_class=HTMLResponse)
-    def page():  # each placeholder stands in HTML text or an attribute's value: escaped for both
-        text = PAGE.read_text(encoding="utf-8")
-        for key, value in (("MODEL", model_name), ("CONTEXT", max_ctx), ("TEMPERATURE", f"{defaults.temperature:g}")):
-            text = text.replace("{{" + key + "}}", html.escape(str(value)))
-        return text
+    def page():
+        return page_html
 
     return app
 
@@ -958,7 +962,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
     name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
     print(f"serving {name} on http://{url_host(host)}:{port}/", file=sys.stderr, flush=True)
-    app = build_app(model, tokenizer, name, sampling, loopback_names(host))
+    app = build_app(model, tokenizer, name, sampling, loopback_names(host, sock.getsockname()[0]))
 
     stops: list[int] = []  # the signal of the stop, once one came
     grace = threading.Timer(STOP_GRACE_S, lambda: stop_now(stops[0]))
@@ -999,15 +1003,14 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def loopback_names(host: str) -> list[str] | None:
-    """The Host headers a server on host answers: on a loopback address (the default) only this machine's own
-    names and host itself (127.0.0.2), so that a web page whose name a DNS rebinding points at 127.0.0.1 cannot
-    drive it from a browser; None (any) on another address, which the user chose to open."""
-    try:
-        loopback = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback
-    except (OSError, ValueError):
+def loopback_names(host: str, address: str) -> list[str] | None:
+    """The Host headers a server on host answers, given the address its socket was bound to (host resolved, once, by
+    listening_socket): on a loopback address (the default) only this machine's own names and host itself
+    (127.0.0.2), so that a web page whose name a DNS rebinding points at 127.0.0.1 cannot drive it from a browser;
+    None (any) on another address, which the user chose to open."""
+    if not ipaddress.ip_address(address).is_loopback:
         return None
-    return list(dict.fromkeys(["127.0.0.1", "localhost", "[::1]", url_host(host).lower()])) if loopback else None
+    return list(dict.fromkeys(["127.0.0.1", "localhost", "[::1]", url_host(host).lower()]))
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
