@@ -141,6 +141,33 @@ def test_echo_and_logprobs_are_the_models_log_softmax(server):
     assert plain.logprobs.top_logprobs == [{}, {}, {}] and plain.logprobs.text_offset[0] == 0
 
 
+def test_an_answer_holds_at_most_max_logprob_entries_log_probabilities(server, monkeypatch):
+    """32 prompts with echo and logprobs 5 at a long context made an answer of tens of MB: a request whose answer
+    could hold more than MAX_LOGPROB_ENTRIES log-probabilities (each position scored: its token's and its top
+    ones) gets a 400 that says what to ask less of."""
+    from babyllama import serve
+
+    monkeypatch.setattr(serve, "MAX_LOGPROB_ENTRIES", 180)
+    url = server["url"]
+    ask = lambda n: {"prompt": [[5] * 10] * n, "echo": True, "max_tokens": 5, "logprobs": 5}  # n * 15 * (1 + 5)
+    chat = lambda n: {"messages": [{"role": "user", "content": "你好"}], "max_tokens": n, "logprobs": True,
+                      "top_logprobs": 19}  # n * (1 + 19)
+    held = lambda lp: sum(v is not None for v in lp["token_logprobs"]) + sum(len(t or {}) for t in lp["top_logprobs"])
+    r = httpx.post(url + "/v1/completions", json=ask(2), timeout=60)  # 180: at the limit
+    assert r.status_code == 200 and sum(held(c["logprobs"]) for c in r.json()["choices"]) <= 180
+    r = httpx.post(url + "/v1/chat/completions", json=chat(9), timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["content"]
+    assert httpx.post(url + "/v1/chat/completions", json={**chat(20), "logprobs": False, "top_logprobs": None},
+                      timeout=60).status_code == 200  # no logprobs: not counted
+    over = {"/v1/completions": (ask(3), 270, "prompts, max_tokens or logprobs, or echo false"),
+            "/v1/chat/completions": (chat(10), 200, "max_tokens or top_logprobs")}
+    for path, (body, entries, fewer) in over.items():
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert (r.status_code, r.json()) == (400, {"error": {"type": "invalid_request_error", "message":
+            f"logprobs: the answer could hold {entries} log-probabilities (a token's and its top ones at each "
+            f"position scored), more than the 180 an answer may hold; ask for fewer {fewer}"}})
+
+
 def test_chat_logprobs_are_the_models_log_softmax_of_the_answer(server):
     import torch
 

@@ -66,6 +66,7 @@ MAX_LOGPROBS = 5  # the most likely tokens per position that `logprobs` may ask 
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's limit
 MAX_BATCH_POSITIONS = 2048  # (B, T) positions of one scoring forward, whose logits are (B, T, V)
 MAX_SCORE_LOGITS = 1 << 25  # B * T * V of one scoring forward (128 MB in fp32), unless one sequence alone is more
+MAX_LOGPROB_ENTRIES = 1 << 17  # log-probabilities in an answer (logprob_entries): about 4 MB of JSON, chat's 9
 MAX_IN_FLIGHT = 16  # chat and completion requests answered at once (each holds a KV cache); more get a 429
 BODY_TIMEOUT_S = 30.0  # a request body not received whole by then gets a 408 and its connection is closed
 HEAD_TIMEOUT_S = 30.0  # a request head (its line and headers) not received whole by then: the same (head_deadline)
@@ -446,6 +447,13 @@ class Generation:
     def usage(self) -> dict:
         n, m = len(self.prompt), len(self.ids)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+
+def logprob_entries(gens: list[Generation]) -> int:
+    """The most log-probabilities the answer of gens can hold: at each position scored (with echo the prompt's, then
+    up to max_tokens of the answer's), its token's and its top_logprobs most likely tokens'."""
+    return sum(((len(g.prompt) if g.echo is not None else 0) + (0 if g.score_only else g.sampling.max_new_tokens))
+               * (1 + g.top_logprobs) for g in gens if g.top_logprobs is not None)
 
 
 @torch.no_grad()
@@ -930,6 +938,11 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             gens = await run_in_threadpool(make_generations, body)
         except (ValueError, UserError) as e:  # what the request asks for cannot be done: its sentence
             return error(400, str(e))
+        if (entries := logprob_entries(gens)) > MAX_LOGPROB_ENTRIES:  # an answer of tens of MB
+            fewer = "max_tokens or top_logprobs" if chat else "prompts, max_tokens or logprobs, or echo false"
+            return error(400, f"logprobs: the answer could hold {entries} log-probabilities (a token's and its top "
+                              f"ones at each position scored), more than the {MAX_LOGPROB_ENTRIES} an answer may "
+                              f"hold; ask for fewer {fewer}")
         for gen in gens:
             gen.cancel = request.scope["babyllama.cancel"]  # InFlight's: set when the server stops
         return await respond(request, gens, model_name, chat=chat, stream=body.stream,
