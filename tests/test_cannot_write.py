@@ -86,6 +86,8 @@ FIRST = "to start again (no checkpoint was saved yet)"
 CASES = {
     "prepare's bad records": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], "bad_records.txt", True,
                               errno.EACCES, "OUT/bad_records.txt", "to start again"),
+    "pretokenize's bad records": (["pretokenize", "--input", "docs.jsonl", "--tokenizer", "tok", "--out_dir", "OUT"],
+                                  "bad_records.txt", True, errno.EACCES, "OUT/bad_records.txt", "to start again"),
     "prepare's stats": (["prepare", "--input", "docs.jsonl", "--out_dir", "OUT"], ".stats.json.tmp", True,
                         errno.ENOSPC, "OUT/stats.json", "to start again"),
     "tokenizer train": (["tokenizer", "train", "--input", "docs.jsonl", "--vocab_size", "300", "--out_dir", "OUT"],

@@ -164,8 +164,29 @@ def test_cli_pretokenize_says_the_records_read_and_the_bad_ones(corpus_and_token
                 "--val_fraction", "0")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert list(summary) == ["out_dir", "dtype", "records", "bad", "train", "val"]
+    assert list(summary) == ["out_dir", "dtype", "records", "bad", "bad_records", "train", "val"]
     assert (summary["records"], summary["bad"], summary["train"]["documents"]) == (23, 2, 21)
+    assert summary["bad_records"] == str(tmp_path / "o" / "bad_records.txt")
+
+
+def test_pretokenize_lists_its_bad_records_as_prepare_does(corpus_and_tokenizer, tmp_path):
+    """prepare wrote each bad record to bad_records.txt and pretokenize only counted them: the file, a line a bad
+    record (`file:line: why`), is in pretokenize's --out_dir too, and kept there with its shards."""
+    d, docs = corpus_and_tokenizer
+    f = tmp_path / "odd.jsonl"
+    f.write_text("\n".join([json.dumps({"text": docs[0]}, ensure_ascii=False), '{"text": 5}', "not json",
+                            json.dumps({"text": docs[1]}, ensure_ascii=False)]), encoding="utf-8")
+    for args in ([], ["--workers", "2"]):
+        r = run_cli("pretokenize", "--input", f, "--tokenizer", d / "tok", "--out_dir", tmp_path / "o", *args)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "o" / "bad_records.txt").read_text(encoding="utf-8") == (
+            f"{f}:2: its 'text' is a number, not a string\n{f}:3: not valid JSON (Expecting value)\n")
+    prepared = run_cli("prepare", "--input", f, "--out_dir", tmp_path / "clean", "--min_chars", "1")
+    assert prepared.returncode == 0, prepared.stderr  # the same lines as prepare's
+    assert (tmp_path / "clean" / "bad_records.txt").read_text() == (tmp_path / "o" / "bad_records.txt").read_text()
+    f.write_text(json.dumps({"text": docs[0]}, ensure_ascii=False), encoding="utf-8")  # none bad: an empty file
+    assert run_cli("pretokenize", "--input", f, "--tokenizer", d / "tok", "--out_dir", tmp_path / "o").returncode == 0
+    assert (tmp_path / "o" / "bad_records.txt").read_text() == ""
 
 
 @pytest.fixture(scope="module")

@@ -116,8 +116,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             return print(json.dumps({"out_dir": args.out_dir, "submitted": "slurm"}))
     else:
         stats = prepare(inputs, args.out_dir, **settings)
-    summary = {"out_dir": args.out_dir, **stats["total"], **({"demo": demo} if demo else {})}
+    summary = {"out_dir": args.out_dir, **stats["total"], **bad_records_of(args.out_dir, stats["total"]["bad"]),
+               **({"demo": demo} if demo else {})}
     print(json.dumps(summary, ensure_ascii=False))
+
+
+def bad_records_of(out_dir: str, bad: int) -> dict[str, str]:
+    """{"bad_records": the file that lists them} for a summary line, when there were bad records, else {}."""
+    from babyllama.data.sources import BAD_RECORDS
+
+    return {"bad_records": str(Path(out_dir) / BAD_RECORDS)} if bad else {}
 
 
 def check_pretokenize_flags(args: argparse.Namespace) -> None:
@@ -142,7 +150,7 @@ def check_pretokenize_flags(args: argparse.Namespace) -> None:
 def cmd_pretokenize(args: argparse.Namespace) -> None:
     from babyllama.data.pretokenize import pretokenize
     from babyllama.data.shards import merge
-    from babyllama.data.sources import TOKEN_SHARDS, check_output_folder, token_cache_name
+    from babyllama.data.sources import TOKEN_SHARDS, check_output_folder, records_and_bad, token_cache_name
 
     if args.sft:  # each writes its own kind again, replacing it
         check_output_folder(args.out_dir, "SFT samples", (token_cache_name("sft"),))
@@ -175,8 +183,9 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
                                shard_index=args.shard_index or 0, bos=args.bos,
                                format=args.format)
     # the records read and the bad ones, as prepare says them; not a merge's, whose parts may each have read them all
-    read = {} if args.merge else {k: sum(s[k] for s in manifest["sources"].values()) for k in ("records", "bad")}
-    print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **read, **manifest["totals"]}))
+    read = {} if args.merge else records_and_bad(manifest["sources"])
+    print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **read,
+                      **bad_records_of(args.out_dir, read.get("bad", 0)), **manifest["totals"]}))
 
 
 SHARD_TOKENS = 100_000_000  # --shard_tokens by default

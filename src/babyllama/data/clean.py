@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.data.shards import staged, swap_in, write_json
-from babyllama.data.sources import CorpusReader
+from babyllama.data.sources import BAD_RECORDS, CorpusReader
 from babyllama.errors import UserError, cannot_write, discard, require, writing
 from babyllama.progress import bytes_bar, counted
 
@@ -414,18 +414,15 @@ def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int
     stats: dict[str, SourceStats] = {}
     writer = ShardWriter(out, docs_per_shard)
     start = time.time()
-    bad_log = reader.bad_log = (out / "bad_records.txt").open("w", encoding="utf-8")
     try:
-        with bytes_bar("prepare", reader.total_bytes) as bar:  # closed on an error: its message starts a line
+        # the bar is closed on an error too, so that its message starts a line
+        with reader.bad_records_to(out), bytes_bar("prepare", reader.total_bytes) as bar:
             documents = counted(reader.documents_with_source(), bar, reader.bytes_read)
             for text in clean_documents(documents, min_chars, dedup, threshold, stats):
                 writer.write(text)
-        with writing(out / "bad_records.txt", file=bad_log):
-            bad_log.close()  # what it still buffers is written now
         writer.close()
     except BaseException:  # a failure or Ctrl-C while reading or cleaning: the open part's temporary goes too
         writer.discard()
-        discard(None, bad_log)
         raise
     for path, fs in reader.stats.items():
         s = stats.setdefault(path, SourceStats())
@@ -476,4 +473,4 @@ def prepare_outputs(out: Path) -> list[Path]:
     """The files and folders of prepare's output in out, of either engine, with the temporaries and work files of
     a run that stopped."""
     return [f for f in [*out.glob("part_*.jsonl"), *out.glob(".part_*.tmp"), out / "stats.json",
-                        out / "bad_records.txt", out / "datatrove"] if f.exists()]
+                        out / BAD_RECORDS, out / "datatrove"] if f.exists()]

@@ -105,7 +105,7 @@ from babyllama.data.shards import (
     write_json,
     write_manifest,
 )
-from babyllama.data.sources import SUFFIXES, CorpusReader, data_suffix
+from babyllama.data.sources import BAD_RECORDS, SUFFIXES, CorpusReader, data_suffix, records_and_bad
 from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, write_whole
 from babyllama.lock import holding
 from babyllama.tokenizer import load_tokenizer
@@ -421,7 +421,7 @@ class FinishPrepare(PipelineStep):
             s.exact_duplicates = n[0] - n[1] if len(self.levels) > 1 else 0
             s.near_duplicates = n[1] - n[2] if len(self.levels) > 2 else 0
             s.kept, s.characters = counts[self.levels[-1]][src]
-        write_whole(out / "bad_records.txt", _bad_records(work))
+        write_whole(out / BAD_RECORDS, _bad_records(work))
         files = sorted(f.name for f in out.glob("part_*.jsonl"))
         started = json.loads((work / "settings.json").read_text())["started"]
         write_stats(out, stats, files, self.settings, time.time() - started)  # the driver checks the totals
@@ -443,10 +443,10 @@ class FinishTokens(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
         out, work = Path(self.out), Path(self.work)
         sources = _sources_read(work)
-        records, bad = (sum(s[k] for s in sources.values()) for k in ("records", "bad"))
-        write_whole(out / "bad_records.txt", _bad_records(work))
+        read = records_and_bad(sources)
+        write_whole(out / BAD_RECORDS, _bad_records(work))
         started = json.loads((work / "settings.json").read_text())["started"]
-        if records > bad:  # else no manifest: the driver says why (a raise here would print a traceback)
+        if read["records"] > read["bad"]:  # else no manifest: the driver says why (a raise here prints a traceback)
             self.write_manifest(out, work, sources, started)
         write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
 
@@ -742,11 +742,11 @@ def finish_run(place: Path, out: Path, check, outputs, last: str) -> None:
 def check_records(place: Path) -> None:
     """UserError, in the embedded engine's words (CorpusReader.check_usable), when the tasks read no record, or bad
     ones only (the first named: the first line of place/bad_records.txt)."""
-    records, bad = (sum(s[k] for s in _sources_read(place / "datatrove").values()) for k in ("records", "bad"))
+    records, bad = records_and_bad(_sources_read(place / "datatrove")).values()
     if records == 0:
         raise UserError("the inputs hold no records; check the paths and --format.")
     if bad == records:
-        first = (place / "bad_records.txt").read_text(encoding="utf-8").partition("\n")[0]
+        first = (place / BAD_RECORDS).read_text(encoding="utf-8").partition("\n")[0]
         raise UserError(f"every one of the {records} records was bad (the first: {first}); nothing was written.")
 
 

@@ -4,7 +4,8 @@
     babyllama pretokenize --input part1 --tokenizer tok --out_dir t1 --num_shards 2 --shard_index 0  # machine 0
     babyllama pretokenize --merge t0 t1 --out_dir data/tokens                                        # join them
 
-Each document becomes its ids then <eos> (and <bos> first with --bos), the recipe's layout.
+Each document becomes its ids then <eos> (and <bos> first with --bos), the recipe's layout; each bad record is
+a line of bad_records.txt (`file:line: why`), as prepare writes it.
 Documents go to the validation split by a hash of their text, so the split does not depend on
 order, workers or machines. The main process reads and writes in order while worker processes
 encode batches, at most 2 * workers batches in flight, so memory stays flat on any corpus and
@@ -231,7 +232,8 @@ def _pretokenize(reader: CorpusReader, tok: Tokenizer, tokenizer_path: str, out:
             yield batch
 
     try:
-        with bytes_bar("pretokenize", reader.total_bytes) as bar:  # closed on an error: its message starts a line
+        # the bar is closed on an error too, so that its message starts a line
+        with reader.bad_records_to(out), bytes_bar("pretokenize", reader.total_bytes) as bar:
             for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches(), str(tokenizer_path),
                                                      workers):
                 write_documents(writers, texts, flat, lengths, val_fraction)

@@ -43,7 +43,7 @@ from babyllama import chat_format
 from babyllama.chat_format import conversation_from_record, is_blank, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
-from babyllama.data.sources import Item, expand_inputs, iter_records
+from babyllama.data.sources import BAD_RECORDS, Item, expand_inputs, iter_records
 from babyllama.errors import UserError, discard, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import is_rank0, progress
@@ -53,7 +53,6 @@ from babyllama.weights_file import file_sha256
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-BAD_RECORDS = "bad_records.txt"
 FORMAT = "babyllama-sft-tokens"
 VERSION = 6  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the

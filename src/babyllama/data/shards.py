@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from babyllama.data.sources import TOKEN_SHARDS, output_kind, own_output
+from babyllama.data.sources import BAD_RECORDS, TOKEN_SHARDS, output_kind, own_output
 from babyllama.errors import CannotWrite, UserError, check_folder, discard, overlap, signals_held, write_whole, writing
 
 MANIFEST = "manifest.json"
@@ -103,7 +103,7 @@ def token_outputs(out: Path) -> list[Path]:
     """The files and folders of the token shards in out, of either engine: shards, manifest, tokenizer, the
     temporaries and work files of a run that stopped."""
     return [f for f in [*out.glob("shard_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.bin.tmp"), out / MANIFEST,
-                        out / "bad_records.txt", out / "tokenizer", out / "datatrove"] if f.exists()]
+                        out / BAD_RECORDS, out / "tokenizer", out / "datatrove"] if f.exists()]
 
 
 STAGE = ".incomplete"  # the hidden folder inside an output folder where a new output is written (staged)

@@ -29,6 +29,7 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -41,12 +42,13 @@ from babyllama.chat_format import (
     messages_of_record,
     not_unicode,
 )
-from babyllama.errors import UserError, cannot_write, check_out_dir, not_a_file, require
+from babyllama.errors import UserError, cannot_write, check_out_dir, discard, not_a_file, require, writing
 from babyllama.progress import is_rank0
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+BAD_RECORDS = "bad_records.txt"  # of prepare, pretokenize and the SFT/DPO token cache: `file:line: why` a line
 COMPRESSED = (".gz", ".zst")
 
 
@@ -727,7 +729,7 @@ def _datatrove_work_of(command: str) -> Callable[[Path], bool]:
 
 # babyllama's outputs that share a folder with data: (what it is, whether a folder holds one, its non-data files)
 OUTPUTS = (
-    ("the output of babyllama prepare", _has("stats.json", "part_*.jsonl"), ("stats.json", "bad_records.txt")),  # its
+    ("the output of babyllama prepare", _has("stats.json", "part_*.jsonl"), ("stats.json", BAD_RECORDS)),  # its
     # part_*.jsonl are data
     *[(f"the work folder of {command} --engine datatrove", _datatrove_work_of(command), ("datatrove",))
       for command in ("prepare", "pretokenize")],
@@ -842,6 +844,12 @@ class FileStats:
         return {"schema": self.schema, "records": self.records, "bad": self.bad, "bad_examples": self.bad_examples}
 
 
+def records_and_bad(sources: dict[str, dict]) -> dict[str, int]:
+    """{"records": n, "bad": m}: the records read and the bad ones, added up over sources ({file: its
+    FileStats.to_dict()}, as a manifest's or a datatrove run's tasks hold them)."""
+    return {k: sum(s[k] for s in sources.values()) for k in ("records", "bad")}
+
+
 MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log and the counts hold them all)
 
 
@@ -922,6 +930,24 @@ class CorpusReader:
                                for schema, n in stats.read_as.most_common())
             log.warning("%s: its records are of %d schemas, each read as its fields say: %s; --format SCHEMA reads "
                         "every record as one schema and counts the others bad", path, len(stats.read_as), counts)
+
+    @contextmanager
+    def bad_records_to(self, out: Path) -> Iterator[None]:
+        """While the body reads, every bad record goes to out/bad_records.txt too, a line each, `file:line: why` (why
+        a short sentence, not the record). Its last lines are written as the body ends (CannotWrite where the disk
+        refuses them); on an error they are lost."""
+        path = out / BAD_RECORDS
+        with writing(path):
+            self.bad_log = path.open("w", encoding="utf-8")
+        try:
+            yield
+        except BaseException:
+            discard(None, self.bad_log)
+            raise
+        finally:
+            bad_log, self.bad_log = self.bad_log, None
+        with writing(path, file=bad_log):
+            bad_log.close()  # what it still buffers is written now
 
     def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
