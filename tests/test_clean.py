@@ -77,6 +77,28 @@ def test_threshold_outside_what_lsh_can_do_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "a.txt"]
 
 
+def test_a_minhash_threshold_with_a_dedup_that_uses_none_is_refused_before_any_output(tmp_path):
+    """`prepare --dedup exact --minhash_threshold 1.5` was taken silently: the threshold of a MinHash that does not
+    run, and out of range at that. A threshold given with --dedup exact or none is refused, in range or not, by the
+    library, the CLI and the datatrove engine, before any output; without one, stats.json records none."""
+    (tmp_path / "a.txt").write_text("一段足够长的文字。\n")
+    for dedup in ("exact", "none"):
+        error = (f"--minhash_threshold is a setting of --dedup minhash, which --dedup {dedup} does not use; leave it "
+                 "out or use --dedup minhash.")
+        for threshold in (0.5, 1.5):
+            with pytest.raises(UserError) as e:
+                prepare([str(tmp_path / "a.txt")], tmp_path / "out", dedup=dedup, threshold=threshold)
+            assert str(e.value) == error
+            for extra in ([], ["--demo"], ["--engine", "datatrove"]):
+                r = run_cli("prepare", "--input", tmp_path / "a.txt", "--out_dir", tmp_path / "out", "--dedup", dedup,
+                            "--minhash_threshold", threshold, *extra)
+                assert (r.returncode, r.stdout, r.stderr) == (2, "", f"babyllama: error: {error}\n"), (dedup, extra)
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.txt"]
+    for dedup, recorded in (("exact", None), ("none", None), ("minhash", 0.8)):
+        stats = prepare([str(tmp_path / "a.txt")], tmp_path / dedup, min_chars=1, dedup=dedup)
+        assert stats["settings"]["minhash_threshold"] == recorded, dedup
+
+
 def test_hash_sets_grow_and_keep_every_key():
     rng = np.random.default_rng(0)
     keys = rng.integers(1, 2**63, size=(5000, 3), dtype=np.uint64) | np.uint64(1)

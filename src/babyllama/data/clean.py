@@ -210,12 +210,24 @@ def lsh_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-def check_dedup(dedup: str, threshold: float) -> None:
-    """Raises UserError for an unknown --dedup or a threshold where LSH has fewer than 2 bands or no use."""
+MINHASH_THRESHOLD = 0.8  # --minhash_threshold by default
+
+
+def check_dedup(dedup: str, threshold: float | None) -> float | None:
+    """The MinHash threshold that --dedup and --minhash_threshold (None: not given) ask for: threshold, or
+    MINHASH_THRESHOLD for --dedup minhash without one; None for the modes that use none. Raises UserError for an
+    unknown --dedup, a threshold given with a --dedup that does not use it (`--dedup exact --minhash_threshold 1.5`
+    was taken silently), and one where LSH has fewer than 2 bands or no use, whatever the mode."""
     if dedup not in ("none", "exact", "minhash"):
         raise UserError(f"unknown --dedup {dedup!r}; choose none, exact or minhash.")
-    if dedup == "minhash" and not 0.2 <= threshold <= 0.98:  # also refuses nan
+    if threshold is None:
+        return MINHASH_THRESHOLD if dedup == "minhash" else None
+    if dedup != "minhash":
+        raise UserError(f"--minhash_threshold is a setting of --dedup minhash, which --dedup {dedup} does not use; "
+                        "leave it out or use --dedup minhash.")
+    if not 0.2 <= threshold <= 0.98:  # also refuses nan
         raise UserError(f"--minhash_threshold is a Jaccard similarity in [0.2, 0.98], got {threshold}.")
+    return threshold
 
 
 def long_enough(text: str, min_chars: int) -> bool:
@@ -359,7 +371,7 @@ def clean_documents(
     documents: Iterable[tuple[str, str]],
     min_chars: int,
     dedup: str,
-    threshold: float,
+    threshold: float | None,
     stats: dict[str, SourceStats],
 ) -> Iterator[str]:
     """The documents that survive normalisation, the length filter and deduplication, in order.
@@ -395,12 +407,13 @@ def prepare(
     format: str | None = None,
     min_chars: int = 10,
     dedup: str = "minhash",
-    threshold: float = 0.8,
+    threshold: float | None = None,
     docs_per_shard: int = 100_000,
 ) -> dict:
-    """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json. Raises UserError
-    (check_dedup, a missing input) before anything is written or shown."""
-    check_dedup(dedup, threshold)
+    """Clean a corpus into JSON-lines shards; returns the statistics also written to stats.json. threshold: of
+    --dedup minhash alone (None: MINHASH_THRESHOLD). Raises UserError (check_dedup, a missing input) before anything
+    is written or shown."""
+    threshold = check_dedup(dedup, threshold)
     reader, out = CorpusReader(inputs, format), Path(out)  # a missing input is said before anything is written
     with staged(out, prepare_outputs, "stats.json") as stage:  # the earlier output stays until the new one is whole
         result = _prepare(reader, stage, format, min_chars, dedup, threshold, docs_per_shard)
@@ -408,8 +421,8 @@ def prepare(
     return result
 
 
-def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int, dedup: str, threshold: float,
-             docs_per_shard: int) -> dict:
+def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int, dedup: str,
+             threshold: float | None, docs_per_shard: int) -> dict:
     """prepare's work, into the folder out (its stage); returns the statistics written there last."""
     stats: dict[str, SourceStats] = {}
     writer = ShardWriter(out, docs_per_shard)

@@ -519,7 +519,7 @@ Stage = tuple[str, list, int]  # name, pipeline, tasks
 
 
 def prepare_stages(files: list[str], sizes: list[int], out: Path, work: Path, *, format: str | None,
-                   min_chars: int, dedup: str, threshold: float, docs_per_shard: int, tasks: int,
+                   min_chars: int, dedup: str, threshold: float | None, docs_per_shard: int, tasks: int,
                    settings: dict) -> list[Stage]:
     w = lambda name: str(work / name)
     read = [ReadCorpus(files, sizes, format, str(work)), CleanText(min_chars), CountBySource(str(work), "clean")]
@@ -787,10 +787,10 @@ def _identity(files: list[str]) -> list[list]:
 
 
 def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str | None = None, min_chars: int = 10,
-            dedup: str = "minhash", threshold: float = 0.8, docs_per_shard: int = 100_000) -> dict | None:
+            dedup: str = "minhash", threshold: float | None = None, docs_per_shard: int = 100_000) -> dict | None:
     """clean.prepare as a datatrove pipeline; returns the statistics written to stats.json, or None when
     the stages were submitted to Slurm. Raises UserError as clean.prepare does."""
-    check_dedup(dedup, threshold)
+    threshold = check_dedup(dedup, threshold)
     files, sizes, tasks = _input_files(inputs, format, launch)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
