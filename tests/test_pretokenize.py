@@ -223,8 +223,12 @@ def test_merge_refuses_an_out_dir_that_is_holds_or_is_inside_a_part(parts, tmp_p
     p0, p1 = str(tmp_path / "p0"), str(tmp_path / "p1")
     for out, how in ((p0, "is"), (str(tmp_path), "holds"), (str(tmp_path / "p1" / "sub"), "is inside")):
         part = p1 if how == "is inside" else p0
-        refused(["--merge", p0, p1, "--out_dir", out], f"--out_dir {out} {how} the part {part}; merge into a folder "
-                "apart from the parts, which it would otherwise overwrite.", tmp_path, capsys)
+        refused(["--merge", p0, p1, "--out_dir", out], f"--out_dir {out} holds --merge {part}, which a run may "
+                "replace or read again beside its output; choose an --out_dir that holds none of the inputs."
+                if how == "holds" else f"--out_dir {out} {how} the --merge folder {part}, which a run reads whole, "
+                "so a later run may read this one's output as input; choose an --out_dir outside it.", tmp_path, capsys)
+        with pytest.raises(UserError, match=f"^--out_dir {re.escape(out)} {how}"):  # merge() itself too
+            merge([p0, p1], out)
     assert not (tmp_path / "p1" / "sub").exists()
 
 

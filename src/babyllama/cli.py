@@ -800,7 +800,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings (held)
             check_out_dir(args.out_dir)
             check_apart(args.out_dir, getattr(args, "input", None))  # prepare, pretokenize, tokenizer train (and
-            # --merge: shards.check_out_dir_apart)
+            # --merge: shards.merge)
         if getattr(args, "check", None):  # flags first: a wrong one leaves no folder behind
             args.check(args)
         with held(args):

@@ -170,21 +170,22 @@ def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True)
         raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")
 
 
-def check_apart(out: str | Path, inputs: list[str] | None) -> None:
+def check_apart(out: str | Path, inputs: list[str] | None, flag: str = "--input") -> None:
     """Raise UserError when the output folder out is, or is inside, a folder among inputs (each run would read the
     output of the one before as input: prepare's records went 3, 6, 6, and a document deleted from the source
-    stayed), or holds one of them (which a run may replace, or read again beside its own output). Paths are
-    compared as resolved (overlap); an input that does not exist is left to the command to say."""
+    stayed; a merge into a part would replace it), or holds one of them (which a run may replace, or read again
+    beside its own output). flag: the option that named inputs (--input, --merge). Paths are compared as resolved
+    (overlap); an input that does not exist is left to the command to say."""
     for name in inputs or []:
         path = Path(name)
         if not path.exists():
             continue
         how = overlap(out, path)
         if how in ("is", "is inside") and path.is_dir():
-            raise UserError(f"--out_dir {out} {how} the --input folder {name}, which a run reads whole, so a later "
+            raise UserError(f"--out_dir {out} {how} the {flag} folder {name}, which a run reads whole, so a later "
                             "run may read this one's output as input; choose an --out_dir outside it.")
         if how == "holds":
-            raise UserError(f"--out_dir {out} holds --input {name}, which a run may replace or read again beside its "
+            raise UserError(f"--out_dir {out} holds {flag} {name}, which a run may replace or read again beside its "
                             "output; choose an --out_dir that holds none of the inputs.")
 
 

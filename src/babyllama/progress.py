@@ -7,10 +7,12 @@ import contextlib
 import functools
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-LINE_EVERY_S = 30  # off a terminal, long work writes its status as a line at most this often (progress, in_thread)
+LINE_EVERY_S = 30  # off a terminal, long work writes its status as a line at most this often (progress, status_lines)
 LIVE: list = []  # the bars drawn on the terminal now, oldest first
 _redirected = contextlib.ExitStack()  # logging and prints through tqdm while LIVE is not empty
 T = TypeVar("T")
@@ -47,6 +49,26 @@ def counted(items: Iterable[T], bar, position: Callable[[], int], unit: str = " 
         bar.update(position() - bar.n)
     bar.set_postfix_str(f"{n:,}{unit}", refresh=False)
     bar.update(position() - bar.n)
+
+
+@contextlib.contextmanager
+def status_lines(line: Callable[[float], str], say: Callable[[str], object]) -> Iterator[None]:
+    """While the body runs, every LINE_EVERY_S seconds say(line(seconds since it began)), from a daemon thread, as a
+    progress bar writes its status off a terminal: for work with no count to show that runs for minutes or hours
+    (BPE merges, a datatrove stage), where a log showed nothing. The body may run in this thread or wait for one."""
+    stop, start = threading.Event(), time.monotonic()
+
+    def run() -> None:
+        while not stop.wait(LINE_EVERY_S):
+            say(line(time.monotonic() - start))
+
+    thread = threading.Thread(target=run, name="babyllama-status", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @functools.cache

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -567,8 +568,8 @@ def in_thread(work: Callable[[], None], status: str | None = None) -> None:
     trainer's merges; now it raises at once and the process exits without waiting for the thread. The thread
     still runs to its end in a process that catches the exception and goes on. work's exception is raised here.
     status: while work runs, every progress.LINE_EVERY_S seconds a line "STATUS, N s" on stderr (N: seconds since
-    it began), as a progress bar writes its status off a terminal; a log showed nothing for the minutes of merges."""
-    from babyllama import progress
+    it began, progress.status_lines); a log showed nothing for the minutes of merges."""
+    from babyllama.progress import status_lines
 
     failed: list[BaseException] = []
 
@@ -578,12 +579,12 @@ def in_thread(work: Callable[[], None], status: str | None = None) -> None:
         except BaseException as e:  # raised again in the waiting thread
             failed.append(e)
 
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     thread = threading.Thread(target=run, name="babyllama-bpe-training", daemon=True)
-    start = time.monotonic()
-    thread.start()
-    thread.join(progress.LINE_EVERY_S if status else None)  # without a status: until it ends
-    while thread.is_alive():
-        print(f"{status}, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
-        thread.join(progress.LINE_EVERY_S)
+    with status_lines(lambda seconds: f"{status}, {seconds:.0f} s", say) if status else nullcontext():
+        thread.start()
+        thread.join()  # a signal's handler runs while it waits, and its exception ends the wait
     if failed:
         raise failed[0]

@@ -108,6 +108,7 @@ from babyllama.data.shards import (
 from babyllama.data.sources import BAD_RECORDS, SUFFIXES, CorpusReader, data_suffix, records_and_bad
 from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, write_whole
 from babyllama.lock import holding
+from babyllama.progress import status_lines
 from babyllama.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -602,31 +603,11 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                         "there (`ray start --head`), correct RAY_ADDRESS, or unset it to start a local one.") from None
 
 
-@contextmanager
-def status_lines(label: str, logs: Path, tasks: int):
-    """While the body runs a stage, a line every progress.LINE_EVERY_S (stage_status), as a progress bar writes
-    its status in a log: a stage of a large corpus runs for hours."""
-    from babyllama import progress
-
-    stop, start = threading.Event(), time.monotonic()
-
-    def run() -> None:
-        while not stop.wait(progress.LINE_EVERY_S):
-            log.info("%s", stage_status(label, logs, tasks, time.monotonic() - start))
-
-    thread = threading.Thread(target=run, name="babyllama-stage-status", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def stage_status(label: str, logs: Path, tasks: int, seconds: float) -> str:
     """"stage 3/7 unique: 2 of 6 tasks done (245,312 documents), 90 s": the tasks that datatrove marked done in the
     stage's logging folder (completions/R), and the documents that their statistics (stats/R.json, written as a
-    task ends) count at the stage's first step that counts any (its reader); a stage that reads none says none."""
+    task ends) count at the stage's first step that counts any (its reader); a stage that reads none says none. A
+    line every progress.LINE_EVERY_S while the stage runs (run_stages)."""
     done = len(list((logs / "completions").glob("[0-9]*")))
     docs = [_documents(f) for f in (logs / "stats").glob("[0-9]*.json")]
     counted = [n for n in docs if n is not None]
@@ -662,8 +643,10 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
             start = time.time()
             label = f"stage {i + 1}/{len(stages)} {name}"
             log.info("%s: %d task%s", label, tasks, "s"[: tasks > 1])
+            logs = work / "logs" / f"{i + 1}_{name}"
             with forks_end_with_this_process() if launch.executor == "local" else nullcontext(), \
-                    status_lines(label, work / "logs" / f"{i + 1}_{name}", tasks):
+                    status_lines(functools.partial(stage_status, label, logs, tasks),
+                                 functools.partial(log.info, "%s")):
                 if launch.executor == "local" and executor.workers > 1:
                     start_forkserver()
                 executor.run()

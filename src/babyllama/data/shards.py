@@ -26,7 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.data.sources import BAD_RECORDS, TOKEN_SHARDS, output_kind, own_output
-from babyllama.errors import CannotWrite, UserError, check_folder, discard, overlap, signals_held, write_whole, writing
+from babyllama.errors import (
+    CannotWrite,
+    UserError,
+    check_apart,
+    check_folder,
+    discard,
+    signals_held,
+    write_whole,
+    writing,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-tokens"  # the manifest's "format"; an SFT/DPO token cache's is another
@@ -250,7 +259,7 @@ def merge(dirs: list[str], out: str | Path) -> dict:
     file or its tokenizer or with a shard of another size than its manifest says (check_shard_files)."""
     if len({Path(d).resolve() for d in dirs}) < len(dirs):
         raise UserError(f"--merge names a directory twice ({' '.join(map(str, dirs))}); each part once.")
-    check_out_dir_apart(dirs, Path(out))
+    check_apart(out, dirs, "--merge")
     manifests = [read_manifest(d, "--merge") for d in dirs]
     first = manifests[0]
     for d, m in zip(dirs, manifests, strict=True):
@@ -285,15 +294,6 @@ def merge(dirs: list[str], out: str | Path) -> dict:
         write_manifest(stage, merged)
         swap_in(stage, out, token_outputs, MANIFEST)
     return merged
-
-
-def check_out_dir_apart(dirs: list[str], out: Path) -> None:
-    """UserError when out is one of the parts dirs, holds one or is inside one: clearing out for the merge would
-    delete the shards it is about to read."""
-    for d in dirs:
-        if how := overlap(out, d):
-            raise UserError(f"--out_dir {out} {how} the part {d}; merge into a folder apart from the parts, which "
-                            "it would otherwise overwrite.")
 
 
 WHOLE = {"num_shards": 1, "shard_index": 0}  # the partition of a directory that records none: a whole corpus
