@@ -376,6 +376,25 @@ def test_datatrove_draws_none_of_its_bars(corpus, tmp_path, capsys):
     assert "it/s]" not in err and "%|" not in err, err
 
 
+def test_a_task_without_near_duplicates_says_nothing_of_it(tmp_path, capsys):
+    """MinHash's filter warned `No .remove file for rank=0.` on the console for each task of whose documents none was
+    a near duplicate: nothing wrong. It is in the task's log alone now; other warnings still reach the console."""
+    rng = random.Random(0)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("\n".join("".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(40))
+                                               for _ in range(5)) + "\n")
+    stats = dt.prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out", local(2))
+    assert stats["total"]["near_duplicates"] == 0 and "No .remove file" not in capsys.readouterr().err
+    logs = (tmp_path / "out" / "datatrove" / "logs").glob("*_write/logs/task_*.log")
+    assert sum("No .remove file for rank=" in f.read_text() for f in logs) == 2
+    from loguru import logger
+
+    dt._default_logger()  # datatrove's console logger between tasks: the same filter
+    logger.warning("No .remove file for rank=3.")
+    logger.warning("No .clusters file for rank=3.")
+    assert capsys.readouterr().err.endswith(" - No .clusters file for rank=3.\n")
+
+
 def test_other_settings_or_changed_inputs_start_anew_unless_a_run_is_unfinished(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("\n".join(GOOD_LINES[:30]) + "\n")
     first = dt.prepare([str(tmp_path / "a.txt")], tmp_path / "out", local(1), dedup="none")
@@ -429,6 +448,22 @@ def test_a_file_named_twice_is_read_once(corpus, tmp_path):
     stats = dt.prepare([files[0], files[0]], tmp_path, local(2))
     source = stats["sources"][str(Path(files[0]).resolve())]
     assert source["records"] == 158 and source["too_short"] == 2 and source["kept"] > 100
+
+
+def test_a_file_s_schema_is_the_one_of_most_of_its_records_as_on_the_embedded_engine(tmp_path):
+    """The stats of one file were added up over the tasks that read it, keeping the last task's schema, not the
+    schema of most of its records. A file is one task's (its real path once, however it is spelled), so its schema
+    is the one its reader counted most: the embedded engine's, here text, whose first record is wudao's."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"title": "标题", "content": GOOD_LINES[0]}, *({"text": t} for t in GOOD_LINES[1:4]), {"x": 1}]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(GOOD_LINES[4:8]) + "\n")
+    (tmp_path / "x").mkdir()
+    inputs = [str(mixed), str(tmp_path / "x" / ".." / "mixed.jsonl"), str(tmp_path / "b.txt")]
+    ours = dt.prepare(inputs, tmp_path / "dt", local(3), dedup="none")["sources"]
+    embedded = prepare(inputs, tmp_path / "embedded", dedup="none")["sources"]
+    assert [(s["schema"], s["records"], s["bad"]) for s in ours.values()] == \
+        [(s["schema"], s["records"], s["bad"]) for s in embedded.values()] == [("text", 5, 1), ("text", 4, 0)]
 
 
 def test_chunked_minhash_signature_equals_datatrove_s():

@@ -136,19 +136,29 @@ class Launch:
 _LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
 
 
+def _for_the_console(record: dict) -> bool:
+    """Whether a datatrove log record is for the console: not MinHash's filter saying "No .remove file for rank=R."
+    (a task of whose documents none is a near duplicate: nothing wrong, yet a WARNING on the console)."""
+    return not record["message"].startswith("No .remove file for rank=")
+
+
+def _console_logger() -> None:
+    logger.add(sys.stderr, level="WARNING", format=_LOG_FORMAT, colorize=False, filter=_for_the_console)
+
+
 def _task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
     """datatrove.utils.logging.add_task_logger with the console at WARNING: a run of 7 stages printed
     ~540 lines of banners for 2,000 documents. Everything still goes to logs/STAGE/logs/task_R.log."""
     logger.remove()
     logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
-    logger.add(sys.stderr, level="WARNING", format=_LOG_FORMAT, colorize=False)
+    _console_logger()
     logger.add(logfile, level="DEBUG", format=_LOG_FORMAT, colorize=False)
     return logfile
 
 
 def _default_logger() -> None:
     logger.remove()
-    logger.add(sys.stderr, level="WARNING", format=_LOG_FORMAT, colorize=False)
+    _console_logger()
 
 
 def quiet_datatrove() -> None:
@@ -379,16 +389,9 @@ class WriteTokenShards(PipelineStep):
 
 
 def _sources_read(work: Path) -> dict[str, dict]:
-    """{file: its FileStats dict} over all tasks, in corpus order (a file named twice: summed)."""
-    sources: dict[str, dict] = {}
-    for task in _json_files(work / "read"):
-        for path, fs in task.items():
-            if path in sources:
-                sources[path] = {**fs, "records": sources[path]["records"] + fs["records"],
-                                 "bad": sources[path]["bad"] + fs["bad"]}
-            else:
-                sources[path] = fs
-    return sources
+    """{file: its FileStats dict} of every task, in corpus order: each file is read by one task (files_of_task; the
+    inputs hold each real path once, sources.expand_inputs), so its schema is the one of most of its records."""
+    return {path: fs for task in _json_files(work / "read") for path, fs in task.items()}
 
 
 def _bad_records(work: Path) -> str:
