@@ -27,6 +27,7 @@ from babyllama.evaluate import (
     split_continuation,
 )
 from babyllama.report import make_report
+from babyllama.sampling import Sampling
 from tests.conftest import CHATGLM2, generated_corpus, run_cli, sharp_model, tiny_config
 
 
@@ -490,6 +491,17 @@ def test_bits_per_byte_by_hand(tiny_run, bpe_tokenizer):
     assert got["bytes"] == nbytes
     assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nats / got["tokens"]), rel=1e-5)
+
+
+def test_the_device_is_said_once_a_process(tiny_run, tmp_path, capsys, monkeypatch):
+    """`make demo` said `eval: running on cpu` for each checkpoint it evaluated (three with --dpo), in one process:
+    once now, as `babyllama eval`, one evaluation a process, says it."""
+    from babyllama import evaluate as ev
+
+    monkeypatch.setattr(ev, "DEVICES_SAID", set(), raising=False)  # none said yet in this process
+    for i in range(3):
+        ev.evaluate(tiny_run / "run" / "final", tmp_path / str(i), sampling=Sampling(max_new_tokens=2), device="cpu")
+    assert [line for line in capsys.readouterr().err.splitlines() if "running on" in line] == ["eval: running on cpu"]
 
 
 def test_eval_cli_and_report(tiny_run, tmp_path):

@@ -734,6 +734,17 @@ def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, prompts: Sequence[str
             "mc": sum(map(mc_cut, mc_items))}
 
 
+DEVICES_SAID: set[str] = set()  # the devices that "eval: running on ..." named in this process
+
+
+def say_device(device) -> None:
+    """"eval: running on DEVICE" on stderr, once a process for each device: the demo evaluates two checkpoints
+    (three with --dpo) in one process, and said it each time."""
+    if str(device) not in DEVICES_SAID:
+        DEVICES_SAID.add(str(device))
+        print(f"eval: running on {device}", file=sys.stderr, flush=True)
+
+
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,
              qa: str | None = None, mc: Sequence[str] | None = None, train_data: Sequence[str] | None = None,
              sampling: Sampling | None = None, limit: int = 0, device: str = DEVICE) -> dict:
@@ -761,7 +772,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
     sampling = sampling or Sampling()
     device = pick_device(device)
-    print(f"eval: running on {device}", file=sys.stderr, flush=True)  # after the checks: an error is all it says
+    say_device(device)  # after the checks: an error is all it says
     model, tokenizer, config = load_checkpoint(checkpoint, device)
     cut = cut_to_context(tokenizer, model.cfg.max_seq_len, prompt_list, qa_items, mc_items)
     for kind, what, total in [("prompts", "continuation prompts", len(prompt_list)),
