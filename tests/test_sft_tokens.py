@@ -304,6 +304,22 @@ def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     assert r.returncode == 2 and "--max_seq_len" in r.stderr
 
 
+def test_the_cache_bar_counts_the_input_bytes_of_their_total(demo_sft, tmp_path):
+    """The SFT/DPO cache's bar counted records with no total: no percentage, no ETA. It counts the inputs' bytes read
+    of their size, as prepare's and pretokenize's bars do, moving as each batch is written, with the records so far."""
+    data = demo_sft / "demo" / "sft.jsonl"
+    records = len(data.read_text(encoding="utf-8").splitlines())
+    assert records > 1000  # more than one batch (RECORDS_PER_BATCH)
+    r = run_cli("pretokenize", "--sft", "--input", data, "--tokenizer", demo_sft / "tok", "--out_dir", tmp_path / "c",
+                "--max_seq_len", "64", "--workers", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    bar = [line for line in r.stderr.splitlines() if line.startswith("sft tokens: ")]
+    assert re.fullmatch(r"sft tokens:   0%\|\s+\| 0\.00/(\S+) \[.*\]", bar[0]), bar
+    size = re.fullmatch(r"sft tokens:   0%\|\s+\| 0\.00/(\S+) \[.*\]", bar[0])[1]
+    assert re.fullmatch(rf"sft tokens: 100%\|#+\| {size}/{size} \[[^\]]*, {records:,} records, [\d,]+ samples/s\]",
+                        bar[-1]), bar
+
+
 def sft_val(run, data):
     """The packed validation rows of an SFT run (its own token cache)."""
     return load_sft_data([data], run / "final", run / "sft_tokens", SFTSettings(max_len=65), True, Dist())[1]

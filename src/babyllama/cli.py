@@ -56,7 +56,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     check_output_folder(args.out_dir, "a tokenizer", ("a tokenizer",))  # not a checkpoint's, whose model it fits
     reader = CorpusReader(args.input)
     texts = training_sample(reader.documents(), MAX_TRAIN_BYTES if args.max_train_bytes is None else
-                            args.max_train_bytes)
+                            args.max_train_bytes, read=reader.read)
     reader.check_usable()  # a tokenizer of no text is not trained, nor saved over an earlier one
     tok = train_bpe(texts, args.vocab_size)
     with signals_held(complete=args.out_dir):  # a stop waits: tokenizer.json and its ids file are of one tokenizer

@@ -102,10 +102,11 @@ class Demo:
         return sorted((self.out / "data").glob("part_*.jsonl"))
 
     def tokenizer(self) -> None:
-        from babyllama.data.sources import iter_texts
+        from babyllama.data.sources import CorpusReader
         from babyllama.tokenizer import train_bpe, training_sample
 
-        texts = training_sample(iter_texts(self.parts()))  # the whole corpus: under the default budget
+        reader = CorpusReader(self.parts())
+        texts = training_sample(reader.documents(), read=reader.read)  # the whole corpus: under the default budget
         train_bpe(texts, SMOKE["vocab"] if self.smoke else 8192).save(self.out / "tokenizer")
 
     def tokens(self) -> None:

@@ -20,14 +20,17 @@ import re
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from babyllama.errors import UserError, not_a_file, write_whole, writing
+
+if TYPE_CHECKING:
+    from babyllama.data.sources import BytesRead
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the same layout as ChatGLM2 (pad/unk=0, bos=1, eos=2)
 META_FILE = "babyllama_tokenizer.json"
@@ -481,10 +484,13 @@ MAX_TRAIN_BYTES = 32 << 20  # of text (UTF-8) that training sees by default: abo
 MiB = 1 << 20
 
 
-def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, seed: int = 0) -> list[str]:
+def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, seed: int = 0,
+                    read: BytesRead | None = None) -> list[str]:
     """A uniform random sample of documents holding at most max_bytes of UTF-8 text (0: no bound), in their order:
-    every document when they hold no more. Read once, with a progress bar (docs/s, MiB/s), and logged (documents and
-    MiB sampled, of how many).
+    every document when they hold no more. Read once, with a progress bar of bytes and the documents so far, and
+    logged (documents and MiB sampled, of how many). read: the BytesRead of the files the documents come from (a
+    CorpusReader's), whose count and total the bar shows, so that it has a percentage and an ETA; without it the bar
+    counts the bytes of text, of no total.
 
     BPE training holds every distinct pre-token, and Chinese ones are mostly distinct: about 90 bytes of memory per
     byte of real text, 125 of random characters (bench/RESULTS.md); the sample bounds it, as SentencePiece's
@@ -493,23 +499,18 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
     keys, in key order up to the first whose bytes do not fit: a simple random sample, the same on every run over the
     same documents, of at least max_bytes less the largest document (one over max_bytes alone is never sampled).
     Memory: the sample; the corpus is never held."""
-    from babyllama.progress import progress
+    from babyllama.progress import bytes_bar
 
     rng = random.Random(seed)
     kept: list[tuple[float, int, str, int]] = []  # (-key, place, text, bytes): a heap, the largest key on top
     held = seen = n = 0
     cut = 1.0  # keys at or above it are out of the sample: the smallest key that did not fit
-    start = time.monotonic()
-
-    def speed() -> str:
-        return f"{seen / MiB / max(time.monotonic() - start, 1e-9):.1f} MiB/s"
-
-    with progress(documents, desc="tokenizer train: reading", unit=" docs") as bar:
-        for n, text in enumerate(bar, 1):
+    with bytes_bar("tokenizer train: reading", read.total if read else 0) as bar:
+        for n, text in enumerate(documents, 1):
             size, key = len(text.encode()), rng.random()  # a key for every document: each depends on its place alone
             seen += size
-            if n % 1000 == 1:
-                bar.set_postfix_str(speed(), refresh=False)
+            bar.set_postfix_str(f"{n:,} docs", refresh=False)
+            bar.update((read() if read else seen) - bar.n)
             if max_bytes and (key >= cut or size > max_bytes):
                 continue
             heapq.heappush(kept, (-key, n, text, size))
@@ -517,7 +518,7 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
             while max_bytes and held > max_bytes:  # the largest keys leave until the rest fits
                 neg_key, _, _, dropped = heapq.heappop(kept)
                 held, cut = held - dropped, -neg_key
-        bar.set_postfix_str(speed(), refresh=False)  # the last status's
+        bar.update((read() if read else seen) - bar.n)  # every file read to its end: the total
     budget = f"{max_bytes:,} bytes ({max_bytes / MiB:.1f} MiB)" if max_bytes else "0: every document"
     if n and not kept:  # every document over the budget: a tokenizer of the 259 byte ids, said as a corpus too small
         raise UserError(f"--max_train_bytes {max_bytes:,} is smaller than every document ({n:,} read), so none "

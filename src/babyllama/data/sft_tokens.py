@@ -32,7 +32,8 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,10 +44,10 @@ from babyllama import chat_format
 from babyllama.chat_format import conversation_from_record, is_blank, render_conversation, truncate_conversation
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
-from babyllama.data.sources import BAD_RECORDS, Item, expand_inputs, iter_records
+from babyllama.data.sources import BAD_RECORDS, BytesRead, Item, expand_inputs, iter_records
 from babyllama.errors import UserError, discard, signals_held, writing
 from babyllama.lock import locked
-from babyllama.progress import is_rank0, progress
+from babyllama.progress import bytes_bar, is_rank0
 from babyllama.tokenizer import load_tokenizer
 from babyllama.weights_file import file_sha256
 
@@ -196,15 +197,19 @@ def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[lis
     return [(s_ids, s_mask)], is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
 
 
-def _record_batches(paths: list[Path]):
+def _record_batches(read: BytesRead, read_at: deque[int]) -> Iterator[list[Item]]:
+    """Lists of RECORDS_PER_BATCH records of read's files, in turn; read's count of bytes after each is appended to
+    read_at, for the bar to move as the batch is written, not as it is read ahead."""
     batch = []
-    for path in paths:
-        for item in iter_records(path):
+    for path in read.in_turn():
+        for item in iter_records(path, read.opened):
             batch.append(item)
             if len(batch) == RECORDS_PER_BATCH:
+                read_at.append(read())
                 yield batch
                 batch = []
     if batch:
+        read_at.append(read())
         yield batch
 
 
@@ -251,14 +256,15 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     names = [f"{split}.{part}.bin" for split in SPLITS for part in ("ids", "mask", "lengths")]
     files = {}  # each file's name -> its open temporary, .NAME.tmp
     stats = SFTStats()
-    bar = progress(desc=f"{kind} tokens", unit=" records")
+    read, read_at = BytesRead(paths), deque()  # the bytes of the inputs read, and after each batch in flight
+    bar = bytes_bar(f"{kind} tokens", read.total)
     what = "SFT" if kind == "sft" else "preference"
     try:  # on any failure, Ctrl-C too, the temporaries are removed; CannotWrite where the disk refuses a write
         for name in [*names, BAD_RECORDS]:
             with writing(out / name):
                 files[name] = (out / f".{name}.tmp").open("wb")
         render = partial(_renderer(kind), settings=settings)
-        for batch, r in in_workers(render, _record_batches(paths), str(tokenizer_path), workers):
+        for batch, r in in_workers(render, _record_batches(read, read_at), str(tokenizer_path), workers):
             _write(files, out, r, tok.dtype)
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
@@ -268,9 +274,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             for line in r["bad"][: 5 - len(stats.bad_examples)]:
                 stats.bad_examples.append(line)
                 log.warning("%s: skipped %s %s record", line, "an" if kind == "sft" else "a", what)
-            bar.update(len(batch))
-            bar.set_postfix(samples_per_s=f"{(stats.samples + stats.val_samples) / (time.time() - start):,.0f}",
-                            refresh=False)
+            rate = (stats.samples + stats.val_samples) / (time.time() - start)
+            bar.set_postfix_str(f"{stats.records:,} records, {rate:,.0f} samples/s", refresh=False)
+            bar.update(read_at.popleft() - bar.n)
         for name, f in files.items():
             with writing(out / name):
                 f.close()

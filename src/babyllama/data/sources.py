@@ -850,6 +850,35 @@ def records_and_bad(sources: dict[str, dict]) -> dict[str, int]:
     return {k: sum(s[k] for s in sources.values()) for k in ("records", "bad")}
 
 
+class BytesRead:
+    """Files read one after the other (in_turn), and how many of their bytes as stored (compressed) the records so
+    far were read from: the files read to their end and what was read of the one being read (its reader's buffer
+    ahead of the last record counts too; a parquet file: by its rows); total, their sizes, once every file has been
+    read, and never more. Calling it gives that count, a progress bar's (bytes_bar), which has a total."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.sizes = [f.stat().st_size for f in files]
+        self.total = sum(self.sizes)
+        self._done, self._position = 0, lambda: 0  # bytes of the files read to their end; the Position in the next
+
+    def in_turn(self) -> Iterator[Path]:
+        """Each file, once the one before has been read: pass opened to iter_records of it."""
+        for path, size in zip(self.files, self.sizes, strict=True):
+            yield path
+            self._done, self._position = self._done + size, lambda: 0
+
+    def opened(self, position: Position) -> None:
+        self._position = position
+
+    def __call__(self) -> int:
+        try:
+            now = self._position()
+        except ValueError:  # its stream was closed: damaged there, its next record is the next file's
+            now = 0
+        return min(self._done + now, self.total)
+
+
 MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log and the counts hold them all)
 
 
@@ -861,10 +890,8 @@ class CorpusReader:
         """bad_log, when given, receives every bad record, one a line: `file:line: why`."""
         if format is not None and format not in SCHEMAS:
             raise UserError(f"unknown format {format!r}; choose one of {', '.join(SCHEMAS)}.")
-        self.files = expand_inputs(paths)
-        self.sizes = [f.stat().st_size for f in self.files]  # as stored: compressed
-        self.total_bytes = sum(self.sizes)
-        self._done, self._position = 0, lambda: 0  # bytes of the files read to their end; the Position in the next
+        self.read = BytesRead(expand_inputs(paths))
+        self.files, self.total_bytes = self.read.files, self.read.total
         self.format = format
         self.bad_log = bad_log
         self.stats: dict[str, FileStats] = {}
@@ -877,23 +904,13 @@ class CorpusReader:
             yield text
 
     def documents_with_source(self) -> Iterator[tuple[str, str]]:
-        for path, size in zip(self.files, self.sizes, strict=True):
+        for path in self.read.in_turn():
             for text in self._file_documents(path):
                 yield str(path), text
-            self._done, self._position = self._done + size, lambda: 0
 
     def bytes_read(self) -> int:
-        """How many bytes of the files as stored (compressed) the documents so far were read from: the files read
-        to their end and what was read of the one being read (its reader's buffer ahead of the last document
-        counts too; a parquet file: by its rows); total_bytes once every file has been read, and never more."""
-        try:
-            now = self._position()
-        except ValueError:  # its stream was closed: damaged there, its next document is the next file's
-            now = 0
-        return min(self._done + now, self.total_bytes)
-
-    def _opened(self, position: Position) -> None:
-        self._position = position
+        """How many bytes of the files as stored the documents so far were read from (BytesRead), of total_bytes."""
+        return self.read()
 
     def _file_documents(self, path: Path) -> Iterator[str]:
         """The texts of a file's records, each read in the forced format or else in the schema that its own fields
@@ -902,7 +919,7 @@ class CorpusReader:
         far). The first good record of each schema is logged (once a reader), and at the end of a file whose records
         are of several schemas a warning counts each."""
         stats = self.stats.setdefault(str(path), FileStats(schema=self.format or ""))
-        for where, record, why in iter_records(path, self._opened):
+        for where, record, why in iter_records(path, self.read.opened):
             stats.records += 1
             if record is None:
                 self._bad(stats, where, why)
