@@ -455,6 +455,9 @@ def test_an_error_of_one_rank_alone_is_said_with_its_rank(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     cli.say_once(UserError("shard 3 is cut."))
     assert capsys.readouterr().err == "babyllama: error: shard 3 is cut.\n"
+    monkeypatch.setattr(cli, "first_to_say", lambda: False)  # another process of the joined job said why first
+    cli.say_once(UserError("shard 3 is cut."))
+    assert capsys.readouterr().err == ""
 
 
 def test_a_file_where_a_folder_is_taken_is_called_a_file(tmp_path):

@@ -1049,11 +1049,42 @@ def test_a_worker_killed_under_torchrun_is_one_true_sentence(shards, tmp_path):
     finally:
         agent.kill()
     said = [x for x in err.splitlines() if x.startswith("babyllama:")]
-    assert said == ["babyllama: error: process 0 of 2 stopped: another process of the job ended (" +
+    assert said == ["babyllama: error: process 0 of 2 stopped: process 1 of the job ended (" +
                     said[0].split("ended (", 1)[-1]], err[-3000:]
     assert said[0].endswith("), so this one cannot go on (torchrun's report names it and how it ended); --resume "
                             "continues from the last checkpoint.") and "by peer" in said[0]
     assert "Terminated" not in err and "[rank0]:" not in err and "exitcode  : 2 " in err, err[-3000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_rank_0_killed_under_torchrun_is_one_true_sentence_of_the_survivor(shards, tmp_path):
+    """kill -9 of rank 0 of 2 workers: rank 1 said nothing (it waited cli.RANK_GRACE_S for torchrun's stop, taken
+    as rank 0 having said the error, which a killed rank 0 never does). The survivor now says, once and with its
+    rank, that rank 0 ended, and ends with exit code 2, no traceback."""
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "babyllama", "pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir",
+                              str(tmp_path), "--max_steps", "1000000", "--batch_size", "2"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not ((tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text()):
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        workers = [int(p.name) for p in Path("/proc").iterdir()
+                   if p.name.isdigit() and alive(int(p.name)) and proc_stat(int(p.name))[1:2] == [str(agent.pid)]]
+        rank0 = [pid for pid in workers if b"\0RANK=0\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        assert len(workers) == 2 and len(rank0) == 1
+        os.kill(rank0[0], signal.SIGKILL)
+        err = agent.communicate(timeout=120)[1]
+    finally:
+        agent.kill()
+    said = [x for x in err.splitlines() if x.startswith("babyllama:")]
+    assert said == ["babyllama: error: (rank 1) process 1 of 2 stopped: process 0 of the job ended (" +
+                    said[0].split("ended (", 1)[-1]], err[-3000:]
+    assert said[0].endswith("), so this one cannot go on (torchrun's report names it and how it ended); --resume "
+                            "continues from the last checkpoint.") and "by peer" in said[0]
+    assert "Terminated" not in err and "[rank1]:" not in err and "exitcode  : 2 " in err, err[-3000:]
 
 
 def test_a_preset_flag_replaces_the_config_model_table(tmp_path, caplog):

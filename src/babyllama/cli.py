@@ -847,18 +847,35 @@ RANK_GRACE_S = 3.0  # how long a process of a torchrun job other than the first 
 def say_once(e: UserError) -> None:
     """Say e once for a torchrun job: RANK 0 (or a process alone) says it; another rank first waits RANK_GRACE_S
     for torchrun to stop it, as it does every process once the first has ended with the same error (a bad setting
-    fails on every rank alike), and says it, with its rank, only when it was not stopped: an error of its own."""
+    fails on every rank alike), and says it, with its rank, only when it was not stopped: an error of its own. Once
+    the job's processes have joined, the first of them to say why it ends says it (first_to_say), whoever it is: a
+    rank stopped by torchrun says it when none did before it, as when rank 0 was killed (kill -9, the OOM killer)."""
     if is_rank0():
-        say(e)
+        if first_to_say() is not False:
+            say(e)
         return
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2))  # torchrun's stop: rank 0 said it
+    rank = os.environ["RANK"]
+
+    def stopped(signum, frame) -> None:  # torchrun's stop: the process that ended first said why, unless it was killed
+        if first_to_say():
+            say(f"(rank {rank}) {e}")
+        os._exit(2)
+
+    before = signal.signal(signal.SIGTERM, stopped)
     try:
         time.sleep(RANK_GRACE_S)
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: the first says it
         return
     finally:
         signal.signal(signal.SIGTERM, before)
-    say(f"(rank {os.environ['RANK']}) {e}")
+    first_to_say()  # counted, so that a rank that torchrun stops next says nothing more
+    say(f"(rank {rank}) {e}")
+
+
+def first_to_say() -> bool | None:
+    """train.distributed.first_to_say where a torchrun job was joined (that module imported), else None."""
+    distributed = sys.modules.get("babyllama.train.distributed")
+    return None if distributed is None else distributed.first_to_say()
 
 
 def said_from_now_on(deferred: list[int]) -> None:

@@ -69,7 +69,24 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800) -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
                                 timeout=timedelta(seconds=timeout_s))
+        JOB_STORE[:] = [dist.distributed_c10d._get_default_store()]  # kept past the group's end, for first_to_say
     return Dist(rank, world, dev)
+
+
+JOB_STORE: list[dist.Store] = []  # the key-value store of the torchrun job this process joined (none: not joined)
+
+
+def first_to_say() -> bool | None:
+    """Whether this process is the first of its torchrun job to say why it ends: each that says it counts itself in
+    the job's store (torchrun's agent's, or rank 0's), the first counted says it. True also where the store cannot be
+    reached (its host, rank 0, has died: it said nothing); None in a process that joined no job (cli.say_once)."""
+    if not JOB_STORE:
+        return None
+    try:
+        JOB_STORE[0].set_timeout(timedelta(seconds=5))
+        return JOB_STORE[0].add(f"babyllama/said/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", 1) == 1
+    except (RuntimeError, dist.DistError):  # DistStoreError, DistNetworkError: the store is gone
+        return True
 
 
 @contextmanager
@@ -87,7 +104,8 @@ def process_group(device: str = "auto", timeout_s: float = 1800) -> Iterator[Dis
             # torchrun stops the job's other processes once one has ended: this one says why and ends by itself
             # (its SIGTERM came as a traceback, or a second sentence, after the first)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise UserError(f"process {d.rank} of {d.world} stopped: {why_collective_failed(str(e), timeout_s)}.") \
+        other = f"process {1 - d.rank} of the job" if d.world == 2 else "another process of the job"
+        raise UserError(f"process {d.rank} of {d.world} stopped: {why_collective_failed(str(e), timeout_s, other)}.") \
             from None
     finally:
         shutdown(d)
@@ -97,14 +115,15 @@ PEER_ENDED = re.compile(r"connection (closed|reset) by peer|broken pipe|connecti
 TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
-def why_collective_failed(error: str, timeout_s: float) -> str:
-    """Why a collective operation failed, in words, from gloo's error (or its store's): another process ended (its
-    connection closed: kill -9, a crash, the kernel's out-of-memory killer), or it waited timeout_s for the others
-    (ddp_timeout: one is stuck), each with gloo's words; where they say neither, that it was one of the two."""
+def why_collective_failed(error: str, timeout_s: float, other: str = "another process of the job") -> str:
+    """Why a collective operation failed, in words, from gloo's error (or its store's): the other process (other: in a
+    job of two, "process 0 of the job") ended (its connection closed: kill -9, a crash, the kernel's out-of-memory
+    killer), or it waited timeout_s for the others (ddp_timeout: one is stuck), each with gloo's words; where they
+    say neither, that it was one of the two."""
     cause = error.strip().splitlines()[-1].split("] ")[-1].split(". ")[0][:200]  # gloo's first sentence
     if PEER_ENDED.search(error):
-        return (f"another process of the job ended ({cause}), so this one cannot go on (torchrun's report names "
-                "it and how it ended); --resume continues from the last checkpoint")
+        return (f"{other} ended ({cause}), so this one cannot go on (torchrun's report names it and how it ended); "
+                "--resume continues from the last checkpoint")
     if TIMED_OUT.search(error):
         return f"a collective operation waited over {timeout_s:g} s for the other processes, ddp_timeout ({cause})"
     return (f"a collective operation waited over {timeout_s:g} s for the other processes (ddp_timeout), or one of "
