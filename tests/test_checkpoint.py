@@ -373,6 +373,29 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, sha
         pretrain(load_config(None, [*args, "--max_steps", "8", "--out_dir", str(tmp_path / "run")]), resume=True)
 
 
+def test_a_refused_resume_leaves_a_damaged_checkpoint_in_place(tmp_path, shards, capsys):
+    """A resume past a damaged step_000006, refused (average_last turned on within the averaged steps), had moved it
+    to step_000006.damaged already: the refused run wrote. The damaged ones are moved aside once every check has
+    passed, as the run begins."""
+    from babyllama.config import load_config
+    from babyllama.train.stages import pretrain
+    from tests.test_pretrain import FAST, TINY
+
+    args = [*TINY, *FAST, "--data", str(shards), "--batch_size", "4", "--out_dir", str(tmp_path), "--max_steps", "6",
+            "--save_every", "2"]
+    pretrain(load_config(None, args))
+    (tmp_path / "checkpoints" / "step_000006" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"step_000004 holds no mean of the weights, but average_last 0\.5 of 6 steps"):
+        pretrain(load_config(None, [*args, "--average_last", "0.5"]), resume=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000004",
+                                                                             "step_000006"]
+    capsys.readouterr()
+    pretrain(load_config(None, args), resume=True)
+    assert "step_000006 is moved to step_000006.damaged" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000004",
+                                                                             "step_000006", "step_000006.damaged"]
+
+
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
 def umask(request):
     old = os.umask(request.param)

@@ -421,6 +421,42 @@ def test_sft_resume_of_a_finished_run_changes_no_file(sft_setup, tmp_path, capsy
         assert files() == before
 
 
+def test_an_epochs_run_resumed_with_another_average_last_is_left_when_finished_and_refused_before_the_cache(
+        sft_setup, tmp_path, capsys):
+    """A finished run resumed with another average_last was refused (after its token cache was built again), though
+    a finished run is left as it was; it is now said finished, every file as it was and no cache built. An unfinished
+    epochs run resumed with it was refused only once the cache was built (its length in steps needs the rows): the
+    checkpoint records them, so the refusal comes before."""
+    import shutil
+
+    from babyllama.cli import main
+    from tests.conftest import simulate_death
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--save_every", "2", "--keep_last",
+            "10", "--batch_size", "64", "--epochs", "1", "--eval_every", "0", "--warmup_steps", "1", "--data_workers",
+            "1"]
+    assert main([*args, "--out_dir", str(run)]) == 0
+    last = json.loads((run / "final" / "config.json").read_text())["step"]
+    assert last > 4
+    shutil.rmtree(run / "sft_tokens")
+    files = lambda: {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = files()
+    capsys.readouterr()
+    assert main([*args, "--out_dir", str(run), "--average_last", "0.5", "--resume"]) == 0
+    assert capsys.readouterr().out == (f"note: the run in {run} is finished at step {last}, so nothing was done; its "
+                                       f"model is {run / 'final'}\ndone: {run / 'final'}\n")
+    assert files() == before
+    simulate_death(run, tmp_path / "died", step=4)
+    first = last - round(0.5 * last)
+    assert main([*args, "--out_dir", str(tmp_path / "died"), "--average_last", "0.5", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"babyllama: error: {tmp_path / 'died' / 'checkpoints' / 'step_000004'} holds no mean of the weights, but "
+        f"average_last 0.5 of {last} steps averages the steps after step {first}, {4 - first} of them by step 4; "
+        "resume with the average_last and length the run had, or use a new out_dir.\n")
+    assert not (tmp_path / "died" / "sft_tokens").exists()
+
+
 def test_a_global_batch_beyond_the_training_rows_warns_once(sft_setup, tmp_path, caplog):
     """30 samples in steps of 100 rows repeat each about 3 times a step: one warning naming both numbers; a batch
     of all 30 rows gives none."""

@@ -291,12 +291,14 @@ def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "dpo", dist):
         tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
-        resume_from = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
-        train, val, stats, data = token_cache(cfg, tok_path, dist, "dpo", resume_from)  # t.pack is refused above
+        start = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
+        if start.finished:
+            return Path(t.out_dir) / "final"
+        # t.pack is refused above
+        train, val, stats, data = token_cache(cfg, tok_path, dist, "dpo", start.resume_from)
         if dist.main:
             print(f"dpo data: {stats.records} records, {stats.bad} bad, {equal_words(stats)}, "
                   f"{stats.empty_answers} with an empty answer, {stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples // 2} train / {stats.val_samples // 2} val pairs")
         val_data = PreferenceData(val) if val is not None else None
-        return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, resume_from, "dpo", DPOTrainer,
-                            data)
+        return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, start, "dpo", DPOTrainer, data)

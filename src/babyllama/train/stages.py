@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from babyllama.checkpoint import (
@@ -19,6 +19,7 @@ from babyllama.checkpoint import (
     check_lora_bases,
     check_tokenizer_fits,
     latest_checkpoint,
+    load_train_state,
     model_config,
     read_config,
     remove_stale_temporaries,
@@ -38,7 +39,19 @@ from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, check_fsdp, held_by_main, process_group
 from babyllama.train.sft_data import load_sft_data
-from babyllama.train.trainer import Dataset, Trainer, check_dtype, check_memory, check_optimizer, check_resume, lora_of
+from babyllama.train.trainer import (
+    Dataset,
+    Trainer,
+    check_average,
+    check_dtype,
+    check_memory,
+    check_optimizer,
+    check_resume,
+    consumed_samples,
+    lora_of,
+    planned_samples,
+    planned_steps,
+)
 
 TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
 A_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run"}
@@ -47,26 +60,30 @@ ROWS = {"pretrain": "windows", "sft": "rows", "dpo": "pairs"}  # what a stage's 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class RunStart:
+    """Where checked_run found a run to start: resume_from (None: at step 0); the damaged checkpoints newer than it,
+    each with why, which run_training moves aside once every check has passed; finished: the run resumed is
+    finished, so nothing is to be done."""
+    resume_from: Path | None = None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    finished: bool = False
+
+
 def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, stage: str,
-                tok_path: str | Path) -> Path | None:
-    """Check the settings against the tokenizer (loaded from tok_path) and the run directory before any data
-    is built; returns the checkpoint to resume from, if any. A run directory holds one stage's checkpoints:
-    `--resume` refuses another stage's, a tokenizer other than the one its checkpoint records (files
-    replaced or edited since the run started), and other model settings, RESUME_SETTINGS or base (check_resume);
-    out_dir may not hold the --init model it would overwrite (that it is no file held_by_main checked, taking it).
-    Once all is checked, the damaged checkpoints newer than resume_from are moved aside (set_aside). Raises
-    UserError."""
+                tok_path: str | Path, rows: int | None = None) -> RunStart:
+    """Check the run directory, then the settings against the tokenizer (loaded from tok_path), before any data
+    is built; returns where the run starts. A run directory holds one stage's checkpoints: `--resume` refuses
+    another stage's, and out_dir may not hold the --init model it would overwrite (that it is no file held_by_main
+    checked, taking it); a run it finds finished (is_finished: of its length in resumed_length, its rows known
+    before the data is read, or recorded by its checkpoint) is said and left as it was, whatever settings changed,
+    with no other check; else it refuses settings that cannot run here (check_settings), a tokenizer other than the
+    one its checkpoint records (files replaced or edited since the run started), other model settings,
+    RESUME_SETTINGS or base (check_resume), and a weight average that average_last does not take on
+    (check_average). Nothing is written but the temporaries of a killed run removed; the damaged checkpoints are
+    moved aside by run_training. Raises UserError."""
     out = Path(cfg.train.out_dir)
     check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
-    if lora := lora_of(cfg.train):  # LoRA settings out of range stop here
-        check_rank(lora, cfg.model)
-    check_memory(cfg, dist.device, stage)  # and a model or batch beyond the machine
-    check_optimizer(cfg.train)  # and Muon where it cannot run
-    check_dtype(cfg.train, dist.device)  # and fp16 off a CUDA GPU
-    check_fsdp(cfg.train.fsdp)  # and FSDP without torchrun's processes
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                        f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
     init = Path(cfg.train.init).resolve() if cfg.train.init else None
     if init is not None and (init == out.resolve() or out.resolve() in init.parents):
         raise UserError(f"out_dir {out} holds --init {cfg.train.init}, which the run would overwrite; "
@@ -83,41 +100,89 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     if made_by != stage:
         raise UserError(f"{out} holds {A_RUN[made_by]} ({latest.name}), which {STAGE_NAMES[stage]} cannot "
                         f"{'resume' if resume else 'continue'}; choose another out_dir.")
+    if not resume and latest is not None:
+        raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
     resume_from, damaged = resumable_checkpoint(out) if resume else (None, [])
+    state = load_train_state(resume_from, mmap=True) if resume_from is not None else None
+    length = resumed_length(cfg, dist, state, rows) if state is not None else None
+    if length is not None and is_finished(out, state["step"], length[0]):
+        say_finished(out, state["step"], dist)
+        return RunStart(resume_from, finished=True)
+    check_settings(cfg, tokenizer, dist, stage)
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
     if resume_from is not None:
         check_resume(cfg, resume_from)
+    if length is not None:
+        check_average(cfg.train, resume_from, state["step"], state.get("averaged", 0), *length)
     if resume and resume_from is None and dist.main:
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
-    if not resume and latest is not None:
-        raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
-    barrier(dist)  # every rank has chosen resume_from before rank 0 moves the damaged ones aside, once all is checked
-    for ckpt, why in damaged if dist.main else []:
-        aside = set_aside(ckpt)
-        print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {resume_from.name}, and {ckpt.name} "
-              f"is moved to {aside.name} (keep_last counts whole checkpoints)")
-    return resume_from
+    return RunStart(resume_from, damaged)
+
+
+def check_settings(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, stage: str) -> None:
+    """UserError for settings that cannot run here: LoRA's out of range, a model or batch beyond the machine, Muon
+    or fp16 where they cannot run, FSDP without torchrun, a tokenizer beyond the vocabulary."""
+    if lora := lora_of(cfg.train):  # LoRA settings out of range stop here
+        check_rank(lora, cfg.model)
+    check_memory(cfg, dist.device, stage)  # and a model or batch beyond the machine
+    check_optimizer(cfg.train)  # and Muon where it cannot run
+    check_dtype(cfg.train, dist.device)  # and fp16 off a CUDA GPU
+    check_fsdp(cfg.train.fsdp)  # and FSDP without torchrun's processes
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                        f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
+
+
+def resumed_length(cfg: RunConfig, dist: Dist, state: dict, rows: int | None) -> tuple[int, int] | None:
+    """The last step of a run resumed from the trainer state, in steps of this run's global batch and of the one
+    before the resume (planned_steps), or None where that needs the training rows (an epochs run) and neither
+    rows (known before the data is read: pretraining's windows) nor the checkpoint (from before it recorded them)
+    gives them: then run_training checks once the data is read."""
+    t, rows = cfg.train, rows if rows is not None else state.get("rows")
+    if not (t.max_steps or t.tokens) and rows is None:
+        return None
+    samples = planned_samples(t, cfg.model.max_seq_len, rows or 0)
+    now, before = (planned_steps(t, samples, state["step"], consumed_samples(state), batch)
+                   for batch in (t.batch_size * t.grad_accum * dist.world, state["global_batch"]))
+    return now, before
+
+
+def is_finished(out: Path, step: int, last_step: int) -> bool:
+    """Whether a run in out resumed at step is finished: its length asks for no more steps (last_step) and final/ is
+    there, written at this step (a kill before final/ was written leaves it to write)."""
+    final = out / "final"
+    return step >= last_step and (final / CONFIG_FILE).is_file() and read_config(final).get("step") == step
+
+
+def say_finished(out: Path, step: int, dist: Dist) -> None:
+    if dist.main:
+        print(f"note: the run in {out} is finished at step {step}, so nothing was done; its model is {out / 'final'}")
 
 
 def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer,
-                 dist: Dist, resume_from: Path | None, stage: str, trainer_cls: type[Trainer] = Trainer,
+                 dist: Dist, start: RunStart, stage: str, trainer_cls: type[Trainer] = Trainer,
                  data: dict | None = None) -> Path:
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
     record of the data, to check a resume against (token_cache's, token_record's). A resume of a run that is
-    finished (final/ is of its last checkpoint's step, and the length asks for no more) writes nothing; another
-    says where it picks up."""
+    finished writes nothing (checked_run found it so before the data was read, unless its length needed the rows);
+    another has its weight average checked, moves the damaged checkpoints newer than the one it resumes from aside
+    (set_aside, once every check has passed) and says where it picks up."""
     out = Path(cfg.train.out_dir)
-    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, resume_from, data)
+    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, start.resume_from, data)
     t, steps = cfg.train, trainer.total_steps
-    if trainer.resumed and trainer.step >= steps and is_final_of(out / "final", trainer.step):
-        if dist.main:
-            print(f"note: the run in {out} is finished at step {trainer.step}, so nothing was done; its model is "
-                  f"{out / 'final'}")
+    if trainer.resumed and is_finished(out, trainer.step, steps):
+        say_finished(out, trainer.step, dist)
         return out / "final"
+    if trainer.resumed:
+        trainer.check_average(start.resume_from)
+    for ckpt, why in start.damaged if dist.main else []:
+        aside = set_aside(ckpt)
+        print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {start.resume_from.name}, and "
+              f"{ckpt.name} is moved to {aside.name} (keep_last counts whole checkpoints)")
     if dist.main and trainer.resumed:
-        print(f"resuming from {resume_from} (step {trainer.step} of {steps})")
+        print(f"resuming from {start.resume_from} (step {trainer.step} of {steps})")
     if dist.main and trainer.global_batch > len(train_data):
         log.warning("a step's %d rows (batch_size x grad_accum x processes) are more than the %d training %s, so "
                     "each step repeats some; lower --batch_size or use more data", trainer.global_batch,
@@ -146,11 +211,6 @@ def no_validation(cfg: RunConfig, stage: str) -> str:
     return f"val_fraction {cfg.train.val_fraction:g} leaves no validation {ROWS[stage]} of the data"
 
 
-def is_final_of(final: Path, step: int) -> bool:
-    """Whether final/ is there, written at this step."""
-    return (final / CONFIG_FILE).is_file() and read_config(final).get("step") == step
-
-
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """`babyllama pretrain`: train on the token shards of cfg.train.data."""
     t = cfg.train
@@ -170,14 +230,16 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         if differ:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
                             f"({differ[0]}).")
-        resume_from = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path)
+        start = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path, len(train_data))
+        if start.finished:
+            return Path(t.out_dir) / "final"
         data = token_record(train_data.manifest)  # what the checkpoints record
-        check_same_shards(data, resume_from, t.data)
+        check_same_shards(data, start.resume_from, t.data)
         if t.doc_mask:
             for windows in (train_data, val_data):
                 if windows is not None:
                     windows.doc_eos = tokenizer.eos_id
-        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "pretrain", data=data)
+        return run_training(cfg, train_data, val_data, tokenizer, dist, start, "pretrain", data=data)
 
 
 def check_same_shards(data: dict, resume_from: Path | None, data_dir: str) -> None:
@@ -237,10 +299,12 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "sft", dist):
         tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
         tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
-        resume_from = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
-        train_data, val_data, stats, data = token_cache(cfg, tok_path, dist, "sft", resume_from)
+        start = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
+        if start.finished:
+            return Path(t.out_dir) / "final"
+        train_data, val_data, stats, data = token_cache(cfg, tok_path, dist, "sft", start.resume_from)
         if dist.main:
             print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                   f"{stats.filtered} filtered by length, "
                   f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
-        return run_training(cfg, train_data, val_data, tokenizer, dist, resume_from, "sft", data=data)
+        return run_training(cfg, train_data, val_data, tokenizer, dist, start, "sft", data=data)

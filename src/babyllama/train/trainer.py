@@ -259,6 +259,52 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
                             f"weights); resume with --init {source['path']} or use a new out_dir.")
 
 
+def planned_samples(t: TrainConfig, seq_len: int, rows: int) -> int | None:
+    """The samples a run trains on, of tokens (a row holds seq_len targets) or epochs of its rows; None with
+    max_steps, which counts steps."""
+    if t.max_steps > 0:
+        return None
+    if t.tokens > 0:
+        return math.ceil(t.tokens / seq_len)
+    return math.ceil(t.epochs * rows)
+
+
+def planned_steps(t: TrainConfig, samples: int | None, step: int, consumed: int, global_batch: int) -> int:
+    """The step at which a run at step, with consumed samples behind it, ends: max_steps, else when its samples
+    (planned_samples) are consumed, in steps of global_batch rows.
+
+    The length is kept in samples, so a run resumed with another global batch (batch_size,
+    grad_accum or processes) ends after the same data, in steps of its new batch, the last of
+    them with the samples left (Trainer.step_rows).
+    """
+    if samples is None:
+        return t.max_steps
+    return step + max(0, math.ceil((samples - consumed) / global_batch))
+
+
+def check_average(t: TrainConfig, resume_from: Path, step: int, averaged: int, total_steps: int,
+                  steps_before: int) -> None:
+    """UserError when the weight average resumed from (averaged steps at step) holds other steps than average_last
+    asks of the run's length of total_steps (turned on, or changed, after its steps began: the mean was of the steps
+    after the resume alone); nothing without average_last, which drops the mean. steps_before: the length in steps
+    of the global batch before the resume: a tokens or epochs run resumed with another batch (other processes) has
+    its steps counted anew, and its mean goes on from there."""
+    if not t.average_last:
+        return
+    first = total_steps - round(t.average_last * total_steps)  # the steps after it are averaged
+    due = max(0, step - first)
+    if averaged not in (due, max(0, step - steps_before + round(t.average_last * steps_before))):
+        had = f"the mean of the weights of its last {averaged} steps" if averaged else "no mean of the weights"
+        raise UserError(f"{resume_from} holds {had}, but average_last {t.average_last:g} of {total_steps} steps "
+                        f"averages the steps after step {first}, {due} of them by step {step}; resume with the "
+                        "average_last and length the run had, or use a new out_dir.")
+
+
+def consumed_samples(state: dict) -> int:
+    """The samples of all steps so far of a trainer state ("position" in older checkpoints)."""
+    return state.get("consumed_samples", state.get("position"))
+
+
 def build_model(cfg: RunConfig, device: torch.device, resume_from: Path | None) -> Transformer:
     """A fresh model from the seed, then the weights of the checkpoint to resume (checked by check_resume),
     else of init.
@@ -423,6 +469,7 @@ class Trainer:
             cfg, train_data, val_data, tokenizer, dist, stage)
         self.out = Path(t.out_dir)
         self.global_batch = t.batch_size * t.grad_accum * dist.world  # rows per step
+        self.global_batch_before = self.global_batch  # a resumed run's before the resume (load_state_dict)
         self.order = GlobalOrder(len(train_data), t.seed)
         self.dtype = amp_dtype(t.dtype, dist.device)
         self.model = build_model(cfg, dist.device, resume_from)
@@ -448,33 +495,14 @@ class Trainer:
             if state is None:
                 raise UserError(f"{resume_from} has no trainer state to resume from.")
             self.load_state_dict(state)
-        self.samples = self.planned_samples()
+        self.samples = planned_samples(t, cfg.model.max_seq_len, len(train_data))
         self.total_steps = self.planned_steps()
-        if resume_from is not None:
-            self.check_average(resume_from, state["global_batch"])
-
-    def planned_samples(self) -> int | None:
-        """The samples the run trains on, of tokens (a row holds max_seq_len targets) or epochs; None with
-        max_steps, which counts steps."""
-        t = self.t
-        if t.max_steps > 0:
-            return None
-        if t.tokens > 0:
-            return math.ceil(t.tokens / self.cfg.model.max_seq_len)
-        return math.ceil(t.epochs * len(self.train_data))
+        if not t.average_last:  # without average_last a resumed mean is dropped, and final/ holds the last weights
+            self.average, self.averaged = {}, 0
 
     def planned_steps(self, global_batch: int | None = None) -> int:
-        """The step at which the run ends: max_steps, else when the samples of tokens or epochs are consumed,
-        in steps of global_batch rows (default: this run's).
-
-        The length is kept in samples, so a run resumed with another global batch (batch_size,
-        grad_accum or processes) ends after the same data, in steps of its new batch, the last of
-        them with the samples left (step_rows).
-        """
-        if self.samples is None:
-            return self.t.max_steps
-        rows = global_batch or self.global_batch
-        return self.step + max(0, math.ceil((self.samples - self.consumed_samples) / rows))
+        """The step at which the run ends (planned_steps), in steps of global_batch rows (default: this run's)."""
+        return planned_steps(self.t, self.samples, self.step, self.consumed_samples, global_batch or self.global_batch)
 
     def step_rows(self) -> int:
         """The rows of the next step: a global batch, or the fewer that the run's samples leave for its last step
@@ -483,24 +511,11 @@ class Trainer:
             return self.global_batch
         return min(self.global_batch, self.samples - self.consumed_samples)
 
-    def check_average(self, resume_from: Path, global_batch_before: int) -> None:
-        """UserError when the weight average resumed from holds other steps than average_last asks of this run's
-        length by now (turned on, or changed, after its steps began: the mean was of the steps after the resume
-        alone); without average_last the average is dropped, and final/ holds the last weights. The length is
-        taken in steps of the global batch before the resume too: a tokens or epochs run resumed with another
-        batch (other processes) has its steps counted anew, and its mean goes on from there."""
-        if not self.t.average_last:
-            self.average, self.averaged = {}, 0
-            return
-        before = self.planned_steps(global_batch_before)
-        first = self.total_steps - round(self.t.average_last * self.total_steps)  # the steps after it are averaged
-        due = max(0, self.step - first)
-        if self.averaged not in (due, max(0, self.step - before + round(self.t.average_last * before))):
-            had = f"the mean of the weights of its last {self.averaged} steps" if self.averaged else \
-                "no mean of the weights"
-            raise UserError(f"{resume_from} holds {had}, but average_last {self.t.average_last:g} of "
-                            f"{self.total_steps} steps averages the steps after step {first}, {due} of them by step "
-                            f"{self.step}; resume with the average_last and length the run had, or use a new out_dir.")
+    def check_average(self, resume_from: Path) -> None:
+        """check_average of the weight average resumed from resume_from, against this run's length (run_training,
+        once it has found the run unfinished)."""
+        check_average(self.t, resume_from, self.step, self.averaged, self.total_steps,
+                      self.planned_steps(self.global_batch_before))
 
     # --- one step ---
 
@@ -667,14 +682,16 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.consumed_samples, "bad_steps": self.bad_steps,
                 "tokens": self.tokens, "world": self.dist.world, "global_batch": self.global_batch,
                 "optimizer": optim, "average": {k: v.cpu() for k, v in self.average.items()},
-                "averaged": self.averaged, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state()}
+                "averaged": self.averaged, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rows": len(self.train_data)}  # rows: an epochs run's length before the data is read (resumed_length)
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(self.model, self.optimizers, state["optimizer"], options=state_dict_options())
         self.step, self.bad_steps, self.tokens = state["step"], state["bad_steps"], state["tokens"]
-        self.consumed_samples = state.get("consumed_samples", state.get("position"))  # "position" in older checkpoints
+        self.consumed_samples = consumed_samples(state)
+        self.global_batch_before = state["global_batch"]
         self.average = {k: v.to(self.dist.device) for k, v in state.get("average", {}).items()}
         self.averaged = state.get("averaged", 0)
         if state["scaler"]:
