@@ -396,6 +396,25 @@ def test_a_refused_resume_leaves_a_damaged_checkpoint_in_place(tmp_path, shards,
                                                                              "step_000006", "step_000006.damaged"]
 
 
+def test_damaged_checkpoints_go_with_the_whole_ones_of_their_time(tmp_path, shards, capsys):
+    """Every run that found a damaged checkpoint set it aside as step_N.damaged and kept it for good. Pruning now
+    deletes one once its step is older than the oldest checkpoint that keep_last keeps, as it deletes the whole ones
+    of that time: a run keeps keep_last whole checkpoints and the damaged ones among them, no more."""
+    from babyllama.config import load_config
+    from babyllama.train.stages import pretrain
+    from tests.test_pretrain import FAST, TINY
+
+    args = [*TINY, *FAST, "--data", str(shards), "--batch_size", "4", "--out_dir", str(tmp_path), "--save_every",
+            "1", "--keep_last", "2"]
+    names = lambda: sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    pretrain(load_config(None, [*args, "--max_steps", "3"]))
+    (tmp_path / "checkpoints" / "step_000003" / "trainer_state.pt").write_bytes(b"")
+    pretrain(load_config(None, [*args, "--max_steps", "4"]), resume=True)  # from step 2: 3 is set aside
+    assert names() == ["step_000003", "step_000003.damaged", "step_000004"]
+    pretrain(load_config(None, [*args, "--max_steps", "5"]), resume=True)  # keeps 4 and 5: step 3's time is past
+    assert names() == ["step_000004", "step_000005"]
+
+
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
 def umask(request):
     old = os.umask(request.param)

@@ -12,7 +12,8 @@
 
 A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
 `keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume, and a resume moves
-the damaged ones it skipped aside, `set_aside`, to step_000100.damaged) and the model
+the damaged ones it skipped aside, `set_aside`, to step_000100.damaged, which pruning removes once it is older
+than every checkpoint kept) and the model
 to use next in RUN/final. A writer killed at any moment leaves whole directories and temporaries
 named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
 """
@@ -96,12 +97,17 @@ def set_aside(ckpt: Path) -> Path:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Remove all but the newest keep_last step checkpoints of a run: each is renamed away, then
-    deleted, so that a kill in the middle never leaves a half-deleted step_* directory."""
-    for old in step_checkpoints(run_dir)[:-keep_last]:
+    """Remove all but the newest keep_last step checkpoints of a run, and the damaged ones set aside (set_aside) of
+    a step before the oldest kept, which pruning would have removed whole: each is renamed away, then deleted, so
+    that a kill in the middle never leaves a half-deleted step_* directory."""
+    ckpts = step_checkpoints(run_dir)
+    oldest = int(ckpts[-keep_last].name.removeprefix("step_")) if len(ckpts) >= keep_last else 0
+    damaged = [p for p in (Path(run_dir) / "checkpoints").glob("step_*.damaged")
+               if (m := re.fullmatch(r"step_(\d+)\.damaged", p.name)) and int(m[1]) < oldest]
+    for old in [*ckpts[:-keep_last], *damaged]:
         doomed = old.parent / f".{old.name}.pruned-{os.getpid()}"
         old.rename(doomed)
-        shutil.rmtree(doomed)
+        shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
 
 
 def remove_stale_temporaries(*folders: Path, name: str | None = None) -> list[str]:
