@@ -697,3 +697,25 @@ def test_a_path_given_twice_is_refused_another_value_is_replaced(tmp_path, monke
     assert parse_overrides(["--max_steps", "20", "--lr", "1", "--train.max_steps=4", "--preset", "demo",
                             "--model.preset", "tiny"]) == {"train": {"max_steps": "4", "lr": "1"},
                                                            "model": {"preset": "tiny"}}
+
+
+def test_a_ctrl_c_as_python_exits_prints_nothing_after_the_sentence(tmp_path):
+    """Ctrl-C in the second or two that Python takes to exit after a command (torch's atexit callbacks, the threads
+    it joins) printed "Exception ignored in atexit callback ... KeyboardInterrupt" after the command's sentence, or,
+    as the sentence was printed, a traceback. Once the command has ended, Ctrl-C is ignored. Here an exit hook of a
+    second makes that time certain."""
+    script = ("import atexit, sys, time\n"
+              "atexit.register(time.sleep, 1)  # run last: Python is exiting\n"
+              "from babyllama.cli import main\n"
+              "sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "report", str(tmp_path / "none")], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stderr.readline() == f"babyllama: error: run directory {tmp_path / 'none'} does not exist.\n"
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert (proc.returncode, rest) == (2, "")
+    from babyllama.cli import main
+
+    assert main(["report", str(tmp_path / "none")]) == 2  # called with argv, main gives Ctrl-C back
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)

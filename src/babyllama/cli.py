@@ -772,6 +772,19 @@ def end_with_torchrun_agent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `babyllama` command of argv (default: sys.argv's); the exit code. A caller that passes argv (a test, a
+    script) gets its Ctrl-C handler back as main returns; the program itself (argv None) ends ignoring Ctrl-C, which
+    the command ignores from its end (ctrl_c_ignored)."""
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        return parse_and_run(argv)
+    finally:
+        if argv is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ctrl_c)
+
+
+def parse_and_run(argv: list[str] | None) -> int:
+    """main's work: the arguments read, the command run (run), and a SIGTERM put off during an import said."""
     end_with_torchrun_agent()
     with terminated_as_ctrl_c() as deferred:  # first: a SIGTERM while the arguments are read is said too
         try:
@@ -794,8 +807,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def run(args: argparse.Namespace) -> int:
-    """The command, its errors said in one sentence; the exit code."""
+def command(args: argparse.Namespace) -> None:
+    """The command: its flags checked, its folder held, its function run; once it has ended, however, Ctrl-C is
+    ignored (ctrl_c_ignored)."""
     try:
         if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings (held)
             check_out_dir(args.out_dir)
@@ -805,6 +819,22 @@ def run(args: argparse.Namespace) -> int:
             args.check(args)
         with held(args):
             args.func(args)
+    finally:
+        ctrl_c_ignored()
+
+
+def ctrl_c_ignored() -> None:
+    """From now on Ctrl-C (SIGINT) is ignored: the command has ended, and says how (run) while Python exits (its
+    atexit callbacks, the threads it joins), where a KeyboardInterrupt came after that sentence as a traceback
+    ("Exception ignored in atexit callback ..."). main gives a caller that passes argv its handler back."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command, its errors said in one sentence; the exit code."""
+    try:
+        command(args)
     except UserError as e:
         if not isinstance(e, AlreadySaid):
             say_once(e)
@@ -827,6 +857,7 @@ def run(args: argparse.Namespace) -> int:
         print(stopped("stopped by SIGTERM", args), file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
+        ctrl_c_ignored()  # a Ctrl-C that came as the command ended, before it ignored the next
         print(stopped("interrupted", args), file=sys.stderr)
         return 130
     return 0
@@ -863,9 +894,7 @@ def say_once(e: UserError) -> None:
 
     before = signal.signal(signal.SIGTERM, stopped)
     try:
-        time.sleep(RANK_GRACE_S)
-    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the first says it
-        return
+        time.sleep(RANK_GRACE_S)  # Ctrl-C is ignored by now (ctrl_c_ignored): torchrun's agent stops the job
     finally:
         signal.signal(signal.SIGTERM, before)
     first_to_say()  # counted, so that a rank that torchrun stops next says nothing more
