@@ -177,6 +177,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
         return out / "final"
     if trainer.resumed:
         trainer.check_average(start.resume_from)
+    barrier(dist)  # every rank has read the checkpoints (checked_run) before rank 0 moves the damaged ones aside
     for ckpt, why in start.damaged if dist.main else []:
         aside = set_aside(ckpt)
         print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {start.resume_from.name}, and "
