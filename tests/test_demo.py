@@ -52,6 +52,10 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert (out / "data" / "dpo.jsonl").is_file() and (out / "dpo" / "final" / "model.safetensors").is_file()
     prefs = json.loads((out / "dpo" / "eval" / "preferences.json").read_text())
     assert prefs["pairs"] > 50 and prefs["sft"]["rewards/margins"] == 0  # the SFT model is its own reference
+    tasks = prefs["tasks"]  # the held-out pairs per task: they add up to all of them
+    assert set(tasks) == {"sentiment", "person", "place"} and sum(t["pairs"] for t in tasks.values()) == prefs["pairs"]
+    mean = sum(t["pairs"] * t["dpo"]["rewards/accuracies"] for t in tasks.values()) / prefs["pairs"]
+    assert mean == pytest.approx(prefs["dpo"]["rewards/accuracies"], abs=1e-9)
     after = json.loads((out / "dpo" / "eval" / "eval.json").read_text())["qa"]
     before = json.loads((out / "sft" / "eval" / "eval.json").read_text())["qa"]
     assert set(after) == set(prefs["qa_changes"]) == {"sentiment", "person", "place"}
@@ -59,4 +63,5 @@ def test_demo_smoke_end_to_end(tmp_path):
         moved = round((after[task]["exact_match"] - before[task]["exact_match"]) * after[task]["items"])
         assert change["fixed"] - change["broken"] == moved, task
     assert "chosen likelier" in dpo.stdout
-    assert "| dpo | " in (out / "report.md").read_text(encoding="utf-8")  # the held-out pairs' table
+    report_text = (out / "report.md").read_text(encoding="utf-8")  # the held-out pairs' table, overall and per task
+    assert "| dpo | " in report_text and f"| dpo, person ({tasks['person']['pairs']}) | " in report_text

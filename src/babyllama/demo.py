@@ -193,8 +193,14 @@ class Demo:
                                     False, Dist(), kind="dpo")
         beta = json.loads((run / "config.json").read_text())["train"]["beta"]
         data = PreferenceData(pairs)
-        result = {"pairs": len(data), "beta": beta, "sft": preference_metrics(sft_model, sft_model, data, beta),
-                  "dpo": preference_metrics(dpo_model, sft_model, data, beta),
+        models = {"sft": sft_model, "dpo": dpo_model}  # each scored against the SFT model
+
+        def scored(pairs: list[int] | None = None) -> dict:
+            return {name: preference_metrics(m, sft_model, data, beta, pairs=pairs) for name, m in models.items()}
+
+        result = {"pairs": len(data), "beta": beta, **scored(),
+                  "tasks": {task: {"pairs": len(indices), **scored(indices)}
+                            for task, indices in pairs_by_task(d / "dpo_eval.jsonl", len(data)).items()},
                   "qa_changes": qa_changes(self.out / "sft" / "eval" / "items.jsonl", run / "eval" / "items.jsonl")}
         write_whole(run / "eval" / "preferences.json", json.dumps(result, indent=2) + "\n")
         self.report()
@@ -259,6 +265,22 @@ def qa_changes(before: Path, after: Path) -> dict[str, dict[str, int]]:
     return changes
 
 
+def pairs_by_task(path: Path, n: int) -> dict[str, list[int]]:
+    """{task: the indices of its pairs} of the demo's held-out pairs (path: dpo_eval.jsonl, whose n pairs are all in
+    the token cache, in order), the task known by its instruction: DPO trained on the entity tasks' pairs alone, so
+    their rewards/accuracies says what it learnt, and sentiment's what it did to a task it never saw."""
+    from babyllama.data.demo_corpus import PERSON_PROMPT, PLACE_PROMPT, SENTIMENT_PROMPT
+
+    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(prompts) == n, f"{path} has {len(prompts)} pairs, its token cache {n}"
+    tasks: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        task = next(t for p, t in ((SENTIMENT_PROMPT, "sentiment"), (PERSON_PROMPT, "person"), (PLACE_PROMPT, "place"))
+                    if prompt.startswith(p))
+        tasks.setdefault(task, []).append(i)
+    return tasks
+
+
 def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = False, dpo: bool = False) -> Path:
     report = Demo(out, smoke, force, dpo).run()
     final = Path(out) / "sft" / "final"
@@ -276,7 +298,9 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
         prefs = json.loads((Path(out) / "dpo" / "eval" / "preferences.json").read_text())
         qa = json.loads((Path(out) / "dpo" / "eval" / "eval.json").read_text())["qa"]
         print(f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
-              f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%}")
+              f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%} ("
+              + ", ".join(f"{task} {p['dpo']['rewards/accuracies']:.1%}" for task, p in prefs.get("tasks", {}).items())
+              + "; DPO's pairs are of person and place)")
         for task, s in qa.items():
             if task not in results["qa"]:  # an SFT eval of other items (eval --limit)
                 continue

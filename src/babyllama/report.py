@@ -151,7 +151,9 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
         cols = ["model", "logps/accuracies", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
         lines += [f"Held-out preference pairs ({p['pairs']}, beta {p['beta']}; logps/accuracies: the chosen answer "
                   "is the likelier; rewards against the SFT model):", "",
-                  table([{"model": m, **p[m]} for m in ("sft", "dpo")], cols), ""]
+                  table([{"model": m, **p[m]} for m in ("sft", "dpo")]
+                        + [{"model": f"{m}, {task} ({t['pairs']})", **t[m]}  # per task, where the demo counts them
+                           for task, t in p.get("tasks", {}).items() for m in ("sft", "dpo")], cols), ""]
     if "leakage" in e:
         lk = e["leakage"]
         if lk.get("searched_documents") == 0:
