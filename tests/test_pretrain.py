@@ -706,7 +706,8 @@ def test_eval_scores_a_doc_mask_model_with_its_document_mask(shards, tmp_path):
     (["--beta2", "1"], "beta2 must be in [0, 1), got 1.0."),
     (["--val_fraction", "-0.1"], "val_fraction must be in [0, 1), got -0.1."),
     (["--seed", "-1"], "seed must be in [0, 2**63), got -1."),
-    (["--min_answer_chars", "9", "--max_answer_chars", "5"], "min_answer_chars (9) is above max_answer_chars (5)."),
+    (["--min_answer_chars", "9", "--max_answer_chars", "5"], "min_answer_chars 9 is above max_answer_chars 5, so no "
+     "record would pass; lower the one or raise the other."),
     (["--dtype", "fp8"], "dtype must be auto, fp32, bf16 or fp16, got 'fp8'."),
 ])
 def test_every_training_setting_is_checked_when_read(flags, message):

@@ -227,16 +227,13 @@ def check_mode_flags(args: argparse.Namespace) -> None:
 
 def check_ranges(args: argparse.Namespace) -> None:
     """Refuse pretokenize's --val_fraction outside [0, 1) (--sft's too, which the cache build took as it was) and a
-    --min_*_chars filter above its --max_*_chars, which no record passes: before the records are read, not after."""
-    from babyllama.data.pretokenize import check_val_fraction
+    --min_*_chars filter above its --max_*_chars, which no record passes: before the records are read, not after;
+    the ranges are the training settings' (settings.py)."""
+    from babyllama.settings import check_char_limits, check_fraction
 
     if args.val_fraction is not None:
-        check_val_fraction(args.val_fraction)
-    for part in ("prompt", "answer"):
-        low, high = getattr(args, f"min_{part}_chars"), getattr(args, f"max_{part}_chars")
-        if low and high and low > high:
-            raise UserError(f"--min_{part}_chars {low} is above --max_{part}_chars {high}, so no record would pass; "
-                            "lower the one or raise the other.")
+        check_fraction(args.val_fraction, "--val_fraction")
+    check_char_limits(lambda name: getattr(args, name), "--")
 
 
 def datatrove_engine():

@@ -23,7 +23,7 @@ from typing import get_args, get_type_hints
 from babyllama.errors import UserError
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
-from babyllama.settings import TABLES, parse_overrides, read_toml, stray_keys
+from babyllama.settings import TABLES, check_char_limits, check_fraction, parse_overrides, read_toml, stray_keys
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ class TrainConfig:
             if not (math.isfinite(value) and value >= 0):  # NaN and inf too
                 raise UserError(f"{name} must be 0 ({zero}) or more, got {value}.")
         for name in FRACTIONS:
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+            check_fraction(getattr(self, name), name)
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise UserError(f"epochs must be more than 0, got {self.epochs}.")
         if not 0 < self.lr <= MAX_LR:  # NaN too
@@ -156,10 +155,7 @@ class TrainConfig:
             raise UserError(f"ddp_timeout must be in [1, {MAX_DDP_TIMEOUT:,}] seconds, got {self.ddp_timeout}.")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}.")
-        for part in ("prompt", "answer"):
-            low, high = getattr(self, f"min_{part}_chars"), getattr(self, f"max_{part}_chars")
-            if high and low > high:
-                raise UserError(f"min_{part}_chars ({low}) is above max_{part}_chars ({high}).")
+        check_char_limits(lambda name: getattr(self, name))
         if self.optimizer not in ("adamw", "muon"):
             raise UserError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
         if self.dtype not in DTYPES:

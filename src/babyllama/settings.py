@@ -1,6 +1,8 @@
 """The settings of a training run as written, read without torch: a TOML file's [model] and [train] tables and
 `--key value` flags. config.py makes a RunConfig of them; the CLI finds a run's out_dir in them (run_out_dir) and holds
 that folder (lock.py) before it imports torch, so that a second run into it is refused at once, not seconds later.
+The ranges that pretokenize's flags share with those settings are checked here too (check_fraction,
+check_char_limits), for both.
 
     flags = parse_overrides(["--lr", "1e-3", "--model.dim=128"])   # {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}
     run_out_dir("sft", "configs/sft-demo.toml", [], "runs/demo/pretrain/final")   # "runs/demo/pretrain-sft"
@@ -9,6 +11,7 @@ that folder (lock.py) before it imports torch, so that a second run into it is r
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from babyllama.errors import UserError, not_a_file
@@ -79,6 +82,23 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
         unknown = sorted(set(out) - {"train", "model"})
         raise UserError(f"settings are --key, --train.key or --model.key; got sections {unknown}.")
     return out
+
+
+def check_fraction(value: float, name: str) -> None:
+    """UserError for a fraction (val_fraction, beta1, ...) outside [0, 1), NaN too; name: the setting or flag as
+    the user gave it ("val_fraction", "--val_fraction")."""
+    if not 0.0 <= value < 1.0:
+        raise UserError(f"{name} must be in [0, 1), got {value}.")
+
+
+def check_char_limits(limit: Callable[[str], int | None], dash: str = "") -> None:
+    """UserError for a min_prompt_chars or min_answer_chars above its max_*_chars, which no record passes (0 or None:
+    no limit); limit(name) gives each value, and dash is "--" where flags gave them (pretokenize --sft's)."""
+    for part in ("prompt", "answer"):
+        low, high = limit(f"min_{part}_chars"), limit(f"max_{part}_chars")
+        if low and high and low > high:
+            raise UserError(f"{dash}min_{part}_chars {low} is above {dash}max_{part}_chars {high}, so no record would "
+                            "pass; lower the one or raise the other.")
 
 
 def default_out_dir(stage: str, init: str) -> str:

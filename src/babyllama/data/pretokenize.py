@@ -43,6 +43,7 @@ from babyllama.data.shards import (
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError, children_without_ctrl_c
 from babyllama.progress import bytes_bar, is_rank0
+from babyllama.settings import check_fraction
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_CHARS = 1 << 20  # characters per batch sent to a worker
@@ -187,8 +188,7 @@ def token_manifest(tok: Tokenizer, *, bos: bool, val_fraction: float, shards: li
 
 
 def check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 <= val_fraction < 1.0:  # also refuses nan
-        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
+    check_fraction(val_fraction, "--val_fraction")  # the range of the training setting too
 
 
 def pretokenize(
