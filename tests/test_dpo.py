@@ -83,6 +83,36 @@ def ours(d, pairs, beta: float, eps: float = 0.0, rpo_alpha: float = 0.0):
         return *trainer.pair_losses(batch), loss, trainer.validation()["val_loss"]
 
 
+def test_validation_on_two_ranks_adds_up_to_one_process(fixed_batch, monkeypatch):
+    """Trainer.val_batches deals the held-out pairs out to the ranks in batches of batch_size (5 pairs, batches of 2:
+    rank 0 takes [0, 1] and [4], rank 1 [2, 3]); the rank dealt fewer runs a padding batch that counts nothing, so
+    that every rank makes as many forward passes. The ranks' sums add up to one process's over the same pairs."""
+    import babyllama.train.dpo as dpo_module
+
+    d, pairs = fixed_batch
+    data = PreferenceData(SFTData.from_samples([s for pair in [*pairs, *pairs[:2]] for s in pair], 63, 0))
+    reduced, passes = [], []
+    monkeypatch.setattr(dpo_module, "all_reduce_sum", lambda x, dist: reduced.append(x.clone()) or x)
+
+    def trainer(*flags: str) -> DPOTrainer:
+        cfg = load_config(None, ["--init", str(d / "ref"), "--out_dir", str(d / "run"), "--batch_size", "2",
+                                 "--eval_batches", "2", *flags])
+        cfg.model = init_model(cfg, "DPO")
+        t = DPOTrainer(cfg, data, data, None, Dist())
+        pair_losses = t.pair_losses
+        monkeypatch.setattr(t, "pair_losses", lambda batch: passes.append(t.dist.rank) or pair_losses(batch))
+        return t
+
+    trainer("--grad_accum", "2").validation()  # one process, a global batch of 4: all 5 pairs
+    one = reduced.pop()
+    for rank in (0, 1):  # two processes of one micro-batch each: the same global batch
+        t = trainer()
+        t.dist, t.global_batch = Dist(rank=rank, world=2), 4
+        t.validation()
+    assert passes == [0, 0, 0] + [0, 0] + [1, 1]  # one process: 3 batches; each rank: 2, one of them padding
+    assert torch.allclose(reduced[0] + reduced[1], one, atol=1e-5) and one[-1] == 5 and reduced[1][-1] == 2
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_trainer_loss_and_rewards_equal_the_formula_on_summed_log_probs(fixed_batch, eps):
     d, pairs = fixed_batch

@@ -37,6 +37,7 @@ from babyllama.checkpoint import load_model, tokenizer_dir, weights_sha256
 from babyllama.config import RunConfig
 from babyllama.data.sft_tokens import equal_words
 from babyllama.errors import UserError, writing
+from babyllama.evaluate import padding_batch
 from babyllama.progress import progress
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import load_tokenizer
@@ -175,17 +176,16 @@ class DPOTrainer(Trainer):
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref.float().chunk(2)
         return *dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.t.beta, self.t.label_smoothing), logps
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], counted: bool = True) -> torch.Tensor:
         """The mean DPO loss of the batch's pairs (+ rpo_alpha times the chosen answers' NLL); their metrics
-        add up in self.sums."""
+        add up in self.sums, unless not counted (a padding micro-batch: padding_loss)."""
         *parts, logps = self.pair_losses(batch)
-        self.sums += pair_sums(*parts, logps)
+        if counted:
+            self.sums += pair_sums(*parts, logps)
         return parts[0].mean() + self.rpo_term(logps, batch)
 
     def padding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """forward of a padding micro-batch, its pairs left out of the step's metrics (self.sums)."""
-        *parts, logps = self.pair_losses(batch)
-        return parts[0].mean() + self.rpo_term(logps, batch)
+        return self.forward(batch, counted=False)
 
     def rpo_term(self, logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """rpo_alpha times the chosen answers' mean token NLL (0 without RPO): the loss's second term."""
@@ -198,24 +198,21 @@ class DPOTrainer(Trainer):
     @torch.no_grad()
     def validation(self) -> dict[str, float]:
         """val_loss (with the RPO term, as the training loss) and val_rewards/... over the first
-        eval_batches * global_batch held-out pairs (as Trainer.evaluate)."""
+        eval_batches * global_batch held-out pairs (Trainer.val_batches, as Trainer.evaluate)."""
         if self.val_data is None:
             return {}
-        B, d = self.t.batch_size, self.dist
-        n = min(len(self.val_data), self.t.eval_batches * self.global_batch)
-        batches = [list(range(s, min(s + B, n))) for s in range(0, n, B)]
-        mine = batches[d.rank :: d.world]
-        counted = len(mine)  # then a padding batch where this rank was dealt one fewer: equal forward passes
-        mine += batches[:1] * (-(-len(batches) // d.world) - counted)  # on every rank, as FSDP and DDP need
+        d = self.dist
+        mine, padding = self.val_batches()
         sums = torch.zeros_like(self.sums)
         self.wrapped.eval()
-        for i, rows in enumerate(mine):
+        for rows in mine:
             batch = {k: v.to(d.device) for k, v in self.val_data.collate(rows).items()}
             *parts, logps = self.pair_losses(batch)
             part = pair_sums(*parts, logps)
             part[0] += self.rpo_term(logps, batch) * part[-1]  # val_loss is the training loss's objective
-            if i < counted:
-                sums += part
+            sums += part
+        for _ in range(padding):  # counts nothing
+            self.pair_losses({k: v.to(d.device) for k, v in padding_batch(self.val_data, 0).items()})
         self.wrapped.train()
         return {f"val_{k}": v for k, v in means(all_reduce_sum(sums, d)).items()}
 

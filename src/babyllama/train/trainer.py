@@ -650,27 +650,29 @@ class Trainer:
         return {"val_loss": self.evaluate()}
 
     def evaluate(self) -> float | None:
-        """Mean loss over the first eval_batches * global_batch validation rows (the same rows whatever the number
-        of processes, batch_size and grad_accum that make that global batch), in batches of batch_size dealt out
-        to the ranks, their sums of nats and tokens added up.
-
-        Every rank runs the same number of forward passes, as FSDP (which gathers the weights in each)
-        and DDP (which syncs buffers) need: a rank dealt one batch fewer than others runs a padding batch
-        whose targets are all masked. The loss is the one process's, whatever the number of ranks.
-        """
+        """Mean loss over the first eval_batches * global_batch validation rows (val_batches), their sums of nats and
+        tokens added up over the ranks: the loss is the one process's, whatever the number of ranks."""
         if self.val_data is None:
             return None
+        mine, padding = self.val_batches()
+        self.wrapped.eval()
+        nats, tokens, _ = loss_sums(self.forward, self.val_data, [i for b in mine for i in b], self.t.batch_size,
+                                    self.dist.device, padding_batches=padding)
+        self.wrapped.train()
+        sums = all_reduce_sum(torch.tensor([nats, tokens], dtype=torch.float32, device=self.dist.device), self.dist)
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def val_batches(self) -> tuple[list[list[int]], int]:
+        """This rank's batches of the first eval_batches * global_batch validation rows (the same rows whatever the
+        number of processes, batch_size and grad_accum that make that global batch), in batches of batch_size dealt
+        out to the ranks; and the padding batches (0 or 1) it runs more, whose targets are all masked: every rank runs
+        as many forward passes as the others, as FSDP (which gathers the weights in each) and DDP (which syncs
+        buffers) need."""
         B, d = self.t.batch_size, self.dist
         n = min(len(self.val_data), self.t.eval_batches * self.global_batch)
-        batches = [range(s, min(s + B, n)) for s in range(0, n, B)]
+        batches = [list(range(s, min(s + B, n))) for s in range(0, n, B)]
         mine = batches[d.rank :: d.world]
-        padding = -(-len(batches) // d.world) - len(mine)  # 0 or 1
-        self.wrapped.eval()
-        nats, tokens, _ = loss_sums(self.forward, self.val_data, [i for b in mine for i in b], B, d.device,
-                                    padding_batches=padding)
-        self.wrapped.train()
-        sums = all_reduce_sum(torch.tensor([nats, tokens], dtype=torch.float32, device=d.device), d)
-        return float(sums[0] / sums[1].clamp(min=1))
+        return mine, -(-len(batches) // d.world) - len(mine)
 
     # --- state and checkpoints ---
 
