@@ -33,23 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from babyllama.checkpoint import load_model, tokenizer_dir, weights_sha256
+from babyllama.checkpoint import load_model, weights_sha256
 from babyllama.config import RunConfig
-from babyllama.data.sft_tokens import equal_words
 from babyllama.errors import UserError, writing
 from babyllama.evaluate import padding_batch
 from babyllama.progress import progress
-from babyllama.settings import default_out_dir
-from babyllama.tokenizer import load_tokenizer
-from babyllama.train.distributed import all_reduce_sum, barrier, held_by_main, process_group
+from babyllama.train.distributed import all_reduce_sum, barrier
 from babyllama.train.sft_data import SFTData
-from babyllama.train.stages import (
-    TOKENIZER_OF_INIT,
-    checked_run,
-    init_model,
-    run_training,
-    token_cache,
-)
+from babyllama.train.stages import fine_tune
 from babyllama.train.trainer import Trainer
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -278,26 +269,9 @@ def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, data
 
 def dpo(cfg: RunConfig, resume: bool = False) -> Path:
     """`babyllama dpo`: tune cfg.train.init on the preference pairs of cfg.train.data; returns final/."""
-    t = cfg.train
-    if not t.init:
+    if not cfg.train.init:
         raise UserError("DPO needs the model to tune: pass --init CHECKPOINT (an SFT model, e.g. runs/demo/sft/final).")
-    if not t.data:
+    if not cfg.train.data:
         raise UserError("DPO needs preference pairs: pass --data FILE... ({prompt, chosen, rejected} records or "
                         "another shape the README lists).")
-    t.check_stage("dpo")
-    cfg.model = init_model(cfg, "DPO")
-    t.out_dir = t.out_dir or default_out_dir("dpo", t.init)
-    with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "dpo", dist):
-        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
-        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
-        start = checked_run(cfg, tokenizer, dist, resume, "dpo", tok_path)  # before the cache is built
-        if start.finished:
-            return Path(t.out_dir) / "final"
-        # t.pack is refused above
-        train, val, stats, data = token_cache(cfg, tok_path, dist, "dpo", start.resume_from)
-        if dist.main:
-            print(f"dpo data: {stats.records} records, {stats.bad} bad, {equal_words(stats)}, "
-                  f"{stats.empty_answers} with an empty answer, {stats.filtered} filtered by length, "
-                  f"{stats.truncated} truncated; {stats.samples // 2} train / {stats.val_samples // 2} val pairs")
-        val_data = PreferenceData(val) if val is not None else None
-        return run_training(cfg, PreferenceData(train), val_data, tokenizer, dist, start, "dpo", DPOTrainer, data)
+    return fine_tune(cfg, resume, "dpo", DPOTrainer, PreferenceData)  # check_stage refuses pack

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from babyllama.checkpoint import (
 )
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.pretokenize import cpu_workers
-from babyllama.data.sft_tokens import SFTSettings, read_sft_cache
+from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, read_sft_cache
 from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
 from babyllama.data.sources import check_output_folder
 from babyllama.errors import UserError, write_whole
@@ -38,7 +39,7 @@ from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, check_fsdp, held_by_main, process_group
-from babyllama.train.sft_data import load_sft_data
+from babyllama.train.sft_data import SFTData, load_sft_data
 from babyllama.train.trainer import (
     Dataset,
     Trainer,
@@ -271,10 +272,11 @@ def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
 
 
 def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: str, resume_from: Path | None):
-    """(train, val, stats, data) of cfg.train.data through the token cache of SFT (kind "sft") or DPO ("dpo"):
-    sft_cache, else OUT_DIR/{kind}_tokens, built first when there is none (train.sft_data.load_sft_data).
-    data: the cache's manifest less its stats, which the run's checkpoints record, so that a resume refuses
-    other inputs or settings even when the cache was deleted and rebuilt from them."""
+    """(train, val, data) of cfg.train.data through the token cache of SFT (kind "sft") or DPO ("dpo"):
+    sft_cache, else OUT_DIR/{kind}_tokens, built first when there is none (train.sft_data.load_sft_data), whose
+    records, samples and those left out the first process says (data_line). data: the cache's manifest less its
+    stats, which the run's checkpoints record, so that a resume refuses other inputs or settings even when the cache
+    was deleted and rebuilt from them."""
     t = cfg.train
     paths = [t.data] if isinstance(t.data, str) else t.data
     settings = SFTSettings(cfg.model.max_seq_len + 1, t.val_fraction, t.min_prompt_chars, t.max_prompt_chars,
@@ -283,29 +285,47 @@ def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: st
     started_with = read_config(resume_from).get("data") if resume_from is not None else None  # None: older run
     train, val, stats = load_sft_data(paths, tokenizer_path, cache, settings, t.pack, dist,
                                       cpu_workers(t.data_workers, "data_workers"), kind, started_with)
+    if dist.main:
+        print(data_line(kind, stats))
     data = {k: v for k, v in read_sft_cache(cache).items() if k != "stats"}  # what the checkpoints record
-    return train, val, stats, data
+    return train, val, data
+
+
+def data_line(kind: str, stats: SFTStats) -> str:
+    """What the token cache of kind ("sft", "dpo") holds: its records, those left out and why, and the samples of
+    each split (DPO's: pairs, of two samples each)."""
+    dpo = kind == "dpo"
+    equal, per = (f"{equal_words(stats)}, ", 2) if dpo else ("", 1)
+    return (f"{kind} data: {stats.records} records, {stats.bad} bad, {equal}{stats.empty_answers} with an empty "
+            f"answer, {stats.filtered} filtered by length, {stats.truncated} truncated; {stats.samples // per} train / "
+            f"{stats.val_samples // per} val {'pairs' if dpo else 'samples'}")
+
+
+def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Trainer] = Trainer,
+              rows: Callable[[SFTData], Dataset] | None = None) -> Path:
+    """sft and dpo, once each has checked that it has an init and data: the model of --init, the run checked
+    (checked_run) before the token cache is built (minutes), then trained; returns final/. rows: the trainer's rows
+    of the cache's samples (DPO's pairs), default the samples."""
+    t = cfg.train
+    t.check_stage(stage)
+    cfg.model = init_model(cfg, STAGE_NAMES[stage])
+    t.out_dir = t.out_dir or default_out_dir(stage, t.init)
+    with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, stage, dist):
+        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
+        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
+        start = checked_run(cfg, tokenizer, dist, resume, stage, tok_path)
+        if start.finished:
+            return Path(t.out_dir) / "final"
+        train, val, data = token_cache(cfg, tok_path, dist, stage, start.resume_from)
+        if rows is not None:
+            train, val = rows(train), None if val is None else rows(val)
+        return run_training(cfg, train, val, tokenizer, dist, start, stage, trainer_cls, data)
 
 
 def sft(cfg: RunConfig, resume: bool = False) -> Path:
     """`babyllama sft`: fine-tune cfg.train.init on the instruction or chat files of cfg.train.data."""
-    t = cfg.train
-    if not t.init:
+    if not cfg.train.init:
         raise UserError("SFT needs a model to start from: pass --init CHECKPOINT (e.g. runs/demo/pretrain/final).")
-    if not t.data:
+    if not cfg.train.data:
         raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
-    t.check_stage("sft")
-    cfg.model = init_model(cfg, "SFT")
-    t.out_dir = t.out_dir or default_out_dir("sft", t.init)
-    with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "sft", dist):
-        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
-        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
-        start = checked_run(cfg, tokenizer, dist, resume, "sft", tok_path)  # before the cache is built (minutes)
-        if start.finished:
-            return Path(t.out_dir) / "final"
-        train_data, val_data, stats, data = token_cache(cfg, tok_path, dist, "sft", start.resume_from)
-        if dist.main:
-            print(f"sft data: {stats.records} records, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
-                  f"{stats.filtered} filtered by length, "
-                  f"{stats.truncated} truncated; {stats.samples} train / {stats.val_samples} val samples")
-        return run_training(cfg, train_data, val_data, tokenizer, dist, start, "sft", data=data)
+    return fine_tune(cfg, resume, "sft")
