@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -994,17 +995,16 @@ def alive(pid: int) -> bool:
     return proc_stat(pid)[:1] not in ([], ["Z"])
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_workers_end_when_torchrun_is_killed(shards, tmp_path):
-    """kill -9 of torchrun (its agent) left both workers, each in a session of its own, training on to the end and
-    holding out_dir's lock, so that a --resume was refused; each worker now ends with its agent
-    (cli.end_with_torchrun_agent)."""
-    out = tmp_path / "run"
+@contextmanager
+def torchrun_training(shards: Path, out: Path, stderr=subprocess.DEVNULL):
+    """A torchrun job of 2 workers pretraining on shards into out with no end in sight, once both train (metrics.jsonl
+    has a line): yields its agent (a Popen, stderr as given) and the workers' pids; kills whatever is left of it."""
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "babyllama", "pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir", str(out),
                               "--max_steps", "1000000", "--batch_size", "2"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ,
-                                                                                        "OMP_NUM_THREADS": "1"})
+                             stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 240
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):  # both train
@@ -1012,6 +1012,20 @@ def test_workers_end_when_torchrun_is_killed(shards, tmp_path):
             time.sleep(0.5)
         workers = [int(p.name) for p in Path("/proc").iterdir()
                    if p.name.isdigit() and alive(int(p.name)) and proc_stat(int(p.name))[1:2] == [str(agent.pid)]]
+        yield agent, workers
+    finally:
+        agent.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_end_when_torchrun_is_killed(shards, tmp_path):
+    """kill -9 of torchrun (its agent) left both workers, each in a session of its own, training on to the end and
+    holding out_dir's lock, so that a --resume was refused; each worker now ends with its agent
+    (cli.end_with_torchrun_agent)."""
+    with torchrun_training(shards, tmp_path / "run") as (agent, workers):
         assert len(workers) == 2
         agent.kill()
         agent.wait()
@@ -1019,73 +1033,30 @@ def test_workers_end_when_torchrun_is_killed(shards, tmp_path):
         while any(map(alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(map(alive, workers))
-    finally:
-        agent.kill()
-        for pid in workers if "workers" in locals() else []:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_a_worker_killed_under_torchrun_is_one_true_sentence(shards, tmp_path):
-    """kill -9 of one of 2 workers: the other said that a collective "waited over 1800 s ... or one of them died",
-    though its peer had died within a second, then torchrun's SIGTERM came as babyllama's own traceback
-    (on_sigterm ... Terminated). It now says that the other process ended, once, and ends with exit code 2."""
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "babyllama", "pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir",
-                              str(tmp_path), "--max_steps", "1000000", "--batch_size", "2"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 240
-        while not ((tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text()):
-            assert agent.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        workers = [int(p.name) for p in Path("/proc").iterdir()
-                   if p.name.isdigit() and alive(int(p.name)) and proc_stat(int(p.name))[1:2] == [str(agent.pid)]]
-        rank1 = [pid for pid in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
-        assert len(workers) == 2 and len(rank1) == 1
-        os.kill(rank1[0], signal.SIGKILL)
+@pytest.mark.parametrize("killed", [1, 0], ids=["rank-1-killed", "rank-0-killed"])
+def test_a_worker_killed_under_torchrun_is_one_true_sentence_of_the_survivor(shards, tmp_path, killed):
+    """kill -9 of one of 2 workers. Of rank 1: rank 0 said that a collective "waited over 1800 s ... or one of them
+    died", though its peer had died within a second, then torchrun's SIGTERM came as babyllama's own traceback
+    (on_sigterm ... Terminated). Of rank 0: rank 1 said nothing (it waited cli.RANK_GRACE_S for torchrun's stop,
+    taken as rank 0 having said the error, which a killed rank 0 never does). The survivor now says, once and with
+    its rank if it is not rank 0, that the other process ended, and ends with exit code 2, no traceback."""
+    survivor = 1 - killed
+    with torchrun_training(shards, tmp_path, stderr=subprocess.PIPE) as (agent, workers):
+        victim = [pid for pid in workers
+                  if f"\0RANK={killed}\0".encode() in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        assert len(workers) == 2 and len(victim) == 1
+        os.kill(victim[0], signal.SIGKILL)
         err = agent.communicate(timeout=120)[1]
-    finally:
-        agent.kill()
     said = [x for x in err.splitlines() if x.startswith("babyllama:")]
-    assert said == ["babyllama: error: process 0 of 2 stopped: process 1 of the job ended (" +
+    rank = f"(rank {survivor}) " if survivor else ""
+    assert said == [f"babyllama: error: {rank}process {survivor} of 2 stopped: process {killed} of the job ended (" +
                     said[0].split("ended (", 1)[-1]], err[-3000:]
     assert said[0].endswith("), so this one cannot go on (torchrun's report names it and how it ended); --resume "
                             "continues from the last checkpoint.") and "by peer" in said[0]
-    assert "Terminated" not in err and "[rank0]:" not in err and "exitcode  : 2 " in err, err[-3000:]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_rank_0_killed_under_torchrun_is_one_true_sentence_of_the_survivor(shards, tmp_path):
-    """kill -9 of rank 0 of 2 workers: rank 1 said nothing (it waited cli.RANK_GRACE_S for torchrun's stop, taken
-    as rank 0 having said the error, which a killed rank 0 never does). The survivor now says, once and with its
-    rank, that rank 0 ended, and ends with exit code 2, no traceback."""
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "babyllama", "pretrain", *TINY, *FAST, "--data", str(shards), "--out_dir",
-                              str(tmp_path), "--max_steps", "1000000", "--batch_size", "2"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 240
-        while not ((tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text()):
-            assert agent.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        workers = [int(p.name) for p in Path("/proc").iterdir()
-                   if p.name.isdigit() and alive(int(p.name)) and proc_stat(int(p.name))[1:2] == [str(agent.pid)]]
-        rank0 = [pid for pid in workers if b"\0RANK=0\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
-        assert len(workers) == 2 and len(rank0) == 1
-        os.kill(rank0[0], signal.SIGKILL)
-        err = agent.communicate(timeout=120)[1]
-    finally:
-        agent.kill()
-    said = [x for x in err.splitlines() if x.startswith("babyllama:")]
-    assert said == ["babyllama: error: (rank 1) process 1 of 2 stopped: process 0 of the job ended (" +
-                    said[0].split("ended (", 1)[-1]], err[-3000:]
-    assert said[0].endswith("), so this one cannot go on (torchrun's report names it and how it ended); --resume "
-                            "continues from the last checkpoint.") and "by peer" in said[0]
-    assert "Terminated" not in err and "[rank1]:" not in err and "exitcode  : 2 " in err, err[-3000:]
+    assert "Terminated" not in err and f"[rank{survivor}]:" not in err and "exitcode  : 2 " in err, err[-3000:]
 
 
 def test_a_preset_flag_replaces_the_config_model_table(tmp_path, caplog):
