@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import re
-import shutil
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -472,14 +471,6 @@ def nothing_kept(total: dict[str, int], min_chars: int | None) -> UserError:
         (total["exact_duplicates"], "exact duplicates"), (total["near_duplicates"], "near duplicates")) if n]
     return UserError(f"none of the {total['records']} records was kept: {', '.join(why)}; lower --min_chars or "
                      "check the inputs.")
-
-
-def clear_outputs(out: Path) -> Path:
-    """Create out/ and remove what an earlier prepare left there, of either engine."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in prepare_outputs(out):
-        shutil.rmtree(f) if f.is_dir() else f.unlink()
-    return out
 
 
 def prepare_outputs(out: Path) -> list[Path]:

@@ -77,7 +77,6 @@ from babyllama.data.clean import (
     ShardWriter,
     SourceStats,
     check_dedup,
-    clear_outputs,
     dedup_key,
     long_enough,
     lsh_bands,
@@ -682,14 +681,14 @@ def check_no_queued_jobs(out: Path) -> None:
                         "there again.")
 
 
-def start_run(out: Path, settings: dict, clear_outputs, staged: bool) -> Path:
+def start_run(out: Path, settings: dict, outputs, staged: bool) -> Path:
     """The folder a run with these settings (which include each input's size and modification time) writes its
     output into, its work files in FOLDER/datatrove: out/STAGE when staged (the local and Ray executors, which run
     the stages from here: the earlier output in out stays until finish_run swaps the complete new one in), else out
     (Slurm, whose stages run after this command has returned). An earlier run's folder with the same settings is
     kept, so a resumed run skips its finished tasks (a finished one does nothing); a new one is made, empty, or out
-    after clear_outputs(out), when there was none or it had finished with other settings. Raises UserError for an
-    unfinished run with other settings."""
+    with outputs(out) removed (shards.fresh_output_dir), when there was none or it had finished with other settings.
+    Raises UserError for an unfinished run with other settings."""
     for place in (out / STAGE, out) if staged else (out,):
         work = place / "datatrove"
         if not (work / "settings.json").is_file():
@@ -705,7 +704,7 @@ def start_run(out: Path, settings: dict, clear_outputs, staged: bool) -> Path:
         place = out / STAGE
         shutil.rmtree(place, ignore_errors=True)  # a finished run with other settings
     else:
-        place = clear_outputs(out)  # removes out/datatrove too
+        place = fresh_output_dir(out, outputs)  # removes out/datatrove too
     write_json(place / "datatrove" / "settings.json", {**settings, "started": time.time()})
     return place
 
@@ -785,7 +784,7 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
                 "engine": "datatrove", "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):
         finish_swap(out, prepare_outputs, "stats.json")  # of a run killed while it swapped its output in
-        place = start_run(out, settings, clear_outputs, staged=launch.executor != "slurm")
+        place = start_run(out, settings, prepare_outputs, staged=launch.executor != "slurm")
         stages = prepare_stages(files, sizes, place, place / "datatrove", format=format, min_chars=min_chars,
                                 dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks,
                                 settings=settings)
@@ -816,7 +815,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
                 "tasks": tasks}
     with _one_run_at_a_time(out, settings["command"]):
         finish_swap(out, token_outputs, MANIFEST)  # of a run killed while it swapped its output in
-        place = start_run(out, settings, fresh_output_dir, staged=launch.executor != "slurm")
+        place = start_run(out, settings, token_outputs, staged=launch.executor != "slurm")
         work = place / "datatrove"
         stages = [
             ("tokenize", [ReadCorpus(files, sizes, format, str(work)),

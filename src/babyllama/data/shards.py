@@ -100,10 +100,11 @@ class BinShardWriter:
             self.f = None
 
 
-def fresh_output_dir(out: Path) -> Path:
-    """Create out/, removing the shards, manifest and work files of an earlier run there, of either engine."""
+def fresh_output_dir(out: Path, outputs: Callable[[Path], list[Path]]) -> Path:
+    """Create out/, removing what an earlier run of either engine left there: outputs(out), token_outputs (the
+    shards, manifest and work files) or clean.prepare_outputs."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in token_outputs(out):
+    for f in outputs(out):
         shutil.rmtree(f) if f.is_dir() else f.unlink()
     return out
 
