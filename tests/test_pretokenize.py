@@ -216,6 +216,17 @@ def refused(args, error, folder, capsys):
     assert files_of(folder) == before
 
 
+def test_read_manifest_reads_the_manifest_once(parts, monkeypatch):
+    """output_kind read a folder's manifest.json to tell token shards from an SFT or DPO token cache, then
+    read_manifest read it again, on every open of token shards."""
+    from pathlib import Path
+
+    reads, read_text = [], Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or read_text(self, *a, **k))
+    assert read_manifest(parts / "p0")["format"] == "babyllama-tokens"
+    assert reads == ["manifest.json"]
+
+
 def test_merge_refuses_an_out_dir_that_is_holds_or_is_inside_a_part(parts, tmp_path, capsys):
     import shutil
 

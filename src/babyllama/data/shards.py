@@ -237,16 +237,20 @@ def read_manifest(path: str | Path, flag: str = "--data") -> dict:
     that passed it), a folder without a manifest and a manifest that is not pretokenize's."""
     path = Path(path)
     check_folder(path, "", f"a folder of token shards, the --out_dir of babyllama pretokenize (with {MANIFEST})")
-    kind = output_kind(path) or own_output(path)
-    if kind not in (None, TOKEN_SHARDS, "the work folder of pretokenize --engine datatrove"):  # that one: no manifest
-        raise UserError(f"{flag} {path} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
-    if not (path / MANIFEST).is_file():
+    found, manifest = (path / MANIFEST).is_file(), None
+    if found:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+    shards = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    if not (shards and any(path.glob("*.bin"))):  # else output_kind finds token shards, reading the manifest again
+        kind = output_kind(path) or own_output(path)
+        if kind not in (None, TOKEN_SHARDS, "the work folder of pretokenize --engine datatrove"):  # that: no manifest
+            raise UserError(f"{flag} {path} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
+    if not found:
         raise UserError(f"{path} has no {MANIFEST}; make one with `babyllama pretokenize`.")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not shards:
         raise UserError(f"{path / MANIFEST} is not a manifest of token shards (damaged?); run `babyllama "
                         "pretokenize` again.")
     return manifest
