@@ -48,6 +48,22 @@ def test_a_load_checks_the_config_against_the_tensors_once(bpe_tokenizer, tmp_pa
     assert checked == [tmp_path / "ck"] * 2
 
 
+def test_read_config_reads_config_json_once_and_lists_no_folder(bpe_tokenizer, tmp_path, monkeypatch):
+    """Every read_config first asked whether the checkpoint is a run (check_not_a_run): it read config.json to see
+    whether it is a run's, then listed the folders inside for runs' final/ (wanted only without a config.json), then
+    read config.json again."""
+    from pathlib import Path
+
+    from babyllama.checkpoint import read_config
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    reads, read_text, globs = [], Path.read_text, []
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or read_text(self, *a, **k))
+    monkeypatch.setattr(Path, "glob", lambda self, pattern, **k: globs.append(pattern) or iter(()))
+    assert read_config(tmp_path / "ck")["model"]["vocab_size"] == 600
+    assert (reads, globs) == (["config.json"], [])
+
+
 def test_overwrite_replaces_whole_and_leaves_no_temp_dirs(tmp_path):
     a, b = sharp_model(tiny_config(), seed=1), sharp_model(tiny_config(), seed=2)
     save_checkpoint(tmp_path / "ck", a)

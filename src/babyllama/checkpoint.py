@@ -220,13 +220,18 @@ def read_config(path: str | Path) -> dict:
 
     path = Path(path)
     check_folder(path, "checkpoint", "a checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)")
-    check_not_a_run(path)
+    config, damaged = None, None
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
-        raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}.") from None
+        pass
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged.") from None
+        config, damaged = {}, e
+    check_not_a_run(path, config)
+    if config is None:
+        raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}.")
+    if damaged is not None:
+        raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({damaged}); the checkpoint is damaged.")
     if is_transformers_config(config):
         raise UserError(f"{path} is {HF_MODEL}, as `babyllama export --format hf` writes, not a babyllama "
                         "checkpoint; pass the checkpoint it was exported from (a run's final/ or "
@@ -245,18 +250,19 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def check_not_a_run(path: Path) -> None:
+def check_not_a_run(path: Path, config) -> None:
     """UserError when path, passed as a checkpoint, is a training run's folder (its config.json is the run's, or
     it holds final/ or checkpoints/), whose run config has the model's settings but no weights or tokenizer, or
     the checkpoints/ folder of one, or a folder of runs (the demo's). The sentence names a checkpoint of the run:
-    final/, else the newest step; of a folder of runs, the newest final/."""
-    from babyllama.data.sources import is_run_config
+    final/, else the newest step; of a folder of runs, the newest final/. config: path's config.json as read_config
+    read it (None: there is none)."""
+    from babyllama.data.sources import is_run_settings
 
     if path.name == "checkpoints" and (steps := step_checkpoints(path.parent)):
         raise UserError(f"{path} holds a run's step checkpoints, not one; pass one of them, e.g. {steps[-1]}.")
-    if not (is_run_config(path / CONFIG_FILE) or (path / "final").is_dir() or (path / "checkpoints").is_dir()):
-        finals = sorted((f for f in path.glob("*/final") if f.is_dir()), key=lambda f: f.stat().st_mtime)
-        if finals and not (path / CONFIG_FILE).exists():  # the demo's folder, or any folder of runs
+    if not (is_run_settings(config) or (path / "final").is_dir() or (path / "checkpoints").is_dir()):
+        if config is None and (finals := sorted((f for f in path.glob("*/final") if f.is_dir()),
+                                                key=lambda f: f.stat().st_mtime)):  # the demo's, any folder of runs
             raise UserError(f"{path} holds training runs, not a checkpoint; pass one of their checkpoints, e.g. "
                             f"{finals[-1]} (the newest).")
         return

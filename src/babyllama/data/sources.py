@@ -695,9 +695,13 @@ def is_run_config(path: Path) -> bool:
     """Whether path is the config.json that a training run writes before anything else (RunConfig.to_dict:
     preset, model and a train table with out_dir; a run that stopped before its first log has no
     metrics.jsonl); False when it is not there or cannot be read."""
-    config = _small_json_object(path)
-    return {"preset", "model", "train"} <= config.keys() and isinstance(config["train"], dict) and \
-        "out_dir" in config["train"]
+    return is_run_settings(_small_json_object(path))
+
+
+def is_run_settings(config) -> bool:
+    """Whether a parsed config.json is a training run's (is_run_config), not a checkpoint's."""
+    return isinstance(config, dict) and {"preset", "model", "train"} <= config.keys() and \
+        isinstance(config["train"], dict) and "out_dir" in config["train"]
 
 
 def _small_json_object(path: Path) -> dict:
