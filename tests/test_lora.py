@@ -287,6 +287,22 @@ def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):
     assert r.returncode == 2 and "is not a LoRA checkpoint" in r.stderr
 
 
+def test_export_adapter_reads_the_config_again_only_for_a_folder_that_is_no_lora_checkpoint(lora_run, tmp_path,
+                                                                                            monkeypatch):
+    """export --adapter read the checkpoint's config.json (read_config) before anything else, so that a training
+    run is named as one rather than as "not a LoRA checkpoint"; a LoRA checkpoint's loads read it anyway. It is read
+    for that now only where the folder is no LoRA checkpoint."""
+    import babyllama.export as ex
+
+    read, read_config = [], ex.read_config
+    monkeypatch.setattr(ex, "read_config", lambda path: read.append(path) or read_config(path))
+    ex.export(lora_run / "run" / "final", tmp_path / "hf", "hf", adapter=True)
+    assert read == [] and (tmp_path / "hf" / "adapter" / ADAPTER_FILE).is_file()
+    with pytest.raises(UserError, match="is not a LoRA checkpoint"):
+        ex.export(lora_run / "init", tmp_path / "x", "hf", adapter=True)
+    assert read == [lora_run / "init"]
+
+
 def files_of(folder) -> dict[str, bytes]:
     """{path in folder: bytes} of every file below folder but its hidden ones (the lock)."""
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))

@@ -205,8 +205,8 @@ def export_hf_adapter(checkpoint: str | Path, out: str | Path, final: Path | Non
     from safetensors.torch import load_file
 
     peft = require("peft", "lora")
-    read_config(checkpoint)  # a folder that is no checkpoint (a training run) is named as what it is
     if not is_adapter(checkpoint):
+        read_config(checkpoint)  # a folder that is no checkpoint (a training run) is named as what it is
         raise UserError(f"{checkpoint} is not a LoRA checkpoint; --adapter exports the adapter of one "
                         "(leave it out to export the model).")
     _, cfg, _ = checked_tokenizer(checkpoint)  # its own tokenizer files, if any, must be the ones it records
