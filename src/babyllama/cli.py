@@ -336,13 +336,14 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from babyllama.checkpoint import pick_device
     from babyllama.evaluate import evaluate
 
     out = args.out_dir or str(Path(args.checkpoint).parent / "eval")
     with holding(out, "eval"):  # the device is said once every input is checked, as the model loads
         result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
                           train_data=args.train_data, sampling=sampling_of(args), limit=args.limit,
-                          device=device_of(args, say=False))
+                          device=pick_device(args.device))
     summary = {k: result[k] for k in ("lm", "qa", "qa_scales", "mc", "leakage") if k in result}
     print(json.dumps({"out_dir": out, **summary}, ensure_ascii=False, indent=2))
 
@@ -377,14 +378,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out_dir, smoke=args.smoke, force=args.force, dpo=args.dpo)
 
 
-def device_of(args: argparse.Namespace, say: bool = True):
-    """The torch.device of --device (UserError for one this machine lacks), said on stderr unless not say (stdout may
-    be a pipe of answers)."""
+def device_of(args: argparse.Namespace):
+    """The torch.device of --device (UserError for one this machine lacks), said on stderr (stdout may be a pipe of
+    answers)."""
     from babyllama.checkpoint import pick_device
 
     device = pick_device(args.device)
-    if say:
-        print(f"{args.command}: running on {device}", file=sys.stderr, flush=True)
+    print(f"{args.command}: running on {device}", file=sys.stderr, flush=True)
     return device
 
 

@@ -41,6 +41,7 @@ import torch
 from babyllama.chat_format import (
     Conversation,
     context_messages,
+    conversation_from_messages,
     field_text,
     instruction_prompt,
     is_unicode,
@@ -217,8 +218,9 @@ def qa_item(record: dict | None, why: str) -> dict | None:
 
 
 def qa_conversation(item: dict) -> Conversation:
-    """The conversation a QA item asks: its history's turns and its question, after its system text."""
-    return Conversation([*map(tuple, item.get("history", [])), (item["question"], "")], item.get("system", ""))
+    """The conversation a QA item asks, built as SFT builds a record's (chat_format): its system text and history's
+    turns (context_messages), then its question."""
+    return conversation_from_messages([*context_messages(item), ("user", item["question"])], add_generation_prompt=True)
 
 
 def qa_question(record: dict) -> str | None:
