@@ -255,6 +255,17 @@ def test_tokens_count_both_answers_ids_not_padding(dpo_setup, tmp_path):
     assert logged_tokens(tmp_path) == trained_tokens(pair_positions, len(lengths) // 2, 3, 4)
 
 
+def test_a_tokens_budget_counts_both_answers_as_the_log_does(dpo_setup, tmp_path):
+    """--tokens N trained N / max_seq_len pairs; it ends now where the logged tokens (both rows of a pair) first
+    reach N, as SFT's does."""
+    d = dpo_setup
+    dpo(load_config(None, ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path),
+                           "--tokens", "1000", "--batch_size", "4", "--log_every", "1", "--eval_every", "0",
+                           "--val_fraction", "0", "--data_workers", "1"]))
+    logged = [r["tokens"] for r in metrics(tmp_path) if not r.get("final")]
+    assert logged[-1] >= 1000 > logged[-2]
+
+
 def test_a_partial_last_step_counts_its_pairs_alone(dpo_setup, tmp_path):
     """A run of 3 pairs in steps of 4 x 2 micro-steps: the last step takes the 3 pairs left, and its empty
     micro-step a padding micro-batch whose pair counts in neither the loss nor the rewards: the step of one

@@ -596,6 +596,35 @@ def test_tokens_count_the_positions_that_hold_ids_not_padding(sft_setup, tmp_pat
     assert logged_tokens(tmp_path) == trained_tokens(lambda r: row_positions(train, r), len(train), 3, 8)
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_a_tokens_budget_ends_where_the_logged_tokens_reach_it(sft_setup, tmp_path, capsys, pack):
+    """--tokens N trained N / max_seq_len rows (rounded up) while `tokens` logs the positions that hold ids: with
+    rows shorter than max_seq_len, a run asked for 1500 tokens logged 658 (packed: 1336). The budget counts what the
+    log counts now: the run ends at the step where the logged tokens first reach N; one stopped and resumed ends at
+    the same step with the same lines; one resumed when finished is said to be so before its token cache is read."""
+    import shutil
+
+    d, n = sft_setup, 1500
+    args = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--tokens", str(n), "--batch_size", "4",
+            "--log_every", "1", "--save_every", "2", "--eval_every", "0", "--val_fraction", "0", "--warmup_steps", "0",
+            "--keep_last", "30", "--pack", str(pack), "--data_workers", "1"]
+
+    def lines(out) -> list[tuple[int, int]]:
+        return [(r["step"], r["tokens"]) for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r]
+
+    sft(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
+    logged = lines(tmp_path / "straight")
+    assert logged[-1][1] >= n > logged[-2][1] and [s for s, _ in logged] == list(range(1, len(logged) + 1))
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=2)
+    sft(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)
+    assert lines(tmp_path / "died") == logged
+    shutil.rmtree(tmp_path / "died" / "sft_tokens")
+    capsys.readouterr()
+    sft(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)
+    assert f"is finished at step {len(logged)}" in capsys.readouterr().out
+    assert not (tmp_path / "died" / "sft_tokens").exists()
+
+
 def test_torchrun_logs_the_tokens_of_every_rank(sft_setup, tmp_path):
     """Rows of SFT differ in length: tokens is the sum of the ranks' positions, not rank 0's times the ranks."""
     from tests.test_pretrain import torchrun

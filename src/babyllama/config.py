@@ -80,7 +80,7 @@ class TrainConfig:
     init: str = ""  # a checkpoint to start from (sft and dpo need one)
     # how long: max_steps wins, then tokens, then epochs
     max_steps: int = 0
-    tokens: int = 0
+    tokens: int = 0  # positions trained on, padding not counted, as the logged tokens count them
     epochs: float = 1.0
     # batch: global batch = batch_size * grad_accum * processes samples of max_seq_len + 1 tokens
     batch_size: int = 16

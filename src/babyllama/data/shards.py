@@ -353,6 +353,7 @@ class TokenWindows:
     """Non-overlapping windows of seq_len + 1 tokens over the memory-mapped shards of one split."""
 
     lengths = None  # every window is as long as the next: nothing to group by length
+    row_positions = None  # every window has seq_len positions, all of them ids
     doc_eos: int | None = None  # set to the <eos> id for document-masked attention (doc_mask)
 
     def __init__(self, data_dir: str | Path, seq_len: int, split: str = "train"):

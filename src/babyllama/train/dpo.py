@@ -101,6 +101,7 @@ class PreferenceData:
     def __init__(self, sequences: SFTData):
         self.sequences = sequences
         self.lengths = np.maximum(sequences.lengths[0::2], sequences.lengths[1::2])  # (n,) the longer of the two
+        self.row_positions = sequences.row_positions[0::2] + sequences.row_positions[1::2]  # (n,) both rows'
         self.ref_logps: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -115,7 +116,7 @@ class PreferenceData:
 
     def positions(self, indices: list[int]) -> int:
         """The positions of collate(indices)'s idx that hold ids, both answers' rows, padding not counted."""
-        return self.sequences.positions([2 * i for i in indices] + [2 * i + 1 for i in indices])
+        return int(self.row_positions[indices].sum())
 
     def fingerprint(self) -> str:
         """SHA-256 of the pairs' ids and masks: what cached reference log-probs were computed on."""

@@ -34,7 +34,8 @@ from babyllama.train.distributed import Dist, barrier
 class SFTData:
     """Tokenized SFT samples for the trainer; with pack=True several short ones share a row.
 
-    ids, mask: all samples back to back (memory maps or arrays); lengths (n,): ids per sample.
+    ids, mask: all samples back to back (memory maps or arrays); lengths (n,): ids per sample. The attributes
+    lengths and row_positions are per row (a pack of samples, or one).
     """
 
     def __init__(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, max_seq_len: int, pad_id: int,
@@ -46,6 +47,7 @@ class SFTData:
         else:
             self.order, self.row_starts = np.arange(len(lengths)), np.arange(len(lengths) + 1)
         self.lengths = np.add.reduceat(lengths[self.order], self.row_starts[:-1]) if len(lengths) else lengths
+        self.row_positions = self.lengths - 1  # (rows,) a row of n ids has n - 1 positions: its last id is no input
 
     @classmethod
     def from_samples(cls, samples: list[tuple[list[int], list[int]]], max_seq_len: int, pad_id: int,
@@ -71,7 +73,7 @@ class SFTData:
     def positions(self, indices: list[int]) -> int:
         """The positions of collate(indices)'s idx that hold ids: a row of n ids is n - 1 (the padding after it
         is not counted)."""
-        return int(self.lengths[indices].sum()) - len(indices)
+        return int(self.row_positions[indices].sum())
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile).

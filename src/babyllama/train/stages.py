@@ -138,13 +138,21 @@ def check_settings(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, stage: str)
 
 def resumed_length(cfg: RunConfig, dist: Dist, state: dict, rows: int | None) -> tuple[int, int] | None:
     """The last step of a run resumed from the trainer state, in steps of this run's global batch and of the one
-    before the resume (planned_steps), or None where that needs the training rows (an epochs run) and neither
-    rows (known before the data is read: pretraining's windows) nor the checkpoint (from before it recorded them)
-    gives them: then run_training checks once the data is read."""
-    t, rows = cfg.train, rows if rows is not None else state.get("rows")
-    if not (t.max_steps or t.tokens) and rows is None:
-        return None
-    samples = planned_samples(t, cfg.model.max_seq_len, rows or 0)
+    before the resume (planned_steps), or None where that needs the training data and the checkpoint does not
+    record what it needs (one from before it did): then run_training checks once the data is read. rows:
+    pretraining's windows, known before the data is read; None for SFT and DPO, whose rows the checkpoint records
+    ("rows", for an epochs run), as it records the samples that a tokens budget came to ("tokens_budget", which
+    the lengths of the rows decide: planned_samples)."""
+    t, budget = cfg.train, state.get("tokens_budget")
+    if rows is None and t.tokens and not t.max_steps:
+        if not budget or budget["tokens"] != t.tokens:  # another budget: its samples need the rows' lengths
+            return None
+        samples = budget["samples"]
+    else:
+        rows = rows if rows is not None else state.get("rows")
+        if not (t.max_steps or t.tokens) and rows is None:
+            return None
+        samples = planned_samples(t, cfg.model.max_seq_len, rows or 0)
     now, before = (planned_steps(t, samples, state["step"], consumed_samples(state), batch)
                    for batch in (t.batch_size * t.grad_accum * dist.world, state["global_batch"]))
     return now, before

@@ -34,6 +34,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from babyllama.checkpoint import (
@@ -76,6 +77,8 @@ class Dataset(Protocol):
     """What the trainer needs of a dataset: rows by index, and each row's length."""
 
     lengths: Sequence[int] | None  # tokens per row, to group rows of like length; None: all rows alike
+    row_positions: np.ndarray | None  # (n,) each row's positions that hold ids, as positions counts them; None:
+    # max_seq_len each (pretraining's windows)
 
     def __len__(self) -> int: ...
 
@@ -99,9 +102,13 @@ class GlobalOrder:
     def __call__(self, position: int) -> int:
         epoch = position // self.n
         if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=g)
+            self.epoch, self.perm = epoch, epoch_order(self.n, self.seed, epoch)
         return int(self.perm[position % self.n])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) the rows in the order that an epoch visits them: a permutation drawn from seed + epoch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 def micro_batches(rows: list[int], lengths: Sequence[int] | None, batch_size: int, grad_accum: int,
@@ -259,14 +266,26 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
                             f"weights); resume with --init {source['path']} or use a new out_dir.")
 
 
-def planned_samples(t: TrainConfig, seq_len: int, rows: int) -> int | None:
-    """The samples a run trains on, of tokens (a row holds seq_len targets) or epochs of its rows; None with
-    max_steps, which counts steps."""
+def planned_samples(t: TrainConfig, seq_len: int, rows: int, row_positions: np.ndarray | None = None) -> int | None:
+    """The samples a run trains on: of a tokens budget, the first ones of the global order whose positions, what
+    `tokens` logs, add up to it (samples_of_tokens; row_positions (n,): each row's, None: seq_len each, pretraining's
+    windows, so tokens / seq_len of them rounded up), so that the run ends at the step where the logged tokens first
+    reach it; of epochs, epochs times the rows; None with max_steps, which counts steps."""
     if t.max_steps > 0:
         return None
     if t.tokens > 0:
-        return math.ceil(t.tokens / seq_len)
+        return math.ceil(t.tokens / seq_len) if row_positions is None else samples_of_tokens(t.tokens, row_positions,
+                                                                                                  t.seed)
     return math.ceil(t.epochs * rows)
+
+
+def samples_of_tokens(tokens: int, row_positions: np.ndarray, seed: int) -> int:
+    """The fewest samples at the start of the global order of rows (GlobalOrder of seed) whose positions
+    (row_positions (n,), each row's) add up to tokens or more."""
+    n, per_epoch = len(row_positions), int(row_positions.sum())
+    epochs = (tokens - 1) // per_epoch  # the whole epochs before the one in which the count reaches tokens
+    counted = np.cumsum(row_positions[epoch_order(n, seed, epochs).numpy()], dtype=np.int64)
+    return epochs * n + int(np.searchsorted(counted, tokens - epochs * per_epoch)) + 1
 
 
 def planned_steps(t: TrainConfig, samples: int | None, step: int, consumed: int, global_batch: int) -> int:
@@ -495,7 +514,7 @@ class Trainer:
             if state is None:
                 raise UserError(f"{resume_from} has no trainer state to resume from.")
             self.load_state_dict(state)
-        self.samples = planned_samples(t, cfg.model.max_seq_len, len(train_data))
+        self.samples = planned_samples(t, cfg.model.max_seq_len, len(train_data), train_data.row_positions)
         self.total_steps = self.planned_steps()
         if not t.average_last:  # without average_last a resumed mean is dropped, and final/ holds the last weights
             self.average, self.averaged = {}, 0
@@ -681,11 +700,13 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         optim = get_optimizer_state_dict(self.model, self.optimizers, options=state_dict_options())
+        budget = {"tokens": self.t.tokens, "samples": self.samples} if self.t.tokens and not self.t.max_steps else None
         return {"step": self.step, "consumed_samples": self.consumed_samples, "bad_steps": self.bad_steps,
                 "tokens": self.tokens, "world": self.dist.world, "global_batch": self.global_batch,
                 "optimizer": optim, "average": {k: v.cpu() for k, v in self.average.items()},
                 "averaged": self.averaged, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rows": len(self.train_data)}  # rows: an epochs run's length before the data is read (resumed_length)
+                # an epochs run's length before the data is read (resumed_length): its rows; a tokens run's: the
+                "rows": len(self.train_data), "tokens_budget": budget}  # samples its budget came to
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
