@@ -273,9 +273,10 @@ def planned_samples(t: TrainConfig, seq_len: int, rows: int, row_positions: np.n
     reach it; of epochs, epochs times the rows; None with max_steps, which counts steps."""
     if t.max_steps > 0:
         return None
+    if t.tokens > 0 and row_positions is not None:
+        return samples_of_tokens(t.tokens, row_positions, t.seed)
     if t.tokens > 0:
-        return math.ceil(t.tokens / seq_len) if row_positions is None else samples_of_tokens(t.tokens, row_positions,
-                                                                                                  t.seed)
+        return math.ceil(t.tokens / seq_len)
     return math.ceil(t.epochs * rows)
 
 
