@@ -189,7 +189,7 @@ def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_pa
                    f"{f}:5: its 'history' is not a list of [question, answer] pairs of strings"]
     asked = []
     monkeypatch.setattr(babyllama.evaluate, "answer", lambda model, tok, conv, *a: asked.append(conv) or "正面")
-    result = evaluate(tiny_run / "run" / "final", tmp_path / "out", qa=str(f))
+    result = evaluate(tiny_run / "run" / "final", tmp_path / "out", qa=str(f), sampling=Sampling(max_new_tokens=1))
     assert asked == [Conversation([("早先的问", "早先的答"), ("问四", "")], "你是助手"),
                      Conversation([("你好" * 15, "好"), ("短", "")]), Conversation([("问五", "")])]
     sft_ids, sft_mask = render_conversation(bpe_tokenizer, conversation_from_record(alpaca))
@@ -283,6 +283,39 @@ def test_answers_and_continuations_cut_inside_a_character_drop_it(bpe_tokenizer)
     assert bpe_tokenizer.decode(Cut().generate([])) == "正面\ufffd"
     assert answer(Cut(), bpe_tokenizer, "问") == "正面"
     assert continuations(Cut(), bpe_tokenizer, ["问"])[0]["continuation"] == "正面"
+
+
+def test_questions_and_prompts_are_cut_to_leave_room_for_max_new_tokens(bpe_tokenizer):
+    """A question longer than the context less max_new_tokens was cut by the model to its last max_seq_len - 1 ids,
+    leaving one token for the answer: the tester's long reviews were answered '正' or '' (1 of 13 right, 5 of 13
+    cut by hand), and a record with a long history the same. The prompt now leaves max_new_tokens (at most half the
+    context), cut as SFT cuts: the history's oldest turns first, then the beginning of the question."""
+    from babyllama.chat_format import Conversation, render_prompt, text_prompt
+    from babyllama.evaluate import answer, continuations
+
+    class Asked:  # a model of 32 tokens that records the prompts it is given
+        cfg = tiny_config(vocab_size=600, max_seq_len=32)
+        prompts: list[tuple[list[int], int]] = []
+
+        def generate(self, prompt, max_new_tokens, **kwargs):
+            self.prompts.append((prompt, max_new_tokens))
+            return bpe_tokenizer.encode("正面")
+
+    tok, model = bpe_tokenizer, Asked()
+    question = "你好" * 15 + "你"  # 31 ids, 32 with <bos>
+    whole = render_prompt(tok, Conversation([(question, "")]))
+    short = render_prompt(tok, Conversation([("短", "")]))
+    assert (len(whole), len(short)) == (32, 3)
+    assert answer(model, tok, question, Sampling(max_new_tokens=8)) == "正面"
+    assert answer(model, tok, Conversation([(question, "好"), ("短", "")]), Sampling(max_new_tokens=8)) == "正面"
+    answer(model, tok, question, Sampling(max_new_tokens=100))  # at most half the context for the answer
+    answer(model, tok, "短", Sampling(max_new_tokens=8))
+    assert model.prompts == [(whole[-24:], 8), (short, 8), (whole[-16:], 100), (short, 8)]
+    assert whole[-1] == tok.bos_id
+    model.prompts.clear()
+    continuations(model, tok, [question], Sampling(max_new_tokens=4))
+    continuations(model, tok, [question])  # CONTINUATION_TOKENS (64), at most half the context
+    assert model.prompts == [(text_prompt(tok, question)[-28:], 4), (text_prompt(tok, question)[-16:], 64)]
 
 
 class Recorder:
@@ -628,10 +661,14 @@ def test_eval_counts_and_says_what_it_cut_to_the_context(tmp_path, tiny_run, bpe
                 "--max_new_tokens", "1", "--out_dir", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = [line for line in r.stdout.splitlines() if line.startswith("WARNING")]
-    assert warnings == [f"WARNING: 1 of {n} {what} do not fit the context of 32 tokens, so the model reads only "
-                        f"their end; eval.json counts them ({kind}_cut_to_context)." for kind, what, n in
-                        [("prompts", "continuation prompts", 2), ("qa", "QA questions", 3),
-                         ("mc", "multiple-choice items", 2)]]
+    assert warnings == [
+        "WARNING: 1 of 2 continuation prompts do not fit the context of 32 tokens with 1 tokens left for the "
+        "continuation, so the model reads only their end; eval.json counts them (prompts_cut_to_context).",
+        "WARNING: 1 of 3 QA questions do not fit the context of 32 tokens with 1 tokens left for the answer "
+        "(--max_new_tokens, at most half the context), so eval cuts them as SFT does: their oldest history turns "
+        "first, then the beginning of the rest; eval.json counts them (qa_cut_to_context).",
+        "WARNING: 1 of 2 multiple-choice items do not fit the context of 32 tokens, so the model reads only their "
+        "end; eval.json counts them (mc_cut_to_context)."]
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [result[f"{k}_cut_to_context"] for k in ("prompts", "qa", "mc")] == [1, 1, 1]
 

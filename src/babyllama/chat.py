@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Generator, Iterable, Iterator, Sequence
 
-from babyllama.chat_format import Conversation, is_unicode, render_prompt
+from babyllama.chat_format import Conversation, is_unicode, prompt_budget, render_prompt
 from babyllama.errors import UserError
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -33,7 +33,7 @@ def prompt_ids(tokenizer: Tokenizer, conv: Conversation, max_seq_len: int, max_n
         what = "--system with this question" if conv.system else "this question"
         raise ValueError(f"{what} ({last} tokens) does not fit the context of {max_seq_len} tokens, so it is not "
                          "asked")
-    return render_prompt(tokenizer, conv, max(last, max_seq_len - min(max_new_tokens, max_seq_len // 2)))
+    return render_prompt(tokenizer, conv, max(last, prompt_budget(max_seq_len, max_new_tokens)))
 
 
 class Detokenizer:

@@ -329,6 +329,13 @@ def render_prompt(tokenizer: Tokenizer, conv: Conversation, max_len: int | None 
     return truncate_conversation(tokenizer, conv, max_len, add_generation_prompt=True)[0]
 
 
+def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
+    """The ids a prompt may take so that max_new_tokens of answer fit after it in a context of max_seq_len, the answer
+    given at most half the context: the prompt keeps at least the other half, as SFT's truncation keeps it. Chat and
+    eval cut their prompts to it (render_prompt's max_len)."""
+    return max_seq_len - min(max_new_tokens, max_seq_len // 2)
+
+
 def text_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """Plain text to continue, outside the chat format: <eos> first, as every document in the shards
     follows the previous one's <eos>."""

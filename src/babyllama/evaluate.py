@@ -46,6 +46,7 @@ from babyllama.chat_format import (
     instruction_prompt,
     is_unicode,
     not_unicode,
+    prompt_budget,
     render_prompt,
     text_prompt,
 )
@@ -80,6 +81,7 @@ LETTERS = "ABCD"
 MAX_LABELS, ITEMS_PER_LABEL = 10, 3
 # the QA scores mix two scales: BLEU as sacrebleu, lm-evaluation-harness and MT papers give it, the rest fractions
 # (a model that answers `，，，，` everywhere had word_bleu 0.351, read as 35%); eval.json and the summary say so
+CONTINUATION_TOKENS = 64  # the most a continuation of a plain prompt gets, whatever --max_new_tokens says
 QA_SCALES = ("bleu and word_bleu: 0-100, as sacrebleu gives them; rouge_l, char_f1, exact_match, majority_baseline "
              "and accuracy: fractions, 0-1")
 
@@ -149,16 +151,17 @@ def trained_doc_mask(config: dict) -> bool:
 
 
 def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampling | None = None,
-                  max_new_tokens: int = 64) -> list[dict]:
+                  max_new_tokens: int = CONTINUATION_TOKENS) -> list[dict]:
     """Continuations of at most max_new_tokens (and s's), sampled as s says (default: sampling.Sampling,
     greedy, the i-th prompt's draws seeded with i: seeded); a prompt starts after an <eos>, as a document does
-    in the shards."""
+    in the shards, and a prompt too long to leave room for them keeps its end (chat_format.prompt_budget)."""
     s = s or Sampling()
     s = replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
+    budget = prompt_budget(model.cfg.max_seq_len, s.max_new_tokens)
     out = []
     for i, prompt in enumerate(progress(prompts, desc="continuations", unit=" prompt")):
-        ids = model.generate(text_prompt(tokenizer, prompt), **s.generate_kwargs(), generator=seeded(model, s, i),
-                             **tokenizer.generation_kwargs(model.cfg.vocab_size))
+        ids = model.generate(text_prompt(tokenizer, prompt)[-budget:], **s.generate_kwargs(),
+                             generator=seeded(model, s, i), **tokenizer.generation_kwargs(model.cfg.vocab_size))
         out.append({"prompt": prompt, "continuation": tokenizer.decode_complete(ids)})
     return out
 
@@ -251,17 +254,21 @@ def answer(model, tokenizer: Tokenizer, question: str | Conversation, s: Samplin
            generator: torch.Generator | None = None) -> str:
     """The answer to question (or to a conversation's last turn) in the chat format (the same ids SFT trained on,
     up to the answer), sampled as s says (default: sampling.Sampling, greedy) with generator's draws; it ends at
-    <eos>, max_new_tokens or the end of the context, less a character that the end cut (Tokenizer.decode_complete)."""
+    <eos>, max_new_tokens or the end of the context, less a character that the end cut (Tokenizer.decode_complete).
+    A prompt that leaves no room for max_new_tokens (at most half the context: chat_format.prompt_budget) is cut as
+    SFT cuts one: its oldest turns go first, then the beginning of what is left."""
     s = s or Sampling()
-    ids = model.generate(qa_prompt(tokenizer, question), **s.generate_kwargs(), generator=generator,
+    prompt = qa_prompt(tokenizer, question, prompt_budget(model.cfg.max_seq_len, s.max_new_tokens))
+    ids = model.generate(prompt, **s.generate_kwargs(), generator=generator,
                          **tokenizer.generation_kwargs(model.cfg.vocab_size))
     return tokenizer.decode_complete(ids).strip()
 
 
-def qa_prompt(tokenizer: Tokenizer, question: str | Conversation) -> list[int]:
+def qa_prompt(tokenizer: Tokenizer, question: str | Conversation, max_len: int | None = None) -> list[int]:
     """The ids that ask question (or a conversation's last turn) in the chat format, ending with <bos>: SFT's
-    ids up to the answer."""
-    return render_prompt(tokenizer, question if isinstance(question, Conversation) else Conversation([(question, "")]))
+    ids up to the answer, cut to at most max_len as SFT cuts (chat_format.truncate_conversation)."""
+    conv = question if isinstance(question, Conversation) else Conversation([(question, "")])
+    return render_prompt(tokenizer, conv, max_len)
 
 
 def seeded(model, s: Sampling, seed: int) -> torch.Generator | None:
@@ -719,21 +726,37 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, prompts: Sequence[str], qa_items: Sequence[dict],
-                   mc_items: Sequence[dict]) -> dict[str, int]:
-    """How many continuation prompts ("prompts"), QA questions ("qa") and multiple-choice items ("mc") the model
-    reads only the end of, as it cuts them to its context of max_seq_len: a prompt (text_prompt, qa_prompt) of
-    more than max_seq_len - 1 ids (Transformer.stream keeps the last max_seq_len - 1, one position for the
-    answer), an item with a scored text (mc_texts) of more than max_seq_len + 1 ids (ModelScorer keeps the last
-    max_seq_len + 1: max_seq_len inputs)."""
+def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, max_new_tokens: int, prompts: Sequence[str],
+                   qa_items: Sequence[dict], mc_items: Sequence[dict]) -> dict[str, int]:
+    """How many continuation prompts ("prompts"), QA questions ("qa") and multiple-choice items ("mc") are cut to
+    fit the context of max_seq_len: a prompt (text_prompt, qa_prompt) of more ids than prompt_budget leaves for
+    max_new_tokens (at most CONTINUATION_TOKENS for a continuation), an item with a scored text (mc_texts) of
+    more than max_seq_len + 1 ids (ModelScorer keeps the last max_seq_len + 1: max_seq_len inputs)."""
     def mc_cut(it: dict) -> bool:
         letters, texts = mc_texts(it)
         return any(sum(map(len, split_continuation(tokenizer, *pair))) > max_seq_len + 1
                    for pair in (*letters.values(), *texts.values()))
 
-    return {"prompts": sum(len(text_prompt(tokenizer, p)) >= max_seq_len for p in prompts),
-            "qa": sum(len(qa_prompt(tokenizer, qa_conversation(it))) >= max_seq_len for it in qa_items),
+    continued = prompt_budget(max_seq_len, min(max_new_tokens, CONTINUATION_TOKENS))
+    asked = prompt_budget(max_seq_len, max_new_tokens)
+    return {"prompts": sum(len(text_prompt(tokenizer, p)) > continued for p in prompts),
+            "qa": sum(len(qa_prompt(tokenizer, qa_conversation(it))) > asked for it in qa_items),
             "mc": sum(map(mc_cut, mc_items))}
+
+
+def say_cut(cut: dict[str, int], totals: dict[str, int], max_seq_len: int, max_new_tokens: int) -> None:
+    """A warning for each kind of cut_to_context's counts that is not 0: how many of how many were cut, and how."""
+    room = lambda n: max_seq_len - prompt_budget(max_seq_len, n)
+    how = {"prompts": ("continuation prompts", f" with {room(min(max_new_tokens, CONTINUATION_TOKENS))} tokens left "
+                       "for the continuation, so the model reads only their end"),
+           "qa": ("QA questions", f" with {room(max_new_tokens)} tokens left for the answer (--max_new_tokens, at "
+                  "most half the context), so eval cuts them as SFT does: their oldest history turns first, then "
+                  "the beginning of the rest"),
+           "mc": ("multiple-choice items", ", so the model reads only their end")}
+    for kind, (what, cutting) in how.items():
+        if cut[kind]:
+            print(f"WARNING: {cut[kind]} of {totals[kind]} {what} do not fit the context of {max_seq_len} tokens"
+                  f"{cutting}; eval.json counts them ({kind}_cut_to_context).")
 
 
 DEVICES_SAID: set[str] = set()  # the devices that "eval: running on ..." named in this process
@@ -776,12 +799,9 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     device = pick_device(device)
     say_device(device)  # after the checks: an error is all it says
     model, tokenizer, config = load_checkpoint(checkpoint, device)
-    cut = cut_to_context(tokenizer, model.cfg.max_seq_len, prompt_list, qa_items, mc_items)
-    for kind, what, total in [("prompts", "continuation prompts", len(prompt_list)),
-                              ("qa", "QA questions", len(qa_items)), ("mc", "multiple-choice items", len(mc_items))]:
-        if cut[kind]:
-            print(f"WARNING: {cut[kind]} of {total} {what} do not fit the context of {model.cfg.max_seq_len} "
-                  f"tokens, so the model reads only their end; eval.json counts them ({kind}_cut_to_context).")
+    cut = cut_to_context(tokenizer, model.cfg.max_seq_len, sampling.max_new_tokens, prompt_list, qa_items, mc_items)
+    say_cut(cut, {"prompts": len(prompt_list), "qa": len(qa_items), "mc": len(mc_items)}, model.cfg.max_seq_len,
+            sampling.max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = checkpoint_record(checkpoint, out)
     partial = out / PARTIAL
