@@ -256,10 +256,10 @@ def test_every_multiple_choice_row_is_an_item_or_a_bad_record(tmp_path):
                    f"{f}:8: a multiple-choice row needs a question; it is empty",
                    f"{f}:9: a multiple-choice row needs options; A-D are all empty"]
     j = tmp_path / "law_dev.jsonl"  # a JSON null is no option text "None", and no answer
-    j.write_text(json.dumps({"question": "一", "A": None, "B": "乙", "C": "丙", "D": "丁", "answer": "a"}) + "\n"
+    j.write_text(json.dumps({"question": "一", "A": None, "B": "乙", "C": "丙", "D": "丁", "answer": "b"}) + "\n"
                  + json.dumps({"question": "二", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": None}))
     items, bad = read_mc([j])
-    assert [(i["options"]["A"], i["answer"]) for i in items] == [("", "A")]
+    assert [(i["options"]["A"], i["answer"]) for i in items] == [("", "B")]
     assert bad == [f"{j}:2: the answer '' is not one of A, B, C, D"]
     j.write_text("\n".join(json.dumps(r) for r in [  # numbers are their text; a list or an object is a bad row
         {"question": "一", "A": 1, "B": 2.5, "C": 3, "D": 4, "answer": "B"},
@@ -385,6 +385,53 @@ def test_multiple_choice_with_a_stub_of_known_log_probs(tmp_path, bpe_tokenizer)
     assert summary["subjects"]["physics"] == {"items": 2, "letter_accuracy": 0.5, "text_accuracy": 0.5}
     assert summary["subjects"]["history"] == {"items": 1, "letter_accuracy": 0.0, "text_accuracy": 0.0}
     assert summary["overall"]["letter_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_an_empty_option_is_never_chosen_and_a_row_whose_answer_is_empty_is_bad(tmp_path, bpe_tokenizer):
+    """An empty option (an empty CSV cell, a null) was scored as <eos> after the question, one token, and won
+    text_accuracy on each of the tester's rows; its letter was scored too. It is no choice now, by letter or by
+    text, and a row whose answer is an empty option (no choice can be right) is bad."""
+    f = tmp_path / "geo_val.csv"  # the tester's rows, and one whose answer's option is blank
+    f.write_text("question,A,B,C,D,answer\n中国的首都是哪里？,北京,上海,广州,,A\n水的化学式是？,H2O,CO2,,,A\n"
+                 "一年有几个月？,12,,11,13,A\n空,甲,乙,丙, ,D\n", encoding="utf-8")
+    items, bad = read_mc([f])
+    assert [it["question"] for it in items] == ["中国的首都是哪里？", "水的化学式是？", "一年有几个月？"]
+    assert bad == [f"{f}:5: the answer D is an empty option"]
+    tok, scored = bpe_tokenizer, []
+
+    class Short:
+        """Prefers the later letter and the shorter option text: an empty option's would be best."""
+
+        def logprob(self, context, continuation):
+            text = tok.decode(continuation)
+            scored.append(text)
+            return ord(text) / 100 if text in ("A", "B", "C", "D") else -len(text) * len(continuation)
+
+    picks = [mc_choices(it, Short(), tok) for it in items]
+    assert [(p["letter_choice"], p["text_choice"]) for p in picks] == [("C", "A"), ("B", "A"), ("D", "A")]
+    assert scored == ["A", "B", "C", "北京", "上海", "广州", "A", "B", "H2O", "CO2", "A", "C", "D", "12", "11", "13"]
+
+
+def test_nan_or_infinity_in_a_qa_or_mc_record_makes_it_bad(tmp_path):
+    """Python's json writes NaN and Infinity (json.dumps(float('nan'))) and reads them back, though JSON has
+    neither: a QA reference NaN was scored against the text 'nan', an option NaN was the option 'nan'."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"question": "问", "answer": "答"}, {"question": "问", "answer": float("nan")},
+        {"question": "问", "target": float("-inf")}, {"question": "问", "answer": "答", "task": float("inf")}]))
+    items, no_reference, bad = read_qa(qa)
+    assert (len(items), no_reference) == (1, 0)
+    assert bad == [f"{qa}:2: its 'answer' is NaN, not a string or a number",
+                   f"{qa}:3: its 'target' is -Infinity, not a string or a number",
+                   f"{qa}:4: its 'task' is Infinity, not a string or a number"]
+    assert '"answer": NaN' in qa.read_text()  # as Python writes it
+    mc = tmp_path / "law_val.jsonl"
+    mc.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"question": "一", "A": 1.5, "B": "乙", "C": "丙", "D": "丁", "answer": "A"},
+        {"question": "二", "A": "甲", "B": float("nan"), "C": "丙", "D": "丁", "answer": "A"}]))
+    items, bad = read_mc([mc])
+    assert [it["options"]["A"] for it in items] == ["1.5"]
+    assert bad == [f"{mc}:2: its 'B' is NaN, not a string or a number"]
 
 
 def test_leakage_finds_planted_question_only(tmp_path):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,7 +87,10 @@ class Conversation:
 
 def kind_of(value: object) -> str:
     """A JSON value's type in words, for a message: "true or false", "a number", "a string", "a list", "an object"
-    ("null" for None)."""
+    ("null" for None; NaN, Infinity or -Infinity for a float that is no number JSON has, as Python's json reads the
+    words it writes for them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     return ("null" if value is None else "true or false" if isinstance(value, bool) else "a number"
             if isinstance(value, int | float) else "a string" if isinstance(value, str) else "a list"
             if isinstance(value, list) else "an object")
@@ -95,13 +99,14 @@ def kind_of(value: object) -> str:
 def field_text(record: dict, key: str, numbers: bool = False, lists: bool = False) -> str | None:
     """record[key] as text: a string; with numbers an int or float as its text (42, 0.5); with lists a list of
     strings (several references) joined with 、; None when it is not there or null. Raises ValueError naming the
-    field and its type for any other value (a list, an object, true or false, or a number where not allowed):
+    field and its type for any other value (a list, an object, true or false, a number where not allowed, and NaN or
+    Infinity, which JSON does not have: Python's json writes them for a float NaN, and its 'nan' was scored as text):
     "its 'output' is a list, not a string" (a bad record, saying why: the readers of prepare, SFT, DPO and eval
     say it so)."""
     value = record.get(key)
     if value is None or isinstance(value, str):
         return value
-    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return str(value)
     if lists and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "、".join(value)

@@ -347,8 +347,8 @@ def score_qa(items: Iterable[dict]) -> dict:
 def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
     """C-Eval / CMMLU items: question, A-D, answer, subject from the file name (column names and answer
     letters in any case, with spaces around). Also "file:line: why" of each row skipped as bad (not a
-    record, a field missing, an answer that is not one of A-D, no option text, bytes that are not text): every row is
-    one or the other. Raises UserError when no item remains."""
+    record, a field missing, an answer that is not one of A-D or whose option is empty, bytes that are not text):
+    every row is one or the other. Raises UserError when no item remains."""
     items, bad = [], []
     for file in expand_inputs(list(paths), held_out=True):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
@@ -383,6 +383,8 @@ def mc_item(row: dict | None, why: str, subject: str) -> dict:
         raise ValueError(f"the answer {text('answer').strip()!r} is not one of {', '.join(LETTERS)}")
     if not any(o.strip() for o in item["options"].values()):  # letters alone would be scored
         raise ValueError("a multiple-choice row needs options; A-D are all empty")
+    if not item["options"][item["answer"]].strip():  # an empty option is no choice (mc_choices): none is right
+        raise ValueError(f"the answer {item['answer']} is an empty option")
     if why := not_unicode(item["question"] + "".join(item["options"].values())):
         raise ValueError(f"the row holds {why}")
     return item
@@ -418,7 +420,7 @@ def split_continuation(tokenizer: Tokenizer, context: str, continuation: str) ->
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole, alone = tokenizer.encode(context + continuation), tokenizer.encode(context)
     if not continuation or len(whole) <= 1:
-        return alone, [tokenizer.eos_id]  # an empty option: score the end of text
+        return alone, [tokenizer.eos_id]  # no text of its own: the end of text
     same = (i for i, (a, b) in enumerate(zip(whole, alone, strict=False)) if a != b)
     k = min(next(same, len(alone)), len(whole) - 1)  # where they part; at least one id to score
     return whole[:k], whole[k:]
@@ -434,11 +436,14 @@ def mc_texts(it: dict) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str,
 
 def mc_choices(it: dict, scorer, tokenizer: Tokenizer) -> dict:
     """The item with the option that the log-likelihood of its letter picks (letter_choice) and the one that
-    the log-likelihood per token of its text picks (text_choice)."""
+    the log-likelihood per token of its text picks (text_choice). An empty option (blank: an empty CSV cell, a
+    null) is no choice, by letter or by text, and is not scored: its text has no token to average over (the
+    <eos> scored in its place won each item of a tester's file), and a row with fewer options asks fewer choices."""
     letters, texts = mc_texts(it)
-    by_letter = {c: scorer.logprob(*split_continuation(tokenizer, *letters[c])) for c in LETTERS}
+    choices = [c for c in LETTERS if it["options"][c].strip()]  # the answer's at least (mc_item)
+    by_letter = {c: scorer.logprob(*split_continuation(tokenizer, *letters[c])) for c in choices}
     by_text = {}
-    for c in LETTERS:
+    for c in choices:
         context, ids = split_continuation(tokenizer, *texts[c])
         by_text[c] = scorer.logprob(context, ids) / len(ids)
     return {**it, "letter_choice": max(by_letter, key=by_letter.get), "text_choice": max(by_text, key=by_text.get)}
