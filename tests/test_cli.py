@@ -719,3 +719,27 @@ def test_a_ctrl_c_as_python_exits_prints_nothing_after_the_sentence(tmp_path):
     assert main(["report", str(tmp_path / "none")]) == 2  # called with argv, main gives Ctrl-C back
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly_as_cat_does(tmp_path, bpe_tokenizer):
+    """`babyllama chat CKPT < many.txt | head -c 100` and `babyllama eval ... | head -1` ended with BrokenPipeError
+    tracebacks once head had gone. Every command now ends as cat does: no word of it, exit status 128 + SIGPIPE
+    (141); chat says only what it said before, and eval's results are written before its summary is printed."""
+    from babyllama.checkpoint import save_checkpoint
+    from tests.conftest import sharp_model, tiny_config
+
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first write
+    try:
+        said = []
+        for args, stdin in [(["chat", ck, "--max_new_tokens", "4"], "你好\n" * 50),
+                            (["eval", ck, "--out_dir", tmp_path / "eval", "--max_new_tokens", "4"], "")]:
+            r = subprocess.run([sys.executable, "-m", "babyllama", *map(str, args)], input=stdin, stdout=write,
+                               stderr=subprocess.PIPE, text=True, timeout=300)
+            said.append((r.returncode, r.stderr.splitlines()[0], "Error" in r.stderr or "Exception" in r.stderr))
+    finally:
+        os.close(write)
+    assert said == [(141, "chat: running on cpu", False), (141, "eval: running on cpu", False)]
+    assert signal.SIGPIPE == 141 - 128 and (tmp_path / "eval" / "eval.json").is_file()

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from babyllama.errors import (
@@ -771,13 +771,37 @@ def end_with_torchrun_agent() -> None:
 def main(argv: list[str] | None = None) -> int:
     """The `babyllama` command of argv (default: sys.argv's); the exit code. A caller that passes argv (a test, a
     script) gets its Ctrl-C handler back as main returns; the program itself (argv None) ends ignoring Ctrl-C, which
-    the command ignores from its end (ctrl_c_ignored)."""
+    the command ignores from its end (ctrl_c_ignored). Output into a pipe whose reader has gone (`| head`) ends any
+    command quietly, as cat ends (output_gone)."""
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
-        return parse_and_run(argv)
+        code = parse_and_run(argv)
+        sys.stdout.flush()  # here: what a pipe's block buffer holds is written before Python's exit, which would
+        return code  # say its BrokenPipeError as "Exception ignored" with exit status 120
+    except BrokenPipeError:
+        if not output_gone():
+            raise
+        return 128 + signal.SIGPIPE
     finally:
         if argv is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, ctrl_c)
+
+
+def output_gone() -> bool:
+    """Whether stdout or stderr is a pipe whose reader has gone (`babyllama chat CKPT < qs.txt | head -c 100`); those
+    that are now write to os.devnull, so that Python's flush of them at exit raises no BrokenPipeError again (as
+    Python's documentation of SIGPIPE advises). A reader gone is what poll says of a pipe's write end: POLLERR."""
+    import select
+
+    gone = False
+    for fd in (1, 2):
+        with suppress(OSError, ValueError):  # a closed descriptor, one poll cannot watch
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poller.poll(0)):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+                gone = True
+    return gone
 
 
 def parse_and_run(argv: list[str] | None) -> int:
