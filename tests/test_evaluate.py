@@ -120,7 +120,7 @@ def test_bad_qa_records_are_counted_and_skipped_and_say_where_and_why(tmp_path):
     with pytest.raises(UserError) as e:  # nothing good is left
         read_qa(f)
     assert str(e.value) == (f"{f} holds no QA records with a reference (answer, std_answer, target, output); "
-                            f"1 had none or an empty one, 1 were bad (the first: {f}:1: not valid JSON "
+                            f"1 had none or an empty one, 1 was bad (the first: {f}:1: not valid JSON "
                             "(Expecting value)).")
 
 
@@ -219,6 +219,34 @@ def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_
     assert read_qa(qa) == alone and len(alone[0]) == 20 and alone[1:] == (0, [])  # the cache's JSON: 34 bad records
 
 
+def test_qa_and_mc_folders_skip_their_text_files_and_say_so(tmp_path, capsys):
+    """`--qa DIR` read every data file of DIR: a readme.txt beside the QA files made a bad QA record of each of its
+    lines. A folder's .txt files, which hold lines of text and no records, are skipped with a note; a .txt named
+    itself is read (its lines are bad records, as before)."""
+    qa, mc = tmp_path / "qa", tmp_path / "mc"
+    qa.mkdir()
+    mc.mkdir()
+    (qa / "a.jsonl").write_text(json.dumps({"question": "问", "answer": "答"}, ensure_ascii=False) + "\n")
+    (qa / "readme.txt").write_text("这些是评测题\n")
+    (mc / "law_val.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
+    for name in ("readme.txt", "notes.txt.gz"):
+        (mc / name).write_bytes(b"")
+    assert read_qa(qa) == ([{"question": "问", "reference": "答", "task": "qa"}], 0, [])
+    assert [it["question"] for it in read_mc([mc])[0]] == ["问"]
+    assert capsys.readouterr().out == (
+        f"note: --qa reads records from .jsonl, .json, .csv, .parquet files; {qa / 'readme.txt'} is skipped.\n"
+        f"note: --mc reads records from .jsonl, .json, .csv, .parquet files; {mc / 'notes.txt.gz'}, "
+        f"{mc / 'readme.txt'} are skipped.\n")
+    with pytest.raises(UserError) as e:
+        read_qa(qa / "readme.txt")
+    assert str(e.value) == (f"{qa / 'readme.txt'} holds no QA records with a reference (answer, std_answer, target, "
+                            f"output); 0 had none or an empty one, 1 was bad (the first: {qa / 'readme.txt'}:1: a QA "
+                            "record needs a question (question, prompt or instruction+input)).")
+    (qa / "more.txt").write_text("x\n")  # two bad: "were"
+    with pytest.raises(UserError, match=r", 2 were bad \(the first"):
+        read_mc([qa / "readme.txt", qa / "more.txt"])
+
+
 def test_qa_or_mc_pointed_at_a_checkpoint_says_it_is_one(tmp_path, bpe_tokenizer):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     for flag in ("--qa", "--mc"):
@@ -241,7 +269,7 @@ def test_bad_multiple_choice_rows_are_counted_and_skipped(tmp_path):
     csv.write_text("question,A,B,C,D\n问,甲,乙,丙,丁\n", encoding="utf-8")
     with pytest.raises(UserError) as e:  # nothing good is left
         read_mc([csv])
-    assert str(e.value) == (f"no multiple-choice items with an answer in {csv}, 1 were bad (the first: {csv}:2: "
+    assert str(e.value) == (f"no multiple-choice items with an answer in {csv}, 1 was bad (the first: {csv}:2: "
                             "a multiple-choice row needs question, A-D, answer; missing answer).")
 
 
@@ -598,17 +626,18 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--data", str(tiny_run / "tokens"), "--qa", str(qa),
                 "--mc", str(tmp_path / "mc.csv"), "--train_data", str(train), "--max_new_tokens", "4")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "WARNING: 1 eval questions occur verbatim" in r.stdout
+    assert "WARNING: 1 eval question occurs verbatim in the training data; its score is inflated.\n" in r.stdout
     result = json.loads((tiny_run / "run" / "eval" / "eval.json").read_text())
     assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
     assert result["qa"]["sentiment"]["majority_baseline"] == 0.5  # the item without a reference is not in it
     scales = ("bleu and word_bleu: 0-100, as sacrebleu gives them; rouge_l, char_f1, exact_match, majority_baseline "
               "and accuracy: fractions, 0-1")  # word_bleu 0.351 was read as 35%
     assert result["qa_scales"] == scales and f'  "qa_scales": "{scales}",' in r.stdout.splitlines()
-    assert result["qa_skipped_no_reference"] == 1 and "1 QA items have no reference" in r.stdout
+    assert result["qa_skipped_no_reference"] == 1
+    assert "note: 1 QA item has no reference (missing or empty) and is not scored.\n" in r.stdout  # not "1 items have"
     assert (result["qa_bad_records"], result["mc_bad_records"], result["mc"]["overall"]["items"]) == (1, 1, 2)
-    assert f"note: 1 bad QA records are skipped; the first: {qa}:10: not valid JSON (Expecting" in r.stdout
-    assert (f"note: 1 bad multiple-choice records are skipped; the first: {tmp_path / 'mc.csv'}:4: the answer 'E' "
+    assert f"note: 1 bad QA record is skipped; the first: {qa}:10: not valid JSON (Expecting" in r.stdout
+    assert (f"note: 1 bad multiple-choice record is skipped; the first: {tmp_path / 'mc.csv'}:4: the answer 'E' "
             "is not one of A, B, C, D") in r.stdout
     lines = (tiny_run / "run" / "eval" / "items.jsonl").read_text().splitlines()
     assert len(lines) == 10
@@ -619,6 +648,7 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     text = report.read_text()
     assert ("Question answering (greedy, chat format; bleu and word_bleu on sacrebleu's 0-100 scale, the other "
             "scores fractions, 0-1):") in text
+    assert "Leakage: 1 of 8 eval questions occurs verbatim in the training data.\n" in text  # not "1 of 10 ... occur"
     for section in ("## Data", "### Token shards", "## Training", "### Run `run`", "## Evaluation",
                     "Language modelling", "Question answering", "Multiple choice", "Leakage", "Continuations",
                     "Sample answers"):
@@ -678,7 +708,7 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
                 "--out_dir", str(tmp_path))
     assert r.returncode == 2 and "continuations" not in r.stderr  # at once
-    assert r.stderr.strip().endswith(f"1 were bad (the first: {tmp_path / 'bad.jsonl'}:1: a QA record needs a "
+    assert r.stderr.strip().endswith(f"1 was bad (the first: {tmp_path / 'bad.jsonl'}:1: a QA record needs a "
                                      "question (question, prompt or instruction+input)).")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}))
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--qa", str(tmp_path / "bad.jsonl"),
@@ -709,13 +739,13 @@ def test_eval_counts_and_says_what_it_cut_to_the_context(tmp_path, tiny_run, bpe
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = [line for line in r.stdout.splitlines() if line.startswith("WARNING")]
     assert warnings == [
-        "WARNING: 1 of 2 continuation prompts do not fit the context of 32 tokens with 1 tokens left for the "
-        "continuation, so the model reads only their end; eval.json counts them (prompts_cut_to_context).",
-        "WARNING: 1 of 3 QA questions do not fit the context of 32 tokens with 1 tokens left for the answer "
-        "(--max_new_tokens, at most half the context), so eval cuts them as SFT does: their oldest history turns "
-        "first, then the beginning of the rest; eval.json counts them (qa_cut_to_context).",
-        "WARNING: 1 of 2 multiple-choice items do not fit the context of 32 tokens, so the model reads only their "
-        "end; eval.json counts them (mc_cut_to_context)."]
+        "WARNING: 1 of 2 continuation prompts does not fit the context of 32 tokens with 1 token left for the "
+        "continuation, so the model reads only its end; eval.json counts it (prompts_cut_to_context).",
+        "WARNING: 1 of 3 QA questions does not fit the context of 32 tokens with 1 token left for the answer "
+        "(--max_new_tokens, at most half the context), so eval cuts it as SFT does: its oldest history turns "
+        "first, then the beginning of the rest; eval.json counts it (qa_cut_to_context).",
+        "WARNING: 1 of 2 multiple-choice items does not fit the context of 32 tokens, so the model reads only its "
+        "end; eval.json counts it (mc_cut_to_context)."]
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [result[f"{k}_cut_to_context"] for k in ("prompts", "qa", "mc")] == [1, 1, 1]
 
@@ -764,14 +794,19 @@ def test_eval_checks_every_input_and_its_out_dir_before_the_model_loads(tmp_path
     long = tmp_path / "long"  # a model whose window is longer than the whole val split
     shutil.copytree(ck, long)
     config = json.loads((long / "config.json").read_text())
-    config["model"]["max_seq_len"] = 100_000
+    config["model"]["max_seq_len"] = 2000
     (long / "config.json").write_text(json.dumps(config))
-    val = sum(s["tokens"] for s in json.loads((tiny_run / "tokens" / "manifest.json").read_text())["shards"]
-              if s["split"] == "val")
+    val = [s["tokens"] for s in json.loads((tiny_run / "tokens" / "manifest.json").read_text())["shards"]
+           if s["split"] == "val"]
+    assert val == [1026]
     assert main(["eval", str(long), "--data", str(tiny_run / "tokens"), "--out_dir", str(out)]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"babyllama: error: the val split of {tiny_run / 'tokens'} has {val} tokens, fewer than one window of "
-        "100001; use more data, a smaller max_seq_len or a larger --val_fraction.")
+    assert capsys.readouterr().err == (  # eval has no max_seq_len or --val_fraction of its own to change
+        f"babyllama: error: the val split of --data {tiny_run / 'tokens'} has 1026 tokens, fewer than one window of "
+        "2001 (the model's max_seq_len + 1) to measure the loss on; run babyllama pretokenize again with a larger "
+        "--val_fraction (it was 0.3).\n")
+    for command in ("eval", "chat", "serve"):  # "eval: running on cpu" (chat:, serve:) came first
+        assert main([command, str(tmp_path / "nock")]) == 2
+        assert capsys.readouterr().err == f"babyllama: error: checkpoint {tmp_path / 'nock'} does not exist.\n"
     assert main(["eval", str(ck), "--out_dir", str(ck)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"babyllama: error: --out_dir {ck} is a checkpoint, which eval.json and items.jsonl must not be written "

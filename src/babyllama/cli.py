@@ -380,9 +380,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def device_of(args: argparse.Namespace):
     """The torch.device of --device (UserError for one this machine lacks), said on stderr (stdout may be a pipe of
-    answers)."""
-    from babyllama.checkpoint import pick_device
+    answers) once args.checkpoint is known to be a checkpoint (read_config): a wrong path is all that is said."""
+    from babyllama.checkpoint import pick_device, read_config
 
+    read_config(args.checkpoint)
     device = pick_device(args.device)
     print(f"{args.command}: running on {device}", file=sys.stderr, flush=True)
     return device

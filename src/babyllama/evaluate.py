@@ -50,10 +50,11 @@ from babyllama.chat_format import (
     render_prompt,
     text_prompt,
 )
-from babyllama.data.shards import TokenWindows, has_split
+from babyllama.data.shards import TokenWindows, check_shard_files, read_manifest
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
     check_output_folder,
+    data_suffix,
     expand_inputs,
     file_encoding,
     iter_records,
@@ -168,6 +169,22 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampli
 
 # --- QA ---
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # of QA and multiple-choice records (.txt: lines of text)
+
+
+def record_files(paths: Sequence[str | Path], flag: str | None = None) -> list[Path]:
+    """The files of --qa or --mc: expand_inputs' with their held-out splits (what is scored), less the text files
+    below a folder (a readme.txt, whose lines were each a bad QA record), which hold no records; flag: the option,
+    named in a note on those skipped (None: no note). A file named itself is read whatever its suffix."""
+    named = {Path(p).resolve() for p in paths}
+    files = expand_inputs(list(paths), held_out=True)
+    texts = [f for f in files if data_suffix(f) not in RECORD_SUFFIXES and f.resolve() not in named]
+    if texts and flag:
+        shown = ", ".join(map(str, texts[:3])) + (f" and {len(texts) - 3} more" if len(texts) > 3 else "")
+        print(f"note: {flag} reads records from {', '.join(RECORD_SUFFIXES)} files; {shown} "
+              f"{agree(len(texts), 'is', 'are')} skipped.")
+    return [f for f in files if f not in texts]
+
 
 def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
     """{question, reference, task} (and system, history where given: qa_item) from records with a question field
@@ -176,7 +193,7 @@ def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
     object, no question, a field of the wrong type, bytes that are not text). Raises UserError when no record has a
     reference."""
     items, no_reference, bad = [], 0, []
-    for file in expand_inputs([path], held_out=True):
+    for file in record_files([path], "--qa"):
         for where, r, why in iter_records(file):
             try:
                 item = qa_item(r, why)
@@ -246,8 +263,13 @@ def question_of(record: dict) -> str | None:
 
 
 def bad_detail(bad: list[str]) -> str:
-    """", N were bad (the first: file:line: why)" for an error message; "" when none were."""
-    return f", {len(bad)} were bad (the first: {bad[0]})" if bad else ""
+    """", N were bad (the first: file:line: why)" for an error message ("1 was bad"); "" when none were."""
+    return f", {len(bad)} {agree(len(bad), 'was', 'were')} bad (the first: {bad[0]})" if bad else ""
+
+
+def agree(n: int, one: str, many: str) -> str:
+    """one when n is 1, else many: the word of a count's sentence ("1 was bad", "2 were bad")."""
+    return one if n == 1 else many
 
 
 def answer(model, tokenizer: Tokenizer, question: str | Conversation, s: Sampling | None = None,
@@ -350,7 +372,7 @@ def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
     record, a field missing, an answer that is not one of A-D or whose option is empty, bytes that are not text):
     every row is one or the other. Raises UserError when no item remains."""
     items, bad = [], []
-    for file in expand_inputs(list(paths), held_out=True):
+    for file in record_files(paths, "--mc"):
         subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
         for where, row, why in iter_records(file):  # CSV, JSON lines or a JSON array
             try:
@@ -508,7 +530,7 @@ def record_text(value) -> str:
 def eval_files_in(train_data: Sequence[str | Path], *eval_data: Sequence[str]) -> list[Path]:
     """The eval files (of eval_data) that are also among the files of train_data as training reads them,
     with a note naming each."""
-    evals = {f.resolve() for paths in eval_data for f in expand_inputs(list(paths), held_out=True)}
+    evals = {f.resolve() for paths in eval_data for f in record_files(paths)}
     both = [f for f in expand_inputs(list(train_data)) if f.resolve() in evals]
     for f in both:
         print(f"note: {f} is in --train_data, so its own questions count as leaked; if the model did not train "
@@ -710,12 +732,20 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
 
 
 def check_lm_data(data: str | Path, seq_len: int) -> None:
-    """Raise UserError unless data is a folder of pretokenize's token shards with a val split of at least one
-    window of seq_len + 1 tokens (lm_metrics', with the model's max_seq_len)."""
-    if not has_split(data, "val"):  # UserError for a folder that is not token shards (read_manifest)
+    """Raise UserError unless data is a folder of pretokenize's token shards (read_manifest), its val split's files
+    whole (check_shard_files), with a window of seq_len + 1 tokens in a val shard at least (TokenWindows' windows,
+    with the model's max_seq_len): else the remedy is pretokenize's --val_fraction, which eval does not have."""
+    manifest = read_manifest(data)
+    val = [s for s in manifest["shards"] if s["split"] == "val"]
+    if not val:
         raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
                         "above 0.")
-    TokenWindows(data, seq_len, "val")  # UserError for a val split shorter than a window
+    check_shard_files(Path(data), manifest, val)
+    if not any(s["tokens"] >= seq_len + 1 for s in val):
+        tokens, shards = sum(s["tokens"] for s in val), f" in {len(val)} shards" if len(val) > 1 else ""
+        raise UserError(f"the val split of --data {data} has {tokens} tokens{shards}, fewer than one window of "
+                        f"{seq_len + 1} (the model's max_seq_len + 1) to measure the loss on; run babyllama "
+                        f"pretokenize again with a larger --val_fraction (it was {manifest['val_fraction']}).")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -751,17 +781,23 @@ def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, max_new_tokens: int, 
 
 def say_cut(cut: dict[str, int], totals: dict[str, int], max_seq_len: int, max_new_tokens: int) -> None:
     """A warning for each kind of cut_to_context's counts that is not 0: how many of how many were cut, and how."""
-    room = lambda n: max_seq_len - prompt_budget(max_seq_len, n)
-    how = {"prompts": ("continuation prompts", f" with {room(min(max_new_tokens, CONTINUATION_TOKENS))} tokens left "
-                       "for the continuation, so the model reads only their end"),
-           "qa": ("QA questions", f" with {room(max_new_tokens)} tokens left for the answer (--max_new_tokens, at "
-                  "most half the context), so eval cuts them as SFT does: their oldest history turns first, then "
-                  "the beginning of the rest"),
-           "mc": ("multiple-choice items", ", so the model reads only their end")}
-    for kind, (what, cutting) in how.items():
-        if cut[kind]:
-            print(f"WARNING: {cut[kind]} of {totals[kind]} {what} do not fit the context of {max_seq_len} tokens"
-                  f"{cutting}; eval.json counts them ({kind}_cut_to_context).")
+    def room(n: int) -> str:
+        left = max_seq_len - prompt_budget(max_seq_len, n)
+        return f" with {left} {agree(left, 'token', 'tokens')} left"
+
+    for kind, what, cutting in [
+            ("prompts", "continuation prompts", room(min(max_new_tokens, CONTINUATION_TOKENS)) + " for the "
+             "continuation, so the model reads only {its} end"),
+            ("qa", "QA questions", room(max_new_tokens) + " for the answer (--max_new_tokens, at most half the "
+             "context), so eval cuts {them} as SFT does: {its} oldest history turns first, then the beginning of the "
+             "rest"),
+            ("mc", "multiple-choice items", ", so the model reads only {its} end")]:
+        n = cut[kind]
+        if n:
+            its, them = agree(n, "its", "their"), agree(n, "it", "them")
+            print(f"WARNING: {n} of {totals[kind]} {what} {agree(n, 'does', 'do')} not fit the context of "
+                  f"{max_seq_len} tokens{cutting.format(its=its, them=them)}; eval.json counts {them} "
+                  f"({kind}_cut_to_context).")
 
 
 DEVICES_SAID: set[str] = set()  # the devices that "eval: running on ..." named in this process
@@ -784,26 +820,28 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     sampling: how QA answers and continuations are generated (default: sampling.Sampling). Every input and out
     are checked before the model loads, and out is made only then: UserError as check_out_dir_of_eval,
     check_lm_data, read_prompts, read_qa, read_mc and expand_inputs (of train_data) raise."""
-    from babyllama.checkpoint import load_checkpoint, pick_device, read_config
+    from babyllama.checkpoint import checked_tokenizer, load_model, pick_device
 
     if train_data and not (qa or mc):
         raise UserError("--train_data is for the leakage check of --qa or --mc questions; pass --qa or --mc too.")
     out = Path(out)
     check_out_dir_of_eval(out, checkpoint)
+    tokenizer, cfg, config = checked_tokenizer(checkpoint)  # all but the weights, which load after the checks
     if data:
-        check_lm_data(data, read_config(checkpoint)["model"]["max_seq_len"])
+        check_lm_data(data, cfg.max_seq_len)
     prompt_list = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
     train_files = expand_inputs(list(train_data)) if train_data else []
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
         if bad:
-            print(f"note: {len(bad)} bad {what} records are skipped; the first: {bad[0]}")
+            print(f"note: {len(bad)} bad {what} {agree(len(bad), 'record is', 'records are')} skipped; the first: "
+                  f"{bad[0]}")
     qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
     sampling = sampling or Sampling()
     device = pick_device(device)
-    say_device(device)  # after the checks: an error is all it says
-    model, tokenizer, config = load_checkpoint(checkpoint, device)
+    say_device(device)  # after the checks, the checkpoint's too: an error is all it says
+    model = load_model(checkpoint, device, cfg)
     cut = cut_to_context(tokenizer, model.cfg.max_seq_len, sampling.max_new_tokens, prompt_list, qa_items, mc_items)
     say_cut(cut, {"prompts": len(prompt_list), "qa": len(qa_items), "mc": len(mc_items)}, model.cfg.max_seq_len,
             sampling.max_new_tokens)
@@ -821,7 +859,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
     result["prompts_cut_to_context"] = cut["prompts"]
     if qa and no_reference:
-        print(f"note: {no_reference} QA items have no reference (missing or empty) and are not scored.")
+        print(f"note: {no_reference} QA {agree(no_reference, 'item has', 'items have')} no reference (missing or "
+              f"empty) and {agree(no_reference, 'is', 'are')} not scored.")
     with appending(partial) as log:
         for i, it in progress(islice(enumerate(qa_items), qa_done, None), desc="QA", unit=" item",
                               total=len(qa_items), initial=qa_done, disable=not qa):
@@ -849,8 +888,9 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
             print(f"note: --train_data {' '.join(train_data)} holds no documents, so the leakage check "
                   "searched nothing.")
         elif result["leakage"]["leaked"]:
-            print(f"WARNING: {result['leakage']['leaked']} eval questions occur verbatim in the training data; "
-                  "their scores are inflated.")
+            leaked = result["leakage"]["leaked"]
+            print(f"WARNING: {leaked} eval {agree(leaked, 'question occurs', 'questions occur')} verbatim in the "
+                  f"training data; {agree(leaked, 'its score is', 'their scores are')} inflated.")
     with signals_held(complete=out):  # Ctrl-C and SIGTERM wait: eval.json and items.jsonl are of one run
         (out / "eval.json").unlink(missing_ok=True)  # first: a kill -9 in here leaves no eval.json beside the new
         write_items(partial, out / "items.jsonl")  # items, and the partial, removed last, lets a rerun write both

@@ -160,7 +160,8 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
             lines += ["Leakage: not checked; the training data held no documents.", ""]
         else:
             in_eval = lk.get("leaked_in_eval_files", 0)
-            lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions occur verbatim in the training data"
+            occur = "occurs" if lk["leaked"] == 1 else "occur"
+            lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions {occur} verbatim in the training data"
                       + (f" ({in_eval} only in the eval files, which were in the training data)." if in_eval
                          else "."), ""]
     lines += ["Continuations:", ""] + [f"- **{c['prompt']}** {c['continuation']}" for c in e.get("continuations", [])]
