@@ -363,7 +363,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from babyllama.serve import serve
 
-    serve(args.checkpoint, args.host, args.port, device_of(args), sampling_of(args))
+    sampling = sampling_of(args)  # a flag out of range first, before the checkpoint (device_of)
+    serve(args.checkpoint, args.host, args.port, device_of(args), sampling)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
