@@ -65,3 +65,45 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert "chosen likelier" in dpo.stdout
     report_text = (out / "report.md").read_text(encoding="utf-8")  # the held-out pairs' table, overall and per task
     assert "| dpo | " in report_text and f"| dpo, person ({tasks['person']['pairs']}) | " in report_text
+
+
+def test_held_out_pairs_are_scored_per_task_whatever_the_cache_leaves_out(tmp_path, bpe_tokenizer):
+    """demo --dpo ended with an AssertionError where the DPO token cache left out a held-out pair (equal answers, or
+    too long): the pairs were matched to their tasks by their line of dpo_eval.jsonl, which a pair left out shifts.
+    Each task's pairs are a token cache of their own: one left out leaves its own task, the others keep theirs."""
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.data.demo_corpus import PERSON_PROMPT, PLACE_PROMPT, SENTIMENT_PROMPT
+    from babyllama.demo import held_out_pairs
+    from tests.conftest import sharp_model, tiny_config
+
+    save_checkpoint(tmp_path / "sft", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    pairs = [(SENTIMENT_PROMPT + "这本书很好", "正面", "负面"), (PERSON_PROMPT + "王明来了", "王明", "王明"),  # equal
+             (PERSON_PROMPT + "李鹏在北京", "李鹏", "无"), (PLACE_PROMPT + "上海很大", "上海", "无"),
+             (SENTIMENT_PROMPT + "物流太慢", "负面", "正面")]
+    path = tmp_path / "dpo_eval.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}, ensure_ascii=False) + "\n"
+                            for p, c, r in pairs), encoding="utf-8")
+    data = held_out_pairs(path, tmp_path / "pairs", tmp_path / "sft", 64)
+    assert {task: len(d) for task, d in data.items()} == {"sentiment": 2, "person": 1, "place": 1}
+    chosen = {task: [bpe_tokenizer.decode(d.sequences.sample(2 * i)[0].tolist()) for i in range(len(d))]
+              for task, d in data.items()}
+    assert [[c.endswith(answer) for c in chosen[task]] for task, answer in
+            [("sentiment", "好正面"), ("person", "北京李鹏"), ("place", "很大上海")]] == [[True, False], [True], [True]]
+    assert chosen["sentiment"][1].endswith("物流太慢负面")
+
+
+def test_pooled_metrics_weigh_each_task_by_its_pairs():
+    from babyllama.demo import pooled
+
+    tasks = {"a": {"pairs": 1, "dpo": {"x": 1.0, "y": 2.0}}, "b": {"pairs": 3, "dpo": {"x": 0.0, "y": 6.0}}}
+    assert pooled(tasks, ["dpo"]) == {"dpo": {"x": 0.25, "y": 5.0}}
+
+
+def test_the_dpo_line_names_tasks_only_where_preferences_json_has_them():
+    """A preferences.json from before the pairs were scored per task printed "(; DPO's pairs are of ...)"."""
+    from babyllama.demo import dpo_line
+
+    prefs = {"pairs": 4, "sft": {"logps/accuracies": 0.5}, "dpo": {"logps/accuracies": 0.75, "rewards/accuracies": 1}}
+    assert dpo_line(prefs) == "dpo, 4 held-out pairs: chosen likelier 50.0% -> 75.0%, rewards/accuracies 100.0%"
+    prefs["tasks"] = {"person": {"dpo": {"rewards/accuracies": 0.5}}}
+    assert dpo_line(prefs).endswith("100.0% (person 50.0%; DPO's pairs are of person and place)")

@@ -176,31 +176,23 @@ class Demo:
 
     def dpo_eval(self) -> None:
         """The DPO model on the held-out QA items (and which items it answers differently from the SFT model:
-        fixed, broken), and the SFT and DPO models on the held-out pairs."""
+        fixed, broken), and the SFT and DPO models on the held-out pairs, per task and pooled."""
         from babyllama.checkpoint import load_model
-        from babyllama.data.sft_tokens import SFTSettings
         from babyllama.evaluate import evaluate
         from babyllama.sampling import Sampling
-        from babyllama.train.distributed import Dist
-        from babyllama.train.dpo import PreferenceData, preference_metrics
-        from babyllama.train.sft_data import load_sft_data
+        from babyllama.train.dpo import preference_metrics
 
         d, run = self.out / "data", self.out / "dpo"
         evaluate(run / "final", run / "eval", qa=str(d / "eval.jsonl"), sampling=Sampling(EVAL_NEW_TOKENS))
         sft_model, dpo_model = load_model(self.out / "sft" / "final"), load_model(run / "final")
-        settings = SFTSettings(sft_model.cfg.max_seq_len + 1, val_fraction=0.0)
-        pairs, _, _ = load_sft_data([d / "dpo_eval.jsonl"], run / "final", run / "eval" / "pair_tokens", settings,
-                                    False, Dist(), kind="dpo")
         beta = json.loads((run / "config.json").read_text())["train"]["beta"]
-        data = PreferenceData(pairs)
         models = {"sft": sft_model, "dpo": dpo_model}  # each scored against the SFT model
-
-        def scored(pairs: list[int] | None = None) -> dict:
-            return {name: preference_metrics(m, sft_model, data, beta, pairs=pairs) for name, m in models.items()}
-
-        result = {"pairs": len(data), "beta": beta, **scored(),
-                  "tasks": {task: {"pairs": len(indices), **scored(indices)}
-                            for task, indices in pairs_by_task(d / "dpo_eval.jsonl", len(data)).items()},
+        tasks = {task: {"pairs": len(data), **{name: preference_metrics(m, sft_model, data, beta)
+                                               for name, m in models.items()}}
+                 for task, data in held_out_pairs(d / "dpo_eval.jsonl", run / "eval" / "pairs", run / "final",
+                                                  sft_model.cfg.max_seq_len).items()}
+        result = {"pairs": sum(t["pairs"] for t in tasks.values()), "beta": beta, **pooled(tasks, list(models)),
+                  "tasks": tasks,
                   "qa_changes": qa_changes(self.out / "sft" / "eval" / "items.jsonl", run / "eval" / "items.jsonl")}
         write_whole(run / "eval" / "preferences.json", json.dumps(result, indent=2) + "\n")
         self.report()
@@ -265,20 +257,55 @@ def qa_changes(before: Path, after: Path) -> dict[str, dict[str, int]]:
     return changes
 
 
-def pairs_by_task(path: Path, n: int) -> dict[str, list[int]]:
-    """{task: the indices of its pairs} of the demo's held-out pairs (path: dpo_eval.jsonl, whose n pairs are all in
-    the token cache, in order), the task known by its instruction: DPO trained on the entity tasks' pairs alone, so
-    their rewards/accuracies says what it learnt, and sentiment's what it did to a task it never saw."""
+def task_of(prompt: str) -> str:
+    """The demo's task of a prompt, known by its instruction: sentiment, person or place."""
     from babyllama.data.demo_corpus import PERSON_PROMPT, PLACE_PROMPT, SENTIMENT_PROMPT
 
-    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines()]
-    assert len(prompts) == n, f"{path} has {len(prompts)} pairs, its token cache {n}"
-    tasks: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        task = next(t for p, t in ((SENTIMENT_PROMPT, "sentiment"), (PERSON_PROMPT, "person"), (PLACE_PROMPT, "place"))
-                    if prompt.startswith(p))
-        tasks.setdefault(task, []).append(i)
-    return tasks
+    return next(t for p, t in ((SENTIMENT_PROMPT, "sentiment"), (PERSON_PROMPT, "person"), (PLACE_PROMPT, "place"))
+                if prompt.startswith(p))
+
+
+def held_out_pairs(path: Path, work: Path, checkpoint: Path, max_seq_len: int) -> dict:
+    """{task: PreferenceData} of the demo's held-out pairs (path: dpo_eval.jsonl), in the order the tasks first come:
+    each task's lines go to work/TASK.jsonl and its own DPO token cache, work/TASK_tokens (checkpoint's tokenizer,
+    rows of max_seq_len), so that a pair the cache leaves out (equal answers, too long) leaves its own task alone.
+    work is made afresh. DPO trained on the entity tasks' pairs alone, so their rewards/accuracies say what it
+    learnt, and sentiment's what it did to a task it never saw. Raises UserError when every pair of a task is left
+    out."""
+    from babyllama.data.sft_tokens import SFTSettings
+    from babyllama.train.distributed import Dist
+    from babyllama.train.dpo import PreferenceData
+    from babyllama.train.sft_data import load_sft_data
+
+    lines: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        lines.setdefault(task_of(json.loads(line)["prompt"]), []).append(line)
+    shutil.rmtree(work, ignore_errors=True)  # caches of other pairs or another model would be refused
+    work.mkdir(parents=True)
+    settings, data = SFTSettings(max_seq_len + 1, val_fraction=0.0), {}
+    for task, task_lines in lines.items():
+        write_whole(work / f"{task}.jsonl", "".join(task_lines))
+        pairs, _, _ = load_sft_data([work / f"{task}.jsonl"], checkpoint, work / f"{task}_tokens", settings, False,
+                                    Dist(), kind="dpo")
+        data[task] = PreferenceData(pairs)
+    return data
+
+
+def pooled(tasks: dict[str, dict], models: list[str]) -> dict[str, dict[str, float]]:
+    """{model: its metrics over the pairs of every task}: each a mean over pairs (preference_metrics), so the tasks'
+    means weighted by their pairs."""
+    n = sum(t["pairs"] for t in tasks.values())
+    return {m: {k: sum(t["pairs"] * t[m][k] for t in tasks.values()) / n for k in next(iter(tasks.values()))[m]}
+            for m in models}
+
+
+def dpo_line(prefs: dict) -> str:
+    """The line run_demo prints of preferences.json: the held-out pairs before and after DPO, and per task where it
+    has them (one written before they were scored per task has none)."""
+    line = (f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
+            f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%}")
+    tasks = ", ".join(f"{task} {p['dpo']['rewards/accuracies']:.1%}" for task, p in prefs.get("tasks", {}).items())
+    return line + (f" ({tasks}; DPO's pairs are of person and place)" if tasks else "")
 
 
 def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = False, dpo: bool = False) -> Path:
@@ -297,10 +324,7 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
     if dpo:
         prefs = json.loads((Path(out) / "dpo" / "eval" / "preferences.json").read_text())
         qa = json.loads((Path(out) / "dpo" / "eval" / "eval.json").read_text())["qa"]
-        print(f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
-              f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%} ("
-              + ", ".join(f"{task} {p['dpo']['rewards/accuracies']:.1%}" for task, p in prefs.get("tasks", {}).items())
-              + "; DPO's pairs are of person and place)")
+        print(dpo_line(prefs))
         for task, s in qa.items():
             if task not in results["qa"]:  # an SFT eval of other items (eval --limit)
                 continue

@@ -249,23 +249,21 @@ class DPOTrainer(Trainer):
 
 @torch.no_grad()
 def preference_metrics(policy: torch.nn.Module, reference: torch.nn.Module, data: PreferenceData, beta: float,
-                       batch_size: int = 32, pairs: list[int] | None = None) -> dict[str, float]:
-    """METRICS of policy against reference over the pairs of data (indices; default every one), and
-    logps/accuracies: the share of pairs whose chosen answer the policy alone finds likelier (the demo's
-    before and after).
+                       batch_size: int = 32) -> dict[str, float]:
+    """METRICS of policy against reference over every pair of data, and logps/accuracies: the share of
+    pairs whose chosen answer the policy alone finds likelier (the demo's before and after).
 
     The loss is named dpo_loss: the DPO paper's equation 7, -log σ(h), without the label smoothing or
     the RPO term that the run may have trained with, so it is not that run's loss or val_loss."""
-    pairs = list(range(len(data))) if pairs is None else pairs
     sums, likelier = torch.zeros(len(METRICS) + 1), 0
-    for s in range(0, len(pairs), batch_size):
-        batch = data.collate(pairs[s:s + batch_size])
+    for s in range(0, len(data), batch_size):
+        batch = data.collate(list(range(s, min(s + batch_size, len(data)))))
         logps, ref = answer_log_probs(policy, batch), answer_log_probs(reference, batch)
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), ref.chunk(2)
         sums += pair_sums(*dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta), logps)
         likelier += int((chosen > rejected).sum())
     metrics = means(sums)
-    return {"dpo_loss": metrics.pop("loss"), **metrics, "logps/accuracies": likelier / max(1, len(pairs))}
+    return {"dpo_loss": metrics.pop("loss"), **metrics, "logps/accuracies": likelier / max(1, len(data))}
 
 
 def dpo(cfg: RunConfig, resume: bool = False) -> Path:
