@@ -157,9 +157,10 @@ def decoding(args, device: torch.device, dtype: torch.dtype) -> None:
 
 
 class RandomWindows:
-    """A stand-in for the token shards: fixed random windows."""
+    """A stand-in for the token shards (data.shards.TokenWindows, a trainer.Dataset): fixed random windows."""
 
-    lengths = None
+    lengths = None  # all rows alike
+    row_positions = None  # max_seq_len each, all of them ids
 
     def __init__(self, n: int, T: int, vocab: int):
         self.rows = torch.randint(0, vocab, (n, T + 1))
@@ -173,16 +174,17 @@ class RandomWindows:
 
 
 def host_syncs(args, device: torch.device) -> None:
-    """Synchronisations the Trainer's step makes with the GPU (torch.cuda.set_sync_debug_mode)."""
-    if device.type != "cuda":
-        row("host syncs in a training step", "-", "counted on a GPU only")
-        return
+    """Synchronisations the Trainer's step makes with the GPU (torch.cuda.set_sync_debug_mode); on a CPU the
+    Trainer takes a step on RandomWindows, which checks that they are still the Dataset it needs."""
     cfg = RunConfig(model=preset("baby-92m", **args.shape),
                     train=TrainConfig(device=str(device), batch_size=4, grad_accum=2, max_steps=100,
                                       out_dir=os.devnull))
     data = RandomWindows(64, cfg.model.max_seq_len, cfg.model.vocab_size)
     trainer = Trainer(cfg, data, None, None, Dist(device=device))
     trainer.train_step()  # warm-up
+    if device.type != "cuda":
+        row("host syncs in a training step", "-", "counted on a GPU only")
+        return
     sync(device)
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:

@@ -381,10 +381,6 @@ class TokenWindows:
         start = (i - int(self.starts[shard])) * (self.seq_len + 1)
         return self.arrays[shard][start : start + self.seq_len + 1]
 
-    def positions(self, indices: list[int]) -> int:
-        """The positions of collate(indices)'s idx: every one holds an id (no padding)."""
-        return len(indices) * self.seq_len
-
     def collate(self, indices: list[int]) -> dict:
         """{"idx", "targets"}, each a (B, seq_len) int64 tensor: a window and the same shifted by one;
         with doc_eos set, also "segments" (B, seq_len): document ids, each <eos> starting the next."""

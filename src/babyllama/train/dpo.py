@@ -114,10 +114,6 @@ class PreferenceData:
             batch["ref_logps"] = torch.from_numpy(self.ref_logps[indices].T.reshape(-1).copy())
         return batch
 
-    def positions(self, indices: list[int]) -> int:
-        """The positions of collate(indices)'s idx that hold ids, both answers' rows, padding not counted."""
-        return int(self.row_positions[indices].sum())
-
     def fingerprint(self) -> str:
         """SHA-256 of the pairs' ids and masks: what cached reference log-probs were computed on."""
         h = hashlib.sha256()

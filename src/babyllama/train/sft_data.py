@@ -47,7 +47,8 @@ class SFTData:
         else:
             self.order, self.row_starts = np.arange(len(lengths)), np.arange(len(lengths) + 1)
         self.lengths = np.add.reduceat(lengths[self.order], self.row_starts[:-1]) if len(lengths) else lengths
-        self.row_positions = self.lengths - 1  # (rows,) a row of n ids has n - 1 positions: its last id is no input
+        self.row_positions = self.lengths - 1  # (rows,) a row of n ids has n - 1 positions in idx: its last id is
+        # no input (the padding after them is not counted)
 
     @classmethod
     def from_samples(cls, samples: list[tuple[list[int], list[int]]], max_seq_len: int, pad_id: int,
@@ -69,11 +70,6 @@ class SFTData:
     def row(self, r: int) -> list[int]:
         """The samples packed into row r."""
         return self.order[self.row_starts[r] : self.row_starts[r + 1]].tolist()
-
-    def positions(self, indices: list[int]) -> int:
-        """The positions of collate(indices)'s idx that hold ids: a row of n ids is n - 1 (the padding after it
-        is not counted)."""
-        return int(self.row_positions[indices].sum())
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Rows padded on the right to the longest (packed: to max_seq_len, one shape for torch.compile).

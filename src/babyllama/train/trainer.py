@@ -74,21 +74,17 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 
 
 class Dataset(Protocol):
-    """What the trainer needs of a dataset: rows by index, and each row's length."""
+    """What the trainer needs of a dataset: rows by index, each row's length, and its positions."""
 
     lengths: Sequence[int] | None  # tokens per row, to group rows of like length; None: all rows alike
-    row_positions: np.ndarray | None  # (n,) each row's positions that hold ids, as positions counts them; None:
-    # max_seq_len each (pretraining's windows)
+    row_positions: np.ndarray | None  # (n,) each row's positions of collate's idx that hold ids, padding not
+    # counted: what `tokens` counts; None: max_seq_len each (pretraining's windows)
 
     def __len__(self) -> int: ...
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """idx and targets (B, T) int64, targets -1 where there is no loss; optional segments (B, T),
         a document id per position (model.document_mask)."""
-        ...
-
-    def positions(self, indices: list[int]) -> int:
-        """The positions of collate(indices)'s idx that hold ids, padding not counted: what `tokens` counts."""
         ...
 
 
@@ -501,7 +497,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         # a GPU step that never waits for the GPU: fused AdamW skips non-finite steps itself (device_step)
         self.skip_on_device = not self.scaler.is_enabled() and all(o.defaults.get("fused") for o in self.optimizers)
-        # tokens: the positions trained on, padding not counted (Dataset.positions), summed over the ranks
+        # tokens: the positions trained on, padding not counted (Dataset.row_positions), summed over the ranks
         self.step, self.consumed_samples, self.tokens, self.bad_steps = 0, 0, 0, 0
         self.average: dict[str, torch.Tensor] = {}  # running mean of the weights (average_last)
         self.averaged = 0  # steps in that mean
@@ -567,7 +563,9 @@ class Trainer:
                    for b in cpu]
         counts = [self.units(b) if m else torch.zeros((), dtype=torch.long, device=d.device)  # target tokens that
                   for b, m in zip(batches, mine, strict=True)]  # carry loss; none in a padding micro-batch
-        positions = float(sum(self.train_data.positions(m) for m in mine if m))  # this rank's, padding not counted
+        each, T = self.train_data.row_positions, self.cfg.model.max_seq_len  # each None: T positions a row
+        positions = float(sum(len(m) * T if each is None else each[m].sum() for m in mine))  # this rank's, padding
+        # not counted; none in a padding micro-batch
         # one all_reduce for both; torch.full fills on the device, no copy that would wait for the GPU
         sums = all_reduce_sum(torch.stack([torch.stack(counts).sum().float(),
                                            torch.full((), positions, device=d.device)]), d)
