@@ -1059,6 +1059,32 @@ def test_a_worker_killed_under_torchrun_is_one_true_sentence_of_the_survivor(sha
     assert "Terminated" not in err and f"[rank{survivor}]:" not in err and "exitcode  : 2 " in err, err[-3000:]
 
 
+@pytest.mark.parametrize("agent_store", ["True", "False"])
+def test_the_first_to_say_counts_in_the_jobs_store_and_where_it_is_gone_only_an_agents_store_says(monkeypatch,
+                                                                                                agent_store):
+    """The job's store was torch's private default store; a client of the TCPStore at MASTER_ADDR:MASTER_PORT now
+    (job_store). Where it cannot be reached, first_to_say said True: right for torchrun's agent's store, which no
+    process of the job takes down, but where rank 0 held it, rank 0 has ended, perhaps after saying it: False."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from babyllama.train import distributed
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", agent_store)
+    monkeypatch.setattr(distributed, "JOB_STORE", distributed.job_store())
+    assert [distributed.first_to_say(), distributed.first_to_say()] == [True, False]
+    del server  # the store's host has ended
+    assert distributed.first_to_say() is (agent_store == "True")
+    monkeypatch.setattr(distributed, "JOB_STORE", None)
+    assert distributed.first_to_say() is None  # no job joined
+    monkeypatch.delenv("MASTER_PORT")
+    assert distributed.job_store() is None
+
+
 def test_a_preset_flag_replaces_the_config_model_table(tmp_path, caplog):
     """`--model.preset baby-92m` beside a [model] table recorded "preset": "baby-92m" but built the table's model
     (dim 128): the command line goes over the config, and a preset stands for all of its settings, so the model is

@@ -69,24 +69,42 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800) -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
                                 timeout=timedelta(seconds=timeout_s))
-        JOB_STORE[:] = [dist.distributed_c10d._get_default_store()]  # kept past the group's end, for first_to_say
+        global JOB_STORE
+        JOB_STORE = job_store()
     return Dist(rank, world, dev)
 
 
-JOB_STORE: list[dist.Store] = []  # the key-value store of the torchrun job this process joined (none: not joined)
+STORE_TIMEOUT_S = 5.0  # how long first_to_say waits for the job's store
+JOB_STORE: dist.Store | None = None  # a client of the key-value store of the torchrun job this process joined
+
+
+def job_store() -> dist.Store | None:
+    """A client of the key-value store that init_process_group joined (env://, its default): the TCPStore at
+    MASTER_ADDR:MASTER_PORT, torchrun's agent's (TORCHELASTIC_USE_AGENT_STORE "True") or else rank 0's. A client of
+    this process's own, through torch's public TCPStore, kept past the group's end for first_to_say; None where
+    those variables are not set or the store cannot be reached."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if not addr or not port.isdigit():
+        return None
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    except RuntimeError:  # DistNetworkError and the other DistErrors are RuntimeErrors
+        return None
 
 
 def first_to_say() -> bool | None:
     """Whether this process is the first of its torchrun job to say why it ends: each that says it counts itself in
-    the job's store (torchrun's agent's, or rank 0's), the first counted says it. True also where the store cannot be
-    reached (its host, rank 0, has died: it said nothing); None in a process that joined no job (cli.say_once)."""
-    if not JOB_STORE:
+    the job's store (JOB_STORE: torchrun's agent's, or rank 0's), the first counted says it. Where the store cannot
+    be reached: True when it is the agent's (TORCHELASTIC_USE_AGENT_STORE "True"), which no process of the job takes
+    down with it (torchrun itself has gone, and reports nothing); else False: the store was rank 0's, which ended
+    with it, perhaps after saying it. None in a process that joined no job (cli.say_once)."""
+    if JOB_STORE is None:
         return None
     try:
-        JOB_STORE[0].set_timeout(timedelta(seconds=5))
-        return JOB_STORE[0].add(f"babyllama/said/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", 1) == 1
-    except (RuntimeError, dist.DistError):  # DistStoreError, DistNetworkError: the store is gone
-        return True
+        JOB_STORE.set_timeout(timedelta(seconds=STORE_TIMEOUT_S))
+        return JOB_STORE.add(f"babyllama/said/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", 1) == 1
+    except RuntimeError:  # DistStoreError, DistNetworkError: the store is gone
+        return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 @contextmanager
