@@ -1297,6 +1297,33 @@ def test_a_head_that_does_not_arrive_whole_in_time_gets_a_408_and_its_connection
         assert r.status_code == 200
 
 
+def test_a_uvicorn_without_what_the_head_deadline_builds_on_serves_without_it(monkeypatch, capsys):
+    """head_deadline subclasses uvicorn's protocol and reads its internals (cycle, cycle.response_complete,
+    on_response_complete), which pyproject does not pin: a uvicorn without them gets its own protocol back and a
+    one-line warning, not a server whose every connection fails."""
+    import asyncio
+
+    import uvicorn
+    import uvicorn.protocols.http.auto as auto
+
+    from babyllama.serve import head_deadline
+
+    assert head_deadline(1.0).__name__ == "HeadDeadline" and capsys.readouterr().err == ""  # this uvicorn's
+
+    class Other(asyncio.Protocol):  # a uvicorn's protocol that keeps its request under another name
+        def __init__(self, config, server_state, app_state, _loop=None):
+            self.request = None
+
+        def on_response_complete(self) -> None: ...
+
+    monkeypatch.setattr(auto, "AutoHTTPProtocol", Other)
+    assert head_deadline(1.0) is Other
+    assert capsys.readouterr().err == (
+        f"warning: the HTTP protocol of uvicorn {uvicorn.__version__} has no cycle, RequestResponseCycle."
+        "response_complete, on which babyllama's deadline on request heads builds, so this server runs without it "
+        "(a client that sends its head slowly can hold a connection open).\n")
+
+
 def test_the_page_escapes_the_checkpoints_name(bpe_tokenizer):
     """`serve 'runs/x<b>"&/fin al<i>'` put the folder's name into the page's HTML as it was."""
     model = sharp_model(tiny_config(vocab_size=600, max_seq_len=128))

@@ -569,9 +569,20 @@ def head_deadline(timeout_s: float) -> type:
     head (its request line and headers): timeout_s from the connection's opening, or from the end of the answer
     before, for the head to arrive whole; else the connection gets a 408 in OpenAI's JSON shape and is closed.
     uvicorn gives a head no deadline (its keep-alive timeout ends an idle connection only until a first byte comes),
-    so a client that sent a byte of its headers every few seconds held a connection for ever (slowloris)."""
+    so a client that sent a byte of its headers every few seconds held a connection for ever (slowloris).
+    The deadline builds on uvicorn internals (uvicorn_lacks): a uvicorn without them gets its own class back, and
+    a one-line warning on stderr."""
+    import asyncio
+
+    import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+    missing = uvicorn_lacks(AutoHTTPProtocol)
+    if missing:
+        print(f"warning: the HTTP protocol of uvicorn {uvicorn.__version__} has no {', '.join(missing)}, on which "
+              "babyllama's deadline on request heads builds, so this server runs without it (a client that sends "
+              "its head slowly can hold a connection open).", file=sys.stderr, flush=True)
+        return AutoHTTPProtocol
     body = json.dumps({"error": {"message": f"the request head did not arrive whole within {timeout_s:g} s",
                                  "type": "invalid_request_error"}}).encode()
     late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -582,6 +593,7 @@ def head_deadline(timeout_s: float) -> type:
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            self.head_transport = transport
             self.await_head()
 
         def on_response_complete(self):  # (before super's: it may start a pipelined request, whose head is here)
@@ -595,16 +607,32 @@ def head_deadline(timeout_s: float) -> type:
         def await_head(self) -> None:
             if self.timer is not None:
                 self.timer.cancel()
-            self.timer = self.loop.call_later(timeout_s, self.head_late)
+            self.timer = asyncio.get_running_loop().call_later(timeout_s, self.head_late)
 
         def head_late(self) -> None:
             """At the deadline: a 408 and the end of the connection, unless a request's head came (its cycle is
             answered, or was: then its answer's end set a new deadline)."""
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.write(late)
-                self.transport.close()
+            if (self.cycle is None or self.cycle.response_complete) and not self.head_transport.is_closing():
+                self.head_transport.write(late)
+                self.head_transport.close()
 
     return HeadDeadline
+
+
+def uvicorn_lacks(protocol: type) -> list[str]:
+    """What HeadDeadline builds on of uvicorn's HTTP protocol class that protocol lacks (pyproject does not pin
+    uvicorn, whose internals these are): its on_response_complete, its request being answered (the attribute cycle,
+    set by its __init__) and whether that answer is complete (response_complete, set by its module's
+    RequestResponseCycle). Read from the classes and the names their __init__'s code uses: a few dictionary looks,
+    no connection."""
+    def sets(cls: type, name: str) -> bool:  # name is among those that the code of its __init__ uses
+        return name in getattr(getattr(cls.__init__, "__code__", None), "co_names", ())
+
+    cycle = getattr(sys.modules.get(protocol.__module__), "RequestResponseCycle", None)
+    needs = {"on_response_complete()": callable(getattr(protocol, "on_response_complete", None)),
+             "cycle": sets(protocol, "cycle"),
+             "RequestResponseCycle.response_complete": cycle is not None and sets(cycle, "response_complete")}
+    return [name for name, there in needs.items() if not there]
 
 
 class InFlight:
