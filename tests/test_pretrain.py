@@ -145,7 +145,7 @@ def test_resume_on_other_shards_is_refused(shards, tmp_path, capsys):
 
 def test_a_shard_that_its_manifest_lists_but_is_gone_is_one_sentence(shards, tmp_path, capsys):
     """pretrain, with and without --resume, and eval --data stop with one sentence naming the file, not a
-    traceback from np.memmap."""
+    traceback from np.memmap (a resume that has steps to train: a finished one is left before its shards open)."""
     from babyllama.cli import main
 
     data, run = tmp_path / "tokens", tmp_path / "run"
@@ -154,7 +154,8 @@ def test_a_shard_that_its_manifest_lists_but_is_gone_is_one_sentence(shards, tmp
     assert main([*pretrain_args, "--out_dir", str(run)]) == 0
     tokens = {s["file"]: s["tokens"] for s in json.loads((data / "manifest.json").read_text())["shards"]}
     for name, commands in (("val_00000.bin", (["eval", str(run / "final"), "--data", str(data)],
-                                              [*pretrain_args, "--out_dir", str(run), "--resume"])),
+                                              [*pretrain_args, "--out_dir", str(run), "--resume", "--max_steps",
+                                               "3"])),
                            ("shard_00000.bin", ([*pretrain_args, "--out_dir", str(tmp_path / "new")],))):
         (data / name).unlink()
         capsys.readouterr()
@@ -907,6 +908,33 @@ def test_a_run_killed_around_writing_final_keeps_its_final_line_once(shards, tmp
             (4, False, False), (4, True, False), (4, False, True)]
     assert [r["step"] for r in logged].count(4) == (2 if when == "after" else 3)
     assert sum(bool(r.get("final")) for r in logged) == 1
+
+
+def test_a_finished_run_is_said_finished_before_its_shards_are_opened(shards, tmp_path, capsys):
+    """The README says a finished run is left "before any other check ... reading no data", but pretrain opened the
+    shards (their files checked against the manifest) and compared their tokenizer first: a finished run resumed
+    on shards since damaged, or with another --tokenizer, was refused. Its length in windows comes from the
+    manifest now (an epochs run's needs them), and the shards are opened after the run is found unfinished."""
+    data = tmp_path / "tokens"
+    from babyllama.tokenizer import train_bpe
+
+    shutil.copytree(shards, data)
+    run = tmp_path / "run"
+    windows = len(TokenWindows(data, 32))
+    args = ("--epochs", str(8.5 / windows), "--batch_size", "4")  # 9 windows: 3 steps, the last of 1
+    pretrain(config(data, run, *args))
+    train = next(data / s["file"] for s in json.loads((data / "manifest.json").read_text())["shards"]
+                 if s["split"] == "train")
+    train.write_bytes(train.read_bytes()[:-2])  # a token short
+    written = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    train_bpe(generated_corpus(50, seed=5), vocab_size=300).save(tmp_path / "other")  # not the shards' tokenizer
+    capsys.readouterr()
+    pretrain(config(data, run, *args, "--tokenizer", str(tmp_path / "other")), resume=True)
+    assert capsys.readouterr().out == (f"note: the run in {run} is finished at step 3, so nothing was done; its model "
+                                       f"is {run / 'final'}\n")
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == written
+    with pytest.raises(UserError, match="has .* tokens, the manifest says"):  # unfinished: the shards are checked
+        pretrain(config(data, run, "--epochs", str(12.5 / windows), "--batch_size", "4"), resume=True)
 
 
 @pytest.mark.parametrize("resume", [False, True])

@@ -31,7 +31,7 @@ from babyllama.checkpoint import (
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.pretokenize import cpu_workers
 from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, read_sft_cache
-from babyllama.data.shards import TokenWindows, has_split, shards_difference, token_record
+from babyllama.data.shards import TokenWindows, has_split, read_manifest, shards_difference, token_record
 from babyllama.data.sources import check_output_folder
 from babyllama.errors import UserError, write_whole
 from babyllama.lora import check_rank
@@ -232,18 +232,21 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "pretrain", dist):
         T = cfg.model.max_seq_len
-        train_data = TokenWindows(t.data, T, "train")
-        val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
+        manifest = read_manifest(t.data)
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
         tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
-        differ = tokenizer.differences(train_data.manifest["tokenizer"])
+        # the train split's windows, len(TokenWindows), from the manifest: a finished run is left before a shard opens
+        windows = sum(s["tokens"] // (T + 1) for s in manifest["shards"] if s["split"] == "train")
+        start = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path, windows)
+        if start.finished:
+            return Path(t.out_dir) / "final"
+        differ = tokenizer.differences(manifest["tokenizer"])
         if differ:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
                             f"({differ[0]}).")
-        start = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path, len(train_data))
-        if start.finished:
-            return Path(t.out_dir) / "final"
-        data = token_record(train_data.manifest)  # what the checkpoints record
+        train_data = TokenWindows(t.data, T, "train")
+        val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
+        data = token_record(manifest)  # what the checkpoints record
         check_same_shards(data, start.resume_from, t.data)
         if t.doc_mask:
             for windows in (train_data, val_data):
