@@ -228,16 +228,20 @@ def test_read_manifest_reads_the_manifest_once(parts, monkeypatch):
 
 
 def test_merge_refuses_an_out_dir_that_is_holds_or_is_inside_a_part(parts, tmp_path, capsys):
+    """Each refusal says the harm of --merge: it said --input's ("a later run may read this one's output as
+    input"), though a merge reads its parts' manifests, not their folders whole."""
     import shutil
 
     shutil.copytree(parts, tmp_path, dirs_exist_ok=True)
     p0, p1 = str(tmp_path / "p0"), str(tmp_path / "p1")
+    why = {"is": f"the --merge folder {p0}: merging into it replaces that part's shards and manifest with the merged "
+                 "ones; choose an --out_dir apart from the parts.",
+           "holds": f"--merge {p0}, so clearing --out_dir would delete a part being merged; choose an --out_dir that "
+                    "holds none of the parts.",
+           "is inside": f"the --merge folder {p1}, so deleting that part would delete the merged shards with it; "
+                        "choose an --out_dir outside it."}
     for out, how in ((p0, "is"), (str(tmp_path), "holds"), (str(tmp_path / "p1" / "sub"), "is inside")):
-        part = p1 if how == "is inside" else p0
-        refused(["--merge", p0, p1, "--out_dir", out], f"--out_dir {out} holds --merge {part}, which a run may "
-                "replace or read again beside its output; choose an --out_dir that holds none of the inputs."
-                if how == "holds" else f"--out_dir {out} {how} the --merge folder {part}, which a run reads whole, "
-                "so a later run may read this one's output as input; choose an --out_dir outside it.", tmp_path, capsys)
+        refused(["--merge", p0, p1, "--out_dir", out], f"--out_dir {out} {how} {why[how]}", tmp_path, capsys)
         with pytest.raises(UserError, match=f"^--out_dir {re.escape(out)} {how}"):  # merge() itself too
             merge([p0, p1], out)
     assert not (tmp_path / "p1" / "sub").exists()

@@ -170,23 +170,35 @@ def check_out_dir(out: str | Path, flag: str = "--out_dir", folder: bool = True)
         raise UserError(f"{flag} {out} {where} a file, not a folder; choose another {flag}.")
 
 
+WHY_APART = {  # flag -> how --out_dir lies to one of its folders (overlap) -> the rest of the refusal
+    "--input": dict.fromkeys(("is", "is inside"), "the --input folder {name}, which a run reads whole, so a later run "
+                             "may read this one's output as input; choose an --out_dir outside it.") | {
+        "holds": "--input {name}, which a run may replace or read again beside its output; choose an --out_dir that "
+                 "holds none of the inputs."},
+    "--merge": {"is": "the --merge folder {name}: merging into it replaces that part's shards and manifest with the "
+                      "merged ones; choose an --out_dir apart from the parts.",
+                "is inside": "the --merge folder {name}, so deleting that part would delete the merged shards with "
+                             "it; choose an --out_dir outside it.",
+                "holds": "--merge {name}, so clearing --out_dir would delete a part being merged; choose an --out_dir "
+                         "that holds none of the parts."},
+}
+
+
 def check_apart(out: str | Path, inputs: list[str] | None, flag: str = "--input") -> None:
-    """Raise UserError when the output folder out is, or is inside, a folder among inputs (each run would read the
-    output of the one before as input: prepare's records went 3, 6, 6, and a document deleted from the source
-    stayed; a merge into a part would replace it), or holds one of them (which a run may replace, or read again
-    beside its own output). flag: the option that named inputs (--input, --merge). Paths are compared as resolved
-    (overlap); an input that does not exist is left to the command to say."""
+    """Raise UserError when the output folder out is, or is inside, a folder among inputs, or holds one of them, for
+    the reason of flag, the option that named them (WHY_APART). --input (prepare, pretokenize, tokenizer train): a
+    run reads its folders whole, so each run would read the output of the one before as input (prepare's records
+    went 3, 6, 6, and a document deleted from the source stayed), and one held by out may be replaced or read again.
+    --merge: the parts of a merge, which out must not be, hold or lie in (their shards replaced, or deleted with
+    out, or out deleted with them). Paths are compared as resolved (overlap); an input that does not exist is left
+    to the command to say."""
     for name in inputs or []:
         path = Path(name)
         if not path.exists():
             continue
         how = overlap(out, path)
-        if how in ("is", "is inside") and path.is_dir():
-            raise UserError(f"--out_dir {out} {how} the {flag} folder {name}, which a run reads whole, so a later "
-                            "run may read this one's output as input; choose an --out_dir outside it.")
-        if how == "holds":
-            raise UserError(f"--out_dir {out} holds {flag} {name}, which a run may replace or read again beside its "
-                            "output; choose an --out_dir that holds none of the inputs.")
+        if how == "holds" or how in ("is", "is inside") and path.is_dir():
+            raise UserError(f"--out_dir {out} {how} " + WHY_APART[flag][how].format(name=name))
 
 
 def overlap(out: str | Path, path: str | Path) -> str | None:
