@@ -173,6 +173,7 @@ class DPOTrainer(Trainer):
         return parts[0].mean() + self.rpo_term(logps, batch)
 
     def padding_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """forward of a padding micro-batch, its pairs left out of the step's metrics (self.sums)."""
         return self.forward(batch, counted=False)
 
     def rpo_term(self, logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
