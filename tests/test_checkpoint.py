@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,6 +249,14 @@ def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoi
     assert "it holds 2 layers and an embedding of (600, 64), the config needs 10000000" in capsys.readouterr().err
 
 
+def resumed(run: Path) -> tuple[Path | None, int, list]:
+    """resumable_checkpoint's checkpoint, the step of the trainer state it read, and the damaged ones."""
+    from babyllama.checkpoint import resumable_checkpoint
+
+    ckpt, state, damaged = resumable_checkpoint(run)
+    return ckpt, state["step"], damaged
+
+
 def test_a_newer_format_is_refused_by_name_and_never_skipped_as_damaged(whole_checkpoint, tmp_path):
     from babyllama.checkpoint import read_config, resumable_checkpoint, step_checkpoint
 
@@ -255,14 +264,14 @@ def test_a_newer_format_is_refused_by_name_and_never_skipped_as_damaged(whole_ch
     for step in (2, 4):
         save_checkpoint(step_checkpoint(tmp_path, step), model, train_state={"step": step})
     newest = step_checkpoint(tmp_path, 4)
-    assert read_config(newest)["version"] == 1 and resumable_checkpoint(tmp_path) == (newest, [])
+    assert read_config(newest)["version"] == 1 and resumed(tmp_path) == (newest, 4, [])
     _edit_json(newest / "config.json", lambda c: c.update(version=2))
     with pytest.raises(UserError) as e:  # resuming from step 2 would drop step 4's progress
         resumable_checkpoint(tmp_path)
     assert str(e.value) == (f"checkpoint {newest} has format version 2, newer than the version 1 this babyllama "
                             "reads; upgrade babyllama to load it.")
     _edit_json(newest / "config.json", lambda c: c.pop("version"))  # written by hand: read as version 1
-    assert resumable_checkpoint(tmp_path) == (newest, [])
+    assert resumed(tmp_path) == (newest, 4, [])
 
 
 # --- a run's checkpoints: order, pruning, damage, kills ---
@@ -332,7 +341,7 @@ def test_a_run_killed_inside_a_checkpoint_write_and_pruning_resumes_whole_and_eq
 
     from safetensors.torch import load_file
 
-    from babyllama.checkpoint import resumable_checkpoint, step_checkpoints
+    from babyllama.checkpoint import step_checkpoints
     from babyllama.config import load_config
     from babyllama.train.stages import pretrain
     from tests.test_pretrain import FAST, TINY
@@ -349,7 +358,7 @@ def test_a_run_killed_inside_a_checkpoint_write_and_pruning_resumes_whole_and_eq
                            capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT": at})
         assert r.returncode == -9 and [t[: len(left)] for t in temporaries()] == [left], (r.stderr, temporaries())
         assert [int(p.name[5:]) for p in step_checkpoints(run)] == steps  # each whole:
-        assert resumable_checkpoint(run) == (step_checkpoints(run)[-1], [])
+        assert resumed(run) == (step_checkpoints(run)[-1], steps[-1], [])
     capsys.readouterr()
     pretrain(load_config(None, [*args, "--out_dir", str(run)]), resume=True)
     assert temporaries() == [] and "note: removed" in capsys.readouterr().out
@@ -488,7 +497,7 @@ def test_safetensors_on_a_full_disk_is_cannot_write_and_the_old_checkpoint_stays
 def test_pruning_after_a_resume_past_a_damaged_checkpoint_keeps_the_one_resumed_from(tmp_path, shards, capsys):
     """A resume that skipped a damaged step_000006 for step_000005 left step 6 where keep_last counted it: the next
     pruning kept the damaged 6 and deleted the whole 5 the run had resumed from. The damaged one is moved aside."""
-    from babyllama.checkpoint import resumable_checkpoint, step_checkpoints
+    from babyllama.checkpoint import step_checkpoints
     from babyllama.config import load_config
     from babyllama.train.stages import pretrain
     from tests.test_pretrain import FAST, TINY
@@ -501,5 +510,5 @@ def test_pruning_after_a_resume_past_a_damaged_checkpoint_keeps_the_one_resumed_
     pretrain(load_config(None, [*args, "--max_steps", "8", "--save_every", "0", "--keep_last", "2"]), resume=True)
     assert [p.name for p in step_checkpoints(tmp_path)] == ["step_000005", "step_000008"]
     assert "resuming from step_000005, and step_000006 is moved to step_000006.damaged" in capsys.readouterr().out
-    assert resumable_checkpoint(tmp_path) == (tmp_path / "checkpoints" / "step_000008", [])
+    assert resumed(tmp_path) == (tmp_path / "checkpoints" / "step_000008", 8, [])
     assert (tmp_path / "checkpoints" / "step_000006.damaged" / "trainer_state.pt").stat().st_size == 100

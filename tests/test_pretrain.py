@@ -232,6 +232,23 @@ def test_average_last_changed_on_resume_is_refused_unless_the_mean_is_exact(shar
     assert all(torch.equal(w, last[k]) for k, w in weights(tmp_path / "off" / "final").items())
 
 
+def test_a_resume_reads_the_trainer_state_once_and_checks_the_average_once(shards, tmp_path, monkeypatch):
+    """A resume read the checkpoint's trainer state three times (resumable_checkpoint, checked_run, the Trainer)
+    and checked the weight average twice where checked_run knew the run's length (then run_training again): once
+    each now, the state carried from resumable_checkpoint (RunStart.state)."""
+    from babyllama.train import stages
+
+    args = ("--batch_size", "4", "--average_last", "0.5")
+    pretrain(config(shards, tmp_path, "--max_steps", "2", *args))
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(Path(f).name) or load(f, *a, **k))
+    checks, check = [], stages.check_average
+    monkeypatch.setattr(stages, "check_average", lambda *a: checks.append(a[2:]) or check(*a))
+    pretrain(config(shards, tmp_path, "--max_steps", "3", *args), resume=True)
+    assert loads == ["trainer_state.pt"] and checks == [(2, 1, 3, 3)]  # at step 2 with 1 step averaged, of 3
+    assert losses(tmp_path).keys() == {1, 2, 3}
+
+
 def test_average_last_goes_on_when_a_tokens_run_is_resumed_with_another_batch(shards, tmp_path):
     """README: a tokens or epochs run may resume with another global batch (other processes). Its length in steps
     then changes (20 steps of 4 -> 17 + 2 of 8 and 4), and with it the averaged window (after step 15 -> after step

@@ -63,17 +63,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest step checkpoint that is whole (config, weights' header and trainer state read back),
-    or None when there is none, and each newer one that is damaged, with why. Raises UserError when
-    every one is damaged."""
+def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest step checkpoint that is whole (config, weights' header and trainer state read back) and its
+    trainer state (load_train_state's, its tensors memory-mapped: what the resume reads of it, read once), or None
+    and None when there is none; and each newer one that is damaged, with why. Raises UserError when every one is
+    damaged."""
     damaged = []
     for ckpt in reversed(step_checkpoints(run_dir)):
         try:
             model_config(ckpt)
-            if load_train_state(ckpt, mmap=True) is None:
+            state = load_train_state(ckpt, mmap=True)
+            if state is None:
                 raise UserError(f"{ckpt} has no {STATE_FILE}.")
-            return ckpt, damaged
+            return ckpt, state, damaged
         except NewerFormat:
             raise
         except UserError as e:
@@ -82,7 +84,7 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[P
         ckpt, why = damaged[0]
         raise UserError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({ckpt.name}: {why}); "
                         "delete them to start again.")
-    return None, damaged
+    return None, None, damaged
 
 
 def set_aside(ckpt: Path) -> Path:

@@ -126,8 +126,9 @@ class DPOTrainer(Trainer):
     """The Trainer with the DPO objective: a step's loss is the mean over its pairs."""
 
     def __init__(self, cfg: RunConfig, train_data: PreferenceData, val_data: PreferenceData | None, tokenizer,
-                 dist, stage: str = "dpo", resume_from: Path | None = None, data: dict | None = None):
-        super().__init__(cfg, train_data, val_data, tokenizer, dist, stage, resume_from, data)
+                 dist, stage: str = "dpo", resume_from: Path | None = None, data: dict | None = None,
+                 state: dict | None = None):
+        super().__init__(cfg, train_data, val_data, tokenizer, dist, stage, resume_from, data, state)
         self.reference_record = {"path": str(Path(cfg.train.init).resolve()), "sha256": weights_sha256(cfg.train.init)}
         self.sums = torch.zeros(len(METRICS) + 1, device=dist.device)  # over this step's pairs so far
 

@@ -20,7 +20,6 @@ from babyllama.checkpoint import (
     check_lora_bases,
     check_tokenizer_fits,
     latest_checkpoint,
-    load_train_state,
     model_config,
     read_config,
     remove_stale_temporaries,
@@ -63,11 +62,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunStart:
-    """Where checked_run found a run to start: resume_from (None: at step 0); the damaged checkpoints newer than it,
-    each with why, which run_training moves aside once every check has passed; finished: the run resumed is
-    finished, so nothing is to be done."""
+    """Where checked_run found a run to start: resume_from (None: at step 0) and its trainer state (read once, by
+    resumable_checkpoint); the damaged checkpoints newer than it, each with why, which run_training moves aside once
+    every check has passed; length: the resumed run's last step in steps of this run's global batch and of the one
+    before (resumed_length), None where checked_run could not tell it before the data is read (then run_training
+    checks what needs it); finished: the run resumed is finished, so nothing is to be done."""
     resume_from: Path | None = None
+    state: dict | None = None
     damaged: list[tuple[Path, str]] = field(default_factory=list)
+    length: tuple[int, int] | None = None
     finished: bool = False
 
 
@@ -103,12 +106,11 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
                         f"{'resume' if resume else 'continue'}; choose another out_dir.")
     if not resume and latest is not None:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
-    resume_from, damaged = resumable_checkpoint(out) if resume else (None, [])
-    state = load_train_state(resume_from, mmap=True) if resume_from is not None else None
+    resume_from, state, damaged = resumable_checkpoint(out) if resume else (None, None, [])
     length = resumed_length(cfg, dist, state, rows) if state is not None else None
     if length is not None and is_finished(out, state["step"], length[0]):
         say_finished(out, state["step"], dist)
-        return RunStart(resume_from, finished=True)
+        return RunStart(resume_from, state, finished=True)
     check_settings(cfg, tokenizer, dist, stage)
     for ckpt in (resume_from, cfg.train.init):
         if ckpt:
@@ -119,7 +121,7 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
         check_average(cfg.train, resume_from, state["step"], state.get("averaged", 0), *length)
     if resume and resume_from is None and dist.main:
         print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
-    return RunStart(resume_from, damaged)
+    return RunStart(resume_from, state, damaged, length)
 
 
 def check_settings(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, stage: str) -> None:
@@ -174,18 +176,19 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
                  dist: Dist, start: RunStart, stage: str, trainer_cls: type[Trainer] = Trainer,
                  data: dict | None = None) -> Path:
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
-    record of the data, to check a resume against (token_cache's, token_record's). A resume of a run that is
-    finished writes nothing (checked_run found it so before the data was read, unless its length needed the rows);
-    another has its weight average checked, moves the damaged checkpoints newer than the one it resumes from aside
-    (set_aside, once every check has passed) and says where it picks up."""
-    out = Path(cfg.train.out_dir)
-    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, start.resume_from, data)
-    t, steps = cfg.train, trainer.total_steps
-    if trainer.resumed and is_finished(out, trainer.step, steps):
-        say_finished(out, trainer.step, dist)
-        return out / "final"
-    if trainer.resumed:
-        trainer.check_average(start.resume_from)
+    record of the data, to check a resume against (token_cache's, token_record's). A resume whose length checked_run
+    could not tell before the data was read (start.length None) is said finished here, writing nothing, or has its
+    weight average checked, as checked_run does the others'; a resume moves the damaged checkpoints newer than the
+    one it resumes from aside (set_aside, once every check has passed) and says where it picks up."""
+    out, t = Path(cfg.train.out_dir), cfg.train
+    trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, start.resume_from, data, start.state)
+    steps = trainer.total_steps
+    if trainer.resumed and start.length is None:  # the length needed the rows
+        if is_finished(out, trainer.step, steps):
+            say_finished(out, trainer.step, dist)
+            return out / "final"
+        before = planned_steps(t, trainer.samples, trainer.step, trainer.consumed_samples, trainer.global_batch_before)
+        check_average(t, start.resume_from, trainer.step, trainer.averaged, steps, before)
     barrier(dist)  # every rank has read the checkpoints (checked_run) before rank 0 moves the damaged ones aside
     for ckpt, why in start.damaged if dist.main else []:
         aside = set_aside(ckpt)

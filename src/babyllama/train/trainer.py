@@ -41,7 +41,6 @@ from babyllama.checkpoint import (
     base_record,
     is_base,
     load_model,
-    load_train_state,
     model_tensors,
     prune_checkpoints,
     read_config,
@@ -479,7 +478,10 @@ class Trainer:
     """Builds the model, its wrapper and optimisers in __init__, then `fit` runs the steps."""
 
     def __init__(self, cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, tokenizer: Tokenizer | None,
-                 dist: Dist, stage: str = "pretrain", resume_from: Path | None = None, data: dict | None = None):
+                 dist: Dist, stage: str = "pretrain", resume_from: Path | None = None, data: dict | None = None,
+                 state: dict | None = None):
+        """resume_from: the checkpoint to resume (None: start at step 0), state its trainer state (RunStart's, which
+        resumable_checkpoint read); data: what checkpoints record of the data (token cache or shards)."""
         t = self.t = cfg.train
         self.cfg, self.train_data, self.val_data, self.tokenizer, self.dist, self.stage = (
             cfg, train_data, val_data, tokenizer, dist, stage)
@@ -504,21 +506,14 @@ class Trainer:
         self.stop_signal = 0  # the signal that asked the run to stop, 0: none
         self.gave_up_at = 0  # the step that ended max_bad_steps skipped steps in a row, 0: none
         self.resumed = resume_from is not None
-        self.data = data  # what checkpoints record of the data (token cache or shards), to check a resume against
+        self.data = data  # what checkpoints record of the data, to check a resume against
         self.reference_record: dict | None = None  # DPO's reference model (--init), {"path", "sha256"}: they record it
         if resume_from is not None:
-            state = load_train_state(resume_from)
-            if state is None:
-                raise UserError(f"{resume_from} has no trainer state to resume from.")
             self.load_state_dict(state)
         self.samples = planned_samples(t, cfg.model.max_seq_len, len(train_data), train_data.row_positions)
-        self.total_steps = self.planned_steps()
+        self.total_steps = planned_steps(t, self.samples, self.step, self.consumed_samples, self.global_batch)
         if not t.average_last:  # without average_last a resumed mean is dropped, and final/ holds the last weights
             self.average, self.averaged = {}, 0
-
-    def planned_steps(self, global_batch: int | None = None) -> int:
-        """The step at which the run ends (planned_steps), in steps of global_batch rows (default: this run's)."""
-        return planned_steps(self.t, self.samples, self.step, self.consumed_samples, global_batch or self.global_batch)
 
     def step_rows(self) -> int:
         """The rows of the next step: a global batch, or the fewer that the run's samples leave for its last step
@@ -526,12 +521,6 @@ class Trainer:
         if self.samples is None:
             return self.global_batch
         return min(self.global_batch, self.samples - self.consumed_samples)
-
-    def check_average(self, resume_from: Path) -> None:
-        """check_average of the weight average resumed from resume_from, against this run's length (run_training,
-        once it has found the run unfinished)."""
-        check_average(self.t, resume_from, self.step, self.averaged, self.total_steps,
-                      self.planned_steps(self.global_batch_before))
 
     # --- one step ---
 
