@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.errors import UserError, check_folder, writing
+from babyllama.errors import UserError, check_folder, discard, writing
 from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -92,8 +92,7 @@ def set_aside(ckpt: Path) -> Path:
     older one of that name), so that keep_last pruning neither counts nor keeps it in place of a whole one (it kept a
     damaged step 31 and deleted the step 30 that the run had resumed from); returns where it went."""
     aside = ckpt.with_name(f"{ckpt.name}.damaged")
-    if aside.exists():
-        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+    discard(aside)
     ckpt.rename(aside)
     return aside
 
@@ -109,7 +108,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for old in [*ckpts[:-keep_last], *damaged]:
         doomed = old.parent / f".{old.name}.pruned-{os.getpid()}"
         old.rename(doomed)
-        shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
+        discard(doomed)  # what a failure leaves, remove_stale_temporaries clears
 
 
 def remove_stale_temporaries(*folders: Path, name: str | None = None) -> list[str]:
@@ -128,7 +127,7 @@ def remove_stale_temporaries(*folders: Path, name: str | None = None) -> list[st
                 tmp.rename(folder / m[1])
                 done.append(f"restored {folder / m[1]} from {tmp.name}")
             else:
-                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+                discard(tmp)
                 done.append(f"removed {tmp}")
     return done
 
