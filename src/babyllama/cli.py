@@ -822,17 +822,17 @@ def parse_and_run(argv: list[str] | None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("torch").setLevel(logging.WARNING)  # torch's own level, before an import of it that a
         # SIGTERM cut short can set it: else its exit hook logs "FakeTensor cache stats" after the stop's sentence
-        code = run(args)
-        said_from_now_on(deferred)
+        code = run(args, deferred)
         if deferred:  # a SIGTERM during an import, the command done before it came again: not done, all the same
             print(stopped("stopped by SIGTERM", args), file=sys.stderr)
             return 128 + signal.SIGTERM
         return code
 
 
-def command(args: argparse.Namespace) -> None:
+def command(args: argparse.Namespace, deferred: list[int]) -> None:
     """The command: its flags checked, its folder held, its function run; once it has ended, however, Ctrl-C is
-    ignored (ctrl_c_ignored)."""
+    ignored (ctrl_c_ignored) and a SIGTERM put in deferred (said_from_now_on), so that neither raises in run's
+    handlers as they say how it ended (a traceback)."""
     try:
         if getattr(args, "out_dir", None):  # pretrain, sft and dpo check theirs with their settings (held)
             check_out_dir(args.out_dir)
@@ -843,6 +843,7 @@ def command(args: argparse.Namespace) -> None:
         with held(args):
             args.func(args)
     finally:
+        said_from_now_on(deferred)
         ctrl_c_ignored()
 
 
@@ -854,10 +855,11 @@ def ctrl_c_ignored() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The command, its errors said in one sentence; the exit code."""
+def run(args: argparse.Namespace, deferred: list[int]) -> int:
+    """The command, its errors said in one sentence; the exit code. deferred: terminated_as_ctrl_c's list, where a
+    SIGTERM that comes once the command has ended is put for main to say."""
     try:
-        command(args)
+        command(args, deferred)
     except UserError as e:
         if not isinstance(e, AlreadySaid):
             say_once(e)
