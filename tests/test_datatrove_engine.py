@@ -631,6 +631,59 @@ def test_an_unreachable_ray_address_is_one_sentence_within_seconds(corpus, tmp_p
     dt.check_ray_address("auto")  # ray finds the cluster itself
 
 
+def test_a_port_that_answers_but_is_not_ray_is_one_sentence_within_seconds(corpus, tmp_path, capsys, monkeypatch):
+    """A port that accepts connections but is no Ray server (here an HTTP server) passed the check, and ray.init
+    retried it for minutes ("Failed to connect to GCS") or ended in a traceback, after the run's folder was made."""
+    pytest.importorskip("ray")
+    import http.server
+    import threading
+    import time
+
+    _, files, _ = corpus
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # not on the stderr the test reads
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for address, what in ((f"127.0.0.1:{port}", "a Ray cluster's GCS"), (f"ray://127.0.0.1:{port}",
+                                                                            "a Ray Client server")):
+            monkeypatch.setenv("RAY_ADDRESS", address)
+            start = time.time()
+            assert main(["prepare", "--input", *files, "--out_dir", str(tmp_path / "out"), "--engine", "datatrove",
+                         "--executor", "ray"]) == 2
+            assert time.time() - start < 8
+            err = capsys.readouterr().err
+            assert err.startswith(f"babyllama: error: RAY_ADDRESS={address} does not answer as {what} within 5 s (")
+            assert err.endswith("); correct RAY_ADDRESS (host:port of the head node's GCS, 6379 by default, or "
+                                "ray://host:10001 of Ray Client), or unset it to start a local one.\n")
+            assert err.count("\n") == 1 and "HTTP/2" in err  # gRPC's reason: the server does not speak HTTP/2
+            assert not (tmp_path / "out").exists()  # nothing written, not even the run's work folder
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_failing_ray_init_is_one_sentence_and_leaves_nothing(corpus, tmp_path, capsys, monkeypatch, bpe_tokenizer):
+    """ray.init raising (ConnectionError: Failed to connect to Ray cluster) was a traceback, with OUT/.incomplete
+    left behind."""
+    ray = pytest.importorskip("ray")
+    _, files, _ = corpus
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    monkeypatch.setattr(dt, "check_ray_address", lambda address: None)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(ConnectionError(
+        "Failed to connect to Ray cluster\nmore lines")))
+    bpe_tokenizer.save(tmp_path / "tok")
+    assert main(["pretokenize", "--input", *files, "--tokenizer", str(tmp_path / "tok"), "--out_dir",
+                 str(tmp_path / "out"), "--engine", "datatrove", "--executor", "ray"]) == 2
+    assert capsys.readouterr().err == ("babyllama: error: cannot connect to Ray at RAY_ADDRESS=head:6379 (Failed to "
+                                       "connect to Ray cluster); check that the cluster runs (`ray status`), or "
+                                       "unset RAY_ADDRESS to start a local one.\n")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("address", ["head", "head:", ":6379", "head:0", "head:65536", "head:x", "http://head:6379",
                                      "ray://head:6379/x", "head:6379?x", "me@head:6379", "he ad:6379", "ray://:10001",
                                      "ray:/head:10001", "AUTO", " auto", "head:6379 "])
@@ -649,6 +702,7 @@ def test_a_ray_address_ray_does_not_take_is_one_sentence_before_any_connection(a
 def test_the_ray_addresses_ray_takes_are_checked_at_their_host_and_port(address, host, port, monkeypatch):
     tried = []
     monkeypatch.setattr(dt.socket, "create_connection", lambda where, timeout: tried.append(where) or socket_like())
+    monkeypatch.setattr(dt, "not_ray", lambda address, host, port, timeout: None)  # a Ray server answers there
     dt.check_ray_address(address)
     assert tried == [(host, port)]
     for name in ("", "auto", "local"):  # ray finds or starts the cluster itself: nothing to contact

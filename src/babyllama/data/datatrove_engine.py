@@ -105,7 +105,7 @@ from babyllama.data.shards import (
     write_manifest,
 )
 from babyllama.data.sources import BAD_RECORDS, SUFFIXES, CorpusReader, data_suffix, records_and_bad
-from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, write_whole
+from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, require, write_whole
 from babyllama.lock import holding
 from babyllama.progress import status_lines
 from babyllama.tokenizer import load_tokenizer
@@ -603,6 +603,51 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise UserError(f"the Ray cluster at RAY_ADDRESS={address} does not answer ({e.strerror or e}); start it "
                         "there (`ray start --head`), correct RAY_ADDRESS, or unset it to start a local one.") from None
+    if why := not_ray(address, host, port, timeout):
+        what = "a Ray Client server" if address.startswith("ray://") else "a Ray cluster's GCS"
+        raise UserError(f"RAY_ADDRESS={address} does not answer as {what} within {timeout:g} s ({why}); correct "
+                        "RAY_ADDRESS (host:port of the head node's GCS, 6379 by default, or ray://host:10001 of Ray "
+                        "Client), or unset it to start a local one.")
+
+
+def not_ray(address: str, host: str, port: int, timeout: float) -> str | None:
+    """Why host:port is not the server that address names, in gRPC's words: it does not answer the request that
+    ray.init makes first (the GCS's GetClusterId, Ray Client's ping) within timeout seconds; None when it does.
+    Over TLS and with token authentication as ray.init would connect (RAY_USE_TLS, RAY_AUTH_MODE). ray.init itself
+    retries a port that answers something else (an HTTP server, another service) for minutes."""
+    grpc = require("grpc", "scale")
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
+
+    with init_grpc_channel(f"{host}:{port}") as channel:
+        if address.startswith("ray://"):
+            call = ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo
+            request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+        else:
+            call = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId
+            request = gcs_service_pb2.GetClusterIdRequest()
+        try:
+            call(request, timeout=timeout)
+        except grpc.RpcError as e:
+            return (e.details() or e.code().name).rpartition("last error: ")[2]
+    return None
+
+
+def connect_ray() -> None:
+    """Connect this process to Ray, unless it is: the cluster at RAY_ADDRESS (check_ray_address first), else
+    `ray start`'s, else a new local one. Raises UserError when ray.init fails, before anything is written."""
+    ray = require("ray", "scale")
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    check_ray_address(address)
+    try:
+        ray.init()
+    except (ConnectionError, RuntimeError, TimeoutError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot connect to Ray{f' at RAY_ADDRESS={address}' if address else ''} ({reason}); "
+                        "check that the cluster runs (`ray status`), or unset RAY_ADDRESS to start a local one.") \
+            from None
 
 
 def stage_status(label: str, logs: Path, tasks: int, seconds: float) -> str:
@@ -631,11 +676,6 @@ def _documents(stats_file: Path) -> int | None:
 def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
     """Run the stages in order, each once the one before has finished (local, ray), or submit them as
     Slurm job arrays that each depend on the one before (slurm: returns once they are queued)."""
-    if launch.executor == "ray":
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS (checked to answer: _input_files), else `ray start`'s cluster, else a local one
     executors = []
     for i, (name, pipeline, tasks) in enumerate(stages):
         depends = executors[-1] if launch.executor == "slurm" and executors else None
@@ -746,7 +786,8 @@ def check_kept(place: Path) -> None:
 def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int], int]:
     """Absolute input paths (tasks may run elsewhere), their sizes, and the number of tasks. Raises
     UserError for what would otherwise fail inside every task: an unknown executor or file type, Slurm
-    without a partition or without sbatch, a Ray cluster that does not answer."""
+    without a partition or without sbatch, a Ray cluster that does not answer or cannot be connected to
+    (connect_ray: so that nothing is written before)."""
     if launch.executor not in EXECUTORS:
         raise UserError(f"unknown --executor {launch.executor!r}; choose one of {', '.join(EXECUTORS)}.")
     if launch.executor == "slurm" and not launch.slurm_partition:
@@ -754,8 +795,6 @@ def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple
     if launch.executor == "slurm" and shutil.which("sbatch") is None:
         raise UserError("--executor slurm submits with sbatch, which is not on this machine's PATH; run it on a "
                         "Slurm login node.")
-    if launch.executor == "ray":
-        check_ray_address(os.environ.get("RAY_ADDRESS", ""))
     files = [str(Path(f).resolve()) for f in CorpusReader(inputs, format).files]
     for f in files:
         if data_suffix(Path(f)) not in SUFFIXES:
@@ -763,6 +802,8 @@ def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple
     tasks = min(launch.tasks or len(files), len(files))  # more tasks than files would have nothing to do
     if tasks > MAX_TASKS:
         raise UserError(f"--tasks can be at most {MAX_TASKS}, got {tasks}.")
+    if launch.executor == "ray":
+        connect_ray()  # last: a local instance is not started for inputs that are refused
     return files, [Path(f).stat().st_size for f in files], max(tasks, 1)
 
 
