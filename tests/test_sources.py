@@ -398,6 +398,32 @@ def test_a_checkpoint_tokenizer_token_folder_or_cache_given_as_data_is_named_for
                                "or their folder."
 
 
+def test_a_folder_is_walked_once_however_links_reach_it_and_skipped_entries_are_named(tmp_path, caplog):
+    """A link to its own folder was walked ~40 levels deep (12,000 paths in one warning), and a broken link or a
+    FIFO in a folder was passed over without a word."""
+    import os
+
+    d, e = tmp_path / "d", tmp_path / "e"
+    for folder in (d, e):
+        (folder / "sub").mkdir(parents=True)
+        jsonl(folder / "a.jsonl", [{"text": "甲"}])
+        jsonl(folder / "sub" / "b.jsonl", [{"text": "乙"}])
+    (d / "again").symlink_to("../d")  # a loop
+    (d / "z_sub").symlink_to("sub")  # a second way to a folder read already
+    (d / "broken.jsonl").symlink_to(tmp_path / "nonexistent")
+    os.mkfifo(d / "fifo.jsonl")
+    os.mkfifo(d / "notes")  # no data file's name: nothing to say
+    (e / "sub" / "up").symlink_to("..")  # a loop through a parent
+    assert expand_inputs([d]) == [d / "a.jsonl", d / "sub" / "b.jsonl"]
+    assert list(CorpusReader([d]).documents()) == ["甲", "乙"]
+    assert expand_inputs([e]) == [e / "a.jsonl", e / "sub" / "b.jsonl"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{d}: skipped 4 entries without data to read: {d / 'again'} (a link to {d}, a folder read already), "
+        f"{d / 'broken.jsonl'} (a broken link), {d / 'fifo.jsonl'} (a FIFO, not a regular file), {d / 'z_sub'} (a "
+        f"link to {d / 'sub'}, a folder read already)",  # once: the second expansion (CorpusReader's) says nothing
+        f"{e}: skipped 1 entry without data to read: {e / 'sub' / 'up'} (a link to {e}, a folder read already)"]
+
+
 def test_a_file_named_twice_is_read_once_in_its_first_place(tmp_path, caplog):
     d = tmp_path / "in"
     d.mkdir()

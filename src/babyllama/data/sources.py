@@ -813,7 +813,24 @@ def data_files(folder: Path) -> list[Path]:
     it wrote, eval's eval.json and items.jsonl, a run's config.json (is_run_config) and metrics.jsonl; an
     eval.json or stats.json alone is data) and whole folders of token shards and SFT/DPO token caches (a
     manifest.json beside .bin files), of checkpoints and tokenizers (output_kind) and hidden files and
-    folders (temporaries, locks). So a data folder can hold prepare's output and the token cache built from it."""
+    folders (temporaries, locks). So a data folder can hold prepare's output and the token cache built from it.
+
+    Each real folder is walked once: a link to a folder walked already (to itself or a parent, a loop, or to a
+    sibling) is not followed again. It, a broken link, and a FIFO, socket or device with a data file's name are
+    skipped with one warning (warn_once) that names them; before, a link to its own folder was walked ~40 levels
+    deep (12,000 paths in one warning) and a broken link or a FIFO went unsaid."""
+    skipped: list[str] = []
+    files = _data_files(folder, {folder.resolve()}, skipped)
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        warn_once(f"{folder}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} without data to "
+                  f"read: {shown}", key=("skipped", folder.resolve()))
+    return files
+
+
+def _data_files(folder: Path, walked: set[Path], skipped: list[str]) -> list[Path]:
+    """data_files of folder, walked (real paths) holding the folders walked so far, this one among them; each entry
+    passed over that a user may have meant as data goes to skipped, as `path (why)`."""
     if output_kind(folder):
         return []
     own = {name for _, names in _outputs_in(folder) for name in names}
@@ -822,10 +839,24 @@ def data_files(folder: Path) -> list[Path]:
         if f.name.startswith(".") or f.name in own:
             continue
         if f.is_dir():
-            files += data_files(f)
-        elif f.is_file() and data_suffix(f) in SUFFIXES:
-            files.append(f)
+            if (real := f.resolve()) in walked:
+                skipped.append(f"{f} (a link to {real}, a folder read already)")
+                continue
+            walked.add(real)
+            files += _data_files(f, walked, skipped)
+        elif f.is_file():
+            if data_suffix(f) in SUFFIXES:
+                files.append(f)
+        elif f.is_symlink() and not f.exists():
+            skipped.append(f"{f} (a broken link)")
+        elif data_suffix(f) in SUFFIXES:
+            skipped.append(f"{f} ({_special_kind(f)}, not a regular file)")
     return files
+
+
+def _special_kind(path: Path) -> str:
+    """What an entry that is neither a file nor a folder is: "a FIFO", "a socket" or "a device"."""
+    return "a FIFO" if path.is_fifo() else "a socket" if path.is_socket() else "a device"
 
 
 @dataclass
