@@ -17,6 +17,21 @@ def test_normalize_keeps_chinese_punctuation():
     assert normalize(raw) == "你好，世界！\n\n第二段：“引号” 空格。\u3000缩进"
 
 
+def test_normalize_drops_only_invisible_format_characters_and_keeps_joiners_selectors_and_bidi_marks():
+    """The zero-width joiner and non-joiner were dropped, splitting emoji families and changing Persian and Hindi
+    words, while a soft hyphen passed: now only what no reader sees goes."""
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # man ZWJ woman ZWJ girl: one emoji
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # mi ZWNJ khaham: "I want"
+    hindi = "\u0915\u094d\u200d\u0937"  # ka virama ZWJ ssa: the half form of ka
+    kept = [family, persian, hindi, "\u2764\ufe0f", "\u2764\ufe0e",  # variation selectors: emoji or text style
+            "abc \u202edcba\u202c", "\u05d0\u200e1\u200f", "\u2067\u05d0\u2069",  # override, marks, an isolate
+            "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"]  # the flag of Scotland (tags)
+    for text in kept:
+        assert normalize(text) == text
+    assert normalize("零\u200b宽\u2060连\ufeff接 Inter\u00adnational") == "零宽连接 International"
+    assert normalize(f"一家人{family}。") == f"一家人{family}。"
+
+
 def test_near_duplicates_found_distinct_kept():
     docs = generated_corpus(40, seed=3)
     index = NearDuplicateIndex(threshold=0.8)

@@ -28,12 +28,20 @@ from babyllama.progress import bytes_bar, counted
 
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")  # not \u3000: it is Chinese layout
 _BLANK_LINES = re.compile(r"\n{3,}")
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# Format characters (category Cf) that change nothing a reader sees, only where a line may break: noise of web
+# text. The zero-width space U+200B, the word joiner U+2060, U+FEFF (a byte-order mark inside the text) and the soft
+# hyphen U+00AD. Every other one is text and stays: the zero-width joiner and non-joiner U+200D/U+200C join emoji
+# into one (a family: man ZWJ woman ZWJ girl) and shape Persian and Indic words (mi ZWNJ khaham), variation
+# selectors U+FE00-U+FE0F pick a glyph (text or emoji style), the bidirectional marks, embeddings, overrides and
+# isolates (U+200E/F, U+202A-E, U+2066-9) decide the order right-to-left text is shown in, tag characters make flags.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"))
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # category Cc, less \t and \n
 
 
 def normalize(text: str) -> str:
-    """Unify newlines, drop control and zero-width characters, squeeze runs of spaces and blank lines.
+    """Unify newlines, drop control characters and the invisible format characters of _INVISIBLE (U+200B, U+2060,
+    U+FEFF, U+00AD: not the zero-width joiners, variation selectors or bidirectional marks, which are part of the
+    text), squeeze runs of spaces and blank lines.
 
     Full-width Chinese punctuation (，。！？：；“”) is left as it is: no NFKC.
     """
