@@ -442,8 +442,8 @@ def test_a_file_named_twice_is_read_once_in_its_first_place(tmp_path, caplog):
 
 def test_forced_format_and_bad_inputs(tmp_path):
     f = jsonl(tmp_path / "x.jsonl", [{"content": "正文", "text": "别的"}])
-    assert list(CorpusReader([f]).documents()) == ["正文"]  # detected as WuDao
-    assert list(CorpusReader([f], format="text").documents()) == ["别的"]
+    assert list(CorpusReader([f]).documents()) == ["别的"]  # text before content
+    assert list(CorpusReader([f], format="wudao").documents()) == ["正文"]
     with pytest.raises(UserError, match="unknown format 'nope'"):
         CorpusReader([f], format="nope")
     with pytest.raises(UserError, match="does not exist"):
@@ -768,6 +768,32 @@ def test_one_odd_record_decides_the_schema_of_no_other(tmp_path, caplog):
     reader = CorpusReader([f], "text", bad_log=(log := io.StringIO()))
     assert list(reader.documents()) == [r["text"] for r in good]
     assert reader.totals() == (106, 6) and f"{f}:2: lacks the fields of the text schema" in log.getvalue()
+
+
+def test_a_record_with_the_fields_of_several_schemas_is_read_in_its_files_schema_and_the_rest_named(tmp_path,
+                                                                                                      caplog):
+    """{"text": ..., "content": ...} was read as WuDao, its text dropped without a word (among text records it was
+    counted too short, from its short content). It is read in its file's schema where it fits, else text before
+    content; the fields left out are named once a file."""
+    text = jsonl(tmp_path / "text.jsonl", [{"text": "第一篇"}, {"text": "第二篇", "content": "短"},
+                                           {"text": "第三篇", "title": "题", "content": "短"}, {"text": "第四篇"}])
+    wudao = jsonl(tmp_path / "wudao.jsonl", [{"title": "题", "content": "悟道"}, {"content": "又一篇", "text": "x"}])
+    first = jsonl(tmp_path / "first.jsonl", [{"content": "内容", "text": "文本"}])
+    alpaca = jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "问", "output": "答", "text": "模板"}] * 2)
+    reader = CorpusReader([text, wudao, first, alpaca])
+    assert list(reader.documents()) == ["第一篇", "第二篇", "第三篇", "第四篇", "题\n悟道", "又一篇", "文本", "问答",
+                                       "问答"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{f}: records with the fields of more than one schema are read in the file's schema (of most of its records) "
+        f"where they fit it, else in the first of conversation, wiki, baike, instruction, text, wudao, leaving out "
+        f"{fields}; --format SCHEMA reads every record in the schema you choose" for f, fields in (
+            (text, f"the 'content' of 2 records (the first at {text}:2)"),
+            (wudao, f"the 'text' of 1 record (the first at {wudao}:2)"),
+            (first, f"the 'content' of 1 record (the first at {first}:1)"),
+            (alpaca, f"the 'text' of 2 records (the first at {alpaca}:1)"))]
+    caplog.clear()
+    assert list(CorpusReader([text], "wudao").documents()) == ["短", "题\n短"]  # a forced format: no warning
+    assert not [r for r in caplog.records if "more than one schema" in r.getMessage()]
 
 
 def test_csv_ragged_rows_are_bad_and_an_unclosed_quote_swallows_nothing(tmp_path):

@@ -124,21 +124,40 @@ SCHEMAS: dict[str, Callable[[dict], str | None]] = {
 }
 
 
-def detect_schema(record: dict) -> str | None:
-    keys = set(record)
-    if "conversations" in keys:
-        return "conversation"
-    if "completion" in keys:
-        return "wiki"
-    if "sections" in keys:
-        return "baike"
-    if {"instruction", "output"} <= keys or {"prompt", "answer"} <= keys:
-        return "instruction"
-    if "content" in keys:
-        return "wudao"
-    if "text" in keys:
-        return "text"
-    return None
+# schema -> the groups of fields any of which marks a record as one of it, in the order of detection: `text` before
+# `content`, so that a record with both is the text it says (WuDao's records have no `text`)
+SCHEMA_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "conversation": (("conversations",),),
+    "wiki": (("completion",),),
+    "baike": (("sections",),),
+    "instruction": (("instruction", "output"), ("prompt", "answer")),
+    "text": (("text",),),
+    "wudao": (("content",),),
+}
+
+
+def schemas_of(record: dict) -> dict[str, tuple[str, ...]]:
+    """The schemas whose fields record has (SCHEMA_FIELDS), in the order of detection, each with those fields:
+    {"text": ("text",), "wudao": ("content",)} for {"text": ..., "content": ...}."""
+    keys = record.keys()
+    found = {schema: tuple(f for group in groups if keys >= set(group) for f in group)
+             for schema, groups in SCHEMA_FIELDS.items()}
+    return {schema: fields for schema, fields in found.items() if fields}
+
+
+def detect_schema(record: dict, usual: str = "") -> str | None:
+    """The schema a record is read in: usual (its file's, of most of its records so far) when the record has its
+    fields, else the first schema whose fields it has (SCHEMA_FIELDS); None when it has those of none."""
+    fits = schemas_of(record)
+    return usual if usual in fits else next(iter(fits), None)
+
+
+def ignored_fields(record: dict, schema: str) -> list[str]:
+    """The fields of other schemas that record has but that reading it as schema leaves out: ["content"] for
+    {"text": ..., "content": ...} read as text."""
+    fits = schemas_of(record)
+    used = set(fits.get(schema, ()))
+    return sorted({f for other, fields in fits.items() if other != schema for f in fields} - used)
 
 
 # --- file shapes: each yields (location, record, why): record a dict, or None when it is bad and why says so ---
@@ -867,6 +886,14 @@ class FileStats:
     bad_examples: list[str] = field(default_factory=list)  # the first few locations
     read_as: Counter[str] = field(default_factory=Counter)  # good records by schema
     first_at: dict[str, str] = field(default_factory=dict)  # schema -> the location of its first good record
+    ignored: Counter[str] = field(default_factory=Counter)  # records that had the field, of another schema, unread
+    ignored_at: dict[str, str] = field(default_factory=dict)  # field -> the location of the first of those records
+
+    def note_ignored(self, fields: list[str], where: str) -> None:
+        """Count a record at where whose fields of another schema than the one it is read in are left out."""
+        for f in fields:
+            self.ignored[f] += 1
+            self.ignored_at.setdefault(f, where)
 
     def count(self, schema: str, where: str) -> None:
         """Count a good record at where, read as schema; the file's schema becomes the one of most records."""
@@ -950,16 +977,20 @@ class CorpusReader:
     def _file_documents(self, path: Path) -> Iterator[str]:
         """The texts of a file's records, each read in the forced format or else in the schema that its own fields
         say (detect_schema), so that an odd record (a `content` among `text` ones) decides nothing for the others; a
-        record with the fields of no schema is bad, as lacking those of the file's schema (of most of its records so
-        far). The first good record of each schema is logged (once a reader), and at the end of a file whose records
-        are of several schemas a warning counts each."""
+        record with the fields of several schemas is read in the file's (of most of its records so far) when it fits,
+        else in the first (`text` before `content`); a record with the fields of no schema is bad, as lacking those of
+        the file's schema. The first good record of each schema is logged (once a reader), and at the end of a file a
+        warning names the fields of other schemas that records had and were not read (once a file), and another
+        counts each schema when its records are of several."""
         stats = self.stats.setdefault(str(path), FileStats(schema=self.format or ""))
         for where, record, why in iter_records(path, self.read.opened):
             stats.records += 1
             if record is None:
                 self._bad(stats, where, why)
                 continue
-            schema = self.format or detect_schema(record) or stats.schema
+            schema = self.format or detect_schema(record, stats.schema) or stats.schema
+            if not self.format and (ignored := ignored_fields(record, schema)):
+                stats.note_ignored(ignored, where)
             try:
                 text = SCHEMAS[schema](record) if schema else None
             except ValueError as e:  # a field of the wrong type (field_text, context_text, messages_of_record), named
@@ -977,6 +1008,12 @@ class CorpusReader:
                              "" if self.format else "; other files in this schema are not named")
                 stats.count(schema, where)
                 yield text
+        if stats.ignored:
+            fields = ", ".join(f"the {field!r} of {n:,} record{'s' * (n > 1)} (the first at {stats.ignored_at[field]})"
+                               for field, n in stats.ignored.most_common())
+            log.warning("%s: records with the fields of more than one schema are read in the file's schema (of most "
+                        "of its records) where they fit it, else in the first of %s, leaving out %s; --format SCHEMA "
+                        "reads every record in the schema you choose", path, ", ".join(SCHEMA_FIELDS), fields)
         if len(stats.read_as) > 1:
             counts = ", ".join(f"{n:,} {schema} (the first at {stats.first_at[schema]})"
                                for schema, n in stats.read_as.most_common())
