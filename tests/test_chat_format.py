@@ -73,6 +73,32 @@ def test_records_and_openai_messages_map_to_the_same_conversation():
         conversation_from_messages([("user", "问"), ("assistant", "答")], add_generation_prompt=True)
 
 
+def test_sharegpt_v3_assistant_roles_are_read_and_a_bad_item_says_which_and_what():
+    """ShareGPT V3's "chatgpt" and "bing" items, and {"role": "user", "content": 5}, were all "a conversations item
+    lacks a known role or a text content"; the assistant names are answers, and a bad item is named with its fault."""
+    for name in ("gpt", "chatgpt", "bing", "bard", "assistant"):
+        record = {"conversations": [{"from": "human", "value": "问"}, {"from": name, "value": "答"}]}
+        assert conversation_from_record(record) == Conversation([("问", "答")])
+    known = "system, user, human, assistant, gpt, chatgpt, bing, bard"
+    for items, why in [
+        ([{"from": "human", "value": "问"}, {"from": "function_call", "value": "{}"}],
+         f"conversations item 2: unknown role 'function_call' (known: {known})"),
+        ([{"role": "user", "content": 5}], "conversations item 1: its 'content' is a number, not a string"),
+        ([{"role": "user", "content": [{"type": "text", "text": "问"}]}],
+         "conversations item 1: its 'content' is a list, not a string"),
+        ([{"from": "human", "value": None}], "conversations item 1: its 'value' is null, not a string"),
+        ([{"role": "user", "content": "问"}, {"role": None, "content": "答"}],
+         "conversations item 2: its 'role' is null, not a string"),
+        ([{"from": 1, "value": "问"}], "conversations item 1: its 'from' is a number, not a string"),
+        ([{"content": "问"}], "conversations item 1: no 'role' (or 'from')"),
+        ([{"role": "user"}], "conversations item 1: no 'content' (or 'value')"),
+        ([{"role": "user", "content": "问"}, "答"], "conversations item 2: a string, not an object with a role and a "
+                                                    "content")]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record({"conversations": items})
+        assert str(e.value) == why
+
+
 def test_instruction_and_prompt_answer_records():
     assert conversation_from_record({"instruction": "翻译：", "input": "你好", "output": "Hello"}) == Conversation(
         [("翻译：你好", "Hello")])

@@ -501,4 +501,5 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_wha
         f"{f}:2: its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode",
         f"{f}:3: its 'conversations' list is empty: there is no message",
         f"{f}:4: its 'conversations' is an object, not a list of messages",
-        f"{f}:5: a conversations item lacks a known role or a text content"]
+        f"{f}:5: conversations item 2: unknown role 'robot' (known: system, user, human, assistant, gpt, chatgpt, "
+        "bing, bard)"]

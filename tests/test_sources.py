@@ -83,7 +83,7 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_wha
     assert list(reader.documents()) == []
     assert log.getvalue().splitlines() == [f"{f}:{n}: lacks the fields of the conversation schema" for n in (1, 2)] + [
         f"{f}:3: its 'conversations' list is empty: there is no message",
-        f"{f}:4: a conversations item lacks a known role or a text content"] + [
+        f"{f}:4: conversations item 1: no 'content' (or 'value')"] + [
         f"{f}:{n}: lacks the fields of the conversation schema" for n in (5, 6)]
 
 

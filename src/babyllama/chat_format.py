@@ -41,7 +41,12 @@ from dataclasses import dataclass
 
 from babyllama.tokenizer import Tokenizer
 
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+# The roles of a `conversations` item ({role, content} or ShareGPT's {from, value}) -> system / user / assistant.
+# ShareGPT names the assistant that answered: gpt, and in ShareGPT V3 (ShareGPT_V3_unfiltered_cleaned_split.json) a
+# few items chatgpt and bing, in other exports bard; each is the assistant's answer, and read so. (LLaMA-Factory
+# skips a record with such a role as broken; FastChat's training script knows human and gpt alone.)
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
 # system (and developer) messages joined first, consecutive messages of one role joined with "\n",
@@ -115,21 +120,36 @@ def field_text(record: dict, key: str, numbers: bool = False, lists: bool = Fals
 
 def messages_of_record(record: dict) -> list[tuple[str, str]]:
     """[(role, content)] of a `conversations` list, {role, content} or {from: human|gpt, value} items;
-    roles become system / user / assistant. Raises ValueError saying what is malformed: the list is
-    not one (naming its type), is empty, or an item lacks a known role or a text content."""
+    roles become system / user / assistant (ROLES). Raises ValueError saying what is malformed: the list is
+    not one (naming its type), is empty, or an item is no object, lacks its role or content, has an unknown role
+    or a content that is no string (message_of_item)."""
     items = record.get("conversations")
     if not isinstance(items, list):
         raise ValueError(f"its 'conversations' is {kind_of(items)}, not a list of messages")
     if not items:
         raise ValueError("its 'conversations' list is empty: there is no message")
-    out = []
-    for item in items:
-        item = item if isinstance(item, dict) else {}
-        role, content = item.get("role", item.get("from")), item.get("content", item.get("value"))
-        if role not in ROLES or not isinstance(content, str):
-            raise ValueError("a conversations item lacks a known role or a text content")
-        out.append((ROLES[role], content))
-    return out
+    return [message_of_item(item, i) for i, item in enumerate(items, 1)]
+
+
+def message_of_item(item: object, i: int) -> tuple[str, str]:
+    """(role, content) of item, the i-th (from 1) of a `conversations` list. Raises ValueError naming the item and
+    what is wrong: "conversations item 2: unknown role 'function_call' (known: ...)", "conversations item 1: its
+    'content' is a number, not a string"."""
+    where = f"conversations item {i}"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: {kind_of(item)}, not an object with a role and a content")
+    role_key, content_key = ("role" if "role" in item else "from"), ("content" if "content" in item else "value")
+    for key, names in ((role_key, "'role' (or 'from')"), (content_key, "'content' (or 'value')")):
+        if key not in item:
+            raise ValueError(f"{where}: no {names}")
+    role, content = item[role_key], item[content_key]
+    if not isinstance(role, str):
+        raise ValueError(f"{where}: its {role_key!r} is {kind_of(role)}, not a string")
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r} (known: {', '.join(ROLES)})")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: its {content_key!r} is {kind_of(content)}, not a string")
+    return ROLES[role], content
 
 
 def instruction_pair(record: dict) -> tuple[str, str] | None:
