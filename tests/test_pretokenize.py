@@ -57,6 +57,33 @@ def test_counts_are_exact_and_documents_decode_back(corpus_and_tokenizer, bpe_to
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_a_long_document_is_encoded_in_pieces_of_bounded_size_with_the_ids_of_the_whole(bpe_tokenizer, monkeypatch):
+    """The tokenizer was given a whole document at once, ~400 bytes a character (1.28 M characters: 534 MB). It is
+    now given pieces of at most PIECE_CHARS, cut where byte-level BPE makes no token across (the ids are the whole's),
+    and at most about BATCH_CHARS characters a call; a short document is encoded as before."""
+    from babyllama.data import pretokenize as pt
+
+    monkeypatch.setattr(pt, "PIECE_CHARS", 200)
+    monkeypatch.setattr(pt, "BATCH_CHARS", 1000)
+    long = "".join(generated_corpus(60, seed=5))  # Chinese with English words and punctuation
+    pieces = list(pt.text_pieces(long, 200))
+    assert "".join(pieces) == long and len(long) == 5258 and len(pieces) == 28
+    assert all(100 <= len(p) <= 200 for p in pieces[:-1]) and len(pieces[-1]) <= 200
+    assert [len(p) for p in pt.text_pieces("字" * 450, 200)] == [200, 200, 50]  # no place to cut: at 200
+    assert list(pt.text_pieces("短文", 200)) == ["短文"]
+    calls = []
+    encode_batch = bpe_tokenizer.encode_batch
+    monkeypatch.setattr(bpe_tokenizer, "encode_batch", lambda texts, *a, **k: calls.append(
+        sum(map(len, texts))) or encode_batch(texts, *a, **k))
+    flat, lengths = pt.encode_documents(bpe_tokenizer, ["短文", long, "又一篇"], bos=True)
+    assert max(calls) <= 1000 + 200 and sum(calls) == len(long) + 5
+    monkeypatch.undo()
+    bos, eos = bpe_tokenizer.bos_id, bpe_tokenizer.eos_id
+    whole = [[bos, *bpe_tokenizer.encode(t), eos] for t in ("短文", long, "又一篇")]
+    assert flat.tolist() == [i for ids in whole for i in ids] and lengths.tolist() == [len(ids) for ids in whole]
+    assert whole[1][1:-1] == [i for p in pieces for i in bpe_tokenizer.encode(p)]  # the pieces' ids joined
+
+
 def test_one_and_two_workers_write_identical_bytes(corpus_and_tokenizer, tmp_path, monkeypatch):
     import babyllama.data.pretokenize as pt
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import threading
 import time
@@ -132,23 +133,55 @@ def in_workers(func: Callable[[T], R], batches: Iterable[T], tokenizer_path: str
 
 def encode_documents(tok: Tokenizer, texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """All documents' ids (with eos, and bos first when asked) back to back, (N,) uint32, and each
-    document's length, (D,) int64."""
-    ids = tok.encode_batch(texts, bos=bos, eos=True)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((i for x in ids for i in x), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
+    document's length, (D,) int64. A document over PIECE_CHARS characters is encoded in pieces (text_pieces), its
+    ids joined, and the tokenizer is given pieces of about BATCH_CHARS characters at a time: its memory grows with
+    the characters it encodes at once (~400 bytes each in one long word of BPE: a document of 1.28 M characters took
+    534 MB, one of the 64 Mi characters a line may hold would take ~25 GB); now it is bounded whatever the
+    document."""
+    pieces = ((d, piece) for d, text in enumerate(texts) for piece in text_pieces(text, PIECE_CHARS))  # lazily
+    parts: list[list[np.ndarray]] = [[] for _ in texts]  # each document's ids, piece by piece
+    for group in text_batches(pieces, size=lambda item: len(item[1])):
+        for (d, _), ids in zip(group, tok.encode_batch([piece for _, piece in group]), strict=True):
+            parts[d].append(np.array(ids, dtype=np.uint32))
+    bos_ids, eos_ids = np.array([tok.bos_id] * bos, dtype=np.uint32), np.array([tok.eos_id], dtype=np.uint32)
+    docs = [np.concatenate([bos_ids, *p, eos_ids]) for p in parts]
+    lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
+    return np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint32), lengths
+
+
+PIECE_CHARS = 1 << 16  # a longer document is encoded in pieces of at most this many characters (text_pieces)
+# Where a piece may end: between a character of punctuation or a symbol and a letter or digit, or the other way round
+# (not after an apostrophe: 's), or before a space between two other characters. Byte-level BPE (babyllama's own,
+# GPT-2's pre-tokens) makes no token across such a cut, so the pieces' ids joined are the whole's.
+PIECE_CUT = re.compile(r"(?<=[^\s\w'])(?=[^\W_])|(?<=[^\W_])(?=[^\s\w])|(?<=\S)(?= \S)")
+
+
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """text cut into pieces of at most size characters, each ending at the last cut (PIECE_CUT) in its second half,
+    else at size characters; text itself when it is no longer (a text of one piece is encoded as before). The ids of
+    the pieces joined are those of the whole for byte-level BPE with GPT-2's pre-tokens, but perhaps at a cut in text
+    without punctuation or spaces over size / 2 characters; a SentencePiece model may differ at each cut by a token
+    or two (its "▁" before each piece's start)."""
+    start = 0
+    while len(text) - start > size:
+        cuts = [m.start() for m in PIECE_CUT.finditer(text, start + size // 2, start + size)]
+        end = cuts[-1] if cuts else start + size
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def _encode(texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
     return encode_documents(worker_tokenizer(), texts, bos)
 
 
-def text_batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    """Lists of documents of about BATCH_CHARS characters in all."""
+def text_batches(items: Iterable[T], size: Callable[[T], int] = len) -> Iterator[list[T]]:
+    """Lists of items (documents; with size, anything that has a number of characters) of about BATCH_CHARS
+    characters in all."""
     batch, chars = [], 0
-    for text in docs:
-        batch.append(text)
-        chars += len(text)
+    for item in items:
+        batch.append(item)
+        chars += size(item)
         if chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
