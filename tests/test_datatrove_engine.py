@@ -147,6 +147,23 @@ def test_pretokenize_through_datatrove_makes_the_same_documents(both, tmp_path, 
     assert len(windows) == sum(s["tokens"] // 33 for s in manifest["shards"] if s["split"] == "train")
 
 
+def test_pretokenize_through_datatrove_skips_and_counts_empty_records(tmp_path, bpe_tokenizer):
+    """As the embedded engine: an empty or blank record is no document (it was a lone <eos>), counted per source."""
+    bpe_tokenizer.save(tmp_path / "tok")
+    f = tmp_path / "in" / "e.jsonl"
+    f.parent.mkdir()
+    f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["", *GOOD[:3], " \n", "\u200b"]))
+    embedded = pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "embedded", val_fraction=0)
+    manifest = dt.pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "datatrove", local(1), val_fraction=0)
+    source = manifest["sources"][str(f.resolve())]
+    assert (source["records"], source["bad"], source["empty"]) == (6, 0, 3)
+    assert source == embedded["sources"][str(f)] and manifest["totals"] == embedded["totals"]
+    assert manifest["totals"]["train"]["documents"] == 3
+    f.write_text('{"text": ""}\n')
+    with pytest.raises(UserError, match="^none of the 1 records has text: 1 empty; nothing was written.$"):
+        dt.pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "none", local(1), val_fraction=0)
+
+
 def test_pretrain_reads_the_datatrove_shards(both, tmp_path, bpe_tokenizer):
     from babyllama.config import load_config
     from babyllama.train.stages import pretrain

@@ -191,9 +191,35 @@ def test_cli_pretokenize_says_the_records_read_and_the_bad_ones(corpus_and_token
                 "--val_fraction", "0")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert list(summary) == ["out_dir", "dtype", "records", "bad", "bad_records", "train", "val"]
+    assert list(summary) == ["out_dir", "dtype", "records", "bad", "empty", "bad_records", "train", "val"]
     assert (summary["records"], summary["bad"], summary["train"]["documents"]) == (23, 2, 21)
     assert summary["bad_records"] == str(tmp_path / "o" / "bad_records.txt")
+
+
+def test_empty_and_blank_records_are_skipped_and_counted(corpus_and_tokenizer, tmp_path):
+    """pretokenize kept an empty or blank record as a document of a lone <eos>, where prepare drops it (too short):
+    it is skipped, and counted in the summary and each source of the manifest; inputs of nothing else are refused."""
+    d, docs = corpus_and_tokenizer
+    f = jsonl_of(tmp_path / "e.jsonl", [{"text": ""}, {"text": "   "}, {"text": "\u200b\u3000\n"}, {"text": docs[0]},
+                                        {"text": 5}, {"text": docs[1]}])
+    r = run_cli("pretokenize", "--input", f, "--tokenizer", d / "tok", "--out_dir", tmp_path / "o", "--workers", "1",
+                "--val_fraction", "0")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["records"], summary["bad"], summary["empty"], summary["train"]["documents"]) == (6, 1, 3, 2)
+    assert read_manifest(tmp_path / "o")["sources"][str(f)] == {"schema": "text", "records": 6, "bad": 1, "empty": 3,
+                                                              "bad_examples": [f"{f}:5"]}
+    assert len(documents_of(tmp_path / "o")) == 2
+    f = jsonl_of(tmp_path / "none.jsonl", [{"text": ""}, {"text": " "}, {"text": []}])
+    r = run_cli("pretokenize", "--input", f, "--tokenizer", d / "tok", "--out_dir", tmp_path / "o2")
+    assert r.returncode == 2 and r.stderr.endswith(
+        "babyllama: error: none of the 3 records has text: 2 empty, 1 bad; nothing was written.\n")
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+
+
+def jsonl_of(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
 
 
 def test_pretokenize_lists_its_bad_records_as_prepare_does(corpus_and_tokenizer, tmp_path):

@@ -104,7 +104,14 @@ from babyllama.data.shards import (
     write_json,
     write_manifest,
 )
-from babyllama.data.sources import BAD_RECORDS, SUFFIXES, CorpusReader, data_suffix, records_and_bad
+from babyllama.data.sources import (
+    BAD_RECORDS,
+    SUFFIXES,
+    CorpusReader,
+    check_counts,
+    data_suffix,
+    records_and_bad,
+)
 from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, require, write_whole
 from babyllama.lock import holding
 from babyllama.progress import status_lines
@@ -273,19 +280,21 @@ def _json_files(folder: Path) -> list:
 class ReadCorpus(PipelineStep):
     """Documents of this task's input files (any format and schema CorpusReader reads), each with
     metadata["source"] = its file. Writes the task's per-file record counts to work/read/R.json and
-    the location of every bad record to work/bad/R.txt."""
+    the location of every bad record to work/bad/R.txt. skip_empty: records whose text shows nothing are counted,
+    not given (CorpusReader's; pretokenize's)."""
 
     name, type = "📖 babyllama files", "📖 - READER"
 
-    def __init__(self, files: list[str], sizes: list[int], format: str | None, work: str):
+    def __init__(self, files: list[str], sizes: list[int], format: str | None, work: str, skip_empty: bool = False):
         super().__init__()
-        self.files, self.sizes, self.format, self.work = files, sizes, format, work
+        self.files, self.sizes, self.format, self.work, self.skip_empty = files, sizes, format, work, skip_empty
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
         (work / "bad").mkdir(parents=True, exist_ok=True)
         with (work / "bad" / f"{rank:05d}.txt").open("w", encoding="utf-8") as bad_log:
-            reader = CorpusReader(files_of_task(self.files, self.sizes, rank, world_size), self.format, bad_log)
+            reader = CorpusReader(files_of_task(self.files, self.sizes, rank, world_size), self.format, bad_log,
+                                  self.skip_empty)
             for i, (source, text) in enumerate(reader.documents_with_source()):
                 self.stat_update("documents")
                 yield Document(text=text, id=f"{rank:05d}/{i}", metadata={"source": source})
@@ -449,7 +458,7 @@ class FinishTokens(PipelineStep):
         read = records_and_bad(sources)
         write_whole(out / BAD_RECORDS, _bad_records(work))
         started = json.loads((work / "settings.json").read_text())["started"]
-        if read["records"] > read["bad"]:  # else no manifest: the driver says why (a raise here prints a traceback)
+        if read["records"] > read["bad"] + read["empty"]:  # else no manifest: the driver says why (check_records)
             self.write_manifest(out, work, sources, started)
         write_json(work / FINISHED, {"seconds": round(time.time() - started, 2)})
 
@@ -765,14 +774,11 @@ def finish_run(place: Path, out: Path, check, outputs, last: str) -> None:
 
 
 def check_records(place: Path) -> None:
-    """UserError, in the embedded engine's words (CorpusReader.check_usable), when the tasks read no record, or bad
-    ones only (the first named: the first line of place/bad_records.txt)."""
-    records, bad = records_and_bad(_sources_read(place / "datatrove")).values()
-    if records == 0:
-        raise UserError("the inputs hold no records; check the paths and --format.")
-    if bad == records:
-        first = (place / BAD_RECORDS).read_text(encoding="utf-8").partition("\n")[0]
-        raise UserError(f"every one of the {records} records was bad (the first: {first}); nothing was written.")
+    """UserError, in the embedded engine's words (sources.check_counts), when the tasks read no record, or bad ones
+    only (the first named: the first line of place/bad_records.txt) and empty ones."""
+    read = records_and_bad(_sources_read(place / "datatrove"))
+    first = (place / BAD_RECORDS).read_text(encoding="utf-8").partition("\n")[0] if read["bad"] else ""
+    check_counts(read["records"], read["bad"], read["empty"], first)
 
 
 def check_kept(place: Path) -> None:
@@ -859,7 +865,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
         place = start_run(out, settings, token_outputs, staged=launch.executor != "slurm")
         work = place / "datatrove"
         stages = [
-            ("tokenize", [ReadCorpus(files, sizes, format, str(work)),
+            ("tokenize", [ReadCorpus(files, sizes, format, str(work), skip_empty=True),
                           WriteTokenShards(tokenizer_path, str(place), str(work), val_fraction, bos, shard_tokens)],
              tasks),
             ("finish", [FinishTokens(tokenizer_path, str(place), str(work), bos, val_fraction, tasks)], 1),

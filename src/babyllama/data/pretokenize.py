@@ -242,7 +242,7 @@ def pretokenize(
         raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}.")
     check_val_fraction(val_fraction)
     tok = load_tokenizer(tokenizer_path)
-    reader, out = CorpusReader(inputs, format), Path(out)
+    reader, out = CorpusReader(inputs, format, skip_empty=True), Path(out)  # an empty record is no document
     with staged(out, token_outputs, MANIFEST) as stage:  # the earlier shards stay until the new ones are whole
         manifest = _pretokenize(reader, tok, tokenizer_path, stage, workers, val_fraction, shard_tokens, num_shards,
                                 shard_index, bos)

@@ -38,6 +38,7 @@ from babyllama.chat_format import (
     context_messages,
     field_text,
     instruction_pair,
+    is_blank,
     kind_of,
     messages_of_record,
     not_unicode,
@@ -882,6 +883,7 @@ def _special_kind(path: Path) -> str:
 class FileStats:
     records: int = 0
     bad: int = 0
+    empty: int = 0  # good records whose text shows nothing (is_blank), skipped by a reader that skips them
     schema: str = ""  # the forced format, else the schema of most of its good records so far
     bad_examples: list[str] = field(default_factory=list)  # the first few locations
     read_as: Counter[str] = field(default_factory=Counter)  # good records by schema
@@ -903,13 +905,27 @@ class FileStats:
             self.schema = schema
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "records": self.records, "bad": self.bad, "bad_examples": self.bad_examples}
+        return {"schema": self.schema, "records": self.records, "bad": self.bad, "empty": self.empty,
+                "bad_examples": self.bad_examples}
 
 
 def records_and_bad(sources: dict[str, dict]) -> dict[str, int]:
-    """{"records": n, "bad": m}: the records read and the bad ones, added up over sources ({file: its
-    FileStats.to_dict()}, as a manifest's or a datatrove run's tasks hold them)."""
-    return {k: sum(s[k] for s in sources.values()) for k in ("records", "bad")}
+    """{"records": n, "bad": m, "empty": k}: the records read, the bad ones and the empty ones skipped, added up over
+    sources ({file: its FileStats.to_dict()}, as a manifest's or a datatrove run's tasks hold them; "empty" counts 0
+    in one written before it was counted)."""
+    return {k: sum(s.get(k, 0) for s in sources.values()) for k in ("records", "bad", "empty")}
+
+
+def check_counts(records: int, bad: int, empty: int, first_bad: str) -> None:
+    """UserError when the inputs held no record, or only bad ones (the first named: first_bad) and empty ones
+    (skipped by pretokenize), so that a command writes nothing in place of its earlier output."""
+    if records == 0:
+        raise UserError("the inputs hold no records; check the paths and --format.")
+    if bad == records:
+        raise UserError(f"every one of the {records} records was bad (the first: {first_bad}); nothing was written.")
+    if bad + empty == records:
+        raise UserError(f"none of the {records} records has text: {empty} empty{f', {bad} bad' if bad else ''}; "
+                        "nothing was written.")
 
 
 class BytesRead:
@@ -948,14 +964,18 @@ class CorpusReader:
     """Documents of many files; counts every record and every bad one, per file, and the bytes read of all
     (bytes_read: a progress bar's count, of total_bytes)."""
 
-    def __init__(self, paths: list[str | Path], format: str | None = None, bad_log: TextIO | None = None):
-        """bad_log, when given, receives every bad record, one a line: `file:line: why`."""
+    def __init__(self, paths: list[str | Path], format: str | None = None, bad_log: TextIO | None = None,
+                 skip_empty: bool = False):
+        """bad_log, when given, receives every bad record, one a line: `file:line: why`. skip_empty: a good record
+        whose text shows nothing (is_blank: "", whitespace, zero-width characters) is counted (FileStats.empty), not
+        given, as pretokenize wants (prepare counts it too short)."""
         if format is not None and format not in SCHEMAS:
             raise UserError(f"unknown format {format!r}; choose one of {', '.join(SCHEMAS)}.")
         self.read = BytesRead(expand_inputs(paths))
         self.files, self.total_bytes = self.read.files, self.read.total
         self.format = format
         self.bad_log = bad_log
+        self.skip_empty = skip_empty
         self.stats: dict[str, FileStats] = {}
         self.announced: set[str] = set()  # the schemas already logged: a folder of 1,000 files logs each once
         self.warned = 0  # bad records shown on the console, of all files
@@ -1007,6 +1027,9 @@ class CorpusReader:
                     log.info("%s: read as %s records (detected at %s)%s", path, schema, where,
                              "" if self.format else "; other files in this schema are not named")
                 stats.count(schema, where)
+                if self.skip_empty and is_blank(text):
+                    stats.empty += 1
+                    continue
                 yield text
         if stats.ignored:
             fields = ", ".join(f"the {field!r} of {n:,} record{'s' * (n > 1)} (the first at {stats.ignored_at[field]})"
@@ -1057,14 +1080,10 @@ class CorpusReader:
         return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
 
     def check_usable(self) -> None:
-        """After reading: UserError when the inputs held no record, or bad ones only (the first named), so that a
-        command writes nothing in place of its earlier output."""
+        """After reading: UserError when the inputs held no record, or bad ones only (the first named) and empty ones
+        (check_counts), so that a command writes nothing in place of its earlier output."""
         records, bad = self.totals()
-        if records == 0:
-            raise UserError("the inputs hold no records; check the paths and --format.")
-        if bad == records:
-            raise UserError(f"every one of the {records} records was bad (the first: {self.first_bad}); nothing "
-                            "was written.")
+        check_counts(records, bad, sum(s.empty for s in self.stats.values()), self.first_bad)
 
 
 def iter_texts(paths: list[str | Path], format: str | None = None) -> Iterator[str]:
