@@ -690,8 +690,36 @@ def test_a_folder_of_many_files_names_each_schema_once_and_shows_at_most_20_bad_
                      f"{tmp_path / 'z.jsonl'}: read as instruction records (detected at {tmp_path / 'z.jsonl'}:1); "
                      "other files in this schema are not named"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 20 and warnings[-1].endswith("; more are counted, not shown")
+    assert len(warnings) == 21 and warnings[-1] == "... and 10 more bad records (30 in all)"  # no list: not named
     assert all(len(s.bad_examples) == 1 for s in reader.stats.values() if s.bad)  # every file keeps its own
+
+
+def test_prepare_and_pretokenize_end_their_list_of_bad_records_with_the_count_not_shown(tmp_path, caplog,
+                                                                                         bpe_tokenizer):
+    """prepare stopped listing bad records after 20, and after 5 of a file, without a word; it ends the list as
+    pretokenize --sft does, with the count of those not shown and where they are all listed."""
+    from babyllama.data.clean import prepare
+    from babyllama.data.pretokenize import pretokenize
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(22):
+        jsonl(d / f"f{i:02}.jsonl", [{"text": f"第{i}篇文档的正文，足够长了。"}, b"{bad"])
+    jsonl(d / "many.jsonl", [{"text": "另一篇文档的正文，也足够长了。"}, *[b"{bad"] * 8])  # 5 of a file are shown
+    bpe_tokenizer.save(tmp_path / "tok")
+    for out, run in ((tmp_path / "clean", lambda out: prepare([d], out)),
+                     (tmp_path / "tokens", lambda out: pretokenize([str(d)], str(tmp_path / "tok"), out))):
+        caplog.clear()
+        run(out)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 21 and all("skipped a bad record" in w for w in warnings[:20])
+        assert warnings[-1] == f"... and 10 more bad records (30 in all), each listed in {out / 'bad_records.txt'}"
+        assert len((out / "bad_records.txt").read_text().splitlines()) == 30
+    caplog.clear()
+    prepare([d / "f00.jsonl", d / "f01.jsonl"], tmp_path / "two")  # every bad record shown: nothing more to say
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{d / f'f0{i}.jsonl'}:2: skipped a bad record: not valid JSON (Expecting property name enclosed in double "
+        "quotes)" for i in range(2)]
 
 
 def test_a_lone_surrogate_in_a_json_array_is_one_bad_item(tmp_path):

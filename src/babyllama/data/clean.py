@@ -425,6 +425,7 @@ def prepare(
     with staged(out, prepare_outputs, "stats.json") as stage:  # the earlier output stays until the new one is whole
         result = _prepare(reader, stage, format, min_chars, dedup, threshold, docs_per_shard)
         swap_in(stage, out, prepare_outputs, "stats.json")
+    reader.say_unshown(out / BAD_RECORDS)
     return result
 
 

@@ -41,7 +41,7 @@ from babyllama.data.shards import (
     token_outputs,
     write_manifest,
 )
-from babyllama.data.sources import CorpusReader
+from babyllama.data.sources import BAD_RECORDS, CorpusReader
 from babyllama.errors import UserError, children_without_ctrl_c
 from babyllama.progress import bytes_bar, is_rank0
 from babyllama.settings import check_fraction
@@ -247,6 +247,7 @@ def pretokenize(
         manifest = _pretokenize(reader, tok, tokenizer_path, stage, workers, val_fraction, shard_tokens, num_shards,
                                 shard_index, bos)
         swap_in(stage, out, token_outputs, MANIFEST)
+    reader.say_unshown(out / BAD_RECORDS)
     return manifest
 
 

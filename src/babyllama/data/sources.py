@@ -978,7 +978,7 @@ class CorpusReader:
         self.skip_empty = skip_empty
         self.stats: dict[str, FileStats] = {}
         self.announced: set[str] = set()  # the schemas already logged: a folder of 1,000 files logs each once
-        self.warned = 0  # bad records shown on the console, of all files
+        self.shown = 0  # bad records shown on the console, of all files
         self.first_bad = ""  # "file:line: why" of the first bad record
 
     def documents(self) -> Iterator[str]:
@@ -986,9 +986,13 @@ class CorpusReader:
             yield text
 
     def documents_with_source(self) -> Iterator[tuple[str, str]]:
+        """(file, text) of every document; at the end, when no bad_log lists the bad records, the warning that counts
+        those the console did not show (say_unshown; a command that lists them says it once its output is in place)."""
         for path in self.read.in_turn():
             for text in self._file_documents(path):
                 yield str(path), text
+        if self.bad_log is None:
+            self.say_unshown()
 
     def bytes_read(self) -> int:
         """How many bytes of the files as stored the documents so far were read from (BytesRead), of total_bytes."""
@@ -1071,10 +1075,20 @@ class CorpusReader:
                 cannot_write(e, self.bad_log.name)
         if len(stats.bad_examples) < 5:  # the first few of each file, and of all files on the console
             stats.bad_examples.append(where)
-            self.warned += 1
-            if self.warned <= MAX_WARNINGS:
-                log.warning("%s: skipped a bad record: %s%s", where, why, "; more are counted, not shown"
-                            if self.warned == MAX_WARNINGS else "")
+            if self.shown < MAX_WARNINGS:
+                self.shown += 1
+                log.warning("%s: skipped a bad record: %s", where, why)
+
+    def say_unshown(self, listed: Path | None = None) -> None:
+        """After reading: a warning that counts the bad records the console did not show (it shows MAX_WARNINGS, at
+        most 5 of a file), as `pretokenize --sft` ends its list: "... and 3 more bad records (23 in all), each listed
+        in OUT/bad_records.txt" (listed: where, once the output is in place; None: a reader that lists them nowhere).
+        Nothing when every one was shown. The list of prepare used to stop at 20 without a word."""
+        bad = self.totals()[1]
+        if bad > self.shown:
+            more = bad - self.shown
+            log.warning("... and %d more bad record%s (%d in all)%s", more, "s" * (more > 1), bad,
+                        f", each listed in {listed}" if listed else "")
 
     def totals(self) -> tuple[int, int]:
         return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
