@@ -302,3 +302,20 @@ def test_prepare_that_keeps_nothing_says_why(tmp_path):
         "babyllama: error: none of the 4 records was kept: 2 shorter than --min_chars 99999999999999999999999, 2 bad; "
         "lower --min_chars or check the inputs."))
     assert list((tmp_path / "o").glob("part_*")) == []
+
+
+def test_prepare_help_says_workers_need_the_datatrove_engine(capsys):
+    """prepare --help showed --workers as if the embedded prepare used it; it refuses it without --engine datatrove.
+    pretokenize's --workers works with either engine."""
+    from babyllama.cli import main
+
+    helps = {}
+    for command in ("prepare", "pretokenize"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        words = " ".join(capsys.readouterr().out.split())  # as argparse wraps them at any width
+        helps[command] = words.split("--workers WORKERS ")[1].split(" --slurm_partition")[0]
+    assert helps == {"prepare": "with --engine datatrove (the embedded prepare runs in one process): processes at "
+                                "once, on this machine at most one per core (default: one per core)",
+                     "pretokenize": "processes at once, on this machine at most one per core (default: one per core)"}
+

@@ -336,6 +336,31 @@ def test_merge_in_any_order_writes_identical_bytes(parts, tmp_path):
     assert files_of(tmp_path / "a") == b
 
 
+def test_a_merge_lists_each_input_once_with_the_counts_of_the_whole_input(corpus_and_tokenizer, tmp_path, caplog):
+    """A merge's sources listed every input once per part (`docs.jsonl [p0]`, `docs.jsonl [p1]`), each with the whole
+    input's counts, as every part reads every input: added up, each record counted twice. Each input is now listed
+    once, with the counts of a run on the whole."""
+    d, docs = corpus_and_tokenizer
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join([*(json.dumps({"text": t}, ensure_ascii=False) for t in docs[:40]), "{bad", '{"text": ""}']))
+    whole = pretokenize([str(f)], str(d / "tok"), tmp_path / "whole", val_fraction=0.1)
+    for i in range(3):
+        pretokenize([str(f)], str(d / "tok"), tmp_path / f"p{i}", val_fraction=0.1, num_shards=3, shard_index=i)
+    merged = merge([str(tmp_path / f"p{i}") for i in range(3)], tmp_path / "m")
+    assert merged["sources"] == whole["sources"] == {str(f): {"schema": "text", "records": 42, "bad": 1, "empty": 1,
+                                                              "bad_examples": [f"{f}:41"]}}
+    assert merged["totals"] == whole["totals"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "other counts" in r.getMessage()]
+    f.write_text(f.read_text() + "\n" + json.dumps({"text": docs[50]}, ensure_ascii=False))  # changed after p0, p1
+    pretokenize([str(f)], str(d / "tok"), tmp_path / "p2", val_fraction=0.1, num_shards=3, shard_index=2)
+    caplog.clear()
+    assert merge([str(tmp_path / f"p{i}") for i in range(3)], tmp_path / "m")["sources"][str(f)]["records"] == 42
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{tmp_path / 'p2'} read {f} with other counts than {tmp_path / 'p0'} (records 43, bad 1, empty 1 against "
+        "records 42, bad 1, empty 1): did it change between the runs of the parts? The merged manifest keeps the "
+        "first's."]
+
+
 def test_merge_refuses_the_settings_of_the_parts(corpus_and_tokenizer, parts, tmp_path, capsys):
     d, _ = corpus_and_tokenizer
     merge_args = ["--merge", str(parts / "p0"), str(parts / "p1"), "--out_dir", str(tmp_path / "m")]

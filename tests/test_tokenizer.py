@@ -322,3 +322,15 @@ def test_bpe_training_off_a_terminal_says_every_interval_that_it_is_merging(monk
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the trainer draws its own bars (on stdout): no lines
     train_bpe(slow_texts(), 300)
     assert "merging" not in capsys.readouterr().err
+
+
+def test_tokenizer_train_help_names_every_format_it_reads(capsys):
+    """--input's help said ".txt (a document per line) or .jsonl (text field)", though it reads what prepare reads."""
+    from babyllama.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "train", "--help"])
+    assert ("--input INPUT [INPUT ...] data files or folders, in any format and schema prepare reads (JSON lines or "
+            "array, parquet, CSV, .txt a document per line; optionally .gz/.zst): prepare's output, or raw corpora "
+            "--vocab_size") in " ".join(capsys.readouterr().out.split())
+

