@@ -32,6 +32,15 @@ def test_normalize_drops_only_invisible_format_characters_and_keeps_joiners_sele
     assert normalize(f"一家人{family}。") == f"一家人{family}。"
 
 
+def test_normalize_makes_every_line_break_a_newline_and_glues_no_words():
+    """The form feed between a PDF's pages (pdftotext), Word's vertical tab and U+0085 were dropped as control
+    characters, gluing the last word of a page to the first of the next; U+2028/9 stayed in the text."""
+    assert normalize("end of page.\x0cNext page") == "end of page.\nNext page"
+    assert normalize("第一行\x0b第二行\x85第三行\u2028第四行\u2029第五行\x1c六\x1d七\x1e八") == \
+        "第一行\n第二行\n第三行\n第四行\n第五行\n六\n七\n八"
+    assert normalize("a\r\nb\rc\n\x0c\x0c\n\nd\x07e\x1ff") == "a\nb\nc\n\ndef"  # blank lines squeezed; BEL and US go
+
+
 def test_near_duplicates_found_distinct_kept():
     docs = generated_corpus(40, seed=3)
     index = NearDuplicateIndex(threshold=0.8)

@@ -39,13 +39,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # category Cc, less \t 
 
 
 def normalize(text: str) -> str:
-    """Unify newlines, drop control characters and the invisible format characters of _INVISIBLE (U+200B, U+2060,
-    U+FEFF, U+00AD: not the zero-width joiners, variation selectors or bidirectional marks, which are part of the
-    text), squeeze runs of spaces and blank lines.
+    """Unify newlines (every line break of str.splitlines: \\r\\n, \\r, and the form feed of a PDF's page breaks, the
+    vertical tab of Word's line breaks, U+0085, U+2028/9 and \\x1c-\\x1e become \\n; the control characters among
+    them were dropped, gluing the words around them), drop the other control characters and the invisible format
+    characters of _INVISIBLE (U+200B, U+2060, U+FEFF, U+00AD: not the zero-width joiners, variation selectors or
+    bidirectional marks, which are part of the text), squeeze runs of spaces and blank lines.
 
     Full-width Chinese punctuation (，。！？：；“”) is left as it is: no NFKC.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_INVISIBLE)
+    text = "\n".join(text.splitlines()).translate(_INVISIBLE)
     text = _CONTROL.sub("", text)
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
