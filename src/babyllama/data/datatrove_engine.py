@@ -625,7 +625,10 @@ def not_ray(address: str, host: str, port: int, timeout: float) -> str | None:
     Over TLS and with token authentication as ray.init would connect (RAY_USE_TLS, RAY_AUTH_MODE). ray.init itself
     retries a port that answers something else (an HTTP server, another service) for minutes."""
     grpc = require("grpc", "scale")
-    from ray._private.grpc_utils import init_grpc_channel
+    try:
+        from ray._private.grpc_utils import init_grpc_channel
+    except ImportError:  # Ray before 2.5x kept it here
+        from ray._private.utils import init_grpc_channel
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
 
     with init_grpc_channel(f"{host}:{port}") as channel:
