@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,10 @@ import pytest
 import torch
 
 from babyllama.model import ModelConfig, Transformer
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a suite started in the background (`make test &`,
+    # nohup) ignores Ctrl-C, and so would every process it starts: the tests of Ctrl-C need it delivered
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CHATGLM2 = Path(__file__).resolve().parents[2] / "shared" / "chatglm2_tokenizer" / "tokenizer.model"
 ROUNDTRIP_TEXTS = [

@@ -601,12 +601,12 @@ def test_bits_per_byte_by_hand(tiny_run, bpe_tokenizer):
     assert got["perplexity"] == pytest.approx(math.exp(nats / got["tokens"]), rel=1e-5)
 
 
-def test_the_device_is_said_once_a_process(tiny_run, tmp_path, capsys, monkeypatch):
+def test_the_device_is_said_once_a_process(tiny_run, tmp_path, capsys):
     """`make demo` said `eval: running on cpu` for each checkpoint it evaluated (three with --dpo), in one process:
     once now, as `babyllama eval`, one evaluation a process, says it."""
     from babyllama import evaluate as ev
 
-    monkeypatch.setattr(ev, "DEVICES_SAID", set(), raising=False)  # none said yet in this process
+    ev.say_device.cache_clear()  # none said yet in this process
     for i in range(3):
         ev.evaluate(tiny_run / "run" / "final", tmp_path / str(i), sampling=Sampling(max_new_tokens=2), device="cpu")
     assert [line for line in capsys.readouterr().err.splitlines() if "running on" in line] == ["eval: running on cpu"]

@@ -21,6 +21,7 @@ again with the same checkpoint and settings, goes on from where it stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -800,15 +801,11 @@ def say_cut(cut: dict[str, int], totals: dict[str, int], max_seq_len: int, max_n
                   f"({kind}_cut_to_context).")
 
 
-DEVICES_SAID: set[str] = set()  # the devices that "eval: running on ..." named in this process
-
-
-def say_device(device) -> None:
+@functools.cache
+def say_device(device: str) -> None:
     """"eval: running on DEVICE" on stderr, once a process for each device: the demo evaluates two checkpoints
     (three with --dpo) in one process, and said it each time."""
-    if str(device) not in DEVICES_SAID:
-        DEVICES_SAID.add(str(device))
-        print(f"eval: running on {device}", file=sys.stderr, flush=True)
+    print(f"eval: running on {device}", file=sys.stderr, flush=True)
 
 
 def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None, prompts: str | None = None,

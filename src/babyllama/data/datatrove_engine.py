@@ -86,7 +86,6 @@ from babyllama.data.clean import (
     write_stats,
 )
 from babyllama.data.pretokenize import (
-    check_val_fraction,
     encode_documents,
     exit_with,
     split_writers,
@@ -115,6 +114,7 @@ from babyllama.data.sources import (
 from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, require, write_whole
 from babyllama.lock import holding
 from babyllama.progress import status_lines
+from babyllama.settings import check_fraction
 from babyllama.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -854,7 +854,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
     """pretokenize.pretokenize as a datatrove pipeline; returns the manifest, or None when the stages were
     submitted to Slurm. The shards hold the same documents with the same ids, in task order. Raises
     UserError when no document is usable."""
-    check_val_fraction(val_fraction)
+    check_fraction(val_fraction, "--val_fraction")
     tok = load_tokenizer(tokenizer_path)  # a wrong path fails here, not in every task
     tokenizer_path = str(Path(tokenizer_path).resolve())
     files, sizes, tasks = _input_files(inputs, format, launch)

@@ -220,10 +220,6 @@ def token_manifest(tok: Tokenizer, *, bos: bool, val_fraction: float, shards: li
     }
 
 
-def check_val_fraction(val_fraction: float) -> None:
-    check_fraction(val_fraction, "--val_fraction")  # the range of the training setting too
-
-
 def pretokenize(
     inputs: list[str],
     tokenizer_path: str,
@@ -240,7 +236,7 @@ def pretokenize(
     """Tokenize documents into shards; returns the manifest, also written to out/manifest.json."""
     if not 0 <= shard_index < num_shards:
         raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}.")
-    check_val_fraction(val_fraction)
+    check_fraction(val_fraction, "--val_fraction")  # the range of the training setting too
     tok = load_tokenizer(tokenizer_path)
     reader, out = CorpusReader(inputs, format, skip_empty=True), Path(out)  # an empty record is no document
     with staged(out, token_outputs, MANIFEST) as stage:  # the earlier shards stay until the new ones are whole
