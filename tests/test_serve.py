@@ -917,6 +917,8 @@ def test_omitted_max_tokens_takes_the_rest_of_the_context_in_chat_and_too_many_s
     n = len(text_prompt(tok, text))
     r = httpx.post(url + "/completions", json={"prompt": text, "max_tokens": ctx}, timeout=60)
     assert r.status_code == 400 and f"so {ctx - n} are available" in r.json()["error"]["message"]
+    r = httpx.post(url + "/completions", json={"prompt": [5] * (ctx - 1), "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith("so 1 is available"), r.text
 
 
 def test_a_prompt_that_does_not_fit_names_the_message_to_blame(server):
