@@ -35,6 +35,7 @@ from babyllama.errors import (
     Stopped,
     Terminated,
     UserError,
+    agree,
     check_apart,
     check_out_dir,
     how_stopped,
@@ -201,28 +202,23 @@ def given_flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     # (None, False)": 0 == False
 
 
-def agree(given: list[str], one: str, many: str) -> str:
-    """one when given names one flag, else many: "--bos needs", "--bos --format need"."""
-    return one if len(given) == 1 else many
-
-
 def check_mode_flags(args: argparse.Namespace) -> None:
     """Refuse the pretokenize flags that the mode asked for (--merge, --sft or token shards) would ignore."""
     if not args.sft and (given := given_flags(args, SFT_FLAGS)):
-        raise UserError(f"{' '.join(given)} {agree(given, 'needs', 'need')} --sft: "
-                        f"{agree(given, 'it is a setting', 'they are settings')} of the SFT token cache, which token "
-                        f"shards do not use; add --sft or leave {agree(given, 'it', 'them')} out.")
+        raise UserError(f"{' '.join(given)} {agree(len(given), 'needs', 'need')} --sft: "
+                        f"{agree(len(given), 'it is a setting', 'they are settings')} of the SFT token cache, which "
+                        f"token shards do not use; add --sft or leave {agree(len(given), 'it', 'them')} out.")
     if args.merge and (given := given_flags(args, MADE_WITH)):
-        it = agree(given, "it", "them")
+        it = agree(len(given), "it", "them")
         raise UserError(f"{' '.join(given)} cannot go with --merge: the parts were made with {it}, and the merge "
                         f"takes {it} from the parts; leave {it} out.")
     if args.merge and args.workers is not None:
         raise UserError("--workers cannot go with --merge: the merge links or copies the parts' files, with no "
                         "tokenizing to share out; leave it out.")
     if args.sft and (given := given_flags(args, SHARD_FLAGS)):
-        they = agree(given, "it is a setting", "they are settings")
+        they = agree(len(given), "it is a setting", "they are settings")
         raise UserError(f"{' '.join(given)} cannot go with --sft: {they} of token shards, which the SFT token cache "
-                        f"does not use; leave {agree(given, 'it', 'them')} out.")
+                        f"does not use; leave {agree(len(given), 'it', 'them')} out.")
 
 
 def check_ranges(args: argparse.Namespace) -> None:
@@ -271,11 +267,11 @@ def check_engine_flags(args: argparse.Namespace) -> None:
     job would run here."""
     given = given_flags(args, DATATROVE_FLAGS)
     if given and args.engine != "datatrove":
-        raise UserError(f"{' '.join(given)} {agree(given, 'needs', 'need')} --engine datatrove; without it "
+        raise UserError(f"{' '.join(given)} {agree(len(given), 'needs', 'need')} --engine datatrove; without it "
                         f"{args.command} runs on this machine alone, with no executor or tasks.")
     given = given_flags(args, SLURM_FLAGS)
     if given and args.executor != "slurm":
-        raise UserError(f"{' '.join(given)} {agree(given, 'needs', 'need')} --executor slurm; the "
+        raise UserError(f"{' '.join(given)} {agree(len(given), 'needs', 'need')} --executor slurm; the "
                         f"{args.executor or 'local'} executor submits nothing to Slurm.")
 
 

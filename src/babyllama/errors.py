@@ -25,6 +25,12 @@ class AlreadySaid(UserError):
     more and ends every process with exit code 2."""
 
 
+def agree(n: int, one: str, many: str) -> str:
+    """one when n is 1, else many: the word of a count's sentence ("1 was bad", "2 were bad"; "--bos needs",
+    "--bos --format need")."""
+    return one if n == 1 else many
+
+
 def say(e: UserError | str) -> None:
     """Print a UserError's sentence as the CLI does: on stderr, after "babyllama: error:"."""
     print(f"babyllama: error: {e}", file=sys.stderr, flush=True)

@@ -62,7 +62,7 @@ from babyllama.data.sources import (
     open_text,
     records_text,
 )
-from babyllama.errors import UserError, cannot_write, not_a_file, require, signals_held, write_whole, writing
+from babyllama.errors import UserError, agree, cannot_write, not_a_file, require, signals_held, write_whole, writing
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -266,11 +266,6 @@ def question_of(record: dict) -> str | None:
 def bad_detail(bad: list[str]) -> str:
     """", N were bad (the first: file:line: why)" for an error message ("1 was bad"); "" when none were."""
     return f", {len(bad)} {agree(len(bad), 'was', 'were')} bad (the first: {bad[0]})" if bad else ""
-
-
-def agree(n: int, one: str, many: str) -> str:
-    """one when n is 1, else many: the word of a count's sentence ("1 was bad", "2 were bad")."""
-    return one if n == 1 else many
 
 
 def answer(model, tokenizer: Tokenizer, question: str | Conversation, s: Sampling | None = None,
@@ -837,7 +832,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
     sampling = sampling or Sampling()
     device = pick_device(device)
-    say_device(device)  # after the checks, the checkpoint's too: an error is all it says
+    say_device(str(device))  # after the checks, the checkpoint's too: an error is all it says
     model = load_model(checkpoint, device, cfg)
     cut = cut_to_context(tokenizer, model.cfg.max_seq_len, sampling.max_new_tokens, prompt_list, qa_items, mc_items)
     say_cut(cut, {"prompts": len(prompt_list), "qa": len(qa_items), "mc": len(mc_items)}, model.cfg.max_seq_len,

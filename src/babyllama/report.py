@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from babyllama.errors import UserError, check_folder, require, write_whole, writing
+from babyllama.errors import UserError, agree, check_folder, require, write_whole, writing
 
 
 def pyplot():
@@ -160,7 +160,7 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
             lines += ["Leakage: not checked; the training data held no documents.", ""]
         else:
             in_eval = lk.get("leaked_in_eval_files", 0)
-            occur = "occurs" if lk["leaked"] == 1 else "occur"
+            occur = agree(lk["leaked"], "occurs", "occur")
             lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions {occur} verbatim in the training data"
                       + (f" ({in_eval} only in the eval files, which were in the training data)." if in_eval
                          else "."), ""]

@@ -45,7 +45,7 @@ from babyllama.chat_format import (
     render_prompt,
     text_prompt,
 )
-from babyllama.errors import UserError, how_stopped, require
+from babyllama.errors import UserError, agree, how_stopped, require
 from babyllama.model import sample_next
 from babyllama.sampling import DEVICE, MAX_TEMPERATURE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -845,7 +845,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             raise ValueError(f"{what} ({prompt_tokens} tokens) does not fit the context of {max_ctx} tokens")
         if max_tokens is not None and max_tokens > available:
             raise ValueError(f"{name} ({max_tokens}) does not fit the context: {what} takes {prompt_tokens} of "
-                             f"its {max_ctx} tokens, so {available} {'is' if available == 1 else 'are'} available")
+                             f"its {max_ctx} tokens, so {available} {agree(available, 'is', 'are')} available")
         return max_tokens or available
 
     def kept_messages(body: ChatRequest, conv: Conversation) -> str:
