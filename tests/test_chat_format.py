@@ -11,6 +11,7 @@ from babyllama.chat_format import (
     Conversation,
     conversation_from_messages,
     conversation_from_record,
+    messages_of_record,
     render_conversation,
     render_prompt,
     text_prompt,
@@ -79,14 +80,14 @@ def test_sharegpt_v3_assistant_roles_are_read_and_a_bad_item_says_which_and_what
     for name in ("gpt", "chatgpt", "bing", "bard", "assistant"):
         record = {"conversations": [{"from": "human", "value": "问"}, {"from": name, "value": "答"}]}
         assert conversation_from_record(record) == Conversation([("问", "答")])
-    known = "system, user, human, assistant, gpt, chatgpt, bing, bard"
+    known = "system, developer, user, human, assistant, gpt, chatgpt, bing, bard"
     for items, why in [
         ([{"from": "human", "value": "问"}, {"from": "function_call", "value": "{}"}],
          f"conversations item 2: unknown role 'function_call' (known: {known})"),
-        ([{"role": "user", "content": 5}], "conversations item 1: its 'content' is a number, not a string"),
-        ([{"role": "user", "content": [{"type": "text", "text": "问"}]}],
-         "conversations item 1: its 'content' is a list, not a string"),
-        ([{"from": "human", "value": None}], "conversations item 1: its 'value' is null, not a string"),
+        ([{"role": "user", "content": 5}],
+         "conversations item 1: its 'content' is a number, not a string or a list of text parts"),
+        ([{"from": "human", "value": None}],
+         "conversations item 1: its 'value' is null, not a string or a list of text parts"),
         ([{"role": "user", "content": "问"}, {"role": None, "content": "答"}],
          "conversations item 2: its 'role' is null, not a string"),
         ([{"from": 1, "value": "问"}], "conversations item 1: its 'from' is a number, not a string"),
@@ -96,6 +97,66 @@ def test_sharegpt_v3_assistant_roles_are_read_and_a_bad_item_says_which_and_what
                                                     "content")]:
         with pytest.raises(ValueError) as e:
             conversation_from_record({"conversations": items})
+        assert str(e.value) == why
+
+
+MESSAGES = [{"role": "developer", "content": "简洁"}, {"role": "system", "content": "你是助手"},
+            {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+            {"role": "user", "content": [{"type": "text", "text": "第一"}, {"type": "text", "text": "句"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "收到"}]}]
+
+
+def test_openai_messages_records_read_as_conversations_records():
+    """OpenAI's fine-tuning format and TRL's conversational one, {"messages": [...]}, was "not an instruction,
+    prompt/answer or conversations record": its messages are read as a `conversations` list's, the developer role as
+    system and a content of text parts as their texts joined with ""."""
+    assert messages_of_record({"messages": MESSAGES}) == [
+        ("system", "简洁"), ("system", "你是助手"), ("user", "你好"), ("assistant", "你好！"), ("user", "第一句"),
+        ("assistant", "收到")]
+    expected = Conversation([("你好", "你好！"), ("第一句", "收到")], "简洁\n你是助手")
+    assert conversation_from_record({"messages": MESSAGES}) == conversation_from_record(
+        {"conversations": MESSAGES}) == expected
+    empty_parts = [{"role": "user", "content": "问"}, {"role": "assistant", "content": []}]
+    assert conversation_from_record({"messages": empty_parts}) == Conversation([("问", "")])
+    # both: `conversations` is read, whatever `messages` holds
+    assert conversation_from_record({"conversations": MESSAGES[2:4], "messages": "not read"}) == Conversation(
+        [("你好", "你好！")])
+
+
+def test_a_messages_item_that_is_no_text_message_says_which_and_why():
+    """Images, audio, tool calls and tool results are not text the model can train on: the record is bad, its
+    reason naming the item and what it holds."""
+    user = {"role": "user", "content": "问"}
+    for item, why in [
+            ({"role": "user", "content": [{"type": "text", "text": "看图"},
+                                          {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+             "messages item 2: a content part of type 'image_url'; only text parts are read"),
+            ({"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]},
+             "messages item 2: a content part of type 'input_audio'; only text parts are read"),
+            ({"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+             "messages item 2: a message of role 'assistant' with 'tool_calls'; tool calls are not read"),
+            ({"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+             "messages item 2: a message of role 'assistant' with 'function_call'; tool calls are not read"),
+            ({"role": "tool", "tool_call_id": "1", "content": "42"},
+             "messages item 2: unknown role 'tool' (known: system, developer, user, human, assistant, gpt, chatgpt, "
+             "bing, bard)"),
+            ({"role": "ipython", "content": "42"}, "messages item 2: unknown role 'ipython' (known: system, developer, "
+                                                   "user, human, assistant, gpt, chatgpt, bing, bard)"),
+            ({"role": "user", "content": ["看图"]},
+             "messages item 2: a content part that is a string, not an object with a type"),
+            ({"role": "user", "content": [{"text": "问"}]},
+             "messages item 2: a content part whose 'type' is null, not a string"),
+            ({"role": "user", "content": [{"type": "text", "text": 5}]},
+             "messages item 2: a text part whose 'text' is a number, not a string"),
+            ({"role": "user", "content": {"type": "text", "text": "问"}},
+             "messages item 2: its 'content' is an object, not a string or a list of text parts")]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record({"messages": [user, item]})
+        assert str(e.value) == why, item
+    for record, why in [({"messages": "你好"}, "its 'messages' is a string, not a list of messages"),
+                        ({"messages": []}, "its 'messages' list is empty: there is no message")]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record(record)
         assert str(e.value) == why
 
 
@@ -122,7 +183,8 @@ def test_a_field_of_another_type_is_named_with_its_type():
             ({"prompt": "问", "answer": True}, "its 'answer' is true or false, not a string"),
             ({"conversations": "notalist"}, "its 'conversations' is a string, not a list of messages"),
             ({"conversations": None}, "its 'conversations' is null, not a list of messages"),
-            ({"instruction": "问", "output": None}, "not an instruction, prompt/answer or conversations record")]:
+            ({"instruction": "问", "output": None},
+             "not an instruction, prompt/answer, conversations or messages record")]:
         with pytest.raises(ValueError) as e:
             conversation_from_record(record)
         assert str(e.value) == why, record

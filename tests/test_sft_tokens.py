@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from babyllama.chat_format import Conversation, conversation_from_record, render_conversation, truncate_conversation
 from babyllama.checkpoint import save_checkpoint
@@ -21,6 +22,7 @@ from babyllama.train.distributed import Dist
 from babyllama.train.sft_data import load_sft_data
 from tests.conftest import logged_losses, run_cli, sharp_model, tiny_config
 from tests.test_pretrain import torchrun
+from tests.test_sft import samples
 
 MULTI_TURN = [{"conversations": [{"role": "system", "content": "你是一个医生。"}]
                + [{"role": r, "content": f"第{i}轮{'问题' if r == 'user' else '回答'}：" + "症状" * (i * 7 % 40)}
@@ -53,6 +55,27 @@ def demo_sft(tmp_path_factory, bpe_tokenizer):
     (d / "multi.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in MULTI_TURN))
     bpe_tokenizer.save(d / "tok")
     return d
+
+
+def test_sft_trains_on_an_openai_messages_file_with_no_bad_record(tmp_path, bpe_tokenizer, capsys):
+    """`babyllama sft` on OpenAI's fine-tuning format counted every record bad ("not an instruction, prompt/answer or
+    conversations record") and stopped: each is a sample, the conversation its messages make."""
+    from babyllama.cli import main
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    records = [{"messages": [{"role": "developer", "content": "简洁"}, {"role": "user", "content": f"问题{i}"},
+                             {"role": "assistant", "content": [{"type": "text", "text": f"回答{i}"}]}]}
+               for i in range(20)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    assert main(["sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "chat.jsonl"), "--out_dir",
+                 str(tmp_path / "run"), "--max_steps", "1", "--val_fraction", "0"]) == 0
+    assert ("sft data: 20 records, 0 bad, 0 with an empty answer, 0 filtered by length, 0 truncated; 20 train / 0 val "
+            "samples") in capsys.readouterr().out
+    train, _, _ = load_sft_data([tmp_path / "chat.jsonl"], tmp_path / "init", tmp_path / "run" / "sft_tokens",
+                                SFTSettings(65, 0.0), False, Dist())
+    assert sorted(samples(train)) == sorted(
+        render_conversation(bpe_tokenizer, Conversation([(f"问题{i}", f"回答{i}")], "简洁")) for i in range(20))
 
 
 @pytest.mark.parametrize("name, workers", [("demo/sft.jsonl", 2), ("multi.jsonl", 1)])
@@ -501,5 +524,5 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_wha
         f"{f}:2: its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode",
         f"{f}:3: its 'conversations' list is empty: there is no message",
         f"{f}:4: its 'conversations' is an object, not a list of messages",
-        f"{f}:5: conversations item 2: unknown role 'robot' (known: system, user, human, assistant, gpt, chatgpt, "
-        "bing, bard)"]
+        f"{f}:5: conversations item 2: unknown role 'robot' (known: system, developer, user, human, assistant, gpt, "
+        "chatgpt, bing, bard)"]

@@ -87,6 +87,24 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_wha
         f"{f}:{n}: lacks the fields of the conversation schema" for n in (5, 6)]
 
 
+def test_openai_messages_records_are_conversation_records(tmp_path):
+    """{"messages": [...]} (OpenAI's fine-tuning format, TRL's conversational one) had "none of the fields of a known
+    schema": it is the conversation schema, its messages a line each, the developer role's text as the system's and
+    text parts joined; of a record with both lists, the `conversations` is read; a non-text part is a bad record."""
+    f = jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "developer", "content": "简洁"}, {"role": "user", "content": "你好"},
+                      {"role": "assistant",
+                       "content": [{"type": "text", "text": "你"}, {"type": "text", "text": "好！"}]}]},
+        {"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
+         "messages": [{"role": "user", "content": "不读"}, {"role": "assistant", "content": "不读"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                      {"role": "assistant", "content": "一只猫"}]}])
+    reader = CorpusReader([f], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == ["简洁\n你好\n你好！", "问\n答"]
+    assert (reader.stats[str(f)].schema, reader.stats[str(f)].bad) == ("conversation", 1)
+    assert log.getvalue() == f"{f}:3: messages item 1: a content part of type 'image_url'; only text parts are read\n"
+
+
 def test_every_schema_of_the_recipe(tmp_path):
     files = {
         "wiki.json": json.dumps([{"completion": "维基百科文本", "source": "wiki"}, {"source": "no text"}]),

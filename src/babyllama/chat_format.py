@@ -9,7 +9,8 @@
 Loss falls on the answer tokens and their <eos>, nothing else; the inference prompt of a
 conversation is, token for token, its training ids up to the last answer.
 
-Records and OpenAI `messages` become a conversation by one set of rules:
+Records (a `conversations` or OpenAI `messages` list, an instruction, a prompt / answer row) and the server's
+OpenAI `messages` become a conversation by one set of rules:
   * a record's top-level `system` text and alpaca `history` ([[question, answer], ...], oldest first:
     LLaMA-Factory's alpaca and sharegpt formats) come first, as a system message and earlier turns
     (context_messages); their answers carry loss as every answer of a conversation does;
@@ -41,12 +42,18 @@ from dataclasses import dataclass
 
 from babyllama.tokenizer import Tokenizer
 
-# The roles of a `conversations` item ({role, content} or ShareGPT's {from, value}) -> system / user / assistant.
-# ShareGPT names the assistant that answered: gpt, and in ShareGPT V3 (ShareGPT_V3_unfiltered_cleaned_split.json) a
-# few items chatgpt and bing, in other exports bard; each is the assistant's answer, and read so. (LLaMA-Factory
-# skips a record with such a role as broken; FastChat's training script knows human and gpt alone.)
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+# The roles of a `conversations` or `messages` item ({role, content} or ShareGPT's {from, value}) -> system / user /
+# assistant. developer is OpenAI's newer name for system. ShareGPT names the assistant that answered: gpt, and in
+# ShareGPT V3 (ShareGPT_V3_unfiltered_cleaned_split.json) a few items chatgpt and bing, in other exports bard; each is
+# the assistant's answer, and read so. (LLaMA-Factory skips a record with such a role as broken; FastChat's training
+# script knows human and gpt alone.) Tool roles (tool, function, ipython) are unknown: a record with one is bad.
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+# The fields that hold a record's messages, the first one it has read: `conversations` (LLaMA-Factory's and
+# ShareGPT's), else `messages` (OpenAI's fine-tuning format, TRL's conversational one). Both are the conversation
+# schema, so a record with both is read from `conversations` (sources.py's rule between schemas does not choose).
+CONVERSATION_KEYS = ("conversations", "messages")
 
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
 # system (and developer) messages joined first, consecutive messages of one role joined with "\n",
@@ -118,38 +125,67 @@ def field_text(record: dict, key: str, numbers: bool = False, lists: bool = Fals
     raise ValueError(f"its {key!r} is {kind_of(value)}, not a string{' or a number' if numbers else ''}")
 
 
-def messages_of_record(record: dict) -> list[tuple[str, str]]:
-    """[(role, content)] of a `conversations` list, {role, content} or {from: human|gpt, value} items;
-    roles become system / user / assistant (ROLES). Raises ValueError saying what is malformed: the list is
-    not one (naming its type), is empty, or an item is no object, lacks its role or content, has an unknown role
-    or a content that is no string (message_of_item)."""
-    items = record.get("conversations")
+def conversation_key(record: dict) -> str | None:
+    """The field that holds record's messages (CONVERSATION_KEYS: `conversations`, else `messages`); None without."""
+    return next((key for key in CONVERSATION_KEYS if key in record), None)
+
+
+def messages_of_record(record: dict, key: str | None = None) -> list[tuple[str, str]]:
+    """[(role, content)] of the message list record[key], by default its `conversations` or else its `messages`
+    (conversation_key), of {role, content} or {from: human|gpt, value} items; roles become system / user /
+    assistant (ROLES). Raises ValueError saying what is malformed: the list is not one (naming its type), is empty,
+    or an item is no object, lacks its role or content, has an unknown role, a tool call, or a content that is
+    neither a string nor a list of text parts (message_of_item)."""
+    key = key or conversation_key(record) or CONVERSATION_KEYS[0]
+    items = record.get(key)
     if not isinstance(items, list):
-        raise ValueError(f"its 'conversations' is {kind_of(items)}, not a list of messages")
+        raise ValueError(f"its {key!r} is {kind_of(items)}, not a list of messages")
     if not items:
-        raise ValueError("its 'conversations' list is empty: there is no message")
-    return [message_of_item(item, i) for i, item in enumerate(items, 1)]
+        raise ValueError(f"its {key!r} list is empty: there is no message")
+    return [message_of_item(item, f"{key} item {i}") for i, item in enumerate(items, 1)]
 
 
-def message_of_item(item: object, i: int) -> tuple[str, str]:
-    """(role, content) of item, the i-th (from 1) of a `conversations` list. Raises ValueError naming the item and
-    what is wrong: "conversations item 2: unknown role 'function_call' (known: ...)", "conversations item 1: its
-    'content' is a number, not a string"."""
-    where = f"conversations item {i}"
+def message_of_item(item: object, where: str) -> tuple[str, str]:
+    """(role, content) of item, a message, where (as "messages item 2") naming it in what is raised. Raises
+    ValueError naming the item and what is wrong: "conversations item 2: unknown role 'tool' (known: ...)",
+    "messages item 2: a message of role 'assistant' with 'tool_calls'; tool calls are not read", and content_text's."""
     if not isinstance(item, dict):
         raise ValueError(f"{where}: {kind_of(item)}, not an object with a role and a content")
     role_key, content_key = ("role" if "role" in item else "from"), ("content" if "content" in item else "value")
-    for key, names in ((role_key, "'role' (or 'from')"), (content_key, "'content' (or 'value')")):
-        if key not in item:
-            raise ValueError(f"{where}: no {names}")
-    role, content = item[role_key], item[content_key]
+    if role_key not in item:
+        raise ValueError(f"{where}: no 'role' (or 'from')")
+    role = item[role_key]
     if not isinstance(role, str):
         raise ValueError(f"{where}: its {role_key!r} is {kind_of(role)}, not a string")
     if role not in ROLES:
         raise ValueError(f"{where}: unknown role {role!r} (known: {', '.join(ROLES)})")
-    if not isinstance(content, str):
-        raise ValueError(f"{where}: its {content_key!r} is {kind_of(content)}, not a string")
-    return ROLES[role], content
+    if call := next((key for key in ("tool_calls", "function_call") if item.get(key)), None):
+        raise ValueError(f"{where}: a message of role {role!r} with {call!r}; tool calls are not read")
+    if content_key not in item:
+        raise ValueError(f"{where}: no 'content' (or 'value')")
+    return ROLES[role], content_text(item[content_key], where, content_key)
+
+
+def content_text(content: object, where: str, key: str) -> str:
+    """A message's content (its field key) as text: a string, or OpenAI's list of parts, whose texts ({"type":
+    "text", "text": str}) are joined with "", as OpenAI joins them. Raises ValueError naming where and the fault: a
+    part of another type ("messages item 2: a content part of type 'image_url'; only text parts are read"), a part
+    that is no object or whose text is no string, a content of another type."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: its {key!r} is {kind_of(content)}, not a string or a list of text parts")
+    for part in content:
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}: a content part that is {kind_of(part)}, not an object with a type")
+        kind, text = part.get("type"), part.get("text")
+        if not isinstance(kind, str):
+            raise ValueError(f"{where}: a content part whose 'type' is {kind_of(kind)}, not a string")
+        if kind != "text":
+            raise ValueError(f"{where}: a content part of type {kind!r}; only text parts are read")
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: a text part whose 'text' is {kind_of(text)}, not a string")
+    return "".join(part["text"] for part in content)
 
 
 def instruction_pair(record: dict) -> tuple[str, str] | None:
@@ -248,8 +284,9 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
 
 
 def conversation_from_record(record: dict) -> Conversation:
-    """The conversation of an SFT record: a `conversations` list, a `prompt` / `answer` row (the
-    recipe's sft_data.csv) or an instruction record, after its `system` and `history` (context_messages).
+    """The conversation of an SFT record: a `conversations` or `messages` list (conversation_key), a `prompt` /
+    `answer` row (the recipe's sft_data.csv) or an instruction record, after its `system` and `history`
+    (context_messages).
     Raises ValueError when it is none of them, when a field has the wrong type, or when it cannot train
     (checked_for_training)."""
     return checked_for_training(_conversation_of(record))
@@ -269,12 +306,12 @@ def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
 
 
 def _conversation_of(record: dict) -> Conversation:
-    if "conversations" in record:
+    if conversation_key(record):
         messages = messages_of_record(record)
     else:
         pair = instruction_pair(record)
         if pair is None:
-            raise ValueError("not an instruction, prompt/answer or conversations record")
+            raise ValueError("not an instruction, prompt/answer, conversations or messages record")
         messages = [("user", pair[0]), ("assistant", pair[1])]
     return conversation_from_messages(context_messages(record) + messages, add_generation_prompt=False)
 

@@ -55,12 +55,14 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 6  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 7  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
 # mask, as truncation made them; equal_after_truncation counted; both answers empty is empty_answers, not equal;
-# bad_records.txt names bytes that are not text apart from a lone surrogate, and an empty conversations list)
+# bad_records.txt names bytes that are not text apart from a lone surrogate, and an empty conversations list; 7:
+# `messages` records, content as a list of text parts, the developer role and TRL's conversational DPO shapes are
+# read, where 6 counted them bad)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 

@@ -4,7 +4,7 @@ Two independent questions per file:
   * its shape: JSON lines, one JSON array (streamed item by item), parquet, CSV or plain text,
     optionally compressed as .gz or .zst;
   * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
-    instructions, multi-turn conversations, or a plain `text` field), detected from each record's
+    instructions, multi-turn conversations or messages, or a plain `text` field), detected from each record's
     fields, so that one odd record decides nothing for the others, or forced with `format=`.
 
     reader = CorpusReader(["wiki.json", "baike.jsonl.zst"])
@@ -36,6 +36,7 @@ from typing import TextIO
 
 from babyllama.chat_format import (
     context_messages,
+    conversation_key,
     field_text,
     instruction_pair,
     is_blank,
@@ -97,9 +98,10 @@ def text_of_instruction(r: dict) -> str | None:
 
 
 def text_of_conversation(r: dict) -> str | None:
-    """Its messages a line each, after context_text; None without a `conversations` field. Raises ValueError, a
-    bad record, for a malformed list (chat_format.messages_of_record names what)."""
-    if "conversations" not in r:
+    """Its messages a line each, after context_text; None without a `conversations` or `messages` field (of both, the
+    `conversations` is read: chat_format.conversation_key). Raises ValueError, a bad record, for a malformed list
+    (chat_format.messages_of_record names what)."""
+    if not conversation_key(r):
         return None
     return context_text(r) + "\n".join(content for _, content in messages_of_record(r))
 
@@ -128,7 +130,7 @@ SCHEMAS: dict[str, Callable[[dict], str | None]] = {
 # schema -> the groups of fields any of which marks a record as one of it, in the order of detection: `text` before
 # `content`, so that a record with both is the text it says (WuDao's records have no `text`)
 SCHEMA_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "conversation": (("conversations",),),
+    "conversation": (("conversations",), ("messages",)),
     "wiki": (("completion",),),
     "baike": (("sections",),),
     "instruction": (("instruction", "output"), ("prompt", "answer")),
