@@ -36,11 +36,30 @@ SHAPES = [  # (record, conversation, chosen, rejected)
     ({"system": "你是助手。", "history": [["你好", "你好！"]], "question": "1+1等于几", "response_chosen": "等于2。",
       "response_rejected": "等于3。"},
      HISTORY, "等于2。", "等于3。"),  # MedicalGPT's reward data
+    ({"prompt": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                 {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1等于几"}],
+      "chosen": [{"role": "assistant", "content": "等于2。"}],
+      "rejected": [{"role": "assistant", "content": "等于3。"}]},
+     HISTORY, "等于2。", "等于3。"),  # TRL's conversational shape
+    ({"chosen": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                 {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1等于几"},
+                 {"role": "assistant", "content": "等于2。"}],
+      "rejected": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                   {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1等于几"},
+                   {"role": "assistant", "content": "等于3。"}]},
+     HISTORY, "等于2。", "等于3。"),  # TRL's implicit prompt: the messages both share are the prompt
+    ({"messages": [{"role": "developer", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                   {"role": "assistant", "content": [{"type": "text", "text": "你好！"}]},
+                   {"role": "user", "content": [{"type": "text", "text": "1+1"}, {"type": "text", "text": "等于几"}]}],
+      "chosen": {"role": "assistant", "content": [{"type": "text", "text": "等于2。"}]},
+      "rejected": {"role": "assistant", "content": "等于3。"}},
+     HISTORY, "等于2。", "等于3。"),  # LLaMA-Factory's shape with OpenAI's `messages`
 ]
 
 
 @pytest.mark.parametrize("record, conv, chosen, rejected", SHAPES, ids=["prompt", "llama-factory", "medicalgpt",
-                                                                        "question"])
+                                                                        "question", "trl-conversational",
+                                                                        "trl-implicit-prompt", "messages"])
 def test_each_shape_becomes_its_conversation_and_answers(record, conv, chosen, rejected):
     assert preference_from_record(record) == (conv, chosen, rejected)
 
@@ -53,8 +72,10 @@ def test_system_and_history_are_read_as_sft_reads_them_in_every_shape():
     llama_factory = {**SHAPES[1][0], "conversations": SHAPES[1][0]["conversations"][2:], **context}
     assert preference_from_record(llama_factory) == (HISTORY, "等于2。", "等于3。")
     for record, why in [({"prompt": 1, "chosen": "a", "rejected": "b"}, "its 'prompt' is a number, not a string"),
+                        ({"prompt": "问", "chosen": 5, "rejected": "b"},
+                         "its 'chosen' is a number, not a string or an assistant message"),
                         ({"prompt": "问", "chosen": ["a"], "rejected": "b"},
-                         "its 'chosen' is a list, not a string or an assistant message"),
+                         "chosen item 1: a string, not an object with a role and a content"),
                         ({"question": "问", "response_chosen": "a"}, "its 'response_rejected' is missing")]:
         with pytest.raises(ValueError) as e:
             preference_from_record(record)
@@ -62,6 +83,33 @@ def test_system_and_history_are_read_as_sft_reads_them_in_every_shape():
     for field, value in [("system", 0), ("system", False), ("history", {"你好": "你好！"}), ("history", [["你好"]])]:
         with pytest.raises(ValueError, match=f"its '{field}' is (a number|true or false|not a)"):
             preference_from_record({**SHAPES[3][0], field: value})
+
+
+def test_trl_conversational_pairs_that_are_no_prompt_and_one_answer_say_why():
+    """TRL's conversational pairs were "its 'chosen' is a list" or "not a preference record": they are read, and one
+    whose lists hold no prompt and one answer each is bad with the reason."""
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    other = {"role": "assistant", "content": "错"}
+    assert preference_from_record({"chosen": [user, answer], "rejected": [user, answer]}) == (
+        Conversation([("问", "")]), "答", "答")  # equal conversations: counted as equal answers by pair_samples
+    for record, why in [
+            ({"prompt": [user], "chosen": [answer, answer], "rejected": [other]},
+             "its 'chosen' holds 2 messages, not the one assistant answer"),
+            ({"prompt": [user], "chosen": [answer], "rejected": [user]},
+             "its 'rejected' is a user message, not the assistant's answer"),
+            ({"chosen": [user, answer], "rejected": [user]},
+             "its 'rejected' conversation ends with a user message, not the assistant's answer"),
+            ({"chosen": [user, answer], "rejected": [{"role": "user", "content": "别的问题"}, other]},
+             "its 'chosen' and 'rejected' conversations differ in their first message: they share no prompt"),
+            ({"chosen": [user, answer, user, answer], "rejected": [user, other]},
+             "its 'chosen' and 'rejected' conversations share 1 message from their start, then go on with 3 and 1: "
+             "only the answer may follow the prompt they share"),
+            ({"chosen": [user, answer], "rejected": "错"},
+             "not a preference record (prompt / conversations / messages / question with chosen and rejected, or "
+             "chosen and rejected conversations)")]:
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why, record
 
 
 def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
@@ -95,14 +143,14 @@ def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog,
     tok.save(tmp_path / "tok")
     train, _, stats = load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(),
                                     kind="dpo")
-    assert (stats.records, stats.bad, stats.equal_pairs, stats.empty_answers) == (10, 4, 1, 1)
+    assert (stats.records, stats.bad, stats.equal_pairs, stats.empty_answers) == (len(good) + 6, 4, 1, 1)
     assert stats.samples == 2 * len(good)  # a chosen and a rejected sample per pair
     expected = [s for _, conv, c, r in SHAPES for s in render_pair(tok, conv, c, r, 65)[:2]]
     assert samples(train) == [tuple(s) for s in expected]
-    assert "pairs.jsonl:7: not a preference record" in caplog.text
+    assert f"pairs.jsonl:{len(good) + 3}: not a preference record" in caplog.text
     assert caplog.text.count(": skipped a preference record") == 4 and "skipped an" not in caplog.text
     assert capsys.readouterr().out == f"dpo cache: building {tmp_path / 'cache'} with 1 worker\n"
-    assert "pairs.jsonl:8: its 'chosen' is neither a string nor an assistant message" in caplog.text
+    assert f"pairs.jsonl:{len(good) + 4}: its 'chosen' is a user message, not the assistant's answer" in caplog.text
     with pytest.raises(UserError) as e:  # an SFT run is not given the DPO cache (check_output_folder)
         load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist())
     assert str(e.value) == (f"--sft_cache {tmp_path / 'cache'} is a DPO token cache, which SFT samples must not be "

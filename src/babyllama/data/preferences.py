@@ -5,10 +5,15 @@
 
 Accepted records (the fields of one JSON object):
   {prompt, chosen, rejected}, strings (TRL's standard shape);
+  {prompt: [messages], chosen: [assistant message], rejected: [...]} (TRL's conversational shape);
+  {chosen: [messages], rejected: [messages]}, two whole conversations (TRL's implicit prompt): the messages they
+    share from the start are the prompt, and each then has one assistant message, its answer;
   {conversations: [...], chosen: {from|role, value|content}, rejected: {...}}: LLaMA-Factory's DPO
     files; the conversation (ShareGPT or OpenAI items) ends with the user;
   {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
   {question, response_chosen, response_rejected}: MedicalGPT's reward data.
+A `messages` list may stand for `conversations` (chat_format.conversation_key), and messages are read as SFT reads
+them (chat_format.message_of_item: OpenAI's text parts, the developer role).
 Each may have a `system` text and a `history` ([[question, answer], ...], earlier turns), read as SFT
 reads them (chat_format.context_messages).
 Both answers of a pair follow the same conversation. The mask marks only the last answer and its
@@ -25,20 +30,22 @@ from __future__ import annotations
 from collections import Counter
 
 from babyllama.chat_format import (
-    ROLES,
     Conversation,
     checked_for_training,
     context_messages,
     conversation_from_messages,
+    conversation_key,
     field_text,
     is_blank,
     kind_of,
+    message_of_item,
     messages_of_record,
     render_conversation,
     truncate_conversation,
 )
 from babyllama.data.sft_tokens import SFTSettings
 from babyllama.data.shards import is_val
+from babyllama.errors import agree
 from babyllama.tokenizer import Tokenizer
 
 
@@ -50,41 +57,74 @@ def _text(record: dict, key: str) -> str:
     return value
 
 
-def _answer(value, key: str) -> str:
-    """An answer given as a string (MedicalGPT) or as one assistant message (LLaMA-Factory)."""
+def _answer(record: dict, key: str) -> str:
+    """The answer record[key]: a string (MedicalGPT), one assistant message (LLaMA-Factory) or a list holding one
+    (TRL). Raises ValueError naming the field and what it is instead."""
+    value = record[key]
     if isinstance(value, str):
         return value
-    if isinstance(value, dict):
-        role, content = value.get("role", value.get("from")), value.get("content", value.get("value"))
-        if ROLES.get(role) == "assistant" and isinstance(content, str):
-            return content
-        raise ValueError(f"its {key!r} is neither a string nor an assistant message")
-    raise ValueError(f"its {key!r} is {kind_of(value)}, not a string or an assistant message")
+    if isinstance(value, list):
+        messages = messages_of_record(record, key)
+        if len(messages) != 1:
+            raise ValueError(f"its {key!r} holds {len(messages)} messages, not the one assistant answer")
+        role, content = messages[0]
+    elif isinstance(value, dict):
+        role, content = message_of_item(value, f"its {key!r}")
+    else:
+        raise ValueError(f"its {key!r} is {kind_of(value)}, not a string or an assistant message")
+    if role != "assistant":
+        raise ValueError(f"its {key!r} is a {role} message, not the assistant's answer")
+    return content
 
 
 def _prompt_messages(record: dict) -> list[tuple[str, str]]:
-    """(role, content) of everything before the answers: the record's system and history (as SFT reads them,
-    chat_format.context_messages), then its conversation, question or prompt."""
-    if "conversations" in record:
-        messages = messages_of_record(record)
-    else:
-        messages = [("user", _text(record, "question" if "question" in record else "prompt"))]
-    return context_messages(record) + messages
+    """(role, content) of the record's conversation (`conversations`, else `messages`) or of its `prompt`: a string,
+    or a list of messages (TRL's conversational shape)."""
+    if conversation_key(record) or isinstance(record.get("prompt"), list):
+        return messages_of_record(record, conversation_key(record) or "prompt")
+    return [("user", _text(record, "prompt"))]
+
+
+def _implicit_prompt(record: dict) -> tuple[list[tuple[str, str]], str, str]:
+    """(prompt messages, chosen, rejected) of TRL's implicit-prompt shape: `chosen` and `rejected` are each a whole
+    conversation ending with the assistant's answer, and the messages before it that both share from the start are
+    the prompt (of two equal conversations, all but the last message). Raises ValueError when one ends otherwise,
+    they share no first message, or more than the answer follows the shared messages."""
+    chosen, rejected = messages_of_record(record, "chosen"), messages_of_record(record, "rejected")
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1][0] != "assistant":
+            raise ValueError(f"its {key!r} conversation ends with a {messages[-1][0]} message, not the assistant's "
+                             "answer")
+    shared = min(len(chosen), len(rejected)) - 1
+    n = next((i for i, (c, r) in enumerate(zip(chosen[:shared], rejected[:shared], strict=True)) if c != r), shared)
+    if n == 0:
+        raise ValueError("its 'chosen' and 'rejected' conversations differ in their first message: they share no "
+                         "prompt")
+    if len(chosen) > n + 1 or len(rejected) > n + 1:
+        raise ValueError(f"its 'chosen' and 'rejected' conversations share {n} {agree(n, 'message', 'messages')} "
+                         f"from their start, then go on with {len(chosen) - n} and "
+                         f"{len(rejected) - n}: only the answer may follow the prompt they share")
+    return chosen[:n], chosen[n][1], rejected[n][1]
 
 
 def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
-    """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above.
+    """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above, after its
+    `system` and `history` (chat_format.context_messages).
 
     Raises ValueError, saying why, for a record of none of them, or one that cannot train
     (chat_format.checked_for_training: an empty prompt, text no tokenizer can encode).
     """
-    if "question" in record and "conversations" not in record:
+    if "question" in record and not conversation_key(record):
+        prompt = [("user", _text(record, "question"))]
         chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
-    elif "chosen" in record and "rejected" in record and ("prompt" in record or "conversations" in record):
-        chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+    elif "chosen" in record and "rejected" in record and ("prompt" in record or conversation_key(record)):
+        prompt, chosen, rejected = _prompt_messages(record), _answer(record, "chosen"), _answer(record, "rejected")
+    elif isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
+        prompt, chosen, rejected = _implicit_prompt(record)
     else:
-        raise ValueError("not a preference record (prompt / conversations / question with chosen and rejected)")
-    conv = conversation_from_messages(_prompt_messages(record), add_generation_prompt=True)
+        raise ValueError("not a preference record (prompt / conversations / messages / question with chosen and "
+                         "rejected, or chosen and rejected conversations)")
+    conv = conversation_from_messages(context_messages(record) + prompt, add_generation_prompt=True)
     return checked_for_training(conv, chosen, rejected), chosen, rejected
 
 
