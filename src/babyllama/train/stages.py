@@ -341,5 +341,6 @@ def sft(cfg: RunConfig, resume: bool = False) -> Path:
     if not cfg.train.init:
         raise UserError("SFT needs a model to start from: pass --init CHECKPOINT (e.g. runs/demo/pretrain/final).")
     if not cfg.train.data:
-        raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations).")
+        raise UserError("SFT needs data: pass --data FILE... (alpaca/BELLE JSON, sft_data.csv, conversations or "
+                        "messages JSONL).")
     return fine_tune(cfg, resume, "sft")
