@@ -249,6 +249,17 @@ def test_a_resume_reads_the_trainer_state_once_and_checks_the_average_once(shard
     assert losses(tmp_path).keys() == {1, 2, 3}
 
 
+def test_pretrain_reads_the_shards_manifest_once(shards, tmp_path, monkeypatch, capsys):
+    """pretrain read the manifest for the tokenizer and the run's length, then each TokenWindows read it again, and
+    has_split once more: four reads of one file. It is read once and passed; the windows are as before."""
+    windows = len(TokenWindows(shards, 32))
+    reads, read_text = [], Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or read_text(self, *a, **k))
+    pretrain(config(shards, tmp_path, "--max_steps", "1", "--batch_size", "1"))
+    assert reads.count(shards / "manifest.json") == 1
+    assert f"pretrain: {windows:,} rows, " in capsys.readouterr().out
+
+
 def test_average_last_goes_on_when_a_tokens_run_is_resumed_with_another_batch(shards, tmp_path):
     """README: a tokens or epochs run may resume with another global batch (other processes). Its length in steps
     then changes (20 steps of 4 -> 17 + 2 of 8 and 4), and with it the averaged window (after step 15 -> after step

@@ -51,7 +51,7 @@ from babyllama.chat_format import (
     render_prompt,
     text_prompt,
 )
-from babyllama.data.shards import TokenWindows, check_shard_files, read_manifest
+from babyllama.data.shards import TokenWindows, check_shard_files, read_manifest, shard_windows, split_shards
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
     check_output_folder,
@@ -732,12 +732,12 @@ def check_lm_data(data: str | Path, seq_len: int) -> None:
     whole (check_shard_files), with a window of seq_len + 1 tokens in a val shard at least (TokenWindows' windows,
     with the model's max_seq_len): else the remedy is pretokenize's --val_fraction, which eval does not have."""
     manifest = read_manifest(data)
-    val = [s for s in manifest["shards"] if s["split"] == "val"]
+    val = split_shards(manifest, "val")
     if not val:
         raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
                         "above 0.")
     check_shard_files(Path(data), manifest, val)
-    if not any(s["tokens"] >= seq_len + 1 for s in val):
+    if not any(shard_windows(val, seq_len)):
         tokens, shards = sum(s["tokens"] for s in val), f" in {len(val)} shards" if len(val) > 1 else ""
         raise UserError(f"the val split of --data {data} has {tokens} tokens{shards}, fewer than one window of "
                         f"{seq_len + 1} (the model's max_seq_len + 1) to measure the loss on; run babyllama "

@@ -186,7 +186,7 @@ def _swap(stage: Path, out: Path, outputs: Callable[[Path], list[Path]], last: s
 def write_manifest(out: Path, manifest: dict) -> dict:
     splits = ("train", "val")
     manifest["totals"] = {
-        s: {k: sum(x[k] for x in manifest["shards"] if x["split"] == s) for k in ("tokens", "documents")}
+        s: {k: sum(x[k] for x in split_shards(manifest, s)) for k in ("tokens", "documents")}
         for s in splits
     }
     write_json(out / MANIFEST, manifest)  # written last: a manifest means every shard it lists is complete
@@ -247,10 +247,11 @@ def read_manifest(path: str | Path, flag: str = "--data") -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError):
             pass
     shards = isinstance(manifest, dict) and manifest.get("format") == FORMAT
-    if not (shards and any(path.glob("*.bin"))):  # else output_kind finds token shards, reading the manifest again
-        kind = output_kind(path) or own_output(path)
-        if kind not in (None, TOKEN_SHARDS, "the work folder of pretokenize --engine datatrove"):  # that: no manifest
-            raise UserError(f"{flag} {path} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
+    if shards and any(path.glob("*.bin")):  # what output_kind would call token shards, reading the manifest again
+        return manifest
+    kind = output_kind(path) or own_output(path)
+    if kind not in (None, TOKEN_SHARDS, "the work folder of pretokenize --engine datatrove"):  # that: no manifest
+        raise UserError(f"{flag} {path} is {kind}, not token shards; pass the --out_dir of babyllama pretokenize.")
     if not found:
         raise UserError(f"{path} has no {MANIFEST}; make one with `babyllama pretokenize`.")
     if not shards:
@@ -375,15 +376,15 @@ class TokenWindows:
     row_positions = None  # every window has seq_len positions, all of them ids
     doc_eos: int | None = None  # set to the <eos> id for document-masked attention (doc_mask)
 
-    def __init__(self, data_dir: str | Path, seq_len: int, split: str = "train"):
+    def __init__(self, data_dir: str | Path, seq_len: int, split: str = "train", manifest: dict | None = None):
+        """manifest: data_dir's, read_manifest's, where the caller has it; else it is read here."""
         self.dir = Path(data_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
         self.seq_len = seq_len
-        shards = [s for s in self.manifest["shards"] if s["split"] == split]
-        check_shard_files(self.dir, self.manifest, shards)
+        shards = split_shards(self.manifest, split)
+        check_shard_files(self.dir, self.manifest, shards)  # so each file holds the tokens its record says
         self.arrays = [np.memmap(self.dir / s["file"], dtype=self.manifest["dtype"], mode="r") for s in shards]
-        counts = np.array([len(a) // (seq_len + 1) for a in self.arrays], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])  # first window index of each shard
+        self.starts = np.concatenate([[0], np.cumsum(shard_windows(shards, seq_len))])  # each shard's first window
         if self.starts[-1] == 0:
             total = sum(len(a) for a in self.arrays)
             raise UserError(
@@ -412,5 +413,11 @@ class TokenWindows:
         return batch
 
 
-def has_split(data_dir: str | Path, split: str) -> bool:
-    return any(s["split"] == split for s in read_manifest(data_dir)["shards"])
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    """The records of a manifest's shards of split ("train", "val"), in its order."""
+    return [s for s in manifest["shards"] if s["split"] == split]
+
+
+def shard_windows(shards: list[dict], seq_len: int) -> list[int]:
+    """How many windows of seq_len + 1 tokens each shard (a manifest's record) holds: a window never crosses one."""
+    return [s["tokens"] // (seq_len + 1) for s in shards]

@@ -30,7 +30,14 @@ from babyllama.checkpoint import (
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.pretokenize import cpu_workers
 from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, read_sft_cache
-from babyllama.data.shards import TokenWindows, has_split, read_manifest, shards_difference, token_record
+from babyllama.data.shards import (
+    TokenWindows,
+    read_manifest,
+    shard_windows,
+    shards_difference,
+    split_shards,
+    token_record,
+)
 from babyllama.data.sources import check_output_folder
 from babyllama.errors import UserError, write_whole
 from babyllama.lora import check_rank
@@ -238,8 +245,8 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         manifest = read_manifest(t.data)
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
         tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
-        # the train split's windows, len(TokenWindows), from the manifest: a finished run is left before a shard opens
-        windows = sum(s["tokens"] // (T + 1) for s in manifest["shards"] if s["split"] == "train")
+        # len(TokenWindows) of the train split, from the manifest: a finished run is left before a shard opens
+        windows = sum(shard_windows(split_shards(manifest, "train"), T))
         start = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path, windows)
         if start.finished:
             return Path(t.out_dir) / "final"
@@ -247,8 +254,8 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         if differ:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
                             f"({differ[0]}).")
-        train_data = TokenWindows(t.data, T, "train")
-        val_data = TokenWindows(t.data, T, "val") if has_split(t.data, "val") else None
+        train_data = TokenWindows(t.data, T, "train", manifest)
+        val_data = TokenWindows(t.data, T, "val", manifest) if split_shards(manifest, "val") else None
         data = token_record(manifest)  # what the checkpoints record
         check_same_shards(data, start.resume_from, t.data)
         if t.doc_mask:
