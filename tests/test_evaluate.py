@@ -247,6 +247,16 @@ def test_qa_and_mc_folders_skip_their_text_files_and_say_so(tmp_path, capsys):
         read_mc([qa / "readme.txt", qa / "more.txt"])
 
 
+def test_a_folder_of_many_text_files_names_three_and_counts_the_others(tmp_path, capsys):
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
+        (tmp_path / name).write_text("x\n")
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "问", "answer": "答"}, ensure_ascii=False) + "\n")
+    assert read_qa(tmp_path)[0] == [{"question": "问", "reference": "答", "task": "qa"}]
+    assert capsys.readouterr().out == (f"note: --qa reads records from .jsonl, .json, .csv, .parquet files; "
+                                       f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}, {tmp_path / 'c.txt'} and 2 more "
+                                       "are skipped.\n")
+
+
 def test_qa_or_mc_pointed_at_a_checkpoint_says_it_is_one(tmp_path, bpe_tokenizer):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
     for flag in ("--qa", "--mc"):

@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, NoReturn
@@ -29,6 +29,11 @@ def agree(n: int, one: str, many: str) -> str:
     """one when n is 1, else many: the word of a count's sentence ("1 was bad", "2 were bad"; "--bos needs",
     "--bos --format need")."""
     return one if n == 1 else many
+
+
+def first_few(items: Sequence, n: int) -> str:
+    """The first n of items joined by ", ", then " and K more" for the K others: "a, b, c and 2 more"."""
+    return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def say(e: UserError | str) -> None:

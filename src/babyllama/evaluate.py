@@ -62,7 +62,17 @@ from babyllama.data.sources import (
     open_text,
     records_text,
 )
-from babyllama.errors import UserError, agree, cannot_write, not_a_file, require, signals_held, write_whole, writing
+from babyllama.errors import (
+    UserError,
+    agree,
+    cannot_write,
+    first_few,
+    not_a_file,
+    require,
+    signals_held,
+    write_whole,
+    writing,
+)
 from babyllama.progress import progress
 from babyllama.sampling import DEVICE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -181,8 +191,7 @@ def record_files(paths: Sequence[str | Path], flag: str | None = None) -> list[P
     files = expand_inputs(list(paths), held_out=True)
     texts = [f for f in files if data_suffix(f) not in RECORD_SUFFIXES and f.resolve() not in named]
     if texts and flag:
-        shown = ", ".join(map(str, texts[:3])) + (f" and {len(texts) - 3} more" if len(texts) > 3 else "")
-        print(f"note: {flag} reads records from {', '.join(RECORD_SUFFIXES)} files; {shown} "
+        print(f"note: {flag} reads records from {', '.join(RECORD_SUFFIXES)} files; {first_few(texts, 3)} "
               f"{agree(len(texts), 'is', 'are')} skipped.")
     return [f for f in files if f not in texts]
 
