@@ -245,7 +245,8 @@ def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoi
     ck = shutil.copytree(whole_checkpoint, tmp_path / "ck")
     _edit_json(ck / "config.json", TAMPERS["n_layers 10M"][0])
     (tmp_path / "sft.jsonl").write_text('{"instruction": "问", "output": "答"}\n')
-    assert main(["sft", "--init", str(ck), "--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(tmp_path)]) == 2
+    out = tmp_path / "run"  # not tmp_path, which holds the init: that is said first
+    assert main(["sft", "--init", str(ck), "--data", str(tmp_path / "sft.jsonl"), "--out_dir", str(out)]) == 2
     assert "it holds 2 layers and an embedding of (600, 64), the config needs 10000000" in capsys.readouterr().err
 
 

@@ -371,6 +371,22 @@ def test_a_finished_run_resumed_loads_no_reference(dpo_setup, tmp_path, monkeypa
     assert f"note: the run in {tmp_path} is finished at step 2, so nothing was done" in capsys.readouterr().out
 
 
+def test_a_finished_run_whose_init_is_gone_is_said_finished(dpo_setup, tmp_path, capsys):
+    """dpo read --init's settings and tokenizer before it looked whether the run was finished: a finished run whose
+    init (its reference) was since deleted was refused for the missing init; it is said finished now."""
+    import shutil
+
+    shutil.copytree(dpo_setup / "init", tmp_path / "init")
+    args = ["--init", str(tmp_path / "init"), "--data", str(dpo_setup / "pairs.jsonl"), "--out_dir",
+            str(tmp_path / "run"), "--max_steps", "1", "--batch_size", "4", "--eval_every", "0", "--data_workers", "1"]
+    dpo(load_config(None, args))
+    shutil.rmtree(tmp_path / "init")
+    capsys.readouterr()
+    assert dpo(load_config(None, args), resume=True) == tmp_path / "run" / "final"
+    assert capsys.readouterr().out == (f"note: the run in {tmp_path / 'run'} is finished at step 1, so nothing was "
+                                       f"done; its model is {tmp_path / 'run' / 'final'}\n")
+
+
 def test_the_memory_check_counts_the_reference_model_unless_precomputed(dpo_setup, tmp_path, monkeypatch):
     """Without precompute_ref_log_probs the reference is a second full copy of the init (4 bytes a parameter) beside
     the trained weights, gradients and AdamW (16): a machine that holds the 16 but not the 20 refuses the run before

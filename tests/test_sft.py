@@ -220,14 +220,14 @@ def test_sft_refuses_missing_init_and_other_tokenizer(sft_setup, tmp_path):
     from tests.conftest import generated_corpus
 
     d = sft_setup
-    base = ["--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path), "--max_steps", "2"]
-    with pytest.raises(UserError, match="does not exist"):
+    base = ["--data", str(d / "sft.jsonl"), "--out_dir", str(tmp_path / "run"), "--max_steps", "2"]
+    with pytest.raises(UserError, match="does not exist"):  # an init not inside out_dir: that is said first
         sft(load_config(None, [*base, "--init", str(tmp_path / "missing")]))
     other = train_bpe(generated_corpus(40, seed=8), 500)
     other.save(tmp_path / "tok")
     with pytest.raises(UserError, match="not the one the model"):
         sft(load_config(None, [*base, "--init", str(d / "init"), "--tokenizer", str(tmp_path / "tok")]))
-    assert not (tmp_path / "sft_tokens").exists()  # refused before any data was tokenized
+    assert not (tmp_path / "run" / "sft_tokens").exists()  # refused before any data was tokenized
 
 
 @pytest.mark.parametrize("extra", [[], ["--optimizer", "muon", "--lora_rank", "4"]], ids=["full", "lora-muon"])
@@ -419,6 +419,31 @@ def test_sft_resume_of_a_finished_run_changes_no_file(sft_setup, tmp_path, capsy
         assert (f"note: the run in {run} is finished at step 4, so nothing was done; its model is {run / 'final'}\n"
                 in capsys.readouterr().out)
         assert files() == before
+
+
+def test_a_finished_run_whose_init_is_gone_is_said_finished(sft_setup, tmp_path, capsys):
+    """sft read --init's settings and tokenizer before it looked whether the run was finished, so a finished run
+    whose init was since deleted was refused for its missing init, though pretrain leaves a finished run before any
+    other check; it is said finished now, its files as they were. Unfinished, the missing init is said."""
+    import shutil
+
+    from babyllama.cli import main
+
+    d, run, init = sft_setup, tmp_path / "run", tmp_path / "init"
+    shutil.copytree(d / "init", init)
+    args = ["sft", "--init", str(init), "--data", str(d / "sft.jsonl"), "--out_dir", str(run), "--batch_size", "8",
+            "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1", "--resume"]
+    assert main([*args, "--max_steps", "2"]) == 0
+    shutil.rmtree(init)
+    files = lambda: {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = files()
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "2"]) == 0
+    assert capsys.readouterr().out == (f"note: the run in {run} is finished at step 2, so nothing was done; its model "
+                                       f"is {run / 'final'}\ndone: {run / 'final'}\n")
+    assert files() == before
+    assert main([*args, "--max_steps", "3"]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: checkpoint {init} does not exist.\n"
 
 
 def test_an_epochs_run_resumed_with_another_average_last_is_left_when_finished_and_refused_before_the_cache(

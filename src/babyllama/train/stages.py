@@ -69,10 +69,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunStart:
-    """Where checked_run found a run to start: resume_from (None: at step 0) and its trainer state (read once, by
+    """Where found_run found a run to start: resume_from (None: at step 0) and its trainer state (read once, by
     resumable_checkpoint); the damaged checkpoints newer than it, each with why, which run_training moves aside once
     every check has passed; length: the resumed run's last step in steps of this run's global batch and of the one
-    before (resumed_length), None where checked_run could not tell it before the data is read (then run_training
+    before (resumed_length), None where found_run could not tell it before the data is read (then run_training
     checks what needs it); finished: the run resumed is finished, so nothing is to be done."""
     resume_from: Path | None = None
     state: dict | None = None
@@ -81,18 +81,14 @@ class RunStart:
     finished: bool = False
 
 
-def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, stage: str,
-                tok_path: str | Path, rows: int | None = None) -> RunStart:
-    """Check the run directory, then the settings against the tokenizer (loaded from tok_path), before any data
-    is built; returns where the run starts. A run directory holds one stage's checkpoints: `--resume` refuses
-    another stage's, and out_dir may not hold the --init model it would overwrite (that it is no file held_by_main
-    checked, taking it); a run it finds finished (is_finished: of its length in resumed_length, its rows known
-    before the data is read, or recorded by its checkpoint) is said and left as it was, whatever settings changed,
-    with no other check; else it refuses settings that cannot run here (check_settings), a tokenizer other than the
-    one its checkpoint records (files replaced or edited since the run started), other model settings,
-    RESUME_SETTINGS or base (check_resume), and a weight average that average_last does not take on
-    (check_average). Nothing is written but the temporaries of a killed run removed; the damaged checkpoints are
-    moved aside by run_training. Raises UserError."""
+def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str, rows: int | None = None) -> RunStart:
+    """Check the run directory and find where the run starts, reading neither --init, the tokenizer nor the data: a
+    run directory holds one stage's checkpoints, so `--resume` refuses another stage's, and out_dir may not hold the
+    --init model it would overwrite (that it is no file held_by_main checked, taking it); a run it finds finished
+    (is_finished: of its length in resumed_length, its rows known before the data is read, or recorded by its
+    checkpoint) is said and left as it was, whatever settings changed or files went since, with no other check.
+    Nothing is written but the temporaries of a killed run removed; the damaged checkpoints are moved aside by
+    run_training. Raises UserError."""
     out = Path(cfg.train.out_dir)
     check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
     init = Path(cfg.train.init).resolve() if cfg.train.init else None
@@ -118,17 +114,26 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     if length is not None and is_finished(out, state["step"], length[0]):
         say_finished(out, state["step"], dist)
         return RunStart(resume_from, state, finished=True)
+    return RunStart(resume_from, state, damaged, length)
+
+
+def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, tok_path: str | Path,
+                start: RunStart, stage: str) -> None:
+    """Check the settings of a run found unfinished (found_run's start) against the tokenizer (loaded from tok_path)
+    and the model (--init's for sft and dpo), before any data is built: it refuses settings that cannot run here
+    (check_settings), a tokenizer other than the one its checkpoint records (files replaced or edited since the run
+    started), other model settings, RESUME_SETTINGS or base (check_resume), and a weight average that average_last
+    does not take on (check_average). Raises UserError."""
     check_settings(cfg, tokenizer, dist, stage)
-    for ckpt in (resume_from, cfg.train.init):
+    for ckpt in (start.resume_from, cfg.train.init):
         if ckpt:
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
-    if resume_from is not None:
-        check_resume(cfg, resume_from)
-    if length is not None:
-        check_average(cfg.train, resume_from, state["step"], state.get("averaged", 0), *length)
-    if resume and resume_from is None and dist.main:
-        print(f"note: nothing to resume in {out / 'checkpoints'}; starting from the beginning")
-    return RunStart(resume_from, state, damaged, length)
+    if start.resume_from is not None:
+        check_resume(cfg, start.resume_from)
+    if start.length is not None:
+        check_average(cfg.train, start.resume_from, start.state["step"], start.state.get("averaged", 0), *start.length)
+    if resume and start.resume_from is None and dist.main:
+        print(f"note: nothing to resume in {Path(cfg.train.out_dir) / 'checkpoints'}; starting from the beginning")
 
 
 def check_settings(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, stage: str) -> None:
@@ -183,7 +188,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
                  dist: Dist, start: RunStart, stage: str, trainer_cls: type[Trainer] = Trainer,
                  data: dict | None = None) -> Path:
     """Write config.json, build the Trainer (or the stage's own, DPO's) and train. data: what the checkpoints
-    record of the data, to check a resume against (token_cache's, token_record's). A resume whose length checked_run
+    record of the data, to check a resume against (token_cache's, token_record's). A resume whose length found_run
     could not tell before the data was read (start.length None) is said finished here, writing nothing, or has its
     weight average checked, as checked_run does the others'; a resume moves the damaged checkpoints newer than the
     one it resumes from aside (set_aside, once every check has passed) and says where it picks up."""
@@ -196,7 +201,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
             return out / "final"
         before = planned_steps(t, trainer.samples, trainer.step, trainer.consumed_samples, trainer.global_batch_before)
         check_average(t, start.resume_from, trainer.step, trainer.averaged, steps, before)
-    barrier(dist)  # every rank has read the checkpoints (checked_run) before rank 0 moves the damaged ones aside
+    barrier(dist)  # every rank has read the checkpoints (found_run) before rank 0 moves the damaged ones aside
     for ckpt, why in start.damaged if dist.main else []:
         aside = set_aside(ckpt)
         print(f"note: {ckpt.name} is damaged and skipped: {why}; resuming from {start.resume_from.name}, and "
@@ -244,12 +249,12 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         T = cfg.model.max_seq_len
         manifest = read_manifest(t.data)
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
-        tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
         # len(TokenWindows) of the train split, from the manifest: a finished run is left before a shard opens
-        windows = sum(shard_windows(split_shards(manifest, "train"), T))
-        start = checked_run(cfg, tokenizer, dist, resume, "pretrain", tok_path, windows)
+        start = found_run(cfg, dist, resume, "pretrain", sum(shard_windows(split_shards(manifest, "train"), T)))
         if start.finished:
             return Path(t.out_dir) / "final"
+        tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
+        checked_run(cfg, tokenizer, dist, resume, tok_path, start, "pretrain")
         differ = tokenizer.differences(manifest["tokenizer"])
         if differ:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
@@ -324,19 +329,21 @@ def data_line(kind: str, stats: SFTStats) -> str:
 
 def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Trainer] = Trainer,
               rows: Callable[[SFTData], Dataset] | None = None) -> Path:
-    """sft and dpo, once each has checked that it has an init and data: the model of --init, the run checked
-    (checked_run) before the token cache is built (minutes), then trained; returns final/. rows: the trainer's rows
-    of the cache's samples (DPO's pairs), default the samples."""
+    """sft and dpo, once each has checked that it has an init and data: a finished run is said and left before
+    --init is read (found_run: it may be gone since), else the model of --init, the run checked (checked_run) before
+    the token cache is built (minutes), then trained; returns final/. rows: the trainer's rows of the cache's
+    samples (DPO's pairs), default the samples."""
     t = cfg.train
     t.check_stage(stage)
-    cfg.model = init_model(cfg, STAGE_NAMES[stage])
     t.out_dir = t.out_dir or default_out_dir(stage, t.init)
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, stage, dist):
-        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
-        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
-        start = checked_run(cfg, tokenizer, dist, resume, stage, tok_path)
+        start = found_run(cfg, dist, resume, stage)  # a finished run is left before --init is read
         if start.finished:
             return Path(t.out_dir) / "final"
+        cfg.model = init_model(cfg, STAGE_NAMES[stage])
+        tok_path = t.tokenizer or tokenizer_dir(t.init)  # a LoRA init without one: its base's
+        tokenizer = load_tokenizer(tok_path, remedy=TOKENIZER_OF_INIT)
+        checked_run(cfg, tokenizer, dist, resume, tok_path, start, stage)
         train, val, data = token_cache(cfg, tok_path, dist, stage, start.resume_from)
         if rows is not None:
             train, val = rows(train), None if val is None else rows(val)
