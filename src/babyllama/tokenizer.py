@@ -499,18 +499,17 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
     keys, in key order up to the first whose bytes do not fit: a simple random sample, the same on every run over the
     same documents, of at least max_bytes less the largest document (one over max_bytes alone is never sampled).
     Memory: the sample; the corpus is never held."""
-    from babyllama.progress import bytes_bar
+    from babyllama.progress import bytes_bar, counted
 
     rng = random.Random(seed)
     kept: list[tuple[float, int, str, int]] = []  # (-key, place, text, bytes): a heap, the largest key on top
     held = seen = n = 0
     cut = 1.0  # keys at or above it are out of the sample: the smallest key that did not fit
+    position = read or (lambda: seen)  # the bar's: the bytes of the files read, else of the text so far
     with bytes_bar("tokenizer train: reading", read.total if read else 0) as bar:
-        for n, text in enumerate(documents, 1):
+        for n, text in enumerate(counted(documents, bar, position), 1):
             size, key = len(text.encode()), rng.random()  # a key for every document: each depends on its place alone
             seen += size
-            bar.set_postfix_str(f"{n:,} docs", refresh=False)
-            bar.update((read() if read else seen) - bar.n)
             if max_bytes and (key >= cut or size > max_bytes):
                 continue
             heapq.heappush(kept, (-key, n, text, size))
@@ -518,7 +517,6 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
             while max_bytes and held > max_bytes:  # the largest keys leave until the rest fits
                 neg_key, _, _, dropped = heapq.heappop(kept)
                 held, cut = held - dropped, -neg_key
-        bar.update((read() if read else seen) - bar.n)  # every file read to its end: the total
     budget = f"{max_bytes:,} bytes ({max_bytes / MiB:.1f} MiB)" if max_bytes else "0: every document"
     if n and not kept:  # every document over the budget: a tokenizer of the 259 byte ids, said as a corpus too small
         raise UserError(f"--max_train_bytes {max_bytes:,} is smaller than every document ({n:,} read), so none "
