@@ -250,6 +250,15 @@ def test_sft_from_a_tampered_init_stops_before_building_the_model(whole_checkpoi
     assert "it holds 2 layers and an embedding of (600, 64), the config needs 10000000" in capsys.readouterr().err
 
 
+def test_weights_of_one_layer_against_a_config_of_two_say_one_layer(tmp_path, bpe_tokenizer):
+    save_checkpoint(tmp_path / "ck", Transformer(tiny_config(vocab_size=600, n_layers=1)), bpe_tokenizer)
+    _edit_json(tmp_path / "ck" / "config.json", lambda c: c["model"].update(n_layers=2))
+    with pytest.raises(UserError) as e:
+        load_model(tmp_path / "ck")
+    assert str(e.value) == (f"{tmp_path / 'ck' / 'model.safetensors'} does not match its config.json: it holds 1 layer "
+                            "and an embedding of (600, 64), the config needs 2 and (600, 64).")
+
+
 def resumed(run: Path) -> tuple[Path | None, int, list]:
     """resumable_checkpoint's checkpoint, the step of the trainer state it read, and the damaged ones."""
     from babyllama.checkpoint import resumable_checkpoint

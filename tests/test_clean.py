@@ -313,6 +313,14 @@ def test_prepare_that_keeps_nothing_says_why(tmp_path):
     assert list((tmp_path / "o").glob("part_*")) == []
 
 
+def test_nothing_kept_of_one_record_says_the_one_record():
+    from babyllama.data.clean import nothing_kept
+
+    total = {"records": 1, "too_short": 1, "bad": 0, "exact_duplicates": 0, "near_duplicates": 0}
+    assert str(nothing_kept(total, 50)) == ("the one record was not kept: 1 shorter than --min_chars 50; lower "
+                                            "--min_chars or check the inputs.")
+
+
 def test_prepare_help_says_workers_need_the_datatrove_engine(capsys):
     """prepare --help showed --workers as if the embedded prepare used it; it refuses it without --engine datatrove.
     pretokenize's --workers works with either engine."""

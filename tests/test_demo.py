@@ -62,6 +62,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     for task, change in prefs["qa_changes"].items():  # the changes add up to the change of exact match
         moved = round((after[task]["exact_match"] - before[task]["exact_match"]) * after[task]["items"])
         assert change["fixed"] - change["broken"] == moved, task
+        fixed = f"{change['fixed']} {'item' if change['fixed'] == 1 else 'items'} fixed"  # "1 items fixed" before
+        assert f"{after[task]['exact_match']:.1%} ({fixed}, {change['broken']} broken)\n" in dpo.stdout, task
     assert "chosen likelier" in dpo.stdout
     report_text = (out / "report.md").read_text(encoding="utf-8")  # the held-out pairs' table, overall and per task
     assert "| dpo | " in report_text and f"| dpo, person ({tasks['person']['pairs']}) | " in report_text

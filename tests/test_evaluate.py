@@ -676,9 +676,10 @@ QA_ANSWERED = [{"kind": "qa", "task": "sentiment", "question": f"问{i}", "predi
 MC_ANSWERED = {"kind": "mc", "question": "选", "answer": "A", "letter_choice": "A", "text_choice": "A"}
 ITEMS_NOW = {  # how items.jsonl was damaged -> its text, and what it holds by the report's count
     "whole": ([*QA_ANSWERED, MC_ANSWERED], None),
-    "lines cut": ([QA_ANSWERED[0], MC_ANSWERED], "1 QA (sentiment), 1 multiple-choice"),
-    "another eval's": ([{**x, "task": "law"} for x in QA_ANSWERED], "2 QA (law)"),
-    "emptied": ([], "no"),
+    "lines cut": ([QA_ANSWERED[0], MC_ANSWERED], "1 QA (sentiment), 1 multiple-choice items"),
+    "one left": ([QA_ANSWERED[0]], "1 QA (sentiment) item"),
+    "another eval's": ([{**x, "task": "law"} for x in QA_ANSWERED], "2 QA (law) items"),
+    "emptied": ([], "no items"),
     "a line cut": ([*QA_ANSWERED, MC_ANSWERED], "cut"),
     "removed": ([], "removed"),
 }
@@ -703,7 +704,7 @@ def test_report_says_when_items_jsonl_is_not_the_one_eval_wrote_with_eval_json(t
     counts = f"{out / 'eval.json'} counts 2 QA (sentiment), 1 multiple-choice items; run the eval again."
     note = {None: None, "removed": f"{out / 'items.jsonl'} is missing but {counts}",
             "cut": f"{out / 'items.jsonl'} holds a line that is not an item of eval (cut short?), and {counts}"}.get(
-        held, f"{out / 'items.jsonl'} holds {held} items (cut or replaced since eval wrote it) but {counts}")
+        held, f"{out / 'items.jsonl'} holds {held} (cut or replaced since eval wrote it) but {counts}")
     if note is None:
         assert "| sentiment | 问1 | 正面 | 正面 |" in report and capsys.readouterr().out == ""
     else:

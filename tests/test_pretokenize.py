@@ -303,7 +303,7 @@ def test_merge_refuses_an_out_dir_that_is_holds_or_is_inside_a_part(parts, tmp_p
 def test_merge_refuses_a_damaged_part_before_writing(parts, tmp_path, capsys):
     import shutil
 
-    for damage in ("missing", "truncated", "no tokenizer"):
+    for damage in ("missing", "truncated", "one token left", "no tokenizer"):
         shutil.copytree(parts, tmp_path / damage)
         p0, p1 = tmp_path / damage / "p0", tmp_path / damage / "p1"
         shard = p1 / "shard_00000.bin"
@@ -315,6 +315,9 @@ def test_merge_refuses_a_damaged_part_before_writing(parts, tmp_path, capsys):
         elif damage == "truncated":
             shard.write_bytes(shard.read_bytes()[:-20])  # 10 uint16 tokens short
             error = f"{shard} has {tokens - 10} tokens, the manifest says {tokens}."
+        elif damage == "one token left":
+            shard.write_bytes(shard.read_bytes()[:2])  # uint16
+            error = f"{shard} has 1 token, the manifest says {tokens}."
         else:
             shutil.rmtree(p1 / "tokenizer")
             error = f"{p1 / 'tokenizer'} is missing; run `babyllama pretokenize` for that part again."

@@ -257,7 +257,7 @@ def test_pretrain_reads_the_shards_manifest_once(shards, tmp_path, monkeypatch, 
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or read_text(self, *a, **k))
     pretrain(config(shards, tmp_path, "--max_steps", "1", "--batch_size", "1"))
     assert reads.count(shards / "manifest.json") == 1
-    assert f"pretrain: {windows:,} rows, " in capsys.readouterr().out
+    assert f"pretrain: {windows:,} rows, 1 step of 1 row on 1 x cpu, " in capsys.readouterr().out
 
 
 def test_average_last_goes_on_when_a_tokens_run_is_resumed_with_another_batch(shards, tmp_path):
@@ -568,6 +568,27 @@ def test_non_finite_weights_are_never_saved_as_final(shards, tmp_path, monkeypat
     with pytest.raises(UserError, match="the weights are not finite after step 3, so nothing was saved"):
         pretrain(config(shards, tmp_path, "--max_steps", "3"))
     assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_the_counts_of_one_step_agree(shards, tmp_path, monkeypatch, capsys):
+    """"in 1 steps in a row", "to 1 samples", "its last 1 steps" and "of 1 steps" said one step or sample."""
+    from babyllama.train.trainer import check_average
+
+    pretrain(config(shards, tmp_path, "--max_steps", "2", "--batch_size", "2", "--save_every", "1"))
+    capsys.readouterr()
+    pretrain(config(shards, tmp_path, "--max_steps", "3", "--batch_size", "1", "--save_every", "1"), resume=True)
+    assert "note: global batch changed from 2 to 1 sample\n" in capsys.readouterr().out
+    forward = Trainer.forward
+    monkeypatch.setattr(Trainer, "forward", lambda self, batch: forward(self, batch) * float("nan"))
+    with pytest.raises(UserError) as e:
+        pretrain(config(shards, tmp_path / "nan", "--max_steps", "2", "--max_bad_steps", "1"))
+    assert str(e.value) == ("the loss or its gradient was not finite at step 1; lower the lr, use bf16 instead of "
+                            "fp16, or check the data.")
+    with pytest.raises(UserError) as e:
+        check_average(config(shards, tmp_path, "--average_last", "0.5").train, Path("ck"), 1, 1, 1, 1)
+    assert str(e.value) == ("ck holds the mean of the weights of its last step, but average_last 0.5 of 1 step "
+                            "averages the steps after step 1, 0 of them by step 1; resume with the average_last and "
+                            "length the run had, or use a new out_dir.")
 
 
 def test_resume_with_another_global_batch_ends_after_the_same_samples(shards, tmp_path):

@@ -470,6 +470,7 @@ def test_a_bad_message_is_named_as_the_client_wrote_it_with_what_is_allowed(serv
     ({"k": 5}, 'metadata["k"]: an object of at most 16 strings; got 5'),
     ({"a": "x", "键 b": ["y"]}, 'metadata["键 b"]: an object of at most 16 strings; got ["y"]'),
     ({str(i): "v" for i in range(17)}, "metadata: an object of at most 16 strings; got an object of 17 entries"),
+    ({"k": ["y" * 40]}, 'metadata["k"]: an object of at most 16 strings; got a list of 1 item'),
 ])
 def test_a_bad_metadata_value_names_its_key(server, metadata, said):
     body = {"messages": [{"role": "user", "content": "x"}], "metadata": metadata}

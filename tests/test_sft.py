@@ -482,6 +482,26 @@ def test_an_epochs_run_resumed_with_another_average_last_is_left_when_finished_a
     assert not (tmp_path / "died" / "sft_tokens").exists()
 
 
+def test_the_counts_of_a_run_of_one_record_agree(sft_setup, tmp_path, capsys, caplog):
+    """The lines of a run said "1 records", "1 steps", "the 1 training rows" and "the whole run of 1 steps"."""
+    from babyllama.cli import main
+
+    write(tmp_path / "one.jsonl", [{"instruction": "判断情感：", "input": "很好很喜欢", "output": "正面"}])
+    assert main(["sft", "--init", str(sft_setup / "init"), "--data", str(tmp_path / "one.jsonl"), "--val_fraction", "0",
+                 "--max_steps", "1", "--batch_size", "2", "--eval_every", "0", "--warmup_steps", "1", "--lr", "1e-3",
+                 "--data_workers", "1", "--out_dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == ["sft data: 1 record, 0 bad, 0 with an empty answer, 0 filtered by length, 0 truncated; 1 train "
+                       "/ 0 val samples",
+                       "warning: warmup_steps 1 cover the whole run of 1 step: the learning rate reaches lr 0.001 only "
+                       "at the last step and never decays to min_lr 1e-05; set --warmup_steps to a small part of the "
+                       "steps (the configs use 1-10%)."]
+    assert out[4].startswith("sft: 1 row, 1 step of 2 rows on 1 x cpu, ")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "a step's 2 rows (batch_size x grad_accum x processes) are more than the 1 training row, so each step repeats "
+        "some; lower --batch_size or use more data"]
+
+
 def test_a_global_batch_beyond_the_training_rows_warns_once(sft_setup, tmp_path, caplog):
     """30 samples in steps of 100 rows repeat each about 3 times a step: one warning naming both numbers; a batch
     of all 30 rows gives none."""

@@ -449,6 +449,14 @@ def test_records_with_an_empty_question_are_bad(demo_sft, tmp_path):
         f"{tmp_path / 'sft.jsonl'}:{n}: {why}" for n in (1, 2, 3, 5)]
 
 
+def test_the_bad_records_past_the_five_shown_are_counted_in_words_that_agree(demo_sft, tmp_path, caplog):
+    (tmp_path / "sft.jsonl").write_text("\n".join(["{", "{", "{", "{", "{", "{",
+                                                   json.dumps({"instruction": "问", "output": "答"})]))
+    build_sft_cache([tmp_path / "sft.jsonl"], demo_sft / "tok", tmp_path / "c", SFTSettings(64, 0.0))
+    assert caplog.records[-1].getMessage() == (f"... and 1 more bad SFT record (6 in all), each listed in "
+                                               f"{tmp_path / 'c' / 'bad_records.txt'}")
+
+
 def test_system_and_history_fields_are_rendered_as_the_conversation_with_them(demo_sft, bpe_tokenizer, tmp_path):
     """A top-level `system` (LLaMA-Factory's alpaca and sharegpt) and alpaca `history` were dropped: '问二<s>答二</s>'.
     The sample is now the conversation's with them, token for token, the history's answers in the loss as every

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.errors import UserError, check_folder, discard, writing
+from babyllama.errors import UserError, agree, check_folder, discard, writing
 from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -291,8 +291,9 @@ def model_config(path: str | Path) -> ModelConfig:
     layers = {k.split(".")[1] for k in shapes if k.startswith("layers.")}
     embedding = shapes.get("tok_embeddings.weight")
     if len(layers) != cfg.n_layers or embedding != (cfg.vocab_size, cfg.dim):
-        raise UserError(f"{path / MODEL_FILE} does not match its config.json: it holds {len(layers)} layers and an "
-                        f"embedding of {embedding}, the config needs {cfg.n_layers} and {(cfg.vocab_size, cfg.dim)}.")
+        raise UserError(f"{path / MODEL_FILE} does not match its config.json: it holds {len(layers)} "
+                        f"{agree(len(layers), 'layer', 'layers')} and an embedding of {embedding}, the config needs "
+                        f"{cfg.n_layers} and {(cfg.vocab_size, cfg.dim)}.")
     with torch.device("meta"):  # cheap now: no more layers than the file holds
         expected = model_tensors_shapes(Transformer(cfg))
     if shapes != expected:

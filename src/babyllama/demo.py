@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from babyllama.errors import UserError, write_whole
+from babyllama.errors import UserError, agree, write_whole
 from babyllama.lock import LOCK
 
 CHAT_QUESTIONS = [
@@ -330,7 +330,8 @@ def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = F
                 continue
             name, change = "accuracy" if "accuracy" in s else "exact match", prefs["qa_changes"][task]
             print(f"{'dpo ' + task + ':':18s} {name} {results['qa'][task]['exact_match']:.1%} -> "  # = accuracy
-                  f"{s['exact_match']:.1%} ({change['fixed']} items fixed, {change['broken']} broken)")
+                  f"{s['exact_match']:.1%} ({change['fixed']} {agree(change['fixed'], 'item', 'items')} fixed, "
+                  f"{change['broken']} broken)")
     print(f"chat with it:      babyllama chat {final}")
     print(f"serve it:          babyllama serve {final}   (then open http://127.0.0.1:8000/)")
     return report

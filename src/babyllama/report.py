@@ -183,7 +183,7 @@ def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
     other numbers of items than e counts, QA per task and multiple choice (cut or replaced by hand)."""
     counts = Counter({f"QA ({t})": s["items"] for t, s in e.get("qa", {}).items()})
     counts["multiple-choice"] = e["mc"]["overall"]["items"] if "mc" in e else 0
-    again = f"{items.parent / 'eval.json'} counts {number(counts)} items; run the eval again."
+    again = f"{items.parent / 'eval.json'} counts {number(counts)}; run the eval again."
     if not items.is_file():
         return [], f"{items} is missing but {again}" if counts.total() else ""
     try:
@@ -192,7 +192,7 @@ def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
     except (ValueError, TypeError, KeyError):  # a line cut short (or not UTF-8), or not an item
         return [], f"{items} holds a line that is not an item of eval (cut short?), and {again}"
     if held != counts:
-        return [], f"{items} holds {number(held)} items (cut or replaced since eval wrote it) but {again}"
+        return [], f"{items} holds {number(held)} (cut or replaced since eval wrote it) but {again}"
     by_task: dict[str, list] = {}
     for x in records:
         if x["kind"] == "qa":
@@ -200,9 +200,10 @@ def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
     return [x for xs in by_task.values() for x in xs[:3]], ""
 
 
-def number(counts: dict[str, int]) -> str:
-    """"6 QA (sentiment), 2 multiple-choice" of counts of items by kind, or "no"."""
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n) or "no"
+def number(counts: Counter) -> str:
+    """"6 QA (sentiment), 2 multiple-choice items" of counts of items by kind; "1 QA (law) item", "no items"."""
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n) or "no"
+    return f"{kinds} {agree(counts.total(), 'item', 'items')}"
 
 
 def make_report(run_dir: str | Path) -> Path:

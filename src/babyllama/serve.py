@@ -281,13 +281,15 @@ def fields_within(annotation: object) -> dict:
 def shown(value: object) -> str:
     """A value of a request, short: the JSON of a small one, the size of a large one."""
     if isinstance(value, bytes):  # a body sent without Content-Type: application/json (curl -d's default)
-        return f"{len(value)} bytes that were not read as JSON (send the body with Content-Type: application/json)"
+        return (f"{len(value)} {agree(len(value), 'byte', 'bytes')} that were not read as JSON (send the body with "
+                "Content-Type: application/json)")
     text = json.dumps(value, default=repr)
     if len(text) <= 40:
         return text
     if isinstance(value, str | list | dict):
-        unit = {str: "a string of {} characters", list: "a list of {} items", dict: "an object of {} entries"}
-        return unit[type(value)].format(len(value))
+        what, one, many = {str: ("a string", "character", "characters"), list: ("a list", "item", "items"),
+                           dict: ("an object", "entry", "entries")}[type(value)]
+        return f"{what} of {len(value)} {agree(len(value), one, many)}"
     return text[:37] + "..."
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from babyllama.data.shards import staged, swap_in, write_json
 from babyllama.data.sources import BAD_RECORDS, CorpusReader
-from babyllama.errors import UserError, cannot_write, discard, require, writing
+from babyllama.errors import UserError, agree, cannot_write, discard, require, writing
 from babyllama.progress import bytes_bar, counted
 
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")  # not \u3000: it is Chinese layout
@@ -480,8 +480,9 @@ def nothing_kept(total: dict[str, int], min_chars: int | None) -> UserError:
     why = [f"{n} {what}" for n, what in (
         (total["too_short"], f"shorter than --min_chars {min_chars}"), (total["bad"], "bad"),
         (total["exact_duplicates"], "exact duplicates"), (total["near_duplicates"], "near duplicates")) if n]
-    return UserError(f"none of the {total['records']} records was kept: {', '.join(why)}; lower --min_chars or "
-                     "check the inputs.")
+    n = total["records"]
+    return UserError(f"{agree(n, 'the one record was not', f'none of the {n} records was')} kept: {', '.join(why)}; "
+                     "lower --min_chars or check the inputs.")
 
 
 def prepare_outputs(out: Path) -> list[Path]:

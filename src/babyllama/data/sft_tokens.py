@@ -45,7 +45,7 @@ from babyllama.chat_format import conversation_from_record, is_blank, render_con
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import BAD_RECORDS, BytesRead, Item, expand_inputs, iter_records
-from babyllama.errors import UserError, discard, signals_held, writing
+from babyllama.errors import UserError, agree, discard, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import bytes_bar, is_rank0
 from babyllama.tokenizer import load_tokenizer
@@ -296,9 +296,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             for name in [*names, BAD_RECORDS]:
                 (out / f".{name}.tmp").rename(out / name)
             write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
-        if stats.bad > len(stats.bad_examples):
-            log.warning("... and %d more bad %s records (%d in all), each listed in %s",
-                        stats.bad - len(stats.bad_examples), what, stats.bad, out / BAD_RECORDS)
+        if (more := stats.bad - len(stats.bad_examples)) > 0:
+            log.warning("... and %d more bad %s %s (%d in all), each listed in %s", more, what,
+                        agree(more, "record", "records"), stats.bad, out / BAD_RECORDS)
     except BaseException:
         for name, f in files.items():
             discard(out / f".{name}.tmp", f)

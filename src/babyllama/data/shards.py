@@ -30,6 +30,7 @@ from babyllama.data.sources import BAD_RECORDS, TOKEN_SHARDS, output_kind, own_o
 from babyllama.errors import (
     CannotWrite,
     UserError,
+    agree,
     check_apart,
     check_folder,
     discard,
@@ -355,7 +356,7 @@ def check_shard_files(data_dir: Path, manifest: dict, shards: list[dict]) -> Non
         size = f.stat().st_size
         if size != s["tokens"] * itemsize:
             n = size // itemsize if size % itemsize == 0 else size / itemsize  # a part token: a torn write
-            raise UserError(f"{f} has {n} tokens, the manifest says {s['tokens']}.")
+            raise UserError(f"{f} has {n} {agree(n, 'token', 'tokens')}, the manifest says {s['tokens']}.")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -39,7 +39,7 @@ from babyllama.data.shards import (
     token_record,
 )
 from babyllama.data.sources import check_output_folder
-from babyllama.errors import UserError, write_whole
+from babyllama.errors import UserError, agree, write_whole
 from babyllama.lora import check_rank
 from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
@@ -62,7 +62,7 @@ from babyllama.train.trainer import (
 
 TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
 A_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run"}
-ROWS = {"pretrain": "windows", "sft": "rows", "dpo": "pairs"}  # what a stage's training rows are
+ROWS = {"pretrain": ("window", "windows"), "sft": ("row", "rows"), "dpo": ("pair", "pairs")}  # a stage's training rows
 
 log = logging.getLogger(__name__)
 
@@ -211,20 +211,21 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     if dist.main and trainer.global_batch > len(train_data):
         log.warning("a step's %d rows (batch_size x grad_accum x processes) are more than the %d training %s, so "
                     "each step repeats some; lower --batch_size or use more data", trainer.global_batch,
-                    len(train_data), ROWS[stage])
+                    len(train_data), agree(len(train_data), *ROWS[stage]))
     if dist.main and t.warmup_steps >= steps:  # lr_at: the run's last step has lr * steps / warmup_steps
         end = (f"ends at {steps}/{t.warmup_steps} of lr {t.lr:g}" if t.warmup_steps > steps
                else f"reaches lr {t.lr:g} only at the last step")
-        print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {steps} steps: the learning rate {end} "
-              f"and never decays to min_lr {t.min_lr:g}; set --warmup_steps to a small part of the steps (the "
-              "configs use 1-10%).")
+        print(f"warning: warmup_steps {t.warmup_steps} cover the whole run of {steps} {agree(steps, 'step', 'steps')}: "
+              f"the learning rate {end} and never decays to min_lr {t.min_lr:g}; set --warmup_steps to a small part "
+              "of the steps (the configs use 1-10%).")
     if dist.main and val_data is None:  # its lines' val_loss was null without a word
         print(f"note: {no_validation(cfg, stage)}, so the run measures no validation loss.")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_whole(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        print(f"{stage}: {len(train_data):,} rows, {trainer.total_steps:,} steps of {trainer.global_batch} "
-              f"rows on {dist.world} x {dist.device.type}, {trainer.dtype}")  # a row: a window, sample or pack
+        rows, batch = len(train_data), trainer.global_batch  # a row: a window, sample or pack
+        print(f"{stage}: {rows:,} {agree(rows, 'row', 'rows')}, {steps:,} {agree(steps, 'step', 'steps')} of {batch} "
+              f"{agree(batch, 'row', 'rows')} on {dist.world} x {dist.device.type}, {trainer.dtype}")
     return trainer.fit()
 
 
@@ -233,7 +234,7 @@ def no_validation(cfg: RunConfig, stage: str) -> str:
     data that val_fraction leaves no validation samples."""
     if stage == "pretrain":
         return f"{cfg.train.data} has no validation split (pretokenize --val_fraction 0)"
-    return f"val_fraction {cfg.train.val_fraction:g} leaves no validation {ROWS[stage]} of the data"
+    return f"val_fraction {cfg.train.val_fraction:g} leaves no validation {ROWS[stage][1]} of the data"
 
 
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
@@ -321,10 +322,11 @@ def data_line(kind: str, stats: SFTStats) -> str:
     """What the token cache of kind ("sft", "dpo") holds: its records, those left out and why, and the samples of
     each split (DPO's: pairs, of two samples each)."""
     dpo = kind == "dpo"
-    equal, per = (f"{equal_words(stats)}, ", 2) if dpo else ("", 1)
-    return (f"{kind} data: {stats.records} records, {stats.bad} bad, {equal}{stats.empty_answers} with an empty "
-            f"answer, {stats.filtered} filtered by length, {stats.truncated} truncated; {stats.samples // per} train / "
-            f"{stats.val_samples // per} val {'pairs' if dpo else 'samples'}")
+    equal, per, noun = (f"{equal_words(stats)}, ", 2, ("pair", "pairs")) if dpo else ("", 1, ("sample", "samples"))
+    val = stats.val_samples // per
+    return (f"{kind} data: {stats.records} {agree(stats.records, 'record', 'records')}, {stats.bad} bad, {equal}"
+            f"{stats.empty_answers} with an empty answer, {stats.filtered} filtered by length, {stats.truncated} "
+            f"truncated; {stats.samples // per} train / {val} val {agree(val, *noun)}")
 
 
 def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Trainer] = Trainer,

@@ -49,7 +49,7 @@ from babyllama.checkpoint import (
     weights_sha256,
 )
 from babyllama.config import RunConfig, TrainConfig
-from babyllama.errors import CannotWrite, Stopped, UserError, write_whole, writing
+from babyllama.errors import CannotWrite, Stopped, UserError, agree, write_whole, writing
 from babyllama.evaluate import loss_sums, padding_batch
 from babyllama.lora import (
     adapter_config,
@@ -309,10 +309,11 @@ def check_average(t: TrainConfig, resume_from: Path, step: int, averaged: int, t
     first = total_steps - round(t.average_last * total_steps)  # the steps after it are averaged
     due = max(0, step - first)
     if averaged not in (due, max(0, step - steps_before + round(t.average_last * steps_before))):
-        had = f"the mean of the weights of its last {averaged} steps" if averaged else "no mean of the weights"
-        raise UserError(f"{resume_from} holds {had}, but average_last {t.average_last:g} of {total_steps} steps "
-                        f"averages the steps after step {first}, {due} of them by step {step}; resume with the "
-                        "average_last and length the run had, or use a new out_dir.")
+        last = agree(averaged, "step", f"{averaged} steps")
+        had = f"the mean of the weights of its last {last}" if averaged else "no mean of the weights"
+        raise UserError(f"{resume_from} holds {had}, but average_last {t.average_last:g} of {total_steps} "
+                        f"{agree(total_steps, 'step', 'steps')} averages the steps after step {first}, {due} of them "
+                        f"by step {step}; resume with the average_last and length the run had, or use a new out_dir.")
 
 
 def consumed_samples(state: dict) -> int:
@@ -709,7 +710,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if state["global_batch"] != self.global_batch and self.dist.main:
-            print(f"note: global batch changed from {state['global_batch']} to {self.global_batch} samples")
+            print(f"note: global batch changed from {state['global_batch']} to {self.global_batch} "
+                  f"{agree(self.global_batch, 'sample', 'samples')}")
 
     def save(self, final: bool = False) -> Path:
         """A checkpoint of this step, to resume from; with final final/ instead, the model as it is (fit puts the
@@ -854,8 +856,9 @@ class Trainer:
     def check_bad_steps(self) -> None:
         """UserError once max_bad_steps steps in a row were skipped (their lines are written by then)."""
         if self.gave_up_at:
-            raise UserError(f"the loss or its gradient was not finite in {self.t.max_bad_steps} steps in a row "
-                            f"(last at step {self.gave_up_at}); lower the lr, use bf16 instead of fp16, "
+            n, at = self.t.max_bad_steps, self.gave_up_at
+            when = agree(n, f"at step {at}", f"in {n} steps in a row (last at step {at})")
+            raise UserError(f"the loss or its gradient was not finite {when}; lower the lr, use bf16 instead of fp16, "
                             "or check the data.")
 
     def stop_if_signalled(self, settled: bool) -> None:
