@@ -160,7 +160,7 @@ def test_pretokenize_through_datatrove_skips_and_counts_empty_records(tmp_path, 
     assert source == embedded["sources"][str(f)] and manifest["totals"] == embedded["totals"]
     assert manifest["totals"]["train"]["documents"] == 3
     f.write_text('{"text": ""}\n')
-    with pytest.raises(UserError, match="^none of the 1 records has text: 1 empty; nothing was written.$"):
+    with pytest.raises(UserError, match="^the one record has no text: 1 empty; nothing was written.$"):
         dt.pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "none", local(1), val_fraction=0)
 
 
@@ -436,7 +436,7 @@ def test_user_mistakes_are_one_sentence_without_a_traceback(tmp_path, capsys):
     (tmp_path / "x.bak").write_text("text")
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     for name, fragment in (("empty.jsonl", "hold no records"), ("x.bak", "unknown file type"),
-                           ("bad.jsonl", "every one of the 1 records was bad")):
+                           ("bad.jsonl", "the one record was bad (")):
         code = main(["prepare", "--input", str(tmp_path / name), "--out_dir", str(tmp_path / f"o_{name}"),
                      "--engine", "datatrove"])
         err = capsys.readouterr().err

@@ -196,6 +196,17 @@ def test_cli_pretokenize_says_the_records_read_and_the_bad_ones(corpus_and_token
     assert summary["bad_records"] == str(tmp_path / "o" / "bad_records.txt")
 
 
+def test_inputs_of_one_record_and_nothing_to_write_say_the_one_record():
+    from babyllama.data.sources import check_counts
+
+    with pytest.raises(UserError) as e:
+        check_counts(1, 1, 0, "a.jsonl:1: not valid JSON")
+    assert str(e.value) == "the one record was bad (a.jsonl:1: not valid JSON); nothing was written."
+    with pytest.raises(UserError) as e:
+        check_counts(1, 0, 1, "")
+    assert str(e.value) == "the one record has no text: 1 empty; nothing was written."
+
+
 def test_empty_and_blank_records_are_skipped_and_counted(corpus_and_tokenizer, tmp_path):
     """pretokenize kept an empty or blank record as a document of a lone <eos>, where prepare drops it (too short):
     it is skipped, and counted in the summary and each source of the manifest; inputs of nothing else are refused."""

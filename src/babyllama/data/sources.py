@@ -44,7 +44,17 @@ from babyllama.chat_format import (
     messages_of_record,
     not_unicode,
 )
-from babyllama.errors import UserError, cannot_write, check_out_dir, discard, not_a_file, require, writing
+from babyllama.errors import (
+    UserError,
+    agree,
+    cannot_write,
+    check_out_dir,
+    discard,
+    first_few,
+    not_a_file,
+    require,
+    writing,
+)
 from babyllama.progress import is_rank0
 
 log = logging.getLogger(__name__)
@@ -844,9 +854,8 @@ def data_files(folder: Path) -> list[Path]:
     skipped: list[str] = []
     files = _data_files(folder, {folder.resolve()}, skipped)
     if skipped:
-        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        warn_once(f"{folder}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} without data to "
-                  f"read: {shown}", key=("skipped", folder.resolve()))
+        warn_once(f"{folder}: skipped {len(skipped)} {agree(len(skipped), 'entry', 'entries')} without data to "
+                  f"read: {first_few(skipped, 10)}", key=("skipped", folder.resolve()))
     return files
 
 
@@ -924,10 +933,12 @@ def check_counts(records: int, bad: int, empty: int, first_bad: str) -> None:
     if records == 0:
         raise UserError("the inputs hold no records; check the paths and --format.")
     if bad == records:
-        raise UserError(f"every one of the {records} records was bad (the first: {first_bad}); nothing was written.")
+        which = agree(records, f"the one record was bad ({first_bad})",
+                      f"every one of the {records} records was bad (the first: {first_bad})")
+        raise UserError(f"{which}; nothing was written.")
     if bad + empty == records:
-        raise UserError(f"none of the {records} records has text: {empty} empty{f', {bad} bad' if bad else ''}; "
-                        "nothing was written.")
+        raise UserError(f"{agree(records, 'the one record has no', f'none of the {records} records has')} text: "
+                        f"{empty} empty{f', {bad} bad' if bad else ''}; nothing was written.")
 
 
 class BytesRead:
