@@ -385,7 +385,8 @@ class TokenWindows:
         shards = split_shards(self.manifest, split)
         check_shard_files(self.dir, self.manifest, shards)  # so each file holds the tokens its record says
         self.arrays = [np.memmap(self.dir / s["file"], dtype=self.manifest["dtype"], mode="r") for s in shards]
-        self.starts = np.concatenate([[0], np.cumsum(shard_windows(shards, seq_len))])  # each shard's first window
+        windows = np.cumsum(shard_windows(shards, seq_len), dtype=np.int64)
+        self.starts = np.concatenate([[0], windows])  # the first window of each shard, then the count
         if self.starts[-1] == 0:
             total = sum(len(a) for a in self.arrays)
             raise UserError(
