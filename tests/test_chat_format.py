@@ -184,7 +184,7 @@ def test_a_field_of_another_type_is_named_with_its_type():
             ({"conversations": "notalist"}, "its 'conversations' is a string, not a list of messages"),
             ({"conversations": None}, "its 'conversations' is null, not a list of messages"),
             ({"instruction": "问", "output": None},
-             "not an instruction, prompt/answer, conversations or messages record")]:
+             "not an instruction, prompt/answer, prompt/completion, conversations or messages record")]:
         with pytest.raises(ValueError) as e:
             conversation_from_record(record)
         assert str(e.value) == why, record
@@ -250,3 +250,83 @@ def test_truncation_tokenizes_each_text_about_once(bpe_tokenizer, monkeypatch):
     suffixes = (render_conversation(bpe_tokenizer, Conversation(conv.turns[s:], conv.system), True)[0]
                 for s in range(len(conv.turns)))
     assert prompt == next(ids for ids in suffixes if len(ids) <= 600) and len(conv.turns) - prompt.count(1) > 50
+
+
+def test_prompt_completion_records_read_as_an_instruction_pair_or_a_conversation(bpe_tokenizer):
+    """OpenAI's legacy fine-tuning format and TRL's prompt-completion type, {"prompt": ..., "completion": ...}, were
+    "not an instruction, prompt/answer, conversations or messages record": strings are a prompt / answer pair, lists
+    of messages a conversation whose completion alone carries loss, as TRL trains on it alone."""
+    assert conversation_from_record({"prompt": "问", "completion": "答"}) == Conversation([("问", "答")])
+    both = {"prompt": "问", "answer": "答", "completion": "不读"}
+    assert conversation_from_record(both) == Conversation([("问", "答")])
+    assert conversation_from_record({"prompt": [{"role": "user", "content": "你好"}],
+                                     "completion": [{"role": "assistant", "content": "你好！"}]}) == Conversation(
+        [("你好", "你好！")])
+    record = {"prompt": [{"role": "system", "content": "系统"}, {"role": "user", "content": "问一"},
+                         {"role": "assistant", "content": "答一"}, {"role": "user", "content": "问二"}],
+              "completion": [{"role": "assistant", "content": "答二"},
+                             {"role": "assistant", "content": [{"type": "text", "text": "续"}]}]}
+    conv = conversation_from_record(record)
+    assert conv == Conversation([("问一", "答一"), ("问二", "答二\n续")], "系统", frozenset({0}))
+    tok = bpe_tokenizer
+    ids, mask = render_conversation(tok, conv)
+    first = [*tok.encode("系统\n问一"), 1, *tok.encode("答一"), 2, *tok.encode("问二"), 1]
+    assert ids == [*first, *tok.encode("答二\n续"), 2]
+    assert mask == [0] * len(first) + [1] * (len(tok.encode("答二\n续")) + 1)  # the completion and its <eos> alone
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    for bad, why in [
+            ({"prompt": [user, answer], "completion": [answer]},
+             "its 'prompt' ends with the assistant's message, not the user's that the completion answers"),
+            ({"prompt": [user], "completion": [answer, user]},
+             "its 'completion' holds a user message; a completion is the assistant's answer alone"),
+            ({"prompt": [user], "completion": "答"}, "its 'completion' is a string, not a list of messages"),
+            ({"prompt": [user], "completion": []}, "its 'completion' list is empty: there is no message"),
+            ({"prompt": "问", "completion": [answer]}, "its 'completion' is a list, not a string"),
+            ({"prompt": [user], "completion": [{**answer, "weight": 0}]},
+             "no answer carries loss (each has a 'weight' of 0), so there is nothing to train on")]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record(bad)
+        assert str(e.value) == why, bad
+
+
+def test_an_assistant_message_of_weight_0_carries_no_loss(bpe_tokenizer):
+    """OpenAI's per-message "weight": 0 (do not train on this message) was ignored: the message was trained on. Its
+    answer is masked as a prompt is, the turns after the last answer with loss go, and any other weight is a bad
+    record that says which message and why."""
+    tok = bpe_tokenizer
+    messages = [{"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一", "weight": 1},
+                {"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二", "weight": 0},
+                {"role": "user", "content": "问三"}, {"role": "assistant", "content": "答三", "weight": None}]
+    conv = conversation_from_record({"messages": messages})
+    assert conv == Conversation([("问一", "答一"), ("问二", "答二"), ("问三", "答三")], untrained=frozenset({1}))
+    ids, mask = render_conversation(tok, conv)
+    parts = [(tok.encode("问一") + [1], 0), (tok.encode("答一") + [2], 1), (tok.encode("问二") + [1], 0),
+             (tok.encode("答二") + [2], 0), (tok.encode("问三") + [1], 0), (tok.encode("答三") + [2], 1)]
+    assert ids == [i for part, _ in parts for i in part]
+    assert mask == [m for part, m in parts for _ in part]
+    cut = len(ids) - len(parts[0][0]) - len(parts[1][0])  # the first turn goes: the weight stays with its answer
+    assert truncate_conversation(tok, conv, cut) == (ids[-cut:], mask[-cut:])
+    long = [("很长的问题" * 8, "很长的回答" * 8)]  # cut inside its one turn: the same ids, no loss where none was
+    trained = truncate_conversation(tok, Conversation(long), 16)
+    assert truncate_conversation(tok, Conversation(long, untrained=frozenset({0})), 16) == (trained[0], [0] * 16)
+    assert trained[1] != [0] * 16
+    # the turns after the last answer with loss go; a record without one is bad
+    trailing = {"messages": [*messages[:4], {**messages[4]}, {**messages[5], "weight": 0}]}
+    assert conversation_from_record(trailing) == Conversation([("问一", "答一")])
+    user = {"role": "user", "content": "问"}
+    for items, why in [
+            ([user, {"role": "assistant", "content": "答", "weight": 0}],
+             "no answer carries loss (each has a 'weight' of 0), so there is nothing to train on"),
+            ([user, {"role": "assistant", "content": "答", "weight": 0.5}],
+             "messages item 2: its 'weight' is 0.5, not 0 or 1"),
+            ([user, {"role": "assistant", "content": "答", "weight": "0"}],
+             "messages item 2: its 'weight' is a string, not 0 or 1"),
+            ([user, {"role": "assistant", "content": "答", "weight": True}],
+             "messages item 2: its 'weight' is true or false, not 0 or 1"),
+            ([{**user, "weight": 1}, {"role": "assistant", "content": "答"}],
+             "messages item 1: a 'weight' on a message of role 'user'; only the assistant's messages have one"),
+            ([user, {"role": "assistant", "content": "答", "weight": 0}, {"role": "assistant", "content": "又答"}],
+             "two assistant messages in a row, joined into one answer, differ in their 'weight' (0 and 1)")]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record({"messages": items})
+        assert str(e.value) == why, items

@@ -78,6 +78,37 @@ def test_sft_trains_on_an_openai_messages_file_with_no_bad_record(tmp_path, bpe_
         render_conversation(bpe_tokenizer, Conversation([(f"问题{i}", f"回答{i}")], "简洁")) for i in range(20))
 
 
+def test_sft_trains_on_prompt_completion_records_and_not_on_messages_of_weight_0(tmp_path, bpe_tokenizer, capsys):
+    """`babyllama sft` counted {"prompt": ..., "completion": ...} records bad ("not an instruction, prompt/answer,
+    conversations or messages record") and trained on an assistant message of "weight": 0: the first is a pair, or
+    with lists a conversation whose completion alone has loss, and the second carries no loss."""
+    from babyllama.cli import main
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    user, answer = {"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一"}
+    records = [{"prompt": "问题", "completion": "回答"},
+               {"prompt": [user, answer, {"role": "user", "content": "问二"}],
+                "completion": [{"role": "assistant", "content": "答二"}]},
+               {"messages": [user, {**answer, "weight": 0}, {"role": "user", "content": "问三"},
+                             {"role": "assistant", "content": "答三", "weight": 1}]}]
+    (tmp_path / "pc.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    assert main(["sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "pc.jsonl"), "--out_dir",
+                 str(tmp_path / "run"), "--max_steps", "1", "--val_fraction", "0"]) == 0
+    assert ("sft data: 3 records, 0 bad, 0 with an empty answer, 0 filtered by length, 0 truncated; 3 train / 0 val "
+            "samples") in capsys.readouterr().out
+    train, _, _ = load_sft_data([tmp_path / "pc.jsonl"], tmp_path / "init", tmp_path / "run" / "sft_tokens",
+                                SFTSettings(65, 0.0), False, Dist())
+    tok = bpe_tokenizer
+    q1, a1 = tok.encode("问一") + [1], tok.encode("答一") + [2]
+    want = [([*tok.encode("问题"), 1, *tok.encode("回答"), 2], [0] * (len(tok.encode("问题")) + 1) + [1] * (
+                len(tok.encode("回答")) + 1))]
+    for q, a in (("问二", "答二"), ("问三", "答三")):  # 答一 is the prompt's, then of weight 0: no loss on it
+        ids = [*q1, *a1, *tok.encode(q), 1, *tok.encode(a), 2]
+        want.append((ids, [0] * (len(ids) - len(tok.encode(a)) - 1) + [1] * (len(tok.encode(a)) + 1)))
+    assert sorted(samples(train)) == sorted(want)
+
+
 @pytest.mark.parametrize("name, workers", [("demo/sft.jsonl", 2), ("multi.jsonl", 1)])
 def test_cached_samples_equal_the_chat_format_token_for_token(demo_sft, bpe_tokenizer, tmp_path, name, workers):
     settings = SFTSettings(max_len=97, val_fraction=0.1)

@@ -105,6 +105,26 @@ def test_openai_messages_records_are_conversation_records(tmp_path):
     assert log.getvalue() == f"{f}:3: messages item 1: a content part of type 'image_url'; only text parts are read\n"
 
 
+def test_prompt_completion_records_are_instructions_not_wiki_articles(tmp_path, caplog):
+    """{"prompt": ..., "completion": ...} (OpenAI's legacy fine-tuning format, TRL's prompt-completion type) was read
+    as a wikipedia-cn article, its completion alone, its prompt dropped with a warning, and TRL's conversational one
+    was bad ("its 'completion' is a list, not a string"): both are instructions, the prompt then the completion."""
+    user, answer = {"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一"}
+    f = jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": "判断情感：好吃", "completion": "正面"},
+        {"prompt": [{"role": "system", "content": "系统"}, user, answer, {"role": "user", "content": "问二"}],
+         "completion": [{"role": "assistant", "content": "答二"}]},
+        {"prompt": "问", "completion": 5}])
+    reader = CorpusReader([f], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == ["判断情感：好吃正面", "系统\n问一\n答一\n问二\n答二"]
+    assert (reader.stats[str(f)].schema, reader.stats[str(f)].bad) == ("instruction", 1)
+    assert log.getvalue() == f"{f}:3: its 'completion' is a number, not a string\n"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [  # no field left out
+        f"{f}:3: skipped a bad record: its 'completion' is a number, not a string"]
+    wiki = jsonl(tmp_path / "wiki.jsonl", [{"completion": "维基百科文本", "source": "wiki"}])
+    assert list(CorpusReader([wiki]).documents()) == ["维基百科文本"]
+
+
 def test_every_schema_of_the_recipe(tmp_path):
     files = {
         "wiki.json": json.dumps([{"completion": "维基百科文本", "source": "wiki"}, {"source": "no text"}]),
@@ -831,7 +851,7 @@ def test_a_record_with_the_fields_of_several_schemas_is_read_in_its_files_schema
                                        "问答"]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"{f}: records with the fields of more than one schema are read in the file's schema (of most of its records) "
-        f"where they fit it, else in the first of conversation, wiki, baike, instruction, text, wudao, leaving out "
+        f"where they fit it, else in the first of conversation, instruction, wiki, baike, text, wudao, leaving out "
         f"{fields}; --format SCHEMA reads every record in the schema you choose" for f, fields in (
             (text, f"the 'content' of 2 records (the first at {text}:2)"),
             (wudao, f"the 'text' of 1 record (the first at {wudao}:2)"),

@@ -6,14 +6,15 @@
     ids, mask = render_conversation(tokenizer, conv)          # training: mask 1 on answers and their <eos>
     prompt = render_prompt(tokenizer, conv, max_len=192)     # inference: ends with <bos>, the answer follows
 
-Loss falls on the answer tokens and their <eos>, nothing else; the inference prompt of a
-conversation is, token for token, its training ids up to the last answer.
+Loss falls on the answer tokens and their <eos> (of the answers that carry loss: below), nothing else; the
+inference prompt of a conversation is, token for token, its training ids up to the last answer.
 
-Records (a `conversations` or OpenAI `messages` list, an instruction, a prompt / answer row) and the server's
-OpenAI `messages` become a conversation by one set of rules:
+Records (a `conversations` or OpenAI `messages` list, an instruction, a prompt / answer or prompt / completion row,
+TRL's conversational prompt / completion lists) and the server's OpenAI `messages` become a conversation by one set of
+rules:
   * a record's top-level `system` text and alpaca `history` ([[question, answer], ...], oldest first:
     LLaMA-Factory's alpaca and sharegpt formats) come first, as a system message and earlier turns
-    (context_messages); their answers carry loss as every answer of a conversation does;
+    (context_messages); their answers carry loss as every answer of a conversation does (but below);
   * system messages, wherever they are, are joined with "\\n" into the system text, which goes
     before the first user message;
   * consecutive messages of one role (two user messages in a row) are joined with "\\n" into one;
@@ -23,7 +24,11 @@ OpenAI `messages` become a conversation by one set of rules:
   * a conversation keeps an empty answer; SFT skips such a record (data/sft_tokens.py counts it),
     since it would teach the model to answer with <eos> alone;
   * for training, a question with nothing visible (an empty instruction, prompt or user message)
-    makes the record bad: there is nothing the answer answers (checked_for_training).
+    makes the record bad: there is nothing the answer answers (checked_for_training);
+  * an answer carries no loss (Conversation.untrained) where it is an assistant message with OpenAI's "weight": 0,
+    or in the `prompt` of a conversational prompt / completion record (TRL trains on the completion alone); answers
+    joined from messages of both kinds make the record bad, and for training the turns after the last answer with
+    loss go (nothing later reads them), so a record without one is bad.
 
 Truncation, when a conversation is longer than max_len tokens, cuts in this order:
   1. whole turns, oldest first (the system text and the last turn always stay);
@@ -37,7 +42,7 @@ import functools
 import itertools
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from babyllama.tokenizer import Tokenizer
@@ -92,6 +97,7 @@ CHAT_TEMPLATE = (
 class Conversation:
     turns: list[tuple[str, str]]  # (user, answer) pairs; at inference the last answer is ""
     system: str = ""
+    untrained: frozenset[int] = frozenset()  # the turns (from 0) whose answer carries no loss
 
 
 # --- records and messages -> a conversation ---
@@ -163,7 +169,27 @@ def message_of_item(item: object, where: str) -> tuple[str, str]:
         raise ValueError(f"{where}: a message of role {role!r} with {call!r}; tool calls are not read")
     if content_key not in item:
         raise ValueError(f"{where}: no 'content' (or 'value')")
+    check_weight(item.get("weight"), where, role)
     return ROLES[role], content_text(item[content_key], where, content_key)
+
+
+def check_weight(weight: object, where: str, role: str) -> None:
+    """A message's OpenAI "weight": 0 (its answer carries no loss) or 1 on an assistant message, or none (null too:
+    a parquet or Hugging Face datasets file gives the messages without one a null). Raises ValueError naming where and
+    the fault: "messages item 2: its 'weight' is 0.5, not 0 or 1", "messages item 1: a 'weight' on a message of role
+    'user'; only the assistant's messages have one"."""
+    if weight is None:
+        return
+    if ROLES[role] != "assistant":
+        raise ValueError(f"{where}: a 'weight' on a message of role {role!r}; only the assistant's messages have one")
+    if isinstance(weight, bool) or weight not in (0, 1):
+        shown = weight if isinstance(weight, int | float) and not isinstance(weight, bool) else kind_of(weight)
+        raise ValueError(f"{where}: its 'weight' is {shown}, not 0 or 1")
+
+
+def weight_zero(items: list) -> set[int]:
+    """The indices (from 0) of the messages of a list that message_of_item has read with "weight": 0."""
+    return {i for i, item in enumerate(items) if item.get("weight") == 0}
 
 
 def content_text(content: object, where: str, key: str) -> str:
@@ -189,11 +215,14 @@ def content_text(content: object, where: str, key: str) -> str:
 
 
 def instruction_pair(record: dict) -> tuple[str, str] | None:
-    """(question, answer) of a `prompt` / `answer` row (the recipe's sft_data.csv) or of an alpaca-zh /
-    BELLE / shibing624/medical record (instruction + input, output); else None. Raises ValueError naming the
-    field and its type when one of them that it reads is there but not a string (field_text): `"output": ["a"]`
-    is a bad record for that reason, not for being no instruction record."""
+    """(question, answer) of a `prompt` / `answer` row (the recipe's sft_data.csv) or, without an answer, a `prompt` /
+    `completion` row (OpenAI's legacy fine-tuning format, TRL's prompt-completion type), or of an alpaca-zh / BELLE /
+    shibing624/medical record (instruction + input, output); else None.
+    Raises ValueError naming the field and its type when one of them that it reads is there but not a string
+    (field_text): `"output": ["a"]` is a bad record for that reason, not for being no instruction record."""
     prompt, answer = field_text(record, "prompt"), field_text(record, "answer")
+    if prompt is not None and answer is None:
+        answer = field_text(record, "completion")
     if prompt is not None and answer is not None:
         return prompt, answer
     instruction, output = field_text(record, "instruction"), field_text(record, "output")
@@ -258,19 +287,24 @@ def not_unicode(text: str) -> str | None:
     return "a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode"
 
 
-def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> Conversation:
+def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generation_prompt: bool,
+                               untrained: Collection[int] = ()) -> Conversation:
     """A conversation from (role, content) messages by the rules above.
 
     add_generation_prompt: the messages end with the user's, whose answer is to be generated.
+    untrained: the indices (from 0) of the assistant messages whose answer carries no loss.
     Raises ValueError with the broken rule.
     """
     system = "\n".join(content for role, content in messages if role == "system")
-    merged: list[list[str]] = []  # [role, content] with consecutive same-role messages joined
-    for role, content in ((r, c) for r, c in messages if r != "system"):
+    merged: list[list] = []  # [role, content, trained] with consecutive same-role messages joined
+    for role, content, trained in ((r, c, i not in untrained) for i, (r, c) in enumerate(messages) if r != "system"):
         if merged and merged[-1][0] == role:
+            if merged[-1][2] != trained:
+                raise ValueError("two assistant messages in a row, joined into one answer, differ in their "
+                                 "'weight' (0 and 1)")
             merged[-1][1] += "\n" + content
         else:
-            merged.append([role, content])
+            merged.append([role, content, trained])
     if not merged:
         raise ValueError("there are only system messages")
     if merged[0][0] != "user":  # before the last message's rule: [assistant] breaks this one, not that
@@ -279,17 +313,20 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
     if add_generation_prompt != (merged[-1][0] == "user"):
         raise ValueError(f"the last message must come from the {'user' if add_generation_prompt else 'assistant'}")
     if add_generation_prompt:
-        merged.append(["assistant", ""])
-    return Conversation([(u[1], a[1]) for u, a in zip(merged[::2], merged[1::2], strict=True)], system)
+        merged.append(["assistant", "", True])
+    turns = [(u[1], a[1]) for u, a in zip(merged[::2], merged[1::2], strict=True)]
+    return Conversation(turns, system, frozenset(i for i, a in enumerate(merged[1::2]) if not a[2]))
 
 
 def conversation_from_record(record: dict) -> Conversation:
-    """The conversation of an SFT record: a `conversations` or `messages` list (conversation_key), a `prompt` /
-    `answer` row (the recipe's sft_data.csv) or an instruction record, after its `system` and `history`
-    (context_messages).
-    Raises ValueError when it is none of them, when a field has the wrong type, or when it cannot train
-    (checked_for_training)."""
-    return checked_for_training(_conversation_of(record))
+    """The conversation of an SFT record (record_conversation) that ends with its last answer with loss.
+    Raises ValueError when it is no SFT record, when a field has the wrong type, when it cannot train
+    (checked_for_training), or when no answer carries loss (each has a 'weight' of 0)."""
+    conv = checked_for_training(record_conversation(record))
+    n = max((i + 1 for i in range(len(conv.turns)) if i not in conv.untrained), default=0)
+    if n == 0:
+        raise ValueError("no answer carries loss (each has a 'weight' of 0), so there is nothing to train on")
+    return Conversation(conv.turns[:n], conv.system, frozenset(i for i in conv.untrained if i < n))
 
 
 def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
@@ -305,15 +342,40 @@ def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
     return conv
 
 
-def _conversation_of(record: dict) -> Conversation:
-    if conversation_key(record):
-        messages = messages_of_record(record)
+def record_conversation(record: dict) -> Conversation:
+    """The conversation of a record as SFT reads it, not yet checked for training (conversation_from_record): a
+    `conversations` or `messages` list (conversation_key), TRL's conversational prompt / completion (a `prompt` list:
+    prompt_completion_messages), a `prompt` / `answer` or `completion` row or an instruction record, after its
+    `system` and `history` (context_messages). Raises ValueError when it is none of them, a field has the wrong type
+    or the messages break a rule above."""
+    context = context_messages(record)
+    if key := conversation_key(record):
+        messages = messages_of_record(record, key)
+        untrained = {len(context) + i for i in weight_zero(record[key])}
+    elif isinstance(record.get("prompt"), list):
+        messages, untrained = prompt_completion_messages(record, context)
     else:
         pair = instruction_pair(record)
         if pair is None:
-            raise ValueError("not an instruction, prompt/answer, conversations or messages record")
-        messages = [("user", pair[0]), ("assistant", pair[1])]
-    return conversation_from_messages(context_messages(record) + messages, add_generation_prompt=False)
+            raise ValueError("not an instruction, prompt/answer, prompt/completion, conversations or messages record")
+        messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
+    return conversation_from_messages(context + messages, add_generation_prompt=False, untrained=untrained)
+
+
+def prompt_completion_messages(record: dict, context: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[int]]:
+    """(context + the messages of `prompt` and `completion`, the assistant messages without loss) of TRL's
+    conversational prompt / completion record: the prompt ends with the user's message, the completion is the
+    assistant's answer (one message or more), and it alone carries loss, as TRL trains on it alone (less any
+    message with "weight": 0). Raises ValueError when either list is malformed (messages_of_record) or breaks
+    those rules."""
+    prompt, completion = messages_of_record(record, "prompt"), messages_of_record(record, "completion")
+    if next((role for role, _ in reversed(prompt) if role != "system"), "user") != "user":
+        raise ValueError("its 'prompt' ends with the assistant's message, not the user's that the completion answers")
+    if role := next((role for role, _ in completion if role != "assistant"), None):
+        raise ValueError(f"its 'completion' holds a {role} message; a completion is the assistant's answer alone")
+    before = context + prompt
+    untrained = {i for i, (role, _) in enumerate(before) if role == "assistant"}
+    return before + completion, untrained | {len(before) + i for i in weight_zero(record["completion"])}
 
 
 # --- a conversation -> token ids ---
@@ -328,12 +390,13 @@ def render_conversation(
     """
     users = [f"{conv.system}\n{u}" if i == 0 and conv.system else u for i, (u, _) in enumerate(conv.turns)]
     return _joined(tokenizer, tokenizer.encode_batch(users), tokenizer.encode_batch([a for _, a in conv.turns]),
-                   add_generation_prompt)
+                   add_generation_prompt, conv.untrained)
 
 
 def _joined(tokenizer: Tokenizer, users: list[list[int]], answers: list[list[int]],
-            add_generation_prompt: bool) -> tuple[list[int], list[int]]:
-    """ids and loss mask of questions and answers already tokenized: user <bos> answer <eos> ..."""
+            add_generation_prompt: bool, untrained: Collection[int]) -> tuple[list[int], list[int]]:
+    """ids and loss mask of questions and answers already tokenized: user <bos> answer <eos> ..., the mask 0 on
+    the answers whose index is in untrained."""
     ids, mask = [], []
     for i, (user, answer) in enumerate(zip(users, answers, strict=True)):
         ids += user + [tokenizer.bos_id]
@@ -341,7 +404,7 @@ def _joined(tokenizer: Tokenizer, users: list[list[int]], answers: list[list[int
         if add_generation_prompt and i == len(users) - 1:
             break
         ids += answer + [tokenizer.eos_id]
-        mask += [1] * (len(answer) + 1)
+        mask += [int(i not in untrained)] * (len(answer) + 1)
     return ids, mask
 
 
@@ -370,18 +433,19 @@ def truncate_conversation(
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if tail[mid] - len(users[mid]) + len(first(mid)) <= max_len else (mid + 1, hi)
-    ids, mask = _joined(tokenizer, [first(lo), *users[lo + 1 :]], answers[lo:], add_generation_prompt)
+    ids, mask = _joined(tokenizer, [first(lo), *users[lo + 1 :]], answers[lo:], add_generation_prompt,
+                        {i - lo for i in conv.untrained if i >= lo})
     if len(ids) <= max_len:
         return ids, mask
     if add_generation_prompt:  # 2. the prompt's beginning goes
         return ids[-max_len:], mask[-max_len:]
-    prompt_len = mask.index(1)  # the last turn alone: prompt ids (ending in <bos>), then answer ids
+    prompt_len = len(first(lo)) + 1  # the last turn alone: prompt ids (ending in <bos>), then answer ids
     prompt, answer = ids[:prompt_len], ids[prompt_len:]
     keep_prompt = max(max_len - len(answer), min(prompt_len, max_len // 2))
     prompt = prompt[len(prompt) - keep_prompt :]  # 2. the prompt's beginning goes
     room = max_len - len(prompt)
     answer = answer[: room - 1] + [tokenizer.eos_id]  # 3. the answer's end goes, its <eos> stays
-    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+    return prompt + answer, [0] * len(prompt) + mask[-1:] * len(answer)  # mask[-1]: the answer's loss, 0 or 1
 
 
 def render_prompt(tokenizer: Tokenizer, conv: Conversation, max_len: int | None = None) -> list[int]:

@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init", type=path, help="the checkpoint to start from, e.g. runs/demo/pretrain/final")
     p.add_argument("--data", type=path, nargs="+",
-                   help="alpaca/BELLE/medical JSON(L), sft_data.csv, or conversations/messages JSONL")
+                   help="alpaca/BELLE/medical JSON(L), sft_data.csv, prompt/completion or conversations/messages "
+                        "JSONL")
     p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.set_defaults(func=cmd_sft, check=check_init_and_data, takes_overrides=True, holds="sft")

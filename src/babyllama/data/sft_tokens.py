@@ -55,14 +55,15 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 7  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 8  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
 # mask, as truncation made them; equal_after_truncation counted; both answers empty is empty_answers, not equal;
 # bad_records.txt names bytes that are not text apart from a lone surrogate, and an empty conversations list; 7:
 # `messages` records, content as a list of text parts, the developer role and TRL's conversational DPO shapes are
-# read, where 6 counted them bad)
+# read, where 6 counted them bad; 8: prompt / completion records are read, and an assistant message with "weight": 0
+# carries no loss, where 7 trained on it)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -185,8 +186,9 @@ def render_batch(batch: list[Item], settings: SFTSettings, parse, samples_of) ->
 
 
 def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[list, bool]:
-    """The one sample of a conversation, cut to max_len; none when an answer is blank or a length filter fails."""
-    if any(is_blank(a) for _, a in conv.turns):
+    """The one sample of a conversation, cut to max_len; none when an answer with loss is blank or a length filter
+    fails."""
+    if any(is_blank(a) for i, (_, a) in enumerate(conv.turns) if i not in conv.untrained):
         counts["empty_answers"] += 1
         return [], False
     if not all(settings.fits(u, a) for u, a in conv.turns):

@@ -101,8 +101,12 @@ def text_of_wudao(r: dict) -> str | None:
 
 def text_of_instruction(r: dict) -> str | None:
     """As pretraining text, the recipe's way: the question followed directly by the answer (an
-    instruction record, or a prompt/answer row of the recipe's sft_data.csv), after the record's `system`
-    text and `history` turns, one line each (context_text)."""
+    instruction record, or a prompt/answer row of the recipe's sft_data.csv, or a prompt/completion row), after the
+    record's `system` text and `history` turns, one line each (context_text). A `prompt` that is a list (TRL's
+    conversational prompt-completion) is a conversation: its messages, then the completion's, a line each."""
+    if isinstance(r.get("prompt"), list):
+        messages = messages_of_record(r, "prompt") + messages_of_record(r, "completion")
+        return context_text(r) + "\n".join(content for _, content in messages)
     pair = instruction_pair(r)
     return None if pair is None else context_text(r) + pair[0] + pair[1]
 
@@ -138,12 +142,13 @@ SCHEMAS: dict[str, Callable[[dict], str | None]] = {
 
 
 # schema -> the groups of fields any of which marks a record as one of it, in the order of detection: `text` before
-# `content`, so that a record with both is the text it says (WuDao's records have no `text`)
+# `content`, so that a record with both is the text it says (WuDao's records have no `text`), and `prompt` and
+# `completion` before `completion` alone (a prompt-completion row, not a wiki article)
 SCHEMA_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "conversation": (("conversations",), ("messages",)),
+    "instruction": (("instruction", "output"), ("prompt", "answer"), ("prompt", "completion")),
     "wiki": (("completion",),),
     "baike": (("sections",),),
-    "instruction": (("instruction", "output"), ("prompt", "answer")),
     "text": (("text",),),
     "wudao": (("content",),),
 }
