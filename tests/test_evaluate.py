@@ -119,9 +119,9 @@ def test_bad_qa_records_are_counted_and_skipped_and_say_where_and_why(tmp_path):
     f.write_text('{"question": "q2", "answer": \n' + json.dumps({"question": "q", "std_answer": ""}))
     with pytest.raises(UserError) as e:  # nothing good is left
         read_qa(f)
-    assert str(e.value) == (f"{f} holds no QA records with a reference (answer, std_answer, target, output); "
-                            f"1 had none or an empty one, 1 was bad (the first: {f}:1: not valid JSON "
-                            "(Expecting value)).")
+    assert str(e.value) == (f"{f} holds no QA records with a reference (answer, std_answer, target, output, "
+                            f"completion, or a conversation's last answer); 1 had none or an empty one, 1 was bad (the "
+                            f"first: {f}:1: not valid JSON (Expecting value)).")
 
 
 def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_names_it(tmp_path):
@@ -198,6 +198,42 @@ def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_pa
     assert result["qa_cut_to_context"] == 1 and result["qa_bad_records"] == 2  # the long history's, of 32 ids
 
 
+def test_qa_reads_messages_and_prompt_completion_records_as_sft_does(tmp_path, tiny_run, bpe_tokenizer):
+    """`eval --qa` on OpenAI's `messages` records said "holds no QA records with a reference" (each "needs a
+    question"), and a {"prompt", "completion"} record had no reference: a conversation's last answer is the
+    reference, asked after the messages before it as SFT renders them, and `completion` is an answer."""
+    from babyllama.chat_format import conversation_from_record, render_conversation
+    from babyllama.evaluate import evaluate, qa_conversation, qa_prompt
+
+    def says(role, content):
+        return {"role": role, "content": content}
+
+    records = [{"messages": [says("user", "问一"), says("assistant", "答一")]},
+               {"messages": [says("system", "你是助手"), says("user", "早先的问"), says("assistant", "早先的答"),
+                             says("user", "问二"), says("assistant", [{"type": "text", "text": "答二"}])]},
+               {"messages": [says("developer", "简洁"), says("user", "问三"), says("assistant", "答三")], "task": "t"}]
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    result = evaluate(tiny_run / "run" / "final", tmp_path / "out", qa=str(f), sampling=Sampling(max_new_tokens=1))
+    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    assert [{k: it[k] for k in it if k != "prediction"} for it in items] == [
+        {"kind": "qa", "question": "问一", "reference": "答一", "task": "qa"},
+        {"kind": "qa", "question": "问二", "reference": "答二", "task": "qa", "system": "你是助手",
+         "history": [["早先的问", "早先的答"]]},
+        {"kind": "qa", "question": "问三", "reference": "答三", "task": "t", "system": "简洁"}]
+    assert result["qa_bad_records"] == 0 and result["qa"]["qa"]["items"] == 2
+    for record, item in zip(records, items, strict=True):  # asked with SFT's ids up to the answer
+        ids, mask = render_conversation(bpe_tokenizer, conversation_from_record(record))
+        assert qa_prompt(bpe_tokenizer, qa_conversation(item)) == ids[: len(mask) - mask[::-1].index(0)]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"prompt": "问四", "completion": "答四"},
+        {"prompt": [says("user", "问五")], "completion": [says("assistant", "答五")]},
+        {"messages": [says("user", "问六"), says("assistant", "答六"), says("user", "没有答")]}]))
+    assert read_qa(f) == ([{"question": "问四", "reference": "答四", "task": "qa"},
+                           {"question": "问五", "reference": "答五", "task": "qa"}], 0,
+                          [f"{f}:3: the last message must come from the assistant"])
+
+
 def test_qa_references_of_several_strings_are_joined(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text(json.dumps({"question": "谁？", "answer": ["江泽民", "李鹏"]}, ensure_ascii=False) + "\n")
@@ -240,8 +276,9 @@ def test_qa_and_mc_folders_skip_their_text_files_and_say_so(tmp_path, capsys):
     with pytest.raises(UserError) as e:
         read_qa(qa / "readme.txt")
     assert str(e.value) == (f"{qa / 'readme.txt'} holds no QA records with a reference (answer, std_answer, target, "
-                            f"output); 0 had none or an empty one, 1 was bad (the first: {qa / 'readme.txt'}:1: a QA "
-                            "record needs a question (question, prompt or instruction+input)).")
+                            f"output, completion, or a conversation's last answer); 0 had none or an empty one, 1 was "
+                            f"bad (the first: {qa / 'readme.txt'}:1: a QA record needs a question (question, prompt or "
+                            "instruction+input)).")
     (qa / "more.txt").write_text("x\n")  # two bad: "were"
     with pytest.raises(UserError, match=r", 2 were bad \(the first"):
         read_mc([qa / "readme.txt", qa / "more.txt"])

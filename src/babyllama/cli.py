@@ -615,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=path, help="token directory: loss and bits per byte on its val split")
     p.add_argument("--prompts", type=path, help="text file, one continuation prompt per line (default: built-in)")
     p.add_argument("--qa", type=path,
-                   help="QA records: question/prompt/instruction(+input) and answer/std_answer/target/output")
+                   help="QA records: question/prompt/instruction(+input) and answer/std_answer/target/output/"
+                        "completion, or conversations/messages (the last answer is the reference)")
     p.add_argument("--mc", type=path, nargs="+", help="C-Eval/CMMLU CSV or JSONL files (question, A, B, C, D, answer)")
     p.add_argument("--train_data", type=path, nargs="+", help="training files to search for eval questions (leakage)")
     p.add_argument("--out_dir", type=path, help="output directory (default: next to the checkpoint, eval/)")

@@ -41,13 +41,16 @@ import torch
 
 from babyllama.chat_format import (
     Conversation,
+    checked_for_training,
     context_messages,
     conversation_from_messages,
+    conversation_key,
     field_text,
     instruction_prompt,
     is_unicode,
     not_unicode,
     prompt_budget,
+    record_conversation,
     render_prompt,
     text_prompt,
 )
@@ -85,7 +88,7 @@ DEFAULT_PROMPTS = [
     "今天天气很好，",
 ]
 QUESTION_KEYS = ("question", "prompt")
-REFERENCE_KEYS = ("answer", "std_answer", "target", "output")
+REFERENCE_KEYS = ("answer", "std_answer", "target", "output", "completion")
 LETTERS = "ABCD"
 # a QA task of at most MAX_LABELS different references, ITEMS_PER_LABEL items or more a label on average, is one of
 # labels (classification): its exact match is also its accuracy; with more labels, or fewer items a label (12
@@ -215,7 +218,8 @@ def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
             else:
                 items.append(item)
     if not items:
-        raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}); "
+        raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}, or a "
+                        "conversation's last answer); "
                         f"{no_reference} had none or an empty one{bad_detail(bad)}.")
     return items, no_reference, bad
 
@@ -228,21 +232,27 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     reference a list of strings, joined with 、. A record's `system` text and `history` ([[question, answer],
     ...]), read as SFT reads them (chat_format.context_messages), are the item's "system" and "history" when
     given, so that eval asks the question after them as SFT trained (qa_conversation); an item without them
-    has no such keys."""
+    has no such keys. A conversation (`conversations`, `messages`, or TRL's `prompt` and `completion` lists) is
+    read as SFT reads it (chat_format.record_conversation): its last answer is the reference, its last question the
+    question, and what comes before them its system text and history."""
     if record is None:
         raise ValueError(why)
-    question = qa_question(record)
-    if question is None or not question.strip():
-        raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
-    key = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
-    reference = field_text(record, key, numbers=True, lists=True) if key else ""
+    if conversation_key(record) or isinstance(record.get("prompt"), list):  # raises for a blank question
+        conv = checked_for_training(record_conversation(record))
+        (question, reference), system, history = conv.turns[-1], conv.system, [list(t) for t in conv.turns[:-1]]
+    else:
+        question = qa_question(record)
+        if question is None or not question.strip():
+            raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
+        key = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
+        reference = field_text(record, key, numbers=True, lists=True) if key else ""
+        context_messages(record)  # raises for a system or history of another type
+        system, history = record.get("system") or "", record.get("history") or []
     task = field_text(record, "task", numbers=True)
-    context = context_messages(record)  # raises for a system or history of another type
-    if why := not_unicode("".join([question, reference, task or "", *(text for _, text in context)])):
+    if why := not_unicode("".join([question, reference, task or "", system, *(t for turn in history for t in turn)])):
         raise ValueError(f"the record holds {why}")
     if not reference.strip():
         return None
-    system, history = record.get("system") or "", record.get("history") or []
     return {"question": question, "reference": reference, "task": "qa" if task is None else task,
             **({"system": system} if system else {}), **({"history": history} if history else {})}
 
