@@ -433,6 +433,7 @@ def test_a_sigterm_while_torch_imports_is_the_stop_sentence_and_nothing_else(tmp
             pytest.fail(f"signal at {fraction}: exit {proc.returncode}, stderr:\n{err}", pytrace=False)
         if proc.returncode in (2, -signal.SIGTERM) and err.splitlines() == [f"babyllama: error: {tmp_path / 'none'} "
                                                                             "does not exist."]:
+            handled = min(handled, unstopped())  # measured again: the later fractions of a quicker run
             continue  # ran faster than the first (a busy machine): its error said, the signal came as it exited
         again = r"to start again( \(no checkpoint was saved yet\))?"  # no note: stopped before the command was known
         assert proc.returncode == 143 and re.fullmatch(r"babyllama: stopped by SIGTERM; run the same command "
