@@ -20,6 +20,7 @@ from babyllama.evaluate import (
     lm_metrics,
     mc_choices,
     mc_summary,
+    qa_item,
     read_mc,
     read_qa,
     rouge_l,
@@ -232,6 +233,15 @@ def test_qa_reads_messages_and_prompt_completion_records_as_sft_does(tmp_path, t
     assert read_qa(f) == ([{"question": "问四", "reference": "答四", "task": "qa"},
                            {"question": "问五", "reference": "答五", "task": "qa"}], 0,
                           [f"{f}:3: the last message must come from the assistant"])
+
+
+def test_qa_reads_the_system_and_history_of_a_prompt_completion_record_once():
+    """The top-level `system` and `history` of TRL's conversational prompt / completion were read twice: the item
+    asked after 'TOP\nTOP' and the history's turn twice."""
+    record = {"prompt": [{"role": "user", "content": "P"}], "completion": [{"role": "assistant", "content": "C"}],
+              "system": "TOP", "history": [["h", "a"]]}
+    assert qa_item(record, "") == {"question": "P", "reference": "C", "task": "qa", "system": "TOP",
+                                   "history": [["h", "a"]]}
 
 
 def test_qa_references_of_several_strings_are_joined(tmp_path):

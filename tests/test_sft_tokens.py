@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -522,6 +523,37 @@ def test_system_and_history_fields_are_rendered_as_the_conversation_with_them(de
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "version": 4}))  # before these fields
     settings = SFTSettings(max_len=200, val_fraction=0.0)
     assert build_sft_cache([f], demo_sft / "tok", tmp_path / "c", settings)["version"] > 4  # rebuilt, not reused
+
+
+def shown(tok, ids, mask) -> str:
+    """A sample as text, <s> and </s> for <bos> and <eos>, each run of ids with loss in [[ ]] (as the tester's
+    show.py prints a cache)."""
+    special = {tok.bos_id: "<s>", tok.eos_id: "</s>"}
+    out = ""
+    for m, run in itertools.groupby(zip(ids, mask, strict=True), key=lambda x: x[1]):
+        pieces = itertools.groupby((i for i, _ in run), key=lambda i: i in special)
+        text = "".join("".join(special[i] for i in part) if is_special else tok.decode(list(part))
+                       for is_special, part in pieces)
+        out += f"[[{text}]]" if m else text
+    return out
+
+
+def test_the_system_and_history_of_every_shape_come_once(demo_sft, bpe_tokenizer, tmp_path):
+    """TRL's conversational prompt / completion with a top-level `system` and `history` read both twice:
+    'TOP\nTOP\nh<s>a</s>h<s>[[a</s>]]P<s>[[C</s>]]'. Every shape now gets them once, in one place; the prompt's
+    and the history's answers carry no loss there, as TRL trains on the completion alone."""
+    context = {"system": "TOP", "history": [["h", "a"]]}
+    records = [{"prompt": [{"role": "user", "content": "P"}], "completion": [{"role": "assistant", "content": "C"}]},
+               {"messages": [{"role": "user", "content": "P"}, {"role": "assistant", "content": "C"}]},
+               {"prompt": "P", "completion": "C"}, {"instruction": "P", "output": "C"}]
+    f = tmp_path / "sft.jsonl"
+    f.write_text("\n".join(json.dumps({**r, **context}) for r in records))
+    manifest = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=64, val_fraction=0.0))
+    ids, mask, lengths = open_split(tmp_path / "c", manifest, "train")
+    ends = np.cumsum(lengths).tolist()
+    assert [shown(bpe_tokenizer, ids[e - n : e].tolist(), mask[e - n : e].tolist())
+            for e, n in zip(ends, lengths.tolist(), strict=True)] == [
+        "TOP\nh<s>a</s>P<s>[[C</s>]]"] + ["TOP\nh<s>[[a</s>]]P<s>[[C</s>]]"] * 3
 
 
 def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path, monkeypatch):

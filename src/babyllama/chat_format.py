@@ -346,36 +346,35 @@ def record_conversation(record: dict) -> Conversation:
     """The conversation of a record as SFT reads it, not yet checked for training (conversation_from_record): a
     `conversations` or `messages` list (conversation_key), TRL's conversational prompt / completion (a `prompt` list:
     prompt_completion_messages), a `prompt` / `answer` or `completion` row or an instruction record, after its
-    `system` and `history` (context_messages). Raises ValueError when it is none of them, a field has the wrong type
-    or the messages break a rule above."""
+    `system` and `history` (context_messages), which every shape gets here and only here. Raises ValueError when it is
+    none of them, a field has the wrong type or the messages break a rule above."""
     context = context_messages(record)
     if key := conversation_key(record):
-        messages = messages_of_record(record, key)
-        untrained = {len(context) + i for i in weight_zero(record[key])}
-    elif isinstance(record.get("prompt"), list):
-        messages, untrained = prompt_completion_messages(record, context)
+        messages, untrained = messages_of_record(record, key), weight_zero(record[key])
+    elif isinstance(record.get("prompt"), list):  # TRL trains on the completion alone: the history's answers too go
+        messages, untrained = prompt_completion_messages(record)
+        untrained |= {i - len(context) for i, (role, _) in enumerate(context) if role == "assistant"}
     else:
         pair = instruction_pair(record)
         if pair is None:
             raise ValueError("not an instruction, prompt/answer, prompt/completion, conversations or messages record")
         messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
-    return conversation_from_messages(context + messages, add_generation_prompt=False, untrained=untrained)
+    return conversation_from_messages(context + messages, add_generation_prompt=False,
+                                      untrained={len(context) + i for i in untrained})
 
 
-def prompt_completion_messages(record: dict, context: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[int]]:
-    """(context + the messages of `prompt` and `completion`, the assistant messages without loss) of TRL's
-    conversational prompt / completion record: the prompt ends with the user's message, the completion is the
-    assistant's answer (one message or more), and it alone carries loss, as TRL trains on it alone (less any
-    message with "weight": 0). Raises ValueError when either list is malformed (messages_of_record) or breaks
-    those rules."""
+def prompt_completion_messages(record: dict) -> tuple[list[tuple[str, str]], set[int]]:
+    """(the messages of `prompt` and `completion`, the indices of those without loss) of TRL's conversational
+    prompt / completion record: the prompt ends with the user's message, the completion is the assistant's answer
+    (one message or more), and it alone carries loss, as TRL trains on it alone (less any message with "weight": 0).
+    Raises ValueError when either list is malformed (messages_of_record) or breaks those rules."""
     prompt, completion = messages_of_record(record, "prompt"), messages_of_record(record, "completion")
     if next((role for role, _ in reversed(prompt) if role != "system"), "user") != "user":
         raise ValueError("its 'prompt' ends with the assistant's message, not the user's that the completion answers")
     if role := next((role for role, _ in completion if role != "assistant"), None):
         raise ValueError(f"its 'completion' holds a {role} message; a completion is the assistant's answer alone")
-    before = context + prompt
-    untrained = {i for i, (role, _) in enumerate(before) if role == "assistant"}
-    return before + completion, untrained | {len(before) + i for i in weight_zero(record["completion"])}
+    untrained = {i for i, (role, _) in enumerate(prompt) if role == "assistant"}
+    return prompt + completion, untrained | {len(prompt) + i for i in weight_zero(record["completion"])}
 
 
 # --- a conversation -> token ids ---
