@@ -144,8 +144,10 @@ def test_a_messages_item_that_is_no_text_message_says_which_and_why():
                                                    "user, human, assistant, gpt, chatgpt, bing, bard)"),
             ({"role": "user", "content": ["看图"]},
              "messages item 2: a content part that is a string, not an object with a type"),
-            ({"role": "user", "content": [{"text": "问"}]},
+            ({"role": "user", "content": [{"text": "问"}]}, "messages item 2: a content part has no 'type'"),
+            ({"role": "user", "content": [{"type": None, "text": "问"}]},
              "messages item 2: a content part whose 'type' is null, not a string"),
+            ({"role": "user", "content": [{"type": "text"}]}, "messages item 2: a text part has no 'text'"),
             ({"role": "user", "content": [{"type": "text", "text": 5}]},
              "messages item 2: a text part whose 'text' is a number, not a string"),
             ({"role": "user", "content": {"type": "text", "text": "问"}},
@@ -158,6 +160,24 @@ def test_a_messages_item_that_is_no_text_message_says_which_and_why():
         with pytest.raises(ValueError) as e:
             conversation_from_record(record)
         assert str(e.value) == why
+
+
+def test_an_absent_field_is_said_to_be_absent_and_a_preference_record_to_be_one():
+    """A field that is not there was "null" ("its 'completion' is null, not a list of messages" for a prompt list
+    without a completion), and a preference record given to SFT was "not an instruction ... record" or that: a record
+    with `chosen` and `rejected` is said to be one, for `babyllama dpo`."""
+    user, answer = [{"role": "user", "content": "问"}], [{"role": "assistant", "content": "答"}]
+    preference = "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"
+    for record, why in [
+            ({"prompt": user}, "it lacks 'completion', a list of messages"),
+            ({"prompt": user, "completion": None}, "its 'completion' is null, not a list of messages"),
+            ({"prompt": user, "chosen": answer, "rejected": answer}, preference),
+            ({"prompt": "问", "chosen": "好", "rejected": "坏"}, preference),
+            ({"chosen": user + answer, "rejected": user + answer}, preference),
+            ({"conversations": user, "chosen": answer[0], "rejected": answer[0]}, preference)]:
+        with pytest.raises(ValueError) as e:
+            conversation_from_record(record)
+        assert str(e.value) == why, record
 
 
 def test_instruction_and_prompt_answer_records():

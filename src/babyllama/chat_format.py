@@ -139,10 +139,12 @@ def conversation_key(record: dict) -> str | None:
 def messages_of_record(record: dict, key: str | None = None) -> list[tuple[str, str]]:
     """[(role, content)] of the message list record[key], by default its `conversations` or else its `messages`
     (conversation_key), of {role, content} or {from: human|gpt, value} items; roles become system / user /
-    assistant (ROLES). Raises ValueError saying what is malformed: the list is not one (naming its type), is empty,
-    or an item is no object, lacks its role or content, has an unknown role, a tool call, or a content that is
-    neither a string nor a list of text parts (message_of_item)."""
+    assistant (ROLES). Raises ValueError saying what is malformed: the list is not there, is not one (naming its
+    type), is empty, or an item is no object, lacks its role or content, has an unknown role, a tool call, or a
+    content that is neither a string nor a list of text parts (message_of_item)."""
     key = key or conversation_key(record) or CONVERSATION_KEYS[0]
+    if key not in record:
+        raise ValueError(f"it lacks {key!r}, a list of messages")
     items = record.get(key)
     if not isinstance(items, list):
         raise ValueError(f"its {key!r} is {kind_of(items)}, not a list of messages")
@@ -196,7 +198,7 @@ def content_text(content: object, where: str, key: str) -> str:
     """A message's content (its field key) as text: a string, or OpenAI's list of parts, whose texts ({"type":
     "text", "text": str}) are joined with "", as OpenAI joins them. Raises ValueError naming where and the fault: a
     part of another type ("messages item 2: a content part of type 'image_url'; only text parts are read"), a part
-    that is no object or whose text is no string, a content of another type."""
+    that is no object, has no type or no text, or whose type or text is no string, a content of another type."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -205,10 +207,14 @@ def content_text(content: object, where: str, key: str) -> str:
         if not isinstance(part, dict):
             raise ValueError(f"{where}: a content part that is {kind_of(part)}, not an object with a type")
         kind, text = part.get("type"), part.get("text")
+        if "type" not in part:
+            raise ValueError(f"{where}: a content part has no 'type'")
         if not isinstance(kind, str):
             raise ValueError(f"{where}: a content part whose 'type' is {kind_of(kind)}, not a string")
         if kind != "text":
             raise ValueError(f"{where}: a content part of type {kind!r}; only text parts are read")
+        if "text" not in part:
+            raise ValueError(f"{where}: a text part has no 'text'")
         if not isinstance(text, str):
             raise ValueError(f"{where}: a text part whose 'text' is {kind_of(text)}, not a string")
     return "".join(part["text"] for part in content)
@@ -347,7 +353,10 @@ def record_conversation(record: dict) -> Conversation:
     `conversations` or `messages` list (conversation_key), TRL's conversational prompt / completion (a `prompt` list:
     prompt_completion_messages), a `prompt` / `answer` or `completion` row or an instruction record, after its
     `system` and `history` (context_messages), which every shape gets here and only here. Raises ValueError when it is
-    none of them, a field has the wrong type or the messages break a rule above."""
+    none of them (a preference record, with `chosen` and `rejected`, is said to be one), a field has the wrong type or
+    the messages break a rule above."""
+    if "chosen" in record and "rejected" in record:
+        raise ValueError("it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads")
     context = context_messages(record)
     if key := conversation_key(record):
         messages, untrained = messages_of_record(record, key), weight_zero(record[key])
