@@ -195,7 +195,7 @@ def test_instruction_and_prompt_answer_records():
 def test_a_field_of_another_type_is_named_with_its_type():
     """`{"instruction": 123, ...}`, `{"output": ["a"]}` and `{"input": {"a": 1}}` were "not an instruction,
     prompt/answer or conversations record", though they are, with a field of the wrong type: the reason names it and
-    its type, as DPO's and eval's do."""
+    its type, as DPO's and eval's do; so does a null answer beside a question (`"completion": null`)."""
     for record, why in [
             ({"instruction": 123, "output": "x"}, "its 'instruction' is a number, not a string"),
             ({"instruction": "问", "output": ["a"]}, "its 'output' is a list, not a string"),
@@ -203,8 +203,13 @@ def test_a_field_of_another_type_is_named_with_its_type():
             ({"prompt": "问", "answer": True}, "its 'answer' is true or false, not a string"),
             ({"conversations": "notalist"}, "its 'conversations' is a string, not a list of messages"),
             ({"conversations": None}, "its 'conversations' is null, not a list of messages"),
-            ({"instruction": "问", "output": None},
-             "not an instruction, prompt/answer, prompt/completion, conversations or messages record")]:
+            ({"instruction": "问", "input": "", "output": None}, "its 'output' is null, not a string"),
+            ({"prompt": "问", "completion": None}, "its 'completion' is null, not a string"),
+            ({"prompt": "问", "answer": None}, "its 'answer' is null, not a string"),
+            ({"prompt": None, "completion": None, "instruction": "问", "output": None},  # a parquet row of mixed shapes
+             "its 'output' is null, not a string"),
+            ({"instruction": "问"}, "not an instruction, prompt/answer, prompt/completion, conversations or messages "
+                                    "record")]:
         with pytest.raises(ValueError) as e:
             conversation_from_record(record)
         assert str(e.value) == why, record

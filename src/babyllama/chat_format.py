@@ -238,6 +238,15 @@ def instruction_pair(record: dict) -> tuple[str, str] | None:
     return instruction_prompt(record), output
 
 
+def null_answer(record: dict) -> str | None:
+    """The answer field that is there but null beside a record's question (`answer`, else `completion`, beside a
+    `prompt`; `output` beside an `instruction`), which instruction_pair reads as absent; None when there is none.
+    Only for a record that instruction_pair refused: a parquet file gives null to the fields of its other rows."""
+    keys = ("answer", "completion") if record.get("prompt") is not None else (
+        ("output",) if record.get("instruction") is not None else ())
+    return next((key for key in keys if key in record and record[key] is None), None)
+
+
 def instruction_prompt(record: dict) -> str | None:
     """The user's turn of an alpaca-zh / BELLE record: its instruction followed directly by its input (none:
     ""); None unless both are text. SFT trains on it and eval asks it, so both build it here."""
@@ -366,7 +375,8 @@ def record_conversation(record: dict) -> Conversation:
     else:
         pair = instruction_pair(record)
         if pair is None:
-            raise ValueError("not an instruction, prompt/answer, prompt/completion, conversations or messages record")
+            raise ValueError(f"its {null!r} is null, not a string" if (null := null_answer(record)) else
+                             "not an instruction, prompt/answer, prompt/completion, conversations or messages record")
         messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
     return conversation_from_messages(context + messages, add_generation_prompt=False,
                                       untrained={len(context) + i for i in untrained})
