@@ -112,6 +112,23 @@ def test_trl_conversational_pairs_that_are_no_prompt_and_one_answer_say_why():
         assert str(e.value) == why, record
 
 
+def test_an_answer_of_weight_0_is_a_bad_pair():
+    """OpenAI's "weight": 0 on the chosen or rejected message was accepted and the answer scored: a DPO answer always
+    carries the loss, so such a record is bad, saying so."""
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    zero, other = {**answer, "weight": 0}, {"role": "assistant", "content": "错"}
+    why = "its {!r} answer has a 'weight' of 0, but a DPO answer always carries the loss"
+    for record, key in [({"prompt": [user], "chosen": [zero], "rejected": [other]}, "chosen"),
+                        ({"prompt": "问", "chosen": "答", "rejected": [{**other, "weight": 0}]}, "rejected"),
+                        ({"conversations": [user], "chosen": zero, "rejected": other}, "chosen"),
+                        ({"chosen": [user, answer], "rejected": [user, {**other, "weight": 0}]}, "rejected")]:
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why.format(key), record
+    assert preference_from_record({"prompt": [user], "chosen": [{**answer, "weight": 1}], "rejected": [other]}) == (
+        Conversation([("问", "")]), "答", "错")
+
+
 def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
     tok = bpe_tokenizer
     (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, HISTORY, "等于2。", "等于3。", 200)

@@ -59,7 +59,7 @@ def _text(record: dict, key: str) -> str:
 
 def _answer(record: dict, key: str) -> str:
     """The answer record[key]: a string (MedicalGPT), one assistant message (LLaMA-Factory) or a list holding one
-    (TRL). Raises ValueError naming the field and what it is instead."""
+    (TRL). Raises ValueError naming the field and what it is instead, or an answer of "weight": 0 (_trained)."""
     value = record[key]
     if isinstance(value, str):
         return value
@@ -68,13 +68,22 @@ def _answer(record: dict, key: str) -> str:
         if len(messages) != 1:
             raise ValueError(f"its {key!r} holds {len(messages)} messages, not the one assistant answer")
         role, content = messages[0]
+        _trained(value[0], key)
     elif isinstance(value, dict):
         role, content = message_of_item(value, f"its {key!r}")
+        _trained(value, key)
     else:
         raise ValueError(f"its {key!r} is {kind_of(value)}, not a string or an assistant message")
     if role != "assistant":
         raise ValueError(f"its {key!r} is a {role} message, not the assistant's answer")
     return content
+
+
+def _trained(item: dict, key: str) -> None:
+    """Raises ValueError for the answer item of record[key] (a message read by message_of_item) with OpenAI's
+    "weight": 0, which SFT reads as no loss: the loss of a DPO pair is on its answers."""
+    if item.get("weight") == 0:
+        raise ValueError(f"its {key!r} answer has a 'weight' of 0, but a DPO answer always carries the loss")
 
 
 def _prompt_messages(record: dict) -> list[tuple[str, str]]:
@@ -95,6 +104,7 @@ def _implicit_prompt(record: dict) -> tuple[list[tuple[str, str]], str, str]:
         if messages[-1][0] != "assistant":
             raise ValueError(f"its {key!r} conversation ends with a {messages[-1][0]} message, not the assistant's "
                              "answer")
+        _trained(record[key][-1], key)
     shared = min(len(chosen), len(rejected)) - 1
     n = next((i for i, (c, r) in enumerate(zip(chosen[:shared], rejected[:shared], strict=True)) if c != r), shared)
     if n == 0:
