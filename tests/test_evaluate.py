@@ -244,6 +244,24 @@ def test_qa_reads_the_system_and_history_of_a_prompt_completion_record_once():
                                    "history": [["h", "a"]]}
 
 
+def test_qa_names_the_fields_a_record_of_two_shapes_leaves_out_once_a_file(tmp_path, capsys):
+    """A QA record with a question and answer and messages, or messages and an answer, dropped the fields of one
+    without a word: they are named once a file, as SFT and prepare name them."""
+    says = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "M"}]
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "Q", "answer": "A", "messages": says}, {"messages": says, "answer": "A"},
+        {"question": "Q", "answer": "A", "task": "t"}, {"prompt": "P", "completion": "C", "instruction": "I"}]))
+    assert read_qa(f) == ([{"question": "U", "reference": "M", "task": "qa"}] * 2 + [
+        {"question": "Q", "reference": "A", "task": "t"}, {"question": "P", "reference": "C", "task": "qa"}], 0, [])
+    assert capsys.readouterr().out == (
+        f"note: {f}: records with the fields of more than one shape are read in the first of conversations, messages, "
+        "prompt and completion lists, else a question (question, prompt, instruction with input) and a reference "
+        f"(answer, std_answer, target, output, completion), leaving out the 'answer' of 2 records (the first at "
+        f"{f}:1), the 'question' of 1 record (the first at {f}:1), the 'instruction' of 1 record (the first at "
+        f"{f}:4)\n")
+
+
 def test_qa_references_of_several_strings_are_joined(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text(json.dumps({"question": "谁？", "answer": ["江泽民", "李鹏"]}, ensure_ascii=False) + "\n")

@@ -556,6 +556,35 @@ def test_the_system_and_history_of_every_shape_come_once(demo_sft, bpe_tokenizer
         "TOP\nh<s>a</s>P<s>[[C</s>]]"] + ["TOP\nh<s>[[a</s>]]P<s>[[C</s>]]"] * 3
 
 
+def test_a_record_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_named_once_a_file(
+        demo_sft, bpe_tokenizer, tmp_path, caplog):
+    """A record with the fields of two shapes (prompt / completion and instruction / output, or and messages; messages
+    and an answer) dropped those of one without a word: they are named, once a file, as prepare names those of a
+    record of two schemas."""
+    says = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "M"}]
+    two = tmp_path / "two.jsonl"
+    two.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "P", "completion": "C", "instruction": "I", "output": "O"},
+        {"prompt": "P", "completion": "C", "messages": says}, {"messages": says, "answer": "A"},
+        {"instruction": "I", "input": "", "output": "O"}, {"prompt": "P", "completion": "C", "instruction": "I2",
+                                                           "output": "O2"}]))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"instruction": "I", "output": "O", "input": "X", "history": [["h", "a"]]}))
+    manifest = build_sft_cache([two, one], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=64, val_fraction=0))
+    ids, mask, lengths = open_split(tmp_path / "c", manifest, "train")
+    ends = np.cumsum(lengths).tolist()
+    assert [shown(bpe_tokenizer, ids[e - n : e].tolist(), mask[e - n : e].tolist())
+            for e, n in zip(ends, lengths.tolist(), strict=True)] == [
+        "P<s>[[C</s>]]", "U<s>[[M</s>]]", "U<s>[[M</s>]]", "I<s>[[O</s>]]", "P<s>[[C</s>]]",
+        "h<s>[[a</s>]]IX<s>[[O</s>]]"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{two}: records with the fields of more than one shape are read in the first of conversations, messages, "
+        f"prompt with answer (else completion), instruction with output, leaving out the 'instruction' of 2 records "
+        f"(the first at {two}:1), the 'output' of 2 records (the first at {two}:1), the 'prompt' of 1 record (the "
+        f"first at {two}:2), the 'completion' of 1 record (the first at {two}:2), the 'answer' of 1 record (the first "
+        f"at {two}:3)"]
+
+
 def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path, monkeypatch):
     """Ctrl-C after the earlier cache's manifest was removed and before the new one was written lost the earlier
     cache and left a half-renamed one: now the stop waits until the new cache is complete, then comes."""

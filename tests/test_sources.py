@@ -857,6 +857,17 @@ def test_a_record_with_the_fields_of_several_schemas_is_read_in_its_files_schema
             (wudao, f"the 'text' of 1 record (the first at {wudao}:2)"),
             (first, f"the 'content' of 1 record (the first at {first}:1)"),
             (alpaca, f"the 'text' of 2 records (the first at {alpaca}:1)"))]
+    caplog.clear()  # within a schema, the shapes that SFT does not read either, as SFT names them
+    pair = jsonl(tmp_path / "pair.jsonl", [{"prompt": "问", "completion": "答", "instruction": "指令", "output": "输出",
+                                            "text": None}, {"messages": [{"role": "user", "content": "问"}],
+                                                            "conversations": [{"role": "user", "content": "对话"}]}])
+    assert list(CorpusReader([pair]).documents()) == ["问答", "对话"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][:1] == [
+        f"{pair}: records with the fields of more than one schema are read in the file's schema (of most of its "
+        "records) where they fit it, else in the first of conversation, instruction, wiki, baike, text, wudao, leaving "
+        f"out the 'instruction' of 1 record (the first at {pair}:1), the 'output' of 1 record (the first at {pair}:1), "
+        f"the 'messages' of 1 record (the first at {pair}:2); --format SCHEMA reads every record in the schema you "
+        "choose"]
     caplog.clear()
     assert list(CorpusReader([text], "wudao").documents()) == ["短", "题\n短"]  # a forced format: no warning
     assert not [r for r in caplog.records if "more than one schema" in r.getMessage()]

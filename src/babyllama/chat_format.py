@@ -60,6 +60,11 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
 # schema, so a record with both is read from `conversations` (sources.py's rule between schemas does not choose).
 CONVERSATION_KEYS = ("conversations", "messages")
 
+# The fields that make an SFT record's shape. A record with those of several shapes is read in the first it has, the
+# others' fields left out (unread_fields), as prepare reads a record of several schemas (data/sources.py):
+SHAPE_ORDER = "conversations, messages, prompt with answer (else completion), instruction with output"
+SHAPE_FIELDS = ("conversations", "messages", "prompt", "answer", "completion", "instruction", "input", "output")
+
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
 # system (and developer) messages joined first, consecutive messages of one role joined with "\n",
 # each user text then bos_token, each answer then eos_token; the prompt for an answer ends with
@@ -245,6 +250,32 @@ def null_answer(record: dict) -> str | None:
     keys = ("answer", "completion") if record.get("prompt") is not None else (
         ("output",) if record.get("instruction") is not None else ())
     return next((key for key in keys if key in record and record[key] is None), None)
+
+
+def read_fields(record: dict) -> tuple[str, ...]:
+    """The fields of SHAPE_FIELDS that record_conversation reads of record, those of the first shape it has (in
+    SHAPE_ORDER): ("messages",), ("prompt", "completion"); () when it has none."""
+    key = conversation_key(record)
+    return (key,) if key else pair_fields(record)
+
+
+def pair_fields(record: dict) -> tuple[str, ...]:
+    """The fields that a record's question and answer are read from, where it is no conversation (instruction_pair,
+    or TRL's conversational prompt / completion lists): ("prompt", "answer"), ("instruction", "input", "output");
+    () when it has none of those shapes."""
+    if isinstance(record.get("prompt"), list):
+        return "prompt", "completion"
+    there = {k for k in SHAPE_FIELDS if record.get(k) is not None}
+    shape = next((pair for pair in (("prompt", "answer"), ("prompt", "completion"), ("instruction", "output"))
+                  if there >= set(pair)), ())
+    return ("instruction", "input", "output") if shape == ("instruction", "output") else shape
+
+
+def unread_fields(record: dict, read: tuple[str, ...], fields: tuple[str, ...] = SHAPE_FIELDS) -> list[str]:
+    """The fields of `fields` (of the shapes a reader knows) that record has, neither null nor "" (a CSV's empty
+    cell), and that reading it by its `read` fields leaves out: ["instruction", "output"] for a prompt / completion
+    record that has them too. [] when read is (): the record is bad, and says so."""
+    return [f for f in fields if read and f not in read and record.get(f) not in (None, "")]
 
 
 def instruction_prompt(record: dict) -> str | None:

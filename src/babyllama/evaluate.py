@@ -40,6 +40,7 @@ from typing import IO
 import torch
 
 from babyllama.chat_format import (
+    SHAPE_FIELDS,
     Conversation,
     checked_for_training,
     context_messages,
@@ -50,13 +51,16 @@ from babyllama.chat_format import (
     is_unicode,
     not_unicode,
     prompt_budget,
+    read_fields,
     record_conversation,
     render_prompt,
     text_prompt,
+    unread_fields,
 )
 from babyllama.data.shards import TokenWindows, check_shard_files, read_manifest, shard_windows, split_shards
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
+    LeftOut,
     check_output_folder,
     data_suffix,
     expand_inputs,
@@ -89,6 +93,11 @@ DEFAULT_PROMPTS = [
 ]
 QUESTION_KEYS = ("question", "prompt")
 REFERENCE_KEYS = ("answer", "std_answer", "target", "output", "completion")
+# The fields of a QA record's shapes, read in this order: a record with those of several leaves the others out
+# (qa_fields), as SFT does (chat_format.SHAPE_ORDER)
+QA_FIELDS = tuple(dict.fromkeys((*SHAPE_FIELDS, *QUESTION_KEYS, *REFERENCE_KEYS)))
+QA_ORDER = (f"conversations, messages, prompt and completion lists, else a question ({', '.join(QUESTION_KEYS)}, "
+            f"instruction with input) and a reference ({', '.join(REFERENCE_KEYS)})")
 LETTERS = "ABCD"
 # a QA task of at most MAX_LABELS different references, ITEMS_PER_LABEL items or more a label on average, is one of
 # labels (classification): its exact match is also its accuracy; with more labels, or fewer items a label (12
@@ -207,16 +216,21 @@ def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
     reference."""
     items, no_reference, bad = [], 0, []
     for file in record_files([path], "--qa"):
+        left_out = LeftOut()
         for where, r, why in iter_records(file):
             try:
                 item = qa_item(r, why)
             except ValueError as e:
                 bad.append(f"{where}: {e}")
                 continue
+            left_out.note(unread_fields(r, qa_fields(r), QA_FIELDS), where)
             if item is None:
                 no_reference += 1
             else:
                 items.append(item)
+        if left_out.counts:
+            print(f"note: {file}: records with the fields of more than one shape are read in the first of {QA_ORDER}, "
+                  f"leaving out {left_out.words()}")
     if not items:
         raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}, or a "
                         "conversation's last answer); "
@@ -255,6 +269,16 @@ def qa_item(record: dict | None, why: str) -> dict | None:
         return None
     return {"question": question, "reference": reference, "task": "qa" if task is None else task,
             **({"system": system} if system else {}), **({"history": history} if history else {})}
+
+
+def qa_fields(record: dict) -> tuple[str, ...]:
+    """The fields of QA_FIELDS that qa_item reads of a good record: a conversation's (chat_format.read_fields), else
+    its question's (the first of QUESTION_KEYS it has, else instruction and input) and its reference's."""
+    if conversation_key(record) or isinstance(record.get("prompt"), list):
+        return read_fields(record)
+    question = next((k for k in QUESTION_KEYS if record.get(k) is not None), None)
+    reference = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
+    return ((question,) if question else ("instruction", "input")) + ((reference,) if reference else ())
 
 
 def qa_conversation(item: dict) -> Conversation:

@@ -41,10 +41,17 @@ from pathlib import Path
 import numpy as np
 
 from babyllama import chat_format
-from babyllama.chat_format import conversation_from_record, is_blank, render_conversation, truncate_conversation
+from babyllama.chat_format import (
+    conversation_from_record,
+    is_blank,
+    read_fields,
+    render_conversation,
+    truncate_conversation,
+    unread_fields,
+)
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
-from babyllama.data.sources import BAD_RECORDS, BytesRead, Item, expand_inputs, iter_records
+from babyllama.data.sources import BAD_RECORDS, BytesRead, Item, LeftOut, expand_inputs, iter_records
 from babyllama.errors import UserError, agree, discard, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import bytes_bar, is_rank0
@@ -201,12 +208,17 @@ def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[lis
     return [(s_ids, s_mask)], is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
 
 
-def _record_batches(read: BytesRead, read_at: deque[int]) -> Iterator[list[Item]]:
+def _record_batches(read: BytesRead, read_at: deque[int], left_out: dict[Path, LeftOut] | None = None
+                    ) -> Iterator[list[Item]]:
     """Lists of RECORDS_PER_BATCH records of read's files, in turn; read's count of bytes after each is appended to
-    read_at, for the bar to move as the batch is written, not as it is read ahead."""
+    read_at, for the bar to move as the batch is written, not as it is read ahead. left_out, when given (SFT), gets
+    per file the fields of SFT shapes that its records have and that the shape they are read in leaves out."""
     batch = []
     for path in read.in_turn():
         for item in iter_records(path, read.opened):
+            where, record, _ = item
+            if left_out is not None and record is not None and (fields := unread_fields(record, read_fields(record))):
+                left_out.setdefault(path, LeftOut()).note(fields, where)
             batch.append(item)
             if len(batch) == RECORDS_PER_BATCH:
                 read_at.append(read())
@@ -268,7 +280,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             with writing(out / name):
                 files[name] = (out / f".{name}.tmp").open("wb")
         render = partial(_renderer(kind), settings=settings)
-        for batch, r in in_workers(render, _record_batches(read, read_at), str(tokenizer_path), workers):
+        left_out: dict[Path, LeftOut] | None = {} if kind == "sft" else None
+        for batch, r in in_workers(render, _record_batches(read, read_at, left_out), str(tokenizer_path), workers):
             _write(files, out, r, tok.dtype)
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
@@ -284,6 +297,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         for name, f in files.items():
             with writing(out / name):
                 f.close()
+        for path, fields in (left_out or {}).items():
+            log.warning("%s: records with the fields of more than one shape are read in the first of %s, leaving out "
+                        "%s", path, chat_format.SHAPE_ORDER, fields.words())
         if stats.samples == 0:
             detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                       f"{stats.filtered} filtered by length" + (f", {equal_words(stats)}" if kind == "dpo" else ""))

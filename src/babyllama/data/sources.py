@@ -43,6 +43,8 @@ from babyllama.chat_format import (
     kind_of,
     messages_of_record,
     not_unicode,
+    pair_fields,
+    read_fields,
 )
 from babyllama.errors import (
     UserError,
@@ -171,11 +173,39 @@ def detect_schema(record: dict, usual: str = "") -> str | None:
 
 
 def ignored_fields(record: dict, schema: str) -> list[str]:
-    """The fields of other schemas that record has but that reading it as schema leaves out: ["content"] for
-    {"text": ..., "content": ...} read as text."""
+    """The fields of schemas that record has, neither null nor "" (a parquet or CSV file's other rows' fields), but
+    that reading it as schema leaves out: ["content"] for {"text": ..., "content": ...} read as text; of an instruction
+    or conversation, those of the shapes that SFT reads in its place (chat_format.read_fields): ["instruction",
+    "output"] beside a prompt and completion."""
     fits = schemas_of(record)
-    used = set(fits.get(schema, ()))
-    return sorted({f for other, fields in fits.items() if other != schema for f in fields} - used)
+    if schema == "instruction":
+        used = pair_fields(record)
+    elif schema == "conversation":
+        used = read_fields(record)
+    else:
+        used = fits.get(schema, ())
+    had = {f for fields in fits.values() for f in fields if record[f] not in (None, "")}
+    return sorted(had - set(used))
+
+
+@dataclass
+class LeftOut:
+    """The fields that records had and that the schema or shape they were read in left out: how many records had each,
+    and where the first of them is. Its readers say it once a file (words)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    first_at: dict[str, str] = field(default_factory=dict)  # field -> the location of the first of those records
+
+    def note(self, fields: list[str], where: str) -> None:
+        """Count a record at where whose fields are left out."""
+        for f in fields:
+            self.counts[f] += 1
+            self.first_at.setdefault(f, where)
+
+    def words(self) -> str:
+        """"the 'content' of 2 records (the first at f.jsonl:2), the 'text' of 1 record (the first at f.jsonl:5)"."""
+        return ", ".join(f"the {f!r} of {n:,} {agree(n, 'record', 'records')} (the first at {self.first_at[f]})"
+                         for f, n in self.counts.most_common())
 
 
 # --- file shapes: each yields (location, record, why): record a dict, or None when it is bad and why says so ---
@@ -904,14 +934,7 @@ class FileStats:
     bad_examples: list[str] = field(default_factory=list)  # the first few locations
     read_as: Counter[str] = field(default_factory=Counter)  # good records by schema
     first_at: dict[str, str] = field(default_factory=dict)  # schema -> the location of its first good record
-    ignored: Counter[str] = field(default_factory=Counter)  # records that had the field, of another schema, unread
-    ignored_at: dict[str, str] = field(default_factory=dict)  # field -> the location of the first of those records
-
-    def note_ignored(self, fields: list[str], where: str) -> None:
-        """Count a record at where whose fields of another schema than the one it is read in are left out."""
-        for f in fields:
-            self.ignored[f] += 1
-            self.ignored_at.setdefault(f, where)
+    ignored: LeftOut = field(default_factory=LeftOut)  # fields of another schema than the one read, unread
 
     def count(self, schema: str, where: str) -> None:
         """Count a good record at where, read as schema; the file's schema becomes the one of most records."""
@@ -1032,7 +1055,7 @@ class CorpusReader:
                 continue
             schema = self.format or detect_schema(record, stats.schema) or stats.schema
             if not self.format and (ignored := ignored_fields(record, schema)):
-                stats.note_ignored(ignored, where)
+                stats.ignored.note(ignored, where)
             try:
                 text = SCHEMAS[schema](record) if schema else None
             except ValueError as e:  # a field of the wrong type (field_text, context_text, messages_of_record), named
@@ -1053,12 +1076,11 @@ class CorpusReader:
                     stats.empty += 1
                     continue
                 yield text
-        if stats.ignored:
-            fields = ", ".join(f"the {field!r} of {n:,} record{'s' * (n > 1)} (the first at {stats.ignored_at[field]})"
-                               for field, n in stats.ignored.most_common())
+        if stats.ignored.counts:
             log.warning("%s: records with the fields of more than one schema are read in the file's schema (of most "
                         "of its records) where they fit it, else in the first of %s, leaving out %s; --format SCHEMA "
-                        "reads every record in the schema you choose", path, ", ".join(SCHEMA_FIELDS), fields)
+                        "reads every record in the schema you choose", path, ", ".join(SCHEMA_FIELDS),
+                        stats.ignored.words())
         if len(stats.read_as) > 1:
             counts = ", ".join(f"{n:,} {schema} (the first at {stats.first_at[schema]})"
                                for schema, n in stats.read_as.most_common())
