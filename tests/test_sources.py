@@ -125,6 +125,29 @@ def test_prompt_completion_records_are_instructions_not_wiki_articles(tmp_path, 
     assert list(CorpusReader([wiki]).documents()) == ["维基百科文本"]
 
 
+def test_preference_pairs_are_their_prompt_then_their_chosen_answer(tmp_path, caplog):
+    """prepare read LLaMA-Factory's and MedicalGPT's DPO records as their conversation alone, the prompt, without a
+    word, and TRL's {prompt, chosen, rejected} as "has none of the fields of a known schema": each shape dpo reads is
+    its prompt then its chosen answer, the text a model should learn; the rejected answer is not read."""
+    user, good = {"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}
+    bad = {"role": "assistant", "content": "坏"}
+    f = jsonl(tmp_path / "dpo.jsonl", [
+        {"prompt": "问", "chosen": "好", "rejected": "坏"},
+        {"prompt": [{"role": "system", "content": "系统"}, user], "chosen": [good], "rejected": [bad], "history": [
+            ["早问", "早答"]]},
+        {"chosen": [user, good], "rejected": [user, bad]},
+        {"conversations": [{"from": "human", "value": "问"}], "chosen": {"from": "gpt", "value": "好"},
+         "rejected": {"from": "gpt", "value": "坏"}},
+        {"conversations": [user], "chosen": "好", "rejected": "坏", "system": "系统"},
+        {"question": "问", "response_chosen": "好", "response_rejected": "坏"},
+        {"prompt": "问", "chosen": 5, "rejected": "坏"}])
+    reader = CorpusReader([f], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == ["问好", "早问早答\n系统\n问\n好", "问\n好", "问\n好", "系统\n问\n好", "问好"]
+    assert (reader.stats[str(f)].schema, reader.stats[str(f)].bad) == ("preference", 1)
+    assert log.getvalue() == f"{f}:7: its 'chosen' is a number, not a string\n"
+    assert not [r for r in caplog.records if "more than one schema" in r.getMessage()]
+
+
 def test_every_schema_of_the_recipe(tmp_path):
     files = {
         "wiki.json": json.dumps([{"completion": "维基百科文本", "source": "wiki"}, {"source": "no text"}]),
@@ -851,8 +874,8 @@ def test_a_record_with_the_fields_of_several_schemas_is_read_in_its_files_schema
                                        "问答"]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"{f}: records with the fields of more than one schema are read in the file's schema (of most of its records) "
-        f"where they fit it, else in the first of conversation, instruction, wiki, baike, text, wudao, leaving out "
-        f"{fields}; --format SCHEMA reads every record in the schema you choose" for f, fields in (
+        "where they fit it, else in the first of preference, conversation, instruction, wiki, baike, text, wudao, "
+        f"leaving out {fields}; --format SCHEMA reads every record in the schema you choose" for f, fields in (
             (text, f"the 'content' of 2 records (the first at {text}:2)"),
             (wudao, f"the 'text' of 1 record (the first at {wudao}:2)"),
             (first, f"the 'content' of 1 record (the first at {first}:1)"),
@@ -864,10 +887,10 @@ def test_a_record_with_the_fields_of_several_schemas_is_read_in_its_files_schema
     assert list(CorpusReader([pair]).documents()) == ["问答", "对话"]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][:1] == [
         f"{pair}: records with the fields of more than one schema are read in the file's schema (of most of its "
-        "records) where they fit it, else in the first of conversation, instruction, wiki, baike, text, wudao, leaving "
-        f"out the 'instruction' of 1 record (the first at {pair}:1), the 'output' of 1 record (the first at {pair}:1), "
-        f"the 'messages' of 1 record (the first at {pair}:2); --format SCHEMA reads every record in the schema you "
-        "choose"]
+        "records) where they fit it, else in the first of preference, conversation, instruction, wiki, baike, text, "
+        f"wudao, leaving out the 'instruction' of 1 record (the first at {pair}:1), the 'output' of 1 record (the "
+        f"first at {pair}:1), the 'messages' of 1 record (the first at {pair}:2); --format SCHEMA reads every record "
+        "in the schema you choose"]
     caplog.clear()
     assert list(CorpusReader([text], "wudao").documents()) == ["短", "题\n短"]  # a forced format: no warning
     assert not [r for r in caplog.records if "more than one schema" in r.getMessage()]

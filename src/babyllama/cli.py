@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=path, nargs="+",
                    help="files or directories (.jsonl .json .txt .parquet .csv, .gz/.zst)")
     p.add_argument("--out_dir", type=path, required=True)
-    p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation")
+    p.add_argument("--format", help="force a schema: text, wiki, baike, wudao, instruction, conversation, preference")
     p.add_argument("--min_chars", type=int_in(0), default=10, help="drop shorter documents")
     p.add_argument("--dedup", choices=["none", "exact", "minhash"], default="minhash",
                    help="exact: by hash; minhash: near duplicates too")

@@ -41,6 +41,7 @@ from babyllama.chat_format import (
     instruction_pair,
     is_blank,
     kind_of,
+    message_of_item,
     messages_of_record,
     not_unicode,
     pair_fields,
@@ -122,6 +123,28 @@ def text_of_conversation(r: dict) -> str | None:
     return context_text(r) + "\n".join(content for _, content in messages_of_record(r))
 
 
+def text_of_preference(r: dict) -> str | None:
+    """A preference pair (the shapes dpo reads: data/preferences.py) as the text a model should learn: after
+    context_text, its prompt (a conversation's or a `prompt` list's messages, a line each, or a `prompt` or MedicalGPT
+    `question` string) and then its chosen answer, as an instruction's answer follows its question; the rejected
+    answer is not read. None without a `chosen` (or MedicalGPT's `response_chosen`)."""
+    key = "chosen" if "chosen" in r else "response_chosen"
+    chosen = r.get(key)
+    if chosen is None:
+        return None
+    if isinstance(chosen, dict):  # LLaMA-Factory's one message
+        answer = message_of_item(chosen, f"its {key!r}")[1]
+    elif isinstance(chosen, list):  # TRL's: the answer, or the whole conversation where the prompt is implicit
+        answer = "\n".join(content for _, content in messages_of_record(r, key))
+    else:
+        answer = field_text(r, key)
+    if (messages := conversation_key(r)) or isinstance(r.get("prompt"), list):
+        prompt = "".join(content + "\n" for _, content in messages_of_record(r, messages or "prompt"))
+    else:
+        prompt = field_text(r, "prompt") or field_text(r, "question") or ""
+    return context_text(r) + prompt + answer
+
+
 def context_text(r: dict) -> str:
     """A record's `system` text and each [question, answer] of its `history` (chat_format.context_messages, as
     SFT reads them), a line each, question and answer joined as text_of_instruction joins them; "" when it has
@@ -134,6 +157,7 @@ def context_text(r: dict) -> str:
 
 
 SCHEMAS: dict[str, Callable[[dict], str | None]] = {
+    "preference": text_of_preference,
     "text": text_of_plain,
     "wiki": text_of_wiki,
     "baike": text_of_baike,
@@ -145,8 +169,10 @@ SCHEMAS: dict[str, Callable[[dict], str | None]] = {
 
 # schema -> the groups of fields any of which marks a record as one of it, in the order of detection: `text` before
 # `content`, so that a record with both is the text it says (WuDao's records have no `text`), and `prompt` and
-# `completion` before `completion` alone (a prompt-completion row, not a wiki article)
+# `completion` before `completion` alone (a prompt-completion row, not a wiki article); a preference pair first, as
+# it may hold a conversation (LLaMA-Factory's and MedicalGPT's DPO files)
 SCHEMA_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "preference": (("chosen", "rejected"), ("response_chosen", "response_rejected")),
     "conversation": (("conversations",), ("messages",)),
     "instruction": (("instruction", "output"), ("prompt", "answer"), ("prompt", "completion")),
     "wiki": (("completion",),),
@@ -182,6 +208,8 @@ def ignored_fields(record: dict, schema: str) -> list[str]:
         used = pair_fields(record)
     elif schema == "conversation":
         used = read_fields(record)
+    elif schema == "preference":
+        used = (*fits.get(schema, ()), conversation_key(record) or "prompt")
     else:
         used = fits.get(schema, ())
     had = {f for fields in fits.values() for f in fields if record[f] not in (None, "")}
