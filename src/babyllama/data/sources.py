@@ -4,8 +4,8 @@ Two independent questions per file:
   * its shape: JSON lines, one JSON array (streamed item by item), parquet, CSV or plain text,
     optionally compressed as .gz or .zst;
   * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
-    instructions, multi-turn conversations or messages, or a plain `text` field), detected from each record's
-    fields, so that one odd record decides nothing for the others, or forced with `format=`.
+    instructions, multi-turn conversations or messages, preference pairs, or a plain `text` field), detected from
+    each record's fields, so that one odd record decides nothing for the others, or forced with `format=`.
 
     reader = CorpusReader(["wiki.json", "baike.jsonl.zst"])
     for doc in reader.documents(): ...          # reader.stats: records, bad, per file
