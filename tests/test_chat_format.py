@@ -277,6 +277,26 @@ def test_truncation_tokenizes_each_text_about_once(bpe_tokenizer, monkeypatch):
     assert prompt == next(ids for ids in suffixes if len(ids) <= 600) and len(conv.turns) - prompt.count(1) > 50
 
 
+def test_a_cut_answer_ends_with_a_whole_character_and_a_cut_without_question_or_answer_is_none(bpe_tokenizer):
+    """Truncation cut the last answer inside a character whose bytes are several byte-level tokens: '答答\ufffd</s>'
+    was trained on. It now ends with the last whole character. A context so small that only the question's <bos>
+    (max_seq_len 2) or no whole character of the answer is left made a sample without a question or an answer:
+    there is none."""
+    tok, per = bpe_tokenizer, len(bpe_tokenizer.encode("龘"))
+    assert per == 3 and tok.encode("龘" * 20) == tok.encode("龘") * 20  # 3 tokens each: a cut may fall inside one
+    conv = Conversation([("短", "龘" * 20)])
+    prompt = [*tok.encode("短"), tok.bos_id]
+    for max_len in range(len(prompt) + 4, len(prompt) + 12):
+        ids, mask = truncate_conversation(tok, conv, max_len)
+        kept = (max_len - len(prompt) - 1) // per * per
+        assert ids == prompt + tok.encode("龘") * (kept // per) + [tok.eos_id], max_len
+        assert mask == [0] * len(prompt) + [1] * (kept + 1)
+    assert truncate_conversation(tok, conv, len(prompt) + 3) == ([], [])  # 2 of the 3 tokens of one character
+    long = Conversation([("很长的问题" * 4, "很长的回答" * 4)])
+    assert truncate_conversation(tok, long, 3) == ([], [])  # <bos> alone would be left of the question
+    assert truncate_conversation(tok, long, 4)[0][1] == tok.bos_id  # one id of it and <bos>
+
+
 def test_prompt_completion_records_read_as_an_instruction_pair_or_a_conversation(bpe_tokenizer):
     """OpenAI's legacy fine-tuning format and TRL's prompt-completion type, {"prompt": ..., "completion": ...}, were
     "not an instruction, prompt/answer, conversations or messages record": strings are a prompt / answer pair, lists
@@ -333,8 +353,8 @@ def test_an_assistant_message_of_weight_0_carries_no_loss(bpe_tokenizer):
     assert truncate_conversation(tok, conv, cut) == (ids[-cut:], mask[-cut:])
     long = [("很长的问题" * 8, "很长的回答" * 8)]  # cut inside its one turn: the same ids, no loss where none was
     trained = truncate_conversation(tok, Conversation(long), 16)
-    assert truncate_conversation(tok, Conversation(long, untrained=frozenset({0})), 16) == (trained[0], [0] * 16)
-    assert trained[1] != [0] * 16
+    untrained = truncate_conversation(tok, Conversation(long, untrained=frozenset({0})), 16)
+    assert untrained == (trained[0], [0] * len(trained[0])) and 1 in trained[1]
     # the turns after the last answer with loss go; a record without one is bad
     trailing = {"messages": [*messages[:4], {**messages[4]}, {**messages[5], "weight": 0}]}
     assert conversation_from_record(trailing) == Conversation([("问一", "答一")])

@@ -129,6 +129,14 @@ def test_an_answer_of_weight_0_is_a_bad_pair():
         Conversation([("问", "")]), "答", "错")
 
 
+def test_a_pair_that_max_len_leaves_no_question_of_is_filtered(bpe_tokenizer):
+    """max_seq_len 2 left a pair of <bos> and an answer, no question: it is counted filtered, as SFT counts it."""
+    counts = Counter()
+    parsed = preference_from_record({"prompt": "很长的问题" * 4, "chosen": "对的回答", "rejected": "错的回答"})
+    assert pair_samples(bpe_tokenizer, parsed, SFTSettings(3, 0.0), counts) == ([], False)
+    assert counts == Counter(filtered=1)
+
+
 def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
     tok = bpe_tokenizer
     (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, HISTORY, "等于2。", "等于3。", 200)

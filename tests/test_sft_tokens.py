@@ -585,6 +585,17 @@ def test_a_record_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_nam
         f"at {two}:3)"]
 
 
+def test_a_context_that_leaves_nothing_of_the_question_filters_the_sample(demo_sft, tmp_path):
+    """pretokenize --sft --max_seq_len 2 trained on <bos> and an answer, no question: such a sample is filtered and
+    counted; with none left, nothing is written."""
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({"instruction": "很长的问题" * 4, "output": "很长的回答" * 4}, ensure_ascii=False))
+    with pytest.raises(UserError) as e:
+        build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=3, val_fraction=0.0))
+    assert str(e.value) == (f"no usable SFT records in {f} (1 read, 0 bad, 0 with an empty answer, 1 filtered by "
+                            "length); nothing was written.")
+
+
 def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path, monkeypatch):
     """Ctrl-C after the earlier cache's manifest was removed and before the new one was written lost the earlier
     cache and left a half-renamed one: now the stop waits until the new cache is complete, then comes."""

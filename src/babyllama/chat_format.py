@@ -33,7 +33,9 @@ rules:
 Truncation, when a conversation is longer than max_len tokens, cuts in this order:
   1. whole turns, oldest first (the system text and the last turn always stay);
   2. the beginning of the remaining prompt (the text nearest the answer stays);
-  3. the end of the last answer, before its <eos>: the <eos> of a kept answer is never cut.
+  3. the end of the last answer, before its <eos>, where a character ends: the <eos> of a kept answer is never cut.
+A conversation cut so that nothing of its last question or answer is left is no sample (SFT and DPO count it
+filtered).
 """
 
 from __future__ import annotations
@@ -460,7 +462,8 @@ def _joined(tokenizer: Tokenizer, users: list[list[int]], answers: list[list[int
 def truncate_conversation(
     tokenizer: Tokenizer, conv: Conversation, max_len: int, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
-    """render_conversation cut to at most max_len ids, in the order of the module docstring.
+    """render_conversation cut to at most max_len ids, in the order of the module docstring; ([], []) when a cut
+    would leave nothing of the last question (its <bos> alone) or nothing of its answer (whole_characters).
 
     Linear in the conversation: every text is tokenized once, and the first kept question, which
     follows the system text, once more per try of a bisection for the oldest turn that can stay
@@ -492,9 +495,21 @@ def truncate_conversation(
     prompt, answer = ids[:prompt_len], ids[prompt_len:]
     keep_prompt = max(max_len - len(answer), min(prompt_len, max_len // 2))
     prompt = prompt[len(prompt) - keep_prompt :]  # 2. the prompt's beginning goes
-    room = max_len - len(prompt)
-    answer = answer[: room - 1] + [tokenizer.eos_id]  # 3. the answer's end goes, its <eos> stays
+    answer = whole_characters(tokenizer, answer[: max_len - len(prompt) - 1])  # 3. the answer's end goes
+    if len(prompt) < 2 or not answer:  # its <bos> alone: nothing of the question is left, or nothing of the answer
+        return [], []
+    answer.append(tokenizer.eos_id)  # a kept answer's <eos> stays
     return prompt + answer, [0] * len(prompt) + mask[-1:] * len(answer)  # mask[-1]: the answer's loss, 0 or 1
+
+
+def whole_characters(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """ids less the last ones where they end inside a UTF-8 character, which a byte-level BPE token or a byte
+    fallback piece can hold a part of (Tokenizer.decode_complete): a cut answer then ends with its last whole
+    character, not with bytes that decode to U+FFFD. An incomplete character is at most 3 bytes, so its ids are among
+    the last 4, and those alone are decoded."""
+    while ids and tokenizer.decode(ids[-4:]) != tokenizer.decode_complete(ids[-4:]):
+        ids = ids[:-1]
+    return ids
 
 
 def render_prompt(tokenizer: Tokenizer, conv: Conversation, max_len: int | None = None) -> list[int]:

@@ -143,11 +143,14 @@ def with_answer(conv: Conversation, answer: str) -> Conversation:
 
 
 def render_answer(tokenizer: Tokenizer, conv: Conversation, max_len: int) -> tuple[list[int], list[int], bool]:
-    """(ids, mask, truncated) of a conversation as SFT renders and cuts it, the mask on its last answer only."""
+    """(ids, mask, truncated) of a conversation as SFT renders and cuts it, the mask on its last answer only; ids and
+    mask [] where the cut leaves nothing of its last question or answer (truncate_conversation)."""
     ids, mask = render_conversation(tokenizer, conv)
     cut = len(ids) > max_len
     if cut:
         ids, mask = truncate_conversation(tokenizer, conv, max_len)
+        if not ids:
+            return [], [], cut
     start = len(mask) - mask[::-1].index(0)  # the last answer: after the last prompt's <bos>
     return ids, [0] * start + mask[start:], cut
 
@@ -165,7 +168,8 @@ def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings
     """The token cache's samples of a pair (data/sft_tokens.render_batch): its chosen then its rejected
     answer; none, counted, for a blank answer (chosen, rejected or both: empty_answers), equal answers, a
     length filter that fails, or samples that are the same ids and mask, which carry no preference: the
-    answers tokenize alike (equal_pairs) or differ only beyond max_len (equal_after_truncation)."""
+    answers tokenize alike (equal_pairs) or differ only beyond max_len (equal_after_truncation); none, counted
+    filtered, where max_len leaves nothing of the question or of an answer."""
     conv, chosen, rejected = parsed
     if is_blank(chosen) or is_blank(rejected):
         counts["empty_answers"] += 1
@@ -179,6 +183,9 @@ def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings
         counts["filtered"] += 1
         return [], False
     *samples, cut = render_pair(tok, conv, chosen, rejected, settings.max_len)
+    if not samples[0][0] or not samples[1][0]:
+        counts["filtered"] += 1
+        return [], False
     if samples[0] == samples[1]:
         counts["equal_after_truncation" if cut else "equal_pairs"] += 1
         return [], False

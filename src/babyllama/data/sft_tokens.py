@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 8  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 9  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
@@ -70,7 +70,9 @@ VERSION = 8  # of the chat format, filters and layout: a new version never reuse
 # bad_records.txt names bytes that are not text apart from a lone surrogate, and an empty conversations list; 7:
 # `messages` records, content as a list of text parts, the developer role and TRL's conversational DPO shapes are
 # read, where 6 counted them bad; 8: prompt / completion records are read, and an assistant message with "weight": 0
-# carries no loss, where 7 trained on it)
+# carries no loss, where 7 trained on it; 9: a conversational prompt / completion's system and history come once, a
+# cut answer ends with a whole character, a cut that leaves no question or answer is filtered, and a DPO answer of
+# "weight": 0 is bad)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -193,8 +195,8 @@ def render_batch(batch: list[Item], settings: SFTSettings, parse, samples_of) ->
 
 
 def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[list, bool]:
-    """The one sample of a conversation, cut to max_len; none when an answer with loss is blank or a length filter
-    fails."""
+    """The one sample of a conversation, cut to max_len; none when an answer with loss is blank, a length filter
+    fails, or max_len leaves nothing of its last question or answer (counted filtered too)."""
     if any(is_blank(a) for i, (_, a) in enumerate(conv.turns) if i not in conv.untrained):
         counts["empty_answers"] += 1
         return [], False
@@ -204,6 +206,9 @@ def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[lis
     s_ids, s_mask = render_conversation(tok, conv)
     if len(s_ids) > settings.max_len:
         s_ids, s_mask = truncate_conversation(tok, conv, settings.max_len)
+        if not s_ids:
+            counts["filtered"] += 1
+            return [], False
         counts["truncated"] += 1
     return [(s_ids, s_mask)], is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
 
