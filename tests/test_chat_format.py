@@ -375,3 +375,15 @@ def test_an_assistant_message_of_weight_0_carries_no_loss(bpe_tokenizer):
         with pytest.raises(ValueError) as e:
             conversation_from_record({"messages": items})
         assert str(e.value) == why, items
+
+
+def test_a_null_conversation_field_is_an_absent_one():
+    """A parquet or Hugging Face datasets export keeps the columns a row lacks as null: `"messages": null` beside a
+    prompt and completion was read as the record's messages and made it bad ("its 'messages' is null")."""
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    for record in ({"messages": None, "prompt": "问", "completion": "答"},
+                   {"conversations": None, "messages": [user, answer]},
+                   {"chosen": None, "rejected": None, "prompt": "问", "answer": "答"}):
+        assert conversation_from_record(record) == Conversation([("问", "答")]), record
+    with pytest.raises(ValueError, match="^its 'messages' is null, not a list of messages$"):  # and nothing else
+        conversation_from_record({"messages": None})

@@ -244,6 +244,12 @@ def test_qa_reads_the_system_and_history_of_a_prompt_completion_record_once():
                                    "history": [["h", "a"]]}
 
 
+def test_a_null_messages_field_is_an_absent_one():
+    """A parquet export's null `messages` beside a question and answer made the QA record bad."""
+    assert qa_item({"messages": None, "question": "q", "answer": "a"}, "") == {"question": "q", "reference": "a",
+                                                                                "task": "qa"}
+
+
 def test_qa_names_the_fields_a_record_of_two_shapes_leaves_out_once_a_file(tmp_path, capsys):
     """A QA record with a question and answer and messages, or messages and an answer, dropped the fields of one
     without a word: they are named once a file, as SFT and prepare name them."""

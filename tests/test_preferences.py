@@ -297,3 +297,10 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_are_bad_pair
         f"{path}:1: its text holds bytes that are not text in the file's encoding (\\xff\\xfe)",
         f"{path}:2: its text holds a lone surrogate (\\ud800-\\udfff), which no tokenizer can encode",
         f"{path}:3: its 'conversations' list is empty: there is no message"]
+
+
+def test_a_null_field_is_an_absent_one():
+    """A parquet export's null `messages` (or `question`) beside a prompt, chosen and rejected made the pair bad."""
+    pair = (Conversation([("问", "")]), "好", "坏")
+    assert preference_from_record({"messages": None, "prompt": "问", "chosen": "好", "rejected": "坏"}) == pair
+    assert preference_from_record({"question": None, "prompt": "问", "chosen": "好", "rejected": "坏"}) == pair

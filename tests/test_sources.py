@@ -1024,3 +1024,16 @@ def test_sft_records_read_as_text_keep_their_system_and_history(tmp_path):
                                                                  {"from": "gpt", "value": "答"}]},
                             ensure_ascii=False) + "\n")
     assert list(CorpusReader([g]).documents()) == ["系统\n问\n答"]
+
+
+def test_a_null_field_is_an_absent_one_in_schema_detection(tmp_path, caplog):
+    """A parquet or Hugging Face datasets export keeps the columns a row lacks as null: `{"text": ..., "messages":
+    null}` was a conversation record, bad ("its 'messages' is null"), and a null `completion` made a text record a wiki
+    article's or left the `text` out."""
+    f = jsonl(tmp_path / "n.jsonl", [{"text": "hello world document", "messages": None},
+                                     {"text": "第二篇", "completion": None},
+                                     {"text": "第三篇", "chosen": None, "rejected": None}])
+    reader = CorpusReader([f], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == ["hello world document", "第二篇", "第三篇"]
+    assert log.getvalue() == "" and dict(reader.stats[str(f)].read_as) == {"text": 3}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []  # no field left out

@@ -139,8 +139,10 @@ def field_text(record: dict, key: str, numbers: bool = False, lists: bool = Fals
 
 
 def conversation_key(record: dict) -> str | None:
-    """The field that holds record's messages (CONVERSATION_KEYS: `conversations`, else `messages`); None without."""
-    return next((key for key in CONVERSATION_KEYS if key in record), None)
+    """The field that holds record's messages (CONVERSATION_KEYS: `conversations`, else `messages`); None without. A
+    null field is an absent one (a parquet or Hugging Face datasets file gives null to the fields of its other rows),
+    as field_text reads it."""
+    return next((key for key in CONVERSATION_KEYS if record.get(key) is not None), None)
 
 
 def messages_of_record(record: dict, key: str | None = None) -> list[tuple[str, str]]:
@@ -247,10 +249,11 @@ def instruction_pair(record: dict) -> tuple[str, str] | None:
 
 def null_answer(record: dict) -> str | None:
     """The answer field that is there but null beside a record's question (`answer`, else `completion`, beside a
-    `prompt`; `output` beside an `instruction`), which instruction_pair reads as absent; None when there is none.
-    Only for a record that instruction_pair refused: a parquet file gives null to the fields of its other rows."""
+    `prompt`; `output` beside an `instruction`), which instruction_pair reads as absent, else a null `conversations`
+    or `messages` of a record without a question; None when there is none. Only for a record that instruction_pair
+    refused: a parquet file gives null to the fields of its other rows, and says so of the one it then lacks."""
     keys = ("answer", "completion") if record.get("prompt") is not None else (
-        ("output",) if record.get("instruction") is not None else ())
+        ("output",) if record.get("instruction") is not None else CONVERSATION_KEYS)
     return next((key for key in keys if key in record and record[key] is None), None)
 
 
@@ -397,7 +400,7 @@ def record_conversation(record: dict) -> Conversation:
     `system` and `history` (context_messages), which every shape gets here and only here. Raises ValueError when it is
     none of them (a preference record, with `chosen` and `rejected`, is said to be one), a field has the wrong type or
     the messages break a rule above."""
-    if "chosen" in record and "rejected" in record:
+    if record.get("chosen") is not None and record.get("rejected") is not None:
         raise ValueError("it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads")
     context = context_messages(record)
     if key := conversation_key(record):
@@ -408,7 +411,9 @@ def record_conversation(record: dict) -> Conversation:
     else:
         pair = instruction_pair(record)
         if pair is None:
-            raise ValueError(f"its {null!r} is null, not a string" if (null := null_answer(record)) else
+            null = null_answer(record)
+            kind = "a list of messages" if null in CONVERSATION_KEYS else "a string"
+            raise ValueError(f"its {null!r} is null, not {kind}" if null else
                              "not an instruction, prompt/answer, prompt/completion, conversations or messages record")
         messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
     return conversation_from_messages(context + messages, add_generation_prompt=False,

@@ -124,10 +124,11 @@ def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     Raises ValueError, saying why, for a record of none of them, or one that cannot train
     (chat_format.checked_for_training: an empty prompt, text no tokenizer can encode).
     """
-    if "question" in record and not conversation_key(record):
+    if record.get("question") is not None and not conversation_key(record):  # a null field is an absent one
         prompt = [("user", _text(record, "question"))]
         chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
-    elif "chosen" in record and "rejected" in record and ("prompt" in record or conversation_key(record)):
+    elif (record.get("chosen") is not None and record.get("rejected") is not None
+          and (record.get("prompt") is not None or conversation_key(record))):
         prompt, chosen, rejected = _prompt_messages(record), _answer(record, "chosen"), _answer(record, "rejected")
     elif isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
         prompt, chosen, rejected = _implicit_prompt(record)

@@ -128,7 +128,7 @@ def text_of_preference(r: dict) -> str | None:
     context_text, its prompt (a conversation's or a `prompt` list's messages, a line each, or a `prompt` or MedicalGPT
     `question` string) and then its chosen answer, as an instruction's answer follows its question; the rejected
     answer is not read. None without a `chosen` (or MedicalGPT's `response_chosen`)."""
-    key = "chosen" if "chosen" in r else "response_chosen"
+    key = "chosen" if r.get("chosen") is not None else "response_chosen"
     chosen = r.get(key)
     if chosen is None:
         return None
@@ -182,10 +182,12 @@ SCHEMA_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-def schemas_of(record: dict) -> dict[str, tuple[str, ...]]:
+def schemas_of(record: dict, nulls: bool = False) -> dict[str, tuple[str, ...]]:
     """The schemas whose fields record has (SCHEMA_FIELDS), in the order of detection, each with those fields:
-    {"text": ("text",), "wudao": ("content",)} for {"text": ..., "content": ...}."""
-    keys = record.keys()
+    {"text": ("text",), "wudao": ("content",)} for {"text": ..., "content": ...}. A null field is an absent one (a
+    parquet or Hugging Face datasets file gives null to the fields of its other rows), as the schemas' readers read it:
+    {"text": ..., "messages": null} is a text record; with nulls, null fields count too."""
+    keys = record.keys() if nulls else {k for k, v in record.items() if v is not None}
     found = {schema: tuple(f for group in groups if keys >= set(group) for f in group)
              for schema, groups in SCHEMA_FIELDS.items()}
     return {schema: fields for schema, fields in found.items() if fields}
@@ -193,9 +195,10 @@ def schemas_of(record: dict) -> dict[str, tuple[str, ...]]:
 
 def detect_schema(record: dict, usual: str = "") -> str | None:
     """The schema a record is read in: usual (its file's, of most of its records so far) when the record has its
-    fields, else the first schema whose fields it has (SCHEMA_FIELDS); None when it has those of none."""
+    fields, else the first schema whose fields it has (SCHEMA_FIELDS), else the first whose fields it has null (a bad
+    record, that lacks them: {"text": null}); None when it has those of none."""
     fits = schemas_of(record)
-    return usual if usual in fits else next(iter(fits), None)
+    return usual if usual in fits else next(iter(fits or schemas_of(record, nulls=True)), None)
 
 
 def ignored_fields(record: dict, schema: str) -> list[str]:
