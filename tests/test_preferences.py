@@ -112,6 +112,26 @@ def test_trl_conversational_pairs_that_are_no_prompt_and_one_answer_say_why():
         assert str(e.value) == why, record
 
 
+def test_ultrafeedback_binarized_pairs_are_whole_conversations_beside_their_prompt():
+    """HuggingFaceH4/ultrafeedback_binarized's records, a `prompt` string beside `chosen` and `rejected` that are whole
+    conversations (and a `messages` list), were "its 'chosen' holds 2 messages, not the one assistant answer": they
+    are TRL's implicit-prompt shape, and a prompt that is not the last user message both share is a bad record."""
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    other = {"role": "assistant", "content": "错"}
+    record = {"prompt": "问", "prompt_id": "0f", "chosen": [user, answer], "rejected": [user, other],
+              "messages": [user, answer], "score_chosen": 8.0, "score_rejected": 3.0}
+    assert preference_from_record(record) == (Conversation([("问", "")]), "答", "错")
+    assert preference_from_record({**record, "messages": None}) == (Conversation([("问", "")]), "答", "错")
+    turns = [{"role": "system", "content": "系统"}, {"role": "user", "content": "早问"},
+             {"role": "assistant", "content": "早答"}, user]
+    assert preference_from_record({"prompt": "问", "chosen": [*turns, answer], "rejected": [*turns, other]}) == (
+        Conversation([("早问", "早答"), ("问", "")], "系统"), "答", "错")
+    with pytest.raises(ValueError) as e:
+        preference_from_record({**record, "prompt": "别的问题"})
+    assert str(e.value) == "its 'prompt' is not the last user message that its 'chosen' and 'rejected' conversations " \
+                           "share"
+
+
 def test_an_answer_of_weight_0_is_a_bad_pair():
     """OpenAI's "weight": 0 on the chosen or rejected message was accepted and the answer scored: a DPO answer always
     carries the loss, so such a record is bad, saying so."""

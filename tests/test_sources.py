@@ -148,6 +148,17 @@ def test_preference_pairs_are_their_prompt_then_their_chosen_answer(tmp_path, ca
     assert not [r for r in caplog.records if "more than one schema" in r.getMessage()]
 
 
+def test_ultrafeedback_binarized_pairs_are_their_chosen_conversation_once(tmp_path, caplog):
+    """HuggingFaceH4/ultrafeedback_binarized's records (a `prompt` string, `chosen` and `rejected` whole
+    conversations, a `messages` list) were read as the messages then the chosen conversation: the prompt and answer
+    twice. The chosen conversation holds the prompt, and the `messages` it does not read are named."""
+    user, good = {"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}
+    f = jsonl(tmp_path / "uf.jsonl", [{"prompt": "问", "chosen": [user, good], "messages": [user, good],
+                                      "rejected": [user, {"role": "assistant", "content": "坏"}]}])
+    assert list(CorpusReader([f]).documents()) == ["问\n好"]
+    assert f"leaving out the 'messages' of 1 record (the first at {f}:1)" in caplog.text
+
+
 def test_every_schema_of_the_recipe(tmp_path):
     files = {
         "wiki.json": json.dumps([{"completion": "维基百科文本", "source": "wiki"}, {"source": "no text"}]),

@@ -420,6 +420,15 @@ def record_conversation(record: dict) -> Conversation:
                                       untrained={len(context) + i for i in untrained})
 
 
+def whole_conversations(record: dict) -> bool:
+    """Whether a preference record's `chosen` and `rejected` are whole conversations (TRL's implicit prompt; beside a
+    `prompt` string in HuggingFaceH4/ultrafeedback_binarized): lists, one of them of more than one message, beside no
+    `prompt` list (TRL's conversational shape, whose lists are the answer alone). DPO and prepare read them so."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    return (isinstance(chosen, list) and isinstance(rejected, list) and max(len(chosen), len(rejected)) > 1
+            and not isinstance(record.get("prompt"), list))
+
+
 def prompt_completion_messages(record: dict) -> tuple[list[tuple[str, str]], set[int]]:
     """(the messages of `prompt` and `completion`, the indices of those without loss) of TRL's conversational
     prompt / completion record: the prompt ends with the user's message, the completion is the assistant's answer

@@ -7,7 +7,9 @@ Accepted records (the fields of one JSON object):
   {prompt, chosen, rejected}, strings (TRL's standard shape);
   {prompt: [messages], chosen: [assistant message], rejected: [...]} (TRL's conversational shape);
   {chosen: [messages], rejected: [messages]}, two whole conversations (TRL's implicit prompt): the messages they
-    share from the start are the prompt, and each then has one assistant message, its answer;
+    share from the start are the prompt, and each then has one assistant message, its answer; a `prompt` string
+    beside them (HuggingFaceH4/ultrafeedback_binarized's, with a `messages` list that is not read) must be the last
+    user message they share;
   {conversations: [...], chosen: {from|role, value|content}, rejected: {...}}: LLaMA-Factory's DPO
     files; the conversation (ShareGPT or OpenAI items) ends with the user;
   {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
@@ -42,6 +44,7 @@ from babyllama.chat_format import (
     messages_of_record,
     render_conversation,
     truncate_conversation,
+    whole_conversations,
 )
 from babyllama.data.sft_tokens import SFTSettings
 from babyllama.data.shards import is_val
@@ -117,6 +120,15 @@ def _implicit_prompt(record: dict) -> tuple[list[tuple[str, str]], str, str]:
     return chosen[:n], chosen[n][1], rejected[n][1]
 
 
+def _check_prompt(record: dict, prompt: list[tuple[str, str]]) -> None:
+    """Raises ValueError where a record's `prompt` string, beside whole conversations, is not the last user message of
+    the prompt they share: the record says two things of its question."""
+    text = field_text(record, "prompt")
+    if text is not None and text != next((c for role, c in reversed(prompt) if role == "user"), None):
+        raise ValueError("its 'prompt' is not the last user message that its 'chosen' and 'rejected' conversations "
+                         "share")
+
+
 def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above, after its
     `system` and `history` (chat_format.context_messages).
@@ -127,6 +139,9 @@ def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     if record.get("question") is not None and not conversation_key(record):  # a null field is an absent one
         prompt = [("user", _text(record, "question"))]
         chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
+    elif whole_conversations(record):
+        prompt, chosen, rejected = _implicit_prompt(record)
+        _check_prompt(record, prompt)
     elif (record.get("chosen") is not None and record.get("rejected") is not None
           and (record.get("prompt") is not None or conversation_key(record))):
         prompt, chosen, rejected = _prompt_messages(record), _answer(record, "chosen"), _answer(record, "rejected")

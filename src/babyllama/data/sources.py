@@ -46,6 +46,7 @@ from babyllama.chat_format import (
     not_unicode,
     pair_fields,
     read_fields,
+    whole_conversations,
 )
 from babyllama.errors import (
     UserError,
@@ -126,8 +127,9 @@ def text_of_conversation(r: dict) -> str | None:
 def text_of_preference(r: dict) -> str | None:
     """A preference pair (the shapes dpo reads: data/preferences.py) as the text a model should learn: after
     context_text, its prompt (a conversation's or a `prompt` list's messages, a line each, or a `prompt` or MedicalGPT
-    `question` string) and then its chosen answer, as an instruction's answer follows its question; the rejected
-    answer is not read. None without a `chosen` (or MedicalGPT's `response_chosen`)."""
+    `question` string) and then its chosen answer, as an instruction's answer follows its question (a chosen
+    conversation holds its prompt: chat_format.whole_conversations); the rejected answer is not read. None without a
+    `chosen` (or MedicalGPT's `response_chosen`)."""
     key = "chosen" if r.get("chosen") is not None else "response_chosen"
     chosen = r.get(key)
     if chosen is None:
@@ -138,7 +140,9 @@ def text_of_preference(r: dict) -> str | None:
         answer = "\n".join(content for _, content in messages_of_record(r, key))
     else:
         answer = field_text(r, key)
-    if (messages := conversation_key(r)) or isinstance(r.get("prompt"), list):
+    if whole_conversations(r):  # the prompt is in the chosen conversation
+        prompt = ""
+    elif (messages := conversation_key(r)) or isinstance(r.get("prompt"), list):
         prompt = "".join(content + "\n" for _, content in messages_of_record(r, messages or "prompt"))
     else:
         prompt = field_text(r, "prompt") or field_text(r, "question") or ""
@@ -212,7 +216,8 @@ def ignored_fields(record: dict, schema: str) -> list[str]:
     elif schema == "conversation":
         used = read_fields(record)
     elif schema == "preference":
-        used = (*fits.get(schema, ()), conversation_key(record) or "prompt")
+        prompt = () if whole_conversations(record) else (conversation_key(record) or "prompt",)  # else in chosen
+        used = (*fits.get(schema, ()), *prompt)
     else:
         used = fits.get(schema, ())
     had = {f for fields in fits.values() for f in fields if record[f] not in (None, "")}
