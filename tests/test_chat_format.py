@@ -358,6 +358,8 @@ def test_an_assistant_message_of_weight_0_carries_no_loss(bpe_tokenizer):
     # the turns after the last answer with loss go; a record without one is bad
     trailing = {"messages": [*messages[:4], {**messages[4]}, {**messages[5], "weight": 0}]}
     assert conversation_from_record(trailing) == Conversation([("问一", "答一")])
+    blank = {"messages": [*messages[:2], {"role": "user", "content": " "}, {**messages[5], "weight": 0}]}
+    assert conversation_from_record(blank) == Conversation([("问一", "答一")])  # was bad for the turn that goes
     user = {"role": "user", "content": "问"}
     for items, why in [
             ([user, {"role": "assistant", "content": "答", "weight": 0}],

@@ -28,7 +28,7 @@ rules:
   * an answer carries no loss (Conversation.untrained) where it is an assistant message with OpenAI's "weight": 0,
     or in the `prompt` of a conversational prompt / completion record (TRL trains on the completion alone); answers
     joined from messages of both kinds make the record bad, and for training the turns after the last answer with
-    loss go (nothing later reads them), so a record without one is bad.
+    loss go (nothing later reads them), before the checks for training, so a record without one is bad.
 
 Truncation, when a conversation is longer than max_len tokens, cuts in this order:
   1. whole turns, oldest first (the system text and the last turn always stay);
@@ -372,12 +372,14 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
 def conversation_from_record(record: dict) -> Conversation:
     """The conversation of an SFT record (record_conversation) that ends with its last answer with loss.
     Raises ValueError when it is no SFT record, when a field has the wrong type, when it cannot train
-    (checked_for_training), or when no answer carries loss (each has a 'weight' of 0)."""
-    conv = checked_for_training(record_conversation(record))
+    (checked_for_training: the turns kept, not those cut), or when no answer carries loss (each has a 'weight' of
+    0)."""
+    conv = record_conversation(record)
     n = max((i + 1 for i in range(len(conv.turns)) if i not in conv.untrained), default=0)
     if n == 0:
         raise ValueError("no answer carries loss (each has a 'weight' of 0), so there is nothing to train on")
-    return Conversation(conv.turns[:n], conv.system, frozenset(i for i in conv.untrained if i < n))
+    kept = Conversation(conv.turns[:n], conv.system, frozenset(i for i in conv.untrained if i < n))
+    return checked_for_training(kept)
 
 
 def checked_for_training(conv: Conversation, *answers: str) -> Conversation:
