@@ -244,6 +244,16 @@ def test_qa_reads_the_system_and_history_of_a_prompt_completion_record_once():
                                    "history": [["h", "a"]]}
 
 
+def test_qa_asks_the_last_answer_with_loss_as_sft_trains_on_it():
+    """A conversation's last answer was the reference, though it had "weight": 0 (SFT does not train on it): the
+    reference is the last answer that carries loss, asked after the turns before it; one with none is bad."""
+    messages = [{"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一"},
+                {"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二", "weight": 0}]
+    assert qa_item({"messages": messages}, "") == {"question": "问一", "reference": "答一", "task": "qa"}
+    with pytest.raises(ValueError, match="^no answer carries loss"):
+        qa_item({"messages": [*messages[:1], {**messages[1], "weight": 0}]}, "")
+
+
 def test_a_null_messages_field_is_an_absent_one():
     """A parquet export's null `messages` beside a question and answer made the QA record bad."""
     assert qa_item({"messages": None, "question": "q", "answer": "a"}, "") == {"question": "q", "reference": "a",

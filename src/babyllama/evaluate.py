@@ -42,9 +42,9 @@ import torch
 from babyllama.chat_format import (
     SHAPE_FIELDS,
     Conversation,
-    checked_for_training,
     context_messages,
     conversation_from_messages,
+    conversation_from_record,
     conversation_key,
     field_text,
     instruction_prompt,
@@ -52,7 +52,6 @@ from babyllama.chat_format import (
     not_unicode,
     prompt_budget,
     read_fields,
-    record_conversation,
     render_prompt,
     text_prompt,
     unread_fields,
@@ -247,12 +246,13 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     ...]), read as SFT reads them (chat_format.context_messages), are the item's "system" and "history" when
     given, so that eval asks the question after them as SFT trained (qa_conversation); an item without them
     has no such keys. A conversation (`conversations`, `messages`, or TRL's `prompt` and `completion` lists) is
-    read as SFT reads it (chat_format.record_conversation): its last answer is the reference, its last question the
-    question, and what comes before them its system text and history."""
+    read as SFT reads it (chat_format.conversation_from_record): its last answer that carries loss (as SFT trains on
+    it; not one of "weight": 0) is the reference, its question the question, and what comes before them its system
+    text and history."""
     if record is None:
         raise ValueError(why)
     if conversation_key(record) or isinstance(record.get("prompt"), list):  # raises for a blank question
-        conv = checked_for_training(record_conversation(record))
+        conv = conversation_from_record(record)
         (question, reference), system, history = conv.turns[-1], conv.system, [list(t) for t in conv.turns[:-1]]
     else:
         question = qa_question(record)
