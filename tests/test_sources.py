@@ -125,6 +125,19 @@ def test_prompt_completion_records_are_instructions_not_wiki_articles(tmp_path, 
     assert list(CorpusReader([wiki]).documents()) == ["维基百科文本"]
 
 
+def test_prepare_finds_bad_the_conversational_prompt_completion_records_sft_finds_bad(tmp_path):
+    """prepare read TRL's conversational prompt / completion by its own rules: a completion holding a user message, or
+    a prompt ending with the assistant's, was text to learn, though sft refuses it; both now read it one way."""
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    f = jsonl(tmp_path / "pc.jsonl", [{"prompt": [user], "completion": [answer, user]},
+                                      {"prompt": [user, answer], "completion": [answer]}])
+    reader = CorpusReader([f], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == []
+    assert log.getvalue().splitlines() == [
+        f"{f}:1: its 'completion' holds a user message; a completion is the assistant's answer alone",
+        f"{f}:2: its 'prompt' ends with the assistant's message, not the user's that the completion answers"]
+
+
 def test_preference_pairs_are_their_prompt_then_their_chosen_answer(tmp_path, caplog):
     """prepare read LLaMA-Factory's and MedicalGPT's DPO records as their conversation alone, the prompt, without a
     word, and TRL's {prompt, chosen, rejected} as "has none of the fields of a known schema": each shape dpo reads is

@@ -45,6 +45,7 @@ from babyllama.chat_format import (
     messages_of_record,
     not_unicode,
     pair_fields,
+    prompt_completion_messages,
     read_fields,
     whole_conversations,
 )
@@ -107,9 +108,10 @@ def text_of_instruction(r: dict) -> str | None:
     """As pretraining text, the recipe's way: the question followed directly by the answer (an
     instruction record, or a prompt/answer row of the recipe's sft_data.csv, or a prompt/completion row), after the
     record's `system` text and `history` turns, one line each (context_text). A `prompt` that is a list (TRL's
-    conversational prompt-completion) is a conversation: its messages, then the completion's, a line each."""
+    conversational prompt-completion) is a conversation: its messages, then the completion's, a line each, read and
+    checked as SFT reads them (chat_format.prompt_completion_messages), so that both find the same records bad."""
     if isinstance(r.get("prompt"), list):
-        messages = messages_of_record(r, "prompt") + messages_of_record(r, "completion")
+        messages, _ = prompt_completion_messages(r)
         return context_text(r) + "\n".join(content for _, content in messages)
     pair = instruction_pair(r)
     return None if pair is None else context_text(r) + pair[0] + pair[1]
