@@ -703,6 +703,19 @@ def test_the_device_is_said_once_a_process(tiny_run, tmp_path, capsys):
     assert [line for line in capsys.readouterr().err.splitlines() if "running on" in line] == ["eval: running on cpu"]
 
 
+def test_eval_reads_the_shards_manifest_once(tiny_run, tmp_path, monkeypatch):
+    """eval --data read manifest.json twice: to check the shards, then again for the loss's windows."""
+    from babyllama import evaluate as ev
+    from babyllama.data import shards
+
+    paths = []
+    monkeypatch.setattr(shards, "read_manifest", lambda d, read=shards.read_manifest: paths.append(d) or read(d))
+    monkeypatch.setattr(ev, "read_manifest", shards.read_manifest)
+    result = ev.evaluate(tiny_run / "run" / "final", tmp_path / "out", data=str(tiny_run / "tokens"),
+                         sampling=Sampling(max_new_tokens=1), device="cpu")
+    assert paths == [str(tiny_run / "tokens")] and result["lm"]["tokens"] > 0
+
+
 def test_eval_cli_and_report(tiny_run, tmp_path):
     qa = tmp_path / "qa.jsonl"
     questions = [f"这是第{i}个评测问题，请回答" for i in range(8)]

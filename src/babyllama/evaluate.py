@@ -147,11 +147,12 @@ def padding_batch(data, row: int) -> dict[str, torch.Tensor]:
 
 
 def lm_metrics(model, data_dir: str | Path, tokenizer: Tokenizer, batch_size: int = 8, max_batches: int = 200,
-               doc_mask: bool = False) -> dict:
+               doc_mask: bool = False, manifest: dict | None = None) -> dict:
     """Loss, perplexity and bits per byte over the validation windows of a token directory, and doc_mask: with it,
     attention stays within documents (each <eos> starts the next), as pretraining with doc_mask trained and
-    validated the model; without it the loss of such a model is another one (trained_doc_mask)."""
-    data = TokenWindows(data_dir, model.cfg.max_seq_len, "val")
+    validated the model; without it the loss of such a model is another one (trained_doc_mask). manifest: data_dir's
+    (check_lm_data's), where the caller has read it; else it is read here."""
+    data = TokenWindows(data_dir, model.cfg.max_seq_len, "val", manifest=manifest)
     differ = tokenizer.differences(data.manifest["tokenizer"])
     if differ:
         raise UserError(f"{data_dir} was tokenized with another tokenizer ({differ[1]}) than the model's "
@@ -770,10 +771,11 @@ def check_out_dir_of_eval(out: Path, checkpoint: str | Path) -> None:
                         "pass another --out_dir.")
 
 
-def check_lm_data(data: str | Path, seq_len: int) -> None:
-    """Raise UserError unless data is a folder of pretokenize's token shards (read_manifest), its val split's files
-    whole (check_shard_files), with a window of seq_len + 1 tokens in a val shard at least (TokenWindows' windows,
-    with the model's max_seq_len): else the remedy is pretokenize's --val_fraction, which eval does not have."""
+def check_lm_data(data: str | Path, seq_len: int) -> dict:
+    """data's manifest (read_manifest), for lm_metrics. Raise UserError unless data is a folder of pretokenize's token
+    shards, its val split's files whole (check_shard_files), with a window of seq_len + 1 tokens in a val shard at
+    least (TokenWindows' windows, with the model's max_seq_len): else the remedy is pretokenize's --val_fraction, which
+    eval does not have."""
     manifest = read_manifest(data)
     val = split_shards(manifest, "val")
     if not val:
@@ -785,6 +787,7 @@ def check_lm_data(data: str | Path, seq_len: int) -> None:
         raise UserError(f"the val split of --data {data} has {tokens} tokens{shards}, fewer than one window of "
                         f"{seq_len + 1} (the model's max_seq_len + 1) to measure the loss on; run babyllama "
                         f"pretokenize again with a larger --val_fraction (it was {manifest['val_fraction']}).")
+    return manifest
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -862,8 +865,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     out = Path(out)
     check_out_dir_of_eval(out, checkpoint)
     tokenizer, cfg, config = checked_tokenizer(checkpoint)  # all but the weights, which load after the checks
-    if data:
-        check_lm_data(data, cfg.max_seq_len)
+    manifest = check_lm_data(data, cfg.max_seq_len) if data else None
     prompt_list = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
     qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
     mc_items, mc_bad = read_mc(mc) if mc else ([], [])
@@ -890,7 +892,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         print(f"resuming: {qa_done} of {len(qa_items)} QA and {mc_done} of {len(mc_items)} multiple-choice items "
               f"are answered in {partial}.")
     if data:  # scored as trained: with the document mask of a doc_mask run (eval.json's lm.doc_mask says which)
-        result["lm"] = lm_metrics(model, data, tokenizer, doc_mask=trained_doc_mask(config))
+        result["lm"] = lm_metrics(model, data, tokenizer, doc_mask=trained_doc_mask(config), manifest=manifest)
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
     result["prompts_cut_to_context"] = cut["prompts"]
     if qa and no_reference:
