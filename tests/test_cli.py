@@ -545,6 +545,7 @@ def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys, tmp_path):
     for run in ("p", "ck-sft", "mine"):  # pretrain's out_dir by c.toml, sft's beside --init, dpo's by --out_dir
         (tmp_path / run / "checkpoints" / "step_000061").mkdir(parents=True)
     (tmp_path / "none" / "checkpoints" / ".step_000001.tmp-7").mkdir(parents=True)  # a checkpoint half written
+    (tmp_path / "refs" / "ref_logps.parts").mkdir(parents=True)  # dpo stopped in its precompute
     again, kept = "run the same command to start again.", "the earlier output at o, if any, is kept; "
     first = "; run the same command to start again (no checkpoint was saved yet)."
     for argv, said in [
@@ -554,6 +555,8 @@ def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys, tmp_path):
         (["dpo", "--init", "ck", "--out_dir", "mine"], "; run the same command with --resume to continue."),
         (["pretrain", "--config", "c.toml", "--out_dir", "none"], first),
         (["sft", "--init", "other", "--resume"], first), (["dpo", "--init", "ck"], first),
+        (["dpo", "--init", "ck", "--out_dir", "refs"], f"{first[:-2]}; the reference log-probs computed so far are "
+                                                       "kept)."),
         (["pretrain", "--config", "missing.toml"], first),
         (["eval", "ck"], "; run the same command to continue."), (["demo"], "; run the same command to continue."),
         (["prepare", "--input", "a", "--out_dir", "o", "--engine", "datatrove"], "; run the same command to continue."),

@@ -299,6 +299,47 @@ def test_dpo_resumes_exactly(dpo_setup, tmp_path, extra):
         assert (tmp_path / "died" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_a_stopped_precompute_goes_on_from_its_last_whole_chunk(dpo_setup, tmp_path, monkeypatch, bpe_tokenizer):
+    """A stopped precompute_ref_log_probs (Ctrl-C, SIGTERM) started from zero on the rerun: 31k pairs lost 4 minutes.
+    Each chunk is saved as it is done, and the rerun computes the rest alone, into the ref_logps.npz of a run that
+    never stopped; chunks made for another init are not used."""
+    import numpy as np
+
+    import babyllama.train.dpo as dpo_module
+
+    d = dpo_setup
+    save_checkpoint(tmp_path / "other", model(1), bpe_tokenizer)
+    monkeypatch.setattr(dpo_module, "CHUNK_BATCHES", 1, raising=False)  # a chunk a batch
+    real, calls, stop_at = dpo_module.answer_log_probs, [], [0]
+
+    def counted(m, batch):  # every forward pass, the reference's first; raises KeyboardInterrupt at call stop_at
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(m, batch)
+
+    monkeypatch.setattr(dpo_module, "answer_log_probs", counted)
+    args = ["--data", str(d / "pairs.jsonl"), "--max_steps", "1", "--batch_size", "8", "--warmup_steps", "0",
+            "--eval_every", "0", "--val_fraction", "0.1", "--data_workers", "1", "--precompute_ref_log_probs", "true"]
+    run = lambda init, out: dpo(load_config(None, [*args, "--init", str(init), "--out_dir", str(out)]))
+    run(d / "init", tmp_path / "straight")
+    straight_calls = len(calls)
+    stop_at[0] = 4  # after 3 chunks of 8 pairs
+    for init in (tmp_path / "other", d / "init"):  # the other init's chunks first: the second run computes its own
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run(init, tmp_path / "stopped")
+        assert len(list((tmp_path / "stopped" / "ref_logps.parts").glob("train_*.npy"))) == 3
+    calls.clear()
+    stop_at[0] = 0
+    run(d / "init", tmp_path / "stopped")
+    assert len(calls) == straight_calls - 3  # the 3 chunks done are read, not computed again
+    assert not (tmp_path / "stopped" / "ref_logps.parts").exists()
+    straight, stopped = (np.load(tmp_path / run / "ref_logps.npz") for run in ("straight", "stopped"))
+    assert sorted(straight) == sorted(stopped) == ["key", "train", "val"] and straight["train"].shape == (179, 2)
+    assert all(np.array_equal(straight[k], stopped[k]) for k in straight)
+
+
 def test_dpo_resume_refuses_another_reference_or_loss_before_the_cache_is_built(dpo_setup, tmp_path, capsys,
                                                                               bpe_tokenizer):
     """--init is DPO's reference: its checkpoints record it (path and SHA-256), so other weights stop --resume; the

@@ -47,7 +47,7 @@ from babyllama.errors import (
 from babyllama.lock import holding
 from babyllama.progress import is_rank0
 from babyllama.sampling import DEVICE, Sampling
-from babyllama.settings import parse_overrides, run_out_dir
+from babyllama.settings import REFERENCE_PARTS, parse_overrides, run_out_dir
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -710,8 +710,12 @@ def run_again(args: argparse.Namespace, saved: bool = False) -> str:
         return ""
     if command in ("pretrain", "sft", "dpo") and not (saved or has_checkpoint(args)):  # stopped before the first
         # checkpoint, as while sft or dpo builds its token cache (its files so far are discarded): a rerun, --resume
-        # or not, starts from step 0 and builds the cache from the first record
-        return "run the same command to start again (no checkpoint was saved yet)"
+        # or not, starts from step 0 and builds the cache from the first record; dpo's reference log-probs go on
+        # from the chunks computed (dpo.reference_log_probs)
+        out = run_folder(args)
+        kept = command == "dpo" and out is not None and (out / REFERENCE_PARTS).is_dir()
+        return (f"run the same command to start again (no checkpoint was saved yet"
+                f"{'; the reference log-probs computed so far are kept' if kept else ''})")
     if command in RESUMED or getattr(args, "engine", None) == "datatrove":
         again = " with --resume" if getattr(args, "resume", True) is False else ""
         return f"run the same command{again} to continue"
@@ -719,15 +723,21 @@ def run_again(args: argparse.Namespace, saved: bool = False) -> str:
 
 
 def has_checkpoint(args: argparse.Namespace) -> bool:
-    """Whether the out_dir of a pretrain, sft or dpo command line (settings.run_out_dir, as `held` finds it) holds
-    a step checkpoint to resume from; False where the settings name none (they were refused). Without torch: a
-    stop can come while it imports."""
+    """Whether the out_dir of a pretrain, sft or dpo command line (run_folder) holds a step checkpoint to resume
+    from; False where the settings name none (they were refused)."""
+    out = run_folder(args)
+    return out is not None and any(p.is_dir() for p in (out / "checkpoints").glob("step_*"))
+
+
+def run_folder(args: argparse.Namespace) -> Path | None:
+    """The out_dir of a pretrain, sft or dpo command line (settings.run_out_dir, as `held` finds it); None where the
+    settings name none (they were refused). Without torch: a stop can come while it imports."""
     try:
         out = run_out_dir(args.command, getattr(args, "config", None), getattr(args, "overrides", []),
                           getattr(args, "init", None) or "")
     except UserError:
-        return False
-    return out is not None and any(p.is_dir() for p in (Path(out) / "checkpoints").glob("step_*"))
+        return None
+    return None if out is None else Path(out)
 
 
 def kept(args: argparse.Namespace) -> str | None:

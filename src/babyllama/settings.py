@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 TABLES = ("model", "train")  # a config file's tables; config.check_tables refuses any other top-level key
 PATHS = ("data", "out_dir", "init", "tokenizer", "sft_cache")  # the settings that name files or folders
+REFERENCE_PARTS = "ref_logps.parts"  # in a DPO run's out_dir: the chunks of reference log-probs computed so far
 
 
 def stray_keys(data: dict) -> list[str]:

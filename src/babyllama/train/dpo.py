@@ -6,8 +6,9 @@
 For a pair of answers to one prompt x, y_w chosen and y_l rejected, log π(y|x) sums the log-probs
 of the answer's tokens and its <eos>, in SFT's chat format and truncation (data/preferences.py).
 π is the model being trained, π_ref the frozen reference: the init, or its log-probs computed once
-before training (precompute_ref_log_probs, kept in OUT_DIR/ref_logps.npz). With the implicit
-rewards r(y) = β (log π(y|x) - log π_ref(y|x)), the loss of a pair is
+before training (precompute_ref_log_probs, kept in OUT_DIR/ref_logps.npz; while they are computed, each chunk
+of CHUNK_BATCHES batches a rank goes to OUT_DIR/ref_logps.parts/, so that a stopped run goes on from there). With
+the implicit rewards r(y) = β (log π(y|x) - log π_ref(y|x)), the loss of a pair is
 
     h = r(y_w) - r(y_l)                                the DPO paper's equation 7 is -log σ(h)
     loss = -(1 - ε) log σ(h) - ε log σ(-h)             ε = label_smoothing: the chance that a pair's
@@ -27,6 +28,8 @@ import functools
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +38,10 @@ import torch.nn.functional as F
 
 from babyllama.checkpoint import load_model, weights_sha256
 from babyllama.config import RunConfig
-from babyllama.errors import UserError, writing
+from babyllama.errors import UserError, discard, write_whole, writing
 from babyllama.evaluate import padding_batch
 from babyllama.progress import progress
+from babyllama.settings import REFERENCE_PARTS
 from babyllama.train.distributed import all_reduce_sum, barrier
 from babyllama.train.sft_data import SFTData
 from babyllama.train.stages import fine_tune
@@ -46,6 +50,8 @@ from babyllama.train.trainer import Trainer
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 REFERENCE_FILE = "ref_logps.npz"
+CHUNK_BATCHES = 64  # batches of each rank in a chunk of the reference log-probs, saved as it is done: a stop (Ctrl-C,
+# SIGTERM, a crash) loses at most one chunk of the precompute (seconds on a CPU), not the whole of it
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -207,42 +213,98 @@ class DPOTrainer(Trainer):
         return {f"val_{k}": v for k, v in means(all_reduce_sum(sums, d)).items()}
 
     @torch.no_grad()
-    def reference_log_probs(self, data: PreferenceData) -> np.ndarray:
-        """(n, 2): the reference's summed answer log-probs of every pair (chosen, rejected), the ranks sharing
-        the work."""
+    def reference_log_probs(self, data: PreferenceData, name: str, parts: Path) -> np.ndarray:
+        """(n, 2): the reference's summed answer log-probs of every pair (chosen, rejected), the ranks sharing the
+        work. They are computed in chunks of CHUNK_BATCHES batches a rank, each saved whole in parts as
+        NAME_START_END.npy (rows START to END) as it is done; the chunks already there (a stopped run's) are read,
+        not computed again. Batches start at multiples of batch_size wherever a run stopped, so the values are those
+        of a run that never stopped."""
         B, d = self.t.batch_size, self.dist
-        out = torch.zeros(len(data), 2, device=d.device)
-        for s in progress(range(d.rank * B, len(data), d.world * B), desc="reference log-probs", unit=" batch",
-                          disable=not d.main):
-            rows = list(range(s, min(s + B, len(data))))
-            batch = {k: v.to(d.device) for k, v in data.collate(rows).items()}
-            with torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                out[rows] = torch.stack(answer_log_probs(self.reference, batch).float().chunk(2), dim=1)
-        return all_reduce_sum(out, d).cpu().numpy()
+        out = np.zeros((len(data), 2), dtype=np.float32)
+        start, rows = saved_rows(parts, name, out), d.world * B * CHUNK_BATCHES
+        bar = progress(total=-(-len(data) // (d.world * B)), initial=start // (d.world * B),
+                       desc="reference log-probs", unit=" batch", disable=not d.main)
+        with bar:
+            for c in range(start, len(data), rows):
+                end = min(c + rows, len(data))
+                chunk = torch.zeros(end - c, 2, device=d.device)
+                for s in range(c + d.rank * B, end, d.world * B):
+                    batch = {k: v.to(d.device) for k, v in data.collate(list(range(s, min(s + B, end)))).items()}
+                    with torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                        logps = answer_log_probs(self.reference, batch).float()
+                    chunk[s - c : s - c + len(logps) // 2] = torch.stack(logps.chunk(2), dim=1)
+                    bar.update()
+                out[c:end] = all_reduce_sum(chunk, d).cpu().numpy()
+                if d.main:
+                    save_chunk(parts / f"{name}_{c}_{end}.npy", out[c:end])
+        return out
 
     def precompute_reference(self) -> None:
         """Give the train and val pairs the reference's log-probs, from OUT_DIR/ref_logps.npz when it was made
-        for the same init, pairs and dtype, else computed now and kept there; then free the reference."""
+        for the same init, pairs and dtype, else computed now (reference_log_probs, going on from the chunks in
+        OUT_DIR/ref_logps.parts made for the same) and kept there; then free the reference."""
         data = {"train": self.train_data, "val": self.val_data}
         data = {k: v for k, v in data.items() if v is not None}
         key = json.dumps({"init": weights_sha256(self.t.init), "dtype": str(self.dtype),
                           **{k: v.fingerprint() for k, v in data.items()}})
-        f = self.out / REFERENCE_FILE
+        f, parts = self.out / REFERENCE_FILE, self.out / REFERENCE_PARTS
         cached = np.load(f) if f.is_file() else None
         if cached is not None and str(cached["key"]) == key:
             for name, d in data.items():
                 d.ref_logps = cached[name]
         else:
-            for d in data.values():
-                d.ref_logps = self.reference_log_probs(d)
             if self.dist.main:
-                self.out.mkdir(parents=True, exist_ok=True)
+                start_parts(parts, key)
+            barrier(self.dist)  # every rank reads the chunks there once they are of this key
+            for name, d in data.items():
+                d.ref_logps = self.reference_log_probs(d, name, parts)
+            if self.dist.main:
                 tmp = f.with_suffix(f".tmp-{os.getpid()}.npz")
                 with writing(f, tmp):
                     np.savez(tmp, key=np.array(key), **{k: v.ref_logps for k, v in data.items()})
                     tmp.replace(f)
+                shutil.rmtree(parts)
             barrier(self.dist)
         self.reference = None
+
+
+def start_parts(parts: Path, key: str) -> None:
+    """Make parts the folder of the chunks of reference log-probs for key (the init's weights, the dtype and the
+    pairs): the chunks a stopped run left for the same key stay, and those for another (a changed init or data)
+    are removed."""
+    record = parts / "key.json"
+    if record.is_file() and record.read_text(encoding="utf-8") == key:
+        return
+    discard(parts)
+    parts.mkdir(parents=True)
+    write_whole(record, key)
+
+
+def saved_rows(parts: Path, name: str, out: np.ndarray) -> int:
+    """The rows of out (n, 2) that the chunks NAME_START_END.npy in parts hold from row 0 on without a gap, copied
+    into out; returns the row where they end (0: none)."""
+    chunks = {}
+    for file in parts.glob(f"{name}_*_*.npy"):
+        if m := re.fullmatch(rf"{re.escape(name)}_(\d+)_(\d+)\.npy", file.name):
+            chunks[int(m[1])] = (int(m[2]), file)
+    done = 0
+    while done in chunks and done < len(out):
+        end, file = chunks[done]
+        values = np.load(file)
+        if end > len(out) or values.shape != (end - done, 2):
+            break
+        out[done:end] = values
+        done = end
+    return done
+
+
+def save_chunk(path: Path, values: np.ndarray) -> None:
+    """values saved at path (.npy) whole or not at all: written to a temporary beside it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with writing(path, tmp):
+        with tmp.open("wb") as f:
+            np.save(f, values)
+        tmp.replace(path)
 
 
 @torch.no_grad()
