@@ -14,7 +14,6 @@ from babyllama.data.pretokenize import pretokenize
 from babyllama.data.shards import TokenWindows
 from babyllama.errors import UserError
 from babyllama.evaluate import (
-    bleu,
     char_f1,
     leakage,
     lm_metrics,
@@ -32,17 +31,62 @@ from babyllama.sampling import Sampling
 from tests.conftest import CHATGLM2, generated_corpus, run_cli, sharp_model, tiny_config
 
 
-def test_bleu_is_sacrebleu_zh_and_jieba_words():
+def held_score_qa(items: list[dict]) -> dict:
+    """score_qa as it was, every task's predictions and references held, BLEU by sacrebleu's corpus_bleu of them all:
+    what the running sums must equal."""
+    from collections import Counter, defaultdict
+
     import jieba
     import sacrebleu
 
-    preds = ["今天天气很好，我们去公园散步。", "他在北京大学读书"]
-    refs = ["今天天气不错，我们去公园散步吧。", "他在北京大学学习"]
-    got = bleu(preds, refs)
-    assert got["bleu"] == sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score
-    words = lambda xs: [" ".join(jieba.cut(x)) for x in xs]
-    assert got["word_bleu"] == sacrebleu.corpus_bleu(words(preds), [words(refs)], tokenize="none").score
-    assert 0 < got["bleu"] < 100
+    from babyllama.evaluate import ITEMS_PER_LABEL, MAX_LABELS
+
+    words = lambda texts: [" ".join(jieba.cut(t)) for t in texts]
+    by_task = defaultdict(lambda: ([], []))
+    for it in items:
+        by_task[it["task"]][0].append(it["prediction"])
+        by_task[it["task"]][1].append(it["reference"])
+    out = {}
+    for task, (preds, refs) in by_task.items():
+        n, labels = len(preds), Counter(refs)
+        out[task] = {"items": n, "bleu": sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score,
+                     "word_bleu": sacrebleu.corpus_bleu(words(preds), [words(refs)], tokenize="none").score,
+                     "rouge_l": sum(map(rouge_l, preds, refs)) / n, "char_f1": sum(map(char_f1, preds, refs)) / n,
+                     "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n,
+                     "majority_baseline": labels.most_common(1)[0][1] / n}
+        if len(labels) <= MAX_LABELS and n >= ITEMS_PER_LABEL * len(labels):
+            out[task] |= {"accuracy": out[task]["exact_match"], "labels": dict(labels)}
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_qa_scores_from_running_sums_equal_those_of_the_held_items(monkeypatch, chunk):
+    """score_qa held every prediction and reference, and sacrebleu's n-gram counts of them all (200k items: 1.1 GB).
+    It keeps running sums now, BLEU's statistics counted BLEU_CHUNK items at a time: every score, corpus BLEU's too,
+    equals the held items' to the last bit, sacrebleu's (tokenize zh) and over jieba words."""
+    import random
+
+    from sacrebleu.metrics import BLEU
+
+    import babyllama.evaluate
+
+    monkeypatch.setattr(babyllama.evaluate, "BLEU_CHUNK", chunk, raising=False)
+    rng, text = random.Random(0), "今天天气很好我们去公园散步他在北京大学读书学习，。"
+    said = lambda n: "".join(rng.choices(text, k=n))
+    items = [{"task": "free", "prediction": said(rng.randint(0, 12)), "reference": said(rng.randint(1, 12))}
+             for _ in range(60)]
+    items += [{"task": "labels", "prediction": rng.choice(["正面", "负面", "正"]),
+               "reference": rng.choice(["正面", "负面"])} for _ in range(30)]
+    rng.shuffle(items)
+    counted, corpus_score = [], BLEU.corpus_score
+    monkeypatch.setattr(BLEU, "corpus_score", lambda self, hyps, refs: counted.append(len(hyps)) or
+                        corpus_score(self, hyps, refs))
+    got = score_qa(items)
+    assert max(counted) == min(chunk, 60)  # the free task's 60 items: BLEU_CHUNK at a time
+    monkeypatch.undo()
+    held = held_score_qa(items)
+    assert got == held and list(got) == list(held)
+    assert 0 < got["free"]["bleu"] < 100 and 0 < got["free"]["word_bleu"] < 100 and "labels" in got["labels"]
 
 
 def test_rouge_l_and_char_f1_by_hand():
@@ -61,6 +105,7 @@ def test_qa_reads_every_field_name_and_scores_labels(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
     items, skipped, bad = read_qa(f)
+    items = list(items)
     assert skipped == 0 and bad == []
     assert [(i["question"], i["reference"]) for i in items] == [
         ("q1", "正面"), ("q2", "负面"), ("判断：q3", "正面"), ("q4", "正面")]
@@ -139,7 +184,7 @@ def test_qa_fields_are_text_and_one_of_another_type_makes_a_bad_record_that_name
     f = tmp_path / "qa.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     items, skipped, bad = read_qa(f)
-    assert items == [{"question": "q1", "reference": "5", "task": "7"}, {"question": "q2", "reference": "0.5",
+    assert list(items) == [{"question": "q1", "reference": "5", "task": "7"}, {"question": "q2", "reference": "0.5",
                       "task": "qa"}, {"question": "q3", "reference": "好", "task": "qa"},
                      {"question": "q6", "reference": "正面", "task": "0.55"}] and skipped == 0
     assert bad == [f"{f}:4: its 'question' is a list, not a string",
@@ -183,6 +228,7 @@ def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_pa
         alpaca, long_history, {"question": "问五", "answer": "答五", "system": "", "history": []},
         {"question": "问", "answer": "答", "system": 1}, {"question": "问", "answer": "答", "history": [["只有问"]]}]))
     items, _, bad = read_qa(f)
+    items = list(items)
     assert items[0] == {"question": "问四", "reference": "答四", "task": "qa", "system": "你是助手",
                         "history": [["早先的问", "早先的答"]]}
     assert items[2] == {"question": "问五", "reference": "答五", "task": "qa"}  # empty: none, as before
@@ -281,7 +327,8 @@ def test_qa_names_the_fields_a_record_of_two_shapes_leaves_out_once_a_file(tmp_p
 def test_qa_references_of_several_strings_are_joined(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text(json.dumps({"question": "谁？", "answer": ["江泽民", "李鹏"]}, ensure_ascii=False) + "\n")
-    assert read_qa(f) == ([{"question": "谁？", "reference": "江泽民、李鹏", "task": "qa"}], 0, [])
+    items, *counts = read_qa(f)
+    assert list(items) == [{"question": "谁？", "reference": "江泽民、李鹏", "task": "qa"}] and counts == [0, []]
 
 def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_path, bpe_tokenizer):
     from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
@@ -295,8 +342,9 @@ def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_
     assert {f.name for f in (qa / "sft_tokens").iterdir()} >= {"manifest.json", "bad_records.txt", "train.ids.bin"}
     (qa / "blob.bin").write_bytes(bytes(range(256)))
     (qa / ".eval.jsonl.tmp.jsonl").write_text("{cut")  # a hidden temporary
-    alone = read_qa(qa / "eval.jsonl")
-    assert read_qa(qa) == alone and len(alone[0]) == 20 and alone[1:] == (0, [])  # the cache's JSON: 34 bad records
+    alone, folder = read_qa(qa / "eval.jsonl"), read_qa(qa)
+    assert list(folder[0]) == list(alone[0]) and len(alone[0]) == 20
+    assert folder[1:] == alone[1:] == (0, [])  # the cache's JSON: 34 bad records
 
 
 def test_qa_and_mc_folders_skip_their_text_files_and_say_so(tmp_path, capsys):
@@ -311,7 +359,8 @@ def test_qa_and_mc_folders_skip_their_text_files_and_say_so(tmp_path, capsys):
     (mc / "law_val.csv").write_text("question,A,B,C,D,answer\n问,甲,乙,丙,丁,A\n", encoding="utf-8")
     for name in ("readme.txt", "notes.txt.gz"):
         (mc / name).write_bytes(b"")
-    assert read_qa(qa) == ([{"question": "问", "reference": "答", "task": "qa"}], 0, [])
+    items, *counts = read_qa(qa)
+    assert list(items) == [{"question": "问", "reference": "答", "task": "qa"}] and counts == [0, []]
     assert [it["question"] for it in read_mc([mc])[0]] == ["问"]
     assert capsys.readouterr().out == (
         f"note: --qa reads records from .jsonl, .json, .csv, .parquet files; {qa / 'readme.txt'} is skipped.\n"
@@ -332,7 +381,7 @@ def test_a_folder_of_many_text_files_names_three_and_counts_the_others(tmp_path,
     for name in ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt"):
         (tmp_path / name).write_text("x\n")
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "问", "answer": "答"}, ensure_ascii=False) + "\n")
-    assert read_qa(tmp_path)[0] == [{"question": "问", "reference": "答", "task": "qa"}]
+    assert list(read_qa(tmp_path)[0]) == [{"question": "问", "reference": "答", "task": "qa"}]
     assert capsys.readouterr().out == (f"note: --qa reads records from .jsonl, .json, .csv, .parquet files; "
                                        f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}, {tmp_path / 'c.txt'} and 2 more "
                                        "are skipped.\n")

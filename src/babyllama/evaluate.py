@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO
 
@@ -208,34 +208,54 @@ def record_files(paths: Sequence[str | Path], flag: str | None = None) -> list[P
     return [f for f in files if f not in texts]
 
 
-def read_qa(path: str | Path) -> tuple[list[dict], int, list[str]]:
-    """{question, reference, task} (and system, history where given: qa_item) from records with a question field
-    and a reference field; the number of records skipped because their reference is missing or blank (nothing to
-    score against: BELLE's eval set has such items); and "file:line: why" of each record skipped as bad (not a JSON
-    object, no question, a field of the wrong type, bytes that are not text). Raises UserError when no record has a
-    reference."""
-    items, no_reference, bad = [], 0, []
-    for file in record_files([path], "--qa"):
-        left_out = LeftOut()
-        for where, r, why in iter_records(file):
-            try:
-                item = qa_item(r, why)
-            except ValueError as e:
-                bad.append(f"{where}: {e}")
-                continue
-            left_out.note(unread_fields(r, qa_fields(r), QA_FIELDS), where)
-            if item is None:
-                no_reference += 1
+class RecordItems:
+    """The items of record files (--qa's or --mc's), read from the files again at each pass over them, one at a time,
+    instead of held: 200k QA items held took 1.1 GB. item(file, record, why) makes a record's item (why: the reader's
+    reason when record is None), None for a record without a reference, which is counted (no_reference), or raises
+    ValueError saying why a record is bad ("file:line: why" in bad). The first pass, here, counts them; limit (0: all)
+    keeps the first limit items. A pass reads the files as they are then: change them while eval runs, and the items
+    asked may not be those counted."""
+
+    def __init__(self, files: list[Path], item: Callable[[Path, dict | None, str], dict | None], limit: int = 0):
+        self.files, self.item = files, item
+        self.no_reference, self.bad, n = 0, [], 0
+        for where, it in self.read():
+            if isinstance(it, ValueError):
+                self.bad.append(f"{where}: {it}")
+            elif it is None:
+                self.no_reference += 1
             else:
-                items.append(item)
-        if left_out.counts:
-            print(f"note: {file}: records with the fields of more than one shape are read in the first of {QA_ORDER}, "
-                  f"leaving out {left_out.words()}")
+                n += 1
+        self.length = min(n, limit or n)
+
+    def read(self) -> Iterator[tuple[str, dict | ValueError | None]]:
+        """(file:line, the item, None or the ValueError that says why it is bad) of every record, in order."""
+        for file in self.files:
+            for where, record, why in iter_records(file):
+                try:
+                    yield where, self.item(file, record, why)
+                except ValueError as e:
+                    yield where, e
+
+    def __iter__(self) -> Iterator[dict]:
+        return islice((it for _, it in self.read() if isinstance(it, dict)), self.length)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def read_qa(path: str | Path, limit: int = 0) -> tuple[RecordItems, int, list[str]]:
+    """{question, reference, task} (and system, history where given: qa_item) from records with a question field
+    and a reference field, the first limit of them (0: all), read at each pass (RecordItems); the number of records
+    skipped because their reference is missing or blank (nothing to score against: BELLE's eval set has such items);
+    and "file:line: why" of each record skipped as bad (not a JSON object, no question, a field of the wrong type,
+    bytes that are not text). Raises UserError when no record has a reference."""
+    items = RecordItems(record_files([path], "--qa"), lambda file, record, why: qa_item(record, why), limit)
     if not items:
         raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}, or a "
                         "conversation's last answer); "
-                        f"{no_reference} had none or an empty one{bad_detail(bad)}.")
-    return items, no_reference, bad
+                        f"{items.no_reference} had none or an empty one{bad_detail(items.bad)}.")
+    return items, items.no_reference, items.bad
 
 
 def qa_item(record: dict | None, why: str) -> dict | None:
@@ -367,63 +387,98 @@ def char_f1(prediction: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def bleu(predictions: list[str], references: list[str]) -> dict:
-    """Corpus BLEU-4 by sacrebleu (tokenize zh), and the recipe's BLEU over jieba words."""
-    sacrebleu = require("sacrebleu", "eval")
-    jieba = require("jieba", "eval")
-    jieba.setLogLevel(60)
-    words = lambda texts: [" ".join(jieba.cut(t)) for t in texts]
-    return {
-        "bleu": sacrebleu.corpus_bleu(predictions, [references], tokenize="zh").score,
-        "word_bleu": sacrebleu.corpus_bleu(words(predictions), [words(references)], tokenize="none").score,
-    }
+BLEU_CHUNK = 1000  # (prediction, reference) pairs whose BLEU statistics are counted at once (CorpusBleu)
+
+
+class CorpusBleu:
+    """Corpus BLEU-4 by sacrebleu (its corpus_bleu, tokenize as given) of pairs added one at a time, not held: its
+    statistics, the hypothesis and reference lengths and the n-gram matches and totals, are sums over the pairs,
+    counted BLEU_CHUNK pairs at a time, so the score is corpus_bleu's of all the pairs at once, to the last bit
+    (sacrebleu's n-gram counts of 200k pairs at once took ~3 KB a pair)."""
+
+    def __init__(self, tokenize: str):
+        self.metric = require("sacrebleu", "eval").BLEU(tokenize=tokenize)
+        self.sums = [0] * (2 + 2 * self.metric.max_ngram_order)  # lengths, then matches and totals by order
+        self.pairs: tuple[list[str], list[str]] = ([], [])
+
+    def add(self, prediction: str, reference: str) -> None:
+        self.pairs[0].append(prediction)
+        self.pairs[1].append(reference)
+        if len(self.pairs[0]) >= BLEU_CHUNK:
+            self.count()
+
+    def count(self) -> None:
+        """Add the statistics of the pairs held to the sums, and let them go."""
+        if self.pairs[0]:
+            s = self.metric.corpus_score(self.pairs[0], [self.pairs[1]])
+            self.sums = [a + b for a, b in zip(self.sums, [s.sys_len, s.ref_len, *s.counts, *s.totals], strict=True)]
+            self.pairs = ([], [])
+
+    def score(self) -> float:
+        """BLEU of all the pairs added, 0-100."""
+        self.count()
+        m, n = self.metric, self.metric.max_ngram_order
+        return m.compute_bleu(self.sums[2 : 2 + n], self.sums[2 + n :], self.sums[0], self.sums[1],
+                              smooth_method=m.smooth_method, smooth_value=m.smooth_value,
+                              effective_order=m.effective_order, max_ngram_order=n).score
+
+
+class TaskScores:
+    """The running sums of one QA task's scores (score_qa): sacrebleu's BLEU-4 (tokenize zh) and the recipe's BLEU
+    over jieba words (CorpusBleu each), ROUGE-L and F1 over characters and exact matches summed, and each
+    reference's count (the majority baseline, and the labels of a task of few), not the items."""
+
+    def __init__(self):
+        jieba = require("jieba", "eval")
+        jieba.setLogLevel(60)
+        self.words = lambda text: " ".join(jieba.cut(text))
+        self.bleu, self.word_bleu = CorpusBleu("zh"), CorpusBleu("none")
+        self.rouge_l, self.char_f1, self.exact = 0.0, 0.0, 0
+        self.labels: Counter = Counter()
+
+    def add(self, prediction: str, reference: str) -> None:
+        self.bleu.add(prediction, reference)
+        self.word_bleu.add(self.words(prediction), self.words(reference))
+        self.rouge_l += rouge_l(prediction, reference)
+        self.char_f1 += char_f1(prediction, reference)
+        self.exact += prediction == reference
+        self.labels[reference] += 1
+
+    def scores(self) -> dict:
+        n = sum(self.labels.values())
+        scores = {"items": n, "bleu": self.bleu.score(), "word_bleu": self.word_bleu.score(),
+                  "rouge_l": self.rouge_l / n, "char_f1": self.char_f1 / n, "exact_match": self.exact / n}
+        scores["majority_baseline"] = self.labels.most_common(1)[0][1] / n  # always answering the commonest
+        if len(self.labels) <= MAX_LABELS and n >= ITEMS_PER_LABEL * len(self.labels):  # a classification task
+            scores["accuracy"] = scores["exact_match"]
+            scores["labels"] = dict(self.labels)
+        return scores
 
 
 def score_qa(items: Iterable[dict]) -> dict:
     """Scores per task of items that carry task, prediction and reference, read once (items.jsonl's lines, one
-    at a time): only the predictions and references are held, which corpus BLEU needs."""
-    by_task: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    at a time): only each task's running sums are held (TaskScores)."""
+    by_task: dict[str, TaskScores] = defaultdict(TaskScores)
     for it in items:
-        preds, refs = by_task[it["task"]]
-        preds.append(it["prediction"])
-        refs.append(it["reference"])
-    out = {}
-    for task, (preds, refs) in by_task.items():
-        n = len(preds)
-        scores = {"items": n, **bleu(preds, refs),
-                  "rouge_l": sum(map(rouge_l, preds, refs)) / n,
-                  "char_f1": sum(map(char_f1, preds, refs)) / n,
-                  "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n}
-        labels = Counter(refs)
-        scores["majority_baseline"] = labels.most_common(1)[0][1] / n  # always answering the commonest
-        if len(labels) <= MAX_LABELS and n >= ITEMS_PER_LABEL * len(labels):  # a classification task
-            scores["accuracy"] = scores["exact_match"]
-            scores["labels"] = dict(labels)
-        out[task] = scores
-    return out
+        by_task[it["task"]].add(it["prediction"], it["reference"])
+    return {task: scores.scores() for task, scores in by_task.items()}
 
 
 # --- multiple choice ---
 
 
-def read_mc(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
+def read_mc(paths: Sequence[str | Path], limit: int = 0) -> tuple[RecordItems, list[str]]:
     """C-Eval / CMMLU items: question, A-D, answer, subject from the file name (column names and answer
-    letters in any case, with spaces around). Also "file:line: why" of each row skipped as bad (not a
-    record, a field missing, an answer that is not one of A-D or whose option is empty, bytes that are not text):
-    every row is one or the other. Raises UserError when no item remains."""
-    items, bad = [], []
-    for file in record_files(paths, "--mc"):
-        subject = re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
-        for where, row, why in iter_records(file):  # CSV, JSON lines or a JSON array
-            try:
-                item = mc_item(row, why, subject)
-            except ValueError as e:
-                bad.append(f"{where}: {e}")
-                continue
-            items.append(item)
+    letters in any case, with spaces around), the first limit of them (0: all), read at each pass (RecordItems). Also
+    "file:line: why" of each row skipped as bad (not a record, a field missing, an answer that is not one of A-D or
+    whose option is empty, bytes that are not text): every row is one or the other. Raises UserError when no item
+    remains."""
+    subject = lambda file: re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
+    items = RecordItems(record_files(paths, "--mc"), lambda file, row, why: mc_item(row, why, subject(file)), limit)
     if not items:
-        raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}{bad_detail(bad)}.")
-    return items, bad
+        raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}"
+                        f"{bad_detail(items.bad)}.")
+    return items, items.bad
 
 
 def mc_item(row: dict | None, why: str, subject: str) -> dict:
@@ -529,7 +584,7 @@ def mc_summary(results: Iterable[dict]) -> dict:
 # --- leakage ---
 
 
-def leakage(questions: Sequence[str], train_paths: Sequence[str | Path], min_chars: int = 8,
+def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_chars: int = 8,
             eval_files: Sequence[str | Path] = ()) -> dict:
     """Eval questions (of at least min_chars characters) that occur verbatim in the training files.
 
@@ -584,13 +639,14 @@ PARTIAL = "items.jsonl.partial"  # in OUT while eval runs: a settings line, then
 FLUSH_EVERY = 32  # items a write: a kill -9 loses fewer answers than this (Ctrl-C, SIGTERM and a crash lose none)
 
 
-def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: list[dict], mc_items: list[dict]) -> dict:
+def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: Iterable[dict], mc_items: Iterable[dict]
+                 ) -> dict:
     """What the answers in items.jsonl.partial depend on, its first line: the SHA-256 of the checkpoint's weights,
     the device type, the sampling settings, and the SHA-256 of the QA and multiple-choice items asked (as read,
     after --limit). A rerun goes on with the answers only when all of these are the same."""
     from babyllama.checkpoint import weights_sha256
 
-    def digest(items: list[dict]) -> str:
+    def digest(items: Iterable[dict]) -> str:
         h = hashlib.sha256()
         for it in items:  # one at a time: no copy of them all
             h.update(json.dumps(it, ensure_ascii=False).encode() + b"\n")
@@ -600,23 +656,25 @@ def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: li
             "sampling": asdict(sampling), "qa_items": digest(qa_items), "mc_items": digest(mc_items)}
 
 
-def answered(path: Path, settings: dict, qa_items: list[dict], mc_items: list[dict]) -> int:
+def answered(path: Path, settings: dict, qa_items: RecordItems | list, mc_items: RecordItems | list) -> int:
     """How many items path (items.jsonl.partial) holds answered under settings, in order: qa_items, then mc_items.
     The file is cut after the last line that answers the next item (is_answer): a line cut by a kill -9, or one
     damaged, moved or repeated by hand (a note says which), is dropped with what follows it; a file written under
     other settings, or none, is started anew with the settings line, and 0 returned (a note says why)."""
     done, end, before = 0, 0, None
-    items = [("qa", it) for it in qa_items] + [("mc", it) for it in mc_items]  # references: no copies
+    total = len(qa_items) + len(mc_items)
+    items = chain((("qa", it) for it in qa_items), (("mc", it) for it in mc_items))  # read one at a time
     if path.is_file():
         with path.open("rb") as f:
             before = _json_line(f.readline())
             if before == settings:
                 end = f.tell()
                 for line in f:
-                    if done == len(items) or not is_answer(_json_line(line), *items[done]):
+                    item = next(items, None)
+                    if item is None or not is_answer(_json_line(line), *item):
                         if line.endswith(b"\n"):  # not a line cut by a kill
                             print(f"note: line {done + 2} of {path} is not the answer to item {done + 1} of "
-                                  f"{len(items)}, so eval drops it and what follows it.")
+                                  f"{total}, so eval drops it and what follows it.")
                         break
                     done, end = done + 1, end + len(line)
     if end:
@@ -804,7 +862,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, max_new_tokens: int, prompts: Sequence[str],
-                   qa_items: Sequence[dict], mc_items: Sequence[dict]) -> dict[str, int]:
+                   qa_items: Iterable[dict], mc_items: Iterable[dict]) -> dict[str, int]:
     """How many continuation prompts ("prompts"), QA questions ("qa") and multiple-choice items ("mc") are cut to
     fit the context of max_seq_len: a prompt (text_prompt, qa_prompt) of more ids than prompt_budget leaves for
     max_new_tokens (at most CONTINUATION_TOKENS for a continuation), an item with a scored text (mc_texts) of
@@ -867,14 +925,13 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     tokenizer, cfg, config = checked_tokenizer(checkpoint)  # all but the weights, which load after the checks
     manifest = check_lm_data(data, cfg.max_seq_len) if data else None
     prompt_list = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
-    qa_items, no_reference, qa_bad = read_qa(qa) if qa else ([], 0, [])  # bad eval files fail before any work
-    mc_items, mc_bad = read_mc(mc) if mc else ([], [])
+    qa_items, no_reference, qa_bad = read_qa(qa, limit) if qa else ([], 0, [])  # bad eval files fail before any
+    mc_items, mc_bad = read_mc(mc, limit) if mc else ([], [])  # work; the items are read at each pass, not held
     train_files = expand_inputs(list(train_data)) if train_data else []
     for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
         if bad:
             print(f"note: {len(bad)} bad {what} {agree(len(bad), 'record is', 'records are')} skipped; the first: "
                   f"{bad[0]}")
-    qa_items, mc_items = qa_items[: limit or None], mc_items[: limit or None]
     sampling = sampling or Sampling()
     device = pick_device(device)
     say_device(str(device))  # after the checks, the checkpoint's too: an error is all it says
@@ -918,7 +975,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         result["mc_bad_records"] = len(mc_bad)
         result["mc_cut_to_context"] = cut["mc"]
     if train_data and (qa or mc):
-        questions = [it["question"] for it in (*qa_items, *mc_items)]
+        questions = (it["question"] for it in chain(qa_items, mc_items))
         result["leakage"] = leakage(questions, train_files,
                                     eval_files=eval_files_in(train_files, [qa] if qa else [], mc or []))
         if not result["leakage"]["searched_documents"]:
