@@ -75,13 +75,49 @@ def test_a_long_document_is_encoded_in_pieces_of_bounded_size_with_the_ids_of_th
     encode_batch = bpe_tokenizer.encode_batch
     monkeypatch.setattr(bpe_tokenizer, "encode_batch", lambda texts, *a, **k: calls.append(
         sum(map(len, texts))) or encode_batch(texts, *a, **k))
-    flat, lengths = pt.encode_documents(bpe_tokenizer, ["短文", long, "又一篇"], bos=True)
+    batches = list(pt.text_batches(pt.document_pieces(["短文", long, "又一篇"], 0.0), size=lambda p: len(p.text)))
+    flat = [i for batch in batches for i in pt.encode_pieces(bpe_tokenizer, batch, bos=True)[0].tolist()]
     assert max(calls) <= 1000 + 200 and sum(calls) == len(long) + 5
     monkeypatch.undo()
     bos, eos = bpe_tokenizer.bos_id, bpe_tokenizer.eos_id
     whole = [[bos, *bpe_tokenizer.encode(t), eos] for t in ("短文", long, "又一篇")]
-    assert flat.tolist() == [i for ids in whole for i in ids] and lengths.tolist() == [len(ids) for ids in whole]
+    assert flat == [i for ids in whole for i in ids]
     assert whole[1][1:-1] == [i for p in pieces for i in bpe_tokenizer.encode(p)]  # the pieces' ids joined
+    assert [(p.first, p.last) for b in batches for p in b] == [(True, True), (True, False), *[(False, False)] * 26,
+                                                               (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_long_document_goes_to_the_workers_and_to_the_shards_in_pieces(corpus_and_tokenizer, bpe_tokenizer,
+                                                                          tmp_path, monkeypatch, workers):
+    """A long document went to a worker whole, and its ids came back whole and were copied twice more: ~20 bytes a
+    character at once (50 M characters: 1.2 GB). Its pieces go to the workers now, in batches of about BATCH_CHARS
+    characters, and to the shards as they come back: one document, whole in one shard (past shard_tokens), however
+    many batches its pieces span, with the ids of the whole."""
+    import babyllama.data.pretokenize as pt
+
+    monkeypatch.setattr(pt, "PIECE_CHARS", 200)
+    monkeypatch.setattr(pt, "BATCH_CHARS", 1000)
+    d, docs = corpus_and_tokenizer
+    long = "".join(generated_corpus(60, seed=5))  # 5,258 characters: 28 pieces, 6 batches
+    texts = [*docs[:20], long, *docs[20:40], "又" + long, *docs[40:60]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    sizes, in_workers = [], pt.in_workers
+    monkeypatch.setattr(pt, "in_workers", lambda func, batches, *a: in_workers(
+        func, (sizes.append(sum(len(getattr(p, "text", p)) for p in b)) or b for b in batches), *a))  # pieces, or texts
+    m = pretokenize([str(tmp_path / "docs.jsonl")], str(d / "tok"), tmp_path / "out", workers=workers,
+                    val_fraction=0.3, shard_tokens=500)
+    assert max(sizes) <= 1000 + 200 and sum(sizes) == sum(map(len, texts))
+    for split, val in (("train", False), ("val", True)):
+        want = [t for t in texts if is_val(t, 0.3) == val]
+        assert [bpe_tokenizer.decode(x.tolist()) for x in documents_of(tmp_path / "out", split)] == want
+        assert m["totals"][split] == {"documents": len(want),
+                                      "tokens": sum(len(bpe_tokenizer.encode(t)) + 1 for t in want)}
+    eos = bpe_tokenizer.eos_id
+    for shard in m["shards"]:  # whole documents, as many as it counts
+        tokens = np.fromfile(tmp_path / "out" / shard["file"], dtype=m["dtype"])
+        assert tokens[-1] == eos and (tokens == eos).sum() == shard["documents"] and len(tokens) == shard["tokens"]
+    assert max(s["tokens"] for s in m["shards"]) > 1000  # a long document's shard
 
 
 def test_one_and_two_workers_write_identical_bytes(corpus_and_tokenizer, tmp_path, monkeypatch):

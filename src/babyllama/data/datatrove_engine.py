@@ -86,12 +86,13 @@ from babyllama.data.clean import (
     write_stats,
 )
 from babyllama.data.pretokenize import (
-    encode_documents,
+    document_pieces,
+    encode_pieces,
     exit_with,
     split_writers,
     text_batches,
     token_manifest,
-    write_documents,
+    write_pieces,
 )
 from babyllama.data.shards import (
     MANIFEST,
@@ -386,10 +387,10 @@ class WriteTokenShards(PipelineStep):
         for f in [*out.glob(f"shard{tag}_*.bin"), *out.glob(f"val{tag}_*.bin"), *out.glob(f".*{tag}_*.tmp")]:
             f.unlink()  # from an attempt that was killed
         writers = split_writers(out, tok.dtype, self.shard_tokens, tag)
-        for texts in text_batches(doc.text for doc in data):
-            flat, lengths = encode_documents(tok, texts, self.bos)
-            write_documents(writers, texts, flat, lengths, self.val_fraction)
-            self.stat_update("documents", value=len(texts))
+        pieces = document_pieces((doc.text for doc in data), self.val_fraction)
+        for batch in text_batches(pieces, size=lambda piece: len(piece.text)):
+            flat, lengths = encode_pieces(tok, batch, self.bos)
+            self.stat_update("documents", value=write_pieces(writers, batch, flat, lengths))
             self.stat_update("tokens", value=len(flat))
         for w in writers.values():
             w.close()

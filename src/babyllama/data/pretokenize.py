@@ -25,9 +25,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from functools import partial
+from itertools import chain
 from multiprocessing import resource_tracker
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -131,22 +132,37 @@ def in_workers(func: Callable[[T], R], batches: Iterable[T], tokenizer_path: str
             yield batch0, result.get()
 
 
-def encode_documents(tok: Tokenizer, texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    """All documents' ids (with eos, and bos first when asked) back to back, (N,) uint32, and each
-    document's length, (D,) int64. A document over PIECE_CHARS characters is encoded in pieces (text_pieces), its
-    ids joined, and the tokenizer is given pieces of about BATCH_CHARS characters at a time: its memory grows with
-    the characters it encodes at once (~400 bytes each in one long word of BPE: a document of 1.28 M characters took
-    534 MB, one of the 64 Mi characters a line may hold would take ~25 GB); now it is bounded whatever the
-    document."""
-    pieces = ((d, piece) for d, text in enumerate(texts) for piece in text_pieces(text, PIECE_CHARS))  # lazily
-    parts: list[list[np.ndarray]] = [[] for _ in texts]  # each document's ids, piece by piece
-    for group in text_batches(pieces, size=lambda item: len(item[1])):
-        for (d, _), ids in zip(group, tok.encode_batch([piece for _, piece in group]), strict=True):
-            parts[d].append(np.array(ids, dtype=np.uint32))
-    bos_ids, eos_ids = np.array([tok.bos_id] * bos, dtype=np.uint32), np.array([tok.eos_id], dtype=np.uint32)
-    docs = [np.concatenate([bos_ids, *p, eos_ids]) for p in parts]
-    lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
-    return np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint32), lengths
+class Piece(NamedTuple):
+    """A piece of a document's text (text_pieces), as the workers encode it and the writers append it."""
+    text: str
+    val: bool  # its document goes to the val split (is_val, by the hash of the whole text)
+    first: bool  # it begins its document
+    last: bool  # it ends its document
+
+
+def document_pieces(texts: Iterable[str], val_fraction: float) -> Iterator[Piece]:
+    """The pieces of each document in turn: a document over PIECE_CHARS characters is cut (text_pieces), lazily, so
+    that nothing but the text itself is held whole; the tokenizer, given pieces of about BATCH_CHARS characters at a
+    time (text_batches), needs memory for the characters it encodes at once (~400 bytes each in one long word of BPE:
+    a document of 1.28 M characters took 534 MB), and the ids go to the shards piece by piece (write_pieces)."""
+    for text in texts:
+        val, first = is_val(text, val_fraction), True
+        pieces = text_pieces(text, PIECE_CHARS)
+        piece = next(pieces)
+        for following in pieces:
+            yield Piece(piece, val, first, False)
+            piece, first = following, False
+        yield Piece(piece, val, first, True)
+
+
+def encode_pieces(tok: Tokenizer, pieces: list[Piece], bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The pieces' ids back to back, (N,) uint32, with <bos> before a document's first piece when asked and <eos>
+    after its last, and each piece's number of ids, (P,) int64. A document's pieces' ids joined are the whole's
+    (text_pieces)."""
+    encoded = tok.encode_batch([p.text for p in pieces])
+    ids = [[tok.bos_id] * (bos and p.first) + x + [tok.eos_id] * p.last for p, x in zip(pieces, encoded, strict=True)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths
 
 
 PIECE_CHARS = 1 << 16  # a longer document is encoded in pieces of at most this many characters (text_pieces)
@@ -171,8 +187,8 @@ def text_pieces(text: str, size: int) -> Iterator[str]:
     yield text[start:]
 
 
-def _encode(texts: list[str], bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    return encode_documents(worker_tokenizer(), texts, bos)
+def _encode(pieces: list[Piece], bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    return encode_pieces(worker_tokenizer(), pieces, bos)
 
 
 def text_batches(items: Iterable[T], size: Callable[[T], int] = len) -> Iterator[list[T]]:
@@ -195,13 +211,21 @@ def split_writers(out: Path, dtype: np.dtype, shard_tokens: int, tag: str = "") 
             for split, prefix in (("train", "shard"), ("val", "val"))}
 
 
-def write_documents(writers: dict[str, BinShardWriter], texts: list[str], flat: np.ndarray, lengths: np.ndarray,
-                    val_fraction: float) -> None:
-    """Append encoded documents to the train or val writer, each by the hash of its text (is_val)."""
-    val = np.fromiter((is_val(t, val_fraction) for t in texts), dtype=bool, count=len(texts))
+def write_pieces(writers: dict[str, BinShardWriter], pieces: list[Piece], flat: np.ndarray, lengths: np.ndarray
+                 ) -> int:
+    """Append encoded pieces (encode_pieces), in order, to the train or val writer of their documents, the pieces of a
+    document as one document, which the batch's last piece may leave open for the next batch to go on with
+    (BinShardWriter.write's open_end). Returns how many documents ended."""
+    val = np.fromiter((p.val for p in pieces), dtype=bool, count=len(pieces))
+    last = np.fromiter((p.last for p in pieces), dtype=bool, count=len(pieces))
     token_is_val = np.repeat(val, lengths)
-    writers["train"].write(flat[~token_is_val], lengths[~val])
-    writers["val"].write(flat[token_is_val], lengths[val])
+    for split, chosen in (("train", ~val), ("val", val)):
+        if chosen.any():
+            ends = np.cumsum(lengths[chosen])  # where each piece ends among the split's tokens
+            open_end = not last[chosen][-1]
+            documents = np.diff(np.concatenate([ends[last[chosen]], ends[-1:] if open_end else []]), prepend=0)
+            writers[split].write(flat[token_is_val == (split == "val")], documents.astype(np.int64), open_end)
+    return int(last.sum())
 
 
 def token_manifest(tok: Tokenizer, *, bos: bool, val_fraction: float, shards: list[dict], sources: dict,
@@ -256,18 +280,17 @@ def _pretokenize(reader: CorpusReader, tok: Tokenizer, tokenizer_path: str, out:
     mine = (t for i, t in enumerate(reader.documents()) if i % num_shards == shard_index)
     read_at: deque[int] = deque()  # reader.bytes_read() after each batch in flight, oldest first
 
-    def batches() -> Iterator[list[str]]:
-        for batch in text_batches(mine):
+    def batches() -> Iterator[list[Piece]]:
+        for batch in text_batches(document_pieces(mine, val_fraction), size=lambda piece: len(piece.text)):
             read_at.append(reader.bytes_read())
             yield batch
 
     try:
         # the bar is closed on an error too, so that its message starts a line
         with reader.bad_records_to(out), bytes_bar("pretokenize", reader.total_bytes) as bar:
-            for texts, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches(), str(tokenizer_path),
-                                                     workers):
-                write_documents(writers, texts, flat, lengths, val_fraction)
-                n_tokens, n_docs = n_tokens + len(flat), n_docs + len(texts)
+            for pieces, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches(), str(tokenizer_path),
+                                                      workers):
+                n_tokens, n_docs = n_tokens + len(flat), n_docs + write_pieces(writers, pieces, flat, lengths)
                 bar.set_postfix_str(f"{n_docs:,} docs, {n_tokens / max(time.time() - start, 1e-9):,.0f} tokens/s",
                                     refresh=False)
                 bar.update(read_at.popleft() - bar.n)  # the bytes of the batches written, not of those read ahead

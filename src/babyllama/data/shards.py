@@ -45,26 +45,37 @@ MANIFEST = "manifest.json"
 FORMAT = "babyllama-tokens"  # the manifest's "format"; an SFT/DPO token cache's is another
 
 
+HASH_CHARS = 1 << 20  # characters of a document encoded to UTF-8 at a time for its hash (is_val)
+
+
 def is_val(text: str, val_fraction: float) -> bool:
-    """A stable coin flip per document: blake2b of its UTF-8 text, as a number in [0, 1)."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < val_fraction
+    """A stable coin flip per document: blake2b of its UTF-8 text, as a number in [0, 1); the text encoded HASH_CHARS
+    characters at a time (the same digest), so that a long document is not copied whole."""
+    h = hashlib.blake2b(digest_size=8)
+    for start in range(0, len(text), HASH_CHARS):
+        h.update(text[start : start + HASH_CHARS].encode())
+    return int.from_bytes(h.digest(), "little") / 2**64 < val_fraction
 
 
 
 class BinShardWriter:
-    """Appends whole documents to <prefix>_00000.bin ...; a shard closes once it holds shard_tokens."""
+    """Appends documents to <prefix>_00000.bin ...; a shard closes once it holds shard_tokens."""
 
     def __init__(self, out: Path, prefix: str, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.prefix, self.split, self.dtype, self.shard_tokens = out, prefix, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self.f = None
+        self.open = False  # the last document written goes on in the next write (write's open_end)
 
-    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents (their tokens back to back, and each one's length), rolling shards between them.
-        CannotWrite, the shard's temporary removed, where the disk is full or the folder not writable."""
+    def write(self, tokens: np.ndarray, lengths: np.ndarray, open_end: bool = False) -> None:
+        """Append documents (their tokens back to back, and each one's length), rolling shards between them. A long
+        document may come in parts, a write each: open_end says that the last document goes on in the next write,
+        whose first is its next part. A shard rolls between documents only, so one that holds the first part of a
+        long document holds all of it, past shard_tokens if need be. CannotWrite, the shard's temporary removed,
+        where the disk is full or the folder not writable."""
         ends = np.cumsum(lengths)  # (D,) where each document ends in tokens
         done_docs, done_tokens = 0, 0
+        going_on = self.open and len(lengths) > 0  # the first of lengths is the open document's next part
         while done_docs < len(lengths):
             if self.f is None:
                 name = f"{self.prefix}_{len(self.shards):05d}.bin"
@@ -74,15 +85,17 @@ class BinShardWriter:
             shard = self.shards[-1]
             room = self.shard_tokens - shard["tokens"]
             take = int(np.searchsorted(ends, done_tokens + room, side="right")) - done_docs
-            take = max(take, 1 if shard["tokens"] == 0 else 0)  # a huge document fills a shard alone
+            take = max(take, 1 if shard["tokens"] == 0 or going_on else 0)  # a huge document fills a shard alone
             end_tokens = int(ends[done_docs + take - 1]) if take else done_tokens
             with self.writing():
                 self.f.write(tokens[done_tokens:end_tokens].astype(self.dtype, copy=False).tobytes())
             shard["tokens"] += end_tokens - done_tokens
-            shard["documents"] += take
-            done_docs, done_tokens = done_docs + take, end_tokens
-            if shard["tokens"] >= self.shard_tokens or done_docs < len(lengths):
+            shard["documents"] += take - going_on  # a document counts where it begins
+            done_docs, done_tokens, going_on = done_docs + take, end_tokens, False
+            if (shard["tokens"] >= self.shard_tokens or done_docs < len(lengths)) and not (
+                    open_end and done_docs == len(lengths)):
                 self.close()
+        self.open = open_end if len(lengths) else self.open
 
     def close(self) -> None:
         if self.f is not None:
