@@ -291,6 +291,17 @@ def test_every_command_takes_device_and_sampling_defaults_from_one_place():
     assert serve.Common.model_fields["top_p"].default is None
 
 
+def test_version_prints_the_package_version():
+    """`babyllama --version` was "error: the following arguments are required: command" with exit code 2."""
+    import babyllama
+    from babyllama.settings import read_toml
+
+    project = read_toml(Path(__file__).parents[1] / "pyproject.toml")["project"]
+    r = run_cli("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"babyllama {project['version']}\n", "")
+    assert babyllama.__version__ == project["version"]
+
+
 def test_help_shows_every_default():
     from babyllama.cli import build_parser
 

@@ -28,6 +28,7 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 
+from babyllama import __version__
 from babyllama.errors import (
     AlreadySaid,
     CannotWrite,
@@ -518,6 +519,7 @@ def path(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(takes_overrides=False)  # pretrain and sft take any setting as --key value
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
