@@ -351,10 +351,15 @@ def test_a_cache_is_rebuilt_when_the_special_ids_or_the_chat_format_change(demo_
 
 
 def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
+    """...and its summary line counts what SFT records have: it listed the DPO pairs' "equal_pairs": 0 and
+    "equal_after_truncation": 0 too."""
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--tokenizer", str(demo_sft / "tok"),
                 "--out_dir", str(tmp_path / "c"), "--max_seq_len", "64", "--workers", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout)["samples"] + json.loads(r.stdout)["val_samples"] == len(MULTI_TURN)
+    summary = json.loads(r.stdout)
+    assert summary["samples"] + summary["val_samples"] == len(MULTI_TURN)
+    assert list(summary) == ["out_dir", "dtype", "records", "bad", "filtered", "empty_answers", "truncated", "samples",
+                             "val_samples", "bad_examples"]
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--out_dir", str(tmp_path / "d"))
     assert r.returncode == 2 and "--max_seq_len" in r.stderr
 

@@ -160,13 +160,13 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
         check_output_folder(args.out_dir, "token shards", (TOKEN_SHARDS, "the work folder of pretokenize --engine "
                                                            "datatrove"))  # a run to resume, or queued: later
     if args.sft:
-        from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+        from babyllama.data.sft_tokens import PAIR_COUNTS, SFTSettings, build_sft_cache
 
         settings = SFTSettings(args.max_seq_len + 1, 0.02 if args.val_fraction is None else args.val_fraction,
                                *(getattr(args, k) or 0 for k in SFT_FLAGS[1:]))
         manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, workers(args))
-        print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **manifest["stats"]},
-                         ensure_ascii=False))
+        stats = {k: v for k, v in manifest["stats"].items() if k not in PAIR_COUNTS}  # of SFT records: no pairs
+        print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **stats}, ensure_ascii=False))
         return
     if args.merge:
         manifest = merge(args.merge, args.out_dir)

@@ -111,6 +111,9 @@ class SFTStats:
     bad_examples: list[str] = field(default_factory=list)  # "file:line: reason" of the first few
 
 
+PAIR_COUNTS = ("equal_pairs", "equal_after_truncation")  # the SFTStats of a DPO cache alone
+
+
 def cache_key(paths: list[Path], tokenizer: dict, settings: SFTSettings, kind: str, cache_dir: str | Path) -> dict:
     """What the cache in cache_dir must match to be used: everything that changes its tokens. Format and version
     (of the rendering code), kind (sft or dpo), the tokenizer's record() (its fingerprint and the special ids that
