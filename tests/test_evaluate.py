@@ -330,6 +330,25 @@ def test_qa_references_of_several_strings_are_joined(tmp_path):
     items, *counts = read_qa(f)
     assert list(items) == [{"question": "谁？", "reference": "江泽民、李鹏", "task": "qa"}] and counts == [0, []]
 
+def test_qa_items_are_read_at_each_pass_and_the_readers_warnings_said_once(tmp_path, caplog):
+    """The items are not held but read from the file at each pass (its count, the settings' digest, the answers
+    so far, the answering): a GBK file's "not UTF-8" warning was said at each of them."""
+    import logging
+
+    f = tmp_path / "qa.jsonl"
+    f.write_bytes("".join(json.dumps({"question": f"问题{i}", "answer": "答案"}, ensure_ascii=False) + "\n"
+                          for i in range(5)).encode("gbk"))
+    with caplog.at_level(logging.WARNING):
+        items, _, _ = read_qa(f, limit=3)
+        first, again = list(items), list(items)
+    assert len(items) == 3 and first == again == [{"question": f"问题{i}", "reference": "答案", "task": "qa"}
+                                                  for i in range(3)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{f}: not UTF-8; reading it as GB18030 (detected). To convert it: iconv -f GB18030 -t UTF-8"]
+    f.write_bytes(b"")  # read again: the file as it is now
+    assert list(items) == []
+
+
 def test_qa_folder_reads_its_data_files_not_the_token_cache_built_from_them(tmp_path, bpe_tokenizer):
     from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -219,7 +220,7 @@ class RecordItems:
     def __init__(self, files: list[Path], item: Callable[[Path, dict | None, str], dict | None], limit: int = 0):
         self.files, self.item = files, item
         self.no_reference, self.bad, n = 0, [], 0
-        for where, it in self.read():
+        for where, it in self.read(quiet=False):
             if isinstance(it, ValueError):
                 self.bad.append(f"{where}: {it}")
             elif it is None:
@@ -228,10 +229,12 @@ class RecordItems:
                 n += 1
         self.length = min(n, limit or n)
 
-    def read(self) -> Iterator[tuple[str, dict | ValueError | None]]:
-        """(file:line, the item, None or the ValueError that says why it is bad) of every record, in order."""
+    def read(self, quiet: bool = True) -> Iterator[tuple[str, dict | ValueError | None]]:
+        """(file:line, the item, None or the ValueError that says why it is bad) of every record, in order; quiet:
+        without the reader's warnings (a file not UTF-8, one cut short), which the first pass said."""
         for file in self.files:
-            for where, record, why in iter_records(file):
+            records = iter_records(file)
+            for where, record, why in (unwarned(records) if quiet else records):
                 try:
                     yield where, self.item(file, record, why)
                 except ValueError as e:
@@ -242,6 +245,20 @@ class RecordItems:
 
     def __len__(self) -> int:
         return self.length
+
+
+def unwarned(records: Iterator) -> Iterator:
+    """records, read with the warnings of the readers' logger (data/sources.py) off, and on between records."""
+    readers = logging.getLogger(iter_records.__module__)
+    while True:
+        readers.disabled = True
+        try:
+            record = next(records, None)
+        finally:
+            readers.disabled = False
+        if record is None:
+            return
+        yield record
 
 
 def read_qa(path: str | Path, limit: int = 0) -> tuple[RecordItems, int, list[str]]:
