@@ -276,9 +276,10 @@ def test_qa_reads_messages_and_prompt_completion_records_as_sft_does(tmp_path, t
         {"prompt": "问四", "completion": "答四"},
         {"prompt": [says("user", "问五")], "completion": [says("assistant", "答五")]},
         {"messages": [says("user", "问六"), says("assistant", "答六"), says("user", "没有答")]}]))
-    assert read_qa(f) == ([{"question": "问四", "reference": "答四", "task": "qa"},
-                           {"question": "问五", "reference": "答五", "task": "qa"}], 0,
-                          [f"{f}:3: the last message must come from the assistant"])
+    items, *counts = read_qa(f)
+    assert list(items) == [{"question": "问四", "reference": "答四", "task": "qa"},
+                           {"question": "问五", "reference": "答五", "task": "qa"}]
+    assert counts == [0, [f"{f}:3: the last message must come from the assistant"]]
 
 
 def test_qa_reads_the_system_and_history_of_a_prompt_completion_record_once():
