@@ -315,7 +315,8 @@ def test_qa_names_the_fields_a_record_of_two_shapes_leaves_out_once_a_file(tmp_p
     f.write_text("".join(json.dumps(r) + "\n" for r in [
         {"question": "Q", "answer": "A", "messages": says}, {"messages": says, "answer": "A"},
         {"question": "Q", "answer": "A", "task": "t"}, {"prompt": "P", "completion": "C", "instruction": "I"}]))
-    assert read_qa(f) == ([{"question": "U", "reference": "M", "task": "qa"}] * 2 + [
+    items, *counts = read_qa(f)
+    assert (list(items), *counts) == ([{"question": "U", "reference": "M", "task": "qa"}] * 2 + [
         {"question": "Q", "reference": "A", "task": "t"}, {"question": "P", "reference": "C", "task": "qa"}], 0, [])
     assert capsys.readouterr().out == (
         f"note: {f}: records with the fields of more than one shape are read in the first of conversations, messages, "

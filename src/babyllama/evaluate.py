@@ -215,33 +215,39 @@ class RecordItems:
     reason when record is None), None for a record without a reference, which is counted (no_reference), or raises
     ValueError saying why a record is bad ("file:line: why" in bad). The first pass, here, counts them; limit (0: all)
     keeps the first limit items. A pass reads the files as they are then: change them while eval runs, and the items
-    asked may not be those counted."""
+    asked may not be those counted. unread(record): the fields of a record that its shape leaves out, counted on the
+    first pass in left_out, a LeftOut per file."""
 
-    def __init__(self, files: list[Path], item: Callable[[Path, dict | None, str], dict | None], limit: int = 0):
+    def __init__(self, files: list[Path], item: Callable[[Path, dict | None, str], dict | None], limit: int = 0,
+                 unread: Callable[[dict], list[str]] | None = None):
         self.files, self.item = files, item
         self.no_reference, self.bad, n = 0, [], 0
-        for where, it in self.read(quiet=False):
+        self.left_out: dict[Path, LeftOut] = {}
+        for file, where, record, it in self.read(quiet=False):
             if isinstance(it, ValueError):
                 self.bad.append(f"{where}: {it}")
-            elif it is None:
+                continue
+            if it is None:
                 self.no_reference += 1
             else:
                 n += 1
+            if unread and record is not None:
+                self.left_out.setdefault(file, LeftOut()).note(unread(record), where)
         self.length = min(n, limit or n)
 
-    def read(self, quiet: bool = True) -> Iterator[tuple[str, dict | ValueError | None]]:
-        """(file:line, the item, None or the ValueError that says why it is bad) of every record, in order; quiet:
-        without the reader's warnings (a file not UTF-8, one cut short), which the first pass said."""
+    def read(self, quiet: bool = True) -> Iterator[tuple[Path, str, dict | None, dict | ValueError | None]]:
+        """(file, file:line, the record, and its item, None or the ValueError that says why it is bad) of every record,
+        in order; quiet: without the reader's warnings (a file not UTF-8, one cut short), which the first pass said."""
         for file in self.files:
             records = iter_records(file)
             for where, record, why in (unwarned(records) if quiet else records):
                 try:
-                    yield where, self.item(file, record, why)
+                    yield file, where, record, self.item(file, record, why)
                 except ValueError as e:
-                    yield where, e
+                    yield file, where, record, e
 
     def __iter__(self) -> Iterator[dict]:
-        return islice((it for _, it in self.read() if isinstance(it, dict)), self.length)
+        return islice((it for *_, it in self.read() if isinstance(it, dict)), self.length)
 
     def __len__(self) -> int:
         return self.length
@@ -267,7 +273,12 @@ def read_qa(path: str | Path, limit: int = 0) -> tuple[RecordItems, int, list[st
     skipped because their reference is missing or blank (nothing to score against: BELLE's eval set has such items);
     and "file:line: why" of each record skipped as bad (not a JSON object, no question, a field of the wrong type,
     bytes that are not text). Raises UserError when no record has a reference."""
-    items = RecordItems(record_files([path], "--qa"), lambda file, record, why: qa_item(record, why), limit)
+    items = RecordItems(record_files([path], "--qa"), lambda file, record, why: qa_item(record, why), limit,
+                        unread=lambda r: unread_fields(r, qa_fields(r), QA_FIELDS))
+    for file, left_out in items.left_out.items():
+        if left_out.counts:
+            print(f"note: {file}: records with the fields of more than one shape are read in the first of {QA_ORDER}, "
+                  f"leaving out {left_out.words()}")
     if not items:
         raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}, or a "
                         "conversation's last answer); "
