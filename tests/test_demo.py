@@ -108,4 +108,4 @@ def test_the_dpo_line_names_tasks_only_where_preferences_json_has_them():
     prefs = {"pairs": 4, "sft": {"logps/accuracies": 0.5}, "dpo": {"logps/accuracies": 0.75, "rewards/accuracies": 1}}
     assert dpo_line(prefs) == "dpo, 4 held-out pairs: chosen likelier 50.0% -> 75.0%, rewards/accuracies 100.0%"
     prefs["tasks"] = {"person": {"dpo": {"rewards/accuracies": 0.5}}}
-    assert dpo_line(prefs).endswith("100.0% (person 50.0%; DPO's pairs are of person and place)")
+    assert dpo_line(prefs).endswith("100.0% (person 50.0%)")

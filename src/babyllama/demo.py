@@ -3,7 +3,7 @@
     babyllama demo --out_dir runs/demo            # about 15 minutes on 2 CPU cores
     babyllama demo --out_dir runs/demo --smoke    # every stage on a sliver of the data, about half a minute
     babyllama demo --out_dir runs/demo --force    # redo every stage
-    babyllama demo --out_dir runs/demo --dpo      # then DPO on pairs of the entity task, about 6 minutes more
+    babyllama demo --out_dir runs/demo --dpo      # then DPO on preference pairs, about 7 minutes more
 
 Stages, each skipped when its output is complete (a rerun resumes where the last one stopped):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
@@ -11,8 +11,9 @@ data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
 (a few answers) -> report (runs/demo/report.md). With --dpo: dpo data (pairs of the entity items
 of data/dpo_items.jsonl: the reference answer chosen; the SFT model's own wrong answer, else a wrong
-label, rejected) -> dpo (configs/dpo-demo.toml) -> dpo eval (the held-out eval items as QA and as
-pairs, before and after: dpo/eval/preferences.json), and the report again.
+label, rejected; and of 4,000 SFT reviews: the model's own label chosen, the other rejected) -> dpo
+(configs/dpo-demo.toml) -> dpo eval (the held-out eval items as QA and as pairs, before and after:
+dpo/eval/preferences.json), and the report again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CHAT_QUESTIONS = [
     ("找出这句话中的地名：\n", "今年春节，上海和广州的游客人数都创了新高。"),
 ]
 EVAL_NEW_TOKENS = 32  # the answers are a label or a few names
+SELF_LABELLED = 4000  # sentiment items of sft.jsonl whose own label DPO keeps (dpo_data)
 SMOKE = {  # a sliver of everything
     "limit": 1500, "vocab": 1024,
     "pretrain": ["--max_steps", "20", "--batch_size", "8", "--eval_every", "10", "--save_every", "10",
@@ -150,13 +152,15 @@ class Demo:
 
     def dpo_data(self) -> None:
         """Pairs for DPO (dpo.jsonl): the entity items of dpo_items.jsonl, sentences that SFT never asked
-        about, with the SFT model's own answer rejected where it is wrong, else a wrong label. Held out
-        (dpo_eval.jsonl): the eval items, made the same way; on sentiment the model's wrong answer is the
-        other label (1,376 of its 1,377 wrong answers on the SFT items), so those items are not asked.
-        No sentiment pairs for training: those of the SFT items, seen twice already, cost held-out
-        sentiment accuracy (bench/RESULTS.md). The model answers greedily, as the eval asks."""
+        about, with the SFT model's own answer rejected where it is wrong, else a wrong label; and
+        SELF_LABELLED sentiment items of sft.jsonl with the model's own label chosen (self_labelled_pairs):
+        without them DPO on entity pairs shifts the sentiment prior, and with the reference label chosen
+        they cost held-out sentiment accuracy (bench/RESULTS.md). Held out (dpo_eval.jsonl): the eval
+        items, made as the entity pairs are; on sentiment the model's wrong answer is the other label
+        (1,376 of its 1,377 wrong answers on the SFT items), so those items are not asked. The model
+        answers greedily, as the eval asks."""
         from babyllama.checkpoint import load_checkpoint
-        from babyllama.data.demo_corpus import SENTIMENT_PROMPT, preference_pairs
+        from babyllama.data.demo_corpus import SENTIMENT_PROMPT, preference_pairs, self_labelled_pairs, spread
         from babyllama.evaluate import answer
         from babyllama.progress import progress
         from babyllama.sampling import Sampling
@@ -166,13 +170,24 @@ class Demo:
             raise UserError(f"{d} has no dpo_items.jsonl (it was made by an older babyllama); "
                             "rerun with --force to remake the demo's data.")
         model, tokenizer, _ = load_checkpoint(self.out / "sft" / "final")
-        for source, pairs in (("dpo_items.jsonl", "dpo.jsonl"), ("eval.jsonl", "dpo_eval.jsonl")):
-            records = [json.loads(line) for line in (d / source).read_text(encoding="utf-8").splitlines()]
-            asked = [r["instruction"] + r["input"] for r in records if r["instruction"] != SENTIMENT_PROMPT]
-            answers = {q: answer(model, tokenizer, q, Sampling(EVAL_NEW_TOKENS))
-                       for q in progress(asked, desc=f"the SFT model's answers ({source})", unit=" item")}
-            lines = [json.dumps(p, ensure_ascii=False) + "\n" for p in preference_pairs(records, answers)]
-            write_whole(d / pairs, "".join(lines))
+
+        def answers(records: list[dict], source: str) -> dict[str, str]:
+            asked = [r["instruction"] + r["input"] for r in records]
+            return {q: answer(model, tokenizer, q, Sampling(EVAL_NEW_TOKENS))
+                    for q in progress(asked, desc=f"the SFT model's answers ({source})", unit=" item")}
+
+        def read(name: str) -> list[dict]:
+            return [json.loads(line) for line in (d / name).read_text(encoding="utf-8").splitlines()]
+
+        items, evals = read("dpo_items.jsonl"), read("eval.jsonl")  # dpo_items.jsonl: entity items only
+        reviews = spread([r for r in read("sft.jsonl") if r["instruction"] == SENTIMENT_PROMPT],
+                         SMOKE["preference_items"] if self.smoke else SELF_LABELLED)
+        train = (preference_pairs(items, answers(items, "dpo_items.jsonl"))
+                 + self_labelled_pairs(reviews, answers(reviews, "sft.jsonl's reviews")))
+        held = preference_pairs(evals, answers([r for r in evals if r["instruction"] != SENTIMENT_PROMPT],
+                                               "eval.jsonl"))
+        for name, pairs in (("dpo.jsonl", train), ("dpo_eval.jsonl", held)):
+            write_whole(d / name, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
     def dpo_eval(self) -> None:
         """The DPO model on the held-out QA items (and which items it answers differently from the SFT model:
@@ -269,9 +284,7 @@ def held_out_pairs(path: Path, work: Path, checkpoint: Path, max_seq_len: int) -
     """{task: PreferenceData} of the demo's held-out pairs (path: dpo_eval.jsonl), in the order the tasks first come:
     each task's lines go to work/TASK.jsonl and its own DPO token cache, work/TASK_tokens (checkpoint's tokenizer,
     rows of max_seq_len), so that a pair the cache leaves out (equal answers, too long) leaves its own task alone.
-    work is made afresh. DPO trained on the entity tasks' pairs alone, so their rewards/accuracies say what it
-    learnt, and sentiment's what it did to a task it never saw. Raises UserError when every pair of a task is left
-    out."""
+    work is made afresh. Raises UserError when every pair of a task is left out."""
     from babyllama.data.sft_tokens import SFTSettings
     from babyllama.train.distributed import Dist
     from babyllama.train.dpo import PreferenceData
@@ -305,7 +318,7 @@ def dpo_line(prefs: dict) -> str:
     line = (f"dpo, {prefs['pairs']} held-out pairs: chosen likelier {prefs['sft']['logps/accuracies']:.1%} -> "
             f"{prefs['dpo']['logps/accuracies']:.1%}, rewards/accuracies {prefs['dpo']['rewards/accuracies']:.1%}")
     tasks = ", ".join(f"{task} {p['dpo']['rewards/accuracies']:.1%}" for task, p in prefs.get("tasks", {}).items())
-    return line + (f" ({tasks}; DPO's pairs are of person and place)" if tasks else "")
+    return line + (f" ({tasks})" if tasks else "")
 
 
 def run_demo(out: str | Path = "runs/demo", smoke: bool = False, force: bool = False, dpo: bool = False) -> Path:

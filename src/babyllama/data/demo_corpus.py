@@ -206,3 +206,20 @@ def preference_pairs(records: list[dict], answers: dict[str, str] | None = None)
             last_names[r["instruction"]] = answer
         pairs.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
     return pairs
+
+
+def self_labelled_pairs(records: list[dict], answers: dict[str, str]) -> list[dict]:
+    """{prompt, chosen, rejected} of the demo's sentiment records with the model's own greedy label chosen
+    (answers: prompt -> answer) and the other label rejected; records it answers with no label are left out.
+    DPO on entity pairs alone shifts the sentiment label prior (its direction set by the seed), and pairs with
+    the reference label chosen move the decision boundary onto the model's errors; its own labels instead keep
+    the boundary where it is and widen the margin around it (self-training, e.g. Lee 2013's pseudo-labels;
+    bench/RESULTS.md, "DPO on the demo": E21)."""
+    other = {"正面": "负面", "负面": "正面"}
+    pairs = []
+    for r in records:
+        prompt = r["instruction"] + r["input"]
+        own = answers.get(prompt, "").strip()
+        if r["instruction"] == SENTIMENT_PROMPT and own in other:
+            pairs.append({"prompt": prompt, "chosen": own, "rejected": other[own]})
+    return pairs
