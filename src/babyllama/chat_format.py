@@ -145,6 +145,12 @@ def conversation_key(record: dict) -> str | None:
     return next((key for key in CONVERSATION_KEYS if record.get(key) is not None), None)
 
 
+def messages_key(record: dict) -> str | None:
+    """The field that holds a message list of record: conversation_key's, else `prompt` where it is a list (TRL's
+    conversational prompt); None without. The readers of SFT, DPO, prepare and eval --qa all decide by it."""
+    return conversation_key(record) or ("prompt" if isinstance(record.get("prompt"), list) else None)
+
+
 def messages_of_record(record: dict, key: str | None = None) -> list[tuple[str, str]]:
     """[(role, content)] of the message list record[key], by default its `conversations` or else its `messages`
     (conversation_key), of {role, content} or {from: human|gpt, value} items; roles become system / user /

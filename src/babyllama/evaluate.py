@@ -46,10 +46,10 @@ from babyllama.chat_format import (
     context_messages,
     conversation_from_messages,
     conversation_from_record,
-    conversation_key,
     field_text,
     instruction_prompt,
     is_unicode,
+    messages_key,
     not_unicode,
     prompt_budget,
     read_fields,
@@ -300,7 +300,7 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     text and history."""
     if record is None:
         raise ValueError(why)
-    if conversation_key(record) or isinstance(record.get("prompt"), list):  # raises for a blank question
+    if messages_key(record):  # raises for a blank question
         conv = conversation_from_record(record)
         (question, reference), system, history = conv.turns[-1], conv.system, [list(t) for t in conv.turns[:-1]]
     else:
@@ -323,7 +323,7 @@ def qa_item(record: dict | None, why: str) -> dict | None:
 def qa_fields(record: dict) -> tuple[str, ...]:
     """The fields of QA_FIELDS that qa_item reads of a good record: a conversation's (chat_format.read_fields), else
     its question's (the first of QUESTION_KEYS it has, else instruction and input) and its reference's."""
-    if conversation_key(record) or isinstance(record.get("prompt"), list):
+    if messages_key(record):
         return read_fields(record)
     question = next((k for k in QUESTION_KEYS if record.get(k) is not None), None)
     reference = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)

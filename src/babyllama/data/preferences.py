@@ -41,6 +41,7 @@ from babyllama.chat_format import (
     is_blank,
     kind_of,
     message_of_item,
+    messages_key,
     messages_of_record,
     render_conversation,
     truncate_conversation,
@@ -92,8 +93,8 @@ def _trained(item: dict, key: str) -> None:
 def _prompt_messages(record: dict) -> list[tuple[str, str]]:
     """(role, content) of the record's conversation (`conversations`, else `messages`) or of its `prompt`: a string,
     or a list of messages (TRL's conversational shape)."""
-    if conversation_key(record) or isinstance(record.get("prompt"), list):
-        return messages_of_record(record, conversation_key(record) or "prompt")
+    if key := messages_key(record):
+        return messages_of_record(record, key)
     return [("user", _text(record, "prompt"))]
 
 

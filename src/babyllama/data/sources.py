@@ -42,6 +42,7 @@ from babyllama.chat_format import (
     is_blank,
     kind_of,
     message_of_item,
+    messages_key,
     messages_of_record,
     not_unicode,
     pair_fields,
@@ -144,8 +145,8 @@ def text_of_preference(r: dict) -> str | None:
         answer = field_text(r, key)
     if whole_conversations(r):  # the prompt is in the chosen conversation
         prompt = ""
-    elif (messages := conversation_key(r)) or isinstance(r.get("prompt"), list):
-        prompt = "".join(content + "\n" for _, content in messages_of_record(r, messages or "prompt"))
+    elif messages := messages_key(r):
+        prompt = "".join(content + "\n" for _, content in messages_of_record(r, messages))
     else:
         prompt = field_text(r, "prompt") or field_text(r, "question") or ""
     return context_text(r) + prompt + answer
