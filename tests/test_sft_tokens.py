@@ -58,23 +58,30 @@ def demo_sft(tmp_path_factory, bpe_tokenizer):
     return d
 
 
-def test_sft_trains_on_an_openai_messages_file_with_no_bad_record(tmp_path, bpe_tokenizer, capsys):
-    """`babyllama sft` on OpenAI's fine-tuning format counted every record bad ("not an instruction, prompt/answer or
-    conversations record") and stopped: each is a sample, the conversation its messages make."""
+def sft_on(records: list[dict], tmp_path, tokenizer, capsys):
+    """(what it printed, the train samples) of `babyllama sft` for one step of a tiny model on records,
+    written as one JSONL file."""
     from babyllama.cli import main
 
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
+    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), tokenizer)
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
+    assert main(["sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "data.jsonl"), "--out_dir",
+                 str(tmp_path / "run"), "--max_steps", "1", "--val_fraction", "0"]) == 0
+    train, _, _ = load_sft_data([tmp_path / "data.jsonl"], tmp_path / "init", tmp_path / "run" / "sft_tokens",
+                                SFTSettings(65, 0.0), False, Dist())
+    return capsys.readouterr().out, train
+
+
+def test_sft_trains_on_an_openai_messages_file_with_no_bad_record(tmp_path, bpe_tokenizer, capsys):
+    """`babyllama sft` on OpenAI's fine-tuning format counted every record bad ("not an instruction, prompt/answer or
+    conversations record") and stopped: each is a sample, the conversation its messages make."""
     records = [{"messages": [{"role": "developer", "content": "简洁"}, {"role": "user", "content": f"问题{i}"},
                              {"role": "assistant", "content": [{"type": "text", "text": f"回答{i}"}]}]}
                for i in range(20)]
-    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
-    assert main(["sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "chat.jsonl"), "--out_dir",
-                 str(tmp_path / "run"), "--max_steps", "1", "--val_fraction", "0"]) == 0
+    out, train = sft_on(records, tmp_path, bpe_tokenizer, capsys)
     assert ("sft data: 20 records, 0 bad, 0 with an empty answer, 0 filtered by length, 0 truncated; 20 train / 0 val "
-            "samples") in capsys.readouterr().out
-    train, _, _ = load_sft_data([tmp_path / "chat.jsonl"], tmp_path / "init", tmp_path / "run" / "sft_tokens",
-                                SFTSettings(65, 0.0), False, Dist())
+            "samples") in out
     assert sorted(samples(train)) == sorted(
         render_conversation(bpe_tokenizer, Conversation([(f"问题{i}", f"回答{i}")], "简洁")) for i in range(20))
 
@@ -83,23 +90,15 @@ def test_sft_trains_on_prompt_completion_records_and_not_on_messages_of_weight_0
     """`babyllama sft` counted {"prompt": ..., "completion": ...} records bad ("not an instruction, prompt/answer,
     conversations or messages record") and trained on an assistant message of "weight": 0: the first is a pair, or
     with lists a conversation whose completion alone has loss, and the second carries no loss."""
-    from babyllama.cli import main
-
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=600, max_seq_len=64)), bpe_tokenizer)
     user, answer = {"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一"}
     records = [{"prompt": "问题", "completion": "回答"},
                {"prompt": [user, answer, {"role": "user", "content": "问二"}],
                 "completion": [{"role": "assistant", "content": "答二"}]},
                {"messages": [user, {**answer, "weight": 0}, {"role": "user", "content": "问三"},
                              {"role": "assistant", "content": "答三", "weight": 1}]}]
-    (tmp_path / "pc.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records))
-    assert main(["sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "pc.jsonl"), "--out_dir",
-                 str(tmp_path / "run"), "--max_steps", "1", "--val_fraction", "0"]) == 0
+    out, train = sft_on(records, tmp_path, bpe_tokenizer, capsys)
     assert ("sft data: 3 records, 0 bad, 0 with an empty answer, 0 filtered by length, 0 truncated; 3 train / 0 val "
-            "samples") in capsys.readouterr().out
-    train, _, _ = load_sft_data([tmp_path / "pc.jsonl"], tmp_path / "init", tmp_path / "run" / "sft_tokens",
-                                SFTSettings(65, 0.0), False, Dist())
+            "samples") in out
     tok = bpe_tokenizer
     q1, a1 = tok.encode("问一") + [1], tok.encode("答一") + [2]
     want = [([*tok.encode("问题"), 1, *tok.encode("回答"), 2], [0] * (len(tok.encode("问题")) + 1) + [1] * (
