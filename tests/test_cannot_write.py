@@ -35,10 +35,10 @@ def inputs(tmp_path_factory, bpe_tokenizer) -> Path:
 
 
 def full_savez(monkeypatch) -> None:
-    """np.savez writes part of its file, then the disk is full (numpy opens the file itself, not Path.open)."""
+    """np.savez writes part of its file (the open file it is given), then the disk is full."""
 
     def savez(file, **arrays):
-        Path(file).write_bytes(b"PK")
+        file.write(b"PK")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "savez", savez)

@@ -30,7 +30,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -236,7 +238,7 @@ class DPOTrainer(Trainer):
                     bar.update()
                 out[c:end] = all_reduce_sum(chunk, d).cpu().numpy()
                 if d.main:
-                    save_chunk(parts / f"{name}_{c}_{end}.npy", out[c:end])
+                    save_whole(parts / f"{name}_{c}_{end}.npy", functools.partial(np.save, arr=out[c:end]))
         return out
 
     def precompute_reference(self) -> None:
@@ -259,10 +261,8 @@ class DPOTrainer(Trainer):
             for name, d in data.items():
                 d.ref_logps = self.reference_log_probs(d, name, parts)
             if self.dist.main:
-                tmp = f.with_suffix(f".tmp-{os.getpid()}.npz")
-                with writing(f, tmp):
-                    np.savez(tmp, key=np.array(key), **{k: v.ref_logps for k, v in data.items()})
-                    tmp.replace(f)
+                arrays = {name: d.ref_logps for name, d in data.items()}
+                save_whole(f, functools.partial(np.savez, key=np.array(key), **arrays))
                 shutil.rmtree(parts)
             barrier(self.dist)
         self.reference = None
@@ -298,12 +298,13 @@ def saved_rows(parts: Path, name: str, out: np.ndarray) -> int:
     return done
 
 
-def save_chunk(path: Path, values: np.ndarray) -> None:
-    """values saved at path (.npy) whole or not at all: written to a temporary beside it, then renamed over it."""
+def save_whole(path: Path, save: Callable[[BinaryIO], None]) -> None:
+    """path written by save (np.save, np.savez to an open file) whole or not at all: to a temporary beside it, then
+    renamed over it (errors.writing: CannotWrite where the disk refuses it, the temporary removed on any failure)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with writing(path, tmp):
         with tmp.open("wb") as f:
-            np.save(f, values)
+            save(f)
         tmp.replace(path)
 
 
