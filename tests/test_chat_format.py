@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -17,6 +18,8 @@ from babyllama.chat_format import (
     text_prompt,
     truncate_conversation,
 )
+from babyllama.tokenizer import Tokenizer, load_tokenizer
+from tests.conftest import CHATGLM2
 
 LONG = Conversation([(f"第{i}个问题，比较长的一句话", f"第{i}个回答，也比较长") for i in range(10)], system="系统")
 
@@ -294,7 +297,72 @@ def test_a_cut_answer_ends_with_a_whole_character_and_a_cut_without_question_or_
     assert truncate_conversation(tok, conv, len(prompt) + 3) == ([], [])  # 2 of the 3 tokens of one character
     long = Conversation([("很长的问题" * 4, "很长的回答" * 4)])
     assert truncate_conversation(tok, long, 3) == ([], [])  # <bos> alone would be left of the question
-    assert truncate_conversation(tok, long, 4)[0][1] == tok.bos_id  # one id of it and <bos>
+    assert truncate_conversation(tok, long, 4) == ([], [])  # one id of it, the tail of 题: none (below)
+    assert truncate_conversation(tok, long, 6)[0][:3] == [*tok.encode("题"), tok.bos_id]  # 题 whole and <bos>
+
+
+FOUR_BYTES = "问😀题𠀀好🚀" * 3 + "？"  # 4-byte characters (emoji, CJK Ext-B): 4 byte tokens or pieces each
+
+
+@functools.cache
+def chatglm2() -> Tokenizer:
+    return load_tokenizer(CHATGLM2)
+
+
+@pytest.fixture(params=["bpe", "chatglm2"])
+def byte_tokenizer(request, bpe_tokenizer) -> Tokenizer:
+    """The byte-level BPE that babyllama trains, whose 😀 is 4 byte-level tokens, and ChatGLM2's SentencePiece, whose
+    𠀀 is 4 byte fallback pieces <0xF0><0xA0><0x80><0x80>."""
+    if request.param == "bpe":
+        return bpe_tokenizer
+    if not CHATGLM2.is_file():
+        pytest.skip("ChatGLM2 tokenizer.model not present")
+    pytest.importorskip("sentencepiece")
+    return chatglm2()
+
+
+def assert_longest_whole_end(tok: Tokenizer, full: list[int], kept: list[int], n: int, text: str) -> None:
+    """kept is the longest end of full of at most n ids that begins with a whole character: its text is an end of
+    text, with no U+FFFD (a character's tail) at its start, and each longer end that fits begins with one."""
+    assert len(kept) <= n and kept == full[len(full) - len(kept) :], n
+    shown = tok.decode(kept)
+    assert not shown.startswith("\ufffd") and text.endswith(shown), (n, shown)
+    for start in range(max(len(full) - n, 0), len(full) - len(kept)):  # the ids it dropped: a character's tail
+        assert tok.decode(full[start:]).startswith("\ufffd"), (n, start)
+
+
+def test_a_prompt_cut_at_any_offset_begins_with_a_whole_character(byte_tokenizer):
+    """The beginning of a prompt too long for the context was cut at an id: where it fell inside a 4-byte character,
+    the prompt began with the character's last bytes, and the model was asked (and SFT trained on) '\ufffd\ufffd题...'.
+    The ids of the cut character's tail now go too, for chat, serve and eval (render_prompt) as for SFT and DPO
+    (truncate_conversation), at each offset into the question."""
+    tok = byte_tokenizer
+    conv = Conversation([(FOUR_BYTES, "")])
+    full = render_prompt(tok, conv)
+    for max_len in range(1, len(full) + 1):
+        assert_longest_whole_end(tok, full, render_prompt(tok, conv, max_len), max_len, FOUR_BYTES)
+    answer = [*tok.encode("好"), tok.eos_id]
+    for max_len in range(len(answer) + 2, len(full) + len(answer)):  # the prompt keeps max_len - len(answer) ids
+        ids, mask = truncate_conversation(tok, Conversation([(FOUR_BYTES, "好")]), max_len)
+        prompt = ids[: len(ids) - len(answer)] if ids else [tok.bos_id]  # none: no whole character of it fits
+        assert_longest_whole_end(tok, full, prompt, max_len - len(answer), FOUR_BYTES)
+        assert (ids, mask) == ((prompt + answer, [0] * len(prompt) + [1] * len(answer)) if len(prompt) > 1 else
+                               ([], []))
+
+
+def test_a_cut_through_a_four_byte_character_drops_its_tail_exactly(bpe_tokenizer):
+    tok = bpe_tokenizer
+    full = render_prompt(tok, Conversation([("问😀题", "")]))
+    assert full == [*tok.encode("问"), *tok.encode("😀"), *tok.encode("题"), tok.bos_id]
+    assert len(tok.encode("😀")) == 4 and len(tok.encode("题")) == 2  # a cut to 5 ids keeps 2 of 😀's 4
+    assert tok.decode(full[-5:]) == "\ufffd\ufffd题"
+    assert render_prompt(tok, Conversation([("问😀题", "")]), 5) == [*tok.encode("题"), tok.bos_id]
+    ids, mask = truncate_conversation(tok, Conversation([("问😀题", "好")]), 5 + 2)  # SFT's: 好 <eos> after
+    assert (ids, mask) == ([*tok.encode("题"), tok.bos_id, *tok.encode("好"), tok.eos_id], [0, 0, 0, 1, 1])
+    if CHATGLM2.is_file():  # ChatGLM2's 𠀀 is 4 byte pieces: a cut to 4 ids keeps its last 2, <0x80><0x80>
+        sp = chatglm2()
+        assert render_prompt(sp, Conversation([("问𠀀好", "")])) == [30910, 54761, 243, 163, 131, 131, 54591, 1]
+        assert render_prompt(sp, Conversation([("问𠀀好", "")]), 4) == [54591, 1]  # 好, <s>
 
 
 def test_prompt_completion_records_read_as_an_instruction_pair_or_a_conversation(bpe_tokenizer):

@@ -166,7 +166,9 @@ def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
     assert [i for i, m in zip(r_ids, r_mask, strict=True) if m] == tok.encode("等于3。") + [tok.eos_id]
     long = Conversation([("很长的问题" * 40 + "？", "")])
     (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, long, "对。", "不对。", 30)
-    assert cut and len(c_ids) == len(r_ids) == 30  # SFT's truncation: the prompt's beginning goes
+    assert cut and (len(c_ids), len(r_ids)) == (29, 30)  # SFT's truncation: the prompt's beginning goes, from a
+    # whole character: chosen's shorter answer leaves room for 26 ids of it, whose first is the tail of 题, which goes
+    assert tok.decode(c_ids).startswith("很长的问题") and tok.decode(r_ids).startswith("长的问题")
     assert c_ids[-1] == r_ids[-1] == tok.eos_id and c_mask[-1] == r_mask[-1] == 1
 
 

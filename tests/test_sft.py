@@ -94,6 +94,24 @@ def test_build_sft_data_truncates_and_counts_only_the_long_samples(bpe_tokenizer
     assert stats.truncated == 1
 
 
+def test_sft_samples_cut_on_the_left_begin_with_a_whole_character(bpe_tokenizer, tmp_path):
+    """SFT trained on prompts whose beginning the cut to max_seq_len + 1 ids left inside a 4-byte character:
+    '\ufffd\ufffd😀...'. Through the token cache, each sample of questions 0 to 3 ids longer (so that the cut falls
+    at each offset into a 😀, 4 byte-level tokens) now begins with a whole character."""
+    from tests.test_chat_format import assert_longest_whole_end
+
+    tok, answer = bpe_tokenizer, [*bpe_tokenizer.encode("好"), bpe_tokenizer.eos_id]
+    questions = ["😀" * 12 + "好" * k for k in range(4)]
+    assert len(tok.encode("😀")) == 4 and len(answer) == 2
+    write(tmp_path / "sft.jsonl", [{"instruction": q, "input": "", "output": "好"} for q in questions])
+    train, stats = cached([tmp_path / "sft.jsonl"], tok, tmp_path / "cache", max_seq_len=23)
+    assert stats.truncated == 4 and len(samples(train)) == 4
+    for question, (ids, mask) in zip(questions, samples(train), strict=True):
+        full = render_prompt(tok, Conversation([(question, "")]))
+        assert_longest_whole_end(tok, full, ids[: -len(answer)], 24 - len(answer), question)
+        assert ids[-len(answer) :] == answer and mask == [0] * (len(ids) - 2) + [1, 1]
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_packed_row_loss_equals_samples_alone(bpe_tokenizer, backend, monkeypatch):
     if backend == "flex":  # its forward runs on a CPU (not its backward): the same losses as the dense mask

@@ -32,7 +32,8 @@ rules:
 
 Truncation, when a conversation is longer than max_len tokens, cuts in this order:
   1. whole turns, oldest first (the system text and the last turn always stay);
-  2. the beginning of the remaining prompt (the text nearest the answer stays);
+  2. the beginning of the remaining prompt (the text nearest the answer stays), from its first whole character: ids
+     that hold the tail of a character the cut split (a byte piece, a byte-level BPE token) go too;
   3. the end of the last answer, before its <eos>, where a character ends: the <eos> of a kept answer is never cut.
 A conversation cut so that nothing of its last question or answer is left is no sample (SFT and DPO count it
 filtered).
@@ -512,11 +513,12 @@ def truncate_conversation(
     if len(ids) <= max_len:
         return ids, mask
     if add_generation_prompt:  # 2. the prompt's beginning goes
-        return ids[-max_len:], mask[-max_len:]
-    prompt_len = len(first(lo)) + 1  # the last turn alone: prompt ids (ending in <bos>), then answer ids
-    prompt, answer = ids[:prompt_len], ids[prompt_len:]
-    keep_prompt = max(max_len - len(answer), min(prompt_len, max_len // 2))
-    prompt = prompt[len(prompt) - keep_prompt :]  # 2. the prompt's beginning goes
+        ids = last_whole_characters(tokenizer, ids, max_len)
+        return ids, mask[len(mask) - len(ids) :]
+    prompt_len = len(first(lo)) + 1  # the last turn alone: prompt ids (ending in <bos>), answer ids, <eos>
+    prompt, answer = ids[:prompt_len], ids[prompt_len:-1]
+    keep_prompt = max(max_len - len(answer) - 1, min(prompt_len, max_len // 2))
+    prompt = last_whole_characters(tokenizer, prompt, keep_prompt)  # 2. the prompt's beginning goes
     answer = whole_characters(tokenizer, answer[: max_len - len(prompt) - 1])  # 3. the answer's end goes
     if len(prompt) < 2 or not answer:  # its <bos> alone: nothing of the question is left, or nothing of the answer
         return [], []
@@ -532,6 +534,29 @@ def whole_characters(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
     while ids and tokenizer.decode(ids[-4:]) != tokenizer.decode_complete(ids[-4:]):
         ids = ids[:-1]
     return ids
+
+
+def last_whole_characters(tokenizer: Tokenizer, ids: list[int], n: int) -> list[int]:
+    """The last n ids of ids at most (all of them when they are no more), less the first ones where the cut begins
+    inside a UTF-8 character (character_tails): a prompt cut on the left then begins with its first whole character,
+    not with bytes that decode to U+FFFD. whole_characters ends a cut on the right so. The ids of a text have at most
+    3 continuation bytes before their first whole character, so at most 3 more ids go; nothing is decoded or
+    encoded per cut."""
+    if len(ids) <= n:
+        return ids
+    tails, start = character_tails(tokenizer), len(ids) - max(n, 0)
+    while start < len(ids) and ids[start] in tails:
+        start += 1
+    return ids[start:]
+
+
+@functools.cache
+def character_tails(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids whose bytes (Tokenizer.id_bytes) begin with a UTF-8 continuation byte, 0x80-0xBF: a byte fallback
+    piece <0x80>-<0xBF> (SentencePiece, Llama's tokenizer.json), or a byte-level BPE token that holds the end of a
+    character and maybe more (`®`, b"\\xae" of 问). Such an id never begins a whole character. Once per tokenizer:
+    id_bytes decodes the vocabulary once (0.15 s for ChatGLM2's 64,793 ids)."""
+    return frozenset(i for i, raw in enumerate(tokenizer.id_bytes()) if raw and 0x80 <= raw[0] <= 0xBF)
 
 
 def render_prompt(tokenizer: Tokenizer, conv: Conversation, max_len: int | None = None) -> list[int]:

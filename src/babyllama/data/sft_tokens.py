@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 9  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 10  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
@@ -72,7 +72,8 @@ VERSION = 9  # of the chat format, filters and layout: a new version never reuse
 # read, where 6 counted them bad; 8: prompt / completion records are read, and an assistant message with "weight": 0
 # carries no loss, where 7 trained on it; 9: a conversational prompt / completion's system and history come once, a
 # cut answer ends with a whole character, a cut that leaves no question or answer is filtered, and a DPO answer of
-# "weight": 0 is bad)
+# "weight": 0 is bad; 10: a prompt whose beginning is cut begins with a whole character, where 9 could begin with the
+# tail of one)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
