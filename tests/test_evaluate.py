@@ -507,6 +507,47 @@ def test_questions_and_prompts_are_cut_to_leave_room_for_max_new_tokens(bpe_toke
     assert model.prompts == [(text_prompt(tok, question)[-28:], 4), (text_prompt(tok, question)[-16:], 64)]
 
 
+def test_eval_prompts_cut_on_the_left_begin_with_a_whole_character(bpe_tokenizer):
+    """A continuation prompt, and the text before a multiple-choice option, too long for the context kept their last
+    ids, the first of which could be the tail of a 4-byte character: the model read '\ufffd\ufffd题...'. The cut
+    now begins with a whole character (chat_format.last_whole_characters), as a cut QA question does (render_prompt,
+    test_chat_format), at each offset into the character."""
+    from babyllama.chat_format import text_prompt
+    from babyllama.evaluate import ModelScorer, continuations
+    from tests.test_chat_format import FOUR_BYTES, assert_longest_whole_end
+
+    class Asked:  # a model of 32 tokens that records the prompts it is given
+        cfg = tiny_config(vocab_size=600, max_seq_len=32)
+        prompts: list[list[int]] = []
+
+        def generate(self, prompt, **kwargs):
+            self.prompts.append(prompt)
+            return bpe_tokenizer.encode("好")
+
+    tok, model, full = bpe_tokenizer, Asked(), text_prompt(bpe_tokenizer, FOUR_BYTES)
+    assert len(full) > 32
+    for n in range(1, 17):  # prompts of 31 ids down to 16: cuts at 16 offsets, 4 in each 4-byte character
+        continuations(model, tok, [FOUR_BYTES], Sampling(max_new_tokens=n))
+        assert_longest_whole_end(tok, full, model.prompts[-1], 32 - n, FOUR_BYTES)
+
+    class Window:  # a model that records the ids it reads and gives every id the same logit
+        def __init__(self, max_seq_len):
+            self.cfg, self.rope_cos = tiny_config(vocab_size=600, max_seq_len=max_seq_len), torch.zeros(1)
+            self.read = []
+
+        def __call__(self, x):
+            self.read.append(x[0].tolist())
+            return torch.zeros(1, x.shape[1], 600), None
+
+    context, continuation = split_continuation(tok, FOUR_BYTES, "好")
+    assert len(continuation) == 1
+    for max_seq_len in range(8, 24):  # a window of 9 to 24 ids
+        window = Window(max_seq_len)
+        assert ModelScorer(window, tok).logprob(context, continuation) == pytest.approx(-math.log(600))
+        assert_longest_whole_end(tok, context + continuation, window.read[0] + continuation, max_seq_len + 1,
+                                 FOUR_BYTES + "好")
+
+
 class Recorder:
     """A scorer that remembers what it was asked to score."""
 
@@ -1302,7 +1343,7 @@ def test_eval_goes_on_from_the_first_damaged_line_of_its_answers_so_far(tmp_path
                             "move it away or pass another --out_dir.")
 
 
-def test_a_continuation_longer_than_the_context_scores_its_end():
+def test_a_continuation_longer_than_the_context_scores_its_end(bpe_tokenizer):
     """eval --mc with an option longer than the context: a RuntimeError traceback (300 ids scored against the 256
     rows of one window). Its last max_seq_len ids are scored, each after the ids before it in the window."""
     from babyllama.evaluate import ModelScorer
@@ -1313,4 +1354,4 @@ def test_a_continuation_longer_than_the_context_scores_its_end():
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), dim=-1)
     expected = sum(logp[t, ids[t + 1]].item() for t in range(32))
-    assert ModelScorer(model).logprob(context, continuation) == pytest.approx(expected, abs=1e-4)
+    assert ModelScorer(model, bpe_tokenizer).logprob(context, continuation) == pytest.approx(expected, abs=1e-4)

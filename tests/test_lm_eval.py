@@ -41,7 +41,8 @@ def ceval(bpe_tokenizer, tmp_path_factory):
     subprocess.run(["bash", "-c", TO_JSON_LINES.replace("python3", sys.executable, 1)], cwd=tmp, check=True)
     (tmp / "tasks").mkdir()
     (tmp / "tasks" / "babyllama_mc.yaml").write_text(TASK)
-    ours = [mc_choices(it, ModelScorer(model), bpe_tokenizer) for it in read_mc([tmp / "ceval-exam" / "val"])[0]]
+    scorer = ModelScorer(model, bpe_tokenizer)
+    ours = [mc_choices(it, scorer, bpe_tokenizer) for it in read_mc([tmp / "ceval-exam" / "val"])[0]]
     return {"dir": tmp, "model": model, "letters": [r["letter_choice"] for r in ours],
             "accuracy": mc_summary(ours)["overall"]["letter_accuracy"]}
 

@@ -49,6 +49,7 @@ from babyllama.chat_format import (
     field_text,
     instruction_prompt,
     is_unicode,
+    last_whole_characters,
     messages_key,
     not_unicode,
     prompt_budget,
@@ -179,13 +180,15 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampli
                   max_new_tokens: int = CONTINUATION_TOKENS) -> list[dict]:
     """Continuations of at most max_new_tokens (and s's), sampled as s says (default: sampling.Sampling,
     greedy, the i-th prompt's draws seeded with i: seeded); a prompt starts after an <eos>, as a document does
-    in the shards, and a prompt too long to leave room for them keeps its end (chat_format.prompt_budget)."""
+    in the shards, and a prompt too long to leave room for them keeps its end (chat_format.prompt_budget), from a
+    whole character (chat_format.last_whole_characters)."""
     s = s or Sampling()
     s = replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
     budget = prompt_budget(model.cfg.max_seq_len, s.max_new_tokens)
     out = []
     for i, prompt in enumerate(progress(prompts, desc="continuations", unit=" prompt")):
-        ids = model.generate(text_prompt(tokenizer, prompt)[-budget:], **s.generate_kwargs(),
+        ids = model.generate(last_whole_characters(tokenizer, text_prompt(tokenizer, prompt), budget),
+                             **s.generate_kwargs(),
                              generator=seeded(model, s, i), **tokenizer.generation_kwargs(model.cfg.vocab_size))
         out.append({"prompt": prompt, "continuation": tokenizer.decode_complete(ids)})
     return out
@@ -536,17 +539,18 @@ def mc_item(row: dict | None, why: str, subject: str) -> dict:
 
 
 class ModelScorer:
-    """Sum of the model's log-probabilities of continuation ids after context ids."""
+    """Sum of the model's log-probabilities of continuation ids after context ids (of tokenizer's)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
 
     @torch.no_grad()
     def logprob(self, context: list[int], continuation: list[int]) -> float:
         """Of the ids that fit the context window (max_seq_len + 1, cut from the left, as lm-evaluation-harness
-        cuts): a continuation longer than the window has its last max_seq_len ids scored, each after the ids
-        before it in the text."""
-        ids = (context + continuation)[-self.model.cfg.max_seq_len - 1 :]
+        cuts, from a whole character: chat_format.last_whole_characters): a continuation longer than the window has
+        its last max_seq_len ids scored (fewer where the cut splits a character), each after the ids before it in
+        the text."""
+        ids = last_whole_characters(self.tokenizer, context + continuation, self.model.cfg.max_seq_len + 1)
         continuation = continuation[len(continuation) - min(len(continuation), len(ids) - 1) :]  # what it predicts
         x = torch.tensor([ids[:-1]], device=self.model.rope_cos.device)
         logits, _ = self.model(x)
@@ -991,7 +995,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
                                              seeded(model, sampling, i))})
         for it in progress(islice(mc_items, mc_done, None), desc="multiple choice", unit=" item",
                            total=len(mc_items), initial=mc_done, disable=not mc):
-            log.append({"kind": "mc", **mc_choices(it, ModelScorer(model), tokenizer)})
+            log.append({"kind": "mc", **mc_choices(it, ModelScorer(model, tokenizer), tokenizer)})
     if qa:
         result["qa"] = score_qa(logged(partial, "qa"))
         result["qa_scales"] = QA_SCALES
