@@ -320,10 +320,30 @@ def test_qa_names_the_fields_a_record_of_two_shapes_leaves_out_once_a_file(tmp_p
         {"question": "Q", "reference": "A", "task": "t"}, {"question": "P", "reference": "C", "task": "qa"}], 0, [])
     assert capsys.readouterr().out == (
         f"note: {f}: records with the fields of more than one shape are read in the first of conversations, messages, "
-        "prompt and completion lists, else a question (question, prompt, instruction with input) and a reference "
-        f"(answer, std_answer, target, output, completion), leaving out the 'answer' of 2 records (the first at "
-        f"{f}:1), the 'question' of 1 record (the first at {f}:1), the 'instruction' of 1 record (the first at "
-        f"{f}:4)\n")
+        "prompt with answer (else completion), instruction with output (as SFT reads them), else a question "
+        "(question, prompt, instruction with input) and a reference (answer, std_answer, target, output, completion), "
+        f"leaving out the 'answer' of 2 records (the first at {f}:1), the 'question' of 1 record (the first at {f}:1), "
+        f"the 'instruction' of 1 record (the first at {f}:4)\n")
+
+
+def test_qa_scores_the_answer_sft_trains_on(tmp_path, capsys):
+    """A record with several answer fields was scored against the first of answer, std_answer, target, output,
+    completion: {prompt, completion, output} against its output, where SFT trains on the completion, and an
+    instruction with an output and an answer against the answer, where SFT trains on the output. A record that SFT
+    reads is read as SFT reads it (chat_format.read_fields), the other fields named as left out."""
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "P", "completion": "C", "output": "O"},
+        {"instruction": "I", "input": "X", "output": "O", "answer": "A"},
+        {"question": "Q", "prompt": "P", "answer": "A"},
+        {"question": "Q", "target": "T", "output": "O"}]))  # no SFT shape: eval's own, the first reference
+    items, *counts = read_qa(f)
+    assert (list(items), *counts) == ([
+        {"question": "P", "reference": "C", "task": "qa"}, {"question": "IX", "reference": "O", "task": "qa"},
+        {"question": "P", "reference": "A", "task": "qa"}, {"question": "Q", "reference": "T", "task": "qa"}], 0, [])
+    assert capsys.readouterr().out.endswith(
+        f"leaving out the 'output' of 2 records (the first at {f}:1), the 'answer' of 1 record (the first at {f}:2), "
+        f"the 'question' of 1 record (the first at {f}:3)\n")
 
 
 def test_qa_references_of_several_strings_are_joined(tmp_path):

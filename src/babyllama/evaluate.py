@@ -42,6 +42,7 @@ import torch
 
 from babyllama.chat_format import (
     SHAPE_FIELDS,
+    SHAPE_ORDER,
     Conversation,
     context_messages,
     conversation_from_messages,
@@ -94,11 +95,11 @@ DEFAULT_PROMPTS = [
 ]
 QUESTION_KEYS = ("question", "prompt")
 REFERENCE_KEYS = ("answer", "std_answer", "target", "output", "completion")
-# The fields of a QA record's shapes, read in this order: a record with those of several leaves the others out
-# (qa_fields), as SFT does (chat_format.SHAPE_ORDER)
+# The fields of a QA record's shapes, read in this order: SFT's shapes first, read as SFT reads them, so that the
+# reference is the answer SFT trains on; a record with the fields of several leaves the others out (qa_fields)
 QA_FIELDS = tuple(dict.fromkeys((*SHAPE_FIELDS, *QUESTION_KEYS, *REFERENCE_KEYS)))
-QA_ORDER = (f"conversations, messages, prompt and completion lists, else a question ({', '.join(QUESTION_KEYS)}, "
-            f"instruction with input) and a reference ({', '.join(REFERENCE_KEYS)})")
+QA_ORDER = (f"{SHAPE_ORDER} (as SFT reads them), else a question ({', '.join(QUESTION_KEYS)}, instruction with input) "
+            f"and a reference ({', '.join(REFERENCE_KEYS)})")
 LETTERS = "ABCD"
 # a QA task of at most MAX_LABELS different references, ITEMS_PER_LABEL items or more a label on average, is one of
 # labels (classification): its exact match is also its accuracy; with more labels, or fewer items a label (12
@@ -291,27 +292,27 @@ def read_qa(path: str | Path, limit: int = 0) -> tuple[RecordItems, int, list[st
 
 def qa_item(record: dict | None, why: str) -> dict | None:
     """The {question, reference, task} of a record (None: the reader's bad record, saying why), or None
-    when its reference is missing or blank; ValueError, saying why, for a bad record. Each field is read
-    by field_text: the question's (QUESTION_KEYS, else instruction and input) as SFT reads them, strings;
-    the reference (the first of REFERENCE_KEYS that is there) and task also numbers, as their text, and the
-    reference a list of strings, joined with 、. A record's `system` text and `history` ([[question, answer],
-    ...]), read as SFT reads them (chat_format.context_messages), are the item's "system" and "history" when
-    given, so that eval asks the question after them as SFT trained (qa_conversation); an item without them
-    has no such keys. A conversation (`conversations`, `messages`, or TRL's `prompt` and `completion` lists) is
-    read as SFT reads it (chat_format.conversation_from_record): its last answer that carries loss (as SFT trains on
-    it; not one of "weight": 0) is the reference, its question the question, and what comes before them its system
-    text and history."""
+    when its reference is missing or blank; ValueError, saying why, for a bad record. The question and reference are
+    those of qa_fields (a record that SFT reads, such as {prompt, completion, output}, as SFT reads it: its reference
+    is the answer SFT trains on), each read by field_text: the question as SFT reads it, a string; the reference and
+    task also numbers, as their text, and the reference a list of strings, joined with 、. A record's `system`
+    text and `history` ([[question, answer], ...]), read as SFT reads them (chat_format.context_messages), are the
+    item's "system" and "history" when given, so that eval asks the question after them as SFT trained
+    (qa_conversation); an item without them has no such keys. A conversation (`conversations`, `messages`, or TRL's
+    `prompt` and `completion` lists) is read as SFT reads it (chat_format.conversation_from_record): its last answer
+    that carries loss (as SFT trains on it; not one of "weight": 0) is the reference, its question the question, and
+    what comes before them its system text and history."""
     if record is None:
         raise ValueError(why)
     if messages_key(record):  # raises for a blank question
         conv = conversation_from_record(record)
         (question, reference), system, history = conv.turns[-1], conv.system, [list(t) for t in conv.turns[:-1]]
     else:
-        question = qa_question(record)
+        fields = qa_fields(record)
+        question = qa_question(record, fields[0])
         if question is None or not question.strip():
             raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
-        key = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
-        reference = field_text(record, key, numbers=True, lists=True) if key else ""
+        reference = field_text(record, fields[-1], numbers=True, lists=True) if fields[-1] in REFERENCE_KEYS else ""
         context_messages(record)  # raises for a system or history of another type
         system, history = record.get("system") or "", record.get("history") or []
     task = field_text(record, "task", numbers=True)
@@ -324,10 +325,12 @@ def qa_item(record: dict | None, why: str) -> dict | None:
 
 
 def qa_fields(record: dict) -> tuple[str, ...]:
-    """The fields of QA_FIELDS that qa_item reads of a good record: a conversation's (chat_format.read_fields), else
-    its question's (the first of QUESTION_KEYS it has, else instruction and input) and its reference's."""
-    if messages_key(record):
-        return read_fields(record)
+    """The fields of QA_FIELDS that qa_item reads of a good record, in QA_ORDER: those SFT reads of it
+    (chat_format.read_fields: a conversation's, ("prompt", "completion"), ("instruction", "input", "output")), else its
+    question's (the first of QUESTION_KEYS it has, else instruction and input) and its reference's (the first of
+    REFERENCE_KEYS it has): the question's field (or instruction) first, the reference's last."""
+    if fields := read_fields(record):
+        return fields
     question = next((k for k in QUESTION_KEYS if record.get(k) is not None), None)
     reference = next((k for k in REFERENCE_KEYS if record.get(k) is not None), None)
     return ((question,) if question else ("instruction", "input")) + ((reference,) if reference else ())
@@ -339,11 +342,11 @@ def qa_conversation(item: dict) -> Conversation:
     return conversation_from_messages([*context_messages(item), ("user", item["question"])], add_generation_prompt=True)
 
 
-def qa_question(record: dict) -> str | None:
-    """question_of(record), its fields checked by field_text: the first of QUESTION_KEYS that is there, else
-    instruction and input; None when none is there. Raises ValueError for a field that is not a string."""
-    key = next((k for k in QUESTION_KEYS if record.get(k) is not None), None)
-    if key is not None:
+def qa_question(record: dict, key: str) -> str | None:
+    """The question of record in its field key (qa_fields'), checked by field_text: instruction and input as the chat
+    format joins them (chat_format.instruction_prompt) where key is "instruction"; None when it is not there. Raises
+    ValueError for a field that is not a string."""
+    if key != "instruction":
         return field_text(record, key)
     if field_text(record, "instruction") is None:
         return None
