@@ -12,7 +12,7 @@ from babyllama.chat_format import Conversation, render_conversation
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
 from babyllama.data.preferences import pair_samples, preference_from_record, render_pair
-from babyllama.data.sft_tokens import SFTSettings
+from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 from babyllama.errors import UserError
 from babyllama.model import Transformer
 from babyllama.train.distributed import Dist
@@ -54,12 +54,14 @@ SHAPES = [  # (record, conversation, chosen, rejected)
       "chosen": {"role": "assistant", "content": [{"type": "text", "text": "等于2。"}]},
       "rejected": {"role": "assistant", "content": "等于3。"}},
      HISTORY, "等于2。", "等于3。"),  # LLaMA-Factory's shape with OpenAI's `messages`
+    ({"system": "你是助手。", "question": "1+1等于几", "chosen": "等于2。", "rejected": "等于3。"},
+     Conversation([("1+1等于几", "")], "你是助手。"), "等于2。", "等于3。"),  # Intel/orca_dpo_pairs
 ]
 
 
 @pytest.mark.parametrize("record, conv, chosen, rejected", SHAPES, ids=["prompt", "llama-factory", "medicalgpt",
                                                                         "question", "trl-conversational",
-                                                                        "trl-implicit-prompt", "messages"])
+                                                                        "trl-implicit-prompt", "messages", "orca"])
 def test_each_shape_becomes_its_conversation_and_answers(record, conv, chosen, rejected):
     assert preference_from_record(record) == (conv, chosen, rejected)
 
@@ -194,7 +196,7 @@ def test_cache_counts_bad_equal_and_empty_pairs(bpe_tokenizer, tmp_path, caplog,
     assert stats.samples == 2 * len(good)  # a chosen and a rejected sample per pair
     expected = [s for _, conv, c, r in SHAPES for s in render_pair(tok, conv, c, r, 65)[:2]]
     assert samples(train) == [tuple(s) for s in expected]
-    assert f"pairs.jsonl:{len(good) + 3}: not a preference record" in caplog.text
+    assert f"pairs.jsonl:{len(good) + 3}: its 'rejected' is missing" in caplog.text
     assert caplog.text.count(": skipped a preference record") == 4 and "skipped an" not in caplog.text
     assert capsys.readouterr().out == f"dpo cache: building {tmp_path / 'cache'} with 1 worker\n"
     assert f"pairs.jsonl:{len(good) + 4}: its 'chosen' is a user message, not the assistant's answer" in caplog.text
@@ -326,3 +328,43 @@ def test_a_null_field_is_an_absent_one():
     pair = (Conversation([("问", "")]), "好", "坏")
     assert preference_from_record({"messages": None, "prompt": "问", "chosen": "好", "rejected": "坏"}) == pair
     assert preference_from_record({"question": None, "prompt": "问", "chosen": "好", "rejected": "坏"}) == pair
+
+
+USER, ANSWER, OTHER = ({"role": "user", "content": "问"}, {"role": "assistant", "content": "答"},
+                       {"role": "assistant", "content": "错"})
+
+
+def dpo_cache(tok, tmp_path, path) -> tuple[dict, list[str]]:
+    """The manifest of the DPO token cache of path, and its bad_records.txt's lines."""
+    tok.save(tmp_path / "tok")
+    manifest = build_sft_cache([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), kind="dpo")
+    return manifest, (tmp_path / "cache" / "bad_records.txt").read_text(encoding="utf-8").splitlines()
+
+
+def test_a_pair_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_named_once_a_file(
+        bpe_tokenizer, tmp_path, caplog):
+    """DPO read {question, messages, chosen, rejected} from its messages without a word, as it dropped the `prompt`
+    of a `conversations` record and read a question with chosen and rejected as MedicalGPT's reward data
+    (response_chosen missing); ultrafeedback_binarized's `messages`, a copy of its chosen conversation, was not
+    compared with it. Each is read in the first shape it has, and the fields of the others named once a file, as SFT
+    names them; `messages` only where it is not the chosen conversation."""
+    uf = {"prompt": "问", "chosen": [USER, ANSWER], "rejected": [USER, OTHER], "messages": [USER, ANSWER]}
+    path = write(tmp_path / "two.jsonl", [
+        {"question": "别问", "messages": [USER], "chosen": "答", "rejected": "错"},
+        {"conversations": [USER], "prompt": "别问", "chosen": "答", "rejected": "错"},
+        {"question": "问", "chosen": "答", "rejected": "错", "response_chosen": "别答", "response_rejected": "别错"},
+        uf, {**uf, "messages": [USER, OTHER]}, {"question": "问", "response_chosen": "答", "response_rejected": "错"}])
+    manifest, bad = dpo_cache(bpe_tokenizer, tmp_path, path)
+    assert (manifest["stats"]["samples"], bad) == (12, [])
+    rows = samples(load_sft_data([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0), False, Dist(),
+                                 kind="dpo")[0])
+    pair = render_pair(bpe_tokenizer, Conversation([("问", "")]), "答", "错", 65)[:2]
+    assert rows == [tuple(s) for s in pair] * 6  # each pair read as 问, 答 and 错
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{path}: records with the fields of more than one shape are read in the first of chosen and rejected "
+        "conversations (with a prompt string), conversations, messages, prompt, question (each with chosen and "
+        "rejected), question with response_chosen and response_rejected, leaving out the 'question' of 1 record (the "
+        f"first at {path}:1), the 'prompt' of 1 record (the first at {path}:2), the 'response_chosen' of 1 record "
+        f"(the first at {path}:3), the 'response_rejected' of 1 record (the first at {path}:3), the 'messages' of 1 "
+        f"record (the first at {path}:5)"]
+

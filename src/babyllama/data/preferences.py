@@ -8,14 +8,17 @@ Accepted records (the fields of one JSON object):
   {prompt: [messages], chosen: [assistant message], rejected: [...]} (TRL's conversational shape);
   {chosen: [messages], rejected: [messages]}, two whole conversations (TRL's implicit prompt): the messages they
     share from the start are the prompt, and each then has one assistant message, its answer; a `prompt` string
-    beside them (HuggingFaceH4/ultrafeedback_binarized's, with a `messages` list that is not read) must be the last
-    user message they share;
+    beside them (HuggingFaceH4/ultrafeedback_binarized's, with a `messages` list, a copy of `chosen`, that is not
+    read) must be the last user message they share;
   {conversations: [...], chosen: {from|role, value|content}, rejected: {...}}: LLaMA-Factory's DPO
     files; the conversation (ShareGPT or OpenAI items) ends with the user;
   {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
+  {question, chosen, rejected}: Intel/orca_dpo_pairs (with a `system`), the question a `prompt` string;
   {question, response_chosen, response_rejected}: MedicalGPT's reward data.
 A `messages` list may stand for `conversations` (chat_format.conversation_key), and messages are read as SFT reads
-them (chat_format.message_of_item: OpenAI's text parts, the developer role).
+them (chat_format.message_of_item: OpenAI's text parts, the developer role). A record with the fields of several
+shapes is read in the first it has (PREFERENCE_ORDER: preference_fields), the fields of the others left out, which
+the DPO token cache names once a file as SFT's names those of its shapes.
 Each may have a `system` text and a `history` ([[question, answer], ...], earlier turns), read as SFT
 reads them (chat_format.context_messages).
 Both answers of a pair follow the same conversation. The mask marks only the last answer and its
@@ -36,7 +39,6 @@ from babyllama.chat_format import (
     checked_for_training,
     context_messages,
     conversation_from_messages,
-    conversation_key,
     field_text,
     is_blank,
     kind_of,
@@ -52,6 +54,16 @@ from babyllama.data.shards import is_val
 from babyllama.errors import agree
 from babyllama.tokenizer import Tokenizer
 
+# The fields of the preference shapes. A record with those of several is read in the first shape it has, in this
+# order, and the fields of the others are left out (preference_fields), as SFT reads a record of several shapes
+# (chat_format.SHAPE_ORDER): {question, messages, chosen, rejected} is read from its messages, its question left out.
+PROMPT_KEYS = ("conversations", "messages", "prompt", "question")  # the prompt beside chosen and rejected answers
+PREFERENCE_FIELDS = (*PROMPT_KEYS, "chosen", "rejected", "response_chosen", "response_rejected")
+PREFERENCE_ORDER = ("chosen and rejected conversations (with a prompt string), conversations, messages, prompt, "
+                    "question (each with chosen and rejected), question with response_chosen and response_rejected")
+NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question with chosen and rejected, or "
+              "chosen and rejected conversations)")
+
 
 def _text(record: dict, key: str) -> str:
     """record[key], a string. Raises ValueError naming the field: missing, or of another type (its type named)."""
@@ -63,8 +75,11 @@ def _text(record: dict, key: str) -> str:
 
 def _answer(record: dict, key: str) -> str:
     """The answer record[key]: a string (MedicalGPT), one assistant message (LLaMA-Factory) or a list holding one
-    (TRL). Raises ValueError naming the field and what it is instead, or an answer of "weight": 0 (_trained)."""
-    value = record[key]
+    (TRL). Raises ValueError naming the field and what it is instead (missing too), or an answer of "weight": 0
+    (_trained)."""
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"its {key!r} is missing")
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -90,12 +105,13 @@ def _trained(item: dict, key: str) -> None:
         raise ValueError(f"its {key!r} answer has a 'weight' of 0, but a DPO answer always carries the loss")
 
 
-def _prompt_messages(record: dict) -> list[tuple[str, str]]:
-    """(role, content) of the record's conversation (`conversations`, else `messages`) or of its `prompt`: a string,
-    or a list of messages (TRL's conversational shape)."""
-    if key := messages_key(record):
+def _prompt_messages(record: dict, key: str) -> list[tuple[str, str]]:
+    """(role, content) of the prompt record[key] (PROMPT_KEYS): a conversation (`conversations`, `messages`), a list
+    of messages (TRL's conversational `prompt`) or a string (`prompt`, `question`). Raises ValueError naming the
+    field: of another type, or a malformed list (messages_of_record)."""
+    if key == messages_key(record):
         return messages_of_record(record, key)
-    return [("user", _text(record, "prompt"))]
+    return [("user", _text(record, key))]
 
 
 def _implicit_prompt(record: dict) -> tuple[list[tuple[str, str]], str, str]:
@@ -130,27 +146,46 @@ def _check_prompt(record: dict, prompt: list[tuple[str, str]]) -> None:
                          "share")
 
 
-def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
-    """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above, after its
-    `system` and `history` (chat_format.context_messages).
+def preference_fields(record: dict) -> tuple[str, ...]:
+    """The fields of PREFERENCE_FIELDS that preference_from_record reads of record, those of the first shape it has
+    (PREFERENCE_ORDER); the others it has are left out (chat_format.unread_fields). ("messages", "chosen",
+    "rejected"); () when it has the fields of none (a bad record). Beside whole conversations, a `prompt` string is
+    read (it must be their last shared user message) and a `messages` list that equals the chosen conversation
+    (HuggingFaceH4/ultrafeedback_binarized's copy of it) is as good as read; one that differs is left out. A null
+    field is an absent one."""
+    there = {k for k in PREFERENCE_FIELDS if record.get(k) is not None}
+    if whole_conversations(record):
+        copy = ("messages",) if record.get("messages") == record["chosen"] else ()
+        return (*(("prompt",) if "prompt" in there else ()), "chosen", "rejected", *copy)
+    if there & {"chosen", "rejected"}:
+        prompt = next((k for k in PROMPT_KEYS if k in there), None)
+        return (prompt, "chosen", "rejected") if prompt else ()
+    if there & {"question", "response_chosen", "response_rejected"}:
+        return "question", "response_chosen", "response_rejected"
+    return ()
 
-    Raises ValueError, saying why, for a record of none of them, or one that cannot train
-    (chat_format.checked_for_training: an empty prompt, text no tokenizer can encode).
+
+def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
+    """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above, read in the
+    first it has (preference_fields), after its `system` and `history` (chat_format.context_messages). prepare's
+    preference schema reads a record by it too (data/sources.text_of_preference), so both find the same records bad.
+
+    Raises ValueError, saying why, for a record of none of them, a field missing (`rejected` beside a `chosen`) or of
+    another type, or one that cannot train (chat_format.checked_for_training: an empty prompt, text no tokenizer can
+    encode).
     """
-    if record.get("question") is not None and not conversation_key(record):  # a null field is an absent one
-        prompt = [("user", _text(record, "question"))]
-        chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
-    elif whole_conversations(record):
+    fields = preference_fields(record)
+    if not fields:
+        raise ValueError(NOT_A_PAIR)
+    if whole_conversations(record):
         prompt, chosen, rejected = _implicit_prompt(record)
         _check_prompt(record, prompt)
-    elif (record.get("chosen") is not None and record.get("rejected") is not None
-          and (record.get("prompt") is not None or conversation_key(record))):
-        prompt, chosen, rejected = _prompt_messages(record), _answer(record, "chosen"), _answer(record, "rejected")
-    elif isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
-        prompt, chosen, rejected = _implicit_prompt(record)
+    elif fields[1] == "response_chosen":  # MedicalGPT's reward data
+        prompt = [("user", _text(record, "question"))]
+        chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
     else:
-        raise ValueError("not a preference record (prompt / conversations / messages / question with chosen and "
-                         "rejected, or chosen and rejected conversations)")
+        prompt, chosen, rejected = (_prompt_messages(record, fields[0]), _answer(record, "chosen"),
+                                    _answer(record, "rejected"))
     conv = conversation_from_messages(context_messages(record) + prompt, add_generation_prompt=True)
     return checked_for_training(conv, chosen, rejected), chosen, rejected
 

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -73,7 +73,9 @@ VERSION = 10  # of the chat format, filters and layout: a new version never reus
 # carries no loss, where 7 trained on it; 9: a conversational prompt / completion's system and history come once, a
 # cut answer ends with a whole character, a cut that leaves no question or answer is filtered, and a DPO answer of
 # "weight": 0 is bad; 10: a prompt whose beginning is cut begins with a whole character, where 9 could begin with the
-# tail of one)
+# tail of one; a DPO record is read in the first of its shapes (preferences.PREFERENCE_ORDER): a question with chosen
+# and rejected is read, where 9 counted it bad, and chosen and rejected go before response_chosen and
+# response_rejected; a chosen without a rejected is "its 'rejected' is missing")
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -217,16 +219,27 @@ def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[lis
     return [(s_ids, s_mask)], is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
 
 
-def _record_batches(read: BytesRead, read_at: deque[int], left_out: dict[Path, LeftOut] | None = None
-                    ) -> Iterator[list[Item]]:
+def _shapes(kind: str) -> tuple[Callable[[dict], list[str]], str]:
+    """(unread, order) of the records of this kind (sft, or dpo's preference pairs): unread(record) gives the fields of
+    the kind's shapes that record has and that the shape it is read in leaves out, order says the order in which
+    those shapes are tried (chat_format.SHAPE_ORDER, preferences.PREFERENCE_ORDER)."""
+    if kind == "dpo":
+        from babyllama.data.preferences import PREFERENCE_FIELDS, PREFERENCE_ORDER, preference_fields
+
+        return (lambda r: unread_fields(r, preference_fields(r), PREFERENCE_FIELDS)), PREFERENCE_ORDER
+    return (lambda r: unread_fields(r, read_fields(r))), chat_format.SHAPE_ORDER
+
+
+def _record_batches(read: BytesRead, read_at: deque[int], unread: Callable[[dict], list[str]],
+                    left_out: dict[Path, LeftOut]) -> Iterator[list[Item]]:
     """Lists of RECORDS_PER_BATCH records of read's files, in turn; read's count of bytes after each is appended to
-    read_at, for the bar to move as the batch is written, not as it is read ahead. left_out, when given (SFT), gets
-    per file the fields of SFT shapes that its records have and that the shape they are read in leaves out."""
+    read_at, for the bar to move as the batch is written, not as it is read ahead. left_out gets per file the fields
+    that unread(record) names (_shapes): those of a shape that the shape a record is read in leaves out."""
     batch = []
     for path in read.in_turn():
         for item in iter_records(path, read.opened):
             where, record, _ = item
-            if left_out is not None and record is not None and (fields := unread_fields(record, read_fields(record))):
+            if record is not None and (fields := unread(record)):
                 left_out.setdefault(path, LeftOut()).note(fields, where)
             batch.append(item)
             if len(batch) == RECORDS_PER_BATCH:
@@ -289,8 +302,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             with writing(out / name):
                 files[name] = (out / f".{name}.tmp").open("wb")
         render = partial(_renderer(kind), settings=settings)
-        left_out: dict[Path, LeftOut] | None = {} if kind == "sft" else None
-        for batch, r in in_workers(render, _record_batches(read, read_at, left_out), str(tokenizer_path), workers):
+        (unread, order), left_out = _shapes(kind), {}
+        for batch, r in in_workers(render, _record_batches(read, read_at, unread, left_out), str(tokenizer_path),
+                                   workers):
             _write(files, out, r, tok.dtype)
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
@@ -306,9 +320,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         for name, f in files.items():
             with writing(out / name):
                 f.close()
-        for path, fields in (left_out or {}).items():
+        for path, fields in left_out.items():
             log.warning("%s: records with the fields of more than one shape are read in the first of %s, leaving out "
-                        "%s", path, chat_format.SHAPE_ORDER, fields.words())
+                        "%s", path, order, fields.words())
         if stats.samples == 0:
             detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
                       f"{stats.filtered} filtered by length" + (f", {equal_words(stats)}" if kind == "dpo" else ""))
