@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -13,6 +14,7 @@ from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
 from babyllama.data.preferences import pair_samples, preference_from_record, render_pair
 from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
+from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError
 from babyllama.model import Transformer
 from babyllama.train.distributed import Dist
@@ -367,4 +369,45 @@ def test_a_pair_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_named
         f"first at {path}:1), the 'prompt' of 1 record (the first at {path}:2), the 'response_chosen' of 1 record "
         f"(the first at {path}:3), the 'response_rejected' of 1 record (the first at {path}:3), the 'messages' of 1 "
         f"record (the first at {path}:5)"]
+
+
+def test_prepare_keeps_the_pairs_dpo_reads_and_finds_the_same_bad_with_the_same_reasons(bpe_tokenizer, tmp_path):
+    """prepare's preference schema read a pair its own way and kept records dpo refuses (a missing rejected answer, a
+    rejected of another type, an empty prompt, a chosen user message, a prompt that ends with the assistant, a
+    question without response_rejected, ...) as text: it reads each through dpo's reader, so that it keeps what dpo
+    reads and counts bad what dpo counts bad, with the same reason."""
+    path = write(tmp_path / "mixed.jsonl", [
+        SHAPES[0][0],
+        {"prompt": "问", "chosen": "答"},  # no rejected
+        {"prompt": "问", "chosen": "答", "rejected": 5},
+        {"prompt": "", "chosen": "答", "rejected": "错"},
+        {"prompt": "问", "chosen": {"role": "user", "content": "答"}, "rejected": "错"},
+        {"prompt": "问", "chosen": {"role": "assistant"}, "rejected": "错"},
+        {"prompt": [USER, ANSWER], "chosen": [ANSWER], "rejected": [OTHER]},  # the prompt ends with the answer
+        {"prompt": "问", "chosen": [ANSWER, OTHER], "rejected": [OTHER]},  # two answers: no shared prompt
+        {"prompt": "别问", "chosen": [USER, ANSWER], "rejected": [USER, OTHER]},  # not the prompt they share
+        {"chosen": "答", "rejected": "错"},  # no prompt
+        {"question": "问", "response_chosen": "答"},
+        {"prompt": "问", "chosen": "答", "rejected": "答"},  # equal: read by dpo (and counted), kept by prepare
+        {"prompt": "问", "chosen": "答", "rejected": [OTHER]},  # a string and a message: both answers
+        {"conversations": [USER, {**ANSWER, "weight": 0}, USER], "chosen": "答", "rejected": "错"}])
+    reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+    texts = list(reader.documents())
+    manifest, bad = dpo_cache(bpe_tokenizer, tmp_path, path)
+    assert log.getvalue().splitlines() == bad
+    assert [line.removeprefix(f"{path}:") for line in bad] == [
+        "2: its 'rejected' is missing",
+        "3: its 'rejected' is a number, not a string or an assistant message",
+        "4: a question (instruction, prompt or user message) is empty, so there is nothing to answer",
+        "5: its 'chosen' is a user message, not the assistant's answer",
+        "6: its 'chosen': no 'content' (or 'value')",
+        "7: the last message must come from the user",
+        "8: its 'chosen' and 'rejected' conversations differ in their first message: they share no prompt",
+        "9: its 'prompt' is not the last user message that its 'chosen' and 'rejected' conversations share",
+        "10: not a preference record (prompt / conversations / messages / question with chosen and rejected, or "
+        "chosen and rejected conversations)",
+        "11: its 'response_rejected' is missing"]
+    assert (manifest["stats"]["records"], manifest["stats"]["bad"], manifest["stats"]["equal_pairs"]) == (14, 10, 1)
+    assert (reader.stats[str(path)].records, reader.stats[str(path)].bad) == (14, 10)
+    assert texts == ["1+1等于几等于2。", "问答", "问答", "问\n答\n问\n答"]
 

@@ -157,19 +157,25 @@ def test_preference_pairs_are_their_prompt_then_their_chosen_answer(tmp_path, ca
     reader = CorpusReader([f], bad_log=(log := io.StringIO()))
     assert list(reader.documents()) == ["问好", "早问早答\n系统\n问\n好", "问\n好", "问\n好", "系统\n问\n好", "问好"]
     assert (reader.stats[str(f)].schema, reader.stats[str(f)].bad) == ("preference", 1)
-    assert log.getvalue() == f"{f}:7: its 'chosen' is a number, not a string\n"
+    assert log.getvalue() == f"{f}:7: its 'chosen' is a number, not a string or an assistant message\n"  # as dpo
     assert not [r for r in caplog.records if "more than one schema" in r.getMessage()]
 
 
 def test_ultrafeedback_binarized_pairs_are_their_chosen_conversation_once(tmp_path, caplog):
     """HuggingFaceH4/ultrafeedback_binarized's records (a `prompt` string, `chosen` and `rejected` whole
     conversations, a `messages` list) were read as the messages then the chosen conversation: the prompt and answer
-    twice. The chosen conversation holds the prompt, and the `messages` it does not read are named."""
+    twice. The chosen conversation holds the prompt; its `messages`, a copy of the chosen conversation, was named as
+    left out in every record: it is named only where it differs from the chosen one (dpo's rule: preference_fields)."""
     user, good = {"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}
-    f = jsonl(tmp_path / "uf.jsonl", [{"prompt": "问", "chosen": [user, good], "messages": [user, good],
-                                      "rejected": [user, {"role": "assistant", "content": "坏"}]}])
-    assert list(CorpusReader([f]).documents()) == ["问\n好"]
-    assert f"leaving out the 'messages' of 1 record (the first at {f}:1)" in caplog.text
+    record = {"prompt": "问", "chosen": [user, good], "messages": [user, good],
+              "rejected": [user, {"role": "assistant", "content": "坏"}]}
+    f = jsonl(tmp_path / "uf.jsonl", [record, record, {**record, "messages": [user, user]}])
+    assert list(CorpusReader([f]).documents()) == ["问\n好"] * 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{f}: records with the fields of more than one schema are read in the file's schema (of most of its records) "
+        "where they fit it, else in the first of preference, conversation, instruction, wiki, baike, text, wudao, "
+        f"leaving out the 'messages' of 1 record (the first at {f}:3); --format SCHEMA reads every record in the "
+        "schema you choose"]
 
 
 def test_every_schema_of_the_recipe(tmp_path):

@@ -41,7 +41,6 @@ from babyllama.chat_format import (
     instruction_pair,
     is_blank,
     kind_of,
-    message_of_item,
     messages_key,
     messages_of_record,
     not_unicode,
@@ -128,28 +127,26 @@ def text_of_conversation(r: dict) -> str | None:
 
 
 def text_of_preference(r: dict) -> str | None:
-    """A preference pair (the shapes dpo reads: data/preferences.py) as the text a model should learn: after
-    context_text, its prompt (a conversation's or a `prompt` list's messages, a line each, or a `prompt` or MedicalGPT
-    `question` string) and then its chosen answer, as an instruction's answer follows its question (a chosen
-    conversation holds its prompt: chat_format.whole_conversations); the rejected answer is not read. None without a
-    `chosen` (or MedicalGPT's `response_chosen`)."""
-    key = "chosen" if r.get("chosen") is not None else "response_chosen"
-    chosen = r.get(key)
-    if chosen is None:
+    """A preference pair as the text a model should learn: after context_text, its prompt (a conversation's or a
+    `prompt` list's messages, a line each, or a `prompt` or `question` string) and then its chosen answer, as an
+    instruction's answer follows its question (a chosen conversation holds its prompt: chat_format.
+    whole_conversations); the rejected answer is not. None without any field of a preference shape. Raises
+    ValueError, a bad record, for one that `babyllama dpo` finds bad, with its reason: each record is read by dpo's
+    reader (data/preferences.preference_from_record), so that what prepare keeps, dpo reads."""
+    # data/preferences.py builds on this module (through data/shards.py), so it is imported here, not above
+    from babyllama.data.preferences import PREFERENCE_FIELDS, preference_fields, preference_from_record
+
+    if all(r.get(k) is None for k in PREFERENCE_FIELDS):
         return None
-    if isinstance(chosen, dict):  # LLaMA-Factory's one message
-        answer = message_of_item(chosen, f"its {key!r}")[1]
-    elif isinstance(chosen, list):  # TRL's: the answer, or the whole conversation where the prompt is implicit
-        answer = "\n".join(content for _, content in messages_of_record(r, key))
-    else:
-        answer = field_text(r, key)
+    _, chosen, _ = preference_from_record(r)
+    fields = preference_fields(r)
     if whole_conversations(r):  # the prompt is in the chosen conversation
-        prompt = ""
-    elif messages := messages_key(r):
-        prompt = "".join(content + "\n" for _, content in messages_of_record(r, messages))
+        prompt = "".join(content + "\n" for _, content in messages_of_record(r, "chosen")[:-1])
+    elif fields[0] == messages_key(r):
+        prompt = "".join(content + "\n" for _, content in messages_of_record(r, fields[0]))
     else:
-        prompt = field_text(r, "prompt") or field_text(r, "question") or ""
-    return context_text(r) + prompt + answer
+        prompt = r[fields[0]]
+    return context_text(r) + prompt + chosen
 
 
 def context_text(r: dict) -> str:
@@ -219,8 +216,9 @@ def ignored_fields(record: dict, schema: str) -> list[str]:
     elif schema == "conversation":
         used = read_fields(record)
     elif schema == "preference":
-        prompt = () if whole_conversations(record) else (conversation_key(record) or "prompt",)  # else in chosen
-        used = (*fits.get(schema, ()), *prompt)
+        from babyllama.data.preferences import preference_fields  # it builds on this module: text_of_preference
+
+        used = preference_fields(record)
     else:
         used = fits.get(schema, ())
     had = {f for fields in fits.values() for f in fields if record[f] not in (None, "")}
