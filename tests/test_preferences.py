@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from babyllama.chat_format import Conversation, render_conversation
+from babyllama.chat_format import Conversation, conversation_from_record, render_conversation
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
 from babyllama.data.preferences import pair_samples, preference_from_record, render_pair
@@ -411,3 +411,31 @@ def test_prepare_keeps_the_pairs_dpo_reads_and_finds_the_same_bad_with_the_same_
     assert (reader.stats[str(path)].records, reader.stats[str(path)].bad) == (14, 10)
     assert texts == ["1+1等于几等于2。", "问答", "问答", "问\n答\n问\n答"]
 
+
+def test_a_weight_on_a_message_that_is_not_the_assistant_s_is_bad_in_sft_dpo_and_prepare_alike(
+        bpe_tokenizer, tmp_path):
+    """OpenAI's fine-tuning format has a `weight` (0 or 1) on assistant messages alone, in SFT's messages and in a
+    DPO input's: one on a user or system message is a bad record, with the same reason in sft, dpo and prepare; on
+    an assistant message of a DPO prompt, 0 or 1, it is read, that answer being context without loss either way."""
+    user, system = {**USER, "weight": 0}, {"role": "system", "content": "系统", "weight": 1}
+    records = [{"messages": [user, ANSWER]}, {"messages": [system, USER, ANSWER]}]
+    pairs = [{"prompt": [user], "chosen": [ANSWER], "rejected": [OTHER]},
+             {"conversations": [system, USER], "chosen": "答", "rejected": "错"}]
+    why = ["{} item 1: a 'weight' on a message of role 'user'; only the assistant's messages have one",
+           "{} item 1: a 'weight' on a message of role 'system'; only the assistant's messages have one"]
+    for record, pair, reason in zip(records, pairs, why, strict=True):
+        with pytest.raises(ValueError) as sft_error:
+            conversation_from_record(record)
+        with pytest.raises(ValueError) as dpo_error:
+            preference_from_record(pair)
+        assert (str(sft_error.value), str(dpo_error.value)) == (reason.format("messages"),
+                                                                reason.format(next(iter(pair))))
+    path = write(tmp_path / "pairs.jsonl", pairs)
+    reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == []
+    assert log.getvalue().splitlines() == [f"{path}:1: " + why[0].format("prompt"),
+                                           f"{path}:2: " + why[1].format("conversations")]
+    for weight in (0, 1):
+        context = [USER, {**ANSWER, "weight": weight}, {"role": "user", "content": "再问"}]
+        assert preference_from_record({"prompt": context, "chosen": [ANSWER], "rejected": [OTHER]}) == (
+            Conversation([("问", "答"), ("再问", "")]), "答", "错")
