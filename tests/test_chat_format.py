@@ -167,8 +167,10 @@ def test_a_messages_item_that_is_no_text_message_says_which_and_why():
 
 def test_an_absent_field_is_said_to_be_absent_and_a_preference_record_to_be_one():
     """A field that is not there was "null" ("its 'completion' is null, not a list of messages" for a prompt list
-    without a completion), and a preference record given to SFT was "not an instruction ... record" or that: a record
-    with `chosen` and `rejected` is said to be one, for `babyllama dpo`."""
+    without a completion), and a preference record given to SFT was "not an instruction ... record" or that, or read
+    as its prompt and completion beside a `chosen` alone: a record with a field of a pair's answers (`chosen`,
+    `rejected`, MedicalGPT's `response_chosen`, OpenAI's `preferred_output`, ...) is said to be one, for `babyllama
+    dpo`, as prepare and dpo tell a preference record by them."""
     user, answer = [{"role": "user", "content": "问"}], [{"role": "assistant", "content": "答"}]
     preference = "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"
     for record, why in [
@@ -177,7 +179,11 @@ def test_an_absent_field_is_said_to_be_absent_and_a_preference_record_to_be_one(
             ({"prompt": user, "chosen": answer, "rejected": answer}, preference),
             ({"prompt": "问", "chosen": "好", "rejected": "坏"}, preference),
             ({"chosen": user + answer, "rejected": user + answer}, preference),
-            ({"conversations": user, "chosen": answer[0], "rejected": answer[0]}, preference)]:
+            ({"conversations": user, "chosen": answer[0], "rejected": answer[0]}, preference),
+            ({"prompt": "问", "completion": "答", "chosen": "好"},  # read as its prompt and completion
+             "it is a preference record ('chosen'), which `babyllama dpo` reads"),
+            ({"question": "问", "response_chosen": "好", "response_rejected": "坏"},  # "not an instruction ..."
+             "it is a preference record ('response_chosen' and 'response_rejected'), which `babyllama dpo` reads")]:
         with pytest.raises(ValueError) as e:
             conversation_from_record(record)
         assert str(e.value) == why, record

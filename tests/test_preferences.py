@@ -12,7 +12,7 @@ import torch
 from babyllama.chat_format import Conversation, conversation_from_record, render_conversation
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
-from babyllama.data.preferences import pair_samples, preference_from_record, render_pair
+from babyllama.data.preferences import NOT_A_PAIR, pair_samples, preference_from_record, render_pair
 from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError
@@ -108,9 +108,7 @@ def test_trl_conversational_pairs_that_are_no_prompt_and_one_answer_say_why():
             ({"chosen": [user, answer, user, answer], "rejected": [user, other]},
              "its 'chosen' and 'rejected' conversations share 1 message from their start, then go on with 3 and 1: "
              "only the answer may follow the prompt they share"),
-            ({"chosen": [user, answer], "rejected": "错"},
-             "not a preference record (prompt / conversations / messages / question with chosen and rejected, or "
-             "chosen and rejected conversations)")]:
+            ({"chosen": [user, answer], "rejected": "错"}, NOT_A_PAIR)]:
         with pytest.raises(ValueError) as e:
             preference_from_record(record)
         assert str(e.value) == why, record
@@ -404,12 +402,41 @@ def test_prepare_keeps_the_pairs_dpo_reads_and_finds_the_same_bad_with_the_same_
         "7: the last message must come from the user",
         "8: its 'chosen' and 'rejected' conversations differ in their first message: they share no prompt",
         "9: its 'prompt' is not the last user message that its 'chosen' and 'rejected' conversations share",
-        "10: not a preference record (prompt / conversations / messages / question with chosen and rejected, or "
-        "chosen and rejected conversations)",
+        f"10: {NOT_A_PAIR}",
         "11: its 'response_rejected' is missing"]
     assert (manifest["stats"]["records"], manifest["stats"]["bad"], manifest["stats"]["equal_pairs"]) == (14, 10, 1)
     assert (reader.stats[str(path)].records, reader.stats[str(path)].bad) == (14, 10)
     assert texts == ["1+1等于几等于2。", "问答", "问答", "问\n答\n问\n答"]
+
+
+def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_record_comes_first(bpe_tokenizer,
+                                                                                               tmp_path):
+    """prepare took a record for a preference pair only with both `chosen` and `rejected`: the first record of a file,
+    {prompt, chosen}, was "has none of the fields of a known schema" where dpo says "its 'rejected' is missing", and
+    {prompt, chosen, completion} was kept as a prompt-completion row. Any one field of a pair's answers makes a
+    preference record in prepare, dpo and SFT alike (chat_format.PREFERENCE_ANSWERS), bad for the same reason in
+    prepare and dpo; and a question without the answers of MedicalGPT's reward data is no pair of it in dpo."""
+    for record, why in [
+            ({"prompt": "问", "chosen": "答"}, "its 'rejected' is missing"),
+            ({"prompt": "问", "chosen": "答", "completion": "别答"}, "its 'rejected' is missing"),
+            ({"messages": [USER], "rejected": "错"}, "its 'chosen' is missing"),
+            ({"chosen": "答", "rejected": "错"}, NOT_A_PAIR),
+            ({"question": "问", "response_rejected": "错"}, "its 'response_chosen' is missing"),
+            ({"response_chosen": "答", "response_rejected": "错"}, "its 'question' is missing")]:
+        path = write(tmp_path / "first.jsonl", [record, SHAPES[0][0]])
+        reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+        assert list(reader.documents()) == ["1+1等于几等于2。"]
+        assert log.getvalue() == f"{path}:1: {why}\n", record
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why, record
+        with pytest.raises(ValueError) as e:
+            conversation_from_record(record)
+        assert str(e.value).startswith("it is a preference record ("), record
+    for record in [{"question": "问"}, {"question": "问", "answer": "答"}]:  # no answer of a pair: no pair
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == NOT_A_PAIR
 
 
 def test_a_weight_on_a_message_that_is_not_the_assistant_s_is_bad_in_sft_dpo_and_prepare_alike(

@@ -68,6 +68,12 @@ CONVERSATION_KEYS = ("conversations", "messages")
 SHAPE_ORDER = "conversations, messages, prompt with answer (else completion), instruction with output"
 SHAPE_FIELDS = ("conversations", "messages", "prompt", "answer", "completion", "instruction", "input", "output")
 
+# The fields of a preference pair's two answers, a pair per kind of shape (data/preferences.py: TRL's, LLaMA-Factory's
+# and MedicalGPT's; MedicalGPT's reward data). A record with any one of them is a preference record
+# (preference_answers): `dpo` reads it, prepare detects its preference schema by them (data/sources.py), and SFT
+# refuses it, all three by this one rule.
+PREFERENCE_ANSWERS = (("chosen", "rejected"), ("response_chosen", "response_rejected"))
+
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
 # system (and developer) messages joined first, consecutive messages of one role joined with "\n",
 # each user text then bos_token, each answer then eos_token; the prompt for an answer ends with
@@ -407,10 +413,10 @@ def record_conversation(record: dict) -> Conversation:
     `conversations` or `messages` list (conversation_key), TRL's conversational prompt / completion (a `prompt` list:
     prompt_completion_messages), a `prompt` / `answer` or `completion` row or an instruction record, after its
     `system` and `history` (context_messages), which every shape gets here and only here. Raises ValueError when it is
-    none of them (a preference record, with `chosen` and `rejected`, is said to be one), a field has the wrong type or
-    the messages break a rule above."""
-    if record.get("chosen") is not None and record.get("rejected") is not None:
-        raise ValueError("it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads")
+    none of them (a preference record, with a field of PREFERENCE_ANSWERS, is said to be one), a field has the wrong
+    type or the messages break a rule above."""
+    if answers := preference_answers(record):
+        raise ValueError(f"it is a preference record ({' and '.join(map(repr, answers))}), which `babyllama dpo` reads")
     context = context_messages(record)
     if key := conversation_key(record):
         messages, untrained = messages_of_record(record, key), weight_zero(record[key])
@@ -427,6 +433,12 @@ def record_conversation(record: dict) -> Conversation:
         messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
     return conversation_from_messages(context + messages, add_generation_prompt=False,
                                       untrained={len(context) + i for i in untrained})
+
+
+def preference_answers(record: dict) -> list[str]:
+    """The fields of PREFERENCE_ANSWERS that record has, a null one being absent: ["chosen", "rejected"],
+    ["response_chosen"]; [] for a record that is no preference pair."""
+    return [key for pair in PREFERENCE_ANSWERS for key in pair if record.get(key) is not None]
 
 
 def whole_conversations(record: dict) -> bool:

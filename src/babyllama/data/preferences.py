@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import Counter
 
 from babyllama.chat_format import (
+    PREFERENCE_ANSWERS,
     Conversation,
     checked_for_training,
     context_messages,
@@ -54,15 +55,17 @@ from babyllama.data.shards import is_val
 from babyllama.errors import agree
 from babyllama.tokenizer import Tokenizer
 
-# The fields of the preference shapes. A record with those of several is read in the first shape it has, in this
-# order, and the fields of the others are left out (preference_fields), as SFT reads a record of several shapes
-# (chat_format.SHAPE_ORDER): {question, messages, chosen, rejected} is read from its messages, its question left out.
+# The fields of the preference shapes. The answers' fields (chat_format.PREFERENCE_ANSWERS) decide the shape, as they
+# decide that a record is a preference pair for prepare and SFT; a record with those of several is read in the first
+# shape it has, in this order, and the fields of the others are left out (preference_fields), as SFT reads a record of
+# several shapes (chat_format.SHAPE_ORDER): {question, messages, chosen, rejected} is read from its messages, its
+# question left out.
 PROMPT_KEYS = ("conversations", "messages", "prompt", "question")  # the prompt beside chosen and rejected answers
-PREFERENCE_FIELDS = (*PROMPT_KEYS, "chosen", "rejected", "response_chosen", "response_rejected")
+PREFERENCE_FIELDS = (*PROMPT_KEYS, *(key for pair in PREFERENCE_ANSWERS for key in pair))
 PREFERENCE_ORDER = ("chosen and rejected conversations (with a prompt string), conversations, messages, prompt, "
                     "question (each with chosen and rejected), question with response_chosen and response_rejected")
-NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question with chosen and rejected, or "
-              "chosen and rejected conversations)")
+NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question with chosen and rejected, "
+              "chosen and rejected conversations, or question with response_chosen and response_rejected)")
 
 
 def _text(record: dict, key: str) -> str:
@@ -106,9 +109,9 @@ def _trained(item: dict, key: str) -> None:
 
 
 def _prompt_messages(record: dict, key: str) -> list[tuple[str, str]]:
-    """(role, content) of the prompt record[key] (PROMPT_KEYS): a conversation (`conversations`, `messages`), a list
-    of messages (TRL's conversational `prompt`) or a string (`prompt`, `question`). Raises ValueError naming the
-    field: of another type, or a malformed list (messages_of_record)."""
+    """(role, content) of the prompt record[key] (preference_fields' first): a conversation (`conversations`,
+    `messages`), a list of messages (TRL's conversational `prompt`) or a string (`prompt`, `question`). Raises
+    ValueError naming the field: missing, of another type, or a malformed list (messages_of_record)."""
     if key == messages_key(record):
         return messages_of_record(record, key)
     return [("user", _text(record, key))]
@@ -149,10 +152,12 @@ def _check_prompt(record: dict, prompt: list[tuple[str, str]]) -> None:
 def preference_fields(record: dict) -> tuple[str, ...]:
     """The fields of PREFERENCE_FIELDS that preference_from_record reads of record, those of the first shape it has
     (PREFERENCE_ORDER); the others it has are left out (chat_format.unread_fields). ("messages", "chosen",
-    "rejected"); () when it has the fields of none (a bad record). Beside whole conversations, a `prompt` string is
-    read (it must be their last shared user message) and a `messages` list that equals the chosen conversation
-    (HuggingFaceH4/ultrafeedback_binarized's copy of it) is as good as read; one that differs is left out. A null
-    field is an absent one."""
+    "rejected"), ("question", "response_chosen", "response_rejected"). The answers' fields decide the shape, either
+    of a pair enough (chat_format.PREFERENCE_ANSWERS: the other is then said to be missing, as is a `question`); ()
+    when it has none of them, or `chosen` and `rejected` without a prompt (a bad record). Beside whole
+    conversations, a `prompt` string is read (it must be their last shared user message) and a `messages` list that
+    equals the chosen conversation (HuggingFaceH4/ultrafeedback_binarized's copy of it) is as good as read; one that
+    differs is left out. A null field is an absent one."""
     there = {k for k in PREFERENCE_FIELDS if record.get(k) is not None}
     if whole_conversations(record):
         copy = ("messages",) if record.get("messages") == record["chosen"] else ()
@@ -160,7 +165,7 @@ def preference_fields(record: dict) -> tuple[str, ...]:
     if there & {"chosen", "rejected"}:
         prompt = next((k for k in PROMPT_KEYS if k in there), None)
         return (prompt, "chosen", "rejected") if prompt else ()
-    if there & {"question", "response_chosen", "response_rejected"}:
+    if there & {"response_chosen", "response_rejected"}:
         return "question", "response_chosen", "response_rejected"
     return ()
 
@@ -180,12 +185,10 @@ def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     if whole_conversations(record):
         prompt, chosen, rejected = _implicit_prompt(record)
         _check_prompt(record, prompt)
-    elif fields[1] == "response_chosen":  # MedicalGPT's reward data
-        prompt = [("user", _text(record, "question"))]
-        chosen, rejected = _text(record, "response_chosen"), _text(record, "response_rejected")
-    else:
-        prompt, chosen, rejected = (_prompt_messages(record, fields[0]), _answer(record, "chosen"),
-                                    _answer(record, "rejected"))
+    else:  # MedicalGPT's reward data has strings, the others a string or a message
+        answer = _text if fields[1] == "response_chosen" else _answer
+        prompt, chosen, rejected = (_prompt_messages(record, fields[0]), answer(record, fields[1]),
+                                    answer(record, fields[2]))
     conv = conversation_from_messages(context_messages(record) + prompt, add_generation_prompt=True)
     return checked_for_training(conv, chosen, rejected), chosen, rejected
 

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 10  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 11  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
@@ -75,7 +75,9 @@ VERSION = 10  # of the chat format, filters and layout: a new version never reus
 # "weight": 0 is bad; 10: a prompt whose beginning is cut begins with a whole character, where 9 could begin with the
 # tail of one; a DPO record is read in the first of its shapes (preferences.PREFERENCE_ORDER): a question with chosen
 # and rejected is read, where 9 counted it bad, and chosen and rejected go before response_chosen and
-# response_rejected; a chosen without a rejected is "its 'rejected' is missing")
+# response_rejected; a chosen without a rejected is "its 'rejected' is missing"; 11: a question without
+# response_chosen or response_rejected is "not a preference record", and SFT counts bad, as a preference record, one
+# with any answer field of a pair (chat_format.PREFERENCE_ANSWERS), where 10 read {messages, chosen} as its messages)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from babyllama.chat_format import (
+    PREFERENCE_ANSWERS,
     context_messages,
     conversation_key,
     field_text,
@@ -174,9 +175,11 @@ SCHEMAS: dict[str, Callable[[dict], str | None]] = {
 # schema -> the groups of fields any of which marks a record as one of it, in the order of detection: `text` before
 # `content`, so that a record with both is the text it says (WuDao's records have no `text`), and `prompt` and
 # `completion` before `completion` alone (a prompt-completion row, not a wiki article); a preference pair first, as
-# it may hold a conversation (LLaMA-Factory's and MedicalGPT's DPO files)
+# it may hold a conversation (LLaMA-Factory's and MedicalGPT's DPO files), and by any one of its answers' fields, as
+# `dpo` reads it (chat_format.PREFERENCE_ANSWERS): {prompt, chosen} is a pair without its rejected answer, bad for the
+# reason `dpo` gives, not a record of no schema, and {prompt, chosen, completion} no prompt-completion row
 SCHEMA_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "preference": (("chosen", "rejected"), ("response_chosen", "response_rejected")),
+    "preference": tuple((key,) for pair in PREFERENCE_ANSWERS for key in pair),
     "conversation": (("conversations",), ("messages",)),
     "instruction": (("instruction", "output"), ("prompt", "answer"), ("prompt", "completion")),
     "wiki": (("completion",),),
