@@ -1,4 +1,5 @@
-"""Preference pairs: the four record shapes, the DPO token cache, counts of bad and equal pairs, masks."""
+"""Preference pairs: the record shapes (TRL's, LLaMA-Factory's, MedicalGPT's, OpenAI's, ...), the DPO token cache,
+counts of bad and equal pairs, masks."""
 
 from __future__ import annotations
 
@@ -58,12 +59,19 @@ SHAPES = [  # (record, conversation, chosen, rejected)
      HISTORY, "等于2。", "等于3。"),  # LLaMA-Factory's shape with OpenAI's `messages`
     ({"system": "你是助手。", "question": "1+1等于几", "chosen": "等于2。", "rejected": "等于3。"},
      Conversation([("1+1等于几", "")], "你是助手。"), "等于2。", "等于3。"),  # Intel/orca_dpo_pairs
+    ({"input": {"messages": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                             {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1等于几"}],
+                "tools": [], "parallel_tool_calls": True},
+      "preferred_output": [{"role": "assistant", "content": "等于2。"}],
+      "non_preferred_output": [{"role": "assistant", "content": "等于3。"}]},
+     HISTORY, "等于2。", "等于3。"),  # OpenAI's preference fine-tuning (DPO) format
 ]
 
 
 @pytest.mark.parametrize("record, conv, chosen, rejected", SHAPES, ids=["prompt", "llama-factory", "medicalgpt",
                                                                         "question", "trl-conversational",
-                                                                        "trl-implicit-prompt", "messages", "orca"])
+                                                                        "trl-implicit-prompt", "messages", "orca",
+                                                                        "openai"])
 def test_each_shape_becomes_its_conversation_and_answers(record, conv, chosen, rejected):
     assert preference_from_record(record) == (conv, chosen, rejected)
 
@@ -363,8 +371,9 @@ def test_a_pair_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_named
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"{path}: records with the fields of more than one shape are read in the first of chosen and rejected "
         "conversations (with a prompt string), conversations, messages, prompt, question (each with chosen and "
-        "rejected), question with response_chosen and response_rejected, leaving out the 'question' of 1 record (the "
-        f"first at {path}:1), the 'prompt' of 1 record (the first at {path}:2), the 'response_chosen' of 1 record "
+        "rejected), input with preferred_output and non_preferred_output, question with response_chosen and "
+        f"response_rejected, leaving out the 'question' of 1 record (the first at {path}:1), the 'prompt' of 1 record "
+        f"(the first at {path}:2), the 'response_chosen' of 1 record "
         f"(the first at {path}:3), the 'response_rejected' of 1 record (the first at {path}:3), the 'messages' of 1 "
         f"record (the first at {path}:5)"]
 
@@ -409,6 +418,72 @@ def test_prepare_keeps_the_pairs_dpo_reads_and_finds_the_same_bad_with_the_same_
     assert texts == ["1+1等于几等于2。", "问答", "问答", "问\n答\n问\n答"]
 
 
+# OpenAI's example of its preference fine-tuning format (developers.openai.com/api/docs/guides/direct-preference-
+# optimization, "Data format"), one line of JSONL: an input of messages, tools and parallel_tool_calls, and two lists of
+# one assistant message
+OPENAI_PAIR = {
+    "input": {"messages": [{"role": "user", "content": "Hello, can you tell me how cold San Francisco is today?"}],
+              "tools": [], "parallel_tool_calls": True},
+    "preferred_output": [{"role": "assistant", "content": "Today in San Francisco, it is not quite cold as expected. "
+                          "Morning clouds will give away to sunshine, with a high near 68°F (20°C) and a low around "
+                          "57°F (14°C)."}],
+    "non_preferred_output": [{"role": "assistant", "content": "It is not particularly cold in San Francisco today."}]}
+
+
+def test_openai_preference_records_are_read_by_dpo_and_prepare_and_their_tools_are_bad_records(bpe_tokenizer,
+                                                                                              tmp_path):
+    """OpenAI's preference fine-tuning format ({input: {messages, tools, parallel_tool_calls}, preferred_output,
+    non_preferred_output}) was "not a preference record" in dpo and "has none of the fields of a known schema" in
+    prepare: both read it, with what OpenAI documents (each output a list of one assistant message), and find the
+    same records bad with the same reasons; tools, which no chat format here shows, are a bad record, as a tool call
+    in SFT's messages is."""
+    question, answer = OPENAI_PAIR["input"]["messages"][0]["content"], OPENAI_PAIR["preferred_output"][0]["content"]
+    assert preference_from_record(OPENAI_PAIR) == (
+        Conversation([(question, "")]), answer, OPENAI_PAIR["non_preferred_output"][0]["content"])
+    inp, out = OPENAI_PAIR["input"], OPENAI_PAIR["preferred_output"]
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    records_and_reasons = [
+        ({**OPENAI_PAIR, "input": {**inp, "tools": [weather]}}, "its 'input' has 'tools'; tools and tool calls are "
+         "not read"),
+        ({**OPENAI_PAIR, "preferred_output": [call]},
+         "preferred_output item 1: a message of role 'assistant' with 'tool_calls'; tool calls are not read"),
+        ({**OPENAI_PAIR, "input": {"messages": [*inp["messages"], call, {"role": "tool", "content": "20°C",
+                                                                         "tool_call_id": "call_1"}]}},
+         "input.messages item 2: a message of role 'assistant' with 'tool_calls'; tool calls are not read"),
+        ({**OPENAI_PAIR, "preferred_output": answer},
+         "its 'preferred_output' is a string, not a list of one assistant message"),
+        ({**OPENAI_PAIR, "non_preferred_output": out[0]},
+         "its 'non_preferred_output' is an object, not a list of one assistant message"),
+        ({**OPENAI_PAIR, "preferred_output": [*out, *out]},
+         "its 'preferred_output' holds 2 messages, not the one assistant answer"),
+        ({**OPENAI_PAIR, "preferred_output": []}, "its 'preferred_output' list is empty: there is no message"),
+        ({**OPENAI_PAIR, "preferred_output": inp["messages"]},
+         "its 'preferred_output' is a user message, not the assistant's answer"),
+        ({k: v for k, v in OPENAI_PAIR.items() if k != "non_preferred_output"},
+         "its 'non_preferred_output' is missing"),
+        ({k: v for k, v in OPENAI_PAIR.items() if k != "input"}, "its 'input' is missing"),
+        ({**OPENAI_PAIR, "input": question}, "its 'input' is a string, not an object with 'messages'"),
+        ({**OPENAI_PAIR, "input": {"tools": []}}, "it lacks 'input.messages', a list of messages"),
+        ({**OPENAI_PAIR, "input": {"messages": [*inp["messages"], *out]}}, "the last message must come from the user")]
+    for record, why in records_and_reasons:
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why, record
+    path = write(tmp_path / "openai.jsonl", [OPENAI_PAIR, *(record for record, _ in records_and_reasons)])
+    reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == [f"{question}\n{answer}"]  # the prompt's messages a line each, as TRL's
+    manifest, bad = dpo_cache(bpe_tokenizer, tmp_path, path)
+    assert log.getvalue().splitlines() == bad == [f"{path}:{i}: {why}"
+                                                  for i, (_, why) in enumerate(records_and_reasons, 2)]
+    assert (manifest["stats"]["samples"], reader.stats[str(path)].schema) == (2, "preference")
+    with pytest.raises(ValueError) as e:
+        conversation_from_record(OPENAI_PAIR)  # SFT: a preference record, as one of chosen and rejected is
+    assert str(e.value) == ("it is a preference record ('preferred_output' and 'non_preferred_output'), which "
+                            "`babyllama dpo` reads")
+
+
 def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_record_comes_first(bpe_tokenizer,
                                                                                                tmp_path):
     """prepare took a record for a preference pair only with both `chosen` and `rejected`: the first record of a file,
@@ -422,7 +497,8 @@ def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_reco
             ({"messages": [USER], "rejected": "错"}, "its 'chosen' is missing"),
             ({"chosen": "答", "rejected": "错"}, NOT_A_PAIR),
             ({"question": "问", "response_rejected": "错"}, "its 'response_chosen' is missing"),
-            ({"response_chosen": "答", "response_rejected": "错"}, "its 'question' is missing")]:
+            ({"response_chosen": "答", "response_rejected": "错"}, "its 'question' is missing"),
+            ({"input": {"messages": [USER]}, "preferred_output": [ANSWER]}, "its 'non_preferred_output' is missing")]:
         path = write(tmp_path / "first.jsonl", [record, SHAPES[0][0]])
         reader = CorpusReader([path], bad_log=(log := io.StringIO()))
         assert list(reader.documents()) == ["1+1等于几等于2。"]

@@ -69,10 +69,11 @@ SHAPE_ORDER = "conversations, messages, prompt with answer (else completion), in
 SHAPE_FIELDS = ("conversations", "messages", "prompt", "answer", "completion", "instruction", "input", "output")
 
 # The fields of a preference pair's two answers, a pair per kind of shape (data/preferences.py: TRL's, LLaMA-Factory's
-# and MedicalGPT's; MedicalGPT's reward data). A record with any one of them is a preference record
-# (preference_answers): `dpo` reads it, prepare detects its preference schema by them (data/sources.py), and SFT
+# and MedicalGPT's; OpenAI's DPO format; MedicalGPT's reward data). A record with any one of them is a preference
+# record (preference_answers): `dpo` reads it, prepare detects its preference schema by them (data/sources.py), and SFT
 # refuses it, all three by this one rule.
-PREFERENCE_ANSWERS = (("chosen", "rejected"), ("response_chosen", "response_rejected"))
+PREFERENCE_ANSWERS = (("chosen", "rejected"), ("preferred_output", "non_preferred_output"),
+                      ("response_chosen", "response_rejected"))
 
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
 # system (and developer) messages joined first, consecutive messages of one role joined with "\n",
@@ -158,21 +159,23 @@ def messages_key(record: dict) -> str | None:
     return conversation_key(record) or ("prompt" if isinstance(record.get("prompt"), list) else None)
 
 
-def messages_of_record(record: dict, key: str | None = None) -> list[tuple[str, str]]:
+def messages_of_record(record: dict, key: str | None = None, name: str | None = None) -> list[tuple[str, str]]:
     """[(role, content)] of the message list record[key], by default its `conversations` or else its `messages`
     (conversation_key), of {role, content} or {from: human|gpt, value} items; roles become system / user /
-    assistant (ROLES). Raises ValueError saying what is malformed: the list is not there, is not one (naming its
-    type), is empty, or an item is no object, lacks its role or content, has an unknown role, a tool call, or a
-    content that is neither a string nor a list of text parts (message_of_item)."""
+    assistant (ROLES). name: the list's name in what is raised, key by default ("input.messages" for the `messages` of
+    an object in the record's `input`). Raises ValueError saying what is malformed: the list is not there, is not one
+    (naming its type), is empty, or an item is no object, lacks its role or content, has an unknown role, a tool call,
+    or a content that is neither a string nor a list of text parts (message_of_item)."""
     key = key or conversation_key(record) or CONVERSATION_KEYS[0]
+    name = name or key
     if key not in record:
-        raise ValueError(f"it lacks {key!r}, a list of messages")
+        raise ValueError(f"it lacks {name!r}, a list of messages")
     items = record.get(key)
     if not isinstance(items, list):
-        raise ValueError(f"its {key!r} is {kind_of(items)}, not a list of messages")
+        raise ValueError(f"its {name!r} is {kind_of(items)}, not a list of messages")
     if not items:
-        raise ValueError(f"its {key!r} list is empty: there is no message")
-    return [message_of_item(item, f"{key} item {i}") for i, item in enumerate(items, 1)]
+        raise ValueError(f"its {name!r} list is empty: there is no message")
+    return [message_of_item(item, f"{name} item {i}") for i, item in enumerate(items, 1)]
 
 
 def message_of_item(item: object, where: str) -> tuple[str, str]:
@@ -437,7 +440,7 @@ def record_conversation(record: dict) -> Conversation:
 
 def preference_answers(record: dict) -> list[str]:
     """The fields of PREFERENCE_ANSWERS that record has, a null one being absent: ["chosen", "rejected"],
-    ["response_chosen"]; [] for a record that is no preference pair."""
+    ["preferred_output"]; [] for a record that is no preference pair."""
     return [key for pair in PREFERENCE_ANSWERS for key in pair if record.get(key) is not None]
 
 

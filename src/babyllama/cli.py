@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init", type=path, help="the checkpoint to tune, and the reference: e.g. runs/demo/sft/final")
     p.add_argument("--data", type=path, nargs="+",
-                   help="preference pairs: {prompt, chosen, rejected}, LLaMA-Factory's or "
+                   help="preference pairs: {prompt, chosen, rejected}, LLaMA-Factory's, OpenAI's or "
                    "MedicalGPT's JSON(L)")
     p.add_argument("--config", type=path, help="a TOML file with a [train] table (the model comes from --init)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")

@@ -14,6 +14,9 @@ Accepted records (the fields of one JSON object):
     files; the conversation (ShareGPT or OpenAI items) ends with the user;
   {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
   {question, chosen, rejected}: Intel/orca_dpo_pairs (with a `system`), the question a `prompt` string;
+  {input: {messages: [...], tools, parallel_tool_calls}, preferred_output: [assistant message], non_preferred_output:
+    [...]}: OpenAI's preference fine-tuning (DPO) format; its input's messages end with the user's, each output is a
+    list of one assistant message, and tools (a non-empty `tools`, a tool call, a tool message) are not read;
   {question, response_chosen, response_rejected}: MedicalGPT's reward data.
 A `messages` list may stand for `conversations` (chat_format.conversation_key), and messages are read as SFT reads
 them (chat_format.message_of_item: OpenAI's text parts, the developer role). A record with the fields of several
@@ -61,11 +64,13 @@ from babyllama.tokenizer import Tokenizer
 # several shapes (chat_format.SHAPE_ORDER): {question, messages, chosen, rejected} is read from its messages, its
 # question left out.
 PROMPT_KEYS = ("conversations", "messages", "prompt", "question")  # the prompt beside chosen and rejected answers
-PREFERENCE_FIELDS = (*PROMPT_KEYS, *(key for pair in PREFERENCE_ANSWERS for key in pair))
+PREFERENCE_FIELDS = (*PROMPT_KEYS, "input", *(key for pair in PREFERENCE_ANSWERS for key in pair))
 PREFERENCE_ORDER = ("chosen and rejected conversations (with a prompt string), conversations, messages, prompt, "
-                    "question (each with chosen and rejected), question with response_chosen and response_rejected")
+                    "question (each with chosen and rejected), input with preferred_output and non_preferred_output, "
+                    "question with response_chosen and response_rejected")
 NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question with chosen and rejected, "
-              "chosen and rejected conversations, or question with response_chosen and response_rejected)")
+              "chosen and rejected conversations, input with preferred_output and non_preferred_output, or question "
+              "with response_chosen and response_rejected)")
 
 
 def _text(record: dict, key: str) -> str:
@@ -101,6 +106,31 @@ def _answer(record: dict, key: str) -> str:
     return content
 
 
+def _output(record: dict, key: str) -> str:
+    """The answer record[key] of OpenAI's DPO format (`preferred_output`, `non_preferred_output`): a list of one
+    assistant message, read as _answer reads it. Raises ValueError naming the field: missing, of another type (a
+    string, one message not in a list), or a list of another length or role (_answer)."""
+    value = record.get(key)
+    if value is not None and not isinstance(value, list):
+        raise ValueError(f"its {key!r} is {kind_of(value)}, not a list of one assistant message")
+    return _answer(record, key)
+
+
+def _input_messages(record: dict) -> list[tuple[str, str]]:
+    """(role, content) of the messages of the `input` of OpenAI's DPO format, an object of `messages` (read as SFT reads
+    OpenAI's messages), `tools` and `parallel_tool_calls`. Raises ValueError naming the fault: an input missing or not
+    an object, `tools` (a list that is not empty: the answers may call them, and no chat format here shows them), or
+    messages that are malformed (messages_of_record: a tool call or a tool message among them too)."""
+    value = record.get("input")
+    if value is None:
+        raise ValueError("its 'input' is missing")
+    if not isinstance(value, dict):
+        raise ValueError(f"its 'input' is {kind_of(value)}, not an object with 'messages'")
+    if value.get("tools"):
+        raise ValueError("its 'input' has 'tools'; tools and tool calls are not read")
+    return messages_of_record(value, "messages", name="input.messages")
+
+
 def _trained(item: dict, key: str) -> None:
     """Raises ValueError for the answer item of record[key] (a message read by message_of_item) with OpenAI's
     "weight": 0, which SFT reads as no loss: the loss of a DPO pair is on its answers."""
@@ -108,10 +138,13 @@ def _trained(item: dict, key: str) -> None:
         raise ValueError(f"its {key!r} answer has a 'weight' of 0, but a DPO answer always carries the loss")
 
 
-def _prompt_messages(record: dict, key: str) -> list[tuple[str, str]]:
+def prompt_messages(record: dict, key: str) -> list[tuple[str, str]]:
     """(role, content) of the prompt record[key] (preference_fields' first): a conversation (`conversations`,
-    `messages`), a list of messages (TRL's conversational `prompt`) or a string (`prompt`, `question`). Raises
-    ValueError naming the field: missing, of another type, or a malformed list (messages_of_record)."""
+    `messages`), a list of messages (TRL's conversational `prompt`), OpenAI's `input` (_input_messages) or a string
+    (`prompt`, `question`). Raises ValueError naming the field: missing, of another type, or a malformed list
+    (messages_of_record). prepare's text of a pair is made of these messages (data/sources.text_of_preference)."""
+    if key == "input":
+        return _input_messages(record)
     if key == messages_key(record):
         return messages_of_record(record, key)
     return [("user", _text(record, key))]
@@ -152,9 +185,9 @@ def _check_prompt(record: dict, prompt: list[tuple[str, str]]) -> None:
 def preference_fields(record: dict) -> tuple[str, ...]:
     """The fields of PREFERENCE_FIELDS that preference_from_record reads of record, those of the first shape it has
     (PREFERENCE_ORDER); the others it has are left out (chat_format.unread_fields). ("messages", "chosen",
-    "rejected"), ("question", "response_chosen", "response_rejected"). The answers' fields decide the shape, either
-    of a pair enough (chat_format.PREFERENCE_ANSWERS: the other is then said to be missing, as is a `question`); ()
-    when it has none of them, or `chosen` and `rejected` without a prompt (a bad record). Beside whole
+    "rejected"), ("input", "preferred_output", "non_preferred_output"). The answers' fields decide the shape, either
+    of a pair enough (chat_format.PREFERENCE_ANSWERS: the other is then said to be missing, as is an `input` or a
+    `question`); () when it has none of them, or `chosen` and `rejected` without a prompt (a bad record). Beside whole
     conversations, a `prompt` string is read (it must be their last shared user message) and a `messages` list that
     equals the chosen conversation (HuggingFaceH4/ultrafeedback_binarized's copy of it) is as good as read; one that
     differs is left out. A null field is an absent one."""
@@ -165,6 +198,8 @@ def preference_fields(record: dict) -> tuple[str, ...]:
     if there & {"chosen", "rejected"}:
         prompt = next((k for k in PROMPT_KEYS if k in there), None)
         return (prompt, "chosen", "rejected") if prompt else ()
+    if there & {"preferred_output", "non_preferred_output"}:
+        return "input", "preferred_output", "non_preferred_output"
     if there & {"response_chosen", "response_rejected"}:
         return "question", "response_chosen", "response_rejected"
     return ()
@@ -185,9 +220,9 @@ def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     if whole_conversations(record):
         prompt, chosen, rejected = _implicit_prompt(record)
         _check_prompt(record, prompt)
-    else:  # MedicalGPT's reward data has strings, the others a string or a message
-        answer = _text if fields[1] == "response_chosen" else _answer
-        prompt, chosen, rejected = (_prompt_messages(record, fields[0]), answer(record, fields[1]),
+    else:  # MedicalGPT's reward data has strings, OpenAI's format lists of one message, the others either
+        answer = {"response_chosen": _text, "preferred_output": _output}.get(fields[1], _answer)
+        prompt, chosen, rejected = (prompt_messages(record, fields[0]), answer(record, fields[1]),
                                     answer(record, fields[2]))
     conv = conversation_from_messages(context_messages(record) + prompt, add_generation_prompt=True)
     return checked_for_training(conv, chosen, rejected), chosen, rejected

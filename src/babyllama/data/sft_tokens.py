@@ -75,9 +75,11 @@ VERSION = 11  # of the chat format, filters and layout: a new version never reus
 # "weight": 0 is bad; 10: a prompt whose beginning is cut begins with a whole character, where 9 could begin with the
 # tail of one; a DPO record is read in the first of its shapes (preferences.PREFERENCE_ORDER): a question with chosen
 # and rejected is read, where 9 counted it bad, and chosen and rejected go before response_chosen and
-# response_rejected; a chosen without a rejected is "its 'rejected' is missing"; 11: a question without
-# response_chosen or response_rejected is "not a preference record", and SFT counts bad, as a preference record, one
-# with any answer field of a pair (chat_format.PREFERENCE_ANSWERS), where 10 read {messages, chosen} as its messages)
+# response_rejected; a chosen without a rejected is "its 'rejected' is missing"; 11: OpenAI's DPO records (input,
+# preferred_output, non_preferred_output) are read, where 10 counted them bad, a question without response_chosen or
+# response_rejected is "not a preference record" (whose words name OpenAI's shape), and SFT counts bad, as a preference
+# record, one with any answer field of a pair (chat_format.PREFERENCE_ANSWERS), where 10 read {messages, chosen} as its
+# messages)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 

@@ -42,7 +42,6 @@ from babyllama.chat_format import (
     instruction_pair,
     is_blank,
     kind_of,
-    messages_key,
     messages_of_record,
     not_unicode,
     pair_fields,
@@ -128,25 +127,25 @@ def text_of_conversation(r: dict) -> str | None:
 
 
 def text_of_preference(r: dict) -> str | None:
-    """A preference pair as the text a model should learn: after context_text, its prompt (a conversation's or a
-    `prompt` list's messages, a line each, or a `prompt` or `question` string) and then its chosen answer, as an
-    instruction's answer follows its question (a chosen conversation holds its prompt: chat_format.
+    """A preference pair as the text a model should learn: after context_text, its prompt (a conversation's, a
+    `prompt` list's or OpenAI's `input` messages, a line each, or a `prompt` or `question` string) and then its chosen
+    answer, as an instruction's answer follows its question (a chosen conversation holds its prompt: chat_format.
     whole_conversations); the rejected answer is not. None without any field of a preference shape. Raises
     ValueError, a bad record, for one that `babyllama dpo` finds bad, with its reason: each record is read by dpo's
     reader (data/preferences.preference_from_record), so that what prepare keeps, dpo reads."""
     # data/preferences.py builds on this module (through data/shards.py), so it is imported here, not above
-    from babyllama.data.preferences import PREFERENCE_FIELDS, preference_fields, preference_from_record
+    from babyllama.data.preferences import PREFERENCE_FIELDS, preference_fields, preference_from_record, prompt_messages
 
     if all(r.get(k) is None for k in PREFERENCE_FIELDS):
         return None
     _, chosen, _ = preference_from_record(r)
-    fields = preference_fields(r)
+    key = preference_fields(r)[0]
     if whole_conversations(r):  # the prompt is in the chosen conversation
         prompt = "".join(content + "\n" for _, content in messages_of_record(r, "chosen")[:-1])
-    elif fields[0] == messages_key(r):
-        prompt = "".join(content + "\n" for _, content in messages_of_record(r, fields[0]))
+    elif isinstance(r[key], str):
+        prompt = r[key]
     else:
-        prompt = r[fields[0]]
+        prompt = "".join(content + "\n" for _, content in prompt_messages(r, key))
     return context_text(r) + prompt + chosen
 
 
