@@ -340,6 +340,44 @@ def test_a_stopped_precompute_goes_on_from_its_last_whole_chunk(dpo_setup, tmp_p
     assert all(np.array_equal(straight[k], stopped[k]) for k in straight)
 
 
+def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, tmp_path, monkeypatch):
+    """The chunks' key left out batch_size, though a pair's reference log-probs change in their last digits with the
+    batch they are computed in (padding to its longest row, the shapes of the matmuls): a precompute stopped at
+    batch_size 8 and run again at 4 read the chunks of 8 and computed the rest at 4, the values of neither run. Chunks
+    of another batch_size (or device type) are computed again now, as by a run that never stopped; ref_logps.npz,
+    once whole, stays the run's on a resume with another batch (the values it started with)."""
+    import babyllama.train.dpo as dpo_module
+
+    monkeypatch.setattr(dpo_module, "CHUNK_BATCHES", 1, raising=False)  # a chunk a batch
+    real, calls, stop_at = dpo_module.answer_log_probs, [], [0]
+
+    def counted(m, batch):  # every forward pass; raises KeyboardInterrupt at call stop_at
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(m, batch)
+
+    monkeypatch.setattr(dpo_module, "answer_log_probs", counted)
+    args = ["--init", str(dpo_setup / "init"), "--data", str(dpo_setup / "pairs.jsonl"), "--warmup_steps", "0",
+            "--eval_every", "0", "--val_fraction", "0.1", "--data_workers", "1", "--precompute_ref_log_probs", "true"]
+    run = lambda out, batch, steps=1: dpo(load_config(None, [*args, "--out_dir", str(out), "--batch_size", str(batch),
+                                                             "--max_steps", str(steps)]), resume=steps > 1)
+    run(tmp_path / "straight", 4)
+    straight_calls = len(calls)
+    calls.clear()
+    stop_at[0] = 4
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped", 8)
+    assert len(list((tmp_path / "stopped" / "ref_logps.parts").glob("train_*.npy"))) == 3  # 24 pairs, in 3 batches
+    calls.clear()
+    stop_at[0] = 0
+    run(tmp_path / "stopped", 4)
+    assert len(calls) == straight_calls  # every batch of 4 computed: none of the chunks of 8 read
+    monkeypatch.setattr(dpo_module, "load_model", lambda *a, **k: pytest.fail("the reference was loaded"))
+    run(tmp_path / "stopped", 8, steps=2)  # the whole ref_logps.npz is read
+    assert json.loads((tmp_path / "stopped" / "final" / "config.json").read_text())["step"] == 2
+
+
 def test_dpo_resume_refuses_another_reference_or_loss_before_the_cache_is_built(dpo_setup, tmp_path, capsys,
                                                                               bpe_tokenizer):
     """--init is DPO's reference: its checkpoints record it (path and SHA-256), so other weights stop --resume; the

@@ -243,12 +243,15 @@ class DPOTrainer(Trainer):
 
     def precompute_reference(self) -> None:
         """Give the train and val pairs the reference's log-probs, from OUT_DIR/ref_logps.npz when it was made
-        for the same init, pairs and dtype, else computed now (reference_log_probs, going on from the chunks in
-        OUT_DIR/ref_logps.parts made for the same) and kept there; then free the reference."""
+        for the same init, pairs and dtype (whatever the batch or device: a resume goes on with the values it started
+        with), else computed now (reference_log_probs, going on from the chunks in OUT_DIR/ref_logps.parts made for
+        the same and with the same batch_size and device type, which change the values in their last digits) and
+        kept there; then free the reference."""
         data = {"train": self.train_data, "val": self.val_data}
         data = {k: v for k, v in data.items() if v is not None}
-        key = json.dumps({"init": weights_sha256(self.t.init), "dtype": str(self.dtype),
-                          **{k: v.fingerprint() for k, v in data.items()}})
+        made_for = {"init": weights_sha256(self.t.init), "dtype": str(self.dtype),
+                    **{k: v.fingerprint() for k, v in data.items()}}
+        key = json.dumps(made_for)
         f, parts = self.out / REFERENCE_FILE, self.out / REFERENCE_PARTS
         cached = np.load(f) if f.is_file() else None
         if cached is not None and str(cached["key"]) == key:
@@ -256,7 +259,8 @@ class DPOTrainer(Trainer):
                 d.ref_logps = cached[name]
         else:
             if self.dist.main:
-                start_parts(parts, key)
+                start_parts(parts, json.dumps({**made_for, "batch_size": self.t.batch_size,
+                                               "device": self.dist.device.type}))
             barrier(self.dist)  # every rank reads the chunks there once they are of this key
             for name, d in data.items():
                 d.ref_logps = self.reference_log_probs(d, name, parts)
@@ -269,9 +273,9 @@ class DPOTrainer(Trainer):
 
 
 def start_parts(parts: Path, key: str) -> None:
-    """Make parts the folder of the chunks of reference log-probs for key (the init's weights, the dtype and the
-    pairs): the chunks a stopped run left for the same key stay, and those for another (a changed init or data)
-    are removed."""
+    """Make parts the folder of the chunks of reference log-probs for key (the init's weights, the dtype, the pairs,
+    the batch size and the device type): the chunks a stopped run left for the same key stay, and those for another
+    (a changed init, data or batch_size) are removed."""
     record = parts / "key.json"
     if record.is_file() and record.read_text(encoding="utf-8") == key:
         return
