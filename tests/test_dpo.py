@@ -378,6 +378,24 @@ def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, 
     assert json.loads((tmp_path / "stopped" / "final" / "config.json").read_text())["step"] == 2
 
 
+def test_a_precompute_going_on_removes_the_temporary_of_a_chunk_a_kill_left(tmp_path, capsys):
+    """A kill -9 while a chunk was being saved left its temporary (save_whole's .NAME.tmp-PID) in ref_logps.parts
+    until a precompute finished. A precompute that goes on from the chunks removes it first, as found_run removes a
+    checkpoint's; the chunks stay, and so do a live process's temporary and any other file."""
+    from babyllama.train.dpo import start_parts
+
+    parts, dead = tmp_path / "ref_logps.parts", 2**22 + 12345  # above Linux's largest pid
+    start_parts(parts, "key")
+    for name in ("train_0_8.npy", f".train_8_16.npy.tmp-{dead}", ".train_8_16.npy.tmp-1", "notes.txt"):  # 1: alive
+        (parts / name).write_bytes(b"x")
+    capsys.readouterr()
+    start_parts(parts, "key")
+    assert sorted(p.name for p in parts.iterdir()) == [".train_8_16.npy.tmp-1", "key.json", "notes.txt",
+                                                       "train_0_8.npy"]
+    assert capsys.readouterr().out == (f"note: removed {parts / f'.train_8_16.npy.tmp-{dead}'} (left by a run that "
+                                       "was stopped)\n")
+
+
 def test_dpo_resume_refuses_another_reference_or_loss_before_the_cache_is_built(dpo_setup, tmp_path, capsys,
                                                                               bpe_tokenizer):
     """--init is DPO's reference: its checkpoints record it (path and SHA-256), so other weights stop --resume; the

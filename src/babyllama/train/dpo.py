@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from babyllama.checkpoint import load_model, weights_sha256
+from babyllama.checkpoint import load_model, remove_stale_temporaries, weights_sha256
 from babyllama.config import RunConfig
 from babyllama.errors import UserError, discard, write_whole, writing
 from babyllama.evaluate import padding_batch
@@ -274,10 +274,13 @@ class DPOTrainer(Trainer):
 
 def start_parts(parts: Path, key: str) -> None:
     """Make parts the folder of the chunks of reference log-probs for key (the init's weights, the dtype, the pairs,
-    the batch size and the device type): the chunks a stopped run left for the same key stay, and those for another
-    (a changed init, data or batch_size) are removed."""
+    the batch size and the device type): the chunks a stopped run left for the same key stay, less the temporary of
+    the chunk it was saving (a kill -9's: save_whole's .NAME.tmp-PID of a dead process), and those for another (a
+    changed init, data or batch_size) are removed."""
     record = parts / "key.json"
     if record.is_file() and record.read_text(encoding="utf-8") == key:
+        for done in remove_stale_temporaries(parts):
+            print(f"note: {done} (left by a run that was stopped)")
         return
     discard(parts)
     parts.mkdir(parents=True)
