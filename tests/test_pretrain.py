@@ -825,6 +825,31 @@ def test_continued_pretraining_takes_the_model_from_init(shards, tmp_path):
     assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
+def test_a_finished_continued_pretraining_whose_init_is_gone_is_said_finished(shards, tmp_path, capsys):
+    """pretrain --init read the init's model settings before it looked whether the run was finished (sft and dpo look
+    first), so a finished run whose init was since deleted was refused for its missing init; it is said finished now,
+    its files as they were, its length (an epochs run's) from the rows its checkpoint records. Unfinished, the missing
+    init is said."""
+    from babyllama.cli import main
+
+    init, run = tmp_path / "init", tmp_path / "run"
+    shutil.copytree(pretrain(config(shards, tmp_path / "a", "--max_steps", "2")), init)
+    windows = len(TokenWindows(shards, 32))
+    args = ["pretrain", "--data", str(shards), "--init", str(init), "--out_dir", str(run), *FAST, "--batch_size", "4",
+            "--resume"]
+    assert main([*args, "--epochs", str(8.5 / windows)]) == 0  # 9 windows: 3 steps, the last of 1
+    shutil.rmtree(init)
+    files = lambda: {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = files()
+    capsys.readouterr()
+    assert main([*args, "--epochs", str(8.5 / windows)]) == 0
+    assert capsys.readouterr().out == (f"note: the run in {run} is finished at step 3, so nothing was done; its model "
+                                       f"is {run / 'final'}\ndone: {run / 'final'}\n")
+    assert files() == before
+    assert main([*args, "--epochs", str(12.5 / windows)]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: checkpoint {init} does not exist.\n"
+
+
 def test_shards_without_their_tokenizer_name_the_tokenizer_setting(shards, tmp_path):
     import shutil
 

@@ -154,9 +154,10 @@ def resumed_length(cfg: RunConfig, dist: Dist, state: dict, rows: int | None) ->
     """The last step of a run resumed from the trainer state, in steps of this run's global batch and of the one
     before the resume (planned_steps), or None where that needs the training data and the checkpoint does not
     record what it needs (one from before it did): then run_training checks once the data is read. rows:
-    pretraining's windows, known before the data is read; None for SFT and DPO, whose rows the checkpoint records
-    ("rows", for an epochs run), as it records the samples that a tokens budget came to ("tokens_budget", which
-    the lengths of the rows decide: planned_samples)."""
+    pretraining's windows, known before the data is read; None for SFT, DPO and pretraining from --init (whose
+    windows are of the init's max_seq_len, not read yet), whose rows the checkpoint records ("rows", for an epochs
+    run), as it records the samples that a tokens budget came to ("tokens_budget", which the lengths of the rows
+    decide: planned_samples)."""
     t, budget = cfg.train, state.get("tokens_budget")
     if rows is None and t.tokens and not t.max_steps:
         if not budget or budget["tokens"] != t.tokens:  # another budget: its samples need the rows' lengths
@@ -243,17 +244,21 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     if not t.data:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
     t.check_stage("pretrain")
-    if t.init:  # continued pretraining: the model is the init's
-        cfg.model = init_model(cfg, "pretraining")
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "pretrain", dist):
-        T = cfg.model.max_seq_len
-        manifest = read_manifest(t.data)
-        tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
-        # len(TokenWindows) of the train split, from the manifest: a finished run is left before a shard opens
-        start = found_run(cfg, dist, resume, "pretrain", sum(shard_windows(split_shards(manifest, "train"), T)))
+        # len(TokenWindows) of the train split, from the manifest: a finished run is left before a shard opens. From
+        # --init (continued pretraining) the windows are of the init's max_seq_len, and a finished run is left before
+        # --init is read (it may be gone since), as sft's and dpo's: its checkpoint's recorded rows tell its length
+        manifest = None if t.init else read_manifest(t.data)
+        rows = None if t.init else sum(shard_windows(split_shards(manifest, "train"), cfg.model.max_seq_len))
+        start = found_run(cfg, dist, resume, "pretrain", rows)
         if start.finished:
             return Path(t.out_dir) / "final"
+        if t.init:  # continued pretraining: the model is the init's, said before the data as by sft and dpo
+            cfg.model = init_model(cfg, "pretraining")
+            manifest = read_manifest(t.data)
+        T = cfg.model.max_seq_len
+        tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
         tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
         checked_run(cfg, tokenizer, dist, resume, tok_path, start, "pretrain")
         differ = tokenizer.differences(manifest["tokenizer"])
