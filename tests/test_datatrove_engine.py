@@ -384,6 +384,35 @@ def test_a_stage_says_every_30_s_how_many_tasks_are_done_and_their_documents(tmp
     assert any(re.fullmatch(r"stage 1/2 read: 1 of 2 tasks done \(20 documents\), \d+ s", x) for x in lines), lines
 
 
+def test_its_lists_of_bad_records_end_as_the_embedded_engine_s(tmp_path, monkeypatch, caplog, bpe_tokenizer):
+    """The console list of bad records (each task shows 20) ended without the count of those it did not show, and
+    bad_records.txt joined the tasks' lists whole; both end as the embedded engine's now: the console counts the
+    rest, and the file lists the first MAX_LISTED (here 3), then counts the rest."""
+    import logging
+
+    from babyllama.data import sources
+
+    for module in (sources, dt):  # the tasks' readers (workers 1: in this process) and the finish
+        monkeypatch.setattr(module, "MAX_LISTED", 3)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(25):  # 50 bad records, two tasks of 20 shown
+        (d / f"f{i:02}.jsonl").write_text(json.dumps({"text": GOOD_LINES[i]}, ensure_ascii=False) + "\n{bad\n{bad\n")
+    bpe_tokenizer.save(tmp_path / "tok")
+    files = sorted(str(f) for f in d.iterdir())
+    for out, run in ((tmp_path / "clean", lambda out: dt.prepare(files, out, local(2), dedup="none")),
+                     (tmp_path / "tokens", lambda out: dt.pretokenize(files, str(tmp_path / "tok"), out, local(2)))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="babyllama"):
+            run(out)
+        assert (out / "bad_records.txt").read_text().splitlines() == [
+            f"{d / f}: not valid JSON (Expecting property name enclosed in double quotes)"
+            for f in ("f00.jsonl:2", "f00.jsonl:3", "f01.jsonl:2")] + ["... and 47 more bad records (50 in all)"]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 41 and warnings[-1] == (
+            f"... and 10 more bad records (50 in all), the first 3 listed in {out / 'bad_records.txt'}")
+
+
 def test_datatrove_draws_none_of_its_bars(corpus, tmp_path, capsys):
     """Its bars count files and queues (`Initializing pq...: 6/6`, a `0/1 ... 1/1 [00:00, 29330 it/s]` bar or two
     a task of the unique stage, `Reading dup files: 9/9`): a dozen lines of the console a stage, now none."""

@@ -813,6 +813,34 @@ def test_prepare_and_pretokenize_end_their_list_of_bad_records_with_the_count_no
         "quotes)" for i in range(2)]
 
 
+def test_bad_records_txt_lists_the_first_max_listed_then_counts_the_rest(tmp_path, caplog, bpe_tokenizer,
+                                                                        monkeypatch):
+    """prepare's and pretokenize's bad_records.txt held a line per bad record without bound: a corpus of millions of
+    bad lines wrote gigabytes. It lists the first MAX_LISTED (here 3), then a line that counts the rest in the words
+    that end the console's list, and the console says that the first ones are listed there."""
+    from babyllama.data import sources
+    from babyllama.data.clean import prepare
+    from babyllama.data.pretokenize import pretokenize
+
+    monkeypatch.setattr(sources, "MAX_LISTED", 3)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(12):  # 24 bad records: 20 shown on the console
+        jsonl(d / f"f{i:02}.jsonl", [{"text": f"第{i}篇文档的正文，足够长了。"}, b"{bad", {"x": 1}])
+    bpe_tokenizer.save(tmp_path / "tok")
+    for out, run in ((tmp_path / "clean", lambda out: prepare([d], out)),
+                     (tmp_path / "tokens", lambda out: pretokenize([str(d)], str(tmp_path / "tok"), out))):
+        caplog.clear()
+        run(out)
+        assert (out / "bad_records.txt").read_text().splitlines() == [
+            f"{d / 'f00.jsonl'}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+            f"{d / 'f00.jsonl'}:3: lacks the fields of the text schema",
+            f"{d / 'f01.jsonl'}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+            "... and 21 more bad records (24 in all)"]
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][-1] == (
+            f"... and 4 more bad records (24 in all), the first 3 listed in {out / 'bad_records.txt'}")
+
+
 def test_a_lone_surrogate_in_a_json_array_is_one_bad_item(tmp_path):
     items = [{"text": f"第{i}篇"} for i in range(100)]
     body = json.dumps(items, ensure_ascii=False).replace('"第2篇"', '"a\\udc00"')

@@ -38,6 +38,7 @@ A Slurm submission writes into OUT itself, cleared first: its last stage runs af
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -106,11 +107,15 @@ from babyllama.data.shards import (
 )
 from babyllama.data.sources import (
     BAD_RECORDS,
+    MAX_LISTED,
+    MAX_WARNINGS,
     SUFFIXES,
     CorpusReader,
     check_counts,
     data_suffix,
+    more_bad,
     records_and_bad,
+    say_unshown,
 )
 from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, require, write_whole
 from babyllama.lock import holding
@@ -281,8 +286,8 @@ def _json_files(folder: Path) -> list:
 class ReadCorpus(PipelineStep):
     """Documents of this task's input files (any format and schema CorpusReader reads), each with
     metadata["source"] = its file. Writes the task's per-file record counts to work/read/R.json and
-    the location of every bad record to work/bad/R.txt. skip_empty: records whose text shows nothing are counted,
-    not given (CorpusReader's; pretokenize's)."""
+    the location of its first MAX_LISTED bad records to work/bad/R.txt. skip_empty: records whose text shows
+    nothing are counted, not given (CorpusReader's; pretokenize's)."""
 
     name, type = "📖 babyllama files", "📖 - READER"
 
@@ -403,8 +408,26 @@ def _sources_read(work: Path) -> dict[str, dict]:
     return {path: fs for task in _json_files(work / "read") for path, fs in task.items()}
 
 
-def _bad_records(work: Path) -> str:
-    return "".join(f.read_text(encoding="utf-8") for f in sorted((work / "bad").glob("*.txt")))
+def write_bad_records(out: Path, work: Path, bad: int) -> None:
+    """OUT/bad_records.txt as CorpusReader.bad_records_to writes it: the first MAX_LISTED lines of the tasks' lists
+    (work/bad/R.txt, in task order: corpus order), then a line that counts the rest of the bad records, bad in all."""
+    lines: list[str] = []
+    for f in sorted((work / "bad").glob("*.txt")):
+        with f.open(encoding="utf-8") as task:
+            lines += itertools.islice(task, MAX_LISTED - len(lines))
+    if bad > len(lines):
+        lines.append(more_bad(bad - len(lines), bad) + "\n")
+    write_whole(out / BAD_RECORDS, "".join(lines))
+
+
+def say_unshown_bad(out: Path) -> None:
+    """After a run of the stages here: the warning that ends the tasks' lists of bad records on the console, as the
+    embedded engine's (sources.say_unshown): each task showed at most MAX_WARNINGS, the first 5 of a file (its
+    FileStats' bad_examples, in work/read/R.json)."""
+    tasks = _json_files(out / "datatrove" / "read")
+    bad = sum(fs["bad"] for task in tasks for fs in task.values())
+    shown = sum(min(MAX_WARNINGS, sum(len(fs["bad_examples"]) for fs in task.values())) for task in tasks)
+    say_unshown(bad, shown, min(bad, MAX_LISTED), out / BAD_RECORDS)
 
 
 class FinishPrepare(PipelineStep):
@@ -434,7 +457,7 @@ class FinishPrepare(PipelineStep):
             s.exact_duplicates = n[0] - n[1] if len(self.levels) > 1 else 0
             s.near_duplicates = n[1] - n[2] if len(self.levels) > 2 else 0
             s.kept, s.characters = counts[self.levels[-1]][src]
-        write_whole(out / BAD_RECORDS, _bad_records(work))
+        write_bad_records(out, work, sum(s.bad for s in stats.values()))
         files = sorted(f.name for f in out.glob("part_*.jsonl"))
         started = json.loads((work / "settings.json").read_text())["started"]
         write_stats(out, stats, files, self.settings, time.time() - started)  # the driver checks the totals
@@ -457,7 +480,7 @@ class FinishTokens(PipelineStep):
         out, work = Path(self.out), Path(self.work)
         sources = _sources_read(work)
         read = records_and_bad(sources)
-        write_whole(out / BAD_RECORDS, _bad_records(work))
+        write_bad_records(out, work, read["bad"])
         started = json.loads((work / "settings.json").read_text())["started"]
         if read["records"] > read["bad"] + read["empty"]:  # else no manifest: the driver says why (check_records)
             self.write_manifest(out, work, sources, started)
@@ -843,6 +866,7 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
         if launch.executor == "slurm":
             return None
         finish_run(place, out, check_kept, prepare_outputs, "stats.json")
+    say_unshown_bad(out)
     stats = json.loads((out / "stats.json").read_text())
     log.info("%d records in %.1f s: %.0f records/s", stats["total"]["records"], stats["seconds"],
              stats["total"]["records"] / max(stats["seconds"], 1e-9))
@@ -878,6 +902,7 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
         if launch.executor == "slurm":
             return None
         finish_run(place, out, check_records, token_outputs, MANIFEST)
+    say_unshown_bad(out)
     return json.loads((out / MANIFEST).read_text())
 
 

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 BAD_RECORDS = "bad_records.txt"  # of prepare, pretokenize and the SFT/DPO token cache: `file:line: why` a line
+MAX_LISTED = 100_000  # bad records a bad_records.txt lists (~10 MB), then a line that counts the rest (more_bad): a
+# corpus of millions of bad lines wrote one line each, gigabytes
 COMPRESSED = (".gz", ".zst")
 
 
@@ -1037,7 +1039,21 @@ class BytesRead:
         return min(self._done + now, self.total)
 
 
-MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log and the counts hold them all)
+MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log MAX_LISTED, the counts all)
+
+
+def more_bad(more: int, bad: int) -> str:
+    """"... and 3 more bad records (23 in all)": what ends a list of bad records that stops short of the bad."""
+    return f"... and {more} more bad {agree(more, 'record', 'records')} ({bad} in all)"
+
+
+def say_unshown(bad: int, shown: int, listed: int, where: Path | None) -> None:
+    """After reading: a warning that counts the bad records the console did not show (shown of bad), as `pretokenize
+    --sft` ends its list: "... and 3 more bad records (23 in all), each listed in OUT/bad_records.txt" (where: the
+    file that lists the first listed; None: nowhere). Nothing when every one was shown."""
+    if bad > shown:
+        listing = "" if where is None else f", {'each' if listed >= bad else f'the first {listed}'} listed in {where}"
+        log.warning("%s%s", more_bad(bad - shown, bad), listing)
 
 
 class CorpusReader:
@@ -1046,7 +1062,8 @@ class CorpusReader:
 
     def __init__(self, paths: list[str | Path], format: str | None = None, bad_log: TextIO | None = None,
                  skip_empty: bool = False):
-        """bad_log, when given, receives every bad record, one a line: `file:line: why`. skip_empty: a good record
+        """bad_log, when given, receives the first MAX_LISTED bad records, one a line: `file:line: why` (its caller
+        counts the rest: bad_records_to, the datatrove engine's finish). skip_empty: a good record
         whose text shows nothing (is_blank: "", whitespace, zero-width characters) is counted (FileStats.empty), not
         given, as pretokenize wants (prepare counts it too short)."""
         if format is not None and format not in SCHEMAS:
@@ -1059,6 +1076,7 @@ class CorpusReader:
         self.stats: dict[str, FileStats] = {}
         self.announced: set[str] = set()  # the schemas already logged: a folder of 1,000 files logs each once
         self.shown = 0  # bad records shown on the console, of all files
+        self.listed = 0  # bad records written to bad_log
         self.first_bad = ""  # "file:line: why" of the first bad record
 
     def documents(self) -> Iterator[str]:
@@ -1128,9 +1146,9 @@ class CorpusReader:
 
     @contextmanager
     def bad_records_to(self, out: Path) -> Iterator[None]:
-        """While the body reads, every bad record goes to out/bad_records.txt too, a line each, `file:line: why` (why
-        a short sentence, not the record). Its last lines are written as the body ends (CannotWrite where the disk
-        refuses them); on an error they are lost."""
+        """While the body reads, the first MAX_LISTED bad records go to out/bad_records.txt too, a line each,
+        `file:line: why` (why a short sentence, not the record), then a line that counts the rest (more_bad). Its last
+        lines are written as the body ends (CannotWrite where the disk refuses them); on an error they are lost."""
         path = out / BAD_RECORDS
         with writing(path):
             self.bad_log = path.open("w", encoding="utf-8")
@@ -1142,12 +1160,15 @@ class CorpusReader:
         finally:
             bad_log, self.bad_log = self.bad_log, None
         with writing(path, file=bad_log):
+            if (bad := self.totals()[1]) > self.listed:
+                bad_log.write(more_bad(bad - self.listed, bad) + "\n")
             bad_log.close()  # what it still buffers is written now
 
     def _bad(self, stats: FileStats, where: str, why: str) -> None:
         stats.bad += 1
         self.first_bad = self.first_bad or f"{where}: {why}"
-        if self.bad_log is not None:
+        if self.bad_log is not None and self.listed < MAX_LISTED:
+            self.listed += 1
             try:  # CannotWrite where the disk refuses it
                 self.bad_log.write(f"{where}: {why}\n")
             except OSError as e:
@@ -1159,15 +1180,10 @@ class CorpusReader:
                 log.warning("%s: skipped a bad record: %s", where, why)
 
     def say_unshown(self, listed: Path | None = None) -> None:
-        """After reading: a warning that counts the bad records the console did not show (it shows MAX_WARNINGS, at
-        most 5 of a file), as `pretokenize --sft` ends its list: "... and 3 more bad records (23 in all), each listed
-        in OUT/bad_records.txt" (listed: where, once the output is in place; None: a reader that lists them nowhere).
-        Nothing when every one was shown. The list of prepare used to stop at 20 without a word."""
-        bad = self.totals()[1]
-        if bad > self.shown:
-            more = bad - self.shown
-            log.warning("... and %d more bad record%s (%d in all)%s", more, "s" * (more > 1), bad,
-                        f", each listed in {listed}" if listed else "")
+        """After reading: the module's say_unshown of the bad records the console did not show (it shows MAX_WARNINGS,
+        at most 5 of a file); listed: the bad_records.txt, once the output is in place (None: a reader that lists them
+        nowhere). The list of prepare used to stop at 20 without a word."""
+        say_unshown(self.totals()[1], self.shown, self.listed, listed)
 
     def totals(self) -> tuple[int, int]:
         return sum(s.records for s in self.stats.values()), sum(s.bad for s in self.stats.values())
