@@ -493,6 +493,21 @@ def test_the_bad_records_past_the_five_shown_are_counted_in_words_that_agree(dem
                                                f"{tmp_path / 'c' / 'bad_records.txt'}")
 
 
+def test_bad_records_txt_lists_the_first_max_listed_then_counts_the_rest(demo_sft, tmp_path, caplog, monkeypatch):
+    """The cache's bad_records.txt held a line per bad record without bound, as prepare's did; as prepare's, it lists
+    the first MAX_LISTED (here 3), then a line that counts the rest, and the console says the first ones are there."""
+    from babyllama.data import sft_tokens
+
+    monkeypatch.setattr(sft_tokens, "MAX_LISTED", 3)
+    (tmp_path / "sft.jsonl").write_text("\n".join(["{"] * 7 + [json.dumps({"instruction": "问", "output": "答"})]))
+    build_sft_cache([tmp_path / "sft.jsonl"], demo_sft / "tok", tmp_path / "c", SFTSettings(64, 0.0))
+    assert (tmp_path / "c" / "bad_records.txt").read_text().splitlines() == [
+        f"{tmp_path / 'sft.jsonl'}:{n}: not valid JSON (Expecting property name enclosed in double quotes)"
+        for n in (1, 2, 3)] + ["... and 4 more bad records (7 in all)"]
+    assert caplog.records[-1].getMessage() == (f"... and 2 more bad SFT records (7 in all), the first 3 listed in "
+                                               f"{tmp_path / 'c' / 'bad_records.txt'}")
+
+
 def test_system_and_history_fields_are_rendered_as_the_conversation_with_them(demo_sft, bpe_tokenizer, tmp_path):
     """A top-level `system` (LLaMA-Factory's alpaca and sharegpt) and alpaca `history` were dropped: '问二<s>答二</s>'.
     The sample is now the conversation's with them, token for token, the history's answers in the loss as every

@@ -13,7 +13,8 @@ number of workers), per split:
     train.mask.bin      uint8, 1 where the id carries loss (answers and their <eos>)
     train.lengths.bin   int32, ids per sample
     val.*               the same for the validation split
-    bad_records.txt     every record skipped as bad, one a line: `file:line: why`
+    bad_records.txt     the records skipped as bad, one a line: `file:line: why`, the first MAX_LISTED, then a line
+                        that counts the rest (sources.more_bad)
     manifest.json       written last: tokenizer (fingerprint, special ids), chat template digest, inputs
                         (path, its path relative to the
                         cache, size, mtime, SHA-256), the settings that change the samples, and the
@@ -51,7 +52,16 @@ from babyllama.chat_format import (
 )
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
 from babyllama.data.shards import first_difference, is_val, write_json
-from babyllama.data.sources import BAD_RECORDS, BytesRead, Item, LeftOut, expand_inputs, iter_records
+from babyllama.data.sources import (
+    BAD_RECORDS,
+    MAX_LISTED,
+    BytesRead,
+    Item,
+    LeftOut,
+    expand_inputs,
+    iter_records,
+    more_bad,
+)
 from babyllama.errors import UserError, agree, discard, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import bytes_bar, is_rank0
@@ -309,7 +319,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         (unread, order), left_out = _shapes(kind), {}
         for batch, r in in_workers(render, _record_batches(read, read_at, unread, left_out), str(tokenizer_path),
                                    workers):
-            _write(files, out, r, tok.dtype)
+            _write(files, out, r, tok.dtype, MAX_LISTED - min(stats.bad, MAX_LISTED))
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
                 setattr(stats, k, getattr(stats, k) + n)
@@ -321,6 +331,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             rate = (stats.samples + stats.val_samples) / (time.time() - start)
             bar.set_postfix_str(f"{stats.records:,} records, {rate:,.0f} samples/s", refresh=False)
             bar.update(read_at.popleft() - bar.n)
+        if stats.bad > MAX_LISTED:
+            with writing(out / BAD_RECORDS):
+                files[BAD_RECORDS].write(f"{more_bad(stats.bad - MAX_LISTED, stats.bad)}\n".encode())
         for name, f in files.items():
             with writing(out / name):
                 f.close()
@@ -342,8 +355,9 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
                 (out / f".{name}.tmp").rename(out / name)
             write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
         if (more := stats.bad - len(stats.bad_examples)) > 0:
-            log.warning("... and %d more bad %s %s (%d in all), each listed in %s", more, what,
-                        agree(more, "record", "records"), stats.bad, out / BAD_RECORDS)
+            log.warning("... and %d more bad %s %s (%d in all), %s listed in %s", more, what,
+                        agree(more, "record", "records"), stats.bad,
+                        "each" if stats.bad <= MAX_LISTED else f"the first {MAX_LISTED}", out / BAD_RECORDS)
     except BaseException:
         for name, f in files.items():
             discard(out / f".{name}.tmp", f)
@@ -370,8 +384,9 @@ def _writable(out: Path) -> None:
             from None
 
 
-def _write(files: dict, out: Path, r: dict, dtype: np.dtype) -> None:
-    """Append a worker's samples to the train and val files, and its bad records to bad_records.txt."""
+def _write(files: dict, out: Path, r: dict, dtype: np.dtype, room: int) -> None:
+    """Append a worker's samples to the train and val files, and the first room of its bad records to
+    bad_records.txt (the lines MAX_LISTED leaves)."""
     token_val = np.repeat(r["val"], r["lengths"])
     for split, rows, tokens in (("train", ~r["val"], ~token_val), ("val", r["val"], token_val)):
         for part, data in (("ids", r["ids"][tokens].astype(dtype, copy=False)), ("mask", r["mask"][tokens]),
@@ -379,7 +394,7 @@ def _write(files: dict, out: Path, r: dict, dtype: np.dtype) -> None:
             with writing(out / f"{split}.{part}.bin"):
                 files[f"{split}.{part}.bin"].write(data.tobytes())
     with writing(out / BAD_RECORDS):
-        files[BAD_RECORDS].write("".join(f"{line}\n" for line in r["bad"]).encode())
+        files[BAD_RECORDS].write("".join(f"{line}\n" for line in r["bad"][:room]).encode())
 
 
 def read_sft_cache(out: str | Path) -> dict | None:
