@@ -413,6 +413,19 @@ def test_its_lists_of_bad_records_end_as_the_embedded_engine_s(tmp_path, monkeyp
             f"... and 10 more bad records (50 in all), the first 3 listed in {out / 'bad_records.txt'}")
 
 
+def test_a_stage_s_line_says_one_task_and_one_document_in_the_singular(tmp_path):
+    """The status line said `0 of 1 tasks done (1 documents)`; its words agree with their numbers now."""
+    line = lambda tasks: dt.stage_status("stage 1/2 read", tmp_path, tasks, 5.0)
+    assert line(1) == "stage 1/2 read: 0 of 1 task done, 5 s"
+    (tmp_path / "completions").mkdir()
+    (tmp_path / "completions" / "00000").write_text("")
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "00000.json").write_text(json.dumps([{"stats": {"documents": 1}}]))
+    assert line(1) == "stage 1/2 read: 1 of 1 task done (1 document), 5 s"
+    (tmp_path / "stats" / "00001.json").write_text(json.dumps([{"stats": {"documents": {"total": 1}}}]))
+    assert line(2) == "stage 1/2 read: 1 of 2 tasks done (2 documents), 5 s"
+
+
 def test_datatrove_draws_none_of_its_bars(corpus, tmp_path, capsys):
     """Its bars count files and queues (`Initializing pq...: 6/6`, a `0/1 ... 1/1 [00:00, 29330 it/s]` bar or two
     a task of the unique stage, `Reading dup files: 9/9`): a dozen lines of the console a stage, now none."""

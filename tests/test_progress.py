@@ -110,3 +110,23 @@ def test_a_log_gets_a_status_line_per_period_never_an_old_count():
         assert counts[0] == 0 and counts[-1] == 60, r.stderr
         assert all(a < b for a, b in zip(counts[1:-2], counts[2:-1], strict=True)), r.stderr  # the last: its close
         assert len(counts) <= 2 + 1.2 / 0.3 + 1, r.stderr  # the first, one a period, the close
+
+
+def test_the_documents_a_bar_counts_agree_with_their_number():
+    """The bars of prepare and tokenizer train said `1 docs`."""
+    from babyllama.progress import counted
+
+    class Bar:  # what counted uses of a tqdm bar
+        def __init__(self):
+            self.n, self.postfixes = 0, []
+
+        def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+            self.postfixes.append(s)
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    for docs, said in (([], ["0 docs"]), (["a"], ["1 doc", "1 doc"]), (["a", "b"], ["1 doc", "2 docs", "2 docs"])):
+        bar = Bar()
+        assert list(counted(iter(docs), bar, lambda: 7)) == docs
+        assert (bar.postfixes, bar.n) == (said, 7)

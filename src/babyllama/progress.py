@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from babyllama.errors import agree
+
 LINE_EVERY_S = 30  # off a terminal, long work writes its status as a line at most this often (progress, status_lines)
 LIVE: list = []  # the bars drawn on the terminal now, oldest first
 _redirected = contextlib.ExitStack()  # logging and prints through tqdm while LIVE is not empty
@@ -39,15 +41,15 @@ def bytes_bar(desc: str, total: int):
     return progress(desc=desc, unit="B", unit_scale=True, total=total or None)
 
 
-def counted(items: Iterable[T], bar, position: Callable[[], int], unit: str = " docs") -> Iterator[T]:
-    """items as they come; after each, bar (bytes_bar's) moves to position() and says how many there were as its
-    postfix ("1,024 docs"), and again at their end."""
+def counted(items: Iterable[T], bar, position: Callable[[], int]) -> Iterator[T]:
+    """items (documents) as they come; after each, bar (bytes_bar's) moves to position() and says how many there were
+    as its postfix ("1,024 docs", "1 doc"), and again at their end."""
     n = 0
     for n, item in enumerate(items, 1):
         yield item
-        bar.set_postfix_str(f"{n:,}{unit}", refresh=False)
+        bar.set_postfix_str(f"{n:,} {agree(n, 'doc', 'docs')}", refresh=False)
         bar.update(position() - bar.n)
-    bar.set_postfix_str(f"{n:,}{unit}", refresh=False)
+    bar.set_postfix_str(f"{n:,} {agree(n, 'doc', 'docs')}", refresh=False)
     bar.update(position() - bar.n)
 
 

@@ -117,7 +117,7 @@ from babyllama.data.sources import (
     records_and_bad,
     say_unshown,
 )
-from babyllama.errors import UserError, children_without_ctrl_c, killed_with_parent, require, write_whole
+from babyllama.errors import UserError, agree, children_without_ctrl_c, killed_with_parent, require, write_whole
 from babyllama.lock import holding
 from babyllama.progress import status_lines
 from babyllama.settings import check_fraction
@@ -694,8 +694,9 @@ def stage_status(label: str, logs: Path, tasks: int, seconds: float) -> str:
     done = len(list((logs / "completions").glob("[0-9]*")))
     docs = [_documents(f) for f in (logs / "stats").glob("[0-9]*.json")]
     counted = [n for n in docs if n is not None]
-    return f"{label}: {done} of {tasks} tasks done{f' ({sum(counted):,} documents)' if counted else ''}, " \
-           f"{seconds:.0f} s"
+    n = sum(counted)
+    read = f" ({n:,} {agree(n, 'document', 'documents')})" if counted else ""
+    return f"{label}: {done} of {tasks} {agree(tasks, 'task', 'tasks')} done{read}, {seconds:.0f} s"
 
 
 def _documents(stats_file: Path) -> int | None:
@@ -720,7 +721,7 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
         if launch.executor != "slurm":
             start = time.time()
             label = f"stage {i + 1}/{len(stages)} {name}"
-            log.info("%s: %d task%s", label, tasks, "s"[: tasks > 1])
+            log.info("%s: %d %s", label, tasks, agree(tasks, "task", "tasks"))
             logs = work / "logs" / f"{i + 1}_{name}"
             with forks_end_with_this_process() if launch.executor == "local" else nullcontext(), \
                     status_lines(functools.partial(stage_status, label, logs, tasks),
@@ -733,7 +734,8 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
         executors[-1].run()  # submits every stage, each depending on the one before
         jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]  # -1: a stage already done
         write_json(work / SUBMITTED, {"jobs": jobs, "submitted": time.time()})
-        log.info("submitted %d dependent Slurm job arrays (%s); logs in %s", len(jobs), " ".join(jobs), work / "logs")
+        log.info("submitted %d dependent Slurm job %s (%s); logs in %s", len(jobs),
+                 agree(len(jobs), "array", "arrays"), " ".join(jobs), work / "logs")
 
 
 def check_no_queued_jobs(out: Path) -> None:
@@ -868,7 +870,8 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
         finish_run(place, out, check_kept, prepare_outputs, "stats.json")
     say_unshown_bad(out)
     stats = json.loads((out / "stats.json").read_text())
-    log.info("%d records in %.1f s: %.0f records/s", stats["total"]["records"], stats["seconds"],
+    log.info("%d %s in %.1f s: %.0f records/s", stats["total"]["records"],
+             agree(stats["total"]["records"], "record", "records"), stats["seconds"],
              stats["total"]["records"] / max(stats["seconds"], 1e-9))
     return stats
 
