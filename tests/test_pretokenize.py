@@ -120,6 +120,69 @@ def test_a_long_document_goes_to_the_workers_and_to_the_shards_in_pieces(corpus_
     assert max(s["tokens"] for s in m["shards"]) > 1000  # a long document's shard
 
 
+def write_in_spans(writer, tokens: np.ndarray, lengths: np.ndarray, cuts: list[int]) -> None:
+    """Write documents (tokens back to back, lengths) as write_pieces does: a write per span of tokens between cuts,
+    each document a length of the span, the last one open where a cut falls inside it."""
+    ends = np.cumsum(lengths)
+    for a, b in zip([0, *cuts], [*cuts, len(tokens)], strict=True):
+        bounds = [a, *ends[(ends > a) & (ends < b)].tolist(), b]
+        writer.write(tokens[a:b], np.diff(bounds), open_end=b not in ends)
+
+
+@pytest.mark.parametrize("shard_tokens", [7, 20, 45, 1000])
+def test_documents_in_parts_land_in_the_shards_where_whole_documents_would(tmp_path, shard_tokens):
+    """A document in pieces went on in the shard it began in, past shard_tokens beside other documents (6,129 tokens
+    in 5 documents at --shard_tokens 1000). Its parts land where the whole would: it moves to a shard of its own when
+    it outgrows the room left, so that a shard of several documents holds at most shard_tokens, and the shards are
+    the whole documents' byte for byte, wherever the writes cut them."""
+    from babyllama.data.shards import BinShardWriter
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=80)
+    tokens = rng.integers(0, 60_000, size=int(lengths.sum())).astype(np.uint32)
+    written = {}
+    for how in ("whole", "parts"):
+        (tmp_path / how).mkdir()
+        w = BinShardWriter(tmp_path / how, "shard", "train", np.dtype(np.uint16), shard_tokens)
+        cuts = sorted(rng.choice(np.arange(1, len(tokens)), size=300, replace=False).tolist())
+        write_in_spans(w, tokens, lengths, cuts if how == "parts" else [])
+        w.close()
+        written[how] = w.shards, [(tmp_path / how / s["file"]).read_bytes() for s in w.shards]
+    assert written["parts"] == written["whole"]
+    shards, files = written["whole"]
+    assert b"".join(files) == tokens.astype(np.uint16).tobytes() and sum(s["documents"] for s in shards) == 80
+    assert all(s["tokens"] <= shard_tokens or s["documents"] == 1 for s in shards)
+    assert all(s["tokens"] == len(f) // 2 for s, f in zip(shards, files, strict=True))
+    if shard_tokens in (20, 45):
+        assert any(s["tokens"] > shard_tokens for s in shards)  # a document over shard_tokens, alone
+
+
+@pytest.mark.parametrize("shard_tokens", [1000, 2000])
+def test_a_document_in_pieces_takes_no_shard_past_shard_tokens_beside_other_documents(corpus_and_tokenizer,
+                                                                                      tmp_path, monkeypatch,
+                                                                                      shard_tokens):
+    """pretokenize with long documents in pieces writes the shards it writes with them whole: a long document that
+    does not fit the room left begins a shard of its own (it went on beside 4 others: 6,129 tokens at 1000)."""
+    import babyllama.data.pretokenize as pt
+
+    d, docs = corpus_and_tokenizer
+    long = "".join(generated_corpus(60, seed=5))  # 5,258 characters: 28 pieces
+    texts = [*docs[:20], long, *docs[20:40], "又" + long, *docs[40:60]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    monkeypatch.setattr(pt, "BATCH_CHARS", 1000)
+    manifests = {}
+    for piece_chars in (200, 1 << 20):  # in pieces, and whole
+        monkeypatch.setattr(pt, "PIECE_CHARS", piece_chars)
+        manifests[piece_chars] = pretokenize([str(tmp_path / "docs.jsonl")], str(d / "tok"),
+                                             tmp_path / str(piece_chars), val_fraction=0.3, shard_tokens=shard_tokens)
+    shards = manifests[200]["shards"]
+    assert shards == manifests[1 << 20]["shards"]
+    for s in shards:
+        assert (tmp_path / "200" / s["file"]).read_bytes() == (tmp_path / str(1 << 20) / s["file"]).read_bytes()
+    assert all(s["tokens"] <= shard_tokens or s["documents"] == 1 for s in shards)
+    assert sorted(s["tokens"] for s in shards if s["documents"] == 1)[-2:] == [5611, 5613]  # the long ones, alone
+
+
 def test_one_and_two_workers_write_identical_bytes(corpus_and_tokenizer, tmp_path, monkeypatch):
     import babyllama.data.pretokenize as pt
 
@@ -603,6 +666,23 @@ def test_a_full_disk_is_one_sentence_and_the_same_command_then_finishes(corpus_a
     monkeypatch.undo()
     assert main(args) == 0
     assert sum(read_manifest(out)["totals"][s]["documents"] for s in ("train", "val")) == len(docs)
+
+
+def test_a_full_disk_while_a_long_document_moves_to_the_next_shard_names_that_shard_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    """A document in parts that outgrows the room left is copied into the next shard (move_open): ENOSPC there is
+    the CannotWrite of that shard, and neither temporary is left once the writer is discarded."""
+    from babyllama.data.shards import BinShardWriter
+    from babyllama.errors import CannotWrite
+
+    w = BinShardWriter(tmp_path, "shard", "train", np.dtype(np.uint16), 10)
+    w.write(np.arange(6), np.array([2, 4]), open_end=True)  # a document of 2, then 4 tokens of an open one
+    refuse_writes(monkeypatch, ".shard_00001.bin.tmp", errno.ENOSPC)
+    with pytest.raises(CannotWrite) as e:
+        w.write(np.arange(5), np.array([5]), open_end=True)  # 11 tokens: the open document moves
+    assert (e.value.code, e.value.path) == (errno.ENOSPC, str(tmp_path / "shard_00001.bin"))
+    w.discard()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pool_workers_leave_ctrl_c_to_the_main_process(corpus_and_tokenizer):

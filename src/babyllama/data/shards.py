@@ -58,6 +58,9 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 
 
+COPY_BYTES = 1 << 24  # a block of a file copied (BinShardWriter.move_open)
+
+
 class BinShardWriter:
     """Appends documents to <prefix>_00000.bin ...; a shard closes once it holds shard_tokens."""
 
@@ -65,37 +68,79 @@ class BinShardWriter:
         self.out, self.prefix, self.split, self.dtype, self.shard_tokens = out, prefix, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self.f = None
-        self.open = False  # the last document written goes on in the next write (write's open_end)
+        self.open_at: int | None = None  # where the open document (write's open_end) begins in the open shard, tokens
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray, open_end: bool = False) -> None:
-        """Append documents (their tokens back to back, and each one's length), rolling shards between them. A long
-        document may come in parts, a write each: open_end says that the last document goes on in the next write,
-        whose first is its next part. A shard rolls between documents only, so one that holds the first part of a
-        long document holds all of it, past shard_tokens if need be. CannotWrite, the shard's temporary removed,
-        where the disk is full or the folder not writable."""
+        """Append documents (their tokens back to back, and each one's length), rolling shards between them: a
+        document that does not fit the room left begins the next shard, one over shard_tokens fills a shard alone.
+        A long document may come in parts, a write each: open_end says that the last document goes on in the next
+        write, whose first is its next part; its parts land where the whole document would have (go_on). CannotWrite,
+        the shard's temporary removed, where the disk is full or the folder not writable."""
+        if self.open_at is not None and len(lengths):  # the first of lengths is the open document's next part
+            self.go_on(tokens[: lengths[0]])
+            if open_end and len(lengths) == 1:
+                return
+            tokens, lengths, self.open_at = tokens[lengths[0] :], lengths[1:], None
+            if self.shards[-1]["tokens"] >= self.shard_tokens:
+                self.close()
         ends = np.cumsum(lengths)  # (D,) where each document ends in tokens
         done_docs, done_tokens = 0, 0
-        going_on = self.open and len(lengths) > 0  # the first of lengths is the open document's next part
         while done_docs < len(lengths):
             if self.f is None:
-                name = f"{self.prefix}_{len(self.shards):05d}.bin"
-                self.shards.append({"file": name, "split": self.split, "tokens": 0, "documents": 0})
-                with self.writing():
-                    self.f = (self.out / f".{name}.tmp").open("wb")  # self.f is None in writing: nothing to close
+                self.open_shard()
             shard = self.shards[-1]
             room = self.shard_tokens - shard["tokens"]
             take = int(np.searchsorted(ends, done_tokens + room, side="right")) - done_docs
-            take = max(take, 1 if shard["tokens"] == 0 or going_on else 0)  # a huge document fills a shard alone
+            take = max(take, 1 if shard["tokens"] == 0 else 0)  # a huge document fills a shard alone
             end_tokens = int(ends[done_docs + take - 1]) if take else done_tokens
             with self.writing():
                 self.f.write(tokens[done_tokens:end_tokens].astype(self.dtype, copy=False).tobytes())
             shard["tokens"] += end_tokens - done_tokens
-            shard["documents"] += take - going_on  # a document counts where it begins
-            done_docs, done_tokens, going_on = done_docs + take, end_tokens, False
-            if (shard["tokens"] >= self.shard_tokens or done_docs < len(lengths)) and not (
-                    open_end and done_docs == len(lengths)):
+            shard["documents"] += take
+            done_docs, done_tokens = done_docs + take, end_tokens
+            if open_end and done_docs == len(lengths):
+                self.open_at = shard["tokens"] - int(lengths[-1])
+            elif shard["tokens"] >= self.shard_tokens or done_docs < len(lengths):
                 self.close()
-        self.open = open_end if len(lengths) else self.open
+
+    def go_on(self, part: np.ndarray) -> None:
+        """Append the open document's next part. Where it takes the shard past shard_tokens and the document began
+        after others, the document so far moves to a shard of its own first (move_open), where the whole document
+        would have gone: a shard of several documents holds at most shard_tokens (a long document in pieces went on
+        in the shard it began in: 6,129 tokens in 5 documents at shard_tokens 1,000)."""
+        if self.open_at and self.shards[-1]["tokens"] + len(part) > self.shard_tokens:
+            self.move_open()
+        with self.writing():
+            self.f.write(part.astype(self.dtype, copy=False).tobytes())
+        self.shards[-1]["tokens"] += len(part)
+
+    def move_open(self) -> None:
+        """Move the open document's tokens so far from the end of the open shard into the next shard, copied a
+        block of COPY_BYTES at a time (fewer than shard_tokens: they fitted), and close the shard without them."""
+        old, start = self.shards[-1], self.open_at * self.dtype.itemsize
+        name = self.shard_name(len(self.shards))
+        moved = self.out / f".{name}.tmp"
+        with self.writing():  # on a failure both temporaries go; the CannotWrite names the file that was refused
+            self.f.flush()
+            with (writing(self.out / name, moved), (self.out / f".{old['file']}.tmp").open("rb") as src,
+                  moved.open("wb") as dst):
+                src.seek(start)
+                shutil.copyfileobj(src, dst, COPY_BYTES)
+            self.f.truncate(start)
+        self.close()
+        self.open_shard("ab")
+        self.shards[-1].update(tokens=old["tokens"] - self.open_at, documents=1)
+        old["tokens"], old["documents"], self.open_at = self.open_at, old["documents"] - 1, 0
+
+    def shard_name(self, i: int) -> str:
+        return f"{self.prefix}_{i:05d}.bin"
+
+    def open_shard(self, mode: str = "wb") -> None:
+        """Begin the next shard, in its temporary (mode "ab": that move_open copied a document into)."""
+        name = self.shard_name(len(self.shards))
+        self.shards.append({"file": name, "split": self.split, "tokens": 0, "documents": 0})
+        with self.writing():
+            self.f = (self.out / f".{name}.tmp").open(mode)  # self.f is None in writing: nothing to close
 
     def close(self) -> None:
         if self.f is not None:
