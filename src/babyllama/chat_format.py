@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 import unicodedata
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -329,14 +330,14 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp") for ch in text)
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, always a lone one: a pair is one character
+
+
 def is_unicode(text: str) -> bool:
     """False for text that no UTF-8 file or tokenizer can hold: a lone surrogate (the JSON escape
-    \\ud800, or an undecodable byte read with errors="surrogateescape")."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    \\ud800, or an undecodable byte read with errors="surrogateescape"). Searched for, not encoded: the UTF-8 of
+    a document of 50 M Chinese characters was 150 MB more in pretokenize's main process."""
+    return text.isascii() or SURROGATE.search(text) is None
 
 
 def not_unicode(text: str) -> str | None:

@@ -21,7 +21,6 @@ import csv
 import functools
 import gzip
 import io
-import itertools
 import json
 import logging
 import re
@@ -459,35 +458,46 @@ def data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _lines(f: TextIO) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) of each non-blank line of f; text is None for a line over MAX_RECORD_CHARS, whose
-    rest is skipped without holding it."""
-    for lineno in itertools.count(1):
-        line = f.readline(MAX_RECORD_CHARS)
-        if not line:
-            return
-        if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
-            while (rest := f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
-                pass
-            yield lineno, None
-        elif line.strip():
-            yield lineno, line.rstrip("\r\n")
+class _Lines:
+    """(line number, text) of each non-blank line of f, its line break kept; text is None for a line over
+    MAX_RECORD_CHARS, whose rest is skipped without holding it. An iterator, not a generator: a generator's frame
+    holds the line it gave while its reader works on it, and a JSON line of 50 M characters is 100-200 MB more beside
+    its text (pretokenize's main process)."""
+
+    def __init__(self, f: TextIO):
+        self.f, self.lineno = f, 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> tuple[int, str | None]:
+        while line := self.f.readline(MAX_RECORD_CHARS):
+            self.lineno += 1
+            if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
+                while (rest := self.f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
+                    pass
+                return self.lineno, None
+            if not line.isspace():  # not line.strip(): a copy of the line
+                return self.lineno, line
+        raise StopIteration
 
 
 def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
-    for lineno, line in _lines(f):
+    """The records of a JSON Lines file; each line is let go once decoded (_Lines), only its record is held."""
+    for lineno, line in _Lines(f):
         where = f"{path}:{lineno}"
         if line is None:
             yield where, None, f"a line over {MAX_RECORD_CHARS} characters"
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line)  # the line break is JSON's whitespace
         except json.JSONDecodeError as e:
             yield where, None, f"not valid JSON ({e.msg})"
             continue
         except RecursionError:
             yield where, None, "JSON nested too deep"
             continue
+        del line  # not held while the record is read
         yield (where, record, "") if isinstance(record, dict) else (where, None, "not a JSON object")
 
 
@@ -558,10 +568,11 @@ def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
 
 
 def records_text(path: Path, f: TextIO) -> Iterator[Item]:
-    for lineno, line in _lines(f):
+    for lineno, line in _Lines(f):
         if line is None:
             yield f"{path}:{lineno}", None, f"a line over {MAX_RECORD_CHARS} characters"
         else:
+            line = line.rstrip("\r\n")  # the line as read goes: one copy held
             yield f"{path}:{lineno}", {"text": line}, ""
 
 
