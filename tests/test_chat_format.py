@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import functools
 import json
+import random
+import re
+import string
 
 import pytest
 
+from babyllama import chat_format
 from babyllama.chat import prompt_ids
 from babyllama.chat_format import (
+    CUT_MARGIN,
     Conversation,
     conversation_from_messages,
     conversation_from_record,
+    cut_conversation,
+    longest_piece,
     messages_of_record,
     render_conversation,
     render_prompt,
     text_prompt,
     truncate_conversation,
 )
-from babyllama.tokenizer import Tokenizer, load_tokenizer
-from tests.conftest import CHATGLM2
+from babyllama.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from tests.conftest import CHATGLM2, generated_corpus
 
 LONG = Conversation([(f"第{i}个问题，比较长的一句话", f"第{i}个回答，也比较长") for i in range(10)], system="系统")
 
@@ -463,3 +470,129 @@ def test_a_null_conversation_field_is_an_absent_one():
         assert conversation_from_record(record) == Conversation([("问", "答")]), record
     with pytest.raises(ValueError, match="^its 'messages' is null, not a list of messages$"):  # and nothing else
         conversation_from_record({"messages": None})
+
+
+def mixed_text(rng: random.Random, n: int) -> str:
+    """n characters in short runs of CJK, emoji (a ZWJ family too), ASCII words, digits, punctuation and whitespace."""
+    kinds = [lambda: "".join(rng.choices("天地玄黄宇宙洪荒日月问题回答的是了", k=rng.randrange(1, 6))),
+             lambda: rng.choice(["😀", "🚀", "👨‍👩‍👧", "✓", "𠀀"]),
+             lambda: " " + "".join(rng.choices(string.ascii_letters, k=rng.randrange(1, 9))),
+             lambda: "".join(rng.choices(string.digits, k=rng.randrange(1, 12))),
+             lambda: rng.choice(["，", "。", "？", "!", " ", "\n", "\t", "  "])]
+    out: list[str] = []
+    while sum(map(len, out)) < n:
+        out.append(rng.choice(kinds)())
+    return "".join(out)[:n]
+
+
+def whole_texts(monkeypatch) -> None:
+    """Truncation as it was: every text tokenized whole (the reference of the bound)."""
+    monkeypatch.setattr(chat_format, "bounded_ids", lambda tok, texts, max_len, keep_end: tok.encode_batch(texts))
+
+
+def encoded_lengths(monkeypatch, tok: Tokenizer) -> list[int]:
+    """The characters of each text that tok tokenizes from now on."""
+    lengths: list[int] = []
+    encode = tok._encode_many
+    monkeypatch.setattr(tok, "_encode_many", lambda texts: lengths.extend(map(len, texts)) or encode(texts))
+    return lengths
+
+
+@pytest.mark.parametrize("max_len", [8, 32, 128])
+def test_a_long_text_is_tokenized_from_the_characters_a_cut_keeps_alone_and_cuts_as_whole(byte_tokenizer, max_len,
+                                                                                          monkeypatch):
+    """Every text was tokenized whole before the cut to max_len ids: a 2,000,000-character answer took 1 GB and 21 s
+    to keep 128 ids. A text longer than C = (max_len + CUT_MARGIN) * longest_piece characters is now tokenized from
+    its first C characters (an answer, whose beginning a cut keeps) or its last C (a question, a system text: the
+    prompt keeps its end), and the ids, mask and cut are those of the whole texts: the turns kept, the question's end,
+    the answer's beginning, for training and for generation, one turn or several."""
+    tok, rng = byte_tokenizer, random.Random(max_len)
+    cap = (max_len + CUT_MARGIN) * longest_piece(tok)
+    size = lambda: rng.choice([rng.randrange(1, 9), rng.randrange(cap // 4, cap), rng.randrange(cap + 1, 3 * cap)])
+    convs = [Conversation([(mixed_text(rng, size()), mixed_text(rng, size())) for _ in range(rng.randrange(1, 4))],
+                          rng.choice(["", "系统", mixed_text(rng, 3 * cap)])) for _ in range(12)]
+    convs.append(Conversation([("问", mixed_text(rng, 3 * cap))]))  # a long answer alone: its beginning stays
+    convs.append(Conversation([(mixed_text(rng, 3 * cap), "答")]))  # a long question alone: its end stays
+    lengths = encoded_lengths(monkeypatch, tok)
+    got = [cut_conversation(tok, c, max_len, g) for c in convs for g in (False, True)]
+    assert max(lengths) == cap + 1  # each long text from C characters, and again from one more to check them
+    whole_texts(monkeypatch)
+    assert got == [cut_conversation(tok, c, max_len, g) for c in convs for g in (False, True)]
+    assert max(lengths) >= 3 * cap  # the reference tokenized them whole
+    assert sum(cut for _, _, cut in got) > 12 and all(len(ids) <= max_len for ids, _, _ in got)
+
+
+@pytest.fixture(params=["bpe", "chatglm2"])
+def run_tokenizer(request) -> Tokenizer:
+    """Tokenizers that pair a run of 哈 from its start, so that where a run begins changes every id of it: a BPE
+    trained on such runs, and ChatGLM2's SentencePiece BPE."""
+    if request.param == "bpe":
+        return train_bpe(["哈" * 16 + "=" * 16] * 20 + generated_corpus(50), 400)
+    if not CHATGLM2.is_file():
+        pytest.skip("ChatGLM2 tokenizer.model not present")
+    pytest.importorskip("sentencepiece")
+    return chatglm2()
+
+
+def test_a_question_that_ends_in_a_long_run_is_tokenized_whole(run_tokenizer, monkeypatch):
+    """A run of one character that reaches from where a long question is shortened to the ids a cut keeps: its ids
+    counted from the shortened start are other ids than the whole text's (the pairs of 哈 begin elsewhere), and
+    truncation would have kept them. The two shortened starts disagree there, so the question is tokenized whole."""
+    tok, max_len = run_tokenizer, 32
+    cap = (max_len + CUT_MARGIN) * longest_piece(tok)
+    convs = [Conversation([("问" + "哈" * (2 * cap + extra) + end, "好")]) for extra in range(4) for end in ("", "？")]
+    shortened = [tok.encode(c.turns[0][0][-cap:])[-max_len:] for c in convs]
+    assert sum(ids != tok.encode(c.turns[0][0])[-max_len:] for ids, c in zip(shortened, convs, strict=True)) >= 4
+    lengths = encoded_lengths(monkeypatch, tok)
+    got = [cut_conversation(tok, c, max_len, g) for c in convs for g in (False, True)]
+    assert max(lengths) == len(convs[-1].turns[0][0])  # tokenized whole
+    whole_texts(monkeypatch)
+    assert got == [cut_conversation(tok, c, max_len, g) for c in convs for g in (False, True)]
+
+
+class Collapsing:
+    """A tokenizer that reads every run of whitespace as one space, as SentencePiece's remove_extra_whitespaces (its
+    trainer's default) and other normalizers that join characters do."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok.encode_batch([re.sub(r"\s+", " ", t) for t in texts])
+
+
+def test_a_long_text_of_fewer_ids_than_its_characters_bound_is_tokenized_whole(bpe_tokenizer, monkeypatch):
+    """A normalizer that joins characters gives a text of C characters fewer ids than max_len: shortened, the question
+    below would fit without its first character. Its end of C characters has fewer than max_len + CUT_MARGIN ids, so
+    the question is tokenized whole, and kept whole."""
+    tok, max_len = Collapsing(bpe_tokenizer), 16
+    cap = (max_len + CUT_MARGIN) * longest_piece(tok)
+    conv = Conversation([("x" + " " * 2 * cap + "问题", "好")])
+    ids, mask, cut = cut_conversation(tok, conv, max_len)
+    assert (ids, mask, cut) == render_conversation(tok, conv) + (False,)
+    assert ids[: len(tok.encode("x"))] == tok.encode("x")
+
+
+@pytest.mark.parametrize("max_len", [8, 128])
+def test_text_as_dense_as_the_longest_pieces_is_cut_as_whole_with_the_margin(byte_tokenizer, max_len, monkeypatch):
+    """The margin, tested where it is thinnest: text of the tokenizer's longest pieces alone has just about max_len +
+    CUT_MARGIN ids in C characters, and a cut inside a piece leaves the ids of its part at the start. CUT_MARGIN ids
+    keep them away from the max_len kept, so the two shortened starts agree and no text is tokenized whole (with
+    ChatGLM2's 16-character pieces, a margin of 0 did not)."""
+    tok, rng = byte_tokenizer, random.Random(max_len)
+    pieces = [raw.decode(errors="replace") for raw in tok.id_bytes() if raw]
+    longest = [p for p in pieces if len(p) == longest_piece(tok) and "\ufffd" not in p]  # ChatGLM2's "转载此文是..."
+    cap = (max_len + CUT_MARGIN) * longest_piece(tok)
+    dense = lambda: "".join(rng.choices(longest, k=3 * max_len + 3 * CUT_MARGIN))  # 3 C characters
+    convs = [Conversation([(dense() + "结尾问句？"[:k], "开头的话语"[:k] + dense())]) for k in range(1, 6)]
+    lengths = encoded_lengths(monkeypatch, tok)
+    got = [cut_conversation(tok, c, max_len, g) for c in convs for g in (False, True)]
+    assert max(lengths) == cap + 1
+    whole_texts(monkeypatch)
+    assert got == [cut_conversation(tok, c, max_len, g) for c in convs for g in (False, True)]

@@ -36,7 +36,8 @@ Truncation, when a conversation is longer than max_len tokens, cuts in this orde
      that hold the tail of a character the cut split (a byte piece, a byte-level BPE token) go too;
   3. the end of the last answer, before its <eos>, where a character ends: the <eos> of a kept answer is never cut.
 A conversation cut so that nothing of its last question or answer is left is no sample (SFT and DPO count it
-filtered).
+filtered). A text far longer than max_len tokens is tokenized from the characters that the cut can keep alone (an
+answer's first, a question's last: bounded_ids), with the ids it has whole, so memory and time are bounded by max_len.
 """
 
 from __future__ import annotations
@@ -502,15 +503,24 @@ def truncate_conversation(
     tokenizer: Tokenizer, conv: Conversation, max_len: int, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
     """render_conversation cut to at most max_len ids, in the order of the module docstring; ([], []) when a cut
-    would leave nothing of the last question (its <bos> alone) or nothing of its answer (whole_characters).
+    would leave nothing of the last question (its <bos> alone) or nothing of its answer (whole_characters)."""
+    return cut_conversation(tokenizer, conv, max_len, add_generation_prompt)[:2]
 
-    Linear in the conversation: every text is tokenized once, and the first kept question, which
-    follows the system text, once more per try of a bisection for the oldest turn that can stay
-    (dropping a turn removes at least its <bos> and <eos>, so fewer turns never take more ids).
+
+def cut_conversation(
+    tokenizer: Tokenizer, conv: Conversation, max_len: int, add_generation_prompt: bool = False
+) -> tuple[list[int], list[int], bool]:
+    """(ids, mask, cut): truncate_conversation's ids and mask, and whether they are not the whole conversation
+    (render_conversation's): turns dropped or a text cut (SFT and DPO count such samples truncated).
+
+    Linear in the conversation, and bounded by max_len: every text is tokenized about once, a long one from its
+    characters that can matter alone (bounded_ids), and the first kept question, which follows the system text,
+    once more per try of a bisection for the oldest turn that can stay (dropping a turn removes at least its <bos>
+    and <eos>, so fewer turns never take more ids).
     """
     turns, n = conv.turns, len(conv.turns)
-    users = tokenizer.encode_batch([u for u, _ in turns])
-    answers = tokenizer.encode_batch([a for _, a in turns])
+    users = bounded_ids(tokenizer, [u for u, _ in turns], max_len, keep_end=True)  # a prompt keeps its end
+    answers = bounded_ids(tokenizer, [a for _, a in turns], max_len, keep_end=False)  # an answer its beginning
     cost = [len(u) + len(a) + 2 for u, a in zip(users, answers, strict=True)]  # user <bos> answer <eos>
     if add_generation_prompt:
         cost[-1] = len(users[-1]) + 1  # user <bos>: the answer is to come
@@ -518,7 +528,7 @@ def truncate_conversation(
 
     @functools.cache
     def first(s: int) -> list[int]:  # the first kept question, after the system text
-        return tokenizer.encode(f"{conv.system}\n{turns[s][0]}") if conv.system else users[s]
+        return bounded_ids(tokenizer, [f"{conv.system}\n{turns[s][0]}"], max_len, True)[0] if conv.system else users[s]
 
     lo, hi = 0, n - 1  # 1. drop the oldest turns: the first start that fits (n - 1 when none does)
     while lo < hi:
@@ -527,19 +537,64 @@ def truncate_conversation(
     ids, mask = _joined(tokenizer, [first(lo), *users[lo + 1 :]], answers[lo:], add_generation_prompt,
                         {i - lo for i in conv.untrained if i >= lo})
     if len(ids) <= max_len:
-        return ids, mask
+        return ids, mask, lo > 0
     if add_generation_prompt:  # 2. the prompt's beginning goes
         ids = last_whole_characters(tokenizer, ids, max_len)
-        return ids, mask[len(mask) - len(ids) :]
+        return ids, mask[len(mask) - len(ids) :], True
     prompt_len = len(first(lo)) + 1  # the last turn alone: prompt ids (ending in <bos>), answer ids, <eos>
     prompt, answer = ids[:prompt_len], ids[prompt_len:-1]
     keep_prompt = max(max_len - len(answer) - 1, min(prompt_len, max_len // 2))
     prompt = last_whole_characters(tokenizer, prompt, keep_prompt)  # 2. the prompt's beginning goes
     answer = whole_characters(tokenizer, answer[: max_len - len(prompt) - 1])  # 3. the answer's end goes
     if len(prompt) < 2 or not answer:  # its <bos> alone: nothing of the question is left, or nothing of the answer
-        return [], []
+        return [], [], True
     answer.append(tokenizer.eos_id)  # a kept answer's <eos> stays
-    return prompt + answer, [0] * len(prompt) + mask[-1:] * len(answer)  # mask[-1]: the answer's loss, 0 or 1
+    return prompt + answer, [0] * len(prompt) + mask[-1:] * len(answer), True  # mask[-1]: the answer's loss, 0 or 1
+
+
+# The ids between where bounded_ids cuts a long text and the ids that a cut to max_len can keep of it. A cut changes
+# a text's tokens only next to it in text that is not one long run (BPE merges and SentencePiece pieces are local):
+# at most 4 ids on random CJK, emoji, ASCII and digit texts with the test BPE, the demo's and ChatGLM2's tokenizers;
+# 32 leaves 8 times that.
+CUT_MARGIN = 32
+
+
+def bounded_ids(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, keep_end: bool) -> list[list[int]]:
+    """The ids of texts (encode_batch) as a cut to max_len ids needs them: a text of more than C = (max_len +
+    CUT_MARGIN) * longest_piece characters is tokenized from its first C characters alone (keep_end: its last C),
+    which a cut to max_len ids keeps the beginning (end) of. A text of C characters has more than max_len +
+    CUT_MARGIN ids, so the shortened one still fits nowhere, and its first (last) max_len ids are the whole text's:
+    the cut is CUT_MARGIN ids away from them. Memory and time are then bounded by max_len, not by the text: a
+    2,000,000-character answer took 1 GB to keep 128 of its ids.
+
+    Each shortened text is tokenized again from one more character: where the two disagree on those max_len ids (a
+    run of one character or piece reaching from the cut, such as ChatGLM2's BPE pairs from the start of a run of 哈
+    or '=', so a different start changes every pair), or where the shortened text has fewer than max_len +
+    CUT_MARGIN ids (a normalizer that joins characters), the whole text is tokenized, as without the bound."""
+    cap = max_len + CUT_MARGIN  # characters: C when a text is longer (no id holds less than one character)
+    if any(len(t) > cap for t in texts):
+        cap *= longest_piece(tokenizer)
+
+    def part(text: str, chars: int) -> str:
+        return text[len(text) - chars :] if keep_end else text[:chars]
+
+    ids = tokenizer.encode_batch([part(t, cap) if len(t) > cap else t for t in texts])
+    long = [i for i, t in enumerate(texts) if len(t) > cap]
+    again = tokenizer.encode_batch([part(texts[i], cap + 1) for i in long]) if long else []
+    kept = slice(-max_len, None) if keep_end else slice(max_len)
+    for i, other in zip(long, again, strict=True):
+        if len(ids[i]) < max_len + CUT_MARGIN or ids[i][kept] != other[kept]:
+            ids[i] = tokenizer.encode(texts[i])
+    return ids
+
+
+@functools.cache
+def longest_piece(tokenizer: Tokenizer) -> int:
+    """The most characters of a text that one id holds, at least 1: a piece's characters (ChatGLM2's longest is 16,
+    '▁' one of them), a byte-level piece's bytes counted as the characters they begin or end (b"\\xae\\xe4" of two).
+    Once per tokenizer, as character_tails."""
+    return max((sum(not 0x80 <= b <= 0xBF for b in raw) + (0x80 <= raw[0] <= 0xBF)
+                for raw in tokenizer.id_bytes() if raw), default=1)
 
 
 def whole_characters(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
