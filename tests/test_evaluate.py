@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 
 import pytest
@@ -243,6 +244,22 @@ def test_qa_asks_after_a_records_system_and_history_as_sft_trains_on_them(tmp_pa
     last_answer = len(sft_mask) - sft_mask[::-1].index(0)  # after the last question's <bos>
     assert qa_prompt(bpe_tokenizer, asked[0]) == sft_ids[:last_answer] and 1 in sft_mask[:last_answer]
     assert result["qa_cut_to_context"] == 1 and result["qa_bad_records"] == 2  # the long history's, of 32 ids
+
+
+def test_a_huge_question_is_counted_cut_without_being_tokenized_whole(bpe_tokenizer, monkeypatch):
+    """eval --qa with a 2,000,000-character question took 1.25 GB: counting the questions cut to the context
+    rendered each whole. It now asks the cut (chat_format.cut_conversation), which tokenizes no text from more
+    characters than the cut can keep; a question that fits whole is not counted."""
+    from babyllama.chat_format import CUT_MARGIN, longest_piece
+    from babyllama.evaluate import cut_to_context
+    from tests.test_chat_format import encoded_lengths
+
+    huge = "".join(random.Random(0).choices("天地玄黄宇宙洪荒日月", k=50_000))
+    items = [{"question": huge, "reference": "答", "task": "qa"}, {"question": "短", "reference": "答", "task": "qa"},
+             {"question": "问", "reference": "答", "task": "qa", "history": [[huge, "答"]]}]
+    lengths = encoded_lengths(monkeypatch, bpe_tokenizer)
+    assert cut_to_context(bpe_tokenizer, 64, 16, [], items, []) == {"prompts": 0, "qa": 2, "mc": 0}
+    assert max(lengths) == (48 + CUT_MARGIN) * longest_piece(bpe_tokenizer) + 1  # 48: the prompt's budget
 
 
 def test_qa_reads_messages_and_prompt_completion_records_as_sft_does(tmp_path, tiny_run, bpe_tokenizer):

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from collections import Counter
 
 import pytest
 import torch
 
-from babyllama.chat_format import Conversation, conversation_from_record, render_conversation
+from babyllama.chat_format import (
+    CUT_MARGIN,
+    Conversation,
+    conversation_from_record,
+    longest_piece,
+    render_conversation,
+)
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
 from babyllama.data.preferences import NOT_A_PAIR, pair_samples, preference_from_record, render_pair
@@ -22,6 +29,7 @@ from babyllama.train.distributed import Dist
 from babyllama.train.dpo import dpo
 from babyllama.train.sft_data import load_sft_data
 from tests.conftest import tiny_config
+from tests.test_chat_format import encoded_lengths, whole_texts
 from tests.test_sft import samples, write
 
 HISTORY = Conversation([("你好", "你好！"), ("1+1等于几", "")], "你是助手。")
@@ -165,6 +173,21 @@ def test_a_pair_that_max_len_leaves_no_question_of_is_filtered(bpe_tokenizer):
     parsed = preference_from_record({"prompt": "很长的问题" * 4, "chosen": "对的回答", "rejected": "错的回答"})
     assert pair_samples(bpe_tokenizer, parsed, SFTSettings(3, 0.0), counts) == ([], False)
     assert counts == Counter(filtered=1)
+
+
+def test_a_huge_answer_or_prompt_is_cut_as_whole_without_being_tokenized_whole(bpe_tokenizer, monkeypatch):
+    """dpo with a 2,000,000-character chosen answer took 1.34 GB: each answer was rendered whole before it was cut.
+    No text is now tokenized from more characters than the cut can keep (chat_format.bounded_ids), and the pair's
+    samples and counts are those of the whole texts."""
+    tok, huge = bpe_tokenizer, "".join(random.Random(0).choices("天地玄黄宇宙洪荒日月", k=50_000))
+    pairs = [preference_from_record(r) for r in ({"prompt": "问", "chosen": huge, "rejected": "短的回答"},
+                                                 {"prompt": huge, "chosen": "对", "rejected": "错"})]
+    lengths, counts = encoded_lengths(monkeypatch, tok), Counter()
+    got = [pair_samples(tok, parsed, SFTSettings(65, 0.0), counts) for parsed in pairs]
+    assert max(lengths) == (65 + CUT_MARGIN) * longest_piece(tok) + 1 and counts == Counter(truncated=2)
+    whole_texts(monkeypatch)
+    assert got == [pair_samples(tok, parsed, SFTSettings(65, 0.0), Counter()) for parsed in pairs]
+    assert max(lengths) == len(huge)  # the reference, whole
 
 
 def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):

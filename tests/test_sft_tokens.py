@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import time
 
@@ -13,15 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama.chat_format import Conversation, conversation_from_record, render_conversation, truncate_conversation
+from babyllama.chat_format import (
+    CUT_MARGIN,
+    Conversation,
+    conversation_from_record,
+    longest_piece,
+    render_conversation,
+    truncate_conversation,
+)
 from babyllama.checkpoint import save_checkpoint
 from babyllama.data.sft_tokens import SFTSettings, build_sft_cache, open_split, read_sft_cache
 from babyllama.data.shards import is_val
 from babyllama.data.sources import iter_records
 from babyllama.errors import UserError
+from babyllama.tokenizer import HFTokenizer
 from babyllama.train.distributed import Dist
 from babyllama.train.sft_data import load_sft_data
 from tests.conftest import logged_losses, run_cli, sharp_model, tiny_config
+from tests.test_chat_format import whole_texts
 from tests.test_pretrain import torchrun
 from tests.test_sft import samples
 
@@ -656,3 +666,32 @@ def test_bad_bytes_a_lone_surrogate_and_an_empty_conversations_list_each_say_wha
         f"{f}:4: its 'conversations' is an object, not a list of messages",
         f"{f}:5: conversations item 2: unknown role 'robot' (known: system, developer, user, human, assistant, gpt, "
         "chatgpt, bing, bard)"]
+
+
+def test_a_huge_text_is_cut_as_whole_without_being_tokenized_whole(demo_sft, bpe_tokenizer, tmp_path, monkeypatch):
+    """pretokenize --sft of one 2,000,000-character answer took 1 GB and 21 s to keep 129 ids: each record was
+    rendered whole before it was cut. No text is now tokenized from more characters than the cut can keep
+    (chat_format.bounded_ids): the samples are those of the whole texts, each counted truncated, and the length
+    filters still see the whole texts."""
+    huge = "".join(random.Random(0).choices("天地玄黄宇宙洪荒日月", k=50_000))
+    f = tmp_path / "huge.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": "问", "output": huge}, {"instruction": huge, "output": "答"},
+        {"conversations": [{"role": "system", "content": huge}, {"role": "user", "content": "问一"},
+                           {"role": "assistant", "content": huge}, {"role": "user", "content": "问二"},
+                           {"role": "assistant", "content": "答二"}]}]))
+    settings = SFTSettings(max_len=65, val_fraction=0.0)
+    lengths: list[int] = []
+    encode = HFTokenizer._encode_many  # the worker's tokenizer is its own
+    monkeypatch.setattr(HFTokenizer, "_encode_many", lambda tok, texts: lengths.extend(map(len, texts)) or
+                        encode(tok, texts))
+    build_sft_cache([f], demo_sft / "tok", tmp_path / "c", settings, workers=1)
+    assert max(lengths) == (65 + CUT_MARGIN) * longest_piece(bpe_tokenizer) + 1
+    train, _, stats = load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, False, Dist())
+    whole_texts(monkeypatch)
+    want, _, cut = direct(f, bpe_tokenizer, settings)
+    assert read_back(train) == want and stats.truncated == cut == 3 and max(lengths) >= len(huge)
+    filtered = SFTSettings(max_len=65, val_fraction=0.0, max_answer_chars=len(huge) - 1)
+    build_sft_cache([f], demo_sft / "tok", tmp_path / "c2", filtered, workers=1)
+    _, _, stats = load_sft_data([f], demo_sft / "tok", tmp_path / "c2", filtered, False, Dist())
+    assert (stats.filtered, stats.samples, stats.truncated) == (2, 1, 1)

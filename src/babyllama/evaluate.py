@@ -47,6 +47,7 @@ from babyllama.chat_format import (
     context_messages,
     conversation_from_messages,
     conversation_from_record,
+    cut_conversation,
     field_text,
     instruction_prompt,
     is_unicode,
@@ -910,7 +911,8 @@ def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, max_new_tokens: int, 
     continued = prompt_budget(max_seq_len, min(max_new_tokens, CONTINUATION_TOKENS))
     asked = prompt_budget(max_seq_len, max_new_tokens)
     return {"prompts": sum(len(text_prompt(tokenizer, p)) > continued for p in prompts),
-            "qa": sum(len(qa_prompt(tokenizer, qa_conversation(it))) > asked for it in qa_items),
+            "qa": sum(cut_conversation(tokenizer, qa_conversation(it), asked, add_generation_prompt=True)[2]
+                      for it in qa_items),  # whether it is cut, not the ids of a huge question whole
             "mc": sum(map(mc_cut, mc_items))}
 
 

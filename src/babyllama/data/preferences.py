@@ -43,14 +43,13 @@ from babyllama.chat_format import (
     checked_for_training,
     context_messages,
     conversation_from_messages,
+    cut_conversation,
     field_text,
     is_blank,
     kind_of,
     message_of_item,
     messages_key,
     messages_of_record,
-    render_conversation,
-    truncate_conversation,
     whole_conversations,
 )
 from babyllama.data.sft_tokens import SFTSettings
@@ -234,13 +233,10 @@ def with_answer(conv: Conversation, answer: str) -> Conversation:
 
 def render_answer(tokenizer: Tokenizer, conv: Conversation, max_len: int) -> tuple[list[int], list[int], bool]:
     """(ids, mask, truncated) of a conversation as SFT renders and cuts it, the mask on its last answer only; ids and
-    mask [] where the cut leaves nothing of its last question or answer (truncate_conversation)."""
-    ids, mask = render_conversation(tokenizer, conv)
-    cut = len(ids) > max_len
-    if cut:
-        ids, mask = truncate_conversation(tokenizer, conv, max_len)
-        if not ids:
-            return [], [], cut
+    mask [] where the cut leaves nothing of its last question or answer (chat_format.cut_conversation)."""
+    ids, mask, cut = cut_conversation(tokenizer, conv, max_len)  # a huge answer is never tokenized whole
+    if not ids:
+        return [], [], cut
     start = len(mask) - mask[::-1].index(0)  # the last answer: after the last prompt's <bos>
     return ids, [0] * start + mask[start:], cut
 

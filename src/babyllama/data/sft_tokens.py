@@ -44,10 +44,9 @@ import numpy as np
 from babyllama import chat_format
 from babyllama.chat_format import (
     conversation_from_record,
+    cut_conversation,
     is_blank,
     read_fields,
-    render_conversation,
-    truncate_conversation,
     unread_fields,
 )
 from babyllama.data.pretokenize import in_workers, worker_tokenizer
@@ -223,13 +222,11 @@ def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[lis
     if not all(settings.fits(u, a) for u, a in conv.turns):
         counts["filtered"] += 1
         return [], False
-    s_ids, s_mask = render_conversation(tok, conv)
-    if len(s_ids) > settings.max_len:
-        s_ids, s_mask = truncate_conversation(tok, conv, settings.max_len)
-        if not s_ids:
-            counts["filtered"] += 1
-            return [], False
-        counts["truncated"] += 1
+    s_ids, s_mask, cut = cut_conversation(tok, conv, settings.max_len)  # a huge text is never tokenized whole
+    if not s_ids:
+        counts["filtered"] += 1
+        return [], False
+    counts["truncated"] += cut
     return [(s_ids, s_mask)], is_val("\x00".join(u for u, _ in conv.turns), settings.val_fraction)
 
 
