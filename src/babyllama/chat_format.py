@@ -530,10 +530,14 @@ def cut_conversation(
     def first(s: int) -> list[int]:  # the first kept question, after the system text
         return bounded_ids(tokenizer, [f"{conv.system}\n{turns[s][0]}"], max_len, True)[0] if conv.system else users[s]
 
-    lo, hi = 0, n - 1  # 1. drop the oldest turns: the first start that fits (n - 1 when none does)
+    def fits(s: int) -> bool:  # turns[s:] in max_len ids
+        return tail[s] - len(users[s]) + len(first(s)) <= max_len
+
+    # 1. drop the oldest turns: the first start that fits (n - 1 when none does); most often all fit: no bisection
+    lo, hi = (0, 0) if fits(0) else (min(1, n - 1), n - 1)
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if tail[mid] - len(users[mid]) + len(first(mid)) <= max_len else (mid + 1, hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
     ids, mask = _joined(tokenizer, [first(lo), *users[lo + 1 :]], answers[lo:], add_generation_prompt,
                         {i - lo for i in conv.untrained if i >= lo})
     if len(ids) <= max_len:
@@ -576,7 +580,7 @@ def bounded_ids(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, keep_e
         cap *= longest_piece(tokenizer)
 
     def part(text: str, chars: int) -> str:
-        return text[len(text) - chars :] if keep_end else text[:chars]
+        return text[-chars:] if keep_end else text[:chars]
 
     ids = tokenizer.encode_batch([part(t, cap) if len(t) > cap else t for t in texts])
     long = [i for i, t in enumerate(texts) if len(t) > cap]
