@@ -20,7 +20,7 @@ from babyllama.chat_format import (
 )
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
-from babyllama.data.preferences import NOT_A_PAIR, pair_samples, preference_from_record, render_pair
+from babyllama.data.preferences import NO_PROMPT, NOT_A_PAIR, pair_samples, preference_from_record, render_pair
 from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError
@@ -124,7 +124,7 @@ def test_trl_conversational_pairs_that_are_no_prompt_and_one_answer_say_why():
             ({"chosen": [user, answer, user, answer], "rejected": [user, other]},
              "its 'chosen' and 'rejected' conversations share 1 message from their start, then go on with 3 and 1: "
              "only the answer may follow the prompt they share"),
-            ({"chosen": [user, answer], "rejected": "错"}, NOT_A_PAIR)]:
+            ({"chosen": [user, answer], "rejected": "错"}, NO_PROMPT)]:
         with pytest.raises(ValueError) as e:
             preference_from_record(record)
         assert str(e.value) == why, record
@@ -434,7 +434,7 @@ def test_prepare_keeps_the_pairs_dpo_reads_and_finds_the_same_bad_with_the_same_
         "7: the last message must come from the user",
         "8: its 'chosen' and 'rejected' conversations differ in their first message: they share no prompt",
         "9: its 'prompt' is not the last user message that its 'chosen' and 'rejected' conversations share",
-        f"10: {NOT_A_PAIR}",
+        f"10: {NO_PROMPT}",
         "11: its 'response_rejected' is missing"]
     assert (manifest["stats"]["records"], manifest["stats"]["bad"], manifest["stats"]["equal_pairs"]) == (14, 10, 1)
     assert (reader.stats[str(path)].records, reader.stats[str(path)].bad) == (14, 10)
@@ -518,7 +518,7 @@ def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_reco
             ({"prompt": "问", "chosen": "答"}, "its 'rejected' is missing"),
             ({"prompt": "问", "chosen": "答", "completion": "别答"}, "its 'rejected' is missing"),
             ({"messages": [USER], "rejected": "错"}, "its 'chosen' is missing"),
-            ({"chosen": "答", "rejected": "错"}, NOT_A_PAIR),
+            ({"chosen": "答", "rejected": "错"}, NO_PROMPT),
             ({"question": "问", "response_rejected": "错"}, "its 'response_chosen' is missing"),
             ({"response_chosen": "答", "response_rejected": "错"}, "its 'question' is missing"),
             ({"input": {"messages": [USER]}, "preferred_output": [ANSWER]}, "its 'non_preferred_output' is missing")]:
@@ -536,6 +536,46 @@ def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_reco
         with pytest.raises(ValueError) as e:
             preference_from_record(record)
         assert str(e.value) == NOT_A_PAIR
+
+
+def test_a_null_field_of_a_pair_is_named_null_in_dpo_and_prepare_as_sft_names_a_null_answer(bpe_tokenizer, tmp_path):
+    """{prompt, chosen: null, rejected} was "not a preference record (...)" in dpo (before, where a null answer decided
+    the shape) and then "its 'chosen' is missing", where SFT says "its 'completion' is null, not a string" of a null
+    answer (a parquet file gives null to the fields of its other rows); a null prompt beside the answers was "not a
+    preference record", and so were answers without any prompt, which SFT calls a preference record. dpo and prepare
+    name the null field, as SFT does, and the missing prompt."""
+    answer, messages = "not a string or an assistant message", "not a string or a list of messages"
+    records_and_reasons = [
+        ({"prompt": "问", "chosen": None, "rejected": "错"}, f"its 'chosen' is null, {answer}"),
+        ({"prompt": "问", "chosen": "答", "rejected": None}, f"its 'rejected' is null, {answer}"),
+        ({"prompt": "问", "chosen": None, "rejected": None}, f"its 'chosen' is null, {answer}"),
+        ({"prompt": None, "chosen": "答", "rejected": "错"}, f"its 'prompt' is null, {messages}"),
+        ({"conversations": None, "chosen": "答", "rejected": "错"},
+         "its 'conversations' is null, not a list of messages"),
+        ({"chosen": [USER, ANSWER], "rejected": None}, f"its 'rejected' is null, {answer}"),
+        ({"question": "问", "response_chosen": None, "response_rejected": "错"},
+         "its 'response_chosen' is null, not a string"),
+        ({"question": None, "response_chosen": "答", "response_rejected": "错"},
+         "its 'question' is null, not a string"),
+        ({**OPENAI_PAIR, "input": None}, "its 'input' is null, not an object with 'messages'"),
+        ({**OPENAI_PAIR, "preferred_output": None},
+         "its 'preferred_output' is null, not a list of one assistant message"),
+        ({"chosen": "答", "rejected": "错"}, NO_PROMPT),
+        ({"prompt": "问", "rejected": "错"}, "its 'chosen' is missing")]  # not there at all: missing, as before
+    for record, why in records_and_reasons:
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why, record
+    path = write(tmp_path / "nulls.jsonl", [SHAPES[0][0], *(record for record, _ in records_and_reasons)])
+    reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == ["1+1等于几等于2。"]
+    manifest, bad = dpo_cache(bpe_tokenizer, tmp_path, path)
+    assert log.getvalue().splitlines() == bad == [f"{path}:{i}: {why}"
+                                                  for i, (_, why) in enumerate(records_and_reasons, 2)]
+    assert (manifest["stats"]["records"], manifest["stats"]["bad"]) == (13, 12)
+    with pytest.raises(ValueError) as e:
+        conversation_from_record({"prompt": "问", "completion": None})
+    assert str(e.value) == "its 'completion' is null, not a string"  # SFT's words, which dpo's follow
 
 
 def test_a_weight_on_a_message_that_is_not_the_assistant_s_is_bad_in_sft_dpo_and_prepare_alike(

@@ -72,21 +72,40 @@ NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / ques
               "with response_chosen and response_rejected)")
 
 
+# What each field of a pair is, in the reason of a record where it is null or of another type (_absent).
+KINDS = {"prompt": "a string or a list of messages", "question": "a string", "conversations": "a list of messages",
+         "messages": "a list of messages", "input": "an object with 'messages'",
+         "chosen": "a string or an assistant message", "rejected": "a string or an assistant message",
+         "preferred_output": "a list of one assistant message",
+         "non_preferred_output": "a list of one assistant message", "response_chosen": "a string",
+         "response_rejected": "a string"}
+NO_PROMPT = ("its prompt is missing (a prompt, conversations, messages or question beside its 'chosen' and 'rejected', "
+             "or 'chosen' and 'rejected' conversations that share it)")
+
+
+def _absent(record: dict, key: str) -> ValueError:
+    """The bad record of a field that a pair needs and record lacks: "its 'rejected' is missing", or where it is there
+    but null (a parquet file gives null to the fields of its other rows), named as SFT names a null answer: "its
+    'chosen' is null, not a string or an assistant message"."""
+    return ValueError(f"its {key!r} is null, not {KINDS[key]}" if key in record else f"its {key!r} is missing")
+
+
 def _text(record: dict, key: str) -> str:
-    """record[key], a string. Raises ValueError naming the field: missing, or of another type (its type named)."""
+    """record[key], a string. Raises ValueError naming the field: missing, null (_absent), or of another type (its type
+    named)."""
     value = field_text(record, key)
     if value is None:
-        raise ValueError(f"its {key!r} is missing")
+        raise _absent(record, key)
     return value
 
 
 def _answer(record: dict, key: str) -> str:
     """The answer record[key]: a string (MedicalGPT), one assistant message (LLaMA-Factory) or a list holding one
-    (TRL). Raises ValueError naming the field and what it is instead (missing too), or an answer of "weight": 0
-    (_trained)."""
+    (TRL). Raises ValueError naming the field and what it is instead (missing or null too: _absent), or an answer of
+    "weight": 0 (_trained)."""
     value = record.get(key)
     if value is None:
-        raise ValueError(f"its {key!r} is missing")
+        raise _absent(record, key)
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -122,7 +141,7 @@ def _input_messages(record: dict) -> list[tuple[str, str]]:
     messages that are malformed (messages_of_record: a tool call or a tool message among them too)."""
     value = record.get("input")
     if value is None:
-        raise ValueError("its 'input' is missing")
+        raise _absent(record, "input")
     if not isinstance(value, dict):
         raise ValueError(f"its 'input' is {kind_of(value)}, not an object with 'messages'")
     if value.get("tools"):
@@ -204,18 +223,31 @@ def preference_fields(record: dict) -> tuple[str, ...]:
     return ()
 
 
+def _not_a_pair(record: dict) -> str:
+    """Why record, of which preference_fields reads nothing, is no pair: a field of a pair's answers that is null
+    (_absent: {prompt, chosen: null, rejected: null}), answers without a prompt (NO_PROMPT; a null prompt named as
+    null), else NOT_A_PAIR: it has no field of a pair's answers."""
+    answers = [key for pair in PREFERENCE_ANSWERS for key in pair]
+    if null := next((key for key in answers if key in record and record[key] is None), None):
+        return str(_absent(record, null))
+    if not any(record.get(key) is not None for key in answers):
+        return NOT_A_PAIR
+    null = next((key for key in PROMPT_KEYS if key in record and record[key] is None), None)
+    return str(_absent(record, null)) if null else NO_PROMPT
+
+
 def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
     """(conversation whose last answer is "", chosen, rejected) of a record of one of the shapes above, read in the
     first it has (preference_fields), after its `system` and `history` (chat_format.context_messages). prepare's
     preference schema reads a record by it too (data/sources.text_of_preference), so both find the same records bad.
 
-    Raises ValueError, saying why, for a record of none of them, a field missing (`rejected` beside a `chosen`) or of
-    another type, or one that cannot train (chat_format.checked_for_training: an empty prompt, text no tokenizer can
-    encode).
+    Raises ValueError, saying why, for a record of none of them (_not_a_pair), a field missing (`rejected` beside a
+    `chosen`), null or of another type, or one that cannot train (chat_format.checked_for_training: an empty prompt,
+    text no tokenizer can encode).
     """
     fields = preference_fields(record)
     if not fields:
-        raise ValueError(NOT_A_PAIR)
+        raise ValueError(_not_a_pair(record))
     if whole_conversations(record):
         prompt, chosen, rejected = _implicit_prompt(record)
         _check_prompt(record, prompt)
