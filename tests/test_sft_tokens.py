@@ -614,6 +614,28 @@ def test_a_record_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_nam
         f"at {two}:3)"]
 
 
+def test_a_preference_record_is_bad_for_sft_and_no_field_of_it_is_said_left_out(demo_sft, tmp_path, caplog):
+    """`sft --data dpo.jsonl` warned "... leaving out the 'prompt' of 2 records", as if it read them as messages,
+    and then skipped the same records as preference records: a preference record is bad for SFT, and nothing of it is
+    read or left out; the fields of a good record of two shapes beside it still are."""
+    says = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "M"}]
+    f = tmp_path / "dpo.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "P", "chosen": "C", "rejected": "R", "messages": says},
+        {"messages": says, "chosen": {"role": "assistant", "content": "C"}, "rejected": "R", "question": "Q"},
+        {"messages": says, "prompt": "P"}]))
+    manifest = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=64, val_fraction=0))
+    assert (manifest["stats"]["records"], manifest["stats"]["bad"], manifest["stats"]["samples"]) == (3, 2, 1)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{f}:1: it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads: skipped an SFT "
+        "record",
+        f"{f}:2: it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads: skipped an SFT "
+        "record",
+        f"{f}: records with the fields of more than one shape are read in the first of conversations, messages, "
+        f"prompt with answer (else completion), instruction with output, leaving out the 'prompt' of 1 record (the "
+        f"first at {f}:3)"]
+
+
 def test_a_context_that_leaves_nothing_of_the_question_filters_the_sample(demo_sft, tmp_path):
     """pretokenize --sft --max_seq_len 2 trained on <bos> and an answer, no question: such a sample is filtered and
     counted; with none left, nothing is written."""

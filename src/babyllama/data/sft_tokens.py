@@ -46,6 +46,7 @@ from babyllama.chat_format import (
     conversation_from_record,
     cut_conversation,
     is_blank,
+    preference_answers,
     read_fields,
     unread_fields,
 )
@@ -238,7 +239,8 @@ def _shapes(kind: str) -> tuple[Callable[[dict], list[str]], str]:
         from babyllama.data.preferences import PREFERENCE_FIELDS, PREFERENCE_ORDER, preference_fields
 
         return (lambda r: unread_fields(r, preference_fields(r), PREFERENCE_FIELDS)), PREFERENCE_ORDER
-    return (lambda r: unread_fields(r, read_fields(r))), chat_format.SHAPE_ORDER
+    # a preference record is a bad SFT record (chat_format.record_conversation): no field of it is read or left out
+    return (lambda r: [] if preference_answers(r) else unread_fields(r, read_fields(r))), chat_format.SHAPE_ORDER
 
 
 def _record_batches(read: BytesRead, read_at: deque[int], unread: Callable[[dict], list[str]],
