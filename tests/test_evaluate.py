@@ -324,6 +324,27 @@ def test_a_null_messages_field_is_an_absent_one():
                                                                                 "task": "qa"}
 
 
+def test_qa_counts_a_preference_record_bad_whatever_the_shape_of_its_prompt(tmp_path, capsys):
+    """`eval --qa` on a DPO file counted a {prompt, chosen, rejected} of strings as an item without a reference
+    ("had none or an empty one") and the same pair with a list prompt bad, "it is a preference record": one rule, as
+    SFT's, makes every preference record bad, with that reason, and none is said to lack a reference."""
+    user, answer = {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"question": "问", "answer": "答"}, {"prompt": "问", "chosen": "答", "rejected": "错"},
+        {"prompt": [user], "chosen": [answer], "rejected": [answer]},
+        {"question": "问", "response_chosen": "答", "response_rejected": "错"},
+        {"input": {"messages": [user]}, "preferred_output": [answer], "non_preferred_output": [answer]},
+        {"question": "问", "answer": "答", "chosen": "答"}]))
+    items, no_reference, bad = read_qa(f)
+    assert (list(items), no_reference) == ([{"question": "问", "reference": "答", "task": "qa"}], 0)
+    assert bad == [f"{f}:{i}: it is a preference record ({fields}), which `babyllama dpo` reads" for i, fields in [
+        (2, "'chosen' and 'rejected'"), (3, "'chosen' and 'rejected'"),
+        (4, "'response_chosen' and 'response_rejected'"), (5, "'preferred_output' and 'non_preferred_output'"),
+        (6, "'chosen'")]]
+    assert capsys.readouterr().out == ""  # no fields of a pair said left out
+
+
 def test_qa_names_the_fields_a_record_of_two_shapes_leaves_out_once_a_file(tmp_path, capsys):
     """A QA record with a question and answer and messages, or messages and an answer, dropped the fields of one
     without a word: they are named once a file, as SFT and prepare name them."""

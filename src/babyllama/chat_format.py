@@ -420,8 +420,7 @@ def record_conversation(record: dict) -> Conversation:
     `system` and `history` (context_messages), which every shape gets here and only here. Raises ValueError when it is
     none of them (a preference record, with a field of PREFERENCE_ANSWERS, is said to be one), a field has the wrong
     type or the messages break a rule above."""
-    if answers := preference_answers(record):
-        raise ValueError(f"it is a preference record ({' and '.join(map(repr, answers))}), which `babyllama dpo` reads")
+    not_a_pair(record)
     context = context_messages(record)
     if key := conversation_key(record):
         messages, untrained = messages_of_record(record, key), weight_zero(record[key])
@@ -438,6 +437,13 @@ def record_conversation(record: dict) -> Conversation:
         messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
     return conversation_from_messages(context + messages, add_generation_prompt=False,
                                       untrained={len(context) + i for i in untrained})
+
+
+def not_a_pair(record: dict) -> None:
+    """Raises ValueError where record is a preference record (preference_answers), which SFT and eval --qa do not read:
+    "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"."""
+    if answers := preference_answers(record):
+        raise ValueError(f"it is a preference record ({' and '.join(map(repr, answers))}), which `babyllama dpo` reads")
 
 
 def preference_answers(record: dict) -> list[str]:

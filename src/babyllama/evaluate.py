@@ -53,6 +53,7 @@ from babyllama.chat_format import (
     is_unicode,
     last_whole_characters,
     messages_key,
+    not_a_pair,
     not_unicode,
     prompt_budget,
     read_fields,
@@ -305,6 +306,7 @@ def qa_item(record: dict | None, why: str) -> dict | None:
     what comes before them its system text and history."""
     if record is None:
         raise ValueError(why)
+    not_a_pair(record)  # whatever its prompt's shape, as SFT refuses it
     if messages_key(record):  # raises for a blank question
         conv = conversation_from_record(record)
         (question, reference), system, history = conv.turns[-1], conv.system, [list(t) for t in conv.turns[:-1]]
