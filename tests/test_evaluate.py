@@ -753,13 +753,13 @@ def test_leakage_in_a_folder_searches_the_files_beside_a_prepare_output(tmp_path
     result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
                       train_data=[str(tmp_path / "data")], sampling=Sampling(max_new_tokens=2))
     # training on the folder does not read eval.jsonl (a held-out split by its name), nor does the check
-    assert result["leakage"] == {"checked": 5, "leaked": 4, "leaked_in_eval_files": 0, "searched_documents": 24,
-                                 "examples": questions[:4]}
+    assert result["leakage"] == {"checked": 5, "too_short": 0, "min_chars": 8, "leaked": 4, "leaked_in_eval_files": 0,
+                                 "searched_documents": 24, "examples": questions[:4]}
     named = [str(tmp_path / "data"), str(tmp_path / "data" / "eval.jsonl")]  # a model trained on eval.jsonl too
     result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "data" / "eval.jsonl"),
                       train_data=named, sampling=Sampling(max_new_tokens=2))
-    assert result["leakage"] == {"checked": 5, "leaked": 5, "leaked_in_eval_files": 1, "searched_documents": 29,
-                                 "examples": questions}
+    assert result["leakage"] == {"checked": 5, "too_short": 0, "min_chars": 8, "leaked": 5, "leaked_in_eval_files": 1,
+                                 "searched_documents": 29, "examples": questions}
     assert (f"note: {tmp_path / 'data' / 'eval.jsonl'} is in --train_data, so its own questions count as leaked; "
             "if the model did not train on it, pass the training files alone as --train_data."
             ) in capsys.readouterr().out.splitlines()
@@ -812,6 +812,29 @@ def test_leakage_searches_every_field_of_every_sft_and_dpo_shape(tmp_path):
     assert (found["leaked"], found["examples"], found["searched_documents"]) == (9, sorted(questions), 8)
 
 
+def test_leakage_says_how_many_questions_were_too_short_to_check(tmp_path, bpe_tokenizer, capsys):
+    """A tester's 11 questions, 8 of them under 8 characters, gave `checked: 3, leaked: 2` and not a word of the 8,
+    which the check passes over (a text so short occurs by chance): a note counts them, as eval.json does."""
+    from babyllama.evaluate import evaluate
+    from babyllama.sampling import Sampling
+
+    short = ["天空？", "p13", "hq", "pq问3", "问题二\n第二行", "p22", "好😀", "中文问题"]
+    long = ["csv问2\n多行", "问题二\r\n第二行", "绝对没有出现过的问题"]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "x"}, ensure_ascii=False) + "\n"
+                                               for q in [*short, *long, short[0]]))  # a question twice counts once
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": q, "output": "答"}, ensure_ascii=False)
+                                                  + "\n" for q in [*short, *long[:2]]))
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "qa.jsonl"),
+                      train_data=[str(tmp_path / "train.jsonl")], sampling=Sampling(max_new_tokens=1))
+    assert result["leakage"] == {"checked": 3, "too_short": 8, "min_chars": 8, "leaked": 2, "leaked_in_eval_files": 0,
+                                 "searched_documents": 10, "examples": sorted(long[:2])}
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == ["note: 8 eval questions under 8 characters were not checked for leakage: text so short "
+                        "occurs in training data by chance.",
+                        "WARNING: 2 eval questions occur verbatim in the training data; their scores are inflated."]
+
+
 def test_leakage_train_data_without_questions_or_documents_says_so(tmp_path, bpe_tokenizer, capsys):
     from babyllama.evaluate import evaluate
     from babyllama.sampling import Sampling
@@ -825,7 +848,8 @@ def test_leakage_train_data_without_questions_or_documents_says_so(tmp_path, bpe
                                                   ensure_ascii=False))
     result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "qa.jsonl"),
                       train_data=[str(tmp_path / "empty.jsonl")], sampling=Sampling(max_new_tokens=2))
-    assert result["leakage"] == {"checked": 1, "leaked": 0, "leaked_in_eval_files": 0, "searched_documents": 0,
+    assert result["leakage"] == {"checked": 1, "too_short": 0, "min_chars": 8,
+                                 "leaked": 0, "leaked_in_eval_files": 0, "searched_documents": 0,
                                  "examples": []}
     assert (f"note: --train_data {tmp_path / 'empty.jsonl'} holds no documents, so the leakage check searched "
             "nothing.") in capsys.readouterr().out.splitlines()
@@ -899,7 +923,9 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     r = run_cli("eval", str(tiny_run / "run" / "final"), "--data", str(tiny_run / "tokens"), "--qa", str(qa),
                 "--mc", str(tmp_path / "mc.csv"), "--train_data", str(train), "--max_new_tokens", "4")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "WARNING: 1 eval question occurs verbatim in the training data; its score is inflated.\n" in r.stdout
+    assert ("note: 2 eval questions under 8 characters were not checked for leakage: text so short occurs in "
+            "training data by chance.\nWARNING: 1 eval question occurs verbatim in the training data; its score is "
+            "inflated.\n") in r.stdout
     result = json.loads((tiny_run / "run" / "eval" / "eval.json").read_text())
     assert set(result) >= {"lm", "qa", "mc", "leakage", "continuations"}
     assert result["qa"]["sentiment"]["majority_baseline"] == 0.5  # the item without a reference is not in it
@@ -921,7 +947,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
     text = report.read_text()
     assert ("Question answering (greedy, chat format; bleu and word_bleu on sacrebleu's 0-100 scale, the other "
             "scores fractions, 0-1):") in text
-    assert "Leakage: 1 of 8 eval questions occurs verbatim in the training data.\n" in text  # not "1 of 10 ... occur"
+    assert ("Leakage: 1 of 8 eval questions occurs verbatim in the training data. 2 more, under 8 characters, were "
+            "not checked.\n") in text  # not "1 of 10 ... occur"; the 2 multiple-choice questions are too short
     for section in ("## Data", "### Token shards", "## Training", "### Run `run`", "## Evaluation",
                     "Language modelling", "Question answering", "Multiple choice", "Leakage", "Continuations",
                     "Sample answers"):

@@ -624,7 +624,8 @@ def mc_summary(results: Iterable[dict]) -> dict:
 
 def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_chars: int = 8,
             eval_files: Sequence[str | Path] = ()) -> dict:
-    """Eval questions (of at least min_chars characters) that occur verbatim in the training files.
+    """Eval questions (of at least min_chars characters) that occur verbatim in the training files; the shorter ones,
+    which a corpus holds by chance, are not checked, and counted (too_short).
 
     Every training file is searched as training reads it (expand_inputs: a folder's held-out splits are
     not), each record with all its text (record_text: instructions with their input and output, every
@@ -636,6 +637,7 @@ def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_cha
     """
     from babyllama.data.clean import SubstringIndex
 
+    questions = set(questions)
     checked = {q for q in questions if len(q) >= min_chars}
     index = SubstringIndex(checked, min_chars)
     evals = {Path(f).resolve() for f in eval_files}
@@ -648,7 +650,8 @@ def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_cha
                                             record_text(record)))):
             documents += 1
             (in_eval if file.resolve() in evals else found).update(index.matches(text))
-    return {"checked": len(checked), "leaked": len(found | in_eval), "leaked_in_eval_files": len(in_eval - found),
+    return {"checked": len(checked), "too_short": len(questions) - len(checked), "min_chars": min_chars,
+            "leaked": len(found | in_eval), "leaked_in_eval_files": len(in_eval - found),
             "searched_documents": documents, "examples": sorted(found | in_eval)[:10]}
 
 
@@ -1017,6 +1020,10 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         questions = (it["question"] for it in chain(qa_items, mc_items))
         result["leakage"] = leakage(questions, train_files,
                                     eval_files=eval_files_in(train_files, [qa] if qa else [], mc or []))
+        if short := result["leakage"]["too_short"]:  # checked: 3 of 11 questions, the others were not, unsaid
+            print(f"note: {short} eval {agree(short, 'question', 'questions')} under "
+                  f"{result['leakage']['min_chars']} characters {agree(short, 'was', 'were')} not checked for leakage: "
+                  "text so short occurs in training data by chance.")
         if not result["leakage"]["searched_documents"]:
             print(f"note: --train_data {' '.join(train_data)} holds no documents, so the leakage check "
                   "searched nothing.")

@@ -161,9 +161,12 @@ def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
         else:
             in_eval = lk.get("leaked_in_eval_files", 0)
             occur = agree(lk["leaked"], "occurs", "occur")
+            short = lk.get("too_short", 0)  # an eval.json from before it was counted has none
             lines += [f"Leakage: {lk['leaked']} of {lk['checked']} eval questions {occur} verbatim in the training data"
                       + (f" ({in_eval} only in the eval files, which were in the training data)." if in_eval
-                         else "."), ""]
+                         else ".")
+                      + (f" {short} more, under {lk['min_chars']} characters, {agree(short, 'was', 'were')} not "
+                         "checked." if short else ""), ""]
     lines += ["Continuations:", ""] + [f"- **{c['prompt']}** {c['continuation']}" for c in e.get("continuations", [])]
     samples, note = sample_answers(path.parent / "items.jsonl", e)
     if note:
