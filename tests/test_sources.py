@@ -262,6 +262,50 @@ def test_json_array_with_a_syntax_error_keeps_what_came_before(tmp_path):
     assert reader.stats[str(f)].bad == 1
 
 
+def test_json_objects_over_several_lines_are_records_read_as_they_come(tmp_path):
+    """A pretty-printed record (`json.dump(rec, f, indent=2)`) in a .json or .jsonl file, or several (`jq .`), was a
+    bad record per line ("4 read, 4 bad ... not valid JSON (Expecting property name ...)"): the objects are records,
+    each at the line where it begins, read one at a time as an array's items are, and a syntax error ends the file
+    with one bad record, as in an array. JSON lines whose first record is broken stay JSON lines."""
+    records = [{"instruction": f"问{i}", "output": f"答{i}"} for i in range(3)]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(records[0], ensure_ascii=False, indent=2), encoding="utf-8")
+    jq = tmp_path / "jq.jsonl"  # what `jq . records.jsonl` writes
+    jq.write_text("".join(json.dumps(r, ensure_ascii=False, indent=2) + "\n" for r in records), encoding="utf-8")
+    assert [(where, r, why) for where, r, why in iter_records(one)] == [(f"{one}:1", records[0], "")]
+    assert [(where, r, why) for where, r, why in iter_records(jq)] == [
+        (f"{jq}:{line}", r, "") for line, r in zip((1, 5, 9), records, strict=True)]
+    reader = CorpusReader([one, jq])
+    assert list(reader.documents()) == ["问0答0", "问0答0", "问1答1", "问2答2"] and reader.totals() == (4, 0)
+    brace = tmp_path / "brace.json"  # the first key beside its brace, then objects that are no records and a cut one
+    brace.write_text('{"text": "甲",\n "id": 1}\n[1, 2]\n\n{"text":\n "乙"}{"text": "丙"}\n{"text": "丁",\n', "utf-8")
+    assert [(where, r, why) for where, r, why in iter_records(brace)] == [
+        (f"{brace}:1", {"text": "甲", "id": 1}, ""), (f"{brace}:3", None, "not a JSON object"),
+        (f"{brace}:5", {"text": "乙"}, ""), (f"{brace}:6", {"text": "丙"}, ""),
+        (f"{brace}:7", None, "invalid JSON (Expecting property name enclosed in double quotes); the rest of the file "
+                             "is skipped")]
+    broken = tmp_path / "broken.jsonl"  # JSON lines with a broken first line: each line its own record
+    broken.write_text('{"text": "甲",\n{"text": "乙"}\n', encoding="utf-8")
+    assert [(r, why) for _, r, why in iter_records(broken)] == [
+        (None, "not valid JSON (Expecting property name enclosed in double quotes)"), ({"text": "乙"}, "")]
+
+
+def test_json_objects_over_several_lines_are_read_in_memory_of_one(tmp_path):
+    """Objects over lines are read as they come, not the file whole: the first is read with the first MiB (a read's
+    buffer) of a file of 6 MB, and one over the first 64 KiB (the sample that tells the shape) is read whole."""
+    big = {"text": "长" * 100_000}
+    f = tmp_path / "big.json"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False, indent=2) + "\n"
+                         for r in [{"text": "短"}, big, *({"text": f"第{i}条"} for i in range(200_000))]), "utf-8")
+    positions = []
+    records = iter_records(f, positions.append)
+    assert next(records) == (f"{f}:1", {"text": "短"}, "")
+    assert positions[0]() <= 1 << 20 < f.stat().st_size // 3
+    assert next(records) == (f"{f}:4", big, "") and sum(1 for _ in records) == 200_000
+    f.write_text(json.dumps(big, ensure_ascii=False, indent=2), "utf-8")  # the first object longer than the sample
+    assert list(iter_records(f)) == [(f"{f}:1", big, "")]
+
+
 def test_compressed_parquet_and_csv(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -504,55 +504,74 @@ def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
 _SPACE = re.compile(r"[ \t\r\n\ufeff]*")
 
 
-def _array_items(f: io.TextIOBase) -> Iterator[object]:
-    """Each item of the JSON array that text stream f holds, decoded one at a time with json's
-    raw_decode over a window that grows until the item fits: memory is the largest item, not the file.
-    A syntax error, an item nested too deep or one over MAX_RECORD_CHARS ends it with ValueError."""
-    decoder, buf, pos = json.JSONDecoder(), "", 0
+class _JSONWindow:
+    """The JSON values of a text stream, one at a time, decoded with json's raw_decode over a window that grows until
+    the value fits: memory is the largest value, not the file. line: the line of the stream that the window is at."""
 
-    def more(n: int) -> bool:
-        nonlocal buf, pos
-        chunk = f.read(n)
-        buf, pos = buf[pos:] + chunk, 0
+    def __init__(self, f: io.TextIOBase):
+        self.f, self.buf, self.pos, self.line = f, "", 0, 1
+        self.decoder = json.JSONDecoder()
+
+    def _more(self, n: int) -> bool:
+        chunk = self.f.read(n)
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
         return bool(chunk)
 
-    def peek() -> str:
-        nonlocal pos
-        while True:
-            pos = _SPACE.match(buf, pos).end()
-            if pos < len(buf) or not more(1 << 16):
-                return buf[pos : pos + 1]
+    def _to(self, end: int) -> None:
+        self.line += self.buf.count("\n", self.pos, end)
+        self.pos = end
 
-    if peek() != "[":
-        raise ValueError("not a JSON array")
-    pos += 1
-    if peek() == "]":
-        return
-    while True:
+    def peek(self) -> str:
+        """The next character that is not space, moved to; "" at the end of the stream."""
+        while True:
+            self._to(_SPACE.match(self.buf, self.pos).end())
+            if self.pos < len(self.buf) or not self._more(1 << 16):
+                return self.buf[self.pos : self.pos + 1]
+
+    def skip(self) -> None:
+        """Move past the character that peek gave."""
+        self._to(self.pos + 1)
+
+    def value(self) -> object:
+        """The JSON value that begins here, moved past. A syntax error, a value nested too deep or one over
+        MAX_RECORD_CHARS raises ValueError."""
         size = 1 << 16
         while True:
             try:
-                item, end = decoder.raw_decode(buf, pos)
-                if end < len(buf) or not more(size):  # a number at the window's end may go on
+                item, end = self.decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or not self._more(size):  # a number at the window's end may go on
                     break
             except json.JSONDecodeError as e:
-                if len(buf) - pos > MAX_RECORD_CHARS or not more(size):
+                if len(self.buf) - self.pos > MAX_RECORD_CHARS or not self._more(size):
                     raise ValueError(f"invalid JSON ({e.msg})") from None
             except RecursionError:
                 raise ValueError("an item nested too deep") from None
             size *= 2
-        pos = end
-        yield item
-        c = peek()
+        self._to(end)
+        return item
+
+
+def _array_items(f: io.TextIOBase) -> Iterator[object]:
+    """Each item of the JSON array that text stream f holds, one at a time (_JSONWindow). A syntax error, an item
+    nested too deep or one over MAX_RECORD_CHARS ends it with ValueError."""
+    window = _JSONWindow(f)
+    if window.peek() != "[":
+        raise ValueError("not a JSON array")
+    window.skip()
+    if window.peek() == "]":
+        return
+    while True:
+        yield window.value()
+        c = window.peek()
         if c == "]":
-            pos += 1
-            if peek():  # a second top-level value: its records would vanish without a word
+            window.skip()
+            if window.peek():  # a second top-level value: its records would vanish without a word
                 raise ValueError("more data after the array's closing ]")
             return
         if c != ",":
             raise ValueError(f"invalid JSON (expected , or ] but found {c or 'the end of the file'!r})")
-        pos += 1
-        peek()
+        window.skip()
+        window.peek()  # raw_decode takes no space before a value
 
 
 def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
@@ -565,6 +584,22 @@ def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
     except ValueError as e:
         log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
         yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
+
+
+def records_json_objects(path: Path, f: TextIO) -> Iterator[Item]:
+    """The JSON values of a file of objects written over several lines, one after another, as `json.dump(record, f,
+    indent=2)` writes one and `jq .` writes many: streamed as an array's items are (_JSONWindow), each located by the
+    line where it begins; a syntax error ends the file (counted once), as in an array."""
+    window, line = _JSONWindow(f), 1
+    try:
+        while window.peek():
+            line = window.line
+            record = window.value()
+            ok = isinstance(record, dict)
+            yield f"{path}:{line}", record if ok else None, "" if ok else "not a JSON object"
+    except ValueError as e:
+        log.warning("%s: %s at line %d; the rest of the file is skipped", path, e, line)
+        yield f"{path}:{line}", None, f"{e}; the rest of the file is skipped"
 
 
 def records_text(path: Path, f: TextIO) -> Iterator[Item]:
@@ -665,6 +700,25 @@ def records_csv(path: Path, f: TextIO) -> Iterator[Item]:
 READERS = {".jsonl": records_jsonl, ".json": records_json_array, ".txt": records_text, ".csv": records_csv}
 
 
+def _objects_over_lines(text: str) -> bool:
+    """Whether text, the start of a .json or .jsonl file from its first character that is not space, is a JSON object
+    written over several lines (json.dump(indent=2), `jq .`), not JSON lines: its first line is "{" alone, or is no
+    whole JSON value while the object that begins there ends on a later line."""
+    line = text.partition("\n")[0].strip()
+    if line == "{":
+        return True
+    try:
+        json.loads(line)
+        return False  # a whole value: JSON lines
+    except ValueError:
+        pass
+    try:
+        value, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:  # a broken first record of JSON lines, or an object longer than text: read as JSON lines
+        return False
+    return isinstance(value, dict) and "\n" in text[:end]
+
+
 def _whole_first_line(text: str) -> bool:
     """Whether text's first line is one whole JSON value with more lines after it, as in a JSON-lines
     file ("[1, 2]" then records), where a JSON array opens with "[" or "[{...}," or is the only line."""
@@ -696,12 +750,14 @@ def _records(path: Path, suffix: str, opened: Callable[[Position], None]) -> Ite
     if encoding is None:
         yield f"{path}:start", None, "not text in any encoding charset-normalizer knows (convert it to UTF-8)"
         return
-    if suffix in (".jsonl", ".json"):  # a .json file that is no array is JSON lines
+    read = READERS[suffix]
+    if suffix in (".jsonl", ".json"):  # a .json file that is no array is JSON lines, or objects over several lines
         text = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")
-        suffix = ".json" if text[:1] == "[" and not _whole_first_line(text) else ".jsonl"
+        read = (records_json_array if text[:1] == "[" and not _whole_first_line(text)
+                else records_json_objects if _objects_over_lines(text) else records_jsonl)
     with open_text(path, encoding) as f:
         opened(functools.partial(_stored_position, f))
-        yield from READERS[suffix](path, f)
+        yield from read(path, f)
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
