@@ -736,6 +736,29 @@ def test_a_path_given_twice_is_refused_another_value_is_replaced(tmp_path, monke
                                                            "model": {"preset": "tiny"}}
 
 
+def test_a_flag_replaces_the_config_files_path_as_it_does_any_value(tmp_path, monkeypatch):
+    """A tester read "a path is given once ... where the first would be ignored silently" as covering a config's
+    `data = [...]` beside `--data`, which the flag replaced: the README says what holds, that the command line
+    replaces the config file's value, a path's too, and its data list whole (no merging), as its
+    `dpo --config configs/dpo-demo.toml --out_dir runs/demo/dpo-lora` relies on."""
+    import babyllama.train.dpo
+    import babyllama.train.stages
+    from babyllama.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("c1.toml").write_text('[train]\ndata = ["y.jsonl", "z.jsonl"]\nout_dir = "from_config"\nmax_steps = 2\n')
+    ran = []
+    for module, name in ((babyllama.train.stages, "sft"), (babyllama.train.dpo, "dpo")):
+        monkeypatch.setattr(module, name, lambda cfg, resume: ran.append((cfg.train.data, cfg.train.out_dir,
+                                                                           cfg.train.max_steps)) or Path("f"))
+    assert main(["sft", "--init", "ck", "--config", "c1.toml", "--data", "x.jsonl", "--out_dir", "o"]) == 0
+    assert main(["dpo", "--init", "ck", "--config", "c1.toml", "--max_steps", "3"]) == 0
+    assert ran == [(["x.jsonl"], "o", 2), (["y.jsonl", "z.jsonl"], "from_config", 3)]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert ("A flag replaces the value of its setting in the config file, a path's too (`--out_dir runs/x` its "
+            "`out_dir`, `--data x.jsonl` its whole `data` list: the two are not merged)") in readme
+
+
 def test_a_ctrl_c_as_python_exits_prints_nothing_after_the_sentence(tmp_path):
     """Ctrl-C in the second or two that Python takes to exit after a command (torch's atexit callbacks, the threads
     it joins) printed "Exception ignored in atexit callback ... KeyboardInterrupt" after the command's sentence, or,
