@@ -190,6 +190,20 @@ def test_a_huge_answer_or_prompt_is_cut_as_whole_without_being_tokenized_whole(b
     assert max(lengths) == len(huge)  # the reference, whole
 
 
+def test_the_filters_of_characters_measure_both_answers_and_the_history_and_are_counted_apart(bpe_tokenizer):
+    """A pair is filtered by characters where its prompt, chosen or rejected answer, or a question or answer of its
+    history, is out of its limits (the system text is not measured), counted filtered_by_chars of filtered, apart
+    from max_seq_len's (above)."""
+    settings = SFTSettings(65, 0.0, min_prompt_chars=5, max_prompt_chars=20, min_answer_chars=3, max_answer_chars=10)
+    pairs = [{"prompt": "ppppp", "chosen": "ccc", "rejected": "r" * 11},  # the rejected answer is too long
+             {"prompt": "ppppp", "chosen": "c" * 11, "rejected": "rrr"},  # the chosen
+             {"prompt": "ppppp", "chosen": "ccc", "rejected": "rrr", "history": [["h" * 21, "aaa"]]},  # a question
+             {"prompt": "ppppp", "chosen": "ccc", "rejected": "rrr", "system": "s" * 50}]  # kept: no system measured
+    counts = Counter()
+    kept = [bool(pair_samples(bpe_tokenizer, preference_from_record(r), settings, counts)[0]) for r in pairs]
+    assert (kept, counts) == ([False, False, False, True], Counter(filtered=3, filtered_by_chars=3))
+
+
 def test_only_the_last_answer_carries_log_probs(bpe_tokenizer):
     tok = bpe_tokenizer
     (c_ids, c_mask), (r_ids, r_mask), cut = render_pair(tok, HISTORY, "等于2。", "等于3。", 200)

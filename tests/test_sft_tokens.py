@@ -23,7 +23,7 @@ from babyllama.chat_format import (
     truncate_conversation,
 )
 from babyllama.checkpoint import save_checkpoint
-from babyllama.data.sft_tokens import SFTSettings, build_sft_cache, open_split, read_sft_cache
+from babyllama.data.sft_tokens import SFTSettings, SFTStats, build_sft_cache, open_split, read_sft_cache
 from babyllama.data.shards import is_val
 from babyllama.data.sources import iter_records
 from babyllama.errors import UserError
@@ -367,8 +367,8 @@ def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)
     assert summary["samples"] + summary["val_samples"] == len(MULTI_TURN)
-    assert list(summary) == ["out_dir", "dtype", "records", "bad", "filtered", "empty_answers", "truncated", "samples",
-                             "val_samples", "bad_examples"]
+    assert list(summary) == ["out_dir", "dtype", "records", "bad", "filtered", "filtered_by_chars", "empty_answers",
+                             "truncated", "samples", "val_samples", "bad_examples"]
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--out_dir", str(tmp_path / "d"))
     assert r.returncode == 2 and "--max_seq_len" in r.stderr
 
@@ -636,6 +636,35 @@ def test_a_preference_record_is_bad_for_sft_and_no_field_of_it_is_said_left_out(
         f"first at {f}:3)"]
 
 
+def test_the_filters_of_characters_are_counted_apart_from_max_seq_len_and_measure_every_turn(demo_sft, tmp_path):
+    """The --min/max_prompt/answer_chars filters shared the `filtered` count with max_seq_len's, which the README
+    called "by length": each is counted (filtered_by_chars of filtered) and said apart. They measure every question
+    and answer, of the history and of weight 0 too, and not the system text."""
+    from babyllama.train.stages import data_line
+
+    limits = {"min_prompt_chars": 5, "max_prompt_chars": 20, "min_answer_chars": 3, "max_answer_chars": 10}
+    records = [{"instruction": "aaaaa", "output": "bbbbb"},
+               {"instruction": "aaaa", "output": "bbbbb"},  # a question of 4 characters
+               {"instruction": "aaaaa", "output": "b" * 11},  # an answer of 11
+               {"system": "s" * 50, "instruction": "aaa", "input": "aa", "output": "bbbbb"},  # the system: not measured
+               {"instruction": "aaaaa", "output": "bbbbb", "history": [["hhhhh", "x"]]},  # the history's answer: 1
+               {"messages": [{"role": "user", "content": "uuuuu"}, {"role": "assistant", "content": "x", "weight": 0},
+                             {"role": "user", "content": "vvvvv"}, {"role": "assistant", "content": "yyyyy"}]}]
+    f = tmp_path / "filt.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(64, 0.0, **limits))
+    stats = manifest["stats"]
+    assert (stats["records"], stats["filtered"], stats["filtered_by_chars"], stats["samples"]) == (6, 4, 4, 2)
+    assert data_line("sft", SFTStats(**stats)) == (
+        "sft data: 6 records, 0 bad, 0 with an empty answer, 4 filtered by length (4 by characters, 0 by max_seq_len), "
+        "0 truncated; 2 train / 0 val samples")
+    f.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    with pytest.raises(UserError) as e:  # max_seq_len 2: the first has nothing of its question left
+        build_sft_cache([f], demo_sft / "tok", tmp_path / "d", SFTSettings(3, 0.0, **limits))
+    assert str(e.value) == (f"no usable SFT records in {f} (2 read, 0 bad, 0 with an empty answer, 2 filtered by "
+                            "length (1 by characters, 1 by max_seq_len)); nothing was written.")
+
+
 def test_a_context_that_leaves_nothing_of_the_question_filters_the_sample(demo_sft, tmp_path):
     """pretokenize --sft --max_seq_len 2 trained on <bos> and an answer, no question: such a sample is filtered and
     counted; with none left, nothing is written."""
@@ -644,7 +673,7 @@ def test_a_context_that_leaves_nothing_of_the_question_filters_the_sample(demo_s
     with pytest.raises(UserError) as e:
         build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=3, val_fraction=0.0))
     assert str(e.value) == (f"no usable SFT records in {f} (1 read, 0 bad, 0 with an empty answer, 1 filtered by "
-                            "length); nothing was written.")
+                            "length (0 by characters, 1 by max_seq_len)); nothing was written.")
 
 
 def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path, monkeypatch):

@@ -285,7 +285,8 @@ def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings
                  counts: Counter) -> tuple[list, bool]:
     """The token cache's samples of a pair (data/sft_tokens.render_batch): its chosen then its rejected
     answer; none, counted, for a blank answer (chosen, rejected or both: empty_answers), equal answers, a
-    length filter that fails, or samples that are the same ids and mask, which carry no preference: the
+    filter of characters that fails (filtered, filtered_by_chars: a question of the history, the prompt, or either
+    answer out of its limits), or samples that are the same ids and mask, which carry no preference: the
     answers tokenize alike (equal_pairs) or differ only beyond max_len (equal_after_truncation); none, counted
     filtered, where max_len leaves nothing of the question or of an answer."""
     conv, chosen, rejected = parsed
@@ -298,7 +299,7 @@ def pair_samples(tok: Tokenizer, parsed: tuple[Conversation, str, str], settings
     prompt = conv.turns[-1][0]
     if not all(settings.fits(u, a) for u, a in conv.turns[:-1]) or not (
             settings.fits(prompt, chosen) and settings.fits(prompt, rejected)):
-        counts["filtered"] += 1
+        counts.update(("filtered", "filtered_by_chars"))
         return [], False
     *samples, cut = render_pair(tok, conv, chosen, rejected, settings.max_len)
     if not samples[0][0] or not samples[1][0]:

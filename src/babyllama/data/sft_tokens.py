@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 11  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 12  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
@@ -89,7 +89,9 @@ VERSION = 11  # of the chat format, filters and layout: a new version never reus
 # preferred_output, non_preferred_output) are read, where 10 counted them bad, a question without response_chosen or
 # response_rejected is "not a preference record" (whose words name OpenAI's shape), and SFT counts bad, as a preference
 # record, one with any answer field of a pair (chat_format.PREFERENCE_ANSWERS), where 10 read {messages, chosen} as its
-# messages)
+# messages; 12: the stats count filtered_by_chars, the samples of `filtered` that the filters of characters dropped, and
+# a DPO pair's null field is named null ("its 'chosen' is null, not ..."), answers without a prompt "its prompt is
+# missing (...)", where 11 said "missing" and "not a preference record")
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -118,7 +120,8 @@ class SFTSettings:
 class SFTStats:
     records: int = 0
     bad: int = 0
-    filtered: int = 0  # by the length filters
+    filtered: int = 0  # by length: the characters' filters (filtered_by_chars), or a max_len that leaves nothing
+    filtered_by_chars: int = 0  # by the filters of characters, min/max_prompt_chars and min/max_answer_chars
     empty_answers: int = 0  # an answer (DPO: chosen or rejected) with nothing visible: <eos> alone
     equal_pairs: int = 0  # DPO: pairs whose chosen and rejected answers are the same text or the same tokens
     equal_after_truncation: int = 0  # DPO: pairs whose answers differ only in what truncation to max_len cut off
@@ -215,13 +218,15 @@ def render_batch(batch: list[Item], settings: SFTSettings, parse, samples_of) ->
 
 
 def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[list, bool]:
-    """The one sample of a conversation, cut to max_len; none when an answer with loss is blank, a length filter
-    fails, or max_len leaves nothing of its last question or answer (counted filtered too)."""
+    """The one sample of a conversation, cut to max_len; none when an answer with loss is blank, a filter of
+    characters fails (counted filtered and filtered_by_chars: a question or an answer of any turn, those of the
+    history and of weight 0 too, out of its limits; the system text is not measured), or max_len leaves nothing of
+    its last question or answer (counted filtered)."""
     if any(is_blank(a) for i, (_, a) in enumerate(conv.turns) if i not in conv.untrained):
         counts["empty_answers"] += 1
         return [], False
     if not all(settings.fits(u, a) for u, a in conv.turns):
-        counts["filtered"] += 1
+        counts.update(("filtered", "filtered_by_chars"))
         return [], False
     s_ids, s_mask, cut = cut_conversation(tok, conv, settings.max_len)  # a huge text is never tokenized whole
     if not s_ids:
@@ -341,7 +346,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
                         "%s", path, order, fields.words())
         if stats.samples == 0:
             detail = (f"{stats.records} read, {stats.bad} bad, {stats.empty_answers} with an empty answer, "
-                      f"{stats.filtered} filtered by length" + (f", {equal_words(stats)}" if kind == "dpo" else ""))
+                      f"{filtered_words(stats)}" + (f", {equal_words(stats)}" if kind == "dpo" else ""))
             if stats.val_samples:
                 raise UserError(f"every {what} sample landed in the validation split ({detail}); lower "
                                 "--val_fraction.")
@@ -364,6 +369,15 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     finally:
         bar.close()
     return manifest
+
+
+def filtered_words(stats: SFTStats) -> str:
+    """The samples filtered by length, in words, each filter's apart where there are any: "3 filtered by length (2 by
+    characters, 1 by max_seq_len)", "0 filtered by length"."""
+    if not stats.filtered:
+        return "0 filtered by length"
+    return (f"{stats.filtered} filtered by length ({stats.filtered_by_chars} by characters, "
+            f"{stats.filtered - stats.filtered_by_chars} by max_seq_len)")
 
 
 def equal_words(stats: SFTStats) -> str:

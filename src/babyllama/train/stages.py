@@ -29,7 +29,7 @@ from babyllama.checkpoint import (
 )
 from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
 from babyllama.data.pretokenize import cpu_workers
-from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, read_sft_cache
+from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, filtered_words, read_sft_cache
 from babyllama.data.shards import (
     TokenWindows,
     read_manifest,
@@ -330,8 +330,8 @@ def data_line(kind: str, stats: SFTStats) -> str:
     equal, per, noun = (f"{equal_words(stats)}, ", 2, ("pair", "pairs")) if dpo else ("", 1, ("sample", "samples"))
     val = stats.val_samples // per
     return (f"{kind} data: {stats.records} {agree(stats.records, 'record', 'records')}, {stats.bad} bad, {equal}"
-            f"{stats.empty_answers} with an empty answer, {stats.filtered} filtered by length, {stats.truncated} "
-            f"truncated; {stats.samples // per} train / {val} val {agree(val, *noun)}")
+            f"{stats.empty_answers} with an empty answer, {filtered_words(stats)}, {stats.truncated} truncated; "
+            f"{stats.samples // per} train / {val} val {agree(val, *noun)}")
 
 
 def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Trainer] = Trainer,
