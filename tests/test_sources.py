@@ -288,6 +288,9 @@ def test_json_objects_over_several_lines_are_records_read_as_they_come(tmp_path)
     broken.write_text('{"text": "甲",\n{"text": "乙"}\n', encoding="utf-8")
     assert [(r, why) for _, r, why in iter_records(broken)] == [
         (None, "not valid JSON (Expecting property name enclosed in double quotes)"), ({"text": "乙"}, "")]
+    broken.write_text('{"text": \n{"text": "乙"}\n', encoding="utf-8")  # a cut line that the next one completes
+    assert [(r, why) for _, r, why in iter_records(broken)] == [
+        (None, "not valid JSON (Expecting value)"), ({"text": "乙"}, "")]
 
 
 def test_json_objects_over_several_lines_are_read_in_memory_of_one(tmp_path):

@@ -703,19 +703,21 @@ READERS = {".jsonl": records_jsonl, ".json": records_json_array, ".txt": records
 def _objects_over_lines(text: str) -> bool:
     """Whether text, the start of a .json or .jsonl file from its first character that is not space (_sample: whole
     lines), is a JSON object written over several lines (json.dump(indent=2), `jq .`), not JSON lines: it begins with
-    "{", its first line is no whole JSON value, and the object that begins there ends on a later line or runs past
-    text's end (an object longer than the sample). A syntax error inside text is a broken first record of JSON lines."""
+    "{", its first line is no whole JSON value, and the object that begins there ends on a later line, or, where its
+    first line is "{" alone, as every pretty printer writes it, runs past text's end (an object longer than the
+    sample). A syntax error inside text, or a cut record's first line, is a broken first record of JSON lines."""
+    first = text.partition("\n")[0]
     if not text.startswith("{"):
         return False
     try:
-        json.loads(text.partition("\n")[0])
+        json.loads(first)
         return False  # a whole value: JSON lines
     except (ValueError, RecursionError):
         pass
     try:
         value, end = json.JSONDecoder().raw_decode(text)
     except json.JSONDecodeError as e:
-        return e.pos >= len(text.rstrip())
+        return first.strip() == "{" and e.pos >= len(text.rstrip())
     except RecursionError:
         return False
     return isinstance(value, dict) and "\n" in text[:end]
