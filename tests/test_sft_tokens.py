@@ -665,6 +665,38 @@ def test_the_filters_of_characters_are_counted_apart_from_max_seq_len_and_measur
                             "length (1 by characters, 1 by max_seq_len)); nothing was written.")
 
 
+def test_sft_and_dpo_folders_skip_their_text_files_as_eval_does(demo_sft, tmp_path, caplog):
+    """A readme.txt in an `sft --data` folder made a bad SFT record of each of its lines, where eval --qa skips it
+    with a note: the readers of records read a folder's .jsonl, .json, .csv and .parquet files and say the text files
+    skipped; a .txt named itself is read (a line a bad record), and a folder of text alone is refused."""
+    import logging
+
+    d = tmp_path / "sft"
+    d.mkdir()
+    (d / "a.jsonl").write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False) + "\n")
+    (d / "readme.txt").write_text("这些是训练数据\n第二行\n")
+    with caplog.at_level(logging.WARNING):
+        manifest = build_sft_cache([d], demo_sft / "tok", tmp_path / "c", SFTSettings(64, 0.0))
+        (d / "pairs.jsonl").write_text(json.dumps({"prompt": "问", "chosen": "好", "rejected": "坏"},
+                                                  ensure_ascii=False) + "\n")
+        (d / "a.jsonl").unlink()
+        pairs = build_sft_cache([d], demo_sft / "tok", tmp_path / "p", SFTSettings(64, 0.0), kind="dpo")
+    assert ([i["path"] for i in manifest["inputs"]], manifest["stats"]["records"], manifest["stats"]["bad"]) == (
+        [str(d / "a.jsonl")], 1, 0)
+    assert ([i["path"] for i in pairs["inputs"]], pairs["stats"]["records"], pairs["stats"]["bad"]) == (
+        [str(d / "pairs.jsonl")], 1, 0)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{kind} reads records from .jsonl, .json, .csv, .parquet files; {d / 'readme.txt'} is skipped (name a file "
+        "itself to read it)" for kind in ("SFT", "DPO")]
+    named = build_sft_cache([d, d / "readme.txt"], demo_sft / "tok", tmp_path / "n", SFTSettings(64, 0.0), kind="dpo")
+    assert (named["stats"]["records"], named["stats"]["bad"]) == (3, 2)
+    (d / "pairs.jsonl").unlink()
+    with pytest.raises(UserError) as e:
+        build_sft_cache([d], demo_sft / "tok", tmp_path / "t", SFTSettings(64, 0.0))
+    assert str(e.value) == (f"{d} holds no .jsonl/.json/.csv/.parquet files of SFT records, only text: "
+                            f"{d / 'readme.txt'}.")
+
+
 def test_a_context_that_leaves_nothing_of_the_question_filters_the_sample(demo_sft, tmp_path):
     """pretokenize --sft --max_seq_len 2 trained on <bos> and an answer, no question: such a sample is filtered and
     counted; with none left, nothing is written."""

@@ -64,11 +64,12 @@ from babyllama.chat_format import (
 from babyllama.data.shards import TokenWindows, check_shard_files, read_manifest, shard_windows, split_shards
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
+    RECORD_SUFFIXES,
     LeftOut,
     check_output_folder,
-    data_suffix,
     expand_inputs,
     file_encoding,
+    files_of_records,
     iter_records,
     open_text,
     records_text,
@@ -199,20 +200,14 @@ def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampli
 
 # --- QA ---
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # of QA and multiple-choice records (.txt: lines of text)
-
-
 def record_files(paths: Sequence[str | Path], flag: str | None = None) -> list[Path]:
-    """The files of --qa or --mc: expand_inputs' with their held-out splits (what is scored), less the text files
-    below a folder (a readme.txt, whose lines were each a bad QA record), which hold no records; flag: the option,
-    named in a note on those skipped (None: no note). A file named itself is read whatever its suffix."""
-    named = {Path(p).resolve() for p in paths}
-    files = expand_inputs(list(paths), held_out=True)
-    texts = [f for f in files if data_suffix(f) not in RECORD_SUFFIXES and f.resolve() not in named]
+    """The files of --qa or --mc: files_of_records' with their held-out splits (what is scored), less the text files
+    below a folder, which hold no records; flag: the option, named in a note on those skipped (None: no note)."""
+    files, texts = files_of_records(list(paths), held_out=True)
     if texts and flag:
         print(f"note: {flag} reads records from {', '.join(RECORD_SUFFIXES)} files; {first_few(texts, 3)} "
               f"{agree(len(texts), 'is', 'are')} skipped.")
-    return [f for f in files if f not in texts]
+    return files
 
 
 class RecordItems:

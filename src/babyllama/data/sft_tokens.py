@@ -55,14 +55,16 @@ from babyllama.data.shards import first_difference, is_val, write_json
 from babyllama.data.sources import (
     BAD_RECORDS,
     MAX_LISTED,
+    RECORD_SUFFIXES,
     BytesRead,
     Item,
     LeftOut,
-    expand_inputs,
+    files_of_records,
     iter_records,
     more_bad,
+    warn_once,
 )
-from babyllama.errors import UserError, agree, discard, signals_held, writing
+from babyllama.errors import UserError, agree, discard, first_few, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import bytes_bar, is_rank0
 from babyllama.tokenizer import load_tokenizer
@@ -281,7 +283,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     """
     start = time.time()
     tok = load_tokenizer(tokenizer_path)
-    paths = expand_inputs(list(inputs))
+    paths = input_files(inputs, kind)
     _writable(Path(out))
     with locked(out, f"{kind} token cache build"):  # one build at a time; a run that waited uses what the other built
         manifest = read_sft_cache(out)
@@ -289,6 +291,20 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
         if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
         return _build(paths, tok, tokenizer_path, Path(out), settings, workers, start, digested(key))
+
+
+def input_files(inputs: list[str | Path], kind: str) -> list[Path]:
+    """The files of inputs that hold records of SFT or DPO (kind): files_of_records', the text files below a folder (a
+    readme.txt, whose every line was a bad record) skipped with a warning (once), as eval --qa skips them. Raises
+    UserError where no file is left, and expand_inputs' errors."""
+    files, texts = files_of_records(list(inputs))
+    if texts:
+        warn_once(f"{kind.upper()} reads records from {', '.join(RECORD_SUFFIXES)} files; {first_few(texts, 3)} "
+                  f"{agree(len(texts), 'is', 'are')} skipped (name a file itself to read it)")
+    if not files:
+        raise UserError(f"{' '.join(map(str, inputs))} holds no {'/'.join(RECORD_SUFFIXES)} files of {kind.upper()} "
+                        f"records, only text: {first_few(texts, 3)}.")
+    return files
 
 
 def digested(key: dict) -> dict:

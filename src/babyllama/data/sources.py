@@ -818,6 +818,20 @@ def expand_inputs(paths: list[str | Path], held_out: bool = False) -> list[Path]
     return list(first.values())
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # of the records of SFT, DPO, eval --qa/--mc: no .txt
+
+
+def files_of_records(paths: list[str | Path], held_out: bool = False) -> tuple[list[Path], list[Path]]:
+    """(the files of paths that the readers of records read, the text files they skip): expand_inputs' files (held_out:
+    its held-out splits too) less those found below a folder that hold lines of text, no records (a readme.txt beside
+    SFT or QA files made a bad record of each of its lines); a file named itself is read whatever its suffix. SFT and
+    DPO (data/sft_tokens.py) and eval --qa and --mc say the skipped in a note."""
+    named = {Path(p).resolve() for p in paths}
+    files = expand_inputs(paths, held_out=held_out)
+    texts = [f for f in files if data_suffix(f) not in RECORD_SUFFIXES and f.resolve() not in named]
+    return [f for f in files if f not in texts], texts
+
+
 # The Hugging Face datasets convention for split names in paths (datasets.data_files: SPLIT_KEYWORDS of
 # validation and test, NON_WORDS_CHARS): a keyword that a file or folder name holds between separators
 # (- . _ space or a digit) or the name's ends; in any case, as files are named on Windows and macOS.

@@ -22,10 +22,11 @@ from babyllama.data.sft_tokens import (
     build_sft_cache,
     cache_differences,
     cache_key,
+    input_files,
     open_split,
     read_sft_cache,
 )
-from babyllama.data.sources import check_output_folder, expand_inputs, token_cache_name
+from babyllama.data.sources import check_output_folder, token_cache_name
 from babyllama.errors import UserError
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import Dist, barrier
@@ -149,7 +150,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     """
     check_output_folder(cache_dir, f"{kind.upper()} samples", (token_cache_name(kind),), "--sft_cache")
     tokenizer = load_tokenizer(tokenizer_path)
-    key = cache_key(expand_inputs(list(inputs)), tokenizer.record(), settings, kind, cache_dir)
+    key = cache_key(input_files(inputs, kind), tokenizer.record(), settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
     if changed:  # a rebuilt cache would resume the run on other samples
         raise UserError(f"the run started with {', '.join(changed)}; resuming needs the same inputs and settings, so "
