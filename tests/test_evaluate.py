@@ -404,7 +404,8 @@ def test_qa_items_are_read_at_each_pass_and_the_readers_warnings_said_once(tmp_p
     assert len(items) == 3 and first == again == [{"question": f"问题{i}", "reference": "答案", "task": "qa"}
                                                   for i in range(3)]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{f}: not UTF-8; reading it as GB18030 (detected). To convert it: iconv -f GB18030 -t UTF-8"]
+        f"{f}: not UTF-8; reading it as GB18030 (detected). To convert it: iconv -f GB18030 -t UTF-8 {f} > {f}.utf8 "
+        f"&& mv {f}.utf8 {f}"]
     f.write_bytes(b"")  # read again: the file as it is now
     assert list(items) == []
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from babyllama.chat_format import is_unicode
-from babyllama.data.sources import CorpusReader, expand_inputs, held_out_split, iter_records
+from babyllama.data.sources import CorpusReader, expand_inputs, held_out_split, iconv_command, iter_records
 from babyllama.errors import UserError
 
 
@@ -639,6 +639,37 @@ def test_a_gbk_csv_is_read_as_gbk_with_a_note(tmp_path, caplog):
                                         "黄河有多长？约五千四百六十四公里。"]
     assert reader.totals() == (2, 0)
     assert "not UTF-8; reading it as GB18030" in caplog.text and "iconv -f GB18030 -t UTF-8" in caplog.text
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("iconv", "gzip", "zstd")), reason="needs iconv, gzip, zstd")
+def test_the_iconv_command_of_a_file_not_utf8_names_it_and_converts_it_in_its_place(tmp_path, caplog):
+    """After a file not UTF-8 the warning said "To convert it: iconv -f GB18030 -t UTF-8", naming no file. It names
+    the file, and run as said (a name with a space, a .gz, a .zst too), leaves the file UTF-8 in its place."""
+    import logging
+    import subprocess
+
+    import zstandard
+
+    rows = "prompt,answer\n请介绍一下长城的历史。,长城始建于春秋战国时期。\n"
+    files = {tmp_path / "my data.csv": rows.encode("gbk"), tmp_path / "b.csv.gz": gzip.compress(rows.encode("gbk")),
+             tmp_path / "c.csv.zst": zstandard.ZstdCompressor().compress(rows.encode("gbk"))}
+    for path, data in files.items():
+        path.write_bytes(data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert list(CorpusReader([path]).documents()) == ["请介绍一下长城的历史。长城始建于春秋战国时期。"]
+        said = caplog.records[0].getMessage()
+        assert said.startswith(f"{path}: not UTF-8; reading it as GB18030 (detected). To convert it: "), said
+        command = said.partition("To convert it: ")[2]
+        subprocess.run(["bash", "-c", command], check=True, cwd=tmp_path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert list(CorpusReader([path]).documents()) == ["请介绍一下长城的历史。长城始建于春秋战国时期。"]
+        assert caplog.records == [] and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            p.name for p in files if p.exists())  # UTF-8 now, and no temporary left
+    assert iconv_command(tmp_path / "my data.csv", "GB18030") == (
+        f"iconv -f GB18030 -t UTF-8 '{tmp_path}/my data.csv' > '{tmp_path}/my data.csv.utf8' && mv "
+        f"'{tmp_path}/my data.csv.utf8' '{tmp_path}/my data.csv'")
 
 
 def test_gbk_json_lines_and_array_and_utf16_are_read_right(tmp_path):

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import re
+import shlex
 import sys
 import zlib
 from collections import Counter
@@ -391,9 +392,20 @@ def detect_encoding(path: Path, sample: bytes) -> str | None:
             return None
     name = codecs.lookup(encoding).name.upper().replace("_", "-")
     if name != "UTF-8":
-        log.warning("%s: not UTF-8; reading it as %s (detected). To convert it: iconv -f %s -t UTF-8",
-                    path, name, name)
+        log.warning("%s: not UTF-8; reading it as %s (detected). To convert it: %s", path, name,
+                    iconv_command(path, name))
     return encoding
+
+
+def iconv_command(path: Path, encoding: str) -> str:
+    """The shell command that converts the file at path from encoding to UTF-8 in its place, through a temporary
+    beside it (whose .utf8 suffix no reader takes for data), by its decompressor and back for a .gz or .zst:
+    "iconv -f GB18030 -t UTF-8 d/qa.csv > d/qa.csv.utf8 && mv d/qa.csv.utf8 d/qa.csv"."""
+    file, temporary = shlex.quote(str(path)), shlex.quote(f"{path}.utf8")
+    iconv = f"iconv -f {encoding} -t UTF-8"
+    tool = {".gz": "gzip", ".zst": "zstd"}.get(path.suffix)
+    convert = f"{tool} -dc {file} | {iconv} | {tool} -c" if tool else f"{iconv} {file}"
+    return f"{convert} > {temporary} && mv {temporary} {file}"
 
 
 # The letters beyond ASCII of the languages written in the legacy Latin code pages (Windows cp1250-cp1258, ISO
