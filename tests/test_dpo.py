@@ -223,14 +223,16 @@ def test_dpo_learns_the_held_out_preferences(dpo_setup, tmp_path):
     assert final["val_rewards/chosen"] > 0 > final["val_rewards/rejected"]
 
 
-def test_a_line_is_of_its_step_alone_whatever_log_every(dpo_setup, tmp_path):
+def test_a_line_is_of_its_step_alone_whatever_log_every(dpo_setup, tmp_path, capsys):
     """rewards/* and logps/* were means over the steps since the last line while its loss was the step's: log_every
-    1 and 3 logged the same loss at step 3 but other rewards. Every value of a line is now of its step."""
+    1 and 3 logged the same loss at step 3 but other rewards. Every value of a line is now of its step. (The run's
+    first line said "200 rows, 3 steps of 4 rows" of pairs: it says pairs.)"""
     d = dpo_setup
     args = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--max_steps", "3", "--batch_size", "4",
             "--lr", "3e-3", "--warmup_steps", "1", "--eval_every", "0", "--val_fraction", "0", "--data_workers", "1"]
     for every in ("1", "3"):
         dpo(load_config(None, [*args, "--log_every", every, "--out_dir", str(tmp_path / every)]))
+        assert "dpo: 200 pairs, 3 steps of 4 pairs on 1 x cpu, torch.float32\n" in capsys.readouterr().out
     each, third = metrics(tmp_path / "1"), metrics(tmp_path / "3")
     assert [r["step"] for r in each] == [1, 2, 3, 3] and [r["step"] for r in third] == [3, 3]  # then the final line
     assert each[2] == third[0], (each, third)

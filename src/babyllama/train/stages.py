@@ -209,9 +209,10 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
               f"{ckpt.name} is moved to {aside.name} (keep_last counts whole checkpoints)")
     if dist.main and trainer.resumed:
         print(f"resuming from {start.resume_from} (step {trainer.step} of {steps})")
+    noun = ROWS[stage] if stage == "dpo" else ("row", "rows")  # a DPO row is a pair: its batch counts pairs
     if dist.main and trainer.global_batch > len(train_data):
-        log.warning("a step's %d rows (batch_size x grad_accum x processes) are more than the %d training %s, so "
-                    "each step repeats some; lower --batch_size or use more data", trainer.global_batch,
+        log.warning("a step's %d %s (batch_size x grad_accum x processes) are more than the %d training %s, so "
+                    "each step repeats some; lower --batch_size or use more data", trainer.global_batch, noun[1],
                     len(train_data), agree(len(train_data), *ROWS[stage]))
     if dist.main and t.warmup_steps >= steps:  # lr_at: the run's last step has lr * steps / warmup_steps
         end = (f"ends at {steps}/{t.warmup_steps} of lr {t.lr:g}" if t.warmup_steps > steps
@@ -224,9 +225,9 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_whole(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        rows, batch = len(train_data), trainer.global_batch  # a row: a window, sample or pack
-        print(f"{stage}: {rows:,} {agree(rows, 'row', 'rows')}, {steps:,} {agree(steps, 'step', 'steps')} of {batch} "
-              f"{agree(batch, 'row', 'rows')} on {dist.world} x {dist.device.type}, {trainer.dtype}")
+        rows, batch = len(train_data), trainer.global_batch  # a row: a window, sample or pack; DPO's a pair
+        print(f"{stage}: {rows:,} {agree(rows, *noun)}, {steps:,} {agree(steps, 'step', 'steps')} of {batch} "
+              f"{agree(batch, *noun)} on {dist.world} x {dist.device.type}, {trainer.dtype}")
     return trainer.fit()
 
 
