@@ -252,6 +252,39 @@ def test_a_records_system_and_history_come_before_its_own_turns():
             conversation_from_record({"instruction": "问", "output": "答", field: value})
 
 
+def test_line_ends_are_newlines_in_sft_dpo_eval_serve_and_the_template_as_prepare_makes_them(tmp_path):
+    """SFT kept a "\\r\\n" inside a prompt (a Windows file's), where prepare's cleaning makes it "\\n" and chat and
+    the chat page send "\\n": the model trained on a "\\r" it is never asked with. Every text of the chat format has
+    its line ends made "\\n" ("\\r" alone too), in SFT's, DPO's and eval's records, serve's messages and the Jinja
+    template alike; eval's leakage check compares the texts so made."""
+    import jinja2
+
+    from babyllama.chat_format import CHAT_TEMPLATE
+    from babyllama.data.preferences import preference_from_record
+    from babyllama.evaluate import leakage, qa_item
+
+    record = {"system": "系统\r\n第二行", "instruction": "问题二\r\n第二行", "output": "答\r一\r\n"}
+    conv = Conversation([("问题二\n第二行", "答\n一\n")], "系统\n第二行")
+    assert conversation_from_record(record) == conv
+    parts = [{"type": "text", "text": "答\r"}, {"type": "text", "text": "一\r\n"}]
+    assert conversation_from_record({"messages": [{"role": "system", "content": "系统\r\n第二行"},
+                                                  {"role": "user", "content": "问题二\r\n第二行"},
+                                                  {"role": "assistant", "content": parts}]}) == conv
+    pair = {"prompt": "问题二\r\n第二行", "chosen": "答\r\n一",
+            "rejected": [{"role": "assistant", "content": "答\r二"}]}
+    assert preference_from_record(pair) == (Conversation([("问题二\n第二行", "")]), "答\n一", "答\n二")
+    assert qa_item({"question": "问题二\r\n第二行", "answer": "答\r\n一"}, "") == {
+        "question": "问题二\n第二行", "reference": "答\n一", "task": "qa"}
+    messages = [{"role": "system", "content": "系统\r\n第二行"}, {"role": "user", "content": "问题二\r第二行"}]
+    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    assert template.render(messages=messages, bos_token="<s>", eos_token="</s>") == "系统\n第二行\n问题二\n第二行<s>"
+    assert conversation_from_messages([(m["role"], m["content"]) for m in messages], True) == Conversation(
+        [("问题二\n第二行", "")], "系统\n第二行")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"instruction": "问题二\r\n第二行的更多文字", "output": "x"},
+                                                     ensure_ascii=False) + "\n")
+    assert leakage(["问题二\n第二行的更多", "问题三\r\n第二行的"], [tmp_path / "train.jsonl"])["leaked"] == 1
+
+
 def test_text_prompt_starts_after_an_eos(bpe_tokenizer):
     assert text_prompt(bpe_tokenizer, "今天天气") == [bpe_tokenizer.eos_id, *bpe_tokenizer.encode("今天天气")]
 

@@ -820,7 +820,7 @@ def test_leakage_says_how_many_questions_were_too_short_to_check(tmp_path, bpe_t
     from babyllama.sampling import Sampling
 
     short = ["天空？", "p13", "hq", "pq问3", "问题二\n第二行", "p22", "好😀", "中文问题"]
-    long = ["csv问2\n多行", "问题二\r\n第二行", "绝对没有出现过的问题"]
+    long = ["csv问2\n多行", "问题二\r\n第二行的字", "绝对没有出现过的问题"]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "x"}, ensure_ascii=False) + "\n"
                                                for q in [*short, *long, short[0]]))  # a question twice counts once
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": q, "output": "答"}, ensure_ascii=False)
@@ -829,7 +829,7 @@ def test_leakage_says_how_many_questions_were_too_short_to_check(tmp_path, bpe_t
     result = evaluate(tmp_path / "ck", tmp_path / "out", qa=str(tmp_path / "qa.jsonl"),
                       train_data=[str(tmp_path / "train.jsonl")], sampling=Sampling(max_new_tokens=1))
     assert result["leakage"] == {"checked": 3, "too_short": 8, "min_chars": 8, "leaked": 2, "leaked_in_eval_files": 0,
-                                 "searched_documents": 10, "examples": sorted(long[:2])}
+                                 "searched_documents": 10, "examples": ["csv问2\n多行", "问题二\n第二行的字"]}
     out = capsys.readouterr().out.splitlines()
     assert out[-2:] == ["note: 8 eval questions under 8 characters were not checked for leakage: text so short "
                         "occurs in training data by chance.",

@@ -33,6 +33,8 @@ CONVERSATIONS = [
      {"role": "user", "content": "第二问"}, {"role": "system", "content": "用中文。"}],  # joined as babyllama joins
     [{"role": "developer", "content": "你是一个医生。"},  # OpenAI's newer name for system, and text parts
      {"role": "user", "content": [{"type": "text", "text": "头疼"}, {"type": "text", "text": "怎么办？"}]}],
+    [{"role": "system", "content": "第一行\r\n第二行"}, {"role": "user", "content": "问题\r\n补充\r结束"}],  # a
+    # Windows file's line ends: "\n" in the template as in babyllama's chat format
 ]
 LEADING_SPACES = ["  two leading spaces", " ", "\t tab then space", "   "]
 

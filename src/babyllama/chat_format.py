@@ -15,6 +15,8 @@ rules:
   * a record's top-level `system` text and alpaca `history` ([[question, answer], ...], oldest first:
     LLaMA-Factory's alpaca and sharegpt formats) come first, as a system message and earlier turns
     (context_messages); their answers carry loss as every answer of a conversation does (but below);
+  * line ends are "\\n": a Windows file's "\\r\\n" and a lone "\\r" become one (line_ends), as prepare's cleaning
+    makes them and as chat and the chat page send text; every other character stays as written;
   * system messages, wherever they are, are joined with "\\n" into the system text, which goes
     before the first user message;
   * consecutive messages of one role (two user messages in a row) are joined with "\\n" into one;
@@ -78,12 +80,14 @@ PREFERENCE_ANSWERS = (("chosen", "rejected"), ("preferred_output", "non_preferre
                       ("response_chosen", "response_rejected"))
 
 # The same format as a Jinja chat template (Hugging Face's apply_chat_template, llama.cpp --jinja):
-# system (and developer) messages joined first, consecutive messages of one role joined with "\n",
+# line ends made "\n" (line_ends), system (and developer) messages joined first, consecutive messages of one role
+# joined with "\n",
 # each user text then bos_token, each answer then eos_token; the prompt for an answer ends with
 # bos_token. Content may be a string or OpenAI's list of text parts; what serve refuses, it raises.
 CHAT_TEMPLATE = (
     "{%- macro text(m) -%}"
-    "{{- m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -}}"
+    "{{- (m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join(''))"
+    " | replace('\\r\\n', '\\n') | replace('\\r', '\\n') -}}"  # escaped: Jinja reads a CR in its source as \n
     "{%- endmacro -%}"
     "{%- set ns = namespace(system='', role='', text='', out='', first=true) -%}"
     "{%- for m in messages if m['role'] in ['system', 'developer'] -%}"
@@ -364,6 +368,7 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
     untrained: the indices (from 0) of the assistant messages whose answer carries no loss.
     Raises ValueError with the broken rule.
     """
+    messages = [(role, line_ends(content)) for role, content in messages]
     system = "\n".join(content for role, content in messages if role == "system")
     merged: list[list] = []  # [role, content, trained] with consecutive same-role messages joined
     for role, content, trained in ((r, c, i not in untrained) for i, (r, c) in enumerate(messages) if r != "system"):
@@ -385,6 +390,11 @@ def conversation_from_messages(messages: Sequence[tuple[str, str]], add_generati
         merged.append(["assistant", "", True])
     turns = [(u[1], a[1]) for u, a in zip(merged[::2], merged[1::2], strict=True)]
     return Conversation(turns, system, frozenset(i for i, a in enumerate(merged[1::2]) if not a[2]))
+
+
+def line_ends(text: str) -> str:
+    """text with its line ends made "\\n": "\\r\\n" (a Windows file's) and a lone "\\r" (an old Mac's)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def conversation_from_record(record: dict) -> Conversation:

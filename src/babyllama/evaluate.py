@@ -52,6 +52,7 @@ from babyllama.chat_format import (
     instruction_prompt,
     is_unicode,
     last_whole_characters,
+    line_ends,
     messages_key,
     not_a_pair,
     not_unicode,
@@ -311,6 +312,7 @@ def qa_item(record: dict | None, why: str) -> dict | None:
         if question is None or not question.strip():
             raise ValueError(f"a QA record needs a question ({', '.join(QUESTION_KEYS)} or instruction+input)")
         reference = field_text(record, fields[-1], numbers=True, lists=True) if fields[-1] in REFERENCE_KEYS else ""
+        question, reference = line_ends(question), line_ends(reference)  # as a conversation's are (chat_format)
         context_messages(record)  # raises for a system or history of another type
         system, history = record.get("system") or "", record.get("history") or []
     task = field_text(record, "task", numbers=True)
@@ -622,7 +624,8 @@ def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_cha
     """Eval questions (of at least min_chars characters) that occur verbatim in the training files; the shorter ones,
     which a corpus holds by chance, are not checked, and counted (too_short).
 
-    Every training file is searched as training reads it (expand_inputs: a folder's held-out splits are
+    Questions and training text are compared with their line ends made "\n" (chat_format.line_ends), as the model
+    is given both. Every training file is searched as training reads it (expand_inputs: a folder's held-out splits are
     not), each record with all its text (record_text: instructions with their input and output, every
     turn of a conversation, a preference pair's prompt and both answers, pretraining text) and the question
     eval would ask of it (question_of: an instruction joined to its input, as the chat format joins them),
@@ -632,7 +635,7 @@ def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_cha
     """
     from babyllama.data.clean import SubstringIndex
 
-    questions = set(questions)
+    questions = set(map(line_ends, questions))  # the texts as the chat format gives them to the model
     checked = {q for q in questions if len(q) >= min_chars}
     index = SubstringIndex(checked, min_chars)
     evals = {Path(f).resolve() for f in eval_files}
@@ -644,7 +647,7 @@ def leakage(questions: Iterable[str], train_paths: Sequence[str | Path], min_cha
         if text := "\n".join(filter(None, (question_of(record) if isinstance(record, dict) else None,
                                             record_text(record)))):
             documents += 1
-            (in_eval if file.resolve() in evals else found).update(index.matches(text))
+            (in_eval if file.resolve() in evals else found).update(index.matches(line_ends(text)))
     return {"checked": len(checked), "too_short": len(questions) - len(checked), "min_chars": min_chars,
             "leaked": len(found | in_eval), "leaked_in_eval_files": len(in_eval - found),
             "searched_documents": documents, "examples": sorted(found | in_eval)[:10]}

@@ -47,6 +47,7 @@ from babyllama.chat_format import (
     field_text,
     is_blank,
     kind_of,
+    line_ends,
     message_of_item,
     messages_key,
     messages_of_record,
@@ -256,6 +257,7 @@ def preference_from_record(record: dict) -> tuple[Conversation, str, str]:
         prompt, chosen, rejected = (prompt_messages(record, fields[0]), answer(record, fields[1]),
                                     answer(record, fields[2]))
     conv = conversation_from_messages(context_messages(record) + prompt, add_generation_prompt=True)
+    chosen, rejected = line_ends(chosen), line_ends(rejected)  # as the conversation's texts
     return checked_for_training(conv, chosen, rejected), chosen, rejected
 
 

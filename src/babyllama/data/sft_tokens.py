@@ -93,7 +93,8 @@ VERSION = 12  # of the chat format, filters and layout: a new version never reus
 # record, one with any answer field of a pair (chat_format.PREFERENCE_ANSWERS), where 10 read {messages, chosen} as its
 # messages; 12: the stats count filtered_by_chars, the samples of `filtered` that the filters of characters dropped, and
 # a DPO pair's null field is named null ("its 'chosen' is null, not ..."), answers without a prompt "its prompt is
-# missing (...)", where 11 said "missing" and "not a preference record")
+# missing (...)", where 11 said "missing" and "not a preference record"; every text's line ends are "\n"
+# (chat_format.line_ends), where 11 kept a "\r\n"; a folder's .txt files are no inputs)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
