@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from babyllama.chat_format import is_unicode
+from babyllama.data.preferences import NO_PROMPT
 from babyllama.data.sources import CorpusReader, expand_inputs, held_out_split, iconv_command, iter_records
 from babyllama.errors import UserError
 
@@ -208,6 +209,17 @@ def test_ultrafeedback_binarized_pairs_are_their_chosen_conversation_once(tmp_pa
         "where they fit it, else in the first of preference, conversation, instruction, wiki, baike, text, wudao, "
         f"leaving out the 'messages' of 1 record (the first at {f}:3); --format SCHEMA reads every record in the "
         "schema you choose"]
+
+
+def test_a_pair_without_a_prompt_is_bad_and_leaves_no_field_out(tmp_path, caplog):
+    """A preference record that dpo's reader reads no field of ({chosen, rejected}: no prompt) was a bad record and
+    also said to leave out its 'chosen' and 'rejected' "read in the file's schema": a bad record leaves nothing out."""
+    f = jsonl(tmp_path / "pairs.jsonl", [{"chosen": "好的回答", "rejected": "坏的回答"},
+                                         {"chosen": [{"role": "user", "content": "问"}], "rejected": "坏"},
+                                         {"prompt": "问题", "chosen": "好的回答", "rejected": "坏"}])
+    assert list(CorpusReader([f]).documents()) == ["问题好的回答"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{f}:1: skipped a bad record: {NO_PROMPT}", f"{f}:2: skipped a bad record: {NO_PROMPT}"]
 
 
 def test_every_schema_of_the_recipe(tmp_path):

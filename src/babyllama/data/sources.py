@@ -213,7 +213,8 @@ def ignored_fields(record: dict, schema: str) -> list[str]:
     """The fields of schemas that record has, neither null nor "" (a parquet or CSV file's other rows' fields), but
     that reading it as schema leaves out: ["content"] for {"text": ..., "content": ...} read as text; of an instruction
     or conversation, those of the shapes that SFT reads in its place (chat_format.read_fields): ["instruction",
-    "output"] beside a prompt and completion."""
+    "output"] beside a prompt and completion. [] where its schema's reader reads no field of it (a preference record
+    without a prompt): the record is bad, and says so, as chat_format.unread_fields has it."""
     fits = schemas_of(record)
     if schema == "instruction":
         used = pair_fields(record)
@@ -225,6 +226,8 @@ def ignored_fields(record: dict, schema: str) -> list[str]:
         used = preference_fields(record)
     else:
         used = fits.get(schema, ())
+    if not used:
+        return []
     had = {f for fields in fits.values() for f in fields if record[f] not in (None, "")}
     return sorted(had - set(used))
 
