@@ -188,7 +188,7 @@ def test_an_absent_field_is_said_to_be_absent_and_a_preference_record_to_be_one(
             ({"chosen": user + answer, "rejected": user + answer}, preference),
             ({"conversations": user, "chosen": answer[0], "rejected": answer[0]}, preference),
             ({"prompt": "问", "completion": "答", "chosen": "好"},  # read as its prompt and completion
-             "it is a preference record ('chosen'), which `babyllama dpo` reads"),
+             "it is a preference record ('chosen'), bad for `babyllama dpo` too: its 'rejected' is missing"),
             ({"question": "问", "response_chosen": "好", "response_rejected": "坏"},  # "not an instruction ..."
              "it is a preference record ('response_chosen' and 'response_rejected'), which `babyllama dpo` reads")]:
         with pytest.raises(ValueError) as e:

@@ -340,8 +340,8 @@ def test_qa_counts_a_preference_record_bad_whatever_the_shape_of_its_prompt(tmp_
     assert (list(items), no_reference) == ([{"question": "问", "reference": "答", "task": "qa"}], 0)
     assert bad == [f"{f}:{i}: it is a preference record ({fields}), which `babyllama dpo` reads" for i, fields in [
         (2, "'chosen' and 'rejected'"), (3, "'chosen' and 'rejected'"),
-        (4, "'response_chosen' and 'response_rejected'"), (5, "'preferred_output' and 'non_preferred_output'"),
-        (6, "'chosen'")]]
+        (4, "'response_chosen' and 'response_rejected'"), (5, "'preferred_output' and 'non_preferred_output'")]] + [
+        f"{f}:6: it is a preference record ('chosen'), bad for `babyllama dpo` too: its 'rejected' is missing"]
     assert capsys.readouterr().out == ""  # no fields of a pair said left out
 
 

@@ -20,7 +20,14 @@ from babyllama.chat_format import (
 )
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
-from babyllama.data.preferences import NO_PROMPT, NOT_A_PAIR, pair_samples, preference_from_record, render_pair
+from babyllama.data.preferences import (
+    NO_PROMPT,
+    NOT_A_PAIR,
+    PREFERENCE_ORDER,
+    pair_samples,
+    preference_from_record,
+    render_pair,
+)
 from babyllama.data.sft_tokens import SFTSettings, build_sft_cache
 from babyllama.data.sources import CorpusReader
 from babyllama.errors import UserError
@@ -73,13 +80,16 @@ SHAPES = [  # (record, conversation, chosen, rejected)
       "preferred_output": [{"role": "assistant", "content": "等于2。"}],
       "non_preferred_output": [{"role": "assistant", "content": "等于3。"}]},
      HISTORY, "等于2。", "等于3。"),  # OpenAI's preference fine-tuning (DPO) format
+    ({"system": "你是助手。", "history": [["你好", "你好！"]], "instruction": "1+1", "input": "等于几",
+      "chosen": "等于2。", "rejected": "等于3。"},
+     HISTORY, "等于2。", "等于3。"),  # LLaMA-Factory's alpaca preference format: the instruction then its input
 ]
 
 
 @pytest.mark.parametrize("record, conv, chosen, rejected", SHAPES, ids=["prompt", "llama-factory", "medicalgpt",
                                                                         "question", "trl-conversational",
                                                                         "trl-implicit-prompt", "messages", "orca",
-                                                                        "openai"])
+                                                                        "openai", "alpaca"])
 def test_each_shape_becomes_its_conversation_and_answers(record, conv, chosen, rejected):
     assert preference_from_record(record) == (conv, chosen, rejected)
 
@@ -407,8 +417,9 @@ def test_a_pair_of_two_shapes_is_read_in_the_first_and_the_fields_left_out_named
     assert rows == [tuple(s) for s in pair] * 6  # each pair read as 问, 答 and 错
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"{path}: records with the fields of more than one shape are read in the first of chosen and rejected "
-        "conversations (with a prompt string), conversations, messages, prompt, question (each with chosen and "
-        "rejected), input with preferred_output and non_preferred_output, question with response_chosen and "
+        "conversations (with a prompt string), conversations, messages, prompt, question, instruction (each with "
+        "chosen and rejected, an instruction with its input), input with preferred_output and non_preferred_output, "
+        "question with response_chosen and "
         f"response_rejected, leaving out the 'question' of 1 record (the first at {path}:1), the 'prompt' of 1 record "
         f"(the first at {path}:2), the 'response_chosen' of 1 record "
         f"(the first at {path}:3), the 'response_rejected' of 1 record (the first at {path}:3), the 'messages' of 1 "
@@ -550,6 +561,51 @@ def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_reco
         with pytest.raises(ValueError) as e:
             preference_from_record(record)
         assert str(e.value) == NOT_A_PAIR
+
+
+def test_alpaca_pairs_have_the_instruction_and_input_as_sft_joins_them_and_a_pair_without_a_prompt_says_so(
+        bpe_tokenizer, tmp_path, caplog):
+    """LLaMA-Factory's alpaca preference records ({instruction, input, chosen, rejected}, its data/README) were bad in
+    dpo and prepare, "its prompt is missing (a prompt, conversations, messages or question ...)", where sft called them
+    preference records, "which `babyllama dpo` reads", and prepare had kept them before: the instruction followed by
+    its input is the prompt, as SFT joins them. Answers with no prompt at all are bad with one reason in dpo, prepare
+    and sft, which also says it is a preference record."""
+    pairs = [{"instruction": "翻译：", "input": "你好", "chosen": "Hello", "rejected": "Bye"},
+             {"instruction": "问", "chosen": "答", "rejected": "错"},
+             {"prompt": "问", "instruction": "别问", "input": "别的", "chosen": "答", "rejected": "错"}]
+    assert [preference_from_record(r) for r in pairs] == [
+        (Conversation([("翻译：你好", "")]), "Hello", "Bye"), *[(Conversation([("问", "")]), "答", "错")] * 2]
+    assert conversation_from_record({"instruction": "翻译：", "input": "你好", "output": "Hello"}) == Conversation(
+        [("翻译：你好", "Hello")])  # SFT's prompt of the same fields
+    no_prompt = ("its prompt is missing (one of conversations, messages, prompt, question, instruction beside its "
+                 "'chosen' and 'rejected', or 'chosen' and 'rejected' conversations that share it)")
+    records_and_reasons = [({"chosen": "好", "rejected": "坏"}, no_prompt),
+                           ({"instruction": "问", "input": 5, "chosen": "答", "rejected": "错"},
+                            "its 'input' is a number, not a string"),
+                           ({"instruction": ["问"], "chosen": "答", "rejected": "错"},
+                            "its 'instruction' is a list, not a string")]
+    for record, why in records_and_reasons:
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == why, record
+        with pytest.raises(ValueError) as e:
+            conversation_from_record(record)
+        sft = "it is a preference record ('chosen' and 'rejected'), bad for `babyllama dpo` too"
+        assert str(e.value) == f"{sft}: {why}", record
+    with pytest.raises(ValueError) as e:
+        conversation_from_record(pairs[0])
+    assert str(e.value) == "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"
+    path = write(tmp_path / "alpaca.jsonl", [*pairs, *(record for record, _ in records_and_reasons)])
+    reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+    assert list(reader.documents()) == ["翻译：你好Hello", "问答", "问答"]
+    manifest, bad = dpo_cache(bpe_tokenizer, tmp_path, path)
+    assert log.getvalue().splitlines() == bad == [f"{path}:{i}: {why}"
+                                                  for i, (_, why) in enumerate(records_and_reasons, 4)]
+    assert (manifest["stats"]["samples"], manifest["stats"]["bad"]) == (6, 3)
+    assert [r.getMessage() for r in caplog.records if "more than one shape" in r.getMessage()] == [
+        f"{path}: records with the fields of more than one shape are read in the first of {PREFERENCE_ORDER}, "
+        f"leaving out the 'instruction' of 1 record (the first at {path}:3), the 'input' of 1 record (the first at "
+        f"{path}:3)"]  # an input is read with an instruction alone
 
 
 def test_a_null_field_of_a_pair_is_named_null_in_dpo_and_prepare_as_sft_names_a_null_answer(bpe_tokenizer, tmp_path):

@@ -621,8 +621,8 @@ def test_a_preference_record_is_bad_for_sft_and_no_field_of_it_is_said_left_out(
     says = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "M"}]
     f = tmp_path / "dpo.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "P", "chosen": "C", "rejected": "R", "messages": says},
-        {"messages": says, "chosen": {"role": "assistant", "content": "C"}, "rejected": "R", "question": "Q"},
+        {"prompt": "P", "chosen": "C", "rejected": "R", "messages": says[:1]},  # pairs that dpo reads
+        {"messages": says[:1], "chosen": {"role": "assistant", "content": "C"}, "rejected": "R", "question": "Q"},
         {"messages": says, "prompt": "P"}]))
     manifest = build_sft_cache([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=64, val_fraction=0))
     assert (manifest["stats"]["records"], manifest["stats"]["bad"], manifest["stats"]["samples"]) == (3, 2, 1)

@@ -451,9 +451,19 @@ def record_conversation(record: dict) -> Conversation:
 
 def not_a_pair(record: dict) -> None:
     """Raises ValueError where record is a preference record (preference_answers), which SFT and eval --qa do not read:
-    "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"."""
+    "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads", or where dpo's reader finds it
+    bad, that reader's reason (data/preferences.preference_from_record), so that sft, dpo and prepare name one fault:
+    "it is a preference record ('chosen' and 'rejected'), bad for `babyllama dpo` too: its prompt is missing (...)"."""
     if answers := preference_answers(record):
-        raise ValueError(f"it is a preference record ({' and '.join(map(repr, answers))}), which `babyllama dpo` reads")
+        # data/preferences.py builds on this module, so it is imported here, once a record is a pair
+        from babyllama.data.preferences import preference_from_record
+
+        what = f"it is a preference record ({' and '.join(map(repr, answers))})"
+        try:
+            preference_from_record(record)
+        except ValueError as e:
+            raise ValueError(f"{what}, bad for `babyllama dpo` too: {e}") from None
+        raise ValueError(f"{what}, which `babyllama dpo` reads")
 
 
 def preference_answers(record: dict) -> list[str]:

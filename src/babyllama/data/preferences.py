@@ -14,6 +14,8 @@ Accepted records (the fields of one JSON object):
     files; the conversation (ShareGPT or OpenAI items) ends with the user;
   {conversations: [...], chosen: "...", rejected: "..."}: MedicalGPT's;
   {question, chosen, rejected}: Intel/orca_dpo_pairs (with a `system`), the question a `prompt` string;
+  {instruction, input, chosen, rejected}: LLaMA-Factory's alpaca preference files, the instruction followed by its
+    input (none: "") the prompt, as SFT joins them (chat_format.instruction_prompt);
   {input: {messages: [...], tools, parallel_tool_calls}, preferred_output: [assistant message], non_preferred_output:
     [...]}: OpenAI's preference fine-tuning (DPO) format; its input's messages end with the user's, each output is a
     list of one assistant message, and tools (a non-empty `tools`, a tool call, a tool message) are not read;
@@ -45,12 +47,14 @@ from babyllama.chat_format import (
     conversation_from_messages,
     cut_conversation,
     field_text,
+    instruction_prompt,
     is_blank,
     kind_of,
     line_ends,
     message_of_item,
     messages_key,
     messages_of_record,
+    preference_answers,
     whole_conversations,
 )
 from babyllama.data.sft_tokens import SFTSettings
@@ -62,26 +66,28 @@ from babyllama.tokenizer import Tokenizer
 # decide that a record is a preference pair for prepare and SFT; a record with those of several is read in the first
 # shape it has, in this order, and the fields of the others are left out (preference_fields), as SFT reads a record of
 # several shapes (chat_format.SHAPE_ORDER): {question, messages, chosen, rejected} is read from its messages, its
-# question left out.
-PROMPT_KEYS = ("conversations", "messages", "prompt", "question")  # the prompt beside chosen and rejected answers
+# question left out. The prompt beside chosen and rejected answers is the first of PROMPT_KEYS, an instruction with its
+# input (LLaMA-Factory's alpaca preference files).
+PROMPT_KEYS = ("conversations", "messages", "prompt", "question", "instruction")
 PREFERENCE_FIELDS = (*PROMPT_KEYS, "input", *(key for pair in PREFERENCE_ANSWERS for key in pair))
 PREFERENCE_ORDER = ("chosen and rejected conversations (with a prompt string), conversations, messages, prompt, "
-                    "question (each with chosen and rejected), input with preferred_output and non_preferred_output, "
-                    "question with response_chosen and response_rejected")
-NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question with chosen and rejected, "
-              "chosen and rejected conversations, input with preferred_output and non_preferred_output, or question "
-              "with response_chosen and response_rejected)")
+                    "question, instruction (each with chosen and rejected, an instruction with its input), input with "
+                    "preferred_output and non_preferred_output, question with response_chosen and response_rejected")
+NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question / instruction with chosen and "
+              "rejected, chosen and rejected conversations, input with preferred_output and non_preferred_output, or "
+              "question with response_chosen and response_rejected)")
 
 
 # What each field of a pair is, in the reason of a record where it is null or of another type (_absent).
-KINDS = {"prompt": "a string or a list of messages", "question": "a string", "conversations": "a list of messages",
+KINDS = {"prompt": "a string or a list of messages", "question": "a string", "instruction": "a string",
+         "conversations": "a list of messages",
          "messages": "a list of messages", "input": "an object with 'messages'",
          "chosen": "a string or an assistant message", "rejected": "a string or an assistant message",
          "preferred_output": "a list of one assistant message",
          "non_preferred_output": "a list of one assistant message", "response_chosen": "a string",
          "response_rejected": "a string"}
-NO_PROMPT = ("its prompt is missing (a prompt, conversations, messages or question beside its 'chosen' and 'rejected', "
-             "or 'chosen' and 'rejected' conversations that share it)")
+NO_PROMPT = (f"its prompt is missing (one of {', '.join(PROMPT_KEYS)} beside its 'chosen' and 'rejected', or 'chosen' "
+             "and 'rejected' conversations that share it)")
 
 
 def _absent(record: dict, key: str) -> ValueError:
@@ -160,12 +166,16 @@ def _trained(item: dict, key: str) -> None:
 def prompt_messages(record: dict, key: str) -> list[tuple[str, str]]:
     """(role, content) of the prompt record[key] (preference_fields' first): a conversation (`conversations`,
     `messages`), a list of messages (TRL's conversational `prompt`), OpenAI's `input` (_input_messages) or a string
-    (`prompt`, `question`). Raises ValueError naming the field: missing, of another type, or a malformed list
-    (messages_of_record). prepare's text of a pair is made of these messages (data/sources.text_of_preference)."""
+    (`prompt`, `question`; an `instruction` followed by its `input` string, as SFT joins them: instruction_prompt).
+    Raises ValueError naming the field: missing, of another type, or a malformed list (messages_of_record). prepare's
+    text of a pair is made of these messages (data/sources.text_of_preference)."""
     if key == "input":
         return _input_messages(record)
     if key == messages_key(record):
         return messages_of_record(record, key)
+    if key == "instruction":
+        _text(record, key), field_text(record, "input")  # either of another type: raised, naming it
+        return [("user", instruction_prompt(record))]
     return [("user", _text(record, key))]
 
 
@@ -203,10 +213,11 @@ def _check_prompt(record: dict, prompt: list[tuple[str, str]]) -> None:
 
 def preference_fields(record: dict) -> tuple[str, ...]:
     """The fields of PREFERENCE_FIELDS that preference_from_record reads of record, those of the first shape it has
-    (PREFERENCE_ORDER); the others it has are left out (chat_format.unread_fields). ("messages", "chosen",
-    "rejected"), ("input", "preferred_output", "non_preferred_output"). The answers' fields decide the shape, either
-    of a pair enough (chat_format.PREFERENCE_ANSWERS: the other is then said to be missing, as is an `input` or a
-    `question`); () when it has none of them, or `chosen` and `rejected` without a prompt (a bad record). Beside whole
+    (PREFERENCE_ORDER), the prompt first and the answers next; the others it has are left out (chat_format.
+    unread_fields). ("messages", "chosen", "rejected"), ("instruction", "chosen", "rejected", "input"), ("input",
+    "preferred_output", "non_preferred_output"). The answers' fields decide the shape (chat_format.preference_answers),
+    either of a pair enough (the other is then said to be missing, as is an `input` or a `question`); () when it has
+    none of them, or `chosen` and `rejected` without a prompt (a bad record). Beside whole
     conversations, a `prompt` string is read (it must be their last shared user message) and a `messages` list that
     equals the chosen conversation (HuggingFaceH4/ultrafeedback_binarized's copy of it) is as good as read; one that
     differs is left out. A null field is an absent one."""
@@ -214,12 +225,13 @@ def preference_fields(record: dict) -> tuple[str, ...]:
     if whole_conversations(record):
         copy = ("messages",) if record.get("messages") == record["chosen"] else ()
         return (*(("prompt",) if "prompt" in there else ()), "chosen", "rejected", *copy)
-    if there & {"chosen", "rejected"}:
+    answers = set(preference_answers(record))
+    if answers & {"chosen", "rejected"}:
         prompt = next((k for k in PROMPT_KEYS if k in there), None)
-        return (prompt, "chosen", "rejected") if prompt else ()
-    if there & {"preferred_output", "non_preferred_output"}:
+        return (prompt, "chosen", "rejected", *(("input",) if prompt == "instruction" else ())) if prompt else ()
+    if answers & {"preferred_output", "non_preferred_output"}:
         return "input", "preferred_output", "non_preferred_output"
-    if there & {"response_chosen", "response_rejected"}:
+    if answers & {"response_chosen", "response_rejected"}:
         return "question", "response_chosen", "response_rejected"
     return ()
 
@@ -231,7 +243,7 @@ def _not_a_pair(record: dict) -> str:
     answers = [key for pair in PREFERENCE_ANSWERS for key in pair]
     if null := next((key for key in answers if key in record and record[key] is None), None):
         return str(_absent(record, null))
-    if not any(record.get(key) is not None for key in answers):
+    if not preference_answers(record):
         return NOT_A_PAIR
     null = next((key for key in PROMPT_KEYS if key in record and record[key] is None), None)
     return str(_absent(record, null)) if null else NO_PROMPT

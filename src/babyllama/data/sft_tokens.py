@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 12  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 13  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
@@ -94,7 +94,9 @@ VERSION = 12  # of the chat format, filters and layout: a new version never reus
 # messages; 12: the stats count filtered_by_chars, the samples of `filtered` that the filters of characters dropped, and
 # a DPO pair's null field is named null ("its 'chosen' is null, not ..."), answers without a prompt "its prompt is
 # missing (...)", where 11 said "missing" and "not a preference record"; every text's line ends are "\n"
-# (chat_format.line_ends), where 11 kept a "\r\n"; a folder's .txt files are no inputs)
+# (chat_format.line_ends), where 11 kept a "\r\n"; a folder's .txt files are no inputs; 13: LLaMA-Factory's alpaca
+# pairs, {instruction, input, chosen, rejected}, are read, where 12 said "its prompt is missing", and SFT names what
+# dpo finds bad in a preference record)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 

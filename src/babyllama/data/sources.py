@@ -144,8 +144,8 @@ def text_of_preference(r: dict) -> str | None:
     key = preference_fields(r)[0]
     if whole_conversations(r):  # the prompt is in the chosen conversation
         prompt = "".join(content + "\n" for _, content in messages_of_record(r, "chosen")[:-1])
-    elif isinstance(r[key], str):
-        prompt = r[key]
+    elif isinstance(r[key], str):  # a prompt or question, or an instruction followed by its input
+        prompt = prompt_messages(r, key)[0][1]
     else:
         prompt = "".join(content + "\n" for _, content in prompt_messages(r, key))
     return context_text(r) + prompt + chosen
