@@ -608,6 +608,32 @@ def test_alpaca_pairs_have_the_instruction_and_input_as_sft_joins_them_and_a_pai
         f"{path}:3)"]  # an input is read with an instruction alone
 
 
+def test_empty_answers_of_a_pair_beside_an_sft_shape_make_no_pair(bpe_tokenizer, tmp_path, caplog):
+    """A CSV's empty cells made a record a preference record: a prompt / answer row of a file with chosen and
+    rejected columns, {prompt, answer, chosen: "", rejected: ""}, was "it is a preference record ('chosen' and
+    'rejected')" in sft, which read it at 51f0c56, and its prompt and empty chosen answer in prepare. Empty answers of
+    a pair beside the fields of an SFT shape are absent, in sft, dpo and prepare alike; without them, {prompt, chosen:
+    "", rejected: ""} is still a pair with empty answers, and one answer that is not empty makes a pair."""
+    for record in [{"prompt": "问", "answer": "答", "chosen": ""}, {"prompt": "问", "answer": "答", "chosen": "",
+                                                                    "rejected": ""}]:
+        assert conversation_from_record(record) == Conversation([("问", "答")])
+        with pytest.raises(ValueError) as e:
+            preference_from_record(record)
+        assert str(e.value) == NOT_A_PAIR
+    empty = preference_from_record({"prompt": "问", "chosen": "", "rejected": ""})
+    assert empty == (Conversation([("问", "")]), "", "")  # counted empty_answers by pair_samples
+    with pytest.raises(ValueError) as e:
+        conversation_from_record({"prompt": "问", "answer": "答", "chosen": "", "rejected": "错"})
+    assert str(e.value) == "it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"
+    path = tmp_path / "qa.csv"
+    path.write_text("prompt,answer,chosen,rejected\n问,答,,\n", encoding="utf-8")
+    assert list(CorpusReader([path]).documents()) == ["问答"]
+    bpe_tokenizer.save(tmp_path / "tok")
+    manifest = build_sft_cache([path], tmp_path / "tok", tmp_path / "cache", SFTSettings(65, 0.0))
+    assert (manifest["stats"]["samples"], manifest["stats"]["bad"]) == (1, 0)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
 def test_a_null_field_of_a_pair_is_named_null_in_dpo_and_prepare_as_sft_names_a_null_answer(bpe_tokenizer, tmp_path):
     """{prompt, chosen: null, rejected} was "not a preference record (...)" in dpo (before, where a null answer decided
     the shape) and then "its 'chosen' is missing", where SFT says "its 'completion' is null, not a string" of a null

@@ -468,8 +468,12 @@ def not_a_pair(record: dict) -> None:
 
 def preference_answers(record: dict) -> list[str]:
     """The fields of PREFERENCE_ANSWERS that record has, a null one being absent: ["chosen", "rejected"],
-    ["preferred_output"]; [] for a record that is no preference pair."""
-    return [key for pair in PREFERENCE_ANSWERS for key in pair if record.get(key) is not None]
+    ["preferred_output"]; [] for a record that is no preference pair. Empty ones ("", a CSV's empty cell) are absent
+    too beside the fields of an SFT shape (read_fields), as in a CSV of prompt, answer, chosen and rejected columns:
+    {prompt, answer, chosen: ""} is a prompt / answer row, but {prompt, chosen: "", rejected: ""} a pair with empty
+    answers, which dpo skips and counts."""
+    there = [key for pair in PREFERENCE_ANSWERS for key in pair if record.get(key) is not None]
+    return [] if there and all(record[key] == "" for key in there) and read_fields(record) else there
 
 
 def whole_conversations(record: dict) -> bool:

@@ -96,7 +96,8 @@ VERSION = 13  # of the chat format, filters and layout: a new version never reus
 # missing (...)", where 11 said "missing" and "not a preference record"; every text's line ends are "\n"
 # (chat_format.line_ends), where 11 kept a "\r\n"; a folder's .txt files are no inputs; 13: LLaMA-Factory's alpaca
 # pairs, {instruction, input, chosen, rejected}, are read, where 12 said "its prompt is missing", and SFT names what
-# dpo finds bad in a preference record)
+# dpo finds bad in a preference record; empty answers of a pair beside an SFT shape's fields, as a CSV has them, make
+# no preference record: {prompt, answer, chosen: ""} is read, where 12 counted it bad)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 

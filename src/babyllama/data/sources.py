@@ -45,6 +45,7 @@ from babyllama.chat_format import (
     messages_of_record,
     not_unicode,
     pair_fields,
+    preference_answers,
     prompt_completion_messages,
     read_fields,
     whole_conversations,
@@ -194,10 +195,14 @@ def schemas_of(record: dict, nulls: bool = False) -> dict[str, tuple[str, ...]]:
     """The schemas whose fields record has (SCHEMA_FIELDS), in the order of detection, each with those fields:
     {"text": ("text",), "wudao": ("content",)} for {"text": ..., "content": ...}. A null field is an absent one (a
     parquet or Hugging Face datasets file gives null to the fields of its other rows), as the schemas' readers read it:
-    {"text": ..., "messages": null} is a text record; with nulls, null fields count too."""
+    {"text": ..., "messages": null} is a text record; with nulls, null fields count too. Empty answers of a pair
+    beside an SFT shape's fields are no pair, as SFT and dpo tell one (chat_format.preference_answers): {prompt,
+    answer, chosen: ""} is an instruction."""
     keys = record.keys() if nulls else {k for k, v in record.items() if v is not None}
     found = {schema: tuple(f for group in groups if keys >= set(group) for f in group)
              for schema, groups in SCHEMA_FIELDS.items()}
+    if not nulls and not preference_answers(record):
+        found["preference"] = ()
     return {schema: fields for schema, fields in found.items() if fields}
 
 
