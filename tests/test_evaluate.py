@@ -335,13 +335,15 @@ def test_qa_counts_a_preference_record_bad_whatever_the_shape_of_its_prompt(tmp_
         {"prompt": [user], "chosen": [answer], "rejected": [answer]},
         {"question": "问", "response_chosen": "答", "response_rejected": "错"},
         {"input": {"messages": [user]}, "preferred_output": [answer], "non_preferred_output": [answer]},
-        {"question": "问", "answer": "答", "chosen": "答"}]))
+        {"question": "问", "answer": "答", "chosen": "答"},
+        {"prompt": "问", "chosen": "答", "rejected": "错", "answer": "答"}]))  # no reference 答: SFT trains on nothing
     items, no_reference, bad = read_qa(f)
     assert (list(items), no_reference) == ([{"question": "问", "reference": "答", "task": "qa"}], 0)
     assert bad == [f"{f}:{i}: it is a preference record ({fields}), which `babyllama dpo` reads" for i, fields in [
         (2, "'chosen' and 'rejected'"), (3, "'chosen' and 'rejected'"),
         (4, "'response_chosen' and 'response_rejected'"), (5, "'preferred_output' and 'non_preferred_output'")]] + [
-        f"{f}:6: it is a preference record ('chosen'), bad for `babyllama dpo` too: its 'rejected' is missing"]
+        f"{f}:6: it is a preference record ('chosen'), bad for `babyllama dpo` too: its 'rejected' is missing",
+        f"{f}:7: it is a preference record ('chosen' and 'rejected'), which `babyllama dpo` reads"]
     assert capsys.readouterr().out == ""  # no fields of a pair said left out
 
 
