@@ -644,9 +644,11 @@ def whole_characters(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
 def last_whole_characters(tokenizer: Tokenizer, ids: list[int], n: int) -> list[int]:
     """The last n ids of ids at most (all of them when they are no more), less the first ones where the cut begins
     inside a UTF-8 character (character_tails): a prompt cut on the left then begins with its first whole character,
-    not with bytes that decode to U+FFFD. whole_characters ends a cut on the right so. The ids of a text have at most
-    3 continuation bytes before their first whole character, so at most 3 more ids go; nothing is decoded or
-    encoded per cut."""
+    not with bytes that decode to U+FFFD. whole_characters ends a cut on the right so. Nothing is decoded or encoded
+    per cut. With a tokenizer whose ids never join one character's tail to the next character's start (SentencePiece's
+    byte fallback, whose <0x80>-<0xBF> pieces are a byte each; babyllama's BPE, which had no such id at vocabularies of
+    600 and 4,000), a cut leaves at most 3 continuation bytes before the first whole character, so at most 3 more ids
+    go; with one that has such ids, an id that holds a tail and more goes whole, with the characters it begins."""
     if len(ids) <= n:
         return ids
     tails, start = character_tails(tokenizer), len(ids) - max(n, 0)

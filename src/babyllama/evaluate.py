@@ -905,7 +905,8 @@ def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, max_new_tokens: int, 
     """How many continuation prompts ("prompts"), QA questions ("qa") and multiple-choice items ("mc") are cut to
     fit the context of max_seq_len: a prompt (text_prompt, qa_prompt) of more ids than prompt_budget leaves for
     max_new_tokens (at most CONTINUATION_TOKENS for a continuation), an item with a scored text (mc_texts) of
-    more than max_seq_len + 1 ids (ModelScorer keeps the last max_seq_len + 1: max_seq_len inputs)."""
+    more than max_seq_len + 1 ids, which ModelScorer cuts from the left to at most that many (max_seq_len inputs),
+    from a whole character (chat_format.last_whole_characters: fewer where the cut splits one)."""
     def mc_cut(it: dict) -> bool:
         letters, texts = mc_texts(it)
         return any(sum(map(len, split_continuation(tokenizer, *pair))) > max_seq_len + 1
