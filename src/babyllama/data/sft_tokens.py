@@ -62,6 +62,7 @@ from babyllama.data.sources import (
     files_of_records,
     iter_records,
     more_bad,
+    say_unshown,
     warn_once,
 )
 from babyllama.errors import UserError, agree, discard, first_few, signals_held, writing
@@ -378,10 +379,7 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             for name in [*names, BAD_RECORDS]:
                 (out / f".{name}.tmp").rename(out / name)
             write_json(out / MANIFEST, manifest)  # last: a manifest means every file it describes is complete
-        if (more := stats.bad - len(stats.bad_examples)) > 0:
-            log.warning("... and %d more bad %s %s (%d in all), %s listed in %s", more, what,
-                        agree(more, "record", "records"), stats.bad,
-                        "each" if stats.bad <= MAX_LISTED else f"the first {MAX_LISTED}", out / BAD_RECORDS)
+        say_unshown(stats.bad, len(stats.bad_examples), min(stats.bad, MAX_LISTED), out / BAD_RECORDS, what)
     except BaseException:
         for name, f in files.items():
             discard(out / f".{name}.tmp", f)

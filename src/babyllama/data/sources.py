@@ -1147,18 +1147,20 @@ class BytesRead:
 MAX_WARNINGS = 20  # bad records a CorpusReader shows on the console (bad_log MAX_LISTED, the counts all)
 
 
-def more_bad(more: int, bad: int) -> str:
-    """"... and 3 more bad records (23 in all)": what ends a list of bad records that stops short of the bad."""
-    return f"... and {more} more bad {agree(more, 'record', 'records')} ({bad} in all)"
+def more_bad(more: int, bad: int, what: str = "") -> str:
+    """"... and 3 more bad records (23 in all)": what ends a list of bad records that stops short of the bad; what
+    names their kind ("... and 3 more bad SFT records")."""
+    return f"... and {more} more bad {what + ' ' if what else ''}{agree(more, 'record', 'records')} ({bad} in all)"
 
 
-def say_unshown(bad: int, shown: int, listed: int, where: Path | None) -> None:
+def say_unshown(bad: int, shown: int, listed: int, where: Path | None, what: str = "") -> None:
     """After reading: a warning that counts the bad records the console did not show (shown of bad), as `pretokenize
     --sft` ends its list: "... and 3 more bad records (23 in all), each listed in OUT/bad_records.txt" (where: the
-    file that lists the first listed; None: nowhere). Nothing when every one was shown."""
+    file that lists the first listed; None: nowhere; what: their kind, as more_bad). Nothing when every one was
+    shown."""
     if bad > shown:
         listing = "" if where is None else f", {'each' if listed >= bad else f'the first {listed}'} listed in {where}"
-        log.warning("%s%s", more_bad(bad - shown, bad), listing)
+        log.warning("%s%s", more_bad(bad - shown, bad, what), listing)
 
 
 class CorpusReader:
