@@ -561,6 +561,10 @@ def test_a_pair_is_told_by_its_answers_fields_in_prepare_as_in_dpo_whatever_reco
         with pytest.raises(ValueError) as e:
             preference_from_record(record)
         assert str(e.value) == NOT_A_PAIR
+    assert NOT_A_PAIR == (  # every shape, in the order they are tried (PREFERENCE_ORDER), where it omitted two words
+        "not a preference record (chosen and rejected conversations (with a prompt string), conversations, messages, "
+        "prompt, question, instruction (each with chosen and rejected, an instruction with its input), input with "
+        "preferred_output and non_preferred_output, or question with response_chosen and response_rejected)")
 
 
 def test_alpaca_pairs_have_the_instruction_and_input_as_sft_joins_them_and_a_pair_without_a_prompt_says_so(

@@ -70,18 +70,19 @@ from babyllama.tokenizer import Tokenizer
 # input (LLaMA-Factory's alpaca preference files).
 PROMPT_KEYS = ("conversations", "messages", "prompt", "question", "instruction")
 PREFERENCE_FIELDS = (*PROMPT_KEYS, "input", *(key for pair in PREFERENCE_ANSWERS for key in pair))
-PREFERENCE_ORDER = ("chosen and rejected conversations (with a prompt string), conversations, messages, prompt, "
-                    "question, instruction (each with chosen and rejected, an instruction with its input), input with "
-                    "preferred_output and non_preferred_output, question with response_chosen and response_rejected")
-NOT_A_PAIR = ("not a preference record (prompt / conversations / messages / question / instruction with chosen and "
-              "rejected, chosen and rejected conversations, input with preferred_output and non_preferred_output, or "
-              "question with response_chosen and response_rejected)")
+# The shapes in words, in the order they are tried (preference_fields): PREFERENCE_ORDER says it, and NOT_A_PAIR names
+# them all for a record of none.
+PREFERENCE_SHAPES = ("chosen and rejected conversations (with a prompt string)",
+                     f"{', '.join(PROMPT_KEYS)} (each with chosen and rejected, an instruction with its input)",
+                     "input with preferred_output and non_preferred_output",
+                     "question with response_chosen and response_rejected")
+PREFERENCE_ORDER = ", ".join(PREFERENCE_SHAPES)
+NOT_A_PAIR = f"not a preference record ({', '.join(PREFERENCE_SHAPES[:-1])}, or {PREFERENCE_SHAPES[-1]})"
 
 
 # What each field of a pair is, in the reason of a record where it is null or of another type (_absent).
 KINDS = {"prompt": "a string or a list of messages", "question": "a string", "instruction": "a string",
-         "conversations": "a list of messages",
-         "messages": "a list of messages", "input": "an object with 'messages'",
+         "conversations": "a list of messages", "messages": "a list of messages", "input": "an object with 'messages'",
          "chosen": "a string or an assistant message", "rejected": "a string or an assistant message",
          "preferred_output": "a list of one assistant message",
          "non_preferred_output": "a list of one assistant message", "response_chosen": "a string",
@@ -174,7 +175,8 @@ def prompt_messages(record: dict, key: str) -> list[tuple[str, str]]:
     if key == messages_key(record):
         return messages_of_record(record, key)
     if key == "instruction":
-        _text(record, key), field_text(record, "input")  # either of another type: raised, naming it
+        _text(record, key)  # either of another type is raised, naming it
+        field_text(record, "input")
         return [("user", instruction_prompt(record))]
     return [("user", _text(record, key))]
 
