@@ -120,6 +120,54 @@ def test_a_long_record_is_held_once_while_it_is_read(tmp_path, suffix):
     assert ok and peak < 1 << 12  # searched, not encoded: 3 MB before
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".csv"])
+def test_an_over_long_line_is_skipped_holding_at_most_the_limit(tmp_path, monkeypatch, suffix):
+    """A line over MAX_RECORD_CHARS was read with a readline of the limit (its copy and the joined line: twice the
+    limit), and its rest a limit at a time beside that: ~430 MB for a line of 64 Mi Chinese characters. It is read
+    in chunks of LINE_CHUNK_CHARS, let go once past the limit: at most the limit and a chunk are held (the peak with
+    the file's buffer: 1.5 times the limit, 4.5 before)."""
+    import babyllama.data.sources as sources
+
+    limit = 1 << 20
+    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", limit)
+    monkeypatch.setattr(sources, "LINE_CHUNK_CHARS", 1 << 14)
+    long = "".join(chr(0x4E00 + i * 7 % 3000) for i in range(4 * limit))
+    rows = ["短的第一行", long, "短的第三行"]
+    path = tmp_path / f"a{suffix}"
+    path.write_text("".join((json.dumps({"text": r}, ensure_ascii=False) if suffix == ".jsonl" else r) + "\n"
+                            for r in (["text"] if suffix == ".csv" else []) + rows), encoding="utf-8")
+    reader = CorpusReader([path], bad_log=(log := io.StringIO()))
+    got, _, peak = traced(lambda: list(reader.documents()))
+    line = 3 if suffix == ".csv" else 2
+    assert got == [rows[0], rows[2]] and log.getvalue() == f"{path}:{line}: a line over {limit} characters\n"
+    assert peak < 2 * limit + (1 << 21), peak / (2 * limit)  # the limit (2 bytes a character) and a file buffer
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".csv"])
+def test_lines_are_read_the_same_in_chunks_of_any_size(tmp_path, monkeypatch, suffix):
+    """A line is read LINE_CHUNK_CHARS at a time; a chunk that ends between the \\r and \\n of a line break does not
+    make the \\n a line of its own (the lines after it were numbered one too far). Lines ending in \\r\\n, \\r and
+    \\n, blank ones, and some over MAX_RECORD_CHARS (bad), read in chunks of 1 to 6 characters: the same records at
+    the same lines as at once."""
+    import random
+
+    import babyllama.data.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 26 if suffix == ".jsonl" else 14)  # {"text": ""} is 12
+    rng = random.Random(0)
+    lines = ["text" if suffix == ".csv" else ""]
+    for _ in range(300):
+        text = "".join(rng.choices("天地玄黄abc", k=rng.choice([0, 1, 2, 5, 6, 7, 11, 12, 13, 16])))
+        lines.append((json.dumps({"text": text}, ensure_ascii=False) if suffix == ".jsonl" and text else text)
+                     + rng.choice(["\r\n", "\r", "\n"]))
+    (tmp_path / f"a{suffix}").write_text("".join(lines), encoding="utf-8", newline="")
+    whole = list(iter_records(tmp_path / f"a{suffix}"))
+    assert 200 < sum(r is not None for _, r, _ in whole) and 10 < sum(r is None for _, r, _ in whole)
+    for size in range(1, 7):
+        monkeypatch.setattr(sources, "LINE_CHUNK_CHARS", size)
+        assert list(iter_records(tmp_path / f"a{suffix}")) == whole, size
+
+
 def test_openai_messages_records_are_conversation_records(tmp_path):
     """{"messages": [...]} (OpenAI's fine-tuning format, TRL's conversational one) had "none of the fields of a known
     schema": it is the conversation schema, its messages a line each, the developer role's text as the system's and

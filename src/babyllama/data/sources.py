@@ -262,7 +262,7 @@ class LeftOut:
 Item = tuple[str, dict | None, str]
 
 
-MAX_RECORD_CHARS = 1 << 26  # a line longer than 64 Mi characters is a bad record, skipped unread
+MAX_RECORD_CHARS = 1 << 26  # a line longer than 64 Mi characters is a bad record, skipped (_LineReader)
 SNIFF_BYTES = 1 << 16  # the encoding is decided on the first 64 KiB
 
 
@@ -478,26 +478,57 @@ def data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-class _Lines:
-    """(line number, text) of each non-blank line of f, its line break kept; text is None for a line over
-    MAX_RECORD_CHARS, whose rest is skipped without holding it. An iterator, not a generator: a generator's frame
-    holds the line it gave while its reader works on it, and a JSON line of 50 M characters is 100-200 MB more beside
-    its text (pretokenize's main process)."""
+LINE_CHUNK_CHARS = 1 << 20  # a line is read this many characters at a time (_LineReader)
+
+
+class _LineReader:
+    """The lines of a text stream, each with its line break, read LINE_CHUNK_CHARS characters at a time: one over
+    MAX_RECORD_CHARS is read to its end holding at most MAX_RECORD_CHARS of it and a chunk (a readline of the limit
+    made its copy and joined it, and the line's rest was read a limit at a time beside it: ~3 times the limit)."""
 
     def __init__(self, f: TextIO):
-        self.f, self.lineno = f, 0
+        self.f, self.after = f, ""  # after: a chunk read ahead, the start of the next line
+
+    def line(self) -> str | None:
+        """The next line with its break, "" at the end of the stream, None for one over MAX_RECORD_CHARS."""
+        chunks, n = [], 0
+        while chunk := self._chunk():
+            n += len(chunk)
+            if n <= MAX_RECORD_CHARS:
+                chunks.append(chunk)
+            elif chunks:  # over the limit: let go of what was held
+                chunks = []
+            if chunk.endswith(("\n", "\r")):
+                break
+        return "".join(chunks) if n <= MAX_RECORD_CHARS else None
+
+    def _chunk(self) -> str:
+        """Up to LINE_CHUNK_CHARS characters of a line, to its break; a \\r\\n that the size cut after its \\r is read
+        whole (its \\n alone would count as a line more), the chunk read to see that kept for the next line."""
+        chunk, self.after = self.after or self.f.readline(LINE_CHUNK_CHARS), ""
+        if len(chunk) == LINE_CHUNK_CHARS and chunk.endswith("\r"):
+            if (after := self.f.readline(LINE_CHUNK_CHARS)) == "\n":
+                return chunk + after
+            self.after = after
+        return chunk
+
+
+class _Lines:
+    """(line number, text) of each non-blank line of f, its line break kept; text is None for a line over
+    MAX_RECORD_CHARS, which is skipped without holding it (_LineReader). An iterator, not a generator: a generator's
+    frame holds the line it gave while its reader works on it, and a JSON line of 50 M characters is 100-200 MB more
+    beside its text (pretokenize's main process)."""
+
+    def __init__(self, f: TextIO):
+        self.lines, self.lineno = _LineReader(f), 0
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> tuple[int, str | None]:
-        while line := self.f.readline(MAX_RECORD_CHARS):
+        while (line := self.lines.line()) != "":
             self.lineno += 1
-            if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
-                while (rest := self.f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
-                    pass
-                return self.lineno, None
-            if not line.isspace():  # not line.strip(): a copy of the line
+            if line is None or not line.isspace():  # not line.strip(): a copy of the line
                 return self.lineno, line
         raise StopIteration
 
@@ -650,10 +681,10 @@ class _LineTooLong(Exception):
 class _RowLines:
     """The lines of a text stream for csv.reader, numbered; the lines of the row being parsed are
     kept, so that those after its first can be read again (put_back). A line over MAX_RECORD_CHARS
-    is skipped unread and raises _LineTooLong (read again, it is blank)."""
+    is skipped without holding it (_LineReader) and raises _LineTooLong (read again, it is blank)."""
 
     def __init__(self, f: TextIO):
-        self.f = f
+        self.lines = _LineReader(f)
         self.lineno = 0
         self.row: list[tuple[int, str]] = []  # (line number, line) of the row being parsed
         self.again: list[tuple[int, str]] = []  # lines to read again, the next one last
@@ -665,13 +696,11 @@ class _RowLines:
         if self.again:
             self.lineno, line = self.again.pop()
         else:
-            line = self.f.readline(MAX_RECORD_CHARS)
-            if not line:
+            line = self.lines.line()
+            if line == "":
                 raise StopIteration
             self.lineno += 1
-            if len(line) == MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
-                while (rest := self.f.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
-                    pass
+            if line is None:
                 self.row.append((self.lineno, ""))
                 raise _LineTooLong(f"a line over {MAX_RECORD_CHARS} characters")
         self.row.append((self.lineno, line))
