@@ -49,7 +49,7 @@ def measure(n: int) -> dict:
     for _, text in documents(n):
         key = np.frombuffer(hashlib.blake2b(text.encode(), digest_size=8).digest(), dtype=np.uint64) | 1
         if not exact.add_unless_any(key):
-            kept += not near.seen_before(text)
+            kept += not near.seen_before([text])
     seconds = time.perf_counter() - start
     return {"documents": n, "kept": kept, "docs_per_s": round(n / seconds),
             "index_bytes_per_kept_doc": round((near.tables.nbytes + exact.nbytes) / kept),
@@ -91,7 +91,7 @@ def kept_sets(path: str) -> dict:
     index, lsh = NearDuplicateIndex(), MinHashLSH(threshold=0.8, num_perm=128)
     ours, theirs = [], []
     for i, text in enumerate(texts):
-        if not index.seen_before(text):
+        if not index.seen_before([text]):
             ours.append(i)
         m = MinHash(num_perm=128, seed=1, hashfunc=int)
         m.update_batch(index.shingle_hashes(text).tolist())

@@ -28,7 +28,7 @@ def minhash(text: str, whole: bool) -> list[int]:
 
     index = NearDuplicateIndex()
     if not whole:
-        return index.minhash(text).tolist()
+        return index.minhash([text]).tolist()
     m = index.template  # the code before: every shingle hash of the document as one Python list
     m.clear()
     hashes = index.shingle_hashes(text).tolist()

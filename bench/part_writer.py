@@ -31,7 +31,7 @@ def main() -> None:
         writer = ShardWriter(Path(d), docs_per_shard=n)
         start = time.perf_counter()
         for _ in range(n):
-            writer.write(text)
+            writer.write([text])
         writer.close()
         ours = (time.perf_counter() - start) / n
     print(f"{n:,} documents: bare write {bare * 1e6:.2f} us, ShardWriter.write {ours * 1e6:.2f} us, "

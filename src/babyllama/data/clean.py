@@ -15,7 +15,7 @@ import json
 import re
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,12 +45,47 @@ def normalize(text: str) -> str:
     characters of _INVISIBLE (U+200B, U+2060, U+FEFF, U+00AD: not the zero-width joiners, variation selectors or
     bidirectional marks, which are part of the text), squeeze runs of spaces and blank lines.
 
-    Full-width Chinese punctuation (，。！？：；“”) is left as it is: no NFKC.
+    Full-width Chinese punctuation (，。！？：；“”) is left as it is: no NFKC. A text longer than CLEAN_PIECE_CHARS is
+    normalised in pieces (normalized_pieces).
     """
+    return "".join(normalized_pieces(text))
+
+
+def _normalize(text: str) -> str:
+    """normalize of text at once: each step makes a new string as long as text."""
     text = "\n".join(text.splitlines()).translate(_INVISIBLE)
     text = _CONTROL.sub("", text)
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+CLEAN_PIECE_CHARS = 1 << 20  # of a document, normalised, keyed and written at once: each step copies a piece
+
+
+def normalized_pieces(text: str) -> list[str]:
+    """normalize(text) in pieces of about CLEAN_PIECE_CHARS characters (one for a shorter text), each normalised
+    alone, so that no step makes a copy of a long document. text is cut between two characters that no step changes
+    or looks across (_cuttable: no line break, space, control or invisible character, so no \\r\\n, run of spaces
+    or blank lines, stripped end of a line or of the text spans a cut) and that both stay in a dedup key: the
+    pieces joined are normalize of the whole at once, and their dedup keys joined are its key."""
+    return [_normalize(piece) for piece in _pieces(text, CLEAN_PIECE_CHARS, _cuttable)]
+
+
+def _pieces(text: str, size: int, cuttable: Callable[[str], bool]) -> Iterator[str]:
+    """text in pieces of at least size characters (the last may be shorter; text itself where it has no more), each
+    cut at the first place from there between two characters that are cuttable; where there is none, the rest is
+    one piece."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        while end < len(text) and not (cuttable(text[end - 1]) and cuttable(text[end])):
+            end += 1
+        yield text[start:end]
+        start = end
+    if start == 0:
+        yield text
+    elif start < len(text):
+        yield text[start:]
 
 
 SEPARATOR = 0x20  # what a run of whitespace and punctuation that keeps words apart becomes in a dedup key
@@ -109,23 +144,29 @@ def dedup_key(text: str) -> str:
     Vectorised: ~20 us a document of 100 characters, ~8 ms one of a million; a longer one is keyed in pieces of
     about KEY_PIECE_CHARS, cut between two characters that stay (no run of separators spans a cut, so the pieces'
     keys joined are the whole's), in memory that does not grow with it."""
-    if len(text) <= KEY_PIECE_CHARS:
-        return piece_key(text)
-    start, keys = 0, []
-    while start < len(text):
-        end = piece_end(text, start + KEY_PIECE_CHARS)
-        keys.append(piece_key(text[start:end]))
-        start = end
-    return "".join(keys)
+    return "".join(map(piece_key, _pieces(text, KEY_PIECE_CHARS, _stays)))
 
 
-def piece_end(text: str, end: int) -> int:
-    """The first cut at or after end between two characters that both stay in a dedup key; len(text) if none."""
-    table = _key_table()
-    stays = lambda i: int(table[min(ord(text[i]), (1 << 16) - 1)]) & SEPARATES == 0 or ord(text[i]) >= 1 << 16
-    while end < len(text) and not (stays(end - 1) and stays(end)):
-        end += 1
-    return min(end, len(text))
+def _stays(ch: str) -> bool:
+    """Whether ch stays in a dedup key: it is no whitespace or punctuation (SEPARATES)."""
+    return ord(ch) >= 1 << 16 or int(_key_table()[ord(ch)]) & SEPARATES == 0
+
+
+def _cuttable(ch: str) -> bool:
+    """Whether a piece of a document may end before or after ch (normalized_pieces): it stays in a dedup key, so it
+    is no whitespace (a space or line break, which normalize squeezes, strips or joins with its neighbours), and it
+    is no control or invisible character either, which normalize drops: it keeps ch as it is and looks across it
+    in no step."""
+    return not (ord(ch) in _INVISIBLE or _CONTROL.match(ch)) and _stays(ch)
+
+
+def key_hash(keys: Iterable[str]) -> np.ndarray:
+    """(1,) uint64, odd: 64 bits of blake2b of the UTF-8 of a dedup key given in pieces (those of normalized_pieces
+    keyed one by one), as of the whole key at once, without it or its UTF-8 held."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in keys:
+        h.update(key.encode())
+    return np.frombuffer(h.digest(), dtype=np.uint64) | 1
 
 
 def piece_key(text: str) -> str:
@@ -239,9 +280,9 @@ def check_dedup(dedup: str, threshold: float | None) -> float | None:
     return threshold
 
 
-def long_enough(text: str, min_chars: int) -> bool:
-    """The length filter: at least min_chars characters, and never empty."""
-    return len(text) >= max(min_chars, 1)
+def long_enough(chars: int, min_chars: int) -> bool:
+    """The length filter on a document of chars characters: at least min_chars, and never empty."""
+    return chars >= max(min_chars, 1)
 
 
 MINHASH_PIECE_CHARS = 1 << 20  # of a document, shingled at once: ~50 MB of numpy arrays
@@ -279,18 +320,29 @@ class NearDuplicateIndex:
             h = (h ^ codes[i : len(codes) - n + 1 + i]) * np.uint64(1099511628211)
         return np.unique(h >> np.uint64(32))
 
-    def minhash(self, text: str) -> np.ndarray:
-        """(num_perm,) uint64: the MinHash signature, as datasketch's MinHash computes it. A signature is a
-        minimum over the shingles, so it is taken over pieces of MINHASH_PIECE_CHARS characters (each
-        overlapping the next by ngram - 1, so that every n-gram is in one) in bounded memory: a 17 M-character
-        document took 864 MB at once."""
-        m = self.template
-        m.clear()
+    def minhash(self, pieces: Iterable[str]) -> np.ndarray:
+        """(num_perm,) uint64: the MinHash signature of the text that pieces make joined ([text] for one; a long
+        document's dedup key in pieces), as datasketch's MinHash computes it of the whole. A signature is a minimum
+        over the shingles, so it is taken over each piece with the ngram - 1 characters before it (every n-gram is
+        in one), in slices of MINHASH_PIECE_CHARS (_update): a 17 M-character document took 864 MB at once."""
+        self.template.clear()
+        held, shingled = "", False  # held: a piece with the ngram - 1 characters before it
+        for piece in pieces:
+            held += piece
+            if len(held) >= self.ngram:
+                self._update(held)
+                held, shingled = held[len(held) - self.ngram + 1 :], True
+        if not shingled:  # a text shorter than ngram is one shingle
+            self._update(held)
+        return self.template.hashvalues
+
+    def _update(self, text: str) -> None:
+        """Add the shingles of text to the signature being made, MINHASH_PIECE_CHARS at a time (each slice
+        overlapping the next by ngram - 1)."""
         for start in range(0, max(len(text) - self.ngram + 1, 1), MINHASH_PIECE_CHARS):
             hashes = self.shingle_hashes(text[start : start + MINHASH_PIECE_CHARS + self.ngram - 1])
             for i in range(0, len(hashes), 4096):
-                m.update_batch(hashes[i : i + 4096].tolist())
-        return m.hashvalues
+                self.template.update_batch(hashes[i : i + 4096].tolist())
 
     def band_keys(self, signature: np.ndarray) -> np.ndarray:
         """(bands,) odd uint64: each band's r values hashed to one number."""
@@ -298,9 +350,9 @@ class NearDuplicateIndex:
         with np.errstate(over="ignore"):  # arithmetic mod 2^64 on purpose
             return (bands * self.mix).sum(axis=1, dtype=np.uint64) | np.uint64(1)
 
-    def seen_before(self, text: str) -> bool:
-        """True when a similar document was added before; else remember this one."""
-        return self.tables.add_unless_any(self.band_keys(self.minhash(text)))
+    def seen_before(self, pieces: Iterable[str]) -> bool:
+        """True when a document similar to the one pieces make joined was added before; else remember this one."""
+        return self.tables.add_unless_any(self.band_keys(self.minhash(pieces)))
 
 
 class SubstringIndex:
@@ -335,6 +387,9 @@ class SourceStats:
     characters: int = 0
 
 
+WRITE_CHARS = 1 << 20  # of a document, escaped and encoded at once by ShardWriter.write
+
+
 class ShardWriter:
     """JSON-lines shards part{tag}_00000.jsonl ... of at most `docs_per_shard` documents, each written to a
     temp name then renamed."""
@@ -348,12 +403,22 @@ class ShardWriter:
     def name(self) -> str:
         return f"part{self.tag}_{self.index:05d}.jsonl"
 
-    def write(self, text: str) -> None:
-        """Append a document; CannotWrite, the shard's temporary removed, where the disk refuses it."""
+    def write(self, pieces: list[str]) -> None:
+        """Append a document given as pieces of its text (normalized_pieces; [text] for one string); CannotWrite,
+        the shard's temporary removed, where the disk refuses it. JSON escapes each character alone, so the line is
+        written WRITE_CHARS characters at a time, the same bytes as json.dumps of the whole without its copies
+        (escaped, with the line break added, encoded: 5 a character of a long document)."""
         try:  # not a `with writing(...)`: once per document, it tripled this method's time
             if self.f is None:
                 self.f = (self.out / f".{self.name}.tmp").open("w", encoding="utf-8")
-            self.f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            if len(pieces) == 1 and len(pieces[0]) <= WRITE_CHARS:  # most documents: one write
+                self.f.write(f'{{"text": {json.dumps(pieces[0], ensure_ascii=False)}}}\n')
+            else:
+                self.f.write('{"text": "')
+                for piece in pieces:
+                    for i in range(0, len(piece), WRITE_CHARS):
+                        self.f.write(json.dumps(piece[i : i + WRITE_CHARS], ensure_ascii=False)[1:-1])
+                self.f.write('"}\n')
         except OSError as e:
             cannot_write(e, self.out / self.name, self.out / f".{self.name}.tmp", self.f)
         self.in_shard += 1
@@ -382,8 +447,9 @@ def clean_documents(
     dedup: str,
     threshold: float | None,
     stats: dict[str, SourceStats],
-) -> Iterator[str]:
-    """The documents that survive normalisation, the length filter and deduplication, in order.
+) -> Iterator[list[str]]:
+    """The documents that survive normalisation, the length filter and deduplication, in order, each as the pieces
+    that normalized_pieces makes of it (a long one is never copied whole: its pieces are).
 
     documents: (source, text) pairs; stats gets one SourceStats per source.
     """
@@ -391,22 +457,23 @@ def clean_documents(
     near = NearDuplicateIndex(threshold) if dedup == "minhash" else None
     for source, raw in documents:
         s = stats.setdefault(source, SourceStats())
-        text = normalize(raw)
-        if not long_enough(text, min_chars):
+        pieces = normalized_pieces(raw)
+        chars = sum(map(len, pieces))
+        if not long_enough(chars, min_chars):
             s.too_short += 1
             continue
         if dedup != "none":
-            key = dedup_key(text)
-            hashed = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=8).digest(), dtype=np.uint64) | 1
-            if seen.add_unless_any(hashed):
+            # the key of a document in pieces is made again for each use rather than held: its length again
+            keys = [dedup_key(pieces[0])] if len(pieces) == 1 else None
+            if seen.add_unless_any(key_hash(keys or map(dedup_key, pieces))):
                 s.exact_duplicates += 1
                 continue
-            if near is not None and near.seen_before(key):
+            if near is not None and near.seen_before(keys or map(dedup_key, pieces)):
                 s.near_duplicates += 1
                 continue
         s.kept += 1
-        s.characters += len(text)
-        yield text
+        s.characters += chars
+        yield pieces
 
 
 def prepare(
@@ -441,8 +508,8 @@ def _prepare(reader: CorpusReader, out: Path, format: str | None, min_chars: int
         # the bar is closed on an error too, so that its message starts a line
         with reader.bad_records_to(out), bytes_bar("prepare", reader.total_bytes) as bar:
             documents = counted(reader.documents_with_source(), bar, reader.bytes_read)
-            for text in clean_documents(documents, min_chars, dedup, threshold, stats):
-                writer.write(text)
+            for pieces in clean_documents(documents, min_chars, dedup, threshold, stats):
+                writer.write(pieces)
         writer.close()
     except BaseException:  # a failure or Ctrl-C while reading or cleaning: the open part's temporary goes too
         writer.discard()

@@ -319,7 +319,7 @@ class CleanText(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
             doc.text = normalize(doc.text)
-            if long_enough(doc.text, self.min_chars):
+            if long_enough(len(doc.text), self.min_chars):
                 yield doc
             else:
                 self.stat_update("too_short")
@@ -371,7 +371,7 @@ class WriteParts(PipelineStep):
             f.unlink()  # from an attempt that was killed
         writer = ShardWriter(out, self.docs_per_shard, tag)
         for doc in data:
-            writer.write(doc.text)
+            writer.write([doc.text])
         writer.close()
 
 
