@@ -535,6 +535,40 @@ def test_chunked_minhash_signature_equals_datatrove_s():
     assert len(shingles) > 10_000 and ours.get_signature(shingles) == theirs.get_signature(shingles)
 
 
+def test_minhash_shingles_are_datatrove_s_made_a_piece_of_the_key_at_a_time(monkeypatch):
+    """datatrove's shingles of a document held each character of its dedup key as a string and each hash as a Python
+    int (a 12.5 M-character document took its signature stage to 1.9 GB): they are made a piece of the key at a time
+    into an array, the same values (keys shorter than 5 characters have none), in ~8 bytes a character, not ~100."""
+    import tracemalloc
+
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    from babyllama.data import clean
+
+    config = dt.minhash_config(0.8)
+    ours = dt.MinhashSignature("/tmp/unused", config, language=dt.Characters())
+    theirs = MinhashDedupSignature("/tmp/unused", config, language=dt.Characters())
+    texts = ["", "短", "今天，好", "今天，天气好", " Hello, world -5 1.5 今天，天气很好。 ", "".join(GOOD[:200])]
+    expected = [theirs.get_shingles(t) for t in texts]
+    assert [len(x) for x in expected[:4]] == [0, 0, 0, 1]
+    for size in (1, 2, 7, 1 << 20):
+        monkeypatch.setattr(clean, "KEY_PIECE_CHARS", size)
+        for text, shingles in zip(texts, expected, strict=True):
+            got = ours.get_shingles(text)
+            assert got.shape == shingles.shape and (got == shingles).all(), (size, text[:20])
+    monkeypatch.setattr(clean, "KEY_PIECE_CHARS", 1 << 12)
+    text = "".join(GOOD) * 3
+    peaks = []
+    for signature in (ours, theirs):
+        tracemalloc.start()
+        try:
+            shingles = signature.get_shingles(text)
+            peaks.append(tracemalloc.get_traced_memory()[1] / len(text))
+        finally:
+            tracemalloc.stop()
+    assert len(shingles) > 60_000 and peaks[0] < 12 < 50 < peaks[1], peaks  # bytes a character: 8.2 and 97
+
+
 def fake_slurm(bin_dir: Path, log: Path) -> None:
     """sbatch that records each script it is given and its arguments; srun that runs its command; scontrol
     that names this machine."""
