@@ -132,19 +132,21 @@ class TrainConfig:
     rpo_alpha: float = 0.0  # weight of the chosen answers' NLL added to the DPO loss (RPO; TRL loss_type sigmoid+sft)
 
     def __post_init__(self) -> None:
-        """Every setting in its range, before anything runs; each mistake is one sentence."""
+        """Every setting in its range, before anything runs; each mistake is one sentence. Every float setting is
+        checked for finiteness here, once (check_finite), so the range checks below need not say it."""
+        check_finite(self)
         for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name, zero in OFF_AT_ZERO.items():
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):  # NaN and inf too
+            if value < 0:
                 raise UserError(f"{name} must be 0 ({zero}) or more, got {value}.")
         for name in FRACTIONS:
             check_fraction(getattr(self, name), name)
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
+        if self.epochs <= 0:
             raise UserError(f"epochs must be more than 0, got {self.epochs}.")
-        if not 0 < self.lr <= MAX_LR:  # NaN too
+        if not 0 < self.lr <= MAX_LR:
             raise UserError(f"lr must be in (0, {MAX_LR:g}], got {self.lr}.")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}.")
@@ -162,8 +164,8 @@ class TrainConfig:
             raise UserError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}.")
         if self.average_last and self.fsdp:
             raise UserError("average_last works without FSDP (DDP is fine); set average_last = 0 with fsdp.")
-        if not (0 < self.beta < math.inf and 0 <= self.label_smoothing < 0.5 and 0 <= self.rpo_alpha < math.inf):
-            raise UserError("DPO needs a finite beta > 0, label_smoothing in [0, 0.5) and a finite rpo_alpha >= 0; "
+        if not (self.beta > 0 and 0 <= self.label_smoothing < 0.5 and self.rpo_alpha >= 0):
+            raise UserError("DPO needs beta > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0; "
                             f"got beta {self.beta}, label_smoothing {self.label_smoothing}, "
                             f"rpo_alpha {self.rpo_alpha}.")
 
@@ -191,6 +193,15 @@ class TrainConfig:
                           f"{'it' if len(unread) == 1 else 'them'}")
         if faults:
             raise UserError("; also, ".join(faults) + ".")
+
+
+def check_finite(t: TrainConfig) -> None:
+    """UserError for the first float setting of t that is NaN or infinite: no setting means anything there, and one
+    that slipped through (lora_alpha nan) skipped every step, then wrote NaN weights and invalid JSON."""
+    for f in dataclasses.fields(t):
+        value = getattr(t, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}.")
 
 
 def spoken(names: list[str]) -> str:
