@@ -303,6 +303,43 @@ def test_export_adapter_reads_the_config_again_only_for_a_folder_that_is_no_lora
     assert read == [lora_run / "init"]
 
 
+@pytest.mark.parametrize("field, value, wanted", [
+    ("lora_alpha", "x", 'lora_alpha must be a number > 0, not "x"'),  # TypeError in peft's scaling
+    ("lora_alpha", None, "lora_alpha must be a number > 0, not null"),
+    ("lora_alpha", float("nan"), "lora_alpha must be a number > 0, not NaN"),  # NaN weights, no word
+    ("r", 0, "r must be a whole number >= 1, not 0"),  # peft's ValueError
+    ("r", -3, "r must be a whole number >= 1, not -3"),
+    ("r", 4.0, "r must be a whole number >= 1, not 4.0"),
+    ("r", ..., "r must be a whole number >= 1, but it is missing"),
+    ("lora_dropout", 2, "lora_dropout must be a number in [0, 1), not 2"),
+    ("target_modules", ["foo"], 'target_modules must be a list of layers among wqkv, wo, w13, w2, not ["foo"]'),
+    ("target_modules", "wqkv", 'target_modules must be a list of layers among wqkv, wo, w13, w2, not "wqkv"'),
+    ("bias", "foo", 'bias must be peft\'s default "none", not "foo"'),  # peft's NotImplementedError
+    ("rank_pattern", {"wqkv": 2}, 'rank_pattern must be peft\'s default {}, not {"wqkv": 2}'),
+])
+def test_a_bad_field_of_adapter_config_json_is_one_sentence(lora_run, tmp_path, capsys, field, value, wanted):
+    """A value of adapter_config.json that peft chokes on (a traceback, exit 1, in chat, serve, eval and export) or
+    that builds other layers than the adapter's: one sentence naming the file and the field, exit 2, before the base
+    is loaded."""
+    from babyllama.cli import main
+
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run / "run" / "final", lora)
+    data = json.loads((lora / "adapter_config.json").read_text())
+    if value is ...:
+        del data[field]
+    else:
+        data[field] = value
+    (lora / "adapter_config.json").write_text(json.dumps(data))
+    sentence = f"{lora / 'adapter_config.json'}: {wanted}; the LoRA checkpoint is damaged."
+    assert main(["export", str(lora), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: {sentence}\n"
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == sentence
+    assert not (tmp_path / "hf").exists()
+
+
 def files_of(folder) -> dict[str, bytes]:
     """{path in folder: bytes} of every file below folder but its hidden ones (the lock)."""
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))

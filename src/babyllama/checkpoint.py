@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from babyllama.errors import UserError, agree, check_folder, discard, writing
-from babyllama.lora import ADAPTER_FILE, is_adapter, load_adapter, merge_lora, save_adapter
+from babyllama.lora import ADAPTER_FILE, adapter_config, is_adapter, load_adapter, merge_lora, save_adapter
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.weights_file import file_sha256, save_safetensors, save_torch
@@ -284,7 +284,8 @@ def model_config(path: str | Path) -> ModelConfig:
         cfg = ModelConfig.from_dict(settings)
     except UserError as e:
         raise UserError(f"{path / CONFIG_FILE}: {e}") from None
-    if is_adapter(path):  # LoRA: the adapter's file must read; its shapes are checked on loading it onto the base
+    if is_adapter(path):  # LoRA: adapter_config.json's fields checked, the adapter's file read; its shapes are
+        adapter_config(path)  # checked on loading it onto the base
         _stored_shapes(path, ADAPTER_FILE)
         return cfg
     shapes = _stored_shapes(path)

@@ -21,13 +21,18 @@ from pathlib import Path
 import torch
 
 from babyllama.errors import UserError, require
-from babyllama.model import ModelConfig, Transformer
+from babyllama.model import ModelConfig, Transformer, real, whole
 from babyllama.weights_file import save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 TARGETS = ("wqkv", "wo", "w13", "w2")  # the linear layers of every block (attention, then feed-forward)
 PREFIX = "base_model.model."  # what PeftModel puts before the module names in adapter_model.safetensors
+PEFT_DEFAULTS = (  # adapter_config.json's fields that babyllama writes as peft's defaults: other values change the
+    "peft_type", "bias", "lora_bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",  # layers peft
+    "layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save", "layer_replication",  # builds
+    "init_lora_weights", "target_parameters", "trainable_token_indices",  # or how it scales them, or break it
+)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: str, base: str | None = None):
@@ -110,13 +115,43 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def adapter_config(path: str | Path):
-    """The LoraConfig of a LoRA checkpoint; UserError when it is no LoRA adapter peft can read."""
+    """The LoraConfig of a LoRA checkpoint, its fields checked first (check_adapter_fields); UserError when it is no
+    LoRA adapter peft can read and babyllama can load."""
     peft = require("peft", "lora")
+    f = Path(path) / ADAPTER_CONFIG
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not a LoRA adapter config ({e}).") from None
+    check_adapter_fields(data, f, peft.LoraConfig())
     try:
         config = peft.LoraConfig.from_pretrained(str(path))
     except (ValueError, TypeError, OSError) as e:
-        raise UserError(f"{Path(path) / ADAPTER_CONFIG} is not a LoRA adapter config ({e}).") from None
+        raise UserError(f"{f} is not a LoRA adapter config ({e}).") from None
     return config
+
+
+def check_adapter_fields(data, f: Path, defaults) -> None:
+    """UserError naming the file f and the field when adapter_config.json's data (its JSON) is no object, or its
+    r, lora_alpha, lora_dropout or target_modules are not what lora_config accepts (a value of another type or out of
+    range, targets other than TARGETS, the layers every model has), or one of PEFT_DEFAULTS is not peft's default
+    (defaults: a LoraConfig()): each made peft fail with a traceback, or build layers its weights do not fit."""
+    if not isinstance(data, dict):
+        raise UserError(f"{f} is not a LoRA adapter config (it holds {type(data).__name__}, not a JSON object).")
+    r, alpha, dropout, targets = (data.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules"))
+    checks = {
+        "r": (whole(r) and r >= 1, "a whole number >= 1"),
+        "lora_alpha": (real(alpha) and alpha > 0, "a number > 0"),
+        "lora_dropout": (real(dropout) and 0 <= dropout < 1, "a number in [0, 1)"),
+        "target_modules": (isinstance(targets, list) and targets and all(t in TARGETS for t in targets),
+                           f"a list of layers among {', '.join(TARGETS)}"),
+        **{k: (data[k] == getattr(defaults, k), f"peft's default {json.dumps(getattr(defaults, k))}")
+           for k in PEFT_DEFAULTS if k in data and hasattr(defaults, k)},
+    }
+    for name, (ok, wanted) in checks.items():
+        if not ok:
+            got = f"not {json.dumps(data[name], ensure_ascii=False)}" if name in data else "but it is missing"
+            raise UserError(f"{f}: {name} must be {wanted}, {got}; the LoRA checkpoint is damaged.")
 
 
 def load_adapter(model: Transformer, path: str | Path) -> Transformer:

@@ -33,6 +33,16 @@ SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # 
 MAX_SEQ_LEN = 1 << 16  # positions: the RoPE tables and each KV cache are allocated for max_seq_len of them
 
 
+def whole(v) -> bool:
+    """Whether a value read from JSON is a whole number (true and false are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def real(v) -> bool:
+    """Whether a value read from JSON is a finite number (true and false, NaN and Infinity are not)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 512
@@ -51,12 +61,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         """Every value checked, types and ranges, before anything is built from it: a config.json read
         from a checkpoint is as trusted as the user's flags. Raises UserError naming the setting."""
-        def whole(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def real(v) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
         checks = {
             "dim": (whole(self.dim) and self.dim >= 1, "a whole number >= 1"),
             "n_layers": (whole(self.n_layers) and self.n_layers >= 1, "a whole number >= 1"),
