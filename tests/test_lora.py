@@ -340,6 +340,27 @@ def test_a_bad_field_of_adapter_config_json_is_one_sentence(lora_run, tmp_path, 
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_lora_checkpoint_without_adapter_config_json_is_said_to_lack_it(lora_run, tmp_path):
+    """Without adapter_config.json a LoRA checkpoint reads as a full one, and was said to have no model.safetensors."""
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run / "run" / "final", lora)
+    (lora / "adapter_config.json").unlink()
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == (f"checkpoint {lora} is a LoRA checkpoint (it has adapter_model.safetensors) but has no "
+                            "adapter_config.json; restore it from a copy of the checkpoint.")
+    (lora / ADAPTER_FILE).unlink()
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == (f"checkpoint {lora} is a LoRA checkpoint (its config.json names a base) but has neither "
+                            "adapter_config.json nor adapter_model.safetensors; restore them from a copy of the "
+                            "checkpoint.")
+    shutil.copytree(lora_run / "init", tmp_path / "full")
+    (tmp_path / "full" / "model.safetensors").unlink()  # a full checkpoint's sentence is as it was
+    with pytest.raises(UserError, match=f"^checkpoint {tmp_path / 'full'} has no model.safetensors.$"):
+        load_model(tmp_path / "full")
+
+
 def files_of(folder) -> dict[str, bytes]:
     """{path in folder: bytes} of every file below folder but its hidden ones (the lock)."""
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))

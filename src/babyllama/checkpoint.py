@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from babyllama.errors import UserError, agree, check_folder, discard, writing
-from babyllama.lora import ADAPTER_FILE, adapter_config, is_adapter, load_adapter, merge_lora, save_adapter
+from babyllama.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    adapter_config,
+    is_adapter,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.weights_file import file_sha256, save_safetensors, save_torch
@@ -310,7 +318,7 @@ def _stored_shapes(path: Path, name: str = MODEL_FILE) -> dict[str, tuple[int, .
     from safetensors import SafetensorError, safe_open
 
     if not (path / name).is_file():
-        raise UserError(f"checkpoint {path} has no {name}.")
+        raise no_weights(path, name)
     try:
         with safe_open(str(path / name), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -449,8 +457,27 @@ def _stat(st: os.stat_result) -> dict:
 def _weights_file(path: str | Path) -> Path:
     f = Path(path) / (ADAPTER_FILE if is_adapter(path) else MODEL_FILE)
     if not f.is_file():
-        raise UserError(f"checkpoint {path} has no {f.name}.")
+        raise no_weights(Path(path), f.name)
     return f
+
+
+def no_weights(path: Path, name: str) -> UserError:
+    """The UserError for a checkpoint at path without its weights file `name`. One without model.safetensors that
+    is a LoRA checkpoint but for its adapter_config.json (its adapter_model.safetensors is there, or its config.json
+    names a base) is said to lack that: "has no model.safetensors" sent its owner looking for the wrong file."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        config = None
+    named = isinstance(config, dict) and "base" in config
+    if name != MODEL_FILE or not ((path / ADAPTER_FILE).is_file() or named):
+        return UserError(f"checkpoint {path} has no {name}.")
+    if (path / ADAPTER_FILE).is_file():
+        sign, missing, it = f"it has {ADAPTER_FILE}", f"no {ADAPTER_CONFIG}", "it"
+    else:
+        sign, missing, it = f"its {CONFIG_FILE} names a base", f"neither {ADAPTER_CONFIG} nor {ADAPTER_FILE}", "them"
+    return UserError(f"checkpoint {path} is a LoRA checkpoint ({sign}) but has {missing}; restore {it} from a copy "
+                     "of the checkpoint.")
 
 
 def model_tensors_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
