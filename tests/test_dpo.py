@@ -431,6 +431,14 @@ def test_dpo_resume_refuses_another_reference_or_loss_before_the_cache_is_built(
     assert main([*args, "--init", str(moved), "--max_steps", "4", "--resume", "--precompute_ref_log_probs",
                  "true"]) == 0
     assert json.loads((run / "final" / "config.json").read_text())["step"] == 4
+    # the reference changed in place: said so, not "resume with --init" naming the same folder
+    save_checkpoint(moved, model(1), bpe_tokenizer)
+    shutil.rmtree(run / "dpo_tokens")
+    capsys.readouterr()
+    assert main([*args, "--init", str(moved), "--max_steps", "6", "--resume"]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: {run / 'checkpoints' / 'step_000004'} was trained against "
+                                       f"the reference model {moved.resolve()}, whose weights changed since; restore "
+                                       "that model or use a new out_dir.\n")
 
 
 def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):

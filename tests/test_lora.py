@@ -263,6 +263,13 @@ def test_lora_resume_on_another_init_is_refused_before_the_cache_is_built(lora_r
                                        f"base {copy}, not --init {tmp_path / 'other'} (other weights); resume with "
                                        f"--init {copy} or use a new out_dir.\n")
     assert not (run / f"{stage}_tokens").exists()
+    # the base changed in place: said so, not "resume with --init" naming the same folder
+    save_checkpoint(tmp_path / "copy", plain_model(seed=3, max_seq_len=64), bpe_tokenizer)
+    assert main([*args, "--init", str(tmp_path / "copy"), "--max_steps", "6", "--resume"]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: {run / 'checkpoints' / 'step_000004'} is an adapter of the "
+                                       f"base {copy}, whose weights changed since; restore that base or use a new "
+                                       "out_dir.\n")
+    assert not (run / f"{stage}_tokens").exists()
 
 
 def test_hf_export_merges_or_writes_a_peft_adapter(lora_run, tmp_path):

@@ -235,7 +235,8 @@ RESUME_SETTINGS = ("optimizer", "lora_rank", "lora_alpha", "lora_targets", "seed
 def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     """UserError when the checkpoint to resume was trained with other model settings, or other RESUME_SETTINGS,
     or, for LoRA, on another base than --init, or, for DPO, against another reference model than --init (is_base:
-    the weights its config.json names, by stat or SHA-256, as chat and eval check); older checkpoints, which do
+    the weights its config.json names, by stat or SHA-256, as chat and eval check), or on the --init folder whose
+    weights changed since (said so: "resume with --init" named that same folder); older checkpoints, which do
     not record these, are checked for what they record (a LoRA one's rank and alpha: its adapter_config.json's)."""
     config = read_config(resume_from)
     saved = config["model"]
@@ -253,12 +254,16 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
     if diff:
         raise UserError(f"{resume_from} was trained with {', '.join(diff)}; resume with the same settings or use "
                         "a new out_dir.")
-    for key, trained in (("base", "is an adapter of the base"),
-                         ("reference", "was trained against the reference model")):
+    for key, trained, model in (("base", "is an adapter of the base", "base"),
+                                ("reference", "was trained against the reference model", "model")):
         source = config.get(key)  # a LoRA run's base, a DPO run's reference: {path, stat, sha256}
-        if source and (key == "reference" or cfg.train.lora_rank) and not is_base(source, cfg.train.init):
-            raise UserError(f"{resume_from} {trained} {source['path']}, not --init {cfg.train.init} (other "
-                            f"weights); resume with --init {source['path']} or use a new out_dir.")
+        if not source or (key == "base" and not cfg.train.lora_rank) or is_base(source, cfg.train.init):
+            continue
+        if Path(source["path"]).resolve() == Path(cfg.train.init).resolve():  # --init is that folder: changed since
+            raise UserError(f"{resume_from} {trained} {source['path']}, whose weights changed since; restore that "
+                            f"{model} or use a new out_dir.")
+        raise UserError(f"{resume_from} {trained} {source['path']}, not --init {cfg.train.init} (other weights); "
+                        f"resume with --init {source['path']} or use a new out_dir.")
 
 
 def planned_samples(t: TrainConfig, seq_len: int, rows: int, row_positions: np.ndarray | None = None) -> int | None:
