@@ -81,6 +81,30 @@ def test_truncated_weights_fail_clearly(tmp_path):
         load_model(tmp_path / "ck")
 
 
+def test_a_checkpoint_pruned_while_it_loads_is_said_to_be_gone(bpe_tokenizer, tmp_path, monkeypatch, capsys):
+    """export of a step checkpoint that a running run's keep_last pruning deleted after it was checked said its
+    model.safetensors "cannot be read (No such file ...); it is damaged or was cut off"."""
+    import shutil
+
+    import babyllama.checkpoint as ck
+    from babyllama.cli import main
+
+    ckpt = ck.step_checkpoint(tmp_path / "run", 2)
+    save_checkpoint(ckpt, sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    checked = ck.checked_tokenizer
+
+    def checked_then_pruned(path):
+        found = checked(path)
+        shutil.rmtree(path)
+        return found
+
+    monkeypatch.setattr(ck, "checked_tokenizer", checked_then_pruned)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: {ckpt / 'model.safetensors'} no longer exists (a training "
+                                       "run may have pruned it: a run keeps only its newest keep_last checkpoints).\n")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_config_that_does_not_match_tensors_fails_clearly(tmp_path):
     save_checkpoint(tmp_path / "ck", sharp_model(tiny_config()))
     cfg_file = tmp_path / "ck" / "config.json"

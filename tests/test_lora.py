@@ -368,6 +368,20 @@ def test_a_lora_checkpoint_without_adapter_config_json_is_said_to_lack_it(lora_r
         load_model(tmp_path / "full")
 
 
+def test_an_adapter_file_gone_while_it_loads_is_said_to_be_gone(lora_run, tmp_path):
+    """As a full checkpoint's weights pruned after they were checked: gone, not "damaged"."""
+    from babyllama.lora import load_adapter
+
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run / "run" / "final", lora)
+    base = load_model(lora_run / "init")
+    (lora / ADAPTER_FILE).unlink()
+    with pytest.raises(UserError) as e:
+        load_adapter(base, lora)
+    assert str(e.value) == (f"{lora / ADAPTER_FILE} no longer exists (a training run may have pruned it: a run keeps "
+                            "only its newest keep_last checkpoints).")
+
+
 def files_of(folder) -> dict[str, bytes]:
     """{path in folder: bytes} of every file below folder but its hidden ones (the lock)."""
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))

@@ -41,7 +41,7 @@ from babyllama.lora import (
 )
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.weights_file import file_sha256, save_safetensors, save_torch
+from babyllama.weights_file import file_sha256, save_safetensors, save_torch, unreadable
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -323,7 +323,7 @@ def _stored_shapes(path: Path, name: str = MODEL_FILE) -> dict[str, tuple[int, .
         with safe_open(str(path / name), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path / name} cannot be read ({e}); it is damaged or was cut off.") from None
+        raise unreadable(path / name, e) from None
 
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
@@ -366,7 +366,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", cfg: ModelC
     try:
         tensors = load_file(str(path / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path / MODEL_FILE} cannot be read ({e}); it is damaged or was cut off.") from None
+        raise unreadable(path / MODEL_FILE, e) from None
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)

@@ -22,7 +22,7 @@ import torch
 
 from babyllama.errors import UserError, require
 from babyllama.model import ModelConfig, Transformer, real, whole
-from babyllama.weights_file import save_safetensors
+from babyllama.weights_file import save_safetensors, unreadable
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -168,8 +168,8 @@ def load_adapter(model: Transformer, path: str | Path) -> Transformer:
         model = add_lora(model, adapter_config(path))
     try:
         tensors = load_file(str(path / ADAPTER_FILE), device=str(model.tok_embeddings.weight.device))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise UserError(f"{path / ADAPTER_FILE} cannot be read ({e}); the LoRA checkpoint is damaged.") from None
+    except (SafetensorError, OSError) as e:
+        raise unreadable(path / ADAPTER_FILE, e) from None
     params = _adapter_params(model)
     if set(tensors) != set(params) or any(tensors[k].shape != p.shape for k, p in params.items()):
         raise UserError(f"{path / ADAPTER_FILE} does not fit the model it is loaded onto (other targets, rank or "

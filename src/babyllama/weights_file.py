@@ -1,5 +1,6 @@
 """Files on disk: a safetensors file written with the mode the user's umask gives a new file, as every other
-file gets, a torch.save whose failed write raises its OSError, and the SHA-256 of any file read in blocks.
+file gets, a torch.save whose failed write raises its OSError, the SHA-256 of any file read in blocks, and the
+sentence for a weights file that cannot be read.
 
 safetensors' save_file creates its file 0600 whatever the umask, so weights in a checkpoint or an export
 shared with a team (umask 0022, shared storage) could be read by their owner only.
@@ -14,6 +15,8 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from babyllama.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -83,3 +86,13 @@ def file_sha256(path: str | Path) -> str:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
+
+
+def unreadable(path: Path, error: Exception) -> UserError:
+    """The UserError for the weights file at path that safetensors could not read (error): gone (FileNotFoundError),
+    as a checkpoint is that a running run's keep_last pruning deleted after it was found, or damaged. A pruned
+    checkpoint was said to be "damaged or cut off", which sent its owner looking for damage."""
+    if isinstance(error, FileNotFoundError):
+        return UserError(f"{path} no longer exists (a training run may have pruned it: a run keeps only its newest "
+                         "keep_last checkpoints).")
+    return UserError(f"{path} cannot be read ({error}); it is damaged or was cut off.")
