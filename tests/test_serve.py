@@ -756,6 +756,39 @@ def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
     assert lp["token_logprobs"][-1] == pytest.approx(0.0, abs=1e-4)  # its logit was raised by 100
 
 
+def test_the_eos_that_ends_an_answer_is_listed_and_counted_alike_in_completions_and_chat(bpe_tokenizer):
+    """Completions listed the </s> that ended an answer in its logprobs (lm-eval needs it) but completion_tokens
+    did not count it, and chat listed it nowhere: both endpoints list it (chat's bytes null), as vLLM does, and
+    completion_tokens counts what the logprobs list."""
+    from babyllama.serve import Generation, score
+    from tests.conftest import favours_control_ids, running
+
+    tok = bpe_tokenizer
+    eos = favours_control_ids(sharp_model(tiny_config(vocab_size=600, max_seq_len=32)), {2: 100.0})  # says </s>
+    for url in running(eos, tok):
+        chat = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "logprobs": True}).json()
+        done = httpx.post(url + "/v1/completions", timeout=30, json={"prompt": "你好", "max_tokens": 4,
+                                                                     "logprobs": 0}).json()
+        streamed = [json.loads(line[6:]) for line in httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}).text.splitlines() if line.startswith("data: {")]
+    [content] = chat["choices"][0]["logprobs"]["content"]
+    assert (content["token"], content["bytes"], chat["choices"][0]["message"]["content"]) == ("</s>", None, "")
+    assert done["choices"][0]["logprobs"]["tokens"] == ["</s>"] and done["choices"][0]["text"] == ""
+    assert chat["usage"]["completion_tokens"] == done["usage"]["completion_tokens"] == 1
+    assert streamed[-1]["usage"]["completion_tokens"] == 1
+    model = sharp_model(tiny_config(vocab_size=600))  # an answer of two tokens, then the </s> that ended it
+    ids = tok.encode("你好")[:2]
+    gen = Generation(model, tok, threading.Lock(), [tok.eos_id, 300], Sampling(max_new_tokens=8), ids=ids,
+                     said_eos=True, top_logprobs=1)
+    score([gen])
+    content, listed = gen.chat_logprobs()["content"], gen.logprobs()
+    assert [c["token"] for c in content] == listed["tokens"] == [tok.decode([i]) for i in ids] + ["</s>"]
+    assert [c["logprob"] for c in content] == listed["token_logprobs"] and content[-1]["bytes"] is None
+    assert gen.usage() == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
 def test_odd_but_valid_requests_and_what_a_user_broke(server):
     url = server["url"] + "/v1/chat/completions"
     hi = [{"role": "user", "content": "你好"}]

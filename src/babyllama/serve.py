@@ -401,10 +401,15 @@ class Generation:
         token (pick), and no other forward runs (lm-evaluation-harness's loglikelihood requests)."""
         return self.top_logprobs is not None and self.sampling.max_new_tokens == 1 and not self.score_only
 
+    def answer_ids(self) -> list[int]:
+        """The answer's tokens and the <eos> that ended it, which the model generated as it did them: what
+        usage's completion_tokens counts and both endpoints' logprobs list (vLLM's way; lm-eval needs the <eos>)."""
+        return self.ids + [self.tokenizer.eos_id] * self.said_eos
+
     def scored_ids(self) -> list[int]:
-        """The ids whose logprobs are given: the prompt, the answer and the <eos> that ended it (the prompt
-        alone before a picked token is picked)."""
-        return self.prompt + self.ids + [self.tokenizer.eos_id] * self.said_eos
+        """The ids whose logprobs are given: the prompt and answer_ids (the prompt alone before a picked token is
+        picked)."""
+        return self.prompt + self.answer_ids()
 
     def pick(self, logits: torch.Tensor, logp: torch.Tensor) -> None:
         """Pick the one new token from the logits (V,) after the prompt, as model.stream picks its first, and
@@ -436,18 +441,21 @@ class Generation:
 
     def chat_logprobs(self) -> dict:
         """Chat's `logprobs`, {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]},
-        of the answer's tokens (score; not the <eos> that ended it)."""
-        n, m = len(self.prompt) - 1, len(self.ids)  # row n scores the answer's first token
+        of answer_ids (score), as completions' logprobs list them: the <eos> that ended the answer is `</s>` with
+        bytes null, and completion_tokens counts it."""
+        answer = self.answer_ids()
+        n, m = len(self.prompt) - 1, len(answer)  # row n scores the answer's first token
 
         def entry(i: int, lp: float) -> dict:
             text, raw = logprob_token(self.tokenizer, i)
             return {"token": text, "logprob": lp, "bytes": raw}
 
         return {"content": [entry(i, lp) | {"top_logprobs": [entry(j, v) for j, v in row]}
-                            for i, lp, row in zip(self.ids, self.chosen[n : n + m], self.top[n : n + m], strict=True)]}
+                            for i, lp, row in zip(answer, self.chosen[n : n + m], self.top[n : n + m], strict=True)]}
 
     def usage(self) -> dict:
-        n, m = len(self.prompt), len(self.ids)
+        """Token counts: the prompt's, and the answer's with the <eos> that ended it (answer_ids), as logprobs list."""
+        n, m = len(self.prompt), len(self.answer_ids())
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
