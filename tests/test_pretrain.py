@@ -1209,3 +1209,19 @@ def test_a_preset_flag_replaces_the_config_model_table(tmp_path, caplog):
     assert caplog.messages == [f"--model.preset baby-92m replaces the [model] settings of {toml} (dim, n_layers); "
                                "pass --model.KEY to change the preset's"]
     assert load_config(toml, ["--model.dim", "64"]).model == preset("demo", dim=64, n_layers=2, vocab_size=1024)
+
+
+def test_pretrain_data_written_as_a_list_like_sfts_is_its_one_shards_folder(shards, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[train]\ndata = ["{shards}"]\n')
+    pretrain(load_config(toml, [*TINY, *FAST, "--max_steps", "1", "--out_dir", str(tmp_path / "run")]))
+    assert len(losses(tmp_path / "run")) == 1
+    toml.write_text(f'[train]\ndata = ["{shards}", "b"]\n')
+    with pytest.raises(UserError) as e:
+        pretrain(load_config(toml, [*TINY, "--out_dir", str(tmp_path / "two")]))
+    assert str(e.value) == (f"pretraining reads one folder of token shards, got 2 in data ({shards}, b); pretokenize "
+                            "all the inputs into one folder (pretokenize --input takes several).")
+    toml.write_text('[train]\ndata = ["a", 5]\n')
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert str(e.value) == "setting train.data expects str | list[str], got ['a', 5]."

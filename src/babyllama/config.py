@@ -225,8 +225,8 @@ def _convert(value, tp, key: str):
     options = [a for a in get_args(tp) if a is not type(None)] or [tp]  # int | None -> [int]; int -> [int]
     if type(None) in get_args(tp) and (value is None or str(value).lower() == "none"):
         return None
-    if isinstance(value, list) and list[str] in options:  # a list of paths
-        return [str(v) for v in value]
+    if isinstance(value, list) and list[str] in options and all(isinstance(v, str) for v in value):  # paths
+        return value
     kind = options[0]
     try:
         if isinstance(value, bool) != (kind is bool) and not isinstance(value, str):  # TOML: true is no number

@@ -242,6 +242,7 @@ def no_validation(cfg: RunConfig, stage: str) -> str:
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     """`babyllama pretrain`: train on the token shards of cfg.train.data."""
     t = cfg.train
+    t.data = shards_folder(t.data)
     if not t.data:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
     t.check_stage("pretrain")
@@ -275,6 +276,15 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
                 if windows is not None:
                     windows.doc_eos = tokenizer.eos_id
         return run_training(cfg, train_data, val_data, tokenizer, dist, start, "pretrain", data=data)
+
+
+def shards_folder(data: str | list[str]) -> str:
+    """Pretraining's data, one folder of token shards, as a path: a one-element list (`data = ["runs/demo/tokens"]`,
+    as SFT's files are written) is that folder. UserError for more than one: the windows come from one manifest."""
+    if isinstance(data, str) or len(data) <= 1:
+        return data if isinstance(data, str) else "".join(data)
+    raise UserError(f"pretraining reads one folder of token shards, got {len(data)} in data ({', '.join(data)}); "
+                    "pretokenize all the inputs into one folder (pretokenize --input takes several).")
 
 
 def check_same_shards(data: dict, resume_from: Path | None, data_dir: str) -> None:
