@@ -1443,3 +1443,28 @@ def test_a_continuation_longer_than_the_context_scores_its_end(bpe_tokenizer):
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].float(), dim=-1)
     expected = sum(logp[t, ids[t + 1]].item() for t in range(32))
     assert ModelScorer(model, bpe_tokenizer).logprob(context, continuation) == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_prompts_lines_that_are_not_text_are_bad_records_said_and_counted(tmp_path, tiny_run, monkeypatch):
+    """`eval --prompts` dropped a line with bytes that are not text without a word, where chat refuses such a line
+    and the QA reader counts it as a bad record."""
+    from babyllama.data import sources
+    from babyllama.evaluate import read_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("第一行提示\n\n".encode() + b"\xff" + "坏的字节\n第三行提示\n".encode())
+    out = tmp_path / "out"
+    r = run_cli("eval", str(tiny_run / "run" / "final"), "--prompts", str(prompts), "--max_new_tokens", "1",
+                "--out_dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"note: 1 bad prompt record is skipped; the first: {prompts}:3: the line holds bytes that are not text "
+            "in the file's encoding (\\xff)") in r.stdout.splitlines()
+    result = json.loads((out / "eval.json").read_text())
+    assert [c["prompt"] for c in result["continuations"]] == ["第一行提示", "第三行提示"]
+    assert result["prompts_bad_records"] == 1
+    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 4)  # a line too long is bad too; none good is an error
+    prompts.write_text("第一行提示\n")
+    with pytest.raises(UserError) as e:
+        read_prompts(prompts)
+    assert str(e.value) == (f"prompts file {prompts} has no prompts (a line of text each), 1 was bad (the first: "
+                            f"{prompts}:1: a line over 4 characters); pass a file that has some.")

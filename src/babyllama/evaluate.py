@@ -50,7 +50,6 @@ from babyllama.chat_format import (
     cut_conversation,
     field_text,
     instruction_prompt,
-    is_unicode,
     last_whole_characters,
     line_ends,
     messages_key,
@@ -887,17 +886,25 @@ def check_lm_data(data: str | Path, seq_len: int) -> dict:
     return manifest
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The continuation prompts of a text file, one a line in any encoding, less blank lines and lines that are
-    not text. Raises UserError when the file is not there, is not a regular file, or holds no prompt."""
+def read_prompts(path: str | Path) -> tuple[list[str], list[str]]:
+    """The continuation prompts of a text file, one a line in any encoding, less blank lines; and "file:line: why"
+    of each line skipped as bad (bytes that are not text, a line over MAX_RECORD_CHARS), as read_qa's bad records.
+    Raises UserError when the file is not there, is not a regular file, or holds no prompt."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} {not_a_file(path)}; pass a text file, one prompt a line.")
+    prompts, bad = [], []
     with open_text(path, file_encoding(path)) as f:
-        prompts = [r["text"] for _, r, _ in records_text(path, f) if r and r["text"].strip() and is_unicode(r["text"])]
+        for where, record, why in records_text(path, f):
+            why = why or (f"the line holds {text}" if (text := not_unicode(record["text"])) else "")
+            if why:
+                bad.append(f"{where}: {why}")
+            elif record["text"].strip():
+                prompts.append(record["text"])
     if not prompts:
-        raise UserError(f"prompts file {path} has no prompts (a line of text each); pass a file that has some.")
-    return prompts
+        raise UserError(f"prompts file {path} has no prompts (a line of text each){bad_detail(bad)}; pass a file "
+                        "that has some.")
+    return prompts, bad
 
 
 def cut_to_context(tokenizer: Tokenizer, max_seq_len: int, max_new_tokens: int, prompts: Sequence[str],
@@ -965,11 +972,11 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     check_out_dir_of_eval(out, checkpoint)
     tokenizer, cfg, config = checked_tokenizer(checkpoint)  # all but the weights, which load after the checks
     manifest = check_lm_data(data, cfg.max_seq_len) if data else None
-    prompt_list = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
+    prompt_list, prompts_bad = read_prompts(prompts) if prompts else (DEFAULT_PROMPTS, [])
     qa_items, no_reference, qa_bad = read_qa(qa, limit) if qa else ([], 0, [])  # bad eval files fail before any
     mc_items, mc_bad = read_mc(mc, limit) if mc else ([], [])  # work; the items are read at each pass, not held
     train_files = expand_inputs(list(train_data)) if train_data else []
-    for what, bad in (("QA", qa_bad), ("multiple-choice", mc_bad)):
+    for what, bad in (("prompt", prompts_bad), ("QA", qa_bad), ("multiple-choice", mc_bad)):
         if bad:
             print(f"note: {len(bad)} bad {what} {agree(len(bad), 'record is', 'records are')} skipped; the first: "
                   f"{bad[0]}")
@@ -993,6 +1000,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         result["lm"] = lm_metrics(model, data, tokenizer, doc_mask=trained_doc_mask(config), manifest=manifest)
     result["continuations"] = continuations(model, tokenizer, prompt_list, sampling)
     result["prompts_cut_to_context"] = cut["prompts"]
+    if prompts:
+        result["prompts_bad_records"] = len(prompts_bad)
     if qa and no_reference:
         print(f"note: {no_reference} QA {agree(no_reference, 'item has', 'items have')} no reference (missing or "
               f"empty) and {agree(no_reference, 'is', 'are')} not scored.")
