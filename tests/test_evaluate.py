@@ -1459,6 +1459,8 @@ def test_eval_prompts_lines_that_are_not_text_are_bad_records_said_and_counted(t
     assert r.returncode == 0, r.stderr[-2000:]
     assert (f"note: 1 bad prompt record is skipped; the first: {prompts}:3: the line holds bytes that are not text "
             "in the file's encoding (\\xff)") in r.stdout.splitlines()
+    assert r.stdout.splitlines()[-4:] == [f"2 continuations in {out / 'eval.json'} (its continuations)", "{",
+                                          f'  "out_dir": "{out}"', "}"]  # not the out_dir alone
     result = json.loads((out / "eval.json").read_text())
     assert [c["prompt"] for c in result["continuations"]] == ["第一行提示", "第三行提示"]
     assert result["prompts_bad_records"] == 1

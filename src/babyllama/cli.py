@@ -344,6 +344,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result = evaluate(args.checkpoint, out, data=args.data, prompts=args.prompts, qa=args.qa, mc=args.mc,
                           train_data=args.train_data, sampling=sampling_of(args), limit=args.limit,
                           device=pick_device(args.device))
+    n = len(result["continuations"])
+    print(f"{n} {agree(n, 'continuation', 'continuations')} in {Path(out) / 'eval.json'} (its continuations)")
     summary = {k: result[k] for k in ("lm", "qa", "qa_scales", "mc", "leakage") if k in result}
     print(json.dumps({"out_dir": out, **summary}, ensure_ascii=False, indent=2))
 
