@@ -244,7 +244,7 @@ def test_an_empty_path_is_refused_by_every_path_argument(tmp_path, monkeypatch):
     for args in cases:
         r = run_cli(*args)
         assert r.returncode == 2, args
-        assert r.stderr.endswith(': an empty path names no file or folder; give one ("." for this folder)\n'), args
+        assert r.stderr.endswith(': an empty path names no file or folder; give one ("." for this folder).\n'), args
     assert list(tmp_path.iterdir()) == []
 
 
@@ -718,7 +718,7 @@ def test_a_path_given_twice_is_refused_another_value_is_replaced(tmp_path, monke
             (["eval", "ck", "--qa", "q.jsonl", "--qa", "q.jsonl"],
              "argument --qa: given twice (q.jsonl, then q.jsonl); give it once.")):
         r = run_cli(*args)
-        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama {args[0]}: error: {said}"), args
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: {said}"), args
     for args, said in (
             (["pretrain", "--out_dir", "a", "--lr", "1e-3", "--out_dir", "b"],
              "setting out_dir given twice (--out_dir a, then --out_dir b)"),
@@ -803,3 +803,14 @@ def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly_as_cat_does(tmp_p
         os.close(write)
     assert said == [(141, "chat: running on cpu", False), (141, "eval: running on cpu", False)]
     assert signal.SIGPIPE == 141 - 128 and (tmp_path / "eval" / "eval.json").is_file()
+
+
+def test_a_flag_out_of_its_range_is_one_sentence_not_the_usage_block():
+    """argparse's errors printed the whole usage block, then `babyllama chat: error: argument ...`: the README
+    promises one sentence, `babyllama: error: ...`, and exit code 2."""
+    for args, said in [(["chat", "ckpt", "--max_new_tokens", "0"], "argument --max_new_tokens: 0 is below 1."),
+                       (["prepare", "--input", "a", "--out_dir", ""],
+                        'argument --out_dir: an empty path names no file or folder; give one ("." for this folder).'),
+                       (["eval"], "the following arguments are required: checkpoint (see babyllama eval --help).")]:
+        r = run_cli(*args)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"babyllama: error: {said}\n"), args

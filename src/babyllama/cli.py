@@ -27,6 +27,7 @@ import threading
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
+from typing import NoReturn
 
 from babyllama import __version__
 from babyllama.errors import (
@@ -447,7 +448,16 @@ class ShowDefaults(argparse.HelpFormatter):
         return text
 
 
-class CommandParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a flag out of its range, one missing or unknown) are one sentence,
+    `babyllama: error: ...`, with exit code 2, as every other mistake is: not its usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        see = f" (see {self.prog} --help)" if message.startswith("the following arguments are required") else ""
+        self.exit(2, f"babyllama: error: {message.rstrip('.')}{see}.\n")
+
+
+class CommandParser(Parser):
     """A command's parser: --help shows the defaults; with settings=STAGE (pretrain, sft, dpo) also those of
     every `--key value` setting the stage reads, from TrainConfig (read only then: it imports torch)."""
 
@@ -520,7 +530,7 @@ def path(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
+    parser = Parser(prog="babyllama", description="Pretrain and fine-tune a small Chinese LLaMA-2.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(takes_overrides=False)  # pretrain and sft take any setting as --key value
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
