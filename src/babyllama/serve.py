@@ -24,6 +24,7 @@ import ipaddress
 import json  # no `from __future__ import annotations`: FastAPI and pydantic read the request models' types
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -45,7 +46,7 @@ from babyllama.chat_format import (
     render_prompt,
     text_prompt,
 )
-from babyllama.errors import UserError, agree, how_stopped, require
+from babyllama.errors import Terminated, UserError, agree, how_stopped, require
 from babyllama.model import sample_next
 from babyllama.sampling import DEVICE, MAX_TEMPERATURE, Sampling
 from babyllama.tokenizer import Tokenizer
@@ -1032,6 +1033,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
         Server(uvicorn_config(app, fd=sock.fileno(), log_level="info")).run()
     finally:
         grace.cancel()
+    if stops:  # raised again under the handler from before uvicorn's, it was ignored: SIGINT in `serve &`, whose
+        raise KeyboardInterrupt if stops[-1] == signal.SIGINT else Terminated  # shell ignores it for the job
 
 
 def uvicorn_config(app, **kwargs):
