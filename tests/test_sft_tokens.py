@@ -143,6 +143,7 @@ def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", SFTSettings(max_len=129), True, Dist())
     assert str(e.value) == (f"the SFT token cache {tmp_path / 'c'} was built with the model's max_seq_len 64 (now "
                             "128); delete it to rebuild, or choose another --sft_cache.")
+    assert "using" not in capsys.readouterr().out  # said only of a cache accepted, not before its refusal
     f.write_bytes(f.read_bytes()[:-1] + b" ")  # the file changed, its size did not
     with pytest.raises(UserError, match="built with other inputs .*multi.jsonl differs"):
         load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, True, Dist())

@@ -156,7 +156,8 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
         raise UserError(f"the run started with {', '.join(changed)}; resuming needs the same inputs and settings, so "
                         "restore them, or start a new run without --resume in a new --out_dir.")
     manifest = read_sft_cache(cache_dir)
-    if manifest is None:
+    built = manifest is None
+    if built:
         if dist.main:
             print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
             build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
@@ -164,12 +165,12 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
         manifest = read_sft_cache(cache_dir)
         if manifest is None:
             raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
-    elif dist.main:
-        print(f"{kind} cache: using {cache_dir}")
     differ = cache_differences(manifest, key)
     if differ:
         raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
                         "delete it to rebuild, or choose another --sft_cache.")
+    if not built and dist.main:  # once accepted: not before the sentence that refuses it
+        print(f"{kind} cache: using {cache_dir}")
     stats = SFTStats(**manifest["stats"])
     T = settings.max_len - 1
     train = SFTData(*open_split(cache_dir, manifest, "train"), T, tokenizer.pad_id, pack)
