@@ -196,3 +196,33 @@ def test_readme_quotes_the_stop_message_as_printed(monkeypatch, capsys):
     printed = capsys.readouterr().err.strip()
     readme = " ".join((ROOT / "README.md").read_text().split())  # a quote may wrap
     assert f"`{printed}`" in readme, printed
+
+
+def test_the_code_maps_order_holds_for_every_import():
+    """The code map said a module imports only those above it, but clean.py imported shards.py, below it, at its
+    top, and four modules import one below them inside a function. Each module's top-level imports are of modules
+    above it in the map; those below it are inside a function (or for type hints), exactly the ones it names."""
+    import ast
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Code map"):]
+    block = block[block.index("```\nsrc/babyllama/") + 4:]
+    order = re.findall(r"^  (\S+\.py)", block[:block.index("```")], re.M)
+    src = ROOT / "src" / "babyllama"
+    assert sorted(order) == sorted(str(f.relative_to(src)) for f in src.rglob("*.py") if f.stem[0] != "_")
+    place = {"babyllama." + p[:-3].replace("/", "."): i for i, p in enumerate(order)}
+    below = set()
+    for i, p in enumerate(order):
+        tree = ast.parse((src / p).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("babyllama"):
+                names = [node.module] if node.module in place else [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in (n for n in names if place.get(n, -1) >= i):
+                at_top = node in tree.body or any(node in ast.walk(s) for s in tree.body if isinstance(s, ast.Try))
+                assert not at_top, f"{p} imports {name}, below it in the code map, at its top"
+                below.add((p, name.removeprefix("babyllama.").replace(".", "/") + ".py"))
+    assert below == {("tokenizer.py", "data/sources.py"), ("checkpoint.py", "data/sources.py"),
+                     ("chat_format.py", "data/preferences.py"), ("data/sources.py", "data/preferences.py"),
+                     ("data/sft_tokens.py", "data/preferences.py")}
