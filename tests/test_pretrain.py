@@ -1225,3 +1225,15 @@ def test_pretrain_data_written_as_a_list_like_sfts_is_its_one_shards_folder(shar
     with pytest.raises(UserError) as e:
         load_config(toml)
     assert str(e.value) == "setting train.data expects str | list[str], got ['a', 5]."
+
+
+def test_a_model_vocab_far_above_the_tokenizers_ids_gets_a_note_at_the_start(shards, tmp_path, capsys):
+    """The demo preset (vocab_size 8,192) on the smoke tokenizer's 1,024 ids trained 7,168 embedding rows that no
+    id reaches, without a word. A vocab_size padded up to the next multiple of 64 is fine."""
+    flags = [*TINY, *FAST, "--max_steps", "1", "--data", str(shards)]
+    pretrain(load_config(None, [*flags, "--model.vocab_size", "1000", "--out_dir", str(tmp_path / "a")]))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "embedding rows" in line]
+    assert notes == ["note: the tokenizer has 600 ids; the model's vocab_size 1000 leaves 400 embedding rows unused; "
+                     "set --model.vocab_size 600"]
+    pretrain(load_config(None, [*flags, "--model.vocab_size", "640", "--out_dir", str(tmp_path / "b")]))
+    assert "embedding rows" not in capsys.readouterr().out

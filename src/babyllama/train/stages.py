@@ -62,6 +62,7 @@ from babyllama.train.trainer import (
 
 TOKENIZER_OF_INIT = "pass --tokenizer, the one that --init was trained with"  # what sft and dpo say without one
 A_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run"}
+VOCAB_MULTIPLE = 64  # a model's vocab_size up to the tokenizer's ids rounded up to this multiple gets no note
 ROWS = {"pretrain": ("window", "windows"), "sft": ("row", "rows"), "dpo": ("pair", "pairs")}  # a stage's training rows
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,8 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
         tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
         checked_run(cfg, tokenizer, dist, resume, tok_path, start, "pretrain")
+        if dist.main and not t.init and start.resume_from is None and (note := unused_rows(tokenizer, cfg.model)):
+            print(note)  # a model from --init or resumed keeps its vocab_size
         differ = tokenizer.differences(manifest["tokenizer"])
         if differ:
             raise UserError(f"the shards in {t.data} were made with another tokenizer ({differ[1]}) than {tok_path} "
@@ -285,6 +288,17 @@ def shards_folder(data: str | list[str]) -> str:
         return data if isinstance(data, str) else "".join(data)
     raise UserError(f"pretraining reads one folder of token shards, got {len(data)} in data ({', '.join(data)}); "
                     "pretokenize all the inputs into one folder (pretokenize --input takes several).")
+
+
+def unused_rows(tokenizer: Tokenizer, model: ModelConfig) -> str:
+    """The note for a model whose vocab_size is above the tokenizer's ids rounded up to VOCAB_MULTIPLE (a size padded
+    for the GPU's matrix tiles is fine): rows of the embedding and output that no id reaches, trained for nothing
+    (the demo preset's 8,192 with the smoke tokenizer's 1,024); "" when it fits."""
+    n, m = tokenizer.vocab_size, model.vocab_size
+    if m <= -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE:
+        return ""
+    return (f"note: the tokenizer has {n} ids; the model's vocab_size {m} leaves {m - n} embedding rows unused; "
+            f"set --model.vocab_size {n}")
 
 
 def check_same_shards(data: dict, resume_from: Path | None, data_dir: str) -> None:
