@@ -1470,3 +1470,18 @@ def test_eval_prompts_lines_that_are_not_text_are_bad_records_said_and_counted(t
         read_prompts(prompts)
     assert str(e.value) == (f"prompts file {prompts} has no prompts (a line of text each), 1 was bad (the first: "
                             f"{prompts}:1: a line over 4 characters); pass a file that has some.")
+
+
+def test_eval_prompts_a_utf16_mark_before_bytes_that_are_not_utf16_is_a_bad_record_not_a_traceback(tmp_path):
+    """A prompts file that starts with a UTF-16 byte-order mark is read as UTF-16; bytes after it that UTF-16 cannot
+    decode (a lone surrogate) raised UnicodeDecodeError out of read_prompts. It is now the reader's bad record "the
+    file cannot be read from here on", as for data files (sources.to_the_end)."""
+    from babyllama.evaluate import read_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"\xff\xfe" + "提示\n".encode("utf-16-le") + b"\x00\xd8a\x00\n\x00")
+    with pytest.raises(UserError) as e:
+        read_prompts(prompts)
+    assert str(e.value).startswith(f"prompts file {prompts} has no prompts (a line of text each), 1 was bad (the "
+                                   f"first: {prompts}:after start: the file cannot be read from here on ('utf-16-le' "
+                                   "codec can't decode bytes")

@@ -73,6 +73,7 @@ from babyllama.data.sources import (
     iter_records,
     open_text,
     records_text,
+    to_the_end,
 )
 from babyllama.errors import (
     UserError,
@@ -895,7 +896,7 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[str]]:
         raise UserError(f"prompts file {path} {not_a_file(path)}; pass a text file, one prompt a line.")
     prompts, bad = [], []
     with open_text(path, file_encoding(path)) as f:
-        for where, record, why in records_text(path, f):
+        for where, record, why in to_the_end(path, records_text(path, f)):
             why = why or (f"the line holds {text}" if (text := not_unicode(record["text"])) else "")
             if why:
                 bad.append(f"{where}: {why}")

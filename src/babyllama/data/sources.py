@@ -791,7 +791,7 @@ def iter_records(path: Path, opened: Callable[[Position], None] | None = None) -
     suffix = data_suffix(path)
     if suffix not in (*READERS, ".parquet"):
         raise UserError(f"{path}: unknown file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}.")
-    return _to_the_end(path, _records(path, suffix, opened or (lambda _: None)))
+    return to_the_end(path, _records(path, suffix, opened or (lambda _: None)))
 
 
 def _records(path: Path, suffix: str, opened: Callable[[Position], None]) -> Iterator[Item]:
@@ -819,7 +819,10 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError, ValueError, zlib.error, *((zstd.ZstdError,) if zstd else ()))
 
 
-def _to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
+def to_the_end(path: Path, records: Iterator[Item]) -> Iterator[Item]:
+    """records, then, where reading the file fails (a damaged archive, bytes its encoding cannot decode: a UTF-16
+    byte-order mark before bytes that are not UTF-16), one bad item saying from where on it cannot be read, with a
+    warning; the rest of the file is skipped."""
     where = f"{path}:start"
     try:
         for item in records:
