@@ -995,8 +995,9 @@ def test_a_run_killed_around_writing_final_keeps_its_final_line_once(shards, tmp
 def test_a_finished_run_is_said_finished_before_its_shards_are_opened(shards, tmp_path, capsys):
     """The README says a finished run is left "before any other check ... reading no data", but pretrain opened the
     shards (their files checked against the manifest) and compared their tokenizer first: a finished run resumed
-    on shards since damaged, or with another --tokenizer, was refused. Its length in windows comes from the
-    manifest now (an epochs run's needs them), and the shards are opened after the run is found unfinished."""
+    on shards since damaged, or with another --tokenizer, was refused. Its length comes from the rows
+    its checkpoint records now (an epochs run's needs them), and neither the shards nor their manifest are read until
+    the run is found unfinished: a finished run whose data folder is gone is said finished too."""
     data = tmp_path / "tokens"
     from babyllama.tokenizer import train_bpe
 
@@ -1017,6 +1018,11 @@ def test_a_finished_run_is_said_finished_before_its_shards_are_opened(shards, tm
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == written
     with pytest.raises(UserError, match="has .* tokens, the manifest says"):  # unfinished: the shards are checked
         pretrain(config(data, run, "--epochs", str(12.5 / windows), "--batch_size", "4"), resume=True)
+    shutil.rmtree(data)  # the data folder gone since: its manifest is not read either (the checkpoint's rows are)
+    capsys.readouterr()
+    pretrain(config(data, run, *args), resume=True)
+    assert capsys.readouterr().out == (f"note: the run in {run} is finished at step 3, so nothing was done; its model "
+                                       f"is {run / 'final'}\n")
 
 
 @pytest.mark.parametrize("resume", [False, True])

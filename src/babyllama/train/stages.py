@@ -33,7 +33,6 @@ from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, filter
 from babyllama.data.shards import (
     TokenWindows,
     read_manifest,
-    shard_windows,
     shards_difference,
     split_shards,
     token_record,
@@ -82,14 +81,13 @@ class RunStart:
     finished: bool = False
 
 
-def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str, rows: int | None = None) -> RunStart:
+def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str) -> RunStart:
     """Check the run directory and find where the run starts, reading neither --init, the tokenizer nor the data: a
     run directory holds one stage's checkpoints, so `--resume` refuses another stage's, and out_dir may not hold the
     --init model it would overwrite (that it is no file held_by_main checked, taking it); a run it finds finished
-    (is_finished: of its length in resumed_length, its rows known before the data is read, or recorded by its
-    checkpoint) is said and left as it was, whatever settings changed or files went since, with no other check.
-    Nothing is written but the temporaries of a killed run removed; the damaged checkpoints are moved aside by
-    run_training. Raises UserError."""
+    (is_finished: of its length in resumed_length, from what its checkpoint records) is said and left as it was,
+    whatever settings changed or files went since, with no other check. Nothing is written but the temporaries of a
+    killed run removed; the damaged checkpoints are moved aside by run_training. Raises UserError."""
     out = Path(cfg.train.out_dir)
     check_output_folder(out, "a training run", ("a training run",), "out_dir")  # not a checkpoint, data, ...
     init = Path(cfg.train.init).resolve() if cfg.train.init else None
@@ -111,7 +109,7 @@ def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str, rows: int | 
     if not resume and latest is not None:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
     resume_from, state, damaged = resumable_checkpoint(out) if resume else (None, None, [])
-    length = resumed_length(cfg, dist, state, rows) if state is not None else None
+    length = resumed_length(cfg, dist, state) if state is not None else None
     if length is not None and is_finished(out, state["step"], length[0]):
         say_finished(out, state["step"], dist)
         return RunStart(resume_from, state, finished=True)
@@ -151,21 +149,20 @@ def check_settings(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, stage: str)
                         f"{cfg.model.vocab_size}; set --model.vocab_size {tokenizer.vocab_size} or more.")
 
 
-def resumed_length(cfg: RunConfig, dist: Dist, state: dict, rows: int | None) -> tuple[int, int] | None:
+def resumed_length(cfg: RunConfig, dist: Dist, state: dict) -> tuple[int, int] | None:
     """The last step of a run resumed from the trainer state, in steps of this run's global batch and of the one
     before the resume (planned_steps), or None where that needs the training data and the checkpoint does not
-    record what it needs (one from before it did): then run_training checks once the data is read. rows:
-    pretraining's windows, known before the data is read; None for SFT, DPO and pretraining from --init (whose
-    windows are of the init's max_seq_len, not read yet), whose rows the checkpoint records ("rows", for an epochs
-    run), as it records the samples that a tokens budget came to ("tokens_budget", which the lengths of the rows
-    decide: planned_samples)."""
+    record what it needs (one from before it did): then run_training checks once the data is read. The checkpoint
+    records its rows ("rows", for an epochs run) and the samples that a tokens budget came to ("tokens_budget", which
+    the lengths of the rows decide: planned_samples), so that no stage reads its data (or --init) to find a finished
+    run."""
     t, budget = cfg.train, state.get("tokens_budget")
-    if rows is None and t.tokens and not t.max_steps:
+    if t.tokens and not t.max_steps:
         if not budget or budget["tokens"] != t.tokens:  # another budget: its samples need the rows' lengths
             return None
         samples = budget["samples"]
     else:
-        rows = rows if rows is not None else state.get("rows")
+        rows = state.get("rows")
         if not (t.max_steps or t.tokens) and rows is None:
             return None
         samples = planned_samples(t, cfg.model.max_seq_len, rows or 0)
@@ -249,17 +246,14 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     t.check_stage("pretrain")
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "pretrain", dist):
-        # len(TokenWindows) of the train split, from the manifest: a finished run is left before a shard opens. From
-        # --init (continued pretraining) the windows are of the init's max_seq_len, and a finished run is left before
-        # --init is read (it may be gone since), as sft's and dpo's: its checkpoint's recorded rows tell its length
-        manifest = None if t.init else read_manifest(t.data)
-        rows = None if t.init else sum(shard_windows(split_shards(manifest, "train"), cfg.model.max_seq_len))
-        start = found_run(cfg, dist, resume, "pretrain", rows)
+        # A finished run is left before its data or --init is read (either may be gone since), as sft's and dpo's:
+        # its checkpoint's recorded rows tell its length
+        start = found_run(cfg, dist, resume, "pretrain")
         if start.finished:
             return Path(t.out_dir) / "final"
         if t.init:  # continued pretraining: the model is the init's, said before the data as by sft and dpo
             cfg.model = init_model(cfg, "pretraining")
-            manifest = read_manifest(t.data)
+        manifest = read_manifest(t.data)
         T = cfg.model.max_seq_len
         tok_path = t.tokenizer or (Path(t.data) / "tokenizer")
         tokenizer = load_tokenizer(tok_path, remedy="pass --tokenizer, the one that made the shards")
