@@ -41,6 +41,7 @@ def test_demo_smoke_end_to_end(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "plots").glob("*.png"))) >= 4
     assert "babyllama chat" in r.stdout and "report:" in r.stdout
+    assert "embedding rows unused" not in r.stdout  # the smoke model's vocab_size is its tokenizer's
 
     full = run_cli("demo", "--out_dir", str(out))  # a full demo never reuses a smoke run's outputs
     assert full.returncode == 2 and "holds a --smoke demo's outputs" in full.stderr

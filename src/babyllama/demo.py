@@ -131,8 +131,9 @@ class Demo:
                                                              *(SMOKE["dpo"] if self.smoke else [])])
             dpo(cfg, resume=latest_checkpoint(run) is not None)
         elif stage == "pretrain":
+            smoke = [*SMOKE["pretrain"], "--model.vocab_size", str(SMOKE["vocab"])]  # no embedding row unused
             cfg = load_config(config_path("demo.toml"), [*args, "--data", str(self.out / "tokens"),
-                                                         *(SMOKE["pretrain"] if self.smoke else [])])
+                                                         *(smoke if self.smoke else [])])
             pretrain(cfg, resume=latest_checkpoint(run) is not None)
         else:
             cfg = load_config(config_path("sft-demo.toml"), [*args, "--init", str(self.out / "pretrain" / "final"),
