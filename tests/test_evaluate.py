@@ -259,7 +259,7 @@ def test_a_huge_question_is_counted_cut_without_being_tokenized_whole(bpe_tokeni
              {"question": "问", "reference": "答", "task": "qa", "history": [[huge, "答"]]}]
     lengths = encoded_lengths(monkeypatch, bpe_tokenizer)
     assert cut_to_context(bpe_tokenizer, 64, 16, [], items, []) == {"prompts": 0, "qa": 2, "mc": 0}
-    assert max(lengths) == (48 + CUT_MARGIN) * longest_piece(bpe_tokenizer) + 1  # 48: the prompt's budget
+    assert max(lengths) == (48 + CUT_MARGIN) * longest_piece(bpe_tokenizer)  # 48: the prompt's budget
 
 
 def test_qa_reads_messages_and_prompt_completion_records_as_sft_does(tmp_path, tiny_run, bpe_tokenizer):

@@ -194,7 +194,7 @@ def test_a_huge_answer_or_prompt_is_cut_as_whole_without_being_tokenized_whole(b
                                                  {"prompt": huge, "chosen": "对", "rejected": "错"})]
     lengths, counts = encoded_lengths(monkeypatch, tok), Counter()
     got = [pair_samples(tok, parsed, SFTSettings(65, 0.0), counts) for parsed in pairs]
-    assert max(lengths) == (65 + CUT_MARGIN) * longest_piece(tok) + 1 and counts == Counter(truncated=2)
+    assert max(lengths) == (65 + CUT_MARGIN) * longest_piece(tok) and counts == Counter(truncated=2)
     whole_texts(monkeypatch)
     assert got == [pair_samples(tok, parsed, SFTSettings(65, 0.0), Counter()) for parsed in pairs]
     assert max(lengths) == len(huge)  # the reference, whole

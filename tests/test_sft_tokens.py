@@ -770,7 +770,7 @@ def test_a_huge_text_is_cut_as_whole_without_being_tokenized_whole(demo_sft, bpe
     monkeypatch.setattr(HFTokenizer, "_encode_many", lambda tok, texts: lengths.extend(map(len, texts)) or
                         encode(tok, texts))
     build_sft_cache([f], demo_sft / "tok", tmp_path / "c", settings, workers=1)
-    assert max(lengths) == (65 + CUT_MARGIN) * longest_piece(bpe_tokenizer) + 1
+    assert max(lengths) == (65 + CUT_MARGIN) * longest_piece(bpe_tokenizer)
     train, _, stats = load_sft_data([f], demo_sft / "tok", tmp_path / "c", settings, False, Dist())
     whole_texts(monkeypatch)
     want, _, cut = direct(f, bpe_tokenizer, settings)

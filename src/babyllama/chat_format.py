@@ -38,8 +38,10 @@ Truncation, when a conversation is longer than max_len tokens, cuts in this orde
      that hold the tail of a character the cut split (a byte piece, a byte-level BPE token) go too;
   3. the end of the last answer, before its <eos>, where a character ends: the <eos> of a kept answer is never cut.
 A conversation cut so that nothing of its last question or answer is left is no sample (SFT and DPO count it
-filtered). A text far longer than max_len tokens is tokenized from the characters that the cut can keep alone (an
-answer's first, a question's last: bounded_ids), with the ids it has whole, so memory and time are bounded by max_len.
+filtered). A text far longer than max_len tokens is tokenized from about the characters that the cut keeps (an
+answer's first, a question's last), from several cuts that must agree on them, so that its ids are those it has
+whole, and memory and time are bounded by max_len: bounded_ids. Where they disagree (a run that pairs from its start
+reaching the ids kept, as 哈哈哈...), the text is tokenized whole.
 """
 
 from __future__ import annotations
@@ -543,10 +545,10 @@ def cut_conversation(
     """(ids, mask, cut): truncate_conversation's ids and mask, and whether they are not the whole conversation
     (render_conversation's): turns dropped or a text cut (SFT and DPO count such samples truncated).
 
-    Linear in the conversation, and bounded by max_len: every text is tokenized about once, a long one from its
-    characters that can matter alone (bounded_ids), and the first kept question, which follows the system text,
-    once more per try of a bisection for the oldest turn that can stay (dropping a turn removes at least its <bos>
-    and <eos>, so fewer turns never take more ids).
+    Linear in the conversation, and bounded by max_len: every text is tokenized about once, a long one from about
+    the characters a cut keeps (bounded_ids: whole where a run reaches them), and the first kept question, which
+    follows the system text, once more per try of a bisection for the oldest turn that can stay (dropping a turn
+    removes at least its <bos> and <eos>, so fewer turns never take more ids).
     """
     turns, n = conv.turns, len(conv.turns)
     users = bounded_ids(tokenizer, [u for u, _ in turns], max_len, keep_end=True)  # a prompt keeps its end
@@ -586,40 +588,77 @@ def cut_conversation(
     return prompt + answer, [0] * len(prompt) + mask[-1:] * len(answer), True  # mask[-1]: the answer's loss, 0 or 1
 
 
-# The ids between where bounded_ids cuts a long text and the ids that a cut to max_len can keep of it. A cut changes
-# a text's tokens only next to it in text that is not one long run (BPE merges and SentencePiece pieces are local):
-# at most 4 ids on random CJK, emoji, ASCII and digit texts with the test BPE, the demo's and ChatGLM2's tokenizers;
-# 32 leaves 8 times that.
+# The ids beyond max_len that bounded_ids tokenizes a long text's kept end from: its cuts begin about max_len +
+# CUT_MARGIN ids from that end, so that each has more than max_len ids (and fits nowhere, as the whole text) whatever
+# its start changes of the ids next to it (at most 4 on random CJK, emoji, ASCII and digit texts with the test BPE,
+# the demo's and ChatGLM2's tokenizers; 32 leaves 8 times that).
 CUT_MARGIN = 32
+
+# What bounded_ids puts before a question's end that it tokenizes alone, so that the end is tokenized as inside a
+# text: a dummy prefix `▁` (SentencePiece's, Llama's) goes before ANCHOR, not before the end. A private-use character,
+# in no piece of babyllama's BPE, ChatGLM2's or Llama's tokenizers, so it joins nothing after it (bounded_ids checks).
+ANCHOR = "\ue000"
 
 
 def bounded_ids(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, keep_end: bool) -> list[list[int]]:
-    """The ids of texts (encode_batch) as a cut to max_len ids needs them: a text of more than C = (max_len +
-    CUT_MARGIN) * longest_piece characters is tokenized from its first C characters alone (keep_end: its last C),
-    which a cut to max_len ids keeps the beginning (end) of. A text of C characters has more than max_len +
-    CUT_MARGIN ids, so the shortened one still fits nowhere, and its first (last) max_len ids are the whole text's:
-    the cut is CUT_MARGIN ids away from them. Memory and time are then bounded by max_len, not by the text: a
-    2,000,000-character answer took 1 GB to keep 128 of its ids.
+    """The ids of texts (encode_batch) as a cut to max_len ids needs them. A text of at most C = (max_len +
+    CUT_MARGIN) * L characters (L = longest_piece) is tokenized whole; of a longer one, more than max_len ids whose
+    last max_len (keep_end: a question's, whose end a cut keeps) or first max_len (an answer's) are the whole text's,
+    tokenized from about the characters they hold, so that memory and time are bounded by max_len, not by the text (a
+    2,000,000-character answer took 1 GB to keep 128 of its ids):
 
-    Each shortened text is tokenized again from one more character: where the two disagree on those max_len ids (a
-    run of one character or piece reaching from the cut, such as ChatGLM2's BPE pairs from the start of a run of 哈
-    or '=', so a different start changes every pair), or where the shortened text has fewer than max_len +
-    CUT_MARGIN ids (a normalizer that joins characters), the whole text is tokenized, as without the bound."""
+    its last (first) C characters have more than max_len + CUT_MARGIN ids, since no id holds more than L characters;
+    the last (first) max_len + CUT_MARGIN of these hold about n characters, and the text is tokenized from L cuts, its
+    last (first) n, n + 1, ..., n + L - 1 characters. Why the ids the cuts agree on are the whole text's: the whole
+    text's ids have a boundary at one of these L places, since no id holds more than L characters. BPE (babyllama's,
+    SentencePiece's, Hugging Face's) merges the best-ranked pair of neighbouring pieces, the leftmost of equals, until
+    none is left; no merge joins the two sides of a boundary, so each side had the merges it has alone: the ids after
+    a boundary are those of the text after it alone, tokenized as inside a text (ANCHOR before it takes the dummy
+    prefix; its ids are checked and dropped), the ids before one those of the text before it. So the whole text's
+    kept ids are those of one of the L cuts, and of every cut where all L agree. (So too for Unigram where the best
+    segmentation is unique, and with a pre-token split that starts over at a boundary, as GPT-2's and Metaspace's.)
+
+    The text is tokenized whole where the L cuts disagree: where a run that pairs from its start reaches the kept ids
+    (ChatGLM2's BPE pairs a run of 'a' or 哈 so: "xat" + "a" * 8703 keeps other ids than "at" + "a" * 8703), where
+    ANCHOR joined what follows it, or where a cut has max_len ids or fewer (a normalizer that joins characters)."""
     cap = max_len + CUT_MARGIN  # characters: C when a text is longer (no id holds less than one character)
     if any(len(t) > cap for t in texts):
         cap *= longest_piece(tokenizer)
-
-    def part(text: str, chars: int) -> str:
-        return text[-chars:] if keep_end else text[:chars]
-
-    ids = tokenizer.encode_batch([part(t, cap) if len(t) > cap else t for t in texts])
+    ids = tokenizer.encode_batch([(t[-cap:] if keep_end else t[:cap]) if len(t) > cap else t for t in texts])
     long = [i for i, t in enumerate(texts) if len(t) > cap]
-    again = tokenizer.encode_batch([part(texts[i], cap + 1) for i in long]) if long else []
-    kept = slice(-max_len, None) if keep_end else slice(max_len)
-    for i, other in zip(long, again, strict=True):
-        if len(ids[i]) < max_len + CUT_MARGIN or ids[i][kept] != other[kept]:
-            ids[i] = tokenizer.encode(texts[i])
+    if not long:
+        return ids
+    agreed = agreed_cuts(tokenizer, [texts[i] for i in long], [ids[i] for i in long], cap, max_len, keep_end)
+    whole = [i for i, cut in zip(long, agreed, strict=True) if cut is None]
+    for i, cut in zip(long, agreed, strict=True):
+        ids[i] = cut
+    for i, all_ids in zip(whole, tokenizer.encode_batch([texts[i] for i in whole]), strict=True):
+        ids[i] = all_ids
     return ids
+
+
+def agreed_cuts(tokenizer: Tokenizer, texts: list[str], shortened: list[list[int]], cap: int, max_len: int,
+                keep_end: bool) -> list[list[int] | None]:
+    """Per text, the ids of the shortest of bounded_ids' L cuts of it where all L agree on their kept max_len ids and
+    have more, else None (to be tokenized whole). shortened: the ids of each text's last (keep_end) or first cap = C
+    characters. One encode_batch of L cuts per text, of at most C + L characters each (most often far fewer)."""
+    n_cuts = longest_piece(tokenizer)
+    margin = slice(-max_len - CUT_MARGIN, None) if keep_end else slice(max_len + CUT_MARGIN)
+    spans = [min(len(tokenizer.decode(ids[margin])), cap) if len(ids) > max_len else len(text)
+             for text, ids in zip(texts, shortened, strict=True)]
+    swept = [n + n_cuts < len(text) for text, n in zip(texts, spans, strict=True)]  # else the cuts reach its start
+    parts = [ANCHOR + text[len(text) - n - k :] if keep_end else text[: n + k]
+             for text, n, sweep in zip(texts, spans, swept, strict=True) if sweep for k in range(n_cuts)]
+    *encoded, anchor = tokenizer.encode_batch([*parts, ANCHOR])
+    anchor = anchor if keep_end else []  # an answer's cuts begin where it does
+    groups = (encoded[j : j + n_cuts] for j in range(0, len(encoded), n_cuts))
+    kept = slice(-max_len, None) if keep_end else slice(max_len)
+    out: list[list[int] | None] = []
+    for sweep in swept:
+        cuts = [g[len(anchor) :] for g in next(groups) if g[: len(anchor)] == anchor] if sweep else []  # ANCHOR alone
+        agree = len(cuts) == n_cuts and all(len(c) > max_len and c[kept] == cuts[0][kept] for c in cuts)
+        out.append(cuts[0] if agree else None)
+    return out
 
 
 @functools.cache

@@ -282,7 +282,7 @@ def with_answer(conv: Conversation, answer: str) -> Conversation:
 def render_answer(tokenizer: Tokenizer, conv: Conversation, max_len: int) -> tuple[list[int], list[int], bool]:
     """(ids, mask, truncated) of a conversation as SFT renders and cuts it, the mask on its last answer only; ids and
     mask [] where the cut leaves nothing of its last question or answer (chat_format.cut_conversation)."""
-    ids, mask, cut = cut_conversation(tokenizer, conv, max_len)  # a huge answer is never tokenized whole
+    ids, mask, cut = cut_conversation(tokenizer, conv, max_len)  # a huge answer: from what a cut keeps
     if not ids:
         return [], [], cut
     start = len(mask) - mask[::-1].index(0)  # the last answer: after the last prompt's <bos>

@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "babyllama-sft-tokens"
-VERSION = 13  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
+VERSION = 14  # of the chat format, filters and layout: a new version never reuses an old cache (2: no empty answers;
 # 3: no empty questions, no blank rejected answers; the relative path and SHA-256 of inputs came within 2; 4: the
 # tokenizer's special ids and the chat template's digest are keys; 5: a record's top-level system and history are
 # rendered, SFT's and all of DPO's shapes, where 4 dropped them; 6: no DPO pair whose samples are the same ids and
@@ -98,7 +98,10 @@ VERSION = 13  # of the chat format, filters and layout: a new version never reus
 # (chat_format.line_ends), where 11 kept a "\r\n"; a folder's .txt files are no inputs; 13: LLaMA-Factory's alpaca
 # pairs, {instruction, input, chosen, rejected}, are read, where 12 said "its prompt is missing", and SFT names what
 # dpo finds bad in a preference record; empty answers of a pair beside an SFT shape's fields, as a CSV has them, make
-# no preference record: {prompt, answer, chosen: ""} is read, where 12 counted it bad)
+# no preference record: {prompt, answer, chosen: ""} is read, where 12 counted it bad; 14: a text longer than
+# (max_len + 32) x the longest piece's characters keeps the ids it has whole, where 13 could keep others when a run
+# began 2 or more characters before where it was shortened (ChatGLM2: a question "xat" + "a" * 8703 kept ▁t's pairs
+# of a, not ▁x ata's; chat_format.bounded_ids); other records' samples are the same as 13's)
 RECORDS_PER_BATCH = 1000
 SPLITS = ("train", "val")
 
@@ -235,7 +238,7 @@ def _sft_samples(tok, conv, settings: SFTSettings, counts: Counter) -> tuple[lis
     if not all(settings.fits(u, a) for u, a in conv.turns):
         counts.update(("filtered", "filtered_by_chars"))
         return [], False
-    s_ids, s_mask, cut = cut_conversation(tok, conv, settings.max_len)  # a huge text is never tokenized whole
+    s_ids, s_mask, cut = cut_conversation(tok, conv, settings.max_len)  # a huge text: from what a cut keeps
     if not s_ids:
         counts["filtered"] += 1
         return [], False
