@@ -152,6 +152,85 @@ def test_cache_is_reused_and_refused_when_it_belongs_to_other_inputs_or_settings
         build_sft_cache([f], demo_sft / "tok", tmp_path / "file" / "c", settings)
 
 
+def load_while_held(cache, inputs, tok, settings, kind, capsys, meanwhile) -> tuple[str, dict, int]:
+    """load_sft_data of inputs into cache while another process holds cache, as a pretokenize --sft or another run
+    that builds it does: (what it printed, {"data": what it returned} or {"error": its UserError}, the pid of that
+    process). Once it waits on
+    the lock (it has printed a line of its cache), meanwhile() writes into cache what that process left, then the
+    process lets go."""
+    import threading
+
+    from tests.test_lock import hold_in_child
+
+    child = hold_in_child(cache, "pretokenize")
+    result: dict = {}
+
+    def load() -> None:
+        try:
+            result["data"] = load_sft_data(inputs, tok, cache, settings, False, Dist(), kind=kind)
+        except UserError as e:
+            result["error"] = e
+
+    thread, said = threading.Thread(target=load), ""
+    try:
+        thread.start()
+        deadline = time.time() + 30
+        while f"{kind} cache: " not in said and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().out
+        meanwhile()
+    finally:
+        child.communicate("")
+        thread.join(60)
+    return said + capsys.readouterr().out, result, child.pid
+
+
+def files_of(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("left", ["other inputs", "an SFT cache for DPO", "token shards", "the same inputs"])
+def test_a_run_that_waited_for_a_cache_checks_what_it_finds_as_it_would_have_at_its_start(demo_sft, tmp_path, capsys,
+                                                                                        left):
+    """sft (dpo) waited for the lock of its --sft_cache while pretokenize --sft built it from other inputs, then
+    built its own cache over it (`sft cache: building`, said before it waited; dpo put a DPO cache in place of the
+    SFT one): what it finds once it holds the folder is checked as at its start, refused in the same sentence or
+    used, and said while it waits."""
+    import shutil
+
+    from babyllama.data.pretokenize import pretokenize
+
+    settings, cache = SFTSettings(max_len=65), tmp_path / "cache"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"问题{i}", "chosen": f"好的回答{i}", "rejected": f"坏{i}"},
+                                          ensure_ascii=False) for i in range(20)))
+    other = tmp_path / "other"  # what the process that held the folder left in it
+    if left == "token shards":
+        pretokenize([demo_sft / "demo" / "sft.jsonl"], demo_sft / "tok", other, workers=1)
+    else:
+        source = demo_sft / ("demo/sft.jsonl" if left == "other inputs" else "multi.jsonl")
+        build_sft_cache([source], demo_sft / "tok", other, settings)
+    kind, data = ("dpo", pairs) if left == "an SFT cache for DPO" else ("sft", demo_sft / "multi.jsonl")
+    capsys.readouterr()
+    said, result, pid = load_while_held(cache, [data], demo_sft / "tok", settings, kind, capsys,
+                                   lambda: shutil.copytree(other, cache, dirs_exist_ok=True))
+    assert files_of(cache) == files_of(other)  # as that process left it: nothing built over it
+    waiting = f"{kind} cache: waiting for another run building {cache} (pid {pid}, babyllama pretokenize)"
+    if left == "the same inputs":
+        assert "error" not in result and said.splitlines() == [waiting, f"sft cache: using {cache}"]
+        assert read_back(result["data"][0]) == read_back(load_sft_data([data], demo_sft / "tok", other, settings,
+                                                                       False, Dist())[0])
+        return
+    assert said.splitlines() == [waiting] and str(result.get("error")) == {
+        "other inputs": f"the SFT token cache {cache} was built with other inputs ({data} is new); delete it to "
+                        "rebuild, or choose another --sft_cache.",
+        "an SFT cache for DPO": f"--sft_cache {cache} is an SFT token cache, which DPO samples must not be written "
+                                "into; pass another --sft_cache.",
+        "token shards": f"--sft_cache {cache} is a folder of token shards, which SFT samples must not be written "
+                        "into; pass another --sft_cache.",
+    }[left]
+
+
 def test_sft_and_dpo_of_a_folder_do_not_train_on_its_held_out_splits(demo_sft, tmp_path):
     import shutil
 

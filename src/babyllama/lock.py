@@ -3,7 +3,7 @@ the process ends however it ends, so a run killed with kill -9 leaves no stale l
 
     with holding(out, "pretokenize"):   # a command's --out_dir: a second command into it is refused at once
         ...
-    with locked(out, "sft token cache build"):  # a second build waits for the first, then uses what it built
+    with locked(out, "sft token cache build", "sft cache: "):  # a second build waits, saying so, then decides anew
     with holding("runs/m.gguf", "export", "--out", file=True):  # one file: the lock is runs/.m.gguf.lock
 
 A file is held by the lock .NAME.lock beside it, so that writers of other files in its folder go on (two GGUF
@@ -41,7 +41,7 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool =
     lock = out.parent / f".{out.name}.lock" if file else out / LOCK
     made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # the folders that the lock makes
     try:
-        with _flock(lock, out, command, flag, wait=False):
+        with _flock(lock, out, command, flag, waiting=None):
             yield
     except BaseException as e:
         if made and not isinstance(e, UserError):  # a stop (Ctrl-C, SIGTERM) while taking it: the lock file is ours
@@ -53,21 +53,24 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool =
 
 
 @contextmanager
-def locked(out: str | Path, command: str) -> Iterator[None]:
-    """Hold folder out (made if missing) while the body writes it, first waiting for another process that holds it.
-    Raises UserError when out cannot be made or written."""
-    with _flock(Path(out) / LOCK, Path(out), command, "--out_dir", wait=True):
+def locked(out: str | Path, command: str, says: str = "", flag: str = "--out_dir") -> Iterator[None]:
+    """Hold folder out (made if missing) while the body writes it, first waiting for another process that holds it;
+    then the body must decide anew from what out holds, which that process may have changed. Before it waits it
+    prints one line, says + "waiting for another run building OUT (pid PID, babyllama COMMAND)" (the holder as its
+    lock file records it; without the parentheses where it records none yet).
+    Raises UserError when out cannot be made or written, naming flag, the setting that chose out."""
+    with _flock(Path(out) / LOCK, Path(out), command, flag, waiting=says):
         yield
 
 
 @contextmanager
-def _flock(lock: Path, out: Path, command: str, flag: str, wait: bool) -> Iterator[None]:
-    """Hold the lock file lock of out (a folder or a file)."""
+def _flock(lock: Path, out: Path, command: str, flag: str, waiting: str | None) -> Iterator[None]:
+    """Hold the lock file lock of out (a folder or a file); waiting: _lock_fd's."""
     key = lock.resolve()
     if key in _HELD:
         yield
         return
-    fd = _lock_fd(lock, out, command, flag, wait)
+    fd = _lock_fd(lock, out, command, flag, waiting)
     _HELD.add(key)
     try:
         yield
@@ -77,8 +80,11 @@ def _flock(lock: Path, out: Path, command: str, flag: str, wait: bool) -> Iterat
         os.close(fd)  # lets go of the lock
 
 
-def _lock_fd(lock: Path, out: Path, command: str, flag: str, wait: bool) -> int:
-    """The open lock file of out, locked by this process, with "PID COMMAND" written in it."""
+def _lock_fd(lock: Path, out: Path, command: str, flag: str, waiting: str | None) -> int:
+    """The open lock file of out, locked by this process, with "PID COMMAND" written in it. Where another process
+    holds it: waiting None, UserError at once; else wait for it, having printed once the line that locked
+    describes, beginning with waiting."""
+    waited = False
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -86,12 +92,22 @@ def _lock_fd(lock: Path, out: Path, command: str, flag: str, wait: bool) -> int:
         except OSError as e:
             raise UserError(f"cannot write to {lock.parent} ({e.strerror}); choose another {flag}.") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid, _, other = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
-            os.close(fd)
-            raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait for "
-                            f"it or choose another {flag}.") from None
+            if waiting is None:
+                os.close(fd)
+                raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait "
+                                f"for it or choose another {flag}.") from None
+            if not waited:  # once: the holder removes its lock file as it lets go, and this one locks the next
+                holder = f" (pid {pid}, babyllama {other or 'command'})" if pid else ""
+                print(f"{waiting}waiting for another run building {out}{holder}", flush=True)
+                waited = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:  # Ctrl-C while it waits
+                os.close(fd)
+                raise
         if _same_file(fd, lock):
             try:
                 os.ftruncate(fd, 0)

@@ -285,7 +285,7 @@ def _record_batches(read: BytesRead, read_at: deque[int], unread: Callable[[dict
 def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: str | Path, settings: SFTSettings,
                     workers: int = 1, kind: str = "sft") -> dict:
     """Tokenize the SFT records (kind "dpo": preference pairs) of inputs into out/ (see the module
-    docstring); returns the manifest.
+    docstring), or, once out is held, find them there; returns the manifest.
 
     Raises UserError when out/ cannot be written or no record is usable.
     """
@@ -293,7 +293,8 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     tok = load_tokenizer(tokenizer_path)
     paths = input_files(inputs, kind)
     _writable(Path(out))
-    with locked(out, f"{kind} token cache build"):  # one build at a time; a run that waited uses what the other built
+    with locked(out, f"{kind} token cache build"):  # one build at a time (held already by pretokenize --sft, which
+        # replaces another cache, and by sft_data.built_unless_there, which refuses one)
         manifest = read_sft_cache(out)
         key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:

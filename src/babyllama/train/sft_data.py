@@ -28,6 +28,7 @@ from babyllama.data.sft_tokens import (
 )
 from babyllama.data.sources import check_output_folder, token_cache_name
 from babyllama.errors import UserError
+from babyllama.lock import locked
 from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import Dist, barrier
 
@@ -146,9 +147,10 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     started_with: for a resumed run, the manifest (less its stats) of the cache it started with.
     Raises UserError when cache_dir is another babyllama output (check_output_folder: token shards, a checkpoint,
     the other kind's cache), when the cache holds the tokens of other inputs, another tokenizer or settings, or
-    when those are not the ones the run started with (checked before any cache is built).
+    when those are not the ones the run started with (checked before any cache is built); a cache that another run
+    built while this one waited for it is checked alike (built_unless_there).
     """
-    check_output_folder(cache_dir, f"{kind.upper()} samples", (token_cache_name(kind),), "--sft_cache")
+    check_cache_folder(cache_dir, kind)
     tokenizer = load_tokenizer(tokenizer_path)
     key = cache_key(input_files(inputs, kind), tokenizer.record(), settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
@@ -156,11 +158,10 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
         raise UserError(f"the run started with {', '.join(changed)}; resuming needs the same inputs and settings, so "
                         "restore them, or start a new run without --resume in a new --out_dir.")
     manifest = read_sft_cache(cache_dir)
-    built = manifest is None
-    if built:
+    built = False
+    if manifest is None:
         if dist.main:
-            print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
-            build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
+            built = built_unless_there(inputs, tokenizer_path, cache_dir, settings, workers, kind)
         barrier(dist)
         manifest = read_sft_cache(cache_dir)
         if manifest is None:
@@ -176,3 +177,24 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     train = SFTData(*open_split(cache_dir, manifest, "train"), T, tokenizer.pad_id, pack)
     val = SFTData(*open_split(cache_dir, manifest, "val"), T, tokenizer.pad_id, pack) if stats.val_samples else None
     return train, val, stats
+
+
+def check_cache_folder(cache_dir: str | Path, kind: str) -> None:
+    """Raise UserError when cache_dir is a file, or another babyllama output than a token cache of kind."""
+    check_output_folder(cache_dir, f"{kind.upper()} samples", (token_cache_name(kind),), "--sft_cache")
+
+
+def built_unless_there(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,
+                       settings: SFTSettings, workers: int, kind: str) -> bool:
+    """Build the token cache of kind in cache_dir (build_sft_cache) unless, once this process holds the folder, a
+    cache is there: whether it built one. A run that holds it (another sft or dpo building it, pretokenize --sft or
+    pretokenize) is waited for, saying so, and what it left is checked as load_sft_data checked the folder before:
+    another output is refused here (check_cache_folder), a cache is left for the caller to use or refuse, never
+    built over. Raises UserError."""
+    with locked(cache_dir, f"{kind} token cache build", f"{kind} cache: ", "--sft_cache"):
+        check_cache_folder(cache_dir, kind)
+        if read_sft_cache(cache_dir) is not None:
+            return False
+        print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
+        build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
+        return True
