@@ -157,16 +157,16 @@ def interrupted_after_one(real):
 def test_ctrl_c_between_writes_leaves_no_temporary(inputs, tmp_path, monkeypatch, module, function, command):
     """Ctrl-C while the inputs are read, an output file open and half written: exit 130 and no .tmp left. It said
     "run the same command to continue" of commands that start again; it says so, and that prepare's and
-    pretokenize's earlier output, which they write aside and move in once complete, is as it was."""
+    pretokenize's earlier output (--sft's too), which they write aside and move in once complete, is as it was."""
     import importlib
 
     where = importlib.import_module(module)
     monkeypatch.chdir(inputs)
     out = tmp_path / "out"
-    kept = "" if "--sft" in command else f"the earlier output at {out}, if any, is kept; "  # the same --sft command
-    if kept:  # would use its earlier cache
+    kept = f"the earlier output at {out}, if any, is kept; "
+    if "--sft" not in command:  # the same --sft command would use its earlier cache (test_earlier_output has one)
         assert run_cli(*command, "--out_dir", out).returncode == 0
-    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} if kept else {}
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     monkeypatch.setattr(where, function, interrupted_after_one(getattr(where, function)))
     r = run_cli(*command, "--out_dir", out)
     assert (r.returncode, r.stderr.splitlines()[-1]) == (130, f"babyllama: interrupted; {kept}run the same command "
@@ -234,8 +234,8 @@ def test_sigterm_outside_training_says_how_to_go_on_and_leaves_no_temporary(inpu
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]  # a write is under way
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    kept = "" if "--sft" in command else f"the earlier output at {tmp_path / 'out'}, if any, is kept; "
-    assert (proc.returncode, err.splitlines()[-1]) == (143, f"babyllama: stopped by SIGTERM; {kept}run the same "
+    assert (proc.returncode, err.splitlines()[-1]) == (143, f"babyllama: stopped by SIGTERM; the earlier output at "
+                                                            f"{tmp_path / 'out'}, if any, is kept; run the same "
                                                             "command to start again."), err
     assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
 

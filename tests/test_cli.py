@@ -545,9 +545,9 @@ def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys, tmp_path):
     """Ctrl-C or SIGTERM said "run the same command to continue" of every command, but a rerun of prepare,
     pretokenize, tokenizer train or export starts from zero, and chat and serve have nothing to run again. Each
     says what is true of it: continue (training with a checkpoint, eval, datatrove, the demo), start again (with the
-    earlier output kept where it is written aside and moved in whole; a training run with no checkpoint yet, as
-    sft or dpo stopped while they built their token cache, which --resume built again from its first record), or
-    nothing."""
+    earlier output kept where it is written aside and moved in whole, pretokenize --sft's cache too; a training run
+    with no checkpoint yet, as sft or dpo stopped while they built their token cache, which --resume built again from
+    its first record), or nothing."""
     from babyllama import cli
     from babyllama.errors import Terminated
 
@@ -575,7 +575,7 @@ def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys, tmp_path):
         (["pretokenize", "--input", "a", "--tokenizer", "t", "--out_dir", "o"], f"; {kept}{again}"),
         (["pretokenize", "--merge", "a", "b", "--out_dir", "o"], f"; {kept}{again}"),
         (["pretokenize", "--sft", "--input", "a", "--tokenizer", "t", "--max_seq_len", "8", "--out_dir", "o"],
-         f"; {again}"),
+         f"; {kept}{again}"),
         (["tokenizer", "train", "--input", "a", "--out_dir", "o"], f"; {kept}{again}"),
         (["tokenizer", "info", "t"], f"; {again}"), (["report", "r"], f"; {again}"),
         (["export", "ck", "--out", "o"], f"; {kept}{again}"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from babyllama import tokenizer
-from babyllama.data import shards
+from babyllama.data import sft_tokens, shards
 from tests.conftest import generated_corpus, run_cli
 
 INVALID_JSON = "{oops\n{nope\n"
@@ -114,6 +114,27 @@ def test_a_merge_stopped_halfway_leaves_the_earlier_output(made, monkeypatch):
     assert snapshot(out) == before and not (out / shards.STAGE).exists()
 
 
+def test_a_stop_while_pretokenize_sft_builds_says_the_earlier_cache_is_kept(made, monkeypatch):
+    """Ctrl-C while pretokenize --sft built a new cache over an earlier one said only "run the same command to start
+    again", though the earlier cache stays whole until the new one's files are complete: it says so, as prepare and
+    pretokenize do."""
+    args, good = COMMANDS["pretokenize --sft"]
+    args = [str(made / "tok") if a == "TOK" else a for a in args]
+    out = made / "out" / "sft"
+    assert run_cli(*args, "--input", made / good, "--out_dir", out).returncode == 0
+    before = snapshot(out)
+    (made / "more.jsonl").write_text(json.dumps({"instruction": "问题", "output": "回答"}, ensure_ascii=False))
+
+    def stopped(*a):  # Ctrl-C as the first samples are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_tokens, "_write", stopped)
+    r = run_cli(*args, "--input", made / good, made / "more.jsonl", "--out_dir", out)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (130, f"babyllama: interrupted; the earlier output at {out}, "
+                                                              "if any, is kept; run the same command to start again.")
+    assert snapshot(out) == before
+
+
 def outputs_of(out: Path) -> list[Path]:
     return [f for f in [*out.glob("part_*"), out / "sub", out / "stats.json"] if f.exists()]
 
@@ -184,20 +205,23 @@ def test_a_signal_during_the_swap_comes_after_it(tmp_path, monkeypatch):
 STOPS = {  # command -> the file that marks its output complete
     "prepare": "stats.json", "pretokenize": "manifest.json", "tokenizer train": "babyllama_tokenizer.json",
     "prepare --engine datatrove": "stats.json", "pretokenize --engine datatrove": "manifest.json",
+    "pretokenize --sft": "manifest.json",
 }
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("command", STOPS)
 def test_a_stop_that_came_as_the_output_was_made_whole_says_it_is_complete(made, monkeypatch, command, signum):
-    """Ctrl-C or SIGTERM while the new output was swapped in (tokenizer train: saved) waits for its end, and then
-    said "run the same command to continue" of an output that was complete: it says the output is."""
+    """Ctrl-C or SIGTERM while the new output was swapped in (tokenizer train: saved; pretokenize --sft: its cache's
+    files renamed in) waits for its end, and then said "run the same command to continue" (--sft: "to start again")
+    of an output that was complete: it says the output is."""
     if "datatrove" in command:
         pytest.importorskip("datatrove")
     args, good = COMMANDS[command]
     args = [str(made / "tok") if a == "TOK" else a for a in args]
     out = made / "out" / command.replace(" ", "_")
-    module, name = (tokenizer, "write_whole") if command == "tokenizer train" else (shards, "_swap")
+    module, name = {"tokenizer train": (tokenizer, "write_whole"), "pretokenize --sft": (sft_tokens, "write_json")
+                    }.get(command, (shards, "_swap"))
     real = getattr(module, name)
 
     def stopped(*a):  # the stop comes as the first file of the new output is written into place

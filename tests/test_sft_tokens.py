@@ -802,8 +802,9 @@ def test_a_stop_while_the_cache_is_put_in_place_waits_for_it(demo_sft, tmp_path,
         real(path, data)
 
     monkeypatch.setattr(sft_tokens, "write_json", stopped_first)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         build_sft_cache([demo_sft / "multi.jsonl"], demo_sft / "tok", tmp_path / "c", settings)
+    assert type(stop.value) is KeyboardInterrupt  # not Completed: the cache of an sft run is not its whole output
     manifest = read_sft_cache(tmp_path / "c")
     assert manifest is not None and manifest["stats"]["samples"] > 0
     assert not [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]

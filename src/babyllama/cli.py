@@ -165,7 +165,7 @@ def cmd_pretokenize(args: argparse.Namespace) -> None:
 
         settings = SFTSettings(args.max_seq_len + 1, 0.02 if args.val_fraction is None else args.val_fraction,
                                *(getattr(args, k) or 0 for k in SFT_FLAGS[1:]))
-        manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, workers(args))
+        manifest = build_sft_cache(args.input, args.tokenizer, args.out_dir, settings, workers(args), whole=True)
         stats = {k: v for k, v in manifest["stats"].items() if k not in PAIR_COUNTS}  # of SFT records: no pairs
         print(json.dumps({"out_dir": args.out_dir, "dtype": manifest["dtype"], **stats}, ensure_ascii=False))
         return
@@ -757,9 +757,10 @@ def run_folder(args: argparse.Namespace) -> Path | None:
 def kept(args: argparse.Namespace) -> str | None:
     """The output that a command which starts over writes aside and moves in whole only once it is complete, so
     that a stop (Ctrl-C, SIGTERM) leaves an earlier one as it was: tokenizer train's, prepare's and pretokenize's
-    --out_dir (not --sft's, whose token cache goes as its new files move in), export's --out; else None."""
+    --out_dir (--sft's too, whose token cache's files are renamed in once complete, a stop meanwhile put off until
+    they are: sft_tokens.build_sft_cache), export's --out; else None."""
     command = getattr(args, "command", None)
-    if getattr(args, "engine", None) == "datatrove" or getattr(args, "sft", False):
+    if getattr(args, "engine", None) == "datatrove":
         return None
     if command == "export":
         return args.out

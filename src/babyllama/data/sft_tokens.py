@@ -283,9 +283,11 @@ def _record_batches(read: BytesRead, read_at: deque[int], unread: Callable[[dict
 
 
 def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: str | Path, settings: SFTSettings,
-                    workers: int = 1, kind: str = "sft") -> dict:
+                    workers: int = 1, kind: str = "sft", whole: bool = False) -> dict:
     """Tokenize the SFT records (kind "dpo": preference pairs) of inputs into out/ (see the module
-    docstring), or, once out is held, find them there; returns the manifest.
+    docstring), or, once out is held, find them there; returns the manifest. The earlier cache in out stays as it
+    was until the new one's files are complete, and a stop while they are renamed in comes after that; whole: the
+    cache is the command's whole output (pretokenize --sft), so that stop is Completed.
 
     Raises UserError when out/ cannot be written or no record is usable.
     """
@@ -299,7 +301,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
         key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
             return manifest
-        return _build(paths, tok, tokenizer_path, Path(out), settings, workers, start, digested(key))
+        return _build(paths, tok, tokenizer_path, Path(out), settings, workers, start, digested(key), whole)
 
 
 def input_files(inputs: list[str | Path], kind: str) -> list[Path]:
@@ -332,7 +334,7 @@ def _renderer(kind: str):
 
 
 def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSettings, workers: int,
-           start: float, key: dict) -> dict:
+           start: float, key: dict, whole: bool) -> dict:
     kind = key["kind"]
     names = [f"{split}.{part}.bin" for split in SPLITS for part in ("ids", "mask", "lengths")]
     files = {}  # each file's name -> its open temporary, .NAME.tmp
@@ -378,7 +380,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}); nothing was "
                             "written.")
         manifest = {**key, "dtype": tok.dtype.name, "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
-        with signals_held():  # a stop waits for the new cache: the earlier one stays whole until then, now it goes
+        with signals_held(out if whole else None):  # a stop waits for the new cache: the earlier one stays whole
+            # until then, now it goes
             (out / MANIFEST).unlink(missing_ok=True)
             for name in [*names, BAD_RECORDS]:
                 (out / f".{name}.tmp").rename(out / name)
