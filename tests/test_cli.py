@@ -65,13 +65,22 @@ def test_tokenizer_train_trains_on_a_sample_of_max_train_bytes_and_shows_its_rea
         r.stderr
     assert re.search(r"^tokenizer train: reading: 100%\|#+\| (\S+)/\1 \[[^\]]*, 300 docs\]$", r.stderr, re.M), r.stderr
     assert load_tokenizer(tmp_path / "tok").fingerprint == train_bpe(sample, 400).fingerprint
-    smallest = min(len(d.encode()) for d in docs)  # a sample of nothing trained the 259 byte ids and said "done"
+    smallest = min(len(d.encode()) for d in docs)  # a budget under every document: the beginning of one, not nothing
     r = run_cli("tokenizer", "train", "--input", tmp_path / "c.txt", "--vocab_size", "400", "--max_train_bytes",
                 smallest - 1, "--out_dir", tmp_path / "tok")
-    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: --max_train_bytes {smallest - 1:,} is "
-                                                            "smaller than every document (300 read), so none was "
-                                                            "sampled; raise it, or pass 0 to train on every document.")
-    assert load_tokenizer(tmp_path / "tok").fingerprint == train_bpe(sample, 400).fingerprint  # the earlier one
+    assert r.returncode == 0, r.stderr
+    piece = training_sample(docs, smallest - 1)
+    assert len(piece) == 1 and piece[0] in {d[:len(piece[0])] for d in docs}, piece
+    assert (f"(--max_train_bytes {smallest - 1:,} bytes (0.0 MiB)); 300 documents are larger than that: one's first "
+            f"{len(piece[0].encode()):,} bytes are in the sample") in r.stderr, r.stderr
+    (tmp_path / "zh.txt").write_text("长城\n故宫\n", encoding="utf-8")  # a sample of nothing trained the 259 byte ids
+    r = run_cli("tokenizer", "train", "--input", tmp_path / "zh.txt", "--vocab_size", "400", "--max_train_bytes", 2,
+                "--out_dir", tmp_path / "tok")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "babyllama: error: --max_train_bytes 2 holds no whole "
+                                                            "character of the text (2 documents read, each larger "
+                                                            "than it), so none was sampled; raise it, or pass 0 to "
+                                                            "train on every document.")
+    assert load_tokenizer(tmp_path / "tok").fingerprint == train_bpe(piece, 400).fingerprint  # the earlier one
 
 
 def test_tokenizer_train_writes_its_json_alone_to_a_pipe(tmp_path):

@@ -274,10 +274,28 @@ def test_training_sample_over_the_budget_is_a_uniform_sample_within_it_the_same_
     assert all(0.5 < t / (len(sample) / 10) < 1.5 for t in tenths), tenths  # not the first tenth, nor the last
 
 
-def test_training_sample_passes_over_a_document_larger_than_the_budget():
-    docs = ["长" * 100, *generated_corpus(20)]  # the first alone is 300 bytes
-    sample = training_sample(iter(docs), 300 - 1)
-    assert docs[0] not in sample and 299 - max(map(utf8, [[d] for d in docs[1:]])) < utf8(sample) <= 299
+def test_a_document_over_the_budget_fills_what_the_sample_leaves_with_its_beginning(caplog):
+    """A document larger than --max_train_bytes was passed over: one 16.6M-character line beside a short record trained
+    on the short record alone (a vocabulary of 313 ids, exit 0), and alone it was an error. Its beginning, cut at a
+    character, fills what the sample of the others leaves now, and the line says so."""
+    long, short = "长" * 100, "短文档。"  # 300 and 12 bytes
+    with caplog.at_level(logging.INFO, logger="babyllama.tokenizer"):
+        assert training_sample(iter([long, short]), 200) == ["长" * 62, short]  # 200 - 12 bytes, less a cut 长
+        assert training_sample(iter([long]), 200) == ["长" * 66]
+        assert training_sample(iter([short, long]), 12) == [short]  # no room left: none of it
+    assert [m.split("MiB (")[1] for m in caplog.messages] == [
+        "--max_train_bytes 200 bytes (0.0 MiB)); 1 document is larger than that: its first 186 bytes are in the sample",
+        "--max_train_bytes 200 bytes (0.0 MiB)); 1 document is larger than that: its first 198 bytes are in the sample",
+        "--max_train_bytes 12 bytes (0.0 MiB)); 1 document is larger than that: the sample has no room left"]
+    assert caplog.messages[0].startswith("training on 2 of 2 documents: ")
+    assert caplog.messages[1].startswith("training on 1 of 1 document: ")
+    many = [f"{i:03d}" + "长" * 100 for i in range(20)]  # each 303 bytes: one of them, the same every run
+    sample = training_sample(iter(many), 100)
+    assert len(sample) == 1 and sample == training_sample(iter(many), 100) and sample[0] in {m[:35] for m in many}
+    assert sample != training_sample(iter(many), 100, seed=1)
+    with pytest.raises(UserError, match=r"^--max_train_bytes 2 holds no whole character of the text \(1 document "
+                                        r"read, each larger than it\)"):
+        training_sample(iter([long]), 2)
 
 
 def test_training_sample_holds_the_sample_not_the_corpus():

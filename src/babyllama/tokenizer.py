@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from babyllama.errors import UserError, not_a_file, write_whole, writing
+from babyllama.errors import UserError, agree, not_a_file, write_whole, writing
 
 if TYPE_CHECKING:
     from babyllama.data.sources import BytesRead
@@ -499,33 +499,64 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
     input_sentence_size bounds its trainer's (Kudo and Richardson 2018: there a count of sentences, reservoir-sampled
     in one pass). Each document draws a key from Random(seed) in turn; the sample is the documents of the smallest
     keys, in key order up to the first whose bytes do not fit: a simple random sample, the same on every run over the
-    same documents, of at least max_bytes less the largest document (one over max_bytes alone is never sampled).
-    Memory: the sample; the corpus is never held."""
+    same documents, of at least max_bytes less the largest document. A document over max_bytes alone is no candidate;
+    the one of them with the smallest key fills what the sample leaves with its beginning, cut at a character, so a
+    corpus of one long line, or of one beside a few short ones, is not trained on next to nothing. Memory: the sample
+    and that beginning; the corpus is never held. UserError when max_bytes holds no character of any document."""
     from babyllama.progress import bytes_bar, counted
 
     rng = random.Random(seed)
     kept: list[tuple[float, int, str, int]] = []  # (-key, place, text, bytes): a heap, the largest key on top
-    held = seen = n = 0
+    held = seen = n = over = 0
     cut = 1.0  # keys at or above it are out of the sample: the smallest key that did not fit
+    big: tuple[float, int, bytes] = (1.0, 0, b"")  # (key, place, beginning) of the smallest key over max_bytes
     position = read or (lambda: seen)  # the bar's: the bytes of the files read, else of the text so far
     with bytes_bar("tokenizer train: reading", read.total if read else 0) as bar:
         for n, text in enumerate(counted(documents, bar, position), 1):
-            size, key = len(text.encode()), rng.random()  # a key for every document: each depends on its place alone
-            seen += size
-            if max_bytes and (key >= cut or size > max_bytes):
+            data, key = text.encode(), rng.random()  # a key for every document: each depends on its place alone
+            seen += len(data)
+            if max_bytes and len(data) > max_bytes:
+                over += 1
+                big = min(big, (key, n, data[:max_bytes + 1]))  # + 1: where a cut falls
                 continue
-            heapq.heappush(kept, (-key, n, text, size))
-            held += size
+            if max_bytes and key >= cut:
+                continue
+            heapq.heappush(kept, (-key, n, text, len(data)))
+            held += len(data)
             while max_bytes and held > max_bytes:  # the largest keys leave until the rest fits
                 neg_key, _, _, dropped = heapq.heappop(kept)
                 held, cut = held - dropped, -neg_key
+    piece = beginning(big[2], max_bytes - held)
+    if piece:
+        kept.append((-big[0], big[1], piece, len(piece.encode())))
+        held += kept[-1][3]
+    if n and not kept:  # a sample of nothing trains the 259 byte ids: said as a corpus too small
+        raise UserError(f"--max_train_bytes {max_bytes:,} holds no whole character of the text ({n:,} "
+                        f"{agree(n, 'document', 'documents')} read, each larger than it), so none was sampled; raise "
+                        "it, or pass 0 to train on every document.")
     budget = f"{max_bytes:,} bytes ({max_bytes / MiB:.1f} MiB)" if max_bytes else "0: every document"
-    if n and not kept:  # every document over the budget: a tokenizer of the 259 byte ids, said as a corpus too small
-        raise UserError(f"--max_train_bytes {max_bytes:,} is smaller than every document ({n:,} read), so none "
-                        "was sampled; raise it, or pass 0 to train on every document.")
-    log.info("training on %d of %d documents: %.1f of %.1f MiB (--max_train_bytes %s)", len(kept), n, held / MiB,
-             seen / MiB, budget)
+    log.info("training on %d of %d %s: %.1f of %.1f MiB (--max_train_bytes %s)%s", len(kept), n,
+             agree(n, "document", "documents"), held / MiB, seen / MiB, budget, over_budget(over, piece))
     return [text for _, _, text, _ in sorted(kept, key=lambda k: k[1])]
+
+
+def beginning(data: bytes, size: int) -> str:
+    """The text of data's first size bytes (UTF-8), less a character that they cut (data[size] says: a continuation
+    byte); "" when size holds none."""
+    size = max(size, 0)
+    while 0 < size < len(data) and data[size] & 0xC0 == 0x80:  # a continuation byte: size is inside a character
+        size -= 1
+    return data[:size].decode()
+
+
+def over_budget(over: int, piece: str) -> str:
+    """What training_sample's line adds for the over documents larger than its budget, piece the beginning of one
+    that the sample holds: "" when there are none."""
+    if not over:
+        return ""
+    which = "its" if over == 1 else "one's"
+    took = f"{which} first {len(piece.encode()):,} bytes are in the sample" if piece else "the sample has no room left"
+    return f"; {over:,} {agree(over, 'document is', 'documents are')} larger than that: {took}"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> HFTokenizer:
