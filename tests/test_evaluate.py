@@ -1026,6 +1026,24 @@ def test_eval_bad_inputs(tmp_path, tiny_run):
     assert r.returncode == 2 and not (tmp_path / "empty" / "plots").exists()
 
 
+def test_eval_of_shards_without_a_val_split_says_why(tmp_path, bpe_tokenizer):
+    """`eval --data` of one document pretokenized at the default --val_fraction 0.005 (hashed into train) told the
+    user to pretokenize with a --val_fraction above 0, which it was: it says what the hash did, and what to do."""
+    from babyllama.data.shards import is_val
+    from babyllama.evaluate import check_lm_data
+
+    bpe_tokenizer.save(tmp_path / "tok")
+    (tmp_path / "doc.txt").write_text(generated_corpus(1, seed=3)[0] + "\n")
+    assert not is_val(generated_corpus(1, seed=3)[0], 0.005)
+    for fraction, why in ((0.005, ": pretokenize --val_fraction 0.005 put none of its 1 document there (a hash of each "
+                                  "one's text decides); pretokenize more documents, or with a larger --val_fraction."),
+                          (0, "; pretokenize with a --val_fraction above 0.")):
+        pretokenize([str(tmp_path / "doc.txt")], str(tmp_path / "tok"), tmp_path / "tokens", val_fraction=fraction)
+        with pytest.raises(UserError) as e:
+            check_lm_data(tmp_path / "tokens", 32)
+        assert str(e.value) == f"--data {tmp_path / 'tokens'} has no val split to measure the loss on{why}"
+
+
 def test_eval_counts_and_says_what_it_cut_to_the_context(tmp_path, tiny_run, bpe_tokenizer):
     """A question or prompt longer than the context was scored on its end with no word of it. The model (32
     tokens) generates after at most 31 prompt ids and scores options in at most 33 ids: one id more is cut."""

@@ -917,6 +917,25 @@ def test_shards_without_a_val_split_say_so_at_the_start(tmp_path, bpe_tokenizer,
     assert strict_lines(tmp_path / "run" / "metrics.jsonl")[-1]["val_loss"] is None
 
 
+def test_shards_whose_hash_put_no_document_in_validation_say_so_not_val_fraction_0(tmp_path, bpe_tokenizer, capsys):
+    """One document pretokenized at the default --val_fraction 0.005 hashed into train, and the note blamed
+    `pretokenize --val_fraction 0`, a flag the user never passed: it says what happened, and what to do."""
+    from babyllama.data.shards import is_val
+
+    bpe_tokenizer.save(tmp_path / "tok")
+    for docs in (generated_corpus(1, seed=3), generated_corpus(3, seed=3)):
+        assert not any(is_val(d, 0.005) for d in docs)
+        (tmp_path / "docs.txt").write_text("".join(d + "\n" for d in docs))
+        pretokenize([str(tmp_path / "docs.txt")], str(tmp_path / "tok"), tmp_path / "tokens")
+        capsys.readouterr()
+        pretrain(config(tmp_path / "tokens", tmp_path / f"run{len(docs)}", "--max_steps", "1", "--batch_size", "2"))
+        notes = [x for x in capsys.readouterr().out.splitlines() if "validation" in x]
+        assert notes == [f"note: {tmp_path / 'tokens'} has no validation split, so the run measures no validation "
+                         f"loss: pretokenize --val_fraction 0.005 put none of its {len(docs)} "
+                         f"{'document' if len(docs) == 1 else 'documents'} there (a hash of each one's text decides); "
+                         "pretokenize more documents, or with a larger --val_fraction."]
+
+
 def test_a_full_disk_while_saving_is_one_sentence_and_resume_finishes(shards, tmp_path, capsys, monkeypatch):
     """ENOSPC while step 4's checkpoint is written: one sentence, exit 2, its temporary removed and step 2's
     checkpoint intact; --resume says where it picks up and finishes the run."""

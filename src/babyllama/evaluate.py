@@ -61,7 +61,14 @@ from babyllama.chat_format import (
     text_prompt,
     unread_fields,
 )
-from babyllama.data.shards import TokenWindows, check_shard_files, read_manifest, shard_windows, split_shards
+from babyllama.data.shards import (
+    TokenWindows,
+    check_shard_files,
+    read_manifest,
+    shard_windows,
+    split_shards,
+    val_missed,
+)
 from babyllama.data.sources import (
     MAX_RECORD_CHARS,
     RECORD_SUFFIXES,
@@ -876,7 +883,9 @@ def check_lm_data(data: str | Path, seq_len: int) -> dict:
     manifest = read_manifest(data)
     val = split_shards(manifest, "val")
     if not val:
-        raise UserError(f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
+        missed = val_missed(manifest)
+        raise UserError(f"--data {data} has no val split to measure the loss on: {missed}." if missed else
+                        f"--data {data} has no val split to measure the loss on; pretokenize with a --val_fraction "
                         "above 0.")
     check_shard_files(Path(data), manifest, val)
     if not any(shard_windows(val, seq_len)):

@@ -473,6 +473,17 @@ class TokenWindows:
         return batch
 
 
+def val_missed(record: dict) -> str | None:
+    """Why shards of a val_fraction above 0 have no val split (record: their manifest or token_record), with the
+    remedy: the hash (is_val) put none of their documents there; None for --val_fraction 0, which says it."""
+    fraction = record.get("val_fraction") or 0
+    if not fraction:
+        return None
+    n = sum(s["documents"] for s in split_shards(record, "train"))
+    return (f"pretokenize --val_fraction {fraction:g} put none of its {n:,} {agree(n, 'document', 'documents')} there "
+            "(a hash of each one's text decides); pretokenize more documents, or with a larger --val_fraction")
+
+
 def split_shards(manifest: dict, split: str) -> list[dict]:
     """The records of a manifest's shards of split ("train", "val"), in its order."""
     return [s for s in manifest["shards"] if s["split"] == split]

@@ -36,6 +36,7 @@ from babyllama.data.shards import (
     shards_difference,
     split_shards,
     token_record,
+    val_missed,
 )
 from babyllama.data.sources import check_output_folder
 from babyllama.errors import UserError, agree, write_whole
@@ -219,7 +220,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
               f"the learning rate {end} and never decays to min_lr {t.min_lr:g}; set --warmup_steps to a small part "
               "of the steps (the configs use 1-10%).")
     if dist.main and val_data is None:  # its lines' val_loss was null without a word
-        print(f"note: {no_validation(cfg, stage)}, so the run measures no validation loss.")
+        print(f"note: {no_validation(cfg, stage, data)}")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_whole(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -229,12 +230,17 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     return trainer.fit()
 
 
-def no_validation(cfg: RunConfig, stage: str) -> str:
-    """Why a stage's run has no validation data, in words: pretraining shards without a val split, or token-cache
-    data that val_fraction leaves no validation samples."""
-    if stage == "pretrain":
-        return f"{cfg.train.data} has no validation split (pretokenize --val_fraction 0)"
-    return f"val_fraction {cfg.train.val_fraction:g} leaves no validation {ROWS[stage][1]} of the data"
+def no_validation(cfg: RunConfig, stage: str, data: dict | None) -> str:
+    """The note of a stage's run that has no validation data, and why: pretraining shards (data: their token_record)
+    without a val split, of --val_fraction 0 or of a hash that put none of their documents there (val_missed), or
+    token-cache data that val_fraction leaves no validation samples."""
+    measures = "so the run measures no validation loss"
+    if stage != "pretrain":
+        return f"val_fraction {cfg.train.val_fraction:g} leaves no validation {ROWS[stage][1]} of the data, {measures}."
+    missed = val_missed(data or {})
+    if missed:
+        return f"{cfg.train.data} has no validation split, {measures}: {missed}."
+    return f"{cfg.train.data} has no validation split (pretokenize --val_fraction 0), {measures}."
 
 
 def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
