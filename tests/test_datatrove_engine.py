@@ -423,7 +423,24 @@ def test_a_stage_s_line_says_one_task_and_one_document_in_the_singular(tmp_path)
     (tmp_path / "stats" / "00000.json").write_text(json.dumps([{"stats": {"documents": 1}}]))
     assert line(1) == "stage 1/2 read: 1 of 1 task done (1 document), 5 s"
     (tmp_path / "stats" / "00001.json").write_text(json.dumps([{"stats": {"documents": {"total": 1}}}]))
-    assert line(2) == "stage 1/2 read: 1 of 2 tasks done (2 documents), 5 s"
+    (tmp_path / "completions" / "00001").write_text("")
+    assert line(2) == "stage 1/2 read: 2 of 2 tasks done (2 documents), 5 s"
+
+
+def test_a_stage_s_line_counts_the_documents_of_the_tasks_it_counts_done(tmp_path):
+    """The documents were those of every statistics file, of tasks not yet marked done too (datatrove writes a task's
+    statistics, then marks it done): they are those of the done tasks now. A done task of no input file (11 files of
+    unequal sizes in 11 tasks: files_of_task gives one task none, another two) counts none: 7 done tasks of 40,000
+    documents or none can hold 240,000."""
+    (tmp_path / "completions").mkdir()
+    (tmp_path / "stats").mkdir()
+    for rank, documents in enumerate([40_000] * 6 + [None] + [40_000] * 3 + [43_790]):
+        counts = {"documents": documents} if documents else {}
+        (tmp_path / "stats" / f"{rank:05d}.json").write_text(json.dumps([{"stats": counts}, {"stats": {}}]))
+        if rank < 7:
+            (tmp_path / "completions" / f"{rank:05d}").write_text("")
+    assert dt.stage_status("stage 1/7 read", tmp_path, 11, 60.0) == ("stage 1/7 read: 7 of 11 tasks done (240,000 "
+                                                                      "documents), 60 s")
 
 
 def test_datatrove_draws_none_of_its_bars(corpus, tmp_path, capsys):

@@ -705,15 +705,16 @@ def connect_ray() -> None:
 
 def stage_status(label: str, logs: Path, tasks: int, seconds: float) -> str:
     """"stage 3/7 unique: 2 of 6 tasks done (245,312 documents), 90 s": the tasks that datatrove marked done in the
-    stage's logging folder (completions/R), and the documents that their statistics (stats/R.json, written as a
-    task ends) count at the stage's first step that counts any (its reader); a stage that reads none says none. A
-    line every progress.LINE_EVERY_S while the stage runs (run_stages)."""
-    done = len(list((logs / "completions").glob("[0-9]*")))
-    docs = [_documents(f) for f in (logs / "stats").glob("[0-9]*.json")]
-    counted = [n for n in docs if n is not None]
+    stage's logging folder (completions/R), and the documents that the statistics of those tasks (stats/R.json,
+    written before a task is marked done) count at the stage's first step that counts any (its reader; a task of no
+    input file counts none); a stage that reads none says none. The statistics of a task not yet marked done are
+    not read: the count and the documents are of the same tasks. A line every progress.LINE_EVERY_S while the stage
+    runs (run_stages)."""
+    done = [f.name for f in (logs / "completions").glob("[0-9]*")]
+    counted = [n for n in (_documents(logs / "stats" / f"{rank}.json") for rank in done) if n is not None]
     n = sum(counted)
     read = f" ({n:,} {agree(n, 'document', 'documents')})" if counted else ""
-    return f"{label}: {done} of {tasks} {agree(tasks, 'task', 'tasks')} done{read}, {seconds:.0f} s"
+    return f"{label}: {len(done)} of {tasks} {agree(tasks, 'task', 'tasks')} done{read}, {seconds:.0f} s"
 
 
 def _documents(stats_file: Path) -> int | None:
