@@ -353,6 +353,24 @@ def test_json_objects_over_several_lines_are_records_read_as_they_come(tmp_path)
         (None, "not valid JSON (Expecting value)"), ({"text": "乙"}, "")]
 
 
+def test_a_json_error_at_a_place_says_the_place():
+    """A raw NUL in a JSON line was `not valid JSON (Invalid control character at)`: json's msg without its position.
+    The message that names a place ends with it: the column of a JSON line (the line is in the location), the line
+    of the file in an array or objects over lines; the others are as json says them."""
+    import io
+
+    from babyllama.data.sources import records_json_array, records_jsonl
+
+    lines = io.StringIO('{"text": "甲\x00乙"}\n{"text" "丁"}\n{"text": "丙')  # the last line cut
+    assert [why for _, _, why in records_jsonl("f.jsonl", lines)] == [
+        "not valid JSON (Invalid control character at column 12)", "not valid JSON (Expecting ':' delimiter)",
+        "not valid JSON (Unterminated string starting at column 10)"]
+    array = io.StringIO('[{"text": "甲"},\n {"text":\n  "乙\x00"}]')
+    assert [(where, why) for where, _, why in records_json_array("a.json", array)] == [
+        ("a.json:item 1", ""), ("a.json:item 2", "invalid JSON (Invalid control character at line 3); the rest of the "
+                                                 "file is skipped")]
+
+
 def test_json_objects_over_several_lines_are_read_in_memory_of_one(tmp_path):
     """Objects over lines are read as they come, not the file whole: the first is read with the first MiB (a read's
     buffer) of a file of 6 MB, and one over the first 64 KiB (the sample that tells the shape) is read whole."""

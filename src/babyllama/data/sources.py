@@ -543,13 +543,19 @@ def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
         try:
             record = json.loads(line)  # the line break is JSON's whitespace
         except json.JSONDecodeError as e:
-            yield where, None, f"not valid JSON ({e.msg})"
+            yield where, None, f"not valid JSON ({json_fault(e, f'column {e.colno}')})"
             continue
         except RecursionError:
             yield where, None, "JSON nested too deep"
             continue
         del line  # not held while the record is read
         yield (where, record, "") if isinstance(record, dict) else (where, None, "not a JSON object")
+
+
+def json_fault(e: json.JSONDecodeError, place: str) -> str:
+    """json's message of e, with place ("column 7", "line 3") where the message names one: its msg alone cut
+    "Invalid control character at" and "Unterminated string starting at" before their position."""
+    return f"{e.msg} {place}" if e.msg.endswith(" at") else e.msg
 
 
 _SPACE = re.compile(r"[ \t\r\n\ufeff]*")
@@ -593,8 +599,9 @@ class _JSONWindow:
                 if end < len(self.buf) or not self._more(size):  # a number at the window's end may go on
                     break
             except json.JSONDecodeError as e:
+                line = self.line + self.buf.count("\n", self.pos, e.pos)  # before _more moves the window
                 if len(self.buf) - self.pos > MAX_RECORD_CHARS or not self._more(size):
-                    raise ValueError(f"invalid JSON ({e.msg})") from None
+                    raise ValueError(f"invalid JSON ({json_fault(e, f'line {line}')})") from None
             except RecursionError:
                 raise ValueError("an item nested too deep") from None
             size *= 2
