@@ -262,6 +262,33 @@ def test_large_vocab_gives_uint32_shards(tmp_path):
     assert tokens.tolist() == [69999, 3, 70001, 65536, 65535, 70001]
 
 
+def test_one_document_and_one_token_are_said_in_the_singular(corpus_and_tokenizer, tmp_path):
+    """pretokenize's bar ended with `1 docs`, and the shards' sentences said `1 tokens`."""
+    from babyllama.data.shards import TokenWindows
+    from babyllama.evaluate import check_lm_data
+
+    d, docs = corpus_and_tokenizer
+    (tmp_path / "one.txt").write_text(docs[0] + "\n")
+    r = run_cli("pretokenize", "--input", tmp_path / "one.txt", "--tokenizer", d / "tok", "--out_dir", tmp_path / "o",
+                "--val_fraction", "0")
+    assert r.returncode == 0, r.stderr
+    bar = [x for x in r.stderr.splitlines() if x.startswith("pretokenize: ")]
+    assert re.fullmatch(r"pretokenize: 100%\|#+\| (\S+)/\1 \[[^\]]*, 1 doc, [\d,]+ tokens/s\]", bar[-1]), bar
+    manifest = read_manifest(tmp_path / "o")
+    shard = tmp_path / "o" / manifest["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:2])  # one uint16 token, as the manifest says now
+    manifest["shards"][0]["tokens"] = 1
+    with pytest.raises(UserError, match=r" split of \S+ has 1 token, fewer than one window of 33; "):
+        TokenWindows(tmp_path / "o", 32, "train", manifest)
+    manifest["shards"][0]["split"] = "val"  # eval's check of its --data
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r" has 1 token, fewer than one window of 33 \(the model's"):
+        check_lm_data(tmp_path / "o", 32)
+    shard.unlink()
+    with pytest.raises(UserError, match=r" is missing, though \S+ lists it \(1 token\); restore it "):
+        TokenWindows(tmp_path / "o", 32, "val", manifest)
+
+
 def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):
     d, _ = corpus_and_tokenizer
     r = run_cli("pretokenize", "--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"),

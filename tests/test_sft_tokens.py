@@ -453,6 +453,17 @@ def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     assert r.returncode == 2 and "--max_seq_len" in r.stderr
 
 
+def test_the_cache_bar_says_one_record_in_the_singular(tmp_path, bpe_tokenizer):
+    """The bar ended with `1 records`."""
+    bpe_tokenizer.save(tmp_path / "tok")
+    (tmp_path / "one.jsonl").write_text(json.dumps(MULTI_TURN[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    r = run_cli("pretokenize", "--sft", "--input", tmp_path / "one.jsonl", "--tokenizer", tmp_path / "tok",
+                "--out_dir", tmp_path / "c", "--max_seq_len", "256", "--val_fraction", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    bar = [line for line in r.stderr.splitlines() if line.startswith("sft tokens: ")]
+    assert re.fullmatch(r"sft tokens: 100%\|#+\| (\S+)/\1 \[[^\]]*, 1 record, [\d,]+ samples/s\]", bar[-1]), bar
+
+
 def test_the_cache_bar_counts_the_input_bytes_of_their_total(demo_sft, tmp_path):
     """The SFT/DPO cache's bar counted records with no total: no percentage, no ETA. It counts the inputs' bytes read
     of their size, as prepare's and pretokenize's bars do, moving as each batch is written, with the records so far."""

@@ -890,9 +890,10 @@ def check_lm_data(data: str | Path, seq_len: int) -> dict:
     check_shard_files(Path(data), manifest, val)
     if not any(shard_windows(val, seq_len)):
         tokens, shards = sum(s["tokens"] for s in val), f" in {len(val)} shards" if len(val) > 1 else ""
-        raise UserError(f"the val split of --data {data} has {tokens} tokens{shards}, fewer than one window of "
-                        f"{seq_len + 1} (the model's max_seq_len + 1) to measure the loss on; run babyllama "
-                        f"pretokenize again with a larger --val_fraction (it was {manifest['val_fraction']}).")
+        raise UserError(f"the val split of --data {data} has {tokens} {agree(tokens, 'token', 'tokens')}{shards}, "
+                        f"fewer than one window of {seq_len + 1} (the model's max_seq_len + 1) to measure the loss on; "
+                        f"run babyllama pretokenize again with a larger --val_fraction (it was "
+                        f"{manifest['val_fraction']}).")
     return manifest
 
 

@@ -43,7 +43,7 @@ from babyllama.data.shards import (
     write_manifest,
 )
 from babyllama.data.sources import BAD_RECORDS, CorpusReader
-from babyllama.errors import UserError, children_without_ctrl_c
+from babyllama.errors import UserError, agree, children_without_ctrl_c
 from babyllama.progress import bytes_bar, is_rank0
 from babyllama.settings import check_fraction
 from babyllama.tokenizer import Tokenizer, load_tokenizer
@@ -291,8 +291,8 @@ def _pretokenize(reader: CorpusReader, tok: Tokenizer, tokenizer_path: str, out:
             for pieces, (flat, lengths) in in_workers(partial(_encode, bos=bos), batches(), str(tokenizer_path),
                                                       workers):
                 n_tokens, n_docs = n_tokens + len(flat), n_docs + write_pieces(writers, pieces, flat, lengths)
-                bar.set_postfix_str(f"{n_docs:,} docs, {n_tokens / max(time.time() - start, 1e-9):,.0f} tokens/s",
-                                    refresh=False)
+                rate = n_tokens / max(time.time() - start, 1e-9)
+                bar.set_postfix_str(f"{n_docs:,} {agree(n_docs, 'doc', 'docs')}, {rate:,.0f} tokens/s", refresh=False)
                 bar.update(read_at.popleft() - bar.n)  # the bytes of the batches written, not of those read ahead
             bar.update(reader.bytes_read() - bar.n)
         for w in writers.values():

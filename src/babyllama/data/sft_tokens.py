@@ -360,7 +360,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
                 stats.bad_examples.append(line)
                 log.warning("%s: skipped %s %s record", line, "an" if kind == "sft" else "a", what)
             rate = (stats.samples + stats.val_samples) / (time.time() - start)
-            bar.set_postfix_str(f"{stats.records:,} records, {rate:,.0f} samples/s", refresh=False)
+            bar.set_postfix_str(f"{stats.records:,} {agree(stats.records, 'record', 'records')}, {rate:,.0f} samples/s",
+                                refresh=False)
             bar.update(read_at.popleft() - bar.n)
         if stats.bad > MAX_LISTED:
             with writing(out / BAD_RECORDS):

@@ -409,8 +409,9 @@ def check_shard_files(data_dir: Path, manifest: dict, shards: list[dict]) -> Non
     for s in shards:
         f = data_dir / s["file"]
         if not f.is_file():
-            raise UserError(f"{f} is missing, though {data_dir / MANIFEST} lists it ({s['tokens']} tokens); restore "
-                            "it or run `babyllama pretokenize` again.")
+            raise UserError(f"{f} is missing, though {data_dir / MANIFEST} lists it ({s['tokens']} "
+                            f"{agree(s['tokens'], 'token', 'tokens')}); restore it or run `babyllama pretokenize` "
+                            "again.")
         size = f.stat().st_size
         if size != s["tokens"] * itemsize:
             n = size // itemsize if size % itemsize == 0 else size / itemsize  # a part token: a torn write
@@ -448,8 +449,8 @@ class TokenWindows:
         if self.starts[-1] == 0:
             total = sum(len(a) for a in self.arrays)
             raise UserError(
-                f"the {split} split of {self.dir} has {total} tokens, fewer than one window of "
-                f"{seq_len + 1}; use more data, a smaller max_seq_len or a larger --val_fraction."
+                f"the {split} split of {self.dir} has {total} {agree(total, 'token', 'tokens')}, fewer than one "
+                f"window of {seq_len + 1}; use more data, a smaller max_seq_len or a larger --val_fraction."
             )
 
     def __len__(self) -> int:
