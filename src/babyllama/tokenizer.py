@@ -517,7 +517,8 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
             seen += len(data)
             if max_bytes and len(data) > max_bytes:
                 over += 1
-                big = min(big, (key, n, data[:max_bytes + 1]))  # + 1: where a cut falls
+                if key < big[0]:
+                    big = (key, n, data[:max_bytes + 1])  # + 1: where a cut falls
                 continue
             if max_bytes and key >= cut:
                 continue
