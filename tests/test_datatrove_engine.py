@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -429,9 +430,8 @@ def test_a_stage_s_line_says_one_task_and_one_document_in_the_singular(tmp_path)
 
 def test_a_stage_s_line_counts_the_documents_of_the_tasks_it_counts_done(tmp_path):
     """The documents were those of every statistics file, of tasks not yet marked done too (datatrove writes a task's
-    statistics, then marks it done): they are those of the done tasks now. A done task of no input file (11 files of
-    unequal sizes in 11 tasks: files_of_task gives one task none, another two) counts none: 7 done tasks of 40,000
-    documents or none can hold 240,000."""
+    statistics, then marks it done): they are those of the done tasks now. A done task that read no document counts
+    none: 7 done tasks of 40,000 documents or none can hold 240,000."""
     (tmp_path / "completions").mkdir()
     (tmp_path / "stats").mkdir()
     for rank, documents in enumerate([40_000] * 6 + [None] + [40_000] * 3 + [43_790]):
@@ -828,13 +828,79 @@ def socket_like():
     return Closed()
 
 
-def test_tasks_take_contiguous_runs_of_files_by_size():
-    files = [f"f{i}" for i in range(6)]
-    shares = [dt.files_of_task(files, [10, 10, 10, 10, 10, 10], r, 3) for r in range(3)]
-    assert shares == [["f0", "f1"], ["f2", "f3"], ["f4", "f5"]]
-    shares = [dt.files_of_task(files, [100, 1, 1, 1, 1, 1], r, 2) for r in range(2)]
-    assert shares == [["f0"], ["f1", "f2", "f3", "f4", "f5"]]
-    assert [dt.files_of_task(["a"], [5], r, 2) for r in range(2)] == [[], ["a"]]  # an idle task
+def test_eleven_files_one_of_them_small_get_a_task_each(tmp_path):
+    """`split -l 40000` of 403,790 documents: 10 files of 40,000 and one of 3,790, a task each by default. Each task
+    took the files whose middle byte fell in its 1/11 of the bytes: task 6 none, task 10 two (the stage took twice
+    as long as it needed). Now each reads one, in order, and the parts keep the documents in corpus order."""
+    lines = [f"第{i:03d}行：今天天气很好，我们去公园散步吧。" for i in range(404)]
+    files = []
+    for k in range(11):
+        files.append(str(tmp_path / f"p_{k:02d}.txt"))
+        Path(files[-1]).write_text("\n".join(lines[40 * k : 40 * k + 40]) + "\n")
+    stats = dt.prepare(files, tmp_path / "out", dt.Launch(), dedup="none")
+    work = tmp_path / "out" / "datatrove"
+    assert [list(json.loads((work / "read" / f"{r:05d}.json").read_text())) for r in range(11)] == [[f] for f in files]
+    assert stats["settings"]["task_files"] == [1] * 11 and kept_documents(tmp_path / "out") == lines
+
+
+def test_many_files_are_shared_out_within_one_file_of_an_equal_share():
+    """2,000 files of 0 to 10,000 bytes in 37 tasks: no task idle, none above total / tasks by more than the
+    largest file (a file weighs its bytes + 1); on small cases the largest task is the smallest any contiguous runs
+    make (every way of cutting tried)."""
+    rng = random.Random(0)
+    sizes = [rng.choice([0, rng.randrange(10_000)]) for _ in range(2_000)]
+    shares = dt.task_shares(sizes, 37)
+    assert len(shares) == 37 and sum(shares) == 2_000 and min(shares) >= 1
+    assert largest_task(sizes, itertools.accumulate(shares[:-1])) <= sum(s + 1 for s in sizes) / 37 + 10_000
+    for _ in range(200):
+        sizes = [rng.randrange(100) for _ in range(rng.randrange(1, 9))]
+        tasks = rng.randrange(1, len(sizes) + 1)
+        best = min(largest_task(sizes, cuts)
+                   for cuts in itertools.combinations_with_replacement(range(len(sizes) + 1), tasks - 1))
+        assert largest_task(sizes, itertools.accumulate(dt.task_shares(sizes, tasks)[:-1])) == best, (sizes, tasks)
+
+
+def largest_task(sizes: list[int], cuts) -> int:
+    """The weight (bytes + 1 a file) of the largest run of sizes cut before the indices in cuts (ascending)."""
+    bounds = [0, *cuts, len(sizes)]
+    return max(sum(s + 1 for s in sizes[a:b]) for a, b in itertools.pairwise(bounds))
+
+
+def test_the_shares_follow_a_fixed_rule():
+    """Ties go the same way each time (the earlier tasks fill up first, the later ones keep a file each); a task
+    can only be idle when there are more tasks than files, which --tasks never makes."""
+    assert dt.task_shares([10] * 6, 4) == [2, 2, 1, 1]
+    assert dt.task_shares([100, 1, 1, 1, 1, 1], 2) == [1, 5]
+    assert dt.task_shares([0] * 5, 5) == [1] * 5  # empty files spread too
+    assert dt.task_shares([5], 2) == [0, 1]
+    assert dt.task_shares([], 1) == [0]
+
+
+def test_a_run_started_with_other_shares_is_not_resumed_with_these(tmp_path, monkeypatch):
+    """A run stopped halfway under the rule before (middle bytes; no task_files in its settings) was resumed with
+    the new shares: its finished tasks skipped, the others reading the new ones, so some files read twice and
+    others never. It is refused; finished, it is redone."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("\n".join(GOOD_LINES[:30]) + "\n")
+    files, out = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out"
+
+    def dies(self, data, rank=0, world_size=1):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(dt.WriteParts, "run", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        dt.prepare(files, out, local(2), dedup="none")
+    monkeypatch.undo()
+    settings = out / ".incomplete" / "datatrove" / "settings.json"
+    written = json.loads(settings.read_text())
+    settings.write_text(json.dumps({k: v for k, v in written.items() if k != "task_files"}))
+    refused = (f"{out} holds an unfinished datatrove run whose tasks share the input files otherwise (another "
+               f"version of babyllama started it); finish it with that version, or remove {settings.parent} to "
+               "start again.")
+    with pytest.raises(UserError, match=re.escape(refused)):
+        dt.prepare(files, out, local(2), dedup="none")
+    (settings.parent / dt.FINISHED).write_text("{}")
+    assert dt.prepare(files, out, local(2), dedup="none")["total"]["kept"] == 60
 
 
 def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates_on_datatrove(tmp_path):

@@ -283,8 +283,8 @@ def add_engine_args(p: argparse.ArgumentParser, embedded_workers: bool) -> None:
     g = p.add_argument_group("engine", "the embedded single-process path, or datatrove (pip install '.[scale]')")
     g.add_argument("--engine", choices=["embedded", "datatrove"], default="embedded", help="who runs the steps")
     g.add_argument("--executor", choices=["local", "slurm", "ray"], help="where datatrove runs (default local)")
-    g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files cut by bytes "
-                   "(default and most: the number of files)")
+    g.add_argument("--tasks", type=int_in(1), help="datatrove tasks, each a run of input files, the runs "
+                   "balanced by bytes (default and most: the number of files)")
     g.add_argument("--workers", type=int_in(1), help=("" if embedded_workers else "with --engine datatrove (the "
                    "embedded prepare runs in one process): ") + "processes at once, on this machine at most one per "
                    "core (default: one per core)")

@@ -21,9 +21,10 @@ their work files under OUT/datatrove/:
 `--dedup exact` writes after `unique`'s filter and `--dedup none` after `read`. pretokenize has two
 stages: `tokenize` (tasks) -> OUT/shard_R_K.bin, val_R_K.bin, and `finish` -> OUT/manifest.json.
 
-A task takes a contiguous run of the sorted input files (about 1/tasks of the bytes), so rank order is
-corpus order and the first copy of a duplicate is the one kept, as in the embedded path. A file is
-never split between tasks: cut a single huge file first (`split -l 1000000`). Memory: a task holds its
+A task takes a contiguous run of the sorted input files (task_shares: the runs that make the largest task's
+bytes as small as possible, recorded in OUT/datatrove/settings.json as task_files), so rank order is corpus
+order and the first copy of a duplicate is the one kept, as in the embedded path. A file is never split
+between tasks: cut a single huge file first (`split -l 1000000`). Memory: a task holds its
 own documents' signatures (~120 bytes each), the cluster stage the duplicate pairs; with tasks in
 proportion to the corpus, a worker's memory stays flat. Datatrove marks every finished task under
 OUT/datatrove/logs, so the same command after a crash skips them and ends with the same files. A Slurm
@@ -37,6 +38,7 @@ A Slurm submission writes into OUT itself, cleared first: its last stage runs af
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import json
@@ -270,13 +272,34 @@ def pass_through(data: DocumentsPipeline, rank: int = 0, world_size: int = 1) ->
 # --- steps: the embedded path's pieces, as datatrove PipelineSteps ---
 
 
-def files_of_task(files: list[str], sizes: list[int], rank: int, tasks: int) -> list[str]:
-    """Task rank's share: the files whose middle byte falls in its 1/tasks of all bytes, so each file goes
-    to exactly one task and the shares are contiguous runs in the given order."""
-    weight = np.asarray(sizes, dtype=np.float64) + 1.0  # + 1: empty files spread too
-    middle = (np.cumsum(weight) - weight / 2) / weight.sum()
-    owner = np.minimum((middle * tasks).astype(np.int64), tasks - 1)
-    return [f for f, o in zip(files, owner, strict=True) if o == rank]
+def task_shares(sizes: list[int], tasks: int) -> list[int]:
+    """How many of the files (sizes: bytes, in corpus order) each of the tasks reads, as contiguous runs in that
+    order (exact dedup keeps the copy of the earliest task; parts, shards and bad records are in task order), so
+    that the largest task's bytes are as small as possible. A file weighs its bytes + 1, so empty files spread too.
+    The rule: C is the smallest capacity at which a greedy fill (each task in turn takes the next files while they
+    fit in C, and leaves one for each task after it) places every file, by binary search between max(largest file,
+    total / tasks) and total / tasks + largest file, which always fits; the shares are that fill's. With
+    tasks <= files no task is idle. O(files + tasks x log(files) x log(largest file)); the same sizes give the
+    same shares. Returns tasks counts that add up to len(sizes)."""
+    ends = list(itertools.accumulate(s + 1 for s in sizes))  # weight up to the end of each file
+    largest = max((s + 1 for s in sizes), default=0)
+    lo = max(largest, -(-(ends[-1] if ends else 0) // tasks))
+    hi = lo + largest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _greedy_fill(ends, tasks, mid) is not None else (mid + 1, hi)
+    return _greedy_fill(ends, tasks, lo)
+
+
+def _greedy_fill(ends: list[int], tasks: int, capacity: int) -> list[int] | None:
+    """task_shares' fill: files per task, or None when `tasks` runs of at most capacity do not hold them all."""
+    shares, start = [], 0
+    for left in range(tasks, 0, -1):  # left: this task and those after it
+        end = bisect.bisect_right(ends, (ends[start - 1] if start else 0) + capacity, lo=start)
+        end = max(min(end, len(ends) - left + 1), start)
+        shares.append(end - start)
+        start = end
+    return shares if start == len(ends) else None
 
 
 def _json_files(folder: Path) -> list:
@@ -285,23 +308,23 @@ def _json_files(folder: Path) -> list:
 
 
 class ReadCorpus(PipelineStep):
-    """Documents of this task's input files (any format and schema CorpusReader reads), each with
-    metadata["source"] = its file. Writes the task's per-file record counts to work/read/R.json and
-    the location of its first MAX_LISTED bad records to work/bad/R.txt. skip_empty: records whose text shows
-    nothing are counted, not given (CorpusReader's; pretokenize's)."""
+    """Documents of this task's input files (its run of files, shares[rank] of them: task_shares), in any format and
+    schema CorpusReader reads, each with metadata["source"] = its file. Writes the task's per-file record counts to
+    work/read/R.json and the location of its first MAX_LISTED bad records to work/bad/R.txt. skip_empty: records
+    whose text shows nothing are counted, not given (CorpusReader's; pretokenize's)."""
 
     name, type = "📖 babyllama files", "📖 - READER"
 
-    def __init__(self, files: list[str], sizes: list[int], format: str | None, work: str, skip_empty: bool = False):
+    def __init__(self, files: list[str], shares: list[int], format: str | None, work: str, skip_empty: bool = False):
         super().__init__()
-        self.files, self.sizes, self.format, self.work, self.skip_empty = files, sizes, format, work, skip_empty
+        self.files, self.shares, self.format, self.work, self.skip_empty = files, shares, format, work, skip_empty
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
         (work / "bad").mkdir(parents=True, exist_ok=True)
         with (work / "bad" / f"{rank:05d}.txt").open("w", encoding="utf-8") as bad_log:
-            reader = CorpusReader(files_of_task(self.files, self.sizes, rank, world_size), self.format, bad_log,
-                                  self.skip_empty)
+            start = sum(self.shares[:rank])
+            reader = CorpusReader(self.files[start : start + self.shares[rank]], self.format, bad_log, self.skip_empty)
             for i, (source, text) in enumerate(reader.documents_with_source()):
                 self.stat_update("documents")
                 yield Document(text=text, id=f"{rank:05d}/{i}", metadata={"source": source})
@@ -404,7 +427,7 @@ class WriteTokenShards(PipelineStep):
 
 
 def _sources_read(work: Path) -> dict[str, dict]:
-    """{file: its FileStats dict} of every task, in corpus order: each file is read by one task (files_of_task; the
+    """{file: its FileStats dict} of every task, in corpus order: each file is read by one task (task_shares; the
     inputs hold each real path once, sources.expand_inputs), so its schema is the one of most of its records."""
     return {path: fs for task in _json_files(work / "read") for path, fs in task.items()}
 
@@ -571,11 +594,12 @@ def minhash_config(threshold: float) -> MinhashConfig:
 Stage = tuple[str, list, int]  # name, pipeline, tasks
 
 
-def prepare_stages(files: list[str], sizes: list[int], out: Path, work: Path, *, format: str | None,
-                   min_chars: int, dedup: str, threshold: float | None, docs_per_shard: int, tasks: int,
+def prepare_stages(files: list[str], shares: list[int], out: Path, work: Path, *, format: str | None,
+                   min_chars: int, dedup: str, threshold: float | None, docs_per_shard: int,
                    settings: dict) -> list[Stage]:
     w = lambda name: str(work / name)
-    read = [ReadCorpus(files, sizes, format, str(work)), CleanText(min_chars), CountBySource(str(work), "clean")]
+    tasks = len(shares)
+    read = [ReadCorpus(files, shares, format, str(work)), CleanText(min_chars), CountBySource(str(work), "clean")]
     write = [WriteParts(str(out), docs_per_shard)]
     levels = {"none": ["clean"], "exact": ["clean", "unique"], "minhash": ["clean", "unique", "kept"]}[dedup]
     finish = ("finish", [FinishPrepare(str(out), str(work), levels, settings)], 1)
@@ -706,8 +730,8 @@ def connect_ray() -> None:
 def stage_status(label: str, logs: Path, tasks: int, seconds: float) -> str:
     """"stage 3/7 unique: 2 of 6 tasks done (245,312 documents), 90 s": the tasks that datatrove marked done in the
     stage's logging folder (completions/R), and the documents that the statistics of those tasks (stats/R.json,
-    written before a task is marked done) count at the stage's first step that counts any (its reader; a task of no
-    input file counts none); a stage that reads none says none. The statistics of a task not yet marked done are
+    written before a task is marked done) count at the stage's first step that counts any (its reader; a task that
+    read no document counts none); a stage that reads none says none. The statistics of a task not yet marked done are
     not read: the count and the documents are of the same tasks. A line every progress.LINE_EVERY_S while the stage
     runs (run_stages)."""
     done = [f.name for f in (logs / "completions").glob("[0-9]*")]
@@ -784,7 +808,9 @@ def start_run(out: Path, settings: dict, outputs, staged: bool) -> Path:
     (Slurm, whose stages run after this command has returned). An earlier run's folder with the same settings is
     kept, so a resumed run skips its finished tasks (a finished one does nothing); a new one is made, empty, or out
     with outputs(out) removed (shards.fresh_output_dir), when there was none or it had finished with other settings.
-    Raises UserError for an unfinished run with other settings."""
+    Raises UserError for an unfinished run with other settings, also one whose tasks read other files (task_files,
+    recorded by task_shares' rule since it came in: a run resumed with other shares would read some files twice and
+    others never)."""
     for place in (out / STAGE, out) if staged else (out,):
         work = place / "datatrove"
         if not (work / "settings.json").is_file():
@@ -794,6 +820,11 @@ def start_run(out: Path, settings: dict, outputs, staged: bool) -> Path:
             return place
         if not (work / FINISHED).is_file():
             changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+            if changed == ["task_files"]:  # same inputs and tasks: shared out by another version's rule
+                raise UserError(f"{out} holds an unfinished datatrove run whose tasks share the input files otherwise "
+                                f"(another version of babyllama started it); finish it with that version, or remove "
+                                f"{work} to start again.")
+            changed = [k for k in changed if k != "task_files"]  # it follows from inputs and tasks
             raise UserError(f"{out} holds an unfinished datatrove run with other {', '.join(changed)}; run it "
                             f"with the same ones to finish it, or remove {work} to start again.")
     if staged:
@@ -836,8 +867,8 @@ def check_kept(place: Path) -> None:
         raise nothing_kept(stats["total"], stats["settings"].get("min_chars"))
 
 
-def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int], int]:
-    """Absolute input paths (tasks may run elsewhere), their sizes, and the number of tasks. Raises
+def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple[list[str], list[int]]:
+    """Absolute input paths (tasks may run elsewhere) and how many of them each task reads (task_shares). Raises
     UserError for what would otherwise fail inside every task: an unknown executor or file type, Slurm
     without a partition or without sbatch, a Ray cluster that does not answer or cannot be connected to
     (connect_ray: so that nothing is written before)."""
@@ -857,7 +888,7 @@ def _input_files(inputs: list[str], format: str | None, launch: Launch) -> tuple
         raise UserError(f"--tasks can be at most {MAX_TASKS}, got {tasks}.")
     if launch.executor == "ray":
         connect_ray()  # last: a local instance is not started for inputs that are refused
-    return files, [Path(f).stat().st_size for f in files], max(tasks, 1)
+    return files, task_shares([Path(f).stat().st_size for f in files], max(tasks, 1))
 
 
 def _identity(files: list[str]) -> list[list]:
@@ -870,18 +901,17 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
     """clean.prepare as a datatrove pipeline; returns the statistics written to stats.json, or None when
     the stages were submitted to Slurm. Raises UserError as clean.prepare does."""
     threshold = check_dedup(dedup, threshold)
-    files, sizes, tasks = _input_files(inputs, format, launch)
+    files, shares = _input_files(inputs, format, launch)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"command": "prepare", "inputs": _identity(files), "format": format, "min_chars": min_chars,
                 "dedup": dedup, "minhash_threshold": threshold, "docs_per_shard": docs_per_shard,
-                "engine": "datatrove", "tasks": tasks}
+                "engine": "datatrove", "tasks": len(shares), "task_files": shares}
     with _one_run_at_a_time(out, settings["command"]):
         finish_swap(out, prepare_outputs, "stats.json")  # of a run killed while it swapped its output in
         place = start_run(out, settings, prepare_outputs, staged=launch.executor != "slurm")
-        stages = prepare_stages(files, sizes, place, place / "datatrove", format=format, min_chars=min_chars,
-                                dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, tasks=tasks,
-                                settings=settings)
+        stages = prepare_stages(files, shares, place, place / "datatrove", format=format, min_chars=min_chars,
+                                dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, settings=settings)
         run_stages(stages, launch, place / "datatrove")
         if launch.executor == "slurm":
             return None
@@ -903,18 +933,19 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
     check_fraction(val_fraction, "--val_fraction")
     tok = load_tokenizer(tokenizer_path)  # a wrong path fails here, not in every task
     tokenizer_path = str(Path(tokenizer_path).resolve())
-    files, sizes, tasks = _input_files(inputs, format, launch)
+    files, shares = _input_files(inputs, format, launch)
+    tasks = len(shares)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"command": "pretokenize", "inputs": _identity(files), "tokenizer": tok.record(),
                 "format": format, "val_fraction": val_fraction, "shard_tokens": shard_tokens, "bos": bos,
-                "tasks": tasks}
+                "tasks": tasks, "task_files": shares}
     with _one_run_at_a_time(out, settings["command"]):
         finish_swap(out, token_outputs, MANIFEST)  # of a run killed while it swapped its output in
         place = start_run(out, settings, token_outputs, staged=launch.executor != "slurm")
         work = place / "datatrove"
         stages = [
-            ("tokenize", [ReadCorpus(files, sizes, format, str(work), skip_empty=True),
+            ("tokenize", [ReadCorpus(files, shares, format, str(work), skip_empty=True),
                           WriteTokenShards(tokenizer_path, str(place), str(work), val_fraction, bos, shard_tokens)],
              tasks),
             ("finish", [FinishTokens(tokenizer_path, str(place), str(work), bos, val_fraction, tasks)], 1),
