@@ -53,6 +53,24 @@ def sharp_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model.eval()
 
 
+def poison(file: Path, value: float = float("nan"), part: str = "") -> str:
+    """Put value (NaN, Inf) into one element of the first tensor of the safetensors file whose name holds part, as
+    a hand edit or a flipped bit would; returns the tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    name = sorted(k for k in tensors if part in k)[0]
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return name
+
+
+def not_finite(file: Path, name: str) -> str:
+    """What the CLI says of a weights file whose tensor name holds NaN or Inf (weights_file.read_safetensors)."""
+    return (f"babyllama: error: {file} is damaged: its tensor {name} holds NaN or Inf, which training never saves; "
+            "restore the checkpoint from a copy or use another one.\n")
+
+
 def generated_corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     zh = (

@@ -14,7 +14,7 @@ from babyllama.checkpoint import load_checkpoint, load_model, load_train_state, 
 from babyllama.errors import UserError
 from babyllama.lock import LOCK
 from babyllama.model import Transformer
-from tests.conftest import sharp_model, tiny_config
+from tests.conftest import not_finite, poison, run_cli, sharp_model, tiny_config
 from tests.test_pretrain import shards as pretrain_shards
 
 shards = pretrain_shards  # the token shards fixture, shared
@@ -546,3 +546,30 @@ def test_pruning_after_a_resume_past_a_damaged_checkpoint_keeps_the_one_resumed_
     assert "resuming from step_000005, and step_000006 is moved to step_000006.damaged" in capsys.readouterr().out
     assert resumed(tmp_path) == (tmp_path / "checkpoints" / "step_000008", 8, [])
     assert (tmp_path / "checkpoints" / "step_000006.damaged" / "trainer_state.pt").stat().st_size == 100
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_weights_holding_nan_or_inf_are_refused_at_load(bpe_tokenizer, tmp_path, value):
+    """A model.safetensors edited to hold one NaN loaded silently: chat answered nothing and export wrote it on."""
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    name = poison(ck / "model.safetensors", value, part="layers.1.")
+    with pytest.raises(UserError) as e:
+        load_model(ck)
+    assert f"babyllama: error: {e.value}\n" == not_finite(ck / "model.safetensors", name)
+    r = run_cli("export", ck, "--out", tmp_path / "hf")
+    assert (r.returncode, r.stderr) == (2, not_finite(ck / "model.safetensors", name))
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_resumed_from_weights_holding_nan_is_refused(shards, tmp_path):
+    from tests.test_pretrain import FAST, TINY
+
+    args = ["pretrain", *TINY, *FAST, "--data", shards, "--out_dir", tmp_path / "run", "--save_every", "2",
+            "--batch_size", "4"]
+    assert run_cli(*args, "--max_steps", "2").returncode == 0
+    step = tmp_path / "run" / "checkpoints" / "step_000002"
+    name = poison(step / "model.safetensors", part="tok_embeddings")
+    r = run_cli(*args, "--max_steps", "4", "--resume")
+    assert r.returncode == 2 and r.stderr.endswith(not_finite(step / "model.safetensors", name))
+    assert not (tmp_path / "run" / "checkpoints" / "step_000004").exists()

@@ -17,7 +17,7 @@ from babyllama.errors import UserError
 from babyllama.lora import ADAPTER_FILE, TARGETS, adapter_tensors, add_lora, lora_config, merge_lora, save_adapter
 from babyllama.model import Transformer
 from babyllama.train.stages import pretrain, sft
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import not_finite, poison, run_cli, tiny_config
 from tests.test_sft import write
 
 peft = pytest.importorskip("peft")
@@ -509,3 +509,48 @@ def test_the_memory_check_counts_the_adapters(lora_run, tmp_path, monkeypatch):
                             "training needs about 2.6 MiB for the weights and the adapters' gradients and AdamW, "
                             "more than the 2.1 MiB of cpu; choose a smaller lora_rank or fewer lora_targets.")
     assert not (tmp_path / "sft_tokens").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["chat", "serve", "eval", "export", "export --adapter", "sft --init"])
+def test_an_adapter_holding_nan_is_refused_wherever_it_loads(lora_run, tmp_path, monkeypatch, command):
+    """One NaN in a lora_B tensor of adapter_model.safetensors: chat answered nothing, eval --qa scored 0 and export
+    wrote 64 NaNs into the merged weights, each with exit code 0 and not a word."""
+    import babyllama.serve
+
+    monkeypatch.setattr(babyllama.serve, "build_app", lambda *a: pytest.fail("the model loaded: serve would serve it"))
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run / "run" / "final", lora)
+    name = poison(lora / ADAPTER_FILE, part="lora_B")
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "很好很喜欢", "answer": "正面"}, ensure_ascii=False))
+    out = tmp_path / "out"
+    args = {"chat": ["chat", lora], "serve": ["serve", lora, "--port", free_port()],
+            "eval": ["eval", lora, "--qa", tmp_path / "qa.jsonl", "--out_dir", out],
+            "export": ["export", lora, "--format", "hf", "--out", out],
+            "export --adapter": ["export", lora, "--format", "hf", "--adapter", "--out", out],
+            "sft --init": ["sft", "--init", lora, "--data", lora_run / "sft.jsonl", "--out_dir", out, "--max_steps",
+                           "1", "--data_workers", "1"]}[command]
+    r = run_cli(*args, stdin="很好很喜欢\n")
+    assert r.returncode == 2 and (r.stdout == "" or command == "sft --init")  # sft says its data first, loads after
+    assert r.stderr.endswith(not_finite(lora / ADAPTER_FILE, name))
+    assert not (out / "model.safetensors").exists() and not (out / "eval.json").exists()
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_lora_run_resumed_from_an_adapter_holding_inf_is_refused(lora_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run / "run", run)
+    name = poison(run / "checkpoints" / "step_000008" / ADAPTER_FILE, float("inf"), part="lora_A")
+    r = run_cli("sft", "--init", lora_run / "init", "--data", lora_run / "sft.jsonl", "--out_dir", run, "--max_steps",
+                "10", "--batch_size", "8", "--lr", "1e-2", "--warmup_steps", "1", "--eval_every", "0",
+                "--data_workers", "1", "--lora_rank", "4", "--lora_alpha", "8", "--resume")
+    assert r.returncode == 2
+    assert r.stderr.endswith(not_finite(run / "checkpoints" / "step_000008" / ADAPTER_FILE, name))
+    assert not (run / "checkpoints" / "step_000010").exists()

@@ -41,7 +41,7 @@ from babyllama.lora import (
 )
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.weights_file import file_sha256, save_safetensors, save_torch, unreadable
+from babyllama.weights_file import file_sha256, read_safetensors, save_safetensors, save_torch, unreadable
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -354,19 +354,14 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
 def load_model(path: str | Path, device: str | torch.device = "cpu", cfg: ModelConfig | None = None) -> Transformer:
     """The model of a checkpoint, after checking config.json and that the tensors match it
     (model_config, or cfg: what it returned for path when the caller checked it already; UserError
-    for a device that is not there, see pick_device)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    for a device that is not there, see pick_device, and for weights that cannot be read or are not finite,
+    see read_safetensors)."""
     device = pick_device(device)
     path = Path(path)
     if is_adapter(path):
         return load_lora(path, device)
     cfg = cfg or model_config(path)
-    try:
-        tensors = load_file(str(path / MODEL_FILE), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise unreadable(path / MODEL_FILE, e) from None
+    tensors = read_safetensors(path / MODEL_FILE, str(device))
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)

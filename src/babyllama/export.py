@@ -37,7 +37,7 @@ from babyllama.errors import UserError, check_out_dir, require, signals_held, wr
 from babyllama.lora import ADAPTER_CONFIG, ADAPTER_FILE, PREFIX, adapter_config, is_adapter, save_lora_config
 from babyllama.model import ModelConfig
 from babyllama.tokenizer import BYTE_PIECE
-from babyllama.weights_file import save_safetensors
+from babyllama.weights_file import read_safetensors, save_safetensors
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -201,18 +201,17 @@ def export_hf_adapter(checkpoint: str | Path, out: str | Path, final: Path | Non
     where out is moved to afterwards, the base's path that the adapter records (default out).
     Raises UserError, before writing, for a folder that is no checkpoint (read_config), a checkpoint that is no
     LoRA one, tokenizer files in it that are not
-    the ones its config.json records (checked_tokenizer, as every load checks them), or a missing base."""
-    from safetensors.torch import load_file
-
+    the ones its config.json records (checked_tokenizer, as every load checks them), an adapter whose weights are
+    not finite (read_safetensors), or a missing base."""
     peft = require("peft", "lora")
     if not is_adapter(checkpoint):
         read_config(checkpoint)  # a folder that is no checkpoint (a training run) is named as what it is
         raise UserError(f"{checkpoint} is not a LoRA checkpoint; --adapter exports the adapter of one "
                         "(leave it out to export the model).")
     _, cfg, _ = checked_tokenizer(checkpoint)  # its own tokenizer files, if any, must be the ones it records
+    tensors = hf_adapter_tensors(read_safetensors(Path(checkpoint) / ADAPTER_FILE), cfg)
     out = export_hf(lora_base(checkpoint), out)
     config = adapter_config(checkpoint)
-    tensors = hf_adapter_tensors(load_file(str(Path(checkpoint) / ADAPTER_FILE)), cfg)
     targets = sorted({name.split(".")[-3] for name in tensors})
     hf = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=targets, task_type="CAUSAL_LM",

@@ -22,7 +22,7 @@ import torch
 
 from babyllama.errors import UserError, require
 from babyllama.model import ModelConfig, Transformer, real, whole
-from babyllama.weights_file import save_safetensors, unreadable
+from babyllama.weights_file import read_safetensors, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -157,19 +157,15 @@ def check_adapter_fields(data, f: Path, defaults) -> None:
 def load_adapter(model: Transformer, path: str | Path) -> Transformer:
     """model with the adapter of checkpoint `path`, its LoRA layers added first unless it has them (a resume).
 
-    Raises UserError when the adapter's tensors do not fit the model (another base, a damaged file).
+    Raises UserError when the adapter's tensors do not fit the model (another base, a damaged file), cannot be read
+    or are not finite (read_safetensors).
     """
     from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not _adapter_params(model):
         model = add_lora(model, adapter_config(path))
-    try:
-        tensors = load_file(str(path / ADAPTER_FILE), device=str(model.tok_embeddings.weight.device))
-    except (SafetensorError, OSError) as e:
-        raise unreadable(path / ADAPTER_FILE, e) from None
+    tensors = read_safetensors(path / ADAPTER_FILE, str(model.tok_embeddings.weight.device))
     params = _adapter_params(model)
     if set(tensors) != set(params) or any(tensors[k].shape != p.shape for k, p in params.items()):
         raise UserError(f"{path / ADAPTER_FILE} does not fit the model it is loaded onto (other targets, rank or "
