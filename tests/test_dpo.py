@@ -380,6 +380,64 @@ def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, 
     assert json.loads((tmp_path / "stopped" / "final" / "config.json").read_text())["step"] == 2
 
 
+SLOW_PRECOMPUTE = """import sys, time
+import babyllama.train.dpo as dpo
+real = dpo.answer_log_probs
+dpo.CHUNK_BATCHES = 1  # a chunk a batch, each batch 0.2 s
+dpo.answer_log_probs = lambda model, batch: (time.sleep(0.2), real(model, batch))[1]
+from babyllama.cli import main
+if __name__ == "__main__":  # not again in a worker that multiprocessing spawns
+    sys.exit(main())
+"""
+
+
+def test_ctrl_c_stops_a_precompute_started_with_sigint_ignored(dpo_setup, tmp_path, monkeypatch):
+    """`bash -c 'babyllama dpo ... --precompute_ref_log_probs true & sleep 5; kill -INT $!; wait'`: a background
+    job of a shell script starts with SIGINT ignored, and the precompute went on to the end of the run (exit 0), where
+    training stops on it (Trainer.fit sets its own handler). It stops now with exit 130, its chunks kept, and the rerun
+    computes only the rest, into the ref_logps.npz of a run that never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    import babyllama.train.dpo as dpo_module
+
+    (tmp_path / "slow.py").write_text(SLOW_PRECOMPUTE)
+    args = ["--init", str(dpo_setup / "init"), "--data", str(dpo_setup / "pairs.jsonl"), "--max_steps", "1",
+            "--batch_size", "8", "--warmup_steps", "0", "--eval_every", "0", "--val_fraction", "0",
+            "--data_workers", "1", "--precompute_ref_log_probs", "true"]
+    out, parts = tmp_path / "stopped", tmp_path / "stopped" / "ref_logps.parts"
+    proc = subprocess.Popen([sys.executable, tmp_path / "slow.py", "dpo", *args, "--out_dir", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(parts.glob("train_*.npy")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to start "
+                                                        "again (no checkpoint was saved yet; the reference log-probs "
+                                                        "computed so far are kept)."), err
+    kept = len(list(parts.glob("train_*.npy")))
+    assert 1 <= kept < 25 and not (out / "ref_logps.npz").exists()  # 200 pairs: 25 batches
+    real, calls = dpo_module.answer_log_probs, []
+    monkeypatch.setattr(dpo_module, "answer_log_probs", lambda m, batch: calls.append(1) or real(m, batch))
+    for run in ("stopped", "straight"):
+        calls.clear()
+        dpo(load_config(None, [*args, "--out_dir", str(tmp_path / run)]))
+        assert len(calls) == {"stopped": 25 - kept, "straight": 25}[run] + 1  # + the step's policy
+    straight, stopped = (np.load(tmp_path / run / "ref_logps.npz") for run in ("straight", "stopped"))
+    assert np.array_equal(straight["train"], stopped["train"])
+
+
 def test_a_precompute_going_on_removes_the_temporary_of_a_chunk_a_kill_left(tmp_path, capsys):
     """A kill -9 while a chunk was being saved left its temporary (save_whole's .NAME.tmp-PID) in ref_logps.parts
     until a precompute finished. A precompute that goes on from the chunks removes it first, as found_run removes a

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -147,9 +148,16 @@ class DPOTrainer(Trainer):
         return load_model(self.t.init, self.dist.device).requires_grad_(False)
 
     def fit(self) -> Path:
-        """Trainer.fit, the reference's log-probs first computed (or read) when precompute_ref_log_probs is set."""
+        """Trainer.fit, the reference's log-probs first computed (or read) when precompute_ref_log_probs is set.
+        Ctrl-C (SIGINT) stops the precompute at once with KeyboardInterrupt, the chunks saved kept for the rerun to go
+        on from, even in a process started with SIGINT ignored (a background job of a shell script, `dpo ... &`),
+        which went on to the end: Trainer.fit sets its own handler likewise, whatever the one it finds."""
         if self.t.precompute_ref_log_probs:
-            self.precompute_reference()
+            before = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                self.precompute_reference()
+            finally:
+                signal.signal(signal.SIGINT, before)
         return super().fit()
 
     def train_step(self) -> tuple[float | torch.Tensor, float | torch.Tensor | None]:
