@@ -964,6 +964,45 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[2] == 4
 
 
+def test_report_says_a_run_is_lora_or_dpo_with_its_settings_and_rewards(tmp_path):
+    """sft-lora and dpo-lora looked like full runs in the report: nothing said LoRA (rank, alpha, targets) or DPO
+    (beta, reference), and no DPO reward metrics were shown."""
+    pytest.importorskip("matplotlib")
+    model = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 600, "max_seq_len": 64}
+    train = {"batch_size": 8, "grad_accum": 1, "lr": 0.001, "optimizer": "adamw", "init": "runs/sft/final",
+             "lora_rank": 0, "lora_alpha": 32.0, "lora_targets": "wqkv,wo,w13,w2", "beta": 0.1,
+             "precompute_ref_log_probs": False, "label_smoothing": 0.0, "rpo_alpha": 0.0}
+    lines = [{"step": 1, "tokens": 100, "loss": 0.69, "lr": 1e-3}, {"step": 2, "tokens": 200, "loss": 0.6, "lr": 1e-3}]
+    rewards = [{"rewards/accuracies": 0.5, "rewards/margins": 0.01}, {"rewards/accuracies": None, "rewards/margins":
+                                                                     None}]  # a skipped step: the one before counts
+    val = {"step": 2, "tokens": 200, "val_loss": 0.65, "val_rewards/accuracies": 0.75, "val_rewards/margins": 0.02,
+           "final": True}
+    runs = {"sft": (train, lines + [{"step": 2, "tokens": 200, "val_loss": 0.7, "final": True}]),
+            "sft-lora": (train | {"lora_rank": 8, "lora_alpha": 16.0, "lora_targets": "wqkv,wo"}, lines),
+            "dpo-lora": (train | {"lora_rank": 16, "beta": 0.5, "precompute_ref_log_probs": True, "rpo_alpha": 1.0},
+                         [line | r for line, r in zip(lines, rewards, strict=True)] + [val])}
+    for name, (settings, metrics) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": model, "train": settings}))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    text = make_report(tmp_path).read_text()
+    sections = {x.split("`")[1]: x.split("\n\n")[:3] for x in text.split("### Run ")[1:]}
+    common = "| 64 | 2 | 4 | 2 | 600 | 64 | 8 | 1 | 0.001 | adamw |"
+    assert sections["sft"][0] == "`sft`" and sections["sft"][1].endswith(f"\n{common}")
+    assert sections["sft-lora"][0] == "`sft-lora` (LoRA)"
+    assert sections["sft-lora"][1].endswith(f"| lora_rank | lora_alpha | lora_targets |\n|{'---|' * 13}\n{common} 8 "
+                                            "| 16 | wqkv,wo |")
+    assert sections["dpo-lora"][0] == "`dpo-lora` (DPO, LoRA)"
+    assert sections["dpo-lora"][1].endswith(f"| lora_rank | lora_alpha | lora_targets | beta | reference | rpo_alpha |"
+                                            f"\n|{'---|' * 16}\n{common} 16 | 32 | wqkv,wo,w13,w2 | 0.5 | "
+                                            "runs/sft/final (log-probs precomputed) | 1 |")
+    assert sections["dpo-lora"][2] == (
+        "| steps | tokens | final train loss | final val loss | tokens/s | rewards/accuracies | rewards/margins | "
+        f"val_rewards/accuracies | val_rewards/margins |\n|{'---|' * 9}\n| 2 | 200 | 0.6 | 0.65 | None | 0.5 | 0.01 | "
+        "0.75 | 0.02 |")
+    assert "rewards" not in sections["sft-lora"][2] + sections["sft"][2]
+
+
 QA_ANSWERED = [{"kind": "qa", "task": "sentiment", "question": f"问{i}", "prediction": "正面", "reference": "正面"}
                for i in range(2)]
 MC_ANSWERED = {"kind": "mc", "question": "选", "answer": "A", "letter_choice": "A", "text_choice": "A"}

@@ -101,7 +101,14 @@ def data_section(root: Path, plots: Path) -> list[str]:
     return lines
 
 
+DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies", "val_rewards/margins")  # of the
+# metrics DPO logs (train.dpo.METRICS, and val_ those of the held-out pairs): the last value of each
+
+
 def run_section(run: Path, root: Path, plots: Path) -> list[str]:
+    """A run's heading, which says a LoRA run's and a DPO run's kind (a DPO run: its metrics hold rewards), its
+    settings (a LoRA run's adapter, a DPO run's beta and reference), its final numbers (a DPO run's rewards too) and
+    its curves."""
     metrics = read_jsonl(run / "metrics.jsonl")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     model, train = config.get("model", {}), config.get("train", {})
@@ -114,7 +121,18 @@ def run_section(run: Path, root: Path, plots: Path) -> list[str]:
     keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"]
     settings = {k: model.get(k) for k in keys} | {k: train.get(k) for k in ("batch_size", "grad_accum", "lr")}
     settings["optimizer"] = train.get("optimizer", "adamw")  # runs from before Muon have no such key
-    return [f"### Run `{run.relative_to(root) if run != root else run.name}`", "",
+    lora = bool(train.get("lora_rank"))
+    if lora:
+        settings |= {k: train.get(k) for k in ("lora_rank", "lora_alpha", "lora_targets")}
+    dpo = any(k in m for m in metrics for k in DPO_SUMMARY)
+    if dpo:
+        reference = train.get("init", "")
+        settings |= {"beta": train.get("beta"), "reference": f"{reference} (log-probs precomputed)"
+                     if train.get("precompute_ref_log_probs") else reference}
+        settings |= {k: train[k] for k in ("label_smoothing", "rpo_alpha") if train.get(k)}
+        summary |= {k: next((m[k] for m in reversed(metrics) if m.get(k) is not None), "") for k in DPO_SUMMARY}
+    kind = ", ".join(name for name, on in (("DPO", dpo), ("LoRA", lora)) if on)
+    return [f"### Run `{run.relative_to(root) if run != root else run.name}`" + (f" ({kind})" if kind else ""), "",
             table([settings], list(settings)), "", table([summary], list(summary)), "",
             f"![curves]({plots.name}/{plot_run(run, metrics, plots)})", ""]
 
