@@ -162,6 +162,17 @@ def test_missing_checkpoint_is_one_sentence(tmp_path):
     assert isinstance(Transformer(tiny_config()), Transformer)
 
 
+def test_a_weights_file_that_is_a_folder_is_said_to_be_one(tmp_path):
+    """It was said to be missing ("has no model.safetensors"), which sent its owner looking for a file that is there."""
+    save_checkpoint(tmp_path / "ck", Transformer(tiny_config()))
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    (tmp_path / "ck" / "model.safetensors").mkdir()
+    with pytest.raises(UserError) as e:
+        load_model(tmp_path / "ck")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'ck'}'s model.safetensors is a folder, not a file; restore the "
+                            "file from a copy of the checkpoint.")
+
+
 def test_devices_are_honoured_or_refused_in_one_sentence(tmp_path):
     from babyllama.checkpoint import pick_device
     from babyllama.train.distributed import init_distributed

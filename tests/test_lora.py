@@ -323,6 +323,8 @@ def test_export_adapter_reads_the_config_again_only_for_a_folder_that_is_no_lora
     ("target_modules", "wqkv", 'target_modules must be a list of layers among wqkv, wo, w13, w2, not "wqkv"'),
     ("bias", "foo", 'bias must be peft\'s default "none", not "foo"'),  # peft's NotImplementedError
     ("rank_pattern", {"wqkv": 2}, 'rank_pattern must be peft\'s default {}, not {"wqkv": 2}'),
+    ("fan_in_fan_out", True, "fan_in_fan_out must be peft's default false, not true"),  # peft's raw UserWarning
+    ("peft_type", ..., 'peft_type must be peft\'s default "LORA", but it is missing'),  # PeftModel's KeyError
 ])
 def test_a_bad_field_of_adapter_config_json_is_one_sentence(lora_run, tmp_path, capsys, field, value, wanted):
     """A value of adapter_config.json that peft chokes on (a traceback, exit 1, in chat, serve, eval and export) or
@@ -554,3 +556,141 @@ def test_a_lora_run_resumed_from_an_adapter_holding_inf_is_refused(lora_run, tmp
     assert r.returncode == 2
     assert r.stderr.endswith(not_finite(run / "checkpoints" / "step_000008" / ADAPTER_FILE, name))
     assert not (run / "checkpoints" / "step_000010").exists()
+
+
+def lora_copy(lora_run, tmp_path, config=None, adapter=None):
+    """A copy of lora_run's final/ at tmp_path/lora, its base at its absolute path; config(c) and adapter(a) edit its
+    config.json and adapter_config.json (their JSON) in place."""
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run / "run" / "final", lora)
+    for name, edit in (("config.json", config), ("adapter_config.json", adapter)):
+        if edit is not None:
+            data = json.loads((lora / name).read_text())
+            edit(data)
+            (lora / name).write_text(json.dumps(data))
+    return lora
+
+
+@pytest.mark.parametrize("edit, wanted", [
+    (lambda b: "x", 'base must be an object (path, sha256, relative_path, stat), not "x"'),  # AttributeError
+    (lambda b: [1], "base must be an object (path, sha256, relative_path, stat), not [1]"),
+    (lambda b: {**b, "path": 5}, "base.path must be an absolute path, not 5"),  # TypeError
+    (lambda b: {**b, "path": "."}, 'base.path must be an absolute path, not "."'),  # the working directory's
+    (lambda b: {**b, "relative_path": 5}, "base.relative_path must be a path, not 5"),  # TypeError
+    (lambda b: {k: v for k, v in b.items() if k != "sha256"}, "base.sha256 must be a SHA-256 in hex, but it is "
+                                                              "missing"),  # said to be another base
+    (lambda b: {**b, "stat": "x"}, 'base.stat must be an object of size, mtime_ns and ctime_ns, whole numbers, not '
+                                   '"x"'),
+])
+def test_a_damaged_base_in_config_json_is_one_sentence(lora_run, tmp_path, capsys, edit, wanted):
+    """A LoRA checkpoint's config.json "base" edited by hand: a traceback (exit 1) or another base's sentence."""
+    from babyllama.cli import main
+
+    lora = lora_copy(lora_run, tmp_path, config=lambda c: c.update(base=edit(c["base"])))
+    sentence = f"{lora / 'config.json'}: {wanted}; the checkpoint is damaged."
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == sentence
+    assert main(["export", str(lora), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: {sentence}\n"
+
+
+@pytest.mark.parametrize("edit", [lambda c: c.pop("base"), lambda c: c.update(base=None), lambda c: c.update(base={})])
+def test_a_lora_checkpoint_that_records_no_base_says_so(lora_run, tmp_path, edit):
+    """It was said to need "its base model None, which is not there; restore it at that path"."""
+    lora = lora_copy(lora_run, tmp_path, config=edit)
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == (f"the LoRA checkpoint {lora} cannot be loaded: its config.json records no base model (the "
+                            "one its adapter was trained on); restore that file from a copy of the checkpoint.")
+
+
+def test_a_base_that_is_there_but_no_checkpoint_is_said_to_be_what_it_is(lora_run, tmp_path):
+    """A base path that is a file, a data file, a training run or the LoRA checkpoint itself, and an
+    adapter_model.safetensors that is a folder, were each said to be missing."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run / "init", run / "final")
+    (tmp_path / "file").write_text("x")
+
+    def based_on(where):
+        return lambda c: c.update(base={**c["base"], "path": str(where), "relative_path": None})
+
+    for where, why in ((tmp_path / "file", f"checkpoint {tmp_path / 'file'} is a file, not a folder; pass a "
+                                           "checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)."),
+                       (lora_run / "sft.jsonl", f"checkpoint {lora_run / 'sft.jsonl'} is a file, not a folder; pass a "
+                                                "checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)."),
+                       (run, f"{run} is a training run, not a checkpoint; pass one of its checkpoints, e.g. "
+                             f"{run / 'final'}."),
+                       (tmp_path / "lora", f"{tmp_path / 'lora'} is the LoRA checkpoint itself; its config.json is "
+                                           "damaged.")):
+        lora = lora_copy(lora_run, tmp_path, config=based_on(where))
+        with pytest.raises(UserError) as e:
+            load_model(lora)
+        assert str(e.value) == f"the base of the LoRA checkpoint {lora}: {why}"
+        shutil.rmtree(lora)
+    lora = lora_copy(lora_run, tmp_path)
+    (lora / ADAPTER_FILE).unlink()
+    (lora / ADAPTER_FILE).mkdir()
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == (f"checkpoint {lora}'s {ADAPTER_FILE} is a folder, not a file; restore the file from a "
+                            "copy of the checkpoint.")
+
+
+@pytest.mark.parametrize("field, value, wanted", [
+    ("r", 2, "r is 2, but the adapters in {weights} have rank 4"),
+    ("target_modules", ["wqkv", "wo"], "target_modules lists wqkv, wo, but {weights} holds adapters of wqkv, wo, "
+                                       "w13, w2"),
+])
+def test_adapter_config_unlike_the_adapter_s_tensors_names_the_field(lora_run, tmp_path, capsys, field, value,
+                                                                     wanted):
+    """An r or target_modules that the tensors do not bear out was "does not fit the model it is loaded onto (other
+    targets, rank or base shapes)": the field is named, in chat as in every load, before the base is read."""
+    from babyllama.cli import main
+
+    lora = lora_copy(lora_run, tmp_path, adapter=lambda a: a.update({field: value}))
+    sentence = (f"{lora / 'adapter_config.json'}: {wanted.format(weights=lora / ADAPTER_FILE)}; the LoRA checkpoint "
+                "is damaged.")
+    assert main(["export", str(lora), "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == f"babyllama: error: {sentence}\n"
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == sentence
+
+
+def test_adapter_config_with_a_bom_or_unknown_keys_loads_without_peft_s_warning(lora_run, tmp_path, recwarn):
+    """A UTF-8 byte-order mark was refused ("Unexpected UTF-8 BOM"); a key this peft does not know loaded with peft's
+    raw UserWarning (its site-packages path): it is left out, as peft leaves it out."""
+    lora = lora_copy(lora_run, tmp_path, adapter=lambda a: a.update(zzz_new_field=1))
+    (lora / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + (lora / "adapter_config.json").read_bytes())
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(lora)(IDS), load_model(lora_run / "run" / "final")(IDS), atol=0, rtol=0)
+    assert [str(w.message) for w in recwarn if "peft" in w.filename] == []
+
+
+def test_a_resume_checks_the_adapter_config_against_its_tensors(lora_run, tmp_path, capsys):
+    """`--resume` from a step checkpoint whose adapter_config.json r was edited (its tensors of the run's rank)
+    resumed silently, where chat refused it: it is damaged, skipped and set aside, as any other damage. A damaged
+    "base" in its config.json was a traceback."""
+    from babyllama.cli import main
+
+    run = tmp_path / "run"
+    args = ["sft", "--init", str(lora_run / "init"), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(run),
+            "--save_every", "2", "--batch_size", "4", "--eval_every", "0", "--warmup_steps", "1", "--data_workers",
+            "1", "--lora_rank", "4", "--lora_alpha", "8"]
+    assert main([*args, "--max_steps", "4"]) == 0
+    steps = [run / "checkpoints" / f"step_00000{i}" for i in (2, 4)]
+    adapter = json.loads((steps[1] / "adapter_config.json").read_text())
+    (steps[1] / "adapter_config.json").write_text(json.dumps({**adapter, "r": 2}))
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "6", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: step_000004 is damaged and skipped: {steps[1] / 'adapter_config.json'}: r is 2, but the adapters "
+            f"in {steps[1] / ADAPTER_FILE} have rank 4; the LoRA checkpoint is damaged; resuming from step_000002"
+            in out), out
+    newest = run / "checkpoints" / "step_000006"
+    config = json.loads((newest / "config.json").read_text())
+    (newest / "config.json").write_text(json.dumps({**config, "base": "x"}))
+    assert main([*args, "--max_steps", "8", "--resume"]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: {newest / 'config.json'}: base must be an object (path, "
+                                       'sha256, relative_path, stat), not "x"; the checkpoint is damaged.\n')

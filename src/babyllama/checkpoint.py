@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from babyllama.errors import UserError, agree, check_folder, discard, writing
+from babyllama.errors import UserError, agree, check_folder, discard, not_a_file, writing
 from babyllama.lora import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
     adapter_config,
+    check_adapter_shapes,
     is_adapter,
     load_adapter,
     merge_lora,
@@ -292,10 +293,9 @@ def model_config(path: str | Path) -> ModelConfig:
         cfg = ModelConfig.from_dict(settings)
     except UserError as e:
         raise UserError(f"{path / CONFIG_FILE}: {e}") from None
-    if is_adapter(path):  # LoRA: adapter_config.json's fields checked, the adapter's file read; its shapes are
-        adapter_config(path)  # checked on loading it onto the base
-        _stored_shapes(path, ADAPTER_FILE)
-        return cfg
+    if is_adapter(path):  # LoRA: adapter_config.json's fields checked, and borne out by the adapter's tensors'
+        check_adapter_shapes(adapter_config(path), _stored_shapes(path, ADAPTER_FILE), path)  # names and ranks;
+        return cfg  # their base's shapes are checked on loading them onto it
     shapes = _stored_shapes(path)
     layers = {k.split(".")[1] for k in shapes if k.startswith("layers.")}
     embedding = shapes.get("tok_embeddings.weight")
@@ -372,7 +372,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", cfg: ModelC
 
 
 def load_lora(path: Path, device: torch.device) -> Transformer:
-    """A LoRA checkpoint's model: its base (a LoRA checkpoint too, perhaps) with the adapter merged in."""
+    """A LoRA checkpoint's model: its base (a LoRA checkpoint too, perhaps) with the adapter merged in; its
+    adapter_config.json checked against its tensors' header first (model_config), as a full checkpoint's."""
+    model_config(path)
     return merge_lora(load_adapter(load_model(lora_base(path), device), path)).eval()
 
 
@@ -388,24 +390,69 @@ def base_record(base: dict, adapter_dir: Path) -> dict:
 
 
 def lora_base(path: str | Path) -> Path:
-    """The base checkpoint that a LoRA checkpoint's config.json names: at its absolute path, else at its path
-    relative to the LoRA checkpoint (both moved together). Its weights are hashed unless their file's stat
-    (size, mtime, ctime) is the one recorded. Raises UserError when it is missing or is not the model the
-    adapter was trained on."""
-    base = read_config(path).get("base") or {}
-    places = [Path(base["path"])] if base.get("path") else []
+    """The base checkpoint that a LoRA checkpoint's config.json names (recorded_base): at its absolute path, else at
+    its path relative to the LoRA checkpoint (both moved together). Its weights are hashed unless their file's stat
+    (size, mtime, ctime) is the one recorded. Raises UserError when config.json names none or is damaged there, when
+    the base is missing, is no checkpoint (a file, a training run: said as read_config says it, with the LoRA
+    checkpoint named) or is not the model the adapter was trained on."""
+    path = Path(path)
+    base = recorded_base(read_config(path), "base", path)
+    if base is None:
+        raise UserError(f"the LoRA checkpoint {path} cannot be loaded: its {CONFIG_FILE} records no base model (the "
+                        "one its adapter was trained on); restore that file from a copy of the checkpoint.")
+    places = [Path(base["path"])]
     if base.get("relative_path"):
-        places.append((Path(path).resolve() / base["relative_path"]).resolve())
-    found = [p for p in places if p.is_dir()]
-    if not found:
+        places.append((path.resolve() / base["relative_path"]).resolve())
+    there = [p for p in dict.fromkeys(places) if p.exists()]
+    if not there:
         beside = f" (nor at {places[1]})" if len(places) > 1 and places[1] != places[0] else ""
-        raise UserError(f"the LoRA checkpoint {path} needs its base model {base.get('path')}, which is not there"
+        raise UserError(f"the LoRA checkpoint {path} needs its base model {base['path']}, which is not there"
                         f"{beside}; restore it at that path.")
-    for where in found:
-        if is_base(base, where):
-            return where
-    raise UserError(f"the base model {found[-1]} is not the one the LoRA checkpoint {path} was trained on "
+    changed, wrong = [], []
+    for where in there:
+        try:
+            if where.resolve() == path.resolve():
+                raise UserError(f"{where} is the LoRA checkpoint itself; its {CONFIG_FILE} is damaged.")
+            read_config(where)  # a file, a training run, a folder of no checkpoint: said so, not "missing"
+            if is_base(base, where):
+                return where
+            changed.append(where)
+        except NewerFormat:
+            raise
+        except UserError as e:
+            wrong.append(e)
+    if not changed:
+        raise UserError(f"the base of the LoRA checkpoint {path}: {wrong[0]}")
+    raise UserError(f"the base model {changed[-1]} is not the one the LoRA checkpoint {path} was trained on "
                     "(its weights changed); restore that base.")
+
+
+RECORD_FIELDS = {  # a model's record in config.json (base_record's: a LoRA run's base, a DPO run's reference)
+    "path": (lambda v: isinstance(v, str) and os.path.isabs(v), "an absolute path"),  # as base_record writes it
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v), "a SHA-256 in hex"),
+    "relative_path": (lambda v: v is None or isinstance(v, str) and v != "", "a path"),  # null: not recorded
+    "stat": (lambda v: v is None or isinstance(v, dict) and set(v) == {"size", "mtime_ns", "ctime_ns"} and all(
+        type(x) is int for x in v.values()), "an object of size, mtime_ns and ctime_ns, whole numbers"),
+}
+
+
+def recorded_base(config: dict, key: str, path: Path) -> dict | None:
+    """config.json's record of a model (key "base": a LoRA checkpoint's base, "reference": a DPO run's), checked
+    field by field (RECORD_FIELDS), or None when it records none (no key, null or {}). path: the checkpoint.
+    Raises UserError naming the field of a record edited by hand or damaged: where to look and what to compare
+    cannot be read from it (it raised AttributeError and TypeError)."""
+    record = config.get(key)
+    if record is None or record == {}:
+        return None
+    f = path / CONFIG_FILE
+    if not isinstance(record, dict):
+        raise UserError(f"{f}: {key} must be an object ({', '.join(RECORD_FIELDS)}), not "
+                        f"{json.dumps(record, ensure_ascii=False)}; the checkpoint is damaged.")
+    for name, (ok, wanted) in RECORD_FIELDS.items():
+        if not ok(record.get(name)):
+            got = f"not {json.dumps(record[name], ensure_ascii=False)}" if name in record else "but it is missing"
+            raise UserError(f"{f}: {key}.{name} must be {wanted}, {got}; the checkpoint is damaged.")
+    return record
 
 
 def is_base(base: dict, path: str | Path) -> bool:
@@ -465,6 +512,10 @@ def no_weights(path: Path, name: str) -> UserError:
     except (OSError, ValueError):
         config = None
     named = isinstance(config, dict) and "base" in config
+    for f in (path / name, path / ADAPTER_CONFIG):  # there, but a folder: not missing
+        if f.exists() and not f.is_file():
+            return UserError(f"checkpoint {path}'s {f.name} {not_a_file(f)}; restore the file from a copy of the "
+                             "checkpoint.")
     if name != MODEL_FILE or not ((path / ADAPTER_FILE).is_file() or named):
         return UserError(f"checkpoint {path} has no {name}.")
     if (path / ADAPTER_FILE).is_file():

@@ -15,7 +15,9 @@ linear layers of the blocks; the output head is shared with the embedding, so it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,11 +30,16 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 TARGETS = ("wqkv", "wo", "w13", "w2")  # the linear layers of every block (attention, then feed-forward)
 PREFIX = "base_model.model."  # what PeftModel puts before the module names in adapter_model.safetensors
-PEFT_DEFAULTS = (  # adapter_config.json's fields that babyllama writes as peft's defaults: other values change the
-    "peft_type", "bias", "lora_bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",  # layers peft
-    "layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save", "layer_replication",  # builds
-    "init_lora_weights", "target_parameters", "trainable_token_indices",  # or how it scales them, or break it
+# adapter_config.json's fields that babyllama writes as peft's defaults: other values change the layers peft builds
+# or how it scales them, or break it (fan_in_fan_out true: peft sets it back to false on our layers, with a warning)
+PEFT_DEFAULTS = (
+    "peft_type", "bias", "lora_bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+    "layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save", "layer_replication",
+    "init_lora_weights", "target_parameters", "trainable_token_indices", "fan_in_fan_out",
 )
+# the fields a file must have: babyllama reads the first four, peft's PeftModel.from_pretrained peft_type (a KeyError)
+REQUIRED = ("r", "lora_alpha", "lora_dropout", "target_modules", "peft_type")
+ADAPTER_TENSOR = re.compile(rf"{re.escape(PREFIX)}layers\.\d+\.\w+\.({'|'.join(TARGETS)})\.lora_([AB])\.weight")
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: str, base: str | None = None):
@@ -116,17 +123,20 @@ def is_adapter(path: str | Path) -> bool:
 
 def adapter_config(path: str | Path):
     """The LoraConfig of a LoRA checkpoint, its fields checked first (check_adapter_fields); UserError when it is no
-    LoRA adapter peft can read and babyllama can load."""
+    LoRA adapter peft can read and babyllama can load. A UTF-8 byte-order mark is skipped, and keys that this peft's
+    LoraConfig does not have (a newer peft's, one added by hand) are left out, as peft leaves them out (with a
+    warning that names its own file), as is runtime_config, which peft drops from a file too."""
     peft = require("peft", "lora")
     f = Path(path) / ADAPTER_CONFIG
     try:
-        data = json.loads(f.read_text())
+        data = json.loads(f.read_bytes().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f} is not a LoRA adapter config ({e}).") from None
     check_adapter_fields(data, f, peft.LoraConfig())
+    known = {field.name for field in dataclasses.fields(peft.LoraConfig) if field.init} - {"runtime_config"}
     try:
-        config = peft.LoraConfig.from_pretrained(str(path))
-    except (ValueError, TypeError, OSError) as e:
+        config = peft.LoraConfig(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, TypeError) as e:
         raise UserError(f"{f} is not a LoRA adapter config ({e}).") from None
     return config
 
@@ -135,7 +145,8 @@ def check_adapter_fields(data, f: Path, defaults) -> None:
     """UserError naming the file f and the field when adapter_config.json's data (its JSON) is no object, or its
     r, lora_alpha, lora_dropout or target_modules are not what lora_config accepts (a value of another type or out of
     range, targets other than TARGETS, the layers every model has), or one of PEFT_DEFAULTS is not peft's default
-    (defaults: a LoraConfig()): each made peft fail with a traceback, or build layers its weights do not fit."""
+    (defaults: a LoraConfig()), or one of REQUIRED is missing: each made peft fail with a traceback, or build layers
+    its weights do not fit."""
     if not isinstance(data, dict):
         raise UserError(f"{f} is not a LoRA adapter config (it holds {type(data).__name__}, not a JSON object).")
     r, alpha, dropout, targets = (data.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules"))
@@ -145,13 +156,33 @@ def check_adapter_fields(data, f: Path, defaults) -> None:
         "lora_dropout": (real(dropout) and 0 <= dropout < 1, "a number in [0, 1)"),
         "target_modules": (isinstance(targets, list) and targets and all(t in TARGETS for t in targets),
                            f"a list of layers among {', '.join(TARGETS)}"),
-        **{k: (data[k] == getattr(defaults, k), f"peft's default {json.dumps(getattr(defaults, k))}")
-           for k in PEFT_DEFAULTS if k in data and hasattr(defaults, k)},
+        **{k: (data.get(k) == getattr(defaults, k), f"peft's default {json.dumps(getattr(defaults, k))}")
+           for k in PEFT_DEFAULTS if (k in data or k in REQUIRED) and hasattr(defaults, k)},
     }
     for name, (ok, wanted) in checks.items():
         if not ok:
             got = f"not {json.dumps(data[name], ensure_ascii=False)}" if name in data else "but it is missing"
             raise UserError(f"{f}: {name} must be {wanted}, {got}; the LoRA checkpoint is damaged.")
+
+
+def check_adapter_shapes(config, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """UserError naming adapter_config.json's field when the tensors of the adapter at path (shapes: {name: shape},
+    of its adapter_model.safetensors) are of other layers than its target_modules, or of another rank than its r
+    (lora_A (r, in), lora_B (out, r)): peft would build layers they do not fit, or resume them silently. Tensors
+    of other names or shapes are left to load_adapter, which finds them not to fit the model."""
+    layers: dict[str, set[int]] = {}  # target -> the ranks of its tensors
+    for name, shape in shapes.items():
+        if (m := ADAPTER_TENSOR.fullmatch(name)) and len(shape) == 2:
+            layers.setdefault(m[1], set()).add(shape[0] if m[2] == "A" else shape[1])
+    f, weights = path / ADAPTER_CONFIG, path / ADAPTER_FILE
+    if layers and set(layers) != set(config.target_modules):
+        listed, held = ([t for t in TARGETS if t in names] for names in (config.target_modules, layers))
+        raise UserError(f"{f}: target_modules lists {', '.join(listed)}, but {weights} holds adapters of "
+                        f"{', '.join(held)}; the LoRA checkpoint is damaged.")
+    ranks = set().union(*layers.values())
+    if ranks and ranks != {config.r}:
+        raise UserError(f"{f}: r is {config.r}, but the adapters in {weights} have rank "
+                        f"{' and '.join(map(str, sorted(ranks)))}; the LoRA checkpoint is damaged.")
 
 
 def load_adapter(model: Transformer, path: str | Path) -> Transformer:

@@ -44,6 +44,7 @@ from babyllama.checkpoint import (
     model_tensors,
     prune_checkpoints,
     read_config,
+    recorded_base,
     save_checkpoint,
     step_checkpoint,
     weights_sha256,
@@ -256,7 +257,7 @@ def check_resume(cfg: RunConfig, resume_from: Path) -> None:
                         "a new out_dir.")
     for key, trained, model in (("base", "is an adapter of the base", "base"),
                                 ("reference", "was trained against the reference model", "model")):
-        source = config.get(key)  # a LoRA run's base, a DPO run's reference: {path, stat, sha256}
+        source = recorded_base(config, key, resume_from)  # a LoRA run's base, a DPO run's reference: base_record's
         if not source or (key == "base" and not cfg.train.lora_rank) or is_base(source, cfg.train.init):
             continue
         if Path(source["path"]).resolve() == Path(cfg.train.init).resolve():  # --init is that folder: changed since
