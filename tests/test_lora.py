@@ -694,3 +694,24 @@ def test_a_resume_checks_the_adapter_config_against_its_tensors(lora_run, tmp_pa
     assert main([*args, "--max_steps", "8", "--resume"]) == 2
     assert capsys.readouterr().err == (f"babyllama: error: {newest / 'config.json'}: base must be an object (path, "
                                        'sha256, relative_path, stat), not "x"; the checkpoint is damaged.\n')
+
+
+def test_lora_targets_with_an_empty_or_repeated_item_are_refused_and_a_toml_list_is_taken(lora_run, tmp_path):
+    """`--lora_targets wqkv,,wo` dropped the empty item and `wo,wo` named one layer twice, silently; a TOML list was
+    refused ("expects str"), where data takes a list."""
+    base = ["--init", str(lora_run / "init"), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(tmp_path / "o"),
+            "--max_steps", "1", "--lora_rank", "4"]
+    for targets, sentence in (("wqkv,,wo", "lora_targets 'wqkv,,wo' has an empty item; separate the layers with one "
+                                           "comma each, e.g. wqkv,wo."),
+                              ("wo,", "lora_targets 'wo,' has an empty item; separate the layers with one comma each, "
+                                      "e.g. wqkv,wo."),
+                              ("wo,wqkv,wo", "lora_targets 'wo,wqkv,wo' names wo twice; name each layer once.")):
+        with pytest.raises(UserError) as e:
+            sft(load_config(None, [*base, "--lora_targets", targets]))
+        assert str(e.value) == sentence
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "lora.toml").write_text('[train]\nlora_rank = 4\nlora_targets = ["wqkv", "wo"]\n')
+    assert load_config(tmp_path / "lora.toml").train.lora_targets == "wqkv,wo"  # as the flag gives it
+    (tmp_path / "lora.toml").write_text('[train]\nlora_rank = 4\nlora_targets = ["wqkv", "wqkv"]\n')
+    with pytest.raises(UserError, match="^lora_targets 'wqkv,wqkv' names wqkv twice; name each layer once.$"):
+        sft(load_config(tmp_path / "lora.toml", base[:-2]))

@@ -315,6 +315,30 @@ def test_sft_refuses_lora_settings_without_lora_rank(sft_setup, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("toml, flags, message", [
+    ("lora_rank = 8\nlora_alpha = 16\n", ["--lora_rank", "0"],
+     "lora_alpha (from {toml}) needs lora_rank, which --lora_rank 0 turns off: SFT trains every weight, not LoRA "
+     "adapters; drop it from {toml}."),
+    ("lora_rank = 0\nlora_alpha = 16\nlora_dropout = 0.1\n", [],
+     "lora_alpha and lora_dropout (from {toml}) need lora_rank, which lora_rank = 0 in {toml} turns off: SFT trains "
+     "every weight, not LoRA adapters; drop them from {toml}."),
+    ("lora_alpha = 16\n", ["--lora_dropout", "0.1"],
+     "lora_alpha (from {toml}) and --lora_dropout need --lora_rank: without it SFT trains every weight, not LoRA "
+     "adapters; set --lora_rank or drop them."),
+])
+def test_lora_settings_of_the_config_file_without_lora_rank_are_said_to_be_from_it(sft_setup, tmp_path, capsys,
+                                                                                    toml, flags, message):
+    """A config's lora_alpha with `--lora_rank 0` was said as if it were a flag ("set --lora_rank or drop it")."""
+    from babyllama.cli import main
+
+    d = sft_setup
+    (tmp_path / "lora.toml").write_text(f"[train]\n{toml}")
+    code = main(["sft", "--config", str(tmp_path / "lora.toml"), "--init", str(d / "init"), "--data",
+                 str(d / "sft.jsonl"), "--out_dir", str(tmp_path / "run"), "--max_steps", "1", *flags])
+    assert (code, capsys.readouterr().err) == (2, f"babyllama: error: {message.format(toml=tmp_path / 'lora.toml')}\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_sft_resumes_in_a_moved_folder_on_its_token_cache(sft_setup, tmp_path, capsys):
     """runs/ (init, data, run with its token cache) moved elsewhere: --resume reuses the cache, whose manifest
     names the inputs by absolute paths that are gone, by their paths relative to it; a changed input still

@@ -124,7 +124,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
-    lora_targets: str = "wqkv,wo,w13,w2"  # comma-separated, among the blocks' linear layers
+    lora_targets: str | list[str] = "wqkv,wo,w13,w2"  # comma-separated (or a TOML list), of the blocks' linear layers
     # DPO (Rafailov et al., 2023): the sigmoid loss; the reference is the init, or its log-probs computed once
     beta: float = 0.1
     label_smoothing: float = 0.0  # the chance that a pair's preference is flipped (conservative DPO), < 0.5
@@ -133,7 +133,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Every setting in its range, before anything runs; each mistake is one sentence. Every float setting is
-        checked for finiteness here, once (check_finite), so the range checks below need not say it."""
+        checked for finiteness here, once (check_finite), so the range checks below need not say it. A TOML list of
+        lora_targets is kept as the comma-separated text a flag gives (its items are checked by lora.lora_config)."""
+        if isinstance(self.lora_targets, list):
+            self.lora_targets = ",".join(self.lora_targets)
         check_finite(self)
         for name in AT_LEAST_ONE:
             if getattr(self, name) < 1:
@@ -169,10 +172,11 @@ class TrainConfig:
                             f"got beta {self.beta}, label_smoothing {self.label_smoothing}, "
                             f"rpo_alpha {self.rpo_alpha}.")
 
-    def check_stage(self, stage: str) -> None:
+    def check_stage(self, stage: str, sources: dict[str, str | None] | None = None) -> None:
         """UserError for the settings that only other stages read (STAGE_SETTINGS) and for LoRA settings without
         lora_rank, set to other than the default, all of them in one sentence: a run that silently ignored them
-        would not be the run asked for."""
+        would not be the run asked for. sources: where each setting given came from (RunConfig's), so that one
+        from the config file is said to be from there, and a lora_rank 0 given to turn LoRA off is said to do so."""
         refused: dict[tuple, list[str]] = {}  # (readers, why) -> the settings given
         for f in dataclasses.fields(self):
             readers, why = STAGE_SETTINGS.get(f.name, ((stage,), {}))
@@ -188,11 +192,31 @@ class TrainConfig:
         given = {n for names in refused.values() for n in names}  # refused above already
         unread = [n for n in LORA_SETTINGS[1:] if getattr(self, n) != getattr(TrainConfig, n) and n not in given]
         if unread and not self.lora_rank:
-            faults.append(f"{spoken(unread)} need{'s' if len(unread) == 1 else ''} --lora_rank: without it "
-                          f"{STAGE_NAMES[stage]} trains every weight, not LoRA adapters; set --lora_rank or drop "
-                          f"{'it' if len(unread) == 1 else 'them'}")
+            faults.append(lora_off(unread, STAGE_NAMES[stage], sources or {}))
         if faults:
             raise UserError("; also, ".join(faults) + ".")
+
+
+def lora_off(unread: list[str], stage: str, sources: dict[str, str | None]) -> str:
+    """Why LoRA settings other than lora_rank (unread: set to other than their defaults) are refused without it, in
+    words; stage: its name ("SFT"); sources: where each setting given came from (None: a flag, else the config
+    file), so that those from the file are said to be (a flag among them is said as --KEY). A lora_rank 0 given turns
+    LoRA off: then the settings that the file gives are to be dropped from it."""
+    file = next((sources[n] for n in unread if sources.get(n)), None)
+    if file is None:
+        named = spoken(unread)
+    elif all(sources.get(n) for n in unread):
+        named = f"{spoken(unread)} (from {file})"
+    else:
+        named = spoken([f"{n} (from {file})" if sources.get(n) else f"--{n}" for n in unread])
+    them = "it" if len(unread) == 1 else "them"
+    drop = f"drop {them} from {file}" if file and all(sources.get(n) for n in unread) else f"drop {them}"
+    need = f"{named} need{'s' if len(unread) == 1 else ''}"
+    full = f"{stage} trains every weight, not LoRA adapters"
+    if "lora_rank" in sources:
+        off = f"lora_rank = 0 in {sources['lora_rank']}" if sources["lora_rank"] else "--lora_rank 0"
+        return f"{need} lora_rank, which {off} turns off: {full}; {drop}"
+    return f"{need} --lora_rank: without it {full}; set --lora_rank or {drop}"
 
 
 def check_finite(t: TrainConfig) -> None:
@@ -215,6 +239,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = ""
     model_settings: dict = field(default_factory=dict)  # the model settings given (TOML and flags), not defaults
+    sources: dict = field(default_factory=dict)  # each train setting given -> its config file, or None for a flag
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "train": asdict(self.train)}
@@ -306,5 +331,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     settings = _apply(ModelConfig, {k: v for k, v in model_values.items() if k != "preset"}, "model")
     train = TrainConfig(**_apply(TrainConfig, {**data.get("train", {}), **flags["train"]}, "train"))
     given = settings | ({"preset": preset_name} if "preset" in model_values else {})
-    return RunConfig(preset(preset_name, **settings), train, preset_name, given)
+    sources = {k: str(path) for k in data.get("train", {})} | dict.fromkeys(flags["train"])
+    return RunConfig(preset(preset_name, **settings), train, preset_name, given, sources)
 

@@ -45,7 +45,12 @@ ADAPTER_TENSOR = re.compile(rf"{re.escape(PREFIX)}layers\.\d+\.\w+\.({'|'.join(T
 def lora_config(rank: int, alpha: float, dropout: float, targets: str, base: str | None = None):
     """peft's LoraConfig for the comma-separated `targets` among TARGETS; UserError for settings out of range."""
     peft = require("peft", "lora")
-    names = [t.strip() for t in targets.split(",") if t.strip()]
+    names = [t.strip() for t in targets.split(",")] if targets.strip() else []
+    if "" in names:
+        raise UserError(f"lora_targets {targets!r} has an empty item; separate the layers with one comma each, e.g. "
+                        "wqkv,wo.")
+    if twice := sorted({t for t in names if names.count(t) > 1}):
+        raise UserError(f"lora_targets {targets!r} names {', '.join(twice)} twice; name each layer once.")
     unknown = sorted(set(names) - set(TARGETS))
     if rank < 1 or alpha <= 0 or not 0 <= dropout < 1 or not names or unknown:
         raise UserError(f"LoRA needs lora_rank >= 1, lora_alpha > 0, lora_dropout in [0, 1) and lora_targets among "

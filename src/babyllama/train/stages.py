@@ -249,7 +249,7 @@ def pretrain(cfg: RunConfig, resume: bool = False) -> Path:
     t.data = shards_folder(t.data)
     if not t.data:
         raise UserError("pretraining needs data: set [train] data in the config or pass --data DIR.")
-    t.check_stage("pretrain")
+    t.check_stage("pretrain", cfg.sources)
     t.out_dir = t.out_dir or default_out_dir("pretrain", t.init)
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, "pretrain", dist):
         # A finished run is left before its data or --init is read (either may be gone since), as sft's and dpo's:
@@ -366,7 +366,7 @@ def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Traine
     the token cache is built (minutes), then trained; returns final/. rows: the trainer's rows of the cache's
     samples (DPO's pairs), default the samples."""
     t = cfg.train
-    t.check_stage(stage)
+    t.check_stage(stage, cfg.sources)
     t.out_dir = t.out_dir or default_out_dir(stage, t.init)
     with process_group(t.device, t.ddp_timeout) as dist, held_by_main(t.out_dir, stage, dist):
         start = found_run(cfg, dist, resume, stage)  # a finished run is left before --init is read
