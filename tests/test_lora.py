@@ -658,6 +658,19 @@ def test_adapter_config_unlike_the_adapter_s_tensors_names_the_field(lora_run, t
     assert str(e.value) == sentence
 
 
+def test_transposed_adapter_tensors_are_said_not_to_fit_without_blaming_r(lora_run, tmp_path):
+    """lora_A tensors stored as (in, r): their first sides are of several sizes, so the file is damaged, not r."""
+    from safetensors.torch import load_file, save_file
+
+    lora = lora_copy(lora_run, tmp_path)
+    tensors = load_file(lora / ADAPTER_FILE)
+    save_file({k: v.T.contiguous() if "lora_A" in k else v for k, v in tensors.items()}, lora / ADAPTER_FILE)
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == (f"{lora / ADAPTER_FILE} does not fit the model it is loaded onto (other targets, rank or "
+                            "base shapes).")
+
+
 def test_adapter_config_with_a_bom_or_unknown_keys_loads_without_peft_s_warning(lora_run, tmp_path, recwarn):
     """A UTF-8 byte-order mark was refused ("Unexpected UTF-8 BOM"); a key this peft does not know loaded with peft's
     raw UserWarning (its site-packages path): it is left out, as peft leaves it out."""

@@ -173,8 +173,9 @@ def check_adapter_fields(data, f: Path, defaults) -> None:
 def check_adapter_shapes(config, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """UserError naming adapter_config.json's field when the tensors of the adapter at path (shapes: {name: shape},
     of its adapter_model.safetensors) are of other layers than its target_modules, or of another rank than its r
-    (lora_A (r, in), lora_B (out, r)): peft would build layers they do not fit, or resume them silently. Tensors
-    of other names or shapes are left to load_adapter, which finds them not to fit the model."""
+    (lora_A (r, in), lora_B (out, r), one rank for all): peft would build layers they do not fit, or resume them
+    silently. Tensors of other names or shapes, or of several ranks (transposed ones), are left to load_adapter,
+    which finds them not to fit the model."""
     layers: dict[str, set[int]] = {}  # target -> the ranks of its tensors
     for name, shape in shapes.items():
         if (m := ADAPTER_TENSOR.fullmatch(name)) and len(shape) == 2:
@@ -185,9 +186,9 @@ def check_adapter_shapes(config, shapes: dict[str, tuple[int, ...]], path: Path)
         raise UserError(f"{f}: target_modules lists {', '.join(listed)}, but {weights} holds adapters of "
                         f"{', '.join(held)}; the LoRA checkpoint is damaged.")
     ranks = set().union(*layers.values())
-    if ranks and ranks != {config.r}:
-        raise UserError(f"{f}: r is {config.r}, but the adapters in {weights} have rank "
-                        f"{' and '.join(map(str, sorted(ranks)))}; the LoRA checkpoint is damaged.")
+    if len(ranks) == 1 and ranks != {config.r}:  # tensors of several ranks: the file is damaged, not the config
+        raise UserError(f"{f}: r is {config.r}, but the adapters in {weights} have rank {ranks.pop()}; the LoRA "
+                        "checkpoint is damaged.")
 
 
 def load_adapter(model: Transformer, path: str | Path) -> Transformer:
