@@ -278,8 +278,12 @@ def test_one_document_and_one_token_are_said_in_the_singular(corpus_and_tokenize
     shard = tmp_path / "o" / manifest["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:2])  # one uint16 token, as the manifest says now
     manifest["shards"][0]["tokens"] = 1
-    with pytest.raises(UserError, match=r" split of \S+ has 1 token, fewer than one window of 33; "):
+    with pytest.raises(UserError, match=r" split of \S+ has 1 token, fewer than one window of 33; use more data, a "
+                       r"smaller max_seq_len\.$"):  # a larger --val_fraction would leave train fewer tokens
         TokenWindows(tmp_path / "o", 32, "train", manifest)
+    val = {**manifest, "shards": [{**manifest["shards"][0], "split": "val"}]}
+    with pytest.raises(UserError, match=r"smaller max_seq_len or a larger --val_fraction\.$"):
+        TokenWindows(tmp_path / "o", 32, "val", val)
     manifest["shards"][0]["split"] = "val"  # eval's check of its --data
     (tmp_path / "o" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r" has 1 token, fewer than one window of 33 \(the model's"):

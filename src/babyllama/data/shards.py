@@ -450,8 +450,9 @@ class TokenWindows:
             total = sum(len(a) for a in self.arrays)
             raise UserError(
                 f"the {split} split of {self.dir} has {total} {agree(total, 'token', 'tokens')}, fewer than one "
-                f"window of {seq_len + 1}; use more data, a smaller max_seq_len or a larger --val_fraction."
-            )
+                f"window of {seq_len + 1}; use more data, a smaller max_seq_len"
+                f"{' or a larger --val_fraction' if split == 'val' else ''}."
+            )  # a larger --val_fraction takes documents from train: the remedy of the val split alone
 
     def __len__(self) -> int:
         return int(self.starts[-1])
