@@ -1262,3 +1262,25 @@ def test_a_model_vocab_far_above_the_tokenizers_ids_gets_a_note_at_the_start(sha
                      "set --model.vocab_size 600"]
     pretrain(load_config(None, [*flags, "--model.vocab_size", "640", "--out_dir", str(tmp_path / "b")]))
     assert "embedding rows" not in capsys.readouterr().out
+
+
+def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_path, monkeypatch):
+    """batch_size 100000 passed the check of weights and token ids, then the kernel's out-of-memory killer ended the
+    run (exit 137, no word): a lower bound of a micro-batch's activations (dim 32 x 32 tokens a row: the 2 blocks'
+    inputs, the final norm's output and the head's input gradient, 4 fp32 copies; 2048 positions' logits of 600
+    ids) is counted with them. Memory is faked at 16 MiB; 4 rows fit it, and train."""
+    from babyllama.train import trainer
+
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "cpu"))
+    cfg = config(shards, tmp_path / "run", "--max_steps", "1", "--batch_size", "1000")
+    acts = 4 * 1000 * 32 * 32 * 4 + 2048 * 600 * 4
+    total = acts + 4 * cfg.model.num_params + 16 * 1000 * 33
+    with pytest.raises(UserError) as e:
+        pretrain(cfg)
+    assert str(e.value) == (f"a micro-batch of batch_size 1000 rows of 32 tokens needs at least "
+                            f"{trainer.size_text(acts)} for its activations, {trainer.size_text(total)} with the "
+                            "weights and token ids, more than the 16 MiB of cpu; lower --batch_size (and raise "
+                            "--grad_accum to keep the tokens a step).")
+    assert trainer.size_text(acts) == "20 MiB" and not (tmp_path / "run" / "checkpoints").exists()
+    pretrain(config(shards, tmp_path / "small", "--max_steps", "1", "--batch_size", "4"))
+    assert (tmp_path / "small" / "checkpoints").exists()

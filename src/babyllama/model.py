@@ -454,7 +454,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 2048
+LOSS_CHUNK = 2048  # positions whose fp32 logits linear_cross_entropy forms at a time
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK
                          ) -> torch.Tensor:
     """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) for h (B, T, C), without the logits.
 

@@ -61,7 +61,7 @@ from babyllama.lora import (
     load_adapter,
     lora_config,
 )
-from babyllama.model import Transformer
+from babyllama.model import LOSS_CHUNK, Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.distributed import Dist, all_reduce_sum, barrier, fsdp_mesh
@@ -225,6 +225,26 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
         raise UserError(f"batch_size {t.batch_size} x grad_accum {t.grad_accum} rows of {cfg.model.max_seq_len} "
                         f"tokens need {size_text(ids)} for their token ids alone, more than the "
                         f"{size_text(have)} of {of}; lower them.")
+    if stage == "pretrain":  # SFT's and DPO's rows may be shorter, and fewer, than batch_size x max_seq_len
+        check_activations(cfg, 4 * (base + adapters) / world + ids, amp_dtype(t.dtype, device).itemsize, have, of)
+
+
+def check_activations(cfg: RunConfig, resident: float, itemsize: int, have: float, of: str) -> None:
+    """UserError when a pretraining micro-batch's activations, counted low, with `resident` bytes (the weights, the
+    step's token ids) exceed `have` bytes of memory (`of` names them). Counted: each block's input (or its norm's
+    fp32 copy), kept for the backward pass, the final norm's output and the head's input gradient, each
+    batch_size x max_seq_len x dim at itemsize bytes (the autocast dtype's; the residual stream is that or fp32),
+    and one chunk's fp32 logits (the loss never forms them all: model.linear_cross_entropy). Gradients, AdamW's
+    moments and the blocks' inner activations are left out, so a step that fits is never refused (batch_size
+    100000 was killed, with no word, by the kernel's out-of-memory killer)."""
+    m, t = cfg.model, cfg.train
+    positions = t.batch_size * m.max_seq_len
+    acts = (m.n_layers + 2) * positions * m.dim * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
+    if resident + acts > have:
+        raise UserError(f"a micro-batch of batch_size {t.batch_size} rows of {m.max_seq_len} tokens needs at least "
+                        f"{size_text(acts)} for its activations, {size_text(resident + acts)} with the weights and "
+                        f"token ids, more than the {size_text(have)} of {of}; lower --batch_size (and raise "
+                        "--grad_accum to keep the tokens a step).")
 
 
 # what a resume may not change: the checkpoint's optimizer state and adapter are of the first four; seed and pack
