@@ -99,6 +99,40 @@ def test_completions_and_stop_strings(server):
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_a_stop_string_leaves_its_tokens_out_of_logprobs_and_counts_them_in_usage(server):
+    """With a stop string the logprobs listed the tokens of the stop string too, past the text (text_offset beyond
+    its end). They list the tokens whose text begins before the stop string, one straddling its start included;
+    usage counts every token generated (the stop string's too, as OpenAI bills them), whole or streamed, and chat
+    lists the same tokens."""
+    c = client(server)
+    ask = dict(model="tiny", prompt="今天天气", max_tokens=20)
+    full = c.completions.create(**ask, logprobs=1).choices[0]
+    tokens, offsets = full.logprobs.tokens, full.logprobs.text_offset
+    ends = [*offsets[1:], len(full.text)]
+    k = next(k for k in range(1, len(tokens) - 2) if ends[k] - offsets[k] >= 2)  # a token of 2 characters or more
+    for at, listed in ((offsets[k], k), (offsets[k] + 1, k + 1)):  # at a token's start; inside it: it straddles
+        stop = full.text[at : ends[k + 1]]
+        assert full.text.index(stop) == at
+        r = c.completions.create(**ask, logprobs=1, stop=[stop])
+        cut = r.choices[0]
+        assert (cut.text, cut.finish_reason) == (full.text[:at], "stop")
+        assert cut.logprobs.tokens == tokens[:listed] and cut.logprobs.text_offset == offsets[:listed]
+        assert cut.logprobs.token_logprobs == full.logprobs.token_logprobs[:listed]
+        assert r.usage.completion_tokens >= k + 2  # generated up to the stop string's end, at least
+        chunks = list(c.completions.create(**ask, stop=[stop], stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=20, logprobs=True)
+    whole = c.chat.completions.create(**chat).choices[0]
+    content = whole.logprobs.content
+    text = whole.message.content
+    stop = text[len(text) // 2 :][:2]
+    r = c.chat.completions.create(**chat, stop=[stop])
+    listed = [x.token for x in r.choices[0].logprobs.content]
+    assert r.choices[0].message.content == text[: text.index(stop)]
+    assert listed == [x.token for x in content[: len(listed)]]
+    assert len(listed) < r.usage.completion_tokens < len(content)
+
+
 def test_a_list_of_prompts_gets_a_choice_each_the_answer_it_gets_alone(server):
     c, tok = client(server), server["tokenizer"]
     texts = ["今天天气", "北京是", "质量很好"]

@@ -346,6 +346,7 @@ class Generation:
     said_eos: bool = False  # the answer ended with <eos>, which it does not hold
     score_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing is generated
     finish_reason: str = "length"
+    stop_at: int | None = None  # a stop string ended the answer: the characters of the answer before it
     picked: int | None = None  # the one token of an answer that picks (picks), from the scoring forward
     chosen: list[float] = field(default_factory=list)  # score: the log-probability of each of scored_ids()[1:]
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # score: the top_logprobs (id, logprob) there
@@ -388,8 +389,17 @@ class Generation:
         return torch.Generator(self.model.rope_cos.device).manual_seed(self.seed)
 
     def pieces(self) -> Iterator[str]:
-        """Text pieces until <eos>, max_tokens or a stop string; sets finish_reason."""
-        stopped = yield from until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops)
+        """Text pieces until <eos>, max_tokens or a stop string; sets finish_reason, and stop_at after a stop."""
+        pieces, shown = until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops), 0
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                stopped = end.value
+                break
+            shown += len(piece)
+            yield piece
+        self.stop_at = shown if stopped else None
         ctx = self.model.cfg.max_seq_len
         room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
         self.said_eos = not stopped and len(self.ids) < room and not self.score_only
@@ -403,9 +413,19 @@ class Generation:
         return self.top_logprobs is not None and self.sampling.max_new_tokens == 1 and not self.score_only
 
     def answer_ids(self) -> list[int]:
-        """The answer's tokens and the <eos> that ended it, which the model generated as it did them: what
-        usage's completion_tokens counts and both endpoints' logprobs list (vLLM's way; lm-eval needs the <eos>)."""
-        return self.ids + [self.tokenizer.eos_id] * self.said_eos
+        """The answer's tokens and the <eos> that ended it, which the model generated as it did them, that both
+        endpoints' logprobs list (vLLM's way; lm-eval needs the <eos>). After a stop string, which the text
+        leaves out, only the tokens whose text begins before it (stop_at): the one that straddles its start
+        stays, as the text holds its start; those of the stop string do not (usage counts them: generated)."""
+        if self.stop_at is None:
+            return self.ids + [self.tokenizer.eos_id] * self.said_eos
+        decoded, kept = Detokenizer(self.tokenizer), 0
+        for i in self.ids:
+            if decoded.length >= self.stop_at:
+                break
+            decoded.add(i)
+            kept += 1
+        return self.ids[:kept]
 
     def scored_ids(self) -> list[int]:
         """The ids whose logprobs are given: the prompt and answer_ids (the prompt alone before a picked token is
@@ -437,7 +457,8 @@ class Generation:
             offsets.append(decoded.length)
             decoded.add(i)
         return {"tokens": [text(i) for i in ids[start:]],
-                "token_logprobs": ([None] + self.chosen)[start:], "top_logprobs": ([None] + top_dicts)[start:],
+                "token_logprobs": ([None] + self.chosen)[start : len(ids)],  # a picked token a stop cut: scored
+                "top_logprobs": ([None] + top_dicts)[start : len(ids)],
                 "text_offset": offsets}
 
     def chat_logprobs(self) -> dict:
@@ -455,8 +476,9 @@ class Generation:
                             for i, lp, row in zip(answer, self.chosen[n : n + m], self.top[n : n + m], strict=True)]}
 
     def usage(self) -> dict:
-        """Token counts: the prompt's, and the answer's with the <eos> that ended it (answer_ids), as logprobs list."""
-        n, m = len(self.prompt), len(self.answer_ids())
+        """Token counts: the prompt's, and the tokens generated, with the <eos> that ended the answer (as logprobs
+        list it) and a stop string's (which the text and logprobs leave out; OpenAI and vLLM count them too)."""
+        n, m = len(self.prompt), len(self.ids) + self.said_eos
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
