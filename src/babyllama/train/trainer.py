@@ -231,15 +231,19 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
 
 def check_activations(cfg: RunConfig, resident: float, itemsize: int, have: float, of: str) -> None:
     """UserError when a pretraining micro-batch's activations, counted low, with `resident` bytes (the weights, the
-    step's token ids) exceed `have` bytes of memory (`of` names them). Counted: each block's input (or its norm's
-    fp32 copy), kept for the backward pass, the final norm's output and the head's input gradient, each
-    batch_size x max_seq_len x dim at itemsize bytes (the autocast dtype's; the residual stream is that or fp32),
-    and one chunk's fp32 logits (the loss never forms them all: model.linear_cross_entropy). Gradients, AdamW's
-    moments and the blocks' inner activations are left out, so a step that fits is never refused (batch_size
-    100000 was killed, with no word, by the kernel's out-of-memory killer)."""
+    step's token ids) exceed `have` bytes of memory (`of` names them). Counted, per position at itemsize bytes (the
+    autocast dtype's): what autograd surely keeps of each block for the backward pass, the inputs of wqkv, wo, w13
+    (dim each) and w2 (ffn_dim) and w13's output that SwiGLU's backward reads (2 ffn_dim); with
+    activation_checkpointing each block's input instead (dim) and one block's recomputed; then the final norm's
+    output and the head's input gradient (dim each), and one chunk's fp32 logits (the loss never forms them all:
+    model.linear_cross_entropy). Gradients, AdamW's moments, attention's own buffers and the norms' copies are left
+    out, so a step that fits is never refused (batch_size 100000 was killed, with no word, by the kernel's
+    out-of-memory killer)."""
     m, t = cfg.model, cfg.train
     positions = t.batch_size * m.max_seq_len
-    acts = (m.n_layers + 2) * positions * m.dim * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
+    block = 3 * m.dim + 3 * m.ffn_dim  # a block's kept tensors per position
+    kept = m.n_layers * m.dim + block if t.activation_checkpointing else m.n_layers * block
+    acts = (kept + 2 * m.dim) * positions * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
     if resident + acts > have:
         raise UserError(f"a micro-batch of batch_size {t.batch_size} rows of {m.max_seq_len} tokens needs at least "
                         f"{size_text(acts)} for its activations, {size_text(resident + acts)} with the weights and "
