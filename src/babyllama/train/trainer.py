@@ -232,8 +232,9 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
 def check_activations(cfg: RunConfig, resident: float, itemsize: int, have: float, of: str) -> None:
     """UserError when a pretraining micro-batch's activations, counted low, with `resident` bytes (the weights, the
     step's token ids) exceed `have` bytes of memory (`of` names them). Counted, per position at itemsize bytes (the
-    autocast dtype's): what autograd surely keeps of each block for the backward pass, the inputs of wqkv, wo, w13
-    (dim each) and w2 (ffn_dim) and w13's output that SwiGLU's backward reads (2 ffn_dim); with
+    autocast dtype's): what autograd surely keeps of each block for the backward pass, the inputs of wqkv, wo and w13
+    (dim each, or a tensor of dim they are recomputed from) and w13's output (2 ffn_dim), from which SwiGLU's
+    backward and w2's input are computed (torch.compile may recompute w2's input, so it is not counted); with
     activation_checkpointing each block's input instead (dim) and one block's recomputed; then the final norm's
     output and the head's input gradient (dim each), and one chunk's fp32 logits (the loss never forms them all:
     model.linear_cross_entropy). Gradients, AdamW's moments, attention's own buffers and the norms' copies are left
@@ -241,7 +242,7 @@ def check_activations(cfg: RunConfig, resident: float, itemsize: int, have: floa
     out-of-memory killer)."""
     m, t = cfg.model, cfg.train
     positions = t.batch_size * m.max_seq_len
-    block = 3 * m.dim + 3 * m.ffn_dim  # a block's kept tensors per position
+    block = 3 * m.dim + 2 * m.ffn_dim  # a block's kept tensors per position
     kept = m.n_layers * m.dim + block if t.activation_checkpointing else m.n_layers * block
     acts = (kept + 2 * m.dim) * positions * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
     if resident + acts > have:
