@@ -255,3 +255,18 @@ def test_activation_checkpointing_gives_equal_gradients():
     assert saved[1] < saved[0] / 2  # only each block's input is kept
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=0)
+
+
+def test_generate_takes_a_prompt_tensor_of_one_sequence():
+    """The README's `model.generate(torch.tensor([2, 5, 6]), ...)` raised torch's "Boolean value of Tensor with more
+    than one value is ambiguous" (`if not prompt`): a (T,) or (1, T) integer tensor is that list of ids, and another
+    tensor is a TypeError naming what it takes."""
+    model = sharp_model(tiny_config())
+    want = model.generate([2, 5, 6], max_new_tokens=5)
+    assert model.generate(torch.tensor([2, 5, 6]), max_new_tokens=5) == want
+    assert model.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=5) == want
+    for bad in (torch.tensor([[2, 5], [6, 7]]), torch.tensor([2.0, 5.0])):
+        with pytest.raises(TypeError, match=r"a list of ints or an integer tensor of shape \(T,\) or \(1, T\), not a"):
+            model.generate(bad, max_new_tokens=5)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(torch.tensor([], dtype=torch.long))

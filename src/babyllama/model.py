@@ -375,7 +375,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def stream(
         self,
-        prompt: Sequence[int],
+        prompt: Sequence[int] | torch.Tensor,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -388,15 +388,14 @@ class Transformer(nn.Module):
     ) -> Iterator[int]:
         """Yield new token ids one by one until eos (not yielded), max_new_tokens or a full context.
 
+        prompt: token ids, a list or an integer tensor of shape (T,) or (1, T) (prompt_ids).
         A prompt longer than the context keeps its last max_seq_len - 1 tokens.
         use_cache=False recomputes the whole sequence at every step (for tests and benchmarks).
         suppress_tokens: ids whose logits are set to -inf, never produced (Tokenizer.suppress_tokens:
         bos, pad and ids beyond the tokenizer's vocabulary, as HF generate's `suppress_tokens`).
         """
-        if not prompt:
-            raise ValueError("generation needs a prompt of at least one token")
+        ids = prompt_ids(prompt)[-(self.cfg.max_seq_len - 1) :]
         device = self.rope_cos.device
-        ids = list(prompt)[-(self.cfg.max_seq_len - 1) :]
         cache = None
         if use_cache:
             cache = KVCache(self.cfg, 1, self.cfg.max_seq_len, device, self.tok_embeddings.weight.dtype)
@@ -414,11 +413,27 @@ class Transformer(nn.Module):
                 return
             x = torch.tensor([[nxt]] if use_cache else [ids], device=device)
 
-    def generate(self, prompt: Sequence[int], **kwargs) -> list[int]:
+    def generate(self, prompt: Sequence[int] | torch.Tensor, **kwargs) -> list[int]:
         """The new token ids of stream(), as a list."""
         return list(self.stream(prompt, **kwargs))
 
 
+
+
+def prompt_ids(prompt: Sequence[int] | torch.Tensor) -> list[int]:
+    """The ids of a prompt: a sequence of ints, or an integer tensor of shape (T,) or (1, T) (one sequence: the
+    README's `idx` shape). Raises TypeError for another tensor (`if not prompt` raised torch's "Boolean value of
+    Tensor with more than one value is ambiguous"), ValueError for an empty prompt."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.is_floating_point() or prompt.is_complex() or not (
+                prompt.dim() == 1 or (prompt.dim() == 2 and prompt.size(0) == 1)):
+            raise TypeError(f"generate takes one prompt of token ids: a list of ints or an integer tensor of shape "
+                            f"(T,) or (1, T), not a {prompt.dtype} tensor of shape {tuple(prompt.shape)}")
+        prompt = prompt.reshape(-1).tolist()
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("generation needs a prompt of at least one token")
+    return ids
 
 
 class LinearCrossEntropy(torch.autograd.Function):
