@@ -1290,3 +1290,37 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_
                         "--activation_checkpointing", "true"))
     pretrain(config(shards, tmp_path / "small", "--max_steps", "1", "--batch_size", "4"))
     assert (tmp_path / "small" / "checkpoints").exists()
+
+
+def test_a_resume_with_a_length_that_ends_before_its_checkpoint_is_refused(shards, tmp_path, capsys):
+    """`--resume --max_steps 100` on a run at step 280 said "(step 280 of 100)" and wrote its checkpoint as final/ at
+    step 280 without a word (so did a tokens budget below the samples trained on): it is one sentence now, writing
+    nothing, whether the run stopped or finished."""
+    run = tmp_path / "run"
+    pretrain(config(shards, run, "--max_steps", "4", "--batch_size", "2", "--save_every", "2"))
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_000004")  # as if stopped at step 2
+    written = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    ckpt = run / "checkpoints" / "step_000002"
+    with pytest.raises(UserError) as e:
+        pretrain(config(shards, run, "--max_steps", "1", "--batch_size", "4"), resume=True)
+    assert str(e.value) == (f"{ckpt} is at step 2, past the end that --max_steps 1 asks for, and a resumed run cannot "
+                            "end before the step its checkpoint reached; pass a longer length (--max_steps 2 or "
+                            "more) or start a new run in another out_dir.")
+    with pytest.raises(UserError, match=r"past the end that tokens 64 \(2 samples, it has trained on 4\) asks for"):
+        pretrain(config(shards, run, "--tokens", "64", "--batch_size", "2"), resume=True)
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == written
+
+
+def test_a_finished_run_extended_says_its_learning_rate_moves(shards, tmp_path, capsys):
+    """A finished 4-step run resumed with --max_steps 6 went from min_lr back up (the cosine's length changed)
+    without a word: it is said in one note line."""
+    run = tmp_path / "run"
+    pretrain(config(shards, run, "--max_steps", "4", "--batch_size", "2", "--save_every", "2"))
+    capsys.readouterr()
+    pretrain(config(shards, run, "--max_steps", "6", "--batch_size", "2", "--save_every", "2"), resume=True)
+    t = config(shards, run).train
+    was, now = lr_at(4, t, 4), lr_at(4, t, 6)
+    assert f"\nnote: the run was 4 steps long and is now 6, so the learning rate follows the cosine of the new " \
+           f"length: {now:.3g} at step 4, where it was {was:.3g}.\n" in capsys.readouterr().out
+    assert now > was * 2

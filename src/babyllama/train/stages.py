@@ -27,7 +27,7 @@ from babyllama.checkpoint import (
     set_aside,
     tokenizer_dir,
 )
-from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig
+from babyllama.config import INIT_MODEL_SETTINGS, STAGE_NAMES, RunConfig, TrainConfig
 from babyllama.data.pretokenize import cpu_workers
 from babyllama.data.sft_tokens import SFTSettings, SFTStats, equal_words, filtered_words, read_sft_cache
 from babyllama.data.shards import (
@@ -56,6 +56,7 @@ from babyllama.train.trainer import (
     check_resume,
     consumed_samples,
     lora_of,
+    lr_at,
     planned_samples,
     planned_steps,
 )
@@ -111,6 +112,9 @@ def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str) -> RunStart:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
     resume_from, state, damaged = resumable_checkpoint(out) if resume else (None, None, [])
     length = resumed_length(cfg, dist, state) if state is not None else None
+    if length is not None:
+        check_not_shorter(cfg.train, resume_from, state["step"], consumed_samples(state),
+                          planned_samples_of(cfg, state))
     if length is not None and is_finished(out, state["step"], length[0]):
         say_finished(out, state["step"], dist)
         return RunStart(resume_from, state, finished=True)
@@ -158,18 +162,49 @@ def resumed_length(cfg: RunConfig, dist: Dist, state: dict) -> tuple[int, int] |
     the lengths of the rows decide: planned_samples), so that no stage reads its data (or --init) to find a finished
     run."""
     t, budget = cfg.train, state.get("tokens_budget")
-    if t.tokens and not t.max_steps:
-        if not budget or budget["tokens"] != t.tokens:  # another budget: its samples need the rows' lengths
-            return None
-        samples = budget["samples"]
-    else:
-        rows = state.get("rows")
-        if not (t.max_steps or t.tokens) and rows is None:
-            return None
-        samples = planned_samples(t, cfg.model.max_seq_len, rows or 0)
+    if t.tokens and not t.max_steps and (not budget or budget["tokens"] != t.tokens):
+        return None  # another budget: its samples need the rows' lengths
+    if not (t.max_steps or t.tokens) and state.get("rows") is None:
+        return None
+    samples = planned_samples_of(cfg, state)
     now, before = (planned_steps(t, samples, state["step"], consumed_samples(state), batch)
                    for batch in (t.batch_size * t.grad_accum * dist.world, state["global_batch"]))
     return now, before
+
+
+def planned_samples_of(cfg: RunConfig, state: dict) -> int | None:
+    """The samples a resumed run trains on, from what its trainer state records (resumed_length can tell them)."""
+    t, budget = cfg.train, state.get("tokens_budget")
+    if t.tokens and not t.max_steps:
+        return budget["samples"]
+    return planned_samples(t, cfg.model.max_seq_len, state.get("rows") or 0)
+
+
+def check_not_shorter(t: TrainConfig, resume_from: Path, step: int, consumed: int, samples: int | None) -> None:
+    """UserError where the length asks a run resumed at step (consumed samples behind it) to end before it: a
+    max_steps below step, or a tokens or epochs length of fewer samples (samples, planned_samples) than it has
+    consumed; it would otherwise write its checkpoint as final/ at step, longer than asked, without a word."""
+    if samples is None and t.max_steps < step:
+        asked = f"--max_steps {t.max_steps}"
+    elif samples is not None and samples < consumed:
+        length = f"tokens {t.tokens}" if t.tokens else f"epochs {t.epochs:g}"
+        asked = f"{length} ({samples} {agree(samples, 'sample', 'samples')}, it has trained on {consumed})"
+    else:
+        return
+    raise UserError(f"{resume_from} is at step {step}, past the end that {asked} asks for, and a resumed run cannot "
+                    f"end before the step its checkpoint reached; pass a longer length (--max_steps {step} or more) "
+                    "or start a new run in another out_dir.")
+
+
+def say_schedule_changed(t: TrainConfig, before: int | None, step: int, steps: int) -> None:
+    """Say that a resume changed the run's length from before steps (what its checkpoint records; None: from before
+    it did) to steps, which moves the learning rate at step: the cosine runs to the new last step (lr_at), so a
+    finished run extended starts again from near lr rather than min_lr."""
+    if before is None or before == steps:
+        return
+    was, now = lr_at(step, t, before), lr_at(step, t, steps)
+    print(f"note: the run was {before} {agree(before, 'step', 'steps')} long and is now {steps}, so the learning rate "
+          f"follows the cosine of the new length: {now:.3g} at step {step}, where it was {was:.3g}.")
 
 
 def is_finished(out: Path, step: int, last_step: int) -> bool:
@@ -196,6 +231,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, start.resume_from, data, start.state)
     steps = trainer.total_steps
     if trainer.resumed and start.length is None:  # the length needed the rows
+        check_not_shorter(t, start.resume_from, trainer.step, trainer.consumed_samples, trainer.samples)
         if is_finished(out, trainer.step, steps):
             say_finished(out, trainer.step, dist)
             return out / "final"
@@ -208,6 +244,7 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
               f"{ckpt.name} is moved to {aside.name} (keep_last counts whole checkpoints)")
     if dist.main and trainer.resumed:
         print(f"resuming from {start.resume_from} (step {trainer.step} of {steps})")
+        say_schedule_changed(t, start.state.get("total_steps"), trainer.step, steps)
     noun = ROWS[stage] if stage == "dpo" else ("row", "rows")  # a DPO row is a pair: its batch counts pairs
     if dist.main and trainer.global_batch > len(train_data):
         log.warning("a step's %d %s (batch_size x grad_accum x processes) are more than the %d training %s, so "

@@ -726,7 +726,8 @@ class Trainer:
                 "optimizer": optim, "average": {k: v.cpu() for k, v in self.average.items()},
                 "averaged": self.averaged, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
                 # an epochs run's length before the data is read (resumed_length): its rows; a tokens run's: the
-                "rows": len(self.train_data), "tokens_budget": budget}  # samples its budget came to
+                "rows": len(self.train_data), "tokens_budget": budget,  # samples its budget came to
+                "total_steps": self.total_steps}  # the length its schedule had, to say a resume changed it
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
