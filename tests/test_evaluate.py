@@ -1542,3 +1542,19 @@ def test_eval_prompts_a_utf16_mark_before_bytes_that_are_not_utf16_is_a_bad_reco
     assert str(e.value).startswith(f"prompts file {prompts} has no prompts (a line of text each), 1 was bad (the "
                                    f"first: {prompts}:after start: the file cannot be read from here on ('utf-16-le' "
                                    "codec can't decode bytes")
+
+
+def test_report_finds_runs_and_evals_at_any_depth_in_sorted_order(tmp_path):
+    """`report t` on t/a/b/run said "t has no training run (metrics.jsonl) and no evaluation (eval.json) to report":
+    runs were looked for one folder down and evals two. The README says every eval.json below it: the whole tree is
+    searched, but not a run's checkpoints/."""
+    model = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 600, "max_seq_len": 64}
+    train = {"batch_size": 8, "grad_accum": 1, "lr": 0.001, "optimizer": "adamw"}
+    metrics = "".join(json.dumps(m) + "\n" for m in ({"step": 1, "tokens": 100, "loss": 0.69, "lr": 1e-3},
+                                                      {"step": 1, "tokens": 100, "val_loss": 0.7, "final": True}))
+    for run in ("a/b/run", "a/b/c/d/run2", "a/early", "a/b/run/checkpoints/step_000001"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text(json.dumps({"model": model, "train": train}))
+        (tmp_path / run / "metrics.jsonl").write_text(metrics)
+    text = make_report(tmp_path).read_text()
+    assert [x.split("`")[1] for x in text.split("### Run ")[1:]] == ["a/b/c/d/run2", "a/b/run", "a/early"]

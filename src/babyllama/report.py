@@ -12,6 +12,7 @@ baseline, multiple choice, held-out preference pairs, leakage, samples).
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -26,8 +27,20 @@ def pyplot():
     return plt
 
 
-def find(root: Path, name: str, depth: int = 3) -> list[Path]:
-    return sorted(p for p in root.rglob(name) if len(p.relative_to(root).parts) <= depth)
+NOT_SEARCHED = ("checkpoints", "plots")  # a run's checkpoints and a report's plots: nothing to find, many files
+
+
+def find(root: Path, name: str) -> list[Path]:
+    """Every file called name in root or any folder below it, in sorted order (the report's order). For speed it
+    does not go into checkpoints/, plots/, hidden folders or the folders below a data folder (one that has a
+    manifest.json: token shards or an SFT token cache, whose tokenizer/ data_section reads by path)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [] if "manifest.json" in files else [
+            d for d in dirs if d not in NOT_SEARCHED and not d.startswith(".")]
+        if name in files:
+            found.append(Path(folder) / name)
+    return sorted(found)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -231,7 +244,7 @@ def make_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/; returns the report's path."""
     root = Path(run_dir)
     check_folder(root, "run directory", "a run's folder or a folder of runs (e.g. runs/demo)")
-    runs = [root] if (root / "metrics.jsonl").is_file() else [p.parent for p in find(root, "metrics.jsonl", 2)]
+    runs = [root] if (root / "metrics.jsonl").is_file() else [p.parent for p in find(root, "metrics.jsonl")]
     evals = find(root, "eval.json")
     if not runs and not evals:
         raise UserError(f"{root} has no training run (metrics.jsonl) and no evaluation (eval.json) to report.")
