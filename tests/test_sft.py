@@ -415,6 +415,28 @@ def test_sft_resumes_on_an_input_downloaded_again_and_refuses_one_changed(sft_se
         "settings, so restore them, or start a new run without --resume in a new --out_dir.\n")
 
 
+def test_a_run_whose_cache_is_of_an_older_version_says_to_finish_it_with_that_version(sft_setup, tmp_path, capsys):
+    """A run in progress when a new cache VERSION came was told to "restore" its inputs and settings, which it cannot
+    do: what changed is babyllama. The sentence says to finish it with that version or start a new run."""
+    import json
+
+    from babyllama.cli import main
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--out_dir", str(run), "--save_every",
+            "2", "--batch_size", "8", "--eval_every", "0", "--warmup_steps", "1", "--data_workers", "1"]
+    assert main([*args, "--max_steps", "2"]) == 0
+    config = run / "checkpoints" / "step_000002" / "config.json"
+    record = json.loads(config.read_text())
+    record["data"]["version"] -= 1  # the run started under the version before this one
+    config.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "4", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        "babyllama: error: the run started with an older version of babyllama, whose SFT/DPO samples this version "
+        "makes otherwise; finish it with that version, or start a new run without --resume in a new --out_dir.\n")
+
+
 @pytest.mark.parametrize("flags, differ", [
     (["--model.dropout", "0.1"], "other model settings (dropout)"),
     (["--optimizer", "muon"], "optimizer adamw (now muon)"),

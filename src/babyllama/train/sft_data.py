@@ -155,8 +155,11 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     key = cache_key(input_files(inputs, kind), tokenizer.record(), settings, kind, cache_dir)
     changed = cache_differences(started_with, key) if started_with is not None else []
     if changed:  # a rebuilt cache would resume the run on other samples
-        raise UserError(f"the run started with {', '.join(changed)}; resuming needs the same inputs and settings, so "
-                        "restore them, or start a new run without --resume in a new --out_dir.")
+        if "version of babyllama" in changed[0]:  # a version is all that is said: it cannot be restored
+            why = f"{changed[0]}, whose SFT/DPO samples this version makes otherwise; finish it with that version"
+        else:
+            why = f"{', '.join(changed)}; resuming needs the same inputs and settings, so restore them"
+        raise UserError(f"the run started with {why}, or start a new run without --resume in a new --out_dir.")
     manifest = read_sft_cache(cache_dir)
     built = False
     if manifest is None:
