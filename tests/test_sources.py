@@ -361,9 +361,10 @@ def test_a_json_error_at_a_place_says_the_place():
 
     from babyllama.data.sources import records_json_array, records_jsonl
 
-    lines = io.StringIO('{"text": "甲\x00乙"}\n{"text" "丁"}\n{"text": "丙')  # the last line cut
+    lines = io.StringIO('{"text": "甲\x00乙"}\n{"text" "丁"}\n{"text": "ab}\n{"text": "丙')  # the last line cut
     assert [why for _, _, why in records_jsonl("f.jsonl", lines)] == [
         "not valid JSON (Invalid control character at column 12)", "not valid JSON (Expecting ':' delimiter)",
+        "not valid JSON (Unterminated string: the line ends inside it at column 14)",  # not a "control character"
         "not valid JSON (Unterminated string starting at column 10)"]
     array = io.StringIO('[{"text": "甲"},\n {"text":\n  "乙\x00"}]')
     assert [(where, why) for where, _, why in records_json_array("a.json", array)] == [

@@ -293,9 +293,11 @@ def test_a_document_over_the_budget_fills_what_the_sample_leaves_with_its_beginn
     sample = training_sample(iter(many), 100)
     assert len(sample) == 1 and sample == training_sample(iter(many), 100) and sample[0] in {m[:35] for m in many}
     assert sample != training_sample(iter(many), 100, seed=1)
-    with pytest.raises(UserError, match=r"^--max_train_bytes 2 holds no whole character of the text \(1 document "
-                                        r"read, each larger than it\)"):
+    with pytest.raises(UserError, match=r"^--max_train_bytes 2 holds no whole character of the text \(the one "
+                                        r"document read is larger than it\)"):
         training_sample(iter([long]), 2)
+    with pytest.raises(UserError, match=r"text \(2 documents read, each larger than it\)"):
+        training_sample(iter([long, long]), 2)
 
 
 def test_training_sample_holds_the_sample_not_the_corpus():

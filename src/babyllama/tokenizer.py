@@ -532,9 +532,9 @@ def training_sample(documents: Iterable[str], max_bytes: int = MAX_TRAIN_BYTES, 
         kept.append((-big[0], big[1], piece, len(piece.encode())))
         held += kept[-1][3]
     if n and not kept:  # a sample of nothing trains the 259 byte ids: said as a corpus too small
-        raise UserError(f"--max_train_bytes {max_bytes:,} holds no whole character of the text ({n:,} "
-                        f"{agree(n, 'document', 'documents')} read, each larger than it), so none was sampled; raise "
-                        "it, or pass 0 to train on every document.")
+        read = "the one document read is" if n == 1 else f"{n:,} documents read, each"
+        raise UserError(f"--max_train_bytes {max_bytes:,} holds no whole character of the text ({read} larger than "
+                        "it), so none was sampled; raise it, or pass 0 to train on every document.")
     budget = f"{max_bytes:,} bytes ({max_bytes / MiB:.1f} MiB)" if max_bytes else "0: every document"
     log.info("training on %d of %d %s: %.1f of %.1f MiB (--max_train_bytes %s)%s", len(kept), n,
              agree(n, "document", "documents"), held / MiB, seen / MiB, budget, over_budget(over, piece))

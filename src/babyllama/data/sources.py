@@ -554,7 +554,10 @@ def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
 
 def json_fault(e: json.JSONDecodeError, place: str) -> str:
     """json's message of e, with place ("column 7", "line 3") where the message names one: its msg alone cut
-    "Invalid control character at" and "Unterminated string starting at" before their position."""
+    "Invalid control character at" and "Unterminated string starting at" before their position. A line break that
+    json calls a control character ends a string left open: said so."""
+    if e.msg.startswith("Invalid control character") and e.doc[e.pos : e.pos + 1] in ("\n", "\r"):
+        return f"Unterminated string: the line ends inside it at {place}"
     return f"{e.msg} {place}" if e.msg.endswith(" at") else e.msg
 
 
