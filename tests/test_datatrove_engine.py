@@ -876,31 +876,78 @@ def test_the_shares_follow_a_fixed_rule():
     assert dt.task_shares([], 1) == [0]
 
 
-def test_a_run_started_with_other_shares_is_not_resumed_with_these(tmp_path, monkeypatch):
-    """A run stopped halfway under the rule before (middle bytes; no task_files in its settings) was resumed with
-    the new shares: its finished tasks skipped, the others reading the new ones, so some files read twice and
-    others never. It is refused; finished, it is redone."""
-    for name in ("a.txt", "b.txt"):
-        (tmp_path / name).write_text("\n".join(GOOD_LINES[:30]) + "\n")
-    files, out = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out"
+def killed_before_task_files(files: list[str], out: Path, monkeypatch, dies_on: int) -> Path:
+    """prepare(files, out) with one task per file, killed as task dies_on writes its part (the tasks before it done),
+    its settings.json then made as a version before task_files wrote it. Returns that settings.json."""
+    write_run = dt.WriteParts.run
 
     def dies(self, data, rank=0, world_size=1):
-        raise RuntimeError("killed")
+        if rank == dies_on:
+            raise RuntimeError("killed")
+        write_run(self, data, rank, world_size)
 
     monkeypatch.setattr(dt.WriteParts, "run", dies)
     with pytest.raises(RuntimeError, match="killed"):
-        dt.prepare(files, out, local(2), dedup="none")
+        dt.prepare(files, out, dt.Launch(), dedup="none")
     monkeypatch.undo()
     settings = out / ".incomplete" / "datatrove" / "settings.json"
     written = json.loads(settings.read_text())
     settings.write_text(json.dumps({k: v for k, v in written.items() if k != "task_files"}))
+    return settings
+
+
+def test_the_rule_before_task_shares_is_the_middle_byte_s():
+    """split -l 40000 of 403,790 documents in 11 tasks: task 6 got none and task 10 two."""
+    assert dt.middle_byte_shares([40_000] * 10 + [3_790], 11) == [1] * 6 + [0, 1, 1, 1, 2]
+    assert dt.middle_byte_shares([10] * 3, 3) == [1, 1, 1]
+
+
+def test_a_run_from_before_task_files_is_resumed_when_its_shares_are_these(tmp_path, monkeypatch):
+    """Files of equal sizes, a task each: the rule before shared them out as task_shares does, so the run stopped
+    halfway under it is resumed (its finished task skipped), not refused."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("\n".join(GOOD_LINES[:30]) + "\n")
+    files, out = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out"
+    killed_before_task_files(files, out, monkeypatch, dies_on=1)
+    write_run, written = dt.WriteParts.run, []
+
+    def counted_write(self, data, rank=0, world_size=1):
+        write_run(self, data, rank, world_size)
+        written.append(rank)
+
+    monkeypatch.setattr(dt.WriteParts, "run", counted_write)
+    assert dt.prepare(files, out, dt.Launch(), dedup="none")["total"]["kept"] == 60
+    assert written == [1]
+
+
+def test_a_run_from_before_task_files_with_other_shares_is_refused(tmp_path, monkeypatch):
+    """Two files and a small one, a task each: the rule before gave them [1, 0, 2], task_shares [1, 1, 1]; resumed,
+    the tasks would read some files twice and others never."""
+    for name, lines in (("a.txt", 30), ("b.txt", 30), ("c.txt", 1)):
+        (tmp_path / name).write_text("\n".join(GOOD_LINES[:lines]) + "\n")
+    files, out = [str(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt")], tmp_path / "out"
+    settings = killed_before_task_files(files, out, monkeypatch, dies_on=2)
     refused = (f"{out} holds an unfinished datatrove run whose tasks share the input files otherwise (another "
                f"version of babyllama started it); finish it with that version, or remove {settings.parent} to "
                "start again.")
     with pytest.raises(UserError, match=re.escape(refused)):
-        dt.prepare(files, out, local(2), dedup="none")
-    (settings.parent / dt.FINISHED).write_text("{}")
-    assert dt.prepare(files, out, local(2), dedup="none")["total"]["kept"] == 60
+        dt.prepare(files, out, dt.Launch(), dedup="none")
+
+
+def test_a_finished_run_from_before_task_files_is_kept(tmp_path, monkeypatch):
+    """The same command with the same inputs did nothing after a finished run, whatever rule had shared out its
+    files; it was redone from scratch (with Slurm, its output deleted at submission) as if its settings differed."""
+    for name, lines in (("a.txt", 30), ("b.txt", 30), ("c.txt", 1)):
+        (tmp_path / name).write_text("\n".join(GOOD_LINES[:lines]) + "\n")
+    files, out = [str(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt")], tmp_path / "out"
+    dt.prepare(files, out, dt.Launch(), dedup="none")
+    settings = out / "datatrove" / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "task_files"}))
+    before = outputs(out)
+    read_calls = []
+    monkeypatch.setattr(dt.ReadCorpus, "run", lambda *args, **kwargs: read_calls.append(1) or iter(()))
+    assert dt.prepare(files, out, dt.Launch(), dedup="none")["total"]["kept"] == 61
+    assert read_calls == [] and outputs(out) == before and "task_files" not in json.loads(settings.read_text())
 
 
 def test_copies_that_differ_in_width_punctuation_or_spacing_are_duplicates_on_datatrove(tmp_path):

@@ -291,6 +291,16 @@ def task_shares(sizes: list[int], tasks: int) -> list[int]:
     return _greedy_fill(ends, tasks, lo)
 
 
+def middle_byte_shares(sizes: list[int], tasks: int) -> list[int]:
+    """The shares of the rule before task_shares (runs whose settings.json lacks task_files): each file (sizes:
+    bytes, in corpus order) went to the task in whose 1/tasks of the weight (bytes + 1 a file) its middle fell.
+    Returns tasks counts (some may be 0) that add up to len(sizes)."""
+    weight = np.asarray(sizes, dtype=np.float64) + 1.0
+    middle = (np.cumsum(weight) - weight / 2) / weight.sum()
+    owner = np.minimum((middle * tasks).astype(np.int64), tasks - 1)
+    return np.bincount(owner, minlength=tasks).tolist()
+
+
 def _greedy_fill(ends: list[int], tasks: int, capacity: int) -> list[int] | None:
     """task_shares' fill: files per task, or None when `tasks` runs of at most capacity do not hold them all."""
     shares, start = [], 0
@@ -809,13 +819,16 @@ def start_run(out: Path, settings: dict, outputs, staged: bool) -> Path:
     kept, so a resumed run skips its finished tasks (a finished one does nothing); a new one is made, empty, or out
     with outputs(out) removed (shards.fresh_output_dir), when there was none or it had finished with other settings.
     Raises UserError for an unfinished run with other settings, also one whose tasks read other files (task_files,
-    recorded by task_shares' rule since it came in: a run resumed with other shares would read some files twice and
-    others never)."""
+    recorded by task_shares' rule since it came in, middle_byte_shares' before: a run resumed with other shares
+    would read some files twice and others never). A finished run from before task_files is compared without them."""
     for place in (out / STAGE, out) if staged else (out,):
         work = place / "datatrove"
         if not (work / "settings.json").is_file():
             continue
         before = {k: v for k, v in json.loads((work / "settings.json").read_text()).items() if k != "started"}
+        if "task_files" not in before:  # started before task_shares: a finished run's shares no longer matter
+            before["task_files"] = (settings["task_files"] if (work / FINISHED).is_file() else
+                                    middle_byte_shares([size for _, size, _ in before["inputs"]], before["tasks"]))
         if before == settings:
             return place
         if not (work / FINISHED).is_file():
