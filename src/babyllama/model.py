@@ -418,8 +418,6 @@ class Transformer(nn.Module):
         return list(self.stream(prompt, **kwargs))
 
 
-
-
 def prompt_ids(prompt: Sequence[int] | torch.Tensor) -> list[int]:
     """The ids of a prompt: a sequence of ints, or an integer tensor of shape (T,) or (1, T) (one sequence: the
     README's `idx` shape). Raises TypeError for another tensor (`if not prompt` raised torch's "Boolean value of
