@@ -1295,7 +1295,7 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_
 def test_a_resume_with_a_length_that_ends_before_its_checkpoint_is_refused(shards, tmp_path, capsys):
     """`--resume --max_steps 100` on a run at step 280 said "(step 280 of 100)" and wrote its checkpoint as final/ at
     step 280 without a word (so did a tokens budget below the samples trained on): it is one sentence now, writing
-    nothing, whether the run stopped or finished."""
+    nothing. A finished run is said finished whatever length is asked (test_sft_resume_of_a_finished_run_...)."""
     run = tmp_path / "run"
     pretrain(config(shards, run, "--max_steps", "4", "--batch_size", "2", "--save_every", "2"))
     shutil.rmtree(run / "final")

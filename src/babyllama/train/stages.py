@@ -112,12 +112,12 @@ def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str) -> RunStart:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
     resume_from, state, damaged = resumable_checkpoint(out) if resume else (None, None, [])
     length = resumed_length(cfg, dist, state) if state is not None else None
+    if length is not None and is_finished(out, state["step"], length[0]):  # finished: nothing to do, whatever length
+        say_finished(out, state["step"], dist)
+        return RunStart(resume_from, state, finished=True)
     if length is not None:
         check_not_shorter(cfg.train, resume_from, state["step"], consumed_samples(state),
                           planned_samples_of(cfg, state))
-    if length is not None and is_finished(out, state["step"], length[0]):
-        say_finished(out, state["step"], dist)
-        return RunStart(resume_from, state, finished=True)
     return RunStart(resume_from, state, damaged, length)
 
 
@@ -183,7 +183,8 @@ def planned_samples_of(cfg: RunConfig, state: dict) -> int | None:
 def check_not_shorter(t: TrainConfig, resume_from: Path, step: int, consumed: int, samples: int | None) -> None:
     """UserError where the length asks a run resumed at step (consumed samples behind it) to end before it: a
     max_steps below step, or a tokens or epochs length of fewer samples (samples, planned_samples) than it has
-    consumed; it would otherwise write its checkpoint as final/ at step, longer than asked, without a word."""
+    consumed; it would otherwise write its checkpoint as final/ at step, longer than asked, without a word. A finished
+    run is said finished before (its final/ is there: nothing is written)."""
     if samples is None and t.max_steps < step:
         asked = f"--max_steps {t.max_steps}"
     elif samples is not None and samples < consumed:
@@ -231,10 +232,10 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
     trainer = trainer_cls(cfg, train_data, val_data, tokenizer, dist, stage, start.resume_from, data, start.state)
     steps = trainer.total_steps
     if trainer.resumed and start.length is None:  # the length needed the rows
-        check_not_shorter(t, start.resume_from, trainer.step, trainer.consumed_samples, trainer.samples)
         if is_finished(out, trainer.step, steps):
             say_finished(out, trainer.step, dist)
             return out / "final"
+        check_not_shorter(t, start.resume_from, trainer.step, trainer.consumed_samples, trainer.samples)
         before = planned_steps(t, trainer.samples, trainer.step, trainer.consumed_samples, trainer.global_batch_before)
         check_average(t, start.resume_from, trainer.step, trainer.averaged, steps, before)
     barrier(dist)  # every rank has read the checkpoints (found_run) before rank 0 moves the damaged ones aside
