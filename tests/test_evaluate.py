@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 
 import pytest
@@ -1552,9 +1553,14 @@ def test_report_finds_runs_and_evals_at_any_depth_in_sorted_order(tmp_path):
     train = {"batch_size": 8, "grad_accum": 1, "lr": 0.001, "optimizer": "adamw"}
     metrics = "".join(json.dumps(m) + "\n" for m in ({"step": 1, "tokens": 100, "loss": 0.69, "lr": 1e-3},
                                                       {"step": 1, "tokens": 100, "val_loss": 0.7, "final": True}))
-    for run in ("a/b/run", "a/b/c/d/run2", "a/early", "a/b/run/checkpoints/step_000001"):
+    for run in ("a/b/run", "a/b/c/d/run2", "a/early", "a/b/run/checkpoints/step_000001", "a/b/run/deeper/run",
+                "x/b/run"):
         (tmp_path / run).mkdir(parents=True)
         (tmp_path / run / "config.json").write_text(json.dumps({"model": model, "train": train}))
         (tmp_path / run / "metrics.jsonl").write_text(metrics)
     text = make_report(tmp_path).read_text()
-    assert [x.split("`")[1] for x in text.split("### Run ")[1:]] == ["a/b/c/d/run2", "a/b/run", "a/early"]
+    runs = ["a/b/c/d/run2", "a/b/run", "a/b/run/deeper/run", "a/early", "x/b/run"]  # a run before the runs below it
+    assert [x.split("`")[1] for x in text.split("### Run ")[1:]] == runs
+    curves = [f"{r.replace('/', '_')}_curves.png" for r in runs]  # a/b/run and x/b/run drew one run_curves.png
+    assert re.findall(r"!\[curves\]\(plots/(\S+)\)", text) == curves
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*_curves.png")) == sorted(curves)

@@ -40,7 +40,7 @@ def find(root: Path, name: str) -> list[Path]:
             d for d in dirs if d not in NOT_SEARCHED and not d.startswith(".")]
         if name in files:
             found.append(Path(folder) / name)
-    return sorted(found)
+    return sorted(found, key=lambda f: f.parent.parts)  # a folder's own file before those of the folders below it
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,8 +57,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_run(run: Path, metrics: list[dict], out: Path) -> str:
-    """loss (train and val) against tokens, and the learning rate, in one PNG; returns its name."""
+def plot_run(run: Path, metrics: list[dict], out: Path, tag: str) -> str:
+    """loss (train and val) against tokens, and the learning rate, in one PNG named after tag (the run's path below
+    the report's root, as an eval's plot: two runs called sft in a/ and b/ drew one file); returns its name."""
     plt = pyplot()
     train = [m for m in metrics if m.get("loss") is not None]
     val = [m for m in metrics if m.get("val_loss") is not None]
@@ -70,7 +71,7 @@ def plot_run(run: Path, metrics: list[dict], out: Path) -> str:
     b.plot([m["step"] for m in train], [m["lr"] for m in train])
     b.set(xlabel="step", ylabel="learning rate", title=f"{run.name}: schedule")
     fig.tight_layout()
-    name = f"{run.name}_curves.png"
+    name = f"{tag}_curves.png"
     with writing(out / name):  # CannotWrite where the disk refuses it
         fig.savefig(out / name, dpi=110)
     plt.close(fig)
@@ -145,9 +146,10 @@ def run_section(run: Path, root: Path, plots: Path) -> list[str]:
         settings |= {k: train[k] for k in ("label_smoothing", "rpo_alpha") if train.get(k)}
         summary |= {k: next((m[k] for m in reversed(metrics) if m.get(k) is not None), "") for k in DPO_SUMMARY}
     kind = ", ".join(name for name, on in (("DPO", dpo), ("LoRA", lora)) if on)
+    tag = run.relative_to(root).as_posix().replace("/", "_") if run != root else run.name
     return [f"### Run `{run.relative_to(root) if run != root else run.name}`" + (f" ({kind})" if kind else ""), "",
             table([settings], list(settings)), "", table([summary], list(summary)), "",
-            f"![curves]({plots.name}/{plot_run(run, metrics, plots)})", ""]
+            f"![curves]({plots.name}/{plot_run(run, metrics, plots, tag)})", ""]
 
 
 def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
