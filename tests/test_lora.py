@@ -577,6 +577,8 @@ def lora_copy(lora_run, tmp_path, config=None, adapter=None):
     (lambda b: {**b, "path": 5}, "base.path must be an absolute path, not 5"),  # TypeError
     (lambda b: {**b, "path": "."}, 'base.path must be an absolute path, not "."'),  # the working directory's
     (lambda b: {**b, "relative_path": 5}, "base.relative_path must be a path, not 5"),  # TypeError
+    (lambda b: {**b, "path": "/work/\0x"}, 'base.path must be an absolute path, not "/work/\\u0000x"'),  # ValueError
+    (lambda b: {**b, "relative_path": "a\0b"}, 'base.relative_path must be a path, not "a\\u0000b"'),
     (lambda b: {k: v for k, v in b.items() if k != "sha256"}, "base.sha256 must be a SHA-256 in hex, but it is "
                                                               "missing"),  # said to be another base
     (lambda b: {**b, "stat": "x"}, 'base.stat must be an object of size, mtime_ns and ctime_ns, whole numbers, not '
@@ -593,6 +595,15 @@ def test_a_damaged_base_in_config_json_is_one_sentence(lora_run, tmp_path, capsy
     assert str(e.value) == sentence
     assert main(["export", str(lora), "--out", str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err == f"babyllama: error: {sentence}\n"
+
+
+def test_a_base_path_too_long_to_look_up_is_said_not_there(lora_run, tmp_path):
+    """A base path of 5,000 characters raised OSError (ENAMETOOLONG: File name too long) from its lookup."""
+    lora = lora_copy(lora_run, tmp_path, config=lambda c: c["base"].update(path="/" + "a" * 5000,
+                                                                             relative_path="b" * 5000))
+    with pytest.raises(UserError, match=f"^the LoRA checkpoint {lora} needs its base model /a{{5000}}, which is not "
+                                        "there"):
+        load_model(lora)
 
 
 @pytest.mark.parametrize("edit", [lambda c: c.pop("base"), lambda c: c.update(base=None), lambda c: c.update(base={})])

@@ -403,7 +403,7 @@ def lora_base(path: str | Path) -> Path:
     places = [Path(base["path"])]
     if base.get("relative_path"):
         places.append((path.resolve() / base["relative_path"]).resolve())
-    there = [p for p in dict.fromkeys(places) if p.exists()]
+    there = [p for p in dict.fromkeys(places) if _exists(p)]
     if not there:
         beside = f" (nor at {places[1]})" if len(places) > 1 and places[1] != places[0] else ""
         raise UserError(f"the LoRA checkpoint {path} needs its base model {base['path']}, which is not there"
@@ -427,10 +427,18 @@ def lora_base(path: str | Path) -> Path:
                     "(its weights changed); restore that base.")
 
 
+def _exists(path: Path) -> bool:
+    """path.exists(), False for a path the system cannot look up (a name over its length limit: ENAMETOOLONG)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 RECORD_FIELDS = {  # a model's record in config.json (base_record's: a LoRA run's base, a DPO run's reference)
-    "path": (lambda v: isinstance(v, str) and os.path.isabs(v), "an absolute path"),  # as base_record writes it
+    "path": (lambda v: isinstance(v, str) and os.path.isabs(v) and "\0" not in v, "an absolute path"),  # base_record's
     "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v), "a SHA-256 in hex"),
-    "relative_path": (lambda v: v is None or isinstance(v, str) and v != "", "a path"),  # null: not recorded
+    "relative_path": (lambda v: v is None or isinstance(v, str) and v != "" and "\0" not in v, "a path"),  # null: none
     "stat": (lambda v: v is None or isinstance(v, dict) and set(v) == {"size", "mtime_ns", "ctime_ns"} and all(
         type(x) is int for x in v.values()), "an object of size, mtime_ns and ctime_ns, whole numbers"),
 }
