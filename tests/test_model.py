@@ -265,7 +265,7 @@ def test_generate_takes_a_prompt_tensor_of_one_sequence():
     want = model.generate([2, 5, 6], max_new_tokens=5)
     assert model.generate(torch.tensor([2, 5, 6]), max_new_tokens=5) == want
     assert model.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=5) == want
-    for bad in (torch.tensor([[2, 5], [6, 7]]), torch.tensor([2.0, 5.0])):
+    for bad in (torch.tensor([[2, 5], [6, 7]]), torch.tensor([2.0, 5.0]), torch.tensor([True, False])):
         with pytest.raises(TypeError, match=r"a list of ints or an integer tensor of shape \(T,\) or \(1, T\), not a"):
             model.generate(bad, max_new_tokens=5)
     with pytest.raises(ValueError, match="at least one token"):

@@ -423,7 +423,7 @@ def prompt_ids(prompt: Sequence[int] | torch.Tensor) -> list[int]:
     README's `idx` shape). Raises TypeError for another tensor (`if not prompt` raised torch's "Boolean value of
     Tensor with more than one value is ambiguous"), ValueError for an empty prompt."""
     if isinstance(prompt, torch.Tensor):
-        if prompt.is_floating_point() or prompt.is_complex() or not (
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool or not (
                 prompt.dim() == 1 or (prompt.dim() == 2 and prompt.size(0) == 1)):
             raise TypeError(f"generate takes one prompt of token ids: a list of ints or an integer tensor of shape "
                             f"(T,) or (1, T), not a {prompt.dtype} tensor of shape {tuple(prompt.shape)}")
