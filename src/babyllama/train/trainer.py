@@ -65,6 +65,7 @@ from babyllama.model import LOSS_CHUNK, Transformer
 from babyllama.progress import progress
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.distributed import Dist, all_reduce_sum, barrier, fsdp_mesh
+from babyllama.weights_file import finite
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -778,7 +779,7 @@ class Trainer:
     def check_finite(self) -> None:
         """Refuse to save weights (or a weight average) that are not finite, on every rank at once."""
         tensors = [*self.model.parameters(), *self.average.values()]
-        bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum()) for p in tensors)
+        bad = sum(not finite(p.to_local() if hasattr(p, "to_local") else p) for p in tensors)  # as a load checks
         if all_reduce_sum(torch.tensor(float(bad), device=self.dist.device), self.dist) > 0:
             raise UserError(f"the weights are not finite after step {self.step}, so nothing was saved; resume "
                             "from the last checkpoint with a lower lr, or use bf16 instead of fp16.")
