@@ -13,11 +13,12 @@ from babyllama.chat_format import Conversation
 from babyllama.checkpoint import save_checkpoint
 from babyllama.config import load_config
 from babyllama.data.preferences import render_pair
+from babyllama.data.sft_tokens import SFTSettings
 from babyllama.errors import UserError
 from babyllama.model import Transformer
 from babyllama.train.distributed import Dist
 from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss, preference_metrics
-from babyllama.train.sft_data import SFTData
+from babyllama.train.sft_data import SFTData, load_sft_data
 from babyllama.train.stages import init_model
 from tests.conftest import run_cli, simulate_death, tiny_config
 from tests.test_sft import write
@@ -567,8 +568,51 @@ def test_the_memory_check_counts_the_reference_model_unless_precomputed(dpo_setu
     with pytest.raises(UserError) as e:
         dpo(load_config(None, base))
     assert str(e.value) == (f"the model has {params:,} parameters: training needs about 2.7 MiB for weights, "
-                            "gradients and AdamW, and the reference model's weights, more than the 2.1 MiB of cpu; "
-                            "pass --precompute_ref_log_probs true, which frees the reference model before training.")
+                            "gradients and AdamW, and the reference model's weights, more than the 2.1 MiB of this "
+                            "machine's memory; pass --precompute_ref_log_probs true, which frees the reference model "
+                            "before training.")
     assert not (tmp_path / "run").exists()
     dpo(load_config(None, [*base, "--precompute_ref_log_probs", "true"]))  # the reference is freed: it fits
     assert (tmp_path / "run" / "final").is_dir()
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--precompute_ref_log_probs", "true"]],
+                         ids=["full", "lora-precomputed"])
+def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_model(dpo_setup, tmp_path,
+                                                                                      monkeypatch, capsys, extra):
+    """`dpo --batch_size 1000000` passed every memory check (pretraining's activation check was pretraining's alone),
+    then died in the allocator or was killed with no word. Once the token cache is read the bound is pretraining's
+    over what is known: the 200 training pairs, fewer than batch_size 1000, are 400 rows (chosen and rejected)
+    padded to the longest, with the weights (LoRA's adapters too; the reference's unless precomputed, its forward
+    keeping nothing under no_grad) and those rows' token ids; refused with exit 2 before any model is built. Memory
+    is faked at 16 MiB; batch_size 4 fits it, and trains."""
+    from babyllama.cli import main
+    from babyllama.train import trainer
+
+    d = dpo_setup
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "this machine's memory"))
+    built = trainer.build_model
+    monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("a model was built"))
+    args = ["dpo", "--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--max_steps", "1", "--eval_every",
+            "0", "--warmup_steps", "0", "--val_fraction", "0", "--data_workers", "1", *extra]
+    assert main([*args, "--batch_size", "1000", "--out_dir", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err
+    settings = SFTSettings(65, 0.0)
+    sequences, _, _ = load_sft_data([d / "pairs.jsonl"], d / "init", tmp_path / "big" / "dpo_tokens", settings,
+                                    False, Dist(), kind="dpo")  # the run's own cache
+    pairs, T = len(sequences) // 2, int(sequences.lengths.max()) - 1
+    assert pairs == 200 and T < 64
+    m, lora = tiny_config(vocab_size=600), trainer.lora_of(load_config(None, extra).train)
+    acts = (2 * (3 * m.dim + 2 * m.ffn_dim) + 2 * m.dim) * 400 * T * 4 + 2048 * 600 * 4
+    weights = 4 * (m.num_params + (trainer.adapter_params(lora, m) if lora else 0)) + (0 if lora else 4 * m.num_params)
+    total = acts + weights + 16 * 400 * T
+    assert err.splitlines()[-1] == (  # after the cache's progress bar
+        "babyllama: error: a micro-batch of batch_size 1000 pairs (counted as the 200 training pairs), 400 rows of "
+        f"chosen and rejected answers padded to the longest row's {T} tokens needs at least "
+        f"{trainer.size_text(acts)} for its activations, {trainer.size_text(total)} with the weights and token ids, "
+        "more than the 16 MiB of this machine's memory; lower --batch_size (and raise --grad_accum to keep the tokens "
+        "a step).")
+    assert not (tmp_path / "big" / "config.json").exists()
+    monkeypatch.setattr(trainer, "build_model", built)
+    assert main([*args, "--batch_size", "4", "--out_dir", str(tmp_path / "small")]) == 0
+    assert (tmp_path / "small" / "final").is_dir()

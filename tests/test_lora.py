@@ -509,7 +509,8 @@ def test_the_memory_check_counts_the_adapters(lora_run, tmp_path, monkeypatch):
         sft(load_config(None, [*base, "--lora_rank", "64"]))
     assert str(e.value) == (f"the model has {cfg.num_params:,} parameters and its LoRA adapters {adapters:,}: "
                             "training needs about 2.6 MiB for the weights and the adapters' gradients and AdamW, "
-                            "more than the 2.1 MiB of cpu; choose a smaller lora_rank or fewer lora_targets.")
+                            "more than the 2.1 MiB of this machine's memory; choose a smaller lora_rank or fewer "
+                            "lora_targets.")
     assert not (tmp_path / "sft_tokens").exists()
 
 

@@ -1099,21 +1099,22 @@ def test_the_memory_check_takes_the_least_of_ram_cgroup_ulimit_and_torchrun_shar
     monkeypatch.setattr(trainer, "CGROUP_LIMITS", (v2, v1))
     monkeypatch.setattr(resource, "getrlimit", lambda r: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert trainer.cpu_memory() == (64 * gib, "cpu")
+    assert trainer.cpu_memory() == (64 * gib, "this machine's memory")
     v2.write_text("max\n")  # no limit
     v1.write_text(f"{16 * gib}\n")
-    assert trainer.cpu_memory() == (16 * gib, f"cpu under its cgroup limit ({v1})")
+    assert trainer.cpu_memory() == (16 * gib, f"memory that the cgroup limit ({v1}) allows")
     v2.write_text(f"{8 * gib}\n")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert trainer.cpu_memory() == (2 * gib, f"cpu under its cgroup limit ({v2}) for each of the 4 torchrun "
-                                             "processes on this host (LOCAL_WORLD_SIZE)")
+    assert trainer.cpu_memory() == (2 * gib, f"memory that the cgroup limit ({v2}) allows, for each of the 4 "
+                                             "torchrun processes on this host (LOCAL_WORLD_SIZE)")
     monkeypatch.setattr(resource, "getrlimit", lambda r: (gib + 2 * 4096, resource.RLIM_INFINITY))
     monkeypatch.setattr(trainer, "Path", lambda p: tmp_path / "statm" if p == "/proc/self/statm" else Path(p))
     (tmp_path / "statm").write_text("2048 1 1 1 0 1 0\n")  # pages (of SC_PAGE_SIZE, 1 byte here) mapped already
-    assert trainer.cpu_memory() == (gib + 2 * 4096 - 2048, "cpu that ulimit -v (RLIMIT_AS) leaves this process")
+    assert trainer.cpu_memory() == (gib + 2 * 4096 - 2048,
+                                 "address space that ulimit -v (RLIMIT_AS) leaves this process")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    with pytest.raises(UserError, match=r"more than the 1\.0 GiB of cpu that ulimit -v \(RLIMIT_AS\) leaves this "
-                                        r"process; choose a smaller model"):
+    with pytest.raises(UserError, match=r"more than the 1\.0 GiB of address space that ulimit -v \(RLIMIT_AS\) "
+                                        r"leaves this process; choose a smaller model"):
         pretrain(config(shards, tmp_path / "run", "--model.dim", "4096"))
 
 
@@ -1272,7 +1273,7 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_
     checkpointing each block's input and one block. Memory is faked at 16 MiB; 4 rows fit it, and train."""
     from babyllama.train import trainer
 
-    monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "cpu"))
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "this machine's memory"))
     cfg = config(shards, tmp_path / "run", "--max_steps", "1", "--batch_size", "1000")
     assert (cfg.model.dim, cfg.model.ffn_dim, cfg.model.n_layers) == (32, 96, 2)
     acts = (2 * (3 * 32 + 2 * 96) + 2 * 32) * 1000 * 32 * 4 + 2048 * 600 * 4
@@ -1281,8 +1282,8 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_
         pretrain(cfg)
     assert str(e.value) == (f"a micro-batch of batch_size 1000 rows of 32 tokens needs at least "
                             f"{trainer.size_text(acts)} for its activations, {trainer.size_text(total)} with the "
-                            "weights and token ids, more than the 16 MiB of cpu; lower --batch_size (and raise "
-                            "--grad_accum to keep the tokens a step).")
+                            "weights and token ids, more than the 16 MiB of this machine's memory; lower --batch_size "
+                            "(and raise --grad_accum to keep the tokens a step).")
     assert trainer.size_text(acts) == "83 MiB" and not (tmp_path / "run" / "checkpoints").exists()
     checkpointed = (2 * 32 + 3 * 32 + 2 * 96 + 2 * 32) * 1000 * 32 * 4 + 2048 * 600 * 4
     with pytest.raises(UserError, match=f"needs at least {trainer.size_text(checkpointed)} for its activations"):

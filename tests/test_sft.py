@@ -746,3 +746,44 @@ def test_torchrun_logs_the_tokens_of_every_rank(sft_setup, tmp_path):
     train, _, _ = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "sft_tokens", SFTSettings(65, 0.1),
                                 False, Dist())
     assert logged_tokens(tmp_path) == trained_tokens(lambda r: row_positions(train, r), len(train), 2, 8)
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4"], ["--pack", "true"]], ids=["full", "lora", "pack"])
+def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_model(sft_setup, tmp_path,
+                                                                                      monkeypatch, capsys, extra):
+    """`sft --batch_size 1000000` passed every memory check (pretraining's activation check was pretraining's alone:
+    SFT's rows may be fewer and shorter than batch_size x max_seq_len), then died in the allocator or was killed
+    with no word. Once the token cache is read the bound is pretraining's over what is known: the 400 training
+    rows, fewer than batch_size 1000, padded to the longest (packed: to max_seq_len 64), with the weights (LoRA's
+    adapters too) and those rows' token ids; refused with exit 2 before any model is built. Memory is faked at
+    16 MiB; batch_size 8 fits it, and trains."""
+    from babyllama.cli import main
+    from babyllama.train import trainer
+
+    d = sft_setup
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "this machine's memory"))
+    built = trainer.build_model
+    monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("a model was built"))
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every",
+            "0", "--warmup_steps", "0", "--val_fraction", "0", "--data_workers", "1", *extra]
+    assert main([*args, "--batch_size", "1000", "--out_dir", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err
+    pack = "--pack" in extra
+    train, _, _ = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "big" / "sft_tokens", SFTSettings(65, 0.0),
+                                pack, Dist())  # the run's own cache
+    m, lora = tiny_config(vocab_size=600), trainer.lora_of(load_config(None, extra).train)
+    rows, T = len(train), 64 if pack else int(train.lengths.max()) - 1
+    assert (rows, T < 64) == ((len(train), False) if pack else (400, True))  # packs; samples shorter than 64
+    acts = (2 * (3 * m.dim + 2 * m.ffn_dim) + 2 * m.dim) * rows * T * 4 + 2048 * 600 * 4
+    weights = 4 * (m.num_params + (trainer.adapter_params(lora, m) if lora else 0))
+    total = acts + weights + 16 * rows * T
+    padded = "of 64 tokens (packed)" if pack else f"padded to the longest row's {T} tokens"
+    assert err.splitlines()[-1] == (  # after the cache's progress bar
+        f"babyllama: error: a micro-batch of batch_size 1000 rows (counted as the {rows} training rows) {padded} "
+        f"needs at least {trainer.size_text(acts)} for its activations, {trainer.size_text(total)} with the weights "
+        "and token ids, more than the 16 MiB of this machine's memory; lower --batch_size (and raise --grad_accum to "
+        "keep the tokens a step).")
+    assert not (tmp_path / "big" / "config.json").exists()
+    monkeypatch.setattr(trainer, "build_model", built)
+    assert main([*args, "--batch_size", "8", "--out_dir", str(tmp_path / "small")]) == 0
+    assert (tmp_path / "small" / "final").is_dir()

@@ -54,6 +54,7 @@ from babyllama.train.trainer import (
     check_memory,
     check_optimizer,
     check_resume,
+    check_rows_memory,
     consumed_samples,
     lora_of,
     lr_at,
@@ -401,8 +402,8 @@ def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Traine
               rows: Callable[[SFTData], Dataset] | None = None) -> Path:
     """sft and dpo, once each has checked that it has an init and data: a finished run is said and left before
     --init is read (found_run: it may be gone since), else the model of --init, the run checked (checked_run) before
-    the token cache is built (minutes), then trained; returns final/. rows: the trainer's rows of the cache's
-    samples (DPO's pairs), default the samples."""
+    the token cache is built (minutes), a micro-batch's activations once it is read (check_rows_memory), then
+    trained; returns final/. rows: the trainer's rows of the cache's samples (DPO's pairs), default the samples."""
     t = cfg.train
     t.check_stage(stage, cfg.sources)
     t.out_dir = t.out_dir or default_out_dir(stage, t.init)
@@ -417,6 +418,7 @@ def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Traine
         train, val, data = token_cache(cfg, tok_path, dist, stage, start.resume_from)
         if rows is not None:
             train, val = rows(train), None if val is None else rows(val)
+        check_rows_memory(cfg, dist.device, stage, train)  # a micro-batch's activations, the rows' lengths known
         return run_training(cfg, train, val, tokenizer, dist, start, stage, trainer_cls, data)
 
 

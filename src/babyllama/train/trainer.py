@@ -169,17 +169,17 @@ def cpu_memory() -> tuple[float, str]:
     """(bytes, words naming them): the memory one training process on the CPU may use, the least of the physical
     RAM, the cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes) and what RLIMIT_AS (ulimit -v) leaves of this
     process's address space. The torchrun processes on this host (LOCAL_WORLD_SIZE) share the RAM and the cgroup's
-    limit; RLIMIT_AS is each process's own."""
+    limit; RLIMIT_AS is each process's own. The words follow "the 2.0 GiB of" in a refusal."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    shared = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "cpu")]
+    shared = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory")]
     for path in CGROUP_LIMITS:
         try:
             text = path.read_text().strip()
         except OSError:
             continue
         if text.isdigit():  # v2 says "max" when there is none
-            shared.append((int(text), f"cpu under its cgroup limit ({path})"))
-    limits = [(n / local, f"{words} for each of the {local} torchrun processes on this host (LOCAL_WORLD_SIZE)"
+            shared.append((int(text), f"memory that the cgroup limit ({path}) allows"))
+    limits = [(n / local, f"{words}, for each of the {local} torchrun processes on this host (LOCAL_WORLD_SIZE)"
                if local > 1 else words) for n, words in shared]
     soft = resource.getrlimit(resource.RLIMIT_AS)[0]
     if soft != resource.RLIM_INFINITY:
@@ -188,17 +188,24 @@ def cpu_memory() -> tuple[float, str]:
         except OSError:  # no /proc (macOS)
             used = 0
         left = max(soft - used, 0)
-        limits.append((left, "cpu that ulimit -v (RLIMIT_AS) leaves this process"))
+        limits.append((left, "address space that ulimit -v (RLIMIT_AS) leaves this process"))
     return min(limits, key=lambda limit: limit[0])
 
 
-def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
-    """UserError, before anything is allocated, when the trained weights, their gradients and AdamW's two
-    moments (16 bytes a parameter in fp32; FSDP shards them over the processes), with LoRA the frozen base's
-    weights (4 bytes a parameter) and the adapters' 16, and for DPO without precompute_ref_log_probs the reference
-    model (a second full copy of the init's weights, 4 bytes a parameter in each process) exceed the device's
-    memory (a model of a million dims, or lora_rank 100000, would otherwise allocate for minutes, then be killed),
-    or a step's token ids alone do."""
+def device_memory(device: torch.device) -> tuple[float, str]:
+    """(bytes, words naming them) of the memory one training process may use: a GPU's whole memory (words: the
+    device, "cuda:0"), else cpu_memory's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, str(device)
+    return cpu_memory()
+
+
+def model_bytes(cfg: RunConfig, stage: str) -> tuple[float, float, float]:
+    """(trained, reference, weights): the bytes that one process holds of the model (FSDP shards the trained model
+    over WORLD_SIZE). trained: the trained weights, their gradients and AdamW's two moments, 16 bytes a parameter in
+    fp32, with LoRA 4 for each of the frozen base's and 16 for each adapter parameter; reference: for DPO without
+    precompute_ref_log_probs a second full copy of the init's weights, 4 bytes a parameter in each process, else 0;
+    weights: those present through every step, the model's weights (4 bytes a parameter) and the reference."""
     t = cfg.train
     world = int(os.environ.get("WORLD_SIZE", 1)) if t.fsdp else 1
     lora = lora_of(t)
@@ -206,11 +213,23 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
     adapters = adapter_params(lora, cfg.model) if lora else 0
     reference = 4 * base if stage == "dpo" and not t.precompute_ref_log_probs else 0
     trained = ((4 if lora else 16) * base + 16 * adapters) / world
+    return trained, reference, 4 * (base + adapters) / world + reference
+
+
+def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
+    """UserError, before anything is allocated, when the trained weights, their gradients and AdamW's two
+    moments, with LoRA the frozen base's weights and the adapters', and for DPO without precompute_ref_log_probs the
+    reference model (model_bytes) exceed the device's memory (a model of a million dims, or lora_rank 100000, would
+    otherwise allocate for minutes, then be killed), or a step's token ids alone do, or, pretraining, a micro-batch's
+    activations do (check_activations; SFT's and DPO's rows, which may be shorter and fewer than batch_size x
+    max_seq_len, are checked by check_rows_memory once the token cache is read)."""
+    t = cfg.train
+    lora = lora_of(t)
+    base = cfg.model.num_params
+    adapters = adapter_params(lora, cfg.model) if lora else 0
+    trained, reference, _ = model_bytes(cfg, stage)
     need = trained + reference
-    if device.type == "cuda":
-        have, of = torch.cuda.get_device_properties(device).total_memory, str(device)
-    else:
-        have, of = cpu_memory()
+    have, of = device_memory(device)
     if need > have:
         what = ("the weights and the adapters' gradients and AdamW" if lora else "weights, gradients and AdamW") + \
             (", and the reference model's weights" if reference else "")
@@ -226,31 +245,55 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
         raise UserError(f"batch_size {t.batch_size} x grad_accum {t.grad_accum} rows of {cfg.model.max_seq_len} "
                         f"tokens need {size_text(ids)} for their token ids alone, more than the "
                         f"{size_text(have)} of {of}; lower them.")
-    if stage == "pretrain":  # SFT's and DPO's rows may be shorter, and fewer, than batch_size x max_seq_len
-        check_activations(cfg, 4 * (base + adapters) / world + ids, amp_dtype(t.dtype, device).itemsize, have, of)
+    if stage == "pretrain":
+        T = cfg.model.max_seq_len
+        check_activations(cfg, device, stage, t.batch_size * T, ids, f"batch_size {t.batch_size} rows of {T} tokens")
 
 
-def check_activations(cfg: RunConfig, resident: float, itemsize: int, have: float, of: str) -> None:
-    """UserError when a pretraining micro-batch's activations, counted low, with `resident` bytes (the weights, the
-    step's token ids) exceed `have` bytes of memory (`of` names them). Counted, per position at itemsize bytes (the
-    autocast dtype's): what autograd surely keeps of each block for the backward pass, the inputs of wqkv, wo and w13
-    (dim each, or a tensor of dim they are recomputed from) and w13's output (2 ffn_dim), from which SwiGLU's
-    backward and w2's input are computed (torch.compile may recompute w2's input, so it is not counted); with
-    activation_checkpointing each block's input instead (dim) and one block's recomputed; then the final norm's
-    output and the head's input gradient (dim each), and one chunk's fp32 logits (the loss never forms them all:
-    model.linear_cross_entropy). Gradients, AdamW's moments, attention's own buffers and the norms' copies are left
-    out, so a step that fits is never refused (batch_size 100000 was killed, with no word, by the kernel's
-    out-of-memory killer)."""
+def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset) -> None:
+    """check_activations for SFT's and DPO's training rows (data: SFTData, or DPO's PreferenceData of pairs), once
+    the token cache is read: the micro-batch that holds the longest row has batch_size rows, counted as all the
+    training rows when they are fewer (a DPO pair is two rows, its chosen and rejected answers), each padded to at
+    least that row's length (packed rows: to max_seq_len), whatever they are. Raises UserError."""
+    t, T = cfg.train, cfg.model.max_seq_len
+    if not len(data):
+        return
+    rows = min(t.batch_size, len(data))
+    length = T if t.pack else min(int(np.max(data.lengths)) - 1, T)  # collate's T: the longest row's ids less one
+    unit = "pairs" if stage == "dpo" else "rows"
+    batch = f"batch_size {t.batch_size} {unit}" + (f" (counted as the {rows} training {unit})" if rows < t.batch_size
+                                                     else "")
+    if stage == "dpo":
+        rows, batch = 2 * rows, f"{batch}, {2 * rows} rows of chosen and rejected answers"
+    padded = f" of {T} tokens (packed)" if t.pack else f" padded to the longest row's {length} tokens"
+    check_activations(cfg, device, stage, rows * length, 16 * rows * length, batch + padded)
+
+
+def check_activations(cfg: RunConfig, device: torch.device, stage: str, positions: int, ids: float,
+                      batch: str) -> None:
+    """UserError when the activations of a micro-batch of `positions` positions (rows x their padded length; batch:
+    it in words, "batch_size 8 rows of 512 tokens"), counted low, with the weights (model_bytes) and `ids` bytes of
+    token ids exceed the device's memory (device_memory). Counted, per position at the autocast dtype's itemsize:
+    what autograd surely keeps of each block for the backward pass, the inputs of wqkv, wo and w13 (dim each, or a
+    tensor of dim they are recomputed from: with LoRA's frozen base the norms' inputs and attention's q) and w13's
+    output (2 ffn_dim), from which SwiGLU's backward and w2's input are computed (torch.compile may recompute w2's
+    input, so it is not counted); with activation_checkpointing each block's input instead (dim) and one block's
+    recomputed; then the final norm's output and the head's input gradient (dim each), and one chunk's fp32 logits
+    (the loss never forms them all: model.linear_cross_entropy). Gradients, AdamW's moments, attention's own buffers,
+    the norms' copies and DPO's reference forward (no_grad: it keeps nothing) are left out, so a step that fits is
+    never refused (batch_size 100000 was killed, with no word, by the kernel's out-of-memory killer)."""
     m, t = cfg.model, cfg.train
-    positions = t.batch_size * m.max_seq_len
     block = 3 * m.dim + 2 * m.ffn_dim  # a block's kept tensors per position
     kept = m.n_layers * m.dim + block if t.activation_checkpointing else m.n_layers * block
+    itemsize = amp_dtype(t.dtype, device).itemsize
     acts = (kept + 2 * m.dim) * positions * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
+    resident = model_bytes(cfg, stage)[2] + ids
+    have, of = device_memory(device)
     if resident + acts > have:
-        raise UserError(f"a micro-batch of batch_size {t.batch_size} rows of {m.max_seq_len} tokens needs at least "
-                        f"{size_text(acts)} for its activations, {size_text(resident + acts)} with the weights and "
-                        f"token ids, more than the {size_text(have)} of {of}; lower --batch_size (and raise "
-                        "--grad_accum to keep the tokens a step).")
+        raise UserError(f"a micro-batch of {batch} needs at least {size_text(acts)} for its activations, "
+                        f"{size_text(resident + acts)} with the weights and token ids, more than the "
+                        f"{size_text(have)} of {of}; lower --batch_size (and raise --grad_accum to keep the tokens "
+                        "a step).")
 
 
 # what a resume may not change: the checkpoint's optimizer state and adapter are of the first four; seed and pack
