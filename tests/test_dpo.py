@@ -593,9 +593,9 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
     monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "this machine's memory"))
     built = trainer.build_model
     monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("a model was built"))
-    args = ["dpo", "--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--max_steps", "1", "--eval_every",
-            "0", "--warmup_steps", "0", "--val_fraction", "0", "--data_workers", "1", *extra]
-    assert main([*args, "--batch_size", "1000", "--out_dir", str(tmp_path / "big")]) == 2
+    args = ["dpo", "--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--eval_every", "0",
+            "--warmup_steps", "0", "--val_fraction", "0", "--data_workers", "1", *extra]
+    assert main([*args, "--batch_size", "1000", "--epochs", "1", "--out_dir", str(tmp_path / "big")]) == 2
     err = capsys.readouterr().err
     settings = SFTSettings(65, 0.0)
     sequences, _, _ = load_sft_data([d / "pairs.jsonl"], d / "init", tmp_path / "big" / "dpo_tokens", settings,
@@ -607,12 +607,12 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
     weights = 4 * (m.num_params + (trainer.adapter_params(lora, m) if lora else 0)) + (0 if lora else 4 * m.num_params)
     total = acts + weights + 16 * 400 * T
     assert err.splitlines()[-1] == (  # after the cache's progress bar
-        "babyllama: error: a micro-batch of batch_size 1000 pairs (counted as the 200 training pairs), 400 rows of "
-        f"chosen and rejected answers padded to the longest row's {T} tokens needs at least "
+        "babyllama: error: a micro-batch of batch_size 1000 pairs (counted as the 200 pairs the run trains on), "
+        f"400 rows of chosen and rejected answers padded to the longest row's {T} tokens needs at least "
         f"{trainer.size_text(acts)} for its activations, {trainer.size_text(total)} with the weights and token ids, "
         "more than the 16 MiB of this machine's memory; lower --batch_size (and raise --grad_accum to keep the tokens "
         "a step).")
     assert not (tmp_path / "big" / "config.json").exists()
     monkeypatch.setattr(trainer, "build_model", built)
-    assert main([*args, "--batch_size", "4", "--out_dir", str(tmp_path / "small")]) == 0
+    assert main([*args, "--batch_size", "4", "--max_steps", "1", "--out_dir", str(tmp_path / "small")]) == 0
     assert (tmp_path / "small" / "final").is_dir()

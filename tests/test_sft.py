@@ -764,9 +764,9 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
     monkeypatch.setattr(trainer, "cpu_memory", lambda: (16 << 20, "this machine's memory"))
     built = trainer.build_model
     monkeypatch.setattr(trainer, "build_model", lambda *a: pytest.fail("a model was built"))
-    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every",
-            "0", "--warmup_steps", "0", "--val_fraction", "0", "--data_workers", "1", *extra]
-    assert main([*args, "--batch_size", "1000", "--out_dir", str(tmp_path / "big")]) == 2
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--eval_every", "0",
+            "--warmup_steps", "0", "--val_fraction", "0", "--data_workers", "1", *extra]
+    assert main([*args, "--batch_size", "1000", "--epochs", "1", "--out_dir", str(tmp_path / "big")]) == 2
     err = capsys.readouterr().err
     pack = "--pack" in extra
     train, _, _ = load_sft_data([d / "sft.jsonl"], d / "init", tmp_path / "big" / "sft_tokens", SFTSettings(65, 0.0),
@@ -779,11 +779,15 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
     total = acts + weights + 16 * rows * T
     padded = "of 64 tokens (packed)" if pack else f"padded to the longest row's {T} tokens"
     assert err.splitlines()[-1] == (  # after the cache's progress bar
-        f"babyllama: error: a micro-batch of batch_size 1000 rows (counted as the {rows} training rows) {padded} "
+        f"babyllama: error: a micro-batch of batch_size 1000 rows (counted as the {rows} rows the run trains on) "
+        f"{padded} "
         f"needs at least {trainer.size_text(acts)} for its activations, {trainer.size_text(total)} with the weights "
         "and token ids, more than the 16 MiB of this machine's memory; lower --batch_size (and raise --grad_accum to "
         "keep the tokens a step).")
     assert not (tmp_path / "big" / "config.json").exists()
+    assert main([*args, "--batch_size", "1000", "--max_steps", "1", "--out_dir", str(tmp_path / "steps")]) == 2
+    rows = "of 64 tokens (packed)" if pack else "padded to"  # max_steps: each step's rows wrap around the epochs
+    assert f"a micro-batch of batch_size 1000 rows {rows}" in capsys.readouterr().err
     monkeypatch.setattr(trainer, "build_model", built)
-    assert main([*args, "--batch_size", "8", "--out_dir", str(tmp_path / "small")]) == 0
+    assert main([*args, "--batch_size", "8", "--max_steps", "1", "--out_dir", str(tmp_path / "small")]) == 0
     assert (tmp_path / "small" / "final").is_dir()

@@ -253,16 +253,18 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
 def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset) -> None:
     """check_activations for SFT's and DPO's training rows (data: SFTData, or DPO's PreferenceData of pairs), once
     the token cache is read: the micro-batch that holds the longest row has batch_size rows, counted as all the
-    training rows when they are fewer (a DPO pair is two rows, its chosen and rejected answers), each padded to at
-    least that row's length (packed rows: to max_seq_len), whatever they are. Raises UserError."""
+    samples the run trains on when they are fewer (planned_samples; a step's rows wrap around the epochs, so a
+    max_steps run's micro-batches are full; a DPO pair is two rows, its chosen and rejected answers), each padded to
+    at least that row's length (packed rows: to max_seq_len), whatever they are. Raises UserError."""
     t, T = cfg.train, cfg.model.max_seq_len
     if not len(data):
         return
-    rows = min(t.batch_size, len(data))
+    planned = planned_samples(t, T, len(data), data.row_positions)  # None with max_steps: every step is full
+    rows = min(t.batch_size, t.batch_size if planned is None else planned)
     length = T if t.pack else min(int(np.max(data.lengths)) - 1, T)  # collate's T: the longest row's ids less one
     unit = "pairs" if stage == "dpo" else "rows"
-    batch = f"batch_size {t.batch_size} {unit}" + (f" (counted as the {rows} training {unit})" if rows < t.batch_size
-                                                     else "")
+    fewer = f" (counted as the {rows} {unit} the run trains on)" if rows < t.batch_size else ""
+    batch = f"batch_size {t.batch_size} {unit}{fewer}"
     if stage == "dpo":
         rows, batch = 2 * rows, f"{batch}, {2 * rows} rows of chosen and rejected answers"
     padded = f" of {T} tokens (packed)" if t.pack else f" padded to the longest row's {length} tokens"
