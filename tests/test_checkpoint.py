@@ -573,14 +573,30 @@ def test_weights_holding_nan_or_inf_are_refused_at_load(bpe_tokenizer, tmp_path,
     assert not (tmp_path / "hf").exists()
 
 
-def test_a_run_resumed_from_weights_holding_nan_is_refused(shards, tmp_path):
+def test_a_resume_skips_a_newest_checkpoint_holding_nan_and_refuses_when_every_one_does(shards, tmp_path):
+    """A run that diverged (or a disk fault) left a newest checkpoint holding NaN: `--resume` stopped with the
+    refusal, though the one before it was whole. It is skipped as a damaged one is (a note, moved aside), checked
+    before the run picks where to resume; with no whole one left the refusal names it."""
     from tests.test_pretrain import FAST, TINY
 
-    args = ["pretrain", *TINY, *FAST, "--data", shards, "--out_dir", tmp_path / "run", "--save_every", "2",
-            "--batch_size", "4"]
-    assert run_cli(*args, "--max_steps", "2").returncode == 0
-    step = tmp_path / "run" / "checkpoints" / "step_000002"
-    name = poison(step / "model.safetensors", part="tok_embeddings")
-    r = run_cli(*args, "--max_steps", "4", "--resume")
-    assert r.returncode == 2 and r.stderr.endswith(not_finite(step / "model.safetensors", name))
-    assert not (tmp_path / "run" / "checkpoints" / "step_000004").exists()
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, *FAST, "--data", shards, "--out_dir", run, "--save_every", "2", "--batch_size", "4"]
+    assert run_cli(*args, "--max_steps", "4").returncode == 0
+    steps = [run / "checkpoints" / f"step_00000{i}" for i in (2, 4)]
+    name = poison(steps[1] / "model.safetensors", part="tok_embeddings")
+    why = not_finite(steps[1] / "model.safetensors", name).removeprefix("babyllama: error: ").rstrip(".\n")
+    r = run_cli(*args, "--max_steps", "6", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert (f"note: step_000004 is damaged and skipped: {why}; resuming from step_000002, and step_000004 is moved to "
+            "step_000004.damaged (keep_last counts whole checkpoints)\n") in r.stdout
+    assert f"resuming from {steps[0]} (step 2 of 6)" in r.stdout
+    assert json.loads((run / "final" / "config.json").read_text())["step"] == 6
+    for ckpt in (run / "checkpoints").glob("step_00000[46]"):
+        poison(ckpt / "model.safetensors", part="tok_embeddings")
+    name = poison(steps[0] / "model.safetensors", part="tok_embeddings")
+    why = not_finite(run / "checkpoints" / "step_000006" / "model.safetensors", name).removeprefix(
+        "babyllama: error: ").rstrip(".\n")
+    r = run_cli(*args, "--max_steps", "8", "--resume")
+    assert (r.returncode, r.stderr) == (2, f"babyllama: error: every checkpoint in {run / 'checkpoints'} is damaged "
+                                           f"(step_000006: {why}); delete them to start again.\n")
+    assert not (run / "checkpoints" / "step_000008").exists()

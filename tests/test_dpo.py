@@ -20,7 +20,7 @@ from babyllama.train.distributed import Dist
 from babyllama.train.dpo import DPOTrainer, PreferenceData, dpo, dpo_loss, preference_metrics
 from babyllama.train.sft_data import SFTData, load_sft_data
 from babyllama.train.stages import init_model
-from tests.conftest import run_cli, simulate_death, tiny_config
+from tests.conftest import not_finite, poison, run_cli, simulate_death, tiny_config
 from tests.test_sft import write
 
 PAIRS = [(Conversation([("你好", "")]), "对的", "错了吧"), (Conversation([("问题", "")]), "好", "不好的"),
@@ -616,3 +616,19 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
     monkeypatch.setattr(trainer, "build_model", built)
     assert main([*args, "--batch_size", "4", "--max_steps", "1", "--out_dir", str(tmp_path / "small")]) == 0
     assert (tmp_path / "small" / "final").is_dir()
+
+
+def test_dpo_refuses_an_init_holding_nan_before_the_token_cache_is_built(dpo_setup, tmp_path, capsys):
+    """`dpo --init CKPT` whose weights hold a NaN built the pairs' token cache first and refused them after."""
+    import shutil
+
+    from babyllama.cli import main
+
+    init = tmp_path / "init"
+    shutil.copytree(dpo_setup / "init", init)
+    name = poison(init / "model.safetensors", float("inf"), part="tok_embeddings")
+    run = tmp_path / "run"
+    assert main(["dpo", "--init", str(init), "--data", str(dpo_setup / "pairs.jsonl"), "--out_dir", str(run),
+                 "--max_steps", "1", "--data_workers", "1"]) == 2
+    assert capsys.readouterr().err == not_finite(init / "model.safetensors", name)
+    assert not run.exists()

@@ -17,7 +17,7 @@ from babyllama.tokenizer import load_tokenizer
 from babyllama.train.distributed import Dist
 from babyllama.train.sft_data import SFTData, load_sft_data, pack_rows
 from babyllama.train.stages import sft
-from tests.conftest import logged_losses, sharp_model, simulate_death, tiny_config
+from tests.conftest import logged_losses, not_finite, poison, sharp_model, simulate_death, tiny_config
 
 ONE = Conversation([("床前明月光，下一句是什么？", "疑是地上霜。")])
 THREE = Conversation([("你好", "你好！有什么可以帮你？"), ("1+1等于几", "等于2。"), ("谢谢", "不客气。")],
@@ -246,6 +246,24 @@ def test_sft_refuses_missing_init_and_other_tokenizer(sft_setup, tmp_path):
     with pytest.raises(UserError, match="not the one the model"):
         sft(load_config(None, [*base, "--init", str(d / "init"), "--tokenizer", str(tmp_path / "tok")]))
     assert not (tmp_path / "run" / "sft_tokens").exists()  # refused before any data was tokenized
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
+def test_an_init_holding_nan_is_refused_before_the_token_cache_is_built(sft_setup, tmp_path, capsys, extra):
+    """`sft --init CKPT` whose model.safetensors holds a NaN built the whole token cache (minutes at BELLE size)
+    and only then refused the weights; a LoRA run's base (its --init) as well."""
+    import shutil
+
+    from babyllama.cli import main
+
+    init = tmp_path / "init"
+    shutil.copytree(sft_setup / "init", init)
+    name = poison(init / "model.safetensors", part="layers.1.")
+    run = tmp_path / "run"
+    assert main(["sft", "--init", str(init), "--data", str(sft_setup / "sft.jsonl"), "--out_dir", str(run),
+                 "--max_steps", "1", "--data_workers", "1", *extra]) == 2
+    assert capsys.readouterr().err == not_finite(init / "model.safetensors", name)
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("extra", [[], ["--optimizer", "muon", "--lora_rank", "4"]], ids=["full", "lora-muon"])

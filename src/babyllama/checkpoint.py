@@ -11,10 +11,10 @@
     model, tokenizer, config = load_checkpoint("runs/x/step_000100")
 
 A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
-`keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume, and a resume moves
-the damaged ones it skipped aside, `set_aside`, to step_000100.damaged, which pruning removes once it is older
-than every checkpoint kept) and the model
-to use next in RUN/final. A writer killed at any moment leaves whole directories and temporaries
+`keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume, the newest whole one, of finite
+weights, and a resume moves the damaged ones it skipped aside, `set_aside`, to step_000100.damaged, which pruning
+removes once it is older than every checkpoint kept) and the model to use next in RUN/final. A writer killed at any
+moment leaves whole directories and temporaries
 named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
 """
 
@@ -42,7 +42,14 @@ from babyllama.lora import (
 )
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.weights_file import file_sha256, read_safetensors, save_safetensors, save_torch, unreadable
+from babyllama.weights_file import (
+    check_finite_file,
+    file_sha256,
+    read_safetensors,
+    save_safetensors,
+    save_torch,
+    unreadable,
+)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -73,7 +80,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
-    """The newest step checkpoint that is whole (config, weights' header and trainer state read back) and its
+    """The newest step checkpoint that is whole (config, weights' header and trainer state read back, its weights
+    finite: check_finite_file, as a diverged run's or a disk fault's NaN is no checkpoint to resume) and its
     trainer state (load_train_state's, its tensors memory-mapped: what the resume reads of it, read once), or None
     and None when there is none; and each newer one that is damaged, with why. Raises UserError when every one is
     damaged."""
@@ -81,6 +89,7 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None,
     for ckpt in reversed(step_checkpoints(run_dir)):
         try:
             model_config(ckpt)
+            check_finite_file(_weights_file(ckpt))  # a LoRA run's: its adapter's (its base is --init, checked so)
             state = load_train_state(ckpt, mmap=True)
             if state is None:
                 raise UserError(f"{ckpt} has no {STATE_FILE}.")
@@ -470,13 +479,16 @@ def is_base(base: dict, path: str | Path) -> bool:
     return base.get("stat") == _stat(_weights_file(path).stat()) or weights_sha256(path) == base.get("sha256")
 
 
-def check_lora_bases(path: str | Path) -> None:
-    """For a LoRA checkpoint, what loading it reads first: its base, there and unchanged (lora_base), its config
-    borne out by its weights (model_config), and so on down a chain of LoRA checkpoints; nothing for a full one.
-    A run checks its --init so before it builds its data. Raises UserError."""
+def check_init_weights(path: str | Path) -> None:
+    """What loading the checkpoint at path reads, checked without loading the model: its weights finite
+    (check_finite_file; a full checkpoint's, a LoRA checkpoint's adapter), and for a LoRA checkpoint its base, there
+    and unchanged (lora_base), its config borne out by its weights (model_config), its weights finite, and so on down
+    a chain of LoRA checkpoints. A run checks its --init so before it builds its data (minutes). Raises UserError."""
+    check_finite_file(_weights_file(path))
     while is_adapter(path):
         path = lora_base(path)
         model_config(path)
+        check_finite_file(_weights_file(path))
 
 
 def weights_sha256(path: str | Path) -> str:

@@ -102,9 +102,30 @@ def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]
         raise unreadable(path, e) from None
     for name, t in tensors.items():
         if not finite(t):
-            raise UserError(f"{path} is damaged: its tensor {name} holds NaN or Inf, which training never saves; "
-                            "restore the checkpoint from a copy or use another one.")
+            raise not_finite(path, name)
     return tensors
+
+
+def check_finite_file(path: Path) -> None:
+    """UserError where the safetensors file at path cannot be read (unreadable) or a floating-point tensor in it holds
+    NaN or Inf (not_finite): read_safetensors' rule, one tensor at a time, so that memory stays at the largest tensor.
+    A run checks its --init and the checkpoint it resumes so before it builds data (minutes) or picks where to resume
+    (a diverged run's newest checkpoint is skipped, as a damaged one)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                if not finite(f.get_tensor(name)):
+                    raise not_finite(path, name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(path, e) from None
+
+
+def not_finite(path: Path, name: str) -> UserError:
+    """The UserError for the weights file at path whose tensor `name` holds NaN or Inf."""
+    return UserError(f"{path} is damaged: its tensor {name} holds NaN or Inf, which training never saves; restore the "
+                     "checkpoint from a copy or use another one.")
 
 
 def finite(t: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from babyllama.checkpoint import (
     CONFIG_FILE,
-    check_lora_bases,
+    check_init_weights,
     check_tokenizer_fits,
     latest_checkpoint,
     model_config,
@@ -357,7 +357,7 @@ def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
     differ are refused. A preset counts as all of its settings: `preset = "demo"` is fine for a model
     trained as the demo."""
     init = model_config(cfg.train.init)
-    check_lora_bases(cfg.train.init)  # a LoRA init's base: missing or changed, it stops the run now, not after the data
+    check_init_weights(cfg.train.init)  # NaN weights, a LoRA init's base missing or changed: now, not after the data
     given = cfg.model_settings
     keys = init.to_dict() if "preset" in given else given
     refused = sorted(k for k in keys if k not in INIT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))
