@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from babyllama.checkpoint import read_config
 from babyllama.config import load_config
 from babyllama.data.pretokenize import pretokenize
 from babyllama.data.shards import TokenWindows
@@ -1308,9 +1309,18 @@ def test_a_resume_with_a_length_that_ends_before_its_checkpoint_is_refused(shard
     assert str(e.value) == (f"{ckpt} is at step 2, past the end that --max_steps 1 asks for, and a resumed run cannot "
                             "end before the step its checkpoint reached; pass a longer length (--max_steps 2 or "
                             "more) or start a new run in another out_dir.")
-    with pytest.raises(UserError, match=r"past the end that tokens 64 \(2 samples, it has trained on 4\) asks for"):
+    with pytest.raises(UserError) as e:  # the length given is the one named: a tokens run was told --max_steps
         pretrain(config(shards, run, "--tokens", "64", "--batch_size", "2"), resume=True)
+    assert str(e.value) == (f"{ckpt} is at step 2, past the end that --tokens 64 (2 samples, it has trained on 4) asks "
+                            "for, and a resumed run cannot end before the step its checkpoint reached; pass a longer "
+                            "length (--tokens 128 or more) or start a new run in another out_dir.")
+    rows = len(TokenWindows(shards, 32, "train"))
+    with pytest.raises(UserError, match=rf"past the end that --epochs 0.001 \({math.ceil(rows / 1000)} samples?, it "
+                       rf"has trained on 4\) .* \(--epochs {math.ceil(400 / rows) / 100:g} or more\)"):
+        pretrain(config(shards, run, "--epochs", "0.001", "--batch_size", "2"), resume=True)
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == written
+    pretrain(config(shards, run, "--tokens", "128", "--batch_size", "2"), resume=True)  # the least it suggests runs
+    assert read_config(run / "final")["step"] == 2
 
 
 def test_a_finished_run_extended_says_its_learning_rate_moves(shards, tmp_path, capsys):

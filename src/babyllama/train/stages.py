@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,7 +119,7 @@ def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str) -> RunStart:
         return RunStart(resume_from, state, finished=True)
     if length is not None:
         check_not_shorter(cfg.train, resume_from, state["step"], consumed_samples(state),
-                          planned_samples_of(cfg, state))
+                          planned_samples_of(cfg, state), state["tokens"], state.get("rows") or 0)
     return RunStart(resume_from, state, damaged, length)
 
 
@@ -181,21 +182,25 @@ def planned_samples_of(cfg: RunConfig, state: dict) -> int | None:
     return planned_samples(t, cfg.model.max_seq_len, state.get("rows") or 0)
 
 
-def check_not_shorter(t: TrainConfig, resume_from: Path, step: int, consumed: int, samples: int | None) -> None:
-    """UserError where the length asks a run resumed at step (consumed samples behind it) to end before it: a
-    max_steps below step, or a tokens or epochs length of fewer samples (samples, planned_samples) than it has
-    consumed; it would otherwise write its checkpoint as final/ at step, longer than asked, without a word. A finished
-    run is said finished before (its final/ is there: nothing is written)."""
+def check_not_shorter(t: TrainConfig, resume_from: Path, step: int, consumed: int, samples: int | None, tokens: int,
+                      rows: int) -> None:
+    """UserError where the length asks a run resumed at step (consumed samples, tokens logged, behind it) to end before
+    it: a max_steps below step, or a tokens or epochs length (of rows each) of fewer samples (samples,
+    planned_samples) than it has consumed; it would otherwise write its checkpoint as final/ at step, longer than
+    asked, without a word. The sentence names the length setting given and the least of it that reaches step: a run
+    given --tokens was told to pass --max_steps. A finished run is said finished before (its final/ is there: nothing
+    is written)."""
     if samples is None and t.max_steps < step:
-        asked = f"--max_steps {t.max_steps}"
+        asked, enough = f"--max_steps {t.max_steps}", f"--max_steps {step}"
     elif samples is not None and samples < consumed:
-        length = f"tokens {t.tokens}" if t.tokens else f"epochs {t.epochs:g}"
+        length = f"--tokens {t.tokens}" if t.tokens else f"--epochs {t.epochs:g}"
         asked = f"{length} ({samples} {agree(samples, 'sample', 'samples')}, it has trained on {consumed})"
+        enough = f"--tokens {tokens}" if t.tokens else f"--epochs {math.ceil(consumed / rows * 100) / 100:g}"
     else:
         return
     raise UserError(f"{resume_from} is at step {step}, past the end that {asked} asks for, and a resumed run cannot "
-                    f"end before the step its checkpoint reached; pass a longer length (--max_steps {step} or more) "
-                    "or start a new run in another out_dir.")
+                    f"end before the step its checkpoint reached; pass a longer length ({enough} or more) or start a "
+                    "new run in another out_dir.")
 
 
 def say_schedule_changed(t: TrainConfig, before: int | None, step: int, steps: int) -> None:
@@ -236,7 +241,8 @@ def run_training(cfg: RunConfig, train_data: Dataset, val_data: Dataset | None, 
         if is_finished(out, trainer.step, steps):
             say_finished(out, trainer.step, dist)
             return out / "final"
-        check_not_shorter(t, start.resume_from, trainer.step, trainer.consumed_samples, trainer.samples)
+        check_not_shorter(t, start.resume_from, trainer.step, trainer.consumed_samples, trainer.samples,
+                          trainer.tokens, len(train_data))
         before = planned_steps(t, trainer.samples, trainer.step, trainer.consumed_samples, trainer.global_batch_before)
         check_average(t, start.resume_from, trainer.step, trainer.averaged, steps, before)
     barrier(dist)  # every rank has read the checkpoints (found_run) before rank 0 moves the damaged ones aside
