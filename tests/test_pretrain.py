@@ -679,9 +679,9 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
     assert cfg.train.max_steps == 7 and cfg.train.fsdp is True and cfg.train.lr == 1.0
     assert cfg.model_settings == {"n_kv_heads": None}
     assert load_config(None, ["--data", "d"]).train.data == "d"
-    for flags, message in [(["--compile", "maybe"], "train.compile expects bool"),
-                           (["--max_steps", "1.5"], "train.max_steps expects int"),
-                           (["--model.n_kv_heads", "two"], "model.n_kv_heads expects int | None"),
+    for flags, message in [(["--compile", "maybe"], "train.compile expects true or false, got 'maybe'"),
+                           (["--max_steps", "1.5"], "train.max_steps expects an integer, got '1.5'"),
+                           (["--model.n_kv_heads", "two"], "model.n_kv_heads expects an integer or none, got 'two'"),
                            (["--nope", "1"], "unknown train setting 'nope'")]:
         with pytest.raises(UserError, match=message):
             load_config(None, flags)
@@ -691,6 +691,26 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
             load_config(toml)
     toml.write_text("[train]\nmax_steps = 1e3\n")
     assert load_config(toml, ["--tokens=2e6"]).train.max_steps == 1000
+
+
+@pytest.mark.parametrize("line, sentence, flag", [
+    ('max_steps = "5"', 'train.max_steps expects an integer, got the string "5"', "5"),
+    ("data = 3", "train.data expects a string or a list of strings, got the integer 3", "x"),
+    ("lora_targets = 3", "train.lora_targets expects a string or a list of strings, got the integer 3", "wo"),
+    ('lr = "1e-3"', 'train.lr expects a number, got the string "1e-3"', "0.001"),
+    ("compile = 1", "train.compile expects true or false, got the integer 1", "true"),
+    ("out_dir = [1]", "train.out_dir expects a string, got the list [1]", "x"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_sentence_in_words(tmp_path, line, sentence, flag):
+    """`max_steps = "5"` in a config file was taken as 5, and a wrong type said "expects str | list[str]", Python's
+    text for the type: a TOML value is of the setting's kind, said in words with the value given and the file."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"[train]\n{line}\n")
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert str(e.value) == f"setting {sentence} in {toml}."
+    key = line.split()[0]
+    assert str(getattr(load_config(toml, [f"--{key}", flag]).train, key)).lower() == flag  # a flag given instead wins
     for key, close in (("lr_min", "min_lr"), ("batchsize", "batch_size"), ("model.dims", "dim")):
         with pytest.raises(UserError) as e:
             load_config(None, [f"--{key}", "1"])
@@ -1251,7 +1271,8 @@ def test_pretrain_data_written_as_a_list_like_sfts_is_its_one_shards_folder(shar
     toml.write_text('[train]\ndata = ["a", 5]\n')
     with pytest.raises(UserError) as e:
         load_config(toml)
-    assert str(e.value) == "setting train.data expects str | list[str], got ['a', 5]."
+    assert str(e.value) == f'setting train.data expects a string or a list of strings, got the list ["a", 5] in {toml}.'
+
 
 
 def test_a_model_vocab_far_above_the_tokenizers_ids_gets_a_note_at_the_start(shards, tmp_path, capsys):

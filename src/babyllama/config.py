@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import os
@@ -245,8 +246,11 @@ class RunConfig:
         return {"preset": self.preset, "model": self.model.to_dict(), "train": asdict(self.train)}
 
 
-def _convert(value, tp, key: str):
-    """A flag's string (or a TOML value) as the field's type `tp`: bool, int, float, str, list[str], X | None."""
+def _convert(value, tp, key: str, path: str | Path | None = None):
+    """A flag's string (or, path given, a value of the TOML file at path) as the field's type `tp`: bool, int, float,
+    str, list[str], X | None. A flag's text is read as the type (`--max_steps 5`); a TOML value must be of it, as
+    TOML writes it (`max_steps = 5`, not "5"), but for 1e3 as an integer. UserError naming the key, the kind in
+    words and the value given."""
     options = [a for a in get_args(tp) if a is not type(None)] or [tp]  # int | None -> [int]; int -> [int]
     if type(None) in get_args(tp) and (value is None or str(value).lower() == "none"):
         return None
@@ -255,6 +259,8 @@ def _convert(value, tp, key: str):
     kind = options[0]
     try:
         if isinstance(value, bool) != (kind is bool) and not isinstance(value, str):  # TOML: true is no number
+            raise TypeError(value)
+        if path is not None and isinstance(value, str) and kind is not str:  # TOML: "5" is no number
             raise TypeError(value)
         if kind is bool:
             return value if isinstance(value, bool) else BOOLS[value.lower()]
@@ -267,15 +273,35 @@ def _convert(value, tp, key: str):
             raise TypeError(value)
         return kind(value)
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
-        raise UserError(f"setting {key} expects {_name(tp)}, got {value!r}.") from None
+        given = f"{toml_value(value)} in {path}" if path is not None else repr(value)
+        raise UserError(f"setting {key} expects {kind_words(tp)}, got {given}.") from None
 
 
-def _name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp)
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list[str]: "a list of strings"}
 
 
-def _apply(cls: type, values: dict, section: str) -> dict:
-    """values converted to the types of dataclass cls's fields; unknown keys are refused."""
+def kind_words(tp) -> str:
+    """A field's type in words: int -> "an integer", str | list[str] -> "a string or a list of strings"; Python's
+    own text ("str | list[str]") was what the user read."""
+    words = [KINDS[a] for a in get_args(tp) if a is not type(None)] or [KINDS[tp]]
+    return " or ".join([*words, *(["none"] if type(None) in get_args(tp) else [])])
+
+
+def toml_value(value) -> str:
+    """A value of a TOML file in words, as the file writes it: the string "5", the integer 3, true, the list [1]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, list)):
+        kind = "string" if isinstance(value, str) else "list"
+        return f"the {kind} {json.dumps(value, ensure_ascii=False, default=str)}"
+    if isinstance(value, dict):
+        return "a table"
+    return f"the {'integer' if isinstance(value, int) else 'number' if isinstance(value, float) else 'value'} {value}"
+
+
+def _apply(cls: type, values: dict, section: str, path: str | Path | None = None) -> dict:
+    """values converted to the types of dataclass cls's fields (path: the TOML file they are from, None: flags);
+    unknown keys are refused."""
     types = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
@@ -284,7 +310,7 @@ def _apply(cls: type, values: dict, section: str) -> dict:
             close = closest(key, names)
             raise UserError(f"unknown {section} setting {key!r}{f' (did you mean {close}?)' if close else ''}; "
                             f"known: {', '.join(sorted(names))}.")
-        out[key] = _convert(value, types[key], f"{section}.{key}")
+        out[key] = _convert(value, types[key], f"{section}.{key}", path)
     return out
 
 
@@ -328,8 +354,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                         "the preset's", flags["model"]["preset"], path, ", ".join(replaced))
         model_values = dict(flags["model"])
     preset_name = str(model_values.get("preset", DEFAULT_PRESET))
-    settings = _apply(ModelConfig, {k: v for k, v in model_values.items() if k != "preset"}, "model")
-    train = TrainConfig(**_apply(TrainConfig, {**data.get("train", {}), **flags["train"]}, "train"))
+    model_file = {k: v for k, v in model_values.items() if k != "preset" and k not in flags["model"]}
+    settings = {**_apply(ModelConfig, model_file, "model", path),
+                **_apply(ModelConfig, {k: v for k, v in flags["model"].items() if k != "preset"}, "model")}
+    train_file = {k: v for k, v in data.get("train", {}).items() if k not in flags["train"]}
+    train = TrainConfig(**_apply(TrainConfig, train_file, "train", path),
+                        **_apply(TrainConfig, flags["train"], "train"))
     given = settings | ({"preset": preset_name} if "preset" in model_values else {})
     sources = {k: str(path) for k in data.get("train", {})} | dict.fromkeys(flags["train"])
     return RunConfig(preset(preset_name, **settings), train, preset_name, given, sources)
