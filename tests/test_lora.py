@@ -728,7 +728,9 @@ def test_lora_targets_with_an_empty_or_repeated_item_are_refused_and_a_toml_list
             "--max_steps", "1", "--lora_rank", "4"]
     for targets, sentence in (("wqkv,,wo", "lora_targets 'wqkv,,wo' has an empty item; separate the layers with one "
                                            "comma each, e.g. wqkv,wo."),
-                              ("wo,", "lora_targets 'wo,' has an empty item; separate the layers with one comma each, "
+                              ("wqkv,wo,", "lora_targets 'wqkv,wo,' ends in a comma; remove the trailing comma "
+                                           "(wqkv,wo)."),  # the README writes none: not taken silently, but said
+                              (",wo", "lora_targets ',wo' has an empty item; separate the layers with one comma each, "
                                       "e.g. wqkv,wo."),
                               ("wo,wqkv,wo", "lora_targets 'wo,wqkv,wo' names wo twice; name each layer once.")):
         with pytest.raises(UserError) as e:

@@ -46,6 +46,9 @@ def lora_config(rank: int, alpha: float, dropout: float, targets: str, base: str
     """peft's LoraConfig for the comma-separated `targets` among TARGETS; UserError for settings out of range."""
     peft = require("peft", "lora")
     names = [t.strip() for t in targets.split(",")] if targets.strip() else []
+    if len(names) > 1 and names[-1] == "" and "" not in names[:-1]:  # `wqkv,wo,`: kept refused, the remedy said
+        raise UserError(f"lora_targets {targets!r} ends in a comma; remove the trailing comma "
+                        f"({targets.strip().removesuffix(',')}).")
     if "" in names:
         raise UserError(f"lora_targets {targets!r} has an empty item; separate the layers with one comma each, e.g. "
                         "wqkv,wo.")
