@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -1564,3 +1565,65 @@ def test_report_finds_runs_and_evals_at_any_depth_in_sorted_order(tmp_path):
     curves = [f"{r.replace('/', '_')}_curves.png" for r in runs]  # a/b/run and x/b/run drew one run_curves.png
     assert re.findall(r"!\[curves\]\(plots/(\S+)\)", text) == curves
     assert sorted(p.name for p in (tmp_path / "plots").glob("*_curves.png")) == sorted(curves)
+
+
+def write_run(folder, metrics=({"step": 1, "tokens": 100, "loss": 0.69, "lr": 1e-3},)):
+    """A training run's metrics.jsonl in folder (made), without config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+CORPUS_STATS = {"total": {"records": 5, "bad": 1, "too_short": 1, "exact_duplicates": 0, "near_duplicates": 0,
+                          "kept": 3, "characters": 30}}
+
+
+def test_report_leaves_out_datatrove_logs_and_foreign_stats_or_manifest_files(tmp_path, capsys):
+    """report on a folder above a `prepare --engine datatrove` output died with "TypeError: list indices must be
+    integers or slices, not str": searching at any depth, it read datatrove's own datatrove/logs/<stage>/stats.json
+    (a JSON list) as a prepare stats.json. The work folder is not searched, and a stats.json or manifest.json of
+    another shape is left out with a note instead of a traceback."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "pretrain")
+    (tmp_path / "data" / "datatrove" / "logs" / "1_read").mkdir(parents=True)
+    (tmp_path / "data" / "stats.json").write_text(json.dumps(CORPUS_STATS))
+    (tmp_path / "data" / "datatrove" / "settings.json").write_text("{}")
+    (tmp_path / "data" / "datatrove" / "logs" / "1_read" / "stats.json").write_text('[{"name": "READER"}]')
+    for folder, name, text in (("list", "stats.json", "[1]"), ("other", "stats.json", '{"total": {"kept": 2}}'),
+                               ("cut", "stats.json", '{"total": {'), ("list", "manifest.json", "[]")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text(text)
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert re.findall(r"### Corpus: `(\S+)`", text) == ["data"] and "### Run `pretrain`" in text
+    stats = "is not a prepare stats.json (a total with the counts of documents); the report leaves it out."
+    assert capsys.readouterr().out.splitlines() == [
+        f"note: {tmp_path / 'cut' / 'stats.json'} {stats}", f"note: {tmp_path / 'list' / 'stats.json'} {stats}",
+        f"note: {tmp_path / 'other' / 'stats.json'} {stats}",
+        f"note: {tmp_path / 'list' / 'manifest.json'} is not a token folder's or an SFT token cache's manifest.json; "
+        "the report leaves it out."]
+
+
+def test_report_names_each_plot_by_its_folder_and_two_folders_never_share_one(tmp_path):
+    """Every corpus drew plots/corpus.png, so two corpora showed the one drawn last; and a run's or an eval's path
+    with "/" as "_" made one name of a_b/sft and a/b_sft (and of the root's eval and eval/'s): one plot for two.
+    Each plot is named by its folder's path, with a short hash of the path where two paths give one name."""
+    pytest.importorskip("matplotlib")
+    for corpus in ("a", "b"):
+        (tmp_path / corpus).mkdir()
+        (tmp_path / corpus / "stats.json").write_text(json.dumps(CORPUS_STATS))
+    for run in ("a_b/sft", "a/b_sft", "c/sft"):
+        write_run(tmp_path / run)
+    scores = {"checkpoint": "ck", "qa": {"sentiment": {"items": 2, "accuracy": 0.5, "majority_baseline": 0.5}}}
+    for folder in (tmp_path, tmp_path / "eval"):
+        folder.mkdir(exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps(scores))
+    text = make_report(tmp_path).read_text()
+
+    def hashed(path):
+        return hashlib.sha1(path.encode()).hexdigest()[:6]
+
+    names = ["a_corpus.png", "b_corpus.png", f"a_b_sft_{hashed('a/b_sft')}_curves.png",
+             f"a_b_sft_{hashed('a_b/sft')}_curves.png", "c_sft_curves.png", f"eval_{hashed('.')}_qa.png",
+             f"eval_{hashed('eval')}_qa.png"]
+    assert re.findall(r"!\[\w+\]\(plots/(\S+)\)", text) == names
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(names)

@@ -11,9 +11,11 @@ baseline, multiple choice, held-out preference pairs, leakage, samples).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from babyllama.errors import UserError, agree, check_folder, require, write_whole, writing
@@ -28,19 +30,49 @@ def pyplot():
 
 
 NOT_SEARCHED = ("checkpoints", "plots")  # a run's checkpoints and a report's plots: nothing to find, many files
+DATATROVE_WORK = "datatrove"  # prepare --engine datatrove's work folder in its output (with its settings.json), whose
+# logs/<stage>/stats.json are datatrove's own
 
 
 def find(root: Path, name: str) -> list[Path]:
-    """Every file called name in root or any folder below it, in sorted order (the report's order). For speed it
-    does not go into checkpoints/, plots/, hidden folders or the folders below a data folder (one that has a
-    manifest.json: token shards or an SFT token cache, whose tokenizer/ data_section reads by path)."""
+    """Every file called name in root or any folder below it, in sorted order (the report's order). It does not go
+    into checkpoints/, plots/, hidden folders, a datatrove prepare's work folder (datatrove/ with a settings.json) or
+    the folders below a data folder (one that has a manifest.json: token shards or an SFT token cache, whose
+    tokenizer/ data_section reads by path): nothing of the report's is there, and many files."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [] if "manifest.json" in files else [
-            d for d in dirs if d not in NOT_SEARCHED and not d.startswith(".")]
+            d for d in dirs if d not in NOT_SEARCHED and not d.startswith(".")
+            and not (d == DATATROVE_WORK and (Path(folder) / d / "settings.json").is_file())]
         if name in files:
             found.append(Path(folder) / name)
     return sorted(found, key=lambda f: f.parent.parts)  # a folder's own file before those of the folders below it
+
+
+def plot_tags(folders: list[Path], root: Path, at_root: str) -> dict[Path, str]:
+    """The name that each folder's plot of one kind starts with: its path below root with "/" as "_" (at_root for
+    root itself), so that two runs called sft in a/ and b/ draw two files; where two folders still get one name
+    (a_b/sft and a/b_sft, or at_root's name below root), each gets a short hash of its path after it."""
+    plain = {f: f.relative_to(root).as_posix().replace("/", "_") if f != root else at_root for f in folders}
+    shared = Counter(plain.values())
+    return {f: t if shared[t] == 1 else f"{t}_{hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest()[:6]}"
+            for f, t in plain.items()}
+
+
+def read_json(path: Path, what: str, shape: Callable[[dict], bool]) -> dict | None:
+    """The JSON object in path when shape(it) holds, else None after a note on stdout that it is left out (a file
+    of another tool with the same name, or one cut short): a foreign file must not stop the report."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(value, dict) and shape(value):
+            return value
+    except (ValueError, TypeError, KeyError):  # not JSON, not UTF-8, or another shape inside
+        pass
+    print(f"note: {path} is not {what}; the report leaves it out.")
+    return None
+
+
+CORPUS_COUNTS = ("bad", "too_short", "exact_duplicates", "near_duplicates", "kept")  # a prepare stats.json's total
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -93,15 +125,24 @@ def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel
 
 
 def data_section(root: Path, plots: Path) -> list[str]:
+    """Each prepare stats.json's counts with a bar chart (its name: plot_tags of its folder, then _corpus.png), each
+    token folder's totals and tokenizer; a stats.json or manifest.json of another shape is left out with a note."""
     lines = []
-    for stats_file in find(root, "stats.json"):
-        total = json.loads(stats_file.read_text())["total"]
+    stats_files = find(root, "stats.json")
+    tags = plot_tags([f.parent for f in stats_files], root, "corpus")
+    for stats_file in stats_files:
+        stats = read_json(stats_file, "a prepare stats.json (a total with the counts of documents)",
+                          lambda v: all(isinstance(v["total"][k], int) for k in CORPUS_COUNTS))
+        if stats is None:
+            continue
+        total = stats["total"]
         lines += [f"### Corpus: `{stats_file.parent.relative_to(root)}`", "", table([total], list(total)), ""]
-        counts = {k: total[k] for k in ("bad", "too_short", "exact_duplicates", "near_duplicates", "kept")}
-        lines += [f"![corpus]({plots.name}/{plot_bars('documents', counts, plots, 'corpus.png', 'documents')})", ""]
+        name = plot_bars("documents", {k: total[k] for k in CORPUS_COUNTS}, plots, f"{tags[stats_file.parent]}"
+                         "_corpus.png", "documents")
+        lines += [f"![corpus]({plots.name}/{name})", ""]
     for manifest_file in find(root, "manifest.json"):
-        m = json.loads(manifest_file.read_text())
-        if m.get("format") != "babyllama-tokens":  # an SFT token cache has its own manifest
+        m = read_json(manifest_file, "a token folder's or an SFT token cache's manifest.json", lambda v: True)
+        if m is None or m.get("format") != "babyllama-tokens":  # an SFT token cache has its own manifest
             continue
         rows = [{"split": s, **v} for s, v in m["totals"].items()]
         lines += [f"### Token shards: `{manifest_file.parent.relative_to(root)}` ({m['dtype']})", "",
@@ -119,10 +160,10 @@ DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies"
 # metrics DPO logs (train.dpo.METRICS, and val_ those of the held-out pairs): the last value of each
 
 
-def run_section(run: Path, root: Path, plots: Path) -> list[str]:
+def run_section(run: Path, root: Path, plots: Path, tag: str) -> list[str]:
     """A run's heading, which says a LoRA run's and a DPO run's kind (a DPO run: its metrics hold rewards), its
     settings (a LoRA run's adapter, a DPO run's beta and reference), its final numbers (a DPO run's rewards too) and
-    its curves."""
+    its curves (tag: plot_tags' name for the run)."""
     metrics = read_jsonl(run / "metrics.jsonl")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     model, train = config.get("model", {}), config.get("train", {})
@@ -146,15 +187,14 @@ def run_section(run: Path, root: Path, plots: Path) -> list[str]:
         settings |= {k: train[k] for k in ("label_smoothing", "rpo_alpha") if train.get(k)}
         summary |= {k: next((m[k] for m in reversed(metrics) if m.get(k) is not None), "") for k in DPO_SUMMARY}
     kind = ", ".join(name for name, on in (("DPO", dpo), ("LoRA", lora)) if on)
-    tag = run.relative_to(root).as_posix().replace("/", "_") if run != root else run.name
     return [f"### Run `{run.relative_to(root) if run != root else run.name}`" + (f" ({kind})" if kind else ""), "",
             table([settings], list(settings)), "", table([summary], list(summary)), "",
             f"![curves]({plots.name}/{plot_run(run, metrics, plots, tag)})", ""]
 
 
-def eval_section(path: Path, root: Path, plots: Path) -> list[str]:
+def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
+    """An eval.json's scores, bar chart (tag: plot_tags' name for its folder), leakage and samples."""
     e = json.loads(path.read_text())
-    tag = path.parent.relative_to(root).as_posix().replace("/", "_") or "eval"
     lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{e['checkpoint']}`)", ""]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
@@ -254,8 +294,9 @@ def make_report(run_dir: str | Path) -> Path:
     with writing(plots):  # CannotWrite for a read-only run folder too
         plots.mkdir(exist_ok=True)
     lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
-    lines += ["## Training", ""] + [x for run in runs for x in run_section(run, root, plots)]
-    lines += ["## Evaluation", ""] + [x for e in evals for x in eval_section(e, root, plots)]
+    run_tags, eval_tags = plot_tags(runs, root, root.name), plot_tags([e.parent for e in evals], root, "eval")
+    lines += ["## Training", ""] + [x for run in runs for x in run_section(run, root, plots, run_tags[run])]
+    lines += ["## Evaluation", ""] + [x for e in evals for x in eval_section(e, root, plots, eval_tags[e.parent])]
     extra = root / "report_extra.md"  # sections other tools add (the demo's timings and chat answers)
     if extra.is_file():
         lines += [extra.read_text(encoding="utf-8")]
