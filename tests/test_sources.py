@@ -372,6 +372,29 @@ def test_a_json_error_at_a_place_says_the_place():
                                                  "file is skipped")]
 
 
+def test_a_raw_line_break_in_a_string_is_said_so_in_an_array_and_a_cut_string_in_a_json_line():
+    """A raw line break inside a string of a JSON array (printf '[{"text": "first line\\nsecond line"}]') was
+    "Unterminated string: the line ends inside it", but the string is closed on the next line: in a value over lines
+    the fault is said as a line break JSON writes as \\n (or a string left open); in a JSON line, where the line ends
+    the record, still as a string the line ends inside."""
+    import io
+
+    from babyllama.data.sources import records_json_array, records_json_objects, records_jsonl
+
+    raw = ("invalid JSON (a line break inside a string at line {}, which JSON writes as \\n, or a string left open); "
+           "the rest of the file is skipped")
+    array = io.StringIO('[{"text": "first line\nsecond line"}]')
+    assert [(where, why) for where, _, why in records_json_array("a.json", array)] == [
+        ("a.json:item 1", raw.format(1))]
+    objects = io.StringIO('{"text": "甲"}\n{\n  "text": "乙\r\n丙"\n}\n')
+    assert [(where, why) for where, _, why in records_json_objects("o.json", objects)] == [
+        ("o.json:1", ""), ("o.json:2", raw.format(3))]
+    lines = io.StringIO('{"text": "first line\nsecond line"}\n')
+    assert [why for _, _, why in records_jsonl("l.jsonl", lines)] == [
+        "not valid JSON (Unterminated string: the line ends inside it at column 21)",
+        "not valid JSON (Expecting value)"]
+
+
 def test_json_objects_over_several_lines_are_read_in_memory_of_one(tmp_path):
     """Objects over lines are read as they come, not the file whole: the first is read with the first MiB (a read's
     buffer) of a file of 6 MB, and one over the first 64 KiB (the sample that tells the shape) is read whole."""

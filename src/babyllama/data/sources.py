@@ -543,7 +543,7 @@ def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
         try:
             record = json.loads(line)  # the line break is JSON's whitespace
         except json.JSONDecodeError as e:
-            yield where, None, f"not valid JSON ({json_fault(e, f'column {e.colno}')})"
+            yield where, None, f"not valid JSON ({json_fault(e, f'column {e.colno}', one_line=True)})"
             continue
         except RecursionError:
             yield where, None, "JSON nested too deep"
@@ -552,12 +552,15 @@ def records_jsonl(path: Path, f: TextIO) -> Iterator[Item]:
         yield (where, record, "") if isinstance(record, dict) else (where, None, "not a JSON object")
 
 
-def json_fault(e: json.JSONDecodeError, place: str) -> str:
+def json_fault(e: json.JSONDecodeError, place: str, one_line: bool) -> str:
     """json's message of e, with place ("column 7", "line 3") where the message names one: its msg alone cut
     "Invalid control character at" and "Unterminated string starting at" before their position. A line break that
-    json calls a control character ends a string left open: said so."""
+    json calls a control character is said as what it is: in a JSON line (one_line) it ends a string left open; in a
+    value over lines (an array, objects over lines) it is a raw line break inside a string or a string left open."""
     if e.msg.startswith("Invalid control character") and e.doc[e.pos : e.pos + 1] in ("\n", "\r"):
-        return f"Unterminated string: the line ends inside it at {place}"
+        if one_line:
+            return f"Unterminated string: the line ends inside it at {place}"
+        return f"a line break inside a string at {place}, which JSON writes as \\n, or a string left open"
     return f"{e.msg} {place}" if e.msg.endswith(" at") else e.msg
 
 
@@ -604,7 +607,7 @@ class _JSONWindow:
             except json.JSONDecodeError as e:
                 line = self.line + self.buf.count("\n", self.pos, e.pos)  # before _more moves the window
                 if len(self.buf) - self.pos > MAX_RECORD_CHARS or not self._more(size):
-                    raise ValueError(f"invalid JSON ({json_fault(e, f'line {line}')})") from None
+                    raise ValueError(f"invalid JSON ({json_fault(e, f'line {line}', one_line=False)})") from None
             except RecursionError:
                 raise ValueError("an item nested too deep") from None
             size *= 2
