@@ -870,3 +870,82 @@ def test_a_huge_text_is_cut_as_whole_without_being_tokenized_whole(demo_sft, bpe
     build_sft_cache([f], demo_sft / "tok", tmp_path / "c2", filtered, workers=1)
     _, _, stats = load_sft_data([f], demo_sft / "tok", tmp_path / "c2", filtered, False, Dist())
     assert (stats.filtered, stats.samples, stats.truncated) == (2, 1, 1)
+
+
+REPLACE = ("import sys\n"
+           "from babyllama.data.sft_tokens import SFTSettings, build_sft_cache\n"
+           "build_sft_cache([sys.argv[1]], sys.argv[2], sys.argv[3], SFTSettings(max_len=65))\n")
+
+
+def test_a_cache_replaced_while_a_run_reads_it_is_read_whole(demo_sft, tmp_path, monkeypatch):
+    """A run that found a complete cache read its manifest, then its files, without holding the folder: another run
+    that replaced the cache in between (an sft of other inputs, or pretokenize --sft) left it the files of another
+    cache than its manifest, refused as damaged. It reads both while it holds the folder now: the other run waits
+    (saying so), and replaces the cache once this one has mapped its files, which it keeps."""
+    import subprocess
+    import sys
+
+    import babyllama.train.sft_data as sft_data
+
+    settings, cache, multi = SFTSettings(max_len=65), tmp_path / "cache", demo_sft / "multi.jsonl"
+    expected = read_back(load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())[0])
+    real, others = sft_data.read_sft_cache, []
+
+    def read_then_replaced(out):
+        manifest = real(out)
+        if not others:  # the other run starts: it replaces the cache at once, or waits for this one
+            other = subprocess.Popen([sys.executable, "-c", REPLACE, str(demo_sft / "demo" / "sft.jsonl"),
+                                      str(demo_sft / "tok"), str(cache)], stdout=subprocess.PIPE, text=True)
+            others.append(other)
+            next((line for line in other.stdout if "waiting for another run building" in line), None)
+        return manifest
+
+    monkeypatch.setattr(sft_data, "read_sft_cache", read_then_replaced)
+    try:
+        train = load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())[0]
+    finally:
+        others[0].communicate(timeout=60)
+    assert read_back(train) == expected and others[0].returncode == 0
+    assert real(cache)["stats"]["samples"] != len(expected)  # replaced by the other run, once this one had read it
+
+
+PAIR_OF_RANKS = ("import sys\n"
+                 "from babyllama.data.sft_tokens import SFTSettings\n"
+                 "from babyllama.errors import UserError\n"
+                 "from babyllama.train.distributed import process_group\n"
+                 "from babyllama.train.sft_data import load_sft_data\n"
+                 "data, tok, cache = sys.argv[1:]\n"
+                 "with process_group('cpu', timeout_s=20) as d:\n"
+                 "    try:\n"
+                 "        load_sft_data([data], tok, cache, SFTSettings(max_len=65), False, d)\n"
+                 "    except UserError as e:\n"
+                 "        print(type(e).__name__, e)\n")
+
+
+def test_under_torchrun_a_cache_that_rank_0_refuses_ends_every_rank(demo_sft, tmp_path):
+    """Rank 0 builds the token cache while the others wait for it in a collective; when it refused (here: no usable
+    record), they waited on until torchrun stopped them, or ddp_timeout (another node's ranks, NCCL). Its refusal
+    reaches them now: rank 0 says it once, and every rank raises AlreadySaid (exit code 2). Two gloo processes."""
+    import socket
+    import subprocess
+    import sys
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "no conversation"}\n' * 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-c", PAIR_OF_RANKS, data, demo_sft / "tok", tmp_path / "cache"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    try:
+        said = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    refusal = (f"no usable SFT records in {data} (3 read, 3 bad, 0 with an empty answer, 0 filtered by length); "
+               "nothing was written.")
+    assert [out.splitlines()[-1] for out, _ in said] == [f"AlreadySaid {refusal}"] * 2, said
+    assert [err.count("babyllama: error:") for _, err in said] == [1, 0]
+    assert f"babyllama: error: {refusal}" in said[0][1]

@@ -83,7 +83,7 @@ def _flock(lock: Path, out: Path, command: str, flag: str, waiting: str | None) 
 def _lock_fd(lock: Path, out: Path, command: str, flag: str, waiting: str | None) -> int:
     """The open lock file of out, locked by this process, with "PID COMMAND" written in it. Where another process
     holds it: waiting None, UserError at once; else wait for it, having printed once the line that locked
-    describes, beginning with waiting."""
+    describes, beginning with waiting (on rank 0 alone in a torchrun job, whose ranks take a cache's lock in turn)."""
     waited = False
     while True:
         try:
@@ -99,10 +99,11 @@ def _lock_fd(lock: Path, out: Path, command: str, flag: str, waiting: str | None
                 os.close(fd)
                 raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait "
                                 f"for it or choose another {flag}.") from None
-            if not waited:  # once: the holder removes its lock file as it lets go, and this one locks the next
+            if not waited and os.environ.get("RANK", "0") == "0":  # once: the holder removes its lock file as it
+                # lets go, and this one locks the next; rank 0 alone (progress.is_rank0) of a torchrun job
                 holder = f" (pid {pid}, babyllama {other or 'command'})" if pid else ""
                 print(f"{waiting}waiting for another run building {out}{holder}", flush=True)
-                waited = True
+            waited = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except BaseException:  # Ctrl-C while it waits

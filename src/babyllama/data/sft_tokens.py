@@ -296,7 +296,7 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     paths = input_files(inputs, kind)
     _writable(Path(out))
     with locked(out, f"{kind} token cache build"):  # one build at a time (held already by pretokenize --sft, which
-        # replaces another cache, and by sft_data.built_unless_there, which refuses one)
+        # replaces another cache, and by sft_data.opened_cache, which refuses one)
         manifest = read_sft_cache(out)
         key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:

@@ -157,22 +157,32 @@ def held_by_main(out: str | Path, command: str, d: Dist) -> Iterator[None]:
     holds it."""
     check_out_dir(out, "out_dir")
     with ExitStack() as stack:
-        refused = ""
+        refused = None
         if d.main:
             try:
                 stack.enter_context(holding(out, command))
             except UserError as e:
-                refused = str(e)
-        if d.enabled:
-            box = [refused]
-            dist.broadcast_object_list(box, src=0)
-            refused = box[0]
-        if refused:
-            if d.main:
-                say(refused)
-            barrier(d)  # none ends before rank 0 has said it: torchrun stops the others at the first one's end
-            raise AlreadySaid(refused)
+                refused = e
+        share_refusal(refused, d)
         yield
+
+
+def share_refusal(refused: UserError | None, d: Dist) -> None:
+    """Rank 0's refusal (None where it refused nothing) reaches every rank, so that none is left waiting in a
+    collective for a rank 0 that has ended: in a process alone it is raised; in a torchrun job every rank learns it
+    (a collective: each must call this), rank 0 says it, and once it has (a barrier: torchrun stops the others at
+    the first one's end) every rank raises AlreadySaid, ending with exit code 2."""
+    if not d.enabled:
+        if refused is not None:
+            raise refused
+        return
+    box = [str(refused) if refused is not None else ""]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        if d.main:
+            say(box[0])
+        barrier(d)
+        raise AlreadySaid(box[0])
 
 
 def check_fsdp(fsdp: bool) -> None:

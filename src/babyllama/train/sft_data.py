@@ -30,7 +30,7 @@ from babyllama.data.sources import check_output_folder, token_cache_name
 from babyllama.errors import UserError
 from babyllama.lock import locked
 from babyllama.tokenizer import load_tokenizer
-from babyllama.train.distributed import Dist, barrier
+from babyllama.train.distributed import Dist, share_refusal
 
 
 class SFTData:
@@ -148,7 +148,8 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     Raises UserError when cache_dir is another babyllama output (check_output_folder: token shards, a checkpoint,
     the other kind's cache), when the cache holds the tokens of other inputs, another tokenizer or settings, or
     when those are not the ones the run started with (checked before any cache is built); a cache that another run
-    built while this one waited for it is checked alike (built_unless_there).
+    built while this one waited for it is checked alike (opened_cache). Under torchrun a refusal of rank 0 reaches
+    every rank (share_refusal): it says it once, and all end (AlreadySaid).
     """
     check_cache_folder(cache_dir, kind)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -160,26 +161,20 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
         else:
             why = f"{', '.join(changed)}; resuming needs the same inputs and settings, so restore them"
         raise UserError(f"the run started with {why}, or start a new run without --resume in a new --out_dir.")
-    manifest = read_sft_cache(cache_dir)
-    built = False
-    if manifest is None:
-        if dist.main:
-            built = built_unless_there(inputs, tokenizer_path, cache_dir, settings, workers, kind)
-        barrier(dist)
-        manifest = read_sft_cache(cache_dir)
-        if manifest is None:
-            raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
-    differ = cache_differences(manifest, key)
-    if differ:
-        raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
-                        "delete it to rebuild, or choose another --sft_cache.")
-    if not built and dist.main:  # once accepted: not before the sentence that refuses it
-        print(f"{kind} cache: using {cache_dir}")
-    stats = SFTStats(**manifest["stats"])
+    opened, refused = None, None
+    if dist.main:  # rank 0 first, building the cache when there is none; the others then open what it left
+        try:
+            opened = opened_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind, key, build=True)
+        except UserError as e:
+            refused = e
+    share_refusal(refused, dist)
+    if opened is None:
+        opened = opened_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind, key, build=False)
+    manifest, splits = opened
     T = settings.max_len - 1
-    train = SFTData(*open_split(cache_dir, manifest, "train"), T, tokenizer.pad_id, pack)
-    val = SFTData(*open_split(cache_dir, manifest, "val"), T, tokenizer.pad_id, pack) if stats.val_samples else None
-    return train, val, stats
+    train = SFTData(*splits["train"], T, tokenizer.pad_id, pack)
+    val = SFTData(*splits["val"], T, tokenizer.pad_id, pack) if "val" in splits else None
+    return train, val, SFTStats(**manifest["stats"])
 
 
 def check_cache_folder(cache_dir: str | Path, kind: str) -> None:
@@ -187,17 +182,31 @@ def check_cache_folder(cache_dir: str | Path, kind: str) -> None:
     check_output_folder(cache_dir, f"{kind.upper()} samples", (token_cache_name(kind),), "--sft_cache")
 
 
-def built_unless_there(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,
-                       settings: SFTSettings, workers: int, kind: str) -> bool:
-    """Build the token cache of kind in cache_dir (build_sft_cache) unless, once this process holds the folder, a
-    cache is there: whether it built one. A run that holds it (another sft or dpo building it, pretokenize --sft or
-    pretokenize) is waited for, saying so, and what it left is checked as load_sft_data checked the folder before:
-    another output is refused here (check_cache_folder), a cache is left for the caller to use or refuse, never
-    built over. Raises UserError."""
+def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir: str | Path,
+                 settings: SFTSettings, workers: int, kind: str, key: dict, build: bool,
+                 ) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(manifest, {split: open_split's arrays}) of the token cache of kind in cache_dir, "val" only where it has
+    samples, read while this process holds the folder: another run that builds a cache there (sft or dpo with other
+    settings, pretokenize --sft), replacing its files, waits, so that the manifest and the files mapped are of one
+    cache (the maps keep its files once that run has replaced them). A run that holds it is waited for, saying so.
+    build: build the cache (build_sft_cache) when there is none (rank 0; not on the other ranks, which open what it
+    built). What is there is checked as load_sft_data checked the folder before (check_cache_folder), never built
+    over. Raises UserError when it is another output, when the cache differs from key (cache_differences), is
+    damaged, or is missing (build False)."""
     with locked(cache_dir, f"{kind} token cache build", f"{kind} cache: ", "--sft_cache"):
         check_cache_folder(cache_dir, kind)
-        if read_sft_cache(cache_dir) is not None:
-            return False
-        print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
-        build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
-        return True
+        manifest = read_sft_cache(cache_dir)
+        built = manifest is None and build
+        if built:
+            print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
+            manifest = build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
+        elif manifest is None:
+            raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
+        differ = cache_differences(manifest, key)
+        if differ:
+            raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
+                            "delete it to rebuild, or choose another --sft_cache.")
+        if not built and build:  # once accepted: not before the sentence that refuses it
+            print(f"{kind} cache: using {cache_dir}")
+        splits = ("train", "val") if manifest["stats"]["val_samples"] else ("train",)
+        return manifest, {split: open_split(cache_dir, manifest, split) for split in splits}
