@@ -909,6 +909,34 @@ def test_a_cache_replaced_while_a_run_reads_it_is_read_whole(demo_sft, tmp_path,
     assert real(cache)["stats"]["samples"] != len(expected)  # replaced by the other run, once this one had read it
 
 
+def test_a_command_started_ignoring_ctrl_c_stops_on_it(demo_sft, sft_init, tmp_path):
+    """A background job of a shell script (`babyllama sft ... &`) starts with SIGINT ignored (POSIX): eval, prepare,
+    pretokenize and a cache build ran on through `kill -INT` (only training and DPO's precompute heard it). The CLI
+    hears it for every command now: here an sft waiting for its token cache, which another process holds."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_lock import hold_in_child
+
+    cache = tmp_path / "cache"
+    holder = hold_in_child(cache, "pretokenize")
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "sft", "--init", sft_init, "--data",
+                             demo_sft / "multi.jsonl", "--out_dir", tmp_path / "run", "--sft_cache", cache],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert next((line for line in proc.stdout if "waiting for another run building" in line), None)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        holder.communicate("")
+    assert (proc.returncode, err.splitlines()[-1]) == (130, "babyllama: interrupted; run the same command to start "
+                                                        "again (no checkpoint was saved yet).")
+
+
 PAIR_OF_RANKS = ("import sys\n"
                  "from babyllama.data.sft_tokens import SFTSettings\n"
                  "from babyllama.errors import UserError\n"

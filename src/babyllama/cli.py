@@ -801,9 +801,11 @@ def main(argv: list[str] | None = None) -> int:
     """The `babyllama` command of argv (default: sys.argv's); the exit code. A caller that passes argv (a test, a
     script) gets its Ctrl-C handler back as main returns; the program itself (argv None) ends ignoring Ctrl-C, which
     the command ignores from its end (ctrl_c_ignored). Output into a pipe whose reader has gone (`| head`) ends any
-    command quietly, as cat ends (output_gone)."""
+    command quietly, as cat ends (output_gone). Ctrl-C stops every command, even one started ignoring it
+    (ctrl_c_heard)."""
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
+        ctrl_c_heard()
         code = parse_and_run(argv)
         sys.stdout.flush()  # here: what a pipe's block buffer holds is written before Python's exit, which would
         return code  # say its BrokenPipeError as "Exception ignored" with exit status 120
@@ -814,6 +816,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if argv is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, ctrl_c)
+
+
+def ctrl_c_heard() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python sets it, in a process that started with SIGINT ignored: a
+    background job of a non-interactive shell (`babyllama eval ... &` in a script), which POSIX starts so, ran on
+    through `kill -INT` to its end (eval, prepare, pretokenize, a cache build). Once for every command: training and
+    DPO's precompute set their own handlers on top of it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def output_gone() -> bool:

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -149,15 +148,10 @@ class DPOTrainer(Trainer):
 
     def fit(self) -> Path:
         """Trainer.fit, the reference's log-probs first computed (or read) when precompute_ref_log_probs is set.
-        Ctrl-C (SIGINT) stops the precompute at once with KeyboardInterrupt, the chunks saved kept for the rerun to go
-        on from, even in a process started with SIGINT ignored (a background job of a shell script, `dpo ... &`),
-        which went on to the end: Trainer.fit sets its own handler likewise, whatever the one it finds."""
+        Ctrl-C (SIGINT) stops the precompute at once with KeyboardInterrupt (the CLI sees to it in a process started
+        with SIGINT ignored: cli.ctrl_c_heard), the chunks saved kept for the rerun to go on from."""
         if self.t.precompute_ref_log_probs:
-            before = signal.signal(signal.SIGINT, signal.default_int_handler)
-            try:
-                self.precompute_reference()
-            finally:
-                signal.signal(signal.SIGINT, before)
+            self.precompute_reference()
         return super().fit()
 
     def train_step(self) -> tuple[float | torch.Tensor, float | torch.Tensor | None]:
