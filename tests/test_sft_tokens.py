@@ -977,3 +977,22 @@ def test_under_torchrun_a_cache_that_rank_0_refuses_ends_every_rank(demo_sft, tm
     assert [out.splitlines()[-1] for out, _ in said] == [f"AlreadySaid {refusal}"] * 2, said
     assert [err.count("babyllama: error:") for _, err in said] == [1, 0]
     assert f"babyllama: error: {refusal}" in said[0][1]
+
+
+def test_a_complete_cache_in_a_read_only_folder_is_read_without_its_lock(demo_sft, tmp_path, monkeypatch):
+    """A cache built once and shared read-only (a cluster's mount) was read before reads took the folder's lock;
+    no lock file can be made there, so it is read without one (no run can replace it); a writable one is locked."""
+    import babyllama.train.sft_data as sft_data
+    from babyllama.errors import UserError
+
+    settings, cache, multi = SFTSettings(max_len=65), tmp_path / "cache", demo_sft / "multi.jsonl"
+    expected = read_back(load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())[0])
+
+    def cannot_lock(out, *a):
+        raise UserError(f"cannot write to {out}; choose another --sft_cache.")
+
+    monkeypatch.setattr(sft_data, "locked", cannot_lock)  # root may write anywhere: the mount's refusal, as said
+    with pytest.raises(UserError, match="cannot write"):  # a writable folder is read under its lock
+        load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())
+    monkeypatch.setattr(sft_data.os, "access", lambda path, mode: mode != os.W_OK)
+    assert read_back(load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())[0]) == expected

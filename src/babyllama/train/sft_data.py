@@ -11,6 +11,7 @@ maps the same files. Memory per process: a few arrays of one number per sample.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,11 @@ def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir
     build: build the cache (build_sft_cache) when there is none (rank 0; not on the other ranks, which open what it
     built). What is there is checked as load_sft_data checked the folder before (check_cache_folder), never built
     over. Raises UserError when it is another output, when the cache differs from key (cache_differences), is
-    damaged, or is missing (build False)."""
+    damaged, or is missing (build False). A complete cache in a folder this process may not write (a read-only
+    mount: no lock file can be made there, and no run can replace it) is read without the lock."""
+    if not os.access(cache_dir, os.W_OK) and read_sft_cache(cache_dir) is not None:  # a read-only cache (a shared
+        # mount): no lock file can be made there, and no run can replace it
+        return checked_cache(cache_dir, read_sft_cache(cache_dir), kind, key, say=build)
     with locked(cache_dir, f"{kind} token cache build", f"{kind} cache: ", "--sft_cache"):
         check_cache_folder(cache_dir, kind)
         manifest = read_sft_cache(cache_dir)
@@ -202,11 +207,18 @@ def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir
             manifest = build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
         elif manifest is None:
             raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
-        differ = cache_differences(manifest, key)
-        if differ:
-            raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
-                            "delete it to rebuild, or choose another --sft_cache.")
-        if not built and build:  # once accepted: not before the sentence that refuses it
-            print(f"{kind} cache: using {cache_dir}")
-        splits = ("train", "val") if manifest["stats"]["val_samples"] else ("train",)
-        return manifest, {split: open_split(cache_dir, manifest, split) for split in splits}
+        return checked_cache(cache_dir, manifest, kind, key, say=build and not built)
+
+
+def checked_cache(cache_dir: str | Path, manifest: dict, kind: str, key: dict, say: bool
+                  ) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """opened_cache's (manifest, splits) of the cache in cache_dir whose manifest is read, once it is checked
+    against key (cache_differences: UserError where it differs); say: print that the run uses it."""
+    differ = cache_differences(manifest, key)
+    if differ:
+        raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
+                        "delete it to rebuild, or choose another --sft_cache.")
+    if say:  # once accepted: not before the sentence that refuses it
+        print(f"{kind} cache: using {cache_dir}")
+    splits = ("train", "val") if manifest["stats"]["val_samples"] else ("train",)
+    return manifest, {split: open_split(cache_dir, manifest, split) for split in splits}
