@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from babyllama.model import (
     rope_tables,
     sample_next,
 )
+from babyllama.sampling import Sampling
 from tests.conftest import favours_control_ids, sharp_model, tiny_config
 
 
@@ -270,3 +272,46 @@ def test_generate_takes_a_prompt_tensor_of_one_sequence():
             model.generate(bad, max_new_tokens=5)
     with pytest.raises(ValueError, match="at least one token"):
         model.generate(torch.tensor([], dtype=torch.long))
+
+
+def test_generate_refuses_an_id_out_of_the_vocabulary():
+    """An id >= vocab_size, or a negative one, was the embedding's IndexError ("index out of range in self"):
+    it is a ValueError naming the id, where it is and the vocabulary, raised at the call."""
+    model = sharp_model(tiny_config())  # 300 ids
+    cases = (([2, 300, 6], r"prompt id 300 \(at position 1\)"), ([-1, 5], r"prompt id -1 \(at position 0\)"),
+             (torch.tensor([4, 1000]), r"prompt id 1000 \(at position 1\)"))
+    for prompt, bad in cases:
+        with pytest.raises(ValueError, match=f"^{bad} is not in the vocabulary of 300 ids \\(0 to 299\\)$"):
+            model.stream(prompt)  # at the call, not at the first next()
+    assert len(model.generate([0, 299], max_new_tokens=2)) == 2  # the ends of the range
+
+
+def test_generate_refuses_a_prompt_that_leaves_no_room():
+    """A prompt of max_seq_len tokens or more was cut to its last max_seq_len - 1 without a word, so that a long
+    prompt gave 1 new token: it is a ValueError, as chat and serve refuse a question that leaves no room."""
+    model = sharp_model(tiny_config())  # a context of 64
+    assert len(model.generate([3] * 63, max_new_tokens=5)) == 1  # the context's last position
+    for n in (64, 100):
+        with pytest.raises(ValueError, match=f"^the prompt \\({n} tokens\\) leaves no room in the context of 64 "
+                                             r"tokens: give at most 63, e.g. its last 63 \(prompt\[-63:\]\)$"):
+            model.generate([3] * n, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": -1}, "max_new_tokens = -1 is out of range (max_new_tokens >= 1)."),
+    ({"max_new_tokens": 0}, "max_new_tokens = 0 is out of range (max_new_tokens >= 1)."),
+    ({"temperature": -1}, "temperature = -1 is out of range (temperature in [0, 2])."),
+    ({"temperature": float("nan")}, "temperature = nan is out of range (temperature in [0, 2])."),
+    ({"top_p": 0.0}, "top_p = 0.0 is out of range (top_p in (0, 1])."),
+    ({"top_p": 1.5}, "top_p = 1.5 is out of range (top_p in (0, 1])."),
+    ({"top_k": -1}, "top_k = -1 is out of range (top_k >= 0)."),
+    ({"repetition_penalty": 0}, "repetition_penalty = 0 is out of range (repetition_penalty in (0, 100])."),
+])
+def test_generate_refuses_sampling_out_of_range(kwargs, message):
+    """max_new_tokens=-1 gave [] and temperature=-1 or NaN, top_p outside (0, 1] and top_k < 0 sampled something:
+    each is the ValueError with the sentence that chat's, eval's and serve's flags give (sampling.RANGES)."""
+    model = sharp_model(tiny_config())
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        model.stream([3, 4], **kwargs)
+    with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+        Sampling(**kwargs)  # the same sentence

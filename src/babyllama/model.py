@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from babyllama.errors import UserError
+from babyllama.sampling import out_of_range
 
 try:  # FlexAttention (PyTorch >= 2.5): a document mask as block sparsity, never a (T, T) tensor
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -372,7 +373,6 @@ class Transformer(nn.Module):
         n = self.num_params() - (0 if cfg.tie_embeddings else self.tok_embeddings.weight.numel())
         return 6 * n + 12 * cfg.n_layers * cfg.dim * T
 
-    @torch.inference_mode()
     def stream(
         self,
         prompt: Sequence[int] | torch.Tensor,
@@ -388,13 +388,41 @@ class Transformer(nn.Module):
     ) -> Iterator[int]:
         """Yield new token ids one by one until eos (not yielded), max_new_tokens or a full context.
 
-        prompt: token ids, a list or an integer tensor of shape (T,) or (1, T) (prompt_ids).
-        A prompt longer than the context keeps its last max_seq_len - 1 tokens.
+        prompt: token ids in [0, vocab_size), a list or an integer tensor of shape (T,) or (1, T) (prompt_ids), of at
+        most max_seq_len - 1 tokens, so that one new token fits. The sampling arguments are in sampling.RANGES
+        (temperature 0: greedy). Raises, at the call: TypeError for another prompt type, ValueError for an empty
+        prompt, an id out of the vocabulary, a prompt that leaves no room in the context, or a value out of range.
         use_cache=False recomputes the whole sequence at every step (for tests and benchmarks).
         suppress_tokens: ids whose logits are set to -inf, never produced (Tokenizer.suppress_tokens:
         bos, pad and ids beyond the tokenizer's vocabulary, as HF generate's `suppress_tokens`).
         """
-        ids = prompt_ids(prompt)[-(self.cfg.max_seq_len - 1) :]
+        ids = self.checked_prompt(prompt)
+        why = out_of_range(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty)
+        if why is not None:
+            raise ValueError(why)
+        return self.steps(ids, max_new_tokens, (temperature, top_k, top_p, repetition_penalty), eos_id, use_cache,
+                          generator, suppress_tokens)
+
+    def checked_prompt(self, prompt: Sequence[int] | torch.Tensor) -> list[int]:
+        """prompt_ids(prompt), or ValueError for an id outside [0, vocab_size) (the embedding's IndexError) or for
+        a prompt of max_seq_len tokens or more, which leaves no room for a new token (chat and serve refuse such a
+        prompt too, rather than cut it)."""
+        ids, V, ctx = prompt_ids(prompt), self.cfg.vocab_size, self.cfg.max_seq_len
+        if (bad := next((i for i, t in enumerate(ids) if not 0 <= t < V), None)) is not None:
+            raise ValueError(f"prompt id {ids[bad]} (at position {bad}) is not in the vocabulary of {V} ids "
+                             f"(0 to {V - 1})")
+        if len(ids) >= ctx:
+            raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room in the context of {ctx} tokens: "
+                             f"give at most {ctx - 1}, e.g. its last {ctx - 1} (prompt[-{ctx - 1}:])")
+        return ids
+
+    @torch.inference_mode()
+    def steps(self, ids: list[int], max_new_tokens: int, sampling: tuple[float, int, float, float],
+              eos_id: int | None, use_cache: bool, generator: torch.Generator | None, suppress_tokens: Sequence[int]
+              ) -> Iterator[int]:
+        """stream's generator, for its checked prompt ids (extended in place) and sampling (temperature, top_k,
+        top_p, repetition_penalty)."""
         device = self.rope_cos.device
         cache = None
         if use_cache:
@@ -404,7 +432,7 @@ class Transformer(nn.Module):
         for _ in range(max_new_tokens):
             logits, _ = self(x, cache=cache, last_only=True)
             logits[0, -1, suppress] = -float("inf")
-            nxt = sample_next(logits[0, -1], ids, temperature, top_k, top_p, repetition_penalty, generator)
+            nxt = sample_next(logits[0, -1], ids, *sampling, generator)
             if nxt == eos_id:
                 return
             ids.append(nxt)

@@ -36,14 +36,20 @@ class Sampling:
     def __post_init__(self) -> None:
         """UserError for the first value out of range, naming its range alone: the others may be no setting of
         the command (serve has no max_new_tokens)."""
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": 0 <= self.temperature <= MAX_TEMPERATURE,
-                  "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
-                  "repetition_penalty": 0 < self.repetition_penalty <= 100}  # NaN fails every comparison
-        bad = next((k for k, ok in checks.items() if not ok), None)
-        if bad is not None:
-            raise UserError(f"{bad} = {getattr(self, bad)} is out of range ({bad} {RANGES[bad]}).")
+        if (why := out_of_range(**self.generate_kwargs())) is not None:
+            raise UserError(why)
 
     def generate_kwargs(self) -> dict:
         """model.stream's / model.generate's sampling arguments."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k,
                 "top_p": self.top_p, "repetition_penalty": self.repetition_penalty}
+
+
+def out_of_range(**values: float) -> str | None:
+    """The sentence for the first of values (Sampling's fields by name: model.stream's arguments) out of its
+    range (RANGES), e.g. "top_p = 0 is out of range (top_p in (0, 1])."; None when all are within."""
+    checks = {"max_new_tokens": lambda v: v >= 1, "temperature": lambda v: 0 <= v <= MAX_TEMPERATURE,
+              "top_k": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
+              "repetition_penalty": lambda v: 0 < v <= 100}  # NaN fails every comparison
+    bad = next((k for k, v in values.items() if not checks[k](v)), None)
+    return None if bad is None else f"{bad} = {values[bad]} is out of range ({bad} {RANGES[bad]})."
