@@ -294,6 +294,45 @@ def test_logprobs_of_partial_characters_in_completions_and_chat_are_openais(serv
     assert [len(c["top_logprobs"]) for c in content] == [2, 2, 2]
 
 
+class Scripted:
+    """The model, but its stream yields the given ids whatever it is asked (the scoring forwards are the model's)."""
+
+    def __init__(self, model, ids: list[int]):
+        self.model, self.ids = model, ids
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def stream(self, *args, **kwargs):
+        yield from self.ids
+
+
+def test_logprobs_of_a_character_that_max_tokens_cut_are_at_the_end_of_the_text(server):
+    """An answer whose last tokens are "中"'s first two bytes, which max_tokens cut: the text leaves the character
+    out, and its tokens' text_offset pointed past the text (its second at len(text) + 1, counting the U+FFFD that
+    the text does not hold). The tokens stay listed, as the </s> that ended an answer is (vLLM lists every token
+    generated, and lm-eval drops an answer's last token: the one it asks for, a byte token or not), each at the end
+    of the text, which is where a token that adds nothing to it is; usage counts them; chat lists them the same."""
+    from babyllama.serve import Generation, score
+
+    tok, model = server["tokenizer"], server["model"].model
+    zhong = [tok._byte_id(b) for b in "中".encode()]
+    prompt = [tok.eos_id, *tok.encode("你好")]
+    gen = Generation(Scripted(model, zhong[:2]), tok, threading.Lock(), prompt, Sampling(max_new_tokens=2),
+                     echo=tok.decode(prompt), top_logprobs=1)
+    text = gen.echo + "".join(gen.pieces())
+    score([gen])
+    lp = gen.logprobs()
+    assert text == "你好" and (gen.finish_reason, gen.usage()["completion_tokens"]) == ("length", 2)
+    assert lp["tokens"] == ["</s>", "你", "好", "bytes:\\xe4", "bytes:\\xb8"]
+    assert lp["text_offset"] == [0, 0, 1, 2, 2] and len(lp["token_logprobs"]) == 5
+    assert [(c["token"], c["bytes"]) for c in gen.chat_logprobs()["content"]] == [("bytes:\\xe4", [0xE4]),
+                                                                                  ("bytes:\\xb8", [0xB8])]
+
+
 def test_top_logprobs_list_only_ids_an_answer_can_hold(server, monkeypatch):
     """A token that generation never produces (Tokenizer.suppress_tokens: <s>, pad) is no top alternative, though
     each listed logprob stays the model's own (the ids scored keep theirs)."""
@@ -346,7 +385,7 @@ def test_logprobs_decode_each_id_about_once(server, monkeypatch):
     tok = server["tokenizer"]
     prompt = [tok.eos_id, *tok.encode("今天天气很好，the 中文 𠀀 " * 12)][:120]
     gen = Generation(server["model"].model, tok, threading.Lock(), prompt, Sampling(max_new_tokens=1),
-                     echo="", top_logprobs=5, score_only=True)
+                     echo=tok.decode(prompt), top_logprobs=5, score_only=True)  # the text that offsets point into
     score([gen])
     tok.id_bytes()  # built once per tokenizer
     offsets = [len(tok.decode(prompt[:t])) for t in range(len(prompt))]  # the definition: 7,140 ids decoded
@@ -1011,6 +1050,29 @@ def test_a_prompt_that_does_not_fit_names_the_message_to_blame(server):
     assert ask(("user", "x"), ("assistant", "y"), ("system", short), ("user", short), max_tokens=ctx) == (
         f"max_tokens ({ctx}) does not fit the context: the system text of messages[2] with the last message takes "
         f"{fits} of its {ctx} tokens, so {ctx - fits} are available")
+
+
+def test_a_request_that_does_not_fit_the_context_has_openais_code(server):
+    """serve's 400 for a prompt, or prompt and max_tokens, longer than the context said so in words alone: it has
+    OpenAI's code context_length_exceeded too (the openai client's APIError.code), and other 400s have none."""
+    url, ctx = server["url"] + "/v1", 128
+    user = {"messages": [{"role": "user", "content": "你好"}]}
+    for route, body in (("/chat/completions", {**user, "max_tokens": ctx}),
+                        ("/chat/completions", {"messages": [{"role": "user", "content": "很长的问题" * 100}]}),
+                        ("/chat/completions", {"messages": [{"role": "system", "content": "很长的系统提示" * 100},
+                                                            {"role": "user", "content": "x"}]}),
+                        ("/completions", {"prompt": [5] * ctx}),
+                        ("/completions", {"prompt": [5] * (ctx + 1), "max_tokens": 0, "echo": True}),
+                        ("/completions", {"prompt": [[5], [5] * (ctx - 1)], "max_tokens": 2})):
+        r = httpx.post(url + route, json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"].get("code") == "context_length_exceeded", (body, r.text)
+        assert "does not fit the context" in r.json()["error"]["message"]
+    r = httpx.post(url + "/completions", json={"prompt": [5, 600]}, timeout=60)
+    assert r.status_code == 400 and r.json() == {"error": {
+        "message": "prompt: token id 600 is not in the vocabulary of 600", "type": "invalid_request_error"}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).completions.create(model="tiny", prompt=[5] * ctx)
+    assert e.value.code == "context_length_exceeded"
 
 
 def test_omitted_max_tokens_on_completions_is_openais_16_or_the_rest_of_the_context(server):

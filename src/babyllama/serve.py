@@ -325,6 +325,11 @@ def never_ids(model, tokenizer: Tokenizer) -> torch.Tensor:
                         device=model.rope_cos.device)
 
 
+class ContextLengthExceeded(ValueError):
+    """A request whose prompt, or prompt and max_tokens, do not fit the context: OpenAI's 400 with the code
+    context_length_exceeded, which clients read to shorten the prompt."""
+
+
 class Cancelled(Exception):
     """A generation stopped before its end (Generation.cancel was set): its client left, or the server stops."""
 
@@ -347,6 +352,7 @@ class Generation:
     score_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing is generated
     finish_reason: str = "length"
     stop_at: int | None = None  # a stop string ended the answer: the characters of the answer before it
+    shown: int = 0  # the characters of the answer's text (pieces): less a character that max_tokens cut
     picked: int | None = None  # the one token of an answer that picks (picks), from the scoring forward
     chosen: list[float] = field(default_factory=list)  # score: the log-probability of each of scored_ids()[1:]
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # score: the top_logprobs (id, logprob) there
@@ -400,6 +406,7 @@ class Generation:
             shown += len(piece)
             yield piece
         self.stop_at = shown if stopped else None
+        self.shown = shown
         ctx = self.model.cfg.max_seq_len
         room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
         self.said_eos = not stopped and len(self.ids) < room and not self.score_only
@@ -445,16 +452,19 @@ class Generation:
         """OpenAI's legacy completions `logprobs` of the answer's tokens (with echo, of the prompt's too, the
         first one None as nothing precedes it): each token's text (token), its log-probability (score), the
         top_logprobs most likely tokens, and each token's text_offset in the choice's text: the length of
-        the text of the tokens before it, decoded once, incrementally (Detokenizer). An answer that ended with
-        <eos> has it as its last token, as vLLM gives it (lm-evaluation-harness drops the last token of an
-        echo and would otherwise drop the prompt's)."""
+        the text of the tokens before it, decoded once, incrementally (Detokenizer), but at most the choice's text:
+        the tokens that the text leaves out are at its end. An answer that ended with <eos> has it as its last
+        token, as vLLM gives it, and so has one whose last tokens are a character that max_tokens cut, which the
+        text leaves out (lm-evaluation-harness drops the last token of an echo, the one token it asks for, and would
+        otherwise drop the prompt's)."""
         ids = self.scored_ids()
         start = 0 if self.echo is not None else len(self.prompt)
         text = lambda i: logprob_token(self.tokenizer, i)[0]
         top_dicts = [{text(i): v for i, v in row} for row in self.top]
         decoded, offsets = Detokenizer(self.tokenizer), []
+        end = len(self.echo or "") + self.shown  # the choice's text
         for i in ids[start:]:
-            offsets.append(decoded.length)
+            offsets.append(min(decoded.length, end))
             decoded.add(i)
         return {"tokens": [text(i) for i in ids[start:]],
                 "token_logprobs": ([None] + self.chosen)[start : len(ids)],  # a picked token a stop cut: scored
@@ -537,12 +547,14 @@ def score_batch(batch: list[Generation]) -> None:
 # --- the responses ---
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error"):
-    """OpenAI's error shape. A 413 or 408 closes the connection, so that the rest of the body is never read."""
+def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    """OpenAI's error shape, with its code when there is one (context_length_exceeded). A 413 or 408 closes the
+    connection, so that the rest of the body is never read."""
     from fastapi.responses import JSONResponse
 
     headers = {"connection": "close"} if status in (408, 413) else None
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+    body = {"message": message, "type": kind} | ({"code": code} if code else {})
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def unparsable(cause: BaseException) -> str:
@@ -875,10 +887,12 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
         """max_tokens, or the rest of the context when it is None; ValueError when they do not fit."""
         available = max_ctx - prompt_tokens
         if available < 1:
-            raise ValueError(f"{what} ({prompt_tokens} tokens) does not fit the context of {max_ctx} tokens")
+            raise ContextLengthExceeded(f"{what} ({prompt_tokens} tokens) does not fit the context of {max_ctx} "
+                                        "tokens")
         if max_tokens is not None and max_tokens > available:
-            raise ValueError(f"{name} ({max_tokens}) does not fit the context: {what} takes {prompt_tokens} of "
-                             f"its {max_ctx} tokens, so {available} {agree(available, 'is', 'are')} available")
+            raise ContextLengthExceeded(f"{name} ({max_tokens}) does not fit the context: {what} takes "
+                                        f"{prompt_tokens} of its {max_ctx} tokens, so {available} "
+                                        f"{agree(available, 'is', 'are')} available")
         return max_tokens or available
 
     def kept_messages(body: ChatRequest, conv: Conversation) -> str:
@@ -890,7 +904,7 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
             f"messages[{i}]" for i, m in enumerate(body.messages) if m.chat_role == "system")
         size = len(tokenizer.encode(conv.system + "\n")) + 1  # and the shortest question's <bos>
         if size >= max_ctx:
-            raise ValueError(f"{system} ({size - 1} tokens) does not fit the context of {max_ctx} tokens")
+            raise ContextLengthExceeded(f"{system} ({size - 1} tokens) does not fit the context of {max_ctx} tokens")
         return f"{system} with {last_turn(body)}"
 
     def chat_generation(body: ChatRequest) -> Generation:
@@ -937,8 +951,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
                 prompt, text = list(text), tokenizer.decode(text)
             if body.max_tokens == 0:  # the prompt scored, nothing generated: it may fill the context
                 if len(prompt) > max_ctx:
-                    raise ValueError(f"the prompt{many} ({len(prompt)} tokens) does not fit the context of "
-                                     f"{max_ctx} tokens")
+                    raise ContextLengthExceeded(f"the prompt{many} ({len(prompt)} tokens) does not fit the context "
+                                                f"of {max_ctx} tokens")
                 gen = generation(body, prompt, 1)
                 gen.score_only = True
             else:
@@ -997,6 +1011,8 @@ def build_app(model, tokenizer: Tokenizer, model_name: str, sampling: Sampling |
     async def answer(request: Request, body: Common, make_generations, chat: bool):
         try:
             gens = await run_in_threadpool(make_generations, body)
+        except ContextLengthExceeded as e:
+            return error(400, str(e), code="context_length_exceeded")
         except (ValueError, UserError) as e:  # what the request asks for cannot be done: its sentence
             return error(400, str(e))
         if (entries := logprob_entries(gens)) > MAX_LOGPROB_ENTRIES:  # an answer of tens of MB
