@@ -808,6 +808,27 @@ def test_seed_makes_sampling_repeatable(server):
     assert len({ask(s) for s in range(4)}) > 1
 
 
+def test_a_stop_after_a_character_of_byte_tokens_keeps_all_its_tokens_in_logprobs(bpe_tokenizer):
+    """"龘X" with stop "X": the text is "龘", made of three byte tokens, but the logprobs kept only the first
+    (`bytes:\\xe9`), which decodes to U+FFFD: the cut counted the U+FFFD of a character not complete yet as a
+    character of the text. They keep the character's three tokens, not the stop string's."""
+    from babyllama.serve import Generation, ids_before, score
+
+    tok = bpe_tokenizer
+    ids = tok.encode("龘X")
+    assert ids == [168, 125, 249, 58]  # three byte tokens, then "X"
+    assert [ids_before(tok, ids, n) for n in range(3)] == [0, 3, 4]
+    model = sharp_model(tiny_config(vocab_size=600))
+    gen = Generation(Scripted(model, ids), tok, threading.Lock(), [tok.eos_id], Sampling(max_new_tokens=8),
+                     ["X"], top_logprobs=0)
+    assert "".join(gen.pieces()) == "龘" and gen.finish_reason == "stop"
+    score([gen])
+    lp = gen.logprobs()
+    assert gen.answer_ids() == [168, 125, 249] and tok.decode(gen.answer_ids()) == "龘"
+    assert (lp["tokens"], lp["text_offset"]) == (["bytes:\\xe9", "bytes:\\xbe", "bytes:\\x98"], [0, 1, 1])
+    assert len(gen.chat_logprobs()["content"]) == 3 and gen.usage()["completion_tokens"] == 4
+
+
 def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
 
     from babyllama.serve import Generation, score

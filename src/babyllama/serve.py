@@ -330,6 +330,20 @@ class ContextLengthExceeded(ValueError):
     context_length_exceeded, which clients read to shorten the prompt."""
 
 
+def ids_before(tokenizer: Tokenizer, ids: list[int], chars: int) -> int:
+    """How many of ids, from the first, hold the first chars characters of their text: those whose text begins
+    before character chars, one straddling it included, with every byte token of a character made of several
+    (a character not complete yet, decoded as U+FFFD, is not counted: Detokenizer.complete). The ids are
+    decoded once, incrementally (Detokenizer)."""
+    decoded = Detokenizer(tokenizer)
+    for n, i in enumerate(ids):
+        if decoded.length >= chars and (not decoded.text.endswith("\ufffd")
+                                        or decoded.before + len(decoded.complete()) >= chars):
+            return n
+        decoded.add(i)
+    return len(ids)
+
+
 class Cancelled(Exception):
     """A generation stopped before its end (Generation.cancel was set): its client left, or the server stops."""
 
@@ -351,7 +365,7 @@ class Generation:
     said_eos: bool = False  # the answer ended with <eos>, which it does not hold
     score_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing is generated
     finish_reason: str = "length"
-    stop_at: int | None = None  # a stop string ended the answer: the characters of the answer before it
+    kept: int | None = None  # a stop string ended the answer: how many of ids answer_ids keeps (ids_before)
     shown: int = 0  # the characters of the answer's text (pieces): less a character that max_tokens cut
     picked: int | None = None  # the one token of an answer that picks (picks), from the scoring forward
     chosen: list[float] = field(default_factory=list)  # score: the log-probability of each of scored_ids()[1:]
@@ -395,7 +409,7 @@ class Generation:
         return torch.Generator(self.model.rope_cos.device).manual_seed(self.seed)
 
     def pieces(self) -> Iterator[str]:
-        """Text pieces until <eos>, max_tokens or a stop string; sets finish_reason, and stop_at after a stop."""
+        """Text pieces until <eos>, max_tokens or a stop string; sets finish_reason, and kept after a stop."""
         pieces, shown = until_stop(decode_stream(self.tokenizer, self.tokens()), self.stops), 0
         while True:
             try:
@@ -405,10 +419,9 @@ class Generation:
                 break
             shown += len(piece)
             yield piece
-        self.stop_at = shown if stopped else None
+        self.kept = ids_before(self.tokenizer, self.ids, shown) if stopped else None
         self.shown = shown
-        ctx = self.model.cfg.max_seq_len
-        room = min(self.sampling.max_new_tokens, ctx - min(len(self.prompt), ctx - 1))  # max_tokens, or the context
+        room = min(self.sampling.max_new_tokens, self.model.cfg.max_seq_len - len(self.prompt))  # or the context
         self.said_eos = not stopped and len(self.ids) < room and not self.score_only
         if stopped or self.said_eos:
             self.finish_reason = "stop"
@@ -422,17 +435,11 @@ class Generation:
     def answer_ids(self) -> list[int]:
         """The answer's tokens and the <eos> that ended it, which the model generated as it did them, that both
         endpoints' logprobs list (vLLM's way; lm-eval needs the <eos>). After a stop string, which the text
-        leaves out, only the tokens whose text begins before it (stop_at): the one that straddles its start
+        leaves out, only the tokens whose text begins before it (kept): the one that straddles its start
         stays, as the text holds its start; those of the stop string do not (usage counts them: generated)."""
-        if self.stop_at is None:
+        if self.kept is None:
             return self.ids + [self.tokenizer.eos_id] * self.said_eos
-        decoded, kept = Detokenizer(self.tokenizer), 0
-        for i in self.ids:
-            if decoded.length >= self.stop_at:
-                break
-            decoded.add(i)
-            kept += 1
-        return self.ids[:kept]
+        return self.ids[: self.kept]
 
     def scored_ids(self) -> list[int]:
         """The ids whose logprobs are given: the prompt and answer_ids (the prompt alone before a picked token is
