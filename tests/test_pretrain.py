@@ -1287,6 +1287,57 @@ def test_a_model_vocab_far_above_the_tokenizers_ids_gets_a_note_at_the_start(sha
     assert "embedding rows" not in capsys.readouterr().out
 
 
+CHECKPOINTING = "pass --activation_checkpointing true (each block recomputed in the backward pass)"
+LOWER = "lower --batch_size (and raise --grad_accum to keep the tokens a step)"
+
+
+@pytest.mark.parametrize("gib, batch_size, checkpointing, needs, fix", [
+    (8, 1, False, "13 GiB for its activations, 14 GiB", CHECKPOINTING),
+    (8, 2, False, "26 GiB for its activations, 27 GiB", f"{CHECKPOINTING}, or {LOWER}"),
+    (5, 2, False, "26 GiB for its activations, 27 GiB", LOWER),  # with checkpointing 2 rows need 7.4 GiB
+    (4, 1, False, "13 GiB for its activations, 14 GiB", "choose a smaller --model.max_seq_len or model"),
+    (4, 1, True, "3.3 GiB for its activations, 4.1 GiB", "choose a smaller --model.max_seq_len or model"),
+])
+def test_the_activation_refusal_names_the_remedies_that_apply(monkeypatch, gib, batch_size, checkpointing, needs,
+                                                              fix):
+    """baby-218m's shape with 32768 positions: the refusal said "lower --batch_size" at batch_size 1 too, and never
+    --activation_checkpointing, with which batch_size 1 fits 8 GiB. It names checkpointing when it is off and the
+    micro-batch fits with it, a lower batch_size when it has several rows, else a shorter max_seq_len or model."""
+    from babyllama.config import RunConfig, TrainConfig
+    from babyllama.model import ModelConfig
+    from babyllama.train import trainer
+
+    model = ModelConfig(dim=1024, n_layers=12, n_heads=8, vocab_size=64793, max_seq_len=32768)
+    run = RunConfig(model=model, train=TrainConfig(batch_size=batch_size, activation_checkpointing=checkpointing))
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (gib << 30, "this machine's memory"))
+    with pytest.raises(UserError) as e:
+        trainer.check_memory(run, torch.device("cpu"), "pretrain")
+    assert str(e.value) == (f"a micro-batch of batch_size {batch_size} rows of 32768 tokens needs at least {needs} "
+                            f"with the weights and token ids, more than the {gib}.0 GiB of this machine's memory; "
+                            f"{fix}.")
+    if fix == CHECKPOINTING:  # as said, it fits
+        trainer.check_memory(RunConfig(model=model, train=TrainConfig(batch_size=batch_size,
+                                                                      activation_checkpointing=True)),
+                             torch.device("cpu"), "pretrain")
+
+
+def test_an_sft_micro_batch_of_one_row_that_cannot_fit_is_told_to_use_shorter_samples(monkeypatch):
+    """SFT and DPO take max_seq_len from --init: one row that does not fit with checkpointing needs shorter samples."""
+    from babyllama.config import RunConfig, TrainConfig
+    from babyllama.model import ModelConfig
+    from babyllama.train import trainer
+
+    model = ModelConfig(dim=1024, n_layers=12, n_heads=8, vocab_size=64793, max_seq_len=32768)
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (4 << 30, "this machine's memory"))
+    sft = RunConfig(model=model, train=TrainConfig(batch_size=8, activation_checkpointing=True))
+    with pytest.raises(UserError) as e:
+        trainer.check_activations(sft, torch.device("cpu"), "sft", 32768, 0, "batch_size 8 rows (counted as the 1 rows "
+                                  "the run trains on) padded to the longest row's 32768 tokens", False)
+    assert str(e.value).endswith("tokens needs at least 3.3 GiB for its activations, 4.1 GiB with the weights and "
+                                 "token ids, more than the 4.0 GiB of this machine's memory; use shorter samples "
+                                 "(--max_prompt_chars, --max_answer_chars) or a smaller model.")
+
+
 def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_path, monkeypatch):
     """batch_size 100000 passed the check of weights and token ids, then the kernel's out-of-memory killer ended the
     run (exit 137, no word): a lower bound of a micro-batch's activations (32 tokens a row; per block the inputs of

@@ -247,7 +247,8 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
                         f"{size_text(have)} of {of}; lower them.")
     if stage == "pretrain":
         T = cfg.model.max_seq_len
-        check_activations(cfg, device, stage, t.batch_size * T, ids, f"batch_size {t.batch_size} rows of {T} tokens")
+        check_activations(cfg, device, stage, t.batch_size * T, ids, f"batch_size {t.batch_size} rows of {T} tokens",
+                          t.batch_size > 1)
 
 
 def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset) -> None:
@@ -264,18 +265,43 @@ def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Da
     length = T if t.pack else min(int(np.max(data.lengths)) - 1, T)  # collate's T: the longest row's ids less one
     unit = "pairs" if stage == "dpo" else "rows"
     fewer = f" (counted as the {rows} {unit} the run trains on)" if rows < t.batch_size else ""
-    batch = f"batch_size {t.batch_size} {unit}{fewer}"
+    batch, several = f"batch_size {t.batch_size} {unit}{fewer}", rows > 1
     if stage == "dpo":
         rows, batch = 2 * rows, f"{batch}, {2 * rows} rows of chosen and rejected answers"
     padded = f" of {T} tokens (packed)" if t.pack else f" padded to the longest row's {length} tokens"
-    check_activations(cfg, device, stage, rows * length, 16 * rows * length, batch + padded)
+    check_activations(cfg, device, stage, rows * length, 16 * rows * length, batch + padded, several)
 
 
 def check_activations(cfg: RunConfig, device: torch.device, stage: str, positions: int, ids: float,
-                      batch: str) -> None:
+                      batch: str, several: bool) -> None:
     """UserError when the activations of a micro-batch of `positions` positions (rows x their padded length; batch:
-    it in words, "batch_size 8 rows of 512 tokens"), counted low, with the weights (model_bytes) and `ids` bytes of
-    token ids exceed the device's memory (device_memory). Counted, per position at the autocast dtype's itemsize:
+    it in words, "batch_size 8 rows of 512 tokens"; several: it holds more than one row, or DPO pair, so a lower
+    batch_size shrinks it), counted low (activation_bytes), with the weights (model_bytes) and `ids` bytes of token
+    ids exceed the device's memory (device_memory). Its remedies, those that apply: activation_checkpointing when it
+    is off and the micro-batch fits with it, a lower batch_size when there are several rows, else a shorter
+    max_seq_len (pretraining) or shorter samples (SFT, DPO), or a smaller model."""
+    t = cfg.train
+    acts = activation_bytes(cfg, device, positions, t.activation_checkpointing)
+    resident = model_bytes(cfg, stage)[2] + ids
+    have, of = device_memory(device)
+    if resident + acts <= have:
+        return
+    fixes = []
+    if not t.activation_checkpointing and resident + activation_bytes(cfg, device, positions, True) <= have:
+        fixes.append("pass --activation_checkpointing true (each block recomputed in the backward pass)")
+    if several:
+        fixes.append("lower --batch_size (and raise --grad_accum to keep the tokens a step)")
+    if not fixes:
+        fixes.append("choose a smaller --model.max_seq_len or model" if stage == "pretrain" else
+                     "use shorter samples (--max_prompt_chars, --max_answer_chars) or a smaller model")
+    raise UserError(f"a micro-batch of {batch} needs at least {size_text(acts)} for its activations, "
+                    f"{size_text(resident + acts)} with the weights and token ids, more than the "
+                    f"{size_text(have)} of {of}; {', or '.join(fixes)}.")
+
+
+def activation_bytes(cfg: RunConfig, device: torch.device, positions: int, checkpointing: bool) -> float:
+    """A lower bound of the bytes of a micro-batch's activations, `positions` positions (rows x their padded
+    length), with activation_checkpointing or without. Counted, per position at the autocast dtype's itemsize:
     what autograd surely keeps of each block for the backward pass, the inputs of wqkv, wo and w13 (dim each, or a
     tensor of dim they are recomputed from: with LoRA's frozen base the norms' inputs and attention's q) and w13's
     output (2 ffn_dim), from which SwiGLU's backward and w2's input are computed (torch.compile may recompute w2's
@@ -284,18 +310,11 @@ def check_activations(cfg: RunConfig, device: torch.device, stage: str, position
     (the loss never forms them all: model.linear_cross_entropy). Gradients, AdamW's moments, attention's own buffers,
     the norms' copies and DPO's reference forward (no_grad: it keeps nothing) are left out, so a step that fits is
     never refused (batch_size 100000 was killed, with no word, by the kernel's out-of-memory killer)."""
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     block = 3 * m.dim + 2 * m.ffn_dim  # a block's kept tensors per position
-    kept = m.n_layers * m.dim + block if t.activation_checkpointing else m.n_layers * block
-    itemsize = amp_dtype(t.dtype, device).itemsize
-    acts = (kept + 2 * m.dim) * positions * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
-    resident = model_bytes(cfg, stage)[2] + ids
-    have, of = device_memory(device)
-    if resident + acts > have:
-        raise UserError(f"a micro-batch of {batch} needs at least {size_text(acts)} for its activations, "
-                        f"{size_text(resident + acts)} with the weights and token ids, more than the "
-                        f"{size_text(have)} of {of}; lower --batch_size (and raise --grad_accum to keep the tokens "
-                        "a step).")
+    kept = m.n_layers * m.dim + block if checkpointing else m.n_layers * block
+    itemsize = amp_dtype(cfg.train.dtype, device).itemsize
+    return (kept + 2 * m.dim) * positions * itemsize + min(positions, LOSS_CHUNK) * m.vocab_size * 4
 
 
 # what a resume may not change: the checkpoint's optimizer state and adapter are of the first four; seed and pack
