@@ -34,6 +34,8 @@ def ceval(bpe_tokenizer, tmp_path_factory):
     rng, words = random.Random(0), ["长城", "北京", "黄河", "网络", "协议", "月份", "首都", "科学", "历史", "文化"]
     items = [{"id": str(i), "question": "".join(rng.sample(words, 3)) + "是什么",
               **{c: rng.choice(words) for c in "ABCD"}, "answer": rng.choice("ABCD")} for i in range(24)]
+    for i, it in enumerate(items[:16]):  # an empty option, which eval --mc does not offer: lm-eval must not either
+        it["ABCD"[i % 4] if it["answer"] != "ABCD"[i % 4] else "ABCD"[(i + 1) % 4]] = " " if i % 2 else ""
     (tmp / "ceval-exam" / "val").mkdir(parents=True)
     with (tmp / "ceval-exam" / "val" / "net_val.csv").open("w", encoding="utf-8", newline="") as f:
         csv.DictWriter(f, list(items[0])).writeheader()
@@ -56,8 +58,9 @@ def lm_eval_letters(ceval, monkeypatch, **kwargs) -> tuple[list[str], float]:
 
     tasks = TaskManager(include_path="tasks", include_defaults=False)  # not its 14,000 files
     out = lm_eval.simple_evaluate(tasks=["babyllama_mc"], task_manager=tasks, log_samples=True, **kwargs)
-    letters = ["ABCD"[max(range(4), key=lambda i: s["filtered_resps"][i][0])] for s in
-               sorted(out["samples"]["babyllama_mc"], key=lambda s: s["doc_id"])]
+    samples = sorted(out["samples"]["babyllama_mc"], key=lambda s: s["doc_id"])
+    letters = [s["doc"]["choices"][max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])]
+               for s in samples]
     return letters, out["results"]["babyllama_mc"]["acc,none"]
 
 
