@@ -499,7 +499,8 @@ def test_eight_concurrent_streams_get_their_own_answers(server):
     ('{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "starts with the assistant"),  # not "last message"
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}', "last message"),
-    ('{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    ('{"messages": [{"role": "user", "content": "x"}], "stop": ' + str(list(map(str, range(33)))).replace("'", '"')
+     + "}", "stop"),
     ('{"messages": [{"role": "user", "content": "' + "很长" * 200 + '"}], "max_tokens": 8}', "context"),
     ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', "max_tokens"),
     ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens"),
@@ -549,6 +550,35 @@ def test_a_bad_metadata_value_names_its_key(server, metadata, said):
     body = {"messages": [{"role": "user", "content": "x"}], "metadata": metadata}
     r = httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"] == said
+
+
+STOP = "a string or a list of at most 32 strings, each of 1 to 100 characters"
+PROMPTS = "a string of at most 20000 characters, a list of 1 to 20000 token ids, or a list of 1 to 32 of either"
+
+
+@pytest.mark.parametrize("body, said", [
+    ({"prompt": "x", "stop": [str(i) for i in range(33)]}, f"stop: {STOP}; got a list of 33 strings"),
+    ({"prompt": "x", "stop": ["a", ""]}, f'stop[1]: {STOP}; got ""'),
+    ({"prompt": "x", "stop": "y" * 101}, f"stop: {STOP}; got a string of 101 characters"),
+    ({"prompt": ["x"] * 33}, f"prompt: {PROMPTS}; got a list of 33 prompts"),
+    ({"prompt": [[5, 6]] * 64}, f"prompt: {PROMPTS}; got a list of 64 prompts"),  # lm-eval's --batch_size 64
+    ({"prompt": []}, f"prompt: {PROMPTS}; got a list of 0 prompts"),
+    ({"prompt": [[5], []]}, f"prompt: {PROMPTS}; got a list of 0 token ids in prompt[1]"),
+    ({"prompt": "x" * 20_001}, f"prompt: {PROMPTS}; got a string of 20001 characters"),
+    ({"prompt": ["x", "y" * 20_001]}, f"prompt: {PROMPTS}; got a string of 20001 characters in prompt[1]"),
+    ({"prompt": [5] * 20_001}, f"prompt: {PROMPTS}; got a list of 20001 token ids"),
+])
+def test_a_request_over_a_limit_is_told_what_it_sent(server, body, said):
+    r = httpx.post(server["url"] + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["message"] == said
+
+
+def test_lm_evals_five_stop_strings_are_taken(server):
+    """lm-eval adds its eos string to a task's `until`: gsm8k-cot-llama and humaneval send 5 (OpenAI's limit is 4)."""
+    until = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"]
+    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "天空", "max_tokens": 4, "stop": until},
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
 
 
 def test_unknown_routes_and_methods_get_the_same_json_error(server):

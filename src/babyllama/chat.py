@@ -107,7 +107,7 @@ def until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, No
     hold = max((len(s) for s in stops), default=1) - 1
     for piece in pieces:
         text += piece
-        hits = [text.find(s) for s in stops if s in text]
+        hits = [i for s in stops if (i := text.find(s, shown)) >= 0]  # none begins before shown: it would have ended
         if hits:
             if min(hits) > shown:
                 yield text[shown : min(hits)]

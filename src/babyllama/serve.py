@@ -59,7 +59,9 @@ except ImportError as e:  # pydantic comes with fastapi, in the [serve] extra
 MAX_BODY_BYTES = 1 << 20
 MAX_TEXT_CHARS = 20_000  # a message's content, a prompt
 MAX_MESSAGES = 128
-MAX_STOPS, MAX_STOP_CHARS = 4, 100  # OpenAI's 4
+# OpenAI takes 4 stop strings, vLLM any number: lm-eval adds its eos string to a task's `until`, so stock tasks send 5
+# (gsm8k-cot-llama, humaneval); the holdback of the longest one (until_stop) bounds what they cost
+MAX_STOPS, MAX_STOP_CHARS = 32, 100
 MAX_NAME_CHARS = 256  # user, safety_identifier, prompt_cache_key
 COMPLETION_MAX_TOKENS = 16  # an omitted max_tokens on /v1/completions, as OpenAI's legacy completions
 MAX_PROMPTS = 32  # prompts in one /v1/completions request (lm-evaluation-harness sends its batch as a list)
@@ -181,8 +183,8 @@ class ChatRequest(Common):
     prompt_cache_key: str | None = Field(None, max_length=MAX_NAME_CHARS, description=NAME)
 
 
-PROMPT = (f"a string of at most {MAX_TEXT_CHARS} characters, a list of token ids, or a list of 1 to {MAX_PROMPTS} "
-          "of either")
+PROMPT = (f"a string of at most {MAX_TEXT_CHARS} characters, a list of 1 to {MAX_TEXT_CHARS} token ids, or a list of 1 "
+          f"to {MAX_PROMPTS} of either")
 
 
 def listed(prompt: str | list) -> bool:
@@ -201,8 +203,13 @@ class CompletionRequest(Common):
     @classmethod
     def prompts_within_limits(cls, prompt: str | list) -> str | list:
         prompts = prompt if listed(prompt) else [prompt]
-        if not 1 <= len(prompts) <= MAX_PROMPTS or any(p == [] or len(p) > MAX_TEXT_CHARS for p in prompts):
-            raise ValueError(PROMPT)
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(f"{PROMPT}; got a list of {len(prompts)} {agree(len(prompts), 'prompt', 'prompts')}")
+        for i, p in enumerate(prompts):
+            if p == [] or len(p) > MAX_TEXT_CHARS:
+                what = (f"a string of {len(p)} characters" if isinstance(p, str) else
+                        f"a list of {len(p)} token {agree(len(p), 'id', 'ids')}")
+                raise ValueError(f"{PROMPT}; got {what}{f' in prompt[{i}]' if listed(prompt) else ''}")
         return prompt
 
     def prompts(self) -> list[str | list[int]]:
@@ -295,10 +302,15 @@ def shown(value: object) -> str:
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
-    """The request's stop strings; raises ValueError beyond 4 or when one is empty or over 100 characters."""
+    """The request's stop strings; raises ValueError, saying what it got, beyond MAX_STOPS or when one is empty or
+    over MAX_STOP_CHARS characters."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-        raise ValueError(f"stop: {Common.model_fields['stop'].description}")
+    rule = Common.model_fields["stop"].description
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"stop: {rule}; got a list of {len(stops)} strings")
+    for i, s in enumerate(stops):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"{'stop' if isinstance(stop, str) else f'stop[{i}]'}: {rule}; got {shown(s)}")
     return stops
 
 
