@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
 import re
 import shutil
 import signal
@@ -56,6 +58,13 @@ def server(bpe_tokenizer):
 
 def client(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+
+
+def whole_characters_before(tok, ids: list[int]) -> list[int]:
+    """text_offset's definition: for each of ids, how many characters of their text (decode_complete) the ids
+    before it make whole, decoding each prefix: O(n^2) ids."""
+    text = tok.decode_complete(ids)
+    return [len(os.path.commonprefix((tok.decode(ids[:t]), text))) for t in range(len(ids))]
 
 
 def alone(server, question: str, max_tokens: int) -> str:
@@ -169,7 +178,7 @@ def test_echo_and_logprobs_are_the_models_log_softmax(server):
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
     greedy = lp.top_logprobs[len(prompt):]  # the answer is greedy: each token is its position's most likely
     assert [max(t.values()) for t in greedy] == pytest.approx(lp.token_logprobs[len(prompt):], abs=1e-5)
-    assert lp.text_offset == [len(tok.decode(ids[:t])) for t in range(len(ids))]
+    assert lp.text_offset == [min(at, len(choice.text)) for at in whole_characters_before(tok, ids)]
     plain = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=0).choices[0]
     assert plain.logprobs.token_logprobs == pytest.approx(expected[-3:], abs=1e-5)
     assert plain.logprobs.top_logprobs == [{}, {}, {}] and plain.logprobs.text_offset[0] == 0
@@ -234,8 +243,6 @@ def test_chat_logprobs_are_the_models_log_softmax_of_the_answer(server):
 @pytest.mark.parametrize(("body", "said"), [
     ({"prompt": [[5, 6], [600]]}, "prompt[1]: token id 600 is not in the vocabulary of 600"),
     ({"prompt": [-1]}, "prompt: token id -1 is not in the vocabulary of 600"),
-    ({"prompt": []}, "prompt: a string of at most 20000 characters, a list of token ids, or a list of 1 to 32"),
-    ({"prompt": ["a"] * 33}, "prompt: a string of at most 20000 characters, a list of token ids, or a list of 1 to 32"),
     ({"prompt": [[]]}, "prompt: a string of at most 20000 characters"),
     ({"prompt": "今天", "echo": True, "stream": True}, "echo: only without stream"),
     ({"prompt": "今天", "logprobs": 1, "stream": True}, "logprobs: only without stream"),
@@ -285,7 +292,8 @@ def test_logprobs_of_partial_characters_in_completions_and_chat_are_openais(serv
                                                             "logprobs": 1}, timeout=30).json()["choices"][0]
     tokens = ["</s>", "你", "好", "bytes:\\xe4", "bytes:\\xb8", "bytes:\\xad", " the"]
     assert r["logprobs"]["tokens"] == tokens and r["text"] == "你好中 the"
-    assert r["logprobs"]["text_offset"] == [len(tok.decode(prompt[:t])) for t in range(len(prompt))]
+    assert r["logprobs"]["text_offset"] == whole_characters_before(tok, prompt)
+    assert r["logprobs"]["text_offset"][3:6] == [2, 2, 2]  # 中's bytes all begin where it does
     gen = Generation(model, tok, threading.Lock(), prompt[:3], Sampling(max_new_tokens=3), ids=zhong, top_logprobs=2)
     score([gen])
     content = gen.chat_logprobs()["content"]
@@ -377,6 +385,27 @@ def test_the_ids_no_answer_holds_are_listed_once_per_server(server, monkeypatch)
     assert calls == [600]
 
 
+@pytest.mark.parametrize("kind", ["bpe", "llama2", "metaspace", "chatglm2"])
+def test_text_offsets_are_where_each_tokens_character_begins(kind, bpe_tokenizer, tmp_path):
+    """`床前` as `</s>`, `bytes:\\xe5\\xba`, `bytes:\\x8a`, `前` had text_offset [0, 0, 1, 1]: 床's last byte at 1,
+    with 前, so a client splitting at len(context) took it for the continuation's. A token begins after the whole
+    characters before it: [0, 0, 0, 1]; bytes that are not UTF-8 are the U+FFFD they decode to, a character that the
+    ids cut is no text. Random ids, byte runs and texts, for each kind of tokenizer."""
+    from babyllama.serve import text_offsets
+
+    tok = tokenizer_of(kind, bpe_tokenizer, tmp_path)
+    rng = random.Random(2)
+    cases = [tok.encode("床前明月光，疑是 地上霜 😀 a")]
+    for _ in range(30):
+        raw = [tok._byte_id(b) for b in "".join(rng.choice(["床", "😀", "é", " ", "a"]) for _ in range(12)).encode()]
+        cases += [[rng.randrange(tok.vocab_size) for _ in range(30)],
+                  [b if rng.random() < 0.8 else rng.randrange(tok.vocab_size) for b in raw]]
+    for ids in cases:
+        assert text_offsets(tok, ids) == whole_characters_before(tok, ids), ids
+    chuang = [tok._byte_id(b) for b in "床".encode()]
+    assert text_offsets(tok, [tok.eos_id, *chuang, *tok.encode("前")])[:4] == [0, 0, 0, 0]
+
+
 def test_logprobs_decode_each_id_about_once(server, monkeypatch):
     """text_offset decodes incrementally (chat.Detokenizer) and each token's text and bytes come from one table
     (Tokenizer.id_bytes): a 120-token echo decodes a short window per token, not each prefix again."""
@@ -388,11 +417,12 @@ def test_logprobs_decode_each_id_about_once(server, monkeypatch):
                      echo=tok.decode(prompt), top_logprobs=5, score_only=True)  # the text that offsets point into
     score([gen])
     tok.id_bytes()  # built once per tokenizer
-    offsets = [len(tok.decode(prompt[:t])) for t in range(len(prompt))]  # the definition: 7,140 ids decoded
+    offsets = whole_characters_before(tok, prompt)  # the definition: 7,140 ids decoded
     decoded, decode = [], type(tok).decode
     monkeypatch.setattr(type(tok), "decode", lambda self, ids: decoded.append(len(ids)) or decode(self, ids))
     assert gen.logprobs()["text_offset"] == offsets
-    assert len(decoded) == len(prompt) + 1 and max(decoded) == 5  # a call per id (+ the anchor's): 𠀀's 4 bytes at most
+    assert len(prompt) + 1 <= len(decoded) <= len(prompt) + 7  # a call per id (+ the anchor's), and at the end
+    assert max(decoded) <= 8  # decode_complete's of a character that the ids cut: 𠀀's 4 bytes at most, + 3
 
 
 def test_a_list_of_prompts_is_scored_in_batches_with_the_logprobs_each_gets_alone(server, monkeypatch):
@@ -855,7 +885,7 @@ def test_a_stop_after_a_character_of_byte_tokens_keeps_all_its_tokens_in_logprob
     score([gen])
     lp = gen.logprobs()
     assert gen.answer_ids() == [168, 125, 249] and tok.decode(gen.answer_ids()) == "龘"
-    assert (lp["tokens"], lp["text_offset"]) == (["bytes:\\xe9", "bytes:\\xbe", "bytes:\\x98"], [0, 1, 1])
+    assert (lp["tokens"], lp["text_offset"]) == (["bytes:\\xe9", "bytes:\\xbe", "bytes:\\x98"], [0, 0, 0])
     assert len(gen.chat_logprobs()["content"]) == 3 and gen.usage()["completion_tokens"] == 4
 
 

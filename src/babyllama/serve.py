@@ -342,18 +342,38 @@ class ContextLengthExceeded(ValueError):
     context_length_exceeded, which clients read to shorten the prompt."""
 
 
+def text_offsets(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """Where each of ids begins in their text (decode_complete(ids)), in characters: the length of the whole
+    characters that the ids before it make. So the byte tokens of a character made of several all begin where it
+    begins, and a client that splits the tokens at len(context) counts them with the context; bytes that are not
+    UTF-8 are the U+FFFD characters they decode to. Decoded once, incrementally (Detokenizer): the ids of a window
+    (a character's bytes, a run of byte pieces that Llama 2's decoder reads as a whole) are placed when it is cut,
+    by how much of the window's text before each stays in its final text (commonprefix), and those of the last at
+    the end, where a character that the ids cut is no text."""
+    decoded, offsets, pending = Detokenizer(tokenizer), [], []  # pending: (index, the window's text before it)
+
+    def settle(text: str) -> None:
+        for k, before in pending:
+            offsets[k] = decoded.before + len(os.path.commonprefix((before, text)))
+        pending.clear()
+
+    for i in ids:
+        if not decoded.cut:  # i joins the window: where it begins depends on the ids after it
+            pending.append((len(offsets), decoded.text))
+        offsets.append(decoded.length)
+        decoded.add(i)
+        if decoded.cut:
+            settle(decoded.text)
+    if pending:
+        settle(decoded.complete() if decoded.text.endswith("\ufffd") else decoded.text)
+    return offsets
+
+
 def ids_before(tokenizer: Tokenizer, ids: list[int], chars: int) -> int:
     """How many of ids, from the first, hold the first chars characters of their text: those whose text begins
-    before character chars, one straddling it included, with every byte token of a character made of several
-    (a character not complete yet, decoded as U+FFFD, is not counted: Detokenizer.complete). The ids are
-    decoded once, incrementally (Detokenizer)."""
-    decoded = Detokenizer(tokenizer)
-    for n, i in enumerate(ids):
-        if decoded.length >= chars and (not decoded.text.endswith("\ufffd")
-                                        or decoded.before + len(decoded.complete()) >= chars):
-            return n
-        decoded.add(i)
-    return len(ids)
+    before character chars (text_offsets), one straddling it included, with every byte token of a character made of
+    several."""
+    return next((n for n, at in enumerate(text_offsets(tokenizer, ids)) if at >= chars), len(ids))
 
 
 class Cancelled(Exception):
@@ -471,24 +491,20 @@ class Generation:
         """OpenAI's legacy completions `logprobs` of the answer's tokens (with echo, of the prompt's too, the
         first one None as nothing precedes it): each token's text (token), its log-probability (score), the
         top_logprobs most likely tokens, and each token's text_offset in the choice's text: the length of
-        the text of the tokens before it, decoded once, incrementally (Detokenizer), but at most the choice's text:
-        the tokens that the text leaves out are at its end. An answer that ended with <eos> has it as its last
-        token, as vLLM gives it, and so has one whose last tokens are a character that max_tokens cut, which the
-        text leaves out (lm-evaluation-harness drops the last token of an echo, the one token it asks for, and would
-        otherwise drop the prompt's)."""
+        the whole characters of the tokens before it (text_offsets), so the byte tokens of one character all begin
+        where it begins, but at most the choice's text: the tokens that the text leaves out are at its end. An
+        answer that ended with <eos> has it as its last token, as vLLM gives it, and so has one whose last tokens
+        are a character that max_tokens cut, which the text leaves out (lm-evaluation-harness drops the last token
+        of an echo, the one token it asks for, and would otherwise drop the prompt's)."""
         ids = self.scored_ids()
         start = 0 if self.echo is not None else len(self.prompt)
         text = lambda i: logprob_token(self.tokenizer, i)[0]
         top_dicts = [{text(i): v for i, v in row} for row in self.top]
-        decoded, offsets = Detokenizer(self.tokenizer), []
         end = len(self.echo or "") + self.shown  # the choice's text
-        for i in ids[start:]:
-            offsets.append(min(decoded.length, end))
-            decoded.add(i)
         return {"tokens": [text(i) for i in ids[start:]],
                 "token_logprobs": ([None] + self.chosen)[start : len(ids)],  # a picked token a stop cut: scored
                 "top_logprobs": ([None] + top_dicts)[start : len(ids)],
-                "text_offset": offsets}
+                "text_offset": [min(at, end) for at in text_offsets(self.tokenizer, ids[start:])]}
 
     def chat_logprobs(self) -> dict:
         """Chat's `logprobs`, {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]},
