@@ -1338,6 +1338,23 @@ def test_an_sft_micro_batch_of_one_row_that_cannot_fit_is_told_to_use_shorter_sa
                                  "(--max_prompt_chars, --max_answer_chars) or a smaller model.")
 
 
+def test_a_packed_sft_row_that_cannot_fit_is_told_to_pass_pack_false(monkeypatch):
+    """Packed rows are max_seq_len long whatever their samples, so "use shorter samples" did not help: --pack false
+    does (rows as long as their samples)."""
+    from babyllama.config import RunConfig, TrainConfig
+    from babyllama.model import ModelConfig
+    from babyllama.train import trainer
+
+    model = ModelConfig(dim=1024, n_layers=12, n_heads=8, vocab_size=64793, max_seq_len=32768)
+    monkeypatch.setattr(trainer, "cpu_memory", lambda: (4 << 30, "this machine's memory"))
+    sft = RunConfig(model=model, train=TrainConfig(batch_size=1, activation_checkpointing=True, pack=True))
+    with pytest.raises(UserError) as e:
+        trainer.check_activations(sft, torch.device("cpu"), "sft", 32768, 0, "batch_size 1 rows of 32768 tokens "
+                                  "(packed)", False)
+    assert str(e.value).endswith("more than the 4.0 GiB of this machine's memory; pass --pack false (rows as long as "
+                                 "their samples, not max_seq_len) or use a smaller model.")
+
+
 def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence(shards, tmp_path, monkeypatch):
     """batch_size 100000 passed the check of weights and token ids, then the kernel's out-of-memory killer ended the
     run (exit 137, no word): a lower bound of a micro-batch's activations (32 tokens a row; per block the inputs of

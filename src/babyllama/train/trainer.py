@@ -279,7 +279,8 @@ def check_activations(cfg: RunConfig, device: torch.device, stage: str, position
     batch_size shrinks it), counted low (activation_bytes), with the weights (model_bytes) and `ids` bytes of token
     ids exceed the device's memory (device_memory). Its remedies, those that apply: activation_checkpointing when it
     is off and the micro-batch fits with it, a lower batch_size when there are several rows, else a shorter
-    max_seq_len (pretraining) or shorter samples (SFT, DPO), or a smaller model."""
+    max_seq_len (pretraining), or --pack false (packed SFT rows: max_seq_len long whatever their samples) or else
+    shorter samples (SFT, DPO), or a smaller model."""
     t = cfg.train
     acts = activation_bytes(cfg, device, positions, t.activation_checkpointing)
     resident = model_bytes(cfg, stage)[2] + ids
@@ -291,9 +292,11 @@ def check_activations(cfg: RunConfig, device: torch.device, stage: str, position
         fixes.append("pass --activation_checkpointing true (each block recomputed in the backward pass)")
     if several:
         fixes.append("lower --batch_size (and raise --grad_accum to keep the tokens a step)")
-    if not fixes:
-        fixes.append("choose a smaller --model.max_seq_len or model" if stage == "pretrain" else
-                     "use shorter samples (--max_prompt_chars, --max_answer_chars) or a smaller model")
+    if not fixes and stage == "pretrain":
+        fixes.append("choose a smaller --model.max_seq_len or model")
+    elif not fixes:  # packed rows are max_seq_len long, whatever their samples
+        fixes.append("pass --pack false (rows as long as their samples, not max_seq_len) or use a smaller model"
+                     if t.pack else "use shorter samples (--max_prompt_chars, --max_answer_chars) or a smaller model")
     raise UserError(f"a micro-batch of {batch} needs at least {size_text(acts)} for its activations, "
                     f"{size_text(resident + acts)} with the weights and token ids, more than the "
                     f"{size_text(have)} of {of}; {', or '.join(fixes)}.")
