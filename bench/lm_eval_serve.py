@@ -35,8 +35,9 @@ def timed_letters(task_dir: Path, **kwargs) -> tuple[list[str], float]:
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(tasks=["babyllama_mc"], task_manager=tasks, log_samples=True, **kwargs)
     seconds = time.perf_counter() - start
-    letters = ["ABCD"[max(range(4), key=lambda i: s["filtered_resps"][i][0])] for s in
-               sorted(out["samples"]["babyllama_mc"], key=lambda s: s["doc_id"])]
+    samples = sorted(out["samples"]["babyllama_mc"], key=lambda s: s["doc_id"])
+    letters = [s["doc"]["choices"][max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])]
+               for s in samples]
     return letters, seconds
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     rng = random.Random(0)
     words = ["长城", "北京", "黄河", "网络", "协议", "月份", "首都", "科学", "历史", "文化", "质量", "物流"]
     items = [{"question": "".join(rng.sample(words, 3)) + "是什么", **{c: rng.choice(words) for c in "ABCD"},
-              "answer": rng.choice("ABCD")} for _ in range(args.items)]
+              "answer": rng.choice("ABCD"), "choices": list("ABCD")} for _ in range(args.items)]  # the README's JSON
     (tmp / "ceval_val.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in items))
     (tmp / "tasks").mkdir()
     (tmp / "tasks" / "babyllama_mc.yaml").write_text(TASK)  # the README's task, over ceval_val.jsonl here
