@@ -198,6 +198,30 @@ def cached(paths, tok, cache, max_seq_len=64, val_fraction=0.0, pack=False, work
     return train, stats
 
 
+def test_a_read_only_cache_is_read_once_and_a_rank_that_cannot_see_rank_0s_cache_is_told_so(
+        tmp_path, bpe_tokenizer, monkeypatch):
+    """A read-only cache's manifest was read twice (once to see that it is there, once to check it); and a rank
+    other than 0 that found no cache (rank 0 built it, so the rank cannot see rank 0's folder: another machine with
+    an --sft_cache that is not shared) was told to "see the first process's error", which there is none of."""
+    from babyllama.train import sft_data
+
+    path = write(tmp_path / "sft.jsonl", [{"instruction": "写一首诗", "input": "", "output": "春眠不觉晓"}])
+    cache = tmp_path / "cache"
+    cached([path], bpe_tokenizer, cache)
+    reads, read = [], sft_data.read_sft_cache
+    monkeypatch.setattr(sft_data, "read_sft_cache", lambda d: reads.append(d) or read(d))
+    monkeypatch.setattr(sft_data.os, "access", lambda p, mode: False)  # as a read-only mount, whoever runs it
+    data, _ = cached([path], bpe_tokenizer, cache)
+    assert len(data) == 1 and reads == [cache]
+    monkeypatch.undo()
+    with pytest.raises(UserError) as e:
+        sft_data.opened_cache([path], tmp_path / "tok", tmp_path / "elsewhere", SFTSettings(65, 0.0), 1, "sft", {},
+                              build=False)
+    assert str(e.value) == (f"the SFT token cache {tmp_path / 'elsewhere'} that the first process built is not there "
+                            "on this machine; with several machines, --sft_cache must be a folder that all of them "
+                            "see (shared storage).")
+
+
 def samples(data):
     return [tuple(x.tolist() for x in data.sample(i)) for i in range(len(data.offsets) - 1)]
 

@@ -193,11 +193,13 @@ def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir
     build: build the cache (build_sft_cache) when there is none (rank 0; not on the other ranks, which open what it
     built). What is there is checked as load_sft_data checked the folder before (check_cache_folder), never built
     over. Raises UserError when it is another output, when the cache differs from key (cache_differences), is
-    damaged, or is missing (build False). A complete cache in a folder this process may not write (a read-only
-    mount: no lock file can be made there, and no run can replace it) is read without the lock."""
-    if not os.access(cache_dir, os.W_OK) and read_sft_cache(cache_dir) is not None:  # a read-only cache (a shared
-        # mount): no lock file can be made there, and no run can replace it
-        return checked_cache(cache_dir, read_sft_cache(cache_dir), kind, key, say=build)
+    damaged, or is missing (build False: rank 0 built it, so this rank cannot see rank 0's folder, as on another
+    machine with an --sft_cache that is not shared). A complete cache in a folder this process may not write (a
+    read-only mount: no lock file can be made there, and no run can replace it) is read without the lock."""
+    if not os.access(cache_dir, os.W_OK):  # a read-only cache (a shared mount): no lock file can be made there, and
+        manifest = read_sft_cache(cache_dir)  # no run can replace it
+        if manifest is not None:
+            return checked_cache(cache_dir, manifest, kind, key, say=build)
     with locked(cache_dir, f"{kind} token cache build", f"{kind} cache: ", "--sft_cache"):
         check_cache_folder(cache_dir, kind)
         manifest = read_sft_cache(cache_dir)
@@ -206,7 +208,9 @@ def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir
             print(f"{kind} cache: building {cache_dir} with {workers} worker{'s' if workers > 1 else ''}")
             manifest = build_sft_cache(inputs, tokenizer_path, cache_dir, settings, workers, kind)
         elif manifest is None:
-            raise UserError(f"the SFT token cache {cache_dir} was not built; see the first process's error.")
+            raise UserError(f"the {kind.upper()} token cache {cache_dir} that the first process built is not there "
+                            "on this machine; with several machines, --sft_cache must be a folder that all of them "
+                            "see (shared storage).")
         return checked_cache(cache_dir, manifest, kind, key, say=build and not built)
 
 
