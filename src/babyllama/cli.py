@@ -821,8 +821,9 @@ def main(argv: list[str] | None = None) -> int:
 def ctrl_c_heard() -> None:
     """Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python sets it, in a process that started with SIGINT ignored: a
     background job of a non-interactive shell (`babyllama eval ... &` in a script), which POSIX starts so, ran on
-    through `kill -INT` to its end (eval, prepare, pretokenize, a cache build). Once for every command: training and
-    DPO's precompute set their own handlers on top of it."""
+    through `kill -INT` to its end (eval, prepare, pretokenize, a cache build, DPO's precompute). Once for every
+    command; what must end a step first sets its own handler on top of it for that time (training: a checkpoint,
+    then Stopped; a swap of files that errors.signals_held holds off; serve's cancelling of its requests)."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
