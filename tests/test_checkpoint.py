@@ -600,3 +600,31 @@ def test_a_resume_skips_a_newest_checkpoint_holding_nan_and_refuses_when_every_o
     assert (r.returncode, r.stderr) == (2, f"babyllama: error: every checkpoint in {run / 'checkpoints'} is damaged "
                                            f"(step_000006: {why}); delete them to start again.\n")
     assert not (run / "checkpoints" / "step_000008").exists()
+
+
+def test_the_load_after_a_resume_pick_checks_each_tensor_once_and_a_rewritten_file_again(tmp_path, monkeypatch):
+    """resumable_checkpoint read every tensor to check it finite, then the load read and checked them all again (on
+    every torchrun rank): the load skips a file this process found finite, unless it was written since."""
+    from babyllama import weights_file
+    from babyllama.checkpoint import resumable_checkpoint, step_checkpoint
+
+    model = sharp_model(tiny_config(vocab_size=600))
+    save_checkpoint(step_checkpoint(tmp_path, 2), model, train_state={"step": 2})
+    checked, finite = [], weights_file.finite
+    monkeypatch.setattr(weights_file, "finite", lambda t: checked.append(t.shape) or finite(t))
+    ckpt, _, _ = resumable_checkpoint(tmp_path)
+    stored = len(checked)
+    assert stored == len(model_tensors_of(ckpt)) > 0
+    load_model(ckpt)
+    assert len(checked) == stored  # not again
+    name = poison(ckpt / "model.safetensors")
+    with pytest.raises(UserError, match=f"its tensor {name} holds NaN"):
+        load_model(ckpt)
+
+
+def model_tensors_of(ckpt: Path) -> list[str]:
+    """The names of the tensors in ckpt's model.safetensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        return list(f.keys())

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from babyllama.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
 
 
@@ -90,36 +92,56 @@ def file_sha256(path: str | Path) -> str:
 
 def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """{name: tensor} of the safetensors file at path, on device (a torch device's name). Raises UserError where it
-    cannot be read (unreadable), or where a floating-point tensor holds NaN or Inf: training never saves such
-    weights (Trainer.check_finite), so the file is damaged or was edited, and a model loaded with one NaN answered
-    nothing in chat, scored 0 in eval and was exported with 64 NaNs, each without a word."""
+    cannot be read (unreadable), or where a floating-point tensor holds NaN or Inf (check_finite): training never
+    saves such weights (Trainer.check_finite), so the file is damaged or was edited, and a model loaded with one NaN
+    answered nothing in chat, scored 0 in eval and was exported with 64 NaNs, each without a word."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
+        key = file_key(path)
         tensors = load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:
         raise unreadable(path, e) from None
-    for name, t in tensors.items():
-        if not finite(t):
-            raise not_finite(path, name)
+    if key not in FOUND_FINITE:  # a file check_finite_file read already (a resume's pick, an --init) is not again
+        check_finite(path, key, tensors.items())
     return tensors
 
 
 def check_finite_file(path: Path) -> None:
     """UserError where the safetensors file at path cannot be read (unreadable) or a floating-point tensor in it holds
-    NaN or Inf (not_finite): read_safetensors' rule, one tensor at a time, so that memory stays at the largest tensor.
-    A run checks its --init and the checkpoint it resumes so before it builds data (minutes) or picks where to resume
-    (a diverged run's newest checkpoint is skipped, as a damaged one)."""
+    NaN or Inf (check_finite), one tensor at a time, so that memory stays at the largest tensor. A run checks its
+    --init and the checkpoint it resumes so before it builds data (minutes) or picks where to resume (a diverged
+    run's newest checkpoint is skipped, as a damaged one); its load (read_safetensors) then checks them no more."""
     from safetensors import SafetensorError, safe_open
 
     try:
+        key = file_key(path)
         with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                if not finite(f.get_tensor(name)):
-                    raise not_finite(path, name)
+            check_finite(path, key, ((name, f.get_tensor(name)) for name in f.keys()))
     except (SafetensorError, OSError, ValueError) as e:
         raise unreadable(path, e) from None
+
+
+FOUND_FINITE: set[tuple[str, int, int, int]] = set()  # file_key of each weights file this process found finite
+
+
+def file_key(path: Path) -> tuple[str, int, int, int]:
+    """(the absolute path, size in bytes, mtime and ctime in ns) of the file at path: a file replaced or rewritten
+    since has another (ctime, which no one can set, even where the mtime was put back). Raises OSError where it is
+    not there."""
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def check_finite(path: Path, key: tuple[str, int, int, int], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """The one rule for weights read from a file: UserError (not_finite) at the first of tensors ((name, tensor),
+    the file's) whose elements are not all finite; once all are, key (file_key, taken before they were read) is
+    remembered in FOUND_FINITE, so that this process does not check that file again."""
+    for name, t in tensors:
+        if not finite(t):
+            raise not_finite(path, name)
+    FOUND_FINITE.add(key)
 
 
 def not_finite(path: Path, name: str) -> UserError:
