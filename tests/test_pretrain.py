@@ -1338,6 +1338,42 @@ def test_an_sft_micro_batch_of_one_row_that_cannot_fit_is_told_to_use_shorter_sa
                                  "(--max_prompt_chars, --max_answer_chars) or a smaller model.")
 
 
+def test_the_rows_memory_check_counts_the_longest_row_the_run_visits(monkeypatch):
+    """With a --tokens budget of 10 short rows the check counted the longest row of all 1001, which the run never
+    trains on, and refused it: it takes the longest of the rows the run visits (the first of the global order; all
+    of them in a whole epoch), and under torchrun a process's share of them (here 3 of 10 rows for 4 processes)."""
+    import numpy as np
+
+    from babyllama.config import RunConfig, TrainConfig
+    from babyllama.model import ModelConfig
+    from babyllama.train import trainer
+
+    model = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=4096)
+    lengths = np.full(1001, 20)
+    lengths[int(trainer.epoch_order(1001, 1337, 0)[-1])] = 4097  # the last row the first epoch visits
+
+    class Rows:
+        row_positions = lengths - 1
+
+        def __init__(self):
+            self.lengths = lengths
+
+        def __len__(self):
+            return 1001
+
+    run = lambda **train: RunConfig(model=model, train=TrainConfig(activation_checkpointing=True, **train))
+    cpu = torch.device("cpu")
+    have = trainer.model_bytes(run(), "sft")[2] + trainer.activation_bytes(run(), cpu, 4096, True)
+    monkeypatch.setattr(trainer, "device_memory", lambda device: (have, "this machine's memory"))
+    trainer.check_rows_memory(run(batch_size=1, tokens=190), cpu, "sft", Rows())  # 10 rows of 19 positions
+    with pytest.raises(UserError, match="batch_size 1 rows padded to the longest row's 4096 tokens needs"):
+        trainer.check_rows_memory(run(batch_size=1, epochs=1.0), cpu, "sft", Rows())
+    monkeypatch.setattr(trainer, "device_memory", lambda device: (0, "this machine's memory"))
+    with pytest.raises(UserError, match=r"^a micro-batch of batch_size 8 rows \(counted as the 3 rows each of the 4 "
+                                        r"processes trains on\) padded to the longest row's 19 tokens needs"):
+        trainer.check_rows_memory(run(batch_size=8, tokens=190), cpu, "sft", Rows(), world=4)
+
+
 def test_a_packed_sft_row_that_cannot_fit_is_told_to_pass_pack_false(monkeypatch):
     """Packed rows are max_seq_len long whatever their samples, so "use shorter samples" did not help: --pack false
     does (rows as long as their samples)."""

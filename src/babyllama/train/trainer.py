@@ -251,25 +251,39 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
                           t.batch_size > 1)
 
 
-def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset) -> None:
+def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset, world: int = 1) -> None:
     """check_activations for SFT's and DPO's training rows (data: SFTData, or DPO's PreferenceData of pairs), once
-    the token cache is read: the micro-batch that holds the longest row has batch_size rows, counted as all the
-    samples the run trains on when they are fewer (planned_samples; a step's rows wrap around the epochs, so a
-    max_steps run's micro-batches are full; a DPO pair is two rows, its chosen and rejected answers), each padded to
-    at least that row's length (packed rows: to max_seq_len), whatever they are. Raises UserError."""
+    the token cache is read: the micro-batch that holds the longest row the run visits (visited_lengths) has
+    batch_size rows, counted as a process's share of the samples the run trains on when they are fewer (world: the
+    processes; a max_steps run's micro-batches are full, its steps' rows wrapping around the epochs; a DPO pair is two
+    rows, its chosen and rejected answers), each padded to at least that row's length (packed rows: to max_seq_len),
+    whatever they are. A lower bound, as check_activations counts. Raises UserError."""
     t, T = cfg.train, cfg.model.max_seq_len
     if not len(data):
         return
     planned = planned_samples(t, T, len(data), data.row_positions)  # None with max_steps: every step is full
-    rows = min(t.batch_size, t.batch_size if planned is None else planned)
-    length = T if t.pack else min(int(np.max(data.lengths)) - 1, T)  # collate's T: the longest row's ids less one
+    visited = t.max_steps * t.batch_size * t.grad_accum * world if planned is None else planned
+    rows = min(t.batch_size, math.ceil(visited / world))
+    longest = int(np.max(visited_lengths(data.lengths, visited, t.seed)))
+    length = T if t.pack else min(longest - 1, T)  # collate's T: the longest row's ids less one
     unit = "pairs" if stage == "dpo" else "rows"
-    fewer = f" (counted as the {rows} {unit} the run trains on)" if rows < t.batch_size else ""
+    trains = "the run trains on" if world == 1 else f"each of the {world} processes trains on"
+    fewer = f" (counted as the {rows} {unit} {trains})" if rows < t.batch_size else ""
     batch, several = f"batch_size {t.batch_size} {unit}{fewer}", rows > 1
     if stage == "dpo":
         rows, batch = 2 * rows, f"{batch}, {2 * rows} rows of chosen and rejected answers"
     padded = f" of {T} tokens (packed)" if t.pack else f" padded to the longest row's {length} tokens"
     check_activations(cfg, device, stage, rows * length, 16 * rows * length, batch + padded, several)
+
+
+def visited_lengths(lengths: Sequence[int], visited: int, seed: int) -> np.ndarray:
+    """The lengths (of lengths, (n,) each row's) of the rows that a run of `visited` samples trains on: the first
+    ones of the global order (GlobalOrder of seed: epoch_order's first epoch), all of them when it reaches the
+    second epoch."""
+    lengths = np.asarray(lengths)
+    if visited >= len(lengths):
+        return lengths
+    return lengths[epoch_order(len(lengths), seed, 0)[:visited].numpy()]
 
 
 def check_activations(cfg: RunConfig, device: torch.device, stage: str, positions: int, ids: float,
