@@ -889,6 +889,25 @@ def test_a_stop_after_a_character_of_byte_tokens_keeps_all_its_tokens_in_logprob
     assert len(gen.chat_logprobs()["content"]) == 3 and gen.usage()["completion_tokens"] == 4
 
 
+def test_a_stop_after_a_broken_lead_byte_keeps_the_stop_strings_token_out_of_logprobs(bpe_tokenizer):
+    """[byte 0xe4, "X"] with stop "X": the text is the U+FFFD of a lead byte that "X" broke, but the logprobs (and
+    answer_ids) kept "X" too, as if the broken character were still in progress: only a character in progress may
+    pull in later tokens."""
+    from babyllama.serve import Generation, ids_before, score
+
+    tok = bpe_tokenizer
+    ids = [tok._byte_id(0xE4), *tok.encode("X")]
+    assert len(ids) == 2 and tok.decode(ids) == "\ufffdX"
+    assert [ids_before(tok, ids, n) for n in range(3)] == [0, 1, 2]
+    model = sharp_model(tiny_config(vocab_size=600))
+    gen = Generation(Scripted(model, ids), tok, threading.Lock(), [tok.eos_id], Sampling(max_new_tokens=8),
+                     ["X"], top_logprobs=0)
+    assert "".join(gen.pieces()) == "\ufffd" and gen.finish_reason == "stop"
+    score([gen])
+    lp = gen.logprobs()
+    assert gen.answer_ids() == ids[:1] and (lp["tokens"], lp["text_offset"]) == (["bytes:\\xe4"], [0])
+
+
 def test_finish_reason_is_length_when_the_context_runs_out(bpe_tokenizer):
 
     from babyllama.serve import Generation, score
