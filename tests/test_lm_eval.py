@@ -36,6 +36,7 @@ def ceval(bpe_tokenizer, tmp_path_factory):
               **{c: rng.choice(words) for c in "ABCD"}, "answer": rng.choice("ABCD")} for i in range(24)]
     for i, it in enumerate(items[:16]):  # an empty option, which eval --mc does not offer: lm-eval must not either
         it["ABCD"[i % 4] if it["answer"] != "ABCD"[i % 4] else "ABCD"[(i + 1) % 4]] = " " if i % 2 else ""
+    items.append({**items[-1], "id": "24", "A": "", "answer": "A"})  # its answer an empty option: bad, left out
     (tmp / "ceval-exam" / "val").mkdir(parents=True)
     with (tmp / "ceval-exam" / "val" / "net_val.csv").open("w", encoding="utf-8", newline="") as f:
         csv.DictWriter(f, list(items[0])).writeheader()
@@ -44,7 +45,10 @@ def ceval(bpe_tokenizer, tmp_path_factory):
     (tmp / "tasks").mkdir()
     (tmp / "tasks" / "babyllama_mc.yaml").write_text(TASK)
     scorer = ModelScorer(model, bpe_tokenizer)
-    ours = [mc_choices(it, scorer, bpe_tokenizer) for it in read_mc([tmp / "ceval-exam" / "val"])[0]]
+    good, bad = read_mc([tmp / "ceval-exam" / "val"])[:2]
+    assert len(good) == 24 and len(bad) == 1
+    assert len((tmp / "ceval_val.jsonl").read_text().splitlines()) == 24  # the command leaves the bad row out too
+    ours = [mc_choices(it, scorer, bpe_tokenizer) for it in good]
     return {"dir": tmp, "model": model, "letters": [r["letter_choice"] for r in ours],
             "accuracy": mc_summary(ours)["overall"]["letter_accuracy"]}
 
