@@ -211,7 +211,9 @@ def test_instruction_and_prompt_answer_records():
 def test_a_field_of_another_type_is_named_with_its_type():
     """`{"instruction": 123, ...}`, `{"output": ["a"]}` and `{"input": {"a": 1}}` were "not an instruction,
     prompt/answer or conversations record", though they are, with a field of the wrong type: the reason names it and
-    its type, as DPO's and eval's do; so does a null answer beside a question (`"completion": null`)."""
+    its type, as DPO's and eval's do; so does a null answer beside a question (`"completion": null`). A field of a
+    shape that is not there is named missing, as the README says: `{"instruction": "q"}` was "not an instruction, ...
+    record"."""
     for record, why in [
             ({"instruction": 123, "output": "x"}, "its 'instruction' is a number, not a string"),
             ({"instruction": "问", "output": ["a"]}, "its 'output' is a list, not a string"),
@@ -224,8 +226,14 @@ def test_a_field_of_another_type_is_named_with_its_type():
             ({"prompt": "问", "answer": None}, "its 'answer' is null, not a string"),
             ({"prompt": None, "completion": None, "instruction": "问", "output": None},  # a parquet row of mixed shapes
              "its 'output' is null, not a string"),
-            ({"instruction": "问"}, "not an instruction, prompt/answer, prompt/completion, conversations or messages "
-                                    "record")]:
+            ({"instruction": "问"}, "its 'output' is missing"),  # the README: a field not there is named missing
+            ({"instruction": "问", "input": "补充"}, "its 'output' is missing"),
+            ({"prompt": "问"}, "its 'answer' (or 'completion') is missing"),
+            ({"output": "答"}, "its 'instruction' is missing"),
+            ({"input": "补充", "output": "答"}, "its 'instruction' is missing"),
+            ({"completion": "答"}, "its 'prompt' is missing"),
+            ({"question": "问", "response": "答"}, "not an instruction, prompt/answer, prompt/completion, "
+                                                  "conversations or messages record")]:
         with pytest.raises(ValueError) as e:
             conversation_from_record(record)
         assert str(e.value) == why, record

@@ -281,6 +281,21 @@ def null_answer(record: dict) -> str | None:
     return next((key for key in keys if key in record and record[key] is None), None)
 
 
+def no_pair_words(record: dict) -> str:
+    """Why a record that instruction_pair refused (and that holds no conversation) is no SFT record, in words: a null
+    field (null_answer), else the field of its shape that is missing, "its 'output' is missing" beside an instruction,
+    "its 'answer' (or 'completion') is missing" beside a prompt, "its 'instruction' is missing" beside an output, "its
+    'prompt' is missing" beside an answer or completion; else that it has no SFT shape's fields."""
+    if null := null_answer(record):
+        return f"its {null!r} is null, not {'a list of messages' if null in CONVERSATION_KEYS else 'a string'}"
+    there = {k for k in SHAPE_FIELDS if record.get(k) is not None}
+    missing = ("'answer' (or 'completion')" if "prompt" in there else "'output'" if "instruction" in there else
+               "'instruction'" if "output" in there else "'prompt'" if there & {"answer", "completion"} else None)
+    if missing:
+        return f"its {missing} is missing"
+    return "not an instruction, prompt/answer, prompt/completion, conversations or messages record"
+
+
 def read_fields(record: dict) -> tuple[str, ...]:
     """The fields of SHAPE_FIELDS that record_conversation reads of record, those of the first shape it has (in
     SHAPE_ORDER): ("messages",), ("prompt", "completion"); () when it has none."""
@@ -442,10 +457,7 @@ def record_conversation(record: dict) -> Conversation:
     else:
         pair = instruction_pair(record)
         if pair is None:
-            null = null_answer(record)
-            kind = "a list of messages" if null in CONVERSATION_KEYS else "a string"
-            raise ValueError(f"its {null!r} is null, not {kind}" if null else
-                             "not an instruction, prompt/answer, prompt/completion, conversations or messages record")
+            raise ValueError(no_pair_words(record))
         messages, untrained = [("user", pair[0]), ("assistant", pair[1])], set()
     return conversation_from_messages(context + messages, add_generation_prompt=False,
                                       untrained={len(context) + i for i in untrained})
