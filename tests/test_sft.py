@@ -660,6 +660,36 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     assert json.loads((final / "config.json").read_text())["model"]["dropout"] == 0.1
 
 
+@pytest.mark.parametrize("stage, flags, message", [
+    ("sft", ["--beta", "0.1"], "SFT does not read beta, a setting of DPO only; drop it."),
+    ("sft", ["--label_smoothing", "0", "--precompute_ref_log_probs", "false"],
+     "SFT does not read label_smoothing and precompute_ref_log_probs, settings of DPO only; drop them."),
+    ("dpo", ["--pack", "false"], "DPO does not read pack, a setting of SFT only (DPO scores each answer in a row of "
+                                 "its own); drop it."),
+    ("pretrain", ["--val_fraction", "0.02"], "pretraining does not read val_fraction, a setting of SFT and DPO only "
+                                             "(pretraining reads the token shards that pretokenize split and wrote); "
+                                             "drop it."),
+    ("sft", ["--lora_alpha", "32"], "lora_alpha needs --lora_rank: without it SFT trains every weight, not LoRA "
+                                    "adapters; set --lora_rank or drop it."),
+])
+def test_a_setting_of_other_stages_is_refused_when_given_at_its_default(stage, flags, message):
+    """`sft --beta 0.1` was taken silently, `sft --beta 5` refused: a stage-only setting was refused only at a value
+    other than its default. Given at all, by a flag or the config file, it is refused alike."""
+    cfg = load_config(None, flags)
+    with pytest.raises(UserError) as e:
+        cfg.train.check_stage(stage, cfg.sources)
+    assert str(e.value) == message
+
+
+def test_a_setting_of_other_stages_from_the_config_file_is_refused(tmp_path):
+    """A config file's beta = 0.1 (dpo-demo.toml's, at the default) given to sft is refused as a flag is."""
+    (tmp_path / "c.toml").write_text("[train]\nbeta = 0.1\n")
+    cfg = load_config(tmp_path / "c.toml", [])
+    with pytest.raises(UserError, match="^SFT does not read beta, a setting of DPO only; drop it.$"):
+        cfg.train.check_stage("sft", cfg.sources)
+    cfg.train.check_stage("dpo", cfg.sources)  # its own stage reads it
+
+
 def test_sft_writes_beside_its_init_and_never_resumes_another_stage(sft_setup, tmp_path):
     from babyllama.settings import default_out_dir
 

@@ -175,13 +175,20 @@ class TrainConfig:
 
     def check_stage(self, stage: str, sources: dict[str, str | None] | None = None) -> None:
         """UserError for the settings that only other stages read (STAGE_SETTINGS) and for LoRA settings without
-        lora_rank, set to other than the default, all of them in one sentence: a run that silently ignored them
-        would not be the run asked for. sources: where each setting given came from (RunConfig's), so that one
-        from the config file is said to be from there, and a lora_rank 0 given to turn LoRA off is said to do so."""
+        lora_rank, given (a flag or the config file, even at the default value: `sft --beta 0.1` was taken silently,
+        `sft --beta 5` refused) or set to other than the default, all of them in one sentence: a run that silently
+        ignored them would not be the run asked for. sources: where each setting given came from (RunConfig's), so
+        that one from the config file is said to be from there, and a lora_rank 0 given to turn LoRA off is said to
+        do so."""
+        sources = sources or {}
+
+        def given(name: str) -> bool:
+            return name in sources or getattr(self, name) != getattr(TrainConfig, name)
+
         refused: dict[tuple, list[str]] = {}  # (readers, why) -> the settings given
         for f in dataclasses.fields(self):
             readers, why = STAGE_SETTINGS.get(f.name, ((stage,), {}))
-            if stage not in readers and getattr(self, f.name) != f.default:
+            if stage not in readers and given(f.name):
                 refused.setdefault((readers, why.get(stage, "")), []).append(f.name)
         faults = []
         if refused:
@@ -190,10 +197,10 @@ class TrainConfig:
                       for (readers, why), names in refused.items()]
             faults.append(f"{STAGE_NAMES[stage]} does not read {', nor '.join(groups)}; drop "
                           f"{'it' if sum(map(len, refused.values())) == 1 else 'them'}")
-        given = {n for names in refused.values() for n in names}  # refused above already
-        unread = [n for n in LORA_SETTINGS[1:] if getattr(self, n) != getattr(TrainConfig, n) and n not in given]
+        said = {n for names in refused.values() for n in names}  # refused above already
+        unread = [n for n in LORA_SETTINGS[1:] if given(n) and n not in said]
         if unread and not self.lora_rank:
-            faults.append(lora_off(unread, STAGE_NAMES[stage], sources or {}))
+            faults.append(lora_off(unread, STAGE_NAMES[stage], sources))
         if faults:
             raise UserError("; also, ".join(faults) + ".")
 
