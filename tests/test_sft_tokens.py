@@ -312,12 +312,11 @@ def test_the_data_tools_and_their_workers_run_without_torch():
     assert r.stdout == "False\n", r.stderr
 
 
-def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, tmp_path, capsys, caplog):
+def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, tmp_path, capsys):
     """cp without -p, or the same file downloaded again: a new mtime, the same bytes, which the manifest's SHA-256
     bears out, so the cache is used as it is; the same size with one character changed is refused, and so is a
     new mtime alone under a manifest from before the digests."""
     import hashlib
-    import logging
     import shutil
 
     f, settings, cache = tmp_path / "multi.jsonl", SFTSettings(max_len=65), tmp_path / "cache"
@@ -328,12 +327,14 @@ def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, t
     f.unlink()
     shutil.copyfile(demo_sft / "multi.jsonl", f)  # a new file with the same bytes
     os.utime(f, ns=(1, 1))
-    with caplog.at_level(logging.INFO, logger="babyllama.data.sft_tokens"):
-        train, _, _ = load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
-        assert build_sft_cache([f], demo_sft / "tok", cache, settings) == built  # pretokenize --sft: the same
-    assert caplog.messages == [f"note: {f} has a new mtime but the same bytes; using it"]
-    assert "sft cache: using" in capsys.readouterr().out and len(train) == built["stats"]["samples"]
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()} == files  # not rebuilt
+    train, _, _ = load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
+    stamped = {**built, "inputs": [{**built["inputs"][0], "mtime_ns": 1}]}  # the new mtime, recorded
+    assert build_sft_cache([f], demo_sft / "tok", cache, settings) == stamped  # pretokenize --sft: the same
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: {f} has a new mtime but the same bytes; using it\nsft cache: using")
+    assert len(train) == built["stats"]["samples"]
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.iterdir()
+            if p.name != "manifest.json"} == {k: v for k, v in files.items() if k != "manifest.json"}  # not rebuilt
     refused = (f"the SFT token cache {cache} was built with other inputs ({f} differs); delete it to rebuild, or "
                "choose another --sft_cache.")
     f.write_bytes(f.read_bytes().replace("症状".encode(), "病症".encode(), 1))  # one character, the same size
@@ -348,6 +349,38 @@ def test_an_input_with_a_new_mtime_and_the_same_bytes_uses_the_cache(demo_sft, t
     with pytest.raises(UserError) as e:
         load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
     assert str(e.value) == refused
+
+
+@pytest.mark.parametrize("open_with", ["sft", "pretokenize"])
+def test_a_new_mtime_with_the_same_bytes_is_recorded_so_the_next_run_does_not_hash(demo_sft, tmp_path, capsys,
+                                                                                   monkeypatch, open_with):
+    """`touch data.jsonl`, then sft twice: both runs hashed the whole input again (minutes for a GB) and both printed
+    the note, with a logger's prefix ("INFO babyllama.data.sft_tokens: note: ..."). The first run records the new
+    mtime in the manifest, under the cache's lock; the second trusts it: it hashes nothing and says nothing."""
+    import shutil
+
+    from babyllama.data import sft_tokens
+
+    f, settings, cache = tmp_path / "multi.jsonl", SFTSettings(max_len=65), tmp_path / "cache"
+    shutil.copy2(demo_sft / "multi.jsonl", f)
+    build_sft_cache([f], demo_sft / "tok", cache, settings)
+    os.utime(f, ns=(10**18, 10**18))  # touch
+    hashed, sha256 = [], sft_tokens.file_sha256
+    monkeypatch.setattr(sft_tokens, "file_sha256", lambda p: hashed.append(p) or sha256(p))
+
+    def run() -> str:
+        monkeypatch.setattr(sft_tokens, "_SAME_BYTES", {})  # a new process
+        capsys.readouterr()
+        if open_with == "sft":
+            load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist())
+        else:
+            build_sft_cache([f], demo_sft / "tok", cache, settings)
+        return capsys.readouterr().out
+
+    assert run().startswith(f"note: {f} has a new mtime but the same bytes; using it\n") and hashed == [str(f)]
+    assert read_sft_cache(cache)["inputs"][0]["mtime_ns"] == 10**18
+    assert "new mtime" not in run() and hashed == [str(f)]  # not hashed again
+    assert not list(cache.glob(".*.tmp"))
 
 
 def test_a_file_added_to_or_removed_from_a_data_folder_is_named_new_or_gone(demo_sft, tmp_path):

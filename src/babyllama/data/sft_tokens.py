@@ -65,7 +65,7 @@ from babyllama.data.sources import (
     say_unshown,
     warn_once,
 )
-from babyllama.errors import UserError, agree, discard, first_few, signals_held, writing
+from babyllama.errors import CannotWrite, UserError, agree, discard, first_few, signals_held, writing
 from babyllama.lock import locked
 from babyllama.progress import bytes_bar, is_rank0
 from babyllama.tokenizer import load_tokenizer
@@ -177,14 +177,15 @@ _SAME_BYTES: dict[tuple, bool] = {}  # (path, size, mtime_ns, recorded SHA-256) 
 
 def same_bytes(had: dict, now: dict) -> bool:
     """Whether the file of `now` hashes to the SHA-256 that `had` records (False for a manifest from before
-    digests). A process hashes a file once while its size and mtime stay the same, and notes it once."""
+    digests). A process hashes a file once while its size and mtime stay the same, and notes it once; the process that
+    holds the cache then records the new mtime (restamped), so that the next run trusts it without hashing."""
     if "sha256" not in had:
         return False
     key = (now["path"], now["bytes"], now["mtime_ns"], had["sha256"])
     if key not in _SAME_BYTES:
         _SAME_BYTES[key] = file_sha256(now["path"]) == had["sha256"]
         if _SAME_BYTES[key] and is_rank0():  # every process of a torchrun job hashes
-            log.info("note: %s has a new mtime but the same bytes; using it", now["path"])
+            print(f"note: {now['path']} has a new mtime but the same bytes; using it")
     return _SAME_BYTES[key]
 
 
@@ -300,8 +301,25 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
         manifest = read_sft_cache(out)
         key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:
-            return manifest
+            return restamped(Path(out), manifest, key)
         return _build(paths, tok, tokenizer_path, Path(out), settings, workers, start, digested(key), whole)
+
+
+def restamped(out: Path, manifest: dict, key: dict) -> dict:
+    """The manifest of the cache in out/, which matches key (cache_differences found nothing), with the mtime of each
+    input that is new but whose bytes are the same (same_bytes hashed it) recorded, and written to out/manifest.json
+    whole (write_json), so that the next run trusts the input's stat and does not hash it again (minutes for GB). The
+    caller holds out (lock.locked). The manifest as it was where no mtime is new, or where the disk refuses the
+    write (CannotWrite: the next run hashes again, as it would have)."""
+    inputs = [{**had, "mtime_ns": now["mtime_ns"]} for had, now in zip(manifest["inputs"], key["inputs"], strict=True)]
+    if inputs == manifest["inputs"]:
+        return manifest
+    stamped = {**manifest, "inputs": inputs}
+    try:
+        write_json(out / MANIFEST, stamped)
+    except CannotWrite:
+        return manifest
+    return stamped
 
 
 def input_files(inputs: list[str | Path], kind: str) -> list[Path]:

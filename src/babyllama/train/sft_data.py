@@ -26,6 +26,7 @@ from babyllama.data.sft_tokens import (
     input_files,
     open_split,
     read_sft_cache,
+    restamped,
 )
 from babyllama.data.sources import check_output_folder, token_cache_name
 from babyllama.errors import UserError
@@ -211,17 +212,20 @@ def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir
             raise UserError(f"the {kind.upper()} token cache {cache_dir} that the first process built is not there "
                             "on this machine; with several machines, --sft_cache must be a folder that all of them "
                             "see (shared storage).")
-        return checked_cache(cache_dir, manifest, kind, key, say=build and not built)
+        return checked_cache(cache_dir, manifest, kind, key, say=build and not built, held=True)
 
 
-def checked_cache(cache_dir: str | Path, manifest: dict, kind: str, key: dict, say: bool
+def checked_cache(cache_dir: str | Path, manifest: dict, kind: str, key: dict, say: bool, held: bool = False
                   ) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """opened_cache's (manifest, splits) of the cache in cache_dir whose manifest is read, once it is checked
-    against key (cache_differences: UserError where it differs); say: print that the run uses it."""
+    against key (cache_differences: UserError where it differs); say: print that the run uses it; held: this process
+    holds cache_dir, so it records an input's new mtime where its bytes are the same (restamped)."""
     differ = cache_differences(manifest, key)
     if differ:
         raise UserError(f"the {kind.upper()} token cache {cache_dir} was built with {'; '.join(differ)}; "
                         "delete it to rebuild, or choose another --sft_cache.")
+    if held:
+        manifest = restamped(Path(cache_dir), manifest, key)
     if say:  # once accepted: not before the sentence that refuses it
         print(f"{kind} cache: using {cache_dir}")
     splits = ("train", "val") if manifest["stats"]["val_samples"] else ("train",)
