@@ -760,6 +760,39 @@ def test_a_preference_record_is_bad_for_sft_and_no_field_of_it_is_said_left_out(
         f"first at {f}:3)"]
 
 
+def test_a_file_of_the_other_stages_records_is_named_as_such_and_stops_the_build_at_once(demo_sft, tmp_path, caplog):
+    """`dpo --data sft.jsonl` read every record (a million: 25 s), warned "not a preference record (...every shape of
+    a pair...)" and ended "no usable preference records ... 1000000 bad"; sft on a preference file named its records
+    for `babyllama dpo` one by one alike. When the first batch of records (or all, where fewer) are the other stage's,
+    the build stops there, naming their kind and the stage that reads them; a file with one good record is read."""
+    from babyllama.data import sft_tokens
+
+    sft_file, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
+    sft_file.write_text("".join(json.dumps({"instruction": f"问{i}", "input": "", "output": "答"}) + "\n"
+                                for i in range(sft_tokens.RECORDS_PER_BATCH + 500)))
+    pairs.write_text(json.dumps({"prompt": "问", "chosen": "好", "rejected": "坏"}) + "\n" +
+                     json.dumps({"conversations": [{"from": "human", "value": "问"}], "chosen": {"from": "gpt",
+                                 "value": "好"}, "rejected": {"from": "gpt", "value": "坏"}}) + "\n")
+    settings = SFTSettings(max_len=64, val_fraction=0)
+    with pytest.raises(UserError) as e:
+        build_sft_cache([sft_file], demo_sft / "tok", tmp_path / "d", settings, kind="dpo")
+    assert str(e.value) == (f"the first 1,000 records of {sft_file} are instruction records ('instruction', 'input' "
+                            "and 'output'), which `babyllama sft` reads, not preference records; nothing was written.")
+    with pytest.raises(UserError) as e:
+        build_sft_cache([pairs], demo_sft / "tok", tmp_path / "s", settings)
+    assert str(e.value) == (f"all 2 records of {pairs} are preference records ('chosen' and 'rejected'), which "
+                            "`babyllama dpo` reads, not SFT records; nothing was written.")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # no bad record's warning, one sentence
+    assert not (tmp_path / "s" / "manifest.json").exists() and not list((tmp_path / "s").glob(".*.tmp"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "问", "completion": "答"}) + "\n")
+    with pytest.raises(UserError, match=r"^the only record of .* is a prompt/completion record \('prompt' and "
+                                        r"'completion'\), which `babyllama sft` reads, not a preference record; "):
+        build_sft_cache([prompts], demo_sft / "tok", tmp_path / "p", settings, kind="dpo")
+    manifest = build_sft_cache([pairs, sft_file], demo_sft / "tok", tmp_path / "m", settings)  # one batch, both kinds
+    assert (manifest["stats"]["bad"], manifest["stats"]["samples"]) == (2, sft_tokens.RECORDS_PER_BATCH + 500)
+
+
 def test_the_filters_of_characters_are_counted_apart_from_max_seq_len_and_measure_every_turn(demo_sft, tmp_path):
     """The --min/max_prompt/answer_chars filters shared the `filtered` count with max_seq_len's, which the README
     called "by length": each is counted (filtered_by_chars of filtered) and said apart. They measure every question

@@ -368,6 +368,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
         (unread, order), left_out = _shapes(kind), {}
         for batch, r in in_workers(render, _record_batches(read, read_at, unread, left_out), str(tokenizer_path),
                                    workers):
+            if not stats.records:  # the first batch: a file of the other kind stops the build at once
+                check_kind(batch, kind)
             _write(files, out, r, tok.dtype, MAX_LISTED - min(stats.bad, MAX_LISTED))
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
@@ -413,6 +415,32 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     finally:
         bar.close()
     return manifest
+
+
+def check_kind(batch: list[Item], kind: str) -> None:
+    """Raises UserError where every record of batch, the first RECORDS_PER_BATCH of the inputs (or all, where they are
+    fewer), is of the kind that the other stage reads: preference records (chosen / rejected ...) given to sft, SFT
+    records (instruction / output, prompt / answer, conversations ...) given to dpo. Each would be a bad record, and a
+    corpus of them was read to its end (a million records: 25 s) before "no usable ... records" was said, with a
+    warning whose reason listed every shape but the one the records have."""
+    records = [record for _, record, _ in batch]
+    if not records or not all(isinstance(r, dict) for r in records):
+        return
+    if kind == "sft" and all(preference_answers(r) for r in records):
+        fields, what, reader = preference_answers(records[0]), "preference", "dpo"
+    elif kind == "dpo" and all(read_fields(r) and not preference_answers(r) for r in records):
+        fields = read_fields(records[0])
+        what, reader = "/".join(fields) if fields[0] == "prompt" else fields[0], "sft"  # prompt/completion
+    else:
+        return
+    files = first_few(list(dict.fromkeys(where.rsplit(":", 1)[0] for where, _, _ in batch)), 3)
+    named = " and ".join(filter(None, [", ".join(map(repr, fields[:-1])), repr(fields[-1])]))
+    n, record = len(records), agree(len(records), "record", "records")
+    first = ("the only record" if n == 1 else f"all {n:,} records" if n < RECORDS_PER_BATCH else
+             f"the first {n:,} records")
+    raise UserError(f"{first} of {files} {agree(n, 'is an' if what[0] in 'aeiou' else 'is a', 'are')} {what} {record} "
+                    f"({named}), which `babyllama {reader}` reads, not {agree(n, 'an' if kind == 'sft' else 'a', '')}"
+                    f"{' ' if n == 1 else ''}{'SFT' if kind == 'sft' else 'preference'} {record}; nothing was written.")
 
 
 def filtered_words(stats: SFTStats) -> str:
