@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -187,7 +188,7 @@ def outputs(out: Path) -> dict[str, str]:
     return {**files, "stats.json": json.dumps(stats)}
 
 
-def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeypatch, caplog):
     _, files, _ = corpus
     out, _, _ = both
     write_run, finished = dt.WriteParts.run, []
@@ -215,9 +216,22 @@ def test_a_killed_run_resumes_to_the_same_output(corpus, both, tmp_path, monkeyp
 
     monkeypatch.setattr(dt.ReadCorpus, "run", counted_read)
     monkeypatch.setattr(dt.WriteParts, "run", counted_write)
-    dt.prepare(files, tmp_path / "run", local(4))
+    settings = tmp_path / "run" / dt.STAGE / "datatrove" / "settings.json"
+    first = json.loads(settings.read_text())
+    settings.write_text(json.dumps({**first, "started": first["started"] - 1000}))  # killed 1000 s ago
+    caplog.set_level(logging.INFO, logger=dt.__name__)
+    stats = dt.prepare(files, tmp_path / "run", local(4))
     assert read_calls == [] and finished == [0, 1, 2, 3]  # finished stages and tasks are skipped
     assert outputs(tmp_path / "run") == outputs(out / "datatrove")
+    # was "N records in 1000.5 s: 1 records/s", the earlier run's time and the time between in it
+    assert stats["seconds"] > 1000 and re.fullmatch(
+        rf"{stats['total']['records']} records in {stats['seconds']:.1f} s since an earlier run with the same settings "
+        r"started, whose finished tasks this one kept; this run took \d+\.\d s\.", caplog.messages[-1])
+    assert float(caplog.messages[-1].split("this run took ")[1].split()[0]) < 100
+    caplog.clear()
+    dt.prepare(files, tmp_path / "run", local(4))  # done: nothing left to do
+    assert caplog.messages[-1] == (f"{stats['total']['records']} records, read by an earlier run with the same "
+                                   f"settings in {stats['seconds']:.1f} s; nothing left to do.")
 
 
 SLOW_READS = """
@@ -610,6 +624,11 @@ def submitted(log: Path) -> list[tuple[int, str, str]]:
     return [(100 + n, s, a) for n, s, a in jobs if "launch_pickled_pipeline" in s]
 
 
+def every_job(log: Path) -> list[str]:
+    """The id of every job submitted, stages' arrays and datatrove's stats-merging jobs, in submission order."""
+    return [str(100 + n) for n in sorted(int(f.stem) for f in log.glob("*.sh"))]
+
+
 def test_slurm_submits_one_dependent_job_array_per_stage(corpus, tmp_path, monkeypatch):
     _, files, _ = corpus
     fake_slurm(tmp_path / "bin", tmp_path / "jobs")
@@ -642,7 +661,7 @@ def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, 
             "--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2"]
     assert main(args) == 0
     first = [str(j) for j, _, _ in submitted(tmp_path / "jobs")]
-    assert json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == first
+    assert json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == every_job(tmp_path / "jobs")
     (tmp_path / "queue").write_text(f"{first[0]}_1\n{first[1]}\n{first[2]}\n")  # a task of the first running
     capsys.readouterr()
     bpe_tokenizer.save(tmp_path / "tok")
@@ -668,11 +687,82 @@ def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, 
     capsys.readouterr()
     assert main(tokens) == 2
     assert capsys.readouterr().err == queued(tmp_path / "tokens", mine[:1])
-    before = len(submitted(tmp_path / "jobs"))
+    before = len(every_job(tmp_path / "jobs"))
     (tmp_path / "queue").write_text("")  # they failed and left the queue
     assert main(args) == 0
-    again = [str(j) for j, _, _ in submitted(tmp_path / "jobs")][before:]
-    assert len(again) == len(first) and json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == again
+    again = every_job(tmp_path / "jobs")[before:]
+    assert len(again) == 2 * len(first)  # each array and its stats-merging job
+    assert json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == again
+
+
+def test_a_failed_sbatch_is_one_sentence_and_the_jobs_it_queued_are_kept(corpus, tmp_path, monkeypatch, capsys):
+    """sbatch refuses its 3rd job (a limit of jobs): was datatrove's CalledProcessError traceback, exit 1, with the 2
+    jobs queued before (stage 1's array and its stats-merging job) recorded nowhere, so a rerun submitted a whole new
+    chain into the same folder while they were queued. A refused first job submits nothing."""
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    sbatch = tmp_path / "bin" / "sbatch"
+    limit = ('[ "$(ls {log} | wc -l)" -ge {n} ] && {{ echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; '
+             'echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy" >&2; exit 1; }}\n')
+    script = sbatch.read_text()
+    sbatch.write_text(script.replace("\n", "\n" + limit.format(log=tmp_path / "jobs", n=4), 1))  # 2 files a job
+    (tmp_path / "bin" / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path / 'queue'}\n")
+    (tmp_path / "bin" / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *files, "--out_dir", str(out), "--engine", "datatrove", "--executor", "slurm",
+            "--slurm_partition", "cpu", "--tasks", "2"]
+    said = ("sbatch: error: QOSMaxSubmitJobPerUserLimit; sbatch: error: Batch job submission failed: Job violates "
+            "accounting/QOS policy")
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"babyllama: error: sbatch refused a job of the submission ({said}) after it had queued 100 102; once they "
+        "have left the queue (squeue --me lists them, scancel 100 102 ends them), run the same command again to "
+        "submit the rest.\n")
+    assert every_job(tmp_path / "jobs") == ["100", "102"]
+    assert json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == ["100", "102"]
+    (tmp_path / "queue").write_text("100_0\n100_1\n102\n")
+    assert main(args) == 2  # refused while they are queued: no second chain
+    assert capsys.readouterr().err == (
+        f"babyllama: error: {out} has Slurm jobs of an earlier submission still queued or running (100, 102); wait for "
+        "them (squeue --me) or cancel them (scancel 100 102) before running there again.\n")
+    assert every_job(tmp_path / "jobs") == ["100", "102"]
+    sbatch.write_text(script.replace("\n", "\n" + limit.format(log=tmp_path / "jobs", n=0), 1))  # refuses them all
+    (tmp_path / "queue").write_text("")
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: sbatch refused the first job of the submission ({said}); "
+                                       "nothing was submitted.\n")
+
+
+def test_slurm_time_is_checked_and_qos_asked_for_only_when_given(corpus, tmp_path, monkeypatch, capsys):
+    """--slurm_time banana went into every job script for sbatch to refuse; every script asked for
+    --qos=normal (datatrove's default), a QOS that not every cluster has."""
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    base = ["prepare", "--input", *files, "--engine", "datatrove", "--executor", "slurm", "--slurm_partition", "cpu",
+            "--tasks", "2", "--dedup", "none"]
+    with pytest.raises(SystemExit, match="2"):
+        main([*base, "--out_dir", str(tmp_path / "bad"), "--slurm_time", "banana"])
+    assert capsys.readouterr().err.endswith(
+        "error: argument --slurm_time: 'banana' is not a Slurm time limit; give MINUTES, MM:SS, HH:MM:SS, D-HH, "
+        "D-HH:MM or D-HH:MM:SS (12:00:00 is 12 hours).\n")
+    assert not (tmp_path / "bad").exists() and every_job(tmp_path / "jobs") == []
+    for time in ("90", "1:30", "12:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED"):
+        assert main([*base, "--out_dir", str(tmp_path / time), "--slurm_time", time]) == 0
+    for bad in ("", "1:2:3:4", "1-", "-5", "12h", "1.5", "1-2-3"):
+        with pytest.raises(SystemExit, match="2"):
+            main([*base, "--out_dir", str(tmp_path / "bad"), "--slurm_time", bad])
+    scripts = [s for _, s, _ in submitted(tmp_path / "jobs")]
+    assert [s.split("#SBATCH --time=")[1].split()[0] for s in scripts[::2]] == [
+        "90", "1:30", "12:00:00", "2-12", "2-12:30", "2-12:30:00", "UNLIMITED"]  # 2 stages each: read, finish
+    assert not any("--qos" in s for s in scripts)
+    assert main([*base, "--out_dir", str(tmp_path / "qos"), "--slurm_qos", "high"]) == 0
+    assert ["#SBATCH --qos=high" in s for _, s, _ in submitted(tmp_path / "jobs")[len(scripts):]] == [True, True]
+    capsys.readouterr()
+    assert main([*base[:base.index("--executor")], "--out_dir", str(tmp_path / "q"), "--slurm_qos", "high"]) == 2
+    assert capsys.readouterr().err == ("babyllama: error: --slurm_qos needs --executor slurm; the local executor "
+                                       "submits nothing to Slurm.\n")
 
 
 def test_slurm_job_scripts_run_on_the_nodes_make_the_same_output(corpus, tmp_path, monkeypatch):

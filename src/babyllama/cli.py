@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -245,13 +246,14 @@ def datatrove_engine():
     return datatrove_engine
 
 
-DATATROVE_FLAGS = ("executor", "tasks", "slurm_partition", "slurm_time")
-SLURM_FLAGS = ("slurm_partition", "slurm_time")  # of --executor slurm alone
+DATATROVE_FLAGS = ("executor", "tasks", "slurm_partition", "slurm_time", "slurm_qos")
+SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_qos")  # of --executor slurm alone
 
 
 def launch_of(engine, args: argparse.Namespace):
     return engine.Launch(executor=args.executor or "local", tasks=args.tasks, workers=workers(args),
-                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time or "24:00:00")
+                         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time or "24:00:00",
+                         slurm_qos=args.slurm_qos)
 
 
 def workers(args: argparse.Namespace) -> int:
@@ -289,7 +291,22 @@ def add_engine_args(p: argparse.ArgumentParser, embedded_workers: bool) -> None:
                    "embedded prepare runs in one process): ") + "processes at once, on this machine at most one per "
                    "core (default: one per core)")
     g.add_argument("--slurm_partition", help="with --executor slurm")
-    g.add_argument("--slurm_time", help="with --executor slurm: each task's time limit (default 24:00:00)")
+    g.add_argument("--slurm_time", type=slurm_time, help="with --executor slurm: each task's time limit, in a form "
+                   "sbatch --time takes: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (default 24:00:00)")
+    g.add_argument("--slurm_qos", help="with --executor slurm: the jobs' quality of service (default: none asked "
+                   "for, the cluster's own)")
+
+
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|infinite|unlimited", re.IGNORECASE)
+
+
+def slurm_time(text: str) -> str:
+    """An argparse type: a time limit in one of the forms sbatch --time takes (minutes, MM:SS, HH:MM:SS, D-HH,
+    D-HH:MM, D-HH:MM:SS, or INFINITE/UNLIMITED), which sbatch would otherwise refuse for every stage's job."""
+    if not SLURM_TIME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Slurm time limit; give MINUTES, MM:SS, HH:MM:SS, D-HH, "
+                                         "D-HH:MM or D-HH:MM:SS (12:00:00 is 12 hours)")
+    return text
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

@@ -49,6 +49,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -130,7 +131,7 @@ log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "slurm", "ray")
 FINISHED = "finished.json"  # written by the last stage: the run is complete
-SUBMITTED = "slurm_jobs.json"  # written once the stages are submitted to Slurm: their job ids
+SUBMITTED = "slurm_jobs.json"  # the job ids of a Slurm submission, written as each job is submitted
 MAX_TASKS = 65_534  # exact dedup ranks documents by a uint16 priority: 65535 - task
 
 
@@ -144,6 +145,7 @@ class Launch:
     workers: int = 1
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
+    slurm_qos: str | None = None  # None: no --qos, the cluster's default (datatrove's own default is "normal")
 
 
 # --- datatrove's console: warnings only; its per-task banners and statistics go to the task logs ---
@@ -652,7 +654,8 @@ def make_executor(launch: Launch, name: str, pipeline: list, tasks: int, depends
 
         activate = Path(sys.prefix) / "bin" / "activate"
         return SlurmPipelineExecutor(pipeline, tasks=tasks, time=launch.slurm_time, partition=launch.slurm_partition,
-                                     job_name=f"babyllama-{name}", logging_dir=str(logs / name), depends=depends,
+                                     qos=launch.slurm_qos, job_name=f"babyllama-{name}", logging_dir=str(logs / name),
+                                     depends=depends,
                                      venv_path=str(activate) if activate.is_file() else None)
     from datatrove.executor.ray import RayPipelineExecutor
 
@@ -783,11 +786,56 @@ def run_stages(stages: list[Stage], launch: Launch, work: Path) -> None:
                 executor.run()
             log.info("stage %s done in %.1f s", name, time.time() - start)
     if launch.executor == "slurm":
-        executors[-1].run()  # submits every stage, each depending on the one before
-        jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]  # -1: a stage already done
-        write_json(work / SUBMITTED, {"jobs": jobs, "submitted": time.time()})
-        log.info("submitted %d dependent Slurm job %s (%s); logs in %s", len(jobs),
-                 agree(len(jobs), "array", "arrays"), " ".join(jobs), work / "logs")
+        jobs = submit(executors[-1], work / SUBMITTED)
+        if not jobs:
+            log.info("nothing submitted to Slurm: every stage's tasks are done")
+            return
+        log.info("submitted %d Slurm %s (%s): a job array per stage left to do, each with a job merging its "
+                 "statistics, each array waiting for the one before; logs in %s", len(jobs),
+                 agree(len(jobs), "job", "jobs"), " ".join(jobs), work / "logs")
+
+
+def submit(last, record: Path) -> list[str]:
+    """Submit the stages to Slurm (the last stage's executor.run() submits every stage not done, each depending on the
+    one before, and after each array datatrove's job merging its statistics) with sbatch; every job id is recorded in
+    record as soon as sbatch gives it (shards.write_json: whole or not at all), so that a submission that fails part
+    way leaves the jobs already queued where check_no_queued_jobs sees them. Returns the job ids. Raises UserError
+    quoting sbatch's error when it refuses a job (datatrove raised CalledProcessError, its stderr not kept)."""
+    import datatrove.executor.slurm
+
+    jobs: list[str] = []
+    started = time.time()
+
+    def sbatch(script: str, job_id_retriever, *args: str) -> str:  # datatrove.executor.slurm.launch_slurm_job
+        with tempfile.NamedTemporaryFile("w", suffix=".slurm") as f:
+            f.write(script)
+            f.flush()
+            r = subprocess.run(["sbatch", *args, f.name], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(sbatch_failed(r, jobs))
+        sys.stderr.write(r.stderr)  # its warnings
+        jobs.append(str(job_id_retriever(r.stdout)))
+        write_json(record, {"jobs": jobs, "submitted": started})
+        return jobs[-1]
+
+    launch = datatrove.executor.slurm.launch_slurm_job
+    datatrove.executor.slurm.launch_slurm_job = sbatch
+    try:
+        last.run()
+    finally:
+        datatrove.executor.slurm.launch_slurm_job = launch
+    return jobs
+
+
+def sbatch_failed(r: subprocess.CompletedProcess, queued: list[str]) -> str:
+    """The sentence for an sbatch that exited with an error: its error output, and the jobs of this submission it had
+    queued before (recorded: the same command is refused while they are queued)."""
+    said = "; ".join(line.strip() for line in r.stderr.splitlines() if line.strip()) or f"exit status {r.returncode}"
+    if not queued:
+        return f"sbatch refused the first job of the submission ({said}); nothing was submitted."
+    return (f"sbatch refused a job of the submission ({said}) after it had queued {' '.join(queued)}; once they have "
+            f"left the queue (squeue --me lists them, scancel {' '.join(queued)} ends them), run the same command "
+            "again to submit the rest.")
 
 
 def check_no_queued_jobs(out: Path) -> None:
@@ -922,7 +970,9 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
                 "engine": "datatrove", "tasks": len(shares), "task_files": shares}
     with _one_run_at_a_time(out, settings["command"]):
         finish_swap(out, prepare_outputs, "stats.json")  # of a run killed while it swapped its output in
+        began = time.time()
         place = start_run(out, settings, prepare_outputs, staged=launch.executor != "slurm")
+        earlier = _earlier_run(place / "datatrove", began)
         stages = prepare_stages(files, shares, place, place / "datatrove", format=format, min_chars=min_chars,
                                 dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, settings=settings)
         run_stages(stages, launch, place / "datatrove")
@@ -931,10 +981,29 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
         finish_run(place, out, check_kept, prepare_outputs, "stats.json")
     say_unshown_bad(out)
     stats = json.loads((out / "stats.json").read_text())
-    log.info("%d %s in %.1f s: %.0f records/s", stats["total"]["records"],
-             agree(stats["total"]["records"], "record", "records"), stats["seconds"],
-             stats["total"]["records"] / max(stats["seconds"], 1e-9))
+    log.info("%s", time_line(stats["total"]["records"], stats["seconds"], time.time() - began, earlier))
     return stats
+
+
+def _earlier_run(work: Path, began: float) -> str | None:
+    """Whether start_run kept an earlier run's work folder (its settings.json started before `began`, this run's start,
+    in time.time() seconds): "finished" or "unfinished" (this run resumes it); None for a new one."""
+    if json.loads((work / "settings.json").read_text())["started"] >= began:
+        return None
+    return "finished" if (work / FINISHED).is_file() else "unfinished"
+
+
+def time_line(records: int, seconds: float, this_run: float, earlier: str | None) -> str:
+    """The last line of a prepare: the records read and how long it took. seconds: stats.json's, counted from the
+    start of the first run of these settings, so with an earlier run's, and the time between runs, in it; this_run:
+    this command's stages, in seconds. A rate only when one run did it all."""
+    n = f"{records} {agree(records, 'record', 'records')}"
+    if earlier == "finished":
+        return f"{n}, read by an earlier run with the same settings in {seconds:.1f} s; nothing left to do."
+    if earlier == "unfinished":
+        return (f"{n} in {seconds:.1f} s since an earlier run with the same settings started, whose finished tasks "
+                f"this one kept; this run took {this_run:.1f} s.")
+    return f"{n} in {seconds:.1f} s: {records / max(seconds, 1e-9):.0f} records/s"
 
 
 def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch: Launch, *,
