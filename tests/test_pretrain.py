@@ -997,6 +997,30 @@ def test_under_torchrun_a_bad_setting_is_said_once(tmp_path):
     assert "(rank" not in errors[0] and "(exitcode: 2)" in r.stderr
 
 
+NODE_LOCAL = ("import os, sys\n"
+              "os.chdir(f'node{os.environ[\"RANK\"]}')  # a relative --out_dir: each process sees its own folder\n"
+              "from babyllama.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_under_torchrun_processes_that_see_different_checkpoints_stop_with_one_sentence(tmp_path):
+    """On several machines with out_dir on each one's own disk, rank 0 resumed from its step 5 and rank 1 from its
+    step 10, silently, until a collective timed out naming the wrong cause. The processes compare the checkpoint
+    each sees (found_run), and every one stops at once; the sentence is said once."""
+    for rank, step in ((0, 5), (1, 10)):
+        (tmp_path / f"node{rank}" / "out" / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    (tmp_path / "node_local.py").write_text(NODE_LOCAL)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "node_local.py"), "pretrain", "--data", "tokens", "--out_dir", "out",
+                        "--resume"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("babyllama:")]
+    assert errors == ["babyllama: error: the processes see different checkpoints in out (process 0: step_000005, "
+                      "process 1: step_000010): on several machines --out_dir must be a folder that all of them see "
+                      "(shared storage)."], r.stderr[-3000:]
+    assert "(exitcode: 2)" in r.stderr or "exitcode  : 2" in r.stderr
+
+
 class Killed(BaseException):
     """A kill -9 in the middle of fit, which nothing catches."""
 

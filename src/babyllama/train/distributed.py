@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before any process group exists: imported after, it holds the group (shutdown)
 
 from babyllama.checkpoint import pick_device
-from babyllama.errors import AlreadySaid, UserError, check_out_dir, say
+from babyllama.errors import AlreadySaid, UserError, check_out_dir, first_few, say
 from babyllama.lock import holding
 
 if TYPE_CHECKING:
@@ -183,6 +183,22 @@ def share_refusal(refused: UserError | None, d: Dist) -> None:
             say(box[0])
         barrier(d)
         raise AlreadySaid(box[0])
+
+
+def check_same_checkpoint(out: str | Path, ckpt: Path | None, d: Dist) -> None:
+    """Every process of a torchrun job sees the same checkpoint ckpt in out (None: none), the newest there or the one
+    it resumes from: on several machines an out_dir on each one's own disk let each resume from its own step,
+    silently, until a collective timed out naming the wrong cause. A collective (each must call this); where they
+    differ, every rank ends with one sentence, said once (share_refusal), naming process 0's and those that differ."""
+    if not d.enabled:
+        return
+    names: list[str | None] = [None] * d.world
+    dist.all_gather_object(names, ckpt.name if ckpt is not None else "none")
+    differ = [f"process {r}: {name}" for r, name in enumerate(names) if r == 0 or name != names[0]]
+    refused = None if len(differ) == 1 else UserError(
+        f"the processes see different checkpoints in {out} ({first_few(differ, 4)}): on several machines --out_dir "
+        "must be a folder that all of them see (shared storage).")
+    share_refusal(refused, d)
 
 
 def check_fsdp(fsdp: bool) -> None:

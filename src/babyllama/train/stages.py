@@ -45,7 +45,7 @@ from babyllama.lora import check_rank
 from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
-from babyllama.train.distributed import Dist, barrier, check_fsdp, held_by_main, process_group
+from babyllama.train.distributed import Dist, barrier, check_fsdp, check_same_checkpoint, held_by_main, process_group
 from babyllama.train.sft_data import SFTData, load_sft_data
 from babyllama.train.trainer import (
     Dataset,
@@ -103,6 +103,7 @@ def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str) -> RunStart:
             print(f"note: {done} (left by a run that was stopped)")
     barrier(dist)
     latest = latest_checkpoint(out)
+    check_same_checkpoint(out, latest, dist)  # before a check that one process alone could fail
     try:
         made_by = read_config(latest).get("stage", stage) if latest is not None else stage
     except UserError:  # a damaged newest checkpoint: resumable_checkpoint below skips it, saying so
@@ -113,6 +114,7 @@ def found_run(cfg: RunConfig, dist: Dist, resume: bool, stage: str) -> RunStart:
     if not resume and latest is not None:
         raise UserError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir.")
     resume_from, state, damaged = resumable_checkpoint(out) if resume else (None, None, [])
+    check_same_checkpoint(out, resume_from, dist)  # the newest whole one: damage seen alike
     length = resumed_length(cfg, dist, state) if state is not None else None
     if length is not None and is_finished(out, state["step"], length[0]):  # finished: nothing to do, whatever length
         say_finished(out, state["step"], dist)
