@@ -226,3 +226,15 @@ def test_the_code_maps_order_holds_for_every_import():
     assert below == {("tokenizer.py", "data/sources.py"), ("checkpoint.py", "data/sources.py"),
                      ("chat_format.py", "data/preferences.py"), ("data/sources.py", "data/preferences.py"),
                      ("data/sft_tokens.py", "data/preferences.py")}
+
+
+def test_readme_multi_node_commands_number_processes_as_torchrun_does():
+    """The README's 2-node commands passed --node_rank with --rdzv_backend c10d, which torchrun ignores ("node_rank is
+    only used for static rdzv_backend"), as if node 0 ran rank 0; and kept --data and --out_dir on each node's own
+    disk. A command of several nodes gives --node_rank only with the static rendezvous, and shared folders."""
+    multi = [shlex.split(c) for c in readme_commands() if c.startswith("torchrun --nnodes")]
+    assert multi
+    for words in multi:
+        static = words[words.index("--rdzv_backend") + 1] == "static" if "--rdzv_backend" in words else True
+        assert ("--node_rank" in words) == static, words
+        assert all(words[words.index(flag) + 1].startswith("/shared/") for flag in ("--data", "--out_dir")), words
