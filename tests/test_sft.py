@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -627,6 +628,34 @@ def test_a_global_batch_beyond_the_training_rows_warns_once(sft_setup, tmp_path,
         assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == warnings
 
 
+def test_fsdp_names_every_setting_it_cannot_run_with_in_one_sentence():
+    """`--fsdp true` with configs/sft-demo.toml was refused for average_last, then, once that was set to 0, for Muon,
+    whose sentence said "needs torch >= 2.9 and works without FSDP" though the torch had Muon: one sentence names
+    both now, and only the reason that applies."""
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "sft-demo.toml")
+    with pytest.raises(UserError) as e:
+        load_config(config, ["--fsdp", "true"])
+    assert str(e.value) == ('average_last and optimizer = "muon" work without FSDP (DDP is fine); set average_last = 0 '
+                            'and optimizer = "adamw" with fsdp.')
+    with pytest.raises(UserError) as e:
+        load_config(config, ["--fsdp", "true", "--average_last", "0"])
+    assert str(e.value) == 'optimizer = "muon" works without FSDP (DDP is fine); set optimizer = "adamw" with fsdp.'
+    assert load_config(config, ["--fsdp", "true", "--average_last", "0", "--optimizer", "adamw"]).train.fsdp
+
+
+def test_muon_without_it_in_torch_says_only_that(monkeypatch):
+    """Muon's refusal said "needs torch >= 2.9 and works without FSDP" whichever applied: without FSDP it names the
+    torch version alone."""
+    from babyllama.config import TrainConfig
+    from babyllama.train.trainer import check_optimizer
+
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    with pytest.raises(UserError) as e:
+        check_optimizer(TrainConfig(optimizer="muon"))
+    assert str(e.value) == (f'optimizer = "muon" needs torch >= 2.9, this is {torch.__version__}; use optimizer = '
+                            '"adamw" or a newer torch.')
+
+
 def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     d = sft_setup
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]
@@ -637,7 +666,7 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     with pytest.raises(UserError, match="^batch_size 1000000000 x grad_accum 1 rows of 64 tokens need "):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--batch_size", "1000000000"]))
     assert not (tmp_path / "e").exists()  # refused before the token cache was built
-    with pytest.raises(UserError, match='^optimizer = "muon" needs torch >= 2.9 and works without FSDP'):
+    with pytest.raises(UserError, match='^optimizer = "muon" works without FSDP \\(DDP is fine\\); set optimizer = '):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--optimizer", "muon", "--fsdp", "true"]))
     assert not (tmp_path / "e").exists()
     with pytest.raises(UserError) as e:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import get_args, get_type_hints
 
-from babyllama.errors import UserError
+from babyllama.errors import UserError, agree
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
 from babyllama.settings import TABLES, check_char_limits, check_fraction, parse_overrides, read_toml, stray_keys
@@ -166,12 +166,24 @@ class TrainConfig:
             raise UserError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}.")
-        if self.average_last and self.fsdp:
-            raise UserError("average_last works without FSDP (DDP is fine); set average_last = 0 with fsdp.")
+        self.check_fsdp_conflicts()
         if not (self.beta > 0 and 0 <= self.label_smoothing < 0.5 and self.rpo_alpha >= 0):
             raise UserError("DPO needs beta > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0; "
                             f"got beta {self.beta}, label_smoothing {self.label_smoothing}, "
                             f"rpo_alpha {self.rpo_alpha}.")
+
+    def check_fsdp_conflicts(self) -> None:
+        """UserError naming every setting that FSDP cannot run with, in one sentence (they came one per run):
+        average_last (its average of whole weights) and Muon (its whole-matrix updates), each fine with DDP."""
+        if not self.fsdp:
+            return
+        conflicts = [(name, fix) for name, fix, given in (
+            ("average_last", "average_last = 0", self.average_last),
+            ('optimizer = "muon"', 'optimizer = "adamw"', self.optimizer == "muon")) if given]
+        if conflicts:
+            names, fixes = (" and ".join(c[i] for c in conflicts) for i in (0, 1))
+            raise UserError(f"{names} {agree(len(conflicts), 'works', 'work')} without FSDP (DDP is fine); set "
+                            f"{fixes} with fsdp.")
 
     def check_stage(self, stage: str, sources: dict[str, str | None] | None = None) -> None:
         """UserError for the settings that only other stages read (STAGE_SETTINGS) and for LoRA settings without

@@ -476,10 +476,10 @@ FUSED_ADAMW_DEVICES = {"cuda"}  # one kernel for all parameters, which can skip 
 
 
 def check_optimizer(t: TrainConfig) -> None:
-    """UserError for Muon with a torch that lacks it (before 2.9) or with FSDP."""
-    if t.optimizer == "muon" and (not hasattr(torch.optim, "Muon") or t.fsdp):
-        raise UserError("optimizer = \"muon\" needs torch >= 2.9 and works without FSDP (DDP is fine); "
-                        "use optimizer = \"adamw\" otherwise.")
+    """UserError for Muon with a torch that lacks it (before 2.9); with FSDP TrainConfig refuses it."""
+    if t.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"optimizer = \"muon\" needs torch >= 2.9, this is {torch.__version__}; use "
+                        "optimizer = \"adamw\" or a newer torch.")
 
 
 def check_dtype(t: TrainConfig, device: torch.device) -> None:
