@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -437,6 +443,47 @@ def test_ctrl_c_stops_a_precompute_started_with_sigint_ignored(dpo_setup, tmp_pa
         assert len(calls) == {"stopped": 25 - kept, "straight": 25}[run] + 1  # + the step's policy
     straight, stopped = (np.load(tmp_path / run / "ref_logps.npz") for run in ("straight", "stopped"))
     assert np.array_equal(straight["train"], stopped["train"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("stop", ["ctrl-c", "rank-1-killed"])
+def test_a_precompute_under_torchrun_ends_as_training_does(dpo_setup, tmp_path, stop):
+    """Under torchrun --nproc_per_node 2, kill -INT of torchrun during the reference precompute printed "babyllama:
+    interrupted; ..." once per process, and kill -9 of rank 1 made rank 0 say "stopped by SIGTERM" (torchrun's stop)
+    in place of "process 1 of the job ended". The ranks now agree on a stop after each batch, as training does after
+    each step: one sentence for the job, the true one."""
+    from tests.test_pretrain import alive
+
+    (tmp_path / "slow.py").write_text(SLOW_PRECOMPUTE)
+    out, parts = tmp_path / "run", tmp_path / "run" / "ref_logps.parts"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(tmp_path / "slow.py"), "dpo", "--init", str(dpo_setup / "init"), "--data",
+                              str(dpo_setup / "pairs.jsonl"), "--max_steps", "1", "--batch_size", "4",
+                              "--val_fraction", "0", "--data_workers", "1", "--precompute_ref_log_probs", "true",
+                              "--out_dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not list(parts.glob("train_*.npy")) and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.05)
+        workers = {int(p.read_bytes().split(b"\0RANK=")[1].split(b"\0")[0]): int(p.parent.name)
+                   for p in Path("/proc").glob("[0-9]*/environ") if alive(int(p.parent.name))
+                   and Path(p.parent / "stat").read_text().split()[3] == str(agent.pid)}
+        if stop == "ctrl-c":
+            agent.send_signal(signal.SIGINT)
+        else:
+            os.kill(workers[1], signal.SIGKILL)
+        err = agent.communicate(timeout=60)[1]
+    finally:
+        agent.kill()
+    said = [line for line in err.splitlines() if line.startswith("babyllama:")]
+    if stop == "ctrl-c":
+        assert said == ["babyllama: interrupted; run the same command to start again (no checkpoint was saved yet; "
+                        "the reference log-probs computed so far are kept)."], err[-3000:]
+    else:
+        assert len(said) == 1 and said[0].startswith("babyllama: error: process 0 of 2 stopped: process 1 of the job "
+                                                     "ended ("), err[-3000:]
+    assert list(parts.glob("train_*.npy")) and not (out / "ref_logps.npz").exists()
 
 
 def test_a_precompute_going_on_removes_the_temporary_of_a_chunk_a_kill_left(tmp_path, capsys):

@@ -934,12 +934,14 @@ def run(args: argparse.Namespace, deferred: list[int]) -> int:
         then = f"{run_again(args)}." if args.command == "demo" else f"{e.output} is complete, nothing to run again."
         print(f"babyllama: {how_stopped(e.signum)}; {then}", file=sys.stderr)
         return 128 + e.signum
-    except Terminated:
-        print(stopped("stopped by SIGTERM", args), file=sys.stderr)
+    except Terminated:  # under torchrun every process got it (torchrun passes a signal on): rank 0 says it
+        if is_rank0():
+            print(stopped("stopped by SIGTERM", args), file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         ctrl_c_ignored()  # a Ctrl-C that came as the command ended, before it ignored the next
-        print(stopped("interrupted", args), file=sys.stderr)
+        if is_rank0():
+            print(stopped("interrupted", args), file=sys.stderr)
         return 130
     return 0
 

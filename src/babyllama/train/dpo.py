@@ -30,7 +30,9 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 
 from babyllama.checkpoint import load_model, remove_stale_temporaries, weights_sha256
 from babyllama.config import RunConfig
-from babyllama.errors import UserError, discard, write_whole, writing
+from babyllama.errors import Terminated, UserError, discard, write_whole, writing
 from babyllama.evaluate import padding_batch
 from babyllama.progress import progress
 from babyllama.settings import REFERENCE_PARTS
@@ -148,8 +150,9 @@ class DPOTrainer(Trainer):
 
     def fit(self) -> Path:
         """Trainer.fit, the reference's log-probs first computed (or read) when precompute_ref_log_probs is set.
-        Ctrl-C (SIGINT) stops the precompute at once with KeyboardInterrupt (the CLI sees to it in a process started
-        with SIGINT ignored: cli.ctrl_c_heard), the chunks saved kept for the rerun to go on from."""
+        Ctrl-C (SIGINT) or SIGTERM stops the precompute after the batch under way, on every rank alike, with
+        KeyboardInterrupt or Terminated (stop_precompute_if_signalled), the chunks saved kept for the rerun to go on
+        from."""
         if self.t.precompute_ref_log_probs:
             self.precompute_reference()
         return super().fit()
@@ -228,20 +231,42 @@ class DPOTrainer(Trainer):
         start, rows = saved_rows(parts, name, out), d.world * B * CHUNK_BATCHES
         bar = progress(total=-(-len(data) // (d.world * B)), initial=start // (d.world * B),
                        desc="reference log-probs", unit=" batch", disable=not d.main)
-        with bar:
+        with bar, self.signals_flagged():
             for c in range(start, len(data), rows):
                 end = min(c + rows, len(data))
                 chunk = torch.zeros(end - c, 2, device=d.device)
-                for s in range(c + d.rank * B, end, d.world * B):
-                    batch = {k: v.to(d.device) for k, v in data.collate(list(range(s, min(s + B, end)))).items()}
-                    with torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                        logps = answer_log_probs(self.reference, batch).float()
-                    chunk[s - c : s - c + len(logps) // 2] = torch.stack(logps.chunk(2), dim=1)
-                    bar.update()
+                for i in range(-(-(end - c) // (d.world * B))):  # as many on every rank, each then agreeing on a stop
+                    if (s := c + (i * d.world + d.rank) * B) < end:
+                        batch = {k: v.to(d.device) for k, v in data.collate(list(range(s, min(s + B, end)))).items()}
+                        with torch.autocast(d.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                            logps = answer_log_probs(self.reference, batch).float()
+                        chunk[s - c : s - c + len(logps) // 2] = torch.stack(logps.chunk(2), dim=1)
+                        bar.update()
+                    self.stop_precompute_if_signalled()
                 out[c:end] = all_reduce_sum(chunk, d).cpu().numpy()
                 if d.main:
                     save_whole(parts / f"{name}_{c}_{end}.npy", functools.partial(np.save, arr=out[c:end]))
         return out
+
+    @contextmanager
+    def signals_flagged(self) -> Iterator[None]:
+        """For the body, SIGTERM and SIGINT only set stop_signal, as in training (Trainer.fit), for the ranks to agree
+        on (stop_precompute_if_signalled); their handlers back after it."""
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def stop_precompute_if_signalled(self) -> None:
+        """Raise KeyboardInterrupt (SIGINT) or Terminated (SIGTERM) on every rank once the signal reached any
+        (_stop_everywhere, a collective after each batch): under torchrun each process said "interrupted" (each
+        got torchrun's SIGINT), and one that torchrun stopped as another died said "stopped by SIGTERM" where the
+        collective now says that the other ended (distributed.process_group). Raises those, or UserError."""
+        signum = self._stop_everywhere(True)
+        if signum:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
     def precompute_reference(self) -> None:
         """Give the train and val pairs the reference's log-probs, from OUT_DIR/ref_logps.npz when it was made
