@@ -1062,3 +1062,34 @@ def test_a_complete_cache_in_a_read_only_folder_is_read_without_its_lock(demo_sf
         load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())
     monkeypatch.setattr(sft_data.os, "access", lambda path, mode: mode != os.W_OK)
     assert read_back(load_sft_data([multi], demo_sft / "tok", cache, settings, False, Dist())[0]) == expected
+
+
+def test_the_other_stages_records_first_stop_the_build_only_where_no_input_follows(demo_sft, tmp_path):
+    """sft on a folder whose first file held 1,000 preference records and a later one SFT records stopped at the first
+    batch ("the first 1,000 records of a_prefs.jsonl are preference records ..."), where before it skipped them as bad
+    and trained on the rest: the first batch stops the build only where it is every record, or comes from the last
+    input; else they are counted bad, and "no usable SFT records" names their kind."""
+    from babyllama.data import sft_tokens
+
+    n = sft_tokens.RECORDS_PER_BATCH
+    data = tmp_path / "data"
+    data.mkdir()
+    pairs = "".join(json.dumps({"prompt": f"问{i}", "chosen": "好", "rejected": "坏"}) + "\n" for i in range(n))
+    (data / "a_prefs.jsonl").write_text(pairs)
+    (data / "b_sft.jsonl").write_text("".join(json.dumps({"instruction": f"问{i}", "output": "答"}) + "\n"
+                                              for i in range(30)))
+    settings = SFTSettings(max_len=64, val_fraction=0)
+    manifest = build_sft_cache([data], demo_sft / "tok", tmp_path / "c", settings)
+    assert (manifest["stats"]["records"], manifest["stats"]["bad"], manifest["stats"]["samples"]) == (n + 30, n, 30)
+    (data / "b_sft.jsonl").write_text(json.dumps({"prompt": "问", "chosen": "好", "rejected": "坏"}) + "\n")
+    with pytest.raises(UserError) as e:
+        build_sft_cache([data], demo_sft / "tok", tmp_path / "d", settings)
+    assert str(e.value) == (
+        f"no usable SFT records in {data / 'a_prefs.jsonl'}, {data / 'b_sft.jsonl'} ({n + 1} read, {n + 1} bad, 0 with "
+        f"an empty answer, 0 filtered by length); the first 1,000 records of {data / 'a_prefs.jsonl'} are preference "
+        "records ('chosen' and 'rejected'), which `babyllama dpo` reads, not SFT records; nothing was written.")
+    (data / "b_sft.jsonl").unlink()
+    (data / "c_empty.jsonl").write_text("")
+    (data / "a_prefs.jsonl").rename(data / "d_prefs.jsonl")  # the last input: nothing follows it
+    with pytest.raises(UserError, match=r"^the first 1,000 records of .*d_prefs.jsonl are preference records "):
+        build_sft_cache([data], demo_sft / "tok", tmp_path / "e", settings)

@@ -365,11 +365,14 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             with writing(out / name):
                 files[name] = (out / f".{name}.tmp").open("wb")
         render = partial(_renderer(kind), settings=settings)
-        (unread, order), left_out = _shapes(kind), {}
+        (unread, order), left_out, other = _shapes(kind), {}, None
         for batch, r in in_workers(render, _record_batches(read, read_at, unread, left_out), str(tokenizer_path),
                                    workers):
-            if not stats.records:  # the first batch: a file of the other kind stops the build at once
-                check_kind(batch, kind)
+            if not stats.records:  # the first batch: the other stage's records stop the build at once where no
+                # other input follows them (they would be counted bad, and a later input's may be good)
+                other = other_kind(batch, kind)
+                if other and (len(batch) < RECORDS_PER_BATCH or files_of(batch) == [str(paths[-1])]):
+                    raise UserError(f"{other}; nothing was written.")
             _write(files, out, r, tok.dtype, MAX_LISTED - min(stats.bad, MAX_LISTED))
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
@@ -398,8 +401,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
             if stats.val_samples:
                 raise UserError(f"every {what} sample landed in the validation split ({detail}); lower "
                                 "--val_fraction.")
-            raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}); nothing was "
-                            "written.")
+            raise UserError(f"no usable {what} records in {', '.join(map(str, paths))} ({detail}); "
+                            f"{other + '; ' if other else ''}nothing was written.")
         manifest = {**key, "dtype": tok.dtype.name, "stats": asdict(stats), "seconds": round(time.time() - start, 2)}
         with signals_held(out if whole else None):  # a stop waits for the new cache: the earlier one stays whole
             # until then, now it goes
@@ -417,30 +420,36 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
     return manifest
 
 
-def check_kind(batch: list[Item], kind: str) -> None:
-    """Raises UserError where every record of batch, the first RECORDS_PER_BATCH of the inputs (or all, where they are
-    fewer), is of the kind that the other stage reads: preference records (chosen / rejected ...) given to sft, SFT
-    records (instruction / output, prompt / answer, conversations ...) given to dpo. Each would be a bad record, and a
-    corpus of them was read to its end (a million records: 25 s) before "no usable ... records" was said, with a
-    warning whose reason listed every shape but the one the records have."""
+def other_kind(batch: list[Item], kind: str) -> str | None:
+    """Where every record of batch, the first RECORDS_PER_BATCH of the inputs (or all, where they are fewer), is of the
+    kind that the other stage reads: preference records (chosen / rejected ...) given to sft, SFT records (instruction
+    / output, prompt / answer, conversations ...) given to dpo, a sentence naming that kind and the stage ("the first
+    1,000 records of a.jsonl are preference records ('chosen' and 'rejected'), which `babyllama dpo` reads, not SFT
+    records"); else None. Each would be a bad record, and a corpus of them was read to its end (a million records:
+    25 s) before "no usable ... records" was said, with a warning whose reason listed every shape but theirs."""
     records = [record for _, record, _ in batch]
     if not records or not all(isinstance(r, dict) for r in records):
-        return
+        return None
     if kind == "sft" and all(preference_answers(r) for r in records):
         fields, what, reader = preference_answers(records[0]), "preference", "dpo"
     elif kind == "dpo" and all(read_fields(r) and not preference_answers(r) for r in records):
         fields = read_fields(records[0])
         what, reader = "/".join(fields) if fields[0] == "prompt" else fields[0], "sft"  # prompt/completion
     else:
-        return
-    files = first_few(list(dict.fromkeys(where.rsplit(":", 1)[0] for where, _, _ in batch)), 3)
+        return None
     named = " and ".join(filter(None, [", ".join(map(repr, fields[:-1])), repr(fields[-1])]))
     n, record = len(records), agree(len(records), "record", "records")
     first = ("the only record" if n == 1 else f"all {n:,} records" if n < RECORDS_PER_BATCH else
              f"the first {n:,} records")
-    raise UserError(f"{first} of {files} {agree(n, 'is an' if what[0] in 'aeiou' else 'is a', 'are')} {what} {record} "
-                    f"({named}), which `babyllama {reader}` reads, not {agree(n, 'an' if kind == 'sft' else 'a', '')}"
-                    f"{' ' if n == 1 else ''}{'SFT' if kind == 'sft' else 'preference'} {record}; nothing was written.")
+    return (f"{first} of {first_few(files_of(batch), 3)} {agree(n, 'is an' if what[0] in 'aeiou' else 'is a', 'are')}"
+            f" {what} {record} ({named}), which `babyllama {reader}` reads, not "
+            f"{agree(n, 'an' if kind == 'sft' else 'a', '')}{' ' if n == 1 else ''}"
+            f"{'SFT' if kind == 'sft' else 'preference'} {record}")
+
+
+def files_of(batch: list[Item]) -> list[str]:
+    """The files that batch's records come from, in order (each record's location is "file:line")."""
+    return list(dict.fromkeys(where.rsplit(":", 1)[0] for where, _, _ in batch))
 
 
 def filtered_words(stats: SFTStats) -> str:
