@@ -1484,3 +1484,40 @@ def test_a_finished_run_extended_says_its_learning_rate_moves(shards, tmp_path, 
     assert f"\nnote: the run was 4 steps long and is now 6, so the learning rate follows the cosine of the new " \
            f"length: {now:.3g} at step 4, where it was {was:.3g}.\n" in capsys.readouterr().out
     assert now > was * 2
+
+
+def test_the_rows_memory_check_of_a_resumed_run_counts_the_rows_it_visits_from_its_consumed_samples(monkeypatch):
+    """A resumed max_steps run counted the positions from 0, not from the checkpoint's consumed samples, so a run
+    resumed at 32,000 of 100,000 rows (step 16 of a global batch of 2,000 before) was let through though its steps
+    visit a row of 4,000 tokens at position 35,000; the positions [consumed, consumed + steps left x global batch) are
+    counted, wrapping the epochs' orders."""
+    import numpy as np
+
+    from babyllama.config import RunConfig, TrainConfig
+    from babyllama.model import ModelConfig
+    from babyllama.train import trainer
+
+    model = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=4096)
+    lengths = np.full(100_000, 50)
+    order0, order1 = trainer.epoch_order(100_000, 1337, 0), trainer.epoch_order(100_000, 1337, 1)
+    lengths[int(order0[35_000])] = 4000
+
+    class Rows:
+        row_positions = lengths - 1
+
+        def __init__(self):
+            self.lengths = lengths
+
+        def __len__(self):
+            return 100_000
+
+    cfg = RunConfig(model=model, train=TrainConfig(activation_checkpointing=True, batch_size=1000, max_steps=20))
+    cpu = torch.device("cpu")
+    have = trainer.model_bytes(cfg, "sft")[2] + trainer.activation_bytes(cfg, cpu, 1000 * 49, True) + 16 * 1000 * 49
+    monkeypatch.setattr(trainer, "device_memory", lambda device: (have, "this machine's memory"))
+    trainer.check_rows_memory(cfg, cpu, "sft", Rows())  # steps 0..19: positions 0..19,999 hold no long row
+    with pytest.raises(UserError, match="batch_size 1000 rows padded to the longest row's 3999 tokens needs"):
+        trainer.check_rows_memory(cfg, cpu, "sft", Rows(), state={"step": 16, "consumed_samples": 32_000})
+    assert sorted(trainer.visited_lengths(lengths, 99_000, 101_000, 1337)) == sorted(
+        lengths[np.concatenate([order0[99_000:].numpy(), order1[:1000].numpy()])])
+    trainer.check_rows_memory(cfg, cpu, "sft", Rows(), state={"step": 16, "consumed_samples": 35_001})

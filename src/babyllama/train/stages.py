@@ -427,7 +427,7 @@ def fine_tune(cfg: RunConfig, resume: bool, stage: str, trainer_cls: type[Traine
         train, val, data = token_cache(cfg, tok_path, dist, stage, start.resume_from)
         if rows is not None:
             train, val = rows(train), None if val is None else rows(val)
-        check_rows_memory(cfg, dist.device, stage, train, dist.world)  # the rows' lengths known
+        check_rows_memory(cfg, dist.device, stage, train, dist.world, start.state)  # the rows' lengths known
         return run_training(cfg, train, val, tokenizer, dist, start, stage, trainer_cls, data)
 
 

@@ -251,20 +251,25 @@ def check_memory(cfg: RunConfig, device: torch.device, stage: str) -> None:
                           t.batch_size > 1)
 
 
-def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset, world: int = 1) -> None:
+def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Dataset, world: int = 1,
+                      state: dict | None = None) -> None:
     """check_activations for SFT's and DPO's training rows (data: SFTData, or DPO's PreferenceData of pairs), once
-    the token cache is read: the micro-batch that holds the longest row the run visits (visited_lengths) has
-    batch_size rows, counted as a process's share of the samples the run trains on when they are fewer (world: the
-    processes; a max_steps run's micro-batches are full, its steps' rows wrapping around the epochs; a DPO pair is two
-    rows, its chosen and rejected answers), each padded to at least that row's length (packed rows: to max_seq_len),
-    whatever they are. A lower bound, as check_activations counts. Raises UserError."""
+    the token cache is read: the micro-batch that holds the longest row the run visits (visited_lengths: from the
+    consumed samples of state, the trainer state resumed, or 0) has batch_size rows, counted as a process's share of
+    the samples the run trains on when they are fewer (world: the processes; a max_steps run's micro-batches are
+    full, its steps' rows wrapping around the epochs; a DPO pair is two rows, its chosen and rejected answers), each
+    padded to at least that row's length (packed rows: to max_seq_len), whatever they are. A lower bound, as
+    check_activations counts. Raises UserError."""
     t, T = cfg.train, cfg.model.max_seq_len
     if not len(data):
         return
+    step, first = (state["step"], consumed_samples(state)) if state is not None else (0, 0)
     planned = planned_samples(t, T, len(data), data.row_positions)  # None with max_steps: every step is full
-    visited = t.max_steps * t.batch_size * t.grad_accum * world if planned is None else planned
-    rows = min(t.batch_size, math.ceil(visited / world))
-    longest = int(np.max(visited_lengths(data.lengths, visited, t.seed)))
+    end = first + max(0, t.max_steps - step) * t.batch_size * t.grad_accum * world if planned is None else planned
+    if end <= first:  # nothing left to train on
+        return
+    rows = min(t.batch_size, math.ceil((end - first) / world))
+    longest = int(np.max(visited_lengths(data.lengths, first, end, t.seed)))
     length = T if t.pack else min(longest - 1, T)  # collate's T: the longest row's ids less one
     unit = "pairs" if stage == "dpo" else "rows"
     trains = "the run trains on" if world == 1 else f"each of the {world} processes trains on"
@@ -276,14 +281,16 @@ def check_rows_memory(cfg: RunConfig, device: torch.device, stage: str, data: Da
     check_activations(cfg, device, stage, rows * length, 16 * rows * length, batch + padded, several)
 
 
-def visited_lengths(lengths: Sequence[int], visited: int, seed: int) -> np.ndarray:
-    """The lengths (of lengths, (n,) each row's) of the rows that a run of `visited` samples trains on: the first
-    ones of the global order (GlobalOrder of seed: epoch_order's first epoch), all of them when it reaches the
-    second epoch."""
-    lengths = np.asarray(lengths)
-    if visited >= len(lengths):
+def visited_lengths(lengths: Sequence[int], first: int, end: int, seed: int) -> np.ndarray:
+    """The lengths (of lengths, (n,) each row's) of the rows that a run trains on at the positions [first, end) of the
+    global order (GlobalOrder of seed: epoch_order's epochs in turn; first: the samples consumed before a resume), all
+    of them where that is an epoch or more."""
+    lengths, n = np.asarray(lengths), len(lengths)
+    if end - first >= n:
         return lengths
-    return lengths[epoch_order(len(lengths), seed, 0)[:visited].numpy()]
+    rows = [epoch_order(n, seed, epoch)[max(first - epoch * n, 0) : end - epoch * n]
+            for epoch in range(first // n, (end - 1) // n + 1)]
+    return lengths[torch.cat(rows).numpy()]
 
 
 def check_activations(cfg: RunConfig, device: torch.device, stage: str, positions: int, ids: float,
