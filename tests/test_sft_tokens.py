@@ -383,6 +383,31 @@ def test_a_new_mtime_with_the_same_bytes_is_recorded_so_the_next_run_does_not_ha
     assert not list(cache.glob(".*.tmp"))
 
 
+def test_a_resumed_run_after_touch_hashes_the_input_once_not_on_every_resume(demo_sft, tmp_path, monkeypatch):
+    """The checkpoint records the cache's manifest as the run started, with the input's old mtime, so after `touch`
+    every resume hashed the input again (minutes for a GB) to compare it with that record, though the cache had
+    recorded the new mtime: the record is compared through the cache's manifest where that is the same cache but for
+    the mtimes it has confirmed since."""
+    import shutil
+
+    from babyllama.data import sft_tokens
+
+    f, settings, cache = tmp_path / "multi.jsonl", SFTSettings(max_len=65), tmp_path / "cache"
+    shutil.copy2(demo_sft / "multi.jsonl", f)
+    started_with = {k: v for k, v in build_sft_cache([f], demo_sft / "tok", cache, settings).items() if k != "stats"}
+    os.utime(f, ns=(10**18, 10**18))  # touch
+    hashed, sha256 = [], sft_tokens.file_sha256
+    monkeypatch.setattr(sft_tokens, "file_sha256", lambda p: hashed.append(p) or sha256(p))
+    for _ in range(2):  # two resumes, each a new process
+        monkeypatch.setattr(sft_tokens, "_SAME_BYTES", {})
+        load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist(), started_with=started_with)
+    assert hashed == [str(f)]
+    f.write_bytes(f.read_bytes().replace(b"\n", b"\r\n", 1)[:-1])  # other bytes, the same size: refused
+    os.utime(f, ns=(2 * 10**18, 2 * 10**18))
+    with pytest.raises(UserError, match=r"^the run started with other inputs \("):
+        load_sft_data([f], demo_sft / "tok", cache, settings, False, Dist(), started_with=started_with)
+
+
 def test_a_file_added_to_or_removed_from_a_data_folder_is_named_new_or_gone(demo_sft, tmp_path):
     import shutil
 

@@ -156,7 +156,7 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     check_cache_folder(cache_dir, kind)
     tokenizer = load_tokenizer(tokenizer_path)
     key = cache_key(input_files(inputs, kind), tokenizer.record(), settings, kind, cache_dir)
-    changed = cache_differences(started_with, key) if started_with is not None else []
+    changed = cache_differences(confirmed(started_with, cache_dir), key) if started_with is not None else []
     if changed:  # a rebuilt cache would resume the run on other samples
         if "version of babyllama" in changed[0]:  # a version is all that is said: it cannot be restored
             why = f"{changed[0]}, whose SFT/DPO samples this version makes otherwise; finish it with that version"
@@ -177,6 +177,27 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     train = SFTData(*splits["train"], T, tokenizer.pad_id, pack)
     val = SFTData(*splits["val"], T, tokenizer.pad_id, pack) if "val" in splits else None
     return train, val, SFTStats(**manifest["stats"])
+
+
+def confirmed(started_with: dict, cache_dir: str | Path) -> dict:
+    """started_with, the manifest (less its stats) of the cache a resumed run started with, with the inputs' mtimes
+    that the cache in cache_dir has recorded since (restamped: a new mtime, the same bytes hashed) where that cache
+    is otherwise the same, SHA-256s too; so a resume after `touch input` hashes the input once, not on every resume.
+    started_with as it is where there is no such cache or its manifest is damaged (opened_cache says so)."""
+    try:
+        manifest = read_sft_cache(cache_dir)
+    except UserError:
+        return started_with
+    if manifest is None or unstamped(manifest) != unstamped(started_with):
+        return started_with
+    return {**started_with, "inputs": manifest["inputs"]}
+
+
+def unstamped(manifest: dict) -> dict:
+    """A cache's manifest less its stats and its inputs' mtimes."""
+    inputs = manifest.get("inputs")
+    inputs = [{k: v for k, v in i.items() if k != "mtime_ns"} for i in inputs] if isinstance(inputs, list) else inputs
+    return {**{k: v for k, v in manifest.items() if k != "stats"}, "inputs": inputs}
 
 
 def check_cache_folder(cache_dir: str | Path, kind: str) -> None:
