@@ -349,6 +349,30 @@ def test_a_stopped_precompute_goes_on_from_its_last_whole_chunk(dpo_setup, tmp_p
     assert all(np.array_equal(straight[k], stopped[k]) for k in straight)
 
 
+def test_a_signal_as_the_precompute_saves_its_last_chunk_stops_before_a_training_step(dpo_setup, tmp_path,
+                                                                                       monkeypatch):
+    """A SIGINT after the last batch's stop check, as the last chunk was saved, only set stop_signal, and the run
+    trained a step before it stopped: the precompute checks once more after its last chunk."""
+    import babyllama.train.dpo as dpo_module
+
+    d, real = dpo_setup, dpo_module.save_whole
+
+    def signalled(path, save):  # Ctrl-C as the val pairs' last (only) chunk is saved
+        real(path, save)
+        if path.name.startswith("val_"):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(dpo_module, "save_whole", signalled)
+    with pytest.raises(KeyboardInterrupt):
+        dpo(load_config(None, ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir",
+                               str(tmp_path), "--max_steps", "3", "--batch_size", "8", "--warmup_steps", "0",
+                               "--eval_every", "0", "--val_fraction", "0.1", "--data_workers", "1",
+                               "--precompute_ref_log_probs", "true"]))
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "ref_logps.npz").exists()  # the chunks kept for the rerun
+    assert len(list((tmp_path / "ref_logps.parts").glob("val_*.npy"))) == 1
+
+
 def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, tmp_path, monkeypatch):
     """The chunks' key left out batch_size, though a pair's reference log-probs change in their last digits with the
     batch they are computed in (padding to its longest row, the shapes of the matmuls): a precompute stopped at

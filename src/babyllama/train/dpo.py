@@ -225,7 +225,8 @@ class DPOTrainer(Trainer):
         work. They are computed in chunks of CHUNK_BATCHES batches a rank, each saved whole in parts as
         NAME_START_END.npy (rows START to END) as it is done; the chunks already there (a stopped run's) are read,
         not computed again. Batches start at multiples of batch_size wherever a run stopped, so the values are those
-        of a run that never stopped."""
+        of a run that never stopped. A stop (stop_precompute_if_signalled) is agreed after each batch and once more
+        after the last chunk is saved, so a signal then does not wait for a training step."""
         B, d = self.t.batch_size, self.dist
         out = np.zeros((len(data), 2), dtype=np.float32)
         start, rows = saved_rows(parts, name, out), d.world * B * CHUNK_BATCHES
@@ -246,6 +247,7 @@ class DPOTrainer(Trainer):
                 out[c:end] = all_reduce_sum(chunk, d).cpu().numpy()
                 if d.main:
                     save_whole(parts / f"{name}_{c}_{end}.npy", functools.partial(np.save, arr=out[c:end]))
+            self.stop_precompute_if_signalled()  # a signal as the last chunk was saved: before training's first step
         return out
 
     @contextmanager
