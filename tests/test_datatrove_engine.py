@@ -695,6 +695,28 @@ def test_a_second_slurm_submission_is_refused_while_the_first_is_queued(corpus, 
     assert json.loads((out / "datatrove" / "slurm_jobs.json").read_text())["jobs"] == again
 
 
+def test_a_datatrove_whose_slurm_launch_changed_is_refused_before_anything_is_submitted(corpus, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """submit replaces datatrove's internal launch_slurm_job(launch_file_contents, job_id_retriever, *args) to record
+    each job id: a datatrove whose function takes other arguments would submit jobs that are recorded nowhere, or
+    fail part way; it is refused with one sentence naming its version, before any sbatch."""
+    import importlib.metadata
+
+    import datatrove.executor.slurm
+
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(datatrove.executor.slurm, "launch_slurm_job", lambda contents, *args, retries=3: "1")
+    assert main(["prepare", "--input", *files, "--out_dir", str(tmp_path / "out"), "--engine", "datatrove",
+                 "--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"babyllama: error: datatrove {importlib.metadata.version('datatrove')} submits Slurm jobs otherwise than the "
+        "datatrove 0.10 that babyllama records their job ids with (its launch_slurm_job changed); install datatrove "
+        "0.10 (pip install 'datatrove>=0.10,<0.11') for --executor slurm.\n")
+    assert submitted(tmp_path / "jobs") == []
+
+
 def test_a_failed_sbatch_is_one_sentence_and_the_jobs_it_queued_are_kept(corpus, tmp_path, monkeypatch, capsys):
     """sbatch refuses its 3rd job (a limit of jobs): was datatrove's CalledProcessError traceback, exit 1, with the 2
     jobs queued before (stage 1's array and its stats-merging job) recorded nowhere, so a rerun submitted a whole new

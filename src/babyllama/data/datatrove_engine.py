@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+import importlib.metadata
+import inspect
 import itertools
 import json
 import logging
@@ -803,6 +805,7 @@ def submit(last, record: Path) -> list[str]:
     quoting sbatch's error when it refuses a job (datatrove raised CalledProcessError, its stderr not kept)."""
     import datatrove.executor.slurm
 
+    check_slurm_launch(datatrove.executor.slurm.launch_slurm_job)
     jobs: list[str] = []
     started = time.time()
 
@@ -825,6 +828,19 @@ def submit(last, record: Path) -> list[str]:
     finally:
         datatrove.executor.slurm.launch_slurm_job = launch
     return jobs
+
+
+def check_slurm_launch(launch) -> None:
+    """Raise UserError, before anything is submitted, where datatrove's launch_slurm_job, which submit replaces (a
+    function of datatrove's internals, no API), is not the launch_slurm_job(launch_file_contents, job_id_retriever,
+    *args) of datatrove 0.10 that it was written for: a datatrove that calls another would submit its jobs without
+    their ids recorded, or fail in the middle of a submission. Not a pin of datatrove < 0.11 in pyproject.toml: the
+    local and Ray executors do not use it, and a later datatrove that keeps it goes on working."""
+    kinds = [p.kind for p in inspect.signature(launch).parameters.values()] if callable(launch) else None
+    if kinds != [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 2 + [inspect.Parameter.VAR_POSITIONAL]:
+        raise UserError(f"datatrove {importlib.metadata.version('datatrove')} submits Slurm jobs otherwise than the "
+                        "datatrove 0.10 that babyllama records their job ids with (its launch_slurm_job changed); "
+                        "install datatrove 0.10 (pip install 'datatrove>=0.10,<0.11') for --executor slurm.")
 
 
 def sbatch_failed(r: subprocess.CompletedProcess, queued: list[str]) -> str:
@@ -972,7 +988,7 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
         finish_swap(out, prepare_outputs, "stats.json")  # of a run killed while it swapped its output in
         began = time.time()
         place = start_run(out, settings, prepare_outputs, staged=launch.executor != "slurm")
-        earlier = _earlier_run(place / "datatrove", began)
+        earlier = None if launch.executor == "slurm" else _earlier_run(place / "datatrove", began)  # for time_line
         stages = prepare_stages(files, shares, place, place / "datatrove", format=format, min_chars=min_chars,
                                 dedup=dedup, threshold=threshold, docs_per_shard=docs_per_shard, settings=settings)
         run_stages(stages, launch, place / "datatrove")
