@@ -628,3 +628,41 @@ def model_tensors_of(ckpt: Path) -> list[str]:
 
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         return list(f.keys())
+
+
+def test_a_file_renamed_over_a_weights_file_as_it_is_read_is_not_taken_for_the_one_checked(tmp_path, monkeypatch):
+    """read_safetensors took the memo's key (path, size, mtime, ctime) from the path, then loaded the path: a file
+    renamed over it between the two was loaded unchecked under the key of the one found finite, and _hashed alike
+    recorded the new file's SHA-256 under the old one's stat. Both key the memo by stat_key (device, inode, ...) of
+    the file they hold open, and read that very file."""
+    import hashlib
+
+    import safetensors.torch
+
+    from babyllama import checkpoint, weights_file
+
+    ck = tmp_path / "ck"
+    save_checkpoint(ck, sharp_model(tiny_config(vocab_size=600)))
+    weights, bad = ck / "model.safetensors", tmp_path / "bad.safetensors"
+    whole, sha = weights.read_bytes(), hashlib.sha256(weights.read_bytes()).hexdigest()
+    bad.write_bytes(whole)
+    poison(bad)
+    weights_file.check_finite_file(weights)  # found finite
+    real_load, real_hash = safetensors.torch.load_file, checkpoint.file_sha256
+
+    def swapped(read):  # read, once bad is renamed over weights (the first time)
+        def after_a_swap(name, *args, **kwargs):
+            if bad.exists():
+                os.replace(bad, weights)
+            return read(name, *args, **kwargs)
+
+        return after_a_swap
+
+    monkeypatch.setattr(safetensors.torch, "load_file", swapped(real_load))
+    tensors = weights_file.read_safetensors(weights)
+    assert all(torch.isfinite(t).all() for t in tensors.values())  # the file held, found finite: not the NaN one
+    weights.write_bytes(whole)
+    bad.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))
+    monkeypatch.setattr(checkpoint, "file_sha256", swapped(real_hash))
+    assert checkpoint.weights_sha256(ck) == sha  # the file held, not the one renamed over it
+    assert checkpoint.weights_sha256(ck) == hashlib.sha256(weights.read_bytes()).hexdigest() != sha  # hashed anew

@@ -45,9 +45,11 @@ from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.weights_file import (
     check_finite_file,
     file_sha256,
+    held,
     read_safetensors,
     save_safetensors,
     save_torch,
+    stat_key,
     unreadable,
 )
 
@@ -497,16 +499,14 @@ def weights_sha256(path: str | Path) -> str:
     return _hashed(path)[0]
 
 
-_HASHED: dict[tuple, str] = {}  # (file, device, inode, size, mtime_ns, ctime_ns) -> its SHA-256
+_HASHED: dict[tuple, str] = {}  # stat_key (device, inode, size, mtime_ns, ctime_ns) -> the file's SHA-256
 
 
 def _hashed(path: str | Path) -> tuple[str, dict]:
-    """(SHA-256, stat) of a checkpoint's weights file; the stat is the one taken before hashing."""
-    f = _weights_file(path)
-    st = f.stat()
-    key = (str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _HASHED:
-        _HASHED[key] = file_sha256(f)
+    """(SHA-256, stat) of a checkpoint's weights file; the stat is the one of the file hashed (held)."""
+    with held(_weights_file(path)) as (st, name):
+        if (key := stat_key(st)) not in _HASHED:
+            _HASHED[key] = file_sha256(name)
     return _HASHED[key], _stat(st)
 
 

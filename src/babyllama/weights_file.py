@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from babyllama.errors import UserError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     import torch
 
@@ -99,8 +100,8 @@ def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]
     from safetensors.torch import load_file
 
     try:
-        key = file_key(path)
-        tensors = load_file(str(path), device=device)
+        with held(path) as (st, name):
+            key, tensors = stat_key(st), load_file(name, device=device)
     except (SafetensorError, OSError, ValueError) as e:
         raise unreadable(path, e) from None
     if key not in FOUND_FINITE:  # a file check_finite_file read already (a resume's pick, an --init) is not again
@@ -116,28 +117,37 @@ def check_finite_file(path: Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     try:
-        key = file_key(path)
-        with safe_open(str(path), "pt") as f:
-            check_finite(path, key, ((name, f.get_tensor(name)) for name in f.keys()))
+        with held(path) as (st, opened), safe_open(opened, "pt") as f:
+            check_finite(path, stat_key(st), ((name, f.get_tensor(name)) for name in f.keys()))
     except (SafetensorError, OSError, ValueError) as e:
         raise unreadable(path, e) from None
 
 
-FOUND_FINITE: set[tuple[str, int, int, int]] = set()  # file_key of each weights file this process found finite
+FOUND_FINITE: set[tuple[int, ...]] = set()  # stat_key of each weights file this process found finite
 
 
-def file_key(path: Path) -> tuple[str, int, int, int]:
-    """(the absolute path, size in bytes, mtime and ctime in ns) of the file at path: a file replaced or rewritten
-    since has another (ctime, which no one can set, even where the mtime was put back). Raises OSError where it is
-    not there."""
-    st = os.stat(path)
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns
+def stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """(device, inode, size in bytes, mtime and ctime in ns) of a file's stat: what a process's memo of a file
+    (FOUND_FINITE, checkpoint._HASHED) is keyed by. A file replaced since (a rename over it: another inode) or
+    rewritten (ctime, which no one can set, even where the mtime was put back) has another."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def check_finite(path: Path, key: tuple[str, int, int, int], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+@contextmanager
+def held(path: str | Path) -> Iterator[tuple[os.stat_result, str]]:
+    """(stat, name) of the file at path, held open for the body: its stat (os.fstat) and a name that opens that very
+    file (/proc/self/fd/N, or /dev/fd/N; path where a system has neither), so that what is read is the file whose
+    stat keys a memo (stat_key) even where another is renamed over path meanwhile. OSError where it cannot be
+    opened."""
+    with open(path, "rb") as f:
+        fds = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
+        yield os.fstat(f.fileno()), f"{fds}/{f.fileno()}" if fds else str(path)
+
+
+def check_finite(path: Path, key: tuple[int, ...], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """The one rule for weights read from a file: UserError (not_finite) at the first of tensors ((name, tensor),
-    the file's) whose elements are not all finite; once all are, key (file_key, taken before they were read) is
-    remembered in FOUND_FINITE, so that this process does not check that file again."""
+    the file's) whose elements are not all finite; once all are, key (stat_key of the file read) is remembered in
+    FOUND_FINITE, so that this process does not check that file again."""
     for name, t in tensors:
         if not finite(t):
             raise not_finite(path, name)
