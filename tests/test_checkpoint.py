@@ -87,6 +87,7 @@ def test_a_checkpoint_pruned_while_it_loads_is_said_to_be_gone(bpe_tokenizer, tm
     import shutil
 
     import babyllama.checkpoint as ck
+    import babyllama.export  # noqa: F401  its `from babyllama.checkpoint import checked_tokenizer` binds the real one
     from babyllama.cli import main
 
     ckpt = ck.step_checkpoint(tmp_path / "run", 2)
