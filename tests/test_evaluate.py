@@ -1627,3 +1627,36 @@ def test_report_names_each_plot_by_its_folder_and_two_folders_never_share_one(tm
              f"eval_{hashed('eval')}_qa.png"]
     assert re.findall(r"!\[\w+\]\(plots/(\S+)\)", text) == names
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(names)
+
+
+@pytest.mark.parametrize("text", ["", '{"checkpoint": "ck", "qa": {', '{"results": {"ceval": {"acc": 0.25}}}', "[]",
+                                  '{"checkpoint": "ck", "qa": {"t": {"items": 2, "accuracy": null, '
+                                  '"majority_baseline": 0.5}}}',
+                                  '{"checkpoint": "ck", "mc": {"overall": null}}'])
+def test_report_leaves_out_an_eval_json_that_is_not_evals_with_a_note(tmp_path, capsys, text):
+    """An eval.json empty, cut, lm-evaluation-harness's, a list, or with a null for a number stopped the report with
+    a JSONDecodeError, KeyError 'checkpoint' or TypeError, and no report.md: it is left out with one note."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "run")
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "eval.json").write_text(text)
+    capsys.readouterr()
+    report = make_report(tmp_path).read_text()
+    assert "### Run `run`" in report and "### Evaluation" not in report
+    assert capsys.readouterr().out.splitlines() == [
+        f"note: {tmp_path / 'ev' / 'eval.json'} is not an eval.json of babyllama eval (a checkpoint and its scores); "
+        "the report leaves it out."]
+
+
+@pytest.mark.parametrize("text", ['{"step": 1, "tok', "[1, 2]\n", "null\n"])
+def test_report_leaves_out_a_metrics_jsonl_that_is_not_a_runs_with_a_note(tmp_path, capsys, text):
+    """A metrics.jsonl of another tool (or cut) is left out with one note, as a foreign eval.json is."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text(text)
+    capsys.readouterr()
+    report = make_report(tmp_path).read_text()
+    assert "### Run `a`" in report and "### Run `b`" not in report
+    assert capsys.readouterr().out.splitlines() == [
+        f"note: {tmp_path / 'b' / 'metrics.jsonl'} is not a training run's metrics.jsonl; the report leaves it out."]

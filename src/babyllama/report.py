@@ -160,11 +160,12 @@ DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies"
 # metrics DPO logs (train.dpo.METRICS, and val_ those of the held-out pairs): the last value of each
 
 
-def run_section(run: Path, root: Path, plots: Path, tag: str) -> list[str]:
-    """A run's heading, which says a LoRA run's and a DPO run's kind (a DPO run: its metrics hold rewards), its
-    settings (a LoRA run's adapter, a DPO run's beta and reference), its final numbers (a DPO run's rewards too) and
-    its curves (tag: plot_tags' name for the run)."""
-    metrics = read_jsonl(run / "metrics.jsonl")
+def run_section(metrics_file: Path, root: Path, plots: Path, tag: str) -> list[str]:
+    """The run of metrics_file (its metrics.jsonl): its heading, which says a LoRA run's and a DPO run's kind (a DPO
+    run: its metrics hold rewards), its settings (a LoRA run's adapter, a DPO run's beta and reference), its final
+    numbers (a DPO run's rewards too) and its curves (tag: plot_tags' name for the run)."""
+    run = metrics_file.parent
+    metrics = read_jsonl(metrics_file)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     model, train = config.get("model", {}), config.get("train", {})
     last = [m for m in metrics if "loss" in m][-1:] or [{}]
@@ -192,9 +193,27 @@ def run_section(run: Path, root: Path, plots: Path, tag: str) -> list[str]:
             f"![curves]({plots.name}/{plot_run(run, metrics, plots, tag)})", ""]
 
 
+def left_out(path: Path, what: str, section: Callable[..., list[str]], *args) -> list[str]:
+    """section(path, *args)'s lines, or none after a note on stdout that path is not what (a file of another tool
+    with the same name, one cut short or damaged by hand, a null where a number was) and is left out: it must not stop
+    the report. The errors caught are those reading a value of another shape raises; a plot that section drew before
+    it stopped stays."""
+    try:
+        return section(path, *args)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):  # not JSON, or another shape inside
+        print(f"note: {path} is not {what}; the report leaves it out.")
+        return []
+
+
+EVAL_JSON = "an eval.json of babyllama eval (a checkpoint and its scores)"
+
+
 def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
-    """An eval.json's scores, bar chart (tag: plot_tags' name for its folder), leakage and samples."""
-    e = json.loads(path.read_text())
+    """An eval.json's scores, bar chart (tag: plot_tags' name for its folder), leakage and samples. ValueError,
+    TypeError, KeyError for a file that is not one (left_out says so): empty, cut, another tool's, nulls for numbers."""
+    e = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(e, dict) or not isinstance(e.get("checkpoint"), str):
+        raise ValueError(f"{path}: no checkpoint")  # a list, lm-evaluation-harness's {"results": ...}
     lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{e['checkpoint']}`)", ""]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
@@ -295,8 +314,10 @@ def make_report(run_dir: str | Path) -> Path:
         plots.mkdir(exist_ok=True)
     lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
     run_tags, eval_tags = plot_tags(runs, root, root.name), plot_tags([e.parent for e in evals], root, "eval")
-    lines += ["## Training", ""] + [x for run in runs for x in run_section(run, root, plots, run_tags[run])]
-    lines += ["## Evaluation", ""] + [x for e in evals for x in eval_section(e, root, plots, eval_tags[e.parent])]
+    lines += ["## Training", ""] + [x for run in runs for x in left_out(
+        run / "metrics.jsonl", "a training run's metrics.jsonl", run_section, root, plots, run_tags[run])]
+    lines += ["## Evaluation", ""] + [x for e in evals for x in left_out(
+        e, EVAL_JSON, eval_section, root, plots, eval_tags[e.parent])]
     extra = root / "report_extra.md"  # sections other tools add (the demo's timings and chat answers)
     if extra.is_file():
         lines += [extra.read_text(encoding="utf-8")]
