@@ -92,6 +92,14 @@ def test_qa_scores_from_running_sums_equal_those_of_the_held_items(monkeypatch, 
     assert 0 < got["free"]["bleu"] < 100 and 0 < got["free"]["word_bleu"] < 100 and "labels" in got["labels"]
 
 
+def test_qa_scores_strip_the_whitespace_around_the_reference_as_around_the_answer():
+    """A reference "  JJJJ\\n" against the answer "JJJJ" (answers are stripped) scored exact match 0 and char F1 below
+    1: every score compares both with the whitespace around them stripped (SQuAD's normalization strips it too)."""
+    got = score_qa([{"task": "t", "prediction": "JJJJ", "reference": "  JJJJ\n"},
+                    {"task": "t", "prediction": "a b", "reference": "\ta b "}])["t"]
+    assert (got["exact_match"], got["char_f1"], got["rouge_l"]) == (1.0, 1.0, 1.0)
+
+
 def test_rouge_l_and_char_f1_by_hand():
     # LCS("我爱北京天安门", "我爱上海") = "我爱": P = 2/7, R = 2/4, F = 2PR / (P + R) = 4/11
     assert rouge_l("我爱北京天安门", "我爱上海") == pytest.approx(4 / 11)

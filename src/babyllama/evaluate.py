@@ -467,7 +467,9 @@ class CorpusBleu:
 class TaskScores:
     """The running sums of one QA task's scores (score_qa): sacrebleu's BLEU-4 (tokenize zh) and the recipe's BLEU
     over jieba words (CorpusBleu each), ROUGE-L and F1 over characters and exact matches summed, and each
-    reference's count (the majority baseline, and the labels of a task of few), not the items."""
+    reference's count (the majority baseline, and the labels of a task of few), not the items. Every score compares
+    prediction and reference with the whitespace around each stripped (as SQuAD's normalization does; the whitespace
+    inside is kept): a reference "  JJJJ\\n" is matched exactly by "JJJJ", and the answers are stripped already."""
 
     def __init__(self):
         jieba = require("jieba", "eval")
@@ -478,6 +480,7 @@ class TaskScores:
         self.labels: Counter = Counter()
 
     def add(self, prediction: str, reference: str) -> None:
+        prediction, reference = prediction.strip(), reference.strip()
         self.bleu.add(prediction, reference)
         self.word_bleu.add(self.words(prediction), self.words(reference))
         self.rouge_l += rouge_l(prediction, reference)
