@@ -146,6 +146,16 @@ def test_the_readme_says_which_qa_tasks_get_accuracy():
     assert "Every task gets `majority_baseline`" in readme
 
 
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_an_empty_qa_file_says_it_is_empty(tmp_path, text):
+    """An empty --qa file said it "holds no QA records with a reference ...; 0 had none or an empty one"."""
+    f = tmp_path / "qa.jsonl"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        read_qa(f)
+    assert str(e.value).startswith(f"{f} is empty: it holds no QA records; pass a file of them (")
+
+
 def test_qa_items_without_a_reference_are_skipped_and_counted(tmp_path):
     # BELLE's eval set: std_answer "" on some items; they must not be scored against ""
     records = [{"question": "q1", "std_answer": "正面"}, {"question": "q2", "std_answer": ""},

@@ -281,13 +281,16 @@ def read_qa(path: str | Path, limit: int = 0) -> tuple[RecordItems, int, list[st
     and a reference field, the first limit of them (0: all), read at each pass (RecordItems); the number of records
     skipped because their reference is missing or blank (nothing to score against: BELLE's eval set has such items);
     and "file:line: why" of each record skipped as bad (not a JSON object, no question, a field of the wrong type,
-    bytes that are not text). Raises UserError when no record has a reference."""
+    bytes that are not text). Raises UserError when path holds no record (it is empty, or blank lines) or no record has
+    a reference."""
     items = RecordItems(record_files([path], "--qa"), lambda file, record, why: qa_item(record, why), limit,
                         unread=lambda r: unread_fields(r, qa_fields(r), QA_FIELDS))
     for file, left_out in items.left_out.items():
         if left_out.counts:
             print(f"note: {file}: records with the fields of more than one shape are read in the first of {QA_ORDER}, "
                   f"leaving out {left_out.words()}")
+    if not items and not items.no_reference and not items.bad:
+        raise UserError(f"{path} is empty: it holds no QA records; pass a file of them ({QA_ORDER}).")
     if not items:
         raise UserError(f"{path} holds no QA records with a reference ({', '.join(REFERENCE_KEYS)}, or a "
                         "conversation's last answer); "
