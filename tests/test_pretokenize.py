@@ -281,16 +281,30 @@ def test_one_document_and_one_token_are_said_in_the_singular(corpus_and_tokenize
     with pytest.raises(UserError, match=r" split of \S+ has 1 token, fewer than one window of 33; use more data, a "
                        r"smaller max_seq_len\.$"):  # a larger --val_fraction would leave train fewer tokens
         TokenWindows(tmp_path / "o", 32, "train", manifest)
-    val = {**manifest, "shards": [{**manifest["shards"][0], "split": "val"}]}
-    with pytest.raises(UserError, match=r"smaller max_seq_len or a larger --val_fraction\.$"):
+    # val shorter than one window: a larger --val_fraction is the remedy only where train has documents to give; where
+    # val holds every one already (train empty), it told the user to raise a val_fraction of 0.5
+    val = {**manifest, "val_fraction": 0.5, "shards": [{**manifest["shards"][0], "split": "val"}]}
+    with pytest.raises(UserError, match=r"smaller max_seq_len or a larger --val_fraction \(it was 0\.5\)\.$"):
+        TokenWindows(tmp_path / "o", 32, "val", {**val, "shards": [*val["shards"], {**manifest["shards"][0],
+                                                                                       "file": "none.bin"}]})
+    with pytest.raises(UserError, match=r"fewer than one window of 33; use more data, a smaller max_seq_len\.$"):
         TokenWindows(tmp_path / "o", 32, "val", val)
-    manifest["shards"][0]["split"] = "val"  # eval's check of its --data
-    (tmp_path / "o" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r" has 1 token, fewer than one window of 33 \(the model's"):
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(val))  # eval's check of its --data
+    with pytest.raises(UserError) as e:
+        check_lm_data(tmp_path / "o", 32)
+    assert str(e.value).endswith(" has 1 token, fewer than one window of 33 (the model's max_seq_len + 1) to measure "
+                                 "the loss on; it holds every document (the train split is empty): the data is "
+                                 "smaller than one window; pretokenize more text.")
+    train = tmp_path / "o" / "train.bin"
+    train.write_bytes(b"\0\0" * 40)
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(
+        {**val, "shards": [*val["shards"], {**manifest["shards"][0], "file": "train.bin", "tokens": 40}]}))
+    with pytest.raises(UserError, match=r" to measure the loss on; run babyllama pretokenize again with a larger "
+                                        r"--val_fraction \(it was 0\.5\)\.$"):
         check_lm_data(tmp_path / "o", 32)
     shard.unlink()
     with pytest.raises(UserError, match=r" is missing, though \S+ lists it \(1 token\); restore it "):
-        TokenWindows(tmp_path / "o", 32, "val", manifest)
+        TokenWindows(tmp_path / "o", 32, "val", val)
 
 
 def test_cli_pretokenize_and_bad_input(corpus_and_tokenizer, tmp_path):

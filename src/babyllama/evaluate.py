@@ -64,6 +64,7 @@ from babyllama.chat_format import (
 from babyllama.data.shards import (
     TokenWindows,
     check_shard_files,
+    larger_val_fraction,
     read_manifest,
     shard_windows,
     split_shards,
@@ -885,7 +886,7 @@ def check_lm_data(data: str | Path, seq_len: int) -> dict:
     """data's manifest (read_manifest), for lm_metrics. Raise UserError unless data is a folder of pretokenize's token
     shards, its val split's files whole (check_shard_files), with a window of seq_len + 1 tokens in a val shard at
     least (TokenWindows' windows, with the model's max_seq_len): else the remedy is pretokenize's --val_fraction, which
-    eval does not have."""
+    eval does not have, or more data where the val split holds every document already (larger_val_fraction)."""
     manifest = read_manifest(data)
     val = split_shards(manifest, "val")
     if not val:
@@ -896,10 +897,12 @@ def check_lm_data(data: str | Path, seq_len: int) -> dict:
     check_shard_files(Path(data), manifest, val)
     if not any(shard_windows(val, seq_len)):
         tokens, shards = sum(s["tokens"] for s in val), f" in {len(val)} shards" if len(val) > 1 else ""
+        larger = larger_val_fraction(manifest)
         raise UserError(f"the val split of --data {data} has {tokens} {agree(tokens, 'token', 'tokens')}{shards}, "
                         f"fewer than one window of {seq_len + 1} (the model's max_seq_len + 1) to measure the loss on; "
-                        f"run babyllama pretokenize again with a larger --val_fraction (it was "
-                        f"{manifest['val_fraction']}).")
+                        + (f"run babyllama pretokenize again with {larger}." if larger else
+                           "it holds every document (the train split is empty): the data is smaller than one window; "
+                           "pretokenize more text."))
     return manifest
 
 

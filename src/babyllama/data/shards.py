@@ -451,8 +451,8 @@ class TokenWindows:
             raise UserError(
                 f"the {split} split of {self.dir} has {total} {agree(total, 'token', 'tokens')}, fewer than one "
                 f"window of {seq_len + 1}; use more data, a smaller max_seq_len"
-                f"{' or a larger --val_fraction' if split == 'val' else ''}."
-            )  # a larger --val_fraction takes documents from train: the remedy of the val split alone
+                f"{f' or {larger}' if split == 'val' and (larger := larger_val_fraction(self.manifest)) else ''}."
+            )
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -484,6 +484,15 @@ def val_missed(record: dict) -> str | None:
     n = sum(s["documents"] for s in split_shards(record, "train"))
     return (f"pretokenize --val_fraction {fraction:g} put none of its {n:,} {agree(n, 'document', 'documents')} there "
             "(a hash of each one's text decides); pretokenize more documents, or with a larger --val_fraction")
+
+
+def larger_val_fraction(manifest: dict) -> str | None:
+    """The remedy of a val split too short for one window that takes documents from train: "a larger --val_fraction
+    (it was 0.5)"; None where the train split holds no document, so that val holds the whole data already (shorter
+    than one window: more data is the remedy). Of eval's --data check and of pretrain's TokenWindows alike."""
+    if not sum(s["documents"] for s in split_shards(manifest, "train")):
+        return None
+    return f"a larger --val_fraction (it was {manifest.get('val_fraction') or 0:g})"
 
 
 def split_shards(manifest: dict, split: str) -> list[dict]:
