@@ -1678,3 +1678,25 @@ def test_report_leaves_out_a_metrics_jsonl_that_is_not_a_runs_with_a_note(tmp_pa
     assert "### Run `a`" in report and "### Run `b`" not in report
     assert capsys.readouterr().out.splitlines() == [
         f"note: {tmp_path / 'b' / 'metrics.jsonl'} is not a training run's metrics.jsonl; the report leaves it out."]
+
+
+def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_evals(tmp_path, monkeypatch):
+    """The report named an eval's checkpoint as written on eval's command line (`../demo/sft/final`), which reads
+    wrong from the report's folder: it is named by its real path (checkpoint_path), below the report's folder relative
+    to it, else whole; an eval.json from before checkpoint_path keeps its path as written."""
+    pytest.importorskip("matplotlib")
+    from babyllama.evaluate import checkpoint_record
+
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    (runs / "sft" / "final").mkdir(parents=True)
+    monkeypatch.chdir(runs / "sft")
+    for folder, checkpoint in (("a", "final"), ("b", str(elsewhere / "ck"))):
+        (runs / folder).mkdir()
+        (runs / folder / "eval.json").write_text(json.dumps({**checkpoint_record(checkpoint, runs / folder),
+                                                             "continuations": []}))
+    (runs / "c").mkdir()
+    (runs / "c" / "eval.json").write_text(json.dumps({"checkpoint": "../old/final", "continuations": []}))
+    monkeypatch.chdir(tmp_path)
+    text = make_report("runs").read_text()
+    assert re.findall(r"### Evaluation: `(\w)` \(checkpoint `(\S+)`\)", text) == [
+        ("a", "sft/final"), ("b", str(elsewhere / "ck")), ("c", "../old/final")]

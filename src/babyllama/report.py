@@ -214,7 +214,7 @@ def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
     e = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(e, dict) or not isinstance(e.get("checkpoint"), str):
         raise ValueError(f"{path}: no checkpoint")  # a list, lm-evaluation-harness's {"results": ...}
-    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{e['checkpoint']}`)", ""]
+    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{checkpoint_shown(e, root)}`)", ""]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
     if "qa" in e:
@@ -270,6 +270,17 @@ def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
                                                                               "reference")} for x in samples],
             ["task", "question", "prediction", "reference"])]
     return lines + [""]
+
+
+def checkpoint_shown(e: dict, root: Path) -> str:
+    """The checkpoint an eval.json e scored, as the report names it: its real path (checkpoint_path) relative to the
+    report's folder root where it is below it, else that path whole; the path as written (relative to the folder eval
+    ran from: ../demo/sft/final read as from root) only for an eval.json from before checkpoint_path was recorded."""
+    real = e.get("checkpoint_path")
+    if not isinstance(real, str):
+        return e["checkpoint"]
+    top = root.resolve()
+    return Path(real).relative_to(top).as_posix() if Path(real).is_relative_to(top) else real
 
 
 def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
