@@ -968,8 +968,8 @@ def test_eval_cli_and_report(tiny_run, tmp_path):
         {"step": 2, "tokens": 200, "val_loss": 5.5, "final": True}]))
     report = make_report(tiny_run)
     text = report.read_text()
-    assert ("Question answering (greedy, chat format; bleu and word_bleu on sacrebleu's 0-100 scale, the other "
-            "scores fractions, 0-1):") in text
+    assert ("Question answering (greedy, at most 4 new tokens, chat format; bleu and word_bleu on sacrebleu's 0-100 "
+            "scale, the other scores fractions, 0-1):") in text
     assert ("Leakage: 1 of 8 eval questions occurs verbatim in the training data. 2 more, under 8 characters, were "
             "not checked.\n") in text  # not "1 of 10 ... occur"; the 2 multiple-choice questions are too short
     for section in ("## Data", "### Token shards", "## Training", "### Run `run`", "## Evaluation",
@@ -1700,3 +1700,37 @@ def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_eva
     text = make_report("runs").read_text()
     assert re.findall(r"### Evaluation: `(\w)` \(checkpoint `(\S+)`\)", text) == [
         ("a", "sft/final"), ("b", str(elsewhere / "ck")), ("c", "../old/final")]
+
+
+def test_eval_records_its_sampling_and_limit_and_the_subjects_the_limit_left_out(tiny_run, tmp_path, capsys):
+    """eval.json recorded no sampling settings nor --limit, and the report said QA was "greedy" of a sampled eval;
+    with --mc files of several subjects, --limit left the later ones out without a word. eval.json records both
+    (sampling, limit), the report says them, and the subjects --limit does not reach are said and recorded."""
+    pytest.importorskip("matplotlib")
+    import babyllama.evaluate as ev
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"问题{i}", "answer": "是"}, ensure_ascii=False) + "\n"
+                          for i in range(4)))
+    for name, rows in (("accountant_val.csv", 3), ("agronomy_val.csv", 2), ("zoology_val.csv", 1)):
+        (tmp_path / name).write_text("question,A,B,C,D,answer\n" + "问,甲,乙,丙,丁,A\n" * rows, encoding="utf-8")
+    sampling = Sampling(max_new_tokens=2, temperature=0.7, top_p=0.9)
+    capsys.readouterr()
+    result = ev.evaluate(tiny_run / "run" / "final", tmp_path / "out", qa=str(qa), sampling=sampling, limit=3,
+                         mc=[str(tmp_path / f) for f in ("accountant_val.csv", "agronomy_val.csv", "zoology_val.csv")],
+                         device="cpu")
+    assert ("note: --limit 3 scored multiple-choice items of accountant only; agronomy, zoology were not reached.\n"
+            in capsys.readouterr().out)
+    written = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert written == result and result["limit"] == 3 and result["mc_not_reached"] == ["agronomy", "zoology"]
+    assert result["sampling"] == {"max_new_tokens": 2, "temperature": 0.7, "top_k": 0, "top_p": 0.9,
+                                  "repetition_penalty": 1.0}
+    assert result["qa"]["qa"]["items"] == 3 and list(result["mc"]["subjects"]) == ["accountant"]
+    text = make_report(tmp_path / "out").read_text()
+    assert "--limit 3: the first 3 QA and multiple-choice items are scored.\n" in text
+    assert "Question answering (sampled: temperature 0.7, top_p 0.9, at most 2 new tokens, chat format;" in text
+    assert "Not reached under --limit 3: agronomy, zoology.\n" in text
+    old = {k: v for k, v in result.items() if k not in ("sampling", "limit", "mc_not_reached")}  # an older eval.json
+    (tmp_path / "out" / "eval.json").write_text(json.dumps(old))
+    text = make_report(tmp_path / "out").read_text()
+    assert "Question answering (greedy, chat format;" in text and "--limit" not in text

@@ -226,13 +226,15 @@ class RecordItems:
     ValueError saying why a record is bad ("file:line: why" in bad). The first pass, here, counts them; limit (0: all)
     keeps the first limit items. A pass reads the files as they are then: change them while eval runs, and the items
     asked may not be those counted. unread(record): the fields of a record that its shape leaves out, counted on the
-    first pass in left_out, a LeftOut per file."""
+    first pass in left_out, a LeftOut per file. group(item): a name of its group (a multiple-choice item's subject);
+    not_reached lists, in order, the groups none of whose items the limit keeps."""
 
     def __init__(self, files: list[Path], item: Callable[[Path, dict | None, str], dict | None], limit: int = 0,
-                 unread: Callable[[dict], list[str]] | None = None):
+                 unread: Callable[[dict], list[str]] | None = None, group: Callable[[dict], str] | None = None):
         self.files, self.item = files, item
         self.no_reference, self.bad, n = 0, [], 0
         self.left_out: dict[Path, LeftOut] = {}
+        groups: dict[str, bool] = {}  # each group, in order, and whether the limit keeps an item of it
         for file, where, record, it in self.read(quiet=False):
             if isinstance(it, ValueError):
                 self.bad.append(f"{where}: {it}")
@@ -240,10 +242,14 @@ class RecordItems:
             if it is None:
                 self.no_reference += 1
             else:
+                if group:
+                    groups[group(it)] = groups.get(group(it), False) or not limit or n < limit
                 n += 1
             if unread and record is not None:
                 self.left_out.setdefault(file, LeftOut()).note(unread(record), where)
         self.length = min(n, limit or n)
+        self.reached = [g for g, kept in groups.items() if kept]
+        self.not_reached = [g for g, kept in groups.items() if not kept]
 
     def read(self, quiet: bool = True) -> Iterator[tuple[Path, str, dict | None, dict | ValueError | None]]:
         """(file, file:line, the record, and its item, None or the ValueError that says why it is bad) of every record,
@@ -520,13 +526,22 @@ def read_mc(paths: Sequence[str | Path], limit: int = 0) -> tuple[RecordItems, l
     letters in any case, with spaces around), the first limit of them (0: all), read at each pass (RecordItems). Also
     "file:line: why" of each row skipped as bad (not a record, a field missing, an answer that is not one of A-D or
     whose option is empty, bytes that are not text): every row is one or the other. Raises UserError when no item
-    remains."""
+    remains. Its not_reached: the subjects (in file order) none of whose items --limit keeps."""
     subject = lambda file: re.sub(r"_(val|dev|test)$", "", file.name.split(".")[0])
-    items = RecordItems(record_files(paths, "--mc"), lambda file, row, why: mc_item(row, why, subject(file)), limit)
+    items = RecordItems(record_files(paths, "--mc"), lambda file, row, why: mc_item(row, why, subject(file)), limit,
+                        group=lambda it: it["subject"])
     if not items:
         raise UserError(f"no multiple-choice items with an answer in {', '.join(map(str, paths))}"
                         f"{bad_detail(items.bad)}.")
     return items, items.bad
+
+
+def mc_limit_note(limit: int, items: RecordItems) -> str:
+    """What --limit leaves out of multiple-choice items (read_mc's): "--limit 3 scored accountant only; agronomy was
+    not reached" (three names at most of each, then how many more)."""
+    more = len(items.not_reached)
+    return (f"--limit {limit} scored multiple-choice items of {first_few(items.reached, 3)} only; "
+            f"{first_few(items.not_reached, 3)} {agree(more, 'was', 'were')} not reached.")
 
 
 def mc_item(row: dict | None, why: str, subject: str) -> dict:
@@ -1000,6 +1015,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         if bad:
             print(f"note: {len(bad)} bad {what} {agree(len(bad), 'record is', 'records are')} skipped; the first: "
                   f"{bad[0]}")
+    if mc and mc_items.not_reached:
+        print(f"note: {mc_limit_note(limit, mc_items)}")
     sampling = sampling or Sampling()
     device = pick_device(device)
     say_device(str(device))  # after the checks, the checkpoint's too: an error is all it says
@@ -1008,7 +1025,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
     say_cut(cut, {"prompts": len(prompt_list), "qa": len(qa_items), "mc": len(mc_items)}, model.cfg.max_seq_len,
             sampling.max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = checkpoint_record(checkpoint, out)
+    result: dict = checkpoint_record(checkpoint, out) | {"sampling": asdict(sampling), "limit": limit}
     partial = out / PARTIAL
     settings = run_settings(checkpoint, model, sampling, qa_items, mc_items) if qa_items or mc_items else {}
     done = answered(partial, {"kind": "settings", **settings}, qa_items, mc_items)  # nothing to answer: no hash
@@ -1044,6 +1061,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         result["mc"] = mc_summary(logged(partial, "mc"))
         result["mc_bad_records"] = len(mc_bad)
         result["mc_cut_to_context"] = cut["mc"]
+        result["mc_not_reached"] = mc_items.not_reached
     if train_data and (qa or mc):
         questions = (it["question"] for it in chain(qa_items, mc_items))
         result["leakage"] = leakage(questions, train_files,

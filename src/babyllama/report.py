@@ -215,13 +215,15 @@ def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
     if not isinstance(e, dict) or not isinstance(e.get("checkpoint"), str):
         raise ValueError(f"{path}: no checkpoint")  # a list, lm-evaluation-harness's {"results": ...}
     lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{checkpoint_shown(e, root)}`)", ""]
+    if e.get("limit"):  # an eval.json from before it was recorded scored every item
+        lines += [f"--limit {e['limit']}: the first {e['limit']} QA and multiple-choice items are scored.", ""]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
     if "qa" in e:
         cols = ["task", "items", "accuracy", "majority_baseline", "exact_match", "char_f1", "rouge_l", "bleu",
                 "word_bleu"]
-        lines += ["Question answering (greedy, chat format; bleu and word_bleu on sacrebleu's 0-100 scale, the "
-                  "other scores fractions, 0-1):", "",
+        lines += [f"Question answering ({decoding(e.get('sampling') or {})}, chat format; bleu and word_bleu on "
+                  "sacrebleu's 0-100 scale, the other scores fractions, 0-1):", "",
                   table([{"task": t, **s} for t, s in e["qa"].items()], cols), ""]
         bars = {}
         for t, s in e["qa"].items():
@@ -237,6 +239,8 @@ def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
         rows = [{"subject": "overall", **e["mc"]["overall"]}]
         rows += [{"subject": s, **v} for s, v in e["mc"]["subjects"].items()]
         lines += ["Multiple choice:", "", table(rows, ["subject", "items", "letter_accuracy", "text_accuracy"]), ""]
+        if missed := e.get("mc_not_reached"):
+            lines += [f"Not reached under --limit {e.get('limit')}: {', '.join(map(str, missed))}.", ""]
     prefs = path.parent / "preferences.json"  # the demo's DPO eval: held-out pairs, before and after
     if prefs.is_file():
         p = json.loads(prefs.read_text())
@@ -270,6 +274,20 @@ def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
                                                                               "reference")} for x in samples],
             ["task", "question", "prediction", "reference"])]
     return lines + [""]
+
+
+def decoding(sampling: dict) -> str:
+    """How an eval's QA answers were generated, of its eval.json's sampling (sampling.Sampling's fields): "greedy"
+    (temperature 0, and for an eval.json from before it was recorded), or "sampled: temperature 0.7, top_p 0.9", with
+    top_k and repetition_penalty where set; then ", at most N new tokens" where recorded."""
+    t = sampling.get("temperature") or 0
+    set_ = [("temperature", t, 0), ("top_p", sampling.get("top_p", 1), 1), ("top_k", sampling.get("top_k", 0), 0)]
+    set_ = [*(set_ if t else []), ("repetition_penalty", sampling.get("repetition_penalty", 1), 1)]  # greedy: top_p off
+    parts = [f"{k} {v:g}" for k, v, off in set_ if v != off]
+    parts = [f"sampled: {parts[0]}", *parts[1:]] if t else ["greedy", *parts]
+    if "max_new_tokens" in sampling:
+        parts.append(f"at most {sampling['max_new_tokens']} new tokens")
+    return ", ".join(parts)
 
 
 def checkpoint_shown(e: dict, root: Path) -> str:
