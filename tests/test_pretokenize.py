@@ -66,16 +66,18 @@ def test_a_long_document_is_encoded_in_pieces_of_bounded_size_with_the_ids_of_th
     monkeypatch.setattr(pt, "PIECE_CHARS", 200)
     monkeypatch.setattr(pt, "BATCH_CHARS", 1000)
     long = "".join(generated_corpus(60, seed=5))  # Chinese with English words and punctuation
-    pieces = list(pt.text_pieces(long, 200))
+    pieces = list(pt.text_pieces(long, 200, bpe_tokenizer))
     assert "".join(pieces) == long and len(long) == 5258 and len(pieces) == 28
     assert all(100 <= len(p) <= 200 for p in pieces[:-1]) and len(pieces[-1]) <= 200
-    assert [len(p) for p in pt.text_pieces("字" * 450, 200)] == [200, 200, 50]  # no place to cut: at 200
-    assert list(pt.text_pieces("短文", 200)) == ["短文"]
+    # no PIECE_CUT: where tokenizations agree on a boundary (sync_cut), from 3/4 of 200 on
+    assert [len(p) for p in pt.text_pieces("字" * 450, 200, bpe_tokenizer)] == [151, 151, 148]
+    assert list(pt.text_pieces("短文", 200, bpe_tokenizer)) == ["短文"]
     calls = []
     encode_batch = bpe_tokenizer.encode_batch
     monkeypatch.setattr(bpe_tokenizer, "encode_batch", lambda texts, *a, **k: calls.append(
         sum(map(len, texts))) or encode_batch(texts, *a, **k))
-    batches = list(pt.text_batches(pt.document_pieces(["短文", long, "又一篇"], 0.0), size=lambda p: len(p.text)))
+    batches = list(pt.text_batches(pt.document_pieces(["短文", long, "又一篇"], 0.0, bpe_tokenizer),
+                                   size=lambda p: len(p.text)))
     flat = [i for batch in batches for i in pt.encode_pieces(bpe_tokenizer, batch, bos=True)[0].tolist()]
     assert max(calls) <= 1000 + 200 and sum(calls) == len(long) + 5
     monkeypatch.undo()
@@ -85,6 +87,27 @@ def test_a_long_document_is_encoded_in_pieces_of_bounded_size_with_the_ids_of_th
     assert whole[1][1:-1] == [i for p in pieces for i in bpe_tokenizer.encode(p)]  # the pieces' ids joined
     assert [(p.first, p.last) for b in batches for p in b] == [(True, True), (True, False), *[(False, False)] * 26,
                                                                (False, True), (True, True)]
+
+
+def test_a_long_run_without_a_place_to_cut_is_cut_where_the_ids_are_the_whole_s(monkeypatch):
+    """A piece of a run of text with no punctuation or space was cut at PIECE_CHARS characters, inside a token: one
+    token became two (2,000,001 characters of Chinese: 1,937,622 ids, the whole's 1,937,620). It is cut now where a
+    tokenization around the place and one from it agree on a token boundary (sync_cut): the ids are the whole's."""
+    import random
+
+    from babyllama.data import pretokenize as pt
+    from babyllama.tokenizer import train_bpe
+
+    chars, rng = "的一是在不了有和人这", random.Random(0)
+    tok = train_bpe(["".join(rng.choice(chars) for _ in range(300)) for _ in range(200)], vocab_size=600)
+    texts = ["".join(rng.choice(chars) for _ in range(1000)) for _ in range(5)]
+    monkeypatch.setattr(pt, "PIECE_CHARS", 64)
+    hard = [[i for k in range(0, len(t), 64) for i in tok.encode(t[k: k + 64])] for t in texts]
+    assert sum(h != tok.encode(t) for h, t in zip(hard, texts, strict=True)) >= 4  # hard cuts change ids
+    pieces = list(pt.document_pieces(texts, 0.0, tok))
+    assert len(pieces) > 5 * 1000 // 64 and all(len(p.text) <= 64 for p in pieces)
+    flat, lengths = pt.encode_pieces(tok, pieces, bos=False)
+    assert flat.tolist() == [i for t in texts for i in [*tok.encode(t), tok.eos_id]]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -430,7 +430,7 @@ class WriteTokenShards(PipelineStep):
         for f in [*out.glob(f"shard{tag}_*.bin"), *out.glob(f"val{tag}_*.bin"), *out.glob(f".*{tag}_*.tmp")]:
             f.unlink()  # from an attempt that was killed
         writers = split_writers(out, tok.dtype, self.shard_tokens, tag)
-        pieces = document_pieces((doc.text for doc in data), self.val_fraction)
+        pieces = document_pieces((doc.text for doc in data), self.val_fraction, tok)
         for batch in text_batches(pieces, size=lambda piece: len(piece.text)):
             flat, lengths = encode_pieces(tok, batch, self.bos)
             self.stat_update("documents", value=write_pieces(writers, batch, flat, lengths))

@@ -140,14 +140,14 @@ class Piece(NamedTuple):
     last: bool  # it ends its document
 
 
-def document_pieces(texts: Iterable[str], val_fraction: float) -> Iterator[Piece]:
+def document_pieces(texts: Iterable[str], val_fraction: float, tok: Tokenizer) -> Iterator[Piece]:
     """The pieces of each document in turn: a document over PIECE_CHARS characters is cut (text_pieces), lazily, so
     that nothing but the text itself is held whole; the tokenizer, given pieces of about BATCH_CHARS characters at a
     time (text_batches), needs memory for the characters it encodes at once (~400 bytes each in one long word of BPE:
     a document of 1.28 M characters took 534 MB), and the ids go to the shards piece by piece (write_pieces)."""
     for text in texts:
         val, first = is_val(text, val_fraction), True
-        pieces = text_pieces(text, PIECE_CHARS)
+        pieces = text_pieces(text, PIECE_CHARS, tok)
         piece = next(pieces)
         for following in pieces:
             yield Piece(piece, val, first, False)
@@ -170,21 +170,57 @@ PIECE_CHARS = 1 << 16  # a longer document is encoded in pieces of at most this 
 # (not after an apostrophe: 's), or before a space between two other characters. Byte-level BPE (babyllama's own,
 # GPT-2's pre-tokens) makes no token across such a cut, so the pieces' ids joined are the whole's.
 PIECE_CUT = re.compile(r"(?<=[^\s\w'])(?=[^\W_])|(?<=[^\W_])(?=[^\s\w])|(?<=\S)(?= \S)")
+SYNC_CHARS = 256  # the context each side of a cut without PIECE_CUT that sync_cut tokenizes (doubled until 16x)
+SYNC_IDS = 16  # the ids after a cut that both of sync_cut's tokenizations must have alike
 
 
-def text_pieces(text: str, size: int) -> Iterator[str]:
+def text_pieces(text: str, size: int, tok: Tokenizer) -> Iterator[str]:
     """text cut into pieces of at most size characters, each ending at the last cut (PIECE_CUT) in its second half,
-    else at size characters; text itself when it is no longer (a text of one piece is encoded as before). The ids of
-    the pieces joined are those of the whole for byte-level BPE with GPT-2's pre-tokens, but perhaps at a cut in text
-    without punctuation or spaces over size / 2 characters; a SentencePiece model may differ at each cut by a token
-    or two (its "▁" before each piece's start)."""
+    else where tokenizations agree there is a token boundary (sync_cut), else at size characters; text itself when it
+    is no longer (a text of one piece is encoded as before). The ids of the pieces joined are those of the whole for
+    byte-level BPE with GPT-2's pre-tokens; a hard cut at size characters (no PIECE_CUT in size / 2 characters and no
+    agreement within 16 * SYNC_CHARS of it) may change a token there; a SentencePiece model may differ at each cut by a
+    token or two (its "▁" before each piece's start)."""
     start = 0
     while len(text) - start > size:
         cuts = [m.start() for m in PIECE_CUT.finditer(text, start + size // 2, start + size)]
-        end = cuts[-1] if cuts else start + size
+        end = cuts[-1] if cuts else sync_cut(tok, text, start + size - size // 4, start + size)
         yield text[start:end]
         start = end
     yield text[start:]
+
+
+def sync_cut(tok: Tokenizer, text: str, at: int, limit: int) -> int:
+    """A place in text[at:limit] where a token boundary of the whole text's ids is, as two tokenizations tell it:
+    of the text around `at` (context characters each side) and of the text from `at` on (to 2 * context), which have
+    other context on each side. The first place from `at` on where both have a boundary and their next SYNC_IDS ids
+    are alike: BPE merges depend on the text near them only, so that ids synchronized there after other beginnings
+    are those of any longer context. With context SYNC_CHARS, doubled while they do not synchronize, up to 16 times;
+    then limit (a hard cut)."""
+    context = SYNC_CHARS
+    while context <= 16 * SYNC_CHARS:
+        lo = max(at - context, 0)
+        around, after = tok.encode_batch([text[lo: at + context], text[at: at + 2 * context]])
+        ends_around = token_ends(tok, around, text[lo: at + context]) - (at - lo)
+        ends_after = token_ends(tok, after, text[at: at + 2 * context])
+        for end in np.intersect1d(ends_around[(ends_around > 0) & (ends_around < min(context, limit - at))],
+                                  ends_after):
+            i, j = np.flatnonzero(ends_around == end)[0] + 1, np.flatnonzero(ends_after == end)[0] + 1
+            if around[i: i + SYNC_IDS] == after[j: j + SYNC_IDS] and len(around) - i > SYNC_IDS:
+                return at + int(end)
+        context *= 2
+    return limit
+
+
+def token_ends(tok: Tokenizer, ids: list[int], text: str) -> np.ndarray:
+    """(len(ids),) int64: the character of text each id ends at (exclusive), -1 where an id ends inside a character
+    (a byte-level piece). A prefix the tokenizer adds ("▁" of SentencePiece) counts nothing."""
+    ends = np.cumsum(tok.token_bytes()[0, ids]) if ids else np.zeros(0, dtype=np.int64)
+    char_ends = np.cumsum([len(c.encode()) for c in text])
+    ends -= int(ends[-1]) - int(char_ends[-1]) if len(ends) and len(char_ends) else 0
+    at = np.searchsorted(char_ends, ends)
+    whole = (at < len(char_ends)) & (char_ends[np.minimum(at, len(char_ends) - 1)] == ends)
+    return np.where(whole, at + 1, -1)
 
 
 def _encode(pieces: list[Piece], bos: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -281,7 +317,7 @@ def _pretokenize(reader: CorpusReader, tok: Tokenizer, tokenizer_path: str, out:
     read_at: deque[int] = deque()  # reader.bytes_read() after each batch in flight, oldest first
 
     def batches() -> Iterator[list[Piece]]:
-        for batch in text_batches(document_pieces(mine, val_fraction), size=lambda piece: len(piece.text)):
+        for batch in text_batches(document_pieces(mine, val_fraction, tok), size=lambda piece: len(piece.text)):
             read_at.append(reader.bytes_read())
             yield batch
 
