@@ -115,8 +115,36 @@ def test_tokenizer_info_reads_its_sample_as_every_text_input(tmp_path, bpe_token
         ("missing.txt", "--sample {} does not exist."),
         ("/dev/null", "--sample {} is not a regular file."),  # it said "input /dev/null", not the flag
     ]:
-        r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", tmp_path / sample)
-        assert (r.returncode, r.stderr) == (2, f"babyllama: error: {error.format(tmp_path / sample)}\n")
+        r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", tmp_path / sample)  # after the bar, if any
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: {error.format(tmp_path / sample)}")
+
+
+def test_tokenizer_info_streams_its_sample(tmp_path, bpe_tokenizer, monkeypatch):
+    """--sample was read whole, joined and encoded at once: about 57 bytes of memory a byte of sample (1.1 GB for
+    20 MB), with no line while it read. Its documents are read one at a time and encoded a batch at a time, with a
+    bar of the bytes read, and the numbers are those of the whole sample: its lines (CRLF, U+2028 and blank ones among
+    them) encoded each alone, over its characters less newlines."""
+    import babyllama.tokenizer as tokenizer_module
+
+    bpe_tokenizer.save(tmp_path / "tok")
+    texts = ["你好，世界。\n这是分词器的样本。\n", "中文的句子\r\n用来数\u2028每个词元", "", "  有几个字。\n\n末行"]
+    whole = "\n".join(texts)  # what info measured before: the documents joined, then split into lines
+    expected = round(len(whole.replace("\n", "")) / sum(len(bpe_tokenizer.encode(t)) for t in whole.splitlines()), 3)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                      encoding="utf-8")
+    size = (tmp_path / "s.jsonl").stat().st_size
+    r = run_cli("tokenizer", "info", tmp_path / "tok", "--sample", tmp_path / "s.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["chars_per_token"] == expected
+    assert re.search(rf"^tokenizer info: reading --sample: 100%\|#+\| {size}/{size} \[[^\]]*, 4 docs\]$",
+                     r.stderr, re.M), r.stderr
+    read, encoded = [], []  # the documents read when each batch was encoded: a few, not all of them
+    monkeypatch.setattr(tokenizer_module, "MEASURE_BATCH", 10)
+    monkeypatch.setattr(type(bpe_tokenizer), "encode_batch",
+                        lambda self, batch, *a: encoded.append(len(read)) or [[0] * len(t) for t in batch])
+    docs = [f"第{i}篇文档，十个字以上。" for i in range(5)]
+    assert bpe_tokenizer.measure(read.append(d) or d for d in docs) == (sum(map(len, docs)), sum(map(len, docs)))
+    assert encoded == [1, 2, 3, 4, 5, 5]
 
 
 def test_tokenizer_train_on_no_documents_writes_nothing(tmp_path):

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import NoReturn
@@ -69,22 +70,41 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_info(args: argparse.Namespace) -> None:
-    from babyllama.tokenizer import BUILT_IN_SAMPLE, SAMPLE_TEXT, load_tokenizer
+    from babyllama.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.path)
-    sample, name = SAMPLE_TEXT, BUILT_IN_SAMPLE
-    if args.sample:  # read as every text input is: its encoding detected, the text of JSON records, a folder's files
-        from babyllama.data.sources import iter_texts
-
-        if not (Path(args.sample).is_file() or Path(args.sample).is_dir()):
-            raise UserError(f"--sample {args.sample} {not_a_file(Path(args.sample))}.")
-        sample, name = "\n".join(iter_texts([args.sample])), args.sample
-        if not sample.strip():
+    if args.sample:
+        with sample_documents(args.sample) as (documents, shown):
+            info = tok.info(documents, args.sample)
+        if not shown:
             raise UserError(f"--sample {args.sample} has no text to measure.")
-    info = tok.info(sample, name)
+    else:
+        info = tok.info()
     print(json.dumps(info, ensure_ascii=False, indent=2))
     if info["token_dtype"] == "uint32":
         print(f"note: {tok.vocab_size} ids do not fit uint16, so token shards will be uint32 (twice the disk).")
+
+
+@contextmanager
+def sample_documents(sample: str) -> Iterator[tuple[Iterator[str], list[bool]]]:
+    """(documents, shown) of tokenizer info's --sample, a file or folder read as every text input is (its encoding
+    detected, the text of JSON records, a folder's files): the documents one at a time, with a progress bar of the
+    bytes read (as prepare's), and shown, which holds True once a document had text other than whitespace."""
+    from babyllama.data.sources import CorpusReader
+    from babyllama.progress import bytes_bar, counted
+
+    if not (Path(sample).is_file() or Path(sample).is_dir()):
+        raise UserError(f"--sample {sample} {not_a_file(Path(sample))}.")
+    reader, shown = CorpusReader([sample]), []
+
+    def documents() -> Iterator[str]:
+        for text in counted(reader.documents(), bar, reader.read):
+            if not shown and text.strip():
+                shown.append(True)
+            yield text
+
+    with bytes_bar("tokenizer info: reading --sample", reader.read.total) as bar:
+        yield documents(), shown
 
 
 def check_prepare_flags(args: argparse.Namespace) -> None:
