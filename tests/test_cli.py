@@ -161,6 +161,48 @@ def test_tokenizer_train_on_no_documents_writes_nothing(tmp_path):
         assert not (tmp_path / "t").exists()
 
 
+def test_tokenizer_train_on_records_that_show_nothing_writes_nothing(tmp_path, bpe_tokenizer):
+    """Lines of whitespace and a zero-width space trained a tokenizer of 261 ids ("training on 1 of 1 document: 0.0
+    of 0.0 MiB", exit 0), where prepare and pretokenize refuse them: a record that shows nothing is no document, and
+    none is pretokenize's refusal."""
+    (tmp_path / "blank.txt").write_bytes(b"   \n\xe2\x80\x8b\n\n")
+    (tmp_path / "docs.txt").write_text("长城很长。\n\u200b\n故宫很大。\n", encoding="utf-8")
+    bpe_tokenizer.save(tmp_path / "tok")
+    r = run_cli("pretokenize", "--input", tmp_path / "blank.txt", "--tokenizer", tmp_path / "tok", "--out_dir",
+                tmp_path / "p")
+    refusal = "babyllama: error: the one record has no text: 1 empty; nothing was written."
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, refusal), r.stderr
+    r = run_cli("tokenizer", "train", "--input", tmp_path / "blank.txt", "--vocab_size", "300",
+                "--out_dir", tmp_path / "t")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, refusal), r.stderr
+    assert not (tmp_path / "t").exists()
+    r = run_cli("tokenizer", "train", "--input", tmp_path / "docs.txt", "--vocab_size", "300",
+                "--out_dir", tmp_path / "t")
+    assert r.returncode == 0 and "training on 2 of 2 documents" in r.stderr, r.stderr
+
+
+def test_tokenizer_train_refuses_an_out_dir_of_other_files(tmp_path):
+    """--out_dir of raw data files took a tokenizer.json, after which prepare and pretokenize read the folder as "a
+    tokenizer, not a folder of data files": a folder that holds files other than a tokenizer's is refused, as export
+    --format hf refuses one; an earlier tokenizer's is trained again in place."""
+    (tmp_path / "c.txt").write_text("\n".join(generated_corpus(50)), encoding="utf-8")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "gbk.txt").write_bytes("长城".encode("gbk"))
+    (tmp_path / "raw" / "wudao.json").write_text("[]")
+    r = run_cli("tokenizer", "train", "--input", tmp_path / "c.txt", "--vocab_size", "300", "--out_dir",
+                tmp_path / "raw")
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: --out_dir {tmp_path / 'raw'} holds "
+                                                            "files that are not a tokenizer's (gbk.txt, wudao.json); "
+                                                            "choose a new or empty --out_dir (the tokenizer.json "
+                                                            "written there would make the folder read as a "
+                                                            "tokenizer, not as data)."), r.stderr
+    assert sorted(f.name for f in (tmp_path / "raw").iterdir()) == ["gbk.txt", "wudao.json"]
+    for _ in range(2):  # a new folder, then the tokenizer in it again
+        r = run_cli("tokenizer", "train", "--input", tmp_path / "c.txt", "--vocab_size", "300", "--out_dir",
+                    tmp_path / "tok")
+        assert r.returncode == 0, r.stderr
+
+
 def test_large_vocab_says_uint32(tmp_path):
     from tokenizers import Tokenizer, models
 

@@ -59,7 +59,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from babyllama.tokenizer import MAX_TRAIN_BYTES, train_bpe, training_sample
 
     check_output_folder(args.out_dir, "a tokenizer", ("a tokenizer",))  # not a checkpoint's, whose model it fits
-    reader = CorpusReader(args.input)
+    check_tokenizer_out_dir(Path(args.out_dir))
+    reader = CorpusReader(args.input, skip_empty=True)  # a record that shows nothing is no document, as pretokenize's
     texts = training_sample(reader.documents(), MAX_TRAIN_BYTES if args.max_train_bytes is None else
                             args.max_train_bytes, read=reader.read)
     reader.check_usable()  # a tokenizer of no text is not trained, nor saved over an earlier one
@@ -67,6 +68,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     with signals_held(complete=args.out_dir):  # a stop waits: tokenizer.json and its ids file are of one tokenizer
         tok.save(args.out_dir)
     print(json.dumps({"saved": args.out_dir, **tok.info()}, ensure_ascii=False, indent=2))
+
+
+def check_tokenizer_out_dir(out: Path) -> None:
+    """UserError when out holds files other than those tokenizer train writes (an earlier one's, replaced) and hidden
+    ones (its lock): its tokenizer.json would make a folder of data files read as a tokenizer, which prepare and
+    pretokenize then refused, as export --format hf refuses a folder that holds files."""
+    from babyllama.errors import first_few
+    from babyllama.tokenizer import META_FILE
+
+    others = sorted(f.name for f in out.iterdir() if not f.name.startswith(".") and f.name not in
+                    ("tokenizer.json", META_FILE)) if out.is_dir() else []
+    if others:
+        raise UserError(f"--out_dir {out} holds files that are not a tokenizer's ({first_few(others, 3)}); choose a "
+                        "new or empty --out_dir (the tokenizer.json written there would make the folder read as a "
+                        "tokenizer, not as data).")
 
 
 def cmd_tokenizer_info(args: argparse.Namespace) -> None:
