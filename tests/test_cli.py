@@ -620,6 +620,23 @@ def test_a_training_run_passed_as_a_checkpoint_is_named_as_one(bpe_tokenizer, tm
                                                         f"{run / 'final'} (the newest).")
 
 
+def test_a_checkpoint_command_says_what_a_folder_is(tmp_path, bpe_tokenizer):
+    """`chat TOKENS` (pretokenize's output) said "TOKENS is not a checkpoint: it has no config.json."; it says what the
+    folder is, as the data commands say it of a folder that is not data (output_kind, own_output)."""
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "manifest.json").write_text("{}")
+    (tmp_path / "tokens" / "shard_00000.bin").write_bytes(b"")
+    bpe_tokenizer.save(tmp_path / "tok")
+    (tmp_path / "empty").mkdir()
+    for name, said in [("tokens", "is a folder of token shards, not a checkpoint; pass a checkpoint's folder (a run's "
+                                  "final/ or checkpoints/step_NNNNNN/)."),
+                       ("tok", "is a tokenizer, not a checkpoint; pass a checkpoint's folder (a run's final/ or "
+                               "checkpoints/step_NNNNNN/)."),
+                       ("empty", "is not a checkpoint: it has no config.json.")]:
+        r = run_cli("chat", tmp_path / name, stdin="hi\n")
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"babyllama: error: {tmp_path / name} {said}"), name
+
+
 def test_a_stop_says_how_each_command_goes_on(monkeypatch, capsys, tmp_path):
     """Ctrl-C or SIGTERM said "run the same command to continue" of every command, but a rerun of prepare,
     pretokenize, tokenizer train or export starts from zero, and chat and serve have nothing to run again. Each

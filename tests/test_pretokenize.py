@@ -437,12 +437,17 @@ def files_of(folder):
 
 
 def refused(args, error, folder, capsys):
-    """pretokenize ARGS exits 2 with the one sentence error and changes no file below folder."""
+    """pretokenize ARGS exits 2 (returned, or argparse's SystemExit) with the one sentence error and changes no file
+    below folder."""
     from babyllama.cli import main
 
     before = files_of(folder)
     capsys.readouterr()
-    assert main(["pretokenize", *args]) == 2
+    try:
+        code = main(["pretokenize", *args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    assert code == 2
     assert capsys.readouterr().err == f"babyllama: error: {error}\n"
     assert files_of(folder) == before
 
@@ -589,7 +594,7 @@ def test_the_settings_of_the_sft_cache_need_sft(corpus_and_tokenizer, parts, tmp
 
 
 @pytest.mark.parametrize("flags, error", [
-    (["--val_fraction", "1.5"], "--val_fraction must be in [0, 1), got 1.5."),
+    (["--val_fraction", "1.5"], "argument --val_fraction: 1.5 is not in [0, 1)."),
     (["--min_prompt_chars", "9", "--max_prompt_chars", "3"], "--min_prompt_chars 9 is above --max_prompt_chars 3, so "
      "no record would pass; lower the one or raise the other."),
     (["--min_answer_chars", "2", "--max_answer_chars", "1"], "--min_answer_chars 2 is above --max_answer_chars 1, so "
@@ -600,6 +605,16 @@ def test_sft_settings_out_of_range_are_refused_before_the_records_are_read(outpu
     refused(["--sft", "--input", str(folder / "sft.jsonl"), "--tokenizer", str(folder / "tok"), "--max_seq_len", "64",
              "--out_dir", str(tmp_path / "c"), *flags], error, tmp_path, capsys)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_val_fraction_out_of_range_is_said_as_every_flag(corpus_and_tokenizer, tmp_path, capsys, value):
+    """`--val_fraction 1` said "--val_fraction must be in [0, 1), got 1.0.", where every other flag's range is said in
+    argparse's form ("argument --shard_tokens: 0 is below 1.")."""
+    d, _ = corpus_and_tokenizer
+    refused(["--input", str(d / "docs.jsonl"), "--tokenizer", str(d / "tok"), "--out_dir", str(tmp_path / "p"),
+             "--val_fraction", value], f"argument --val_fraction: {float(value)} is not in [0, 1).", tmp_path, capsys)
+    assert not (tmp_path / "p").exists()
 
 
 def test_num_shards_without_shard_index_is_refused(corpus_and_tokenizer, tmp_path, capsys):

@@ -237,7 +237,7 @@ def read_config(path: str | Path) -> dict:
     whose format `version` (1 when absent) is one this code reads: NewerFormat for a newer one. UserError for a
     folder that is no checkpoint (a training run, check_not_a_run, or a Hugging Face model among them) or a
     damaged one."""
-    from babyllama.data.sources import HF_MODEL, is_transformers_config
+    from babyllama.data.sources import HF_MODEL, is_transformers_config, output_kind, own_output
 
     path = Path(path)
     check_folder(path, "checkpoint", "a checkpoint's folder (a run's final/ or checkpoints/step_NNNNNN/)")
@@ -249,6 +249,9 @@ def read_config(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         config, damaged = {}, e
     check_not_a_run(path, config)
+    if config is None and (kind := output_kind(path) or own_output(path)) not in (None, "a checkpoint"):
+        raise UserError(f"{path} is {kind}, not a checkpoint; pass a checkpoint's folder (a run's final/ or "
+                        "checkpoints/step_NNNNNN/).")  # what it is, as a data command says it of a non-data folder
     if config is None:
         raise UserError(f"{path} is not a checkpoint: it has no {CONFIG_FILE}.")
     if damaged is not None:

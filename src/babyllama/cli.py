@@ -261,13 +261,11 @@ def check_mode_flags(args: argparse.Namespace) -> None:
 
 
 def check_ranges(args: argparse.Namespace) -> None:
-    """Refuse pretokenize's --val_fraction outside [0, 1) (--sft's too, which the cache build took as it was) and a
-    --min_*_chars filter above its --max_*_chars, which no record passes: before the records are read, not after;
-    the ranges are the training settings' (settings.py)."""
-    from babyllama.settings import check_char_limits, check_fraction
+    """Refuse pretokenize's --min_*_chars filter above its --max_*_chars, which no record passes: before the records
+    are read, not after; the ranges are the training settings' (settings.py). --val_fraction's is its type's
+    (fraction)."""
+    from babyllama.settings import check_char_limits
 
-    if args.val_fraction is not None:
-        check_fraction(args.val_fraction, "--val_fraction")
     check_char_limits(lambda name: getattr(args, name), "--")
 
 
@@ -575,6 +573,15 @@ def int_in(low: int, high: int | None = None):
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1), as settings.check_fraction takes it (NaN refused), said in argparse's
+    form as every other flag's range ("argument --val_fraction: 1.0 is not in [0, 1)"), not in a sentence of its own."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
 def path(text: str) -> str:
     """An argparse type: a file or folder path, never "" (which Path reads as ".", or a check skips as unset)."""
     if not text:
@@ -625,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=path, nargs="+", help="files or directories (a `prepare` output directory works)")
     p.add_argument("--tokenizer", type=path, help="tokenizer directory, tokenizer.json or .model")
     p.add_argument("--out_dir", type=path, required=True)
-    p.add_argument("--val_fraction", type=float, help="held out by hash (default 0.005, with --sft 0.02)")
+    p.add_argument("--val_fraction", type=fraction, help="held out by hash (default 0.005, with --sft 0.02)")
     p.add_argument("--shard_tokens", type=int_in(1), help="tokens per shard file (default 100,000,000)")
     p.add_argument("--num_shards", type=int_in(1), help="split the documents over this many machines (default 1)")
     p.add_argument("--shard_index", type=int_in(0), help="which part this machine makes (default 0)")
