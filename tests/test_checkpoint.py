@@ -667,3 +667,31 @@ def test_a_file_renamed_over_a_weights_file_as_it_is_read_is_not_taken_for_the_o
     monkeypatch.setattr(checkpoint, "file_sha256", swapped(real_hash))
     assert checkpoint.weights_sha256(ck) == sha  # the file held, not the one renamed over it
     assert checkpoint.weights_sha256(ck) == hashlib.sha256(weights.read_bytes()).hexdigest() != sha  # hashed anew
+
+
+@pytest.mark.parametrize(("optimizer", "moment"), [("adamw", "exp_avg_sq"), ("muon", "momentum_buffer")])
+def test_a_resume_skips_a_checkpoint_whose_optimizer_state_holds_nan(shards, tmp_path, optimizer, moment):
+    """A checkpoint whose weights were finite but whose optimizer state held NaN (a flipped bit, a hand edit) was
+    resumed, and its first step made every weight NaN: the run stopped at its next save, "the weights are not finite
+    after step 5", its newest checkpoint the poisoned one again. The trainer state is checked as the weights are."""
+    from tests.test_pretrain import FAST, TINY
+
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("Muon needs torch >= 2.9")
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, *FAST, "--data", shards, "--out_dir", run, "--save_every", "2", "--batch_size", "4",
+            "--optimizer", optimizer]
+    assert run_cli(*args, "--max_steps", "4").returncode == 0
+    file = run / "checkpoints" / "step_000004" / "trainer_state.pt"
+    state = torch.load(file, weights_only=True)
+    param, moments = next((k, v) for k, v in sorted(state["optimizer"]["state"].items()) if moment in v)
+    moments[moment].view(-1)[0] = float("nan")
+    torch.save(state, file)
+    name = f"optimizer.state.{param}.{moment}"
+    why = not_finite(file, name).removeprefix("babyllama: error: ").rstrip(".\n")
+    r = run_cli(*args, "--max_steps", "6", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert (f"note: step_000004 is damaged and skipped: {why}; resuming from step_000002, and step_000004 is moved to "
+            "step_000004.damaged (keep_last counts whole checkpoints)\n") in r.stdout
+    assert f"resuming from {run / 'checkpoints' / 'step_000002'} (step 2 of 6)" in r.stdout
+    assert json.loads((run / "final" / "config.json").read_text())["step"] == 6

@@ -12,9 +12,9 @@
 
 A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
 `keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume, the newest whole one, of finite
-weights, and a resume moves the damaged ones it skipped aside, `set_aside`, to step_000100.damaged, which pruning
-removes once it is older than every checkpoint kept) and the model to use next in RUN/final. A writer killed at any
-moment leaves whole directories and temporaries
+weights and trainer state, and a resume moves the damaged ones it skipped aside, `set_aside`, to
+step_000100.damaged, which pruning removes once it is older than every checkpoint kept) and the model to use next in
+RUN/final. A writer killed at any moment leaves whole directories and temporaries
 named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
 """
 
@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ from babyllama.lora import (
 from babyllama.model import ModelConfig, Transformer
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.weights_file import (
+    FOUND_FINITE,
+    check_finite,
     check_finite_file,
     file_sha256,
     held,
@@ -83,7 +86,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
     """The newest step checkpoint that is whole (config, weights' header and trainer state read back, its weights
-    finite: check_finite_file, as a diverged run's or a disk fault's NaN is no checkpoint to resume) and its
+    and trainer state finite: check_finite_file, load_train_state, as a diverged run's or a disk fault's NaN is no
+    checkpoint to resume) and its
     trainer state (load_train_state's, its tensors memory-mapped: what the resume reads of it, read once), or None
     and None when there is none; and each newer one that is damaged, with why. Raises UserError when every one is
     damaged."""
@@ -602,16 +606,32 @@ def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict 
 
 def load_train_state(path: str | Path, mmap: bool = False) -> dict | None:
     """The trainer state of a checkpoint, or None; tensors and plain data only, never code.
-    mmap: map the tensors instead of reading them (to check that the file is whole)."""
+    mmap: map the tensors instead of reading them (to check that the file is whole). Raises UserError where the file
+    cannot be read, is no trainer state, or a floating-point tensor in it (optimizer moments, the weight average)
+    holds NaN or Inf (check_finite, the weights' rule and memo): a resume from moments holding one NaN made every
+    weight NaN at its first step and stopped at its next save, the damaged checkpoint still the newest."""
     f = Path(path) / STATE_FILE
     if not f.is_file():
         return None
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        with held(f) as (st, name):
+            key, state = stat_key(st), torch.load(name, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # objects other than tensors and plain data
         raise UserError(f"refusing {f}: it is not a plain trainer state ({type(e).__name__}).") from None
     except Exception as e:  # RuntimeError for a cut-off file, and whatever else damage brings
         raise UserError(f"{f} cannot be read ({type(e).__name__}); it is damaged or was cut off.") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise UserError(f"{f} is not a trainer state (no step); it is damaged.")
+    if key not in FOUND_FINITE:
+        check_finite(f, key, state_tensors(state))
     return state
+
+
+def state_tensors(state, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each tensor in a trainer state's nested dicts and lists, named by its path of keys joined by
+    dots: optimizer.state.layers.0.attention.wq.weight.exp_avg."""
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict | list | tuple):
+        for k, v in state.items() if isinstance(state, dict) else enumerate(state):
+            yield from state_tensors(v, f"{prefix}.{k}" if prefix else str(k))
