@@ -703,3 +703,20 @@ def test_dpo_refuses_an_init_holding_nan_before_the_token_cache_is_built(dpo_set
                  "--max_steps", "1", "--data_workers", "1"]) == 2
     assert capsys.readouterr().err == not_finite(init / "model.safetensors", name)
     assert not run.exists()
+
+
+def test_a_preference_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(dpo_setup, tmp_path):
+    """DPO reads its pairs through the SFT token cache, so its check too (test_sft): a cache holding an id at or above
+    the model's vocab_size is refused, of the largest id its manifest records, before the reference's precompute."""
+    d, cache = dpo_setup, tmp_path / "run" / "dpo_tokens"
+    args = ["dpo", "--init", d / "init", "--data", d / "pairs.jsonl", "--max_steps", "1", "--batch_size", "8",
+            "--eval_every", "0", "--data_workers", "1"]
+    assert run_cli(*args, "--out_dir", tmp_path / "run").returncode == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["stats"]["max_id"] = 600
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli(*args, "--out_dir", tmp_path / "again", "--sft_cache", cache)
+    assert (r.returncode, r.stderr) == (2, f"babyllama: error: the DPO token cache {cache} holds token id 600, but "
+                                           f"the model's vocab_size is 600; delete {cache} to rebuild it with the "
+                                           "model's tokenizer.\n")
+    assert not (tmp_path / "again" / "checkpoints").exists()

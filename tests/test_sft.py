@@ -893,3 +893,35 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
     monkeypatch.setattr(trainer, "build_model", built)
     assert main([*args, "--batch_size", "8", "--max_steps", "1", "--out_dir", str(tmp_path / "small")]) == 0
     assert (tmp_path / "small" / "final").is_dir()
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "read"])
+def test_a_token_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(sft_setup, tmp_path, capsys,
+                                                                                       recorded):
+    """A cache holding a token id at or above the model's vocab_size (made or edited by other means: a cache keyed by
+    the run's tokenizer holds none) stopped the run at its first step with an IndexError in the embedding (a CUDA
+    assert on a GPU). It is refused in one sentence before training: of the largest id its manifest records, the
+    cache unread, or for a cache from before the manifest recorded it, of its ids read once."""
+    from babyllama.cli import main
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--data_workers",
+            "1", "--log_every", "1", "--eval_every", "0"]
+    assert main([*args, "--out_dir", str(run)]) == 0
+    cache = run / "sft_tokens"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert 0 < manifest["stats"]["max_id"] < 600
+    if recorded:  # the record is what is checked: the ids are not read
+        manifest["stats"]["max_id"] = 700
+    else:
+        del manifest["stats"]["max_id"]
+        ids = np.memmap(cache / "train.ids.bin", dtype=manifest["dtype"], mode="r+")
+        ids[::50] = 650  # in most samples
+        ids.flush()
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([*args, "--out_dir", str(tmp_path / "again"), "--sft_cache", str(cache)]) == 2
+    assert capsys.readouterr().err == (f"babyllama: error: the SFT token cache {cache} holds token id "
+                                       f"{700 if recorded else 650}, but the model's vocab_size is 600; delete "
+                                       f"{cache} to rebuild it with the model's tokenizer.\n")
+    assert not (tmp_path / "again" / "checkpoints").exists()

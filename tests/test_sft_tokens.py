@@ -506,7 +506,7 @@ def test_pretokenize_sft_builds_what_sft_uses(demo_sft, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["samples"] + summary["val_samples"] == len(MULTI_TURN)
     assert list(summary) == ["out_dir", "dtype", "records", "bad", "filtered", "filtered_by_chars", "empty_answers",
-                             "truncated", "samples", "val_samples", "bad_examples"]
+                             "truncated", "samples", "val_samples", "bad_examples", "max_id"]
     r = run_cli("pretokenize", "--sft", "--input", str(demo_sft / "multi.jsonl"), "--out_dir", str(tmp_path / "d"))
     assert r.returncode == 2 and "--max_seq_len" in r.stderr
 

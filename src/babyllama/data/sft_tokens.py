@@ -139,6 +139,7 @@ class SFTStats:
     samples: int = 0
     val_samples: int = 0
     bad_examples: list[str] = field(default_factory=list)  # "file:line: reason" of the first few
+    max_id: int | None = None  # the largest token id in the cache; None: a cache from before it was recorded
 
 
 PAIR_COUNTS = ("equal_pairs", "equal_after_truncation")  # the SFTStats of a DPO cache alone
@@ -374,6 +375,8 @@ def _build(paths: list[Path], tok, tokenizer_path, out: Path, settings: SFTSetti
                 if other and (len(batch) < RECORDS_PER_BATCH or files_of(batch) == [str(paths[-1])]):
                     raise UserError(f"{other}; nothing was written.")
             _write(files, out, r, tok.dtype, MAX_LISTED - min(stats.bad, MAX_LISTED))
+            if len(r["ids"]):  # what a run checks against its model's vocab_size (check_ids_fit), the cache unread
+                stats.max_id = max(stats.max_id or 0, int(r["ids"].max()))
             stats.records += len(batch)
             for k, n in r["counts"].items():  # bad, filtered, empty_answers, equal_pairs (...), truncated
                 setattr(stats, k, getattr(stats, k) + n)

@@ -46,7 +46,7 @@ from babyllama.model import ModelConfig
 from babyllama.settings import default_out_dir
 from babyllama.tokenizer import Tokenizer, load_tokenizer
 from babyllama.train.distributed import Dist, barrier, check_fsdp, check_same_checkpoint, held_by_main, process_group
-from babyllama.train.sft_data import SFTData, load_sft_data
+from babyllama.train.sft_data import SFTData, check_ids_fit, load_sft_data
 from babyllama.train.trainer import (
     Dataset,
     Trainer,
@@ -390,6 +390,7 @@ def token_cache(cfg: RunConfig, tokenizer_path: str | Path, dist: Dist, kind: st
     started_with = read_config(resume_from).get("data") if resume_from is not None else None  # None: older run
     train, val, stats = load_sft_data(paths, tokenizer_path, cache, settings, t.pack, dist,
                                       cpu_workers(t.data_workers, "data_workers"), kind, started_with)
+    check_ids_fit(cache, kind, stats, [d for d in (train, val) if d is not None], cfg.model.vocab_size)
     if dist.main:
         print(data_line(kind, stats))
     data = {k: v for k, v in read_sft_cache(cache).items() if k != "stats"}  # what the checkpoints record
