@@ -925,3 +925,20 @@ def test_a_token_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_t
                                        f"{700 if recorded else 650}, but the model's vocab_size is 600; delete "
                                        f"{cache} to rebuild it with the model's tokenizer.\n")
     assert not (tmp_path / "again" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_an_init_whose_vocabulary_is_smaller_than_its_tokenizer_is_refused_before_the_cache(sft_setup, tmp_path,
+                                                                                              bpe_tokenizer, capsys,
+                                                                                              stage):
+    """An --init with a smaller vocab_size than the tokenizer that builds the data could build a cache of ids beyond
+    it: the tokenizer is refused against the model (check_tokenizer_fits) before any data is tokenized."""
+    from babyllama.cli import main
+
+    save_checkpoint(tmp_path / "init", sharp_model(tiny_config(vocab_size=300, max_seq_len=64)), bpe_tokenizer)
+    run = tmp_path / "run"
+    assert main([stage, "--init", str(tmp_path / "init"), "--data", str(sft_setup / "sft.jsonl"), "--out_dir",
+                 str(run), "--max_steps", "1", "--data_workers", "1"]) == 2
+    assert capsys.readouterr().err == ("babyllama: error: the tokenizer has 600 ids but the model at "
+                                       f"{tmp_path / 'init'} only 300; use the tokenizer the model was trained with.\n")
+    assert not run.exists()

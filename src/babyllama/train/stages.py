@@ -132,10 +132,10 @@ def checked_run(cfg: RunConfig, tokenizer: Tokenizer, dist: Dist, resume: bool, 
     (check_settings), a tokenizer other than the one its checkpoint records (files replaced or edited since the run
     started), other model settings, RESUME_SETTINGS or base (check_resume), and a weight average that average_last
     does not take on (check_average). Raises UserError."""
-    check_settings(cfg, tokenizer, dist, stage)
-    for ckpt in (start.resume_from, cfg.train.init):
-        if ckpt:
+    for ckpt in (start.resume_from, cfg.train.init):  # first: a model from --init cannot take check_settings' remedy,
+        if ckpt:  # --model.vocab_size (init_model refuses it), where this sentence names the model and its tokenizer
             check_tokenizer_fits(tokenizer, cfg.model, read_config(ckpt).get("tokenizer"), str(ckpt), str(tok_path))
+    check_settings(cfg, tokenizer, dist, stage)
     if start.resume_from is not None:
         check_resume(cfg, start.resume_from)
     if start.length is not None:
