@@ -1734,3 +1734,29 @@ def test_eval_records_its_sampling_and_limit_and_the_subjects_the_limit_left_out
     (tmp_path / "out" / "eval.json").write_text(json.dumps(old))
     text = make_report(tmp_path / "out").read_text()
     assert "Question answering (greedy, chat format;" in text and "--limit" not in text
+
+
+def test_sampled_eval_seeds_each_item_by_its_task_and_number_in_it(tmp_path, bpe_tokenizer, monkeypatch):
+    """Sampled QA item i was seeded with i, its number among all the run's items, as was continuation i: the i-th
+    continuation and the i-th QA item drew alike, and a task's answers changed with the tasks asked before it. Each
+    draw is seeded from the SHA-256 of its kind, task and number in its task (item_seed): the same each run."""
+    import babyllama.evaluate as ev
+
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    rows = [{"question": f"第{i}句话的情感是什么", "answer": "正面", "task": t} for t in ("a", "b") for i in range(3)]
+    for name, tasks in (("both", "ab"), ("b", "b")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows
+                                                        if r["task"] in tasks))
+    seeds, real = [], ev.seeded
+    monkeypatch.setattr(ev, "seeded", lambda model, s, seed: seeds.append(seed) or real(model, s, seed))
+    kw = {"sampling": Sampling(max_new_tokens=4, temperature=1.0), "device": "cpu"}
+    for out, qa in (("alone", "b"), ("one", "both"), ("two", "both")):
+        seeds.clear()
+        ev.evaluate(tmp_path / "ck", tmp_path / out, qa=str(tmp_path / f"{qa}.jsonl"), **kw)
+    items = {out: [json.loads(x) for x in (tmp_path / out / "items.jsonl").read_text().splitlines()]
+             for out in ("one", "two", "alone")}
+    assert items["one"] == items["two"]
+    assert [x["prediction"] for x in items["one"] if x["task"] == "b"] == [x["prediction"] for x in items["alone"]]
+    qa_seeds = [ev.item_seed("qa", i, t) for t in ("a", "b") for i in range(3)]
+    assert seeds[-6:] == qa_seeds and len(set(seeds)) == len(seeds) > 6  # continuations' seeds differ from all
+    assert ev.item_seed("qa", 0, "a") == 4215537368122597973  # stable: not Python's salted hash()

@@ -192,17 +192,17 @@ def trained_doc_mask(config: dict) -> bool:
 def continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], s: Sampling | None = None,
                   max_new_tokens: int = CONTINUATION_TOKENS) -> list[dict]:
     """Continuations of at most max_new_tokens (and s's), sampled as s says (default: sampling.Sampling,
-    greedy, the i-th prompt's draws seeded with i: seeded); a prompt starts after an <eos>, as a document does
-    in the shards, and a prompt too long to leave room for them keeps its end (chat_format.prompt_budget), from a
-    whole character (chat_format.last_whole_characters)."""
+    greedy, the i-th prompt's draws seeded with item_seed("continuation", i)); a prompt starts after an <eos>, as
+    a document does in the shards, and a prompt too long to leave room for them keeps its end
+    (chat_format.prompt_budget), from a whole character (chat_format.last_whole_characters)."""
     s = s or Sampling()
     s = replace(s, max_new_tokens=min(s.max_new_tokens, max_new_tokens))
     budget = prompt_budget(model.cfg.max_seq_len, s.max_new_tokens)
     out = []
     for i, prompt in enumerate(progress(prompts, desc="continuations", unit=" prompt")):
         ids = model.generate(last_whole_characters(tokenizer, text_prompt(tokenizer, prompt), budget),
-                             **s.generate_kwargs(),
-                             generator=seeded(model, s, i), **tokenizer.generation_kwargs(model.cfg.vocab_size))
+                             **s.generate_kwargs(), generator=seeded(model, s, item_seed("continuation", i)),
+                             **tokenizer.generation_kwargs(model.cfg.vocab_size))
         out.append({"prompt": prompt, "continuation": tokenizer.decode_complete(ids)})
     return out
 
@@ -405,9 +405,25 @@ def qa_prompt(tokenizer: Tokenizer, question: str | Conversation, max_len: int |
 
 
 def seeded(model, s: Sampling, seed: int) -> torch.Generator | None:
-    """The draws of the item numbered seed when s samples (temperature > 0): a generator seeded with it, so that
-    an item gets the same answer whether or not the run stopped and resumed before it; None for greedy."""
+    """The draws of the item whose item_seed is seed when s samples (temperature > 0): a generator seeded with it, so
+    that an item gets the same answer whether or not the run stopped and resumed before it; None for greedy."""
     return torch.Generator(model.rope_cos.device).manual_seed(seed) if s.temperature > 0 else None
+
+
+def item_seed(kind: str, number: int, task: str = "") -> int:
+    """The seed, in [0, 2**63), of an item's draws: the first 8 bytes of the SHA-256 of its kind ("qa",
+    "continuation"), task and number within its task, stable across runs and Python processes (hash() is not). The
+    number i of every task and the i-th continuation were all seeded with i, so sampled answers agreed by index."""
+    key = json.dumps([kind, task, number], ensure_ascii=False).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+def numbered_in_task(items: Iterable[dict]) -> Iterator[tuple[int, dict]]:
+    """(its number among its task's items, from 0, item) of each item in turn."""
+    seen: Counter = Counter()
+    for it in items:
+        yield seen[it["task"]], it
+        seen[it["task"]] += 1
 
 
 def lcs_length(a: str, b: str) -> int:
@@ -710,8 +726,9 @@ FLUSH_EVERY = 32  # items a write: a kill -9 loses fewer answers than this (Ctrl
 def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: Iterable[dict], mc_items: Iterable[dict]
                  ) -> dict:
     """What the answers in items.jsonl.partial depend on, its first line: the SHA-256 of the checkpoint's weights,
-    the device type, the sampling settings, and the SHA-256 of the QA and multiple-choice items asked (as read,
-    after --limit). A rerun goes on with the answers only when all of these are the same."""
+    the device type, the sampling settings (and, sampled, how the draws are seeded: SEEDS), and the SHA-256 of the
+    QA and multiple-choice items asked (as read, after --limit). A rerun goes on with the answers only when all of
+    these are the same."""
     from babyllama.checkpoint import weights_sha256
 
     def digest(items: Iterable[dict]) -> str:
@@ -721,7 +738,11 @@ def run_settings(checkpoint: str | Path, model, sampling: Sampling, qa_items: It
         return h.hexdigest()
 
     return {"kind": "settings", "weights_sha256": weights_sha256(checkpoint), "device": model.rope_cos.device.type,
-            "sampling": asdict(sampling), "qa_items": digest(qa_items), "mc_items": digest(mc_items)}
+            "sampling": asdict(sampling), "qa_items": digest(qa_items), "mc_items": digest(mc_items)} | (
+        {"seeds": SEEDS} if sampling.temperature > 0 else {})
+
+
+SEEDS = "item_seed"  # how sampled answers are seeded: answers sampled with seeds by index alone are not gone on from
 
 
 def answered(path: Path, settings: dict, qa_items: RecordItems | list, mc_items: RecordItems | list) -> int:
@@ -1043,11 +1064,11 @@ def evaluate(checkpoint: str | Path, out: str | Path, *, data: str | None = None
         print(f"note: {no_reference} QA {agree(no_reference, 'item has', 'items have')} no reference (missing or "
               f"empty) and {agree(no_reference, 'is', 'are')} not scored.")
     with appending(partial) as log:
-        for i, it in progress(islice(enumerate(qa_items), qa_done, None), desc="QA", unit=" item",
+        for i, it in progress(islice(numbered_in_task(qa_items), qa_done, None), desc="QA", unit=" item",
                               total=len(qa_items), initial=qa_done, disable=not qa):
             log.append({"kind": "qa", **it,
                         "prediction": answer(model, tokenizer, qa_conversation(it), sampling,
-                                             seeded(model, sampling, i))})
+                                             seeded(model, sampling, item_seed("qa", i, it["task"])))})
         for it in progress(islice(mc_items, mc_done, None), desc="multiple choice", unit=" item",
                            total=len(mc_items), initial=mc_done, disable=not mc):
             log.append({"kind": "mc", **mc_choices(it, ModelScorer(model, tokenizer), tokenizer)})
