@@ -166,6 +166,27 @@ def test_pretokenize_through_datatrove_skips_and_counts_empty_records(tmp_path, 
         dt.pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "none", local(1), val_fraction=0)
 
 
+def test_pretokenize_through_datatrove_ends_with_its_docs_tokens_time_and_tokens_per_second(tmp_path, bpe_tokenizer,
+                                                                                          caplog):
+    """The embedded engine's bar ends with `30 docs, 1,234 tokens/s`; pretokenize --engine datatrove ended with the
+    last stage's `stage finish done in 0.0 s`: no count, time nor rate. It says them as prepare --engine datatrove
+    does, counted as the bar counts (docs, tokens/s), and a rerun with nothing left to do says so."""
+    bpe_tokenizer.save(tmp_path / "tok")
+    f = tmp_path / "in" / "e.jsonl"
+    f.parent.mkdir()
+    f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in GOOD[:30]))
+    caplog.set_level(logging.INFO, logger=dt.__name__)
+    manifest = dt.pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "out", local(1), val_fraction=0)
+    tokens = manifest["totals"]["train"]["tokens"]
+    assert tokens > 1000 and manifest["totals"]["train"]["documents"] == 30
+    assert re.fullmatch(rf"30 docs, {tokens:,} tokens in {manifest['seconds']:.1f} s: [\d,]+ tokens/s",
+                        caplog.messages[-1]), caplog.messages[-1]
+    caplog.clear()
+    dt.pretokenize([str(f)], str(tmp_path / "tok"), tmp_path / "out", local(1), val_fraction=0)
+    assert caplog.messages[-1] == (f"30 docs, {tokens:,} tokens, read by an earlier run with the same settings in "
+                                   f"{manifest['seconds']:.1f} s; nothing left to do.")
+
+
 def test_pretrain_reads_the_datatrove_shards(both, tmp_path, bpe_tokenizer):
     from babyllama.config import load_config
     from babyllama.train.stages import pretrain

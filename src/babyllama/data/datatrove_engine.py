@@ -997,7 +997,9 @@ def prepare(inputs: list[str], out: str | Path, launch: Launch, *, format: str |
         finish_run(place, out, check_kept, prepare_outputs, "stats.json")
     say_unshown_bad(out)
     stats = json.loads((out / "stats.json").read_text())
-    log.info("%s", time_line(stats["total"]["records"], stats["seconds"], time.time() - began, earlier))
+    records = stats["total"]["records"]
+    log.info("%s", time_line(f"{records} {agree(records, 'record', 'records')}", records, "records", stats["seconds"],
+                             time.time() - began, earlier))
     return stats
 
 
@@ -1009,17 +1011,17 @@ def _earlier_run(work: Path, began: float) -> str | None:
     return "finished" if (work / FINISHED).is_file() else "unfinished"
 
 
-def time_line(records: int, seconds: float, this_run: float, earlier: str | None) -> str:
-    """The last line of a prepare: the records read and how long it took. seconds: stats.json's, counted from the
-    start of the first run of these settings, so with an earlier run's, and the time between runs, in it; this_run:
-    this command's stages, in seconds. A rate only when one run did it all."""
-    n = f"{records} {agree(records, 'record', 'records')}"
+def time_line(n: str, amount: int, unit: str, seconds: float, this_run: float, earlier: str | None) -> str:
+    """The last line of a prepare or pretokenize: what it made (n: "200 records"; "200 docs, 10,290 tokens") and how
+    long it took, with amount (of unit: "records", "tokens") a second. seconds: stats.json's or manifest.json's,
+    counted from the start of the first run of these settings, so with an earlier run's, and the time between runs,
+    in it; this_run: this command's stages, in seconds. A rate only when one run did it all."""
     if earlier == "finished":
         return f"{n}, read by an earlier run with the same settings in {seconds:.1f} s; nothing left to do."
     if earlier == "unfinished":
         return (f"{n} in {seconds:.1f} s since an earlier run with the same settings started, whose finished tasks "
                 f"this one kept; this run took {this_run:.1f} s.")
-    return f"{n} in {seconds:.1f} s: {records / max(seconds, 1e-9):.0f} records/s"
+    return f"{n} in {seconds:.1f} s: {amount / max(seconds, 1e-9):,.0f} {unit}/s"
 
 
 def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch: Launch, *,
@@ -1040,8 +1042,10 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
                 "tasks": tasks, "task_files": shares}
     with _one_run_at_a_time(out, settings["command"]):
         finish_swap(out, token_outputs, MANIFEST)  # of a run killed while it swapped its output in
+        began = time.time()
         place = start_run(out, settings, token_outputs, staged=launch.executor != "slurm")
         work = place / "datatrove"
+        earlier = None if launch.executor == "slurm" else _earlier_run(work, began)  # for time_line
         stages = [
             ("tokenize", [ReadCorpus(files, shares, format, str(work), skip_empty=True),
                           WriteTokenShards(tokenizer_path, str(place), str(work), val_fraction, bos, shard_tokens)],
@@ -1053,7 +1057,11 @@ def pretokenize(inputs: list[str], tokenizer_path: str, out: str | Path, launch:
             return None
         finish_run(place, out, check_records, token_outputs, MANIFEST)
     say_unshown_bad(out)
-    return json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
+    docs, tokens = (sum(split[k] for split in manifest["totals"].values()) for k in ("documents", "tokens"))
+    log.info("%s", time_line(f"{docs:,} {agree(docs, 'doc', 'docs')}, {tokens:,} {agree(tokens, 'token', 'tokens')}",
+                             tokens, "tokens", manifest["seconds"], time.time() - began, earlier))  # as the bar's
+    return manifest
 
 
 @contextmanager
