@@ -720,3 +720,29 @@ def test_a_preference_cache_with_ids_beyond_the_models_vocabulary_is_refused_bef
                                            f"the model's vocab_size is 600; delete {cache} to rebuild it with the "
                                            "model's tokenizer.\n")
     assert not (tmp_path / "again" / "checkpoints").exists()
+
+
+def test_the_report_plots_a_dpo_runs_loss_schedule_and_reward_accuracies(dpo_setup, tmp_path):
+    """A DPO run's metrics.jsonl holds loss and lr by step as pretraining's, and rewards/* (val_rewards/* on its eval
+    lines): the report drew loss and learning rate alone, and said the rewards only as final numbers. It draws
+    rewards/accuracies (train and val) against step in a third panel."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from babyllama.report import curves, make_report
+
+    d = dpo_setup
+    dpo(load_config(None, ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path),
+                           "--max_steps", "4", "--batch_size", "4", "--lr", "3e-3", "--warmup_steps", "1",
+                           "--val_fraction", "0.1", "--eval_every", "2", "--log_every", "1", "--data_workers", "1"]))
+    logged = metrics(tmp_path)
+    panels = curves(logged)
+    assert list(panels) == [("tokens", "loss"), ("step", "lr"), ("step", "rewards/accuracies")]
+    train = [r for r in logged if "loss" in r]
+    assert panels[("step", "rewards/accuracies")] == {
+        "train": ([1, 2, 3, 4], [r["rewards/accuracies"] for r in train]),
+        "val": ([2, 4], [r["val_rewards/accuracies"] for r in logged if "val_loss" in r])}
+    assert panels[("tokens", "loss")]["train"] == ([r["tokens"] for r in train], [r["loss"] for r in train])
+    text = make_report(tmp_path).read_text()
+    assert f"### Run `{tmp_path.name}` (DPO)" in text and f"![curves](plots/{tmp_path.name}_curves.png)" in text
+    assert Image.open(tmp_path / "plots" / f"{tmp_path.name}_curves.png").size == (1650, 396)  # 3 panels of 5 x 3.6 in

@@ -1666,9 +1666,11 @@ def test_report_leaves_out_an_eval_json_that_is_not_evals_with_a_note(tmp_path, 
         "the report leaves it out."]
 
 
-@pytest.mark.parametrize("text", ['{"step": 1, "tok', "[1, 2]\n", "null\n"])
+@pytest.mark.parametrize("text", ['{"step": 1, "tok', "[1, 2]\n", "null\n", '{"epoch": 1, "acc": 0.5}\n', "{}\n",
+                                  '{"step": 3, "resumed": true}\n'])
 def test_report_leaves_out_a_metrics_jsonl_that_is_not_a_runs_with_a_note(tmp_path, capsys, text):
-    """A metrics.jsonl of another tool (or cut) is left out with one note, as a foreign eval.json is."""
+    """A metrics.jsonl of another tool (or cut) is left out with one note, as a foreign eval.json is; so is one whose
+    records hold no step with a number to plot, which drew a section of empty plots and a row of None."""
     pytest.importorskip("matplotlib")
     write_run(tmp_path / "a")
     (tmp_path / "b").mkdir()
@@ -1760,3 +1762,27 @@ def test_sampled_eval_seeds_each_item_by_its_task_and_number_in_it(tmp_path, bpe
     qa_seeds = [ev.item_seed("qa", i, t) for t in ("a", "b") for i in range(3)]
     assert seeds[-6:] == qa_seeds and len(set(seeds)) == len(seeds) > 6  # continuations' seeds differ from all
     assert ev.item_seed("qa", 0, "a") == 4215537368122597973  # stable: not Python's salted hash()
+
+
+def test_report_of_a_run_folder_given_as_dot_names_its_plot_and_heading_after_the_folder(tmp_path, monkeypatch):
+    """`babyllama report .` in a run's folder drew plots/_curves.png under the heading "### Run ``": Path(".").name
+    is empty. Both take the folder's own name."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "pretrain")
+    monkeypatch.chdir(tmp_path / "pretrain")
+    text = make_report(".").read_text()
+    assert "### Run `pretrain`\n" in text and re.findall(r"!\[curves\]\(plots/(\S+)\)", text) == ["pretrain_curves.png"]
+    assert [p.name for p in (tmp_path / "pretrain" / "plots").iterdir()] == ["pretrain_curves.png"]
+
+
+def test_report_of_a_run_of_val_records_alone_shows_its_step_and_val_curve(tmp_path):
+    """A metrics.jsonl of eval lines alone (no train loss) was shown with steps and tokens None and an empty plot
+    beside the val points: its last step is the steps, and the loss panel is the val line alone."""
+    from babyllama.report import curves
+
+    pytest.importorskip("matplotlib")
+    records = [{"step": 2, "tokens": 200, "val_loss": 5.5}, {"step": 4, "tokens": 400, "val_loss": 5.0, "final": True}]
+    write_run(tmp_path / "run", records)
+    assert curves(records) == {("tokens", "loss"): {"val": ([200, 400], [5.5, 5.0])}}
+    text = make_report(tmp_path / "run").read_text()
+    assert "| 4 | 400 |  | 5 | None |" in text and "![curves](plots/run_curves.png)" in text

@@ -89,25 +89,49 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_run(run: Path, metrics: list[dict], out: Path, tag: str) -> str:
-    """loss (train and val) against tokens, and the learning rate, in one PNG named after tag (the run's path below
-    the report's root, as an eval's plot: two runs called sft in a/ and b/ drew one file); returns its name."""
+Series = dict[str, tuple[list, list]]  # a plot's lines: label -> (x values, y values)
+
+
+def curves(metrics: list[dict]) -> dict[tuple[str, str], Series]:
+    """The panels of a run's plot, (x name, y name) -> its lines, of the records that hold both numbers: loss (train
+    and val) against tokens, the learning rate against step, and a DPO run's rewards/accuracies (train and val)
+    against step; a panel none holds is left out, and a line x is tokens only where every point has them, else step
+    (a record without step nor tokens is in none). Empty for a metrics.jsonl of only other records."""
+    def line(y: str) -> list[dict]:
+        return [m for m in metrics if m.get(y) is not None and (m.get("step") is not None or "tokens" in m)]
+
+    def against(x: str, lines: dict[str, str]) -> dict[tuple[str, str], Series]:
+        points = {label: line(y) for label, y in lines.items()}
+        x = x if all(m.get(x) is not None for ms in points.values() for m in ms) else "step"
+        drawn = {label: ([m.get(x) for m in ms], [m[lines[label]] for m in ms]) for label, ms in points.items() if ms}
+        return {(x, next(iter(lines.values()))): drawn} if drawn else {}
+
+    return (against("tokens", {"train": "loss", "val": "val_loss"}) | against("step", {"lr": "lr"})
+            | against("step", {"train": "rewards/accuracies", "val": "val_rewards/accuracies"}))
+
+
+YLABELS = {"loss": "loss (nats / token)", "lr": "learning rate"}
+
+
+def plot_run(name: str, panels: dict[tuple[str, str], Series], out: Path, tag: str) -> str:
+    """curves' panels of the run called name side by side in one PNG named after tag (the run's path below the
+    report's root, as an eval's plot: two runs called sft in a/ and b/ drew one file); returns its name."""
     plt = pyplot()
-    train = [m for m in metrics if m.get("loss") is not None]
-    val = [m for m in metrics if m.get("val_loss") is not None]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot([m["tokens"] for m in train], [m["loss"] for m in train], label="train", lw=1)
-    a.plot([m["tokens"] for m in val], [m["val_loss"] for m in val], "o-", label="val")
-    a.set(xlabel="tokens", ylabel="loss (nats / token)", title=f"{run.name}: loss")
-    a.legend()
-    b.plot([m["step"] for m in train], [m["lr"] for m in train])
-    b.set(xlabel="step", ylabel="learning rate", title=f"{run.name}: schedule")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, ((x, y), lines) in zip(axes[0], panels.items(), strict=True):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, "o-" if label == "val" else "-", label=label, lw=1)
+        dpo = ("step", "rewards/accuracies") in panels  # its loss is of a pair, its val_loss of the held-out pairs
+        ax.set(xlabel=x, ylabel="DPO loss (nats / pair)" if dpo and y == "loss" else YLABELS.get(y, y),
+               title=f"{name}: {'schedule' if y == 'lr' else y}")
+        if len(lines) > 1 or y != "lr":
+            ax.legend()
     fig.tight_layout()
-    name = f"{tag}_curves.png"
-    with writing(out / name):  # CannotWrite where the disk refuses it
-        fig.savefig(out / name, dpi=110)
+    file = f"{tag}_curves.png"
+    with writing(out / file):  # CannotWrite where the disk refuses it
+        fig.savefig(out / file, dpi=110)
     plt.close(fig)
-    return name
+    return file
 
 
 def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel: str) -> str:
@@ -166,9 +190,12 @@ def run_section(metrics_file: Path, root: Path, plots: Path, tag: str) -> list[s
     numbers (a DPO run's rewards too) and its curves (tag: plot_tags' name for the run)."""
     run = metrics_file.parent
     metrics = read_jsonl(metrics_file)
+    panels = curves(metrics)
+    if not panels:  # records of another tool, or none: left_out says so
+        raise ValueError(f"{metrics_file}: no step with a loss, val_loss, lr or rewards/accuracies")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     model, train = config.get("model", {}), config.get("train", {})
-    last = [m for m in metrics if "loss" in m][-1:] or [{}]
+    last = ([m for m in metrics if "loss" in m] or [m for m in metrics if "step" in m])[-1:] or [{}]  # val alone
     finite = [m["loss"] for m in metrics if m.get("loss") is not None]  # a skipped step's loss is null
     vals = [m for m in metrics if m.get("val_loss") is not None]
     summary = {"steps": last[0].get("step"), "tokens": last[0].get("tokens"),
@@ -188,9 +215,16 @@ def run_section(metrics_file: Path, root: Path, plots: Path, tag: str) -> list[s
         settings |= {k: train[k] for k in ("label_smoothing", "rpo_alpha") if train.get(k)}
         summary |= {k: next((m[k] for m in reversed(metrics) if m.get(k) is not None), "") for k in DPO_SUMMARY}
     kind = ", ".join(name for name, on in (("DPO", dpo), ("LoRA", lora)) if on)
-    return [f"### Run `{run.relative_to(root) if run != root else run.name}`" + (f" ({kind})" if kind else ""), "",
+    name = folder_name(run)
+    return [f"### Run `{run.relative_to(root) if run != root else name}`" + (f" ({kind})" if kind else ""), "",
             table([settings], list(settings)), "", table([summary], list(summary)), "",
-            f"![curves]({plots.name}/{plot_run(run, metrics, plots, tag)})", ""]
+            f"![curves]({plots.name}/{plot_run(name, panels, plots, tag)})", ""]
+
+
+def folder_name(folder: Path) -> str:
+    """folder's own name, that of the folder it stands for where it is "." or ".." (Path(".").name is ""); "run" for
+    the file system's root."""
+    return Path(os.path.abspath(folder)).name or "run"
 
 
 def left_out(path: Path, what: str, section: Callable[..., list[str]], *args) -> list[str]:
@@ -342,7 +376,7 @@ def make_report(run_dir: str | Path) -> Path:
     with writing(plots):  # CannotWrite for a read-only run folder too
         plots.mkdir(exist_ok=True)
     lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
-    run_tags, eval_tags = plot_tags(runs, root, root.name), plot_tags([e.parent for e in evals], root, "eval")
+    run_tags, eval_tags = plot_tags(runs, root, folder_name(root)), plot_tags([e.parent for e in evals], root, "eval")
     lines += ["## Training", ""] + [x for run in runs for x in left_out(
         run / "metrics.jsonl", "a training run's metrics.jsonl", run_section, root, plots, run_tags[run])]
     lines += ["## Evaluation", ""] + [x for e in evals for x in left_out(
