@@ -481,7 +481,7 @@ def val_missed(record: dict) -> str | None:
     fraction = record.get("val_fraction") or 0
     if not fraction:
         return None
-    n = sum(s["documents"] for s in split_shards(record, "train"))
+    n = split_documents(record, "train")
     return (f"pretokenize --val_fraction {fraction:g} put none of its {n:,} {agree(n, 'document', 'documents')} there "
             "(a hash of each one's text decides); pretokenize more documents, or with a larger --val_fraction")
 
@@ -490,7 +490,7 @@ def larger_val_fraction(manifest: dict) -> str | None:
     """The remedy of a val split too short for one window that takes documents from train: "a larger --val_fraction
     (it was 0.5)"; None where the train split holds no document, so that val holds the whole data already (shorter
     than one window: more data is the remedy). Of eval's --data check and of pretrain's TokenWindows alike."""
-    if not sum(s["documents"] for s in split_shards(manifest, "train")):
+    if not split_documents(manifest, "train"):
         return None
     return f"a larger --val_fraction (it was {manifest.get('val_fraction') or 0:g})"
 
@@ -498,6 +498,11 @@ def larger_val_fraction(manifest: dict) -> str | None:
 def split_shards(manifest: dict, split: str) -> list[dict]:
     """The records of a manifest's shards of split ("train", "val"), in its order."""
     return [s for s in manifest["shards"] if s["split"] == split]
+
+
+def split_documents(manifest: dict, split: str) -> int:
+    """How many documents a manifest's shards of split hold."""
+    return sum(s["documents"] for s in split_shards(manifest, split))
 
 
 def shard_windows(shards: list[dict], seq_len: int) -> list[int]:
