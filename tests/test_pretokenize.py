@@ -110,6 +110,30 @@ def test_a_long_run_without_a_place_to_cut_is_cut_where_the_ids_are_the_whole_s(
     assert flat.tolist() == [i for t in texts for i in [*tok.encode(t), tok.eos_id]]
 
 
+def test_a_cut_is_not_placed_by_ids_whose_bytes_do_not_add_up_to_the_text():
+    """token_ends took the ids' bytes to fall short of the text's by a prefix ("▁") only, and moved every end by the
+    difference: an unknown id (0 bytes) moved them by its character's, so the two tokenizations of sync_cut agreed on
+    "boundaries" inside tokens (ab|ab|... read as a|ba|b...). Ids whose bytes do not add up now tell no boundary, and
+    the cut is the hard one, at limit."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models
+
+    from babyllama.data import pretokenize as pt
+    from babyllama.tokenizer import HFTokenizer
+
+    pieces = ["<pad>", "<s>", "</s>", "<unk>", "a", "b", "ab"]  # no "c": it is <unk>, 0 bytes
+    rust = RustTokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [("a", "b")], unk_token="<unk>"))
+    rust.add_special_tokens(["<pad>", "<s>", "</s>", "<unk>"])
+    rust.decoder = decoders.Fuse()
+    tok = HFTokenizer(rust, bos_id=1, eos_id=2, pad_id=0)
+    text = "ab" * 300 + "c" + "ab" * 300
+    assert pt.token_ends(tok, tok.encode(text[250:650]), text[250:650]) is None
+    assert pt.token_ends(tok, tok.encode(text[:6]), text[:6]).tolist() == [2, 4, 6]
+    assert pt.sync_cut(tok, text, 400, 500) == 500  # not 403, inside the "ab" of 402:404
+    whole = tok.encode(text)
+    assert tok.encode(text[:500]) + tok.encode(text[500:]) == whole
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_long_document_goes_to_the_workers_and_to_the_shards_in_pieces(corpus_and_tokenizer, bpe_tokenizer,
                                                                           tmp_path, monkeypatch, workers):

@@ -178,8 +178,9 @@ def text_pieces(text: str, size: int, tok: Tokenizer) -> Iterator[str]:
     """text cut into pieces of at most size characters, each ending at the last cut (PIECE_CUT) in its second half,
     else where tokenizations agree there is a token boundary (sync_cut), else at size characters; text itself when it
     is no longer (a text of one piece is encoded as before). The ids of the pieces joined are those of the whole for
-    byte-level BPE with GPT-2's pre-tokens; a hard cut at size characters (no PIECE_CUT in size / 2 characters and no
-    agreement within 16 * SYNC_CHARS of it) may change a token there; a SentencePiece model may differ at each cut by a
+    our byte-level BPE (train_bpe's, GPT-2's pre-tokens); a hard cut at size characters (no PIECE_CUT in size / 2
+    characters and no agreement within 16 * SYNC_CHARS of it, or ids whose bytes do not add up: sync_cut) may change a
+    token there; a SentencePiece model, or an HF tokenizer that puts "▁" before a text, may differ at each cut by a
     token or two (its "▁" before each piece's start)."""
     start = 0
     while len(text) - start > size:
@@ -196,13 +197,17 @@ def sync_cut(tok: Tokenizer, text: str, at: int, limit: int) -> int:
     other context on each side. The first place from `at` on where both have a boundary and their next SYNC_IDS ids
     are alike: BPE merges depend on the text near them only, so that ids synchronized there after other beginnings
     are those of any longer context. With context SYNC_CHARS, doubled while they do not synchronize, up to 16 times;
-    then limit (a hard cut)."""
+    then limit (a hard cut). Also limit at once where the ids' bytes do not add up to their text's (token_ends: an
+    unknown id, a normalizer), so that no end is known: a larger context holds the same text."""
     context = SYNC_CHARS
     while context <= 16 * SYNC_CHARS:
         lo = max(at - context, 0)
         around, after = tok.encode_batch([text[lo: at + context], text[at: at + 2 * context]])
-        ends_around = token_ends(tok, around, text[lo: at + context]) - (at - lo)
+        ends_around = token_ends(tok, around, text[lo: at + context])
         ends_after = token_ends(tok, after, text[at: at + 2 * context])
+        if ends_around is None or ends_after is None:
+            return limit
+        ends_around = ends_around - (at - lo)
         for end in np.intersect1d(ends_around[(ends_around > 0) & (ends_around < min(context, limit - at))],
                                   ends_after):
             i, j = np.flatnonzero(ends_around == end)[0] + 1, np.flatnonzero(ends_after == end)[0] + 1
@@ -212,12 +217,19 @@ def sync_cut(tok: Tokenizer, text: str, at: int, limit: int) -> int:
     return limit
 
 
-def token_ends(tok: Tokenizer, ids: list[int], text: str) -> np.ndarray:
+def token_ends(tok: Tokenizer, ids: list[int], text: str) -> np.ndarray | None:
     """(len(ids),) int64: the character of text each id ends at (exclusive), -1 where an id ends inside a character
-    (a byte-level piece). A prefix the tokenizer adds ("▁" of SentencePiece) counts nothing."""
-    ends = np.cumsum(tok.token_bytes()[0, ids]) if ids else np.zeros(0, dtype=np.int64)
-    char_ends = np.cumsum([len(c.encode()) for c in text])
-    ends -= int(ends[-1]) - int(char_ends[-1]) if len(ends) and len(char_ends) else 0
+    (a byte-level piece), by the bytes each id adds (Tokenizer.token_bytes; the first id's as a document's first, so
+    SentencePiece's "▁" before it counts nothing). None where they do not add up to text's UTF-8 length: an unknown
+    id counts 0 bytes, a normalizer changes the text, a prefix that decoding keeps adds one; then an end may be
+    anywhere, and none is trusted."""
+    if not ids:
+        return np.zeros(0, dtype=np.int64)
+    sizes = tok.token_bytes()[0, ids]
+    sizes[0] = tok.token_bytes()[1, ids[0]]
+    ends, char_ends = np.cumsum(sizes), np.cumsum([len(c.encode()) for c in text])
+    if not len(char_ends) or ends[-1] != char_ends[-1]:
+        return None
     at = np.searchsorted(char_ends, ends)
     whole = (at < len(char_ends)) & (char_ends[np.minimum(at, len(char_ends) - 1)] == ends)
     return np.where(whole, at + 1, -1)
