@@ -118,8 +118,7 @@ def test_a_cut_is_not_placed_by_ids_whose_bytes_do_not_add_up_to_the_text():
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models
 
-    from babyllama.data import pretokenize as pt
-    from babyllama.tokenizer import HFTokenizer
+    from babyllama.tokenizer import HFTokenizer, sync_cut, token_ends
 
     pieces = ["<pad>", "<s>", "</s>", "<unk>", "a", "b", "ab"]  # no "c": it is <unk>, 0 bytes
     rust = RustTokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [("a", "b")], unk_token="<unk>"))
@@ -127,9 +126,9 @@ def test_a_cut_is_not_placed_by_ids_whose_bytes_do_not_add_up_to_the_text():
     rust.decoder = decoders.Fuse()
     tok = HFTokenizer(rust, bos_id=1, eos_id=2, pad_id=0)
     text = "ab" * 300 + "c" + "ab" * 300
-    assert pt.token_ends(tok, tok.encode(text[250:650]), text[250:650]) is None
-    assert pt.token_ends(tok, tok.encode(text[:6]), text[:6]).tolist() == [2, 4, 6]
-    assert pt.sync_cut(tok, text, 400, 500) == 500  # not 403, inside the "ab" of 402:404
+    assert token_ends(tok, tok.encode(text[250:650]), text[250:650]) is None
+    assert token_ends(tok, tok.encode(text[:6]), text[:6]).tolist() == [2, 4, 6]
+    assert sync_cut(tok, text, 400, 500) == 500  # not 403, inside the "ab" of 402:404
     whole = tok.encode(text)
     assert tok.encode(text[:500]) + tok.encode(text[500:]) == whole
 

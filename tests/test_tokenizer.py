@@ -202,9 +202,8 @@ def test_measure_encodes_a_long_line_in_pieces_with_the_whole_line_s_count(bpe_t
     50 k lines 0.3 GB. A line over PIECE_CHARS is cut as pretokenize cuts a document (text_pieces), and its pieces are
     encoded in batches of about MEASURE_BATCH characters; the counts are those of the whole line, exactly."""
     import babyllama.tokenizer as tokenizer_module
-    from babyllama.data import pretokenize as pt
 
-    monkeypatch.setattr(pt, "PIECE_CHARS", 200)
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 200)
     monkeypatch.setattr(tokenizer_module, "MEASURE_BATCH", 1000)
     long = "".join(generated_corpus(60, seed=5))  # 5,258 characters of Chinese, English and punctuation: one line
     run = "的一是在不了有和人这" * 45  # no punctuation or space: cut where tokenizations agree (sync_cut)
@@ -219,9 +218,9 @@ def test_measure_encodes_a_long_line_in_pieces_with_the_whole_line_s_count(bpe_t
     monkeypatch.undo()
     lines = [line for d in docs for line in d.splitlines()]
     expected = (sum(map(len, lines)), sum(len(bpe_tokenizer.encode(line)) for line in lines))
-    monkeypatch.setattr(pt, "PIECE_CHARS", 200)
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 200)
     assert bpe_tokenizer.measure(iter(docs)) == expected
-    assert len(list(pt.text_pieces(run, 200, bpe_tokenizer))) == 3 and len(run) == 450
+    assert len(list(tokenizer_module.text_pieces(run, 200, bpe_tokenizer))) == 3 and len(run) == 450
 
 
 def test_token_dtype_rule():

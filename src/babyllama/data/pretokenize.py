@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import re
 import signal
 import threading
 import time
@@ -46,7 +45,7 @@ from babyllama.data.sources import BAD_RECORDS, CorpusReader
 from babyllama.errors import UserError, agree, children_without_ctrl_c
 from babyllama.progress import bytes_bar, is_rank0
 from babyllama.settings import check_fraction
-from babyllama.tokenizer import Tokenizer, load_tokenizer
+from babyllama.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer, text_pieces
 
 BATCH_CHARS = 1 << 20  # characters per batch sent to a worker
 T, R = TypeVar("T"), TypeVar("R")
@@ -163,76 +162,6 @@ def encode_pieces(tok: Tokenizer, pieces: list[Piece], bos: bool) -> tuple[np.nd
     ids = [[tok.bos_id] * (bos and p.first) + x + [tok.eos_id] * p.last for p, x in zip(pieces, encoded, strict=True)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths
-
-
-PIECE_CHARS = 1 << 16  # a longer document is encoded in pieces of at most this many characters (text_pieces)
-# Where a piece may end: between a character of punctuation or a symbol and a letter or digit, or the other way round
-# (not after an apostrophe: 's), or before a space between two other characters. Byte-level BPE (babyllama's own,
-# GPT-2's pre-tokens) makes no token across such a cut, so the pieces' ids joined are the whole's.
-PIECE_CUT = re.compile(r"(?<=[^\s\w'])(?=[^\W_])|(?<=[^\W_])(?=[^\s\w])|(?<=\S)(?= \S)")
-SYNC_CHARS = 256  # the context each side of a cut without PIECE_CUT that sync_cut tokenizes (doubled until 16x)
-SYNC_IDS = 16  # the ids after a cut that both of sync_cut's tokenizations must have alike
-
-
-def text_pieces(text: str, size: int, tok: Tokenizer) -> Iterator[str]:
-    """text cut into pieces of at most size characters, each ending at the last cut (PIECE_CUT) in its second half,
-    else where tokenizations agree there is a token boundary (sync_cut), else at size characters; text itself when it
-    is no longer (a text of one piece is encoded as before). The ids of the pieces joined are those of the whole for
-    our byte-level BPE (train_bpe's, GPT-2's pre-tokens); a hard cut at size characters (no PIECE_CUT in size / 2
-    characters and no agreement within 16 * SYNC_CHARS of it, or ids whose bytes do not add up: sync_cut) may change a
-    token there; a SentencePiece model, or an HF tokenizer that puts "▁" before a text, may differ at each cut by a
-    token or two (its "▁" before each piece's start)."""
-    start = 0
-    while len(text) - start > size:
-        cuts = [m.start() for m in PIECE_CUT.finditer(text, start + size // 2, start + size)]
-        end = cuts[-1] if cuts else sync_cut(tok, text, start + size - size // 4, start + size)
-        yield text[start:end]
-        start = end
-    yield text[start:]
-
-
-def sync_cut(tok: Tokenizer, text: str, at: int, limit: int) -> int:
-    """A place in text[at:limit] where a token boundary of the whole text's ids is, as two tokenizations tell it:
-    of the text around `at` (context characters each side) and of the text from `at` on (to 2 * context), which have
-    other context on each side. The first place from `at` on where both have a boundary and their next SYNC_IDS ids
-    are alike: BPE merges depend on the text near them only, so that ids synchronized there after other beginnings
-    are those of any longer context. With context SYNC_CHARS, doubled while they do not synchronize, up to 16 times;
-    then limit (a hard cut). Also limit at once where the ids' bytes do not add up to their text's (token_ends: an
-    unknown id, a normalizer), so that no end is known: a larger context holds the same text."""
-    context = SYNC_CHARS
-    while context <= 16 * SYNC_CHARS:
-        lo = max(at - context, 0)
-        around, after = tok.encode_batch([text[lo: at + context], text[at: at + 2 * context]])
-        ends_around = token_ends(tok, around, text[lo: at + context])
-        ends_after = token_ends(tok, after, text[at: at + 2 * context])
-        if ends_around is None or ends_after is None:
-            return limit
-        ends_around = ends_around - (at - lo)
-        for end in np.intersect1d(ends_around[(ends_around > 0) & (ends_around < min(context, limit - at))],
-                                  ends_after):
-            i, j = np.flatnonzero(ends_around == end)[0] + 1, np.flatnonzero(ends_after == end)[0] + 1
-            if around[i: i + SYNC_IDS] == after[j: j + SYNC_IDS] and len(around) - i > SYNC_IDS:
-                return at + int(end)
-        context *= 2
-    return limit
-
-
-def token_ends(tok: Tokenizer, ids: list[int], text: str) -> np.ndarray | None:
-    """(len(ids),) int64: the character of text each id ends at (exclusive), -1 where an id ends inside a character
-    (a byte-level piece), by the bytes each id adds (Tokenizer.token_bytes; the first id's as a document's first, so
-    SentencePiece's "▁" before it counts nothing). None where they do not add up to text's UTF-8 length: an unknown
-    id counts 0 bytes, a normalizer changes the text, a prefix that decoding keeps adds one; then an end may be
-    anywhere, and none is trusted."""
-    if not ids:
-        return np.zeros(0, dtype=np.int64)
-    sizes = tok.token_bytes()[0, ids]
-    sizes[0] = tok.token_bytes()[1, ids[0]]
-    ends, char_ends = np.cumsum(sizes), np.cumsum([len(c.encode()) for c in text])
-    if not len(char_ends) or ends[-1] != char_ends[-1]:
-        return None
-    at = np.searchsorted(char_ends, ends)
-    whole = (at < len(char_ends)) & (char_ends[np.minimum(at, len(char_ends) - 1)] == ends)
-    return np.where(whole, at + 1, -1)
 
 
 def _encode(pieces: list[Piece], bos: bool) -> tuple[np.ndarray, np.ndarray]:
