@@ -586,12 +586,7 @@ def test_a_resume_skips_a_newest_checkpoint_holding_nan_and_refuses_when_every_o
     steps = [run / "checkpoints" / f"step_00000{i}" for i in (2, 4)]
     name = poison(steps[1] / "model.safetensors", part="tok_embeddings")
     why = not_finite(steps[1] / "model.safetensors", name).removeprefix("babyllama: error: ").rstrip(".\n")
-    r = run_cli(*args, "--max_steps", "6", "--resume")
-    assert r.returncode == 0, r.stderr
-    assert (f"note: step_000004 is damaged and skipped: {why}; resuming from step_000002, and step_000004 is moved to "
-            "step_000004.damaged (keep_last counts whole checkpoints)\n") in r.stdout
-    assert f"resuming from {steps[0]} (step 2 of 6)" in r.stdout
-    assert json.loads((run / "final" / "config.json").read_text())["step"] == 6
+    assert_resumes_past_step_4(run_cli(*args, "--max_steps", "6", "--resume"), run, why)
     for ckpt in (run / "checkpoints").glob("step_00000[46]"):
         poison(ckpt / "model.safetensors", part="tok_embeddings")
     name = poison(steps[0] / "model.safetensors", part="tok_embeddings")
@@ -689,7 +684,11 @@ def test_a_resume_skips_a_checkpoint_whose_optimizer_state_holds_nan(shards, tmp
     torch.save(state, file)
     name = f"optimizer.state.{param}.{moment}"
     why = not_finite(file, name).removeprefix("babyllama: error: ").rstrip(".\n")
-    r = run_cli(*args, "--max_steps", "6", "--resume")
+    assert_resumes_past_step_4(run_cli(*args, "--max_steps", "6", "--resume"), run, why)
+
+
+def assert_resumes_past_step_4(r, run, why: str) -> None:
+    """r, a --resume to step 6 of run, skipped its damaged step_000004 (for why), resumed from step 2 and finished."""
     assert r.returncode == 0, r.stderr
     assert (f"note: step_000004 is damaged and skipped: {why}; resuming from step_000002, and step_000004 is moved to "
             "step_000004.damaged (keep_last counts whole checkpoints)\n") in r.stdout
