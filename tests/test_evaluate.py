@@ -1018,7 +1018,7 @@ def test_report_says_a_run_is_lora_or_dpo_with_its_settings_and_rewards(tmp_path
                                             "runs/sft/final (log-probs precomputed) | 1 |")
     assert sections["dpo-lora"][2] == (
         "| steps | tokens | final train loss | final val loss | tokens/s | rewards/accuracies | rewards/margins | "
-        f"val_rewards/accuracies | val_rewards/margins |\n|{'---|' * 9}\n| 2 | 200 | 0.6 | 0.65 | None | 0.5 | 0.01 | "
+        f"val_rewards/accuracies | val_rewards/margins |\n|{'---|' * 9}\n| 2 | 200 | 0.6 | 0.65 |  | 0.5 | 0.01 | "
         "0.75 | 0.02 |")
     assert "rewards" not in sections["sft-lora"][2] + sections["sft"][2]
 
@@ -1682,6 +1682,57 @@ def test_report_leaves_out_a_metrics_jsonl_that_is_not_a_runs_with_a_note(tmp_pa
         f"note: {tmp_path / 'b' / 'metrics.jsonl'} is not a training run's metrics.jsonl; the report leaves it out."]
 
 
+def test_report_shows_a_run_whose_last_metrics_line_was_cut_by_a_kill(tmp_path, capsys):
+    """A run killed while it wrote a line of metrics.jsonl (a normal crash) was left out whole as "not a training
+    run's metrics.jsonl": the cut last line is skipped with a note, and the run shown of its whole lines."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "run", [{"step": 1, "tokens": 100, "loss": 0.69, "lr": 1e-3},
+                                 {"step": 2, "tokens": 200, "loss": 0.6, "lr": 1e-3}])
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "tokens": 3')
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert "### Run `run`" in text and "| 2 | 200 | 0.6 |" in text
+    assert capsys.readouterr().out == (f"note: the last line of {tmp_path / 'run' / 'metrics.jsonl'} was cut off (a "
+                                       "run killed while writing it?); the report shows the lines before it.\n")
+
+
+@pytest.mark.parametrize("drawing", ["plot_run", "plot_bars"])
+def test_report_does_not_hide_a_fault_of_its_own_as_a_foreign_file(tmp_path, monkeypatch, drawing):
+    """A fault in the report's own code (here its drawing) was caught with the files it read, and the run or eval
+    left out as "not a training run's metrics.jsonl": only reading a file of another shape is caught."""
+    pytest.importorskip("matplotlib")
+    import babyllama.report as report
+
+    write_run(tmp_path / "run")
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": "ck", "continuations": [], "qa": {
+        "t": {"items": 5, "accuracy": 0.4, "majority_baseline": 0.6}}}))
+
+    def fault(*args):
+        raise KeyError("a fault of the report's")
+
+    monkeypatch.setattr(report, drawing, fault)
+    with pytest.raises(KeyError, match="a fault of the report's"):
+        make_report(tmp_path)
+
+
+def test_report_leaves_out_a_foreign_config_or_preferences_json_alone_with_a_note(tmp_path, capsys):
+    """Only the reading of a file is caught, so a run's config.json or an eval's preferences.json of another shape is
+    read on its own: that part is left out with a note, and the run's curves and the eval's scores stay."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("[1]")
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": "ck", "continuations": [], "lm": {"loss": 2.0}}))
+    (tmp_path / "preferences.json").write_text('{"pairs": 2')
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert "![curves](plots/run_curves.png)" in text and "| 2 |" in text and "preference pairs" not in text
+    assert capsys.readouterr().out.splitlines() == [
+        f"note: {tmp_path / 'run' / 'config.json'} is not a training run's config.json; the report leaves it out.",
+        f"note: {tmp_path / 'preferences.json'} is not the demo's preferences.json (held-out pairs, before and after "
+        "DPO); the report leaves it out."]
+
+
 def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_evals(tmp_path, monkeypatch):
     """The report named an eval's checkpoint as written on eval's command line (`../demo/sft/final`), which reads
     wrong from the report's folder: it is named by its real path (checkpoint_path), below the report's folder relative
@@ -1702,6 +1753,43 @@ def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_eva
     text = make_report("runs").read_text()
     assert re.findall(r"### Evaluation: `(\w)` \(checkpoint `(\S+)`\)", text) == [
         ("a", "sft/final"), ("b", str(elsewhere / "ck")), ("c", "../old/final")]
+
+
+def test_report_names_the_checkpoint_of_a_moved_run_folder_from_its_new_place(tmp_path):
+    """A run folder copied elsewhere named each eval's checkpoint by its old absolute path (checkpoint_path, as eval
+    ran): the report reads checkpoint_relative, which eval records so that a moved folder still matches, where it
+    lands below the report's folder; a checkpoint outside it is still named by its real path."""
+    pytest.importorskip("matplotlib")
+    from babyllama.evaluate import checkpoint_record
+
+    old, new, elsewhere = tmp_path / "old", tmp_path / "new", tmp_path / "elsewhere" / "ck"
+    for run in ("sft", "dpo"):
+        (old / run / "final").mkdir(parents=True)
+        (old / run / "eval").mkdir()
+        (old / run / "eval" / "eval.json").write_text(json.dumps(
+            {**checkpoint_record(old / run / "final", old / run / "eval"), "continuations": []}))
+    (old / "x").mkdir()
+    (old / "x" / "eval.json").write_text(json.dumps({**checkpoint_record(elsewhere, old / "x"), "continuations": []}))
+    shutil.copytree(old, new)
+    text = make_report(new).read_text()
+    assert re.findall(r"### Evaluation: `(\S+)` \(checkpoint `(\S+)`\)", text) == [
+        ("dpo/eval", "dpo/final"), ("sft/eval", "sft/final"), ("x", str(elsewhere))]
+
+
+@pytest.mark.parametrize(("parts", "said"), [
+    (("lm",), None), (("lm", "qa"), "the first 5 QA items"), (("mc",), "the first 5 multiple-choice items"),
+    (("qa", "mc"), "the first 5 QA items and the first 5 multiple-choice items")])
+def test_report_says_what_limit_scored_only_of_the_parts_that_ran(tmp_path, parts, said):
+    """The report said "--limit 5: the first 5 QA and multiple-choice items are scored." of every eval with a limit,
+    one of --data alone too, and as if 5 items in all: QA and multiple choice each take their own first 5. It says
+    it of the parts that ran, each, and nothing where neither ran."""
+    pytest.importorskip("matplotlib")
+    scores = {"lm": {"loss": 2.0}, "qa": {"t": {"items": 5, "accuracy": 0.4, "majority_baseline": 0.6}},
+              "mc": {"overall": {"items": 5, "letter_accuracy": 0.2, "text_accuracy": 0.2}, "subjects": {}}}
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": "ck", "continuations": [], "limit": 5}
+                                                   | {k: scores[k] for k in parts}))
+    text = make_report(tmp_path).read_text()
+    assert re.findall(r"^--limit.*$", text, re.M) == ([f"--limit 5: {said} are scored."] if said else [])
 
 
 def test_eval_records_its_sampling_and_limit_and_the_subjects_the_limit_left_out(tiny_run, tmp_path, capsys):
@@ -1729,7 +1817,7 @@ def test_eval_records_its_sampling_and_limit_and_the_subjects_the_limit_left_out
                                   "repetition_penalty": 1.0}
     assert result["qa"]["qa"]["items"] == 3 and list(result["mc"]["subjects"]) == ["accountant"]
     text = make_report(tmp_path / "out").read_text()
-    assert "--limit 3: the first 3 QA and multiple-choice items are scored.\n" in text
+    assert "--limit 3: the first 3 QA items and the first 3 multiple-choice items are scored.\n" in text
     assert "Question answering (sampled: temperature 0.7, top_p 0.9, at most 2 new tokens, chat format;" in text
     assert "Not reached under --limit 3: agronomy, zoology.\n" in text
     old = {k: v for k, v in result.items() if k not in ("sampling", "limit", "mc_not_reached")}  # an older eval.json
@@ -1785,4 +1873,4 @@ def test_report_of_a_run_of_val_records_alone_shows_its_step_and_val_curve(tmp_p
     write_run(tmp_path / "run", records)
     assert curves(records) == {("tokens", "loss"): {"val": ([200, 400], [5.5, 5.0])}}
     text = make_report(tmp_path / "run").read_text()
-    assert "| 4 | 400 |  | 5 | None |" in text and "![curves](plots/run_curves.png)" in text
+    assert "| 4 | 400 |  | 5 |  |\n" in text and "![curves](plots/run_curves.png)" in text

@@ -553,8 +553,8 @@ def read_mc(paths: Sequence[str | Path], limit: int = 0) -> tuple[RecordItems, l
 
 
 def mc_limit_note(limit: int, items: RecordItems) -> str:
-    """What --limit leaves out of multiple-choice items (read_mc's): "--limit 3 scored accountant only; agronomy was
-    not reached" (three names at most of each, then how many more)."""
+    """What --limit leaves out of multiple-choice items (read_mc's): "--limit 3 scored multiple-choice items of
+    accountant only; agronomy was not reached." (three names at most of each, then how many more)."""
     more = len(items.not_reached)
     return (f"--limit {limit} scored multiple-choice items of {first_few(items.reached, 3)} only; "
             f"{first_few(items.not_reached, 3)} {agree(more, 'was', 'were')} not reached.")

@@ -80,6 +80,26 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x, parse_constant=lambda name: None) for x in path.open(encoding="utf-8") if x.strip()]
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """A training run's records (metrics.jsonl at path), of its whole lines: a last line that is not JSON was cut off
+    by a kill while it was written, and is skipped with a note on stdout. ValueError (left_out says so) for a file
+    that is not a run's: not UTF-8, another line not a JSON object, or no step with a number to plot."""
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    try:
+        json.loads(lines[-1] if lines else "{}")
+        cut = False
+    except ValueError:
+        lines.pop()
+        cut = True
+    metrics = [json.loads(x, parse_constant=lambda name: None) for x in lines]
+    if not all(isinstance(m, dict) for m in metrics) or not curves(metrics):  # another tool's records, or none
+        raise ValueError(f"{path}: no step with a loss, val_loss, lr or rewards/accuracies")
+    if cut:
+        print(f"note: the last line of {path} was cut off (a run killed while writing it?); the report shows the "
+              "lines before it.")
+    return metrics
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -184,16 +204,14 @@ DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies"
 # metrics DPO logs (train.dpo.METRICS, and val_ those of the held-out pairs): the last value of each
 
 
-def run_section(metrics_file: Path, root: Path, plots: Path, tag: str) -> list[str]:
-    """The run of metrics_file (its metrics.jsonl): its heading, which says a LoRA run's and a DPO run's kind (a DPO
-    run: its metrics hold rewards), its settings (a LoRA run's adapter, a DPO run's beta and reference), its final
-    numbers (a DPO run's rewards too) and its curves (tag: plot_tags' name for the run)."""
-    run = metrics_file.parent
-    metrics = read_jsonl(metrics_file)
+def run_section(run: Path, metrics: list[dict], root: Path, plots: Path, tag: str) -> list[str]:
+    """The run in folder run, of its records (read_metrics'): its heading, which says a LoRA run's and a DPO run's
+    kind (a DPO run: its metrics hold rewards), its settings (a LoRA run's adapter, a DPO run's beta and reference; a
+    config.json of another shape is left out with a note), its final numbers (a DPO run's rewards too; "" where its
+    records lack one) and its curves (tag: plot_tags' name for the run)."""
     panels = curves(metrics)
-    if not panels:  # records of another tool, or none: left_out says so
-        raise ValueError(f"{metrics_file}: no step with a loss, val_loss, lr or rewards/accuracies")
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    config = (read_json(run / "config.json", "a training run's config.json", lambda v: all(
+        isinstance(v.get(k, {}), dict) for k in ("model", "train"))) if (run / "config.json").is_file() else None) or {}
     model, train = config.get("model", {}), config.get("train", {})
     last = ([m for m in metrics if "loss" in m] or [m for m in metrics if "step" in m])[-1:] or [{}]  # val alone
     finite = [m["loss"] for m in metrics if m.get("loss") is not None]  # a skipped step's loss is null
@@ -201,6 +219,7 @@ def run_section(metrics_file: Path, root: Path, plots: Path, tag: str) -> list[s
     summary = {"steps": last[0].get("step"), "tokens": last[0].get("tokens"),
                "final train loss": finite[-1] if finite else "",
                "final val loss": vals[-1]["val_loss"] if vals else "", "tokens/s": last[0].get("tokens_per_s")}
+    summary = {k: "" if v is None else v for k, v in summary.items()}  # as a missing loss: no "None"
     keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"]
     settings = {k: model.get(k) for k in keys} | {k: train.get(k) for k in ("batch_size", "grad_accum", "lr")}
     settings["optimizer"] = train.get("optimizer", "adamw")  # runs from before Muon have no such key
@@ -227,30 +246,71 @@ def folder_name(folder: Path) -> str:
     return Path(os.path.abspath(folder)).name or "run"
 
 
-def left_out(path: Path, what: str, section: Callable[..., list[str]], *args) -> list[str]:
-    """section(path, *args)'s lines, or none after a note on stdout that path is not what (a file of another tool
-    with the same name, one cut short or damaged by hand, a null where a number was) and is left out: it must not stop
-    the report. The errors caught are those reading a value of another shape raises; a plot that section drew before
-    it stopped stays."""
+def left_out(path: Path, what: str, read: Callable[[Path], dict | list[dict]]) -> dict | list[dict] | None:
+    """read(path), or None after a note on stdout that path is not what (a file of another tool with the same name,
+    one cut short or damaged by hand, a null where a number was) and is left out: it must not stop the report. Only
+    the reading is caught (the errors that reading a value of another shape raises), not the report's own code."""
     try:
-        return section(path, *args)
+        return read(path)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):  # not JSON, or another shape inside
         print(f"note: {path} is not {what}; the report leaves it out.")
-        return []
+        return None
 
 
 EVAL_JSON = "an eval.json of babyllama eval (a checkpoint and its scores)"
 
 
-def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
-    """An eval.json's scores, bar chart (tag: plot_tags' name for its folder), leakage and samples. ValueError,
-    TypeError, KeyError for a file that is not one (left_out says so): empty, cut, another tool's, nulls for numbers."""
+def is_number(v) -> bool:
+    """v is an int or a float, not a bool (JSON's true); a null, a string or a list are not."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+SAMPLING_SAID = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")  # the numbers decoding says
+
+
+def read_eval(path: Path) -> dict:
+    """The eval.json at path, with the shape eval_section reads. ValueError, TypeError, KeyError for a file that is
+    not one (left_out says so): empty, cut, another tool's (a list, lm-evaluation-harness's {"results": ...}), nulls
+    for the numbers the report draws or counts."""
     e = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(e, dict) or not isinstance(e.get("checkpoint"), str):
-        raise ValueError(f"{path}: no checkpoint")  # a list, lm-evaluation-harness's {"results": ...}
-    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{checkpoint_shown(e, root)}`)", ""]
-    if e.get("limit"):  # an eval.json from before it was recorded scored every item
-        lines += [f"--limit {e['limit']}: the first {e['limit']} QA and multiple-choice items are scored.", ""]
+        raise ValueError(f"{path}: no checkpoint")
+
+    def qa_scores(s: dict) -> bool:  # the numbers a task's bars draw; majority_baseline is older than exact_match
+        drawn = ("accuracy", "majority_baseline") if "accuracy" in s else ("exact_match", "char_f1")
+        return isinstance(s["items"], int) and all(is_number(s[k]) for k in drawn) and is_number(
+            s.get("majority_baseline", 0))
+
+    qa, mc, lk, said = e.get("qa", {}), e.get("mc"), e.get("leakage"), e.get("continuations", [])
+    sampling = e.get("sampling") or {}
+    shaped = (isinstance(qa, dict) and all(isinstance(s, dict) and qa_scores(s) for s in qa.values())
+              and (mc is None or isinstance(mc["overall"], dict) and isinstance(mc["overall"]["items"], int)
+                   and isinstance(mc["subjects"], dict) and all(isinstance(v, dict) for v in mc["subjects"].values()))
+              and isinstance(e.get("lm", {}), dict) and isinstance(e.get("mc_not_reached") or [], list)
+              and isinstance(sampling, dict) and all(is_number(v) for k, v in sampling.items() if k in SAMPLING_SAID)
+              and (lk is None or isinstance(lk, dict) and (lk.get("searched_documents") == 0 or all(
+                  isinstance(lk[k], int) for k in ("leaked", "checked")) and isinstance(lk.get("too_short", 0), int)
+                  and (not lk.get("too_short") or "min_chars" in lk)))
+              and isinstance(said, list) and all(isinstance(c, dict) and {"prompt", "continuation"} <= set(c)
+                                                 for c in said))
+    if not shaped:
+        raise ValueError(f"{path}: not the shape of an eval.json")
+    return e
+
+
+def limit_line(e: dict) -> list[str]:
+    """What an eval.json's --limit scored, of the parts that ran (QA and multiple choice each take their own first N):
+    none where no limit (an eval.json from before it was recorded scored every item) or neither part ran."""
+    n = e.get("limit")
+    parts = [f"the first {n} {kind} items" for kind, key in (("QA", "qa"), ("multiple-choice", "mc")) if key in e]
+    return [f"--limit {n}: {' and '.join(parts)} are scored.", ""] if n and parts else []
+
+
+def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list[str]:
+    """The scores of eval.json e (read_eval's, at path), its bar chart (tag: plot_tags' name for its folder),
+    leakage and samples; a preferences.json beside it of another shape is left out with a note."""
+    checkpoint = checkpoint_shown(e, path.parent, root)
+    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{checkpoint}`)", "", *limit_line(e)]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
     if "qa" in e:
@@ -276,8 +336,12 @@ def eval_section(path: Path, root: Path, plots: Path, tag: str) -> list[str]:
         if missed := e.get("mc_not_reached"):
             lines += [f"Not reached under --limit {e.get('limit')}: {', '.join(map(str, missed))}.", ""]
     prefs = path.parent / "preferences.json"  # the demo's DPO eval: held-out pairs, before and after
-    if prefs.is_file():
-        p = json.loads(prefs.read_text())
+    p = read_json(prefs, "the demo's preferences.json (held-out pairs, before and after DPO)", lambda v: (
+        all(isinstance(v[m], dict) for m in ("sft", "dpo")) and "pairs" in v and "beta" in v
+        and isinstance(v.get("tasks", {}), dict) and all(
+            isinstance(t, dict) and "pairs" in t and all(isinstance(t[m], dict) for m in ("sft", "dpo"))
+            for t in v.get("tasks", {}).values()))) if prefs.is_file() else None
+    if p is not None:
         cols = ["model", "logps/accuracies", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
         lines += [f"Held-out preference pairs ({p['pairs']}, beta {p['beta']}; logps/accuracies: the chosen answer "
                   "is the likelier; rewards against the SFT model):", "",
@@ -324,15 +388,19 @@ def decoding(sampling: dict) -> str:
     return ", ".join(parts)
 
 
-def checkpoint_shown(e: dict, root: Path) -> str:
-    """The checkpoint an eval.json e scored, as the report names it: its real path (checkpoint_path) relative to the
-    report's folder root where it is below it, else that path whole; the path as written (relative to the folder eval
-    ran from: ../demo/sft/final read as from root) only for an eval.json from before checkpoint_path was recorded."""
-    real = e.get("checkpoint_path")
-    if not isinstance(real, str):
-        return e["checkpoint"]
+def checkpoint_shown(e: dict, folder: Path, root: Path) -> str:
+    """The checkpoint that eval.json e in folder scored, as the report names it, relative to the report's folder root
+    where it is below it: its path relative to folder (checkpoint_relative), which still names it after the run folder
+    was moved or copied, else its real path when eval ran (checkpoint_path), whole where it is not below root; the
+    path as written (relative to the folder eval ran from: ../demo/sft/final read as from root) only for an eval.json
+    from before checkpoint_path was recorded."""
     top = root.resolve()
-    return Path(real).relative_to(top).as_posix() if Path(real).is_relative_to(top) else real
+    relative, real = e.get("checkpoint_relative"), e.get("checkpoint_path")
+    for path in ([Path(os.path.normpath(folder.resolve() / relative))] if isinstance(relative, str) else []) + (
+            [Path(real)] if isinstance(real, str) else []):
+        if path.is_relative_to(top):
+            return path.relative_to(top).as_posix()
+    return real if isinstance(real, str) else e["checkpoint"]
 
 
 def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
@@ -377,10 +445,14 @@ def make_report(run_dir: str | Path) -> Path:
         plots.mkdir(exist_ok=True)
     lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
     run_tags, eval_tags = plot_tags(runs, root, folder_name(root)), plot_tags([e.parent for e in evals], root, "eval")
-    lines += ["## Training", ""] + [x for run in runs for x in left_out(
-        run / "metrics.jsonl", "a training run's metrics.jsonl", run_section, root, plots, run_tags[run])]
-    lines += ["## Evaluation", ""] + [x for e in evals for x in left_out(
-        e, EVAL_JSON, eval_section, root, plots, eval_tags[e.parent])]
+    lines += ["## Training", ""]
+    for run in runs:
+        if (metrics := left_out(run / "metrics.jsonl", "a training run's metrics.jsonl", read_metrics)) is not None:
+            lines += run_section(run, metrics, root, plots, run_tags[run])
+    lines += ["## Evaluation", ""]
+    for path in evals:
+        if (e := left_out(path, EVAL_JSON, read_eval)) is not None:
+            lines += eval_section(path, e, root, plots, eval_tags[path.parent])
     extra = root / "report_extra.md"  # sections other tools add (the demo's timings and chat answers)
     if extra.is_file():
         lines += [extra.read_text(encoding="utf-8")]
