@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,123 @@ def test_the_dpo_line_names_tasks_only_where_preferences_json_has_them():
     assert dpo_line(prefs) == "dpo, 4 held-out pairs: chosen likelier 50.0% -> 75.0%, rewards/accuracies 100.0%"
     prefs["tasks"] = {"person": {"dpo": {"rewards/accuracies": 0.5}}}
     assert dpo_line(prefs).endswith("100.0% (person 50.0%)")
+
+
+STAGES = ["data", "tokenizer", "tokens", "pretrain", "sft", "eval", "chat", "report"]
+
+
+@pytest.fixture
+def fake_demo(monkeypatch, tmp_path, capsys, bpe_tokenizer):
+    """demo(*args) runs babyllama.demo.Demo on tmp_path/demo with each stage replaced by one that records its name in
+    the list returned and writes the outputs the stage's check reads (a real checkpoint for pretrain and sft), in
+    milliseconds; returns (the stages that ran, what the run printed)."""
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.demo import Demo
+    from tests.conftest import sharp_model, tiny_config
+
+    model = sharp_model(tiny_config(vocab_size=600))
+
+    def writer(name: str, *files: str):
+        def write(self, *_):
+            ran.append(name)
+            for f in files:
+                (self.out / f).parent.mkdir(parents=True, exist_ok=True)
+                (self.out / f).write_text("{}\n")
+        return write
+
+    def train(self, stage: str) -> None:
+        ran.append(stage)
+        save_checkpoint(self.out / stage / "final", model, bpe_tokenizer)
+
+    ran: list[str] = []
+    for name, files in (("data", ["data/stats.json"]), ("tokenizer", ["tokenizer/tokenizer.json"]),
+                        ("tokens", ["tokens/manifest.json"]), ("chat", ["chat_answers.md"]),
+                        ("report", ["report.md"]),
+                        ("evaluate", ["pretrain/eval/eval.json", "sft/eval/eval.json"])):
+        monkeypatch.setattr(Demo, name, writer("eval" if name == "evaluate" else name, *files))
+    monkeypatch.setattr(Demo, "train", train)
+
+    def demo() -> tuple[list[str], str]:
+        ran.clear()
+        Demo(tmp_path / "demo", smoke=True, force=False).run()
+        return list(ran), capsys.readouterr().out
+    return demo
+
+
+def test_a_stage_redone_redoes_every_later_one_from_the_start(fake_demo, tmp_path):
+    """After `rm -rf OUT/pretrain` the demo redid pretrain and skipped sft as "done before" (an SFT of the old model),
+    and report.md was never remade after eval or chat ran again: each stage was skipped on its own marker file."""
+    out = tmp_path / "demo"
+    assert fake_demo()[0] == STAGES
+    assert fake_demo()[0] == []  # all done: a rerun skips them all
+    stale = out / "sft" / "checkpoints" / "step_000020"
+    stale.mkdir(parents=True)  # the old SFT run, which a resume would take for finished
+    shutil.rmtree(out / "pretrain")
+    ran, printed = fake_demo()
+    assert ran == ["pretrain", "sft", "eval", "chat", "report"]
+    assert not stale.exists()  # sft started afresh on the new pretrained model
+    assert "[5/8] sft: redone from the start, as a stage before it was redone\n" in printed
+    (out / "chat_answers.md").unlink()
+    assert fake_demo()[0] == ["chat", "report"]
+
+
+def test_the_eval_stage_is_done_only_with_both_its_results(fake_demo, tmp_path):
+    """`rm -rf OUT/pretrain/eval` gave eval "done before" (its one marker was sft/eval/eval.json), then run_demo's
+    FileNotFoundError traceback reading pretrain/eval/eval.json."""
+    out = tmp_path / "demo"
+    fake_demo()
+    kept = out / "sft" / "eval" / "items.jsonl.partial"
+    kept.write_text("")
+    shutil.rmtree(out / "pretrain" / "eval")
+    assert fake_demo()[0] == ["eval", "chat", "report"]
+    assert kept.exists()  # missing, not damaged: an eval stopped picks up where it was
+
+
+@pytest.mark.parametrize("damaged, first", [("sft/eval/eval.json", "eval"), ("tokens/manifest.json", "tokens"),
+                                            ("pretrain/final/model.safetensors", "pretrain"),
+                                            ("sft/final/config.json", "sft")])
+def test_a_damaged_output_is_redone_saying_why(fake_demo, tmp_path, damaged, first):
+    """An empty eval.json gave a JSONDecodeError traceback; an empty pretrain/final/model.safetensors "demo finished"
+    (rc 0): a stage was done when its marker file was there, whole or not."""
+    out = tmp_path / "demo"
+    fake_demo()
+    (out / damaged).write_text("")
+    ran, printed = fake_demo()
+    assert ran == STAGES[STAGES.index(first):]
+    line = next(x for x in printed.splitlines() if f"] {first}: redone" in x)
+    shown = out / (damaged.split("/final/")[0] + "/final" if "/final/" in damaged else damaged)  # a checkpoint: final/
+    assert f"redone from the start, as {shown} is damaged (" in line, line
+    assert fake_demo()[0] == []  # whole again
+
+
+def test_a_damaged_demo_json_is_refused_in_a_sentence(tmp_path):
+    """An empty demo.json raised a JSONDecodeError traceback."""
+    from babyllama.demo import Demo
+    from babyllama.errors import UserError
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    for text in ("", "[]", '{"smoke": 1}'):
+        (out / "demo.json").write_text(text)
+        with pytest.raises(UserError, match=r"demo.json is damaged .* pass --force to redo them or choose another"):
+            Demo(out, smoke=True, force=False)
+
+
+def test_a_folder_of_other_outputs_is_not_taken_for_a_demos(tmp_path):
+    """`demo --smoke --out_dir X`, X a run of the README's commands (no demo.json), skipped every stage, wrote
+    demo.json and reported that run's numbers as the demo's."""
+    from babyllama.demo import Demo
+    from babyllama.errors import UserError
+    from babyllama.lock import LOCK
+
+    out = tmp_path / "runs"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "stats.json").write_text("{}")
+    with pytest.raises(UserError, match="holds files but no demo.json, so they are no demo's outputs; pass --force"):
+        Demo(out, smoke=True, force=False)
+    assert not (out / "demo.json").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / LOCK).write_text("")  # the CLI's lock on it, taken before the demo starts
+    Demo(tmp_path / "empty", smoke=True, force=False)
+    Demo(out, smoke=True, force=True)  # --force: the folder's files go, the demo's come
+    assert json.loads((out / "demo.json").read_text()) == {"smoke": True} and not (out / "data").exists()

@@ -94,8 +94,7 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None,
     damaged = []
     for ckpt in reversed(step_checkpoints(run_dir)):
         try:
-            model_config(ckpt)
-            check_finite_file(_weights_file(ckpt))  # a LoRA run's: its adapter's (its base is --init, checked so)
+            check_whole(ckpt)
             state = load_train_state(ckpt, mmap=True)
             if state is None:
                 raise UserError(f"{ckpt} has no {STATE_FILE}.")
@@ -109,6 +108,14 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None,
         raise UserError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged ({ckpt.name}: {why}); "
                         "delete them to start again.")
     return None, None, damaged
+
+
+def check_whole(ckpt: Path) -> None:
+    """UserError unless the checkpoint at ckpt is whole: its config.json read and borne out by its weights' header
+    (model_config), its weights finite (check_finite_file; a LoRA checkpoint's: its adapter's). NewerFormat, a
+    UserError, for one a newer babyllama wrote."""
+    model_config(ckpt)
+    check_finite_file(_weights_file(ckpt))
 
 
 def set_aside(ckpt: Path) -> Path:

@@ -5,7 +5,8 @@
     babyllama demo --out_dir runs/demo --force    # redo every stage
     babyllama demo --out_dir runs/demo --dpo      # then DPO on preference pairs, about 7 minutes more
 
-Stages, each skipped when its output is complete (a rerun resumes where the last one stopped):
+Stages, each skipped when its outputs are whole and no stage before it ran (a rerun resumes where the last one
+stopped; a damaged output, or one made from an older stage's, is redone: Demo.stage):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
 (configs/demo.toml) -> sft (configs/sft-demo.toml) -> eval (loss and bits per byte of the
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
@@ -23,8 +24,9 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-from babyllama.errors import UserError, agree, write_whole
+from babyllama.errors import UserError, agree, discard, write_whole
 from babyllama.lock import LOCK
 
 CHAT_QUESTIONS = [
@@ -66,25 +68,37 @@ class Demo:
                 elif old.name != LOCK:
                     old.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
-        kind = self.out / "demo.json"  # which demo made these outputs: a smoke run's are never reused
-        if kind.is_file() and json.loads(kind.read_text())["smoke"] != smoke:
-            made = "full" if smoke else "--smoke"
-            raise UserError(f"{self.out} holds a {made} demo's outputs; pass --force to redo them "
-                            "or choose another --out_dir.")
-        write_whole(kind, json.dumps({"smoke": smoke}) + "\n")
+        check_demo_kind(self.out, smoke)
+        write_whole(self.out / "demo.json", json.dumps({"smoke": smoke}) + "\n")
         self.timings_file = self.out / "timings.json"
-        self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+        self.timings = json.loads(self.timings_file.read_text()) if whole(self.timings_file) is None else {}
+        self.ran = False  # a stage ran in this run: every later one runs too, as its outputs were made from old ones
 
-    def stage(self, i: int, n: int, name: str, done: Path, run: Callable[[], None]) -> None:
-        if done.exists():
-            print(f"[{i}/{n}] {name}: done before ({done}), skipped", flush=True)
-            return
-        print(f"[{i}/{n}] {name} ...", flush=True)
+    def stage(self, i: int, n: int, s: Stage) -> None:
+        """Run a stage unless its outputs are whole and no stage before it ran in this run. A stage whose outputs are
+        missing (a stopped run) runs where it stopped: a training run resumes, an eval picks up its answers so far;
+        one whose outputs are damaged, or that runs after a stage redone, starts afresh: what it owns is removed."""
+        if self.ran:
+            why = "a stage before it was redone"
+        else:
+            damaged = [f"{path} is damaged ({why})" for path in s.outputs
+                       if (why := whole(path)) not in (None, MISSING)]
+            if not damaged and all(path.exists() for path in s.outputs):
+                print(f"[{i}/{n}] {s.name}: done before ({', '.join(map(str, s.outputs))}), skipped", flush=True)
+                return
+            why = damaged[0] if damaged else None
+        if why is not None:
+            if any(path.exists() for path in s.owned):  # a fresh out_dir's stages are not redone
+                print(f"[{i}/{n}] {s.name}: redone from the start, as {why}", flush=True)
+            for path in s.owned:
+                discard(path)
+        self.ran = True
+        print(f"[{i}/{n}] {s.name} ...", flush=True)
         start = time.time()
-        run()
-        self.timings[name] = round(time.time() - start, 1)
+        s.run()
+        self.timings[s.name] = round(time.time() - start, 1)
         write_whole(self.timings_file, json.dumps(self.timings, indent=2) + "\n")
-        print(f"[{i}/{n}] {name}: {self.timings[name]:.1f} s", flush=True)
+        print(f"[{i}/{n}] {s.name}: {self.timings[s.name]:.1f} s", flush=True)
 
     # --- the stages ---
 
@@ -239,22 +253,85 @@ class Demo:
     def run(self) -> Path:
         o = self.out
         stages = [
-            ("data", o / "data" / "stats.json", self.data),
-            ("tokenizer", o / "tokenizer" / "tokenizer.json", self.tokenizer),
-            ("tokens", o / "tokens" / "manifest.json", self.tokens),
-            ("pretrain", o / "pretrain" / "final" / "config.json", lambda: self.train("pretrain")),
-            ("sft", o / "sft" / "final" / "config.json", lambda: self.train("sft")),
-            ("eval", o / "sft" / "eval" / "eval.json", self.evaluate),
-            ("chat", o / "chat_answers.md", self.chat),
-            ("report", o / "report.md", self.report),
+            Stage("data", [o / "data" / "stats.json"], [o / "data"], self.data),
+            Stage("tokenizer", [o / "tokenizer" / "tokenizer.json"], [o / "tokenizer"], self.tokenizer),
+            Stage("tokens", [o / "tokens" / "manifest.json"], [o / "tokens"], self.tokens),
+            Stage("pretrain", [o / "pretrain" / "final"], [o / "pretrain"], lambda: self.train("pretrain")),
+            Stage("sft", [o / "sft" / "final"], [o / "sft"], lambda: self.train("sft")),
+            Stage("eval", [o / "pretrain" / "eval" / "eval.json", o / "sft" / "eval" / "eval.json"],
+                  [o / "pretrain" / "eval", o / "sft" / "eval"], self.evaluate),
+            Stage("chat", [o / "chat_answers.md"], [o / "chat_answers.md"], self.chat),
+            Stage("report", [o / "report.md"], [o / "report.md"], self.report),
         ]
         if self.dpo:
-            stages += [("dpo data", o / "data" / "dpo_eval.jsonl", self.dpo_data),
-                       ("dpo", o / "dpo" / "final" / "config.json", lambda: self.train("dpo")),
-                       ("dpo eval", o / "dpo" / "eval" / "preferences.json", self.dpo_eval)]
-        for i, (name, done, fn) in enumerate(stages, 1):
-            self.stage(i, len(stages), name, done, fn)
+            stages += [Stage("dpo data", [o / "data" / "dpo_eval.jsonl"],
+                             [o / "data" / "dpo.jsonl", o / "data" / "dpo_eval.jsonl"], self.dpo_data),
+                       Stage("dpo", [o / "dpo" / "final"], [o / "dpo"], lambda: self.train("dpo")),
+                       Stage("dpo eval", [o / "dpo" / "eval" / "preferences.json", o / "dpo" / "eval" / "eval.json"],
+                             [o / "dpo" / "eval"], self.dpo_eval)]
+        for i, s in enumerate(stages, 1):
+            self.stage(i, len(stages), s)
         return o / "report.md"
+
+
+class Stage(NamedTuple):
+    """A stage of the demo: done when each of outputs is whole (whole); owned: what it writes, removed before it is
+    redone from the start."""
+    name: str
+    outputs: list[Path]
+    owned: list[Path]
+    run: Callable[[], None]
+
+
+MISSING = "missing"
+
+
+def whole(path: Path) -> str | None:
+    """Why a stage's output at path is not whole, or None when it is: MISSING where there is nothing; a checkpoint
+    (a run's final/) by check_whole, a .json file by parsing it, another file by being one. NewerFormat (a
+    UserError) for a checkpoint that a newer babyllama wrote: no damage to redo."""
+    from babyllama.checkpoint import NewerFormat, check_whole
+
+    if not path.exists():
+        return MISSING
+    if path.name == "final":
+        try:
+            check_whole(path)
+        except NewerFormat:
+            raise
+        except UserError as e:
+            return str(e).rstrip(".")
+        return None
+    if not path.is_file():
+        return "not a file"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+            return f"not valid JSON: {e}"
+    return None
+
+
+def check_demo_kind(out: Path, smoke: bool) -> None:
+    """UserError unless out holds the outputs of a demo of this kind (its demo.json says --smoke or not: a smoke
+    run's outputs are never reused by a full one, nor the reverse) or nothing yet (but the CLI's lock): a folder of
+    other outputs (the README's commands one by one, say) would be taken for the demo's stages done."""
+    kind = out / "demo.json"
+    if not kind.exists():
+        if any(f.name != LOCK for f in out.iterdir()):
+            raise UserError(f"{out} holds files but no demo.json, so they are no demo's outputs; pass --force to "
+                            "delete them and run the demo there, or choose another --out_dir.")
+        return
+    try:
+        made = json.loads(kind.read_text(encoding="utf-8"))["smoke"]
+    except (ValueError, OSError, TypeError, KeyError):
+        made = None
+    if type(made) is not bool:
+        raise UserError(f"{kind} is damaged (not {{\"smoke\": true}} or {{\"smoke\": false}}), so whose outputs "
+                        f"{out} holds is unknown; pass --force to redo them or choose another --out_dir.")
+    if made != smoke:
+        raise UserError(f"{out} holds a {'--smoke' if made else 'full'} demo's outputs; pass --force to redo them "
+                        "or choose another --out_dir.")
 
 
 def qa_changes(before: Path, after: Path) -> dict[str, dict[str, int]]:
