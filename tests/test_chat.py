@@ -29,6 +29,15 @@ def test_repl_through_a_pipe_answers_and_exits(bpe_tokenizer, tmp_path):
     assert lines[0] == first and lines[1] == "(conversation reset)" and len(lines) == 3
 
 
+def test_chat_on_cpu_0_answers_as_on_cpu(bpe_tokenizer, tmp_path):
+    """--device cpu:0, which torch takes for the CPU, said the good model.safetensors was damaged or cut off."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    runs = [run_cli("chat", str(tmp_path / "ck"), "--max_new_tokens", "4", "--device", d, stdin="你好\n")
+            for d in ("cpu", "cpu:0")]
+    assert [r.returncode for r in runs] == [0, 0] and runs[1].stderr == runs[0].stderr == "chat: running on cpu\n"
+    assert runs[1].stdout == runs[0].stdout != ""
+
+
 def test_a_checkpoint_without_its_tokenizer_says_what_to_do_for_each_command(bpe_tokenizer, tmp_path, capsys):
     """chat (serve, eval, export) has no tokenizer option: the message asks to put the tokenizer back into the
     checkpoint; sft, whose --init lacks one, names its --tokenizer setting."""

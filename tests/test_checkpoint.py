@@ -197,6 +197,22 @@ def test_devices_are_honoured_or_refused_in_one_sentence(tmp_path):
             pick_device(name)
 
 
+def test_cpu_n_is_cpu_and_a_good_checkpoint_loads_on_it(bpe_tokenizer, tmp_path):
+    """torch takes cpu:0 (cpu:N) for the CPU; safetensors refused it ("device cpu:0 is invalid"), which was said as
+    a damaged or cut-off model.safetensors, in chat, serve, eval, for full and LoRA checkpoints."""
+    from babyllama.checkpoint import pick_device
+    from babyllama.weights_file import read_safetensors
+
+    assert pick_device("cpu:0") == pick_device("cpu:3") == torch.device("cpu")
+    model = sharp_model(tiny_config(vocab_size=600))
+    save_checkpoint(tmp_path / "ck", model, bpe_tokenizer)
+    assert read_safetensors(tmp_path / "ck" / "model.safetensors", "cpu:0").keys() == {
+        k for k in model.state_dict() if k != "output.weight" or not model.cfg.tie_embeddings}
+    loaded = load_model(tmp_path / "ck", "cpu:0")
+    loaded_sd, sd = loaded.state_dict(), model.state_dict()
+    assert loaded_sd.keys() == sd.keys() and all(torch.equal(loaded_sd[k], sd[k]) for k in sd)
+
+
 # --- tampered checkpoints: every value read from a file is checked, in one sentence, before any large allocation ---
 
 

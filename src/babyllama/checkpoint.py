@@ -353,7 +353,8 @@ def _stored_shapes(path: Path, name: str = MODEL_FILE) -> dict[str, tuple[int, .
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
     """auto | cpu | cuda | cuda:N | mps as a torch.device that this machine has (auto: cuda, else mps,
-    else cpu). Raises UserError, in one sentence, for a device that is not there or not known."""
+    else cpu); cpu:N, which torch accepts, is cpu (safetensors refuses "cpu:0"). Raises UserError, in one sentence,
+    for a device that is not there or not known."""
     if isinstance(name, torch.device):
         return name
     if name == "auto":
@@ -363,6 +364,8 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA GPU visible"
         raise UserError(f"--device {name}: this machine has {build}; use --device cpu or auto.")

@@ -92,13 +92,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """{name: tensor} of the safetensors file at path, on device (a torch device's name). Raises UserError where it
+    """{name: tensor} of the safetensors file at path, on device (a torch device's name; cpu:N is cpu, which
+    safetensors alone accepts: its "device cpu:0 is invalid" said a good file was damaged). Raises UserError where it
     cannot be read (unreadable), or where a floating-point tensor holds NaN or Inf (check_finite): training never
     saves such weights (Trainer.check_finite), so the file is damaged or was edited, and a model loaded with one NaN
     answered nothing in chat, scored 0 in eval and was exported with 64 NaNs, each without a word."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    device = "cpu" if torch.device(device).type == "cpu" else str(device)
     try:
         with held(path) as (st, name):
             key, tensors = stat_key(st), load_file(name, device=device)
