@@ -673,6 +673,30 @@ def test_web_page_streams_an_answer(server, tmp_path):
     assert (tmp_path / "chat_page.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
+def test_web_page_does_not_send_on_the_enter_that_ends_an_ime_composition(server):
+    """Pinyin (any IME) commits a composition with Enter: its keydown (isComposing, or keyCode 229 in browsers that
+    send that instead) sent the half-typed question; only an Enter outside a composition sends."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(server["url"] + "/")
+        page.fill("#input", "ni hao")
+        for init in ("{key: 'Enter', isComposing: true}", "{key: 'Enter', keyCode: 229}"):
+            page.evaluate(f"document.getElementById('input').dispatchEvent(new KeyboardEvent('keydown', "
+                          f"{{...{init}, bubbles: true, cancelable: true}}))")
+        composing = (page.input_value("#input"), page.locator(".user").count())
+        page.fill("#input", "你好")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".assistant[data-done=true]", timeout=20000)
+        sent = (page.input_value("#input"), page.locator(".user").all_inner_texts())
+        browser.close()
+    assert composing == ("ni hao", 0) and sent == ("", ["你好"])
+
+
 STOPPED_STREAM = ('data: {"choices": [{"index": 0, "delta": {"content": "半"}, "finish_reason": null}]}\n\n'
                   'data: {"error": {"message": "the server is shutting down, so this answer was stopped before its '
                   'end", "type": "server_error"}}\n\n')
