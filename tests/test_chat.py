@@ -79,6 +79,17 @@ def test_repl_refuses_unknown_commands_and_bytes_that_are_not_utf8_and_bad_sampl
         assert r.returncode == 2 and flag[2:] in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_byte_order_mark_before_piped_input_is_skipped(bpe_tokenizer, tmp_path):
+    """A file saved with a BOM (Windows Notepad) and piped in: the BOM was part of the first line, so its /exit was
+    asked of the model; only the first line's leading BOM goes (another one is text, asked as typed)."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    base = ["chat", str(tmp_path / "ck"), "--max_new_tokens", "4"]
+    r = run_cli(*base, stdin=b"\xef\xbb\xbf/exit\n\xe4\xbd\xa0\xe5\xa5\xbd\n")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    with_bom, plain = run_cli(*base, stdin="\ufeff你好\n\ufeff你好\n"), run_cli(*base, stdin="你好\n\ufeff你好\n")
+    assert with_bom.stdout == plain.stdout and len(plain.stdout.splitlines()) == 2
+
+
 def test_history_is_trimmed_oldest_first(bpe_tokenizer):
     turns = [(f"第{i}个问题，比较长的一句话", f"第{i}个回答，也比较长") for i in range(10)] + [("最后的问题", "")]
     ids = prompt_ids(bpe_tokenizer, Conversation(turns, "系统"), max_seq_len=128, max_new_tokens=32)

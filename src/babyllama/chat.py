@@ -3,6 +3,7 @@
     babyllama chat runs/demo/sft/final [--temperature 0.7 --top_p 0.9 --max_new_tokens 256]
     echo "你好" | babyllama chat runs/demo/sft/final          # from a pipe: one answer per line
 
+A byte order mark before the first line (a file saved by Notepad) is skipped.
 Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves; any other line that starts
 with / is an unknown command, and a line with bytes that are not text in stdin's encoding is
 refused, each with one line, without asking the model. The history is trimmed, oldest turns
@@ -195,12 +196,15 @@ def converse(model, tokenizer: Tokenizer, sampling: Sampling, system: str, out: 
     if tty:
         out.write("babyllama chat: /reset to start over, /exit to leave\n")
     history: list[tuple[str, str, int]] = []  # (question, answer, ids): kept_turns
+    first = True
     while True:
         if tty:
             out.write("\n用户> ")
         line = sys.stdin.readline()
         if not line:
             break
+        if first:  # a file saved with a byte order mark (Notepad): it is no text, and "\ufeff/exit" no command
+            line, first = line.removeprefix("\ufeff"), False
         text = line.strip()
         if text == "/exit":
             break
