@@ -265,6 +265,18 @@ def test_gguf_loads_in_transformers_with_equal_logits(bpe_tokenizer, tmp_path, k
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
 
 
+def test_gguf_export_says_only_exported_and_names_the_model_as_serve_does(bpe_tokenizer, tmp_path):
+    """gguf's writer logged `INFO gguf.gguf_writer: /out/.m.gguf.tmp-PID: n_tensors = ...` (a temporary file's
+    name) where hf prints only `exported: OUT`; and general.name was the checkpoint's folder, "final" for every
+    run, where serve names the model by its run and checkpoint (sft/final)."""
+    gguf = pytest.importorskip("gguf")
+    save_checkpoint(tmp_path / "sft" / "final", sharp_model(tiny_config(vocab_size=600)), bpe_tokenizer)
+    r = run_cli("export", str(tmp_path / "sft" / "final"), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"exported: {tmp_path / 'm.gguf'}\n", "")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.name"].contents() == "sft/final"
+    assert logging.getLogger("gguf").level == logging.NOTSET  # quiet for the write only
+
+
 def sentencepiece_bpe(tmp_path):
     """A tiny SentencePiece BPE model with byte fallback that keeps whitespace as ChatGLM2's does, with pieces of
     several spaces (▁▁, ▁▁▁▁), trained here in a fraction of a second."""

@@ -351,6 +351,13 @@ def _stored_shapes(path: Path, name: str = MODEL_FILE) -> dict[str, tuple[int, .
         raise unreadable(path / name, e) from None
 
 
+def model_name(path: str | Path) -> str:
+    """The name of the model in a checkpoint: its run's folder and its own, "sft/final", as serve answers it
+    (/v1/models) and export names it (GGUF's general.name); "final" alone is every run's."""
+    path = Path(path).resolve()
+    return f"{path.parent.name}/{path.name}"
+
+
 def pick_device(name: str | torch.device = "auto") -> torch.device:
     """auto | cpu | cuda | cuda:N | mps as a torch.device that this machine has (auto: cuda, else mps,
     else cpu); cpu:N, which torch accepts, is cpu (safetensors refuses "cpu:0"). Raises UserError, in one sentence,

@@ -18,9 +18,11 @@ write go too (an adapter/ left beside merged weights would be applied twice), fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from babyllama.checkpoint import (
     checked_tokenizer,
     load_checkpoint,
     lora_base,
+    model_name,
     read_config,
     remove_stale_temporaries,
 )
@@ -349,7 +352,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)  # UserError for a tokenizer that GGUF cannot express
     w = gguf.GGUFWriter(str(out), "llama")
-    w.add_name(Path(checkpoint).resolve().name)
+    w.add_name(model_name(checkpoint))  # "sft/final", as serve names it
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
     w.add_block_count(cfg.n_layers)
@@ -381,6 +384,18 @@ def export_gguf(checkpoint: str | Path, out: str | Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+@contextmanager
+def quiet(logger: str):
+    """The logger's INFO (and DEBUG) lines dropped for the body; its level put back after."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter: bool = False) -> Path:
@@ -415,7 +430,8 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf", adapter:
         named.parent.mkdir(parents=True, exist_ok=True)
         with writing(out, tmp):  # CannotWrite where the disk refuses it; on any failure tmp is removed
             if format == "gguf":
-                export_gguf(checkpoint, tmp)
+                with quiet("gguf"):  # its INFO lines name the temporary file; the CLI says `exported: OUT`, as for hf
+                    export_gguf(checkpoint, tmp)
                 with signals_held(complete=out):  # the file is whole: a stop as it is renamed in says so
                     tmp.replace(out)
             else:

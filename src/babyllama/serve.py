@@ -1080,12 +1080,12 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     the requests in flight (their generations end at their next token) and raises, once they have ended,
     KeyboardInterrupt or Terminated for the CLI to say; a second stop, or STOP_GRACE_S without their end (a long
     forward under way), ends the process at once, as the CLI would (stop_now)."""
-    from babyllama.checkpoint import load_checkpoint
+    from babyllama.checkpoint import load_checkpoint, model_name
 
     uvicorn = require("uvicorn", "serve")
     sock = listening_socket(host, port)  # a busy port is said before the model loads
     model, tokenizer, _ = load_checkpoint(checkpoint, device)
-    name = Path(checkpoint).resolve().parent.name + "/" + Path(checkpoint).name
+    name = model_name(checkpoint)
     print(f"serving {name} on http://{url_host(host)}:{port}/", file=sys.stderr, flush=True)
     app = build_app(model, tokenizer, name, sampling, loopback_names(host, sock.getsockname()[0]))
 
