@@ -157,6 +157,17 @@ def test_decode_stream_drops_a_character_that_the_end_cuts(bpe_tokenizer):
     assert "".join(decode_stream(bpe_tokenizer, iter([*ids[:-4], lone]))) == "中文\ufffd"
 
 
+def test_bytes_that_are_not_utf8_show_as_u_fffd_in_chat_and_serve_alike(bpe_tokenizer):
+    """A sampled answer of a small model can hold bytes that no later byte makes a character (E4 then `a`): chat
+    shows them as U+FFFD, as decode does and serve's text and text_offset count them (README), where a character
+    that the end cuts (E4 B8) is left out."""
+    from babyllama.serve import text_offsets
+
+    ids = [bpe_tokenizer._byte_id(0xE4), bpe_tokenizer.encode("a")[0], *map(bpe_tokenizer._byte_id, (0xE4, 0xB8))]
+    assert list(decode_stream(bpe_tokenizer, iter(ids))) == ["\ufffda"] == [bpe_tokenizer.decode_complete(ids)]
+    assert text_offsets(bpe_tokenizer, ids) == [0, 1, 2, 2]
+
+
 def decode_each_time(tokenizer, ids):
     """decode_stream as it was: all ids decoded again for each id (the reference)."""
     out, shown, text = [], "", ""
