@@ -388,10 +388,11 @@ class Transformer(nn.Module):
     ) -> Iterator[int]:
         """Yield new token ids one by one until eos (not yielded), max_new_tokens or a full context.
 
-        prompt: token ids in [0, vocab_size), a list or an integer tensor of shape (T,) or (1, T) (prompt_ids), of at
-        most max_seq_len - 1 tokens, so that one new token fits. The sampling arguments are in sampling.RANGES
-        (temperature 0: greedy). Raises, at the call: TypeError for another prompt type, ValueError for an empty
-        prompt, an id out of the vocabulary, a prompt that leaves no room in the context, or a value out of range.
+        prompt: token ids in [0, vocab_size), a sequence (list, tuple) or an integer tensor of shape (T,) or (1, T)
+        (prompt_ids), of at most max_seq_len - 1 tokens, so that one new token fits. The sampling arguments are in
+        sampling.RANGES (temperature 0: greedy). Raises, at the call: TypeError for another prompt type, ValueError
+        for an empty prompt, an id out of the vocabulary, a prompt that leaves no room in the context, or a value out
+        of range.
         use_cache=False recomputes the whole sequence at every step (for tests and benchmarks).
         suppress_tokens: ids whose logits are set to -inf, never produced (Tokenizer.suppress_tokens:
         bos, pad and ids beyond the tokenizer's vocabulary, as HF generate's `suppress_tokens`).
