@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from babyllama.chat import Detokenizer, decode_stream, prompt_ids, until_stop
+from babyllama.chat import Detokenizer, decode_stream, prompt_ids, until_stop, visible
 from babyllama.chat_format import Conversation, render_prompt
 from babyllama.checkpoint import save_checkpoint
 from tests.conftest import favours_control_ids, run_cli, sharp_model, tiny_config
@@ -73,7 +73,7 @@ def test_repl_refuses_unknown_commands_and_bytes_that_are_not_utf8_and_bad_sampl
         [("你好", answer), ("/usr 是什么", "")])), max_new_tokens=4, eos_id=2))  # // asks a line that starts with /
     unknown = [f"unknown command {c}; the commands are /reset, /exit (// asks a line that starts with /)"
                for c in ("/help", "/foo", "/reset extra")]
-    assert r.stdout.split("\n")[:-1] == [bad, bad, *unknown, answer, then]  # no history
+    assert r.stdout.split("\n")[:-1] == [bad, bad, *unknown, visible(answer), visible(then)]  # no history
     for flag, value in [("--temperature", "nan"), ("--top_p", "0"), ("--repetition_penalty", "0")]:
         r = run_cli(*base, flag, value, stdin="你好\n")
         assert r.returncode == 2 and flag[2:] in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -294,7 +294,7 @@ def test_a_long_piped_conversation_tokenizes_only_the_turns_that_can_still_fit(b
                         lambda self, batch, *a, **k: texts.append(len(batch)) or encode_batch(self, batch, *a, **k))
     r = run_cli("chat", tmp_path / "ck", "--max_new_tokens", "4", "--system", "系统", stdin="\n".join(questions))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "".join(f"{a}\n" for _, a in history)
+    assert r.stdout == "".join(f"{visible(a)}\n" for _, a in history)  # the history holds the answers as sampled
     assert max(texts) <= 128 // 3 + 2, max(texts)
 
 
@@ -338,3 +338,19 @@ def test_ctrl_c_ends_the_half_written_answer_or_prompt_line_before_the_cli_says_
         chat(str(tmp_path / "ck"), Sampling(max_new_tokens=8), device="cpu")
     banner = "babyllama chat: /reset to start over, /exit to leave\n"
     assert capsys.readouterr().out == f"{banner}\n用户> 助手> {full}\n用户> \n"
+
+
+def test_an_answers_control_characters_are_shown_not_sent_to_the_terminal(bpe_tokenizer, monkeypatch, capsys):
+    """A sampled ESC [2J cleared the tester's terminal and BEL rang it: chat shows them (C1 and DEL too) as \\xNN,
+    keeping newlines and tabs."""
+    from babyllama.chat import Sampling, Terminal, converse
+    from babyllama.model import Transformer
+
+    text = "清屏\x1b[2J响铃\x07\n\t尾\x85\x7f\r"
+    ids = bpe_tokenizer.encode(text)
+    assert bpe_tokenizer.decode(ids) == text
+    monkeypatch.setattr(Transformer, "stream", lambda self, *args, **kwargs: iter(ids))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n"))
+    converse(sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer, Sampling(max_new_tokens=64),
+             "", Terminal())
+    assert capsys.readouterr().out == "清屏\\x1b[2J响铃\\x07\n\t尾\\x85\\x7f\\x0d\n"

@@ -10,7 +10,8 @@ refused, each with one line, without asking the model. The history is trimmed, o
 first, so that the prompt and the answer fit the context window, and keeps only the turns that can still
 fit (kept_turns), so a question costs no more late in a long conversation; a question that does not fit
 whole (with the system text) is refused the same way, with the line serve's 400 gives. Ctrl-C ends the
-line it cuts (an answer, the prompt) before the CLI says `babyllama: interrupted.`
+line it cuts (an answer, the prompt) before the CLI says `babyllama: interrupted.` An answer's control characters
+other than newline and tab are shown as \\xNN (visible), not sent to the terminal.
 """
 
 from __future__ import annotations
@@ -149,6 +150,16 @@ def refusal(line: str, encoding: str) -> str:
     return ""
 
 
+# C0 controls but \n and \t, DEL and C1 controls: a sampled answer's ESC [2J would clear the terminal, BEL ring it
+CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def visible(text: str) -> str:
+    """text with each control character but newline and tab written as \\xNN (ESC as the 4 characters \\x1b),
+    so that an answer shows what it holds and cannot move the cursor, retitle or clear the terminal."""
+    return text.translate(CONTROLS)
+
+
 class Terminal:
     """stdout, knowing whether its last line is unfinished (a prompt, an answer so far), so that what stops chat
     (Ctrl-C: the CLI's `babyllama: interrupted.` on stderr) begins a line of its own."""
@@ -229,7 +240,7 @@ def converse(model, tokenizer: Tokenizer, sampling: Sampling, system: str, out: 
         answer = ""
         for piece in pieces:
             answer += piece
-            out.write(piece)
+            out.write(visible(piece))
         out.write("\n")
         size = sum(len(ids) + 1 for ids in tokenizer.encode_batch([text, answer]))
         history = kept_turns([*history, (text, answer, size)], model.cfg.max_seq_len)
