@@ -315,3 +315,19 @@ def test_generate_refuses_sampling_out_of_range(kwargs, message):
         model.stream([3, 4], **kwargs)
     with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
         Sampling(**kwargs)  # the same sentence
+
+
+def test_generate_refuses_a_prompt_holding_what_is_no_int():
+    """`model.generate([1.5, 2])` raised torch's RuntimeError from the embedding ("Expected tensor for argument #1
+    'indices' to have one of the following scalar types: Long, Int"): a float, bool or str in the prompt is a
+    TypeError naming it and where it is, as a float tensor is; numpy's ints and integer tensors are ids."""
+    import numpy as np
+
+    model = sharp_model(tiny_config())
+    cases = (([1.5, 2], "float 1.5 (at position 0)"), ([2, True], "bool True (at position 1)"),
+             ([2, 5, "6"], "str '6' (at position 2)"), ("ab", "str 'a' (at position 0)"))
+    for prompt, bad in cases:
+        with pytest.raises(TypeError, match=f"^generate takes a prompt of int token ids, not {re.escape(bad)}$"):
+            model.stream(prompt)  # at the call, not at the first next()
+    want = model.generate([2, 5, 6], max_new_tokens=5)
+    assert model.generate([np.int64(2), torch.tensor(5), 6], max_new_tokens=5) == want

@@ -12,8 +12,10 @@ recipe) with two projections fused for speed: `wqkv` is wq, wk, wv stacked and `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -450,17 +452,28 @@ class Transformer(nn.Module):
 def prompt_ids(prompt: Sequence[int] | torch.Tensor) -> list[int]:
     """The ids of a prompt: a sequence of ints, or an integer tensor of shape (T,) or (1, T) (one sequence: the
     README's `idx` shape). Raises TypeError for another tensor (`if not prompt` raised torch's "Boolean value of
-    Tensor with more than one value is ambiguous"), ValueError for an empty prompt."""
+    Tensor with more than one value is ambiguous") or a sequence holding what is no int (a float, a bool, a str: the
+    embedding's RuntimeError), ValueError for an empty prompt."""
     if isinstance(prompt, torch.Tensor):
         if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool or not (
                 prompt.dim() == 1 or (prompt.dim() == 2 and prompt.size(0) == 1)):
             raise TypeError(f"generate takes one prompt of token ids: a list of ints or an integer tensor of shape "
                             f"(T,) or (1, T), not a {prompt.dtype} tensor of shape {tuple(prompt.shape)}")
         prompt = prompt.reshape(-1).tolist()
-    ids = list(prompt)
+    ids = [index_of(t, at) for at, t in enumerate(prompt)]
     if not ids:
         raise ValueError("generation needs a prompt of at least one token")
     return ids
+
+
+def index_of(token, at: int) -> int:
+    """token as an int id: an int, numpy's or an integer tensor's of one element (operator.index); TypeError naming
+    it and its position at for another (1.5, True, "2")."""
+    if not isinstance(token, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(token)
+    raise TypeError(f"generate takes a prompt of int token ids, not {type(token).__name__} {token!r} (at position "
+                    f"{at})")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
