@@ -1733,6 +1733,42 @@ def test_report_leaves_out_a_foreign_config_or_preferences_json_alone_with_a_not
         "DPO); the report leaves it out."]
 
 
+def test_report_leaves_out_a_token_manifest_without_totals_or_dtype_and_shows_a_whole_one(tmp_path, capsys):
+    """A manifest.json with format babyllama-tokens but no totals (or no dtype, or totals of another shape) stopped
+    the report with a KeyError: it is left out with a note, as a foreign manifest is, and a whole one is shown."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "run")
+    whole = {"format": "babyllama-tokens", "dtype": "uint16",
+             "totals": {"train": {"tokens": 90, "documents": 3}, "val": {"tokens": 10, "documents": 1}}}
+    bad = {"no-totals": {"format": "babyllama-tokens", "dtype": "uint16"},
+           "no-dtype": {k: v for k, v in whole.items() if k != "dtype"},
+           "list-totals": whole | {"totals": [90, 10]}, "number-totals": whole | {"totals": {"train": 90}}}
+    for folder, manifest in {"tokens": whole, **bad}.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert re.findall(r"### Token shards: `(\S+)` \((\w+)\)", text) == [("tokens", "uint16")]
+    assert "| train | 90 | 3 |\n| val | 10 | 1 |" in text and "### Run `run`" in text
+    assert capsys.readouterr().out.splitlines() == [
+        f"note: {tmp_path / folder / 'manifest.json'} is not a token folder's or an SFT token cache's manifest.json; "
+        "the report leaves it out." for folder in sorted(bad)]
+
+
+def test_report_shows_a_setting_missing_from_a_runs_config_blank_not_none(tmp_path):
+    """The settings table showed "None" for each key that a run's config.json lacks (or for all, without one): it is
+    blank, as the runs table shows a missing number."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "bare")
+    write_run(tmp_path / "some")
+    (tmp_path / "some" / "config.json").write_text(json.dumps({"model": {"dim": 64, "n_layers": 2}, "train": {}}))
+    text = make_report(tmp_path).read_text()
+    settings = {x.split("`")[1]: x.split("\n\n")[1].splitlines()[2] for x in text.split("### Run ")[1:]}
+    assert settings == {"bare": "|  |  |  |  |  |  |  |  |  | adamw |",
+                        "some": "| 64 | 2 |  |  |  |  |  |  |  | adamw |"}
+    assert "None" not in text
+
+
 def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_evals(tmp_path, monkeypatch):
     """The report named an eval's checkpoint as written on eval's command line (`../demo/sft/final`), which reads
     wrong from the report's folder: it is named by its real path (checkpoint_path), below the report's folder relative

@@ -168,6 +168,15 @@ def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel
     return name
 
 
+def token_manifest(v: dict) -> bool:
+    """Whether manifest v is no token folder's (an SFT token cache's) or one that data_section can show: its dtype
+    and its totals of each split (a dict of counts)."""
+    totals = v.get("totals")
+    return v.get("format") != "babyllama-tokens" or (
+        isinstance(v.get("dtype"), str) and isinstance(totals, dict)
+        and all(isinstance(t, dict) for t in totals.values()))
+
+
 def data_section(root: Path, plots: Path) -> list[str]:
     """Each prepare stats.json's counts with a bar chart (its name: plot_tags of its folder, then _corpus.png), each
     token folder's totals and tokenizer; a stats.json or manifest.json of another shape is left out with a note."""
@@ -185,7 +194,7 @@ def data_section(root: Path, plots: Path) -> list[str]:
                          "_corpus.png", "documents")
         lines += [f"![corpus]({plots.name}/{name})", ""]
     for manifest_file in find(root, "manifest.json"):
-        m = read_json(manifest_file, "a token folder's or an SFT token cache's manifest.json", lambda v: True)
+        m = read_json(manifest_file, "a token folder's or an SFT token cache's manifest.json", token_manifest)
         if m is None or m.get("format") != "babyllama-tokens":  # an SFT token cache has its own manifest
             continue
         rows = [{"split": s, **v} for s, v in m["totals"].items()]
@@ -206,9 +215,9 @@ DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies"
 
 def run_section(run: Path, metrics: list[dict], root: Path, plots: Path, tag: str) -> list[str]:
     """The run in folder run, of its records (read_metrics'): its heading, which says a LoRA run's and a DPO run's
-    kind (a DPO run: its metrics hold rewards), its settings (a LoRA run's adapter, a DPO run's beta and reference; a
-    config.json of another shape is left out with a note), its final numbers (a DPO run's rewards too; "" where its
-    records lack one) and its curves (tag: plot_tags' name for the run)."""
+    kind (a DPO run: its metrics hold rewards), its settings (a LoRA run's adapter, a DPO run's beta and reference;
+    "" where its config lacks one; a config.json of another shape is left out with a note), its final numbers (a DPO
+    run's rewards too; "" where its records lack one) and its curves (tag: plot_tags' name for the run)."""
     panels = curves(metrics)
     config = (read_json(run / "config.json", "a training run's config.json", lambda v: all(
         isinstance(v.get(k, {}), dict) for k in ("model", "train"))) if (run / "config.json").is_file() else None) or {}
@@ -233,6 +242,7 @@ def run_section(run: Path, metrics: list[dict], root: Path, plots: Path, tag: st
                      if train.get("precompute_ref_log_probs") else reference}
         settings |= {k: train[k] for k in ("label_smoothing", "rpo_alpha") if train.get(k)}
         summary |= {k: next((m[k] for m in reversed(metrics) if m.get(k) is not None), "") for k in DPO_SUMMARY}
+    settings = {k: "" if v is None else v for k, v in settings.items()}  # a key the config lacks: blank, not "None"
     kind = ", ".join(name for name, on in (("DPO", dpo), ("LoRA", lora)) if on)
     name = folder_name(run)
     return [f"### Run `{run.relative_to(root) if run != root else name}`" + (f" ({kind})" if kind else ""), "",
