@@ -116,6 +116,10 @@ def test_the_dpo_line_names_tasks_only_where_preferences_json_has_them():
 STAGES = ["data", "tokenizer", "tokens", "pretrain", "sft", "eval", "chat", "report"]
 
 
+EVAL_JSONS = {"pretrain/eval/eval.json": '{"lm": {"bits_per_byte": 1.5}}\n',  # what run_demo reads of them
+              "sft/eval/eval.json": '{"qa": {}}\n'}
+
+
 @pytest.fixture
 def fake_demo(monkeypatch, tmp_path, capsys, bpe_tokenizer):
     """demo(*args) runs babyllama.demo.Demo on tmp_path/demo with each stage replaced by one that records its name in
@@ -132,7 +136,7 @@ def fake_demo(monkeypatch, tmp_path, capsys, bpe_tokenizer):
             ran.append(name)
             for f in files:
                 (self.out / f).parent.mkdir(parents=True, exist_ok=True)
-                (self.out / f).write_text("{}\n")
+                (self.out / f).write_text(EVAL_JSONS.get(f, "{}\n"))
         return write
 
     def train(self, stage: str) -> None:
@@ -197,6 +201,22 @@ def test_a_damaged_output_is_redone_saying_why(fake_demo, tmp_path, damaged, fir
     line = next(x for x in printed.splitlines() if f"] {first}: redone" in x)
     shown = out / (damaged.split("/final/")[0] + "/final" if "/final/" in damaged else damaged)  # a checkpoint: final/
     assert f"redone from the start, as {shown} is damaged (" in line, line
+    assert fake_demo()[0] == []  # whole again
+
+
+@pytest.mark.parametrize("damaged, text, why", [
+    ("pretrain/eval/eval.json", '{"qa": {}}', "no 'lm' object in it"),
+    ("sft/eval/eval.json", '{"lm": {"bits_per_byte": 1.5}}', "no 'qa' object in it"),
+    ("sft/eval/eval.json", '{"qa": null}', "no 'qa' object in it"), ("sft/eval/eval.json", "[1]", "not a JSON object")])
+def test_an_eval_json_without_what_run_demo_reads_is_redone(fake_demo, tmp_path, damaged, text, why):
+    """An eval.json that parses but lacks its "lm" (pretrain's) or "qa" (SFT's) was taken for done, and run_demo's
+    KeyError ended the demo after its stages: the eval stage is redone, saying why."""
+    out = tmp_path / "demo"
+    fake_demo()
+    (out / damaged).write_text(text)
+    ran, printed = fake_demo()
+    assert ran == ["eval", "chat", "report"]
+    assert f"[6/8] eval: redone from the start, as {out / damaged} is damaged ({why})\n" in printed
     assert fake_demo()[0] == []  # whole again
 
 

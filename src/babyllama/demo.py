@@ -81,8 +81,9 @@ class Demo:
         if self.ran:
             why = "a stage before it was redone"
         else:
+            needs = {path: NEEDS.get(path.relative_to(self.out).as_posix(), ()) for path in s.outputs}
             damaged = [f"{path} is damaged ({why})" for path in s.outputs
-                       if (why := whole(path)) not in (None, MISSING)]
+                       if (why := whole(path, needs[path])) not in (None, MISSING)]
             if not damaged and all(path.exists() for path in s.outputs):
                 print(f"[{i}/{n}] {s.name}: done before ({', '.join(map(str, s.outputs))}), skipped", flush=True)
                 return
@@ -284,12 +285,16 @@ class Stage(NamedTuple):
 
 
 MISSING = "missing"
+NEEDS = {"pretrain/eval/eval.json": ("lm",), "sft/eval/eval.json": ("qa",), "dpo/eval/eval.json": ("qa",),
+         "dpo/eval/preferences.json": ("sft", "dpo", "qa_changes")}  # the objects that run_demo reads in a stage's
+# JSON output (below out): one without them is redone, not a KeyError after the stages
 
 
-def whole(path: Path) -> str | None:
+def whole(path: Path, needs: tuple[str, ...] = ()) -> str | None:
     """Why a stage's output at path is not whole, or None when it is: MISSING where there is nothing; a checkpoint
-    (a run's final/) by check_whole, a .json file by parsing it, another file by being one. NewerFormat (a
-    UserError) for a checkpoint that a newer babyllama wrote: no damage to redo."""
+    (a run's final/) by check_whole, a .json file by parsing it (and, with needs, by holding an object under each of
+    those keys), another file by being one. NewerFormat (a UserError) for a checkpoint that a newer babyllama wrote:
+    no damage to redo."""
     from babyllama.checkpoint import NewerFormat, check_whole
 
     if not path.exists():
@@ -306,9 +311,13 @@ def whole(path: Path) -> str | None:
         return "not a file"
     if path.suffix == ".json":
         try:
-            json.loads(path.read_text(encoding="utf-8"))
+            value = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
             return f"not valid JSON: {e}"
+        if needs and not isinstance(value, dict):
+            return "not a JSON object"
+        if missing := [k for k in needs if not isinstance(value.get(k), dict)]:
+            return f"no {' or '.join(map(repr, missing))} object in it"
     return None
 
 
