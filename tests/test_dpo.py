@@ -746,3 +746,25 @@ def test_the_report_plots_a_dpo_runs_loss_schedule_and_reward_accuracies(dpo_set
     text = make_report(tmp_path).read_text()
     assert f"### Run `{tmp_path.name}` (DPO)" in text and f"![curves](plots/{tmp_path.name}_curves.png)" in text
     assert Image.open(tmp_path / "plots" / f"{tmp_path.name}_curves.png").size == (1650, 396)  # 3 panels of 5 x 3.6 in
+
+
+def test_lora_dpo_from_a_lora_init_resumes_exactly_with_dropout(dpo_setup, tmp_path):
+    """LoRA DPO (lora_dropout 0.05, the reference run alongside) from a LoRA SFT init lost its resume's equality from
+    step 5 on: loading the reference (the init's adapter onto its base) drew its random lora_A from torch's RNG, once
+    in the run not stopped and again after the resume, so the dropout masks after it differed."""
+    from babyllama.train.stages import sft
+
+    d = dpo_setup
+    records = [{"instruction": "判断情感：", "input": f"很好很喜欢{i}", "output": "正面"} for i in range(8)]
+    write(tmp_path / "sft.jsonl", records)
+    sft(load_config(None, ["--init", str(d / "init"), "--data", str(tmp_path / "sft.jsonl"), "--out_dir",
+                           str(tmp_path / "sft"), "--max_steps", "1", "--batch_size", "4", "--warmup_steps", "0",
+                           "--eval_every", "0", "--data_workers", "1", "--lora_rank", "4"]))
+    args = ["--init", str(tmp_path / "sft" / "final"), "--data", str(d / "pairs.jsonl"), "--max_steps", "6",
+            "--batch_size", "4", "--lr", "3e-3", "--save_every", "3", "--log_every", "1", "--eval_every", "3",
+            "--warmup_steps", "2", "--val_fraction", "0.1", "--eval_batches", "2", "--data_workers", "1",
+            "--lora_rank", "4", "--lora_dropout", "0.05"]
+    dpo(load_config(None, [*args, "--out_dir", str(tmp_path / "straight")]))
+    simulate_death(tmp_path / "straight", tmp_path / "died", step=3)
+    dpo(load_config(None, [*args, "--out_dir", str(tmp_path / "died")]), resume=True)
+    assert metrics(tmp_path / "died") == metrics(tmp_path / "straight")

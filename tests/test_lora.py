@@ -743,3 +743,11 @@ def test_lora_targets_with_an_empty_or_repeated_item_are_refused_and_a_toml_list
     (tmp_path / "lora.toml").write_text('[train]\nlora_rank = 4\nlora_targets = ["wqkv", "wqkv"]\n')
     with pytest.raises(UserError, match="^lora_targets 'wqkv,wqkv' names wqkv twice; name each layer once.$"):
         sft(load_config(tmp_path / "lora.toml", base[:-2]))
+
+
+def test_loading_an_adapter_leaves_torchs_rng_as_it_was(lora_run):
+    """DPO loads its reference (a LoRA init) at its first step, again after a resume: a draw from torch's RNG there
+    changed every dropout mask after it."""
+    before = torch.get_rng_state()
+    load_model(lora_run / "run" / "final")
+    assert torch.equal(torch.get_rng_state(), before)

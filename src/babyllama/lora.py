@@ -195,7 +195,8 @@ def check_adapter_shapes(config, shapes: dict[str, tuple[int, ...]], path: Path)
 
 
 def load_adapter(model: Transformer, path: str | Path) -> Transformer:
-    """model with the adapter of checkpoint `path`, its LoRA layers added first unless it has them (a resume).
+    """model with the adapter of checkpoint `path`, its LoRA layers added first unless it has them (a resume);
+    torch's RNG is left as it was.
 
     Raises UserError when the adapter's tensors do not fit the model (another base, a damaged file), cannot be read
     or are not finite (read_safetensors).
@@ -203,8 +204,10 @@ def load_adapter(model: Transformer, path: str | Path) -> Transformer:
     from peft import set_peft_model_state_dict
 
     path = Path(path)
-    if not _adapter_params(model):
-        model = add_lora(model, adapter_config(path))
+    if not _adapter_params(model):  # lora_A's random start is overwritten below, so the draw is undone: a resumed
+        device = model.tok_embeddings.weight.device  # DPO run loads its reference again, and its dropout must not move
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model = add_lora(model, adapter_config(path))
     tensors = read_safetensors(path / ADAPTER_FILE, str(model.tok_embeddings.weight.device))
     params = _adapter_params(model)
     if set(tensors) != set(params) or any(tensors[k].shape != p.shape for k, p in params.items()):
