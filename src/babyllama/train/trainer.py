@@ -814,6 +814,7 @@ class Trainer:
                 "tokens": self.tokens, "world": self.dist.world, "global_batch": self.global_batch,
                 "optimizer": optim, "average": {k: v.cpu() for k, v in self.average.items()},
                 "averaged": self.averaged, "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None,
                 # an epochs run's length before the data is read (resumed_length): its rows; a tokens run's: the
                 "rows": len(self.train_data), "tokens_budget": budget,  # samples its budget came to
                 "total_steps": self.total_steps}  # the length its schedule had, to say a resume changed it
@@ -830,6 +831,8 @@ class Trainer:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and self.dist.device.type == "cuda":  # dropout's masks on a GPU
+            torch.cuda.set_rng_state(state["rng_cuda"], self.dist.device)  # every rank's: all start from one seed
         if state["global_batch"] != self.global_batch and self.dist.main:
             print(f"note: global batch changed from {state['global_batch']} to {self.global_batch} "
                   f"{agree(self.global_batch, 'sample', 'samples')}")
