@@ -646,15 +646,26 @@ def test_disconnect_stops_generation(server):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
-def test_web_page_streams_an_answer(server, tmp_path):
+@contextlib.contextmanager
+def chat_page(server, on_request=None):
+    """The server's chat page in headless chromium (through Playwright), closed after; on_request sees each request
+    the page sends."""
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run", "--disable-sync"])
         page = browser.new_page()
+        if on_request:
+            page.on("request", on_request)
         page.goto(server["url"] + "/")
+        yield page
+        browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (apt-get install chromium)")
+def test_web_page_streams_an_answer(server, tmp_path):
+    with chat_page(server) as page:
         page.fill("#input", "你好")
         page.press("#input", "Enter")
         page.wait_for_selector(".assistant[data-done=true]", timeout=20000)
@@ -666,7 +677,6 @@ def test_web_page_streams_an_answer(server, tmp_path):
         page.wait_for_selector(".assistant >> nth=1", timeout=20000)
         page.wait_for_function("document.querySelectorAll('.assistant')[1].dataset.done === 'true'", timeout=20000)
         failed = page.locator(".assistant").nth(1).inner_text()
-        browser.close()
     # the page leaves max tokens empty: the answer may take the rest of the context of 128 tokens
     assert shown.strip() == alone(server, "你好", 128).strip() and shown.strip()
     assert failed.startswith("error: ") and "does not fit the context" in failed
@@ -677,13 +687,7 @@ def test_web_page_streams_an_answer(server, tmp_path):
 def test_web_page_does_not_send_on_the_enter_that_ends_an_ime_composition(server):
     """Pinyin (any IME) commits a composition with Enter: its keydown (isComposing, or keyCode 229 in browsers that
     send that instead) sent the half-typed question; only an Enter outside a composition sends."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page()
-        page.goto(server["url"] + "/")
+    with chat_page(server) as page:
         page.fill("#input", "ni hao")
         for init in ("{key: 'Enter', isComposing: true}", "{key: 'Enter', keyCode: 229}"):
             page.evaluate(f"document.getElementById('input').dispatchEvent(new KeyboardEvent('keydown', "
@@ -693,7 +697,6 @@ def test_web_page_does_not_send_on_the_enter_that_ends_an_ime_composition(server
         page.press("#input", "Enter")
         page.wait_for_selector(".assistant[data-done=true]", timeout=20000)
         sent = (page.input_value("#input"), page.locator(".user").all_inner_texts())
-        browser.close()
     assert composing == ("ni hao", 0) and sent == ("", ["你好"])
 
 
@@ -709,16 +712,10 @@ def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(serve
     got `messages: a list of 1 to 128 messages; got 129` forever. A question that gets no whole answer is now shown
     refused and left out, and the oldest exchanges go (the system message stays) to keep a request within 128
     messages and 1 MB; one question at a time (Enter while an answer comes leaves the text in the box)."""
-    playwright = pytest.importorskip("playwright.sync_api")
     model, sent = server["model"], []
     url = "**/v1/chat/completions"
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page()
-        page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and sent.append(json.loads(r.post_data)))
-        page.goto(server["url"] + "/")
+    asked = lambda r: r.url.endswith("/v1/chat/completions") and sent.append(json.loads(r.post_data))  # noqa: E731
+    with chat_page(server, asked) as page:
 
         def ask(text: str) -> str:
             """The answer's bubble once done."""
@@ -765,7 +762,6 @@ def test_web_page_leaves_a_refused_question_out_and_drops_the_oldest_turns(serve
             waiting = page.input_value("#input")
         finally:
             model.delay = 0.0
-        browser.close()
     assert too_many.startswith("error: ") and "does not fit the context" in too_many
     assert crashed == "error: the server answered 500 Internal Server Error"
     assert down.startswith("error: ") and len(down) > len("error: ")
