@@ -1105,3 +1105,31 @@ def test_chinese_copies_without_punctuation_or_with_spaces_are_duplicates_on_dat
     stats = dt.prepare([str(tmp_path / "zh.txt")], tmp_path / "out", local(1))
     assert kept_documents(tmp_path / "out") == [docs[0], NEWS, docs[5], docs[6]]
     assert (stats["total"]["exact_duplicates"], stats["total"]["near_duplicates"]) == (3, 0)
+
+
+def test_a_failing_squeue_is_not_taken_for_an_empty_queue(corpus, tmp_path, monkeypatch, capsys):
+    """squeue exits 1 both when every job asked about has left the queue ("Invalid job id specified") and when it
+    cannot reach its controller: the second was taken for the first, so a rerun submitted a second chain of jobs into
+    the folder while the first could still be running. Now it is refused, naming squeue's words."""
+    _, files, _ = corpus
+    fake_slurm(tmp_path / "bin", tmp_path / "jobs")
+    squeue = tmp_path / "bin" / "squeue"
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *files, "--out_dir", str(out), "--engine", "datatrove", "--dedup", "exact",
+            "--executor", "slurm", "--slurm_partition", "cpu", "--tasks", "2"]
+    assert main(args) == 0
+    first = every_job(tmp_path / "jobs")
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' "
+                      ">&2\nexit 1\n")
+    squeue.chmod(0o755)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "babyllama: error: squeue failed (slurm_load_jobs error: Unable to contact slurm controller (connect failure)),"
+        f" so whether the Slurm jobs of an earlier submission in {out} ({', '.join(first)}) are still queued is "
+        "unknown; run the command again once squeue answers.\n")
+    assert every_job(tmp_path / "jobs") == first
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    assert main(args) == 0  # they have all left the queue: submitted again
+    assert len(every_job(tmp_path / "jobs")) == 2 * len(first)

@@ -857,8 +857,9 @@ def sbatch_failed(r: subprocess.CompletedProcess, queued: list[str]) -> str:
 def check_no_queued_jobs(out: Path) -> None:
     """Raise UserError when OUT/datatrove records a Slurm submission whose jobs squeue still lists (queued
     or running): a second run there would write the same files at the same time. Jobs that left the queue
-    (done, failed, cancelled) do not stop it: a run resubmitted after a failure does what was left. Without
-    squeue on this machine nothing can be checked."""
+    (done, failed, cancelled) do not stop it: a run resubmitted after a failure does what was left. A squeue that
+    fails (its controller down) is a UserError too: nothing queued cannot be told from nothing known. Without squeue
+    on this machine nothing can be checked."""
     work = out / "datatrove"
     if not (work / SUBMITTED).is_file() or (work / FINISHED).is_file() or shutil.which("squeue") is None:
         return
@@ -866,7 +867,11 @@ def check_no_queued_jobs(out: Path) -> None:
     if not jobs:
         return
     r = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(jobs)}"], capture_output=True,
-                       text=True)  # exit code 1 when every job has left the queue: none queued
+                       text=True)
+    if r.returncode != 0 and "Invalid job id" not in r.stderr:  # that error: every job has left the queue
+        said = "; ".join(line.strip() for line in r.stderr.splitlines() if line.strip()) or f"exit {r.returncode}"
+        raise UserError(f"squeue failed ({said}), so whether the Slurm jobs of an earlier submission in {out} "
+                        f"({', '.join(jobs)}) are still queued is unknown; run the command again once squeue answers.")
     listed = {line.split("_")[0] for line in r.stdout.split()} if r.returncode == 0 else set()
     queued = [j for j in jobs if j in listed]
     if queued:
