@@ -231,3 +231,16 @@ def test_demo_holds_its_out_dir_and_force_keeps_the_hold(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [LOCK, "demo.json"]
         other = subprocess.run([sys.executable, "-c", HOLD, str(out), "demo"], capture_output=True, text=True)
         assert f"{out} is in use by another babyllama demo (pid {os.getpid()})" in other.stderr
+
+
+def test_a_token_cache_build_holding_a_folder_is_named_as_what_it_is(tmp_path):
+    """The holder was said as "another babyllama sft token cache build", a command no one can type."""
+    out = tmp_path / "cache"
+    child = hold_in_child(out, "the SFT token cache build")
+    try:
+        with pytest.raises(UserError) as e, holding(out, "pretokenize"):
+            pass
+        assert str(e.value) == (f"{out} is in use by the SFT token cache build of {out} (pid {child.pid}); wait for "
+                                "it or choose another --out_dir.")
+    finally:
+        child.communicate("")

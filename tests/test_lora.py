@@ -123,9 +123,7 @@ def test_a_lora_checkpoint_without_its_tokenizer_uses_its_bases_as_export_adapte
         (lora_run / "init" / "tokenizer.json").read_bytes()
     base = tmp_path / "base"  # a base without a tokenizer either: the sentence names where to put it
     shutil.copytree(lora_run / "init", base, ignore=shutil.ignore_patterns("*tokenizer*"))
-    config = json.loads((lora / "config.json").read_text())
-    config["base"]["path"] = str(base)
-    (lora / "config.json").write_text(json.dumps(config))
+    rebase(lora, path=str(base))
     r = chat(lora, "你好\n")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"babyllama: error: {base} has neither tokenizer.json nor tokenizer.model; copy into it the tokenizer that "
@@ -135,9 +133,7 @@ def test_a_lora_checkpoint_without_its_tokenizer_uses_its_bases_as_export_adapte
 def test_a_missing_or_changed_base_is_one_sentence(lora_run, tmp_path):
     shutil.copytree(lora_run / "init", tmp_path / "init")
     shutil.copytree(lora_run / "run" / "final", tmp_path / "lora")
-    config = json.loads((tmp_path / "lora" / "config.json").read_text())
-    config["base"]["path"] = str(tmp_path / "init")
-    (tmp_path / "lora" / "config.json").write_text(json.dumps(config))
+    rebase(tmp_path / "lora", path=str(tmp_path / "init"))
     assert load_model(tmp_path / "lora") is not None
     save_checkpoint(tmp_path / "init", plain_model(seed=3, max_seq_len=64))
     with pytest.raises(UserError, match="is not the one the LoRA checkpoint .* was trained on"):
@@ -195,9 +191,7 @@ def test_a_missing_base_at_one_path_is_named_once_and_export_adapter_checks_the_
     shutil.copytree(lora_run / "init", tmp_path / "init")
     lora = tmp_path / "run" / "final"  # as in lora_run: the base at ../../init, by either path
     shutil.copytree(lora_run / "run" / "final", lora)
-    config = json.loads((lora / "config.json").read_text())
-    config["base"]["path"] = str(tmp_path / "init")
-    (lora / "config.json").write_text(json.dumps(config))
+    rebase(lora, path=str(tmp_path / "init"))
     (lora / "babyllama_tokenizer.json").write_text(json.dumps({"bos_id": 1, "eos_id": 0, "pad_id": 2}))
     for args in (["export", str(lora), "--out", str(tmp_path / "hf")],
                  ["export", str(lora), "--adapter", "--out", str(tmp_path / "hf")]):
@@ -221,9 +215,7 @@ def test_sft_from_a_lora_checkpoint_refuses_a_changed_or_missing_base_before_bui
     shutil.copytree(lora_run / "init", tmp_path / "init")
     lora = tmp_path / "lora"
     shutil.copytree(lora_run / "run" / "final", lora)
-    config = json.loads((lora / "config.json").read_text())
-    config["base"] = {**config["base"], "path": str(tmp_path / "init"), "stat": None}
-    (lora / "config.json").write_text(json.dumps(config))
+    rebase(lora, path=str(tmp_path / "init"), stat=None)
     save_checkpoint(tmp_path / "init", plain_model(seed=3, max_seq_len=64))  # other weights: not the base
     args = ["sft", "--init", str(lora), "--data", str(lora_run / "sft.jsonl"), "--out_dir", str(tmp_path / "run"),
             "--max_steps", "1", "--data_workers", "1"]
@@ -562,7 +554,8 @@ def test_a_lora_run_resumed_from_an_adapter_holding_inf_is_refused(lora_run, tmp
 
 def lora_copy(lora_run, tmp_path, config=None, adapter=None):
     """A copy of lora_run's final/ at tmp_path/lora, its base at its absolute path; config(c) and adapter(a) edit its
-    config.json and adapter_config.json (their JSON) in place."""
+    config.json and adapter_config.json (their JSON) in place. A base path that config changes is
+    base_model_name_or_path too, unless adapter is given (rebase)."""
     lora = tmp_path / "lora"
     shutil.copytree(lora_run / "run" / "final", lora)
     for name, edit in (("config.json", config), ("adapter_config.json", adapter)):
@@ -570,7 +563,21 @@ def lora_copy(lora_run, tmp_path, config=None, adapter=None):
             data = json.loads((lora / name).read_text())
             edit(data)
             (lora / name).write_text(json.dumps(data))
+    base = json.loads((lora / "config.json").read_text()).get("base")
+    if adapter is None and isinstance(base, dict) and isinstance(base.get("path"), str):
+        rebase(lora)
     return lora
+
+
+def rebase(lora, **fields):
+    """lora's config.json "base" with fields changed, and its adapter_config.json's base_model_name_or_path made its
+    path: a checkpoint whose base is elsewhere as both files say (base_model_name_or_path, where it differs, wins)."""
+    config = json.loads((lora / "config.json").read_text())
+    config["base"].update(fields)
+    (lora / "config.json").write_text(json.dumps(config))
+    adapter = json.loads((lora / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = config["base"]["path"]
+    (lora / "adapter_config.json").write_text(json.dumps(adapter))
 
 
 @pytest.mark.parametrize("edit, wanted", [
@@ -751,3 +758,50 @@ def test_loading_an_adapter_leaves_torchs_rng_as_it_was(lora_run):
     before = torch.get_rng_state()
     load_model(lora_run / "run" / "final")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_lora_checkpoints_that_are_each_others_base_are_said_to_loop(lora_run, tmp_path):
+    """Two LoRA checkpoints whose config.json name each other as base recursed until RecursionError (load_model,
+    tokenizer_dir) or looped for ever (check_init_weights, of sft --init)."""
+    from babyllama.checkpoint import check_init_weights, tokenizer_dir, weights_sha256
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for x in (a, b):
+        shutil.copytree(lora_run / "run" / "final", x, ignore=shutil.ignore_patterns("*tokenizer*"))
+    sha = weights_sha256(a)  # b's adapter is the same file's copy
+    for x, other in ((a, b), (b, a)):
+        rebase(x, path=str(other), sha256=sha, relative_path=None, stat=None)
+    sentence = (f"the LoRA checkpoints {a} -> {b} -> {a} are each other's base, a loop with no full model under it; "
+                "restore their config.json from copies of the checkpoints.")
+    for load in (load_model, tokenizer_dir, check_init_weights):
+        with pytest.raises(UserError) as e:
+            load(a)
+        assert str(e.value) == sentence
+    r = run_cli("chat", a, stdin="你好\n")
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, f"babyllama: error: {sentence}")
+
+
+def test_a_base_model_name_or_path_edited_to_a_moved_base_wins_with_a_note(lora_run, tmp_path, capsys):
+    """A base moved and named anew in adapter_config.json, as peft's users do, was looked for at config.json's path
+    alone ("not there"). Where the two differ base_model_name_or_path wins, as in peft, said in a note line."""
+    old, moved = tmp_path / "init", tmp_path / "moved"
+    lora = lora_copy(lora_run, tmp_path, config=lambda c: c["base"].update(path=str(old), relative_path=None),
+                     adapter=lambda a: a.update(base_model_name_or_path=str(moved)))
+    shutil.copytree(lora_run / "init", moved)
+    with torch.no_grad():
+        assert torch.equal(load_model(lora)(IDS)[0], load_model(lora_run / "run" / "final")(IDS)[0])
+        load_model(lora)
+    assert capsys.readouterr().out == (f"note: the LoRA checkpoint {lora} loads its base from {moved}, which its "
+                                       f"adapter_config.json names (base_model_name_or_path), not from {old}, which "
+                                       "its config.json records\n")  # once
+    shutil.copytree(lora_run / "init", old)  # config.json's base there too: the edited one still wins
+    save_checkpoint(moved, plain_model(seed=3, max_seq_len=64))
+    with pytest.raises(UserError, match=f"^the base model {moved} is not the one the LoRA checkpoint {lora} was "
+                                        "trained on"):
+        load_model(lora)
+    shutil.rmtree(moved)
+    with pytest.raises(UserError) as e:
+        load_model(lora)
+    assert str(e.value) == (f"the LoRA checkpoint {lora} needs its base model {moved}, which its adapter_config.json "
+                            f"names (base_model_name_or_path) and is not there; correct that path, or set it back to "
+                            f"{old}.")

@@ -1307,3 +1307,38 @@ def test_a_null_field_is_an_absent_one_in_schema_detection(tmp_path, caplog):
     assert list(reader.documents()) == ["hello world document", "第二篇", "第三篇"]
     assert log.getvalue() == "" and dict(reader.stats[str(f)].read_as) == {"text": 3}
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []  # no field left out
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_records_in_an_object_under_one_key_are_read_as_an_array(tmp_path, indent):
+    """{"data": [record, ...]} (SQuAD's, with its "version", and Chinese dataset dumps) was read as one record of
+    no schema: its list is read as an array's items, streamed, and its other keys let go."""
+    path = tmp_path / "squad.json"
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    path.write_text(json.dumps({"version": "1.1", "data": rows, "source": "x"}, indent=indent) + "\n")
+    assert list(iter_records(path)) == [(f"{path}:item {i + 1}", r, "") for i, r in enumerate(rows)]
+    one = tmp_path / "one.json"  # one conversation written as an object: a record, not a list of them
+    one.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}, indent=indent))
+    assert [r for _, r, _ in iter_records(one)] == [json.loads(one.read_text())]
+
+
+def test_an_object_with_two_lists_of_records_is_said_so_in_one_sentence(tmp_path):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": [{"text": "a"}], "test": [{"text": "b"}]}))
+    assert list(iter_records(path)) == [(f"{path}:start", None, (
+        "one JSON object with lists of records under 2 keys ('train', 'test'); a file of records holds one list "
+        "(an array, or an object with one list under a key such as 'data')"))]
+    late = tmp_path / "late.json"  # the second list past the sample: read as far as the first goes
+    late.write_text(json.dumps({"train": [{"text": "a" * 5000}] * 20, "test": [{"text": "b"}]}))
+    got = list(iter_records(late))
+    assert len(got) == 21 and got[-1] == (f"{late}:item 21", None, "a second list of records, under 'test', after "
+                                          "the one under 'train'; the rest of the file is skipped")
+
+
+def test_a_list_of_records_under_a_key_is_streamed(tmp_path):
+    """Memory is an item's, not the file's, as for an array (the whole object was one record before: ~the file)."""
+    path = tmp_path / "big.json"
+    rows = [{"text": f"{i} " + "x" * 1000} for i in range(8000)]  # 8 MB; the file's buffer is 1 MiB
+    path.write_text(json.dumps({"data": rows}))
+    count, _, peak = traced(lambda: sum(1 for _ in iter_records(path)))
+    assert count == 8000 and peak < 3 << 20, peak

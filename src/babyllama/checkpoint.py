@@ -407,10 +407,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", cfg: ModelC
 
 
 def load_lora(path: Path, device: torch.device) -> Transformer:
-    """A LoRA checkpoint's model: its base (a LoRA checkpoint too, perhaps) with the adapter merged in; its
-    adapter_config.json checked against its tensors' header first (model_config), as a full checkpoint's."""
-    model_config(path)
-    return merge_lora(load_adapter(load_model(lora_base(path), device), path)).eval()
+    """A LoRA checkpoint's model: its base (a LoRA checkpoint too, perhaps: lora_chain) with the adapters merged in;
+    each adapter_config.json checked against its tensors' header before its base is looked for (model_config), as a
+    full checkpoint's. Raises UserError as lora_chain."""
+    chain = []
+    for where in lora_chain(path):
+        if is_adapter(where):
+            model_config(where)
+        chain.append(where)
+    model = load_model(chain[-1], device)
+    for adapter in reversed(chain[:-1]):
+        model = merge_lora(load_adapter(model, adapter))
+    return model.eval()
+
+
+def lora_chain(path: str | Path) -> Iterator[Path]:
+    """path, then while the last is a LoRA checkpoint its base (lora_base), each as it is found: a full checkpoint
+    last. Raises UserError as lora_base, and naming the loop where a base is a LoRA checkpoint of the chain already
+    (two whose config.json name each other: it recursed until RecursionError)."""
+    chain = [Path(path)]
+    yield chain[0]
+    while is_adapter(chain[-1]):
+        base = lora_base(chain[-1])
+        seen = [i for i, p in enumerate(chain) if _exists(p) and os.path.samefile(p, base)]
+        if seen:
+            loop = " -> ".join(map(str, [*chain[seen[0]:], base]))
+            raise UserError(f"the LoRA checkpoints {loop} are each other's base, a loop with no full model under it; "
+                            "restore their config.json from copies of the checkpoints.")
+        chain.append(base)
+        yield base
 
 
 def base_record(base: dict, adapter_dir: Path) -> dict:
@@ -438,7 +463,13 @@ def lora_base(path: str | Path) -> Path:
     places = [Path(base["path"])]
     if base.get("relative_path"):
         places.append((path.resolve() / base["relative_path"]).resolve())
+    if edited := _edited_base(path, base["path"]):
+        places = [edited]
     there = [p for p in dict.fromkeys(places) if _exists(p)]
+    if not there and edited:
+        raise UserError(f"the LoRA checkpoint {path} needs its base model {edited}, which its {ADAPTER_CONFIG} names "
+                        f"(base_model_name_or_path) and is not there; correct that path, or set it back to "
+                        f"{base['path']}.")
     if not there:
         beside = f" (nor at {places[1]})" if len(places) > 1 and places[1] != places[0] else ""
         raise UserError(f"the LoRA checkpoint {path} needs its base model {base['path']}, which is not there"
@@ -460,6 +491,28 @@ def lora_base(path: str | Path) -> Path:
         raise UserError(f"the base of the LoRA checkpoint {path}: {wrong[0]}")
     raise UserError(f"the base model {changed[-1]} is not the one the LoRA checkpoint {path} was trained on "
                     "(its weights changed); restore that base.")
+
+
+_SAID_EDITED: set[tuple[str, str]] = set()  # (LoRA checkpoint, base) whose note _edited_base printed
+
+
+def _edited_base(path: Path, recorded: str) -> Path | None:
+    """The base that path's adapter_config.json names (base_model_name_or_path, as peft reads it: relative to the
+    working folder) where a user edited it to differ from config.json's recorded one (to point at a moved base): it
+    wins, as it does in peft, said once in a note line. None where it is the same, absent or unreadable (model_config
+    says why)."""
+    try:
+        named = json.loads((path / ADAPTER_CONFIG).read_bytes().decode("utf-8-sig")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(named, str) or not named or "\0" in named or Path(named) == Path(recorded):
+        return None
+    edited = Path(named).absolute()
+    if (str(path), named) not in _SAID_EDITED:
+        _SAID_EDITED.add((str(path), named))
+        print(f"note: the LoRA checkpoint {path} loads its base from {edited}, which its {ADAPTER_CONFIG} names "
+              f"(base_model_name_or_path), not from {recorded}, which its {CONFIG_FILE} records")
+    return edited
 
 
 def _exists(path: Path) -> bool:
@@ -511,10 +564,9 @@ def check_init_weights(path: str | Path) -> None:
     and unchanged (lora_base), its config borne out by its weights (model_config), its weights finite, and so on down
     a chain of LoRA checkpoints. A run checks its --init so before it builds its data (minutes). Raises UserError."""
     check_finite_file(_weights_file(path))
-    while is_adapter(path):
-        path = lora_base(path)
-        model_config(path)
-        check_finite_file(_weights_file(path))
+    for base in list(lora_chain(path))[1:]:
+        model_config(base)
+        check_finite_file(_weights_file(base))
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -600,10 +652,8 @@ def tokenizer_dir(path: str | Path) -> Path:
     """Where a checkpoint's tokenizer is: in it, or for a LoRA checkpoint without one in its base (lora_base,
     down a chain of them), which holds the same one (a LoRA run trains with its base's tokenizer:
     stages.checked_run), as export --adapter exports the base's. Raises UserError as lora_base."""
-    path = Path(path)
-    if is_adapter(path) and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        return tokenizer_dir(lora_base(path))
-    return path
+    return next(p for p in lora_chain(path)
+                if not is_adapter(p) or any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")))
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, cfg: ModelConfig, recorded: dict | None, where: str,

@@ -3,12 +3,14 @@ the process ends however it ends, so a run killed with kill -9 leaves no stale l
 
     with holding(out, "pretokenize"):   # a command's --out_dir: a second command into it is refused at once
         ...
-    with locked(out, "sft token cache build", "sft cache: "):  # a second build waits, saying so, then decides anew
+    with locked(out, "the SFT token cache build", "sft cache: "):  # a second build waits, saying so, then decides anew
     with holding("runs/m.gguf", "export", "--out", file=True):  # one file: the lock is runs/.m.gguf.lock
 
 A file is held by the lock .NAME.lock beside it, so that writers of other files in its folder go on (two GGUF
 exports into one folder). The lock file holds "PID COMMAND" of its holder, for the refusal's sentence, and is
-removed when the holder lets go (so a command leaves no file behind); one left by a killed process is taken over.
+removed when the holder lets go (so a command leaves no file behind). COMMAND is a babyllama command ("pretrain",
+"tokenizer train"), or what a part of one holds it for, beginning with "the" ("the SFT token cache build"), said
+as "the SFT token cache build of OUT"; one left by a killed process is taken over.
 A process may take a folder it already holds again (pretokenize --sft holds its out_dir, then builds the token
 cache there). The folders that holding made (out, or the folder of a file, and those above it) are removed again
 when the command fails before writing anything. A process that locked a lock file meanwhile removed finds it gone
@@ -97,11 +99,11 @@ def _lock_fd(lock: Path, out: Path, command: str, flag: str, waiting: str | None
             pid, _, other = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
             if waiting is None:
                 os.close(fd)
-                raise UserError(f"{out} is in use by another babyllama {other or 'command'} (pid {pid or '?'}); wait "
+                raise UserError(f"{out} is in use by {_holder(other, out)} (pid {pid or '?'}); wait "
                                 f"for it or choose another {flag}.") from None
             if not waited and os.environ.get("RANK", "0") == "0":  # once: the holder removes its lock file as it
                 # lets go, and this one locks the next; rank 0 alone (progress.is_rank0) of a torchrun job
-                holder = f" (pid {pid}, babyllama {other or 'command'})" if pid else ""
+                holder = f" (pid {pid}, {_holder(other, out).removeprefix('another ')})" if pid else ""
                 print(f"{waiting}waiting for another run building {out}{holder}", flush=True)
             waited = True
             try:
@@ -119,6 +121,12 @@ def _lock_fd(lock: Path, out: Path, command: str, flag: str, waiting: str | None
                 cannot_write(e, out)
             return fd
         os.close(fd)  # its holder removed the folder it had made: lock the new one
+
+
+def _holder(command: str, out: Path) -> str:
+    """The holder as a lock file records it, in words: "another babyllama pretrain" for a command, "the SFT token cache
+    build of OUT" for what a part of one holds it for (a label beginning with "the")."""
+    return f"{command} of {out}" if command.startswith("the ") else f"another babyllama {command or 'command'}"
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -297,8 +297,8 @@ def build_sft_cache(inputs: list[str | Path], tokenizer_path: str | Path, out: s
     tok = load_tokenizer(tokenizer_path)
     paths = input_files(inputs, kind)
     _writable(Path(out))
-    with locked(out, f"{kind} token cache build"):  # one build at a time (held already by pretokenize --sft, which
-        # replaces another cache, and by sft_data.opened_cache, which refuses one)
+    with locked(out, f"the {kind.upper()} token cache build"):  # one build at a time (held already by pretokenize
+        # --sft, which replaces another cache, and by sft_data.opened_cache, which refuses one)
         manifest = read_sft_cache(out)
         key = cache_key(paths, tok.record(), settings, kind, out)
         if manifest is not None and cache_differences(manifest, key) == []:

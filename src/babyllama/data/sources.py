@@ -1,7 +1,7 @@
 """Readers that turn corpus files into a stream of documents, never loading a file whole.
 
 Two independent questions per file:
-  * its shape: JSON lines, one JSON array (streamed item by item), parquet, CSV or plain text,
+  * its shape: JSON lines, one JSON array or {"data": [...]} (streamed item by item), parquet, CSV or plain text,
     optionally compressed as .gz or .zst;
   * its schema: which fields make the text (wiki-cn, BaiduBaike, WuDao, alpaca/BELLE/medical
     instructions, multi-turn conversations or messages, preference pairs, or a plain `text` field), detected from
@@ -621,21 +621,53 @@ def _array_items(f: io.TextIOBase) -> Iterator[object]:
     window = _JSONWindow(f)
     if window.peek() != "[":
         raise ValueError("not a JSON array")
+    yield from _items(window)
+    if window.peek():  # a second top-level value: its records would vanish without a word
+        raise ValueError("more data after the array's closing ]")
+
+
+def _items(window: _JSONWindow) -> Iterator[object]:
+    """Each item of the array whose "[" window is at, one at a time; window ends past its "]". ValueError as
+    _array_items."""
     window.skip()
     if window.peek() == "]":
+        window.skip()
         return
     while True:
         yield window.value()
         c = window.peek()
         if c == "]":
             window.skip()
-            if window.peek():  # a second top-level value: its records would vanish without a word
-                raise ValueError("more data after the array's closing ]")
             return
         if c != ",":
             raise ValueError(f"invalid JSON (expected , or ] but found {c or 'the end of the file'!r})")
         window.skip()
         window.peek()  # raw_decode takes no space before a value
+
+
+def _keys(window: _JSONWindow) -> Iterator[str]:
+    """Each key of the object whose "{" window is at, with window at the key's value, which the caller moves past
+    (value, _items); window ends past its "}". A syntax error raises ValueError."""
+    window.skip()
+    if window.peek() == "}":
+        window.skip()
+        return
+    while True:
+        if window.peek() != '"':
+            raise ValueError(f"invalid JSON (expected a key but found {window.peek() or 'the end of the file'!r})")
+        key = window.value()
+        if window.peek() != ":":
+            raise ValueError(f"invalid JSON (expected : after the key {key!r})")
+        window.skip()
+        window.peek()
+        yield str(key)
+        c = window.peek()
+        if c == "}":
+            window.skip()
+            return
+        if c != ",":
+            raise ValueError(f"invalid JSON (expected , or }} but found {c or 'the end of the file'!r})")
+        window.skip()
 
 
 def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
@@ -648,6 +680,64 @@ def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
     except ValueError as e:
         log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
         yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
+
+
+def records_json_wrapped(path: Path, f: TextIO) -> Iterator[Item]:
+    """The items of the one list of records that a top-level object holds under a key ({"data": [...]}, SQuAD's
+    {"version": ..., "data": [...]}), streamed as an array's are; its other keys' values are read and let go. A
+    syntax error, or a second list of objects, ends the file (counted once)."""
+    i = 0
+    try:
+        for i, item in enumerate(_wrapped_items(f), 1):
+            ok = isinstance(item, dict)
+            yield f"{path}:item {i}", item if ok else None, "" if ok else "not a JSON object"
+    except ValueError as e:
+        log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
+        yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
+
+
+def _wrapped_items(f: io.TextIOBase) -> Iterator[object]:
+    """Each item of the first list of objects in the top-level object of f (_JSONWindow: memory is the largest item
+    or other value, not the file). ValueError where a second list of objects follows, as _array_items otherwise."""
+    window, listed = _JSONWindow(f), ""
+    window.peek()
+    for key in _keys(window):
+        if not _list_of_objects(window):
+            window.value()
+        elif listed:
+            raise ValueError(f"a second list of records, under {key!r}, after the one under {listed!r}")
+        else:
+            listed = key
+            yield from _items(window)
+    if window.peek():
+        raise ValueError("more data after the object's closing }")
+
+
+def _list_of_objects(window: _JSONWindow) -> bool:
+    """Whether the value window is at is a list whose first item is an object (as far as its window holds)."""
+    return window.peek() == "[" and window.buf[_SPACE.match(window.buf, window.pos + 1).end() :][:1] == "{"
+
+
+RECORD_FIELDS = frozenset(f for groups in SCHEMA_FIELDS.values() for group in groups for f in group)
+
+
+def _record_lists(text: str) -> list[str]:
+    """The keys under which the top-level object that text (a file's start) opens holds lists of objects, as far as
+    text goes: ["data"] for {"version": "1.1", "data": [{...}, ...]}; [] where text opens no object or the object has
+    a field of a record (SCHEMA_FIELDS: {"conversations": [...]} is one record, not a list of them)."""
+    window, keys = _JSONWindow(io.StringIO(text)), []
+    if window.peek() != "{":
+        return []
+    try:
+        for key in _keys(window):
+            if key in RECORD_FIELDS:
+                return []
+            if _list_of_objects(window):
+                keys.append(key)
+            window.value()
+    except ValueError:  # text ends inside the object (a long list)
+        pass
+    return keys
 
 
 def records_json_objects(path: Path, f: TextIO) -> Iterator[Item]:
@@ -819,8 +909,14 @@ def _records(path: Path, suffix: str, opened: Callable[[Position], None]) -> Ite
     read = READERS[suffix]
     if suffix in (".jsonl", ".json"):  # a .json file that is no array is JSON lines, or objects over several lines
         text = sample.decode(encoding, errors="ignore").lstrip("\ufeff \t\r\n")
-        read = (records_json_array if text[:1] == "[" and not _whole_first_line(text)
-                else records_json_objects if _objects_over_lines(text) else records_jsonl)
+        lists = [] if _whole_first_line(text) else _record_lists(text)
+        if len(lists) > 1:
+            yield f"{path}:start", None, (f"one JSON object with lists of records under {len(lists)} keys "
+                                          f"({', '.join(map(repr, lists))}); a file of records holds one list "
+                                          "(an array, or an object with one list under a key such as 'data')")
+            return
+        read = (records_json_array if text[:1] == "[" and not _whole_first_line(text) else records_json_wrapped
+                if lists else records_json_objects if _objects_over_lines(text) else records_jsonl)
     with open_text(path, encoding) as f:
         opened(functools.partial(_stored_position, f))
         yield from read(path, f)

@@ -222,7 +222,7 @@ def opened_cache(inputs: list[str | Path], tokenizer_path: str | Path, cache_dir
         manifest = read_sft_cache(cache_dir)  # no run can replace it
         if manifest is not None:
             return checked_cache(cache_dir, manifest, kind, key, say=build)
-    with locked(cache_dir, f"{kind} token cache build", f"{kind} cache: ", "--sft_cache"):
+    with locked(cache_dir, f"the {kind.upper()} token cache build", f"{kind} cache: ", "--sft_cache"):
         check_cache_folder(cache_dir, kind)
         manifest = read_sft_cache(cache_dir)
         built = manifest is None and build
