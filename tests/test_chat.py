@@ -79,6 +79,17 @@ def test_repl_refuses_unknown_commands_and_bytes_that_are_not_utf8_and_bad_sampl
         assert r.returncode == 2 and flag[2:] in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_an_unknown_command_is_echoed_with_its_control_characters_visible(bpe_tokenizer, tmp_path):
+    """`/foo<ESC>[31m` was echoed raw in "unknown command ...", turning the terminal red, and a command with bytes
+    that are not text echoed them, as no answer is: its controls are shown as \\xNN, and such bytes are refused as
+    on any other line."""
+    save_checkpoint(tmp_path / "ck", sharp_model(tiny_config(vocab_size=600, max_seq_len=128)), bpe_tokenizer)
+    r = run_cli("chat", str(tmp_path / "ck"), "--max_new_tokens", "4", stdin=b"/foo\x1b[31m\x07\n/\xff\n")
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "unknown command /foo\\x1b[31m\\x07; the commands are /reset, /exit (// asks a line that starts with /)",
+        "this line has bytes that are not utf-8 text, so it is not asked; type it again"], r.stderr
+
+
 def test_a_byte_order_mark_before_piped_input_is_skipped(bpe_tokenizer, tmp_path):
     """A file saved with a BOM (Windows Notepad) and piped in: the BOM was part of the first line, so its /exit was
     asked of the model; only the first line's leading BOM goes (another one is text, asked as typed)."""

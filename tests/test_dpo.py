@@ -705,6 +705,22 @@ def test_dpo_refuses_an_init_holding_nan_before_the_token_cache_is_built(dpo_set
     assert not run.exists()
 
 
+def test_a_run_refused_for_its_data_leaves_no_empty_folder_behind(dpo_setup, tmp_path):
+    """dpo (and sft: one token_cache) refused for its data, here a pair whose answers are equal, left an empty
+    OUT_DIR/dpo_tokens (and so OUT_DIR) behind, which a rerun or report then found; the folders the run made are
+    removed again, those that were there before stay (an empty out_dir, the folder of --sft_cache)."""
+    data = tmp_path / "same.jsonl"
+    write(data, [{"prompt": "a", "chosen": "b", "rejected": "b"}])
+    args = ["dpo", "--init", dpo_setup / "init", "--data", data, "--max_steps", "1", "--data_workers", "1"]
+    assert run_cli(*args, "--out_dir", tmp_path / "new" / "run").returncode == 2
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "was").mkdir()
+    assert run_cli(*args, "--out_dir", tmp_path / "was").returncode == 2
+    assert run_cli(*args, "--out_dir", tmp_path / "run", "--sft_cache", tmp_path / "was" / "c" / "cache"
+                   ).returncode == 2
+    assert sorted(tmp_path.iterdir()) == [data, tmp_path / "was"] and list((tmp_path / "was").iterdir()) == []
+
+
 def test_a_preference_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(dpo_setup, tmp_path):
     """DPO reads its pairs through the SFT token cache, so its check too (test_sft): a cache holding an id at or above
     the model's vocab_size is refused, of the largest id its manifest records, before the reference's precompute."""

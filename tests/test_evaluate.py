@@ -1910,3 +1910,36 @@ def test_report_of_a_run_of_val_records_alone_shows_its_step_and_val_curve(tmp_p
     assert curves(records) == {("tokens", "loss"): {"val": ([200, 400], [5.5, 5.0])}}
     text = make_report(tmp_path / "run").read_text()
     assert "| 4 | 400 |  | 5 |  |\n" in text and "![curves](plots/run_curves.png)" in text
+
+
+@pytest.mark.parametrize("stray", [{"format": "babyllama-sft-tokens"}, {"format": "babyllama-tokens", "dtype":
+                                   "uint16", "totals": {"train": {"tokens": 90, "documents": 3}}}])
+def test_report_of_a_folder_holding_a_manifest_json_still_reports_the_runs_below(tmp_path, stray):
+    """A manifest.json at the report's root (a token cache's, copied there) made the whole folder a data folder whose
+    subfolders the search skipped: "has no training run". The root is searched whatever it holds; a token folder's
+    manifest there is shown in the data section."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "sft")
+    (tmp_path / "manifest.json").write_text(json.dumps(stray))
+    text = make_report(tmp_path).read_text()
+    assert "### Run `sft`\n" in text and ("| train | 90 | 3 |" in text) == ("totals" in stray)
+
+
+@pytest.mark.parametrize("damaged", [("tokenizer.json", b"{"), ("tokenizer.model", b"garbage")])
+def test_report_says_a_token_folders_damaged_tokenizer_could_not_be_read_and_reports_the_rest(tmp_path, capsys,
+                                                                                             damaged):
+    """A token folder whose tokenizer/tokenizer.json (or .model) is damaged stopped the whole report with the
+    tokenizer's error: the data section says it could not be read, and why, and the runs are reported."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "run")
+    (tmp_path / "tokens" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "tokens" / "manifest.json").write_text(json.dumps(
+        {"format": "babyllama-tokens", "dtype": "uint16", "totals": {"train": {"tokens": 90, "documents": 3}}}))
+    file = tmp_path / "tokens" / "tokenizer" / damaged[0]
+    file.write_bytes(damaged[1])
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    why = re.findall(r"\nTokenizer: could not be read: (.+)\n", text)
+    assert len(why) == 1 and why[0].startswith(f"{file} is not a valid ") and "### Run `run`\n" in text
+    assert capsys.readouterr().out == (f"note: the tokenizer in {file.parent} could not be read; the report leaves it "
+                                       f"out: {why[0]}\n")

@@ -11,7 +11,7 @@ import pytest
 
 from babyllama.checkpoint import save_checkpoint
 from babyllama.errors import UserError
-from babyllama.lock import LOCK, holding
+from babyllama.lock import LOCK, holding, locked
 from tests.conftest import run_cli, sharp_model, tiny_config
 
 HOLD = ("import sys; from babyllama.lock import holding\n"
@@ -94,6 +94,18 @@ def test_a_folder_made_for_a_command_that_wrote_nothing_is_removed_again(tmp_pat
         (tmp_path / "c" / "part_00000.jsonl").write_text("{}\n")
         raise UserError("stopped.")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["part_00000.jsonl"]  # and no .lock
+
+
+def test_a_cache_folder_made_for_a_build_that_wrote_nothing_is_removed_again(tmp_path):
+    """A token cache build refused for its data left the empty cache folder it had locked, which a rerun or report
+    then found; the folders locked made go again, those that were there stay, and one written in stays."""
+    with pytest.raises(UserError), locked(tmp_path / "run" / "dpo_tokens", "dpo token cache build"):
+        raise UserError("no pairs.")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError), locked(tmp_path / "c", "dpo token cache build"):
+        (tmp_path / "c" / "manifest.json").write_text("{}")
+        raise UserError("stopped.")
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["manifest.json"]
 
 
 

@@ -142,11 +142,11 @@ def refusal(line: str, encoding: str) -> str:
     """Why a line of chat's input, stripped and not a command it runs, is not a question for the model;
     "" when it is one: a line that starts with one / (an unknown command: /help, /reset extra), or one
     with bytes that are not text in encoding (read with errors="surrogateescape"), as the data readers
-    refuse them."""
-    if line.startswith("/") and not line.startswith("//"):
-        return f"unknown command {line}; the commands are /reset, /exit (// asks a line that starts with /)"
-    if not is_unicode(line):
+    refuse them. The line is echoed as visible writes it: a typed ESC [31m must not reach the terminal raw."""
+    if not is_unicode(line):  # first: the bytes of /\xff, echoed, could not be written to the terminal
         return f"this line has bytes that are not {encoding} text, so it is not asked; type it again"
+    if line.startswith("/") and not line.startswith("//"):
+        return f"unknown command {visible(line)}; the commands are /reset, /exit (// asks a line that starts with /)"
     return ""
 
 

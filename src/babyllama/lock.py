@@ -48,9 +48,7 @@ def holding(out: str | Path, command: str, flag: str = "--out_dir", file: bool =
     except BaseException as e:
         if made and not isinstance(e, UserError):  # a stop (Ctrl-C, SIGTERM) while taking it: the lock file is ours
             lock.unlink(missing_ok=True)
-        if made and lock.parent.is_dir() and not any(lock.parent.iterdir()):  # nothing written: as it was
-            for folder in made:
-                folder.rmdir()
+        remove_empty(made)
         raise
 
 
@@ -60,9 +58,25 @@ def locked(out: str | Path, command: str, says: str = "", flag: str = "--out_dir
     then the body must decide anew from what out holds, which that process may have changed. Before it waits it
     prints one line, says + "waiting for another run building OUT (pid PID, babyllama COMMAND)" (the holder as its
     lock file records it; without the parentheses where it records none yet).
+    The folders it made (out and those above it) are removed again where the body fails and leaves them empty.
     Raises UserError when out cannot be made or written, naming flag, the setting that chose out."""
-    with _flock(Path(out) / LOCK, Path(out), command, flag, waiting=says):
-        yield
+    made = [p for p in (Path(out), *Path(out).parents) if not p.exists()]
+    try:
+        with _flock(Path(out) / LOCK, Path(out), command, flag, waiting=says):
+            yield
+    except BaseException:
+        remove_empty(made)  # a build refused (bad data) left an empty cache folder for a rerun or report to find
+        raise
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove the folders made (deepest first) that are still empty, up to the first that is not (nothing written:
+    as it was) or is gone; a folder that another process has locked meanwhile holds its lock file, so it stays."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or removed already
+            return
 
 
 @contextmanager

@@ -38,10 +38,11 @@ def find(root: Path, name: str) -> list[Path]:
     """Every file called name in root or any folder below it, in sorted order (the report's order). It does not go
     into checkpoints/, plots/, hidden folders, a datatrove prepare's work folder (datatrove/ with a settings.json) or
     the folders below a data folder (one that has a manifest.json: token shards or an SFT token cache, whose
-    tokenizer/ data_section reads by path): nothing of the report's is there, and many files."""
+    tokenizer/ data_section reads by path): nothing of the report's is there, and many files. root itself is searched
+    whatever it holds: a manifest.json copied there hid every run below it."""
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [] if "manifest.json" in files else [
+        dirs[:] = [] if "manifest.json" in files and Path(folder) != root else [
             d for d in dirs if d not in NOT_SEARCHED and not d.startswith(".")
             and not (d == DATATROVE_WORK and (Path(folder) / d / "settings.json").is_file())]
         if name in files:
@@ -202,11 +203,22 @@ def data_section(root: Path, plots: Path) -> list[str]:
                   table(rows, ["split", "tokens", "documents"]), ""]
         tok_dir = manifest_file.parent / "tokenizer"
         if tok_dir.is_dir():
-            from babyllama.tokenizer import load_tokenizer
-
-            info = load_tokenizer(tok_dir, remedy="put back the tokenizer that pretokenize saved there").info()
-            lines += ["Tokenizer: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+            lines += [tokenizer_line(tok_dir), ""]
     return lines
+
+
+def tokenizer_line(tok_dir: Path) -> str:
+    """The data section's line on a token folder's tokenizer (in tok_dir): its info, or that it could not be read
+    and why (a damaged tokenizer.json or tokenizer.model, also said in a note on stdout), so that the rest of the
+    report is still written."""
+    from babyllama.tokenizer import load_tokenizer
+
+    try:
+        info = load_tokenizer(tok_dir, remedy="put back the tokenizer that pretokenize saved there").info()
+    except UserError as e:
+        print(f"note: the tokenizer in {tok_dir} could not be read; the report leaves it out: {e}")
+        return f"Tokenizer: could not be read: {e}"
+    return "Tokenizer: " + ", ".join(f"{k} {v}" for k, v in info.items())
 
 
 DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies", "val_rewards/margins")  # of the
