@@ -805,7 +805,7 @@ def test_a_path_given_twice_is_refused_another_value_is_replaced(tmp_path, monke
     for args, said in (
             (["pretrain", "--config", "a.toml", "--config=b.toml"],
              "argument --config: given twice (a.toml, then b.toml); give it once."),
-            (["sft", "--conf", "a.toml", "--config", "b.toml"],
+            (["sft", "--config", "a.toml", "--config", "b.toml"],
              "argument --config: given twice (a.toml, then b.toml); give it once."),
             (["pretokenize", "--input", "a", "b", "--tokenizer", "t", "--input", "c", "--out_dir", "o"],
              "argument --input: given twice (a b, then c); give it once, with all its paths after it."),
@@ -830,6 +830,40 @@ def test_a_path_given_twice_is_refused_another_value_is_replaced(tmp_path, monke
     assert parse_overrides(["--max_steps", "20", "--lr", "1", "--train.max_steps=4", "--preset", "demo",
                             "--model.preset", "tiny"]) == {"train": {"max_steps": "4", "lr": "1"},
                                                            "model": {"preset": "tiny"}}
+
+
+def test_no_flag_is_taken_abbreviated(tmp_path, monkeypatch):
+    """`sft --resum` was --resume and `pretrain --conf` --config (argparse's allow_abbrev), while a setting after them
+    (--train.x) is never abbreviated: a prefix would change meaning when a flag was added. No parser takes a prefix;
+    one of the command's own flags is refused as unrecognized, naming the flag it may mean, before anything is read."""
+    monkeypatch.chdir(tmp_path)
+    for args, given, meant in ((["sft", "--init", "ck", "--resum"], "--resum", "--resume"),
+                               (["dpo", "--conf=c.toml"], "--conf", "--config"),
+                               (["pretrain", "--conf", "c.toml", "--lr", "1"], "--conf", "--config"),
+                               (["prepare", "--inp", "a", "--out_dir", "o"], "--inp", "--input"),
+                               (["export", "ck", "--form", "gguf", "--out", "x.gguf"], "--form", "--format"),
+                               (["eval", "ck", "--out", "e"], "--out", "--out_dir")):
+        r = run_cli(*args)
+        assert (r.returncode, r.stderr) == (2, f"babyllama: error: unrecognized argument {given} (flags are spelled "
+                                               f"in full: did you mean {meant}?).\n"), args
+    r = run_cli("pretrain", "--inp", "a")  # no flag of pretrain's: a setting, unknown
+    assert r.returncode == 2 and r.stderr.startswith("babyllama: error: unknown train setting 'inp'; known: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides, flag", [(["--max_steps"], "--max_steps"), (["--lr", "1", "--model.dim"],
+                                                                                 "--model.dim"),
+                                             (["--lr", "--max_steps", "1", "2"], "--lr"),
+                                             (["--max_steps", "--lr=1"], "--max_steps")])
+def test_a_setting_without_its_value_is_named(overrides, flag):
+    """"settings come in pairs `--key value`; got --lr --max_steps 1 2" left the user to find the flag at fault
+    (or said "expected a --key, got '1'"): the setting without its value is named."""
+    from babyllama.errors import UserError
+    from babyllama.settings import parse_overrides
+
+    with pytest.raises(UserError) as e:
+        parse_overrides(overrides)
+    assert str(e.value) == f"setting {flag} has no value; settings come in pairs `--key value`."
 
 
 def test_a_flag_replaces_the_config_files_path_as_it_does_any_value(tmp_path, monkeypatch):

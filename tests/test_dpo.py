@@ -574,9 +574,14 @@ def test_dpo_resume_refuses_another_reference_or_loss_before_the_cache_is_built(
 def test_dpo_settings_out_of_range_are_one_sentence(dpo_setup, tmp_path):
     d = dpo_setup
     base = ["--init", str(d / "init"), "--data", str(d / "pairs.jsonl"), "--out_dir", str(tmp_path)]
-    for flags in (["--beta", "0"], ["--beta", "-1"], ["--label_smoothing", "0.5"], ["--rpo_alpha", "-1"]):
-        with pytest.raises(UserError, match=r"^DPO needs beta > 0, label_smoothing in \[0, 0.5\) and rpo_alpha >= 0;"):
+    for flags, said in ((["--beta", "0"], "beta must be more than 0, got 0.0."),  # each its own sentence, not all
+                        (["--beta", "-1", "--rpo_alpha", "-1"], "beta must be more than 0, got -1.0."),  # three in one
+                        (["--label_smoothing", "0.5"], "label_smoothing must be in [0, 0.5), got 0.5."),
+                        (["--label_smoothing", "-0.1"], "label_smoothing must be in [0, 0.5), got -0.1."),
+                        (["--rpo_alpha", "-1"], "rpo_alpha must be 0 (no NLL term) or more, got -1.0.")):
+        with pytest.raises(UserError) as e:
             dpo(load_config(None, [*base, *flags]))
+        assert str(e.value) == said, flags
     for flag, reader in (("--pack", "SFT"), ("--doc_mask", "pretraining")):  # the reason is DPO's, not theirs
         with pytest.raises(UserError) as e:
             dpo(load_config(None, [*base, flag, "true"]))

@@ -680,7 +680,8 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
     assert cfg.train.max_steps == 7 and cfg.train.fsdp is True and cfg.train.lr == 1.0
     assert cfg.model_settings == {"n_kv_heads": None}
     assert load_config(None, ["--data", "d"]).train.data == "d"
-    for flags, message in [(["--compile", "maybe"], "train.compile expects true or false, got 'maybe'"),
+    for flags, message in [(["--compile", "maybe"], "train.compile expects true or false \\(or yes/no, on/off, "
+                                                    "1/0\\), got 'maybe'"),
                            (["--max_steps", "1.5"], "train.max_steps expects an integer, got '1.5'"),
                            (["--model.n_kv_heads", "two"], "model.n_kv_heads expects an integer or none, got 'two'"),
                            (["--nope", "1"], "unknown train setting 'nope'")]:
@@ -692,6 +693,44 @@ def test_settings_take_the_types_of_the_dataclass_fields(tmp_path):
             load_config(toml)
     toml.write_text("[train]\nmax_steps = 1e3\n")
     assert load_config(toml, ["--tokens=2e6"]).train.max_steps == 1000
+
+
+@pytest.mark.parametrize("line, flag", [("max_steps = 2.0", "2.0"), ("max_steps = 2.5", "2.5"),
+                                        ("max_steps = 1e-3", "1e-3"), ("max_steps = 2_000.0", "2000.0")])
+def test_an_integer_setting_refuses_a_number_with_a_point(tmp_path, line, flag):
+    """`max_steps = 2.0` was taken as 2 (a whole float passed for an integer), in a config file and as a flag: an
+    integer setting takes an integer as written, 1000 or 1e3, and refuses any number with a point or a fraction,
+    naming the key."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"[train]\n{line}\n")
+    for flags, given in (([], f"the number {line.split()[-1]} in {toml}"), (["--max_steps", flag], repr(flag))):
+        with pytest.raises(UserError) as e:
+            load_config(toml, flags)
+        assert str(e.value) == f"setting train.max_steps expects an integer, got {given}."
+    toml.write_text("[model]\ndim = 64.0\n")
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert str(e.value) == f"setting model.dim expects an integer, got the number 64.0 in {toml}."
+    toml.write_text("[train]\nmax_steps = 1e3\ntokens = 2_000\n")
+    assert (load_config(toml).train.max_steps, load_config(toml, ["--tokens", "+3E2"]).train.tokens) == (1000, 300)
+
+
+def test_every_bool_setting_takes_the_same_words(tmp_path):
+    """`--fsdp off` was refused while `--fsdp no` was taken: a bool flag, of training or of the model, takes true
+    or false, yes or no, on or off, 1 or 0 (any case), and its error lists them; TOML writes true or false."""
+    for word, value in (("on", True), ("OFF", False), ("yes", True), ("no", False), ("1", True), ("0", False),
+                        ("True", True), ("false", False)):
+        cfg = load_config(None, ["--compile", word, "--doc_mask", word, "--model.tie_embeddings", word])
+        assert (cfg.train.compile, cfg.train.doc_mask, cfg.model.tie_embeddings) == (value, value, value), word
+    for flag, key in (("--fsdp", "train.fsdp"), ("--model.tie_embeddings", "model.tie_embeddings")):
+        with pytest.raises(UserError) as e:
+            load_config(None, [flag, "y"])
+        assert str(e.value) == f"setting {key} expects true or false (or yes/no, on/off, 1/0), got 'y'."
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\ntie_embeddings = "off"\n')
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert str(e.value) == f'setting model.tie_embeddings expects true or false, got the string "off" in {toml}.'
 
 
 @pytest.mark.parametrize("line, sentence, flag", [

@@ -661,8 +661,17 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     base = ["--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--eval_every", "0"]
     with pytest.raises(UserError, match="cannot change dim, n_layers"):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "a"), "--model.dim", "32", "--model.n_layers", "1"]))
-    with pytest.raises(UserError, match="cannot change dim, .*max_seq_len, .*vocab_size"):
-        sft(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), "--preset", "baby-92m"]))
+    for preset in (["--preset", "baby-92m"], ["--model.preset", "baby-92m", "--model.dropout", "0.1"]):
+        with pytest.raises(UserError) as e:  # it named dim and the rest, which the user never gave
+            sft(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), *preset]))
+        assert str(e.value) == (f"SFT takes its model's shape from --init {d / 'init'}, so --model.preset cannot be "
+                                "set for it (baby-92m is not the init's model: its dim, max_seq_len, multiple_of, "
+                                "n_heads, n_layers, vocab_size differ); drop --model.preset.")
+    tiny = ["--preset", "demo", "--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4",
+            "--model.n_kv_heads", "none", "--model.vocab_size", "600", "--model.multiple_of", "16"]
+    with pytest.raises(UserError, match="; it cannot change dim \\(only dropout\\); drop those settings.$"):
+        sft(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), *tiny, "--model.max_seq_len", "64",
+                               "--model.dim", "32"]))  # the init's own preset, a setting changed: that setting
     with pytest.raises(UserError, match="^batch_size 1000000000 x grad_accum 1 rows of 64 tokens need "):
         sft(load_config(None, [*base, "--out_dir", str(tmp_path / "e"), "--batch_size", "1000000000"]))
     assert not (tmp_path / "e").exists()  # refused before the token cache was built
@@ -683,8 +692,6 @@ def test_sft_refuses_model_settings_it_cannot_honour(sft_setup, tmp_path):
     assert str(e.value) == ("SFT does not read doc_mask, a setting of pretraining only (SFT keeps samples apart with "
                             "pack), nor beta and rpo_alpha, settings of DPO only; drop them.")
     # the init's own values (one by one, or as the preset it was made from), and dropout, are fine
-    tiny = ["--preset", "demo", "--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4",
-            "--model.n_kv_heads", "none", "--model.vocab_size", "600", "--model.multiple_of", "16"]
     final = sft(load_config(None, [*base, *tiny, "--out_dir", str(tmp_path / "c"), "--model.max_seq_len", "64",
                                    "--model.dropout", "0.1"]))
     assert json.loads((final / "config.json").read_text())["model"]["dropout"] == 0.1

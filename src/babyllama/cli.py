@@ -501,7 +501,12 @@ class ShowDefaults(argparse.HelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser whose usage errors (a flag out of its range, one missing or unknown) are one sentence,
-    `babyllama: error: ...`, with exit code 2, as every other mistake is: not its usage block first."""
+    `babyllama: error: ...`, with exit code 2, as every other mistake is: not its usage block first. It takes no
+    flag abbreviated (allow_abbrev=False): `--resum` was --resume, a prefix whose meaning a new flag would change,
+    while a setting (`--train.x`) has no abbreviation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         see = f" (see {self.prog} --help)" if message.startswith("the following arguments are required") else ""
@@ -517,6 +522,21 @@ class CommandParser(Parser):
         for name in (None, "store"):  # the action of add_argument without one, shared by its argument groups
             self.register("action", name, OnePath)
         self.settings = settings  # the stage whose settings --help lists, or ""
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, but a flag left over that is the start of one of this command's own flags (`--resum`,
+        `--conf`) is refused as unrecognized, with the flag it may mean: else a training command took it as a setting
+        (`--resum` "has no value"), another said it unrecognized without the flag meant."""
+        namespace, extra = super().parse_known_args(args, namespace)
+        for arg in extra:
+            name = arg.partition("=")[0]
+            if not name.startswith("--") or name == "--":
+                continue
+            full = sorted(o for o in self._option_string_actions if o.startswith(name))
+            if full:
+                self.error(f"unrecognized argument {name} (flags are spelled in full: did you mean "
+                           f"{' or '.join(full)}?)")
+        return namespace, extra
 
     def format_help(self) -> str:
         text = super().format_help()

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -24,7 +25,15 @@ from typing import get_args, get_type_hints
 from babyllama.errors import UserError, agree
 from babyllama.model import ModelConfig, preset
 from babyllama.sampling import DEVICE
-from babyllama.settings import TABLES, check_char_limits, check_fraction, parse_overrides, read_toml, stray_keys
+from babyllama.settings import (
+    TABLES,
+    TomlFloat,
+    check_char_limits,
+    check_fraction,
+    parse_overrides,
+    read_toml,
+    stray_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,9 @@ INIT_MODEL_SETTINGS = ("dropout",)  # what a run from --init can change: they le
 FRACTIONS = ("beta1", "beta2", "average_last", "val_fraction")  # in [0, 1); average_last 0: off
 MAX_LR = 10.0  # above it no optimiser here trains; it catches 1e30 and a misplaced exponent
 MAX_DDP_TIMEOUT = 10**9  # seconds (~32 years): a larger timedelta overflows
-BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+FLAG_BOOLS = "true or false (or yes/no, on/off, 1/0)"  # a bool flag's words; TOML writes true or false
+WHOLE = re.compile(r"[+-]?[0-9][0-9_]*([eE]\+?[0-9]+)?")  # an integer's text: 1000, 1_000, 1e3; not 2.0 nor 1e-3
 
 
 @dataclass
@@ -167,10 +178,12 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}.")
         self.check_fsdp_conflicts()
-        if not (self.beta > 0 and 0 <= self.label_smoothing < 0.5 and self.rpo_alpha >= 0):
-            raise UserError("DPO needs beta > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0; "
-                            f"got beta {self.beta}, label_smoothing {self.label_smoothing}, "
-                            f"rpo_alpha {self.rpo_alpha}.")
+        if self.beta <= 0:
+            raise UserError(f"beta must be more than 0, got {self.beta}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.rpo_alpha < 0:
+            raise UserError(f"rpo_alpha must be 0 (no NLL term) or more, got {self.rpo_alpha}.")
 
     def check_fsdp_conflicts(self) -> None:
         """UserError naming every setting that FSDP cannot run with, in one sentence (they came one per run):
@@ -268,8 +281,9 @@ class RunConfig:
 def _convert(value, tp, key: str, path: str | Path | None = None):
     """A flag's string (or, path given, a value of the TOML file at path) as the field's type `tp`: bool, int, float,
     str, list[str], X | None. A flag's text is read as the type (`--max_steps 5`); a TOML value must be of it, as
-    TOML writes it (`max_steps = 5`, not "5"), but for 1e3 as an integer. UserError naming the key, the kind in
-    words and the value given."""
+    TOML writes it (`max_steps = 5`, not "5"). An integer is written without a point (1000 or 1e3, in a flag or in
+    TOML; 2.0 and 1.5 are refused); a bool flag takes BOOLS' words, TOML true or false. UserError naming the key, the
+    kind in words (for a bool flag: the words it takes) and the value given."""
     options = [a for a in get_args(tp) if a is not type(None)] or [tp]  # int | None -> [int]; int -> [int]
     if type(None) in get_args(tp) and (value is None or str(value).lower() == "none"):
         return None
@@ -283,17 +297,20 @@ def _convert(value, tp, key: str, path: str | Path | None = None):
             raise TypeError(value)
         if kind is bool:
             return value if isinstance(value, bool) else BOOLS[value.lower()]
-        if kind is int:  # 1000, "1000", 1e3 and "1e3" alike; 1.5 is no int in a flag or in TOML
-            number = value if isinstance(value, int) else float(value)
-            if number != int(number):
+        if kind is int:  # 1000, "1000", 1e3 and "1e3" alike; 1.5 and 2.0 are no int in a flag or in TOML
+            text = value.text if isinstance(value, TomlFloat) else value
+            if isinstance(value, int):
+                return value
+            if not (isinstance(text, str) and WHOLE.fullmatch(text)):
                 raise ValueError(value)
-            return int(number)
+            return int(float(text)) if "e" in text.lower() else int(text)
         if kind is str and not isinstance(value, str):
             raise TypeError(value)
         return kind(value)
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         given = f"{toml_value(value)} in {path}" if path is not None else repr(value)
-        raise UserError(f"setting {key} expects {kind_words(tp)}, got {given}.") from None
+        words = FLAG_BOOLS if kind is bool and path is None else kind_words(tp)
+        raise UserError(f"setting {key} expects {words}, got {given}.") from None
 
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list[str]: "a list of strings"}
@@ -310,6 +327,8 @@ def toml_value(value) -> str:
     """A value of a TOML file in words, as the file writes it: the string "5", the integer 3, true, the list [1]."""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, TomlFloat):
+        return f"the number {value.text}"
     if isinstance(value, (str, list)):
         kind = "string" if isinstance(value, str) else "list"
         return f"the {kind} {json.dumps(value, ensure_ascii=False, default=str)}"

@@ -33,6 +33,18 @@ def stray_keys(data: dict) -> list[str]:
     return [k for k in data if k not in TABLES or not isinstance(data[k], dict)]
 
 
+class TomlFloat(float):
+    """A TOML float with its text as the file writes it (`text`: "1e3", "2.0"), so that an integer setting can take
+    1e3 and refuse 2.0, which tomllib reads as the same kind of value."""
+
+    text: str
+
+    def __new__(cls, text: str) -> TomlFloat:
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
 def read_toml(path: str | Path | None) -> dict:
     """The top-level keys of the TOML file at path ({} without one): its [model] and [train] tables and any other
     key, which config.check_tables refuses. A UTF-8 byte-order mark (Notepad's) is skipped. UserError for a missing
@@ -51,7 +63,7 @@ def read_toml(path: str | Path | None) -> dict:
         raise UserError(f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}), as a TOML file "
                         "must be; save it as UTF-8.") from None
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text, parse_float=TomlFloat)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p} is not valid TOML ({e}).") from None
 
@@ -60,15 +72,16 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
     """`--lr 1e-3 --model.dim=128` -> {"train": {"lr": "1e-3"}, "model": {"dim": "128"}}. A setting given again
     replaces the value before (`--max_steps 20 --max_steps 4`: 4), as the flags replace the config file's, except a
     path (PATHS: `--out_dir a --out_dir b`), which is refused: the first would be ignored silently. UserError for
-    that and for a flag without its value."""
+    that and for a flag without its value (the flag named: the next argument is another --key, or there is none)."""
     out: dict[str, dict] = {"train": {}, "model": {}}
     given: dict[str, str] = {}  # a path setting -> the flag and value that gave it
     args = [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
-    if len(args) % 2:
-        raise UserError(f"settings come in pairs `--key value`; got {' '.join(args)}.")
+    for i in range(0, len(args), 2):
+        if not args[i].startswith("--"):
+            raise UserError(f"expected a --key, got {args[i]!r}.")
+        if i + 1 == len(args) or args[i + 1].startswith("--"):
+            raise UserError(f"setting {args[i]} has no value; settings come in pairs `--key value`.")
     for flag, value in zip(args[::2], args[1::2], strict=True):
-        if not flag.startswith("--"):
-            raise UserError(f"expected a --key, got {flag!r}.")
         key = flag[2:]
         section, _, name = key.rpartition(".")
         if name == "preset":

@@ -364,12 +364,17 @@ def check_same_shards(data: dict, resume_from: Path | None, data_dir: str) -> No
 def init_model(cfg: RunConfig, stage: str) -> ModelConfig:
     """The model of cfg.train.init, with the model settings a run from it can honour; settings that
     differ are refused. A preset counts as all of its settings: `preset = "demo"` is fine for a model
-    trained as the demo."""
+    trained as the demo, and another preset is refused by name, not by the settings it sets."""
     init = model_config(cfg.train.init)
     check_init_weights(cfg.train.init)  # NaN weights, a LoRA init's base missing or changed: now, not after the data
     given = cfg.model_settings
     keys = init.to_dict() if "preset" in given else given
     refused = sorted(k for k in keys if k not in INIT_MODEL_SETTINGS and getattr(cfg.model, k) != getattr(init, k))
+    by_preset = [k for k in refused if k not in given]  # the preset's values, not the user's to name: the preset is
+    if by_preset:
+        raise UserError(f"{stage} takes its model's shape from --init {cfg.train.init}, so --model.preset cannot be "
+                        f"set for it ({cfg.preset} is not the init's model: its {', '.join(by_preset)} differ); drop "
+                        "--model.preset.")
     if refused:
         raise UserError(f"{stage} takes its model from --init {cfg.train.init}; it cannot change "
                         f"{', '.join(refused)} (only {', '.join(sorted(INIT_MODEL_SETTINGS))}); drop those settings.")
