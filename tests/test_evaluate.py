@@ -1778,6 +1778,7 @@ def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_eva
 
     runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
     (runs / "sft" / "final").mkdir(parents=True)
+    (elsewhere / "ck").mkdir(parents=True)
     monkeypatch.chdir(runs / "sft")
     for folder, checkpoint in (("a", "final"), ("b", str(elsewhere / "ck"))):
         (runs / folder).mkdir()
@@ -1804,12 +1805,34 @@ def test_report_names_the_checkpoint_of_a_moved_run_folder_from_its_new_place(tm
         (old / run / "eval").mkdir()
         (old / run / "eval" / "eval.json").write_text(json.dumps(
             {**checkpoint_record(old / run / "final", old / run / "eval"), "continuations": []}))
+    elsewhere.mkdir(parents=True)
     (old / "x").mkdir()
     (old / "x" / "eval.json").write_text(json.dumps({**checkpoint_record(elsewhere, old / "x"), "continuations": []}))
     shutil.copytree(old, new)
     text = make_report(new).read_text()
     assert re.findall(r"### Evaluation: `(\S+)` \(checkpoint `(\S+)`\)", text) == [
         ("dpo/eval", "dpo/final"), ("sft/eval", "sft/final"), ("x", str(elsewhere))]
+
+
+def test_report_names_the_checkpoint_that_exists_after_an_eval_folder_moved_alone(tmp_path):
+    """checkpoint_relative was used without checking that it exists, so after `mv R/sft/eval R/archive/sft_eval` the
+    report named archive/final, which does not exist, over checkpoint_path's sft/final, still right. The first of the
+    two that exists is named; where neither does, the real path, said not to be found."""
+    pytest.importorskip("matplotlib")
+    from babyllama.evaluate import checkpoint_record
+
+    root = tmp_path / "R"
+    for run in ("sft", "gone"):
+        (root / run / "final").mkdir(parents=True)
+        (root / run / "eval").mkdir()
+        (root / run / "eval" / "eval.json").write_text(json.dumps(
+            {**checkpoint_record(root / run / "final", root / run / "eval"), "continuations": []}))
+    (root / "archive").mkdir()
+    (root / "sft" / "eval").rename(root / "archive" / "sft_eval")
+    (root / "gone" / "final").rmdir()
+    text = make_report(root).read_text()
+    assert re.findall(r"### Evaluation: `(\S+)` \((.*)\)", text) == [
+        ("archive/sft_eval", "checkpoint `sft/final`"), ("gone/eval", "checkpoint `gone/final`, not found")]
 
 
 @pytest.mark.parametrize(("parts", "said"), [

@@ -332,7 +332,7 @@ def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list
     """The scores of eval.json e (read_eval's, at path), its bar chart (tag: plot_tags' name for its folder),
     leakage and samples; a preferences.json beside it of another shape is left out with a note."""
     checkpoint = checkpoint_shown(e, path.parent, root)
-    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{checkpoint}`)", "", *limit_line(e)]
+    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` ({checkpoint})", "", *limit_line(e)]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
     if "qa" in e:
@@ -411,18 +411,21 @@ def decoding(sampling: dict) -> str:
 
 
 def checkpoint_shown(e: dict, folder: Path, root: Path) -> str:
-    """The checkpoint that eval.json e in folder scored, as the report names it, relative to the report's folder root
-    where it is below it: its path relative to folder (checkpoint_relative), which still names it after the run folder
-    was moved or copied, else its real path when eval ran (checkpoint_path), whole where it is not below root; the
-    path as written (relative to the folder eval ran from: ../demo/sft/final read as from root) only for an eval.json
-    from before checkpoint_path was recorded."""
-    top = root.resolve()
+    """How the report names the checkpoint that eval.json e in folder scored: "checkpoint `NAME`", NAME relative to the
+    report's folder root where it is below it, else whole. Of its path relative to folder (checkpoint_relative), which
+    still names it after the run folder and its eval were moved or copied together, and its real path when eval ran
+    (checkpoint_path), the first that exists: an eval folder moved alone must not name a checkpoint beside its new
+    place. Where neither exists, the real path and ", not found". The path as written (relative to the folder eval ran
+    from: ../demo/sft/final read as from root) only for an eval.json from before checkpoint_path was recorded."""
     relative, real = e.get("checkpoint_relative"), e.get("checkpoint_path")
-    for path in ([Path(os.path.normpath(folder.resolve() / relative))] if isinstance(relative, str) else []) + (
-            [Path(real)] if isinstance(real, str) else []):
-        if path.is_relative_to(top):
-            return path.relative_to(top).as_posix()
-    return real if isinstance(real, str) else e["checkpoint"]
+    if not isinstance(real, str):
+        return f"checkpoint `{e['checkpoint']}`"
+    found = [path for path in ([Path(os.path.normpath(folder.resolve() / relative))] if isinstance(relative, str)
+                               else []) + [Path(real)] if path.exists()]
+    path = found[0] if found else Path(real)
+    top = root.resolve()
+    name = path.relative_to(top).as_posix() if path.is_relative_to(top) else str(path)
+    return f"checkpoint `{name}`" + ("" if found else ", not found")
 
 
 def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
