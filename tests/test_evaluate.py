@@ -1667,7 +1667,7 @@ def test_report_leaves_out_an_eval_json_that_is_not_evals_with_a_note(tmp_path, 
 
 
 @pytest.mark.parametrize("text", ['{"step": 1, "tok', "[1, 2]\n", "null\n", '{"epoch": 1, "acc": 0.5}\n', "{}\n",
-                                  '{"step": 3, "resumed": true}\n'])
+                                  '{"step": 3, "resumed": true}\n', '{"step": 1, "loss": "n/a", "lr": [0.1]}\n'])
 def test_report_leaves_out_a_metrics_jsonl_that_is_not_a_runs_with_a_note(tmp_path, capsys, text):
     """A metrics.jsonl of another tool (or cut) is left out with one note, as a foreign eval.json is; so is one whose
     records hold no step with a number to plot, which drew a section of empty plots and a row of None."""
@@ -1695,6 +1695,43 @@ def test_report_shows_a_run_whose_last_metrics_line_was_cut_by_a_kill(tmp_path, 
     assert "### Run `run`" in text and "| 2 | 200 | 0.6 |" in text
     assert capsys.readouterr().out == (f"note: the last line of {tmp_path / 'run' / 'metrics.jsonl'} was cut off (a "
                                        "run killed while writing it?); the report shows the lines before it.\n")
+
+
+@pytest.mark.parametrize("loss", [{"a": 1}, "n/a", [1.5], True])
+def test_report_leaves_out_a_metrics_value_that_is_not_a_number_with_a_note(tmp_path, capsys, loss):
+    """A loss that is not a number reached plot_run: an object stopped the report with a TypeError traceback, a
+    string was drawn on an axis of categories. Only numbers are drawn; the others are left out, said in a note."""
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "run", [{"step": 1, "tokens": 10, "loss": loss, "lr": 0.1},
+                                 {"step": 2, "tokens": 20, "loss": 2.5, "lr": 0.1, "final": True}])
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert "| 2 | 20 | 2.5 |  |  |" in text and "![curves](plots/run_curves.png)" in text
+    assert capsys.readouterr().out == (f"note: {tmp_path / 'run' / 'metrics.jsonl'} holds values that are not "
+                                       "numbers (loss); the report leaves them out.\n")
+    from babyllama.report import run_metrics
+
+    assert run_metrics(tmp_path / "run" / "metrics.jsonl")[0] == {"step": 1, "tokens": 10, "lr": 0.1}
+
+
+def test_report_shows_a_run_whose_metrics_hold_a_bad_line_within_as_the_trainer_reads_it(tmp_path, capsys):
+    """The report and a resumed run read metrics.jsonl by different rules: a line that is not a record (not JSON, or
+    without an int step) anywhere but last left the whole run out of the report, while the trainer skips it. Both
+    now read it with progress.read_metrics: the line is skipped, and the report says which."""
+    pytest.importorskip("matplotlib")
+    import babyllama.progress
+    import babyllama.report
+    import babyllama.train.trainer
+
+    assert babyllama.report.read_metrics is babyllama.train.trainer.read_metrics is babyllama.progress.read_metrics
+    write_run(tmp_path / "run", [{"step": 1, "tokens": 100, "loss": 0.69, "lr": 1e-3}])
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "tok\n{"step": true, "loss": 1}\n\n{"step": 3, "tokens": 300, "loss": 0.6, "lr": 1e-3}\n')
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert "### Run `run`" in text and "| 3 | 300 | 0.6 |" in text
+    assert capsys.readouterr().out == (f"note: lines 2, 3 of {tmp_path / 'run' / 'metrics.jsonl'} are not a run's "
+                                       "record (a JSON object with a step); the report leaves them out.\n")
 
 
 @pytest.mark.parametrize("drawing", ["plot_run", "plot_bars"])
@@ -1778,6 +1815,7 @@ def test_report_names_the_checkpoint_by_its_path_from_the_reports_folder_not_eva
 
     runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
     (runs / "sft" / "final").mkdir(parents=True)
+    (elsewhere / "ck").mkdir(parents=True)
     monkeypatch.chdir(runs / "sft")
     for folder, checkpoint in (("a", "final"), ("b", str(elsewhere / "ck"))):
         (runs / folder).mkdir()
@@ -1804,12 +1842,34 @@ def test_report_names_the_checkpoint_of_a_moved_run_folder_from_its_new_place(tm
         (old / run / "eval").mkdir()
         (old / run / "eval" / "eval.json").write_text(json.dumps(
             {**checkpoint_record(old / run / "final", old / run / "eval"), "continuations": []}))
+    elsewhere.mkdir(parents=True)
     (old / "x").mkdir()
     (old / "x" / "eval.json").write_text(json.dumps({**checkpoint_record(elsewhere, old / "x"), "continuations": []}))
     shutil.copytree(old, new)
     text = make_report(new).read_text()
     assert re.findall(r"### Evaluation: `(\S+)` \(checkpoint `(\S+)`\)", text) == [
         ("dpo/eval", "dpo/final"), ("sft/eval", "sft/final"), ("x", str(elsewhere))]
+
+
+def test_report_names_the_checkpoint_that_exists_after_an_eval_folder_moved_alone(tmp_path):
+    """checkpoint_relative was used without checking that it exists, so after `mv R/sft/eval R/archive/sft_eval` the
+    report named archive/final, which does not exist, over checkpoint_path's sft/final, still right. The first of the
+    two that exists is named; where neither does, the real path, said not to be found."""
+    pytest.importorskip("matplotlib")
+    from babyllama.evaluate import checkpoint_record
+
+    root = tmp_path / "R"
+    for run in ("sft", "gone"):
+        (root / run / "final").mkdir(parents=True)
+        (root / run / "eval").mkdir()
+        (root / run / "eval" / "eval.json").write_text(json.dumps(
+            {**checkpoint_record(root / run / "final", root / run / "eval"), "continuations": []}))
+    (root / "archive").mkdir()
+    (root / "sft" / "eval").rename(root / "archive" / "sft_eval")
+    (root / "gone" / "final").rmdir()
+    text = make_report(root).read_text()
+    assert re.findall(r"### Evaluation: `(\S+)` \((.*)\)", text) == [
+        ("archive/sft_eval", "checkpoint `sft/final`"), ("gone/eval", "checkpoint `gone/final`, not found")]
 
 
 @pytest.mark.parametrize(("parts", "said"), [

@@ -130,3 +130,15 @@ def test_the_documents_a_bar_counts_agree_with_their_number():
         bar = Bar()
         assert list(counted(iter(docs), bar, lambda: 7)) == docs
         assert (bar.postfixes, bar.n) == (said, 7)
+
+
+def test_read_metrics_keeps_the_records_and_names_the_lines_it_skips(tmp_path):
+    """metrics.jsonl's one reader (the trainer's on resume, the report's): a JSON object with an int step is a record,
+    bare NaN and Infinity are null; a cut line, another shape, a step that is true, or none are skipped by number."""
+    from babyllama.progress import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": NaN, "x": "s"}\n[1]\n\n{"step": true}\n{"loss": 2}\n'
+                    '{"step": 2, "loss": Infinity, "final": true}\n{"step": 3, "lo')
+    assert read_metrics(path) == ([{"step": 1, "loss": None, "x": "s"}, {"step": 2, "loss": None, "final": True}],
+                                  [2, 4, 5, 7])

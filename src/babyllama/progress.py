@@ -1,15 +1,18 @@
-"""What long work shows: progress bars (live on a terminal, a line every 30 s in a log file), and whether
-this process is the one of a torchrun job that speaks for all."""
+"""What long work shows: progress bars (live on a terminal, a line every 30 s in a log file), whether
+this process is the one of a torchrun job that speaks for all, and the reading of a training run's
+metrics.jsonl (the trainer's on resume, the report's)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from babyllama.errors import agree
@@ -177,3 +180,25 @@ def is_rank0() -> bool:
     """Whether this is the first process of a torchrun job (RANK 0), or a process alone (no RANK): the one that
     prints results and notes what every process would note alike."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of the metrics.jsonl at path, in order, and the numbers (from 1) of the lines skipped. A record is a
+    line holding a JSON object whose step is an int (not true or false), whatever its other values; the bare NaN,
+    Infinity and -Infinity of metrics written before they became null are read as null. Any other line is skipped:
+    not JSON (the last one cut short by a kill while it was written) or of another shape (another tool's, by hand).
+    Blank lines are neither. ValueError (UnicodeDecodeError) for a file that is not UTF-8; OSError where it cannot
+    be read."""
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, parse_constant=lambda name: None)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            records.append(record)
+        else:
+            skipped.append(number)
+    return records, skipped

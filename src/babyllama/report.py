@@ -18,7 +18,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from babyllama.errors import UserError, agree, check_folder, require, write_whole, writing
+from babyllama.errors import UserError, agree, check_folder, first_few, require, write_whole, writing
+from babyllama.progress import read_metrics
 
 
 def pyplot():
@@ -81,23 +82,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x, parse_constant=lambda name: None) for x in path.open(encoding="utf-8") if x.strip()]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """A training run's records (metrics.jsonl at path), of its whole lines: a last line that is not JSON was cut off
-    by a kill while it was written, and is skipped with a note on stdout. ValueError (left_out says so) for a file
-    that is not a run's: not UTF-8, another line not a JSON object, or no step with a number to plot."""
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    try:
-        json.loads(lines[-1] if lines else "{}")
-        cut = False
-    except ValueError:
-        lines.pop()
-        cut = True
-    metrics = [json.loads(x, parse_constant=lambda name: None) for x in lines]
-    if not all(isinstance(m, dict) for m in metrics) or not curves(metrics):  # another tool's records, or none
+FLAGS = ("final", "resumed")  # what the trainer marks a record with (true): its last, the first after a resume
+
+
+def run_metrics(path: Path) -> list[dict]:
+    """A training run's records (progress.read_metrics' of the metrics.jsonl at path), each with those of its values
+    that are numbers or null (a non-finite number): the trainer's FLAGS (true) are left out, and so is any other value
+    (a string, a list, an object), which a note on stdout names. Notes also say what else is left out: a last line
+    cut off by a kill while it was written, other lines that are not records (a JSON object with an int step).
+    ValueError (left_out says so) for a file that is not a run's: not UTF-8, or no record with a number to plot."""
+    records, skipped = read_metrics(path)
+    metrics = [{k: v for k, v in r.items() if v is None or is_number(v)} for r in records]
+    if not curves(metrics):  # another tool's records, or none
         raise ValueError(f"{path}: no step with a loss, val_loss, lr or rewards/accuracies")
-    if cut:
+    if skipped == [len(path.read_text(encoding="utf-8").rstrip().splitlines())]:  # the last line alone
         print(f"note: the last line of {path} was cut off (a run killed while writing it?); the report shows the "
               "lines before it.")
+    elif skipped:
+        print(f"note: {agree(len(skipped), 'line', 'lines')} {first_few(skipped, 5)} of {path} "
+              f"{agree(len(skipped), 'is', 'are')} not a run's record (a JSON object with a step); the report leaves "
+              f"{agree(len(skipped), 'it', 'them')} out.")
+    if dropped := sorted({k for r in records for k, v in r.items()
+                          if not (v is None or is_number(v) or k in FLAGS and isinstance(v, bool))}):
+        print(f"note: {path} holds values that are not numbers ({', '.join(dropped)}); the report leaves them out.")
     return metrics
 
 
@@ -114,12 +121,12 @@ Series = dict[str, tuple[list, list]]  # a plot's lines: label -> (x values, y v
 
 
 def curves(metrics: list[dict]) -> dict[tuple[str, str], Series]:
-    """The panels of a run's plot, (x name, y name) -> its lines, of the records that hold both numbers: loss (train
-    and val) against tokens, the learning rate against step, and a DPO run's rewards/accuracies (train and val)
-    against step; a panel none holds is left out, and a line x is tokens only where every point has them, else step
-    (a record without step nor tokens is in none). Empty for a metrics.jsonl of only other records."""
+    """The panels of a run's plot, (x name, y name) -> its lines, of run_metrics' records (each with a step; numbers
+    or null) that hold the y number: loss (train and val) against tokens, the learning rate against step, and a DPO
+    run's rewards/accuracies (train and val) against step; a panel none holds is left out, and a line x is tokens only
+    where every point has them, else step. Empty for a metrics.jsonl of only other records."""
     def line(y: str) -> list[dict]:
-        return [m for m in metrics if m.get(y) is not None and (m.get("step") is not None or "tokens" in m)]
+        return [m for m in metrics if m.get(y) is not None]
 
     def against(x: str, lines: dict[str, str]) -> dict[tuple[str, str], Series]:
         points = {label: line(y) for label, y in lines.items()}
@@ -226,7 +233,7 @@ DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies"
 
 
 def run_section(run: Path, metrics: list[dict], root: Path, plots: Path, tag: str) -> list[str]:
-    """The run in folder run, of its records (read_metrics'): its heading, which says a LoRA run's and a DPO run's
+    """The run in folder run, of its records (run_metrics'): its heading, which says a LoRA run's and a DPO run's
     kind (a DPO run: its metrics hold rewards), its settings (a LoRA run's adapter, a DPO run's beta and reference;
     "" where its config lacks one; a config.json of another shape is left out with a note), its final numbers (a DPO
     run's rewards too; "" where its records lack one) and its curves (tag: plot_tags' name for the run)."""
@@ -332,7 +339,7 @@ def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list
     """The scores of eval.json e (read_eval's, at path), its bar chart (tag: plot_tags' name for its folder),
     leakage and samples; a preferences.json beside it of another shape is left out with a note."""
     checkpoint = checkpoint_shown(e, path.parent, root)
-    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` (checkpoint `{checkpoint}`)", "", *limit_line(e)]
+    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` ({checkpoint})", "", *limit_line(e)]
     if "lm" in e:
         lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
     if "qa" in e:
@@ -411,18 +418,21 @@ def decoding(sampling: dict) -> str:
 
 
 def checkpoint_shown(e: dict, folder: Path, root: Path) -> str:
-    """The checkpoint that eval.json e in folder scored, as the report names it, relative to the report's folder root
-    where it is below it: its path relative to folder (checkpoint_relative), which still names it after the run folder
-    was moved or copied, else its real path when eval ran (checkpoint_path), whole where it is not below root; the
-    path as written (relative to the folder eval ran from: ../demo/sft/final read as from root) only for an eval.json
-    from before checkpoint_path was recorded."""
-    top = root.resolve()
+    """How the report names the checkpoint that eval.json e in folder scored: "checkpoint `NAME`", NAME relative to the
+    report's folder root where it is below it, else whole. Of its path relative to folder (checkpoint_relative), which
+    still names it after the run folder and its eval were moved or copied together, and its real path when eval ran
+    (checkpoint_path), the first that exists: an eval folder moved alone must not name a checkpoint beside its new
+    place. Where neither exists, the real path and ", not found". The path as written (relative to the folder eval ran
+    from: ../demo/sft/final read as from root) only for an eval.json from before checkpoint_path was recorded."""
     relative, real = e.get("checkpoint_relative"), e.get("checkpoint_path")
-    for path in ([Path(os.path.normpath(folder.resolve() / relative))] if isinstance(relative, str) else []) + (
-            [Path(real)] if isinstance(real, str) else []):
-        if path.is_relative_to(top):
-            return path.relative_to(top).as_posix()
-    return real if isinstance(real, str) else e["checkpoint"]
+    if not isinstance(real, str):
+        return f"checkpoint `{e['checkpoint']}`"
+    found = [path for path in ([Path(os.path.normpath(folder.resolve() / relative))] if isinstance(relative, str)
+                               else []) + [Path(real)] if path.exists()]
+    path = found[0] if found else Path(real)
+    top = root.resolve()
+    name = path.relative_to(top).as_posix() if path.is_relative_to(top) else str(path)
+    return f"checkpoint `{name}`" + ("" if found else ", not found")
 
 
 def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
@@ -469,7 +479,7 @@ def make_report(run_dir: str | Path) -> Path:
     run_tags, eval_tags = plot_tags(runs, root, folder_name(root)), plot_tags([e.parent for e in evals], root, "eval")
     lines += ["## Training", ""]
     for run in runs:
-        if (metrics := left_out(run / "metrics.jsonl", "a training run's metrics.jsonl", read_metrics)) is not None:
+        if (metrics := left_out(run / "metrics.jsonl", "a training run's metrics.jsonl", run_metrics)) is not None:
             lines += run_section(run, metrics, root, plots, run_tags[run])
     lines += ["## Evaluation", ""]
     for path in evals:

@@ -62,7 +62,7 @@ from babyllama.lora import (
     lora_config,
 )
 from babyllama.model import LOSS_CHUNK, Transformer
-from babyllama.progress import progress
+from babyllama.progress import progress, read_metrics
 from babyllama.tokenizer import Tokenizer
 from babyllama.train.distributed import Dist, all_reduce_sum, barrier, fsdp_mesh
 from babyllama.weights_file import finite
@@ -535,7 +535,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, enabled: bool, resumed_at: int | None = None):
         self.path = path = out_dir / "metrics.jsonl"
         if enabled and path.is_file():
-            kept = [] if resumed_at is None else [r for r in read_metrics(path)
+            kept = [] if resumed_at is None else [r for r in read_metrics(path)[0]
                                                   if r["step"] <= resumed_at and not r.get("final")]
             write_whole(path, "".join(strict_json(r) + "\n" for r in kept))
         with writing(path):
@@ -574,19 +574,6 @@ def strict_json(record: dict) -> str:
     """One line of JSON that every parser reads: NaN and infinities become null (RFC 8259 has neither)."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
                       allow_nan=False)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, old ones with bare NaN too (as null); a line a kill cut short is dropped."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line, parse_constant=lambda name: None)  # NaN, Infinity, -Infinity
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 def state_dict_options():
