@@ -927,6 +927,22 @@ def test_a_token_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_t
     assert not (tmp_path / "again" / "checkpoints").exists()
 
 
+def test_a_cache_whose_stats_a_newer_babyllama_wrote_is_used(sft_setup, tmp_path):
+    """A manifest whose stats held a field this babyllama does not know (a newer one's: max_id was one) was a
+    TypeError traceback, SFTStats(**stats): the fields known are read, the others left out."""
+    from babyllama.cli import main
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--data_workers",
+            "1", "--log_every", "1", "--eval_every", "0"]
+    assert main([*args, "--out_dir", str(run)]) == 0
+    manifest = json.loads((run / "sft_tokens" / "manifest.json").read_text())
+    manifest["stats"]["a_later_count"] = 3
+    (run / "sft_tokens" / "manifest.json").write_text(json.dumps(manifest))
+    assert main([*args, "--out_dir", str(tmp_path / "again"), "--sft_cache", str(run / "sft_tokens")]) == 0
+    assert (tmp_path / "again" / "final").is_dir()
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_an_init_whose_vocabulary_is_smaller_than_its_tokenizer_is_refused_before_the_cache(sft_setup, tmp_path,
                                                                                               bpe_tokenizer, capsys,

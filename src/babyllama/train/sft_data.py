@@ -12,6 +12,7 @@ maps the same files. Memory per process: a few arrays of one number per sample.
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,13 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     T = settings.max_len - 1
     train = SFTData(*splits["train"], T, tokenizer.pad_id, pack)
     val = SFTData(*splits["val"], T, tokenizer.pad_id, pack) if "val" in splits else None
-    return train, val, SFTStats(**manifest["stats"])
+    return train, val, known_stats(manifest["stats"])
+
+
+def known_stats(stats: dict) -> SFTStats:
+    """A manifest's stats as SFTStats: the fields this babyllama knows, the others left out (a newer babyllama's
+    cache may record more; SFTStats(**stats) was a TypeError traceback)."""
+    return SFTStats(**{f.name: stats[f.name] for f in fields(SFTStats) if f.name in stats})
 
 
 def confirmed(started_with: dict, cache_dir: str | Path) -> dict:
