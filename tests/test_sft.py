@@ -898,10 +898,10 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "read"])
 def test_a_token_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(sft_setup, tmp_path, capsys,
                                                                                        recorded):
-    """A cache holding a token id at or above the model's vocab_size (made or edited by other means: a cache keyed by
-    the run's tokenizer holds none) stopped the run at its first step with an IndexError in the embedding (a CUDA
-    assert on a GPU). It is refused in one sentence before training: of the largest id its manifest records, the
-    cache unread, or for a cache from before the manifest recorded it, of its ids read once."""
+    """A cache holding a token id at or above the model's vocab_size (built by other code or its manifest edited: a
+    cache keyed by the run's tokenizer holds none) stopped the run at its first step with an IndexError in the
+    embedding (a CUDA assert on a GPU). It is refused in one sentence before training: of the largest id its
+    manifest records, the cache unread, or for a cache from before the manifest recorded it, of its ids read once."""
     from babyllama.cli import main
 
     d, run = sft_setup, tmp_path / "run"
