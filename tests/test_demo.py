@@ -117,7 +117,8 @@ STAGES = ["data", "tokenizer", "tokens", "pretrain", "sft", "eval", "chat", "rep
 
 
 EVAL_JSONS = {"pretrain/eval/eval.json": '{"lm": {"bits_per_byte": 1.5}}\n',  # what run_demo reads of them
-              "sft/eval/eval.json": '{"qa": {}}\n'}
+              "sft/eval/eval.json": '{"qa": {}}\n', "dpo/eval/eval.json": '{"qa": {}}\n',
+              "dpo/eval/preferences.json": '{"sft": {}, "dpo": {}, "qa_changes": {}}\n'}
 
 
 @pytest.fixture
@@ -147,18 +148,21 @@ def fake_demo(monkeypatch, tmp_path, capsys, bpe_tokenizer):
     for name, files in (("data", ["data/stats.json"]), ("tokenizer", ["tokenizer/tokenizer.json"]),
                         ("tokens", ["tokens/manifest.json"]), ("chat", ["chat_answers.md"]),
                         ("report", ["report.md"]),
-                        ("evaluate", ["pretrain/eval/eval.json", "sft/eval/eval.json"])):
-        monkeypatch.setattr(Demo, name, writer("eval" if name == "evaluate" else name, *files))
+                        ("evaluate", ["pretrain/eval/eval.json", "sft/eval/eval.json"]),
+                        ("dpo_data", ["data/dpo.jsonl", "data/dpo_eval.jsonl"]),
+                        ("dpo_eval", ["dpo/eval/preferences.json", "dpo/eval/eval.json", "report.md"])):
+        shown = {"evaluate": "eval", "dpo_data": "dpo data", "dpo_eval": "dpo eval"}.get(name, name)
+        monkeypatch.setattr(Demo, name, writer(shown, *files))
     monkeypatch.setattr(Demo, "train", train)
 
-    def demo() -> tuple[list[str], str]:
+    def demo(dpo: bool = False) -> tuple[list[str], str]:
         ran.clear()
-        Demo(tmp_path / "demo", smoke=True, force=False).run()
+        Demo(tmp_path / "demo", smoke=True, force=False, dpo=dpo).run()
         return list(ran), capsys.readouterr().out
     return demo
 
 
-def test_a_stage_redone_redoes_every_later_one_from_the_start(fake_demo, tmp_path):
+def test_a_stage_redone_redoes_every_stage_that_reads_its_outputs(fake_demo, tmp_path):
     """After `rm -rf OUT/pretrain` the demo redid pretrain and skipped sft as "done before" (an SFT of the old model),
     and report.md was never remade after eval or chat ran again: each stage was skipped on its own marker file."""
     out = tmp_path / "demo"
@@ -170,9 +174,29 @@ def test_a_stage_redone_redoes_every_later_one_from_the_start(fake_demo, tmp_pat
     ran, printed = fake_demo()
     assert ran == ["pretrain", "sft", "eval", "chat", "report"]
     assert not stale.exists()  # sft started afresh on the new pretrained model
-    assert "[5/8] sft: redone from the start, as a stage before it was redone\n" in printed
+    assert "[5/8] sft: redone from the start, as its input pretrain was redone\n" in printed
     (out / "chat_answers.md").unlink()
-    assert fake_demo()[0] == ["chat", "report"]
+    ran, printed = fake_demo()
+    assert ran == ["chat", "report"]
+    assert f"[7/8] chat: made, as {out / 'chat_answers.md'} was missing\n" in printed
+    assert "[8/8] report: redone from the start, as its input chat was redone\n" in printed
+
+
+def test_a_stage_made_again_leaves_the_stages_that_do_not_read_it_alone(fake_demo, tmp_path):
+    """`rm OUT/report.md` on a finished `demo --smoke --dpo` redid dpo data, dpo and dpo eval (about 7 minutes of a
+    full demo), saying "a stage before it was redone": every stage after one that ran was redone."""
+    out = tmp_path / "demo"
+    assert fake_demo(dpo=True)[0] == [*STAGES, "dpo data", "dpo", "dpo eval"]
+    (out / "report.md").unlink()
+    ran, printed = fake_demo(dpo=True)
+    assert ran == ["report"]
+    assert f"[8/11] report: made, as {out / 'report.md'} was missing\n" in printed and "redone" not in printed
+    (out / "chat_answers.md").unlink()
+    assert fake_demo(dpo=True)[0] == ["chat", "report"]
+    shutil.rmtree(out / "sft" / "eval")
+    assert fake_demo(dpo=True)[0] == ["eval", "report", "dpo eval"]
+    shutil.rmtree(out / "sft" / "final")
+    assert fake_demo(dpo=True)[0] == ["sft", "eval", "chat", "report", "dpo data", "dpo", "dpo eval"]
 
 
 def test_the_eval_stage_is_done_only_with_both_its_results(fake_demo, tmp_path):
@@ -183,7 +207,7 @@ def test_the_eval_stage_is_done_only_with_both_its_results(fake_demo, tmp_path):
     kept = out / "sft" / "eval" / "items.jsonl.partial"
     kept.write_text("")
     shutil.rmtree(out / "pretrain" / "eval")
-    assert fake_demo()[0] == ["eval", "chat", "report"]
+    assert fake_demo()[0] == ["eval", "report"]  # chat reads sft/final alone
     assert kept.exists()  # missing, not damaged: an eval stopped picks up where it was
 
 
@@ -197,7 +221,7 @@ def test_a_damaged_output_is_redone_saying_why(fake_demo, tmp_path, damaged, fir
     fake_demo()
     (out / damaged).write_text("")
     ran, printed = fake_demo()
-    assert ran == STAGES[STAGES.index(first):]
+    assert ran == (["eval", "report"] if first == "eval" else STAGES[STAGES.index(first):])
     line = next(x for x in printed.splitlines() if f"] {first}: redone" in x)
     shown = out / (damaged.split("/final/")[0] + "/final" if "/final/" in damaged else damaged)  # a checkpoint: final/
     assert f"redone from the start, as {shown} is damaged (" in line, line
@@ -215,7 +239,7 @@ def test_an_eval_json_without_what_run_demo_reads_is_redone(fake_demo, tmp_path,
     fake_demo()
     (out / damaged).write_text(text)
     ran, printed = fake_demo()
-    assert ran == ["eval", "chat", "report"]
+    assert ran == ["eval", "report"]
     assert f"[6/8] eval: redone from the start, as {out / damaged} is damaged ({why})\n" in printed
     assert fake_demo()[0] == []  # whole again
 
@@ -251,3 +275,29 @@ def test_a_folder_of_other_outputs_is_not_taken_for_a_demos(tmp_path):
     Demo(tmp_path / "empty", smoke=True, force=False)
     Demo(out, smoke=True, force=True)  # --force: the folder's files go, the demo's come
     assert json.loads((out / "demo.json").read_text()) == {"smoke": True} and not (out / "data").exists()
+
+
+@pytest.mark.parametrize("text", ["[]\n", "1\n", "{\n"])
+def test_a_damaged_timings_json_starts_afresh_with_a_note(fake_demo, tmp_path, text):
+    """A timings.json holding [] or 1 (valid JSON, no object) stopped the first stage that ran with a TypeError."""
+    out = tmp_path / "demo"
+    fake_demo()
+    (out / "timings.json").write_text(text)
+    (out / "report.md").unlink()
+    ran, printed = fake_demo()
+    assert ran == ["report"]
+    assert f"note: {out / 'timings.json'} is damaged (" in printed
+    assert list(json.loads((out / "timings.json").read_text())) == ["report"]
+
+
+def test_hidden_files_are_no_other_outputs(tmp_path):
+    """A kill during the first demo.json's write left .demo.json.tmp, and with it (or .DS_Store, .gitkeep) in the
+    folder every rerun was refused: "holds files but no demo.json"."""
+    from babyllama.demo import Demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / ".demo.json.tmp").write_text('{"smoke": tr')
+    (out / ".DS_Store").write_text("")
+    Demo(out, smoke=True, force=False)
+    assert json.loads((out / "demo.json").read_text()) == {"smoke": True}

@@ -325,7 +325,8 @@ def test_generate_refuses_a_prompt_holding_what_is_no_int():
 
     model = sharp_model(tiny_config())
     cases = (([1.5, 2], "float 1.5 (at position 0)"), ([2, True], "bool True (at position 1)"),
-             ([2, 5, "6"], "str '6' (at position 2)"), ("ab", "str 'a' (at position 0)"))
+             ([2, 5, "6"], "str '6' (at position 2)"), ("ab", "str 'a' (at position 0)"),
+             ([torch.tensor(True), 3], "Tensor tensor(True) (at position 0)"))  # was taken for id 1
     for prompt, bad in cases:
         with pytest.raises(TypeError, match=f"^generate takes a prompt of int token ids, not {re.escape(bad)}$"):
             model.stream(prompt)  # at the call, not at the first next()

@@ -905,10 +905,10 @@ def test_a_micro_batch_whose_activations_cannot_fit_is_one_sentence_before_the_m
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "read"])
 def test_a_token_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(sft_setup, tmp_path, capsys,
                                                                                        recorded):
-    """A cache holding a token id at or above the model's vocab_size (made or edited by other means: a cache keyed by
-    the run's tokenizer holds none) stopped the run at its first step with an IndexError in the embedding (a CUDA
-    assert on a GPU). It is refused in one sentence before training: of the largest id its manifest records, the
-    cache unread, or for a cache from before the manifest recorded it, of its ids read once."""
+    """A cache holding a token id at or above the model's vocab_size (built by other code or its manifest edited: a
+    cache keyed by the run's tokenizer holds none) stopped the run at its first step with an IndexError in the
+    embedding (a CUDA assert on a GPU). It is refused in one sentence before training: of the largest id its
+    manifest records, the cache unread, or for a cache from before the manifest recorded it, of its ids read once."""
     from babyllama.cli import main
 
     d, run = sft_setup, tmp_path / "run"
@@ -932,6 +932,22 @@ def test_a_token_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_t
                                        f"{700 if recorded else 650}, but the model's vocab_size is 600; delete "
                                        f"{cache} to rebuild it with the model's tokenizer.\n")
     assert not (tmp_path / "again" / "checkpoints").exists()
+
+
+def test_a_cache_whose_stats_a_newer_babyllama_wrote_is_used(sft_setup, tmp_path):
+    """A manifest whose stats held a field this babyllama does not know (a newer one's: max_id was one) was a
+    TypeError traceback, SFTStats(**stats): the fields known are read, the others left out."""
+    from babyllama.cli import main
+
+    d, run = sft_setup, tmp_path / "run"
+    args = ["sft", "--init", str(d / "init"), "--data", str(d / "sft.jsonl"), "--max_steps", "1", "--data_workers",
+            "1", "--log_every", "1", "--eval_every", "0"]
+    assert main([*args, "--out_dir", str(run)]) == 0
+    manifest = json.loads((run / "sft_tokens" / "manifest.json").read_text())
+    manifest["stats"]["a_later_count"] = 3
+    (run / "sft_tokens" / "manifest.json").write_text(json.dumps(manifest))
+    assert main([*args, "--out_dir", str(tmp_path / "again"), "--sft_cache", str(run / "sft_tokens")]) == 0
+    assert (tmp_path / "again" / "final").is_dir()
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

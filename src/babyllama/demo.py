@@ -5,8 +5,8 @@
     babyllama demo --out_dir runs/demo --force    # redo every stage
     babyllama demo --out_dir runs/demo --dpo      # then DPO on preference pairs, about 7 minutes more
 
-Stages, each skipped when its outputs are whole and no stage before it ran (a rerun resumes where the last one
-stopped; a damaged output, or one made from an older stage's, is redone: Demo.stage):
+Stages, each skipped when its outputs are whole and no stage whose outputs it reads ran (a rerun resumes where the
+last one stopped; a damaged output, or one made from a redone stage's, is redone: Demo.stage):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
 (configs/demo.toml) -> sft (configs/sft-demo.toml) -> eval (loss and bits per byte of the
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
@@ -69,31 +69,38 @@ class Demo:
                     old.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         check_demo_kind(self.out, smoke)
+        self.fresh = not (self.out / "demo.json").exists()  # no stage has run here: none is "made" again
         write_whole(self.out / "demo.json", json.dumps({"smoke": smoke}) + "\n")
         self.timings_file = self.out / "timings.json"
-        self.timings = json.loads(self.timings_file.read_text()) if whole(self.timings_file) is None else {}
-        self.ran = False  # a stage ran in this run: every later one runs too, as its outputs were made from old ones
+        why = whole(self.timings_file)
+        self.timings = json.loads(self.timings_file.read_text()) if why is None else {}
+        if not isinstance(self.timings, dict):  # [] or 1: a TypeError at the first stage
+            why, self.timings = "not a JSON object", {}
+        if why not in (None, MISSING):
+            print(f"note: {self.timings_file} is damaged ({why}); the stages' times start afresh", flush=True)
+        self.ran: set[str] = set()  # the stages that ran in this run: those that read their outputs run again
 
     def stage(self, i: int, n: int, s: Stage) -> None:
-        """Run a stage unless its outputs are whole and no stage before it ran in this run. A stage whose outputs are
-        missing (a stopped run) runs where it stopped: a training run resumes, an eval picks up its answers so far;
-        one whose outputs are damaged, or that runs after a stage redone, starts afresh: what it owns is removed."""
-        if self.ran:
-            why = "a stage before it was redone"
-        else:
+        """Run a stage unless its outputs are whole and none of the stages it reads (s.needs) ran in this run. A stage
+        whose outputs are missing (a stopped run) runs where it stopped: a training run resumes, an eval picks up its
+        answers so far; one whose outputs are damaged, or whose input was redone, starts afresh: what it owns is
+        removed."""
+        why = next((f"its input {name} was redone" for name in s.needs if name in self.ran), None)
+        if why is None:
             needs = {path: NEEDS.get(path.relative_to(self.out).as_posix(), ()) for path in s.outputs}
-            damaged = [f"{path} is damaged ({why})" for path in s.outputs
-                       if (why := whole(path, needs[path])) not in (None, MISSING)]
-            if not damaged and all(path.exists() for path in s.outputs):
-                print(f"[{i}/{n}] {s.name}: done before ({', '.join(map(str, s.outputs))}), skipped", flush=True)
-                return
-            why = damaged[0] if damaged else None
-        if why is not None:
-            if any(path.exists() for path in s.owned):  # a fresh out_dir's stages are not redone
-                print(f"[{i}/{n}] {s.name}: redone from the start, as {why}", flush=True)
+            why = next((f"{path} is damaged ({bad})" for path in s.outputs
+                        if (bad := whole(path, needs[path])) not in (None, MISSING)), None)
+        missing = [path for path in s.outputs if not path.exists()]
+        if why is None and not missing:
+            print(f"[{i}/{n}] {s.name}: done before ({', '.join(map(str, s.outputs))}), skipped", flush=True)
+            return
+        if why is not None and any(path.exists() for path in s.owned):  # a fresh out_dir's stages are not redone
+            print(f"[{i}/{n}] {s.name}: redone from the start, as {why}", flush=True)
             for path in s.owned:
                 discard(path)
-        self.ran = True
+        elif not self.fresh:
+            print(f"[{i}/{n}] {s.name}: made, as {missing[0]} was missing", flush=True)
+        self.ran.add(s.name)
         print(f"[{i}/{n}] {s.name} ...", flush=True)
         start = time.time()
         s.run()
@@ -253,23 +260,24 @@ class Demo:
 
     def run(self) -> Path:
         o = self.out
-        stages = [
-            Stage("data", [o / "data" / "stats.json"], [o / "data"], self.data),
-            Stage("tokenizer", [o / "tokenizer" / "tokenizer.json"], [o / "tokenizer"], self.tokenizer),
-            Stage("tokens", [o / "tokens" / "manifest.json"], [o / "tokens"], self.tokens),
-            Stage("pretrain", [o / "pretrain" / "final"], [o / "pretrain"], lambda: self.train("pretrain")),
-            Stage("sft", [o / "sft" / "final"], [o / "sft"], lambda: self.train("sft")),
+        stages = [  # each with the stages whose outputs it reads: when one of them runs, it is redone
+            Stage("data", [o / "data" / "stats.json"], [o / "data"], self.data, ()),
+            Stage("tokenizer", [o / "tokenizer" / "tokenizer.json"], [o / "tokenizer"], self.tokenizer, ("data",)),
+            Stage("tokens", [o / "tokens" / "manifest.json"], [o / "tokens"], self.tokens, ("data", "tokenizer")),
+            Stage("pretrain", [o / "pretrain" / "final"], [o / "pretrain"], lambda: self.train("pretrain"),
+                  ("tokens",)),
+            Stage("sft", [o / "sft" / "final"], [o / "sft"], lambda: self.train("sft"), ("data", "pretrain")),
             Stage("eval", [o / "pretrain" / "eval" / "eval.json", o / "sft" / "eval" / "eval.json"],
-                  [o / "pretrain" / "eval", o / "sft" / "eval"], self.evaluate),
-            Stage("chat", [o / "chat_answers.md"], [o / "chat_answers.md"], self.chat),
-            Stage("report", [o / "report.md"], [o / "report.md"], self.report),
+                  [o / "pretrain" / "eval", o / "sft" / "eval"], self.evaluate, ("data", "tokens", "pretrain", "sft")),
+            Stage("chat", [o / "chat_answers.md"], [o / "chat_answers.md"], self.chat, ("sft",)),
+            Stage("report", [o / "report.md"], [o / "report.md"], self.report, ("eval", "chat")),
         ]
-        if self.dpo:
+        if self.dpo:  # dpo eval remakes the report
             stages += [Stage("dpo data", [o / "data" / "dpo_eval.jsonl"],
-                             [o / "data" / "dpo.jsonl", o / "data" / "dpo_eval.jsonl"], self.dpo_data),
-                       Stage("dpo", [o / "dpo" / "final"], [o / "dpo"], lambda: self.train("dpo")),
+                             [o / "data" / "dpo.jsonl", o / "data" / "dpo_eval.jsonl"], self.dpo_data, ("data", "sft")),
+                       Stage("dpo", [o / "dpo" / "final"], [o / "dpo"], lambda: self.train("dpo"), ("dpo data", "sft")),
                        Stage("dpo eval", [o / "dpo" / "eval" / "preferences.json", o / "dpo" / "eval" / "eval.json"],
-                             [o / "dpo" / "eval"], self.dpo_eval)]
+                             [o / "dpo" / "eval"], self.dpo_eval, ("dpo data", "dpo", "eval"))]
         for i, s in enumerate(stages, 1):
             self.stage(i, len(stages), s)
         return o / "report.md"
@@ -277,11 +285,12 @@ class Demo:
 
 class Stage(NamedTuple):
     """A stage of the demo: done when each of outputs is whole (whole); owned: what it writes, removed before it is
-    redone from the start."""
+    redone from the start; needs: the names of the stages whose outputs it reads."""
     name: str
     outputs: list[Path]
     owned: list[Path]
     run: Callable[[], None]
+    needs: tuple[str, ...]
 
 
 MISSING = "missing"
@@ -327,7 +336,7 @@ def check_demo_kind(out: Path, smoke: bool) -> None:
     other outputs (the README's commands one by one, say) would be taken for the demo's stages done."""
     kind = out / "demo.json"
     if not kind.exists():
-        if any(f.name != LOCK for f in out.iterdir()):
+        if any(not f.name.startswith(".") for f in out.iterdir()):  # hidden: the lock, demo.json's temporary file
             raise UserError(f"{out} holds files but no demo.json, so they are no demo's outputs; pass --force to "
                             "delete them and run the demo there, or choose another --out_dir.")
         return

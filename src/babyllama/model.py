@@ -468,8 +468,8 @@ def prompt_ids(prompt: Sequence[int] | torch.Tensor) -> list[int]:
 
 def index_of(token, at: int) -> int:
     """token as an int id: an int, numpy's or an integer tensor's of one element (operator.index); TypeError naming
-    it and its position at for another (1.5, True, "2")."""
-    if not isinstance(token, bool):
+    it and its position at for another (1.5, True, torch.tensor(True), "2")."""
+    if not isinstance(token, bool) and not (isinstance(token, torch.Tensor) and token.dtype == torch.bool):
         with contextlib.suppress(TypeError):
             return operator.index(token)
     raise TypeError(f"generate takes a prompt of int token ids, not {type(token).__name__} {token!r} (at position "

@@ -12,6 +12,7 @@ maps the same files. Memory per process: a few arrays of one number per sample.
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,13 @@ def load_sft_data(inputs: list[str | Path], tokenizer_path: str | Path, cache_di
     T = settings.max_len - 1
     train = SFTData(*splits["train"], T, tokenizer.pad_id, pack)
     val = SFTData(*splits["val"], T, tokenizer.pad_id, pack) if "val" in splits else None
-    return train, val, SFTStats(**manifest["stats"])
+    return train, val, known_stats(manifest["stats"])
+
+
+def known_stats(stats: dict) -> SFTStats:
+    """A manifest's stats as SFTStats: the fields this babyllama knows, the others left out (a newer babyllama's
+    cache may record more; SFTStats(**stats) was a TypeError traceback)."""
+    return SFTStats(**{f.name: stats[f.name] for f in fields(SFTStats) if f.name in stats})
 
 
 def confirmed(started_with: dict, cache_dir: str | Path) -> dict:
@@ -254,12 +261,13 @@ def checked_cache(cache_dir: str | Path, manifest: dict, kind: str, key: dict, s
 
 
 def check_ids_fit(cache_dir: str | Path, kind: str, stats: SFTStats, splits: list[SFTData], vocab_size: int) -> None:
-    """UserError where the token cache of kind ("sft", "dpo") in cache_dir holds a token id at or above the model's
-    vocab_size: its largest id is the one its manifest records (stats.max_id: nothing read), or for a cache from
-    before it was recorded the largest of its splits' ids (one pass over the memory maps). Such an id stopped the run
-    at its first step with an IndexError deep in the embedding (a CUDA assert on a GPU): a cache keyed by the run's
-    tokenizer, whose ids the model's vocab_size covers (check_settings), holds none unless it was made or edited by
-    other means."""
+    """UserError where the largest token id of the token cache of kind ("sft", "dpo") in cache_dir is at or above
+    the model's vocab_size. That id is the one its manifest records (stats.max_id), the ids unread, or for a cache
+    from before it was recorded the largest of its splits' ids (one pass over the memory maps). Such an id stopped
+    the run at its first step with an IndexError deep in the embedding (a CUDA assert on a GPU): a cache keyed by the
+    run's tokenizer, whose ids the model's vocab_size covers (check_settings), holds none unless it was built by
+    other code or its manifest was edited. Ids edited in the .bin files under an unchanged manifest that records
+    max_id are not caught."""
     largest = stats.max_id
     if largest is None:
         largest = max((int(d.ids.max()) for d in splits if len(d.ids)), default=0)
