@@ -1015,7 +1015,7 @@ def test_report_says_a_run_is_lora_or_dpo_with_its_settings_and_rewards(tmp_path
     assert sections["dpo-lora"][0] == "`dpo-lora` (DPO, LoRA)"
     assert sections["dpo-lora"][1].endswith(f"| lora_rank | lora_alpha | lora_targets | beta | reference | rpo_alpha |"
                                             f"\n|{'---|' * 16}\n{common} 16 | 32 | wqkv,wo,w13,w2 | 0.5 | "
-                                            "runs/sft/final (log-probs precomputed) | 1 |")
+                                            "runs/sft/final, not found (log-probs precomputed) | 1 |")
     assert sections["dpo-lora"][2] == (
         "| steps | tokens | final train loss | final val loss | tokens/s | rewards/accuracies | rewards/margins | "
         f"val_rewards/accuracies | val_rewards/margins |\n|{'---|' * 9}\n| 2 | 200 | 0.6 | 0.65 |  | 0.5 | 0.01 | "
@@ -1731,7 +1731,7 @@ def test_report_shows_a_run_whose_metrics_hold_a_bad_line_within_as_the_trainer_
     text = make_report(tmp_path).read_text()
     assert "### Run `run`" in text and "| 3 | 300 | 0.6 |" in text
     assert capsys.readouterr().out == (f"note: lines 2, 3 of {tmp_path / 'run' / 'metrics.jsonl'} are not a run's "
-                                       "record (a JSON object with a step); the report leaves them out.\n")
+                                       "record (a JSON object with an integer step); the report leaves them out.\n")
 
 
 @pytest.mark.parametrize("drawing", ["plot_run", "plot_bars"])
@@ -1794,15 +1794,19 @@ def test_report_leaves_out_a_token_manifest_without_totals_or_dtype_and_shows_a_
 
 def test_report_shows_a_setting_missing_from_a_runs_config_blank_not_none(tmp_path):
     """The settings table showed "None" for each key that a run's config.json lacks (or for all, without one): it is
-    blank, as the runs table shows a missing number."""
+    blank, as the runs table shows a missing number. So is the optimizer of a run without a config.json or with no
+    train settings (it was "adamw", a default filled in); a run's from before Muon, whose config has train settings
+    but no optimizer, trained with AdamW."""
     pytest.importorskip("matplotlib")
     write_run(tmp_path / "bare")
     write_run(tmp_path / "some")
     (tmp_path / "some" / "config.json").write_text(json.dumps({"model": {"dim": 64, "n_layers": 2}, "train": {}}))
+    write_run(tmp_path / "old")  # a run from before Muon: its train settings without an optimizer, which was AdamW
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"model": {}, "train": {"grad_accum": 4}}))
     text = make_report(tmp_path).read_text()
     settings = {x.split("`")[1]: x.split("\n\n")[1].splitlines()[2] for x in text.split("### Run ")[1:]}
-    assert settings == {"bare": "|  |  |  |  |  |  |  |  |  | adamw |",
-                        "some": "| 64 | 2 |  |  |  |  |  |  |  | adamw |"}
+    assert settings == {"bare": "|  |  |  |  |  |  |  |  |  |  |", "some": "| 64 | 2 |  |  |  |  |  |  |  |  |",
+                        "old": "|  |  |  |  |  |  |  | 4 |  | adamw |"}
     assert "None" not in text
 
 
@@ -2003,3 +2007,139 @@ def test_report_says_a_token_folders_damaged_tokenizer_could_not_be_read_and_rep
     assert len(why) == 1 and why[0].startswith(f"{file} is not a valid ") and "### Run `run`\n" in text
     assert capsys.readouterr().out == (f"note: the tokenizer in {file.parent} could not be read; the report leaves it "
                                        f"out: {why[0]}\n")
+
+
+@pytest.mark.parametrize(("taken", "made"), [("plots", "file"), ("report.md", "folder")])
+def test_report_refuses_a_plots_file_or_a_report_md_folder_in_one_sentence(tmp_path, taken, made):
+    """`report R` with R/plots a file was FileExistsError's traceback, with R/report.md a folder IsADirectoryError's
+    (after the work): one sentence naming the path, before any."""
+    write_run(tmp_path)
+    (tmp_path / taken).mkdir() if made == "folder" else (tmp_path / taken).write_text("")
+    what = {"file": "a folder", "folder": "a file"}[made]
+    with pytest.raises(UserError) as e:
+        make_report(tmp_path)
+    assert str(e.value) == (f"{tmp_path / taken} is a {made}, but the report writes {what} there; move it away or "
+                            "report another folder.")
+    assert not (tmp_path / "plots").is_dir()
+
+
+@pytest.mark.parametrize(("last", "shown"), [("NaN", "not finite (nan)"), ("Infinity", "not finite (inf)"),
+                                             ("null", "not finite"), ("0.5", "0.5")])
+def test_report_says_a_diverged_runs_final_loss_is_not_finite(tmp_path, last, shown):
+    """A run whose loss became NaN, then Infinity, showed "steps 3, final train loss 1": the last finite loss, from
+    before it diverged, so it looked healthy. The final loss is said not finite, as written."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1, "loss": 1.0}}\n{{"step": 2, "loss": NaN}}\n'
+                                            f'{{"step": 3, "loss": {last}}}\n')
+    text = make_report(tmp_path).read_text()
+    assert (f"| steps | tokens | final train loss | final val loss | tokens/s |\n|{'---|' * 5}\n"
+            f"| 3 |  | {shown} |  |  |") in text
+
+
+def test_report_leaves_out_a_null_score_of_an_eval_with_a_note(tmp_path, capsys):
+    """eval.json's `lm.bits_per_byte: null` (no bytes to count) was shown as "None"; the README says such a value
+    is left out with a note."""
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": "ck", "continuations": [],
+                                                    "lm": {"loss": 1.5, "bits_per_byte": None}}))
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert "Language modelling on the validation split:\n\n| loss |\n|---|\n| 1.5 |\n" in text and "None" not in text
+    assert capsys.readouterr().out == (f"note: {tmp_path / 'eval.json'} has null for lm.bits_per_byte; the report "
+                                       "leaves it out.\n")
+
+
+def test_report_says_it_leaves_out_a_manifest_of_no_known_format(tmp_path, capsys):
+    """A tokens/manifest.json of {"dtype": "uint16"} (no format) dropped the token-shard section without a word."""
+    write_run(tmp_path)
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "manifest.json").write_text('{"dtype": "uint16"}')
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text('{"format": "babyllama-sft-tokens"}')  # an SFT cache: no note
+    capsys.readouterr()
+    make_report(tmp_path)
+    assert capsys.readouterr().out == (f"note: {tmp_path / 'tokens' / 'manifest.json'} is not a token folder's "
+                                       "manifest.json (its format is not babyllama-tokens); the report leaves it "
+                                       "out.\n")
+
+
+def test_report_reads_json_files_that_start_with_a_byte_order_mark(tmp_path, capsys):
+    """An eval.json or stats.json saved with a UTF-8 BOM (Notepad) was "not an eval.json of babyllama eval"."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "eval.json").write_text("\ufeff" + json.dumps({"checkpoint": "ck", "continuations": []}),
+                                        encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stats.json").write_text("\ufeff" + json.dumps(CORPUS_STATS), encoding="utf-8")
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert "### Evaluation: `.` (checkpoint `ck`)" in text and "### Corpus: `data`" in text
+    assert capsys.readouterr().out == ""
+
+
+def test_report_names_a_moved_dpo_runs_reference_from_the_report_folder(tmp_path, monkeypatch):
+    """After `mv p1 r2; babyllama report r2` the DPO run's reference was `p1/sft/final`, its init as given, relative
+    to the folder DPO ran from: it is named as a checkpoint is, from the report's folder where it exists (seen from
+    the run's folder as out_dir saw it), else as recorded with ", not found"."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    metrics = [{"step": 1, "loss": 0.69, "rewards/accuracies": 0.5}]
+    for run, init in (("dpo", "p1/sft/final"), ("dpo2", "p1/gone/final")):
+        write_run(tmp_path / "p1" / run, metrics)
+        (tmp_path / "p1" / run / "config.json").write_text(json.dumps(
+            {"model": {}, "train": {"init": init, "out_dir": f"p1/{run}", "beta": 0.1}}))
+    (tmp_path / "p1" / "sft" / "final").mkdir(parents=True)
+    (tmp_path / "p1").rename(tmp_path / "r2")
+    text = make_report("r2").read_text()
+    assert re.findall(r"\| 0\.1 \| ([^|]*) \|", text) == ["sft/final", "p1/gone/final, not found"]
+
+
+def test_report_reads_items_jsonl_a_line_at_a_time(tmp_path):
+    """The report held every item of items.jsonl to show three a task (369 MB for a file of 96 MB): it streams
+    the file and keeps those it shows."""
+    import tracemalloc
+
+    from babyllama.report import sample_answers
+
+    n = 20_000
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"kind": "qa", "task": "t", "question": f"q{i} " + "x" * 200,
+                                         "prediction": "p", "reference": "r"}) + "\n" for i in range(n)))
+    e = {"qa": {"t": {"items": n, "exact_match": 1.0, "char_f1": 1.0}}}
+    tracemalloc.start()
+    samples, note = sample_answers(items, e)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert note == "" and [x["question"][:2] for x in samples] == ["q0", "q1", "q2"]
+    assert peak < 1_000_000  # the file is 5 MB
+
+
+def test_report_escapes_model_and_file_text(tmp_path):
+    """A model's answer `正面|负面\\n<script>alert(1)</script>` showed as `正面/负面 <script>...`: the | changed and the
+    HTML raw in report.md. Tables escape | as \\|; &, < and > are entities in every text of a model or file; a folder
+    name with a backtick or a newline stays one code span in its heading."""
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "a`b\nc"
+    folder.mkdir()
+    answer = "正面|负面\n<script>alert(1)</script>"
+    (folder / "eval.json").write_text(json.dumps({
+        "checkpoint": "ck", "continuations": [{"prompt": "<b>&", "continuation": answer}],
+        "qa": {"s": {"items": 1, "exact_match": 0.0, "char_f1": 0.0}}}))
+    (folder / "items.jsonl").write_text(json.dumps({"kind": "qa", "task": "s", "question": "问", "prediction": answer,
+                                                    "reference": "正面"}) + "\n")
+    text = make_report(tmp_path).read_text()
+    assert "### Evaluation: ``a`b\\nc`` (checkpoint `ck`)\n" in text
+    assert "- **&lt;b&gt;&amp;** 正面|负面<br>&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "| s | 问 | 正面\\|负面<br>&lt;script&gt;alert(1)&lt;/script&gt; | 正面 |" in text
+    assert "<script>" not in text
+
+
+def test_report_calls_a_whole_last_line_with_a_step_of_1e400_no_record_not_cut_off(tmp_path, capsys):
+    """A step of 1e400 (a float, inf) is no record: the run shows step 1, not "steps inf" (read_metrics keeps int
+    steps), and the note said the whole last line "was cut off (a run killed while writing it?)"."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 1e400, "loss": 2.0}\n')
+    capsys.readouterr()
+    text = make_report(tmp_path).read_text()
+    assert f"| final val loss | tokens/s |\n|{'---|' * 5}\n| 1 |  | 1 |  |  |" in text
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"note: line 2 of {tmp_path / 'metrics.jsonl'} is not a run's record (a JSON object with an integer step); "
+        "the report leaves it out.")

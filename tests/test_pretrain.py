@@ -648,7 +648,9 @@ def test_report_reads_metrics_written_with_bare_nan(tmp_path):
         '{"step": 4, "tokens": 256, "val_loss": NaN, "final": true}\n')
     pytest.importorskip("matplotlib")
     text = make_report(run).read_text()
-    assert "| 4 | 256 | 5.9 |" in text  # steps, tokens, final train loss: the last finite one, not nan
+    # steps, tokens, final train and val loss: not finite, as written (the last finite one, 5.9, was shown: a
+    # diverged run looked healthy)
+    assert "| 4 | 256 | not finite (nan) | not finite (nan) |" in text
 
 
 def test_a_warmup_that_covers_the_run_is_warned_about(shards, tmp_path, capsys):

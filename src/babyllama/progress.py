@@ -182,10 +182,12 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
+def read_metrics(path: Path, constant: Callable[[str], float | None] = lambda name: None) \
+        -> tuple[list[dict], list[int]]:
     """The records of the metrics.jsonl at path, in order, and the numbers (from 1) of the lines skipped. A record is a
     line holding a JSON object whose step is an int (not true or false), whatever its other values; the bare NaN,
-    Infinity and -Infinity of metrics written before they became null are read as null. Any other line is skipped:
+    Infinity and -Infinity of metrics written before they became null are read as null (constant: how they are read;
+float keeps them). Any other line is skipped:
     not JSON (the last one cut short by a kill while it was written) or of another shape (another tool's, by hand).
     Blank lines are neither. ValueError (UnicodeDecodeError) for a file that is not UTF-8; OSError where it cannot
     be read."""
@@ -194,7 +196,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line, parse_constant=lambda name: None)
+            record = json.loads(line, parse_constant=constant)
         except ValueError:
             record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -65,7 +66,7 @@ def read_json(path: Path, what: str, shape: Callable[[dict], bool]) -> dict | No
     """The JSON object in path when shape(it) holds, else None after a note on stdout that it is left out (a file
     of another tool with the same name, or one cut short): a foreign file must not stop the report."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM that an editor wrote is no fault
         if isinstance(value, dict) and shape(value):
             return value
     except (ValueError, TypeError, KeyError):  # not JSON, not UTF-8, or another shape inside
@@ -77,42 +78,66 @@ def read_json(path: Path, what: str, shape: Callable[[dict], bool]) -> dict | No
 CORPUS_COUNTS = ("bad", "too_short", "exact_duplicates", "near_duplicates", "kept")  # a prepare stats.json's total
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every record; the bare NaN and Infinity of metrics written before they became null are read as None."""
-    return [json.loads(x, parse_constant=lambda name: None) for x in path.open(encoding="utf-8") if x.strip()]
-
-
 FLAGS = ("final", "resumed")  # what the trainer marks a record with (true): its last, the first after a resume
 
 
 def run_metrics(path: Path) -> list[dict]:
     """A training run's records (progress.read_metrics' of the metrics.jsonl at path), each with those of its values
-    that are numbers or null (a non-finite number): the trainer's FLAGS (true) are left out, and so is any other value
+    that are numbers (NaN and infinities as written by runs before they became null) or null (a non-finite number):
+    the trainer's FLAGS (true) are left out, and so is any other value
     (a string, a list, an object), which a note on stdout names. Notes also say what else is left out: a last line
     cut off by a kill while it was written, other lines that are not records (a JSON object with an int step).
     ValueError (left_out says so) for a file that is not a run's: not UTF-8, or no record with a number to plot."""
-    records, skipped = read_metrics(path)
+    records, skipped = read_metrics(path, float)  # a bare NaN or Infinity kept: the summary says which
     metrics = [{k: v for k, v in r.items() if v is None or is_number(v)} for r in records]
     if not curves(metrics):  # another tool's records, or none
         raise ValueError(f"{path}: no step with a loss, val_loss, lr or rewards/accuracies")
-    if skipped == [len(path.read_text(encoding="utf-8").rstrip().splitlines())]:  # the last line alone
+    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    if skipped == [len(lines)] and not is_json(lines[-1]):  # the last line alone, and not whole
         print(f"note: the last line of {path} was cut off (a run killed while writing it?); the report shows the "
               "lines before it.")
     elif skipped:
         print(f"note: {agree(len(skipped), 'line', 'lines')} {first_few(skipped, 5)} of {path} "
-              f"{agree(len(skipped), 'is', 'are')} not a run's record (a JSON object with a step); the report leaves "
-              f"{agree(len(skipped), 'it', 'them')} out.")
+              f"{agree(len(skipped), 'is', 'are')} not a run's record (a JSON object with an integer step); the "
+              f"report leaves {agree(len(skipped), 'it', 'them')} out.")
     if dropped := sorted({k for r in records for k, v in r.items()
                           if not (v is None or is_number(v) or k in FLAGS and isinstance(v, bool))}):
         print(f"note: {path} holds values that are not numbers ({', '.join(dropped)}); the report leaves them out.")
     return metrics
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+def text(v) -> str:
+    """v (a model's answer, a prompt, a value of a file) as Markdown text that shows it as it is: &, < and > as HTML
+    entities (no tag of a model's passes raw into the page) and newlines as <br>."""
+    return str(v).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", "<br>")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+def code(name) -> str:
+    """name (a folder's or a checkpoint's path) as a Markdown code span, shown as it is: its fence is longer than any
+    run of backticks in it, and a newline is written \\n, so that neither ends the span or the heading."""
+    name = str(name).replace("\r", "\\r").replace("\n", "\\n")
+    longest = max((len(r) for r in "".join(c if c == "`" else " " for c in name).split()), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if "`" in name[:1] + name[-1:] else ""
+    return f"{fence}{pad}{name}{pad}{fence}"
+
+
+def is_json(line: str) -> bool:
+    """Whether line is a whole JSON value (bare NaN and Infinity too), not one cut short."""
+    try:
+        json.loads(line, parse_constant=float)
+    except ValueError:
+        return False
+    return True
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of rows (a row lacking a column: a blank cell); floats with 4 significant digits, other
+    values as text() with | as \\| so that a cell holds any text."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else text(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -126,7 +151,7 @@ def curves(metrics: list[dict]) -> dict[tuple[str, str], Series]:
     run's rewards/accuracies (train and val) against step; a panel none holds is left out, and a line x is tokens only
     where every point has them, else step. Empty for a metrics.jsonl of only other records."""
     def line(y: str) -> list[dict]:
-        return [m for m in metrics if m.get(y) is not None]
+        return [m for m in metrics if m.get(y) is not None and math.isfinite(m[y])]
 
     def against(x: str, lines: dict[str, str]) -> dict[tuple[str, str], Series]:
         points = {label: line(y) for label, y in lines.items()}
@@ -176,6 +201,9 @@ def plot_bars(title: str, values: dict[str, float], out: Path, name: str, ylabel
     return name
 
 
+SFT_CACHE = "babyllama-sft-tokens"  # data.sft_tokens.FORMAT: an SFT token cache's manifest.json, which has no section
+
+
 def token_manifest(v: dict) -> bool:
     """Whether manifest v is no token folder's (an SFT token cache's) or one that data_section can show: its dtype
     and its totals of each split (a dict of counts)."""
@@ -197,16 +225,19 @@ def data_section(root: Path, plots: Path) -> list[str]:
         if stats is None:
             continue
         total = stats["total"]
-        lines += [f"### Corpus: `{stats_file.parent.relative_to(root)}`", "", table([total], list(total)), ""]
+        lines += [f"### Corpus: {code(stats_file.parent.relative_to(root))}", "", table([total], list(total)), ""]
         name = plot_bars("documents", {k: total[k] for k in CORPUS_COUNTS}, plots, f"{tags[stats_file.parent]}"
                          "_corpus.png", "documents")
         lines += [f"![corpus]({plots.name}/{name})", ""]
     for manifest_file in find(root, "manifest.json"):
         m = read_json(manifest_file, "a token folder's or an SFT token cache's manifest.json", token_manifest)
-        if m is None or m.get("format") != "babyllama-tokens":  # an SFT token cache has its own manifest
+        if m is not None and m.get("format") not in ("babyllama-tokens", SFT_CACHE):
+            print(f"note: {manifest_file} is not a token folder's manifest.json (its format is not babyllama-tokens); "
+                  "the report leaves it out.")
+        if m is None or m.get("format") != "babyllama-tokens":  # an SFT token cache's has no section
             continue
         rows = [{"split": s, **v} for s, v in m["totals"].items()]
-        lines += [f"### Token shards: `{manifest_file.parent.relative_to(root)}` ({m['dtype']})", "",
+        lines += [f"### Token shards: {code(manifest_file.parent.relative_to(root))} ({text(m['dtype'])})", "",
                   table(rows, ["split", "tokens", "documents"]), ""]
         tok_dir = manifest_file.parent / "tokenizer"
         if tok_dir.is_dir():
@@ -224,8 +255,8 @@ def tokenizer_line(tok_dir: Path) -> str:
         info = load_tokenizer(tok_dir, remedy="put back the tokenizer that pretokenize saved there").info()
     except UserError as e:
         print(f"note: the tokenizer in {tok_dir} could not be read; the report leaves it out: {e}")
-        return f"Tokenizer: could not be read: {e}"
-    return "Tokenizer: " + ", ".join(f"{k} {v}" for k, v in info.items())
+        return f"Tokenizer: could not be read: {text(e)}"
+    return "Tokenizer: " + ", ".join(f"{k} {text(v)}" for k, v in info.items())
 
 
 DPO_SUMMARY = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies", "val_rewards/margins")  # of the
@@ -242,21 +273,20 @@ def run_section(run: Path, metrics: list[dict], root: Path, plots: Path, tag: st
         isinstance(v.get(k, {}), dict) for k in ("model", "train"))) if (run / "config.json").is_file() else None) or {}
     model, train = config.get("model", {}), config.get("train", {})
     last = ([m for m in metrics if "loss" in m] or [m for m in metrics if "step" in m])[-1:] or [{}]  # val alone
-    finite = [m["loss"] for m in metrics if m.get("loss") is not None]  # a skipped step's loss is null
-    vals = [m for m in metrics if m.get("val_loss") is not None]
     summary = {"steps": last[0].get("step"), "tokens": last[0].get("tokens"),
-               "final train loss": finite[-1] if finite else "",
-               "final val loss": vals[-1]["val_loss"] if vals else "", "tokens/s": last[0].get("tokens_per_s")}
+               "final train loss": final_loss([m["loss"] for m in metrics if "loss" in m]),
+               "final val loss": final_loss([m["val_loss"] for m in metrics if "val_loss" in m]),
+               "tokens/s": last[0].get("tokens_per_s")}
     summary = {k: "" if v is None else v for k, v in summary.items()}  # as a missing loss: no "None"
     keys = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"]
     settings = {k: model.get(k) for k in keys} | {k: train.get(k) for k in ("batch_size", "grad_accum", "lr")}
-    settings["optimizer"] = train.get("optimizer", "adamw")  # runs from before Muon have no such key
+    settings["optimizer"] = train.get("optimizer", "adamw" if train else None)  # a run's from before Muon: adamw
     lora = bool(train.get("lora_rank"))
     if lora:
         settings |= {k: train.get(k) for k in ("lora_rank", "lora_alpha", "lora_targets")}
     dpo = any(k in m for m in metrics for k in DPO_SUMMARY)
     if dpo:
-        reference = train.get("init", "")
+        reference = reference_shown(train, run, root)
         settings |= {"beta": train.get("beta"), "reference": f"{reference} (log-probs precomputed)"
                      if train.get("precompute_ref_log_probs") else reference}
         settings |= {k: train[k] for k in ("label_smoothing", "rpo_alpha") if train.get(k)}
@@ -264,9 +294,35 @@ def run_section(run: Path, metrics: list[dict], root: Path, plots: Path, tag: st
     settings = {k: "" if v is None else v for k, v in settings.items()}  # a key the config lacks: blank, not "None"
     kind = ", ".join(name for name, on in (("DPO", dpo), ("LoRA", lora)) if on)
     name = folder_name(run)
-    return [f"### Run `{run.relative_to(root) if run != root else name}`" + (f" ({kind})" if kind else ""), "",
+    return [f"### Run {code(run.relative_to(root) if run != root else name)}" + (f" ({kind})" if kind else ""), "",
             table([settings], list(settings)), "", table([summary], list(summary)), "",
             f"![curves]({plots.name}/{plot_run(name, panels, plots, tag)})", ""]
+
+
+def final_loss(losses: list) -> float | str:
+    """The last of a run's train (or val) losses (its records' in order), or "not finite" where it is not (null, as the
+    trainer writes it, or "not finite (nan)" / "(inf)" of a NaN or Infinity that a run wrote before then): a diverged
+    run must not show the last finite loss, from before it diverged. "" for none."""
+    if not losses or losses[-1] is not None and math.isfinite(losses[-1]):
+        return losses[-1] if losses else ""
+    return "not finite" if losses[-1] is None else f"not finite ({losses[-1]})"
+
+
+def reference_shown(train: dict, run: Path, root: Path) -> str:
+    """How the report names a DPO run's reference model, its train.init in config.json (as given: relative to the
+    folder it ran from): relative to the report's folder root (whole where it is outside) of the first that exists of
+    init as seen from the run's folder now (out_dir -> init, which still names it after the runs were moved
+    together) and init as written; else init as written and ", not found"."""
+    init, out_dir = train.get("init"), train.get("out_dir")
+    if not isinstance(init, str) or not init:
+        return ""
+    moved = [run / os.path.relpath(init, out_dir)] if isinstance(out_dir, str) and out_dir else []
+    found = [Path(os.path.normpath(p.absolute())) for p in [*moved, Path(init)] if p.exists()]
+    if not found:
+        return f"{init}, not found"
+    top = root.resolve()
+    path = found[0].resolve()
+    return path.relative_to(top).as_posix() if path.is_relative_to(top) else str(path)
 
 
 def folder_name(folder: Path) -> str:
@@ -301,7 +357,7 @@ def read_eval(path: Path) -> dict:
     """The eval.json at path, with the shape eval_section reads. ValueError, TypeError, KeyError for a file that is
     not one (left_out says so): empty, cut, another tool's (a list, lm-evaluation-harness's {"results": ...}), nulls
     for the numbers the report draws or counts."""
-    e = json.loads(path.read_text(encoding="utf-8"))
+    e = json.loads(path.read_text(encoding="utf-8-sig"))
     if not isinstance(e, dict) or not isinstance(e.get("checkpoint"), str):
         raise ValueError(f"{path}: no checkpoint")
 
@@ -331,23 +387,24 @@ def limit_line(e: dict) -> list[str]:
     """What an eval.json's --limit scored, of the parts that ran (QA and multiple choice each take their own first N):
     none where no limit (an eval.json from before it was recorded scored every item) or neither part ran."""
     n = e.get("limit")
-    parts = [f"the first {n} {kind} items" for kind, key in (("QA", "qa"), ("multiple-choice", "mc")) if key in e]
-    return [f"--limit {n}: {' and '.join(parts)} are scored.", ""] if n and parts else []
+    parts = [f"the first {text(n)} {kind} items" for kind, key in (("QA", "qa"), ("multiple-choice", "mc")) if key in e]
+    return [f"--limit {text(n)}: {' and '.join(parts)} are scored.", ""] if n and parts else []
 
 
 def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list[str]:
     """The scores of eval.json e (read_eval's, at path), its bar chart (tag: plot_tags' name for its folder),
     leakage and samples; a preferences.json beside it of another shape is left out with a note."""
     checkpoint = checkpoint_shown(e, path.parent, root)
-    lines = [f"### Evaluation: `{path.parent.relative_to(root)}` ({checkpoint})", "", *limit_line(e)]
+    lines = [f"### Evaluation: {code(path.parent.relative_to(root))} ({checkpoint})", "", *limit_line(e)]
     if "lm" in e:
-        lines += ["Language modelling on the validation split:", "", table([e["lm"]], list(e["lm"])), ""]
+        lm = numbers_only(e["lm"], path, "lm")
+        lines += ["Language modelling on the validation split:", "", table([lm], list(lm)), ""]
     if "qa" in e:
         cols = ["task", "items", "accuracy", "majority_baseline", "exact_match", "char_f1", "rouge_l", "bleu",
                 "word_bleu"]
         lines += [f"Question answering ({decoding(e.get('sampling') or {})}, chat format; bleu and word_bleu on "
                   "sacrebleu's 0-100 scale, the other scores fractions, 0-1):", "",
-                  table([{"task": t, **s} for t, s in e["qa"].items()], cols), ""]
+                  table([{"task": t, **numbers_only(s, path, f"qa.{t}")} for t, s in e["qa"].items()], cols), ""]
         bars = {}
         for t, s in e["qa"].items():
             if "accuracy" in s:
@@ -359,11 +416,11 @@ def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list
                 bars[f"{t} char F1"] = s["char_f1"]
         lines += [f"![qa]({plots.name}/{plot_bars('held-out scores', bars, plots, f'{tag}_qa.png', 'score')})", ""]
     if "mc" in e:
-        rows = [{"subject": "overall", **e["mc"]["overall"]}]
-        rows += [{"subject": s, **v} for s, v in e["mc"]["subjects"].items()]
+        rows = [{"subject": "overall", **numbers_only(e["mc"]["overall"], path, "mc.overall")}]
+        rows += [{"subject": s, **numbers_only(v, path, f"mc.subjects.{s}")} for s, v in e["mc"]["subjects"].items()]
         lines += ["Multiple choice:", "", table(rows, ["subject", "items", "letter_accuracy", "text_accuracy"]), ""]
         if missed := e.get("mc_not_reached"):
-            lines += [f"Not reached under --limit {e.get('limit')}: {', '.join(map(str, missed))}.", ""]
+            lines += [f"Not reached under --limit {text(e.get('limit'))}: {text(', '.join(map(str, missed)))}.", ""]
     prefs = path.parent / "preferences.json"  # the demo's DPO eval: held-out pairs, before and after
     p = read_json(prefs, "the demo's preferences.json (held-out pairs, before and after DPO)", lambda v: (
         all(isinstance(v[m], dict) for m in ("sft", "dpo")) and "pairs" in v and "beta" in v
@@ -372,8 +429,8 @@ def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list
             for t in v.get("tasks", {}).values()))) if prefs.is_file() else None
     if p is not None:
         cols = ["model", "logps/accuracies", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
-        lines += [f"Held-out preference pairs ({p['pairs']}, beta {p['beta']}; logps/accuracies: the chosen answer "
-                  "is the likelier; rewards against the SFT model):", "",
+        lines += [f"Held-out preference pairs ({text(p['pairs'])}, beta {text(p['beta'])}; logps/accuracies: the "
+                  "chosen answer is the likelier; rewards against the SFT model):", "",
                   table([{"model": m, **p[m]} for m in ("sft", "dpo")]
                         + [{"model": f"{m}, {task} ({t['pairs']})", **t[m]}  # per task, where the demo counts them
                            for task, t in p.get("tasks", {}).items() for m in ("sft", "dpo")], cols), ""]
@@ -390,17 +447,26 @@ def eval_section(path: Path, e: dict, root: Path, plots: Path, tag: str) -> list
                          else ".")
                       + (f" {short} more, under {lk['min_chars']} characters, {agree(short, 'was', 'were')} not "
                          "checked." if short else ""), ""]
-    lines += ["Continuations:", ""] + [f"- **{c['prompt']}** {c['continuation']}" for c in e.get("continuations", [])]
+    lines += ["Continuations:", ""] + [f"- **{text(c['prompt'])}** {text(c['continuation'])}"
+                                       for c in e.get("continuations", [])]
     samples, note = sample_answers(path.parent / "items.jsonl", e)
     if note:
         print(f"note: {note}")
-        lines += ["", f"Sample answers: none; {note}"]
+        lines += ["", f"Sample answers: none; {text(note)}"]
     elif samples:
         lines += ["", "Sample answers:", "", table(
-            [{k: str(x[k]).replace("\n", " ").replace("|", "/")[:80] for k in ("task", "question", "prediction",
-                                                                              "reference")} for x in samples],
+            [{k: str(x[k])[:80] for k in ("task", "question", "prediction", "reference")} for x in samples],
             ["task", "question", "prediction", "reference"])]
     return lines + [""]
+
+
+def numbers_only(scores: dict, path: Path, part: str) -> dict:
+    """scores (a part of the eval.json at path: "lm", "qa.sentiment") without its nulls (a score eval could not
+    compute, as bits_per_byte without the bytes), which a note on stdout names: left out, not shown as "None"."""
+    if nulls := [k for k, v in scores.items() if v is None]:
+        print(f"note: {path} has null for {', '.join(f'{part}.{k}' for k in nulls)}; the report leaves "
+              f"{agree(len(nulls), 'it', 'them')} out.")
+    return {k: v for k, v in scores.items() if v is not None}
 
 
 def decoding(sampling: dict) -> str:
@@ -426,13 +492,13 @@ def checkpoint_shown(e: dict, folder: Path, root: Path) -> str:
     from: ../demo/sft/final read as from root) only for an eval.json from before checkpoint_path was recorded."""
     relative, real = e.get("checkpoint_relative"), e.get("checkpoint_path")
     if not isinstance(real, str):
-        return f"checkpoint `{e['checkpoint']}`"
+        return f"checkpoint {code(e['checkpoint'])}"
     found = [path for path in ([Path(os.path.normpath(folder.resolve() / relative))] if isinstance(relative, str)
                                else []) + [Path(real)] if path.exists()]
     path = found[0] if found else Path(real)
     top = root.resolve()
     name = path.relative_to(top).as_posix() if path.is_relative_to(top) else str(path)
-    return f"checkpoint `{name}`" + ("" if found else ", not found")
+    return f"checkpoint {code(name)}" + ("" if found else ", not found")
 
 
 def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
@@ -444,18 +510,21 @@ def sample_answers(items: Path, e: dict) -> tuple[list[dict], str]:
     again = f"{items.parent / 'eval.json'} counts {number(counts)}; run the eval again."
     if not items.is_file():
         return [], f"{items} is missing but {again}" if counts.total() else ""
+    held, by_task = Counter(), {}  # read a line at a time, keeping the items shown: an eval's file may be large
     try:
-        records = read_jsonl(items)
-        held = Counter(f"QA ({x['task']})" if x["kind"] == "qa" else "multiple-choice" for x in records)
+        with items.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                x = json.loads(line)
+                held[f"QA ({x['task']})" if x["kind"] == "qa" else "multiple-choice"] += 1
+                if x["kind"] == "qa" and len(shown := by_task.setdefault(x["task"], [])) < 3:
+                    shown.append(x)
     except (ValueError, TypeError, KeyError):  # a line cut short (or not UTF-8), or not an item
         return [], f"{items} holds a line that is not an item of eval (cut short?), and {again}"
     if held != counts:
         return [], f"{items} holds {number(held)} (cut or replaced since eval wrote it) but {again}"
-    by_task: dict[str, list] = {}
-    for x in records:
-        if x["kind"] == "qa":
-            by_task.setdefault(x["task"], []).append(x)
-    return [x for xs in by_task.values() for x in xs[:3]], ""
+    return [x for xs in by_task.values() for x in xs], ""
 
 
 def number(counts: Counter) -> str:
@@ -473,9 +542,13 @@ def make_report(run_dir: str | Path) -> Path:
     if not runs and not evals:
         raise UserError(f"{root} has no training run (metrics.jsonl) and no evaluation (eval.json) to report.")
     plots = root / "plots"
+    for path, kind, other in ((plots, "a folder", "a file"), (root / "report.md", "a file", "a folder")):
+        if path.exists() and path.is_dir() != (kind == "a folder"):
+            raise UserError(f"{path} is {other}, but the report writes {kind} there; move it away or report another "
+                            "folder.")
     with writing(plots):  # CannotWrite for a read-only run folder too
         plots.mkdir(exist_ok=True)
-    lines = [f"# babyllama report: `{root}`", "", "## Data", ""] + data_section(root, plots)
+    lines = [f"# babyllama report: {code(root)}", "", "## Data", ""] + data_section(root, plots)
     run_tags, eval_tags = plot_tags(runs, root, folder_name(root)), plot_tags([e.parent for e in evals], root, "eval")
     lines += ["## Training", ""]
     for run in runs:
