@@ -837,6 +837,17 @@ def test_a_run_refused_for_its_data_leaves_no_empty_folder_behind(dpo_setup, tmp
     assert sorted(tmp_path.iterdir()) == [data, tmp_path / "was"] and list((tmp_path / "was").iterdir()) == []
 
 
+def test_data_of_no_records_or_of_the_other_kind_leaves_no_folder(dpo_setup, tmp_path):
+    """dpo --data EMPTY_FILE and sft --data PAIRS (preference records) are refused for their data: neither leaves its
+    out_dir, nor a token cache in it, behind."""
+    (tmp_path / "empty.jsonl").write_text("")
+    for stage, data in (("dpo", tmp_path / "empty.jsonl"), ("sft", dpo_setup / "pairs.jsonl")):
+        r = run_cli(stage, "--init", dpo_setup / "init", "--data", data, "--max_steps", "1", "--data_workers", "1",
+                    "--out_dir", tmp_path / "runs" / stage)
+        assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith("nothing was written."), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
 def test_a_preference_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(dpo_setup, tmp_path):
     """DPO reads its pairs through the SFT token cache, so its check too (test_sft): a cache holding an id at or above
     the model's vocab_size is refused, of the largest id its manifest records, before the reference's precompute."""
