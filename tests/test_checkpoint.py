@@ -710,3 +710,28 @@ def assert_resumes_past_step_4(r, run, why: str) -> None:
             "step_000004.damaged (keep_last counts whole checkpoints)\n") in r.stdout
     assert f"resuming from {run / 'checkpoints' / 'step_000002'} (step 2 of 6)" in r.stdout
     assert json.loads((run / "final" / "config.json").read_text())["step"] == 6
+
+
+def test_a_step_damaged_again_keeps_the_earlier_damaged_copy(tmp_path):
+    """step_000003 damaged, set aside, rewritten by the rerun and damaged again: the second move replaced the first
+    step_000003.damaged without a word. Each goes to a name of its own, and pruning removes them all once step 3 is
+    older than every checkpoint kept."""
+    from babyllama.checkpoint import prune_checkpoints, set_aside
+
+    ckpts = tmp_path / "checkpoints"
+    names = lambda: sorted(p.name for p in ckpts.iterdir())
+    for n in (1, 2, 3):
+        step = ckpts / "step_000003"
+        step.mkdir(parents=True)
+        (step / "trainer_state.pt").write_text(f"damaged {n}")
+        assert set_aside(step).name == "step_000003.damaged" + (f".{n}" if n > 1 else "")
+    assert names() == ["step_000003.damaged", "step_000003.damaged.2", "step_000003.damaged.3"]
+    assert [(ckpts / name / "trainer_state.pt").read_text() for name in names()] == ["damaged 1", "damaged 2",
+                                                                                      "damaged 3"]
+    for step in (3, 4, 5):
+        (ckpts / f"step_{step:06d}").mkdir()
+    prune_checkpoints(tmp_path, 3)
+    assert names() == ["step_000003", "step_000003.damaged", "step_000003.damaged.2", "step_000003.damaged.3",
+                       "step_000004", "step_000005"]
+    prune_checkpoints(tmp_path, 2)
+    assert names() == ["step_000004", "step_000005"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -373,7 +374,7 @@ def test_a_signal_as_the_precompute_saves_its_last_chunk_stops_before_a_training
     assert len(list((tmp_path / "ref_logps.parts").glob("val_*.npy"))) == 1
 
 
-def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, tmp_path, monkeypatch):
+def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, tmp_path, monkeypatch, capsys):
     """The chunks' key left out batch_size, though a pair's reference log-probs change in their last digits with the
     batch they are computed in (padding to its longest row, the shapes of the matmuls): a precompute stopped at
     batch_size 8 and run again at 4 read the chunks of 8 and computed the rest at 4, the values of neither run. Chunks
@@ -404,8 +405,13 @@ def test_a_precompute_goes_on_only_from_the_chunks_of_its_batch_size(dpo_setup, 
     assert len(list((tmp_path / "stopped" / "ref_logps.parts").glob("train_*.npy"))) == 3  # 24 pairs, in 3 batches
     calls.clear()
     stop_at[0] = 0
+    capsys.readouterr()
     run(tmp_path / "stopped", 4)
     assert len(calls) == straight_calls  # every batch of 4 computed: none of the chunks of 8 read
+    parts = tmp_path / "stopped" / "ref_logps.parts"  # which, once silently recomputed, are said
+    assert (f"note: the 3 chunks of reference log-probs in {parts} were made with batch_size 8 on cpu, not batch_size "
+            "4 on cpu as now (the values change in their last digits with the batch), so they are not reused: "
+            "computed again\n") in capsys.readouterr().out
     monkeypatch.setattr(dpo_module, "load_model", lambda *a, **k: pytest.fail("the reference was loaded"))
     run(tmp_path / "stopped", 8, steps=2)  # the whole ref_logps.npz is read
     assert json.loads((tmp_path / "stopped" / "final" / "config.json").read_text())["step"] == 2
@@ -508,6 +514,111 @@ def test_a_precompute_under_torchrun_ends_as_training_does(dpo_setup, tmp_path, 
         assert len(said) == 1 and said[0].startswith("babyllama: error: process 0 of 2 stopped: process 1 of the job "
                                                      "ended ("), err[-3000:]
     assert list(parts.glob("train_*.npy")) and not (out / "ref_logps.npz").exists()
+
+
+def test_a_damaged_reference_file_is_computed_again_as_a_missing_one(dpo_setup, tmp_path, capsys):
+    """A cut ref_logps.npz (a disk that filled up) was a BadZipFile traceback on the resume. It is said in a note and
+    computed again, to the values it held; a line before the precompute says how many pairs it computes and how many
+    the run trains on (a short run computes them all: a resume may run longer)."""
+    import numpy as np
+
+    args = ["--init", str(dpo_setup / "init"), "--data", str(dpo_setup / "pairs.jsonl"), "--batch_size", "8",
+            "--warmup_steps", "0", "--eval_every", "0", "--val_fraction", "0.1", "--data_workers", "1",
+            "--precompute_ref_log_probs", "true", "--out_dir", str(tmp_path)]
+    dpo(load_config(None, [*args, "--max_steps", "1"]))
+    f = tmp_path / "ref_logps.npz"
+    before = dict(np.load(f))
+    f.write_bytes(f.read_bytes()[:300])
+    capsys.readouterr()
+    dpo(load_config(None, [*args, "--max_steps", "3"]), resume=True)
+    out = capsys.readouterr().out
+    assert (f"note: {f} is damaged (it cannot be read: BadZipFile: File is not a zip file); the reference log-probs "
+            "are computed again\nreference log-probs: computing those of all 179 training pairs and the 21 held-out "
+            "ones (once, kept for a resume); this run's 2 steps train on 16 of them\n") in out
+    after = np.load(f)
+    assert sorted(after) == sorted(before) and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("damage", ["cut", "not-npz", "no-val", "shape", "strings", "nan", "inf"])
+def test_a_reference_file_of_wrong_values_is_said_and_not_used(tmp_path, capsys, damage):
+    """ref_logps.npz of its key with a wrong shape was a size-mismatch RuntimeError in collate, and one holding NaN
+    trained on with loss nan, every step skipped without a word: each damage is a note and None (computed again)."""
+    import numpy as np
+
+    from babyllama.train.dpo import cached_reference
+
+    f, good = tmp_path / "ref_logps.npz", np.full((3, 2), -1.5, dtype=np.float32)
+    arrays = {"train": good, "val": good[:1]}
+    if damage in ("shape", "strings", "nan", "inf"):
+        arrays["train"] = {"shape": good[:2], "strings": np.array([["a", "b"]] * 3), "nan": good.copy(),
+                           "inf": good.copy()}[damage]
+        arrays["train"][1:, 1] = {"nan": np.nan, "inf": -np.inf}.get(damage, arrays["train"][1:, 1])
+    if damage == "no-val":
+        del arrays["val"]
+    np.savez(f, key=np.array("k"), **arrays)
+    if damage == "cut":
+        f.write_bytes(f.read_bytes()[:-1])
+    if damage == "not-npz":
+        f.write_text("{}")
+    assert cached_reference(f, "k", {"train": 3, "val": 1}, main=True) is None
+    why = {"cut": "it cannot be read: BadZipFile: ",  # numpy's and zipfile's words, which change with the version
+           "not-npz": "it cannot be read: ValueError: ",
+           "no-val": "it cannot be read: KeyError: 'val is not a file in the archive'",
+           "shape": "its train values are float32 of shape (2, 2), not float of shape (3, 2)",
+           "strings": "its train values are <U1 of shape (3, 2), not float of shape (3, 2)",
+           "nan": "its train log-probs of 2 of 3 pairs are NaN or Inf",
+           "inf": "its train log-probs of 2 of 3 pairs are NaN or Inf"}[damage]
+    message = re.escape(f"note: {f} is damaged ({why}") + (".+" if why.endswith(": ") else "") + \
+        re.escape("); the reference log-probs are computed again\n")
+    assert re.fullmatch(message, capsys.readouterr().out)
+    np.savez(f, key=np.array("k"), train=good, val=good[:1])
+    assert cached_reference(f, "other key", {"train": 3, "val": 1}, main=True) is None  # another init: no note
+    assert np.array_equal(cached_reference(f, "k", {"train": 3, "val": 1}, main=False)["train"], good)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("damage", ["cut", "nan", "shape"])
+def test_a_damaged_chunk_is_said_and_computed_again_from_it_on(tmp_path, capsys, damage):
+    """A cut chunk (truncate -s 100 ref_logps.parts/train_4_8.npy) was a ValueError traceback; a chunk holding NaN
+    was trained on. The chunks before it are used, it and those after it computed again, in a note."""
+    import numpy as np
+
+    from babyllama.train.dpo import saved_rows
+
+    parts = tmp_path / "ref_logps.parts"
+    parts.mkdir()
+    for start in (0, 4, 8):
+        np.save(parts / f"train_{start}_{start + 4}.npy", np.full((4, 2), -float(start + 1), dtype=np.float32))
+    bad = parts / "train_4_8.npy"
+    if damage == "cut":
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:
+        np.save(bad, np.full((4, 2) if damage == "nan" else (4, 3), np.nan if damage == "nan" else -5.0))
+    out = np.zeros((12, 2), dtype=np.float32)
+    assert saved_rows(parts, "train", out, main=True) == 4
+    assert (out[:4] == -1).all() and (out[4:] == 0).all()
+    why = {"cut": "it cannot be read: ValueError: EOF: reading array header, expected 118 bytes got 90",
+           "nan": "log-probs of 4 of 4 pairs are NaN or Inf",
+           "shape": "values are float64 of shape (4, 3), not float of shape (4, 2)"}[damage]
+    assert capsys.readouterr().out == (f"note: {bad} is damaged ({why}); the reference log-probs from pair 4 on are "
+                                       "computed again\n")
+
+
+def test_a_reference_that_gives_nan_is_refused_before_training(dpo_setup, tmp_path, monkeypatch):
+    """Reference log-probs computed as NaN (an overflow of the reference in its dtype) were trained on: loss nan,
+    every step skipped. The precompute refuses them in one sentence, before a step."""
+    import babyllama.train.dpo as dpo_module
+
+    real = dpo_module.answer_log_probs
+    monkeypatch.setattr(dpo_module, "answer_log_probs",
+                        lambda m, batch: real(m, batch).index_fill(0, torch.tensor([1]), float("nan")))
+    with pytest.raises(UserError, match=rf"^the reference {dpo_setup / 'init'} gives NaN or Inf log-probs to 23 of the "
+                                        r"179 train pairs \(the first: pair 1\) in torch.float32; DPO cannot train on "
+                                        r"them\.$"):
+        dpo(load_config(None, ["--init", str(dpo_setup / "init"), "--data", str(dpo_setup / "pairs.jsonl"),
+                               "--batch_size", "8", "--max_steps", "1", "--val_fraction", "0.1", "--data_workers",
+                               "1", "--precompute_ref_log_probs", "true", "--out_dir", str(tmp_path)]))
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_a_precompute_going_on_removes_the_temporary_of_a_chunk_a_kill_left(tmp_path, capsys):
@@ -724,6 +835,17 @@ def test_a_run_refused_for_its_data_leaves_no_empty_folder_behind(dpo_setup, tmp
     assert run_cli(*args, "--out_dir", tmp_path / "run", "--sft_cache", tmp_path / "was" / "c" / "cache"
                    ).returncode == 2
     assert sorted(tmp_path.iterdir()) == [data, tmp_path / "was"] and list((tmp_path / "was").iterdir()) == []
+
+
+def test_data_of_no_records_or_of_the_other_kind_leaves_no_folder(dpo_setup, tmp_path):
+    """dpo --data EMPTY_FILE and sft --data PAIRS (preference records) are refused for their data: neither leaves its
+    out_dir, nor a token cache in it, behind."""
+    (tmp_path / "empty.jsonl").write_text("")
+    for stage, data in (("dpo", tmp_path / "empty.jsonl"), ("sft", dpo_setup / "pairs.jsonl")):
+        r = run_cli(stage, "--init", dpo_setup / "init", "--data", data, "--max_steps", "1", "--data_workers", "1",
+                    "--out_dir", tmp_path / "runs" / stage)
+        assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith("nothing was written."), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
 
 
 def test_a_preference_cache_with_ids_beyond_the_models_vocabulary_is_refused_before_training(dpo_setup, tmp_path):

@@ -13,9 +13,9 @@
 A training run keeps its step checkpoints in RUN/checkpoints/step_000100 ... (the newest
 `keep_last`, ordered by step number; `resumable_checkpoint` finds where to resume, the newest whole one, of finite
 weights and trainer state, and a resume moves the damaged ones it skipped aside, `set_aside`, to
-step_000100.damaged, which pruning removes once it is older than every checkpoint kept) and the model to use next in
-RUN/final. A writer killed at any moment leaves whole directories and temporaries
-named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
+step_000100.damaged (.damaged.2 ... for a step damaged again), which pruning removes once it is older than every
+checkpoint kept) and the model to use next in RUN/final. A writer killed at any moment leaves whole directories
+and temporaries named .NAME.tmp-PID, .NAME.old-PID or .NAME.pruned-PID, which `remove_stale_temporaries` clears.
 """
 
 from __future__ import annotations
@@ -119,11 +119,14 @@ def check_whole(ckpt: Path) -> None:
 
 
 def set_aside(ckpt: Path) -> Path:
-    """Move a damaged step checkpoint out of the run's order (step_000031 -> step_000031.damaged, in place of an
-    older one of that name), so that keep_last pruning neither counts nor keeps it in place of a whole one (it kept a
-    damaged step 31 and deleted the step 30 that the run had resumed from); returns where it went."""
-    aside = ckpt.with_name(f"{ckpt.name}.damaged")
-    discard(aside)
+    """Move a damaged step checkpoint out of the run's order (step_000031 -> step_000031.damaged, or .damaged.2,
+    .damaged.3 ... when the step was damaged before: an earlier one set aside is evidence, never replaced), so that
+    keep_last pruning neither counts nor keeps it in place of a whole one (it kept a damaged step 31 and deleted the
+    step 30 that the run had resumed from); returns where it went."""
+    aside, n = ckpt.with_name(f"{ckpt.name}.damaged"), 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = ckpt.with_name(f"{ckpt.name}.damaged.{n}")
     ckpt.rename(aside)
     return aside
 
@@ -134,8 +137,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     that a kill in the middle never leaves a half-deleted step_* directory."""
     ckpts = step_checkpoints(run_dir)
     oldest = int(ckpts[-keep_last].name.removeprefix("step_")) if len(ckpts) >= keep_last else 0
-    damaged = [p for p in (Path(run_dir) / "checkpoints").glob("step_*.damaged")
-               if (m := re.fullmatch(r"step_(\d+)\.damaged", p.name)) and int(m[1]) < oldest]
+    damaged = [p for p in (Path(run_dir) / "checkpoints").glob("step_*.damaged*")
+               if (m := re.fullmatch(r"step_(\d+)\.damaged(\.\d+)?", p.name)) and int(m[1]) < oldest]
     for old in [*ckpts[:-keep_last], *damaged]:
         doomed = old.parent / f".{old.name}.pruned-{os.getpid()}"
         old.rename(doomed)

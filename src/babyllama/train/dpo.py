@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from babyllama.checkpoint import load_model, remove_stale_temporaries, weights_sha256
 from babyllama.config import RunConfig
-from babyllama.errors import Terminated, UserError, discard, write_whole, writing
+from babyllama.errors import Terminated, UserError, agree, discard, write_whole, writing
 from babyllama.evaluate import padding_batch
 from babyllama.progress import progress
 from babyllama.settings import REFERENCE_PARTS
@@ -54,6 +55,7 @@ from babyllama.train.trainer import Trainer
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 REFERENCE_FILE = "ref_logps.npz"
+READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # np.load's of a cut or damaged file
 CHUNK_BATCHES = 64  # batches of each rank in a chunk of the reference log-probs, saved as it is done: a stop (Ctrl-C,
 # SIGTERM, a crash) loses at most one chunk of the precompute (seconds on a CPU), not the whole of it
 
@@ -229,7 +231,7 @@ class DPOTrainer(Trainer):
         after the last chunk is saved, so a signal then does not wait for a training step."""
         B, d = self.t.batch_size, self.dist
         out = np.zeros((len(data), 2), dtype=np.float32)
-        start, rows = saved_rows(parts, name, out), d.world * B * CHUNK_BATCHES
+        start, rows = saved_rows(parts, name, out, d.main), d.world * B * CHUNK_BATCHES
         bar = progress(total=-(-len(data) // (d.world * B)), initial=start // (d.world * B),
                        desc="reference log-probs", unit=" batch", disable=not d.main)
         with bar, self.signals_flagged():
@@ -275,24 +277,28 @@ class DPOTrainer(Trainer):
         for the same init, pairs and dtype (whatever the batch or device: a resume goes on with the values it started
         with), else computed now (reference_log_probs, going on from the chunks in OUT_DIR/ref_logps.parts made for
         the same and with the same batch_size and device type, which change the values in their last digits) and
-        kept there; then free the reference."""
+        kept there; then free the reference. A damaged ref_logps.npz or chunk (cut, of another shape, holding NaN or
+        Inf) is said in a note and computed again, as a missing one; UserError where the reference itself gives NaN
+        or Inf (check_finite): DPO never trains on those."""
         data = {"train": self.train_data, "val": self.val_data}
         data = {k: v for k, v in data.items() if v is not None}
         made_for = {"init": weights_sha256(self.t.init), "dtype": str(self.dtype),
                     **{k: v.fingerprint() for k, v in data.items()}}
         key = json.dumps(made_for)
         f, parts = self.out / REFERENCE_FILE, self.out / REFERENCE_PARTS
-        cached = np.load(f) if f.is_file() else None
-        if cached is not None and str(cached["key"]) == key:
+        cached = cached_reference(f, key, {k: len(v) for k, v in data.items()}, self.dist.main)
+        if cached is not None:
             for name, d in data.items():
                 d.ref_logps = cached[name]
         else:
             if self.dist.main:
+                self.say_precompute()
                 start_parts(parts, json.dumps({**made_for, "batch_size": self.t.batch_size,
                                                "device": self.dist.device.type}))
             barrier(self.dist)  # every rank reads the chunks there once they are of this key
             for name, d in data.items():
                 d.ref_logps = self.reference_log_probs(d, name, parts)
+                check_finite(d.ref_logps, name, self.t.init, self.dtype)
             if self.dist.main:
                 arrays = {name: d.ref_logps for name, d in data.items()}
                 save_whole(f, functools.partial(np.savez, key=np.array(key), **arrays))
@@ -300,25 +306,97 @@ class DPOTrainer(Trainer):
             barrier(self.dist)
         self.reference = None
 
+    def say_precompute(self) -> None:
+        """Say how many pairs the precompute computes (all: a resume may train longer, and the file is of all the
+        pairs) and how many of them this run's steps train on, so that a short run's long precompute is no surprise."""
+        n, steps = len(self.train_data), self.total_steps - self.step
+        trained = steps * self.global_batch
+        if self.samples is not None:  # a tokens or epochs length: its last step may be partial
+            trained = min(trained, self.samples - self.consumed_samples)
+        val = f" and the {len(self.val_data)} held-out ones" if self.val_data is not None else ""
+        print(f"reference log-probs: computing those of all {n} training {agree(n, 'pair', 'pairs')}{val} (once, kept "
+              f"for a resume); this run's {steps} {agree(steps, 'step trains', 'steps train')} on {min(trained, n)} of "
+              "them")
+
+
+def cached_reference(f: Path, key: str, rows: dict[str, int], main: bool) -> dict[str, np.ndarray] | None:
+    """The reference log-probs (rows[name], 2) of each split name that f (ref_logps.npz) holds for key (the init,
+    pairs and dtype); None where f is missing, of another key, or damaged: cut, not an npz, lacking a split, of
+    another shape, or holding NaN or Inf, which a note says (on the main rank) as they are computed again."""
+    if not f.is_file():
+        return None
+    try:
+        with np.load(f) as cached:
+            if str(cached["key"]) != key:
+                return None
+            arrays = {name: cached[name] for name in rows}
+    except READ_ERRORS as e:
+        why = f"it cannot be read: {type(e).__name__}: {e}"
+    else:
+        why = next((f"its {name} {w}" for name, n in rows.items() if (w := not_log_probs(arrays[name], n))), None)
+        if why is None:
+            return arrays
+    if main:
+        print(f"note: {f} is damaged ({why}); the reference log-probs are computed again")
+    return None
+
+
+def not_log_probs(values: np.ndarray, rows: int) -> str | None:
+    """Why values are not the reference log-probs (rows, 2) of rows pairs (chosen, rejected): another shape or type,
+    or NaN or Inf; None when they are."""
+    if values.shape != (rows, 2) or values.dtype.kind != "f":
+        return f"values are {values.dtype} of shape {values.shape}, not float of shape ({rows}, 2)"
+    if not np.isfinite(values).all():
+        return f"log-probs of {int((~np.isfinite(values)).any(axis=1).sum())} of {rows} pairs are NaN or Inf"
+    return None
+
+
+def check_finite(ref_logps: np.ndarray, name: str, init: str, dtype: torch.dtype) -> None:
+    """UserError when the reference log-probs (n, 2) just computed of the name split hold NaN or Inf: every step
+    with such a pair would be skipped for its non-finite loss."""
+    if not np.isfinite(ref_logps).all():
+        bad = np.flatnonzero(~np.isfinite(ref_logps).all(axis=1))
+        raise UserError(f"the reference {init} gives NaN or Inf log-probs to {len(bad)} of the {len(ref_logps)} "
+                        f"{name} pairs (the first: pair {bad[0]}) in {dtype}; DPO cannot train on them.")
+
 
 def start_parts(parts: Path, key: str) -> None:
     """Make parts the folder of the chunks of reference log-probs for key (the init's weights, the dtype, the pairs,
     the batch size and the device type): the chunks a stopped run left for the same key stay, less the temporary of
     the chunk it was saving (a kill -9's: save_whole's .NAME.tmp-PID of a dead process), and those for another (a
-    changed init, data or batch_size) are removed."""
+    changed init, data or batch_size) are removed, in a note that says what they were made with."""
     record = parts / "key.json"
     if record.is_file() and record.read_text(encoding="utf-8") == key:
         for done in remove_stale_temporaries(parts):
             print(f"note: {done} (left by a run that was stopped)")
         return
+    if chunks := list(parts.glob("*.npy")) if parts.is_dir() else []:
+        print(f"note: the {len(chunks)} {agree(len(chunks), 'chunk', 'chunks')} of reference log-probs in {parts} "
+              f"{made_with(record, json.loads(key))}, so they are not reused: computed again")
     discard(parts)
     parts.mkdir(parents=True)
     write_whole(record, key)
 
 
-def saved_rows(parts: Path, name: str, out: np.ndarray) -> int:
+def made_with(record: Path, key: dict) -> str:
+    """What the chunks whose key.json is record were made with, against key (start_parts's, as a dict), in words."""
+    try:
+        old = json.loads(record.read_text(encoding="utf-8"))
+        same = {k: v for k, v in old.items() if k not in ("batch_size", "device")} == \
+            {k: v for k, v in key.items() if k not in ("batch_size", "device")}
+        with_ = f"batch_size {old['batch_size']} on {old['device']}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "have no key.json that can be read"
+    if not same:
+        return f"were made for another init, pairs or dtype (with {with_})"
+    return (f"were made with {with_}, not batch_size {key['batch_size']} on {key['device']} as now (the values change "
+            "in their last digits with the batch)")
+
+
+def saved_rows(parts: Path, name: str, out: np.ndarray, main: bool) -> int:
     """The rows of out (n, 2) that the chunks NAME_START_END.npy in parts hold from row 0 on without a gap, copied
-    into out; returns the row where they end (0: none)."""
+    into out; returns the row where they end (0: none). A damaged chunk (cut, of another shape, holding NaN or Inf)
+    ends them there, as a missing one, said in a note on the main rank: it and those after it are computed again."""
     chunks = {}
     for file in parts.glob(f"{name}_*_*.npy"):
         if m := re.fullmatch(rf"{re.escape(name)}_(\d+)_(\d+)\.npy", file.name):
@@ -326,8 +404,17 @@ def saved_rows(parts: Path, name: str, out: np.ndarray) -> int:
     done = 0
     while done in chunks and done < len(out):
         end, file = chunks[done]
-        values = np.load(file)
-        if end > len(out) or values.shape != (end - done, 2):
+        if end > len(out):
+            break
+        try:
+            values = np.load(file)
+            why = not_log_probs(values, end - done)
+        except READ_ERRORS as e:
+            why = f"it cannot be read: {type(e).__name__}: {e}"
+        if why:
+            if main:
+                print(f"note: {file} is damaged ({why}); the reference log-probs from pair {done} on are computed "
+                      "again")
             break
         out[done:end] = values
         done = end
