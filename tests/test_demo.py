@@ -230,6 +230,21 @@ def test_a_stopped_stage_goes_on_where_it_stopped(fake_demo, tmp_path, monkeypat
     assert ran == ["eval", "report"]
     assert "[6/8] eval: made, as its last run stopped before the end; it goes on from there\n" in printed
     assert (out / "sft" / "eval" / "items.jsonl.partial").exists()  # kept for the eval to pick up
+    tokens = Demo.tokens
+
+    def stopped_tokens(self):
+        (self.out / "tokens").mkdir()
+        (self.out / "tokens" / "x.bin").write_text("")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Demo, "tokens", stopped_tokens)
+    (out / "tokenizer" / "meta.json").write_text('{"retrained": 1}\n')
+    with pytest.raises(KeyboardInterrupt):
+        fake_demo()
+    monkeypatch.setattr(Demo, "tokens", tokens)
+    ran, printed = fake_demo()  # no resume: pretokenize starts afresh, what it had written removed
+    assert ran == STAGES[2:] and not (out / "tokens" / "x.bin").exists()
+    assert "[3/8] tokens: redone, as its last run stopped before the end\n" in printed
 
 
 @pytest.mark.parametrize("damaged, first", [

@@ -105,8 +105,9 @@ class Demo:
 
     def status(self, s: Stage) -> tuple[str, str]:
         """("done", "made" or "redone", why): done when s's outputs are as it recorded them and the stages it reads
-        as they were when it ran; made when it never ran here or its last run stopped with its inputs as they are
-        (a training resumes, an eval picks up its answers so far); else redone from the start."""
+        as they were when it ran; made when it never ran here, or its last run stopped with its inputs as they are
+        and it resumes (a training from its newest checkpoint, an eval from its answers so far); else redone from the
+        start."""
         rec, now = self.record.get(s.name, {}), self.inputs(s)
         if "outputs" in rec:
             if changed := next((name for name in s.needs if rec["inputs"].get(name) != now[name]), None):
@@ -117,7 +118,9 @@ class Demo:
         if "started" in rec:
             if changed := next((name for name in s.needs if rec["started"].get(name) != now[name]), None):
                 return "redone", f"its input {changed} changed since its last run started"
-            return "made", "its last run stopped before the end; it goes on from there"
+            if s.resumes:
+                return "made", "its last run stopped before the end; it goes on from there"
+            return "redone", "its last run stopped before the end"
         if self.stamp(s):
             return "redone", "demo.json has no record of its outputs (made outside the demo or by an older babyllama)"
         return "made", "it has not run here yet"
@@ -310,16 +313,16 @@ class Demo:
             Stage("data", [o / "data"], self.data, ()),
             Stage("tokenizer", [o / "tokenizer"], self.tokenizer, ("data",)),
             Stage("tokens", [o / "tokens"], self.tokens, ("data", "tokenizer")),
-            Stage("pretrain", [o / "pretrain"], lambda: self.train("pretrain"), ("tokens",)),
-            Stage("sft", [o / "sft"], lambda: self.train("sft"), ("data", "pretrain")),
+            Stage("pretrain", [o / "pretrain"], lambda: self.train("pretrain"), ("tokens",), True),
+            Stage("sft", [o / "sft"], lambda: self.train("sft"), ("data", "pretrain"), True),
             Stage("eval", [o / "pretrain" / "eval", o / "sft" / "eval"], self.evaluate,
-                  ("data", "tokens", "pretrain", "sft")),
+                  ("data", "tokens", "pretrain", "sft"), True),
             Stage("chat", [o / "chat_answers.md"], self.chat, ("sft",)),
         ]
         dpo = [Stage("dpo data", [o / "data" / "dpo.jsonl", o / "data" / "dpo_eval.jsonl"], self.dpo_data,
                      ("data", "sft")),
-               Stage("dpo", [o / "dpo"], lambda: self.train("dpo"), ("dpo data", "sft")),
-               Stage("dpo eval", [o / "dpo" / "eval"], self.dpo_eval, ("dpo data", "dpo", "eval"))]
+               Stage("dpo", [o / "dpo"], lambda: self.train("dpo"), ("dpo data", "sft"), True),
+               Stage("dpo eval", [o / "dpo" / "eval"], self.dpo_eval, ("dpo data", "dpo", "eval"), True)]
         report = Stage("report", [o / "report.md", o / "report_extra.md", o / "plots"], self.report,
                        ("eval", "chat", *(["dpo eval"] if self.dpo else [])))
         self.all = [*stages, *dpo, report]
@@ -335,11 +338,13 @@ class Demo:
 
 class Stage(NamedTuple):
     """A stage of the demo: paths, what it writes and owns (folders, less the paths of other stages inside them, and
-    files): removed before it is redone; needs: the names of the stages whose outputs it reads."""
+    files): removed before it is redone; needs: the names of the stages whose outputs it reads; resumes: whether a
+    run of it that was stopped goes on where it stopped (a training, an eval) rather than from the start."""
     name: str
     paths: list[Path]
     run: Callable[[], None]
     needs: tuple[str, ...]
+    resumes: bool = False
 
 
 DEMO_NAMES = ("data", "tokenizer", "tokens", "pretrain", "sft", "dpo", "plots", "chat_answers.md", "report_extra.md",
