@@ -297,7 +297,9 @@ def test_a_file_where_a_demo_folder_should_be_is_replaced(fake_demo, tmp_path, n
     ran, printed = fake_demo()
     assert ran == ({"report": ["report"], "sft": ["sft", "eval", "chat", "report"]}.get(first)
                    or STAGES[STAGES.index(first):])
-    assert f"] {first}: redone, as its outputs changed since it ran: " in printed
+    gone = {"tokenizer": "meta.json", "data": "eval.jsonl", "plots": "a.png",
+            "sft": "final/babyllama_tokenizer.json"}  # the first of the folder's files, by name
+    assert f"] {first}: redone, as its outputs changed since it ran: {name}/{gone[name]} is gone\n" in printed
     assert (out / name).is_dir()
 
 

@@ -385,17 +385,17 @@ def made(record: dict, name: str) -> str | None:
 
 
 def changes(old: dict[str, list[int]], new: dict[str, list[int]]) -> str | None:
-    """The first difference between two stamps in words (its path, and size or mtime), None when equal."""
-    for rel in sorted(old.keys() | new.keys()):
+    """The first difference between two stamps in words, a file gone before one cut or rewritten before one new (a
+    file where a folder was: the folder's files are gone), None when equal."""
+    def said(rel: str) -> tuple[int, str]:
         a, b = old.get(rel), new.get(rel)
-        if a == b:
-            continue
         if b is None:
-            return f"{rel} is gone"
+            return 0, f"{rel} is gone"
         if a is None:
-            return f"{rel} is new"
-        return f"{rel} size {a[0]} -> {b[0]} bytes" if a[0] != b[0] else f"{rel} was rewritten (its mtime changed)"
-    return None
+            return 2, f"{rel} is new"
+        return 1, f"{rel} size {a[0]} -> {b[0]} bytes" if a[0] != b[0] else f"{rel} was rewritten (its mtime changed)"
+
+    return min((said(rel) for rel in old.keys() | new.keys() if old.get(rel) != new.get(rel)), default=(0, None))[1]
 
 
 def valid(record: object) -> dict:
