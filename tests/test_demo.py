@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert again.returncode == 0 and again.stdout.count("skipped") == 8
 
     dpo = run_cli("demo", "--smoke", "--dpo", "--out_dir", str(out))  # DPO after the stages done above
-    assert dpo.returncode == 0 and dpo.stdout.count("skipped") == 8, dpo.stderr[-3000:]
+    assert dpo.returncode == 0 and dpo.stdout.count("skipped") == 7, dpo.stderr[-3000:]  # the report shows DPO's
+    assert "[11/11] report: redone, as its input dpo eval changed since it ran\n" in dpo.stdout
     assert (out / "data" / "dpo.jsonl").is_file() and (out / "dpo" / "final" / "model.safetensors").is_file()
     prefs = json.loads((out / "dpo" / "eval" / "preferences.json").read_text())
     assert prefs["pairs"] > 50 and prefs["sft"]["rewards/margins"] == 0  # the SFT model is its own reference
@@ -114,6 +116,7 @@ def test_the_dpo_line_names_tasks_only_where_preferences_json_has_them():
 
 
 STAGES = ["data", "tokenizer", "tokens", "pretrain", "sft", "eval", "chat", "report"]
+DPO_STAGES = [*STAGES[:-1], "dpo data", "dpo", "dpo eval", "report"]
 
 
 EVAL_JSONS = {"pretrain/eval/eval.json": '{"lm": {"bits_per_byte": 1.5}}\n',  # what run_demo reads of them
@@ -124,8 +127,8 @@ EVAL_JSONS = {"pretrain/eval/eval.json": '{"lm": {"bits_per_byte": 1.5}}\n',  # 
 @pytest.fixture
 def fake_demo(monkeypatch, tmp_path, capsys, bpe_tokenizer):
     """demo(*args) runs babyllama.demo.Demo on tmp_path/demo with each stage replaced by one that records its name in
-    the list returned and writes the outputs the stage's check reads (a real checkpoint for pretrain and sft), in
-    milliseconds; returns (the stages that ran, what the run printed)."""
+    the list returned and writes files like the stage's (a real checkpoint for pretrain and sft), in milliseconds;
+    returns (the stages that ran, what the run printed)."""
     from babyllama.checkpoint import save_checkpoint
     from babyllama.demo import Demo
     from tests.conftest import sharp_model, tiny_config
@@ -143,21 +146,25 @@ def fake_demo(monkeypatch, tmp_path, capsys, bpe_tokenizer):
     def train(self, stage: str) -> None:
         ran.append(stage)
         save_checkpoint(self.out / stage / "final", model, bpe_tokenizer)
+        if stage != "pretrain":
+            (self.out / stage / f"{stage}_tokens").mkdir()
+            (self.out / stage / f"{stage}_tokens" / "manifest.json").write_text("{}\n")
 
     ran: list[str] = []
-    for name, files in (("data", ["data/stats.json"]), ("tokenizer", ["tokenizer/tokenizer.json"]),
-                        ("tokens", ["tokens/manifest.json"]), ("chat", ["chat_answers.md"]),
-                        ("report", ["report.md"]),
-                        ("evaluate", ["pretrain/eval/eval.json", "sft/eval/eval.json"]),
+    for name, files in (("data", ["data/stats.json", "data/sft.jsonl", "data/eval.jsonl", "data/part_00000.jsonl"]),
+                        ("tokenizer", ["tokenizer/tokenizer.json", "tokenizer/meta.json"]),
+                        ("tokens", ["tokens/manifest.json", "tokens/train_00000.bin"]), ("chat", ["chat_answers.md"]),
+                        ("report", ["report.md", "report_extra.md", "plots/a.png"]),
+                        ("evaluate", ["pretrain/eval/eval.json", "sft/eval/eval.json", "sft/eval/items.jsonl"]),
                         ("dpo_data", ["data/dpo.jsonl", "data/dpo_eval.jsonl"]),
-                        ("dpo_eval", ["dpo/eval/preferences.json", "dpo/eval/eval.json", "report.md"])):
+                        ("dpo_eval", ["dpo/eval/preferences.json", "dpo/eval/eval.json"])):
         shown = {"evaluate": "eval", "dpo_data": "dpo data", "dpo_eval": "dpo eval"}.get(name, name)
         monkeypatch.setattr(Demo, name, writer(shown, *files))
     monkeypatch.setattr(Demo, "train", train)
 
-    def demo(dpo: bool = False) -> tuple[list[str], str]:
+    def demo(dpo: bool = False, force: bool = False) -> tuple[list[str], str]:
         ran.clear()
-        Demo(tmp_path / "demo", smoke=True, force=False, dpo=dpo).run()
+        Demo(tmp_path / "demo", smoke=True, force=force, dpo=dpo).run()
         return list(ran), capsys.readouterr().out
     return demo
 
@@ -166,82 +173,197 @@ def test_a_stage_redone_redoes_every_stage_that_reads_its_outputs(fake_demo, tmp
     """After `rm -rf OUT/pretrain` the demo redid pretrain and skipped sft as "done before" (an SFT of the old model),
     and report.md was never remade after eval or chat ran again: each stage was skipped on its own marker file."""
     out = tmp_path / "demo"
-    assert fake_demo()[0] == STAGES
-    assert fake_demo()[0] == []  # all done: a rerun skips them all
-    stale = out / "sft" / "checkpoints" / "step_000020"
-    stale.mkdir(parents=True)  # the old SFT run, which a resume would take for finished
+    ran, printed = fake_demo()
+    assert ran == STAGES and "[1/8] data: made, as it has not run here yet\n" in printed
+    ran, printed = fake_demo()
+    assert ran == []  # all done: a rerun skips them all
+    assert "[4/8] pretrain: done, as its outputs and inputs are as they were when it ran; skipped\n" in printed
     shutil.rmtree(out / "pretrain")
     ran, printed = fake_demo()
     assert ran == ["pretrain", "sft", "eval", "chat", "report"]
-    assert not stale.exists()  # sft started afresh on the new pretrained model
-    assert "[5/8] sft: redone from the start, as its input pretrain was redone\n" in printed
+    assert "[4/8] pretrain: redone, as its outputs changed since it ran: pretrain/final/" in printed
+    assert "[5/8] sft: redone, as its input pretrain changed since it ran\n" in printed
     (out / "chat_answers.md").unlink()
     ran, printed = fake_demo()
     assert ran == ["chat", "report"]
-    assert f"[7/8] chat: made, as {out / 'chat_answers.md'} was missing\n" in printed
-    assert "[8/8] report: redone from the start, as its input chat was redone\n" in printed
+    assert "[7/8] chat: redone, as its outputs changed since it ran: chat_answers.md is gone\n" in printed
+    assert "[8/8] report: redone, as its input chat changed since it ran\n" in printed
 
 
 def test_a_stage_made_again_leaves_the_stages_that_do_not_read_it_alone(fake_demo, tmp_path):
     """`rm OUT/report.md` on a finished `demo --smoke --dpo` redid dpo data, dpo and dpo eval (about 7 minutes of a
     full demo), saying "a stage before it was redone": every stage after one that ran was redone."""
     out = tmp_path / "demo"
-    assert fake_demo(dpo=True)[0] == [*STAGES, "dpo data", "dpo", "dpo eval"]
+    assert fake_demo(dpo=True)[0] == DPO_STAGES
     (out / "report.md").unlink()
     ran, printed = fake_demo(dpo=True)
     assert ran == ["report"]
-    assert f"[8/11] report: made, as {out / 'report.md'} was missing\n" in printed and "redone" not in printed
+    assert "[11/11] report: redone, as its outputs changed since it ran: report.md is gone\n" in printed
     (out / "chat_answers.md").unlink()
     assert fake_demo(dpo=True)[0] == ["chat", "report"]
     shutil.rmtree(out / "sft" / "eval")
-    assert fake_demo(dpo=True)[0] == ["eval", "report", "dpo eval"]
+    assert fake_demo(dpo=True)[0] == ["eval", "dpo eval", "report"]
     shutil.rmtree(out / "sft" / "final")
-    assert fake_demo(dpo=True)[0] == ["sft", "eval", "chat", "report", "dpo data", "dpo", "dpo eval"]
+    assert fake_demo(dpo=True)[0] == ["sft", "eval", "chat", "dpo data", "dpo", "dpo eval", "report"]
 
 
-def test_the_eval_stage_is_done_only_with_both_its_results(fake_demo, tmp_path):
-    """`rm -rf OUT/pretrain/eval` gave eval "done before" (its one marker was sft/eval/eval.json), then run_demo's
-    FileNotFoundError traceback reading pretrain/eval/eval.json."""
+def test_a_stopped_stage_goes_on_where_it_stopped(fake_demo, tmp_path, monkeypatch):
+    """A stage stopped (Ctrl-C) with its inputs as they were is made, not redone: its work so far is kept (a training
+    resumes from its newest checkpoint, an eval picks up items.jsonl.partial)."""
+    from babyllama.demo import Demo
+
     out = tmp_path / "demo"
     fake_demo()
-    kept = out / "sft" / "eval" / "items.jsonl.partial"
-    kept.write_text("")
-    shutil.rmtree(out / "pretrain" / "eval")
-    assert fake_demo()[0] == ["eval", "report"]  # chat reads sft/final alone
-    assert kept.exists()  # missing, not damaged: an eval stopped picks up where it was
+    (out / "sft" / "eval" / "eval.json").unlink()
+    evaluate = Demo.evaluate
+
+    def stopped(self):
+        (self.out / "sft" / "eval").mkdir(parents=True)
+        (self.out / "sft" / "eval" / "items.jsonl.partial").write_text("{}\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Demo, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        fake_demo()
+    monkeypatch.setattr(Demo, "evaluate", evaluate)
+    ran, printed = fake_demo()
+    assert ran == ["eval", "report"]
+    assert "[6/8] eval: made, as its last run stopped before the end; it goes on from there\n" in printed
+    assert (out / "sft" / "eval" / "items.jsonl.partial").exists()  # kept for the eval to pick up
+    tokens = Demo.tokens
+
+    def stopped_tokens(self):
+        (self.out / "tokens").mkdir()
+        (self.out / "tokens" / "x.bin").write_text("")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Demo, "tokens", stopped_tokens)
+    (out / "tokenizer" / "meta.json").write_text('{"retrained": 1}\n')
+    with pytest.raises(KeyboardInterrupt):
+        fake_demo()
+    monkeypatch.setattr(Demo, "tokens", tokens)
+    ran, printed = fake_demo()  # no resume: pretokenize starts afresh, what it had written removed
+    assert ran == STAGES[2:] and not (out / "tokens" / "x.bin").exists()
+    assert "[3/8] tokens: redone, as its last run stopped before the end\n" in printed
 
 
-@pytest.mark.parametrize("damaged, first", [("sft/eval/eval.json", "eval"), ("tokens/manifest.json", "tokens"),
-                                            ("pretrain/final/model.safetensors", "pretrain"),
-                                            ("sft/final/config.json", "sft")])
+@pytest.mark.parametrize("damaged, first", [
+    ("sft/eval/eval.json", "eval"), ("sft/eval/items.jsonl", "eval"), ("pretrain/eval/eval.json", "eval"),
+    ("tokens/manifest.json", "tokens"), ("tokens/train_00000.bin", "tokens"), ("tokenizer/meta.json", "tokenizer"),
+    ("pretrain/final/model.safetensors", "pretrain"), ("sft/final/babyllama_tokenizer.json", "sft"),
+    ("sft/sft_tokens/manifest.json", "sft"), ("data/sft.jsonl", "data"), ("data/part_00000.jsonl", "data"),
+    ("report.md", "report"), ("report_extra.md", "report"), ("plots/a.png", "report"), ("chat_answers.md", "chat")])
 def test_a_damaged_output_is_redone_saying_why(fake_demo, tmp_path, damaged, first):
     """An empty eval.json gave a JSONDecodeError traceback; an empty pretrain/final/model.safetensors "demo finished"
-    (rc 0): a stage was done when its marker file was there, whole or not."""
+    (rc 0); a cut data/sft.jsonl, tokens shard, items.jsonl or an emptied report.md was reused: a stage was done when
+    its marker file was there and parsed. Now any change to any file a stage made redoes it, and its readers."""
     out = tmp_path / "demo"
     fake_demo()
+    size = (out / damaged).stat().st_size
     (out / damaged).write_text("")
     ran, printed = fake_demo()
-    assert ran == (["eval", "report"] if first == "eval" else STAGES[STAGES.index(first):])
-    line = next(x for x in printed.splitlines() if f"] {first}: redone" in x)
-    shown = out / (damaged.split("/final/")[0] + "/final" if "/final/" in damaged else damaged)  # a checkpoint: final/
-    assert f"redone from the start, as {shown} is damaged (" in line, line
+    readers = {"eval": ["eval", "report"], "chat": ["chat", "report"], "report": ["report"]}
+    assert ran == readers.get(first, STAGES[STAGES.index(first):])
+    assert f"] {first}: redone, as its outputs changed since it ran: {damaged} size {size} -> 0 bytes\n" in printed
     assert fake_demo()[0] == []  # whole again
 
 
-@pytest.mark.parametrize("damaged, text, why", [
-    ("pretrain/eval/eval.json", '{"qa": {}}', "no 'lm' object in it"),
-    ("sft/eval/eval.json", '{"lm": {"bits_per_byte": 1.5}}', "no 'qa' object in it"),
-    ("sft/eval/eval.json", '{"qa": null}', "no 'qa' object in it"), ("sft/eval/eval.json", "[1]", "not a JSON object")])
-def test_an_eval_json_without_what_run_demo_reads_is_redone(fake_demo, tmp_path, damaged, text, why):
-    """An eval.json that parses but lacks its "lm" (pretrain's) or "qa" (SFT's) was taken for done, and run_demo's
-    KeyError ended the demo after its stages: the eval stage is redone, saying why."""
+@pytest.mark.parametrize("damaged, text", [
+    ("pretrain/eval/eval.json", '{"lm": {"bits_per_byte": null}}\n'),
+    ("sft/eval/eval.json", '{"qa": {"sentiment": {"accuracy": "high"}}}\n'),
+    ("sft/eval/eval.json", '{"qa": {}}\n')])  # the same bytes written again
+def test_an_eval_json_rewritten_is_redone(fake_demo, tmp_path, damaged, text):
+    """An eval.json with a wrong value (accuracy "high", bits_per_byte null) was taken for done, and run_demo's
+    TypeError ended every rerun: any rewrite of it, of any size, redoes the eval stage."""
     out = tmp_path / "demo"
     fake_demo()
+    time.sleep(0.01)  # a later mtime, whatever the file system's resolution
     (out / damaged).write_text(text)
     ran, printed = fake_demo()
     assert ran == ["eval", "report"]
-    assert f"[6/8] eval: redone from the start, as {out / damaged} is damaged ({why})\n" in printed
-    assert fake_demo()[0] == []  # whole again
+    assert f"[6/8] eval: redone, as its outputs changed since it ran: {damaged} " in printed
+    assert fake_demo()[0] == []
+
+
+@pytest.mark.parametrize("name, first", [("tokenizer", "tokenizer"), ("data", "data"), ("plots", "report"),
+                                         ("sft", "sft")])
+def test_a_file_where_a_demo_folder_should_be_is_replaced(fake_demo, tmp_path, name, first):
+    """`rm -rf OUT/tokenizer; touch OUT/tokenizer` gave a FileExistsError / NotADirectoryError traceback, or
+    "choose another out_dir", which a demo user cannot do: the demo owns its names, and redoes the stage."""
+    out = tmp_path / "demo"
+    fake_demo()
+    shutil.rmtree(out / name)
+    (out / name).write_text("not a folder")
+    ran, printed = fake_demo()
+    assert ran == ({"report": ["report"], "sft": ["sft", "eval", "chat", "report"]}.get(first)
+                   or STAGES[STAGES.index(first):])
+    gone = {"tokenizer": "meta.json", "data": "eval.jsonl", "plots": "a.png",
+            "sft": "final/babyllama_tokenizer.json"}  # the first of the folder's files, by name
+    assert f"] {first}: redone, as its outputs changed since it ran: {name}/{gone[name]} is gone\n" in printed
+    assert (out / name).is_dir()
+
+
+def test_a_stage_changed_outside_the_demo_redoes_its_readers(fake_demo, tmp_path):
+    """A tokenizer retrained into OUT/tokenizer skipped every stage (tokens of the old one), and a pretraining
+    continued into OUT/pretrain skipped sft, eval and the report (old numbers printed)."""
+    out = tmp_path / "demo"
+    fake_demo()
+    time.sleep(0.01)
+    (out / "tokenizer" / "tokenizer.json").write_text('{"retrained": 1}\n')
+    ran, printed = fake_demo()
+    assert ran == STAGES[1:]
+    assert "[3/8] tokens: redone, as its input tokenizer changed since it ran\n" in printed
+    (out / "pretrain" / "checkpoints" / "step_000030").mkdir(parents=True)
+    (out / "pretrain" / "checkpoints" / "step_000030" / "model.safetensors").write_text("")
+    ran, printed = fake_demo()
+    assert ran == ["pretrain", "sft", "eval", "chat", "report"]
+    assert ("[4/8] pretrain: redone, as its outputs changed since it ran: "
+            "pretrain/checkpoints/step_000030/model.safetensors is new\n") in printed
+    assert not (out / "pretrain" / "checkpoints").exists()
+
+
+def test_an_sft_redone_without_dpo_removes_the_stale_dpo_outputs(fake_demo, tmp_path):
+    """`demo --dpo`, then an sft redone by a plain demo, then `demo --dpo` again reused the old dpo/ and its eval
+    (made from the old SFT model), and the report showed them."""
+    out = tmp_path / "demo"
+    fake_demo(dpo=True)
+    (out / "sft" / "final" / "model.safetensors").write_text("")
+    ran, printed = fake_demo()
+    assert ran == ["sft", "eval", "chat", "report"]
+    assert "dpo data: removed, as its input sft changed since it ran (demo --dpo makes it again)\n" in printed
+    assert not (out / "dpo").exists() and not (out / "data" / "dpo.jsonl").exists()
+    ran, printed = fake_demo(dpo=True)
+    assert ran == ["dpo data", "dpo", "dpo eval", "report"]
+    assert "[8/11] dpo data: made, as it has not run here yet\n" in printed
+    (out / "data" / "dpo_eval.jsonl").write_text('{"prompt": "cut')  # a held-out pair cut
+    assert fake_demo(dpo=True)[0] == ["dpo data", "dpo", "dpo eval", "report"]
+    assert fake_demo()[0] == []  # the report need not show DPO's again
+
+
+def test_a_demo_json_without_stamps_redoes_every_stage(fake_demo, tmp_path):
+    """A demo.json from before the stamps ({"smoke": true}) records no stage: each is redone, saying why."""
+    out = tmp_path / "demo"
+    fake_demo()
+    (out / "demo.json").write_text('{"smoke": true}\n')
+    ran, printed = fake_demo()
+    assert ran == STAGES
+    assert "[1/8] data: redone, as demo.json has no record of its outputs (made outside the demo or by an older " \
+           "babyllama)\n" in printed
+
+
+def test_force_removes_only_the_demos_own_names(fake_demo, tmp_path):
+    """`demo --force --out_dir zz` deleted everything in zz (a .git, src/important.py) without a word."""
+    out = tmp_path / "demo"
+    fake_demo()
+    (out / ".git").mkdir()
+    (out / "src").mkdir()
+    (out / "src" / "important.py").write_text("x = 1\n")
+    ran, printed = fake_demo(force=True)
+    assert ran == STAGES
+    assert (f"--force: removed data, tokenizer, tokens, pretrain, sft, plots, chat_answers.md, report_extra.md, "
+            f"report.md, timings.json, demo.json from {out}\n") in printed
+    assert (out / ".git").is_dir() and (out / "src" / "important.py").read_text() == "x = 1\n"
+    assert fake_demo(force=True)[0] == STAGES  # with foreign files and no demo.json: not refused
 
 
 def test_a_damaged_demo_json_is_refused_in_a_sentence(tmp_path):
@@ -267,14 +389,15 @@ def test_a_folder_of_other_outputs_is_not_taken_for_a_demos(tmp_path):
     out = tmp_path / "runs"
     (out / "data").mkdir(parents=True)
     (out / "data" / "stats.json").write_text("{}")
-    with pytest.raises(UserError, match="holds files but no demo.json, so they are no demo's outputs; pass --force"):
+    with pytest.raises(UserError, match="holds files but no demo.json, so they are no demo's outputs; pass --force to "
+                                        "run the demo beside them"):
         Demo(out, smoke=True, force=False)
     assert not (out / "demo.json").exists()
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / LOCK).write_text("")  # the CLI's lock on it, taken before the demo starts
     Demo(tmp_path / "empty", smoke=True, force=False)
-    Demo(out, smoke=True, force=True)  # --force: the folder's files go, the demo's come
-    assert json.loads((out / "demo.json").read_text()) == {"smoke": True} and not (out / "data").exists()
+    Demo(out, smoke=True, force=True)  # --force: the demo's own names go (data/), the folder's other files stay
+    assert json.loads((out / "demo.json").read_text()) == {"smoke": True, "stages": {}} and not (out / "data").exists()
 
 
 @pytest.mark.parametrize("text", ["[]\n", "1\n", "{\n"])
@@ -300,4 +423,4 @@ def test_hidden_files_are_no_other_outputs(tmp_path):
     (out / ".demo.json.tmp").write_text('{"smoke": tr')
     (out / ".DS_Store").write_text("")
     Demo(out, smoke=True, force=False)
-    assert json.loads((out / "demo.json").read_text()) == {"smoke": True}
+    assert json.loads((out / "demo.json").read_text()) == {"smoke": True, "stages": {}}

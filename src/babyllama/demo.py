@@ -5,29 +5,32 @@
     babyllama demo --out_dir runs/demo --force    # redo every stage
     babyllama demo --out_dir runs/demo --dpo      # then DPO on preference pairs, about 7 minutes more
 
-Stages, each skipped when its outputs are whole and no stage whose outputs it reads ran (a rerun resumes where the
-last one stopped; a damaged output, or one made from a redone stage's, is redone: Demo.stage):
+Stages, each done once: when a stage ends, demo.json records a stamp of its outputs (each file's path, size and
+mtime) and of the stages whose outputs it read; a rerun skips a stage whose outputs and inputs are as recorded,
+goes on with one that was stopped (a training resumes), and redoes, from the start and saying why, one whose
+outputs were changed or damaged since, or whose input changed (Demo.status):
 data (prepare --demo) -> tokenizer (8k byte-level BPE) -> tokens (pretokenize) -> pretrain
 (configs/demo.toml) -> sft (configs/sft-demo.toml) -> eval (loss and bits per byte of the
 pretrained model; held-out sentiment and entity extraction of the fine-tuned one) -> chat
-(a few answers) -> report (runs/demo/report.md). With --dpo: dpo data (pairs of the entity items
+(a few answers) -> report (runs/demo/report.md). With --dpo, before the report: dpo data (pairs of the entity items
 of data/dpo_items.jsonl: the reference answer chosen; the SFT model's own wrong answer, else a wrong
 label, rejected; and of 4,000 SFT reviews: the model's own label chosen, the other rejected) -> dpo
 (configs/dpo-demo.toml) -> dpo eval (the held-out eval items as QA and as pairs, before and after:
-dpo/eval/preferences.json), and the report again.
+dpo/eval/preferences.json), then the report. Without --dpo, DPO outputs that a redone stage made stale are removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from babyllama.errors import UserError, agree, discard, write_whole
-from babyllama.lock import LOCK
+from babyllama.errors import UserError, agree, write_whole
 
 CHAT_QUESTIONS = [
     ("判断这条评论的情感是正面还是负面：\n", "这本书内容很精彩，印刷质量也很好，值得购买。"),
@@ -61,52 +64,99 @@ def config_path(name: str) -> Path:
 class Demo:
     def __init__(self, out: str | Path, smoke: bool, force: bool, dpo: bool = False):
         self.out, self.smoke, self.dpo = Path(out), smoke, dpo
-        if force and self.out.is_dir():  # everything but the lock that the CLI holds on it
-            for old in self.out.iterdir():
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old)
-                elif old.name != LOCK:
-                    old.unlink()
+        if force and self.out.is_dir():
+            removed = remove_demo_outputs(self.out)
+            print(f"--force: removed {', '.join(removed)} from {self.out}" if removed else
+                  f"--force: {self.out} held none of the demo's outputs, nothing removed", flush=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        check_demo_kind(self.out, smoke)
-        self.fresh = not (self.out / "demo.json").exists()  # no stage has run here: none is "made" again
-        write_whole(self.out / "demo.json", json.dumps({"smoke": smoke}) + "\n")
+        self.record = check_demo_kind(self.out, smoke, force)  # {stage: what it made and read}, kept in demo.json
+        self.save()
         self.timings_file = self.out / "timings.json"
-        why = whole(self.timings_file)
-        self.timings = json.loads(self.timings_file.read_text()) if why is None else {}
-        if not isinstance(self.timings, dict):  # [] or 1: a TypeError at the first stage
-            why, self.timings = "not a JSON object", {}
-        if why not in (None, MISSING):
+        try:
+            self.timings = json.loads(self.timings_file.read_text(encoding="utf-8"))
+            why = None if isinstance(self.timings, dict) else "not a JSON object"  # [] or 1: a TypeError later
+        except FileNotFoundError:
+            self.timings, why = {}, None
+        except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+            self.timings, why = {}, f"not valid JSON: {e}"
+        if why is not None:
+            self.timings = {}
             print(f"note: {self.timings_file} is damaged ({why}); the stages' times start afresh", flush=True)
-        self.ran: set[str] = set()  # the stages that ran in this run: those that read their outputs run again
+
+    def save(self) -> None:
+        """demo.json: the kind of demo and, per stage, the stamp of what it made and those of the stages it read."""
+        write_whole(self.out / "demo.json", json.dumps({"smoke": self.smoke, "stages": self.record}) + "\n")
+
+    def stamp(self, s: Stage) -> dict[str, list[int]]:
+        """{path below out: [size in bytes, mtime_ns]} of every file under s.paths, less those under another stage's
+        paths inside them (data/dpo.jsonl, pretrain/eval/) and their temporaries: stat only, no reading."""
+        inner = [q for t in self.all if t.name != s.name for q in t.paths if any(p in q.parents for p in s.paths)]
+        files = {}
+        for path in s.paths:
+            for f in files_under(path):
+                if not any(f == q or q in f.parents or f == q.with_name(f".{q.name}.tmp") for q in inner):
+                    st = f.stat() if f.exists() else f.lstat()  # a link to nothing: the link itself
+                    files[f.relative_to(self.out).as_posix()] = [st.st_size, st.st_mtime_ns]
+        return dict(sorted(files.items()))
+
+    def inputs(self, s: Stage) -> dict[str, str | None]:
+        """{stage s reads: the digest of its recorded outputs' stamp, None where it has none}."""
+        return {name: made(self.record, name) for name in s.needs}
+
+    def status(self, s: Stage) -> tuple[str, str]:
+        """("done", "made" or "redone", why): done when s's outputs are as it recorded them and the stages it reads
+        as they were when it ran; made when it never ran here, or its last run stopped with its inputs as they are
+        and it resumes (a training from its newest checkpoint, an eval from its answers so far); else redone from the
+        start."""
+        rec, now = self.record.get(s.name, {}), self.inputs(s)
+        if "outputs" in rec:
+            if changed := next((name for name in s.needs if rec["inputs"].get(name) != now[name]), None):
+                return "redone", f"its input {changed} changed since it ran"
+            if why := changes(rec["outputs"], self.stamp(s)):
+                return "redone", f"its outputs changed since it ran: {why}"
+            return "done", "its outputs and inputs are as they were when it ran"
+        if "started" in rec:
+            if changed := next((name for name in s.needs if rec["started"].get(name) != now[name]), None):
+                return "redone", f"its input {changed} changed since its last run started"
+            if s.resumes:
+                return "made", "its last run stopped before the end; it goes on from there"
+            return "redone", "its last run stopped before the end"
+        if self.stamp(s):
+            return "redone", "demo.json has no record of its outputs (made outside the demo or by an older babyllama)"
+        return "made", "it has not run here yet"
 
     def stage(self, i: int, n: int, s: Stage) -> None:
-        """Run a stage unless its outputs are whole and none of the stages it reads (s.needs) ran in this run. A stage
-        whose outputs are missing (a stopped run) runs where it stopped: a training run resumes, an eval picks up its
-        answers so far; one whose outputs are damaged, or whose input was redone, starts afresh: what it owns is
-        removed."""
-        why = next((f"its input {name} was redone" for name in s.needs if name in self.ran), None)
-        if why is None:
-            needs = {path: NEEDS.get(path.relative_to(self.out).as_posix(), ()) for path in s.outputs}
-            why = next((f"{path} is damaged ({bad})" for path in s.outputs
-                        if (bad := whole(path, needs[path])) not in (None, MISSING)), None)
-        missing = [path for path in s.outputs if not path.exists()]
-        if why is None and not missing:
-            print(f"[{i}/{n}] {s.name}: done before ({', '.join(map(str, s.outputs))}), skipped", flush=True)
+        """Run s unless it is done (status), saying which of done, made or redone and why. Redone: its paths are
+        removed first, whatever they are; made: only a file where its folder should be. Its stamp goes into
+        demo.json when it starts (what it read) and when it ends (what it made, and what it read)."""
+        verdict, why = self.status(s)
+        print(f"[{i}/{n}] {s.name}: {verdict}, as {why}{'; skipped' if verdict == 'done' else ''}", flush=True)
+        if verdict == "done":
             return
-        if why is not None and any(path.exists() for path in s.owned):  # a fresh out_dir's stages are not redone
-            print(f"[{i}/{n}] {s.name}: redone from the start, as {why}", flush=True)
-            for path in s.owned:
-                discard(path)
-        elif not self.fresh:
-            print(f"[{i}/{n}] {s.name}: made, as {missing[0]} was missing", flush=True)
-        self.ran.add(s.name)
+        for path in s.paths:
+            if verdict == "redone" or (path.suffix == "" and (path.is_symlink() or path.is_file())):
+                remove(path)
+        self.record[s.name] = {"started": self.inputs(s)}
+        self.save()
         print(f"[{i}/{n}] {s.name} ...", flush=True)
         start = time.time()
         s.run()
+        self.record[s.name] = {"outputs": self.stamp(s), "inputs": self.inputs(s)}
+        self.save()
         self.timings[s.name] = round(time.time() - start, 1)
         write_whole(self.timings_file, json.dumps(self.timings, indent=2) + "\n")
         print(f"[{i}/{n}] {s.name}: {self.timings[s.name]:.1f} s", flush=True)
+
+    def drop_stale(self, stages: list[Stage]) -> None:
+        """Remove the outputs of stages this run leaves out (DPO's, without --dpo) that a redone stage made stale,
+        so that the report does not show them."""
+        for s in stages:
+            if s.name in self.record and (why := self.status(s))[0] == "redone":
+                for path in s.paths:
+                    remove(path)
+                del self.record[s.name]
+                self.save()
+                print(f"{s.name}: removed, as {why[1]} (demo --dpo makes it again)", flush=True)
 
     # --- the stages ---
 
@@ -233,7 +283,6 @@ class Demo:
                   "tasks": tasks,
                   "qa_changes": qa_changes(self.out / "sft" / "eval" / "items.jsonl", run / "eval" / "items.jsonl")}
         write_whole(run / "eval" / "preferences.json", json.dumps(result, indent=2) + "\n")
-        self.report()
 
     def chat(self) -> None:
         from babyllama.chat import reply
@@ -260,88 +309,124 @@ class Demo:
 
     def run(self) -> Path:
         o = self.out
-        stages = [  # each with the stages whose outputs it reads: when one of them runs, it is redone
-            Stage("data", [o / "data" / "stats.json"], [o / "data"], self.data, ()),
-            Stage("tokenizer", [o / "tokenizer" / "tokenizer.json"], [o / "tokenizer"], self.tokenizer, ("data",)),
-            Stage("tokens", [o / "tokens" / "manifest.json"], [o / "tokens"], self.tokens, ("data", "tokenizer")),
-            Stage("pretrain", [o / "pretrain" / "final"], [o / "pretrain"], lambda: self.train("pretrain"),
-                  ("tokens",)),
-            Stage("sft", [o / "sft" / "final"], [o / "sft"], lambda: self.train("sft"), ("data", "pretrain")),
-            Stage("eval", [o / "pretrain" / "eval" / "eval.json", o / "sft" / "eval" / "eval.json"],
-                  [o / "pretrain" / "eval", o / "sft" / "eval"], self.evaluate, ("data", "tokens", "pretrain", "sft")),
-            Stage("chat", [o / "chat_answers.md"], [o / "chat_answers.md"], self.chat, ("sft",)),
-            Stage("report", [o / "report.md"], [o / "report.md"], self.report, ("eval", "chat")),
+        stages = [  # each with the stages whose outputs it reads: when one of them changes, it is redone
+            Stage("data", [o / "data"], self.data, ()),
+            Stage("tokenizer", [o / "tokenizer"], self.tokenizer, ("data",)),
+            Stage("tokens", [o / "tokens"], self.tokens, ("data", "tokenizer")),
+            Stage("pretrain", [o / "pretrain"], lambda: self.train("pretrain"), ("tokens",), True),
+            Stage("sft", [o / "sft"], lambda: self.train("sft"), ("data", "pretrain"), True),
+            Stage("eval", [o / "pretrain" / "eval", o / "sft" / "eval"], self.evaluate,
+                  ("data", "tokens", "pretrain", "sft"), True),
+            Stage("chat", [o / "chat_answers.md"], self.chat, ("sft",)),
         ]
-        if self.dpo:  # dpo eval remakes the report
-            stages += [Stage("dpo data", [o / "data" / "dpo_eval.jsonl"],
-                             [o / "data" / "dpo.jsonl", o / "data" / "dpo_eval.jsonl"], self.dpo_data, ("data", "sft")),
-                       Stage("dpo", [o / "dpo" / "final"], [o / "dpo"], lambda: self.train("dpo"), ("dpo data", "sft")),
-                       Stage("dpo eval", [o / "dpo" / "eval" / "preferences.json", o / "dpo" / "eval" / "eval.json"],
-                             [o / "dpo" / "eval"], self.dpo_eval, ("dpo data", "dpo", "eval"))]
+        dpo = [Stage("dpo data", [o / "data" / "dpo.jsonl", o / "data" / "dpo_eval.jsonl"], self.dpo_data,
+                     ("data", "sft")),
+               Stage("dpo", [o / "dpo"], lambda: self.train("dpo"), ("dpo data", "sft"), True),
+               Stage("dpo eval", [o / "dpo" / "eval"], self.dpo_eval, ("dpo data", "dpo", "eval"), True)]
+        report = Stage("report", [o / "report.md", o / "report_extra.md", o / "plots"], self.report,
+                       ("eval", "chat", *(["dpo eval"] if self.dpo else [])))
+        self.all = [*stages, *dpo, report]
+        if self.dpo:
+            stages += dpo
+        stages.append(report)
         for i, s in enumerate(stages, 1):
+            if s is report and not self.dpo:
+                self.drop_stale(dpo)
             self.stage(i, len(stages), s)
         return o / "report.md"
 
 
 class Stage(NamedTuple):
-    """A stage of the demo: done when each of outputs is whole (whole); owned: what it writes, removed before it is
-    redone from the start; needs: the names of the stages whose outputs it reads."""
+    """A stage of the demo: paths, what it writes and owns (folders, less the paths of other stages inside them, and
+    files): removed before it is redone; needs: the names of the stages whose outputs it reads; resumes: whether a
+    run of it that was stopped goes on where it stopped (a training, an eval) rather than from the start."""
     name: str
-    outputs: list[Path]
-    owned: list[Path]
+    paths: list[Path]
     run: Callable[[], None]
     needs: tuple[str, ...]
+    resumes: bool = False
 
 
-MISSING = "missing"
-NEEDS = {"pretrain/eval/eval.json": ("lm",), "sft/eval/eval.json": ("qa",), "dpo/eval/eval.json": ("qa",),
-         "dpo/eval/preferences.json": ("sft", "dpo", "qa_changes")}  # the objects that run_demo reads in a stage's
-# JSON output (below out): one without them is redone, not a KeyError after the stages
+DEMO_NAMES = ("data", "tokenizer", "tokens", "pretrain", "sft", "dpo", "plots", "chat_answers.md", "report_extra.md",
+              "report.md", "timings.json", "demo.json")  # what the demo writes in its out_dir (and temporaries)
 
 
-def whole(path: Path, needs: tuple[str, ...] = ()) -> str | None:
-    """Why a stage's output at path is not whole, or None when it is: MISSING where there is nothing; a checkpoint
-    (a run's final/) by check_whole, a .json file by parsing it (and, with needs, by holding an object under each of
-    those keys), another file by being one. NewerFormat (a UserError) for a checkpoint that a newer babyllama wrote:
-    no damage to redo."""
-    from babyllama.checkpoint import NewerFormat, check_whole
-
-    if not path.exists():
-        return MISSING
-    if path.name == "final":
-        try:
-            check_whole(path)
-        except NewerFormat:
-            raise
-        except UserError as e:
-            return str(e).rstrip(".")
-        return None
-    if not path.is_file():
-        return "not a file"
-    if path.suffix == ".json":
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
-            return f"not valid JSON: {e}"
-        if needs and not isinstance(value, dict):
-            return "not a JSON object"
-        if missing := [k for k in needs if not isinstance(value.get(k), dict)]:
-            return f"no {' or '.join(map(repr, missing))} object in it"
-    return None
+def remove(path: Path) -> None:
+    """Remove path, whatever it is: a folder with what it holds, a file, a link (not what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or path.exists():
+        path.unlink()
 
 
-def check_demo_kind(out: Path, smoke: bool) -> None:
-    """UserError unless out holds the outputs of a demo of this kind (its demo.json says --smoke or not: a smoke
-    run's outputs are never reused by a full one, nor the reverse) or nothing yet (but the CLI's lock): a folder of
-    other outputs (the README's commands one by one, say) would be taken for the demo's stages done."""
+def remove_demo_outputs(out: Path) -> list[str]:
+    """--force: remove the demo's own names in out (DEMO_NAMES and their temporaries), never other files, nor the
+    lock the CLI holds on out; returns the names removed."""
+    removed = []
+    for name in (*DEMO_NAMES, *(f".{n}.tmp" for n in DEMO_NAMES)):
+        if (out / name).exists() or (out / name).is_symlink():
+            remove(out / name)
+            removed.append(name)
+    return removed
+
+
+def files_under(path: Path) -> list[Path]:
+    """The files under a folder (links not followed into), or [path] for a file or link, [] for nothing."""
+    if path.is_dir() and not path.is_symlink():
+        return [Path(root) / f for root, dirs, files in os.walk(path) for f in (*files, *(
+            d for d in dirs if (Path(root) / d).is_symlink()))]
+    return [path] if path.exists() or path.is_symlink() else []
+
+
+def made(record: dict, name: str) -> str | None:
+    """A digest of the stamp of what stage name made as recorded, None where it has not finished."""
+    outputs = record.get(name, {}).get("outputs")
+    return None if outputs is None else hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changes(old: dict[str, list[int]], new: dict[str, list[int]]) -> str | None:
+    """The first difference between two stamps in words, a file gone before one cut or rewritten before one new (a
+    file where a folder was: the folder's files are gone), None when equal."""
+    def said(rel: str) -> tuple[int, str]:
+        a, b = old.get(rel), new.get(rel)
+        if b is None:
+            return 0, f"{rel} is gone"
+        if a is None:
+            return 2, f"{rel} is new"
+        return 1, f"{rel} size {a[0]} -> {b[0]} bytes" if a[0] != b[0] else f"{rel} was rewritten (its mtime changed)"
+
+    return min((said(rel) for rel in old.keys() | new.keys() if old.get(rel) != new.get(rel)), default=(0, None))[1]
+
+
+def valid(record: object) -> dict:
+    """demo.json's stages, less any record that is not as save wrote it (those stages are redone)."""
+    def stamp(x: object) -> bool:
+        return isinstance(x, dict) and all(isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v)
+                                           for v in x.values())
+
+    def digests(x: object) -> bool:
+        return isinstance(x, dict) and all(v is None or isinstance(v, str) for v in x.values())
+
+    return {name: r for name, r in (record.items() if isinstance(record, dict) else ()) if isinstance(r, dict) and (
+        (set(r) == {"started"} and digests(r["started"]))
+        or (set(r) == {"outputs", "inputs"} and stamp(r["outputs"]) and digests(r["inputs"])))}
+
+
+def check_demo_kind(out: Path, smoke: bool, force: bool = False) -> dict:
+    """demo.json's record of the stages (valid) when out holds the outputs of a demo of this kind (its demo.json
+    says --smoke or not: a smoke run's outputs are never reused by a full one, nor the reverse), {} when it holds
+    nothing yet (but hidden files: the CLI's lock, a temporary) or force (its foreign files stay). UserError
+    otherwise: a folder of other outputs (the README's commands one by one, say) would be taken for the demo's."""
     kind = out / "demo.json"
     if not kind.exists():
-        if any(not f.name.startswith(".") for f in out.iterdir()):  # hidden: the lock, demo.json's temporary file
+        if not force and any(not f.name.startswith(".") for f in out.iterdir()):
             raise UserError(f"{out} holds files but no demo.json, so they are no demo's outputs; pass --force to "
-                            "delete them and run the demo there, or choose another --out_dir.")
-        return
+                            "run the demo beside them (it replaces only its own names there: "
+                            f"{', '.join(DEMO_NAMES)}), or choose another --out_dir.")
+        return {}
     try:
-        made = json.loads(kind.read_text(encoding="utf-8"))["smoke"]
+        read = json.loads(kind.read_text(encoding="utf-8"))
+        made = read["smoke"]
     except (ValueError, OSError, TypeError, KeyError):
         made = None
     if type(made) is not bool:
@@ -350,6 +435,7 @@ def check_demo_kind(out: Path, smoke: bool) -> None:
     if made != smoke:
         raise UserError(f"{out} holds a {'--smoke' if made else 'full'} demo's outputs; pass --force to redo them "
                         "or choose another --out_dir.")
+    return valid(read.get("stages"))
 
 
 def qa_changes(before: Path, after: Path) -> dict[str, dict[str, int]]:
