@@ -672,23 +672,22 @@ def _keys(window: _JSONWindow) -> Iterator[str]:
 
 def records_json_array(path: Path, f: TextIO) -> Iterator[Item]:
     """Items of one top-level JSON array, streamed; a syntax error ends the file (counted once)."""
-    i = 0
-    try:
-        for i, item in enumerate(_array_items(f), 1):
-            ok = isinstance(item, dict)
-            yield f"{path}:item {i}", item if ok else None, "" if ok else "not a JSON object"
-    except ValueError as e:
-        log.warning("%s: %s after item %d; the rest of the file is skipped", path, e, i)
-        yield f"{path}:item {i + 1}", None, f"{e}; the rest of the file is skipped"
+    return _listed_records(path, _array_items(f))
 
 
 def records_json_wrapped(path: Path, f: TextIO) -> Iterator[Item]:
     """The items of the one list of records that a top-level object holds under a key ({"data": [...]}, SQuAD's
     {"version": ..., "data": [...]}), streamed as an array's are; its other keys' values are read and let go. A
     syntax error, or a second list of objects, ends the file (counted once)."""
+    return _listed_records(path, _wrapped_items(f))
+
+
+def _listed_records(path: Path, items: Iterator[object]) -> Iterator[Item]:
+    """An Item for each of items (a JSON list's, as they are parsed); the ValueError of a syntax error ends them,
+    counted once as a bad record."""
     i = 0
     try:
-        for i, item in enumerate(_wrapped_items(f), 1):
+        for i, item in enumerate(items, 1):
             ok = isinstance(item, dict)
             yield f"{path}:item {i}", item if ok else None, "" if ok else "not a JSON object"
     except ValueError as e:
